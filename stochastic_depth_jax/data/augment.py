@@ -1,0 +1,86 @@
+"""On-device normalisation and augmentation, as pure functions of explicit keys.
+
+Every example's augmentation is drawn from
+    key_i = fold_in(fold_in(augment_key, step), i)
+where i is the example's position in the *global* batch, so the result does not
+depend on how many devices share the batch, and a resumed run repeats it exactly.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+AUGMENTATIONS = ("flip_translate", "none")
+# Paper, Sec. 4 (CIFAR): "translation by up to 4 pixels" and horizontal flips,
+# following the fb.resnet.torch recipe the authors trained with.
+MAX_SHIFT = 4
+
+
+def check_augment(name: str) -> str:
+    """Returns `name` if it is a known augmentation, else raises naming the choices."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"Unknown augment={name!r}; choose one of {AUGMENTATIONS}.")
+    return name
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+    """uint8 [..., C] pixels -> float32 (x - mean) / std, mean/std [C] in [0, 255] units."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return (images.astype(jnp.float32) - mean) / std
+
+
+def translate(image: jax.Array, dy: jax.Array, dx: jax.Array,
+              max_shift: int = MAX_SHIFT) -> jax.Array:
+    """Shifts one image by (dy, dx) pixels, filling uncovered pixels with zeros.
+
+    Args:
+      image: [H, W, C].
+      dy, dx: int32 scalars in [-max_shift, max_shift]; positive moves content
+        down / right, i.e. out[y, x] = image[y - dy, x - dx].
+
+    Returns:
+      [H, W, C], same dtype. Equivalent to zero-padding by max_shift and taking
+      a random crop, the usual "pad 4, crop 32" recipe.
+    """
+    height, width, _ = image.shape
+    pad = ((max_shift, max_shift), (max_shift, max_shift), (0, 0))
+    padded = jnp.pad(image, pad)
+    start = (max_shift - dy, max_shift - dx, 0)
+    return jax.lax.dynamic_slice(padded, start, image.shape[:2] + image.shape[2:])
+
+
+def flip_translate(image: jax.Array, key: jax.Array,
+                   max_shift: int = MAX_SHIFT) -> jax.Array:
+    """Random horizontal flip (p = 0.5) then random translation of one image [H, W, C]."""
+    flip_key, shift_key = jax.random.split(key)
+    flip = jax.random.bernoulli(flip_key, 0.5)
+    image = jnp.where(flip, image[:, ::-1, :], image)
+    dy, dx = jax.random.randint(shift_key, (2,), -max_shift, max_shift + 1)
+    return translate(image, dy, dx, max_shift)
+
+
+def example_keys(augment_key: jax.Array, step, positions: jax.Array) -> jax.Array:
+    """Per-example keys [B] from (key, step, global batch position [B])."""
+    step_key = jax.random.fold_in(augment_key, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(positions)
+
+
+def augment_batch(images: jax.Array, augment_key: jax.Array, step,
+                  augment: str) -> jax.Array:
+    """Augments a global batch.
+
+    Args:
+      images: float32 [B, H, W, C], already normalised (so the zero fill of a
+        translation is the mean colour, as in fb.resnet.torch).
+      augment_key: a jax PRNG key.
+      step: int scalar (may be traced).
+      augment: 'flip_translate' or 'none'.
+
+    Returns:
+      float32 [B, H, W, C].
+    """
+    if check_augment(augment) == "none":
+        return images
+    keys = example_keys(augment_key, step, jnp.arange(images.shape[0]))
+    return jax.vmap(flip_translate)(images, keys)

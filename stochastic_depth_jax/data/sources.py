@@ -1,0 +1,171 @@
+"""Reading raw splits: tfds datasets by name (prepared as array_record), offline checks.
+
+TensorFlow is never imported. tfds's own CIFAR and SVHN generators read their
+archives through `tf.io.gfile`, so when data must be prepared we subclass the real
+builders (same name, version and feature spec) with plain-Python readers.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.parse
+import urllib.request
+
+import numpy as np
+
+from stochastic_depth_jax.data.builders import tf_free_builder
+from stochastic_depth_jax.data.splits import Split
+
+# Our names -> tfds names. SVHN is 'svhn_cropped' (32x32 digits) with its 'extra' split.
+TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
+# Where tfds downloads each archive from: probed before allowing a download.
+DOWNLOAD_HOSTS = {
+    "cifar10": ("https://www.cs.toronto.edu/", 443),
+    "cifar100": ("https://www.cs.toronto.edu/", 443),
+    "svhn_cropped": ("http://ufldl.stanford.edu/", 80),
+}
+MANUAL_FILES = {
+    "cifar10": ("cifar-10-binary.tar.gz",),
+    "cifar100": ("cifar-100-binary.tar.gz",),
+    "svhn_cropped": ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"),
+}
+PROBE_TIMEOUT_S = 2.0
+_READ_CHUNK = 1024
+
+
+class DataUnavailableError(RuntimeError):
+    """The dataset is not prepared locally and cannot be downloaded now."""
+
+
+class CorruptDataError(RuntimeError):
+    """A stored record could not be decoded; it is reported, never dropped."""
+
+
+def default_data_dir() -> str:
+    """tfds's default: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def _tfds():
+    # Imported on use: keeps `import stochastic_depth_jax` light for model-only users.
+    import tensorflow_datasets as tfds
+    return tfds
+
+
+def _unavailable_message(tfds_name: str, data_dir: str, reason: str) -> str:
+    manual = os.path.join(data_dir, "downloads", "manual")
+    files = ", ".join(MANUAL_FILES[tfds_name])
+    return (
+        f"Dataset '{tfds_name}' is not prepared in data_dir={data_dir!r} and cannot be "
+        f"downloaded: {reason}.\nProvide it in one of two ways:\n"
+        f"  1. On a machine with internet, prepare it and copy the data_dir over:\n"
+        f"       python -c \"from stochastic_depth_jax import data; "
+        f"data.load_dataset('{_our_name(tfds_name)}', data_dir='{data_dir}')\"\n"
+        f"     (or with tfds itself: tfds.builder('{tfds_name}', data_dir='{data_dir}')"
+        f".download_and_prepare(file_format='array_record'), which needs TensorFlow),\n"
+        f"     then copy {os.path.join(data_dir, tfds_name)} to the same place here.\n"
+        f"  2. Put the original archive(s) ({files}) in tfds's manual directory\n"
+        f"       {manual}\n"
+        f"     and run again; they are checked against tfds's registered checksums.")
+
+
+def _our_name(tfds_name: str) -> str:
+    return {v: k for k, v in TFDS_NAMES.items()}[tfds_name]
+
+
+def _probe_address(url: str, port: int) -> tuple[str, int]:
+    """The host a download would connect to first: a proxy if one is configured."""
+    proxy = urllib.request.getproxies().get(url.split(":")[0])
+    if proxy and not urllib.request.proxy_bypass(url.split("/")[2]):
+        parsed = urllib.parse.urlsplit(proxy if "//" in proxy else "//" + proxy)
+        return parsed.hostname, parsed.port or 80
+    return url.split("/")[2], port
+
+
+def reachable(url: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if a TCP connection to the download host (or proxy) opens in time, else why not."""
+    host, port = _probe_address(url, port)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as error:  # DNS failure, refusal, timeout: all mean "offline here".
+        return f"cannot reach {host}:{port} ({error})"
+
+
+def _manual_files_present(tfds_name: str, data_dir: str) -> bool:
+    manual = os.path.join(data_dir, "downloads", "manual")
+    return all(os.path.exists(os.path.join(manual, f)) for f in MANUAL_FILES[tfds_name])
+
+
+def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
+    """Makes sure `tfds_name` is prepared as array_record in data_dir, or fails fast.
+
+    Raises:
+      DataUnavailableError: not prepared, and download=False or the download
+        host is unreachable (decided in ~PROBE_TIMEOUT_S, never tfds's 205 s of
+        retries) and no manual archive is present.
+    """
+    tfds = _tfds()
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    if builder.is_prepared():
+        if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+            raise DataUnavailableError(
+                f"'{tfds_name}' in {builder.data_dir} was prepared as "
+                f"{builder.info.file_format.value}; reading without TensorFlow needs "
+                f"array_record. Delete that directory, or re-prepare it with "
+                f"download_and_prepare(file_format='array_record').")
+        return
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
+    if not _manual_files_present(tfds_name, data_dir):
+        if not download:
+            raise DataUnavailableError(_unavailable_message(
+                tfds_name, data_dir, "download=False"))
+        why = reachable(*DOWNLOAD_HOSTS[tfds_name])
+        if why:
+            raise DataUnavailableError(_unavailable_message(tfds_name, data_dir, why))
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    tf_free_builder(tfds_name)(data_dir=data_dir).download_and_prepare(
+        file_format="array_record", download_config=config)
+
+
+def _decode_chunk(source, start: int, stop: int, where: str) -> list[dict]:
+    """Decodes records [start, stop); on failure finds and names the bad record."""
+    try:
+        return source.__getitems__(list(range(start, stop)))
+    except Exception:  # pylint: disable=broad-except  # narrowed below, per record
+        for index in range(start, stop):
+            try:
+                source[index]
+            except Exception as error:
+                raise CorruptDataError(
+                    f"Record {index} of {where} cannot be decoded ({type(error).__name__}: "
+                    f"{error}). The prepared files are damaged: delete that directory "
+                    f"and prepare the dataset again.") from error
+        raise
+
+
+def read_split(tfds_name: str, split: str, data_dir: str,
+               label_key: str = "label") -> Split:
+    """Reads a prepared tfds split fully into host memory.
+
+    Returns:
+      Split with images uint8 [N, H, W, C] and labels int32 [N] (from `label_key`),
+      in the stored record order.
+    """
+    tfds = _tfds()
+    source = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
+    shape = source.dataset_info.features["image"].shape
+    images = np.empty((len(source),) + tuple(shape), np.uint8)
+    labels = np.empty(len(source), np.int32)
+    where = f"'{tfds_name}' split '{split}' in {source.dataset_info.data_dir}"
+    for start in range(0, len(source), _READ_CHUNK):
+        stop = min(start + _READ_CHUNK, len(source))
+        records = _decode_chunk(source, start, stop, where)
+        images[start:stop] = np.stack([r["image"] for r in records])
+        labels[start:stop] = [r[label_key] for r in records]
+    return Split(images, labels)
+
+
+def num_classes(tfds_name: str, data_dir: str, label_key: str = "label") -> int:
+    """Number of classes of a tfds label feature (works before preparation too)."""
+    return _tfds().builder(tfds_name, data_dir=data_dir).info.features[label_key].num_classes

@@ -1,0 +1,160 @@
+"""Host-side dataset containers and the paper's train/validation splits.
+
+Splits are deterministic functions of an integer seed (numpy PCG64), so a run's
+validation set can be rebuilt from its config alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Paper, Sec. 4: "we hold out 5,000 training images as validation" for CIFAR.
+CIFAR_VALIDATION_FRACTION = 5000 / 50000
+# Paper, Sec. 4 (following Sermanet et al. / Goodfellow et al.): 400 per class from
+# train and 200 per class from extra form SVHN's validation set of 6,000.
+SVHN_VALIDATION_PER_CLASS = (400, 200)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A split held in host memory.
+
+    Attributes:
+        images: uint8 [N, H, W, C], raw pixels in [0, 255].
+        labels: int32 [N].
+    """
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"Split.images must be uint8 [N, H, W, C], got "
+                                              f"{self.images.dtype} {self.images.shape}.")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"Split.labels must be [N={self.images.shape[0]}], got "
+                                              f"{self.labels.shape}.")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def take(self, indices: np.ndarray) -> "Split":
+        """Returns the examples at `indices` (int [K]) as a new Split of length K."""
+        return Split(self.images[indices], self.labels[indices].astype(np.int32))
+
+
+def concatenate(*splits: Split) -> Split:
+    """Joins splits end to end (e.g. SVHN train + extra)."""
+    return Split(np.concatenate([s.images for s in splits]),
+                              np.concatenate([s.labels for s in splits]).astype(np.int32))
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def resolve_count(validation_size: int | float, num_examples: int) -> int:
+    """Turns a count (int) or fraction (float in [0, 1)) into a number of examples."""
+    if isinstance(validation_size, float):
+        if not 0.0 <= validation_size < 1.0:
+            raise ValueError(f"validation_size as a fraction must be in [0, 1), got "
+                                              f"{validation_size}.")
+        return int(round(validation_size * num_examples))
+    count = int(validation_size)
+    if not 0 <= count < num_examples:
+        raise ValueError(
+                f"validation_size={count} must be >= 0 and smaller than the {num_examples} "
+                f"training examples; pass a smaller count or a fraction such as 0.1.")
+    return count
+
+
+def holdout(split: Split, validation_size: int | float | None,
+                        seed: int) -> tuple[Split, Split | None]:
+    """Holds out a uniformly random validation set (the paper's CIFAR protocol).
+
+    Args:
+        split: the full training split, N examples.
+        validation_size: count (int), fraction (float) or None for the paper's
+            10% (5,000 of CIFAR's 50,000). 0 gives no validation set.
+        seed: integer seed; the same seed always selects the same examples.
+
+    Returns:
+        (train, validation): disjoint, together exactly `split`; each keeps the
+        original example order. validation is None when its size is 0.
+    """
+    if validation_size is None:
+        validation_size = CIFAR_VALIDATION_FRACTION
+    count = resolve_count(validation_size, len(split))
+    if count == 0:
+        return split, None
+    held = np.zeros(len(split), bool)
+    held[_rng(seed).permutation(len(split))[:count]] = True
+    return split.take(np.flatnonzero(~held)), split.take(np.flatnonzero(held))
+
+
+def _per_class_holdout(labels: np.ndarray, per_class: int, num_classes: int,
+                                              rng: np.random.Generator, source: str) -> np.ndarray:
+    """Boolean [N] mask choosing `per_class` random examples of every class."""
+    held = np.zeros(labels.shape[0], bool)
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if per_class > members.size:
+            raise ValueError(
+                    f"SVHN validation wants {per_class} examples of class {c} from '{source}' "
+                    f"but it has only {members.size}; pass a smaller validation_size.")
+        held[rng.permutation(members)[:per_class]] = True
+    return held
+
+
+def svhn_holdout(train: Split, extra: Split, num_classes: int,
+                                  validation_size: int | None, seed: int) -> tuple[Split, Split | None]:
+    """The paper's SVHN split: per-class validation from train and from extra.
+
+    Args:
+        train, extra: tfds 'svhn_cropped' train (73,257) and extra (531,131) splits.
+        num_classes: 10 for SVHN.
+        validation_size: None for the paper's 400/class from train + 200/class from
+            extra (6,000); an int total is spread evenly over classes with the same
+            2:1 train:extra ratio; 0 gives no validation set.
+        seed: integer seed.
+
+    Returns:
+        (train, validation): training = the rest of train + extra (598,388 for the
+        real data), validation = the held-out examples (train part first).
+    """
+    if validation_size is None:
+        from_train, from_extra = SVHN_VALIDATION_PER_CLASS
+    else:
+        per_class = int(validation_size) // num_classes
+        from_train = (2 * per_class) // 3
+        from_extra = per_class - from_train
+    if from_train + from_extra == 0:
+        return concatenate(train, extra), None
+    rng = _rng(seed)
+    held_train = _per_class_holdout(train.labels, from_train, num_classes, rng, "train")
+    held_extra = _per_class_holdout(extra.labels, from_extra, num_classes, rng, "extra")
+    kept = concatenate(train.take(np.flatnonzero(~held_train)),
+                                          extra.take(np.flatnonzero(~held_extra)))
+    validation = concatenate(train.take(np.flatnonzero(held_train)),
+                                                      extra.take(np.flatnonzero(held_extra)))
+    return kept, validation
+
+
+def channel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of a split, in [0, 255] pixel units.
+
+    Returns:
+        (mean, std): float32 [C] each. Computed in float64 chunks so 600k SVHN
+        images need no 7 GB float copy.
+    """
+    channels = split.images.shape[-1]
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    for start in range(0, len(split), 8192):
+        chunk = split.images[start:start + 8192].reshape(-1, channels).astype(np.float64)
+        total += chunk.sum(0)
+        total_sq += np.square(chunk).sum(0)
+    count = len(split) * split.images.shape[1] * split.images.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)

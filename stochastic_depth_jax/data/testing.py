@@ -1,0 +1,104 @@
+"""Small fake datasets for tests and benchmarks, with the real tfds names and specs.
+
+`make_tfds_dataset` prepares a dataset that `tfds.builder(name, data_dir=...)` and
+`load_dataset` find exactly as if it had been downloaded; no network, no TF.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from stochastic_depth_jax.data import builders, sources
+
+_SPLITS = ("train", "test", "extra")
+
+
+def _random_split(rng, size, num_classes, shape, prefix, coarse):
+    """Yields (key, record): balanced labels, random pixels, PNG-encoded."""
+    labels = rng.permutation(np.arange(size) % num_classes)
+    for i, label in enumerate(labels):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        record = {"id": f"{prefix}{i:06d}", "image": builders.png_bytes(image),
+                  "label": int(label)}
+        if coarse:
+            record["coarse_label"] = int(label) // 5  # 100 fine -> 20 coarse.
+        yield i, record
+
+
+def make_tfds_dataset(name: str, data_dir: str, *, num_train: int, num_test: int,
+                      num_extra: int = 0, seed: int = 0,
+                      corrupt: tuple[str, ...] = ()) -> str:
+    """Writes a prepared array_record tfds dataset from random images.
+
+    Args:
+      name: 'cifar10', 'cifar100', 'svhn' or 'svhn_cropped'.
+      data_dir: tfds data directory to write into.
+      num_train, num_test, num_extra: split sizes ('extra' only for SVHN).
+        Labels are balanced: example i of a split has class i % num_classes
+        before shuffling.
+      seed: pixels and labels are a function of it.
+      corrupt: split names whose first record gets undecodable image bytes
+        (to test that corruption is reported).
+
+    Returns:
+      The prepared dataset's directory, e.g. <data_dir>/cifar10/3.0.2.
+    """
+    tfds_name = sources.TFDS_NAMES.get(name, name)
+    base = builders.real_builder_class(tfds_name)
+    sizes = {"train": num_train, "test": num_test, "extra": num_extra}
+    if tfds_name != "svhn_cropped":
+        del sizes["extra"]
+
+    def split_generators(self, dl_manager):
+        del dl_manager
+        features = self.info.features
+        out = {}
+        for index, (split, size) in enumerate(sizes.items()):
+            rng = np.random.default_rng([seed, index])
+            gen = _random_split(rng, size, features["label"].num_classes,
+                                features["image"].shape, split + "_",
+                                "coarse_label" in features)
+            out[split] = _corrupt_first(gen) if split in corrupt else gen
+        return out
+
+    cls = type(base.__name__, (base,), {"name": tfds_name, "__module__": __name__,
+                                        "_split_generators": split_generators},
+               skip_registration=True)
+    builder = cls(data_dir=data_dir)
+    builder.download_and_prepare(file_format="array_record")
+    return os.fspath(builder.data_dir)
+
+
+def _corrupt_first(records):
+    for i, (key, record) in enumerate(records):
+        if i == 0:
+            record = dict(record, image=b"not a png")
+        yield key, record
+
+
+def make_image_folder(root: str, *, classes, per_class_train: int, per_class_test: int,
+                      size: tuple[int, int] = (32, 32), seed: int = 0) -> str:
+    """Writes root/{train,test}/<class>/<i>.png of random RGB images.
+
+    Args:
+      root: directory to create.
+      classes: class names (or an int: 'class0', 'class1', ...).
+      per_class_train, per_class_test: images per class in each split.
+      size: (height, width).
+
+    Returns:
+      root.
+    """
+    from PIL import Image
+    if isinstance(classes, int):
+        classes = [f"class{i}" for i in range(classes)]
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class_train), ("test", per_class_test)):
+        for name in classes:
+            directory = os.path.join(root, split, name)
+            os.makedirs(directory, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, tuple(size) + (3,), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(directory, f"{i}.png"))
+    return root
