@@ -1,0 +1,411 @@
+"""Flax Linen layers: Torch-statistics BatchNorm, the StochasticDepth wrapper, and blocks.
+
+All modules are pure-functional Linen: variables and keys are explicit. Training-mode gates
+come from the rng stream ``'stochastic_depth'``::
+
+    logits, updates = model.apply(variables, x, train=True,
+                                  rngs={'stochastic_depth': key}, mutable=['batch_stats'])
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from stochastic_depth_jax import ops
+
+__all__ = [
+    "BatchNorm",
+    "StochasticDepth",
+    "BasicBranch",
+    "PreActBranch",
+    "BottleneckBranch",
+    "Shortcut",
+    "ResidualBlock",
+    "BasicBlock",
+    "PreActBlock",
+    "BottleneckBlock",
+    "REMAT_POLICIES",
+    "conv_kernel_init",
+]
+
+Array = Any
+ModuleDef = Any
+
+# He initialisation as in the official Torch code: N(0, sqrt(2 / (k * k * out_channels))).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Rematerialisation of a *surviving* branch inside the skip cond. See StochasticDepth.remat.
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "convs": jax.checkpoint_policies.save_only_these_names("stochastic_depth_conv"),
+}
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation with Torch's running statistics.
+
+    Running averages follow Torch: ``new = (1 - momentum) * old + momentum * batch``
+    (momentum 0.1 is Flax's 0.9) and the running variance uses the unbiased batch variance
+    (n / (n - 1)); normalisation uses the biased one, as Torch. Under a sharded ``jit`` the
+    batch mean is taken over the global batch, so statistics do not depend on device count.
+
+    Attributes:
+      momentum: Torch-convention momentum.
+      epsilon: added to the variance.
+      scale_init: initialiser of the scale (``zeros`` gives zero-init residual branches).
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: Callable[..., Array] = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """Normalises ``x`` ``[..., channels]`` over all axes but the last."""
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        mean_v = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        var_v = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        if train:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                mean_v.value = (1.0 - m) * mean_v.value + m * mean
+                var_v.value = (1.0 - m) * var_v.value + m * unbiased
+        else:
+            mean, var = mean_v.value, var_v.value
+        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        add = bias.astype(jnp.float32) - mean * mul
+        dtype = self.dtype or x.dtype
+        return (x * mul.astype(dtype) + add.astype(dtype)).astype(dtype)
+
+
+class StochasticDepth(nn.Module):
+    """Wraps any residual branch module f so that it survives with probability p.
+
+    Returns the gated residual only; the caller adds the shortcut::
+
+        y = x + StochasticDepth(MyBranch(parent=None), survival_prob=0.8)(x, deterministic=not train)
+
+    (``parent=None`` makes the branch's parameters live under this module, as ``branch``.)
+
+    Semantics are those of :func:`stochastic_depth_jax.stochastic_depth`: ``mode='batch'``
+    with ``implementation='skip'`` evaluates nothing of f, forward or backward, when the
+    gate is closed, and f's ``batch_stats`` stay unchanged; ``mode='sample'`` gates each
+    example and always computes f.
+
+    Attributes:
+      branch: the residual branch, called as ``branch(x, *args, **kwargs)``.
+      survival_prob: p; overridden by the ``survival_prob`` call argument when given.
+      mode: ``'batch'`` (paper) or ``'sample'`` (drop path).
+      scaling: ``'test'`` (paper: p f at evaluation) or ``'train'`` (f / p in training).
+      implementation: ``'skip'`` (real skipping) or ``'mask'`` (compute, then multiply).
+      remat: what a *surviving* branch keeps for its backward pass: ``'none'`` (all
+        activations), ``'convs'`` (convolution outputs tagged ``stochastic_depth_conv``;
+        cheap element-wise ops are recomputed) or ``'full'`` (only the input). Inside a
+        ``lax.scan``, a ``lax.cond`` under ``grad`` must fill the skipped branch's residuals
+        with zeros; saving fewer residuals makes a skipped block cheaper.
+      rng_collection: the rng stream gates are drawn from.
+    """
+
+    branch: nn.Module
+    survival_prob: float = 1.0
+    mode: str = "batch"
+    scaling: str = "test"
+    implementation: str = "skip"
+    remat: str = "none"
+    rng_collection: str = "stochastic_depth"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        *args: Any,
+        deterministic: bool,
+        survival_prob: Any = None,
+        gate: Any = None,
+        **kwargs: Any,
+    ) -> Array:
+        """Runs the gated branch.
+
+        Args:
+          x: branch input, ``[batch, ...]``.
+          *args, **kwargs: forwarded to the branch (static values, e.g. ``train=True``).
+          deterministic: evaluation mode (every branch runs, scaled per ``scaling``).
+          survival_prob: per-call p (may be traced, e.g. inside ``nn.scan``).
+          gate: a pre-drawn gate (bool scalar or ``[batch]``); drawn from
+            ``rng_collection`` when omitted.
+
+        Returns:
+          the gated residual, shaped like ``branch(x)``.
+        """
+        ops.validate_options(self.mode, self.scaling, self.implementation)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"Unknown remat {self.remat!r}; valid: {sorted(REMAT_POLICIES)}.")
+        p = self.survival_prob if survival_prob is None else survival_prob
+        ops.check_survival_prob(p)
+        call = functools.partial(_call_branch, args=args, kwargs=kwargs)
+        if deterministic:
+            return ops.scaled(call(self, x), ops.eval_scale(p, self.scaling))
+        if self.is_initializing() or (gate is None and ops.is_static_one(p)):
+            return call(self, x)
+        if gate is None:
+            key = self.make_rng(self.rng_collection)
+            shape = () if self.mode == "batch" else (x.shape[0],)
+            gate = jax.random.bernoulli(key, p, shape)
+        factor = ops.train_scale(p, self.scaling)
+        if self.mode == "sample" or self.implementation == "mask":
+            return ops.masked(call(self, x), gate, factor)
+        return self._skip(call, x, gate, factor)
+
+    def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
+        def run(module, v, f):
+            return ops.scaled(call(module, v), f)
+
+        policy = REMAT_POLICIES[self.remat]
+        if policy is not None:
+            run = nn.remat(run, policy=policy, prevent_cse=False)
+        def skip(module, v, f):
+            out = _branch_output(module.branch, v)
+            return jnp.zeros(out.shape, out.dtype)
+
+        return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, x.dtype))
+
+
+def _call_branch(module: StochasticDepth, x: Array, *, args: tuple, kwargs: dict) -> Array:
+    return module.branch(x, *args, **kwargs)
+
+
+def _branch_output(branch: nn.Module, x: Array) -> jax.ShapeDtypeStruct:
+    """Shape/dtype of ``branch(x)`` without running it.
+
+    A branch whose output differs from its input in shape or dtype (a strided or widening
+    branch, or one computing in another dtype) says so with an ``output_struct(x)`` method;
+    otherwise the output is taken to be shaped like the input, as a residual added to x is.
+    """
+    if hasattr(branch, "output_struct"):
+        return branch.output_struct(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _tag(y: Array) -> Array:
+    """Names a convolution output so the ``'convs'`` remat policy can keep it."""
+    return checkpoint_name(y, "stochastic_depth_conv")
+
+
+class _Branch(nn.Module):
+    """Shared fields of the residual branches (not public)."""
+
+    features: int
+    strides: int = 1
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    act: Callable[[Array], Array] = nn.relu
+    dtype: Any = None
+    zero_init_last: bool = False
+
+    expansion = 1
+
+    def output_struct(self, x: Array) -> jax.ShapeDtypeStruct:
+        """Shape/dtype of the branch output for input ``x`` ``[batch, H, W, C]``."""
+        b, h, w, _ = x.shape
+        s = self.strides
+        shape = (b, _conv_out(h, 3, s, 1), _conv_out(w, 3, s, 1), self.features * self.expansion)
+        return jax.ShapeDtypeStruct(shape, self.dtype or x.dtype)
+
+    def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
+        pad = (kernel - 1) // 2  # Torch's symmetric padding, also for stride 2
+        return self.conv(
+            features,
+            (kernel, kernel),
+            strides=(strides, strides),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            kernel_init=conv_kernel_init,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    def _last_norm(self, name: str) -> nn.Module:
+        init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        return self.norm(dtype=self.dtype, scale_init=init, name=name)
+
+
+class BasicBranch(_Branch):
+    """The paper's residual function f: conv3x3(stride)-BN-ReLU-conv3x3-BN.
+
+    Input ``[batch, H, W, C_in]``; output ``[batch, H / stride, W / stride, features]``.
+    """
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        y = _tag(self._conv(self.features, 3, self.strides, "conv1")(x))
+        y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
+        y = _tag(self._conv(self.features, 3, 1, "conv2")(y))
+        return self._last_norm("bn2")(y, train=train)
+
+
+class PreActBranch(_Branch):
+    """Pre-activation residual function (He et al., 2016b): BN-ReLU-conv3x3-BN-ReLU-conv3x3.
+
+    Input ``[batch, H, W, C_in]``; output ``[batch, H / stride, W / stride, features]``.
+    """
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        y = self.act(self.norm(dtype=self.dtype, name="bn1")(x, train=train))
+        y = _tag(self._conv(self.features, 3, self.strides, "conv1")(y))
+        y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
+        return _tag(self._conv(self.features, 3, 1, "conv2")(y))
+
+
+class BottleneckBranch(_Branch):
+    """Bottleneck residual function: 1x1-BN-ReLU-3x3(stride)-BN-ReLU-1x1(4x)-BN.
+
+    Input ``[batch, H, W, C_in]``; output ``[batch, H / stride, W / stride, 4 * features]``.
+    """
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        y = _tag(self._conv(self.features, 1, 1, "conv1")(x))
+        y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
+        y = _tag(self._conv(self.features, 3, self.strides, "conv2")(y))
+        y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
+        y = _tag(self._conv(self.features * 4, 1, 1, "conv3")(y))
+        return self._last_norm("bn3")(y, train=train)
+
+
+SHORTCUTS = ("A", "B")
+
+
+class Shortcut(nn.Module):
+    """The identity path of a residual block, made to match the branch's output.
+
+    * ``'A'``: stride-``s`` subsampling plus zero channel padding, parameter-free, as the
+      official stochastic-depth code and the ResNet paper's CIFAR nets.
+    * ``'B'``: 1x1 convolution with stride ``s`` plus BatchNorm (projection).
+
+    Identity when the input already has the output's shape.
+    """
+
+    features: int
+    strides: int = 1
+    kind: str = "A"
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        """``[batch, H, W, C_in]`` -> ``[batch, H / strides, W / strides, features]``."""
+        if self.kind not in SHORTCUTS:
+            raise ValueError(f"Unknown shortcut {self.kind!r}; valid: {list(SHORTCUTS)}.")
+        s = self.strides
+        if s == 1 and x.shape[-1] == self.features:
+            return x
+        if self.kind == "B":
+            y = self.conv(self.features, (1, 1), strides=(s, s), use_bias=False,
+                          kernel_init=conv_kernel_init, dtype=self.dtype, name="conv")(x)
+            return self.norm(dtype=self.dtype, name="bn")(y, train=train)
+        if self.features < x.shape[-1]:
+            raise ValueError(
+                f"Shortcut 'A' pads channels with zeros, so it cannot go from {x.shape[-1]} to "
+                f"{self.features} channels; use shortcut='B'."
+            )
+        y = x[:, ::s, ::s, :]
+        return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
+
+
+class ResidualBlock(nn.Module):
+    """``out = act(shortcut(x) + b * f(x))`` with f a branch and b a stochastic-depth gate.
+
+    Attributes:
+      features: branch width (output channels are ``features * branch_cls.expansion``).
+      strides: spatial stride of the block (and its shortcut).
+      branch_cls: the residual function, a ``_Branch`` subclass.
+      shortcut: ``'A'`` or ``'B'`` (see :class:`Shortcut`).
+      post_activation: apply ``act`` after the addition (True for the paper's blocks, False
+        for pre-activation blocks).
+      mode, scaling, implementation, remat: see :class:`StochasticDepth`.
+    """
+
+    features: int
+    strides: int = 1
+    branch_cls: ModuleDef = None  # type: ignore[assignment]
+    shortcut: str = "A"
+    post_activation: bool = True
+    mode: str = "batch"
+    scaling: str = "test"
+    implementation: str = "skip"
+    remat: str = "none"
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = BatchNorm
+    act: Callable[[Array], Array] = nn.relu
+    dtype: Any = None
+    zero_init_last: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, survival_prob: Any = 1.0, gate: Any = None, *,
+                 train: bool) -> Array:
+        """Runs the block on ``x`` ``[batch, H, W, C]``.
+
+        Args:
+          survival_prob: p_l of this block (static or traced).
+          gate: pre-drawn training gate; drawn from the ``'stochastic_depth'`` stream if
+            None and ``survival_prob`` is not a static 1.
+          train: training mode (gated, batch statistics) vs evaluation (all blocks, scaled).
+        """
+        branch = self.branch_cls(
+            features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
+            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last, parent=None,
+        )
+        sd = StochasticDepth(
+            branch, mode=self.mode, scaling=self.scaling, implementation=self.implementation,
+            remat=self.remat, name="stochastic_depth",
+        )
+        y = sd(x, deterministic=not train, survival_prob=survival_prob, gate=gate, train=train)
+        shortcut = Shortcut(y.shape[-1], self.strides, self.shortcut, conv=self.conv,
+                            norm=self.norm, dtype=self.dtype, name="shortcut")
+        out = shortcut(x, train=train).astype(y.dtype) + y
+        return self.act(out) if self.post_activation else out
+
+
+class BasicBlock(ResidualBlock):
+    """The paper's block: ``relu(shortcut(x) + b * (conv-BN-ReLU-conv-BN)(x))``."""
+
+    branch_cls: ModuleDef = BasicBranch
+
+
+class PreActBlock(ResidualBlock):
+    """Pre-activation block: ``shortcut(x) + b * (BN-ReLU-conv-BN-ReLU-conv)(x)``."""
+
+    branch_cls: ModuleDef = PreActBranch
+    post_activation: bool = False
+
+
+class BottleneckBlock(ResidualBlock):
+    """Bottleneck block with projection shortcut: ``relu(shortcut(x) + b * f(x))``."""
+
+    branch_cls: ModuleDef = BottleneckBranch
+    shortcut: str = "B"

@@ -1,0 +1,331 @@
+"""The paper's networks: CIFAR ResNets of depth 6n+2 and bottleneck ImageNet ResNets.
+
+Every residual block l = 1..L (counted over the whole network, as the paper) survives a
+training mini-batch with probability p_l from :mod:`stochastic_depth_jax.schedules`. All L
+gates are drawn at once from one key of the ``'stochastic_depth'`` rng stream, so the
+scanned and unrolled forms of a model see the same gates for the same key.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stochastic_depth_jax import layers, ops, schedules
+
+__all__ = [
+    "CifarResNet",
+    "ResNet",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "ResidualStages",
+    "CIFAR_BLOCKS",
+    "valid_cifar_depths",
+]
+
+Array = Any
+ModuleDef = Any
+
+CIFAR_BLOCKS = {"basic": layers.BasicBlock, "preact": layers.PreActBlock}
+
+# A stage with at least this many identical blocks is scanned when ``scan=None``.
+AUTO_SCAN_MIN_BLOCKS = 8
+
+
+def valid_cifar_depths(limit: int = 1202) -> list[int]:
+    """Depths 6n + 2 (n >= 1) up to ``limit``: 8, 14, 20, ..., 110, ..., 1202."""
+    return [6 * n + 2 for n in range(1, (limit - 2) // 6 + 1)]
+
+
+class _ScanBody(nn.Module):
+    """One scanned block: carry ``x``, per-iteration inputs ``(p_l,)`` or ``(p_l, gate_l)``."""
+
+    block: ModuleDef
+    train: bool
+    constant: bool
+
+    @nn.compact
+    def __call__(self, x: Array, inputs: tuple) -> tuple[Array, None]:
+        block = self.block(name="block")
+        if self.constant:
+            return block(x, 1.0, None, train=self.train), None
+        prob = inputs[0]
+        gate = inputs[1] if len(inputs) > 1 else None
+        return block(x, prob, gate, train=self.train), None
+
+
+class ResidualStages(nn.Module):
+    """Runs stages of residual blocks, scanning over the identical blocks of each stage.
+
+    The first block of a stage (which may change width or stride) runs on its own; the
+    remaining ``n - 1`` identical blocks run under ``nn.scan`` when scanning, so compile time
+    does not grow with depth. Scanned and unrolled forms hold the same parameters, stacked
+    along a leading axis in the scanned form.
+
+    Attributes:
+      stage_sizes: blocks per stage.
+      stage_features: branch width per stage.
+      stage_strides: stride of each stage's first block.
+      block: a block class or partial taking ``(features, strides)``.
+      scan: scan stages with at least ``AUTO_SCAN_MIN_BLOCKS`` blocks when None.
+    """
+
+    stage_sizes: Sequence[int]
+    stage_features: Sequence[int]
+    stage_strides: Sequence[int]
+    block: ModuleDef
+    scan: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, probs: np.ndarray, gates: Array | None, *, train: bool,
+                 constant: bool) -> Array:
+        """``x`` ``[batch, H, W, C]``; ``probs`` float ``[L]``; ``gates`` ``[L]``/``[L, batch]``."""
+        start = 0
+        for i, (n, feats, stride) in enumerate(
+            zip(self.stage_sizes, self.stage_features, self.stage_strides)
+        ):
+            p0 = 1.0 if constant else float(probs[start])
+            g0 = None if gates is None else gates[start]
+            x = self.block(feats, stride, name=f"stage{i + 1}_block1")(x, p0, g0, train=train)
+            rest = slice(start + 1, start + n)
+            if n > 1 and self._scanned(n - 1):
+                x = self._scan_stage(i, n - 1, feats, x, probs[rest], gates, rest, train,
+                                     constant)
+            else:
+                for j in range(1, n):
+                    p = 1.0 if constant else float(probs[start + j])
+                    g = None if gates is None else gates[start + j]
+                    blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}")
+                    x = blk(x, p, g, train=train)
+            start += n
+        return x
+
+    def _scanned(self, num_identical: int) -> bool:
+        if self.scan is None:
+            return num_identical >= AUTO_SCAN_MIN_BLOCKS
+        return bool(self.scan)
+
+    def _scan_stage(self, i, length, feats, x, probs, gates, rest, train, constant):
+        stage = nn.scan(
+            _ScanBody,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=length,
+            in_axes=0,
+        )
+        inputs: tuple = () if constant else (jnp.asarray(probs, jnp.float32),)
+        if gates is not None:
+            inputs = inputs + (gates[rest],)
+        body = stage(block=functools.partial(self.block, feats, 1), train=train,
+                     constant=constant, name=f"stage{i + 1}_scan")
+        x, _ = body(x, inputs)
+        return x
+
+
+class _StochasticResNetBase(nn.Module):
+    """Survival schedule, gate drawing and validation shared by the two model families."""
+
+    def num_blocks(self) -> int:
+        raise NotImplementedError
+
+    def survival_probs(self) -> np.ndarray:
+        """p_l for l = 1..L, float64 ``[L]`` (all ones for constant depth)."""
+        return schedules.survival_probabilities(
+            self.survival_rule, self.num_blocks(), self.final_survival_prob
+        )
+
+    def _validate_sd(self) -> None:
+        ops.validate_options(self.mode, self.scaling, self.implementation)
+        schedules.survival_probabilities(self.survival_rule, 1, self.final_survival_prob)
+        if self.remat not in layers.REMAT_POLICIES:
+            raise ValueError(
+                f"Unknown remat {self.remat!r}; valid: {sorted(layers.REMAT_POLICIES)}."
+            )
+
+    def _gates(self, x: Array, gates: Array | None, train: bool) -> tuple[Array | None, bool]:
+        """Returns ``(gates, constant)``; draws gates from ``'stochastic_depth'`` if needed."""
+        constant = float(self.final_survival_prob) == 1.0 and gates is None
+        if not train or constant:
+            return None, constant
+        if gates is None:
+            key = self.make_rng("stochastic_depth")
+            gates = ops.draw_gates(key, self.survival_probs(), mode=self.mode,
+                                   batch_size=x.shape[0])
+        expected = (self.num_blocks(),) if self.mode == "batch" else (self.num_blocks(), x.shape[0])
+        if tuple(gates.shape) != expected:
+            raise ValueError(f"gates must have shape {expected} for mode={self.mode!r}, "
+                             f"got {tuple(gates.shape)}.")
+        return gates, False
+
+    def _block(self, cls: ModuleDef, shortcut: str) -> ModuleDef:
+        return functools.partial(
+            cls, shortcut=shortcut, mode=self.mode, scaling=self.scaling,
+            implementation=self.implementation, remat=self.remat, conv=self.conv,
+            norm=self.norm, dtype=self.dtype, zero_init_last=self.zero_init_last,
+        )
+
+
+class CifarResNet(_StochasticResNetBase):
+    """The paper's CIFAR/SVHN ResNet of depth 6n + 2 with stochastic depth.
+
+    Three stages of n blocks (widths 16, 32, 64 times ``width / 16``; strides 1, 2, 2), a
+    3x3 stem, global average pooling and a linear classifier. ResNet-110 has 54 blocks;
+    the paper's SVHN net is ResNet-152 (75 blocks).
+
+    Usage::
+
+        model = CifarResNet(depth=110, num_classes=10)
+        variables = model.init({'params': key}, x, train=False)
+        logits, updates = model.apply(variables, x, train=True,
+                                      rngs={'stochastic_depth': key}, mutable=['batch_stats'])
+        logits = model.apply(variables, x, train=False)   # all blocks, residuals scaled by p_l
+
+    Attributes:
+      depth: 6n + 2 (20, 32, 44, 56, 110, 152, 1202, ...).
+      num_classes: classifier outputs.
+      final_survival_prob: p_L (paper: 0.5); 1.0 gives a constant-depth ResNet.
+      survival_rule: ``'linear'`` (paper) or ``'uniform'``.
+      mode, scaling, implementation, remat: see :class:`layers.StochasticDepth`.
+      block: ``'basic'`` (paper) or ``'preact'``.
+      shortcut: ``'A'`` (paper, parameter-free) or ``'B'`` (projection).
+      width: stem/first-stage width (16 in the paper).
+      scan: scan identical blocks (None: when a stage has >= 8 of them).
+    """
+
+    depth: int = 110
+    num_classes: int = 10
+    final_survival_prob: float = 0.5
+    survival_rule: str = "linear"
+    mode: str = "batch"
+    scaling: str = "test"
+    implementation: str = "skip"
+    remat: str = "none"
+    block: str = "basic"
+    shortcut: str = "A"
+    width: int = 16
+    scan: bool | None = None
+    dtype: Any = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = layers.BatchNorm
+    zero_init_last: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
+            raise ValueError(
+                f"CifarResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110, 152, "
+                f"1202), got {self.depth!r}; nearest valid: "
+                f"{_nearest(self.depth, valid_cifar_depths(max(1202, int(self.depth) + 6)))}."
+            )
+        if self.block not in CIFAR_BLOCKS:
+            raise ValueError(f"Unknown block {self.block!r}; valid: {sorted(CIFAR_BLOCKS)}.")
+        if self.shortcut not in layers.SHORTCUTS:
+            raise ValueError(f"Unknown shortcut {self.shortcut!r}; valid: {list(layers.SHORTCUTS)}.")
+        self._validate_sd()
+        super().__post_init__()
+
+    def num_blocks(self) -> int:
+        """L = 3n residual blocks."""
+        return 3 * ((self.depth - 2) // 6)
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool, gates: Array | None = None) -> Array:
+        """Classifies images ``x`` ``[batch, H, W, C]`` into logits ``[batch, num_classes]``.
+
+        Args:
+          train: training mode (gated blocks, batch statistics).
+          gates: optional bool ``[L]`` (``[L, batch]`` for ``mode='sample'``) overriding the
+            drawn gates, e.g. to evaluate a fixed sub-network.
+        """
+        gates, constant = self._gates(x, gates, train)
+        n = (self.depth - 2) // 6
+        w = self.width
+        x = x.astype(self.dtype) if self.dtype is not None else x
+        x = self.conv(w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                      kernel_init=layers.conv_kernel_init, dtype=self.dtype, name="stem_conv")(x)
+        preact = self.block == "preact"
+        if not preact:
+            x = nn.relu(self.norm(dtype=self.dtype, name="stem_bn")(x, train=train))
+        stages = ResidualStages(
+            stage_sizes=(n, n, n), stage_features=(w, 2 * w, 4 * w), stage_strides=(1, 2, 2),
+            block=self._block(CIFAR_BLOCKS[self.block], self.shortcut), scan=self.scan,
+            name="stages",
+        )
+        x = stages(x, self.survival_probs(), gates, train=train, constant=constant)
+        if preact:
+            x = nn.relu(self.norm(dtype=self.dtype, name="final_bn")(x, train=train))
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _nearest(depth: Any, valid: list[int]) -> list[int]:
+    try:
+        d = float(depth)
+    except (TypeError, ValueError):
+        return valid[:3]
+    return sorted(sorted(valid, key=lambda v: abs(v - d))[:2])
+
+
+class ResNet(_StochasticResNetBase):
+    """Bottleneck ImageNet-style ResNet (He et al., 2016) with stochastic depth.
+
+    7x7/2 stem, 3x3/2 max-pool, four stages of bottleneck blocks (widths 64..512, outputs
+    4x), projection shortcuts. Use :data:`ResNet50`, :data:`ResNet101`, :data:`ResNet152`.
+    Input ``[batch, H, W, 3]``; output logits ``[batch, num_classes]``.
+    """
+
+    stage_sizes: Sequence[int] = (3, 4, 6, 3)
+    num_classes: int = 1000
+    final_survival_prob: float = 0.5
+    survival_rule: str = "linear"
+    mode: str = "batch"
+    scaling: str = "test"
+    implementation: str = "skip"
+    remat: str = "none"
+    width: int = 64
+    scan: bool | None = None
+    dtype: Any = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = layers.BatchNorm
+    zero_init_last: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
+            raise ValueError(f"stage_sizes must be positive block counts, got {self.stage_sizes}.")
+        self._validate_sd()
+        super().__post_init__()
+
+    def num_blocks(self) -> int:
+        """L, the total number of bottleneck blocks."""
+        return int(sum(self.stage_sizes))
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool, gates: Array | None = None) -> Array:
+        """See :meth:`CifarResNet.__call__`."""
+        gates, constant = self._gates(x, gates, train)
+        x = x.astype(self.dtype) if self.dtype is not None else x
+        x = self.conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                      use_bias=False, kernel_init=layers.conv_kernel_init, dtype=self.dtype,
+                      name="stem_conv")(x)
+        x = nn.relu(self.norm(dtype=self.dtype, name="stem_bn")(x, train=train))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        k = len(self.stage_sizes)
+        stages = ResidualStages(
+            stage_sizes=tuple(self.stage_sizes),
+            stage_features=tuple(self.width * 2**i for i in range(k)),
+            stage_strides=(1,) + (2,) * (k - 1),
+            block=self._block(layers.BottleneckBlock, "B"), scan=self.scan, name="stages",
+        )
+        x = stages(x, self.survival_probs(), gates, train=train, constant=constant)
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3))
+ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3))
