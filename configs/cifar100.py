@@ -1,0 +1,17 @@
+"""CIFAR-100+ (flip + translate augmentation), ResNet-110 with stochastic depth, p_L = 0.5.
+
+Command:  python train.py --config cifar100 [--workdir ./workdir/cifar100]
+Smoke:    python train.py --config cifar100:smoke   (fake data, CPU, about a minute)
+Runtime:  about the CIFAR-10 run (paper: 15h7m on the authors' GPU), 500 epochs.
+Paper:    Table 1, CIFAR-100+ test error 24.98% (constant depth ResNet-110: 27.22%);
+          constant depth: --config.model.final_survival_prob=1.0
+"""
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.base_config()
+  c.dataset = 'cifar100'
+  if arg == 'smoke':
+    c = base.smoke(c)
+  return c
