@@ -1,0 +1,208 @@
+"""Data sources and splits: fake tfds datasets with the real names, image folders, errors."""
+import os
+import time
+
+import numpy as np
+import pytest
+
+from stochastic_depth_jax import data
+from stochastic_depth_jax.data import builders, sources, splits
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One data_dir with small cifar10, cifar100 and svhn_cropped, prepared as array_record."""
+    root = str(tmp_path_factory.mktemp("tfds"))
+    data.testing.make_tfds_dataset("cifar10", root, num_train=200, num_test=50)
+    data.testing.make_tfds_dataset("cifar100", root, num_train=200, num_test=40, seed=1)
+    data.testing.make_tfds_dataset("svhn", root, num_train=200, num_test=30, num_extra=300)
+    return root
+
+
+def _rows(split):
+    return {row.tobytes() for row in split.images.reshape(len(split), -1)}
+
+
+def test_cifar_paper_split_sizes_and_union(data_dir):
+    ds = data.load_dataset("cifar10", data_dir=data_dir, download=False)
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (180, 20, 50)
+    assert ds.num_classes == 10 and ds.image_shape == (32, 32, 3) and ds.augment == "flip_translate"
+    everything = data.load_dataset("cifar10", data_dir=data_dir, train_on_all=True)
+    assert ds.validation is not None and everything.validation is None
+    assert len(everything.train) == 200
+    assert _rows(ds.train) | _rows(ds.validation) == _rows(everything.train)
+    assert not _rows(ds.train) & _rows(ds.validation)
+    assert ds.train.images.dtype == np.uint8 and ds.train.labels.dtype == np.int32
+
+
+def test_split_is_a_function_of_the_seed(data_dir):
+    load = lambda seed: data.load_dataset("cifar10", data_dir=data_dir, seed=seed)
+    a, b, c = load(0), load(0), load(1)
+    np.testing.assert_array_equal(a.validation.images, b.validation.images)
+    assert _rows(a.validation) != _rows(c.validation)
+
+
+@pytest.mark.parametrize("size, expected", [(30, 30), (0.25, 50), (0, None)])
+def test_validation_size_count_fraction_none(data_dir, size, expected):
+    ds = data.load_dataset("cifar10", data_dir=data_dir, validation_size=size)
+    assert (len(ds.validation) if ds.validation else None) == expected
+
+
+def test_bad_validation_size_says_what_to_do(data_dir):
+    with pytest.raises(ValueError, match="smaller count or a fraction"):
+        data.load_dataset("cifar10", data_dir=data_dir, validation_size=500)
+
+
+def test_paper_split_arithmetic_at_full_size():
+    """CIFAR 50,000 -> 45,000 + 5,000; SVHN 73,257 + 531,131 -> 598,388 + 6,000."""
+    tiny = lambda labels: splits.Split(np.zeros((len(labels), 1, 1, 1), np.uint8),
+                                       labels.astype(np.int32))
+    train, val = splits.holdout(tiny(np.arange(50000) % 10), None, seed=0)
+    assert (len(train), len(val)) == (45000, 5000)
+    rng = np.random.default_rng(0)
+    svhn_train, extra = tiny(rng.integers(0, 10, 73257)), tiny(rng.integers(0, 10, 531131))
+    train, val = splits.svhn_holdout(svhn_train, extra, 10, None, seed=0)
+    assert (len(train), len(val)) == (598388, 6000)
+    assert np.all(np.bincount(val.labels[:4000]) == 400)
+    assert np.all(np.bincount(val.labels[4000:]) == 200)
+
+
+def test_cifar100_fine_and_coarse(data_dir):
+    fine = data.load_dataset("cifar100", data_dir=data_dir)
+    coarse = data.load_dataset("cifar100", data_dir=data_dir, label="coarse")
+    assert (fine.num_classes, coarse.num_classes) == (100, 20)
+    np.testing.assert_array_equal(coarse.train.labels, fine.train.labels // 5)
+    with pytest.raises(ValueError, match="coarse"):
+        data.load_dataset("cifar10", data_dir=data_dir, label="coarse")
+
+
+def test_svhn_uses_train_plus_extra(data_dir):
+    ds = data.load_dataset("svhn", data_dir=data_dir, validation_size=60)
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (440, 60, 30)
+    assert ds.augment == "none"
+    assert np.all(np.bincount(ds.validation.labels, minlength=10) == 6)
+    with pytest.raises(ValueError, match="smaller validation_size"):
+        data.load_dataset("svhn", data_dir=data_dir)  # 400/class > the fake's 20/class.
+
+
+def test_mean_std_are_train_statistics_in_pixel_units(data_dir):
+    ds = data.load_dataset("cifar10", data_dir=data_dir)
+    pixels = ds.train.images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(ds.mean, pixels.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(ds.std, pixels.std(0), rtol=1e-4)
+    assert ds.mean.dtype == np.float32 and ds.mean.shape == (3,)
+
+
+def _assert_offline_message(error, name, data_dir):
+    message = str(error)
+    assert f"'{name}'" in message and data_dir in message
+    assert "download_and_prepare" in message and "load_dataset" in message
+    assert os.path.join(data_dir, "downloads", "manual") in message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/cifar-10-binary.tar.gz",
+                                 "http://10.255.255.1/cifar-10-binary.tar.gz"])
+def test_offline_error_is_fast_and_says_what_to_do(tmp_path, monkeypatch, url):
+    # A refused port / an unroutable address (or one a firewall answers with an
+    # error page): no test can ever start a real download.
+    monkeypatch.setitem(sources.DOWNLOAD_URLS, "cifar10", url)
+    start = time.perf_counter()
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert time.perf_counter() - start < 5
+    _assert_offline_message(info.value, "cifar10", str(tmp_path))
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_download_false_fails_at_once(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("svhn", data_dir=str(tmp_path), download=False)
+    assert time.perf_counter() - start < 5
+    _assert_offline_message(info.value, "svhn_cropped", str(tmp_path))
+    assert "extra_32x32.mat" in str(info.value)
+
+
+def test_corrupt_record_is_reported(tmp_path):
+    data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,
+                                   corrupt=("test",))
+    with pytest.raises(data.CorruptDataError, match="split 'test'.*prepare the dataset again"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=0)
+
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(ValueError, match="cifar100.*image_folder"):
+        data.load_dataset("mnist")
+
+
+def test_tf_free_cifar_reader_matches_the_binary_layout(tmp_path):
+    image = np.arange(3072, dtype=np.uint32).astype(np.uint8).reshape(3, 32, 32)
+    path = tmp_path / "batch.bin"
+    path.write_bytes(bytes([7]) + image.tobytes() + bytes([3]) + image.tobytes())
+    records = list(builders.read_cifar_binary(str(path), num_labels=1))
+    assert [int(r[0][0]) for r in records] == [7, 3]
+    np.testing.assert_array_equal(records[0][1], image.transpose(1, 2, 0))
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="damaged"):
+        list(builders.read_cifar_binary(str(path), num_labels=1))
+
+
+def test_tf_free_builders_keep_real_name_and_version():
+    for name in ("cifar10", "cifar100", "svhn_cropped"):
+        cls = builders.tf_free_builder(name)
+        assert cls.name == name
+        assert cls.VERSION == builders.real_builder_class(name).VERSION
+
+
+# --- image folders --------------------------------------------------------------------
+
+def test_image_folder_loads(tmp_path):
+    root = data.testing.make_image_folder(str(tmp_path / "imgs"), classes=["cat", "dog", "eel"],
+                                          per_class_train=10, per_class_test=4, size=(24, 16))
+    ds = data.load_dataset(f"image_folder:{root}", validation_size=6)
+    assert ds.class_names == ("cat", "dog", "eel") and ds.num_classes == 3
+    assert ds.image_shape == (24, 16, 3)
+    assert (len(ds.train), len(ds.validation), len(ds.test)) == (24, 6, 12)
+    np.testing.assert_array_equal(np.bincount(ds.test.labels), [4, 4, 4])
+
+
+def _folder(tmp_path):
+    return data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=2,
+                                          per_class_test=1)
+
+
+def test_image_folder_empty_class(tmp_path):
+    root = _folder(tmp_path)
+    os.makedirs(os.path.join(root, "train", "class2"))
+    os.makedirs(os.path.join(root, "test", "class2"))
+    with pytest.raises(ValueError, match="class2.*has no"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+def test_image_folder_unreadable_file(tmp_path):
+    root = _folder(tmp_path)
+    bad = os.path.join(root, "train", "class1", "bad.png")
+    open(bad, "wb").write(b"not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+def test_image_folder_mismatched_classes(tmp_path):
+    root = _folder(tmp_path)
+    os.rename(os.path.join(root, "test", "class1"), os.path.join(root, "test", "other"))
+    with pytest.raises(ValueError, match="only in train: \\['class1'\\].*only in test: \\['other'\\]"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+def test_image_folder_mixed_sizes(tmp_path):
+    from PIL import Image
+    root = _folder(tmp_path)
+    odd = os.path.join(root, "test", "class0", "odd.png")
+    Image.fromarray(np.zeros((20, 32, 3), np.uint8)).save(odd)
+    with pytest.raises(ValueError, match="odd.png.*one size"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+def test_image_folder_missing_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train"):
+        data.load_dataset(f"image_folder:{tmp_path / 'nothing'}")
