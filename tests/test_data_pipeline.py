@@ -1,0 +1,190 @@
+"""Device-resident batches: order, augmentation, evaluation coverage, 1 vs 8 devices."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from stochastic_depth_jax import data
+from stochastic_depth_jax.data import order
+
+MEAN, STD = np.array([10.0, 20.0, 30.0], np.float32), np.array([2.0, 4.0, 8.0], np.float32)
+
+
+def _mesh(n):
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
+
+
+def _split(n, shape=(8, 8, 3), seed=0):
+    """Random images; labels = example index, so batches reveal which examples they hold."""
+    rng = np.random.default_rng(seed)
+    return data.Split(rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
+                      np.arange(n, dtype=np.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "augment"))
+def _batch(dev, key, step, batch_size, augment):
+    return data.train_batch(dev, key, step, batch_size=batch_size, mean=MEAN, std=STD,
+                            augment=augment)
+
+
+def test_devices_available():
+    assert jax.device_count() == 8  # tests/conftest.py
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000, 4097])
+def test_order_is_a_permutation(n):
+    got = np.asarray(order.permute(jax.random.key(3), jnp.arange(n), n))
+    np.testing.assert_array_equal(np.sort(got), np.arange(n))
+
+
+def test_order_is_well_mixed():
+    got = np.asarray(data.epoch_order(jax.random.key(0), 0, 10000))
+    assert abs(np.corrcoef(got, np.arange(10000))[0, 1]) < 0.05
+    assert np.mean(got[1:] == got[:-1] + 1) < 0.01
+    other = np.asarray(data.epoch_order(jax.random.key(0), 1, 10000))
+    assert np.mean(got == other) < 0.01
+
+
+def test_train_batches_shapes_dtypes_and_epochs():
+    dev = data.put_on_devices(_split(100), _mesh(1))
+    key = jax.random.key(0)
+    assert data.steps_per_epoch(100, 16) == 6
+    epoch = [_batch(dev, key, s, 16, "flip_translate") for s in range(6)]
+    images, labels = epoch[0]
+    assert images.shape == (16, 8, 8, 3) and images.dtype == jnp.float32
+    assert labels.shape == (16,) and labels.dtype == jnp.int32
+    seen = np.concatenate([np.asarray(l) for _, l in epoch])
+    assert len(set(seen.tolist())) == 96  # Full batches; the 4-example tail is dropped.
+    np.testing.assert_array_equal(seen, np.asarray(data.epoch_order(key, 0, 100))[:96])
+    next_epoch = np.asarray(_batch(dev, key, 6, 16, "none")[1])
+    assert not np.array_equal(next_epoch, seen[:16])
+
+
+def test_batches_are_a_function_of_key_and_step():
+    dev = data.put_on_devices(_split(64), _mesh(1))
+    a = _batch(dev, jax.random.key(1), 5, 8, "flip_translate")
+    b = _batch(dev, jax.random.key(1), jnp.int32(5), 8, "flip_translate")
+    c = _batch(dev, jax.random.key(2), 5, 8, "flip_translate")
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_no_augment_is_plain_normalisation():
+    split = _split(40)
+    dev = data.put_on_devices(split, _mesh(1))
+    images, labels = _batch(dev, jax.random.key(0), 3, 8, "none")
+    expected = (split.images[np.asarray(labels)].astype(np.float32) - MEAN) / STD
+    np.testing.assert_allclose(images, expected, rtol=1e-6)
+
+
+def test_translate_moves_pixels_and_fills_zeros():
+    image = jnp.arange(1, 8 * 8 + 1, dtype=jnp.float32).reshape(8, 8, 1)
+    out = np.asarray(data.translate(image, jnp.int32(2), jnp.int32(-3)))
+    expected = np.zeros((8, 8, 1), np.float32)
+    expected[2:, :5] = np.asarray(image)[:6, 3:]  # out[y, x] = image[y - 2, x + 3]
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(data.translate(image, jnp.int32(0), jnp.int32(0)), image)
+
+
+def test_flip_translate_is_a_flip_and_a_bounded_shift():
+    """Every output equals translate(image or its mirror, dy, dx) with |dy|, |dx| <= 4."""
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 2)), jnp.float32)
+    candidates = {(flip, dy, dx): np.asarray(data.translate(image[:, ::-1] if flip else image,
+                                                            jnp.int32(dy), jnp.int32(dx)))
+                  for flip in (0, 1) for dy in range(-4, 5) for dx in range(-4, 5)}
+    keys = jax.random.split(jax.random.key(0), 300)
+    outs = np.asarray(jax.jit(jax.vmap(data.flip_translate))(jnp.stack([image] * 300), keys))
+    found = []
+    for out in outs:
+        match = [c for c, v in candidates.items() if np.array_equal(v, out)]
+        assert match, "augmented image is not a flip + translation of the input"
+        found.append(match[0])
+    flips = np.mean([f for f, _, _ in found])
+    assert 0.4 < flips < 0.6
+    assert {dy for _, dy, _ in found} == set(range(-4, 5))
+    assert {dx for _, _, dx in found} == set(range(-4, 5))
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_one_and_eight_devices_give_identical_batches(shard):
+    split = _split(101)  # 101 = not a multiple of 8: sharding pads to 104.
+    one = data.put_on_devices(split, _mesh(1), shard=shard)
+    eight = data.put_on_devices(split, _mesh(8), shard=shard)
+    assert eight.sharded == shard and len(eight) == 101
+    for step in (0, 7, 13):
+        a = _batch(one, jax.random.key(4), step, 16, "flip_translate")
+        b = _batch(eight, jax.random.key(4), step, 16, "flip_translate")
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        assert b[0].sharding.spec == P("data") and b[1].sharding.spec == P("data")
+        assert np.asarray(b[1]).max() < 101  # Padding is never sampled.
+
+
+def test_put_on_devices_chooses_sharding_by_size():
+    split = _split(64)
+    assert not data.put_on_devices(split, _mesh(8)).sharded
+    assert data.put_on_devices(split, _mesh(8), shard_threshold_bytes=100).sharded
+    with pytest.raises(ValueError, match="axis named 'data'"):
+        data.put_on_devices(split, jax.make_mesh((8,), ("batch",)))
+
+
+def test_train_batch_inside_a_sharded_train_step():
+    """As the trainer uses it: inside its jit, with a traced step, output split over 'data'."""
+    mesh = _mesh(8)
+    dev = data.put_on_devices(_split(256), mesh, shard=True)
+
+    @jax.jit
+    def step_fn(dev, key, step):
+        images, labels = data.train_batch(dev, key, step, batch_size=32, mean=MEAN, std=STD,
+                                          augment="flip_translate")
+        return jnp.sum(images ** 2, axis=(1, 2, 3)), labels
+
+    per_example, labels = step_fn(dev, jax.random.key(0), jnp.int32(3))
+    assert per_example.shape == (32,) and per_example.sharding.spec == P("data")
+
+
+@pytest.mark.parametrize("devices, shard", [(1, False), (8, False), (8, True)])
+def test_eval_covers_every_example_exactly_once(devices, shard):
+    split = _split(101)
+    dev = data.put_on_devices(split, _mesh(devices), shard=shard)
+    counts = np.zeros(101, int)
+    total = 0
+    for images, labels, mask, indices in data.eval_batches(dev, batch_size=16, mean=MEAN,
+                                                           std=STD, with_indices=True):
+        assert images.shape == (16, 8, 8, 3) and mask.dtype == jnp.bool_
+        mask, labels = np.asarray(mask), np.asarray(labels)
+        np.testing.assert_array_equal(labels[mask], indices[mask])
+        np.testing.assert_allclose(
+            np.asarray(images)[mask],
+            (split.images[indices[mask]].astype(np.float32) - MEAN) / STD, rtol=1e-6)
+        np.add.at(counts, labels[mask], 1)
+        total += int(mask.sum())
+    assert total == 101 and np.all(counts == 1)
+
+
+def test_eval_plan_counts():
+    indices, mask = data.eval_plan(10, 4)
+    assert indices.shape == (3, 4) and mask.sum() == 10
+    np.testing.assert_array_equal(np.sort(indices[mask]), np.arange(10))
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ValueError, match="batch_size"):
+        data.steps_per_epoch(10, 16)
+    dev = data.put_on_devices(_split(40), _mesh(1))
+    with pytest.raises(ValueError, match="flip_translate"):
+        _batch(dev, jax.random.key(0), 0, 8, "cutout")
+
+
+def test_image_folder_end_to_end(tmp_path):
+    root = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=12,
+                                          per_class_test=3, size=(16, 16))
+    ds = data.load_dataset(f"image_folder:{root}", validation_size=4)
+    dev = data.put_on_devices(ds.train, _mesh(8))
+    images, labels = data.train_batch(dev, jax.random.key(0), 0, batch_size=8, mean=ds.mean,
+                                      std=ds.std, augment=ds.augment)
+    assert images.shape == (8, 16, 16, 3) and set(np.asarray(labels).tolist()) <= {0, 1}
