@@ -185,6 +185,7 @@ def test_image_folder_end_to_end(tmp_path):
                                           per_class_test=3, size=(16, 16))
     ds = data.load_dataset(f"image_folder:{root}", validation_size=4)
     dev = data.put_on_devices(ds.train, _mesh(8))
-    images, labels = data.train_batch(dev, jax.random.key(0), 0, batch_size=8, mean=ds.mean,
-                                      std=ds.std, augment=ds.augment)
+    batch = jax.jit(functools.partial(data.train_batch, batch_size=8, mean=ds.mean,
+                                      std=ds.std, augment=ds.augment))
+    images, labels = batch(dev, jax.random.key(0), 0)
     assert images.shape == (8, 16, 16, 3) and set(np.asarray(labels).tolist()) <= {0, 1}
