@@ -30,10 +30,10 @@ class Split:
     def __post_init__(self):
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ValueError(f"Split.images must be uint8 [N, H, W, C], got "
-                                              f"{self.images.dtype} {self.images.shape}.")
+                             f"{self.images.dtype} {self.images.shape}.")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"Split.labels must be [N={self.images.shape[0]}], got "
-                                              f"{self.labels.shape}.")
+                             f"{self.labels.shape}.")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -46,7 +46,7 @@ class Split:
 def concatenate(*splits: Split) -> Split:
     """Joins splits end to end (e.g. SVHN train + extra)."""
     return Split(np.concatenate([s.images for s in splits]),
-                              np.concatenate([s.labels for s in splits]).astype(np.int32))
+                 np.concatenate([s.labels for s in splits]).astype(np.int32))
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -58,7 +58,7 @@ def resolve_count(validation_size: int | float, num_examples: int) -> int:
     if isinstance(validation_size, float):
         if not 0.0 <= validation_size < 1.0:
             raise ValueError(f"validation_size as a fraction must be in [0, 1), got "
-                                              f"{validation_size}.")
+                             f"{validation_size}.")
         return int(round(validation_size * num_examples))
     count = int(validation_size)
     if not 0 <= count < num_examples:
@@ -69,7 +69,7 @@ def resolve_count(validation_size: int | float, num_examples: int) -> int:
 
 
 def holdout(split: Split, validation_size: int | float | None,
-                        seed: int) -> tuple[Split, Split | None]:
+            seed: int) -> tuple[Split, Split | None]:
     """Holds out a uniformly random validation set (the paper's CIFAR protocol).
 
     Args:
@@ -93,21 +93,21 @@ def holdout(split: Split, validation_size: int | float | None,
 
 
 def _per_class_holdout(labels: np.ndarray, per_class: int, num_classes: int,
-                                              rng: np.random.Generator, source: str) -> np.ndarray:
+                       rng: np.random.Generator, source: str) -> np.ndarray:
     """Boolean [N] mask choosing `per_class` random examples of every class."""
     held = np.zeros(labels.shape[0], bool)
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         if per_class > members.size:
             raise ValueError(
-                    f"SVHN validation wants {per_class} examples of class {c} from '{source}' "
-                    f"but it has only {members.size}; pass a smaller validation_size.")
+                f"SVHN validation wants {per_class} examples of class {c} from '{source}' "
+                f"but it has only {members.size}; pass a smaller validation_size.")
         held[rng.permutation(members)[:per_class]] = True
     return held
 
 
 def svhn_holdout(train: Split, extra: Split, num_classes: int,
-                                  validation_size: int | None, seed: int) -> tuple[Split, Split | None]:
+                 validation_size: int | None, seed: int) -> tuple[Split, Split | None]:
     """The paper's SVHN split: per-class validation from train and from extra.
 
     Args:
@@ -134,9 +134,9 @@ def svhn_holdout(train: Split, extra: Split, num_classes: int,
     held_train = _per_class_holdout(train.labels, from_train, num_classes, rng, "train")
     held_extra = _per_class_holdout(extra.labels, from_extra, num_classes, rng, "extra")
     kept = concatenate(train.take(np.flatnonzero(~held_train)),
-                                          extra.take(np.flatnonzero(~held_extra)))
+                       extra.take(np.flatnonzero(~held_extra)))
     validation = concatenate(train.take(np.flatnonzero(held_train)),
-                                                      extra.take(np.flatnonzero(held_extra)))
+                             extra.take(np.flatnonzero(held_extra)))
     return kept, validation
 
 

@@ -1,0 +1,132 @@
+"""Input-pipeline benchmark (run by hand): load + place CIFAR-sized data, ms per batch.
+
+    python benchmarks/bench_data.py [--steps 200] [--out benchmarks/results/data.md]
+
+Measures (1) placing 50,000 x 32x32x3 uint8 random arrays on the device, (2)
+preparing and reading a fake tfds 'cifar10' of the same size (array_record, PNG,
+written to a temporary data_dir), (3) the per-step cost of `train_batch` for
+batch 128 (gather + normalise + flip/translate), median over many steps with
+compilation excluded, and an evaluation batch.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stochastic_depth_jax import data
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - start
+
+
+def _step_times(fn, steps):
+    """Per-call seconds of fn(step) for steps 1..steps (step 0 compiles, untimed)."""
+    jax.block_until_ready(fn(0))
+    times = []
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(step))
+        times.append(time.perf_counter() - start)
+    return np.asarray(times)
+
+
+def bench_placement(mesh):
+    rng = np.random.default_rng(0)
+    split = data.Split(rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8),
+                       rng.integers(0, 10, 50000).astype(np.int32))
+    dev, seconds = _timed(lambda: data.put_on_devices(split, mesh))
+    return split, dev, seconds
+
+
+def bench_tfds(num_train):
+    with tempfile.TemporaryDirectory() as data_dir:
+        _, prepare = _timed(lambda: data.testing.make_tfds_dataset(
+            "cifar10", data_dir, num_train=num_train, num_test=10000))
+        ds, load = _timed(lambda: data.load_dataset("cifar10", data_dir=data_dir))
+    return prepare, load, ds
+
+
+def bench_steps(dev, steps, augment, mean, std):
+    batch = jax.jit(functools.partial(data.train_batch, batch_size=128, mean=mean, std=std,
+                                      augment=augment))
+    key = jax.random.key(0)
+    return _step_times(lambda s: batch(dev, key, jnp.int32(s)), steps)
+
+
+def bench_eval(dev, mean, std):
+    batches = data.eval_batches(dev, batch_size=500, mean=mean, std=std)
+    _, seconds = _timed(lambda: [b[0] for b in batches])
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--tfds-train", type=int, default=50000,
+                        help="size of the fake tfds cifar10 train split (0 to skip)")
+    parser.add_argument("--out", default="benchmarks/results/data.md")
+    args = parser.parse_args()
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    split, dev, place_s = bench_placement(mesh)
+    mean, std = data.splits.channel_stats(split)
+    rows = [("put_on_devices, 50k x 32x32x3 uint8 (147 MB)", f"{place_s * 1e3:.1f} ms")]
+    if args.tfds_train:
+        prepare_s, load_s, _ = bench_tfds(args.tfds_train)
+        rows += [(f"make fake tfds cifar10 ({args.tfds_train} + 10000, PNG, array_record)",
+                  f"{prepare_s:.1f} s"),
+                 ("load_dataset('cifar10') from that data_dir (decode + split + stats)",
+                  f"{load_s:.1f} s")]
+    for augment in ("flip_translate", "none"):
+        times = bench_steps(dev, args.steps, augment, mean, std) * 1e3
+        rows.append((f"train_batch, batch 128, augment={augment} (median [p10, p90] "
+                     f"of {args.steps})",
+                     f"{np.median(times):.3f} ms [{np.percentile(times, 10):.3f}, "
+                     f"{np.percentile(times, 90):.3f}]"))
+    eval_s = bench_eval(dev, mean, std)
+    rows.append(("eval_batches over 50k, batch 500 (incl. compile)", f"{eval_s:.2f} s"))
+    _report(rows, args.out)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _report(rows, out):
+    header = (f"Machine: {_cpu_name()}, {os.cpu_count()} cores, "
+              f"{jax.device_count()} x {jax.devices()[0].device_kind} "
+              f"({jax.default_backend()}); Python {platform.python_version()}, "
+              f"jax {jax.__version__}, numpy {np.__version__}; "
+              f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+    width = max(len(r[0]) for r in rows)
+    table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    print(header + "\n" + table)
+    markdown = ["# Input pipeline benchmark (`benchmarks/bench_data.py`)", "", header, "",
+                "| measurement | result |", "|---|---|"]
+    markdown += [f"| {name} | {value} |" for name, value in rows]
+    with open(out, "w") as handle:
+        handle.write("\n".join(markdown) + "\n")
+
+
+if __name__ == "__main__":
+    main()
