@@ -10,6 +10,10 @@ def base_config() -> ml_collections.ConfigDict:
   """The paper's CIFAR training recipe (Huang et al., 2016, Sec. 4), ResNet-110, p_L = 0.5."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # PRNG for parameter init only ('threefry2x32', 'rbg', 'unsafe_rbg'). Gates and
+  # augmentation always use threefry. rbg: same distributions, init compiles ~6x faster
+  # on XLA:CPU (threefry: ~30 s even for ResNet-8).
+  c.init_rng_impl = 'rbg'
 
   # Data (stochastic_depth_jax.data.load_dataset). validation_size=None holds out the
   # paper's validation set (CIFAR: 5,000 training images; SVHN: 6,000 of train+extra).

@@ -15,12 +15,14 @@ import ml_collections
 from stochastic_depth_jax import ops, schedules
 from stochastic_depth_jax.training import optim
 
-__all__ = ['DTYPES', 'DATASETS', 'SELECT_BEST_BY', 'apply_overrides', 'validate',
+__all__ = ['DTYPES', 'DATASETS', 'INIT_RNG_IMPLS', 'SELECT_BEST_BY', 'apply_overrides', 'validate',
            'field_names']
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 DATASETS = ('cifar10', 'cifar100', 'svhn')  # or 'image_folder:<path>'
 # Which evaluation picks the reported ('best') model: config name -> metric key.
+# PRNG implementations for parameter initialisation (see step.StepKeys.from_seed).
+INIT_RNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
 SELECT_BEST_BY = {'validation': 'val_error', 'test': 'test_error', 'train': 'train_error'}
 
 
@@ -135,6 +137,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'{field}={config[field]!r} must be an integer >= 0')
   for field, n in config.fake_data.items():
     _check(isinstance(n, int) and n >= 0, f'fake_data.{field}={n!r} must be >= 0')
+  _check_choice(config.init_rng_impl, INIT_RNG_IMPLS, 'init_rng_impl')
   _check_choice(config.select_best_by, SELECT_BEST_BY, 'select_best_by')
   _check(not (config.train_on_all and config.select_best_by == 'validation'),
          'train_on_all=True leaves no validation set; set select_best_by to "test" or "train"')

@@ -87,7 +87,7 @@ def build(config: ml_collections.ConfigDict, *, num_classes: int, num_train: int
   spe = data_lib.steps_per_epoch(num_train, config.batch_size)
   model = build_model(config, num_classes)
   optimizer = optim.make_optimizer(config, spe)
-  keys = step_lib.StepKeys.from_seed(config.seed)
+  keys = step_lib.StepKeys.from_seed(config.seed, config.init_rng_impl)
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
   train_step = step_lib.make_train_step(
       model, optimizer, keys=keys, mesh=mesh, batch_size=config.batch_size,
