@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from stochastic_depth_jax import ops
+from stochastic_depth_jax.conv import Conv
 
 __all__ = [
     "BatchNorm",
@@ -217,7 +218,7 @@ class _Branch(nn.Module):
 
     features: int
     strides: int = 1
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     act: Callable[[Array], Array] = nn.relu
     dtype: Any = None
@@ -312,7 +313,7 @@ class Shortcut(nn.Module):
     features: int
     strides: int = 1
     kind: str = "A"
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     dtype: Any = None
 
@@ -359,7 +360,7 @@ class ResidualBlock(nn.Module):
     scaling: str = "test"
     implementation: str = "skip"
     remat: str = "none"
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     act: Callable[[Array], Array] = nn.relu
     dtype: Any = None

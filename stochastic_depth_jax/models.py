@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import layers, ops, schedules
+from stochastic_depth_jax.conv import Conv
 
 __all__ = [
     "CifarResNet",
@@ -211,7 +212,7 @@ class CifarResNet(_StochasticResNetBase):
     width: int = 16
     scan: bool | None = None
     dtype: Any = None
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = layers.BatchNorm
     zero_init_last: bool = False
 
@@ -290,7 +291,7 @@ class ResNet(_StochasticResNetBase):
     width: int = 64
     scan: bool | None = None
     dtype: Any = None
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
     norm: ModuleDef = layers.BatchNorm
     zero_init_last: bool = False
 

@@ -1,0 +1,222 @@
+"""Train-step benchmark: constant depth vs stochastic depth (skipping) vs mask-multiply.
+
+Measures, side by side in one process, the median wall time of a full training step
+(forward, cross-entropy, backward, SGD-Nesterov update with weight decay) of a CIFAR ResNet
+on random non-zero inputs, compilation excluded, variants interleaved round by round so that
+machine noise hits all of them alike. Every stochastic variant sees the same sequence of
+step keys (hence the same gates). Also measures compile time of two depths.
+
+Run by hand (not in CI)::
+
+    python benchmarks/bench_step.py                       # ResNet-110, batch 128
+    python benchmarks/bench_step.py --depth 20 --batch 32 --rounds 5 --compile-depths 20,56
+
+Prints a table and writes it, with machine, versions and date, to
+``benchmarks/results/step_<backend>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stochastic_depth_jax import CifarResNet, draw_gates
+
+VARIANTS = {
+    # name: (final_survival_prob, implementation, remat)
+    "constant": (1.0, "skip", "none"),  # constant depth, the baseline
+    "skip": (0.5, "skip", "none"),  # stochastic depth, dropped blocks not computed
+    "skip-remat-convs": (0.5, "skip", "convs"),
+    "skip-remat-full": (0.5, "skip", "full"),
+    "mask": (0.5, "mask", "none"),  # stochastic depth as timm/torchvision: compute, multiply
+}
+
+
+@dataclasses.dataclass
+class Runner:
+    name: str
+    step: callable
+    state: tuple
+    times: list
+
+
+def make_runner(name, depth, batch, scan, dtype, key, x, y):
+    p_l, impl, remat = VARIANTS[name]
+    model = CifarResNet(depth=depth, num_classes=10, final_survival_prob=p_l,
+                        implementation=impl, remat=remat, scan=scan, dtype=dtype)
+    variables = jax.jit(lambda k: model.init({"params": k}, x[:2], train=False))(key)
+    tx = optax.chain(optax.add_decayed_weights(1e-4),
+                     optax.sgd(0.1, momentum=0.9, nesterov=True))
+    opt_state = tx.init(variables["params"])
+
+    constant = p_l == 1.0
+
+    def loss_fn(params, batch_stats, gates):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True,
+            gates=None if constant else gates, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, updates["batch_stats"]
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, gates):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, gates)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    state = (variables["params"], variables["batch_stats"], opt_state)
+    return Runner(name, step, state, [])
+
+
+def run_once(r: Runner, gates) -> float:
+    t0 = time.perf_counter()
+    out = r.step(*r.state, gates)
+    jax.block_until_ready(out)
+    r.state = out[:3]
+    return time.perf_counter() - t0
+
+
+def compile_seconds(depth, batch, scan, dtype) -> float:
+    model = CifarResNet(depth=depth, num_classes=10, final_survival_prob=0.5, scan=scan,
+                        dtype=dtype)
+    x = jnp.ones((batch, 32, 32, 3), jnp.float32)
+    y = jnp.zeros((batch,), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x[:2],
+                                                  train=False))
+
+    def loss(params, bs, k):
+        logits, _ = model.apply({"params": params, "batch_stats": bs}, x, train=True,
+                                rngs={"stochastic_depth": k}, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    t0 = time.perf_counter()
+    jax.jit(jax.grad(loss)).lower(variables["params"], variables["batch_stats"],
+                                  jax.random.key(0)).compile()
+    return time.perf_counter() - t0
+
+
+def machine_line() -> str:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s)); "
+            f"host CPU {cpu}, {os.cpu_count()} cores; python {platform.python_version()}; "
+            f"jax {jax.__version__}")
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", type=int, default=110)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 30 GPU, 6 CPU)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--scan", choices=["auto", "true", "false"], default="auto")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--compile-depths", default="110,1202")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    scan = {"auto": None, "true": True, "false": False}[args.scan]
+    dtype = None if args.dtype == "float32" else jnp.bfloat16
+    rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; valid: {list(VARIANTS)}")
+
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
+    y = jax.random.randint(ky, (args.batch,), 0, 10)
+    runners = [make_runner(n, args.depth, args.batch, scan, dtype, kp, x, y) for n in names]
+    base_key = jax.random.key(42)
+    probs = CifarResNet(depth=args.depth).survival_probs()
+    draw = jax.jit(lambda k: draw_gates(k, probs))
+    for r in runners:
+        t0 = time.perf_counter()
+        run_once(r, draw(base_key))
+        print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
+    active = []
+    for i in range(args.warmup + rounds):
+        gates = draw(jax.random.fold_in(base_key, i))
+        for r in runners:
+            dt = run_once(r, gates)
+            if i >= args.warmup:
+                r.times.append(dt)
+        if i >= args.warmup:
+            active.append(float(np.asarray(gates).mean()))
+        print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
+              flush=True)
+
+    base = statistics.median(runners[0].times) if names[0] == "constant" else None
+    rows = []
+    for r in runners:
+        med = statistics.median(r.times)
+        q = np.percentile(r.times, [25, 75])
+        ratio = f"{med / base:.3f}" if base else "-"
+        rows.append(f"| {r.name} | {med * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} | "
+                    f"{args.batch / med:.1f} | {ratio} |")
+    compile_rows = []
+    for d in [int(v) for v in args.compile_depths.split(",") if v]:
+        s = compile_seconds(d, args.batch, scan, dtype)
+        compile_rows.append((d, s))
+        print(f"compile depth {d}: {s:.1f}s", flush=True)
+
+    lines = [
+        f"## Train step, CifarResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
+        f"scan={args.scan}",
+        "",
+        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
+        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded.",
+        "",
+        "| variant | median ms/step | IQR ms | img/s | / constant depth |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Gates are drawn per round from fold_in(key, round) and shared by every stochastic "
+        f"variant; mean fraction of blocks kept over the timed rounds: "
+        f"{np.mean(active):.3f} (expected {probs.mean():.3f}).",
+    ]
+    if compile_rows:
+        lines += ["", "| compile (jit of grad), depth | seconds |", "|---|---|"]
+        lines += [f"| {d} | {s:.1f} |" for d, s in compile_rows]
+        if len(compile_rows) == 2:
+            lines.append(f"\nCompile-time ratio {compile_rows[1][0]}/{compile_rows[0][0]}: "
+                         f"{compile_rows[1][1] / compile_rows[0][1]:.2f}")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"step_{jax.default_backend()}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+    print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""2-D convolution whose backward pass stays fast on XLA:CPU inside ``cond`` and ``scan``.
+
+Why this exists: on XLA:CPU (jaxlib 0.10) the gradient convolutions that JAX's autodiff
+emits (input gradient: ``dim_labels=b01f_01oi``-style; weight gradient:
+``f01b_i01o->01bf``) are rewritten to fast kernels only in the entry computation. Inside
+a nested computation, i.e. the branch of a ``lax.cond`` or the body of a ``lax.scan``,
+they run on a slow generic path. Measured on a 2-core CPU, batch 32, 32x32x16 -> 16, 3x3,
+two-conv residual block, fwd + bwd: 52 ms unconditionally, 1523 ms inside ``lax.cond``;
+four such blocks under ``lax.scan``: 6141 ms vs 224 ms unrolled. Stochastic depth needs
+exactly those two constructs (a cond per block, a scan over blocks).
+
+:func:`conv2d` is a ``jax.custom_vjp`` convolution whose backward pass is written as two
+*forward-layout* (NHWC x HWIO -> NHWC) convolutions, which XLA:CPU runs fast everywhere:
+the same blocks take 44 ms inside ``cond`` and 179 ms under ``scan``, with gradients
+bit-identical to autodiff's in that probe. A stride-s convolution is computed as the
+stride-1 convolution subsampled by s (exact; 4x the FLOPs of that layer for s = 2, which
+in a CIFAR ResNet touches 2 of 109 convolutions).
+
+:class:`Conv` is a drop-in for ``flax.linen.Conv`` (same ``kernel``/``bias`` parameters, so
+checkpoints move between backends) that uses :func:`conv2d` on CPU and XLA's own
+convolution elsewhere (cuDNN on GPU, TPU convolutions), chosen when the model is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["conv2d", "Conv", "CONV_IMPLEMENTATIONS"]
+
+Array = Any
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+_DN = ("NHWC", "HWIO", "NHWC")
+CONV_IMPLEMENTATIONS = ("auto", "xla", "cpu_friendly")
+
+
+def _conv(x: Array, w: Array, pads: Pads) -> Array:
+    return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_s1(x: Array, w: Array, pads: Pads) -> Array:
+    return _conv(x, w, pads)
+
+
+def _conv_s1_fwd(x, w, pads):
+    return _conv(x, w, pads), (x, w)
+
+
+def _conv_s1_bwd(pads, res, ct):
+    x, w = res
+    kh, kw = w.shape[:2]
+    (pt, pb), (pl, pr) = pads
+    # Input gradient: correlate the cotangent with the spatially flipped kernel, in/out
+    # channels swapped; padding k - 1 - p restores the input's size.
+    w_flip = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    gx = _conv(ct, w_flip, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    # Weight gradient as a forward-layout conv: input channels play the batch, the batch
+    # plays the contracted feature axis, and the cotangent is the (large) kernel.
+    gw = _conv(x.transpose(3, 1, 2, 0), ct.transpose(1, 2, 0, 3), pads)  # [ci, kh, kw, co]
+    return gx.astype(x.dtype), gw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+_conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
+
+
+def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
+           padding: Pads = ((0, 0), (0, 0))) -> Array:
+    """NHWC convolution with a CPU-friendly custom gradient.
+
+    Args:
+      x: ``[batch, H, W, C_in]``.
+      w: ``[kh, kw, C_in, C_out]`` (HWIO, as ``flax.linen.Conv``'s kernel).
+      strides: spatial strides ``(sh, sw)``.
+      padding: explicit ``((top, bottom), (left, right))``.
+
+    Returns:
+      ``[batch, H_out, W_out, C_out]`` with ``H_out = (H + top + bottom - kh) // sh + 1``.
+    """
+    pads = tuple((int(a), int(b)) for a, b in padding)
+    sh, sw = (int(s) for s in strides)
+    if w.shape[0] == 1 and w.shape[1] == 1 and pads == ((0, 0), (0, 0)):
+        return _conv_s1(x[:, ::sh, ::sw, :], w, pads)  # 1x1: subsample first, exact
+    y = _conv_s1(x, w, pads)
+    return y if (sh, sw) == (1, 1) else y[:, ::sh, ::sw, :]
+
+
+def _explicit_padding(padding: Any, kernel: Sequence[int], x_shape, strides) -> Pads:
+    if isinstance(padding, str):
+        return tuple(lax.padtype_to_pads(x_shape[1:3], kernel, strides, padding))  # type: ignore[return-value]
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    pads = []
+    for p in padding:
+        pads.append((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])))
+    return tuple(pads)  # type: ignore[return-value]
+
+
+class Conv(nn.Module):
+    """Drop-in for ``flax.linen.Conv`` (2-D, NHWC) with a backend-aware implementation.
+
+    ``implementation='auto'`` uses :func:`conv2d` when tracing for CPU and
+    ``lax.conv_general_dilated`` otherwise; ``'xla'`` and ``'cpu_friendly'`` force one.
+    Parameters: ``kernel`` ``[kh, kw, C_in, features]`` and optional ``bias``.
+    Input ``[batch, H, W, C_in]``; output ``[batch, H_out, W_out, features]``.
+    """
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    strides: Sequence[int] = (1, 1)
+    padding: Any = "SAME"
+    use_bias: bool = True
+    kernel_init: Callable[..., Array] = nn.linear.default_kernel_init
+    bias_init: Callable[..., Array] = nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.implementation not in CONV_IMPLEMENTATIONS:
+            raise ValueError(f"Unknown conv implementation {self.implementation!r}; "
+                             f"valid: {list(CONV_IMPLEMENTATIONS)}.")
+        kh, kw = self.kernel_size
+        strides = tuple(self.strides) if self.strides is not None else (1, 1)
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                            self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        pads = _explicit_padding(self.padding, (kh, kw), x.shape, strides)
+        impl = self.implementation
+        if impl == "auto":
+            impl = "cpu_friendly" if jax.default_backend() == "cpu" else "xla"
+        if impl == "cpu_friendly":
+            y = conv2d(x, kernel, strides, pads)
+        else:
+            y = lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
