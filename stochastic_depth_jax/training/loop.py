@@ -25,6 +25,7 @@ from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import plots, progress
 from stochastic_depth_jax.training import setup as setup_lib
+from stochastic_depth_jax.training import state as state_lib
 
 __all__ = ['train_and_evaluate', 'NonFiniteLossError']
 
@@ -83,6 +84,11 @@ def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
   """Saves the current state as ``kind`` (after checking it is finite)."""
   _check_finite(run)
   step = run.step
+  if not state_lib.all_finite(run.state):
+    raise NonFiniteLossError(
+        f'The parameters became non-finite by step {step} (the loss was still finite); '
+        f'stopping without saving them; the last good checkpoint (step {run.last_good}) '
+        'is kept. Try a lower --config.learning_rate.')
   meta = {'epoch': step / run.setup.steps_per_epoch, 'best': run.best, **(extra or {})}
   run.ckpts.save(kind, step, run.state, meta)
   if kind == 'latest':

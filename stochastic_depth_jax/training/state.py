@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ['TrainState', 'EPOCH_SUMS', 'zero_sums', 'create_train_state', 'checksum']
+__all__ = ['TrainState', 'EPOCH_SUMS', 'zero_sums', 'create_train_state', 'checksum',
+           'all_finite']
 
 # Per-epoch running sums kept on the device (no host sync per step) and checkpointed, so a
 # run resumed mid-epoch reports the same epoch metrics as an uninterrupted one.
@@ -94,3 +95,15 @@ def checksum(tree: Any) -> int:
   """
   value = _checksum(tree)
   return int(np.asarray(value.addressable_data(0)))
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def all_finite(tree: Any) -> bool:
+  """True if no floating-point leaf of ``tree`` holds a NaN or an infinity."""
+  return bool(np.asarray(_all_finite(tree).addressable_data(0)))
