@@ -162,6 +162,8 @@ class _StochasticResNetBase(nn.Module):
         if tuple(gates.shape) != expected:
             raise ValueError(f"gates must have shape {expected} for mode={self.mode!r}, "
                              f"got {tuple(gates.shape)}.")
+        # Visible with mutable=['intermediates'] (e.g. to log the sampled depth).
+        self.sow("intermediates", "gates", gates)
         return gates, False
 
     def _block(self, cls: ModuleDef, shortcut: str) -> ModuleDef:
@@ -242,6 +244,9 @@ class CifarResNet(_StochasticResNetBase):
           train: training mode (gated blocks, batch statistics).
           gates: optional bool ``[L]`` (``[L, batch]`` for ``mode='sample'``) overriding the
             drawn gates, e.g. to evaluate a fixed sub-network.
+
+        The training gates are sown as ``intermediates['gates']`` (read them with
+        ``mutable=['batch_stats', 'intermediates']``).
         """
         gates, constant = self._gates(x, gates, train)
         n = (self.depth - 2) // 6

@@ -1,0 +1,290 @@
+"""Flax modules and models: gates, eval scaling, dropped blocks, scan, parameter counts."""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import stochastic_depth_jax as sdj
+
+X = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+
+
+def tiny(**kw):
+    kw.setdefault("depth", 8)
+    kw.setdefault("width", 4)
+    kw.setdefault("num_classes", 3)
+    return sdj.CifarResNet(**kw)
+
+
+def init(model, x=X):
+    variables = model.init({"params": jax.random.key(1)}, x, train=False)
+    # Non-trivial running statistics, so evaluation really uses them.
+    stats = jax.tree_util.tree_map(
+        lambda v: v + 0.1 * jax.random.uniform(jax.random.key(v.size), v.shape),
+        variables["batch_stats"])
+    return {"params": variables["params"], "batch_stats": stats}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_apply(model, variables, key, gates, x):
+    rngs = {} if key is None else {"stochastic_depth": key}
+    return model.apply(variables, x, train=True, rngs=rngs, gates=gates, mutable=["batch_stats"])
+
+
+def train_apply(model, variables, key=None, gates=None, x=X):
+    return _train_apply(model, variables, key, gates, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def eval_apply(model, variables, x=X):
+    return model.apply(variables, x, train=False)
+
+
+# ---- parameter counts (He et al. 2016, Table 6) and depth validation --------------------
+
+@pytest.mark.parametrize("depth, millions", [(20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85),
+                                             (110, 1.7), (1202, 19.4)])
+def test_parameter_counts_match_resnet_paper(depth, millions):
+    model = sdj.CifarResNet(depth=depth, num_classes=10)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                               jnp.zeros((1, 32, 32, 3)), train=False))
+    n = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
+    digits = 1 if millions >= 1 else 2
+    assert round(n / 1e6, digits) == millions
+
+
+@pytest.mark.parametrize("depth", [111, 21, 2, 0, "110"])
+def test_bad_depth_names_valid_depths(depth):
+    with pytest.raises(ValueError, match=r"6n\+2"):
+        sdj.CifarResNet(depth=depth)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(final_survival_prob=0.0), "final_survival_prob"),
+    (dict(final_survival_prob=1.5), "final_survival_prob"),
+    (dict(mode="layer"), "mode"),
+    (dict(scaling="inverted"), "scaling"),
+    (dict(block="wide"), "block"),
+    (dict(shortcut="C"), "shortcut"),
+    (dict(survival_rule="cosine"), "linear"),
+    (dict(remat="some"), "remat"),
+])
+def test_bad_model_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
+
+
+def test_valid_depths():
+    assert sdj.valid_cifar_depths(120)[:3] == [8, 14, 20]
+    assert 110 in sdj.valid_cifar_depths() and 1202 in sdj.valid_cifar_depths()
+
+
+# ---- gates ---------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sown_gates(model, variables, key):
+    _, state = model.apply(variables, X, train=True, rngs={"stochastic_depth": key},
+                           mutable=["batch_stats", "intermediates"])
+    return state["intermediates"]["gates"][0]
+
+
+def _gates_of(model, variables, key):
+    return np.asarray(_sown_gates(model, variables, key))
+
+
+def test_same_key_same_gates_and_outputs_different_keys_differ():
+    model = tiny(depth=20)
+    v = init(model)
+    k = jax.random.key(7)
+    y1, _ = train_apply(model, v, k)
+    y2, _ = train_apply(model, v, k)
+    np.testing.assert_array_equal(y1, y2)
+    patterns = {tuple(_gates_of(model, v, jax.random.key(i))) for i in range(8)}
+    assert len(patterns) > 1
+    assert _gates_of(model, v, k).tolist() == _gates_of(model, v, k).tolist()
+
+
+def test_model_gate_frequencies_match_linear_decay():
+    model = tiny(depth=20)  # L = 9 blocks
+    v = init(model)
+    n = 1500
+    keys = jax.random.split(jax.random.key(3), n)
+    gates = jax.jit(jax.vmap(lambda k: model.apply(
+        v, X[:1], train=True, rngs={"stochastic_depth": k},
+        mutable=["batch_stats", "intermediates"])[1]["intermediates"]["gates"][0]))(keys)
+    freq = np.asarray(gates).mean(0)
+    probs = model.survival_probs()
+    assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
+
+
+def test_constant_depth_needs_no_key():
+    model = tiny(final_survival_prob=1.0)
+    v = init(model)
+    y, _ = train_apply(model, v)  # no 'stochastic_depth' rng given
+    assert y.shape == (4, 3)
+
+
+def test_missing_rng_is_reported():
+    model = tiny()
+    with pytest.raises(Exception, match="stochastic_depth"):
+        train_apply(model, init(model))
+
+
+# ---- evaluation equals the expected-depth network --------------------------------------------
+
+def _bn(x, p, s, eps=1e-5):
+    return (x - s["mean"]) / jnp.sqrt(s["var"] + eps) * p["scale"] + p["bias"]
+
+
+def _conv(x, k, stride=1):
+    return lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _reference_eval(variables, probs, scale_eval):
+    """Hand-written ResNet-8 evaluation: every block runs, residual scaled by p_l."""
+    p, s = variables["params"], variables["batch_stats"]
+    h = jax.nn.relu(_bn(_conv(X, p["stem_conv"]["kernel"]), p["stem_bn"], s["stem_bn"]))
+    for i, stride in enumerate((1, 2, 2)):
+        name = f"stage{i + 1}_block1"
+        bp = p["stages"][name]["stochastic_depth"]["branch"]
+        bs = s["stages"][name]["stochastic_depth"]["branch"]
+        f = jax.nn.relu(_bn(_conv(h, bp["conv1"]["kernel"], stride), bp["bn1"], bs["bn1"]))
+        f = _bn(_conv(f, bp["conv2"]["kernel"]), bp["bn2"], bs["bn2"])
+        short = h[:, ::stride, ::stride, :]
+        short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (0, f.shape[-1] - h.shape[-1])))
+        h = jax.nn.relu(short + (probs[i] if scale_eval else 1.0) * f)
+    h = h.mean((1, 2))
+    return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.mark.parametrize("scaling", ["test", "train"])
+def test_eval_output_is_expected_depth_network(scaling):
+    model = tiny(scaling=scaling)
+    v = init(model)
+    got = eval_apply(model, v)
+    want = _reference_eval(v, model.survival_probs(), scale_eval=scaling == "test")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, _reference_eval(v, model.survival_probs(),
+                                                scale_eval=scaling != "test"), atol=1e-4)
+
+
+# ---- a dropped block: zero gradients, unchanged statistics ---------------------------------
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_dropped_block_has_zero_grads_and_unchanged_stats(scan):
+    model = tiny(depth=20, scan=scan)  # 3 blocks per stage; stage 1 blocks 2-3 may be scanned
+    v = init(model)
+    gates = jnp.array([1, 0, 1, 1, 1, 0, 1, 1, 1], bool)
+
+    def loss(params):
+        logits, upd = train_apply(model, {"params": params, "batch_stats": v["batch_stats"]},
+                                  gates=gates)
+        return jnp.sum(logits ** 2), upd
+
+    grads, upd = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
+    stats = upd["batch_stats"]["stages"]
+    old = v["batch_stats"]["stages"]
+    g = grads["stages"]
+
+    def blk(tree, stage, j):  # block j (1-based) of a stage, scanned or not
+        if j == 1 or not scan:
+            return tree[f"stage{stage}_block{j}"]
+        return jax.tree_util.tree_map(lambda a: a[j - 2], tree[f"stage{stage}_scan"]["block"])
+
+    dropped = [(1, 2), (2, 3)]  # gate index 1 -> stage 1 block 2; index 5 -> stage 2 block 3
+    for st, j in dropped:
+        for leaf in jax.tree_util.tree_leaves(blk(g, st, j)):
+            np.testing.assert_array_equal(leaf, 0.0)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, blk(stats, st, j), blk(old, st, j))
+    for st, j in [(1, 1), (1, 3), (3, 2)]:
+        assert any(np.abs(np.asarray(l)).sum() > 0 for l in jax.tree_util.tree_leaves(blk(g, st, j)))
+        assert not all(np.array_equal(a, b) for a, b in zip(
+            jax.tree_util.tree_leaves(blk(stats, st, j)), jax.tree_util.tree_leaves(blk(old, st, j))))
+
+
+# ---- scan == unrolled ---------------------------------------------------------------------
+
+def _unstack_scanned(tree):
+    """Converts scanned-model variables to the unrolled layout."""
+    out = {}
+    for name, sub in tree.items():
+        if name.endswith("_scan"):
+            stage = name[: -len("_scan")]
+            n = jax.tree_util.tree_leaves(sub)[0].shape[0]
+            for i in range(n):
+                out[f"{stage}_block{i + 2}"] = jax.tree_util.tree_map(lambda a: a[i], sub["block"])
+        elif isinstance(sub, dict):
+            out[name] = _unstack_scanned(sub)
+        else:
+            out[name] = sub
+    return out
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_scan_equals_unrolled(mode):
+    scanned, unrolled = tiny(depth=20, scan=True, mode=mode), tiny(depth=20, scan=False, mode=mode)
+    v = init(scanned)
+    vu = {k: _unstack_scanned(flax.core.unfreeze(t)) for k, t in v.items()}
+    assert (jax.tree_util.tree_structure(vu["params"]) ==
+            jax.tree_util.tree_structure(unrolled.init({"params": jax.random.key(0)}, X,
+                                                       train=False)["params"]))
+    np.testing.assert_allclose(eval_apply(scanned, v), eval_apply(unrolled, vu),
+                               rtol=1e-5, atol=1e-5)
+    key = jax.random.key(11)
+    ys, us = train_apply(scanned, v, key)
+    yu, uu = train_apply(unrolled, vu, key)
+    np.testing.assert_allclose(ys, yu, rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                           _unstack_scanned(flax.core.unfreeze(us["batch_stats"])),
+                           uu["batch_stats"])
+
+
+def test_auto_scan_for_deep_nets():
+    v = jax.eval_shape(lambda: sdj.CifarResNet(depth=56).init(
+        {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False))
+    assert "stage1_scan" in v["params"]["stages"]
+    v = jax.eval_shape(lambda: sdj.CifarResNet(depth=20).init(
+        {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False))
+    assert "stage1_block3" in v["params"]["stages"]
+
+
+# ---- implementations agree ------------------------------------------------------------------
+
+def test_skip_mask_and_remat_agree():
+    base = tiny(depth=20)
+    v = init(base)
+    gates = jnp.array([1, 0, 1, 1, 1, 0, 0, 1, 1], bool)
+
+    def grads(model):
+        def loss(params):
+            y, _ = train_apply(model, {"params": params, "batch_stats": v["batch_stats"]},
+                               gates=gates)
+            return jnp.sum(y ** 2)
+        return jax.jit(jax.grad(loss))(v["params"])
+
+    ref = grads(base)
+    for kw in (dict(implementation="mask"), dict(remat="full"), dict(remat="convs")):
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                               grads(tiny(depth=20, **kw)), ref)
+
+
+def test_preact_and_shortcut_b_and_bf16_run():
+    for model in (tiny(block="preact"), tiny(shortcut="B"), tiny(dtype=jnp.bfloat16)):
+        v = init(model)
+        y, _ = train_apply(model, v, jax.random.key(0))
+        assert y.shape == (4, 3) and np.all(np.isfinite(np.asarray(y, np.float32)))
+
+
+def test_imagenet_resnet_runs_and_scans():
+    model = sdj.ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5, scan=True)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    v = model.init({"params": jax.random.key(1)}, x, train=False)
+    y, _ = train_apply(model, v, jax.random.key(2), x=x)
+    assert y.shape == (2, 5)
+    assert model.num_blocks() == 5
+    assert sdj.ResNet50().num_blocks() == 16 and sdj.ResNet152().num_blocks() == 50

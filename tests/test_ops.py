@@ -1,0 +1,169 @@
+"""The framework-free op: gates, scaling, real skipping, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stochastic_depth_jax as sdj
+from stochastic_depth_jax import ops
+
+X = jnp.arange(12.0).reshape(3, 4) / 10.0
+W = jnp.linspace(-1.0, 1.0, 16).reshape(4, 4)
+
+
+def branch(x, w=W):
+    return jnp.tanh(x @ w)
+
+
+def test_gate_frequencies_match_probs_per_block():
+    probs = sdj.linear_decay(12, 0.5)
+    n = 8000
+    keys = jax.random.split(jax.random.key(0), n)
+    gates = jax.vmap(lambda k: sdj.draw_gates(k, probs))(keys)
+    freq = np.asarray(gates).mean(0)
+    # Each frequency is a mean of n Bernoulli(p_l): 5 standard deviations is a bound a
+    # correct sampler fails with probability < 1e-5 per block.
+    bound = 5 * np.sqrt(probs * (1 - probs) / n) + 1e-9
+    assert np.all(np.abs(freq - probs) <= bound), (freq, probs)
+
+
+def test_sample_mode_gates_per_example():
+    g = sdj.draw_gates(jax.random.key(1), np.full(3, 0.5), mode="sample", batch_size=4000)
+    assert g.shape == (3, 4000)
+    assert np.all(np.abs(np.asarray(g).mean(1) - 0.5) < 5 * 0.5 / np.sqrt(4000))
+    with pytest.raises(ValueError, match="batch_size"):
+        sdj.draw_gates(jax.random.key(1), np.full(3, 0.5), mode="sample")
+
+
+@pytest.mark.parametrize("scaling, eval_factor", [("test", 0.7), ("train", 1.0)])
+def test_deterministic_scaling(scaling, eval_factor):
+    y = sdj.stochastic_depth(branch, X, survival_prob=0.7, deterministic=True, scaling=scaling)
+    np.testing.assert_allclose(y, eval_factor * branch(X), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scaling, train_factor", [("test", 1.0), ("train", 1 / 0.7)])
+def test_training_output_is_gate_times_branch(scaling, train_factor):
+    seen = set()
+    for i in range(12):
+        key = jax.random.key(i)
+        gate = bool(jax.random.bernoulli(key, 0.7))
+        seen.add(gate)
+        y = sdj.stochastic_depth(branch, X, survival_prob=0.7, key=key, scaling=scaling)
+        np.testing.assert_allclose(y, gate * train_factor * branch(X), rtol=1e-6)
+    assert seen == {True, False}
+
+
+def test_expectation_matches_eval_for_both_scalings():
+    keys = jax.random.split(jax.random.key(3), 4000)
+    for scaling in ("test", "train"):
+        ys = jax.vmap(lambda k: sdj.stochastic_depth(branch, X, survival_prob=0.6, key=k,
+                                                     scaling=scaling))(keys)
+        ev = sdj.stochastic_depth(branch, X, survival_prob=0.6, deterministic=True,
+                                  scaling=scaling)
+        # E[b f] = p f (paper, 'test') and E[b f / p] = f ('train'): both equal eval.
+        np.testing.assert_allclose(ys.mean(0), ev, atol=0.05)
+
+
+def test_survival_one_never_draws_a_key():
+    y = sdj.stochastic_depth(branch, X, survival_prob=1.0, key=None)
+    np.testing.assert_allclose(y, branch(X))
+
+
+def test_missing_key_is_a_clear_error():
+    with pytest.raises(ValueError, match="key"):
+        sdj.stochastic_depth(branch, X, survival_prob=0.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="layer"), "mode"),
+    (dict(scaling="never"), "scaling"),
+    (dict(implementation="fast"), "implementation"),
+    (dict(survival_prob=0.0), "survival_prob"),
+    (dict(survival_prob=1.5), "survival_prob"),
+])
+def test_bad_options(kwargs, match):
+    args = dict(survival_prob=0.5, key=jax.random.key(0))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        sdj.stochastic_depth(branch, X, **args)
+
+
+def test_skip_and_mask_agree_in_value_and_gradient():
+    for i in range(6):
+        key = jax.random.key(i)
+
+        def loss(w, impl):
+            y = sdj.stochastic_depth(lambda x: branch(x, w), X, survival_prob=0.5, key=key,
+                                     implementation=impl)
+            return jnp.sum((X + y) ** 2)
+
+        np.testing.assert_allclose(loss(W, "skip"), loss(W, "mask"), rtol=1e-6)
+        np.testing.assert_allclose(jax.grad(loss)(W, "skip"), jax.grad(loss)(W, "mask"),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def _find_key(p, want):
+    for i in range(100):
+        k = jax.random.key(i)
+        if bool(jax.random.bernoulli(k, p)) == want:
+            return k
+    raise AssertionError
+
+
+def test_dropped_branch_runs_neither_forward_nor_backward():
+    calls = {"fwd": 0, "bwd": 0}
+
+    @jax.custom_vjp
+    def probe(x):
+        return x
+
+    def probe_fwd(x):
+        jax.debug.callback(lambda: calls.__setitem__("fwd", calls["fwd"] + 1))
+        return x, None
+
+    def probe_bwd(_, g):
+        jax.debug.callback(lambda: calls.__setitem__("bwd", calls["bwd"] + 1))
+        return (g,)
+
+    probe.defvjp(probe_fwd, probe_bwd)
+
+    def loss(w, key):
+        y = sdj.stochastic_depth(lambda x: probe(branch(x, w)), X, survival_prob=0.5, key=key)
+        return jnp.sum(X + y)
+
+    grad = jax.jit(jax.grad(loss))
+    g = grad(W, _find_key(0.5, False))
+    jax.block_until_ready(g)
+    jax.effects_barrier()
+    assert calls == {"fwd": 0, "bwd": 0}
+    np.testing.assert_array_equal(g, 0.0)
+    jax.block_until_ready(grad(W, _find_key(0.5, True)))
+    jax.effects_barrier()
+    assert calls == {"fwd": 1, "bwd": 1}
+
+
+def test_mask_implementation_runs_branch_even_when_dropped():
+    calls = []
+
+    def counting(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return branch(x)
+
+    y = jax.jit(lambda k: sdj.stochastic_depth(counting, X, survival_prob=0.5, key=k,
+                                               implementation="mask"))(_find_key(0.5, False))
+    jax.block_until_ready(y)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(y, 0.0)
+    assert len(calls) == 1
+
+
+def test_sample_mode_masks_examples():
+    key = jax.random.key(5)
+    y = sdj.stochastic_depth(branch, X, survival_prob=0.5, key=key, mode="sample")
+    gate = jax.random.bernoulli(key, 0.5, (X.shape[0],))
+    np.testing.assert_allclose(y, np.asarray(gate)[:, None] * branch(X), rtol=1e-6)
+
+
+def test_validate_options_lists_valid_values():
+    with pytest.raises(ValueError, match=r"\['batch', 'sample'\]"):
+        ops.validate_options("row", "test")
