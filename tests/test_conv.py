@@ -1,0 +1,59 @@
+"""The CPU-friendly custom-VJP convolution equals XLA's, in value and gradient."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from stochastic_depth_jax.conv import Conv, conv2d
+
+
+def _ref(x, w, strides, pads):
+    return lax.conv_general_dilated(x, w, strides, pads,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("k, s, pads", [
+    (3, 1, ((1, 1), (1, 1))),
+    (3, 2, ((1, 1), (1, 1))),
+    (1, 1, ((0, 0), (0, 0))),
+    (1, 2, ((0, 0), (0, 0))),
+    (7, 2, ((3, 3), (3, 3))),
+    (3, 1, ((0, 2), (1, 0))),
+])
+def test_value_and_grads_match_xla(k, s, pads):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 10, 3))
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 5))
+    ct = jax.random.normal(jax.random.key(2), _ref(x, w, (s, s), pads).shape)
+    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, (s, s), pads), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: _ref(a, b, (s, s), pads), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_grads_inside_cond_and_scan():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 4)) * 0.2
+    pads = ((1, 1), (1, 1))
+
+    def net(conv, ws, gate):
+        def body(h, w):
+            return jax.nn.relu(h + lax.cond(gate, lambda v: conv(v, w), jnp.zeros_like, h)), None
+        return jnp.sum(lax.scan(body, x, ws)[0] ** 2)
+
+    for gate in (True, False):
+        g = jax.grad(net, argnums=1)(lambda v, w: conv2d(v, w, (1, 1), pads), ws, gate)
+        g_ref = jax.grad(net, argnums=1)(lambda v, w: _ref(v, w, (1, 1), pads), ws, gate)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_module_matches_flax_conv_and_rejects_unknown_implementation():
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    ours = Conv(6, (3, 3), strides=(2, 2), padding="SAME", implementation="cpu_friendly")
+    theirs = nn.Conv(6, (3, 3), strides=(2, 2), padding="SAME")
+    v = theirs.init(jax.random.key(1), x)
+    np.testing.assert_allclose(ours.apply(v, x), theirs.apply(v, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cpu_friendly"):
+        Conv(6, implementation="fast").init(jax.random.key(1), x)
