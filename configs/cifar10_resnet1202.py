@@ -1,4 +1,4 @@
-"""CIFAR-10+, ResNet-1202 with stochastic depth, p_L = 0.5 (paper Sec. 4, 'Training with a 1202-layer ResNet').
+"""CIFAR-10+, ResNet-1202 with stochastic depth, p_L = 0.5 (paper Sec. 4, 1202-layer ResNet).
 
 Command:  python train.py --config cifar10_resnet1202 [--workdir ./workdir/cifar10_resnet1202]
 Smoke:    python train.py --config cifar10_resnet1202:smoke   (fake data, CPU)
