@@ -93,6 +93,16 @@ def test_evaluation_is_bit_identical_and_matches_training_log(trained):
   assert first['error'] == summary['best']['test_error']  # Same numbers as logged.
   latest = evaluate.evaluate_checkpoint(workdir, 'latest')
   assert latest['step'] == 16 and latest['loss'] == summary['final']['test_loss']
+  by_step = evaluate.evaluate_checkpoint(workdir, '12', split='validation')
+  assert by_step['step'] == 12
+  assert by_step['error'] == metrics.read_metrics(workdir)[2]['val_error']
+
+
+def test_restart_of_finished_run_does_nothing(trained):
+  config, workdir, summary = trained
+  again = loop.train_and_evaluate(config, workdir)
+  assert again['steps'] == 16 and again['final'] == summary['final']
+  assert len(metrics.read_metrics(workdir)) == 4
 
 
 def test_evaluate_cli_writes_json(trained):

@@ -256,7 +256,8 @@ def _train(run: _Run) -> dict[str, Any]:
   c, spe = run.config, run.setup.steps_per_epoch
   total = c.num_epochs * spe if not c.max_steps else min(c.num_epochs * spe, c.max_steps)
   t0 = time.perf_counter()
-  compiled = run.setup.train_step.lower(run.state, run.splits['train']).compile()
+  compiled = (run.setup.train_step.lower(run.state, run.splits['train']).compile()
+              if run.step < total else None)
   compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
   while run.step < total:
     epoch = run.step // spe + 1
@@ -265,6 +266,8 @@ def _train(run: _Run) -> dict[str, Any]:
     train_time += epoch_time
     record = _end_of_epoch(run, epoch, epoch_time, is_last=end == total)
   run.ckpts.wait()
+  if record is None:  # Nothing left to do: the workdir holds a finished run.
+    record = (metrics_lib.read_metrics(run.workdir) or [None])[-1]
   summary = {'final': record, 'best': run.best, 'steps': run.step, 'steps_per_epoch': spe,
              'compile_time_s': compile_time, 'train_time_s_this_session': train_time}
   _write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
