@@ -36,6 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mode = 'batch'            # one gate per block per mini-batch, as in the paper
   c.model.scaling = 'test'          # train: identity or full block; test: residual * p_l
   c.model.shortcut = 'A'            # zero-padded identity shortcuts (paper's CIFAR ResNets)
+  c.model.block = 'basic'           # 'basic' (paper) or 'preact'
+  # 'skip': a dropped block is not computed (forward or backward); 'mask': compute, multiply
+  # by the gate (what other libraries do; same numbers, no speed-up).
+  c.model.implementation = 'skip'
+  # What a kept block saves for backward: 'convs' (conv outputs; BN/ReLU recomputed),
+  # 'none' (everything) or 'full' (input only). 'convs' was fastest on CPU and H100.
+  c.model.remat = 'convs'
   c.model.scan = ml_collections.config_dict.placeholder(bool)
   c.model.dtype = 'float32'
 

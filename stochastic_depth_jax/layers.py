@@ -359,7 +359,7 @@ class ResidualBlock(nn.Module):
     mode: str = "batch"
     scaling: str = "test"
     implementation: str = "skip"
-    remat: str = "none"
+    remat: str = "convs"
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     act: Callable[[Array], Array] = nn.relu

@@ -208,7 +208,7 @@ class CifarResNet(_StochasticResNetBase):
     mode: str = "batch"
     scaling: str = "test"
     implementation: str = "skip"
-    remat: str = "none"
+    remat: str = "convs"
     block: str = "basic"
     shortcut: str = "A"
     width: int = 16
@@ -292,7 +292,7 @@ class ResNet(_StochasticResNetBase):
     mode: str = "batch"
     scaling: str = "test"
     implementation: str = "skip"
-    remat: str = "none"
+    remat: str = "convs"
     width: int = 64
     scan: bool | None = None
     dtype: Any = None

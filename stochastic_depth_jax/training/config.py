@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from stochastic_depth_jax import ops, schedules
+from stochastic_depth_jax import layers, models, ops, schedules
 from stochastic_depth_jax.training import optim
 
 __all__ = ['DTYPES', 'DATASETS', 'INIT_RNG_IMPLS', 'SELECT_BEST_BY', 'apply_overrides', 'validate',
@@ -106,6 +106,10 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   _check_choice(m.mode, ops.MODES, 'model.mode')
   _check_choice(m.scaling, ops.SCALINGS, 'model.scaling')
   _check_choice(m.dtype, DTYPES, 'model.dtype')
+  _check_choice(m.block, models.CIFAR_BLOCKS, 'model.block')
+  _check_choice(m.shortcut, layers.SHORTCUTS, 'model.shortcut')
+  _check_choice(m.implementation, ops.IMPLEMENTATIONS, 'model.implementation')
+  _check_choice(m.remat, layers.REMAT_POLICIES, 'model.remat')
 
 
 def _validate_optim(c: ml_collections.ConfigDict) -> None:

@@ -55,7 +55,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarRes
   return CifarResNet(depth=m.depth, num_classes=num_classes,
                      final_survival_prob=float(m.final_survival_prob),
                      survival_rule=m.survival_rule, mode=m.mode, scaling=m.scaling,
-                     shortcut=m.shortcut, width=m.width, scan=m.scan,
+                     shortcut=m.shortcut, width=m.width, scan=m.scan, block=m.block,
+                     implementation=m.implementation, remat=m.remat,
                      dtype=config_lib.DTYPES[m.dtype])
 
 
