@@ -51,9 +51,13 @@ def main(argv=None):
   distributed.initialize(auto=args.multihost, coordinator_address=args.coordinator_address,
                          num_processes=args.num_processes, process_id=args.process_id,
                          coordinator_bind_address=args.coordinator_bind_address)
-  from stochastic_depth_jax.training import loop  # After initialize: touches devices.
+  from stochastic_depth_jax import data  # After initialize: touches devices.
+  from stochastic_depth_jax.training import loop
   name = args.config.split(':')[0].removesuffix('.py').replace('/', '_')
-  summary = loop.train_and_evaluate(config, args.workdir or f'./workdir/{name}')
+  try:
+    summary = loop.train_and_evaluate(config, args.workdir or f'./workdir/{name}')
+  except data.DataUnavailableError as e:  # offline, no prepared data: the message says what to do
+    sys.exit(f'error: {e}')
   print(json.dumps({'final': summary['final'], 'best': summary['best']}, indent=2))
 
 

@@ -127,7 +127,7 @@ def code_version() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("CODE_VERSION", "unknown (no git; set CODE_VERSION)")
 
 
 def main(argv=None) -> None:
@@ -192,7 +192,8 @@ def main(argv=None) -> None:
         f"scan={args.scan}",
         "",
         f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
-        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded.",
+        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}.",
         "",
         "| variant | median ms/step | IQR ms | img/s | / constant depth |",
         "|---|---|---|---|---|",
