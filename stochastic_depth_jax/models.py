@@ -130,7 +130,30 @@ class ResidualStages(nn.Module):
 
 
 class _StochasticResNetBase(nn.Module):
-    """Survival schedule, gate drawing and validation shared by the two model families."""
+    """Fields, survival schedule, gate drawing and validation shared by both model families.
+
+    Attributes:
+      final_survival_prob: p_L (paper: 0.5); 1.0 gives a constant-depth network.
+      survival_rule: ``'linear'`` (paper) or ``'uniform'``.
+      mode, scaling, implementation, remat: see :class:`layers.StochasticDepth`.
+      scan: scan identical blocks (None: when a stage has >= 8 of them).
+      dtype: computation dtype (parameters stay float32).
+      conv, norm: convolution and normalisation modules (defaults: :class:`conv.Conv`,
+        :class:`layers.BatchNorm`).
+      zero_init_last: zero-initialise the last BatchNorm scale of each branch.
+    """
+
+    final_survival_prob: float = 0.5
+    survival_rule: str = "linear"
+    mode: str = "batch"
+    scaling: str = "test"
+    implementation: str = "skip"
+    remat: str = "convs"
+    scan: bool | None = None
+    dtype: Any = None
+    conv: ModuleDef = Conv
+    norm: ModuleDef = layers.BatchNorm
+    zero_init_last: bool = False
 
     def num_blocks(self) -> int:
         raise NotImplementedError
@@ -203,20 +226,9 @@ class CifarResNet(_StochasticResNetBase):
 
     depth: int = 110
     num_classes: int = 10
-    final_survival_prob: float = 0.5
-    survival_rule: str = "linear"
-    mode: str = "batch"
-    scaling: str = "test"
-    implementation: str = "skip"
-    remat: str = "convs"
     block: str = "basic"
     shortcut: str = "A"
     width: int = 16
-    scan: bool | None = None
-    dtype: Any = None
-    conv: ModuleDef = Conv
-    norm: ModuleDef = layers.BatchNorm
-    zero_init_last: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
@@ -287,18 +299,7 @@ class ResNet(_StochasticResNetBase):
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     num_classes: int = 1000
-    final_survival_prob: float = 0.5
-    survival_rule: str = "linear"
-    mode: str = "batch"
-    scaling: str = "test"
-    implementation: str = "skip"
-    remat: str = "convs"
     width: int = 64
-    scan: bool | None = None
-    dtype: Any = None
-    conv: ModuleDef = Conv
-    norm: ModuleDef = layers.BatchNorm
-    zero_init_last: bool = False
 
     def __post_init__(self) -> None:
         if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
