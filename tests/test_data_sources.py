@@ -206,3 +206,28 @@ def test_image_folder_mixed_sizes(tmp_path):
 def test_image_folder_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="train"):
         data.load_dataset(f"image_folder:{tmp_path / 'nothing'}")
+
+
+def test_decoded_cache_is_reused_and_rebuilt_when_stale_or_broken(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=30, num_test=10)
+    first = sources.read_split("cifar10", "test", root)
+    caches = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+              if f.startswith("decoded-test-label")]
+    assert len(caches) == 1 and caches[0].endswith(".npz")
+    calls = []
+    real = sources._decode_chunk
+    monkeypatch.setattr(sources, "_decode_chunk", lambda *a: calls.append(1) or real(*a))
+    again = sources.read_split("cifar10", "test", root)  # from the cache: nothing decoded
+    assert calls == []
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    with open(caches[0], "wb") as f:  # a broken cache is ignored with a warning, then rebuilt
+        f.write(b"not an npz")
+    with pytest.warns(UserWarning, match="unreadable decoded-data cache"):
+        rebuilt = sources.read_split("cifar10", "test", root)
+    assert calls and np.array_equal(rebuilt.images, first.images)
+    calls.clear()
+    monkeypatch.setattr(sources, "_records_stamp", lambda *a: "re-prepared")  # stale stamp
+    sources.read_split("cifar10", "test", root)
+    assert calls
