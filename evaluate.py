@@ -8,6 +8,7 @@ Every block is active and its residual scaled (train=False); the result is print
 written to <workdir>/eval_<checkpoint>_<split>.json. The same checkpoint always gives
 bit-identical numbers.
 """
+
 import argparse
 import json
 import os
@@ -17,25 +18,26 @@ from stochastic_depth_jax.training import distributed
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument('--checkpoint', default='best', help="'best', 'latest' or a step")
-  parser.add_argument('--split', default='test', choices=('test', 'validation'))
-  parser.add_argument('--output', default=None, help='JSON path (default in the workdir)')
-  parser.add_argument('--multihost', action='store_true')
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  distributed.initialize(auto=args.multihost)
-  from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
-  result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split)
-  text = json.dumps(result, indent=2)
-  print(text)
-  output = args.output or os.path.join(
-      args.workdir, f'eval_{args.checkpoint}_{args.split}.json')
-  if distributed.is_primary():
-    with open(output, 'w') as f:
-      f.write(text + '\n')
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", required=True, help="the training run directory")
+    parser.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step")
+    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--output", default=None, help="JSON path (default in the workdir)")
+    parser.add_argument("--multihost", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    distributed.initialize(auto=args.multihost)
+    from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
+
+    result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split)
+    text = json.dumps(result, indent=2)
+    print(text)
+    output = args.output or os.path.join(args.workdir, f"eval_{args.checkpoint}_{args.split}.json")
+    if distributed.is_primary():
+        with open(output, "w") as f:
+            f.write(text + "\n")
 
 
-if __name__ == '__main__':
-  main()
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ overridden with --config.<field>=<value>. Restarting with the same --workdir res
 Multi-host: --multihost (TPU pods, SLURM), or --coordinator_address/--num_processes/
 --process_id on every process.
 """
+
 import argparse
 import json
 import sys
@@ -18,48 +19,58 @@ from stochastic_depth_jax.training import distributed
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', required=True,
-                      help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke"')
-  parser.add_argument('--workdir', default=None, help='outputs (default ./workdir/<config>)')
-  parser.add_argument('--multihost', action='store_true',
-                      help='jax.distributed.initialize() from the environment (TPU pod, SLURM)')
-  parser.add_argument('--coordinator_address', default=None, help='host:port of process 0')
-  parser.add_argument('--coordinator_bind_address', default=None)
-  parser.add_argument('--num_processes', type=int, default=None)
-  parser.add_argument('--process_id', type=int, default=None)
-  args, rest = parser.parse_known_args(argv)
-  overrides, i = [], 0
-  while i < len(rest):  # --config.a.b=v or --config.a.b v
-    item = rest[i]
-    if not item.startswith('--config.'):
-      parser.error(f'unrecognised argument {item!r}')
-    if '=' not in item and i + 1 < len(rest):
-      item, i = f'{item}={rest[i + 1]}', i + 1
-    overrides.append(item)
-    i += 1
-  return args, overrides
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke"'
+    )
+    parser.add_argument("--workdir", default=None, help="outputs (default ./workdir/<config>)")
+    parser.add_argument(
+        "--multihost",
+        action="store_true",
+        help="jax.distributed.initialize() from the environment (TPU pod, SLURM)",
+    )
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    parser.add_argument("--coordinator_bind_address", default=None)
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):  # --config.a.b=v or --config.a.b v
+        item = rest[i]
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}")
+        if "=" not in item and i + 1 < len(rest):
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    return args, overrides
 
 
 def main(argv=None):
-  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    config = load_config(args.config, overrides)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  distributed.initialize(auto=args.multihost, coordinator_address=args.coordinator_address,
-                         num_processes=args.num_processes, process_id=args.process_id,
-                         coordinator_bind_address=args.coordinator_bind_address)
-  from stochastic_depth_jax import data  # After initialize: touches devices.
-  from stochastic_depth_jax.training import loop
-  name = args.config.split(':')[0].removesuffix('.py').replace('/', '_')
-  try:
-    summary = loop.train_and_evaluate(config, args.workdir or f'./workdir/{name}')
-  except data.DataUnavailableError as e:  # offline, no prepared data: the message says what to do
-    sys.exit(f'error: {e}')
-  print(json.dumps({'final': summary['final'], 'best': summary['best']}, indent=2))
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, overrides)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    distributed.initialize(
+        auto=args.multihost,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        coordinator_bind_address=args.coordinator_bind_address,
+    )
+    from stochastic_depth_jax import data  # After initialize: touches devices.
+    from stochastic_depth_jax.training import loop
+
+    name = args.config.split(":")[0].removesuffix(".py").replace("/", "_")
+    try:
+        summary = loop.train_and_evaluate(config, args.workdir or f"./workdir/{name}")
+    except data.DataUnavailableError as e:  # offline, no prepared data: the message says what to do
+        sys.exit(f"error: {e}")
+    print(json.dumps({"final": summary["final"], "best": summary["best"]}, indent=2))
 
 
-if __name__ == '__main__':
-  main()
+if __name__ == "__main__":
+    main()

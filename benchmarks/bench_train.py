@@ -11,6 +11,7 @@ first call of the compiled step is inside; evaluation and checkpoints are outsid
 (3) Checkpoint saves of that state: the blocking part of an async save, until committed,
 and a synchronous save. Results are appended to benchmarks/results/train.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,108 +36,130 @@ from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 
 
 def _config(args, workdir):
-  """One epoch of ``steps + 2`` batches of random 32x32 images in 10 classes.
+    """One epoch of ``steps + 2`` batches of random 32x32 images in 10 classes.
 
-  An image folder rather than a fake tfds dataset: no tensorflow-datasets needed.
-  """
-  per_class = -(-(args.batch * (args.steps + 2) + 100) // 10)
-  folder = data.testing.make_image_folder(os.path.join(workdir, 'images'), classes=10,
-                                          per_class_train=per_class, per_class_test=10)
-  return load_config(args.config, [
-      f'--config.dataset=image_folder:{folder}', '--config.fake_data.num_train=0',
-      f'--config.model.depth={args.depth}', f'--config.batch_size={args.batch}',
-      f'--config.model.final_survival_prob={args.p}', '--config.validation_size=100',
-      '--config.eval_batch_size=100', '--config.num_epochs=1',
-      '--config.write_plots=false', f'--config.progress_bar={args.progress_bar}'])
+    An image folder rather than a fake tfds dataset: no tensorflow-datasets needed.
+    """
+    per_class = -(-(args.batch * (args.steps + 2) + 100) // 10)
+    folder = data.testing.make_image_folder(
+        os.path.join(workdir, "images"), classes=10, per_class_train=per_class, per_class_test=10
+    )
+    return load_config(
+        args.config,
+        [
+            f"--config.dataset=image_folder:{folder}",
+            "--config.fake_data.num_train=0",
+            f"--config.model.depth={args.depth}",
+            f"--config.batch_size={args.batch}",
+            f"--config.model.final_survival_prob={args.p}",
+            "--config.validation_size=100",
+            "--config.eval_batch_size=100",
+            "--config.num_epochs=1",
+            "--config.write_plots=false",
+            f"--config.progress_bar={args.progress_bar}",
+        ],
+    )
 
 
 def _bare_step(config, workdir, steps):
-  ds = setup_lib.load_data(config, workdir)
-  setup = setup_lib.build(config, num_classes=ds.num_classes, num_train=len(ds.train),
-                          mean=ds.mean, std=ds.std, augment=ds.augment)
-  split = data.put_on_devices(ds.train, setup.mesh)
-  state = setup.init_state(ds.image_shape)
-  compiled = setup.train_step.lower(state, split).compile()
-  for _ in range(2):
-    state = compiled(state, split)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(compiled(state, split))
-    times.append(time.perf_counter() - t0)
-  return state, times
+    ds = setup_lib.load_data(config, workdir)
+    setup = setup_lib.build(
+        config,
+        num_classes=ds.num_classes,
+        num_train=len(ds.train),
+        mean=ds.mean,
+        std=ds.std,
+        augment=ds.augment,
+    )
+    split = data.put_on_devices(ds.train, setup.mesh)
+    state = setup.init_state(ds.image_shape)
+    compiled = setup.train_step.lower(state, split).compile()
+    for _ in range(2):
+        state = compiled(state, split)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(compiled(state, split))
+        times.append(time.perf_counter() - t0)
+    return state, times
 
 
 def _checkpoint_times(state, workdir, repeats=3):
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'async'), keep=2)
-  blocking, total = [], []
-  for i in range(repeats):
+    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "async"), keep=2)
+    blocking, total = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        ckpts.save("latest", 1000 + i, state, {})
+        blocking.append(time.perf_counter() - t0)
+        ckpts.wait()
+        total.append(time.perf_counter() - t0)
+    ckpts.close()
+    sync = checkpoint.Checkpoints(os.path.join(workdir, "sync"), keep=2, async_save=False)
     t0 = time.perf_counter()
-    ckpts.save('latest', 1000 + i, state, {})
-    blocking.append(time.perf_counter() - t0)
-    ckpts.wait()
-    total.append(time.perf_counter() - t0)
-  ckpts.close()
-  sync = checkpoint.Checkpoints(os.path.join(workdir, 'sync'), keep=2, async_save=False)
-  t0 = time.perf_counter()
-  sync.save('latest', 1, state, {})
-  sync.close()
-  return blocking, total, time.perf_counter() - t0
+    sync.save("latest", 1, state, {})
+    sync.close()
+    return blocking, total, time.perf_counter() - t0
 
 
 def _report(args, loop_ips, step_times, ckpt, state, devices):
-  med = statistics.median(step_times)
-  spread = f'{min(step_times) * 1e3:.0f}-{max(step_times) * 1e3:.0f}'
-  blocking, total, sync = ckpt
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return '\n'.join([
-      f'## {datetime.datetime.now():%Y-%m-%d %H:%M} - ResNet-{args.depth}, batch {args.batch}, '
-      f'p_L={args.p}',
-      '',
-      f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. '
-      f'jax {jax.__version__}, orbax-checkpoint {orbax.checkpoint.__version__}, '
-      f'Python {platform.python_version()}.',
-      f'Command: `python benchmarks/bench_train.py {" ".join(sys.argv[1:])}`',
-      '',
-      '| measure | value |', '| --- | --- |',
-      f'| whole loop (train_and_evaluate epoch, {args.steps + 2} steps) | {loop_ips:.1f} img/s |',
-      f'| bare step, median of {len(step_times)} (min-max ms) | {args.batch / med:.1f} img/s '
-      f'({med * 1e3:.0f} ms; {spread}) |',
-      f'| loop / bare | {loop_ips / (args.batch / med):.2f} |',
-      f'| checkpoint: blocking part of async save ({n_params / 1e6:.2f}M params + momentum) '
-      f'| {statistics.median(blocking) * 1e3:.0f} ms |',
-      f'| checkpoint: async save until committed | {statistics.median(total) * 1e3:.0f} ms |',
-      f'| checkpoint: synchronous save | {sync * 1e3:.0f} ms |', ''])
+    med = statistics.median(step_times)
+    spread = f"{min(step_times) * 1e3:.0f}-{max(step_times) * 1e3:.0f}"
+    blocking, total, sync = ckpt
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    return "\n".join(
+        [
+            f"## {datetime.datetime.now():%Y-%m-%d %H:%M} - ResNet-{args.depth}, batch {args.batch}, "
+            f"p_L={args.p}",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
+            f"jax {jax.__version__}, orbax-checkpoint {orbax.checkpoint.__version__}, "
+            f"Python {platform.python_version()}.",
+            f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| whole loop (train_and_evaluate epoch, {args.steps + 2} steps) | {loop_ips:.1f} img/s |",
+            f"| bare step, median of {len(step_times)} (min-max ms) | {args.batch / med:.1f} img/s "
+            f"({med * 1e3:.0f} ms; {spread}) |",
+            f"| loop / bare | {loop_ips / (args.batch / med):.2f} |",
+            f"| checkpoint: blocking part of async save ({n_params / 1e6:.2f}M params + momentum) "
+            f"| {statistics.median(blocking) * 1e3:.0f} ms |",
+            f"| checkpoint: async save until committed | {statistics.median(total) * 1e3:.0f} ms |",
+            f"| checkpoint: synchronous save | {sync * 1e3:.0f} ms |",
+            "",
+        ]
+    )
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', default='cifar10')
-  parser.add_argument('--depth', type=int, default=110)
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--p', type=float, default=0.5, help='p_L; 1.0 = constant depth')
-  parser.add_argument('--steps', type=int, default=20, help='timed bare steps')
-  parser.add_argument('--progress_bar', default='false')
-  parser.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'train.md'))
-  args = parser.parse_args()
-  with tempfile.TemporaryDirectory() as workdir:
-    config = _config(args, workdir)
-    summary = loop.train_and_evaluate(config, os.path.join(workdir, 'run'))
-    loop_ips = summary['final']['images_per_s']
-    state, step_times = _bare_step(config, os.path.join(workdir, 'run'), args.steps)
-    ckpt = _checkpoint_times(state, workdir)
-  devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-  text = _report(args, loop_ips, step_times, ckpt, state, devices)
-  print(text)
-  if args.out:
-    new = not os.path.exists(args.out)
-    with open(args.out, 'a') as f:
-      if new:
-        f.write('# Training-loop benchmark (benchmarks/bench_train.py)\n\n')
-      f.write(text + '\n')
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="cifar10")
+    parser.add_argument("--depth", type=int, default=110)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--p", type=float, default=0.5, help="p_L; 1.0 = constant depth")
+    parser.add_argument("--steps", type=int, default=20, help="timed bare steps")
+    parser.add_argument("--progress_bar", default="false")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.md"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        config = _config(args, workdir)
+        summary = loop.train_and_evaluate(config, os.path.join(workdir, "run"))
+        loop_ips = summary["final"]["images_per_s"]
+        state, step_times = _bare_step(config, os.path.join(workdir, "run"), args.steps)
+        ckpt = _checkpoint_times(state, workdir)
+    devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    text = _report(args, loop_ips, step_times, ckpt, state, devices)
+    print(text)
+    if args.out:
+        new = not os.path.exists(args.out)
+        with open(args.out, "a") as f:
+            if new:
+                f.write("# Training-loop benchmark (benchmarks/bench_train.py)\n\n")
+            f.write(text + "\n")
 
 
-if __name__ == '__main__':
-  main()
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@
 Each module here defines ``get_config(arg=None) -> ml_collections.ConfigDict``. The library
 (``stochastic_depth_jax``) never imports this package; ``train.py`` does.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,46 +19,49 @@ import ml_collections
 from stochastic_depth_jax.training import config as config_lib
 
 CONFIGS: dict[str, str] = {
-    'cifar10': 'configs.cifar10',
-    'cifar100': 'configs.cifar100',
-    'svhn': 'configs.svhn',
-    'cifar10_resnet1202': 'configs.cifar10_resnet1202',
+    "cifar10": "configs.cifar10",
+    "cifar100": "configs.cifar100",
+    "svhn": "configs.svhn",
+    "cifar10_resnet1202": "configs.cifar10_resnet1202",
 }
-VARIANTS = (None, 'smoke')
+VARIANTS = (None, "smoke")
 
 
 def _get_config_fn(name: str) -> Callable[..., ml_collections.ConfigDict]:
-  if name in CONFIGS:
-    return importlib.import_module(CONFIGS[name]).get_config
-  if name.endswith('.py') and os.path.isfile(name):
-    spec = importlib.util.spec_from_file_location(
-        'sd_config_' + os.path.basename(name)[:-3], name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config
-  raise ValueError(f'Unknown config {name!r}; valid names: {sorted(CONFIGS)} '
-                   '(or a path to a .py file defining get_config).')
+    if name in CONFIGS:
+        return importlib.import_module(CONFIGS[name]).get_config
+    if name.endswith(".py") and os.path.isfile(name):
+        spec = importlib.util.spec_from_file_location(
+            "sd_config_" + os.path.basename(name)[:-3], name
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config
+    raise ValueError(
+        f"Unknown config {name!r}; valid names: {sorted(CONFIGS)} "
+        "(or a path to a .py file defining get_config)."
+    )
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Builds, overrides and validates a config.
+    """Builds, overrides and validates a config.
 
-  Args:
-    spec: ``'cifar100'``, ``'cifar100:smoke'`` or ``'path/to/file.py[:arg]'``.
-    overrides: ``'--config.a.b=value'`` (or ``'a.b=value'``) strings, applied in order.
+    Args:
+      spec: ``'cifar100'``, ``'cifar100:smoke'`` or ``'path/to/file.py[:arg]'``.
+      overrides: ``'--config.a.b=value'`` (or ``'a.b=value'``) strings, applied in order.
 
-  Returns:
-    The validated ``ConfigDict``.
+    Returns:
+      The validated ``ConfigDict``.
 
-  Raises:
-    ValueError: on an unknown config, variant, field or an invalid value; the message lists
-      the valid choices.
-  """
-  name, _, arg = spec.partition(':')
-  arg = arg or None
-  if arg not in VARIANTS and name in CONFIGS:
-    raise ValueError(f'Unknown variant {arg!r} of config {name!r}; valid: {VARIANTS[1:]}')
-  config = _get_config_fn(name)(arg)
-  config_lib.apply_overrides(config, overrides)
-  config_lib.validate(config)
-  return config
+    Raises:
+      ValueError: on an unknown config, variant, field or an invalid value; the message lists
+        the valid choices.
+    """
+    name, _, arg = spec.partition(":")
+    arg = arg or None
+    if arg not in VARIANTS and name in CONFIGS:
+        raise ValueError(f"Unknown variant {arg!r} of config {name!r}; valid: {VARIANTS[1:]}")
+    config = _get_config_fn(name)(arg)
+    config_lib.apply_overrides(config, overrides)
+    config_lib.validate(config)
+    return config

@@ -3,89 +3,90 @@
 Not a config itself (it is not in the registry): ``configs/cifar10.py`` and friends call
 ``base_config()`` and set the dataset, depth and schedule of their experiment.
 """
+
 import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The paper's CIFAR training recipe (Huang et al., 2016, Sec. 4), ResNet-110, p_L = 0.5."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  # PRNG for parameter init only ('threefry2x32', 'rbg', 'unsafe_rbg'). Gates and
-  # augmentation always use threefry. rbg: same distributions, init compiles ~6x faster
-  # on XLA:CPU (threefry: ~30 s even for ResNet-8).
-  c.init_rng_impl = 'rbg'
+    """The paper's CIFAR training recipe (Huang et al., 2016, Sec. 4), ResNet-110, p_L = 0.5."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # PRNG for parameter init only ('threefry2x32', 'rbg', 'unsafe_rbg'). Gates and
+    # augmentation always use threefry. rbg: same distributions, init compiles ~6x faster
+    # on XLA:CPU (threefry: ~30 s even for ResNet-8).
+    c.init_rng_impl = "rbg"
 
-  # Data (stochastic_depth_jax.data.load_dataset). validation_size=None holds out the
-  # paper's validation set (CIFAR: 5,000 training images; SVHN: 6,000 of train+extra).
-  c.dataset = 'cifar10'
-  c.data_dir = ml_collections.config_dict.placeholder(str)
-  c.download = True
-  c.validation_size = ml_collections.config_dict.placeholder(int)
-  c.train_on_all = False
-  c.label = 'fine'
-  # > 0: build a small fake dataset with the real name and shapes under
-  # <workdir>/fake_data and train on it (offline smoke runs and CI only).
-  c.fake_data = ml_collections.ConfigDict({'num_train': 0, 'num_test': 0, 'num_extra': 0})
+    # Data (stochastic_depth_jax.data.load_dataset). validation_size=None holds out the
+    # paper's validation set (CIFAR: 5,000 training images; SVHN: 6,000 of train+extra).
+    c.dataset = "cifar10"
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.download = True
+    c.validation_size = ml_collections.config_dict.placeholder(int)
+    c.train_on_all = False
+    c.label = "fine"
+    # > 0: build a small fake dataset with the real name and shapes under
+    # <workdir>/fake_data and train on it (offline smoke runs and CI only).
+    c.fake_data = ml_collections.ConfigDict({"num_train": 0, "num_test": 0, "num_extra": 0})
 
-  # Model (stochastic_depth_jax.CifarResNet). final_survival_prob = p_L; 1.0 = constant depth.
-  c.model = ml_collections.ConfigDict()
-  c.model.depth = 110
-  c.model.width = 16
-  c.model.final_survival_prob = 0.5
-  c.model.survival_rule = 'linear'  # p_l = 1 - l/L (1 - p_L), paper Eq. 4
-  c.model.mode = 'batch'            # one gate per block per mini-batch, as in the paper
-  c.model.scaling = 'test'          # train: identity or full block; test: residual * p_l
-  c.model.shortcut = 'A'            # zero-padded identity shortcuts (paper's CIFAR ResNets)
-  c.model.block = 'basic'           # 'basic' (paper) or 'preact'
-  # 'skip': a dropped block is not computed (forward or backward); 'mask': compute, multiply
-  # by the gate (what other libraries do; same numbers, no speed-up).
-  c.model.implementation = 'skip'
-  # What a kept block saves for backward: 'convs' (conv outputs; BN/ReLU recomputed),
-  # 'none' (everything) or 'full' (input only). 'convs' was fastest on CPU and H100.
-  c.model.remat = 'convs'
-  c.model.scan = ml_collections.config_dict.placeholder(bool)
-  c.model.dtype = 'float32'
+    # Model (stochastic_depth_jax.CifarResNet). final_survival_prob = p_L; 1.0 = constant depth.
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 110
+    c.model.width = 16
+    c.model.final_survival_prob = 0.5
+    c.model.survival_rule = "linear"  # p_l = 1 - l/L (1 - p_L), paper Eq. 4
+    c.model.mode = "batch"  # one gate per block per mini-batch, as in the paper
+    c.model.scaling = "test"  # train: identity or full block; test: residual * p_l
+    c.model.shortcut = "A"  # zero-padded identity shortcuts (paper's CIFAR ResNets)
+    c.model.block = "basic"  # 'basic' (paper) or 'preact'
+    # 'skip': a dropped block is not computed (forward or backward); 'mask': compute, multiply
+    # by the gate (what other libraries do; same numbers, no speed-up).
+    c.model.implementation = "skip"
+    # What a kept block saves for backward: 'convs' (conv outputs; BN/ReLU recomputed),
+    # 'none' (everything) or 'full' (input only). 'convs' was fastest on CPU and H100.
+    c.model.remat = "convs"
+    c.model.scan = ml_collections.config_dict.placeholder(bool)
+    c.model.dtype = "float32"
 
-  # Optimisation: SGD, Nesterov momentum 0.9, dampening 0, L2 1e-4 on every weight
-  # (Torch optim.sgd as in the official code), lr 0.1 / 10 at 50% and 75% of training.
-  c.batch_size = 128
-  c.eval_batch_size = 500
-  c.num_epochs = 500
-  c.max_steps = 0                   # > 0 stops after this many steps (smoke runs, benchmarks)
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.nesterov = True
-  c.weight_decay = 1e-4
-  c.weight_decay_on = 'all'         # 'all' (Torch default, official code) or 'kernels'
-  c.lr_schedule = 'step'
-  c.lr_boundaries_epochs = (250, 375)
-  c.lr_decay_factor = 0.1
+    # Optimisation: SGD, Nesterov momentum 0.9, dampening 0, L2 1e-4 on every weight
+    # (Torch optim.sgd as in the official code), lr 0.1 / 10 at 50% and 75% of training.
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    c.num_epochs = 500
+    c.max_steps = 0  # > 0 stops after this many steps (smoke runs, benchmarks)
+    c.optimizer = "sgd"
+    c.learning_rate = 0.1
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 1e-4
+    c.weight_decay_on = "all"  # 'all' (Torch default, official code) or 'kernels'
+    c.lr_schedule = "step"
+    c.lr_boundaries_epochs = (250, 375)
+    c.lr_decay_factor = 0.1
 
-  # Evaluation, selection, checkpoints, logging.
-  c.eval_every_epochs = 1
-  c.select_best_by = 'validation'   # paper: report the model with the best validation error
-  c.checkpoint_every_epochs = 1
-  c.checkpoint_every_steps = 0      # > 0 also saves every this many steps
-  c.keep_checkpoints = 3
-  c.async_checkpointing = True
-  c.log_every_steps = 20            # progress-bar refresh (host sync) interval
-  c.progress_bar = True
-  c.write_tensorboard = True
-  c.write_plots = True
-  return c
+    # Evaluation, selection, checkpoints, logging.
+    c.eval_every_epochs = 1
+    c.select_best_by = "validation"  # paper: report the model with the best validation error
+    c.checkpoint_every_epochs = 1
+    c.checkpoint_every_steps = 0  # > 0 also saves every this many steps
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.log_every_steps = 20  # progress-bar refresh (host sync) interval
+    c.progress_bar = True
+    c.write_tensorboard = True
+    c.write_plots = True
+    return c
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Turns ``c`` into a tiny CPU variant: fake data, ResNet-8 of width 4, two short epochs."""
-  c.fake_data.num_train = 160
-  c.fake_data.num_test = 64
-  c.validation_size = 32
-  c.model.depth = 8
-  c.model.width = 4
-  c.batch_size = 32
-  c.eval_batch_size = 32
-  c.num_epochs = 2
-  c.lr_boundaries_epochs = (1,)
-  c.log_every_steps = 1
-  return c
+    """Turns ``c`` into a tiny CPU variant: fake data, ResNet-8 of width 4, two short epochs."""
+    c.fake_data.num_train = 160
+    c.fake_data.num_test = 64
+    c.validation_size = 32
+    c.model.depth = 8
+    c.model.width = 4
+    c.batch_size = 32
+    c.eval_batch_size = 32
+    c.num_epochs = 2
+    c.lr_boundaries_epochs = (1,)
+    c.log_every_steps = 1
+    return c

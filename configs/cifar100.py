@@ -6,12 +6,13 @@ Runtime:  about the CIFAR-10 run (paper: 15h7m on the authors' GPU), 500 epochs.
 Paper:    Table 1, CIFAR-100+ test error 24.98% (constant depth ResNet-110: 27.22%);
           constant depth: --config.model.final_survival_prob=1.0
 """
+
 from configs import base
 
 
 def get_config(arg=None):
-  c = base.base_config()
-  c.dataset = 'cifar100'
-  if arg == 'smoke':
-    c = base.smoke(c)
-  return c
+    c = base.base_config()
+    c.dataset = "cifar100"
+    if arg == "smoke":
+        c = base.smoke(c)
+    return c

@@ -8,16 +8,17 @@ Paper:    Table 1, SVHN test error 1.75% (constant depth ResNet-152: 2.01%);
           lr 0.1, / 10 at epochs 30 and 35 of 50 (Sec. 4, SVHN);
           constant depth: --config.model.final_survival_prob=1.0
 """
+
 from configs import base
 
 
 def get_config(arg=None):
-  c = base.base_config()
-  c.dataset = 'svhn'
-  c.model.depth = 152
-  c.num_epochs = 50
-  c.lr_boundaries_epochs = (30, 35)
-  if arg == 'smoke':
-    c = base.smoke(c)
-    c.fake_data.num_extra = 64
-  return c
+    c = base.base_config()
+    c.dataset = "svhn"
+    c.model.depth = 152
+    c.num_epochs = 50
+    c.lr_boundaries_epochs = (30, 35)
+    if arg == "smoke":
+        c = base.smoke(c)
+        c.fake_data.num_extra = 64
+    return c

@@ -1,4 +1,5 @@
 """Checkpoints: round trip, keep-k, best, corruption and interruption recovery."""
+
 import glob
 import os
 import shutil
@@ -17,128 +18,133 @@ from stochastic_depth_jax.training import state as state_lib
 
 
 class _Tiny(nn.Module):
-  features: int = 4
+    features: int = 4
 
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.Conv(self.features, (3, 3), name='stem_conv')(x)
-    x = nn.BatchNorm(use_running_average=not train)(x)
-    return nn.Dense(3)(x.mean((1, 2)))
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(self.features, (3, 3), name="stem_conv")(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(3)(x.mean((1, 2)))
 
 
 def _state(mesh, features=4, seed=0):
-  opt = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, 0.9, nesterov=True))
-  key = jax.random.key(seed, impl='rbg')  # threefry init compiles slowly on XLA:CPU.
-  return state_lib.create_train_state(_Tiny(features), opt, (8, 8, 3), key,
-                                      distributed.replicated(mesh))
+    opt = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, 0.9, nesterov=True))
+    key = jax.random.key(seed, impl="rbg")  # threefry init compiles slowly on XLA:CPU.
+    return state_lib.create_train_state(
+        _Tiny(features), opt, (8, 8, 3), key, distributed.replicated(mesh)
+    )
 
 
 def _abstract(state):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
 
 def _with_step(state, step, mesh):
-  shift = jax.tree.map(lambda x: x + step if x.dtype == jnp.float32 else x, state.params)
-  return state.replace(step=jax.device_put(jnp.int32(step), distributed.replicated(mesh)),
-                       params=shift)
+    shift = jax.tree.map(lambda x: x + step if x.dtype == jnp.float32 else x, state.params)
+    return state.replace(
+        step=jax.device_put(jnp.int32(step), distributed.replicated(mesh)), params=shift
+    )
 
 
 @pytest.fixture
 def mesh():
-  return distributed.make_mesh()
+    return distributed.make_mesh()
 
 
 def _save_steps(workdir, mesh, steps, keep=2):
-  ckpts = ckpt_lib.Checkpoints(workdir, keep=keep)
-  base = _state(mesh)
-  for s in steps:
-    ckpts.save('latest', s, _with_step(base, s, mesh), {'epoch': s})
-  ckpts.close()
-  return base
+    ckpts = ckpt_lib.Checkpoints(workdir, keep=keep)
+    base = _state(mesh)
+    for s in steps:
+        ckpts.save("latest", s, _with_step(base, s, mesh), {"epoch": s})
+    ckpts.close()
+    return base
 
 
 def _data_files(step_dir):
-  """The OCDBT data files of a step (array chunks; several copies may exist)."""
-  return glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True)
+    """The OCDBT data files of a step (array chunks; several copies may exist)."""
+    return glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
 
 
 def test_round_trip_keep_and_best(tmp_path, mesh):
-  base = _save_steps(tmp_path, mesh, [1, 2, 3], keep=2)
-  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
-  assert ckpts.steps('latest') == [2, 3]
-  ckpts.save('best', 2, _with_step(base, 2, mesh), {'epoch': 2})
-  ckpts.wait()
-  state, meta = ckpts.restore('latest', _abstract(base))
-  want = _with_step(base, 3, mesh)
-  assert meta['step'] == 3 and meta['epoch'] == 3
-  jax.tree.map(np.testing.assert_array_equal, state, want)
-  best, meta = ckpts.restore('best', _abstract(base))
-  assert meta['step'] == 2 and int(best.step) == 2
-  assert ckpts.save('latest', 3, want, {}) is False  # An existing step is never rewritten.
-  ckpts.close()
+    base = _save_steps(tmp_path, mesh, [1, 2, 3], keep=2)
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    assert ckpts.steps("latest") == [2, 3]
+    ckpts.save("best", 2, _with_step(base, 2, mesh), {"epoch": 2})
+    ckpts.wait()
+    state, meta = ckpts.restore("latest", _abstract(base))
+    want = _with_step(base, 3, mesh)
+    assert meta["step"] == 3 and meta["epoch"] == 3
+    jax.tree.map(np.testing.assert_array_equal, state, want)
+    best, meta = ckpts.restore("best", _abstract(base))
+    assert meta["step"] == 2 and int(best.step) == 2
+    assert ckpts.save("latest", 3, want, {}) is False  # An existing step is never rewritten.
+    ckpts.close()
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'flip_byte', 'delete_file', 'delete_meta'])
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_file", "delete_meta"])
 def test_corrupt_latest_is_skipped_with_warning(tmp_path, mesh, damage):
-  base = _save_steps(tmp_path, mesh, [1, 2, 3], keep=3)
-  step_dir = os.path.join(tmp_path, 'checkpoints', '3')
-  for target in _data_files(step_dir):
-    if damage == 'truncate':
-      os.truncate(target, os.path.getsize(target) // 2)
-    elif damage == 'flip_byte':  # Silent bit rot: no error from the reader, wrong values.
-      data = bytearray(open(target, 'rb').read())
-      for i in range(len(data) // 4, len(data), max(1, len(data) // 16)):
-        data[i] ^= 0xFF
-      open(target, 'wb').write(bytes(data))
-    elif damage == 'delete_file':
-      os.remove(target)
-  if damage == 'delete_meta':
-    os.remove(os.path.join(step_dir, 'meta', 'metadata'))
-  ckpts = ckpt_lib.Checkpoints(tmp_path, keep=3)
-  with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match='step 3'):
-    state, meta = ckpts.restore('latest', _abstract(base))
-  assert meta['step'] == 2 and int(state.step) == 2
-  jax.tree.map(np.testing.assert_array_equal, state, _with_step(base, 2, mesh))
-  assert ckpts.steps('latest') == [1, 2]  # Moved aside, not deleted:
-  assert len(os.listdir(os.path.join(tmp_path, 'checkpoints_corrupt'))) == 1
-  assert ckpts.save('latest', 3, _with_step(base, 3, mesh), {})  # Step 3 can be redone.
-  ckpts.close()
+    base = _save_steps(tmp_path, mesh, [1, 2, 3], keep=3)
+    step_dir = os.path.join(tmp_path, "checkpoints", "3")
+    for target in _data_files(step_dir):
+        if damage == "truncate":
+            os.truncate(target, os.path.getsize(target) // 2)
+        elif damage == "flip_byte":  # Silent bit rot: no error from the reader, wrong values.
+            data = bytearray(open(target, "rb").read())
+            for i in range(len(data) // 4, len(data), max(1, len(data) // 16)):
+                data[i] ^= 0xFF
+            open(target, "wb").write(bytes(data))
+        elif damage == "delete_file":
+            os.remove(target)
+    if damage == "delete_meta":
+        os.remove(os.path.join(step_dir, "meta", "metadata"))
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=3)
+    with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match="step 3"):
+        state, meta = ckpts.restore("latest", _abstract(base))
+    assert meta["step"] == 2 and int(state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, state, _with_step(base, 2, mesh))
+    assert ckpts.steps("latest") == [1, 2]  # Moved aside, not deleted:
+    assert len(os.listdir(os.path.join(tmp_path, "checkpoints_corrupt"))) == 1
+    assert ckpts.save("latest", 3, _with_step(base, 3, mesh), {})  # Step 3 can be redone.
+    ckpts.close()
 
 
 def test_interrupted_save_leftovers_are_ignored(tmp_path, mesh):
-  base = _save_steps(tmp_path, mesh, [1, 2])
-  # An async save killed mid-write leaves only a temporary directory behind.
-  shutil.copytree(os.path.join(tmp_path, 'checkpoints', '2'),
-                  os.path.join(tmp_path, 'checkpoints', '3.orbax-checkpoint-tmp-123'))
-  ckpts = ckpt_lib.Checkpoints(tmp_path)
-  assert ckpts.steps('latest') == [1, 2]
-  _, meta = ckpts.restore('latest', _abstract(base))
-  assert meta['step'] == 2
-  ckpts.close()
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    # An async save killed mid-write leaves only a temporary directory behind.
+    shutil.copytree(
+        os.path.join(tmp_path, "checkpoints", "2"),
+        os.path.join(tmp_path, "checkpoints", "3.orbax-checkpoint-tmp-123"),
+    )
+    ckpts = ckpt_lib.Checkpoints(tmp_path)
+    assert ckpts.steps("latest") == [1, 2]
+    _, meta = ckpts.restore("latest", _abstract(base))
+    assert meta["step"] == 2
+    ckpts.close()
 
 
 def test_incompatible_state_raises_and_moves_nothing(tmp_path, mesh):
-  _save_steps(tmp_path, mesh, [1])
-  ckpts = ckpt_lib.Checkpoints(tmp_path)
-  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='fresh --workdir'):
-    ckpts.restore('latest', _abstract(_state(mesh, features=8)))
-  assert ckpts.steps('latest') == [1]
-  ckpts.close()
+    _save_steps(tmp_path, mesh, [1])
+    ckpts = ckpt_lib.Checkpoints(tmp_path)
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="fresh --workdir"):
+        ckpts.restore("latest", _abstract(_state(mesh, features=8)))
+    assert ckpts.steps("latest") == [1]
+    ckpts.close()
 
 
 def test_all_corrupt_raises_no_checkpoint(tmp_path, mesh):
-  base = _save_steps(tmp_path, mesh, [1])
-  for target in _data_files(os.path.join(tmp_path, 'checkpoints', '1')):
-    os.remove(target)
-  ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
-  with warnings.catch_warnings(record=True), pytest.raises(ckpt_lib.NoCheckpointError):
-    ckpts.restore('latest', _abstract(base))
-  assert ckpts.steps('latest') == [1]  # Read-only (evaluation) never moves files.
+    base = _save_steps(tmp_path, mesh, [1])
+    for target in _data_files(os.path.join(tmp_path, "checkpoints", "1")):
+        os.remove(target)
+    ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
+    with warnings.catch_warnings(record=True), pytest.raises(ckpt_lib.NoCheckpointError):
+        ckpts.restore("latest", _abstract(base))
+    assert ckpts.steps("latest") == [1]  # Read-only (evaluation) never moves files.
 
 
 def test_checksum_is_independent_of_device_count(mesh):
-  one = distributed.make_mesh(jax.devices()[:1])
-  assert mesh.size == 8
-  assert state_lib.checksum(_state(mesh)) == state_lib.checksum(_state(one))
-  assert state_lib.checksum(_state(mesh)) != state_lib.checksum(_state(mesh, seed=1))
+    one = distributed.make_mesh(jax.devices()[:1])
+    assert mesh.size == 8
+    assert state_lib.checksum(_state(mesh)) == state_lib.checksum(_state(one))
+    assert state_lib.checksum(_state(mesh)) != state_lib.checksum(_state(mesh, seed=1))

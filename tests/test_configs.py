@@ -1,4 +1,5 @@
 """Configs: paper values, smoke variants, overrides, clear errors; optimiser and schedule."""
+
 import os
 import subprocess
 import sys
@@ -17,119 +18,139 @@ from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import optim  # noqa: E402
 
 PAPER = {  # name: (dataset, depth, epochs, lr boundaries)
-    'cifar10': ('cifar10', 110, 500, (250, 375)),
-    'cifar100': ('cifar100', 110, 500, (250, 375)),
-    'svhn': ('svhn', 152, 50, (30, 35)),
-    'cifar10_resnet1202': ('cifar10', 1202, 500, (250, 375)),
+    "cifar10": ("cifar10", 110, 500, (250, 375)),
+    "cifar100": ("cifar100", 110, 500, (250, 375)),
+    "svhn": ("svhn", 152, 50, (30, 35)),
+    "cifar10_resnet1202": ("cifar10", 1202, 500, (250, 375)),
 }
 
 
-@pytest.mark.parametrize('name', sorted(PAPER))
+@pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_hyperparameters(name):
-  c = load_config(name)
-  dataset, depth, epochs, boundaries = PAPER[name]
-  assert (c.dataset, c.model.depth, c.num_epochs) == (dataset, depth, epochs)
-  assert tuple(c.lr_boundaries_epochs) == boundaries
-  assert c.model.final_survival_prob == 0.5 and c.model.survival_rule == 'linear'
-  assert c.batch_size == 128 and c.learning_rate == 0.1 and c.lr_decay_factor == 0.1
-  assert c.optimizer == 'sgd' and c.momentum == 0.9 and c.nesterov
-  assert c.weight_decay == 1e-4 and c.weight_decay_on == 'all'
-  assert c.select_best_by == 'validation'
+    c = load_config(name)
+    dataset, depth, epochs, boundaries = PAPER[name]
+    assert (c.dataset, c.model.depth, c.num_epochs) == (dataset, depth, epochs)
+    assert tuple(c.lr_boundaries_epochs) == boundaries
+    assert c.model.final_survival_prob == 0.5 and c.model.survival_rule == "linear"
+    assert c.batch_size == 128 and c.learning_rate == 0.1 and c.lr_decay_factor == 0.1
+    assert c.optimizer == "sgd" and c.momentum == 0.9 and c.nesterov
+    assert c.weight_decay == 1e-4 and c.weight_decay_on == "all"
+    assert c.select_best_by == "validation"
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_config_file_header_and_smoke_variant(name):
-  with open(os.path.join(REPO, 'configs', f'{name}.py')) as f:
-    header = f.read(1500)
-  for word in ('Command:', 'python train.py --config', 'Runtime:', 'Paper:', '%'):
-    assert word in header, (name, word)
-  smoke = load_config(f'{name}:smoke')
-  assert smoke.fake_data.num_train > 0 and smoke.model.depth < 20 and smoke.num_epochs <= 3
+    with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+        header = f.read(1500)
+    for word in ("Command:", "python train.py --config", "Runtime:", "Paper:", "%"):
+        assert word in header, (name, word)
+    smoke = load_config(f"{name}:smoke")
+    assert smoke.fake_data.num_train > 0 and smoke.model.depth < 20 and smoke.num_epochs <= 3
 
 
 def test_path_form_and_overrides():
-  c = load_config(os.path.join(REPO, 'configs', 'svhn.py') + ':smoke',
-                  ['--config.batch_size=16', 'model.width=8', '--config.lr_boundaries_epochs=3,5',
-                   '--config.model.scan=true', '--config.data_dir=/tmp/d',
-                   '--config.model.final_survival_prob=1'])
-  assert (c.dataset, c.batch_size, c.model.width) == ('svhn', 16, 8)
-  assert tuple(c.lr_boundaries_epochs) == (3, 5) and c.model.scan is True
-  assert c.data_dir == '/tmp/d' and c.model.final_survival_prob == 1.0
+    c = load_config(
+        os.path.join(REPO, "configs", "svhn.py") + ":smoke",
+        [
+            "--config.batch_size=16",
+            "model.width=8",
+            "--config.lr_boundaries_epochs=3,5",
+            "--config.model.scan=true",
+            "--config.data_dir=/tmp/d",
+            "--config.model.final_survival_prob=1",
+        ],
+    )
+    assert (c.dataset, c.batch_size, c.model.width) == ("svhn", 16, 8)
+    assert tuple(c.lr_boundaries_epochs) == (3, 5) and c.model.scan is True
+    assert c.data_dir == "/tmp/d" and c.model.final_survival_prob == 1.0
 
 
-@pytest.mark.parametrize('spec, overrides, match', [
-    ('imagenet', [], "Unknown config 'imagenet'.*cifar10"),
-    ('cifar10:tiny', [], "Unknown variant 'tiny'.*smoke"),
-    ('cifar10', ['--config.bogus=1'], "Unknown config field 'bogus'.*batch_size"),
-    ('cifar10', ['--config.model.depht=20'], "model.depht.*model.depth"),
-    ('cifar10', ['--config.batch_size=abc'], "Bad value 'abc'.*batch_size"),
-    ('cifar10', ['--config.model.depth=21'], 'model.depth=21 must be 6n\\+2'),
-    ('cifar10', ['--config.model.final_survival_prob=0'], 'final_survival_prob'),
-    ('cifar10', ['--config.model.final_survival_prob=1.5'], 'final_survival_prob'),
-    ('cifar10', ['--config.model.survival_rule=cosine'], "survival_rule.*linear"),
-    ('cifar10', ['--config.model.mode=layer'], "model.mode.*batch"),
-    ('cifar10', ['--config.optimizer=adam'], "optimizer='adam'; valid: \\['sgd'\\]"),
-    ('cifar10', ['--config.weight_decay_on=bn'], 'weight_decay_on.*kernels'),
-    ('cifar10', ['--config.batch_size=0'], 'batch_size=0 must be'),
-    ('cifar10', ['--config.learning_rate=-1'], 'learning_rate'),
-    ('cifar10', ['--config.lr_boundaries_epochs=375,250'], 'lr_boundaries_epochs'),
-    ('cifar10', ['--config.dataset=mnist'], "dataset='mnist'.*image_folder"),
-    ('cifar10', ['--config.train_on_all=true'], 'select_best_by'),
-    ('cifar10', ['--config.select_best_by=loss'], 'select_best_by.*validation'),
-])
+@pytest.mark.parametrize(
+    "spec, overrides, match",
+    [
+        ("imagenet", [], "Unknown config 'imagenet'.*cifar10"),
+        ("cifar10:tiny", [], "Unknown variant 'tiny'.*smoke"),
+        ("cifar10", ["--config.bogus=1"], "Unknown config field 'bogus'.*batch_size"),
+        ("cifar10", ["--config.model.depht=20"], "model.depht.*model.depth"),
+        ("cifar10", ["--config.batch_size=abc"], "Bad value 'abc'.*batch_size"),
+        ("cifar10", ["--config.model.depth=21"], "model.depth=21 must be 6n\\+2"),
+        ("cifar10", ["--config.model.final_survival_prob=0"], "final_survival_prob"),
+        ("cifar10", ["--config.model.final_survival_prob=1.5"], "final_survival_prob"),
+        ("cifar10", ["--config.model.survival_rule=cosine"], "survival_rule.*linear"),
+        ("cifar10", ["--config.model.mode=layer"], "model.mode.*batch"),
+        ("cifar10", ["--config.optimizer=adam"], "optimizer='adam'; valid: \\['sgd'\\]"),
+        ("cifar10", ["--config.weight_decay_on=bn"], "weight_decay_on.*kernels"),
+        ("cifar10", ["--config.batch_size=0"], "batch_size=0 must be"),
+        ("cifar10", ["--config.learning_rate=-1"], "learning_rate"),
+        ("cifar10", ["--config.lr_boundaries_epochs=375,250"], "lr_boundaries_epochs"),
+        ("cifar10", ["--config.dataset=mnist"], "dataset='mnist'.*image_folder"),
+        ("cifar10", ["--config.train_on_all=true"], "select_best_by"),
+        ("cifar10", ["--config.select_best_by=loss"], "select_best_by.*validation"),
+    ],
+)
 def test_bad_configs_fail_clearly(spec, overrides, match):
-  with pytest.raises(ValueError, match=match):
-    load_config(spec, overrides)
+    with pytest.raises(ValueError, match=match):
+        load_config(spec, overrides)
 
 
 def test_cli_reports_config_errors():
-  for args, expected in ((['--config', 'nope'], 'cifar100'),
-                         (['--config', 'cifar10', '--config.nope=1'], 'Valid fields')):
-    out = subprocess.run([sys.executable, 'train.py', *args], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode != 0 and expected in out.stderr, out.stderr[-2000:]
+    for args, expected in (
+        (["--config", "nope"], "cifar100"),
+        (["--config", "cifar10", "--config.nope=1"], "Valid fields"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "train.py", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode != 0 and expected in out.stderr, out.stderr[-2000:]
 
 
 def test_step_schedule_divides_at_epoch_boundaries():
-  c = load_config('cifar10')
-  schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
-  lrs = {n: float(schedule(n)) for n in (0, 2499, 2500, 3749, 3750, 4999)}
-  np.testing.assert_allclose(list(lrs.values()), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
-                             rtol=1e-6)
+    c = load_config("cifar10")
+    schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
+    lrs = {n: float(schedule(n)) for n in (0, 2499, 2500, 3749, 3750, 4999)}
+    np.testing.assert_allclose(list(lrs.values()), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
 def _torch_sgd_reference(params, grads, lr, momentum, wd, steps):
-  """torch.optim.SGD(nesterov=True, dampening=0, weight_decay=wd), written out in numpy."""
-  p, buf = params.copy(), None
-  for g in grads[:steps]:
-    d = g + wd * p
-    buf = d if buf is None else momentum * buf + d
-    p = p - lr * (d + momentum * buf)
-  return p
+    """torch.optim.SGD(nesterov=True, dampening=0, weight_decay=wd), written out in numpy."""
+    p, buf = params.copy(), None
+    for g in grads[:steps]:
+        d = g + wd * p
+        buf = d if buf is None else momentum * buf + d
+        p = p - lr * (d + momentum * buf)
+    return p
 
 
 def test_optimizer_is_torch_sgd_nesterov_with_l2():
-  c = load_config('cifar10')
-  opt = optim.make_optimizer(c, steps_per_epoch=1000)
-  rng = np.random.default_rng(0)
-  params = {'kernel': rng.normal(size=(3, 3)).astype(np.float32),
-            'bn_scale': rng.normal(size=(3,)).astype(np.float32)}
-  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-           for _ in range(4)]
-  state, p = opt.init(params), jax.tree.map(jnp.asarray, params)
-  for g in grads:
-    updates, state = opt.update(g, state, p)
-    p = optax.apply_updates(p, updates)
-  for k in params:  # Weight decay reaches BatchNorm parameters too (Torch default).
-    want = _torch_sgd_reference(params[k], [g[k] for g in grads], 0.1, 0.9, 1e-4, 4)
-    np.testing.assert_allclose(p[k], want, rtol=1e-5, atol=1e-6)
+    c = load_config("cifar10")
+    opt = optim.make_optimizer(c, steps_per_epoch=1000)
+    rng = np.random.default_rng(0)
+    params = {
+        "kernel": rng.normal(size=(3, 3)).astype(np.float32),
+        "bn_scale": rng.normal(size=(3,)).astype(np.float32),
+    }
+    grads = [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+        for _ in range(4)
+    ]
+    state, p = opt.init(params), jax.tree.map(jnp.asarray, params)
+    for g in grads:
+        updates, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    for k in params:  # Weight decay reaches BatchNorm parameters too (Torch default).
+        want = _torch_sgd_reference(params[k], [g[k] for g in grads], 0.1, 0.9, 1e-4, 4)
+        np.testing.assert_allclose(p[k], want, rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_only_weight_decay_mask():
-  mask = optim.WEIGHT_DECAY_MASKS['kernels']({'k': jnp.zeros((3, 3, 1, 2)), 'b': jnp.zeros(2)})
-  assert mask == {'k': True, 'b': False}
+    mask = optim.WEIGHT_DECAY_MASKS["kernels"]({"k": jnp.zeros((3, 3, 1, 2)), "b": jnp.zeros(2)})
+    assert mask == {"k": True, "b": False}
 
 
 def test_field_names_lists_nested_fields():
-  names = config_lib.field_names(load_config('cifar10'))
-  assert 'model.depth' in names and 'fake_data.num_train' in names and 'batch_size' in names
+    names = config_lib.field_names(load_config("cifar10"))
+    assert "model.depth" in names and "fake_data.num_train" in names and "batch_size" in names

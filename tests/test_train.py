@@ -1,5 +1,6 @@
 """Training end to end on tiny models: learning, exact resume after SIGKILL, device-count
 invariance, two-process training, deterministic evaluation, non-finite loss."""
+
 import json
 import os
 import signal
@@ -20,212 +21,297 @@ from stochastic_depth_jax import data  # noqa: E402
 from stochastic_depth_jax.training import distributed, evaluate, loop, metrics  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 
-TIMING = ('epoch_time_s', 'images_per_s', 'eval_time_s')
-TINY = ['--config.progress_bar=false', '--config.write_tensorboard=false']
+TIMING = ("epoch_time_s", "images_per_s", "eval_time_s")
+TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
 
 
 def _learnable_folder(root, per_class_train=40, per_class_test=12):
-  """Two classes a small net separates quickly: dark vs bright noise images."""
-  from PIL import Image
-  rng = np.random.default_rng(0)
-  for split, count in (('train', per_class_train), ('test', per_class_test)):
-    for label, (lo, hi) in enumerate(((0, 110), (145, 256))):
-      folder = os.path.join(root, split, f'class{label}')
-      os.makedirs(folder, exist_ok=True)
-      for i in range(count):
-        pixels = rng.integers(lo, hi, (16, 16, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f'{i}.png'))
-  return root
+    """Two classes a small net separates quickly: dark vs bright noise images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class_train), ("test", per_class_test)):
+        for label, (lo, hi) in enumerate(((0, 110), (145, 256))):
+            folder = os.path.join(root, split, f"class{label}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(lo, hi, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return root
 
 
 def _env(devices=1, cache=None):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONUNBUFFERED='1')
-  if cache:  # The subprocesses compile the same programs: share the compilation cache.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return env
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONUNBUFFERED="1",
+    )
+    if cache:  # The subprocesses compile the same programs: share the compilation cache.
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
+    return env
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(workdir)]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(workdir)]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A 4-epoch run on the learnable image folder, shared by several tests."""
-  root = tmp_path_factory.mktemp('train')
-  folder = _learnable_folder(str(root / 'images'))
-  config = load_config('cifar10:smoke', TINY + [
-      f'--config.dataset=image_folder:{folder}', '--config.fake_data.num_train=0',
-      '--config.validation_size=16', '--config.batch_size=16', '--config.eval_batch_size=24',
-      '--config.num_epochs=4', '--config.lr_boundaries_epochs=3', '--config.write_plots=true'])
-  workdir = str(root / 'run')
-  summary = loop.train_and_evaluate(config, workdir)
-  return config, workdir, summary
+    """A 4-epoch run on the learnable image folder, shared by several tests."""
+    root = tmp_path_factory.mktemp("train")
+    folder = _learnable_folder(str(root / "images"))
+    config = load_config(
+        "cifar10:smoke",
+        TINY
+        + [
+            f"--config.dataset=image_folder:{folder}",
+            "--config.fake_data.num_train=0",
+            "--config.validation_size=16",
+            "--config.batch_size=16",
+            "--config.eval_batch_size=24",
+            "--config.num_epochs=4",
+            "--config.lr_boundaries_epochs=3",
+            "--config.write_plots=true",
+        ],
+    )
+    workdir = str(root / "run")
+    summary = loop.train_and_evaluate(config, workdir)
+    return config, workdir, summary
 
 
 def test_short_run_learns_and_writes_outputs(trained):
-  _, workdir, summary = trained
-  records = metrics.read_metrics(workdir)
-  assert [r['epoch'] for r in records] == [1, 2, 3, 4]
-  assert records[-1]['train_loss'] < 0.8 * records[0]['train_loss']
-  assert records[-1]['test_error'] < 0.5
-  for key in ('val_error', 'test_error', 'lr', 'epoch_time_s', 'grad_first_conv_l2',
-              'grad_first_conv_mean_abs', 'train_error'):
-    assert all(np.isfinite(r[key]) for r in records), key
-  assert [r['lr'] for r in records] == pytest.approx([0.1, 0.1, 0.1, 0.01])  # after 3 epochs
-  for name in ('error.png', 'loss.png', 'run.json', 'summary.json'):
-    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-  assert summary['best']['epoch'] in (1, 2, 3, 4) and summary['steps'] == 16
-  run = json.load(open(os.path.join(workdir, 'run.json')))
-  assert len(run['data']['mean']) == 3 and run['code_version']['package']
-  assert os.listdir(os.path.join(workdir, 'checkpoints_best'))
+    _, workdir, summary = trained
+    records = metrics.read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
+    assert records[-1]["test_error"] < 0.5
+    for key in (
+        "val_error",
+        "test_error",
+        "lr",
+        "epoch_time_s",
+        "grad_first_conv_l2",
+        "grad_first_conv_mean_abs",
+        "train_error",
+    ):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert [r["lr"] for r in records] == pytest.approx([0.1, 0.1, 0.1, 0.01])  # after 3 epochs
+    for name in ("error.png", "loss.png", "run.json", "summary.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert summary["best"]["epoch"] in (1, 2, 3, 4) and summary["steps"] == 16
+    run = json.load(open(os.path.join(workdir, "run.json")))
+    assert len(run["data"]["mean"]) == 3 and run["code_version"]["package"]
+    assert os.listdir(os.path.join(workdir, "checkpoints_best"))
 
 
 def test_evaluation_is_bit_identical_and_matches_training_log(trained):
-  _, workdir, summary = trained
-  first = evaluate.evaluate_checkpoint(workdir, 'best')
-  second = evaluate.evaluate_checkpoint(workdir, 'best')
-  assert first == second
-  assert first['step'] == summary['best']['step']
-  assert first['error'] == summary['best']['test_error']  # Same numbers as logged.
-  latest = evaluate.evaluate_checkpoint(workdir, 'latest')
-  assert latest['step'] == 16 and latest['loss'] == summary['final']['test_loss']
-  by_step = evaluate.evaluate_checkpoint(workdir, '12', split='validation')
-  assert by_step['step'] == 12
-  assert by_step['error'] == metrics.read_metrics(workdir)[2]['val_error']
+    _, workdir, summary = trained
+    first = evaluate.evaluate_checkpoint(workdir, "best")
+    second = evaluate.evaluate_checkpoint(workdir, "best")
+    assert first == second
+    assert first["step"] == summary["best"]["step"]
+    assert first["error"] == summary["best"]["test_error"]  # Same numbers as logged.
+    latest = evaluate.evaluate_checkpoint(workdir, "latest")
+    assert latest["step"] == 16 and latest["loss"] == summary["final"]["test_loss"]
+    by_step = evaluate.evaluate_checkpoint(workdir, "12", split="validation")
+    assert by_step["step"] == 12
+    assert by_step["error"] == metrics.read_metrics(workdir)[2]["val_error"]
 
 
 def test_restart_of_finished_run_does_nothing(trained):
-  config, workdir, summary = trained
-  again = loop.train_and_evaluate(config, workdir)
-  assert again['steps'] == 16 and again['final'] == summary['final']
-  assert len(metrics.read_metrics(workdir)) == 4
+    config, workdir, summary = trained
+    again = loop.train_and_evaluate(config, workdir)
+    assert again["steps"] == 16 and again["final"] == summary["final"]
+    assert len(metrics.read_metrics(workdir)) == 4
 
 
 def test_evaluate_cli_writes_json(trained):
-  _, workdir, _ = trained
-  out = subprocess.run([sys.executable, 'evaluate.py', '--workdir', workdir, '--checkpoint',
-                        'latest'], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.load(open(os.path.join(workdir, 'eval_latest_test.json')))
-  assert result['step'] == 16 and 0 <= result['error'] <= 1
+    _, workdir, _ = trained
+    out = subprocess.run(
+        [sys.executable, "evaluate.py", "--workdir", workdir, "--checkpoint", "latest"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.load(open(os.path.join(workdir, "eval_latest_test.json")))
+    assert result["step"] == 16 and 0 <= result["error"] <= 1
 
 
 def _wait_for_checkpoint(proc, workdir, step, timeout=240):
-  path = os.path.join(workdir, 'checkpoints', str(step))  # Appears only once committed.
-  deadline = time.time() + timeout
-  while not os.path.isdir(path):
-    assert proc.poll() is None, f'run ended before checkpoint {step}: {proc.stdout.read()[-3000:]}'
-    assert time.time() < deadline, 'no checkpoint in time'
-    time.sleep(0.01)
+    path = os.path.join(workdir, "checkpoints", str(step))  # Appears only once committed.
+    deadline = time.time() + timeout
+    while not os.path.isdir(path):
+        assert proc.poll() is None, (
+            f"run ended before checkpoint {step}: {proc.stdout.read()[-3000:]}"
+        )
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.01)
 
 
 def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
-  args = [sys.executable, 'train.py', '--config', 'cifar10:smoke', *TINY,
-          '--config.num_epochs=6', '--config.checkpoint_every_steps=2',
-          '--config.write_plots=false']
-  env = _env(cache=tmp_path / 'jax_cache')
-  full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
-  out = subprocess.run(args + ['--workdir', full], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
+    args = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "cifar10:smoke",
+        *TINY,
+        "--config.num_epochs=6",
+        "--config.checkpoint_every_steps=2",
+        "--config.write_plots=false",
+    ]
+    env = _env(cache=tmp_path / "jax_cache")
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    out = subprocess.run(
+        args + ["--workdir", full], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
 
-  proc = subprocess.Popen(args + ['--workdir', killed], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  try:
-    _wait_for_checkpoint(proc, killed, 6)  # Mid-epoch 2 (4 steps per epoch).
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    proc.kill()
-  assert proc.returncode == -signal.SIGKILL
-  assert not os.path.exists(os.path.join(killed, 'summary.json'))  # Really interrupted.
+    proc = subprocess.Popen(
+        args + ["--workdir", killed],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for_checkpoint(proc, killed, 6)  # Mid-epoch 2 (4 steps per epoch).
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed, "summary.json"))  # Really interrupted.
 
-  out = subprocess.run(args + ['--workdir', killed], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert 'Resuming from step' in out.stdout
-  assert _records(killed) == _records(full)
-  assert len(_records(full)) == 6
+    out = subprocess.run(
+        args + ["--workdir", killed], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Resuming from step" in out.stdout
+    assert _records(killed) == _records(full)
+    assert len(_records(full)) == 6
 
 
 def _per_step_losses(config, workdir, mesh, steps=3):
-  ds = setup_lib.load_data(config, workdir)
-  setup = setup_lib.build(config, num_classes=ds.num_classes, num_train=len(ds.train),
-                          mean=ds.mean, std=ds.std, augment=ds.augment, mesh=mesh)
-  state = setup.init_state(ds.image_shape)
-  split = data.put_on_devices(ds.train, mesh)
-  losses, previous = [], 0.0
-  for _ in range(steps):
-    state = setup.train_step(state, split)
-    total = float(np.asarray(state.sums['loss'].addressable_data(0)))
-    losses.append(total - previous)
-    previous = total
-  return np.array(losses), state
+    ds = setup_lib.load_data(config, workdir)
+    setup = setup_lib.build(
+        config,
+        num_classes=ds.num_classes,
+        num_train=len(ds.train),
+        mean=ds.mean,
+        std=ds.std,
+        augment=ds.augment,
+        mesh=mesh,
+    )
+    state = setup.init_state(ds.image_shape)
+    split = data.put_on_devices(ds.train, mesh)
+    losses, previous = [], 0.0
+    for _ in range(steps):
+        state = setup.train_step(state, split)
+        total = float(np.asarray(state.sums["loss"].addressable_data(0)))
+        losses.append(total - previous)
+        previous = total
+    return np.array(losses), state
 
 
 def test_one_device_and_eight_devices_agree(tmp_path):
-  config = load_config('cifar10:smoke', TINY)
-  assert jax.device_count() == 8
-  one, state1 = _per_step_losses(config, str(tmp_path), distributed.make_mesh(jax.devices()[:1]))
-  eight, state8 = _per_step_losses(config, str(tmp_path), distributed.make_mesh())
-  np.testing.assert_allclose(eight, one, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-               jax.device_get(state8.params), jax.device_get(state1.params))
+    config = load_config("cifar10:smoke", TINY)
+    assert jax.device_count() == 8
+    one, state1 = _per_step_losses(config, str(tmp_path), distributed.make_mesh(jax.devices()[:1]))
+    eight, state8 = _per_step_losses(config, str(tmp_path), distributed.make_mesh())
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        jax.device_get(state8.params),
+        jax.device_get(state1.params),
+    )
 
 
 def test_uneven_batch_fails_clearly(tmp_path):
-  config = load_config('cifar10:smoke', TINY + ['--config.batch_size=12'])
-  with pytest.raises(ValueError, match='batch_size=12 does not divide by the 8 devices'):
-    loop.train_and_evaluate(config, str(tmp_path))
+    config = load_config("cifar10:smoke", TINY + ["--config.batch_size=12"])
+    with pytest.raises(ValueError, match="batch_size=12 does not divide by the 8 devices"):
+        loop.train_and_evaluate(config, str(tmp_path))
 
 
 def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_processes_train_and_one_process_restores(tmp_path):
-  workdir, port = str(tmp_path / 'run'), _free_port()
-  address = f'127.0.0.1:{port}'
-  procs = [subprocess.Popen(
-      [sys.executable, 'train.py', '--config', 'cifar10:smoke', *TINY, '--workdir', workdir,
-       '--config.num_epochs=1', '--coordinator_address', address,
-       '--coordinator_bind_address', address, '--num_processes', '2', '--process_id', str(i)],
-      cwd=REPO, env=_env(devices=2), text=True, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, text in zip(procs, outputs):
-    assert p.returncode == 0, text[-4000:]
-  run = json.load(open(os.path.join(workdir, 'run.json')))
-  assert run['devices'] == {'count': 4, 'processes': 2, 'platform': 'cpu'}
-  [record] = metrics.read_metrics(workdir)
-  result = evaluate.evaluate_checkpoint(workdir, 'latest')  # This process: 8 devices, 1 host.
-  assert result['step'] == record['step'] == 4
-  assert result['loss'] == pytest.approx(record['test_loss'], rel=1e-5)
+    workdir, port = str(tmp_path / "run"), _free_port()
+    address = f"127.0.0.1:{port}"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                "--config",
+                "cifar10:smoke",
+                *TINY,
+                "--workdir",
+                workdir,
+                "--config.num_epochs=1",
+                "--coordinator_address",
+                address,
+                "--coordinator_bind_address",
+                address,
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+            ],
+            cwd=REPO,
+            env=_env(devices=2),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-4000:]
+    run = json.load(open(os.path.join(workdir, "run.json")))
+    assert run["devices"] == {"count": 4, "processes": 2, "platform": "cpu"}
+    [record] = metrics.read_metrics(workdir)
+    result = evaluate.evaluate_checkpoint(workdir, "latest")  # This process: 8 devices, 1 host.
+    assert result["step"] == record["step"] == 4
+    assert result["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
 
 
 def test_non_finite_loss_stops_with_clear_error(tmp_path):
-  config = load_config('cifar10:smoke', TINY + [
-      '--config.learning_rate=1e12', '--config.checkpoint_every_steps=1',
-      '--config.log_every_steps=1', '--config.lr_schedule=constant'])
-  with pytest.raises(loop.NonFiniteLossError, match='step [0-9]+') as info:
-    loop.train_and_evaluate(config, str(tmp_path))
-  assert 'stopping without saving' in str(info.value)
-  bad_step = int(str(info.value).split('step ')[1].split()[0].rstrip(';)'))
-  from stochastic_depth_jax.training import checkpoint
-  ckpts = checkpoint.Checkpoints(str(tmp_path), read_only=True)
-  kept = ckpts.steps('latest')
-  ckpts.close()
-  assert kept and max(kept) < bad_step  # The broken state was never saved.
-  result = evaluate.evaluate_checkpoint(str(tmp_path), 'latest')
-  assert result['step'] == max(kept) and np.isfinite(result['loss'])
+    config = load_config(
+        "cifar10:smoke",
+        TINY
+        + [
+            "--config.learning_rate=1e12",
+            "--config.checkpoint_every_steps=1",
+            "--config.log_every_steps=1",
+            "--config.lr_schedule=constant",
+        ],
+    )
+    with pytest.raises(loop.NonFiniteLossError, match="step [0-9]+") as info:
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert "stopping without saving" in str(info.value)
+    bad_step = int(str(info.value).split("step ")[1].split()[0].rstrip(";)"))
+    from stochastic_depth_jax.training import checkpoint
+
+    ckpts = checkpoint.Checkpoints(str(tmp_path), read_only=True)
+    kept = ckpts.steps("latest")
+    ckpts.close()
+    assert kept and max(kept) < bad_step  # The broken state was never saved.
+    result = evaluate.evaluate_checkpoint(str(tmp_path), "latest")
+    assert result["step"] == max(kept) and np.isfinite(result["loss"])

@@ -10,9 +10,13 @@ step schedule), ``state`` (TrainState), ``step`` (sharded jitted steps), ``check
 (build a run from a config), ``loop`` (``train_and_evaluate``), ``evaluate``,
 ``distributed`` (multi-host start-up, mesh).
 """
-from stochastic_depth_jax.training.checkpoint import (CheckpointCorruptWarning, Checkpoints,
-                                                      IncompatibleCheckpointError,
-                                                      NoCheckpointError)
+
+from stochastic_depth_jax.training.checkpoint import (
+    CheckpointCorruptWarning,
+    Checkpoints,
+    IncompatibleCheckpointError,
+    NoCheckpointError,
+)
 from stochastic_depth_jax.training.config import apply_overrides, validate
 from stochastic_depth_jax.training.evaluate import evaluate_checkpoint
 from stochastic_depth_jax.training.loop import NonFiniteLossError, train_and_evaluate
@@ -20,8 +24,16 @@ from stochastic_depth_jax.training.optim import make_lr_schedule, make_optimizer
 from stochastic_depth_jax.training.state import TrainState
 
 __all__ = [
-    'CheckpointCorruptWarning', 'Checkpoints', 'IncompatibleCheckpointError',
-    'NoCheckpointError', 'NonFiniteLossError', 'TrainState', 'apply_overrides',
-    'evaluate_checkpoint', 'make_lr_schedule', 'make_optimizer', 'train_and_evaluate',
-    'validate',
+    "CheckpointCorruptWarning",
+    "Checkpoints",
+    "IncompatibleCheckpointError",
+    "NoCheckpointError",
+    "NonFiniteLossError",
+    "TrainState",
+    "apply_overrides",
+    "evaluate_checkpoint",
+    "make_lr_schedule",
+    "make_optimizer",
+    "train_and_evaluate",
+    "validate",
 ]

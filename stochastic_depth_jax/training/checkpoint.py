@@ -12,6 +12,7 @@ steps are deleted only after the new one is committed. A committed checkpoint th
 to restore, or whose restored bits do not match the checksum stored at save time, is
 skipped with a warning and moved aside; the previous one is used instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,160 +28,197 @@ from jax.experimental import multihost_utils
 
 from stochastic_depth_jax.training import state as state_lib
 
-__all__ = ['Checkpoints', 'CheckpointCorruptWarning', 'NoCheckpointError',
-           'IncompatibleCheckpointError', 'structure_signature']
+__all__ = [
+    "Checkpoints",
+    "CheckpointCorruptWarning",
+    "NoCheckpointError",
+    "IncompatibleCheckpointError",
+    "structure_signature",
+]
 
 
 class CheckpointCorruptWarning(UserWarning):
-  """A checkpoint could not be restored or failed verification and was skipped."""
+    """A checkpoint could not be restored or failed verification and was skipped."""
 
 
 class NoCheckpointError(FileNotFoundError):
-  """No readable checkpoint matches the request."""
+    """No readable checkpoint matches the request."""
 
 
 class IncompatibleCheckpointError(ValueError):
-  """A readable checkpoint holds a differently shaped state (another model/optimiser)."""
+    """A readable checkpoint holds a differently shaped state (another model/optimiser)."""
 
 
 def structure_signature(tree: Any) -> str:
-  """A short hash of the paths, shapes and dtypes of ``tree``'s leaves."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  text = ';'.join(f'{jax.tree_util.keystr(p)}:{tuple(x.shape)}:{x.dtype}' for p, x in leaves)
-  return hashlib.sha1(text.encode()).hexdigest()[:16]
+    """A short hash of the paths, shapes and dtypes of ``tree``'s leaves."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    text = ";".join(f"{jax.tree_util.keystr(p)}:{tuple(x.shape)}:{x.dtype}" for p, x in leaves)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 class Checkpoints:
-  """The 'latest' and 'best' checkpoint managers of one workdir.
-
-  Args:
-    workdir: run directory.
-    keep: number of recent checkpoints kept for resuming.
-    async_save: save in a background thread (training continues while writing).
-    read_only: open for evaluation only (no clean-up, no saving).
-  """
-
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
-               read_only: bool = False):
-    self.workdir = os.path.abspath(workdir)
-    self._read_only = read_only
-    self._managers = {
-        'latest': self._manager('checkpoints', keep, async_save),
-        'best': self._manager('checkpoints_best', 2, async_save),
-    }
-
-  def _manager(self, name: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=not self._read_only,
-        cleanup_tmp_directories=not self._read_only, read_only=self._read_only)
-    return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
-
-  def steps(self, kind: str = 'latest') -> list[int]:
-    """Committed steps of ``kind`` ('latest' or 'best'), oldest first."""
-    return sorted(self._managers[kind].all_steps())
-
-  def save(self, kind: str, step: int, train_state: state_lib.TrainState,
-           meta: dict[str, Any]) -> bool:
-    """Starts saving ``train_state`` and JSON ``meta`` as ``step`` of ``kind``.
-
-    A step that already exists is left untouched (a resumed run reaching it again
-    recomputes identical values). Returns whether a save was started. The JSON gets the
-    state's checksum, verified on restore.
-    """
-    manager = self._managers[kind]
-    if step in manager.all_steps():
-      return False
-    meta = dict(meta, step=int(step), checksum=state_lib.checksum(train_state),
-                structure=structure_signature(train_state), saved_at=time.time())
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)))
-    return True
-
-  def restore(self, kind: str, abstract_state: Any, step: int | None = None
-              ) -> tuple[state_lib.TrainState, dict[str, Any]]:
-    """Restores the newest good checkpoint of ``kind`` (or exactly ``step``).
+    """The 'latest' and 'best' checkpoint managers of one workdir.
 
     Args:
-      kind: 'latest' or 'best'.
-      abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings, the target layout.
-      step: a specific step, or None for the newest readable one.
-
-    Returns:
-      ``(train_state, meta)``.
-
-    Raises:
-      NoCheckpointError: nothing readable (a specific ``step`` that is corrupt included).
+      workdir: run directory.
+      keep: number of recent checkpoints kept for resuming.
+      async_save: save in a background thread (training continues while writing).
+      read_only: open for evaluation only (no clean-up, no saving).
     """
-    manager = self._managers[kind]
-    candidates = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-    if step is not None and step not in manager.all_steps():
-      raise NoCheckpointError(f'No {kind} checkpoint at step {step} in {manager.directory}; '
-                              f'available: {self.steps(kind)}')
-    for s in candidates:
-      restored = self._try_restore(kind, s, abstract_state)
-      if restored is not None:
-        return restored
-    raise NoCheckpointError(f'No readable {kind} checkpoint in {manager.directory}.')
 
-  def _try_restore(self, kind: str, step: int, abstract_state: Any
-                   ) -> tuple[state_lib.TrainState, dict[str, Any]] | None:
-    """Restores one step; None (after a warning) if its files are damaged.
+    def __init__(
+        self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+    ):
+        self.workdir = os.path.abspath(workdir)
+        self._read_only = read_only
+        self._managers = {
+            "latest": self._manager("checkpoints", keep, async_save),
+            "best": self._manager("checkpoints_best", 2, async_save),
+        }
 
-    Only failures of reading the files and checksum mismatches count as damage; a state
-    of another shape raises ``IncompatibleCheckpointError`` and moves nothing.
-    """
-    manager = self._managers[kind]
-    try:
-      meta = self.read_meta(kind, step)
-    except Exception as e:  # Orbax raises many types for damaged files.
-      return self._skip(kind, step, e)
-    if meta.get('structure') != structure_signature(abstract_state):
-      raise IncompatibleCheckpointError(
-          f'The {kind} checkpoint at step {step} in {manager.directory} holds a state of '
-          'another structure (different model or optimiser config?). Use the config it was '
-          'trained with (run.json in the workdir) or a fresh --workdir.')
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # TensorStore raises plain Exception for damaged chunks.
-      return self._skip(kind, step, e)
-    actual = state_lib.checksum(restored.state)
-    if int(meta.get('checksum', -1)) != actual:
-      return self._skip(kind, step, ValueError(
-          f'checksum mismatch: saved {meta.get("checksum")}, restored bits give {actual}'))
-    return restored.state, meta
+    def _manager(self, name: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=not self._read_only,
+            cleanup_tmp_directories=not self._read_only,
+            read_only=self._read_only,
+        )
+        return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
 
-  def _skip(self, kind: str, step: int, error: Exception) -> None:
-    """Warns about a bad checkpoint and (unless read-only) moves it aside."""
-    manager = self._managers[kind]
-    where = os.path.join(str(manager.directory), str(step))
-    message = (f'Skipping {kind} checkpoint at step {step} ({where}): it is unreadable or '
-               f'corrupt ({type(error).__name__}: {str(error)[:300]}).')
-    if not self._read_only:
-      target = os.path.join(self.workdir, 'checkpoints_corrupt',
-                            f'{kind}-{step}-{int(time.time())}')
-      if jax.process_index() == 0 and os.path.exists(where):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(where, target)
-      multihost_utils.sync_global_devices(f'checkpoint_skip_{kind}_{step}')
-      manager.reload()
-      message += f' Moved to {target}; falling back to the previous checkpoint.'
-    warnings.warn(message, CheckpointCorruptWarning, stacklevel=4)
-    return None
+    def steps(self, kind: str = "latest") -> list[int]:
+        """Committed steps of ``kind`` ('latest' or 'best'), oldest first."""
+        return sorted(self._managers[kind].all_steps())
 
-  def read_meta(self, kind: str, step: int) -> dict[str, Any]:
-    """The JSON metadata of one checkpoint, without restoring arrays."""
-    restored = self._managers[kind].restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return restored.meta
+    def save(
+        self, kind: str, step: int, train_state: state_lib.TrainState, meta: dict[str, Any]
+    ) -> bool:
+        """Starts saving ``train_state`` and JSON ``meta`` as ``step`` of ``kind``.
 
-  def wait(self) -> None:
-    """Blocks until every pending asynchronous save is committed."""
-    for manager in self._managers.values():
-      manager.wait_until_finished()
+        A step that already exists is left untouched (a resumed run reaching it again
+        recomputes identical values). Returns whether a save was started. The JSON gets the
+        state's checksum, verified on restore.
+        """
+        manager = self._managers[kind]
+        if step in manager.all_steps():
+            return False
+        meta = dict(
+            meta,
+            step=int(step),
+            checksum=state_lib.checksum(train_state),
+            structure=structure_signature(train_state),
+            saved_at=time.time(),
+        )
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+        return True
 
-  def close(self) -> None:
-    """Waits for pending saves and releases the managers."""
-    for manager in self._managers.values():
-      manager.close()
+    def restore(
+        self, kind: str, abstract_state: Any, step: int | None = None
+    ) -> tuple[state_lib.TrainState, dict[str, Any]]:
+        """Restores the newest good checkpoint of ``kind`` (or exactly ``step``).
 
+        Args:
+          kind: 'latest' or 'best'.
+          abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings, the target layout.
+          step: a specific step, or None for the newest readable one.
+
+        Returns:
+          ``(train_state, meta)``.
+
+        Raises:
+          NoCheckpointError: nothing readable (a specific ``step`` that is corrupt included).
+        """
+        manager = self._managers[kind]
+        candidates = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+        if step is not None and step not in manager.all_steps():
+            raise NoCheckpointError(
+                f"No {kind} checkpoint at step {step} in {manager.directory}; "
+                f"available: {self.steps(kind)}"
+            )
+        for s in candidates:
+            restored = self._try_restore(kind, s, abstract_state)
+            if restored is not None:
+                return restored
+        raise NoCheckpointError(f"No readable {kind} checkpoint in {manager.directory}.")
+
+    def _try_restore(
+        self, kind: str, step: int, abstract_state: Any
+    ) -> tuple[state_lib.TrainState, dict[str, Any]] | None:
+        """Restores one step; None (after a warning) if its files are damaged.
+
+        Only failures of reading the files and checksum mismatches count as damage; a state
+        of another shape raises ``IncompatibleCheckpointError`` and moves nothing.
+        """
+        manager = self._managers[kind]
+        try:
+            meta = self.read_meta(kind, step)
+        except Exception as e:  # Orbax raises many types for damaged files.
+            return self._skip(kind, step, e)
+        if meta.get("structure") != structure_signature(abstract_state):
+            raise IncompatibleCheckpointError(
+                f"The {kind} checkpoint at step {step} in {manager.directory} holds a state of "
+                "another structure (different model or optimiser config?). Use the config it was "
+                "trained with (run.json in the workdir) or a fresh --workdir."
+            )
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # TensorStore raises plain Exception for damaged chunks.
+            return self._skip(kind, step, e)
+        actual = state_lib.checksum(restored.state)
+        if int(meta.get("checksum", -1)) != actual:
+            return self._skip(
+                kind,
+                step,
+                ValueError(
+                    f"checksum mismatch: saved {meta.get('checksum')}, restored bits give {actual}"
+                ),
+            )
+        return restored.state, meta
+
+    def _skip(self, kind: str, step: int, error: Exception) -> None:
+        """Warns about a bad checkpoint and (unless read-only) moves it aside."""
+        manager = self._managers[kind]
+        where = os.path.join(str(manager.directory), str(step))
+        message = (
+            f"Skipping {kind} checkpoint at step {step} ({where}): it is unreadable or "
+            f"corrupt ({type(error).__name__}: {str(error)[:300]})."
+        )
+        if not self._read_only:
+            target = os.path.join(
+                self.workdir, "checkpoints_corrupt", f"{kind}-{step}-{int(time.time())}"
+            )
+            if jax.process_index() == 0 and os.path.exists(where):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.move(where, target)
+            multihost_utils.sync_global_devices(f"checkpoint_skip_{kind}_{step}")
+            manager.reload()
+            message += f" Moved to {target}; falling back to the previous checkpoint."
+        warnings.warn(message, CheckpointCorruptWarning, stacklevel=4)
+        return None
+
+    def read_meta(self, kind: str, step: int) -> dict[str, Any]:
+        """The JSON metadata of one checkpoint, without restoring arrays."""
+        restored = self._managers[kind].restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )
+        return restored.meta
+
+    def wait(self) -> None:
+        """Blocks until every pending asynchronous save is committed."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the managers."""
+        for manager in self._managers.values():
+            manager.close()

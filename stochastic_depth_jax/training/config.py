@@ -3,6 +3,7 @@
 Every name-valued field is checked against an explicit dictionary of choices when the
 config loads, so a typo fails at once with the valid names.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,134 +16,163 @@ import ml_collections
 from stochastic_depth_jax import layers, models, ops, schedules
 from stochastic_depth_jax.training import optim
 
-__all__ = ['DTYPES', 'DATASETS', 'INIT_RNG_IMPLS', 'SELECT_BEST_BY', 'apply_overrides', 'validate',
-           'field_names']
+__all__ = [
+    "DTYPES",
+    "DATASETS",
+    "INIT_RNG_IMPLS",
+    "SELECT_BEST_BY",
+    "apply_overrides",
+    "validate",
+    "field_names",
+]
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-DATASETS = ('cifar10', 'cifar100', 'svhn')  # or 'image_folder:<path>'
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DATASETS = ("cifar10", "cifar100", "svhn")  # or 'image_folder:<path>'
 # Which evaluation picks the reported ('best') model: config name -> metric key.
 # PRNG implementations for parameter initialisation (see step.StepKeys.from_seed).
-INIT_RNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
-SELECT_BEST_BY = {'validation': 'val_error', 'test': 'test_error', 'train': 'train_error'}
+INIT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+SELECT_BEST_BY = {"validation": "val_error", "test": "test_error", "train": "train_error"}
 
 
-def field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  """All dotted leaf names of ``config``, e.g. ``['batch_size', 'model.depth', ...]``."""
-  names = []
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      names += field_names(value, prefix + key + '.')
-    else:
-      names.append(prefix + key)
-  return sorted(names)
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All dotted leaf names of ``config``, e.g. ``['batch_size', 'model.depth', ...]``."""
+    names = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            names += field_names(value, prefix + key + ".")
+        else:
+            names.append(prefix + key)
+    return sorted(names)
 
 
 def _parse(text: str, field_type: Any) -> Any:
-  """Parses an override string for a field of type ``field_type``."""
-  if text in ('None', 'none', 'null'):
-    return None
-  if field_type is bool:
-    if text.lower() in ('true', '1', 'yes'):
-      return True
-    if text.lower() in ('false', '0', 'no'):
-      return False
-    raise ValueError(f'expected true/false, got {text!r}')
-  if field_type is int:
-    return int(text)
-  if field_type is float:
-    return float(text)
-  if field_type is str:
-    return text
-  if field_type in (tuple, list):
-    value = ast.literal_eval(text if text.strip().startswith(('(', '[')) else f'({text},)')
-    return field_type(value)
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+    """Parses an override string for a field of type ``field_type``."""
+    if text in ("None", "none", "null"):
+        return None
+    if field_type is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if field_type is int:
+        return int(text)
+    if field_type is float:
+        return float(text)
+    if field_type is str:
+        return text
+    if field_type in (tuple, list):
+        value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+        return field_type(value)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-  """Applies ``'--config.a.b=value'`` (or ``'a.b=value'``) overrides in place.
+    """Applies ``'--config.a.b=value'`` (or ``'a.b=value'``) overrides in place.
 
-  Raises:
-    ValueError: for an unknown field (listing the valid ones) or an unparsable value.
-  """
-  valid = field_names(config)
-  for item in overrides:
-    key, sep, text = item.removeprefix('--').removeprefix('config.').partition('=')
-    if not sep:
-      raise ValueError(f'Override {item!r} must look like --config.field=value.')
-    if key not in valid:
-      raise ValueError(f'Unknown config field {key!r}. Valid fields: {", ".join(valid)}')
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = _parse(text, node.get_type(leaf))
-    except (ValueError, TypeError, SyntaxError) as e:
-      raise ValueError(f'Bad value {text!r} for config field {key!r} '
-                       f'(type {node.get_type(leaf).__name__}): {e}') from None
+    Raises:
+      ValueError: for an unknown field (listing the valid ones) or an unparsable value.
+    """
+    valid = field_names(config)
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
+        if not sep:
+            raise ValueError(f"Override {item!r} must look like --config.field=value.")
+        if key not in valid:
+            raise ValueError(f"Unknown config field {key!r}. Valid fields: {', '.join(valid)}")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        try:
+            node[leaf] = _parse(text, node.get_type(leaf))
+        except (ValueError, TypeError, SyntaxError) as e:
+            raise ValueError(
+                f"Bad value {text!r} for config field {key!r} "
+                f"(type {node.get_type(leaf).__name__}): {e}"
+            ) from None
 
 
 def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ValueError(f'Invalid config: {message}')
+    if not ok:
+        raise ValueError(f"Invalid config: {message}")
 
 
 def _check_choice(value: Any, choices: Any, field: str) -> None:
-  _check(value in choices, f'{field}={value!r}; valid: {sorted(choices)}')
+    _check(value in choices, f"{field}={value!r}; valid: {sorted(choices)}")
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
-  _check(isinstance(m.depth, int) and m.depth >= 8 and (m.depth - 2) % 6 == 0,
-         f'model.depth={m.depth!r} must be 6n+2 with n >= 1 (e.g. 8, 20, 56, 110, 152, 1202)')
-  _check(isinstance(m.width, int) and m.width >= 1, f'model.width={m.width!r} must be >= 1')
-  p = m.final_survival_prob
-  _check(isinstance(p, (int, float)) and not math.isnan(p) and 0.0 < p <= 1.0,
-         f'model.final_survival_prob={p!r} must be in (0, 1] (paper: 0.5; 1.0 = constant depth)')
-  _check_choice(m.survival_rule, schedules.SCHEDULES, 'model.survival_rule')
-  _check_choice(m.mode, ops.MODES, 'model.mode')
-  _check_choice(m.scaling, ops.SCALINGS, 'model.scaling')
-  _check_choice(m.dtype, DTYPES, 'model.dtype')
-  _check_choice(m.block, models.CIFAR_BLOCKS, 'model.block')
-  _check_choice(m.shortcut, layers.SHORTCUTS, 'model.shortcut')
-  _check_choice(m.implementation, ops.IMPLEMENTATIONS, 'model.implementation')
-  _check_choice(m.remat, layers.REMAT_POLICIES, 'model.remat')
+    _check(
+        isinstance(m.depth, int) and m.depth >= 8 and (m.depth - 2) % 6 == 0,
+        f"model.depth={m.depth!r} must be 6n+2 with n >= 1 (e.g. 8, 20, 56, 110, 152, 1202)",
+    )
+    _check(isinstance(m.width, int) and m.width >= 1, f"model.width={m.width!r} must be >= 1")
+    p = m.final_survival_prob
+    _check(
+        isinstance(p, (int, float)) and not math.isnan(p) and 0.0 < p <= 1.0,
+        f"model.final_survival_prob={p!r} must be in (0, 1] (paper: 0.5; 1.0 = constant depth)",
+    )
+    _check_choice(m.survival_rule, schedules.SCHEDULES, "model.survival_rule")
+    _check_choice(m.mode, ops.MODES, "model.mode")
+    _check_choice(m.scaling, ops.SCALINGS, "model.scaling")
+    _check_choice(m.dtype, DTYPES, "model.dtype")
+    _check_choice(m.block, models.CIFAR_BLOCKS, "model.block")
+    _check_choice(m.shortcut, layers.SHORTCUTS, "model.shortcut")
+    _check_choice(m.implementation, ops.IMPLEMENTATIONS, "model.implementation")
+    _check_choice(m.remat, layers.REMAT_POLICIES, "model.remat")
 
 
 def _validate_optim(c: ml_collections.ConfigDict) -> None:
-  _check_choice(c.optimizer, optim.OPTIMIZERS, 'optimizer')
-  _check_choice(c.lr_schedule, optim.LR_SCHEDULES, 'lr_schedule')
-  _check_choice(c.weight_decay_on, optim.WEIGHT_DECAY_MASKS, 'weight_decay_on')
-  _check(c.learning_rate > 0, f'learning_rate={c.learning_rate!r} must be > 0')
-  _check(0 <= c.momentum < 1, f'momentum={c.momentum!r} must be in [0, 1)')
-  _check(c.weight_decay >= 0, f'weight_decay={c.weight_decay!r} must be >= 0')
-  _check(0 < c.lr_decay_factor <= 1, f'lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]')
-  b = list(c.lr_boundaries_epochs)
-  _check(all(isinstance(e, int) and e > 0 for e in b) and b == sorted(set(b)),
-         f'lr_boundaries_epochs={tuple(b)!r} must be increasing positive integers (epochs)')
+    _check_choice(c.optimizer, optim.OPTIMIZERS, "optimizer")
+    _check_choice(c.lr_schedule, optim.LR_SCHEDULES, "lr_schedule")
+    _check_choice(c.weight_decay_on, optim.WEIGHT_DECAY_MASKS, "weight_decay_on")
+    _check(c.learning_rate > 0, f"learning_rate={c.learning_rate!r} must be > 0")
+    _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} must be in [0, 1)")
+    _check(c.weight_decay >= 0, f"weight_decay={c.weight_decay!r} must be >= 0")
+    _check(0 < c.lr_decay_factor <= 1, f"lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]")
+    b = list(c.lr_boundaries_epochs)
+    _check(
+        all(isinstance(e, int) and e > 0 for e in b) and b == sorted(set(b)),
+        f"lr_boundaries_epochs={tuple(b)!r} must be increasing positive integers (epochs)",
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every field; returns ``config`` or raises ``ValueError`` naming the field."""
-  ds = config.dataset
-  _check(ds in DATASETS or (isinstance(ds, str) and ds.startswith('image_folder:')),
-         f'dataset={ds!r}; valid: {list(DATASETS)} or "image_folder:<path>"')
-  _validate_model(config.model)
-  _validate_optim(config)
-  for field in ('batch_size', 'eval_batch_size', 'num_epochs', 'eval_every_epochs',
-                'keep_checkpoints', 'log_every_steps'):
-    _check(isinstance(config[field], int) and config[field] >= 1,
-           f'{field}={config[field]!r} must be an integer >= 1')
-  for field in ('max_steps', 'checkpoint_every_epochs', 'checkpoint_every_steps'):
-    _check(isinstance(config[field], int) and config[field] >= 0,
-           f'{field}={config[field]!r} must be an integer >= 0')
-  for field, n in config.fake_data.items():
-    _check(isinstance(n, int) and n >= 0, f'fake_data.{field}={n!r} must be >= 0')
-  _check_choice(config.init_rng_impl, INIT_RNG_IMPLS, 'init_rng_impl')
-  _check_choice(config.select_best_by, SELECT_BEST_BY, 'select_best_by')
-  _check(not (config.train_on_all and config.select_best_by == 'validation'),
-         'train_on_all=True leaves no validation set; set select_best_by to "test" or "train"')
-  return config
+    """Checks every field; returns ``config`` or raises ``ValueError`` naming the field."""
+    ds = config.dataset
+    _check(
+        ds in DATASETS or (isinstance(ds, str) and ds.startswith("image_folder:")),
+        f'dataset={ds!r}; valid: {list(DATASETS)} or "image_folder:<path>"',
+    )
+    _validate_model(config.model)
+    _validate_optim(config)
+    for field in (
+        "batch_size",
+        "eval_batch_size",
+        "num_epochs",
+        "eval_every_epochs",
+        "keep_checkpoints",
+        "log_every_steps",
+    ):
+        _check(
+            isinstance(config[field], int) and config[field] >= 1,
+            f"{field}={config[field]!r} must be an integer >= 1",
+        )
+    for field in ("max_steps", "checkpoint_every_epochs", "checkpoint_every_steps"):
+        _check(
+            isinstance(config[field], int) and config[field] >= 0,
+            f"{field}={config[field]!r} must be an integer >= 0",
+        )
+    for field, n in config.fake_data.items():
+        _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
+    _check_choice(config.init_rng_impl, INIT_RNG_IMPLS, "init_rng_impl")
+    _check_choice(config.select_best_by, SELECT_BEST_BY, "select_best_by")
+    _check(
+        not (config.train_on_all and config.select_best_by == "validation"),
+        'train_on_all=True leaves no validation set; set select_best_by to "test" or "train"',
+    )
+    return config

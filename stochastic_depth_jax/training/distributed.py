@@ -8,71 +8,91 @@ is split along the mesh axis ``'data'`` and parameters are replicated.
 * Anything else (several GPU hosts by hand, local tests): pass ``coordinator_address``
   (``host:port`` of process 0), ``num_processes`` and ``process_id`` on every process.
 """
+
 from __future__ import annotations
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ['initialize', 'make_mesh', 'replicated', 'batch_sharded', 'check_batch_size',
-           'DATA_AXIS', 'is_primary']
+__all__ = [
+    "initialize",
+    "make_mesh",
+    "replicated",
+    "batch_sharded",
+    "check_batch_size",
+    "DATA_AXIS",
+    "is_primary",
+]
 
-DATA_AXIS = 'data'
+DATA_AXIS = "data"
 
 
-def initialize(*, auto: bool = False, coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None,
-               coordinator_bind_address: str | None = None) -> None:
-  """Joins a multi-process JAX job; does nothing for a single-process run.
+def initialize(
+    *,
+    auto: bool = False,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    coordinator_bind_address: str | None = None,
+) -> None:
+    """Joins a multi-process JAX job; does nothing for a single-process run.
 
-  Args:
-    auto: detect the cluster (TPU pod, SLURM, Open MPI) from the environment.
-    coordinator_address: ``'host:port'`` of process 0 (manual launch).
-    num_processes: total processes (manual launch).
-    process_id: this process's index in ``[0, num_processes)`` (manual launch).
-    coordinator_bind_address: address process 0 listens on (default: all interfaces);
-      ``'127.0.0.1:port'`` keeps a local test off the network.
+    Args:
+      auto: detect the cluster (TPU pod, SLURM, Open MPI) from the environment.
+      coordinator_address: ``'host:port'`` of process 0 (manual launch).
+      num_processes: total processes (manual launch).
+      process_id: this process's index in ``[0, num_processes)`` (manual launch).
+      coordinator_bind_address: address process 0 listens on (default: all interfaces);
+        ``'127.0.0.1:port'`` keeps a local test off the network.
 
-  Must run before anything touches a JAX device.
-  """
-  manual = (coordinator_address, num_processes, process_id)
-  if any(v is not None for v in manual):
-    if any(v is None for v in manual):
-      raise ValueError('A manual multi-process launch needs all of --coordinator_address, '
-                       f'--num_processes and --process_id; got {manual}.')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               coordinator_bind_address=coordinator_bind_address)
-  elif auto:
-    jax.distributed.initialize()
+    Must run before anything touches a JAX device.
+    """
+    manual = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in manual):
+        if any(v is None for v in manual):
+            raise ValueError(
+                "A manual multi-process launch needs all of --coordinator_address, "
+                f"--num_processes and --process_id; got {manual}."
+            )
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            coordinator_bind_address=coordinator_bind_address,
+        )
+    elif auto:
+        jax.distributed.initialize()
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh ``('data',)`` over ``devices`` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+    """A 1-D mesh ``('data',)`` over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.sharding.Mesh(
+        np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Every device holds the whole array (parameters, optimiser state)."""
-  return NamedSharding(mesh, PartitionSpec())
+    """Every device holds the whole array (parameters, optimiser state)."""
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Leading (batch) axis split over ``'data'``."""
-  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) axis split over ``'data'``."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = 'batch_size') -> None:
-  """Raises ``ValueError`` unless ``batch_size`` divides evenly over the mesh's devices."""
-  if batch_size % mesh.size:
-    raise ValueError(
-        f'{name}={batch_size} does not divide by the {mesh.size} devices of the mesh '
-        f'({jax.process_count()} process(es)); use a multiple of {mesh.size}, e.g. '
-        f'--config.{name}={max(mesh.size, batch_size // mesh.size * mesh.size)}.')
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = "batch_size") -> None:
+    """Raises ``ValueError`` unless ``batch_size`` divides evenly over the mesh's devices."""
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"{name}={batch_size} does not divide by the {mesh.size} devices of the mesh "
+            f"({jax.process_count()} process(es)); use a multiple of {mesh.size}, e.g. "
+            f"--config.{name}={max(mesh.size, batch_size // mesh.size * mesh.size)}."
+        )
 
 
 def is_primary() -> bool:
-  """True on process 0, the one that writes logs, JSON and plots."""
-  return jax.process_index() == 0
+    """True on process 0, the one that writes logs, JSON and plots."""
+    return jax.process_index() == 0

@@ -5,6 +5,7 @@ write a metrics record, keep the best-by-validation checkpoint, save the latest 
 A restart with the same workdir continues from the newest readable checkpoint and
 reproduces the uninterrupted run's metrics (all randomness is keyed by the step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,250 +28,313 @@ from stochastic_depth_jax.training import plots, progress
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import state as state_lib
 
-__all__ = ['train_and_evaluate', 'NonFiniteLossError']
+__all__ = ["train_and_evaluate", "NonFiniteLossError"]
 
-SUMMARY_FILE = 'summary.json'
+SUMMARY_FILE = "summary.json"
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite; the broken state was not saved."""
+    """The training loss became NaN or infinite; the broken state was not saved."""
 
 
 def _host(tree: Any) -> Any:
-  """Replicated device values -> numpy (works when arrays span several processes)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    """Replicated device values -> numpy (works when arrays span several processes)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
 def _write_json(path: str, obj: Any) -> None:
-  if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # Atomic: a reader never sees half a file.
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)  # Atomic: a reader never sees half a file.
 
 
 @dataclasses.dataclass
 class _Run:
-  """A run in progress: what the epoch loop reads and updates."""
-  config: ml_collections.ConfigDict
-  workdir: str
-  setup: setup_lib.Setup
-  splits: dict[str, data_lib.DeviceSplit]
-  mean: np.ndarray
-  std: np.ndarray
-  ckpts: checkpoint_lib.Checkpoints
-  writer: metrics_lib.MetricWriter
-  state: Any
-  best: dict[str, Any] | None = None
-  last_good: int | None = None
+    """A run in progress: what the epoch loop reads and updates."""
 
-  @property
-  def step(self) -> int:
-    return int(_host(self.state.step))
+    config: ml_collections.ConfigDict
+    workdir: str
+    setup: setup_lib.Setup
+    splits: dict[str, data_lib.DeviceSplit]
+    mean: np.ndarray
+    std: np.ndarray
+    ckpts: checkpoint_lib.Checkpoints
+    writer: metrics_lib.MetricWriter
+    state: Any
+    best: dict[str, Any] | None = None
+    last_good: int | None = None
+
+    @property
+    def step(self) -> int:
+        return int(_host(self.state.step))
 
 
 def _check_finite(run: _Run) -> None:
-  bad = int(_host(run.state.sums['nonfinite_step']))
-  if bad >= 0:
-    where = (f'the last good checkpoint (step {run.last_good}) in {run.workdir}/checkpoints '
-             'is kept' if run.last_good is not None else 'no checkpoint was saved')
-    raise NonFiniteLossError(
-        f'Non-finite training loss at step {bad} (epoch {bad // run.setup.steps_per_epoch + 1})'
-        f'; stopping without saving the broken state; {where}. Try a lower '
-        '--config.learning_rate or another --config.seed.')
+    bad = int(_host(run.state.sums["nonfinite_step"]))
+    if bad >= 0:
+        where = (
+            f"the last good checkpoint (step {run.last_good}) in {run.workdir}/checkpoints is kept"
+            if run.last_good is not None
+            else "no checkpoint was saved"
+        )
+        raise NonFiniteLossError(
+            f"Non-finite training loss at step {bad} (epoch {bad // run.setup.steps_per_epoch + 1})"
+            f"; stopping without saving the broken state; {where}. Try a lower "
+            "--config.learning_rate or another --config.seed."
+        )
 
 
 def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
-  """Saves the current state as ``kind`` (after checking it is finite)."""
-  _check_finite(run)
-  step = run.step
-  if not state_lib.all_finite(run.state):
-    raise NonFiniteLossError(
-        f'The parameters became non-finite by step {step} (the loss was still finite); '
-        f'stopping without saving them; the last good checkpoint (step {run.last_good}) '
-        'is kept. Try a lower --config.learning_rate.')
-  meta = {'epoch': step / run.setup.steps_per_epoch, 'best': run.best, **(extra or {})}
-  run.ckpts.save(kind, step, run.state, meta)
-  if kind == 'latest':
-    run.last_good = step
+    """Saves the current state as ``kind`` (after checking it is finite)."""
+    _check_finite(run)
+    step = run.step
+    if not state_lib.all_finite(run.state):
+        raise NonFiniteLossError(
+            f"The parameters became non-finite by step {step} (the loss was still finite); "
+            f"stopping without saving them; the last good checkpoint (step {run.last_good}) "
+            "is kept. Try a lower --config.learning_rate."
+        )
+    meta = {"epoch": step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
+    run.ckpts.save(kind, step, run.state, meta)
+    if kind == "latest":
+        run.last_good = step
 
 
 def _epoch_sums(run: _Run) -> dict[str, float]:
-  s = _host(run.state.sums)
-  steps, examples = max(float(s['steps']), 1.0), max(float(s['examples']), 1.0)
-  return {'train_loss': float(s['loss']) / steps, 'train_error': float(s['errors']) / examples,
-          'grad_first_conv_l2': float(s['grad_l2']) / steps,
-          'grad_first_conv_mean_abs': float(s['grad_mean_abs']) / steps}
+    s = _host(run.state.sums)
+    steps, examples = max(float(s["steps"]), 1.0), max(float(s["examples"]), 1.0)
+    return {
+        "train_loss": float(s["loss"]) / steps,
+        "train_error": float(s["errors"]) / examples,
+        "grad_first_conv_l2": float(s["grad_l2"]) / steps,
+        "grad_first_conv_mean_abs": float(s["grad_mean_abs"]) / steps,
+    }
 
 
 def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
-  """Runs steps up to ``end`` (exclusive); returns the wall time of the training steps."""
-  c, spe = run.config, run.setup.steps_per_epoch
-  start = run.step
-  bar = progress.EpochProgress(epoch, c.num_epochs, total=end - (epoch - 1) * spe,
-                               start=start - (epoch - 1) * spe, batch_size=c.batch_size,
-                               enabled=c.progress_bar)
-  t0 = time.perf_counter()
-  try:
-    for step in range(start + 1, end + 1):  # ``step`` = updates done after this one.
-      run.state = compiled(run.state, run.splits['train'])
-      if step % c.log_every_steps == 0 or step == end:
-        _check_finite(run)
-        sums = _epoch_sums(run)
-        bar.update(step - (epoch - 1) * spe, sums['train_loss'], sums['train_error'])
-      if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < end:
-        _save(run, 'latest')
-    jax.block_until_ready(run.state)
-  finally:
-    bar.close()
-  return time.perf_counter() - t0
+    """Runs steps up to ``end`` (exclusive); returns the wall time of the training steps."""
+    c, spe = run.config, run.setup.steps_per_epoch
+    start = run.step
+    bar = progress.EpochProgress(
+        epoch,
+        c.num_epochs,
+        total=end - (epoch - 1) * spe,
+        start=start - (epoch - 1) * spe,
+        batch_size=c.batch_size,
+        enabled=c.progress_bar,
+    )
+    t0 = time.perf_counter()
+    try:
+        for step in range(start + 1, end + 1):  # ``step`` = updates done after this one.
+            run.state = compiled(run.state, run.splits["train"])
+            if step % c.log_every_steps == 0 or step == end:
+                _check_finite(run)
+                sums = _epoch_sums(run)
+                bar.update(step - (epoch - 1) * spe, sums["train_loss"], sums["train_error"])
+            if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < end:
+                _save(run, "latest")
+        jax.block_until_ready(run.state)
+    finally:
+        bar.close()
+    return time.perf_counter() - t0
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
-  record = {}
-  for name, key in (('validation', 'val'), ('test', 'test')):
-    if name in run.splits:
-      result = evaluate_lib.evaluate_split(
-          run.setup.eval_step, run.state, run.splits[name],
-          batch_size=run.config.eval_batch_size, mean=run.mean, std=run.std)
-      record[f'{key}_loss'], record[f'{key}_error'] = result['loss'], result['error']
-  return record
+    record = {}
+    for name, key in (("validation", "val"), ("test", "test")):
+        if name in run.splits:
+            result = evaluate_lib.evaluate_split(
+                run.setup.eval_step,
+                run.state,
+                run.splits[name],
+                batch_size=run.config.eval_batch_size,
+                mean=run.mean,
+                std=run.std,
+            )
+            record[f"{key}_loss"], record[f"{key}_error"] = result["loss"], result["error"]
+    return record
 
 
 def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> dict[str, Any]:
-  """Evaluates, records, updates the best checkpoint and saves the latest one."""
-  c, step = run.config, run.step
-  steps_done = step - (epoch - 1) * run.setup.steps_per_epoch
-  record = {'epoch': epoch, 'step': step, 'lr': float(run.setup.lr_schedule(step - 1)),
-            **_epoch_sums(run), 'epoch_time_s': train_time,
-            'images_per_s': steps_done * c.batch_size / max(train_time, 1e-9)}
-  if epoch % c.eval_every_epochs == 0 or is_last:
-    t0 = time.perf_counter()
-    record.update(_evaluate(run))
-    record['eval_time_s'] = time.perf_counter() - t0
-  metric = config_lib.SELECT_BEST_BY[c.select_best_by]
-  if metric in record and (run.best is None or record[metric] < run.best['value']):
-    run.best = {'metric': metric, 'value': record[metric], 'epoch': epoch, 'step': step,
-                **{k: record[k] for k in ('val_error', 'test_error') if k in record}}
-    _save(run, 'best', {'record': record})
-  run.writer.write(record)
-  periodic = ((c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or
-              (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0))
-  if periodic or is_last:
-    _save(run, 'latest', {'record': record})
-  return record
+    """Evaluates, records, updates the best checkpoint and saves the latest one."""
+    c, step = run.config, run.step
+    steps_done = step - (epoch - 1) * run.setup.steps_per_epoch
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "lr": float(run.setup.lr_schedule(step - 1)),
+        **_epoch_sums(run),
+        "epoch_time_s": train_time,
+        "images_per_s": steps_done * c.batch_size / max(train_time, 1e-9),
+    }
+    if epoch % c.eval_every_epochs == 0 or is_last:
+        t0 = time.perf_counter()
+        record.update(_evaluate(run))
+        record["eval_time_s"] = time.perf_counter() - t0
+    metric = config_lib.SELECT_BEST_BY[c.select_best_by]
+    if metric in record and (run.best is None or record[metric] < run.best["value"]):
+        run.best = {
+            "metric": metric,
+            "value": record[metric],
+            "epoch": epoch,
+            "step": step,
+            **{k: record[k] for k in ("val_error", "test_error") if k in record},
+        }
+        _save(run, "best", {"record": record})
+    run.writer.write(record)
+    periodic = (c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or (
+        c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0
+    )
+    if periodic or is_last:
+        _save(run, "latest", {"record": record})
+    return record
 
 
-def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = '') -> list[str]:
-  changes = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      changes += _config_changes(a, b, prefix + key + '.')
-    elif a != b:
-      changes.append(f'{prefix}{key}: {a!r} -> {b!r}')
-  return changes
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _config_changes(a, b, prefix + key + ".")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
 
 
 def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
-  """Restores the newest good 'latest' checkpoint, or initialises a fresh state."""
-  if not run.ckpts.steps('latest'):
-    run.state = run.setup.init_state(image_shape)
-    return
-  try:
-    state, meta = run.ckpts.restore('latest', setup_lib.abstract_state(run.setup, image_shape))
-  except checkpoint_lib.NoCheckpointError:
-    warnings.warn(f'No readable checkpoint in {run.workdir}/checkpoints; starting afresh.')
-    run.state = run.setup.init_state(image_shape)
-    return
-  run.state, run.best, run.last_good = state, meta.get('best'), int(meta['step'])
-  if jax.process_index() == 0:
-    print(f'Resuming from step {run.last_good} (epoch {meta["epoch"]:.2f}) in {run.workdir}',
-          flush=True)
+    """Restores the newest good 'latest' checkpoint, or initialises a fresh state."""
+    if not run.ckpts.steps("latest"):
+        run.state = run.setup.init_state(image_shape)
+        return
+    try:
+        state, meta = run.ckpts.restore("latest", setup_lib.abstract_state(run.setup, image_shape))
+    except checkpoint_lib.NoCheckpointError:
+        warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting afresh.")
+        run.state = run.setup.init_state(image_shape)
+        return
+    run.state, run.best, run.last_good = state, meta.get("best"), int(meta["step"])
+    if jax.process_index() == 0:
+        print(
+            f"Resuming from step {run.last_good} (epoch {meta['epoch']:.2f}) in {run.workdir}",
+            flush=True,
+        )
 
 
 def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
-  path = os.path.join(run.workdir, evaluate_lib.RUN_FILE)
-  meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    changes = _config_changes(old.get('config', {}), meta['config'])
-    if changes and run.step > 0 and jax.process_index() == 0:
-      warnings.warn('Resuming with a changed config: ' + '; '.join(changes))
-    meta['history'] = old.get('history', []) + [
-        {k: old.get(k) for k in ('code_version', 'devices', 'started_at', 'start_step')}]
-  meta.update(started_at=time.time(), start_step=run.step)
-  _write_json(path, meta)
+    path = os.path.join(run.workdir, evaluate_lib.RUN_FILE)
+    meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changes = _config_changes(old.get("config", {}), meta["config"])
+        if changes and run.step > 0 and jax.process_index() == 0:
+            warnings.warn("Resuming with a changed config: " + "; ".join(changes))
+        meta["history"] = old.get("history", []) + [
+            {k: old.get(k) for k in ("code_version", "devices", "started_at", "start_step")}
+        ]
+    meta.update(started_at=time.time(), start_step=run.step)
+    _write_json(path, meta)
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, data_lib.Dataset]:
-  ds = setup_lib.load_data(config, workdir)
-  if config.select_best_by == 'validation' and ds.validation is None:
-    raise ValueError('The dataset has no validation split (validation_size=0?); set '
-                     '--config.select_best_by=test or train.')
-  setup = setup_lib.build(config, num_classes=ds.num_classes, num_train=len(ds.train),
-                          mean=ds.mean, std=ds.std, augment=ds.augment)
-  splits = {'train': data_lib.put_on_devices(ds.train, setup.mesh),
-            'test': data_lib.put_on_devices(ds.test, setup.mesh)}
-  if ds.validation is not None:
-    splits['validation'] = data_lib.put_on_devices(ds.validation, setup.mesh)
-  ckpts = checkpoint_lib.Checkpoints(workdir, keep=config.keep_checkpoints,
-                                     async_save=config.async_checkpointing)
-  run = _Run(config, workdir, setup, splits, np.float32(ds.mean), np.float32(ds.std), ckpts,
-             writer=None, state=None)
-  return run, ds
+    ds = setup_lib.load_data(config, workdir)
+    if config.select_best_by == "validation" and ds.validation is None:
+        raise ValueError(
+            "The dataset has no validation split (validation_size=0?); set "
+            "--config.select_best_by=test or train."
+        )
+    setup = setup_lib.build(
+        config,
+        num_classes=ds.num_classes,
+        num_train=len(ds.train),
+        mean=ds.mean,
+        std=ds.std,
+        augment=ds.augment,
+    )
+    splits = {
+        "train": data_lib.put_on_devices(ds.train, setup.mesh),
+        "test": data_lib.put_on_devices(ds.test, setup.mesh),
+    }
+    if ds.validation is not None:
+        splits["validation"] = data_lib.put_on_devices(ds.validation, setup.mesh)
+    ckpts = checkpoint_lib.Checkpoints(
+        workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing
+    )
+    run = _Run(
+        config,
+        workdir,
+        setup,
+        splits,
+        np.float32(ds.mean),
+        np.float32(ds.std),
+        ckpts,
+        writer=None,
+        state=None,
+    )
+    return run, ds
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
+    """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
-  Writes ``run.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints*/``,
-  ``summary.json`` and ``error.png``/``loss.png``.
+    Writes ``run.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints*/``,
+    ``summary.json`` and ``error.png``/``loss.png``.
 
-  Returns:
-    The summary: the final epoch's record, the best-by-validation epoch with its test
-    error (the number the paper reports), compile and training times.
+    Returns:
+      The summary: the final epoch's record, the best-by-validation epoch with its test
+      error (the number the paper reports), compile and training times.
 
-  Raises:
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
-  """
-  config = config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  run, ds = _prepare(config, workdir)
-  try:
-    _resume_or_init(run, ds.image_shape)
-    _write_run_json(run, ds)
-    spe = run.setup.steps_per_epoch
-    run.writer = metrics_lib.MetricWriter(workdir, tensorboard=config.write_tensorboard,
-                                          resume_epoch=run.step // spe)
-    return _train(run)
-  finally:
-    if run.writer is not None:
-      run.writer.close()
-    run.ckpts.close()  # Waits for pending saves: the last good checkpoint is committed.
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    """
+    config = config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    run, ds = _prepare(config, workdir)
+    try:
+        _resume_or_init(run, ds.image_shape)
+        _write_run_json(run, ds)
+        spe = run.setup.steps_per_epoch
+        run.writer = metrics_lib.MetricWriter(
+            workdir, tensorboard=config.write_tensorboard, resume_epoch=run.step // spe
+        )
+        return _train(run)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+        run.ckpts.close()  # Waits for pending saves: the last good checkpoint is committed.
 
 
 def _train(run: _Run) -> dict[str, Any]:
-  c, spe = run.config, run.setup.steps_per_epoch
-  total = c.num_epochs * spe if not c.max_steps else min(c.num_epochs * spe, c.max_steps)
-  t0 = time.perf_counter()
-  compiled = (run.setup.train_step.lower(run.state, run.splits['train']).compile()
-              if run.step < total else None)
-  compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
-  while run.step < total:
-    epoch = run.step // spe + 1
-    end = min(epoch * spe, total)
-    epoch_time = _train_epoch(run, compiled, epoch, end)
-    train_time += epoch_time
-    record = _end_of_epoch(run, epoch, epoch_time, is_last=end == total)
-  run.ckpts.wait()
-  if record is None:  # Nothing left to do: the workdir holds a finished run.
-    record = (metrics_lib.read_metrics(run.workdir) or [None])[-1]
-  summary = {'final': record, 'best': run.best, 'steps': run.step, 'steps_per_epoch': spe,
-             'compile_time_s': compile_time, 'train_time_s_this_session': train_time}
-  _write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
-  if c.write_plots and jax.process_index() == 0:
-    plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir)
-  return summary
+    c, spe = run.config, run.setup.steps_per_epoch
+    total = c.num_epochs * spe if not c.max_steps else min(c.num_epochs * spe, c.max_steps)
+    t0 = time.perf_counter()
+    compiled = (
+        run.setup.train_step.lower(run.state, run.splits["train"]).compile()
+        if run.step < total
+        else None
+    )
+    compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
+    while run.step < total:
+        epoch = run.step // spe + 1
+        end = min(epoch * spe, total)
+        epoch_time = _train_epoch(run, compiled, epoch, end)
+        train_time += epoch_time
+        record = _end_of_epoch(run, epoch, epoch_time, is_last=end == total)
+    run.ckpts.wait()
+    if record is None:  # Nothing left to do: the workdir holds a finished run.
+        record = (metrics_lib.read_metrics(run.workdir) or [None])[-1]
+    summary = {
+        "final": record,
+        "best": run.best,
+        "steps": run.step,
+        "steps_per_epoch": spe,
+        "compile_time_s": compile_time,
+        "train_time_s_this_session": train_time,
+    }
+    _write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
+    if c.write_plots and jax.process_index() == 0:
+        plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir)
+    return summary

@@ -5,6 +5,7 @@ SGD with Nesterov momentum 0.9 and dampening 0, L2 weight decay 1e-4 added to th
 of every parameter (BatchNorm scales and biases included, the Torch default), learning rate
 0.1 divided by 10 at 50% and 75% of training.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -13,62 +14,64 @@ import jax
 import ml_collections
 import optax
 
-__all__ = ['OPTIMIZERS', 'LR_SCHEDULES', 'WEIGHT_DECAY_MASKS', 'make_optimizer',
-           'make_lr_schedule']
+__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "WEIGHT_DECAY_MASKS", "make_optimizer", "make_lr_schedule"]
 
 
 def step_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Piecewise-constant lr: ``learning_rate * lr_decay_factor ** k`` after k boundaries.
+    """Piecewise-constant lr: ``learning_rate * lr_decay_factor ** k`` after k boundaries.
 
-  The update with count ``epoch * steps_per_epoch`` (the first step of that epoch) is the
-  first to use the decayed rate.
-  """
-  boundaries = {int(e) * steps_per_epoch: config.lr_decay_factor
-                for e in config.lr_boundaries_epochs}
-  return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+    The update with count ``epoch * steps_per_epoch`` (the first step of that epoch) is the
+    first to use the decayed rate.
+    """
+    boundaries = {
+        int(e) * steps_per_epoch: config.lr_decay_factor for e in config.lr_boundaries_epochs
+    }
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
 def constant_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Constant learning rate ``config.learning_rate`` (ablations)."""
-  del steps_per_epoch
-  return optax.constant_schedule(config.learning_rate)
+    """Constant learning rate ``config.learning_rate`` (ablations)."""
+    del steps_per_epoch
+    return optax.constant_schedule(config.learning_rate)
 
 
 def _all_params(params: Any) -> Any:
-  return jax.tree.map(lambda _: True, params)
+    return jax.tree.map(lambda _: True, params)
 
 
 def _kernels_only(params: Any) -> Any:
-  """True for conv/dense kernels (ndim > 1), False for biases and BatchNorm scale/bias."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+    """True for conv/dense kernels (ndim > 1), False for biases and BatchNorm scale/bias."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
 def sgd(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-  """Torch-style SGD: g += wd * w (before momentum), buf = m * buf + g, step = g + m * buf.
+    """Torch-style SGD: g += wd * w (before momentum), buf = m * buf + g, step = g + m * buf.
 
-  ``optax.trace(nesterov=True)`` computes exactly Torch's Nesterov update with dampening 0,
-  and the learning rate multiplies after the momentum, as in Torch.
-  """
-  mask = WEIGHT_DECAY_MASKS[config.weight_decay_on]
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=mask),
-      optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov),
-  )
+    ``optax.trace(nesterov=True)`` computes exactly Torch's Nesterov update with dampening 0,
+    and the learning rate multiplies after the momentum, as in Torch.
+    """
+    mask = WEIGHT_DECAY_MASKS[config.weight_decay_on]
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=mask),
+        optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
 
 
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {'sgd': sgd}
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {"sgd": sgd}
 LR_SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
-    'step': step_schedule, 'constant': constant_schedule}
-WEIGHT_DECAY_MASKS: dict[str, Callable[[Any], Any]] = {
-    'all': _all_params, 'kernels': _kernels_only}
+    "step": step_schedule,
+    "constant": constant_schedule,
+}
+WEIGHT_DECAY_MASKS: dict[str, Callable[[Any], Any]] = {"all": _all_params, "kernels": _kernels_only}
 
 
 def make_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """The schedule named by ``config.lr_schedule``; maps update count -> learning rate."""
-  return LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch)
+    """The schedule named by ``config.lr_schedule``; maps update count -> learning rate."""
+    return LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch)
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """The optimiser named by ``config.optimizer`` with the configured schedule."""
-  return OPTIMIZERS[config.optimizer](config, make_lr_schedule(config, steps_per_epoch))
+def make_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The optimiser named by ``config.optimizer`` with the configured schedule."""
+    return OPTIMIZERS[config.optimizer](config, make_lr_schedule(config, steps_per_epoch))

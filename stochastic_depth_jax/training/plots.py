@@ -1,41 +1,43 @@
 """PNG plots of the error and loss curves from ``metrics.jsonl`` (matplotlib, Agg)."""
+
 from __future__ import annotations
 
 import os
 from typing import Any, Sequence
 
-__all__ = ['plot_curves']
+__all__ = ["plot_curves"]
 
 
-def _plot(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str,
-          path: str, percent: bool) -> None:
-  import matplotlib
-  matplotlib.use('Agg')  # No display; set here, never at import of the library.
-  import matplotlib.pyplot as plt
+def _plot(
+    records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str, path: str, percent: bool
+) -> None:
+    import matplotlib
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for key in keys:
-    points = [(r['epoch'], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    if points:
-      x, y = zip(*points)
-      ax.plot(x, [100 * v for v in y] if percent else y, label=key)
-  ax.set_xlabel('epoch')
-  ax.set_ylabel(ylabel)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    matplotlib.use("Agg")  # No display; set here, never at import of the library.
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in keys:
+        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, [100 * v for v in y] if percent else y, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_curves(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
-  """Writes ``error.png`` and ``loss.png`` (train/val/test per epoch) to ``out_dir``.
+    """Writes ``error.png`` and ``loss.png`` (train/val/test per epoch) to ``out_dir``.
 
-  Returns:
-    The paths written.
-  """
-  paths = [os.path.join(out_dir, 'error.png'), os.path.join(out_dir, 'loss.png')]
-  _plot(records, ('train_error', 'val_error', 'test_error'), 'error (%)', paths[0], True)
-  _plot(records, ('train_loss', 'val_loss', 'test_loss'), 'cross-entropy loss', paths[1],
-        False)
-  return paths
+    Returns:
+      The paths written.
+    """
+    paths = [os.path.join(out_dir, "error.png"), os.path.join(out_dir, "loss.png")]
+    _plot(records, ("train_error", "val_error", "test_error"), "error (%)", paths[0], True)
+    _plot(records, ("train_loss", "val_loss", "test_loss"), "cross-entropy loss", paths[1], False)
+    return paths

@@ -3,6 +3,7 @@
 Shared by training (``loop.py``), evaluation (``evaluate.py``) and the benchmark, so all
 three construct exactly the same model and state layout.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,112 +24,190 @@ from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed, optim, step as step_lib
 from stochastic_depth_jax.training import state as state_lib
 
-__all__ = ['Setup', 'load_data', 'build_model', 'build', 'abstract_state', 'code_version',
-           'run_metadata']
+__all__ = [
+    "Setup",
+    "load_data",
+    "build_model",
+    "build",
+    "abstract_state",
+    "code_version",
+    "run_metadata",
+]
 
-FAKE_DATA_DIR = 'fake_data'
+FAKE_DATA_DIR = "fake_data"
 
 
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Dataset:
-  """Loads ``config.dataset``; with ``config.fake_data.num_train > 0`` first writes a small
-  random dataset with the real tfds name under ``<workdir>/fake_data`` (process 0)."""
-  data_dir = config.data_dir
-  if config.fake_data.num_train:
-    data_dir = os.path.join(workdir, FAKE_DATA_DIR)
-    marker = os.path.join(data_dir, '.complete')
-    if jax.process_index() == 0 and not os.path.exists(marker):
-      data_lib.testing.make_tfds_dataset(
-          config.dataset, data_dir, num_train=config.fake_data.num_train,
-          num_test=config.fake_data.num_test, num_extra=config.fake_data.num_extra,
-          seed=config.seed)
-      open(marker, 'w').close()
-    multihost_utils.sync_global_devices('fake_data')
-  return data_lib.load_dataset(
-      config.dataset, data_dir=data_dir, download=config.download,
-      validation_size=config.validation_size, seed=config.seed,
-      train_on_all=config.train_on_all, label=config.label)
+    """Loads ``config.dataset``; with ``config.fake_data.num_train > 0`` first writes a small
+    random dataset with the real tfds name under ``<workdir>/fake_data`` (process 0)."""
+    data_dir = config.data_dir
+    if config.fake_data.num_train:
+        data_dir = os.path.join(workdir, FAKE_DATA_DIR)
+        marker = os.path.join(data_dir, ".complete")
+        if jax.process_index() == 0 and not os.path.exists(marker):
+            data_lib.testing.make_tfds_dataset(
+                config.dataset,
+                data_dir,
+                num_train=config.fake_data.num_train,
+                num_test=config.fake_data.num_test,
+                num_extra=config.fake_data.num_extra,
+                seed=config.seed,
+            )
+            open(marker, "w").close()
+        multihost_utils.sync_global_devices("fake_data")
+    return data_lib.load_dataset(
+        config.dataset,
+        data_dir=data_dir,
+        download=config.download,
+        validation_size=config.validation_size,
+        seed=config.seed,
+        train_on_all=config.train_on_all,
+        label=config.label,
+    )
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarResNet:
-  """The ``CifarResNet`` described by ``config.model``."""
-  m = config.model
-  return CifarResNet(depth=m.depth, num_classes=num_classes,
-                     final_survival_prob=float(m.final_survival_prob),
-                     survival_rule=m.survival_rule, mode=m.mode, scaling=m.scaling,
-                     shortcut=m.shortcut, width=m.width, scan=m.scan, block=m.block,
-                     implementation=m.implementation, remat=m.remat,
-                     dtype=config_lib.DTYPES[m.dtype])
+    """The ``CifarResNet`` described by ``config.model``."""
+    m = config.model
+    return CifarResNet(
+        depth=m.depth,
+        num_classes=num_classes,
+        final_survival_prob=float(m.final_survival_prob),
+        survival_rule=m.survival_rule,
+        mode=m.mode,
+        scaling=m.scaling,
+        shortcut=m.shortcut,
+        width=m.width,
+        scan=m.scan,
+        block=m.block,
+        implementation=m.implementation,
+        remat=m.remat,
+        dtype=config_lib.DTYPES[m.dtype],
+    )
 
 
 @dataclasses.dataclass
 class Setup:
-  """Everything built from a config and a dataset (see ``build``)."""
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  model: CifarResNet
-  keys: step_lib.StepKeys
-  steps_per_epoch: int
-  lr_schedule: Callable[[Any], Any]
-  optimizer: Any
-  train_step: Callable[..., state_lib.TrainState]
-  eval_step: Callable[..., Any]
+    """Everything built from a config and a dataset (see ``build``)."""
 
-  def init_state(self, image_shape: tuple[int, int, int]) -> state_lib.TrainState:
-    """A freshly initialised, replicated train state."""
-    return state_lib.create_train_state(self.model, self.optimizer, image_shape,
-                                        self.keys.init, distributed.replicated(self.mesh))
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model: CifarResNet
+    keys: step_lib.StepKeys
+    steps_per_epoch: int
+    lr_schedule: Callable[[Any], Any]
+    optimizer: Any
+    train_step: Callable[..., state_lib.TrainState]
+    eval_step: Callable[..., Any]
+
+    def init_state(self, image_shape: tuple[int, int, int]) -> state_lib.TrainState:
+        """A freshly initialised, replicated train state."""
+        return state_lib.create_train_state(
+            self.model,
+            self.optimizer,
+            image_shape,
+            self.keys.init,
+            distributed.replicated(self.mesh),
+        )
 
 
-def build(config: ml_collections.ConfigDict, *, num_classes: int, num_train: int,
-          mean: Any, std: Any, augment: str, mesh: jax.sharding.Mesh | None = None) -> Setup:
-  """Model, optimiser and jitted steps for ``config`` on ``mesh`` (default: all devices)."""
-  mesh = distributed.make_mesh() if mesh is None else mesh
-  distributed.check_batch_size(config.batch_size, mesh)
-  distributed.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  spe = data_lib.steps_per_epoch(num_train, config.batch_size)
-  model = build_model(config, num_classes)
-  optimizer = optim.make_optimizer(config, spe)
-  keys = step_lib.StepKeys.from_seed(config.seed, config.init_rng_impl)
-  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  train_step = step_lib.make_train_step(
-      model, optimizer, keys=keys, mesh=mesh, batch_size=config.batch_size,
-      steps_per_epoch=spe, mean=mean, std=std, augment=augment)
-  return Setup(config, mesh, model, keys, spe, optim.make_lr_schedule(config, spe), optimizer,
-               train_step, step_lib.make_eval_step(model, mesh))
+def build(
+    config: ml_collections.ConfigDict,
+    *,
+    num_classes: int,
+    num_train: int,
+    mean: Any,
+    std: Any,
+    augment: str,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Setup:
+    """Model, optimiser and jitted steps for ``config`` on ``mesh`` (default: all devices)."""
+    mesh = distributed.make_mesh() if mesh is None else mesh
+    distributed.check_batch_size(config.batch_size, mesh)
+    distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    spe = data_lib.steps_per_epoch(num_train, config.batch_size)
+    model = build_model(config, num_classes)
+    optimizer = optim.make_optimizer(config, spe)
+    keys = step_lib.StepKeys.from_seed(config.seed, config.init_rng_impl)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    train_step = step_lib.make_train_step(
+        model,
+        optimizer,
+        keys=keys,
+        mesh=mesh,
+        batch_size=config.batch_size,
+        steps_per_epoch=spe,
+        mean=mean,
+        std=std,
+        augment=augment,
+    )
+    return Setup(
+        config,
+        mesh,
+        model,
+        keys,
+        spe,
+        optim.make_lr_schedule(config, spe),
+        optimizer,
+        train_step,
+        step_lib.make_eval_step(model, mesh),
+    )
 
 
 def abstract_state(setup: Setup, image_shape: tuple[int, int, int]) -> Any:
-  """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
-  shapes = jax.eval_shape(
-      lambda: state_lib.create_train_state(setup.model, setup.optimizer, image_shape,
-                                           setup.keys.init, distributed.replicated(setup.mesh)))
-  sharding = distributed.replicated(setup.mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      shapes)
+    """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
+    shapes = jax.eval_shape(
+        lambda: state_lib.create_train_state(
+            setup.model,
+            setup.optimizer,
+            image_shape,
+            setup.keys.init,
+            distributed.replicated(setup.mesh),
+        )
+    )
+    sharding = distributed.replicated(setup.mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
 def code_version() -> dict[str, Any]:
-  """Package version and, when run from a git checkout, ``git describe --dirty``."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(stochastic_depth_jax.__file__)))
-  try:
-    git = subprocess.run(['git', '-C', root, 'describe', '--always', '--dirty'],
-                         capture_output=True, text=True, timeout=10).stdout.strip() or None
-  except (OSError, subprocess.SubprocessError):
-    git = None
-  return {'package': stochastic_depth_jax.__version__, 'git': git, 'jax': jax.__version__}
+    """Package version and, when run from a git checkout, ``git describe --dirty``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(stochastic_depth_jax.__file__)))
+    try:
+        git = (
+            subprocess.run(
+                ["git", "-C", root, "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {"package": stochastic_depth_jax.__version__, "git": git, "jax": jax.__version__}
 
 
-def run_metadata(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
-                 mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """What ``run.json`` records: config, data statistics, code version, devices."""
-  return {
-      'config': json.loads(config.to_json()),
-      'data': {'name': ds.name, 'num_classes': ds.num_classes,
-               'image_shape': list(ds.image_shape), 'augment': ds.augment,
-               'mean': [float(v) for v in ds.mean], 'std': [float(v) for v in ds.std],
-               'num_train': len(ds.train), 'num_test': len(ds.test),
-               'num_validation': 0 if ds.validation is None else len(ds.validation)},
-      'code_version': code_version(),
-      'devices': {'count': mesh.size, 'processes': jax.process_count(),
-                  'platform': jax.devices()[0].platform},
-  }
+def run_metadata(
+    config: ml_collections.ConfigDict, ds: data_lib.Dataset, mesh: jax.sharding.Mesh
+) -> dict[str, Any]:
+    """What ``run.json`` records: config, data statistics, code version, devices."""
+    return {
+        "config": json.loads(config.to_json()),
+        "data": {
+            "name": ds.name,
+            "num_classes": ds.num_classes,
+            "image_shape": list(ds.image_shape),
+            "augment": ds.augment,
+            "mean": [float(v) for v in ds.mean],
+            "std": [float(v) for v in ds.std],
+            "num_train": len(ds.train),
+            "num_test": len(ds.test),
+            "num_validation": 0 if ds.validation is None else len(ds.validation),
+        },
+        "code_version": code_version(),
+        "devices": {
+            "count": mesh.size,
+            "processes": jax.process_count(),
+            "platform": jax.devices()[0].platform,
+        },
+    }

@@ -9,6 +9,7 @@ Randomness per step: stochastic-depth gates use ``fold_in(gate_key, step)``; bat
 and augmentation are pure functions of ``(data_key, step)`` (``data.train_batch``). Every
 device therefore drops the same blocks, and a resumed run repeats the same draws.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,116 +23,152 @@ from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import state as state_lib
 
-__all__ = ['StepKeys', 'make_train_step', 'make_eval_step', 'FIRST_CONV']
+__all__ = ["StepKeys", "make_train_step", "make_eval_step", "FIRST_CONV"]
 
 # The paper's Fig. 7 tracks the gradient magnitude at the first convolution.
-FIRST_CONV = ('stem_conv', 'kernel')
+FIRST_CONV = ("stem_conv", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepKeys:
-  """The run's base keys, all derived from ``config.seed``."""
-  init: jax.Array
-  data: jax.Array
-  gates: jax.Array
+    """The run's base keys, all derived from ``config.seed``."""
 
-  @classmethod
-  def from_seed(cls, seed: int, init_impl: str = 'threefry2x32') -> 'StepKeys':
-    """Keys for ``seed``; the init key may use another PRNG implementation.
+    init: jax.Array
+    data: jax.Array
+    gates: jax.Array
 
-    Gates and augmentation always use threefry, whose bits do not depend on sharding. The
-    init runs replicated, so any implementation gives the same parameters on every device
-    count; ``'rbg'`` compiles in seconds where threefry takes ~30 s on XLA:CPU.
-    """
-    _, data, gates = jax.random.split(jax.random.key(seed), 3)
-    init = jax.random.fold_in(jax.random.key(seed, impl=init_impl), 0)
-    return cls(init, data, gates)
+    @classmethod
+    def from_seed(cls, seed: int, init_impl: str = "threefry2x32") -> "StepKeys":
+        """Keys for ``seed``; the init key may use another PRNG implementation.
+
+        Gates and augmentation always use threefry, whose bits do not depend on sharding. The
+        init runs replicated, so any implementation gives the same parameters on every device
+        count; ``'rbg'`` compiles in seconds where threefry takes ~30 s on XLA:CPU.
+        """
+        _, data, gates = jax.random.split(jax.random.key(seed), 3)
+        init = jax.random.fold_in(jax.random.key(seed, impl=init_impl), 0)
+        return cls(init, data, gates)
 
 
 def _first_conv_grad(grads: Any) -> jax.Array:
-  node = grads
-  for name in FIRST_CONV:
-    node = node[name]
-  return node
+    node = grads
+    for name in FIRST_CONV:
+        node = node[name]
+    return node
 
 
-def _accumulate(sums: dict, step: jax.Array, steps_per_epoch: int, loss: jax.Array,
-                errors: jax.Array, batch: int, g: jax.Array) -> dict:
-  """Adds one step to the epoch sums, restarting them at the first step of an epoch."""
-  fresh = step % steps_per_epoch == 0
-  new = {k: jnp.where(fresh, 0.0, v) for k, v in sums.items() if k != 'nonfinite_step'}
-  new['loss'] += loss
-  new['errors'] += errors
-  new['examples'] += batch
-  new['steps'] += 1
-  new['grad_l2'] += jnp.sqrt(jnp.sum(jnp.square(g)))
-  new['grad_mean_abs'] += jnp.mean(jnp.abs(g))
-  bad = sums['nonfinite_step']
-  new['nonfinite_step'] = jnp.where((bad < 0) & ~jnp.isfinite(loss), step, bad)
-  return new
+def _accumulate(
+    sums: dict,
+    step: jax.Array,
+    steps_per_epoch: int,
+    loss: jax.Array,
+    errors: jax.Array,
+    batch: int,
+    g: jax.Array,
+) -> dict:
+    """Adds one step to the epoch sums, restarting them at the first step of an epoch."""
+    fresh = step % steps_per_epoch == 0
+    new = {k: jnp.where(fresh, 0.0, v) for k, v in sums.items() if k != "nonfinite_step"}
+    new["loss"] += loss
+    new["errors"] += errors
+    new["examples"] += batch
+    new["steps"] += 1
+    new["grad_l2"] += jnp.sqrt(jnp.sum(jnp.square(g)))
+    new["grad_mean_abs"] += jnp.mean(jnp.abs(g))
+    bad = sums["nonfinite_step"]
+    new["nonfinite_step"] = jnp.where((bad < 0) & ~jnp.isfinite(loss), step, bad)
+    return new
 
 
-def make_train_step(model: Any, optimizer: optax.GradientTransformation, *,
-                    keys: StepKeys, mesh: jax.sharding.Mesh, batch_size: int,
-                    steps_per_epoch: int, mean: Any, std: Any, augment: str
-                    ) -> Callable[[state_lib.TrainState, data_lib.DeviceSplit],
-                                  state_lib.TrainState]:
-  """Returns ``train_step(state, train_split) -> state`` (jitted, state donated).
+def make_train_step(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    keys: StepKeys,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+    steps_per_epoch: int,
+    mean: Any,
+    std: Any,
+    augment: str,
+) -> Callable[[state_lib.TrainState, data_lib.DeviceSplit], state_lib.TrainState]:
+    """Returns ``train_step(state, train_split) -> state`` (jitted, state donated).
 
-  Args:
-    model: Flax module, ``apply(variables, x [B, H, W, C], train=True, rngs=...)``.
-    optimizer: optax transformation (weight decay included).
-    keys: the run's keys; mesh: the data mesh (``batch_size`` must divide by its size).
-    batch_size: global batch; steps_per_epoch: for the epoch sums.
-    mean, std: float [C] normalisation; augment: ``data.AUGMENTATIONS`` name.
+    Args:
+      model: Flax module, ``apply(variables, x [B, H, W, C], train=True, rngs=...)``.
+      optimizer: optax transformation (weight decay included).
+      keys: the run's keys; mesh: the data mesh (``batch_size`` must divide by its size).
+      batch_size: global batch; steps_per_epoch: for the epoch sums.
+      mean, std: float [C] normalisation; augment: ``data.AUGMENTATIONS`` name.
 
-  The loss (mean cross-entropy over the global batch), errors and the first-conv
-  gradient norms are added to ``state.sums`` on the device.
-  """
-  distributed.check_batch_size(batch_size, mesh)
-  replicated = distributed.replicated(mesh)
+    The loss (mean cross-entropy over the global batch), errors and the first-conv
+    gradient norms are added to ``state.sums`` on the device.
+    """
+    distributed.check_batch_size(batch_size, mesh)
+    replicated = distributed.replicated(mesh)
 
-  def train_step(state: state_lib.TrainState, split: data_lib.DeviceSplit):
-    images, labels = data_lib.train_batch(split, keys.data, state.step, batch_size=batch_size,
-                                          mean=mean, std=std, augment=augment)
-    images = jax.lax.with_sharding_constraint(images, distributed.batch_sharded(mesh))
-    gate_key = jax.random.fold_in(keys.gates, state.step)
+    def train_step(state: state_lib.TrainState, split: data_lib.DeviceSplit):
+        images, labels = data_lib.train_batch(
+            split, keys.data, state.step, batch_size=batch_size, mean=mean, std=std, augment=augment
+        )
+        images = jax.lax.with_sharding_constraint(images, distributed.batch_sharded(mesh))
+        gate_key = jax.random.fold_in(keys.gates, state.step)
 
-    def loss_fn(params):
-      logits, updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-          rngs={'stochastic_depth': gate_key}, mutable=['batch_stats'])
-      logits = logits.astype(jnp.float32)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (logits, updates['batch_stats'])
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                rngs={"stochastic_depth": gate_key},
+                mutable=["batch_stats"],
+            )
+            logits = logits.astype(jnp.float32)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, (logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    errors = jnp.sum(jnp.argmax(logits, -1) != labels).astype(jnp.float32)
-    sums = _accumulate(state.sums, state.step, steps_per_epoch, loss, errors, batch_size,
-                       _first_conv_grad(grads))
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state, sums=sums)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        errors = jnp.sum(jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+        sums = _accumulate(
+            state.sums,
+            state.step,
+            steps_per_epoch,
+            loss,
+            errors,
+            batch_size,
+            _first_conv_grad(grads),
+        )
+        return state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            sums=sums,
+        )
 
-  return jax.jit(train_step, out_shardings=replicated, donate_argnums=0)
+    return jax.jit(train_step, out_shardings=replicated, donate_argnums=0)
 
 
-def make_eval_step(model: Any, mesh: jax.sharding.Mesh
-                   ) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
-  """Returns ``eval_step(state, images, labels, mask) -> (loss_sum, error_sum, count)``.
+def make_eval_step(
+    model: Any, mesh: jax.sharding.Mesh
+) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """Returns ``eval_step(state, images, labels, mask) -> (loss_sum, error_sum, count)``.
 
-  ``train=False``: every block active, residuals scaled as configured. Padded examples
-  (``mask`` False) count nowhere. Shapes: images [B, H, W, C], labels int32 [B], mask
-  bool [B]; outputs are float32 scalars, replicated.
-  """
-  def eval_step(state, images, labels, mask):
-    images = jax.lax.with_sharding_constraint(images, distributed.batch_sharded(mesh))
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
-                         train=False).astype(jnp.float32)
-    weight = mask.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    errors = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
-    return jnp.sum(loss * weight), jnp.sum(errors * weight), jnp.sum(weight)
+    ``train=False``: every block active, residuals scaled as configured. Padded examples
+    (``mask`` False) count nowhere. Shapes: images [B, H, W, C], labels int32 [B], mask
+    bool [B]; outputs are float32 scalars, replicated.
+    """
 
-  return jax.jit(eval_step, out_shardings=distributed.replicated(mesh))
+    def eval_step(state, images, labels, mask):
+        images = jax.lax.with_sharding_constraint(images, distributed.batch_sharded(mesh))
+        logits = model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+        ).astype(jnp.float32)
+        weight = mask.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        errors = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+        return jnp.sum(loss * weight), jnp.sum(errors * weight), jnp.sum(weight)
+
+    return jax.jit(eval_step, out_shardings=distributed.replicated(mesh))
