@@ -1,0 +1,80 @@
+"""The Linen StochasticDepth wrapper around a user's branch, and Torch-statistics BatchNorm."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stochastic_depth_jax as sdj
+
+X = jax.random.normal(jax.random.key(0), (6, 5))
+
+
+class MyBranch(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5)(jnp.tanh(nn.Dense(5)(x)))
+
+
+class MyBlock(nn.Module):
+    p: float = 0.5
+    mode: str = "batch"
+
+    @nn.compact
+    def __call__(self, x, train):
+        sd = sdj.StochasticDepth(MyBranch(parent=None), survival_prob=self.p, mode=self.mode)
+        return x + sd(x, deterministic=not train)
+
+
+def test_wrapper_owns_branch_params_and_scales_at_eval():
+    block = MyBlock()
+    v = block.init({"params": jax.random.key(1)}, X, False)
+    assert set(v["params"]) == {"StochasticDepth_0"}
+    assert set(v["params"]["StochasticDepth_0"]) == {"branch"}
+    f = MyBranch().apply({"params": v["params"]["StochasticDepth_0"]["branch"]}, X)
+    np.testing.assert_allclose(block.apply(v, X, False), X + 0.5 * f, rtol=1e-6)
+
+
+def test_wrapper_gates_from_its_rng_stream_and_skips_gradients():
+    block = MyBlock()
+    v = block.init({"params": jax.random.key(1)}, X, False)
+    f = MyBranch().apply({"params": v["params"]["StochasticDepth_0"]["branch"]}, X)
+    outcomes = set()
+    for i in range(16):
+        key = jax.random.key(i)
+        y = block.apply(v, X, True, rngs={"stochastic_depth": key})
+        kept = not np.allclose(y, X)
+        outcomes.add(kept)
+        np.testing.assert_allclose(y, X + (f if kept else 0.0), rtol=1e-6, atol=1e-6)
+        g = jax.grad(lambda p: block.apply({"params": p}, X, True,
+                                           rngs={"stochastic_depth": key}).sum())(v["params"])
+        total = sum(float(jnp.abs(a).sum()) for a in jax.tree_util.tree_leaves(g))
+        assert (total > 0) == kept
+    assert outcomes == {True, False}
+    with pytest.raises(Exception, match="stochastic_depth"):
+        block.apply(v, X, True)  # training without the rng stream
+
+
+def test_wrapper_sample_mode_gates_rows():
+    block = MyBlock(mode="sample")
+    v = block.init({"params": jax.random.key(1)}, X, False)
+    y = block.apply(v, X, True, rngs={"stochastic_depth": jax.random.key(3)})
+    f = MyBranch().apply({"params": v["params"]["StochasticDepth_0"]["branch"]}, X)
+    rows = [np.allclose(y[i], X[i]) for i in range(6)]
+    for i, dropped in enumerate(rows):
+        np.testing.assert_allclose(y[i], X[i] + (0.0 if dropped else f[i]), rtol=1e-6, atol=1e-6)
+
+
+def test_batchnorm_uses_torch_statistics():
+    x = jax.random.normal(jax.random.key(2), (4, 3, 3, 2)) * 3.0 + 1.0
+    bn = sdj.BatchNorm()
+    v = bn.init(jax.random.key(0), x, train=False)
+    _, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    xs = np.asarray(x).reshape(-1, 2)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * xs.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * xs.var(0, ddof=1),
+                               rtol=1e-5)
+    y = bn.apply(v, x, train=True, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2),
+                               (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5), rtol=1e-4,
+                               atol=1e-5)
