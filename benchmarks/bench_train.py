@@ -63,14 +63,7 @@ def _config(args, workdir):
 
 def _bare_step(config, workdir, steps):
     ds = setup_lib.load_data(config, workdir)
-    setup = setup_lib.build(
-        config,
-        num_classes=ds.num_classes,
-        num_train=len(ds.train),
-        mean=ds.mean,
-        std=ds.std,
-        augment=ds.augment,
-    )
+    setup = setup_lib.build_for_dataset(config, ds)
     split = data.put_on_devices(ds.train, setup.mesh)
     state = setup.init_state(ds.image_shape)
     compiled = setup.train_step.lower(state, split).compile()

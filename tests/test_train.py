@@ -201,15 +201,7 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
 
 def _per_step_losses(config, workdir, mesh, steps=3):
     ds = setup_lib.load_data(config, workdir)
-    setup = setup_lib.build(
-        config,
-        num_classes=ds.num_classes,
-        num_train=len(ds.train),
-        mean=ds.mean,
-        std=ds.std,
-        augment=ds.augment,
-        mesh=mesh,
-    )
+    setup = setup_lib.build_for_dataset(config, ds, mesh)
     state = setup.init_state(ds.image_shape)
     split = data.put_on_devices(ds.train, mesh)
     losses, previous = [], 0.0

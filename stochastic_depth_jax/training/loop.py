@@ -245,14 +245,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, dat
             "The dataset has no validation split (validation_size=0?); set "
             "--config.select_best_by=test or train."
         )
-    setup = setup_lib.build(
-        config,
-        num_classes=ds.num_classes,
-        num_train=len(ds.train),
-        mean=ds.mean,
-        std=ds.std,
-        augment=ds.augment,
-    )
+    setup = setup_lib.build_for_dataset(config, ds)
     splits = {
         "train": data_lib.put_on_devices(ds.train, setup.mesh),
         "test": data_lib.put_on_devices(ds.test, setup.mesh),

@@ -154,6 +154,21 @@ def build(
     )
 
 
+def build_for_dataset(
+    config: ml_collections.ConfigDict, ds: data_lib.Dataset, mesh: jax.sharding.Mesh | None = None
+) -> Setup:
+    """``build`` with the class count, training size and statistics of a loaded dataset."""
+    return build(
+        config,
+        num_classes=ds.num_classes,
+        num_train=len(ds.train),
+        mean=ds.mean,
+        std=ds.std,
+        augment=ds.augment,
+        mesh=mesh,
+    )
+
+
 def abstract_state(setup: Setup, image_shape: tuple[int, int, int]) -> Any:
     """Shapes, dtypes and (replicated) shardings of the train state, without computing it."""
     shapes = jax.eval_shape(
