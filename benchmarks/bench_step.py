@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime
 import os
 import platform
@@ -41,6 +42,11 @@ VARIANTS = {
     "skip-remat-convs": (0.5, "skip", "convs"),
     "skip-remat-full": (0.5, "skip", "full"),
     "mask": (0.5, "mask", "none"),  # stochastic depth as timm/torchvision: compute, multiply
+    # Kept blocks gathered into scans of static length (host-side gates; no conditionals),
+    # kept counts rounded up to a multiple of 4 / 2 / 1 (fewer compilations vs less waste).
+    "compact": (0.5, "compact4", "none"),
+    "compact-2": (0.5, "compact2", "none"),
+    "compact-1": (0.5, "compact1", "none"),
 }
 
 
@@ -50,12 +56,15 @@ class Runner:
     step: callable
     state: tuple
     times: list
+    buckets: callable = None  # host gates -> static scan lengths (compact variant only)
 
 
 def make_runner(name, depth, batch, scan, dtype, key, x, y):
     p_l, impl, remat = VARIANTS[name]
+    compact = impl.startswith("compact")
     model = CifarResNet(depth=depth, num_classes=10, final_survival_prob=p_l,
-                        implementation=impl, remat=remat, scan=scan, dtype=dtype)
+                        implementation="skip" if compact else impl, remat=remat, scan=scan,
+                        dtype=dtype)
     variables = jax.jit(lambda k: model.init({"params": k}, x[:2], train=False))(key)
     tx = optax.chain(optax.add_decayed_weights(1e-4),
                      optax.sgd(0.1, momentum=0.9, nesterov=True))
@@ -63,27 +72,29 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y):
 
     constant = p_l == 1.0
 
-    def loss_fn(params, batch_stats, gates):
+    def loss_fn(params, batch_stats, gates, buckets):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True,
-            gates=None if constant else gates, mutable=["batch_stats"])
+            gates=None if constant else gates, buckets=buckets, mutable=["batch_stats"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates["batch_stats"]
 
-    @jax.jit
-    def step(params, batch_stats, opt_state, gates):
+    @functools.partial(jax.jit, static_argnums=4)
+    def step(params, batch_stats, opt_state, gates, buckets=None):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch_stats, gates)
+            params, batch_stats, gates, buckets)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     state = (variables["params"], variables["batch_stats"], opt_state)
-    return Runner(name, step, state, [])
+    multiple = int(impl[len("compact"):]) if compact else 0
+    buckets = (lambda g: model.compact_buckets(np.asarray(g), multiple)) if compact else None
+    return Runner(name, step, state, [], buckets)
 
 
 def run_once(r: Runner, gates) -> float:
-    t0 = time.perf_counter()
-    out = r.step(*r.state, gates)
+    t0 = time.perf_counter()  # compact: reading the gates to the host is part of the step
+    out = r.step(*r.state, gates, None if r.buckets is None else r.buckets(gates))
     jax.block_until_ready(out)
     r.state = out[:3]
     return time.perf_counter() - t0
@@ -157,13 +168,21 @@ def main(argv=None) -> None:
     base_key = jax.random.key(42)
     probs = CifarResNet(depth=args.depth).survival_probs()
     draw = jax.jit(lambda k: draw_gates(k, probs))
+    all_gates = [draw(jax.random.fold_in(base_key, i)) for i in range(args.warmup + rounds)]
     for r in runners:
         t0 = time.perf_counter()
         run_once(r, draw(base_key))
+        if r.buckets is not None:  # compile every static scan length the rounds will use
+            seen = {r.buckets(draw(base_key))}
+            for g in all_gates:
+                if r.buckets(g) not in seen:
+                    seen.add(r.buckets(g))
+                    run_once(r, g)
+            print(f"{r.name}: {len(seen)} compiled bucket combinations", flush=True)
         print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
     active = []
     for i in range(args.warmup + rounds):
-        gates = draw(jax.random.fold_in(base_key, i))
+        gates = all_gates[i]
         for r in runners:
             dt = run_once(r, gates)
             if i >= args.warmup:

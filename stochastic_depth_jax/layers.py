@@ -171,6 +171,8 @@ class StochasticDepth(nn.Module):
             gate = jax.random.bernoulli(key, p, shape)
         factor = ops.train_scale(p, self.scaling)
         if self.mode == "sample" or self.implementation == "mask":
+            if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
+                call = _keep_stats_if_dropped(call, gate)
             return ops.masked(call(self, x), gate, factor)
         return self._skip(call, x, gate, factor)
 
@@ -186,6 +188,27 @@ class StochasticDepth(nn.Module):
             return jnp.zeros(out.shape, out.dtype)
 
         return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, x.dtype))
+
+
+def _keep_stats_if_dropped(call: Callable[..., Array], gate: Array) -> Callable[..., Array]:
+    """Wraps ``call`` so a dropped (gate 0) branch leaves its running statistics unchanged.
+
+    The mask implementation computes a dropped branch; this keeps its semantics equal to
+    skipping, where a dropped block's BatchNorm statistics are not updated (as in the
+    official code).
+    """
+    saved = {}
+
+    def save(tree):
+        saved["old"] = tree
+        return tree
+
+    def restore(tree):
+        return jax.tree_util.tree_map(lambda old, new: jnp.where(gate, new, old),
+                                      saved["old"], tree)
+
+    return nn.map_variables(call, "batch_stats", trans_in_fn=save, trans_out_fn=restore,
+                            mutable=True)
 
 
 def _call_branch(module: StochasticDepth, x: Array, *, args: tuple, kwargs: dict) -> Array:

@@ -85,7 +85,7 @@ class ResidualStages(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, probs: np.ndarray, gates: Array | None, *, train: bool,
-                 constant: bool) -> Array:
+                 constant: bool, buckets: Sequence[int] | None = None) -> Array:
         """``x`` ``[batch, H, W, C]``; ``probs`` float ``[L]``; ``gates`` ``[L]``/``[L, batch]``."""
         start = 0
         for i, (n, feats, stride) in enumerate(
@@ -93,11 +93,15 @@ class ResidualStages(nn.Module):
         ):
             p0 = 1.0 if constant else float(probs[start])
             g0 = None if gates is None else gates[start]
-            x = self.block(feats, stride, name=f"stage{i + 1}_block1")(x, p0, g0, train=train)
+            # Compact mode runs no conditional: the stage's first block is masked instead.
+            kw = {} if buckets is None else {"implementation": "mask"}
+            first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
+            x = first(x, p0, g0, train=train)
             rest = slice(start + 1, start + n)
             if n > 1 and self._scanned(n - 1):
+                bucket = None if buckets is None else buckets[i]
                 x = self._scan_stage(i, n - 1, feats, x, probs[rest], gates, rest, train,
-                                     constant)
+                                     constant, bucket)
             else:
                 for j in range(1, n):
                     p = 1.0 if constant else float(probs[start + j])
@@ -107,12 +111,37 @@ class ResidualStages(nn.Module):
             start += n
         return x
 
+    def compact_buckets(self, gates: np.ndarray, multiple: int = 4) -> tuple[int, ...]:
+        """Static scan lengths for :meth:`__call__`'s ``buckets`` from host-side gates.
+
+        Args:
+          gates: bool ``[L]`` (e.g. ``np.asarray(draw_gates(key, probs))``).
+          multiple: round each stage's kept count up to a multiple of this, so that few
+            distinct programs get compiled (each one costs a compilation; surplus slots
+            cost masked compute).
+
+        Returns:
+          one length per stage, for its scanned blocks (0 for an unscanned stage).
+        """
+        gates = np.asarray(gates, bool)
+        out, start = [], 0
+        for n in self.stage_sizes:
+            rest = gates[start + 1:start + n]
+            kept = int(rest.sum())
+            size = min(n - 1, -(-kept // multiple) * multiple)
+            out.append(max(1, size) if n > 1 and self._scanned(n - 1) else 0)
+            start += n
+        return tuple(out)
+
     def _scanned(self, num_identical: int) -> bool:
         if self.scan is None:
             return num_identical >= AUTO_SCAN_MIN_BLOCKS
         return bool(self.scan)
 
-    def _scan_stage(self, i, length, feats, x, probs, gates, rest, train, constant):
+    def _scan_stage(self, i, length, feats, x, probs, gates, rest, train, constant, bucket):
+        name = f"stage{i + 1}_scan"
+        if bucket is not None and not self.is_initializing():
+            return self._compact_stage(name, length, feats, x, probs, gates[rest], bucket)
         stage = nn.scan(
             _ScanBody,
             variable_axes={"params": 0, "batch_stats": 0},
@@ -124,8 +153,50 @@ class ResidualStages(nn.Module):
         if gates is not None:
             inputs = inputs + (gates[rest],)
         body = stage(block=functools.partial(self.block, feats, 1), train=train,
-                     constant=constant, name=f"stage{i + 1}_scan")
+                     constant=constant, name=name)
         x, _ = body(x, inputs)
+        return x
+
+    def _compact_stage(self, name, length, feats, x, probs, gates, bucket):
+        """Scans over the kept blocks only, gathered to the front (``bucket`` slots).
+
+        The kept blocks' parameters and statistics are gathered into a scan of static
+        length ``bucket`` >= number kept; surplus slots run masked (gate 0, statistics left
+        unchanged). No conditional is executed, so the step stays one straight-line
+        program (one CUDA graph on GPU); the price is ``bucket - kept`` wasted blocks.
+        """
+        order = jnp.argsort(jnp.logical_not(gates), stable=True)  # kept first, in order
+        idx = order[:bucket]
+        valid = jnp.arange(bucket) < jnp.sum(gates.astype(jnp.int32))
+        probs_g = jnp.asarray(probs, jnp.float32)[idx]
+        saved = {}
+
+        def gather(tree):
+            return jax.tree_util.tree_map(lambda a: a[idx], tree)
+
+        def gather_stats(tree):
+            saved["old"] = tree
+            return gather(tree)
+
+        def scatter(tree):  # only valid slots write their statistics back
+            def put(old, new):
+                w = valid.reshape((-1,) + (1,) * (new.ndim - 1)).astype(new.dtype)
+                return old.at[idx].add((new - old[idx]) * w)
+            return jax.tree_util.tree_map(put, saved["old"], tree)
+
+        stage = nn.scan(
+            _ScanBody,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=bucket,
+            in_axes=0,
+        )
+        stage = nn.map_variables(stage, "params", trans_in_fn=gather)
+        stage = nn.map_variables(stage, "batch_stats", trans_in_fn=gather_stats,
+                                 trans_out_fn=scatter, mutable=True)
+        block = functools.partial(self.block, feats, 1, implementation="mask")
+        body = stage(block=block, train=True, constant=False, name=name)
+        x, _ = body(x, (probs_g, valid))
         return x
 
 
@@ -189,6 +260,28 @@ class _StochasticResNetBase(nn.Module):
         self.sow("intermediates", "gates", gates)
         return gates, False
 
+    def stage_sizes_(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def compact_buckets(self, gates: Any, multiple: int = 4) -> tuple[int, ...]:
+        """Static per-stage scan lengths for ``__call__(..., gates=g, buckets=...)``.
+
+        Compact mode (``buckets`` given) gathers each stage's kept blocks to the front of a
+        scan of static length and runs no conditional at all; see
+        :meth:`ResidualStages.compact_buckets`. ``gates`` must be on the host (NumPy).
+        """
+        stages = ResidualStages(stage_sizes=self.stage_sizes_(), stage_features=(),
+                                stage_strides=(), block=None, scan=self.scan, parent=None)
+        return stages.compact_buckets(gates, multiple)
+
+    def _check_buckets(self, buckets, gates, train):
+        if buckets is None:
+            return None
+        if not train or gates is None or self.mode != "batch":
+            raise ValueError("buckets (compact mode) need train=True, mode='batch' and the "
+                             "gates they were computed from (gates=...).")
+        return tuple(int(b) for b in buckets)
+
     def _block(self, cls: ModuleDef, shortcut: str) -> ModuleDef:
         return functools.partial(
             cls, shortcut=shortcut, mode=self.mode, scaling=self.scaling,
@@ -248,8 +341,14 @@ class CifarResNet(_StochasticResNetBase):
         """L = 3n residual blocks."""
         return 3 * ((self.depth - 2) // 6)
 
+    def stage_sizes_(self) -> tuple[int, ...]:
+        """Blocks per stage, (n, n, n)."""
+        n = (self.depth - 2) // 6
+        return (n, n, n)
+
     @nn.compact
-    def __call__(self, x: Array, *, train: bool, gates: Array | None = None) -> Array:
+    def __call__(self, x: Array, *, train: bool, gates: Array | None = None,
+                 buckets: Sequence[int] | None = None) -> Array:
         """Classifies images ``x`` ``[batch, H, W, C]`` into logits ``[batch, num_classes]``.
 
         Args:
@@ -257,9 +356,16 @@ class CifarResNet(_StochasticResNetBase):
           gates: optional bool ``[L]`` (``[L, batch]`` for ``mode='sample'``) overriding the
             drawn gates, e.g. to evaluate a fixed sub-network.
 
+          buckets: compact mode (training, ``mode='batch'``, explicit ``gates``): one static
+            scan length per stage from :meth:`compact_buckets` of the same gates, held on
+            the host. Each stage's kept blocks are gathered into a scan of that length and
+            no conditional runs; a distinct ``buckets`` tuple is a distinct compilation.
+            Same outputs, gradients and statistics as skipping.
+
         The training gates are sown as ``intermediates['gates']`` (read them with
         ``mutable=['batch_stats', 'intermediates']``).
         """
+        buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
         gates, constant = self._gates(x, gates, train)
         n = (self.depth - 2) // 6
         w = self.width
@@ -274,7 +380,8 @@ class CifarResNet(_StochasticResNetBase):
             block=self._block(CIFAR_BLOCKS[self.block], self.shortcut), scan=self.scan,
             name="stages",
         )
-        x = stages(x, self.survival_probs(), gates, train=train, constant=constant)
+        x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
+                   buckets=buckets)
         if preact:
             x = nn.relu(self.norm(dtype=self.dtype, name="final_bn")(x, train=train))
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -311,9 +418,15 @@ class ResNet(_StochasticResNetBase):
         """L, the total number of bottleneck blocks."""
         return int(sum(self.stage_sizes))
 
+    def stage_sizes_(self) -> tuple[int, ...]:
+        """Blocks per stage."""
+        return tuple(int(n) for n in self.stage_sizes)
+
     @nn.compact
-    def __call__(self, x: Array, *, train: bool, gates: Array | None = None) -> Array:
+    def __call__(self, x: Array, *, train: bool, gates: Array | None = None,
+                 buckets: Sequence[int] | None = None) -> Array:
         """See :meth:`CifarResNet.__call__`."""
+        buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
         gates, constant = self._gates(x, gates, train)
         x = x.astype(self.dtype) if self.dtype is not None else x
         x = self.conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
@@ -328,7 +441,8 @@ class ResNet(_StochasticResNetBase):
             stage_strides=(1,) + (2,) * (k - 1),
             block=self._block(layers.BottleneckBlock, "B"), scan=self.scan, name="stages",
         )
-        x = stages(x, self.survival_probs(), gates, train=train, constant=constant)
+        x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
+                   buckets=buckets)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x)
 

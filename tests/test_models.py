@@ -288,3 +288,48 @@ def test_imagenet_resnet_runs_and_scans():
     assert y.shape == (2, 5)
     assert model.num_blocks() == 5
     assert sdj.ResNet50().num_blocks() == 16 and sdj.ResNet152().num_blocks() == 50
+
+
+# ---- compact mode: kept blocks gathered into static-length scans, no conditionals ---------
+
+def test_compact_mode_equals_skipping():
+    model = tiny(depth=26, scan=True)  # n = 4: three scanned blocks per stage
+    v = init(model)
+    gates = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1], bool)
+    for multiple, want in ((1, (2, 2, 1)), (2, (2, 2, 2))):
+        buckets = model.compact_buckets(gates, multiple)
+        assert buckets == want
+
+        def run(params, buckets):
+            y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
+                                 train=True, gates=jnp.asarray(gates), buckets=buckets,
+                                 mutable=["batch_stats"])
+            return jnp.sum(y ** 2), upd
+
+        grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+        (l_skip, u_skip), g_skip = grad(v["params"], None)
+        (l_comp, u_comp), g_comp = grad(v["params"], buckets)
+        np.testing.assert_allclose(l_comp, l_skip, rtol=1e-5)
+        close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        jax.tree_util.tree_map(close, g_comp, g_skip)
+        jax.tree_util.tree_map(close, u_comp, u_skip)  # dropped blocks' stats unchanged too
+
+
+def test_compact_mode_needs_gates_and_training():
+    model = tiny(depth=26, scan=True)
+    v = init(model)
+    with pytest.raises(ValueError, match="buckets"):
+        model.apply(v, X, train=False, buckets=(1, 1, 1))
+    with pytest.raises(ValueError, match="buckets"):
+        model.apply(v, X, train=True, buckets=(1, 1, 1), rngs={"stochastic_depth": jax.random.key(0)},
+                    mutable=["batch_stats"])
+
+
+def test_mask_implementation_keeps_dropped_block_statistics():
+    model = tiny(implementation="mask")
+    v = init(model)
+    gates = jnp.array([1, 0, 1], bool)
+    _, upd = train_apply(model, v, gates=gates)
+    dropped = upd["batch_stats"]["stages"]["stage2_block1"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, dropped,
+                           v["batch_stats"]["stages"]["stage2_block1"])
