@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
     # What a kept block saves for backward: 'convs' (conv outputs; BN/ReLU recomputed),
     # 'none' (everything) or 'full' (input only). 'convs' was fastest on CPU and H100.
     c.model.remat = "convs"
+    # > 0: compact mode, draw gates on the host and gather each stage's kept blocks into a
+    # scan whose length is the kept count rounded up to this multiple (no conditionals).
+    # Fastest on GPU (H100, ResNet-110, batch 128: 0.85x the constant-depth step with 4);
+    # 0 (default) uses lax.cond skipping, fastest on CPU.
+    c.model.compact_multiple = 0
     c.model.scan = ml_collections.config_dict.placeholder(bool)
     c.model.dtype = "float32"
 

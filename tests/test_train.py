@@ -20,6 +20,7 @@ from configs import load_config  # noqa: E402
 from stochastic_depth_jax import data  # noqa: E402
 from stochastic_depth_jax.training import distributed, evaluate, loop, metrics  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
+from stochastic_depth_jax.training import step as step_lib  # noqa: E402
 
 TIMING = ("epoch_time_s", "images_per_s", "eval_time_s")
 TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
@@ -205,8 +206,11 @@ def _per_step_losses(config, workdir, mesh, steps=3):
     state = setup.init_state(ds.image_shape)
     split = data.put_on_devices(ds.train, mesh)
     losses, previous = [], 0.0
-    for _ in range(steps):
-        state = setup.train_step(state, split)
+    for step in range(steps):
+        if isinstance(setup.train_step, step_lib.CompactTrainStep):
+            state = setup.train_step(state, split, step)
+        else:
+            state = setup.train_step(state, split)
         total = float(np.asarray(state.sums["loss"].addressable_data(0)))
         losses.append(total - previous)
         previous = total
@@ -223,6 +227,23 @@ def test_one_device_and_eight_devices_agree(tmp_path):
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
         jax.device_get(state8.params),
         jax.device_get(state1.params),
+    )
+
+
+def test_compact_mode_trains_like_skipping_on_eight_devices(tmp_path):
+    deep = TINY + ["--config.model.depth=26", "--config.model.scan=true"]
+    mesh = distributed.make_mesh()
+    skip, state_s = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), mesh)
+    compact, state_c = _per_step_losses(
+        load_config("cifar10:smoke", deep + ["--config.model.compact_multiple=2"]),
+        str(tmp_path),
+        mesh,
+    )
+    np.testing.assert_allclose(compact, skip, rtol=2e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        jax.device_get(state_c.params),
+        jax.device_get(state_s.params),
     )
 
 

@@ -124,6 +124,15 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     _check_choice(m.shortcut, layers.SHORTCUTS, "model.shortcut")
     _check_choice(m.implementation, ops.IMPLEMENTATIONS, "model.implementation")
     _check_choice(m.remat, layers.REMAT_POLICIES, "model.remat")
+    _check(
+        isinstance(m.compact_multiple, int) and m.compact_multiple >= 0,
+        f"model.compact_multiple={m.compact_multiple!r} must be an integer >= 0 (0: off; 4 is "
+        f"a good GPU value)",
+    )
+    _check(
+        m.compact_multiple == 0 or m.mode == "batch",
+        "model.compact_multiple > 0 needs model.mode='batch' (one gate per block)",
+    )
 
 
 def _validate_optim(c: ml_collections.ConfigDict) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -27,6 +27,7 @@ from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import plots, progress
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import state as state_lib
+from stochastic_depth_jax.training import step as step_lib
 
 __all__ = ["train_and_evaluate", "NonFiniteLossError"]
 
@@ -128,7 +129,7 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
     t0 = time.perf_counter()
     try:
         for step in range(start + 1, end + 1):  # ``step`` = updates done after this one.
-            run.state = compiled(run.state, run.splits["train"])
+            run.state = compiled(run.state, run.splits["train"], step - 1)
             if step % c.log_every_steps == 0 or step == end:
                 _check_finite(run)
                 sums = _epoch_sums(run)
@@ -300,15 +301,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run.ckpts.close()  # Waits for pending saves: the last good checkpoint is committed.
 
 
+def _compile_train_step(run: _Run) -> Callable[..., Any]:
+    """``(state, split, step) -> state``; compiled ahead of time unless in compact mode.
+
+    Compact mode compiles one program per bucket tuple as the tuples appear.
+    """
+    step_fn = run.setup.train_step
+    if isinstance(step_fn, step_lib.CompactTrainStep):
+        return step_fn
+    compiled = step_fn.lower(run.state, run.splits["train"]).compile()
+    return lambda state, split, step: compiled(state, split)
+
+
 def _train(run: _Run) -> dict[str, Any]:
     c, spe = run.config, run.setup.steps_per_epoch
     total = c.num_epochs * spe if not c.max_steps else min(c.num_epochs * spe, c.max_steps)
     t0 = time.perf_counter()
-    compiled = (
-        run.setup.train_step.lower(run.state, run.splits["train"]).compile()
-        if run.step < total
-        else None
-    )
+    compiled = _compile_train_step(run) if run.step < total else None
     compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
     while run.step < total:
         epoch = run.step // spe + 1

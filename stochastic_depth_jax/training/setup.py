@@ -140,6 +140,7 @@ def build(
         mean=mean,
         std=std,
         augment=augment,
+        compact_multiple=config.model.compact_multiple,
     )
     return Setup(
         config,

@@ -17,13 +17,22 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from stochastic_depth_jax import data as data_lib
+from stochastic_depth_jax.ops import draw_gates
 from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import state as state_lib
 
-__all__ = ["StepKeys", "make_train_step", "make_eval_step", "FIRST_CONV"]
+__all__ = [
+    "StepKeys",
+    "make_train_step",
+    "make_eval_step",
+    "step_gates",
+    "CompactTrainStep",
+    "FIRST_CONV",
+]
 
 # The paper's Fig. 7 tracks the gradient magnitude at the first convolution.
 FIRST_CONV = ("stem_conv", "kernel")
@@ -91,11 +100,19 @@ def make_train_step(
     mean: Any,
     std: Any,
     augment: str,
-) -> Callable[[state_lib.TrainState, data_lib.DeviceSplit], state_lib.TrainState]:
+    compact_multiple: int = 0,
+) -> Callable[..., state_lib.TrainState]:
     """Returns ``train_step(state, train_split) -> state`` (jitted, state donated).
 
+    With ``compact_multiple > 0`` it returns a :class:`CompactTrainStep` instead, called as
+    ``train_step(state, train_split, step)`` with the host's step number: the gates are drawn
+    on the host and the model runs in compact mode (no conditionals; see
+    ``CifarResNet.compact_buckets``). Both forms draw the same gates,
+    ``draw_gates(fold_in(gate_key, step), p)``, so they train identically.
+
     Args:
-      model: Flax module, ``apply(variables, x [B, H, W, C], train=True, rngs=...)``.
+      model: a ``CifarResNet``-like module, ``apply(variables, x [B, H, W, C], train=True,
+        gates=..., buckets=...)``.
       optimizer: optax transformation (weight decay included).
       keys: the run's keys; mesh: the data mesh (``batch_size`` must divide by its size).
       batch_size: global batch; steps_per_epoch: for the epoch sums.
@@ -107,19 +124,22 @@ def make_train_step(
     distributed.check_batch_size(batch_size, mesh)
     replicated = distributed.replicated(mesh)
 
-    def train_step(state: state_lib.TrainState, split: data_lib.DeviceSplit):
+    def train_step(state: state_lib.TrainState, split: data_lib.DeviceSplit, gates=None,
+                   buckets=None):
         images, labels = data_lib.train_batch(
             split, keys.data, state.step, batch_size=batch_size, mean=mean, std=std, augment=augment
         )
         images = jax.lax.with_sharding_constraint(images, distributed.batch_sharded(mesh))
-        gate_key = jax.random.fold_in(keys.gates, state.step)
+        if gates is None:
+            gates = step_gates(model, keys.gates, state.step, batch_size)
 
         def loss_fn(params):
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 images,
                 train=True,
-                rngs={"stochastic_depth": gate_key},
+                gates=gates,
+                buckets=buckets,
                 mutable=["batch_stats"],
             )
             logits = logits.astype(jnp.float32)
@@ -148,7 +168,45 @@ def make_train_step(
             sums=sums,
         )
 
+    if compact_multiple:
+        jitted = jax.jit(train_step, out_shardings=replicated, donate_argnums=0,
+                         static_argnums=3)
+        return CompactTrainStep(jitted, model, keys.gates, compact_multiple, batch_size, mesh)
     return jax.jit(train_step, out_shardings=replicated, donate_argnums=0)
+
+
+def step_gates(model: Any, gate_key: jax.Array, step: Any, batch_size: int) -> Any:
+    """The step's gates, bool ``[L]`` (``[L, batch]`` in sample mode); None at constant depth.
+
+    A function of ``fold_in(gate_key, step)`` only: the same on every device, process and
+    resume.
+    """
+    if float(model.final_survival_prob) == 1.0:
+        return None
+    return draw_gates(jax.random.fold_in(gate_key, step), model.survival_probs(),
+                      mode=model.mode, batch_size=batch_size)
+
+
+class CompactTrainStep:
+    """A train step in compact mode: gates drawn on the host, one program per bucket tuple.
+
+    ``__call__(state, split, step)`` with ``step`` = ``state.step`` as a host integer (the
+    loop knows it without reading the device). The gates come from the host's CPU backend,
+    bit-identical to the device draw (threefry), so every process picks the same buckets.
+    """
+
+    def __init__(self, jitted, model, gate_key, multiple, batch_size, mesh):
+        self._jitted, self._model, self._multiple = jitted, model, multiple
+        cpu = jax.local_devices(backend="cpu")[0]
+        self._key = jax.device_put(gate_key, cpu)
+        self._draw = jax.jit(lambda k, s: step_gates(model, k, s, batch_size))
+        self._replicated = distributed.replicated(mesh)
+
+    def __call__(self, state: state_lib.TrainState, split: data_lib.DeviceSplit, step: int):
+        gates = np.asarray(self._draw(self._key, np.int32(step)))
+        buckets = self._model.compact_buckets(gates, self._multiple)
+        gates = jax.device_put(gates, self._replicated)
+        return self._jitted(state, split, gates, buckets)
 
 
 def make_eval_step(
