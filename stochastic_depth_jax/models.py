@@ -61,6 +61,17 @@ class _ScanBody(nn.Module):
         return block(x, prob, gate, train=self.train), None
 
 
+def _scanned_body(length: int) -> ModuleDef:
+    """``_ScanBody`` scanned ``length`` times, parameters and statistics stacked on axis 0."""
+    return nn.scan(
+        _ScanBody,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True},
+        length=length,
+        in_axes=0,
+    )
+
+
 class ResidualStages(nn.Module):
     """Runs stages of residual blocks, scanning over the identical blocks of each stage.
 
@@ -142,13 +153,7 @@ class ResidualStages(nn.Module):
         name = f"stage{i + 1}_scan"
         if bucket is not None and not self.is_initializing():
             return self._compact_stage(name, length, feats, x, probs, gates[rest], bucket)
-        stage = nn.scan(
-            _ScanBody,
-            variable_axes={"params": 0, "batch_stats": 0},
-            split_rngs={"params": True},
-            length=length,
-            in_axes=0,
-        )
+        stage = _scanned_body(length)
         inputs: tuple = () if constant else (jnp.asarray(probs, jnp.float32),)
         if gates is not None:
             inputs = inputs + (gates[rest],)
@@ -184,13 +189,7 @@ class ResidualStages(nn.Module):
                 return old.at[idx].add((new - old[idx]) * w)
             return jax.tree_util.tree_map(put, saved["old"], tree)
 
-        stage = nn.scan(
-            _ScanBody,
-            variable_axes={"params": 0, "batch_stats": 0},
-            split_rngs={"params": True},
-            length=bucket,
-            in_axes=0,
-        )
+        stage = _scanned_body(bucket)
         stage = nn.map_variables(stage, "params", trans_in_fn=gather)
         stage = nn.map_variables(stage, "batch_stats", trans_in_fn=gather_stats,
                                  trans_out_fn=scatter, mutable=True)
