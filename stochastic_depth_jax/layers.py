@@ -183,6 +183,7 @@ class StochasticDepth(nn.Module):
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
             run = nn.remat(run, policy=policy, prevent_cse=False)
+
         def skip(module, v, f):
             out = _branch_output(module.branch, v)
             return jnp.zeros(out.shape, out.dtype)
