@@ -10,6 +10,10 @@ first call of the compiled step is inside; evaluation and checkpoints are outsid
 (2) The bare jitted step on the same state, ``--steps`` calls after two warm-ups.
 (3) Checkpoint saves of that state: the blocking part of an async save, until committed,
 and a synchronous save. Results are appended to benchmarks/results/train.md.
+
+``--compact 4`` measures compact mode; its programs (one per bucket tuple) compile on first
+use, inside the measured epoch and in some bare steps, so use enough ``--steps`` that the
+median is a steady-state step.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from configs import load_config  # noqa: E402
 from stochastic_depth_jax import data  # noqa: E402
 from stochastic_depth_jax.training import checkpoint, loop  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
+from stochastic_depth_jax.training import step as step_lib  # noqa: E402
 
 
 def _config(args, workdir):
@@ -57,6 +62,7 @@ def _config(args, workdir):
             "--config.num_epochs=1",
             "--config.write_plots=false",
             f"--config.progress_bar={args.progress_bar}",
+            f"--config.model.compact_multiple={args.compact}",
         ],
     )
 
@@ -66,7 +72,13 @@ def _bare_step(config, workdir, steps):
     setup = setup_lib.build_for_dataset(config, ds)
     split = data.put_on_devices(ds.train, setup.mesh)
     state = setup.init_state(ds.image_shape)
-    compiled = setup.train_step.lower(state, split).compile()
+    if isinstance(setup.train_step, step_lib.CompactTrainStep):
+        # Compact mode: one program per bucket tuple, compiled on first use; the warm-up
+        # below and the timed steps draw the gates of steps 0, 1, 2, ...
+        counter = iter(range(10**9))
+        compiled = lambda st, sp: setup.train_step(st, sp, next(counter))  # noqa: E731
+    else:
+        compiled = setup.train_step.lower(state, split).compile()
     for _ in range(2):
         state = compiled(state, split)
     jax.block_until_ready(state)
@@ -134,6 +146,8 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--p", type=float, default=0.5, help="p_L; 1.0 = constant depth")
     parser.add_argument("--steps", type=int, default=20, help="timed bare steps")
+    parser.add_argument("--compact", type=int, default=0,
+                        help="model.compact_multiple (0: lax.cond skipping)")
     parser.add_argument("--progress_bar", default="false")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.md"))
     args = parser.parse_args()
