@@ -217,17 +217,22 @@ def _per_step_losses(config, workdir, mesh, steps=3):
     return np.array(losses), state
 
 
+def _assert_same_training(losses, state, ref_losses, ref_state):
+    """Per-step losses to float tolerance, and the parameters they led to."""
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        jax.device_get(state.params),
+        jax.device_get(ref_state.params),
+    )
+
+
 def test_one_device_and_eight_devices_agree(tmp_path):
     config = load_config("cifar10:smoke", TINY)
     assert jax.device_count() == 8
     one, state1 = _per_step_losses(config, str(tmp_path), distributed.make_mesh(jax.devices()[:1]))
     eight, state8 = _per_step_losses(config, str(tmp_path), distributed.make_mesh())
-    np.testing.assert_allclose(eight, one, rtol=2e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-        jax.device_get(state8.params),
-        jax.device_get(state1.params),
-    )
+    _assert_same_training(eight, state8, one, state1)
 
 
 def test_compact_mode_trains_like_skipping_on_eight_devices(tmp_path):
@@ -239,12 +244,7 @@ def test_compact_mode_trains_like_skipping_on_eight_devices(tmp_path):
         str(tmp_path),
         mesh,
     )
-    np.testing.assert_allclose(compact, skip, rtol=2e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-        jax.device_get(state_c.params),
-        jax.device_get(state_s.params),
-    )
+    _assert_same_training(compact, state_c, skip, state_s)
 
 
 def test_uneven_batch_fails_clearly(tmp_path):

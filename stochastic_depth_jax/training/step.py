@@ -168,7 +168,7 @@ def make_train_step(
             sums=sums,
         )
 
-    if compact_multiple:
+    if compact_multiple and float(model.final_survival_prob) < 1.0:  # constant: nothing to compact
         jitted = jax.jit(train_step, out_shardings=replicated, donate_argnums=0,
                          static_argnums=3)
         return CompactTrainStep(jitted, model, keys.gates, compact_multiple, batch_size, mesh)
