@@ -83,6 +83,12 @@ class Checkpoints:
             create=not self._read_only,
             cleanup_tmp_directories=not self._read_only,
             read_only=self._read_only,
+            # Each manager's multi-host barriers get their own keys: with the default keys a
+            # 'best' and a 'latest' save of the same step both wait on
+            # '_async_write_complete.<step>' and deadlock.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=name
+            ),
         )
         return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
 
@@ -109,6 +115,11 @@ class Checkpoints:
             structure=structure_signature(train_state),
             saved_at=time.time(),
         )
+        if jax.process_count() > 1:
+            # Serialise saves across managers too: one multi-host write in flight at a time.
+            for other, m in self._managers.items():
+                if other != kind:
+                    m.wait_until_finished()
         manager.save(
             step,
             args=ocp.args.Composite(
