@@ -6,7 +6,11 @@
 
 Every block is active and its residual scaled (train=False); the result is printed and
 written to <workdir>/eval_<checkpoint>_<split>.json. The same checkpoint always gives
-bit-identical numbers.
+bit-identical numbers. If the requested checkpoint is unreadable, the next one (for
+'best': the next best by the selection metric) is evaluated, the output says so in
+"note", and the file is named by the step evaluated, never 'best' or 'latest'.
+Mistakes (no such run or step, unwritable output) are reported in one line; --debug (or
+SDJ_DEBUG=1) shows the traceback.
 """
 
 import argparse
@@ -14,10 +18,11 @@ import json
 import os
 import sys
 
-from stochastic_depth_jax.training import distributed
+from stochastic_depth_jax import errors
+from stochastic_depth_jax.training import cli, distributed, workdir as workdir_lib
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -26,17 +31,46 @@ def main(argv=None):
     parser.add_argument("--split", default="test", choices=("test", "validation"))
     parser.add_argument("--output", default=None, help="JSON path (default in the workdir)")
     parser.add_argument("--multihost", action="store_true")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
+    return parser.parse_args(argv)
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise errors.WorkdirError(
+            "The result is printed above but not saved: "
+            + workdir_lib.describe_os_error(e, path).removesuffix(".")
+            + ", or pass --output PATH."
+        ) from e
+
+
+def run(args) -> dict:
+    if not os.path.isdir(args.workdir):
+        raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(auto=args.multihost)
     from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
 
     result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split)
     text = json.dumps(result, indent=2)
-    print(text)
-    output = args.output or os.path.join(args.workdir, f"eval_{args.checkpoint}_{args.split}.json")
+    print(text, flush=True)
+    if "note" in result:
+        print(f"warning: {result['note']}", file=sys.stderr, flush=True)
+    label = args.checkpoint if "note" not in result else f"step{result['evaluated_step']}"
+    output = args.output or os.path.join(args.workdir, f"eval_{label}_{args.split}.json")
     if distributed.is_primary():
-        with open(output, "w") as f:
-            f.write(text + "\n")
+        _write(output, text)
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    cli.run_reporting_errors(lambda: run(args), cli.debug_requested(argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 Configs: cifar10, cifar100, svhn, cifar10_resnet1202 (see configs/); any field can be
 overridden with --config.<field>=<value>. Restarting with the same --workdir resumes.
 Multi-host: --multihost (TPU pods, SLURM), or --coordinator_address/--num_processes/
---process_id on every process.
+--process_id on every process (--init_timeout: how long to wait for all of them).
+One run at a time per workdir (a second one is refused, naming the first). Mistakes are
+reported in one line ("error: ..."); --debug (or SDJ_DEBUG=1) shows the traceback.
 """
 
 import argparse
@@ -15,7 +17,7 @@ import json
 import sys
 
 from configs import CONFIGS, load_config
-from stochastic_depth_jax.training import distributed
+from stochastic_depth_jax.training import cli, distributed
 
 
 def parse_args(argv):
@@ -35,6 +37,10 @@ def parse_args(argv):
     parser.add_argument("--coordinator_bind_address", default=None)
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument(
+        "--init_timeout", type=int, default=300, help="seconds to wait for all processes"
+    )
+    parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
     while i < len(rest):  # --config.a.b=v or --config.a.b v
@@ -48,28 +54,27 @@ def parse_args(argv):
     return args, overrides
 
 
-def main(argv=None):
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_config(args.config, overrides)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+def run(args, overrides):
+    config = load_config(args.config, overrides)
     distributed.initialize(
         auto=args.multihost,
         coordinator_address=args.coordinator_address,
         num_processes=args.num_processes,
         process_id=args.process_id,
         coordinator_bind_address=args.coordinator_bind_address,
+        timeout_s=args.init_timeout,
     )
-    from stochastic_depth_jax import data  # After initialize: touches devices.
-    from stochastic_depth_jax.training import loop
+    from stochastic_depth_jax.training import loop  # After initialize: touches devices.
 
     name = args.config.split(":")[0].removesuffix(".py").replace("/", "_")
-    try:
-        summary = loop.train_and_evaluate(config, args.workdir or f"./workdir/{name}")
-    except data.DataUnavailableError as e:  # offline, no prepared data: the message says what to do
-        sys.exit(f"error: {e}")
+    summary = loop.train_and_evaluate(config, args.workdir or f"./workdir/{name}")
     print(json.dumps({"final": summary["final"], "best": summary["best"]}, indent=2))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+    cli.run_reporting_errors(lambda: run(args, overrides), cli.debug_requested(argv))
 
 
 if __name__ == "__main__":

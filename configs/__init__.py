@@ -3,7 +3,8 @@
   from configs import load_config
   config = load_config('cifar100:smoke', overrides=['--config.batch_size=64'])
 
-Each module here defines ``get_config(arg=None) -> ml_collections.ConfigDict``. The library
+Each module here defines ``get_config(arg=None) -> ml_collections.ConfigDict``; a config
+file may list the args it accepts in ``VARIANTS`` (default: ``(None, 'smoke')``). The library
 (``stochastic_depth_jax``) never imports this package; ``train.py`` does.
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Callable, Sequence
+from types import ModuleType
+from typing import Sequence
 
 import ml_collections
 
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import config as config_lib
 
 CONFIGS: dict[str, str] = {
@@ -27,17 +30,19 @@ CONFIGS: dict[str, str] = {
 VARIANTS = (None, "smoke")
 
 
-def _get_config_fn(name: str) -> Callable[..., ml_collections.ConfigDict]:
+def _config_module(name: str) -> ModuleType:
     if name in CONFIGS:
-        return importlib.import_module(CONFIGS[name]).get_config
+        return importlib.import_module(CONFIGS[name])
     if name.endswith(".py") and os.path.isfile(name):
         spec = importlib.util.spec_from_file_location(
             "sd_config_" + os.path.basename(name)[:-3], name
         )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.get_config
-    raise ValueError(
+        if not callable(getattr(module, "get_config", None)):
+            raise errors.ConfigError(f"Config file {name!r} defines no get_config(arg=None).")
+        return module
+    raise errors.ConfigError(
         f"Unknown config {name!r}; valid names: {sorted(CONFIGS)} "
         "(or a path to a .py file defining get_config)."
     )
@@ -59,9 +64,14 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     """
     name, _, arg = spec.partition(":")
     arg = arg or None
-    if arg not in VARIANTS and name in CONFIGS:
-        raise ValueError(f"Unknown variant {arg!r} of config {name!r}; valid: {VARIANTS[1:]}")
-    config = _get_config_fn(name)(arg)
+    module = _config_module(name)
+    variants = tuple(getattr(module, "VARIANTS", VARIANTS))  # A file may declare its own.
+    if arg not in variants:
+        raise errors.ConfigError(
+            f"Unknown variant {arg!r} of config {name!r}; valid: "
+            f"{[v for v in variants if v is not None]} (or none)."
+        )
+    config = module.get_config(arg)
     config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
     return config

@@ -21,11 +21,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar10"
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.download = True
-    c.validation_size = ml_collections.config_dict.placeholder(int)
+    # A count (5000) or a fraction of the training set (0.1); 0 = no validation set.
+    c.validation_size = ml_collections.config_dict.placeholder(object)
     c.train_on_all = False
     c.label = "fine"
     # > 0: build a small fake dataset with the real name and shapes under
-    # <workdir>/fake_data and train on it (offline smoke runs and CI only).
+    # <workdir>/fake_data and train on it (offline smoke runs and CI only). Ignored for
+    # image folders (real data): `:smoke --config.dataset=image_folder:PATH` is a short run.
     c.fake_data = ml_collections.ConfigDict({"num_train": 0, "num_test": 0, "num_extra": 0})
 
     # Model (stochastic_depth_jax.CifarResNet). final_survival_prob = p_L; 1.0 = constant depth.

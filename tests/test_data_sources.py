@@ -224,10 +224,39 @@ def test_decoded_cache_is_reused_and_rebuilt_when_stale_or_broken(tmp_path, monk
     np.testing.assert_array_equal(again.labels, first.labels)
     with open(caches[0], "wb") as f:  # a broken cache is ignored with a warning, then rebuilt
         f.write(b"not an npz")
-    with pytest.warns(UserWarning, match="unreadable decoded-data cache"):
+    with pytest.warns(UserWarning, match="damaged decoded-data cache"):
         rebuilt = sources.read_split("cifar10", "test", root)
     assert calls and np.array_equal(rebuilt.images, first.images)
     calls.clear()
     monkeypatch.setattr(sources, "_records_stamp", lambda *a: "re-prepared")  # stale stamp
     sources.read_split("cifar10", "test", root)
     assert calls
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "zero_tail"])
+def test_damaged_decoded_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=30, num_test=10)
+    first = sources.read_split("cifar10", "test", root)
+    [cache] = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+               if f.startswith("decoded-test-label")]
+    blob = bytearray(open(cache, "rb").read())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "flip_bytes":  # Inside the image array: only a content check sees it.
+        for i in range(600, 3000, 97):
+            blob[i] ^= 0x5A
+    else:
+        blob[-200:] = bytes(200)
+    open(cache, "wb").write(bytes(blob))
+    calls = []
+    real = sources._decode_chunk
+    monkeypatch.setattr(sources, "_decode_chunk", lambda *a: calls.append(1) or real(*a))
+    with pytest.warns(UserWarning, match="damaged decoded-data cache"):
+        rebuilt = sources.read_split("cifar10", "test", root)
+    assert calls  # Decoded again from the records...
+    np.testing.assert_array_equal(rebuilt.images, first.images)
+    np.testing.assert_array_equal(rebuilt.labels, first.labels)
+    calls.clear()
+    again = sources.read_split("cifar10", "test", root)  # ...and the cache is good again.
+    assert calls == [] and np.array_equal(again.images, first.images)

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.data import image_folder, sources, splits
 from stochastic_depth_jax.data.splits import Split
 
@@ -45,7 +46,7 @@ def _label_key(name: str, label: str) -> str:
         return "label"
     if label == "coarse" and name == "cifar100":
         return "coarse_label"
-    raise ValueError(f"label={label!r} is not available for {name!r}; use 'fine' "
+    raise errors.DataError(f"label={label!r} is not available for {name!r}; use 'fine' "
                      f"(or 'coarse' for cifar100).")
 
 
@@ -107,7 +108,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
             seed, train_on_all, label)
         augment = _AUGMENT[name]
     else:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of "
+        raise errors.DataError(f"Unknown dataset {name!r}; choose one of "
                          f"{sorted(sources.TFDS_NAMES)} or 'image_folder:<path>'.")
     mean, std = splits.channel_stats(train)
     return Dataset(name, num_classes, tuple(train.images.shape[1:]), train, validation,

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.data.splits import Split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -17,7 +18,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 def list_classes(split_dir: str) -> list[str]:
     """Sorted class directory names under `split_dir` (hidden entries ignored)."""
     if not os.path.isdir(split_dir):
-        raise FileNotFoundError(
+        raise errors.DataFileNotFoundError(
             f"Image folder split {split_dir!r} does not exist; expected "
             f"<root>/train/<class>/*.png|jpg and <root>/test/<class>/...")
     return sorted(d for d in os.listdir(split_dir)
@@ -30,14 +31,14 @@ def _read_image(path: str) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), np.uint8)
     except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"Cannot read image {path!r} ({error}); fix or remove it.") from error
+        raise errors.DataError(f"Cannot read image {path!r} ({error}); fix or remove it.") from error
 
 
 def _class_files(class_dir: str) -> list[str]:
     files = sorted(f for f in os.listdir(class_dir)
                    if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
     if not files:
-        raise ValueError(f"Class directory {class_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} "
+        raise errors.DataError(f"Class directory {class_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} "
                          f"images; add some or remove the directory.")
     return [os.path.join(class_dir, f) for f in files]
 
@@ -64,7 +65,7 @@ def read_split(split_dir: str, classes: list[str],
             image = _read_image(path)
             image_shape = image_shape or image.shape
             if image.shape != tuple(image_shape):
-                raise ValueError(
+                raise errors.DataError(
                     f"Image {path!r} is {image.shape[1]}x{image.shape[0]} but the others "
                     f"are {image_shape[1]}x{image_shape[0]} (width x height); all images "
                     f"must have one size: resize them first.")
@@ -81,10 +82,14 @@ def load(root: str) -> tuple[list[str], Split, Split]:
     """
     classes = list_classes(os.path.join(root, "train"))
     if not classes:
-        raise ValueError(f"{os.path.join(root, 'train')!r} has no class directories.")
+        raise errors.DataError(f"{os.path.join(root, 'train')!r} has no class directories.")
+    if len(classes) < 2:
+        raise errors.DataError(
+            f"Image folder {root!r} has one class ({classes[0]!r}): a classifier needs at least "
+            "two class directories under train/ and test/.")
     test_classes = list_classes(os.path.join(root, "test"))
     if test_classes != classes:
-        raise ValueError(
+        raise errors.DataError(
             f"Image folder {root!r}: train and test classes differ; only in train: "
             f"{sorted(set(classes) - set(test_classes))}, only in test: "
             f"{sorted(set(test_classes) - set(classes))}.")

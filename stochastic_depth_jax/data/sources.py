@@ -10,10 +10,12 @@ import os
 import urllib.error
 import urllib.request
 import warnings
+import zlib
 
 import numpy as np
 import tqdm
 
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.data.builders import tf_free_builder
 from stochastic_depth_jax.data.splits import Split
 
@@ -35,11 +37,11 @@ PROBE_TIMEOUT_S = 2.0
 _READ_CHUNK = 1024
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(errors.Error, RuntimeError):
     """The dataset is not prepared locally and cannot be downloaded now."""
 
 
-class CorruptDataError(RuntimeError):
+class CorruptDataError(errors.Error, RuntimeError):
     """A stored record could not be decoded; it is reported, never dropped."""
 
 
@@ -192,23 +194,42 @@ def _records_stamp(info_dir: str, tfds_name: str, split: str) -> str:
     return "|".join(parts)
 
 
+def _content_crc(images: np.ndarray, labels: np.ndarray) -> int:
+    """CRC-32 of the decoded arrays (~0.1 s for CIFAR): catches any flipped byte."""
+    crc = zlib.crc32(np.ascontiguousarray(images).data)
+    return zlib.crc32(np.ascontiguousarray(labels, dtype=np.int32).data, crc)
+
+
 def _read_cache(path: str, stamp: str, count: int) -> Split | None:
+    """The cached split, or None if absent, stale or damaged in any way (then rebuilt)."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path) as z:
             if str(z["stamp"]) != stamp or len(z["labels"]) != count:
                 return None
-            return Split(z["images"], z["labels"].astype(np.int32))
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        warnings.warn(f"Ignoring unreadable decoded-data cache {path} ({e}); decoding again.")
+            images, labels = z["images"], z["labels"].astype(np.int32)
+            if int(z["crc"]) != _content_crc(images, labels):
+                raise ValueError("content checksum mismatch")
+            return Split(images, labels)
+    except Exception as e:  # noqa: BLE001  zipfile, numpy and pickle raise many types.
+        warnings.warn(
+            f"Ignoring damaged decoded-data cache {path} ({type(e).__name__}: {e}); "
+            "decoding again and rewriting it."
+        )
         return None
 
 
 def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) -> None:
     tmp = f"{path}.tmp-{os.getpid()}.npz"
     try:
-        np.savez(tmp, images=images, labels=labels, stamp=np.array(stamp))
+        np.savez(
+            tmp,
+            images=images,
+            labels=labels,
+            stamp=np.array(stamp),
+            crc=np.array(_content_crc(images, labels), np.int64),
+        )
         os.replace(tmp, path)  # atomic: readers never see a half-written cache
     except OSError as e:
         warnings.warn(f"Could not cache decoded data at {path} ({e}); it will be decoded "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from stochastic_depth_jax import errors
 
 # Paper, Sec. 4: "we hold out 5,000 training images as validation" for CIFAR.
 CIFAR_VALIDATION_FRACTION = 5000 / 50000
@@ -57,12 +58,12 @@ def resolve_count(validation_size: int | float, num_examples: int) -> int:
     """Turns a count (int) or fraction (float in [0, 1)) into a number of examples."""
     if isinstance(validation_size, float):
         if not 0.0 <= validation_size < 1.0:
-            raise ValueError(f"validation_size as a fraction must be in [0, 1), got "
+            raise errors.DataError(f"validation_size as a fraction must be in [0, 1), got "
                              f"{validation_size}.")
         return int(round(validation_size * num_examples))
     count = int(validation_size)
     if not 0 <= count < num_examples:
-        raise ValueError(
+        raise errors.DataError(
                 f"validation_size={count} must be >= 0 and smaller than the {num_examples} "
                 f"training examples; pass a smaller count or a fraction such as 0.1.")
     return count
@@ -99,7 +100,7 @@ def _per_class_holdout(labels: np.ndarray, per_class: int, num_classes: int,
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         if per_class > members.size:
-            raise ValueError(
+            raise errors.DataError(
                 f"SVHN validation wants {per_class} examples of class {c} from '{source}' "
                 f"but it has only {members.size}; pass a smaller validation_size.")
         held[rng.permutation(members)[:per_class]] = True

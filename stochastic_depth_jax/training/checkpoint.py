@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import state as state_lib
 
 __all__ = [
@@ -41,11 +42,11 @@ class CheckpointCorruptWarning(UserWarning):
     """A checkpoint could not be restored or failed verification and was skipped."""
 
 
-class NoCheckpointError(FileNotFoundError):
+class NoCheckpointError(errors.CheckpointError):
     """No readable checkpoint matches the request."""
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.Error, ValueError):
     """A readable checkpoint holds a differently shaped state (another model/optimiser)."""
 
 

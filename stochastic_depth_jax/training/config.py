@@ -13,12 +13,13 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from stochastic_depth_jax import layers, models, ops, schedules
+from stochastic_depth_jax import errors, layers, models, ops, schedules
 from stochastic_depth_jax.training import optim
 
 __all__ = [
     "DTYPES",
     "DATASETS",
+    "LABELS",
     "INIT_RNG_IMPLS",
     "SELECT_BEST_BY",
     "apply_overrides",
@@ -28,6 +29,8 @@ __all__ = [
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DATASETS = ("cifar10", "cifar100", "svhn")  # or 'image_folder:<path>'
+# Label sets per dataset ('coarse': CIFAR-100's 20 superclasses); others have 'fine' only.
+LABELS = {"cifar100": ("fine", "coarse")}
 # Which evaluation picks the reported ('best') model: config name -> metric key.
 # PRNG implementations for parameter initialisation (see step.StepKeys.from_seed).
 INIT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
@@ -45,9 +48,18 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
     return sorted(names)
 
 
-def _parse(text: str, field_type: Any) -> Any:
-    """Parses an override string for a field of type ``field_type``."""
-    if text in ("None", "none", "null"):
+_NONE_WORDS = ("None", "none", "null")
+
+
+def _parse(text: str, field_type: Any, current: Any = None) -> Any:
+    """Parses an override string for a field of type ``field_type`` now holding ``current``.
+
+    A string field takes the text as is ('none' is a valid ``model.remat``); None-words
+    give None only for fields that can hold None (placeholders and untyped fields).
+    """
+    if field_type is str and current is not None:
+        return text
+    if text in _NONE_WORDS:
         return None
     if field_type is bool:
         if text.lower() in ("true", "1", "yes"):
@@ -80,17 +92,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for item in overrides:
         key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
         if not sep:
-            raise ValueError(f"Override {item!r} must look like --config.field=value.")
+            raise errors.ConfigError(f"Override {item!r} must look like --config.field=value.")
         if key not in valid:
-            raise ValueError(f"Unknown config field {key!r}. Valid fields: {', '.join(valid)}")
+            raise errors.ConfigError(
+                f"Unknown config field {key!r}. Valid fields: {', '.join(valid)}"
+            )
         *parents, leaf = key.split(".")
         node = config
         for p in parents:
             node = node[p]
         try:
-            node[leaf] = _parse(text, node.get_type(leaf))
+            node[leaf] = _parse(text, node.get_type(leaf), node[leaf])
         except (ValueError, TypeError, SyntaxError) as e:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"Bad value {text!r} for config field {key!r} "
                 f"(type {node.get_type(leaf).__name__}): {e}"
             ) from None
@@ -98,7 +112,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(f"Invalid config: {message}")
+        raise errors.ConfigError(f"Invalid config: {message}")
 
 
 def _check_choice(value: Any, choices: Any, field: str) -> None:
@@ -139,9 +153,15 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
     _check_choice(c.optimizer, optim.OPTIMIZERS, "optimizer")
     _check_choice(c.lr_schedule, optim.LR_SCHEDULES, "lr_schedule")
     _check_choice(c.weight_decay_on, optim.WEIGHT_DECAY_MASKS, "weight_decay_on")
-    _check(c.learning_rate > 0, f"learning_rate={c.learning_rate!r} must be > 0")
-    _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} must be in [0, 1)")
-    _check(c.weight_decay >= 0, f"weight_decay={c.weight_decay!r} must be >= 0")
+    _check(
+        _finite(c.learning_rate) and c.learning_rate > 0,
+        f"learning_rate={c.learning_rate!r} must be a finite number > 0 (paper: 0.1)",
+    )
+    _check(_finite(c.momentum) and 0 <= c.momentum < 1, f"momentum={c.momentum!r} must be in [0, 1)")
+    _check(
+        _finite(c.weight_decay) and c.weight_decay >= 0,
+        f"weight_decay={c.weight_decay!r} must be a finite number >= 0",
+    )
     _check(0 < c.lr_decay_factor <= 1, f"lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]")
     b = list(c.lr_boundaries_epochs)
     _check(
@@ -150,13 +170,52 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
     )
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every field; returns ``config`` or raises ``ValueError`` naming the field."""
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
     ds = config.dataset
     _check(
         ds in DATASETS or (isinstance(ds, str) and ds.startswith("image_folder:")),
         f'dataset={ds!r}; valid: {list(DATASETS)} or "image_folder:<path>"',
     )
+    labels = LABELS.get(ds, ("fine",))
+    _check(
+        config.label in labels,
+        f"label={config.label!r} is not available for dataset {ds!r}; valid: {list(labels)}",
+    )
+    seed = config.seed
+    _check(
+        isinstance(seed, int) and 0 <= seed < 2**32,
+        f"seed={seed!r} must be an integer in [0, 2**32)",
+    )
+    v = config.validation_size
+    _check(
+        v is None
+        or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        or (isinstance(v, float) and 0.0 <= v < 1.0),
+        f"validation_size={v!r} must be a count >= 0, a fraction in [0, 1) or None (the "
+        "paper's split)",
+    )
+    no_validation = config.train_on_all or v == 0
+    _check(
+        not (no_validation and config.select_best_by == "validation"),
+        f"{'train_on_all=True' if config.train_on_all else 'validation_size=0'} leaves no "
+        'validation set; set select_best_by to "test" or "train"',
+    )
+    fake = config.fake_data.num_train
+    if fake and isinstance(v, int) and not ds.startswith("image_folder:"):
+        _check(
+            v < fake,
+            f"validation_size={v} must be smaller than fake_data.num_train={fake}",
+        )
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field; returns ``config`` or raises ``errors.ConfigError`` (a
+    ``ValueError``) naming the field, its value and the valid values."""
+    _validate_data(config)
     _validate_model(config.model)
     _validate_optim(config)
     for field in (
@@ -180,8 +239,4 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
     _check_choice(config.init_rng_impl, INIT_RNG_IMPLS, "init_rng_impl")
     _check_choice(config.select_best_by, SELECT_BEST_BY, "select_best_by")
-    _check(
-        not (config.train_on_all and config.select_best_by == "validation"),
-        'train_on_all=True leaves no validation set; set select_best_by to "test" or "train"',
-    )
     return config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from stochastic_depth_jax import data as data_lib
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import setup as setup_lib
@@ -46,12 +48,18 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
     """The validated config and metadata a run recorded in ``<workdir>/run.json``."""
     path = os.path.join(workdir, RUN_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise errors.CheckpointError(
             f"{path} not found: is {workdir!r} the --workdir of a training run?"
         )
-    with open(path) as f:
-        meta = json.load(f)
-    return config_lib.validate(ml_collections.ConfigDict(meta["config"])), meta
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        config = ml_collections.ConfigDict(meta["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.CheckpointError(
+            f"{path} is damaged ({type(e).__name__}: {e}); restore it from a copy or rerun."
+        ) from e
+    return config_lib.validate(config), meta
 
 
 def _parse_which(which: str | int) -> tuple[str, int | None]:
@@ -59,7 +67,38 @@ def _parse_which(which: str | int) -> tuple[str, int | None]:
         return "latest", int(which)
     if which in ("latest", "best"):
         return which, None
-    raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {which!r}")
+    raise errors.ConfigError(
+        f"--checkpoint must be 'latest', 'best' or a step number, got {which!r}"
+    )
+
+
+def _restore_labelled(
+    ckpts: checkpoint_lib.Checkpoints, kind: str, step: int | None, abstract: Any
+) -> tuple[Any, dict[str, Any], str | None]:
+    """Restores ``kind`` (newest first, or exactly ``step``); says if it fell back.
+
+    The 'best' series is saved on every improvement of the selection metric, so its older
+    steps are the next best by that metric, in order.
+
+    Returns:
+      ``(state, meta, note)``; ``note`` is None when the requested checkpoint itself was
+      evaluated, else it says which one was unreadable and what was evaluated instead.
+    """
+    wanted = step if step is not None else max(ckpts.steps(kind), default=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", checkpoint_lib.CheckpointCorruptWarning)
+        state, meta = ckpts.restore(kind, abstract, step)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if int(meta["step"]) == wanted:
+        return state, meta, None
+    order = "the next best by the selection metric" if kind == "best" else "the previous one"
+    value = (meta.get("best") or {}).get("value") if kind == "best" else None
+    note = (
+        f"the {kind} checkpoint (step {wanted}) is unreadable; evaluated {order}, step "
+        f"{meta['step']}" + (f" ({meta['best']['metric']} {value:.4f})" if value is not None else "")
+    )
+    return state, meta, note
 
 
 def evaluate_checkpoint(
@@ -74,38 +113,61 @@ def evaluate_checkpoint(
       split: 'test' or 'validation'.
 
     Returns:
-      ``{'checkpoint', 'step', 'epoch', 'split', 'error', 'loss', 'count'}``.
+      ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
+      'loss', 'count'}`` and, if the requested checkpoint was unreadable and an older one was
+      evaluated instead, ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never
+      'best' or 'latest'.
+
+    Raises:
+      errors.CheckpointError: not a run, no such step, or nothing readable.
+      errors.ConfigError: a bad ``checkpoint`` or ``split``.
     """
+    if split not in ("test", "validation"):
+        raise errors.ConfigError(f"split must be 'test' or 'validation', got {split!r}")
     config, meta = load_run_config(workdir)
     kind, step = _parse_which(checkpoint)
-    ds = setup_lib.load_data(config, workdir)
-    data_meta = meta["data"]
-    mean, std = np.float32(data_meta["mean"]), np.float32(data_meta["std"])
-    setup = setup_lib.build(
-        config,
-        num_classes=ds.num_classes,
-        num_train=len(ds.train),
-        mean=mean,
-        std=std,
-        augment=ds.augment,
-    )
     ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
-    if step is not None and step not in ckpts.steps("latest") and step in ckpts.steps("best"):
-        kind = "best"
-    abstract = setup_lib.abstract_state(setup, ds.image_shape)
-    state, ckpt_meta = ckpts.restore(kind, abstract, step)
-    ckpts.close()
+    try:
+        if step is not None and step not in ckpts.steps("latest") and step in ckpts.steps("best"):
+            kind = "best"
+        if not ckpts.steps(kind):
+            raise checkpoint_lib.NoCheckpointError(
+                f"The run in {workdir} has no {kind} checkpoint yet"
+                + (f" (latest: {ckpts.steps('latest')})" if kind == "best" else "")
+                + "."
+            )
+        ds = setup_lib.load_data(config, workdir)
+        data_meta = meta["data"]
+        mean, std = np.float32(data_meta["mean"]), np.float32(data_meta["std"])
+        setup = setup_lib.build(
+            config,
+            num_classes=ds.num_classes,
+            num_train=len(ds.train),
+            mean=mean,
+            std=std,
+            augment=ds.augment,
+        )
+        abstract = setup_lib.abstract_state(setup, ds.image_shape)
+        state, ckpt_meta, note = _restore_labelled(ckpts, kind, step, abstract)
+    finally:
+        ckpts.close()
     host_split = {"test": ds.test, "validation": ds.validation}[split]
     if host_split is None:
-        raise ValueError(f"The run has no {split} split.")
+        raise errors.ConfigError(f"The run has no {split} split (validation_size=0?).")
     dev = data_lib.put_on_devices(host_split, setup.mesh)
     result = evaluate_split(
         setup.eval_step, state, dev, batch_size=config.eval_batch_size, mean=mean, std=std
     )
-    return {
-        "checkpoint": kind,
-        "step": int(ckpt_meta["step"]),
+    evaluated = int(ckpt_meta["step"])
+    out = {
+        "requested": str(checkpoint),
+        "checkpoint": kind if note is None else "step",
+        "step": evaluated,
+        "evaluated_step": evaluated,
         "epoch": ckpt_meta.get("epoch"),
         "split": split,
         **result,
     }
+    if note is not None:
+        out["note"] = note
+    return out

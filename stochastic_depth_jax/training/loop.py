@@ -20,21 +20,23 @@ import ml_collections
 import numpy as np
 
 from stochastic_depth_jax import data as data_lib
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
-from stochastic_depth_jax.training import plots, progress
+from stochastic_depth_jax.training import distributed, plots, progress
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import state as state_lib
 from stochastic_depth_jax.training import step as step_lib
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["train_and_evaluate", "NonFiniteLossError"]
 
 SUMMARY_FILE = "summary.json"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.Error, FloatingPointError):
     """The training loss became NaN or infinite; the broken state was not saved."""
 
 
@@ -72,14 +74,16 @@ class _Run:
         return int(_host(self.state.step))
 
 
+def _kept_checkpoint(run: _Run) -> str:
+    if run.last_good is None:
+        return "no checkpoint had been saved yet"
+    return f"the last good checkpoint (step {run.last_good}) in {run.workdir}/checkpoints is kept"
+
+
 def _check_finite(run: _Run) -> None:
     bad = int(_host(run.state.sums["nonfinite_step"]))
     if bad >= 0:
-        where = (
-            f"the last good checkpoint (step {run.last_good}) in {run.workdir}/checkpoints is kept"
-            if run.last_good is not None
-            else "no checkpoint was saved"
-        )
+        where = _kept_checkpoint(run)
         raise NonFiniteLossError(
             f"Non-finite training loss at step {bad} (epoch {bad // run.setup.steps_per_epoch + 1})"
             f"; stopping without saving the broken state; {where}. Try a lower "
@@ -94,8 +98,8 @@ def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
     if not state_lib.all_finite(run.state):
         raise NonFiniteLossError(
             f"The parameters became non-finite by step {step} (the loss was still finite); "
-            f"stopping without saving them; the last good checkpoint (step {run.last_good}) "
-            "is kept. Try a lower --config.learning_rate."
+            f"stopping without saving them; {_kept_checkpoint(run)}. Try a lower "
+            "--config.learning_rate."
         )
     meta = {"epoch": step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
     run.ckpts.save(kind, step, run.state, meta)
@@ -242,7 +246,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, data_lib.Dataset]:
     ds = setup_lib.load_data(config, workdir)
     if config.select_best_by == "validation" and ds.validation is None:
-        raise ValueError(
+        raise errors.ConfigError(
             "The dataset has no validation split (validation_size=0?); set "
             "--config.select_best_by=test or train."
         )
@@ -285,14 +289,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     config = config_lib.validate(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
+    lock = workdir_lib.WorkdirLock(workdir)
+    try:
+        with lock:
+            return _run_locked(config, workdir)
+    except BaseException:
+        if created:
+            _remove_if_empty(workdir)
+        raise
+
+
+def _remove_if_empty(workdir: str) -> None:
+    """A run that failed before writing anything leaves no directory behind."""
+    try:
+        left = set(os.listdir(workdir)) - {workdir_lib.LOCK_FILE}
+        if not left:
+            lock_path = os.path.join(workdir, workdir_lib.LOCK_FILE)
+            if os.path.exists(lock_path):
+                os.remove(lock_path)
+            os.rmdir(workdir)
+    except OSError:
+        pass  # Best effort: never mask the original error.
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    mesh = distributed.make_mesh()  # Fail fast, before any data is prepared.
+    distributed.check_batch_size(config.batch_size, mesh)
+    distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     run, ds = _prepare(config, workdir)
     try:
         _resume_or_init(run, ds.image_shape)
         _write_run_json(run, ds)
         spe = run.setup.steps_per_epoch
         run.writer = metrics_lib.MetricWriter(
-            workdir, tensorboard=config.write_tensorboard, resume_epoch=run.step // spe
+            workdir,
+            tensorboard=config.write_tensorboard,
+            resume_epoch=run.step // spe,
+            resume_step=run.step,
         )
         return _train(run)
     finally:

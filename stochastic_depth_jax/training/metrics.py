@@ -1,7 +1,11 @@
 """Per-epoch metric records: JSON lines (``metrics.jsonl``) and TensorBoard events.
 
-Only process 0 writes. On resume, records after the restored epoch are dropped from
-``metrics.jsonl`` so the file always describes one consistent run.
+Only process 0 writes. Each record is appended with one ``write`` and flushed to disk, so
+a crash leaves at most a torn last line. On (re)start the file is rewritten atomically to
+the records that match the restored checkpoint: complete lines only, epochs up to the
+restored one, one record per epoch (a sequence that restarts at an earlier epoch replaces
+the records it repeats). Anything dropped is reported in a warning. TensorBoard events of
+steps after the restored checkpoint are purged, so a resumed run has no duplicate points.
 """
 
 from __future__ import annotations
@@ -9,22 +13,90 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
 
-__all__ = ["MetricWriter", "read_metrics"]
+__all__ = ["MetricWriter", "read_metrics", "consistent_records", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
 
+def _parse_lines(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The complete JSON records of ``path`` and the 1-based numbers of unreadable lines."""
+    records, bad = [], []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:  # A torn line (crash while appending) or foreign bytes.
+                bad.append(number)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(number)
+    return records, bad
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of ``<workdir>/metrics.jsonl`` in order ([] if absent)."""
+    """All complete records of ``<workdir>/metrics.jsonl`` in order ([] if absent).
+
+    Unreadable lines (e.g. a torn last line) are skipped with a warning naming the file.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records, bad = _parse_lines(path)
+    if bad:
+        warnings.warn(f"Skipping unreadable line(s) {bad} of {path} (torn by a crash?).")
+    return records
+
+
+def consistent_records(
+    records: list[dict[str, Any]], resume_epoch: int
+) -> list[dict[str, Any]]:
+    """One record per epoch, epochs increasing, none after ``resume_epoch``.
+
+    A record whose epoch is not after the previous one starts a new attempt (a restart
+    that re-ran epochs); it replaces the records from its epoch on.
+    """
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        epoch = record.get("epoch", 0)
+        if epoch > resume_epoch:
+            continue
+        while kept and kept[-1].get("epoch", 0) >= epoch:
+            kept.pop()
+        kept.append(record)
+    return kept
+
+
+def _reset_file(path: str, resume_epoch: int) -> None:
+    """Rewrites ``path`` atomically to the records consistent with ``resume_epoch``."""
+    if os.path.exists(path):
+        records, bad = _parse_lines(path)
+    else:
+        records, bad = [], []
+    kept = consistent_records(records, resume_epoch)
+    if bad or len(kept) != len(records):
+        epochs = [r.get("epoch") for r in records]
+        warnings.warn(
+            f"{path}: kept the records of epochs {[r.get('epoch') for r in kept]} that match "
+            f"the restored checkpoint (epoch {resume_epoch}); dropped "
+            f"{len(records) - len(kept)} other record(s) of epochs {epochs}"
+            + (f" and unreadable line(s) {bad}" if bad else "")
+            + "."
+        )
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -40,32 +112,44 @@ class MetricWriter:
     Args:
       workdir: run directory.
       tensorboard: also write tensorboardX event files under ``<workdir>/tensorboard``.
-      resume_epoch: keep only records with ``epoch <= resume_epoch`` (None: start afresh if
-        the file exists from an older run without checkpoints, i.e. keep nothing).
+      resume_epoch: keep only records with ``epoch <= resume_epoch`` (0: a fresh run).
+      resume_step: the restored checkpoint's step; TensorBoard points after it are purged.
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, resume_epoch: int = 0):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        tensorboard: bool = True,
+        resume_epoch: int = 0,
+        resume_step: int = 0,
+    ):
         self._active = jax.process_index() == 0
         self._path = os.path.join(workdir, METRICS_FILE)
         self._tb = None
         if not self._active:
             return
         os.makedirs(workdir, exist_ok=True)
-        kept = [r for r in read_metrics(workdir) if r.get("epoch", 0) <= resume_epoch]
-        with open(self._path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        _reset_file(self._path, resume_epoch)
         if tensorboard:
             from tensorboardX import SummaryWriter  # Imported here: only process 0 needs it.
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
+            )
 
     def write(self, record: dict[str, Any]) -> None:
         """Writes one record; numeric fields also go to TensorBoard at ``record['step']``."""
         if not self._active:
             return
         record = {k: _jsonable(v) for k, v in record.items()}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # One write of the whole line, then to disk: a crash tears at most this line.
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):

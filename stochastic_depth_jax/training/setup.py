@@ -41,7 +41,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Datas
     """Loads ``config.dataset``; with ``config.fake_data.num_train > 0`` first writes a small
     random dataset with the real tfds name under ``<workdir>/fake_data`` (process 0)."""
     data_dir = config.data_dir
-    if config.fake_data.num_train:
+    # Fake data stands in for a tfds dataset only: an image folder is real data already.
+    if config.fake_data.num_train and not config.dataset.startswith("image_folder:"):
         data_dir = os.path.join(workdir, FAKE_DATA_DIR)
         marker = os.path.join(data_dir, ".complete")
         if jax.process_index() == 0 and not os.path.exists(marker):

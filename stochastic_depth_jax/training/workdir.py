@@ -1,0 +1,150 @@
+"""The run directory: created and checked up front, and held by one writer at a time.
+
+``WorkdirLock`` holds an exclusive ``fcntl.flock`` on ``<workdir>/run.lock`` for the life
+of a run. The kernel releases the lock when the process exits in any way (SIGKILL
+included), so a lock left by a killed run is free: the next run takes it over and says
+whose it was (pid and host, recorded in the file). A second run on a busy workdir stops at
+once, naming the holder. In a multi-process job only process 0 takes the lock; the others
+learn the outcome from it. On a filesystem shared by several hosts the lock is as good as
+the filesystem's ``flock`` (NFS v4 and Lustre provide it).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+import warnings
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+
+from stochastic_depth_jax import errors
+
+__all__ = ["LOCK_FILE", "WorkdirLock", "prepare_workdir", "describe_os_error"]
+
+LOCK_FILE = "run.lock"
+
+
+def describe_os_error(error: OSError, path: str) -> str:
+    """One line for a failed write: what happened where, and what to do."""
+    fixes = {
+        errno.ENOSPC: "free some space or use another --workdir",
+        errno.EDQUOT: "free some space or use another --workdir",
+        errno.EROFS: "the filesystem is read-only; use another --workdir",
+        errno.EACCES: "no permission to write there; use another --workdir",
+        errno.EPERM: "no permission to write there; use another --workdir",
+        errno.ENOTDIR: "a file is in the way of the directory; use another --workdir",
+        errno.EEXIST: "a file is in the way of the directory; use another --workdir",
+    }
+    fix = fixes.get(error.errno, "check the path and the disk")
+    return f"Cannot write {path} ({error.strerror or error}): {fix}."
+
+
+def prepare_workdir(path: str) -> bool:
+    """Creates ``path`` if needed and checks it is a writable directory.
+
+    Returns:
+      Whether the directory was created by this call.
+
+    Raises:
+      errors.WorkdirError: it is a file, read-only, on a full disk, ...
+    """
+    created = not os.path.exists(path)
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise errors.WorkdirError(describe_os_error(e, path)) from e
+    return created
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "an unknown process"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started_at", 0)))
+    return f"pid {holder.get('pid')} on host {holder.get('host')!r} (started {started})"
+
+
+class WorkdirLock:
+    """Exclusive ownership of a workdir by one run (see the module docstring).
+
+    Use as a context manager or call ``acquire``/``release``. ``acquire`` raises
+    ``errors.WorkdirBusyError`` naming the holder if another live run holds it.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def _read_holder(self) -> dict[str, Any]:
+        try:
+            with open(self.path) as f:
+                return json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _try_lock(self) -> str | None:
+        """Takes the lock on process 0; returns None or the reason it is busy."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return (
+                f"The workdir {os.path.dirname(self.path)} is in use by another run: "
+                f"{_holder_text(self._read_holder())}. Wait for it to finish, stop it, or "
+                "use another --workdir."
+            )
+        stale = self._read_holder()
+        if stale:  # The previous holder exited without releasing: killed or crashed.
+            warnings.warn(
+                f"Taking over the lock of {_holder_text(stale)} on "
+                f"{os.path.dirname(self.path)}: that process is gone."
+            )
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": time.time(),
+            "argv": sys.argv,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._fd = fd
+        return None
+
+    def acquire(self) -> "WorkdirLock":
+        busy = self._try_lock() if jax.process_index() == 0 else None
+        if jax.process_count() > 1:
+            ok = multihost_utils.broadcast_one_to_all(busy is None)
+            if not bool(ok):
+                busy = busy or "The workdir is in use by another run (reported by process 0)."
+        if busy:
+            raise errors.WorkdirBusyError(busy)
+        return self
+
+    def release(self) -> None:
+        """Clears the holder record and unlocks (the file stays: deleting it would race)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass  # A full disk cannot stop the unlock below.
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
