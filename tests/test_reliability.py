@@ -1,0 +1,319 @@
+"""Runs that cannot lose results: one writer per workdir, self-healing metrics, labelled
+evaluation fallbacks, and anticipated mistakes reported in one line without a traceback."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs`, train.py and evaluate.py live at the repository root.
+
+import evaluate as evaluate_cli  # noqa: E402
+import train as train_cli  # noqa: E402
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax import errors  # noqa: E402
+from stochastic_depth_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from stochastic_depth_jax.training import evaluate, loop, metrics  # noqa: E402
+from stochastic_depth_jax.training import workdir as workdir_lib  # noqa: E402
+
+TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
+
+
+def _image_folder(root, classes=2, per_class=12):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in range(classes):
+            folder = os.path.join(root, split, f"class{label}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch smoke run on a small image folder (smoke variant + real images)."""
+    root = tmp_path_factory.mktemp("reliability")
+    folder = _image_folder(str(root / "images"))
+    config = load_config(
+        "cifar10:smoke",
+        TINY
+        + [
+            f"--config.dataset=image_folder:{folder}",
+            "--config.validation_size=0.25",  # A fraction, as README says.
+            "--config.batch_size=8",
+            "--config.eval_batch_size=8",
+            "--config.model.remat=none",  # A string field given 'none' stays a string.
+            "--config.write_plots=false",
+        ],
+    )
+    assert config.model.remat == "none" and config.validation_size == 0.25
+    workdir = str(root / "run")
+    loop.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+def _copy(run, tmp_path):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(run[1], workdir)
+    return run[0], workdir
+
+
+# One writer per workdir ------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from stochastic_depth_jax.training import workdir
+lock = workdir.WorkdirLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_second_run_on_busy_workdir_refuses_and_touches_nothing(tmp_path):
+    workdir = str(tmp_path / "busy")
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write('{"epoch": 1, "step": 4}\n')
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, workdir], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.time()
+        out = subprocess.run(
+            [sys.executable, "train.py", "--config", "cifar10:smoke", "--workdir", workdir],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 1
+        assert "Traceback" not in out.stderr
+        [line] = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+        assert f"in use by another run: pid {holder.pid}" in line
+        assert time.time() - t0 < 120  # Refused at start-up, not after preparing data.
+        assert open(os.path.join(workdir, "metrics.jsonl")).read() == '{"epoch": 1, "step": 4}\n'
+        assert sorted(os.listdir(workdir)) == ["checkpoints", "metrics.jsonl", "run.lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder's lock is stale: the next run takes it over and says whose it was.
+    with pytest.warns(UserWarning, match=f"Taking over the lock of pid {holder.pid}"):
+        lock = workdir_lib.WorkdirLock(workdir).acquire()
+    with pytest.raises(errors.WorkdirBusyError, match=f"pid {os.getpid()}"):
+        workdir_lib.WorkdirLock(workdir).acquire()
+    lock.release()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # A cleanly released lock is not 'stale'.
+        workdir_lib.WorkdirLock(workdir).acquire().release()
+
+
+# Self-healing metrics --------------------------------------------------------------------
+
+
+def _write_lines(workdir, lines):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, metrics.METRICS_FILE), "w") as f:
+        f.write("".join(lines))
+
+
+def _epochs(workdir):
+    return [r["epoch"] for r in metrics.read_metrics(workdir)]
+
+
+def test_torn_last_line_is_dropped_on_restart(tmp_path):
+    workdir = str(tmp_path)
+    good = [json.dumps({"epoch": e, "step": 4 * e}) + "\n" for e in (1, 2, 3)]
+    _write_lines(workdir, good + ['{"epoch": 4, "step": 1'])  # Crash while appending.
+    with pytest.warns(UserWarning, match=r"unreadable line\(s\) \[4\].*metrics.jsonl"):
+        assert _epochs(workdir) == [1, 2, 3]
+    with pytest.warns(UserWarning, match="unreadable line"):
+        writer = metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=3, resume_step=12)
+    writer.write({"epoch": 4, "step": 16, "loss": np.float32(0.5)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # The file is whole again.
+        assert _epochs(workdir) == [1, 2, 3, 4]
+
+
+def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
+    workdir = str(tmp_path)
+    # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.
+    _write_lines(workdir, [json.dumps({"epoch": e, "run": i}) + "\n"
+                           for i, e in enumerate((1, 2, 3, 1, 2))])
+    with pytest.warns(UserWarning, match="match the restored checkpoint"):
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=2, resume_step=8)
+    records = metrics.read_metrics(workdir)
+    assert [(r["epoch"], r["run"]) for r in records] == [(1, 3), (2, 4)]  # The latest attempt.
+
+
+def test_resume_after_torn_metrics_line_continues_the_run(run, tmp_path):
+    config, workdir = _copy(run, tmp_path)
+    before = metrics.read_metrics(workdir)
+    with open(os.path.join(workdir, metrics.METRICS_FILE), "a") as f:
+        f.write('{"epoch": 3, "st')
+    config.num_epochs = 3
+    with pytest.warns(UserWarning, match="unreadable line"):
+        loop.train_and_evaluate(config, workdir)
+    after = metrics.read_metrics(workdir)
+    assert [r["epoch"] for r in after] == [1, 2, 3] and after[:2] == before
+
+
+# Evaluation says what it evaluated ---------------------------------------------------------
+
+
+def test_corrupt_best_checkpoint_is_never_labelled_best(run, tmp_path):
+    config, workdir = _copy(run, tmp_path)
+    ckpts = ckpt_lib.Checkpoints(workdir)
+    [*_, old_best] = ckpts.steps("best")
+    latest = max(ckpts.steps("latest"))
+    # A later improvement saved as 'best' (the run's own state at its last step), then damaged.
+    from stochastic_depth_jax.training import setup as setup_lib
+
+    ds = setup_lib.load_data(config, workdir)
+    setup = setup_lib.build_for_dataset(config, ds)
+    state, meta = ckpts.restore("latest", setup_lib.abstract_state(setup, ds.image_shape))
+    new_best = latest + 1
+    ckpts.save("best", new_best, state.replace(step=state.step + 1), {"epoch": 3.0, "best": meta["best"]})
+    ckpts.close()
+    step_dir = os.path.join(workdir, "checkpoints_best", str(new_best))
+    for dirpath, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            if os.sep + "d" in dirpath:
+                os.truncate(os.path.join(dirpath, name), 3)
+    with pytest.warns(ckpt_lib.CheckpointCorruptWarning):
+        result = evaluate.evaluate_checkpoint(workdir, "best")
+    assert result["requested"] == "best" and result["checkpoint"] == "step"
+    assert result["evaluated_step"] == old_best
+    assert f"step {new_best}) is unreadable" in result["note"]
+    assert "next best" in result["note"]
+    # The CLI names the file by the step evaluated and warns; nothing is called 'best'.
+    with pytest.warns(ckpt_lib.CheckpointCorruptWarning):
+        evaluate_cli.main(["--workdir", workdir])
+    assert not os.path.exists(os.path.join(workdir, "eval_best_test.json"))
+    saved = json.load(open(os.path.join(workdir, f"eval_step{old_best}_test.json")))
+    assert saved["evaluated_step"] == old_best and "note" in saved
+
+
+# Anticipated mistakes: one line, exit status 1, no traceback -------------------------------
+
+
+def _one_line_error(capsys, main, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    return line
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--config.seed=-1"], "seed=-1 must be an integer"),
+        (["--config.label=foo"], "label='foo' is not available for dataset 'cifar10'; valid: ['fine']"),
+        (["--config.learning_rate=inf"], "learning_rate=inf must be a finite number"),
+        (["--config.validation_size=0"], "validation_size=0 leaves no validation set"),
+        (["--config.validation_size=1.5"], "validation_size=1.5 must be a count"),
+        (["--config.batch_size=12"], "batch_size=12 does not divide by the 8 devices"),
+        (["--config.model.remat=nope"], "model.remat='nope'; valid: ['convs', 'full', 'none']"),
+        (["--config.nope=1"], "Unknown config field 'nope'"),
+    ],
+)
+def test_train_cli_config_mistakes(capsys, tmp_path, overrides, expected):
+    line = _one_line_error(
+        capsys,
+        train_cli.main,
+        ["--config", "cifar10:smoke", "--workdir", str(tmp_path / "w"), *TINY, *overrides],
+    )
+    assert expected in line
+    assert not os.path.exists(tmp_path / "w")  # A failed start leaves no empty workdir.
+
+
+def test_train_cli_unknown_variant_of_a_config_file(capsys, tmp_path):
+    line = _one_line_error(
+        capsys, train_cli.main, ["--config", "configs/svhn.py:foo", "--workdir", str(tmp_path)]
+    )
+    assert "Unknown variant 'foo'" in line and "['smoke']" in line
+
+
+def test_train_cli_workdir_is_a_file(capsys, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("precious")
+    line = _one_line_error(
+        capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir", str(path), *TINY]
+    )
+    assert f"Cannot write {path}" in line and "use another --workdir" in line
+    assert path.read_text() == "precious"
+
+
+@pytest.mark.parametrize("classes, expected", [(1, "has one class"), (0, "no class directories")])
+def test_train_cli_bad_image_folder(capsys, tmp_path, classes, expected):
+    folder = _image_folder(str(tmp_path / "images"), classes=classes)
+    os.makedirs(os.path.join(folder, "train"), exist_ok=True)
+    line = _one_line_error(
+        capsys,
+        train_cli.main,
+        ["--config", "cifar10:smoke", "--workdir", str(tmp_path / "w"), *TINY,
+         f"--config.dataset=image_folder:{folder}"],
+    )
+    assert expected in line
+
+
+def test_evaluate_cli_mistakes(capsys, run, tmp_path):
+    _, workdir = run
+    assert "not a directory" in _one_line_error(
+        capsys, evaluate_cli.main, ["--workdir", str(tmp_path / "none")]
+    )
+    assert "run.json not found" in _one_line_error(
+        capsys, evaluate_cli.main, ["--workdir", str(tmp_path)]
+    )
+    assert "--checkpoint must be 'latest', 'best' or a step number, got 'bets'" in (
+        _one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "bets"])
+    )
+    assert "No latest checkpoint at step 999" in _one_line_error(
+        capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "999"]
+    )
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    shutil.copy(os.path.join(workdir, "run.json"), empty)
+    assert "has no best checkpoint yet" in _one_line_error(
+        capsys, evaluate_cli.main, ["--workdir", empty]
+    )
+    out = str(tmp_path / "blocked")
+    open(out, "w").close()  # A file where the output's directory should be.
+    line = _one_line_error(
+        capsys,
+        evaluate_cli.main,
+        ["--workdir", workdir, "--checkpoint", "latest", "--output", out + "/eval.json"],
+    )
+    assert "printed above but not saved" in line and "--output PATH" in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(errors.ConfigError, match="seed=-1"):
+        train_cli.main(["--config", "cifar10:smoke", "--config.seed=-1", "--debug"])
+
+
+def test_non_finite_loss_is_one_line(capsys, tmp_path):
+    line = _one_line_error(
+        capsys,
+        train_cli.main,
+        ["--config", "cifar10:smoke", "--workdir", str(tmp_path / "w"), *TINY,
+         "--config.learning_rate=1e12", "--config.lr_schedule=constant",
+         "--config.log_every_steps=1"],
+    )
+    assert "non-finite" in line.lower() and "stopping without saving" in line
+    assert "no checkpoint had been saved yet" in line or "last good checkpoint (step" in line
