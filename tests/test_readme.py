@@ -1,0 +1,22 @@
+"""README's Python snippets run as written (in order, in one namespace, like a session)."""
+
+import os
+import re
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def _snippets():
+    text = open(README).read()
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_readme_python_snippets_run():
+    snippets = _snippets()
+    assert len(snippets) >= 4
+    namespace = {"__name__": "readme"}
+    for i, code in enumerate(snippets):
+        try:
+            exec(compile(code, f"README.md python snippet {i + 1}", "exec"), namespace)
+        except Exception as e:  # noqa: BLE001  Say which snippet broke.
+            raise AssertionError(f"README snippet {i + 1} fails: {e!r}\n{code}") from e
