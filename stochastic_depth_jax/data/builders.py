@@ -8,12 +8,36 @@ prepared output is identical in layout, so `tfds.builder(name)` finds it later.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import os
+import tempfile
 
 import numpy as np
 
 CIFAR_IMAGE_BYTES = 32 * 32 * 3
+
+
+@contextlib.contextmanager
+def no_tempdir_leak():
+    """Removes the empty ``tmp*tfds`` directories tfds creates while this block runs.
+
+    A builder made for a dataset that is not prepared yet looks for precomputed metadata
+    in a fresh ``tempfile.mkdtemp('tfds')`` and never deletes it: one stray directory in
+    the system temp dir per fake-data run or offline check. Only new, still-empty ones are
+    removed.
+    """
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            try:
+                os.rmdir(path)  # Fails (and is skipped) unless empty.
+            except OSError:
+                pass
 
 
 def png_bytes(image: np.ndarray) -> bytes:

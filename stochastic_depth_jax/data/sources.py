@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 
 from stochastic_depth_jax import errors
-from stochastic_depth_jax.data.builders import tf_free_builder
+from stochastic_depth_jax.data.builders import no_tempdir_leak, tf_free_builder
 from stochastic_depth_jax.data.splits import Split
 
 # Our names -> tfds names. SVHN is 'svhn_cropped' (32x32 digits) with its 'extra' split.
@@ -110,7 +110,8 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
         retries) and no manual archive is present.
     """
     tfds = _tfds()
-    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    with no_tempdir_leak():
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
     if builder.is_prepared():
         if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
             raise DataUnavailableError(
@@ -128,8 +129,9 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
         if why:
             raise DataUnavailableError(_unavailable_message(tfds_name, data_dir, why))
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
-    tf_free_builder(tfds_name)(data_dir=data_dir).download_and_prepare(
-        file_format="array_record", download_config=config)
+    with no_tempdir_leak():
+        builder = tf_free_builder(tfds_name)(data_dir=data_dir)
+    builder.download_and_prepare(file_format="array_record", download_config=config)
 
 
 def _decode_chunk(source, start: int, stop: int, where: str) -> list[dict]:
@@ -240,4 +242,6 @@ def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) 
 
 def num_classes(tfds_name: str, data_dir: str, label_key: str = "label") -> int:
     """Number of classes of a tfds label feature (works before preparation too)."""
-    return _tfds().builder(tfds_name, data_dir=data_dir).info.features[label_key].num_classes
+    with no_tempdir_leak():
+        builder = _tfds().builder(tfds_name, data_dir=data_dir)
+    return builder.info.features[label_key].num_classes

@@ -65,7 +65,8 @@ def make_tfds_dataset(name: str, data_dir: str, *, num_train: int, num_test: int
     cls = type(base.__name__, (base,), {"name": tfds_name, "__module__": __name__,
                                         "_split_generators": split_generators},
                skip_registration=True)
-    builder = cls(data_dir=data_dir)
+    with builders.no_tempdir_leak():
+        builder = cls(data_dir=data_dir)
     builder.download_and_prepare(file_format="array_record")
     return os.fspath(builder.data_dir)
 

@@ -15,7 +15,9 @@ skipped with a warning and moved aside; the previous one is used instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -50,6 +52,25 @@ class IncompatibleCheckpointError(errors.Error, ValueError):
     """A readable checkpoint holds a differently shaped state (another model/optimiser)."""
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Given directory is read only" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice(active: bool):
+    """Orbax logs a warning for every manager opened read-only, as evaluation does."""
+    if not active:
+        yield
+        return
+    logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def structure_signature(tree: Any) -> str:
     """A short hash of the paths, shapes and dtypes of ``tree``'s leaves."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -79,7 +100,9 @@ class Checkpoints:
 
     def _manager(self, name: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            # Read-only managers neither keep nor save; Orbax warns about any other value.
+            max_to_keep=None if self._read_only else keep,
+            save_interval_steps=0 if self._read_only else 1,
             enable_async_checkpointing=async_save,
             create=not self._read_only,
             cleanup_tmp_directories=not self._read_only,
@@ -91,7 +114,8 @@ class Checkpoints:
                 barrier_sync_key_prefix=name
             ),
         )
-        return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
+        with _quiet_read_only_notice(self._read_only):
+            return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
 
     def steps(self, kind: str = "latest") -> list[int]:
         """Committed steps of ``kind`` ('latest' or 'best'), oldest first."""
