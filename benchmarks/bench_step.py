@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import functools
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -210,6 +211,17 @@ def table_rows(runners, batch) -> list[str]:
     return rows
 
 
+def write_json(path: str, runners, batch, dtype: str) -> None:
+    """``{variant: median seconds}`` plus context, for ``compare_torch.py``."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                       "jax": jax.__version__,
+                       "batch": batch, "dtype": dtype,
+                       "median_s": {r.name: statistics.median(r.times) for r in runners}},
+                      f, indent=2)
+
+
 def write_results(text: str, out: str | None) -> None:
     print("\n" + text)
     out = out or os.path.join(os.path.dirname(__file__), "results",
@@ -239,6 +251,7 @@ def user_branch_main(args, dtype) -> None:
         run_once(r, keys[0])
         print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
     time_rounds(runners, keys, args.warmup)
+    write_json(args.json, runners, batch, args.dtype)
     lines = [
         f"## Train step, user's stock-Flax branch ({args.blocks} wrapped blocks, width "
         f"{args.width}), batch {batch}, {args.dtype}",
@@ -274,6 +287,7 @@ def main(argv=None) -> None:
     ap.add_argument("--blocks", type=int, default=8, help="--user-branch: wrapped blocks")
     ap.add_argument("--width", type=int, default=32, help="--user-branch: channels")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default="", help="also write {variant: median seconds} here")
     args = ap.parse_args(argv)
     args.batch_given = args.batch is not None
     args.batch = args.batch or 128
@@ -310,6 +324,7 @@ def main(argv=None) -> None:
     time_rounds(runners, all_gates, args.warmup)
     active = [float(np.asarray(g).mean()) for g in all_gates[args.warmup:]]
     rows = table_rows(runners, args.batch)
+    write_json(args.json, runners, args.batch, args.dtype)
     compile_rows = []
     for d in [int(v) for v in args.compile_depths.split(",") if v]:
         s = compile_seconds(d, args.batch, scan, dtype)
