@@ -107,6 +107,7 @@ def _whole_epochs(args, workdir):
         os.path.join(workdir, "images"), classes=10, per_class_train=per_class, per_class_test=10)
     results = {}
     for name in names:
+        jax.clear_caches()  # each variant compiles everything it uses, as a fresh run does
         config = _config(args, workdir, folder)
         config_lib.apply_overrides(config, [f"--config.num_epochs={args.epochs}",
                                             *EPOCH_VARIANTS[name]])
