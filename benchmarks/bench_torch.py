@@ -202,11 +202,12 @@ def main(argv=None):
         ratio = f"{med[r.name] / base:.3f}" if base else "-"
         rows.append(f"| {r.name} | {med[r.name] * 1e3:.1f} | {args.batch / med[r.name]:.1f} | "
                     f"{ratio} |")
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    dev = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else platform.processor() or platform.machine())
     text = "\n".join([
         f"## PyTorch train step, CIFAR ResNet-{args.depth}, batch {args.batch}, channels-last",
         "",
-        f"{datetime.date.today().isoformat()}; {device.type} ({dev or platform.machine()}); "
+        f"{datetime.date.today().isoformat()}; {device.type} ({dev}); "
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"python {platform.python_version()}; {rounds} interleaved rounds after {args.warmup} "
         f"warm-up (compilation in warm-up); p_L={args.p}, mean fraction kept "
