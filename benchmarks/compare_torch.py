@@ -7,8 +7,8 @@ writes one table to ``benchmarks/results/vs_torch_<backend>.md``::
     python benchmarks/compare_torch.py --torch-python /path/to/torch-venv/bin/python
     python benchmarks/compare_torch.py --torch-python ... --depth 20 --batch 32 --rounds 3
 
-Ours: constant depth, ``skip`` (lax.cond skipping) and ``compact`` (compact mode, multiple
-4); "default" is what ``model.implementation='auto'`` picks on that backend (CPU: skip;
+Ours: constant depth, ``skip`` (lax.cond skipping, remat 'convs' as the config) and
+``compact`` (compact mode, multiple 4); "default" is what ``model.implementation='auto'`` picks on that backend (CPU: skip;
 GPU/TPU: compact). Torch: eager and ``torch.compile``, constant and real skipping.
 """
 
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         for dtype in args.dtypes.split(","):
             path = os.path.join(tmp, f"jax_{dtype}.json")
             _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common,
-                  "--variants", "constant,skip,compact", "--dtype", dtype,
+                  "--variants", "constant,skip-remat-convs,compact", "--dtype", dtype,
                   "--compile-depths", "", "--json", path, "--out", os.path.join(tmp, "j.md")])
             ours[dtype] = json.load(open(path))
         path = os.path.join(tmp, "torch.json")
@@ -71,9 +71,10 @@ def _table(args, ours, theirs) -> str:
     for dtype, res in ours.items():
         prec = "fp32" if dtype == "float32" else "bf16"
         med = res["median_s"]
-        default = "skip" if res["backend"] == "cpu" else "compact"
+        skip = "skip-remat-convs"  # the config's default remat
+        default = skip if res["backend"] == "cpu" else "compact"
         t = {k.replace(f"-{prec}", ""): v for k, v in theirs["median_s"].items() if prec in k}
-        cells = [med["constant"], med["skip"], med["compact"], med[default],
+        cells = [med["constant"], med[skip], med["compact"], med[default],
                  t.get("eager-constant"), t.get("eager-skip"), t.get("compile-constant"),
                  t.get("compile-skip")]
         ips = " | ".join("-" if c is None else f"{b / c:.0f}" for c in cells)
