@@ -10,6 +10,12 @@ Run by hand (not in CI)::
 
     python benchmarks/bench_step.py                       # ResNet-110, batch 128
     python benchmarks/bench_step.py --depth 20 --batch 32 --rounds 5 --compile-depths 20,56
+    python benchmarks/bench_step.py --user-branch         # a user's stock-Flax branch
+
+``--user-branch`` times instead a new user's network (``benchmarks/user_branch.py``: stock
+``nn.Conv`` + ``nn.BatchNorm`` blocks, each branch wrapped in ``StochasticDepth``; 8 blocks of
+width 32, batch 32 unless ``--batch`` is given) at survival 1.0 and 0.5, with the library's
+default rerouting of stock convolutions (``reroute_convs='auto'``) and without it.
 
 Prints a table and writes it, with machine, versions and date, to
 ``benchmarks/results/step_<backend>.md``.
@@ -21,6 +27,7 @@ import argparse
 import dataclasses
 import functools
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -34,6 +41,9 @@ import numpy as np
 import optax
 
 from stochastic_depth_jax import CifarResNet, draw_gates
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from user_branch import UserNet  # noqa: E402  (benchmark-only model, next to this file)
 
 VARIANTS = {
     # name: (final_survival_prob, implementation, remat)
@@ -92,6 +102,42 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y):
     return Runner(name, step, state, [], buckets)
 
 
+USER_VARIANTS = {
+    # name: (survival_prob, reroute_convs)
+    "constant": (1.0, "auto"),  # the baseline: the same net at survival 1.0
+    "skip": (0.5, "auto"),  # what a user gets by default
+    "constant-stock": (1.0, "never"),  # stock Flax convolutions everywhere
+    "skip-stock": (0.5, "never"),
+}
+
+
+def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
+    """A Runner for ``USER_VARIANTS[name]``; its step takes a per-round rng key as gates."""
+    p, reroute = USER_VARIANTS[name]
+    model = UserNet(blocks=blocks, width=width, survival_prob=p, reroute_convs=reroute,
+                    dtype=dtype or jnp.float32)
+    variables = jax.jit(lambda k: model.init({"params": k}, x[:2], train=False))(key)
+    tx = optax.chain(optax.add_decayed_weights(1e-4),
+                     optax.sgd(0.1, momentum=0.9, nesterov=True))
+
+    def loss_fn(params, batch_stats, k):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                      train=True, rngs={"stochastic_depth": k},
+                                      mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, updates["batch_stats"]
+
+    @functools.partial(jax.jit, static_argnums=4)
+    def step(params, batch_stats, opt_state, k, buckets=None):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, k)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    return Runner(name, step, state, [])
+
+
 def run_once(r: Runner, gates) -> float:
     t0 = time.perf_counter()  # compact: reading the gates to the host is part of the step
     out = r.step(*r.state, gates, None if r.buckets is None else r.buckets(gates))
@@ -141,22 +187,117 @@ def code_version() -> str:
         return os.environ.get("CODE_VERSION", "unknown (no git; set CODE_VERSION)")
 
 
+def time_rounds(runners, all_gates, warmup) -> None:
+    """Runs every runner on each round's gates in turn, recording times after ``warmup``."""
+    for i, gates in enumerate(all_gates):
+        for r in runners:
+            dt = run_once(r, gates)
+            if i >= warmup:
+                r.times.append(dt)
+        print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
+              flush=True)
+
+
+def table_rows(runners, batch) -> list[str]:
+    """Median, IQR, throughput and ratio to the first runner (if named 'constant')."""
+    base = statistics.median(runners[0].times) if runners[0].name == "constant" else None
+    rows = []
+    for r in runners:
+        med = statistics.median(r.times)
+        q = np.percentile(r.times, [25, 75])
+        ratio = f"{med / base:.3f}" if base else "-"
+        rows.append(f"| {r.name} | {med * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} | "
+                    f"{batch / med:.1f} | {ratio} |")
+    return rows
+
+
+def write_json(path: str, runners, batch, dtype: str) -> None:
+    """``{variant: median seconds}`` plus context, for ``compare_torch.py``."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                       "jax": jax.__version__,
+                       "batch": batch, "dtype": dtype,
+                       "median_s": {r.name: statistics.median(r.times) for r in runners}},
+                      f, indent=2)
+
+
+def write_results(text: str, out: str | None) -> None:
+    print("\n" + text)
+    out = out or os.path.join(os.path.dirname(__file__), "results",
+                              f"step_{jax.default_backend()}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+    print(f"appended to {out}")
+
+
+def user_branch_main(args, dtype) -> None:
+    """``--user-branch``: a user's stock-Flax network, survival 1.0 vs 0.5, side by side."""
+    batch = args.batch if args.batch_given else 32
+    rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()] or list(USER_VARIANTS)
+    unknown = [n for n in names if n not in USER_VARIANTS]
+    if unknown:
+        sys.exit(f"unknown --user-branch variants {unknown}; valid: {list(USER_VARIANTS)}")
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (batch, 32, 32, 3), jnp.float32)
+    y = jax.random.randint(ky, (batch,), 0, 10)
+    runners = [make_user_runner(n, args.blocks, args.width, batch, dtype, kp, x, y)
+               for n in names]
+    keys = [jax.random.fold_in(jax.random.key(42), i) for i in range(args.warmup + rounds)]
+    for r in runners:
+        t0 = time.perf_counter()
+        run_once(r, keys[0])
+        print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
+    time_rounds(runners, keys, args.warmup)
+    write_json(args.json, runners, batch, args.dtype)
+    lines = [
+        f"## Train step, user's stock-Flax branch ({args.blocks} wrapped blocks, width "
+        f"{args.width}), batch {batch}, {args.dtype}",
+        "",
+        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
+        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}.",
+        "",
+        "| variant (survival, reroute_convs) | median ms/step | IQR ms | img/s | / constant |",
+        "|---|---|---|---|---|",
+        *[row.replace(f"| {n} |", f"| {n} ({USER_VARIANTS[n][0]}, {USER_VARIANTS[n][1]}) |", 1)
+          for row, n in zip(table_rows(runners, batch), names)],
+        "",
+        "Network: benchmarks/user_branch.py (stock nn.Conv + nn.BatchNorm, each branch wrapped "
+        "in StochasticDepth with uniform survival). Gates drawn from the same per-round keys "
+        "for every variant.",
+    ]
+    write_results("\n".join(lines) + "\n", args.out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default 128 (32 with --user-branch)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 30 GPU, 6 CPU)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--scan", choices=["auto", "true", "false"], default="auto")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="comma-separated; default: all")
     ap.add_argument("--compile-depths", default="110,1202")
+    ap.add_argument("--user-branch", action="store_true",
+                    help="time a user's stock-Flax wrapped network instead of CifarResNet")
+    ap.add_argument("--blocks", type=int, default=8, help="--user-branch: wrapped blocks")
+    ap.add_argument("--width", type=int, default=32, help="--user-branch: channels")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default="", help="also write {variant: median seconds} here")
     args = ap.parse_args(argv)
-    scan = {"auto": None, "true": True, "false": False}[args.scan]
+    args.batch_given = args.batch is not None
+    args.batch = args.batch or 128
+    args.variants = args.variants or ""
     dtype = None if args.dtype == "float32" else jnp.bfloat16
+    if args.user_branch:
+        return user_branch_main(args, dtype)
+    scan = {"auto": None, "true": True, "false": False}[args.scan]
     rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = [n.strip() for n in args.variants.split(",") if n.strip()] or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; valid: {list(VARIANTS)}")
@@ -180,26 +321,10 @@ def main(argv=None) -> None:
                     run_once(r, g)
             print(f"{r.name}: {len(seen)} compiled bucket combinations", flush=True)
         print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
-    active = []
-    for i in range(args.warmup + rounds):
-        gates = all_gates[i]
-        for r in runners:
-            dt = run_once(r, gates)
-            if i >= args.warmup:
-                r.times.append(dt)
-        if i >= args.warmup:
-            active.append(float(np.asarray(gates).mean()))
-        print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
-              flush=True)
-
-    base = statistics.median(runners[0].times) if names[0] == "constant" else None
-    rows = []
-    for r in runners:
-        med = statistics.median(r.times)
-        q = np.percentile(r.times, [25, 75])
-        ratio = f"{med / base:.3f}" if base else "-"
-        rows.append(f"| {r.name} | {med * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} | "
-                    f"{args.batch / med:.1f} | {ratio} |")
+    time_rounds(runners, all_gates, args.warmup)
+    active = [float(np.asarray(g).mean()) for g in all_gates[args.warmup:]]
+    rows = table_rows(runners, args.batch)
+    write_json(args.json, runners, args.batch, args.dtype)
     compile_rows = []
     for d in [int(v) for v in args.compile_depths.split(",") if v]:
         s = compile_seconds(d, args.batch, scan, dtype)
@@ -228,14 +353,7 @@ def main(argv=None) -> None:
         if len(compile_rows) == 2:
             lines.append(f"\nCompile-time ratio {compile_rows[1][0]}/{compile_rows[0][0]}: "
                          f"{compile_rows[1][1] / compile_rows[0][1]:.2f}")
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"step_{jax.default_backend()}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
-    print(f"appended to {out}")
+    write_results("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,21 @@ first call of the compiled step is inside; evaluation and checkpoints are outsid
 (3) Checkpoint saves of that state: the blocking part of an async save, until committed,
 and a synchronous save. Results are appended to benchmarks/results/train.md.
 
-``--compact 4`` measures compact mode; its programs (one per bucket tuple) compile on first
-use, inside the measured epoch and in some bare steps, so use enough ``--steps`` that the
-median is a steady-state step.
+``--implementation`` and ``--compact`` set ``model.implementation`` (default ``auto``: the
+platform's choice) and ``model.compact_multiple``. ``--compact 4`` measures compact mode; its
+programs (one per bucket tuple) compile on first use, inside the measured epoch and in some
+bare steps, so use enough ``--steps`` that the median is a steady-state step.
+
+``--whole-epochs constant,cond,compact-1,compact-2,compact-4`` instead times whole training
+epochs of each variant, side by side in one process (compact-mode granularity: every bucket
+tuple's compilation lands in the epoch it first appears in, as in a real run)::
+
+    python benchmarks/bench_train.py --whole-epochs constant,cond,compact-1,compact-2,compact-4 \
+        --epochs 3 --train-images 45000          # on a GPU: the paper's 45k training images
+
+It reports each epoch's training time (evaluation excluded), the median of epochs >= 2, the
+ratio to constant depth, and the programs the run compiled and the seconds spent. The
+persistent compilation cache is off (``--cache-dir`` to use one) so every run compiles.
 """
 
 from __future__ import annotations
@@ -35,20 +47,23 @@ import orbax.checkpoint  # noqa: E402
 
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import data  # noqa: E402
-from stochastic_depth_jax.training import checkpoint, loop  # noqa: E402
+from stochastic_depth_jax.training import checkpoint, loop, metrics  # noqa: E402
+from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 from stochastic_depth_jax.training import step as step_lib  # noqa: E402
 
 
-def _config(args, workdir):
-    """One epoch of ``steps + 2`` batches of random 32x32 images in 10 classes.
+def _config(args, workdir, folder=None):
+    """One epoch of ``steps + 2`` batches of random 32x32 images in 10 classes (or the images
+    in ``folder``).
 
     An image folder rather than a fake tfds dataset: no tensorflow-datasets needed.
     """
-    per_class = -(-(args.batch * (args.steps + 2) + 100) // 10)
-    folder = data.testing.make_image_folder(
-        os.path.join(workdir, "images"), classes=10, per_class_train=per_class, per_class_test=10
-    )
+    if folder is None:
+        per_class = -(-(args.batch * (args.steps + 2) + 100) // 10)
+        folder = data.testing.make_image_folder(
+            os.path.join(workdir, "images"), classes=10, per_class_train=per_class,
+            per_class_test=10)
     return load_config(
         args.config,
         [
@@ -63,8 +78,54 @@ def _config(args, workdir):
             "--config.write_plots=false",
             f"--config.progress_bar={args.progress_bar}",
             f"--config.model.compact_multiple={args.compact}",
+            f"--config.model.implementation={args.implementation}",
+            f"--config.model.dtype={args.dtype}",
+            f"--config.compilation_cache_dir={args.cache_dir}",
         ],
     )
+
+
+# --whole-epochs variants: name -> config overrides.
+EPOCH_VARIANTS = {
+    "constant": ["--config.model.final_survival_prob=1.0"],
+    "auto": [],
+    "cond": ["--config.model.implementation=skip", "--config.model.compact_multiple=0"],
+    "compact-1": ["--config.model.compact_multiple=1"],
+    "compact-2": ["--config.model.compact_multiple=2"],
+    "compact-4": ["--config.model.compact_multiple=4"],
+}
+
+
+def _whole_epochs(args, workdir):
+    """Trains ``args.epochs`` epochs of each variant; returns the report's table rows."""
+    names = [n.strip() for n in args.whole_epochs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EPOCH_VARIANTS]
+    if unknown:
+        sys.exit(f"unknown --whole-epochs variants {unknown}; valid: {list(EPOCH_VARIANTS)}")
+    per_class = -(-(args.train_images + 100) // 10)  # + the 100 validation images
+    folder = data.testing.make_image_folder(
+        os.path.join(workdir, "images"), classes=10, per_class_train=per_class, per_class_test=10)
+    results = {}
+    for name in names:
+        jax.clear_caches()  # each variant compiles everything it uses, as a fresh run does
+        config = _config(args, workdir, folder)
+        config_lib.apply_overrides(config, [f"--config.num_epochs={args.epochs}",
+                                            *EPOCH_VARIANTS[name]])
+        summary = loop.train_and_evaluate(config, os.path.join(workdir, name))
+        records = metrics.read_metrics(os.path.join(workdir, name))
+        epochs = [r["epoch_time_s"] for r in records]
+        results[name] = (epochs, summary["compilation"])
+        print(f"{name}: epochs {[round(e, 2) for e in epochs]} s; {summary['compilation']}",
+              flush=True)
+    base = statistics.median(results["constant"][0][1:] or results["constant"][0]) \
+        if "constant" in results else None
+    rows = []
+    for name, (epochs, comp) in results.items():
+        steady = statistics.median(epochs[1:] or epochs)
+        ratio = f"{steady / base:.3f}" if base else "-"
+        rows.append(f"| {name} | {epochs[0]:.1f} | {steady:.1f} | {ratio} | "
+                    f"{comp['programs']} | {comp['compile_s']:.1f} |")
+    return rows
 
 
 def _bare_step(config, workdir, steps):
@@ -147,10 +208,20 @@ def main():
     parser.add_argument("--p", type=float, default=0.5, help="p_L; 1.0 = constant depth")
     parser.add_argument("--steps", type=int, default=20, help="timed bare steps")
     parser.add_argument("--compact", type=int, default=0,
-                        help="model.compact_multiple (0: lax.cond skipping)")
+                        help="model.compact_multiple (0: the platform's choice under 'auto')")
+    parser.add_argument("--implementation", default="auto", help="model.implementation")
+    parser.add_argument("--dtype", default="float32", help="model.dtype")
+    parser.add_argument("--cache-dir", default="", help="compilation_cache_dir ('' = off)")
+    parser.add_argument("--whole-epochs", default="",
+                        help=f"time whole epochs of these variants: {','.join(EPOCH_VARIANTS)}")
+    parser.add_argument("--epochs", type=int, default=2, help="--whole-epochs: epochs per run")
+    parser.add_argument("--train-images", type=int, default=2560,
+                        help="--whole-epochs: training images (45000 = the paper's CIFAR)")
     parser.add_argument("--progress_bar", default="false")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.md"))
     args = parser.parse_args()
+    if args.whole_epochs:
+        return _whole_epochs_main(args)
     with tempfile.TemporaryDirectory() as workdir:
         config = _config(args, workdir)
         summary = loop.train_and_evaluate(config, os.path.join(workdir, "run"))
@@ -165,6 +236,30 @@ def main():
         with open(args.out, "a") as f:
             if new:
                 f.write("# Training-loop benchmark (benchmarks/bench_train.py)\n\n")
+            f.write(text + "\n")
+
+
+def _whole_epochs_main(args):
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = _whole_epochs(args, workdir)
+    devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    text = "\n".join([
+        f"## {datetime.datetime.now():%Y-%m-%d %H:%M} - whole epochs, ResNet-{args.depth}, "
+        f"batch {args.batch}, p_L={args.p}, {args.dtype}, {args.train_images} training images",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
+        f"jax {jax.__version__}, Python {platform.python_version()}.",
+        f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| variant | epoch 1 s (with compiles) | median epoch >= 2 s | / constant | programs "
+        "compiled | compile s |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ])
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
             f.write(text + "\n")
 
 

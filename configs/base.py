@@ -40,16 +40,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scaling = "test"  # train: identity or full block; test: residual * p_l
     c.model.shortcut = "A"  # zero-padded identity shortcuts (paper's CIFAR ResNets)
     c.model.block = "basic"  # 'basic' (paper) or 'preact'
-    # 'skip': a dropped block is not computed (forward or backward); 'mask': compute, multiply
-    # by the gate (what other libraries do; same numbers, no speed-up).
-    c.model.implementation = "skip"
+    # 'auto' (default): the real skipping that measured fastest on the run's platform,
+    # resolved at start-up and recorded in run.json (CPU: lax.cond skipping; GPU/TPU:
+    # compact mode, see compact_multiple). 'skip': a dropped block is not computed (forward
+    # or backward); 'mask': compute, multiply by the gate (what other libraries do; same
+    # numbers, no speed-up).
+    c.model.implementation = "auto"
     # What a kept block saves for backward: 'convs' (conv outputs; BN/ReLU recomputed),
     # 'none' (everything) or 'full' (input only). 'convs' was fastest on CPU and H100.
     c.model.remat = "convs"
     # > 0: compact mode, draw gates on the host and gather each stage's kept blocks into a
     # scan whose length is the kept count rounded up to this multiple (no conditionals).
-    # Fastest on GPU (H100, ResNet-110, batch 128: 0.85x the constant-depth step with 4);
-    # 0 (default) uses lax.cond skipping, fastest on CPU.
+    # Fastest on GPU (H100, ResNet-110, batch 128: 0.85x the constant-depth step with 4).
+    # 0 (default): with implementation='auto' the platform decides (GPU/TPU: compact mode,
+    # multiple 4; CPU: lax.cond skipping); with 'skip', off.
     c.model.compact_multiple = 0
     c.model.scan = ml_collections.config_dict.placeholder(bool)
     c.model.dtype = "float32"
@@ -77,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 0  # > 0 also saves every this many steps
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    # JAX's persistent compilation cache: 'auto' = $JAX_COMPILATION_CACHE_DIR, else
+    # $XDG_CACHE_HOME (or ~/.cache)/stochastic_depth_jax/jax; a path; '' = off. A resumed or
+    # repeated run loads its programs instead of compiling them (programs that took >= 1 s).
+    c.compilation_cache_dir = "auto"
     c.log_every_steps = 20  # progress-bar refresh (host sync) interval
     c.progress_bar = True
     c.write_tensorboard = True

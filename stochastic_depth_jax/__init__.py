@@ -7,9 +7,13 @@ Public API:
 * Flax Linen layers: :class:`StochasticDepth`, :class:`BatchNorm`, :class:`BasicBlock`,
   :class:`PreActBlock`, :class:`BottleneckBlock`, :class:`Shortcut`;
 * models: :class:`CifarResNet`, :class:`ResNet`, :data:`ResNet50`, :data:`ResNet101`,
-  :data:`ResNet152`.
+  :data:`ResNet152`;
+* :func:`reroute_flax_convs`: the context in which stock ``flax.linen.Conv`` layers use the
+  CPU-friendly convolution of :mod:`stochastic_depth_jax.conv` (``StochasticDepth`` enters
+  it on CPU by itself).
 """
 
+from stochastic_depth_jax.conv import reroute_flax_convs
 from stochastic_depth_jax.layers import (
     BasicBlock,
     BasicBranch,
@@ -54,6 +58,7 @@ __all__ = [
     "draw_gates",
     "gated_branch",
     "linear_decay",
+    "reroute_flax_convs",
     "stochastic_depth",
     "survival_probabilities",
     "uniform",

@@ -19,12 +19,18 @@ in a CIFAR ResNet touches 2 of 109 convolutions).
 :class:`Conv` is a drop-in for ``flax.linen.Conv`` (same ``kernel``/``bias`` parameters, so
 checkpoints move between backends) that uses :func:`conv2d` on CPU and XLA's own
 convolution elsewhere (cuDNN on GPU, TPU convolutions), chosen when the model is traced.
+
+Users' own branches built from *stock* ``flax.linen.Conv`` get the same speed-up without a
+code change: :func:`reroute_flax_convs` is a Flax method interceptor, active while
+:class:`~stochastic_depth_jax.StochasticDepth` runs its branch on CPU, that hands each
+``nn.Conv`` the drop-in :func:`conv_general_dilated` (same parameters, same numbers; cases
+it does not cover fall back to ``lax.conv_general_dilated``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -32,7 +38,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv2d", "Conv", "CONV_IMPLEMENTATIONS"]
+__all__ = [
+    "conv2d",
+    "conv_general_dilated",
+    "reroute_flax_convs",
+    "Conv",
+    "CONV_IMPLEMENTATIONS",
+    "REROUTE_CONVS",
+]
 
 Array = Any
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -90,6 +103,89 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
         return _conv_s1(x[:, ::sh, ::sw, :], w, pads)  # 1x1: subsample first, exact
     y = _conv_s1(x, w, pads)
     return y if (sh, sw) == (1, 1) else y[:, ::sh, ::sw, :]
+
+
+def _nhwc_numbers(lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any) -> bool:
+    """True if ``dimension_numbers`` describe NHWC x HWIO -> NHWC (what ``nn.Conv`` uses)."""
+    if lhs_ndim != 4 or rhs_ndim != 4:
+        return False
+    shape = (1, 1, 1, 1)
+    given = lax.conv_dimension_numbers(shape, shape, dimension_numbers)
+    return given == lax.conv_dimension_numbers(shape, shape, _DN)
+
+
+def _unit(dilation: Any) -> bool:
+    return dilation is None or all(int(d) == 1 for d in dilation)
+
+
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                         padding: Any, lhs_dilation: Any = None, rhs_dilation: Any = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None) -> Array:
+    """Drop-in for ``lax.conv_general_dilated`` that uses :func:`conv2d` where it can.
+
+    :func:`conv2d` covers 2-D NHWC x HWIO convolutions with any strides and padding (a
+    string or explicit pairs), no dilation, one feature group, one batch group, default
+    precision and operands of one dtype; every other call goes to
+    ``lax.conv_general_dilated`` unchanged. Shapes as ``lax.conv_general_dilated``, e.g.
+    ``[batch, H, W, C_in] x [kh, kw, C_in, C_out] -> [batch, H_out, W_out, C_out]``.
+    """
+    covered = (
+        _nhwc_numbers(jnp.ndim(lhs), jnp.ndim(rhs), dimension_numbers)
+        and _unit(lhs_dilation) and _unit(rhs_dilation)
+        and feature_group_count == 1 and batch_group_count == 1
+        and precision is None and preferred_element_type is None
+        and jnp.result_type(lhs) == jnp.result_type(rhs)
+    )
+    if not covered:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+    strides = tuple(int(s) for s in window_strides)
+    pads = _explicit_padding(padding, rhs.shape[:2], lhs.shape, strides)
+    return conv2d(lhs, rhs, strides, pads)
+
+
+# When StochasticDepth reroutes stock nn.Conv layers: 'auto' = on the CPU backend only (where
+# XLA's own gradient convolutions are slow inside cond/scan), 'always', 'never'.
+REROUTE_CONVS = ("auto", "always", "never")
+
+
+def _reroute_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    stock = (isinstance(module, nn.Conv) and context.method_name == "__call__"
+             and module.conv_general_dilated is None
+             and module.conv_general_dilated_cls is None)
+    if not stock:
+        return next_fun(*args, **kwargs)
+    # Linen modules are frozen dataclasses; the field is swapped for this call only and
+    # restored, so the module (and its parameters: same names, shapes, init) is unchanged.
+    object.__setattr__(module, "conv_general_dilated", conv_general_dilated)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        object.__setattr__(module, "conv_general_dilated", None)
+
+
+@contextlib.contextmanager
+def reroute_flax_convs(when: str = "always"):
+    """Context in which stock ``flax.linen.Conv`` calls use :func:`conv_general_dilated`.
+
+    Applies to ``nn.Conv`` (and subclasses) that set neither ``conv_general_dilated`` nor
+    ``conv_general_dilated_cls``; parameters, initialisation and results are unchanged (to
+    float rounding), only the gradient's formulation differs. ``when`` is one of
+    :data:`REROUTE_CONVS`; ``'auto'`` reroutes on the CPU backend only.
+    """
+    if when not in REROUTE_CONVS:
+        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
+    if when == "never" or (when == "auto" and jax.default_backend() != "cpu"):
+        yield
+        return
+    with nn.intercept_methods(_reroute_interceptor):
+        yield
 
 
 def _explicit_padding(padding: Any, kernel: Sequence[int], x_shape, strides) -> Pads:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from stochastic_depth_jax import ops
-from stochastic_depth_jax.conv import Conv
+from stochastic_depth_jax.conv import REROUTE_CONVS, Conv, reroute_flax_convs
 
 __all__ = [
     "BatchNorm",
@@ -122,6 +122,11 @@ class StochasticDepth(nn.Module):
         ``lax.scan``, a ``lax.cond`` under ``grad`` must fill the skipped branch's residuals
         with zeros; saving fewer residuals makes a skipped block cheaper.
       rng_collection: the rng stream gates are drawn from.
+      reroute_convs: whether stock ``flax.linen.Conv`` layers inside the branch compute
+        through :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and
+        numbers, a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU
+        backend), ``'always'`` or ``'never'``. See :func:`~stochastic_depth_jax.conv.
+        reroute_flax_convs`.
     """
 
     branch: nn.Module
@@ -131,6 +136,7 @@ class StochasticDepth(nn.Module):
     implementation: str = "skip"
     remat: str = "none"
     rng_collection: str = "stochastic_depth"
+    reroute_convs: str = "auto"
 
     @nn.compact
     def __call__(
@@ -158,6 +164,9 @@ class StochasticDepth(nn.Module):
         ops.validate_options(self.mode, self.scaling, self.implementation)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat {self.remat!r}; valid: {sorted(REMAT_POLICIES)}.")
+        if self.reroute_convs not in REROUTE_CONVS:
+            raise ValueError(f"Unknown reroute_convs {self.reroute_convs!r}; "
+                             f"valid: {list(REROUTE_CONVS)}.")
         p = self.survival_prob if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)
@@ -213,7 +222,8 @@ def _keep_stats_if_dropped(call: Callable[..., Array], gate: Array) -> Callable[
 
 
 def _call_branch(module: StochasticDepth, x: Array, *, args: tuple, kwargs: dict) -> Array:
-    return module.branch(x, *args, **kwargs)
+    with reroute_flax_convs(module.reroute_convs):
+        return module.branch(x, *args, **kwargs)
 
 
 def _branch_output(branch: nn.Module, x: Array) -> jax.ShapeDtypeStruct:

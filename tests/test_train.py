@@ -106,6 +106,11 @@ def test_short_run_learns_and_writes_outputs(trained):
     assert summary["best"]["epoch"] in (1, 2, 3, 4) and summary["steps"] == 16
     run = json.load(open(os.path.join(workdir, "run.json")))
     assert len(run["data"]["mean"]) == 3 and run["code_version"]["package"]
+    # model.implementation='auto' resolved for the CPU and recorded with its reason.
+    assert run["implementation"]["requested"] == "auto"
+    assert (run["implementation"]["implementation"], run["implementation"]["compact_multiple"]) \
+        == ("skip", 0) and run["implementation"]["reason"]
+    assert summary["compilation"]["programs"] > 0 and summary["compilation"]["compile_s"] > 0
     assert os.listdir(os.path.join(workdir, "checkpoints_best"))
 
 

@@ -8,7 +8,8 @@ Modules: ``config`` (overrides, validation, registries), ``optim`` (Torch-style 
 step schedule), ``state`` (TrainState), ``step`` (sharded jitted steps), ``checkpoint``
 (Orbax, corruption handling), ``metrics``/``progress``/``plots`` (outputs), ``setup``
 (build a run from a config), ``loop`` (``train_and_evaluate``), ``evaluate``,
-``distributed`` (multi-host start-up, mesh).
+``distributed`` (multi-host start-up, mesh), ``implementation`` (``model.implementation=
+'auto'`` per platform), ``compilation`` (persistent compilation cache, compile counts).
 """
 
 from stochastic_depth_jax.training.checkpoint import (

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from stochastic_depth_jax import errors, layers, models, ops, schedules
-from stochastic_depth_jax.training import optim
+from stochastic_depth_jax.training import implementation, optim
 
 __all__ = [
     "DTYPES",
@@ -136,12 +136,13 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     _check_choice(m.dtype, DTYPES, "model.dtype")
     _check_choice(m.block, models.CIFAR_BLOCKS, "model.block")
     _check_choice(m.shortcut, layers.SHORTCUTS, "model.shortcut")
-    _check_choice(m.implementation, ops.IMPLEMENTATIONS, "model.implementation")
+    _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
     _check_choice(m.remat, layers.REMAT_POLICIES, "model.remat")
     _check(
         isinstance(m.compact_multiple, int) and m.compact_multiple >= 0,
-        f"model.compact_multiple={m.compact_multiple!r} must be an integer >= 0 (0: off; 4 is "
-        f"a good GPU value)",
+        f"model.compact_multiple={m.compact_multiple!r} must be an integer >= 0 (0: off, or "
+        f"chosen by implementation='auto'; {implementation.DEFAULT_COMPACT_MULTIPLE} is a good "
+        f"GPU value)",
     )
     _check(
         m.compact_multiple == 0 or m.mode == "batch",
@@ -237,6 +238,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     for field, n in config.fake_data.items():
         _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
+    _check(
+        isinstance(config.compilation_cache_dir, str),
+        f"compilation_cache_dir={config.compilation_cache_dir!r} must be 'auto', a path or '' "
+        "(off)",
+    )
     _check_choice(config.init_rng_impl, INIT_RNG_IMPLS, "init_rng_impl")
     _check_choice(config.select_best_by, SELECT_BEST_BY, "select_best_by")
     return config

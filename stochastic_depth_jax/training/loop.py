@@ -22,6 +22,7 @@ import numpy as np
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
+from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
@@ -229,7 +230,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
 
 def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     path = os.path.join(run.workdir, evaluate_lib.RUN_FILE)
-    meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh)
+    meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh, run.setup.implementation)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
@@ -251,6 +252,11 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, dat
             "--config.select_best_by=test or train."
         )
     setup = setup_lib.build_for_dataset(config, ds)
+    if jax.process_index() == 0:
+        r = setup.implementation
+        mode = f"compact mode, multiple {r.compact_multiple}" if r.compact_multiple else r.implementation
+        print(f"Skipping implementation ({r.requested} on {r.platform}): {mode}; {r.reason}",
+              flush=True)
     splits = {
         "train": data_lib.put_on_devices(ds.train, setup.mesh),
         "test": data_lib.put_on_devices(ds.test, setup.mesh),
@@ -282,7 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns:
       The summary: the final epoch's record, the best-by-validation epoch with its test
-      error (the number the paper reports), compile and training times.
+      error (the number the paper reports), compile and training times, and
+      ``compilation``: programs compiled (or loaded from the persistent cache) this
+      session, seconds spent, cache hits and the cache directory.
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
@@ -317,6 +325,21 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     mesh = distributed.make_mesh()  # Fail fast, before any data is prepared.
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    cache_dir = compilation.cache_dir_for(config.compilation_cache_dir)
+    compilation.use_cache_dir(cache_dir)
+    with compilation.CompileStats() as stats:
+        summary = _train_and_evaluate(config, workdir)
+    summary["compilation"] = {**stats.to_json(), "cache_dir": cache_dir or None}
+    _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    if jax.process_index() == 0:
+        print(f"Compiled {stats.programs} programs in {stats.compile_s:.1f}s "
+              f"({stats.cache_hits} loaded from the persistent cache"
+              f"{' at ' + cache_dir if cache_dir else ', which is off'}); "
+              f"tracing and lowering {stats.trace_and_lower_s:.1f}s.", flush=True)
+    return summary
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     run, ds = _prepare(config, workdir)
     try:
         _resume_or_init(run, ds.image_shape)

@@ -22,6 +22,7 @@ from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.models import CifarResNet
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed, optim, step as step_lib
+from stochastic_depth_jax.training import implementation as implementation_lib
 from stochastic_depth_jax.training import state as state_lib
 
 __all__ = [
@@ -67,9 +68,16 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Datas
     )
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarResNet:
-    """The ``CifarResNet`` described by ``config.model``."""
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                implementation: str | None = None) -> CifarResNet:
+    """The ``CifarResNet`` described by ``config.model``.
+
+    ``implementation`` overrides ``model.implementation`` (``build`` passes the resolved
+    one); by default ``'auto'`` is resolved for ``jax.default_backend()``.
+    """
     m = config.model
+    if implementation is None:
+        implementation = implementation_lib.resolve(m, jax.default_backend()).implementation
     return CifarResNet(
         depth=m.depth,
         num_classes=num_classes,
@@ -81,7 +89,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarRes
         width=m.width,
         scan=m.scan,
         block=m.block,
-        implementation=m.implementation,
+        implementation=implementation,
         remat=m.remat,
         dtype=config_lib.DTYPES[m.dtype],
     )
@@ -100,6 +108,7 @@ class Setup:
     optimizer: Any
     train_step: Callable[..., state_lib.TrainState]
     eval_step: Callable[..., Any]
+    implementation: implementation_lib.Resolved | None = None
 
     def init_state(self, image_shape: tuple[int, int, int]) -> state_lib.TrainState:
         """A freshly initialised, replicated train state."""
@@ -127,7 +136,9 @@ def build(
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spe = data_lib.steps_per_epoch(num_train, config.batch_size)
-    model = build_model(config, num_classes)
+    # Resolved once, for the platform the run's devices are on; run.json records it.
+    resolved = implementation_lib.resolve(config.model, mesh.devices.flat[0].platform)
+    model = build_model(config, num_classes, resolved.implementation)
     optimizer = optim.make_optimizer(config, spe)
     keys = step_lib.StepKeys.from_seed(config.seed, config.init_rng_impl)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -141,7 +152,7 @@ def build(
         mean=mean,
         std=std,
         augment=augment,
-        compact_multiple=config.model.compact_multiple,
+        compact_multiple=resolved.compact_multiple,
     )
     return Setup(
         config,
@@ -153,6 +164,7 @@ def build(
         optimizer,
         train_step,
         step_lib.make_eval_step(model, mesh),
+        resolved,
     )
 
 
@@ -205,10 +217,17 @@ def code_version() -> dict[str, Any]:
 
 
 def run_metadata(
-    config: ml_collections.ConfigDict, ds: data_lib.Dataset, mesh: jax.sharding.Mesh
+    config: ml_collections.ConfigDict,
+    ds: data_lib.Dataset,
+    mesh: jax.sharding.Mesh,
+    implementation: implementation_lib.Resolved | None = None,
 ) -> dict[str, Any]:
-    """What ``run.json`` records: config, data statistics, code version, devices."""
+    """What ``run.json`` records: config, data statistics, code version, devices, and the
+    resolved skipping implementation (with the reason)."""
+    if implementation is None:
+        implementation = implementation_lib.resolve(config.model, mesh.devices.flat[0].platform)
     return {
+        "implementation": implementation.to_json(),
         "config": json.loads(config.to_json()),
         "data": {
             "name": ds.name,

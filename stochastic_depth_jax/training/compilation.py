@@ -1,0 +1,109 @@
+"""JAX's persistent compilation cache for runs, and a count of what a run compiled.
+
+A resumed or repeated run finds its programs in the cache instead of compiling them again
+(compact mode compiles one program per bucket tuple, so this matters most there). The
+directory is ``config.compilation_cache_dir``:
+
+* ``'auto'`` (default): ``JAX_COMPILATION_CACHE_DIR`` if set, else
+  ``$XDG_CACHE_HOME/stochastic_depth_jax/jax`` (``~/.cache/...`` without XDG_CACHE_HOME);
+* a path: that directory;
+* ``''``: no persistent cache.
+
+JAX caches only programs that took at least ``jax_persistent_cache_min_compile_time_secs``
+(default 1 s) to compile. The cache is trusted code: do not share its directory with users
+you do not trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Any
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+__all__ = ["cache_dir_for", "use_cache_dir", "CompileStats"]
+
+# Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
+_COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
+_TRACE = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+
+def cache_dir_for(setting: str | None, environ: Any = os.environ) -> str:
+    """The cache directory ``config.compilation_cache_dir=setting`` means ('' = none)."""
+    if not setting:
+        return ""
+    if setting != "auto":
+        return os.path.abspath(os.path.expanduser(setting))
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "stochastic_depth_jax", "jax")
+
+
+def use_cache_dir(path: str) -> None:
+    """Points JAX's persistent compilation cache at ``path`` ('' turns it off)."""
+    current = jax.config.jax_compilation_cache_dir or ""
+    if path == current:
+        return
+    if path:
+        os.makedirs(path, exist_ok=True)
+    compilation_cache.set_cache_dir(path or None)
+    # JAX opens the cache once per process; re-open it at the new place on the next compile.
+    compilation_cache.reset_cache()
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """Counts XLA compilations while active (a context manager)::
+
+        with CompileStats() as stats:
+            ...  # train
+        stats.to_json()  # {'programs': 3, 'compile_s': 12.1, 'cache_hits': 0, ...}
+
+    Attributes:
+      programs: programs obtained from the backend (compiled, or loaded from the cache).
+      compile_s: seconds spent on them (compiling or loading).
+      cache_hits: how many of them came from the persistent cache.
+      trace_and_lower_s: seconds spent tracing and lowering to MLIR.
+    """
+
+    programs: int = 0
+    compile_s: float = 0.0
+    cache_hits: int = 0
+    trace_and_lower_s: float = 0.0
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def _on_duration(self, event: str, seconds: float, **_: Any) -> None:
+        with self._lock:
+            if event == _COMPILE:
+                self.programs += 1
+                self.compile_s += seconds
+            elif event in (_TRACE, _LOWER):
+                self.trace_and_lower_s += seconds
+
+    def _on_event(self, event: str, **_: Any) -> None:
+        if event == _CACHE_HIT:
+            with self._lock:
+                self.cache_hits += 1
+
+    def __enter__(self) -> "CompileStats":
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
+        jax.monitoring.unregister_event_listener(self._on_event)
+
+    def to_json(self) -> dict[str, Any]:
+        """The counts, seconds rounded to milliseconds."""
+        return {"programs": self.programs, "compile_s": round(self.compile_s, 3),
+                "cache_hits": self.cache_hits,
+                "trace_and_lower_s": round(self.trace_and_lower_s, 3)}

@@ -1,0 +1,102 @@
+"""Stock flax.linen.Conv layers inside StochasticDepth are rerouted to the CPU-friendly conv
+with unchanged parameters, values and gradients; unsupported configurations fall back."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stochastic_depth_jax import StochasticDepth
+from stochastic_depth_jax.conv import reroute_flax_convs
+
+# nn.Conv keyword sets: strides, padding modes, groups (falls back), bias, dilation (falls back).
+CONV_CONFIGS = [
+    dict(kernel_size=(3, 3)),
+    dict(kernel_size=(3, 3), strides=2, use_bias=False),
+    dict(kernel_size=(3, 3), padding="VALID"),
+    dict(kernel_size=(2, 3), strides=(2, 1), padding=((1, 2), (0, 1))),
+    dict(kernel_size=(3, 3), padding="CIRCULAR"),
+    dict(kernel_size=(1, 1), strides=2),
+    dict(kernel_size=(3, 3), feature_group_count=2),
+    dict(kernel_size=(3, 3), kernel_dilation=2),
+]
+
+
+class Branch(nn.Module):
+    """conv (config under test) - BN - ReLU - conv 3x3 SAME, stock Flax layers."""
+
+    conv_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        y = nn.Conv(4, **self.conv_kwargs)(x)
+        y = nn.relu(nn.BatchNorm(use_running_average=not train)(y))
+        return nn.Conv(4, (3, 3))(y)
+
+    def output_struct(self, x):
+        return jax.eval_shape(lambda v: self.clone(parent=None).init_with_output(
+            jax.random.key(0), v, train=False)[0], x)
+
+
+def _wrapped(conv_kwargs, reroute):
+    return StochasticDepth(Branch(conv_kwargs, parent=None), survival_prob=0.5,
+                           reroute_convs=reroute)
+
+
+def _uses_custom_conv(fn, *args):
+    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.parametrize("conv_kwargs", CONV_CONFIGS)
+def test_rerouted_branch_matches_stock(conv_kwargs):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8, 4))
+    fast, stock = _wrapped(conv_kwargs, "always"), _wrapped(conv_kwargs, "never")
+    v_fast = fast.init(jax.random.key(1), x, deterministic=True, train=False)
+    v_stock = stock.init(jax.random.key(1), x, deterministic=True, train=False)
+    # Same parameter names, shapes and initial values: checkpoints are interchangeable.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, v_fast, v_stock)
+
+    def loss(module, params, gate):
+        y, upd = module.apply({**v_stock, "params": params}, x, deterministic=False,
+                              gate=gate, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, upd)
+
+    for gate in (True, False):
+        (l_f, (y_f, u_f)), g_f = jax.jit(jax.value_and_grad(
+            lambda p: loss(fast, p, gate), has_aux=True))(v_stock["params"])
+        (l_s, (y_s, u_s)), g_s = jax.jit(jax.value_and_grad(
+            lambda p: loss(stock, p, gate), has_aux=True))(v_stock["params"])
+        np.testing.assert_allclose(y_f, y_s, rtol=1e-5, atol=1e-5)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                                       atol=1e-4), g_f, g_s)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                                       atol=1e-6), u_f, u_s)
+    fallback = "feature_group_count" in conv_kwargs or "kernel_dilation" in conv_kwargs
+    first = nn.Conv(4, **conv_kwargs)
+    w = first.init(jax.random.key(2), x)
+    with reroute_flax_convs("always"):
+        rerouted = _uses_custom_conv(lambda v: first.apply(w, v), x)
+    assert rerouted != fallback
+
+
+def test_auto_reroutes_on_cpu_only_and_never_leaves_stock():
+    x = jnp.ones((1, 6, 6, 3))
+    conv = nn.Conv(2, (3, 3))
+    w = conv.init(jax.random.key(0), x)
+    with reroute_flax_convs("auto"):
+        assert _uses_custom_conv(lambda v: conv.apply(w, v), x) == (jax.default_backend() == "cpu")
+    with reroute_flax_convs("never"):
+        assert not _uses_custom_conv(lambda v: conv.apply(w, v), x)
+    # Outside the context the module is stock again (the swapped field was restored).
+    assert not _uses_custom_conv(lambda v: conv.apply(w, v), x)
+
+
+def test_user_conv_function_is_respected_and_bad_option_rejected():
+    x = jnp.ones((1, 6, 6, 3))
+    conv = nn.Conv(2, (3, 3), conv_general_dilated=jax.lax.conv_general_dilated)
+    w = conv.init(jax.random.key(0), x)
+    with reroute_flax_convs("always"):
+        assert not _uses_custom_conv(lambda v: conv.apply(w, v), x)
+    with pytest.raises(ValueError, match="reroute_convs"):
+        _wrapped({"kernel_size": (3, 3)}, "sometimes").init(
+            jax.random.key(0), jnp.ones((1, 6, 6, 4)), deterministic=True, train=False)
