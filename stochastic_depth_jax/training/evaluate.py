@@ -7,6 +7,7 @@ numbers every time (fixed batch plan, masked padding, no randomness).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -21,7 +22,14 @@ from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import setup as setup_lib
 
-__all__ = ["evaluate_split", "evaluate_checkpoint", "load_run_config", "RUN_FILE"]
+__all__ = [
+    "evaluate_split",
+    "evaluate_checkpoint",
+    "load_run_config",
+    "restore_run",
+    "RestoredRun",
+    "RUN_FILE",
+]
 
 RUN_FILE = "run.json"
 
@@ -62,19 +70,39 @@ def _parse_which(which: str | int) -> tuple[str, int | None]:
     raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {which!r}")
 
 
-def evaluate_checkpoint(
-    workdir: str, checkpoint: str | int = "best", split: str = "test"
-) -> dict[str, Any]:
-    """Restores a checkpoint of the run in ``workdir`` and evaluates one split.
+@dataclasses.dataclass
+class RestoredRun:
+    """A training run's checkpoint restored for evaluation or analysis.
 
-    Args:
-      workdir: a training run's directory (holds ``run.json`` and checkpoints).
-      checkpoint: 'best', 'latest' or a step number (of the 'latest' series; a step of the
-        best series is found there too).
-      split: 'test' or 'validation'.
+    Attributes:
+      config: the run's validated config; ds: its dataset (host splits); setup: model,
+      mesh and steps built exactly as in training; state: the restored ``TrainState``;
+      mean, std: float32 ``[C]`` normalisation; kind: 'latest' or 'best'; meta: the
+      checkpoint's metadata (``step``, ``epoch``, ...).
+    """
 
-    Returns:
-      ``{'checkpoint', 'step', 'epoch', 'split', 'error', 'loss', 'count'}``.
+    config: ml_collections.ConfigDict
+    ds: data_lib.Dataset
+    setup: setup_lib.Setup
+    state: Any
+    mean: np.ndarray
+    std: np.ndarray
+    kind: str
+    meta: dict[str, Any]
+
+    def device_split(self, split: str) -> data_lib.DeviceSplit:
+        """``'test'`` or ``'validation'`` placed on the run's mesh."""
+        host_split = {"test": self.ds.test, "validation": self.ds.validation}[split]
+        if host_split is None:
+            raise ValueError(f"The run has no {split} split.")
+        return data_lib.put_on_devices(host_split, self.setup.mesh)
+
+
+def restore_run(workdir: str, checkpoint: str | int = "best") -> RestoredRun:
+    """Rebuilds the run in ``workdir`` from ``run.json`` and restores one checkpoint.
+
+    ``checkpoint``: 'best', 'latest' or a step number (of the 'latest' series; a step of
+    the best series is found there too).
     """
     config, meta = load_run_config(workdir)
     kind, step = _parse_which(checkpoint)
@@ -95,17 +123,35 @@ def evaluate_checkpoint(
     abstract = setup_lib.abstract_state(setup, ds.image_shape)
     state, ckpt_meta = ckpts.restore(kind, abstract, step)
     ckpts.close()
-    host_split = {"test": ds.test, "validation": ds.validation}[split]
-    if host_split is None:
-        raise ValueError(f"The run has no {split} split.")
-    dev = data_lib.put_on_devices(host_split, setup.mesh)
+    return RestoredRun(config, ds, setup, state, mean, std, kind, ckpt_meta)
+
+
+def evaluate_checkpoint(
+    workdir: str, checkpoint: str | int = "best", split: str = "test"
+) -> dict[str, Any]:
+    """Restores a checkpoint of the run in ``workdir`` and evaluates one split.
+
+    Args:
+      workdir: a training run's directory (holds ``run.json`` and checkpoints).
+      checkpoint: 'best', 'latest' or a step number (see :func:`restore_run`).
+      split: 'test' or 'validation'.
+
+    Returns:
+      ``{'checkpoint', 'step', 'epoch', 'split', 'error', 'loss', 'count'}``.
+    """
+    run = restore_run(workdir, checkpoint)
     result = evaluate_split(
-        setup.eval_step, state, dev, batch_size=config.eval_batch_size, mean=mean, std=std
+        run.setup.eval_step,
+        run.state,
+        run.device_split(split),
+        batch_size=run.config.eval_batch_size,
+        mean=run.mean,
+        std=run.std,
     )
     return {
-        "checkpoint": kind,
-        "step": int(ckpt_meta["step"]),
-        "epoch": ckpt_meta.get("epoch"),
+        "checkpoint": run.kind,
+        "step": int(run.meta["step"]),
+        "epoch": run.meta.get("epoch"),
         "split": split,
         **result,
     }
