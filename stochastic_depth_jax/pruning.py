@@ -347,7 +347,9 @@ def throughput(model: Any, variables: Any, image_shape: Sequence[int], *, batch_
     Compiles and warms up first; reports the median and spread over ``repeats`` timed
     calls of one batch ``[batch_size, *image_shape]``.
     """
-    x = jnp.zeros((batch_size, *image_shape), jnp.float32)
+    device = jax.devices()[0]  # one device, whatever the variables' sharding
+    variables = jax.device_put(variables, device)
+    x = jax.device_put(jnp.zeros((batch_size, *image_shape), jnp.float32), device)
     fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
     jax.block_until_ready(fn(variables, x))
     times = []
@@ -362,22 +364,22 @@ def throughput(model: Any, variables: Any, image_shape: Sequence[int], *, batch_
 
 
 def depth_curve(model: Any, variables: Any, order: Sequence[int], *,
-                splits: dict[str, Batches], image_shape: Sequence[int],
+                evaluators: dict[str, SubNetworkEvaluator], image_shape: Sequence[int],
                 throughput_batch: int = 128, repeats: int = 5,
                 measure_every: int = 1) -> list[dict[str, Any]]:
     """Error on each split and measured throughput as blocks are removed in ``order``.
 
     Point k (k = 0..len(order)) removes ``order[:k]``. Errors come from the full model with
-    those blocks gated off (:class:`SubNetworkEvaluator`); throughput and parameter count
-    come from the exported pruned model (:func:`prune`), the thing one would deploy, every
-    ``measure_every`` points and at both ends.
+    those blocks gated off (``evaluators``: split name -> :class:`SubNetworkEvaluator`);
+    throughput and parameter count come from the exported pruned model (:func:`prune`),
+    the thing one would deploy, every ``measure_every`` points and at both ends.
 
     Returns:
       one dict per point: ``blocks_kept``, ``removed`` (0-based indices), ``<split>_error``,
-      ``<split>_loss``, ``num_params``, and ``images_per_s`` where measured.
+      ``<split>_loss``, and where measured ``num_params``, ``images_per_s`` and
+      ``throughput_s_min_max`` (fastest and slowest timed batch).
     """
     L = model.num_blocks()
-    evaluators = {name: SubNetworkEvaluator(model, variables, b) for name, b in splits.items()}
     points = []
     for k in range(len(order) + 1):
         keep = keep_mask(L, order[:k])

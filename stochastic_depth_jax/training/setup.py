@@ -67,9 +67,13 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Datas
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarResNet:
-    """The ``CifarResNet`` described by ``config.model``."""
+    """The ``CifarResNet`` (or ``WideResNet``, ``model.name='wide_resnet'``) described by
+    ``config.model``."""
     m = config.model
-    return CifarResNet(
+    name = m.get("name", "cifar_resnet")
+    extra = {"widen_factor": m.widen_factor} if name == "wide_resnet" else {}
+    return config_lib.MODELS[name](
+        **extra,
         depth=m.depth,
         num_classes=num_classes,
         final_survival_prob=float(m.final_survival_prob),
