@@ -7,7 +7,7 @@ Recipe:   the common WRN CIFAR recipe (Zagoruyko & Komodakis, 2016): SGD, Nester
           0.9, weight decay 5e-4, lr 0.1 times 0.2 at epochs 60, 120, 160, batch 128,
           pre-activation blocks, projection shortcuts. Dropout inside the blocks (the WRN
           paper's optional 0.3) is not offered.
-Reference: WRN paper, Table 4: WRN-28-10 CIFAR-100+ test error 20.50% (no dropout, no
+Paper:    WRN paper, Table 4: WRN-28-10 CIFAR-100+ test error 20.50% (no dropout, no
           stochastic depth). p_L = 0.8 is our choice (the stochastic-depth paper has no
           wide nets); sweep it: python sweep.py --config cifar100_wrn --depths 28
           --p-last 0.5,0.8,1.0 --root runs/wrn

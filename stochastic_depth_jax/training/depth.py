@@ -74,7 +74,8 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best", order: str 
     any) and test splits; throughput is of each exported pruned model on one device.
 
     Returns:
-      ``{'source', 'order_rule', 'order', 'points', 'png', 'json'}``.
+      ``{'figure', 'sources', 'order_rule', 'order', 'device', 'points', 'png', 'json'}``
+      (also the content of the JSON file).
     """
     run = evaluate_lib.restore_run(workdir, checkpoint)
     evaluators = _evaluators(run)
@@ -89,11 +90,11 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best", order: str 
     _, sidecar = figures.plot_depth_curve(
         points, png, [source],
         title=f"{run.config.dataset}, depth {run.config.model.depth}, order '{order}'")
-    result = {"source": source, "order_rule": order, "order": removal,
-              "device": jax.devices()[0].device_kind, "points": points, "png": png,
-              "json": sidecar}
+    result = {"figure": os.path.basename(png), "sources": [source], "order_rule": order,
+              "order": removal, "device": jax.devices()[0].device_kind, "points": points,
+              "png": png, "json": sidecar}
     with open(sidecar, "w") as f:  # the figure's sidecar, with the order and device added
-        json.dump({"figure": os.path.basename(png), "sources": [source], **result}, f, indent=2)
+        json.dump(result, f, indent=2)
     return result
 
 

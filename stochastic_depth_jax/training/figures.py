@@ -94,6 +94,7 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
             right.plot(*zip(*fast), "o-", ms=3, label=split)
     left.set_xlabel("residual blocks kept")
     left.invert_xaxis()
+    left.xaxis.get_major_locator().set_params(integer=True)
     right.set_xlabel("inference images/s (pruned model, measured)")
     for ax in (left, right):
         ax.set_ylabel("error (%)")
