@@ -137,7 +137,7 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
         },
     }
     pruning.save_pruned(output, pruned, jax.device_get(pvars), record)
-    return {"output": os.path.abspath(output), **record}
+    return {"output": output, **record}
 
 
 def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best", split: str = "test",
