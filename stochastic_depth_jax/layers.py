@@ -242,7 +242,11 @@ def _tag(y: Array) -> Array:
 
 
 class _Branch(nn.Module):
-    """Shared fields of the residual branches (not public)."""
+    """Shared fields of the residual branches (not public).
+
+    ``dropout_rate > 0`` adds dropout between the branch's convolutions in training (as Wide
+    ResNets do; rng stream ``'dropout'``); evaluation never drops.
+    """
 
     features: int
     strides: int = 1
@@ -251,6 +255,7 @@ class _Branch(nn.Module):
     act: Callable[[Array], Array] = nn.relu
     dtype: Any = None
     zero_init_last: bool = False
+    dropout_rate: float = 0.0
 
     expansion = 1
 
@@ -274,6 +279,11 @@ class _Branch(nn.Module):
             name=name,
         )
 
+    def _dropout(self, y: Array, train: bool) -> Array:
+        if not self.dropout_rate:
+            return y
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
     def _last_norm(self, name: str) -> nn.Module:
         init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         return self.norm(dtype=self.dtype, scale_init=init, name=name)
@@ -289,7 +299,7 @@ class BasicBranch(_Branch):
     def __call__(self, x: Array, *, train: bool) -> Array:
         y = _tag(self._conv(self.features, 3, self.strides, "conv1")(x))
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
-        y = _tag(self._conv(self.features, 3, 1, "conv2")(y))
+        y = _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)))
         return self._last_norm("bn2")(y, train=train)
 
 
@@ -304,7 +314,7 @@ class PreActBranch(_Branch):
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(x, train=train))
         y = _tag(self._conv(self.features, 3, self.strides, "conv1")(y))
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        return _tag(self._conv(self.features, 3, 1, "conv2")(y))
+        return _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)))
 
 
 class BottleneckBranch(_Branch):
@@ -321,7 +331,7 @@ class BottleneckBranch(_Branch):
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
         y = _tag(self._conv(self.features, 3, self.strides, "conv2")(y))
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        y = _tag(self._conv(self.features * 4, 1, 1, "conv3")(y))
+        y = _tag(self._conv(self.features * 4, 1, 1, "conv3")(self._dropout(y, train)))
         return self._last_norm("bn3")(y, train=train)
 
 
@@ -377,6 +387,7 @@ class ResidualBlock(nn.Module):
       post_activation: apply ``act`` after the addition (True for the paper's blocks, False
         for pre-activation blocks).
       mode, scaling, implementation, remat: see :class:`StochasticDepth`.
+      dropout_rate: dropout between the branch's convolutions in training (rng ``'dropout'``).
       has_branch: False for a block deleted from a pruned model: no branch parameters, no
         compute, ``out = act(shortcut(x))``, which is what the block computes when its gate
         is closed.
@@ -396,6 +407,7 @@ class ResidualBlock(nn.Module):
     act: Callable[[Array], Array] = nn.relu
     dtype: Any = None
     zero_init_last: bool = False
+    dropout_rate: float = 0.0
     has_branch: bool = True
 
     @nn.compact
@@ -422,7 +434,8 @@ class ResidualBlock(nn.Module):
             return self.act(out) if self.post_activation else out
         branch = self.branch_cls(
             features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
-            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last, parent=None,
+            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last,
+            dropout_rate=self.dropout_rate, parent=None,
         )
         sd = StochasticDepth(
             branch, mode=self.mode, scaling=self.scaling, implementation=self.implementation,

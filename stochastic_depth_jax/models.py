@@ -69,7 +69,7 @@ def _scanned_body(length: int) -> ModuleDef:
     return nn.scan(
         _ScanBody,
         variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},  # each block its own dropout mask
         length=length,
         in_axes=0,
     )
@@ -228,6 +228,8 @@ class _StochasticResNetBase(nn.Module):
       conv, norm: convolution and normalisation modules (defaults: :class:`conv.Conv`,
         :class:`layers.BatchNorm`).
       zero_init_last: zero-initialise the last BatchNorm scale of each branch.
+      dropout_rate: dropout between each branch's convolutions in training (Wide ResNets;
+        rng stream ``'dropout'``); 0 (default) adds none.
       keep: None, or bool ``[L]`` (a pruned model, see :mod:`stochastic_depth_jax.pruning`):
         blocks marked False are deleted, with no parameters and no compute. Block indices,
         gates and survival probabilities stay those of the full model's L blocks, so a
@@ -245,6 +247,7 @@ class _StochasticResNetBase(nn.Module):
     conv: ModuleDef = Conv
     norm: ModuleDef = layers.BatchNorm
     zero_init_last: bool = False
+    dropout_rate: float = 0.0
     keep: tuple[bool, ...] | None = None
 
     def num_blocks(self) -> int:
@@ -264,6 +267,8 @@ class _StochasticResNetBase(nn.Module):
 
     def _validate_sd(self) -> None:
         ops.validate_options(self.mode, self.scaling, self.implementation)
+        if not 0.0 <= float(self.dropout_rate) < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         if self.keep is not None:
             keep = tuple(bool(k) for k in np.ravel(np.asarray(self.keep)))
             if len(keep) != self.num_blocks():
@@ -326,6 +331,7 @@ class _StochasticResNetBase(nn.Module):
             cls, shortcut=shortcut, mode=self.mode, scaling=self.scaling,
             implementation=self.implementation, remat=self.remat, conv=self.conv,
             norm=self.norm, dtype=self.dtype, zero_init_last=self.zero_init_last,
+            dropout_rate=self.dropout_rate,
         )
 
 

@@ -195,7 +195,8 @@ def sweep_root(tmp_path_factory):
     partial.max_steps = 1
     loop.train_and_evaluate(partial, os.path.join(root, runs[1][0]))
     first_record = metrics.read_metrics(os.path.join(root, runs[1][0]))[0]
-    status = sweep.run_sweep(runs, root)
+    with pytest.warns(UserWarning, match="changed config: max_steps: 1 -> 0"):
+        status = sweep.run_sweep(runs, root)
     return root, runs, status, first_record
 
 
@@ -264,3 +265,24 @@ def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path):
     model, variables, meta = pruning.load_pruned(out)
     assert model.kept_blocks().tolist() == [True, False, False] and meta["removed"] == [2, 1]
     assert record["error"]["test"]["pruned"] == curve["points"][2]["test_error"]
+
+
+def test_dropout_acts_in_training_only_with_its_own_rng_stream():
+    x = X[:2]
+    model = sdj.CifarResNet(depth=14, width=4, num_classes=3, scan=True, dropout_rate=0.5,
+                            final_survival_prob=0.5)
+    plain = model.clone(dropout_rate=0.0)
+    variables = model.init({"params": jax.random.key(1)}, x, train=False)
+    gates = jnp.array([1, 1, 0, 1, 1, 1], bool)
+
+    @jax.jit
+    def train(key):
+        return model.apply(variables, x, train=True, gates=gates, rngs={"dropout": key},
+                           mutable=["batch_stats"])[0]
+
+    a, b = train(jax.random.key(0)), train(jax.random.key(1))
+    np.testing.assert_array_equal(a, train(jax.random.key(0)))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(_eval(model, variables), _eval(plain, variables))
+    with pytest.raises(ValueError, match="dropout_rate must be in \\[0, 1\\)"):
+        sdj.CifarResNet(depth=8, dropout_rate=1.0)

@@ -130,6 +130,9 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
         isinstance(p, (int, float)) and not math.isnan(p) and 0.0 < p <= 1.0,
         f"model.final_survival_prob={p!r} must be in (0, 1] (paper: 0.5; 1.0 = constant depth)",
     )
+    rate = m.get("dropout_rate", 0.0)
+    _check(isinstance(rate, (int, float)) and 0.0 <= rate < 1.0,
+           f"model.dropout_rate={rate!r} must be in [0, 1) (0: none; Wide ResNets: 0.3)")
     _check_choice(m.survival_rule, schedules.SCHEDULES, "model.survival_rule")
     _check_choice(m.mode, ops.MODES, "model.mode")
     _check_choice(m.scaling, ops.SCALINGS, "model.scaling")

@@ -86,6 +86,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarRes
         block=m.block,
         implementation=m.implementation,
         remat=m.remat,
+        dropout_rate=float(m.get("dropout_rate", 0.0)),
         dtype=config_lib.DTYPES[m.dtype],
     )
 
