@@ -124,14 +124,16 @@ class ResidualStages(nn.Module):
                 kw["has_branch"] = False
             first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
             x = first(x, p0, g0, **call_kw)
-            rest = start + 1 + np.flatnonzero(keep[start + 1:start + n])  # kept, in order
+            kept = start + 1 + np.flatnonzero(keep[start + 1:start + n])  # in order
+            # A slice when none is removed: the unpruned program is unchanged (no gather).
+            rest = slice(start + 1, start + n) if len(kept) == n - 1 else kept
             if n > 1 and self._scanned(n - 1):
-                if len(rest):
+                if len(kept):
                     bucket = None if buckets is None else buckets[i]
-                    x = self._scan_stage(i, len(rest), feats, x, probs[rest], gates, rest,
+                    x = self._scan_stage(i, len(kept), feats, x, probs[rest], gates, rest,
                                          call_kw, constant, bucket)
             else:
-                for j in rest - start:
+                for j in kept - start:
                     p = 1.0 if constant else float(probs[start + j])
                     g = None if gates is None else gates[start + j]
                     blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}")
