@@ -3,6 +3,9 @@
   python evaluate.py --workdir ./workdir/cifar10                       # best-by-validation
   python evaluate.py --workdir ./workdir/cifar10 --checkpoint latest
   python evaluate.py --workdir ./workdir/cifar10 --checkpoint 17550 --split validation
+  python evaluate.py --workdir W --depth-curve --order survival    # prune: error vs speed
+  python evaluate.py --workdir W --export /tmp/pruned --remove 20  # save a pruned model
+  python evaluate.py --workdir W --mc-samples 10                   # Monte-Carlo depth
 
 Every block is active and its residual scaled (train=False); the result is printed and
 written to <workdir>/eval_<checkpoint>_<split>.json. The same checkpoint always gives
@@ -19,7 +22,7 @@ import os
 import sys
 
 from stochastic_depth_jax import errors
-from stochastic_depth_jax.training import cli, distributed, workdir as workdir_lib
+from stochastic_depth_jax.training import cli, depth, distributed, workdir as workdir_lib
 
 
 def parse_args(argv):
@@ -31,6 +34,7 @@ def parse_args(argv):
     parser.add_argument("--split", default="test", choices=("test", "validation"))
     parser.add_argument("--output", default=None, help="JSON path (default in the workdir)")
     parser.add_argument("--multihost", action="store_true")
+    depth.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     return parser.parse_args(argv)
 
@@ -55,13 +59,18 @@ def run(args) -> dict:
     distributed.initialize(auto=args.multihost)
     from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
 
-    result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split)
+    analysis = depth.run_from_args(args)  # --depth-curve / --export / --mc-samples
+    if analysis is None:
+        result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split)
+        label = args.checkpoint if "note" not in result else f"step{result['evaluated_step']}"
+        default = os.path.join(args.workdir, f"eval_{label}_{args.split}.json")
+    else:
+        result, default = analysis
     text = json.dumps(result, indent=2)
     print(text, flush=True)
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr, flush=True)
-    label = args.checkpoint if "note" not in result else f"step{result['evaluated_step']}"
-    output = args.output or os.path.join(args.workdir, f"eval_{label}_{args.split}.json")
+    output = args.output or default
     if distributed.is_primary():
         _write(output, text)
     return result

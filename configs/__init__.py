@@ -26,6 +26,7 @@ CONFIGS: dict[str, str] = {
     "cifar100": "configs.cifar100",
     "svhn": "configs.svhn",
     "cifar10_resnet1202": "configs.cifar10_resnet1202",
+    "cifar100_wrn": "configs.cifar100_wrn",
 }
 VARIANTS = (None, "smoke")
 

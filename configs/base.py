@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model (stochastic_depth_jax.CifarResNet). final_survival_prob = p_L; 1.0 = constant depth.
     c.model = ml_collections.ConfigDict()
+    c.model.name = "cifar_resnet"  # or 'wide_resnet' (WRN-d-k, depth 6n+4; configs/cifar100_wrn.py)
+    c.model.widen_factor = 1  # k of WRN-d-k (wide_resnet only)
+    c.model.dropout_rate = 0.0  # dropout between a branch's convs in training (WRN paper: 0.3)
     c.model.depth = 110
     c.model.width = 16
     c.model.final_survival_prob = 0.5

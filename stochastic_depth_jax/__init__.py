@@ -6,8 +6,11 @@ Public API:
 * the framework-free op :func:`stochastic_depth` (and :func:`draw_gates`, :func:`gated_branch`);
 * Flax Linen layers: :class:`StochasticDepth`, :class:`BatchNorm`, :class:`BasicBlock`,
   :class:`PreActBlock`, :class:`BottleneckBlock`, :class:`Shortcut`;
-* models: :class:`CifarResNet`, :class:`ResNet`, :data:`ResNet50`, :data:`ResNet101`,
-  :data:`ResNet152`;
+* models: :class:`CifarResNet`, :class:`WideResNet`, :class:`ResNet`, :data:`ResNet50`,
+  :data:`ResNet101`, :data:`ResNet152`;
+* depth on demand (module :mod:`stochastic_depth_jax.pruning`): :func:`prune`,
+  :func:`save_pruned`, :func:`load_pruned`, :func:`removal_order`, :func:`depth_curve`,
+  :func:`mc_evaluate`, :class:`SubNetworkEvaluator`.
 * :func:`reroute_flax_convs`: the context in which stock ``flax.linen.Conv`` layers use the
   CPU-friendly convolution of :mod:`stochastic_depth_jax.conv` (``StochasticDepth`` enters
   it on CPU by itself).
@@ -32,9 +35,19 @@ from stochastic_depth_jax.models import (
     ResNet50,
     ResNet101,
     ResNet152,
+    WideResNet,
     valid_cifar_depths,
 )
 from stochastic_depth_jax.ops import draw_gates, gated_branch, stochastic_depth
+from stochastic_depth_jax.pruning import (
+    SubNetworkEvaluator,
+    depth_curve,
+    load_pruned,
+    mc_evaluate,
+    prune,
+    removal_order,
+    save_pruned,
+)
 from stochastic_depth_jax.schedules import linear_decay, survival_probabilities, uniform
 
 __version__ = "0.1.0"
@@ -55,9 +68,17 @@ __all__ = [
     "ResidualBlock",
     "Shortcut",
     "StochasticDepth",
+    "SubNetworkEvaluator",
+    "WideResNet",
+    "depth_curve",
     "draw_gates",
     "gated_branch",
     "linear_decay",
+    "load_pruned",
+    "mc_evaluate",
+    "prune",
+    "removal_order",
+    "save_pruned",
     "reroute_flax_convs",
     "stochastic_depth",
     "survival_probabilities",

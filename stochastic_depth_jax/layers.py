@@ -153,10 +153,12 @@ class StochasticDepth(nn.Module):
         Args:
           x: branch input, ``[batch, ...]``.
           *args, **kwargs: forwarded to the branch (static values, e.g. ``train=True``).
-          deterministic: evaluation mode (every branch runs, scaled per ``scaling``).
+          deterministic: evaluation mode: the branch runs scaled per ``scaling`` (p f for
+            ``'test'``); with a ``gate`` it runs only where the gate is open (a fixed
+            sub-network at test time, e.g. a pruned model).
           survival_prob: per-call p (may be traced, e.g. inside ``nn.scan``).
-          gate: a pre-drawn gate (bool scalar or ``[batch]``); drawn from
-            ``rng_collection`` when omitted.
+          gate: a pre-drawn gate (bool scalar or ``[batch]``); in training it is drawn
+            from ``rng_collection`` when omitted.
 
         Returns:
           the gated residual, shaped like ``branch(x)``.
@@ -170,15 +172,17 @@ class StochasticDepth(nn.Module):
         p = self.survival_prob if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)
-        if deterministic:
+        if deterministic and (gate is None or self.is_initializing()):
             return ops.scaled(call(self, x), ops.eval_scale(p, self.scaling))
-        if self.is_initializing() or (gate is None and ops.is_static_one(p)):
+        if not deterministic and (self.is_initializing() or (gate is None and ops.is_static_one(p))):
             return call(self, x)
         if gate is None:
             key = self.make_rng(self.rng_collection)
             shape = () if self.mode == "batch" else (x.shape[0],)
             gate = jax.random.bernoulli(key, p, shape)
-        factor = ops.train_scale(p, self.scaling)
+        # A gated evaluation keeps the evaluation scale on the blocks it runs.
+        scale = ops.eval_scale if deterministic else ops.train_scale
+        factor = scale(p, self.scaling)
         if self.mode == "sample" or self.implementation == "mask":
             if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
                 call = _keep_stats_if_dropped(call, gate)
@@ -248,7 +252,11 @@ def _tag(y: Array) -> Array:
 
 
 class _Branch(nn.Module):
-    """Shared fields of the residual branches (not public)."""
+    """Shared fields of the residual branches (not public).
+
+    ``dropout_rate > 0`` adds dropout between the branch's convolutions in training (as Wide
+    ResNets do; rng stream ``'dropout'``); evaluation never drops.
+    """
 
     features: int
     strides: int = 1
@@ -257,6 +265,7 @@ class _Branch(nn.Module):
     act: Callable[[Array], Array] = nn.relu
     dtype: Any = None
     zero_init_last: bool = False
+    dropout_rate: float = 0.0
 
     expansion = 1
 
@@ -280,6 +289,11 @@ class _Branch(nn.Module):
             name=name,
         )
 
+    def _dropout(self, y: Array, train: bool) -> Array:
+        if not self.dropout_rate:
+            return y
+        return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
     def _last_norm(self, name: str) -> nn.Module:
         init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         return self.norm(dtype=self.dtype, scale_init=init, name=name)
@@ -295,7 +309,7 @@ class BasicBranch(_Branch):
     def __call__(self, x: Array, *, train: bool) -> Array:
         y = _tag(self._conv(self.features, 3, self.strides, "conv1")(x))
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
-        y = _tag(self._conv(self.features, 3, 1, "conv2")(y))
+        y = _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)))
         return self._last_norm("bn2")(y, train=train)
 
 
@@ -310,7 +324,7 @@ class PreActBranch(_Branch):
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(x, train=train))
         y = _tag(self._conv(self.features, 3, self.strides, "conv1")(y))
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        return _tag(self._conv(self.features, 3, 1, "conv2")(y))
+        return _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)))
 
 
 class BottleneckBranch(_Branch):
@@ -327,7 +341,7 @@ class BottleneckBranch(_Branch):
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
         y = _tag(self._conv(self.features, 3, self.strides, "conv2")(y))
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        y = _tag(self._conv(self.features * 4, 1, 1, "conv3")(y))
+        y = _tag(self._conv(self.features * 4, 1, 1, "conv3")(self._dropout(y, train)))
         return self._last_norm("bn3")(y, train=train)
 
 
@@ -383,6 +397,10 @@ class ResidualBlock(nn.Module):
       post_activation: apply ``act`` after the addition (True for the paper's blocks, False
         for pre-activation blocks).
       mode, scaling, implementation, remat: see :class:`StochasticDepth`.
+      dropout_rate: dropout between the branch's convolutions in training (rng ``'dropout'``).
+      has_branch: False for a block deleted from a pruned model: no branch parameters, no
+        compute, ``out = act(shortcut(x))``, which is what the block computes when its gate
+        is closed.
     """
 
     features: int
@@ -399,27 +417,42 @@ class ResidualBlock(nn.Module):
     act: Callable[[Array], Array] = nn.relu
     dtype: Any = None
     zero_init_last: bool = False
+    dropout_rate: float = 0.0
+    has_branch: bool = True
 
     @nn.compact
     def __call__(self, x: Array, survival_prob: Any = 1.0, gate: Any = None, *,
-                 train: bool) -> Array:
+                 train: bool, stochastic: bool | None = None) -> Array:
         """Runs the block on ``x`` ``[batch, H, W, C]``.
 
         Args:
           survival_prob: p_l of this block (static or traced).
-          gate: pre-drawn training gate; drawn from the ``'stochastic_depth'`` stream if
-            None and ``survival_prob`` is not a static 1.
+          gate: pre-drawn gate; in training drawn from the ``'stochastic_depth'`` stream if
+            None and ``survival_prob`` is not a static 1. At evaluation a gate runs the block
+            (scaled as at evaluation) only if open.
           train: training mode (gated, batch statistics) vs evaluation (all blocks, scaled).
+          stochastic: gate the block as in training (default: ``train``). ``train=False,
+            stochastic=True`` is one sampled sub-network with running statistics, for
+            Monte-Carlo evaluation.
         """
+        stochastic = train if stochastic is None else stochastic
+        if not self.has_branch:
+            out_features = self.features * self.branch_cls.expansion
+            shortcut = Shortcut(out_features, self.strides, self.shortcut, conv=self.conv,
+                                norm=self.norm, dtype=self.dtype, name="shortcut")
+            out = shortcut(x, train=train)
+            return self.act(out) if self.post_activation else out
         branch = self.branch_cls(
             features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
-            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last, parent=None,
+            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last,
+            dropout_rate=self.dropout_rate, parent=None,
         )
         sd = StochasticDepth(
             branch, mode=self.mode, scaling=self.scaling, implementation=self.implementation,
             remat=self.remat, name="stochastic_depth",
         )
-        y = sd(x, deterministic=not train, survival_prob=survival_prob, gate=gate, train=train)
+        y = sd(x, deterministic=not stochastic, survival_prob=survival_prob, gate=gate,
+               train=train)
         shortcut = Shortcut(y.shape[-1], self.strides, self.shortcut, conv=self.conv,
                             norm=self.norm, dtype=self.dtype, name="shortcut")
         out = shortcut(x, train=train).astype(y.dtype) + y

@@ -21,6 +21,7 @@ from stochastic_depth_jax.conv import Conv
 
 __all__ = [
     "CifarResNet",
+    "WideResNet",
     "ResNet",
     "ResNet50",
     "ResNet101",
@@ -50,15 +51,17 @@ class _ScanBody(nn.Module):
     block: ModuleDef
     train: bool
     constant: bool
+    stochastic: bool | None = None
 
     @nn.compact
     def __call__(self, x: Array, inputs: tuple) -> tuple[Array, None]:
         block = self.block(name="block")
+        kw = {"train": self.train, "stochastic": self.stochastic}
         if self.constant:
-            return block(x, 1.0, None, train=self.train), None
+            return block(x, 1.0, None, **kw), None
         prob = inputs[0]
         gate = inputs[1] if len(inputs) > 1 else None
-        return block(x, prob, gate, train=self.train), None
+        return block(x, prob, gate, **kw), None
 
 
 def _scanned_body(length: int) -> ModuleDef:
@@ -66,7 +69,7 @@ def _scanned_body(length: int) -> ModuleDef:
     return nn.scan(
         _ScanBody,
         variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},  # each block its own dropout mask
         length=length,
         in_axes=0,
     )
@@ -86,6 +89,9 @@ class ResidualStages(nn.Module):
       stage_strides: stride of each stage's first block.
       block: a block class or partial taking ``(features, strides)``.
       scan: scan stages with at least ``AUTO_SCAN_MIN_BLOCKS`` blocks when None.
+      keep: bool ``[L]`` or None; blocks marked False are deleted (a pruned model): no
+        parameters, no compute. A deleted first block of a stage keeps its shortcut; the
+        kept blocks of a scanned stage form a shorter scan (same stacked layout).
     """
 
     stage_sizes: Sequence[int]
@@ -93,11 +99,19 @@ class ResidualStages(nn.Module):
     stage_strides: Sequence[int]
     block: ModuleDef
     scan: bool | None = None
+    keep: Sequence[bool] | None = None
 
     @nn.compact
     def __call__(self, x: Array, probs: np.ndarray, gates: Array | None, *, train: bool,
-                 constant: bool, buckets: Sequence[int] | None = None) -> Array:
-        """``x`` ``[batch, H, W, C]``; ``probs`` float ``[L]``; ``gates`` ``[L]``/``[L, batch]``."""
+                 constant: bool, buckets: Sequence[int] | None = None,
+                 stochastic: bool | None = None) -> Array:
+        """``x`` ``[batch, H, W, C]``; ``probs`` float ``[L]``; ``gates`` ``[L]``/``[L, batch]``.
+
+        ``stochastic`` (default ``train``): gate the blocks as in training (see
+        :meth:`layers.ResidualBlock.__call__`).
+        """
+        keep = np.ones(sum(self.stage_sizes), bool) if self.keep is None else np.asarray(self.keep)
+        call_kw = {"train": train, "stochastic": stochastic}
         start = 0
         for i, (n, feats, stride) in enumerate(
             zip(self.stage_sizes, self.stage_features, self.stage_strides)
@@ -106,19 +120,24 @@ class ResidualStages(nn.Module):
             g0 = None if gates is None else gates[start]
             # Compact mode runs no conditional: the stage's first block is masked instead.
             kw = {} if buckets is None else {"implementation": "mask"}
+            if not keep[start]:
+                kw["has_branch"] = False
             first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
-            x = first(x, p0, g0, train=train)
-            rest = slice(start + 1, start + n)
+            x = first(x, p0, g0, **call_kw)
+            kept = start + 1 + np.flatnonzero(keep[start + 1:start + n])  # in order
+            # A slice when none is removed: the unpruned program is unchanged (no gather).
+            rest = slice(start + 1, start + n) if len(kept) == n - 1 else kept
             if n > 1 and self._scanned(n - 1):
-                bucket = None if buckets is None else buckets[i]
-                x = self._scan_stage(i, n - 1, feats, x, probs[rest], gates, rest, train,
-                                     constant, bucket)
+                if len(kept):
+                    bucket = None if buckets is None else buckets[i]
+                    x = self._scan_stage(i, len(kept), feats, x, probs[rest], gates, rest,
+                                         call_kw, constant, bucket)
             else:
-                for j in range(1, n):
+                for j in kept - start:
                     p = 1.0 if constant else float(probs[start + j])
                     g = None if gates is None else gates[start + j]
                     blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}")
-                    x = blk(x, p, g, train=train)
+                    x = blk(x, p, g, **call_kw)
             start += n
         return x
 
@@ -149,7 +168,7 @@ class ResidualStages(nn.Module):
             return num_identical >= AUTO_SCAN_MIN_BLOCKS
         return bool(self.scan)
 
-    def _scan_stage(self, i, length, feats, x, probs, gates, rest, train, constant, bucket):
+    def _scan_stage(self, i, length, feats, x, probs, gates, rest, call_kw, constant, bucket):
         name = f"stage{i + 1}_scan"
         if bucket is not None and not self.is_initializing():
             return self._compact_stage(name, length, feats, x, probs, gates[rest], bucket)
@@ -157,8 +176,8 @@ class ResidualStages(nn.Module):
         inputs: tuple = () if constant else (jnp.asarray(probs, jnp.float32),)
         if gates is not None:
             inputs = inputs + (gates[rest],)
-        body = stage(block=functools.partial(self.block, feats, 1), train=train,
-                     constant=constant, name=name)
+        body = stage(block=functools.partial(self.block, feats, 1), train=call_kw["train"],
+                     constant=constant, stochastic=call_kw["stochastic"], name=name)
         x, _ = body(x, inputs)
         return x
 
@@ -211,6 +230,12 @@ class _StochasticResNetBase(nn.Module):
       conv, norm: convolution and normalisation modules (defaults: :class:`conv.Conv`,
         :class:`layers.BatchNorm`).
       zero_init_last: zero-initialise the last BatchNorm scale of each branch.
+      dropout_rate: dropout between each branch's convolutions in training (Wide ResNets;
+        rng stream ``'dropout'``); 0 (default) adds none.
+      keep: None, or bool ``[L]`` (a pruned model, see :mod:`stochastic_depth_jax.pruning`):
+        blocks marked False are deleted, with no parameters and no compute. Block indices,
+        gates and survival probabilities stay those of the full model's L blocks, so a
+        pruned model computes what the full one computes with those blocks' gates closed.
     """
 
     final_survival_prob: float = 0.5
@@ -224,9 +249,17 @@ class _StochasticResNetBase(nn.Module):
     conv: ModuleDef = Conv
     norm: ModuleDef = layers.BatchNorm
     zero_init_last: bool = False
+    dropout_rate: float = 0.0
+    keep: tuple[bool, ...] | None = None
 
     def num_blocks(self) -> int:
         raise NotImplementedError
+
+    def kept_blocks(self) -> np.ndarray:
+        """bool ``[L]``: True for the blocks this model has (all of them unless pruned)."""
+        if self.keep is None:
+            return np.ones(self.num_blocks(), bool)
+        return np.asarray(self.keep, bool)
 
     def survival_probs(self) -> np.ndarray:
         """p_l for l = 1..L, float64 ``[L]`` (all ones for constant depth)."""
@@ -236,25 +269,37 @@ class _StochasticResNetBase(nn.Module):
 
     def _validate_sd(self) -> None:
         ops.validate_options(self.mode, self.scaling, self.implementation)
+        if not 0.0 <= float(self.dropout_rate) < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
+        if self.keep is not None:
+            keep = tuple(bool(k) for k in np.ravel(np.asarray(self.keep)))
+            if len(keep) != self.num_blocks():
+                raise ValueError(f"keep must have one entry per block ({self.num_blocks()}), "
+                                 f"got {len(keep)}.")
+            object.__setattr__(self, "keep", keep)  # hashable, whatever sequence was given
         schedules.survival_probabilities(self.survival_rule, 1, self.final_survival_prob)
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(
                 f"Unknown remat {self.remat!r}; valid: {sorted(layers.REMAT_POLICIES)}."
             )
 
-    def _gates(self, x: Array, gates: Array | None, train: bool) -> tuple[Array | None, bool]:
+    def _gates(self, x: Array, gates: Array | None,
+               stochastic: bool) -> tuple[Array | None, bool]:
         """Returns ``(gates, constant)``; draws gates from ``'stochastic_depth'`` if needed."""
         constant = float(self.final_survival_prob) == 1.0 and gates is None
-        if not train or constant:
+        if gates is None and (not stochastic or constant):
             return None, constant
         if gates is None:
             key = self.make_rng("stochastic_depth")
             gates = ops.draw_gates(key, self.survival_probs(), mode=self.mode,
                                    batch_size=x.shape[0])
-        expected = (self.num_blocks(),) if self.mode == "batch" else (self.num_blocks(), x.shape[0])
-        if tuple(gates.shape) != expected:
-            raise ValueError(f"gates must have shape {expected} for mode={self.mode!r}, "
-                             f"got {tuple(gates.shape)}.")
+        L = self.num_blocks()
+        expected = [(L,)] if self.mode == "batch" else [(L, x.shape[0])]
+        if self.mode == "sample" and not stochastic:
+            expected.append((L,))  # a fixed sub-network at evaluation
+        if tuple(gates.shape) not in expected:
+            raise ValueError(f"gates must have shape {' or '.join(map(str, expected))} for "
+                             f"mode={self.mode!r}, got {tuple(gates.shape)}.")
         # Visible with mutable=['intermediates'] (e.g. to log the sampled depth).
         self.sow("intermediates", "gates", gates)
         return gates, False
@@ -279,6 +324,8 @@ class _StochasticResNetBase(nn.Module):
         if not train or gates is None or self.mode != "batch":
             raise ValueError("buckets (compact mode) need train=True, mode='batch' and the "
                              "gates they were computed from (gates=...).")
+        if self.keep is not None:
+            raise ValueError("buckets (compact mode) cannot be used on a pruned model (keep=...).")
         return tuple(int(b) for b in buckets)
 
     def _block(self, cls: ModuleDef, shortcut: str) -> ModuleDef:
@@ -286,6 +333,7 @@ class _StochasticResNetBase(nn.Module):
             cls, shortcut=shortcut, mode=self.mode, scaling=self.scaling,
             implementation=self.implementation, remat=self.remat, conv=self.conv,
             norm=self.norm, dtype=self.dtype, zero_init_last=self.zero_init_last,
+            dropout_rate=self.dropout_rate,
         )
 
 
@@ -323,12 +371,7 @@ class CifarResNet(_StochasticResNetBase):
     width: int = 16
 
     def __post_init__(self) -> None:
-        if not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
-            raise ValueError(
-                f"CifarResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110, 152, "
-                f"1202), got {self.depth!r}; nearest valid: "
-                f"{_nearest(self.depth, valid_cifar_depths(max(1202, int(self.depth) + 6)))}."
-            )
+        self._validate_depth()
         if self.block not in CIFAR_BLOCKS:
             raise ValueError(f"Unknown block {self.block!r}; valid: {sorted(CIFAR_BLOCKS)}.")
         if self.shortcut not in layers.SHORTCUTS:
@@ -336,24 +379,46 @@ class CifarResNet(_StochasticResNetBase):
         self._validate_sd()
         super().__post_init__()
 
+    def _validate_depth(self) -> None:
+        if not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
+            raise ValueError(
+                f"CifarResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110, 152, "
+                f"1202), got {self.depth!r}; nearest valid: "
+                f"{_nearest(self.depth, valid_cifar_depths(max(1202, int(self.depth) + 6)))}."
+            )
+
+    def blocks_per_stage(self) -> int:
+        """n = (depth - 2) / 6."""
+        return (self.depth - 2) // 6
+
+    def stage_widths(self) -> tuple[int, int, int]:
+        """Branch widths of the three stages: ``width`` times 1, 2, 4."""
+        return (self.width, 2 * self.width, 4 * self.width)
+
     def num_blocks(self) -> int:
         """L = 3n residual blocks."""
-        return 3 * ((self.depth - 2) // 6)
+        return 3 * self.blocks_per_stage()
 
     def stage_sizes_(self) -> tuple[int, ...]:
         """Blocks per stage, (n, n, n)."""
-        n = (self.depth - 2) // 6
+        n = self.blocks_per_stage()
         return (n, n, n)
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, gates: Array | None = None,
-                 buckets: Sequence[int] | None = None) -> Array:
+                 buckets: Sequence[int] | None = None, stochastic: bool | None = None) -> Array:
         """Classifies images ``x`` ``[batch, H, W, C]`` into logits ``[batch, num_classes]``.
 
         Args:
           train: training mode (gated blocks, batch statistics).
           gates: optional bool ``[L]`` (``[L, batch]`` for ``mode='sample'``) overriding the
-            drawn gates, e.g. to evaluate a fixed sub-network.
+            drawn gates, e.g. to evaluate a fixed sub-network. With ``train=False`` the open
+            blocks run scaled as at evaluation (p_l f) and the closed ones not at all: the
+            network with those blocks removed.
+          stochastic: gate as in training (default ``train``). ``train=False,
+            stochastic=True`` runs one sub-network sampled from the ``'stochastic_depth'``
+            stream (or ``gates``) with running BatchNorm statistics and training-time
+            scaling: one member of the Monte-Carlo ensemble.
 
           buckets: compact mode (training, ``mode='batch'``, explicit ``gates``): one static
             scan length per stage from :meth:`compact_buckets` of the same gates, held on
@@ -365,8 +430,9 @@ class CifarResNet(_StochasticResNetBase):
         ``mutable=['batch_stats', 'intermediates']``).
         """
         buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
-        gates, constant = self._gates(x, gates, train)
-        n = (self.depth - 2) // 6
+        stochastic = train if stochastic is None else stochastic
+        gates, constant = self._gates(x, gates, stochastic)
+        n = self.blocks_per_stage()
         w = self.width
         x = x.astype(self.dtype) if self.dtype is not None else x
         x = self.conv(w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
@@ -375,16 +441,55 @@ class CifarResNet(_StochasticResNetBase):
         if not preact:
             x = nn.relu(self.norm(dtype=self.dtype, name="stem_bn")(x, train=train))
         stages = ResidualStages(
-            stage_sizes=(n, n, n), stage_features=(w, 2 * w, 4 * w), stage_strides=(1, 2, 2),
+            stage_sizes=(n, n, n), stage_features=self.stage_widths(), stage_strides=(1, 2, 2),
             block=self._block(CIFAR_BLOCKS[self.block], self.shortcut), scan=self.scan,
-            name="stages",
+            keep=self.keep, name="stages",
         )
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
-                   buckets=buckets)
+                   buckets=buckets, stochastic=stochastic)
         if preact:
             x = nn.relu(self.norm(dtype=self.dtype, name="final_bn")(x, train=train))
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x)
+
+
+class WideResNet(CifarResNet):
+    """Wide ResNet WRN-d-k (Zagoruyko & Komodakis, 2016) with stochastic depth.
+
+    The CIFAR ResNet above with pre-activation blocks, projection shortcuts and stages
+    ``k`` times wider: a 16-channel 3x3 stem, three stages of n blocks of widths 16k, 32k,
+    64k (strides 1, 2, 2), BN-ReLU, average pooling and a linear classifier. Depth counts
+    as in the WRN paper, d = 6n + 4 (WRN-28-10: n = 4, 36.5M parameters; WRN-16-4: n = 2).
+    Same blocks, stages, gates and pruning as :class:`CifarResNet`. One difference from
+    the WRN paper: a projection shortcut here reads the block input, not its
+    pre-activation (as :class:`layers.PreActBlock` does everywhere in this library).
+
+    Attributes:
+      depth: 6n + 4 (16, 22, 28, 40, ...).
+      widen_factor: k (10 for WRN-28-10).
+      width: stem width and the base of the stage widths (16).
+    """
+
+    depth: int = 28
+    widen_factor: int = 10
+    block: str = "preact"
+    shortcut: str = "B"
+
+    def _validate_depth(self) -> None:
+        if not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 22, 28, 40), "
+                             f"got {self.depth!r}.")
+        if not isinstance(self.widen_factor, int) or self.widen_factor < 1:
+            raise ValueError(f"widen_factor must be an integer >= 1, got {self.widen_factor!r}.")
+
+    def blocks_per_stage(self) -> int:
+        """n = (depth - 4) / 6."""
+        return (self.depth - 4) // 6
+
+    def stage_widths(self) -> tuple[int, int, int]:
+        """``width * widen_factor`` times 1, 2, 4 (160, 320, 640 for WRN-28-10)."""
+        w = self.width * self.widen_factor
+        return (w, 2 * w, 4 * w)
 
 
 def _nearest(depth: Any, valid: list[int]) -> list[int]:
@@ -423,10 +528,11 @@ class ResNet(_StochasticResNetBase):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, gates: Array | None = None,
-                 buckets: Sequence[int] | None = None) -> Array:
+                 buckets: Sequence[int] | None = None, stochastic: bool | None = None) -> Array:
         """See :meth:`CifarResNet.__call__`."""
         buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
-        gates, constant = self._gates(x, gates, train)
+        stochastic = train if stochastic is None else stochastic
+        gates, constant = self._gates(x, gates, stochastic)
         x = x.astype(self.dtype) if self.dtype is not None else x
         x = self.conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                       use_bias=False, kernel_init=layers.conv_kernel_init, dtype=self.dtype,
@@ -438,10 +544,11 @@ class ResNet(_StochasticResNetBase):
             stage_sizes=tuple(self.stage_sizes),
             stage_features=tuple(self.width * 2**i for i in range(k)),
             stage_strides=(1,) + (2,) * (k - 1),
-            block=self._block(layers.BottleneckBlock, "B"), scan=self.scan, name="stages",
+            block=self._block(layers.BottleneckBlock, "B"), scan=self.scan, keep=self.keep,
+            name="stages",
         )
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
-                   buckets=buckets)
+                   buckets=buckets, stochastic=stochastic)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x)
 

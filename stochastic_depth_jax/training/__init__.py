@@ -9,7 +9,9 @@ step schedule), ``state`` (TrainState), ``step`` (sharded jitted steps), ``check
 (Orbax, corruption handling), ``metrics``/``progress``/``plots`` (outputs), ``setup``
 (build a run from a config), ``loop`` (``train_and_evaluate``), ``evaluate``,
 ``distributed`` (multi-host start-up, mesh), ``implementation`` (``model.implementation=
-'auto'`` per platform), ``compilation`` (persistent compilation cache, compile counts).
+'auto'`` per platform), ``compilation`` (persistent compilation cache, compile counts),
+``depth`` (pruning curve, export and Monte-Carlo depth of a run), ``sweep`` (p_L sweeps over
+depths), ``figures`` (the paper's Fig. 7/8 and the training-time table, with their sources).
 """
 
 from stochastic_depth_jax.training.checkpoint import (

@@ -18,6 +18,7 @@ from stochastic_depth_jax.training import implementation, optim
 
 __all__ = [
     "DTYPES",
+    "MODELS",
     "DATASETS",
     "LABELS",
     "INIT_RNG_IMPLS",
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# config.model.name -> model class (a run.json without the field means 'cifar_resnet').
+MODELS = {"cifar_resnet": models.CifarResNet, "wide_resnet": models.WideResNet}
 DATASETS = ("cifar10", "cifar100", "svhn")  # or 'image_folder:<path>'
 # Label sets per dataset ('coarse': CIFAR-100's 20 superclasses); others have 'fine' only.
 LABELS = {"cifar100": ("fine", "coarse")}
@@ -120,16 +123,30 @@ def _check_choice(value: Any, choices: Any, field: str) -> None:
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
-    _check(
-        isinstance(m.depth, int) and m.depth >= 8 and (m.depth - 2) % 6 == 0,
-        f"model.depth={m.depth!r} must be 6n+2 with n >= 1 (e.g. 8, 20, 56, 110, 152, 1202)",
-    )
+    name = m.get("name", "cifar_resnet")
+    _check_choice(name, MODELS, "model.name")
+    if name == "wide_resnet":
+        _check(
+            isinstance(m.depth, int) and m.depth >= 10 and (m.depth - 4) % 6 == 0,
+            f"model.depth={m.depth!r} must be 6n+4 with n >= 1 for a wide_resnet (e.g. 16, "
+            f"22, 28, 40)",
+        )
+        k = m.get("widen_factor", 1)
+        _check(isinstance(k, int) and k >= 1, f"model.widen_factor={k!r} must be >= 1")
+    else:
+        _check(
+            isinstance(m.depth, int) and m.depth >= 8 and (m.depth - 2) % 6 == 0,
+            f"model.depth={m.depth!r} must be 6n+2 with n >= 1 (e.g. 8, 20, 56, 110, 152, 1202)",
+        )
     _check(isinstance(m.width, int) and m.width >= 1, f"model.width={m.width!r} must be >= 1")
     p = m.final_survival_prob
     _check(
         isinstance(p, (int, float)) and not math.isnan(p) and 0.0 < p <= 1.0,
         f"model.final_survival_prob={p!r} must be in (0, 1] (paper: 0.5; 1.0 = constant depth)",
     )
+    rate = m.get("dropout_rate", 0.0)
+    _check(isinstance(rate, (int, float)) and 0.0 <= rate < 1.0,
+           f"model.dropout_rate={rate!r} must be in [0, 1) (0: none; Wide ResNets: 0.3)")
     _check_choice(m.survival_rule, schedules.SCHEDULES, "model.survival_rule")
     _check_choice(m.mode, ops.MODES, "model.mode")
     _check_choice(m.scaling, ops.SCALINGS, "model.scaling")

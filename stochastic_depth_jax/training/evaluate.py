@@ -7,6 +7,7 @@ numbers every time (fixed batch plan, masked padding, no randomness).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -23,7 +24,14 @@ from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import setup as setup_lib
 
-__all__ = ["evaluate_split", "evaluate_checkpoint", "load_run_config", "RUN_FILE"]
+__all__ = [
+    "evaluate_split",
+    "evaluate_checkpoint",
+    "load_run_config",
+    "restore_run",
+    "RestoredRun",
+    "RUN_FILE",
+]
 
 RUN_FILE = "run.json"
 
@@ -101,29 +109,49 @@ def _restore_labelled(
     return state, meta, note
 
 
-def evaluate_checkpoint(
-    workdir: str, checkpoint: str | int = "best", split: str = "test"
-) -> dict[str, Any]:
-    """Restores a checkpoint of the run in ``workdir`` and evaluates one split.
+@dataclasses.dataclass
+class RestoredRun:
+    """A training run's checkpoint restored for evaluation or analysis.
 
-    Args:
-      workdir: a training run's directory (holds ``run.json`` and checkpoints).
-      checkpoint: 'best', 'latest' or a step number (of the 'latest' series; a step of the
-        best series is found there too).
-      split: 'test' or 'validation'.
+    Attributes:
+      config: the run's validated config; ds: its dataset (host splits); setup: model,
+      mesh and steps built exactly as in training; state: the restored ``TrainState``;
+      mean, std: float32 ``[C]`` normalisation; kind: 'latest' or 'best'; meta: the
+      checkpoint's metadata (``step``, ``epoch``, ...); note: None, or why an older
+      checkpoint than the one requested was restored (the requested one is unreadable).
+    """
 
-    Returns:
-      ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
-      'loss', 'count'}`` and, if the requested checkpoint was unreadable and an older one was
-      evaluated instead, ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never
-      'best' or 'latest'.
+    config: ml_collections.ConfigDict
+    ds: data_lib.Dataset
+    setup: setup_lib.Setup
+    state: Any
+    mean: np.ndarray
+    std: np.ndarray
+    kind: str
+    meta: dict[str, Any]
+    note: str | None = None
+
+    def device_split(self, split: str) -> data_lib.DeviceSplit:
+        """``'test'`` or ``'validation'`` placed on the run's mesh."""
+        if split not in ("test", "validation"):
+            raise errors.ConfigError(f"split must be 'test' or 'validation', got {split!r}")
+        host_split = {"test": self.ds.test, "validation": self.ds.validation}[split]
+        if host_split is None:
+            raise errors.ConfigError(f"The run has no {split} split (validation_size=0?).")
+        return data_lib.put_on_devices(host_split, self.setup.mesh)
+
+
+def restore_run(workdir: str, checkpoint: str | int = "best") -> RestoredRun:
+    """Rebuilds the run in ``workdir`` from ``run.json`` and restores one checkpoint.
+
+    ``checkpoint``: 'best', 'latest' or a step number (of the 'latest' series; a step of
+    the best series is found there too). If the requested checkpoint is unreadable, the
+    next one of its series is restored and ``note`` says so.
 
     Raises:
       errors.CheckpointError: not a run, no such step, or nothing readable.
-      errors.ConfigError: a bad ``checkpoint`` or ``split``.
+      errors.ConfigError: a bad ``checkpoint``.
     """
-    if split not in ("test", "validation"):
-        raise errors.ConfigError(f"split must be 'test' or 'validation', got {split!r}")
     config, meta = load_run_config(workdir)
     kind, step = _parse_which(checkpoint)
     ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
@@ -151,23 +179,50 @@ def evaluate_checkpoint(
         state, ckpt_meta, note = _restore_labelled(ckpts, kind, step, abstract)
     finally:
         ckpts.close()
-    host_split = {"test": ds.test, "validation": ds.validation}[split]
-    if host_split is None:
-        raise errors.ConfigError(f"The run has no {split} split (validation_size=0?).")
-    dev = data_lib.put_on_devices(host_split, setup.mesh)
+    return RestoredRun(config, ds, setup, state, mean, std, kind, ckpt_meta, note)
+
+
+def evaluate_checkpoint(
+    workdir: str, checkpoint: str | int = "best", split: str = "test"
+) -> dict[str, Any]:
+    """Restores a checkpoint of the run in ``workdir`` and evaluates one split.
+
+    Args:
+      workdir: a training run's directory (holds ``run.json`` and checkpoints).
+      checkpoint: 'best', 'latest' or a step number (see :func:`restore_run`).
+      split: 'test' or 'validation'.
+
+    Returns:
+      ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
+      'loss', 'count'}`` and, if the requested checkpoint was unreadable and an older one was
+      evaluated instead, ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never
+      'best' or 'latest'.
+
+    Raises:
+      errors.CheckpointError: not a run, no such step, or nothing readable.
+      errors.ConfigError: a bad ``checkpoint`` or ``split``.
+    """
+    if split not in ("test", "validation"):
+        raise errors.ConfigError(f"split must be 'test' or 'validation', got {split!r}")
+    run = restore_run(workdir, checkpoint)
     result = evaluate_split(
-        setup.eval_step, state, dev, batch_size=config.eval_batch_size, mean=mean, std=std
+        run.setup.eval_step,
+        run.state,
+        run.device_split(split),
+        batch_size=run.config.eval_batch_size,
+        mean=run.mean,
+        std=run.std,
     )
-    evaluated = int(ckpt_meta["step"])
+    evaluated = int(run.meta["step"])
     out = {
         "requested": str(checkpoint),
-        "checkpoint": kind if note is None else "step",
+        "checkpoint": run.kind if run.note is None else "step",
         "step": evaluated,
         "evaluated_step": evaluated,
-        "epoch": ckpt_meta.get("epoch"),
+        "epoch": run.meta.get("epoch"),
         "split": split,
         **result,
     }
-    if note is not None:
-        out["note"] = note
+    if run.note is not None:
+        out["note"] = run.note
     return out

@@ -70,7 +70,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Datas
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int,
                 implementation: str | None = None) -> CifarResNet:
-    """The ``CifarResNet`` described by ``config.model``.
+    """The ``CifarResNet`` (or ``WideResNet``, ``model.name='wide_resnet'``) described by
+    ``config.model``.
 
     ``implementation`` overrides ``model.implementation`` (``build`` passes the resolved
     one); by default ``'auto'`` is resolved for ``jax.default_backend()``.
@@ -78,7 +79,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
     m = config.model
     if implementation is None:
         implementation = implementation_lib.resolve(m, jax.default_backend()).implementation
-    return CifarResNet(
+    name = m.get("name", "cifar_resnet")
+    extra = {"widen_factor": m.widen_factor} if name == "wide_resnet" else {}
+    return config_lib.MODELS[name](
+        **extra,
         depth=m.depth,
         num_classes=num_classes,
         final_survival_prob=float(m.final_survival_prob),
@@ -91,6 +95,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
         block=m.block,
         implementation=implementation,
         remat=m.remat,
+        dropout_rate=float(m.get("dropout_rate", 0.0)),
         dtype=config_lib.DTYPES[m.dtype],
     )
 

@@ -30,6 +30,7 @@ __all__ = [
     "make_train_step",
     "make_eval_step",
     "step_gates",
+    "dropout_key",
     "CompactTrainStep",
     "FIRST_CONV",
 ]
@@ -140,6 +141,7 @@ def make_train_step(
                 train=True,
                 gates=gates,
                 buckets=buckets,
+                rngs={"dropout": dropout_key(keys, state.step)},  # used only if dropout_rate > 0
                 mutable=["batch_stats"],
             )
             logits = logits.astype(jnp.float32)
@@ -173,6 +175,16 @@ def make_train_step(
                          static_argnums=3)
         return CompactTrainStep(jitted, model, keys.gates, compact_multiple, batch_size, mesh)
     return jax.jit(train_step, out_shardings=replicated, donate_argnums=0)
+
+
+# Stream id folded into the gate key for dropout (Wide ResNets), so dropout masks are
+# independent of the gates and, like them, a function of the step only.
+DROPOUT_STREAM = 0x64726F70
+
+
+def dropout_key(keys: StepKeys, step: Any) -> jax.Array:
+    """The step's dropout key: ``fold_in(fold_in(gate_key, DROPOUT_STREAM), step)``."""
+    return jax.random.fold_in(jax.random.fold_in(keys.gates, DROPOUT_STREAM), step)
 
 
 def step_gates(model: Any, gate_key: jax.Array, step: Any, batch_size: int) -> Any:

@@ -1,0 +1,93 @@
+"""Inference throughput of exported pruned models vs the full model (depth on demand).
+
+Builds a CIFAR ResNet (random weights: speed does not depend on them), removes the first
+k blocks of the 'survival' order (the deepest first under linear decay) for each requested
+fraction, exports each pruned model (blocks deleted, smaller parameter tree) and times
+``model.apply(variables, x, train=False)`` on one device, compilation excluded, the models
+interleaved round by round so that machine noise hits all of them alike.
+
+Run by hand (not in CI)::
+
+    python benchmarks/bench_prune.py                              # ResNet-110, batch 128
+    python benchmarks/bench_prune.py --depth 20 --batch 32 --rounds 3
+
+Prints a table and appends it, with machine, versions and date, to
+``benchmarks/results/prune_<backend>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stochastic_depth_jax import CifarResNet, pruning
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=110)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--fractions", default="0,0.25,0.5,0.75",
+                        help="fractions of the blocks to remove")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    model = CifarResNet(depth=args.depth, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
+    variables = model.init({"params": jax.random.key(1)}, x[:1], train=False)
+    order = pruning.survival_order(model)
+    L = model.num_blocks()
+    variants = {}
+    for f in (float(v) for v in args.fractions.split(",")):
+        k = int(round(f * L))
+        pruned, pvars = pruning.prune(model, variables, pruning.keep_mask(L, order[:k]))
+        fn = jax.jit(lambda v, x, m=pruned: m.apply(v, x, train=False))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(pvars, x))
+        variants[k] = (fn, pvars, time.perf_counter() - t0, pruning.param_count(pvars))
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, (fn, pvars, _, _) in variants.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(pvars, x))
+            times[k].append(time.perf_counter() - t0)
+    full = statistics.median(times[min(times)])
+    rows = ["| blocks removed | blocks kept | parameters | median ms (min-max) | images/s | "
+            "time / full | first call (compile) s |", "|---|---|---|---|---|---|---|"]
+    for k, (_, _, first, params) in variants.items():
+        med = statistics.median(times[k])
+        rows.append(f"| {k} | {L - k} | {params:,} | {1e3 * med:.0f} ({1e3 * min(times[k]):.0f}-"
+                    f"{1e3 * max(times[k]):.0f}) | {args.batch / med:.0f} | {med / full:.2f} | "
+                    f"{first:.1f} |")
+    device = jax.devices()[0]
+    header = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} - ResNet-{args.depth}, batch "
+              f"{args.batch}, order 'survival'\n\nMachine: {platform.machine()}, "
+              f"{os.cpu_count()} CPU cores, device: {device.device_kind} ({device.platform}). "
+              f"jax {jax.__version__}, Python {sys.version.split()[0]}.\nCommand: "
+              f"`python benchmarks/bench_prune.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+              f"\n\n")
+    text = header + "\n".join(rows) + "\n"
+    print(text)
+    if not args.no_write:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            f"prune_{device.platform}.md")
+        new = not os.path.exists(path)
+        with open(path, "a") as f:
+            if new:
+                f.write("# Pruned-model inference benchmark (benchmarks/bench_prune.py)\n\n")
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Depth on demand: remove residual blocks of a trained model at test time.
+
+A network trained with stochastic depth is an implicit ensemble of its sub-networks
+(Huang et al., 2016, Sec. 3), so blocks can be removed after training at a small cost in
+accuracy, as LayerDrop (Fan et al., 2019) showed for transformers. This module:
+
+* orders the blocks for removal by a named rule (:data:`ORDERS`): ``'survival'`` (lowest
+  survival probability first, ties deepest first: the deepest blocks of a linear-decay net),
+  ``'greedy'`` (each time the block whose removal costs the least validation error) or
+  ``'list'`` (your order);
+* evaluates the model with blocks removed (:class:`SubNetworkEvaluator`; the remaining blocks
+  keep their evaluation scaling, p_l f for ``scaling='test'``) and draws the curve of blocks
+  kept vs error vs measured throughput (:func:`depth_curve`);
+* exports a pruned model (:func:`prune`): a model definition with the blocks deleted
+  (``keep=...``) and a smaller parameter tree, saved with Orbax and loadable on its own
+  (:func:`save_pruned`, :func:`load_pruned`);
+* evaluates the Monte-Carlo ensemble of k sampled sub-networks against the deterministic
+  scaled network (:func:`mc_evaluate`).
+
+Batches are given as a callable returning a fresh iterable of ``(images [B, H, W, C] float,
+labels int32 [B], mask bool [B])`` (padded examples have mask False), e.g.
+``lambda: data.eval_batches(split, batch_size=500, mean=m, std=s)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stochastic_depth_jax import errors
+from stochastic_depth_jax import models, ops
+
+__all__ = [
+    "ORDERS",
+    "MODEL_CLASSES",
+    "removal_order",
+    "survival_order",
+    "greedy_order",
+    "list_order",
+    "keep_mask",
+    "SubNetworkEvaluator",
+    "prune",
+    "param_count",
+    "save_pruned",
+    "load_pruned",
+    "throughput",
+    "depth_curve",
+    "mc_evaluate",
+]
+
+Batches = Callable[[], Iterable[tuple[Any, Any, Any]]]
+MODEL_FILE = "model.json"
+VARIABLES_DIR = "variables"
+
+# Model classes a saved pruned model may name (load_pruned rebuilds the definition from it).
+MODEL_CLASSES: dict[str, type] = {
+    "CifarResNet": models.CifarResNet,
+    "WideResNet": models.WideResNet,
+    "ResNet": models.ResNet,
+}
+
+
+def keep_mask(num_blocks: int, removed: Sequence[int]) -> np.ndarray:
+    """bool ``[num_blocks]``, False at the (0-based) block indices in ``removed``."""
+    keep = np.ones(num_blocks, bool)
+    keep[np.asarray(list(removed), int)] = False
+    return keep
+
+
+# ---- removal orders ------------------------------------------------------------------------
+
+def survival_order(model: Any) -> list[int]:
+    """Blocks by survival probability, lowest first; ties (uniform rule) deepest first.
+
+    Under the paper's linear decay this removes the deepest block first, the intuition of
+    Sec. 3: the blocks trained to be dropped most often are the ones the net needs least.
+    """
+    probs = model.survival_probs()
+    return sorted(range(len(probs)), key=lambda l: (probs[l], -l))
+
+
+def list_order(model: Any, blocks: Sequence[int]) -> list[int]:
+    """The user's order, checked: distinct 0-based block indices in ``[0, L)``."""
+    L = model.num_blocks()
+    blocks = [int(b) for b in blocks]
+    bad = [b for b in blocks if not 0 <= b < L]
+    if bad or len(set(blocks)) != len(blocks):
+        raise errors.ConfigError(f"blocks must be distinct indices in [0, {L}) (0-based, L = {L} "
+                         f"blocks), got {blocks}; e.g. --blocks {L - 1},{L - 2}.")
+    return blocks
+
+
+def greedy_order(model: Any, error_of: Callable[[np.ndarray], float],
+                 max_removed: int | None = None) -> list[int]:
+    """Greedy by validation error: each step removes the block whose removal (given those
+    already removed) gives the lowest ``error_of(keep)``; ties go to the deeper block.
+
+    ``error_of`` maps a bool ``[L]`` keep mask to an error (e.g. a
+    :class:`SubNetworkEvaluator` on the validation split). Costs about L^2 / 2 evaluations
+    (``max_removed`` stops early).
+    """
+    L = model.num_blocks()
+    order: list[int] = []
+    limit = L if max_removed is None else min(L, max_removed)
+    while len(order) < limit:
+        candidates = [l for l in reversed(range(L)) if l not in order]
+        errors = [error_of(keep_mask(L, order + [l])) for l in candidates]
+        order.append(candidates[int(np.argmin(errors))])
+    return order
+
+
+ORDERS = ("survival", "greedy", "list")
+
+
+def removal_order(rule: str, model: Any, *, blocks: Sequence[int] | None = None,
+                  error_of: Callable[[np.ndarray], float] | None = None) -> list[int]:
+    """The order in which to remove blocks under ``rule`` (one of :data:`ORDERS`).
+
+    ``'list'`` needs ``blocks``; ``'greedy'`` needs ``error_of`` (see :func:`greedy_order`).
+    """
+    if rule == "survival":
+        return survival_order(model)
+    if rule == "list":
+        if not blocks:
+            raise errors.ConfigError("order 'list' needs the blocks to remove, in order "
+                             "(e.g. --blocks 8,7,6; 0-based).")
+        return list_order(model, blocks)
+    if rule == "greedy":
+        if error_of is None:
+            raise errors.ConfigError("order 'greedy' needs error_of(keep) -> validation error.")
+        return greedy_order(model, error_of)
+    raise errors.ConfigError(f"Unknown removal order {rule!r}; valid: {list(ORDERS)}.")
+
+
+# ---- evaluating sub-networks ---------------------------------------------------------------
+
+def _sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 ``[3]``: summed loss, errors and count over the unmasked examples."""
+    logits = logits.astype(jnp.float32)
+    w = mask.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    errors = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+    return jnp.stack([jnp.sum(loss * w), jnp.sum(errors * w), jnp.sum(w)])
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _metrics(total: np.ndarray) -> dict[str, float]:
+    loss, errors, count = (float(v) for v in total)
+    return {"error": errors / count, "loss": loss / count, "count": int(count)}
+
+
+class SubNetworkEvaluator:
+    """Error of the model with some blocks removed, over every example of ``batches``.
+
+    One compilation serves every keep mask: the mask enters as gates of the full model at
+    evaluation (``train=False, gates=keep``), so a removed block is skipped by ``lax.cond``
+    and the kept ones run scaled as at evaluation. ``evaluator(keep)`` returns
+    ``{'error', 'loss', 'count'}``; results are cached per mask.
+    """
+
+    def __init__(self, model: Any, variables: Any, batches: Batches):
+        self.model, self.variables, self._batches = model, variables, batches
+        self._cache: dict[tuple[bool, ...], dict[str, float]] = {}
+
+        def sums(variables, images, labels, mask, gates):
+            logits = model.apply(variables, images, train=False, gates=gates)
+            return _sums(logits, labels, mask)
+
+        self._sums = jax.jit(sums)
+
+    def __call__(self, keep: Sequence[bool]) -> dict[str, float]:
+        key = tuple(bool(k) for k in keep)
+        if key not in self._cache:
+            gates = jnp.asarray(key)
+            total = jnp.zeros(3, jnp.float32)
+            for images, labels, mask in self._batches():
+                total = total + self._sums(self.variables, images, labels, mask, gates)
+            self._cache[key] = _metrics(_host(total))
+        return self._cache[key]
+
+    def error(self, keep: Sequence[bool]) -> float:
+        """Just the error, e.g. as ``error_of`` for :func:`greedy_order`."""
+        return self(keep)["error"]
+
+
+# ---- the pruned model ----------------------------------------------------------------------
+
+def param_count(variables: Any) -> int:
+    """Number of parameters in ``variables['params']`` (or in a bare parameter tree)."""
+    tree = variables.get("params", variables) if isinstance(variables, dict) else variables
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _sample_input(variables: Any) -> jax.ShapeDtypeStruct:
+    channels = variables["params"]["stem_conv"]["kernel"].shape[2]
+    return jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+
+
+def _scan_indices(model: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
+    """``'stage<i>_scan'`` -> indices, into ``model``'s stacked scan axis, of the blocks
+    ``keep`` retains (``model`` may itself be pruned already)."""
+    old, out, start = model.kept_blocks(), {}, 0
+    for i, n in enumerate(model.stage_sizes_()):
+        rest_old = np.flatnonzero(old[start + 1:start + n])
+        rest_new = np.flatnonzero(keep[start + 1:start + n])
+        out[f"stage{i + 1}_scan"] = np.searchsorted(rest_old, rest_new)
+        start += n
+    return out
+
+
+def _take(tree: Any, path: tuple, scans: dict[str, np.ndarray]) -> Any:
+    node, index = tree, None
+    for key in path:
+        name = key.key
+        if name in scans:
+            index = scans[name]
+        node = node[name]
+    return node if index is None else jnp.asarray(node)[index]
+
+
+def prune(model: Any, variables: Any, keep: Sequence[bool]) -> tuple[Any, Any]:
+    """The model with blocks deleted, and its (smaller) variables taken from ``variables``.
+
+    Args:
+      model: a trained :class:`CifarResNet`, :class:`WideResNet` or :class:`ResNet`.
+      variables: its ``{'params', 'batch_stats'}``.
+      keep: bool ``[L]``; False blocks are deleted (indices over the full model).
+
+    Returns:
+      ``(pruned_model, pruned_variables)``: ``pruned_model = model.clone(keep=keep)`` has
+      no parameters and no compute for deleted blocks, and computes exactly what ``model``
+      computes at evaluation with ``gates=keep``.
+    """
+    keep = np.asarray(keep, bool) & model.kept_blocks()  # a pruned model prunes further
+    pruned = model.clone(keep=tuple(bool(k) for k in keep))
+    x = _sample_input(variables)
+    abstract = jax.eval_shape(lambda x: pruned.init({"params": jax.random.key(0)}, x, train=False),
+                              x)
+    scans = _scan_indices(model, keep)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    values = []
+    for path, leaf in leaves:
+        value = _take(variables, path, scans)
+        if tuple(value.shape) != tuple(leaf.shape):
+            raise ValueError(f"{jax.tree_util.keystr(path)}: expected {leaf.shape} for the "
+                             f"pruned model, got {value.shape}; are these the model's variables?")
+        values.append(value)
+    return pruned, jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _definition(model: Any) -> dict[str, Any]:
+    """JSON-able constructor fields of ``model`` (refuses custom conv/norm modules)."""
+    cls = type(model)
+    name = next((k for k, v in MODEL_CLASSES.items() if v is cls), None)
+    if name is None:
+        raise ValueError(f"Cannot save a {cls.__name__}; savable: {sorted(MODEL_CLASSES)}.")
+    fields = {}
+    for field in model.__dataclass_fields__:
+        if field in ("parent", "name"):
+            continue
+        value = getattr(model, field)
+        if field in ("conv", "norm"):
+            if value is not cls.__dataclass_fields__[field].default:
+                raise ValueError(f"Cannot save a model with a custom {field} module; only "
+                                 "the defaults can be rebuilt by load_pruned.")
+            continue
+        if field == "dtype":
+            value = None if value is None else jnp.dtype(value).name
+        elif isinstance(value, tuple):
+            value = list(value)
+        fields[field] = value
+    return {"class": name, "fields": fields}
+
+
+def _from_definition(definition: dict[str, Any]) -> Any:
+    fields = dict(definition["fields"])
+    if fields.get("dtype") is not None:
+        fields["dtype"] = jnp.dtype(fields["dtype"])
+    for key in ("keep", "stage_sizes"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
+    return MODEL_CLASSES[definition["class"]](**fields)
+
+
+def save_pruned(directory: str, model: Any, variables: Any,
+                metadata: dict[str, Any] | None = None) -> str:
+    """Saves a (pruned) model: ``model.json`` (its definition) and Orbax ``variables/``.
+
+    ``metadata`` (e.g. the source run and the removed blocks) is stored in ``model.json``.
+    Returns ``directory``.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    record = {**_definition(model), "metadata": metadata or {},
+              "num_params": param_count(variables)}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
+    with open(os.path.join(directory, MODEL_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    return directory
+
+
+def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Loads what :func:`save_pruned` wrote: ``(model, variables, metadata)``.
+
+    Runs on its own: ``model.apply(variables, x, train=False)``.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, MODEL_FILE)
+    if not os.path.exists(path):
+        raise errors.CheckpointError(f"{path} not found: is {directory!r} a directory written by "
+                                "save_pruned (evaluate.py --export)?")
+    with open(path) as f:
+        record = json.load(f)
+    model = _from_definition(record)
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.join(directory, VARIABLES_DIR))
+        tree = getattr(meta, "item_metadata", meta)
+        channels = tree["params"]["stem_conv"]["kernel"].shape[2]
+        x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+        abstract = jax.eval_shape(
+            lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
+        variables = ckptr.restore(os.path.join(directory, VARIABLES_DIR), abstract)
+    return model, variables, record.get("metadata", {})
+
+
+# ---- throughput and the curve --------------------------------------------------------------
+
+def throughput(model: Any, variables: Any, image_shape: Sequence[int], *, batch_size: int = 128,
+               repeats: int = 5) -> dict[str, float]:
+    """Inference images/s of ``model.apply(variables, x, train=False)`` on the default device.
+
+    Compiles and warms up first; reports the median and spread over ``repeats`` timed
+    calls of one batch ``[batch_size, *image_shape]``.
+    """
+    device = jax.devices()[0]  # one device, whatever the variables' sharding
+    variables = jax.device_put(variables, device)
+    x = jax.device_put(jnp.zeros((batch_size, *image_shape), jnp.float32), device)
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    jax.block_until_ready(fn(variables, x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(variables, x))
+        times.append(time.perf_counter() - t0)
+    times = np.asarray(times)
+    return {"images_per_s": float(batch_size / np.median(times)),
+            "seconds_median": float(np.median(times)), "seconds_min": float(times.min()),
+            "seconds_max": float(times.max()), "batch_size": batch_size, "repeats": repeats}
+
+
+def depth_curve(model: Any, variables: Any, order: Sequence[int], *,
+                evaluators: dict[str, SubNetworkEvaluator], image_shape: Sequence[int],
+                throughput_batch: int = 128, repeats: int = 5,
+                measure_every: int = 1) -> list[dict[str, Any]]:
+    """Error on each split and measured throughput as blocks are removed in ``order``.
+
+    Point k (k = 0..len(order)) removes ``order[:k]``. Errors come from the full model with
+    those blocks gated off (``evaluators``: split name -> :class:`SubNetworkEvaluator`);
+    throughput and parameter count come from the exported pruned model (:func:`prune`),
+    the thing one would deploy, every ``measure_every`` points and at both ends.
+
+    Returns:
+      one dict per point: ``blocks_kept``, ``removed`` (0-based indices), ``<split>_error``,
+      ``<split>_loss``, and where measured ``num_params``, ``images_per_s`` and
+      ``throughput_s_min_max`` (fastest and slowest timed batch).
+    """
+    L = model.num_blocks()
+    points = []
+    for k in range(len(order) + 1):
+        keep = keep_mask(L, order[:k])
+        point: dict[str, Any] = {"blocks_kept": int(keep.sum()), "removed": list(order[:k])}
+        for name, evaluate in evaluators.items():
+            result = evaluate(keep)
+            point[f"{name}_error"], point[f"{name}_loss"] = result["error"], result["loss"]
+        if k % measure_every == 0 or k == len(order):
+            pruned, pvars = prune(model, variables, keep)
+            point["num_params"] = param_count(pvars)
+            speed = throughput(pruned, pvars, image_shape, batch_size=throughput_batch,
+                               repeats=repeats)
+            point["images_per_s"] = speed["images_per_s"]
+            point["throughput_s_min_max"] = [speed["seconds_min"], speed["seconds_max"]]
+        points.append(point)
+    return points
+
+
+# ---- Monte-Carlo depth ---------------------------------------------------------------------
+
+def mc_evaluate(model: Any, variables: Any, batches: Batches, *, samples: int,
+                key: jax.Array) -> dict[str, Any]:
+    """Averaged softmax of ``samples`` sampled sub-networks vs the deterministic network.
+
+    Member i is the sub-network with gates ``draw_gates(fold_in(key, i), p)`` (the same for
+    every batch, so the ensemble is k fixed networks), run with running BatchNorm
+    statistics and training-time scaling. The deterministic network runs every block
+    scaled by p_l (paper Eq. 5).
+
+    Returns:
+      ``{'deterministic': {error, loss}, 'mc': {error, loss}, 'member_mean_error',
+      'samples', 'count'}``; ``loss`` is the NLL of the (averaged) predicted distribution.
+    """
+    if samples < 1:
+        raise errors.ConfigError(f"samples must be >= 1, got {samples}.")
+    probs = model.survival_probs()
+
+    def sums(variables, images, labels, mask):
+        det = model.apply(variables, images, train=False)
+
+        def member(i, acc):
+            gates = ops.draw_gates(jax.random.fold_in(key, i), probs, mode=model.mode,
+                                   batch_size=images.shape[0])
+            logits = model.apply(variables, images, train=False, stochastic=True, gates=gates)
+            p = jax.nn.softmax(logits.astype(jnp.float32))
+            member_err = _sums(logits, labels, mask)[1]
+            return acc[0] + p / samples, acc[1] + member_err / samples
+
+        init = (jnp.zeros(det.shape, jnp.float32), jnp.zeros((), jnp.float32))
+        avg, member_err = jax.lax.fori_loop(0, samples, member, init)
+        mc = _sums(jnp.log(jnp.maximum(avg, 1e-30)), labels, mask)  # log-probs as logits
+        return jnp.concatenate([_sums(det, labels, mask), mc, member_err[None]])
+
+    fn = jax.jit(sums)
+    total = jnp.zeros(7, jnp.float32)
+    for images, labels, mask in batches():
+        total = total + fn(variables, images, labels, mask)
+    total = _host(total)
+    det, mc = _metrics(total[0:3]), _metrics(total[3:6])
+    return {
+        "deterministic": {"error": det["error"], "loss": det["loss"]},
+        "mc": {"error": mc["error"], "loss": mc["loss"]},
+        "member_mean_error": float(total[6]) / det["count"],
+        "samples": samples,
+        "count": det["count"],
+    }

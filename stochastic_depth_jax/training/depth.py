@@ -1,0 +1,211 @@
+"""Depth on demand for a training run: the pruning curve, exporting a pruned model,
+Monte-Carlo depth evaluation (``evaluate.py --depth-curve / --export / --mc-samples``).
+
+  from stochastic_depth_jax.training import depth
+  depth.depth_curve_run('/tmp/run', order='survival')        # writes depth_curve_survival.{json,png}
+  depth.export_pruned_run('/tmp/run', '/tmp/pruned', remove=3)
+  depth.mc_evaluate_run('/tmp/run', samples=10)
+
+The model logic lives in :mod:`stochastic_depth_jax.pruning`; this module restores a run's
+checkpoint and data and writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from stochastic_depth_jax import errors
+from stochastic_depth_jax import data as data_lib
+from stochastic_depth_jax import pruning
+from stochastic_depth_jax.training import evaluate as evaluate_lib
+from stochastic_depth_jax.training import figures
+
+__all__ = [
+    "depth_curve_run",
+    "export_pruned_run",
+    "mc_evaluate_run",
+    "add_arguments",
+    "run_from_args",
+]
+
+
+def _variables(run: evaluate_lib.RestoredRun) -> dict[str, Any]:
+    return {"params": run.state.params, "batch_stats": run.state.batch_stats}
+
+
+def _batches(run: evaluate_lib.RestoredRun, split: str) -> pruning.Batches:
+    dev = run.device_split(split)
+    size = run.config.eval_batch_size
+    return lambda: data_lib.eval_batches(dev, batch_size=size, mean=run.mean, std=run.std)
+
+
+def _evaluators(run: evaluate_lib.RestoredRun) -> dict[str, pruning.SubNetworkEvaluator]:
+    model, variables = run.setup.model, _variables(run)
+    names = ["validation", "test"] if run.ds.validation is not None else ["test"]
+    return {n: pruning.SubNetworkEvaluator(model, variables, _batches(run, n)) for n in names}
+
+
+def _order(run, evaluators, order: str, blocks: Sequence[int] | None) -> list[int]:
+    if order == "greedy" and "validation" not in evaluators:
+        raise errors.ConfigError("order 'greedy' needs a validation split; this run has none "
+                         "(validation_size=0). Use --order survival or --order list.")
+    error_of = evaluators["validation"].error if "validation" in evaluators else None
+    return pruning.removal_order(order, run.setup.model, blocks=blocks, error_of=error_of)
+
+
+def _source(run: evaluate_lib.RestoredRun, workdir: str) -> str:
+    label = run.kind if run.note is None else "step"  # Never call a fallback 'best'.
+    source = f"{workdir} (checkpoint {label}, step {int(run.meta['step'])})"
+    return source if run.note is None else f"{source}; {run.note}"
+
+
+def depth_curve_run(workdir: str, *, checkpoint: str | int = "best", order: str = "survival",
+                    blocks: Sequence[int] | None = None, output_dir: str | None = None,
+                    throughput_batch: int = 128, repeats: int = 5,
+                    measure_every: int = 1) -> dict[str, Any]:
+    """Removes a run's blocks one by one in ``order``; writes the curve as JSON and PNG.
+
+    Writes ``depth_curve_<order>.json`` (points, order, source) and
+    ``depth_curve_<order>.png`` (with its sidecar ``.json`` beside it; the sidecar is the
+    same file) to ``output_dir`` (default: the workdir). Errors are on the validation (if
+    any) and test splits; throughput is of each exported pruned model on one device.
+
+    Returns:
+      ``{'figure', 'sources', 'order_rule', 'order', 'device', 'points', 'png', 'json'}``
+      (also the content of the JSON file).
+    """
+    run = evaluate_lib.restore_run(workdir, checkpoint)
+    evaluators = _evaluators(run)
+    removal = _order(run, evaluators, order, blocks)
+    points = pruning.depth_curve(
+        run.setup.model, _variables(run), removal, evaluators=evaluators,
+        image_shape=run.ds.image_shape, throughput_batch=throughput_batch, repeats=repeats,
+        measure_every=measure_every)
+    out = output_dir or workdir
+    png = os.path.join(out, f"depth_curve_{order}.png")
+    source = _source(run, workdir)
+    _, sidecar = figures.plot_depth_curve(
+        points, png, [source],
+        title=f"{run.config.dataset}, depth {run.config.model.depth}, order '{order}'")
+    result = {"figure": os.path.basename(png), "sources": [source], "order_rule": order,
+              "order": removal, "device": jax.devices()[0].device_kind, "points": points,
+              "png": png, "json": sidecar}
+    with open(sidecar, "w") as f:  # the figure's sidecar, with the order and device added
+        json.dump(result, f, indent=2)
+    return result
+
+
+def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "best",
+                      order: str = "survival", blocks: Sequence[int] | None = None,
+                      remove: int | None = None, throughput_batch: int = 128,
+                      repeats: int = 5) -> dict[str, Any]:
+    """Saves the run's model with ``remove`` blocks deleted (the first ones of ``order``;
+    all of ``blocks`` for order 'list') to ``output`` (see :func:`pruning.save_pruned`).
+
+    Returns the record also stored as the saved model's metadata: removed blocks, parameter
+    counts, validation/test error and measured images/s of the full and pruned models.
+    """
+    run = evaluate_lib.restore_run(workdir, checkpoint)
+    evaluators = _evaluators(run)
+    removal = _order(run, evaluators, order, blocks)
+    remove = len(removal) if remove is None and order == "list" else remove
+    if remove is None or not 0 <= remove <= len(removal):
+        raise errors.ConfigError(f"--remove must be a number of blocks in [0, {len(removal)}], got "
+                         f"{remove!r} (order {order!r}).")
+    model, variables = run.setup.model, _variables(run)
+    keep = pruning.keep_mask(model.num_blocks(), removal[:remove])
+    pruned, pvars = pruning.prune(model, variables, keep)
+    shape = run.ds.image_shape
+    record = {
+        "source": _source(run, workdir),
+        "order_rule": order,
+        "removed": [int(b) for b in removal[:remove]],
+        "blocks_kept": int(keep.sum()),
+        "num_params": {"full": pruning.param_count(variables),
+                       "pruned": pruning.param_count(pvars)},
+        "error": {name: {"full": ev(np.ones_like(keep))["error"], "pruned": ev(keep)["error"]}
+                  for name, ev in evaluators.items()},
+        "images_per_s": {
+            "full": pruning.throughput(model, variables, shape, batch_size=throughput_batch,
+                                       repeats=repeats)["images_per_s"],
+            "pruned": pruning.throughput(pruned, pvars, shape, batch_size=throughput_batch,
+                                         repeats=repeats)["images_per_s"],
+            "device": jax.devices()[0].device_kind,
+        },
+    }
+    pruning.save_pruned(output, pruned, jax.device_get(pvars), record)
+    return {"output": output, **record}
+
+
+def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best", split: str = "test",
+                    samples: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Monte-Carlo depth (softmax averaged over ``samples`` sampled sub-networks) vs the
+    deterministic scaled network, on ``split`` of a run (:func:`pruning.mc_evaluate`)."""
+    run = evaluate_lib.restore_run(workdir, checkpoint)
+    result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),
+                                 samples=samples, key=jax.random.key(seed))
+    out = {"source": _source(run, workdir), "split": split, "seed": seed,
+           "evaluated_step": int(run.meta["step"]), **result}
+    return out if run.note is None else {**out, "note": run.note}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated block indices like 8,7,6, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the depth-on-demand flags to ``evaluate.py``'s parser."""
+    g = parser.add_argument_group("depth on demand (remove blocks at test time)")
+    g.add_argument("--depth-curve", action="store_true",
+                   help="error and throughput as blocks are removed one by one (JSON + PNG)")
+    g.add_argument("--export", metavar="DIR", default=None,
+                   help="save the model with --remove blocks deleted to DIR (Orbax)")
+    g.add_argument("--mc-samples", type=int, default=0, metavar="K",
+                   help="Monte-Carlo depth: average the softmax of K sampled sub-networks")
+    g.add_argument("--order", choices=pruning.ORDERS, default="survival",
+                   help="removal order: lowest survival probability first, greedy by "
+                        "validation error, or --blocks")
+    g.add_argument("--blocks", type=_ints, default=None,
+                   help="0-based block indices to remove, in order (for --order list)")
+    g.add_argument("--remove", type=int, default=None, help="blocks to remove for --export")
+    g.add_argument("--seed", type=int, default=0, help="gate key for --mc-samples")
+    g.add_argument("--throughput-batch", type=int, default=128)
+    g.add_argument("--repeats", type=int, default=5, help="timed batches per throughput")
+    g.add_argument("--measure-every", type=int, default=1,
+                   help="measure throughput every this many points of the curve")
+
+
+def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
+    """Runs what the depth flags ask for; returns ``(result, default JSON path)``, or
+    None when no depth flag was given (plain evaluation)."""
+    if args.blocks and args.order != "list":
+        args.order = "list"  # --blocks alone means: remove these
+    common = {"checkpoint": args.checkpoint}
+    if args.depth_curve:
+        result = depth_curve_run(args.workdir, order=args.order, blocks=args.blocks,
+                                 throughput_batch=args.throughput_batch, repeats=args.repeats,
+                                 measure_every=args.measure_every, **common)
+        return result, result["json"]
+    if args.export:
+        result = export_pruned_run(args.workdir, args.export, order=args.order,
+                                   blocks=args.blocks, remove=args.remove,
+                                   throughput_batch=args.throughput_batch,
+                                   repeats=args.repeats, **common)
+        return result, os.path.join(args.export, "export.json")
+    if args.mc_samples:
+        result = mc_evaluate_run(args.workdir, split=args.split, samples=args.mc_samples,
+                                 seed=args.seed, **common)
+        label = args.checkpoint if "note" not in result else f"step{result['evaluated_step']}"
+        return result, os.path.join(args.workdir,
+                                    f"eval_mc{args.mc_samples}_{label}_{args.split}.json")
+    return None

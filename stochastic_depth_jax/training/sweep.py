@@ -1,0 +1,153 @@
+"""A p_L sweep over depths as separate, resumable runs, and the paper's figures from them.
+
+Each (depth, p_L) pair is an ordinary training run in its own workdir,
+``<root>/depth<d>_pL<p>`` (e.g. ``depth20_pL0.5``), so a sweep resumes like a single run: a
+finished run (its ``summary.json`` records every step of its config) is not run again, an
+interrupted one continues from its newest checkpoint through ``train_and_evaluate``.
+:func:`collect` reads the runs' own records and :func:`write_figures` draws Fig. 8, Fig. 7
+and the training-time table into ``<root>/figures``.
+
+The library does not load configs by name (``configs/`` is the scripts'); ``sweep.py`` at the
+repository root builds one config per run and calls :func:`run_sweep`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from stochastic_depth_jax import errors
+from stochastic_depth_jax.training import evaluate as evaluate_lib
+from stochastic_depth_jax.training import figures
+from stochastic_depth_jax.training import metrics as metrics_lib
+
+__all__ = [
+    "run_name",
+    "plan",
+    "is_finished",
+    "run_sweep",
+    "collect",
+    "write_figures",
+    "FIGURES_DIR",
+]
+
+FIGURES_DIR = "figures"
+SUMMARY_FILE = "summary.json"
+
+
+def run_name(depth: int, p_last: float) -> str:
+    """The workdir name of one run: ``depth<d>_pL<p>`` (``p`` as ``%g``: 0.5, 1)."""
+    return f"depth{int(depth)}_pL{float(p_last):g}"
+
+
+def plan(depths: Sequence[int], p_lasts: Sequence[float]) -> list[tuple[str, list[str]]]:
+    """``(name, config overrides)`` for every (depth, p_L) pair, depths outermost."""
+    for p in p_lasts:
+        if not 0.0 < float(p) <= 1.0:
+            raise errors.ConfigError(f"p_L must be in (0, 1] (1.0 = constant depth), got {p!r}.")
+    return [
+        (run_name(d, p), [f"--config.model.depth={int(d)}",
+                          f"--config.model.final_survival_prob={float(p)!r}"])
+        for d in depths for p in p_lasts
+    ]
+
+
+def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> int:
+    total = config.num_epochs * summary["steps_per_epoch"]
+    return min(total, config.max_steps) if config.max_steps else total
+
+
+def is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+    """True if ``workdir`` holds a run that completed every step ``config`` asks for."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        summary = json.load(f)
+    return summary.get("steps", 0) >= _total_steps(summary, config)
+
+
+def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
+              train: Callable[[ml_collections.ConfigDict, str], Any] | None = None
+              ) -> dict[str, str]:
+    """Trains each ``(name, config)`` in ``<root>/<name>``, skipping finished runs.
+
+    Args:
+      runs: e.g. from :func:`plan`, with the configs built by the caller.
+      root: the sweep directory.
+      train: ``train(config, workdir)``; default
+        :func:`stochastic_depth_jax.training.train_and_evaluate` (which resumes).
+
+    Returns:
+      name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'``.
+    """
+    if train is None:
+        from stochastic_depth_jax.training.loop import train_and_evaluate as train
+    status = {}
+    for name, config in runs:
+        workdir = os.path.join(root, name)
+        if is_finished(workdir, config):
+            status[name] = "skipped (finished)"
+            continue
+        resumed = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+            n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+        print(f"sweep: {'resuming' if resumed else 'starting'} {name}", flush=True)
+        train(config, workdir)
+        status[name] = "resumed" if resumed else "started"
+    return status
+
+
+def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Reads the runs under ``root`` (all subdirectories with a ``run.json``, or ``names``).
+
+    Returns:
+      per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
+      ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
+      ``final_test_error``, ``code_version`` and ``records`` (``metrics.jsonl``).
+    """
+    names = sorted(names if names is not None else (
+        n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, evaluate_lib.RUN_FILE))))
+    runs = []
+    for name in names:
+        workdir = os.path.join(root, name)
+        config, meta = evaluate_lib.load_run_config(workdir)
+        summary_path = os.path.join(workdir, SUMMARY_FILE)
+        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        best, final = summary.get("best") or {}, summary.get("final") or {}
+        runs.append({
+            "name": name,
+            "workdir": workdir,
+            "depth": int(config.model.depth),
+            "p_last": float(config.model.final_survival_prob),
+            "finished": is_finished(workdir, config),
+            "test_error": best.get("test_error"),
+            "val_error": best.get("val_error"),
+            "final_test_error": final.get("test_error"),
+            "code_version": meta.get("code_version"),
+            "records": metrics_lib.read_metrics(workdir),
+        })
+    return runs
+
+
+def write_figures(runs: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str]:
+    """Fig. 8, Fig. 7 and the training-time table of ``runs`` (from :func:`collect`).
+
+    Fig. 7 shows the deepest depth of the sweep (constant depth dashed). Every file names
+    the runs it came from. Returns name -> path.
+    """
+    if not runs:
+        raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json.")
+    os.makedirs(out_dir, exist_ok=True)
+    deepest = max(r["depth"] for r in runs)
+    fig8, _ = figures.plot_error_vs_p_last(runs, os.path.join(out_dir, "fig8_error_vs_p_last.png"))
+    fig7, _ = figures.plot_first_conv_grad([r for r in runs if r["depth"] == deepest],
+                                           os.path.join(out_dir, "fig7_first_conv_grad.png"))
+    table = os.path.join(out_dir, "training_time.md")
+    with open(table, "w") as f:
+        f.write("Training time per epoch (compilation and evaluation excluded), from each "
+                "run's metrics.jsonl.\n\n" + figures.training_time_table(runs)
+                + "\nSources: " + ", ".join(r["workdir"] for r in runs) + "\n")
+    return {"fig8": fig8, "fig7": fig7, "training_time": table}

@@ -1,0 +1,74 @@
+"""Sweep p_L over depths as separate resumable runs and draw the paper's figures.
+
+  python sweep.py --config cifar10 --depths 20,32,44,56,110 --p-last 0.1,0.2,...,1.0 --root runs/pL
+  python sweep.py --config cifar10:smoke --depths 8,14 --p-last 0.5,1.0 --root /tmp/sweep
+  python sweep.py --root /tmp/sweep --collect          # only read the runs and draw
+
+Each (depth, p_L) pair trains in <root>/depth<d>_pL<p> (p_L = 1 is constant depth).
+Rerunning the same command skips finished runs and resumes interrupted ones. Figures go to
+<root>/figures: fig8_error_vs_p_last.png (test error of the best-by-validation epoch vs p_L,
+one line per depth), fig7_first_conv_grad.png (first-conv gradient magnitude per epoch,
+constant vs stochastic depth) and training_time.md; each names the runs it came from.
+Any --config.<field>=<value> override applies to every run. Mistakes are reported in one
+line; --debug (or SDJ_DEBUG=1) shows the traceback.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from configs import CONFIGS, load_config
+from stochastic_depth_jax.training import cli
+
+
+def _list(cast):
+    def parse(text):
+        try:
+            return [cast(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return parse
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke"')
+    parser.add_argument("--depths", type=_list(int), default=None, help="e.g. 20,32,44")
+    parser.add_argument("--p-last", type=_list(float), default=None, help="e.g. 0.2,0.5,1.0")
+    parser.add_argument("--root", required=True, help="the sweep directory")
+    parser.add_argument("--collect", action="store_true", help="do not train; only draw")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}")
+    if not args.collect and not (args.config and args.depths and args.p_last):
+        parser.error("training a sweep needs --config, --depths and --p-last (or use --collect)")
+    return args, overrides
+
+
+def run(args, overrides):
+    from stochastic_depth_jax.training import sweep
+
+    names = None
+    if not args.collect:
+        runs = [(name, load_config(args.config, overrides + extra))
+                for name, extra in sweep.plan(args.depths, args.p_last)]
+        print(json.dumps(sweep.run_sweep(runs, args.root), indent=2))
+        names = [name for name, _ in runs]
+    outputs = sweep.write_figures(sweep.collect(args.root, names),
+                                  os.path.join(args.root, sweep.FIGURES_DIR))
+    print(json.dumps(outputs, indent=2))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+    cli.run_reporting_errors(lambda: run(args, overrides), cli.debug_requested(argv))
+
+
+if __name__ == "__main__":
+    main()

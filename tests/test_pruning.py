@@ -1,0 +1,288 @@
+"""Depth on demand: removal orders, the exported pruned model (equal outputs, fewer
+parameters, Orbax round trip), Monte-Carlo depth, the Wide ResNet, and for tiny training
+runs the p_L sweep's resume, the figures' sources and the evaluate.py flags."""
+
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` and the scripts live at the repository root.
+
+import stochastic_depth_jax as sdj  # noqa: E402
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax import pruning  # noqa: E402
+from stochastic_depth_jax.training import depth, figures, metrics, sweep  # noqa: E402
+
+X = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+        "--config.write_plots=false", "--config.fake_data.num_train=48",
+        "--config.fake_data.num_test=16", "--config.validation_size=16",
+        "--config.batch_size=16", "--config.eval_batch_size=16", "--config.num_epochs=2"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval(model, variables, gates=None):
+    return model.apply(variables, X, train=False, gates=gates)
+
+
+def _variables(model):
+    v = model.init({"params": jax.random.key(1)}, X, train=False)
+    stats = jax.tree.map(lambda a: a + 0.2 * jax.random.uniform(jax.random.key(a.size), a.shape),
+                         v["batch_stats"])  # non-trivial running statistics
+    return {"params": v["params"], "batch_stats": stats}
+
+
+# ---- removal orders ------------------------------------------------------------------------
+
+def test_survival_order_removes_lowest_probability_deepest_first():
+    linear = sdj.CifarResNet(depth=20, final_survival_prob=0.5)
+    assert pruning.survival_order(linear) == list(range(8, -1, -1))
+    uniform = sdj.CifarResNet(depth=20, survival_rule="uniform", final_survival_prob=0.5)
+    assert pruning.survival_order(uniform) == list(range(8, -1, -1))  # ties: deepest first
+    assert pruning.removal_order("survival", linear) == list(range(8, -1, -1))
+
+
+def test_greedy_order_takes_the_cheapest_block_each_time():
+    model = sdj.CifarResNet(depth=20)
+    cost = np.array([5.0, 1.0, 7.0, 0.5, 3.0, 2.0, 9.0, 4.0, 6.0])
+    calls = []
+
+    def error_of(keep):
+        calls.append(keep.copy())
+        removed = ~keep
+        # Interaction: once block 3 is gone, block 6 costs nothing.
+        return float(cost[removed].sum() - (9.0 if removed[3] and removed[6] else 0.0))
+
+    order = pruning.removal_order("greedy", model, error_of=error_of)
+    assert order == [3, 6, 1, 5, 4, 7, 0, 8, 2]
+    assert len(calls) == 9 * 10 // 2
+
+
+def test_list_order_and_bad_orders():
+    model = sdj.CifarResNet(depth=20)
+    assert pruning.removal_order("list", model, blocks=[0, 8, 4]) == [0, 8, 4]
+    with pytest.raises(ValueError, match=r"distinct indices in \[0, 9\)"):
+        pruning.removal_order("list", model, blocks=[9])
+    with pytest.raises(ValueError, match="distinct"):
+        pruning.removal_order("list", model, blocks=[1, 1])
+    with pytest.raises(ValueError, match="needs the blocks"):
+        pruning.removal_order("list", model)
+    with pytest.raises(ValueError, match="valid: \\['survival', 'greedy', 'list'\\]"):
+        pruning.removal_order("random", model)
+
+
+# ---- the pruned model ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, removed", [
+    (dict(depth=14, scan=True), [5, 2, 1]),
+    (dict(depth=20, scan=False, block="preact", shortcut="B"), [8, 7, 3, 4]),
+])
+def test_pruned_model_equals_full_model_with_blocks_removed(kw, removed, tmp_path):
+    model = sdj.CifarResNet(width=4, num_classes=3, **kw)
+    variables = _variables(model)
+    full = functools.partial(_eval, model)
+    L = model.num_blocks()
+    # All gates open is the ordinary evaluation (every block, scaled by p_l).
+    np.testing.assert_allclose(full(variables, jnp.ones(L, bool)), full(variables), atol=1e-5)
+    # Removed: the deepest blocks, a stage's first block (stride 2, shortcut), scanned ones.
+    keep = pruning.keep_mask(L, removed)
+    pruned, pvars = pruning.prune(model, variables, keep)
+    out = _eval(pruned, pvars)
+    np.testing.assert_allclose(out, full(variables, jnp.asarray(keep)), atol=1e-5)
+    assert not np.allclose(out, full(variables), atol=1e-3)
+    assert pruning.param_count(pvars) < pruning.param_count(variables)
+    # Saved and loaded on its own: same definition, same outputs.
+    pruning.save_pruned(str(tmp_path / "pruned"), pruned, pvars, {"removed": removed})
+    loaded, lvars, meta = pruning.load_pruned(str(tmp_path / "pruned"))
+    assert loaded == pruned and meta == {"removed": removed}
+    np.testing.assert_array_equal(_eval(loaded, lvars), out)
+    # Pruning further composes with the first cut.
+    again, avars = pruning.prune(pruned, pvars, pruning.keep_mask(L, [0]))
+    np.testing.assert_allclose(_eval(again, avars),
+                               full(variables, jnp.asarray(keep & pruning.keep_mask(L, [0]))),
+                               atol=1e-5)
+
+
+def test_pruned_scanned_stage_holds_only_kept_blocks():
+    model = sdj.CifarResNet(depth=20, width=4, num_classes=3, scan=True)
+    variables = _variables(model)
+    stack = variables["params"]["stages"]["stage3_scan"]  # blocks 7 and 8, stacked
+    assert jax.tree.leaves(stack)[0].shape[0] == 2
+    _, pvars = pruning.prune(model, variables, pruning.keep_mask(9, [7]))
+    kept = pvars["params"]["stages"]["stage3_scan"]
+    jax.tree.map(lambda full, one: np.testing.assert_array_equal(full[1:], one), stack, kept)
+    _, pvars = pruning.prune(model, variables, pruning.keep_mask(9, [7, 8]))
+    assert "stage3_scan" not in pvars["params"]["stages"]  # nothing left to scan
+
+
+def test_bad_keep_is_refused():
+    with pytest.raises(ValueError, match="one entry per block \\(9\\)"):
+        sdj.CifarResNet(depth=20, keep=(True, False))
+
+
+# ---- Monte-Carlo depth ---------------------------------------------------------------------
+
+def _batches(n=2):
+    labels = jnp.arange(4) % 3
+    return lambda: [(X * (i + 1), labels, jnp.ones(4, bool)) for i in range(n)]
+
+
+def test_mc_evaluation_of_a_constant_depth_net_is_deterministic():
+    model = sdj.CifarResNet(depth=8, width=4, num_classes=3, final_survival_prob=1.0)
+    r = pruning.mc_evaluate(model, _variables(model), _batches(), samples=3,
+                            key=jax.random.key(0))
+    assert r["mc"]["error"] == r["deterministic"]["error"] == r["member_mean_error"]
+    assert r["mc"]["loss"] == pytest.approx(r["deterministic"]["loss"], rel=1e-5)
+    assert r["count"] == 8
+
+
+def test_mc_evaluation_averages_sampled_sub_networks():
+    model = sdj.CifarResNet(depth=20, width=4, num_classes=3, final_survival_prob=0.2)
+    variables = _variables(model)
+    key = jax.random.key(3)
+    one = pruning.mc_evaluate(model, variables, _batches(1), samples=1, key=key)
+    # One sample: the member whose gates are draw_gates(fold_in(key, 0)), unscaled.
+    gates = sdj.draw_gates(jax.random.fold_in(key, 0), model.survival_probs())
+    assert not bool(jnp.all(gates))
+    logits = model.apply(variables, X, train=False, stochastic=True, gates=gates)
+    expected = float(jnp.mean(jnp.argmax(logits, -1) != jnp.arange(4) % 3))
+    assert one["mc"]["error"] == one["member_mean_error"] == expected
+    many = pruning.mc_evaluate(model, variables, _batches(1), samples=6, key=key)
+    assert many["deterministic"] == one["deterministic"]
+    assert many["mc"]["loss"] != one["mc"]["loss"]
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        pruning.mc_evaluate(model, variables, _batches(1), samples=0, key=key)
+
+
+# ---- Wide ResNet ---------------------------------------------------------------------------
+
+def test_wide_resnet_config_and_size():
+    c = load_config("cifar100_wrn")
+    assert (c.model.name, c.model.depth, c.model.widen_factor) == ("wide_resnet", 28, 10)
+    assert (c.weight_decay, c.num_epochs, tuple(c.lr_boundaries_epochs), c.lr_decay_factor) == (
+        5e-4, 200, (60, 120, 160), 0.2)
+    assert c.nesterov and c.learning_rate == 0.1 and c.batch_size == 128
+    model = sdj.WideResNet(depth=28, widen_factor=10, num_classes=100)
+    shapes = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    assert round(pruning.param_count(shapes) / 1e6, 1) == 36.5  # WRN paper: 36.5M
+    assert model.num_blocks() == 12
+    with pytest.raises(ValueError, match="6n\\+4"):
+        load_config("cifar100_wrn", ["--config.model.depth=26"])
+    with pytest.raises(ValueError, match="6n\\+4"):
+        sdj.WideResNet(depth=20)
+
+
+# ---- runs: sweep resume, figures, evaluate.py flags ----------------------------------------
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory):
+    """A 2-run sweep (depth 8, p_L 0.5 and 1.0); run B was interrupted after one step."""
+    root = str(tmp_path_factory.mktemp("sweep"))
+    runs = [(name, load_config("cifar10:smoke", TINY + extra))
+            for name, extra in sweep.plan([8], [0.5, 1.0])]
+    assert [n for n, _ in runs] == ["depth8_pL0.5", "depth8_pL1"]
+    from stochastic_depth_jax.training import loop
+
+    partial = runs[1][1].copy_and_resolve_references()
+    partial.max_steps = 1
+    loop.train_and_evaluate(partial, os.path.join(root, runs[1][0]))
+    first_record = metrics.read_metrics(os.path.join(root, runs[1][0]))[0]
+    with pytest.warns(UserWarning, match="changed config: max_steps: 1 -> 0"):
+        status = sweep.run_sweep(runs, root)
+    return root, runs, status, first_record
+
+
+def test_sweep_resumes_and_skips_finished_runs(sweep_root):
+    root, runs, status, first_record = sweep_root
+    assert status == {"depth8_pL0.5": "started", "depth8_pL1": "resumed"}
+    b = os.path.join(root, "depth8_pL1")
+    run_json = json.load(open(os.path.join(b, "run.json")))
+    assert run_json["start_step"] == 1  # continued from the interrupted run's checkpoint
+    assert metrics.read_metrics(b)[0]["epoch"] == 1 and all(
+        sweep.is_finished(os.path.join(root, n), c) for n, c in runs)
+
+    def must_not_train(config, workdir):
+        raise AssertionError(f"finished run {workdir} trained again")
+
+    again = sweep.run_sweep(runs, root, train=must_not_train)
+    assert set(again.values()) == {"skipped (finished)"}
+    assert first_record["step"] == 1
+
+
+def test_sweep_figures_carry_their_sources(sweep_root):
+    root, runs, _, _ = sweep_root
+    collected = sweep.collect(root)
+    assert [(r["depth"], r["p_last"], r["finished"]) for r in collected] == [
+        (8, 0.5, True), (8, 1.0, True)]
+    outputs = sweep.write_figures(collected, os.path.join(root, "figures"))
+    workdirs = [os.path.join(root, n) for n, _ in runs]
+    for key in ("fig8", "fig7"):
+        png = outputs[key]
+        assert os.path.getsize(png) > 0 and figures.read_sources(png) == workdirs
+        sidecar = json.load(open(os.path.splitext(png)[0] + ".json"))
+        assert sidecar["sources"] == workdirs and sidecar["data"]
+    fig8 = json.load(open(os.path.join(root, "figures", "fig8_error_vs_p_last.json")))
+    assert [p for p, _ in fig8["data"]["8"]] == [0.5, 1.0]
+    assert [e for _, e in fig8["data"]["8"]] == [r["test_error"] for r in collected]
+    table = open(outputs["training_time"]).read()
+    assert "depth8_pL0.5" in table and "| 1.00 |" in table and workdirs[0] in table
+
+
+def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path):
+    root, _, _, _ = sweep_root
+    workdir = os.path.join(root, "depth8_pL0.5")
+    import evaluate as evaluate_script
+
+    evaluate_script.main(["--workdir", workdir, "--depth-curve", "--order", "survival",
+                          "--repeats", "1", "--throughput-batch", "4"])
+    curve = json.load(open(os.path.join(workdir, "depth_curve_survival.json")))
+    assert curve["order"] == [2, 1, 0] and [p["blocks_kept"] for p in curve["points"]] == [3, 2, 1, 0]
+    params = [p["num_params"] for p in curve["points"]]
+    assert params == sorted(params, reverse=True) and params[0] > params[-1]
+    assert all(p["images_per_s"] > 0 for p in curve["points"])
+    png = os.path.join(workdir, "depth_curve_survival.png")
+    assert workdir in figures.read_sources(png)[0]
+    # The first point is the ordinary evaluation of the same checkpoint.
+    from stochastic_depth_jax.training import evaluate
+
+    plain = evaluate.evaluate_checkpoint(workdir, "best")
+    assert curve["points"][0]["test_error"] == pytest.approx(plain["error"],
+                                                             abs=1.01 / plain["count"])
+    assert curve["points"][0]["test_loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    # Export with two blocks removed; the saved model reproduces the curve's point.
+    out = str(tmp_path / "pruned")
+    record = depth.export_pruned_run(workdir, out, remove=2, repeats=1, throughput_batch=4)
+    assert record["removed"] == [2, 1] and record["num_params"]["pruned"] < record[
+        "num_params"]["full"]
+    model, variables, meta = pruning.load_pruned(out)
+    assert model.kept_blocks().tolist() == [True, False, False] and meta["removed"] == [2, 1]
+    assert record["error"]["test"]["pruned"] == curve["points"][2]["test_error"]
+
+
+def test_dropout_acts_in_training_only_with_its_own_rng_stream():
+    x = X[:2]
+    model = sdj.CifarResNet(depth=14, width=4, num_classes=3, scan=True, dropout_rate=0.5,
+                            final_survival_prob=0.5)
+    plain = model.clone(dropout_rate=0.0)
+    variables = model.init({"params": jax.random.key(1)}, x, train=False)
+    gates = jnp.array([1, 1, 0, 1, 1, 1], bool)
+
+    @jax.jit
+    def train(key):
+        return model.apply(variables, x, train=True, gates=gates, rngs={"dropout": key},
+                           mutable=["batch_stats"])[0]
+
+    a, b = train(jax.random.key(0)), train(jax.random.key(1))
+    np.testing.assert_array_equal(a, train(jax.random.key(0)))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(_eval(model, variables), _eval(plain, variables))
+    with pytest.raises(ValueError, match="dropout_rate must be in \\[0, 1\\)"):
+        sdj.CifarResNet(depth=8, dropout_rate=1.0)
