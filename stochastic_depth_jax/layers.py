@@ -108,7 +108,10 @@ class StochasticDepth(nn.Module):
     Semantics are those of :func:`stochastic_depth_jax.stochastic_depth`: ``mode='batch'``
     with ``implementation='skip'`` evaluates nothing of f, forward or backward, when the
     gate is closed, and f's ``batch_stats`` stay unchanged; ``mode='sample'`` gates each
-    example and always computes f.
+    example: with ``'skip'`` f runs only on a random subset of exactly ``k`` examples (see
+    :func:`stochastic_depth_jax.ops.subset_size`), so a BatchNorm inside f normalises over
+    (and updates its running statistics from) the subset; with ``'mask'`` f runs on the
+    whole batch under Bernoulli(p) gates.
 
     Attributes:
       branch: the residual branch, called as ``branch(x, *args, **kwargs)``.
@@ -122,6 +125,9 @@ class StochasticDepth(nn.Module):
         ``lax.scan``, a ``lax.cond`` under ``grad`` must fill the skipped branch's residuals
         with zeros; saving fewer residuals makes a skipped block cheaper.
       rng_collection: the rng stream gates are drawn from.
+      groups: ``'sample'``/``'skip'``: the subset is drawn within this many contiguous groups
+        of the batch (a multiple of the data-shard count keeps activations on their device;
+        see :func:`stochastic_depth_jax.ops.draw_subset`).
     """
 
     branch: nn.Module
@@ -131,6 +137,7 @@ class StochasticDepth(nn.Module):
     implementation: str = "skip"
     remat: str = "none"
     rng_collection: str = "stochastic_depth"
+    groups: int = 1
 
     @nn.compact
     def __call__(
@@ -149,7 +156,8 @@ class StochasticDepth(nn.Module):
           *args, **kwargs: forwarded to the branch (static values, e.g. ``train=True``).
           deterministic: evaluation mode (every branch runs, scaled per ``scaling``).
           survival_prob: per-call p (may be traced, e.g. inside ``nn.scan``).
-          gate: a pre-drawn gate (bool scalar or ``[batch]``); drawn from
+          gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns
+            (bool scalar, int32 subset ``[groups, k]`` or bool ``[batch]``); drawn from
             ``rng_collection`` when omitted.
 
         Returns:
@@ -166,12 +174,15 @@ class StochasticDepth(nn.Module):
         if self.is_initializing() or (gate is None and ops.is_static_one(p)):
             return call(self, x)
         if gate is None:
-            key = self.make_rng(self.rng_collection)
-            shape = () if self.mode == "batch" else (x.shape[0],)
-            gate = jax.random.bernoulli(key, p, shape)
+            gate = ops.draw_gate(self.make_rng(self.rng_collection), p, mode=self.mode,
+                                 implementation=self.implementation, batch_size=x.shape[0],
+                                 groups=self.groups)
+        if self.mode == "sample":  # subset gather/scatter or mask: the op's one implementation
+            return ops.gated_branch(lambda v: call(self, v), x, gate, p, mode=self.mode,
+                                    scaling=self.scaling, implementation=self.implementation)
         factor = ops.train_scale(p, self.scaling)
-        if self.mode == "sample" or self.implementation == "mask":
-            if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
+        if self.implementation == "mask":
+            if self.is_mutable_collection("batch_stats"):
                 call = _keep_stats_if_dropped(call, gate)
             return ops.masked(call(self, x), gate, factor)
         return self._skip(call, x, gate, factor)
