@@ -3,11 +3,17 @@
 Public API:
 
 * schedules: :func:`linear_decay`, :func:`uniform`, :func:`survival_probabilities`;
-* the framework-free op :func:`stochastic_depth` (and :func:`draw_gates`, :func:`gated_branch`);
+* the framework-free op :func:`stochastic_depth` (and :func:`draw_gates`, :func:`draw_gate`,
+  :func:`gated_branch`; per-example subsets: :func:`subset_size`, :func:`draw_subset`,
+  :func:`subset_branch`);
 * Flax Linen layers: :class:`StochasticDepth`, :class:`BatchNorm`, :class:`BasicBlock`,
   :class:`PreActBlock`, :class:`BottleneckBlock`, :class:`Shortcut`;
 * models: :class:`CifarResNet`, :class:`ResNet`, :data:`ResNet50`, :data:`ResNet101`,
-  :data:`ResNet152`.
+  :data:`ResNet152`;
+* the Vision Transformer with drop path (Linen): :class:`ViT`, :func:`drop_path_rates`,
+  :data:`VIT_SIZES`;
+* native Flax NNX modules: :mod:`nnx_layers` (``StochasticDepth``, ``DropPath``,
+  ``EncoderBlock``, ``ViT``, ``load_linen_params``).
 """
 
 from stochastic_depth_jax.layers import (
@@ -30,8 +36,18 @@ from stochastic_depth_jax.models import (
     ResNet152,
     valid_cifar_depths,
 )
-from stochastic_depth_jax.ops import draw_gates, gated_branch, stochastic_depth
+from stochastic_depth_jax import nnx_layers
+from stochastic_depth_jax.ops import (
+    draw_gate,
+    draw_gates,
+    draw_subset,
+    gated_branch,
+    stochastic_depth,
+    subset_branch,
+    subset_size,
+)
 from stochastic_depth_jax.schedules import linear_decay, survival_probabilities, uniform
+from stochastic_depth_jax.vit import VIT_SIZES, ViT, drop_path_rates
 
 __version__ = "0.1.0"
 
@@ -51,10 +67,18 @@ __all__ = [
     "ResidualBlock",
     "Shortcut",
     "StochasticDepth",
+    "VIT_SIZES",
+    "ViT",
+    "draw_gate",
     "draw_gates",
+    "draw_subset",
+    "drop_path_rates",
     "gated_branch",
     "linear_decay",
+    "nnx_layers",
     "stochastic_depth",
+    "subset_branch",
+    "subset_size",
     "survival_probabilities",
     "uniform",
     "valid_cifar_depths",
