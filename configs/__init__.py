@@ -23,6 +23,7 @@ CONFIGS: dict[str, str] = {
     "cifar100": "configs.cifar100",
     "svhn": "configs.svhn",
     "cifar10_resnet1202": "configs.cifar10_resnet1202",
+    "cifar10_vit": "configs.cifar10_vit",
 }
 VARIANTS = (None, "smoke")
 

@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model (stochastic_depth_jax.CifarResNet). final_survival_prob = p_L; 1.0 = constant depth.
     c.model = ml_collections.ConfigDict()
+    c.model.name = "cifar_resnet"  # training.setup.MODEL_BUILDERS: 'cifar_resnet' or 'vit'
     c.model.depth = 110
     c.model.width = 16
     c.model.final_survival_prob = 0.5
@@ -67,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_schedule = "step"
     c.lr_boundaries_epochs = (250, 375)
     c.lr_decay_factor = 0.1
+    c.warmup_epochs = 0  # linear warm-up of lr_schedule='warmup_cosine'
+    c.adam_b1 = 0.9  # optimizer='adamw' only
+    c.adam_b2 = 0.999
+    c.label_smoothing = 0.0  # paper: plain cross-entropy; DeiT: 0.1
 
     # Evaluation, selection, checkpoints, logging.
     c.eval_every_epochs = 1

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 import stochastic_depth_jax
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.models import CifarResNet
+from stochastic_depth_jax.vit import ViT
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed, optim, step as step_lib
 from stochastic_depth_jax.training import state as state_lib
@@ -28,6 +29,7 @@ __all__ = [
     "Setup",
     "load_data",
     "build_model",
+    "MODEL_BUILDERS",
     "build",
     "abstract_state",
     "code_version",
@@ -66,8 +68,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Datas
     )
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarResNet:
+def build_cifar_resnet(config: ml_collections.ConfigDict, num_classes: int,
+                       mesh: jax.sharding.Mesh) -> CifarResNet:
     """The ``CifarResNet`` described by ``config.model``."""
+    del mesh
     m = config.model
     return CifarResNet(
         depth=m.depth,
@@ -86,13 +90,50 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> CifarRes
     )
 
 
+def build_vit(config: ml_collections.ConfigDict, num_classes: int,
+              mesh: jax.sharding.Mesh) -> ViT:
+    """The ``ViT`` described by ``config.model``.
+
+    Raises ValueError if drop-path subsets (``mode='sample'``, ``'skip'``) would be drawn
+    across devices: ``model.groups`` must be a multiple of the mesh size.
+    """
+    m = config.model
+    subsets = m.mode == "sample" and m.implementation == "skip" and m.drop_path_rate > 0
+    if subsets and m.groups % mesh.size:
+        raise ValueError(
+            f"model.groups={m.groups} is not a multiple of the {mesh.size} devices: drop-path "
+            f"subsets would move activations between devices. Set --config.model.groups to a "
+            f"multiple of {mesh.size} dividing batch_size={config.batch_size}."
+        )
+    return ViT(
+        num_classes=num_classes, size=m.size, patch_size=m.patch_size, pool=m.pool,
+        drop_path_rate=float(m.drop_path_rate), drop_path_rule=m.drop_path_rule, mode=m.mode,
+        scaling=m.scaling, implementation=m.implementation, groups=m.groups, width=m.width,
+        depth=m.depth, num_heads=m.num_heads, dtype=config_lib.DTYPES[m.dtype],
+    )
+
+
+# config.model.name -> builder(config, num_classes, mesh); names as config.MODEL_VALIDATORS.
+MODEL_BUILDERS: dict[str, Callable[..., Any]] = {
+    "cifar_resnet": build_cifar_resnet,
+    "vit": build_vit,
+}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                mesh: jax.sharding.Mesh | None = None) -> Any:
+    """The model named by ``config.model.name`` (default ``'cifar_resnet'``)."""
+    mesh = distributed.make_mesh() if mesh is None else mesh
+    return MODEL_BUILDERS[config.model.get("name", "cifar_resnet")](config, num_classes, mesh)
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything built from a config and a dataset (see ``build``)."""
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    model: CifarResNet
+    model: Any
     keys: step_lib.StepKeys
     steps_per_epoch: int
     lr_schedule: Callable[[Any], Any]
@@ -126,7 +167,7 @@ def build(
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     spe = data_lib.steps_per_epoch(num_train, config.batch_size)
-    model = build_model(config, num_classes)
+    model = build_model(config, num_classes, mesh)
     optimizer = optim.make_optimizer(config, spe)
     keys = step_lib.StepKeys.from_seed(config.seed, config.init_rng_impl)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -140,7 +181,8 @@ def build(
         mean=mean,
         std=std,
         augment=augment,
-        compact_multiple=config.model.compact_multiple,
+        compact_multiple=config.model.get("compact_multiple", 0),
+        label_smoothing=config.label_smoothing,
     )
     return Setup(
         config,
