@@ -225,6 +225,9 @@ class _StochasticResNetBase(nn.Module):
     norm: ModuleDef = layers.BatchNorm
     zero_init_last: bool = False
 
+    # The trainer draws every block's gates up front and passes them as ``gates=``.
+    takes_gates = True
+
     def num_blocks(self) -> int:
         raise NotImplementedError
 

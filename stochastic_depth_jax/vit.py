@@ -258,7 +258,7 @@ class ViT(nn.Module):
         """``(width, depth, heads)``."""
         return vit_dims(self.size, self.width, self.depth, self.num_heads)
 
-    def survival_probs_(self) -> np.ndarray:
+    def survival_probs(self) -> np.ndarray:
         """Per-block survival probabilities ``1 - drop_path_rates``, float64 ``[depth]``."""
         return 1.0 - drop_path_rates(self.dims()[1], self.drop_path_rate, self.drop_path_rule)
 
@@ -269,7 +269,7 @@ class ViT(nn.Module):
             raise ValueError(f"Unknown pool {self.pool!r}; valid: {list(POOLS)}.")
         ops.validate_options(self.mode, self.scaling, self.implementation)
         width, depth, heads = self.dims()
-        probs = self.survival_probs_()
+        probs = self.survival_probs()
         if train and key is None and np.any(probs < 1.0) and not self.is_initializing():
             key = self.make_rng("stochastic_depth")
         p = self.patch_size

@@ -31,8 +31,8 @@ def test_nnx_vit_matches_linen_for_same_params_and_key(pool, implementation):
                            rngs=nnx.Rngs(params=1, stochastic_depth=2), **TINY)
     nnx_layers.load_linen_params(model, params)
     linen_apply = jax.jit(linen.apply, static_argnames="train")
-    nnx_apply = nnx.jit(lambda m, x, key, deterministic: m(x, rngs=key, deterministic=deterministic),
-                        static_argnames="deterministic")
+    nnx_apply = nnx.jit(lambda m, x, key, det: m(x, rngs=key, deterministic=det),
+                        static_argnames="det")
     for seed in (5, 6):
         key = jax.random.key(seed)
         expected = linen_apply({"params": params}, X, train=True, key=key)

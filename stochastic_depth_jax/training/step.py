@@ -111,8 +111,8 @@ def make_train_step(
     ``CifarResNet.compact_buckets``). Both forms draw the same gates,
     ``draw_gates(fold_in(gate_key, step), p)``, so they train identically.
 
-    Models that draw all their gates up front (``CifarResNet``: they have
-    ``survival_probs()``) get them as ``gates=`` (and ``buckets=`` in compact mode); any
+    Models whose class sets ``takes_gates = True`` (``CifarResNet``, ``ResNet``) get all
+    their gates, drawn up front, as ``gates=`` (and ``buckets=`` in compact mode); any
     other model (the ViT) draws its own from the ``'stochastic_depth'`` rng stream, which
     is ``fold_in(gate_key, step)`` for every model.
 
@@ -190,8 +190,8 @@ def make_train_step(
 
 
 def _takes_gates(model: Any) -> bool:
-    """Models with ``survival_probs()`` take all their gates, pre-drawn, as ``gates=``."""
-    return hasattr(model, "survival_probs")
+    """True for models that take all their gates, pre-drawn, as ``gates=``."""
+    return getattr(model, "takes_gates", False)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
