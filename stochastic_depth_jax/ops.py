@@ -22,8 +22,8 @@ Semantics (Huang et al., 2016, Sec. 3):
   scales kept examples by ``n / k`` (DINOv2's ``B / k``), so the training expectation is
   exactly f(x); ``'test'`` evaluation scales by the nominal p.
 * A branch that normalises over the batch (BatchNorm) sees only the subset in
-  ``'sample'``/``'skip'``: its batch statistics (and running averages) are over the ``k``
-  kept examples of each group.
+  ``'sample'``/``'skip'``: its batch statistics (and running averages) are over the
+  ``groups * k`` kept examples.
 
 Under ``vmap`` with a per-example key, ``lax.cond`` becomes a ``select`` and both branches
 run; use ``mode='sample'`` for per-example gates instead.
@@ -105,7 +105,8 @@ def draw_gates(
       key: a JAX PRNG key.
       survival_probs: float ``[num_blocks]`` survival probabilities p_l.
       mode: ``'batch'`` gives bool ``[num_blocks]``; ``'sample'`` gives bool
-        ``[num_blocks, batch_size]`` (one gate per example).
+        ``[num_blocks, batch_size]`` (one Bernoulli gate per example, applied as a mask:
+        subsets have a different static size per block, see :func:`draw_gate`).
       batch_size: required for ``mode='sample'``.
 
     Returns:
