@@ -199,3 +199,25 @@ def test_sharded_subsets_move_no_activations_between_devices():
     # One group over 8 devices does move activations: the check above can fail.
     found = _collectives(1)
     assert any(not re.fullmatch(r"f32\[(5,5)?\](\{.*\})?", s) for s, _ in found), found
+
+
+def test_batchnorm_in_a_subset_branch_normalises_over_the_subset():
+    import flax.linen as nn
+
+    class Branch(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return sdj.BatchNorm()(x, train=True)
+
+    x = jax.random.normal(jax.random.key(5), (B, D)) * 3.0 + 1.0
+    sd = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5, mode="sample")
+    variables = sd.init(jax.random.key(0), x, deterministic=True)
+    idx = ops.draw_subset(jax.random.key(6), B, 0.5)
+    y, updates = sd.apply(variables, x, deterministic=False, gate=idx, mutable=["batch_stats"])
+    kept = np.asarray(ops.subset_mask(idx, B))
+    sub = np.asarray(x)[kept]
+    # Kept rows are normalised with the subset's own mean and variance, not the batch's.
+    expected = (sub - sub.mean(0)) / np.sqrt(sub.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y)[kept], expected, rtol=1e-4, atol=1e-5)
+    new_mean = updates["batch_stats"]["branch"]["BatchNorm_0"]["mean"]
+    np.testing.assert_allclose(new_mean, 0.1 * sub.mean(0), rtol=1e-5)
