@@ -1,10 +1,10 @@
-"""Train a stochastic-depth ResNet: ``python train.py --config cifar100 [--workdir W]``.
+"""Train a stochastic-depth ResNet or ViT: ``python train.py --config cifar100 [--workdir W]``.
 
   python train.py --config cifar10                    # paper, CIFAR-10+, ResNet-110
   python train.py --config cifar10:smoke --workdir /tmp/smoke   # tiny CPU run, fake data
   python train.py --config configs/svhn.py --config.batch_size=256 --config.seed=1
 
-Configs: cifar10, cifar100, svhn, cifar10_resnet1202 (see configs/); any field can be
+Configs: cifar10, cifar100, svhn, cifar10_resnet1202, cifar10_vit (see configs/); any field can be
 overridden with --config.<field>=<value>. Restarting with the same --workdir resumes.
 Multi-host: --multihost (TPU pods, SLURM), or --coordinator_address/--num_processes/
 --process_id on every process (--init_timeout: how long to wait for all of them).

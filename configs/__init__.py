@@ -27,6 +27,7 @@ CONFIGS: dict[str, str] = {
     "svhn": "configs.svhn",
     "cifar10_resnet1202": "configs.cifar10_resnet1202",
     "cifar100_wrn": "configs.cifar100_wrn",
+    "cifar10_vit": "configs.cifar10_vit",
 }
 VARIANTS = (None, "smoke")
 

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model (stochastic_depth_jax.CifarResNet). final_survival_prob = p_L; 1.0 = constant depth.
     c.model = ml_collections.ConfigDict()
-    c.model.name = "cifar_resnet"  # or 'wide_resnet' (WRN-d-k, depth 6n+4; configs/cifar100_wrn.py)
+    c.model.name = "cifar_resnet"  # 'cifar_resnet', 'wide_resnet' (WRN-d-k, depth 6n+4) or 'vit'
     c.model.widen_factor = 1  # k of WRN-d-k (wide_resnet only)
     c.model.dropout_rate = 0.0  # dropout between a branch's convs in training (WRN paper: 0.3)
     c.model.depth = 110
@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_schedule = "step"
     c.lr_boundaries_epochs = (250, 375)
     c.lr_decay_factor = 0.1
+    c.warmup_epochs = 0  # linear warm-up of lr_schedule='warmup_cosine'
+    c.adam_b1 = 0.9  # optimizer='adamw' only
+    c.adam_b2 = 0.999
+    c.label_smoothing = 0.0  # paper: plain cross-entropy; DeiT: 0.1
 
     # Evaluation, selection, checkpoints, logging.
     c.eval_every_epochs = 1

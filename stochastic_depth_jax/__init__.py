@@ -3,7 +3,9 @@
 Public API:
 
 * schedules: :func:`linear_decay`, :func:`uniform`, :func:`survival_probabilities`;
-* the framework-free op :func:`stochastic_depth` (and :func:`draw_gates`, :func:`gated_branch`);
+* the framework-free op :func:`stochastic_depth` (and :func:`draw_gates`, :func:`draw_gate`,
+  :func:`gated_branch`; per-example subsets: :func:`subset_size`, :func:`draw_subset`,
+  :func:`subset_branch`);
 * Flax Linen layers: :class:`StochasticDepth`, :class:`BatchNorm`, :class:`BasicBlock`,
   :class:`PreActBlock`, :class:`BottleneckBlock`, :class:`Shortcut`;
 * models: :class:`CifarResNet`, :class:`WideResNet`, :class:`ResNet`, :data:`ResNet50`,
@@ -14,6 +16,10 @@ Public API:
 * :func:`reroute_flax_convs`: the context in which stock ``flax.linen.Conv`` layers use the
   CPU-friendly convolution of :mod:`stochastic_depth_jax.conv` (``StochasticDepth`` enters
   it on CPU by itself).
+* the Vision Transformer with drop path (Linen): :class:`ViT`, :func:`drop_path_rates`,
+  :data:`VIT_SIZES`;
+* native Flax NNX modules: :mod:`nnx_layers` (``StochasticDepth``, ``DropPath``,
+  ``EncoderBlock``, ``ViT``, ``load_linen_params``).
 """
 
 from stochastic_depth_jax.conv import reroute_flax_convs
@@ -38,7 +44,16 @@ from stochastic_depth_jax.models import (
     WideResNet,
     valid_cifar_depths,
 )
-from stochastic_depth_jax.ops import draw_gates, gated_branch, stochastic_depth
+from stochastic_depth_jax import nnx_layers
+from stochastic_depth_jax.ops import (
+    draw_gate,
+    draw_gates,
+    draw_subset,
+    gated_branch,
+    stochastic_depth,
+    subset_branch,
+    subset_size,
+)
 from stochastic_depth_jax.pruning import (
     SubNetworkEvaluator,
     depth_curve,
@@ -49,6 +64,7 @@ from stochastic_depth_jax.pruning import (
     save_pruned,
 )
 from stochastic_depth_jax.schedules import linear_decay, survival_probabilities, uniform
+from stochastic_depth_jax.vit import VIT_SIZES, ViT, drop_path_rates
 
 __version__ = "0.1.0"
 
@@ -71,7 +87,12 @@ __all__ = [
     "SubNetworkEvaluator",
     "WideResNet",
     "depth_curve",
+    "VIT_SIZES",
+    "ViT",
+    "draw_gate",
     "draw_gates",
+    "draw_subset",
+    "drop_path_rates",
     "gated_branch",
     "linear_decay",
     "load_pruned",
@@ -80,7 +101,10 @@ __all__ = [
     "removal_order",
     "save_pruned",
     "reroute_flax_convs",
+    "nnx_layers",
     "stochastic_depth",
+    "subset_branch",
+    "subset_size",
     "survival_probabilities",
     "uniform",
     "valid_cifar_depths",

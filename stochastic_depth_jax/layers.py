@@ -108,7 +108,10 @@ class StochasticDepth(nn.Module):
     Semantics are those of :func:`stochastic_depth_jax.stochastic_depth`: ``mode='batch'``
     with ``implementation='skip'`` evaluates nothing of f, forward or backward, when the
     gate is closed, and f's ``batch_stats`` stay unchanged; ``mode='sample'`` gates each
-    example and always computes f.
+    example: with ``'skip'`` f runs only on a random subset of exactly ``k`` examples (see
+    :func:`stochastic_depth_jax.ops.subset_size`), so a BatchNorm inside f normalises over
+    (and updates its running statistics from) the subset; with ``'mask'`` f runs on the
+    whole batch under Bernoulli(p) gates.
 
     Attributes:
       branch: the residual branch, called as ``branch(x, *args, **kwargs)``.
@@ -127,6 +130,9 @@ class StochasticDepth(nn.Module):
         numbers, a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU
         backend), ``'always'`` or ``'never'``. See :func:`~stochastic_depth_jax.conv.
         reroute_flax_convs`.
+      groups: ``'sample'``/``'skip'``: the subset is drawn within this many contiguous groups
+        of the batch (a multiple of the data-shard count keeps activations on their device;
+        see :func:`stochastic_depth_jax.ops.draw_subset`).
     """
 
     branch: nn.Module
@@ -137,6 +143,7 @@ class StochasticDepth(nn.Module):
     remat: str = "none"
     rng_collection: str = "stochastic_depth"
     reroute_convs: str = "auto"
+    groups: int = 1
 
     @nn.compact
     def __call__(
@@ -157,8 +164,9 @@ class StochasticDepth(nn.Module):
             ``'test'``); with a ``gate`` it runs only where the gate is open (a fixed
             sub-network at test time, e.g. a pruned model).
           survival_prob: per-call p (may be traced, e.g. inside ``nn.scan``).
-          gate: a pre-drawn gate (bool scalar or ``[batch]``); in training it is drawn
-            from ``rng_collection`` when omitted.
+          gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns
+            (bool scalar, int32 subset ``[groups, k]`` or bool ``[batch]``); in training it
+            is drawn from ``rng_collection`` when omitted.
 
         Returns:
           the gated residual, shaped like ``branch(x)``.
@@ -177,9 +185,13 @@ class StochasticDepth(nn.Module):
         if not deterministic and (self.is_initializing() or (gate is None and ops.is_static_one(p))):
             return call(self, x)
         if gate is None:
-            key = self.make_rng(self.rng_collection)
-            shape = () if self.mode == "batch" else (x.shape[0],)
-            gate = jax.random.bernoulli(key, p, shape)
+            gate = ops.draw_gate(self.make_rng(self.rng_collection), p, mode=self.mode,
+                                 implementation=self.implementation, batch_size=x.shape[0],
+                                 groups=self.groups)
+        if self.mode == "sample" and not deterministic:
+            # Subset gather/scatter or mask: the op's one implementation.
+            return ops.gated_branch(lambda v: call(self, v), x, gate, p, mode=self.mode,
+                                    scaling=self.scaling, implementation=self.implementation)
         # A gated evaluation keeps the evaluation scale on the blocks it runs.
         scale = ops.eval_scale if deterministic else ops.train_scale
         factor = scale(p, self.scaling)

@@ -252,6 +252,9 @@ class _StochasticResNetBase(nn.Module):
     dropout_rate: float = 0.0
     keep: tuple[bool, ...] | None = None
 
+    # The trainer draws every block's gates up front and passes them as ``gates=``.
+    takes_gates = True
+
     def num_blocks(self) -> int:
         raise NotImplementedError
 

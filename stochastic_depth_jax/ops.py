@@ -7,11 +7,23 @@ Semantics (Huang et al., 2016, Sec. 3):
   neither forward nor backward: the op is a ``lax.cond`` on a scalar predicate, and only the
   taken branch runs. ``implementation='mask'`` computes the branch and multiplies by the
   gate, which is what timm/torchvision/Keras do; it exists for comparison.
-* ``mode='sample'`` (drop path): one gate per example, shape ``[batch]``. Some examples of
-  the batch always need the branch, so this mode always computes it and masks.
+* ``mode='sample'`` (drop path): each example has its own gate. With
+  ``implementation='skip'`` (default) the branch runs only on a random subset of exactly
+  ``k`` examples, drawn without replacement (as DINOv2's block): the op gathers the subset,
+  runs the branch on ``[k, ...]``, and scatters the outputs back into zeros, so a dropped
+  example gets exactly zero (only the caller's shortcut) and costs no branch compute. See
+  :func:`subset_size` for ``k`` and :func:`draw_subset` for ``groups`` (per-shard subsets).
+  ``implementation='mask'`` is timm's drop path: independent Bernoulli(p) gates, branch
+  computed for the whole batch, then multiplied.
 * ``scaling='test'`` (the paper, Eq. 5): training returns ``b f(x)``, evaluation ``p f(x)``.
   ``scaling='train'`` (inverted, as timm): training returns ``b f(x) / p``, evaluation
-  ``f(x)``. Both have the same expectation at train and test time.
+  ``f(x)``. Both have the same expectation at train and test time. For subsets the kept
+  fraction is ``k / n`` rather than p (rounding, see :func:`subset_size`); ``'train'``
+  scales kept examples by ``n / k`` (DINOv2's ``B / k``), so the training expectation is
+  exactly f(x); ``'test'`` evaluation scales by the nominal p.
+* A branch that normalises over the batch (BatchNorm) sees only the subset in
+  ``'sample'``/``'skip'``: its batch statistics (and running averages) are over the
+  ``groups * k`` kept examples.
 
 Under ``vmap`` with a per-example key, ``lax.cond`` becomes a ``select`` and both branches
 run; use ``mode='sample'`` for per-example gates instead.
@@ -31,6 +43,11 @@ __all__ = [
     "SCALINGS",
     "IMPLEMENTATIONS",
     "draw_gates",
+    "draw_gate",
+    "subset_size",
+    "draw_subset",
+    "subset_mask",
+    "subset_branch",
     "train_scale",
     "eval_scale",
     "gated_branch",
@@ -88,7 +105,8 @@ def draw_gates(
       key: a JAX PRNG key.
       survival_probs: float ``[num_blocks]`` survival probabilities p_l.
       mode: ``'batch'`` gives bool ``[num_blocks]``; ``'sample'`` gives bool
-        ``[num_blocks, batch_size]`` (one gate per example).
+        ``[num_blocks, batch_size]`` (one Bernoulli gate per example, applied as a mask:
+        subsets have a different static size per block, see :func:`draw_gate`).
       batch_size: required for ``mode='sample'``.
 
     Returns:
@@ -102,6 +120,140 @@ def draw_gates(
         raise ValueError("mode='sample' needs batch_size to draw one gate per example.")
     shape = probs.shape + (batch_size,)
     return jax.random.bernoulli(key, probs[..., None], shape)
+
+
+def _check_groups(batch_size: int, groups: int) -> int:
+    """Returns the group size ``batch_size // groups``; raises ValueError if it is not whole."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups must be an integer >= 1, got {groups!r}.")
+    if batch_size % groups:
+        raise ValueError(
+            f"The batch of {batch_size} examples does not split into groups={groups} equal "
+            f"groups for drop-path subsets; use a batch size divisible by {groups} (or fewer "
+            f"groups)."
+        )
+    return batch_size // groups
+
+
+def _static_prob(survival_prob: Any) -> float:
+    """``survival_prob`` as a Python float; ValueError if it is traced (k must be static)."""
+    try:
+        p = float(survival_prob)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(
+            "mode='sample' with implementation='skip' sizes its subset from survival_prob, "
+            f"which must be a static Python float, got {survival_prob!r}; pass a float (unroll "
+            "the blocks instead of scanning them) or use implementation='mask'."
+        ) from None
+    check_survival_prob(p)
+    return p
+
+
+def subset_size(batch_size: int, survival_prob: float, groups: int = 1) -> int:
+    """Examples kept per group: ``k = min(n, max(1, floor(n p + 1/2)))``, ``n = B / groups``.
+
+    The rounding is to the nearest integer (DINOv2 rounds down: ``max(1, int(B p))``), so the
+    kept fraction ``k / n`` is within ``1 / (2 n)`` of p, except that at least one example
+    per group always runs the branch. ``k == n`` means nothing is dropped.
+
+    Args:
+      batch_size: B, the (global) batch size.
+      survival_prob: p in (0, 1], a static float.
+      groups: the batch is split into this many contiguous groups of ``n`` examples, each
+        keeping exactly ``k`` (``groups * k`` in all).
+
+    Returns:
+      k, a Python int in ``[1, n]``.
+    """
+    n = _check_groups(batch_size, groups)
+    p = _static_prob(survival_prob)
+    return min(n, max(1, math.floor(n * p + 0.5)))
+
+
+def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int = 1) -> Array:
+    """Draws the examples that run the branch: ``k`` per group, without replacement.
+
+    Each of the ``groups`` contiguous groups of ``n = batch_size / groups`` examples keeps a
+    uniformly random subset of exactly ``k = subset_size(batch_size, survival_prob, groups)``
+    examples (the ``k`` largest of ``n`` uniform numbers). Each example is kept with
+    probability exactly ``k / n``.
+
+    Groups exist for sharded batches: with ``groups`` a multiple of the number of data shards,
+    every group lies on one device, and choosing, gathering and scattering never move
+    activations between devices. The subset is a function of ``(key, batch_size, p,
+    groups)`` only, not of the device count.
+
+    Returns:
+      int32 ``[groups, k]``: sorted indices within each group (example ``g * n + i`` of the
+      batch for entry ``i`` of row ``g``).
+    """
+    n = _check_groups(batch_size, groups)
+    k = subset_size(batch_size, survival_prob, groups)
+    scores = jax.random.uniform(key, (groups, n))
+    idx = jnp.argsort(scores, axis=-1)[:, :k]
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def subset_mask(indices: Array, batch_size: int) -> Array:
+    """The bool ``[batch_size]`` gate of a subset: True for examples in ``indices [G, k]``."""
+    groups = indices.shape[0]
+    n = _check_groups(batch_size, groups)
+    rows = jax.vmap(lambda i: jnp.zeros((n,), bool).at[i].set(True))(indices)
+    return rows.reshape(batch_size)
+
+
+def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
+                  factor: Any = 1.0) -> Array:
+    """Runs ``branch`` on the subset ``indices`` of ``x`` and scatters it into zeros.
+
+    Args:
+      branch: ``[m, ...] -> [m, ...out]``, applied once to the ``groups * k`` kept examples.
+      x: ``[batch, ...]``.
+      indices: int ``[groups, k]`` from :func:`draw_subset`.
+      factor: multiplies the kept outputs (``n / k`` for ``scaling='train'``).
+
+    Returns:
+      ``[batch, ...out]``: ``factor * branch(x[i])`` for kept examples, exactly 0 elsewhere
+      (and a zero gradient through the branch for them). The gather and scatter act within
+      each group (batched over the group axis), so they stay local to a data shard.
+    """
+    groups, k = indices.shape
+    batch = x.shape[0]
+    n = _check_groups(batch, groups)
+    if k == n:  # nothing dropped: no gather, no scatter
+        return scaled(branch(x), factor)
+    xg = x.reshape((groups, n) + x.shape[1:])
+    picked = jax.vmap(lambda v, i: v[i])(xg, indices)
+    y = scaled(branch(picked.reshape((groups * k,) + x.shape[1:])), factor)
+    yg = y.reshape((groups, k) + y.shape[1:])
+    out = jax.vmap(lambda v, i: jnp.zeros((n,) + v.shape[1:], v.dtype).at[i].set(v))(yg, indices)
+    return out.reshape((batch,) + y.shape[1:])
+
+
+def draw_gate(
+    key: Array,
+    survival_prob: Any,
+    *,
+    mode: str = "batch",
+    implementation: str = "skip",
+    batch_size: int | None = None,
+    groups: int = 1,
+) -> Array:
+    """One block's training gate, in the form :func:`gated_branch` takes.
+
+    Returns:
+      bool scalar (``'batch'``); int32 subset indices ``[groups, k]`` (``'sample'`` with
+      ``'skip'``, see :func:`draw_subset`); bool ``[batch_size]`` Bernoulli(p) gates
+      (``'sample'`` with ``'mask'``).
+    """
+    validate_options(mode, "test", implementation)
+    if mode == "batch":
+        return jax.random.bernoulli(key, survival_prob)
+    if batch_size is None:
+        raise ValueError("mode='sample' needs batch_size to draw one gate per example.")
+    if implementation == "skip":
+        return draw_subset(key, batch_size, survival_prob, groups)
+    return jax.random.bernoulli(key, survival_prob, (batch_size,))
 
 
 def train_scale(survival_prob: Array, scaling: str) -> Array:
@@ -143,13 +295,22 @@ def gated_branch(
     Args:
       branch: ``x -> y``; a pure function (close over parameters as needed).
       x: the block input, e.g. ``[batch, height, width, channels]``.
-      gate: bool scalar (``mode='batch'``) or bool ``[batch]`` (``mode='sample'``).
-      survival_prob: p for this block (scalar; may be traced).
+      gate: as :func:`draw_gate` returns: bool scalar (``'batch'``), int32 subset indices
+        ``[groups, k]`` (``'sample'``/``'skip'``) or bool ``[batch]`` (``'sample'``/
+        ``'mask'``; a bool ``[batch]`` gate is always applied as a mask, whatever the
+        implementation, since a Bernoulli draw has no static size).
+      survival_prob: p for this block (scalar; may be traced except for subsets).
 
     Returns:
       ``gate * branch(x) * train_scale`` with the shape and dtype of ``branch(x)``; in
-      ``'batch'``/``'skip'`` the branch is not evaluated when the gate is closed.
+      ``'batch'``/``'skip'`` the branch is not evaluated when the gate is closed, in
+      ``'sample'``/``'skip'`` only on the subset.
     """
+    gate = jnp.asarray(gate)
+    if mode == "sample" and jnp.issubdtype(gate.dtype, jnp.integer):
+        groups, k = gate.shape
+        factor = 1.0 if scaling == "test" else (x.shape[0] // groups) / k
+        return subset_branch(branch, x, gate, factor)
     factor = train_scale(survival_prob, scaling)
     if mode == "sample" or implementation == "mask":
         return masked(branch(x), gate, factor)
@@ -172,6 +333,7 @@ def stochastic_depth(
     mode: str = "batch",
     scaling: str = "test",
     implementation: str = "skip",
+    groups: int = 1,
 ) -> Array:
     """Runs a residual branch under stochastic depth; returns its gated output.
 
@@ -185,8 +347,12 @@ def stochastic_depth(
       deterministic: evaluation mode: every branch runs, scaled per ``scaling``.
       mode: ``'batch'`` (one gate per call, paper) or ``'sample'`` (one per example).
       scaling: ``'test'`` (paper: scale by p at evaluation) or ``'train'`` (scale by 1/p
-        in training).
-      implementation: ``'skip'`` (closed gate computes nothing) or ``'mask'``.
+        in training; ``n / k`` for subsets).
+      implementation: ``'skip'`` (a dropped block or example computes nothing) or
+        ``'mask'`` (compute everything, multiply by the gate).
+      groups: ``'sample'``/``'skip'`` only: draw the subset within this many contiguous
+        groups of the batch (see :func:`draw_subset`); a multiple of the data-shard count
+        keeps a sharded batch on its devices.
 
     Returns:
       The gated residual, shaped like ``f(x)``.
@@ -202,10 +368,8 @@ def stochastic_depth(
             "stochastic_depth needs a PRNG `key` in training (deterministic=False) when "
             "survival_prob < 1; pass key=jax.random.fold_in(base_key, step)."
         )
-    if mode == "batch":
-        gate = jax.random.bernoulli(key, survival_prob)
-    else:
-        gate = jax.random.bernoulli(key, survival_prob, (x.shape[0],))
+    gate = draw_gate(key, survival_prob, mode=mode, implementation=implementation,
+                     batch_size=x.shape[0], groups=groups)
     return gated_branch(
         branch, x, gate, survival_prob, mode=mode, scaling=scaling, implementation=implementation
     )

@@ -78,7 +78,7 @@ def test_path_form_and_overrides():
         ("cifar10", ["--config.model.final_survival_prob=1.5"], "final_survival_prob"),
         ("cifar10", ["--config.model.survival_rule=cosine"], "survival_rule.*linear"),
         ("cifar10", ["--config.model.mode=layer"], "model.mode.*batch"),
-        ("cifar10", ["--config.optimizer=adam"], "optimizer='adam'; valid: \\['sgd'\\]"),
+        ("cifar10", ["--config.optimizer=adam"], "optimizer='adam'; valid: \\['adamw', 'sgd'\\]"),
         ("cifar10", ["--config.weight_decay_on=bn"], "weight_decay_on.*kernels"),
         ("cifar10", ["--config.batch_size=0"], "batch_size=0 must be"),
         ("cifar10", ["--config.learning_rate=-1"], "learning_rate"),

@@ -157,9 +157,10 @@ def test_mask_implementation_runs_branch_even_when_dropped():
     assert len(calls) == 1
 
 
-def test_sample_mode_masks_examples():
+def test_sample_mode_mask_implementation_masks_examples():
     key = jax.random.key(5)
-    y = sdj.stochastic_depth(branch, X, survival_prob=0.5, key=key, mode="sample")
+    y = sdj.stochastic_depth(branch, X, survival_prob=0.5, key=key, mode="sample",
+                             implementation="mask")
     gate = jax.random.bernoulli(key, 0.5, (X.shape[0],))
     np.testing.assert_allclose(y, np.asarray(gate)[:, None] * branch(X), rtol=1e-6)
 

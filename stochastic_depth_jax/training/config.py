@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from stochastic_depth_jax import errors, layers, models, ops, schedules
+from stochastic_depth_jax import errors, layers, models, ops, schedules, vit
 from stochastic_depth_jax.training import implementation, optim
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "MODELS",
     "DATASETS",
     "LABELS",
+    "MODEL_VALIDATORS",
     "INIT_RNG_IMPLS",
     "SELECT_BEST_BY",
     "apply_overrides",
@@ -122,10 +123,10 @@ def _check_choice(value: Any, choices: Any, field: str) -> None:
     _check(value in choices, f"{field}={value!r}; valid: {sorted(choices)}")
 
 
-def _validate_model(m: ml_collections.ConfigDict) -> None:
-    name = m.get("name", "cifar_resnet")
-    _check_choice(name, MODELS, "model.name")
-    if name == "wide_resnet":
+def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    """The CIFAR ResNets: 'cifar_resnet' (depth 6n+2) and 'wide_resnet' (WRN-d-k, 6n+4)."""
+    del config
+    if m.get("name", "cifar_resnet") == "wide_resnet":
         _check(
             isinstance(m.depth, int) and m.depth >= 10 and (m.depth - 4) % 6 == 0,
             f"model.depth={m.depth!r} must be 6n+4 with n >= 1 for a wide_resnet (e.g. 16, "
@@ -167,6 +168,44 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     )
 
 
+def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    _check_choice(m.size, vit.VIT_SIZES, "model.size")
+    for field in ("width", "depth", "num_heads"):
+        v = m[field]
+        _check(v is None or (isinstance(v, int) and v >= 1),
+               f"model.{field}={v!r} must be None (from model.size) or an integer >= 1")
+    try:
+        width, depth, _ = vit.vit_dims(m.size, m.width, m.depth, m.num_heads)
+        vit.drop_path_rates(depth, m.drop_path_rate, m.drop_path_rule)
+    except ValueError as e:
+        _check(False, f"model: {e}")
+    _check(isinstance(m.patch_size, int) and m.patch_size >= 1,
+           f"model.patch_size={m.patch_size!r} must be an integer >= 1 (CIFAR: 4)")
+    _check_choice(m.pool, vit.POOLS, "model.pool")
+    _check_choice(m.mode, ops.MODES, "model.mode")
+    _check_choice(m.scaling, ops.SCALINGS, "model.scaling")
+    _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
+    _check_choice(m.dtype, DTYPES, "model.dtype")
+    _check(isinstance(m.groups, int) and m.groups >= 1 and config.batch_size % m.groups == 0,
+           f"model.groups={m.groups!r} must be an integer >= 1 dividing batch_size="
+           f"{config.batch_size} (drop-path subsets are drawn per group; use a multiple of "
+           f"the device count)")
+
+
+# config.model.name -> validator; training.setup.MODEL_BUILDERS has the same names.
+MODEL_VALIDATORS = {
+    "cifar_resnet": _validate_resnet,
+    "wide_resnet": _validate_resnet,
+    "vit": _validate_vit,
+}
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+    name = config.model.get("name", "cifar_resnet")
+    _check_choice(name, MODEL_VALIDATORS, "model.name")
+    MODEL_VALIDATORS[name](config.model, config)
+
+
 def _validate_optim(c: ml_collections.ConfigDict) -> None:
     _check_choice(c.optimizer, optim.OPTIMIZERS, "optimizer")
     _check_choice(c.lr_schedule, optim.LR_SCHEDULES, "lr_schedule")
@@ -181,6 +220,12 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
         f"weight_decay={c.weight_decay!r} must be a finite number >= 0",
     )
     _check(0 < c.lr_decay_factor <= 1, f"lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]")
+    _check(isinstance(c.warmup_epochs, int) and 0 <= c.warmup_epochs < c.num_epochs,
+           f"warmup_epochs={c.warmup_epochs!r} must be an integer in [0, num_epochs)")
+    _check(0.0 <= c.label_smoothing < 1.0,
+           f"label_smoothing={c.label_smoothing!r} must be in [0, 1) (DeiT: 0.1)")
+    _check(0.0 <= c.adam_b1 < 1.0 and 0.0 <= c.adam_b2 < 1.0,
+           f"adam_b1={c.adam_b1!r}, adam_b2={c.adam_b2!r} must be in [0, 1)")
     b = list(c.lr_boundaries_epochs)
     _check(
         all(isinstance(e, int) and e > 0 for e in b) and b == sorted(set(b)),
@@ -234,7 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field; returns ``config`` or raises ``errors.ConfigError`` (a
     ``ValueError``) naming the field, its value and the valid values."""
     _validate_data(config)
-    _validate_model(config.model)
+    _validate_model(config)
     _validate_optim(config)
     for field in (
         "batch_size",

@@ -82,7 +82,7 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     Raises:
       ValueError: ``model.implementation`` is not one of :data:`IMPLEMENTATIONS`.
     """
-    impl, multiple = model.implementation, int(model.compact_multiple)
+    impl, multiple = model.implementation, int(model.get("compact_multiple", 0))
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"model.implementation={impl!r}; valid: {list(IMPLEMENTATIONS)}")
     kind = _platform_kind(platform)
@@ -96,5 +96,5 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     if model.mode != "batch":
         return Resolved("skip", 0, impl, platform,
                         f"{kind.upper()}: mode={model.mode!r} has per-example gates, which "
-                        "compact mode cannot gather; every branch is computed anyway")
+                        "compact mode cannot gather; 'skip' runs each branch on its subset")
     return Resolved("skip", multiple or DEFAULT_COMPACT_MULTIPLE, impl, platform, _WHY[kind])

@@ -35,6 +35,16 @@ def constant_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -
     return optax.constant_schedule(config.learning_rate)
 
 
+def warmup_cosine_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up from 0 over ``warmup_epochs``, then cosine decay to 0 at the end of
+    ``num_epochs`` (DeiT, ViT recipes)."""
+    total = config.num_epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                              max(total, warmup + 1), end_value=0.0)
+
+
 def _all_params(params: Any) -> Any:
     return jax.tree.map(lambda _: True, params)
 
@@ -57,10 +67,19 @@ def sgd(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradient
     )
 
 
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {"sgd": sgd}
+def adamw(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay ``weight_decay``, on ``weight_decay_on`` params; DeiT:
+    0.05 on kernels), betas ``adam_b1``, ``adam_b2``."""
+    mask = WEIGHT_DECAY_MASKS[config.weight_decay_on]
+    return optax.adamw(lr, b1=config.adam_b1, b2=config.adam_b2,
+                       weight_decay=config.weight_decay, mask=mask)
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {"sgd": sgd, "adamw": adamw}
 LR_SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
     "step": step_schedule,
     "constant": constant_schedule,
+    "warmup_cosine": warmup_cosine_schedule,
 }
 WEIGHT_DECAY_MASKS: dict[str, Callable[[Any], Any]] = {"all": _all_params, "kernels": _kernels_only}
 

@@ -19,7 +19,9 @@ from jax.experimental import multihost_utils
 
 import stochastic_depth_jax
 from stochastic_depth_jax import data as data_lib
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.models import CifarResNet
+from stochastic_depth_jax.vit import ViT
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed, optim, step as step_lib
 from stochastic_depth_jax.training import implementation as implementation_lib
@@ -29,6 +31,7 @@ __all__ = [
     "Setup",
     "load_data",
     "build_model",
+    "MODEL_BUILDERS",
     "build",
     "abstract_state",
     "code_version",
@@ -68,17 +71,22 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Datas
     )
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int,
-                implementation: str | None = None) -> CifarResNet:
+def _implementation(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    implementation: str | None) -> str:
+    if implementation is not None:
+        return implementation
+    return implementation_lib.resolve(config.model, mesh.devices.flat[0].platform).implementation
+
+
+def build_cifar_resnet(config: ml_collections.ConfigDict, num_classes: int,
+                       mesh: jax.sharding.Mesh, implementation: str | None = None) -> CifarResNet:
     """The ``CifarResNet`` (or ``WideResNet``, ``model.name='wide_resnet'``) described by
     ``config.model``.
 
     ``implementation`` overrides ``model.implementation`` (``build`` passes the resolved
-    one); by default ``'auto'`` is resolved for ``jax.default_backend()``.
+    one); by default ``'auto'`` is resolved for the platform of ``mesh``.
     """
     m = config.model
-    if implementation is None:
-        implementation = implementation_lib.resolve(m, jax.default_backend()).implementation
     name = m.get("name", "cifar_resnet")
     extra = {"widen_factor": m.widen_factor} if name == "wide_resnet" else {}
     return config_lib.MODELS[name](
@@ -93,11 +101,57 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
         width=m.width,
         scan=m.scan,
         block=m.block,
-        implementation=implementation,
+        implementation=_implementation(config, mesh, implementation),
         remat=m.remat,
         dropout_rate=float(m.get("dropout_rate", 0.0)),
         dtype=config_lib.DTYPES[m.dtype],
     )
+
+
+def build_vit(config: ml_collections.ConfigDict, num_classes: int,
+              mesh: jax.sharding.Mesh, implementation: str | None = None) -> ViT:
+    """The ``ViT`` described by ``config.model``.
+
+    Raises ``errors.ConfigError`` if drop-path subsets (``mode='sample'``, ``'skip'``) would
+    be drawn across devices: ``model.groups`` must be a multiple of the mesh size.
+    """
+    m = config.model
+    implementation = _implementation(config, mesh, implementation)
+    subsets = m.mode == "sample" and implementation == "skip" and m.drop_path_rate > 0
+    if subsets and m.groups % mesh.size:
+        raise errors.ConfigError(
+            f"model.groups={m.groups} is not a multiple of the {mesh.size} devices: drop-path "
+            f"subsets would move activations between devices. Set --config.model.groups to a "
+            f"multiple of {mesh.size} dividing batch_size={config.batch_size}."
+        )
+    return ViT(
+        num_classes=num_classes, size=m.size, patch_size=m.patch_size, pool=m.pool,
+        drop_path_rate=float(m.drop_path_rate), drop_path_rule=m.drop_path_rule, mode=m.mode,
+        scaling=m.scaling, implementation=implementation, groups=m.groups, width=m.width,
+        depth=m.depth, num_heads=m.num_heads, dtype=config_lib.DTYPES[m.dtype],
+    )
+
+
+# config.model.name -> builder(config, num_classes, mesh, implementation); names as
+# config.MODEL_VALIDATORS.
+MODEL_BUILDERS: dict[str, Callable[..., Any]] = {
+    "cifar_resnet": build_cifar_resnet,
+    "wide_resnet": build_cifar_resnet,
+    "vit": build_vit,
+}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                mesh: jax.sharding.Mesh | None = None,
+                implementation: str | None = None) -> Any:
+    """The model named by ``config.model.name`` (default ``'cifar_resnet'``).
+
+    ``implementation``: the resolved ``model.implementation`` (default: resolve ``'auto'``
+    for the platform of ``mesh``, all devices by default).
+    """
+    mesh = distributed.make_mesh() if mesh is None else mesh
+    name = config.model.get("name", "cifar_resnet")
+    return MODEL_BUILDERS[name](config, num_classes, mesh, implementation)
 
 
 @dataclasses.dataclass
@@ -106,7 +160,7 @@ class Setup:
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    model: CifarResNet
+    model: Any
     keys: step_lib.StepKeys
     steps_per_epoch: int
     lr_schedule: Callable[[Any], Any]
@@ -143,7 +197,7 @@ def build(
     spe = data_lib.steps_per_epoch(num_train, config.batch_size)
     # Resolved once, for the platform the run's devices are on; run.json records it.
     resolved = implementation_lib.resolve(config.model, mesh.devices.flat[0].platform)
-    model = build_model(config, num_classes, resolved.implementation)
+    model = build_model(config, num_classes, mesh, resolved.implementation)
     optimizer = optim.make_optimizer(config, spe)
     keys = step_lib.StepKeys.from_seed(config.seed, config.init_rng_impl)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -158,6 +212,7 @@ def build(
         std=std,
         augment=augment,
         compact_multiple=resolved.compact_multiple,
+        label_smoothing=config.label_smoothing,
     )
     return Setup(
         config,

@@ -102,6 +102,7 @@ def make_train_step(
     std: Any,
     augment: str,
     compact_multiple: int = 0,
+    label_smoothing: float = 0.0,
 ) -> Callable[..., state_lib.TrainState]:
     """Returns ``train_step(state, train_split) -> state`` (jitted, state donated).
 
@@ -111,19 +112,28 @@ def make_train_step(
     ``CifarResNet.compact_buckets``). Both forms draw the same gates,
     ``draw_gates(fold_in(gate_key, step), p)``, so they train identically.
 
+    Models whose class sets ``takes_gates = True`` (``CifarResNet``, ``ResNet``) get all
+    their gates, drawn up front, as ``gates=`` (and ``buckets=`` in compact mode); any
+    other model (the ViT) draws its own from the ``'stochastic_depth'`` rng stream, which
+    is ``fold_in(gate_key, step)`` for every model.
+
     Args:
-      model: a ``CifarResNet``-like module, ``apply(variables, x [B, H, W, C], train=True,
-        gates=..., buckets=...)``.
+      model: a Linen module, ``apply(variables, x [B, H, W, C], train=True, ...)``.
       optimizer: optax transformation (weight decay included).
       keys: the run's keys; mesh: the data mesh (``batch_size`` must divide by its size).
       batch_size: global batch; steps_per_epoch: for the epoch sums.
       mean, std: float [C] normalisation; augment: ``data.AUGMENTATIONS`` name.
+      compact_multiple: > 0 for compact mode (models with ``compact_buckets`` only).
+      label_smoothing: cross-entropy against ``(1 - s) one_hot + s / classes``.
 
     The loss (mean cross-entropy over the global batch), errors and the first-conv
     gradient norms are added to ``state.sums`` on the device.
     """
     distributed.check_batch_size(batch_size, mesh)
     replicated = distributed.replicated(mesh)
+    if compact_multiple and not hasattr(model, "compact_buckets"):
+        raise ValueError(f"compact_multiple={compact_multiple} needs a model with compact mode "
+                         f"(CifarResNet); {type(model).__name__} has none: set it to 0.")
 
     def train_step(state: state_lib.TrainState, split: data_lib.DeviceSplit, gates=None,
                    buckets=None):
@@ -131,22 +141,28 @@ def make_train_step(
             split, keys.data, state.step, batch_size=batch_size, mean=mean, std=std, augment=augment
         )
         images = jax.lax.with_sharding_constraint(images, distributed.batch_sharded(mesh))
-        if gates is None:
-            gates = step_gates(model, keys.gates, state.step, batch_size)
+        gate_key = jax.random.fold_in(keys.gates, state.step)
+        extra = {}
+        if _takes_gates(model):
+            extra["gates"] = step_gates(model, keys.gates, state.step, batch_size) \
+                if gates is None else gates
+            extra["buckets"] = buckets
 
         def loss_fn(params):
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 images,
                 train=True,
-                gates=gates,
-                buckets=buckets,
-                rngs={"dropout": dropout_key(keys, state.step)},  # used only if dropout_rate > 0
+                rngs={
+                    "stochastic_depth": gate_key,
+                    "dropout": dropout_key(keys, state.step),  # used only if dropout_rate > 0
+                },
                 mutable=["batch_stats"],
+                **extra,
             )
             logits = logits.astype(jnp.float32)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (logits, updates["batch_stats"])
+            loss = cross_entropy(logits, labels, label_smoothing).mean()
+            return loss, (logits, updates.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
@@ -185,6 +201,22 @@ DROPOUT_STREAM = 0x64726F70
 def dropout_key(keys: StepKeys, step: Any) -> jax.Array:
     """The step's dropout key: ``fold_in(fold_in(gate_key, DROPOUT_STREAM), step)``."""
     return jax.random.fold_in(jax.random.fold_in(keys.gates, DROPOUT_STREAM), step)
+
+
+def _takes_gates(model: Any) -> bool:
+    """True for models that take all their gates, pre-drawn, as ``gates=``."""
+    return getattr(model, "takes_gates", False)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Per-example cross-entropy, float ``[batch]``; labels int ``[batch]``.
+
+    With ``label_smoothing`` s > 0 the target is ``(1 - s) one_hot + s / num_classes``.
+    """
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
 
 
 def step_gates(model: Any, gate_key: jax.Array, step: Any, batch_size: int) -> Any:

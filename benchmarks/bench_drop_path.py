@@ -1,0 +1,201 @@
+"""Drop-path benchmark: ViT train-step time, subset skipping vs masking vs no drop path.
+
+Measures, side by side in one process, the wall time of a full ViT training step (forward,
+label-smoothed cross-entropy, backward, AdamW update) for drop rates 0.1 ... 0.5 (uniform
+over blocks) and timm's linear rule to 0.4, each with ``implementation='skip'`` (the branch
+runs only on the kept subset of examples) and ``'mask'`` (timm: compute, multiply), plus
+no drop path. Compilation is excluded; variants are interleaved round by round so machine
+noise hits all alike; every variant sees the same key sequence; median and IQR reported.
+
+Run by hand (not in CI)::
+
+    python benchmarks/bench_drop_path.py            # GPU: ViT-S/16, 224x224, batch 128
+                                                    # CPU: 4 blocks, width 192, 32x32/4, batch 64
+    python benchmarks/bench_drop_path.py --rounds 3 --rates 0.4 --depth 2   # quick look
+
+Prints a table and appends it, with machine, versions and date, to
+``benchmarks/results/drop_path_<backend>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stochastic_depth_jax import ViT
+
+DEFAULTS = {  # backend -> model and batch of the standard run
+    "cpu": dict(size="ti", depth=4, image=32, patch=4, batch=64, rounds=5),
+    "gpu": dict(size="s", depth=None, image=224, patch=16, batch=128, rounds=20),
+}
+
+
+@dataclasses.dataclass
+class Runner:
+    name: str
+    rate: float
+    rule: str
+    implementation: str
+    step: callable
+    state: tuple
+    times: list
+
+
+def variants(rates: list[float], linear: float) -> list[tuple[str, float, str, str]]:
+    """``(name, rate, rule, implementation)``: no drop path, then skip/mask per setting."""
+    out = [("none", 0.0, "uniform", "skip")]
+    settings = [(f"uniform {r:g}", r, "uniform") for r in rates]
+    if linear > 0:
+        settings.append((f"linear to {linear:g}", linear, "linear"))
+    for label, rate, rule in settings:
+        for impl in ("skip", "mask"):
+            out.append((f"{label} {impl}", rate, rule, impl))
+    return out
+
+
+def make_runner(name, rate, rule, impl, args, key, x, y) -> Runner:
+    model = ViT(num_classes=10, size=args.size, depth=args.depth, patch_size=args.patch,
+                drop_path_rate=rate, drop_path_rule=rule, implementation=impl,
+                dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
+    params = jax.jit(lambda k: model.init(k, x[:2], train=False))(key)["params"]
+    tx = optax.adamw(1e-3, weight_decay=0.05)
+
+    def loss_fn(params, k):
+        logits = model.apply({"params": params}, x, train=True, key=k).astype(jnp.float32)
+        targets = optax.smooth_labels(jax.nn.one_hot(y, 10), 0.1)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+
+    @jax.jit
+    def step(params, opt_state, k):
+        loss, grads = jax.value_and_grad(loss_fn)(params, k)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return Runner(name, rate, rule, impl, step, (params, tx.init(params)), [])
+
+
+def run_once(r: Runner, key) -> float:
+    t0 = time.perf_counter()
+    out = r.step(*r.state, key)
+    jax.block_until_ready(out)
+    r.state = out[:2]
+    return time.perf_counter() - t0
+
+
+def machine_line() -> str:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return (f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} "
+            f"device(s)); host CPU {cpu}, {os.cpu_count()} cores; python "
+            f"{platform.python_version()}; jax {jax.__version__}")
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("CODE_VERSION", "unknown (no git; set CODE_VERSION)")
+
+
+def table(runners: list[Runner], batch: int) -> list[str]:
+    """One row per variant: median, IQR, img/s, ratio to no drop path and to its mask twin."""
+    med = {r.name: statistics.median(r.times) for r in runners}
+    rows = ["| variant | median ms/step | IQR ms | img/s | / no drop path | skip / mask |",
+            "|---|---|---|---|---|---|"]
+    for r in runners:
+        q = np.percentile(r.times, [25, 75])
+        twin = r.name[: -len(" skip")] + " mask" if r.name.endswith(" skip") else None
+        vs_mask = f"**{med[r.name] / med[twin]:.3f}**" if twin in med and r.name != "none" else "-"
+        rows.append(f"| {r.name} | {med[r.name] * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} "
+                    f"| {batch / med[r.name]:.1f} | {med[r.name] / med['none']:.3f} "
+                    f"| {vs_mask} |")
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
+    d = DEFAULTS[backend]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default=d["size"], help="ViT size: ti, s, b, l")
+    ap.add_argument("--depth", type=int, default=d["depth"], help="blocks (default: the size's)")
+    ap.add_argument("--image", type=int, default=d["image"])
+    ap.add_argument("--patch", type=int, default=d["patch"])
+    ap.add_argument("--batch", type=int, default=d["batch"])
+    ap.add_argument("--rounds", type=int, default=d["rounds"])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5", help="uniform drop rates")
+    ap.add_argument("--linear", type=float, default=0.4, help="timm linear rule to this rate")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.backend = backend
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rates = [float(v) for v in args.rates.split(",") if v]
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch, args.image, args.image, 3), jnp.float32)
+    y = jax.random.randint(ky, (args.batch,), 0, 10)
+    runners = []
+    for name, rate, rule, impl in variants(rates, args.linear):
+        r = make_runner(name, rate, rule, impl, args, kp, x, y)
+        t0 = time.perf_counter()
+        run_once(r, jax.random.key(1))
+        print(f"compiled+first step {name}: {time.perf_counter() - t0:.1f}s", flush=True)
+        runners.append(r)
+    base_key = jax.random.key(42)
+    for i in range(args.warmup + args.rounds):
+        key = jax.random.fold_in(base_key, i)
+        for r in runners:
+            dt = run_once(r, key)
+            if i >= args.warmup:
+                r.times.append(dt)
+        print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
+              flush=True)
+    model = ViT(num_classes=10, size=args.size, depth=args.depth)
+    width, depth, heads = model.dims()
+    lines = [
+        f"## Drop path, ViT-{args.size.capitalize()}/{args.patch} ({depth} blocks, width {width}, "
+        f"{heads} heads), {args.image}x{args.image}, batch {args.batch}, {args.dtype}",
+        "",
+        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
+        f"{args.rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}. Train step = forward, "
+        f"label-smoothed cross-entropy, backward, AdamW. skip: mode='sample', "
+        f"implementation='skip' (branch on round(B(1 - rate)) examples); mask: timm's drop "
+        f"path (computed for all, multiplied).",
+        "",
+        *table(runners, args.batch),
+    ]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"drop_path_{args.backend}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+    print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()

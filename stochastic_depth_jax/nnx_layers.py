@@ -1,0 +1,323 @@
+"""Native Flax NNX modules: the stochastic-depth wrapper, DropPath, and the ViT twin.
+
+They follow the NNX guides: modules own their parameters, gate keys come from an
+``nnx.Rngs`` stream named ``'stochastic_depth'`` (or a key passed at call time), and
+``model.train()`` / ``model.eval()`` switch ``deterministic``. Gates, subsets, skipping and
+scaling are those of the one core op, :mod:`stochastic_depth_jax.ops`::
+
+    block = StochasticDepth(MyBranch(rngs=rngs), survival_prob=0.8, mode='sample',
+                            rngs=nnx.Rngs(stochastic_depth=0))
+    y = x + block(x)  # training: f runs on round(0.8 n) examples only
+
+The ViT here has the parameter names of :class:`stochastic_depth_jax.vit.ViT` (Linen), and
+for the same parameters and key gives the same outputs (see :func:`load_linen_params`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from stochastic_depth_jax import ops, vit as linen_vit
+
+__all__ = [
+    "StochasticDepth",
+    "DropPath",
+    "Attention",
+    "AttentionBranch",
+    "MlpBranch",
+    "EncoderBlock",
+    "ViT",
+    "load_linen_params",
+]
+
+Array = Any
+RngsLike = Any  # nnx.Rngs, nnx.RngStream, a PRNG key, or None
+
+
+def _as_stream(rngs: RngsLike, collection: str) -> Any:
+    """A forked stream of ``collection`` from ``rngs`` (None stays None), as nnx.Dropout."""
+    if isinstance(rngs, nnx.Rngs):
+        return rngs[collection].fork()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs.fork()
+    if rngs is None:
+        return nnx.data(None)
+    raise TypeError(f"rngs must be nnx.Rngs, nnx.RngStream or None, got {type(rngs)}.")
+
+
+def _key(rngs: RngsLike, collection: str) -> Array:
+    """A key from a call-time ``rngs`` (Rngs, stream or key)."""
+    if isinstance(rngs, nnx.Rngs):
+        return rngs[collection]()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs()
+    return rngs
+
+
+class StochasticDepth(nnx.Module):
+    """Wraps a residual branch module f so it survives with probability p; returns ``b f(x)``.
+
+    The caller adds the shortcut (``y = x + sd(x)``). Semantics as
+    :func:`stochastic_depth_jax.stochastic_depth`: ``mode='batch'`` with ``'skip'`` runs
+    nothing of f when the gate is closed (an ``nnx.cond``); ``mode='sample'`` with
+    ``'skip'`` runs f only on a random subset of exactly ``k`` examples
+    (:func:`stochastic_depth_jax.ops.subset_size`), so a BatchNorm in f normalises over the
+    subset; ``'mask'`` computes f for every example and multiplies.
+
+    Args:
+      branch: the residual branch, called ``branch(x, *args, **kwargs)``.
+      survival_prob: p in (0, 1] (a float; 1 never draws a key).
+      mode, scaling, implementation, groups: as the core op.
+      deterministic: evaluation mode unless overridden at call time (``model.eval()``).
+      rng_collection: the ``nnx.Rngs`` stream gates are drawn from.
+      rngs: ``nnx.Rngs`` with that stream (or a stream); may be None if every training call
+        passes ``rngs=``.
+    """
+
+    def __init__(self, branch: nnx.Module, survival_prob: float = 1.0, *, mode: str = "batch",
+                 scaling: str = "test", implementation: str = "skip", groups: int = 1,
+                 deterministic: bool = False, rng_collection: str = "stochastic_depth",
+                 rngs: RngsLike = None):
+        ops.validate_options(mode, scaling, implementation)
+        ops.check_survival_prob(survival_prob)
+        self.branch = branch
+        self.survival_prob = survival_prob
+        self.mode, self.scaling, self.implementation = mode, scaling, implementation
+        self.groups = groups
+        self.deterministic = deterministic
+        self.rng_collection = rng_collection
+        self.rngs = _as_stream(rngs, rng_collection)
+
+    def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
+                 rngs: RngsLike = None, gate: Any = None, **kwargs: Any) -> Array:
+        """Runs the gated branch on ``x`` ``[batch, ...]``.
+
+        Args:
+          deterministic: overrides the module's flag (evaluation: all of f, scaled).
+          rngs: a key, stream or Rngs for this call's gate (default: the module's stream).
+          gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns.
+
+        Returns:
+          the gated residual, shaped like ``branch(x)``.
+        """
+        deterministic = self.deterministic if deterministic is None else deterministic
+        p = self.survival_prob
+
+        def run(branch, v):
+            return branch(v, *args, **kwargs)
+
+        if deterministic:
+            return ops.scaled(run(self.branch, x), ops.eval_scale(p, self.scaling))
+        if gate is None and ops.is_static_one(p):
+            return run(self.branch, x)
+        if gate is None:
+            key = _key(rngs if rngs is not None else self.rngs, self.rng_collection)
+            if key is None:
+                raise ValueError("StochasticDepth in training needs rngs: pass "
+                                 "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key.")
+            gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
+                                 batch_size=x.shape[0], groups=self.groups)
+        if self.mode == "batch" and self.implementation == "skip":
+            return self._cond(run, x, gate)
+        return ops.gated_branch(lambda v: run(self.branch, v), x, gate, p, mode=self.mode,
+                                scaling=self.scaling, implementation=self.implementation)
+
+    def _cond(self, run, x: Array, gate: Array) -> Array:
+        """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
+        factor = jnp.asarray(ops.train_scale(self.survival_prob, self.scaling), x.dtype)
+        out = (self.branch.output_struct(x) if hasattr(self.branch, "output_struct")
+               else jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
+                        lambda b, v: jnp.zeros(out.shape, out.dtype), self.branch, x)
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+class DropPath(StochasticDepth):
+    """timm-style drop path over a branch that really skips: ``StochasticDepth`` with a drop
+    ``rate`` (= 1 - p), per-example subsets (``mode='sample'``, ``'skip'``) and inverted
+    (``'train'``) scaling by default."""
+
+    def __init__(self, branch: nnx.Module, rate: float = 0.0, *, mode: str = "sample",
+                 scaling: str = "train", implementation: str = "skip", **kwargs: Any):
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"DropPath rate must be in [0, 1), got {rate!r}.")
+        super().__init__(branch, 1.0 - float(rate), mode=mode, scaling=scaling,
+                         implementation=implementation, **kwargs)
+
+
+def _linear(din: int, dout: int, dtype: Any, rngs: nnx.Rngs, init=linen_vit.KERNEL_INIT):
+    return nnx.Linear(din, dout, kernel_init=init, dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Self-attention (fused ``qkv``, ``proj``), ``[batch, tokens, width]`` in and out."""
+
+    def __init__(self, width: int, num_heads: int, *, dtype: Any = None, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.qkv = _linear(width, 3 * width, dtype, rngs)
+        self.proj = _linear(width, width, dtype, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.proj(linen_vit.attend(self.qkv(x), self.num_heads))
+
+
+class AttentionBranch(nnx.Module):
+    """Pre-norm attention residual branch ``attn(LN(x))``."""
+
+    def __init__(self, width: int, num_heads: int, *, dtype: Any = None, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.attn(self.norm(x))
+
+
+class MlpBranch(nnx.Module):
+    """Pre-norm MLP residual branch ``fc2(gelu(fc1(LN(x))))``."""
+
+    def __init__(self, width: int, mlp_dim: int, *, dtype: Any = None, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.fc1 = _linear(width, mlp_dim, dtype, rngs)
+        self.fc2 = _linear(mlp_dim, width, dtype, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(jax.nn.gelu(self.fc1(self.norm(x)), approximate=False))
+
+
+class EncoderBlock(nnx.Module):
+    """DeiT pre-norm block with drop path on both branches; twin of the Linen block.
+
+    Args:
+      width, num_heads, mlp_dim: block dimensions.
+      survival_prob: 1 - drop rate (static float).
+      mode, scaling, implementation, groups: of both branches' stochastic depth.
+      rngs: parameter initialisation (and the ``'stochastic_depth'`` stream, if present,
+        for calls without gates).
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, survival_prob: float = 1.0, *,
+                 mode: str = "sample", scaling: str = "train", implementation: str = "skip",
+                 groups: int = 1, dtype: Any = None, rngs: nnx.Rngs):
+        sd_rngs = rngs if "stochastic_depth" in rngs else None
+        opts = dict(mode=mode, scaling=scaling, implementation=implementation, groups=groups,
+                    rngs=sd_rngs)
+        self.attn = StochasticDepth(AttentionBranch(width, num_heads, dtype=dtype, rngs=rngs),
+                                    survival_prob, **opts)
+        self.mlp = StochasticDepth(MlpBranch(width, mlp_dim, dtype=dtype, rngs=rngs),
+                                   survival_prob, **opts)
+
+    def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
+                 deterministic: bool | None = None) -> Array:
+        """``x`` ``[batch, tokens, width]``; ``gates`` as :func:`vit.block_gates` returns."""
+        x = x + self.attn(x, deterministic=deterministic, gate=gates[0])
+        return x + self.mlp(x, deterministic=deterministic, gate=gates[1])
+
+
+class ViT(nnx.Module):
+    """NNX twin of :class:`stochastic_depth_jax.vit.ViT`; ``[batch, H, W, C]`` -> logits.
+
+    Usage::
+
+        model = ViT(10, size='ti', patch_size=4, drop_path_rate=0.1,
+                    rngs=nnx.Rngs(params=0, stochastic_depth=1))
+        logits = model(images)            # training: draws from 'stochastic_depth'
+        model.eval(); logits = model(images)
+
+    One key per forward pass (the stream's next key, or ``rngs=`` at call time); block i and
+    branch j use ``fold_in(fold_in(key, i), j)``, as the Linen ViT.
+
+    Args: as the Linen ViT (``in_channels`` is the image channel count), plus ``rngs``
+    holding ``params`` and (for training without call-time keys) ``stochastic_depth``.
+    """
+
+    def __init__(self, num_classes: int, *, size: str = "s", patch_size: int = 16,
+                 image_size: int = 224, in_channels: int = 3, pool: str = "token",
+                 drop_path_rate: float = 0.0, drop_path_rule: str = "linear",
+                 mode: str = "sample", scaling: str = "train", implementation: str = "skip",
+                 groups: int = 1, width: int | None = None, depth: int | None = None,
+                 num_heads: int | None = None, mlp_ratio: int = 4, dtype: Any = None,
+                 deterministic: bool = False, rngs: nnx.Rngs):
+        if pool not in linen_vit.POOLS:
+            raise ValueError(f"Unknown pool {pool!r}; valid: {list(linen_vit.POOLS)}.")
+        ops.validate_options(mode, scaling, implementation)
+        width, depth, heads = linen_vit.vit_dims(size, width, depth, num_heads)
+        self.pool, self.mode, self.implementation, self.groups = pool, mode, implementation, groups
+        self.deterministic = deterministic
+        self.probs = tuple(float(p) for p in
+                           1.0 - linen_vit.drop_path_rates(depth, drop_path_rate, drop_path_rule))
+        self.stem_conv = nnx.Conv(in_channels, width, (patch_size, patch_size),
+                                  strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
+                                  rngs=rngs)
+        tokens = (image_size // patch_size) ** 2 + (pool == "token")
+        if pool == "token":
+            self.cls = nnx.Param(jnp.zeros((1, 1, width)))
+        self.pos_embed = nnx.Param(linen_vit.POS_INIT(rngs.params(), (1, tokens, width)))
+        self.blocks = nnx.List([
+            EncoderBlock(width, heads, mlp_ratio * width, p, mode=mode, scaling=scaling,
+                         implementation=implementation, groups=groups, dtype=dtype, rngs=rngs)
+            for p in self.probs
+        ])
+        self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.head = _linear(width, num_classes, dtype, rngs, init=nnx.initializers.zeros)
+        self.rngs = _as_stream(rngs if "stochastic_depth" in rngs else None, "stochastic_depth")
+
+    def __call__(self, x: Array, *, deterministic: bool | None = None,
+                 rngs: RngsLike = None) -> Array:
+        """Classifies ``x`` ``[batch, H, W, C]``; ``rngs`` (key, stream, Rngs) overrides."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        key = None
+        if not deterministic and any(p < 1.0 for p in self.probs):
+            key = _key(rngs if rngs is not None else self.rngs, "stochastic_depth")
+            if key is None:
+                raise ValueError("ViT in training needs a 'stochastic_depth' key: build it with "
+                                 "nnx.Rngs(params=..., stochastic_depth=...) or pass rngs=key.")
+        x = self.stem_conv(x)
+        b, width = x.shape[0], x.shape[-1]
+        x = x.reshape(b, -1, width)
+        if self.pool == "token":
+            cls = jnp.broadcast_to(self.cls[...], (b, 1, width)).astype(x.dtype)
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.pos_embed[...].astype(x.dtype)
+        for i, (block, p) in enumerate(zip(self.blocks, self.probs)):
+            gates = linen_vit.block_gates(key, i, p, mode=self.mode,
+                                          implementation=self.implementation, batch_size=b,
+                                          groups=self.groups)
+            x = block(x, gates, deterministic=deterministic)
+        x = self.norm(x)
+        x = x[:, 0] if self.pool == "token" else jnp.mean(x, axis=1)
+        return self.head(x)
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+def load_linen_params(model: nnx.Module, params: Any) -> None:
+    """Copies a Linen ViT's ``params`` into the NNX ``model`` in place (same names).
+
+    Linen's ``blocks_{i}`` is NNX's ``blocks[i]``; every other name is the same.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, value in flat:
+        names = [p.key for p in path]
+        node: Any = model
+        for name in names[:-1]:
+            if name.startswith("blocks_"):
+                node = node.blocks[int(name.removeprefix("blocks_"))]
+            else:
+                node = getattr(node, name)
+        variable = getattr(node, names[-1])
+        if variable[...].shape != np.shape(value):
+            raise ValueError(f"Parameter {'/'.join(names)}: NNX shape {variable[...].shape}, "
+                             f"Linen shape {np.shape(value)}.")
+        variable[...] = jnp.asarray(value)

@@ -1,0 +1,295 @@
+"""Vision Transformer (DeiT-style pre-norm blocks) with drop path that really skips (Linen).
+
+Each encoder block has two residual branches, ``x + attn(LN(x))`` and ``x + mlp(LN(x))``,
+each wrapped in :class:`stochastic_depth_jax.StochasticDepth` with drop probability
+``drop_path_rates(...)[i]`` for block i (timm/DeiT: one rate per block, an independent draw
+per branch). The default semantics are timm's drop path (per-example gates, ``'train'``
+scaling: kept examples scaled by ``n / k``, evaluation unscaled) with real skipping: each
+branch runs only on the kept subset (``mode='sample'``, ``implementation='skip'``; see
+:mod:`stochastic_depth_jax.ops`).
+
+The NNX twin is :class:`stochastic_depth_jax.nnx_layers.ViT`, with the same parameter
+names and, for the same parameters and key, the same outputs.
+
+Keys: training draws one key per forward pass (``make_rng('stochastic_depth')``, or the
+``key`` argument); block i uses ``fold_in(key, i)`` and its branch j (0: attention,
+1: MLP) ``fold_in(fold_in(key, i), j)``. The NNX ViT derives its keys the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stochastic_depth_jax import ops, schedules
+from stochastic_depth_jax.layers import StochasticDepth
+
+__all__ = [
+    "VIT_SIZES",
+    "DROP_PATH_RULES",
+    "POOLS",
+    "drop_path_rates",
+    "vit_dims",
+    "attend",
+    "block_gates",
+    "Attention",
+    "AttentionBranch",
+    "MlpBranch",
+    "EncoderBlock",
+    "ViT",
+]
+
+Array = Any
+
+# name -> (width, depth, heads); MLP width is 4x (Dosovitskiy et al., 2021; DeiT Ti/S).
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "ti": (192, 12, 3),
+    "s": (384, 12, 6),
+    "b": (768, 12, 12),
+    "l": (1024, 24, 16),
+}
+POOLS = ("token", "gap")
+KERNEL_INIT = nn.initializers.xavier_uniform()
+POS_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _timm_linear(depth: int, rate: float) -> np.ndarray:
+    """timm/DeiT: ``linspace(0, rate, depth)``: 0 at the first block, ``rate`` at the last."""
+    return np.linspace(0.0, rate, depth)
+
+
+def _paper_linear(depth: int, rate: float) -> np.ndarray:
+    """The stochastic-depth paper's rule (Eq. 4, blocks l = 1..L): ``(l / L) rate``."""
+    return 1.0 - schedules.linear_decay(depth, 1.0 - rate)
+
+
+def _uniform(depth: int, rate: float) -> np.ndarray:
+    """The same rate for every block."""
+    return np.full((depth,), float(rate))
+
+
+DROP_PATH_RULES: dict[str, Callable[[int, float], np.ndarray]] = {
+    "linear": _timm_linear,
+    "paper": _paper_linear,
+    "uniform": _uniform,
+}
+
+
+def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray:
+    """Per-block drop probabilities, float64 ``[depth]``.
+
+    Args:
+      depth: number of encoder blocks.
+      rate: the largest (last block's) drop probability, in ``[0, 1)``.
+      rule: ``'linear'`` (timm/DeiT: 0 at the first block to ``rate`` at the last),
+        ``'paper'`` (Huang et al. Eq. 4: ``l / L * rate`` for l = 1..L, so the first block
+        already drops ``rate / L``) or ``'uniform'``.
+    """
+    if rule not in DROP_PATH_RULES:
+        raise ValueError(f"Unknown drop_path_rule {rule!r}; valid: {sorted(DROP_PATH_RULES)}.")
+    if not (isinstance(rate, (int, float, np.floating)) and 0.0 <= float(rate) < 1.0):
+        raise ValueError(f"drop_path_rate must be in [0, 1) (DeiT-S: 0.1), got {rate!r}.")
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}.")
+    return DROP_PATH_RULES[rule](int(depth), float(rate))
+
+
+def vit_dims(size: str, width: int | None = None, depth: int | None = None,
+             num_heads: int | None = None) -> tuple[int, int, int]:
+    """``(width, depth, heads)`` of a named size, each overridable; validates the size."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"Unknown ViT size {size!r}; valid: {list(VIT_SIZES)}.")
+    w, d, h = VIT_SIZES[size]
+    w, d, h = width or w, depth or d, num_heads or h
+    if w % h:
+        raise ValueError(f"ViT width {w} does not divide into {h} heads.")
+    return w, d, h
+
+
+def attend(qkv: Array, num_heads: int) -> Array:
+    """Multi-head self-attention from fused projections.
+
+    Args:
+      qkv: ``[batch, tokens, 3 * width]`` (queries, keys, values concatenated).
+
+    Returns:
+      ``[batch, tokens, width]``: softmax(q k^T / sqrt(d)) v per head, heads concatenated.
+    """
+    b, t, three_w = qkv.shape
+    q, k, v = jnp.split(qkv.reshape(b, t, 3, num_heads, three_w // (3 * num_heads)), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    return out.reshape(b, t, three_w // 3)
+
+
+def block_gates(key: Array | None, index: int, survival_prob: float, *, mode: str,
+                implementation: str, batch_size: int, groups: int) -> tuple[Any, Any]:
+    """The two branch gates of block ``index`` from the forward pass's key (None: draw none).
+
+    Block i uses ``fold_in(key, i)``; its attention and MLP branches fold in 0 and 1.
+    """
+    if key is None or ops.is_static_one(survival_prob):
+        return None, None
+    block_key = jax.random.fold_in(key, index)
+    return tuple(
+        ops.draw_gate(jax.random.fold_in(block_key, j), survival_prob, mode=mode,
+                      implementation=implementation, batch_size=batch_size, groups=groups)
+        for j in (0, 1)
+    )
+
+
+class Attention(nn.Module):
+    """Self-attention: fused ``qkv`` projection, :func:`attend`, output ``proj``.
+
+    ``[batch, tokens, width]`` -> ``[batch, tokens, width]``.
+    """
+
+    num_heads: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        width = x.shape[-1]
+        qkv = nn.Dense(3 * width, kernel_init=KERNEL_INIT, dtype=self.dtype, name="qkv")(x)
+        return nn.Dense(width, kernel_init=KERNEL_INIT, dtype=self.dtype,
+                        name="proj")(attend(qkv, self.num_heads))
+
+
+class AttentionBranch(nn.Module):
+    """Pre-norm attention residual branch ``attn(LN(x))``, ``[batch, tokens, width]``."""
+
+    num_heads: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        return Attention(self.num_heads, self.dtype, name="attn")(y)
+
+
+class MlpBranch(nn.Module):
+    """Pre-norm MLP residual branch ``fc2(gelu(fc1(LN(x))))``, ``[batch, tokens, width]``."""
+
+    mlp_dim: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        y = nn.Dense(self.mlp_dim, kernel_init=KERNEL_INIT, dtype=self.dtype, name="fc1")(y)
+        y = nn.gelu(y, approximate=False)
+        return nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, dtype=self.dtype, name="fc2")(y)
+
+
+class EncoderBlock(nn.Module):
+    """DeiT pre-norm block: ``x += SD(attn(LN(x)))``, then ``x += SD(mlp(LN(x)))``.
+
+    Attributes:
+      num_heads, mlp_dim: attention heads, MLP hidden width.
+      survival_prob: 1 - drop rate of this block (a static float).
+      mode, scaling, implementation, groups: see :class:`stochastic_depth_jax.StochasticDepth`.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    survival_prob: float = 1.0
+    mode: str = "sample"
+    scaling: str = "train"
+    implementation: str = "skip"
+    groups: int = 1
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
+                 train: bool) -> Array:
+        """``x`` ``[batch, tokens, width]``; ``gates`` from :func:`block_gates`."""
+        branches = (AttentionBranch(self.num_heads, self.dtype, parent=None),
+                    MlpBranch(self.mlp_dim, self.dtype, parent=None))
+        for name, branch, gate in zip(("attn", "mlp"), branches, gates):
+            sd = StochasticDepth(branch, survival_prob=self.survival_prob, mode=self.mode,
+                                 scaling=self.scaling, implementation=self.implementation,
+                                 groups=self.groups, name=name)
+            x = x + sd(x, deterministic=not train, gate=gate)
+        return x
+
+
+class ViT(nn.Module):
+    """Vision Transformer classifier with drop path; ``[batch, H, W, C]`` -> ``[batch, classes]``.
+
+    Usage::
+
+        model = ViT(size='s', patch_size=16, num_classes=1000, drop_path_rate=0.1)
+        variables = model.init(jax.random.key(0), images, train=False)
+        logits = model.apply(variables, images, train=True,
+                             rngs={'stochastic_depth': jax.random.fold_in(key, step)})
+
+    Attributes:
+      size: ``'ti'``, ``'s'``, ``'b'`` or ``'l'`` (:data:`VIT_SIZES`); ``width``, ``depth``,
+        ``num_heads`` override it when set.
+      patch_size: square patch side (16 for ImageNet 224, 4 for CIFAR 32).
+      pool: ``'token'`` (class token) or ``'gap'`` (mean of the patch tokens).
+      drop_path_rate, drop_path_rule: see :func:`drop_path_rates` (DeiT: 0.1 for S, linear).
+      mode, scaling, implementation, groups: of every branch's stochastic depth (default:
+        per-example subsets that skip, timm's inverted scaling).
+      mlp_ratio: MLP width over model width (4).
+      dtype: computation dtype (parameters float32).
+    """
+
+    num_classes: int
+    size: str = "s"
+    patch_size: int = 16
+    pool: str = "token"
+    drop_path_rate: float = 0.0
+    drop_path_rule: str = "linear"
+    mode: str = "sample"
+    scaling: str = "train"
+    implementation: str = "skip"
+    groups: int = 1
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: int = 4
+    dtype: Any = None
+
+    def dims(self) -> tuple[int, int, int]:
+        """``(width, depth, heads)``."""
+        return vit_dims(self.size, self.width, self.depth, self.num_heads)
+
+    def survival_probs(self) -> np.ndarray:
+        """Per-block survival probabilities ``1 - drop_path_rates``, float64 ``[depth]``."""
+        return 1.0 - drop_path_rates(self.dims()[1], self.drop_path_rate, self.drop_path_rule)
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool, key: Array | None = None) -> Array:
+        """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
+        if self.pool not in POOLS:
+            raise ValueError(f"Unknown pool {self.pool!r}; valid: {list(POOLS)}.")
+        ops.validate_options(self.mode, self.scaling, self.implementation)
+        width, depth, heads = self.dims()
+        probs = self.survival_probs()
+        if train and key is None and np.any(probs < 1.0) and not self.is_initializing():
+            key = self.make_rng("stochastic_depth")
+        p = self.patch_size
+        x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    name="stem_conv")(x)
+        x = x.reshape(x.shape[0], -1, width)
+        if self.pool == "token":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, width))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)).astype(x.dtype),
+                                 x], axis=1)
+        x = x + self.param("pos_embed", POS_INIT, (1,) + x.shape[1:]).astype(x.dtype)
+        for i in range(depth):
+            sp = float(probs[i])
+            gates = block_gates(key if train else None, i, sp, mode=self.mode,
+                                implementation=self.implementation, batch_size=x.shape[0],
+                                groups=self.groups)
+            x = EncoderBlock(heads, self.mlp_ratio * width, sp, self.mode, self.scaling,
+                             self.implementation, self.groups, self.dtype,
+                             name=f"blocks_{i}")(x, gates, train=train)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        x = x[:, 0] if self.pool == "token" else jnp.mean(x, axis=1)
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                        name="head")(x)

@@ -1,0 +1,223 @@
+"""Per-example drop path that really skips: mode='sample', implementation='skip'."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stochastic_depth_jax as sdj
+from stochastic_depth_jax import ops
+from stochastic_depth_jax.training import distributed
+
+B, D = 16, 5
+X = jax.random.normal(jax.random.key(0), (B, 3, D))
+W = jax.random.normal(jax.random.key(1), (D, D))
+
+
+def branch(x, w=W):
+    return jnp.tanh(x @ w) + 1.0  # never exactly 0, so kept rows are visible
+
+
+@pytest.mark.parametrize("batch, p, groups, k", [
+    (16, 0.7, 1, 11),  # round(11.2)
+    (64, 0.6, 1, 38),  # round(38.4)
+    (64, 0.6, 8, 5),  # round(4.8) per group of 8
+    (10, 0.01, 1, 1),  # at least one example runs the branch
+    (16, 0.99, 1, 16),  # rounds to the whole batch: nothing dropped
+    (16, 1.0, 2, 8),
+])
+def test_subset_size_rounds_to_nearest(batch, p, groups, k):
+    assert ops.subset_size(batch, p, groups) == k
+
+
+@pytest.mark.parametrize("p, groups", [(0.5, 1), (0.7, 2), (0.3, 4)])
+def test_subset_has_exactly_k_distinct_examples_per_group(p, groups):
+    k = ops.subset_size(B, p, groups)
+    for seed in range(5):
+        idx = np.asarray(ops.draw_subset(jax.random.key(seed), B, p, groups))
+        assert idx.shape == (groups, k)
+        for row in idx:
+            assert len(set(row.tolist())) == k and row.min() >= 0 and row.max() < B // groups
+        y = ops.stochastic_depth(branch, X, survival_prob=p, key=jax.random.key(seed),
+                                 mode="sample", groups=groups)
+        kept = np.any(np.asarray(y) != 0, axis=(1, 2))
+        assert kept.sum() == groups * k
+        assert np.all(kept.reshape(groups, -1).sum(1) == k)  # k in every group
+
+
+def test_branch_runs_only_on_the_subset():
+    shapes = []
+
+    def recording(x):
+        shapes.append(x.shape)
+        return branch(x)
+
+    jax.jit(lambda k: ops.stochastic_depth(recording, X, survival_prob=0.25, key=k,
+                                           mode="sample"))(jax.random.key(0))
+    assert shapes == [(4, 3, D)]
+
+
+def test_inclusion_frequency_within_five_sigma_of_survival():
+    """Over N keys each example is kept with probability k / n (within 1 / (2n) of p)."""
+    n, p, num_keys = 16, 0.7, 4000
+    k = ops.subset_size(n, p)
+    keys = jax.random.split(jax.random.key(3), num_keys)
+    idx = jax.vmap(lambda key: ops.draw_subset(key, n, p))(keys)  # [N, 1, k]
+    masks = jax.vmap(lambda i: ops.subset_mask(i, n))(idx)
+    freq = np.asarray(masks, np.float64).mean(0)
+    q = k / n
+    assert abs(q - p) <= 1 / (2 * n)
+    sigma = np.sqrt(q * (1 - q) / num_keys)
+    assert np.all(np.abs(freq - q) < 5 * sigma), (freq, q, sigma)
+    # The subsets differ between keys (not a fixed set).
+    assert len({tuple(np.asarray(i).ravel()) for i in idx[:50]}) > 40
+
+
+@pytest.mark.parametrize("scaling", ["test", "train"])
+def test_excluded_examples_get_exactly_the_shortcut_and_no_branch_gradient(scaling):
+    key = jax.random.key(7)
+    gate = np.asarray(ops.subset_mask(ops.draw_subset(key, B, 0.5), B))
+
+    def block(w, x):
+        return x + ops.stochastic_depth(lambda v: branch(v, w), x, survival_prob=0.5, key=key,
+                                        mode="sample", scaling=scaling)
+
+    y = block(W, X)
+    np.testing.assert_array_equal(np.asarray(y)[~gate], np.asarray(X)[~gate])
+    # Gradient of the excluded examples' outputs: nothing reaches the branch weights, and the
+    # input gets exactly the shortcut's identity gradient.
+    dropped = jnp.asarray(~gate, jnp.float32)[:, None, None]
+    gw, gx = jax.grad(lambda w, x: jnp.sum(block(w, x) * dropped), argnums=(0, 1))(W, X)
+    np.testing.assert_array_equal(gw, 0.0)
+    np.testing.assert_array_equal(gx, np.broadcast_to(np.asarray(dropped), X.shape))
+
+
+@pytest.mark.parametrize("scaling", ["test", "train"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_skip_equals_mask_for_the_same_subset(scaling, groups):
+    p = 0.6
+    idx = ops.draw_subset(jax.random.key(11), B, p, groups)
+    k_over_n = idx.shape[1] / (B // groups)
+    gate = ops.subset_mask(idx, B)
+
+    def loss(w, x, implementation):
+        g = idx if implementation == "skip" else gate
+        # The mask form's train scaling 1/p equals n/k when p is the kept fraction k/n.
+        y = ops.gated_branch(lambda v: branch(v, w), x, g, k_over_n, mode="sample",
+                             scaling=scaling, implementation=implementation)
+        return jnp.sum(jnp.sin(x + y)), y
+
+    (l_s, y_s), g_s = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(W, X, "skip")
+    (l_m, y_m), g_m = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(W, X, "mask")
+    np.testing.assert_allclose(y_s, y_m, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(l_s, l_m, rtol=1e-6)
+    for a, b in zip(g_s, g_m):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if scaling == "train":  # kept examples are scaled by n / k (DINOv2's B / k)
+        kept = np.asarray(gate)
+        np.testing.assert_allclose(np.asarray(y_s)[kept],
+                                   np.asarray(branch(X))[kept] / k_over_n, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scaling, factor", [("test", 0.6), ("train", 1.0)])
+def test_evaluation_is_deterministic_and_scaled(scaling, factor):
+    run = jax.jit(lambda x: ops.stochastic_depth(branch, x, survival_prob=0.6, deterministic=True,
+                                                 mode="sample", scaling=scaling))
+    y1, y2 = run(X), run(X)
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_allclose(y1, factor * branch(X), rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, -0.1, 1.5, float("nan")])
+def test_bad_survival_prob_is_a_clear_error(p):
+    with pytest.raises(ValueError, match="survival_prob must be in"):
+        ops.stochastic_depth(branch, X, survival_prob=p, key=jax.random.key(0), mode="sample")
+
+
+def test_traced_survival_prob_with_subsets_is_a_clear_error():
+    f = jax.jit(lambda p: ops.stochastic_depth(branch, X, survival_prob=p, key=jax.random.key(0),
+                                               mode="sample"))
+    with pytest.raises(ValueError, match="static Python float.*implementation='mask'"):
+        f(0.5)
+
+
+def test_groups_must_split_the_batch():
+    with pytest.raises(ValueError, match="groups=3"):
+        ops.stochastic_depth(branch, X, survival_prob=0.5, key=jax.random.key(0), mode="sample",
+                             groups=3)
+
+
+def test_linen_wrapper_uses_the_op_subset():
+    import flax.linen as nn
+
+    class Branch(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(D)(x)) + 1.0
+
+    sd = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5, mode="sample",
+                             scaling="train", groups=2)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    key = jax.random.key(4)
+    y = sd.apply(variables, X, deterministic=False, rngs={"stochastic_depth": key})
+    idx = ops.draw_subset(jax.random.key(9), B, 0.5, 2)
+    y_gate = sd.apply(variables, X, deterministic=False, gate=idx)
+    f = lambda v: sd.apply(variables, v, method=lambda m, v: m.branch(v))
+    expected = ops.subset_branch(f, X, idx, 2.0)
+    np.testing.assert_allclose(y_gate, expected, rtol=1e-6)
+    kept = np.any(np.asarray(y) != 0, axis=(1, 2))
+    assert kept.sum() == 8 and np.all(kept.reshape(2, -1).sum(1) == 4)
+
+
+COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-to-all|collective-permute|all-reduce)"
+                        r"(?:-start)?\(")
+
+
+def _collectives(groups):
+    mesh = distributed.make_mesh()
+    x = jax.device_put(jnp.ones((64, 4, D)), distributed.batch_sharded(mesh))
+    w = jax.device_put(W, distributed.replicated(mesh))
+
+    def loss(w, x, key):
+        y = ops.stochastic_depth(lambda v: jnp.tanh(v @ w), x, survival_prob=0.6, key=key,
+                                 mode="sample", scaling="train", groups=groups)
+        return jnp.sum((x + y) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, x, jax.random.key(0)).compile()
+    return COLLECTIVE.findall(hlo.as_text())
+
+
+def test_sharded_subsets_move_no_activations_between_devices():
+    assert jax.device_count() == 8
+    for groups in (8, 16):
+        found = _collectives(groups)
+        # Only the weight gradient's all-reduce (f32[5,5]) and scalars: no all-gather,
+        # all-to-all or permute, and no all-reduce of activation shapes.
+        assert {op for _, op in found} <= {"all-reduce"}, found
+        assert all(re.fullmatch(r"f32\[(5,5)?\](\{.*\})?", shape) for shape, _ in found), found
+    # One group over 8 devices does move activations: the check above can fail.
+    found = _collectives(1)
+    assert any(not re.fullmatch(r"f32\[(5,5)?\](\{.*\})?", s) for s, _ in found), found
+
+
+def test_batchnorm_in_a_subset_branch_normalises_over_the_subset():
+    import flax.linen as nn
+
+    class Branch(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return sdj.BatchNorm()(x, train=True)
+
+    x = jax.random.normal(jax.random.key(5), (B, D)) * 3.0 + 1.0
+    sd = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5, mode="sample")
+    variables = sd.init(jax.random.key(0), x, deterministic=True)
+    idx = ops.draw_subset(jax.random.key(6), B, 0.5)
+    y, updates = sd.apply(variables, x, deterministic=False, gate=idx, mutable=["batch_stats"])
+    kept = np.asarray(ops.subset_mask(idx, B))
+    sub = np.asarray(x)[kept]
+    # Kept rows are normalised with the subset's own mean and variance, not the batch's.
+    expected = (sub - sub.mean(0)) / np.sqrt(sub.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y)[kept], expected, rtol=1e-4, atol=1e-5)
+    new_mean = updates["batch_stats"]["branch"]["BatchNorm_0"]["mean"]
+    np.testing.assert_allclose(new_mean, 0.1 * sub.mean(0), rtol=1e-5)

@@ -1,0 +1,128 @@
+"""Native NNX drop path and ViT: they train, and match the Linen modules exactly."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import stochastic_depth_jax as sdj
+from stochastic_depth_jax import nnx_layers, ops, vit
+
+X = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
+TINY = dict(size="ti", depth=2, patch_size=4, width=32, num_heads=2, drop_path_rate=0.4)
+
+
+def _perturbed(params, scale=0.1):
+    """Random non-zero parameters (the head starts at zero, which would hide differences)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("pool, implementation", [("token", "skip"), ("gap", "mask")])
+def test_nnx_vit_matches_linen_for_same_params_and_key(pool, implementation):
+    linen = vit.ViT(num_classes=5, pool=pool, implementation=implementation, **TINY)
+    init = jax.jit(lambda key: linen.init(key, X, train=False))
+    params = _perturbed(init(jax.random.key(0))["params"])
+    model = nnx_layers.ViT(5, image_size=16, pool=pool, implementation=implementation,
+                           rngs=nnx.Rngs(params=1, stochastic_depth=2), **TINY)
+    nnx_layers.load_linen_params(model, params)
+    linen_apply = jax.jit(linen.apply, static_argnames="train")
+    nnx_apply = nnx.jit(lambda m, x, key, det: m(x, rngs=key, deterministic=det),
+                        static_argnames="det")
+    for seed in (5, 6):
+        key = jax.random.key(seed)
+        expected = linen_apply({"params": params}, X, train=True, key=key)
+        np.testing.assert_allclose(nnx_apply(model, X, key, False), expected, rtol=1e-5,
+                                   atol=1e-6)
+    other = linen_apply({"params": params}, X, train=True, key=jax.random.key(7))
+    assert not np.allclose(expected, other)  # the key matters: the check above is not vacuous
+    np.testing.assert_allclose(nnx_apply(model, X, None, True),
+                               linen_apply({"params": params}, X, train=False),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_wrapper_matches_linen_wrapper():
+    class LinenBranch(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(3)(x))
+
+    x = X.reshape(8, -1, 3)
+    sd_linen = sdj.StochasticDepth(LinenBranch(parent=None), survival_prob=0.5, mode="sample",
+                                   scaling="train")
+    params = sd_linen.init(jax.random.key(0), x, deterministic=True)["params"]
+    dense = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    dense.kernel[...] = params["branch"]["Dense_0"]["kernel"]
+    dense.bias[...] = params["branch"]["Dense_0"]["bias"]
+    sd_nnx = nnx_layers.StochasticDepth(lambda v: jnp.tanh(dense(v)), 0.5, mode="sample",
+                                        scaling="train")
+    key = jax.random.key(3)
+    gate = ops.draw_gate(key, 0.5, mode="sample", batch_size=8)
+    expected = sd_linen.apply({"params": params}, x, deterministic=False, gate=gate)
+    np.testing.assert_allclose(sd_nnx(x, rngs=key), expected, rtol=1e-6)
+    np.testing.assert_allclose(sd_nnx(x, deterministic=True),
+                               sd_linen.apply({"params": params}, x, deterministic=True),
+                               rtol=1e-6)
+
+
+def test_nnx_vit_trains_with_the_stochastic_depth_stream():
+    model = nnx_layers.ViT(4, image_size=16, rngs=nnx.Rngs(params=0, stochastic_depth=1),
+                           **{**TINY, "drop_path_rate": 0.3})
+    optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+    labels = jnp.arange(8) % 4
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        def loss_fn(model):
+            logits = model(X)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, optimizer)) for _ in range(12)]
+    assert losses[-1] < 0.75 * losses[0], losses
+    # The stream advances: two training calls drop different examples.
+    forward = nnx.jit(lambda m, x: m(x))
+    assert not np.allclose(forward(model, X), forward(model, X))
+    model.eval()
+    np.testing.assert_array_equal(forward(model, X), forward(model, X))
+
+
+def test_nnx_batch_mode_skip_keeps_batchnorm_stats_when_dropped():
+    bn_rngs = nnx.Rngs(0)
+
+    class Branch(nnx.Module):
+        def __init__(self):
+            self.bn = nnx.BatchNorm(3, rngs=bn_rngs)
+
+        def __call__(self, x):
+            return self.bn(x)
+
+    x = X.reshape(8, -1, 3) + 1.0
+    sd = nnx_layers.StochasticDepth(Branch(), 0.5, mode="batch",
+                                    rngs=nnx.Rngs(stochastic_depth=0))
+    before = np.asarray(sd.branch.bn.mean[...])
+    y_closed = sd(x, gate=jnp.bool_(False))
+    np.testing.assert_array_equal(y_closed, 0.0)
+    np.testing.assert_array_equal(sd.branch.bn.mean[...], before)
+    y_open = sd(x, gate=jnp.bool_(True))
+    assert np.abs(np.asarray(y_open)).sum() > 0
+    assert not np.array_equal(sd.branch.bn.mean[...], before)
+
+
+def test_drop_path_rate_and_missing_keys_are_clear_errors():
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
+        nnx_layers.DropPath(lambda v: v, 1.0)
+    with pytest.raises(ValueError, match="survival_prob must be in"):
+        nnx_layers.StochasticDepth(lambda v: v, 0.0)
+    sd = nnx_layers.DropPath(lambda v: v + 1.0, 0.5)
+    with pytest.raises(ValueError, match="needs rngs"):
+        sd(X)
+    with pytest.raises(ValueError, match="drop_path_rate must be in"):
+        nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **{**TINY, "drop_path_rate": 1.2})

@@ -1,0 +1,79 @@
+"""The ViT config through the generic trainer: trains, device-count invariant, clear errors."""
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
+
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax import ViT, data  # noqa: E402
+from stochastic_depth_jax.training import config as config_lib  # noqa: E402
+from stochastic_depth_jax.training import distributed  # noqa: E402
+from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
+
+TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
+
+
+def _train(config, workdir, mesh, steps=3):
+    ds = setup_lib.load_data(config, workdir)
+    setup = setup_lib.build_for_dataset(config, ds, mesh)
+    state = setup.init_state(ds.image_shape)
+    params0 = jax.device_get(state.params)
+    split = data.put_on_devices(ds.train, mesh)
+    losses, previous = [], 0.0
+    for _ in range(steps):
+        state = setup.train_step(state, split)
+        total = float(np.asarray(state.sums["loss"].addressable_data(0)))
+        losses.append(total - previous)
+        previous = total
+    return setup, np.array(losses), params0, jax.device_get(state.params)
+
+
+def test_smoke_vit_trains_through_the_trainer_same_on_one_and_eight_devices(tmp_path):
+    config = load_config("cifar10_vit:smoke", TINY)
+    assert config.model.groups == 8 and config.model.implementation == "skip"
+    setup, eight, p0, p8 = _train(config, str(tmp_path), distributed.make_mesh())
+    assert isinstance(setup.model, ViT) and setup.model.drop_path_rate == 0.3
+    assert np.all(np.isfinite(eight))
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p8)))
+    # groups=8 fixes the subsets whatever the device count: 1 and 8 devices train the same.
+    _, one, _, p1 = _train(config, str(tmp_path), distributed.make_mesh(jax.devices()[:1]))
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), p8, p1)
+
+
+def test_vit_schedule_and_label_smoothing_come_from_the_config():
+    config = load_config("cifar10_vit:smoke", TINY)
+    assert config.optimizer == "adamw" and config.label_smoothing == 0.1
+    schedule = setup_lib.optim.make_lr_schedule(config, steps_per_epoch=4)
+    lrs = [float(schedule(s)) for s in (0, 2, 4, 6, 8)]
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-3)  # warm-up over epoch 1
+    assert lrs[1] == pytest.approx(5e-4) and lrs[4] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_groups_not_a_multiple_of_devices_is_a_clear_error(tmp_path):
+    config = load_config("cifar10_vit:smoke", TINY + ["--config.model.groups=4"])
+    with pytest.raises(ValueError, match="model.groups=4 is not a multiple of the 8 devices"):
+        setup_lib.build_model(config, 10, distributed.make_mesh())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.model.size=xl", "model.size='xl'"),
+    ("--config.model.drop_path_rate=1.0", "drop_path_rate must be in"),
+    ("--config.model.groups=5", "model.groups=5 must be"),
+    ("--config.model.name=resnet", "model.name='resnet'"),
+    ("--config.label_smoothing=1.0", "label_smoothing=1.0"),
+])
+def test_bad_vit_config_fails_at_load(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("cifar10_vit:smoke", TINY + [override])
+
+
+def test_resnet_only_options_are_refused_for_the_vit():
+    with pytest.raises(ValueError, match="Unknown config field 'model.compact_multiple'"):
+        load_config("cifar10_vit:smoke", TINY + ["--config.model.compact_multiple=4"])
+    assert set(config_lib.MODEL_VALIDATORS) == set(setup_lib.MODEL_BUILDERS)
