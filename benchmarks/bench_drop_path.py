@@ -23,9 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import jax
@@ -34,6 +32,7 @@ import numpy as np
 import optax
 
 from stochastic_depth_jax import ViT
+from provenance import code_version, machine_line  # next to this file
 
 DEFAULTS = {  # backend -> model and batch of the standard run
     "cpu": dict(size="ti", depth=4, image=32, patch=4, batch=64, rounds=5),
@@ -91,28 +90,6 @@ def run_once(r: Runner, key) -> float:
     jax.block_until_ready(out)
     r.state = out[:2]
     return time.perf_counter() - t0
-
-
-def machine_line() -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} "
-            f"device(s)); host CPU {cpu}, {os.cpu_count()} cores; python "
-            f"{platform.python_version()}; jax {jax.__version__}")
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("CODE_VERSION", "unknown (no git; set CODE_VERSION)")
 
 
 def table(runners: list[Runner], batch: int) -> list[str]:

@@ -26,8 +26,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from stochastic_depth_jax import CifarResNet, pruning
 

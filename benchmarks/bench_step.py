@@ -29,9 +29,7 @@ import functools
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -44,6 +42,7 @@ from stochastic_depth_jax import CifarResNet, draw_gates
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from user_branch import UserNet  # noqa: E402  (benchmark-only model, next to this file)
+from provenance import code_version, machine_line  # noqa: E402
 
 VARIANTS = {
     # name: (final_survival_prob, implementation, remat)
@@ -163,28 +162,6 @@ def compile_seconds(depth, batch, scan, dtype) -> float:
     jax.jit(jax.grad(loss)).lower(variables["params"], variables["batch_stats"],
                                   jax.random.key(0)).compile()
     return time.perf_counter() - t0
-
-
-def machine_line() -> str:
-    dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (f"backend {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s)); "
-            f"host CPU {cpu}, {os.cpu_count()} cores; python {platform.python_version()}; "
-            f"jax {jax.__version__}")
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("CODE_VERSION", "unknown (no git; set CODE_VERSION)")
 
 
 def time_rounds(runners, all_gates, warmup) -> None:

@@ -9,7 +9,7 @@ scanned and unrolled forms of a model see the same gates for the same key.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax

@@ -24,7 +24,6 @@ labels int32 [B], mask bool [B])`` (padded examples have mask False), e.g.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time

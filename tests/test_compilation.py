@@ -3,7 +3,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 from stochastic_depth_jax.training import compilation
 

@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)  # `configs`, train.py and evaluate.py live at the repo
 import evaluate as evaluate_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import errors  # noqa: E402
+from stochastic_depth_jax import data, errors  # noqa: E402
 from stochastic_depth_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from stochastic_depth_jax.training import evaluate, loop, metrics  # noqa: E402
 from stochastic_depth_jax.training import workdir as workdir_lib  # noqa: E402
@@ -27,18 +27,10 @@ from stochastic_depth_jax.training import workdir as workdir_lib  # noqa: E402
 TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
 
 
-def _image_folder(root, classes=2, per_class=12):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for label in range(classes):
-            folder = os.path.join(root, split, f"class{label}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
-    return root
+def _image_folder(root, classes=2):
+    return data.testing.make_image_folder(
+        root, classes=classes, per_class_train=12, per_class_test=12, size=(8, 8)
+    )
 
 
 @pytest.fixture(scope="module")

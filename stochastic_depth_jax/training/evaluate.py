@@ -13,7 +13,6 @@ import os
 import warnings
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
