@@ -309,3 +309,42 @@ def test_non_finite_loss_is_one_line(capsys, tmp_path):
     )
     assert "non-finite" in line.lower() and "stopping without saving" in line
     assert "no checkpoint had been saved yet" in line or "last good checkpoint (step" in line
+
+
+def _tensorboard_events(path):
+    """The Event protos of one TensorBoard file (TFRecord framing: length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events, blob = [], open(path, "rb").read()
+    offset = 0
+    while offset < len(blob):
+        (length,) = struct.unpack("<Q", blob[offset : offset + 8])
+        data = blob[offset + 12 : offset + 12 + length]
+        events.append(event_pb2.Event.FromString(data))
+        offset += 12 + length + 4
+    return events
+
+
+def test_resume_purges_tensorboard_points_after_the_checkpoint(tmp_path):
+    from tensorboardX.proto import event_pb2
+
+    workdir = str(tmp_path)
+    writer = metrics.MetricWriter(workdir, resume_epoch=0, resume_step=0)
+    for epoch in (1, 2, 3):
+        writer.write({"epoch": epoch, "step": 4 * epoch, "train_loss": 1.0 / epoch})
+    writer.close()
+    time.sleep(1.1)  # Event files are named by the second they were opened in.
+    with pytest.warns(UserWarning, match="dropped 1 other record"):
+        writer = metrics.MetricWriter(workdir, resume_epoch=2, resume_step=8)
+    writer.write({"epoch": 3, "step": 12, "train_loss": 0.3})
+    writer.close()
+    files = sorted(os.listdir(os.path.join(workdir, "tensorboard")))
+    assert len(files) == 2
+    resumed = _tensorboard_events(os.path.join(workdir, "tensorboard", files[-1]))
+    starts = [e.step for e in resumed if e.session_log.status == event_pb2.SessionLog.START]
+    # TensorBoard discards every earlier point at step >= 9: epoch 3's first value (step 12).
+    assert starts == [9]
+    values = [(e.step, v.tag) for e in resumed for v in e.summary.value]
+    assert values == [(12, "train_loss")]
