@@ -16,22 +16,26 @@ import tempfile
 
 import numpy as np
 
+from stochastic_depth_jax import logs
+
 CIFAR_IMAGE_BYTES = 32 * 32 * 3
 
 
 @contextlib.contextmanager
 def no_tempdir_leak():
-    """Removes the empty ``tmp*tfds`` directories tfds creates while this block runs.
+    """Creates tfds builders without their litter: stray temp dirs and misleading warnings.
 
     A builder made for a dataset that is not prepared yet looks for precomputed metadata
-    in a fresh ``tempfile.mkdtemp('tfds')`` and never deletes it: one stray directory in
-    the system temp dir per fake-data run or offline check. Only new, still-empty ones are
-    removed.
+    in a fresh ``tempfile.mkdtemp('tfds')`` and never deletes it (one stray directory in
+    the system temp dir per fake-data run or offline check): new, still-empty ones are
+    removed. It also warns "Variant folder ... has no dataset_info.json" for the version
+    folder it has not written yet; that line is dropped.
     """
     pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
     before = set(glob.glob(pattern))
     try:
-        yield
+        with logs.drop_absl_messages("Variant folder"):
+            yield
     finally:
         for path in set(glob.glob(pattern)) - before:
             try:

@@ -112,7 +112,8 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
     tfds = _tfds()
     with no_tempdir_leak():
         builder = tfds.builder(tfds_name, data_dir=data_dir)
-    if builder.is_prepared():
+        prepared = builder.is_prepared()
+    if prepared:
         if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
             raise DataUnavailableError(
                 f"'{tfds_name}' in {builder.data_dir} was prepared as "

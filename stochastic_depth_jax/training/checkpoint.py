@@ -15,9 +15,7 @@ skipped with a warning and moved aside; the previous one is used instead.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import os
 import shutil
 import time
@@ -28,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import state as state_lib
 
 __all__ = [
@@ -50,25 +48,6 @@ class NoCheckpointError(errors.CheckpointError):
 
 class IncompatibleCheckpointError(errors.Error, ValueError):
     """A readable checkpoint holds a differently shaped state (another model/optimiser)."""
-
-
-class _DropReadOnlyNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Given directory is read only" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_read_only_notice(active: bool):
-    """Orbax logs a warning for every manager opened read-only, as evaluation does."""
-    if not active:
-        yield
-        return
-    logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
-    logger.addFilter(notice)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice)
 
 
 def structure_signature(tree: Any) -> str:
@@ -114,7 +93,9 @@ class Checkpoints:
                 barrier_sync_key_prefix=name
             ),
         )
-        with _quiet_read_only_notice(self._read_only):
+        # Orbax warns about every manager opened read-only, as every evaluation does.
+        quiet = ("Given directory is read only",) if self._read_only else ()
+        with logs.drop_absl_messages(*quiet):
             return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
 
     def steps(self, kind: str = "latest") -> list[int]:
