@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-7 GPU figures in one command (run from the repository root on a GPU machine):
+# The GPU figures of the default-skipping work in one command (repository root, GPU machine):
 #   bash benchmarks/gpu_suite.sh [python-with-torch]
 # 1. train step, ResNet-110, batch 128: constant vs lax.cond skipping vs compact, fp32 and bf16
 # 2. whole epochs of 45k images: constant depth vs the default ('auto') and compact multiples
