@@ -3,6 +3,7 @@
 import glob
 import os
 import shutil
+import sys
 import warnings
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from processes import free_address, run_together
 from stochastic_depth_jax.training import checkpoint as ckpt_lib
 from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import state as state_lib
@@ -152,33 +154,15 @@ def test_checksum_is_independent_of_device_count(mesh):
 
 def test_two_processes_save_best_and_latest_at_the_same_steps(tmp_path):
     """The two managers' multi-host barriers must not collide (they once deadlocked)."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = free_address()
     worker = os.path.join(os.path.dirname(__file__), "workers", "concurrent_saves.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     steps = 4
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(tmp_path), address, "2", str(i), str(steps)],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-3000:]
+    run_together(
+        [[sys.executable, worker, str(tmp_path), address, "2", str(i), str(steps)] for i in range(2)],
+        env=env,
+        timeout=240,
+    )
     ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
     assert ckpts.steps("latest") == list(range(1, steps + 1))
     assert ckpts.steps("best") == [steps - 1, steps]  # 'best' keeps two.
