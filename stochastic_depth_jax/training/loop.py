@@ -392,8 +392,7 @@ def _train(run: _Run) -> dict[str, Any]:
         "steps_per_epoch": spe,
         "compile_time_s": compile_time,
         "train_time_s_this_session": train_time,
-    }
-    _write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
+    }  # Written once, with the compile counts, by _run_locked.
     if c.write_plots and jax.process_index() == 0:
         plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir)
     return summary

@@ -22,6 +22,7 @@ import ml_collections
 from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
+from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 FIGURES_DIR = "figures"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = loop_lib.SUMMARY_FILE
 
 
 def run_name(depth: int, p_last: float) -> str:
@@ -85,7 +86,7 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
       name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'``.
     """
     if train is None:
-        from stochastic_depth_jax.training.loop import train_and_evaluate as train
+        train = loop_lib.train_and_evaluate
     status = {}
     for name, config in runs:
         workdir = os.path.join(root, name)
