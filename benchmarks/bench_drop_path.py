@@ -51,21 +51,24 @@ class Runner:
     times: list
 
 
-def variants(rates: list[float], linear: float) -> list[tuple[str, float, str, str]]:
-    """``(name, rate, rule, implementation)``: no drop path, then skip/mask per setting."""
+def variants(rates: list[float], linear: float,
+             unfused: bool = False) -> list[tuple[str, float, str, str]]:
+    """``(name, rate, rule, implementation)``: no drop path, then skip/mask per setting (and
+    skip with the kept outputs scattered into zeros and then added, ``unfused``)."""
     out = [("none", 0.0, "uniform", "skip")]
     settings = [(f"uniform {r:g}", r, "uniform") for r in rates]
     if linear > 0:
         settings.append((f"linear to {linear:g}", linear, "linear"))
     for label, rate, rule in settings:
-        for impl in ("skip", "mask"):
+        for impl in ("skip", "mask") + (("skip-unfused",) if unfused else ()):
             out.append((f"{label} {impl}", rate, rule, impl))
     return out
 
 
 def make_runner(name, rate, rule, impl, args, key, x, y) -> Runner:
     model = ViT(num_classes=10, size=args.size, depth=args.depth, patch_size=args.patch,
-                drop_path_rate=rate, drop_path_rule=rule, implementation=impl,
+                drop_path_rate=rate, drop_path_rule=rule, implementation=impl.split("-")[0],
+                fused_residual=impl != "skip-unfused",
                 dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
     params = jax.jit(lambda k: model.init(k, x[:2], train=False))(key)["params"]
     tx = optax.adamw(1e-3, weight_decay=0.05)
@@ -99,7 +102,8 @@ def table(runners: list[Runner], batch: int) -> list[str]:
             "|---|---|---|---|---|---|"]
     for r in runners:
         q = np.percentile(r.times, [25, 75])
-        twin = r.name[: -len(" skip")] + " mask" if r.name.endswith(" skip") else None
+        label, _, impl = r.name.rpartition(" ")
+        twin = f"{label} mask" if impl.startswith("skip") else None
         vs_mask = f"**{med[r.name] / med[twin]:.3f}**" if twin in med and r.name != "none" else "-"
         rows.append(f"| {r.name} | {med[r.name] * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} "
                     f"| {batch / med[r.name]:.1f} | {med[r.name] / med['none']:.3f} "
@@ -121,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5", help="uniform drop rates")
     ap.add_argument("--linear", type=float, default=0.4, help="timm linear rule to this rate")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time skipping with the kept outputs scattered into zeros and "
+                         "then added (the default adds them into x in one scatter-add)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.backend = backend
@@ -134,7 +141,7 @@ def main(argv=None) -> None:
     x = jax.random.normal(kx, (args.batch, args.image, args.image, 3), jnp.float32)
     y = jax.random.randint(ky, (args.batch,), 0, 10)
     runners = []
-    for name, rate, rule, impl in variants(rates, args.linear):
+    for name, rate, rule, impl in variants(rates, args.linear, args.unfused):
         r = make_runner(name, rate, rule, impl, args, kp, x, y)
         t0 = time.perf_counter()
         run_once(r, jax.random.key(1))
@@ -159,8 +166,9 @@ def main(argv=None) -> None:
         f"{args.rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}. Train step = forward, "
         f"label-smoothed cross-entropy, backward, AdamW. skip: mode='sample', "
-        f"implementation='skip' (branch on round(B(1 - rate)) examples); mask: timm's drop "
-        f"path (computed for all, multiplied).",
+        f"implementation='skip' (branch on round(B(1 - rate)) examples, outputs added into x "
+        f"in one scatter-add); skip-unfused: the same outputs scattered into zeros, then "
+        f"added; mask: timm's drop path (computed for all, multiplied).",
         "",
         *table(runners, args.batch),
     ]

@@ -153,6 +153,7 @@ class StochasticDepth(nn.Module):
         deterministic: bool,
         survival_prob: Any = None,
         gate: Any = None,
+        shortcut: Any = None,
         **kwargs: Any,
     ) -> Array:
         """Runs the gated branch.
@@ -167,9 +168,12 @@ class StochasticDepth(nn.Module):
           gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns
             (bool scalar, int32 subset ``[groups, k]`` or bool ``[batch]``); in training it
             is drawn from ``rng_collection`` when omitted.
+          shortcut: optional, shaped like ``branch(x)``: returned added to the gated
+            residual; with drop-path subsets the kept outputs are added into it in one
+            scatter-add (``y = sd(x, shortcut=x, ...)`` instead of ``y = x + sd(x, ...)``).
 
         Returns:
-          the gated residual, shaped like ``branch(x)``.
+          the gated residual (``+ shortcut``), shaped like ``branch(x)``.
         """
         ops.validate_options(self.mode, self.scaling, self.implementation)
         if self.remat not in REMAT_POLICIES:
@@ -181,25 +185,34 @@ class StochasticDepth(nn.Module):
         ops.check_survival_prob(p)
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)
         if deterministic and (gate is None or self.is_initializing()):
-            return ops.scaled(call(self, x), ops.eval_scale(p, self.scaling))
+            return ops.with_shortcut(ops.scaled(call(self, x), ops.eval_scale(p, self.scaling)),
+                                     shortcut)
         if not deterministic and (self.is_initializing() or (gate is None and ops.is_static_one(p))):
-            return call(self, x)
+            return ops.with_shortcut(call(self, x), shortcut)
         if gate is None:
             gate = ops.draw_gate(self.make_rng(self.rng_collection), p, mode=self.mode,
                                  implementation=self.implementation, batch_size=x.shape[0],
                                  groups=self.groups)
         if self.mode == "sample" and not deterministic:
-            # Subset gather/scatter or mask: the op's one implementation.
+            # Subset gather/scatter (or add into the shortcut) or mask: the op's one
+            # implementation.
             return ops.gated_branch(lambda v: call(self, v), x, gate, p, mode=self.mode,
-                                    scaling=self.scaling, implementation=self.implementation)
+                                    scaling=self.scaling, implementation=self.implementation,
+                                    shortcut=shortcut)
+        if jnp.issubdtype(jnp.asarray(gate).dtype, jnp.integer):
+            raise ValueError(
+                "StochasticDepth got subset indices as gate with deterministic=True; subsets "
+                "are training gates. For a fixed sub-network at evaluation pass a bool gate "
+                "(a scalar, or [batch] with mode='sample'), or no gate."
+            )
         # A gated evaluation keeps the evaluation scale on the blocks it runs.
         scale = ops.eval_scale if deterministic else ops.train_scale
         factor = scale(p, self.scaling)
         if self.mode == "sample" or self.implementation == "mask":
             if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
                 call = _keep_stats_if_dropped(call, gate)
-            return ops.masked(call(self, x), gate, factor)
-        return self._skip(call, x, gate, factor)
+            return ops.with_shortcut(ops.masked(call(self, x), gate, factor), shortcut)
+        return ops.with_shortcut(self._skip(call, x, gate, factor), shortcut)
 
     def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
         def run(module, v, f):

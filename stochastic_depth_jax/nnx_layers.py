@@ -94,16 +94,19 @@ class StochasticDepth(nnx.Module):
         self.rngs = _as_stream(rngs, rng_collection)
 
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
-                 rngs: RngsLike = None, gate: Any = None, **kwargs: Any) -> Array:
+                 rngs: RngsLike = None, gate: Any = None, shortcut: Array | None = None,
+                 **kwargs: Any) -> Array:
         """Runs the gated branch on ``x`` ``[batch, ...]``.
 
         Args:
           deterministic: overrides the module's flag (evaluation: all of f, scaled).
           rngs: a key, stream or Rngs for this call's gate (default: the module's stream).
           gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns.
+          shortcut: optional, shaped like ``branch(x)``: returned added to the gated
+            residual; drop-path subsets add their outputs into it in one scatter-add.
 
         Returns:
-          the gated residual, shaped like ``branch(x)``.
+          the gated residual (``+ shortcut``), shaped like ``branch(x)``.
         """
         deterministic = self.deterministic if deterministic is None else deterministic
         p = self.survival_prob
@@ -112,9 +115,10 @@ class StochasticDepth(nnx.Module):
             return branch(v, *args, **kwargs)
 
         if deterministic:
-            return ops.scaled(run(self.branch, x), ops.eval_scale(p, self.scaling))
+            return ops.with_shortcut(ops.scaled(run(self.branch, x),
+                                                ops.eval_scale(p, self.scaling)), shortcut)
         if gate is None and ops.is_static_one(p):
-            return run(self.branch, x)
+            return ops.with_shortcut(run(self.branch, x), shortcut)
         if gate is None:
             key = _key(rngs if rngs is not None else self.rngs, self.rng_collection)
             if key is None:
@@ -123,9 +127,10 @@ class StochasticDepth(nnx.Module):
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
                                  batch_size=x.shape[0], groups=self.groups)
         if self.mode == "batch" and self.implementation == "skip":
-            return self._cond(run, x, gate)
+            return ops.with_shortcut(self._cond(run, x, gate), shortcut)
         return ops.gated_branch(lambda v: run(self.branch, v), x, gate, p, mode=self.mode,
-                                scaling=self.scaling, implementation=self.implementation)
+                                scaling=self.scaling, implementation=self.implementation,
+                                shortcut=shortcut)
 
     def _cond(self, run, x: Array, gate: Array) -> Array:
         """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
@@ -194,7 +199,8 @@ class MlpBranch(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    """DeiT pre-norm block with drop path on both branches; twin of the Linen block.
+    """DeiT pre-norm block with drop path on both branches; twin of the Linen block (kept
+    outputs are added into ``x`` in one scatter-add, as the Linen block's default).
 
     Args:
       width, num_heads, mlp_dim: block dimensions.
@@ -218,8 +224,8 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
                  deterministic: bool | None = None) -> Array:
         """``x`` ``[batch, tokens, width]``; ``gates`` as :func:`vit.block_gates` returns."""
-        x = x + self.attn(x, deterministic=deterministic, gate=gates[0])
-        return x + self.mlp(x, deterministic=deterministic, gate=gates[1])
+        x = self.attn(x, deterministic=deterministic, gate=gates[0], shortcut=x)
+        return self.mlp(x, deterministic=deterministic, gate=gates[1], shortcut=x)
 
 
 class ViT(nnx.Module):

@@ -10,8 +10,9 @@ Semantics (Huang et al., 2016, Sec. 3):
 * ``mode='sample'`` (drop path): each example has its own gate. With
   ``implementation='skip'`` (default) the branch runs only on a random subset of exactly
   ``k`` examples, drawn without replacement (as DINOv2's block): the op gathers the subset,
-  runs the branch on ``[k, ...]``, and scatters the outputs back into zeros, so a dropped
-  example gets exactly zero (only the caller's shortcut) and costs no branch compute. See
+  runs the branch on ``[k, ...]``, and scatters the outputs back into zeros (or, given
+  ``shortcut=``, adds them into the shortcut in one scatter-add), so a dropped example gets
+  exactly zero (only the shortcut) and costs no branch compute. See
   :func:`subset_size` for ``k`` and :func:`draw_subset` for ``groups`` (per-shard subsets).
   ``implementation='mask'`` is timm's drop path: independent Bernoulli(p) gates, branch
   computed for the whole batch, then multiplied.
@@ -48,6 +49,7 @@ __all__ = [
     "draw_subset",
     "subset_mask",
     "subset_branch",
+    "with_shortcut",
     "train_scale",
     "eval_scale",
     "gated_branch",
@@ -203,31 +205,59 @@ def subset_mask(indices: Array, batch_size: int) -> Array:
 
 
 def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
-                  factor: Any = 1.0) -> Array:
-    """Runs ``branch`` on the subset ``indices`` of ``x`` and scatters it into zeros.
+                  factor: Any = 1.0, shortcut: Array | None = None) -> Array:
+    """Runs ``branch`` on the subset ``indices`` of ``x`` and scatters it back.
 
     Args:
       branch: ``[m, ...] -> [m, ...out]``, applied once to the ``groups * k`` kept examples.
       x: ``[batch, ...]``.
       indices: int ``[groups, k]`` from :func:`draw_subset`.
       factor: multiplies the kept outputs (``n / k`` for ``scaling='train'``).
+      shortcut: optional ``[batch, ...out]``: the kept outputs are added into it in one
+        scatter-add (DINOv2's ``index_add``) instead of being scattered into zeros and added
+        afterwards, which saves a full-size temporary and one pass over the activations.
 
     Returns:
       ``[batch, ...out]``: ``factor * branch(x[i])`` for kept examples, exactly 0 elsewhere
-      (and a zero gradient through the branch for them). The gather and scatter act within
-      each group (batched over the group axis), so they stay local to a data shard.
+      (plus ``shortcut`` when given), with a zero gradient through the branch for dropped
+      examples. The gather and scatter act within each group (batched over the group axis),
+      so they stay local to a data shard.
     """
     groups, k = indices.shape
     batch = x.shape[0]
     n = _check_groups(batch, groups)
     if k == n:  # nothing dropped: no gather, no scatter
-        return scaled(branch(x), factor)
+        return with_shortcut(scaled(branch(x), factor), shortcut)
     xg = x.reshape((groups, n) + x.shape[1:])
     picked = jax.vmap(lambda v, i: v[i])(xg, indices)
     y = scaled(branch(picked.reshape((groups * k,) + x.shape[1:])), factor)
     yg = y.reshape((groups, k) + y.shape[1:])
-    out = jax.vmap(lambda v, i: jnp.zeros((n,) + v.shape[1:], v.dtype).at[i].set(v))(yg, indices)
+    if shortcut is None:
+        out = jax.vmap(lambda v, i: jnp.zeros((n,) + v.shape[1:], v.dtype).at[i].set(v))(
+            yg, indices)
+    else:
+        _check_shortcut(shortcut, (batch,) + y.shape[1:])
+        dtype = jnp.result_type(shortcut, y)  # as ``shortcut + y`` would promote
+        sg = shortcut.astype(dtype).reshape((groups, n) + y.shape[1:])
+        out = jax.vmap(lambda s, v, i: s.at[i].add(v.astype(dtype)))(sg, yg, indices)
     return out.reshape((batch,) + y.shape[1:])
+
+
+def _check_shortcut(shortcut: Array, shape: tuple[int, ...]) -> None:
+    if tuple(shortcut.shape) != tuple(shape):
+        raise ValueError(
+            f"shortcut has shape {tuple(shortcut.shape)} but the branch output is "
+            f"{tuple(shape)}; pass the block's shortcut (e.g. shortcut=x for an identity "
+            "shortcut) shaped like the branch output."
+        )
+
+
+def with_shortcut(y: Array, shortcut: Array | None) -> Array:
+    """``shortcut + y`` (``y`` unchanged when ``shortcut`` is None); shapes must match."""
+    if shortcut is None:
+        return y
+    _check_shortcut(shortcut, y.shape)
+    return shortcut + y
 
 
 def draw_gate(
@@ -289,6 +319,7 @@ def gated_branch(
     mode: str = "batch",
     scaling: str = "test",
     implementation: str = "skip",
+    shortcut: Array | None = None,
 ) -> Array:
     """Applies ``branch`` to ``x`` under an already-drawn training gate.
 
@@ -300,9 +331,12 @@ def gated_branch(
         ``'mask'``; a bool ``[batch]`` gate is always applied as a mask, whatever the
         implementation, since a Bernoulli draw has no static size).
       survival_prob: p for this block (scalar; may be traced except for subsets).
+      shortcut: optional, shaped like ``branch(x)``: returned added to the gated residual
+        (for subsets in one scatter-add, see :func:`subset_branch`).
 
     Returns:
-      ``gate * branch(x) * train_scale`` with the shape and dtype of ``branch(x)``; in
+      ``gate * branch(x) * train_scale`` (``+ shortcut``) with the shape and dtype of
+      ``branch(x)``; in
       ``'batch'``/``'skip'`` the branch is not evaluated when the gate is closed, in
       ``'sample'``/``'skip'`` only on the subset.
     """
@@ -310,17 +344,17 @@ def gated_branch(
     if mode == "sample" and jnp.issubdtype(gate.dtype, jnp.integer):
         groups, k = gate.shape
         factor = 1.0 if scaling == "test" else (x.shape[0] // groups) / k
-        return subset_branch(branch, x, gate, factor)
+        return subset_branch(branch, x, gate, factor, shortcut)
     factor = train_scale(survival_prob, scaling)
     if mode == "sample" or implementation == "mask":
-        return masked(branch(x), gate, factor)
+        return with_shortcut(masked(branch(x), gate, factor), shortcut)
     out = jax.eval_shape(branch, x)
-    return jax.lax.cond(
+    return with_shortcut(jax.lax.cond(
         gate,
         lambda v: scaled(branch(v), factor),
         lambda v: jnp.zeros(out.shape, out.dtype),
         x,
-    )
+    ), shortcut)
 
 
 def stochastic_depth(
@@ -334,10 +368,13 @@ def stochastic_depth(
     scaling: str = "test",
     implementation: str = "skip",
     groups: int = 1,
+    shortcut: Array | None = None,
 ) -> Array:
     """Runs a residual branch under stochastic depth; returns its gated output.
 
-    The caller adds the shortcut: ``out = act(shortcut(x) + stochastic_depth(f, x, ...))``.
+    The caller adds the shortcut: ``out = act(shortcut(x) + stochastic_depth(f, x, ...))``,
+    or passes it: ``act(stochastic_depth(f, x, ..., shortcut=shortcut(x)))``, which for
+    drop-path subsets adds the kept outputs into it in place (DINOv2's ``index_add``).
 
     Args:
       branch: the residual function f, ``x -> f(x)``; pure (close over parameters).
@@ -353,16 +390,17 @@ def stochastic_depth(
       groups: ``'sample'``/``'skip'`` only: draw the subset within this many contiguous
         groups of the batch (see :func:`draw_subset`); a multiple of the data-shard count
         keeps a sharded batch on its devices.
+      shortcut: optional, shaped like ``f(x)``: added to the result (see above).
 
     Returns:
-      The gated residual, shaped like ``f(x)``.
+      The gated residual (``+ shortcut``), shaped like ``f(x)``.
     """
     validate_options(mode, scaling, implementation)
     check_survival_prob(survival_prob)
     if deterministic:
-        return scaled(branch(x), eval_scale(survival_prob, scaling))
+        return with_shortcut(scaled(branch(x), eval_scale(survival_prob, scaling)), shortcut)
     if is_static_one(survival_prob):
-        return branch(x)
+        return with_shortcut(branch(x), shortcut)
     if key is None:
         raise ValueError(
             "stochastic_depth needs a PRNG `key` in training (deterministic=False) when "
@@ -371,5 +409,6 @@ def stochastic_depth(
     gate = draw_gate(key, survival_prob, mode=mode, implementation=implementation,
                      batch_size=x.shape[0], groups=groups)
     return gated_branch(
-        branch, x, gate, survival_prob, mode=mode, scaling=scaling, implementation=implementation
+        branch, x, gate, survival_prob, mode=mode, scaling=scaling,
+        implementation=implementation, shortcut=shortcut,
     )

@@ -191,6 +191,8 @@ class EncoderBlock(nn.Module):
       num_heads, mlp_dim: attention heads, MLP hidden width.
       survival_prob: 1 - drop rate of this block (a static float).
       mode, scaling, implementation, groups: see :class:`stochastic_depth_jax.StochasticDepth`.
+      fused_residual: add a branch's kept outputs into ``x`` in one scatter-add (DINOv2's
+        ``index_add``; default) rather than scatter them into zeros and add; same values.
     """
 
     num_heads: int
@@ -201,6 +203,7 @@ class EncoderBlock(nn.Module):
     implementation: str = "skip"
     groups: int = 1
     dtype: Any = None
+    fused_residual: bool = True
 
     @nn.compact
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
@@ -212,7 +215,10 @@ class EncoderBlock(nn.Module):
             sd = StochasticDepth(branch, survival_prob=self.survival_prob, mode=self.mode,
                                  scaling=self.scaling, implementation=self.implementation,
                                  groups=self.groups, name=name)
-            x = x + sd(x, deterministic=not train, gate=gate)
+            if self.fused_residual:
+                x = sd(x, deterministic=not train, gate=gate, shortcut=x)
+            else:
+                x = x + sd(x, deterministic=not train, gate=gate)
         return x
 
 
@@ -236,6 +242,7 @@ class ViT(nn.Module):
         per-example subsets that skip, timm's inverted scaling).
       mlp_ratio: MLP width over model width (4).
       dtype: computation dtype (parameters float32).
+      fused_residual: see :class:`EncoderBlock` (for benchmarks; the values are the same).
     """
 
     num_classes: int
@@ -253,6 +260,7 @@ class ViT(nn.Module):
     num_heads: int | None = None
     mlp_ratio: int = 4
     dtype: Any = None
+    fused_residual: bool = True
 
     def dims(self) -> tuple[int, int, int]:
         """``(width, depth, heads)``."""
@@ -287,7 +295,7 @@ class ViT(nn.Module):
                                 implementation=self.implementation, batch_size=x.shape[0],
                                 groups=self.groups)
             x = EncoderBlock(heads, self.mlp_ratio * width, sp, self.mode, self.scaling,
-                             self.implementation, self.groups, self.dtype,
+                             self.implementation, self.groups, self.dtype, self.fused_residual,
                              name=f"blocks_{i}")(x, gates, train=train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         x = x[:, 0] if self.pool == "token" else jnp.mean(x, axis=1)

@@ -221,3 +221,108 @@ def test_batchnorm_in_a_subset_branch_normalises_over_the_subset():
     np.testing.assert_allclose(np.asarray(y)[kept], expected, rtol=1e-4, atol=1e-5)
     new_mean = updates["batch_stats"]["branch"]["BatchNorm_0"]["mean"]
     np.testing.assert_allclose(new_mean, 0.1 * sub.mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, implementation, groups", [
+    ("sample", "skip", 1), ("sample", "skip", 4), ("sample", "mask", 1), ("batch", "skip", 1),
+    ("batch", "mask", 1),
+])
+@pytest.mark.parametrize("scaling", ["test", "train"])
+def test_shortcut_argument_equals_adding_the_shortcut_afterwards(mode, implementation, groups,
+                                                                 scaling):
+    # With subsets the kept outputs are scatter-added into the shortcut (one pass) instead of
+    # scattered into zeros; values and gradients must be those of shortcut + gated residual.
+    shortcut = 2.0 * X
+
+    def loss(w, x, fused):
+        kw = dict(survival_prob=0.6, key=jax.random.key(3), mode=mode, scaling=scaling,
+                  implementation=implementation, groups=groups)
+        f = lambda v: branch(v, w)
+        if fused:
+            y = ops.stochastic_depth(f, x, shortcut=2.0 * x, **kw)
+        else:
+            y = 2.0 * x + ops.stochastic_depth(f, x, **kw)
+        return jnp.sum(jnp.sin(y)), y
+
+    (l_f, y_f), g_f = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(W, X, True)
+    (l_u, y_u), g_u = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(W, X, False)
+    np.testing.assert_allclose(y_f, y_u, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(y_f, shortcut)  # the branch contributed
+    for a, b in zip(g_f, g_u):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    e_f = ops.stochastic_depth(branch, X, survival_prob=0.6, deterministic=True,
+                               scaling=scaling, shortcut=shortcut)
+    e_u = shortcut + ops.stochastic_depth(branch, X, survival_prob=0.6, deterministic=True,
+                                          scaling=scaling)
+    np.testing.assert_allclose(e_f, e_u, rtol=1e-6)
+
+
+def test_shortcut_promotes_dtypes_as_an_addition_would():
+    idx = ops.draw_subset(jax.random.key(2), B, 0.5)
+    f = lambda v: branch(v).astype(jnp.bfloat16)
+    y = ops.subset_branch(f, X, idx, shortcut=X)  # float32 shortcut, bfloat16 branch
+    expected = X + ops.subset_branch(f, X, idx)
+    assert y.dtype == expected.dtype == jnp.float32
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+def test_shortcut_of_the_wrong_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"shortcut has shape \(16, 3\) but the branch output"):
+        ops.stochastic_depth(branch, X, survival_prob=0.5, key=jax.random.key(0), mode="sample",
+                             shortcut=X[..., 0])
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_wrappers_pass_the_shortcut_to_the_op(api):
+    idx = ops.draw_subset(jax.random.key(9), B, 0.5, 2)
+    if api == "linen":
+        import flax.linen as nn
+
+        class Branch(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return jnp.tanh(nn.Dense(D)(x)) + 1.0
+
+        sd = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5, mode="sample",
+                                 scaling="train", groups=2)
+        variables = sd.init(jax.random.key(0), X, deterministic=True)
+        run = lambda **kw: sd.apply(variables, X, **kw)
+    else:
+        from flax import nnx
+
+        class Branch(nnx.Module):
+            def __init__(self, rngs):
+                self.dense = nnx.Linear(D, D, rngs=rngs)
+
+            def __call__(self, x):
+                return jnp.tanh(self.dense(x)) + 1.0
+
+        sd = sdj.nnx_layers.StochasticDepth(Branch(nnx.Rngs(0)), 0.5, mode="sample",
+                                            scaling="train", groups=2)
+        run = lambda **kw: sd(X, **kw)
+    fused = run(deterministic=False, gate=idx, shortcut=X)
+    plain = X + run(deterministic=False, gate=idx)
+    np.testing.assert_allclose(fused, plain, rtol=1e-6)
+    assert np.sum(np.any(np.asarray(fused) != np.asarray(X), axis=(1, 2))) == 8  # 4 per group
+    np.testing.assert_allclose(run(deterministic=True, shortcut=X),
+                               X + run(deterministic=True), rtol=1e-6)
+    if api == "linen":  # subsets are training gates
+        with pytest.raises(ValueError, match="subset indices as gate with deterministic=True"):
+            run(deterministic=True, gate=idx)
+
+
+def test_vit_fused_residual_matches_the_unfused_block():
+    images = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    kw = dict(num_classes=4, size="ti", depth=2, patch_size=8, drop_path_rate=0.5, groups=2)
+    fused, plain = sdj.ViT(**kw), sdj.ViT(**kw, fused_residual=False)
+    variables = fused.init(jax.random.key(1), images, train=False)
+
+    def loss(params, model):
+        logits = model.apply({"params": params}, images, train=True, key=jax.random.key(5))
+        return jnp.sum(logits * jnp.arange(4.0)), logits
+
+    (l_f, y_f), g_f = jax.value_and_grad(loss, has_aux=True)(variables["params"], fused)
+    (l_u, y_u), g_u = jax.value_and_grad(loss, has_aux=True)(variables["params"], plain)
+    np.testing.assert_allclose(y_f, y_u, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_u)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
