@@ -39,6 +39,8 @@ def main(argv=None) -> None:
     ap.add_argument("--torch-variants", default="", help="bench_torch.py --variants")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--step-out", default=None,
+                    help="where our step tables go (default: results/step_<backend>.md)")
     args = ap.parse_args(argv)
     common = ["--depth", str(args.depth), "--batch", str(args.batch)]
     if args.rounds:
@@ -49,7 +51,8 @@ def main(argv=None) -> None:
             path = os.path.join(tmp, f"jax_{dtype}.json")
             _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common,
                   "--variants", "constant,skip-remat-convs,compact", "--dtype", dtype,
-                  "--compile-depths", "", "--json", path, "--out", os.path.join(tmp, "j.md")])
+                  "--compile-depths", "", "--json", path,
+                  *(["--out", args.step_out] if args.step_out else [])])
             ours[dtype] = json.load(open(path))
         path = os.path.join(tmp, "torch.json")
         _run([args.torch_python, os.path.join(HERE, "bench_torch.py"), *common,

@@ -1,0 +1,161 @@
+"""Every pending GPU figure in one command, in priority order, inside a time budget.
+
+    python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 540 s
+    python benchmarks/gpu_suite.py --list                                # parts and estimates
+    python benchmarks/gpu_suite.py --parts drop-path,epochs --budget 300
+
+GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
+a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
+overruns the budget (its printed lines stay in the log). Each part is a separate process
+(a fresh JAX: no compiled program is shared between parts) that appends its raw table to a
+file in ``--out-dir`` (default ``benchmarks/results``); everything printed also goes to
+``<out-dir>/gpu_suite.log``. Estimates are guesses for one H100/H200 and include compilation;
+the log records each part's real wall time, so later runs can be planned from it.
+
+Parts:
+
+* ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
+  ``lax.cond`` skipping, compact mode (the GPU default), then PyTorch eager and
+  ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
+  tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
+* ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping (fused and unfused add) vs
+  masking vs no drop path at drop 0.1 and 0.4 and the linear rule to 0.4 (``drop_path_gpu.md``);
+* ``epochs``: whole 45k-image epochs, constant depth vs the default config, fp32 (``train.md``);
+* ``epochs-bf16``: the same in bf16;
+* ``epochs-compact``: compact-mode granularity over whole epochs: multiples 1, 2 and 4 (4 is
+  the GPU default) beside constant depth;
+* ``user-branch``: a user's stock-Flax branch wrapped in ``StochasticDepth``, survival 0.5 vs
+  1.0 (``step_gpu.md``);
+* ``compile``: compile time of ResNet-1202 vs ResNet-110 (``step_gpu.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    name: str
+    estimate_s: int  # a guess, compilation included
+    args: tuple[str, ...]  # after the python executable; {out} and {torch} are filled in
+
+
+PARTS = (
+    Part("vs-torch", 300, ("benchmarks/compare_torch.py", "--torch-python", "{torch}",
+                           "--rounds", "20", "--step-out", "{out}/step_gpu.md",
+                           "--out", "{out}/vs_torch_gpu.md")),
+    Part("drop-path", 200, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+                            "--linear", "0.4", "--unfused", "--rounds", "10",
+                            "--out", "{out}/drop_path_gpu.md")),
+    Part("epochs", 150, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
+                         "--epochs", "3", "--train-images", "45000",
+                         "--out", "{out}/train.md")),
+    Part("epochs-bf16", 150, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
+                              "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
+                              "--out", "{out}/train.md")),
+    Part("epochs-compact", 360, ("benchmarks/bench_train.py", "--whole-epochs",
+                                 "constant,compact-1,compact-2,compact-4", "--epochs", "3",
+                                 "--train-images", "45000", "--out", "{out}/train.md")),
+    Part("user-branch", 60, ("benchmarks/bench_step.py", "--user-branch",
+                             "--variants", "constant,skip", "--out", "{out}/step_gpu.md")),
+    Part("compile", 60, ("benchmarks/bench_step.py", "--variants", "constant",
+                         "--rounds", "3", "--compile-depths", "110,1202",
+                         "--out", "{out}/step_gpu.md")),
+)
+BY_NAME = {p.name: p for p in PARTS}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=540, help="seconds for all parts")
+    ap.add_argument("--parts", default=",".join(BY_NAME), help="comma-separated, in order")
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--torch-python", default=sys.executable,
+                    help="a Python with torch for vs-torch (default: this one)")
+    ap.add_argument("--list", action="store_true", help="print the parts and exit")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.parts.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        ap.error(f"unknown parts {unknown}; valid: {list(BY_NAME)}")
+    args.selected = [BY_NAME[n] for n in names]
+    return args
+
+
+def command(part: Part, args: argparse.Namespace) -> list[str]:
+    fill = {"out": args.out_dir, "torch": args.torch_python}
+    return [sys.executable, *(a.format(**fill) for a in part.args)]
+
+
+def run_part(cmd: list[str], timeout: float, log) -> tuple[str, float]:
+    """Runs ``cmd`` from the repository root, echoing its output to stdout and ``log``; kills
+    its process group after ``timeout`` seconds."""
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(HERE), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    stopped = threading.Event()
+
+    def stop():
+        stopped.set()
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, stop)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+            log.flush()
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if stopped.is_set():
+        status = "stopped (budget)"
+    else:
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    return status, time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.list:
+        for p in PARTS:
+            print(f"{p.name:15s} ~{p.estimate_s:4d} s  python {' '.join(p.args)}")
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = time.perf_counter()
+    summary = []
+    with open(os.path.join(args.out_dir, "gpu_suite.log"), "a") as log:
+        for part in args.selected:
+            left = args.budget - (time.perf_counter() - start)
+            if part.estimate_s > left:
+                summary.append(f"{part.name}: not started (estimate {part.estimate_s} s, "
+                               f"{left:.0f} s left)")
+                continue
+            cmd = command(part, args)
+            header = f"\n=== {part.name}: {' '.join(cmd[1:])} ({left:.0f} s left)\n"
+            sys.stdout.write(header)
+            log.write(header)
+            status, took = run_part(cmd, left, log)
+            summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
+        text = "\n=== summary\n" + "\n".join(summary) + "\n"
+        sys.stdout.write(text)
+        log.write(text)
+
+
+if __name__ == "__main__":
+    main()
