@@ -33,6 +33,7 @@ __all__ = [
     "BottleneckBlock",
     "REMAT_POLICIES",
     "conv_kernel_init",
+    "gate_rng",
 ]
 
 Array = Any
@@ -94,6 +95,19 @@ class BatchNorm(nn.Module):
         add = bias.astype(jnp.float32) - mean * mul
         dtype = self.dtype or x.dtype
         return (x * mul.astype(dtype) + add.astype(dtype)).astype(dtype)
+
+
+def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:
+    """``module.make_rng(collection)`` (which falls back to the ``'params'`` stream, as Flax
+    does), or, when neither stream was given, a ValueError saying how to pass the gate key."""
+    if not module.has_rng(collection) and not module.has_rng("params"):
+        raise ValueError(
+            f"Training (train=True / deterministic=False) draws stochastic-depth gates from the "
+            f"rng stream {collection!r}, which apply() was not given: pass "
+            f"rngs={{{collection!r}: jax.random.fold_in(key, step)}} (or evaluate with "
+            f"train=False / deterministic=True)."
+        )
+    return module.make_rng(collection)
 
 
 class StochasticDepth(nn.Module):
@@ -190,7 +204,7 @@ class StochasticDepth(nn.Module):
         if not deterministic and (self.is_initializing() or (gate is None and ops.is_static_one(p))):
             return ops.with_shortcut(call(self, x), shortcut)
         if gate is None:
-            gate = ops.draw_gate(self.make_rng(self.rng_collection), p, mode=self.mode,
+            gate = ops.draw_gate(gate_rng(self, self.rng_collection), p, mode=self.mode,
                                  implementation=self.implementation, batch_size=x.shape[0],
                                  groups=self.groups)
         if self.mode == "sample" and not deterministic:

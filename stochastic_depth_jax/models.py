@@ -218,6 +218,19 @@ class ResidualStages(nn.Module):
         return x
 
 
+def check_dtype(dtype: Any) -> None:
+    """ValueError unless ``dtype`` is None or a floating-point dtype JAX knows."""
+    if dtype is None:
+        return
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"dtype must be a floating-point dtype (None = float32, 'bfloat16', "
+                         f"'float16', 'float32'), got {dtype!r}.")
+
+
 class _StochasticResNetBase(nn.Module):
     """Fields, survival schedule, gate drawing and validation shared by both model families.
 
@@ -285,6 +298,8 @@ class _StochasticResNetBase(nn.Module):
             raise ValueError(
                 f"Unknown remat {self.remat!r}; valid: {sorted(layers.REMAT_POLICIES)}."
             )
+        check_dtype(self.dtype)
+
 
     def _gates(self, x: Array, gates: Array | None,
                stochastic: bool) -> tuple[Array | None, bool]:
@@ -293,7 +308,7 @@ class _StochasticResNetBase(nn.Module):
         if gates is None and (not stochastic or constant):
             return None, constant
         if gates is None:
-            key = self.make_rng("stochastic_depth")
+            key = layers.gate_rng(self)
             gates = ops.draw_gates(key, self.survival_probs(), mode=self.mode,
                                    batch_size=x.shape[0])
         L = self.num_blocks()

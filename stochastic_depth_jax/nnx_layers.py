@@ -15,6 +15,7 @@ for the same parameters and key gives the same outputs (see :func:`load_linen_pa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -42,7 +43,7 @@ RngsLike = Any  # nnx.Rngs, nnx.RngStream, a PRNG key, or None
 def _as_stream(rngs: RngsLike, collection: str) -> Any:
     """A forked stream of ``collection`` from ``rngs`` (None stays None), as nnx.Dropout."""
     if isinstance(rngs, nnx.Rngs):
-        return rngs[collection].fork()
+        return _stream(rngs, collection).fork()
     if isinstance(rngs, nnx.RngStream):
         return rngs.fork()
     if rngs is None:
@@ -53,10 +54,23 @@ def _as_stream(rngs: RngsLike, collection: str) -> Any:
 def _key(rngs: RngsLike, collection: str) -> Array:
     """A key from a call-time ``rngs`` (Rngs, stream or key)."""
     if isinstance(rngs, nnx.Rngs):
-        return rngs[collection]()
+        return _stream(rngs, collection)()
     if isinstance(rngs, nnx.RngStream):
         return rngs()
+    if rngs is not None and not (isinstance(rngs, jax.Array) and (
+            jnp.issubdtype(rngs.dtype, jax.dtypes.prng_key)
+            or (rngs.dtype == jnp.uint32 and rngs.shape == (2,)))):
+        raise TypeError(f"rngs must be nnx.Rngs, an nnx.RngStream or a PRNG key "
+                        f"(jax.random.key(seed)), got {rngs!r}.")
     return rngs
+
+
+def _stream(rngs: nnx.Rngs, collection: str) -> Any:
+    if collection not in rngs:
+        raise ValueError(f"The nnx.Rngs has no {collection!r} stream for stochastic-depth gates: "
+                         f"build it with nnx.Rngs(params=..., {collection}=seed), or pass "
+                         f"rngs=key at call time.")
+    return rngs[collection]
 
 
 class StochasticDepth(nnx.Module):
@@ -153,8 +167,10 @@ class DropPath(StochasticDepth):
 
     def __init__(self, branch: nnx.Module, rate: float = 0.0, *, mode: str = "sample",
                  scaling: str = "train", implementation: str = "skip", **kwargs: Any):
-        if not 0.0 <= float(rate) < 1.0:
-            raise ValueError(f"DropPath rate must be in [0, 1), got {rate!r}.")
+        if isinstance(rate, (bool, str, bytes, list, tuple)) or not isinstance(
+                rate, (int, float, np.generic)) or not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
+                             "branch's drop rate (e.g. rate=0.1).")
         super().__init__(branch, 1.0 - float(rate), mode=mode, scaling=scaling,
                          implementation=implementation, **kwargs)
 
@@ -256,6 +272,8 @@ class ViT(nnx.Module):
             raise ValueError(f"Unknown pool {pool!r}; valid: {list(linen_vit.POOLS)}.")
         ops.validate_options(mode, scaling, implementation)
         width, depth, heads = linen_vit.vit_dims(size, width, depth, num_heads)
+        linen_vit.check_patches((1, image_size, image_size, in_channels), patch_size)
+        self.patch_size = patch_size
         self.pool, self.mode, self.implementation, self.groups = pool, mode, implementation, groups
         self.deterministic = deterministic
         self.probs = tuple(float(p) for p in
@@ -286,9 +304,13 @@ class ViT(nnx.Module):
             if key is None:
                 raise ValueError("ViT in training needs a 'stochastic_depth' key: build it with "
                                  "nnx.Rngs(params=..., stochastic_depth=...) or pass rngs=key.")
+        linen_vit.check_patches(x.shape, self.patch_size)
+        image_shape = x.shape
         x = self.stem_conv(x)
         b, width = x.shape[0], x.shape[-1]
         x = x.reshape(b, -1, width)
+        linen_vit.check_tokens(self.pos_embed[...].shape[1], x.shape[1] + (self.pool == "token"),
+                               image_shape, self.patch_size)
         if self.pool == "token":
             cls = jnp.broadcast_to(self.cls[...], (b, 1, width)).astype(x.dtype)
             x = jnp.concatenate([cls, x], axis=1)
@@ -311,19 +333,38 @@ class ViT(nnx.Module):
 def load_linen_params(model: nnx.Module, params: Any) -> None:
     """Copies a Linen ViT's ``params`` into the NNX ``model`` in place (same names).
 
-    Linen's ``blocks_{i}`` is NNX's ``blocks[i]``; every other name is the same.
+    Linen's ``blocks_{i}`` is NNX's ``blocks[i]``; every other name is the same. ``params`` is
+    ``variables['params']`` (the whole ``variables`` dict is accepted too). Raises ValueError
+    when the two models differ in depth, names or shapes; nothing is copied then.
     """
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, value in flat:
-        names = [p.key for p in path]
-        node: Any = model
-        for name in names[:-1]:
-            if name.startswith("blocks_"):
-                node = node.blocks[int(name.removeprefix("blocks_"))]
-            else:
-                node = getattr(node, name)
-        variable = getattr(node, names[-1])
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    if not isinstance(params, Mapping):
+        raise ValueError(f"load_linen_params takes the Linen ViT's params (a mapping), got "
+                         f"{type(params).__name__}.")
+    linen_depth = sum(1 for name in params if str(name).startswith("blocks_"))
+    if linen_depth != len(model.blocks):
+        raise ValueError(f"The Linen parameters have {linen_depth} blocks, the NNX ViT "
+                         f"{len(model.blocks)}: build the NNX model with depth={linen_depth} "
+                         f"(or the same size).")
+    updates = []
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [str(getattr(p, "key", p)) for p in path]
+        try:
+            node: Any = model
+            for name in names[:-1]:
+                if name.startswith("blocks_"):
+                    node = node.blocks[int(name.removeprefix("blocks_"))]
+                else:
+                    node = getattr(node, name)
+            variable = getattr(node, names[-1])
+        except (AttributeError, IndexError, ValueError):
+            raise ValueError(f"Parameter {'/'.join(names)} of the Linen model has no "
+                             f"counterpart in the NNX ViT (different pool or architecture?).") \
+                from None
         if variable[...].shape != np.shape(value):
             raise ValueError(f"Parameter {'/'.join(names)}: NNX shape {variable[...].shape}, "
                              f"Linen shape {np.shape(value)}.")
+        updates.append((variable, value))
+    for variable, value in updates:  # all checked first: a failed load changes nothing
         variable[...] = jnp.asarray(value)

@@ -33,6 +33,7 @@ run; use ``mode='sample'`` for per-example gates instead.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -80,15 +81,23 @@ def validate_options(mode: str, scaling: str, implementation: str = "skip") -> N
 
 
 def check_survival_prob(p: Any) -> None:
-    """Raises ValueError for a static survival probability outside (0, 1] or NaN.
+    """Raises ValueError for a survival probability that is not a scalar in (0, 1].
 
-    Traced or device values are left to the caller (they cannot be inspected in jit)."""
+    Python and NumPy scalars (and 0-d arrays) are checked; traced or device values are left to
+    the caller (they cannot be inspected under ``jit``). Lists, tuples, strings, None and
+    bools are refused: one call gates one block with one probability."""
+    if isinstance(p, (bool, np.bool_)) or p is None or isinstance(p, (str, bytes, list, tuple)):
+        raise ValueError(
+            f"survival_prob must be a float in (0, 1], got {p!r} ({type(p).__name__}); pass one "
+            "block's probability, e.g. survival_prob=0.8 (a schedule gives one per block: "
+            "sdj.linear_decay(L, 0.5)[l - 1])."
+        )
     if not isinstance(p, (int, float, np.ndarray, np.generic)):
         return  # traced or device values are the caller's to check
     values = np.ravel(np.asarray(p, dtype=np.float64))
     for v in values:
         if math.isnan(v) or not 0.0 < v <= 1.0:
-            raise ValueError(f"survival_prob must be in (0, 1], got {v!r}.")
+            raise ValueError(f"survival_prob must be in (0, 1], got {float(v)!r}.")
 
 
 def is_static_one(p: Any) -> bool:
@@ -191,9 +200,32 @@ def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int =
     """
     n = _check_groups(batch_size, groups)
     k = subset_size(batch_size, survival_prob, groups)
+    _warn_if_never_dropped(n, k, _static_prob(survival_prob), groups)
     scores = jax.random.uniform(key, (groups, n))
     idx = jnp.argsort(scores, axis=-1)[:, :k]
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def _check_key(key: Any) -> None:
+    """TypeError unless ``key`` is a PRNG key (typed, or a raw uint32 ``[2]``)."""
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == jnp.uint32 and getattr(key, "shape", None) == (2,)
+    if not (typed or raw):
+        raise TypeError(f"key must be a PRNG key, e.g. jax.random.fold_in(jax.random.key(seed), "
+                        f"step), got {key!r}.")
+
+
+def _warn_if_never_dropped(n: int, k: int, p: float, groups: int) -> None:
+    """Warns when a drop rate of 10% or more rounds to no drop at all (groups too small)."""
+    if k == n and 1.0 - p >= 0.1 - 1e-9:
+        warnings.warn(
+            f"Drop path is off for a branch with survival_prob={p:g}: each of the {groups} "
+            f"group(s) has {n} example(s), and k = round({n} x {p:g}) keeps all of them, every "
+            f"step. Use more examples per group (a larger batch or fewer groups), or "
+            f"implementation='mask' for independent Bernoulli gates.",
+            stacklevel=3,
+        )
 
 
 def subset_mask(indices: Array, batch_size: int) -> Array:
@@ -406,6 +438,10 @@ def stochastic_depth(
             "stochastic_depth needs a PRNG `key` in training (deterministic=False) when "
             "survival_prob < 1; pass key=jax.random.fold_in(base_key, step)."
         )
+    _check_key(key)
+    if mode == "sample" and jnp.ndim(x) == 0:
+        raise ValueError("mode='sample' gates each example, so x needs a leading batch axis, "
+                         "got a scalar; use mode='batch' for one gate per call.")
     gate = draw_gate(key, survival_prob, mode=mode, implementation=implementation,
                      batch_size=x.shape[0], groups=groups)
     return gated_branch(

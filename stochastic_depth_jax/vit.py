@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import ops, schedules
-from stochastic_depth_jax.layers import StochasticDepth
+from stochastic_depth_jax.layers import StochasticDepth, gate_rng
 
 __all__ = [
     "VIT_SIZES",
@@ -96,6 +96,31 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}.")
     return DROP_PATH_RULES[rule](int(depth), float(rate))
+
+
+def check_patches(image_shape: tuple[int, ...], patch_size: int) -> None:
+    """ValueError unless ``image_shape`` ``[batch, H, W, C]`` tiles into whole patches."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) \
+            or patch_size < 1:
+        raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}.")
+    if len(image_shape) != 4:
+        raise ValueError(f"ViT takes images [batch, height, width, channels], got shape "
+                         f"{tuple(image_shape)}.")
+    h, w = image_shape[1:3]
+    if h % patch_size or w % patch_size:
+        raise ValueError(
+            f"{h}x{w} images do not tile into {patch_size}x{patch_size} patches (the edge "
+            f"pixels would be dropped); use a patch size that divides both sides, or resize "
+            f"or crop the images.")
+
+
+def check_tokens(expected: int, got: int, image_shape: tuple[int, ...], patch_size: int) -> None:
+    """ValueError when the images give another token count than the position embedding has."""
+    if expected != got:
+        raise ValueError(
+            f"{image_shape[1]}x{image_shape[2]} images with patch {patch_size} give {got} tokens, "
+            f"but this model's position embedding has {expected}: use the image size the model "
+            f"was built for, or build a new model for this size.")
 
 
 def vit_dims(size: str, width: int | None = None, depth: int | None = None,
@@ -279,11 +304,17 @@ class ViT(nn.Module):
         width, depth, heads = self.dims()
         probs = self.survival_probs()
         if train and key is None and np.any(probs < 1.0) and not self.is_initializing():
-            key = self.make_rng("stochastic_depth")
+            key = gate_rng(self)
         p = self.patch_size
+        check_patches(x.shape, p)
+        image_shape = x.shape
         x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                     name="stem_conv")(x)
         x = x.reshape(x.shape[0], -1, width)
+        tokens = x.shape[1] + (self.pool == "token")
+        if self.has_variable("params", "pos_embed"):
+            check_tokens(self.get_variable("params", "pos_embed").shape[1], tokens, image_shape,
+                         p)
         if self.pool == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)).astype(x.dtype),

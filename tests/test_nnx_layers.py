@@ -117,7 +117,7 @@ def test_nnx_batch_mode_skip_keeps_batchnorm_stats_when_dropped():
 
 
 def test_drop_path_rate_and_missing_keys_are_clear_errors():
-    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"rate must be a float in \[0, 1\)"):
         nnx_layers.DropPath(lambda v: v, 1.0)
     with pytest.raises(ValueError, match="survival_prob must be in"):
         nnx_layers.StochasticDepth(lambda v: v, 0.0)

@@ -1,0 +1,153 @@
+"""Library mistakes a user makes in their own code: each is one clear error (or warning)."""
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import stochastic_depth_jax as sdj
+from stochastic_depth_jax import nnx_layers, ops
+
+X = jax.random.normal(jax.random.key(0), (8, 4, 6))
+F = lambda h: jnp.tanh(h) + 1.0  # noqa: E731
+VIT = dict(size="ti", depth=2, patch_size=4, width=32, num_heads=2, drop_path_rate=0.2)
+
+
+class Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(x.shape[-1])(x)
+
+
+class NnxDense(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(6, 6, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x)
+
+
+@pytest.mark.parametrize("p", [[0.5], (0.5,), "0.5", None, True])
+def test_a_survival_prob_that_is_not_one_float_is_refused_everywhere(p):
+    message = r"survival_prob must be a float in \(0, 1\]"
+    with pytest.raises(ValueError, match=message):
+        ops.stochastic_depth(F, X, survival_prob=p, key=jax.random.key(1))
+    sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=p)
+    with pytest.raises(ValueError, match=message):
+        sd.init(jax.random.key(0), X, deterministic=True)
+    with pytest.raises(ValueError, match=message):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), p)
+    with pytest.raises(ValueError, match=r"DropPath rate must be a float in \[0, 1\)"):
+        nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), p)
+
+
+def test_out_of_range_values_print_as_plain_numbers():
+    with pytest.raises(ValueError, match=r"got 0\.0\.$"):
+        ops.check_survival_prob(np.float64(0.0))
+
+
+def test_a_key_that_is_not_a_prng_key_is_refused():
+    with pytest.raises(TypeError, match="key must be a PRNG key"):
+        ops.stochastic_depth(F, X, survival_prob=0.5, key=0)
+    # Typed and raw keys both work.
+    ops.stochastic_depth(F, X, survival_prob=0.5, key=jax.random.key(0))
+    ops.stochastic_depth(F, X, survival_prob=0.5, key=jax.random.PRNGKey(0))
+
+
+def test_sample_mode_needs_a_batch_axis():
+    with pytest.raises(ValueError, match="needs a leading batch axis"):
+        ops.stochastic_depth(F, jnp.float32(1.0), survival_prob=0.5, key=jax.random.key(0),
+                             mode="sample")
+
+
+@pytest.mark.parametrize("batch, p, groups", [(1, 0.5, 1), (8, 0.5, 8), (3, 0.9, 1)])
+def test_groups_too_small_to_drop_anything_warn(batch, p, groups):
+    x = jnp.ones((batch, 3))
+    with pytest.warns(UserWarning, match="Drop path is off"):
+        y = ops.stochastic_depth(F, x, survival_prob=p, key=jax.random.key(0), mode="sample",
+                                 groups=groups)
+    assert np.all(np.asarray(y) != 0)  # indeed nobody was dropped
+
+
+def test_ordinary_rounding_does_not_warn():
+    # DeiT's linear rule gives tiny rates to the first blocks; rounding them away is expected.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.stochastic_depth(F, jnp.ones((16, 3)), survival_prob=0.99, key=jax.random.key(0),
+                             mode="sample")
+        ops.stochastic_depth(F, jnp.ones((16, 3)), survival_prob=0.5, key=jax.random.key(0),
+                             mode="sample", groups=2)
+
+
+def test_missing_gate_rng_names_the_stream_and_the_fix():
+    sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    with pytest.raises(ValueError, match=r"rngs=\{'stochastic_depth': "):
+        sd.apply(variables, X, deterministic=False)
+    model = sdj.CifarResNet(depth=8, num_classes=3)
+    images = jnp.zeros((2, 8, 8, 3))
+    v = model.init(jax.random.key(0), images, train=False)
+    with pytest.raises(ValueError, match="rng stream 'stochastic_depth'"):
+        model.apply(v, images, train=True, mutable=["batch_stats"])
+    vit = sdj.ViT(num_classes=3, **VIT)
+    v = vit.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+    with pytest.raises(ValueError, match="rng stream 'stochastic_depth'"):
+        vit.apply(v, jnp.zeros((2, 16, 16, 3)), train=True)
+
+
+def test_nnx_rngs_without_the_stream_and_bad_rngs_are_clear_errors():
+    sd = nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5)
+    with pytest.raises(ValueError, match="has no 'stochastic_depth' stream"):
+        sd(X, rngs=nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match="has no 'stochastic_depth' stream"):
+        nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(params=0))
+    with pytest.raises(TypeError, match="rngs must be nnx.Rngs, an nnx.RngStream or a PRNG key"):
+        sd(X, rngs=3)
+
+
+def test_bad_model_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="dtype must be a floating-point dtype"):
+        sdj.CifarResNet(depth=8, num_classes=3, dtype="float8").init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_vit_images_must_tile_into_patches_and_match_the_model(api):
+    if api == "linen":
+        model = sdj.ViT(num_classes=3, **{**VIT, "patch_size": 5})
+        with pytest.raises(ValueError, match=r"32x32 images do not tile into 5x5 patches"):
+            model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
+        model = sdj.ViT(num_classes=3, **VIT)
+        v = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+        run = lambda x: model.apply(v, x, train=False)  # noqa: E731
+    else:
+        with pytest.raises(ValueError, match=r"32x32 images do not tile into 5x5 patches"):
+            nnx_layers.ViT(3, image_size=32, rngs=nnx.Rngs(0), **{**VIT, "patch_size": 5})
+        model = nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **VIT)
+        run = lambda x: model(x, deterministic=True)  # noqa: E731
+    with pytest.raises(ValueError, match=r"32x32 images with patch 4 give 65 tokens, but this "
+                                         r"model's position embedding has 17"):
+        run(jnp.zeros((2, 32, 32, 3)))
+    assert run(jnp.zeros((2, 16, 16, 3))).shape == (2, 3)
+
+
+def test_load_linen_params_checks_depth_and_accepts_the_variables_dict():
+    images = jnp.zeros((2, 16, 16, 3))
+    linen = sdj.ViT(num_classes=3, **VIT)
+    variables = linen.init(jax.random.key(0), images, train=False)
+    for depth in (1, 3):
+        other = nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **{**VIT, "depth": depth})
+        before = jax.tree.leaves(nnx.state(other, nnx.Param))
+        with pytest.raises(ValueError, match=f"Linen parameters have 2 blocks, the NNX ViT "
+                                             f"{depth}"):
+            nnx_layers.load_linen_params(other, variables["params"])
+        after = jax.tree.leaves(nnx.state(other, nnx.Param))
+        assert all(np.array_equal(a, b) for a, b in zip(before, after))  # nothing copied
+    same = nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(1), **VIT)
+    nnx_layers.load_linen_params(same, variables)  # the whole variables dict is fine too
+    np.testing.assert_array_equal(same.pos_embed[...], variables["params"]["pos_embed"])
+    gap = nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(1), **{**VIT, "pool": "gap"})
+    with pytest.raises(ValueError, match="no counterpart in the NNX ViT|NNX shape"):
+        nnx_layers.load_linen_params(gap, variables["params"])
