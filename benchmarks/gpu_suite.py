@@ -14,12 +14,12 @@ the log records each part's real wall time, so later runs can be planned from it
 
 Parts:
 
+* ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping (fused and unfused add) vs
+  masking vs no drop path at drop 0.1 and 0.4 and the linear rule to 0.4 (``drop_path_gpu.md``);
 * ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
   ``lax.cond`` skipping, compact mode (the GPU default), then PyTorch eager and
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
-* ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping (fused and unfused add) vs
-  masking vs no drop path at drop 0.1 and 0.4 and the linear rule to 0.4 (``drop_path_gpu.md``);
 * ``epochs``: whole 45k-image epochs, constant depth vs the default config, fp32 (``train.md``);
 * ``epochs-bf16``: the same in bf16;
 * ``epochs-compact``: compact-mode granularity over whole epochs: multiples 1, 2 and 4 (4 is
@@ -51,12 +51,12 @@ class Part:
 
 
 PARTS = (
+    Part("drop-path", 300, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+                            "--linear", "0.4", "--unfused", "--rounds", "10",
+                            "--out", "{out}/drop_path_gpu.md")),
     Part("vs-torch", 300, ("benchmarks/compare_torch.py", "--torch-python", "{torch}",
                            "--rounds", "20", "--step-out", "{out}/step_gpu.md",
                            "--out", "{out}/vs_torch_gpu.md")),
-    Part("drop-path", 200, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
-                            "--linear", "0.4", "--unfused", "--rounds", "10",
-                            "--out", "{out}/drop_path_gpu.md")),
     Part("epochs", 150, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                          "--epochs", "3", "--train-images", "45000",
                          "--out", "{out}/train.md")),
