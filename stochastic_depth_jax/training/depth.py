@@ -254,6 +254,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise errors.ConfigError(
             f"{' and '.join(map(_flag, chosen))} are separate analyses; give one per command.")
     analysis = chosen[0] if chosen else "plain"
+    if args.export == "":
+        raise errors.ConfigError("--export needs a directory (new or empty), got ''.")
     for name, applies in _APPLIES_TO.items():
         if getattr(args, name, None) is not None and analysis not in applies:
             raise errors.ConfigError(
