@@ -178,7 +178,8 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best", split: str 
     """Monte-Carlo depth (softmax averaged over ``samples`` sampled sub-networks) vs the
     deterministic scaled network, on ``split`` of a run (:func:`pruning.mc_evaluate`)."""
     if samples < 1:
-        raise errors.ConfigError(f"--mc-samples must be >= 1 (sampled sub-networks), got {samples}.")
+        raise errors.ConfigError(
+            f"--mc-samples must be >= 1 (sampled sub-networks), got {samples}.")
     require_blockwise_run(workdir)
     run = evaluate_lib.restore_run(workdir, checkpoint)
     result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),

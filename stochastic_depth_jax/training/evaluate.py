@@ -213,9 +213,9 @@ def evaluate_checkpoint(
 
     Returns:
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
-      'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float) and, if the requested checkpoint was unreadable and an older one was
-      evaluated instead, ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never
-      'best' or 'latest'.
+      'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float) and,
+      if the requested checkpoint was unreadable and an older one was evaluated instead,
+      ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never 'best' or 'latest'.
 
     Raises:
       errors.CheckpointError: not a run, no such step, or nothing readable.
