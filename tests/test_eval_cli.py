@@ -57,6 +57,16 @@ def _one_line_error(capsys, main, argv):
     return line
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _files(path):
     return sorted(os.path.relpath(os.path.join(d, f), path)
                   for d, _, files in os.walk(path) for f in files)
@@ -111,10 +121,10 @@ def test_evaluate_flags_that_would_be_ignored_are_refused(capsys, resnet, tmp_pa
 
 def test_numeric_checkpoint_writes_eval_step_file_with_int_epoch(resnet):
     _, workdir = resnet
-    step = json.load(open(os.path.join(workdir, "summary.json")))["steps"]
+    step = _json(os.path.join(workdir, "summary.json"))["steps"]
     evaluate_cli.main(["--workdir", workdir, "--checkpoint", str(step), "--split", "validation"])
     assert not os.path.exists(os.path.join(workdir, f"eval_{step}_validation.json"))
-    saved = json.load(open(os.path.join(workdir, f"eval_step{step}_validation.json")))
+    saved = _json(os.path.join(workdir, f"eval_step{step}_validation.json"))
     assert saved["evaluated_step"] == step and saved["requested"] == str(step)
     assert saved["epoch"] == 2 and isinstance(saved["epoch"], int)
 
@@ -122,7 +132,7 @@ def test_numeric_checkpoint_writes_eval_step_file_with_int_epoch(resnet):
 def test_mc_samples_writes_its_file(resnet):
     _, workdir = resnet
     evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2", "--seed", "1"])
-    saved = json.load(open(os.path.join(workdir, "eval_mc2_best_test.json")))
+    saved = _json(os.path.join(workdir, "eval_mc2_best_test.json"))
     assert saved["samples"] == 2 and saved["seed"] == 1 and saved["count"] == 16
 
 
@@ -131,7 +141,7 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
     out = str(tmp_path / "pruned")
     args = ["--workdir", workdir, "--remove", "1", "--repeats", "1", "--throughput-batch", "4"]
     evaluate_cli.main([*args, "--export", out])
-    data = json.load(open(os.path.join(workdir, "run.json")))["data"]
+    data = _json(os.path.join(workdir, "run.json"))["data"]
     model, variables, meta = sdj.load_pruned(out)
     np.testing.assert_allclose(meta["input"]["mean"], data["mean"], rtol=1e-6)
     np.testing.assert_allclose(meta["input"]["std"], data["std"], rtol=1e-6)
@@ -147,20 +157,21 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
     assert error == pytest.approx(meta["error"]["test"]["pruned"], abs=1e-6)
 
     # A second export into the same directory, or into the run's checkpoints: refused.
-    before = {p: open(os.path.join(out, p), "rb").read() for p in _files(out)}
+    before = {p: _bytes(os.path.join(out, p)) for p in _files(out)}
     line = _one_line_error(capsys, evaluate_cli.main, [*args, "--export", out, "--remove", "2"])
     assert f"Export directory {out} is not empty" in line
     assert "choose a new or empty directory" in line
-    assert {p: open(os.path.join(out, p), "rb").read() for p in _files(out)} == before
+    assert {p: _bytes(os.path.join(out, p)) for p in _files(out)} == before
     ckpts = os.path.join(workdir, "checkpoints")
     listed = _files(ckpts)
     line = _one_line_error(capsys, evaluate_cli.main, [*args, "--export", ckpts])
     assert f"Export directory {ckpts} is not empty" in line and _files(ckpts) == listed
 
     # An export saved before the normalisation was recorded still loads.
-    record = json.load(open(os.path.join(out, "model.json")))
+    record = _json(os.path.join(out, "model.json"))
     del record["input"]
-    json.dump(record, open(os.path.join(out, "model.json"), "w"))
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump(record, f)
     old_model, _, old_meta = sdj.load_pruned(out)
     assert old_model == model and "input" not in old_meta and old_meta["removed"] == [2]
 

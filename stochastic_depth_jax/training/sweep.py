@@ -208,7 +208,10 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
         workdir = os.path.join(root, name)
         config, meta = evaluate_lib.load_run_config(workdir)
         summary_path = os.path.join(workdir, SUMMARY_FILE)
-        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        summary = {}
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
         best, final = summary.get("best") or {}, summary.get("final") or {}
         runs.append({
             "name": name,
