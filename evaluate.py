@@ -8,11 +8,13 @@
   python evaluate.py --workdir W --mc-samples 10                   # Monte-Carlo depth
 
 Every block is active and its residual scaled (train=False); the result is printed and
-written to <workdir>/eval_<checkpoint>_<split>.json. The same checkpoint always gives
-bit-identical numbers. If the requested checkpoint is unreadable, the next one (for
-'best': the next best by the selection metric) is evaluated, the output says so in
-"note", and the file is named by the step evaluated, never 'best' or 'latest'.
-Mistakes (no such run or step, unwritable output) are reported in one line; --debug (or
+written to <workdir>/eval_<checkpoint>_<split>.json (<checkpoint>: best, latest or
+step<N>). The same checkpoint always gives bit-identical numbers. If the requested
+checkpoint is unreadable, the next one (for 'best': the next best by the selection metric)
+is evaluated, the output says so in "note", and the file is named by the step evaluated,
+never 'best' or 'latest'. The depth flags need a CIFAR ResNet / WideResNet run, one of
+them per command; --export needs a new or empty DIR. Mistakes (no such run or step,
+unwritable output, flags that would be ignored) are reported in one line; --debug (or
 SDJ_DEBUG=1) shows the traceback.
 """
 
@@ -31,7 +33,8 @@ def parse_args(argv):
     )
     parser.add_argument("--workdir", required=True, help="the training run directory")
     parser.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step")
-    parser.add_argument("--split", default="test", choices=("test", "validation"))
+    parser.add_argument("--split", default=None, choices=("test", "validation"),
+                        help="(default: test)")
     parser.add_argument("--output", default=None, help="JSON path (default in the workdir)")
     parser.add_argument("--multihost", action="store_true")
     depth.add_arguments(parser)
@@ -54,6 +57,7 @@ def _write(path: str, text: str) -> None:
 
 
 def run(args) -> dict:
+    depth.check_arguments(args)  # before any work: refuses ignored or clashing flags
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(auto=args.multihost)
@@ -62,7 +66,7 @@ def run(args) -> dict:
     analysis = depth.run_from_args(args)  # --depth-curve / --export / --mc-samples
     if analysis is None:
         result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split)
-        label = args.checkpoint if "note" not in result else f"step{result['evaluated_step']}"
+        label = evaluate.result_label(args.checkpoint, result)
         default = os.path.join(args.workdir, f"eval_{label}_{args.split}.json")
     else:
         result, default = analysis

@@ -4,8 +4,10 @@
   python sweep.py --config cifar10:smoke --depths 8,14 --p-last 0.5,1.0 --root /tmp/sweep
   python sweep.py --root /tmp/sweep --collect          # only read the runs and draw
 
-Each (depth, p_L) pair trains in <root>/depth<d>_pL<p> (p_L = 1 is constant depth).
-Rerunning the same command skips finished runs and resumes interrupted ones. Figures go to
+Each (depth, p_L) pair trains in <root>/depth<d>_pL<p> (p_L = 1 is constant depth) of a
+CIFAR ResNet or WideResNet config (the ViT has no p_L). Rerunning the same command skips
+finished runs and resumes interrupted ones; a run recorded with another config is refused
+(a larger num_epochs or max_steps extends it). Figures go to
 <root>/figures: fig8_error_vs_p_last.png (test error of the best-by-validation epoch vs p_L,
 one line per depth), fig7_first_conv_grad.png (first-conv gradient magnitude per epoch,
 constant vs stochastic depth) and training_time.md; each names the runs it came from.
@@ -31,11 +33,20 @@ def _list(cast):
     return parse
 
 
+def _sweepable_configs():
+    """The registered configs of a block-wise ResNet (the ones with a p_L to sweep)."""
+    from stochastic_depth_jax.training import config as config_lib
+
+    return [n for n in sorted(CONFIGS)
+            if load_config(n).model.get("name", "cifar_resnet") in config_lib.MODELS]
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke"')
+    parser.add_argument("--config", help=f'{_sweepable_configs()} or a config file of a CIFAR '
+                        'ResNet / WideResNet, optionally ":smoke"')
     parser.add_argument("--depths", type=_list(int), default=None, help="e.g. 20,32,44")
     parser.add_argument("--p-last", type=_list(float), default=None, help="e.g. 0.2,0.5,1.0")
     parser.add_argument("--root", required=True, help="the sweep directory")
@@ -55,6 +66,7 @@ def run(args, overrides):
 
     names = None
     if not args.collect:
+        sweep.require_sweepable(load_config(args.config, overrides))
         runs = [(name, load_config(args.config, overrides + extra))
                 for name, extra in sweep.plan(args.depths, args.p_last)]
         print(json.dumps(sweep.run_sweep(runs, args.root), indent=2))

@@ -50,6 +50,7 @@ __all__ = [
     "param_count",
     "save_pruned",
     "load_pruned",
+    "check_export_directory",
     "throughput",
     "depth_curve",
     "mc_evaluate",
@@ -67,6 +68,14 @@ MODEL_CLASSES: dict[str, type] = {
 }
 
 
+def _require_blockwise(model: Any) -> None:
+    """Refuses models without block-wise survival probabilities (e.g. the ViT)."""
+    if not all(hasattr(type(model), m) for m in ("num_blocks", "survival_probs", "kept_blocks")):
+        raise errors.ConfigError(
+            f"Depth on demand needs a model with block-wise stochastic depth "
+            f"({', '.join(sorted(MODEL_CLASSES))}); got a {type(model).__name__}.")
+
+
 def keep_mask(num_blocks: int, removed: Sequence[int]) -> np.ndarray:
     """bool ``[num_blocks]``, False at the (0-based) block indices in ``removed``."""
     keep = np.ones(num_blocks, bool)
@@ -82,12 +91,14 @@ def survival_order(model: Any) -> list[int]:
     Under the paper's linear decay this removes the deepest block first, the intuition of
     Sec. 3: the blocks trained to be dropped most often are the ones the net needs least.
     """
+    _require_blockwise(model)
     probs = model.survival_probs()
     return sorted(range(len(probs)), key=lambda l: (probs[l], -l))
 
 
 def list_order(model: Any, blocks: Sequence[int]) -> list[int]:
     """The user's order, checked: distinct 0-based block indices in ``[0, L)``."""
+    _require_blockwise(model)
     L = model.num_blocks()
     blocks = [int(b) for b in blocks]
     bad = [b for b in blocks if not 0 <= b < L]
@@ -106,6 +117,7 @@ def greedy_order(model: Any, error_of: Callable[[np.ndarray], float],
     :class:`SubNetworkEvaluator` on the validation split). Costs about L^2 / 2 evaluations
     (``max_removed`` stops early).
     """
+    _require_blockwise(model)
     L = model.num_blocks()
     order: list[int] = []
     limit = L if max_removed is None else min(L, max_removed)
@@ -241,6 +253,7 @@ def prune(model: Any, variables: Any, keep: Sequence[bool]) -> tuple[Any, Any]:
       no parameters and no compute for deleted blocks, and computes exactly what ``model``
       computes at evaluation with ``gates=keep``.
     """
+    _require_blockwise(model)
     keep = np.asarray(keep, bool) & model.kept_blocks()  # a pruned model prunes further
     pruned = model.clone(keep=tuple(bool(k) for k in keep))
     x = _sample_input(variables)
@@ -292,21 +305,51 @@ def _from_definition(definition: dict[str, Any]) -> Any:
     return MODEL_CLASSES[definition["class"]](**fields)
 
 
+def check_export_directory(directory: str) -> None:
+    """Refuses to save into ``directory`` unless it is new or empty.
+
+    An export never overwrites or mixes with other files (an earlier export, a run's
+    checkpoints): whatever is there stays untouched.
+
+    Raises:
+      errors.WorkdirError: ``directory`` is a file or a non-empty directory.
+    """
+    if os.path.isdir(directory):
+        entries = sorted(os.listdir(directory))
+        if entries:
+            raise errors.WorkdirError(
+                f"Export directory {directory} is not empty (holds {len(entries)} entries, "
+                f"e.g. {entries[0]!r}); choose a new or empty directory. Nothing was written.")
+    elif os.path.lexists(directory):
+        raise errors.WorkdirError(
+            f"Export directory {directory} is a file; choose a new or empty directory.")
+
+
 def save_pruned(directory: str, model: Any, variables: Any,
-                metadata: dict[str, Any] | None = None) -> str:
+                metadata: dict[str, Any] | None = None, *, mean: Any = None,
+                std: Any = None) -> str:
     """Saves a (pruned) model: ``model.json`` (its definition) and Orbax ``variables/``.
 
-    ``metadata`` (e.g. the source run and the removed blocks) is stored in ``model.json``.
-    Returns ``directory``.
+    ``directory`` must be new or empty (:func:`check_export_directory`). ``metadata``
+    (e.g. the source run and the removed blocks) is stored in ``model.json``; so are the
+    input normalisation ``mean`` and ``std`` (float ``[C]``, pixel units 0-255: the model
+    expects ``(pixels - mean) / std``) when given. Returns ``directory``.
     """
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
+    check_export_directory(directory)
+    if (mean is None) != (std is None):
+        raise errors.ConfigError("save_pruned needs both mean and std, or neither.")
     os.makedirs(directory, exist_ok=True)
     record = {**_definition(model), "metadata": metadata or {},
               "num_params": param_count(variables)}
+    if mean is not None:
+        record["input"] = {"mean": [float(v) for v in np.ravel(mean)],
+                           "std": [float(v) for v in np.ravel(std)],
+                           "normalised": "(pixels - mean) / std, pixels in [0, 255]"}
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
+        ckptr.save(os.path.join(directory, VARIABLES_DIR), variables)
     with open(os.path.join(directory, MODEL_FILE), "w") as f:
         json.dump(record, f, indent=2)
     return directory
@@ -315,7 +358,10 @@ def save_pruned(directory: str, model: Any, variables: Any,
 def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:
     """Loads what :func:`save_pruned` wrote: ``(model, variables, metadata)``.
 
-    Runs on its own: ``model.apply(variables, x, train=False)``.
+    Runs on its own: ``model.apply(variables, (pixels - mean) / std, train=False)`` with
+    ``mean, std = metadata['input']['mean'], metadata['input']['std']`` (float ``[C]``,
+    pixel units; ``evaluate.py --export`` records them). ``'input'`` is absent from
+    exports saved without them (older exports load as before).
     """
     import orbax.checkpoint as ocp
 
@@ -335,7 +381,10 @@ def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:
         abstract = jax.eval_shape(
             lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
         variables = ckptr.restore(os.path.join(directory, VARIABLES_DIR), abstract)
-    return model, variables, record.get("metadata", {})
+    metadata = dict(record.get("metadata", {}))
+    if "input" in record:
+        metadata["input"] = record["input"]
+    return model, variables, metadata
 
 
 # ---- throughput and the curve --------------------------------------------------------------
@@ -379,6 +428,7 @@ def depth_curve(model: Any, variables: Any, order: Sequence[int], *,
       ``<split>_loss``, and where measured ``num_params``, ``images_per_s`` and
       ``throughput_s_min_max`` (fastest and slowest timed batch).
     """
+    _require_blockwise(model)
     L = model.num_blocks()
     points = []
     for k in range(len(order) + 1):
@@ -415,6 +465,7 @@ def mc_evaluate(model: Any, variables: Any, batches: Batches, *, samples: int,
     """
     if samples < 1:
         raise errors.ConfigError(f"samples must be >= 1, got {samples}.")
+    _require_blockwise(model)
     probs = model.survival_probs()
 
     def sums(variables, images, labels, mask):

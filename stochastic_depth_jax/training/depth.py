@@ -23,6 +23,7 @@ import numpy as np
 from stochastic_depth_jax import errors
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import pruning
+from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
 
@@ -30,9 +31,30 @@ __all__ = [
     "depth_curve_run",
     "export_pruned_run",
     "mc_evaluate_run",
+    "require_blockwise_run",
     "add_arguments",
+    "check_arguments",
     "run_from_args",
 ]
+
+
+def require_blockwise_run(workdir: str) -> None:
+    """Refuses a run whose model has no block-wise stochastic depth (e.g. the ViT).
+
+    Depth on demand removes and samples whole residual blocks with their survival
+    probabilities p_l: the CIFAR ResNet and the WideResNet (``config_lib.MODELS``).
+    Checked from ``run.json`` before any checkpoint is restored.
+
+    Raises:
+      errors.ConfigError: the run's ``model.name`` is not one of those.
+    """
+    config, _ = evaluate_lib.load_run_config(workdir)
+    name = config.model.get("name", "cifar_resnet")
+    if name not in config_lib.MODELS:
+        raise errors.ConfigError(
+            f"--depth-curve, --export and --mc-samples need a run of a CIFAR ResNet or "
+            f"WideResNet (block-wise stochastic depth; model.name in {sorted(config_lib.MODELS)}); "
+            f"the run in {workdir} has model {name!r}. Evaluate it without these flags.")
 
 
 def _variables(run: evaluate_lib.RestoredRun) -> dict[str, Any]:
@@ -80,6 +102,7 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best", order: str 
       ``{'figure', 'sources', 'order_rule', 'order', 'device', 'points', 'png', 'json'}``
       (also the content of the JSON file).
     """
+    require_blockwise_run(workdir)
     run = evaluate_lib.restore_run(workdir, checkpoint)
     evaluators = _evaluators(run)
     removal = _order(run, evaluators, order, blocks)
@@ -108,9 +131,15 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     """Saves the run's model with ``remove`` blocks deleted (the first ones of ``order``;
     all of ``blocks`` for order 'list') to ``output`` (see :func:`pruning.save_pruned`).
 
+    ``output`` must be new or empty (checked first: nothing is overwritten). The input
+    normalisation (the run's mean/std) is saved with the model, so
+    ``pruning.load_pruned(output)`` runs without the source run.
+
     Returns the record also stored as the saved model's metadata: removed blocks, parameter
     counts, validation/test error and measured images/s of the full and pruned models.
     """
+    pruning.check_export_directory(output)
+    require_blockwise_run(workdir)
     run = evaluate_lib.restore_run(workdir, checkpoint)
     evaluators = _evaluators(run)
     removal = _order(run, evaluators, order, blocks)
@@ -139,7 +168,8 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
             "device": jax.devices()[0].device_kind,
         },
     }
-    pruning.save_pruned(output, pruned, jax.device_get(pvars), record)
+    pruning.save_pruned(output, pruned, jax.device_get(pvars), record, mean=run.mean,
+                        std=run.std)
     return {"output": output, **record}
 
 
@@ -147,6 +177,10 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best", split: str 
                     samples: int = 10, seed: int = 0) -> dict[str, Any]:
     """Monte-Carlo depth (softmax averaged over ``samples`` sampled sub-networks) vs the
     deterministic scaled network, on ``split`` of a run (:func:`pruning.mc_evaluate`)."""
+    if samples < 1:
+        raise errors.ConfigError(
+            f"--mc-samples must be >= 1 (sampled sub-networks), got {samples}.")
+    require_blockwise_run(workdir)
     run = evaluate_lib.restore_run(workdir, checkpoint)
     result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),
                                  samples=samples, key=jax.random.key(seed))
@@ -163,33 +197,97 @@ def _ints(text: str) -> list[int]:
             f"expected comma-separated block indices like 8,7,6, got {text!r}") from None
 
 
+# Each option -> the analyses it applies to ('plain': evaluate.py without a depth flag).
+# Options given (not None) for another analysis are refused rather than silently ignored.
+_APPLIES_TO = {
+    "order": ("depth_curve", "export"),
+    "blocks": ("depth_curve", "export"),
+    "remove": ("export",),
+    "seed": ("mc_samples",),
+    "throughput_batch": ("depth_curve", "export"),
+    "repeats": ("depth_curve", "export"),
+    "measure_every": ("depth_curve",),
+    "split": ("plain", "mc_samples"),
+}
+_DEFAULTS = {"seed": 0, "throughput_batch": 128, "repeats": 5, "measure_every": 1,
+             "split": "test"}
+
+
+def _flag(name: str) -> str:
+    return "a plain evaluation" if name == "plain" else "--" + name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the depth-on-demand flags to ``evaluate.py``'s parser."""
-    g = parser.add_argument_group("depth on demand (remove blocks at test time)")
+    """Adds the depth-on-demand flags to ``evaluate.py``'s parser (defaults in
+    :func:`check_arguments`, so that an option given where it does nothing is refused)."""
+    g = parser.add_argument_group("depth on demand (remove blocks at test time; CIFAR "
+                                  "ResNet / WideResNet runs; one of the first three)")
     g.add_argument("--depth-curve", action="store_true",
                    help="error and throughput as blocks are removed one by one (JSON + PNG)")
     g.add_argument("--export", metavar="DIR", default=None,
-                   help="save the model with --remove blocks deleted to DIR (Orbax)")
-    g.add_argument("--mc-samples", type=int, default=0, metavar="K",
-                   help="Monte-Carlo depth: average the softmax of K sampled sub-networks")
-    g.add_argument("--order", choices=pruning.ORDERS, default="survival",
-                   help="removal order: lowest survival probability first, greedy by "
-                        "validation error, or --blocks")
+                   help="save the model with --remove blocks deleted to DIR (new or empty)")
+    g.add_argument("--mc-samples", type=int, default=None, metavar="K",
+                   help="Monte-Carlo depth: average the softmax of K >= 1 sampled sub-networks")
+    g.add_argument("--order", choices=pruning.ORDERS, default=None,
+                   help="removal order: lowest survival probability first (default), greedy "
+                        "by validation error, or list (--blocks)")
     g.add_argument("--blocks", type=_ints, default=None,
-                   help="0-based block indices to remove, in order (for --order list)")
-    g.add_argument("--remove", type=int, default=None, help="blocks to remove for --export")
-    g.add_argument("--seed", type=int, default=0, help="gate key for --mc-samples")
-    g.add_argument("--throughput-batch", type=int, default=128)
-    g.add_argument("--repeats", type=int, default=5, help="timed batches per throughput")
-    g.add_argument("--measure-every", type=int, default=1,
-                   help="measure throughput every this many points of the curve")
+                   help="0-based block indices to remove, in order (implies --order list)")
+    g.add_argument("--remove", type=int, default=None,
+                   help="blocks to remove for --export (default with --blocks: all of them)")
+    g.add_argument("--seed", type=int, default=None, help="gate key for --mc-samples (0)")
+    g.add_argument("--throughput-batch", type=int, default=None, help="(128)")
+    g.add_argument("--repeats", type=int, default=None, help="timed batches per throughput (5)")
+    g.add_argument("--measure-every", type=int, default=None,
+                   help="measure throughput every this many points of the curve (1)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses flag combinations that would be ignored or contradict each other, then fills
+    in the defaults (``args.order``, ``args.split``, ...) in place.
+
+    Raises:
+      errors.ConfigError: one line naming the flags and the fix.
+    """
+    chosen = [a for a in ("depth_curve", "export", "mc_samples")
+              if getattr(args, a) not in (None, False)]
+    if len(chosen) > 1:
+        raise errors.ConfigError(
+            f"{' and '.join(map(_flag, chosen))} are separate analyses; give one per command.")
+    analysis = chosen[0] if chosen else "plain"
+    if args.export == "":
+        raise errors.ConfigError("--export needs a directory (new or empty), got ''.")
+    for name, applies in _APPLIES_TO.items():
+        if getattr(args, name, None) is not None and analysis not in applies:
+            raise errors.ConfigError(
+                f"{_flag(name)} applies only to {' or '.join(map(_flag, applies))}, not to "
+                f"{_flag(analysis)}; drop {_flag(name)}"
+                + ("." if analysis != "plain" else f" or add {_flag(applies[0])}."))
+    if args.mc_samples is not None and args.mc_samples < 1:
+        raise errors.ConfigError(
+            f"--mc-samples must be >= 1 (sampled sub-networks), got {args.mc_samples}.")
+    if args.blocks is not None and args.order not in (None, "list"):
+        raise errors.ConfigError(f"--blocks is the removal order itself (--order list); drop "
+                                 f"--order {args.order} or --blocks.")
+    if args.order == "list" and not args.blocks:
+        raise errors.ConfigError("--order list needs --blocks, e.g. --blocks 8,7,6 (0-based).")
+    if analysis == "export" and args.remove is None and args.blocks is None:
+        raise errors.ConfigError("--export needs --remove N (blocks to remove, in --order) "
+                                 "or --blocks.")
+    for name, value in (("throughput_batch", args.throughput_batch), ("repeats", args.repeats),
+                        ("measure_every", args.measure_every)):
+        if value is not None and value < 1:
+            raise errors.ConfigError(f"{_flag(name)} must be >= 1, got {value}.")
+    args.order = "list" if args.blocks is not None else (args.order or "survival")
+    for name, value in _DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
     """Runs what the depth flags ask for; returns ``(result, default JSON path)``, or
-    None when no depth flag was given (plain evaluation)."""
-    if args.blocks and args.order != "list":
-        args.order = "list"  # --blocks alone means: remove these
+    None when no depth flag was given (plain evaluation). Call :func:`check_arguments`
+    first."""
     common = {"checkpoint": args.checkpoint}
     if args.depth_curve:
         result = depth_curve_run(args.workdir, order=args.order, blocks=args.blocks,
@@ -205,7 +303,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None
     if args.mc_samples:
         result = mc_evaluate_run(args.workdir, split=args.split, samples=args.mc_samples,
                                  seed=args.seed, **common)
-        label = args.checkpoint if "note" not in result else f"step{result['evaluated_step']}"
+        label = evaluate_lib.result_label(args.checkpoint, result)
         return result, os.path.join(args.workdir,
                                     f"eval_mc{args.mc_samples}_{label}_{args.split}.json")
     return None

@@ -30,6 +30,7 @@ __all__ = [
     "restore_run",
     "RestoredRun",
     "RUN_FILE",
+    "result_label",
 ]
 
 RUN_FILE = "run.json"
@@ -181,6 +182,25 @@ def restore_run(workdir: str, checkpoint: str | int = "best") -> RestoredRun:
     return RestoredRun(config, ds, setup, state, mean, std, kind, ckpt_meta, note)
 
 
+def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:
+    """How an evaluation's file names its checkpoint: ``'best'`` or ``'latest'`` as
+    requested, else ``step<N>`` (a step number was requested, or an older checkpoint was
+    evaluated because the requested one is unreadable: never 'best' or 'latest' then).
+
+    ``result`` holds ``'evaluated_step'`` and, after a fallback, ``'note'``.
+    """
+    if "note" in result or str(checkpoint) not in ("best", "latest"):
+        return f"step{int(result['evaluated_step'])}"
+    return str(checkpoint)
+
+
+def _epoch(value: Any) -> int | float | None:
+    """A checkpoint's epoch as recorded (a float), as an int when whole (end of epoch)."""
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def evaluate_checkpoint(
     workdir: str, checkpoint: str | int = "best", split: str = "test"
 ) -> dict[str, Any]:
@@ -193,9 +213,9 @@ def evaluate_checkpoint(
 
     Returns:
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
-      'loss', 'count'}`` and, if the requested checkpoint was unreadable and an older one was
-      evaluated instead, ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never
-      'best' or 'latest'.
+      'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float) and,
+      if the requested checkpoint was unreadable and an older one was evaluated instead,
+      ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never 'best' or 'latest'.
 
     Raises:
       errors.CheckpointError: not a run, no such step, or nothing readable.
@@ -218,7 +238,7 @@ def evaluate_checkpoint(
         "checkpoint": run.kind if run.note is None else "step",
         "step": evaluated,
         "evaluated_step": evaluated,
-        "epoch": run.meta.get("epoch"),
+        "epoch": _epoch(run.meta.get("epoch")),
         "split": split,
         **result,
     }

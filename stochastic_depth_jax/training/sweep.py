@@ -3,7 +3,10 @@
 Each (depth, p_L) pair is an ordinary training run in its own workdir,
 ``<root>/depth<d>_pL<p>`` (e.g. ``depth20_pL0.5``), so a sweep resumes like a single run: a
 finished run (its ``summary.json`` records every step of its config) is not run again, an
-interrupted one continues from its newest checkpoint through ``train_and_evaluate``.
+interrupted one continues from its newest checkpoint through ``train_and_evaluate``. A run
+recorded with a different config is refused (:func:`check_same_config`), except a longer
+``num_epochs``/``max_steps``, which extends it. Only the block-wise ResNets are swept
+(:func:`require_sweepable`): the ViT has no p_L.
 :func:`collect` reads the runs' own records and :func:`write_figures` draws Fig. 8, Fig. 7
 and the training-time table into ``<root>/figures``.
 
@@ -20,6 +23,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from stochastic_depth_jax import errors
+from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
 from stochastic_depth_jax.training import loop as loop_lib
@@ -29,6 +33,8 @@ __all__ = [
     "run_name",
     "plan",
     "is_finished",
+    "require_sweepable",
+    "check_same_config",
     "run_sweep",
     "collect",
     "write_figures",
@@ -54,6 +60,78 @@ def plan(depths: Sequence[int], p_lasts: Sequence[float]) -> list[tuple[str, lis
                           f"--config.model.final_survival_prob={float(p)!r}"])
         for d in depths for p in p_lasts
     ]
+
+
+def require_sweepable(config: ml_collections.ConfigDict) -> None:
+    """Refuses a config whose model has no depth / p_L to sweep (e.g. the ViT).
+
+    Raises:
+      errors.ConfigError: ``model.name`` is not a block-wise ResNet (``config_lib.MODELS``).
+    """
+    name = config.model.get("name", "cifar_resnet")
+    if name not in config_lib.MODELS:
+        raise errors.ConfigError(
+            f"The sweep is over model.depth and p_L (model.final_survival_prob) of the block-wise "
+            f"ResNets {sorted(config_lib.MODELS)}; this config's model is {name!r}. Train the "
+            "ViT with train.py, its drop path set by --config.model.drop_path_rate.")
+
+
+# Fields that change neither the training nor its results: a run may be continued with
+# other values. Any other difference (a hyper-parameter, the data, the model) is refused.
+_OPERATIONAL_FIELDS = frozenset({
+    "data_dir", "download", "checkpoint_every_epochs", "checkpoint_every_steps",
+    "keep_checkpoints", "async_checkpointing", "compilation_cache_dir", "log_every_steps",
+    "progress_bar", "write_tensorboard", "write_plots",
+})
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _not_shorter(field: str, old: Any, new: Any) -> bool:
+    """True if ``new`` asks for at least as much training as ``old`` (0 = no step cap)."""
+    if field == "num_epochs":
+        return isinstance(old, int) and new >= old
+    return new == 0 or (old != 0 and new >= old)  # max_steps
+
+
+def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to reuse ``workdir`` if its ``run.json`` records a different config.
+
+    Allowed: the fields of ``_OPERATIONAL_FIELDS`` (logging, checkpoint cadence) and a
+    longer ``num_epochs`` or ``max_steps`` (the run is resumed and extended, as ``train.py``
+    does). Nothing is checked where no ``run.json`` exists yet.
+
+    Raises:
+      errors.ConfigError: naming the differing fields, the run directory and the fix.
+    """
+    if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
+        return
+    old_config, _ = evaluate_lib.load_run_config(workdir)
+    # Both through JSON, as run.json stores them (tuples become lists).
+    old, new = (_flat(json.loads(c.to_json())) for c in (old_config, config))
+    changes = []
+    for field in sorted(set(old) | set(new)):
+        a, b = old.get(field), new.get(field)
+        if a == b or field in _OPERATIONAL_FIELDS:
+            continue
+        if field in ("num_epochs", "max_steps"):
+            if _not_shorter(field, a, b):
+                continue
+            changes.append(f"{field}: {a!r} -> {b!r} (shorter; a longer one extends the run)")
+            continue
+        changes.append(f"{field}: {a!r} -> {b!r}")
+    if changes:
+        raise errors.ConfigError(
+            f"{workdir} holds a run trained with a different config ({'; '.join(changes)}); "
+            f"use a new --root for this config, or remove {workdir} to retrain it.")
 
 
 def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> int:
@@ -84,9 +162,16 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
 
     Returns:
       name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'``.
+
+    Raises:
+      errors.ConfigError: a run's directory holds a run of a different config
+        (:func:`check_same_config`; every run is checked before any trains).
     """
     if train is None:
         train = loop_lib.train_and_evaluate
+    for name, config in runs:
+        require_sweepable(config)
+        check_same_config(os.path.join(root, name), config)
     status = {}
     for name, config in runs:
         workdir = os.path.join(root, name)
@@ -108,7 +193,14 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
       per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
       ``final_test_error``, ``code_version`` and ``records`` (``metrics.jsonl``).
+
+    Raises:
+      errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
     """
+    if not os.path.isdir(root):
+        raise errors.CheckpointError(
+            f"--root {root!r} is not a directory: pass the --root of an existing sweep (or "
+            "train one: drop --collect and give --config, --depths and --p-last).")
     names = sorted(names if names is not None else (
         n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, evaluate_lib.RUN_FILE))))
     runs = []
@@ -116,7 +208,10 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
         workdir = os.path.join(root, name)
         config, meta = evaluate_lib.load_run_config(workdir)
         summary_path = os.path.join(workdir, SUMMARY_FILE)
-        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        summary = {}
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
         best, final = summary.get("best") or {}, summary.get("final") or {}
         runs.append({
             "name": name,

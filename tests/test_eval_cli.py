@@ -1,0 +1,229 @@
+"""evaluate.py's depth flags and sweep.py on tiny smoke runs: what they refuse (one
+``error:`` line, exit status 1, nothing written), the files they name, and what an export
+records. One ResNet run (made as a sweep run) and one ViT run serve every test."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` and the scripts live at the repository root.
+
+import evaluate as evaluate_cli  # noqa: E402
+import stochastic_depth_jax as sdj  # noqa: E402
+import sweep as sweep_cli  # noqa: E402
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax import errors, pruning  # noqa: E402
+from stochastic_depth_jax.training import loop, sweep  # noqa: E402
+
+TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+        "--config.write_plots=false", "--config.fake_data.num_train=48",
+        "--config.fake_data.num_test=16", "--config.validation_size=16",
+        "--config.batch_size=16", "--config.eval_batch_size=16", "--config.num_epochs=2"]
+NAME = "depth8_pL0.5"
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """``(sweep root, workdir)``: a finished 2-epoch ResNet-8 run, trained by the sweep."""
+    root = str(tmp_path_factory.mktemp("sweep"))
+    [(name, extra)] = sweep.plan([8], [0.5])
+    assert name == NAME
+    status = sweep.run_sweep([(name, load_config("cifar10:smoke", TINY + extra))], root)
+    assert status == {NAME: "started"}
+    return root, os.path.join(root, NAME)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    """A finished 1-epoch ViT smoke run."""
+    workdir = str(tmp_path_factory.mktemp("vit") / "run")
+    overrides = TINY + ["--config.num_epochs=1", "--config.warmup_epochs=0"]
+    loop.train_and_evaluate(load_config("cifar10_vit:smoke", overrides), workdir)
+    return workdir
+
+
+def _one_line_error(capsys, main, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    return line
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _files(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path)
+                  for d, _, files in os.walk(path) for f in files)
+
+
+# ---- evaluate.py ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--depth-curve"], ["--export", "OUT", "--remove", "1"],
+                                   ["--mc-samples", "2"]])
+def test_depth_flags_refuse_a_vit_run(capsys, vit, tmp_path, flags):
+    flags = [str(tmp_path / "out") if f == "OUT" else f for f in flags]
+    before = _files(vit)
+    line = _one_line_error(capsys, evaluate_cli.main, ["--workdir", vit, *flags])
+    assert "need a run of a CIFAR ResNet or WideResNet" in line and "model 'vit'" in line
+    assert "without these flags" in line
+    assert _files(vit) == before and not os.path.exists(tmp_path / "out")
+
+
+def test_pruning_refuses_a_vit_model():
+    model = sdj.ViT(depth=2, width=8, num_heads=2, patch_size=4, num_classes=3)
+    with pytest.raises(errors.ConfigError, match="block-wise stochastic depth.*got a ViT"):
+        pruning.survival_order(model)
+    with pytest.raises(errors.ConfigError, match="got a ViT"):
+        pruning.mc_evaluate(model, {}, lambda: [], samples=2, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--remove", "1"], "--remove applies only to --export, not to a plain evaluation"),
+    (["--blocks", "1"], "--blocks applies only to --depth-curve or --export"),
+    (["--order", "greedy"], "--order applies only to --depth-curve or --export"),
+    (["--seed", "3"], "--seed applies only to --mc-samples"),
+    (["--depth-curve", "--mc-samples", "2"],
+     "--depth-curve and --mc-samples are separate analyses; give one per command"),
+    (["--depth-curve", "--split", "validation"], "--split applies only to"),
+    (["--mc-samples", "2", "--repeats", "3"], "--repeats applies only to --depth-curve or"),
+    (["--mc-samples", "0"], "--mc-samples must be >= 1 (sampled sub-networks), got 0"),
+    (["--mc-samples", "-1"], "--mc-samples must be >= 1 (sampled sub-networks), got -1"),
+    (["--depth-curve", "--blocks", "1", "--order", "greedy"],
+     "--blocks is the removal order itself (--order list); drop --order greedy or --blocks"),
+    (["--depth-curve", "--order", "list"], "--order list needs --blocks"),
+    (["--export", "OUT"], "--export needs --remove N"),
+])
+def test_evaluate_flags_that_would_be_ignored_are_refused(capsys, resnet, tmp_path, flags,
+                                                          expected):
+    _, workdir = resnet
+    flags = [str(tmp_path / "out") if f == "OUT" else f for f in flags]
+    before = _files(workdir)
+    line = _one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, *flags])
+    assert expected in line
+    assert _files(workdir) == before and not os.path.exists(tmp_path / "out")
+
+
+def test_numeric_checkpoint_writes_eval_step_file_with_int_epoch(resnet):
+    _, workdir = resnet
+    step = _json(os.path.join(workdir, "summary.json"))["steps"]
+    evaluate_cli.main(["--workdir", workdir, "--checkpoint", str(step), "--split", "validation"])
+    assert not os.path.exists(os.path.join(workdir, f"eval_{step}_validation.json"))
+    saved = _json(os.path.join(workdir, f"eval_step{step}_validation.json"))
+    assert saved["evaluated_step"] == step and saved["requested"] == str(step)
+    assert saved["epoch"] == 2 and isinstance(saved["epoch"], int)
+
+
+def test_mc_samples_writes_its_file(resnet):
+    _, workdir = resnet
+    evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2", "--seed", "1"])
+    saved = _json(os.path.join(workdir, "eval_mc2_best_test.json"))
+    assert saved["samples"] == 2 and saved["seed"] == 1 and saved["count"] == 16
+
+
+def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_path):
+    _, workdir = resnet
+    out = str(tmp_path / "pruned")
+    args = ["--workdir", workdir, "--remove", "1", "--repeats", "1", "--throughput-batch", "4"]
+    evaluate_cli.main([*args, "--export", out])
+    data = _json(os.path.join(workdir, "run.json"))["data"]
+    model, variables, meta = sdj.load_pruned(out)
+    np.testing.assert_allclose(meta["input"]["mean"], data["mean"], rtol=1e-6)
+    np.testing.assert_allclose(meta["input"]["std"], data["std"], rtol=1e-6)
+    assert meta["removed"] == [2] and model.kept_blocks().tolist() == [True, True, False]
+    # The recorded normalisation reproduces the export's own test error, without the run.
+    from stochastic_depth_jax.training import evaluate
+
+    run = evaluate.restore_run(workdir, "best")
+    pixels = np.asarray(run.ds.test.images, np.float32)
+    x = (pixels - np.float32(meta["input"]["mean"])) / np.float32(meta["input"]["std"])
+    logits = model.apply(variables, x, train=False)
+    error = float(np.mean(np.argmax(logits, -1) != np.asarray(run.ds.test.labels)))
+    assert error == pytest.approx(meta["error"]["test"]["pruned"], abs=1e-6)
+
+    # A second export into the same directory, or into the run's checkpoints: refused.
+    before = {p: _bytes(os.path.join(out, p)) for p in _files(out)}
+    line = _one_line_error(capsys, evaluate_cli.main, [*args, "--export", out, "--remove", "2"])
+    assert f"Export directory {out} is not empty" in line
+    assert "choose a new or empty directory" in line
+    assert {p: _bytes(os.path.join(out, p)) for p in _files(out)} == before
+    ckpts = os.path.join(workdir, "checkpoints")
+    listed = _files(ckpts)
+    line = _one_line_error(capsys, evaluate_cli.main, [*args, "--export", ckpts])
+    assert f"Export directory {ckpts} is not empty" in line and _files(ckpts) == listed
+
+    # An export saved before the normalisation was recorded still loads.
+    record = _json(os.path.join(out, "model.json"))
+    del record["input"]
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump(record, f)
+    old_model, _, old_meta = sdj.load_pruned(out)
+    assert old_model == model and "input" not in old_meta and old_meta["removed"] == [2]
+
+
+# ---- sweep.py ------------------------------------------------------------------------------
+
+def _sweep_argv(root, *extra):
+    return ["--config", "cifar10:smoke", "--depths", "8", "--p-last", "0.5", "--root", root,
+            *TINY, *extra]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.learning_rate=0.05", "learning_rate: 0.1 -> 0.05"),
+    ("--config.num_epochs=1", "num_epochs: 2 -> 1 (shorter; a longer one extends the run)"),
+    ("--config.model.survival_rule=uniform", "model.survival_rule: 'linear' -> 'uniform'"),
+])
+def test_sweep_refuses_a_run_made_with_another_config(capsys, resnet, override, expected):
+    root, workdir = resnet
+    before = _files(workdir)
+    line = _one_line_error(capsys, sweep_cli.main, _sweep_argv(root, override))
+    assert f"{workdir} holds a run trained with a different config" in line
+    assert expected in line and f"use a new --root for this config, or remove {workdir}" in line
+    assert _files(workdir) == before
+
+
+def test_sweep_extends_a_longer_run_and_ignores_logging_fields(resnet):
+    root, _ = resnet
+    trained = []
+
+    def train(config, workdir):
+        trained.append((config.num_epochs, workdir))
+
+    [(name, extra)] = sweep.plan([8], [0.5])
+    same = load_config("cifar10:smoke", TINY + extra + ["--config.write_plots=true",
+                                                        "--config.keep_checkpoints=1"])
+    assert sweep.run_sweep([(name, same)], root, train=train) == {NAME: "skipped (finished)"}
+    longer = load_config("cifar10:smoke", TINY + extra + ["--config.num_epochs=3"])
+    assert sweep.run_sweep([(name, longer)], root, train=train) == {NAME: "resumed"}
+    assert trained == [(3, os.path.join(root, NAME))]
+
+
+def test_sweep_collect_without_the_root_is_one_line(capsys, tmp_path):
+    missing = str(tmp_path / "does-not-exist")
+    line = _one_line_error(capsys, sweep_cli.main, ["--root", missing, "--collect"])
+    assert f"--root {missing!r} is not a directory" in line
+
+
+def test_sweep_refuses_the_vit_and_does_not_offer_it(capsys, tmp_path):
+    root = str(tmp_path / "swvit")
+    line = _one_line_error(capsys, sweep_cli.main, [
+        "--config", "cifar10_vit:smoke", "--depths", "2", "--p-last", "0.5", "--root", root])
+    assert "sweep is over model.depth and p_L" in line and "model is 'vit'" in line
+    assert "drop_path_rate" in line and not os.path.exists(root)
+    offered = sweep_cli._sweepable_configs()
+    assert "cifar10_vit" not in offered and {"cifar10", "cifar100_wrn"} <= set(offered)
