@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-class CheckpointCorruptWarning(UserWarning):
+class CheckpointCorruptWarning(logs.RunWarning):
     """A checkpoint could not be restored or failed verification and was skipped."""
 
 
