@@ -25,6 +25,7 @@ from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
+from stochastic_depth_jax.training import implementation as implementation_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import distributed, plots, progress
 from stochastic_depth_jax.training import setup as setup_lib
@@ -271,8 +272,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, dat
     setup = setup_lib.build_for_dataset(config, ds)
     if jax.process_index() == 0:
         r = setup.implementation
-        mode = f"compact mode, multiple {r.compact_multiple}" if r.compact_multiple else r.implementation
-        print(f"Skipping implementation ({r.requested} on {r.platform}): {mode}; {r.reason}",
+        how = implementation_lib.describe(r, config.model)
+        print(f"Skipping implementation ({r.requested} on {r.platform}): {how}; {r.reason}",
               flush=True)
     splits = {
         "train": data_lib.put_on_devices(ds.train, setup.mesh),

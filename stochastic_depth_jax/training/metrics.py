@@ -112,7 +112,8 @@ def _reset_file(path: str, resume_epoch: int) -> None:
             f"{path}: kept the records of epochs {_epoch_ranges([r.get('epoch') for r in kept])} "
             f"that match the restored checkpoint (epoch {resume_epoch}); dropped "
             f"{len(dropped)} other record(s)"
-            + (f" (epochs {_epoch_ranges(dropped)})" if dropped else "")
+            + (f" ({'epoch' if len(dropped) == 1 else 'epochs'} {_epoch_ranges(dropped)})"
+               if dropped else "")
             + (f" and unreadable line(s) {bad}" if bad else "")
             + ".",
             logs.RunWarning,
