@@ -95,7 +95,7 @@ def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
     if len(text) > max_parts:
         shown = sum(b - a + 1 if isinstance(a, int) else 1 for a, b in parts[:max_parts])
         text = text[:max_parts] + [f"... ({len(epochs) - shown} more)"]
-    return ", ".join(text) or "none"
+    return ", ".join(text)
 
 
 def _reset_file(path: str, resume_epoch: int) -> None:
@@ -108,12 +108,13 @@ def _reset_file(path: str, resume_epoch: int) -> None:
     if bad or len(kept) != len(records):
         kept_ids = {id(r) for r in kept}
         dropped = [r.get("epoch") for r in records if id(r) not in kept_ids]
+        kept_text = (f"kept the records of epochs {_epoch_ranges([r.get('epoch') for r in kept])}"
+                     if kept else "kept no records")
+        dropped_text = (f" ({'epoch' if len(dropped) == 1 else 'epochs'} "
+                        f"{_epoch_ranges(dropped)})" if dropped else "")
         warnings.warn(
-            f"{path}: kept the records of epochs {_epoch_ranges([r.get('epoch') for r in kept])} "
-            f"that match the restored checkpoint (epoch {resume_epoch}); dropped "
-            f"{len(dropped)} other record(s)"
-            + (f" ({'epoch' if len(dropped) == 1 else 'epochs'} {_epoch_ranges(dropped)})"
-               if dropped else "")
+            f"{path}: {kept_text} that match the restored checkpoint (epoch {resume_epoch}); "
+            f"dropped {len(dropped)} other record(s){dropped_text}"
             + (f" and unreadable line(s) {bad}" if bad else "")
             + ".",
             logs.RunWarning,
