@@ -379,7 +379,7 @@ def main():
     warnings.warn("a library's warning", FutureWarning)
 
 cli.run_reporting_errors(main, False)
-assert warnings.showwarning is warnings._showwarning_orig  # Restored afterwards.
+assert warnings.formatwarning is warnings._formatwarning_orig  # Restored afterwards.
 """
 
 
@@ -424,7 +424,7 @@ def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
     for epochs, lr in ((3, 0.05), (4, 0.07)):
         resumed = config.copy_and_resolve_references()
         resumed.num_epochs, resumed.learning_rate = epochs, lr
-        with pytest.warns(UserWarning, match=f"changed config: learning_rate: "):
+        with pytest.warns(UserWarning, match="changed config: learning_rate: "):
             loop.train_and_evaluate(resumed, workdir)
     meta = json.load(open(os.path.join(workdir, evaluate.RUN_FILE)))
     assert meta["config"]["learning_rate"] == 0.07 and meta["start_step"] == 3 * spe

@@ -7,8 +7,8 @@ process exits with status 1. ``--debug`` or the environment variable ``SDJ_DEBUG
 re-raises instead, with the full traceback. Anything else is a bug and keeps its traceback.
 
 While ``main()`` runs, the project's own warnings (:class:`logs.RunWarning`, or a plain
-``UserWarning`` raised from this package's code) print as one ``warning: <message>`` line, without Python's
-source location; other libraries' warnings keep their usual form.
+``UserWarning`` raised from this package's code) print as one ``warning: <message>`` line,
+without Python's source location; other libraries' warnings keep their usual form.
 """
 
 from __future__ import annotations
@@ -65,27 +65,24 @@ def _ours(category: type, filename: str) -> bool:
 
 @contextlib.contextmanager
 def one_line_warnings() -> Iterator[None]:
-    """Prints the project's warnings as ``warning: <message>`` while the block runs.
+    """Formats the project's warnings as ``warning: <message>`` while the block runs.
 
-    Only how warnings are shown changes (``warnings.showwarning``, restored afterwards):
-    filters decide as before whether one is shown, and other libraries' warnings keep
-    Python's format with their source location.
+    Only the text changes (``warnings.formatwarning``, restored afterwards): filters still
+    decide whether a warning is shown, ``catch_warnings(record=True)`` still records it, and
+    other libraries' warnings keep Python's format with their source location.
     """
-    original = warnings.showwarning
+    original = warnings.formatwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        if not _ours(category, filename):
-            return original(message, category, filename, lineno, file, line)
-        try:
-            print(f"warning: {message}", file=file or sys.stderr, flush=True)
-        except OSError:
-            pass  # As Python's own: a closed or full stderr must not stop the run.
+    def format_warning(message, category, filename, lineno, line=None):
+        if _ours(category, filename):
+            return f"warning: {message}\n"
+        return original(message, category, filename, lineno, line)
 
-    warnings.showwarning = show
+    warnings.formatwarning = format_warning
     try:
         yield
     finally:
-        warnings.showwarning = original
+        warnings.formatwarning = original
 
 
 def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:

@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the paper's training run, resumable exactly.
 
-Per epoch: train (progress bar, or one line per epoch without it), evaluate validation and test with every block active,
-write a metrics record, keep the best-by-validation checkpoint, save the latest one.
+Per epoch: train (progress bar, or one line per epoch without it), evaluate validation and
+test with every block active, write a metrics record, keep the best-by-validation
+checkpoint, save the latest one.
 A restart with the same workdir continues from the newest readable checkpoint and
 reproduces the uninterrupted run's metrics (all randomness is keyed by the step).
 """
