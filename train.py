@@ -4,8 +4,8 @@
   python train.py --config cifar10:smoke --workdir /tmp/smoke   # tiny CPU run, fake data
   python train.py --config configs/svhn.py --config.batch_size=256 --config.seed=1
 
-Configs: cifar10, cifar100, svhn, cifar10_resnet1202, cifar10_vit (see configs/); any field can be
-overridden with --config.<field>=<value>. Restarting with the same --workdir resumes.
+Configs: the modules of configs/ (listed at the end of --help); any field can be overridden
+with --config.<field>=<value>. Restarting with the same --workdir resumes.
 Multi-host: --multihost (TPU pods, SLURM), or --coordinator_address/--num_processes/
 --process_id on every process (--init_timeout: how long to wait for all of them).
 One run at a time per workdir (a second one is refused, naming the first). Mistakes are
@@ -22,7 +22,9 @@ from stochastic_depth_jax.training import cli, distributed
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog="configs: " + ", ".join(CONFIGS),  # From the package: cannot drift.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", required=True, help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke"'

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pkgutil
 from types import ModuleType
 from typing import Sequence
 
@@ -21,13 +22,13 @@ import ml_collections
 from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import config as config_lib
 
+# Every module of this package except ``base`` (shared fields) is a config, so the list
+# (``--help``, error messages) cannot drift from the files: name -> module path.
+_NOT_CONFIGS = ("base",)
 CONFIGS: dict[str, str] = {
-    "cifar10": "configs.cifar10",
-    "cifar100": "configs.cifar100",
-    "svhn": "configs.svhn",
-    "cifar10_resnet1202": "configs.cifar10_resnet1202",
-    "cifar100_wrn": "configs.cifar100_wrn",
-    "cifar10_vit": "configs.cifar10_vit",
+    m.name: f"{__name__}.{m.name}"
+    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
+    if not m.ispkg and not m.name.startswith("_") and m.name not in _NOT_CONFIGS
 }
 VARIANTS = (None, "smoke")
 

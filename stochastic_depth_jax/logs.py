@@ -1,4 +1,5 @@
-"""Silencing known-misleading log lines of dependencies, for one block of code at a time."""
+"""What the user sees besides results: our warnings' category, and silencing known-misleading
+log lines of dependencies for one block of code at a time."""
 
 from __future__ import annotations
 
@@ -6,7 +7,17 @@ import contextlib
 import logging
 from typing import Iterator
 
-__all__ = ["drop_absl_messages"]
+__all__ = ["RunWarning", "drop_absl_messages"]
+
+
+class RunWarning(UserWarning):
+    """A condition the user of a run should know about, though the run goes on (a lock taken
+    over from a killed run, metric records dropped on resume, a checkpoint skipped, a config
+    changed on resume).
+
+    The command-line tools print it as one ``warning: <message>`` line, without the source
+    location Python adds (``training/cli.py``); code catching ``UserWarning`` still sees it.
+    """
 
 
 class _Drop(logging.Filter):

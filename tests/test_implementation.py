@@ -37,12 +37,41 @@ def test_explicit_choices_and_multiples_are_kept_on_every_platform():
 
 
 def test_auto_with_per_example_gates_never_picks_compact_mode():
-    r = implementation.resolve(_model("--config.model.mode=sample"), "gpu")
-    assert (r.implementation, r.compact_multiple) == ("skip", 0)
-    assert "sample" in r.reason
+    vit = load_config("cifar10_vit:smoke", ["--config.model.implementation=auto"]).model
+    for model in (_model("--config.model.mode=sample"), vit):
+        r = implementation.resolve(model, "gpu")
+        assert r.compact_multiple == 0 and "sample" in r.reason
 
 
 def test_unknown_implementation_fails_clearly():
     with pytest.raises(ValueError, match="model.implementation='fastest'"):
         config_lib.validate(load_config("cifar10:smoke",
                                         ["--config.model.implementation=fastest"]))
+
+
+@pytest.mark.parametrize("name", ["cifar10:smoke", "cifar100_wrn:smoke"])
+@pytest.mark.parametrize("requested", ["auto", "skip", "mask"])
+def test_sample_mode_resnets_resolve_to_the_masking_they_run(name, requested):
+    """The ResNets draw every gate up front, so per-example gates are masks whatever was
+    asked for: the record (run.json) and the start-up line say so."""
+    model = load_config(name, ["--config.model.mode=sample",
+                               f"--config.model.implementation={requested}"]).model
+    for platform in ("cpu", "gpu"):
+        r = implementation.resolve(model, platform)
+        assert (r.implementation, r.compact_multiple, r.requested) == ("mask", 0, requested)
+        assert "masked in the ResNets" in r.reason
+        assert implementation.describe(r, model).startswith("mask (every block computes")
+
+
+def test_vit_sample_mode_says_it_runs_per_example_subsets():
+    model = load_config("cifar10_vit:smoke").model  # mode='sample', implementation='skip'
+    for platform in ("cpu", "gpu"):
+        r = implementation.resolve(model, platform)
+        assert (r.implementation, r.compact_multiple) == ("skip", 0)
+        assert implementation.describe(r, model).startswith("skip (per-example subsets")
+    auto = load_config("cifar10_vit:smoke", ["--config.model.implementation=auto"]).model
+    r = implementation.resolve(auto, "cpu")
+    assert "lax.cond" not in r.reason and "subset" in r.reason  # Not the batch-mode reason.
+    batch = _model()
+    r = implementation.resolve(batch, "cpu")
+    assert implementation.describe(r, batch).startswith("skip (lax.cond")

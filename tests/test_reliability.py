@@ -348,3 +348,95 @@ def test_resume_purges_tensorboard_points_after_the_checkpoint(tmp_path):
     assert starts == [9]
     values = [(e.step, v.tag) for e in resumed for v in e.summary.value]
     assert values == [(12, "train_loss")]
+
+
+# What the trainer tells its user --------------------------------------------------------------
+
+
+def test_train_help_lists_every_config_module(capsys):
+    """--help's config list comes from the configs package: every config file is in it."""
+    config_dir = os.path.join(REPO, "configs")
+    modules = sorted(
+        name[:-3] for name in os.listdir(config_dir)
+        if name.endswith(".py") and name not in ("__init__.py", "base.py")
+    )
+    assert "cifar100_wrn" in modules
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--help"])
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if x.startswith("configs: ")]
+    assert line.removeprefix("configs: ").split(", ") == modules
+    for name in modules:  # Each one loads (CONFIGS is the registry load_config uses).
+        assert load_config(name + ":smoke").batch_size > 0
+
+
+_WARN = """
+import sys, warnings
+from stochastic_depth_jax.training import cli, workdir
+
+def main():
+    workdir.WorkdirLock(sys.argv[1]).acquire().release()
+    warnings.warn("a library's warning", FutureWarning)
+
+cli.run_reporting_errors(main, False)
+assert warnings.formatwarning is warnings._formatwarning_orig  # Restored afterwards.
+"""
+
+
+def test_project_warnings_print_as_one_line_and_others_keep_their_form(tmp_path):
+    with open(tmp_path / workdir_lib.LOCK_FILE, "w") as f:  # Left by a killed run.
+        json.dump({"pid": 4242, "host": "elsewhere", "started_at": 0}, f)
+    out = subprocess.run([sys.executable, "-c", _WARN, str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    ours = [x for x in lines if "Taking over the lock" in x]
+    assert len(ours) == 1 and ours[0].startswith("warning: Taking over the lock of pid 4242")
+    assert "workdir.py" not in out.stderr and "warnings.warn(" not in out.stderr
+    assert any("FutureWarning: a library's warning" in x for x in lines)  # Python's format.
+
+
+def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
+    """A run stopped after epoch 76's record but before its checkpoint resumes at 75."""
+    workdir = str(tmp_path)
+    _write_lines(workdir, [json.dumps({"epoch": e, "step": 4 * e}) + "\n" for e in range(1, 77)])
+    with pytest.warns(UserWarning) as caught:
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=75)
+    [message] = [str(w.message) for w in caught]
+    assert "kept the records of epochs 1-75 that" in message
+    assert message.endswith("dropped 1 other record(s) (epoch 76).")
+    # A restart that re-ran epochs 2-3 then stopped: the first attempt's records go.
+    _write_lines(workdir, [json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3, 2, 3, 4)])
+    with pytest.warns(UserWarning) as caught:
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=3)
+    [message] = [str(w.message) for w in caught]
+    assert "kept the records of epochs 1-3 that" in message
+    assert "dropped 3 other record(s) (epochs 2-4)" in message
+    assert _epochs(workdir) == [1, 2, 3]
+
+
+def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
+    """Sessions at lr a (the fixture's), 0.05, then 0.07: run.json's config is the current
+    one and its history says what each session changed, so lr a is not lost."""
+    config, workdir = _copy(run, tmp_path)
+    first_lr = config.learning_rate
+    spe = json.load(open(os.path.join(workdir, loop.SUMMARY_FILE)))["steps_per_epoch"]
+    for epochs, lr in ((3, 0.05), (4, 0.07)):
+        resumed = config.copy_and_resolve_references()
+        resumed.num_epochs, resumed.learning_rate = epochs, lr
+        with pytest.warns(UserWarning, match="changed config: learning_rate: "):
+            loop.train_and_evaluate(resumed, workdir)
+    meta = json.load(open(os.path.join(workdir, evaluate.RUN_FILE)))
+    assert meta["config"]["learning_rate"] == 0.07 and meta["start_step"] == 3 * spe
+    assert meta["config_changes"] == {
+        "learning_rate": {"old": 0.05, "new": 0.07},
+        "num_epochs": {"old": 3, "new": 4},
+    }
+    first, second = meta["history"]
+    assert first["start_step"] == 0 and first["config_changes"] == {}
+    assert second["start_step"] == 2 * spe
+    assert second["config_changes"] == {
+        "learning_rate": {"old": first_lr, "new": 0.05},
+        "num_epochs": {"old": 2, "new": 3},
+    }
+    assert {"code_version", "devices", "started_at"} <= set(first) & set(second)

@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import tqdm
 
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.data.builders import no_tempdir_leak, tf_free_builder
 from stochastic_depth_jax.data.splits import Split
 
@@ -178,12 +178,15 @@ def read_split(tfds_name: str, split: str, data_dir: str,
     labels = np.empty(len(source), np.int32)
     where = f"'{tfds_name}' split '{split}' in {info_dir}"
     starts = range(0, len(source), _READ_CHUNK)
-    for start in tqdm.tqdm(starts, desc=f"decoding {tfds_name}/{split}", unit="chunk",
-                           disable=len(starts) < 8, leave=False):
-        stop = min(start + _READ_CHUNK, len(source))
-        records = _decode_chunk(source, start, stop, where)
-        images[start:stop] = np.stack([r["image"] for r in records])
-        labels[start:stop] = [r[label_key] for r in records]
+    # tfds suggests installing OpenCV for speed; Pillow (a dependency) decodes, once per
+    # dataset thanks to the cache below.
+    with logs.drop_absl_messages("OpenCV is not installed"):
+        for start in tqdm.tqdm(starts, desc=f"decoding {tfds_name}/{split}", unit="chunk",
+                               disable=len(starts) < 8, leave=False):
+            stop = min(start + _READ_CHUNK, len(source))
+            records = _decode_chunk(source, start, stop, where)
+            images[start:stop] = np.stack([r["image"] for r in records])
+            labels[start:stop] = [r[label_key] for r in records]
     _write_cache(cache, stamp, images, labels)
     return Split(images, labels)
 
@@ -218,7 +221,8 @@ def _read_cache(path: str, stamp: str, count: int) -> Split | None:
     except Exception as e:  # noqa: BLE001  zipfile, numpy and pickle raise many types.
         warnings.warn(
             f"Ignoring damaged decoded-data cache {path} ({type(e).__name__}: {e}); "
-            "decoding again and rewriting it."
+            "decoding again and rewriting it.",
+            logs.RunWarning,
         )
         return None
 
@@ -236,7 +240,7 @@ def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) 
         os.replace(tmp, path)  # atomic: readers never see a half-written cache
     except OSError as e:
         warnings.warn(f"Could not cache decoded data at {path} ({e}); it will be decoded "
-                      f"again next time.")
+                      f"again next time.", logs.RunWarning)
         if os.path.exists(tmp):
             os.remove(tmp)
 

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import numpy as np
@@ -67,8 +69,27 @@ def make_tfds_dataset(name: str, data_dir: str, *, num_train: int, num_test: int
                skip_registration=True)
     with builders.no_tempdir_leak():
         builder = cls(data_dir=data_dir)
-    builder.download_and_prepare(file_format="array_record")
+    with _quiet_tfds():
+        builder.download_and_prepare(file_format="array_record")
     return os.fspath(builder.data_dir)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Hides tfds's output while it prepares fake data: its "Downloading and preparing
+    dataset Unknown size" and "downloaded and prepared" lines (printed to stdout) and its
+    progress bars, which speak of a download that does not happen. Errors still raise."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    import tensorflow_datasets as tfds
+
+    was_on = getattr(tqdm_utils, "_active", True)  # tfds has a setter only.
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(was_on)
 
 
 def _corrupt_first(records):

@@ -11,6 +11,10 @@ interrupted save never appears as a step (its leftovers are removed at start-up)
 steps are deleted only after the new one is committed. A committed checkpoint that fails
 to restore, or whose restored bits do not match the checksum stored at save time, is
 skipped with a warning and moved aside; the previous one is used instead.
+
+An evaluation may read while training writes: steps are listed afresh on every look, and a
+step deleted by the writer's rotation while being read (the step listing changed meanwhile)
+is not taken for damage: the reader lists again and reads the newest step that exists.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ __all__ = [
 ]
 
 
-class CheckpointCorruptWarning(UserWarning):
+class CheckpointCorruptWarning(logs.RunWarning):
     """A checkpoint could not be restored or failed verification and was skipped."""
 
 
@@ -48,6 +52,11 @@ class NoCheckpointError(errors.CheckpointError):
 
 class IncompatibleCheckpointError(errors.Error, ValueError):
     """A readable checkpoint holds a differently shaped state (another model/optimiser)."""
+
+
+# How many times a reader lists the steps again when the one it read was deleted meanwhile.
+RELISTS = 10
+_GONE = object()  # _try_restore's outcome for a step that vanished while being read.
 
 
 def structure_signature(tree: Any) -> str:
@@ -86,6 +95,9 @@ class Checkpoints:
             create=not self._read_only,
             cleanup_tmp_directories=not self._read_only,
             read_only=self._read_only,
+            # A reader lists steps itself (``steps``); reading each step's metadata at start-up
+            # fails if a training run deletes a step meanwhile.
+            lightweight_initialize=self._read_only,
             # Each manager's multi-host barriers get their own keys: with the default keys a
             # 'best' and a 'latest' save of the same step both wait on
             # '_async_write_complete.<step>' and deadlock.
@@ -99,8 +111,12 @@ class Checkpoints:
             return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
 
     def steps(self, kind: str = "latest") -> list[int]:
-        """Committed steps of ``kind`` ('latest' or 'best'), oldest first."""
-        return sorted(self._managers[kind].all_steps())
+        """Committed steps of ``kind`` ('latest' or 'best'), oldest first, as on disk now.
+
+        Listed afresh on every call (a training run may be saving and deleting steps while
+        an evaluation reads them); a save still being written is not listed.
+        """
+        return sorted(ocp.utils.checkpoint_steps(self._managers[kind].directory))
 
     def save(
         self, kind: str, step: int, train_state: state_lib.TrainState, meta: dict[str, Any]
@@ -139,6 +155,10 @@ class Checkpoints:
     ) -> tuple[state_lib.TrainState, dict[str, Any]]:
         """Restores the newest good checkpoint of ``kind`` (or exactly ``step``).
 
+        While a training run saves into the same workdir, steps come and go: a step deleted
+        by the writer's rotation while being read is not damage; the steps are listed again
+        and the newest one that still exists is read (up to :data:`RELISTS` times).
+
         Args:
           kind: 'latest' or 'best'.
           abstract_state: pytree of ``jax.ShapeDtypeStruct`` with shardings, the target layout.
@@ -151,31 +171,59 @@ class Checkpoints:
           NoCheckpointError: nothing readable (a specific ``step`` that is corrupt included).
         """
         manager = self._managers[kind]
-        candidates = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-        if step is not None and step not in manager.all_steps():
-            raise NoCheckpointError(
-                f"No {kind} checkpoint at step {step} in {manager.directory}; "
-                f"available: {self.steps(kind)}"
-            )
-        for s in candidates:
-            restored = self._try_restore(kind, s, abstract_state)
-            if restored is not None:
+        if step is not None:
+            if step not in self.steps(kind):
+                raise NoCheckpointError(
+                    f"No {kind} checkpoint at step {step} in {manager.directory}; "
+                    f"available: {self.steps(kind)}"
+                )
+            restored = self._try_restore(kind, step, abstract_state, self.steps(kind))
+            if isinstance(restored, tuple):
                 return restored
+            raise NoCheckpointError(
+                f"The {kind} checkpoint at step {step} in {manager.directory} "
+                + ("was deleted while being read (training rotated it away)."
+                   if restored is _GONE else "is unreadable.")
+            )
+        damaged: set[int] = set()
+        for _ in range(RELISTS + 1):
+            listing = self.steps(kind)
+            outcome = None
+            for s in reversed(listing):
+                if s in damaged:
+                    continue
+                outcome = self._try_restore(kind, s, abstract_state, listing)
+                if isinstance(outcome, tuple):
+                    return outcome
+                if outcome is _GONE:
+                    break  # List again: the writer has saved newer steps.
+                damaged.add(s)
+            if outcome is not _GONE:
+                break
+        else:
+            raise NoCheckpointError(
+                f"No {kind} checkpoint in {manager.directory} could be read before training "
+                f"deleted it ({RELISTS + 1} tries): it saves faster than they can be read. "
+                "Retry, or raise --config.keep_checkpoints."
+            )
         raise NoCheckpointError(f"No readable {kind} checkpoint in {manager.directory}.")
 
     def _try_restore(
-        self, kind: str, step: int, abstract_state: Any
-    ) -> tuple[state_lib.TrainState, dict[str, Any]] | None:
-        """Restores one step; None (after a warning) if its files are damaged.
+        self, kind: str, step: int, abstract_state: Any, listing: list[int]
+    ) -> tuple[state_lib.TrainState, dict[str, Any]] | object | None:
+        """Restores one step of ``listing`` (the steps listed before reading it).
 
-        Only failures of reading the files and checksum mismatches count as damage; a state
-        of another shape raises ``IncompatibleCheckpointError`` and moves nothing.
+        Returns ``(state, meta)``; ``_GONE`` if reading failed because the steps changed on
+        disk meanwhile (a writer's rotation: not damage, nothing is reported); or None after
+        a warning if its files are damaged. Only failures of reading the files and checksum
+        mismatches count as damage; a state of another shape raises
+        ``IncompatibleCheckpointError`` and moves nothing.
         """
         manager = self._managers[kind]
         try:
             meta = self.read_meta(kind, step)
         except Exception as e:  # Orbax raises many types for damaged files.
-            return self._skip(kind, step, e)
+            return self._failed(kind, step, e, listing)
         if meta.get("structure") != structure_signature(abstract_state):
             raise IncompatibleCheckpointError(
                 f"The {kind} checkpoint at step {step} in {manager.directory} holds a state of "
@@ -190,17 +238,25 @@ class Checkpoints:
                 ),
             )
         except Exception as e:  # TensorStore raises plain Exception for damaged chunks.
-            return self._skip(kind, step, e)
+            return self._failed(kind, step, e, listing)
         actual = state_lib.checksum(restored.state)
         if int(meta.get("checksum", -1)) != actual:
-            return self._skip(
+            return self._failed(
                 kind,
                 step,
                 ValueError(
                     f"checksum mismatch: saved {meta.get('checksum')}, restored bits give {actual}"
                 ),
+                listing,
             )
         return restored.state, meta
+
+    def _failed(self, kind: str, step: int, error: Exception, listing: list[int]) -> Any:
+        """``_GONE`` if the steps on disk changed since ``listing`` (the step was rotated
+        away, or is being deleted), else the damaged step is skipped (``_skip``)."""
+        if self.steps(kind) != listing:
+            return _GONE
+        return self._skip(kind, step, error)
 
     def _skip(self, kind: str, step: int, error: Exception) -> None:
         """Warns about a bad checkpoint and (unless read-only) moves it aside."""
@@ -220,7 +276,7 @@ class Checkpoints:
             multihost_utils.sync_global_devices(f"checkpoint_skip_{kind}_{step}")
             manager.reload()
             message += f" Moved to {target}; falling back to the previous checkpoint."
-        warnings.warn(message, CheckpointCorruptWarning, stacklevel=4)
+        warnings.warn(message, CheckpointCorruptWarning, stacklevel=5)
         return None
 
     def read_meta(self, kind: str, step: int) -> dict[str, Any]:

@@ -5,19 +5,26 @@ data, workdir, checkpoint, diverged run, missing processes) or an ``OSError`` fr
 read-only or otherwise unwritable disk is printed as ``error: <message>`` on stderr and the
 process exits with status 1. ``--debug`` or the environment variable ``SDJ_DEBUG=1``
 re-raises instead, with the full traceback. Anything else is a bug and keeps its traceback.
+
+While ``main()`` runs, the project's own warnings (:class:`logs.RunWarning`, or a plain
+``UserWarning`` raised from this package's code) print as one ``warning: <message>`` line,
+without Python's source location; other libraries' warnings keep their usual form.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
-from stochastic_depth_jax import errors
+import stochastic_depth_jax
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["DEBUG_ENV", "debug_requested", "run_reporting_errors"]
+__all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors"]
 
 DEBUG_ENV = "SDJ_DEBUG"
 # Disk and permission failures a user fixes by freeing space or choosing another path.
@@ -45,10 +52,45 @@ def _message(error: BaseException) -> str | None:
     return None
 
 
-def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
-    """Runs ``main()``; anticipated errors exit with one ``error:`` message (status 1)."""
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(stochastic_depth_jax.__file__)) + os.sep
+
+
+def _ours(category: type, filename: str) -> bool:
+    """Our category, or a plain ``UserWarning`` raised by this package's code (a library's
+    deprecation warning pointing at our code keeps its location: it is for developers)."""
+    if issubclass(category, logs.RunWarning):
+        return True
+    return category is UserWarning and os.path.abspath(filename).startswith(_PACKAGE_DIR)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Formats the project's warnings as ``warning: <message>`` while the block runs.
+
+    Only the text changes (``warnings.formatwarning``, restored afterwards): filters still
+    decide whether a warning is shown, ``catch_warnings(record=True)`` still records it, and
+    other libraries' warnings keep Python's format with their source location.
+    """
+    original = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if _ours(category, filename):
+            return f"warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
     try:
-        return main()
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
+def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
+    """Runs ``main()``; anticipated errors exit with one ``error:`` message (status 1), and
+    the project's warnings print as one ``warning:`` line each (:func:`one_line_warnings`)."""
+    try:
+        with one_line_warnings():
+            return main()
     except Exception as e:  # noqa: BLE001  Filtered below: bugs are re-raised.
         message = _message(e)
         if message is None or debug:

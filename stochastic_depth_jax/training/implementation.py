@@ -16,6 +16,11 @@ and reason) in ``run.json``:
 ``'skip'`` and ``'mask'`` are used as given (with ``compact_multiple`` as configured). With
 ``'auto'``, a ``compact_multiple`` > 0 asks for compact mode on every platform; 0 lets the
 platform decide (compact mode uses a multiple of :data:`DEFAULT_COMPACT_MULTIPLE` then).
+
+One exception: the ResNets (:data:`MASKED_SAMPLE_MODELS`) draw all gates up front, so with
+``mode='sample'`` their per-example gates are Bernoulli masks whatever was asked for; that
+resolves to ``'mask'`` (which computes exactly the same), so the record says what runs.
+``describe`` says in words what the resolved implementation does.
 """
 
 from __future__ import annotations
@@ -27,13 +32,27 @@ import ml_collections
 
 from stochastic_depth_jax import ops
 
-__all__ = ["IMPLEMENTATIONS", "DEFAULT_COMPACT_MULTIPLE", "Resolved", "resolve"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "DEFAULT_COMPACT_MULTIPLE",
+    "MASKED_SAMPLE_MODELS",
+    "Resolved",
+    "resolve",
+    "describe",
+]
 
 # What model.implementation accepts: the op's implementations plus 'auto'.
 IMPLEMENTATIONS = ("auto",) + tuple(ops.IMPLEMENTATIONS)
 # Kept-block counts rounded up to this multiple in compact mode when 'auto' picks it and
 # model.compact_multiple is 0 (H100: 4 measured fastest over 20-round benchmarks).
 DEFAULT_COMPACT_MULTIPLE = 4
+
+# config.model.name of the models that draw every block's gate before the forward pass
+# (CifarResNet, WideResNet): a per-example draw has no static size there, so mode='sample'
+# masks (layers.StochasticDepth / ops.gated_branch apply a bool [batch] gate as a mask).
+MASKED_SAMPLE_MODELS = ("cifar_resnet", "wide_resnet")
+_MASKED_SAMPLE_WHY = ("mode='sample': per-example gates are masked in the ResNets (gates are "
+                      "drawn up front; every block computes on every example)")
 
 _WHY = {
     "cpu": "CPU: lax.cond skipping measured fastest (ResNet-110 skip/constant ~0.78)",
@@ -86,15 +105,29 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"model.implementation={impl!r}; valid: {list(IMPLEMENTATIONS)}")
     kind = _platform_kind(platform)
+    if model.mode == "sample" and model.get("name", "cifar_resnet") in MASKED_SAMPLE_MODELS:
+        return Resolved("mask", 0, impl, platform, _MASKED_SAMPLE_WHY)
     if impl != "auto" or multiple:
         how = f"compact mode, multiple {multiple}" if multiple else "no compact mode"
         return Resolved("skip" if impl == "auto" else impl, multiple, impl, platform,
                         f"configured ({how})")
-    if kind == "cpu" or kind not in _WHY:
-        why = _WHY["cpu"] if kind == "cpu" else f"{platform}: not measured; CPU's choice"
-        return Resolved("skip", 0, impl, platform, why)
     if model.mode != "batch":
         return Resolved("skip", 0, impl, platform,
                         f"{kind.upper()}: mode={model.mode!r} has per-example gates, which "
                         "compact mode cannot gather; 'skip' runs each branch on its subset")
+    if kind == "cpu" or kind not in _WHY:
+        why = _WHY["cpu"] if kind == "cpu" else f"{platform}: not measured; CPU's choice"
+        return Resolved("skip", 0, impl, platform, why)
     return Resolved("skip", multiple or DEFAULT_COMPACT_MULTIPLE, impl, platform, _WHY[kind])
+
+
+def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
+    """What ``resolved`` does with ``model``'s gates, in a few words (the start-up line)."""
+    if resolved.compact_multiple:
+        return (f"compact mode (kept blocks gathered into static-length scans, multiple "
+                f"{resolved.compact_multiple})")
+    if resolved.implementation == "mask":
+        return "mask (every block computes; dropped outputs are multiplied by 0)"
+    if model.mode == "sample":
+        return "skip (per-example subsets: each block runs only on the examples it keeps)"
+    return "skip (lax.cond: a dropped block computes nothing, forward or backward)"

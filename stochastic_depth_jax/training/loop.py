@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: the paper's training run, resumable exactly.
 
-Per epoch: train (progress bar), evaluate validation and test with every block active,
-write a metrics record, keep the best-by-validation checkpoint, save the latest one.
+Per epoch: train (progress bar, or one line per epoch without it), evaluate validation and
+test with every block active, write a metrics record, keep the best-by-validation
+checkpoint, save the latest one.
 A restart with the same workdir continues from the newest readable checkpoint and
 reproduces the uninterrupted run's metrics (all randomness is keyed by the step).
 """
@@ -20,11 +21,12 @@ import ml_collections
 import numpy as np
 
 from stochastic_depth_jax import data as data_lib
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
+from stochastic_depth_jax.training import implementation as implementation_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import distributed, plots, progress
 from stochastic_depth_jax.training import setup as setup_lib
@@ -190,6 +192,8 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         }
         _save(run, "best", {"record": record})
     run.writer.write(record)
+    if not c.progress_bar and jax.process_index() == 0:  # The bar shows progress otherwise.
+        print(progress.epoch_line(record, c.num_epochs), flush=True)
     periodic = (c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or (
         c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0
     )
@@ -198,14 +202,15 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
     return record
 
 
-def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
+def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a.b': {'old': x, 'new': y}}`` for every (nested) field that differs."""
+    changes = {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += _config_changes(a, b, prefix + key + ".")
+            changes.update(_config_changes(a, b, prefix + key + "."))
         elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            changes[prefix + key] = {"old": a, "new": b}
     return changes
 
 
@@ -217,7 +222,8 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     try:
         state, meta = run.ckpts.restore("latest", setup_lib.abstract_state(run.setup, image_shape))
     except checkpoint_lib.NoCheckpointError:
-        warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting afresh.")
+        warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting afresh.",
+                      logs.RunWarning)
         run.state = run.setup.init_state(image_shape)
         return
     run.state, run.best, run.last_good = state, meta.get("best"), int(meta["step"])
@@ -228,19 +234,32 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         )
 
 
+# What run.json keeps of each earlier session in 'history'.
+_SESSION_FIELDS = ("started_at", "start_step", "config_changes", "code_version", "devices")
+
+
 def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
+    """Writes run.json: the current session's config and metadata at the top level, and in
+    ``history`` one entry per earlier session (``_SESSION_FIELDS``). ``config_changes`` (top
+    level and in each entry) lists the fields that session changed relative to the one
+    before it, as ``{'field': {'old': ..., 'new': ...}}``, so the config every checkpoint
+    was trained with can be recovered."""
     path = os.path.join(run.workdir, evaluate_lib.RUN_FILE)
     meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh, run.setup.implementation)
+    changes: dict[str, Any] = {}
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         changes = _config_changes(old.get("config", {}), meta["config"])
         if changes and run.step > 0 and jax.process_index() == 0:
-            warnings.warn("Resuming with a changed config: " + "; ".join(changes))
-        meta["history"] = old.get("history", []) + [
-            {k: old.get(k) for k in ("code_version", "devices", "started_at", "start_step")}
-        ]
-    meta.update(started_at=time.time(), start_step=run.step)
+            listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changes.items())
+            warnings.warn(
+                f"Resuming at step {run.step} with a changed config: {listed} (run.json records "
+                "each session's changes in 'history').",
+                logs.RunWarning,
+            )
+        meta["history"] = old.get("history", []) + [{k: old.get(k) for k in _SESSION_FIELDS}]
+    meta.update(started_at=time.time(), start_step=run.step, config_changes=changes)
     _write_json(path, meta)
 
 
@@ -254,8 +273,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, dat
     setup = setup_lib.build_for_dataset(config, ds)
     if jax.process_index() == 0:
         r = setup.implementation
-        mode = f"compact mode, multiple {r.compact_multiple}" if r.compact_multiple else r.implementation
-        print(f"Skipping implementation ({r.requested} on {r.platform}): {mode}; {r.reason}",
+        how = implementation_lib.describe(r, config.model)
+        print(f"Skipping implementation ({r.requested} on {r.platform}): {how}; {r.reason}",
               flush=True)
     splits = {
         "train": data_lib.put_on_devices(ds.train, setup.mesh),
@@ -288,9 +307,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns:
       The summary: the final epoch's record, the best-by-validation epoch with its test
-      error (the number the paper reports), compile and training times, and
-      ``compilation``: programs compiled (or loaded from the persistent cache) this
-      session, seconds spent, cache hits and the cache directory.
+      error (the number the paper reports), ``train_step_compile_s`` (tracing, lowering
+      and compiling the train step ahead of the first epoch), training time, and
+      ``compilation``: every program compiled (or loaded from the persistent cache) this
+      session, the backend seconds spent on them (``compile_s``), cache hits and the cache
+      directory.
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
@@ -390,7 +411,10 @@ def _train(run: _Run) -> dict[str, Any]:
         "best": run.best,
         "steps": run.step,
         "steps_per_epoch": spe,
-        "compile_time_s": compile_time,
+        # Wall seconds to trace, lower and compile the train step before the first epoch
+        # (0 in compact mode, whose programs compile as bucket tuples appear); every program
+        # of the session (evaluation, initialisation, ...) is in 'compilation.compile_s'.
+        "train_step_compile_s": compile_time,
         "train_time_s_this_session": train_time,
     }  # Written once, with the compile counts, by _run_locked.
     if c.write_plots and jax.process_index() == 0:

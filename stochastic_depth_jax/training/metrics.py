@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 
+from stochastic_depth_jax import logs
+
 __all__ = ["MetricWriter", "read_metrics", "consistent_records", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,7 +54,8 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return []
     records, bad = _parse_lines(path)
     if bad:
-        warnings.warn(f"Skipping unreadable line(s) {bad} of {path} (torn by a crash?).")
+        warnings.warn(f"Skipping unreadable line(s) {bad} of {path} (torn by a crash?).",
+                      logs.RunWarning)
     return records
 
 
@@ -75,6 +78,26 @@ def consistent_records(
     return kept
 
 
+def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
+    """A short text for a list of epochs: ``[1, 2, 3, 5, 7, 8]`` -> ``'1-3, 5, 7-8'``.
+
+    Runs of consecutive epochs become ``a-b`` (order kept, so a repeated sequence shows
+    twice); past ``max_parts`` parts the rest is counted, not listed.
+    """
+    parts: list[list[Any]] = []
+    for epoch in epochs:
+        last = parts[-1] if parts else None
+        if last and isinstance(epoch, int) and isinstance(last[1], int) and epoch == last[1] + 1:
+            last[1] = epoch
+        else:
+            parts.append([epoch, epoch])
+    text = [str(a) if a == b else f"{a}-{b}" for a, b in parts]
+    if len(text) > max_parts:
+        shown = sum(b - a + 1 if isinstance(a, int) else 1 for a, b in parts[:max_parts])
+        text = text[:max_parts] + [f"... ({len(epochs) - shown} more)"]
+    return ", ".join(text)
+
+
 def _reset_file(path: str, resume_epoch: int) -> None:
     """Rewrites ``path`` atomically to the records consistent with ``resume_epoch``."""
     if os.path.exists(path):
@@ -83,13 +106,18 @@ def _reset_file(path: str, resume_epoch: int) -> None:
         records, bad = [], []
     kept = consistent_records(records, resume_epoch)
     if bad or len(kept) != len(records):
-        epochs = [r.get("epoch") for r in records]
+        kept_ids = {id(r) for r in kept}
+        dropped = [r.get("epoch") for r in records if id(r) not in kept_ids]
+        kept_text = (f"kept the records of epochs {_epoch_ranges([r.get('epoch') for r in kept])}"
+                     if kept else "kept no records")
+        dropped_text = (f" ({'epoch' if len(dropped) == 1 else 'epochs'} "
+                        f"{_epoch_ranges(dropped)})" if dropped else "")
         warnings.warn(
-            f"{path}: kept the records of epochs {[r.get('epoch') for r in kept]} that match "
-            f"the restored checkpoint (epoch {resume_epoch}); dropped "
-            f"{len(records) - len(kept)} other record(s) of epochs {epochs}"
+            f"{path}: {kept_text} that match the restored checkpoint (epoch {resume_epoch}); "
+            f"dropped {len(dropped)} other record(s){dropped_text}"
             + (f" and unreadable line(s) {bad}" if bad else "")
-            + "."
+            + ".",
+            logs.RunWarning,
         )
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

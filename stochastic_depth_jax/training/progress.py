@@ -1,13 +1,34 @@
-"""A per-epoch tqdm progress bar (process 0 only) showing loss, error, images/s and ETA."""
+"""Training progress on the terminal (process 0 only): a per-epoch tqdm bar showing loss,
+error, images/s and ETA, or, with the bar off, one line per finished epoch."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 from tqdm.auto import tqdm
 
-__all__ = ["EpochProgress"]
+__all__ = ["EpochProgress", "epoch_line"]
+
+
+def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
+    """One line summing up a finished epoch's metrics record (``metrics.jsonl``'s fields).
+
+    E.g. ``epoch 3/49: train loss 2.3123, error 93.75%; val error 90.62%; test error
+    87.50%; 0.3 s (410 img/s)``; the validation and test parts appear in epochs that
+    evaluated them.
+    """
+    parts = [
+        f"epoch {record['epoch']}/{num_epochs}: train loss {record['train_loss']:.4f}, "
+        f"error {100 * record['train_error']:.2f}%"
+    ]
+    for key, name in (("val_error", "val"), ("test_error", "test")):
+        if key in record:
+            parts.append(f"{name} error {100 * record[key]:.2f}%")
+    parts.append(f"{record['epoch_time_s']:.1f} s ({record['images_per_s']:.0f} img/s)")
+    return "; ".join(parts)
+
 
 
 class EpochProgress:

@@ -43,19 +43,31 @@ FAKE_DATA_DIR = "fake_data"
 
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Dataset:
     """Loads ``config.dataset``; with ``config.fake_data.num_train > 0`` first writes a small
-    random dataset with the real tfds name under ``<workdir>/fake_data`` (process 0)."""
+    random dataset with the real tfds name under ``<workdir>/fake_data`` (process 0).
+
+    Each dataset there has its own completion marker (``.complete-<dataset>``), so a second
+    smoke config in the same workdir writes its own fake data instead of looking for real
+    data.
+    """
     data_dir = config.data_dir
     # Fake data stands in for a tfds dataset only: an image folder is real data already.
     if config.fake_data.num_train and not config.dataset.startswith("image_folder:"):
         data_dir = os.path.join(workdir, FAKE_DATA_DIR)
-        marker = os.path.join(data_dir, ".complete")
+        marker = os.path.join(data_dir, f".complete-{config.dataset}")
         if jax.process_index() == 0 and not os.path.exists(marker):
+            f = config.fake_data
+            print(
+                f"Writing fake {config.dataset} data ({f.num_train} train, {f.num_test} test"
+                + (f", {f.num_extra} extra" if f.num_extra else "")
+                + f" random images; config.fake_data) to {data_dir}: no download.",
+                flush=True,
+            )
             data_lib.testing.make_tfds_dataset(
                 config.dataset,
                 data_dir,
-                num_train=config.fake_data.num_train,
-                num_test=config.fake_data.num_test,
-                num_extra=config.fake_data.num_extra,
+                num_train=f.num_train,
+                num_test=f.num_test,
+                num_extra=f.num_extra,
                 seed=config.seed,
             )
             open(marker, "w").close()

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 
 __all__ = ["LOCK_FILE", "WorkdirLock", "prepare_workdir", "describe_os_error"]
 
@@ -108,7 +108,8 @@ class WorkdirLock:
         if stale:  # The previous holder exited without releasing: killed or crashed.
             warnings.warn(
                 f"Taking over the lock of {_holder_text(stale)} on "
-                f"{os.path.dirname(self.path)}: that process is gone."
+                f"{os.path.dirname(self.path)}: that process is gone.",
+                logs.RunWarning,
             )
         holder = {
             "pid": os.getpid(),

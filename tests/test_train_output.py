@@ -1,0 +1,81 @@
+"""What ``train.py`` prints and records on a smoke run: one line of ours about fake data and
+none of tfds's download chatter, one line per epoch without the progress bar, the skipping
+implementation that really runs, and summary.json's two compile figures."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """``train.py --config cifar10:smoke`` without the bar, in mode='sample' (one device)."""
+    workdir = str(tmp_path_factory.mktemp("output") / "smoke")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", "cifar10:smoke", "--workdir", workdir,
+         "--config.progress_bar=false", "--config.model.mode=sample",
+         "--config.write_tensorboard=false", "--config.write_plots=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, out.stdout, out.stderr
+
+
+def test_fake_data_is_one_line_of_ours_and_nothing_from_tfds(sample_run):
+    _, stdout, stderr = sample_run
+    [line] = [x for x in stdout.splitlines() if "fake" in x]
+    assert line.startswith("Writing fake cifar10 data (160 train, 64 test")
+    assert line.endswith("no download.")
+    for noise in ("Downloading and preparing", "downloaded and prepared", "Generating splits",
+                  "Shuffling", "\x1b[A", "OpenCV", "Unknown size"):
+        assert noise not in stdout + stderr, noise
+
+
+def test_without_the_bar_each_epoch_prints_one_line(sample_run):
+    _, stdout, _ = sample_run
+    lines = [x for x in stdout.splitlines() if x.startswith("epoch ")]
+    assert [x.split(":")[0] for x in lines] == ["epoch 1/2", "epoch 2/2"]
+    for line in lines:
+        assert "train loss " in line and "val error " in line and "test error " in line
+        assert " s (" in line and "img/s)" in line
+
+
+def test_sample_mode_resnet_records_the_masking_it_runs(sample_run):
+    workdir, stdout, _ = sample_run
+    [line] = [x for x in stdout.splitlines() if x.startswith("Skipping implementation")]
+    assert line.startswith("Skipping implementation (auto on cpu): mask (every block computes")
+    assert "lax.cond" not in line and "masked in the ResNets" in line
+    recorded = json.load(open(os.path.join(workdir, "run.json")))["implementation"]
+    assert recorded["implementation"] == "mask" and "masked in the ResNets" in recorded["reason"]
+
+
+def test_summary_has_one_name_per_compile_figure(sample_run):
+    workdir, _, _ = sample_run
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert "compile_time_s" not in summary
+    assert summary["train_step_compile_s"] > 0  # The train step, ahead of the first epoch.
+    assert summary["compilation"]["programs"] > 1  # Every program of the session.
+
+
+def test_second_smoke_config_in_a_smoke_workdir_writes_its_own_fake_data(sample_run, tmp_path):
+    """cifar100:smoke in a copy of a cifar10:smoke workdir: fake cifar100 data is written
+    (no download is tried: download=False would fail at once otherwise)."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(sample_run[0], workdir)
+    config = load_config("cifar100:smoke", ["--config.download=false"])
+    ds = setup_lib.load_data(config, workdir)
+    assert ds.num_classes == 100 and len(ds.train) + len(ds.validation) == 160
+    cifar10 = setup_lib.load_data(load_config("cifar10:smoke", ["--config.download=false"]),
+                                  workdir)
+    assert cifar10.num_classes == 10  # The first dataset is still there.
