@@ -93,12 +93,18 @@ def _restore_labelled(
       evaluated, else it says which one was unreadable and what was evaluated instead.
     """
     wanted = step if step is not None else max(ckpts.steps(kind), default=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", checkpoint_lib.CheckpointCorruptWarning)
-        state, meta = ckpts.restore(kind, abstract, step)
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if int(meta["step"]) == wanted:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", checkpoint_lib.CheckpointCorruptWarning)
+            state, meta = ckpts.restore(kind, abstract, step)
+    finally:  # the skipped checkpoints are reported whether or not one was readable
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    damaged = any(issubclass(w.category, checkpoint_lib.CheckpointCorruptWarning)
+                  for w in caught)
+    if int(meta["step"]) == wanted or not damaged:
+        # The requested one, or (a run still training rotates its checkpoints) the newest
+        # one on disk when it was read: nothing unreadable to report.
         return state, meta, None
     order = "the next best by the selection metric" if kind == "best" else "the previous one"
     value = (meta.get("best") or {}).get("value") if kind == "best" else None
