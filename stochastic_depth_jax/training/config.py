@@ -27,6 +27,7 @@ __all__ = [
     "apply_overrides",
     "validate",
     "field_names",
+    "config_changes",
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,6 +40,23 @@ LABELS = {"cifar100": ("fine", "coarse")}
 # PRNG implementations for parameter initialisation (see step.StepKeys.from_seed).
 INIT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 SELECT_BEST_BY = {"validation": "val_error", "test": "test_error", "train": "train_error"}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any],
+                   prefix: str = "") -> dict[str, dict[str, Any]]:
+    """``{'a.b': {'old': x, 'new': y}}`` for every (nested) field that differs.
+
+    Takes configs as ``run.json`` stores them (``json.loads(config.to_json())``: tuples
+    become lists), so compare two configs in that form.
+    """
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update(config_changes(a, b, prefix + key + "."))
+        elif a != b:
+            changes[prefix + key] = {"old": a, "new": b}
+    return changes
 
 
 def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -202,18 +202,6 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
     return record
 
 
-def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'a.b': {'old': x, 'new': y}}`` for every (nested) field that differs."""
-    changes = {}
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.update(_config_changes(a, b, prefix + key + "."))
-        elif a != b:
-            changes[prefix + key] = {"old": a, "new": b}
-    return changes
-
-
 def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     """Restores the newest good 'latest' checkpoint, or initialises a fresh state."""
     if not run.ckpts.steps("latest"):
@@ -250,7 +238,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        changes = _config_changes(old.get("config", {}), meta["config"])
+        changes = config_lib.config_changes(old.get("config", {}), meta["config"])
         if changes and run.step > 0 and jax.process_index() == 0:
             listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changes.items())
             warnings.warn(

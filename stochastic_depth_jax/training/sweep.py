@@ -85,16 +85,6 @@ _OPERATIONAL_FIELDS = frozenset({
 })
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _not_shorter(field: str, old: Any, new: Any) -> bool:
     """True if ``new`` asks for at least as much training as ``old`` (0 = no step cap)."""
     if field == "num_epochs":
@@ -116,11 +106,11 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         return
     old_config, _ = evaluate_lib.load_run_config(workdir)
     # Both through JSON, as run.json stores them (tuples become lists).
-    old, new = (_flat(json.loads(c.to_json())) for c in (old_config, config))
+    old, new = (json.loads(c.to_json()) for c in (old_config, config))
     changes = []
-    for field in sorted(set(old) | set(new)):
-        a, b = old.get(field), new.get(field)
-        if a == b or field in _OPERATIONAL_FIELDS:
+    for field, change in config_lib.config_changes(old, new).items():
+        a, b = change["old"], change["new"]
+        if field in _OPERATIONAL_FIELDS:
             continue
         if field in ("num_epochs", "max_steps"):
             if _not_shorter(field, a, b):
