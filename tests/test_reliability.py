@@ -440,3 +440,18 @@ def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
         "num_epochs": {"old": 2, "new": 3},
     }
     assert {"code_version", "devices", "started_at"} <= set(first) & set(second)
+
+
+def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():
+    import signal as signal_lib
+
+    from stochastic_depth_jax.training import stopping
+
+    before = signal_lib.getsignal(signal_lib.SIGTERM)
+    with stopping.StopSignals() as stop:
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal_lib.SIGINT)  # Ctrl-C: a request, no KeyboardInterrupt
+        assert stop.agreed() == signal_lib.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal_lib.SIGINT)  # the second one stops at once
+    assert signal_lib.getsignal(signal_lib.SIGTERM) is before  # handlers restored

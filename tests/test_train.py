@@ -3,6 +3,7 @@ invariance, two-process training, deterministic evaluation, non-finite loss."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=240):
         time.sleep(0.01)
 
 
-def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
+def test_sigkill_or_sigterm_and_resume_reproduce_the_uninterrupted_run(tmp_path):
     args = [
         sys.executable,
         "train.py",
@@ -203,6 +204,32 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
     assert "Resuming from step" in out.stdout
     assert _records(killed) == _records(full)
     assert len(_records(full)) == 6
+
+    # SIGTERM (a scheduler's preemption): the run saves the step it reached, exits 143 with one
+    # line, and resuming from there reproduces the uninterrupted run too.
+    stopped = str(tmp_path / "stopped")
+    every_step = args + ["--config.log_every_steps=1", "--workdir", stopped]
+    proc = subprocess.Popen(every_step, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        _wait_for_checkpoint(proc, stopped, 6)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    match = re.search(r"stopped by SIGTERM at step (\d+) \(epoch \d+, step \d+ of 4\); its "
+                      r"checkpoint is saved", output)
+    assert match, output[-3000:]
+    assert "Traceback" not in output
+    step = int(match.group(1))
+    assert 6 <= step < 24 and os.path.isdir(os.path.join(stopped, "checkpoints", str(step)))
+    assert not os.path.exists(os.path.join(stopped, "summary.json"))
+    out = subprocess.run(every_step, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Resuming from step {step}" in out.stdout
+    assert _records(stopped) == _records(full)
 
 
 def _per_step_losses(config, workdir, mesh, steps=3):
@@ -272,6 +299,33 @@ def test_two_processes_train_and_one_process_restores(tmp_path):
     result = evaluate.evaluate_checkpoint(workdir, "latest")  # This process: 8 devices, 1 host.
     assert result["step"] == record["step"] == 4
     assert result["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    workdir, address = str(tmp_path / "run"), free_address()
+    args = [sys.executable, "train.py", "--config", "cifar10:smoke", *TINY, "--workdir", workdir,
+            "--config.num_epochs=100", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=2", "--config.write_plots=false",
+            "--coordinator_address", address, "--coordinator_bind_address", address,
+            "--num_processes", "2"]
+    procs = [subprocess.Popen(args + ["--process_id", str(i)], cwd=REPO, env=_env(devices=2),
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    try:
+        _wait_for_checkpoint(procs[0], workdir, 4)
+        procs[1].send_signal(signal.SIGTERM)  # only the second process hears it
+        outputs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    steps = []
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 128 + signal.SIGTERM, text[-3000:]
+        match = re.search(r"stopped by SIGTERM at step (\d+)", text)
+        assert match, text[-3000:]
+        steps.append(int(match.group(1)))
+    assert steps[0] == steps[1] < 400  # agreed, long before the end
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(steps[0])))
 
 
 def test_non_finite_loss_stops_with_clear_error(tmp_path):

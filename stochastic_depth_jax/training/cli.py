@@ -5,6 +5,8 @@ data, workdir, checkpoint, diverged run, missing processes) or an ``OSError`` fr
 read-only or otherwise unwritable disk is printed as ``error: <message>`` on stderr and the
 process exits with status 1. ``--debug`` or the environment variable ``SDJ_DEBUG=1``
 re-raises instead, with the full traceback. Anything else is a bug and keeps its traceback.
+A stop on SIGTERM/SIGINT after a checkpoint (:class:`stopping.Stopped`) prints its one line
+and exits with ``128 + signal``; a plain Ctrl-C elsewhere prints one line and exits 130.
 
 While ``main()`` runs, the project's own warnings (:class:`logs.RunWarning`, or a plain
 ``UserWarning`` raised from this package's code) print as one ``warning: <message>`` line,
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import stochastic_depth_jax
 from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax.training import stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors"]
@@ -91,6 +94,16 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
     try:
         with one_line_warnings():
             return main()
+    except stopping.Stopped as e:  # a requested stop, not a failure
+        if debug:
+            raise
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as e:  # noqa: BLE001  Filtered below: bugs are re-raised.
         message = _message(e)
         if message is None or debug:

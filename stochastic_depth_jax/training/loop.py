@@ -32,6 +32,7 @@ from stochastic_depth_jax.training import distributed, plots, progress
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import state as state_lib
 from stochastic_depth_jax.training import step as step_lib
+from stochastic_depth_jax.training import stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["train_and_evaluate", "NonFiniteLossError"]
@@ -71,6 +72,7 @@ class _Run:
     state: Any
     best: dict[str, Any] | None = None
     last_good: int | None = None
+    stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
 
     @property
     def step(self) -> int:
@@ -141,12 +143,29 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
                 _check_finite(run)
                 sums = _epoch_sums(run)
                 bar.update(step - (epoch - 1) * spe, sums["train_loss"], sums["train_error"])
+                if step < end:  # at the epoch's end, after its evaluation (see _train)
+                    _stop_if_requested(run, step)
             if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < end:
                 _save(run, "latest")
         jax.block_until_ready(run.state)
     finally:
         bar.close()
     return time.perf_counter() - t0
+
+
+def _stop_if_requested(run: _Run, step: int) -> None:
+    """On an agreed stop request: save 'latest' at ``step``, wait for it, raise Stopped."""
+    signum = run.stop.agreed() if run.stop is not None else None
+    if signum is None:
+        return
+    if run.last_good != step:
+        _save(run, "latest")
+    run.ckpts.wait()
+    spe = run.setup.steps_per_epoch
+    raise stopping.Stopped(
+        f"stopped by {stopping.StopSignals.name(signum)} at step {step} (epoch "
+        f"{(step - 1) // spe + 1}, step {(step - 1) % spe + 1} of {spe}); its checkpoint is "
+        f"saved in {run.workdir}/checkpoints: run the same command to resume.", signum)
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
@@ -360,7 +379,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             resume_epoch=run.step // spe,
             resume_step=run.step,
         )
-        return _train(run)
+        with stopping.StopSignals() as run.stop:
+            return _train(run)
     finally:
         if run.writer is not None:
             run.writer.close()
@@ -391,6 +411,8 @@ def _train(run: _Run) -> dict[str, Any]:
         epoch_time = _train_epoch(run, compiled, epoch, end)
         train_time += epoch_time
         record = _end_of_epoch(run, epoch, epoch_time, is_last=end == total)
+        if end < total:
+            _stop_if_requested(run, end)
     run.ckpts.wait()
     if record is None:  # Nothing left to do: the workdir holds a finished run.
         record = (metrics_lib.read_metrics(run.workdir) or [None])[-1]

@@ -1,0 +1,86 @@
+"""A graceful stop on SIGTERM / SIGINT: checkpoint the current step, then exit.
+
+Schedulers (SLURM, Kubernetes, TPU maintenance events, preemptible VMs) send SIGTERM and
+wait a grace period before killing; a user presses Ctrl-C. :class:`StopSignals` turns either
+into a request that the training loop honours at its next metrics point (every
+``log_every_steps`` steps): it saves a 'latest' checkpoint of that step, waits until the
+save is committed and raises :class:`Stopped`, which the command-line tools report in one
+line with exit status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT). Rerunning the same
+command resumes from that step.
+
+With several processes the request is agreed on at those points (one tiny all-gather), so
+every process stops at the same step even if only one of them got the signal. A second
+Ctrl-C stops at once (``KeyboardInterrupt``), keeping the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from stochastic_depth_jax import errors
+
+__all__ = ["Stopped", "StopSignals"]
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(errors.Error):
+    """Training stopped on a signal after saving a checkpoint; rerun to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM and SIGINT request a stop instead of killing.
+
+    Handlers are installed only in the main thread (Python allows no other); elsewhere the
+    object never requests a stop. The previous handlers are restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name} received: stopping at the next metrics "
+                  "point after saving a checkpoint (Ctrl-C again to stop at once).", flush=True)
+
+    def agreed(self) -> int | None:
+        """The signal to stop on, the same in every process; None to go on.
+
+        Every process must call this at the same steps (it all-gathers when there are
+        several processes).
+        """
+        local = self.signum or 0
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            gathered = np.asarray(multihost_utils.process_allgather(np.int32(local)))
+            local = int(gathered.max())
+        return local or None
+
+    @staticmethod
+    def name(signum: int) -> str:
+        return signal.Signals(signum).name
