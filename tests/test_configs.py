@@ -73,6 +73,8 @@ def test_path_form_and_overrides():
         ("cifar10", ["--config.bogus=1"], "Unknown config field 'bogus'.*batch_size"),
         ("cifar10", ["--config.model.depht=20"], "model.depht.*model.depth"),
         ("cifar10", ["--config.batch_size=abc"], "Bad value 'abc'.*batch_size"),
+        ("cifar10", ["--config.model.scan=maybe"], "expected true/false or None"),
+        ("cifar10", ["--config.write_plots=maybe"], "expected true/false, got"),
         ("cifar10", ["--config.model.depth=21"], "model.depth=21 must be 6n\\+2"),
         ("cifar10", ["--config.model.final_survival_prob=0"], "final_survival_prob"),
         ("cifar10", ["--config.model.final_survival_prob=1.5"], "final_survival_prob"),

@@ -88,7 +88,8 @@ def _parse(text: str, field_type: Any, current: Any = None) -> Any:
             return True
         if text.lower() in ("false", "0", "no"):
             return False
-        raise ValueError(f"expected true/false, got {text!r}")
+        none = " or None" if current is None else ""  # a placeholder may be empty
+        raise ValueError(f"expected true/false{none}, got {text!r}")
     if field_type is int:
         return int(text)
     if field_type is float:
