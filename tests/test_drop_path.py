@@ -1,6 +1,7 @@
 """Per-example drop path that really skips: mode='sample', implementation='skip'."""
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,14 @@ W = jax.random.normal(jax.random.key(1), (D, D))
 
 def branch(x, w=W):
     return jnp.tanh(x @ w) + 1.0  # never exactly 0, so kept rows are visible
+
+
+class LinenBranch(nn.Module):
+    """``branch`` with learned weights, for the Linen wrapper."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(D)(x)) + 1.0
 
 
 @pytest.mark.parametrize("batch, p, groups, k", [
@@ -149,14 +158,7 @@ def test_groups_must_split_the_batch():
 
 
 def test_linen_wrapper_uses_the_op_subset():
-    import flax.linen as nn
-
-    class Branch(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return jnp.tanh(nn.Dense(D)(x)) + 1.0
-
-    sd = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5, mode="sample",
+    sd = sdj.StochasticDepth(LinenBranch(parent=None), survival_prob=0.5, mode="sample",
                              scaling="train", groups=2)
     variables = sd.init(jax.random.key(0), X, deterministic=True)
     key = jax.random.key(4)
@@ -202,8 +204,6 @@ def test_sharded_subsets_move_no_activations_between_devices():
 
 
 def test_batchnorm_in_a_subset_branch_normalises_over_the_subset():
-    import flax.linen as nn
-
     class Branch(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -276,14 +276,7 @@ def test_shortcut_of_the_wrong_shape_is_a_clear_error():
 def test_wrappers_pass_the_shortcut_to_the_op(api):
     idx = ops.draw_subset(jax.random.key(9), B, 0.5, 2)
     if api == "linen":
-        import flax.linen as nn
-
-        class Branch(nn.Module):
-            @nn.compact
-            def __call__(self, x):
-                return jnp.tanh(nn.Dense(D)(x)) + 1.0
-
-        sd = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5, mode="sample",
+        sd = sdj.StochasticDepth(LinenBranch(parent=None), survival_prob=0.5, mode="sample",
                                  scaling="train", groups=2)
         variables = sd.init(jax.random.key(0), X, deterministic=True)
         run = lambda **kw: sd.apply(variables, X, **kw)

@@ -16,6 +16,7 @@ sys.path.insert(0, REPO)  # `configs` and the scripts live at the repository roo
 import evaluate as evaluate_cli  # noqa: E402
 import stochastic_depth_jax as sdj  # noqa: E402
 import sweep as sweep_cli  # noqa: E402
+from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors, pruning  # noqa: E402
 from stochastic_depth_jax.training import loop, sweep  # noqa: E402
@@ -47,16 +48,6 @@ def vit(tmp_path_factory):
     return workdir
 
 
-def _one_line_error(capsys, main, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    [line] = [x for x in err.splitlines() if x.startswith("error:")]
-    return line
-
-
 def _json(path):
     with open(path) as f:
         return json.load(f)
@@ -79,7 +70,7 @@ def _files(path):
 def test_depth_flags_refuse_a_vit_run(capsys, vit, tmp_path, flags):
     flags = [str(tmp_path / "out") if f == "OUT" else f for f in flags]
     before = _files(vit)
-    line = _one_line_error(capsys, evaluate_cli.main, ["--workdir", vit, *flags])
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", vit, *flags])
     assert "need a run of a CIFAR ResNet or WideResNet" in line and "model 'vit'" in line
     assert "without these flags" in line
     assert _files(vit) == before and not os.path.exists(tmp_path / "out")
@@ -114,7 +105,7 @@ def test_evaluate_flags_that_would_be_ignored_are_refused(capsys, resnet, tmp_pa
     _, workdir = resnet
     flags = [str(tmp_path / "out") if f == "OUT" else f for f in flags]
     before = _files(workdir)
-    line = _one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, *flags])
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, *flags])
     assert expected in line
     assert _files(workdir) == before and not os.path.exists(tmp_path / "out")
 
@@ -158,13 +149,13 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
 
     # A second export into the same directory, or into the run's checkpoints: refused.
     before = {p: _bytes(os.path.join(out, p)) for p in _files(out)}
-    line = _one_line_error(capsys, evaluate_cli.main, [*args, "--export", out, "--remove", "2"])
+    line = one_line_error(capsys, evaluate_cli.main, [*args, "--export", out, "--remove", "2"])
     assert f"Export directory {out} is not empty" in line
     assert "choose a new or empty directory" in line
     assert {p: _bytes(os.path.join(out, p)) for p in _files(out)} == before
     ckpts = os.path.join(workdir, "checkpoints")
     listed = _files(ckpts)
-    line = _one_line_error(capsys, evaluate_cli.main, [*args, "--export", ckpts])
+    line = one_line_error(capsys, evaluate_cli.main, [*args, "--export", ckpts])
     assert f"Export directory {ckpts} is not empty" in line and _files(ckpts) == listed
 
     # An export saved before the normalisation was recorded still loads.
@@ -191,7 +182,7 @@ def _sweep_argv(root, *extra):
 def test_sweep_refuses_a_run_made_with_another_config(capsys, resnet, override, expected):
     root, workdir = resnet
     before = _files(workdir)
-    line = _one_line_error(capsys, sweep_cli.main, _sweep_argv(root, override))
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(root, override))
     assert f"{workdir} holds a run trained with a different config" in line
     assert expected in line and f"use a new --root for this config, or remove {workdir}" in line
     assert _files(workdir) == before
@@ -215,13 +206,13 @@ def test_sweep_extends_a_longer_run_and_ignores_logging_fields(resnet):
 
 def test_sweep_collect_without_the_root_is_one_line(capsys, tmp_path):
     missing = str(tmp_path / "does-not-exist")
-    line = _one_line_error(capsys, sweep_cli.main, ["--root", missing, "--collect"])
+    line = one_line_error(capsys, sweep_cli.main, ["--root", missing, "--collect"])
     assert f"--root {missing!r} is not a directory" in line
 
 
 def test_sweep_refuses_the_vit_and_does_not_offer_it(capsys, tmp_path):
     root = str(tmp_path / "swvit")
-    line = _one_line_error(capsys, sweep_cli.main, [
+    line = one_line_error(capsys, sweep_cli.main, [
         "--config", "cifar10_vit:smoke", "--depths", "2", "--p-last", "0.5", "--root", root])
     assert "sweep is over model.depth and p_L" in line and "model is 'vit'" in line
     assert "drop_path_rate" in line and not os.path.exists(root)

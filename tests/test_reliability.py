@@ -18,6 +18,7 @@ sys.path.insert(0, REPO)  # `configs`, train.py and evaluate.py live at the repo
 
 import evaluate as evaluate_cli  # noqa: E402
 import train as train_cli  # noqa: E402
+from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import data, errors  # noqa: E402
 from stochastic_depth_jax.training import checkpoint as ckpt_lib  # noqa: E402
@@ -201,16 +202,6 @@ def test_corrupt_best_checkpoint_is_never_labelled_best(run, tmp_path):
 # Anticipated mistakes: one line, exit status 1, no traceback -------------------------------
 
 
-def _one_line_error(capsys, main, argv):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    [line] = [x for x in err.splitlines() if x.startswith("error:")]
-    return line
-
-
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -225,7 +216,7 @@ def _one_line_error(capsys, main, argv):
     ],
 )
 def test_train_cli_config_mistakes(capsys, tmp_path, overrides, expected):
-    line = _one_line_error(
+    line = one_line_error(
         capsys,
         train_cli.main,
         ["--config", "cifar10:smoke", "--workdir", str(tmp_path / "w"), *TINY, *overrides],
@@ -235,7 +226,7 @@ def test_train_cli_config_mistakes(capsys, tmp_path, overrides, expected):
 
 
 def test_train_cli_unknown_variant_of_a_config_file(capsys, tmp_path):
-    line = _one_line_error(
+    line = one_line_error(
         capsys, train_cli.main, ["--config", "configs/svhn.py:foo", "--workdir", str(tmp_path)]
     )
     assert "Unknown variant 'foo'" in line and "['smoke']" in line
@@ -244,7 +235,7 @@ def test_train_cli_unknown_variant_of_a_config_file(capsys, tmp_path):
 def test_train_cli_workdir_is_a_file(capsys, tmp_path):
     path = tmp_path / "file"
     path.write_text("precious")
-    line = _one_line_error(
+    line = one_line_error(
         capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir", str(path), *TINY]
     )
     assert f"Cannot write {path}" in line and "use another --workdir" in line
@@ -255,7 +246,7 @@ def test_train_cli_workdir_is_a_file(capsys, tmp_path):
 def test_train_cli_bad_image_folder(capsys, tmp_path, classes, expected):
     folder = _image_folder(str(tmp_path / "images"), classes=classes)
     os.makedirs(os.path.join(folder, "train"), exist_ok=True)
-    line = _one_line_error(
+    line = one_line_error(
         capsys,
         train_cli.main,
         ["--config", "cifar10:smoke", "--workdir", str(tmp_path / "w"), *TINY,
@@ -266,27 +257,27 @@ def test_train_cli_bad_image_folder(capsys, tmp_path, classes, expected):
 
 def test_evaluate_cli_mistakes(capsys, run, tmp_path):
     _, workdir = run
-    assert "not a directory" in _one_line_error(
+    assert "not a directory" in one_line_error(
         capsys, evaluate_cli.main, ["--workdir", str(tmp_path / "none")]
     )
-    assert "run.json not found" in _one_line_error(
+    assert "run.json not found" in one_line_error(
         capsys, evaluate_cli.main, ["--workdir", str(tmp_path)]
     )
     assert "--checkpoint must be 'latest', 'best' or a step number, got 'bets'" in (
-        _one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "bets"])
+        one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "bets"])
     )
-    assert "No latest checkpoint at step 999" in _one_line_error(
+    assert "No latest checkpoint at step 999" in one_line_error(
         capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "999"]
     )
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     shutil.copy(os.path.join(workdir, "run.json"), empty)
-    assert "has no best checkpoint yet" in _one_line_error(
+    assert "has no best checkpoint yet" in one_line_error(
         capsys, evaluate_cli.main, ["--workdir", empty]
     )
     out = str(tmp_path / "blocked")
     open(out, "w").close()  # A file where the output's directory should be.
-    line = _one_line_error(
+    line = one_line_error(
         capsys,
         evaluate_cli.main,
         ["--workdir", workdir, "--checkpoint", "latest", "--output", out + "/eval.json"],
@@ -300,7 +291,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_non_finite_loss_is_one_line(capsys, tmp_path):
-    line = _one_line_error(
+    line = one_line_error(
         capsys,
         train_cli.main,
         ["--config", "cifar10:smoke", "--workdir", str(tmp_path / "w"), *TINY,
