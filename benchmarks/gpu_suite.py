@@ -22,8 +22,10 @@ Parts:
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
 * ``epochs``: whole 45k-image epochs, constant depth vs the default config, fp32 (``train.md``);
 * ``epochs-bf16``: the same in bf16;
-* ``epochs-compact``: compact-mode granularity over whole epochs: multiples 1, 2 and 4 (4 is
-  the GPU default) beside constant depth;
+* ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
+  multiple 4 (the default before fitted lengths), 3 fitted lengths per stage (the GPU
+  default) and 4 (multiples 1 and 2 are left out: they compile 301 and 90 programs in three
+  epochs, ``benchmarks/compact_buckets.py``);
 * ``user-branch``: a user's stock-Flax branch wrapped in ``StochasticDepth``, survival 0.5 vs
   1.0 (``step_gpu.md``);
 * ``compile``: compile time of ResNet-1202 vs ResNet-110 (``step_gpu.md``).
@@ -64,7 +66,7 @@ PARTS = (
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--out", "{out}/train.md")),
     Part("epochs-compact", 360, ("benchmarks/bench_train.py", "--whole-epochs",
-                                 "constant,compact-1,compact-2,compact-4", "--epochs", "3",
+                                 "constant,compact-4,lengths-3,lengths-4", "--epochs", "3",
                                  "--train-images", "45000", "--out", "{out}/train.md")),
     Part("user-branch", 60, ("benchmarks/bench_step.py", "--user-branch",
                              "--variants", "constant,skip", "--out", "{out}/step_gpu.md")),
