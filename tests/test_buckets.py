@@ -54,3 +54,33 @@ def test_resnet110_three_fitted_lengths_pad_less_than_multiple_four():
         fitted += buckets.expected_padding(pmf, lengths[i])
         multiple += buckets.expected_padding(pmf, (4, 8, 12, 16, 17))
     assert fitted < 0.75 * multiple
+
+
+def test_granularity_script_counts_programs_and_padding(tmp_path):
+    """benchmarks/compact_buckets.py on a small run: its table is consistent with itself."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    sys.path.insert(0, here)
+    try:
+        spec = importlib.util.spec_from_file_location("compact_buckets",
+                                                      os.path.join(here, "compact_buckets.py"))
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(here)
+    out = tmp_path / "table.md"
+    script.main(["--depth", "56", "--epochs", "3", "--steps-per-epoch", "40", "--multiples",
+                 "1,4", "--lengths", "2", "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| multiple") or line.startswith("| lengths")]
+    assert len(rows) == 3
+    for row in rows:
+        computed, padding = float(row[1]), float(row[2])
+        programs = [int(p.strip(" |")) for p in row[3:]]
+        assert 0 < computed <= 1 and padding >= 0 and programs == sorted(programs)
+    assert float(rows[0][2]) == 0.0  # multiple 1 pads nothing
+    assert int(rows[2][-1].strip(" |")) <= 2 ** 3  # 2 lengths in each of 3 stages
+    assert float(rows[2][2]) < float(rows[1][2])  # fitted lengths pad less than multiple 4
