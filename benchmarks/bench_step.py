@@ -69,7 +69,6 @@ class Runner:
     state: tuple
     times: list
     buckets: callable = None  # host gates -> static scan lengths (compact variant only)
-    compiled: set = dataclasses.field(default_factory=set)  # bucket tuples already compiled
 
 
 def make_runner(name, depth, batch, scan, dtype, key, x, y):
@@ -147,11 +146,6 @@ def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
 
 
 def run_once(r: Runner, gates) -> float:
-    if r.buckets is not None:  # compile excluded: a new bucket tuple's program, untimed
-        tup = r.buckets(gates)
-        if tup not in r.compiled:
-            jax.block_until_ready(r.step(*r.state, gates, tup))
-            r.compiled.add(tup)
     t0 = time.perf_counter()  # compact: reading the gates to the host is part of the step
     out = r.step(*r.state, gates, None if r.buckets is None else r.buckets(gates))
     jax.block_until_ready(out)

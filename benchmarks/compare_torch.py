@@ -10,8 +10,8 @@ writes one table to ``benchmarks/results/vs_torch_<backend>.md``::
 Ours: constant depth, ``skip`` (lax.cond skipping, remat 'convs' as the config),
 ``compact`` (compact mode, multiple 4) and ``lengths-3`` (compact mode, 3 scan lengths per
 stage fitted to the schedule); "default" is what ``model.implementation='auto'`` picks on
-that backend (CPU: skip; GPU/TPU: lengths-3). Each compact program's compilation is
-excluded. Torch: eager and ``torch.compile``, constant and real skipping.
+that backend (CPU: skip; GPU/TPU: lengths-3). Every compact program the rounds use is
+compiled before timing. Torch: eager and ``torch.compile``, constant and real skipping.
 """
 
 from __future__ import annotations
