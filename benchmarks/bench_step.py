@@ -53,7 +53,7 @@ VARIANTS = {
     "mask": (0.5, "mask", "none"),  # stochastic depth as timm/torchvision: compute, multiply
     # Kept blocks gathered into scans of static length (host-side gates; no conditionals),
     # kept counts rounded up to a multiple of 4 / 2 / 1 (fewer compilations vs less waste),
-    # or to one of 3 / 4 lengths per stage fitted to the schedule (3: the GPU default).
+    # or to one of 3 / 4 lengths per stage fitted to the schedule.
     "compact": (0.5, "compact4", "none"),
     "compact-2": (0.5, "compact2", "none"),
     "compact-1": (0.5, "compact1", "none"),

@@ -95,7 +95,7 @@ EPOCH_VARIANTS = {
     "compact-1": ["--config.model.compact_multiple=1"],
     "compact-2": ["--config.model.compact_multiple=2"],
     "compact-4": ["--config.model.compact_multiple=4"],
-    "lengths-3": ["--config.model.compact_lengths=3"],  # the GPU default under 'auto'
+    "lengths-3": ["--config.model.compact_lengths=3"],
     "lengths-4": ["--config.model.compact_lengths=4"],
 }
 

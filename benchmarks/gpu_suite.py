@@ -17,16 +17,18 @@ Parts:
 * ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping vs masking vs no drop path
   at drop 0.1 and 0.4 and the linear rule to 0.4 (``drop_path_gpu.md``);
 * ``epochs``: whole 45k-image epochs, constant depth vs the default config (on a GPU:
-  compact mode with 3 scan lengths per stage fitted to the schedule), fp32 (``train.md``);
+  compact mode, multiple 4) vs compact mode with 3 scan lengths per stage fitted to the
+  schedule (the candidate default), fp32 (``train.md``);
 * ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
-  ``lax.cond`` skipping, compact mode (the GPU default), then PyTorch eager and
+  ``lax.cond`` skipping, compact mode (multiple 4, the GPU default; 3 fitted lengths),
+  then PyTorch eager and
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
 * ``epochs-bf16``: the same as ``epochs`` in bf16;
 * ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
-  multiple 4 (the GPU default before fitted lengths) and 4 fitted lengths per stage (3, the
-  default, is in ``epochs``; multiples 1 and 2 are left out: they compile 301 and 90
-  programs in three epochs, ``benchmarks/compact_buckets.py``);
+  multiple 2 and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
+  ``epochs``; multiple 1 is left out: it compiles 301 programs in three epochs,
+  ``benchmarks/compact_buckets.py``);
 * ``drop-path-unfused``: ``drop-path`` again with the unfused add beside the fused one;
 * ``user-branch``: a user's stock-Flax branch wrapped in ``StochasticDepth``, survival 0.5 vs
   1.0 (``step_gpu.md``);
@@ -58,8 +60,8 @@ PARTS = (
     Part("drop-path", 200, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                             "--linear", "0.4", "--rounds", "10",
                             "--out", "{out}/drop_path_gpu.md")),
-    Part("epochs", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
-                         "--epochs", "3", "--train-images", "45000",
+    Part("epochs", 380, ("benchmarks/bench_train.py", "--whole-epochs",
+                         "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
                          "--out", "{out}/train.md")),
     Part("vs-torch", 300, ("benchmarks/compare_torch.py", "--torch-python", "{torch}",
                            "--rounds", "20", "--step-out", "{out}/step_gpu.md",
@@ -68,7 +70,7 @@ PARTS = (
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--out", "{out}/train.md")),
     Part("epochs-compact", 500, ("benchmarks/bench_train.py", "--whole-epochs",
-                                 "constant,compact-4,lengths-4", "--epochs", "3",
+                                 "constant,compact-2,lengths-4", "--epochs", "3",
                                  "--train-images", "45000", "--out", "{out}/train.md")),
     Part("drop-path-unfused", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                                     "--linear", "0.4", "--unfused", "--rounds", "10",

@@ -15,6 +15,7 @@ lengths a stage may use:
   12, 14, 17, stage 3 9, 12, 17; that pads 2.5 blocks a step where multiple 4 pads 3.7,
   with 27 programs (all of them used in the first epoch) against multiple 4's 52 over 500
   epochs, of which 9 first appear in epochs 2 and 3 and stall those epochs to compile.
+  Multiple 4 stays the GPU default until a GPU measures fitted lengths.
   ``benchmarks/compact_buckets.py`` counts both exactly for a run's own gate draws.
 
 Lengths are >= 1 (a scan of length 0 is not a program worth a separate compilation), and the

@@ -43,8 +43,8 @@ def test_round_up_and_bad_input():
 
 
 def test_resnet110_three_fitted_lengths_pad_less_than_multiple_four():
-    """Why 'auto' picks 3 fitted lengths on GPU: under the paper's schedule they pad less
-    than a multiple of 4, with at most 3^3 = 27 programs (exact, stage by stage)."""
+    """Under the paper's schedule 3 fitted lengths pad less than a multiple of 4 (the GPU
+    default), with at most 3^3 = 27 programs (exact, stage by stage)."""
     model = sdj.CifarResNet(depth=110)
     probs, lengths = model.survival_probs(), model.compact_lengths(3)
     fitted = multiple = 0.0

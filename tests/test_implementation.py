@@ -10,22 +10,20 @@ def _model(*overrides):
     return load_config("cifar10:smoke", list(overrides)).model
 
 
-@pytest.mark.parametrize("platform, impl, lengths", [
+@pytest.mark.parametrize("platform, impl, multiple", [
     ("cpu", "skip", 0),
-    ("gpu", "skip", implementation.DEFAULT_COMPACT_LENGTHS),
-    ("cuda", "skip", implementation.DEFAULT_COMPACT_LENGTHS),
-    ("tpu", "skip", implementation.DEFAULT_COMPACT_LENGTHS),
+    ("gpu", "skip", implementation.DEFAULT_COMPACT_MULTIPLE),
+    ("cuda", "skip", implementation.DEFAULT_COMPACT_MULTIPLE),
+    ("tpu", "skip", implementation.DEFAULT_COMPACT_MULTIPLE),
 ])
-def test_auto_is_the_default_and_resolves_per_platform(platform, impl, lengths):
+def test_auto_is_the_default_and_resolves_per_platform(platform, impl, multiple):
     model = _model()
     assert model.implementation == "auto"
     r = implementation.resolve(model, platform)
     assert (r.implementation, r.compact_multiple, r.compact_lengths, r.requested,
-            r.platform) == (impl, 0, lengths, "auto", platform)
+            r.platform) == (impl, multiple, 0, "auto", platform)
     assert r.reason and set(r.to_json()) == {"implementation", "compact_multiple", "requested",
                                              "platform", "reason", "compact_lengths"}
-    if lengths:
-        assert "lengths per stage" in implementation.describe(r, model)
 
 
 def test_explicit_choices_and_multiples_are_kept_on_every_platform():
@@ -39,6 +37,7 @@ def test_explicit_choices_and_multiples_are_kept_on_every_platform():
         r = implementation.resolve(_model("--config.model.compact_lengths=3"), platform)
         assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("skip", 0, 3)
         assert "3 lengths per stage" in r.reason
+        assert "3 lengths per stage" in implementation.describe(r, _model())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -183,9 +183,8 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
     )
     _check(
         isinstance(m.compact_lengths, int) and m.compact_lengths >= 0,
-        f"model.compact_lengths={m.compact_lengths!r} must be an integer >= 0 (0: off, or "
-        f"chosen by implementation='auto'; {implementation.DEFAULT_COMPACT_LENGTHS} is the "
-        f"GPU default)",
+        f"model.compact_lengths={m.compact_lengths!r} must be an integer >= 0 (0: off; e.g. 3 "
+        f"lengths per stage fitted to the survival schedule)",
     )
     _check(
         m.compact_multiple == 0 or m.compact_lengths == 0,

@@ -6,15 +6,15 @@ and reason) in ``run.json``:
 * CPU: ``lax.cond`` skipping (``'skip'``, no compact mode): it pays there (ResNet-110,
   batch 128, 2-core CPU: skip/constant 0.75-0.78) with one compiled program, where compact
   mode compiles one per bucket tuple.
-* GPU and TPU: compact mode (``'skip'`` with :data:`DEFAULT_COMPACT_LENGTHS` scan lengths
-  per stage, chosen for the run's survival probabilities): kept blocks gathered into
-  static-length scans, no conditionals. On an H100 a ``conditional`` splits the step's CUDA
-  graphs and reads its predicate to the host, so ``lax.cond`` skipping measured 0.98-1.03x
-  constant depth while compact mode (multiple 4) measured 0.85x. Three lengths per stage
-  fitted to the schedule pad 2.5 blocks a step where multiple 4 pads 3.7 (ResNet-110;
-  exact, from the gate distribution, :mod:`stochastic_depth_jax.buckets`), and compile 27
-  programs, all used in the first epoch, where multiple 4 compiles 52 over 500 epochs, new
-  ones still appearing after the first; their GPU time is not measured yet. TPU was not measured; it gets compact mode for the same reason
+* GPU and TPU: compact mode (``'skip'`` with ``compact_multiple`` 4): kept blocks gathered
+  into static-length scans, no conditionals. On an H100 a ``conditional`` splits the step's
+  CUDA graphs and reads its predicate to the host, so ``lax.cond`` skipping measured
+  0.98-1.03x constant depth while compact mode measured 0.85x (multiple 4; multiples 2 and
+  1 measured slower per step). Three scan lengths per stage fitted to the schedule
+  (``compact_lengths=3``) pad 2.5 blocks a step where multiple 4 pads 3.7 (ResNet-110;
+  exact, from the gate distribution, :mod:`stochastic_depth_jax.buckets`) and compile 27
+  programs, all used in the first epoch; they become the default if a GPU measures them
+  faster (not measured yet). TPU was not measured; it gets compact mode for the same reason
   (a ``conditional`` is a host-visible control-flow boundary there too).
 
 ``'skip'`` and ``'mask'`` are used as given (with ``compact_multiple`` / ``compact_lengths``
@@ -39,7 +39,6 @@ from stochastic_depth_jax import ops
 __all__ = [
     "IMPLEMENTATIONS",
     "DEFAULT_COMPACT_MULTIPLE",
-    "DEFAULT_COMPACT_LENGTHS",
     "MASKED_SAMPLE_MODELS",
     "Resolved",
     "resolve",
@@ -48,15 +47,10 @@ __all__ = [
 
 # What model.implementation accepts: the op's implementations plus 'auto'.
 IMPLEMENTATIONS = ("auto",) + tuple(ops.IMPLEMENTATIONS)
-# A good model.compact_multiple on GPU (H100: 4 measured fastest of 1, 2, 4 over 20-round
-# step benchmarks, where each new program's compilation lands in the timed rounds).
+# Kept-block counts rounded up to this multiple in compact mode when 'auto' picks it and
+# both compact knobs are 0 (H100: 4 measured fastest of 1, 2, 4 over 20-round step
+# benchmarks, every program compiled before timing).
 DEFAULT_COMPACT_MULTIPLE = 4
-# Scan lengths per stage when 'auto' picks compact mode and both knobs are 0. ResNet-110
-# (benchmarks/compact_buckets.py, exact): 3 fitted lengths pad 2.5 blocks a step where
-# multiple 4 pads 3.7, with 27 programs, all used in epoch 1 (multiple 4: 20 in epoch 1, 52
-# by epoch 500). 4 lengths pad 1.5 but compile 64, still new ones after epoch 1; at ~5 s a
-# compile (H100: 4.2 s for the gradient) that costs more than it saves in 500 epochs.
-DEFAULT_COMPACT_LENGTHS = 3
 
 # config.model.name of the models that draw every block's gate before the forward pass
 # (CifarResNet, WideResNet): a per-example draw has no static size there, so mode='sample'
@@ -68,8 +62,7 @@ _MASKED_SAMPLE_WHY = ("mode='sample': per-example gates are masked in the ResNet
 _WHY = {
     "cpu": "CPU: lax.cond skipping measured fastest (ResNet-110 skip/constant ~0.78)",
     "gpu": ("GPU: conditionals split CUDA graphs (H100: cond skipping 0.98-1.03x constant "
-            "depth); compact mode (static-length scans of kept blocks) measured 0.85x with "
-            "multiple 4; 3 lengths per stage fitted to the schedule pad less, 27 programs"),
+            "depth); compact mode (static-length scans of kept blocks) measured 0.85x"),
     "tpu": ("TPU: not measured; compact mode as on GPU, as it avoids conditionals "
             "(host-visible control flow)"),
 }
@@ -136,7 +129,7 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     if kind == "cpu" or kind not in _WHY:
         why = _WHY["cpu"] if kind == "cpu" else f"{platform}: not measured; CPU's choice"
         return Resolved("skip", 0, impl, platform, why)
-    return Resolved("skip", 0, impl, platform, _WHY[kind], DEFAULT_COMPACT_LENGTHS)
+    return Resolved("skip", DEFAULT_COMPACT_MULTIPLE, impl, platform, _WHY[kind])
 
 
 def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
