@@ -20,6 +20,10 @@ Public API:
   :data:`VIT_SIZES`;
 * native Flax NNX modules: :mod:`nnx_layers` (``StochasticDepth``, ``DropPath``,
   ``EncoderBlock``, ``ViT``, ``load_linen_params``).
+* compact mode's scan lengths (module :mod:`stochastic_depth_jax.buckets`):
+  ``CifarResNet.compact_lengths`` fits them to the survival schedule.
+* :class:`RunWarning`: the category of the trainer's warnings (skipped checkpoints, trimmed
+  metrics, changed configs), for ``warnings.filterwarnings``.
 """
 
 from stochastic_depth_jax.conv import reroute_flax_convs
@@ -44,7 +48,8 @@ from stochastic_depth_jax.models import (
     WideResNet,
     valid_cifar_depths,
 )
-from stochastic_depth_jax import nnx_layers
+from stochastic_depth_jax import buckets, nnx_layers
+from stochastic_depth_jax.logs import RunWarning
 from stochastic_depth_jax.ops import (
     draw_gate,
     draw_gates,
@@ -82,6 +87,7 @@ __all__ = [
     "ResNet101",
     "ResNet152",
     "ResidualBlock",
+    "RunWarning",
     "Shortcut",
     "StochasticDepth",
     "SubNetworkEvaluator",
@@ -102,6 +108,7 @@ __all__ = [
     "save_pruned",
     "reroute_flax_convs",
     "nnx_layers",
+    "buckets",
     "stochastic_depth",
     "subset_branch",
     "subset_size",
