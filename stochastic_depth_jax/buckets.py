@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["kept_count_pmf", "expected_padding", "optimal_lengths", "round_up"]
+__all__ = ["kept_count_pmf", "expected_padding", "optimal_lengths", "round_up",
+           "stage_buckets"]
 
 
 def kept_count_pmf(probs) -> np.ndarray:
@@ -98,3 +99,28 @@ def round_up(kept: int, lengths) -> int:
         if length >= kept:
             return int(length)
     raise ValueError(f"{kept} kept blocks exceed the longest scan length {max(lengths)}.")
+
+
+def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) -> tuple[int, ...]:
+    """Per stage, the static scan length for its kept blocks after the first (0 if unscanned).
+
+    Args:
+      gates: bool ``[L]``, host-side.
+      stage_sizes: blocks per stage (summing to L); scanned: per stage, bool.
+      multiple: round each kept count up to a multiple of this (capped at the stage's
+        scanned block count, at least 1) ...
+      lengths: ... or, if given, to the shortest of the stage's ``lengths[i]`` that holds it.
+    """
+    gates = np.asarray(gates, bool)
+    out, start = [], 0
+    for i, (n, scan) in enumerate(zip(stage_sizes, scanned)):
+        if not scan:
+            out.append(0)
+        else:
+            kept = int(gates[start + 1:start + n].sum())
+            if lengths is None:
+                out.append(max(1, min(n - 1, -(-kept // multiple) * multiple)))
+            else:
+                out.append(round_up(kept, lengths[i]))
+        start += n
+    return tuple(out)

@@ -158,19 +158,8 @@ class ResidualStages(nn.Module):
         Returns:
           one length per stage, for its scanned blocks (0 for an unscanned stage).
         """
-        gates = np.asarray(gates, bool)
-        out, start = [], 0
-        for i, n in enumerate(self.stage_sizes):
-            if not (n > 1 and self._scanned(n - 1)):
-                out.append(0)
-            else:
-                kept = int(gates[start + 1:start + n].sum())
-                if lengths is None:
-                    out.append(max(1, min(n - 1, -(-kept // multiple) * multiple)))
-                else:
-                    out.append(buckets_lib.round_up(kept, lengths[i]))
-            start += n
-        return tuple(out)
+        return buckets_lib.stage_buckets(gates, self.stage_sizes, self._scanned_stages(),
+                                         multiple, lengths)
 
     def compact_lengths(self, probs: np.ndarray, count: int) -> tuple[tuple[int, ...], ...]:
         """Per stage, the ``count`` scan lengths of least expected padding for ``probs``.
@@ -185,12 +174,15 @@ class ResidualStages(nn.Module):
         """
         probs = np.asarray(probs, np.float64)
         out, start = [], 0
-        for n in self.stage_sizes:
-            scanned = n > 1 and self._scanned(n - 1)
+        for n, scanned in zip(self.stage_sizes, self._scanned_stages()):
             out.append(buckets_lib.optimal_lengths(probs[start + 1:start + n], count)
                        if scanned else ())
             start += n
         return tuple(out)
+
+    def _scanned_stages(self) -> tuple[bool, ...]:
+        """Per stage: are its blocks after the first one scanned?"""
+        return tuple(n > 1 and self._scanned(n - 1) for n in self.stage_sizes)
 
     def _scanned(self, num_identical: int) -> bool:
         if self.scan is None:
@@ -245,6 +237,13 @@ class ResidualStages(nn.Module):
         body = stage(block=block, train=True, constant=False, name=name)
         x, _ = body(x, (probs_g, valid))
         return x
+
+
+@functools.lru_cache(maxsize=None)
+def _scanned_stages(stage_sizes: tuple[int, ...], scan: bool | None) -> tuple[bool, ...]:
+    """``ResidualStages._scanned_stages`` for a layout, built once (a module costs ~0.1 ms)."""
+    return ResidualStages(stage_sizes=stage_sizes, stage_features=(), stage_strides=(),
+                          block=None, scan=scan, parent=None)._scanned_stages()
 
 
 def check_dtype(dtype: Any) -> None:
@@ -354,10 +353,6 @@ class _StochasticResNetBase(nn.Module):
     def stage_sizes_(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def _stages_layout(self) -> ResidualStages:
-        return ResidualStages(stage_sizes=self.stage_sizes_(), stage_features=(),
-                              stage_strides=(), block=None, scan=self.scan, parent=None)
-
     def compact_buckets(self, gates: Any, multiple: int = 4,
                         lengths: Sequence[Sequence[int]] | None = None) -> tuple[int, ...]:
         """Static per-stage scan lengths for ``__call__(..., gates=g, buckets=...)``.
@@ -366,13 +361,18 @@ class _StochasticResNetBase(nn.Module):
         scan of static length and runs no conditional at all; see
         :meth:`ResidualStages.compact_buckets` (``multiple`` rounding, or the per-stage
         ``lengths`` of :meth:`compact_lengths`). ``gates`` must be on the host (NumPy).
+        Host work only (tens of microseconds), called once per training step.
         """
-        return self._stages_layout().compact_buckets(gates, multiple, lengths)
+        sizes = tuple(self.stage_sizes_())
+        return buckets_lib.stage_buckets(gates, sizes, _scanned_stages(sizes, self.scan),
+                                         multiple, lengths)
 
     def compact_lengths(self, count: int) -> tuple[tuple[int, ...], ...]:
         """Per stage, the ``count`` scan lengths of least expected padding under this model's
         survival probabilities (:func:`stochastic_depth_jax.buckets.optimal_lengths`)."""
-        return self._stages_layout().compact_lengths(self.survival_probs(), count)
+        stages = ResidualStages(stage_sizes=self.stage_sizes_(), stage_features=(),
+                                stage_strides=(), block=None, scan=self.scan, parent=None)
+        return stages.compact_lengths(self.survival_probs(), count)
 
     def _check_buckets(self, buckets, gates, train):
         if buckets is None:
