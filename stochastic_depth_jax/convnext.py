@@ -41,6 +41,7 @@ __all__ = [
     "CONVNEXT_SIZES",
     "KERNEL_INIT",
     "convnext_dims",
+    "check_stem_stride",
     "check_image",
     "block_gate",
     "ConvNeXtBranch",
@@ -99,16 +100,21 @@ def convnext_dims(size: str, depths: Any = None,
     return d, c
 
 
+def check_stem_stride(stem_stride: Any) -> None:
+    """ValueError unless ``stem_stride`` is an integer >= 1."""
+    if isinstance(stem_stride, bool) or not isinstance(stem_stride, (int, np.integer)) \
+            or stem_stride < 1:
+        raise ValueError(f"stem_stride must be an integer >= 1 (ImageNet: 4, CIFAR: 1 or 2), "
+                         f"got {stem_stride!r}.")
+
+
 def check_image(image_shape: tuple[int, ...], stem_stride: int, stages: int) -> None:
     """ValueError unless ``image_shape`` ``[batch, H, W, C]`` divides into every stage.
 
     The stem divides H and W by ``stem_stride``, each of the ``stages - 1`` downsampling
     layers by 2, so both must be multiples of ``stem_stride * 2 ** (stages - 1)``.
     """
-    if isinstance(stem_stride, bool) or not isinstance(stem_stride, (int, np.integer)) \
-            or stem_stride < 1:
-        raise ValueError(f"stem_stride must be an integer >= 1 (ImageNet: 4, CIFAR: 1 or 2), "
-                         f"got {stem_stride!r}.")
+    check_stem_stride(stem_stride)
     if len(image_shape) != 4:
         raise ValueError(f"ConvNeXt takes images [batch, height, width, channels], got shape "
                          f"{tuple(image_shape)}.")

@@ -471,8 +471,7 @@ class ConvNeXt(nnx.Module):
                  rngs: nnx.Rngs):
         ops.validate_options(mode, scaling, implementation)
         depths, dims = linen_convnext.convnext_dims(size, depths, dims)
-        linen_convnext.check_image((1,) + (stem_stride * 2 ** (len(depths) - 1),) * 2
-                                   + (in_channels,), stem_stride, len(depths))
+        linen_convnext.check_stem_stride(stem_stride)
         self.stem_stride, self.stages = stem_stride, len(depths)
         self.mode, self.implementation, self.groups = mode, implementation, groups
         self.deterministic = deterministic
