@@ -52,10 +52,13 @@ VARIANTS = {
     "skip-remat-full": (0.5, "skip", "full"),
     "mask": (0.5, "mask", "none"),  # stochastic depth as timm/torchvision: compute, multiply
     # Kept blocks gathered into scans of static length (host-side gates; no conditionals),
-    # kept counts rounded up to a multiple of 4 / 2 / 1 (fewer compilations vs less waste).
+    # kept counts rounded up to a multiple of 4 / 2 / 1 (fewer compilations vs less waste),
+    # or to one of 3 / 4 lengths per stage fitted to the schedule (3: the GPU default).
     "compact": (0.5, "compact4", "none"),
     "compact-2": (0.5, "compact2", "none"),
     "compact-1": (0.5, "compact1", "none"),
+    "lengths-3": (0.5, "lengths3", "none"),
+    "lengths-4": (0.5, "lengths4", "none"),
 }
 
 
@@ -70,7 +73,7 @@ class Runner:
 
 def make_runner(name, depth, batch, scan, dtype, key, x, y):
     p_l, impl, remat = VARIANTS[name]
-    compact = impl.startswith("compact")
+    compact = impl.startswith(("compact", "lengths"))
     model = CifarResNet(depth=depth, num_classes=10, final_survival_prob=p_l,
                         implementation="skip" if compact else impl, remat=remat, scan=scan,
                         dtype=dtype)
@@ -96,8 +99,13 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y):
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     state = (variables["params"], variables["batch_stats"], opt_state)
-    multiple = int(impl[len("compact"):]) if compact else 0
-    buckets = (lambda g: model.compact_buckets(np.asarray(g), multiple)) if compact else None
+    buckets = None
+    if impl.startswith("compact"):
+        multiple = int(impl[len("compact"):])
+        buckets = lambda g: model.compact_buckets(np.asarray(g), multiple)  # noqa: E731
+    elif impl.startswith("lengths"):
+        lengths = model.compact_lengths(int(impl[len("lengths"):]))
+        buckets = lambda g: model.compact_buckets(np.asarray(g), lengths=lengths)  # noqa: E731
     return Runner(name, step, state, [], buckets)
 
 

@@ -16,11 +16,13 @@ platform's choice) and ``model.compact_multiple``. ``--compact 4`` measures comp
 programs (one per bucket tuple) compile on first use, inside the measured epoch and in some
 bare steps, so use enough ``--steps`` that the median is a steady-state step.
 
-``--whole-epochs constant,cond,compact-1,compact-2,compact-4`` instead times whole training
+``--whole-epochs constant,cond,compact-4,lengths-3,lengths-4`` instead times whole training
 epochs of each variant, side by side in one process (compact-mode granularity: every bucket
-tuple's compilation lands in the epoch it first appears in, as in a real run)::
+tuple's compilation lands in the epoch it first appears in, as in a real run; ``compact-m``
+rounds kept counts up to a multiple of m, ``lengths-c`` uses c lengths per stage fitted to
+the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per epoch)::
 
-    python benchmarks/bench_train.py --whole-epochs constant,cond,compact-1,compact-2,compact-4 \
+    python benchmarks/bench_train.py --whole-epochs constant,cond,compact-4,lengths-3,lengths-4 \
         --epochs 3 --train-images 45000          # on a GPU: the paper's 45k training images
 
 It reports each epoch's training time (evaluation excluded), the median of epochs >= 2, the
@@ -93,6 +95,8 @@ EPOCH_VARIANTS = {
     "compact-1": ["--config.model.compact_multiple=1"],
     "compact-2": ["--config.model.compact_multiple=2"],
     "compact-4": ["--config.model.compact_multiple=4"],
+    "lengths-3": ["--config.model.compact_lengths=3"],  # the GPU default under 'auto'
+    "lengths-4": ["--config.model.compact_lengths=4"],
 }
 
 

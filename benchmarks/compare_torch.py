@@ -7,9 +7,11 @@ writes one table to ``benchmarks/results/vs_torch_<backend>.md``::
     python benchmarks/compare_torch.py --torch-python /path/to/torch-venv/bin/python
     python benchmarks/compare_torch.py --torch-python ... --depth 20 --batch 32 --rounds 3
 
-Ours: constant depth, ``skip`` (lax.cond skipping, remat 'convs' as the config) and
-``compact`` (compact mode, multiple 4); "default" is what ``model.implementation='auto'`` picks on that backend (CPU: skip;
-GPU/TPU: compact). Torch: eager and ``torch.compile``, constant and real skipping.
+Ours: constant depth, ``skip`` (lax.cond skipping, remat 'convs' as the config),
+``compact`` (compact mode, multiple 4) and ``lengths-3`` (compact mode, 3 scan lengths per
+stage fitted to the schedule); "default" is what ``model.implementation='auto'`` picks on
+that backend (CPU: skip; GPU/TPU: lengths-3). Every compact program the rounds use is
+compiled before timing. Torch: eager and ``torch.compile``, constant and real skipping.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main(argv=None) -> None:
         for dtype in args.dtypes.split(","):
             path = os.path.join(tmp, f"jax_{dtype}.json")
             _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common,
-                  "--variants", "constant,skip-remat-convs,compact", "--dtype", dtype,
+                  "--variants", "constant,skip-remat-convs,compact,lengths-3", "--dtype", dtype,
                   "--compile-depths", "", "--json", path,
                   *(["--out", args.step_out] if args.step_out else [])])
             ours[dtype] = json.load(open(path))
@@ -75,7 +77,7 @@ def _table(args, ours, theirs) -> str:
         prec = "fp32" if dtype == "float32" else "bf16"
         med = res["median_s"]
         skip = "skip-remat-convs"  # the config's default remat
-        default = skip if res["backend"] == "cpu" else "compact"
+        default = skip if res["backend"] == "cpu" else "lengths-3"
         t = {k.replace(f"-{prec}", ""): v for k, v in theirs["median_s"].items() if prec in k}
         cells = [med["constant"], med[skip], med["compact"], med[default],
                  t.get("eager-constant"), t.get("eager-skip"), t.get("compile-constant"),
@@ -95,7 +97,7 @@ def _table(args, ours, theirs) -> str:
         f"torch {theirs['torch']} on {theirs['device']}; same machine, run one after the other; "
         f"p_L = 0.5 (linear decay), SGD Nesterov, channels-last for Torch.",
         "",
-        "| precision | ours constant | ours skip (cond) | ours compact | ours default | "
+        "| precision | ours constant | ours skip (cond) | ours compact (multiple 4) | ours default | "
         "torch eager constant | torch eager skip | torch compile constant | torch compile skip "
         "| ours default / ours constant (time) | ours default vs torch eager skip (speed) | "
         "vs torch compile skip |",

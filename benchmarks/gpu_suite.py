@@ -14,16 +14,20 @@ the log records each part's real wall time, so later runs can be planned from it
 
 Parts:
 
-* ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping (fused and unfused add) vs
-  masking vs no drop path at drop 0.1 and 0.4 and the linear rule to 0.4 (``drop_path_gpu.md``);
+* ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping vs masking vs no drop path
+  at drop 0.1 and 0.4 and the linear rule to 0.4 (``drop_path_gpu.md``);
+* ``epochs``: whole 45k-image epochs, constant depth vs the default config (on a GPU:
+  compact mode with 3 scan lengths per stage fitted to the schedule), fp32 (``train.md``);
 * ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
   ``lax.cond`` skipping, compact mode (the GPU default), then PyTorch eager and
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
-* ``epochs``: whole 45k-image epochs, constant depth vs the default config, fp32 (``train.md``);
-* ``epochs-bf16``: the same in bf16;
-* ``epochs-compact``: compact-mode granularity over whole epochs: multiples 1, 2 and 4 (4 is
-  the GPU default) beside constant depth;
+* ``epochs-bf16``: the same as ``epochs`` in bf16;
+* ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
+  multiple 4 (the GPU default before fitted lengths) and 4 fitted lengths per stage (3, the
+  default, is in ``epochs``; multiples 1 and 2 are left out: they compile 301 and 90
+  programs in three epochs, ``benchmarks/compact_buckets.py``);
+* ``drop-path-unfused``: ``drop-path`` again with the unfused add beside the fused one;
 * ``user-branch``: a user's stock-Flax branch wrapped in ``StochasticDepth``, survival 0.5 vs
   1.0 (``step_gpu.md``);
 * ``compile``: compile time of ResNet-1202 vs ResNet-110 (``step_gpu.md``).
@@ -51,21 +55,24 @@ class Part:
 
 
 PARTS = (
-    Part("drop-path", 300, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
-                            "--linear", "0.4", "--unfused", "--rounds", "10",
+    Part("drop-path", 200, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+                            "--linear", "0.4", "--rounds", "10",
                             "--out", "{out}/drop_path_gpu.md")),
+    Part("epochs", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
+                         "--epochs", "3", "--train-images", "45000",
+                         "--out", "{out}/train.md")),
     Part("vs-torch", 300, ("benchmarks/compare_torch.py", "--torch-python", "{torch}",
                            "--rounds", "20", "--step-out", "{out}/step_gpu.md",
                            "--out", "{out}/vs_torch_gpu.md")),
-    Part("epochs", 150, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
-                         "--epochs", "3", "--train-images", "45000",
-                         "--out", "{out}/train.md")),
-    Part("epochs-bf16", 150, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
+    Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--out", "{out}/train.md")),
-    Part("epochs-compact", 360, ("benchmarks/bench_train.py", "--whole-epochs",
-                                 "constant,compact-1,compact-2,compact-4", "--epochs", "3",
+    Part("epochs-compact", 500, ("benchmarks/bench_train.py", "--whole-epochs",
+                                 "constant,compact-4,lengths-4", "--epochs", "3",
                                  "--train-images", "45000", "--out", "{out}/train.md")),
+    Part("drop-path-unfused", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+                                    "--linear", "0.4", "--unfused", "--rounds", "10",
+                                    "--out", "{out}/drop_path_gpu.md")),
     Part("user-branch", 60, ("benchmarks/bench_step.py", "--user-branch",
                              "--variants", "constant,skip", "--out", "{out}/step_gpu.md")),
     Part("compile", 60, ("benchmarks/bench_step.py", "--variants", "constant",

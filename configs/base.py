@@ -54,10 +54,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "convs"
     # > 0: compact mode, draw gates on the host and gather each stage's kept blocks into a
     # scan whose length is the kept count rounded up to this multiple (no conditionals).
-    # Fastest on GPU (H100, ResNet-110, batch 128: 0.85x the constant-depth step with 4).
-    # 0 (default): with implementation='auto' the platform decides (GPU/TPU: compact mode,
-    # multiple 4; CPU: lax.cond skipping); with 'skip', off.
+    # H100, ResNet-110, batch 128: 0.85x the constant-depth step with 4.
     c.model.compact_multiple = 0
+    # > 0: compact mode with this many scan lengths per stage, chosen to minimise the
+    # expected padding under the survival schedule (ResNet-110, 3: 2.5 padded blocks a step
+    # where multiple 4 pads 3.7; 3^3 = 27 programs). At most one of the two is > 0.
+    # Both 0 (default): with implementation='auto' the platform decides (GPU/TPU: compact
+    # mode, 3 lengths; CPU: lax.cond skipping); with 'skip', off.
+    c.model.compact_lengths = 0
     c.model.scan = ml_collections.config_dict.placeholder(bool)
     c.model.dtype = "float32"
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stochastic_depth_jax import buckets as buckets_lib
 from stochastic_depth_jax import layers, ops, schedules
 from stochastic_depth_jax.conv import Conv
 
@@ -141,7 +142,8 @@ class ResidualStages(nn.Module):
             start += n
         return x
 
-    def compact_buckets(self, gates: np.ndarray, multiple: int = 4) -> tuple[int, ...]:
+    def compact_buckets(self, gates: np.ndarray, multiple: int = 4,
+                        lengths: Sequence[Sequence[int]] | None = None) -> tuple[int, ...]:
         """Static scan lengths for :meth:`__call__`'s ``buckets`` from host-side gates.
 
         Args:
@@ -149,17 +151,44 @@ class ResidualStages(nn.Module):
           multiple: round each stage's kept count up to a multiple of this, so that few
             distinct programs get compiled (each one costs a compilation; surplus slots
             cost masked compute).
+          lengths: instead of ``multiple``, the lengths each stage may use, one sorted
+            sequence per stage (see :meth:`compact_lengths`); the kept count is rounded up
+            to the shortest that holds it.
 
         Returns:
           one length per stage, for its scanned blocks (0 for an unscanned stage).
         """
         gates = np.asarray(gates, bool)
         out, start = [], 0
+        for i, n in enumerate(self.stage_sizes):
+            if not (n > 1 and self._scanned(n - 1)):
+                out.append(0)
+            else:
+                kept = int(gates[start + 1:start + n].sum())
+                if lengths is None:
+                    out.append(max(1, min(n - 1, -(-kept // multiple) * multiple)))
+                else:
+                    out.append(buckets_lib.round_up(kept, lengths[i]))
+            start += n
+        return tuple(out)
+
+    def compact_lengths(self, probs: np.ndarray, count: int) -> tuple[tuple[int, ...], ...]:
+        """Per stage, the ``count`` scan lengths of least expected padding for ``probs``.
+
+        Args:
+          probs: every block's survival probability, ``[L]``.
+          count: lengths (compiled programs) allowed per scanned stage.
+
+        Returns:
+          one sorted tuple per stage (empty for an unscanned stage), for
+          :meth:`compact_buckets`'s ``lengths`` (see :mod:`stochastic_depth_jax.buckets`).
+        """
+        probs = np.asarray(probs, np.float64)
+        out, start = [], 0
         for n in self.stage_sizes:
-            rest = gates[start + 1:start + n]
-            kept = int(rest.sum())
-            size = min(n - 1, -(-kept // multiple) * multiple)
-            out.append(max(1, size) if n > 1 and self._scanned(n - 1) else 0)
+            scanned = n > 1 and self._scanned(n - 1)
+            out.append(buckets_lib.optimal_lengths(probs[start + 1:start + n], count)
+                       if scanned else ())
             start += n
         return tuple(out)
 
@@ -325,16 +354,25 @@ class _StochasticResNetBase(nn.Module):
     def stage_sizes_(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def compact_buckets(self, gates: Any, multiple: int = 4) -> tuple[int, ...]:
+    def _stages_layout(self) -> ResidualStages:
+        return ResidualStages(stage_sizes=self.stage_sizes_(), stage_features=(),
+                              stage_strides=(), block=None, scan=self.scan, parent=None)
+
+    def compact_buckets(self, gates: Any, multiple: int = 4,
+                        lengths: Sequence[Sequence[int]] | None = None) -> tuple[int, ...]:
         """Static per-stage scan lengths for ``__call__(..., gates=g, buckets=...)``.
 
         Compact mode (``buckets`` given) gathers each stage's kept blocks to the front of a
         scan of static length and runs no conditional at all; see
-        :meth:`ResidualStages.compact_buckets`. ``gates`` must be on the host (NumPy).
+        :meth:`ResidualStages.compact_buckets` (``multiple`` rounding, or the per-stage
+        ``lengths`` of :meth:`compact_lengths`). ``gates`` must be on the host (NumPy).
         """
-        stages = ResidualStages(stage_sizes=self.stage_sizes_(), stage_features=(),
-                                stage_strides=(), block=None, scan=self.scan, parent=None)
-        return stages.compact_buckets(gates, multiple)
+        return self._stages_layout().compact_buckets(gates, multiple, lengths)
+
+    def compact_lengths(self, count: int) -> tuple[tuple[int, ...], ...]:
+        """Per stage, the ``count`` scan lengths of least expected padding under this model's
+        survival probabilities (:func:`stochastic_depth_jax.buckets.optimal_lengths`)."""
+        return self._stages_layout().compact_lengths(self.survival_probs(), count)
 
     def _check_buckets(self, buckets, gates, train):
         if buckets is None:

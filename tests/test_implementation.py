@@ -10,20 +10,22 @@ def _model(*overrides):
     return load_config("cifar10:smoke", list(overrides)).model
 
 
-@pytest.mark.parametrize("platform, impl, multiple", [
+@pytest.mark.parametrize("platform, impl, lengths", [
     ("cpu", "skip", 0),
-    ("gpu", "skip", implementation.DEFAULT_COMPACT_MULTIPLE),
-    ("cuda", "skip", implementation.DEFAULT_COMPACT_MULTIPLE),
-    ("tpu", "skip", implementation.DEFAULT_COMPACT_MULTIPLE),
+    ("gpu", "skip", implementation.DEFAULT_COMPACT_LENGTHS),
+    ("cuda", "skip", implementation.DEFAULT_COMPACT_LENGTHS),
+    ("tpu", "skip", implementation.DEFAULT_COMPACT_LENGTHS),
 ])
-def test_auto_is_the_default_and_resolves_per_platform(platform, impl, multiple):
+def test_auto_is_the_default_and_resolves_per_platform(platform, impl, lengths):
     model = _model()
     assert model.implementation == "auto"
     r = implementation.resolve(model, platform)
-    assert (r.implementation, r.compact_multiple, r.requested, r.platform) == (
-        impl, multiple, "auto", platform)
+    assert (r.implementation, r.compact_multiple, r.compact_lengths, r.requested,
+            r.platform) == (impl, 0, lengths, "auto", platform)
     assert r.reason and set(r.to_json()) == {"implementation", "compact_multiple", "requested",
-                                             "platform", "reason"}
+                                             "platform", "reason", "compact_lengths"}
+    if lengths:
+        assert "lengths per stage" in implementation.describe(r, model)
 
 
 def test_explicit_choices_and_multiples_are_kept_on_every_platform():
@@ -33,14 +35,29 @@ def test_explicit_choices_and_multiples_are_kept_on_every_platform():
         r = implementation.resolve(_model("--config.model.implementation=mask"), platform)
         assert (r.implementation, r.compact_multiple) == ("mask", 0)
         r = implementation.resolve(_model("--config.model.compact_multiple=2"), platform)
-        assert (r.implementation, r.compact_multiple) == ("skip", 2)
+        assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("skip", 2, 0)
+        r = implementation.resolve(_model("--config.model.compact_lengths=3"), platform)
+        assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("skip", 0, 3)
+        assert "3 lengths per stage" in r.reason
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.model.compact_lengths=-1"], "model.compact_lengths=-1 must be an integer >= 0"),
+    (["--config.model.compact_lengths=2", "--config.model.compact_multiple=4"],
+     "set one of them to 0"),
+    (["--config.model.compact_lengths=2", "--config.model.mode=sample"],
+     "need model.mode='batch'"),
+])
+def test_bad_compact_lengths_fail_clearly(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(load_config("cifar10:smoke", overrides))
 
 
 def test_auto_with_per_example_gates_never_picks_compact_mode():
     vit = load_config("cifar10_vit:smoke", ["--config.model.implementation=auto"]).model
     for model in (_model("--config.model.mode=sample"), vit):
         r = implementation.resolve(model, "gpu")
-        assert r.compact_multiple == 0 and "sample" in r.reason
+        assert (r.compact_multiple, r.compact_lengths) == (0, 0) and "sample" in r.reason
 
 
 def test_unknown_implementation_fails_clearly():

@@ -315,6 +315,30 @@ def test_compact_mode_equals_skipping():
         jax.tree_util.tree_map(close, u_comp, u_skip)  # dropped blocks' stats unchanged too
 
 
+def test_compact_lengths_fit_the_schedule_and_give_the_same_training():
+    model = tiny(depth=26, scan=True)  # three scanned blocks per stage
+    lengths = model.compact_lengths(2)
+    assert len(lengths) == 3 and all(ls[-1] == 3 and list(ls) == sorted(set(ls)) and ls[0] >= 1
+                                     for ls in lengths)
+    gates = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1], bool)  # kept: 2, 2, 1
+    buckets = model.compact_buckets(gates, lengths=lengths)
+    assert all(b == min(x for x in ls if x >= k) for b, ls, k in zip(buckets, lengths, (2, 2, 1)))
+    v = init(model)
+
+    def run(buckets):
+        y, upd = model.apply(v, X, train=True, gates=jnp.asarray(gates), buckets=buckets,
+                             mutable=["batch_stats"])
+        return y, upd
+
+    y_skip, u_skip = run(None)
+    y_comp, u_comp = run(buckets)
+    np.testing.assert_allclose(y_comp, y_skip, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           u_comp, u_skip)
+    # An unscanned stage has no lengths and a bucket of 0.
+    assert tiny(depth=26, scan=False).compact_lengths(2) == ((), (), ())
+
+
 def test_compact_mode_needs_gates_and_training():
     model = tiny(depth=26, scan=True)
     v = init(model)

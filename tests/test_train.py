@@ -271,12 +271,11 @@ def test_compact_mode_trains_like_skipping_on_eight_devices(tmp_path):
     deep = TINY + ["--config.model.depth=26", "--config.model.scan=true"]
     mesh = distributed.make_mesh()
     skip, state_s = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), mesh)
-    compact, state_c = _per_step_losses(
-        load_config("cifar10:smoke", deep + ["--config.model.compact_multiple=2"]),
-        str(tmp_path),
-        mesh,
-    )
-    _assert_same_training(compact, state_c, skip, state_s)
+    # Both ways of choosing the scan lengths: a multiple, and lengths fit to the schedule.
+    for knob in ("--config.model.compact_multiple=2", "--config.model.compact_lengths=2"):
+        compact, state_c = _per_step_losses(
+            load_config("cifar10:smoke", deep + [knob]), str(tmp_path), mesh)
+        _assert_same_training(compact, state_c, skip, state_s)
 
 
 def test_uneven_batch_fails_clearly(tmp_path):

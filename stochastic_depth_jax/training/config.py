@@ -182,8 +182,20 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
         f"GPU value)",
     )
     _check(
-        m.compact_multiple == 0 or m.mode == "batch",
-        "model.compact_multiple > 0 needs model.mode='batch' (one gate per block)",
+        isinstance(m.compact_lengths, int) and m.compact_lengths >= 0,
+        f"model.compact_lengths={m.compact_lengths!r} must be an integer >= 0 (0: off, or "
+        f"chosen by implementation='auto'; {implementation.DEFAULT_COMPACT_LENGTHS} is the "
+        f"GPU default)",
+    )
+    _check(
+        m.compact_multiple == 0 or m.compact_lengths == 0,
+        f"model.compact_multiple={m.compact_multiple} and model.compact_lengths="
+        f"{m.compact_lengths} both choose compact mode's scan lengths: set one of them to 0",
+    )
+    _check(
+        (m.compact_multiple == 0 and m.compact_lengths == 0) or m.mode == "batch",
+        "model.compact_multiple / compact_lengths > 0 need model.mode='batch' (one gate per "
+        "block)",
     )
 
 

@@ -6,16 +6,20 @@ and reason) in ``run.json``:
 * CPU: ``lax.cond`` skipping (``'skip'``, no compact mode): it pays there (ResNet-110,
   batch 128, 2-core CPU: skip/constant 0.75-0.78) with one compiled program, where compact
   mode compiles one per bucket tuple.
-* GPU and TPU: compact mode (``'skip'`` with ``compact_multiple`` > 0, default 4): kept
-  blocks gathered into static-length scans, no conditionals. On an H100 a ``conditional``
-  splits the step's CUDA graphs and reads its predicate to the host, so ``lax.cond``
-  skipping measured 0.98-1.03x constant depth while compact mode measured 0.85x. TPU was not
-  measured; it gets compact mode for the same reason (a ``conditional`` is a host-visible
-  control-flow boundary there too).
+* GPU and TPU: compact mode (``'skip'`` with :data:`DEFAULT_COMPACT_LENGTHS` scan lengths
+  per stage, chosen for the run's survival probabilities): kept blocks gathered into
+  static-length scans, no conditionals. On an H100 a ``conditional`` splits the step's CUDA
+  graphs and reads its predicate to the host, so ``lax.cond`` skipping measured 0.98-1.03x
+  constant depth while compact mode (multiple 4) measured 0.85x. Three lengths per stage
+  fitted to the schedule pad 2.5 blocks a step where multiple 4 pads 3.7 (ResNet-110;
+  exact, from the gate distribution, :mod:`stochastic_depth_jax.buckets`), and compile 27
+  programs, all used in the first epoch, where multiple 4 compiles 52 over 500 epochs, new
+  ones still appearing after the first; their GPU time is not measured yet. TPU was not measured; it gets compact mode for the same reason
+  (a ``conditional`` is a host-visible control-flow boundary there too).
 
-``'skip'`` and ``'mask'`` are used as given (with ``compact_multiple`` as configured). With
-``'auto'``, a ``compact_multiple`` > 0 asks for compact mode on every platform; 0 lets the
-platform decide (compact mode uses a multiple of :data:`DEFAULT_COMPACT_MULTIPLE` then).
+``'skip'`` and ``'mask'`` are used as given (with ``compact_multiple`` / ``compact_lengths``
+as configured). With ``'auto'``, a ``compact_multiple`` or ``compact_lengths`` > 0 asks for
+that compact mode on every platform; both 0 let the platform decide.
 
 One exception: the ResNets (:data:`MASKED_SAMPLE_MODELS`) draw all gates up front, so with
 ``mode='sample'`` their per-example gates are Bernoulli masks whatever was asked for; that
@@ -35,6 +39,7 @@ from stochastic_depth_jax import ops
 __all__ = [
     "IMPLEMENTATIONS",
     "DEFAULT_COMPACT_MULTIPLE",
+    "DEFAULT_COMPACT_LENGTHS",
     "MASKED_SAMPLE_MODELS",
     "Resolved",
     "resolve",
@@ -43,9 +48,15 @@ __all__ = [
 
 # What model.implementation accepts: the op's implementations plus 'auto'.
 IMPLEMENTATIONS = ("auto",) + tuple(ops.IMPLEMENTATIONS)
-# Kept-block counts rounded up to this multiple in compact mode when 'auto' picks it and
-# model.compact_multiple is 0 (H100: 4 measured fastest over 20-round benchmarks).
+# A good model.compact_multiple on GPU (H100: 4 measured fastest of 1, 2, 4 over 20-round
+# step benchmarks, where each new program's compilation lands in the timed rounds).
 DEFAULT_COMPACT_MULTIPLE = 4
+# Scan lengths per stage when 'auto' picks compact mode and both knobs are 0. ResNet-110
+# (benchmarks/compact_buckets.py, exact): 3 fitted lengths pad 2.5 blocks a step where
+# multiple 4 pads 3.7, with 27 programs, all used in epoch 1 (multiple 4: 20 in epoch 1, 52
+# by epoch 500). 4 lengths pad 1.5 but compile 64, still new ones after epoch 1; at ~5 s a
+# compile (H100: 4.2 s for the gradient) that costs more than it saves in 500 epochs.
+DEFAULT_COMPACT_LENGTHS = 3
 
 # config.model.name of the models that draw every block's gate before the forward pass
 # (CifarResNet, WideResNet): a per-example draw has no static size there, so mode='sample'
@@ -57,7 +68,8 @@ _MASKED_SAMPLE_WHY = ("mode='sample': per-example gates are masked in the ResNet
 _WHY = {
     "cpu": "CPU: lax.cond skipping measured fastest (ResNet-110 skip/constant ~0.78)",
     "gpu": ("GPU: conditionals split CUDA graphs (H100: cond skipping 0.98-1.03x constant "
-            "depth); compact mode (static-length scans of kept blocks) measured 0.85x"),
+            "depth); compact mode (static-length scans of kept blocks) measured 0.85x with "
+            "multiple 4; 3 lengths per stage fitted to the schedule pad less, 27 programs"),
     "tpu": ("TPU: not measured; compact mode as on GPU, as it avoids conditionals "
             "(host-visible control flow)"),
 }
@@ -70,6 +82,8 @@ class Resolved:
     Attributes:
       implementation: ``'skip'`` or ``'mask'`` (``CifarResNet.implementation``).
       compact_multiple: > 0 selects compact mode with this bucket multiple; 0 = off.
+      compact_lengths: > 0 selects compact mode with this many scan lengths per stage,
+        chosen for the survival probabilities; 0 = off (at most one of the two is > 0).
       requested: the configured ``model.implementation``.
       platform: the platform it was resolved for (``'cpu'``, ``'gpu'``, ``'tpu'``, ...).
       reason: why, in words (recorded in ``run.json``).
@@ -80,6 +94,7 @@ class Resolved:
     requested: str
     platform: str
     reason: str
+    compact_lengths: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of the fields."""
@@ -92,25 +107,28 @@ def _platform_kind(platform: str) -> str:
 
 
 def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
-    """Resolves ``model.implementation`` and ``model.compact_multiple`` for ``platform``.
+    """Resolves ``model.implementation`` and the compact-mode knobs for ``platform``.
 
     Args:
-      model: the ``config.model`` block (``implementation``, ``compact_multiple``, ``mode``).
+      model: the ``config.model`` block (``implementation``, ``compact_multiple``,
+        ``compact_lengths``, ``mode``).
       platform: ``jax.devices()[0].platform`` of the run's devices.
 
     Raises:
       ValueError: ``model.implementation`` is not one of :data:`IMPLEMENTATIONS`.
     """
     impl, multiple = model.implementation, int(model.get("compact_multiple", 0))
+    lengths = int(model.get("compact_lengths", 0))
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"model.implementation={impl!r}; valid: {list(IMPLEMENTATIONS)}")
     kind = _platform_kind(platform)
     if model.mode == "sample" and model.get("name", "cifar_resnet") in MASKED_SAMPLE_MODELS:
         return Resolved("mask", 0, impl, platform, _MASKED_SAMPLE_WHY)
-    if impl != "auto" or multiple:
-        how = f"compact mode, multiple {multiple}" if multiple else "no compact mode"
+    if impl != "auto" or multiple or lengths:
+        how = (f"compact mode, multiple {multiple}" if multiple else
+               f"compact mode, {lengths} lengths per stage" if lengths else "no compact mode")
         return Resolved("skip" if impl == "auto" else impl, multiple, impl, platform,
-                        f"configured ({how})")
+                        f"configured ({how})", lengths)
     if model.mode != "batch":
         return Resolved("skip", 0, impl, platform,
                         f"{kind.upper()}: mode={model.mode!r} has per-example gates, which "
@@ -118,7 +136,7 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     if kind == "cpu" or kind not in _WHY:
         why = _WHY["cpu"] if kind == "cpu" else f"{platform}: not measured; CPU's choice"
         return Resolved("skip", 0, impl, platform, why)
-    return Resolved("skip", multiple or DEFAULT_COMPACT_MULTIPLE, impl, platform, _WHY[kind])
+    return Resolved("skip", 0, impl, platform, _WHY[kind], DEFAULT_COMPACT_LENGTHS)
 
 
 def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
@@ -126,6 +144,9 @@ def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
     if resolved.compact_multiple:
         return (f"compact mode (kept blocks gathered into static-length scans, multiple "
                 f"{resolved.compact_multiple})")
+    if resolved.compact_lengths:
+        return (f"compact mode (kept blocks gathered into static-length scans, "
+                f"{resolved.compact_lengths} lengths per stage chosen for the schedule)")
     if resolved.implementation == "mask":
         return "mask (every block computes; dropped outputs are multiplied by 0)"
     if model.mode == "sample":

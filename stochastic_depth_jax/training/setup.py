@@ -251,6 +251,7 @@ def build(
         std=std,
         augment=augment,
         compact_multiple=resolved.compact_multiple,
+        compact_lengths=resolved.compact_lengths,
         label_smoothing=config.label_smoothing,
     )
     return Setup(

@@ -13,6 +13,7 @@ device therefore drops the same blocks, and a resumed run repeats the same draws
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -102,11 +103,13 @@ def make_train_step(
     std: Any,
     augment: str,
     compact_multiple: int = 0,
+    compact_lengths: int = 0,
     label_smoothing: float = 0.0,
 ) -> Callable[..., state_lib.TrainState]:
     """Returns ``train_step(state, train_split) -> state`` (jitted, state donated).
 
-    With ``compact_multiple > 0`` it returns a :class:`CompactTrainStep` instead, called as
+    With ``compact_multiple > 0`` or ``compact_lengths > 0`` it returns a
+    :class:`CompactTrainStep` instead, called as
     ``train_step(state, train_split, step)`` with the host's step number: the gates are drawn
     on the host and the model runs in compact mode (no conditionals; see
     ``CifarResNet.compact_buckets``). Both forms draw the same gates,
@@ -123,7 +126,11 @@ def make_train_step(
       keys: the run's keys; mesh: the data mesh (``batch_size`` must divide by its size).
       batch_size: global batch; steps_per_epoch: for the epoch sums.
       mean, std: float [C] normalisation; augment: ``data.AUGMENTATIONS`` name.
-      compact_multiple: > 0 for compact mode (models with ``compact_buckets`` only).
+      compact_multiple: > 0 for compact mode (models with ``compact_buckets`` only), each
+        stage's scan length rounded up to a multiple of this.
+      compact_lengths: > 0 for compact mode with this many scan lengths per stage, chosen
+        for the model's survival probabilities (``model.compact_lengths``); exclusive with
+        ``compact_multiple``.
       label_smoothing: cross-entropy against ``(1 - s) one_hot + s / classes``.
 
     The loss (mean cross-entropy over the global batch), errors and the first-conv
@@ -131,9 +138,15 @@ def make_train_step(
     """
     distributed.check_batch_size(batch_size, mesh)
     replicated = distributed.replicated(mesh)
-    if compact_multiple and not hasattr(model, "compact_buckets"):
-        raise ValueError(f"compact_multiple={compact_multiple} needs a model with compact mode "
-                         f"(CifarResNet); {type(model).__name__} has none: set it to 0.")
+    compact = compact_multiple or compact_lengths
+    if compact_multiple and compact_lengths:
+        raise ValueError(f"compact_multiple={compact_multiple} and compact_lengths="
+                         f"{compact_lengths} both ask for compact mode: set one of them to 0.")
+    if compact and not hasattr(model, "compact_buckets"):
+        what = (f"compact_multiple={compact_multiple}" if compact_multiple
+                else f"compact_lengths={compact_lengths}")
+        raise ValueError(f"{what} needs a model with compact mode (CifarResNet); "
+                         f"{type(model).__name__} has none: set it to 0.")
 
     def train_step(state: state_lib.TrainState, split: data_lib.DeviceSplit, gates=None,
                    buckets=None):
@@ -186,10 +199,15 @@ def make_train_step(
             sums=sums,
         )
 
-    if compact_multiple and float(model.final_survival_prob) < 1.0:  # constant: nothing to compact
+    if compact and float(model.final_survival_prob) < 1.0:  # constant: nothing to compact
         jitted = jax.jit(train_step, out_shardings=replicated, donate_argnums=0,
                          static_argnums=3)
-        return CompactTrainStep(jitted, model, keys.gates, compact_multiple, batch_size, mesh)
+        if compact_lengths:
+            lengths = model.compact_lengths(compact_lengths)
+            bucketing = functools.partial(model.compact_buckets, lengths=lengths)
+        else:
+            bucketing = functools.partial(model.compact_buckets, multiple=compact_multiple)
+        return CompactTrainStep(jitted, model, keys.gates, bucketing, batch_size, mesh)
     return jax.jit(train_step, out_shardings=replicated, donate_argnums=0)
 
 
@@ -239,8 +257,8 @@ class CompactTrainStep:
     bit-identical to the device draw (threefry), so every process picks the same buckets.
     """
 
-    def __init__(self, jitted, model, gate_key, multiple, batch_size, mesh):
-        self._jitted, self._model, self._multiple = jitted, model, multiple
+    def __init__(self, jitted, model, gate_key, bucketing, batch_size, mesh):
+        self._jitted, self._bucketing = jitted, bucketing  # bucketing: host gates -> buckets
         cpu = jax.local_devices(backend="cpu")[0]
         self._key = jax.device_put(gate_key, cpu)
         self._draw = jax.jit(lambda k, s: step_gates(model, k, s, batch_size))
@@ -248,7 +266,7 @@ class CompactTrainStep:
 
     def __call__(self, state: state_lib.TrainState, split: data_lib.DeviceSplit, step: int):
         gates = np.asarray(self._draw(self._key, np.int32(step)))
-        buckets = self._model.compact_buckets(gates, self._multiple)
+        buckets = self._bucketing(gates)
         gates = jax.device_put(gates, self._replicated)
         return self._jitted(state, split, gates, buckets)
 

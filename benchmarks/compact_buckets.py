@@ -1,0 +1,155 @@
+"""Compact-mode granularity without a GPU: programs compiled vs padded blocks.
+
+Compact mode (the GPU default) scans each stage over its kept blocks only, padded up to one
+of a few static lengths: a multiple of m (``model.compact_multiple``, rows "multiple m") or
+c lengths per stage fitted to the survival schedule (``model.compact_lengths``, rows
+"lengths c"; :mod:`stochastic_depth_jax.buckets`). Each distinct tuple of per-stage lengths
+is one compiled program. Finer lengths waste fewer blocks on padding but compile more
+programs, and those compilations land in the epochs where each tuple first appears. Both
+sides follow from the gates alone, so this counts them exactly, for the trainer's own gate
+draws (``fold_in(gate_key, step)``, the model's ``compact_buckets``), with no model run::
+
+    python benchmarks/compact_buckets.py                         # ResNet-110, 500 epochs
+    python benchmarks/compact_buckets.py --depth 1202 --epochs 100 --multiples 1,4,8
+
+Columns: blocks computed per step as a fraction of all blocks (stage-first blocks always run;
+scanned stages run their padded length; constant depth is 1.0 and the expected kept fraction
+is the compute floor), padding as a fraction of the kept blocks, and the number of distinct
+programs compiled after 1, 3, 10, ... epochs (all of them compile in a fresh run; with the
+persistent compilation cache a repeated or resumed run reuses them). Multiply by a measured
+compile time per program (``bench_train.py --whole-epochs`` prints compiles and seconds) to
+get the compile time each granularity costs. Appends to
+``benchmarks/results/compact_buckets.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stochastic_depth_jax import CifarResNet
+from stochastic_depth_jax.training.step import StepKeys, step_gates
+from provenance import code_version  # next to this file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
+    ap.add_argument("--final-survival", type=float, default=0.5, help="p_L (linear decay)")
+    ap.add_argument("--multiples", default="1,2,4,6", help="compact multiples to compare")
+    ap.add_argument("--lengths", default="3,4,5",
+                    help="lengths per stage (fitted to the schedule) to compare")
+    ap.add_argument("--epochs", type=int, default=500, help="epochs to simulate")
+    ap.add_argument("--steps-per-epoch", type=int, default=351,
+                    help="45k training images / batch 128 (the paper's CIFAR split)")
+    ap.add_argument("--seed", type=int, default=0, help="config.seed of the run")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "compact_buckets.md"))
+    args = ap.parse_args(argv)
+    for name in ("multiples", "lengths"):
+        text = getattr(args, name)
+        try:
+            values = [int(m) for m in text.split(",") if m.strip()]
+        except ValueError:
+            ap.error(f"--{name} must be comma-separated integers, got {text!r}")
+        if any(m < 1 for m in values):
+            ap.error(f"--{name} must be >= 1, got {text!r}")
+        setattr(args, name, values)
+    if args.epochs < 1 or args.steps_per_epoch < 1:
+        ap.error("--epochs and --steps-per-epoch must be >= 1")
+    return args
+
+
+def draw_all(model: CifarResNet, seed: int, steps: int, chunk: int = 8192) -> np.ndarray:
+    """The run's gates for steps 1..``steps``, bool ``[steps, L]``, as the trainer draws them."""
+    key = StepKeys.from_seed(seed).gates
+    draw = jax.jit(jax.vmap(lambda s: step_gates(model, key, s, batch_size=1)))
+    out = [np.asarray(draw(jnp.arange(a, min(a + chunk, steps + 1), dtype=jnp.int32)))
+           for a in range(1, steps + 1, chunk)]
+    return np.concatenate(out)
+
+
+def checkpoints(epochs: int) -> list[int]:
+    """Epoch counts at which the program count is reported: 1, 3, 10, 30, 100, ... epochs."""
+    marks = [e for e in (1, 3, 10, 30, 100, 300, 500, 1000) if e < epochs]
+    return marks + [epochs]
+
+
+def granularity_row(model, gates: np.ndarray, label: str, bucketing, steps_per_epoch: int,
+                    marks: list[int]) -> dict:
+    """Block-compute fraction, padding and programs-compiled-by-epoch for one bucketing
+    (host gates ``[L]`` -> per-stage scan lengths)."""
+    sizes = model.stage_sizes_()
+    first_blocks = len(sizes)
+    seen: set[tuple[int, ...]] = set()
+    new_at = []  # step index of each program's first use
+    computed = 0
+    for i, g in enumerate(gates):
+        buckets = bucketing(g)
+        computed += first_blocks + sum(buckets)
+        if buckets not in seen:
+            seen.add(buckets)
+            new_at.append(i)
+    new_at = np.asarray(new_at)
+    total = gates.shape[0] * gates.shape[1]
+    kept_rest = computed - first_blocks * gates.shape[0]
+    scanned_kept = sum(int(gates[:, s + 1:s + n].sum())
+                       for s, n in zip(np.cumsum([0, *sizes[:-1]]), sizes))
+    return {
+        "label": label,
+        "computed": computed / total,
+        "padding": (kept_rest - scanned_kept) / max(int(gates.sum()), 1),
+        "programs": [int((new_at < e * steps_per_epoch).sum()) for e in marks],
+    }
+
+
+def table(args, model, gates, rows, marks) -> str:
+    kept = gates.mean()
+    head = " | ".join(f"{e} ep" for e in marks)
+    lines = [
+        f"\n## Compact-mode granularity, ResNet-{args.depth}, p_L {args.final_survival}, "
+        f"{args.steps_per_epoch} steps/epoch, seed {args.seed} "
+        f"({datetime.date.today().isoformat()}, commit {code_version()})\n",
+        f"Command: `python benchmarks/compact_buckets.py --depth {args.depth} --epochs "
+        f"{args.epochs} --multiples {','.join(map(str, args.multiples))} --lengths "
+        f"{','.join(map(str, args.lengths))}`. Exact counts from "
+        f"the trainer's gate draws; no model run. Kept blocks (the compute floor): "
+        f"{kept:.4f} of {gates.shape[1]}.\n",
+        f"| scan lengths | blocks computed / all | padding / kept | programs after {head} |",
+        "|---|---|---|" + "---|" * len(marks),
+    ]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['computed']:.4f} | {r['padding']:.4f} | "
+                     + " | ".join(str(p) for p in r["programs"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    model = CifarResNet(depth=args.depth, num_classes=10, final_survival_prob=args.final_survival)
+    marks = checkpoints(args.epochs)
+    gates = draw_all(model, args.seed, args.epochs * args.steps_per_epoch)
+    ways = [(f"multiple {m}", functools.partial(model.compact_buckets, multiple=m))
+            for m in args.multiples]
+    for c in args.lengths:
+        lengths = model.compact_lengths(c)
+        ways.append((f"lengths {c}: {' / '.join(','.join(map(str, ls)) for ls in lengths)}",
+                     functools.partial(model.compact_buckets, lengths=lengths)))
+    rows = [granularity_row(model, gates, label, fn, args.steps_per_epoch, marks)
+            for label, fn in ways]
+    text = table(args, model, gates, rows, marks)
+    print(text)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Compact mode's scan lengths: which static lengths a stage's kept-block count rounds up to.
+
+Compact mode (``CifarResNet(...)(x, gates=g, buckets=b)``) gathers each stage's kept blocks
+into a scan of static length; each distinct tuple of per-stage lengths is one compiled
+program, and every slot beyond the kept count is a wasted (masked) block. Two ways to pick the
+lengths a stage may use:
+
+* ``multiple`` m: the kept count rounded up to a multiple of m (m, 2m, ..., capped at the
+  stage's block count; 0 kept runs a scan of 1). Simple, blind to the schedule.
+* ``count`` c (:func:`optimal_lengths`): the c lengths that minimise the expected padding
+  for the stage's survival probabilities. The kept count K of blocks with probabilities
+  p_1..p_n is Poisson-binomial; its exact distribution gives
+  ``E[len(K) - K]`` for any set of lengths, minimised by dynamic programming. The lengths
+  crowd where K is likely. ResNet-110, p_L 0.5, c = 3: stage 1 gets 15, 16, 17, stage 2
+  12, 14, 17, stage 3 9, 12, 17; that pads 2.5 blocks a step where multiple 4 pads 3.7,
+  with 27 programs (all of them used in the first epoch) against multiple 4's 52 over 500
+  epochs, of which 9 first appear in epochs 2 and 3 and stall those epochs to compile.
+  ``benchmarks/compact_buckets.py`` counts both exactly for a run's own gate draws.
+
+Lengths are >= 1 (a scan of length 0 is not a program worth a separate compilation), and the
+longest is always the stage's block count, so every draw has a length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["kept_count_pmf", "expected_padding", "optimal_lengths", "round_up"]
+
+
+def kept_count_pmf(probs) -> np.ndarray:
+    """P(K = k) for k = 0..n, K the number of n independent blocks kept; float64 ``[n + 1]``.
+
+    Args:
+      probs: survival probabilities ``[n]``, each in [0, 1].
+    """
+    pmf = np.ones(1)
+    for p in np.asarray(probs, np.float64).ravel():
+        pmf = np.convolve(pmf, [1.0 - p, p])
+    return pmf
+
+
+def expected_padding(pmf: np.ndarray, lengths) -> float:
+    """``E[round_up(K, lengths) - K]`` for K with distribution ``pmf`` ``[n + 1]``."""
+    ks = np.arange(len(pmf))
+    return float(sum(p * (round_up(int(k), lengths) - k) for k, p in zip(ks, pmf) if p > 0))
+
+
+def optimal_lengths(probs, count: int) -> tuple[int, ...]:
+    """The ``count`` scan lengths (sorted, all in 1..n, the last n) of least expected padding.
+
+    Args:
+      probs: survival probabilities of the stage's scanned blocks, ``[n]``, n >= 1.
+      count: how many lengths (programs per stage) to allow, >= 1; capped at n.
+
+    Returns:
+      the lengths; fewer than ``count`` when some would never be used.
+    """
+    if int(count) < 1:
+        raise ValueError(f"count must be >= 1, got {count!r}.")
+    pmf = kept_count_pmf(probs)
+    n = len(pmf) - 1
+    if n < 1:
+        raise ValueError("optimal_lengths needs at least one block.")
+    count = min(int(count), n)
+    # cost[a][b]: every k in a..b rounded up to max(b, 1); tops are 1..n, k = 0 joins the first.
+    cum_p, cum_kp = np.cumsum(pmf), np.cumsum(pmf * np.arange(n + 1))
+
+    def cost(a: int, b: int) -> float:  # sum over k in [a, b] of p_k (b - k)
+        p = cum_p[b] - (cum_p[a - 1] if a else 0.0)
+        kp = cum_kp[b] - (cum_kp[a - 1] if a else 0.0)
+        return b * p - kp
+
+    inf = float("inf")
+    # best[j][b]: least padding covering k = 0..b with j lengths, the largest being b.
+    best = np.full((count + 1, n + 1), inf)
+    back = np.zeros((count + 1, n + 1), int)
+    for b in range(1, n + 1):
+        best[1][b] = cost(0, b)
+    for j in range(2, count + 1):
+        for b in range(j, n + 1):
+            for a in range(j - 1, b):
+                v = best[j - 1][a] + cost(a + 1, b)
+                if v < best[j][b]:
+                    best[j][b], back[j][b] = v, a
+    j = int(np.argmin(best[1:, n])) + 1  # a smaller count can tie (unused lengths)
+    out, b = [], n
+    while j >= 1:
+        out.append(b)
+        b, j = back[j][b], j - 1
+    return tuple(sorted({int(b) for b in out}))
+
+
+def round_up(kept: int, lengths) -> int:
+    """The shortest of ``lengths`` that holds ``kept`` blocks (at least the shortest length)."""
+    for length in lengths:
+        if length >= kept:
+            return int(length)
+    raise ValueError(f"{kept} kept blocks exceed the longest scan length {max(lengths)}.")

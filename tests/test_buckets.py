@@ -1,0 +1,86 @@
+"""Compact mode's scan lengths: the kept-count distribution and the least-padding lengths."""
+import itertools
+
+import numpy as np
+import pytest
+
+import stochastic_depth_jax as sdj
+from stochastic_depth_jax import buckets
+
+
+def test_kept_count_pmf_is_exact():
+    probs = [0.9, 0.5, 0.3, 0.75]
+    want = np.zeros(5)
+    for kept in itertools.product([0, 1], repeat=4):  # every outcome, by enumeration
+        want[sum(kept)] += np.prod([p if k else 1 - p for p, k in zip(probs, kept)])
+    np.testing.assert_allclose(buckets.kept_count_pmf(probs), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_optimal_lengths_beat_every_other_choice(count):
+    probs = np.linspace(0.95, 0.55, 7)
+    pmf = buckets.kept_count_pmf(probs)
+    got = buckets.optimal_lengths(probs, count)
+    assert got[-1] == 7 and got[0] >= 1 and len(got) <= count and list(got) == sorted(set(got))
+    best = min(buckets.expected_padding(pmf, (*rest, 7))
+               for rest in itertools.combinations(range(1, 7), count - 1))
+    assert buckets.expected_padding(pmf, got) == pytest.approx(best, abs=1e-12)
+
+
+def test_enough_lengths_pad_nothing_and_never_more_lengths_than_needed():
+    probs = np.full(5, 0.6)
+    got = buckets.optimal_lengths(probs, 10)
+    assert got == (1, 2, 3, 4, 5)  # k = 0 rounds up to 1: a scan is never empty
+    assert buckets.optimal_lengths([1.0, 1.0, 1.0], 3) == (3,)  # always 3 kept: one length
+
+
+def test_round_up_and_bad_input():
+    assert [buckets.round_up(k, (2, 5, 9)) for k in (0, 2, 3, 9)] == [2, 2, 5, 9]
+    with pytest.raises(ValueError, match="exceed the longest"):
+        buckets.round_up(10, (2, 5, 9))
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        buckets.optimal_lengths([0.5], 0)
+
+
+def test_resnet110_three_fitted_lengths_pad_less_than_multiple_four():
+    """Why 'auto' picks 3 fitted lengths on GPU: under the paper's schedule they pad less
+    than a multiple of 4, with at most 3^3 = 27 programs (exact, stage by stage)."""
+    model = sdj.CifarResNet(depth=110)
+    probs, lengths = model.survival_probs(), model.compact_lengths(3)
+    fitted = multiple = 0.0
+    for i, start in enumerate((0, 18, 36)):
+        pmf = buckets.kept_count_pmf(probs[start + 1:start + 18])
+        assert len(lengths[i]) <= 3
+        fitted += buckets.expected_padding(pmf, lengths[i])
+        multiple += buckets.expected_padding(pmf, (4, 8, 12, 16, 17))
+    assert fitted < 0.75 * multiple
+
+
+def test_granularity_script_counts_programs_and_padding(tmp_path):
+    """benchmarks/compact_buckets.py on a small run: its table is consistent with itself."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    sys.path.insert(0, here)
+    try:
+        spec = importlib.util.spec_from_file_location("compact_buckets",
+                                                      os.path.join(here, "compact_buckets.py"))
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(here)
+    out = tmp_path / "table.md"
+    script.main(["--depth", "56", "--epochs", "3", "--steps-per-epoch", "40", "--multiples",
+                 "1,4", "--lengths", "2", "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| multiple") or line.startswith("| lengths")]
+    assert len(rows) == 3
+    for row in rows:
+        computed, padding = float(row[1]), float(row[2])
+        programs = [int(p.strip(" |")) for p in row[3:]]
+        assert 0 < computed <= 1 and padding >= 0 and programs == sorted(programs)
+    assert float(rows[0][2]) == 0.0  # multiple 1 pads nothing
+    assert int(rows[2][-1].strip(" |")) <= 2 ** 3  # 2 lengths in each of 3 stages
+    assert float(rows[2][2]) < float(rows[1][2])  # fitted lengths pad less than multiple 4
