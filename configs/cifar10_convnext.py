@@ -5,7 +5,7 @@ Smoke:    python train.py --config cifar10_convnext:smoke   (fake data, CPU, ten
 Runtime:  not measured (no full run made; see benchmarks/bench_drop_path.py --model convnext
           for step times).
 Paper:    no paper result: Huang et al. (2016) train ResNets only. ConvNeXt-T reaches 82.1%
-          top-1 on ImageNet-1k with its own recipe (Liu et al., 2022, Table 1); no CIFAR
+          top-1 on ImageNet-1k with its own recipe (Liu et al., 2022); no CIFAR
           figure there, and this config is not comparable.
 Recipe:   ConvNeXt's ImageNet recipe (AdamW, warm-up + cosine, label smoothing 0.1, layer
           scale 1e-6) scaled to CIFAR as cifar10_vit.py: AdamW lr 1e-3 at batch 512 (the

@@ -53,7 +53,7 @@ __all__ = [
 Array = Any
 
 # name -> (depths per stage, channels per stage); timm's names and sizes (atto..nano are
-# timm's small variants, tiny..xlarge Liu et al. 2022, Table 9/Sec. 3).
+# timm's small variants, tiny..xlarge the paper's, Liu et al. 2022).
 CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
     "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
