@@ -1,4 +1,4 @@
-"""Train a stochastic-depth ResNet or ViT: ``python train.py --config cifar100 [--workdir W]``.
+"""Train a stochastic-depth ResNet, ViT or ConvNeXt: ``python train.py --config cifar100``.
 
   python train.py --config cifar10                    # paper, CIFAR-10+, ResNet-110
   python train.py --config cifar10:smoke --workdir /tmp/smoke   # tiny CPU run, fake data

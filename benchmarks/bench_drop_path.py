@@ -1,6 +1,7 @@
-"""Drop-path benchmark: ViT train-step time, subset skipping vs masking vs no drop path.
+"""Drop-path benchmark: ViT or ConvNeXt train-step time, subset skipping vs masking vs none.
 
-Measures, side by side in one process, the wall time of a full ViT training step (forward,
+Measures, side by side in one process, the wall time of a full training step of a ViT
+(default) or a ConvNeXt (``--model convnext``) (forward,
 label-smoothed cross-entropy, backward, AdamW update) for drop rates 0.1 ... 0.5 (uniform
 over blocks) and timm's linear rule to 0.4, each with ``implementation='skip'`` (the branch
 runs only on the kept subset of examples) and ``'mask'`` (timm: compute, multiply), plus
@@ -12,6 +13,8 @@ Run by hand (not in CI)::
     python benchmarks/bench_drop_path.py            # GPU: ViT-S/16, 224x224, batch 128
                                                     # CPU: 4 blocks, width 192, 32x32/4, batch 64
     python benchmarks/bench_drop_path.py --rounds 3 --rates 0.4 --depth 2   # quick look
+    python benchmarks/bench_drop_path.py --model convnext   # GPU: ConvNeXt-T, 224x224, batch 128
+                                                    # CPU: ConvNeXt-Atto, 32x32, stem 2, batch 32
 
 Prints a table and appends it, with machine, versions and date, to
 ``benchmarks/results/drop_path_<backend>.md``.
@@ -31,12 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stochastic_depth_jax import ViT
+from stochastic_depth_jax import ConvNeXt, ViT
 from provenance import code_version, machine_line  # next to this file
 
-DEFAULTS = {  # backend -> model and batch of the standard run
-    "cpu": dict(size="ti", depth=4, image=32, patch=4, batch=64, rounds=5),
-    "gpu": dict(size="s", depth=None, image=224, patch=16, batch=128, rounds=20),
+DEFAULTS = {  # (model, backend) -> model and batch of the standard run
+    ("vit", "cpu"): dict(size="ti", depth=4, image=32, patch=4, batch=64, rounds=5),
+    ("vit", "gpu"): dict(size="s", depth=None, image=224, patch=16, batch=128, rounds=20),
+    # ConvNeXt: --patch is the stem stride (ImageNet 4; on 32x32, 2 as configs/cifar10_convnext).
+    ("convnext", "cpu"): dict(size="atto", depth=None, image=32, patch=2, batch=32, rounds=5),
+    ("convnext", "gpu"): dict(size="tiny", depth=None, image=224, patch=4, batch=128, rounds=20),
 }
 
 
@@ -65,11 +71,34 @@ def variants(rates: list[float], linear: float,
     return out
 
 
+def make_model(args, rate: float = 0.0, rule: str = "uniform", impl: str = "skip"):
+    """The benchmarked network (``args.model``) with this drop-path setting."""
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+    if args.model == "convnext":
+        return ConvNeXt(num_classes=10, size=args.size, depths=args.depths,
+                        stem_stride=args.patch, drop_path_rate=rate, drop_path_rule=rule,
+                        implementation=impl, dtype=dtype)
+    return ViT(num_classes=10, size=args.size, depth=args.depth, patch_size=args.patch,
+               drop_path_rate=rate, drop_path_rule=rule, implementation=impl.split("-")[0],
+               fused_residual=impl != "skip-unfused", dtype=dtype)
+
+
+def describe(args) -> str:
+    """The results heading: network, input, batch, dtype."""
+    model = make_model(args)
+    if args.model == "convnext":
+        depths, dims = model.stages()
+        net = (f"ConvNeXt-{args.size.capitalize()} (depths {depths}, dims {dims}, "
+               f"{sum(depths)} blocks), stem stride {args.patch}")
+    else:
+        width, depth, heads = model.dims()
+        net = (f"ViT-{args.size.capitalize()}/{args.patch} ({depth} blocks, width {width}, "
+               f"{heads} heads)")
+    return f"## Drop path, {net}, {args.image}x{args.image}, batch {args.batch}, {args.dtype}"
+
+
 def make_runner(name, rate, rule, impl, args, key, x, y) -> Runner:
-    model = ViT(num_classes=10, size=args.size, depth=args.depth, patch_size=args.patch,
-                drop_path_rate=rate, drop_path_rule=rule, implementation=impl.split("-")[0],
-                fused_residual=impl != "skip-unfused",
-                dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
+    model = make_model(args, rate, rule, impl)
     params = jax.jit(lambda k: model.init(k, x[:2], train=False))(key)["params"]
     tx = optax.adamw(1e-3, weight_decay=0.05)
 
@@ -113,12 +142,22 @@ def table(runners: list[Runner], batch: int) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
-    d = DEFAULTS[backend]
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--model", choices=["vit", "convnext"], default="vit")
+    model = first.parse_known_args(argv)[0].model
+    d = DEFAULTS[(model, backend)]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default=d["size"], help="ViT size: ti, s, b, l")
-    ap.add_argument("--depth", type=int, default=d["depth"], help="blocks (default: the size's)")
+    ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
+                    help="the network timed (defaults below follow it)")
+    ap.add_argument("--size", default=d["size"],
+                    help="ViT: ti, s, b, l; ConvNeXt: atto ... xlarge (sdj.CONVNEXT_SIZES)")
+    ap.add_argument("--depth", type=int, default=d["depth"],
+                    help="ViT blocks (default: the size's)")
+    ap.add_argument("--depths", default=None,
+                    help="ConvNeXt blocks per stage, e.g. 1,1,3,1 (default: the size's)")
     ap.add_argument("--image", type=int, default=d["image"])
-    ap.add_argument("--patch", type=int, default=d["patch"])
+    ap.add_argument("--patch", type=int, default=d["patch"],
+                    help="ViT patch size / ConvNeXt stem stride")
     ap.add_argument("--batch", type=int, default=d["batch"])
     ap.add_argument("--rounds", type=int, default=d["rounds"])
     ap.add_argument("--warmup", type=int, default=2)
@@ -131,6 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.backend = backend
+    if args.model == "convnext" and (args.unfused or args.depth is not None):
+        ap.error("--unfused and --depth are ViT options (the ConvNeXt always adds its kept "
+                 "outputs into x in one scatter-add; give its depths with --depths 1,1,3,1)")
+    if args.model == "vit" and args.depths is not None:
+        ap.error("--depths is a ConvNeXt option; give the ViT's block count with --depth")
+    args.depths = tuple(int(v) for v in args.depths.split(",")) if args.depths else None
     return args
 
 
@@ -156,11 +201,8 @@ def main(argv=None) -> None:
                 r.times.append(dt)
         print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
               flush=True)
-    model = ViT(num_classes=10, size=args.size, depth=args.depth)
-    width, depth, heads = model.dims()
     lines = [
-        f"## Drop path, ViT-{args.size.capitalize()}/{args.patch} ({depth} blocks, width {width}, "
-        f"{heads} heads), {args.image}x{args.image}, batch {args.batch}, {args.dtype}",
+        describe(args),
         "",
         f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
         f"{args.rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "

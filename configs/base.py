@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Model (stochastic_depth_jax.CifarResNet). final_survival_prob = p_L; 1.0 = constant depth.
     c.model = ml_collections.ConfigDict()
-    c.model.name = "cifar_resnet"  # 'cifar_resnet', 'wide_resnet' (WRN-d-k, depth 6n+4) or 'vit'
+    c.model.name = "cifar_resnet"  # 'cifar_resnet', 'wide_resnet' (WRN-d-k), 'vit' or 'convnext'
     c.model.widen_factor = 1  # k of WRN-d-k (wide_resnet only)
     c.model.dropout_rate = 0.0  # dropout between a branch's convs in training (WRN paper: 0.3)
     c.model.depth = 110

@@ -18,8 +18,10 @@ Public API:
   it on CPU by itself).
 * the Vision Transformer with drop path (Linen): :class:`ViT`, :func:`drop_path_rates`,
   :data:`VIT_SIZES`;
+* ConvNeXt with drop path (Linen): :class:`ConvNeXt`, :data:`CONVNEXT_SIZES` (module
+  :mod:`stochastic_depth_jax.convnext`);
 * native Flax NNX modules: :mod:`nnx_layers` (``StochasticDepth``, ``DropPath``,
-  ``EncoderBlock``, ``ViT``, ``load_linen_params``).
+  ``EncoderBlock``, ``ViT``, ``ConvNeXtBlock``, ``ConvNeXt``, ``load_linen_params``).
 * compact mode's scan lengths (module :mod:`stochastic_depth_jax.buckets`):
   ``CifarResNet.compact_lengths`` fits them to the survival schedule.
 * :class:`RunWarning`: the category of the trainer's warnings (skipped checkpoints, trimmed
@@ -27,6 +29,7 @@ Public API:
 """
 
 from stochastic_depth_jax.conv import reroute_flax_convs
+from stochastic_depth_jax.convnext import CONVNEXT_SIZES, ConvNeXt
 from stochastic_depth_jax.layers import (
     BasicBlock,
     BasicBranch,
@@ -80,6 +83,8 @@ __all__ = [
     "BottleneckBlock",
     "BottleneckBranch",
     "CifarResNet",
+    "CONVNEXT_SIZES",
+    "ConvNeXt",
     "PreActBlock",
     "PreActBranch",
     "ResNet",

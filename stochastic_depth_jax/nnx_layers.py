@@ -331,7 +331,8 @@ class ViT(nnx.Module):
 
 
 def load_linen_params(model: nnx.Module, params: Any) -> None:
-    """Copies a Linen ViT's ``params`` into the NNX ``model`` in place (same names).
+    """Copies a Linen ViT's (or ConvNeXt's) ``params`` into the NNX ``model`` in place (same
+    names).
 
     Linen's ``blocks_{i}`` is NNX's ``blocks[i]``; every other name is the same. ``params`` is
     ``variables['params']`` (the whole ``variables`` dict is accepted too). Raises ValueError
@@ -344,9 +345,9 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
                          f"{type(params).__name__}.")
     linen_depth = sum(1 for name in params if str(name).startswith("blocks_"))
     if linen_depth != len(model.blocks):
-        raise ValueError(f"The Linen parameters have {linen_depth} blocks, the NNX ViT "
-                         f"{len(model.blocks)}: build the NNX model with depth={linen_depth} "
-                         f"(or the same size).")
+        raise ValueError(f"The Linen parameters have {linen_depth} blocks, the NNX "
+                         f"{type(model).__name__} {len(model.blocks)}: build the NNX model with "
+                         f"the same size (or depth / depths).")
     updates = []
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [str(getattr(p, "key", p)) for p in path]
@@ -360,7 +361,8 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
             variable = getattr(node, names[-1])
         except (AttributeError, IndexError, ValueError):
             raise ValueError(f"Parameter {'/'.join(names)} of the Linen model has no "
-                             f"counterpart in the NNX ViT (different pool or architecture?).") \
+                             f"counterpart in the NNX {type(model).__name__} (different "
+                             f"pool, layer scale or architecture?).") \
                 from None
         if variable[...].shape != np.shape(value):
             raise ValueError(f"Parameter {'/'.join(names)}: NNX shape {variable[...].shape}, "
@@ -368,3 +370,158 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
         updates.append((variable, value))
     for variable, value in updates:  # all checked first: a failed load changes nothing
         variable[...] = jnp.asarray(value)
+
+
+# ConvNeXt: the NNX twin of stochastic_depth_jax.convnext (same parameter names, same keys).
+
+from stochastic_depth_jax import convnext as linen_convnext  # noqa: E402
+
+__all__ += ["ConvNeXtBranch", "ConvNeXtBlock", "ConvNeXtDownsample", "ConvNeXt"]
+
+
+class ConvNeXtBranch(nnx.Module):
+    """ConvNeXt residual branch ``gamma * pwconv2(gelu(pwconv1(norm(dwconv(x)))))``,
+    ``[batch, H, W, C]`` in and out; twin of :class:`stochastic_depth_jax.convnext.
+    ConvNeXtBranch` (no ``gamma`` when ``layer_scale_init`` is 0 or None)."""
+
+    def __init__(self, width: int, *, layer_scale_init: float | None = 1e-6,
+                 mlp_ratio: int = 4, dtype: Any = None, rngs: nnx.Rngs):
+        k = linen_convnext.KERNEL
+        self.dwconv = nnx.Conv(width, width, (k, k), padding="SAME", feature_group_count=width,
+                               kernel_init=linen_convnext.KERNEL_INIT, dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(width, epsilon=linen_convnext.EPS, dtype=dtype, rngs=rngs)
+        self.pwconv1 = _linear(width, mlp_ratio * width, dtype, rngs, linen_convnext.KERNEL_INIT)
+        self.pwconv2 = _linear(mlp_ratio * width, width, dtype, rngs, linen_convnext.KERNEL_INIT)
+        if layer_scale_init:
+            self.gamma = nnx.Param(jnp.full((width,), layer_scale_init, jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        y = self.pwconv1(self.norm(self.dwconv(x)))
+        y = self.pwconv2(jax.nn.gelu(y, approximate=False))
+        if hasattr(self, "gamma"):
+            y = y * self.gamma[...].astype(y.dtype)
+        return y
+
+
+class ConvNeXtBlock(nnx.Module):
+    """``x + DP(branch(x))`` with the kept outputs added into ``x`` in one scatter-add; twin
+    of :class:`stochastic_depth_jax.convnext.ConvNeXtBlock`.
+
+    Args:
+      width: channels C; survival_prob: 1 - drop rate (static float).
+      layer_scale_init, mlp_ratio, dtype: of the branch.
+      mode, scaling, implementation, groups: of the drop path.
+      rngs: parameter initialisation (and the ``'stochastic_depth'`` stream, if present,
+        for calls without a gate).
+    """
+
+    def __init__(self, width: int, survival_prob: float = 1.0, *,
+                 layer_scale_init: float | None = 1e-6, mlp_ratio: int = 4,
+                 mode: str = "sample", scaling: str = "train", implementation: str = "skip",
+                 groups: int = 1, dtype: Any = None, rngs: nnx.Rngs):
+        branch = ConvNeXtBranch(width, layer_scale_init=layer_scale_init, mlp_ratio=mlp_ratio,
+                                dtype=dtype, rngs=rngs)
+        self.drop_path = StochasticDepth(
+            branch, survival_prob, mode=mode, scaling=scaling, implementation=implementation,
+            groups=groups, rngs=rngs if "stochastic_depth" in rngs else None)
+
+    def __call__(self, x: Array, gate: Any = None, *, deterministic: bool | None = None) -> Array:
+        """``x`` ``[batch, H, W, C]``; ``gate`` as :func:`convnext.block_gate` returns."""
+        return self.drop_path(x, deterministic=deterministic, gate=gate, shortcut=x)
+
+
+class ConvNeXtDownsample(nnx.Module):
+    """LayerNorm, then a 2x2 stride-2 convolution: ``[b, H, W, C]`` -> ``[b, H/2, W/2, out]``."""
+
+    def __init__(self, width: int, features: int, *, dtype: Any = None, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(width, epsilon=linen_convnext.EPS, dtype=dtype, rngs=rngs)
+        self.conv = nnx.Conv(width, features, (2, 2), strides=(2, 2), padding="VALID",
+                             kernel_init=linen_convnext.KERNEL_INIT, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.conv(self.norm(x))
+
+
+class ConvNeXt(nnx.Module):
+    """NNX twin of :class:`stochastic_depth_jax.convnext.ConvNeXt`; ``[batch, H, W, C]`` ->
+    logits.
+
+    Usage::
+
+        model = ConvNeXt(10, size='atto', stem_stride=2, drop_path_rate=0.1,
+                         rngs=nnx.Rngs(params=0, stochastic_depth=1))
+        logits = model(images)            # training: draws from 'stochastic_depth'
+        model.eval(); logits = model(images)
+
+    One key per forward pass (the stream's next key, or ``rngs=`` at call time); block j
+    (over all stages) draws from ``fold_in(key, j)``, as the Linen ConvNeXt. Submodules
+    ``stem_conv``, ``stem_norm``, ``downsample_{s}``, ``blocks[j]``, ``norm``, ``head``
+    carry the Linen names (``load_linen_params`` copies a Linen ConvNeXt's parameters).
+
+    Args: as the Linen ConvNeXt (``in_channels`` is the image channel count), plus ``rngs``
+    holding ``params`` and (for training without call-time keys) ``stochastic_depth``.
+    """
+
+    def __init__(self, num_classes: int, *, size: str = "tiny", depths: Any = None,
+                 dims: Any = None, stem_stride: int = 4, in_channels: int = 3,
+                 drop_path_rate: float = 0.0, drop_path_rule: str = "linear",
+                 layer_scale_init: float | None = 1e-6, mode: str = "sample",
+                 scaling: str = "train", implementation: str = "skip", groups: int = 1,
+                 mlp_ratio: int = 4, dtype: Any = None, deterministic: bool = False,
+                 rngs: nnx.Rngs):
+        ops.validate_options(mode, scaling, implementation)
+        depths, dims = linen_convnext.convnext_dims(size, depths, dims)
+        linen_convnext.check_stem_stride(stem_stride)
+        self.stem_stride, self.stages = stem_stride, len(depths)
+        self.mode, self.implementation, self.groups = mode, implementation, groups
+        self.deterministic = deterministic
+        self.probs = tuple(float(p) for p in 1.0 - linen_vit.drop_path_rates(
+            sum(depths), drop_path_rate, drop_path_rule))
+        init = linen_convnext.KERNEL_INIT
+        s = stem_stride
+        self.stem_conv = nnx.Conv(in_channels, dims[0], (s, s), strides=(s, s),
+                                  padding="VALID", kernel_init=init, dtype=dtype, rngs=rngs)
+        self.stem_norm = nnx.LayerNorm(dims[0], epsilon=linen_convnext.EPS, dtype=dtype,
+                                       rngs=rngs)
+        for stage in range(1, len(dims)):  # Linen's names: downsample_0 ... downsample_{S-2}
+            setattr(self, f"downsample_{stage - 1}",
+                    ConvNeXtDownsample(dims[stage - 1], dims[stage], dtype=dtype, rngs=rngs))
+        widths = [w for d, w in zip(depths, dims) for _ in range(d)]
+        self.blocks = nnx.List([
+            ConvNeXtBlock(w, p, layer_scale_init=layer_scale_init, mlp_ratio=mlp_ratio,
+                          mode=mode, scaling=scaling, implementation=implementation,
+                          groups=groups, dtype=dtype, rngs=rngs)
+            for w, p in zip(widths, self.probs)
+        ])
+        # Blocks that follow a downsampling layer (the first of stages 2, 3, ...).
+        self.stage_starts = tuple(int(e) for e in np.cumsum(depths)[:-1])
+        self.norm = nnx.LayerNorm(dims[-1], epsilon=linen_convnext.EPS, dtype=dtype, rngs=rngs)
+        self.head = _linear(dims[-1], num_classes, dtype, rngs, init)
+        self.rngs = _as_stream(rngs if "stochastic_depth" in rngs else None, "stochastic_depth")
+
+    def __call__(self, x: Array, *, deterministic: bool | None = None,
+                 rngs: RngsLike = None) -> Array:
+        """Classifies ``x`` ``[batch, H, W, C]``; ``rngs`` (key, stream, Rngs) overrides."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        linen_convnext.check_image(x.shape, self.stem_stride, self.stages)
+        key = None
+        if not deterministic and any(p < 1.0 for p in self.probs):
+            key = _key(rngs if rngs is not None else self.rngs, "stochastic_depth")
+            if key is None:
+                raise ValueError("ConvNeXt in training needs a 'stochastic_depth' key: build it "
+                                 "with nnx.Rngs(params=..., stochastic_depth=...) or pass "
+                                 "rngs=key.")
+        x = self.stem_norm(self.stem_conv(x))
+        for j, (block, p) in enumerate(zip(self.blocks, self.probs)):
+            if j in self.stage_starts:  # first block of stage s + 1 follows downsample_{s}
+                x = getattr(self, f"downsample_{self.stage_starts.index(j)}")(x)
+            gate = linen_convnext.block_gate(key, j, p, mode=self.mode,
+                                             implementation=self.implementation,
+                                             batch_size=x.shape[0], groups=self.groups)
+            x = block(x, gate, deterministic=deterministic)
+        return self.head(self.norm(jnp.mean(x, axis=(1, 2))))
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
+        if deterministic is not None:
+            self.deterministic = deterministic

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from stochastic_depth_jax import errors, layers, models, ops, schedules, vit
+from stochastic_depth_jax import convnext, errors, layers, models, ops, schedules, vit
 from stochastic_depth_jax.training import implementation, optim
 
 __all__ = [
@@ -212,6 +212,11 @@ def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDic
     _check(isinstance(m.patch_size, int) and m.patch_size >= 1,
            f"model.patch_size={m.patch_size!r} must be an integer >= 1 (CIFAR: 4)")
     _check_choice(m.pool, vit.POOLS, "model.pool")
+    _validate_drop_path(m, config)
+
+
+def _validate_drop_path(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    """The drop-path fields shared by the ViT and the ConvNeXt."""
     _check_choice(m.mode, ops.MODES, "model.mode")
     _check_choice(m.scaling, ops.SCALINGS, "model.scaling")
     _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
@@ -222,11 +227,29 @@ def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDic
            f"the device count)")
 
 
+def _validate_convnext(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    _check_choice(m.size, convnext.CONVNEXT_SIZES, "model.size")
+    try:
+        depths, _ = convnext.convnext_dims(m.size, m.depths, m.dims)
+        vit.drop_path_rates(sum(depths), m.drop_path_rate, m.drop_path_rule)
+    except ValueError as e:
+        _check(False, f"model: {e}")
+    _check(isinstance(m.stem_stride, int) and m.stem_stride >= 1,
+           f"model.stem_stride={m.stem_stride!r} must be an integer >= 1 (ImageNet: 4, "
+           f"CIFAR: 2)")
+    ls = m.layer_scale_init
+    _check(ls is None or (_finite(ls) and ls >= 0),
+           f"model.layer_scale_init={ls!r} must be a number >= 0 (1e-6; 0 or None: no layer "
+           f"scale)")
+    _validate_drop_path(m, config)
+
+
 # config.model.name -> validator; training.setup.MODEL_BUILDERS has the same names.
 MODEL_VALIDATORS = {
     "cifar_resnet": _validate_resnet,
     "wide_resnet": _validate_resnet,
     "vit": _validate_vit,
+    "convnext": _validate_convnext,
 }
 
 

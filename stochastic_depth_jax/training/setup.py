@@ -21,6 +21,7 @@ import stochastic_depth_jax
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import errors
 from stochastic_depth_jax.models import CifarResNet
+from stochastic_depth_jax.convnext import ConvNeXt
 from stochastic_depth_jax.vit import ViT
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed, optim, step as step_lib
@@ -120,9 +121,9 @@ def build_cifar_resnet(config: ml_collections.ConfigDict, num_classes: int,
     )
 
 
-def build_vit(config: ml_collections.ConfigDict, num_classes: int,
-              mesh: jax.sharding.Mesh, implementation: str | None = None) -> ViT:
-    """The ``ViT`` described by ``config.model``.
+def _drop_path_implementation(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                              implementation: str | None) -> str:
+    """The resolved implementation of a drop-path model (ViT, ConvNeXt).
 
     Raises ``errors.ConfigError`` if drop-path subsets (``mode='sample'``, ``'skip'``) would
     be drawn across devices: ``model.groups`` must be a multiple of the mesh size.
@@ -136,11 +137,36 @@ def build_vit(config: ml_collections.ConfigDict, num_classes: int,
             f"subsets would move activations between devices. Set --config.model.groups to a "
             f"multiple of {mesh.size} dividing batch_size={config.batch_size}."
         )
+    return implementation
+
+
+def build_vit(config: ml_collections.ConfigDict, num_classes: int,
+              mesh: jax.sharding.Mesh, implementation: str | None = None) -> ViT:
+    """The ``ViT`` described by ``config.model`` (``model.groups`` checked against the mesh,
+    see :func:`_drop_path_implementation`)."""
+    m = config.model
+    implementation = _drop_path_implementation(config, mesh, implementation)
     return ViT(
         num_classes=num_classes, size=m.size, patch_size=m.patch_size, pool=m.pool,
         drop_path_rate=float(m.drop_path_rate), drop_path_rule=m.drop_path_rule, mode=m.mode,
         scaling=m.scaling, implementation=implementation, groups=m.groups, width=m.width,
         depth=m.depth, num_heads=m.num_heads, dtype=config_lib.DTYPES[m.dtype],
+    )
+
+
+def build_convnext(config: ml_collections.ConfigDict, num_classes: int,
+                   mesh: jax.sharding.Mesh, implementation: str | None = None) -> ConvNeXt:
+    """The ``ConvNeXt`` described by ``config.model`` (``model.groups`` checked against the
+    mesh, see :func:`_drop_path_implementation`)."""
+    m = config.model
+    implementation = _drop_path_implementation(config, mesh, implementation)
+    return ConvNeXt(
+        num_classes=num_classes, size=m.size,
+        depths=None if m.depths is None else tuple(m.depths),
+        dims=None if m.dims is None else tuple(m.dims), stem_stride=m.stem_stride,
+        drop_path_rate=float(m.drop_path_rate), drop_path_rule=m.drop_path_rule,
+        layer_scale_init=m.layer_scale_init, mode=m.mode, scaling=m.scaling,
+        implementation=implementation, groups=m.groups, dtype=config_lib.DTYPES[m.dtype],
     )
 
 
@@ -150,6 +176,7 @@ MODEL_BUILDERS: dict[str, Callable[..., Any]] = {
     "cifar_resnet": build_cifar_resnet,
     "wide_resnet": build_cifar_resnet,
     "vit": build_vit,
+    "convnext": build_convnext,
 }
 
 
