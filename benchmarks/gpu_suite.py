@@ -30,6 +30,7 @@ Parts:
   ``epochs``; multiple 1 is left out: it compiles 301 programs in three epochs,
   ``benchmarks/compact_buckets.py``);
 * ``drop-path-unfused``: ``drop-path`` again with the unfused add beside the fused one;
+* ``drop-path-convnext``: ``drop-path`` for ConvNeXt-T at 224x224, batch 128;
 * ``user-branch``: a user's stock-Flax branch wrapped in ``StochasticDepth``, survival 0.5 vs
   1.0 (``step_gpu.md``);
 * ``compile``: compile time of ResNet-1202 vs ResNet-110 (``step_gpu.md``).
@@ -75,6 +76,9 @@ PARTS = (
     Part("drop-path-unfused", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                                     "--linear", "0.4", "--unfused", "--rounds", "10",
                                     "--out", "{out}/drop_path_gpu.md")),
+    Part("drop-path-convnext", 200, ("benchmarks/bench_drop_path.py", "--model", "convnext",
+                                     "--rates", "0.1,0.4", "--linear", "0.4", "--rounds", "10",
+                                     "--out", "{out}/drop_path_gpu.md")),
     Part("user-branch", 60, ("benchmarks/bench_step.py", "--user-branch",
                              "--variants", "constant,skip", "--out", "{out}/step_gpu.md")),
     Part("compile", 60, ("benchmarks/bench_step.py", "--variants", "constant",
