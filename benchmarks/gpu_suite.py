@@ -147,7 +147,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.list:
         for p in PARTS:
-            print(f"{p.name:15s} ~{p.estimate_s:4d} s  python {' '.join(p.args)}")
+            print(f"{p.name:18s} ~{p.estimate_s:4d} s  python {' '.join(p.args)}")
         return
     os.makedirs(args.out_dir, exist_ok=True)
     start = time.perf_counter()
