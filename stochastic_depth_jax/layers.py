@@ -236,9 +236,10 @@ class StochasticDepth(nn.Module):
         if policy is not None:
             run = nn.remat(run, policy=policy, prevent_cse=False)
 
+        out = _branch_output(self, call, x)
+
         def skip(module, v, f):
-            out = _branch_output(module.branch, v)
-            return jnp.zeros(out.shape, out.dtype)
+            return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
 
         return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, x.dtype))
 
@@ -269,16 +270,23 @@ def _call_branch(module: StochasticDepth, x: Array, *, args: tuple, kwargs: dict
         return module.branch(x, *args, **kwargs)
 
 
-def _branch_output(branch: nn.Module, x: Array) -> jax.ShapeDtypeStruct:
-    """Shape/dtype of ``branch(x)`` without running it.
+def _branch_output(module: StochasticDepth, call: Callable[..., Array], x: Array) -> Any:
+    """Shape/dtype of ``call(module, x)`` (the branch's output) without running it.
 
-    A branch whose output differs from its input in shape or dtype (a strided or widening
-    branch, or one computing in another dtype) says so with an ``output_struct(x)`` method;
-    otherwise the output is taken to be shaped like the input, as a residual added to x is.
+    A branch with an ``output_struct(x)`` method (the library's own) says it; any other is
+    traced abstractly on a copy of the wrapper's variables, so a branch whose output differs
+    from its input in shape or dtype (strided, widening, bf16 compute on an f32 stream)
+    works in a skipping ``cond`` as it is. Nothing is computed, no variable changes, and any
+    rng stream the branch draws from gets a placeholder key.
     """
-    if hasattr(branch, "output_struct"):
-        return branch.output_struct(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    if hasattr(module.branch, "output_struct"):
+        return module.branch.output_struct(x)
+
+    def shape_of(variables, v):
+        run = nn.apply(call, module.clone(parent=None), mutable=True)
+        return run(variables, v, rngs={"params": jax.random.key(0)})[0]
+
+    return jax.eval_shape(shape_of, module.variables, x)
 
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:

@@ -149,15 +149,28 @@ class StochasticDepth(nnx.Module):
     def _cond(self, run, x: Array, gate: Array) -> Array:
         """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
         factor = jnp.asarray(ops.train_scale(self.survival_prob, self.scaling), x.dtype)
-        out = (self.branch.output_struct(x) if hasattr(self.branch, "output_struct")
-               else jax.ShapeDtypeStruct(x.shape, x.dtype))
+        out = _output_struct(run, self.branch, x)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
-                        lambda b, v: jnp.zeros(out.shape, out.dtype), self.branch, x)
+                        lambda b, v: jax.tree_util.tree_map(
+                            lambda s: jnp.zeros(s.shape, s.dtype), out), self.branch, x)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def _output_struct(run: Any, branch: nnx.Module, x: Array) -> Any:
+    """Shape/dtype of ``run(branch, x)`` without running it or changing ``branch``.
+
+    ``branch.output_struct(x)`` when the branch defines it; otherwise the branch is traced
+    abstractly on a copy of its state, so an output that differs from ``x`` in shape or dtype
+    (a bf16 branch on an f32 stream, a widening branch) needs no declaration.
+    """
+    if hasattr(branch, "output_struct"):
+        return branch.output_struct(x)
+    graphdef, state = nnx.split(branch)
+    return jax.eval_shape(lambda s, v: run(nnx.merge(graphdef, s), v), state, x)
 
 
 class DropPath(StochasticDepth):
