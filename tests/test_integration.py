@@ -151,6 +151,35 @@ def test_vmap_per_example_gradients_share_the_batch_gate():
                      per_example, one)
 
 
+def test_vmap_per_example_gradients_with_drop_path_gates_drawn_outside():
+    sd = sdj.StochasticDepth(Mlp(parent=None), survival_prob=0.5, mode="sample",
+                             scaling="train")
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    gates = sdj.draw_gates(jax.random.key(1), jnp.asarray([0.5]), mode="sample",
+                           batch_size=B)[0]  # bool [B]
+    assert 0 < int(gates.sum()) < B
+
+    def loss(v, x, gate):
+        return jnp.sum((x + sd.apply(v, x, deterministic=False, gate=gate)) ** 2)
+
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(variables, X[:, None],
+                                                                 gates[:, None])
+    whole = jax.grad(loss)(variables, X, gates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a.sum(0), b, rtol=1e-5, atol=1e-5),
+                 per_example, whole)
+
+
+def test_jit_with_donated_activations():
+    w = jax.random.normal(jax.random.key(1), (D, D))
+    step = jax.jit(lambda x, key: sdj.stochastic_depth(
+        lambda h: jnp.tanh(h @ w), x, survival_prob=0.5, key=key, mode="sample", shortcut=x),
+        donate_argnums=(0,))
+    x = jnp.array(X)
+    expected = sdj.stochastic_depth(lambda h: jnp.tanh(h @ w), X, survival_prob=0.5,
+                                    key=jax.random.key(2), mode="sample", shortcut=X)
+    np.testing.assert_allclose(step(x, jax.random.key(2)), expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("x_dtype, branch_dtype", [(jnp.float32, jnp.bfloat16),
                                                    (jnp.bfloat16, jnp.float32),
                                                    (jnp.float32, jnp.float16)])
