@@ -163,9 +163,10 @@ def batch_size_of(x: Any, batch_axis: int = 0) -> int:
         ndim = jnp.ndim(leaf)
         if not -ndim <= batch_axis < ndim:
             raise ValueError(
-                f"mode='sample' gates each example along batch_axis={batch_axis}, but an input "
-                f"of shape {jnp.shape(leaf)} has no such axis; give x a batch axis (e.g. "
-                "x[None]) or use mode='batch' for one gate per call.")
+                f"mode='sample' gates each example, so x needs a batch axis at "
+                f"batch_axis={batch_axis}, but an input of shape {jnp.shape(leaf)} has none; "
+                "give x a batch axis (e.g. x[None]), set batch_axis, or use mode='batch' for "
+                "one gate per call.")
         sizes.add(jnp.shape(leaf)[batch_axis])
     if len(sizes) > 1:
         raise ValueError(
