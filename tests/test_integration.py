@@ -408,3 +408,29 @@ def test_nnx_scan_over_a_vmapped_stack_draws_per_layer_and_per_call(mode):
     assert len({tuple(c) for c in counts}) > 1  # calls differ
     model.eval()
     np.testing.assert_allclose(forward(model, jnp.zeros((B, 2))), L * 0.5)
+
+
+def test_nnx_scan_with_call_time_keys_needs_one_key_per_layer():
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.sd = nnx_layers.StochasticDepth(OnesNnx(rngs), 0.5)  # keys at call time
+
+        def __call__(self, h, key):
+            return h + self.sd(h, rngs=key)
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Layer(rngs)
+
+    stack = make(nnx.Rngs(params=0))
+
+    def counts(key_axis, keys):
+        body = nnx.scan(lambda layer, h, key: layer(h, key),
+                        in_axes=(0, nnx.Carry, key_axis), out_axes=nnx.Carry)
+        return {float(body(stack, jnp.zeros((B, 1)), k)[0, 0]) for k in keys}
+
+    split = counts(0, [jax.random.split(jax.random.key(i), L) for i in range(8)])
+    assert len(split) > 2
+    # One key broadcast to every layer: every layer draws the same gate.
+    assert counts(None, [jax.random.key(i) for i in range(8)]) <= {0.0, float(L)}
