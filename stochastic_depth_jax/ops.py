@@ -293,14 +293,14 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
       so they stay local to a data shard.
     """
     tree_map = jax.tree_util.tree_map
-    if batch_axis % max(jnp.ndim(jax.tree_util.tree_leaves(x)[0]), 1) != 0:
+    batch = batch_size_of(x, batch_axis)
+    if batch_axis != 0:  # gather and scatter along axis 0; the branch sees the user's layout
         front = lambda t: tree_map(lambda v: jnp.moveaxis(v, batch_axis, 0), t)
         back = lambda t: tree_map(lambda v: jnp.moveaxis(v, 0, batch_axis), t)
         out = subset_branch(lambda v: front(branch(back(v))), front(x), indices, factor,
                             None if shortcut is None else front(shortcut))
         return back(out)
     groups, k = indices.shape
-    batch = batch_size_of(x)
     n = _check_groups(batch, groups)
     if k == n:  # nothing dropped: no gather, no scatter
         return with_shortcut(scaled(branch(x), factor), shortcut)
@@ -311,6 +311,7 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
     if shortcut is not None:
         _check_shortcut(shortcut, tree_map(
             lambda v: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype), y))
+
     def scatter(v, s=None):
         vg = v.reshape((groups, k) + v.shape[1:])
         if s is None:
