@@ -56,9 +56,8 @@ def _stack(split=True, **kw):
 
 
 def _kept_counts(model, variables, probs, keys=range(8), x=jnp.zeros((B, 2))):
-    return np.stack([np.asarray(model.apply(variables, x, probs,
-                                            rngs={"stochastic_depth": jax.random.key(i)})[0][:, 0])
-                     for i in keys])
+    apply = jax.jit(lambda k: model.apply(variables, x, probs, rngs={"stochastic_depth": k})[0])
+    return np.stack([np.asarray(apply(jax.random.key(i))[:, 0]) for i in keys])
 
 
 @pytest.mark.parametrize("mode", ["batch", "sample"])
