@@ -5,7 +5,7 @@ Public API:
 * schedules: :func:`linear_decay`, :func:`uniform`, :func:`survival_probabilities`;
 * the framework-free op :func:`stochastic_depth` (and :func:`draw_gates`, :func:`draw_gate`,
   :func:`gated_branch`; per-example subsets: :func:`subset_size`, :func:`draw_subset`,
-  :func:`subset_branch`);
+  :func:`subset_branch`; :func:`batch_size_of` for pytree inputs and ``batch_axis``);
 * Flax Linen layers: :class:`StochasticDepth`, :class:`BatchNorm`, :class:`BasicBlock`,
   :class:`PreActBlock`, :class:`BottleneckBlock`, :class:`Shortcut`;
 * models: :class:`CifarResNet`, :class:`WideResNet`, :class:`ResNet`, :data:`ResNet50`,
@@ -54,6 +54,7 @@ from stochastic_depth_jax.models import (
 from stochastic_depth_jax import buckets, nnx_layers
 from stochastic_depth_jax.logs import RunWarning
 from stochastic_depth_jax.ops import (
+    batch_size_of,
     draw_gate,
     draw_gates,
     draw_subset,
@@ -100,6 +101,7 @@ __all__ = [
     "depth_curve",
     "VIT_SIZES",
     "ViT",
+    "batch_size_of",
     "draw_gate",
     "draw_gates",
     "draw_subset",

@@ -147,6 +147,8 @@ class StochasticDepth(nn.Module):
       groups: ``'sample'``/``'skip'``: the subset is drawn within this many contiguous groups
         of the batch (a multiple of the data-shard count keeps activations on their device;
         see :func:`stochastic_depth_jax.ops.draw_subset`).
+      batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
+        examples: 0 for ``[batch, ...]``, 1 for ``[tokens, batch, width]`` layouts.
     """
 
     branch: nn.Module
@@ -158,6 +160,7 @@ class StochasticDepth(nn.Module):
     rng_collection: str = "stochastic_depth"
     reroute_convs: str = "auto"
     groups: int = 1
+    batch_axis: int = 0
 
     @nn.compact
     def __call__(
@@ -173,7 +176,8 @@ class StochasticDepth(nn.Module):
         """Runs the gated branch.
 
         Args:
-          x: branch input, ``[batch, ...]``.
+          x: branch input, ``[batch, ...]`` (batch along ``batch_axis``), or a pytree of
+            such arrays (the branch then takes and returns pytrees).
           *args, **kwargs: forwarded to the branch (static values, e.g. ``train=True``).
           deterministic: evaluation mode: the branch runs scaled per ``scaling`` (p f for
             ``'test'``); with a ``gate`` it runs only where the gate is open (a fixed
@@ -204,15 +208,16 @@ class StochasticDepth(nn.Module):
         if not deterministic and (self.is_initializing() or (gate is None and ops.is_static_one(p))):
             return ops.with_shortcut(call(self, x), shortcut)
         if gate is None:
+            batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(gate_rng(self, self.rng_collection), p, mode=self.mode,
-                                 implementation=self.implementation, batch_size=x.shape[0],
+                                 implementation=self.implementation, batch_size=batch,
                                  groups=self.groups)
         if self.mode == "sample" and not deterministic:
             # Subset gather/scatter (or add into the shortcut) or mask: the op's one
             # implementation.
             return ops.gated_branch(lambda v: call(self, v), x, gate, p, mode=self.mode,
                                     scaling=self.scaling, implementation=self.implementation,
-                                    shortcut=shortcut)
+                                    shortcut=shortcut, batch_axis=self.batch_axis)
         if jnp.issubdtype(jnp.asarray(gate).dtype, jnp.integer):
             raise ValueError(
                 "StochasticDepth got subset indices as gate with deterministic=True; subsets "
@@ -225,7 +230,8 @@ class StochasticDepth(nn.Module):
         if self.mode == "sample" or self.implementation == "mask":
             if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
                 call = _keep_stats_if_dropped(call, gate)
-            return ops.with_shortcut(ops.masked(call(self, x), gate, factor), shortcut)
+            return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis),
+                                     shortcut)
         return ops.with_shortcut(self._skip(call, x, gate, factor), shortcut)
 
     def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
@@ -236,11 +242,13 @@ class StochasticDepth(nn.Module):
         if policy is not None:
             run = nn.remat(run, policy=policy, prevent_cse=False)
 
-        def skip(module, v, f):
-            out = _branch_output(module.branch, v)
-            return jnp.zeros(out.shape, out.dtype)
+        out = _branch_output(self, call, x)
 
-        return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, x.dtype))
+        def skip(module, v, f):
+            return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+
+        # The factor travels in f32; ``scaled`` casts it to each output's dtype.
+        return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, jnp.float32))
 
 
 def _keep_stats_if_dropped(call: Callable[..., Array], gate: Array) -> Callable[..., Array]:
@@ -269,16 +277,23 @@ def _call_branch(module: StochasticDepth, x: Array, *, args: tuple, kwargs: dict
         return module.branch(x, *args, **kwargs)
 
 
-def _branch_output(branch: nn.Module, x: Array) -> jax.ShapeDtypeStruct:
-    """Shape/dtype of ``branch(x)`` without running it.
+def _branch_output(module: StochasticDepth, call: Callable[..., Array], x: Array) -> Any:
+    """Shape/dtype of ``call(module, x)`` (the branch's output) without running it.
 
-    A branch whose output differs from its input in shape or dtype (a strided or widening
-    branch, or one computing in another dtype) says so with an ``output_struct(x)`` method;
-    otherwise the output is taken to be shaped like the input, as a residual added to x is.
+    A branch with an ``output_struct(x)`` method (the library's own) says it; any other is
+    traced abstractly on a copy of the wrapper's variables, so a branch whose output differs
+    from its input in shape or dtype (strided, widening, bf16 compute on an f32 stream)
+    works in a skipping ``cond`` as it is. Nothing is computed, no variable changes, and any
+    rng stream the branch draws from gets a placeholder key.
     """
-    if hasattr(branch, "output_struct"):
-        return branch.output_struct(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    if hasattr(module.branch, "output_struct"):
+        return module.branch.output_struct(x)
+
+    def shape_of(variables, v):
+        run = nn.apply(call, module.clone(parent=None), mutable=True)
+        return run(variables, v, rngs={"params": jax.random.key(0)})[0]
+
+    return jax.eval_shape(shape_of, module.variables, x)
 
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:

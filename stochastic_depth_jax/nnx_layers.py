@@ -87,6 +87,8 @@ class StochasticDepth(nnx.Module):
       branch: the residual branch, called ``branch(x, *args, **kwargs)``.
       survival_prob: p in (0, 1] (a float; 1 never draws a key).
       mode, scaling, implementation, groups: as the core op.
+      batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
+        examples: 0 for ``[batch, ...]``, 1 for ``[tokens, batch, width]`` layouts.
       deterministic: evaluation mode unless overridden at call time (``model.eval()``).
       rng_collection: the ``nnx.Rngs`` stream gates are drawn from.
       rngs: ``nnx.Rngs`` with that stream (or a stream); may be None if every training call
@@ -95,14 +97,14 @@ class StochasticDepth(nnx.Module):
 
     def __init__(self, branch: nnx.Module, survival_prob: float = 1.0, *, mode: str = "batch",
                  scaling: str = "test", implementation: str = "skip", groups: int = 1,
-                 deterministic: bool = False, rng_collection: str = "stochastic_depth",
-                 rngs: RngsLike = None):
+                 batch_axis: int = 0, deterministic: bool = False,
+                 rng_collection: str = "stochastic_depth", rngs: RngsLike = None):
         ops.validate_options(mode, scaling, implementation)
         ops.check_survival_prob(survival_prob)
         self.branch = branch
         self.survival_prob = survival_prob
         self.mode, self.scaling, self.implementation = mode, scaling, implementation
-        self.groups = groups
+        self.groups, self.batch_axis = groups, batch_axis
         self.deterministic = deterministic
         self.rng_collection = rng_collection
         self.rngs = _as_stream(rngs, rng_collection)
@@ -110,7 +112,8 @@ class StochasticDepth(nnx.Module):
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
                  rngs: RngsLike = None, gate: Any = None, shortcut: Array | None = None,
                  **kwargs: Any) -> Array:
-        """Runs the gated branch on ``x`` ``[batch, ...]``.
+        """Runs the gated branch on ``x`` ``[batch, ...]`` (batch along ``batch_axis``; a
+        pytree of such arrays works too).
 
         Args:
           deterministic: overrides the module's flag (evaluation: all of f, scaled).
@@ -138,26 +141,41 @@ class StochasticDepth(nnx.Module):
             if key is None:
                 raise ValueError("StochasticDepth in training needs rngs: pass "
                                  "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key.")
+            batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
-                                 batch_size=x.shape[0], groups=self.groups)
+                                 batch_size=batch, groups=self.groups)
         if self.mode == "batch" and self.implementation == "skip":
             return ops.with_shortcut(self._cond(run, x, gate), shortcut)
         return ops.gated_branch(lambda v: run(self.branch, v), x, gate, p, mode=self.mode,
                                 scaling=self.scaling, implementation=self.implementation,
-                                shortcut=shortcut)
+                                shortcut=shortcut, batch_axis=self.batch_axis)
 
     def _cond(self, run, x: Array, gate: Array) -> Array:
         """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
-        factor = jnp.asarray(ops.train_scale(self.survival_prob, self.scaling), x.dtype)
-        out = (self.branch.output_struct(x) if hasattr(self.branch, "output_struct")
-               else jax.ShapeDtypeStruct(x.shape, x.dtype))
+        # In f32; ``scaled`` casts it to each output's dtype.
+        factor = jnp.asarray(ops.train_scale(self.survival_prob, self.scaling), jnp.float32)
+        out = _output_struct(run, self.branch, x)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
-                        lambda b, v: jnp.zeros(out.shape, out.dtype), self.branch, x)
+                        lambda b, v: jax.tree_util.tree_map(
+                            lambda s: jnp.zeros(s.shape, s.dtype), out), self.branch, x)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def _output_struct(run: Any, branch: nnx.Module, x: Array) -> Any:
+    """Shape/dtype of ``run(branch, x)`` without running it or changing ``branch``.
+
+    ``branch.output_struct(x)`` when the branch defines it; otherwise the branch is traced
+    abstractly on a copy of its state, so an output that differs from ``x`` in shape or dtype
+    (a bf16 branch on an f32 stream, a widening branch) needs no declaration.
+    """
+    if hasattr(branch, "output_struct"):
+        return branch.output_struct(x)
+    graphdef, state = nnx.split(branch)
+    return jax.eval_shape(lambda s, v: run(nnx.merge(graphdef, s), v), state, x)
 
 
 class DropPath(StochasticDepth):

@@ -51,6 +51,7 @@ __all__ = [
     "subset_mask",
     "subset_branch",
     "with_shortcut",
+    "batch_size_of",
     "train_scale",
     "eval_scale",
     "gated_branch",
@@ -146,6 +147,35 @@ def _check_groups(batch_size: int, groups: int) -> int:
     return batch_size // groups
 
 
+def batch_size_of(x: Any, batch_axis: int = 0) -> int:
+    """The batch size of ``x`` (an array or a pytree of arrays) along ``batch_axis``.
+
+    Raises ValueError when a leaf has no such axis, or when leaves disagree: per-example
+    gates need every leaf to carry the same batch axis.
+    """
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, (int, np.integer)):
+        raise ValueError(f"batch_axis must be an integer axis, got {batch_axis!r}.")
+    leaves = jax.tree_util.tree_leaves(x)
+    if not leaves:
+        raise ValueError("mode='sample' gates each example, but x has no arrays.")
+    sizes = set()
+    for leaf in leaves:
+        ndim = jnp.ndim(leaf)
+        if not -ndim <= batch_axis < ndim:
+            raise ValueError(
+                f"mode='sample' gates each example, so x needs a batch axis at "
+                f"batch_axis={batch_axis}, but an input of shape {jnp.shape(leaf)} has none; "
+                "give x a batch axis (e.g. x[None]), set batch_axis, or use mode='batch' for "
+                "one gate per call.")
+        sizes.add(jnp.shape(leaf)[batch_axis])
+    if len(sizes) > 1:
+        raise ValueError(
+            f"mode='sample': the arrays of x have different sizes {sorted(sizes)} along "
+            f"batch_axis={batch_axis}; every leaf needs the same batch axis (move it there, or "
+            "pass the per-example arrays only).")
+    return sizes.pop()
+
+
 def _static_prob(survival_prob: Any) -> float:
     """``survival_prob`` as a Python float; ValueError if it is traced (k must be static)."""
     try:
@@ -153,8 +183,10 @@ def _static_prob(survival_prob: Any) -> float:
     except (TypeError, jax.errors.ConcretizationTypeError):
         raise ValueError(
             "mode='sample' with implementation='skip' sizes its subset from survival_prob, "
-            f"which must be a static Python float, got {survival_prob!r}; pass a float (unroll "
-            "the blocks instead of scanning them) or use implementation='mask'."
+            f"which must be a static Python float, got {survival_prob!r}. A per-layer rate is "
+            "traced inside nn.scan / lax.scan / nnx.scan: unroll the blocks (a Python loop), "
+            "scan only blocks that share one rate (pass it as a float), or use "
+            "implementation='mask' (Bernoulli gates, which take a traced rate)."
         ) from None
     check_survival_prob(p)
     return p
@@ -237,17 +269,22 @@ def subset_mask(indices: Array, batch_size: int) -> Array:
 
 
 def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
-                  factor: Any = 1.0, shortcut: Array | None = None) -> Array:
+                  factor: Any = 1.0, shortcut: Array | None = None,
+                  batch_axis: int = 0) -> Array:
     """Runs ``branch`` on the subset ``indices`` of ``x`` and scatters it back.
 
     Args:
       branch: ``[m, ...] -> [m, ...out]``, applied once to the ``groups * k`` kept examples.
-      x: ``[batch, ...]``.
+      x: ``[batch, ...]`` (or a pytree of such arrays; the branch then takes and returns
+        pytrees, every leaf with the batch axis).
       indices: int ``[groups, k]`` from :func:`draw_subset`.
       factor: multiplies the kept outputs (``n / k`` for ``scaling='train'``).
       shortcut: optional ``[batch, ...out]``: the kept outputs are added into it in one
         scatter-add (DINOv2's ``index_add``) instead of being scattered into zeros and added
         afterwards, which saves a full-size temporary and one pass over the activations.
+      batch_axis: the axis of ``x`` (and of the branch output) that indexes examples, e.g. 1
+        for ``[tokens, batch, width]``; the branch sees its input in that layout. Other than 0
+        it costs a transpose of the input and output on each side of the gather and scatter.
 
     Returns:
       ``[batch, ...out]``: ``factor * branch(x[i])`` for kept examples, exactly 0 elsewhere
@@ -255,41 +292,60 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
       examples. The gather and scatter act within each group (batched over the group axis),
       so they stay local to a data shard.
     """
+    tree_map = jax.tree_util.tree_map
+    batch = batch_size_of(x, batch_axis)
+    if batch_axis != 0:  # gather and scatter along axis 0; the branch sees the user's layout
+        front = lambda t: tree_map(lambda v: jnp.moveaxis(v, batch_axis, 0), t)
+        back = lambda t: tree_map(lambda v: jnp.moveaxis(v, 0, batch_axis), t)
+        out = subset_branch(lambda v: front(branch(back(v))), front(x), indices, factor,
+                            None if shortcut is None else front(shortcut))
+        return back(out)
     groups, k = indices.shape
-    batch = x.shape[0]
     n = _check_groups(batch, groups)
     if k == n:  # nothing dropped: no gather, no scatter
         return with_shortcut(scaled(branch(x), factor), shortcut)
-    xg = x.reshape((groups, n) + x.shape[1:])
-    picked = jax.vmap(lambda v, i: v[i])(xg, indices)
-    y = scaled(branch(picked.reshape((groups * k,) + x.shape[1:])), factor)
-    yg = y.reshape((groups, k) + y.shape[1:])
-    if shortcut is None:
-        out = jax.vmap(lambda v, i: jnp.zeros((n,) + v.shape[1:], v.dtype).at[i].set(v))(
-            yg, indices)
-    else:
-        _check_shortcut(shortcut, (batch,) + y.shape[1:])
-        dtype = jnp.result_type(shortcut, y)  # as ``shortcut + y`` would promote
-        sg = shortcut.astype(dtype).reshape((groups, n) + y.shape[1:])
-        out = jax.vmap(lambda s, v, i: s.at[i].add(v.astype(dtype)))(sg, yg, indices)
-    return out.reshape((batch,) + y.shape[1:])
+    take = jax.vmap(lambda v, i: v[i])
+    picked = tree_map(lambda v: take(v.reshape((groups, n) + v.shape[1:]), indices)
+                      .reshape((groups * k,) + v.shape[1:]), x)
+    y = scaled(branch(picked), factor)
+    if shortcut is not None:
+        _check_shortcut(shortcut, tree_map(
+            lambda v: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype), y))
+
+    def scatter(v, s=None):
+        vg = v.reshape((groups, k) + v.shape[1:])
+        if s is None:
+            out = jax.vmap(lambda a, i: jnp.zeros((n,) + a.shape[1:], a.dtype).at[i].set(a))(
+                vg, indices)
+        else:
+            dtype = jnp.result_type(s, v)  # as ``shortcut + y`` would promote
+            sg = s.astype(dtype).reshape((groups, n) + v.shape[1:])
+            out = jax.vmap(lambda t, a, i: t.at[i].add(a.astype(dtype)))(sg, vg, indices)
+        return out.reshape((batch,) + v.shape[1:])
+
+    return tree_map(scatter, y) if shortcut is None else tree_map(scatter, y, shortcut)
 
 
-def _check_shortcut(shortcut: Array, shape: tuple[int, ...]) -> None:
-    if tuple(shortcut.shape) != tuple(shape):
+def _check_shortcut(shortcut: Any, y: Any) -> None:
+    """ValueError unless ``shortcut`` is shaped like ``y`` (arrays or pytrees of them)."""
+    def shapes(t):
+        return jax.tree_util.tree_map(lambda v: tuple(v.shape), t)
+    if shapes(shortcut) != shapes(y):
         raise ValueError(
-            f"shortcut has shape {tuple(shortcut.shape)} but the branch output is "
-            f"{tuple(shape)}; pass the block's shortcut (e.g. shortcut=x for an identity "
-            "shortcut) shaped like the branch output."
+            f"shortcut has shape {shapes(shortcut)} but the branch output is {shapes(y)}; "
+            "pass the block's shortcut (e.g. shortcut=x for an identity shortcut) shaped like "
+            "the branch output."
         )
 
 
 def with_shortcut(y: Array, shortcut: Array | None) -> Array:
-    """``shortcut + y`` (``y`` unchanged when ``shortcut`` is None); shapes must match."""
+    """``shortcut + y`` (``y`` unchanged when ``shortcut`` is None); shapes must match.
+
+    Pytrees add leaf by leaf."""
     if shortcut is None:
         return y
-    _check_shortcut(shortcut, y.shape)
-    return shortcut + y
+    _check_shortcut(shortcut, y)
+    return jax.tree_util.tree_map(lambda s, v: s + v, shortcut, y)
 
 
 def draw_gate(
@@ -329,17 +385,24 @@ def eval_scale(survival_prob: Array, scaling: str) -> Array:
 
 
 def scaled(y: Array, factor: Any) -> Array:
-    """``y * factor`` in ``y``'s dtype; a static factor of 1 adds no op."""
+    """``y * factor`` in ``y``'s dtype (leaf by leaf for a pytree); a static 1 adds no op."""
     if isinstance(factor, (int, float)) and factor == 1.0:
         return y
-    return y * jnp.asarray(factor, dtype=y.dtype)
+    return jax.tree_util.tree_map(lambda v: v * jnp.asarray(factor, dtype=v.dtype), y)
 
 
-def masked(y: Array, gate: Array, factor: Any) -> Array:
-    """``y * gate * factor``; a ``[batch]`` gate broadcasts over ``y``'s trailing axes."""
+def masked(y: Array, gate: Array, factor: Any, batch_axis: int = 0) -> Array:
+    """``y * gate * factor``; a ``[batch]`` gate broadcasts along ``y``'s ``batch_axis``
+    (a scalar gate over everything); pytrees leaf by leaf."""
     gate = jnp.asarray(gate)
-    mask = gate.astype(y.dtype).reshape(gate.shape + (1,) * (y.ndim - gate.ndim))
-    return scaled(y * mask, factor)
+
+    def one(v):
+        shape = [1] * v.ndim
+        if gate.ndim:
+            shape[batch_axis] = gate.shape[0]
+        return scaled(v * gate.astype(v.dtype).reshape(shape), factor)
+
+    return jax.tree_util.tree_map(one, y)
 
 
 def gated_branch(
@@ -352,6 +415,7 @@ def gated_branch(
     scaling: str = "test",
     implementation: str = "skip",
     shortcut: Array | None = None,
+    batch_axis: int = 0,
 ) -> Array:
     """Applies ``branch`` to ``x`` under an already-drawn training gate.
 
@@ -365,6 +429,7 @@ def gated_branch(
       survival_prob: p for this block (scalar; may be traced except for subsets).
       shortcut: optional, shaped like ``branch(x)``: returned added to the gated residual
         (for subsets in one scatter-add, see :func:`subset_branch`).
+      batch_axis: ``'sample'``: the axis of ``x`` and ``branch(x)`` that indexes examples.
 
     Returns:
       ``gate * branch(x) * train_scale`` (``+ shortcut``) with the shape and dtype of
@@ -375,16 +440,16 @@ def gated_branch(
     gate = jnp.asarray(gate)
     if mode == "sample" and jnp.issubdtype(gate.dtype, jnp.integer):
         groups, k = gate.shape
-        factor = 1.0 if scaling == "test" else (x.shape[0] // groups) / k
-        return subset_branch(branch, x, gate, factor, shortcut)
+        factor = 1.0 if scaling == "test" else (batch_size_of(x, batch_axis) // groups) / k
+        return subset_branch(branch, x, gate, factor, shortcut, batch_axis)
     factor = train_scale(survival_prob, scaling)
     if mode == "sample" or implementation == "mask":
-        return with_shortcut(masked(branch(x), gate, factor), shortcut)
+        return with_shortcut(masked(branch(x), gate, factor, batch_axis), shortcut)
     out = jax.eval_shape(branch, x)
     return with_shortcut(jax.lax.cond(
         gate,
         lambda v: scaled(branch(v), factor),
-        lambda v: jnp.zeros(out.shape, out.dtype),
+        lambda v: jax.tree_util.tree_map(lambda o: jnp.zeros(o.shape, o.dtype), out),
         x,
     ), shortcut)
 
@@ -401,6 +466,7 @@ def stochastic_depth(
     implementation: str = "skip",
     groups: int = 1,
     shortcut: Array | None = None,
+    batch_axis: int = 0,
 ) -> Array:
     """Runs a residual branch under stochastic depth; returns its gated output.
 
@@ -410,7 +476,8 @@ def stochastic_depth(
 
     Args:
       branch: the residual function f, ``x -> f(x)``; pure (close over parameters).
-      x: input array, any shape; ``[batch, ...]`` for ``mode='sample'``.
+      x: input array, any shape, or a pytree of arrays (the branch takes and returns the
+        same structure); ``mode='sample'`` gates along ``batch_axis`` of every leaf.
       survival_prob: p in (0, 1]. A concrete 1.0 never draws a key.
       key: PRNG key for the gate; required in training unless ``survival_prob`` is 1.
       deterministic: evaluation mode: every branch runs, scaled per ``scaling``.
@@ -423,6 +490,9 @@ def stochastic_depth(
         groups of the batch (see :func:`draw_subset`); a multiple of the data-shard count
         keeps a sharded batch on its devices.
       shortcut: optional, shaped like ``f(x)``: added to the result (see above).
+      batch_axis: ``'sample'``: the axis that indexes examples (default 0; 1 for
+        ``[tokens, batch, width]`` layouts). The op cannot tell which axis is the batch: with
+        the default, a ``[tokens, batch, ...]`` input would drop tokens, not examples.
 
     Returns:
       The gated residual (``+ shortcut``), shaped like ``f(x)``.
@@ -439,12 +509,10 @@ def stochastic_depth(
             "survival_prob < 1; pass key=jax.random.fold_in(base_key, step)."
         )
     _check_key(key)
-    if mode == "sample" and jnp.ndim(x) == 0:
-        raise ValueError("mode='sample' gates each example, so x needs a leading batch axis, "
-                         "got a scalar; use mode='batch' for one gate per call.")
+    batch = batch_size_of(x, batch_axis) if mode == "sample" else None
     gate = draw_gate(key, survival_prob, mode=mode, implementation=implementation,
-                     batch_size=x.shape[0], groups=groups)
+                     batch_size=batch, groups=groups)
     return gated_branch(
         branch, x, gate, survival_prob, mode=mode, scaling=scaling,
-        implementation=implementation, shortcut=shortcut,
+        implementation=implementation, shortcut=shortcut, batch_axis=batch_axis,
     )

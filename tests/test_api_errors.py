@@ -58,7 +58,7 @@ def test_a_key_that_is_not_a_prng_key_is_refused():
 
 
 def test_sample_mode_needs_a_batch_axis():
-    with pytest.raises(ValueError, match="needs a leading batch axis"):
+    with pytest.raises(ValueError, match="x needs a batch axis at batch_axis=0"):
         ops.stochastic_depth(F, jnp.float32(1.0), survival_prob=0.5, key=jax.random.key(0),
                              mode="sample")
 

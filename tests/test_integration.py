@@ -1,0 +1,435 @@
+"""The library inside users' own models: scan, remat, vmap, sharding, NNX transforms, mixed
+precision, pytree inputs and batch-not-first layouts."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import stochastic_depth_jax as sdj
+from stochastic_depth_jax import nnx_layers, ops
+
+B, T, D, L = 8, 3, 4, 6
+X = jax.random.normal(jax.random.key(0), (B, T, D))
+
+
+class Ones(nn.Module):
+    """A branch returning ones, so ``out - x`` counts the kept layers per example."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.ones_like(x) + self.param("b", nn.initializers.zeros, ())
+
+
+class Mlp(nn.Module):
+    dtype: object = None
+    out: int = D
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(2 * D, dtype=self.dtype)(x))
+        return nn.Dense(self.out, dtype=self.dtype)(h)
+
+
+class ScanLayer(nn.Module):
+    """One layer of an ``nn.scan`` stack; the scanned input is this layer's survival prob
+    (None: the static 0.5)."""
+
+    mode: str = "batch"
+    implementation: str = "skip"
+    branch: type = Ones
+
+    @nn.compact
+    def __call__(self, x, p):
+        sd = sdj.StochasticDepth(self.branch(parent=None), survival_prob=0.5, mode=self.mode,
+                                 implementation=self.implementation)
+        return x + sd(x, deterministic=False, survival_prob=p), None
+
+
+def _stack(split=True, **kw):
+    return nn.scan(ScanLayer, variable_axes={"params": 0}, length=L,
+                   split_rngs={"params": True, "stochastic_depth": split})(**kw)
+
+
+def _kept_counts(model, variables, probs, keys=range(8), x=jnp.zeros((B, 2))):
+    apply = jax.jit(lambda k: model.apply(variables, x, probs, rngs={"stochastic_depth": k})[0])
+    return np.stack([np.asarray(apply(jax.random.key(i))[:, 0]) for i in keys])
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_linen_scan_gives_each_layer_its_own_gate_only_with_split_rngs(mode):
+    probs = None  # the layers' static survival_prob=0.5
+    x = jnp.zeros((B, 2))
+    split = _stack(mode=mode)
+    counts = _kept_counts(split, split.init(jax.random.key(0), x, probs), probs)
+    assert len(set(counts.ravel())) > 2 and set(counts.ravel()) != {0.0, float(L)}
+    assert len({tuple(c) for c in counts}) > 1  # fresh gates per key
+    # Without split_rngs for the stream every layer gets the same key: all or nothing.
+    shared = _stack(split=False, mode=mode)
+    counts = _kept_counts(shared, shared.init(jax.random.key(0), x, probs), probs)
+    assert set(counts.ravel()) <= {0.0, float(L)}
+
+
+def test_linen_scan_takes_a_per_layer_rate_in_batch_mode():
+    probs = jnp.asarray([1.0, 1.0, 1.0, 1e-7, 1e-7, 1e-7])  # traced inside the scan
+    model = _stack(mode="batch")
+    x = jnp.zeros((B, 2))
+    counts = _kept_counts(model, model.init(jax.random.key(0), x, probs), probs)
+    np.testing.assert_array_equal(counts, 3.0)
+    grad = jax.jit(jax.grad(lambda v: model.apply(
+        v, x, probs, rngs={"stochastic_depth": jax.random.key(1)})[0].sum()))(
+        model.init(jax.random.key(0), x, probs))
+    np.testing.assert_array_equal(grad["params"]["StochasticDepth_0"]["branch"]["b"],
+                                  [B * 2.0] * 3 + [0.0] * 3)
+
+
+def test_linen_scan_per_layer_rate_with_subsets_says_what_to_do():
+    probs = jnp.asarray(sdj.linear_decay(L, 0.5))
+    model = _stack(mode="sample")
+    variables = model.init(jax.random.key(0), X, probs)
+    with pytest.raises(ValueError, match=r"nn.scan.*unroll.*implementation='mask'"):
+        model.apply(variables, X, probs, rngs={"stochastic_depth": jax.random.key(1)})
+    masked = _stack(mode="sample", implementation="mask")
+    y, _ = masked.apply(variables, X, probs, rngs={"stochastic_depth": jax.random.key(1)})
+    assert y.shape == X.shape
+
+
+class Block(nn.Module):
+    mode: str = "batch"
+    remat_branch: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        branch = (nn.remat(Mlp) if self.remat_branch else Mlp)(parent=None, name="branch")
+        sd = sdj.StochasticDepth(branch, survival_prob=0.5, mode=self.mode, name="sd")
+        return x + sd(x, deterministic=not train)
+
+
+class Net(nn.Module):
+    mode: str = "batch"
+    remat_block: bool = False
+    remat_branch: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        cls = nn.remat(Block, static_argnums=(2,)) if self.remat_block else Block
+        for i in range(3):
+            x = cls(self.mode, self.remat_branch, name=f"block{i}")(x, train)
+        return x
+
+
+def _grads(model, variables, key, x=X):
+    loss = lambda v: jnp.sum(model.apply(v, x, True, rngs={"stochastic_depth": key}) ** 2)
+    return jax.jit(jax.grad(loss))(variables)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_remat_around_the_block_or_the_branch_changes_nothing(mode):
+    plain = Net(mode)
+    variables = plain.init(jax.random.key(0), X, False)
+    key = jax.random.key(3)
+    expected = _grads(plain, variables, key)
+    for model in (Net(mode, remat_block=True), Net(mode, remat_branch=True)):
+        got = _grads(model, variables, key)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     got, expected)
+
+
+def test_vmap_per_example_gradients_share_the_batch_gate():
+    model = Net("batch")
+    variables = model.init(jax.random.key(0), X, False)
+    key = jax.random.key(3)
+    per_example = jax.vmap(lambda xi: _grads(model, variables, key, xi[None]))(X)
+    for i in (0, 5):
+        one = _grads(model, variables, key, X[i:i + 1])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6),
+                     per_example, one)
+
+
+def test_vmap_per_example_gradients_with_drop_path_gates_drawn_outside():
+    sd = sdj.StochasticDepth(Mlp(parent=None), survival_prob=0.5, mode="sample",
+                             scaling="train")
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    gates = sdj.draw_gates(jax.random.key(1), jnp.asarray([0.5]), mode="sample",
+                           batch_size=B)[0]  # bool [B]
+    assert 0 < int(gates.sum()) < B
+
+    def loss(v, x, gate):
+        return jnp.sum((x + sd.apply(v, x, deterministic=False, gate=gate)) ** 2)
+
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(variables, X[:, None],
+                                                                 gates[:, None])
+    whole = jax.grad(loss)(variables, X, gates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a.sum(0), b, rtol=1e-5, atol=1e-5),
+                 per_example, whole)
+
+
+def test_jit_with_donated_activations():
+    w = jax.random.normal(jax.random.key(1), (D, D))
+    step = jax.jit(lambda x, key: sdj.stochastic_depth(
+        lambda h: jnp.tanh(h @ w), x, survival_prob=0.5, key=key, mode="sample", shortcut=x),
+        donate_argnums=(0,))
+    x = jnp.array(X)
+    expected = sdj.stochastic_depth(lambda h: jnp.tanh(h @ w), X, survival_prob=0.5,
+                                    key=jax.random.key(2), mode="sample", shortcut=X)
+    np.testing.assert_allclose(step(x, jax.random.key(2)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x_dtype, branch_dtype", [(jnp.float32, jnp.bfloat16),
+                                                   (jnp.bfloat16, jnp.float32),
+                                                   (jnp.float32, jnp.float16)])
+def test_linen_batch_skipping_takes_a_branch_computing_in_another_dtype(x_dtype, branch_dtype):
+    x = X.astype(x_dtype)
+    outs = {}
+    for impl in ("skip", "mask"):
+        sd = sdj.StochasticDepth(Mlp(branch_dtype, parent=None), survival_prob=0.5,
+                                 implementation=impl)
+        variables = sd.init(jax.random.key(0), x, deterministic=True)
+        for k in range(4):  # both gate values occur
+            rngs = {"stochastic_depth": jax.random.key(k)}
+            y = sd.apply(variables, x, deterministic=False, rngs=rngs)
+            fused = sd.apply(variables, x, deterministic=False, rngs=rngs, shortcut=x)
+            assert y.dtype == branch_dtype and fused.dtype == jnp.result_type(x_dtype, branch_dtype)
+            np.testing.assert_array_equal(fused, x + y)
+            outs[impl, k] = y
+    for k in range(4):  # the same gates; 16-bit rounding differs between the two programs
+        skip, mask = (np.asarray(outs[i, k], np.float32) for i in ("skip", "mask"))
+        np.testing.assert_array_equal(skip == 0, mask == 0)
+        np.testing.assert_allclose(skip, mask, rtol=2e-2, atol=1e-3)
+    assert any(np.any(outs["skip", k] == 0) for k in range(4))
+    assert any(np.all(outs["skip", k] != 0) for k in range(4))
+
+
+def test_batch_skipping_takes_a_branch_that_changes_the_shape():
+    sd = sdj.StochasticDepth(Mlp(out=2 * D, parent=None), survival_prob=0.5)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    ys = [sd.apply(variables, X, deterministic=False, rngs={"stochastic_depth": jax.random.key(k)})
+          for k in range(4)]
+    assert all(y.shape == (B, T, 2 * D) for y in ys)
+    assert {bool(jnp.any(y != 0)) for y in ys} == {True, False}
+
+
+class NnxWide(nnx.Module):
+    def __init__(self, dtype, out, rngs):
+        self.fc = nnx.Linear(D, out, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("dtype, out", [(jnp.bfloat16, D), (jnp.float32, 2 * D)])
+def test_nnx_batch_skipping_takes_another_dtype_or_shape(dtype, out):
+    rngs = nnx.Rngs(params=0, stochastic_depth=1)
+    sd = nnx_layers.StochasticDepth(NnxWide(dtype, out, rngs), 0.5, rngs=rngs)
+    ys = [sd(X) for _ in range(6)]
+    assert all(y.dtype == dtype and y.shape == (B, T, out) for y in ys)
+    assert {bool(jnp.any(y != 0)) for y in ys} == {True, False}
+    step = nnx.jit(lambda m, x: m(x))
+    assert step(sd, X).dtype == dtype
+
+
+def _tree_branch(h):
+    return {"a": jnp.tanh(h["a"]) + 1.0, "b": h["b"] * 2.0 + 1.0}
+
+
+@pytest.mark.parametrize("mode, impl", [("batch", "skip"), ("batch", "mask"),
+                                        ("sample", "skip"), ("sample", "mask")])
+def test_raw_op_takes_pytree_activations(mode, impl):
+    x = {"a": X, "b": X[:, 0]}
+    key = jax.random.key(4)
+    opts = dict(survival_prob=0.5, mode=mode, implementation=impl, scaling="train")
+    y = sdj.stochastic_depth(_tree_branch, x, key=key, **opts)
+    fused = sdj.stochastic_depth(_tree_branch, x, key=key, shortcut=x, **opts)
+    jax.tree.map(lambda f, s, v: np.testing.assert_allclose(f, s + v, rtol=1e-6), fused, x, y)
+    # Each example is kept or dropped in every leaf together, as a single array would be.
+    kept_a = np.any(np.asarray(y["a"]) != 0, axis=(1, 2))
+    np.testing.assert_array_equal(kept_a, np.any(np.asarray(y["b"]) != 0, axis=1))
+    single = sdj.stochastic_depth(lambda h: jnp.tanh(h) + 1.0, X, key=key, **opts)
+    np.testing.assert_allclose(y["a"], single, rtol=1e-6)
+    evaluated = sdj.stochastic_depth(_tree_branch, x, deterministic=True, **opts)
+    jax.tree.map(np.testing.assert_allclose, evaluated, _tree_branch(x))
+
+
+def test_pytree_leaves_without_a_common_batch_axis_fail_clearly():
+    x = {"a": X, "b": X[0]}  # 8 vs 3 along axis 0
+    with pytest.raises(ValueError, match=r"different sizes \[3, 8\] along batch_axis=0"):
+        sdj.stochastic_depth(_tree_branch, x, survival_prob=0.5, key=jax.random.key(0),
+                             mode="sample")
+    with pytest.raises(ValueError, match="needs a batch axis at batch_axis=3"):
+        sdj.stochastic_depth(jnp.tanh, X, survival_prob=0.5, key=jax.random.key(0),
+                             mode="sample", batch_axis=3)
+    with pytest.raises(ValueError, match="batch_axis must be an integer"):
+        sdj.stochastic_depth(jnp.tanh, X, survival_prob=0.5, key=jax.random.key(0),
+                             mode="sample", batch_axis="tokens")
+
+
+@pytest.mark.parametrize("impl", ["skip", "mask"])
+def test_batch_axis_gates_examples_in_a_tokens_first_layout(impl):
+    key = jax.random.key(5)
+    f = lambda h: jnp.tanh(h @ jnp.ones((D, D))) + 1.0
+    opts = dict(survival_prob=0.5, key=key, mode="sample", implementation=impl,
+                scaling="train", groups=2 if impl == "skip" else 1)
+    xt = jnp.swapaxes(X, 0, 1)  # [tokens, batch, width]
+    expected = sdj.stochastic_depth(f, X, **opts)
+    got = sdj.stochastic_depth(f, xt, batch_axis=1, **opts)
+    np.testing.assert_allclose(got, jnp.swapaxes(expected, 0, 1), rtol=1e-6)
+    fused = sdj.stochastic_depth(f, xt, batch_axis=-2, shortcut=xt, **opts)
+    np.testing.assert_allclose(fused, xt + got, rtol=1e-6)
+    # Whole examples are dropped, never single tokens.
+    kept = np.any(np.asarray(got) != 0, axis=(0, 2))
+    assert 0 < kept.sum() < B
+    np.testing.assert_array_equal(np.all(np.asarray(got) != 0, axis=(0, 2)), kept)
+
+
+def test_wrappers_take_batch_axis_and_pytrees():
+    xt = jnp.swapaxes(X, 0, 1)
+    key = jax.random.key(6)
+    sd = sdj.StochasticDepth(Mlp(parent=None), survival_prob=0.5, mode="sample", batch_axis=1)
+    variables = sd.init(jax.random.key(0), xt, deterministic=True)
+    y = sd.apply(variables, xt, deterministic=False, rngs={"stochastic_depth": key})
+    front = sdj.StochasticDepth(Mlp(parent=None), survival_prob=0.5, mode="sample")
+    y0 = front.apply(variables, X, deterministic=False, rngs={"stochastic_depth": key})
+    np.testing.assert_allclose(y, jnp.swapaxes(y0, 0, 1), rtol=1e-5, atol=1e-6)
+
+    class Pair(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, h):
+            return self.fc(h[0]), jnp.tanh(h[1])
+
+    rngs = nnx.Rngs(params=0, stochastic_depth=1)
+    for mode in ("batch", "sample"):
+        drop = nnx_layers.StochasticDepth(Pair(rngs), 0.5, mode=mode, batch_axis=1, rngs=rngs)
+        out = drop((xt, xt))
+        assert [o.shape for o in out] == [xt.shape, xt.shape]
+        kept = np.any(np.asarray(out[1]) != 0, axis=(0, 2))
+        np.testing.assert_array_equal(kept, np.any(np.asarray(out[0]) != 0, axis=(0, 2)))
+
+
+class ShardedMlp(nn.Module):
+    """A Megatron-style MLP: hidden units sharded over 'model'."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        h = nn.Dense(4 * D, kernel_init=nn.with_partitioning(init, (None, "model")))(x)
+        return nn.Dense(D, kernel_init=nn.with_partitioning(init, ("model", None)))(nn.gelu(h))
+
+
+class ShardedNet(nn.Module):
+    mode: str
+    groups: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(3):
+            sd = sdj.StochasticDepth(ShardedMlp(parent=None), survival_prob=0.5, mode=self.mode,
+                                     groups=self.groups, scaling="train")
+            x = sd(x, deterministic=False, shortcut=x)
+        return x
+
+
+MOVES = re.compile(r"\b(all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\(")
+
+
+def _sharded_step(model, mesh_shape):
+    devices = np.asarray(jax.devices()[:int(np.prod(mesh_shape))]).reshape(mesh_shape)
+    mesh = jax.sharding.Mesh(devices, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    x = jax.random.normal(jax.random.key(0), (16, T, D))
+    boxed = model.init(jax.random.key(0), x)
+    specs = nn.get_partition_spec(boxed)
+    variables = jax.device_put(nn.meta.unbox(boxed),
+                               jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    loss = lambda v, x, k: jnp.mean(model.apply(v, x, rngs={"stochastic_depth": k}) ** 2)
+    step = jax.jit(jax.value_and_grad(loss))
+    key = jax.random.key(7)
+    value, grads = step(variables, x, key)
+    hlo = step.lower(variables, x, key).compile().as_text()
+    return float(value), jax.tree.map(np.asarray, grads), hlo
+
+
+@pytest.mark.parametrize("mode, groups", [("batch", 1), ("sample", 4)])
+def test_data_and_model_sharded_user_model_matches_one_device(mode, groups):
+    assert jax.device_count() == 8
+    model = ShardedNet(mode, groups)
+    one, grads1, _ = _sharded_step(model, (1, 1))
+    eight, grads8, hlo = _sharded_step(model, (4, 2))  # 4 data shards x 2 model shards
+    np.testing.assert_allclose(eight, one, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads8, grads1)
+    # Subsets drawn per data shard move no activations: only the tensor-parallel all-reduces.
+    assert not MOVES.findall(hlo)
+
+
+def _nnx_stack(mode):
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.sd = nnx_layers.StochasticDepth(OnesNnx(rngs), 0.5, mode=mode, rngs=rngs)
+
+        def __call__(self, h):
+            return h + self.sd(h)
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Layer(rngs)
+
+    return make(nnx.Rngs(params=0, stochastic_depth=1))
+
+
+class OnesNnx(nnx.Module):
+    def __init__(self, rngs):
+        self.b = nnx.Param(jnp.zeros(()))
+
+    def __call__(self, h):
+        return jnp.ones_like(h) + self.b[...]
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_nnx_scan_over_a_vmapped_stack_draws_per_layer_and_per_call(mode):
+    model = _nnx_stack(mode)
+
+    @nnx.jit
+    def forward(model, h):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(layer, h):
+            return layer(h)
+        return body(model, h)
+
+    counts = np.stack([np.asarray(forward(model, jnp.zeros((B, 2)))[:, 0]) for _ in range(6)])
+    assert len(set(counts.ravel())) > 2  # layers differ (not all or nothing)
+    assert len({tuple(c) for c in counts}) > 1  # calls differ
+    model.eval()
+    np.testing.assert_allclose(forward(model, jnp.zeros((B, 2))), L * 0.5)
+
+
+def test_nnx_scan_with_call_time_keys_needs_one_key_per_layer():
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.sd = nnx_layers.StochasticDepth(OnesNnx(rngs), 0.5)  # keys at call time
+
+        def __call__(self, h, key):
+            return h + self.sd(h, rngs=key)
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Layer(rngs)
+
+    stack = make(nnx.Rngs(params=0))
+
+    def counts(key_axis, keys):
+        body = nnx.scan(lambda layer, h, key: layer(h, key),
+                        in_axes=(0, nnx.Carry, key_axis), out_axes=nnx.Carry)
+        return {float(body(stack, jnp.zeros((B, 1)), k)[0, 0]) for k in keys}
+
+    split = counts(0, [jax.random.split(jax.random.key(i), L) for i in range(8)])
+    assert len(split) > 2
+    # One key broadcast to every layer: every layer draws the same gate.
+    assert counts(None, [jax.random.key(i) for i in range(8)]) <= {0.0, float(L)}
