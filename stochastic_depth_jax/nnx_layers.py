@@ -1,4 +1,4 @@
-"""Native Flax NNX modules: the stochastic-depth wrapper, DropPath, and the ViT twin.
+"""Native Flax NNX modules: the stochastic-depth wrapper, DropPath, the ViT and ConvNeXt twins.
 
 They follow the NNX guides: modules own their parameters, gate keys come from an
 ``nnx.Rngs`` stream named ``'stochastic_depth'`` (or a key passed at call time), and
@@ -9,8 +9,9 @@ scaling are those of the one core op, :mod:`stochastic_depth_jax.ops`::
                             rngs=nnx.Rngs(stochastic_depth=0))
     y = x + block(x)  # training: f runs on round(0.8 n) examples only
 
-The ViT here has the parameter names of :class:`stochastic_depth_jax.vit.ViT` (Linen), and
-for the same parameters and key gives the same outputs (see :func:`load_linen_params`).
+The ViT and the ConvNeXt here have the parameter names of :class:`stochastic_depth_jax.vit.ViT`
+and :class:`stochastic_depth_jax.convnext.ConvNeXt` (Linen), and for the same parameters and
+key give the same outputs (see :func:`load_linen_params`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stochastic_depth_jax import convnext as linen_convnext
 from stochastic_depth_jax import ops, vit as linen_vit
 
 __all__ = [
@@ -33,6 +35,10 @@ __all__ = [
     "MlpBranch",
     "EncoderBlock",
     "ViT",
+    "ConvNeXtBranch",
+    "ConvNeXtBlock",
+    "ConvNeXtDownsample",
+    "ConvNeXt",
     "load_linen_params",
 ]
 
@@ -391,10 +397,6 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
 
 
 # ConvNeXt: the NNX twin of stochastic_depth_jax.convnext (same parameter names, same keys).
-
-from stochastic_depth_jax import convnext as linen_convnext  # noqa: E402
-
-__all__ += ["ConvNeXtBranch", "ConvNeXtBlock", "ConvNeXtDownsample", "ConvNeXt"]
 
 
 class ConvNeXtBranch(nnx.Module):
