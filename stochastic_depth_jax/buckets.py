@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["kept_count_pmf", "expected_padding", "optimal_lengths", "round_up",
-           "stage_buckets"]
+           "stage_lengths", "stage_buckets", "check_buckets"]
 
 
 def kept_count_pmf(probs) -> np.ndarray:
@@ -111,6 +111,11 @@ def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) 
         scanned block count, at least 1) ...
       lengths: ... or, if given, to the shortest of the stage's ``lengths[i]`` that holds it.
     """
+    if lengths is None:
+        if not isinstance(multiple, (int, np.integer)) or multiple < 1:
+            raise ValueError(f"multiple must be an integer >= 1, got {multiple!r}.")
+    else:
+        _check_lengths(lengths, stage_sizes, scanned)
     gates = np.asarray(gates, bool)
     out, start = [], 0
     for i, (n, scan) in enumerate(zip(stage_sizes, scanned)):
@@ -124,3 +129,51 @@ def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) 
                 out.append(round_up(kept, lengths[i]))
         start += n
     return tuple(out)
+
+
+def stage_lengths(probs, stage_sizes, scanned, count: int) -> tuple[tuple[int, ...], ...]:
+    """Per stage, :func:`optimal_lengths` for its blocks after the first (``()`` if unscanned).
+
+    Args:
+      probs: every block's survival probability, ``[L]``.
+      stage_sizes: blocks per stage (summing to L); scanned: per stage, bool.
+      count: lengths (compiled programs) allowed per scanned stage.
+    """
+    probs = np.asarray(probs, np.float64)
+    out, start = [], 0
+    for n, scan in zip(stage_sizes, scanned):
+        out.append(optimal_lengths(probs[start + 1:start + n], count) if scan else ())
+        start += n
+    return tuple(out)
+
+
+_FIX = "compute them with model.compact_lengths(c) for this model"
+
+
+def _check_lengths(lengths, stage_sizes, scanned) -> None:
+    """ValueError unless ``lengths`` has one sorted tuple per stage, each scanned stage's in
+    1..n-1 and ending at n-1 (n the stage's block count), an unscanned stage's empty."""
+    if len(lengths) != len(stage_sizes):
+        raise ValueError(f"lengths has {len(lengths)} entries for {len(stage_sizes)} stages; "
+                         f"{_FIX}.")
+    for i, (ls, n, scan) in enumerate(zip(lengths, stage_sizes, scanned)):
+        ls = tuple(int(v) for v in ls)
+        want = f"sorted lengths in 1..{n - 1} ending at {n - 1}" if scan else "no lengths"
+        ok = (ls == tuple(sorted(set(ls))) and ls and ls[0] >= 1 and ls[-1] == n - 1
+              if scan else not ls)
+        if not ok:
+            raise ValueError(f"lengths[{i}]={ls} but stage {i + 1} needs {want}; {_FIX}.")
+
+
+def check_buckets(buckets, stage_sizes, scanned) -> tuple[int, ...]:
+    """``buckets`` as ints; ValueError unless one per stage, in 1..n-1 (0 if unscanned)."""
+    buckets = tuple(int(b) for b in buckets)
+    if len(buckets) != len(stage_sizes):
+        raise ValueError(f"buckets has {len(buckets)} entries for {len(stage_sizes)} stages; "
+                         "compute them with model.compact_buckets(gates, ...).")
+    for i, (b, n, scan) in enumerate(zip(buckets, stage_sizes, scanned)):
+        if (scan and not 1 <= b <= n - 1) or (not scan and b != 0):
+            want = f"1..{n - 1}" if scan else "0 (the stage is not scanned)"
+            raise ValueError(f"buckets[{i}]={b} but stage {i + 1} needs {want}; compute them "
+                             "with model.compact_buckets(gates, ...).")
+    return buckets

@@ -172,13 +172,7 @@ class ResidualStages(nn.Module):
           one sorted tuple per stage (empty for an unscanned stage), for
           :meth:`compact_buckets`'s ``lengths`` (see :mod:`stochastic_depth_jax.buckets`).
         """
-        probs = np.asarray(probs, np.float64)
-        out, start = [], 0
-        for n, scanned in zip(self.stage_sizes, self._scanned_stages()):
-            out.append(buckets_lib.optimal_lengths(probs[start + 1:start + n], count)
-                       if scanned else ())
-            start += n
-        return tuple(out)
+        return buckets_lib.stage_lengths(probs, self.stage_sizes, self._scanned_stages(), count)
 
     def _scanned_stages(self) -> tuple[bool, ...]:
         """Per stage: are its blocks after the first one scanned?"""
@@ -370,9 +364,9 @@ class _StochasticResNetBase(nn.Module):
     def compact_lengths(self, count: int) -> tuple[tuple[int, ...], ...]:
         """Per stage, the ``count`` scan lengths of least expected padding under this model's
         survival probabilities (:func:`stochastic_depth_jax.buckets.optimal_lengths`)."""
-        stages = ResidualStages(stage_sizes=self.stage_sizes_(), stage_features=(),
-                                stage_strides=(), block=None, scan=self.scan, parent=None)
-        return stages.compact_lengths(self.survival_probs(), count)
+        sizes = tuple(self.stage_sizes_())
+        return buckets_lib.stage_lengths(self.survival_probs(), sizes,
+                                         _scanned_stages(sizes, self.scan), count)
 
     def _check_buckets(self, buckets, gates, train):
         if buckets is None:
@@ -382,7 +376,8 @@ class _StochasticResNetBase(nn.Module):
                              "gates they were computed from (gates=...).")
         if self.keep is not None:
             raise ValueError("buckets (compact mode) cannot be used on a pruned model (keep=...).")
-        return tuple(int(b) for b in buckets)
+        sizes = tuple(self.stage_sizes_())
+        return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan))
 
     def _block(self, cls: ModuleDef, shortcut: str) -> ModuleDef:
         return functools.partial(

@@ -1,6 +1,7 @@
 """Compact mode's scan lengths: the kept-count distribution and the least-padding lengths."""
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
@@ -84,3 +85,31 @@ def test_granularity_script_counts_programs_and_padding(tmp_path):
     assert float(rows[0][2]) == 0.0  # multiple 1 pads nothing
     assert int(rows[2][-1].strip(" |")) <= 2 ** 3  # 2 lengths in each of 3 stages
     assert float(rows[2][2]) < float(rows[1][2])  # fitted lengths pad less than multiple 4
+
+
+def test_lengths_and_buckets_from_another_model_fail_clearly():
+    model = sdj.CifarResNet(depth=110)
+    gates = np.ones(54, bool)
+    for bad, message in (((1, 5),) * 3, r"lengths\[0\]=\(1, 5\) but stage 1 needs sorted"), \
+                        (((17,),) * 2, "lengths has 2 entries for 3 stages"), \
+                        (((),) * 3, r"lengths\[0\]=\(\) but stage 1"):
+        with pytest.raises(ValueError, match=message):
+            model.compact_buckets(gates, lengths=bad)
+    with pytest.raises(ValueError, match="multiple must be an integer >= 1, got 0"):
+        model.compact_buckets(gates, multiple=0)
+    tiny = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned per stage
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    variables = tiny.init({"params": jax.random.key(0)}, x, train=False)
+    for bad, message in (((5, 1, 1), r"buckets\[0\]=5 but stage 1 needs 1..3"),
+                         ((1, 1), "buckets has 2 entries for 3 stages")):
+        with pytest.raises(ValueError, match=message):
+            tiny.apply(variables, x, train=True, gates=np.ones(12, bool), buckets=bad,
+                       mutable=["batch_stats"])
+
+
+def test_fitted_lengths_for_the_other_resnets():
+    """Only scanned stages (>= 8 identical blocks by default) get lengths."""
+    assert sdj.ResNet152().compact_lengths(3) == ((), (), (24, 28, 35), ())
+    assert sdj.WideResNet(depth=28).compact_lengths(3) == ((), (), ())  # 4 blocks a stage
+    wide = sdj.WideResNet(depth=28, scan=True).compact_lengths(2)
+    assert all(len(ls) <= 2 and ls[-1] == 3 for ls in wide)

@@ -59,6 +59,19 @@ def test_auto_with_per_example_gates_never_picks_compact_mode():
         assert (r.compact_multiple, r.compact_lengths) == (0, 0) and "sample" in r.reason
 
 
+@pytest.mark.parametrize("name", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_auto_never_picks_compact_mode_for_models_without_it(name):
+    """Batch-mode gates in a ViT or ConvNeXt on a GPU: lax.cond skipping, not a compact mode
+    the model does not have (that once failed at start-up with a misleading message)."""
+    model = load_config(name, ["--config.model.mode=batch",
+                               "--config.model.implementation=auto"]).model
+    for platform in ("gpu", "tpu"):
+        r = implementation.resolve(model, platform)
+        assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("skip", 0, 0)
+        assert "has no compact mode" in r.reason
+        assert implementation.describe(r, model).startswith("skip (lax.cond")
+
+
 def test_unknown_implementation_fails_clearly():
     with pytest.raises(ValueError, match="model.implementation='fastest'"):
         config_lib.validate(load_config("cifar10:smoke",

@@ -431,6 +431,18 @@ def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
         "num_epochs": {"old": 2, "new": 3},
     }
     assert {"code_version", "devices", "started_at"} <= set(first) & set(second)
+    # A run.json from before a field existed: the field is recorded, not warned about.
+    path = os.path.join(workdir, evaluate.RUN_FILE)
+    del meta["config"]["model"]["compact_lengths"]
+    json.dump(meta, open(path, "w"))
+    resumed = config.copy_and_resolve_references()
+    resumed.num_epochs, resumed.learning_rate = 5, 0.07
+    with pytest.warns(UserWarning) as caught:
+        loop.train_and_evaluate(resumed, workdir)
+    [message] = [str(w.message) for w in caught if "changed config" in str(w.message)]
+    assert "num_epochs: 4 -> 5" in message and "compact_lengths" not in message
+    changes = json.load(open(path))["config_changes"]
+    assert changes["model.compact_lengths"] == {"old": None, "new": 0}
 
 
 def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():

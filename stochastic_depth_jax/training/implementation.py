@@ -40,6 +40,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "DEFAULT_COMPACT_MULTIPLE",
     "MASKED_SAMPLE_MODELS",
+    "COMPACT_MODELS",
     "Resolved",
     "resolve",
     "describe",
@@ -56,6 +57,8 @@ DEFAULT_COMPACT_MULTIPLE = 4
 # (CifarResNet, WideResNet): a per-example draw has no static size there, so mode='sample'
 # masks (layers.StochasticDepth / ops.gated_branch apply a bool [batch] gate as a mask).
 MASKED_SAMPLE_MODELS = ("cifar_resnet", "wide_resnet")
+# config.model.name of the models with compact mode (scanned stages of identical blocks).
+COMPACT_MODELS = ("cifar_resnet", "wide_resnet")
 _MASKED_SAMPLE_WHY = ("mode='sample': per-example gates are masked in the ResNets (gates are "
                       "drawn up front; every block computes on every example)")
 
@@ -129,6 +132,11 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     if kind == "cpu" or kind not in _WHY:
         why = _WHY["cpu"] if kind == "cpu" else f"{platform}: not measured; CPU's choice"
         return Resolved("skip", 0, impl, platform, why)
+    name = model.get("name", "cifar_resnet")
+    if name not in COMPACT_MODELS:
+        return Resolved("skip", 0, impl, platform,
+                        f"{kind.upper()}: model {name!r} has no compact mode (only "
+                        f"{', '.join(COMPACT_MODELS)}); lax.cond skipping")
     return Resolved("skip", DEFAULT_COMPACT_MULTIPLE, impl, platform, _WHY[kind])
 
 

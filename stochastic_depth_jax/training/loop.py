@@ -245,6 +245,15 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
 _SESSION_FIELDS = ("started_at", "start_step", "config_changes", "code_version", "devices")
 
 
+def _has_field(config: dict[str, Any], dotted: str) -> bool:
+    """Whether the nested dict ``config`` has the field ``'a.b.c'``."""
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return False
+        config = config[part]
+    return True
+
+
 def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     """Writes run.json: the current session's config and metadata at the top level, and in
     ``history`` one entry per earlier session (``_SESSION_FIELDS``). ``config_changes`` (top
@@ -258,8 +267,10 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         with open(path) as f:
             old = json.load(f)
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
-        if changes and run.step > 0 and jax.process_index() == 0:
-            listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changes.items())
+        # A field the old run.json lacks was added to the code since; recorded, not warned.
+        known = {k: v for k, v in changes.items() if _has_field(old.get("config", {}), k)}
+        if known and run.step > 0 and jax.process_index() == 0:
+            listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in known.items())
             warnings.warn(
                 f"Resuming at step {run.step} with a changed config: {listed} (run.json records "
                 "each session's changes in 'history').",
