@@ -107,6 +107,7 @@ class StochasticDepth(nnx.Module):
                  rng_collection: str = "stochastic_depth", rngs: RngsLike = None):
         ops.validate_options(mode, scaling, implementation)
         ops.check_survival_prob(survival_prob)
+        ops.check_batch_axis(batch_axis)
         self.branch = branch
         self.survival_prob = survival_prob
         self.mode, self.scaling, self.implementation = mode, scaling, implementation

@@ -147,21 +147,30 @@ def _check_groups(batch_size: int, groups: int) -> int:
     return batch_size // groups
 
 
+def check_batch_axis(batch_axis: Any) -> None:
+    """ValueError unless ``batch_axis`` is a non-negative int (a negative axis would mean
+    different axes for a branch input and an output of another rank)."""
+    if isinstance(batch_axis, bool) or not isinstance(batch_axis, (int, np.integer)) \
+            or batch_axis < 0:
+        raise ValueError(f"batch_axis must be a non-negative integer axis (e.g. 1 for "
+                         f"[tokens, batch, width]), got {batch_axis!r}.")
+
+
 def batch_size_of(x: Any, batch_axis: int = 0) -> int:
     """The batch size of ``x`` (an array or a pytree of arrays) along ``batch_axis``.
 
     Raises ValueError when a leaf has no such axis, or when leaves disagree: per-example
     gates need every leaf to carry the same batch axis.
     """
-    if isinstance(batch_axis, bool) or not isinstance(batch_axis, (int, np.integer)):
-        raise ValueError(f"batch_axis must be an integer axis, got {batch_axis!r}.")
+    check_batch_axis(batch_axis)
     leaves = jax.tree_util.tree_leaves(x)
     if not leaves:
-        raise ValueError("mode='sample' gates each example, but x has no arrays.")
+        raise ValueError("mode='sample' gates each example, but x has no arrays; pass the "
+                         "branch input (an array, or a pytree of arrays with a batch axis).")
     sizes = set()
     for leaf in leaves:
         ndim = jnp.ndim(leaf)
-        if not -ndim <= batch_axis < ndim:
+        if not batch_axis < ndim:
             raise ValueError(
                 f"mode='sample' gates each example, so x needs a batch axis at "
                 f"batch_axis={batch_axis}, but an input of shape {jnp.shape(leaf)} has none; "
@@ -395,6 +404,7 @@ def masked(y: Array, gate: Array, factor: Any, batch_axis: int = 0) -> Array:
     """``y * gate * factor``; a ``[batch]`` gate broadcasts along ``y``'s ``batch_axis``
     (a scalar gate over everything); pytrees leaf by leaf."""
     gate = jnp.asarray(gate)
+    check_batch_axis(batch_axis)
 
     def one(v):
         shape = [1] * v.ndim

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import stochastic_depth_jax as sdj
-from stochastic_depth_jax import nnx_layers, ops
+from stochastic_depth_jax import nnx_layers
 
 B, T, D, L = 8, 3, 4, 6
 X = jax.random.normal(jax.random.key(0), (B, T, D))
@@ -262,9 +262,13 @@ def test_pytree_leaves_without_a_common_batch_axis_fail_clearly():
     with pytest.raises(ValueError, match="needs a batch axis at batch_axis=3"):
         sdj.stochastic_depth(jnp.tanh, X, survival_prob=0.5, key=jax.random.key(0),
                              mode="sample", batch_axis=3)
-    with pytest.raises(ValueError, match="batch_axis must be an integer"):
-        sdj.stochastic_depth(jnp.tanh, X, survival_prob=0.5, key=jax.random.key(0),
-                             mode="sample", batch_axis="tokens")
+    for bad in ("tokens", -2):  # a negative axis would differ between input and output ranks
+        with pytest.raises(ValueError, match="batch_axis must be a non-negative integer"):
+            sdj.stochastic_depth(jnp.tanh, X, survival_prob=0.5, key=jax.random.key(0),
+                                 mode="sample", batch_axis=bad)
+    with pytest.raises(ValueError, match="batch_axis must be a non-negative integer"):
+        nnx_layers.DropPath(nnx.Linear(D, D, rngs=nnx.Rngs(0)), rate=0.5, batch_axis=-1,
+                            rngs=nnx.Rngs(stochastic_depth=0))
 
 
 @pytest.mark.parametrize("impl", ["skip", "mask"])
@@ -277,7 +281,7 @@ def test_batch_axis_gates_examples_in_a_tokens_first_layout(impl):
     expected = sdj.stochastic_depth(f, X, **opts)
     got = sdj.stochastic_depth(f, xt, batch_axis=1, **opts)
     np.testing.assert_allclose(got, jnp.swapaxes(expected, 0, 1), rtol=1e-6)
-    fused = sdj.stochastic_depth(f, xt, batch_axis=-2, shortcut=xt, **opts)
+    fused = sdj.stochastic_depth(f, xt, batch_axis=1, shortcut=xt, **opts)
     np.testing.assert_allclose(fused, xt + got, rtol=1e-6)
     # Whole examples are dropped, never single tokens.
     kept = np.any(np.asarray(got) != 0, axis=(0, 2))
