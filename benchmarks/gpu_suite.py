@@ -26,7 +26,7 @@ Parts:
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
 * ``epochs-bf16``: the same as ``epochs`` in bf16;
 * ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
-  multiple 2 and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
+  multiple 2, and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
   ``epochs``; multiple 1 is left out: it compiles 301 programs in three epochs,
   ``benchmarks/compact_buckets.py``);
 * ``drop-path-unfused``: ``drop-path`` again with the unfused add beside the fused one;

@@ -116,3 +116,48 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.lr_boundaries_epochs = (1,)
     c.log_every_steps = 1
     return c
+
+
+def drop_path_config(name: str) -> ml_collections.ConfigDict:
+    """A CIFAR-10 config for the drop-path model ``name`` (``'vit'``, ``'convnext'``): its
+    ``model`` block holds the drop-path fields they share (the caller adds the rest), and
+    the training recipe is DeiT's (Touvron et al., 2021) scaled to CIFAR: AdamW (lr 1e-3 at
+    batch 512, weight decay 0.05 on kernels), 10 warm-up epochs then cosine decay to 0,
+    label smoothing 0.1, 300 epochs."""
+    c = base_config()
+    c.dataset = "cifar10"
+    c.model = ml_collections.ConfigDict()
+    c.model.name = name
+    c.model.drop_path_rate = 0.1  # the last block's drop probability
+    c.model.drop_path_rule = "linear"  # timm/DeiT; 'paper' = Huang et al. Eq. 4; 'uniform'
+    c.model.mode = "sample"  # per-example gates (drop path)
+    c.model.scaling = "train"  # kept examples x n / k in training, none at evaluation
+    c.model.implementation = "skip"  # 'skip': branch runs on the kept subset only; 'mask'
+    c.model.groups = 8  # subsets drawn per group of batch_size / groups examples
+    c.model.dtype = "float32"
+    c.batch_size = 512
+    c.eval_batch_size = 500
+    c.num_epochs = 300
+    c.optimizer = "adamw"
+    c.learning_rate = 1e-3
+    c.weight_decay = 0.05
+    c.weight_decay_on = "kernels"
+    c.lr_schedule = "warmup_cosine"
+    c.warmup_epochs = 10
+    c.label_smoothing = 0.1
+    return c
+
+
+def drop_path_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The training side of a drop-path model's ``:smoke`` variant (fake data, two short
+    epochs, drop rate 0.3); the caller shrinks the model."""
+    c.fake_data.num_train = 160
+    c.fake_data.num_test = 64
+    c.validation_size = 32
+    c.model.drop_path_rate = 0.3
+    c.batch_size = 32
+    c.eval_batch_size = 32
+    c.num_epochs = 2
+    c.warmup_epochs = 1
+    c.log_every_steps = 1
+    return c

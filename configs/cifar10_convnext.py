@@ -31,44 +31,15 @@ from configs import base
 
 
 def get_config(arg=None):
-    c = base.base_config()
-    c.dataset = "cifar10"
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "convnext"
+    c = base.drop_path_config("convnext")
     c.model.size = "femto"  # atto, femto, pico, nano, tiny, ... (sdj.CONVNEXT_SIZES)
     c.model.depths = ml_collections.config_dict.placeholder(tuple)  # None: from size
     c.model.dims = ml_collections.config_dict.placeholder(tuple)  # None: from size
     c.model.stem_stride = 2  # patchify stem side and stride (ImageNet: 4)
     c.model.layer_scale_init = 1e-6  # initial gamma; 0 disables layer scale
-    c.model.drop_path_rate = 0.1  # the last block's drop probability
-    c.model.drop_path_rule = "linear"  # timm, over all blocks; 'paper' = Huang et al. Eq. 4
-    c.model.mode = "sample"  # per-example gates (drop path)
-    c.model.scaling = "train"  # kept examples x n / k in training, none at evaluation
-    c.model.implementation = "skip"  # 'skip': branch runs on the kept subset only; 'mask'
-    c.model.groups = 8  # subsets drawn per group of batch_size / groups examples
-    c.model.dtype = "float32"
-
-    c.batch_size = 512
-    c.eval_batch_size = 500
-    c.num_epochs = 300
-    c.optimizer = "adamw"
-    c.learning_rate = 1e-3
-    c.weight_decay = 0.05
-    c.weight_decay_on = "kernels"
-    c.lr_schedule = "warmup_cosine"
-    c.warmup_epochs = 10
-    c.label_smoothing = 0.1
     if arg == "smoke":
-        c.fake_data.num_train = 160
-        c.fake_data.num_test = 64
-        c.validation_size = 32
+        base.drop_path_smoke(c)
         c.model.size = "atto"
         c.model.depths = (1, 1, 2, 1)
         c.model.dims = (8, 16, 24, 32)
-        c.model.drop_path_rate = 0.3
-        c.batch_size = 32
-        c.eval_batch_size = 32
-        c.num_epochs = 2
-        c.warmup_epochs = 1
-        c.log_every_steps = 1
     return c

@@ -22,46 +22,17 @@ from configs import base
 
 
 def get_config(arg=None):
-    c = base.base_config()
-    c.dataset = "cifar10"
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "vit"
+    c = base.drop_path_config("vit")
     c.model.size = "s"  # 'ti', 's', 'b', 'l' (stochastic_depth_jax.VIT_SIZES)
     c.model.width = ml_collections.config_dict.placeholder(int)  # None: from size
     c.model.depth = ml_collections.config_dict.placeholder(int)
     c.model.num_heads = ml_collections.config_dict.placeholder(int)
     c.model.patch_size = 4
     c.model.pool = "token"  # 'token' (class token) or 'gap' (mean of patch tokens)
-    c.model.drop_path_rate = 0.1  # the last block's drop probability
-    c.model.drop_path_rule = "linear"  # timm/DeiT; 'paper' = Huang et al. Eq. 4; 'uniform'
-    c.model.mode = "sample"  # per-example gates (drop path)
-    c.model.scaling = "train"  # kept examples x n / k in training, none at evaluation
-    c.model.implementation = "skip"  # 'skip': branch runs on the kept subset only; 'mask'
-    c.model.groups = 8  # subsets drawn per group of batch_size / groups examples
-    c.model.dtype = "float32"
-
-    c.batch_size = 512
-    c.eval_batch_size = 500
-    c.num_epochs = 300
-    c.optimizer = "adamw"
-    c.learning_rate = 1e-3
-    c.weight_decay = 0.05
-    c.weight_decay_on = "kernels"
-    c.lr_schedule = "warmup_cosine"
-    c.warmup_epochs = 10
-    c.label_smoothing = 0.1
     if arg == "smoke":
-        c.fake_data.num_train = 160
-        c.fake_data.num_test = 64
-        c.validation_size = 32
+        base.drop_path_smoke(c)
         c.model.size = "ti"
         c.model.depth = 2
         c.model.width = 32
         c.model.num_heads = 2
-        c.model.drop_path_rate = 0.3
-        c.batch_size = 32
-        c.eval_batch_size = 32
-        c.num_epochs = 2
-        c.warmup_epochs = 1
-        c.log_every_steps = 1
     return c

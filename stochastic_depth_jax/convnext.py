@@ -29,13 +29,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import ops
 from stochastic_depth_jax.layers import StochasticDepth, gate_rng
-from stochastic_depth_jax.vit import drop_path_rates
+from stochastic_depth_jax.vit import block_gate, drop_path_rates
 
 __all__ = [
     "CONVNEXT_SIZES",
@@ -125,16 +124,6 @@ def check_image(image_shape: tuple[int, ...], stem_stride: int, stages: int) -> 
             f"{h}x{w} images do not divide into this ConvNeXt's stages: stem stride "
             f"{stem_stride} and {stages - 1} stride-2 downsamplings need sides that are "
             f"multiples of {total}; resize or crop the images, or use a smaller stem_stride.")
-
-
-def block_gate(key: Array | None, index: int, survival_prob: float, *, mode: str,
-               implementation: str, batch_size: int, groups: int) -> Any:
-    """Block ``index``'s gate (index over all stages) from the forward pass's key:
-    drawn from ``fold_in(key, index)``; None when ``key`` is None or p is 1."""
-    if key is None or ops.is_static_one(survival_prob):
-        return None
-    return ops.draw_gate(jax.random.fold_in(key, index), survival_prob, mode=mode,
-                         implementation=implementation, batch_size=batch_size, groups=groups)
 
 
 class ConvNeXtBranch(nn.Module):

@@ -323,12 +323,7 @@ class ViT(nnx.Module):
                  rngs: RngsLike = None) -> Array:
         """Classifies ``x`` ``[batch, H, W, C]``; ``rngs`` (key, stream, Rngs) overrides."""
         deterministic = self.deterministic if deterministic is None else deterministic
-        key = None
-        if not deterministic and any(p < 1.0 for p in self.probs):
-            key = _key(rngs if rngs is not None else self.rngs, "stochastic_depth")
-            if key is None:
-                raise ValueError("ViT in training needs a 'stochastic_depth' key: build it with "
-                                 "nnx.Rngs(params=..., stochastic_depth=...) or pass rngs=key.")
+        key = _forward_key(self, deterministic, rngs)
         linen_vit.check_patches(x.shape, self.patch_size)
         image_shape = x.shape
         x = self.stem_conv(x)
@@ -353,6 +348,19 @@ class ViT(nnx.Module):
         """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def _forward_key(model: Any, deterministic: bool, rngs: RngsLike) -> Array | None:
+    """The key of one forward pass of a ViT or ConvNeXt (None in evaluation or without drop
+    path): from ``rngs`` if given, else the model's ``'stochastic_depth'`` stream."""
+    if deterministic or all(p >= 1.0 for p in model.probs):
+        return None
+    key = _key(rngs if rngs is not None else model.rngs, "stochastic_depth")
+    if key is None:
+        raise ValueError(f"{type(model).__name__} in training needs a 'stochastic_depth' key: "
+                         "build it with nnx.Rngs(params=..., stochastic_depth=...) or pass "
+                         "rngs=key.")
+    return key
 
 
 def load_linen_params(model: nnx.Module, params: Any) -> None:
@@ -525,13 +533,7 @@ class ConvNeXt(nnx.Module):
         """Classifies ``x`` ``[batch, H, W, C]``; ``rngs`` (key, stream, Rngs) overrides."""
         deterministic = self.deterministic if deterministic is None else deterministic
         linen_convnext.check_image(x.shape, self.stem_stride, self.stages)
-        key = None
-        if not deterministic and any(p < 1.0 for p in self.probs):
-            key = _key(rngs if rngs is not None else self.rngs, "stochastic_depth")
-            if key is None:
-                raise ValueError("ConvNeXt in training needs a 'stochastic_depth' key: build it "
-                                 "with nnx.Rngs(params=..., stochastic_depth=...) or pass "
-                                 "rngs=key.")
+        key = _forward_key(self, deterministic, rngs)
         x = self.stem_norm(self.stem_conv(x))
         for j, (block, p) in enumerate(zip(self.blocks, self.probs)):
             if j in self.stage_starts:  # first block of stage s + 1 follows downsample_{s}

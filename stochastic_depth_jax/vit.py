@@ -35,6 +35,7 @@ __all__ = [
     "drop_path_rates",
     "vit_dims",
     "attend",
+    "block_gate",
     "block_gates",
     "Attention",
     "AttentionBranch",
@@ -150,6 +151,19 @@ def attend(qkv: Array, num_heads: int) -> Array:
     return out.reshape(b, t, three_w // 3)
 
 
+def block_gate(key: Array | None, index: int, survival_prob: float, *, mode: str,
+               implementation: str, batch_size: int, groups: int) -> Any:
+    """Gate ``index`` drawn from ``fold_in(key, index)``; None when ``key`` is None or p is 1.
+
+    The ConvNeXt's block i draws ``block_gate(key, i, ...)``; the ViT's block i branch j
+    ``block_gate(fold_in(key, i), j, ...)`` (:func:`block_gates`).
+    """
+    if key is None or ops.is_static_one(survival_prob):
+        return None
+    return ops.draw_gate(jax.random.fold_in(key, index), survival_prob, mode=mode,
+                         implementation=implementation, batch_size=batch_size, groups=groups)
+
+
 def block_gates(key: Array | None, index: int, survival_prob: float, *, mode: str,
                 implementation: str, batch_size: int, groups: int) -> tuple[Any, Any]:
     """The two branch gates of block ``index`` from the forward pass's key (None: draw none).
@@ -159,11 +173,9 @@ def block_gates(key: Array | None, index: int, survival_prob: float, *, mode: st
     if key is None or ops.is_static_one(survival_prob):
         return None, None
     block_key = jax.random.fold_in(key, index)
-    return tuple(
-        ops.draw_gate(jax.random.fold_in(block_key, j), survival_prob, mode=mode,
-                      implementation=implementation, batch_size=batch_size, groups=groups)
-        for j in (0, 1)
-    )
+    return tuple(block_gate(block_key, j, survival_prob, mode=mode,
+                            implementation=implementation, batch_size=batch_size,
+                            groups=groups) for j in (0, 1))
 
 
 class Attention(nn.Module):

@@ -14,9 +14,10 @@ sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train
 
 import stochastic_depth_jax as sdj  # noqa: E402
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import convnext, data, nnx_layers, ops  # noqa: E402
+from stochastic_depth_jax import convnext, nnx_layers, ops  # noqa: E402
 from stochastic_depth_jax.training import distributed  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
+from trainer_steps import train_steps  # noqa: E402
 
 X = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))  # [batch, H, W, C]
 # 5 blocks over 4 stages; stem 2 on 16x16 leaves 8/4/2/1 pixels per stage side.
@@ -191,19 +192,9 @@ def test_smoke_config_trains_through_the_trainer_same_on_one_and_eight_devices(t
     config = load_config("cifar10_convnext:smoke", TRAIN_FLAGS)
     assert config.model.groups == 8 and config.model.implementation == "skip"
 
-    def train(mesh, steps=3):
-        ds = setup_lib.load_data(config, str(tmp_path))
-        setup = setup_lib.build_for_dataset(config, ds, mesh)
-        state = setup.init_state(ds.image_shape)
-        params0 = jax.device_get(state.params)
-        split = data.put_on_devices(ds.train, mesh)
-        losses, previous = [], 0.0
-        for _ in range(steps):
-            state = setup.train_step(state, split)
-            total = float(np.asarray(state.sums["loss"].addressable_data(0)))
-            losses.append(total - previous)
-            previous = total
-        return setup, np.array(losses), params0, jax.device_get(state.params)
+    def train(mesh):
+        setup, losses, params0, state = train_steps(config, str(tmp_path), mesh)
+        return setup, losses, params0, jax.device_get(state.params)
 
     setup, eight, p0, p8 = train(distributed.make_mesh())
     assert isinstance(setup.model, sdj.ConvNeXt) and setup.model.drop_path_rate == 0.3
@@ -246,7 +237,7 @@ def test_groups_that_do_not_split_the_batch_are_a_clear_error():
 @pytest.mark.parametrize("override, message", [
     ("--config.model.size=huge", "model.size='huge'"),
     ("--config.model.depths=(1,1)", "different stage counts"),
-    ("--config.model.stem_stride=0", "model.stem_stride=0 must be"),
+    ("--config.model.stem_stride=0", "model: stem_stride must be an integer >= 1"),
     ("--config.model.layer_scale_init=-1.0", "model.layer_scale_init=-1.0 must be"),
     ("--config.model.drop_path_rate=1.0", "drop_path_rate must be in"),
     ("--config.model.groups=5", "model.groups=5 must be"),

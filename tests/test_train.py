@@ -18,10 +18,8 @@ sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train
 
 from configs import load_config  # noqa: E402
 from processes import free_address, run_together  # noqa: E402
-from stochastic_depth_jax import data  # noqa: E402
+from trainer_steps import train_steps  # noqa: E402
 from stochastic_depth_jax.training import distributed, evaluate, loop, metrics  # noqa: E402
-from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
-from stochastic_depth_jax.training import step as step_lib  # noqa: E402
 
 TIMING = ("epoch_time_s", "images_per_s", "eval_time_s")
 TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
@@ -233,20 +231,8 @@ def test_sigkill_or_sigterm_and_resume_reproduce_the_uninterrupted_run(tmp_path)
 
 
 def _per_step_losses(config, workdir, mesh, steps=3):
-    ds = setup_lib.load_data(config, workdir)
-    setup = setup_lib.build_for_dataset(config, ds, mesh)
-    state = setup.init_state(ds.image_shape)
-    split = data.put_on_devices(ds.train, mesh)
-    losses, previous = [], 0.0
-    for step in range(steps):
-        if isinstance(setup.train_step, step_lib.CompactTrainStep):
-            state = setup.train_step(state, split, step)
-        else:
-            state = setup.train_step(state, split)
-        total = float(np.asarray(state.sums["loss"].addressable_data(0)))
-        losses.append(total - previous)
-        previous = total
-    return np.array(losses), state
+    _, losses, _, state = train_steps(config, workdir, mesh, steps)
+    return losses, state
 
 
 def _assert_same_training(losses, state, ref_losses, ref_state):

@@ -10,27 +10,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
 
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import ViT, data  # noqa: E402
+from stochastic_depth_jax import ViT  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import distributed  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
+from trainer_steps import train_steps  # noqa: E402
 
 TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
 
 
 def _train(config, workdir, mesh, steps=3):
-    ds = setup_lib.load_data(config, workdir)
-    setup = setup_lib.build_for_dataset(config, ds, mesh)
-    state = setup.init_state(ds.image_shape)
-    params0 = jax.device_get(state.params)
-    split = data.put_on_devices(ds.train, mesh)
-    losses, previous = [], 0.0
-    for _ in range(steps):
-        state = setup.train_step(state, split)
-        total = float(np.asarray(state.sums["loss"].addressable_data(0)))
-        losses.append(total - previous)
-        previous = total
-    return setup, np.array(losses), params0, jax.device_get(state.params)
+    setup, losses, params0, state = train_steps(config, workdir, mesh, steps)
+    return setup, losses, params0, jax.device_get(state.params)
 
 
 def test_smoke_vit_trains_through_the_trainer_same_on_one_and_eight_devices(tmp_path):

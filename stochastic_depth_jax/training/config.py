@@ -232,11 +232,9 @@ def _validate_convnext(m: ml_collections.ConfigDict, config: ml_collections.Conf
     try:
         depths, _ = convnext.convnext_dims(m.size, m.depths, m.dims)
         vit.drop_path_rates(sum(depths), m.drop_path_rate, m.drop_path_rule)
+        convnext.check_stem_stride(m.stem_stride)
     except ValueError as e:
         _check(False, f"model: {e}")
-    _check(isinstance(m.stem_stride, int) and m.stem_stride >= 1,
-           f"model.stem_stride={m.stem_stride!r} must be an integer >= 1 (ImageNet: 4, "
-           f"CIFAR: 2)")
     ls = m.layer_scale_init
     _check(ls is None or (_finite(ls) and ls >= 0),
            f"model.layer_scale_init={ls!r} must be a number >= 0 (1e-6; 0 or None: no layer "
