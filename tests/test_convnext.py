@@ -18,6 +18,7 @@ from stochastic_depth_jax import convnext, nnx_layers, ops  # noqa: E402
 from stochastic_depth_jax.training import distributed  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 from trainer_steps import train_steps  # noqa: E402
+from twins import assert_nnx_matches_linen  # noqa: E402
 
 X = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))  # [batch, H, W, C]
 # 5 blocks over 4 stages; stem 2 on 16x16 leaves 8/4/2/1 pixels per stage side.
@@ -161,19 +162,8 @@ def test_nnx_convnext_matches_linen_for_same_params_and_key(implementation, laye
     assert ("gamma" in params["blocks_0"]["drop_path"]["branch"]) == bool(layer_scale)
     model = nnx_layers.ConvNeXt(5, rngs=nnx.Rngs(params=1, stochastic_depth=2), **opts)
     nnx_layers.load_linen_params(model, params)
-    linen_apply = jax.jit(linen.apply, static_argnames="train")
-    nnx_apply = nnx.jit(lambda m, x, key, det: m(x, rngs=key, deterministic=det),
-                        static_argnames="det")
-    for seed in (5, 6):
-        key = jax.random.key(seed)
-        expected = linen_apply({"params": params}, X, train=True, key=key)
-        np.testing.assert_allclose(nnx_apply(model, X, key, False), expected, rtol=1e-5,
-                                   atol=1e-5)
-    other = linen_apply({"params": params}, X, train=True, key=jax.random.key(7))
-    assert not np.allclose(expected, other, atol=1e-4)  # the key matters
-    np.testing.assert_allclose(nnx_apply(model, X, None, True),
-                               linen_apply({"params": params}, X, train=False),
-                               rtol=1e-5, atol=1e-5)
+    assert_nnx_matches_linen(linen, params, model, X, atol=1e-5)
+
 
 
 def test_nnx_convnext_draws_from_its_stream_and_eval_switches_it_off():

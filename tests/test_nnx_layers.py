@@ -9,6 +9,7 @@ from flax import nnx
 
 import stochastic_depth_jax as sdj
 from stochastic_depth_jax import nnx_layers, ops, vit
+from twins import assert_nnx_matches_linen
 
 X = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
 TINY = dict(size="ti", depth=2, patch_size=4, width=32, num_heads=2, drop_path_rate=0.4)
@@ -30,19 +31,8 @@ def test_nnx_vit_matches_linen_for_same_params_and_key(pool, implementation):
     model = nnx_layers.ViT(5, image_size=16, pool=pool, implementation=implementation,
                            rngs=nnx.Rngs(params=1, stochastic_depth=2), **TINY)
     nnx_layers.load_linen_params(model, params)
-    linen_apply = jax.jit(linen.apply, static_argnames="train")
-    nnx_apply = nnx.jit(lambda m, x, key, det: m(x, rngs=key, deterministic=det),
-                        static_argnames="det")
-    for seed in (5, 6):
-        key = jax.random.key(seed)
-        expected = linen_apply({"params": params}, X, train=True, key=key)
-        np.testing.assert_allclose(nnx_apply(model, X, key, False), expected, rtol=1e-5,
-                                   atol=1e-6)
-    other = linen_apply({"params": params}, X, train=True, key=jax.random.key(7))
-    assert not np.allclose(expected, other)  # the key matters: the check above is not vacuous
-    np.testing.assert_allclose(nnx_apply(model, X, None, True),
-                               linen_apply({"params": params}, X, train=False),
-                               rtol=1e-5, atol=1e-6)
+    assert_nnx_matches_linen(linen, params, model, X)
+
 
 
 def test_nnx_wrapper_matches_linen_wrapper():
