@@ -167,10 +167,13 @@ def test_nnx_convnext_matches_linen_for_same_params_and_key(implementation, laye
 
 
 def test_nnx_convnext_draws_from_its_stream_and_eval_switches_it_off():
-    model = nnx_layers.ConvNeXt(3, rngs=nnx.Rngs(params=0, stochastic_depth=1), **TINY)
+    # Layer scale 1: with gamma at its 1e-6 init the branches barely move the logits (the
+    # draws would differ by ~1e-7, within float noise of each other).
+    model = nnx_layers.ConvNeXt(3, rngs=nnx.Rngs(params=0, stochastic_depth=1),
+                                layer_scale_init=1.0, **TINY)
     forward = nnx.jit(lambda m, x: m(x))
     a, b = forward(model, X), forward(model, X)  # a fresh key per call
-    assert not np.allclose(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
     model.eval()
     np.testing.assert_array_equal(forward(model, X), forward(model, X))
     bare = nnx_layers.ConvNeXt(3, rngs=nnx.Rngs(params=0), **TINY)
