@@ -34,7 +34,8 @@ import numpy as np
 
 from stochastic_depth_jax import ops
 from stochastic_depth_jax.layers import StochasticDepth, gate_rng
-from stochastic_depth_jax.vit import block_gate, drop_path_rates
+from stochastic_depth_jax.vit import (block_gate, check_image_sides, check_positive_int,
+                                     drop_path_rates)
 
 __all__ = [
     "CONVNEXT_SIZES",
@@ -101,10 +102,7 @@ def convnext_dims(size: str, depths: Any = None,
 
 def check_stem_stride(stem_stride: Any) -> None:
     """ValueError unless ``stem_stride`` is an integer >= 1."""
-    if isinstance(stem_stride, bool) or not isinstance(stem_stride, (int, np.integer)) \
-            or stem_stride < 1:
-        raise ValueError(f"stem_stride must be an integer >= 1 (ImageNet: 4, CIFAR: 1 or 2), "
-                         f"got {stem_stride!r}.")
+    check_positive_int(stem_stride, "stem_stride", " (ImageNet: 4, CIFAR: 1 or 2)")
 
 
 def check_image(image_shape: tuple[int, ...], stem_stride: int, stages: int) -> None:
@@ -114,16 +112,12 @@ def check_image(image_shape: tuple[int, ...], stem_stride: int, stages: int) -> 
     layers by 2, so both must be multiples of ``stem_stride * 2 ** (stages - 1)``.
     """
     check_stem_stride(stem_stride)
-    if len(image_shape) != 4:
-        raise ValueError(f"ConvNeXt takes images [batch, height, width, channels], got shape "
-                         f"{tuple(image_shape)}.")
     total = stem_stride * 2 ** (stages - 1)
-    h, w = image_shape[1:3]
-    if h % total or w % total:
-        raise ValueError(
-            f"{h}x{w} images do not divide into this ConvNeXt's stages: stem stride "
-            f"{stem_stride} and {stages - 1} stride-2 downsamplings need sides that are "
-            f"multiples of {total}; resize or crop the images, or use a smaller stem_stride.")
+    check_image_sides(
+        image_shape, "ConvNeXt", total,
+        f"do not divide into this ConvNeXt's stages: stem stride {stem_stride} and "
+        f"{stages - 1} stride-2 downsamplings need sides that are multiples of {total}; "
+        f"resize or crop the images, or use a smaller stem_stride.")
 
 
 class ConvNeXtBranch(nn.Module):

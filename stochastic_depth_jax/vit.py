@@ -94,25 +94,36 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
         raise ValueError(f"Unknown drop_path_rule {rule!r}; valid: {sorted(DROP_PATH_RULES)}.")
     if not (isinstance(rate, (int, float, np.floating)) and 0.0 <= float(rate) < 1.0):
         raise ValueError(f"drop_path_rate must be in [0, 1) (DeiT-S: 0.1), got {rate!r}.")
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1, got {depth!r}.")
+    check_positive_int(depth, "depth")
     return DROP_PATH_RULES[rule](int(depth), float(rate))
+
+
+def check_positive_int(value: Any, name: str, hint: str = "") -> None:
+    """ValueError unless ``value`` is an integer >= 1 (not a bool); ``hint``, e.g.
+    ``" (CIFAR: 4)"``, follows the requirement in the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{hint}, got {value!r}.")
+
+
+def check_image_sides(image_shape: tuple[int, ...], model: str, multiple: int,
+                      why: str) -> None:
+    """ValueError unless ``image_shape`` is ``[batch, H, W, C]`` with H and W multiples of
+    ``multiple``; ``why`` completes "<H>x<W> images ..." (what fails, and the fix)."""
+    if len(image_shape) != 4:
+        raise ValueError(f"{model} takes images [batch, height, width, channels], got shape "
+                         f"{tuple(image_shape)}.")
+    h, w = image_shape[1:3]
+    if h % multiple or w % multiple:
+        raise ValueError(f"{h}x{w} images {why}")
 
 
 def check_patches(image_shape: tuple[int, ...], patch_size: int) -> None:
     """ValueError unless ``image_shape`` ``[batch, H, W, C]`` tiles into whole patches."""
-    if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) \
-            or patch_size < 1:
-        raise ValueError(f"patch_size must be an integer >= 1, got {patch_size!r}.")
-    if len(image_shape) != 4:
-        raise ValueError(f"ViT takes images [batch, height, width, channels], got shape "
-                         f"{tuple(image_shape)}.")
-    h, w = image_shape[1:3]
-    if h % patch_size or w % patch_size:
-        raise ValueError(
-            f"{h}x{w} images do not tile into {patch_size}x{patch_size} patches (the edge "
-            f"pixels would be dropped); use a patch size that divides both sides, or resize "
-            f"or crop the images.")
+    check_positive_int(patch_size, "patch_size")
+    check_image_sides(
+        image_shape, "ViT", patch_size,
+        f"do not tile into {patch_size}x{patch_size} patches (the edge pixels would be "
+        f"dropped); use a patch size that divides both sides, or resize or crop the images.")
 
 
 def check_tokens(expected: int, got: int, image_shape: tuple[int, ...], patch_size: int) -> None:
