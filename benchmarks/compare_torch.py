@@ -25,6 +25,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OURS = ("constant", "skip-remat-convs", "compact", "lengths-3")  # bench_step.py variants
 
 
 def _run(cmd: list[str]) -> None:
@@ -40,10 +41,17 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--torch-variants", default="", help="bench_torch.py --variants")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--variants", default=",".join(OURS),
+                    help="our bench_step.py variants, a subset of the default (each compact "
+                         "variant compiles one program per bucket tuple: ~4 s each on an H100)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--step-out", default=None,
                     help="where our step tables go (default: results/step_<backend>.md)")
     args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in OURS]
+    if bad or "constant" not in variants:
+        ap.error(f"--variants must include 'constant' and be among {list(OURS)}; got {bad or variants}")
     common = ["--depth", str(args.depth), "--batch", str(args.batch)]
     if args.rounds:
         common += ["--rounds", str(args.rounds)]
@@ -52,7 +60,7 @@ def main(argv=None) -> None:
         for dtype in args.dtypes.split(","):
             path = os.path.join(tmp, f"jax_{dtype}.json")
             _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common,
-                  "--variants", "constant,skip-remat-convs,compact,lengths-3", "--dtype", dtype,
+                  "--variants", ",".join(variants), "--dtype", dtype,
                   "--compile-depths", "", "--json", path,
                   *(["--out", args.step_out] if args.step_out else [])])
             ours[dtype] = json.load(open(path))
@@ -78,8 +86,11 @@ def _table(args, ours, theirs) -> str:
         med = res["median_s"]
         skip = "skip-remat-convs"  # the config's default remat
         default = skip if res["backend"] == "cpu" else "compact"
+        if default not in med:
+            raise SystemExit(f"the default variant {default!r} was not run; add it to --variants")
         t = {k.replace(f"-{prec}", ""): v for k, v in theirs["median_s"].items() if prec in k}
-        cells = [med["constant"], med[skip], med["compact"], med["lengths-3"], med[default],
+        cells = [med["constant"], med.get(skip), med.get("compact"), med.get("lengths-3"),
+                 med[default],
                  t.get("eager-constant"), t.get("eager-skip"), t.get("compile-constant"),
                  t.get("compile-skip")]
         ips = " | ".join("-" if c is None else f"{b / c:.0f}" for c in cells)

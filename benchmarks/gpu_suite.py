@@ -20,8 +20,8 @@ Parts:
   compact mode, multiple 4) vs compact mode with 3 scan lengths per stage fitted to the
   schedule (the candidate default), fp32 (``train.md``);
 * ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
-  ``lax.cond`` skipping, compact mode (multiple 4, the GPU default; 3 fitted lengths),
-  then PyTorch eager and
+  ``lax.cond`` skipping, compact mode (multiple 4, the GPU default; fitted lengths are
+  left to ``epochs``, where their fewer programs show), then PyTorch eager and
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
 * ``epochs-bf16``: the same as ``epochs`` in bf16;
@@ -65,7 +65,8 @@ PARTS = (
                          "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
                          "--out", "{out}/train.md")),
     Part("vs-torch", 300, ("benchmarks/compare_torch.py", "--torch-python", "{torch}",
-                           "--rounds", "20", "--step-out", "{out}/step_gpu.md",
+                           "--rounds", "20",
+                           "--variants", "constant,skip-remat-convs,compact", "--step-out", "{out}/step_gpu.md",
                            "--out", "{out}/vs_torch_gpu.md")),
     Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
