@@ -55,6 +55,7 @@ class Runner:
     step: callable
     state: tuple
     times: list
+    batch: tuple = ()  # (images, labels): step arguments, as in a trainer, not constants
 
 
 def variants(rates: list[float], linear: float,
@@ -102,23 +103,23 @@ def make_runner(name, rate, rule, impl, args, key, x, y) -> Runner:
     params = jax.jit(lambda k: model.init(k, x[:2], train=False))(key)["params"]
     tx = optax.adamw(1e-3, weight_decay=0.05)
 
-    def loss_fn(params, k):
+    def loss_fn(params, k, x, y):
         logits = model.apply({"params": params}, x, train=True, key=k).astype(jnp.float32)
         targets = optax.smooth_labels(jax.nn.one_hot(y, 10), 0.1)
         return optax.softmax_cross_entropy(logits, targets).mean()
 
     @jax.jit
-    def step(params, opt_state, k):
-        loss, grads = jax.value_and_grad(loss_fn)(params, k)
+    def step(params, opt_state, k, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, k, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return Runner(name, rate, rule, impl, step, (params, tx.init(params)), [])
+    return Runner(name, rate, rule, impl, step, (params, tx.init(params)), [], (x, y))
 
 
 def run_once(r: Runner, key) -> float:
     t0 = time.perf_counter()
-    out = r.step(*r.state, key)
+    out = r.step(*r.state, key, *r.batch)
     jax.block_until_ready(out)
     r.state = out[:2]
     return time.perf_counter() - t0

@@ -69,6 +69,7 @@ class Runner:
     state: tuple
     times: list
     buckets: callable = None  # host gates -> static scan lengths (compact variant only)
+    batch: tuple = ()  # (images, labels): step arguments, as in the trainer, not constants
 
 
 def make_runner(name, depth, batch, scan, dtype, key, x, y):
@@ -84,7 +85,7 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y):
 
     constant = p_l == 1.0
 
-    def loss_fn(params, batch_stats, gates, buckets):
+    def loss_fn(params, batch_stats, gates, buckets, x, y):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats}, x, train=True,
             gates=None if constant else gates, buckets=buckets, mutable=["batch_stats"])
@@ -92,9 +93,9 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y):
         return loss, updates["batch_stats"]
 
     @functools.partial(jax.jit, static_argnums=4)
-    def step(params, batch_stats, opt_state, gates, buckets=None):
+    def step(params, batch_stats, opt_state, gates, buckets, x, y):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch_stats, gates, buckets)
+            params, batch_stats, gates, buckets, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -106,7 +107,7 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y):
     elif impl.startswith("lengths"):
         lengths = model.compact_lengths(int(impl[len("lengths"):]))
         buckets = lambda g: model.compact_buckets(np.asarray(g), lengths=lengths)  # noqa: E731
-    return Runner(name, step, state, [], buckets)
+    return Runner(name, step, state, [], buckets, (x, y))
 
 
 USER_VARIANTS = {
@@ -127,7 +128,7 @@ def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
     tx = optax.chain(optax.add_decayed_weights(1e-4),
                      optax.sgd(0.1, momentum=0.9, nesterov=True))
 
-    def loss_fn(params, batch_stats, k):
+    def loss_fn(params, batch_stats, k, x, y):
         logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
                                       train=True, rngs={"stochastic_depth": k},
                                       mutable=["batch_stats"])
@@ -135,19 +136,19 @@ def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
         return loss, updates["batch_stats"]
 
     @functools.partial(jax.jit, static_argnums=4)
-    def step(params, batch_stats, opt_state, k, buckets=None):
+    def step(params, batch_stats, opt_state, k, buckets, x, y):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch_stats, k)
+            params, batch_stats, k, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-    return Runner(name, step, state, [])
+    return Runner(name, step, state, [], None, (x, y))
 
 
 def run_once(r: Runner, gates) -> float:
     t0 = time.perf_counter()  # compact: reading the gates to the host is part of the step
-    out = r.step(*r.state, gates, None if r.buckets is None else r.buckets(gates))
+    out = r.step(*r.state, gates, None if r.buckets is None else r.buckets(gates), *r.batch)
     jax.block_until_ready(out)
     r.state = out[:3]
     return time.perf_counter() - t0
@@ -161,14 +162,14 @@ def compile_seconds(depth, batch, scan, dtype) -> float:
     variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x[:2],
                                                   train=False))
 
-    def loss(params, bs, k):
+    def loss(params, bs, k, x, y):
         logits, _ = model.apply({"params": params, "batch_stats": bs}, x, train=True,
                                 rngs={"stochastic_depth": k}, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     t0 = time.perf_counter()
     jax.jit(jax.grad(loss)).lower(variables["params"], variables["batch_stats"],
-                                  jax.random.key(0)).compile()
+                                  jax.random.key(0), x, y).compile()
     return time.perf_counter() - t0
 
 

@@ -286,7 +286,9 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
       branch: ``[m, ...] -> [m, ...out]``, applied once to the ``groups * k`` kept examples.
       x: ``[batch, ...]`` (or a pytree of such arrays; the branch then takes and returns
         pytrees, every leaf with the batch axis).
-      indices: int ``[groups, k]`` from :func:`draw_subset`.
+      indices: int ``[groups, k]`` from :func:`draw_subset`: within each row sorted and
+        without repeats (the gather and scatter are told so, which lets XLA skip atomic
+        updates; other indices give undefined results).
       factor: multiplies the kept outputs (``n / k`` for ``scaling='train'``).
       shortcut: optional ``[batch, ...out]``: the kept outputs are added into it in one
         scatter-add (DINOv2's ``index_add``) instead of being scattered into zeros and added
@@ -313,7 +315,8 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
     n = _check_groups(batch, groups)
     if k == n:  # nothing dropped: no gather, no scatter
         return with_shortcut(scaled(branch(x), factor), shortcut)
-    take = jax.vmap(lambda v, i: v[i])
+    hints = dict(indices_are_sorted=True, unique_indices=True)  # draw_subset's contract
+    take = jax.vmap(lambda v, i: v.at[i].get(**hints))
     picked = tree_map(lambda v: take(v.reshape((groups, n) + v.shape[1:]), indices)
                       .reshape((groups * k,) + v.shape[1:]), x)
     y = scaled(branch(picked), factor)
@@ -324,12 +327,13 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
     def scatter(v, s=None):
         vg = v.reshape((groups, k) + v.shape[1:])
         if s is None:
-            out = jax.vmap(lambda a, i: jnp.zeros((n,) + a.shape[1:], a.dtype).at[i].set(a))(
+            out = jax.vmap(lambda a, i: jnp.zeros((n,) + a.shape[1:], a.dtype).at[i].set(a, **hints))(
                 vg, indices)
         else:
             dtype = jnp.result_type(s, v)  # as ``shortcut + y`` would promote
             sg = s.astype(dtype).reshape((groups, n) + v.shape[1:])
-            out = jax.vmap(lambda t, a, i: t.at[i].add(a.astype(dtype)))(sg, vg, indices)
+            out = jax.vmap(lambda t, a, i: t.at[i].add(a.astype(dtype), **hints))(
+                sg, vg, indices)
         return out.reshape((batch,) + v.shape[1:])
 
     return tree_map(scatter, y) if shortcut is None else tree_map(scatter, y, shortcut)

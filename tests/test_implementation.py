@@ -104,3 +104,10 @@ def test_vit_sample_mode_says_it_runs_per_example_subsets():
     batch = _model()
     r = implementation.resolve(batch, "cpu")
     assert implementation.describe(r, batch).startswith("skip (lax.cond")
+
+
+def test_constant_depth_says_nothing_is_skipped():
+    model = _model("--config.model.final_survival_prob=1.0")
+    for platform in ("cpu", "gpu"):
+        text = implementation.describe(implementation.resolve(model, platform), model)
+        assert text.startswith("none needed: constant depth") and "compact" not in text

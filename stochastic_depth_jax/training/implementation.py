@@ -142,6 +142,8 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
 
 def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
     """What ``resolved`` does with ``model``'s gates, in a few words (the start-up line)."""
+    if model.get("final_survival_prob", None) == 1.0:
+        return "none needed: constant depth (final_survival_prob=1.0, every block runs)"
     if resolved.compact_multiple:
         return (f"compact mode (kept blocks gathered into static-length scans, multiple "
                 f"{resolved.compact_multiple})")

@@ -292,8 +292,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, dat
     if jax.process_index() == 0:
         r = setup.implementation
         how = implementation_lib.describe(r, config.model)
-        print(f"Skipping implementation ({r.requested} on {r.platform}): {how}; {r.reason}",
-              flush=True)
+        why = "" if how.startswith("none needed") else f"; {r.reason}"
+        print(f"Skipping implementation ({r.requested} on {r.platform}): {how}{why}", flush=True)
     splits = {
         "train": data_lib.put_on_devices(ds.train, setup.mesh),
         "test": data_lib.put_on_devices(ds.test, setup.mesh),
