@@ -60,6 +60,13 @@ VARIANTS = {
     "lengths-3": (0.5, "lengths3", "none"),
     "lengths-4": (0.5, "lengths4", "none"),
 }
+# Any variant with "-unrolled" appended: the same with scan_unroll=True (scans inlined: no
+# loop for XLA:GPU to drive from the host block by block).
+UNROLLED = "-unrolled"
+
+
+def known_variant(name: str) -> bool:
+    return name.removesuffix(UNROLLED) in VARIANTS
 
 
 @dataclasses.dataclass
@@ -73,11 +80,11 @@ class Runner:
 
 
 def make_runner(name, depth, batch, scan, dtype, key, x, y):
-    p_l, impl, remat = VARIANTS[name]
+    p_l, impl, remat = VARIANTS[name.removesuffix(UNROLLED)]
     compact = impl.startswith(("compact", "lengths"))
     model = CifarResNet(depth=depth, num_classes=10, final_survival_prob=p_l,
                         implementation="skip" if compact else impl, remat=remat, scan=scan,
-                        dtype=dtype)
+                        scan_unroll=name.endswith(UNROLLED), dtype=dtype)
     variables = jax.jit(lambda k: model.init({"params": k}, x[:2], train=False))(key)
     tx = optax.chain(optax.add_decayed_weights(1e-4),
                      optax.sgd(0.1, momentum=0.9, nesterov=True))
@@ -284,9 +291,10 @@ def main(argv=None) -> None:
     scan = {"auto": None, "true": True, "false": False}[args.scan]
     rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
     names = [n.strip() for n in args.variants.split(",") if n.strip()] or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if not known_variant(n)]
     if unknown:
-        sys.exit(f"unknown variants {unknown}; valid: {list(VARIANTS)}")
+        sys.exit(f"unknown variants {unknown}; valid: {list(VARIANTS)}, each also with "
+                 f"'{UNROLLED}' appended")
 
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)

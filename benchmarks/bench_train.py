@@ -97,6 +97,11 @@ EPOCH_VARIANTS = {
     "compact-4": ["--config.model.compact_multiple=4"],
     "lengths-3": ["--config.model.compact_lengths=3"],
     "lengths-4": ["--config.model.compact_lengths=4"],
+    # Scans inlined (no loop per block; see README, "Skipping implementation per backend").
+    "constant-unrolled": ["--config.model.final_survival_prob=1.0",
+                          "--config.model.scan_unroll=True"],
+    "auto-unrolled": ["--config.model.scan_unroll=True"],
+    "lengths-3-unrolled": ["--config.model.compact_lengths=3", "--config.model.scan_unroll=True"],
 }
 
 
@@ -125,12 +130,15 @@ def _whole_epochs(args, workdir):
         results[name] = (epochs, evals, summary["compilation"])
         print(f"{name}: epochs {[round(e, 2) for e in epochs]} s; evaluations "
               f"{[round(e, 2) for e in evals]} s; {summary['compilation']}", flush=True)
-    base = statistics.median(results["constant"][0][1:] or results["constant"][0]) \
-        if "constant" in results else None
+    def steady_of(name):
+        return statistics.median(results[name][0][1:] or results[name][0])
+
     rows = []
     for name, (epochs, evals, comp) in results.items():
-        steady = statistics.median(epochs[1:] or epochs)
-        ratio = f"{steady / base:.3f}" if base else "-"
+        steady = steady_of(name)
+        # Against constant depth in the same scan form (an unrolled variant: unrolled).
+        base = "constant-unrolled" if name.endswith("-unrolled") else "constant"
+        ratio = f"{steady / steady_of(base):.3f}" if base in results else "-"
         ev = statistics.median(evals[1:] or evals) if evals else 0.0
         # The paper's run: 500 epochs, each one training epoch and one evaluation.
         rows.append(f"| {name} | {epochs[0]:.1f} | {steady:.2f} | {ratio} | {ev:.2f} | "

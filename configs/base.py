@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (GPU/TPU: compact mode, multiple 4; CPU: lax.cond skipping); with 'skip', off.
     c.model.compact_lengths = 0
     c.model.scan = ml_collections.config_dict.placeholder(bool)
+    # True: inline every scanned block (same parameters and results; no loop for XLA:GPU to drive
+    # from the host block by block; compile time grows with depth).
+    c.model.scan_unroll = False
     c.model.dtype = "float32"
 
     # Optimisation: SGD, Nesterov momentum 0.9, dampening 0, L2 1e-4 on every weight

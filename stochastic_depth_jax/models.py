@@ -65,14 +65,17 @@ class _ScanBody(nn.Module):
         return block(x, prob, gate, **kw), None
 
 
-def _scanned_body(length: int) -> ModuleDef:
-    """``_ScanBody`` scanned ``length`` times, parameters and statistics stacked on axis 0."""
+def _scanned_body(length: int, unroll: bool = False) -> ModuleDef:
+    """``_ScanBody`` scanned ``length`` times, parameters and statistics stacked on axis 0;
+    ``unroll``: every iteration inlined (straight-line code, no loop)."""
     return nn.scan(
         _ScanBody,
         variable_axes={"params": 0, "batch_stats": 0},
         split_rngs={"params": True, "dropout": True},  # each block its own dropout mask
         length=length,
         in_axes=0,
+        # jax keeps a loop for unroll=True at length 1; any unroll > length inlines all.
+        unroll=length + 1 if unroll else 1,
     )
 
 
@@ -90,6 +93,10 @@ class ResidualStages(nn.Module):
       stage_strides: stride of each stage's first block.
       block: a block class or partial taking ``(features, strides)``.
       scan: scan stages with at least ``AUTO_SCAN_MIN_BLOCKS`` blocks when None.
+      scan_unroll: inline every iteration of each scan (``lax.scan(unroll=length)``): the
+        same parameters, stacked layout and results, but straight-line code with no loop
+        (on GPU, nothing for the host to drive block by block); compile time then
+        grows with depth.
       keep: bool ``[L]`` or None; blocks marked False are deleted (a pruned model): no
         parameters, no compute. A deleted first block of a stage keeps its shortcut; the
         kept blocks of a scanned stage form a shorter scan (same stacked layout).
@@ -101,6 +108,7 @@ class ResidualStages(nn.Module):
     block: ModuleDef
     scan: bool | None = None
     keep: Sequence[bool] | None = None
+    scan_unroll: bool = False
 
     @nn.compact
     def __call__(self, x: Array, probs: np.ndarray, gates: Array | None, *, train: bool,
@@ -187,7 +195,7 @@ class ResidualStages(nn.Module):
         name = f"stage{i + 1}_scan"
         if bucket is not None and not self.is_initializing():
             return self._compact_stage(name, length, feats, x, probs, gates[rest], bucket)
-        stage = _scanned_body(length)
+        stage = _scanned_body(length, self.scan_unroll)
         inputs: tuple = () if constant else (jnp.asarray(probs, jnp.float32),)
         if gates is not None:
             inputs = inputs + (gates[rest],)
@@ -201,8 +209,8 @@ class ResidualStages(nn.Module):
 
         The kept blocks' parameters and statistics are gathered into a scan of static
         length ``bucket`` >= number kept; surplus slots run masked (gate 0, statistics left
-        unchanged). No conditional is executed, so the step stays one straight-line
-        program (one CUDA graph on GPU); the price is ``bucket - kept`` wasted blocks.
+        unchanged). No conditional is executed (with ``scan_unroll`` no loop either:
+        straight-line code); the price is ``bucket - kept`` wasted blocks.
         """
         order = jnp.argsort(jnp.logical_not(gates), stable=True)  # kept first, in order
         idx = order[:bucket]
@@ -223,7 +231,7 @@ class ResidualStages(nn.Module):
                 return old.at[idx].add((new - old[idx]) * w)
             return jax.tree_util.tree_map(put, saved["old"], tree)
 
-        stage = _scanned_body(bucket)
+        stage = _scanned_body(bucket, self.scan_unroll)
         stage = nn.map_variables(stage, "params", trans_in_fn=gather)
         stage = nn.map_variables(stage, "batch_stats", trans_in_fn=gather_stats,
                                  trans_out_fn=scatter, mutable=True)
@@ -261,6 +269,7 @@ class _StochasticResNetBase(nn.Module):
       survival_rule: ``'linear'`` (paper) or ``'uniform'``.
       mode, scaling, implementation, remat: see :class:`layers.StochasticDepth`.
       scan: scan identical blocks (None: when a stage has >= 8 of them).
+      scan_unroll: inline the scans' iterations (see :class:`ResidualStages`).
       dtype: computation dtype (parameters stay float32).
       conv, norm: convolution and normalisation modules (defaults: :class:`conv.Conv`,
         :class:`layers.BatchNorm`).
@@ -280,6 +289,7 @@ class _StochasticResNetBase(nn.Module):
     implementation: str = "skip"
     remat: str = "convs"
     scan: bool | None = None
+    scan_unroll: bool = False
     dtype: Any = None
     conv: ModuleDef = Conv
     norm: ModuleDef = layers.BatchNorm
@@ -413,6 +423,7 @@ class CifarResNet(_StochasticResNetBase):
       shortcut: ``'A'`` (paper, parameter-free) or ``'B'`` (projection).
       width: stem/first-stage width (16 in the paper).
       scan: scan identical blocks (None: when a stage has >= 8 of them).
+      scan_unroll: inline the scans' iterations (see :class:`ResidualStages`).
     """
 
     depth: int = 110
@@ -494,7 +505,7 @@ class CifarResNet(_StochasticResNetBase):
         stages = ResidualStages(
             stage_sizes=(n, n, n), stage_features=self.stage_widths(), stage_strides=(1, 2, 2),
             block=self._block(CIFAR_BLOCKS[self.block], self.shortcut), scan=self.scan,
-            keep=self.keep, name="stages",
+            scan_unroll=self.scan_unroll, keep=self.keep, name="stages",
         )
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
                    buckets=buckets, stochastic=stochastic)
@@ -596,7 +607,7 @@ class ResNet(_StochasticResNetBase):
             stage_features=tuple(self.width * 2**i for i in range(k)),
             stage_strides=(1,) + (2,) * (k - 1),
             block=self._block(layers.BottleneckBlock, "B"), scan=self.scan, keep=self.keep,
-            name="stages",
+            scan_unroll=self.scan_unroll, name="stages",
         )
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
                    buckets=buckets, stochastic=stochastic)

@@ -52,6 +52,15 @@ def test_bad_compact_lengths_fail_clearly(overrides, message):
         config_lib.validate(load_config("cifar10:smoke", overrides))
 
 
+def test_scan_unroll_must_be_a_bool():
+    config = load_config("cifar10:smoke")
+    with config.unlocked():
+        del config.model["scan_unroll"]
+        config.model.scan_unroll = 1  # e.g. written so in a user's config file
+    with pytest.raises(ValueError, match="model.scan_unroll=1 must be True or False"):
+        config_lib.validate(config)
+
+
 def test_auto_with_per_example_gates_never_picks_compact_mode():
     vit = load_config("cifar10_vit:smoke", ["--config.model.implementation=auto"]).model
     for model in (_model("--config.model.mode=sample"), vit):

@@ -315,6 +315,32 @@ def test_compact_mode_equals_skipping():
         jax.tree_util.tree_map(close, u_comp, u_skip)  # dropped blocks' stats unchanged too
 
 
+def test_scan_unroll_inlines_every_scan_and_changes_nothing_else():
+    """Same parameters, losses, gradients and statistics, with skipping and in compact mode;
+    the lowered gradient has no loop (and still one conditional per gated block when
+    skipping)."""
+    looped, inlined = tiny(depth=26, scan=True), tiny(depth=26, scan=True, scan_unroll=True)
+    v = init(looped)
+    assert (jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(init(inlined)))
+    gates = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1], bool)
+    for buckets in (None, looped.compact_buckets(gates, 1)):
+        results = {}
+        for name, model in (("looped", looped), ("inlined", inlined)):
+            def run(params, buckets, model=model):
+                y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
+                                     train=True, gates=jnp.asarray(gates), buckets=buckets,
+                                     mutable=["batch_stats"])
+                return jnp.sum(y ** 2), upd
+            grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+            results[name] = grad(v["params"], buckets)
+            hlo = grad.lower(v["params"], buckets).as_text()
+            loops = hlo.count("stablehlo.while")
+            assert (loops == 0) if name == "inlined" else (loops > 0), (name, buckets, loops)
+            assert ("stablehlo.case" in hlo) == (buckets is None)
+        close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        jax.tree_util.tree_map(close, results["inlined"], results["looped"])
+
+
 def test_compact_lengths_fit_the_schedule_and_give_the_same_training():
     model = tiny(depth=26, scan=True)  # three scanned blocks per stage
     lengths = model.compact_lengths(2)

@@ -182,6 +182,10 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
         f"GPU value)",
     )
     _check(
+        isinstance(m.get("scan_unroll", False), bool),
+        f"model.scan_unroll={m.get('scan_unroll')!r} must be True or False",
+    )
+    _check(
         isinstance(m.compact_lengths, int) and m.compact_lengths >= 0,
         f"model.compact_lengths={m.compact_lengths!r} must be an integer >= 0 (0: off; e.g. 3 "
         f"lengths per stage fitted to the survival schedule)",
