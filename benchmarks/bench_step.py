@@ -339,7 +339,8 @@ def main(argv=None) -> None:
         "",
         f"Gates are drawn per round from fold_in(key, round) and shared by every stochastic "
         f"variant; mean fraction of blocks kept over the timed rounds: "
-        f"{np.mean(active):.3f} (expected {probs.mean():.3f}).",
+        f"{np.mean(active):.3f} (expected {probs.mean():.3f}). Every row, '-unrolled' ones "
+        f"included, is divided by the first row's constant depth.",
     ]
     if compile_rows:
         lines += ["", "| compile (jit of grad), depth | seconds |", "|---|---|"]

@@ -277,8 +277,8 @@ def _whole_epochs_main(args):
         f"timed apart from the epoch. 500-epoch projection = 500 x (median epoch + median "
         f"evaluation), compilation excluded.",
         "",
-        "| variant | epoch 1 s (with compiles) | median epoch >= 2 s | / constant | median "
-        "evaluation s | 500 epochs, min | programs compiled | compile s |",
+        "| variant | epoch 1 s (with compiles) | median epoch >= 2 s | / constant (same scan "
+        "form) | median evaluation s | 500 epochs, min | programs compiled | compile s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",

@@ -51,7 +51,8 @@ def main(argv=None) -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in OURS]
     if bad or "constant" not in variants:
-        ap.error(f"--variants must include 'constant' and be among {list(OURS)}; got {bad or variants}")
+        ap.error(f"--variants must include 'constant' and be among {list(OURS)}; "
+                 f"got {bad or variants}")
     common = ["--depth", str(args.depth), "--batch", str(args.batch)]
     if args.rounds:
         common += ["--rounds", str(args.rounds)]
@@ -64,6 +65,10 @@ def main(argv=None) -> None:
                   "--compile-depths", "", "--json", path,
                   *(["--out", args.step_out] if args.step_out else [])])
             ours[dtype] = json.load(open(path))
+            default = default_variant(ours[dtype]["backend"])
+            if default not in ours[dtype]["median_s"]:  # before spending more time
+                raise SystemExit(f"'auto' on {ours[dtype]['backend']} is {default!r}, which "
+                                 f"was not run: add it to --variants")
         path = os.path.join(tmp, "torch.json")
         _run([args.torch_python, os.path.join(HERE, "bench_torch.py"), *common,
               "--json", path, "--out", os.path.join(tmp, "t.md"),
@@ -78,6 +83,11 @@ def main(argv=None) -> None:
     print(f"appended to {out}")
 
 
+def default_variant(backend: str) -> str:
+    """Our bench_step variant that model.implementation='auto' picks on ``backend``."""
+    return "skip-remat-convs" if backend == "cpu" else "compact"
+
+
 def _table(args, ours, theirs) -> str:
     b = args.batch
     rows = []
@@ -85,9 +95,7 @@ def _table(args, ours, theirs) -> str:
         prec = "fp32" if dtype == "float32" else "bf16"
         med = res["median_s"]
         skip = "skip-remat-convs"  # the config's default remat
-        default = skip if res["backend"] == "cpu" else "compact"
-        if default not in med:
-            raise SystemExit(f"the default variant {default!r} was not run; add it to --variants")
+        default = default_variant(res["backend"])
         t = {k.replace(f"-{prec}", ""): v for k, v in theirs["median_s"].items() if prec in k}
         cells = [med["constant"], med.get(skip), med.get("compact"), med.get("lengths-3"),
                  med[default],

@@ -13,15 +13,18 @@ file in ``--out-dir`` (default ``benchmarks/results``); everything printed also 
 the log records each part's real wall time, so later runs can be planned from it.
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
-vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s):
+vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
+fits about two of the first three: e.g. ``--parts epochs --budget 400`` and then
+``--parts unroll --budget 280``:
 
-* ``unroll``: train step of CIFAR ResNet-110, batch 128, fp32: constant depth and compact
-  mode with their scans as loops and inlined (``scan_unroll=True``: no loop for
-  XLA:GPU to drive from the host block by block), and 3 fitted lengths inlined
-  (``step_gpu.md``);
 * ``epochs``: whole 45k-image epochs, constant depth vs the default config (on a GPU:
   compact mode, multiple 4) vs compact mode with 3 scan lengths per stage fitted to the
   schedule (the candidate default), fp32 (``train.md``);
+* ``unroll``: train step of CIFAR ResNet-110, batch 128, fp32: constant depth and compact
+  mode (multiple 4) with their scans as loops and inlined (``scan_unroll=True``: no loop
+  for XLA:GPU to drive from the host block by block) (``step_gpu.md``). Inlined programs
+  compile slower (ResNet-110 gradient with ``lax.cond`` skipping, on the 2-core CPU: 14.7 s
+  against 8.0 s looped), hence the estimate;
 * ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
   500-epoch projection the issue's 30-minute target is about;
 * ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping vs masking vs no drop path
@@ -64,13 +67,13 @@ class Part:
 
 
 PARTS = (
-    Part("unroll", 170, ("benchmarks/bench_step.py", "--variants",
-                         "constant,constant-unrolled,compact,compact-unrolled,lengths-3-unrolled",
-                         "--rounds", "20", "--compile-depths", "",
-                         "--out", "{out}/step_gpu.md")),
     Part("epochs", 380, ("benchmarks/bench_train.py", "--whole-epochs",
                          "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
                          "--out", "{out}/train.md")),
+    Part("unroll", 260, ("benchmarks/bench_step.py", "--variants",
+                         "constant,constant-unrolled,compact,compact-unrolled",
+                         "--rounds", "20", "--compile-depths", "",
+                         "--out", "{out}/step_gpu.md")),
     Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--out", "{out}/train.md")),

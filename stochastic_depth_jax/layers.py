@@ -184,8 +184,9 @@ class StochasticDepth(nn.Module):
             sub-network at test time, e.g. a pruned model).
           survival_prob: per-call p (may be traced, e.g. inside ``nn.scan``).
           gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns
-            (bool scalar, int32 subset ``[groups, k]`` or bool ``[batch]``); in training it
-            is drawn from ``rng_collection`` when omitted.
+            (bool scalar, int32 subset ``[groups, k]`` or bool ``[batch]``; subset rows
+            sorted and without repeats, see :func:`stochastic_depth_jax.ops.subset_branch`);
+            in training it is drawn from ``rng_collection`` when omitted.
           shortcut: optional, shaped like ``branch(x)``: returned added to the gated
             residual; with drop-path subsets the kept outputs are added into it in one
             scatter-add (``y = sd(x, shortcut=x, ...)`` instead of ``y = x + sd(x, ...)``).

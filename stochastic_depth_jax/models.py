@@ -93,7 +93,7 @@ class ResidualStages(nn.Module):
       stage_strides: stride of each stage's first block.
       block: a block class or partial taking ``(features, strides)``.
       scan: scan stages with at least ``AUTO_SCAN_MIN_BLOCKS`` blocks when None.
-      scan_unroll: inline every iteration of each scan (``lax.scan(unroll=length)``): the
+      scan_unroll: inline every iteration of each scan (``unroll`` past its length): the
         same parameters, stacked layout and results, but straight-line code with no loop
         (on GPU, nothing for the host to drive block by block); compile time then
         grows with depth.

@@ -125,7 +125,8 @@ class StochasticDepth(nnx.Module):
         Args:
           deterministic: overrides the module's flag (evaluation: all of f, scaled).
           rngs: a key, stream or Rngs for this call's gate (default: the module's stream).
-          gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns.
+          gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns
+            (subset rows sorted and without repeats, see ``ops.subset_branch``).
           shortcut: optional, shaped like ``branch(x)``: returned added to the gated
             residual; drop-path subsets add their outputs into it in one scatter-add.
 

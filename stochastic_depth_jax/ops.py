@@ -327,7 +327,8 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
     def scatter(v, s=None):
         vg = v.reshape((groups, k) + v.shape[1:])
         if s is None:
-            out = jax.vmap(lambda a, i: jnp.zeros((n,) + a.shape[1:], a.dtype).at[i].set(a, **hints))(
+            out = jax.vmap(
+                lambda a, i: jnp.zeros((n,) + a.shape[1:], a.dtype).at[i].set(a, **hints))(
                 vg, indices)
         else:
             dtype = jnp.result_type(s, v)  # as ``shortcut + y`` would promote

@@ -141,9 +141,14 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     return Resolved("skip", DEFAULT_COMPACT_MULTIPLE, impl, platform, _WHY[kind])
 
 
+def is_constant_depth(model: ml_collections.ConfigDict) -> bool:
+    """True for a ResNet config with p_L = 1: no block is ever dropped, nothing to skip."""
+    return model.get("final_survival_prob", None) == 1.0
+
+
 def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
     """What ``resolved`` does with ``model``'s gates, in a few words (the start-up line)."""
-    if model.get("final_survival_prob", None) == 1.0:
+    if is_constant_depth(model):
         return "none needed: constant depth (final_survival_prob=1.0, every block runs)"
     if resolved.compact_multiple:
         return (f"compact mode (kept blocks gathered into static-length scans, multiple "

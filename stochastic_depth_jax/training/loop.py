@@ -292,7 +292,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, dat
     if jax.process_index() == 0:
         r = setup.implementation
         how = implementation_lib.describe(r, config.model)
-        why = "" if how.startswith("none needed") else f"; {r.reason}"
+        why = "" if implementation_lib.is_constant_depth(config.model) else f"; {r.reason}"
         print(f"Skipping implementation ({r.requested} on {r.platform}): {how}{why}", flush=True)
     splits = {
         "train": data_lib.put_on_devices(ds.train, setup.mesh),
