@@ -287,7 +287,7 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
       x: ``[batch, ...]`` (or a pytree of such arrays; the branch then takes and returns
         pytrees, every leaf with the batch axis).
       indices: int ``[groups, k]`` from :func:`draw_subset`: within each row sorted and
-        without repeats (the gather and scatter are told so, which lets XLA skip atomic
+        without repeats (the gather and scatter are told so, which allows XLA to skip atomic
         updates; other indices give undefined results).
       factor: multiplies the kept outputs (``n / k`` for ``scaling='train'``).
       shortcut: optional ``[batch, ...out]``: the kept outputs are added into it in one
