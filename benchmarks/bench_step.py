@@ -79,12 +79,14 @@ class Runner:
     batch: tuple = ()  # (images, labels): step arguments, as in the trainer, not constants
 
 
-def make_runner(name, depth, batch, scan, dtype, key, x, y):
+def make_runner(name, depth, batch, scan, dtype, key, x, y, keep=None, label=None):
+    """A Runner for ``VARIANTS[name]`` (``keep``: a pruned model's blocks; ``label``: the
+    runner's name in tables, default ``name``)."""
     p_l, impl, remat = VARIANTS[name.removesuffix(UNROLLED)]
     compact = impl.startswith(("compact", "lengths"))
     model = CifarResNet(depth=depth, num_classes=10, final_survival_prob=p_l,
                         implementation="skip" if compact else impl, remat=remat, scan=scan,
-                        scan_unroll=name.endswith(UNROLLED), dtype=dtype)
+                        scan_unroll=name.endswith(UNROLLED), dtype=dtype, keep=keep)
     variables = jax.jit(lambda k: model.init({"params": k}, x[:2], train=False))(key)
     tx = optax.chain(optax.add_decayed_weights(1e-4),
                      optax.sgd(0.1, momentum=0.9, nesterov=True))
@@ -114,7 +116,23 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y):
     elif impl.startswith("lengths"):
         lengths = model.compact_lengths(int(impl[len("lengths"):]))
         buckets = lambda g: model.compact_buckets(np.asarray(g), lengths=lengths)  # noqa: E731
-    return Runner(name, step, state, [], buckets, (x, y))
+    return Runner(label or name, step, state, [], buckets, (x, y))
+
+
+def compile_all(runners, first_gates, all_gates) -> None:
+    """Compiles each runner's program(s) before timing: one step on ``first_gates``, and for
+    compact variants one step per further bucket tuple that ``all_gates`` will use."""
+    for r in runners:
+        t0 = time.perf_counter()
+        run_once(r, first_gates)
+        if r.buckets is not None:  # compile every static scan length the rounds will use
+            seen = {r.buckets(first_gates)}
+            for g in all_gates:
+                if r.buckets(g) not in seen:
+                    seen.add(r.buckets(g))
+                    run_once(r, g)
+            print(f"{r.name}: {len(seen)} compiled bucket combinations", flush=True)
+        print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
 
 
 USER_VARIANTS = {
@@ -304,17 +322,7 @@ def main(argv=None) -> None:
     probs = CifarResNet(depth=args.depth).survival_probs()
     draw = jax.jit(lambda k: draw_gates(k, probs))
     all_gates = [draw(jax.random.fold_in(base_key, i)) for i in range(args.warmup + rounds)]
-    for r in runners:
-        t0 = time.perf_counter()
-        run_once(r, draw(base_key))
-        if r.buckets is not None:  # compile every static scan length the rounds will use
-            seen = {r.buckets(draw(base_key))}
-            for g in all_gates:
-                if r.buckets(g) not in seen:
-                    seen.add(r.buckets(g))
-                    run_once(r, g)
-            print(f"{r.name}: {len(seen)} compiled bucket combinations", flush=True)
-        print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
+    compile_all(runners, draw(base_key), all_gates)
     time_rounds(runners, all_gates, args.warmup)
     active = [float(np.asarray(g).mean()) for g in all_gates[args.warmup:]]
     rows = table_rows(runners, args.batch)

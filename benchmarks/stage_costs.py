@@ -1,0 +1,238 @@
+"""Where a skipping step's time goes: per-stage block costs, the real floor, padding, overhead.
+
+The issue's floor for ResNet-110 (0.745 of the constant-depth step) counts blocks: it holds
+if every block costs the same, as on the CPU, where convolutions are FLOP-bound and every
+stage has the same FLOPs per block (stage s halves the resolution and doubles the width).
+On a GPU the blocks of a stage need not cost the same as those of another: the first stage
+moves 4x the activation bytes of the third, and its 16-channel convolutions use the tensor
+cores worst. Under the paper's linear rule the first stage is also the one that is almost
+never dropped (p_l 0.99 to 0.84), so what skipping can save depends on where the time is.
+
+This benchmark measures it, side by side in one process (rounds interleaved):
+
+* ``full``: the constant-depth train step (every block, no gates);
+* ``no-stage-s``: the same with all blocks of stage s removed (a pruned model:
+  ``CifarResNet(keep=...)``, the stage's blocks deleted, its shortcut kept), so
+  ``full - no-stage-s`` is what that stage's blocks cost, forward and backward, and one
+  block of stage s costs that over the stage's block count;
+* ``no-blocks``: every block removed (stem, shortcuts, head, loss, optimiser): the fixed
+  cost; ``full`` minus the three stage costs should match it if costs add up;
+* the skipping variants of ``bench_step.py`` (default ``skip,compact,lengths-3``) on the
+  same per-round gates.
+
+From the per-block costs and the schedule it derives, per skipping variant, the step time
+it would take if each block cost what it costs in the constant-depth network: ``floor``
+(every dropped block free; the true compute floor), and for compact mode the blocks it
+really runs (each stage's first block always, masked; its kept count rounded up to the
+bucket length). The gap between that prediction and the measured median is the variant's
+own overhead (conditionals; gathers, scatters and program switches). Predictions use the
+gates of the timed rounds (the expectation under the schedule is printed beside them).
+
+    python benchmarks/stage_costs.py                      # ResNet-110, batch 128, fp32
+    python benchmarks/stage_costs.py --depth 20 --batch 32 --rounds 3     # a quick CPU run
+
+Appends its table to ``benchmarks/results/stage_costs_<backend>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stochastic_depth_jax import CifarResNet, draw_gates
+from stochastic_depth_jax import buckets as buckets_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_step  # noqa: E402  (next to this file)
+from provenance import code_version, machine_line  # noqa: E402
+
+DEFAULT_VARIANTS = "skip,compact,lengths-3"
+
+
+def pruned_runners(depth, batch, scan, dtype, key, x, y):
+    """``full``, ``no-stage-1..3`` and ``no-blocks``: constant-depth steps, some stages cut."""
+    model = CifarResNet(depth=depth)
+    n, stages = model.blocks_per_stage(), len(model.stage_sizes_())
+    keeps = {"full": None}
+    for s in range(stages):
+        keep = np.ones(stages * n, bool)
+        keep[s * n:(s + 1) * n] = False
+        keeps[f"no-stage-{s + 1}"] = tuple(keep)
+    keeps["no-blocks"] = (False,) * (stages * n)
+    return [bench_step.make_runner("constant", depth, batch, scan, dtype, key, x, y,
+                                   keep=keep, label=label) for label, keep in keeps.items()]
+
+
+def _scanned(model: CifarResNet) -> list[bool]:
+    """Per stage: are its blocks after the first scanned (compact mode gathers only those)?"""
+    return [b > 0 for b in model.compact_buckets(np.ones(model.num_blocks(), bool))]
+
+
+def blocks_run(name: str, model: CifarResNet, gates: np.ndarray) -> np.ndarray:
+    """Per stage, the blocks variant ``name`` computes on ``gates`` (bool ``[L]``)."""
+    sizes = model.stage_sizes_()
+    starts = np.cumsum((0,) + tuple(sizes))[:-1]
+    kept = np.array([gates[a:a + n].sum() for a, n in zip(starts, sizes)], float)
+    impl = bench_step.VARIANTS[name.removesuffix(bench_step.UNROLLED)][1]
+    if impl == "skip":  # lax.cond: exactly the kept blocks
+        return kept
+    if impl == "mask":
+        return np.asarray(sizes, float)
+    if impl.startswith("compact"):
+        lengths = model.compact_buckets(gates, int(impl[len("compact"):]))
+    else:
+        lengths = model.compact_buckets(gates, lengths=model.compact_lengths(
+            int(impl[len("lengths"):])))
+    # Compact mode: a stage's first block always runs (masked), then its bucket of
+    # gathered blocks; an unscanned stage (bucket 0) runs its other kept blocks by lax.cond.
+    return np.array([1 + (b if b else kept[s] - gates[starts[s]])
+                     for s, b in enumerate(lengths)], float)
+
+
+def expected_blocks_run(name: str, model: CifarResNet) -> np.ndarray:
+    """:func:`blocks_run` in expectation under the schedule (exact, Poisson-binomial)."""
+    probs, sizes = model.survival_probs(), model.stage_sizes_()
+    starts = np.cumsum((0,) + tuple(sizes))[:-1]
+    impl = bench_step.VARIANTS[name.removesuffix(bench_step.UNROLLED)][1]
+    if impl == "skip":
+        return np.array([probs[a:a + n].sum() for a, n in zip(starts, sizes)])
+    if impl == "mask":
+        return np.asarray(sizes, float)
+    if impl.startswith("compact"):
+        m = int(impl[len("compact"):])
+        # buckets.stage_buckets: round up to a multiple of m, at least 1, at most n - 1.
+        per_stage = [lambda k, n=n: max(1, min(n - 1, -(-k // m) * m)) for n in sizes]
+    else:
+        per_stage = [lambda k, lengths=lengths: buckets_lib.round_up(k, lengths)
+                     for lengths in model.compact_lengths(int(impl[len("lengths"):]))]
+    out = []
+    for a, n, length, scanned in zip(starts, sizes, per_stage, _scanned(model)):
+        if not scanned:
+            out.append(1 + probs[a + 1:a + n].sum())
+            continue
+        pmf = buckets_lib.kept_count_pmf(probs[a + 1:a + n])
+        out.append(1 + sum(p * length(int(k)) for k, p in enumerate(pmf)))
+    return np.array(out)
+
+
+def analyse(times: dict[str, float], model: CifarResNet, variants, gates_timed) -> dict:
+    """Per-stage costs, floors and predictions from median step times (seconds)."""
+    sizes = np.asarray(model.stage_sizes_(), float)
+    probs = model.survival_probs()
+    full, fixed = times["full"], times["no-blocks"]
+    stage_cost = np.array([full - times[f"no-stage-{s + 1}"] for s in range(len(sizes))])
+    per_block = stage_cost / sizes
+    starts = np.cumsum((0,) + tuple(model.stage_sizes_()))[:-1]
+    p_stage = np.array([probs[a:a + n].sum() for a, n in zip(starts, model.stage_sizes_())])
+    floor = full - per_block @ (sizes - p_stage)
+    equal = full - stage_cost.sum() / sizes.sum() * (sizes.sum() - probs.sum())
+    rows = []
+    for name in variants:
+        ran = np.mean([blocks_run(name, model, np.asarray(g, bool)) for g in gates_timed], 0)
+        predicted = full - per_block @ (sizes - ran)
+        expected = full - per_block @ (sizes - expected_blocks_run(name, model))
+        rows.append({"variant": name, "blocks_run": ran, "predicted": predicted,
+                     "expected": expected, "measured": times[name]})
+    return {"sizes": sizes, "full": full, "fixed": fixed, "stage_cost": stage_cost, "per_block": per_block,
+            "additive_fixed": full - stage_cost.sum(), "floor": floor,
+            "equal_cost_floor": equal, "rows": rows}
+
+
+def report(a: dict, args, rounds: int, kept_fraction: float) -> str:
+    full = a["full"]
+    ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
+    lines = [
+        f"## Where the step's time goes: CifarResNet-{args.depth}, batch {args.batch}, "
+        f"{args.dtype}",
+        "",
+        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
+        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}. Command: `python "
+        f"benchmarks/stage_costs.py {' '.join(sys.argv[1:])}`.",
+        "",
+        "| stage | blocks | stage's blocks, ms/step (full - no-stage) | ms per block | share "
+        "of block time |",
+        "|---|---|---|---|---|",
+    ]
+    total = a["stage_cost"].sum()
+    for s, (n, cost, pb) in enumerate(zip(a["sizes"], a["stage_cost"], a["per_block"])):
+        lines.append(f"| {s + 1} | {int(n)} | {ms(cost)} | {ms(pb)} | {cost / total:.2f} |")
+    lines += [
+        "",
+        f"Constant-depth step {ms(full)} ms; with every block removed {ms(a['fixed'])} ms; "
+        f"full minus the three stage costs {ms(a['additive_fixed'])} ms (close to the "
+        f"previous figure if costs add up).",
+        "",
+        f"Floor under the schedule (each block dropped with probability 1 - p_l and then "
+        f"free): **{a['floor'] / full:.3f}** of constant depth "
+        f"({ms(a['floor'])} ms). Were every block equally costly it would be "
+        f"{a['equal_cost_floor'] / full:.3f}.",
+        "",
+        "| variant | blocks run per stage (timed rounds) | predicted ms (blocks at their "
+        "constant-depth cost) | measured ms | overhead ms (measured - predicted) | predicted "
+        "/ constant | measured / constant | expected / constant (schedule) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in a["rows"]:
+        ran = ", ".join(f"{b:.1f}" for b in r["blocks_run"])
+        lines.append(f"| {r['variant']} | {ran} | {ms(r['predicted'])} | {ms(r['measured'])} | "
+                     f"{ms(r['measured'] - r['predicted'])} | {r['predicted'] / full:.3f} | "
+                     f"{r['measured'] / full:.3f} | {r['expected'] / full:.3f} |")
+    lines += [
+        "",
+        f"Mean fraction of blocks kept by the timed rounds' gates: {kept_fraction:.3f}. "
+        "Compact mode runs each stage's first block (masked) and its kept count rounded up "
+        "to the bucket length; `skip` runs exactly the kept blocks.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", type=int, default=110)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 20 GPU, 4 CPU)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="bench_step.py skipping variants, comma-separated")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if not bench_step.known_variant(v)
+           or bench_step.VARIANTS[v.removesuffix(bench_step.UNROLLED)][0] == 1.0]
+    if bad:
+        sys.exit(f"--variants {bad}: not skipping variants of bench_step.py; valid: "
+                 f"{[v for v, spec in bench_step.VARIANTS.items() if spec[0] < 1.0]}")
+    rounds = args.rounds or (20 if jax.default_backend() != "cpu" else 4)
+    dtype = None if args.dtype == "float32" else jnp.bfloat16
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
+    y = jax.random.randint(ky, (args.batch,), 0, 10)
+    runners = pruned_runners(args.depth, args.batch, None, dtype, kp, x, y)
+    runners += [bench_step.make_runner(v, args.depth, args.batch, None, dtype, kp, x, y)
+                for v in variants]
+    model = CifarResNet(depth=args.depth)
+    base_key = jax.random.key(42)
+    draw = jax.jit(lambda k: draw_gates(k, model.survival_probs()))
+    all_gates = [draw(jax.random.fold_in(base_key, i)) for i in range(args.warmup + rounds)]
+    bench_step.compile_all(runners, draw(base_key), all_gates)
+    bench_step.time_rounds(runners, all_gates, args.warmup)
+    times = {r.name: statistics.median(r.times) for r in runners}
+    timed = [np.asarray(g) for g in all_gates[args.warmup:]]
+    result = analyse(times, model, variants, timed)
+    text = report(result, args, rounds, float(np.mean(timed)))
+    bench_step.write_results(text, args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results",
+        f"stage_costs_{jax.default_backend()}.md"))
+
+
+if __name__ == "__main__":
+    main()
