@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 540 s
     python benchmarks/gpu_suite.py --list                                # parts and estimates
-    python benchmarks/gpu_suite.py --parts drop-path,epochs --budget 300
+    python benchmarks/gpu_suite.py --parts stage-costs,epochs --budget 560
 
 GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
 a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
@@ -14,19 +14,26 @@ the log records each part's real wall time, so later runs can be planned from it
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
-fits about two of the first three: e.g. ``--parts epochs --budget 400`` and then
-``--parts unroll --budget 280``:
+fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and then
+``--parts epochs-bf16 --budget 260``:
 
+* ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
+  stage's block cost, forward and backward, measured by removing the stage; the floor the
+  schedule allows with those costs (the first stage's blocks, dropped least, may cost more
+  than the third's on a GPU); and for ``lax.cond`` skipping and compact mode (multiple 4)
+  the step time their blocks predict against the measured one, the difference being their
+  own overhead. This says how far 0.78 is reachable at all;
 * ``epochs``: whole 45k-image epochs, constant depth vs the default config (on a GPU:
   compact mode, multiple 4) vs compact mode with 3 scan lengths per stage fitted to the
   schedule (the candidate default), fp32 (``train.md``);
+* ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
+  500-epoch projection the issue's 30-minute target is about;
 * ``unroll``: train step of CIFAR ResNet-110, batch 128, fp32: constant depth and compact
   mode (multiple 4) with their scans as loops and inlined (``scan_unroll=True``: no loop
   for XLA:GPU to drive from the host block by block) (``step_gpu.md``). Inlined programs
   compile slower (ResNet-110 gradient with ``lax.cond`` skipping, on the 2-core CPU: 14.7 s
   against 8.0 s looped), hence the estimate;
-* ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
-  500-epoch projection the issue's 30-minute target is about;
+* ``stage-costs-bf16``: ``stage-costs`` in bf16;
 * ``drop-path``: ViT-S/16 at 224x224, batch 128: subset skipping vs masking vs no drop path
   at drop 0.1 and 0.4 and the linear rule to 0.4 (``drop_path_gpu.md``), again since the
   gather and scatter were told their indices are sorted and unique;
@@ -67,16 +74,21 @@ class Part:
 
 
 PARTS = (
+    Part("stage-costs", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
+                              "--rounds", "20", "--out", "{out}/stage_costs_gpu.md")),
     Part("epochs", 380, ("benchmarks/bench_train.py", "--whole-epochs",
                          "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
                          "--out", "{out}/train.md")),
+    Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
+                              "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
+                              "--out", "{out}/train.md")),
     Part("unroll", 260, ("benchmarks/bench_step.py", "--variants",
                          "constant,constant-unrolled,compact,compact-unrolled",
                          "--rounds", "20", "--compile-depths", "",
                          "--out", "{out}/step_gpu.md")),
-    Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
-                              "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
-                              "--out", "{out}/train.md")),
+    Part("stage-costs-bf16", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
+                                   "--dtype", "bfloat16", "--rounds", "20",
+                                   "--out", "{out}/stage_costs_gpu.md")),
     Part("drop-path", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                             "--linear", "0.4", "--rounds", "10",
                             "--out", "{out}/drop_path_gpu.md")),
