@@ -28,6 +28,10 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
   schedule (the candidate default), fp32 (``train.md``);
 * ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
   500-epoch projection the issue's 30-minute target is about;
+* ``profile``: the device timeline of 5 steps each of constant depth, ``lax.cond``
+  skipping and compact mode (``profile_gpu.md``, raw traces in ``traces/``): busy / wall,
+  kernels per step and their median length, the costliest kernels; whether the step is
+  bound by the GPU's work or by launches and host work;
 * ``unroll``: train step of CIFAR ResNet-110, batch 128, fp32: constant depth and compact
   mode (multiple 4) with their scans as loops and inlined (``scan_unroll=True``: no loop
   for XLA:GPU to drive from the host block by block) (``step_gpu.md``). Inlined programs
@@ -82,6 +86,9 @@ PARTS = (
     Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--out", "{out}/train.md")),
+    Part("profile", 90, ("benchmarks/profile_step.py", "--variants", "constant,skip,compact",
+                         "--steps", "5", "--trace-dir", "{out}/traces",
+                         "--out", "{out}/profile_gpu.md")),
     Part("unroll", 260, ("benchmarks/bench_step.py", "--variants",
                          "constant,constant-unrolled,compact,compact-unrolled",
                          "--rounds", "20", "--compile-depths", "",

@@ -1,0 +1,209 @@
+"""What the device does during a train step: kernels, busy time and idle gaps, per variant.
+
+Profiles a few steps of each ``bench_step.py`` variant with ``jax.profiler`` (after every
+program is compiled and warmed up) and summarises the trace's device timeline:
+
+* wall ms per step (host clock around the profiled steps);
+* device busy ms per step: the union of all kernel and copy intervals on the device's
+  streams (overlaps counted once); busy / wall says whether the step is bound by the
+  device's work (near 1) or by launches, host work and synchronisation (well below 1);
+* kernels per step and their median duration: at batch 128 a ResNet-110 step is thousands
+  of small kernels, each paying a launch and a tail;
+* the kernels that take the most time, by name.
+
+On a GPU the timeline is the ``/device:GPU:N`` planes' stream lines (CUPTI). XLA turns CUDA
+graphs off while profiling unless told otherwise, which would change what is measured, so
+this script sets ``--xla_enable_command_buffers_during_profiling=true`` in ``XLA_FLAGS``
+before JAX starts. On the CPU, where there is no device plane, the XLA runtime's threads'
+events stand in (an approximation: their events are regions of work, not kernels).
+
+    python benchmarks/profile_step.py --variants constant,compact --steps 5
+    python benchmarks/profile_step.py --depth 20 --batch 16 --steps 2     # quick CPU run
+
+Appends its tables to ``benchmarks/results/profile_<backend>.md``; ``--trace-dir`` keeps
+the raw traces (TensorBoard's profile plugin or Perfetto open them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from stochastic_depth_jax import CifarResNet, draw_gates
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_step  # noqa: E402  (next to this file)
+from provenance import code_version, machine_line  # noqa: E402
+
+# Keeps XLA's CUDA graphs on while profiling (set before JAX starts its backend).
+_FLAG = "--xla_enable_command_buffers_during_profiling=true"
+
+# Events on the CPU's XLA threads that mark scheduling or enclose others, not work.
+_CPU_NOISE = ("ThreadpoolListener", "ThunkExecutor", "end: ")
+
+
+def device_events(planes) -> tuple[str, list[tuple[str, int, int]]]:
+    """``(source, [(name, start_ns, end_ns)])`` of the device timeline in ``planes``.
+
+    ``planes``: ``[(plane_name, [(line_name, [(event_name, start_ns, duration_ns)])])]``.
+    The first accelerator plane's lines (``/device:GPU:0``, ``/device:TPU:0``), else the CPU
+    runtime's XLA threads.
+    """
+    for plane, lines in planes:
+        if plane.startswith("/device:") and not plane.startswith("/device:CUSTOM"):
+            # CUPTI's stream lines hold the kernels and copies; lines derived from them
+            # (XLA Ops, Steps, ...) would count the same time twice.
+            streams = [(line, evs) for line, evs in lines if line.startswith("Stream")]
+            events = [(n, s, s + d) for line, evs in streams or lines for n, s, d in evs
+                      if streams or not line.startswith(("XLA Modules", "Steps"))]
+            if events:
+                return plane, events
+    for plane, lines in planes:
+        if plane == "/host:CPU":
+            events = [(n, s, s + d) for line, evs in lines if line.startswith("tf_XLA")
+                      for n, s, d in evs if d > 0 and not n.startswith(_CPU_NOISE)]
+            return "/host:CPU XLA threads", events
+    return "none", []
+
+
+def union_ns(events) -> int:
+    """Total length of the union of ``[start, end)`` intervals."""
+    total, cur_start, cur_end = 0, None, None
+    for _, start, end in sorted(events, key=lambda e: e[1]):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def summarise(events, steps: int, wall_s: float, top: int = 8) -> dict:
+    """Per-step figures of a device timeline ``[(name, start_ns, end_ns)]`` over ``steps``."""
+    durations = [end - start for _, start, end in events]
+    by_name = collections.defaultdict(int)
+    for name, start, end in events:
+        by_name[name] += end - start
+    busy = union_ns(events) / 1e9
+    return {
+        "wall_ms": wall_s / steps * 1e3,
+        "busy_ms": busy / steps * 1e3,
+        "busy_fraction": busy / wall_s if wall_s else 0.0,
+        "kernels": len(events) / steps,
+        "median_us": statistics.median(durations) / 1e3 if durations else 0.0,
+        "under_5us": (sum(d < 5000 for d in durations) / len(durations)) if durations else 0.0,
+        "top": sorted(by_name.items(), key=lambda kv: -kv[1])[:top],
+        "total_ns": sum(durations),
+    }
+
+
+def read_trace(trace_dir: str):
+    """The planes of the newest ``*.xplane.pb`` under ``trace_dir``, as plain tuples."""
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    return [(plane.name, [(line.name, [(e.name, int(e.start_ns), int(e.duration_ns))
+                                       for e in line.events]) for line in plane.lines])
+            for plane in data.planes]
+
+
+def profile(runner, gates, trace_dir: str) -> tuple[float, list]:
+    """Runs ``runner`` once per entry of ``gates`` under the profiler; wall seconds, planes."""
+    jax.block_until_ready(runner.state)
+    with jax.profiler.trace(trace_dir):
+        t0 = time.perf_counter()
+        for i, g in enumerate(gates):
+            with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                bench_step.run_once(runner, g)
+        wall = time.perf_counter() - t0
+    return wall, read_trace(trace_dir)
+
+
+def report(results: dict, args, source: str) -> str:
+    lines = [
+        f"## Device timeline of the train step: CifarResNet-{args.depth}, batch {args.batch}, "
+        f"{args.dtype}",
+        "",
+        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
+        f"{args.steps} profiled steps per variant after warm-up; timeline: {source}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}. Command: `python "
+        f"benchmarks/profile_step.py {' '.join(sys.argv[1:])}`.",
+        "",
+        "| variant | wall ms/step | device busy ms/step | busy / wall | kernels/step | median "
+        "kernel us | kernels < 5 us |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in results.items():
+        lines.append(f"| {name} | {s['wall_ms']:.2f} | {s['busy_ms']:.2f} | "
+                     f"{s['busy_fraction']:.2f} | {s['kernels']:.0f} | {s['median_us']:.1f} | "
+                     f"{s['under_5us']:.0%} |")
+    for name, s in results.items():
+        lines += ["", f"Most time, {name} (share of kernel time):", ""]
+        lines += [f"- {share / max(s['total_ns'], 1):.1%} `{kname[:90]}`"
+                  for kname, share in s["top"]]
+    lines += ["", "Profiling adds per-event overhead: compare wall times with bench_step.py's."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", type=int, default=110)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--variants", default="constant,compact", help="bench_step.py variants")
+    ap.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
+    ap.add_argument("--trace-dir", default="", help="keep the raw traces here")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if not bench_step.known_variant(n)]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; valid: {list(bench_step.VARIANTS)}, each also "
+                 f"with '{bench_step.UNROLLED}' appended")
+    if args.steps < 1:
+        sys.exit(f"--steps={args.steps}: profile at least one step")
+    dtype = None if args.dtype == "float32" else jnp.bfloat16
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
+    y = jax.random.randint(ky, (args.batch,), 0, 10)
+    probs = CifarResNet(depth=args.depth).survival_probs()
+    draw = jax.jit(lambda k: draw_gates(k, probs))
+    gates = [draw(jax.random.fold_in(jax.random.key(42), i)) for i in range(args.steps + 2)]
+    results, source = {}, "none"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            runner = bench_step.make_runner(name, args.depth, args.batch, None, dtype, kp, x, y)
+            bench_step.compile_all([runner], gates[0], gates)
+            for g in gates[:2]:  # warm-up
+                bench_step.run_once(runner, g)
+            trace_dir = os.path.join(args.trace_dir or tmp, name)
+            wall, planes = profile(runner, gates[2:], trace_dir)
+            source, events = device_events(planes)
+            results[name] = summarise(events, args.steps, wall)
+            s = results[name]
+            print(f"{name}: {s['wall_ms']:.2f} ms/step wall, {s['busy_ms']:.2f} ms busy, "
+                  f"{s['kernels']:.0f} kernels/step ({source})", flush=True)
+    bench_step.write_results(report(results, args, source), args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results",
+        f"profile_{jax.default_backend()}.md"))
+
+
+if __name__ == "__main__":
+    if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+    main()

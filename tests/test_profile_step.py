@@ -1,0 +1,75 @@
+"""benchmarks/profile_step.py: its timeline arithmetic and a tiny profiled run on the CPU."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+HERE = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def script():
+    sys.path.insert(0, HERE)
+    try:
+        spec = importlib.util.spec_from_file_location("profile_step",
+                                                      os.path.join(HERE, "profile_step.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(HERE)
+    return module
+
+
+def test_union_counts_overlaps_once(script):
+    events = [("a", 0, 10), ("b", 5, 15), ("c", 20, 30), ("d", 22, 25), ("e", 30, 31)]
+    assert script.union_ns(events) == 15 + 11
+    assert script.union_ns([]) == 0
+
+
+def test_gpu_stream_lines_are_the_timeline(script):
+    planes = [
+        ("/host:CPU", [("python", [("step", 0, 100)]),
+                       ("tf_XLAPjRtCpuClient/1", [("fusion", 0, 5)])]),
+        ("/device:GPU:0", [("Stream #7(Compute)", [("conv", 0, 4000), ("bn", 4000, 1000)]),
+                           ("Stream #8(MemcpyH2D)", [("copy", 2000, 500)]),
+                           ("XLA Ops", [("conv", 0, 4000), ("bn", 4000, 1000)])]),
+    ]
+    source, events = script.device_events(planes)
+    assert source == "/device:GPU:0"
+    assert sorted(e[0] for e in events) == ["bn", "conv", "copy"]  # XLA Ops not counted twice
+    s = script.summarise(events, steps=1, wall_s=10e-6)
+    assert s["busy_ms"] == pytest.approx(5e-3) and s["busy_fraction"] == pytest.approx(0.5)
+    assert s["kernels"] == 3 and s["under_5us"] == pytest.approx(1.0)
+    assert s["top"][0] == ("conv", 4000)
+
+
+def test_cpu_falls_back_to_xla_threads_without_scheduling_events(script):
+    planes = [("/host:CPU", [
+        ("python", [("step", 0, 100)]),
+        ("tf_XLAEigen/2", [("ThreadpoolListener::StartRegion", 0, 0), ("ynn_fusion", 1, 9)]),
+        ("tf_XLAPjRtCpuClient/1", [("ThunkExecutor::Execute", 0, 50), ("cond.3", 10, 20)]),
+    ])]
+    source, events = script.device_events(planes)
+    assert source.startswith("/host:CPU")
+    assert sorted(e[0] for e in events) == ["cond.3", "ynn_fusion"]
+
+
+def test_tiny_profile_end_to_end(script, tmp_path):
+    out = tmp_path / "profile.md"
+    script.main(["--depth", "8", "--batch", "4", "--steps", "2", "--variants", "constant,skip",
+                 "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| constant") or line.startswith("| skip")]
+    assert len(rows) == 2
+    for row in rows:
+        wall, busy, fraction, kernels = (float(v) for v in row[1:5])
+        assert 0 < busy <= wall and 0 < fraction <= 1 and kernels >= 1
+
+
+def test_rejects_unknown_variants_and_zero_steps(script):
+    with pytest.raises(SystemExit, match="unknown variants"):
+        script.main(["--variants", "nonsense"])
+    with pytest.raises(SystemExit, match="at least one step"):
+        script.main(["--steps", "0"])
