@@ -36,6 +36,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -105,16 +106,44 @@ EPOCH_VARIANTS = {
 }
 
 
+def _epoch_images(args, workdir) -> str:
+    """The random image folder of ``--whole-epochs``: made in ``workdir``, or in (and reused
+    from) ``--images-dir``, where a marker file records what was written."""
+    per_class = -(-(args.train_images + 500) // 10)  # + the 500 validation images
+    spec = f"10 classes, {per_class} train and {args.test_images // 10} test images each\n"
+    root = args.images_dir or os.path.join(workdir, "images")
+    marker = os.path.join(root, "bench_train_images.txt")
+    if args.images_dir and os.path.exists(marker):
+        with open(marker) as f:
+            if f.read() == spec:
+                print(f"reusing the images in {root}", flush=True)
+                return root
+        sys.exit(f"--images-dir {root} holds other images than this run needs ({spec.strip()}); "
+                 "give another directory or delete it.")
+    if args.images_dir and os.path.exists(root) and os.listdir(root):
+        sys.exit(f"--images-dir {root} exists and is not a bench_train image folder; give "
+                 "another directory.")
+    t0 = time.perf_counter()
+    partial = root + ".partial"  # renamed when complete: a killed run leaves no half folder
+    shutil.rmtree(partial, ignore_errors=True)
+    data.testing.make_image_folder(partial, classes=10, per_class_train=per_class,
+                                   per_class_test=args.test_images // 10)
+    with open(os.path.join(partial, os.path.basename(marker)), "w") as f:
+        f.write(spec)
+    if os.path.isdir(root):
+        os.rmdir(root)  # empty (checked above)
+    os.replace(partial, root)
+    print(f"wrote the images in {time.perf_counter() - t0:.1f}s", flush=True)
+    return root
+
+
 def _whole_epochs(args, workdir):
     """Trains ``args.epochs`` epochs of each variant; returns the report's table rows."""
     names = [n.strip() for n in args.whole_epochs.split(",") if n.strip()]
     unknown = [n for n in names if n not in EPOCH_VARIANTS]
     if unknown:
         sys.exit(f"unknown --whole-epochs variants {unknown}; valid: {list(EPOCH_VARIANTS)}")
-    per_class = -(-(args.train_images + 500) // 10)  # + the 500 validation images
-    folder = data.testing.make_image_folder(
-        os.path.join(workdir, "images"), classes=10, per_class_train=per_class,
-        per_class_test=args.test_images // 10)
+    folder = _epoch_images(args, workdir)
     results = {}
     for name in names:
         jax.clear_caches()  # each variant compiles everything it uses, as a fresh run does
@@ -238,6 +267,9 @@ def main():
                         help="--whole-epochs: training images (45000 = the paper's CIFAR)")
     parser.add_argument("--test-images", type=int, default=10000,
                         help="--whole-epochs: test images evaluated after every epoch")
+    parser.add_argument("--images-dir", default="",
+                        help="--whole-epochs: write the random images here once and reuse them "
+                             "in later runs (default: a temporary directory per run)")
     parser.add_argument("--progress_bar", default="false")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.md"))
     args = parser.parse_args()

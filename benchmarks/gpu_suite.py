@@ -64,6 +64,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -74,7 +75,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Part:
     name: str
     estimate_s: int  # a guess, compilation included
-    args: tuple[str, ...]  # after the python executable; {out} and {torch} are filled in
+    # After the python executable; {out}, {torch} and {images} (the epochs parts' shared
+    # image folder, written once per machine in the temporary directory) are filled in.
+    args: tuple[str, ...]
 
 
 PARTS = (
@@ -82,10 +85,10 @@ PARTS = (
                               "--rounds", "20", "--out", "{out}/stage_costs_gpu.md")),
     Part("epochs", 380, ("benchmarks/bench_train.py", "--whole-epochs",
                          "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
-                         "--out", "{out}/train.md")),
+                         "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
-                              "--out", "{out}/train.md")),
+                              "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("profile", 90, ("benchmarks/profile_step.py", "--variants", "constant,skip,compact",
                          "--steps", "5", "--trace-dir", "{out}/traces",
                          "--out", "{out}/profile_gpu.md")),
@@ -107,7 +110,8 @@ PARTS = (
                                      "--out", "{out}/drop_path_gpu.md")),
     Part("epochs-compact", 500, ("benchmarks/bench_train.py", "--whole-epochs",
                                  "constant,compact-2,lengths-4", "--epochs", "3",
-                                 "--train-images", "45000", "--out", "{out}/train.md")),
+                                 "--train-images", "45000", "--images-dir", "{images}",
+                                 "--out", "{out}/train.md")),
     Part("vs-torch", 230, ("benchmarks/compare_torch.py", "--torch-python", "{torch}",
                            "--rounds", "20",
                            "--variants", "constant,skip-remat-convs,compact", "--step-out",
@@ -139,7 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def command(part: Part, args: argparse.Namespace) -> list[str]:
-    fill = {"out": args.out_dir, "torch": args.torch_python}
+    fill = {"out": args.out_dir, "torch": args.torch_python,
+            "images": os.path.join(tempfile.gettempdir(), "stochastic_depth_jax_bench_images")}
     return [sys.executable, *(a.format(**fill) for a in part.args)]
 
 

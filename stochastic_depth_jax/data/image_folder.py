@@ -5,6 +5,7 @@ preparation step). Classes are the sorted sub-directory names of train/.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 
 import numpy as np
@@ -13,6 +14,8 @@ from stochastic_depth_jax import errors
 from stochastic_depth_jax.data.splits import Split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Pillow decodes with the GIL released, so threads decode in parallel.
+_READ_THREADS = min(16, os.cpu_count() or 1)
 
 
 def list_classes(split_dir: str) -> list[str]:
@@ -59,18 +62,20 @@ def read_split(split_dir: str, classes: list[str],
       ValueError: an empty class, an unreadable file, or a size mismatch; the
         message names the path.
     """
-    images, labels = [], []
+    paths, labels = [], []
     for label, name in enumerate(classes):
-        for path in _class_files(os.path.join(split_dir, name)):
-            image = _read_image(path)
-            image_shape = image_shape or image.shape
-            if image.shape != tuple(image_shape):
-                raise errors.DataError(
-                    f"Image {path!r} is {image.shape[1]}x{image.shape[0]} but the others "
-                    f"are {image_shape[1]}x{image_shape[0]} (width x height); all images "
-                    f"must have one size: resize them first.")
-            images.append(image)
-            labels.append(label)
+        files = _class_files(os.path.join(split_dir, name))
+        paths += files
+        labels += [label] * len(files)
+    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+        images = list(pool.map(_read_image, paths))  # in order; the first error is raised
+    for path, image in zip(paths, images):
+        image_shape = image_shape or image.shape
+        if image.shape != tuple(image_shape):
+            raise errors.DataError(
+                f"Image {path!r} is {image.shape[1]}x{image.shape[0]} but the others "
+                f"are {image_shape[1]}x{image_shape[0]} (width x height); all images "
+                f"must have one size: resize them first.")
     return Split(np.stack(images), np.asarray(labels, np.int32))
 
 
