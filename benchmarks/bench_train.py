@@ -150,7 +150,7 @@ def _whole_epochs(args, workdir):
         config = _config(args, workdir, folder)
         config_lib.apply_overrides(config, [f"--config.num_epochs={args.epochs}",
                                             "--config.validation_size=500",
-                                            "--config.eval_batch_size=500",  # the config's
+                                            f"--config.eval_batch_size={args.eval_batch}",
                                             *EPOCH_VARIANTS[name]])
         summary = loop.train_and_evaluate(config, os.path.join(workdir, name))
         records = metrics.read_metrics(os.path.join(workdir, name))
@@ -229,7 +229,7 @@ def _report(args, loop_ips, step_times, ckpt, state, devices):
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
             f"jax {jax.__version__}, orbax-checkpoint {orbax.checkpoint.__version__}, "
             f"Python {platform.python_version()}.",
-            f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`",
+            f"Command: `python benchmarks/bench_train.py {' '.join(args.argv)}`",
             "",
             "| measure | value |",
             "| --- | --- |",
@@ -246,7 +246,7 @@ def _report(args, loop_ips, step_times, ckpt, state, devices):
     )
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -267,12 +267,15 @@ def main():
                         help="--whole-epochs: training images (45000 = the paper's CIFAR)")
     parser.add_argument("--test-images", type=int, default=10000,
                         help="--whole-epochs: test images evaluated after every epoch")
+    parser.add_argument("--eval-batch", type=int, default=500,
+                        help="--whole-epochs: evaluation batch (the configs' 500)")
     parser.add_argument("--images-dir", default="",
                         help="--whole-epochs: write the random images here once and reuse them "
                              "in later runs (default: a temporary directory per run)")
     parser.add_argument("--progress_bar", default="false")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.whole_epochs:
         return _whole_epochs_main(args)
     with tempfile.TemporaryDirectory() as workdir:
@@ -302,10 +305,10 @@ def _whole_epochs_main(args):
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
         f"jax {jax.__version__}, Python {platform.python_version()}.",
-        f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python benchmarks/bench_train.py {' '.join(args.argv)}`",
         "",
         f"Evaluation: {args.test_images} test + 500 validation images after every epoch "
-        f"(batch 500), "
+        f"(batch {args.eval_batch}), "
         f"timed apart from the epoch. 500-epoch projection = 500 x (median epoch + median "
         f"evaluation), compilation excluded.",
         "",
