@@ -55,6 +55,8 @@ VARIANTS = {
     # kept counts rounded up to a multiple of 4 / 2 / 1 (fewer compilations vs less waste),
     # or to one of 3 / 4 lengths per stage fitted to the schedule.
     "compact": (0.5, "compact4", "none"),
+    "compact-remat-convs": (0.5, "compact4", "convs"),  # the trainer's default remat
+    "constant-remat-convs": (1.0, "skip", "convs"),
     "compact-2": (0.5, "compact2", "none"),
     "compact-1": (0.5, "compact1", "none"),
     "lengths-3": (0.5, "lengths3", "none"),

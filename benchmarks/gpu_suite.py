@@ -34,7 +34,9 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
   bound by the GPU's work or by launches and host work;
 * ``unroll``: train step of CIFAR ResNet-110, batch 128, fp32: constant depth and compact
   mode (multiple 4) with their scans as loops and inlined (``scan_unroll=True``: no loop
-  for XLA:GPU to drive from the host block by block) (``step_gpu.md``). Inlined programs
+  for XLA:GPU to drive from the host block by block), and each with the trainer's default
+  ``remat='convs'`` (BN and ReLU recomputed in the backward pass: fewer bytes, more
+  kernels; measured on the H100 only for ``lax.cond`` skipping) (``step_gpu.md``). Inlined programs
   compile slower (ResNet-110 gradient with ``lax.cond`` skipping, on the 2-core CPU: 14.7 s
   against 8.0 s looped), hence the estimate;
 * ``stage-costs-bf16``: ``stage-costs`` in bf16;
@@ -93,7 +95,8 @@ PARTS = (
                          "--steps", "5", "--trace-dir", "{out}/traces",
                          "--out", "{out}/profile_gpu.md")),
     Part("unroll", 260, ("benchmarks/bench_step.py", "--variants",
-                         "constant,constant-unrolled,compact,compact-unrolled",
+                         "constant,constant-remat-convs,constant-unrolled,compact,"
+                         "compact-remat-convs,compact-unrolled",
                          "--rounds", "20", "--compile-depths", "",
                          "--out", "{out}/step_gpu.md")),
     Part("stage-costs-bf16", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
