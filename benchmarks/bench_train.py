@@ -111,7 +111,7 @@ def _epoch_images(args, workdir) -> str:
     from) ``--images-dir``, where a marker file records what was written."""
     per_class = -(-(args.train_images + 500) // 10)  # + the 500 validation images
     spec = f"10 classes, {per_class} train and {args.test_images // 10} test images each\n"
-    root = args.images_dir or os.path.join(workdir, "images")
+    root = os.path.normpath(os.path.abspath(args.images_dir or os.path.join(workdir, "images")))
     marker = os.path.join(root, "bench_train_images.txt")
     if args.images_dir and os.path.exists(marker):
         with open(marker) as f:
@@ -124,15 +124,21 @@ def _epoch_images(args, workdir) -> str:
         sys.exit(f"--images-dir {root} exists and is not a bench_train image folder; give "
                  "another directory.")
     t0 = time.perf_counter()
-    partial = root + ".partial"  # renamed when complete: a killed run leaves no half folder
-    shutil.rmtree(partial, ignore_errors=True)
-    data.testing.make_image_folder(partial, classes=10, per_class_train=per_class,
-                                   per_class_test=args.test_images // 10)
-    with open(os.path.join(partial, os.path.basename(marker)), "w") as f:
-        f.write(spec)
-    if os.path.isdir(root):
-        os.rmdir(root)  # empty (checked above)
-    os.replace(partial, root)
+    # Written beside root under a fresh name, renamed when complete: a killed run leaves no
+    # half folder at root (only its own staging folder, named after root).
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    partial = tempfile.mkdtemp(dir=os.path.dirname(root),
+                               prefix=os.path.basename(root) + ".partial-")
+    try:
+        data.testing.make_image_folder(partial, classes=10, per_class_train=per_class,
+                                       per_class_test=args.test_images // 10)
+        with open(os.path.join(partial, os.path.basename(marker)), "w") as f:
+            f.write(spec)
+        if os.path.isdir(root):
+            os.rmdir(root)  # empty (checked above)
+        os.replace(partial, root)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # left only by a failure; ours alone
     print(f"wrote the images in {time.perf_counter() - t0:.1f}s", flush=True)
     return root
 

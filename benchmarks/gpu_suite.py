@@ -29,7 +29,8 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
 * ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
   500-epoch projection the issue's 30-minute target is about;
 * ``profile``: the device timeline of 5 steps each of constant depth, ``lax.cond``
-  skipping and compact mode (``profile_gpu.md``, raw traces in ``traces/``): busy / wall,
+  skipping and compact mode (``profile_gpu.md``; ``--trace-dir`` by hand keeps the raw
+  traces): busy / wall,
   kernels per step and their median length, the costliest kernels; whether the step is
   bound by the GPU's work or by launches and host work;
 * ``unroll``: train step of CIFAR ResNet-110, batch 128, fp32: constant depth and compact
@@ -92,9 +93,8 @@ PARTS = (
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("profile", 90, ("benchmarks/profile_step.py", "--variants", "constant,skip,compact",
-                         "--steps", "5", "--trace-dir", "{out}/traces",
-                         "--out", "{out}/profile_gpu.md")),
-    Part("unroll", 260, ("benchmarks/bench_step.py", "--variants",
+                         "--steps", "5", "--out", "{out}/profile_gpu.md")),
+    Part("unroll", 340, ("benchmarks/bench_step.py", "--variants",
                          "constant,constant-remat-convs,constant-unrolled,compact,"
                          "compact-remat-convs,compact-unrolled",
                          "--rounds", "20", "--compile-depths", "",

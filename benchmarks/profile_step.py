@@ -7,8 +7,8 @@ program is compiled and warmed up) and summarises the trace's device timeline:
 * device busy ms per step: the union of all kernel and copy intervals on the device's
   streams (overlaps counted once); busy / wall says whether the step is bound by the
   device's work (near 1) or by launches, host work and synchronisation (well below 1);
-* kernels per step and their median duration: at batch 128 a ResNet-110 step is thousands
-  of small kernels, each paying a launch and a tail;
+* kernels (and memory copies) per step and their median duration: at batch 128 a ResNet-110
+  step is thousands of small kernels, each paying a launch and a tail;
 * the kernels that take the most time, by name.
 
 On a GPU the timeline is the ``/device:GPU:N`` planes' stream lines (CUPTI). XLA turns CUDA
@@ -134,7 +134,7 @@ def profile(runner, gates, trace_dir: str) -> tuple[float, list]:
     return wall, read_trace(trace_dir)
 
 
-def report(results: dict, args, source: str) -> str:
+def report(results: dict, args, source: str, argv) -> str:
     lines = [
         f"## Device timeline of the train step: CifarResNet-{args.depth}, batch {args.batch}, "
         f"{args.dtype}",
@@ -142,10 +142,10 @@ def report(results: dict, args, source: str) -> str:
         f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
         f"{args.steps} profiled steps per variant after warm-up; timeline: {source}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}. Command: `python "
-        f"benchmarks/profile_step.py {' '.join(sys.argv[1:])}`.",
+        f"benchmarks/profile_step.py {' '.join(argv)}`.",
         "",
-        "| variant | wall ms/step | device busy ms/step | busy / wall | kernels/step | median "
-        "kernel us | kernels < 5 us |",
+        "| variant | wall ms/step | device busy ms/step | busy / wall | kernels and copies "
+        "/ step | median length us | under 5 us |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in results.items():
@@ -194,11 +194,15 @@ def main(argv=None) -> None:
             trace_dir = os.path.join(args.trace_dir or tmp, name)
             wall, planes = profile(runner, gates[2:], trace_dir)
             source, events = device_events(planes)
+            if jax.default_backend() != "cpu" and not source.startswith("/device:"):
+                print(f"WARNING: the trace has no {jax.default_backend()} device timeline; "
+                      f"these figures are the host's ({source}), not the device's", flush=True)
             results[name] = summarise(events, args.steps, wall)
             s = results[name]
             print(f"{name}: {s['wall_ms']:.2f} ms/step wall, {s['busy_ms']:.2f} ms busy, "
                   f"{s['kernels']:.0f} kernels/step ({source})", flush=True)
-    bench_step.write_results(report(results, args, source), args.out or os.path.join(
+    text = report(results, args, source, sys.argv[1:] if argv is None else list(argv))
+    bench_step.write_results(text, args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
         f"profile_{jax.default_backend()}.md"))
 

@@ -1,12 +1,13 @@
 """Where a skipping step's time goes: per-stage block costs, the real floor, padding, overhead.
 
 The issue's floor for ResNet-110 (0.745 of the constant-depth step) counts blocks: it holds
-if every block costs the same, as on the CPU, where convolutions are FLOP-bound and every
-stage has the same FLOPs per block (stage s halves the resolution and doubles the width).
-On a GPU the blocks of a stage need not cost the same as those of another: the first stage
-moves 4x the activation bytes of the third, and its 16-channel convolutions use the tensor
-cores worst. Under the paper's linear rule the first stage is also the one that is almost
-never dropped (p_l 0.99 to 0.84), so what skipping can save depends on where the time is.
+if every block costs the same. Every stage has the same FLOPs per block (stage s halves the
+resolution and doubles the width), so where convolutions are FLOP-bound costs are close
+(the 2-core CPU: within 26%). On a GPU the blocks of a stage need not cost the same as
+those of another: the first stage moves 4x the activation bytes of the third, and its
+16-channel convolutions use the tensor cores worst. Under the paper's linear rule the first
+stage is also the one dropped least (p_l 0.99 to 0.83; the third's 0.66 to 0.5), so what
+skipping can save depends on where the time is.
 
 This benchmark measures it, side by side in one process (rounds interleaved):
 
@@ -16,7 +17,8 @@ This benchmark measures it, side by side in one process (rounds interleaved):
   ``full - no-stage-s`` is what that stage's blocks cost, forward and backward, and one
   block of stage s costs that over the stage's block count;
 * ``no-blocks``: every block removed (stem, shortcuts, head, loss, optimiser): the fixed
-  cost; ``full`` minus the three stage costs should match it if costs add up;
+  cost; ``full - no-blocks`` is the blocks' time, which the three removals sum to if costs
+  add up (the per-block costs used are the removals' shares of it);
 * the skipping variants of ``bench_step.py`` (default ``skip,compact,lengths-3``) on the
   same per-round gates.
 
@@ -24,9 +26,10 @@ From the per-block costs and the schedule it derives, per skipping variant, the 
 it would take if each block cost what it costs in the constant-depth network: ``floor``
 (every dropped block free; the true compute floor), and for compact mode the blocks it
 really runs (each stage's first block always, masked; its kept count rounded up to the
-bucket length). The gap between that prediction and the measured median is the variant's
-own overhead (conditionals; gathers, scatters and program switches). Predictions use the
-gates of the timed rounds (the expectation under the schedule is printed beside them).
+bucket length). The gap between that prediction and the measured time is the variant's
+own overhead (conditionals; gathers, scatters and program switches). Each timed round is
+predicted from its own gates and the overhead is the median of the rounds' gaps (the
+expectation under the schedule is printed beside them).
 
     python benchmarks/stage_costs.py                      # ResNet-110, batch 128, fp32
     python benchmarks/stage_costs.py --depth 20 --batch 32 --rounds 3     # a quick CPU run
@@ -122,32 +125,49 @@ def expected_blocks_run(name: str, model: CifarResNet) -> np.ndarray:
     return np.array(out)
 
 
-def analyse(times: dict[str, float], model: CifarResNet, variants, gates_timed) -> dict:
-    """Per-stage costs, floors and predictions from median step times (seconds)."""
+def analyse(times: dict[str, float], model: CifarResNet, variants, gates_timed,
+            round_times: dict[str, list[float]]) -> dict:
+    """Per-stage costs, floors and predictions (seconds).
+
+    Args:
+      times: median step time of every runner (``full``, ``no-stage-s``, ``no-blocks`` and
+        the variants).
+      gates_timed: the timed rounds' gates, in order; ``round_times[name][i]`` is variant
+        ``name``'s time on ``gates_timed[i]``.
+
+    Removing a stage measures its marginal cost at full depth; where costs do not add up,
+    the three removals sum to more (or less) than ``full - no-blocks``. The per-block costs
+    used below are the removals' shares of ``full - no-blocks`` (they agree with both ends:
+    every block, and none), and each round is predicted from its own gates.
+    """
     sizes = np.asarray(model.stage_sizes_(), float)
     probs = model.survival_probs()
     full, fixed = times["full"], times["no-blocks"]
-    stage_cost = np.array([full - times[f"no-stage-{s + 1}"] for s in range(len(sizes))])
+    removal = np.array([full - times[f"no-stage-{s + 1}"] for s in range(len(sizes))])
+    stage_cost = removal / removal.sum() * (full - fixed)  # normalised to the block time
     per_block = stage_cost / sizes
     starts = np.cumsum((0,) + tuple(model.stage_sizes_()))[:-1]
     p_stage = np.array([probs[a:a + n].sum() for a, n in zip(starts, model.stage_sizes_())])
     floor = full - per_block @ (sizes - p_stage)
-    equal = full - stage_cost.sum() / sizes.sum() * (sizes.sum() - probs.sum())
+    equal = full - (full - fixed) / sizes.sum() * (sizes.sum() - probs.sum())
     rows = []
     for name in variants:
-        ran = np.mean([blocks_run(name, model, np.asarray(g, bool)) for g in gates_timed], 0)
-        predicted = full - per_block @ (sizes - ran)
+        ran = np.array([blocks_run(name, model, np.asarray(g, bool)) for g in gates_timed])
+        predicted = full - (sizes - ran) @ per_block  # one per round
+        over = np.asarray(round_times[name]) - predicted
         expected = full - per_block @ (sizes - expected_blocks_run(name, model))
-        rows.append({"variant": name, "blocks_run": ran, "predicted": predicted,
+        rows.append({"variant": name, "blocks_run": ran.mean(0),
+                     "predicted": float(np.median(predicted)), "overhead": float(np.median(over)),
                      "expected": expected, "measured": times[name]})
-    return {"sizes": sizes, "full": full, "fixed": fixed, "stage_cost": stage_cost, "per_block": per_block,
-            "additive_fixed": full - stage_cost.sum(), "floor": floor,
+    return {"sizes": sizes, "full": full, "fixed": fixed, "removal": removal,
+            "stage_cost": stage_cost, "per_block": per_block, "floor": floor,
             "equal_cost_floor": equal, "rows": rows}
 
 
-def report(a: dict, args, rounds: int, kept_fraction: float) -> str:
+def report(a: dict, args, rounds: int, kept_fraction: float, argv) -> str:
     full = a["full"]
     ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
+    gap = a["removal"].sum() - (full - a["fixed"])
     lines = [
         f"## Where the step's time goes: CifarResNet-{args.depth}, batch {args.batch}, "
         f"{args.dtype}",
@@ -155,39 +175,39 @@ def report(a: dict, args, rounds: int, kept_fraction: float) -> str:
         f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
         f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}. Command: `python "
-        f"benchmarks/stage_costs.py {' '.join(sys.argv[1:])}`.",
+        f"benchmarks/stage_costs.py {' '.join(argv)}`.",
         "",
-        "| stage | blocks | stage's blocks, ms/step (full - no-stage) | ms per block | share "
-        "of block time |",
+        "| stage | blocks | removing the stage saves, ms/step | its share | ms per block "
+        "(share of the block time) |",
         "|---|---|---|---|---|",
     ]
-    total = a["stage_cost"].sum()
-    for s, (n, cost, pb) in enumerate(zip(a["sizes"], a["stage_cost"], a["per_block"])):
-        lines.append(f"| {s + 1} | {int(n)} | {ms(cost)} | {ms(pb)} | {cost / total:.2f} |")
+    for s, (n, rem, pb) in enumerate(zip(a["sizes"], a["removal"], a["per_block"])):
+        lines.append(f"| {s + 1} | {int(n)} | {ms(rem)} | {rem / a['removal'].sum():.2f} | "
+                     f"{ms(pb)} |")
     lines += [
         "",
-        f"Constant-depth step {ms(full)} ms; with every block removed {ms(a['fixed'])} ms; "
-        f"full minus the three stage costs {ms(a['additive_fixed'])} ms. Were block costs "
-        f"additive these two would match; their difference, "
-        f"{ms(a['fixed'] - a['additive_fixed'])} ms "
-        f"({(a['fixed'] - a['additive_fixed']) / full:+.1%} of the step), is what removing "
-        f"stages one at a time saves beyond their share (or short of it), and bounds how "
-        f"far the predictions below can be trusted.",
+        f"Constant-depth step {ms(full)} ms; with every block removed {ms(a['fixed'])} ms, so "
+        f"the blocks take {ms(full - a['fixed'])} ms. The three removals add up to "
+        f"{ms(a['removal'].sum())} ms: {gap / full:+.1%} of the step "
+        f"{'more' if gap >= 0 else 'less'} than the blocks' time (costs are not quite "
+        f"additive), which bounds how far the predictions below can be trusted. Per-block "
+        f"costs are the removals' shares of the blocks' time.",
         "",
         f"Floor under the schedule (each block dropped with probability 1 - p_l and then "
         f"free): **{a['floor'] / full:.3f}** of constant depth "
         f"({ms(a['floor'])} ms). Were every block equally costly it would be "
         f"{a['equal_cost_floor'] / full:.3f}.",
         "",
-        "| variant | blocks run per stage (timed rounds) | predicted ms (blocks at their "
-        "constant-depth cost) | measured ms | overhead ms (measured - predicted) | predicted "
-        "/ constant | measured / constant | expected / constant (schedule) |",
+        "| variant | blocks run per stage (mean of timed rounds) | predicted ms (blocks at "
+        "their cost; median over rounds) | measured ms (median) | overhead ms (median over "
+        "rounds of measured - predicted) | predicted / constant | measured / constant | "
+        "expected / constant (schedule) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in a["rows"]:
         ran = ", ".join(f"{b:.1f}" for b in r["blocks_run"])
         lines.append(f"| {r['variant']} | {ran} | {ms(r['predicted'])} | {ms(r['measured'])} | "
-                     f"{ms(r['measured'] - r['predicted'])} | {r['predicted'] / full:.3f} | "
+                     f"{ms(r['overhead'])} | {r['predicted'] / full:.3f} | "
                      f"{r['measured'] / full:.3f} | {r['expected'] / full:.3f} |")
     lines += [
         "",
@@ -231,8 +251,9 @@ def main(argv=None) -> None:
     bench_step.time_rounds(runners, all_gates, args.warmup)
     times = {r.name: statistics.median(r.times) for r in runners}
     timed = [np.asarray(g) for g in all_gates[args.warmup:]]
-    result = analyse(times, model, variants, timed)
-    text = report(result, args, rounds, float(np.mean(timed)))
+    result = analyse(times, model, variants, timed, {r.name: r.times for r in runners})
+    text = report(result, args, rounds, float(np.mean(timed)),
+                  sys.argv[1:] if argv is None else list(argv))
     bench_step.write_results(text, args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
         f"stage_costs_{jax.default_backend()}.md"))

@@ -70,9 +70,13 @@ def test_bench_train_images_are_reused_and_others_refused(tmp_path, capsys):
                                  "test_images": 20})()
 
     images = tmp_path / "images"
-    assert bench_train._epoch_images(args(images), str(tmp_path)) == str(images)
+    sibling = tmp_path / "images.partial"  # a user's folder that merely looks like staging
+    sibling.mkdir()
+    (sibling / "mine.txt").write_text("keep me")
+    assert bench_train._epoch_images(args(f"{images}/"), str(tmp_path)) == str(images)
+    assert (sibling / "mine.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["images", "images.partial"]  # no staging left
     marker = (images / "bench_train_images.txt").read_text()
-    assert not os.path.exists(str(images) + ".partial")
     capsys.readouterr()
     assert bench_train._epoch_images(args(images), str(tmp_path)) == str(images)
     assert f"reusing the images in {images}" in capsys.readouterr().out
@@ -103,7 +107,7 @@ def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
                                         "time.sleep(60)"))
     huge = suite.Part("huge", 10**6, ("-c", "print('never')"))
     monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in (quick, slow, huge)})
-    suite.main(["--parts", "quick,huge,slow", "--budget", "4", "--out-dir", str(tmp_path)])
+    suite.main(["--parts", "quick,huge,slow", "--budget", "8", "--out-dir", str(tmp_path)])
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "quick ran" in log and "never" not in log and "slow started" in log
     assert "quick: ok" in log

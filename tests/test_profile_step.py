@@ -60,6 +60,7 @@ def test_tiny_profile_end_to_end(script, tmp_path):
     out = tmp_path / "profile.md"
     script.main(["--depth", "8", "--batch", "4", "--steps", "2", "--variants", "constant,skip",
                  "--out", str(out)])
+    assert "profile_step.py --depth 8 --batch 4 --steps 2" in out.read_text()
     rows = [line.split(" | ") for line in out.read_text().splitlines()
             if line.startswith("| constant") or line.startswith("| skip")]
     assert len(rows) == 2

@@ -129,7 +129,7 @@ def make_image_folder(root: str, *, classes, per_class_train: int, per_class_tes
             for name in classes:
                 directory = os.path.join(root, split, name)
                 os.makedirs(directory, exist_ok=True)
-                pixels = rng.integers(0, 256, (count,) + tuple(size) + (3,), dtype=np.uint8)
-                list(pool.map(save, [(pixels[i], os.path.join(directory, f"{i}.png"))
-                                     for i in range(count)]))
+                jobs = [(rng.integers(0, 256, tuple(size) + (3,), dtype=np.uint8),
+                         os.path.join(directory, f"{i}.png")) for i in range(count)]
+                list(pool.map(save, jobs))
     return root
