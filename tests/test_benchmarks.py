@@ -2,22 +2,11 @@
 the CPU, not in a lent GPU's minutes. Figures are not checked (they are the machine's), only
 that every variant ran and its table row is there and well formed."""
 
-import importlib
 import os
-import sys
 
 import pytest
 
-HERE = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-
-
-def load(name):
-    """The benchmark module ``name`` (imported once, as its siblings import each other)."""
-    sys.path.insert(0, HERE)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(HERE)
+from bench_scripts import load
 
 
 def rows(path, first_cells):

@@ -59,19 +59,9 @@ def test_resnet110_three_fitted_lengths_pad_less_than_multiple_four():
 
 def test_granularity_script_counts_programs_and_padding(tmp_path):
     """benchmarks/compact_buckets.py on a small run: its table is consistent with itself."""
-    import importlib.util
-    import os
-    import sys
+    from bench_scripts import load
 
-    here = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-    sys.path.insert(0, here)
-    try:
-        spec = importlib.util.spec_from_file_location("compact_buckets",
-                                                      os.path.join(here, "compact_buckets.py"))
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
-    finally:
-        sys.path.remove(here)
+    script = load("compact_buckets")
     out = tmp_path / "table.md"
     script.main(["--depth", "56", "--epochs", "3", "--steps-per-epoch", "40", "--multiples",
                  "1,4", "--lengths", "2", "--out", str(out)])

@@ -1,25 +1,13 @@
 """benchmarks/profile_step.py: its timeline arithmetic and a tiny profiled run on the CPU."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
-HERE = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+from bench_scripts import load
 
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, HERE)
-    try:
-        spec = importlib.util.spec_from_file_location("profile_step",
-                                                      os.path.join(HERE, "profile_step.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(HERE)
-    return module
+    return load("profile_step")
 
 
 def test_union_counts_overlaps_once(script):

@@ -1,28 +1,15 @@
 """benchmarks/stage_costs.py: its cost model's arithmetic and a tiny end-to-end run."""
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
 
 import stochastic_depth_jax as sdj
-
-HERE = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+from bench_scripts import load
 
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, HERE)
-    try:
-        spec = importlib.util.spec_from_file_location("stage_costs",
-                                                      os.path.join(HERE, "stage_costs.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(HERE)
-    return module
+    return load("stage_costs")
 
 
 @pytest.mark.parametrize("depth", [110, 20])  # 20: stages too short to scan
