@@ -85,7 +85,8 @@ class Part:
 
 PARTS = (
     Part("stage-costs", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
-                              "--rounds", "20", "--out", "{out}/stage_costs_gpu.md")),
+                              "--rounds", "20", "--plot", "{out}/stage_costs_gpu_float32.png",
+                              "--out", "{out}/stage_costs_gpu.md")),
     Part("epochs", 380, ("benchmarks/bench_train.py", "--whole-epochs",
                          "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
                          "--images-dir", "{images}", "--out", "{out}/train.md")),
@@ -101,6 +102,7 @@ PARTS = (
                          "--out", "{out}/step_gpu.md")),
     Part("stage-costs-bf16", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
                                    "--dtype", "bfloat16", "--rounds", "20",
+                                   "--plot", "{out}/stage_costs_gpu_bfloat16.png",
                                    "--out", "{out}/stage_costs_gpu.md")),
     Part("drop-path", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                             "--linear", "0.4", "--rounds", "10",

@@ -161,6 +161,7 @@ def analyse(times: dict[str, float], model: CifarResNet, variants, gates_timed,
                      "expected": expected, "measured": times[name]})
     return {"sizes": sizes, "full": full, "fixed": fixed, "removal": removal,
             "stage_cost": stage_cost, "per_block": per_block, "floor": floor,
+            "floor_blocks": p_stage,
             "equal_cost_floor": equal, "rows": rows}
 
 
@@ -218,6 +219,49 @@ def report(a: dict, args, rounds: int, kept_fraction: float, argv) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(a: dict, path: str, title: str) -> None:
+    """A PNG of where the time goes: per bar, the fixed cost and each stage's blocks (at their
+    measured cost), the variant's overhead hatched, and the measured median as a diamond."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display
+    import matplotlib.pyplot as plt
+
+    full = a["full"]
+    bars = [("constant depth", a["sizes"], 0.0, full), ("floor (schedule)", a["floor_blocks"],
+                                                         0.0, None)]
+    bars += [(r["variant"], r["blocks_run"], r["overhead"], r["measured"]) for r in a["rows"]]
+    colors = ["#9e9e9e", "#08519c", "#3182bd", "#9ecae1"]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(bars) + 2.4))
+    for i, (label, blocks, over, measured) in enumerate(reversed(bars)):
+        left = 0.0
+        parts = [a["fixed"]] + list(np.asarray(blocks) * a["per_block"])
+        for j, width in enumerate(parts):
+            ax.barh(i, width * 1e3, left=left * 1e3, color=colors[j % len(colors)],
+                    label=(["fixed (stem, head, loss, optimizer)"] +
+                           [f"stage {s + 1} blocks" for s in range(len(parts) - 1)])[j]
+                    if i == len(bars) - 1 else None)
+            left += width
+        if over > 0:
+            ax.barh(i, over * 1e3, left=left * 1e3, color="none", edgecolor="#cb181d",
+                    hatch="///", label="overhead" if label == bars[-1][0] else None)
+        if measured is not None:
+            ax.plot(measured * 1e3, i, "kD", ms=6,
+                    label="measured (median)" if label == bars[0][0] else None)
+        end = max(left + max(over, 0.0), measured or 0.0)
+        ax.text(end * 1e3, i, f"  {(measured or left) / full:.3f}", va="center", fontsize=9)
+    ax.set_yticks(range(len(bars)), [b[0] for b in reversed(bars)])
+    ax.set_xlabel("ms per train step (ratio to constant depth at the bar's end)")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(0, full * 1e3 * 1.25)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+              frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110)
@@ -228,6 +272,7 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="bench_step.py skipping variants, comma-separated")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default="", help="also draw the breakdown to this PNG")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if not bench_step.known_variant(v)
@@ -254,6 +299,10 @@ def main(argv=None) -> None:
     result = analyse(times, model, variants, timed, {r.name: r.times for r in runners})
     text = report(result, args, rounds, float(np.mean(timed)),
                   sys.argv[1:] if argv is None else list(argv))
+    if args.plot:
+        plot(result, args.plot, f"CifarResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
+                                f"{jax.devices()[0].device_kind}")
+        print(f"drew {args.plot}")
     bench_step.write_results(text, args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
         f"stage_costs_{jax.default_backend()}.md"))

@@ -95,6 +95,16 @@ def test_analysis_recovers_stage_costs_floor_and_overheads(script, inflate):
         assert "+9.7% of the step more than the blocks' time" in text
 
 
+def test_plot_draws_the_breakdown(script, tmp_path):
+    model = sdj.CifarResNet(depth=110)
+    times, gates, rounds = synthetic_times(model, np.array([4e-4, 2e-4, 1e-4]), 3e-3,
+                                           {"skip": 7e-4, "compact": -1e-4})
+    a = script.analyse(times, model, ["skip", "compact"], gates, rounds)
+    path = tmp_path / "costs.png"
+    script.plot(a, str(path), "synthetic")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_equal_block_costs_give_the_block_count_floor(script):
     model = sdj.CifarResNet(depth=110)
     times, gates, rounds = synthetic_times(model, np.array([0.2, 0.2, 0.2]), 1.0, {})
