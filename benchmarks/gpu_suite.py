@@ -22,7 +22,8 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
   schedule allows with those costs (the first stage's blocks, dropped least, may cost more
   than the third's on a GPU); and for ``lax.cond`` skipping and compact mode (multiple 4)
   the step time their blocks predict against the measured one, the difference being their
-  own overhead. This says how far 0.78 is reachable at all;
+  own overhead; drawn to ``stage_costs_gpu_float32.png``. This says how far 0.78 is
+  reachable at all;
 * ``epochs``: whole 45k-image epochs, constant depth vs the default config (on a GPU:
   compact mode, multiple 4) vs compact mode with 3 scan lengths per stage fitted to the
   schedule (the candidate default), fp32 (``train.md``);
