@@ -47,6 +47,9 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
   gather and scatter were told their indices are sorted and unique;
 * ``drop-path-unfused``: ``drop-path`` again with the unfused add beside the fused one;
 * ``drop-path-convnext``: ``drop-path`` for ConvNeXt-T at 224x224, batch 128;
+* ``profile-drop-path``: ``profile`` for ViT-S/16 at drop 0.4: no drop path, subset
+  skipping and masking, to find the ~0.37 ms per branch that skipping costs on the GPU
+  whatever the rate (gather and scatter kernels, or lost fusion);
 * ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
   multiple 2, and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
   ``epochs``; multiple 1 is left out: it compiles 301 programs in three epochs,
@@ -114,6 +117,8 @@ PARTS = (
     Part("drop-path-convnext", 200, ("benchmarks/bench_drop_path.py", "--model", "convnext",
                                      "--rates", "0.1,0.4", "--linear", "0.4", "--rounds", "10",
                                      "--out", "{out}/drop_path_gpu.md")),
+    Part("profile-drop-path", 120, ("benchmarks/profile_step.py", "--drop-path", "0.4",
+                                    "--steps", "5", "--out", "{out}/profile_gpu.md")),
     Part("epochs-compact", 500, ("benchmarks/bench_train.py", "--whole-epochs",
                                  "constant,compact-2,lengths-4", "--epochs", "3",
                                  "--train-images", "45000", "--images-dir", "{images}",

@@ -19,6 +19,7 @@ events stand in (an approximation: their events are regions of work, not kernels
 
     python benchmarks/profile_step.py --variants constant,compact --steps 5
     python benchmarks/profile_step.py --depth 20 --batch 16 --steps 2     # quick CPU run
+    python benchmarks/profile_step.py --drop-path 0.4      # the ViT's drop path: skip vs mask
 
 Appends its tables to ``benchmarks/results/profile_<backend>.md``; ``--trace-dir`` keeps
 the raw traces (TensorBoard's profile plugin or Perfetto open them).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import glob
 import os
 import statistics
@@ -122,22 +124,63 @@ def read_trace(trace_dir: str):
             for plane in data.planes]
 
 
-def profile(runner, gates, trace_dir: str) -> tuple[float, list]:
-    """Runs ``runner`` once per entry of ``gates`` under the profiler; wall seconds, planes."""
+def profile(run_once, runner, inputs, trace_dir: str) -> tuple[float, list]:
+    """Runs ``run_once(runner, i)`` for each of ``inputs`` (gates or keys) under the
+    profiler; wall seconds and the trace's planes."""
     jax.block_until_ready(runner.state)
     with jax.profiler.trace(trace_dir):
         t0 = time.perf_counter()
-        for i, g in enumerate(gates):
+        for i, g in enumerate(inputs):
             with jax.profiler.StepTraceAnnotation("train", step_num=i):
-                bench_step.run_once(runner, g)
+                run_once(runner, g)
         wall = time.perf_counter() - t0
     return wall, read_trace(trace_dir)
 
 
-def report(results: dict, args, source: str, argv) -> str:
+def resnet_runners(args):
+    """``(heading, run_once, [(name, make_runner)], inputs)`` for CifarResNet variants."""
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if not bench_step.known_variant(n)]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; valid: {list(bench_step.VARIANTS)}, each also "
+                 f"with '{bench_step.UNROLLED}' appended")
+    dtype = None if args.dtype == "float32" else jnp.bfloat16
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
+    y = jax.random.randint(ky, (args.batch,), 0, 10)
+    probs = CifarResNet(depth=args.depth).survival_probs()
+    draw = jax.jit(lambda k: draw_gates(k, probs))
+    gates = [draw(jax.random.fold_in(jax.random.key(42), i)) for i in range(args.steps + 2)]
+
+    def make(name):
+        runner = bench_step.make_runner(name, args.depth, args.batch, None, dtype, kp, x, y)
+        bench_step.compile_all([runner], gates[0], gates)
+        return runner
+
+    heading = f"CifarResNet-{args.depth}, batch {args.batch}, {args.dtype}"
+    return heading, bench_step.run_once, [(n, functools.partial(make, n)) for n in names], gates
+
+
+def drop_path_runners(args):
+    """The same for ``bench_drop_path.py``'s network: no drop path, skip and mask at
+    ``--drop-path`` (uniform), with that script's defaults for the backend."""
+    import bench_drop_path as dp
+
+    dargs = dp.parse_args(["--model", args.model, "--dtype", args.dtype] +
+                          (["--batch", str(args.batch)] if args.batch else []))
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (dargs.batch, dargs.image, dargs.image, 3), jnp.float32)
+    y = jax.random.randint(ky, (dargs.batch,), 0, 10)
+    keys = [jax.random.fold_in(jax.random.key(42), i) for i in range(args.steps + 2)]
+    specs = [v for v in dp.variants([args.drop_path], 0.0) if not v[0].endswith("unfused")]
+    makers = [(name, functools.partial(dp.make_runner, name, rate, rule, impl, dargs, kp, x, y))
+              for name, rate, rule, impl in specs]
+    return dp.describe(dargs).removeprefix("## "), dp.run_once, makers, keys
+
+
+def report(results: dict, args, source: str, argv, heading: str) -> str:
     lines = [
-        f"## Device timeline of the train step: CifarResNet-{args.depth}, batch {args.batch}, "
-        f"{args.dtype}",
+        f"## Device timeline of the train step: {heading}",
         "",
         f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
         f"{args.steps} profiled steps per variant after warm-up; timeline: {source}; "
@@ -156,43 +199,43 @@ def report(results: dict, args, source: str, argv) -> str:
         lines += ["", f"Most time, {name} (share of kernel time):", ""]
         lines += [f"- {share / max(s['total_ns'], 1):.1%} `{kname[:90]}`"
                   for kname, share in s["top"]]
-    lines += ["", "Profiling adds per-event overhead: compare wall times with bench_step.py's."]
+    lines += ["", "Profiling adds per-event overhead: compare wall times with the benchmarks' "
+                  "(bench_step.py, bench_drop_path.py)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="default 128 (with --drop-path: bench_drop_path.py's for the backend)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--variants", default="constant,compact", help="bench_step.py variants")
     ap.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
     ap.add_argument("--trace-dir", default="", help="keep the raw traces here")
+    ap.add_argument("--drop-path", type=float, default=0.0,
+                    help="> 0: profile bench_drop_path.py's network instead (no drop path, "
+                         "skip and mask at this uniform rate; its sizes for the backend)")
+    ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
+                    help="with --drop-path: the network")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if not bench_step.known_variant(n)]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; valid: {list(bench_step.VARIANTS)}, each also "
-                 f"with '{bench_step.UNROLLED}' appended")
     if args.steps < 1:
         sys.exit(f"--steps={args.steps}: profile at least one step")
-    dtype = None if args.dtype == "float32" else jnp.bfloat16
-    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
-    y = jax.random.randint(ky, (args.batch,), 0, 10)
-    probs = CifarResNet(depth=args.depth).survival_probs()
-    draw = jax.jit(lambda k: draw_gates(k, probs))
-    gates = [draw(jax.random.fold_in(jax.random.key(42), i)) for i in range(args.steps + 2)]
+    if args.drop_path < 0 or args.drop_path >= 1:
+        sys.exit(f"--drop-path={args.drop_path}: a drop rate in (0, 1), or 0 for the ResNet")
+    if not args.drop_path:
+        args.batch = args.batch or 128
+    heading, run_once, makers, inputs = (drop_path_runners if args.drop_path
+                                         else resnet_runners)(args)
     results, source = {}, "none"
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            runner = bench_step.make_runner(name, args.depth, args.batch, None, dtype, kp, x, y)
-            bench_step.compile_all([runner], gates[0], gates)
-            for g in gates[:2]:  # warm-up
-                bench_step.run_once(runner, g)
-            trace_dir = os.path.join(args.trace_dir or tmp, name)
-            wall, planes = profile(runner, gates[2:], trace_dir)
+        for name, make in makers:
+            runner = make()
+            for g in inputs[:2]:  # compile (drop path) and warm up
+                run_once(runner, g)
+            trace_dir = os.path.join(args.trace_dir or tmp, name.replace(" ", "_"))
+            wall, planes = profile(run_once, runner, inputs[2:], trace_dir)
             source, events = device_events(planes)
             if jax.default_backend() != "cpu" and not source.startswith("/device:"):
                 print(f"WARNING: the trace has no {jax.default_backend()} device timeline; "
@@ -201,7 +244,7 @@ def main(argv=None) -> None:
             s = results[name]
             print(f"{name}: {s['wall_ms']:.2f} ms/step wall, {s['busy_ms']:.2f} ms busy, "
                   f"{s['kernels']:.0f} kernels/step ({source})", flush=True)
-    text = report(results, args, source, sys.argv[1:] if argv is None else list(argv))
+    text = report(results, args, source, sys.argv[1:] if argv is None else list(argv), heading)
     bench_step.write_results(text, args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results",
         f"profile_{jax.default_backend()}.md"))

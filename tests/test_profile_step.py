@@ -57,8 +57,20 @@ def test_tiny_profile_end_to_end(script, tmp_path):
         assert 0 < busy <= wall and 0 < fraction <= 1 and kernels >= 1
 
 
+def test_tiny_drop_path_profile(script, tmp_path):
+    out = tmp_path / "profile.md"
+    script.main(["--drop-path", "0.5", "--batch", "4", "--steps", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "ViT-Ti" in text
+    names = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")
+             and not line.startswith(("| variant", "|---"))]
+    assert names == ["| none", "| uniform 0.5 skip", "| uniform 0.5 mask"]
+
+
 def test_rejects_unknown_variants_and_zero_steps(script):
     with pytest.raises(SystemExit, match="unknown variants"):
         script.main(["--variants", "nonsense"])
     with pytest.raises(SystemExit, match="at least one step"):
         script.main(["--steps", "0"])
+    with pytest.raises(SystemExit, match="a drop rate in"):
+        script.main(["--drop-path", "1.5"])
