@@ -18,9 +18,14 @@ guard on, and recompile for, every gate pattern). Variants run interleaved round
     python benchmarks/bench_torch.py                          # ResNet-110, batch 128
     python benchmarks/bench_torch.py --depth 20 --batch 32 --rounds 3 --variants eager
     python benchmarks/bench_torch.py --json out.json          # also write medians as JSON
+    python benchmarks/bench_torch.py --whole-epochs --epochs 2   # whole 45k-image epochs
 
 Appends a table to ``benchmarks/results/torch_<device>.md``. ``compare_torch.py`` runs this
-and ``bench_step.py`` side by side and writes one table.
+and ``bench_step.py`` side by side and writes one table. ``--whole-epochs`` times whole
+training epochs instead, as ``bench_train.py --whole-epochs`` does for ours: the images on
+the device, batches drawn, padded, cropped and flipped there, host-side gates per step, and
+an evaluation (residuals scaled by p_l) after each epoch, timed apart; appended to
+``benchmarks/results/torch_epochs_<device>.md``.
 """
 
 from __future__ import annotations
@@ -65,10 +70,11 @@ class Block(nn.Module):
             x = x[:, :, ::self.stride, ::self.stride]
         return F.pad(x, (0, 0, 0, 0, 0, self.pad)) if self.pad else x
 
-    def forward(self, x, keep: bool = True):
+    def forward(self, x, keep: bool = True, scale: float = 1.0):
         s = self.shortcut(x)
         if keep:  # the paper's real skipping: a dropped branch is never called
-            s = s + self.branch(x)
+            b = self.branch(x)
+            s = s + (b if scale == 1.0 else scale * b)  # test time: the residual times p_l
         return F.relu(s)
 
 
@@ -91,10 +97,11 @@ class CifarResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x, gates=None):
+    def forward(self, x, gates=None, scales=None):
         x = self.stem(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, True if gates is None else gates[i])
+            x = block(x, True if gates is None else gates[i],
+                      1.0 if scales is None else scales[i])
         return self.head(x.mean((2, 3)))
 
 
@@ -145,6 +152,128 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+# CIFAR-10 channel statistics (0-255 scale), as the trainer normalises.
+MEAN = (125.3, 123.0, 113.9)
+STD = (63.0, 62.1, 66.7)
+
+
+def augment(images, gen):
+    """The paper's augmentation on the device: 4-pixel zero padding, a random 32x32 crop and a
+    random horizontal flip per image; ``images`` uint8 ``[B, H, W, 3]``."""
+    b, h, w, _ = images.shape
+    padded = F.pad(images, (0, 0, 4, 4, 4, 4))  # (C, W, H) pairs, last dimension first
+    dev = images.device
+    oy, ox = torch.randint(0, 9, (2, b), device=dev, generator=gen)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]
+    crops = padded[torch.arange(b, device=dev)[:, None, None], rows, cols]
+    flip = torch.rand(b, device=dev, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], crops.flip(2), crops)
+
+
+def normalise(images):
+    """uint8 NHWC -> float NCHW in channels-last memory (a permuted NHWC tensor)."""
+    mean = torch.tensor(MEAN, device=images.device)
+    std = torch.tensor(STD, device=images.device)
+    return ((images.float() - mean) / std).permute(0, 3, 1, 2)
+
+
+def train_epoch(r: "Runner", x, y, batch, probs, host_gen, dev_gen) -> float:
+    """One epoch (``len(x) // batch`` steps) of ``r``; its seconds, the device synchronised."""
+    r.model.train()
+    sync(r.device)
+    t0 = time.perf_counter()
+    perm = torch.randperm(len(x), device=r.device, generator=dev_gen)
+    for i in range(len(x) // batch):
+        idx = perm[i * batch:(i + 1) * batch]
+        images = normalise(augment(x[idx], dev_gen))
+        gates = ((torch.rand(len(probs), generator=host_gen) < probs).tolist()
+                 if r.stochastic else None)  # host-side, as the official code
+        with torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=r.bf16):
+            loss = F.cross_entropy(r.model(images, gates), y[idx])
+        r.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        r.opt.step()
+    sync(r.device)
+    return time.perf_counter() - t0
+
+
+def evaluate(r: "Runner", x, y, probs, batch: int = 500) -> tuple[float, float]:
+    """Test error and seconds: every block, residuals scaled by p_l for stochastic depth."""
+    r.model.eval()
+    sync(r.device)
+    t0 = time.perf_counter()
+    errors = torch.zeros((), device=r.device)
+    scales = probs.tolist() if r.stochastic else None
+    with torch.no_grad(), torch.autocast(r.device.type, dtype=torch.bfloat16, enabled=r.bf16):
+        for i in range(0, len(x), batch):
+            logits = r.model(normalise(x[i:i + batch]), None, scales)
+            errors += (logits.argmax(-1) != y[i:i + batch]).sum()
+    error = float(errors) / len(x)  # synchronises
+    sync(r.device)
+    return error, time.perf_counter() - t0
+
+
+def whole_epochs(args, device, names) -> str:
+    """``--whole-epochs``: each variant trains ``args.epochs`` epochs of random CIFAR-shaped
+    images held on the device (batches drawn and augmented there, as our trainer does),
+    evaluated after each epoch; the report's text."""
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8).to(device)
+            for n in (args.train_images, args.test_images)]
+    labels = [torch.randint(0, 10, (n,), generator=g).to(device)
+              for n in (args.train_images, args.test_images)]
+    rows, steady = [], {}
+    for name in names:
+        r = Runner(name, args.depth, args.batch, device, *VARIANTS[name])
+        probs = torch.tensor(survival_probs(len(r.model.blocks), args.p))
+        host_gen = torch.Generator().manual_seed(1)
+        dev_gen = torch.Generator(device=device).manual_seed(2)
+        epochs, evals = [], []
+        for epoch in range(args.epochs):
+            epochs.append(train_epoch(r, data[0], labels[0], args.batch, probs, host_gen,
+                                      dev_gen))
+            error, seconds = evaluate(r, data[1], labels[1], probs)
+            evals.append(seconds)
+            print(f"{name} epoch {epoch + 1}: {epochs[-1]:.2f} s, evaluation {seconds:.2f} s "
+                  f"(test error {error:.3f})", flush=True)
+        steady[name] = statistics.median(epochs[1:] or epochs)
+        ev = statistics.median(evals[1:] or evals)
+        rows.append((name, epochs[0], steady[name], ev))
+    lines = []
+    steps = args.train_images // args.batch
+    for name, first, st, ev in rows:
+        base = steady.get(name.rsplit("-", 1)[0] + "-constant")
+        ratio = f"{st / base:.3f}" if base else "-"
+        lines.append(f"| {name} | {first:.2f} | {st:.2f} | {steps * args.batch / st:.0f} | "
+                     f"{ratio} | {ev:.2f} | {500 * (st + ev) / 60:.1f} |")
+    return "\n".join([
+        f"## PyTorch whole epochs, CIFAR ResNet-{args.depth}, batch {args.batch}, "
+        f"{args.train_images} training images ({steps} steps), channels-last",
+        "",
+        f"{datetime.date.today().isoformat()}; {describe_device(device)}; "
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
+        f"python {platform.python_version()}; p_L={args.p}. Random uint8 images held on the "
+        f"device; each step draws its batch from a per-epoch permutation and pads, crops and "
+        f"flips it there; gates drawn on the host per step; evaluation of "
+        f"{args.test_images} test images (batch 500, residuals scaled by p_l) after every "
+        f"epoch, timed apart. 500-epoch projection = 500 x (median epoch + median "
+        f"evaluation), epochs >= 2. Variants run one after another.",
+        "",
+        "| variant | epoch 1 s | median epoch s | img/s | skip / constant | median "
+        "evaluation s | 500 epochs, min |",
+        "|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ])
+
+
+def describe_device(device) -> str:
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    return f"{device.type} ({name})"
+
+
 VARIANTS = {  # name: (compiled, bf16, stochastic)
     f"{mode}-{prec}-{kind}": (mode == "compile", prec == "bf16", kind == "skip")
     for mode in ("eager", "compile") for prec in ("fp32", "bf16") for kind in ("constant", "skip")
@@ -163,6 +292,12 @@ def main(argv=None):
                          + ",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", default="", help="also write {variant: median seconds} here")
+    ap.add_argument("--whole-epochs", action="store_true",
+                    help="time whole training epochs (with augmentation and an evaluation "
+                         "per epoch) instead of steps; default variants: the eager ones")
+    ap.add_argument("--epochs", type=int, default=2, help="--whole-epochs: epochs per variant")
+    ap.add_argument("--train-images", type=int, default=45000)
+    ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -170,11 +305,25 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rounds = args.rounds or (30 if device.type == "cuda" else 5)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.whole_epochs and not wanted:
+        wanted = ["eager"]
     names = [n for n in VARIANTS if not wanted or any(n.startswith(w) for w in wanted)]
     if not names:
         raise SystemExit(f"no variant matches {wanted}; valid: {list(VARIANTS)}")
     torch.backends.cudnn.benchmark = True
     allow_recompiles()
+    if args.whole_epochs:
+        if args.epochs < 1 or args.train_images < args.batch or args.test_images < 1:
+            raise SystemExit("--whole-epochs needs --epochs >= 1, --train-images >= --batch "
+                             "and --test-images >= 1")
+        text = whole_epochs(args, device, names)
+        print("\n" + text)
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                       f"torch_epochs_{device.type}.md")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "a") as f:
+            f.write(text + "\n")
+        return
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -207,7 +356,7 @@ def main(argv=None):
     text = "\n".join([
         f"## PyTorch train step, CIFAR ResNet-{args.depth}, batch {args.batch}, channels-last",
         "",
-        f"{datetime.date.today().isoformat()}; {device.type} ({dev}); "
+        f"{datetime.date.today().isoformat()}; {describe_device(device)}; "
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"python {platform.python_version()}; {rounds} interleaved rounds after {args.warmup} "
         f"warm-up (compilation in warm-up); p_L={args.p}, mean fraction kept "

@@ -15,7 +15,7 @@ the log records each part's real wall time, so later runs can be planned from it
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
 fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and then
-``--parts epochs-bf16 --budget 260``:
+``--parts epochs-bf16 --budget 260``; ``epochs-torch`` next:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -29,6 +29,9 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
   schedule (the candidate default), fp32 (``train.md``);
 * ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
   500-epoch projection the issue's 30-minute target is about;
+* ``epochs-torch``: PyTorch's whole epochs (eager, fp32 and bf16, constant and skipping;
+  images on the GPU, augmented there, an evaluation per epoch), the PyTorch column of the
+  training-time table (needs ``--torch-python``; ``torch_epochs_gpu.md``);
 * ``profile``: the device timeline of 5 steps each of constant depth, ``lax.cond``
   skipping and compact mode (``profile_gpu.md``; ``--trace-dir`` by hand keeps the raw
   traces): busy / wall,
@@ -85,6 +88,7 @@ class Part:
     # After the python executable; {out}, {torch} and {images} (the epochs parts' shared
     # image folder, written once per machine in the temporary directory) are filled in.
     args: tuple[str, ...]
+    torch: bool = False  # run with --torch-python instead of this Python
 
 
 PARTS = (
@@ -97,6 +101,9 @@ PARTS = (
     Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--images-dir", "{images}", "--out", "{out}/train.md")),
+    Part("epochs-torch", 200, ("benchmarks/bench_torch.py", "--whole-epochs", "--epochs", "2",
+                              "--train-images", "45000", "--variants", "eager",
+                              "--out", "{out}/torch_epochs_gpu.md"), torch=True),
     Part("profile", 90, ("benchmarks/profile_step.py", "--variants", "constant,skip,compact",
                          "--steps", "5", "--out", "{out}/profile_gpu.md")),
     Part("unroll", 340, ("benchmarks/bench_step.py", "--variants",
@@ -156,7 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def command(part: Part, args: argparse.Namespace) -> list[str]:
     fill = {"out": args.out_dir, "torch": args.torch_python,
             "images": os.path.join(tempfile.gettempdir(), "stochastic_depth_jax_bench_images")}
-    return [sys.executable, *(a.format(**fill) for a in part.args)]
+    return [args.torch_python if part.torch else sys.executable,
+            *(a.format(**fill) for a in part.args)]
 
 
 def run_part(cmd: list[str], timeout: float, log) -> tuple[str, float]:

@@ -3,6 +3,7 @@ the CPU, not in a lent GPU's minutes. Figures are not checked (they are the mach
 that every variant ran and its table row is there and well formed."""
 
 import os
+import sys
 
 import pytest
 
@@ -107,6 +108,19 @@ def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
     assert "unknown parts" in capsys.readouterr().err
 
 
+def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path):
+    suite = load("gpu_suite")
+    args = suite.parse_args(["--torch-python", "/some/venv/bin/python", "--out-dir",
+                             str(tmp_path)])
+    torch_parts = [p for p in suite.PARTS if p.torch]
+    assert [p.name for p in torch_parts] == ["epochs-torch"]
+    assert suite.command(torch_parts[0], args)[:2] == ["/some/venv/bin/python",
+                                                       "benchmarks/bench_torch.py"]
+    assert suite.command(suite.BY_NAME["epochs"], args)[0] == sys.executable
+    vs = suite.command(suite.BY_NAME["vs-torch"], args)  # runs ours, and torch through the flag
+    assert vs[0] == sys.executable and vs[vs.index("--torch-python") + 1] == "/some/venv/bin/python"
+
+
 def test_gpu_suite_parts_name_known_variants():
     """Every variant a suite part asks of bench_step / bench_train / stage_costs exists."""
     suite, bench_step, bench_train = load("gpu_suite"), load("bench_step"), load("bench_train")
@@ -117,6 +131,6 @@ def test_gpu_suite_parts_name_known_variants():
                                                "profile_step.py", "compare_torch.py"):
             for name in args[args.index("--variants") + 1].split(","):
                 assert bench_step.known_variant(name), (part.name, name)
-        if "--whole-epochs" in args:
+        if "--whole-epochs" in args and script == "bench_train.py":
             for name in args[args.index("--whole-epochs") + 1].split(","):
                 assert name in bench_train.EPOCH_VARIANTS, (part.name, name)
