@@ -268,6 +268,16 @@ def whole_epochs(args, device, names) -> str:
     ])
 
 
+def append_results(text: str, out: str | None, default_name: str) -> None:
+    """Prints ``text`` and appends it to ``out`` (default: results/<default_name>)."""
+    print("\n" + text)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                              default_name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+
+
 def describe_device(device) -> str:
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
@@ -316,13 +326,8 @@ def main(argv=None):
         if args.epochs < 1 or args.train_images < args.batch or args.test_images < 1:
             raise SystemExit("--whole-epochs needs --epochs >= 1, --train-images >= --batch "
                              "and --test-images >= 1")
-        text = whole_epochs(args, device, names)
-        print("\n" + text)
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       f"torch_epochs_{device.type}.md")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "a") as f:
-            f.write(text + "\n")
+        append_results(whole_epochs(args, device, names), args.out,
+                       f"torch_epochs_{device.type}.md")
         return
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
@@ -367,12 +372,7 @@ def main(argv=None):
         *rows,
         "",
     ])
-    print("\n" + text)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"torch_{device.type}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
+    append_results(text, args.out, f"torch_{device.type}.md")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(dev), "torch": torch.__version__, "batch": args.batch,
