@@ -121,6 +121,21 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y, keep=None, label=Non
     return Runner(label or name, step, state, [], buckets, (x, y))
 
 
+def random_batch(batch: int):
+    """``(x, y, key)``: random non-zero CIFAR-shaped images and labels, and an init key."""
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (batch, 32, 32, 3), jnp.float32)
+    return x, jax.random.randint(ky, (batch,), 0, 10), kp
+
+
+def round_gates(depth: int, count: int):
+    """``(first, rounds)``: gates of ``key(42)`` and of ``fold_in(key(42), i)`` for the
+    ``count`` rounds, under CifarResNet-``depth``'s schedule (the same in every benchmark)."""
+    base_key = jax.random.key(42)
+    draw = jax.jit(lambda k: draw_gates(k, CifarResNet(depth=depth).survival_probs()))
+    return draw(base_key), [draw(jax.random.fold_in(base_key, i)) for i in range(count)]
+
+
 def compile_all(runners, first_gates, all_gates) -> None:
     """Compiles each runner's program(s) before timing: one step on ``first_gates``, and for
     compact variants one step per further bucket tuple that ``all_gates`` will use."""
@@ -316,15 +331,11 @@ def main(argv=None) -> None:
         sys.exit(f"unknown variants {unknown}; valid: {list(VARIANTS)}, each also with "
                  f"'{UNROLLED}' appended")
 
-    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
-    y = jax.random.randint(ky, (args.batch,), 0, 10)
+    x, y, kp = random_batch(args.batch)
     runners = [make_runner(n, args.depth, args.batch, scan, dtype, kp, x, y) for n in names]
-    base_key = jax.random.key(42)
     probs = CifarResNet(depth=args.depth).survival_probs()
-    draw = jax.jit(lambda k: draw_gates(k, probs))
-    all_gates = [draw(jax.random.fold_in(base_key, i)) for i in range(args.warmup + rounds)]
-    compile_all(runners, draw(base_key), all_gates)
+    first, all_gates = round_gates(args.depth, args.warmup + rounds)
+    compile_all(runners, first, all_gates)
     time_rounds(runners, all_gates, args.warmup)
     active = [float(np.asarray(g).mean()) for g in all_gates[args.warmup:]]
     rows = table_rows(runners, args.batch)

@@ -41,8 +41,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from stochastic_depth_jax import CifarResNet, draw_gates
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (next to this file)
 from provenance import code_version, machine_line  # noqa: E402
@@ -145,12 +143,8 @@ def resnet_runners(args):
         sys.exit(f"unknown variants {unknown}; valid: {list(bench_step.VARIANTS)}, each also "
                  f"with '{bench_step.UNROLLED}' appended")
     dtype = None if args.dtype == "float32" else jnp.bfloat16
-    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
-    y = jax.random.randint(ky, (args.batch,), 0, 10)
-    probs = CifarResNet(depth=args.depth).survival_probs()
-    draw = jax.jit(lambda k: draw_gates(k, probs))
-    gates = [draw(jax.random.fold_in(jax.random.key(42), i)) for i in range(args.steps + 2)]
+    x, y, kp = bench_step.random_batch(args.batch)
+    _, gates = bench_step.round_gates(args.depth, args.steps + 2)
 
     def make(name):
         runner = bench_step.make_runner(name, args.depth, args.batch, None, dtype, kp, x, y)

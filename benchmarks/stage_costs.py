@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stochastic_depth_jax import CifarResNet, draw_gates
+from stochastic_depth_jax import CifarResNet
 from stochastic_depth_jax import buckets as buckets_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -110,8 +110,7 @@ def expected_blocks_run(name: str, model: CifarResNet) -> np.ndarray:
         return np.asarray(sizes, float)
     if impl.startswith("compact"):
         m = int(impl[len("compact"):])
-        # buckets.stage_buckets: round up to a multiple of m, at least 1, at most n - 1.
-        per_stage = [lambda k, n=n: max(1, min(n - 1, -(-k // m) * m)) for n in sizes]
+        per_stage = [lambda k, n=n: buckets_lib.round_to_multiple(k, m, n - 1) for n in sizes]
     else:
         per_stage = [lambda k, lengths=lengths: buckets_lib.round_up(k, lengths)
                      for lengths in model.compact_lengths(int(impl[len("lengths"):]))]
@@ -286,17 +285,13 @@ def main(argv=None) -> None:
                  f"{[v for v, spec in bench_step.VARIANTS.items() if spec[0] < 1.0]}")
     rounds = args.rounds or (20 if jax.default_backend() != "cpu" else 4)
     dtype = None if args.dtype == "float32" else jnp.bfloat16
-    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (args.batch, 32, 32, 3), jnp.float32)
-    y = jax.random.randint(ky, (args.batch,), 0, 10)
+    x, y, kp = bench_step.random_batch(args.batch)
     runners = pruned_runners(args.depth, args.batch, None, dtype, kp, x, y)
     runners += [bench_step.make_runner(v, args.depth, args.batch, None, dtype, kp, x, y)
                 for v in variants]
     model = CifarResNet(depth=args.depth)
-    base_key = jax.random.key(42)
-    draw = jax.jit(lambda k: draw_gates(k, model.survival_probs()))
-    all_gates = [draw(jax.random.fold_in(base_key, i)) for i in range(args.warmup + rounds)]
-    bench_step.compile_all(runners, draw(base_key), all_gates)
+    first, all_gates = bench_step.round_gates(args.depth, args.warmup + rounds)
+    bench_step.compile_all(runners, first, all_gates)
     bench_step.time_rounds(runners, all_gates, args.warmup)
     times = {r.name: statistics.median(r.times) for r in runners}
     timed = [np.asarray(g) for g in all_gates[args.warmup:]]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["kept_count_pmf", "expected_padding", "optimal_lengths", "round_up",
+           "round_to_multiple",
            "stage_lengths", "stage_buckets", "check_buckets"]
 
 
@@ -101,6 +102,11 @@ def round_up(kept: int, lengths) -> int:
     raise ValueError(f"{kept} kept blocks exceed the longest scan length {max(lengths)}.")
 
 
+def round_to_multiple(kept: int, multiple: int, limit: int) -> int:
+    """``kept`` rounded up to a multiple of ``multiple``, capped at ``limit``, at least 1."""
+    return max(1, min(limit, -(-kept // multiple) * multiple))
+
+
 def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) -> tuple[int, ...]:
     """Per stage, the static scan length for its kept blocks after the first (0 if unscanned).
 
@@ -124,7 +130,7 @@ def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) 
         else:
             kept = int(gates[start + 1:start + n].sum())
             if lengths is None:
-                out.append(max(1, min(n - 1, -(-kept // multiple) * multiple)))
+                out.append(round_to_multiple(kept, multiple, n - 1))
             else:
                 out.append(round_up(kept, lengths[i]))
         start += n
