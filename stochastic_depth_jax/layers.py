@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax.linen import module as linen_module
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -207,13 +208,16 @@ class StochasticDepth(nn.Module):
         if deterministic and (gate is None or self.is_initializing()):
             return ops.with_shortcut(ops.scaled(call(self, x), ops.eval_scale(p, self.scaling)),
                                      shortcut)
-        if not deterministic and (self.is_initializing() or (gate is None and ops.is_static_one(p))):
+        if not deterministic and self.is_initializing():
             return ops.with_shortcut(call(self, x), shortcut)
+        if not deterministic and gate is None and ops.is_static_one(p):
+            return ops.with_shortcut(ops.scaled(call(self, x), 1.0), shortcut)
         if gate is None:
             batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(gate_rng(self, self.rng_collection), p, mode=self.mode,
                                  implementation=self.implementation, batch_size=batch,
                                  groups=self.groups)
+        ops.check_gate(gate, self.mode)
         if self.mode == "sample" and not deterministic:
             # Subset gather/scatter (or add into the shortcut) or mask: the op's one
             # implementation.
@@ -229,12 +233,31 @@ class StochasticDepth(nn.Module):
         # A gated evaluation keeps the evaluation scale on the blocks it runs.
         scale = ops.eval_scale if deterministic else ops.train_scale
         factor = scale(p, self.scaling)
-        if self.mode == "sample" or self.implementation == "mask":
+        if self.mode == "sample" or self.implementation == "mask" or self._sows(call, x):
             if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
                 call = _keep_stats_if_dropped(call, gate)
             return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis),
                                      shortcut)
         return ops.with_shortcut(self._skip(call, x, gate, factor), shortcut)
+
+    def _sows(self, call: Callable[..., Array], x: Array) -> bool:
+        """Whether the branch writes the mutable ``'intermediates'`` collection (it sows, or
+        ``capture_intermediates=True``). A skipping ``cond`` cannot create variables in one
+        branch only, so such a call masks instead: the same outputs, gradients and
+        statistics, with the dropped branch computed (and its intermediates recorded)."""
+        if not self.is_mutable_collection("intermediates"):
+            return False
+
+        # capture_intermediates=True of the enclosing apply (Flax keeps it on a context
+        # stack, which a nested apply would otherwise reset).
+        capture = (getattr(linen_module._context, "capture_stack", None) or [False])[-1]
+
+        def sown(variables, v):
+            run = nn.apply(call, self.clone(parent=None), mutable=True,
+                           capture_intermediates=capture)
+            return run(variables, v, rngs={"params": jax.random.key(0)})[1]
+
+        return "intermediates" in jax.eval_shape(sown, self.variables, x)
 
     def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
         def run(module, v, f):

@@ -343,6 +343,10 @@ class _StochasticResNetBase(nn.Module):
             key = layers.gate_rng(self)
             gates = ops.draw_gates(key, self.survival_probs(), mode=self.mode,
                                    batch_size=x.shape[0])
+        if jnp.result_type(gates) != jnp.bool_:
+            raise TypeError(f"gates must be bool (True where a block runs), got "
+                            f"{jnp.result_type(gates)}; pass gates.astype(bool) (NumPy's "
+                            "binomial draws ints).")
         L = self.num_blocks()
         expected = [(L,)] if self.mode == "batch" else [(L, x.shape[0])]
         if self.mode == "sample" and not stochastic:

@@ -139,11 +139,11 @@ class StochasticDepth(nnx.Module):
         def run(branch, v):
             return branch(v, *args, **kwargs)
 
-        if deterministic:
+        if deterministic and gate is None:
             return ops.with_shortcut(ops.scaled(run(self.branch, x),
                                                 ops.eval_scale(p, self.scaling)), shortcut)
-        if gate is None and ops.is_static_one(p):
-            return ops.with_shortcut(run(self.branch, x), shortcut)
+        if not deterministic and gate is None and ops.is_static_one(p):
+            return ops.with_shortcut(ops.scaled(run(self.branch, x), 1.0), shortcut)
         if gate is None:
             key = _key(rngs if rngs is not None else self.rngs, self.rng_collection)
             if key is None:
@@ -152,16 +152,31 @@ class StochasticDepth(nnx.Module):
             batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
                                  batch_size=batch, groups=self.groups)
+        ops.check_gate(gate, self.mode)
+        if self.mode == "sample" and not deterministic:
+            return ops.gated_branch(lambda v: run(self.branch, v), x, gate, p, mode=self.mode,
+                                    scaling=self.scaling, implementation=self.implementation,
+                                    shortcut=shortcut, batch_axis=self.batch_axis)
+        if jnp.issubdtype(jnp.asarray(gate).dtype, jnp.integer):
+            raise ValueError(
+                "StochasticDepth got subset indices as gate with deterministic=True; subsets "
+                "are training gates. For a fixed sub-network at evaluation pass a bool gate "
+                "(a scalar, or [batch] with mode='sample'), or no gate."
+            )
+        # A gated evaluation keeps the evaluation scale on the blocks it runs (as Linen).
+        scale = ops.eval_scale if deterministic else ops.train_scale
+        factor = scale(p, self.scaling)
         if self.mode == "batch" and self.implementation == "skip":
-            return ops.with_shortcut(self._cond(run, x, gate), shortcut)
-        return ops.gated_branch(lambda v: run(self.branch, v), x, gate, p, mode=self.mode,
-                                scaling=self.scaling, implementation=self.implementation,
-                                shortcut=shortcut, batch_axis=self.batch_axis)
+            return ops.with_shortcut(self._cond(run, x, gate, factor), shortcut)
+        if self.mode == "batch":
+            run = _keep_state_if_dropped(run, gate)
+        return ops.with_shortcut(ops.masked(run(self.branch, x), gate, factor, self.batch_axis),
+                                 shortcut)
 
-    def _cond(self, run, x: Array, gate: Array) -> Array:
+    def _cond(self, run, x: Array, gate: Array, factor: Any) -> Array:
         """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
         # In f32; ``scaled`` casts it to each output's dtype.
-        factor = jnp.asarray(ops.train_scale(self.survival_prob, self.scaling), jnp.float32)
+        factor = jnp.asarray(factor, jnp.float32)
         out = _output_struct(run, self.branch, x)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
                         lambda b, v: jax.tree_util.tree_map(
@@ -171,6 +186,28 @@ class StochasticDepth(nnx.Module):
         """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+# The state a dropped branch leaves as it was: everything but parameters and rng counters
+# (BatchNorm's BatchStat, and any other mutable variable of the same structure).
+_KEPT_STATE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState, nnx.Intermediate))
+
+
+def _keep_state_if_dropped(run: Any, gate: Array) -> Any:
+    """Wraps ``run`` so a dropped (gate 0) branch leaves its non-parameter state unchanged.
+
+    The mask implementation computes a dropped branch; this keeps its semantics equal to
+    skipping, where a dropped block's BatchNorm statistics are not updated (as the Linen
+    wrapper does).
+    """
+    def wrapped(branch, v):
+        old = jax.tree_util.tree_map(lambda a: a, nnx.state(branch, _KEPT_STATE))
+        y = run(branch, v)
+        new = nnx.state(branch, _KEPT_STATE)
+        nnx.update(branch, jax.tree_util.tree_map(lambda o, n: jnp.where(gate, n, o), old, new))
+        return y
+
+    return wrapped
 
 
 def _output_struct(run: Any, branch: nnx.Module, x: Array) -> Any:
@@ -193,8 +230,8 @@ class DropPath(StochasticDepth):
 
     def __init__(self, branch: nnx.Module, rate: float = 0.0, *, mode: str = "sample",
                  scaling: str = "train", implementation: str = "skip", **kwargs: Any):
-        if isinstance(rate, (bool, str, bytes, list, tuple)) or not isinstance(
-                rate, (int, float, np.generic)) or not 0.0 <= float(rate) < 1.0:
+        if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) \
+                or np.ndim(rate) or not 0.0 <= float(rate) < 1.0:
             raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
                              "branch's drop rate (e.g. rate=0.1).")
         super().__init__(branch, 1.0 - float(rate), mode=mode, scaling=scaling,

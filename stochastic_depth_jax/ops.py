@@ -59,6 +59,8 @@ __all__ = [
     "validate_options",
     "check_survival_prob",
     "is_static_one",
+    "is_concrete",
+    "check_gate",
     "scaled",
     "masked",
 ]
@@ -84,28 +86,64 @@ def validate_options(mode: str, scaling: str, implementation: str = "skip") -> N
 def check_survival_prob(p: Any) -> None:
     """Raises ValueError for a survival probability that is not a scalar in (0, 1].
 
-    Python and NumPy scalars (and 0-d arrays) are checked; traced or device values are left to
-    the caller (they cannot be inspected under ``jit``). Lists, tuples, strings, None and
-    bools are refused: one call gates one block with one probability."""
+    Python and NumPy scalars, 0-d arrays and concrete (non-traced) JAX scalars are
+    range-checked; traced values are left to the caller (they cannot be inspected under
+    ``jit``). Lists, tuples, strings, None, bools and arrays with dimensions (a whole schedule)
+    are refused: one call gates one block with one probability."""
     if isinstance(p, (bool, np.bool_)) or p is None or isinstance(p, (str, bytes, list, tuple)):
         raise ValueError(
             f"survival_prob must be a float in (0, 1], got {p!r} ({type(p).__name__}); pass one "
             "block's probability, e.g. survival_prob=0.8 (a schedule gives one per block: "
             "sdj.linear_decay(L, 0.5)[l - 1])."
         )
-    if not isinstance(p, (int, float, np.ndarray, np.generic)):
-        return  # traced or device values are the caller's to check
-    values = np.ravel(np.asarray(p, dtype=np.float64))
-    for v in values:
-        if math.isnan(v) or not 0.0 < v <= 1.0:
-            raise ValueError(f"survival_prob must be in (0, 1], got {float(v)!r}.")
+    if (p.ndim if isinstance(p, jax.Array) else np.ndim(p)) > 0:
+        raise ValueError(
+            f"survival_prob must be one block's survival probability (a scalar), got an array "
+            f"of shape {tuple(np.shape(p))}; index the schedule per block, e.g. "
+            "survival_prob=sdj.linear_decay(L, 0.5)[l - 1]."
+        )
+    if not is_concrete(p):
+        return  # traced values are the caller's to check
+    v = float(np.asarray(p, dtype=np.float64))
+    if math.isnan(v) or not 0.0 < v <= 1.0:
+        raise ValueError(f"survival_prob must be in (0, 1], got {v!r}.")
+
+
+def is_concrete(value: Any) -> bool:
+    """True for a value known on the host: a Python or NumPy number or array, or a JAX array
+    that is not traced (e.g. ``jnp.float32(0.9)`` outside ``jit``)."""
+    if isinstance(value, (bool, int, float, np.ndarray, np.generic)):
+        return True
+    return isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) \
+        and value.is_fully_addressable
 
 
 def is_static_one(p: Any) -> bool:
-    """True when ``p`` is a concrete 1.0: such a block never draws a key."""
-    if isinstance(p, (int, float)):
-        return float(p) == 1.0
+    """True when ``p`` is a concrete 1.0 (see :func:`is_concrete`): such a block never draws
+    a key."""
+    if is_concrete(p) and np.ndim(p) == 0 and not isinstance(p, (bool, np.bool_)):
+        return float(np.asarray(p, dtype=np.float64)) == 1.0
     return False
+
+
+def check_gate(gate: Array, mode: str) -> None:
+    """TypeError unless ``gate`` has a form :func:`gated_branch` takes for ``mode``.
+
+    ``'batch'`` takes a bool scalar; ``'sample'`` a bool ``[batch]`` mask or integer subset
+    indices ``[groups, k]``. An integer 0/1 gate (NumPy's binomial draws ints) would be taken
+    for something else, so it is refused with the fix."""
+    dtype = jnp.result_type(gate)
+    if mode == "batch" and (dtype != jnp.bool_ or jnp.ndim(gate)):
+        raise TypeError(
+            f"A mode='batch' gate must be a bool scalar (one per block), got {dtype} of shape "
+            f"{tuple(jnp.shape(gate))}; pass a bool gate, e.g. gate.astype(bool) (for a "
+            "model, gates=gates.astype(bool) with one entry per block).")
+    if mode == "sample" and dtype != jnp.bool_ and not (
+            jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(gate) == 2):
+        raise TypeError(
+            f"A mode='sample' gate must be a bool [batch] mask or int32 subset indices "
+            f"[groups, k] (ops.draw_gate), got {dtype} of shape {tuple(jnp.shape(gate))}; "
+            "for a 0/1 mask pass gate.astype(bool).")
 
 
 def draw_gates(
@@ -399,7 +437,15 @@ def eval_scale(survival_prob: Array, scaling: str) -> Array:
 
 
 def scaled(y: Array, factor: Any) -> Array:
-    """``y * factor`` in ``y``'s dtype (leaf by leaf for a pytree); a static 1 adds no op."""
+    """``y * factor`` in ``y``'s dtype (leaf by leaf for a pytree); a static 1 adds no op.
+
+    Raises TypeError for a non-floating leaf: scaling an integer output by p or 1/p would
+    truncate it."""
+    for v in jax.tree_util.tree_leaves(y):
+        if not jnp.issubdtype(jnp.result_type(v), jnp.inexact):
+            raise TypeError(
+                f"Stochastic depth scales the branch output, which must be floating point, got "
+                f"{jnp.result_type(v)}; cast it in the branch (e.g. return y.astype(jnp.float32)).")
     if isinstance(factor, (int, float)) and factor == 1.0:
         return y
     return jax.tree_util.tree_map(lambda v: v * jnp.asarray(factor, dtype=v.dtype), y)
@@ -453,6 +499,7 @@ def gated_branch(
       ``'sample'``/``'skip'`` only on the subset.
     """
     gate = jnp.asarray(gate)
+    check_gate(gate, mode)
     if mode == "sample" and jnp.issubdtype(gate.dtype, jnp.integer):
         groups, k = gate.shape
         factor = 1.0 if scaling == "test" else (batch_size_of(x, batch_axis) // groups) / k
@@ -517,7 +564,7 @@ def stochastic_depth(
     if deterministic:
         return with_shortcut(scaled(branch(x), eval_scale(survival_prob, scaling)), shortcut)
     if is_static_one(survival_prob):
-        return with_shortcut(branch(x), shortcut)
+        return with_shortcut(scaled(branch(x), 1.0), shortcut)
     if key is None:
         raise ValueError(
             "stochastic_depth needs a PRNG `key` in training (deterministic=False) when "

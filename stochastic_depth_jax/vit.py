@@ -92,7 +92,8 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
     """
     if rule not in DROP_PATH_RULES:
         raise ValueError(f"Unknown drop_path_rule {rule!r}; valid: {sorted(DROP_PATH_RULES)}.")
-    if not (isinstance(rate, (int, float, np.floating)) and 0.0 <= float(rate) < 1.0):
+    if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) or np.ndim(rate) \
+            or not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1) (DeiT-S: 0.1), got {rate!r}.")
     check_positive_int(depth, "depth")
     return DROP_PATH_RULES[rule](int(depth), float(rate))

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import stochastic_depth_jax as sdj
-from stochastic_depth_jax import nnx_layers, ops
+from stochastic_depth_jax import nnx_layers, ops, vit
 
 X = jax.random.normal(jax.random.key(0), (8, 4, 6))
 F = lambda h: jnp.tanh(h) + 1.0  # noqa: E731
@@ -151,3 +151,75 @@ def test_load_linen_params_checks_depth_and_accepts_the_variables_dict():
     gap = nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(1), **{**VIT, "pool": "gap"})
     with pytest.raises(ValueError, match="no counterpart in the NNX ViT|NNX shape"):
         nnx_layers.load_linen_params(gap, variables["params"])
+
+
+def test_a_whole_schedule_as_survival_prob_is_refused_everywhere():
+    probs = sdj.linear_decay(4, 0.5)
+    message = r"one block's survival probability \(a scalar\).*index the schedule per block"
+    with pytest.raises(ValueError, match=message):
+        ops.stochastic_depth(F, X, survival_prob=probs, deterministic=True)
+    with pytest.raises(ValueError, match=message):  # traced, e.g. passed into jit
+        jax.jit(lambda p: ops.stochastic_depth(F, X, survival_prob=p, key=jax.random.key(1)))(
+            jnp.asarray(probs))
+    sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    with pytest.raises(ValueError, match=message):
+        sd.apply(variables, X, deterministic=False, survival_prob=jnp.asarray(probs),
+                 rngs={"stochastic_depth": jax.random.key(1)})
+    with pytest.raises(ValueError, match=message):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), probs)
+    # One block's entry, concrete or traced, works.
+    jax.jit(lambda p: ops.stochastic_depth(F, X, survival_prob=p, key=jax.random.key(1)))(
+        jnp.asarray(probs)[2])
+
+
+def test_an_integer_gate_is_refused_with_the_bool_fix():
+    sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    for gate in (jnp.array(1), np.int64(1)):
+        with pytest.raises(TypeError, match=r"must be a bool scalar.*astype\(bool\)"):
+            sd.apply(variables, X, deterministic=False, gate=gate)
+    with pytest.raises(TypeError, match=r"must be a bool scalar.*astype\(bool\)"):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5)(X, gate=jnp.array(1))
+    with pytest.raises(TypeError, match=r"bool \[batch\] mask.*astype\(bool\)"):
+        ops.gated_branch(F, X, jnp.ones(8, jnp.int32), 0.5, mode="sample")
+    model = sdj.CifarResNet(depth=8, num_classes=3, width=4)
+    images = jnp.zeros((2, 8, 8, 3))
+    model_vars = model.init(jax.random.key(0), images, train=False)
+    with pytest.raises(TypeError, match=r"gates must be bool.*gates\.astype\(bool\)"):
+        model.apply(model_vars, images, train=True, gates=np.array([1, 0, 1]),
+                    mutable=["batch_stats"])
+    # The bool gates the message asks for work.
+    model.apply(model_vars, images, train=True, gates=np.array([1, 0, 1]).astype(bool),
+                mutable=["batch_stats"])
+
+
+def test_an_integer_branch_output_is_refused_not_truncated():
+    ints = jnp.ones((2,), jnp.int32)
+    with pytest.raises(TypeError, match="must be floating point, got int32"):
+        ops.stochastic_depth(lambda h: h * 2, ints, survival_prob=0.8, deterministic=True)
+    with pytest.raises(TypeError, match="must be floating point, got int32"):
+        ops.stochastic_depth(lambda h: h * 2, ints, survival_prob=0.8, key=jax.random.key(0),
+                             scaling="train")
+    y = ops.stochastic_depth(lambda h: h * 2, ints.astype(jnp.float32), survival_prob=0.8,
+                             deterministic=True)
+    np.testing.assert_allclose(y, [1.6, 1.6], rtol=1e-6)
+
+
+@pytest.mark.parametrize("one", [np.float32(1.0), np.float64(1.0), jnp.float32(1.0),
+                                 np.asarray(1.0)])
+def test_a_concrete_one_of_any_scalar_type_draws_no_key(one):
+    np.testing.assert_allclose(ops.stochastic_depth(F, X, survival_prob=one), F(X), rtol=1e-6)
+    sd = nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), one)
+    np.testing.assert_allclose(sd(X), sd(X, deterministic=True), rtol=1e-6)
+
+
+def test_concrete_jax_scalars_are_range_checked_and_accepted_as_rates():
+    with pytest.raises(ValueError, match=r"survival_prob must be in \(0, 1\], got 1\.5"):
+        ops.stochastic_depth(F, X, survival_prob=jnp.float32(1.5), deterministic=True)
+    np.testing.assert_allclose(vit.drop_path_rates(4, jnp.float32(0.1)),
+                               vit.drop_path_rates(4, 0.1), rtol=1e-6)
+    drop = nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), rate=jnp.float32(0.1))
+    assert abs(drop.survival_prob - 0.9) < 1e-6
+    with pytest.raises(ValueError, match="drop_path_rate must be in"):
+        vit.drop_path_rates(4, jnp.float32(1.0))
