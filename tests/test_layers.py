@@ -78,3 +78,40 @@ def test_batchnorm_uses_torch_statistics():
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 2),
                                (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5), rtol=1e-4,
                                atol=1e-5)
+
+
+class SowingBranch(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(5)(x))
+        self.sow("intermediates", "hidden", h)
+        return nn.Dense(5)(h)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_skipping_works_when_the_branch_writes_intermediates(seed):
+    sd = sdj.StochasticDepth(SowingBranch(parent=None), survival_prob=0.5)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    rngs = {"stochastic_depth": jax.random.key(seed)}
+    y, state = sd.apply(variables, X, deterministic=False, rngs=rngs, mutable=["intermediates"])
+    np.testing.assert_allclose(y, sd.apply(variables, X, deterministic=False, rngs=rngs),
+                               rtol=1e-6)
+    assert state["intermediates"]["branch"]["hidden"][0].shape == (6, 5)
+
+
+def test_capture_intermediates_keeps_model_outputs_and_batch_stats():
+    model = sdj.CifarResNet(depth=8, num_classes=3, width=4)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    dropped = 0
+    for seed in range(4):
+        rngs = {"stochastic_depth": jax.random.key(seed)}
+        y, state = model.apply(variables, x, train=True, rngs=rngs, capture_intermediates=True,
+                               mutable=["batch_stats", "intermediates"])
+        y0, state0 = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+        np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                               state["batch_stats"], state0["batch_stats"])
+        dropped += int(np.sum(~np.asarray(state["intermediates"]["gates"][0])))
+        assert len(jax.tree_util.tree_leaves(state["intermediates"])) > 1  # captured calls
+    assert dropped > 0  # some block was skipped, so the statistics check means something

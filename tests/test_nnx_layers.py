@@ -84,7 +84,8 @@ def test_nnx_vit_trains_with_the_stochastic_depth_stream():
     np.testing.assert_array_equal(forward(model, X), forward(model, X))
 
 
-def test_nnx_batch_mode_skip_keeps_batchnorm_stats_when_dropped():
+@pytest.mark.parametrize("implementation", ["skip", "mask"])
+def test_nnx_batch_mode_keeps_batchnorm_stats_when_dropped(implementation):
     bn_rngs = nnx.Rngs(0)
 
     class Branch(nnx.Module):
@@ -95,15 +96,59 @@ def test_nnx_batch_mode_skip_keeps_batchnorm_stats_when_dropped():
             return self.bn(x)
 
     x = X.reshape(8, -1, 3) + 1.0
-    sd = nnx_layers.StochasticDepth(Branch(), 0.5, mode="batch",
+    sd = nnx_layers.StochasticDepth(Branch(), 0.5, mode="batch", implementation=implementation,
                                     rngs=nnx.Rngs(stochastic_depth=0))
     before = np.asarray(sd.branch.bn.mean[...])
     y_closed = sd(x, gate=jnp.bool_(False))
     np.testing.assert_array_equal(y_closed, 0.0)
     np.testing.assert_array_equal(sd.branch.bn.mean[...], before)
+    np.testing.assert_array_equal(sd.branch.bn.var[...], 1.0)
     y_open = sd(x, gate=jnp.bool_(True))
     assert np.abs(np.asarray(y_open)).sum() > 0
     assert not np.array_equal(sd.branch.bn.mean[...], before)
+    # Gates drawn from keys, also under nnx.jit: a dropping key leaves the statistics as they
+    # were, a keeping key updates them.
+    gates = {bool(ops.draw_gate(jax.random.key(s), 0.5)): s for s in range(32)}
+    forward = nnx.jit(lambda m, v, key: m(v, rngs=key))
+    for kept, seed in sorted(gates.items()):
+        before = np.asarray(sd.branch.bn.mean[...])
+        y = forward(sd, x, jax.random.key(seed))
+        assert bool(np.any(np.asarray(y) != 0)) == kept
+        assert (not np.array_equal(sd.branch.bn.mean[...], before)) == kept
+
+
+@pytest.mark.parametrize("mode,implementation,gate", [
+    ("batch", "skip", False), ("batch", "skip", True), ("batch", "mask", False),
+    ("sample", "mask", [True, False] * 4)])
+def test_nnx_gate_at_evaluation_matches_linen(mode, implementation, gate):
+    class LinenBranch(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(3)(x)) + 1.0
+
+    x = X.reshape(8, -1, 3)
+    gate = jnp.asarray(gate)
+    sd_linen = sdj.StochasticDepth(LinenBranch(parent=None), survival_prob=0.5, mode=mode,
+                                   implementation=implementation)
+    params = sd_linen.init(jax.random.key(0), x, deterministic=True)["params"]
+
+    class NnxBranch(nnx.Module):
+        def __init__(self):
+            self.dense = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+            self.dense.kernel[...] = params["branch"]["Dense_0"]["kernel"]
+            self.dense.bias[...] = params["branch"]["Dense_0"]["bias"]
+
+        def __call__(self, v):
+            return jnp.tanh(self.dense(v)) + 1.0
+
+    sd_nnx = nnx_layers.StochasticDepth(NnxBranch(), 0.5, mode=mode,
+                                        implementation=implementation)
+    expected = sd_linen.apply({"params": params}, x, deterministic=True, gate=gate)
+    got = sd_nnx(x, deterministic=True, gate=gate)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    closed = ~np.broadcast_to(np.asarray(gate), (8,))
+    np.testing.assert_array_equal(np.asarray(got)[closed], 0.0)
+    assert np.all(np.asarray(got)[~closed] != 0)
 
 
 def test_drop_path_rate_and_missing_keys_are_clear_errors():
