@@ -264,6 +264,18 @@ def test_compact_mode_trains_like_skipping_on_eight_devices(tmp_path):
         _assert_same_training(compact, state_c, skip, state_s)
 
 
+def test_batch_larger_than_the_training_set_fails_clearly(tmp_path):
+    """An image folder's size is known only once loaded: refused then, nothing left behind."""
+    folder = _learnable_folder(str(tmp_path / "images"), per_class_train=10, per_class_test=2)
+    config = load_config("cifar10:smoke", TINY + [f"--config.dataset=image_folder:{folder}",
+                                                  "--config.validation_size=4"])
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="batch_size=32 is larger than the 16 training "
+                       "examples of image_folder:.*4 held out.*at most 16"):
+        loop.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
 def test_uneven_batch_fails_clearly(tmp_path):
     config = load_config("cifar10:smoke", TINY + ["--config.batch_size=12"])
     with pytest.raises(ValueError, match="batch_size=12 does not divide by the 8 devices"):
