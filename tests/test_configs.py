@@ -136,6 +136,15 @@ def test_none_in_a_config_file_fails_clearly(field):
         config_lib.validate(c)
 
 
+def test_default_workdir_keeps_the_variant():
+    import train
+
+    assert train.default_workdir("cifar10") == "./workdir/cifar10"
+    assert train.default_workdir("cifar10:smoke") == "./workdir/cifar10_smoke"
+    assert train.default_workdir("configs/svhn.py:smoke") == "./workdir/configs_svhn_smoke"
+    assert train.default_workdir("../my exp.py") == "./workdir/my_exp"  # a directory name
+
+
 def test_cli_reports_config_errors():
     for args, expected in (
         (["--config", "nope"], "cifar100"),
