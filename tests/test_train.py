@@ -127,11 +127,29 @@ def test_evaluation_is_bit_identical_and_matches_training_log(trained):
     assert by_step["error"] == metrics.read_metrics(workdir)[2]["val_error"]
 
 
-def test_restart_of_finished_run_does_nothing(trained):
+def test_restart_of_finished_run_does_nothing(trained, capsys):
     config, workdir, summary = trained
-    again = loop.train_and_evaluate(config, workdir)
-    assert again["steps"] == 16 and again["final"] == summary["final"]
-    assert len(metrics.read_metrics(workdir)) == 4
+
+    def outputs():
+        return {name: open(os.path.join(workdir, name), "rb").read()
+                for name in ("summary.json", "run.json", "metrics.jsonl")}
+
+    before = outputs()
+    fewer = config.copy_and_resolve_references()
+    fewer.num_epochs, fewer.lr_boundaries_epochs = 2, (1,)
+    capped = config.copy_and_resolve_references()
+    capped.max_steps = 10
+    for again_config in (config, fewer, capped):
+        capsys.readouterr()
+        again = loop.train_and_evaluate(again_config, workdir)
+        assert again["steps"] == 16 and again["final"] == summary["final"]
+        # The finished run's summary (its compile times) and recorded config stay as they were.
+        assert again == json.loads(before["summary.json"])
+        assert outputs() == before
+        out = capsys.readouterr().out
+        assert re.search(r"Nothing to train: .* already reached step 16 \(epoch 4\)", out), out
+        assert "raise --config.num_epochs" in out
+    assert json.loads(before["run.json"])["config"]["num_epochs"] == 4
 
 
 def test_evaluate_cli_writes_json(trained):

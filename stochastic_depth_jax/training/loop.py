@@ -367,7 +367,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     cache_dir = compilation.cache_dir_for(config.compilation_cache_dir)
     compilation.use_cache_dir(cache_dir)
     with compilation.CompileStats() as stats:
-        summary = _train_and_evaluate(config, workdir)
+        summary, trained = _train_and_evaluate(config, workdir)
+    if not trained:  # A finished run: its summary stays as its training sessions wrote it.
+        return summary
     summary["compilation"] = {**stats.to_json(), "cache_dir": cache_dir or None}
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
@@ -378,10 +380,46 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     return summary
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """The step the run ends at: ``num_epochs`` epochs, or ``max_steps`` if that is fewer."""
+    total = config.num_epochs * steps_per_epoch
+    return min(total, config.max_steps) if config.max_steps else total
+
+
+def _saved_summary(workdir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """A restart of a run that already reached this config's end: says so and returns the
+    saved summary, leaving summary.json and run.json (its recorded config) as they are."""
+    c, spe, step = run.config, run.setup.steps_per_epoch, run.step
+    if jax.process_index() == 0:
+        end = f"num_epochs={c.num_epochs}" + (f", max_steps={c.max_steps}" if c.max_steps else "")
+        print(
+            f"Nothing to train: the run in {run.workdir} already reached step {step} (epoch "
+            f"{step / spe:g}) and {end} ends at step {_total_steps(c, spe)}; its summary.json "
+            "and run.json are left as they are. To train further, raise --config.num_epochs"
+            + (" and --config.max_steps." if c.max_steps else "."),
+            flush=True,
+        )
+    return summary
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        workdir: str) -> tuple[dict[str, Any], bool]:
+    """``(summary, trained)``; ``trained`` is False for a run that had already finished."""
     run, ds = _prepare(config, workdir)
     try:
         _resume_or_init(run, ds.image_shape)
+        if run.step >= _total_steps(config, run.setup.steps_per_epoch):
+            saved = _saved_summary(workdir)  # None: killed before writing it; written below
+            if saved is not None:
+                return _nothing_to_train(run, saved), False
         _write_run_json(run, ds)
         spe = run.setup.steps_per_epoch
         run.writer = metrics_lib.MetricWriter(
@@ -391,7 +429,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             resume_step=run.step,
         )
         with stopping.StopSignals() as run.stop:
-            return _train(run)
+            return _train(run), True
     finally:
         if run.writer is not None:
             run.writer.close()
@@ -412,7 +450,7 @@ def _compile_train_step(run: _Run) -> Callable[..., Any]:
 
 def _train(run: _Run) -> dict[str, Any]:
     c, spe = run.config, run.setup.steps_per_epoch
-    total = c.num_epochs * spe if not c.max_steps else min(c.num_epochs * spe, c.max_steps)
+    total = _total_steps(c, spe)
     t0 = time.perf_counter()
     compiled = _compile_train_step(run) if run.step < total else None
     compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
