@@ -294,6 +294,19 @@ def test_batch_larger_than_the_training_set_fails_clearly(tmp_path):
     assert not workdir.exists()
 
 
+def test_resuming_with_another_model_names_the_changed_fields(tmp_path):
+    """cifar100:smoke in the workdir of a cifar10:smoke run: refused, naming the differences."""
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", TINY + ["--config.max_steps=1"]),
+                            workdir)
+    other = load_config("cifar100:smoke", TINY + ["--config.max_steps=1",
+                                                   "--config.model.depth=14"])
+    with pytest.raises(ValueError, match=r"another structure.*differs from the one run.json "
+                       r"records: dataset: 'cifar10' -> 'cifar100'; model.depth: 8 -> 14\.$"):
+        loop.train_and_evaluate(other, workdir)
+    assert json.load(open(os.path.join(workdir, "run.json")))["config"]["dataset"] == "cifar10"
+
+
 def test_uneven_batch_fails_clearly(tmp_path):
     config = load_config("cifar10:smoke", TINY + ["--config.batch_size=12"])
     with pytest.raises(ValueError, match="batch_size=12 does not divide by the 8 devices"):

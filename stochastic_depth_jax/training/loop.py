@@ -228,6 +228,12 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         return
     try:
         state, meta = run.ckpts.restore("latest", setup_lib.abstract_state(run.setup, image_shape))
+    except checkpoint_lib.IncompatibleCheckpointError as e:
+        changed = _changes_since_run_json(run)
+        if not changed:
+            raise
+        raise checkpoint_lib.IncompatibleCheckpointError(
+            f"{e} This config differs from the one run.json records: {changed}.") from None
     except checkpoint_lib.NoCheckpointError:
         warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting afresh.",
                       logs.RunWarning)
@@ -239,6 +245,21 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
             f"Resuming from step {run.last_good} (epoch {meta['epoch']:.2f}) in {run.workdir}",
             flush=True,
         )
+
+
+def _changes_since_run_json(run: _Run, most: int = 8) -> str:
+    """``'dataset: 'cifar10' -> 'cifar100'; model.depth: 8 -> 14'``: the fields of
+    ``run.config`` that differ from the workdir's run.json ('' if none or unreadable)."""
+    try:
+        with open(os.path.join(run.workdir, evaluate_lib.RUN_FILE)) as f:
+            old = json.load(f).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    changes = config_lib.config_changes(old, json.loads(run.config.to_json()))
+    listed = [f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changes.items()
+              if _has_field(old, k)]
+    more = f"; and {len(listed) - most} more" if len(listed) > most else ""
+    return "; ".join(listed[:most]) + more
 
 
 # What run.json keeps of each earlier session in 'history'.
