@@ -297,8 +297,12 @@ def test_batch_larger_than_the_training_set_fails_clearly(tmp_path):
 def test_resuming_with_another_model_names_the_changed_fields(tmp_path):
     """cifar100:smoke in the workdir of a cifar10:smoke run: refused, naming the differences."""
     workdir = str(tmp_path / "run")
-    loop.train_and_evaluate(load_config("cifar10:smoke", TINY + ["--config.max_steps=1"]),
-                            workdir)
+    summary = loop.train_and_evaluate(
+        load_config("cifar10:smoke", TINY + ["--config.max_steps=1"]), workdir)
+    # Stopped after 1 of 4 steps: labelled as the quarter epoch it is, as its checkpoint.
+    assert [(r["epoch"], r["step"]) for r in metrics.read_metrics(workdir)] == [(0.25, 1)]
+    assert summary["final"]["epoch"] == summary["best"]["epoch"] == 0.25
+    assert evaluate.evaluate_checkpoint(workdir, "latest")["epoch"] == 0.25
     other = load_config("cifar100:smoke", TINY + ["--config.max_steps=1",
                                                    "--config.model.depth=14"])
     with pytest.raises(ValueError, match=r"another structure.*differs from the one run.json "

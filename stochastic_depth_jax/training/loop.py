@@ -186,10 +186,12 @@ def _evaluate(run: _Run) -> dict[str, float]:
 
 def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> dict[str, Any]:
     """Evaluates, records, updates the best checkpoint and saves the latest one."""
-    c, step = run.config, run.step
-    steps_done = step - (epoch - 1) * run.setup.steps_per_epoch
+    c, step, spe = run.config, run.step, run.setup.steps_per_epoch
+    steps_done = step - (epoch - 1) * spe
+    # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
+    label = epoch if steps_done == spe else step / spe
     record = {
-        "epoch": epoch,
+        "epoch": label,
         "step": step,
         "lr": float(run.setup.lr_schedule(step - 1)),
         **_epoch_sums(run),
@@ -205,7 +207,7 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         run.best = {
             "metric": metric,
             "value": record[metric],
-            "epoch": epoch,
+            "epoch": label,
             "step": step,
             **{k: record[k] for k in ("val_error", "test_error") if k in record},
         }
