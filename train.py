@@ -14,6 +14,7 @@ reported in one line ("error: ..."); --debug (or SDJ_DEBUG=1) shows the tracebac
 
 import argparse
 import json
+import re
 import sys
 
 from configs import CONFIGS, load_config
@@ -29,7 +30,9 @@ def parse_args(argv):
     parser.add_argument(
         "--config", required=True, help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke"'
     )
-    parser.add_argument("--workdir", default=None, help="outputs (default ./workdir/<config>)")
+    parser.add_argument(
+        "--workdir", default=None, help="outputs (default ./workdir/<config>[_<variant>])"
+    )
     parser.add_argument(
         "--multihost",
         action="store_true",
@@ -56,6 +59,16 @@ def parse_args(argv):
     return args, overrides
 
 
+def default_workdir(spec):
+    """``./workdir/<config>[_<variant>]``: 'cifar10:smoke' -> ./workdir/cifar10_smoke, so a
+    smoke run and the real run never share a workdir; a config file's path joins the name
+    ('configs/svhn.py' -> ./workdir/configs_svhn), anything but letters, digits, '.', '-'
+    and '_' replaced by '_'."""
+    name, _, variant = spec.partition(":")
+    name = "_".join(filter(None, (name.removesuffix(".py"), variant)))
+    return "./workdir/" + (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run")
+
+
 def run(args, overrides):
     config = load_config(args.config, overrides)
     distributed.initialize(
@@ -68,8 +81,7 @@ def run(args, overrides):
     )
     from stochastic_depth_jax.training import loop  # After initialize: touches devices.
 
-    name = args.config.split(":")[0].removesuffix(".py").replace("/", "_")
-    summary = loop.train_and_evaluate(config, args.workdir or f"./workdir/{name}")
+    summary = loop.train_and_evaluate(config, args.workdir or default_workdir(args.config))
     print(json.dumps({"final": summary["final"], "best": summary["best"]}, indent=2))
 
 

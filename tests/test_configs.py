@@ -90,6 +90,23 @@ def test_path_form_and_overrides():
         ("cifar10", ["--config.dataset=mnist"], "dataset='mnist'.*image_folder"),
         ("cifar10", ["--config.train_on_all=true"], "select_best_by"),
         ("cifar10", ["--config.select_best_by=loss"], "select_best_by.*validation"),
+        # None empties only a field that may be empty: a count, rate or tuple may not.
+        ("cifar10", ["--config.num_epochs=None"], "'num_epochs'.*cannot be empty.*500"),
+        ("cifar10", ["--config.lr_decay_factor=None"], "'lr_decay_factor'.*cannot be empty"),
+        ("cifar10", ["--config.label_smoothing=none"], "'label_smoothing'.*cannot be empty"),
+        ("cifar10", ["--config.adam_b1=null"], "'adam_b1'.*cannot be empty"),
+        ("cifar10", ["--config.lr_boundaries_epochs=None"], "'lr_boundaries_epochs'.*empty"),
+        ("cifar10_vit", ["--config.batch_size=None"], "'batch_size'.*cannot be empty"),
+        ("cifar10", ["--config.model.depth=None"], "'model.depth'.*cannot be empty"),
+        # num_epochs is checked before the fields compared against it (warmup_epochs).
+        ("cifar10", ["--config.num_epochs=0"], "num_epochs=0 must be an integer >= 1"),
+        ("cifar10_vit", ["--config.num_epochs=-1"], "num_epochs=-1 must be an integer >= 1"),
+        # 160 fake images less 32 for validation: refused before any data is written.
+        ("cifar10:smoke", ["--config.batch_size=256"],
+         "batch_size=256 is larger than the 128 training examples.*at most 128"),
+        ("cifar100:smoke", ["--config.batch_size=150", "--config.validation_size=0.5",
+                            "--config.select_best_by=test"],
+         "batch_size=150 is larger than the 80 training examples"),
     ],
 )
 def test_bad_configs_fail_clearly(spec, overrides, match):
@@ -97,10 +114,42 @@ def test_bad_configs_fail_clearly(spec, overrides, match):
         load_config(spec, overrides)
 
 
+def test_none_still_empties_optional_fields():
+    c = load_config("cifar10", ["--config.model.scan=None", "--config.validation_size=None",
+                                "--config.data_dir=None"])
+    assert c.model.scan is None and c.validation_size is None and c.data_dir is None
+    c = load_config("cifar10_vit:smoke", ["--config.model.width=None"])  # from model.size
+    assert c.model.width is None
+    c = load_config("cifar10_convnext", ["--config.model.layer_scale_init=None"])
+    assert c.model.layer_scale_init is None
+    # A batch that fits the fake training set exactly is accepted.
+    assert load_config("cifar10:smoke", ["--config.batch_size=128"]).batch_size == 128
+
+
+@pytest.mark.parametrize("field", ["lr_decay_factor", "label_smoothing", "adam_b2",
+                                   "lr_boundaries_epochs", "num_epochs"])
+def test_none_in_a_config_file_fails_clearly(field):
+    """A config file (not an override) that sets a required field to None."""
+    c = load_config("cifar10")
+    c[field] = None
+    with pytest.raises(ValueError, match=f"{field}=None"):
+        config_lib.validate(c)
+
+
+def test_default_workdir_keeps_the_variant():
+    import train
+
+    assert train.default_workdir("cifar10") == "./workdir/cifar10"
+    assert train.default_workdir("cifar10:smoke") == "./workdir/cifar10_smoke"
+    assert train.default_workdir("configs/svhn.py:smoke") == "./workdir/configs_svhn_smoke"
+    assert train.default_workdir("../my exp.py") == "./workdir/my_exp"  # a directory name
+
+
 def test_cli_reports_config_errors():
     for args, expected in (
         (["--config", "nope"], "cifar100"),
         (["--config", "cifar10", "--config.nope=1"], "Valid fields"),
+        (["--config", "cifar10", "--config.num_epochs=None"], "'num_epochs'"),
     ):
         out = subprocess.run(
             [sys.executable, "train.py", *args],
@@ -109,7 +158,8 @@ def test_cli_reports_config_errors():
             text=True,
             timeout=120,
         )
-        assert out.returncode != 0 and expected in out.stderr, out.stderr[-2000:]
+        assert out.returncode == 1 and expected in out.stderr, out.stderr[-2000:]
+        assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
 
 
 def test_step_schedule_divides_at_epoch_boundaries():

@@ -127,11 +127,29 @@ def test_evaluation_is_bit_identical_and_matches_training_log(trained):
     assert by_step["error"] == metrics.read_metrics(workdir)[2]["val_error"]
 
 
-def test_restart_of_finished_run_does_nothing(trained):
+def test_restart_of_finished_run_does_nothing(trained, capsys):
     config, workdir, summary = trained
-    again = loop.train_and_evaluate(config, workdir)
-    assert again["steps"] == 16 and again["final"] == summary["final"]
-    assert len(metrics.read_metrics(workdir)) == 4
+
+    def outputs():
+        return {name: open(os.path.join(workdir, name), "rb").read()
+                for name in ("summary.json", "run.json", "metrics.jsonl")}
+
+    before = outputs()
+    fewer = config.copy_and_resolve_references()
+    fewer.num_epochs, fewer.lr_boundaries_epochs = 2, (1,)
+    capped = config.copy_and_resolve_references()
+    capped.max_steps = 10
+    for again_config in (config, fewer, capped):
+        capsys.readouterr()
+        again = loop.train_and_evaluate(again_config, workdir)
+        assert again["steps"] == 16 and again["final"] == summary["final"]
+        # The finished run's summary (its compile times) and recorded config stay as they were.
+        assert again == json.loads(before["summary.json"])
+        assert outputs() == before
+        out = capsys.readouterr().out
+        assert re.search(r"Nothing to train: .* already reached step 16 \(epoch 4\)", out), out
+        assert "raise --config.num_epochs" in out
+    assert json.loads(before["run.json"])["config"]["num_epochs"] == 4
 
 
 def test_evaluate_cli_writes_json(trained):
@@ -262,6 +280,35 @@ def test_compact_mode_trains_like_skipping_on_eight_devices(tmp_path):
         compact, state_c = _per_step_losses(
             load_config("cifar10:smoke", deep + [knob]), str(tmp_path), mesh)
         _assert_same_training(compact, state_c, skip, state_s)
+
+
+def test_batch_larger_than_the_training_set_fails_clearly(tmp_path):
+    """An image folder's size is known only once loaded: refused then, nothing left behind."""
+    folder = _learnable_folder(str(tmp_path / "images"), per_class_train=10, per_class_test=2)
+    config = load_config("cifar10:smoke", TINY + [f"--config.dataset=image_folder:{folder}",
+                                                  "--config.validation_size=4"])
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="batch_size=32 is larger than the 16 training "
+                       "examples of image_folder:.*4 held out.*at most 16"):
+        loop.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_resuming_with_another_model_names_the_changed_fields(tmp_path):
+    """cifar100:smoke in the workdir of a cifar10:smoke run: refused, naming the differences."""
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(
+        load_config("cifar10:smoke", TINY + ["--config.max_steps=1"]), workdir)
+    # Stopped after 1 of 4 steps: labelled as the quarter epoch it is, as its checkpoint.
+    assert [(r["epoch"], r["step"]) for r in metrics.read_metrics(workdir)] == [(0.25, 1)]
+    assert summary["final"]["epoch"] == summary["best"]["epoch"] == 0.25
+    assert evaluate.evaluate_checkpoint(workdir, "latest")["epoch"] == 0.25
+    other = load_config("cifar100:smoke", TINY + ["--config.max_steps=1",
+                                                   "--config.model.depth=14"])
+    with pytest.raises(ValueError, match=r"another structure.*differs from the one run.json "
+                       r"records: dataset: 'cifar10' -> 'cifar100'; model.depth: 8 -> 14\.$"):
+        loop.train_and_evaluate(other, workdir)
+    assert json.load(open(os.path.join(workdir, "run.json")))["config"]["dataset"] == "cifar10"
 
 
 def test_uneven_batch_fails_clearly(tmp_path):

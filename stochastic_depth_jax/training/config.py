@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from stochastic_depth_jax import convnext, errors, layers, models, ops, schedules, vit
+from stochastic_depth_jax.data import splits
 from stochastic_depth_jax.training import implementation, optim
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "validate",
     "field_names",
     "config_changes",
+    "check_batch_fits",
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -105,6 +107,19 @@ def _parse(text: str, field_type: Any, current: Any = None) -> Any:
         return text
 
 
+# Fields that hold a value by default yet accept None (their validators say what None means).
+NULLABLE_FIELDS = ("model.layer_scale_init",)
+
+
+def _may_be_empty(node: ml_collections.ConfigDict, leaf: str, key: str) -> bool:
+    """Whether field ``leaf`` of ``node`` (dotted name ``key``) may hold None: a placeholder
+    (declared with ``config_dict.placeholder``, empty by default), a field that is None now
+    (untyped), or one of ``NULLABLE_FIELDS``."""
+    field = node._fields[leaf]  # noqa: SLF001  The placeholder is only visible here.
+    return (isinstance(field, ml_collections.FieldReference) or node[leaf] is None
+            or key in NULLABLE_FIELDS)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
     """Applies ``'--config.a.b=value'`` (or ``'a.b=value'``) overrides in place.
 
@@ -125,7 +140,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         for p in parents:
             node = node[p]
         try:
-            node[leaf] = _parse(text, node.get_type(leaf), node[leaf])
+            value = _parse(text, node.get_type(leaf), node[leaf])
+            if value is None and not _may_be_empty(node, leaf, key):
+                raise ValueError(
+                    f"the field cannot be empty (None empties only an optional field); give "
+                    f"a value, like the current {node[leaf]!r}"
+                )
+            node[leaf] = value
         except (ValueError, TypeError, SyntaxError) as e:
             raise errors.ConfigError(
                 f"Bad value {text!r} for config field {key!r} "
@@ -274,17 +295,21 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
         _finite(c.weight_decay) and c.weight_decay >= 0,
         f"weight_decay={c.weight_decay!r} must be a finite number >= 0",
     )
-    _check(0 < c.lr_decay_factor <= 1, f"lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]")
+    _check(_finite(c.lr_decay_factor) and 0 < c.lr_decay_factor <= 1,
+           f"lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]")
     _check(isinstance(c.warmup_epochs, int) and 0 <= c.warmup_epochs < c.num_epochs,
            f"warmup_epochs={c.warmup_epochs!r} must be an integer in [0, num_epochs)")
-    _check(0.0 <= c.label_smoothing < 1.0,
+    _check(_finite(c.label_smoothing) and 0.0 <= c.label_smoothing < 1.0,
            f"label_smoothing={c.label_smoothing!r} must be in [0, 1) (DeiT: 0.1)")
-    _check(0.0 <= c.adam_b1 < 1.0 and 0.0 <= c.adam_b2 < 1.0,
+    _check(_finite(c.adam_b1) and _finite(c.adam_b2)
+           and 0.0 <= c.adam_b1 < 1.0 and 0.0 <= c.adam_b2 < 1.0,
            f"adam_b1={c.adam_b1!r}, adam_b2={c.adam_b2!r} must be in [0, 1)")
-    b = list(c.lr_boundaries_epochs)
+    b = c.lr_boundaries_epochs
     _check(
-        all(isinstance(e, int) and e > 0 for e in b) and b == sorted(set(b)),
-        f"lr_boundaries_epochs={tuple(b)!r} must be increasing positive integers (epochs)",
+        isinstance(b, (tuple, list))
+        and all(isinstance(e, int) and e > 0 for e in b) and list(b) == sorted(set(b)),
+        f"lr_boundaries_epochs={b!r} must be increasing positive integers (epochs; () for "
+        "none)",
     )
 
 
@@ -328,14 +353,38 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
             v < fake,
             f"validation_size={v} must be smaller than fake_data.num_train={fake}",
         )
+    if fake and not ds.startswith("image_folder:"):
+        _check_fake_batch(config)
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every field; returns ``config`` or raises ``errors.ConfigError`` (a
-    ``ValueError``) naming the field, its value and the valid values."""
-    _validate_data(config)
-    _validate_model(config)
-    _validate_optim(config)
+def _check_fake_batch(config: ml_collections.ConfigDict) -> None:
+    """A batch larger than the fake training set, refused before any data is written (the
+    loaded data is checked again: ``check_batch_fits``)."""
+    f, v = config.fake_data, config.validation_size
+    if config.dataset == "svhn":  # train + extra, less a per-class holdout: a bound
+        available, why = f.num_train + f.num_extra, "fake_data.num_train + num_extra"
+    elif config.train_on_all:
+        available, why = f.num_train, "fake_data.num_train"
+    else:
+        held = splits.resolve_count(splits.CIFAR_VALIDATION_FRACTION if v is None else v,
+                                    f.num_train)
+        available = f.num_train - held
+        why = f"fake_data.num_train={f.num_train} less validation_size={held}"
+    check_batch_fits(config.batch_size, available, f"fake {config.dataset} data ({why})")
+
+
+def check_batch_fits(batch_size: int, num_train: int, what: str) -> None:
+    """Refuses a ``batch_size`` larger than the ``num_train`` training examples of ``what``
+    (not one full batch an epoch)."""
+    _check(
+        batch_size <= num_train,
+        f"batch_size={batch_size} is larger than the {num_train} training examples of {what}: "
+        f"lower --config.batch_size to at most {num_train}",
+    )
+
+
+def _validate_counts(config: ml_collections.ConfigDict) -> None:
+    """The integer counts (batch sizes, epochs, intervals)."""
     for field in (
         "batch_size",
         "eval_batch_size",
@@ -355,6 +404,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     for field, n in config.fake_data.items():
         _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field; returns ``config`` or raises ``errors.ConfigError`` (a
+    ``ValueError``) naming the field, its value and the valid values."""
+    _validate_counts(config)  # First: the other checks compare against them.
+    _validate_data(config)
+    _validate_model(config)
+    _validate_optim(config)
     _check(
         isinstance(config.compilation_cache_dir, str),
         f"compilation_cache_dir={config.compilation_cache_dir!r} must be 'auto', a path or '' "

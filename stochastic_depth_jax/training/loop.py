@@ -186,10 +186,12 @@ def _evaluate(run: _Run) -> dict[str, float]:
 
 def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> dict[str, Any]:
     """Evaluates, records, updates the best checkpoint and saves the latest one."""
-    c, step = run.config, run.step
-    steps_done = step - (epoch - 1) * run.setup.steps_per_epoch
+    c, step, spe = run.config, run.step, run.setup.steps_per_epoch
+    steps_done = step - (epoch - 1) * spe
+    # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
+    label = epoch if steps_done == spe else step / spe
     record = {
-        "epoch": epoch,
+        "epoch": label,
         "step": step,
         "lr": float(run.setup.lr_schedule(step - 1)),
         **_epoch_sums(run),
@@ -205,7 +207,7 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         run.best = {
             "metric": metric,
             "value": record[metric],
-            "epoch": epoch,
+            "epoch": label,
             "step": step,
             **{k: record[k] for k in ("val_error", "test_error") if k in record},
         }
@@ -228,6 +230,12 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         return
     try:
         state, meta = run.ckpts.restore("latest", setup_lib.abstract_state(run.setup, image_shape))
+    except checkpoint_lib.IncompatibleCheckpointError as e:
+        changed = _changes_since_run_json(run)
+        if not changed:
+            raise
+        raise checkpoint_lib.IncompatibleCheckpointError(
+            f"{e} This config differs from the one run.json records: {changed}.") from None
     except checkpoint_lib.NoCheckpointError:
         warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting afresh.",
                       logs.RunWarning)
@@ -239,6 +247,21 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
             f"Resuming from step {run.last_good} (epoch {meta['epoch']:.2f}) in {run.workdir}",
             flush=True,
         )
+
+
+def _changes_since_run_json(run: _Run, most: int = 8) -> str:
+    """``'dataset: 'cifar10' -> 'cifar100'; model.depth: 8 -> 14'``: the fields of
+    ``run.config`` that differ from the workdir's run.json ('' if none or unreadable)."""
+    try:
+        with open(os.path.join(run.workdir, evaluate_lib.RUN_FILE)) as f:
+            old = json.load(f).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    changes = config_lib.config_changes(old, json.loads(run.config.to_json()))
+    listed = [f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changes.items()
+              if _has_field(old, k)]
+    more = f"; and {len(listed) - most} more" if len(listed) > most else ""
+    return "; ".join(listed[:most]) + more
 
 
 # What run.json keeps of each earlier session in 'history'.
@@ -367,7 +390,9 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     cache_dir = compilation.cache_dir_for(config.compilation_cache_dir)
     compilation.use_cache_dir(cache_dir)
     with compilation.CompileStats() as stats:
-        summary = _train_and_evaluate(config, workdir)
+        summary, trained = _train_and_evaluate(config, workdir)
+    if not trained:  # A finished run: its summary stays as its training sessions wrote it.
+        return summary
     summary["compilation"] = {**stats.to_json(), "cache_dir": cache_dir or None}
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
@@ -378,10 +403,46 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     return summary
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """The step the run ends at: ``num_epochs`` epochs, or ``max_steps`` if that is fewer."""
+    total = config.num_epochs * steps_per_epoch
+    return min(total, config.max_steps) if config.max_steps else total
+
+
+def _saved_summary(workdir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """A restart of a run that already reached this config's end: says so and returns the
+    saved summary, leaving summary.json and run.json (its recorded config) as they are."""
+    c, spe, step = run.config, run.setup.steps_per_epoch, run.step
+    if jax.process_index() == 0:
+        end = f"num_epochs={c.num_epochs}" + (f", max_steps={c.max_steps}" if c.max_steps else "")
+        print(
+            f"Nothing to train: the run in {run.workdir} already reached step {step} (epoch "
+            f"{step / spe:g}) and {end} ends at step {_total_steps(c, spe)}; its summary.json "
+            "and run.json are left as they are. To train further, raise --config.num_epochs"
+            + (" and --config.max_steps." if c.max_steps else "."),
+            flush=True,
+        )
+    return summary
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        workdir: str) -> tuple[dict[str, Any], bool]:
+    """``(summary, trained)``; ``trained`` is False for a run that had already finished."""
     run, ds = _prepare(config, workdir)
     try:
         _resume_or_init(run, ds.image_shape)
+        if run.step >= _total_steps(config, run.setup.steps_per_epoch):
+            saved = _saved_summary(workdir)  # None: killed before writing it; written below
+            if saved is not None:
+                return _nothing_to_train(run, saved), False
         _write_run_json(run, ds)
         spe = run.setup.steps_per_epoch
         run.writer = metrics_lib.MetricWriter(
@@ -391,7 +452,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             resume_step=run.step,
         )
         with stopping.StopSignals() as run.stop:
-            return _train(run)
+            return _train(run), True
     finally:
         if run.writer is not None:
             run.writer.close()
@@ -412,7 +473,7 @@ def _compile_train_step(run: _Run) -> Callable[..., Any]:
 
 def _train(run: _Run) -> dict[str, Any]:
     c, spe = run.config, run.setup.steps_per_epoch
-    total = c.num_epochs * spe if not c.max_steps else min(c.num_epochs * spe, c.max_steps)
+    total = _total_steps(c, spe)
     t0 = time.perf_counter()
     compiled = _compile_train_step(run) if run.step < total else None
     compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
