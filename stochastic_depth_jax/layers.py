@@ -217,19 +217,13 @@ class StochasticDepth(nn.Module):
             gate = ops.draw_gate(gate_rng(self, self.rng_collection), p, mode=self.mode,
                                  implementation=self.implementation, batch_size=batch,
                                  groups=self.groups)
-        ops.check_gate(gate, self.mode)
+        ops.check_gate(gate, self.mode, deterministic)
         if self.mode == "sample" and not deterministic:
             # Subset gather/scatter (or add into the shortcut) or mask: the op's one
             # implementation.
             return ops.gated_branch(lambda v: call(self, v), x, gate, p, mode=self.mode,
                                     scaling=self.scaling, implementation=self.implementation,
                                     shortcut=shortcut, batch_axis=self.batch_axis)
-        if jnp.issubdtype(jnp.asarray(gate).dtype, jnp.integer):
-            raise ValueError(
-                "StochasticDepth got subset indices as gate with deterministic=True; subsets "
-                "are training gates. For a fixed sub-network at evaluation pass a bool gate "
-                "(a scalar, or [batch] with mode='sample'), or no gate."
-            )
         # A gated evaluation keeps the evaluation scale on the blocks it runs.
         scale = ops.eval_scale if deterministic else ops.train_scale
         factor = scale(p, self.scaling)

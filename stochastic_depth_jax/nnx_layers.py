@@ -152,17 +152,11 @@ class StochasticDepth(nnx.Module):
             batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
                                  batch_size=batch, groups=self.groups)
-        ops.check_gate(gate, self.mode)
+        ops.check_gate(gate, self.mode, deterministic)
         if self.mode == "sample" and not deterministic:
             return ops.gated_branch(lambda v: run(self.branch, v), x, gate, p, mode=self.mode,
                                     scaling=self.scaling, implementation=self.implementation,
                                     shortcut=shortcut, batch_axis=self.batch_axis)
-        if jnp.issubdtype(jnp.asarray(gate).dtype, jnp.integer):
-            raise ValueError(
-                "StochasticDepth got subset indices as gate with deterministic=True; subsets "
-                "are training gates. For a fixed sub-network at evaluation pass a bool gate "
-                "(a scalar, or [batch] with mode='sample'), or no gate."
-            )
         # A gated evaluation keeps the evaluation scale on the blocks it runs (as Linen).
         scale = ops.eval_scale if deterministic else ops.train_scale
         factor = scale(p, self.scaling)

@@ -126,12 +126,13 @@ def is_static_one(p: Any) -> bool:
     return False
 
 
-def check_gate(gate: Array, mode: str) -> None:
+def check_gate(gate: Array, mode: str, deterministic: bool = False) -> None:
     """TypeError unless ``gate`` has a form :func:`gated_branch` takes for ``mode``.
 
     ``'batch'`` takes a bool scalar; ``'sample'`` a bool ``[batch]`` mask or integer subset
     indices ``[groups, k]``. An integer 0/1 gate (NumPy's binomial draws ints) would be taken
-    for something else, so it is refused with the fix."""
+    for something else, so it is refused with the fix. With ``deterministic`` (a gated
+    evaluation) subset indices are refused too: they are training gates."""
     dtype = jnp.result_type(gate)
     if mode == "batch" and (dtype != jnp.bool_ or jnp.ndim(gate)):
         raise TypeError(
@@ -144,6 +145,12 @@ def check_gate(gate: Array, mode: str) -> None:
             f"A mode='sample' gate must be a bool [batch] mask or int32 subset indices "
             f"[groups, k] (ops.draw_gate), got {dtype} of shape {tuple(jnp.shape(gate))}; "
             "for a 0/1 mask pass gate.astype(bool).")
+    if deterministic and jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            "StochasticDepth got subset indices as gate with deterministic=True; subsets "
+            "are training gates. For a fixed sub-network at evaluation pass a bool gate "
+            "(a scalar, or [batch] with mode='sample'), or no gate."
+        )
 
 
 def draw_gates(
