@@ -11,8 +11,9 @@ finished runs and resumes interrupted ones; a run recorded with another config i
 <root>/figures: fig8_error_vs_p_last.png (test error of the best-by-validation epoch vs p_L,
 one line per depth), fig7_first_conv_grad.png (first-conv gradient magnitude per epoch,
 constant vs stochastic depth) and training_time.md; each names the runs it came from.
-Any --config.<field>=<value> override applies to every run. Mistakes are reported in one
-line; --debug (or SDJ_DEBUG=1) shows the traceback.
+Any --config.<field>=<value> override applies to every run, except model.depth and
+model.final_survival_prob, which --depths and --p-last set (overriding them is refused).
+Mistakes are reported in one line; --debug (or SDJ_DEBUG=1) shows the traceback.
 """
 
 import argparse
@@ -66,6 +67,7 @@ def run(args, overrides):
 
     names = None
     if not args.collect:
+        sweep.check_overrides(overrides)
         sweep.require_sweepable(load_config(args.config, overrides))
         runs = [(name, load_config(args.config, overrides + extra))
                 for name, extra in sweep.plan(args.depths, args.p_last)]

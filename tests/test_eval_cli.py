@@ -204,6 +204,17 @@ def test_sweep_extends_a_longer_run_and_ignores_logging_fields(resnet):
     assert trained == [(3, os.path.join(root, NAME))]
 
 
+@pytest.mark.parametrize("override, flag", [
+    ("--config.model.final_survival_prob=0.2", "--p-last"),
+    ("--config.model.depth=20", "--depths"),
+])
+def test_sweep_refuses_an_override_of_a_swept_field(capsys, tmp_path, override, flag):
+    root = str(tmp_path / "swept")
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(root, override))
+    assert f"{override!r} would be replaced in every run" in line and flag in line
+    assert not os.path.exists(root)
+
+
 def test_sweep_collect_without_the_root_is_one_line(capsys, tmp_path):
     missing = str(tmp_path / "does-not-exist")
     line = one_line_error(capsys, sweep_cli.main, ["--root", missing, "--collect"])

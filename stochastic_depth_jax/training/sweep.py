@@ -32,6 +32,7 @@ from stochastic_depth_jax.training import metrics as metrics_lib
 __all__ = [
     "run_name",
     "plan",
+    "check_overrides",
     "is_finished",
     "require_sweepable",
     "check_same_config",
@@ -48,6 +49,28 @@ SUMMARY_FILE = loop_lib.SUMMARY_FILE
 def run_name(depth: int, p_last: float) -> str:
     """The workdir name of one run: ``depth<d>_pL<p>`` (``p`` as ``%g``: 0.5, 1)."""
     return f"depth{int(depth)}_pL{float(p_last):g}"
+
+
+# The config fields each run's overrides set, and the sweep flag that chooses them.
+SWEPT_FIELDS = {"model.depth": "--depths", "model.final_survival_prob": "--p-last"}
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuses a ``--config.`` override of a field the sweep sets per run.
+
+    :func:`plan` appends each run's ``model.depth`` and ``model.final_survival_prob`` after
+    the user's overrides, so an override of either would be silently replaced.
+
+    Raises:
+      errors.ConfigError: naming the field and the sweep flag that chooses it.
+    """
+    for item in overrides:
+        field = item.removeprefix("--").removeprefix("config.").partition("=")[0]
+        if field in SWEPT_FIELDS:
+            raise errors.ConfigError(
+                f"{item!r} would be replaced in every run: the sweep sets {field} from "
+                f"{SWEPT_FIELDS[field]}; drop the override and list the values in "
+                f"{SWEPT_FIELDS[field]}.")
 
 
 def plan(depths: Sequence[int], p_lasts: Sequence[float]) -> list[tuple[str, list[str]]]:
