@@ -10,12 +10,14 @@ file may list the args it accepts in ``VARIANTS`` (default: ``(None, 'smoke')``)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import pkgutil
+import traceback
 from types import ModuleType
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import ml_collections
 
@@ -33,15 +35,47 @@ CONFIGS: dict[str, str] = {
 VARIANTS = (None, "smoke")
 
 
+@contextlib.contextmanager
+def _user_file(path: str) -> Iterator[None]:
+    """Reports an exception raised by the code of config file ``path`` in one line.
+
+    A syntax error names its line; any other exception names its type, message and the
+    file's innermost line in the traceback (``--debug`` keeps the whole traceback, as the
+    ``ConfigError`` chains it).
+    """
+    try:
+        yield
+    except SyntaxError as e:
+        text = f": {e.text.strip()!r}" if e.text and e.text.strip() else ""
+        raise errors.ConfigError(
+            f"Config file {path!r} has a syntax error at line {e.lineno} ({e.msg}){text}; "
+            "fix the file.") from e
+    except errors.Error:
+        raise
+    except Exception as e:  # noqa: BLE001  The user's own code: reported with its location.
+        target = os.path.abspath(path)
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+                 if os.path.abspath(f.filename) == target]
+        where = f" at line {lines[-1]}" if lines else ""
+        raise errors.ConfigError(
+            f"Config file {path!r} raised {type(e).__name__}{where}: {e}; fix the file "
+            "(--debug shows the traceback).") from e
+
+
 def _config_module(name: str) -> ModuleType:
     if name in CONFIGS:
         return importlib.import_module(CONFIGS[name])
-    if name.endswith(".py") and os.path.isfile(name):
+    if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise errors.ConfigError(
+                f"Config file {name!r} does not exist; give an existing .py file defining "
+                f"get_config, or one of the registered configs {sorted(CONFIGS)}.")
         spec = importlib.util.spec_from_file_location(
             "sd_config_" + os.path.basename(name)[:-3], name
         )
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        with _user_file(name):
+            spec.loader.exec_module(module)
         if not callable(getattr(module, "get_config", None)):
             raise errors.ConfigError(f"Config file {name!r} defines no get_config(arg=None).")
         return module
@@ -74,7 +108,11 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             f"Unknown variant {arg!r} of config {name!r}; valid: "
             f"{[v for v in variants if v is not None]} (or none)."
         )
-    config = module.get_config(arg)
+    if name in CONFIGS:
+        config = module.get_config(arg)
+    else:
+        with _user_file(name):
+            config = module.get_config(arg)
     config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
     return config

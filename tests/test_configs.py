@@ -13,6 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
 
+from cli_output import one_line_error  # noqa: E402
 from configs import CONFIGS, load_config  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import optim  # noqa: E402
@@ -160,6 +161,41 @@ def test_cli_reports_config_errors():
         )
         assert out.returncode == 1 and expected in out.stderr, out.stderr[-2000:]
         assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("def get_config(arg=None)\n    return None\n",
+     "has a syntax error at line 1 (expected ':'): 'def get_config(arg=None)'; fix the file."),
+    ("import ml_collections\n\ndef get_config(arg=None):\n    return ml_collections.nope()\n",
+     "raised AttributeError at line 4: module 'ml_collections' has no attribute 'nope'"),
+    ("import no_such_module_here\n",
+     "raised ModuleNotFoundError at line 1: No module named 'no_such_module_here'"),
+])
+def test_a_broken_config_file_is_one_line_naming_its_line(capsys, tmp_path, source, expected):
+    import train
+
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    with pytest.raises(ValueError, match="Config file") as info:
+        load_config(str(path))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value.__cause__, (SyntaxError, AttributeError, ImportError))
+    line = one_line_error(capsys, train.main, ["--config", f"{path}:smoke"])
+    assert expected in line
+
+
+def test_a_missing_config_file_says_so():
+    with pytest.raises(ValueError, match="Config file 'nope/mine.py' does not exist; give an "
+                       "existing .py file defining get_config, or one of the registered"):
+        load_config("nope/mine.py")
+
+
+def test_a_config_files_own_config_error_passes_through(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text("from stochastic_depth_jax import errors\n\ndef get_config(arg=None):\n"
+                    "    raise errors.ConfigError('mine needs a dataset')\n")
+    with pytest.raises(ValueError, match="^mine needs a dataset$"):
+        load_config(str(path))
 
 
 def test_step_schedule_divides_at_epoch_boundaries():
