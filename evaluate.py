@@ -6,16 +6,18 @@
   python evaluate.py --workdir W --depth-curve --order survival    # prune: error vs speed
   python evaluate.py --workdir W --export /tmp/pruned --remove 20  # save a pruned model
   python evaluate.py --workdir W --mc-samples 10                   # Monte-Carlo depth
+  python evaluate.py --workdir W --data-dir /new/place/of/the/data  # the data moved
 
 Every block is active and its residual scaled (train=False); the result is printed and
 written to <workdir>/eval_<checkpoint>_<split>.json (<checkpoint>: best, latest or
 step<N>). The same checkpoint always gives bit-identical numbers. If the requested
 checkpoint is unreadable, the next one (for 'best': the next best by the selection metric)
 is evaluated, the output says so in "note", and the file is named by the step evaluated,
-never 'best' or 'latest'. The depth flags need a CIFAR ResNet / WideResNet run, one of
-them per command; --export needs a new or empty DIR. Mistakes (no such run or step,
-unwritable output, flags that would be ignored) are reported in one line; --debug (or
-SDJ_DEBUG=1) shows the traceback.
+never 'best' or 'latest'. --data-dir reads a moved dataset, which must match what the run
+recorded in run.json (sizes, shape, classes, channel statistics). The depth flags need a
+CIFAR ResNet / WideResNet run, one of them per command; --export needs a new or empty DIR.
+Mistakes (no such run or step, unwritable output, flags that would be ignored, other data)
+are reported in one line; --debug (or SDJ_DEBUG=1) shows the traceback.
 """
 
 import argparse
@@ -36,6 +38,9 @@ def parse_args(argv):
     parser.add_argument("--split", default=None, choices=("test", "validation"),
                         help="(default: test)")
     parser.add_argument("--output", default=None, help="JSON path (default in the workdir)")
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="where the run's dataset is now, if it moved (tfds data_dir, or "
+                             "the root of an image_folder dataset); it must be the same data")
     parser.add_argument("--multihost", action="store_true")
     depth.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
@@ -65,7 +70,8 @@ def run(args) -> dict:
 
     analysis = depth.run_from_args(args)  # --depth-curve / --export / --mc-samples
     if analysis is None:
-        result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split)
+        result = evaluate.evaluate_checkpoint(args.workdir, args.checkpoint, args.split,
+                                              data_dir=args.data_dir)
         label = evaluate.result_label(args.checkpoint, result)
         default = os.path.join(args.workdir, f"eval_{label}_{args.split}.json")
     else:

@@ -167,6 +167,73 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
     assert old_model == model and "input" not in old_meta and old_meta["removed"] == [2]
 
 
+# ---- evaluate.py --data-dir: the run's data moved --------------------------------------------
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory):
+    """``(workdir, new data_dir, result before the move)``: a 1-epoch run on a tfds dataset
+    in its own data_dir, which is then moved elsewhere."""
+    base = tmp_path_factory.mktemp("moved")
+    old_dir, new_dir = str(base / "data"), str(base / "data_now")
+    sdj.data.testing.make_tfds_dataset("cifar10", old_dir, num_train=48, num_test=16, seed=3)
+    workdir = str(base / "run")
+    config = load_config("cifar10:smoke", TINY + [
+        "--config.num_epochs=1", "--config.fake_data.num_train=0", "--config.download=false",
+        f"--config.data_dir={old_dir}"])
+    loop.train_and_evaluate(config, workdir)
+    before = evaluate_cli.run(evaluate_cli.parse_args(["--workdir", workdir,
+                                                       "--output", str(base / "b.json")]))
+    os.rename(old_dir, new_dir)
+    return workdir, new_dir, before
+
+
+def test_data_dir_evaluates_a_run_whose_data_moved(capsys, moved, tmp_path):
+    workdir, new_dir, before = moved
+    with pytest.raises(SystemExit) as info:  # without --data-dir: not where run.json says
+        evaluate_cli.main(["--workdir", workdir])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    assert err.startswith("error: Dataset 'cifar10' is not prepared in data_dir=")
+    assert "If the run's data moved, give its new location: evaluate.py --data-dir DIR" in err
+    out = str(tmp_path / "moved.json")
+    evaluate_cli.main(["--workdir", workdir, "--data-dir", new_dir, "--output", out])
+    after = _json(out)
+    assert after["data_dir"] == new_dir
+    assert {k: after[k] for k in ("error", "loss", "count", "evaluated_step")} == {
+        k: before[k] for k in ("error", "loss", "count", "evaluated_step")}
+
+
+def test_data_dir_refuses_other_data(capsys, moved, tmp_path):
+    workdir, _, _ = moved
+    other = str(tmp_path / "other")
+    sdj.data.testing.make_tfds_dataset("cifar10", other, num_train=48, num_test=24, seed=4)
+    before = _files(workdir)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--data-dir", other])
+    assert f"The data read from {other} is not the data this run trained on" in line
+    assert "num_test 16 recorded, 24 here" in line and "channel mean differs" in line
+    assert _files(workdir) == before
+
+
+def test_data_dir_of_a_fake_data_run_or_a_missing_folder_is_refused(capsys, resnet, tmp_path):
+    _, workdir = resnet
+    line = one_line_error(capsys, evaluate_cli.main,
+                          ["--workdir", workdir, "--data-dir", str(tmp_path)])
+    assert "trained on fake data written inside its workdir" in line and "drop it" in line
+    missing = str(tmp_path / "gone")
+    line = one_line_error(capsys, evaluate_cli.main,
+                          ["--workdir", workdir, "--data-dir", missing])
+    assert f"--data-dir {missing!r} is not a directory" in line
+
+
+def test_relocate_data_moves_an_image_folder_and_keeps_the_run_config(tmp_path):
+    from stochastic_depth_jax.training import evaluate
+
+    config = load_config("cifar10:smoke", ["--config.dataset=image_folder:/old/images"])
+    moved = evaluate.relocate_data(config, str(tmp_path))
+    assert moved.dataset == f"image_folder:{tmp_path}" and moved.data_dir is None
+    assert config.dataset == "image_folder:/old/images"  # the run's own config is unchanged
+
+
 # ---- sweep.py ------------------------------------------------------------------------------
 
 def _sweep_argv(root, *extra):

@@ -87,7 +87,8 @@ def _source(run: evaluate_lib.RestoredRun, workdir: str) -> str:
     return source if run.note is None else f"{source}; {run.note}"
 
 
-def depth_curve_run(workdir: str, *, checkpoint: str | int = "best", order: str = "survival",
+def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
+                    data_dir: str | None = None, order: str = "survival",
                     blocks: Sequence[int] | None = None, output_dir: str | None = None,
                     throughput_batch: int = 128, repeats: int = 5,
                     measure_every: int = 1) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best", order: str 
       (also the content of the JSON file).
     """
     require_blockwise_run(workdir)
-    run = evaluate_lib.restore_run(workdir, checkpoint)
+    run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     evaluators = _evaluators(run)
     removal = _order(run, evaluators, order, blocks)
     points = pruning.depth_curve(
@@ -125,6 +126,7 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best", order: str 
 
 
 def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "best",
+                      data_dir: str | None = None,
                       order: str = "survival", blocks: Sequence[int] | None = None,
                       remove: int | None = None, throughput_batch: int = 128,
                       repeats: int = 5) -> dict[str, Any]:
@@ -140,7 +142,7 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     """
     pruning.check_export_directory(output)
     require_blockwise_run(workdir)
-    run = evaluate_lib.restore_run(workdir, checkpoint)
+    run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     evaluators = _evaluators(run)
     removal = _order(run, evaluators, order, blocks)
     remove = len(removal) if remove is None and order == "list" else remove
@@ -173,7 +175,8 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     return {"output": output, **record}
 
 
-def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best", split: str = "test",
+def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
+                    data_dir: str | None = None, split: str = "test",
                     samples: int = 10, seed: int = 0) -> dict[str, Any]:
     """Monte-Carlo depth (softmax averaged over ``samples`` sampled sub-networks) vs the
     deterministic scaled network, on ``split`` of a run (:func:`pruning.mc_evaluate`)."""
@@ -181,7 +184,7 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best", split: str 
         raise errors.ConfigError(
             f"--mc-samples must be >= 1 (sampled sub-networks), got {samples}.")
     require_blockwise_run(workdir)
-    run = evaluate_lib.restore_run(workdir, checkpoint)
+    run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),
                                  samples=samples, key=jax.random.key(seed))
     out = {"source": _source(run, workdir), "split": split, "seed": seed,
@@ -288,7 +291,7 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None
     """Runs what the depth flags ask for; returns ``(result, default JSON path)``, or
     None when no depth flag was given (plain evaluation). Call :func:`check_arguments`
     first."""
-    common = {"checkpoint": args.checkpoint}
+    common = {"checkpoint": args.checkpoint, "data_dir": getattr(args, "data_dir", None)}
     if args.depth_curve:
         result = depth_curve_run(args.workdir, order=args.order, blocks=args.blocks,
                                  throughput_batch=args.throughput_batch, repeats=args.repeats,

@@ -27,6 +27,8 @@ __all__ = [
     "evaluate_split",
     "evaluate_checkpoint",
     "load_run_config",
+    "relocate_data",
+    "check_same_data",
     "restore_run",
     "RestoredRun",
     "RUN_FILE",
@@ -68,6 +70,72 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
             f"{path} is damaged ({type(e).__name__}: {e}); restore it from a copy or rerun."
         ) from e
     return config_lib.validate(config), meta
+
+
+def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
+    """A copy of a run's ``config`` that reads its data from ``data_dir`` (the data moved).
+
+    A tfds dataset's ``data_dir`` is replaced; an ``image_folder:<path>`` dataset gets the
+    new path. :func:`restore_run` then checks that the data found there is the data the run
+    recorded, so a result is never labelled with the wrong dataset.
+
+    Raises:
+      errors.DataFileNotFoundError: ``data_dir`` is not a directory.
+      errors.ConfigError: the run trained on fake data written in its own workdir.
+    """
+    if not os.path.isdir(data_dir):
+        raise errors.DataFileNotFoundError(
+            f"--data-dir {data_dir!r} is not a directory; give the folder that now holds the "
+            "run's dataset.")
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.dataset.startswith("image_folder:"):
+        config.dataset = f"image_folder:{data_dir}"
+    elif config.fake_data.num_train:
+        raise errors.ConfigError(
+            "This run trained on fake data written inside its workdir (config.fake_data), so "
+            "--data-dir does not apply; drop it.")
+    else:
+        config.data_dir = data_dir
+    return config
+
+
+def _data_location(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where :func:`setup_lib.load_data` reads ``config``'s dataset, for messages."""
+    if config.dataset.startswith("image_folder:"):
+        return config.dataset.removeprefix("image_folder:")
+    if config.fake_data.num_train:
+        return os.path.join(workdir, setup_lib.FAKE_DATA_DIR)
+    return config.data_dir or "tfds's default data_dir"
+
+
+# What run.json's "data" records and a loaded dataset must match, as (key, value of ds).
+_DATA_FINGERPRINT = (
+    ("num_classes", lambda ds: ds.num_classes),
+    ("image_shape", lambda ds: list(ds.image_shape)),
+    ("num_train", lambda ds: len(ds.train)),
+    ("num_test", lambda ds: len(ds.test)),
+    ("num_validation", lambda ds: 0 if ds.validation is None else len(ds.validation)),
+)
+
+
+def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str) -> None:
+    """Refuses a dataset that differs from the one a run recorded (sizes, shape, classes,
+    the training split's channel statistics).
+
+    Raises:
+      errors.DataError: naming the first differences and where the data was read.
+    """
+    diffs = []
+    for key, value in _DATA_FINGERPRINT:
+        if key in recorded and recorded[key] != value(ds):
+            diffs.append(f"{key} {recorded[key]} recorded, {value(ds)} here")
+    for key in ("mean", "std"):
+        if key in recorded and not np.allclose(recorded[key], getattr(ds, key), rtol=1e-5):
+            diffs.append(f"training-split channel {key} differs")
+    if diffs:
+        raise errors.DataError(
+            f"The data read from {where} is not the data this run trained on "
+            f"({'; '.join(diffs[:3])}); point --data-dir at the run's dataset.")
 
 
 def _parse_which(which: str | int) -> tuple[str, int | None]:
@@ -147,18 +215,24 @@ class RestoredRun:
         return data_lib.put_on_devices(host_split, self.setup.mesh)
 
 
-def restore_run(workdir: str, checkpoint: str | int = "best") -> RestoredRun:
+def restore_run(workdir: str, checkpoint: str | int = "best",
+                data_dir: str | None = None) -> RestoredRun:
     """Rebuilds the run in ``workdir`` from ``run.json`` and restores one checkpoint.
 
     ``checkpoint``: 'best', 'latest' or a step number (of the 'latest' series; a step of
     the best series is found there too). If the requested checkpoint is unreadable, the
-    next one of its series is restored and ``note`` says so.
+    next one of its series is restored and ``note`` says so. ``data_dir``: where the run's
+    dataset is now, if it moved (:func:`relocate_data`). The data read must match what
+    ``run.json`` recorded (:func:`check_same_data`).
 
     Raises:
       errors.CheckpointError: not a run, no such step, or nothing readable.
       errors.ConfigError: a bad ``checkpoint``.
+      errors.DataError: the data found is not the run's.
     """
     config, meta = load_run_config(workdir)
+    if data_dir is not None:
+        config = relocate_data(config, data_dir)
     kind, step = _parse_which(checkpoint)
     ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
     try:
@@ -170,8 +244,15 @@ def restore_run(workdir: str, checkpoint: str | int = "best") -> RestoredRun:
                 + (f" (latest: {ckpts.steps('latest')})" if kind == "best" else "")
                 + "."
             )
-        ds = setup_lib.load_data(config, workdir)
+        try:
+            ds = setup_lib.load_data(config, workdir)
+        except (data_lib.DataUnavailableError, errors.DataFileNotFoundError) as e:
+            if data_dir is not None:
+                raise
+            raise type(e)(f"{e}\nIf the run's data moved, give its new location: "
+                          "evaluate.py --data-dir DIR (restore_run(..., data_dir=DIR)).") from e
         data_meta = meta["data"]
+        check_same_data(data_meta, ds, _data_location(config, workdir))
         mean, std = np.float32(data_meta["mean"]), np.float32(data_meta["std"])
         setup = setup_lib.build(
             config,
@@ -208,7 +289,8 @@ def _epoch(value: Any) -> int | float | None:
 
 
 def evaluate_checkpoint(
-    workdir: str, checkpoint: str | int = "best", split: str = "test"
+    workdir: str, checkpoint: str | int = "best", split: str = "test",
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Restores a checkpoint of the run in ``workdir`` and evaluates one split.
 
@@ -216,6 +298,7 @@ def evaluate_checkpoint(
       workdir: a training run's directory (holds ``run.json`` and checkpoints).
       checkpoint: 'best', 'latest' or a step number (see :func:`restore_run`).
       split: 'test' or 'validation'.
+      data_dir: where the run's dataset is now, if it moved (see :func:`restore_run`).
 
     Returns:
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
@@ -229,7 +312,7 @@ def evaluate_checkpoint(
     """
     if split not in ("test", "validation"):
         raise errors.ConfigError(f"split must be 'test' or 'validation', got {split!r}")
-    run = restore_run(workdir, checkpoint)
+    run = restore_run(workdir, checkpoint, data_dir)
     result = evaluate_split(
         run.setup.eval_step,
         run.state,
@@ -248,6 +331,8 @@ def evaluate_checkpoint(
         "split": split,
         **result,
     }
+    if data_dir is not None:
+        out["data_dir"] = data_dir
     if run.note is not None:
         out["note"] = run.note
     return out
