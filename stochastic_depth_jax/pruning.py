@@ -468,9 +468,13 @@ def mc_evaluate(model: Any, variables: Any, batches: Batches, *, samples: int,
     _require_blockwise(model)
     probs = model.survival_probs()
 
-    def sums(variables, images, labels, mask):
-        det = model.apply(variables, images, train=False)
+    # The deterministic network is its own program, so its figures do not depend on
+    # ``samples`` (one program holding both fuses it differently per loop length).
+    @jax.jit
+    def det_sums(variables, images, labels, mask):
+        return _sums(model.apply(variables, images, train=False), labels, mask)
 
+    def sums(variables, images, labels, mask):
         def member(i, acc):
             gates = ops.draw_gates(jax.random.fold_in(key, i), probs, mode=model.mode,
                                    batch_size=images.shape[0])
@@ -479,15 +483,17 @@ def mc_evaluate(model: Any, variables: Any, batches: Batches, *, samples: int,
             member_err = _sums(logits, labels, mask)[1]
             return acc[0] + p / samples, acc[1] + member_err / samples
 
-        init = (jnp.zeros(det.shape, jnp.float32), jnp.zeros((), jnp.float32))
+        shape = jax.eval_shape(lambda: model.apply(variables, images, train=False)).shape
+        init = (jnp.zeros(shape, jnp.float32), jnp.zeros((), jnp.float32))
         avg, member_err = jax.lax.fori_loop(0, samples, member, init)
         mc = _sums(jnp.log(jnp.maximum(avg, 1e-30)), labels, mask)  # log-probs as logits
-        return jnp.concatenate([_sums(det, labels, mask), mc, member_err[None]])
+        return jnp.concatenate([mc, member_err[None]])
 
     fn = jax.jit(sums)
     total = jnp.zeros(7, jnp.float32)
     for images, labels, mask in batches():
-        total = total + fn(variables, images, labels, mask)
+        total = total + jnp.concatenate([det_sums(variables, images, labels, mask),
+                                         fn(variables, images, labels, mask)])
     total = _host(total)
     det, mc = _metrics(total[0:3]), _metrics(total[3:6])
     return {
