@@ -90,7 +90,8 @@ class StochasticDepth(nnx.Module):
     subset; ``'mask'`` computes f for every example and multiplies.
 
     Args:
-      branch: the residual branch, called ``branch(x, *args, **kwargs)``.
+      branch: the residual branch, called ``branch(x, *args, **kwargs)``: an ``nnx.Module``
+        (its BatchNorm statistics update only when it runs) or a plain function.
       survival_prob: p in (0, 1] (a float; 1 never draws a key).
       mode, scaling, implementation, groups: as the core op.
       batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
@@ -162,7 +163,7 @@ class StochasticDepth(nnx.Module):
         factor = scale(p, self.scaling)
         if self.mode == "batch" and self.implementation == "skip":
             return ops.with_shortcut(self._cond(run, x, gate, factor), shortcut)
-        if self.mode == "batch":
+        if self.mode == "batch" and _has_state(self.branch):
             run = _keep_state_if_dropped(run, gate)
         return ops.with_shortcut(ops.masked(run(self.branch, x), gate, factor, self.batch_axis),
                                  shortcut)
@@ -171,6 +172,11 @@ class StochasticDepth(nnx.Module):
         """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
         # In f32; ``scaled`` casts it to each output's dtype.
         factor = jnp.asarray(factor, jnp.float32)
+        if not _has_state(self.branch):  # a plain function: nothing for nnx to carry
+            out = jax.eval_shape(lambda v: run(self.branch, v), x)
+            return jax.lax.cond(gate, lambda v: ops.scaled(run(self.branch, v), factor),
+                                lambda v: jax.tree_util.tree_map(
+                                    lambda s: jnp.zeros(s.shape, s.dtype), out), x)
         out = _output_struct(run, self.branch, x)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
                         lambda b, v: jax.tree_util.tree_map(
@@ -180,6 +186,12 @@ class StochasticDepth(nnx.Module):
         """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def _has_state(branch: Any) -> bool:
+    """True for an NNX module (or other graph node); False for a plain function such as
+    ``jnp.tanh`` or a ``functools.partial``, which holds no variables."""
+    return nnx.graph.is_graph_node(branch)
 
 
 # The state a dropped branch leaves as it was: everything but parameters and rng counters

@@ -151,6 +151,36 @@ def test_nnx_gate_at_evaluation_matches_linen(mode, implementation, gate):
     assert np.all(np.asarray(got)[~closed] != 0)
 
 
+@pytest.mark.parametrize("mode,implementation", [
+    ("batch", "skip"), ("batch", "mask"), ("sample", "skip"), ("sample", "mask")])
+def test_nnx_plain_function_branch_matches_the_core_op(mode, implementation):
+    """A branch that is a plain function (no NNX state) works in every mode, eagerly and
+    under ``nnx.jit``, with the core op's values and input gradients for the same key."""
+    x = X.reshape(8, -1, 3)
+
+    def branch(v):
+        return jnp.tanh(v) * 2.0 + 1.0
+
+    sd = nnx_layers.StochasticDepth(branch, 0.5, mode=mode, implementation=implementation,
+                                    scaling="train")
+    jitted = nnx.jit(lambda m, v, k: m(v, rngs=k))
+    kept = set()
+    for seed in range(8):
+        key = jax.random.key(seed)
+        expected = sdj.stochastic_depth(branch, x, survival_prob=0.5, key=key, mode=mode,
+                                        implementation=implementation, scaling="train")
+        np.testing.assert_allclose(sd(x, rngs=key), expected, rtol=1e-6)
+        np.testing.assert_allclose(jitted(sd, x, key), expected, rtol=1e-6)
+        grad = jax.grad(lambda v: jnp.sum(sd(v, rngs=key) ** 2))(x)
+        want = jax.grad(lambda v: jnp.sum(sdj.stochastic_depth(
+            branch, v, survival_prob=0.5, key=key, mode=mode, implementation=implementation,
+            scaling="train") ** 2))(x)
+        np.testing.assert_allclose(grad, want, rtol=1e-6)
+        kept.add(bool(np.any(np.asarray(expected) != 0)))
+    assert kept == {True} if mode == "sample" else kept == {True, False}
+    np.testing.assert_allclose(sd(x, deterministic=True), branch(x), rtol=1e-6)  # train scaling
+
+
 def test_drop_path_rate_and_missing_keys_are_clear_errors():
     with pytest.raises(ValueError, match=r"rate must be a float in \[0, 1\)"):
         nnx_layers.DropPath(lambda v: v, 1.0)
