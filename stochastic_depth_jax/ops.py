@@ -399,26 +399,32 @@ def explicit_sharding(v: Any) -> Any:
     return sharding if explicit in tuple(sharding.mesh.axis_types) else None
 
 
-def _batch_spec(v: Array) -> tuple[Any, tuple]:
-    """``(batch entry, other entries)`` of ``v``'s explicit ``PartitionSpec`` (axis 0 is the
-    batch), or ``(None, None)`` when ``v`` has no explicit sharding."""
+def _spec(v: Array) -> tuple | None:
+    """The entries of ``v``'s explicit ``PartitionSpec``, one per axis, or None when ``v``
+    has no explicit sharding."""
     sharding = explicit_sharding(v)
     if sharding is None:
-        return None, None
-    spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
-    return spec[0], spec[1:]
+        return None
+    return tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+
+
+def _on_mesh_of(v: Array, *spec: Any) -> Any:
+    """``NamedSharding(spec)`` on the mesh of ``v``'s explicit sharding (no mesh context
+    needed)."""
+    mesh = explicit_sharding(v).mesh
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _split_groups(v: Array, groups: int) -> Array:
     """``[B, ...] -> [groups, B / groups, ...]``. Under explicit sharding the batch's mesh
     axes shard the group axis, which needs ``groups`` to be a multiple of their size."""
     shape = (groups, v.shape[0] // groups) + v.shape[1:]
-    entry, rest = _batch_spec(v)
-    if rest is None:
+    spec = _spec(v)
+    if spec is None:
         return v.reshape(shape)
-    mesh = explicit_sharding(v).mesh
+    entry = spec[0]
     names = entry if isinstance(entry, tuple) else () if entry is None else (entry,)
-    shards = math.prod(mesh.shape[a] for a in names)
+    shards = math.prod(explicit_sharding(v).mesh.shape[a] for a in names)
     if groups % shards:
         raise ValueError(
             f"Drop-path subsets under explicit sharding: the batch axis is split over "
@@ -426,26 +432,25 @@ def _split_groups(v: Array, groups: int) -> Array:
             f"{shards}, so the subsets would have to move activations between devices. Set "
             f"groups to a multiple of the data shards (groups={shards}), or make those mesh "
             "axes jax.sharding.AxisType.Auto.")
-    return jax.lax.reshape(v, shape, out_sharding=jax.sharding.PartitionSpec(
-        entry, None, *rest))
+    return jax.lax.reshape(v, shape, out_sharding=_on_mesh_of(v, entry, None, *spec[1:]))
 
 
 def _merge_groups(v: Array) -> Array:
     """``[groups, m, ...] -> [groups * m, ...]`` (the batch keeps the group axis's sharding)."""
     shape = (v.shape[0] * v.shape[1],) + v.shape[2:]
-    entry, rest = _batch_spec(v)
-    if rest is None:
+    spec = _spec(v)
+    if spec is None:
         return v.reshape(shape)
-    return jax.lax.reshape(v, shape, out_sharding=jax.sharding.PartitionSpec(entry, *rest[1:]))
+    return jax.lax.reshape(v, shape, out_sharding=_on_mesh_of(v, spec[0], *spec[2:]))
 
 
 def _group_indices(indices: Array, v: Array) -> Array:
     """Subset ``indices [groups, k]`` sharded over the groups as ``v``'s batch axis (each
     device keeps its groups' rows; no activations move)."""
-    entry, rest = _batch_spec(v)
-    if rest is None:
+    spec = _spec(v)
+    if spec is None:
         return indices
-    return jax.sharding.reshard(indices, jax.sharding.PartitionSpec(entry, None))
+    return jax.sharding.reshard(indices, _on_mesh_of(v, spec[0], None))
 
 
 def _check_shortcut(shortcut: Any, y: Any) -> None:

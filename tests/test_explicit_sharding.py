@@ -1,6 +1,7 @@
 """The skipping paths under explicit sharding (``AxisType.Explicit``, ``jax.make_mesh``'s
 default since jax 0.10): batch-mode ``cond`` and drop-path subsets, on 8 CPU devices, against
 the same computation on one device."""
+import contextlib
 import re
 
 import flax.linen as nn
@@ -35,11 +36,12 @@ def _keys():
     return keys
 
 
-def _explicit(fn, x, *args, spec=P("data"), hlo=False):
-    """``fn(x, *args)`` under ``jax.set_mesh`` of an explicit mesh, ``x`` sharded as ``spec``;
-    returns the result and (with ``hlo``) the compiled program."""
+def _explicit(fn, x, *args, spec=P("data"), hlo=False, set_mesh=True):
+    """``fn(x, *args)`` with ``x`` sharded as ``spec`` over an explicit mesh, under
+    ``jax.set_mesh`` of it unless ``set_mesh=False``; returns the result and (with ``hlo``)
+    the compiled program."""
     mesh = _mesh()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
         x = jax.device_put(x, NamedSharding(mesh, spec))
         out = fn(x, *args)
         text = fn.lower(x, *args).compile().as_text() if hlo else None
@@ -71,21 +73,44 @@ def test_op_batch_mode_matches_one_device(open_):
     assert np.any(np.asarray(got[1][1]) != 0) == open_
 
 
-@pytest.mark.parametrize("groups, batch_axis", [(4, 0), (8, 1)])
-def test_op_drop_path_subsets_match_one_device_and_stay_on_their_shards(groups, batch_axis):
+@pytest.mark.parametrize("groups, batch_axis, spec", [
+    (4, 0, P("data")),
+    (8, 1, P(None, "data")),
+    (1, 0, P()),  # a replicated batch: any groups
+])
+def test_op_drop_path_subsets_match_one_device_and_stay_on_their_shards(groups, batch_axis,
+                                                                         spec):
     step = _op_step(mode="sample", groups=groups, scaling="train", batch_axis=batch_axis)
     x = jnp.moveaxis(X, 0, batch_axis)
     key = jax.random.key(3)
     want = step(x, W, key)
-    spec = P(*(None,) * batch_axis, "data")
     got, hlo = _explicit(step, x, W, key, spec=spec, hlo=True)
     _close(got, want)
-    assert jax.typeof(got[1][0]).sharding.spec[batch_axis] == "data"
+    entry = lambda s: (tuple(s) + (None,) * 3)[batch_axis]
+    assert entry(ops.explicit_sharding(got[1][0]).spec) == entry(spec)  # stays sharded
     # Some examples dropped (their input gradient is the shortcut's alone: 2 x).
     same = np.isclose(np.asarray(got[1][0]), 2 * np.asarray(x))
     dropped = np.all(same, axis=(1 - batch_axis, 2))
     assert 0 < dropped.sum() < B
     assert not MOVES.findall(hlo)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_op_with_sharded_inputs_and_no_mesh_context(mode):
+    """Inputs sharded over an explicit mesh, without ``jax.set_mesh`` (the input gradient
+    only: the weight gradient of the branch's own matmul would need a mesh context)."""
+    def loss(x, key):
+        y = sdj.stochastic_depth(lambda v: jnp.tanh(v @ W), x, survival_prob=0.5, key=key,
+                                 mode=mode, groups=4, shortcut=x)
+        return jnp.sum(y ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    for open_ in (True, False) if mode == "batch" else (None,):
+        key = jax.random.key(3) if open_ is None else _keys()[open_]
+        got, hlo = _explicit(step, X, key, hlo=True, set_mesh=False)
+        _close(got, step(X, key))
+        assert ops.explicit_sharding(got[1]).spec[0] == "data"
+        assert not MOVES.findall(hlo)
 
 
 def test_op_drop_path_groups_not_a_multiple_of_the_data_shards_is_one_clear_error():
