@@ -146,8 +146,9 @@ class StochasticDepth(nn.Module):
         backend), ``'always'`` or ``'never'``. See :func:`~stochastic_depth_jax.conv.
         reroute_flax_convs`.
       groups: ``'sample'``/``'skip'``: the subset is drawn within this many contiguous groups
-        of the batch (a multiple of the data-shard count keeps activations on their device;
-        see :func:`stochastic_depth_jax.ops.draw_subset`).
+        of the batch (a multiple of the data-shard count keeps activations on their device,
+        and is required under explicit mesh axes; see
+        :func:`stochastic_depth_jax.ops.draw_subset`).
       batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
         examples: 0 for ``[batch, ...]``, 1 for ``[tokens, batch, width]`` layouts.
     """

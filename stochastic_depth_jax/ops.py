@@ -52,6 +52,7 @@ __all__ = [
     "subset_branch",
     "with_shortcut",
     "zeros_like_output",
+    "explicit_sharding",
     "batch_size_of",
     "train_scale",
     "eval_scale",
@@ -278,8 +279,9 @@ def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int =
 
     Groups exist for sharded batches: with ``groups`` a multiple of the number of data shards,
     every group lies on one device, and choosing, gathering and scattering never move
-    activations between devices. The subset is a function of ``(key, batch_size, p,
-    groups)`` only, not of the device count.
+    activations between devices. Under explicit mesh axes (``AxisType.Explicit``) the groups
+    are sharded as the batch, which needs ``groups`` to be such a multiple. The subset is a
+    function of ``(key, batch_size, p, groups)`` only, not of the device count.
 
     Returns:
       int32 ``[groups, k]``: sorted indices within each group (example ``g * n + i`` of the
@@ -633,7 +635,7 @@ def stochastic_depth(
         ``'mask'`` (compute everything, multiply by the gate).
       groups: ``'sample'``/``'skip'`` only: draw the subset within this many contiguous
         groups of the batch (see :func:`draw_subset`); a multiple of the data-shard count
-        keeps a sharded batch on its devices.
+        keeps a sharded batch on its devices (required under explicit mesh axes).
       shortcut: optional, shaped like ``f(x)``: added to the result (see above).
       batch_axis: ``'sample'``: the axis that indexes examples (default 0; 1 for
         ``[tokens, batch, width]`` layouts). The op cannot tell which axis is the batch: with

@@ -73,6 +73,14 @@ def test_op_batch_mode_matches_one_device(open_):
     assert np.any(np.asarray(got[1][1]) != 0) == open_
 
 
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_op_mask_implementation_matches_one_device(mode):
+    step = _op_step(mode=mode, implementation="mask")
+    key = jax.random.key(3)
+    got, _ = _explicit(step, X, W, key)
+    _close(got, step(X, W, key))
+
+
 @pytest.mark.parametrize("groups, batch_axis, spec", [
     (4, 0, P("data")),
     (8, 1, P(None, "data")),
