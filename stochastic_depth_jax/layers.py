@@ -146,8 +146,9 @@ class StochasticDepth(nn.Module):
         backend), ``'always'`` or ``'never'``. See :func:`~stochastic_depth_jax.conv.
         reroute_flax_convs`.
       groups: ``'sample'``/``'skip'``: the subset is drawn within this many contiguous groups
-        of the batch (a multiple of the data-shard count keeps activations on their device;
-        see :func:`stochastic_depth_jax.ops.draw_subset`).
+        of the batch (a multiple of the data-shard count keeps activations on their device,
+        and is required under explicit mesh axes; see
+        :func:`stochastic_depth_jax.ops.draw_subset`).
       batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
         examples: 0 for ``[batch, ...]``, 1 for ``[tokens, batch, width]`` layouts.
     """
@@ -264,7 +265,7 @@ class StochasticDepth(nn.Module):
         out = _branch_output(self, call, x)
 
         def skip(module, v, f):
-            return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+            return ops.zeros_like_output(out)
 
         # The factor travels in f32; ``scaled`` casts it to each output's dtype.
         return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, jnp.float32))
@@ -343,11 +344,17 @@ class _Branch(nn.Module):
     expansion = 1
 
     def output_struct(self, x: Array) -> jax.ShapeDtypeStruct:
-        """Shape/dtype of the branch output for input ``x`` ``[batch, H, W, C]``."""
+        """Shape/dtype of the branch output for input ``x`` ``[batch, H, W, C]`` (under
+        explicit sharding, the batch axis sharded as ``x``'s)."""
         b, h, w, _ = x.shape
         s = self.strides
         shape = (b, _conv_out(h, 3, s, 1), _conv_out(w, 3, s, 1), self.features * self.expansion)
-        return jax.ShapeDtypeStruct(shape, self.dtype or x.dtype)
+        sharding = ops.explicit_sharding(x)
+        if sharding is not None:
+            batch = (tuple(sharding.spec) + (None,))[0]
+            sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                                  jax.sharding.PartitionSpec(batch))
+        return jax.ShapeDtypeStruct(shape, self.dtype or x.dtype, sharding=sharding)
 
     def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
         pad = (kernel - 1) // 2  # Torch's symmetric padding, also for stride 2

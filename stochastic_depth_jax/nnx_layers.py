@@ -179,8 +179,7 @@ class StochasticDepth(nnx.Module):
                                     lambda s: jnp.zeros(s.shape, s.dtype), out), x)
         out = _output_struct(run, self.branch, x)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
-                        lambda b, v: jax.tree_util.tree_map(
-                            lambda s: jnp.zeros(s.shape, s.dtype), out), self.branch, x)
+                        lambda b, v: ops.zeros_like_output(out), self.branch, x)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""

@@ -51,6 +51,8 @@ __all__ = [
     "subset_mask",
     "subset_branch",
     "with_shortcut",
+    "zeros_like_output",
+    "explicit_sharding",
     "batch_size_of",
     "train_scale",
     "eval_scale",
@@ -277,8 +279,9 @@ def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int =
 
     Groups exist for sharded batches: with ``groups`` a multiple of the number of data shards,
     every group lies on one device, and choosing, gathering and scattering never move
-    activations between devices. The subset is a function of ``(key, batch_size, p,
-    groups)`` only, not of the device count.
+    activations between devices. Under explicit mesh axes (``AxisType.Explicit``) the groups
+    are sharded as the batch, which needs ``groups`` to be such a multiple. The subset is a
+    function of ``(key, batch_size, p, groups)`` only, not of the device count.
 
     Returns:
       int32 ``[groups, k]``: sorted indices within each group (example ``g * n + i`` of the
@@ -362,27 +365,94 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
         return with_shortcut(scaled(branch(x), factor), shortcut)
     hints = dict(indices_are_sorted=True, unique_indices=True)  # draw_subset's contract
     take = jax.vmap(lambda v, i: v.at[i].get(**hints))
-    picked = tree_map(lambda v: take(v.reshape((groups, n) + v.shape[1:]), indices)
-                      .reshape((groups * k,) + v.shape[1:]), x)
+    picked = tree_map(lambda v: _merge_groups(take(_split_groups(v, groups),
+                                                   _group_indices(indices, v))), x)
     y = scaled(branch(picked), factor)
     if shortcut is not None:
         _check_shortcut(shortcut, tree_map(
             lambda v: jax.ShapeDtypeStruct((batch,) + v.shape[1:], v.dtype), y))
 
     def scatter(v, s=None):
-        vg = v.reshape((groups, k) + v.shape[1:])
+        vg, ig = _split_groups(v, groups), _group_indices(indices, v)
         if s is None:
             out = jax.vmap(
                 lambda a, i: jnp.zeros((n,) + a.shape[1:], a.dtype).at[i].set(a, **hints))(
-                vg, indices)
+                vg, ig)
         else:
             dtype = jnp.result_type(s, v)  # as ``shortcut + y`` would promote
-            sg = s.astype(dtype).reshape((groups, n) + v.shape[1:])
-            out = jax.vmap(lambda t, a, i: t.at[i].add(a.astype(dtype), **hints))(
-                sg, vg, indices)
-        return out.reshape((batch,) + v.shape[1:])
+            sg = _split_groups(s.astype(dtype), groups)
+            out = jax.vmap(lambda t, a, i: t.at[i].add(a.astype(dtype), **hints))(sg, vg, ig)
+        return _merge_groups(out)
 
     return tree_map(scatter, y) if shortcut is None else tree_map(scatter, y, shortcut)
+
+
+def explicit_sharding(v: Any) -> Any:
+    """The sharding in the type of ``v`` (an array, tracer or ``ShapeDtypeStruct``) when it is
+    over a mesh with ``AxisType.Explicit`` axes, else None (no mesh, or automatic axes, whose
+    shardings are not part of the type)."""
+    if isinstance(v, jax.ShapeDtypeStruct):
+        sharding = v.sharding
+    else:
+        sharding = jax.typeof(v).sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    explicit = jax.sharding.AxisType.Explicit
+    return sharding if explicit in tuple(sharding.mesh.axis_types) else None
+
+
+def _spec(v: Array) -> tuple | None:
+    """The entries of ``v``'s explicit ``PartitionSpec``, one per axis, or None when ``v``
+    has no explicit sharding."""
+    sharding = explicit_sharding(v)
+    if sharding is None:
+        return None
+    return tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+
+
+def _on_mesh_of(v: Array, *spec: Any) -> Any:
+    """``NamedSharding(spec)`` on the mesh of ``v``'s explicit sharding (no mesh context
+    needed)."""
+    mesh = explicit_sharding(v).mesh
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _split_groups(v: Array, groups: int) -> Array:
+    """``[B, ...] -> [groups, B / groups, ...]``. Under explicit sharding the batch's mesh
+    axes shard the group axis, which needs ``groups`` to be a multiple of their size."""
+    shape = (groups, v.shape[0] // groups) + v.shape[1:]
+    spec = _spec(v)
+    if spec is None:
+        return v.reshape(shape)
+    entry = spec[0]
+    names = entry if isinstance(entry, tuple) else () if entry is None else (entry,)
+    shards = math.prod(explicit_sharding(v).mesh.shape[a] for a in names)
+    if groups % shards:
+        raise ValueError(
+            f"Drop-path subsets under explicit sharding: the batch axis is split over "
+            f"{shards} devices (mesh axes {names}), and groups={groups} is not a multiple of "
+            f"{shards}, so the subsets would have to move activations between devices. Set "
+            f"groups to a multiple of the data shards (groups={shards}), or make those mesh "
+            "axes jax.sharding.AxisType.Auto.")
+    return jax.lax.reshape(v, shape, out_sharding=_on_mesh_of(v, entry, None, *spec[1:]))
+
+
+def _merge_groups(v: Array) -> Array:
+    """``[groups, m, ...] -> [groups * m, ...]`` (the batch keeps the group axis's sharding)."""
+    shape = (v.shape[0] * v.shape[1],) + v.shape[2:]
+    spec = _spec(v)
+    if spec is None:
+        return v.reshape(shape)
+    return jax.lax.reshape(v, shape, out_sharding=_on_mesh_of(v, spec[0], *spec[2:]))
+
+
+def _group_indices(indices: Array, v: Array) -> Array:
+    """Subset ``indices [groups, k]`` sharded over the groups as ``v``'s batch axis (each
+    device keeps its groups' rows; no activations move)."""
+    spec = _spec(v)
+    if spec is None:
+        return indices
+    return jax.sharding.reshard(indices, _on_mesh_of(v, spec[0], None))
 
 
 def _check_shortcut(shortcut: Any, y: Any) -> None:
@@ -405,6 +475,14 @@ def with_shortcut(y: Array, shortcut: Array | None) -> Array:
         return y
     _check_shortcut(shortcut, y)
     return jax.tree_util.tree_map(lambda s, v: s + v, shortcut, y)
+
+
+def zeros_like_output(out: Any) -> Any:
+    """Zeros shaped like ``out`` (a pytree of ``ShapeDtypeStruct``, e.g. from
+    ``jax.eval_shape``): a skipped branch's output. Under explicit sharding each leaf takes
+    the struct's sharding, as a ``cond``'s two branches must agree in type."""
+    return jax.tree_util.tree_map(
+        lambda o: jnp.zeros(o.shape, o.dtype, out_sharding=explicit_sharding(o)), out)
 
 
 def draw_gate(
@@ -518,7 +596,7 @@ def gated_branch(
     return with_shortcut(jax.lax.cond(
         gate,
         lambda v: scaled(branch(v), factor),
-        lambda v: jax.tree_util.tree_map(lambda o: jnp.zeros(o.shape, o.dtype), out),
+        lambda v: zeros_like_output(out),
         x,
     ), shortcut)
 
@@ -557,7 +635,7 @@ def stochastic_depth(
         ``'mask'`` (compute everything, multiply by the gate).
       groups: ``'sample'``/``'skip'`` only: draw the subset within this many contiguous
         groups of the batch (see :func:`draw_subset`); a multiple of the data-shard count
-        keeps a sharded batch on its devices.
+        keeps a sharded batch on its devices (required under explicit mesh axes).
       shortcut: optional, shaped like ``f(x)``: added to the result (see above).
       batch_axis: ``'sample'``: the axis that indexes examples (default 0; 1 for
         ``[tokens, batch, width]`` layouts). The op cannot tell which axis is the batch: with
