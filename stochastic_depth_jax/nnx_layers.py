@@ -175,8 +175,7 @@ class StochasticDepth(nnx.Module):
         if not _has_state(self.branch):  # a plain function: nothing for nnx to carry
             out = jax.eval_shape(lambda v: run(self.branch, v), x)
             return jax.lax.cond(gate, lambda v: ops.scaled(run(self.branch, v), factor),
-                                lambda v: jax.tree_util.tree_map(
-                                    lambda s: jnp.zeros(s.shape, s.dtype), out), x)
+                                lambda v: ops.zeros_like_output(out), x)
         out = _output_struct(run, self.branch, x)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
                         lambda b, v: ops.zeros_like_output(out), self.branch, x)

@@ -481,8 +481,13 @@ def zeros_like_output(out: Any) -> Any:
     """Zeros shaped like ``out`` (a pytree of ``ShapeDtypeStruct``, e.g. from
     ``jax.eval_shape``): a skipped branch's output. Under explicit sharding each leaf takes
     the struct's sharding, as a ``cond``'s two branches must agree in type."""
-    return jax.tree_util.tree_map(
-        lambda o: jnp.zeros(o.shape, o.dtype, out_sharding=explicit_sharding(o)), out)
+    def zeros(o):
+        sharding = explicit_sharding(o)
+        if sharding is None:  # as before explicit sharding existed
+            return jnp.zeros(o.shape, o.dtype)
+        return jnp.zeros(o.shape, o.dtype, out_sharding=sharding)
+
+    return jax.tree_util.tree_map(zeros, out)
 
 
 def draw_gate(
