@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
-__all__ = ["RunWarning", "drop_absl_messages"]
+__all__ = ["RunWarning", "drop_absl_messages", "drop_library_records"]
 
 
 class RunWarning(UserWarning):
@@ -21,25 +21,37 @@ class RunWarning(UserWarning):
 
 
 class _Drop(logging.Filter):
-    def __init__(self, substrings: tuple[str, ...]):
+    def __init__(self, drop: Callable[[logging.LogRecord], bool]):
         super().__init__()
-        self._substrings = substrings
+        self._drop = drop
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(s in message for s in self._substrings)
+        return not self._drop(record)
 
 
 @contextlib.contextmanager
-def drop_absl_messages(*substrings: str) -> Iterator[None]:
+def drop_library_records(
+    drop: Callable[[logging.LogRecord], bool], loggers: tuple[str, ...] = ("absl", "asyncio")
+) -> Iterator[None]:
+    """Drops the records of ``loggers`` for which ``drop(record)`` is true while the block
+    runs (Orbax logs through absl; asyncio reports its tasks' lost exceptions); every other
+    record passes."""
+    dropping = _Drop(drop)
+    for name in loggers:
+        logging.getLogger(name).addFilter(dropping)
+    try:
+        yield
+    finally:
+        for name in loggers:
+            logging.getLogger(name).removeFilter(dropping)
+
+
+def drop_absl_messages(*substrings: str) -> contextlib.AbstractContextManager[None]:
     """Drops absl log records containing any of ``substrings`` while the block runs.
 
     For messages that mislead in our use (e.g. Orbax warning that an evaluation opens its
     checkpoints read-only); every other record passes.
     """
-    logger, drop = logging.getLogger("absl"), _Drop(substrings)
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    return drop_library_records(
+        lambda record: any(s in record.getMessage() for s in substrings), ("absl",)
+    )

@@ -102,13 +102,53 @@ def test_corrupt_latest_is_skipped_with_warning(tmp_path, mesh, damage):
     if damage == "delete_meta":
         os.remove(os.path.join(step_dir, "meta", "metadata"))
     ckpts = ckpt_lib.Checkpoints(tmp_path, keep=3)
-    with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match="step 3"):
+    with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match="step 3") as caught:
         state, meta = ckpts.restore("latest", _abstract(base))
     assert meta["step"] == 2 and int(state.step) == 2
+    # One line: the step, the underlying error's summary and what happens next; the
+    # exception it was raised from is kept for --debug.
+    [warning] = [w.message for w in caught]
+    assert "\n" not in str(warning) and len(str(warning)) < 800
+    assert str(warning).endswith("falling back to the previous checkpoint.")
+    assert "moved to " + os.path.join(str(tmp_path), "checkpoints_corrupt") in str(warning)
+    assert warning.__cause__ is not None
     jax.tree.map(np.testing.assert_array_equal, state, _with_step(base, 2, mesh))
     assert ckpts.steps("latest") == [1, 2]  # Moved aside, not deleted:
     assert len(os.listdir(os.path.join(tmp_path, "checkpoints_corrupt"))) == 1
     assert ckpts.save("latest", 3, _with_step(base, 3, mesh), {})  # Step 3 can be redone.
+    ckpts.close()
+
+
+def test_full_disk_in_a_background_save_raises_one_workdir_error(tmp_path, mesh):
+    """Orbax raises a background save's failure at the next save, wait or close, as the
+    ValueError TensorStore raised; a full disk is named, other errors pass unchanged."""
+    from stochastic_depth_jax import errors
+
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    full = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to write 18298 '
+        "bytes to file 15: No space left on device [os_error_code='28']"
+    )
+
+    def fail(error):
+        def raise_it(*args, **kwargs):
+            raise error
+
+        return raise_it
+
+    latest = ckpts._managers["latest"]
+    for call in ("wait", "close"):
+        latest.wait_until_finished = latest.close = fail(full)
+        with pytest.raises(errors.WorkdirError) as info:
+            getattr(ckpts, call)()
+        message = str(info.value)
+        assert message.startswith(f"Cannot write {tmp_path}/checkpoints (No space left on device)")
+        assert "free some space" in message and "resume from the newest" in message
+        assert info.value.__cause__ is full
+    latest.wait_until_finished = fail(RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        ckpts.wait()
+    del latest.wait_until_finished, latest.close
     ckpts.close()
 
 

@@ -387,6 +387,107 @@ def test_project_warnings_print_as_one_line_and_others_keep_their_form(tmp_path)
     assert any("FutureWarning: a library's warning" in x for x in lines)  # Python's format.
 
 
+# What Orbax, asyncio and TensorStore print when a full disk fails a background save.
+_LIBRARY_NOISE = """
+import sys, threading
+from absl import logging
+from stochastic_depth_jax.training import cli
+
+FULL = "RESOURCE_EXHAUSTED: Error writing local file: No space left on device [os_error_code='28']"
+
+class LateCallback:  # A write completing into the event loop Orbax has closed.
+    def __del__(self):
+        raise RuntimeError("Event loop is closed")
+
+def main():
+    def background_save():
+        try:
+            raise ValueError(FULL)
+        except ValueError:
+            logging.exception("_SignalingThread.run() raised an exception")
+    thread = threading.Thread(target=background_save)
+    thread.start()
+    thread.join()
+    try:
+        raise ValueError("something else")
+    except ValueError:
+        logging.exception("an unrelated failure")
+    LateCallback()
+    raise ValueError(FULL)
+
+cli.run_reporting_errors(main, "--debug" in sys.argv)
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_library_reports_of_a_reported_error_are_dropped_unless_debug(tmp_path, debug):
+    out = subprocess.run(
+        [sys.executable, "-c", _LIBRARY_NOISE] + (["--debug"] if debug else []),
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 1
+    if debug:  # Everything shows, and the error keeps its traceback.
+        assert "_SignalingThread.run() raised an exception" in out.stderr
+        assert "Event loop is closed" in out.stderr
+        assert out.stderr.rstrip().endswith("[os_error_code='28']")
+        return
+    lines = out.stderr.splitlines()
+    assert "_SignalingThread" not in out.stderr and "Event loop is closed" not in out.stderr
+    assert "an unrelated failure" in out.stderr  # Other errors are never hidden.
+    assert lines[-1] == (
+        "error: Cannot write a file (No space left on device): free some space or use another "
+        "--workdir."
+    )
+
+
+def test_full_disk_during_a_save_is_one_line_and_the_run_resumes(run, tmp_path):
+    """A real full disk (a small tmpfs in a private mount namespace) fails the checkpoint
+    of epoch 3: one error line, the saved checkpoints untouched; after freeing space the
+    same command resumes from them and finishes."""
+    if shutil.which("unshare") is None or subprocess.run(
+        ["unshare", "-rm", "true"], capture_output=True
+    ).returncode != 0:
+        pytest.skip("needs a private mount namespace (unshare -rm) to mount a small tmpfs")
+    config, workdir = run
+    mount, out = tmp_path / "disk", tmp_path / "out"
+    os.makedirs(mount)
+    os.makedirs(out)
+    command = " ".join(
+        [sys.executable, "train.py", "--config", "cifar10:smoke", *TINY,
+         f"--config.dataset={config.dataset}", "--config.validation_size=0.25",
+         "--config.batch_size=8", "--config.eval_batch_size=8", "--config.model.remat=none",
+         "--config.write_plots=false", "--config.num_epochs=3", "--workdir", f"{mount}/w"]
+    )
+    script = f"""
+mount -t tmpfs -o size=4m tmpfs {mount} || exit 99
+cp -r {workdir} {mount}/w
+free=$(df -k --output=avail {mount} | tail -1)
+dd if=/dev/zero of={mount}/filler bs=1k count=$((free - 48)) 2>/dev/null
+{command} > {out}/full.out 2> {out}/full.err; echo $? > {out}/full.rc
+ls {mount}/w/checkpoints > {out}/full.ls
+rm {mount}/filler
+{command} > {out}/resume.out 2> {out}/resume.err; echo $? > {out}/resume.rc
+ls {mount}/w/checkpoints > {out}/resume.ls
+"""
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, timeout=600)
+    if done.returncode == 99:
+        pytest.skip("cannot mount a tmpfs in a private mount namespace")
+
+    def read(name):
+        return open(out / name).read()
+
+    saved = sorted(int(x) for x in os.listdir(os.path.join(workdir, "checkpoints")))
+    err = read("full.err")
+    assert read("full.rc").strip() == "1", err
+    assert "Traceback" not in err and len(err.splitlines()) <= 6, err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert f"{mount}/w/checkpoints (No space left on device)" in line
+    assert [int(x) for x in read("full.ls").split() if x.isdigit()] == saved
+    assert read("resume.rc").strip() == "0", read("resume.err")
+    assert f"Resuming from step {saved[-1]} " in read("resume.out")
+    assert max(int(x) for x in read("resume.ls").split() if x.isdigit()) > saved[-1]
+
+
 def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     """A run stopped after epoch 76's record but before its checkpoint resumes at 75."""
     workdir = str(tmp_path)

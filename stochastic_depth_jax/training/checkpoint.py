@@ -15,16 +15,21 @@ skipped with a warning and moved aside; the previous one is used instead.
 An evaluation may read while training writes: steps are listed afresh on every look, and a
 step deleted by the writer's rotation while being read (the step listing changed meanwhile)
 is not taken for damage: the reader lists again and reads the newest step that exists.
+
+A save that fails for a full disk (or another disk or permission failure), whether it
+surfaces at once or from a background save at the next save, wait or close, raises one
+``errors.WorkdirError``; the committed checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import time
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,6 +37,7 @@ from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import state as state_lib
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = [
     "Checkpoints",
@@ -57,6 +63,16 @@ class IncompatibleCheckpointError(errors.Error, ValueError):
 # How many times a reader lists the steps again when the one it read was deleted meanwhile.
 RELISTS = 10
 _GONE = object()  # _try_restore's outcome for a step that vanished while being read.
+
+
+def _summary(error: BaseException, most: int = 300) -> str:
+    """``Type: message`` of the exception ``error`` was raised from (the innermost
+    ``__cause__``: TensorStore's reason rather than Orbax's wrapper), on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    text = text if len(text) <= most else text[: most - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def structure_signature(tree: Any) -> str:
@@ -141,14 +157,33 @@ class Checkpoints:
             # Serialise saves across managers too: one multi-host write in flight at a time.
             for other, m in self._managers.items():
                 if other != kind:
-                    m.wait_until_finished()
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+                    with self._writing(other):
+                        m.wait_until_finished()
+        with self._writing(kind):  # Also raises an earlier background save's failure.
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
         return True
+
+    @contextlib.contextmanager
+    def _writing(self, kind: str) -> Iterator[None]:
+        """Raises a disk or permission failure of a save of ``kind`` as one
+        ``errors.WorkdirError`` (Orbax raises its background saves' TensorStore errors as
+        ``ValueError``); any other error passes unchanged."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  Filtered below: others are re-raised.
+            os_error = workdir_lib.anticipated_os_error(e)
+            if os_error is None:
+                raise
+            where = str(self._managers[kind].directory)
+            raise errors.WorkdirError(
+                workdir_lib.describe_os_error(os_error, where) + " The checkpoints saved "
+                "before are kept: run the same command again to resume from the newest."
+            ) from e
 
     def restore(
         self, kind: str, abstract_state: Any, step: int | None = None
@@ -177,7 +212,9 @@ class Checkpoints:
                     f"No {kind} checkpoint at step {step} in {manager.directory}; "
                     f"available: {self.steps(kind)}"
                 )
-            restored = self._try_restore(kind, step, abstract_state, self.steps(kind))
+            restored = self._try_restore(
+                kind, step, abstract_state, self.steps(kind), fallback=False
+            )
             if isinstance(restored, tuple):
                 return restored
             raise NoCheckpointError(
@@ -192,7 +229,8 @@ class Checkpoints:
             for s in reversed(listing):
                 if s in damaged:
                     continue
-                outcome = self._try_restore(kind, s, abstract_state, listing)
+                older = any(t < s and t not in damaged for t in listing)
+                outcome = self._try_restore(kind, s, abstract_state, listing, fallback=older)
                 if isinstance(outcome, tuple):
                     return outcome
                 if outcome is _GONE:
@@ -209,9 +247,10 @@ class Checkpoints:
         raise NoCheckpointError(f"No readable {kind} checkpoint in {manager.directory}.")
 
     def _try_restore(
-        self, kind: str, step: int, abstract_state: Any, listing: list[int]
+        self, kind: str, step: int, abstract_state: Any, listing: list[int], fallback: bool
     ) -> tuple[state_lib.TrainState, dict[str, Any]] | object | None:
-        """Restores one step of ``listing`` (the steps listed before reading it).
+        """Restores one step of ``listing`` (the steps listed before reading it); ``fallback``:
+        whether the caller goes on to older steps if it is damaged (the warning says so).
 
         Returns ``(state, meta)``; ``_GONE`` if reading failed because the steps changed on
         disk meanwhile (a writer's rotation: not damage, nothing is reported); or None after
@@ -223,7 +262,7 @@ class Checkpoints:
         try:
             meta = self.read_meta(kind, step)
         except Exception as e:  # Orbax raises many types for damaged files.
-            return self._failed(kind, step, e, listing)
+            return self._failed(kind, step, e, listing, fallback)
         if meta.get("structure") != structure_signature(abstract_state):
             raise IncompatibleCheckpointError(
                 f"The {kind} checkpoint at step {step} in {manager.directory} holds a state of "
@@ -238,7 +277,7 @@ class Checkpoints:
                 ),
             )
         except Exception as e:  # TensorStore raises plain Exception for damaged chunks.
-            return self._failed(kind, step, e, listing)
+            return self._failed(kind, step, e, listing, fallback)
         actual = state_lib.checksum(restored.state)
         if int(meta.get("checksum", -1)) != actual:
             return self._failed(
@@ -248,23 +287,26 @@ class Checkpoints:
                     f"checksum mismatch: saved {meta.get('checksum')}, restored bits give {actual}"
                 ),
                 listing,
+                fallback,
             )
         return restored.state, meta
 
-    def _failed(self, kind: str, step: int, error: Exception, listing: list[int]) -> Any:
+    def _failed(
+        self, kind: str, step: int, error: Exception, listing: list[int], fallback: bool
+    ) -> Any:
         """``_GONE`` if the steps on disk changed since ``listing`` (the step was rotated
         away, or is being deleted), else the damaged step is skipped (``_skip``)."""
         if self.steps(kind) != listing:
             return _GONE
-        return self._skip(kind, step, error)
+        return self._skip(kind, step, error, fallback)
 
-    def _skip(self, kind: str, step: int, error: Exception) -> None:
-        """Warns about a bad checkpoint and (unless read-only) moves it aside."""
+    def _skip(self, kind: str, step: int, error: Exception, fallback: bool) -> None:
+        """Warns about a bad checkpoint in one line and (unless read-only) moves it aside."""
         manager = self._managers[kind]
         where = os.path.join(str(manager.directory), str(step))
         message = (
-            f"Skipping {kind} checkpoint at step {step} ({where}): it is unreadable or "
-            f"corrupt ({type(error).__name__}: {str(error)[:300]})."
+            f"Skipping the {kind} checkpoint at step {step} ({where}): it is unreadable or "
+            f"corrupt ({_summary(error)})"
         )
         if not self._read_only:
             target = os.path.join(
@@ -275,8 +317,12 @@ class Checkpoints:
                 shutil.move(where, target)
             multihost_utils.sync_global_devices(f"checkpoint_skip_{kind}_{step}")
             manager.reload()
-            message += f" Moved to {target}; falling back to the previous checkpoint."
-        warnings.warn(message, CheckpointCorruptWarning, stacklevel=5)
+            message += f"; moved to {target}"
+        warning = CheckpointCorruptWarning(
+            message + ("; falling back to the previous checkpoint." if fallback else ".")
+        )
+        warning.__cause__ = error  # Its traceback shows under --debug (cli.one_line_warnings).
+        warnings.warn(warning, stacklevel=5)
         return None
 
     def read_meta(self, kind: str, step: int) -> dict[str, Any]:
@@ -288,10 +334,19 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Blocks until every pending asynchronous save is committed."""
-        for manager in self._managers.values():
-            manager.wait_until_finished()
+        for kind, manager in self._managers.items():
+            with self._writing(kind):
+                manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the managers."""
-        for manager in self._managers.values():
-            manager.close()
+        """Waits for pending saves and releases the managers; every manager is closed even
+        if a save failed, and the first failure is raised."""
+        failure = None
+        for kind, manager in self._managers.items():
+            try:
+                with self._writing(kind):
+                    manager.close()
+            except Exception as e:  # noqa: BLE001  Raised below, once all are closed.
+                failure = failure or e
+        if failure is not None:
+            raise failure

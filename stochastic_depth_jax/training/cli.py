@@ -10,15 +10,21 @@ and exits with ``128 + signal``; a plain Ctrl-C elsewhere prints one line and ex
 
 While ``main()`` runs, the project's own warnings (:class:`logs.RunWarning`, or a plain
 ``UserWarning`` raised from this package's code) print as one ``warning: <message>`` line,
-without Python's source location; other libraries' warnings keep their usual form.
+without Python's source location; other libraries' warnings keep their usual form. A
+warning raised from an exception (a skipped checkpoint) adds that exception's traceback
+under ``--debug``. Libraries' log records of an exception reported here in one line (Orbax
+logging a full disk from its background save threads before the save raises it to the
+trainer) are dropped unless ``--debug``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import gc
+import logging
 import os
 import sys
+import traceback
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -30,16 +36,8 @@ from stochastic_depth_jax.training import workdir as workdir_lib
 __all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors"]
 
 DEBUG_ENV = "SDJ_DEBUG"
-# Disk and permission failures a user fixes by freeing space or choosing another path.
-_ANTICIPATED_ERRNOS = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-    errno.EACCES,
-    errno.EPERM,
-    errno.ENOTDIR,
-    errno.EEXIST,
-}
+# What stays quiet until the process exits (see run_reporting_errors).
+_QUIET_UNTIL_EXIT: list[contextlib.ExitStack] = []
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -50,9 +48,50 @@ def debug_requested(argv: list[str]) -> bool:
 def _message(error: BaseException) -> str | None:
     if isinstance(error, errors.Error):
         return str(error)
-    if isinstance(error, OSError) and error.errno in _ANTICIPATED_ERRNOS:
-        return workdir_lib.describe_os_error(error, error.filename or "a file")
+    os_error = workdir_lib.anticipated_os_error(error)
+    if os_error is not None:
+        return workdir_lib.describe_os_error(os_error, os_error.filename or "a file")
     return None
+
+
+@contextlib.contextmanager
+def _library_reports_dropped() -> Iterator[list[BaseException]]:
+    """Drops what libraries print of an error that is reported here in one line; yields the
+    list of such errors they reported (logged) meanwhile.
+
+    A full disk fails one of the many writes of an asynchronous Orbax save. Orbax logs the
+    failure from each background thread it passes through (absl) and closes the save's event
+    loop with the other writes still in flight: asyncio reports each one's exception when it
+    is garbage-collected, and TensorStore's callbacks into the closed loop fail ("Event loop
+    is closed", unraisable). The failure itself reaches the trainer at its next save, wait or
+    close, and is reported once. Log records and unraisable errors that are such an error are
+    dropped, and so are callbacks into a closed event loop: an event loop closed with work
+    in flight is a failure that is itself reported, here or with its traceback.
+    """
+    seen: list[BaseException] = []
+
+    def drop(record: logging.LogRecord) -> bool:
+        if record.exc_info and _message(record.exc_info[1]) is not None:
+            seen.append(record.exc_info[1])
+            return True
+        return False
+
+    original = sys.unraisablehook
+
+    def unraisable_hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        # At exit, what the failed save abandoned is finalised too late to clean up.
+        finalising = bool(seen) and sys.is_finalizing()
+        if _message(error) is None and not closed_loop and not finalising:
+            original(unraisable)
+
+    sys.unraisablehook = unraisable_hook
+    try:
+        with logs.drop_library_records(drop):
+            yield seen
+    finally:
+        sys.unraisablehook = original
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(stochastic_depth_jax.__file__)) + os.sep
@@ -67,18 +106,22 @@ def _ours(category: type, filename: str) -> bool:
 
 
 @contextlib.contextmanager
-def one_line_warnings() -> Iterator[None]:
+def one_line_warnings(debug: bool = False) -> Iterator[None]:
     """Formats the project's warnings as ``warning: <message>`` while the block runs.
 
     Only the text changes (``warnings.formatwarning``, restored afterwards): filters still
     decide whether a warning is shown, ``catch_warnings(record=True)`` still records it, and
-    other libraries' warnings keep Python's format with their source location.
+    other libraries' warnings keep Python's format with their source location. With
+    ``debug``, a warning raised from an exception (its ``__cause__``) is followed by that
+    exception's traceback.
     """
     original = warnings.formatwarning
 
     def format_warning(message, category, filename, lineno, line=None):
         if _ours(category, filename):
-            return f"warning: {message}\n"
+            cause = getattr(message, "__cause__", None)
+            details = "".join(traceback.format_exception(cause)) if debug and cause else ""
+            return f"warning: {message}\n{details}"
         return original(message, category, filename, lineno, line)
 
     warnings.formatwarning = format_warning
@@ -90,23 +133,35 @@ def one_line_warnings() -> Iterator[None]:
 
 def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
     """Runs ``main()``; anticipated errors exit with one ``error:`` message (status 1), and
-    the project's warnings print as one ``warning:`` line each (:func:`one_line_warnings`)."""
-    try:
-        with one_line_warnings():
-            return main()
-    except stopping.Stopped as e:  # a requested stop, not a failure
-        if debug:
-            raise
-        print(str(e), file=sys.stderr, flush=True)
-        sys.exit(e.exit_status)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001  Filtered below: bugs are re-raised.
-        message = _message(e)
-        if message is None or debug:
-            raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    the project's warnings print as one ``warning:`` line each (:func:`one_line_warnings`).
+
+    Unless ``debug``, what libraries print of the errors reported here is dropped
+    (:func:`_library_reports_dropped`); after a background save failed that way, until the
+    process exits: its abandoned writes end during the exit.
+    """
+    with contextlib.ExitStack() as quiet:
+        seen: list[BaseException] = []
+        try:
+            with one_line_warnings(debug):
+                if not debug:
+                    seen = quiet.enter_context(_library_reports_dropped())
+                return main()
+        except stopping.Stopped as e:  # a requested stop, not a failure
+            if debug:
+                raise
+            print(str(e), file=sys.stderr, flush=True)
+            sys.exit(e.exit_status)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001  Filtered below: bugs are re-raised.
+            message = _message(e)
+            if message is None or debug:
+                raise
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            if seen:
+                gc.collect()  # Finalises what the failed save abandoned while imports work.
+                _QUIET_UNTIL_EXIT.append(quiet.pop_all())  # The rest of it ends at exit.
+            sys.exit(1)

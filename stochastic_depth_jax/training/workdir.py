@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -26,24 +27,53 @@ from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import errors, logs
 
-__all__ = ["LOCK_FILE", "WorkdirLock", "prepare_workdir", "describe_os_error"]
+__all__ = [
+    "LOCK_FILE",
+    "WorkdirLock",
+    "prepare_workdir",
+    "describe_os_error",
+    "anticipated_os_error",
+]
 
 LOCK_FILE = "run.lock"
+
+# Disk and permission failures a user fixes by freeing space or choosing another path.
+_FIXES = {
+    errno.ENOSPC: "free some space or use another --workdir",
+    errno.EDQUOT: "free some space or use another --workdir",
+    errno.EROFS: "the filesystem is read-only; use another --workdir",
+    errno.EACCES: "no permission to write there; use another --workdir",
+    errno.EPERM: "no permission to write there; use another --workdir",
+    errno.ENOTDIR: "a file is in the way of the directory; use another --workdir",
+    errno.EEXIST: "a file is in the way of the directory; use another --workdir",
+}
+# TensorStore, which writes Orbax's arrays, raises a ValueError whose message ends with the
+# OS error's number: "... No space left on device [os_error_code='28']".
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 def describe_os_error(error: OSError, path: str) -> str:
     """One line for a failed write: what happened where, and what to do."""
-    fixes = {
-        errno.ENOSPC: "free some space or use another --workdir",
-        errno.EDQUOT: "free some space or use another --workdir",
-        errno.EROFS: "the filesystem is read-only; use another --workdir",
-        errno.EACCES: "no permission to write there; use another --workdir",
-        errno.EPERM: "no permission to write there; use another --workdir",
-        errno.ENOTDIR: "a file is in the way of the directory; use another --workdir",
-        errno.EEXIST: "a file is in the way of the directory; use another --workdir",
-    }
-    fix = fixes.get(error.errno, "check the path and the disk")
+    fix = _FIXES.get(error.errno, "check the path and the disk")
     return f"Cannot write {path} ({error.strerror or error}): {fix}."
+
+
+def anticipated_os_error(error: BaseException) -> OSError | None:
+    """The disk or permission failure (full disk, read-only, ...) that ``error`` is or was
+    raised from (``raise ... from``), as an ``OSError``; None for any other error.
+
+    Also recognises TensorStore's errors, which carry the OS error's number in their text.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FIXES:
+            return error
+        code = _OS_ERROR_CODE.search(str(error))
+        if code and int(code.group(1)) in _FIXES:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        error = error.__cause__
+    return None
 
 
 def prepare_workdir(path: str) -> bool:
