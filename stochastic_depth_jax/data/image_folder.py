@@ -53,10 +53,10 @@ def _warn_skipped(split_dir: str, skipped: list[str]) -> None:
         examples = ", ".join(repr(s) for s in skipped[:3])
         entries = "entry" if len(skipped) == 1 else "entries"
         warnings.warn(
-            f"Skipped {len(skipped)} {entries} of {split_dir!r} that are not class directories "
-            f"or their {'/'.join(IMAGE_EXTENSIONS)} images ({examples}"
-            f"{', ...' if len(skipped) > 3 else ''}); images in sub-directories of a class "
-            f"are not read.", logs.RunWarning, stacklevel=3)
+            f"Skipped {len(skipped)} {entries} of {split_dir!r} ({examples}"
+            f"{', ...' if len(skipped) > 3 else ''}): only class directories and the "
+            f"{'/'.join(IMAGE_EXTENSIONS)} images directly in them are read.",
+            logs.RunWarning, stacklevel=3)
 
 
 def _class_order(names: list[str]) -> list[str]:
@@ -180,7 +180,8 @@ def load(root: str) -> tuple[list[str], Split, Split]:
         raise errors.DataError(
             f"Image folder {root!r}: train and test classes differ; only in train: "
             f"{sorted(set(classes) - set(test_classes))}, only in test: "
-            f"{sorted(set(test_classes) - set(classes))}.")
+            f"{sorted(set(test_classes) - set(classes))}; give both the same class "
+            f"directories.")
     train_paths, train_images, train_labels = _read_split(
         os.path.join(root, "train"), classes, train_skipped)
     test_paths, test_images, test_labels = _read_split(
