@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from stochastic_depth_jax import data
+from stochastic_depth_jax import data, errors
 from stochastic_depth_jax.data import builders, sources, splits
 
 
@@ -199,13 +199,151 @@ def test_image_folder_mixed_sizes(tmp_path):
     root = _folder(tmp_path)
     odd = os.path.join(root, "test", "class0", "odd.png")
     Image.fromarray(np.zeros((20, 32, 3), np.uint8)).save(odd)
-    with pytest.raises(ValueError, match="odd.png.*one size"):
+    with pytest.raises(errors.DataError, match="odd.png' is 32x20 but '.*train/class0/0.png' is "
+                       "32x32 .*one size: resize them"):
         data.load_dataset(f"image_folder:{root}")
 
 
 def test_image_folder_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train"):
+    with pytest.raises(FileNotFoundError, match="Image folder '.*nothing' does not exist"):
         data.load_dataset(f"image_folder:{tmp_path / 'nothing'}")
+
+
+def test_image_folder_root_mistakes(tmp_path, monkeypatch):
+    root = _folder(tmp_path)
+    with pytest.raises(errors.DataError, match="0.png' is a file, not a directory"):
+        data.load_dataset(f"image_folder:{os.path.join(root, 'train', 'class0', '0.png')}")
+    with pytest.raises(errors.DataError, match="image_folder: needs a path"):
+        data.load_dataset("image_folder:")
+    monkeypatch.setenv("HOME", str(tmp_path))  # `~` is expanded, as a shell would.
+    assert data.load_dataset("image_folder:~/f/", validation_size=0).class_names == (
+        "class0", "class1")
+
+
+def _save(path, pixels, mode=None, **kwargs):
+    from PIL import Image
+    Image.fromarray(pixels, mode).save(path, **kwargs)
+
+
+def _gray_folder(root, pixels, names=("a", "b")):
+    """root/{train,test}/<name>/0.png, grayscale."""
+    for split in ("train", "test"):
+        for name in names:
+            os.makedirs(os.path.join(root, split, name))
+            _save(os.path.join(root, split, name, "0.png"), pixels, "L")
+    return root
+
+
+def test_image_folder_converts_every_mode_to_8_bit_rgb(tmp_path):
+    """Grayscale, palette, RGBA and 16-bit PNGs mixed with RGB ones: all 3-channel uint8,
+    the 16-bit one scaled (65535 -> 255), not clipped."""
+    root = _folder(tmp_path)
+    ramp = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32)
+    class0 = os.path.join(root, "train", "class0")
+    _save(os.path.join(class0, "gray.png"), (ramp // 4).astype(np.uint8), "L")
+    _save(os.path.join(class0, "pal.png"), np.full((32, 32), 7, np.uint8), "P")
+    _save(os.path.join(class0, "rgba.png"), np.full((32, 32, 4), 9, np.uint8), "RGBA")
+    _save(os.path.join(class0, "deep.png"), ramp * 64)  # 16-bit: 0..65472
+    ds = data.load_dataset(f"image_folder:{root}", validation_size=0)
+    assert ds.image_shape == (32, 32, 3) and len(ds.train) == 8
+    by_name = dict(zip(["deep", "gray", "pal", "rgba"], ds.train.images[2:6]))  # after 0, 1
+    np.testing.assert_array_equal(by_name["deep"][..., 0], (ramp.astype(np.int64) * 64 * 255
+                                                           + 32767) // 65535)
+    np.testing.assert_array_equal(by_name["deep"][..., 0], by_name["deep"][..., 2])
+    np.testing.assert_array_equal(by_name["gray"][..., 1], ramp // 4)
+    assert by_name["rgba"].max() == 9 and by_name["rgba"].min() == 9
+
+
+def test_image_folder_of_grayscale_images_has_three_channels(tmp_path):
+    root = _gray_folder(str(tmp_path / "g"), np.full((8, 8), 50, np.uint8))
+    ds = data.load_dataset(f"image_folder:{root}", validation_size=0)
+    assert ds.image_shape == (8, 8, 3) and ds.mean.shape == (3,)
+
+
+def test_image_folder_applies_exif_orientation(tmp_path):
+    """A phone photo stored sideways with an EXIF rotation is read as a viewer shows it."""
+    from PIL import Image
+    root = _folder(tmp_path)  # 32x32 images
+    stored = np.zeros((32, 16, 3), np.uint8)
+    stored[:, :8] = 255  # left half white as stored; the top half once rotated
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    for split in ("train", "test"):
+        for name in ("class0", "class1"):
+            os.remove(os.path.join(root, split, name, "0.png"))
+            _save(os.path.join(root, split, name, "0.jpg"), stored, exif=exif, quality=100)
+    for split in ("train", "test"):  # the others: 16 high, 32 wide, as displayed
+        for name in ("class0", "class1"):
+            for path in os.listdir(os.path.join(root, split, name)):
+                if path.endswith(".png"):
+                    _save(os.path.join(root, split, name, path), np.zeros((16, 32, 3), np.uint8))
+    ds = data.load_dataset(f"image_folder:{root}", validation_size=0)
+    assert ds.image_shape == (16, 32, 3)
+    shown = ds.train.images[0].mean(-1)
+    assert shown[:8].mean() > 200 and shown[8:].mean() < 50
+
+
+def test_image_folder_reads_other_formats_and_names_what_it_skips(tmp_path):
+    root = _folder(tmp_path)
+    class0 = os.path.join(root, "train", "class0")
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    for name in ("a.BMP", "b.webp", "c.tif", "d.JPG", "e.Png"):
+        fmt = {"d.JPG": "JPEG", "e.Png": "PNG"}.get(name)
+        _save(os.path.join(class0, name), pixels, format=fmt)
+    for junk in (".DS_Store", "Thumbs.db", "._0.png"):  # system files: skipped silently
+        open(os.path.join(class0, junk), "wb").write(b"junk")
+    open(os.path.join(class0, "README.txt"), "w").write("about cats")
+    os.makedirs(os.path.join(class0, "more"))
+    _save(os.path.join(class0, "more", "x.png"), pixels)
+    _save(os.path.join(root, "train", "loose.png"), pixels)
+    with pytest.warns(UserWarning, match="Skipped 3 entries of .*train' \\('loose.png', "
+                      "'class0/more/', 'class0/README.txt'\\): only class directories and "
+                      ".* images directly in them") as caught:
+        ds = data.load_dataset(f"image_folder:{root}", validation_size=0)
+    assert len(caught) == 1
+    np.testing.assert_array_equal(np.bincount(ds.train.labels), [7, 2])
+
+
+def test_image_folder_numeric_class_names_are_ordered_by_value(tmp_path):
+    root = data.testing.make_image_folder(str(tmp_path / "n"), classes=["10", "2", "1"],
+                                          per_class_train=1, per_class_test=1, size=(4, 4))
+    assert data.load_dataset(f"image_folder:{root}", validation_size=0).class_names == (
+        "1", "2", "10")
+    os.rename(os.path.join(root, "train", "10"), os.path.join(root, "train", "cat"))
+    os.rename(os.path.join(root, "test", "10"), os.path.join(root, "test", "cat"))
+    assert data.load_dataset(f"image_folder:{root}", validation_size=0).class_names == (
+        "1", "2", "cat")
+
+
+@pytest.mark.parametrize("fmt, content, expected", [
+    ("PNG", b"", "cannot identify image file"),
+    ("PNG", "truncate", "truncated"),
+    ("JPEG", "truncate", "runcated"),
+    ("TIFF", "float", "floating-point pixels.*convert it to an 8- or 16-bit image"),
+])
+def test_image_folder_bad_files_are_one_error_naming_them(tmp_path, fmt, content, expected):
+    root = _folder(tmp_path)
+    path = os.path.join(root, "test", "class1", f"bad.{fmt.lower()}")
+    if content == "float":
+        _save(path, np.zeros((32, 32), np.float32))
+    elif content == "truncate":
+        _save(path, np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8), format=fmt)
+        whole = open(path, "rb").read()
+        open(path, "wb").write(whole[:len(whole) // 2])
+    else:
+        open(path, "wb").write(content)
+    with pytest.raises(errors.DataError, match=f"bad.{fmt.lower()}.*{expected}"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+def test_validation_fraction_that_holds_out_nothing_or_everything_is_refused():
+    split = splits.Split(np.zeros((4, 2, 2, 3), np.uint8), np.arange(4, dtype=np.int32))
+    with pytest.raises(errors.DataError, match="validation_size=0.1 of the 4 training examples "
+                       "holds out 0, leaving 4.*a count such as 1, or 0 for no validation"):
+        splits.holdout(split, 0.1, 0)
+    with pytest.raises(errors.DataError, match="holds out 4, leaving 0"):
+        splits.holdout(split, 0.9, 0)
+    assert splits.holdout(split, 0.0, 0)[1] is None and len(splits.holdout(split, 0.25, 0)[1]) == 1
 
 
 def test_decoded_cache_is_reused_and_rebuilt_when_stale_or_broken(tmp_path, monkeypatch):

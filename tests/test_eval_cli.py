@@ -234,6 +234,26 @@ def test_relocate_data_moves_an_image_folder_and_keeps_the_run_config(tmp_path):
     assert config.dataset == "image_folder:/old/images"  # the run's own config is unchanged
 
 
+def test_run_json_records_class_names_and_evaluation_refuses_another_order(tmp_path):
+    """An image folder's label order is recorded; the same images under other class names
+    (labels meaning other classes) are refused, not evaluated against the wrong labels."""
+    from stochastic_depth_jax import data
+    from stochastic_depth_jax.training import evaluate, setup
+
+    folder = data.testing.make_image_folder(str(tmp_path / "f"), classes=["1", "2", "10"],
+                                            per_class_train=2, per_class_test=1, size=(4, 4))
+    config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{folder}"])
+    ds = data.load_dataset(config.dataset, validation_size=0)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    recorded = setup.run_metadata(config, ds, mesh)["data"]
+    assert recorded["class_names"] == ["1", "2", "10"]
+    evaluate.check_same_data(recorded, ds, folder)
+    with pytest.raises(errors.DataError, match="class names or their label order differ"):
+        evaluate.check_same_data(dict(recorded, class_names=["1", "10", "2"]), ds, folder)
+    evaluate.check_same_data({k: v for k, v in recorded.items() if k != "class_names"}, ds,
+                             folder)  # a run.json written before names were recorded
+
+
 # ---- sweep.py ------------------------------------------------------------------------------
 
 def _sweep_argv(root, *extra):

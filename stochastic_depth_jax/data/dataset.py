@@ -27,7 +27,8 @@ class Dataset:
       mean, std: float32 [C], per channel over the train split, in [0, 255]
         pixel units; normalised = (pixel - mean) / std. Record them with the run.
       augment: 'flip_translate' (CIFAR, image folders) or 'none' (SVHN).
-      class_names: label names for image folders, else None.
+      class_names: label names for image folders (label i is class_names[i]),
+        else None.
     """
     name: str
     num_classes: int
@@ -77,7 +78,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
 
     Args:
       name: 'cifar10', 'cifar100', 'svhn' (tfds 'svhn_cropped', train + extra),
-        or 'image_folder:<path>' (root/train/<class>/*.png|jpg, root/test/...).
+        or 'image_folder:<path>' (root/train/<class>/*.png|jpg, root/test/...;
+        every image read as 8-bit RGB, see image_folder.py).
       data_dir: tfds data directory; None -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
       download: allow downloading + preparing (array_record) when not prepared.
       validation_size: None for the paper's (CIFAR: 5,000 = 10% of train; SVHN:

@@ -1,103 +1,191 @@
 """A custom source: `root/train/<class>/*.png|jpg` and `root/test/<class>/...`.
 
 The layout tfds's ImageFolder reads; we read it with Pillow directly (no
-preparation step). Classes are the sorted sub-directory names of train/.
+preparation step). Classes are the sub-directory names of train/, sorted as
+strings, or by value when every name is a whole number ('2' before '10').
+Every image becomes 8-bit RGB as a viewer shows it: EXIF orientation applied,
+grayscale and palette images expanded to three channels, transparency dropped,
+16-bit images scaled to 8 bits.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import warnings
 
 import numpy as np
 
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.data.splits import Split
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Files operating systems leave in folders: skipped without a warning, as hidden ones.
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+_LAYOUT = "expected <root>/train/<class>/*.png|jpg and <root>/test/<class>/..."
 # Pillow decodes with the GIL released, so threads decode in parallel.
 _READ_THREADS = min(16, os.cpu_count() or 1)
 
 
-def list_classes(split_dir: str) -> list[str]:
-    """Sorted class directory names under `split_dir` (hidden entries ignored)."""
+def _entries(directory: str) -> tuple[list[str], list[str], list[str]]:
+    """(sub-directories, image files, other entries) of `directory`, each sorted; hidden
+    and system files are left out."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as error:
+        raise errors.DataError(f"Cannot list {directory!r} ({error.strerror}); check its "
+                               f"permissions.") from error
+    dirs, images, other = [], [], []
+    for name in names:
+        if name.startswith(".") or name.lower() in _SYSTEM_FILES:
+            continue
+        if os.path.isdir(os.path.join(directory, name)):
+            dirs.append(name)
+        elif name.lower().endswith(IMAGE_EXTENSIONS):
+            images.append(name)
+        else:
+            other.append(name)
+    return dirs, images, other
+
+
+def _warn_skipped(split_dir: str, skipped: list[str]) -> None:
+    """One warning naming what under `split_dir` is not read (never silently)."""
+    if skipped:
+        examples = ", ".join(repr(s) for s in skipped[:3])
+        entries = "entry" if len(skipped) == 1 else "entries"
+        warnings.warn(
+            f"Skipped {len(skipped)} {entries} of {split_dir!r} ({examples}"
+            f"{', ...' if len(skipped) > 3 else ''}): only class directories and the "
+            f"{'/'.join(IMAGE_EXTENSIONS)} images directly in them are read.",
+            logs.RunWarning, stacklevel=3)
+
+
+def _class_order(names: list[str]) -> list[str]:
+    """Names sorted as strings, or by value when all are whole numbers ('2' < '10')."""
+    if names and all(name.isascii() and name.isdigit() for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
+
+
+def list_classes(split_dir: str) -> tuple[list[str], list[str]]:
+    """(class directory names under `split_dir` in label order (see `_class_order`),
+    the other entries there, which are not read)."""
     if not os.path.isdir(split_dir):
         raise errors.DataFileNotFoundError(
-            f"Image folder split {split_dir!r} does not exist; expected "
-            f"<root>/train/<class>/*.png|jpg and <root>/test/<class>/...")
-    return sorted(d for d in os.listdir(split_dir)
-                  if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+            f"Image folder split {split_dir!r} does not exist; {_LAYOUT}")
+    dirs, images, other = _entries(split_dir)
+    return _class_order(dirs), images + other
 
 
 def _read_image(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """uint8 [H, W, 3]: the image as a viewer shows it (see the module docstring)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), np.uint8)
-    except (OSError, UnidentifiedImageError) as error:
-        raise errors.DataError(f"Cannot read image {path!r} ({error}); fix or remove it.") from error
+            image = ImageOps.exif_transpose(image)
+            if image.mode != "F" and not image.mode.startswith("I"):
+                return np.asarray(image.convert("RGB"), np.uint8)
+            pixels = np.asarray(image)  # one channel, 16 or 32 bits
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+            Image.DecompressionBombError) as error:
+        raise errors.DataError(
+            f"Cannot read image {path!r} ({error}); fix or remove it.") from error
+    return _gray_to_rgb(path, pixels)
 
 
-def _class_files(class_dir: str) -> list[str]:
-    files = sorted(f for f in os.listdir(class_dir)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-    if not files:
+def _gray_to_rgb(path: str, pixels: np.ndarray) -> np.ndarray:
+    """A 16-bit grayscale image scaled to 8 bits (65535 -> 255) and repeated to RGB."""
+    if pixels.dtype.kind == "f" or pixels.min() < 0 or pixels.max() > 65535:
+        kind = "floating-point" if pixels.dtype.kind == "f" else "32-bit"
+        raise errors.DataError(
+            f"Image {path!r} has {kind} pixels (values {pixels.min()}..{pixels.max()}), not "
+            f"8 or 16 bits; convert it to an 8- or 16-bit image.")
+    gray = (pixels.astype(np.int64) * 255 + 32767) // 65535
+    return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
+    """(image paths, skipped entries) of a class directory."""
+    dirs, images, other = _entries(class_dir)
+    if not images:
         raise errors.DataError(f"Class directory {class_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} "
-                         f"images; add some or remove the directory.")
-    return [os.path.join(class_dir, f) for f in files]
+                               f"images; add some or remove the directory.")
+    skipped = [name + "/" for name in dirs] + other
+    name = os.path.basename(class_dir)
+    return [os.path.join(class_dir, f) for f in images], [f"{name}/{s}" for s in skipped]
 
 
-def read_split(split_dir: str, classes: list[str],
-               image_shape: tuple[int, int, int] | None = None) -> Split:
-    """Reads every image of `split_dir/<class>/`, labelled by its index in `classes`.
-
-    Args:
-      split_dir: e.g. root/train.
-      classes: class names; label i is classes[i].
-      image_shape: required (H, W, 3) or None to take the first image's shape.
-
-    Returns:
-      Split: images uint8 [N, H, W, 3] (converted to RGB), labels int32 [N].
-
-    Raises:
-      ValueError: an empty class, an unreadable file, or a size mismatch; the
-        message names the path.
-    """
+def _read_split(split_dir: str, classes: list[str], skipped: list[str]
+                ) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """(paths, images uint8 [H, W, 3], labels int32 [N]) of `split_dir/<class>/`, each image
+    labelled by its class's index in `classes`; warns once about what is not read (the
+    `skipped` entries of `split_dir` and those of its class directories)."""
+    skipped = list(skipped)
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = _class_files(os.path.join(split_dir, name))
+        files, skip = _class_files(os.path.join(split_dir, name))
         paths += files
         labels += [label] * len(files)
+        skipped += skip
+    _warn_skipped(split_dir, skipped)
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
         images = list(pool.map(_read_image, paths))  # in order; the first error is raised
+    return paths, images, np.asarray(labels, np.int32)
+
+
+def _check_one_size(paths: list[str], images: list[np.ndarray]) -> None:
+    """Refuses images of different sizes, naming one of each size and the fix."""
+    (height, width, _) = images[0].shape
     for path, image in zip(paths, images):
-        image_shape = image_shape or image.shape
-        if image.shape != tuple(image_shape):
+        if image.shape != images[0].shape:
             raise errors.DataError(
-                f"Image {path!r} is {image.shape[1]}x{image.shape[0]} but the others "
-                f"are {image_shape[1]}x{image_shape[0]} (width x height); all images "
-                f"must have one size: resize them first.")
-    return Split(np.stack(images), np.asarray(labels, np.int32))
+                f"Images differ in size: {path!r} is {image.shape[1]}x{image.shape[0]} but "
+                f"{paths[0]!r} is {width}x{height} (width x height); all images must have "
+                f"one size: resize them first.")
+
+
+def _check_root(root: str) -> None:
+    if not root:
+        raise errors.DataError(f"image_folder: needs a path, e.g. image_folder:/data/pets; "
+                               f"{_LAYOUT}")
+    if not os.path.exists(root):
+        raise errors.DataFileNotFoundError(f"Image folder {root!r} does not exist; {_LAYOUT}")
+    if not os.path.isdir(root):
+        raise errors.DataError(f"Image folder {root!r} is a file, not a directory; {_LAYOUT}")
 
 
 def load(root: str) -> tuple[list[str], Split, Split]:
-    """Reads an image folder.
+    """Reads an image folder (`~` in `root` is expanded).
 
     Returns:
-      (classes, train, test): class names, and the two Splits.
+      (classes, train, test): class names (label i is classes[i]), and the two
+      Splits: images uint8 [N, H, W, 3], labels int32 [N].
+
+    Raises:
+      errors.DataError: a missing or empty directory, an unreadable file, images of
+        different sizes, or classes that differ between train/ and test/; the
+        message names the path.
     """
-    classes = list_classes(os.path.join(root, "train"))
+    root = os.path.expanduser(root)
+    _check_root(root)
+    classes, train_skipped = list_classes(os.path.join(root, "train"))
     if not classes:
-        raise errors.DataError(f"{os.path.join(root, 'train')!r} has no class directories.")
+        raise errors.DataError(
+            f"{os.path.join(root, 'train')!r} has no class directories; {_LAYOUT}")
     if len(classes) < 2:
         raise errors.DataError(
             f"Image folder {root!r} has one class ({classes[0]!r}): a classifier needs at least "
             "two class directories under train/ and test/.")
-    test_classes = list_classes(os.path.join(root, "test"))
+    test_classes, test_skipped = list_classes(os.path.join(root, "test"))
     if test_classes != classes:
         raise errors.DataError(
             f"Image folder {root!r}: train and test classes differ; only in train: "
             f"{sorted(set(classes) - set(test_classes))}, only in test: "
-            f"{sorted(set(test_classes) - set(classes))}.")
-    train = read_split(os.path.join(root, "train"), classes)
-    test = read_split(os.path.join(root, "test"), classes, train.images.shape[1:])
-    return classes, train, test
+            f"{sorted(set(test_classes) - set(classes))}; give both the same class "
+            f"directories.")
+    train_paths, train_images, train_labels = _read_split(
+        os.path.join(root, "train"), classes, train_skipped)
+    test_paths, test_images, test_labels = _read_split(
+        os.path.join(root, "test"), classes, test_skipped)
+    _check_one_size(train_paths + test_paths, train_images + test_images)
+    return (classes, Split(np.stack(train_images), train_labels),
+            Split(np.stack(test_images), test_labels))

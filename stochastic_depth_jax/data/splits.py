@@ -60,7 +60,13 @@ def resolve_count(validation_size: int | float, num_examples: int) -> int:
         if not 0.0 <= validation_size < 1.0:
             raise errors.DataError(f"validation_size as a fraction must be in [0, 1), got "
                              f"{validation_size}.")
-        return int(round(validation_size * num_examples))
+        count = int(round(validation_size * num_examples))
+        if validation_size > 0 and not 0 < count < num_examples:
+            raise errors.DataError(
+                f"validation_size={validation_size} of the {num_examples} training examples "
+                f"holds out {count}, leaving {num_examples - count} to train on; pass another "
+                f"fraction, a count such as 1, or 0 for no validation set.")
+        return count
     count = int(validation_size)
     if not 0 <= count < num_examples:
         raise errors.DataError(

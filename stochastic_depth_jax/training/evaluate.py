@@ -119,8 +119,8 @@ _DATA_FINGERPRINT = (
 
 
 def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str) -> None:
-    """Refuses a dataset that differs from the one a run recorded (sizes, shape, classes,
-    the training split's channel statistics).
+    """Refuses a dataset that differs from the one a run recorded (sizes, shape, classes
+    and their label order, the training split's channel statistics).
 
     Raises:
       errors.DataError: naming the first differences and where the data was read.
@@ -129,6 +129,9 @@ def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str) 
     for key, value in _DATA_FINGERPRINT:
         if key in recorded and recorded[key] != value(ds):
             diffs.append(f"{key} {recorded[key]} recorded, {value(ds)} here")
+    names = None if ds.class_names is None else list(ds.class_names)
+    if recorded.get("class_names", names) != names:
+        diffs.append("class names or their label order differ")
     for key in ("mean", "std"):
         if key in recorded and not np.allclose(recorded[key], getattr(ds, key), rtol=1e-5):
             diffs.append(f"training-split channel {key} differs")

@@ -335,6 +335,8 @@ def run_metadata(
         "data": {
             "name": ds.name,
             "num_classes": ds.num_classes,
+            # Label i is class_names[i] (image folders; None for tfds datasets).
+            "class_names": None if ds.class_names is None else list(ds.class_names),
             "image_shape": list(ds.image_shape),
             "augment": ds.augment,
             "mean": [float(v) for v in ds.mean],
