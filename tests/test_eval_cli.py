@@ -246,10 +246,10 @@ def test_run_json_records_class_names_and_evaluation_refuses_another_order(tmp_p
     ds = data.load_dataset(config.dataset, validation_size=0)
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     recorded = setup.run_metadata(config, ds, mesh)["data"]
-    assert recorded["class_names"] == ["1", "2", "10"]
+    assert recorded["class_names"] == ["1", "10", "2"]
     evaluate.check_same_data(recorded, ds, folder)
     with pytest.raises(errors.DataError, match="class names or their label order differ"):
-        evaluate.check_same_data(dict(recorded, class_names=["1", "10", "2"]), ds, folder)
+        evaluate.check_same_data(dict(recorded, class_names=["1", "2", "10"]), ds, folder)
     evaluate.check_same_data({k: v for k, v in recorded.items() if k != "class_names"}, ds,
                              folder)  # a run.json written before names were recorded
 

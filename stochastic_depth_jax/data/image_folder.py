@@ -2,7 +2,7 @@
 
 The layout tfds's ImageFolder reads; we read it with Pillow directly (no
 preparation step). Classes are the sub-directory names of train/, sorted as
-strings, or by value when every name is a whole number ('2' before '10').
+strings ('10' before '2', as torchvision's ImageFolder and earlier runs order them).
 Every image becomes 8-bit RGB as a viewer shows it: EXIF orientation applied,
 grayscale and palette images expanded to three channels, transparency dropped,
 16-bit images scaled to 8 bits.
@@ -59,21 +59,14 @@ def _warn_skipped(split_dir: str, skipped: list[str]) -> None:
             logs.RunWarning, stacklevel=3)
 
 
-def _class_order(names: list[str]) -> list[str]:
-    """Names sorted as strings, or by value when all are whole numbers ('2' < '10')."""
-    if names and all(name.isascii() and name.isdigit() for name in names):
-        return sorted(names, key=lambda name: (int(name), name))
-    return sorted(names)
-
-
 def list_classes(split_dir: str) -> tuple[list[str], list[str]]:
-    """(class directory names under `split_dir` in label order (see `_class_order`),
+    """(class directory names under `split_dir` in label order (sorted as strings),
     the other entries there, which are not read)."""
     if not os.path.isdir(split_dir):
         raise errors.DataFileNotFoundError(
             f"Image folder split {split_dir!r} does not exist; {_LAYOUT}")
     dirs, images, other = _entries(split_dir)
-    return _class_order(dirs), images + other
+    return sorted(dirs), images + other
 
 
 def _read_image(path: str) -> np.ndarray:
