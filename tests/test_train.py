@@ -294,6 +294,37 @@ def test_batch_larger_than_the_training_set_fails_clearly(tmp_path):
     assert not workdir.exists()
 
 
+def test_resuming_on_changed_data_is_refused_and_moved_data_resumes(tmp_path):
+    """A run resumed on other images than it trained on (its data_dir or folder now holds
+    other data) is refused before anything is written; the same images elsewhere resume."""
+    from PIL import Image
+
+    folder = _learnable_folder(str(tmp_path / "images"), per_class_train=12, per_class_test=2)
+    workdir = str(tmp_path / "run")
+    base = TINY + ["--config.validation_size=0", "--config.select_best_by=train",
+                   "--config.batch_size=8", "--config.write_plots=false"]
+    loop.train_and_evaluate(load_config("cifar10:smoke", base + [
+        f"--config.dataset=image_folder:{folder}", "--config.num_epochs=1"]), workdir)
+    with open(os.path.join(workdir, "run.json"), "rb") as f:
+        run_json = f.read()
+    checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    moved = str(tmp_path / "moved")
+    os.rename(folder, moved)
+    Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(
+        os.path.join(moved, "train", "class0", "0.png"))  # one training image changed
+    longer = base + [f"--config.dataset=image_folder:{moved}", "--config.num_epochs=2"]
+    with pytest.raises(ValueError, match=f"The data read from {moved} is not the data this run "
+                       "trained on .*channel mean differs.*restore the data this run trained "
+                       "on to resume it, or train in a new --workdir"):
+        loop.train_and_evaluate(load_config("cifar10:smoke", longer), workdir)
+    with open(os.path.join(workdir, "run.json"), "rb") as f:
+        assert f.read() == run_json
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
+    _learnable_folder(moved, per_class_train=12, per_class_test=2)  # the same images again
+    summary = loop.train_and_evaluate(load_config("cifar10:smoke", longer), workdir)
+    assert summary["steps"] == 2 * summary["steps_per_epoch"]
+
+
 def test_resuming_with_another_model_names_the_changed_fields(tmp_path):
     """cifar100:smoke in the workdir of a cifar10:smoke run: refused, naming the differences."""
     workdir = str(tmp_path / "run")

@@ -29,6 +29,7 @@ __all__ = [
     "load_run_config",
     "relocate_data",
     "check_same_data",
+    "data_location",
     "restore_run",
     "RestoredRun",
     "RUN_FILE",
@@ -99,7 +100,7 @@ def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collec
     return config
 
 
-def _data_location(config: ml_collections.ConfigDict, workdir: str) -> str:
+def data_location(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Where :func:`setup_lib.load_data` reads ``config``'s dataset, for messages."""
     if config.dataset.startswith("image_folder:"):
         return config.dataset.removeprefix("image_folder:")
@@ -118,7 +119,8 @@ _DATA_FINGERPRINT = (
 )
 
 
-def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str) -> None:
+def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str,
+                    fix: str = "point --data-dir at the run's dataset") -> None:
     """Refuses a dataset that differs from the one a run recorded (sizes, shape, classes
     and their label order, the training split's channel statistics).
 
@@ -138,7 +140,7 @@ def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str) 
     if diffs:
         raise errors.DataError(
             f"The data read from {where} is not the data this run trained on "
-            f"({'; '.join(diffs[:3])}); point --data-dir at the run's dataset.")
+            f"({'; '.join(diffs[:3])}); {fix}.")
 
 
 def _parse_which(which: str | int) -> tuple[str, int | None]:
@@ -255,7 +257,7 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
             raise type(e)(f"{e}\nIf the run's data moved, give its new location: "
                           "evaluate.py --data-dir DIR (restore_run(..., data_dir=DIR)).") from e
         data_meta = meta["data"]
-        check_same_data(data_meta, ds, _data_location(config, workdir))
+        check_same_data(data_meta, ds, data_location(config, workdir))
         mean, std = np.float32(data_meta["mean"]), np.float32(data_meta["std"])
         setup = setup_lib.build(
             config,

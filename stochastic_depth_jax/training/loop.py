@@ -264,6 +264,18 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
     return "; ".join(listed[:most]) + more
 
 
+# The config fields that choose the data (and its splits): changing one on resume changes the
+# data on purpose (and is warned about); otherwise (the data_dir or an image folder's path
+# may change) a resumed run must find the data it trained on.
+_DATA_FIELDS = ("dataset", "validation_size", "seed", "train_on_all", "label", "fake_data")
+
+def _moved_folder(change: dict[str, Any]) -> bool:
+    """A ``dataset`` change from one ``image_folder:`` path to another: the images moved (or
+    are others, which the data check then finds)."""
+    return all(isinstance(change[k], str) and change[k].startswith("image_folder:")
+               for k in ("old", "new"))
+
+
 # What run.json keeps of each earlier session in 'history'.
 _SESSION_FIELDS = ("started_at", "start_step", "config_changes", "code_version", "devices")
 
@@ -290,6 +302,13 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         with open(path) as f:
             old = json.load(f)
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
+        data_changed = any(k.split(".")[0] in _DATA_FIELDS and not _moved_folder(v)
+                           for k, v in changes.items())
+        if run.step > 0 and "data" in old and not data_changed:
+            evaluate_lib.check_same_data(
+                old["data"], ds, evaluate_lib.data_location(run.config, run.workdir),
+                fix="restore the data this run trained on to resume it, or train in a new "
+                    "--workdir")
         # A field the old run.json lacks was added to the code since; recorded, not warned.
         known = {k: v for k, v in changes.items() if _has_field(old.get("config", {}), k)}
         if known and run.step > 0 and jax.process_index() == 0:
