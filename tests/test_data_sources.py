@@ -319,12 +319,16 @@ def test_image_folder_class_names_are_sorted_as_strings(tmp_path):
     ("PNG", "truncate", "truncated"),
     ("JPEG", "truncate", "runcated"),
     ("TIFF", "float", "floating-point pixels.*convert it to an 8- or 16-bit image"),
+    ("TIFF", "int32", "32-bit integer pixels \\(values 0..200\\).*convert it to an 8- or "
+     "16-bit image"),
 ])
 def test_image_folder_bad_files_are_one_error_naming_them(tmp_path, fmt, content, expected):
     root = _folder(tmp_path)
     path = os.path.join(root, "test", "class1", f"bad.{fmt.lower()}")
     if content == "float":
         _save(path, np.zeros((32, 32), np.float32))
+    elif content == "int32":  # 0..200 in a 32-bit image: scaling it as 16 bits would darken it
+        _save(path, np.linspace(0, 200, 32 * 32).astype(np.int32).reshape(32, 32))
     elif content == "truncate":
         _save(path, np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8), format=fmt)
         whole = open(path, "rb").read()

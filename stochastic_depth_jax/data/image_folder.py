@@ -77,18 +77,20 @@ def _read_image(path: str) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
             if image.mode != "F" and not image.mode.startswith("I"):
                 return np.asarray(image.convert("RGB"), np.uint8)
-            pixels = np.asarray(image)  # one channel, 16 or 32 bits
+            mode, pixels = image.mode, np.asarray(image)  # one channel, 16 or 32 bits
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
             Image.DecompressionBombError) as error:
         raise errors.DataError(
             f"Cannot read image {path!r} ({error}); fix or remove it.") from error
-    return _gray_to_rgb(path, pixels)
+    return _gray_to_rgb(path, mode, pixels)
 
 
-def _gray_to_rgb(path: str, pixels: np.ndarray) -> np.ndarray:
-    """A 16-bit grayscale image scaled to 8 bits (65535 -> 255) and repeated to RGB."""
-    if pixels.dtype.kind == "f" or pixels.min() < 0 or pixels.max() > 65535:
-        kind = "floating-point" if pixels.dtype.kind == "f" else "32-bit"
+def _gray_to_rgb(path: str, mode: str, pixels: np.ndarray) -> np.ndarray:
+    """A 16-bit grayscale image (Pillow mode ``I;16*``) scaled to 8 bits (65535 -> 255) and
+    repeated to RGB. 32-bit integer (``I``) and floating-point (``F``) images are refused:
+    their range is not known (a 32-bit image may hold 0..255 or 0..65535)."""
+    if not mode.startswith("I;16"):
+        kind = "floating-point" if pixels.dtype.kind == "f" else "32-bit integer"
         raise errors.DataError(
             f"Image {path!r} has {kind} pixels (values {pixels.min()}..{pixels.max()}), not "
             f"8 or 16 bits; convert it to an 8- or 16-bit image.")
