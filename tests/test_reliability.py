@@ -391,6 +391,7 @@ def test_project_warnings_print_as_one_line_and_others_keep_their_form(tmp_path)
 _LIBRARY_NOISE = """
 import sys, threading
 from absl import logging
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import cli
 
 FULL = "RESOURCE_EXHAUSTED: Error writing local file: No space left on device [os_error_code='28']"
@@ -413,7 +414,11 @@ def main():
     except ValueError:
         logging.exception("an unrelated failure")
     LateCallback()
-    raise ValueError(FULL)
+    try:  # as the checkpointer raises it (Checkpoints._writing)
+        raise ValueError(FULL)
+    except ValueError as e:
+        raise errors.WorkdirError("Cannot write ckpt (No space left on device): free some "
+                                  "space or use another --workdir.") from e
 
 cli.run_reporting_errors(main, "--debug" in sys.argv)
 """
@@ -429,15 +434,16 @@ def test_library_reports_of_a_reported_error_are_dropped_unless_debug(tmp_path, 
     if debug:  # Everything shows, and the error keeps its traceback.
         assert "_SignalingThread.run() raised an exception" in out.stderr
         assert "Event loop is closed" in out.stderr
-        assert out.stderr.rstrip().endswith("[os_error_code='28']")
+        assert "[os_error_code='28']" in out.stderr and "Traceback" in out.stderr
         return
     lines = out.stderr.splitlines()
     assert "_SignalingThread" not in out.stderr and "Event loop is closed" not in out.stderr
     assert "an unrelated failure" in out.stderr  # Other errors are never hidden.
     assert lines[-1] == (
-        "error: Cannot write a file (No space left on device): free some space or use another "
+        "error: Cannot write ckpt (No space left on device): free some space or use another "
         "--workdir."
     )
+    assert out.stderr.count("Traceback") == 1  # the unrelated failure's only
 
 
 def test_full_disk_during_a_save_is_one_line_and_the_run_resumes(run, tmp_path):

@@ -46,12 +46,21 @@ def debug_requested(argv: list[str]) -> bool:
 
 
 def _message(error: BaseException) -> str | None:
+    """The one line for an anticipated error that reaches the top: ours, or a disk or
+    permission ``OSError`` (a checkpoint save's wrapped failures arrive as ``WorkdirError``)."""
     if isinstance(error, errors.Error):
         return str(error)
-    os_error = workdir_lib.anticipated_os_error(error)
-    if os_error is not None:
-        return workdir_lib.describe_os_error(os_error, os_error.filename or "a file")
+    if isinstance(error, OSError):
+        os_error = workdir_lib.anticipated_os_error(error)
+        if os_error is not None:
+            return workdir_lib.describe_os_error(os_error, os_error.filename or "a file")
     return None
+
+
+def _reported_kind(error: BaseException) -> bool:
+    """Whether a library's report of ``error`` is of a kind reported here in one line: ours,
+    or a disk or permission failure, also wrapped (TensorStore's errors carry its code)."""
+    return isinstance(error, errors.Error) or workdir_lib.anticipated_os_error(error) is not None
 
 
 @contextlib.contextmanager
@@ -71,7 +80,7 @@ def _library_reports_dropped() -> Iterator[list[BaseException]]:
     seen: list[BaseException] = []
 
     def drop(record: logging.LogRecord) -> bool:
-        if record.exc_info and _message(record.exc_info[1]) is not None:
+        if record.exc_info and _reported_kind(record.exc_info[1]):
             seen.append(record.exc_info[1])
             return True
         return False
@@ -83,7 +92,9 @@ def _library_reports_dropped() -> Iterator[list[BaseException]]:
         closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         # At exit, what the failed save abandoned is finalised too late to clean up.
         finalising = bool(seen) and sys.is_finalizing()
-        if _message(error) is None and not closed_loop and not finalising:
+        # A disk failure's echoes are dropped only once a library has logged one.
+        echo = bool(seen) and _reported_kind(error)
+        if not echo and not closed_loop and not finalising:
             original(unraisable)
 
     sys.unraisablehook = unraisable_hook
