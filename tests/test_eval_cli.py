@@ -247,11 +247,65 @@ def test_run_json_records_class_names_and_evaluation_refuses_another_order(tmp_p
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     recorded = setup.run_metadata(config, ds, mesh)["data"]
     assert recorded["class_names"] == ["1", "10", "2"]
-    evaluate.check_same_data(recorded, ds, folder)
+    workdir = str(tmp_path)
+    evaluate.check_same_data(recorded, ds, config, workdir)
     with pytest.raises(errors.DataError, match="class names or their label order differ"):
-        evaluate.check_same_data(dict(recorded, class_names=["1", "2", "10"]), ds, folder)
+        evaluate.check_same_data(dict(recorded, class_names=["1", "2", "10"]), ds, config,
+                                 workdir)
     evaluate.check_same_data({k: v for k, v in recorded.items() if k != "class_names"}, ds,
-                             folder)  # a run.json written before names were recorded
+                             config, workdir)  # a run.json written before names were recorded
+
+
+def test_the_pixel_fingerprint_catches_what_sizes_and_statistics_miss(tmp_path):
+    """A square test image turned by 90 degrees keeps every count and the training
+    statistics; the recorded fingerprint of the pixels still refuses it."""
+    from PIL import Image
+
+    from stochastic_depth_jax import data
+    from stochastic_depth_jax.training import evaluate, setup
+
+    folder = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=2,
+                                            per_class_test=1, size=(4, 4))
+    config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{folder}"])
+    ds = data.load_dataset(config.dataset, validation_size=0)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    recorded = setup.run_metadata(config, ds, mesh)["data"]
+    evaluate.check_same_data(recorded, ds, config, str(tmp_path))
+    test_dir = os.path.join(folder, "test", sorted(os.listdir(os.path.join(folder, "test")))[0])
+    path = os.path.join(test_dir, sorted(os.listdir(test_dir))[0])
+    with Image.open(path) as image:
+        image.rotate(90).save(path)
+    turned = data.load_dataset(config.dataset, validation_size=0)
+    assert data.fingerprint(turned) != recorded["pixels_sha256"]
+    with pytest.raises(errors.DataError, match="the images or labels of a split differ"):
+        evaluate.check_same_data(recorded, turned, config, str(tmp_path))
+
+
+def test_a_run_recorded_before_the_fingerprint_is_refused_where_images_now_read_differently(
+        tmp_path):
+    """An image folder run.json without the fingerprint: plain PNGs pass; an EXIF-rotated
+    JPEG, which the earlier reader did not turn, is refused naming it."""
+    from PIL import Image
+
+    from stochastic_depth_jax import data
+    from stochastic_depth_jax.training import evaluate, setup
+
+    folder = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=2,
+                                            per_class_test=1, size=(4, 4))
+    config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{folder}"])
+    ds = data.load_dataset(config.dataset, validation_size=0)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    old = {k: v for k, v in setup.run_metadata(config, ds, mesh)["data"].items()
+           if k != "pixels_sha256"}
+    evaluate.check_same_data(old, ds, config, str(tmp_path))
+    class0 = os.path.join(folder, "train", sorted(os.listdir(os.path.join(folder, "train")))[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    path = os.path.join(class0, "turned.jpg")
+    Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(path, exif=exif)
+    with pytest.raises(errors.DataError, match="recorded by an earlier version.*turned.jpg.*"
+                       "EXIF rotation \\(6\\), applied only now.*or retrain"):
+        evaluate.check_same_data(old, ds, config, str(tmp_path))
 
 
 # ---- sweep.py ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -40,6 +41,20 @@ class Dataset:
     std: np.ndarray
     augment: str
     class_names: tuple | None = None
+
+
+def fingerprint(ds: Dataset) -> str:
+    """sha256 of every split's pixels and labels (train, validation, test, in that order):
+    equal exactly when a run would see the same examples in the same splits."""
+    digest = hashlib.sha256()
+    for split in (ds.train, ds.validation, ds.test):
+        if split is None:
+            digest.update(b"no split")
+            continue
+        digest.update(repr(split.images.shape).encode())
+        digest.update(np.ascontiguousarray(split.images).data)
+        digest.update(np.ascontiguousarray(split.labels, "<i4").data)
+    return digest.hexdigest()
 
 
 def _label_key(name: str, label: str) -> str:

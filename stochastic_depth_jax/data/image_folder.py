@@ -138,6 +138,42 @@ def _check_one_size(paths: list[str], images: list[np.ndarray]) -> None:
                 f"one size: resize them first.")
 
 
+# What the reader before version 2 did not read as it is read now (it converted every image
+# with Pillow's ``convert('RGB')``, read .png/.jpg/.jpeg only and ignored EXIF orientation).
+_EARLIER_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_EXIF_ORIENTATION = 0x0112
+
+
+def earlier_reader_difference(root: str) -> str | None:
+    """Why the earlier reader would have read the folder's images differently (the first
+    such image: one it skipped, a 16-bit one it clipped, an EXIF rotation it ignored), or
+    None if it read the same pixels. Opens each image's header only.
+
+    For runs recorded without a pixel fingerprint, so evaluating or resuming one on images
+    that now read differently is refused rather than silently using other pixels.
+    """
+    from PIL import Image
+
+    root = os.path.expanduser(root)
+    for split in ("train", "test"):
+        classes, _ = list_classes(os.path.join(root, split))
+        for name in classes:
+            for path in _class_files(os.path.join(root, split, name))[0]:
+                if not path.lower().endswith(_EARLIER_EXTENSIONS):
+                    return f"{path!r} was not read before (only .png/.jpg/.jpeg were)"
+                try:
+                    with Image.open(path) as image:
+                        mode = image.mode
+                        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+                except (OSError, SyntaxError, ValueError):
+                    continue  # unreadable either way: the load reports it
+                if mode.startswith("I;16"):
+                    return f"the 16-bit image {path!r} was clipped before, is scaled now"
+                if orientation not in (None, 1):
+                    return f"{path!r} has an EXIF rotation ({orientation}), applied only now"
+    return None
+
+
 def _check_root(root: str) -> None:
     if not root:
         raise errors.DataError(f"image_folder: needs a path, e.g. image_folder:/data/pets; "

@@ -19,6 +19,7 @@ import numpy as np
 
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import errors
+from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import setup as setup_lib
@@ -119,14 +120,21 @@ _DATA_FINGERPRINT = (
 )
 
 
-def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str,
+def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset,
+                    config: ml_collections.ConfigDict, workdir: str,
                     fix: str = "point --data-dir at the run's dataset") -> None:
-    """Refuses a dataset that differs from the one a run recorded (sizes, shape, classes
-    and their label order, the training split's channel statistics).
+    """Refuses a dataset that differs from the one a run recorded in ``run.json``'s
+    ``data``: sizes, shape, classes and their label order, the training split's channel
+    statistics and (recorded since it exists) the fingerprint of every split's pixels and
+    labels (:func:`data_lib.fingerprint`).
+
+    A run recorded before the fingerprint, on an image folder that the earlier reader read
+    differently (``image_folder.earlier_reader_difference``), is refused too.
 
     Raises:
       errors.DataError: naming the first differences and where the data was read.
     """
+    where = data_location(config, workdir)
     diffs = []
     for key, value in _DATA_FINGERPRINT:
         if key in recorded and recorded[key] != value(ds):
@@ -137,10 +145,20 @@ def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset, where: str,
     for key in ("mean", "std"):
         if key in recorded and not np.allclose(recorded[key], getattr(ds, key), rtol=1e-5):
             diffs.append(f"training-split channel {key} differs")
+    if "pixels_sha256" in recorded and recorded["pixels_sha256"] != data_lib.fingerprint(ds):
+        diffs.append("the images or labels of a split differ")
     if diffs:
         raise errors.DataError(
             f"The data read from {where} is not the data this run trained on "
             f"({'; '.join(diffs[:3])}); {fix}.")
+    if "pixels_sha256" not in recorded and config.dataset.startswith("image_folder:"):
+        reason = image_folder.earlier_reader_difference(where)
+        if reason is not None:
+            raise errors.DataError(
+                f"This run was recorded by an earlier version of this library, whose image "
+                f"folder reader read these images differently ({reason}), so its results "
+                "would not be on the images it trained on; use the version that trained it "
+                "(run.json's code_version), or retrain.")
 
 
 def _parse_which(which: str | int) -> tuple[str, int | None]:
@@ -257,7 +275,7 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
             raise type(e)(f"{e}\nIf the run's data moved, give its new location: "
                           "evaluate.py --data-dir DIR (restore_run(..., data_dir=DIR)).") from e
         data_meta = meta["data"]
-        check_same_data(data_meta, ds, data_location(config, workdir))
+        check_same_data(data_meta, ds, config, workdir)
         mean, std = np.float32(data_meta["mean"]), np.float32(data_meta["std"])
         setup = setup_lib.build(
             config,

@@ -306,7 +306,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
                            for k, v in changes.items())
         if run.step > 0 and "data" in old and not data_changed:
             evaluate_lib.check_same_data(
-                old["data"], ds, evaluate_lib.data_location(run.config, run.workdir),
+                old["data"], ds, run.config, run.workdir,
                 fix="restore the data this run trained on to resume it, or train in a new "
                     "--workdir")
         # A field the old run.json lacks was added to the code since; recorded, not warned.

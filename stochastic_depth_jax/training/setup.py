@@ -344,6 +344,8 @@ def run_metadata(
             "num_train": len(ds.train),
             "num_test": len(ds.test),
             "num_validation": 0 if ds.validation is None else len(ds.validation),
+            # Every split's pixels and labels: a resumed or evaluated run checks it.
+            "pixels_sha256": data_lib.fingerprint(ds),
         },
         "code_version": code_version(),
         "devices": {
