@@ -85,6 +85,7 @@ def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collec
       errors.DataFileNotFoundError: ``data_dir`` is not a directory.
       errors.ConfigError: the run trained on fake data written in its own workdir.
     """
+    data_dir = os.path.expanduser(data_dir)
     if not os.path.isdir(data_dir):
         raise errors.DataFileNotFoundError(
             f"--data-dir {data_dir!r} is not a directory; give the folder that now holds the "
