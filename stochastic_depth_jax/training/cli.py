@@ -73,9 +73,10 @@ def _library_reports_dropped() -> Iterator[list[BaseException]]:
     loop with the other writes still in flight: asyncio reports each one's exception when it
     is garbage-collected, and TensorStore's callbacks into the closed loop fail ("Event loop
     is closed", unraisable). The failure itself reaches the trainer at its next save, wait or
-    close, and is reported once. Log records and unraisable errors that are such an error are
-    dropped, and so are callbacks into a closed event loop: an event loop closed with work
-    in flight is a failure that is itself reported, here or with its traceback.
+    close, and is reported once. Log records of such an error are dropped, and so are
+    unraisable errors of that kind once one was logged, and callbacks into a closed event
+    loop: an event loop closed with work in flight is a failure that is itself reported, here
+    or with its traceback.
     """
     seen: list[BaseException] = []
 

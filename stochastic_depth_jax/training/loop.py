@@ -269,6 +269,7 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
 # may change) a resumed run must find the data it trained on.
 _DATA_FIELDS = ("dataset", "validation_size", "seed", "train_on_all", "label", "fake_data")
 
+
 def _moved_folder(change: dict[str, Any]) -> bool:
     """A ``dataset`` change from one ``image_folder:`` path to another: the images moved (or
     are others, which the data check then finds)."""
