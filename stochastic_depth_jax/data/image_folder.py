@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # Files operating systems leave in folders: skipped without a warning, as hidden ones.
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 _LAYOUT = "expected <root>/train/<class>/*.png|jpg and <root>/test/<class>/..."
-# Names other layouts (ImageNet's, Keras's) give a split that we read as test/ only if so named.
+# What other layouts (ImageNet's train/ + val/) call the split read here from test/ only.
 _VALIDATION_NAMES = ("val", "valid", "validation")
 # Training holds about twice the decoded folder in host memory (the images and their
 # train/validation copies): warn above half of the available memory.
