@@ -565,3 +565,39 @@ def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal_lib.SIGINT)  # the second one stops at once
     assert signal_lib.getsignal(signal_lib.SIGTERM) is before  # handlers restored
+
+
+def test_an_image_folder_run_recorded_before_per_class_holdout_keeps_its_split(
+        run, tmp_path, monkeypatch):
+    """A run.json written before the hold-out method and absolute paths were recorded: a
+    relative folder path and no data.holdout (its validation set was held out at random).
+    It evaluates and resumes on the split it trained on, and the resumed run records the
+    path absolute, so it then evaluates from any directory."""
+    import jax
+
+    from stochastic_depth_jax.training import setup
+
+    config, workdir = _copy(run, tmp_path)
+    folder = config.dataset.removeprefix("image_folder:")
+    monkeypatch.chdir(os.path.dirname(folder))
+    earlier = config.copy_and_resolve_references()
+    earlier.dataset = f"image_folder:{os.path.basename(folder)}"
+    legacy = setup.load_data(earlier, workdir, {"name": earlier.dataset})
+    assert data.fingerprint(legacy) != data.fingerprint(setup.load_data(earlier, workdir))
+    path = os.path.join(workdir, evaluate.RUN_FILE)
+    meta = json.load(open(path))
+    recorded = setup.run_metadata(earlier, legacy, jax.make_mesh((1,), ("data",)))["data"]
+    meta["data"] = {k: v for k, v in recorded.items() if k != "holdout"}
+    meta["config"]["dataset"] = earlier.dataset
+    json.dump(meta, open(path, "w"))
+    assert evaluate.evaluate_checkpoint(workdir, "latest", "validation")["count"] == 6
+    earlier.num_epochs = 3
+    with pytest.warns(UserWarning) as caught:
+        loop.train_and_evaluate(earlier, workdir)
+    [message] = [str(w.message) for w in caught if "changed config" in str(w.message)]
+    assert "num_epochs: 2 -> 3" in message and "dataset" not in message
+    meta = json.load(open(path))
+    assert meta["config"]["dataset"] == f"image_folder:{folder}"
+    assert meta["data"]["holdout"] == "random"
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.evaluate_checkpoint(workdir, "latest", "validation")["count"] == 6

@@ -30,6 +30,9 @@ class Dataset:
       augment: 'flip_translate' (CIFAR, image folders) or 'none' (SVHN).
       class_names: label names for image folders (label i is class_names[i]),
         else None.
+      holdout: how validation was (or, without a validation set, would be) held out of the
+        training data: 'random', 'per_class' (splits.HOLDOUTS) or 'svhn' (the paper's
+        400 + 200 per class). Record it with the run.
     """
     name: str
     num_classes: int
@@ -41,6 +44,7 @@ class Dataset:
     std: np.ndarray
     augment: str
     class_names: tuple | None = None
+    holdout: str = "random"
 
 
 def fingerprint(ds: Dataset) -> str:
@@ -55,6 +59,23 @@ def fingerprint(ds: Dataset) -> str:
         digest.update(np.ascontiguousarray(split.images).data)
         digest.update(np.ascontiguousarray(split.labels, "<i4").data)
     return digest.hexdigest()
+
+
+# Image folders hold validation out per class; those recorded before `holdout` was (a
+# run.json whose data record lacks it) held it out at random and keep that split.
+IMAGE_FOLDER_HOLDOUT = "per_class"
+_EARLIER_IMAGE_FOLDER_HOLDOUT = "random"
+
+
+def recorded_holdout(recorded: dict | None, name: str) -> str | None:
+    """The hold-out method that rebuilds the split a run recorded (run.json's ``data``), for
+    dataset `name` loaded again (resume, evaluation); None for the dataset's default (no
+    record, a tfds dataset, whose method is fixed, or a record of a tfds dataset)."""
+    if not recorded or not name.startswith(IMAGE_FOLDER_PREFIX):
+        return None
+    if not str(recorded.get("name", "")).startswith(IMAGE_FOLDER_PREFIX):
+        return None  # the run switched from a tfds dataset to this folder: a new split
+    return recorded.get("holdout", _EARLIER_IMAGE_FOLDER_HOLDOUT)
 
 
 def _label_key(name: str, label: str) -> str:
@@ -88,7 +109,8 @@ def _load_tfds(name, data_dir, download, validation_size, seed, train_on_all, la
 
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True,
                  validation_size: int | float | None = None, seed: int = 0,
-                 train_on_all: bool = False, label: str = "fine") -> Dataset:
+                 train_on_all: bool = False, label: str = "fine",
+                 holdout: str | None = None) -> Dataset:
     """Loads a dataset into host memory, split as in the paper.
 
     Args:
@@ -103,6 +125,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
       seed: the validation hold-out is a deterministic function of it.
       train_on_all: train on every training example, no validation set.
       label: 'fine' or, for cifar100, 'coarse' (20 superclasses).
+      holdout: image folders only: 'per_class' (None: the default; each class gives its
+        share, see splits.per_class_counts) or 'random' (as image folders were split before
+        this was recorded: :func:`recorded_holdout` rebuilds a recorded run's split). CIFAR
+        is held out at random and SVHN per class, as in the paper.
 
     Returns:
       Dataset.
@@ -113,13 +139,18 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
       ValueError: unknown name or label, bad validation_size, bad image folder.
     """
     class_names = None
+    if holdout is not None and not name.startswith(IMAGE_FOLDER_PREFIX):
+        raise errors.DataError(f"holdout={holdout!r} applies to image folders only; {name!r} "
+                               "is split as in the paper: pass holdout=None.")
     if name.startswith(IMAGE_FOLDER_PREFIX):
+        holdout = holdout or IMAGE_FOLDER_HOLDOUT
         class_names, train, test = image_folder.load(name[len(IMAGE_FOLDER_PREFIX):])
         num_classes, validation, augment = len(class_names), None, "flip_translate"
         if not train_on_all:
-            train, validation = splits.holdout(train, validation_size, seed)
+            train, validation = splits.holdout(train, validation_size, seed, holdout)
         class_names = tuple(class_names)
     elif name in sources.TFDS_NAMES:
+        holdout = "svhn" if name == "svhn" else "random"
         num_classes, train, validation, test = _load_tfds(
             name, data_dir or sources.default_data_dir(), download, validation_size,
             seed, train_on_all, label)
@@ -129,4 +160,4 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
                          f"{sorted(sources.TFDS_NAMES)} or 'image_folder:<path>'.")
     mean, std = splits.channel_stats(train)
     return Dataset(name, num_classes, tuple(train.images.shape[1:]), train, validation,
-                   test, mean, std, augment, class_names)
+                   test, mean, std, augment, class_names, holdout)

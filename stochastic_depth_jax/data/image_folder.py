@@ -6,11 +6,16 @@ strings ('10' before '2', as torchvision's ImageFolder and earlier runs order th
 Every image becomes 8-bit RGB as a viewer shows it: EXIF orientation applied,
 grayscale and palette images expanded to three channels, transparency dropped,
 16-bit images scaled to 8 bits.
+
+Image sizes are read from the files' headers first, so a folder of mixed sizes, or one too
+large for the memory, is refused in seconds, before any image is decoded; the images are then
+decoded straight into one array.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import warnings
 
 import numpy as np
@@ -22,6 +27,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # Files operating systems leave in folders: skipped without a warning, as hidden ones.
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 _LAYOUT = "expected <root>/train/<class>/*.png|jpg and <root>/test/<class>/..."
+# What other layouts (ImageNet's train/ + val/) call the split read here from test/ only.
+_VALIDATION_NAMES = ("val", "valid", "validation")
+# Training holds about twice the decoded folder in host memory (the images and their
+# train/validation copies): warn above half of the available memory.
+_MEMORY_MARGIN = 2
+# Errors Pillow raises for a file it cannot read (DecompressionBombError: absurdly large).
+_UNREADABLE = (OSError, SyntaxError, ValueError)
+_EXIF_ORIENTATION = 0x0112
 # Pillow decodes with the GIL released, so threads decode in parallel.
 _READ_THREADS = min(16, os.cpu_count() or 1)
 
@@ -63,26 +76,47 @@ def list_classes(split_dir: str) -> tuple[list[str], list[str]]:
     """(class directory names under `split_dir` in label order (sorted as strings),
     the other entries there, which are not read)."""
     if not os.path.isdir(split_dir):
+        dirs = _entries(os.path.dirname(split_dir))[0]
+        found = ", ".join(d + "/" for d in dirs[:5]) + (", ..." if len(dirs) > 5 else "")
         raise errors.DataFileNotFoundError(
-            f"Image folder split {split_dir!r} does not exist; {_LAYOUT}")
+            f"Image folder split {split_dir!r} does not exist (found "
+            f"{found or 'no directories'}); {_LAYOUT}")
     dirs, images, other = _entries(split_dir)
     return sorted(dirs), images + other
 
 
 def _read_image(path: str) -> np.ndarray:
     """uint8 [H, W, 3]: the image as a viewer shows it (see the module docstring)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             if image.mode != "F" and not image.mode.startswith("I"):
                 return np.asarray(image.convert("RGB"), np.uint8)
             mode, pixels = image.mode, np.asarray(image)  # one channel, 16 or 32 bits
-    except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
-            Image.DecompressionBombError) as error:
-        raise errors.DataError(
-            f"Cannot read image {path!r} ({error}); fix or remove it.") from error
+    except _UNREADABLE + (Image.DecompressionBombError,) as error:
+        raise _unreadable(path, error) from error
     return _gray_to_rgb(path, mode, pixels)
+
+
+def _unreadable(path: str, error: Exception) -> errors.DataError:
+    return errors.DataError(f"Cannot read image {path!r} ({error}); fix or remove it.")
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image as :func:`_read_image` reads it (EXIF orientation
+    applied), from the file's header: no pixel is decoded."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # Pillow finds a PNG's EXIF chunk placed after the pixels only by decoding them;
+            # such rare files are caught once decoded (_decode_split).
+            has_exif = image.format != "PNG" or "exif" in image.info
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if has_exif else 1
+    except _UNREADABLE + (Image.DecompressionBombError,) as error:
+        raise _unreadable(path, error) from error
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 90 degrees
 
 
 def _gray_to_rgb(path: str, mode: str, pixels: np.ndarray) -> np.ndarray:
@@ -109,11 +143,11 @@ def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
     return [os.path.join(class_dir, f) for f in images], [f"{name}/{s}" for s in skipped]
 
 
-def _read_split(split_dir: str, classes: list[str], skipped: list[str]
-                ) -> tuple[list[str], list[np.ndarray], np.ndarray]:
-    """(paths, images uint8 [H, W, 3], labels int32 [N]) of `split_dir/<class>/`, each image
-    labelled by its class's index in `classes`; warns once about what is not read (the
-    `skipped` entries of `split_dir` and those of its class directories)."""
+def _list_split(split_dir: str, classes: list[str], skipped: list[str]
+                ) -> tuple[list[str], np.ndarray]:
+    """(image paths, labels int32 [N]) of `split_dir/<class>/`, each image labelled by its
+    class's index in `classes`; warns once about what is not read (the `skipped` entries of
+    `split_dir` and those of its class directories)."""
     skipped = list(skipped)
     paths, labels = [], []
     for label, name in enumerate(classes):
@@ -122,26 +156,98 @@ def _read_split(split_dir: str, classes: list[str], skipped: list[str]
         labels += [label] * len(files)
         skipped += skip
     _warn_skipped(split_dir, skipped)
+    return paths, np.asarray(labels, np.int32)
+
+
+def _size_error(path: str, size: tuple[int, int], first: str,
+                first_size: tuple[int, int]) -> errors.DataError:
+    return errors.DataError(
+        f"Images differ in size: {path!r} is {size[0]}x{size[1]} but {first!r} is "
+        f"{first_size[0]}x{first_size[1]} (width x height); all images must have one size: "
+        f"resize them first.")
+
+
+def one_size(paths: list[str]) -> tuple[int, int]:
+    """The (width, height) all images at `paths` share, read from their headers (about
+    0.1 ms an image); refuses the first image of another size, naming it and the first."""
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-        images = list(pool.map(_read_image, paths))  # in order; the first error is raised
-    return paths, images, np.asarray(labels, np.int32)
+        sizes = list(pool.map(_header_size, paths))  # in order; the first error is raised
+    for path, size in zip(paths, sizes):
+        if size != sizes[0]:
+            raise _size_error(path, size, paths[0], sizes[0])
+    return sizes[0]
 
 
-def _check_one_size(paths: list[str], images: list[np.ndarray]) -> None:
-    """Refuses images of different sizes, naming one of each size and the fix."""
-    (height, width, _) = images[0].shape
-    for path, image in zip(paths, images):
-        if image.shape != images[0].shape:
-            raise errors.DataError(
-                f"Images differ in size: {path!r} is {image.shape[1]}x{image.shape[0]} but "
-                f"{paths[0]!r} is {width}x{height} (width x height); all images must have "
-                f"one size: resize them first.")
+def _decode_split(paths: list[str], labels: np.ndarray, size: tuple[int, int],
+                  first: str) -> Split:
+    """The images at `paths` (all `size`, as their headers said) decoded into one uint8
+    array, without a second copy; an image that decodes to another size (a PNG whose EXIF
+    rotation only decoding finds) is refused like a mismatched header."""
+    images = np.empty((len(paths), size[1], size[0], 3), np.uint8)
+
+    def decode(index: int) -> None:
+        pixels = _read_image(paths[index])
+        if pixels.shape != images.shape[1:]:
+            raise _size_error(paths[index], pixels.shape[1::-1], first, size)
+        images[index] = pixels
+
+    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+        for _ in pool.map(decode, range(len(paths))):  # in order; the first error is raised
+            pass
+    return Split(images, labels)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the kernel's MemAvailable, or less
+    under a container's (cgroup) limit; the physical memory where those are not known
+    (macOS), None where nothing is."""
+    found = []
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", _read_text("/proc/meminfo"), re.M)
+    if match:
+        found.append(int(match.group(1)) * 1024)
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_text(limit).strip(), _read_text(usage).strip()
+        if limit.isdigit() and usage.isdigit():  # cgroup v2 writes 'max' for no limit
+            found.append(int(limit) - int(usage))
+    if not found:
+        try:
+            found.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def check_memory(root: str, count: int, size: tuple[int, int]) -> None:
+    """Refuses, before decoding, a folder whose `count` images of `size` (as 8-bit RGB) do
+    not fit in the available memory, and warns when training (which holds about twice that)
+    may run out; each in one line naming the fix."""
+    need, available = count * size[0] * size[1] * 3, available_memory()
+    if available is None or _MEMORY_MARGIN * need <= available:
+        return
+    held = (f"Image folder {root!r} holds {count} images of {size[0]}x{size[1]}: "
+            f"{need / 2**30:.1f} GiB decoded as 8-bit RGB")
+    fix = "resize the images (smaller width x height) or use fewer"
+    if need > available:
+        raise errors.DataError(f"{held}, more than the {available / 2**30:.1f} GiB of memory "
+                               f"available; {fix}, or use a machine with more memory.")
+    warnings.warn(f"{held}, and training holds about twice that; {available / 2**30:.1f} GiB "
+                  f"of memory is available, so it may run out: {fix}.", logs.RunWarning,
+                  stacklevel=3)
 
 
 # What the reader before version 2 did not read as it is read now (it converted every image
 # with Pillow's ``convert('RGB')``, read .png/.jpg/.jpeg only and ignored EXIF orientation).
 _EARLIER_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_EXIF_ORIENTATION = 0x0112
 
 
 def earlier_reader_difference(root: str) -> str | None:
@@ -184,8 +290,30 @@ def _check_root(root: str) -> None:
         raise errors.DataError(f"Image folder {root!r} is a file, not a directory; {_LAYOUT}")
 
 
+def _check_validation_directory(root: str) -> None:
+    """A validation directory (val/, valid/, validation/: ImageNet's and Keras's layouts)
+    where test/ is missing is named as the test/ to rename; beside a test/, it is warned
+    about as not read (the validation set is held out of train/)."""
+    dirs = _entries(root)[0]
+    found = [d for d in dirs if d.lower() in _VALIDATION_NAMES]
+    if "train" in dirs and "test" not in dirs and found:
+        raise errors.DataFileNotFoundError(
+            f"Image folder {root!r} has train/ and {found[0]}/ but no test/: rename "
+            f"{found[0]}/ to test/ (or link it: ln -s {found[0]} "
+            f"{os.path.join(root, 'test')}); results are reported on test/, and the "
+            "validation set is held out of train/ (validation_size).")
+    if found and "test" in dirs:
+        warnings.warn(
+            f"{os.path.join(root, found[0])!r} is not read: the validation set is held out of "
+            f"train/ (validation_size); to evaluate on it, name it test/.", logs.RunWarning,
+            stacklevel=3)
+
+
 def load(root: str) -> tuple[list[str], Split, Split]:
     """Reads an image folder (`~` in `root` is expanded).
+
+    Every image's size is read from its header first: mixed sizes, or more images than the
+    memory holds (:func:`check_memory`), are refused before any is decoded.
 
     Returns:
       (classes, train, test): class names (label i is classes[i]), and the two
@@ -193,11 +321,12 @@ def load(root: str) -> tuple[list[str], Split, Split]:
 
     Raises:
       errors.DataError: a missing or empty directory, an unreadable file, images of
-        different sizes, or classes that differ between train/ and test/; the
-        message names the path.
+        different sizes, classes that differ between train/ and test/, or too little
+        memory; the message names the path.
     """
     root = os.path.expanduser(root)
     _check_root(root)
+    _check_validation_directory(root)
     classes, train_skipped = list_classes(os.path.join(root, "train"))
     if not classes:
         raise errors.DataError(
@@ -213,10 +342,9 @@ def load(root: str) -> tuple[list[str], Split, Split]:
             f"{sorted(set(classes) - set(test_classes))}, only in test: "
             f"{sorted(set(test_classes) - set(classes))}; give both the same class "
             f"directories.")
-    train_paths, train_images, train_labels = _read_split(
-        os.path.join(root, "train"), classes, train_skipped)
-    test_paths, test_images, test_labels = _read_split(
-        os.path.join(root, "test"), classes, test_skipped)
-    _check_one_size(train_paths + test_paths, train_images + test_images)
-    return (classes, Split(np.stack(train_images), train_labels),
-            Split(np.stack(test_images), test_labels))
+    train_paths, train_labels = _list_split(os.path.join(root, "train"), classes, train_skipped)
+    test_paths, test_labels = _list_split(os.path.join(root, "test"), classes, test_skipped)
+    size = one_size(train_paths + test_paths)
+    check_memory(root, len(train_paths) + len(test_paths), size)
+    return (classes, _decode_split(train_paths, train_labels, size, train_paths[0]),
+            _decode_split(test_paths, test_labels, size, train_paths[0]))

@@ -75,28 +75,74 @@ def resolve_count(validation_size: int | float, num_examples: int) -> int:
     return count
 
 
-def holdout(split: Split, validation_size: int | float | None,
-            seed: int) -> tuple[Split, Split | None]:
-    """Holds out a uniformly random validation set (the paper's CIFAR protocol).
+# How a validation set is held out of the training split (recorded in run.json's data):
+# 'random': uniformly at random (the paper's CIFAR protocol; image folders before per_class);
+# 'per_class': each class in proportion to its size (image folders now).
+HOLDOUTS = ("random", "per_class")
+
+
+def holdout(split: Split, validation_size: int | float | None, seed: int,
+            method: str = "random") -> tuple[Split, Split | None]:
+    """Holds out a validation set: uniformly at random (the paper's CIFAR protocol) or
+    per class (:func:`per_class_counts`).
 
     Args:
         split: the full training split, N examples.
         validation_size: count (int), fraction (float) or None for the paper's
             10% (5,000 of CIFAR's 50,000). 0 gives no validation set.
         seed: integer seed; the same seed always selects the same examples.
+        method: one of HOLDOUTS.
 
     Returns:
         (train, validation): disjoint, together exactly `split`; each keeps the
         original example order. validation is None when its size is 0.
     """
+    if method not in HOLDOUTS:
+        raise errors.DataError(f"holdout={method!r}; valid: {list(HOLDOUTS)}.")
     if validation_size is None:
         validation_size = CIFAR_VALIDATION_FRACTION
     count = resolve_count(validation_size, len(split))
     if count == 0:
         return split, None
     held = np.zeros(len(split), bool)
-    held[_rng(seed).permutation(len(split))[:count]] = True
+    rng = _rng(seed)
+    if method == "random":
+        held[rng.permutation(len(split))[:count]] = True
+    else:
+        sizes = np.bincount(split.labels)
+        members = np.split(np.argsort(split.labels, kind="stable"), np.cumsum(sizes)[:-1])
+        for label, take in enumerate(per_class_counts(sizes, count, rng)):
+            held[rng.permutation(members[label])[:take]] = True
     return split.take(np.flatnonzero(~held)), split.take(np.flatnonzero(held))
+
+
+def per_class_counts(sizes: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """How many of each class's `sizes[c]` examples a per-class hold-out of `count` takes.
+
+    Largest remainders: class c gets floor(count * sizes[c] / N); the seats left go one each
+    to the classes with the largest fractional parts (ties in a seeded random order), so the
+    total is exactly `count`. Every class keeps at least one training example: a class of
+    one example gives none, and a seat a class cannot give goes to the next in that order.
+
+    Raises:
+        errors.DataError: `count` leaves some class without a training example.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    room = np.maximum(sizes - 1, 0)  # what a class can give and keep one to train on
+    if count > room.sum():
+        raise errors.DataError(
+            f"A per-class validation set of {count} of the {sizes.sum()} training examples "
+            f"would leave a class without a training example (each class keeps one, so at "
+            f"most {room.sum()} can be held out); pass a smaller validation_size.")
+    quota = count * sizes / sizes.sum()
+    taken = np.minimum(np.floor(quota).astype(np.int64), room)
+    tie_order = rng.permutation(sizes.size)
+    order = tie_order[np.argsort(-(quota - taken)[tie_order], kind="stable")]
+    while taken.sum() < count:  # one pass, unless a class's cap (room) turns seats away
+        for c in order:
+            if taken.sum() < count and taken[c] < room[c]:
+                taken[c] += 1
+    return taken
 
 
 def _per_class_holdout(labels: np.ndarray, per_class: int, num_classes: int,

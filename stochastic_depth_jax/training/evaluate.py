@@ -111,6 +111,21 @@ def data_location(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.data_dir or "tfds's default data_dir"
 
 
+def _moved_data_hint(config: ml_collections.ConfigDict) -> str:
+    """What to do when a run's data is not where its run.json says: give --data-dir; a run
+    recorded before data paths were recorded absolute may name a relative one."""
+    hint = ("give its new location: evaluate.py --data-dir DIR (restore_run(..., "
+            "data_dir=DIR)).")
+    image_folder = config.dataset.startswith(data_lib.IMAGE_FOLDER_PREFIX)
+    recorded = (config.dataset.removeprefix(data_lib.IMAGE_FOLDER_PREFIX) if image_folder
+                else None if config.fake_data.num_train else config.data_dir)
+    if recorded and not os.path.isabs(os.path.expanduser(recorded)):
+        return (f"run.json records the relative path {recorded!r}, which is read from the "
+                f"current directory ({os.getcwd()}): run from the directory train.py ran in, "
+                f"or {hint}")
+    return f"If the run's data moved, {hint}"
+
+
 # What run.json's "data" records and a loaded dataset must match, as (key, value of ds).
 _DATA_FINGERPRINT = (
     ("num_classes", lambda ds: ds.num_classes),
@@ -118,6 +133,7 @@ _DATA_FINGERPRINT = (
     ("num_train", lambda ds: len(ds.train)),
     ("num_test", lambda ds: len(ds.test)),
     ("num_validation", lambda ds: 0 if ds.validation is None else len(ds.validation)),
+    ("holdout", lambda ds: ds.holdout),
 )
 
 
@@ -269,12 +285,11 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
                 + "."
             )
         try:
-            ds = setup_lib.load_data(config, workdir)
+            ds = setup_lib.load_data(config, workdir, meta.get("data"))
         except (data_lib.DataUnavailableError, errors.DataFileNotFoundError) as e:
             if data_dir is not None:
                 raise
-            raise type(e)(f"{e}\nIf the run's data moved, give its new location: "
-                          "evaluate.py --data-dir DIR (restore_run(..., data_dir=DIR)).") from e
+            raise type(e)(f"{e}\n{_moved_data_hint(config)}") from e
         data_meta = meta["data"]
         check_same_data(data_meta, ds, config, workdir)
         mean, std = np.float32(data_meta["mean"]), np.float32(data_meta["std"])

@@ -310,8 +310,10 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
                 old["data"], ds, run.config, run.workdir,
                 fix="restore the data this run trained on to resume it, or train in a new "
                     "--workdir")
-        # A field the old run.json lacks was added to the code since; recorded, not warned.
-        known = {k: v for k, v in changes.items() if _has_field(old.get("config", {}), k)}
+        # A field the old run.json lacks was added to the code since, and a relative data
+        # path is now recorded absolute: recorded, not warned.
+        known = {k: v for k, v in changes.items() if _has_field(old.get("config", {}), k)
+                 and setup_lib.absolute_data_path(k, v["old"]) != v["new"]}
         if known and run.step > 0 and jax.process_index() == 0:
             listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in known.items())
             warnings.warn(
@@ -324,8 +326,19 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     _write_json(path, meta)
 
 
+def _recorded_data(workdir: str) -> dict[str, Any] | None:
+    """The ``data`` record of the workdir's run.json: a resumed run rebuilds its validation
+    split as recorded. None for a new run (or an unreadable run.json, which writing run.json
+    then reports)."""
+    try:
+        with open(os.path.join(workdir, evaluate_lib.RUN_FILE)) as f:
+            return json.load(f).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, data_lib.Dataset]:
-    ds = setup_lib.load_data(config, workdir)
+    ds = setup_lib.load_data(config, workdir, _recorded_data(workdir))
     if config.select_best_by == "validation" and ds.validation is None:
         raise errors.ConfigError(
             "The dataset has no validation split (validation_size=0?); set "
@@ -377,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Raises:
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
-    config = config_lib.validate(config)
+    config = setup_lib.absolute_data_paths(config_lib.validate(config))
     workdir = os.path.abspath(workdir)
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)

@@ -30,6 +30,8 @@ from stochastic_depth_jax.training import state as state_lib
 
 __all__ = [
     "Setup",
+    "absolute_data_path",
+    "absolute_data_paths",
     "load_data",
     "build_model",
     "MODEL_BUILDERS",
@@ -42,9 +44,37 @@ __all__ = [
 FAKE_DATA_DIR = "fake_data"
 
 
-def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Dataset:
+def absolute_data_path(field: str, value: Any) -> Any:
+    """``value`` of the config ``field`` made absolute where it names a place (``dataset``'s
+    ``image_folder:`` path, ``data_dir``; ``~`` expanded), else unchanged. Not resolved: a
+    symlink or a shared filesystem's mount point stays as the user named it."""
+    prefix = data_lib.IMAGE_FOLDER_PREFIX
+    if field == "dataset" and isinstance(value, str) and value.startswith(prefix):
+        return prefix + os.path.abspath(os.path.expanduser(value.removeprefix(prefix)))
+    if field == "data_dir" and value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config``, or a copy whose data paths are absolute (:func:`absolute_data_path`), so
+    that run.json's record finds the data from any directory (``evaluate.py``)."""
+    paths = {field: absolute_data_path(field, config[field]) for field in ("dataset", "data_dir")}
+    if all(config[field] == path for field, path in paths.items()):
+        return config
+    config = config.copy_and_resolve_references()
+    for field, path in paths.items():
+        config[field] = path
+    return config
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str,
+              recorded: dict[str, Any] | None = None) -> data_lib.Dataset:
     """Loads ``config.dataset``; with ``config.fake_data.num_train > 0`` first writes a small
     random dataset with the real tfds name under ``<workdir>/fake_data`` (process 0).
+
+    ``recorded``: the ``data`` record of the run's ``run.json`` when resuming or evaluating
+    it, so its validation split is rebuilt as it was held out (``data.recorded_holdout``).
 
     Each dataset there has its own completion marker (``.complete-<dataset>``), so a second
     smoke config in the same workdir writes its own fake data instead of looking for real
@@ -81,6 +111,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data_lib.Datas
         seed=config.seed,
         train_on_all=config.train_on_all,
         label=config.label,
+        holdout=data_lib.recorded_holdout(recorded, config.dataset),
     )
 
 
@@ -344,6 +375,8 @@ def run_metadata(
             "num_train": len(ds.train),
             "num_test": len(ds.test),
             "num_validation": 0 if ds.validation is None else len(ds.validation),
+            # How validation was held out: a resumed or evaluated run holds it out so again.
+            "holdout": ds.holdout,
             # Every split's pixels and labels: a resumed or evaluated run checks it.
             "pixels_sha256": data_lib.fingerprint(ds),
         },

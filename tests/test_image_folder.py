@@ -1,0 +1,198 @@
+"""Users' own image folders: the per-class validation hold-out (and the random one that runs
+recorded before it keep), data paths recorded absolute, the train/ + val/ layout, and sizes
+and memory checked from the images' headers before any image is decoded."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` and train.py live at the repository root.
+
+import train as train_cli  # noqa: E402
+from cli_output import one_line_error  # noqa: E402
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax import data, errors, logs  # noqa: E402
+from stochastic_depth_jax.data import image_folder, splits  # noqa: E402
+from stochastic_depth_jax.training import evaluate, setup  # noqa: E402
+
+
+def _labels_split(sizes):
+    """A Split of 1x1 images whose labels are `sizes[c]` times each class c, in class order."""
+    labels = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    images = np.arange(labels.size, dtype=np.uint8).reshape(-1, 1, 1, 1)
+    return splits.Split(images, labels)
+
+
+# --- the per-class hold-out ---------------------------------------------------------------
+
+def test_per_class_counts_follow_largest_remainders_and_keep_every_class_training():
+    sizes = np.array([2, 5, 23])
+    for count in range(1, 16):  # up to half: no class's share reaches all of its images
+        taken = splits.per_class_counts(sizes, count, np.random.default_rng(count))
+        quota = count * sizes / sizes.sum()
+        assert taken.sum() == count and np.all(taken <= sizes - 1)
+        assert np.all((taken == np.floor(quota)) | (taken == np.ceil(quota))), (count, taken)
+    # A class of one image keeps it even where its share rounds up; the seat goes elsewhere.
+    taken = splits.per_class_counts(np.array([1, 1, 8]), 2, np.random.default_rng(0))
+    assert list(taken[:2]) == [0, 0] and taken.sum() == 2
+    with pytest.raises(errors.DataError, match="would leave a class without a training "
+                       "example .*at most 7 can be held out.*smaller validation_size"):
+        splits.per_class_counts(np.array([1, 1, 8]), 8, np.random.default_rng(0))
+
+
+def test_per_class_hold_out_is_disjoint_complete_and_seeded():
+    split = _labels_split([3, 7, 20])
+    train, val = splits.holdout(split, 0.2, seed=5, method="per_class")
+    assert sorted(np.concatenate([train.images, val.images]).ravel()) == list(range(30))
+    np.testing.assert_array_equal(np.bincount(val.labels), [1, 1, 4])
+    again = splits.holdout(split, 0.2, seed=5, method="per_class")[1]
+    np.testing.assert_array_equal(again.images, val.images)
+    other = splits.holdout(split, 0.2, seed=6, method="per_class")[1]
+    assert not np.array_equal(other.images, val.images)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes of 10 training images: a random 10% hold-out can take one class's three."""
+    return data.testing.make_image_folder(
+        str(tmp_path_factory.mktemp("pets")), classes=["cat", "dog", "eel"],
+        per_class_train=10, per_class_test=1, size=(4, 4))
+
+
+def test_image_folder_validation_takes_every_class_its_share(folder):
+    held = [np.bincount(data.load_dataset(f"image_folder:{folder}", validation_size=0.1,
+                                          seed=seed).validation.labels, minlength=3)
+            for seed in range(8)]
+    np.testing.assert_array_equal(held, [[1, 1, 1]] * 8)
+
+
+def test_a_runs_record_rebuilds_the_split_it_trained_on(folder, tmp_path):
+    """A run.json recorded before the hold-out method (no data.holdout) gets the random split
+    it trained on, exactly as the earlier code drew it; a new record, the per-class one."""
+    config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{folder}",
+                                           "--config.validation_size=0.1", "--config.seed=3"])
+    workdir, mesh = str(tmp_path), jax.make_mesh((1,), ("data",))
+    everything = data.load_dataset(config.dataset, train_on_all=True).train
+    earlier = np.sort(np.random.Generator(np.random.PCG64(3)).permutation(30)[:3])
+
+    legacy = setup.load_data(config, workdir, {"name": config.dataset})  # no "holdout"
+    np.testing.assert_array_equal(legacy.validation.images, everything.images[earlier])
+    np.testing.assert_array_equal(legacy.validation.labels, everything.labels[earlier])
+    assert legacy.holdout == "random"
+    old_record = {k: v for k, v in setup.run_metadata(config, legacy, mesh)["data"].items()
+                  if k != "holdout"}
+    evaluate.check_same_data(old_record, setup.load_data(config, workdir, old_record), config,
+                             workdir)
+
+    new = setup.load_data(config, workdir)  # a new run: no record
+    assert data.fingerprint(new) != old_record["pixels_sha256"]
+    with pytest.raises(errors.DataError, match="images or labels of a split differ"):
+        evaluate.check_same_data(old_record, new, config, workdir)
+    new_record = setup.run_metadata(config, new, mesh)["data"]
+    assert new_record["holdout"] == "per_class"
+    again = setup.load_data(config, workdir, new_record)
+    assert data.fingerprint(again) == new_record["pixels_sha256"]
+    with pytest.raises(errors.DataError, match="holdout per_class recorded, random here"):
+        evaluate.check_same_data(new_record, legacy, config, workdir)
+
+
+def test_tfds_datasets_keep_the_papers_hold_out():
+    with pytest.raises(errors.DataError, match="holdout='per_class' applies to image folders "
+                       "only"):
+        data.load_dataset("cifar10", holdout="per_class")
+    assert data.recorded_holdout({"name": "cifar10"}, "cifar10") is None
+    # A workdir that switches from a tfds dataset to a folder: the folder's default split.
+    assert data.recorded_holdout({"name": "cifar10"}, "image_folder:/x") is None
+
+
+# --- data paths ---------------------------------------------------------------------------
+
+def test_data_paths_are_made_absolute_but_not_resolved(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = load_config("cifar10:smoke", ["--config.dataset=image_folder:link/",
+                                           "--config.data_dir=~/tfds"])
+    made = setup.absolute_data_paths(config)
+    assert made.dataset == f"image_folder:{tmp_path / 'link'}"  # the symlink, as named
+    assert made.data_dir == str(tmp_path / "home" / "tfds")
+    assert config.dataset == "image_folder:link/"  # the caller's config is unchanged
+    assert setup.absolute_data_paths(made) is made
+
+
+# --- layout -------------------------------------------------------------------------------
+
+def test_a_train_and_val_folder_says_what_to_rename(capsys, tmp_path):
+    root = data.testing.make_image_folder(str(tmp_path / "inet"), classes=2, per_class_train=2,
+                                          per_class_test=1, size=(4, 4))
+    os.rename(os.path.join(root, "test"), os.path.join(root, "val"))
+    line = one_line_error(capsys, train_cli.main, [
+        "--config", "cifar10:smoke", "--workdir", str(tmp_path / "w"),
+        f"--config.dataset=image_folder:{root}"])
+    assert line == (f"error: Image folder {root!r} has train/ and val/ but no test/: rename "
+                    f"val/ to test/ (or link it: ln -s val {os.path.join(root, 'test')}); "
+                    "results are reported on test/, and the validation set is held out of "
+                    "train/ (validation_size).")
+    os.symlink("val", os.path.join(root, "test"))  # the fix it names
+    with pytest.warns(logs.RunWarning, match="val' is not read: the validation set is held "
+                      "out of train/"):
+        assert len(data.load_dataset(f"image_folder:{root}", validation_size=0).test) == 2
+    os.remove(os.path.join(root, "test"))
+    os.rename(os.path.join(root, "val"), os.path.join(root, "eval"))
+    with pytest.raises(FileNotFoundError, match="split '.*test' does not exist \\(found eval/, "
+                       "train/\\)"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+# --- sizes and memory, from the headers -----------------------------------------------------
+
+def _no_decoding(monkeypatch):
+    def fail(path):
+        raise AssertionError(f"{path} was decoded")
+    monkeypatch.setattr(image_folder, "_read_image", fail)
+
+
+def test_mixed_sizes_are_refused_from_the_headers(tmp_path, monkeypatch):
+    """Refused before any image is decoded, naming two images; an EXIF-rotated JPEG whose
+    stored size is turned counts at the size it is viewed at."""
+    from PIL import Image
+
+    root = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=3,
+                                          per_class_test=1, size=(6, 4))  # 4 wide, 6 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 6 wide and 4 high, viewed turned by 90 degrees: 4x6
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(
+        os.path.join(root, "train", "class1", "turned.jpg"), exif=exif)
+    assert len(data.load_dataset(f"image_folder:{root}", validation_size=0).train) == 7
+    odd = os.path.join(root, "test", "class0", "odd.png")
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(odd)
+    _no_decoding(monkeypatch)
+    with pytest.raises(errors.DataError, match="odd.png' is 6x4 but '.*train/class0/0.png' is "
+                       "4x6 \\(width x height\\)"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+def test_a_folder_larger_than_the_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    root = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=3,
+                                          per_class_test=2, size=(8, 4))
+    decoded = 10 * 8 * 4 * 3  # images x height x width x RGB
+    monkeypatch.setattr(image_folder, "available_memory", lambda: decoded * 3 // 2)
+    with pytest.warns(logs.RunWarning, match="holds 10 images of 4x8: 0.0 GiB decoded as 8-bit "
+                      "RGB, and training holds about twice that.*may run out: resize"):
+        assert len(data.load_dataset(f"image_folder:{root}", validation_size=0).train) == 6
+    monkeypatch.setattr(image_folder, "available_memory", lambda: decoded - 1)
+    _no_decoding(monkeypatch)
+    with pytest.raises(errors.DataError, match="holds 10 images of 4x8.*more than the 0.0 GiB of "
+                       "memory available; resize the images.*or use fewer, or use a machine"):
+        data.load_dataset(f"image_folder:{root}")
+
+
+def test_available_memory_is_known_here():
+    available = image_folder.available_memory()
+    assert available is None or 0 < available <= (
+        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
