@@ -408,8 +408,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     cache_dir = compilation.cache_dir_for(config.compilation_cache_dir)
-    compilation.use_cache_dir(cache_dir)
-    with compilation.CompileStats() as stats:
+    with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:
         summary, trained = _train_and_evaluate(config, workdir)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
         return summary
