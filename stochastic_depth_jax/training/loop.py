@@ -213,7 +213,7 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         }
         _save(run, "best", {"record": record})
     run.writer.write(record)
-    if not c.progress_bar and jax.process_index() == 0:  # The bar shows progress otherwise.
+    if progress.prints_epoch_lines(c.progress_bar):  # Else the bar alone shows progress.
         print(progress.epoch_line(record, c.num_epochs), flush=True)
     periodic = (c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or (
         c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0
