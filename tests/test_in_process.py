@@ -100,6 +100,7 @@ def test_a_session_calls_the_trainer_is_interrupted_resumes_and_is_left_as_it_wa
     assert (report["resumed_steps"], report["final_epoch"]) == (20, 5)
     assert f"Resuming from step {step} " in out.stdout
     assert report["finished_call_returns_the_summary"]
+    assert out.stdout.count("Skipping implementation") == 3  # one per call: no doubled output
     for key in ("changed_by_the_stopped_call", "changed_by_the_resumed_call",
                 "changed_by_all_calls"):
         assert report[key] == [], (key, report[key])
