@@ -2,8 +2,11 @@
 
 import os
 import re
+import sys
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
+sys.path.insert(0, REPO)  # The snippets run from the repository root, where `configs` is.
 
 
 def _snippets():

@@ -4,6 +4,11 @@
   summary = train_and_evaluate(config, workdir)          # config: ml_collections.ConfigDict
   result = evaluate_checkpoint(workdir, 'best')          # {'error', 'loss', 'step', ...}
 
+Both raise (never exit): anticipated mistakes as :mod:`stochastic_depth_jax.errors` types;
+Ctrl-C during training as :class:`Stopped` once a checkpoint is saved (a second Ctrl-C:
+``KeyboardInterrupt``). A call leaves the process as it found it, so a notebook or a sweep
+calls them again and again.
+
 Modules: ``config`` (overrides, validation, registries), ``optim`` (Torch-style SGD,
 step schedule), ``state`` (TrainState), ``step`` (sharded jitted steps), ``checkpoint``
 (Orbax, corruption handling), ``metrics``/``progress``/``plots`` (outputs), ``setup``
@@ -25,6 +30,7 @@ from stochastic_depth_jax.training.evaluate import evaluate_checkpoint
 from stochastic_depth_jax.training.loop import NonFiniteLossError, train_and_evaluate
 from stochastic_depth_jax.training.optim import make_lr_schedule, make_optimizer
 from stochastic_depth_jax.training.state import TrainState
+from stochastic_depth_jax.training.stopping import Stopped
 
 __all__ = [
     "CheckpointCorruptWarning",
@@ -32,6 +38,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "NoCheckpointError",
     "NonFiniteLossError",
+    "Stopped",
     "TrainState",
     "apply_overrides",
     "evaluate_checkpoint",

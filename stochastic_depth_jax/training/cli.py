@@ -15,15 +15,22 @@ warning raised from an exception (a skipped checkpoint) adds that exception's tr
 under ``--debug``. Libraries' log records of an exception reported here in one line (Orbax
 logging a full disk from its background save threads before the save raises it to the
 trainer) are dropped unless ``--debug``.
+
+Called in a process that goes on after the ``SystemExit`` (IPython's ``%run train.py``, a
+test calling ``main``), nothing stays in effect: warnings print as before and libraries'
+reports of later errors are not dropped; only the echoes of a failed save are still dropped,
+at the exit of the process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
 import sys
+import threading
 import traceback
 import warnings
 from typing import Any, Callable, Iterator
@@ -36,8 +43,8 @@ from stochastic_depth_jax.training import workdir as workdir_lib
 __all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors"]
 
 DEBUG_ENV = "SDJ_DEBUG"
-# What stays quiet until the process exits (see run_reporting_errors).
-_QUIET_UNTIL_EXIT: list[contextlib.ExitStack] = []
+# What stays quiet at the exit of the process (see run_reporting_errors).
+_QUIET_AT_EXIT: list[contextlib.ExitStack] = []
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -63,10 +70,28 @@ def _reported_kind(error: BaseException) -> bool:
     return isinstance(error, errors.Error) or workdir_lib.anticipated_os_error(error) is not None
 
 
+def _exiting() -> bool:
+    """Whether the process is exiting: its main thread has finished (the other threads are
+    being joined) or the interpreter is finalising."""
+    return sys.is_finalizing() or not threading.main_thread().is_alive()
+
+
+@dataclasses.dataclass
+class _Reports:
+    """What :func:`_library_reports_dropped` saw, and whether it now acts only at exit."""
+
+    seen: list[BaseException] = dataclasses.field(default_factory=list)
+    at_exit_only: bool = False
+
+    def active(self) -> bool:
+        return not self.at_exit_only or _exiting()
+
+
 @contextlib.contextmanager
-def _library_reports_dropped() -> Iterator[list[BaseException]]:
-    """Drops what libraries print of an error that is reported here in one line; yields the
-    list of such errors they reported (logged) meanwhile.
+def _library_reports_dropped() -> Iterator[_Reports]:
+    """Drops what libraries print of an error that is reported here in one line; yields
+    what it saw: ``seen``, the list of such errors they reported (logged) meanwhile. Set
+    ``at_exit_only`` to leave it installed past the block, dropping only at exit.
 
     A full disk fails one of the many writes of an asynchronous Orbax save. Orbax logs the
     failure from each background thread it passes through (absl) and closes the save's event
@@ -78,10 +103,11 @@ def _library_reports_dropped() -> Iterator[list[BaseException]]:
     loop: an event loop closed with work in flight is a failure that is itself reported, here
     or with its traceback.
     """
-    seen: list[BaseException] = []
+    reports = _Reports()
+    seen = reports.seen
 
     def drop(record: logging.LogRecord) -> bool:
-        if record.exc_info and _reported_kind(record.exc_info[1]):
+        if reports.active() and record.exc_info and _reported_kind(record.exc_info[1]):
             seen.append(record.exc_info[1])
             return True
         return False
@@ -89,6 +115,9 @@ def _library_reports_dropped() -> Iterator[list[BaseException]]:
     original = sys.unraisablehook
 
     def unraisable_hook(unraisable: Any) -> None:
+        if not reports.active():
+            original(unraisable)
+            return
         error = unraisable.exc_value
         closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
         # At exit, what the failed save abandoned is finalised too late to clean up.
@@ -101,7 +130,7 @@ def _library_reports_dropped() -> Iterator[list[BaseException]]:
     sys.unraisablehook = unraisable_hook
     try:
         with logs.drop_library_records(drop):
-            yield seen
+            yield reports
     finally:
         sys.unraisablehook = original
 
@@ -148,15 +177,16 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
     the project's warnings print as one ``warning:`` line each (:func:`one_line_warnings`).
 
     Unless ``debug``, what libraries print of the errors reported here is dropped
-    (:func:`_library_reports_dropped`); after a background save failed that way, until the
-    process exits: its abandoned writes end during the exit.
+    (:func:`_library_reports_dropped`); after a background save failed that way, also at the
+    exit of the process (its abandoned writes end then), but not while a process that
+    caught the ``SystemExit`` goes on: nothing of a later run is hidden.
     """
     with contextlib.ExitStack() as quiet:
-        seen: list[BaseException] = []
+        reports = _Reports()
         try:
             with one_line_warnings(debug):
                 if not debug:
-                    seen = quiet.enter_context(_library_reports_dropped())
+                    reports = quiet.enter_context(_library_reports_dropped())
                 return main()
         except stopping.Stopped as e:  # a requested stop, not a failure
             if debug:
@@ -173,7 +203,8 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
             if message is None or debug:
                 raise
             print(f"error: {message}", file=sys.stderr, flush=True)
-            if seen:
+            if reports.seen:
                 gc.collect()  # Finalises what the failed save abandoned while imports work.
-                _QUIET_UNTIL_EXIT.append(quiet.pop_all())  # The rest of it ends at exit.
+                reports.at_exit_only = True  # The rest of it ends at exit.
+                _QUIET_AT_EXIT.append(quiet.pop_all())
             sys.exit(1)

@@ -16,15 +16,16 @@ you do not trust.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-__all__ = ["cache_dir_for", "use_cache_dir", "CompileStats"]
+__all__ = ["cache_dir_for", "use_cache_dir", "cache_dir_in_use", "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -55,6 +56,19 @@ def use_cache_dir(path: str) -> None:
     compilation_cache.set_cache_dir(path or None)
     # JAX opens the cache once per process; re-open it at the new place on the next compile.
     compilation_cache.reset_cache()
+
+
+@contextlib.contextmanager
+def cache_dir_in_use(path: str) -> Iterator[None]:
+    """Points JAX's persistent compilation cache at ``path`` ('' = off) while the block runs,
+    then back where it was: a run called from Python (a notebook, a sweep in one process)
+    leaves the session's ``jax_compilation_cache_dir`` as it found it."""
+    previous = jax.config.jax_compilation_cache_dir or ""
+    use_cache_dir(path)
+    try:
+        yield
+    finally:
+        use_cache_dir(previous)
 
 
 @dataclasses.dataclass

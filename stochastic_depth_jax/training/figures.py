@@ -8,15 +8,18 @@
 
 Every PNG carries its sources in its text metadata (``Source``, readable with
 ``PIL.Image.open(p).text``) and as a footnote, and beside it a sidecar ``<name>.json`` holds
-the sources and the plotted numbers. matplotlib runs with the Agg backend, selected when a
-figure is drawn, never at import.
+the sources and the plotted numbers. Figures are drawn with Agg outside pyplot
+(:func:`plots.new_figure`): the session's matplotlib backend (a notebook's) is left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Sequence
+
+from stochastic_depth_jax.training.plots import new_figure
 
 __all__ = [
     "save_figure",
@@ -26,15 +29,6 @@ __all__ = [
     "plot_first_conv_grad",
     "training_time_table",
 ]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # No display; set here, never at import of the library.
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
@@ -51,7 +45,6 @@ def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
     Returns:
       ``(png_path, json_path)``.
     """
-    plt = _pyplot()
     sources = [str(s) for s in sources]
     note = "sources: " + ", ".join(sources)
     fig.text(0.01, 0.005, note if len(note) < 180 else note[:177] + "...", fontsize=6,
@@ -59,7 +52,9 @@ def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, metadata={"Title": title, "Source": json.dumps(sources),
                                          "Software": "stochastic_depth_jax"})
-    plt.close(fig)
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:  # A caller's pyplot figure is closed; ours are not pyplot's.
+        pyplot.close(fig)
     sidecar = os.path.splitext(path)[0] + ".json"
     with open(sidecar, "w") as f:
         json.dump({"figure": os.path.basename(path), "title": title, "sources": sources,
@@ -81,8 +76,8 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
 
     ``points`` as returned by :func:`stochastic_depth_jax.pruning.depth_curve`.
     """
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig = new_figure((10, 4.2))
+    left, right = fig.subplots(1, 2)
     splits = [k[:-6] for k in points[0] if k.endswith("_error")]
     for split in splits:
         kept = [p["blocks_kept"] for p in points]
@@ -110,8 +105,8 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
     """Fig. 8: ``metric`` (default the best-by-validation epoch's test error) vs p_L,
     one line per depth. ``runs`` as from :func:`stochastic_depth_jax.training.sweep.collect`.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = new_figure((6.5, 4.5))
+    ax = fig.subplots()
     data = {}
     for depth in sorted({r["depth"] for r in runs}):
         rows = sorted((r["p_last"], r[metric]) for r in runs
@@ -133,8 +128,8 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
                          key: str = "grad_first_conv_mean_abs") -> tuple[str, str]:
     """Fig. 7: the first convolution's mean |gradient| per epoch, one line per run
     (constant depth dashed). ``runs`` as from :func:`sweep.collect`, with ``records``."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = new_figure((6.5, 4.5))
+    ax = fig.subplots()
     data = {}
     for r in sorted(runs, key=lambda r: (r["depth"], -r["p_last"])):
         points = [(m["epoch"], m[key]) for m in r["records"] if key in m]

@@ -213,7 +213,7 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         }
         _save(run, "best", {"record": record})
     run.writer.write(record)
-    if not c.progress_bar and jax.process_index() == 0:  # The bar shows progress otherwise.
+    if progress.prints_epoch_lines(c.progress_bar):  # Else the bar alone shows progress.
         print(progress.epoch_line(record, c.num_epochs), flush=True)
     periodic = (c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or (
         c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0
@@ -421,8 +421,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     cache_dir = compilation.cache_dir_for(config.compilation_cache_dir)
-    compilation.use_cache_dir(cache_dir)
-    with compilation.CompileStats() as stats:
+    with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:
         summary, trained = _train_and_evaluate(config, workdir)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
         return summary

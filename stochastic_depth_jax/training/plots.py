@@ -1,22 +1,30 @@
-"""PNG plots of the error and loss curves from ``metrics.jsonl`` (matplotlib, Agg)."""
+"""PNG plots of the error and loss curves from ``metrics.jsonl`` (matplotlib, Agg).
+
+Figures are made outside pyplot (:func:`new_figure`), so drawing them from a notebook or
+any session leaves its matplotlib backend and open figures as they were."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Sequence
 
-__all__ = ["plot_curves"]
+__all__ = ["new_figure", "plot_curves"]
+
+
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` that pyplot does not manage: ``savefig`` renders it with Agg,
+    and nothing global changes (``matplotlib.use`` would switch a notebook's inline backend
+    for the rest of the session). Nothing to close: it is freed like any object."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
 
 
 def _plot(
     records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str, path: str, percent: bool
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # No display; set here, never at import of the library.
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure((7, 4.5))
+    ax = fig.subplots()
     for key in keys:
         points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if points:
@@ -28,7 +36,6 @@ def _plot(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_curves(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:

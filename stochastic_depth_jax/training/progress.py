@@ -1,15 +1,42 @@
-"""Training progress on the terminal (process 0 only): a per-epoch tqdm bar showing loss,
-error, images/s and ETA, or, with the bar off, one line per finished epoch."""
+"""Training progress (process 0 only): a per-epoch tqdm bar showing loss, error, images/s
+and ETA on a terminal or in a notebook, and one line per finished epoch where a bar does not
+fit: output to a file or pipe (a log, a scheduler's output), or ``progress_bar=False``."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import jax
 from tqdm.auto import tqdm
 
-__all__ = ["EpochProgress", "epoch_line"]
+__all__ = ["EpochProgress", "draws_bar", "epoch_line", "interactive", "prints_epoch_lines"]
+
+
+def interactive(stream: Any) -> bool:
+    """Whether ``stream`` redraws a line in place: a terminal, or a Jupyter kernel's output
+    (notebooks, JupyterLab, VS Code, Colab). A pipe or a file keeps every redraw of a bar."""
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # None, or closed
+        return False
+    return type(stream).__module__.startswith("ipykernel")
+
+
+def draws_bar(enabled: bool) -> bool:
+    """Whether the epoch bar is drawn: ``progress_bar`` on, process 0, and stderr (tqdm's
+    stream) a terminal or a notebook."""
+    return bool(enabled) and jax.process_index() == 0 and interactive(sys.stderr)
+
+
+def prints_epoch_lines(progress_bar: bool) -> bool:
+    """Whether each finished epoch prints :func:`epoch_line` on stdout (process 0): when no
+    bar is drawn, and when stdout goes to a file or pipe (``train.py | tee log``: the log
+    keeps a line per epoch while the terminal shows the bar)."""
+    return jax.process_index() == 0 and (
+        not draws_bar(progress_bar) or not interactive(sys.stdout))
 
 
 def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
@@ -30,7 +57,6 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
     return "; ".join(parts)
 
 
-
 class EpochProgress:
     """Progress over the steps of one epoch.
 
@@ -39,7 +65,8 @@ class EpochProgress:
       num_epochs: total epochs.
       total: steps in this epoch; start: steps already done (resumed mid-epoch).
       batch_size: global batch size, for images/s.
-      enabled: False (or not process 0) makes every method a no-op.
+      enabled: ``progress_bar``; off, not process 0, or no terminal or notebook to draw
+        in (:func:`draws_bar`) makes every method a no-op.
     """
 
     def __init__(
@@ -53,7 +80,7 @@ class EpochProgress:
     ):
         self._bar = None
         self._batch_size = batch_size
-        if enabled and jax.process_index() == 0:
+        if draws_bar(enabled):
             self._bar = tqdm(
                 total=total,
                 initial=start,
