@@ -148,8 +148,8 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
     the project's warnings print as one ``warning:`` line each (:func:`one_line_warnings`).
 
     Unless ``debug``, what libraries print of the errors reported here is dropped
-    (:func:`_library_reports_dropped`); after a background save failed that way, until the
-    process exits: its abandoned writes end during the exit.
+    (:func:`_library_reports_dropped`); after an error is reported, until the process exits:
+    the writes or reads a failed save or restore abandoned end during the exit.
     """
     with contextlib.ExitStack() as quiet:
         seen: list[BaseException] = []
@@ -175,5 +175,7 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
             print(f"error: {message}", file=sys.stderr, flush=True)
             if seen:
                 gc.collect()  # Finalises what the failed save abandoned while imports work.
-                _QUIET_UNTIL_EXIT.append(quiet.pop_all())  # The rest of it ends at exit.
+            # The rest of what a failed save or read abandoned (TensorStore's reads calling
+            # back into Orbax's closed event loop) ends during the exit.
+            _QUIET_UNTIL_EXIT.append(quiet.pop_all())
             sys.exit(1)

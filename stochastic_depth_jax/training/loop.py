@@ -71,7 +71,6 @@ class _Run:
     writer: metrics_lib.MetricWriter
     state: Any
     best: dict[str, Any] | None = None
-    last_good: int | None = None
     stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
 
     @property
@@ -80,9 +79,14 @@ class _Run:
 
 
 def _kept_checkpoint(run: _Run) -> str:
-    if run.last_good is None:
+    """Which checkpoint a restart resumes from: the newest committed one, once the saves in
+    flight have committed (a save only started is not one; one that fails raises here)."""
+    run.ckpts.wait()
+    committed = run.ckpts.steps("latest")
+    if not committed:
         return "no checkpoint had been saved yet"
-    return f"the last good checkpoint (step {run.last_good}) in {run.workdir}/checkpoints is kept"
+    return (f"the last good checkpoint (step {committed[-1]}) in {run.workdir}/checkpoints "
+            "is kept")
 
 
 def _check_finite(run: _Run) -> None:
@@ -108,8 +112,6 @@ def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
         )
     meta = {"epoch": step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
     run.ckpts.save(kind, step, run.state, meta)
-    if kind == "latest":
-        run.last_good = step
 
 
 def _epoch_sums(run: _Run) -> dict[str, float]:
@@ -158,8 +160,7 @@ def _stop_if_requested(run: _Run, step: int) -> None:
     signum = run.stop.agreed() if run.stop is not None else None
     if signum is None:
         return
-    if run.last_good != step:
-        _save(run, "latest")
+    _save(run, "latest")  # Not twice: a step saved already (at the epoch's end) is skipped.
     run.ckpts.wait()
     spe = run.setup.steps_per_epoch
     raise stopping.Stopped(
@@ -241,10 +242,10 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
                       logs.RunWarning)
         run.state = run.setup.init_state(image_shape)
         return
-    run.state, run.best, run.last_good = state, meta.get("best"), int(meta["step"])
+    run.state, run.best = state, meta.get("best")
     if jax.process_index() == 0:
         print(
-            f"Resuming from step {run.last_good} (epoch {meta['epoch']:.2f}) in {run.workdir}",
+            f"Resuming from step {int(meta['step'])} (epoch {meta['epoch']:.2f}) in {run.workdir}",
             flush=True,
         )
 
