@@ -242,6 +242,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
                       logs.RunWarning)
         run.state = run.setup.init_state(image_shape)
         return
+    _check_steps_per_epoch(run, meta)
     run.state, run.best = state, meta.get("best")
     if jax.process_index() == 0:
         print(
@@ -250,13 +251,28 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         )
 
 
+def _check_steps_per_epoch(run: _Run, meta: dict[str, Any]) -> None:
+    """Refuses a checkpoint saved with another number of steps per epoch (another batch size
+    or training-set size): the step it reached would be read as another epoch, and the
+    learning-rate schedule and the metrics records would not line up with what it trained."""
+    step, epoch, spe = int(meta["step"]), float(meta.get("epoch") or 0), run.setup.steps_per_epoch
+    if epoch <= 0 or abs(step / epoch - spe) < 0.5:
+        return
+    changed = _changes_since_run_json(run)
+    raise errors.ConfigError(
+        f"The checkpoint at step {step} in {run.workdir}/checkpoints was saved at epoch "
+        f"{epoch:g}, {round(step / epoch)} steps per epoch; this config makes {spe} steps per "
+        "epoch" + (f" ({changed})" if changed else "") + ", so its epochs, learning-rate "
+        "schedule and metrics would not line up. Resume with the batch size and data it was "
+        "trained with, or train in a fresh --workdir.")
+
+
 def _changes_since_run_json(run: _Run, most: int = 8) -> str:
     """``'dataset: 'cifar10' -> 'cifar100'; model.depth: 8 -> 14'``: the fields of
     ``run.config`` that differ from the workdir's run.json ('' if none or unreadable)."""
     try:
-        with open(os.path.join(run.workdir, evaluate_lib.RUN_FILE)) as f:
-            old = json.load(f).get("config", {})
-    except (OSError, ValueError, AttributeError):
+        old = (evaluate_lib.read_run_json(run.workdir) or {}).get("config", {})
+    except (OSError, errors.Error):  # Unreadable: the message it completes stands alone.
         return ""
     changes = config_lib.config_changes(old, json.loads(run.config.to_json()))
     listed = [f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changes.items()
@@ -300,9 +316,15 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     path = os.path.join(run.workdir, evaluate_lib.RUN_FILE)
     meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh, run.setup.implementation)
     changes: dict[str, Any] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = evaluate_lib.read_run_json(
+        run.workdir, fix="it records the config and data of this run's checkpoints: restore "
+        "it from a copy, or move it aside to resume with this command's config (unchecked)")
+    if old is None and run.step > 0 and jax.process_index() == 0:
+        warnings.warn(
+            f"{path} is missing although the checkpoints reach step {run.step}: written anew "
+            "from this command's config; the config and data of the earlier sessions are "
+            "unknown, so they were not checked against it.", logs.RunWarning)
+    if old is not None:
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
         data_changed = any(k.split(".")[0] in _DATA_FIELDS and not _moved_folder(v)
                            for k, v in changes.items())
