@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -66,7 +66,7 @@ def anticipated_os_error(error: BaseException) -> OSError | None:
 
     Also recognises TensorStore's errors, which carry the OS error's number in their text.
     """
-    return _os_error_in(error, _FIXES, follow_context=False)
+    return _os_error_in(error, lambda code: code in _FIXES, follow_context=False)
 
 
 # Why a file that exists cannot be read, when the reason lies outside the file (its content
@@ -92,6 +92,8 @@ _READ_FIXES = {
         errno.ENETUNREACH, errno.ENOLINK, errno.ENODEV, errno.ENXIO)},
 }
 # TensorStore's status codes that say the same without an OS error number in the text.
+# The OS errors that do describe the files themselves (one is missing, or of the wrong kind).
+_FILES_BAD = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 _STATUS_ERRNO = {"PERMISSION_DENIED": errno.EACCES, "UNAUTHENTICATED": errno.EACCES,
                  "DEADLINE_EXCEEDED": errno.ETIMEDOUT, "UNAVAILABLE": errno.EAGAIN}
 _STATUS = re.compile(r"^(%s):" % "|".join(_STATUS_ERRNO))
@@ -99,14 +101,15 @@ _STATUS = re.compile(r"^(%s):" % "|".join(_STATUS_ERRNO))
 
 def read_os_error(error: BaseException) -> OSError | None:
     """The failure outside the file (no permission, an I/O or network filesystem error,
-    too many open files, ...) that a failed read ``error`` is, was raised from or while
-    handling (``__cause__`` and ``__context__``), as an ``OSError``; None if nothing says
-    so (a missing file or undecodable data: the file itself is bad).
+    too many open files, ...: any OS error but a missing file or one of the wrong kind) that
+    a failed read ``error`` is, was raised from or while handling (``__cause__`` and
+    ``__context__``), as an ``OSError``; None if nothing says so (a missing file or
+    undecodable data: the file itself is bad).
 
     Also recognises TensorStore's errors (as Orbax raises them): by the OS error's number
     in their text, or by their status (``PERMISSION_DENIED: ...``).
     """
-    found = _os_error_in(error, _READ_FIXES, follow_context=True)
+    found = _os_error_in(error, lambda code: code not in _FILES_BAD, follow_context=True)
     if found is not None:
         return found
     for e in _chain(error, follow_context=True):
@@ -133,14 +136,15 @@ def _chain(error: BaseException | None, follow_context: bool) -> list[BaseExcept
     return chain
 
 
-def _os_error_in(error: BaseException, codes: Any, follow_context: bool) -> OSError | None:
-    """The first ``OSError`` in ``error``'s chain whose number is in ``codes``, also as
+def _os_error_in(error: BaseException, accept: Callable[[int], bool],
+                 follow_context: bool) -> OSError | None:
+    """The first ``OSError`` in ``error``'s chain whose number ``accept`` accepts, also as
     TensorStore writes it in its text (``[os_error_code='13']``); None if there is none."""
     for e in _chain(error, follow_context):
-        if isinstance(e, OSError) and e.errno in codes:
+        if isinstance(e, OSError) and e.errno is not None and accept(e.errno):
             return e
         code = _OS_ERROR_CODE.search(str(e))
-        if code and int(code.group(1)) in codes:
+        if code and accept(int(code.group(1))):
             return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
     return None
 
