@@ -77,7 +77,8 @@ _NO_ANSWER = "the filesystem did not answer (a network mount?): check that it is
 _READ_FIXES = {
     errno.EACCES: _NO_ACCESS,
     errno.EPERM: _NO_ACCESS,
-    errno.EIO: "the disk or filesystem reported an I/O error: check it (dmesg, its mount)",
+    errno.EIO: ("the disk or filesystem reported an I/O error: check it (dmesg, its mount); "
+                "if the file is lost for good, move it aside by hand to use an older one"),
     errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
     errno.ENFILE: "too many open files: raise the limit (ulimit -n)",
     errno.ENOMEM: "out of memory: free some memory",
