@@ -1,5 +1,6 @@
 """Checkpoints: round trip, keep-k, best, corruption and interruption recovery."""
 
+import errno
 import glob
 import os
 import shutil
@@ -209,3 +210,126 @@ def test_two_processes_save_best_and_latest_at_the_same_steps(tmp_path):
     for kind in ("latest", "best"):
         assert ckpts.read_meta(kind, steps)["step"] == steps
     ckpts.close()
+
+
+def _tensorstore_error(status, code=None):
+    """A read failure as TensorStore raises it through Orbax: a ValueError whose text
+    starts with its status and may end with the OS error's number."""
+    text = (f'{status}: Error opening "zarr" driver: Error reading local file "x/d/ab12": '
+            "Failed to open")
+    return ValueError(text + (f" [os_error_code='{code}']" if code else ""))
+
+
+def _raised_from(outer, inner, *, implicitly=False):
+    """``outer`` raised from ``inner`` (``raise ... from``), or while handling it."""
+    try:
+        try:
+            raise inner
+        except OSError as e:
+            if implicitly:
+                raise outer
+            raise outer from e
+    except Exception as e:  # noqa: BLE001  The chained exception is what we want.
+        return e
+
+
+# Failures outside the checkpoint, as Orbax lets them reach us: each must leave it in place.
+_ENVIRONMENT = {
+    "permission": lambda: PermissionError(errno.EACCES, "Permission denied", "x/meta"),
+    "tensorstore_eacces": lambda: _tensorstore_error("PERMISSION_DENIED", 13),
+    "tensorstore_status": lambda: _tensorstore_error("PERMISSION_DENIED"),
+    "wrapped_eio": lambda: _raised_from(ValueError("restore failed"),
+                                        OSError(errno.EIO, "Input/output error")),
+    "during_etimedout": lambda: _raised_from(RuntimeError("restore failed"),
+                                             OSError(errno.ETIMEDOUT, "Timed out"),
+                                             implicitly=True),
+    "too_many_files": lambda: OSError(errno.EMFILE, "Too many open files"),
+}
+
+
+def _failing_state_restore(ckpts, step, error):
+    """Makes the restore of ``step``'s arrays raise ``error`` (its metadata still reads, as
+    when only the array files are unreadable)."""
+    manager = ckpts._managers["latest"]
+    original = manager.restore
+
+    def restore(s, args=None):
+        if s == step and "state" in args:
+            raise error
+        return original(s, args=args)
+
+    manager.restore = restore
+
+
+@pytest.mark.parametrize(  # Training (moves damage aside) and evaluation (read-only) alike.
+    "cause, read_only", [(c, i % 2 == 1) for i, c in enumerate(sorted(_ENVIRONMENT))])
+def test_a_read_failing_outside_the_checkpoint_moves_nothing(tmp_path, mesh, cause, read_only):
+    """No permission, an I/O error, a network filesystem's timeout...: one error naming the
+    checkpoint, the cause and the fix; nothing moved aside, no fall-back to an older step
+    (resuming from it would silently undo training)."""
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=read_only)
+    error = _ENVIRONMENT[cause]()
+    _failing_state_restore(ckpts, 2, error)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ckpt_lib.CheckpointCorruptWarning)
+        with pytest.raises(ckpt_lib.CheckpointAccessError) as info:
+            ckpts.restore("latest", _abstract(base))
+    message = str(info.value)
+    assert message.startswith(f"Cannot read {tmp_path}/checkpoints/2 (")
+    assert "\n" not in message and "no older checkpoint was used" in message
+    assert info.value.__cause__ is error  # --debug shows the library's traceback
+    assert ckpts.steps("latest") == [1, 2]
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints_corrupt"))
+    ckpts.close()
+
+
+def test_damage_reported_in_the_same_words_is_still_damage(tmp_path, mesh):
+    """The control: TensorStore's report of damaged data (DATA_LOSS) is skipped and moved."""
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    ckpts = ckpt_lib.Checkpoints(tmp_path)
+    _failing_state_restore(ckpts, 2, _tensorstore_error("DATA_LOSS"))
+    with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match="step 2"):
+        _, meta = ckpts.restore("latest", _abstract(base))
+    assert meta["step"] == 1 and ckpts.steps("latest") == [1]
+    ckpts.close()
+
+
+def test_unlistable_checkpoints_directory_is_one_error(tmp_path, mesh, monkeypatch):
+    """Refused before Orbax lists it (its background listing would log a traceback)."""
+    _save_steps(tmp_path, mesh, [1])
+    real_listdir = os.listdir
+
+    def listdir(path):
+        if os.path.basename(os.path.normpath(path)) == "checkpoints":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(ckpt_lib.os, "listdir", listdir)
+    with pytest.raises(ckpt_lib.CheckpointAccessError, match=r"Cannot read .*/checkpoints \("):
+        ckpt_lib.Checkpoints(tmp_path, read_only=True)
+
+
+def test_moving_aside_never_reuses_a_name(tmp_path, mesh, monkeypatch):
+    """Two skips of the same step within one second (here: a clock stuck at one second) get
+    two names; a folder already there is neither merged into nor nested in."""
+    monkeypatch.setattr(ckpt_lib.time, "time", lambda: 1234.5)
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    earlier = os.path.join(tmp_path, "checkpoints_corrupt", "latest-2-1234")
+    os.makedirs(earlier)
+    open(os.path.join(earlier, "kept"), "w").close()
+    moved = []
+    for _ in range(2):
+        ckpts = ckpt_lib.Checkpoints(tmp_path)
+        if 2 not in ckpts.steps("latest"):
+            ckpts.save("latest", 2, _with_step(base, 2, mesh), {"epoch": 2})
+            ckpts.wait()
+        os.remove(os.path.join(tmp_path, "checkpoints", "2", "meta", "metadata"))
+        with pytest.warns(ckpt_lib.CheckpointCorruptWarning) as caught:
+            ckpts.restore("latest", _abstract(base))
+        moved.append(str(caught[0].message).split("moved to ")[1].split(";")[0])
+        ckpts.close()
+    assert moved == [earlier + ".1", earlier + ".2"]
+    assert os.listdir(earlier) == ["kept"]  # untouched
+    step_files = sorted(os.listdir(os.path.join(tmp_path, "checkpoints", "1")))
+    assert [sorted(os.listdir(path)) for path in moved] == [step_files] * 2  # not nested

@@ -4,13 +4,17 @@ Layout under the workdir::
 
   checkpoints/<step>/{state,meta}        last ``keep`` saves (resume from the newest good one)
   checkpoints_best/<step>/{state,meta}   the two most recent improvements of the best metric
-  checkpoints_corrupt/<kind>-<step>-<t>  checkpoints found unreadable, moved aside
+  checkpoints_corrupt/<kind>-<step>-<t>[.n]  checkpoints found damaged, moved aside
 
 Orbax writes each save into a temporary directory and renames it when complete, so an
 interrupted save never appears as a step (its leftovers are removed at start-up) and old
 steps are deleted only after the new one is committed. A committed checkpoint that fails
 to restore, or whose restored bits do not match the checksum stored at save time, is
-skipped with a warning and moved aside; the previous one is used instead.
+skipped with a warning and moved aside (under a name no other move takes); the previous
+one is used instead. A read that fails for a reason outside the checkpoint (no permission,
+an I/O or network filesystem error, too many open files) is not damage: it raises one
+``CheckpointAccessError`` naming the path, the cause and the fix, and nothing is moved or
+skipped (an older checkpoint would silently undo training).
 
 An evaluation may read while training writes: steps are listed afresh on every look, and a
 step deleted by the writer's rotation while being read (the step listing changed meanwhile)
@@ -24,7 +28,9 @@ surfaces at once or from a background save at the next save, wait or close, rais
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import itertools
 import os
 import shutil
 import time
@@ -41,6 +47,7 @@ from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = [
     "Checkpoints",
+    "CheckpointAccessError",
     "CheckpointCorruptWarning",
     "NoCheckpointError",
     "IncompatibleCheckpointError",
@@ -58,6 +65,61 @@ class NoCheckpointError(errors.CheckpointError):
 
 class IncompatibleCheckpointError(errors.Error, ValueError):
     """A readable checkpoint holds a differently shaped state (another model/optimiser)."""
+
+
+class CheckpointAccessError(errors.WorkdirError):
+    """A checkpoint could not be read for a reason outside it (no permission, an I/O or
+    network filesystem error, ...): it was left in place, and no older one was used."""
+
+
+def _access_error(path: str, error: BaseException) -> CheckpointAccessError | None:
+    """The error to raise if reading ``path`` failed with ``error`` for a reason outside the
+    checkpoint (``workdir.read_os_error``); None if the checkpoint itself may be bad."""
+    os_error = workdir_lib.read_os_error(error)
+    if os_error is None:
+        return None
+    return CheckpointAccessError(
+        workdir_lib.describe_read_error(os_error, path) + " Nothing was moved, and no older "
+        "checkpoint was used in its place: run the same command again once it is fixed.")
+
+
+def _check_listable(directory: str) -> None:
+    """Raises ``CheckpointAccessError`` if ``directory`` exists but cannot be listed, before
+    Orbax lists it (its manager also lists it in a background thread, which would log the
+    failure with a traceback after the error line)."""
+    try:
+        if os.path.isdir(directory):
+            os.listdir(directory)
+    except OSError as e:
+        access = _access_error(directory, e)
+        if access is None:
+            raise
+        raise access from e
+
+
+def _move_aside(source: str, parent: str, name: str) -> str:
+    """Moves the directory ``source`` to ``parent/name``, or ``parent/name.1``, ``.2``, ...:
+    the first name free (reserved with ``os.mkdir``, atomic: two moves in the same second,
+    even by two processes, never share a name or nest one in another). Returns the target.
+    """
+    os.makedirs(parent, exist_ok=True)
+    for n in itertools.count():
+        target = os.path.join(parent, name if n == 0 else f"{name}.{n}")
+        try:
+            os.mkdir(target)
+            break
+        except FileExistsError:
+            continue
+    try:
+        os.rename(source, target)  # Replaces the empty directory reserved above.
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            os.rmdir(target)
+            raise
+        # checkpoints/ on another filesystem (a symbolic link): copy, then delete.
+        shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(source)
+    return target
 
 
 # How many times a reader lists the steps again when the one it read was deleted meanwhile.
@@ -97,6 +159,8 @@ class Checkpoints:
     ):
         self.workdir = os.path.abspath(workdir)
         self._read_only = read_only
+        for name in ("checkpoints", "checkpoints_best"):
+            _check_listable(os.path.join(self.workdir, name))
         self._managers = {
             "latest": self._manager("checkpoints", keep, async_save),
             "best": self._manager("checkpoints_best", 2, async_save),
@@ -204,6 +268,8 @@ class Checkpoints:
 
         Raises:
           NoCheckpointError: nothing readable (a specific ``step`` that is corrupt included).
+          CheckpointAccessError: a checkpoint could not be read for a reason outside it (no
+            permission, ...); nothing was moved and no older checkpoint restored.
         """
         manager = self._managers[kind]
         if step is not None:
@@ -256,7 +322,8 @@ class Checkpoints:
         disk meanwhile (a writer's rotation: not damage, nothing is reported); or None after
         a warning if its files are damaged. Only failures of reading the files and checksum
         mismatches count as damage; a state of another shape raises
-        ``IncompatibleCheckpointError`` and moves nothing.
+        ``IncompatibleCheckpointError`` and a read failing for a reason outside the files
+        ``CheckpointAccessError``, and both move nothing.
         """
         manager = self._managers[kind]
         try:
@@ -294,8 +361,13 @@ class Checkpoints:
     def _failed(
         self, kind: str, step: int, error: Exception, listing: list[int], fallback: bool
     ) -> Any:
-        """``_GONE`` if the steps on disk changed since ``listing`` (the step was rotated
-        away, or is being deleted), else the damaged step is skipped (``_skip``)."""
+        """Raises ``CheckpointAccessError`` if reading failed for a reason outside the
+        checkpoint; ``_GONE`` if the steps on disk changed since ``listing`` (the step was
+        rotated away, or is being deleted), else the damaged step is skipped (``_skip``)."""
+        access = _access_error(os.path.join(str(self._managers[kind].directory), str(step)),
+                               error)
+        if access is not None:
+            raise access from error
         if self.steps(kind) != listing:
             return _GONE
         return self._skip(kind, step, error, fallback)
@@ -309,15 +381,16 @@ class Checkpoints:
             f"corrupt ({_summary(error)})"
         )
         if not self._read_only:
-            target = os.path.join(
-                self.workdir, "checkpoints_corrupt", f"{kind}-{step}-{int(time.time())}"
-            )
+            target = None
             if jax.process_index() == 0 and os.path.exists(where):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.move(where, target)
+                target = _move_aside(where, os.path.join(self.workdir, "checkpoints_corrupt"),
+                                     f"{kind}-{step}-{int(time.time())}")
             multihost_utils.sync_global_devices(f"checkpoint_skip_{kind}_{step}")
             manager.reload()
-            message += f"; moved to {target}"
+            if target is not None:  # Process 0 says where; the others, that it went.
+                message += f"; moved to {target}"
+            else:
+                message += "; moved to " + os.path.join(self.workdir, "checkpoints_corrupt")
         warning = CheckpointCorruptWarning(
             message + ("; falling back to the previous checkpoint." if fallback else ".")
         )

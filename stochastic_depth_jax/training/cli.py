@@ -177,9 +177,9 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
     the project's warnings print as one ``warning:`` line each (:func:`one_line_warnings`).
 
     Unless ``debug``, what libraries print of the errors reported here is dropped
-    (:func:`_library_reports_dropped`); after a background save failed that way, also at the
-    exit of the process (its abandoned writes end then), but not while a process that
-    caught the ``SystemExit`` goes on: nothing of a later run is hidden.
+    (:func:`_library_reports_dropped`); after an error is reported, also at the exit of the
+    process (the writes or reads a failed save or restore abandoned end then), but not while
+    a process that caught the ``SystemExit`` goes on: nothing of a later run is hidden.
     """
     with contextlib.ExitStack() as quiet:
         reports = _Reports()
@@ -205,6 +205,8 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
             print(f"error: {message}", file=sys.stderr, flush=True)
             if reports.seen:
                 gc.collect()  # Finalises what the failed save abandoned while imports work.
-                reports.at_exit_only = True  # The rest of it ends at exit.
-                _QUIET_AT_EXIT.append(quiet.pop_all())
+            # The rest of what a failed save or read abandoned (TensorStore's reads calling
+            # back into Orbax's closed event loop) ends during the exit.
+            reports.at_exit_only = True
+            _QUIET_AT_EXIT.append(quiet.pop_all())
             sys.exit(1)

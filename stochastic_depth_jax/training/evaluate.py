@@ -28,6 +28,7 @@ __all__ = [
     "evaluate_split",
     "evaluate_checkpoint",
     "load_run_config",
+    "read_run_json",
     "relocate_data",
     "check_same_data",
     "data_location",
@@ -56,22 +57,37 @@ def evaluate_split(
     return {"loss": loss / count, "error": errors / count, "count": int(count)}
 
 
-def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """The validated config and metadata a run recorded in ``<workdir>/run.json``."""
+def read_run_json(workdir: str,
+                  fix: str = "restore it from a copy or rerun") -> dict[str, Any] | None:
+    """The metadata a run recorded in ``<workdir>/run.json``; None if there is no such file.
+
+    Raises:
+      errors.CheckpointError: the file is damaged (not JSON, or no ``config`` object);
+        the message ends with ``fix``.
+    """
     path = os.path.join(workdir, RUN_FILE)
     if not os.path.exists(path):
-        raise errors.CheckpointError(
-            f"{path} not found: is {workdir!r} the --workdir of a training run?"
-        )
+        return None
     try:
         with open(path) as f:
             meta = json.load(f)
-        config = ml_collections.ConfigDict(meta["config"])
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise ValueError("it holds no 'config' object")
+    except ValueError as e:
         raise errors.CheckpointError(
-            f"{path} is damaged ({type(e).__name__}: {e}); restore it from a copy or rerun."
-        ) from e
-    return config_lib.validate(config), meta
+            f"{path} is damaged ({type(e).__name__}: {e}); {fix}.") from e
+    return meta
+
+
+def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """The validated config and metadata a run recorded in ``<workdir>/run.json``."""
+    meta = read_run_json(workdir)
+    if meta is None:
+        raise errors.CheckpointError(
+            f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
+            "training run?"
+        )
+    return config_lib.validate(ml_collections.ConfigDict(meta["config"])), meta
 
 
 def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:

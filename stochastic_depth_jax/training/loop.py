@@ -71,7 +71,6 @@ class _Run:
     writer: metrics_lib.MetricWriter
     state: Any
     best: dict[str, Any] | None = None
-    last_good: int | None = None
     stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
 
     @property
@@ -80,9 +79,14 @@ class _Run:
 
 
 def _kept_checkpoint(run: _Run) -> str:
-    if run.last_good is None:
+    """Which checkpoint a restart resumes from: the newest committed one, once the saves in
+    flight have committed (a save only started is not one; one that fails raises here)."""
+    run.ckpts.wait()
+    committed = run.ckpts.steps("latest")
+    if not committed:
         return "no checkpoint had been saved yet"
-    return f"the last good checkpoint (step {run.last_good}) in {run.workdir}/checkpoints is kept"
+    return (f"the last good checkpoint (step {committed[-1]}) in {run.workdir}/checkpoints "
+            "is kept")
 
 
 def _check_finite(run: _Run) -> None:
@@ -108,8 +112,6 @@ def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
         )
     meta = {"epoch": step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
     run.ckpts.save(kind, step, run.state, meta)
-    if kind == "latest":
-        run.last_good = step
 
 
 def _epoch_sums(run: _Run) -> dict[str, float]:
@@ -158,8 +160,7 @@ def _stop_if_requested(run: _Run, step: int) -> None:
     signum = run.stop.agreed() if run.stop is not None else None
     if signum is None:
         return
-    if run.last_good != step:
-        _save(run, "latest")
+    _save(run, "latest")  # Not twice: a step saved already (at the epoch's end) is skipped.
     run.ckpts.wait()
     spe = run.setup.steps_per_epoch
     raise stopping.Stopped(
@@ -241,21 +242,37 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
                       logs.RunWarning)
         run.state = run.setup.init_state(image_shape)
         return
-    run.state, run.best, run.last_good = state, meta.get("best"), int(meta["step"])
+    _check_steps_per_epoch(run, meta)
+    run.state, run.best = state, meta.get("best")
     if jax.process_index() == 0:
         print(
-            f"Resuming from step {run.last_good} (epoch {meta['epoch']:.2f}) in {run.workdir}",
+            f"Resuming from step {int(meta['step'])} (epoch {meta['epoch']:.2f}) in {run.workdir}",
             flush=True,
         )
+
+
+def _check_steps_per_epoch(run: _Run, meta: dict[str, Any]) -> None:
+    """Refuses a checkpoint saved with another number of steps per epoch (another batch size
+    or training-set size): the step it reached would be read as another epoch, and the
+    learning-rate schedule and the metrics records would not line up with what it trained."""
+    step, epoch, spe = int(meta["step"]), float(meta.get("epoch") or 0), run.setup.steps_per_epoch
+    if epoch <= 0 or abs(step / epoch - spe) < 0.5:
+        return
+    changed = _changes_since_run_json(run)
+    raise errors.ConfigError(
+        f"The checkpoint at step {step} in {run.workdir}/checkpoints was saved at epoch "
+        f"{epoch:g}, {round(step / epoch)} steps per epoch; this config makes {spe} steps per "
+        "epoch" + (f" ({changed})" if changed else "") + ", so its epochs, learning-rate "
+        "schedule and metrics would not line up. Resume with the batch size and data it was "
+        "trained with, or train in a fresh --workdir.")
 
 
 def _changes_since_run_json(run: _Run, most: int = 8) -> str:
     """``'dataset: 'cifar10' -> 'cifar100'; model.depth: 8 -> 14'``: the fields of
     ``run.config`` that differ from the workdir's run.json ('' if none or unreadable)."""
     try:
-        with open(os.path.join(run.workdir, evaluate_lib.RUN_FILE)) as f:
-            old = json.load(f).get("config", {})
-    except (OSError, ValueError, AttributeError):
+        old = (evaluate_lib.read_run_json(run.workdir) or {}).get("config", {})
+    except (OSError, errors.Error):  # Unreadable: the message it completes stands alone.
         return ""
     changes = config_lib.config_changes(old, json.loads(run.config.to_json()))
     listed = [f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in changes.items()
@@ -299,9 +316,15 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     path = os.path.join(run.workdir, evaluate_lib.RUN_FILE)
     meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh, run.setup.implementation)
     changes: dict[str, Any] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = evaluate_lib.read_run_json(
+        run.workdir, fix="it records the config and data of this run's checkpoints: restore "
+        "it from a copy, or move it aside to resume with this command's config (unchecked)")
+    if old is None and run.step > 0 and jax.process_index() == 0:
+        warnings.warn(
+            f"{path} is missing although the checkpoints reach step {run.step}: written anew "
+            "from this command's config; the config and data of the earlier sessions are "
+            "unknown, so they were not checked against it.", logs.RunWarning)
+    if old is not None:
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
         data_changed = any(k.split(".")[0] in _DATA_FIELDS and not _moved_folder(v)
                            for k, v in changes.items())

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -33,6 +33,8 @@ __all__ = [
     "prepare_workdir",
     "describe_os_error",
     "anticipated_os_error",
+    "describe_read_error",
+    "read_os_error",
 ]
 
 LOCK_FILE = "run.lock"
@@ -64,15 +66,87 @@ def anticipated_os_error(error: BaseException) -> OSError | None:
 
     Also recognises TensorStore's errors, which carry the OS error's number in their text.
     """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _FIXES:
-            return error
-        code = _OS_ERROR_CODE.search(str(error))
-        if code and int(code.group(1)) in _FIXES:
+    return _os_error_in(error, lambda code: code in _FIXES, follow_context=False)
+
+
+# Why a file that exists cannot be read, when the reason lies outside the file (its content
+# may be intact): what the user does before running the same command again.
+_NO_ACCESS = ("this user may not read it (a workdir copied from another user, or its modes "
+              "changed): give it read access (chmod/chown) or work on a copy you own")
+_NO_ANSWER = "the filesystem did not answer (a network mount?): check that it is mounted and up"
+_READ_FIXES = {
+    errno.EACCES: _NO_ACCESS,
+    errno.EPERM: _NO_ACCESS,
+    errno.EIO: ("the disk or filesystem reported an I/O error: check it (dmesg, its mount); "
+                "if the file is lost for good, move it aside by hand to use an older one"),
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENOMEM: "out of memory: free some memory",
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is exhausted: free some space",
+    errno.EAGAIN: "the filesystem is busy: wait a moment",
+    errno.EBUSY: "the filesystem is busy: wait a moment",
+    errno.EINTR: "the read was interrupted",
+    **{code: _NO_ANSWER for code in (
+        errno.ETIMEDOUT, errno.ESTALE, errno.ENOTCONN, errno.ECONNREFUSED, errno.ECONNRESET,
+        errno.ECONNABORTED, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN,
+        errno.ENETUNREACH, errno.ENOLINK, errno.ENODEV, errno.ENXIO)},
+}
+# TensorStore's status codes that say the same without an OS error number in the text.
+# The OS errors that do describe the files themselves (one is missing, or of the wrong kind).
+_FILES_BAD = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+_STATUS_ERRNO = {"PERMISSION_DENIED": errno.EACCES, "UNAUTHENTICATED": errno.EACCES,
+                 "DEADLINE_EXCEEDED": errno.ETIMEDOUT, "UNAVAILABLE": errno.EAGAIN}
+_STATUS = re.compile(r"^(%s):" % "|".join(_STATUS_ERRNO))
+
+
+def read_os_error(error: BaseException) -> OSError | None:
+    """The failure outside the file (no permission, an I/O or network filesystem error,
+    too many open files, ...: any OS error but a missing file or one of the wrong kind) that
+    a failed read ``error`` is, was raised from or while handling (``__cause__`` and
+    ``__context__``), as an ``OSError``; None if nothing says so (a missing file or
+    undecodable data: the file itself is bad).
+
+    Also recognises TensorStore's errors (as Orbax raises them): by the OS error's number
+    in their text, or by their status (``PERMISSION_DENIED: ...``).
+    """
+    found = _os_error_in(error, lambda code: code not in _FILES_BAD, follow_context=True)
+    if found is not None:
+        return found
+    for e in _chain(error, follow_context=True):
+        status = _STATUS.match(str(e))
+        if status or "Permission denied" in str(e):
+            code = _STATUS_ERRNO[status.group(1)] if status else errno.EACCES
+            return OSError(code, os.strerror(code))
+    return None
+
+
+def describe_read_error(error: OSError, path: str) -> str:
+    """One line for a read that failed for a reason outside the file: what, where, the fix."""
+    fix = _READ_FIXES.get(error.errno, "check the disk and its mount")
+    return f"Cannot read {path} ({error.strerror or error}): {fix}."
+
+
+def _chain(error: BaseException | None, follow_context: bool) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from (and, with ``follow_context``, while
+    handling), innermost last; each once."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not e for e in chain):
+        chain.append(error)
+        error = error.__cause__ or (error.__context__ if follow_context else None)
+    return chain
+
+
+def _os_error_in(error: BaseException, accept: Callable[[int], bool],
+                 follow_context: bool) -> OSError | None:
+    """The first ``OSError`` in ``error``'s chain whose number ``accept`` accepts, also as
+    TensorStore writes it in its text (``[os_error_code='13']``); None if there is none."""
+    for e in _chain(error, follow_context):
+        if isinstance(e, OSError) and e.errno is not None and accept(e.errno):
+            return e
+        code = _OS_ERROR_CODE.search(str(e))
+        if code and accept(int(code.group(1))):
             return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
-        error = error.__cause__
     return None
 
 

@@ -1,0 +1,176 @@
+"""Resuming as a user does, with the real command line on tiny fake data: what cannot be
+resumed is refused in one line and nothing good is moved, overwritten or mislabelled."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs`, train.py and evaluate.py live at the repository root.
+
+import train as train_cli  # noqa: E402
+from cli_output import one_line_error  # noqa: E402
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from stochastic_depth_jax.training import loop  # noqa: E402
+
+FLAGS = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+         "--config.write_plots=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The workdir of a finished 2-epoch ``cifar10:smoke`` run (checkpoints at steps 4, 8)."""
+    workdir = str(tmp_path_factory.mktemp("resume") / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), workdir)
+    return workdir
+
+
+def _copy(trained, tmp_path):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained, workdir)
+    return workdir
+
+
+def _snapshot(workdir):
+    """What a failed start must leave as it was: every file's bytes but the lock's."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            if name != "run.lock" and os.access(path, os.R_OK):
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, workdir)] = f.read()
+    return files
+
+
+def _without_read_permission():
+    """The command prefix under which reads honour file modes: none for a normal user; for
+    root (whom modes do not stop), a user namespace that drops its capabilities."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-U", "true"], capture_output=True).returncode != 0:
+        pytest.skip("runs as root without user namespaces (unshare -U): a file's modes cannot "
+                    "deny root a read; test_checkpoint.py simulates the denied read")
+    return ["unshare", "-U"]
+
+
+def test_a_denied_read_is_one_line_and_moves_nothing(trained, tmp_path):
+    """A workdir whose newest checkpoint this user may not read (copied from another user):
+    training and evaluation each stop with one line naming it, the cause and the fix; the
+    checkpoint stays in place, and no older one is resumed or evaluated instead."""
+    workdir = _copy(trained, tmp_path)
+    newest = max(ckpt_lib.Checkpoints(workdir, read_only=True).steps("latest"))
+    denied = []
+    for root, _, names in os.walk(os.path.join(workdir, "checkpoints", str(newest), "state")):
+        denied += [os.path.join(root, name) for name in names]
+    before = _snapshot(workdir)
+    for path in denied:
+        os.chmod(path, 0)
+    prefix = _without_read_permission()
+    commands = {
+        "train": ["train.py", "--config", "cifar10:smoke", "--workdir", workdir, *FLAGS,
+                  "--config.num_epochs=3"],
+        "evaluate": ["evaluate.py", "--workdir", workdir, "--checkpoint", "latest"],
+    }
+    try:
+        for name, command in commands.items():
+            out = subprocess.run([*prefix, sys.executable, *command], cwd=REPO, text=True,
+                                 capture_output=True, timeout=300)
+            assert out.returncode == 1, (name, out.stderr[-3000:])
+            assert "Traceback" not in out.stderr and "Event loop" not in out.stderr, out.stderr
+            [line] = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+            assert line.startswith(f"error: Cannot read {workdir}/checkpoints/{newest} "
+                                   "(Permission denied): "), line
+            assert "give it read access" in line and "no older checkpoint was used" in line
+    finally:
+        for path in denied:
+            os.chmod(path, 0o644)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt"))
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_object"])
+def test_a_damaged_run_json_is_one_line_and_overwrites_nothing(trained, tmp_path, capsys,
+                                                              damage):
+    workdir = _copy(trained, tmp_path)
+    path = os.path.join(workdir, "run.json")
+    if damage == "truncated":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        json.dump(["not", "a", "run"], open(path, "w"))
+    before = _snapshot(workdir)
+    line = one_line_error(capsys, train_cli.main, [
+        "--config", "cifar10:smoke", "--workdir", workdir, *FLAGS, "--config.num_epochs=3"])
+    assert line.startswith(f"error: {path} is damaged (")
+    assert "restore it from a copy, or move it aside" in line
+    assert _snapshot(workdir) == before
+
+
+def test_a_missing_run_json_is_written_anew_with_a_warning(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    os.remove(os.path.join(workdir, "run.json"))
+    config = load_config("cifar10:smoke", FLAGS + ["--config.num_epochs=3"])
+    with pytest.warns(UserWarning, match=r"run.json is missing although the checkpoints reach "
+                      r"step 8: written anew"):
+        summary = loop.train_and_evaluate(config, workdir)
+    assert summary["steps"] == 12
+    assert json.load(open(os.path.join(workdir, "run.json")))["config"]["num_epochs"] == 3
+
+
+def test_another_batch_size_is_refused_before_anything_is_written(trained, tmp_path):
+    """Step 8 is epoch 2 at batch 32 but epoch 1 at batch 16: resuming would retrain an
+    epoch under the wrong label and schedule."""
+    workdir = _copy(trained, tmp_path)
+    before = _snapshot(workdir)
+    config = load_config("cifar10:smoke", FLAGS + ["--config.batch_size=16",
+                                                   "--config.num_epochs=3"])
+    with pytest.raises(ValueError, match=r"at step 8 .* saved at epoch 2, 4 steps per epoch; "
+                       r"this config makes 8 steps per epoch \(batch_size: 32 -> 16; "):
+        loop.train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_the_non_finite_message_names_a_committed_checkpoint(tmp_path, monkeypatch):
+    """A save only started is not a checkpoint to resume from. On storage that commits a
+    save only when waited for, the message waits for it and names what is on disk then."""
+    pending = []
+    real = {name: getattr(ckpt_lib.Checkpoints, name) for name in ("save", "wait", "close")}
+
+    def save(self, kind, step, state, meta):
+        pending.append((self, kind, step, jax.tree.map(jnp.copy, state), meta))  # donated
+        return True
+
+    def flushing(name):
+        def method(self):
+            while pending:
+                real["save"](*pending.pop(0))
+            real[name](self)
+        return method
+
+    monkeypatch.setattr(ckpt_lib.Checkpoints, "save", save)
+    for name in ("wait", "close"):
+        monkeypatch.setattr(ckpt_lib.Checkpoints, name, flushing(name))
+    checkpoints, on_disk = os.path.join(tmp_path, "checkpoints"), []
+
+    class Recorded(loop.NonFiniteLossError):
+        def __init__(self, message):
+            on_disk.append(sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit()))
+            super().__init__(message)
+
+    monkeypatch.setattr(loop, "NonFiniteLossError", Recorded)
+    config = load_config("cifar10:smoke", FLAGS + [
+        "--config.learning_rate=1e12", "--config.lr_schedule=constant",
+        "--config.checkpoint_every_steps=1"])
+    with pytest.raises(Recorded) as info:
+        loop.train_and_evaluate(config, str(tmp_path))
+    named = re.search(r"the last good checkpoint \(step (\d+)\)", str(info.value))
+    assert named and on_disk[0] and int(named.group(1)) == on_disk[0][-1], (info.value, on_disk)
