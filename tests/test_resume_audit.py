@@ -15,6 +15,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs`, train.py and evaluate.py live at the repository root.
 
+import evaluate as evaluate_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
@@ -112,6 +113,22 @@ def test_a_damaged_run_json_is_one_line_and_overwrites_nothing(trained, tmp_path
         "--config", "cifar10:smoke", "--workdir", workdir, *FLAGS, "--config.num_epochs=3"])
     assert line.startswith(f"error: {path} is damaged (")
     assert "restore it from a copy, or move it aside" in line
+    assert _snapshot(workdir) == before
+
+
+def test_evaluating_a_run_json_without_its_data_record_is_one_line(trained, tmp_path, capsys):
+    """The record holds the normalisation the model was trained with: without it the run
+    cannot be evaluated as trained, and nothing is written."""
+    workdir = _copy(trained, tmp_path)
+    path = os.path.join(workdir, "run.json")
+    meta = json.load(open(path))
+    del meta["data"]
+    json.dump(meta, open(path, "w"))
+    before = _snapshot(workdir)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir])
+    assert line == (f"error: {path} records no data (the normalisation the model was trained "
+                    "with is unknown), so it cannot be evaluated as trained; restore run.json "
+                    "from a copy.")
     assert _snapshot(workdir) == before
 
 

@@ -306,7 +306,12 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
             if data_dir is not None:
                 raise
             raise type(e)(f"{e}\n{_moved_data_hint(config)}") from e
-        data_meta = meta["data"]
+        data_meta = meta.get("data")
+        if not isinstance(data_meta, dict) or not {"mean", "std"} <= data_meta.keys():
+            raise errors.CheckpointError(
+                f"{os.path.join(workdir, RUN_FILE)} records no data (the normalisation the "
+                "model was trained with is unknown), so it cannot be evaluated as trained; "
+                "restore run.json from a copy.")
         check_same_data(data_meta, ds, config, workdir)
         mean, std = np.float32(data_meta["mean"]), np.float32(data_meta["std"])
         setup = setup_lib.build(
