@@ -54,8 +54,9 @@ def _message(error: BaseException) -> str | None:
     or a collective that failed because another process of the job vanished."""
     if isinstance(error, errors.Error):
         return str(error)
-    if distributed.lost_peer(error):
-        return distributed.lost_peer(error)
+    lost = distributed.lost_peer(error)
+    if lost is not None:
+        return lost
     if isinstance(error, OSError):
         os_error = workdir_lib.anticipated_os_error(error)
         if os_error is not None:

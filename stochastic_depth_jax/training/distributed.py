@@ -15,9 +15,13 @@ When one process goes wrong the others must not wait for it forever:
 * :func:`leave_job`: a process that fails tells the others through the job's key-value
   store; a thread in every process (started by :func:`initialize`) polls it each
   ``POLL_S`` seconds and ends its own process with one line naming the failed one.
-* A process that dies without a word (SIGKILL, a crash) is detected by JAX's runtime after
-  ``heartbeat_timeout_s``; it then aborts the others with its own message ("Terminating
-  process because the JAX distributed service detected fatal errors", naming the task).
+* A process that dies or hangs without a word (SIGKILL, a crash, a lost host): the same
+  thread in process 0 reports it once it has shown no sign of life for
+  ``heartbeat_timeout_s``; JAX's runtime, which would abort every process with a C++ stack
+  trace, waits ``RUNTIME_MARGIN_S`` longer.
+* Process 0 itself dying ends the others inside JAX's runtime at once, with its message
+  ("Terminating process because the JAX distributed service detected fatal errors") and
+  a C++ stack trace: nothing here can replace that.
 """
 
 from __future__ import annotations
@@ -105,8 +109,10 @@ def initialize(
                 "A manual multi-process launch needs all of --coordinator_address, "
                 f"--num_processes and --process_id; got {manual}."
             )
-        if process_id == 0:
-            _check_port_free(coordinator_bind_address or coordinator_address)
+        if process_id == 0:  # Where JAX will listen: by default, every interface.
+            port = coordinator_address.rsplit(":", 1)[-1]
+            _check_port_free(coordinator_bind_address
+                             or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}"))
         print(
             f"Process {process_id} of {num_processes}: joining the job at "
             f"{coordinator_address} (waiting up to {timeout_s} s for all processes).",
@@ -215,13 +221,20 @@ class _PeerWatch:
         self.thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
         self.thread.start()
         # Before JAX's own exit handler (atexit runs in reverse) shuts the client down.
-        atexit.register(self.close)
+        atexit.register(self.close, left=True)
 
-    def close(self) -> None:
-        """Stops watching (at exit, or when this process leaves the job itself)."""
+    def close(self, left: bool = False) -> None:
+        """Stops watching: at exit (``left``: says so, so that process 0 does not report the
+        silence that follows as a failure), or when this process fails itself
+        (:func:`leave_job`)."""
         self.stop.set()
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout=2 * POLL_S)
+        if left:
+            try:
+                self.client.key_value_set(f"{_KEY}/left/{self.me}", "1", allow_overwrite=True)
+            except Exception:  # noqa: BLE001  The service is gone: nobody is watching.
+                pass
 
     def _watch(self) -> None:
         beats = 0
@@ -237,9 +250,7 @@ class _PeerWatch:
                 return
             others = sorted(p for p in failed if p != self.me)
             if others and not self.stop.is_set():
-                who = others[0]
-                _say(f"error: process {who} of {self.count} failed, so process {self.me} stops "
-                     f"too (see process {who}'s output); its error: {failed[who]}")
+                _say(f"error: {_stops_too(others[0], failed[others[0]])}")
                 self.client.key_value_set(f"{_KEY}/left/{self.me}", "1", allow_overwrite=True)
                 if self.me == 0:
                     _wait_for_others_to_leave(self.client)
@@ -250,7 +261,7 @@ class _PeerWatch:
         now = time.monotonic()
         counters = {int(k.rsplit("/", 1)[1]): v
                     for k, v in self.client.key_value_dir_get(f"{_KEY}/beat/")}
-        for p in range(self.count):
+        for p in sorted(set(range(self.count)) - _left(self.client)):
             counter = counters.get(p)
             if self.heard.get(p, (None,))[0] != counter or p not in self.heard:
                 self.heard[p] = (counter, now)  # Not heard of yet: counted from now.
@@ -269,6 +280,12 @@ def _watch_peers(silence_s: float) -> None:
     global _watcher
     if _watcher is None:
         _watcher = _PeerWatch(_client(), silence_s)
+
+
+def _stops_too(who: int, message: str) -> str:
+    """The line of a process that stops because process ``who`` failed with ``message``."""
+    return (f"process {who} of {jax.process_count()} failed, so process {jax.process_index()} "
+            f"stops too (see process {who}'s output); its error: {message}")
 
 
 def _say(line: str) -> None:
@@ -322,11 +339,18 @@ def _agreed(call: Any, key: str, timeout_s: int = 300) -> Any:
 
 def lost_peer(error: BaseException) -> str | None:
     """The one line for a collective that failed because another process vanished (Gloo, on
-    CPU, sees the connection reset at once), or ``None`` for any other error."""
+    CPU, sees the connection reset at once), or ``None`` for any other error. A process that
+    reported its failure before it left (:func:`leave_job`) is named, with its error."""
     text = str(error)
     if not (isinstance(error, jax.errors.JaxRuntimeError) and "Gloo" in text
             and "by peer" in text):  # "Connection reset by peer", "Connection closed by peer"
         return None
+    try:
+        failed = {p: m for p, m in _failed(_client()).items() if p != jax.process_index()}
+    except Exception:  # noqa: BLE001  No job, or its service is gone: nothing to read.
+        failed = {}
+    if failed:
+        return _stops_too(min(failed), failed[min(failed)])
     first = text.strip().splitlines()[0]
     return (f"A collective with the other processes failed ({first}): another process died "
             "or was killed; its output says why (a process that died without a word is "
@@ -359,12 +383,16 @@ def leave_job(message: str, status: int) -> None:
         os._exit(status)
 
 
+def _left(client: Any) -> set[int]:
+    """The processes that left the job (ended, or stopped because another one failed)."""
+    return {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(f"{_KEY}/left/")}
+
+
 def _wait_for_others_to_leave(client: Any) -> None:
     others = set(range(jax.process_count())) - {jax.process_index()}
     deadline = time.monotonic() + LEAVE_WAIT_S
     while time.monotonic() < deadline:
-        left = {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(f"{_KEY}/left/")}
-        if others <= left | set(_failed(client)):
+        if others <= _left(client) | set(_failed(client)):
             return
         time.sleep(0.1)
 
