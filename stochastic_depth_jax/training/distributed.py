@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import json
 import os
 import socket
 import sys
@@ -40,6 +41,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from stochastic_depth_jax import errors
+from stochastic_depth_jax.training import config as config_lib
 
 __all__ = [
     "initialize",
@@ -305,10 +307,6 @@ def check_same_config(config: dict[str, Any], ignored: tuple[str, ...] = ("data_
     client = _client()
     if client is None:
         return
-    import json  # Local: only multi-process runs need it.
-
-    from stochastic_depth_jax.training import config as config_lib
-
     mine = {k: v for k, v in config.items() if k not in ignored}
     if jax.process_index() == 0:
         client.key_value_set(f"{_KEY}/config", json.dumps(mine, sort_keys=True))
@@ -353,8 +351,7 @@ def lost_peer(error: BaseException) -> str | None:
         return _stops_too(min(failed), failed[min(failed)])
     first = text.strip().splitlines()[0]
     return (f"A collective with the other processes failed ({first}): another process died "
-            "or was killed; its output says why (a process that died without a word is "
-            "named by JAX's runtime after --heartbeat_timeout).")
+            "or was killed; its output says why.")
 
 
 def leave_job(message: str, status: int) -> None:
@@ -371,7 +368,7 @@ def leave_job(message: str, status: int) -> None:
         return
     if _watcher is not None:
         _watcher.close()
-    try:
+    try:  # Whatever happens here (the service gone with process 0), this process ends.
         me = jax.process_index()
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
