@@ -7,7 +7,9 @@
 Configs: the modules of configs/ (listed at the end of --help); any field can be overridden
 with --config.<field>=<value>. Restarting with the same --workdir resumes.
 Multi-host: --multihost (TPU pods, SLURM), or --coordinator_address/--num_processes/
---process_id on every process (--init_timeout: how long to wait for all of them).
+--process_id on every process (--init_timeout: how long to wait for all of them;
+--heartbeat_timeout: after how long a silent process is taken for dead). Every process
+checks that its config is process 0's; a process that fails stops the others.
 One run at a time per workdir (a second one is refused, naming the first). Mistakes are
 reported in one line ("error: ..."); --debug (or SDJ_DEBUG=1) shows the traceback.
 """
@@ -45,6 +47,13 @@ def parse_args(argv):
     parser.add_argument(
         "--init_timeout", type=int, default=300, help="seconds to wait for all processes"
     )
+    parser.add_argument(
+        "--heartbeat_timeout",
+        type=int,
+        default=100,
+        help="seconds without a sign of life after which a process is taken for dead and "
+        "the others stop (JAX's runtime)",
+    )
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
     overrides, i = [], 0
@@ -78,7 +87,9 @@ def run(args, overrides):
         process_id=args.process_id,
         coordinator_bind_address=args.coordinator_bind_address,
         timeout_s=args.init_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout,
     )
+    distributed.check_same_config(json.loads(config.to_json()))
     from stochastic_depth_jax.training import loop  # After initialize: touches devices.
 
     summary = loop.train_and_evaluate(config, args.workdir or default_workdir(args.config))

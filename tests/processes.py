@@ -2,6 +2,7 @@
 
 import socket
 import subprocess
+import time
 
 
 def free_address() -> str:
@@ -11,23 +12,44 @@ def free_address() -> str:
         return f"127.0.0.1:{s.getsockname()[1]}"
 
 
+def start_all(commands, *, env, cwd=None) -> list[subprocess.Popen]:
+    """Starts every command at once, stdout and stderr combined into one text pipe each."""
+    return [
+        subprocess.Popen(
+            cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for cmd in commands
+    ]
+
+
+def finish_all(procs, *, timeout) -> list[tuple[int, str, float]]:
+    """Waits for every process; returns ``(exit status, output, seconds until it ended)``
+    of each. A process still running after ``timeout`` seconds (a hang) fails the test,
+    with every process's output; all are killed on the way out."""
+    start, results = time.monotonic(), []
+    try:
+        for p in procs:
+            try:
+                out = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))[0]
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                texts = [q.communicate()[0][-2000:] for q in procs]
+                raise AssertionError(f"still running after {timeout} s: {texts}") from None
+            results.append((p.returncode, out, time.monotonic() - start))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
 def run_together(commands, *, env, cwd=None, timeout=300) -> list[str]:
     """Starts every command at once, waits for all, asserts each exited with 0.
 
     Returns each process's combined stdout and stderr; processes still running after
     ``timeout`` seconds (a hang) are killed and the test fails.
     """
-    procs = [
-        subprocess.Popen(
-            cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        for cmd in commands
-    ]
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-4000:]
-    return outputs
+    results = finish_all(start_all(commands, env=env, cwd=cwd), timeout=timeout)
+    for status, text, _ in results:
+        assert status == 0, text[-4000:]
+    return [text for _, text, _ in results]

@@ -7,6 +7,9 @@ process exits with status 1. ``--debug`` or the environment variable ``SDJ_DEBUG
 re-raises instead, with the full traceback. Anything else is a bug and keeps its traceback.
 A stop on SIGTERM/SIGINT after a checkpoint (:class:`stopping.Stopped`) prints its one line
 and exits with ``128 + signal``; a plain Ctrl-C elsewhere prints one line and exits 130.
+In a job of several processes, a process that fails or is interrupted tells the others
+(:func:`distributed.leave_job`), which stop with one line naming it, and exits at once
+instead of waiting in JAX's exit barrier for processes that never arrive.
 
 While ``main()`` runs, the project's own warnings (:class:`logs.RunWarning`, or a plain
 ``UserWarning`` raised from this package's code) print as one ``warning: <message>`` line,
@@ -37,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 import stochastic_depth_jax
 from stochastic_depth_jax import errors, logs
-from stochastic_depth_jax.training import stopping
+from stochastic_depth_jax.training import distributed, stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors"]
@@ -53,10 +56,14 @@ def debug_requested(argv: list[str]) -> bool:
 
 
 def _message(error: BaseException) -> str | None:
-    """The one line for an anticipated error that reaches the top: ours, or a disk or
-    permission ``OSError`` (a checkpoint save's wrapped failures arrive as ``WorkdirError``)."""
+    """The one line for an anticipated error that reaches the top: ours, a disk or
+    permission ``OSError`` (a checkpoint save's wrapped failures arrive as ``WorkdirError``),
+    or a collective that failed because another process of the job vanished."""
     if isinstance(error, errors.Error):
         return str(error)
+    lost = distributed.lost_peer(error)
+    if lost is not None:
+        return lost
     if isinstance(error, OSError):
         os_error = workdir_lib.anticipated_os_error(error)
         if os_error is not None:
@@ -194,15 +201,22 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
             print(str(e), file=sys.stderr, flush=True)
             sys.exit(e.exit_status)
         except KeyboardInterrupt:
-            if debug:
+            if debug and not distributed.in_job():
                 raise
             print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+            distributed.leave_job("interrupted (Ctrl-C)", 130)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001  Filtered below: bugs are re-raised.
             message = _message(e)
             if message is None or debug:
-                raise
-            print(f"error: {message}", file=sys.stderr, flush=True)
+                if not distributed.in_job():
+                    raise
+                # Raising would end in JAX's exit barrier, waiting for the other processes.
+                traceback.print_exc()
+                message = "".join(traceback.format_exception_only(e)).strip()
+            else:
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            distributed.leave_job(message, 1)
             if reports.seen:
                 gc.collect()  # Finalises what the failed save abandoned while imports work.
             # The rest of what a failed save or read abandoned (TensorStore's reads calling

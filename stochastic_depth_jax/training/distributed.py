@@ -7,22 +7,48 @@ is split along the mesh axis ``'data'`` and parameters are replicated.
   coordinator, process count and id from the environment.
 * Anything else (several GPU hosts by hand, local tests): pass ``coordinator_address``
   (``host:port`` of process 0), ``num_processes`` and ``process_id`` on every process.
+
+When one process goes wrong the others must not wait for it forever:
+
+* :func:`check_same_config`: every process compares its config with process 0's before
+  training (different configs train garbage or deadlock in a collective).
+* :func:`leave_job`: a process that fails tells the others through the job's key-value
+  store; a thread in every process (started by :func:`initialize`) polls it each
+  ``POLL_S`` seconds and ends its own process with one line naming the failed one.
+* A process that dies or hangs without a word (SIGKILL, a crash, a lost host): the same
+  thread in process 0 reports it once it has shown no sign of life for
+  ``heartbeat_timeout_s``; JAX's runtime, which would abort every process with a C++ stack
+  trace, waits ``RUNTIME_MARGIN_S`` longer.
+* Process 0 itself dying ends the others inside JAX's runtime at once, with its message
+  ("Terminating process because the JAX distributed service detected fatal errors") and
+  a C++ stack trace: nothing here can replace that.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
+import json
 import os
+import socket
 import sys
 import threading
+import time
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from stochastic_depth_jax import errors
+from stochastic_depth_jax.training import config as config_lib
 
 __all__ = [
     "initialize",
+    "check_same_config",
+    "leave_job",
+    "in_job",
+    "lost_peer",
     "make_mesh",
     "replicated",
     "batch_sharded",
@@ -32,6 +58,14 @@ __all__ = [
 ]
 
 DATA_AXIS = "data"
+# Seconds between two looks at the job's key-value store for a failed process.
+POLL_S = 1.0
+# The longest process 0 (which hosts the job's coordination service) waits, after failing,
+# for the others to leave: when it exits first, JAX's runtime aborts them with a C++ trace.
+LEAVE_WAIT_S = 5.0
+# JAX's own heartbeat timeout is the one asked for plus this (see initialize).
+RUNTIME_MARGIN_S = 30
+_KEY = "stochastic_depth_jax"  # prefix of this package's keys in the job's key-value store
 
 
 def initialize(
@@ -42,6 +76,7 @@ def initialize(
     process_id: int | None = None,
     coordinator_bind_address: str | None = None,
     timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
 ) -> None:
     """Joins a multi-process JAX job; does nothing for a single-process run.
 
@@ -53,20 +88,33 @@ def initialize(
       coordinator_bind_address: address process 0 listens on (default: all interfaces);
         ``'127.0.0.1:port'`` keeps a local test off the network.
       timeout_s: how long to wait for every process to join before giving up.
+      heartbeat_timeout_s: after how long without a sign of life a process is taken for
+        dead and the others stop (JAX's default, 100 s; JAX's runtime itself gets
+        ``RUNTIME_MARGIN_S`` more).
 
-    Must run before anything touches a JAX device.
+    Must run before anything touches a JAX device. In a job of several processes, starts
+    the thread that ends this process when another one fails (:func:`leave_job`).
 
     Raises:
-      errors.DistributedError: incomplete arguments, or the processes did not all join
-        within ``timeout_s`` (the message says which address and how many were expected).
+      errors.DistributedError: incomplete arguments, the coordinator's port is in use, or
+        the processes did not all join within ``timeout_s`` (the message says which
+        address and how many were expected).
     """
     manual = (coordinator_address, num_processes, process_id)
+    # JAX's runtime aborts every process with a C++ stack trace once one was silent for
+    # its heartbeat timeout: the watch thread reports the silence first, in one line.
+    timeouts = dict(initialization_timeout=timeout_s,
+                    heartbeat_timeout_seconds=heartbeat_timeout_s + RUNTIME_MARGIN_S)
     if any(v is not None for v in manual):
         if any(v is None for v in manual):
             raise errors.DistributedError(
                 "A manual multi-process launch needs all of --coordinator_address, "
                 f"--num_processes and --process_id; got {manual}."
             )
+        if process_id == 0:  # Where JAX will listen: by default, every interface.
+            port = coordinator_address.rsplit(":", 1)[-1]
+            _check_port_free(coordinator_bind_address
+                             or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}"))
         print(
             f"Process {process_id} of {num_processes}: joining the job at "
             f"{coordinator_address} (waiting up to {timeout_s} s for all processes).",
@@ -79,10 +127,34 @@ def initialize(
             num_processes=num_processes,
             process_id=process_id,
             coordinator_bind_address=coordinator_bind_address,
-            initialization_timeout=timeout_s,
+            **timeouts,
         )
     elif auto:
-        _initialize("the cluster's processes did not all join", initialization_timeout=timeout_s)
+        _initialize("the cluster's processes did not all join", **timeouts)
+    if in_job():
+        _watch_peers(heartbeat_timeout_s)
+
+
+def _check_port_free(bind_address: str) -> None:
+    """Raises ``errors.DistributedError`` if the coordinator's port is taken on this host
+    (JAX's runtime would crash with a segmentation fault); other bind failures (no IPv6)
+    are left to JAX."""
+    host, _, port = bind_address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        # As gRPC does: a port left in TIME_WAIT by an earlier run is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return
+            raise errors.DistributedError(
+                f"The coordinator's port {port} is already in use on this host (binding "
+                f"{bind_address}): another job, or an earlier run of this one, listens there; "
+                "stop it or give every process another port in --coordinator_address."
+            ) from e
 
 
 def _initialize(what: str, **kwargs) -> None:
@@ -95,7 +167,8 @@ def _initialize(what: str, **kwargs) -> None:
     message = (
         f"error: multi-process start failed: {what} within {timeout} s. Start every process "
         "with the same coordinator address and --num_processes, each with its own "
-        "--process_id, or raise --init_timeout."
+        "--process_id, or raise --init_timeout (a process that stopped before joining "
+        "printed why)."
     )
     done = threading.Event()
 
@@ -111,6 +184,214 @@ def _initialize(what: str, **kwargs) -> None:
         raise errors.DistributedError(message.removeprefix("error: ") + f" ({e})") from e
     finally:
         done.set()
+
+
+def _client() -> Any:
+    """The job's distributed-runtime client (``None`` outside a multi-process job); touches
+    no device (an error before the backend started must not start it)."""
+    from jax._src import distributed as jax_distributed  # No public accessor.
+
+    state = jax_distributed.global_state
+    return state.client if state.client is not None and state.num_processes > 1 else None
+
+
+def in_job() -> bool:
+    """Whether this process is one of several of a multi-process JAX job."""
+    return _client() is not None
+
+
+def _failed(client: Any) -> dict[int, str]:
+    """``{process: message}`` of the processes that reported a failure (:func:`leave_job`)."""
+    return {int(key.rsplit("/", 1)[1]): message
+            for key, message in client.key_value_dir_get(f"{_KEY}/failed/")}
+
+
+class _PeerWatch:
+    """A thread that ends this process, with one line, once another process has failed or
+    (seen from process 0) has shown no sign of life for ``silence_s`` seconds.
+
+    Every process bumps its own counter in the job's key-value store each ``POLL_S`` and
+    reads the failures reported (:func:`leave_job`); process 0 also reads the counters and
+    reports a process whose counter stood still as failed, for the others to read.
+    """
+
+    def __init__(self, client: Any, silence_s: float) -> None:
+        self.client, self.me, self.count = client, jax.process_index(), jax.process_count()
+        self.silence_s = silence_s
+        self.heard: dict[int, tuple[str | None, float]] = {}  # process -> (counter, since)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
+        self.thread.start()
+        # Before JAX's own exit handler (atexit runs in reverse) shuts the client down.
+        atexit.register(self.close, left=True)
+
+    def close(self, left: bool = False) -> None:
+        """Stops watching: at exit (``left``: says so, so that process 0 does not report the
+        silence that follows as a failure), or when this process fails itself
+        (:func:`leave_job`)."""
+        self.stop.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=2 * POLL_S)
+        if left:
+            try:
+                self.client.key_value_set(f"{_KEY}/left/{self.me}", "1", allow_overwrite=True)
+            except Exception:  # noqa: BLE001  The service is gone: nobody is watching.
+                pass
+
+    def _watch(self) -> None:
+        beats = 0
+        while not self.stop.wait(POLL_S):
+            beats += 1
+            try:
+                self.client.key_value_set(f"{_KEY}/beat/{self.me}", str(beats),
+                                          allow_overwrite=True)
+                failed = _failed(self.client)
+                if self.me == 0 and not failed:
+                    failed = self._silent()
+            except Exception:  # noqa: BLE001  The service is gone: JAX's runtime ends us.
+                return
+            others = sorted(p for p in failed if p != self.me)
+            if others and not self.stop.is_set():
+                _say(f"error: {_stops_too(others[0], failed[others[0]])}")
+                self.client.key_value_set(f"{_KEY}/left/{self.me}", "1", allow_overwrite=True)
+                if self.me == 0:
+                    _wait_for_others_to_leave(self.client)
+                os._exit(1)  # The main thread may be blocked in a collective for good.
+
+    def _silent(self) -> dict[int, str]:
+        """Reports (and returns) the first process whose counter stood still too long."""
+        now = time.monotonic()
+        counters = {int(k.rsplit("/", 1)[1]): v
+                    for k, v in self.client.key_value_dir_get(f"{_KEY}/beat/")}
+        for p in sorted(set(range(self.count)) - _left(self.client)):
+            counter = counters.get(p)
+            if self.heard.get(p, (None,))[0] != counter or p not in self.heard:
+                self.heard[p] = (counter, now)  # Not heard of yet: counted from now.
+            elif p != self.me and now - self.heard[p][1] > self.silence_s:
+                message = (f"no sign of life for {self.silence_s:.0f} s (killed, crashed, hung "
+                           "or its host unreachable; --heartbeat_timeout)")
+                self.client.key_value_set(f"{_KEY}/failed/{p}", message, allow_overwrite=True)
+                return {p: message}
+        return {}
+
+
+_watcher: _PeerWatch | None = None
+
+
+def _watch_peers(silence_s: float) -> None:
+    global _watcher
+    if _watcher is None:
+        _watcher = _PeerWatch(_client(), silence_s)
+
+
+def _stops_too(who: int, message: str) -> str:
+    """The line of a process that stops because process ``who`` failed with ``message``."""
+    return (f"process {who} of {jax.process_count()} failed, so process {jax.process_index()} "
+            f"stops too (see process {who}'s output); its error: {message}")
+
+
+def _say(line: str) -> None:
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+
+
+def check_same_config(config: dict[str, Any], ignored: tuple[str, ...] = ("data_dir",)) -> None:
+    """Raises ``errors.ConfigError`` on a process whose config differs from process 0's.
+
+    ``config`` is the resolved config as JSON types (``json.loads(config.to_json())``);
+    the fields named in ``ignored`` may differ (each host may keep its data elsewhere).
+    Every process waits here until all have compared, so none writes or trains before a
+    disagreement ends the job (the process that differs fails; :func:`leave_job` stops
+    the others). Does nothing outside a multi-process job.
+    """
+    client = _client()
+    if client is None:
+        return
+    mine = {k: v for k, v in config.items() if k not in ignored}
+    if jax.process_index() == 0:
+        client.key_value_set(f"{_KEY}/config", json.dumps(mine, sort_keys=True))
+    else:
+        theirs = json.loads(_agreed(client.blocking_key_value_get, f"{_KEY}/config"))
+        changes = config_lib.config_changes(theirs, mine)
+        if changes:
+            listed = "; ".join(f"{k}: {v['new']!r} here, {v['old']!r} on process 0"
+                               for k, v in changes.items())
+            raise errors.ConfigError(
+                f"Process {jax.process_index()}'s config differs from process 0's ({listed}); "
+                "start every process with the same --config and --config.* overrides."
+            )
+    _agreed(client.wait_at_barrier, f"{_KEY}/config_checked")
+
+
+def _agreed(call: Any, key: str, timeout_s: int = 300) -> Any:
+    """``call(key, timeout in ms)``; a timeout (a process stuck before comparing) is an
+    ``errors.DistributedError``."""
+    try:
+        return call(key, timeout_s * 1000)
+    except Exception as e:  # noqa: BLE001  XLA raises plain runtime errors.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise errors.DistributedError(
+            f"The processes did not all compare their configs within {timeout_s} s ({first})."
+        ) from e
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The one line for a collective that failed because another process vanished (Gloo, on
+    CPU, sees the connection reset at once), or ``None`` for any other error. A process that
+    reported its failure before it left (:func:`leave_job`) is named, with its error."""
+    text = str(error)
+    if not (isinstance(error, jax.errors.JaxRuntimeError) and "Gloo" in text
+            and "by peer" in text):  # "Connection reset by peer", "Connection closed by peer"
+        return None
+    try:
+        failed = {p: m for p, m in _failed(_client()).items() if p != jax.process_index()}
+    except Exception:  # noqa: BLE001  No job, or its service is gone: nothing to read.
+        failed = {}
+    if failed:
+        return _stops_too(min(failed), failed[min(failed)])
+    first = text.strip().splitlines()[0]
+    return (f"A collective with the other processes failed ({first}): another process died "
+            "or was killed; its output says why.")
+
+
+def leave_job(message: str, status: int) -> None:
+    """After a failure reported as ``message``, ends this process of a multi-process job
+    with ``status``, telling the others first so that they stop too (they print
+    ``message``). Returns only outside a multi-process job.
+
+    Skips JAX's exit handler, whose shutdown barrier would wait ``shutdown_timeout`` (300 s)
+    for processes that never arrive. Process 0 hosts the job's coordination service and
+    waits up to ``LEAVE_WAIT_S`` for the others to leave first.
+    """
+    client = _client()
+    if client is None:
+        return
+    if _watcher is not None:
+        _watcher.close()
+    try:  # Whatever happens here (the service gone with process 0), this process ends.
+        me = jax.process_index()
+        client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
+                             allow_overwrite=True)
+        if me == 0:
+            _wait_for_others_to_leave(client)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _left(client: Any) -> set[int]:
+    """The processes that left the job (ended, or stopped because another one failed)."""
+    return {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(f"{_KEY}/left/")}
+
+
+def _wait_for_others_to_leave(client: Any) -> None:
+    others = set(range(jax.process_count())) - {jax.process_index()}
+    deadline = time.monotonic() + LEAVE_WAIT_S
+    while time.monotonic() < deadline:
+        if others <= _left(client) | set(_failed(client)):
+            return
+        time.sleep(0.1)
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
