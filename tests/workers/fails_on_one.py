@@ -25,12 +25,12 @@ MESSAGE = "Dataset folder '/data/cifar10' does not exist on this host (injected)
 def main(mode: str, argv: list[str]) -> None:
     original = setup_lib.load_data
 
-    def load_data(config, workdir):
+    def load_data(config, workdir, *args, **kwargs):
         if jax.process_index() == 1:
             if mode == "raise":
                 raise errors.DataFileNotFoundError(MESSAGE)
             os.kill(os.getpid(), signal.SIGSTOP)
-        return original(config, workdir)
+        return original(config, workdir, *args, **kwargs)
 
     setup_lib.load_data = load_data
     train.main(argv)
