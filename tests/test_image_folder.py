@@ -125,6 +125,17 @@ def test_data_paths_are_made_absolute_but_not_resolved(tmp_path, monkeypatch):
     assert setup.absolute_data_paths(made) is made
 
 
+@pytest.mark.parametrize("remote", ["gs://bucket/tensorflow_datasets", "s3://bucket/pets"])
+def test_remote_data_paths_are_left_as_named(tmp_path, monkeypatch, remote):
+    """tfds on GCS, as on TPU pods: a ``gs://`` path is not a file under the current
+    directory."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{remote}",
+                                           f"--config.data_dir={remote}"])
+    made = setup.absolute_data_paths(config)
+    assert (made.dataset, made.data_dir) == (f"image_folder:{remote}", remote)
+
+
 # --- layout -------------------------------------------------------------------------------
 
 def test_a_train_and_val_folder_says_what_to_rename(capsys, tmp_path):
