@@ -19,7 +19,8 @@ skipped (an older checkpoint would silently undo training).
 
 An evaluation may read while training writes: steps are listed afresh on every look, and a
 step deleted by the writer's rotation while being read (the step listing changed meanwhile,
-whatever the error: ``ESTALE`` on NFS) is not taken for damage: the reader lists again and reads the newest step that exists.
+whatever the error: ``ESTALE`` on NFS) is not taken for damage: the reader lists again and
+reads the newest step that exists.
 
 A save that fails for a full disk (or another disk or permission failure), whether it
 surfaces at once or from a background save at the next save, wait or close, raises one
