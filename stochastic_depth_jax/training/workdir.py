@@ -145,8 +145,9 @@ def _environmental(error: BaseException) -> OSError | None:
         return OSError(errno.ENOMEM, "out of memory")
     text = str(error)
     code = _OS_ERROR_CODE.search(text)
-    if code and int(code.group(1)) in _READ_FIXES:
-        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    if code:  # The OS error's number decides, whatever status TensorStore gave it.
+        number = int(code.group(1))
+        return OSError(number, os.strerror(number)) if number in _READ_FIXES else None
     status = _STATUS.match(text)
     if status or "Permission denied" in text:
         number, what = _STATUS_ERRNO[status.group(1)] if status else (errno.EACCES, None)
