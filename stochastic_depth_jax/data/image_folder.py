@@ -249,9 +249,17 @@ def available_memory(meminfo: str | None = None, cgroup: str | None = None) -> i
     """Bytes of memory this process can still take: the kernel's figure
     (:func:`system_memory`), or less under a container's limit (:func:`cgroup_memory`);
     None where nothing is known."""
-    container = cgroup_memory(cgroup)
-    known = [m for m in (system_memory(meminfo), container and container[1]) if m is not None]
+    return _least(system_memory(meminfo), cgroup_memory(cgroup))
+
+
+def _least(system: int | None, container: tuple[int, int] | None) -> int | None:
+    """The smaller of the kernel's figure and the container's free memory, where known."""
+    known = [m for m in (system, container[1] if container else None) if m is not None]
     return min(known) if known else None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _read_text(path: str) -> str:
@@ -272,26 +280,25 @@ def check_memory(root: str, count: int, size: tuple[int, int], meminfo: str | No
     :func:`available_memory`."""
     need = count * size[0] * size[1] * 3
     system, container = system_memory(meminfo), cgroup_memory(cgroup)
-    available = available_memory(meminfo, cgroup)
+    available = _least(system, container)
     if available is None or _MEMORY_MARGIN * need <= available:
         return
     held = (f"Image folder {root!r} holds {count} images of {size[0]}x{size[1]}: "
             f"{need / 2**30:.1f} GiB decoded as 8-bit RGB")
     fix = "resize the images (smaller width x height) or use fewer"
-    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     if system is not None and need > system:
-        raise errors.DataError(f"{held}, more than the {gib(system)} of memory available; "
+        raise errors.DataError(f"{held}, more than the {_gib(system)} of memory available; "
                                f"{fix}, or use a machine with more memory.")
     if container is not None and need > container[0]:
         raise errors.DataError(f"{held}, more than this container's memory limit of "
-                               f"{gib(container[0])}; {fix}, or raise the limit.")
+                               f"{_gib(container[0])}; {fix}, or raise the limit.")
     if need > available:
-        warnings.warn(f"{held}, more than the {gib(available)} this container's memory limit "
-                      f"({gib(container[0])}) leaves free, unless the kernel reclaims page "
+        warnings.warn(f"{held}, more than the {_gib(available)} this container's memory limit "
+                      f"({_gib(container[0])}) leaves free, unless the kernel reclaims page "
                       f"cache, so it may run out: {fix}, or raise the limit.", logs.RunWarning,
                       stacklevel=3)
         return
-    warnings.warn(f"{held}, and training holds about twice that; {gib(available)} of memory "
+    warnings.warn(f"{held}, and training holds about twice that; {_gib(available)} of memory "
                   f"is available, so it may run out: {fix}.", logs.RunWarning, stacklevel=3)
 
 
