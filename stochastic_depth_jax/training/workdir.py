@@ -87,8 +87,8 @@ _READ_FIXES = {
                 "if the file is lost for good, move it aside by hand to use an older one"),
     errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
     errno.ENFILE: "too many open files: raise the limit (ulimit -n)",
-    errno.ENOMEM: ("out of memory (host or accelerator): free some memory (another process "
-                   "on the same machine or GPU?)"),
+    errno.ENOMEM: ("free some host or accelerator memory (another process on the same "
+                   "machine or GPU?)"),
     errno.ENOSPC: "the disk is full: free some space",
     errno.EDQUOT: "the disk quota is exhausted: free some space",
     errno.EAGAIN: _BUSY,
