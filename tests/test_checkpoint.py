@@ -244,6 +244,12 @@ _ENVIRONMENT = {
                                              OSError(errno.ETIMEDOUT, "Timed out"),
                                              implicitly=True),
     "too_many_files": lambda: OSError(errno.EMFILE, "Too many open files"),
+    # Restoring onto a busy accelerator or host: the checkpoint is fine.
+    "memory_error": lambda: MemoryError(),
+    "xla_out_of_memory": lambda: jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."),
+    "tensorstore_cancelled": lambda: _tensorstore_error("CANCELLED"),
+    "tensorstore_aborted": lambda: _tensorstore_error("ABORTED"),
 }
 
 
@@ -284,14 +290,52 @@ def test_a_read_failing_outside_the_checkpoint_moves_nothing(tmp_path, mesh, cau
     ckpts.close()
 
 
-def test_damage_reported_in_the_same_words_is_still_damage(tmp_path, mesh):
-    """The control: TensorStore's report of damaged data (DATA_LOSS) is skipped and moved."""
+# Damaged files, as the OS or a decoder reports them: each is skipped and moved aside.
+_DAMAGE = {
+    "tensorstore_data_loss": lambda: _tensorstore_error("DATA_LOSS"),
+    "tensorstore_einval": lambda: _tensorstore_error("DATA_LOSS", errno.EINVAL),
+    "ebadmsg": lambda: OSError(errno.EBADMSG, "Bad message"),
+    "enodata": lambda: OSError(errno.ENODATA, "No data available"),
+    "decoder_during_einval": lambda: _raised_from(ValueError("bad header"),
+                                                  OSError(errno.EINVAL, "Invalid argument"),
+                                                  implicitly=True),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_damage_reported_in_the_same_words_is_still_damage(tmp_path, mesh, damage):
+    """The control: damaged data (TensorStore's DATA_LOSS, an OS error that may mean
+    corrupt data, a decoder failing while handling one) is skipped and moved."""
     base = _save_steps(tmp_path, mesh, [1, 2])
     ckpts = ckpt_lib.Checkpoints(tmp_path)
-    _failing_state_restore(ckpts, 2, _tensorstore_error("DATA_LOSS"))
+    _failing_state_restore(ckpts, 2, _DAMAGE[damage]())
     with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match="step 2"):
         _, meta = ckpts.restore("latest", _abstract(base))
     assert meta["step"] == 1 and ckpts.steps("latest") == [1]
+    ckpts.close()
+
+
+def test_a_stale_handle_while_the_writer_rotates_the_step_away_is_not_an_error(tmp_path, mesh):
+    """Evaluating while training writes, on NFS: the step being read is deleted by the
+    writer's rotation and the read fails with ESTALE. The listing changed, so the reader lists
+    again and reads the step that exists: no access error, no warning, nothing moved."""
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
+    stale = OSError(errno.ESTALE, "Stale file handle")
+    original = ckpts._managers["latest"].restore
+
+    def restore(s, args=None):
+        if s == 2 and "state" in args:
+            shutil.rmtree(os.path.join(tmp_path, "checkpoints", "2"))  # the writer's rotation
+            raise stale
+        return original(s, args=args)
+
+    ckpts._managers["latest"].restore = restore
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ckpt_lib.CheckpointCorruptWarning)
+        _, meta = ckpts.restore("latest", _abstract(base))
+    assert meta["step"] == 1 and ckpts.steps("latest") == [1]
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints_corrupt"))
     ckpts.close()
 
 

@@ -125,6 +125,17 @@ def test_data_paths_are_made_absolute_but_not_resolved(tmp_path, monkeypatch):
     assert setup.absolute_data_paths(made) is made
 
 
+@pytest.mark.parametrize("remote", ["gs://bucket/tensorflow_datasets", "s3://bucket/pets"])
+def test_remote_data_paths_are_left_as_named(tmp_path, monkeypatch, remote):
+    """tfds on GCS, as on TPU pods: a ``gs://`` path is not a file under the current
+    directory."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{remote}",
+                                           f"--config.data_dir={remote}"])
+    made = setup.absolute_data_paths(config)
+    assert (made.dataset, made.data_dir) == (f"image_folder:{remote}", remote)
+
+
 # --- layout -------------------------------------------------------------------------------
 
 def test_a_train_and_val_folder_says_what_to_rename(capsys, tmp_path):
@@ -147,6 +158,28 @@ def test_a_train_and_val_folder_says_what_to_rename(capsys, tmp_path):
     with pytest.raises(FileNotFoundError, match="split '.*test' does not exist \\(found eval/, "
                        "train/\\)"):
         data.load_dataset(f"image_folder:{root}")
+
+
+def test_a_missing_split_is_named_even_where_its_parent_cannot_be_listed(tmp_path,
+                                                                          monkeypatch):
+    """The directories found beside it are a hint: listing them fails (its folder is gone,
+    or unreadable) without hiding which split is missing."""
+    split = str(tmp_path / "gone" / "train")
+    with pytest.raises(errors.DataFileNotFoundError) as info:
+        image_folder.list_classes(split)
+    assert str(info.value).startswith(f"Image folder split {split!r} does not exist; expected")
+    os.makedirs(tmp_path / "locked" / "test")
+    real_listdir = os.listdir
+
+    def listdir(path):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(image_folder.os, "listdir", listdir)
+    with pytest.raises(errors.DataFileNotFoundError, match="split '.*locked/train' does not "
+                       "exist; expected"):
+        image_folder.list_classes(str(tmp_path / "locked" / "train"))
 
 
 # --- sizes and memory, from the headers -----------------------------------------------------
@@ -177,22 +210,75 @@ def test_mixed_sizes_are_refused_from_the_headers(tmp_path, monkeypatch):
         data.load_dataset(f"image_folder:{root}")
 
 
+def _fake_memory(tmp_path, available_kb, cgroup=None, v1=False):
+    """A /proc/meminfo saying `available_kb` kB are available, and a cgroup directory with
+    `cgroup` = (limit, usage, inactive page cache) bytes (v2 files, or v1's with `v1`);
+    no limit if None. Returns their paths."""
+    directory = tmp_path / f"memory-{len(os.listdir(tmp_path))}"  # a new one each call
+    meminfo = directory / "meminfo"
+    root = directory / "cgroup"
+    os.makedirs(root / "memory")
+    meminfo.write_text(f"MemTotal: 99999999 kB\nMemAvailable:   {available_kb} kB\n")
+    if cgroup is not None:
+        limit, usage, cache = cgroup
+        names = (("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                  "memory/memory.stat", "total_inactive_file") if v1 else
+                 ("memory.max", "memory.current", "memory.stat", "inactive_file"))
+        (root / names[0]).write_text(f"{limit}\n")
+        (root / names[1]).write_text(f"{usage}\n")
+        if cache is not None:
+            (root / names[2]).write_text(f"anon 5\n{names[3]} {cache}\nactive_file 7\n")
+    return str(meminfo), str(root)
+
+
 def test_a_folder_larger_than_the_memory_is_refused_before_decoding(tmp_path, monkeypatch):
     root = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=3,
                                           per_class_test=2, size=(8, 4))
-    decoded = 10 * 8 * 4 * 3  # images x height x width x RGB
-    monkeypatch.setattr(image_folder, "available_memory", lambda: decoded * 3 // 2)
+    decoded = 10 * 8 * 4 * 3  # images x height x width x RGB: 960 bytes, under 1 kB
+    meminfo, cgroup = _fake_memory(tmp_path, available_kb=1)
+    monkeypatch.setattr(image_folder, "_MEMINFO", meminfo)
+    monkeypatch.setattr(image_folder, "_CGROUP", cgroup)
+    assert decoded < image_folder.available_memory() < 2 * decoded
     with pytest.warns(logs.RunWarning, match="holds 10 images of 4x8: 0.0 GiB decoded as 8-bit "
                       "RGB, and training holds about twice that.*may run out: resize"):
         assert len(data.load_dataset(f"image_folder:{root}", validation_size=0).train) == 6
-    monkeypatch.setattr(image_folder, "available_memory", lambda: decoded - 1)
+    monkeypatch.setattr(image_folder, "_MEMINFO", _fake_memory(tmp_path, available_kb=0)[0])
     _no_decoding(monkeypatch)
     with pytest.raises(errors.DataError, match="holds 10 images of 4x8.*more than the 0.0 GiB of "
                        "memory available; resize the images.*or use fewer, or use a machine"):
         data.load_dataset(f"image_folder:{root}")
 
 
+@pytest.mark.parametrize("v1", [False, True])
+def test_a_containers_page_cache_is_not_counted_as_used(tmp_path, v1):
+    """A container that just untarred its dataset: most of its usage is page cache the kernel
+    reclaims (inactive_file), not memory taken; usage above the limit leaves 0, not less."""
+    gib = 2**30
+    assert image_folder.cgroup_memory(_fake_memory(
+        tmp_path, 10**8, (8 * gib, 7 * gib, 6 * gib), v1)[1]) == (8 * gib, 7 * gib)
+    meminfo, cgroup = _fake_memory(tmp_path, 10**8, (8 * gib, 9 * gib, None), v1)
+    assert image_folder.cgroup_memory(cgroup) == (8 * gib, 0)
+    assert image_folder.available_memory(meminfo, cgroup) == 0
+    meminfo, cgroup = _fake_memory(tmp_path, 10**8, ("max", 9 * gib, 0) if not v1 else None)
+    assert image_folder.cgroup_memory(cgroup) is None  # no limit
+    assert image_folder.available_memory(meminfo, cgroup) == 10**8 * 1024
+
+
+def test_only_the_containers_estimate_of_free_memory_warns_rather_than_refuses(tmp_path):
+    """Under its limit the container's free memory is an estimate (its usage may hold page
+    cache still active): a folder that fits the limit is warned about; one that does not is
+    refused."""
+    meminfo, cgroup = _fake_memory(tmp_path, 10**8, (3000, 2900, 0))
+    with pytest.warns(logs.RunWarning, match=r"holds 1 images of 10x10: 0.0 GiB decoded as "
+                      r"8-bit RGB, more than the 0.0 GiB this container's memory limit \(0.0 "
+                      r"GiB\) leaves free, unless the kernel reclaims page cache"):
+        image_folder.check_memory("r", 1, (10, 10), meminfo, cgroup)  # 300 bytes
+    with pytest.raises(errors.DataError, match="holds 20 images.*more than this container's "
+                       "memory limit of 0.0 GiB; resize the images .* or raise the limit"):
+        image_folder.check_memory("r", 20, (10, 10), meminfo, cgroup)  # 6000 bytes
+
+
 def test_available_memory_is_known_here():
     available = image_folder.available_memory()
-    assert available is None or 0 < available <= (
+    assert available is None or 0 <= available <= (
         os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -172,3 +172,39 @@ def test_a_caught_exit_of_the_tools_leaves_later_reports_alone():
     assert "exit status 1" in out.stdout
     assert "background save failed" not in out.stderr  # dropped while the tool ran
     assert "a later run's report" in out.stderr and "os_error_code='28'" in out.stderr
+
+
+def test_caught_exits_of_the_tools_leave_one_quieting_at_exit(capsys):
+    """A notebook that catches five failures: one set of log filters and one unraisable hook
+    stay installed for the exit, not five; it knows what each failure's libraries logged."""
+    import logging
+
+    from stochastic_depth_jax import errors
+    from stochastic_depth_jax.training import cli
+
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    filters = [len(x.filters) for x in loggers]
+    installed = list(cli._QUIET_AT_EXIT)  # another test's caught exit may have left one
+    seen = len(installed[0][1].seen) if installed else 0
+    full = ValueError("Error writing file [os_error_code='28']")
+
+    def failed_save():
+        logging.getLogger("absl").error("background save failed", exc_info=full)
+        raise errors.WorkdirError("Cannot write ckpt (No space left on device): free space.")
+
+    hooks = []
+    try:
+        for _ in range(5):
+            with pytest.raises(SystemExit):
+                cli.run_reporting_errors(failed_save, debug=False)
+            hooks.append(sys.unraisablehook)
+        assert all(hook is hooks[0] for hook in hooks)
+        assert [len(x.filters) - n for x, n in zip(loggers, filters)] == [0 if installed else 1] * 2
+        [(_, reports)] = cli._QUIET_AT_EXIT
+        assert len(reports.seen) - seen == 5
+    finally:
+        if not installed:  # leave the test session as it was
+            for stack, _ in cli._QUIET_AT_EXIT:
+                stack.close()
+            cli._QUIET_AT_EXIT.clear()
+    assert capsys.readouterr().err.count("error: Cannot write ckpt") == 5

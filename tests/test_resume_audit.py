@@ -101,7 +101,13 @@ def test_a_denied_read_is_one_line_and_moves_nothing(trained, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "not_an_object"])
 def test_a_damaged_run_json_is_one_line_and_overwrites_nothing(trained, tmp_path, capsys,
-                                                              damage):
+                                                              damage, monkeypatch):
+    """Reported before any data is loaded (run.json says how the validation split was held
+    out), by the one reader of run.json."""
+    def load_data(*args):
+        raise AssertionError("data loaded before run.json was checked")
+
+    monkeypatch.setattr(loop.setup_lib, "load_data", load_data)
     workdir = _copy(trained, tmp_path)
     path = os.path.join(workdir, "run.json")
     if damage == "truncated":
@@ -137,10 +143,19 @@ def test_a_missing_run_json_is_written_anew_with_a_warning(trained, tmp_path):
     os.remove(os.path.join(workdir, "run.json"))
     config = load_config("cifar10:smoke", FLAGS + ["--config.num_epochs=3"])
     with pytest.warns(UserWarning, match=r"run.json is missing although the checkpoints reach "
-                      r"step 8: written anew"):
+                      r"step 8: written anew.* the validation split is held out anew by this "
+                      r"config's seed and validation_size"):
         summary = loop.train_and_evaluate(config, workdir)
     assert summary["steps"] == 12
     assert json.load(open(os.path.join(workdir, "run.json")))["config"]["num_epochs"] == 3
+
+
+def test_a_missing_run_json_of_an_image_folder_run_says_validation_is_held_out_per_class():
+    """Earlier image-folder runs held validation out at random: without run.json to say so,
+    the resumed run holds it out per class, and the warning says so."""
+    line = loop._missing_run_json("w/run.json", 8, "image_folder:/data/pets")
+    assert "validation split is held out anew per class by this config's seed" in line
+    assert "some validation images were trained on" in line
 
 
 def test_another_batch_size_is_refused_before_anything_is_written(trained, tmp_path):

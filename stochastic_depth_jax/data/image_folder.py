@@ -76,13 +76,22 @@ def list_classes(split_dir: str) -> tuple[list[str], list[str]]:
     """(class directory names under `split_dir` in label order (sorted as strings),
     the other entries there, which are not read)."""
     if not os.path.isdir(split_dir):
-        dirs = _entries(os.path.dirname(split_dir))[0]
-        found = ", ".join(d + "/" for d in dirs[:5]) + (", ..." if len(dirs) > 5 else "")
         raise errors.DataFileNotFoundError(
-            f"Image folder split {split_dir!r} does not exist (found "
-            f"{found or 'no directories'}); {_LAYOUT}")
+            f"Image folder split {split_dir!r} does not exist{_found_beside(split_dir)}; "
+            f"{_LAYOUT}")
     dirs, images, other = _entries(split_dir)
     return sorted(dirs), images + other
+
+
+def _found_beside(split_dir: str) -> str:
+    """`` (found a/, b/)``: the directories beside a missing `split_dir`, a hint only: ''
+    where they cannot be listed (the missing directory is the error to report)."""
+    try:
+        dirs = _entries(os.path.dirname(split_dir))[0]
+    except errors.DataError:
+        return ""
+    found = ", ".join(d + "/" for d in dirs[:5]) + (", ..." if len(dirs) > 5 else "")
+    return f" (found {found or 'no directories'})"
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -197,26 +206,60 @@ def _decode_split(paths: list[str], labels: np.ndarray, size: tuple[int, int],
     return Split(images, labels)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this process can still take: the kernel's MemAvailable, or less
-    under a container's (cgroup) limit; the physical memory where those are not known
-    (macOS), None where nothing is."""
-    found = []
-    match = re.search(r"^MemAvailable:\s+(\d+) kB", _read_text("/proc/meminfo"), re.M)
+_MEMINFO = "/proc/meminfo"
+_CGROUP = "/sys/fs/cgroup"
+# A container's memory cgroup, v2 then v1: (limit, usage, statistics, the page cache there
+# that the kernel reclaims first: files read earlier, e.g. the dataset just untarred).
+_CGROUP_FILES = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                  "memory/memory.stat", "total_inactive_file"))
+
+
+def system_memory(meminfo: str | None = None) -> int | None:
+    """Bytes the kernel can still give (``MemAvailable`` of ``meminfo``, /proc/meminfo by
+    default, page cache included); the physical memory where that is not known (macOS),
+    None where nothing is."""
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", _read_text(meminfo or _MEMINFO), re.M)
     if match:
-        found.append(int(match.group(1)) * 1024)
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_text(limit).strip(), _read_text(usage).strip()
+        return int(match.group(1)) * 1024
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cgroup_memory(cgroup: str | None = None) -> tuple[int, int] | None:
+    """``(limit, free)`` bytes of the container's memory cgroup mounted at ``cgroup``
+    (/sys/fs/cgroup by default): its limit, and what is left of it: the limit less the
+    usage without the inactive page cache (as ``docker stats`` and the kubelet count), at
+    least 0. None without a limit."""
+    root = cgroup or _CGROUP
+    for limit_file, usage_file, stat_file, cache_field in _CGROUP_FILES:
+        limit = _read_text(os.path.join(root, limit_file)).strip()
+        usage = _read_text(os.path.join(root, usage_file)).strip()
         if limit.isdigit() and usage.isdigit():  # cgroup v2 writes 'max' for no limit
-            found.append(int(limit) - int(usage))
-    if not found:
-        try:
-            found.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            return None
-    return min(found)
+            cache = re.search(rf"^{cache_field} (\d+)$",
+                              _read_text(os.path.join(root, stat_file)), re.M)
+            used = max(0, int(usage) - (int(cache.group(1)) if cache else 0))
+            return int(limit), max(0, int(limit) - used)
+    return None
+
+
+def available_memory(meminfo: str | None = None, cgroup: str | None = None) -> int | None:
+    """Bytes of memory this process can still take: the kernel's figure
+    (:func:`system_memory`), or less under a container's limit (:func:`cgroup_memory`);
+    None where nothing is known."""
+    return _least(system_memory(meminfo), cgroup_memory(cgroup))
+
+
+def _least(system: int | None, container: tuple[int, int] | None) -> int | None:
+    """The smaller of the kernel's figure and the container's free memory, where known."""
+    known = [m for m in (system, container[1] if container else None) if m is not None]
+    return min(known) if known else None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _read_text(path: str) -> str:
@@ -227,22 +270,36 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def check_memory(root: str, count: int, size: tuple[int, int]) -> None:
+def check_memory(root: str, count: int, size: tuple[int, int], meminfo: str | None = None,
+                 cgroup: str | None = None) -> None:
     """Refuses, before decoding, a folder whose `count` images of `size` (as 8-bit RGB) do
-    not fit in the available memory, and warns when training (which holds about twice that)
-    may run out; each in one line naming the fix."""
-    need, available = count * size[0] * size[1] * 3, available_memory()
+    not fit in the memory the kernel has available or under the container's limit; warns
+    when only the container's estimate of its free memory (its usage may still hold page
+    cache the kernel can reclaim) is too small, or when training (which holds about twice
+    the images) may run out; each in one line naming the fix. ``meminfo``, ``cgroup``: as
+    :func:`available_memory`."""
+    need = count * size[0] * size[1] * 3
+    system, container = system_memory(meminfo), cgroup_memory(cgroup)
+    available = _least(system, container)
     if available is None or _MEMORY_MARGIN * need <= available:
         return
     held = (f"Image folder {root!r} holds {count} images of {size[0]}x{size[1]}: "
             f"{need / 2**30:.1f} GiB decoded as 8-bit RGB")
     fix = "resize the images (smaller width x height) or use fewer"
+    if system is not None and need > system:
+        raise errors.DataError(f"{held}, more than the {_gib(system)} of memory available; "
+                               f"{fix}, or use a machine with more memory.")
+    if container is not None and need > container[0]:
+        raise errors.DataError(f"{held}, more than this container's memory limit of "
+                               f"{_gib(container[0])}; {fix}, or raise the limit.")
     if need > available:
-        raise errors.DataError(f"{held}, more than the {available / 2**30:.1f} GiB of memory "
-                               f"available; {fix}, or use a machine with more memory.")
-    warnings.warn(f"{held}, and training holds about twice that; {available / 2**30:.1f} GiB "
-                  f"of memory is available, so it may run out: {fix}.", logs.RunWarning,
-                  stacklevel=3)
+        warnings.warn(f"{held}, more than the {_gib(available)} this container's memory limit "
+                      f"({_gib(container[0])}) leaves free, unless the kernel reclaims page "
+                      f"cache, so it may run out: {fix}, or raise the limit.", logs.RunWarning,
+                      stacklevel=3)
+        return
+    warnings.warn(f"{held}, and training holds about twice that; {_gib(available)} of memory "
+                  f"is available, so it may run out: {fix}.", logs.RunWarning, stacklevel=3)
 
 
 # What the reader before version 2 did not read as it is read now (it converted every image

@@ -12,13 +12,15 @@ steps are deleted only after the new one is committed. A committed checkpoint th
 to restore, or whose restored bits do not match the checksum stored at save time, is
 skipped with a warning and moved aside (under a name no other move takes); the previous
 one is used instead. A read that fails for a reason outside the checkpoint (no permission,
-an I/O or network filesystem error, too many open files) is not damage: it raises one
+an I/O or network filesystem error, too many open files, out of host or accelerator memory:
+``workdir.read_os_error``) is not damage: it raises one
 ``CheckpointAccessError`` naming the path, the cause and the fix, and nothing is moved or
 skipped (an older checkpoint would silently undo training).
 
 An evaluation may read while training writes: steps are listed afresh on every look, and a
-step deleted by the writer's rotation while being read (the step listing changed meanwhile)
-is not taken for damage: the reader lists again and reads the newest step that exists.
+step deleted by the writer's rotation while being read (the step listing changed meanwhile,
+whatever the error: ``ESTALE`` on NFS) is not taken for damage: the reader lists again and
+reads the newest step that exists.
 
 A save that fails for a full disk (or another disk or permission failure), whether it
 surfaces at once or from a background save at the next save, wait or close, raises one
@@ -361,15 +363,21 @@ class Checkpoints:
     def _failed(
         self, kind: str, step: int, error: Exception, listing: list[int], fallback: bool
     ) -> Any:
-        """Raises ``CheckpointAccessError`` if reading failed for a reason outside the
-        checkpoint; ``_GONE`` if the steps on disk changed since ``listing`` (the step was
-        rotated away, or is being deleted), else the damaged step is skipped (``_skip``)."""
+        """``_GONE`` if the steps on disk changed since ``listing`` (the step was rotated
+        away, or is being deleted); else raises ``CheckpointAccessError`` if reading failed
+        for a reason outside the checkpoint, or skips the damaged step (``_skip``).
+
+        The listing is checked first: a file deleted while being read fails in many ways,
+        some of which look environmental (``ESTALE`` on NFS)."""
+        try:
+            if self.steps(kind) != listing:
+                return _GONE
+        except OSError:
+            pass  # Not even the directory can be listed now: the error below says why.
         access = _access_error(os.path.join(str(self._managers[kind].directory), str(step)),
                                error)
         if access is not None:
             raise access from error
-        if self.steps(kind) != listing:
-            return _GONE
         return self._skip(kind, step, error, fallback)
 
     def _skip(self, kind: str, step: int, error: Exception, fallback: bool) -> None:

@@ -46,8 +46,9 @@ from stochastic_depth_jax.training import workdir as workdir_lib
 __all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors"]
 
 DEBUG_ENV = "SDJ_DEBUG"
-# What stays quiet at the exit of the process (see run_reporting_errors).
-_QUIET_AT_EXIT: list[contextlib.ExitStack] = []
+# What stays quiet at the exit of the process (see run_reporting_errors): one at most, with
+# what it saw.
+_QUIET_AT_EXIT: list[tuple[contextlib.ExitStack, "_Reports"]] = []
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -221,6 +222,19 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
                 gc.collect()  # Finalises what the failed save abandoned while imports work.
             # The rest of what a failed save or read abandoned (TensorStore's reads calling
             # back into Orbax's closed event loop) ends during the exit.
-            reports.at_exit_only = True
-            _QUIET_AT_EXIT.append(quiet.pop_all())
+            _quiet_at_exit(quiet, reports, debug)
             sys.exit(1)
+
+
+def _quiet_at_exit(quiet: contextlib.ExitStack, reports: _Reports, debug: bool) -> None:
+    """Leaves what ``quiet`` installed in place, acting only at the exit of the process.
+    One at most: a process that catches several failures (a notebook) adds what a later
+    one saw to the one installed and removes its own, so filters and hooks do not pile up."""
+    if debug:
+        return  # nothing was installed
+    reports.at_exit_only = True
+    if _QUIET_AT_EXIT:
+        _QUIET_AT_EXIT[0][1].seen.extend(reports.seen)
+        quiet.close()  # Restores the hook and filters that the installed one put in place.
+    else:
+        _QUIET_AT_EXIT.append((quiet.pop_all(), reports))

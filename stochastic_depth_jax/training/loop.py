@@ -316,14 +316,9 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     path = os.path.join(run.workdir, evaluate_lib.RUN_FILE)
     meta = setup_lib.run_metadata(run.config, ds, run.setup.mesh, run.setup.implementation)
     changes: dict[str, Any] = {}
-    old = evaluate_lib.read_run_json(
-        run.workdir, fix="it records the config and data of this run's checkpoints: restore "
-        "it from a copy, or move it aside to resume with this command's config (unchecked)")
+    old = evaluate_lib.read_run_json(run.workdir, fix=_RUN_JSON_FIX)
     if old is None and run.step > 0 and jax.process_index() == 0:
-        warnings.warn(
-            f"{path} is missing although the checkpoints reach step {run.step}: written anew "
-            "from this command's config; the config and data of the earlier sessions are "
-            "unknown, so they were not checked against it.", logs.RunWarning)
+        warnings.warn(_missing_run_json(path, run.step, run.config.dataset), logs.RunWarning)
     if old is not None:
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
         data_changed = any(k.split(".")[0] in _DATA_FIELDS and not _moved_folder(v)
@@ -349,15 +344,31 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
     _write_json(path, meta)
 
 
+def _missing_run_json(path: str, step: int, dataset: str) -> str:
+    """The warning for a run.json missing beside checkpoints that reach ``step``: what was
+    not checked, and that the validation split is held out anew by this config (per class
+    for an image folder, whose earlier runs may have held it out at random)."""
+    how = (" per class" if dataset.startswith(data_lib.IMAGE_FOLDER_PREFIX) else "")
+    return (f"{path} is missing although the checkpoints reach step {step}: written anew "
+            "from this command's config; the config and data of the earlier sessions are "
+            "unknown, so they were not checked against it, and the validation split is held "
+            f"out anew{how} by this config's seed and validation_size (if the earlier sessions "
+            "held out others, some validation images were trained on).")
+
+
+# What to do about a damaged run.json (read when resuming, and before writing it anew).
+_RUN_JSON_FIX = ("it records the config and data of this run's checkpoints: restore it from a "
+                 "copy, or move it aside to resume with this command's config (unchecked)")
+
+
 def _recorded_data(workdir: str) -> dict[str, Any] | None:
     """The ``data`` record of the workdir's run.json: a resumed run rebuilds its validation
-    split as recorded. None for a new run (or an unreadable run.json, which writing run.json
-    then reports)."""
-    try:
-        with open(os.path.join(workdir, evaluate_lib.RUN_FILE)) as f:
-            return json.load(f).get("data")
-    except (OSError, ValueError, AttributeError):
-        return None
+    split as recorded. None for a new run.
+
+    Raises:
+      errors.CheckpointError: run.json is damaged (before any data is loaded).
+    """
+    return (evaluate_lib.read_run_json(workdir, fix=_RUN_JSON_FIX) or {}).get("data")
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, data_lib.Dataset]:

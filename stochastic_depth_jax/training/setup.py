@@ -45,15 +45,25 @@ FAKE_DATA_DIR = "fake_data"
 
 
 def absolute_data_path(field: str, value: Any) -> Any:
-    """``value`` of the config ``field`` made absolute where it names a place (``dataset``'s
-    ``image_folder:`` path, ``data_dir``; ``~`` expanded), else unchanged. Not resolved: a
-    symlink or a shared filesystem's mount point stays as the user named it."""
+    """``value`` of the config ``field`` made absolute where it names a local place
+    (``dataset``'s ``image_folder:`` path, ``data_dir``; ``~`` expanded), else unchanged.
+    Not resolved: a symlink or a shared filesystem's mount point stays as the user named it.
+    A remote location (``gs://bucket/...``: anything with ``://``) is left as it is."""
     prefix = data_lib.IMAGE_FOLDER_PREFIX
     if field == "dataset" and isinstance(value, str) and value.startswith(prefix):
-        return prefix + os.path.abspath(os.path.expanduser(value.removeprefix(prefix)))
+        return prefix + _absolute_local(value.removeprefix(prefix))
     if field == "data_dir" and value:
-        return os.path.abspath(os.path.expanduser(value))
+        return _absolute_local(value)
     return value
+
+
+def _absolute_local(path: str) -> str:
+    """``path`` made absolute, unless it is remote (``gs://``, ``s3://``, ...): those are
+    absolute already, and ``abspath`` would turn them into a local path under the current
+    directory."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

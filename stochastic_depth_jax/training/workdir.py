@@ -70,10 +70,16 @@ def anticipated_os_error(error: BaseException) -> OSError | None:
 
 
 # Why a file that exists cannot be read, when the reason lies outside the file (its content
-# may be intact): what the user does before running the same command again.
+# may be intact): what the user does before running the same command again. Only these OS
+# errors count as environmental; any other (EINVAL, EBADMSG, ENODATA, EILSEQ, ... which may
+# mean damaged data; ENOENT, ENOTDIR, EISDIR: a file missing or of the wrong kind) does not.
+# EIO is included although a failing disk can lose data for good: network and FUSE
+# filesystems report their outages as EIO, and moving the newest checkpoint aside would
+# silently undo training; the fix says how to use an older one by hand.
 _NO_ACCESS = ("this user may not read it (a workdir copied from another user, or its modes "
               "changed): give it read access (chmod/chown) or work on a copy you own")
 _NO_ANSWER = "the filesystem did not answer (a network mount?): check that it is mounted and up"
+_BUSY = "the filesystem is busy: wait a moment"
 _READ_FIXES = {
     errno.EACCES: _NO_ACCESS,
     errno.EPERM: _NO_ACCESS,
@@ -81,43 +87,71 @@ _READ_FIXES = {
                 "if the file is lost for good, move it aside by hand to use an older one"),
     errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
     errno.ENFILE: "too many open files: raise the limit (ulimit -n)",
-    errno.ENOMEM: "out of memory: free some memory",
+    errno.ENOMEM: ("free some host or accelerator memory (another process on the same "
+                   "machine or GPU?)"),
     errno.ENOSPC: "the disk is full: free some space",
     errno.EDQUOT: "the disk quota is exhausted: free some space",
-    errno.EAGAIN: "the filesystem is busy: wait a moment",
-    errno.EBUSY: "the filesystem is busy: wait a moment",
-    errno.EINTR: "the read was interrupted",
+    errno.EAGAIN: _BUSY,
+    errno.EBUSY: _BUSY,
+    errno.EINTR: "the read was interrupted or cancelled: retry",
     **{code: _NO_ANSWER for code in (
         errno.ETIMEDOUT, errno.ESTALE, errno.ENOTCONN, errno.ECONNREFUSED, errno.ECONNRESET,
         errno.ECONNABORTED, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN,
         errno.ENETUNREACH, errno.ENOLINK, errno.ENODEV, errno.ENXIO)},
 }
-# TensorStore's status codes that say the same without an OS error number in the text.
-# The OS errors that do describe the files themselves (one is missing, or of the wrong kind).
-_FILES_BAD = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
-_STATUS_ERRNO = {"PERMISSION_DENIED": errno.EACCES, "UNAUTHENTICATED": errno.EACCES,
-                 "DEADLINE_EXCEEDED": errno.ETIMEDOUT, "UNAVAILABLE": errno.EAGAIN}
+# The status codes of TensorStore (Orbax's reads) and XLA (placing what was read on the
+# device) that say the same without an OS error number in the text: (errno, what happened).
+# XLA's 'RESOURCE_EXHAUSTED: Out of memory ...' comes from a busy accelerator, not the file;
+# TensorStore's CANCELLED and ABORTED from an interrupted read or a concurrent writer.
+_STATUS_ERRNO = {"PERMISSION_DENIED": (errno.EACCES, None),
+                 "UNAUTHENTICATED": (errno.EACCES, None),
+                 "DEADLINE_EXCEEDED": (errno.ETIMEDOUT, None),
+                 "UNAVAILABLE": (errno.EAGAIN, None),
+                 "RESOURCE_EXHAUSTED": (errno.ENOMEM, "out of memory"),
+                 "CANCELLED": (errno.EINTR, "cancelled"),
+                 "ABORTED": (errno.EAGAIN, "aborted")}
 _STATUS = re.compile(r"^(%s):" % "|".join(_STATUS_ERRNO))
 
 
 def read_os_error(error: BaseException) -> OSError | None:
     """The failure outside the file (no permission, an I/O or network filesystem error,
-    too many open files, ...: any OS error but a missing file or one of the wrong kind) that
-    a failed read ``error`` is, was raised from or while handling (``__cause__`` and
-    ``__context__``), as an ``OSError``; None if nothing says so (a missing file or
-    undecodable data: the file itself is bad).
+    too many open files, out of memory, ...: one of ``_READ_FIXES``) that a failed read
+    ``error`` is or was raised from (``__cause__``), as an ``OSError``; None if nothing says
+    so (a missing file or undecodable data: the file itself may be bad).
 
     Also recognises TensorStore's errors (as Orbax raises them): by the OS error's number
-    in their text, or by their status (``PERMISSION_DENIED: ...``).
+    in their text, or by their status (``PERMISSION_DENIED: ...``); XLA's out of memory and
+    ``MemoryError``. An error raised while handling another (``__context__``: a library's
+    clean-up failing after the read failed) counts only if that other is one of these
+    ``OSError``s itself: a decoder's ``ValueError`` raised while handling any other error
+    is damage.
     """
-    found = _os_error_in(error, lambda code: code not in _FILES_BAD, follow_context=True)
-    if found is not None:
-        return found
+    for e in _chain(error, follow_context=False):
+        found = _environmental(e)
+        if found is not None:
+            return found
     for e in _chain(error, follow_context=True):
-        status = _STATUS.match(str(e))
-        if status or "Permission denied" in str(e):
-            code = _STATUS_ERRNO[status.group(1)] if status else errno.EACCES
-            return OSError(code, os.strerror(code))
+        if isinstance(e, OSError) and e.errno in _READ_FIXES:
+            return e
+    return None
+
+
+def _environmental(error: BaseException) -> OSError | None:
+    """``error`` as one of ``_READ_FIXES``' ``OSError``s if it is one (itself, by the OS
+    error's number in its text, its status, or as a ``MemoryError``), else None."""
+    if isinstance(error, OSError) and error.errno in _READ_FIXES:
+        return error
+    if isinstance(error, MemoryError):
+        return OSError(errno.ENOMEM, "out of memory")
+    text = str(error)
+    code = _OS_ERROR_CODE.search(text)
+    if code:  # The OS error's number decides, whatever status TensorStore gave it.
+        number = int(code.group(1))
+        return OSError(number, os.strerror(number)) if number in _READ_FIXES else None
+    status = _STATUS.match(text)
+    if status or "Permission denied" in text:
+        number, what = _STATUS_ERRNO[status.group(1)] if status else (errno.EACCES, None)
+        return OSError(number, what or os.strerror(number))
     return None
 
 
@@ -133,7 +167,8 @@ def _chain(error: BaseException | None, follow_context: bool) -> list[BaseExcept
     chain: list[BaseException] = []
     while error is not None and all(error is not e for e in chain):
         chain.append(error)
-        error = error.__cause__ or (error.__context__ if follow_context else None)
+        implicit = follow_context and not error.__suppress_context__  # not `from None`
+        error = error.__cause__ or (error.__context__ if implicit else None)
     return chain
 
 
