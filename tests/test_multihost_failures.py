@@ -15,6 +15,8 @@ from stochastic_depth_jax.training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "workers", "fails_on_one.py")
+sys.path.insert(0, os.path.dirname(WORKER))
+import fails_on_one  # noqa: E402
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
            PYTHONUNBUFFERED="1")
 # Each case ends within seconds; the old code hung for minutes (a test fails at this bound).
@@ -109,3 +111,17 @@ def test_a_collective_that_lost_its_peer_is_one_line(text, lost):
     if lost:
         assert text in line and "another process died or was killed" in line
     assert distributed.lost_peer(RuntimeError(text)) is None  # only the runtime's errors
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_process_failing_after_the_others_finished_ends_with_them(tmp_path, who):
+    # Process 0 writing its results after the last collective, or the reverse: the old code
+    # aborted the finished one (C++ trace, status 134) or left it in JAX's exit barrier
+    # until JAX's heartbeat (3 + 30 s here) aborted it.
+    results = finish_all(_worker_job(tmp_path, f"last{who}", "--heartbeat_timeout", "3"),
+                         timeout=25)
+    status, out, _ = results[who]
+    assert _error_line(status, out) == "error: " + fails_on_one.LAST
+    [(other_status, other_out, _)] = results[:who] + results[who + 1:]
+    assert other_status == 0, other_out[-3000:]
+    assert "error" not in other_out and "Terminating" not in other_out, other_out[-3000:]
