@@ -285,10 +285,10 @@ class _PeerWatch:
                 # One failed call (a network blip, a busy service) must not stop this
                 # process's counter: process 0 would take it for dead. Unreachable for
                 # longer than the silence timeout, the service is gone (process 0 died):
-                # JAX's runtime ends this process.
+                # JAX's runtime ends this process. (At exit, close() stops the loop first.)
                 now = time.monotonic()
                 unreachable_since = unreachable_since or now
-                if _client() is None or now - unreachable_since > self.silence_s:
+                if now - unreachable_since > self.silence_s:
                     return
                 continue
             unreachable_since = None
@@ -337,13 +337,14 @@ def _stop_because(client: Any, who: int, message: str) -> None:
     """Ends this process at once (status 1) because process ``who`` failed with ``message``:
     the main thread may be blocked in a collective for good."""
     _say(f"error: {_stops_too(who, message)}")
-    try:  # Whatever happens here (the service gone with process 0), this process ends.
+    try:
         client.key_value_set(f"{_KEY}/left/{jax.process_index()}", _STOPPED,
                              allow_overwrite=True)
         if jax.process_index() == 0:
             _wait_for_others_to_leave(client)
-    finally:
-        os._exit(1)
+    except Exception:  # noqa: BLE001  The service gone with process 0: this one ends too.
+        pass
+    os._exit(1)
 
 
 def _stop_if_one_exited(client: Any) -> None:
