@@ -48,6 +48,7 @@ from stochastic_depth_jax.training import config as config_lib
 
 __all__ = [
     "initialize",
+    "poll_interval",
     "check_same_config",
     "leave_job",
     "in_job",
@@ -108,12 +109,13 @@ def initialize(
       timeout_s: how long to wait for every process to join before giving up.
       heartbeat_timeout_s: after how long without a sign of life a process is taken for
         dead and the others stop (JAX's default, 100 s; JAX's runtime itself gets
-        ``RUNTIME_MARGIN_S`` more).
+        ``RUNTIME_MARGIN_S`` more); at least three :func:`poll_interval`.
 
     Must run before anything touches a JAX device. In a job of several processes, starts
     the thread that ends this process when another one fails (:func:`leave_job`).
 
     Raises:
+      errors.ConfigError: ``heartbeat_timeout_s`` shorter than three polls.
       errors.DistributedError: incomplete arguments, the coordinator's port is in use, or
         the processes did not all join within ``timeout_s`` (the message says which
         address and how many were expected).
@@ -340,8 +342,8 @@ def _stop_because(client: Any, who: int, message: str) -> None:
     try:
         client.key_value_set(f"{_KEY}/left/{jax.process_index()}", _STOPPED,
                              allow_overwrite=True)
-        if jax.process_index() == 0:
-            _wait_for_others_to_leave(client)
+        if jax.process_index() == 0:  # Its exit ends the service: the others leave first.
+            _wait_until_left(client, set(range(jax.process_count())) - {0})
     except Exception:  # noqa: BLE001  The service gone with process 0: this one ends too.
         pass
     os._exit(1)
@@ -355,11 +357,7 @@ def _stop_if_one_exited(client: Any) -> None:
     failed = {p: m for p, m in _failed(client).items() if p != jax.process_index()}
     if not failed:
         return
-    deadline = time.monotonic() + LEAVE_WAIT_S
-    left = _left(client)
-    while not set(failed) <= set(left) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = _left(client)
+    left = _wait_until_left(client, set(failed))
     gone = sorted(p for p in failed if left.get(p) != _DONE)
     if gone:
         _stop_because(client, gone[0], failed[gone[0]])
@@ -461,8 +459,8 @@ def leave_job(message: str, status: int) -> None:
         me = jax.process_index()
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
-        left = _wait_for_others_to_leave(client) if me == 0 else _left(client)
         others = set(range(jax.process_count())) - {me}
+        left = _wait_until_left(client, others) if me == 0 else _left(client)
         done = all(left.get(p) == _DONE for p in others)
         # Recorded after reading theirs: a process finishing meanwhile reads it at its exit.
         client.key_value_set(f"{_KEY}/left/{me}", _DONE if done else _STOPPED,
@@ -482,12 +480,11 @@ def _left(client: Any) -> dict[int, str]:
             for key, how in client.key_value_dir_get(f"{_KEY}/left/")}
 
 
-def _wait_for_others_to_leave(client: Any) -> dict[int, str]:
-    """Waits up to ``LEAVE_WAIT_S`` for every other process to leave; returns :func:`_left`."""
-    others = set(range(jax.process_count())) - {jax.process_index()}
+def _wait_until_left(client: Any, processes: set[int]) -> dict[int, str]:
+    """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job; returns :func:`_left`."""
     deadline = time.monotonic() + LEAVE_WAIT_S
     left = _left(client)
-    while not others <= set(left) and time.monotonic() < deadline:
+    while not processes <= set(left) and time.monotonic() < deadline:
         time.sleep(0.1)
         left = _left(client)
     return left
