@@ -79,10 +79,12 @@ _POLLS_PER_TIMEOUT = 3
 def poll_interval(num_processes: int) -> float:
     """Seconds between two looks at the job's key-value store, in a job of ``num_processes``.
 
-    Each look is one write (this process's counter) and one read (the failures), process 0
-    reads two directories more: 1 s up to 50 processes, then growing with the count so that
-    the coordination service answers at most about 100 of these calls a second, up to 10 s
-    from 500 processes on (JAX's own heartbeat is one call per process every 10 s).
+    Each look is one write (this process's counter) and one read (the failures); process 0
+    reads two directories more. All go to the one coordination service: 1 s up to 50
+    processes, then ``num_processes / 50`` s, so that it answers about 100 of these calls a
+    second at most, up to 10 s from 500 processes on (then two calls per process every
+    10 s, beside JAX's own heartbeat of one). Polling a few keys was kept over blocking
+    reads: the counters must be written anyway, and a failure is seen within one poll.
     """
     return min(10.0, max(1.0, num_processes / 50))
 
