@@ -180,9 +180,9 @@ class _Store:
         pass
 
 
-def _watch(monkeypatch, store):
-    """A peer watch over ``store``, polling every 20 ms; unregistered from the exit."""
-    monkeypatch.setattr(distributed, "poll_interval", lambda num_processes: 0.02)
+def _watch(monkeypatch, store, poll_s=0.02):
+    """A peer watch over ``store``, polling every ``poll_s``; unregistered from the exit."""
+    monkeypatch.setattr(distributed, "poll_interval", lambda num_processes: poll_s)
     watch = distributed._PeerWatch(store, silence_s=5)
     atexit.unregister(watch.close)
     return watch
@@ -238,3 +238,19 @@ def test_the_configs_may_be_compared_twice_in_one_job(monkeypatch):
     config = {"dataset": "cifar10", "batch_size": 32}
     _check_as(monkeypatch, 0, config)
     distributed.check_same_config(config)  # The same process again: keys of its own.
+
+
+@pytest.mark.parametrize("how", ["done", "stopped"])
+def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_there(
+        monkeypatch, how):
+    # Process 1 failed as this one finished; it waits in JAX's exit barrier ("done": all
+    # the others had finished) or exits at once ("stopped"): this one would wait for it.
+    store = _Store()
+    store.kv.update({f"{distributed._KEY}/failed/1": "injected",
+                     f"{distributed._KEY}/left/1": how})
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store.
+    watch.close(at_exit=True)
+    assert store.kv[f"{distributed._KEY}/left/0"] == ("done" if how == "done" else "stopped")
+    assert exits == ([] if how == "done" else [1])
