@@ -52,7 +52,7 @@ def parse_args(argv):
         type=int,
         default=100,
         help="seconds without a sign of life after which a process is taken for dead and "
-        "the others stop (JAX's runtime)",
+        "the others stop; at least 3 polls (3 s up to 50 processes, 30 s from 500)",
     )
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)

@@ -1,20 +1,28 @@
 """A multi-process job in which one process goes wrong: every process ends within a bound,
 with a non-zero status and one line saying what happened and on which process."""
 
+import atexit
+import collections
+import itertools
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
 
 from processes import finish_all, free_address, start_all
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "workers", "fails_on_one.py")
+sys.path.insert(0, os.path.dirname(WORKER))
+import fails_on_one  # noqa: E402
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
            PYTHONUNBUFFERED="1")
 # Each case ends within seconds; the old code hung for minutes (a test fails at this bound).
@@ -109,3 +117,140 @@ def test_a_collective_that_lost_its_peer_is_one_line(text, lost):
     if lost:
         assert text in line and "another process died or was killed" in line
     assert distributed.lost_peer(RuntimeError(text)) is None  # only the runtime's errors
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_process_failing_after_the_others_finished_ends_with_them(tmp_path, who):
+    # Process 0 writing its results after the last collective, or the reverse: the old code
+    # aborted the finished one (C++ trace, status 134) or left it in JAX's exit barrier
+    # until JAX's heartbeat (3 + 30 s here) aborted it.
+    results = finish_all(_worker_job(tmp_path, f"last{who}", "--heartbeat_timeout", "3"),
+                         timeout=25)
+    status, out, _ = results[who]
+    assert _error_line(status, out) == "error: " + fails_on_one.LAST
+    [(other_status, other_out, _)] = results[:who] + results[who + 1:]
+    assert other_status == 0, other_out[-3000:]
+    assert "error" not in other_out and "Terminating" not in other_out, other_out[-3000:]
+
+
+def test_a_heartbeat_timeout_shorter_than_a_few_polls_is_refused_before_joining():
+    # 1,000 processes poll every 10 s: 10 s of silence would be seen on healthy processes.
+    done = subprocess.run(
+        [sys.executable, "train.py", "--config", "cifar10:smoke", "--coordinator_address",
+         free_address(), "--num_processes", "1000", "--process_id", "1", "--init_timeout",
+         "5", "--heartbeat_timeout", "10"], cwd=REPO, env=ENV, text=True,
+        capture_output=True, timeout=BOUND_S)
+    poll = distributed.poll_interval(1000)
+    assert poll > distributed.poll_interval(2)  # Fewer calls a second to the one service.
+    line = _error_line(done.returncode, done.stderr + done.stdout)
+    assert line == (f"error: --heartbeat_timeout 10 is too short for 1000 processes, which look "
+                    f"for failed ones every {poll:g} s; use at least --heartbeat_timeout "
+                    f"{3 * poll:.0f}.")
+    assert "joining" not in done.stderr
+
+
+class _Store:
+    """The job's key-value store as the runtime's client answers it: a key is set once
+    unless ``allow_overwrite`` (else ``ALREADY_EXISTS``, as the real client raises);
+    ``failures[method]`` of the next calls of ``method`` raise, and so does any write of a
+    key containing one of ``refused``."""
+
+    def __init__(self, refused=()):
+        self.kv, self.failures, self.refused = {}, collections.Counter(), refused
+
+    def _check(self, method, key=""):
+        if self.failures[method] > 0 or any(part in key for part in self.refused):
+            self.failures[method] -= 1
+            raise RuntimeError("UNAVAILABLE: failed to connect (injected)")
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        self._check("key_value_set", key)
+        if key in self.kv and not allow_overwrite:
+            raise RuntimeError(f"ALREADY_EXISTS: key {key} already exists.")
+        self.kv[key] = value
+
+    def key_value_dir_get(self, prefix):
+        self._check("key_value_dir_get")
+        return [(k, v) for k, v in list(self.kv.items()) if k.startswith(prefix)]
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        return self.kv[key]
+
+    def wait_at_barrier(self, key, timeout_ms):
+        pass
+
+
+def _watch(monkeypatch, store, poll_s=0.02):
+    """A peer watch over ``store``, polling every ``poll_s``; unregistered from the exit."""
+    monkeypatch.setattr(distributed, "poll_interval", lambda num_processes: poll_s)
+    watch = distributed._PeerWatch(store, silence_s=5)
+    atexit.unregister(watch.close)
+    return watch
+
+
+def test_one_failed_call_to_the_service_does_not_stop_the_heartbeat(monkeypatch):
+    store = _Store()
+    store.failures["key_value_set"] = 1  # The first beat: a network blip.
+    watch = _watch(monkeypatch, store)
+    key, deadline = f"{distributed._KEY}/beat/0", time.monotonic() + 10
+    try:
+        while int(store.kv.get(key, 0)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert int(store.kv.get(key, 0)) >= 3 and watch.thread.is_alive()
+    finally:
+        watch.close()
+
+
+def test_a_process_stops_even_if_it_cannot_say_so(monkeypatch):
+    # Another process failed; recording that this one leaves fails (the service is gone).
+    store = _Store(refused=("/left/",))
+    store.kv[f"{distributed._KEY}/failed/1"] = "injected"
+    exits = queue.Queue()
+    monkeypatch.setattr(os, "_exit", exits.put)  # Returns: the watch goes on, tries again.
+    watch = _watch(monkeypatch, store)
+    try:
+        assert exits.get(timeout=10) == 1
+    finally:
+        watch.close()
+
+
+def _check_as(monkeypatch, process, config):
+    """``check_same_config(config)`` as in a fresh ``process`` of the job."""
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(distributed, "_config_checks", itertools.count(), raising=False)
+    distributed.check_same_config(config)
+
+
+def test_each_host_may_keep_its_image_folder_elsewhere(monkeypatch):
+    store = _Store()
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    config = {"dataset": "image_folder:/mnt/data/imagenet", "batch_size": 32, "data_dir": "a"}
+    _check_as(monkeypatch, 0, config)
+    _check_as(monkeypatch, 1, dict(config, dataset="image_folder:/data/in", data_dir="b"))
+    with pytest.raises(errors.ConfigError, match=r"\(dataset: 'cifar10' here, "
+                                                 r"'image_folder:.*' on process 0\)"):
+        _check_as(monkeypatch, 1, dict(config, dataset="cifar10"))
+
+
+def test_the_configs_may_be_compared_twice_in_one_job(monkeypatch):
+    store = _Store()
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    config = {"dataset": "cifar10", "batch_size": 32}
+    _check_as(monkeypatch, 0, config)
+    distributed.check_same_config(config)  # The same process again: keys of its own.
+
+
+@pytest.mark.parametrize("how", ["done", "stopped"])
+def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_there(
+        monkeypatch, how):
+    # Process 1 failed as this one finished; it waits in JAX's exit barrier ("done": all
+    # the others had finished) or exits at once ("stopped"): this one would wait for it.
+    store = _Store()
+    store.kv.update({f"{distributed._KEY}/failed/1": "injected",
+                     f"{distributed._KEY}/left/1": how})
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store.
+    watch.close(at_exit=True)
+    assert store.kv[f"{distributed._KEY}/left/0"] == ("done" if how == "done" else "stopped")
+    assert exits == ([] if how == "done" else [1])

@@ -9,7 +9,8 @@ A stop on SIGTERM/SIGINT after a checkpoint (:class:`stopping.Stopped`) prints i
 and exits with ``128 + signal``; a plain Ctrl-C elsewhere prints one line and exits 130.
 In a job of several processes, a process that fails or is interrupted tells the others
 (:func:`distributed.leave_job`), which stop with one line naming it, and exits at once
-instead of waiting in JAX's exit barrier for processes that never arrive.
+instead of waiting in JAX's exit barrier for processes that never arrive (unless all the
+others have finished and wait there: then all exit through it).
 
 While ``main()`` runs, the project's own warnings (:class:`logs.RunWarning`, or a plain
 ``UserWarning`` raised from this package's code) print as one ``warning: <message>`` line,

@@ -13,8 +13,10 @@ When one process goes wrong the others must not wait for it forever:
 * :func:`check_same_config`: every process compares its config with process 0's before
   training (different configs train garbage or deadlock in a collective).
 * :func:`leave_job`: a process that fails tells the others through the job's key-value
-  store; a thread in every process (started by :func:`initialize`) polls it each
-  ``POLL_S`` seconds and ends its own process with one line naming the failed one.
+  store; a thread in every process (started by :func:`initialize`) polls it every
+  :func:`poll_interval` seconds and ends its own process with one line naming the failed
+  one. A process that failed after all the others finished ends through JAX's normal
+  shutdown, with them (they exit 0).
 * A process that dies or hangs without a word (SIGKILL, a crash, a lost host): the same
   thread in process 0 reports it once it has shown no sign of life for
   ``heartbeat_timeout_s``; JAX's runtime, which would abort every process with a C++ stack
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import itertools
 import json
 import os
 import socket
@@ -45,6 +48,7 @@ from stochastic_depth_jax.training import config as config_lib
 
 __all__ = [
     "initialize",
+    "poll_interval",
     "check_same_config",
     "leave_job",
     "in_job",
@@ -58,14 +62,31 @@ __all__ = [
 ]
 
 DATA_AXIS = "data"
-# Seconds between two looks at the job's key-value store for a failed process.
-POLL_S = 1.0
 # The longest process 0 (which hosts the job's coordination service) waits, after failing,
 # for the others to leave: when it exits first, JAX's runtime aborts them with a C++ trace.
 LEAVE_WAIT_S = 5.0
 # JAX's own heartbeat timeout is the one asked for plus this (see initialize).
 RUNTIME_MARGIN_S = 30
 _KEY = "stochastic_depth_jax"  # prefix of this package's keys in the job's key-value store
+# What a process that left the job records under left/: it waits in JAX's shutdown barrier
+# (finished, or failed after all the others finished), or it exits at once (os._exit).
+_DONE, _STOPPED = "done", "stopped"
+# --heartbeat_timeout must span this many polls: polls are not synchronised, so a healthy
+# process's counter may look still for up to two intervals.
+_POLLS_PER_TIMEOUT = 3
+
+
+def poll_interval(num_processes: int) -> float:
+    """Seconds between two looks at the job's key-value store, in a job of ``num_processes``.
+
+    Each look is one write (this process's counter) and one read (the failures); process 0
+    reads two directories more. All go to the one coordination service: 1 s up to 50
+    processes, then ``num_processes / 50`` s, so that it answers about 100 of these calls a
+    second at most, up to 10 s from 500 processes on (then two calls per process every
+    10 s, beside JAX's own heartbeat of one). Polling a few keys was kept over blocking
+    reads: the counters must be written anyway, and a failure is seen within one poll.
+    """
+    return min(10.0, max(1.0, num_processes / 50))
 
 
 def initialize(
@@ -90,12 +111,13 @@ def initialize(
       timeout_s: how long to wait for every process to join before giving up.
       heartbeat_timeout_s: after how long without a sign of life a process is taken for
         dead and the others stop (JAX's default, 100 s; JAX's runtime itself gets
-        ``RUNTIME_MARGIN_S`` more).
+        ``RUNTIME_MARGIN_S`` more); at least three :func:`poll_interval`.
 
     Must run before anything touches a JAX device. In a job of several processes, starts
     the thread that ends this process when another one fails (:func:`leave_job`).
 
     Raises:
+      errors.ConfigError: ``heartbeat_timeout_s`` shorter than three polls.
       errors.DistributedError: incomplete arguments, the coordinator's port is in use, or
         the processes did not all join within ``timeout_s`` (the message says which
         address and how many were expected).
@@ -111,6 +133,7 @@ def initialize(
                 "A manual multi-process launch needs all of --coordinator_address, "
                 f"--num_processes and --process_id; got {manual}."
             )
+        _check_heartbeat(heartbeat_timeout_s, num_processes)  # Before joining: at once.
         if process_id == 0:  # Where JAX will listen: by default, every interface.
             port = coordinator_address.rsplit(":", 1)[-1]
             _check_port_free(coordinator_bind_address
@@ -132,7 +155,20 @@ def initialize(
     elif auto:
         _initialize("the cluster's processes did not all join", **timeouts)
     if in_job():
+        _check_heartbeat(heartbeat_timeout_s, jax.process_count())
         _watch_peers(heartbeat_timeout_s)
+
+
+def _check_heartbeat(heartbeat_timeout_s: float, num_processes: int) -> None:
+    """Raises ``errors.ConfigError`` if ``--heartbeat_timeout`` is too short to tell a silent
+    process from one whose last polls fell far apart (a false "no sign of life")."""
+    least = _POLLS_PER_TIMEOUT * poll_interval(num_processes)
+    if num_processes > 1 and heartbeat_timeout_s < least:
+        raise errors.ConfigError(
+            f"--heartbeat_timeout {heartbeat_timeout_s:g} is too short for {num_processes} "
+            f"processes, which look for failed ones every {poll_interval(num_processes):g} s; "
+            f"use at least --heartbeat_timeout {least:.0f}."
+        )
 
 
 def _check_port_free(bind_address: str) -> None:
@@ -210,37 +246,38 @@ class _PeerWatch:
     """A thread that ends this process, with one line, once another process has failed or
     (seen from process 0) has shown no sign of life for ``silence_s`` seconds.
 
-    Every process bumps its own counter in the job's key-value store each ``POLL_S`` and
-    reads the failures reported (:func:`leave_job`); process 0 also reads the counters and
+    Every process bumps its own counter in the job's key-value store each poll and reads
+    the failures reported (:func:`leave_job`); process 0 also reads the counters and
     reports a process whose counter stood still as failed, for the others to read.
     """
 
     def __init__(self, client: Any, silence_s: float) -> None:
         self.client, self.me, self.count = client, jax.process_index(), jax.process_count()
-        self.silence_s = silence_s
+        self.silence_s, self.poll_s = silence_s, poll_interval(self.count)
         self.heard: dict[int, tuple[str | None, float]] = {}  # process -> (counter, since)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
         self.thread.start()
         # Before JAX's own exit handler (atexit runs in reverse) shuts the client down.
-        atexit.register(self.close, left=True)
+        atexit.register(self.close, at_exit=True)
 
-    def close(self, left: bool = False) -> None:
-        """Stops watching: at exit (``left``: says so, so that process 0 does not report the
-        silence that follows as a failure), or when this process fails itself
-        (:func:`leave_job`)."""
+    def close(self, at_exit: bool = False) -> None:
+        """Stops watching: when this process fails itself (:func:`leave_job`), or at its exit
+        (``at_exit``), which it records as "done" (waiting in JAX's shutdown barrier) so that
+        process 0 does not report the silence that follows as a failure."""
         self.stop.set()
         if threading.current_thread() is not self.thread:
-            self.thread.join(timeout=2 * POLL_S)
-        if left:
+            self.thread.join(timeout=2 * self.poll_s)
+        if at_exit:
             try:
-                self.client.key_value_set(f"{_KEY}/left/{self.me}", "1", allow_overwrite=True)
+                self.client.key_value_set(f"{_KEY}/left/{self.me}", _DONE, allow_overwrite=True)
+                _stop_if_one_exited(self.client)
             except Exception:  # noqa: BLE001  The service is gone: nobody is watching.
                 pass
 
     def _watch(self) -> None:
-        beats = 0
-        while not self.stop.wait(POLL_S):
+        beats, unreachable_since = 0, None
+        while not self.stop.wait(self.poll_s):
             beats += 1
             try:
                 self.client.key_value_set(f"{_KEY}/beat/{self.me}", str(beats),
@@ -248,22 +285,27 @@ class _PeerWatch:
                 failed = _failed(self.client)
                 if self.me == 0 and not failed:
                     failed = self._silent()
-            except Exception:  # noqa: BLE001  The service is gone: JAX's runtime ends us.
-                return
+            except Exception:  # noqa: BLE001  XLA raises plain runtime errors.
+                # One failed call (a network blip, a busy service) must not stop this
+                # process's counter: process 0 would take it for dead. Unreachable for
+                # longer than the silence timeout, the service is gone (process 0 died):
+                # JAX's runtime ends this process. (At exit, close() stops the loop first.)
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.silence_s:
+                    return
+                continue
+            unreachable_since = None
             others = sorted(p for p in failed if p != self.me)
             if others and not self.stop.is_set():
-                _say(f"error: {_stops_too(others[0], failed[others[0]])}")
-                self.client.key_value_set(f"{_KEY}/left/{self.me}", "1", allow_overwrite=True)
-                if self.me == 0:
-                    _wait_for_others_to_leave(self.client)
-                os._exit(1)  # The main thread may be blocked in a collective for good.
+                _stop_because(self.client, others[0], failed[others[0]])
 
     def _silent(self) -> dict[int, str]:
         """Reports (and returns) the first process whose counter stood still too long."""
         now = time.monotonic()
         counters = {int(k.rsplit("/", 1)[1]): v
                     for k, v in self.client.key_value_dir_get(f"{_KEY}/beat/")}
-        for p in sorted(set(range(self.count)) - _left(self.client)):
+        for p in sorted(set(range(self.count)) - set(_left(self.client))):
             counter = counters.get(p)
             if self.heard.get(p, (None,))[0] != counter or p not in self.heard:
                 self.heard[p] = (counter, now)  # Not heard of yet: counted from now.
@@ -295,23 +337,53 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _stop_because(client: Any, who: int, message: str) -> None:
+    """Ends this process at once (status 1) because process ``who`` failed with ``message``:
+    the main thread may be blocked in a collective for good."""
+    _say(f"error: {_stops_too(who, message)}")
+    try:
+        client.key_value_set(f"{_KEY}/left/{jax.process_index()}", _STOPPED,
+                             allow_overwrite=True)
+        if jax.process_index() == 0:  # Its exit ends the service: the others leave first.
+            _wait_until_left(client, set(range(jax.process_count())) - {0})
+    except Exception:  # noqa: BLE001  The service gone with process 0: this one ends too.
+        pass
+    os._exit(1)
+
+
+def _stop_if_one_exited(client: Any) -> None:
+    """At the exit of a process that finished: if another one failed and exits at once, JAX's
+    shutdown barrier would wait for it until JAX's heartbeat aborts this process; stops
+    now instead, naming it. (The failed one decides after reading the "done" of this one,
+    recorded before: one of the two sees the other.)"""
+    failed = {p: m for p, m in _failed(client).items() if p != jax.process_index()}
+    if not failed:
+        return
+    left = _wait_until_left(client, set(failed))
+    gone = sorted(p for p in failed if left.get(p) != _DONE)
+    if gone:
+        _stop_because(client, gone[0], failed[gone[0]])
+
+
 def check_same_config(config: dict[str, Any], ignored: tuple[str, ...] = ("data_dir",)) -> None:
     """Raises ``errors.ConfigError`` on a process whose config differs from process 0's.
 
     ``config`` is the resolved config as JSON types (``json.loads(config.to_json())``);
-    the fields named in ``ignored`` may differ (each host may keep its data elsewhere).
-    Every process waits here until all have compared, so none writes or trains before a
-    disagreement ends the job (the process that differs fails; :func:`leave_job` stops
-    the others). Does nothing outside a multi-process job.
+    the fields named in ``ignored``, and the folder of an ``image_folder:<path>`` dataset,
+    may differ (each host may keep its data elsewhere). Every process waits here until all
+    have compared, so none writes or trains before a disagreement ends the job (the process
+    that differs fails; :func:`leave_job` stops the others). Does nothing outside a
+    multi-process job; may be called more than once in a job (by every process alike).
     """
     client = _client()
     if client is None:
         return
-    mine = {k: v for k, v in config.items() if k not in ignored}
+    call = next(_config_checks)  # Keys of their own: a key-value pair is set only once.
+    mine = _comparable(config, ignored)
     if jax.process_index() == 0:
-        client.key_value_set(f"{_KEY}/config", json.dumps(mine, sort_keys=True))
+        client.key_value_set(f"{_KEY}/config/{call}", json.dumps(mine, sort_keys=True))
     else:
-        theirs = json.loads(_agreed(client.blocking_key_value_get, f"{_KEY}/config"))
+        theirs = json.loads(_agreed(client.blocking_key_value_get, f"{_KEY}/config/{call}"))
         changes = config_lib.config_changes(theirs, mine)
         if changes:
             listed = "; ".join(f"{k}: {v['new']!r} here, {v['old']!r} on process 0"
@@ -320,7 +392,21 @@ def check_same_config(config: dict[str, Any], ignored: tuple[str, ...] = ("data_
                 f"Process {jax.process_index()}'s config differs from process 0's ({listed}); "
                 "start every process with the same --config and --config.* overrides."
             )
-    _agreed(client.wait_at_barrier, f"{_KEY}/config_checked")
+    _agreed(client.wait_at_barrier, f"{_KEY}/config_checked/{call}")
+
+
+_config_checks = itertools.count()
+_IMAGE_FOLDER = "image_folder:"
+
+
+def _comparable(config: dict[str, Any], ignored: tuple[str, ...]) -> dict[str, Any]:
+    """``config`` without what may differ per host: the ``ignored`` fields and the folder of
+    an image-folder dataset (that it is one is compared)."""
+    mine = {k: v for k, v in config.items() if k not in ignored}
+    dataset = mine.get("dataset")
+    if isinstance(dataset, str) and dataset.startswith(_IMAGE_FOLDER):
+        mine["dataset"] = _IMAGE_FOLDER + "<a folder on each host>"
+    return mine
 
 
 def _agreed(call: Any, key: str, timeout_s: int = 300) -> Any:
@@ -355,13 +441,16 @@ def lost_peer(error: BaseException) -> str | None:
 
 
 def leave_job(message: str, status: int) -> None:
-    """After a failure reported as ``message``, ends this process of a multi-process job
-    with ``status``, telling the others first so that they stop too (they print
-    ``message``). Returns only outside a multi-process job.
+    """After a failure reported as ``message``, leaves a multi-process job, telling the
+    others first so that they stop too (they print ``message``); the caller then exits
+    with ``status``. Returns at once outside a multi-process job.
 
-    Skips JAX's exit handler, whose shutdown barrier would wait ``shutdown_timeout`` (300 s)
-    for processes that never arrive. Process 0 hosts the job's coordination service and
-    waits up to ``LEAVE_WAIT_S`` for the others to leave first.
+    When every other process has finished (it waits in JAX's shutdown barrier), returns,
+    and the caller's ``sys.exit`` ends this process through that barrier with them (they
+    exit 0). Otherwise ends this process now with ``status``, skipping JAX's exit handler,
+    whose shutdown barrier would wait ``shutdown_timeout`` (300 s) for processes that never
+    arrive. Process 0 hosts the job's coordination service and first waits up to
+    ``LEAVE_WAIT_S`` for the others to leave.
     """
     client = _client()
     if client is None:
@@ -372,26 +461,35 @@ def leave_job(message: str, status: int) -> None:
         me = jax.process_index()
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
-        if me == 0:
-            _wait_for_others_to_leave(client)
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-
-def _left(client: Any) -> set[int]:
-    """The processes that left the job (ended, or stopped because another one failed)."""
-    return {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(f"{_KEY}/left/")}
-
-
-def _wait_for_others_to_leave(client: Any) -> None:
-    others = set(range(jax.process_count())) - {jax.process_index()}
-    deadline = time.monotonic() + LEAVE_WAIT_S
-    while time.monotonic() < deadline:
-        if others <= _left(client) | set(_failed(client)):
+        others = set(range(jax.process_count())) - {me}
+        left = _wait_until_left(client, others) if me == 0 else _left(client)
+        done = all(left.get(p) == _DONE for p in others)
+        # Recorded after reading theirs: a process finishing meanwhile reads it at its exit.
+        client.key_value_set(f"{_KEY}/left/{me}", _DONE if done else _STOPPED,
+                             allow_overwrite=True)
+        if done:
             return
+    except BaseException:  # noqa: BLE001  Ends below, whatever the error.
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _left(client: Any) -> dict[int, str]:
+    """``{process: _DONE or _STOPPED}`` of the processes that left the job."""
+    return {int(key.rsplit("/", 1)[1]): how
+            for key, how in client.key_value_dir_get(f"{_KEY}/left/")}
+
+
+def _wait_until_left(client: Any, processes: set[int]) -> dict[int, str]:
+    """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job; returns :func:`_left`."""
+    deadline = time.monotonic() + LEAVE_WAIT_S
+    left = _left(client)
+    while not processes <= set(left) and time.monotonic() < deadline:
         time.sleep(0.1)
+        left = _left(client)
+    return left
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

@@ -1,14 +1,18 @@
 """``train.py`` whose process 1 goes wrong while it loads the data, as process 0 waits for it
-in a collective: ``python fails_on_one.py raise|stop TRAIN_PY_ARGUMENTS...``.
+in a collective: ``python fails_on_one.py raise|stop|last0|last1 TRAIN_PY_ARGUMENTS...``.
 
 ``raise``: process 1 raises a ``DataError`` (a host that cannot find the data). ``stop``:
 process 1 stops itself with SIGSTOP (a hung host: its connections stay open, it says
-nothing). Used by ``tests/test_multihost_failures.py``.
+nothing). ``last0``/``last1``: the others finish at once (their training is replaced by a
+no-op) and process 0/1 raises a ``DataError`` once they all wait in JAX's exit (process 0
+writing its results after the last collective). Used by
+``tests/test_multihost_failures.py``.
 """
 
 import os
 import signal
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)  # train.py and configs/ live at the repository root.
@@ -17,20 +21,44 @@ import jax  # noqa: E402
 
 import train  # noqa: E402
 from stochastic_depth_jax import errors  # noqa: E402
+from stochastic_depth_jax.training import distributed  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 
 MESSAGE = "Dataset folder '/data/cifar10' does not exist on this host (injected)."
+LAST = "Cannot write the plots: the disk is full (injected)."
+
+
+def _fail_last(who: int) -> None:
+    """Process ``who`` fails once every other one has finished; the others finish at once."""
+    check = distributed.check_same_config
+
+    def check_then_finish(config):
+        check(config)
+        if jax.process_index() == who:
+            others = set(range(jax.process_count())) - {who}
+            deadline = time.monotonic() + 30
+            while not others <= set(distributed._left(distributed._client())):
+                assert time.monotonic() < deadline, "the others did not finish"
+                time.sleep(0.1)
+            raise errors.DataError(LAST)
+        from stochastic_depth_jax.training import loop  # After initialize, as train.py.
+
+        loop.train_and_evaluate = lambda config, workdir: {"final": {}, "best": {}}
+
+    distributed.check_same_config = check_then_finish
 
 
 def main(mode: str, argv: list[str]) -> None:
+    if mode.startswith("last"):
+        _fail_last(int(mode.removeprefix("last")))
     original = setup_lib.load_data
 
-    def load_data(config, workdir, *args, **kwargs):
+    def load_data(config, *args, **kwargs):
         if jax.process_index() == 1:
             if mode == "raise":
                 raise errors.DataFileNotFoundError(MESSAGE)
             os.kill(os.getpid(), signal.SIGSTOP)
-        return original(config, workdir, *args, **kwargs)
+        return original(config, *args, **kwargs)
 
     setup_lib.load_data = load_data
     train.main(argv)
