@@ -1,6 +1,7 @@
 """Runs that cannot lose results: one writer per workdir, self-healing metrics, labelled
 evaluation fallbacks, and anticipated mistakes reported in one line without a traceback."""
 
+import errno
 import json
 import os
 import shutil
@@ -240,6 +241,17 @@ def test_train_cli_workdir_is_a_file(capsys, tmp_path):
     )
     assert f"Cannot write {path}" in line and "use another --workdir" in line
     assert path.read_text() == "precious"
+
+
+@pytest.mark.parametrize("code, strerror, fix", [
+    (errno.EACCES, "Permission denied", "give this user write access to resume the run there"),
+    (errno.EROFS, "Read-only file system", "remount it writable to resume the run there"),
+])
+def test_a_workdir_that_cannot_be_written_says_how_to_resume_in_place(code, strerror, fix):
+    """Another --workdir alone would start a run that is already there afresh."""
+    line = workdir_lib.describe_os_error(OSError(code, strerror), "runs/c10")
+    assert line.startswith(f"Cannot write runs/c10 ({strerror}): ")
+    assert fix in line and line.endswith("or use another --workdir.")
 
 
 @pytest.mark.parametrize("classes, expected", [(1, "has one class"), (0, "no class directories")])

@@ -43,9 +43,13 @@ LOCK_FILE = "run.lock"
 _FIXES = {
     errno.ENOSPC: "free some space or use another --workdir",
     errno.EDQUOT: "free some space or use another --workdir",
-    errno.EROFS: "the filesystem is read-only; use another --workdir",
-    errno.EACCES: "no permission to write there; use another --workdir",
-    errno.EPERM: "no permission to write there; use another --workdir",
+    # A new --workdir would start the run afresh: a run already there resumes once writable.
+    errno.EACCES: "no permission to write there; give this user write access to resume the "
+                  "run there (chmod/chown), or use another --workdir",
+    errno.EPERM: "no permission to write there; give this user write access to resume the "
+                 "run there (chmod/chown), or use another --workdir",
+    errno.EROFS: "the filesystem is read-only; remount it writable to resume the run there, "
+                 "or use another --workdir",
     errno.ENOTDIR: "a file is in the way of the directory; use another --workdir",
     errno.EEXIST: "a file is in the way of the directory; use another --workdir",
 }
