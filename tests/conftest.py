@@ -5,3 +5,17 @@ import os
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _persistent_compilation_cache():
+    """Every test compiles through the persistent compilation cache that ``train.py`` uses
+    (``compilation_cache_dir='auto'``), so a program compiled by an earlier test or an earlier
+    run of the suite is loaded instead of compiled again (the ResNet tests compile the same
+    programs many times). The session's setting is restored afterwards. Set
+    ``JAX_COMPILATION_CACHE_DIR`` to choose the directory."""
+    from stochastic_depth_jax.training import compilation
+    with compilation.cache_dir_in_use(compilation.cache_dir_for("auto")):
+        yield
