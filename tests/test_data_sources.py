@@ -94,10 +94,15 @@ def test_mean_std_are_train_statistics_in_pixel_units(data_dir):
 
 
 def _assert_offline_message(error, name, data_dir):
-    message = str(error)
-    assert f"'{name}'" in message and data_dir in message
-    assert "download_and_prepare" in message and "load_dataset" in message
-    assert os.path.join(data_dir, "downloads", "manual") in message
+    """One line naming the problem and both fixes, then the exact command to prepare it."""
+    problem, command = str(error).split("\n")
+    assert problem.startswith(f"Dataset '{name}' is not prepared in data_dir={data_dir!r} and "
+                              "cannot be downloaded (")
+    assert f" in {os.path.join(data_dir, 'downloads', 'manual')} and run again" in problem
+    assert f"copy {os.path.join(data_dir, name)} to the same place here" in problem
+    ours = {v: k for k, v in sources.TFDS_NAMES.items()}[name]
+    assert command == (f"  python -c \"from stochastic_depth_jax import data; "
+                       f"data.load_dataset('{ours}', data_dir='{data_dir}')\"")
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/cifar-10-binary.tar.gz",
@@ -207,6 +212,19 @@ def test_image_folder_mixed_sizes(tmp_path):
 def test_image_folder_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="Image folder '.*nothing' does not exist"):
         data.load_dataset(f"image_folder:{tmp_path / 'nothing'}")
+
+
+@pytest.mark.parametrize("path", ["gs://bucket/pets/", "s3://bucket/a/pets"])
+def test_remote_image_folder_is_one_line_saying_to_copy_it(path):
+    """Read as a local path, it 'did not exist'; the line says why and what to run."""
+    with pytest.raises(errors.DataError) as info:
+        data.load_dataset(f"image_folder:{path}")
+    message = str(info.value)
+    assert "\n" not in message and "does not exist" not in message
+    assert message.startswith(f"Image folder {path!r} is remote: image folders are read from "
+                              "a local disk only")
+    assert f"cp -r {path.rstrip('/')} /data/" in message
+    assert message.endswith("image_folder:/data/pets")
 
 
 def test_image_folder_root_mistakes(tmp_path, monkeypatch):

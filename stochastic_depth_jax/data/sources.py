@@ -57,20 +57,18 @@ def _tfds():
 
 
 def _unavailable_message(tfds_name: str, data_dir: str, reason: str) -> str:
+    """One line naming the problem and both fixes, then the command that prepares the data
+    elsewhere (on a line of its own, to copy as it is)."""
     manual = os.path.join(data_dir, "downloads", "manual")
     files = ", ".join(MANUAL_FILES[tfds_name])
     return (
         f"Dataset '{tfds_name}' is not prepared in data_dir={data_dir!r} and cannot be "
-        f"downloaded: {reason}.\nProvide it in one of two ways:\n"
-        f"  1. On a machine with internet, prepare it and copy the data_dir over:\n"
-        f"       python -c \"from stochastic_depth_jax import data; "
-        f"data.load_dataset('{_our_name(tfds_name)}', data_dir='{data_dir}')\"\n"
-        f"     (or with tfds itself: tfds.builder('{tfds_name}', data_dir='{data_dir}')"
-        f".download_and_prepare(file_format='array_record'), which needs TensorFlow),\n"
-        f"     then copy {os.path.join(data_dir, tfds_name)} to the same place here.\n"
-        f"  2. Put the original archive(s) ({files}) in tfds's manual directory\n"
-        f"       {manual}\n"
-        f"     and run again; they are checked against tfds's registered checksums.")
+        f"downloaded ({reason}): put {files} in {manual} and run again (checked against "
+        f"tfds's checksums), or prepare it on a machine with internet with the command below "
+        f"(or tfds's download_and_prepare(file_format='array_record'), which needs "
+        f"TensorFlow) and copy {os.path.join(data_dir, tfds_name)} to the same place here:\n"
+        f"  python -c \"from stochastic_depth_jax import data; "
+        f"data.load_dataset('{_our_name(tfds_name)}', data_dir='{data_dir}')\"")
 
 
 def _our_name(tfds_name: str) -> str:
