@@ -1,5 +1,7 @@
 """Data sources and splits: fake tfds datasets with the real names, image folders, errors."""
+import io
 import os
+import sys
 import time
 
 import numpy as np
@@ -419,3 +421,31 @@ def test_damaged_decoded_cache_is_rebuilt(tmp_path, monkeypatch, damage):
     calls.clear()
     again = sources.read_split("cifar10", "test", root)  # ...and the cache is good again.
     assert calls == [] and np.array_equal(again.images, first.images)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("where", ["pipe", "terminal"])
+def test_decoding_shows_a_bar_on_a_terminal_and_two_lines_in_a_pipe(tmp_path, monkeypatch,
+                                                                     where):
+    """``train.py > log``: the one-time decoding leaves a start and a finish line, not the
+    bar's redraws; on a terminal, the bar alone (cleared when done)."""
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=40, num_test=10)
+    monkeypatch.setattr(sources, "_READ_CHUNK", 4)  # 10 chunks: long enough to show progress
+    stdout, stderr = (io.StringIO(), io.StringIO()) if where == "pipe" else (
+        _Terminal(), _Terminal())
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    sources.read_split("cifar10", "train", root)
+    if where == "pipe":
+        start, finish = stdout.getvalue().splitlines()
+        assert start.startswith("Decoding cifar10/train (40 images), once")
+        assert finish.startswith("Decoded cifar10/train in ")
+        assert stderr.getvalue() == ""
+    else:
+        assert stdout.getvalue() == ""
+        assert "decoding cifar10/train" in stderr.getvalue()
