@@ -215,19 +215,19 @@ class Checkpoints:
     def _set_aside_unfinished(self) -> None:
         """Moves the saves an earlier run left unfinished to ``checkpoints_unfinished/``, one
         warning each (where it went; which checkpoint is used), before Orbax's start-up
-        would delete them. Process 0 moves; the others wait for it."""
-        if jax.process_index() == 0:
-            for name, kind in (("checkpoints", "latest"), ("checkpoints_best", "best")):
-                directory = os.path.join(self.workdir, name)
-                for entry in _unfinished_saves(directory):
-                    step = _unfinished_step(entry)
-                    target = _move_aside(os.path.join(directory, entry),
-                                         os.path.join(self.workdir, UNFINISHED_DIR),
-                                         f"{kind}-{step}-{int(time.time())}")
-                    warnings.warn(_unfinished_message(kind, step, directory, target),
-                                  logs.RunWarning, stacklevel=4)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("checkpoints_unfinished_set_aside")
+        would delete them. Process 0 moves them, as Orbax deletes them from process 0
+        alone: the others list only committed steps, so they need not wait for it."""
+        if jax.process_index() != 0:
+            return
+        for name, kind in (("checkpoints", "latest"), ("checkpoints_best", "best")):
+            directory = os.path.join(self.workdir, name)
+            for entry in _unfinished_saves(directory):
+                step = _unfinished_step(entry)
+                target = _move_aside(os.path.join(directory, entry),
+                                     os.path.join(self.workdir, UNFINISHED_DIR),
+                                     f"{kind}-{step}-{int(time.time())}")
+                warnings.warn(_unfinished_message(kind, step, directory, target),
+                              logs.RunWarning, stacklevel=3)  # the Checkpoints(...) call
 
     def _manager(self, name: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
