@@ -103,6 +103,7 @@ def _check_listable(directory: str) -> None:
         raise access from e
 
 
+# Where a training run moves the saves an earlier one left unfinished (never deleted).
 UNFINISHED_DIR = "checkpoints_unfinished"
 
 
