@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from processes import free_address, run_together
+from stochastic_depth_jax import logs
 from stochastic_depth_jax.training import checkpoint as ckpt_lib
 from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import state as state_lib
@@ -153,17 +154,48 @@ def test_full_disk_in_a_background_save_raises_one_workdir_error(tmp_path, mesh)
     ckpts.close()
 
 
-def test_interrupted_save_leftovers_are_ignored(tmp_path, mesh):
+def _unfinished(tmp_path, directory, step, source):
+    """An async save of ``step`` killed before its commit: only a temporary directory (here
+    with the whole state, as when killed between writing and committing)."""
+    target = os.path.join(tmp_path, directory, f"{step}.orbax-checkpoint-tmp-123")
+    shutil.copytree(source, target)
+    return sorted(os.listdir(target))
+
+
+def test_an_unfinished_save_is_set_aside_with_a_warning(tmp_path, mesh, monkeypatch):
+    monkeypatch.setattr(ckpt_lib.time, "time", lambda: 1234.5)
     base = _save_steps(tmp_path, mesh, [1, 2])
-    # An async save killed mid-write leaves only a temporary directory behind.
-    shutil.copytree(
-        os.path.join(tmp_path, "checkpoints", "2"),
-        os.path.join(tmp_path, "checkpoints", "3.orbax-checkpoint-tmp-123"),
-    )
-    ckpts = ckpt_lib.Checkpoints(tmp_path)
-    assert ckpts.steps("latest") == [1, 2]
+    files = _unfinished(tmp_path, "checkpoints", 3, os.path.join(tmp_path, "checkpoints", "2"))
+    ckpt_lib.Checkpoints(tmp_path, read_only=True).steps()  # An evaluation moves nothing.
+    with pytest.warns(logs.RunWarning) as caught:
+        ckpts = ckpt_lib.Checkpoints(tmp_path)
+    moved = os.path.join(tmp_path, "checkpoints_unfinished", "latest-3-1234")
+    assert [str(w.message) for w in caught] == [
+        f"An unfinished save of step 3 in {os.path.join(tmp_path, 'checkpoints')} (interrupted "
+        f"before it was committed) was moved to {moved}; the newest committed checkpoint "
+        "(step 2) is used instead."]
+    assert sorted(os.listdir(moved)) == files  # kept whole, not deleted
+    assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1", "2"]
     _, meta = ckpts.restore("latest", _abstract(base))
     assert meta["step"] == 2
+    ckpts.close()
+
+
+def test_only_unfinished_saves_say_the_run_starts_from_step_0(tmp_path, mesh):
+    """A run killed during its first saves: nothing committed, nothing lost silently."""
+    _save_steps(tmp_path / "done", mesh, [1])
+    step_dir = os.path.join(tmp_path, "done", "checkpoints", "1")
+    for directory in ("checkpoints", "checkpoints_best"):
+        _unfinished(tmp_path / "run", directory, 4, step_dir)
+    with pytest.warns(logs.RunWarning) as caught:
+        ckpts = ckpt_lib.Checkpoints(tmp_path / "run")
+    latest, best = (str(w.message) for w in caught)
+    assert latest.endswith("no checkpoint was committed before it, so training starts from "
+                           "step 0.")
+    assert "checkpoints_best (interrupted" in best and best.endswith("; it is not used.")
+    assert ckpts.steps("latest") == ckpts.steps("best") == []
+    assert sorted(n.rsplit("-", 1)[0] for n in os.listdir(
+        tmp_path / "run" / "checkpoints_unfinished")) == ["best-4", "latest-4"]
     ckpts.close()
 
 

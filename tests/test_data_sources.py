@@ -1,5 +1,7 @@
 """Data sources and splits: fake tfds datasets with the real names, image folders, errors."""
+import io
 import os
+import sys
 import time
 
 import numpy as np
@@ -94,10 +96,15 @@ def test_mean_std_are_train_statistics_in_pixel_units(data_dir):
 
 
 def _assert_offline_message(error, name, data_dir):
-    message = str(error)
-    assert f"'{name}'" in message and data_dir in message
-    assert "download_and_prepare" in message and "load_dataset" in message
-    assert os.path.join(data_dir, "downloads", "manual") in message
+    """One line naming the problem and both fixes, then the exact command to prepare it."""
+    problem, command = str(error).split("\n")
+    assert problem.startswith(f"Dataset '{name}' is not prepared in data_dir={data_dir!r} and "
+                              "cannot be downloaded (")
+    assert f" in {os.path.join(data_dir, 'downloads', 'manual')} and run again" in problem
+    assert f"copy {os.path.join(data_dir, name)} to the same place here" in problem
+    ours = {v: k for k, v in sources.TFDS_NAMES.items()}[name]
+    assert command == (f"  python -c \"from stochastic_depth_jax import data; "
+                       f"data.load_dataset('{ours}', data_dir='{data_dir}')\"")
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/cifar-10-binary.tar.gz",
@@ -207,6 +214,19 @@ def test_image_folder_mixed_sizes(tmp_path):
 def test_image_folder_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="Image folder '.*nothing' does not exist"):
         data.load_dataset(f"image_folder:{tmp_path / 'nothing'}")
+
+
+@pytest.mark.parametrize("path", ["gs://bucket/pets/", "s3://bucket/a/pets"])
+def test_remote_image_folder_is_one_line_saying_to_copy_it(path):
+    """Read as a local path, it 'did not exist'; the line says why and what to run."""
+    with pytest.raises(errors.DataError) as info:
+        data.load_dataset(f"image_folder:{path}")
+    message = str(info.value)
+    assert "\n" not in message and "does not exist" not in message
+    assert message.startswith(f"Image folder {path!r} is remote: image folders are read from "
+                              "a local disk only")
+    assert f"cp -r {path.rstrip('/')} /data/" in message
+    assert message.endswith("image_folder:/data/pets")
 
 
 def test_image_folder_root_mistakes(tmp_path, monkeypatch):
@@ -401,3 +421,31 @@ def test_damaged_decoded_cache_is_rebuilt(tmp_path, monkeypatch, damage):
     calls.clear()
     again = sources.read_split("cifar10", "test", root)  # ...and the cache is good again.
     assert calls == [] and np.array_equal(again.images, first.images)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("where", ["pipe", "terminal"])
+def test_decoding_shows_a_bar_on_a_terminal_and_two_lines_in_a_pipe(tmp_path, monkeypatch,
+                                                                     where):
+    """``train.py > log``: the one-time decoding leaves a start and a finish line, not the
+    bar's redraws; on a terminal, the bar alone (cleared when done)."""
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=40, num_test=10)
+    monkeypatch.setattr(sources, "_READ_CHUNK", 4)  # 10 chunks: long enough to show progress
+    stdout, stderr = (io.StringIO(), io.StringIO()) if where == "pipe" else (
+        _Terminal(), _Terminal())
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    sources.read_split("cifar10", "train", root)
+    if where == "pipe":
+        start, finish = stdout.getvalue().splitlines()
+        assert start.startswith("Decoding cifar10/train (40 images), once")
+        assert finish.startswith("Decoded cifar10/train in ")
+        assert stderr.getvalue() == ""
+    else:
+        assert stdout.getvalue() == ""
+        assert "decoding cifar10/train" in stderr.getvalue()

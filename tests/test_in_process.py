@@ -102,6 +102,9 @@ def test_a_session_calls_the_trainer_is_interrupted_resumes_and_is_left_as_it_wa
     report = json.loads(line[len("REPORT "):])
     # Ctrl-C: a checkpoint of the step reached, then Stopped (one of our errors), not exit.
     assert report["stopped"].startswith("stopped by SIGINT at step ")
+    # Its message speaks to the Python caller: no command to run again.
+    assert report["stopped"].endswith(": call train_and_evaluate again with the same workdir "
+                                      "to resume."), report["stopped"]
     step = int(report["stopped"].split(" at step ")[1].split()[0])
     assert 4 <= step < 20 and report["checkpoints_after_stop"][-1] == step
     assert report["lock_free_after_stop"] and report["lock_free_at_end"]

@@ -579,6 +579,26 @@ def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():
     assert signal_lib.getsignal(signal_lib.SIGTERM) is before  # handlers restored
 
 
+def test_a_stop_says_how_to_resume_to_python_and_on_the_command_line(capsys):
+    """From Python (a notebook) a stopped run is resumed by calling the trainer again; the
+    command-line tools print their own line: run the same command."""
+    import signal as signal_lib
+
+    from stochastic_depth_jax.training import cli, stopping
+
+    what = "stopped by SIGTERM at step 6 (epoch 2, step 2 of 4); its checkpoint is saved in w"
+    stop = stopping.Stopped(what, signal_lib.SIGTERM)
+    assert str(stop) == f"{what}: call train_and_evaluate again with the same workdir to resume."
+
+    def main():
+        raise stop
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_reporting_errors(main, debug=False)
+    assert exit_info.value.code == 128 + signal_lib.SIGTERM
+    assert capsys.readouterr().err == f"{what}: run the same command to resume.\n"
+
+
 def test_an_image_folder_run_recorded_before_per_class_holdout_keeps_its_split(
         run, tmp_path, monkeypatch):
     """A run.json written before the hold-out method and absolute paths were recorded: a

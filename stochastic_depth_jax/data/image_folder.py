@@ -341,6 +341,12 @@ def _check_root(root: str) -> None:
     if not root:
         raise errors.DataError(f"image_folder: needs a path, e.g. image_folder:/data/pets; "
                                f"{_LAYOUT}")
+    if "://" in root:  # gs://, s3://, ...: the rule by which run.json keeps such paths as named
+        local = "/data/" + (os.path.basename(root.rstrip("/")) or "images")
+        raise errors.DataError(
+            f"Image folder {root!r} is remote: image folders are read from a local disk only; "
+            f"copy it to one (e.g. gsutil -m cp -r {root.rstrip('/')} /data/) and use the "
+            f"local copy: image_folder:{local}")
     if not os.path.exists(root):
         raise errors.DataFileNotFoundError(f"Image folder {root!r} does not exist; {_LAYOUT}")
     if not os.path.isdir(root):
@@ -377,9 +383,9 @@ def load(root: str) -> tuple[list[str], Split, Split]:
       Splits: images uint8 [N, H, W, 3], labels int32 [N].
 
     Raises:
-      errors.DataError: a missing or empty directory, an unreadable file, images of
-        different sizes, classes that differ between train/ and test/, or too little
-        memory; the message names the path.
+      errors.DataError: a remote path (``gs://...``), a missing or empty directory, an
+        unreadable file, images of different sizes, classes that differ between train/ and
+        test/, or too little memory; the message names the path.
     """
     root = os.path.expanduser(root)
     _check_root(root)

@@ -7,10 +7,12 @@ builders (same name, version and feature spec) with plain-Python readers.
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 import urllib.request
 import warnings
 import zlib
+from typing import Iterator
 
 import numpy as np
 import tqdm
@@ -57,20 +59,18 @@ def _tfds():
 
 
 def _unavailable_message(tfds_name: str, data_dir: str, reason: str) -> str:
+    """One line naming the problem and both fixes, then the command that prepares the data
+    elsewhere (on a line of its own, to copy as it is)."""
     manual = os.path.join(data_dir, "downloads", "manual")
     files = ", ".join(MANUAL_FILES[tfds_name])
     return (
         f"Dataset '{tfds_name}' is not prepared in data_dir={data_dir!r} and cannot be "
-        f"downloaded: {reason}.\nProvide it in one of two ways:\n"
-        f"  1. On a machine with internet, prepare it and copy the data_dir over:\n"
-        f"       python -c \"from stochastic_depth_jax import data; "
-        f"data.load_dataset('{_our_name(tfds_name)}', data_dir='{data_dir}')\"\n"
-        f"     (or with tfds itself: tfds.builder('{tfds_name}', data_dir='{data_dir}')"
-        f".download_and_prepare(file_format='array_record'), which needs TensorFlow),\n"
-        f"     then copy {os.path.join(data_dir, tfds_name)} to the same place here.\n"
-        f"  2. Put the original archive(s) ({files}) in tfds's manual directory\n"
-        f"       {manual}\n"
-        f"     and run again; they are checked against tfds's registered checksums.")
+        f"downloaded ({reason}): put {files} in {manual} and run again (checked against "
+        f"tfds's checksums), or prepare it on a machine with internet with the command below "
+        f"(or tfds's download_and_prepare(file_format='array_record'), which needs "
+        f"TensorFlow) and copy {os.path.join(data_dir, tfds_name)} to the same place here:\n"
+        f"  python -c \"from stochastic_depth_jax import data; "
+        f"data.load_dataset('{_our_name(tfds_name)}', data_dir='{data_dir}')\"")
 
 
 def _our_name(tfds_name: str) -> str:
@@ -181,14 +181,35 @@ def read_split(tfds_name: str, split: str, data_dir: str,
     # tfds suggests installing OpenCV for speed; Pillow (a dependency) decodes, once per
     # dataset thanks to the cache below.
     with logs.drop_absl_messages("OpenCV is not installed"):
-        for start in tqdm.tqdm(starts, desc=f"decoding {tfds_name}/{split}", unit="chunk",
-                               disable=len(starts) < 8, leave=False):
+        for start in _decoding(starts, f"{tfds_name}/{split}", len(source)):
             stop = min(start + _READ_CHUNK, len(source))
             records = _decode_chunk(source, start, stop, where)
             images[start:stop] = np.stack([r["image"] for r in records])
             labels[start:stop] = [r[label_key] for r in records]
     _write_cache(cache, stamp, images, labels)
     return Split(images, labels)
+
+
+def _decoding(starts: range, what: str, count: int) -> Iterator[int]:
+    """``starts`` (the chunks to decode), showing the progress of a long decoding (8 chunks
+    or more) as the epochs' progress is shown (process 0 only): a bar where it redraws in
+    place (a terminal, a notebook), and a start and a finish line on stdout where every
+    redraw would be kept (a pipe, a log file)."""
+    if len(starts) < 8:
+        yield from starts
+        return
+    # Imported on use: the training package imports this one.
+    from stochastic_depth_jax.training import progress
+
+    lines = progress.prints_epoch_lines(True)
+    if lines:
+        print(f"Decoding {what} ({count} images), once: the arrays are cached beside the "
+              "data for later runs.", flush=True)
+    t0 = time.perf_counter()
+    yield from tqdm.tqdm(starts, desc=f"decoding {what}", unit="chunk", leave=False,
+                         disable=not progress.draws_bar(True))
+    if lines:
+        print(f"Decoded {what} in {time.perf_counter() - t0:.1f} s.", flush=True)
 
 
 def _records_stamp(info_dir: str, tfds_name: str, split: str) -> str:

@@ -5,10 +5,14 @@ Layout under the workdir::
   checkpoints/<step>/{state,meta}        last ``keep`` saves (resume from the newest good one)
   checkpoints_best/<step>/{state,meta}   the two most recent improvements of the best metric
   checkpoints_corrupt/<kind>-<step>-<t>[.n]  checkpoints found damaged, moved aside
+  checkpoints_unfinished/<kind>-<step>-<t>[.n]  saves interrupted before their commit
 
 Orbax writes each save into a temporary directory and renames it when complete, so an
-interrupted save never appears as a step (its leftovers are removed at start-up) and old
-steps are deleted only after the new one is committed. A committed checkpoint that fails
+interrupted save never appears as a step, and old steps are deleted only after the new one
+is committed. A training run's start moves such leftovers (which Orbax would delete without
+a word; one killed between writing and committing holds the whole state) to
+``checkpoints_unfinished/`` with a warning saying where each went and which checkpoint the
+run resumes from (from step 0 if none was committed). A committed checkpoint that fails
 to restore, or whose restored bits do not match the checksum stored at save time, is
 skipped with a warning and moved aside (under a name no other move takes); the previous
 one is used instead. A read that fails for a reason outside the checkpoint (no permission,
@@ -99,6 +103,31 @@ def _check_listable(directory: str) -> None:
         raise access from e
 
 
+# Where a training run moves the saves an earlier one left unfinished (never deleted).
+UNFINISHED_DIR = "checkpoints_unfinished"
+
+
+def _unfinished_saves(directory: str) -> list[str]:
+    """The saves left unfinished in ``directory``: Orbax's temporary directories
+    (``<step>.orbax-checkpoint-tmp-<t>``, not a symbolic link, as Orbax tells them)."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):  # Nothing to move; Orbax says the rest.
+        return []
+    return sorted(
+        n for n in names if ocp.utils.TMP_DIR_SUFFIX in n
+        and os.path.isdir(os.path.join(directory, n))
+        and not os.path.islink(os.path.join(directory, n)))
+
+
+def _unfinished_step(name: str) -> str:
+    """The step an unfinished save's directory name gives ('unknown' if none)."""
+    try:
+        return str(ocp.utils.step_from_checkpoint_name(name))
+    except ValueError:
+        return "unknown"
+
+
 def _move_aside(source: str, parent: str, name: str) -> str:
     """Moves the directory ``source`` to ``parent/name``, or ``parent/name.1``, ``.2``, ...:
     the first name free (reserved with ``os.mkdir``, atomic: two moves in the same second,
@@ -146,6 +175,20 @@ def structure_signature(tree: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def _unfinished_message(kind: str, step: str, directory: str, target: str) -> str:
+    """The warning for an unfinished save of ``kind`` moved from ``directory`` to
+    ``target``: what it was, where it went, and what the run uses instead."""
+    committed = sorted(ocp.utils.checkpoint_steps(directory))
+    if kind == "best":
+        instead = "it is not used"
+    elif committed:
+        instead = f"the newest committed checkpoint (step {committed[-1]}) is used instead"
+    else:
+        instead = "no checkpoint was committed before it, so training starts from step 0"
+    return (f"An unfinished save of step {step} in {directory} (interrupted before it was "
+            f"committed) was moved to {target}; {instead}.")
+
+
 class Checkpoints:
     """The 'latest' and 'best' checkpoint managers of one workdir.
 
@@ -163,10 +206,29 @@ class Checkpoints:
         self._read_only = read_only
         for name in ("checkpoints", "checkpoints_best"):
             _check_listable(os.path.join(self.workdir, name))
+        if not read_only:
+            self._set_aside_unfinished()
         self._managers = {
             "latest": self._manager("checkpoints", keep, async_save),
             "best": self._manager("checkpoints_best", 2, async_save),
         }
+
+    def _set_aside_unfinished(self) -> None:
+        """Moves the saves an earlier run left unfinished to ``checkpoints_unfinished/``, one
+        warning each (where it went; which checkpoint is used), before Orbax's start-up
+        would delete them. Process 0 moves them, as Orbax deletes them from process 0
+        alone: the others list only committed steps, so they need not wait for it."""
+        if jax.process_index() != 0:
+            return
+        for name, kind in (("checkpoints", "latest"), ("checkpoints_best", "best")):
+            directory = os.path.join(self.workdir, name)
+            for entry in _unfinished_saves(directory):
+                step = _unfinished_step(entry)
+                target = _move_aside(os.path.join(directory, entry),
+                                     os.path.join(self.workdir, UNFINISHED_DIR),
+                                     f"{kind}-{step}-{int(time.time())}")
+                warnings.warn(_unfinished_message(kind, step, directory, target),
+                              logs.RunWarning, stacklevel=3)  # the Checkpoints(...) call
 
     def _manager(self, name: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(

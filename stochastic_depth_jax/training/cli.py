@@ -200,7 +200,7 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
         except stopping.Stopped as e:  # a requested stop, not a failure
             if debug:
                 raise
-            print(str(e), file=sys.stderr, flush=True)
+            print(e.command_line, file=sys.stderr, flush=True)  # str(e) speaks to Python
             sys.exit(e.exit_status)
         except KeyboardInterrupt:
             if debug and not distributed.in_job():

@@ -166,7 +166,7 @@ def _stop_if_requested(run: _Run, step: int) -> None:
     raise stopping.Stopped(
         f"stopped by {stopping.StopSignals.name(signum)} at step {step} (epoch "
         f"{(step - 1) // spe + 1}, step {(step - 1) % spe + 1} of {spe}); its checkpoint is "
-        f"saved in {run.workdir}/checkpoints: run the same command to resume.", signum)
+        f"saved in {run.workdir}/checkpoints", signum)
 
 
 def _evaluate(run: _Run) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Training progress (process 0 only): a per-epoch tqdm bar showing loss, error, images/s
 and ETA on a terminal or in a notebook, and one line per finished epoch where a bar does not
-fit: output to a file or pipe (a log, a scheduler's output), or ``progress_bar=False``."""
+fit: output to a file or pipe (a log, a scheduler's output), or ``progress_bar=False``. The
+data's one-time decoding (``data.sources``) decides between its bar and lines here too."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ into a request that the training loop honours at its next metrics point (every
 ``log_every_steps`` steps): it saves a 'latest' checkpoint of that step, waits until the
 save is committed and raises :class:`Stopped`, which the command-line tools report in one
 line with exit status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT). Rerunning the same
-command resumes from that step.
+command (from Python: calling ``train_and_evaluate`` again with the same workdir) resumes
+from that step.
 
 With several processes the request is agreed on at those points (one tiny all-gather), so
 every process stops at the same step even if only one of them got the signal. A second
@@ -30,10 +31,21 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Stopped(errors.Error):
-    """Training stopped on a signal after saving a checkpoint; rerun to resume."""
+    """Training stopped on a signal after saving a checkpoint; rerun to resume.
 
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
+    Its message ends with how to resume where it is caught: ``str()`` says it to a Python
+    caller (a notebook: call ``train_and_evaluate`` again with the same workdir), and
+    ``command_line`` is the line the command-line tools print (run the same command).
+
+    Args:
+      stopped: what stopped where, and where its checkpoint is.
+      signum: the signal; ``exit_status`` is ``128 + signum``.
+    """
+
+    def __init__(self, stopped: str, signum: int):
+        super().__init__(f"{stopped}: call train_and_evaluate again with the same workdir to "
+                         "resume.")
+        self.command_line = f"{stopped}: run the same command to resume."
         self.exit_status = 128 + signum
 
 
