@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from configs import CONFIGS, load_config
+from configs import CONFIGS, load_config, parse_overrides
 from stochastic_depth_jax.training import cli
 
 
@@ -53,11 +53,10 @@ def parse_args(argv):
     parser.add_argument("--root", required=True, help="the sweep directory")
     parser.add_argument("--collect", action="store_true", help="do not train; only draw")
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}")
-    if not args.collect and not (args.config and args.depths and args.p_last):
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(parser, rest)
+    # An empty list (--depths "") is given: plan() says it lists nothing.
+    if not args.collect and None in (args.config, args.depths, args.p_last):
         parser.error("training a sweep needs --config, --depths and --p-last (or use --collect)")
     return args, overrides
 
