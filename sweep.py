@@ -55,6 +55,11 @@ def parse_args(argv):
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
+    given = [f for f, v in (("--config", args.config), ("--depths", args.depths),
+                            ("--p-last", args.p_last)) if v is not None] + overrides
+    if args.collect and given:  # They would be ignored: every run under --root is drawn.
+        parser.error(f"--collect draws every run under --root as it was trained; drop {given} "
+                     "(or drop --collect to train them)")
     # An empty list (--depths "") is given: plan() says it lists nothing.
     if not args.collect and None in (args.config, args.depths, args.p_last):
         parser.error("training a sweep needs --config, --depths and --p-last (or use --collect)")

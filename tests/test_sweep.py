@@ -1,9 +1,11 @@
 """sweep.py's input, as a user types it: the override form train.py reads, and the grids it
 refuses in one line before anything trains (an empty list, a point listed twice, two p_L
-values that would share a run directory, a --root that is a file)."""
+values that would share a run directory, a --root that is a file), and what --collect
+draws of an interrupted sweep."""
 
 import os
 import sys
+import warnings
 
 import pytest
 
@@ -75,3 +77,36 @@ def test_sweep_refuses_a_root_that_is_a_file(tmp_path):
         sweep.run_sweep([(name, load_config("cifar10:smoke", extra))], str(root),
                         train=must_not_train)
     assert root.read_text() == "not a sweep"
+
+
+def test_sweep_collect_refuses_the_flags_it_would_ignore(capsys, tmp_path):
+    argv = ["--root", str(tmp_path), "--collect", "--depths", "14", "--config.num_epochs=9"]
+    with pytest.raises(SystemExit) as info:
+        sweep_cli.main(argv)
+    assert info.value.code == 2
+    assert "--collect draws every run under --root as it was trained; drop ['--depths', " \
+           "'--config.num_epochs=9']" in capsys.readouterr().err
+
+
+def _run(tmp_path, name, p_last, finished):
+    records = [{"epoch": e, "epoch_time_s": 0.5, "images_per_s": 100.0,
+                "grad_first_conv_mean_abs": 0.1} for e in (1, 2)]
+    return {"name": name, "workdir": str(tmp_path / name), "depth": 8, "p_last": p_last,
+            "finished": finished, "test_error": 0.9 if finished else None,
+            "val_error": None, "final_test_error": None, "records": records}
+
+
+def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
+    """``--collect`` on an interrupted sweep: the table says which rows are partial, and a
+    figure with nothing finished to plot is drawn without matplotlib's legend warning."""
+    runs = [_run(tmp_path, "depth8_pL0.5", 0.5, finished=False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs = sweep.write_figures(runs, str(tmp_path / "figures"))
+    with open(outputs["training_time"]) as f:
+        assert "Unfinished (interrupted, or extended and not done yet; their rows count the " \
+               "epochs so far): depth8_pL0.5." in f.read()
+    runs.append(_run(tmp_path, "depth8_pL1", 1.0, finished=True))
+    with open(sweep.write_figures(runs, str(tmp_path / "figures"))["training_time"]) as f:
+        text = f.read()
+    assert "Unfinished" in text and "): depth8_pL0.5." in text and "depth8_pL1." not in text

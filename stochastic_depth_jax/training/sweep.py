@@ -269,7 +269,7 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str
     """Fig. 8, Fig. 7 and the training-time table of ``runs`` (from :func:`collect`).
 
     Fig. 7 shows the deepest depth of the sweep (constant depth dashed). Every file names
-    the runs it came from. Returns name -> path.
+    the runs it came from; the table also names the unfinished ones. Returns name -> path.
     """
     if not runs:
         raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json.")
@@ -279,8 +279,12 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str
     fig7, _ = figures.plot_first_conv_grad([r for r in runs if r["depth"] == deepest],
                                            os.path.join(out_dir, "fig7_first_conv_grad.png"))
     table = os.path.join(out_dir, "training_time.md")
+    unfinished = [r["name"] for r in runs if not r["finished"]]
+    # An interrupted run (drawn by --collect) is not told from a finished one by its row.
+    note = (f"\nUnfinished (interrupted, or extended and not done yet; their rows count the "
+            f"epochs so far): {', '.join(unfinished)}.\n" if unfinished else "")
     with open(table, "w") as f:
         f.write("Training time per epoch (compilation and evaluation excluded), from each "
-                "run's metrics.jsonl.\n\n" + figures.training_time_table(runs)
+                "run's metrics.jsonl.\n\n" + figures.training_time_table(runs) + note
                 + "\nSources: " + ", ".join(r["workdir"] for r in runs) + "\n")
     return {"fig8": fig8, "fig7": fig7, "training_time": table}
