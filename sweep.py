@@ -51,7 +51,8 @@ def parse_args(argv):
     parser.add_argument("--depths", type=_list(int), default=None, help="e.g. 20,32,44")
     parser.add_argument("--p-last", type=_list(float), default=None, help="e.g. 0.2,0.5,1.0")
     parser.add_argument("--root", required=True, help="the sweep directory")
-    parser.add_argument("--collect", action="store_true", help="do not train; only draw")
+    parser.add_argument("--collect", action="store_true",
+                        help="do not train; draw every run under --root")
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
