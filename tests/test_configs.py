@@ -80,6 +80,9 @@ def test_path_form_and_overrides():
          "'model.final_survival_prob'\\? Valid fields: adam_b1"),
         ("cifar10", ["--config.model=1"], "'model' is a group of fields; override one of "
                                           "them: model.block, .*model.depth"),
+        ("cifar10", ["--config.lr_boundaries_epochs=abc"], "Bad value 'abc' for config field "
+         "'lr_boundaries_epochs' \\(type tuple\\): expected values separated by commas, e.g. "
+         "250,375 or \\(250, 375\\); \\(\\) for none$"),
         ("cifar10", ["--config.batch_size=abc"], "Bad value 'abc'.*batch_size"),
         ("cifar10", ["--config.model.scan=maybe"], "expected true/false or None"),
         ("cifar10", ["--config.write_plots=maybe"], "expected true/false, got"),

@@ -101,7 +101,11 @@ def _parse(text: str, field_type: Any, current: Any = None) -> Any:
     if field_type is str:
         return text
     if field_type in (tuple, list):
-        value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+        try:
+            value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+        except (ValueError, SyntaxError):  # ast's own message names an AST node's address.
+            raise ValueError("expected values separated by commas, e.g. 250,375 or (250, 375); "
+                             "() for none") from None
         return field_type(value)
     try:
         return ast.literal_eval(text)
