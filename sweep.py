@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from configs import CONFIGS, load_config
+from configs import CONFIGS, load_config, parse_overrides
 from stochastic_depth_jax.training import cli
 
 
@@ -51,13 +51,18 @@ def parse_args(argv):
     parser.add_argument("--depths", type=_list(int), default=None, help="e.g. 20,32,44")
     parser.add_argument("--p-last", type=_list(float), default=None, help="e.g. 0.2,0.5,1.0")
     parser.add_argument("--root", required=True, help="the sweep directory")
-    parser.add_argument("--collect", action="store_true", help="do not train; only draw")
+    parser.add_argument("--collect", action="store_true",
+                        help="do not train; draw every run under --root")
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}")
-    if not args.collect and not (args.config and args.depths and args.p_last):
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(parser, rest)
+    given = [f for f, v in (("--config", args.config), ("--depths", args.depths),
+                            ("--p-last", args.p_last)) if v is not None] + overrides
+    if args.collect and given:  # They would be ignored: every run under --root is drawn.
+        parser.error(f"--collect draws every run under --root as it was trained; drop {given} "
+                     "(or drop --collect to train them)")
+    # An empty list (--depths "") is given: plan() says it lists nothing.
+    if not args.collect and None in (args.config, args.depths, args.p_last):
         parser.error("training a sweep needs --config, --depths and --p-last (or use --collect)")
     return args, overrides
 

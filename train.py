@@ -19,7 +19,7 @@ import json
 import re
 import sys
 
-from configs import CONFIGS, load_config
+from configs import CONFIGS, load_config, parse_overrides
 from stochastic_depth_jax.training import cli, distributed
 
 
@@ -56,16 +56,7 @@ def parse_args(argv):
     )
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):  # --config.a.b=v or --config.a.b v
-        item = rest[i]
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}")
-        if "=" not in item and i + 1 < len(rest):
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    return args, overrides
+    return args, parse_overrides(parser, rest)  # --config.a.b=v or --config.a.b v
 
 
 def default_workdir(spec):

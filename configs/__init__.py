@@ -10,6 +10,7 @@ file may list the args it accepts in ``VARIANTS`` (default: ``(None, 'smoke')``)
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import importlib.util
@@ -116,3 +117,25 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     config_lib.apply_overrides(config, overrides)
     config_lib.validate(config)
     return config
+
+
+def parse_overrides(parser: argparse.ArgumentParser, rest: Sequence[str]) -> list[str]:
+    """The ``--config.<field>=<value>`` overrides among ``rest``, the arguments that
+    ``parser.parse_known_args`` left; any other argument is a usage error of ``parser``.
+
+    ``--config.a.b value`` is read as ``--config.a.b=value``, as argparse reads ``--flag
+    value``, unless the next argument starts with ``--`` (another flag, not a value: joined,
+    ``--config.data_dir --config.seed=1`` would set data_dir to the text of the seed
+    override). What an override means is :func:`config_lib.split_override`'s to say.
+    """
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like "
+                         "--config.<field>=<value>)")
+        if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    return overrides

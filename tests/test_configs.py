@@ -75,6 +75,14 @@ def test_path_form_and_overrides():
         ("cifar10:tiny", [], "Unknown variant 'tiny'.*smoke"),
         ("cifar10", ["--config.bogus=1"], "Unknown config field 'bogus'.*batch_size"),
         ("cifar10", ["--config.model.depht=20"], "model.depht.*model.depth"),
+        ("cifar10", ["--config.model.final_survival_prb=0.3"],
+         "Unknown config field 'model.final_survival_prb'. Did you mean "
+         "'model.final_survival_prob'\\? Valid fields: adam_b1"),
+        ("cifar10", ["--config.model=1"], "'model' is a group of fields; override one of "
+                                          "them: model.block, .*model.depth"),
+        ("cifar10", ["--config.lr_boundaries_epochs=abc"], "Bad value 'abc' for config field "
+         "'lr_boundaries_epochs' \\(type tuple\\): expected values separated by commas, e.g. "
+         "250,375 or \\(250, 375\\); \\(\\) for none$"),
         ("cifar10", ["--config.batch_size=abc"], "Bad value 'abc'.*batch_size"),
         ("cifar10", ["--config.model.scan=maybe"], "expected true/false or None"),
         ("cifar10", ["--config.write_plots=maybe"], "expected true/false, got"),
@@ -119,6 +127,11 @@ def test_none_still_empties_optional_fields():
     c = load_config("cifar10", ["--config.model.scan=None", "--config.validation_size=None",
                                 "--config.data_dir=None"])
     assert c.model.scan is None and c.validation_size is None and c.data_dir is None
+    # A placeholder that was given a value may be emptied again (it is told from a plain
+    # field by its FieldReference, not by its value).
+    c = load_config("cifar10", ["--config.model.scan=true", "--config.model.scan=None",
+                                "--config.validation_size=8", "--config.validation_size=None"])
+    assert c.model.scan is None and c.validation_size is None
     c = load_config("cifar10_vit:smoke", ["--config.model.width=None"])  # from model.size
     assert c.model.width is None
     c = load_config("cifar10_convnext", ["--config.model.layer_scale_init=None"])

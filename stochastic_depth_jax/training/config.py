@@ -7,6 +7,7 @@ config loads, so a typo fails at once with the valid names.
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ __all__ = [
     "MODEL_VALIDATORS",
     "INIT_RNG_IMPLS",
     "SELECT_BEST_BY",
+    "split_override",
     "apply_overrides",
     "validate",
     "field_names",
@@ -99,7 +101,11 @@ def _parse(text: str, field_type: Any, current: Any = None) -> Any:
     if field_type is str:
         return text
     if field_type in (tuple, list):
-        value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+        try:
+            value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
+        except (ValueError, SyntaxError):  # ast's own message names an AST node's address.
+            raise ValueError("expected values separated by commas, e.g. 250,375 or (250, 375); "
+                             "() for none") from None
         return field_type(value)
     try:
         return ast.literal_eval(text)
@@ -115,9 +121,39 @@ def _may_be_empty(node: ml_collections.ConfigDict, leaf: str, key: str) -> bool:
     """Whether field ``leaf`` of ``node`` (dotted name ``key``) may hold None: a placeholder
     (declared with ``config_dict.placeholder``, empty by default), a field that is None now
     (untyped), or one of ``NULLABLE_FIELDS``."""
-    field = node._fields[leaf]  # noqa: SLF001  The placeholder is only visible here.
+    # A placeholder stays a FieldReference once set, and only the unresolved items show it.
+    field = dict(node.items(preserve_field_references=True))[leaf]
     return (isinstance(field, ml_collections.FieldReference) or node[leaf] is None
             or key in NULLABLE_FIELDS)
+
+
+def split_override(item: str) -> tuple[str, str]:
+    """``'--config.a.b=value'`` (or ``'a.b=value'``) -> ``('a.b', 'value')``.
+
+    The value is everything after the first ``=`` (it may hold more). The one parser of an
+    override's form: :func:`apply_overrides` and the sweep's checks both read keys with it.
+
+    Raises:
+      errors.ConfigError: ``item`` has no ``=``.
+    """
+    key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
+    if not sep:
+        raise errors.ConfigError(f"Override {item!r} must look like --config.field=value.")
+    return key, text
+
+
+def _unknown_field(key: str, valid: Sequence[str]) -> errors.ConfigError:
+    """The error for an override of a field ``config`` lacks: the fields of a group named
+    ``key``, or the closest field name, then every valid field."""
+    group = [v for v in valid if v.startswith(key + ".")]
+    if group:
+        return errors.ConfigError(
+            f"Config field {key!r} is a group of fields; override one of them: "
+            f"{', '.join(group)}")
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return errors.ConfigError(
+        f"Unknown config field {key!r}.{hint} Valid fields: {', '.join(valid)}")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
@@ -128,13 +164,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     """
     valid = field_names(config)
     for item in overrides:
-        key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
-        if not sep:
-            raise errors.ConfigError(f"Override {item!r} must look like --config.field=value.")
+        key, text = split_override(item)
         if key not in valid:
-            raise errors.ConfigError(
-                f"Unknown config field {key!r}. Valid fields: {', '.join(valid)}"
-            )
+            raise _unknown_field(key, valid)
         *parents, leaf = key.split(".")
         node = config
         for p in parents:

@@ -118,7 +118,8 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
     ax.set_xlabel("$p_L$ (survival probability of the last block)")
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if data:  # No finished run yet: an empty legend only warns.
+        ax.legend()
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        f"{metric} vs p_L per depth (Huang et al. 2016, Fig. 8)")
@@ -144,7 +145,8 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     ax.set_ylabel("mean |gradient| of the first conv")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if data:  # No run has logged the gradient yet: an empty legend only warns.
+        ax.legend(fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)")

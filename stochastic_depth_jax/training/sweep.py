@@ -62,10 +62,11 @@ def check_overrides(overrides: Sequence[str]) -> None:
     the user's overrides, so an override of either would be silently replaced.
 
     Raises:
-      errors.ConfigError: naming the field and the sweep flag that chooses it.
+      errors.ConfigError: naming the field and the sweep flag that chooses it, or an
+        override without a value (read as :func:`config_lib.apply_overrides` reads it).
     """
     for item in overrides:
-        field = item.removeprefix("--").removeprefix("config.").partition("=")[0]
+        field, _ = config_lib.split_override(item)
         if field in SWEPT_FIELDS:
             raise errors.ConfigError(
                 f"{item!r} would be replaced in every run: the sweep sets {field} from "
@@ -74,15 +75,34 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 
 def plan(depths: Sequence[int], p_lasts: Sequence[float]) -> list[tuple[str, list[str]]]:
-    """``(name, config overrides)`` for every (depth, p_L) pair, depths outermost."""
+    """``(name, config overrides)`` for every (depth, p_L) pair, depths outermost.
+
+    Raises:
+      errors.ConfigError: an empty list, a p_L outside (0, 1], or two pairs that would share
+        a run directory (a value listed twice, or p_L values equal to 6 significant digits):
+        the second would be reported finished with the first one's results.
+    """
+    for flag, values in (("--depths", depths), ("--p-last", p_lasts)):
+        if not values:
+            raise errors.ConfigError(f"{flag} lists no values; give at least one, e.g. "
+                                     f"{flag} {'20,32' if flag == '--depths' else '0.5,1.0'}.")
     for p in p_lasts:
         if not 0.0 < float(p) <= 1.0:
             raise errors.ConfigError(f"p_L must be in (0, 1] (1.0 = constant depth), got {p!r}.")
-    return [
-        (run_name(d, p), [f"--config.model.depth={int(d)}",
-                          f"--config.model.final_survival_prob={float(p)!r}"])
-        for d in depths for p in p_lasts
-    ]
+    runs, seen = [], {}
+    for d in depths:
+        for p in p_lasts:
+            name = run_name(d, p)
+            if name in seen:
+                twice = (f"depth {d}, p_L {p} is listed twice" if seen[name] == (d, p) else
+                         f"(depth, p_L) {seen[name]} and {(d, p)} would share the run {name}")
+                raise errors.ConfigError(
+                    f"{twice}; list each depth and each p_L once (p_L values must differ in "
+                    "their first 6 significant digits).")
+            seen[name] = (d, p)
+            runs.append((name, [f"--config.model.depth={int(d)}",
+                                f"--config.model.final_survival_prob={float(p)!r}"]))
+    return runs
 
 
 def require_sweepable(config: ml_collections.ConfigDict) -> None:
@@ -177,11 +197,15 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
       name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'``.
 
     Raises:
-      errors.ConfigError: a run's directory holds a run of a different config
-        (:func:`check_same_config`; every run is checked before any trains).
+      errors.ConfigError: ``root`` is a file, or a run's directory holds a run of a
+        different config (:func:`check_same_config`; every run is checked before any
+        trains).
     """
     if train is None:
         train = loop_lib.train_and_evaluate
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise errors.ConfigError(f"--root {root!r} is a file, not a directory: give the sweep "
+                                 "a directory (new or of an earlier sweep).")
     for name, config in runs:
         require_sweepable(config)
         check_same_config(os.path.join(root, name), config)
@@ -245,7 +269,7 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str
     """Fig. 8, Fig. 7 and the training-time table of ``runs`` (from :func:`collect`).
 
     Fig. 7 shows the deepest depth of the sweep (constant depth dashed). Every file names
-    the runs it came from. Returns name -> path.
+    the runs it came from; the table also names the unfinished ones. Returns name -> path.
     """
     if not runs:
         raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json.")
@@ -255,8 +279,12 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str
     fig7, _ = figures.plot_first_conv_grad([r for r in runs if r["depth"] == deepest],
                                            os.path.join(out_dir, "fig7_first_conv_grad.png"))
     table = os.path.join(out_dir, "training_time.md")
+    unfinished = [r["name"] for r in runs if not r["finished"]]
+    # An interrupted run (drawn by --collect) is not told from a finished one by its row.
+    note = (f"\nUnfinished (interrupted, or extended and not done yet; their rows count the "
+            f"epochs so far): {', '.join(unfinished)}.\n" if unfinished else "")
     with open(table, "w") as f:
         f.write("Training time per epoch (compilation and evaluation excluded), from each "
-                "run's metrics.jsonl.\n\n" + figures.training_time_table(runs)
+                "run's metrics.jsonl.\n\n" + figures.training_time_table(runs) + note
                 + "\nSources: " + ", ".join(r["workdir"] for r in runs) + "\n")
     return {"fig8": fig8, "fig7": fig7, "training_time": table}

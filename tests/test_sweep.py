@@ -1,0 +1,112 @@
+"""sweep.py's input, as a user types it: the override form train.py reads, and the grids it
+refuses in one line before anything trains (an empty list, a point listed twice, two p_L
+values that would share a run directory, a --root that is a file), and what --collect
+draws of an interrupted sweep."""
+
+import os
+import sys
+import warnings
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` and the scripts live at the repository root.
+
+import sweep as sweep_cli  # noqa: E402
+import train as train_cli  # noqa: E402
+from cli_output import one_line_error  # noqa: E402
+from configs import load_config  # noqa: E402
+from stochastic_depth_jax import errors  # noqa: E402
+from stochastic_depth_jax.training import sweep  # noqa: E402
+
+
+def _sweep_argv(root, *extra, depths="8", p_last="0.5"):
+    return ["--config", "cifar10:smoke", "--depths", depths, "--p-last", p_last,
+            "--root", str(root), *extra]
+
+
+@pytest.mark.parametrize("rest, overrides", [
+    (["--config.num_epochs", "1"], ["--config.num_epochs=1"]),
+    (["--config.seed", "-1"], ["--config.seed=-1"]),
+    (["--config.data_dir=/a/b=c"], ["--config.data_dir=/a/b=c"]),
+    # The next flag is not the value: the override is left without one (refused on load).
+    (["--config.data_dir", "--config.seed=1"], ["--config.data_dir", "--config.seed=1"]),
+])
+def test_train_and_sweep_read_the_same_overrides(tmp_path, rest, overrides):
+    _, from_sweep = sweep_cli.parse_args(_sweep_argv(tmp_path, *rest))
+    _, from_train = train_cli.parse_args(["--config", "cifar10:smoke", *rest])
+    assert from_sweep == from_train == overrides
+
+
+@pytest.mark.parametrize("rest, expected", [
+    # The space form names the swept field as --config.model.depth=20 does.
+    (["--config.model.depth", "20"], "sets model.depth from --depths"),
+    (["--config.model.depth"], "Override '--config.model.depth' must look like --config.field"),
+    (["--config.model.final_survival_prb=0.3"], "Did you mean 'model.final_survival_prob'?"),
+])
+def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expected):
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path, *rest))
+    assert expected in line
+    assert not os.path.exists(tmp_path / "depth8_pL0.5")
+
+
+@pytest.mark.parametrize("grid, expected", [
+    ({"depths": ""}, "--depths lists no values"),
+    ({"p_last": ","}, "--p-last lists no values"),
+    ({"depths": "8,8"}, "depth 8, p_L 0.5 is listed twice"),
+    ({"p_last": "0.1,0.10000001"}, "(8, 0.1) and (8, 0.10000001) would share the run "
+                                   "depth8_pL0.1"),
+])
+def test_sweep_refuses_a_grid_without_distinct_points(capsys, tmp_path, grid, expected):
+    """A duplicate point was trained once and reported again as 'skipped (finished)', its
+    row repeated in the training-time table: the second point's results were the first's."""
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path, **grid))
+    assert expected in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_refuses_a_root_that_is_a_file(tmp_path):
+    root = tmp_path / "root"
+    root.write_text("not a sweep")
+    [(name, extra)] = sweep.plan([8], [0.5])
+
+    def must_not_train(config, workdir):
+        raise AssertionError(f"trained {workdir}")
+
+    with pytest.raises(errors.ConfigError, match="is a file, not a directory"):
+        sweep.run_sweep([(name, load_config("cifar10:smoke", extra))], str(root),
+                        train=must_not_train)
+    assert root.read_text() == "not a sweep"
+
+
+def test_sweep_collect_refuses_the_flags_it_would_ignore(capsys, tmp_path):
+    argv = ["--root", str(tmp_path), "--collect", "--depths", "14", "--config.num_epochs=9"]
+    with pytest.raises(SystemExit) as info:
+        sweep_cli.main(argv)
+    assert info.value.code == 2
+    assert "--collect draws every run under --root as it was trained; drop ['--depths', " \
+           "'--config.num_epochs=9']" in capsys.readouterr().err
+
+
+def _run(tmp_path, name, p_last, finished):
+    records = [{"epoch": e, "epoch_time_s": 0.5, "images_per_s": 100.0,
+                "grad_first_conv_mean_abs": 0.1} for e in (1, 2)]
+    return {"name": name, "workdir": str(tmp_path / name), "depth": 8, "p_last": p_last,
+            "finished": finished, "test_error": 0.9 if finished else None,
+            "val_error": None, "final_test_error": None, "records": records}
+
+
+def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
+    """``--collect`` on an interrupted sweep: the table says which rows are partial, and a
+    figure with nothing finished to plot is drawn without matplotlib's legend warning."""
+    runs = [_run(tmp_path, "depth8_pL0.5", 0.5, finished=False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs = sweep.write_figures(runs, str(tmp_path / "figures"))
+    with open(outputs["training_time"]) as f:
+        assert "Unfinished (interrupted, or extended and not done yet; their rows count the " \
+               "epochs so far): depth8_pL0.5." in f.read()
+    runs.append(_run(tmp_path, "depth8_pL1", 1.0, finished=True))
+    with open(sweep.write_figures(runs, str(tmp_path / "figures"))["training_time"]) as f:
+        text = f.read()
+    assert "Unfinished" in text and "): depth8_pL0.5." in text and "depth8_pL1." not in text
