@@ -4,6 +4,7 @@ values that would share a run directory, a --root that is a file), and what --co
 draws of an interrupted sweep."""
 
 import os
+import signal
 import sys
 import warnings
 
@@ -17,7 +18,7 @@ import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors  # noqa: E402
-from stochastic_depth_jax.training import sweep  # noqa: E402
+from stochastic_depth_jax.training import stopping, sweep  # noqa: E402
 
 
 def _sweep_argv(root, *extra, depths="8", p_last="0.5"):
@@ -110,3 +111,39 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     with open(sweep.write_figures(runs, str(tmp_path / "figures"))["training_time"]) as f:
         text = f.read()
     assert "Unfinished" in text and "): depth8_pL0.5." in text and "depth8_pL1." not in text
+
+
+def test_stop_signals_nested_never_lose_a_request():
+    """A request the inner object did not act on reaches the enclosing one, and one pending
+    in the enclosing object is the inner one's from its start."""
+    before = signal.getsignal(signal.SIGTERM)
+    with stopping.StopSignals() as outer:
+        with stopping.StopSignals() as inner:
+            os.kill(os.getpid(), signal.SIGTERM)  # e.g. during a run's last evaluation
+            assert inner.signum == signal.SIGTERM and outer.signum is None
+        assert outer.signum == signal.SIGTERM
+        with stopping.StopSignals() as next_inner:
+            assert next_inner.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_after_a_runs_last_stop_point_stops_the_sweep_before_the_next_run(tmp_path):
+    """SIGTERM during the first run's final evaluation (after its last stop point): the
+    sweep does not start the second run; it raises Stopped, saying how to go on."""
+    trained = []
+
+    def train(config, workdir):  # a run that finishes despite the signal, as the loop does
+        with stopping.StopSignals():
+            trained.append(os.path.basename(workdir))
+            if len(trained) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    runs = [(name, load_config("cifar10:smoke", extra))
+            for name, extra in sweep.plan([8], [0.5, 1.0])]
+    with pytest.raises(stopping.Stopped) as stopped:
+        sweep.run_sweep(runs, str(tmp_path / "runs"), train=train)
+    assert trained == [runs[0][0]]
+    assert stopped.value.exit_status == 128 + signal.SIGTERM
+    assert "1 of 2 runs finished" in str(stopped.value)
+    assert str(stopped.value).endswith("call run_sweep again with the same runs and root to resume.")
+    assert stopped.value.command_line.endswith("run the same command to resume.")

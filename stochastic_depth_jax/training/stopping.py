@@ -40,11 +40,13 @@ class Stopped(errors.Error):
     Args:
       stopped: what stopped where, and where its checkpoint is.
       signum: the signal; ``exit_status`` is ``128 + signum``.
+      call_again: what a Python caller calls again to resume.
     """
 
-    def __init__(self, stopped: str, signum: int):
-        super().__init__(f"{stopped}: call train_and_evaluate again with the same workdir to "
-                         "resume.")
+    def __init__(self, stopped: str, signum: int,
+                 call_again: str = "train_and_evaluate again with the same workdir"):
+        super().__init__(f"{stopped}: call {call_again} to resume.")
+        self.stopped = stopped
         self.command_line = f"{stopped}: run the same command to resume."
         self.exit_status = 128 + signum
 
@@ -54,6 +56,11 @@ class StopSignals:
 
     Handlers are installed only in the main thread (Python allows no other); elsewhere the
     object never requests a stop. The previous handlers are restored on exit.
+
+    Nested (a sweep around each run's own), a request is never lost: one the inner object
+    did not act on (a signal during a run's last evaluation, after its last stop point) is
+    passed to the enclosing one on exit, and one pending in the enclosing object when an
+    inner one starts is the inner one's too.
     """
 
     def __init__(self) -> None:
@@ -64,12 +71,23 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
+            outer = self._enclosing()
+            if outer is not None and self.signum is None:
+                self.signum = outer.signum
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        outer = self._enclosing()
+        if outer is not None and outer.signum is None:
+            outer.signum = self.signum
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+
+    def _enclosing(self) -> "StopSignals | None":
+        """The StopSignals whose handler this one replaced, if any."""
+        owner = getattr(self._previous.get(signal.SIGTERM), "__self__", None)
+        return owner if isinstance(owner, StopSignals) else None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum is not None:

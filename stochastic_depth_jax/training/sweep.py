@@ -28,6 +28,7 @@ from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
 from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
+from stochastic_depth_jax.training import stopping
 
 __all__ = [
     "run_name",
@@ -197,6 +198,8 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
       name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'``.
 
     Raises:
+      stopping.Stopped: on SIGTERM/SIGINT, inside a run (after its checkpoint) or between
+        runs (the next is not started); call again to go on.
       errors.ConfigError: ``root`` is a file, or a run's directory holds a run of a
         different config (:func:`check_same_config`; every run is checked before any
         trains).
@@ -209,18 +212,42 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
     for name, config in runs:
         require_sweepable(config)
         check_same_config(os.path.join(root, name), config)
-    status = {}
-    for name, config in runs:
-        workdir = os.path.join(root, name)
-        if is_finished(workdir, config):
-            status[name] = "skipped (finished)"
-            continue
-        resumed = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-            n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
-        print(f"sweep: {'resuming' if resumed else 'starting'} {name}", flush=True)
-        train(config, workdir)
-        status[name] = "resumed" if resumed else "started"
+    status: dict[str, str] = {}
+    # A signal between two runs, or during a run's last evaluation (after its last stop
+    # point), reaches this object: the sweep stops before the next run instead of
+    # starting it (a scheduler's grace period would end inside it).
+    with stopping.StopSignals() as stop:
+        for name, config in runs:
+            _stop_between_runs(stop, status, len(runs), root)
+            workdir = os.path.join(root, name)
+            if is_finished(workdir, config):
+                status[name] = "skipped (finished)"
+                continue
+            resumed = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+                n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+            print(f"sweep: {'resuming' if resumed else 'starting'} {name}", flush=True)
+            try:
+                train(config, workdir)
+            except stopping.Stopped as e:  # say how to resume the sweep, not the run
+                raise stopping.Stopped(e.stopped, e.exit_status - 128,
+                                       call_again=_CALL_AGAIN) from None
+            status[name] = "resumed" if resumed else "started"
     return status
+
+
+_CALL_AGAIN = "run_sweep again with the same runs and root"
+
+
+def _stop_between_runs(stop: stopping.StopSignals, status: dict[str, str], total: int,
+                       root: str) -> None:
+    """Raises Stopped on an agreed stop request (every process calls this before each run)."""
+    signum = stop.agreed()
+    if signum is None:
+        return
+    raise stopping.Stopped(
+        f"sweep stopped by {stopping.StopSignals.name(signum)} with {len(status)} of {total} "
+        f"runs finished; the rest have not started (runs in {root})", signum,
+        call_again=_CALL_AGAIN)
 
 
 def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
