@@ -28,11 +28,14 @@ When one process goes wrong the others must not wait for it forever:
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import errno
+import inspect
 import itertools
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -47,7 +50,10 @@ from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import config as config_lib
 
 __all__ = [
+    "add_arguments",
+    "job_arguments",
     "initialize",
+    "expect_job",
     "poll_interval",
     "check_same_config",
     "leave_job",
@@ -89,6 +95,44 @@ def poll_interval(num_processes: int) -> float:
     return min(10.0, max(1.0, num_processes / 50))
 
 
+def add_arguments(parser: argparse.ArgumentParser, manual: bool = True) -> None:
+    """Adds the command-line flags of :func:`initialize` to ``parser``: ``--multihost``,
+    ``--init_timeout``, ``--heartbeat_timeout`` and, with ``manual``, those of a launch by
+    hand (``--coordinator_address``, ``--num_processes``, ``--process_id``, ...)."""
+    parser.add_argument(
+        "--multihost",
+        action="store_true",
+        help="jax.distributed.initialize() from the environment (TPU pod, SLURM)",
+    )
+    if manual:
+        parser.add_argument("--coordinator_address", default=None,
+                            help="host:port of process 0")
+        parser.add_argument("--coordinator_bind_address", default=None)
+        parser.add_argument("--num_processes", type=int, default=None)
+        parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument(
+        "--init_timeout", type=int, default=300, help="seconds to wait for all processes"
+    )
+    parser.add_argument(
+        "--heartbeat_timeout",
+        type=int,
+        default=100,
+        help="seconds without a sign of life after which a process is taken for dead and "
+        "the others stop; at least 3 polls (3 s up to 50 processes, 30 s from 500)",
+    )
+
+
+def job_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`initialize` (and :func:`expect_job`) from the flags
+    of :func:`add_arguments`."""
+    return dict(auto=args.multihost,
+                coordinator_address=getattr(args, "coordinator_address", None),
+                num_processes=getattr(args, "num_processes", None),
+                process_id=getattr(args, "process_id", None),
+                coordinator_bind_address=getattr(args, "coordinator_bind_address", None),
+                timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
+
+
 def initialize(
     *,
     auto: bool = False,
@@ -122,11 +166,13 @@ def initialize(
         the processes did not all join within ``timeout_s`` (the message says which
         address and how many were expected).
     """
+    global _expected
+    _expected = None  # Joining now: a failure from here on is reported from within the job.
     manual = (coordinator_address, num_processes, process_id)
-    # JAX's runtime aborts every process with a C++ stack trace once one was silent for
-    # its heartbeat timeout: the watch thread reports the silence first, in one line.
-    timeouts = dict(initialization_timeout=timeout_s,
-                    heartbeat_timeout_seconds=heartbeat_timeout_s + RUNTIME_MARGIN_S)
+    job = dict(auto=auto, coordinator_address=coordinator_address,
+               num_processes=num_processes, process_id=process_id,
+               coordinator_bind_address=coordinator_bind_address, timeout_s=timeout_s,
+               heartbeat_timeout_s=heartbeat_timeout_s)
     if any(v is not None for v in manual):
         if any(v is None for v in manual):
             raise errors.DistributedError(
@@ -134,29 +180,97 @@ def initialize(
                 f"--num_processes and --process_id; got {manual}."
             )
         _check_heartbeat(heartbeat_timeout_s, num_processes)  # Before joining: at once.
-        if process_id == 0:  # Where JAX will listen: by default, every interface.
-            port = coordinator_address.rsplit(":", 1)[-1]
-            _check_port_free(coordinator_bind_address
-                             or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}"))
-        print(
-            f"Process {process_id} of {num_processes}: joining the job at "
-            f"{coordinator_address} (waiting up to {timeout_s} s for all processes).",
-            file=sys.stderr,
-            flush=True,
-        )
-        _initialize(
-            f"the {num_processes} processes did not all join at {coordinator_address}",
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            coordinator_bind_address=coordinator_bind_address,
-            **timeouts,
-        )
-    elif auto:
-        _initialize("the cluster's processes did not all join", **timeouts)
+    _join(job, f"Process {process_id} of {num_processes}: joining the job at "
+          f"{coordinator_address} (waiting up to {timeout_s} s for all processes)."
+          if coordinator_address is not None else None,
+          f"error: multi-process start failed: {_missing(job)} within {timeout_s} s. "
+          "Start every process with the same coordinator address and --num_processes, each "
+          "with its own --process_id, or raise --init_timeout (a process that stopped before "
+          "joining printed why).")
     if in_job():
         _check_heartbeat(heartbeat_timeout_s, jax.process_count())
         _watch_peers(heartbeat_timeout_s)
+
+
+def _missing(job: dict[str, Any]) -> str:
+    """Who did not join, for a message: the expected count and address if known."""
+    if job["coordinator_address"] is None:
+        return "the cluster's processes did not all join"
+    return (f"the {job['num_processes']} processes did not all join at "
+            f"{job['coordinator_address']}")
+
+
+def _join(job: dict[str, Any], announce: str | None, timeout_message: str) -> None:
+    """``jax.distributed.initialize`` with ``job``'s arguments (those of :func:`initialize`);
+    nothing for a single-process run. ``announce``: printed, if given, as it starts
+    waiting; ``timeout_message``: printed if not every process joins within
+    ``job['timeout_s']``.
+
+    Raises:
+      errors.DistributedError: the coordinator's port is in use, or the start failed.
+    """
+    # JAX's runtime aborts every process with a C++ stack trace once one was silent for
+    # its heartbeat timeout: the watch thread reports the silence first, in one line.
+    timeouts = dict(initialization_timeout=job["timeout_s"],
+                    heartbeat_timeout_seconds=job["heartbeat_timeout_s"] + RUNTIME_MARGIN_S)
+    address = job["coordinator_address"]
+    if address is not None:
+        if job["process_id"] == 0:  # Where JAX will listen: by default, every interface.
+            port = address.rsplit(":", 1)[-1]
+            _check_port_free(job["coordinator_bind_address"]
+                             or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}"))
+        where = dict(coordinator_address=address, num_processes=job["num_processes"],
+                     process_id=job["process_id"],
+                     coordinator_bind_address=job["coordinator_bind_address"])
+    elif job["auto"]:
+        where = {}
+    else:
+        return
+    if announce is not None:
+        _say(announce)
+    _initialize(timeout_message, **where, **timeouts)
+
+
+_expected: dict[str, Any] | None = None  # How this process will join its job (expect_job).
+
+
+def expect_job(**job: Any) -> None:
+    """Takes the arguments :func:`initialize` will get, before the work that comes first
+    (reading the config): a process that fails there still joins its job, only to report
+    its failure (:func:`leave_job`), so that the others stop at once instead of waiting
+    for it until ``timeout_s``. Does nothing for a single-process run.
+    """
+    global _expected
+    manual = [job.get(k) for k in ("coordinator_address", "num_processes", "process_id")]
+    joins = job.get("auto") or all(v is not None for v in manual)
+    _expected = dict(_INITIALIZE_DEFAULTS, **job) if joins else None
+
+
+# The arguments of initialize, with their default values (those that expect_job was not given).
+_INITIALIZE_DEFAULTS = {name: p.default
+                        for name, p in inspect.signature(initialize).parameters.items()}
+
+
+def _join_to_report() -> Any:
+    """Joins the job of :func:`expect_job` (if any, and not joined yet) after this process
+    failed, only to report it; returns the job's client, or ``None`` (no job expected, or
+    the others did not all join within its timeout: this process then exits with status 1).
+    """
+    global _expected
+    job, _expected = _expected, None
+    if job is None or in_job():
+        return _client()
+    # The main thread waits inside XLA, which a Python handler cannot interrupt: a Ctrl-C
+    # ends the process at once (its error is printed already).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        _join(job, "Joining the job only to tell the other processes of this failure "
+              f"(waiting up to {job['timeout_s']} s for them all; Ctrl-C stops).",
+              f"Not every process joined within {job['timeout_s']} s: "
+              "the others were not told of this failure.")
+    except errors.Error:
+        return None  # The port in use, or the start failed: nothing to tell anyone through.
+    return _client()
 
 
 def _check_heartbeat(heartbeat_timeout_s: float, num_processes: int) -> None:
@@ -193,19 +307,14 @@ def _check_port_free(bind_address: str) -> None:
             ) from e
 
 
-def _initialize(what: str, **kwargs) -> None:
-    """``jax.distributed.initialize`` with a watchdog that ends a stuck start with a message.
+def _initialize(message: str, **kwargs) -> None:
+    """``jax.distributed.initialize`` with a watchdog that ends a stuck start with
+    ``message``.
 
     When processes are missing, XLA aborts the process with a C++ stack trace after its own
     timeout; the watchdog fires first (XLA's timeout is set later) and exits with one line.
     """
     timeout = kwargs["initialization_timeout"]
-    message = (
-        f"error: multi-process start failed: {what} within {timeout} s. Start every process "
-        "with the same coordinator address and --num_processes, each with its own "
-        "--process_id, or raise --init_timeout (a process that stopped before joining "
-        "printed why)."
-    )
     done = threading.Event()
 
     def watchdog():
@@ -440,10 +549,11 @@ def lost_peer(error: BaseException) -> str | None:
             "or was killed; its output says why.")
 
 
-def leave_job(message: str, status: int) -> None:
+def leave_job(message: str, status: int, join: bool = True) -> None:
     """After a failure reported as ``message``, leaves a multi-process job, telling the
     others first so that they stop too (they print ``message``); the caller then exits
-    with ``status``. Returns at once outside a multi-process job.
+    with ``status``. Returns at once outside a multi-process job. With ``join``, a process
+    that failed before joining the job of :func:`expect_job` joins it first, to tell them.
 
     When every other process has finished (it waits in JAX's shutdown barrier), returns,
     and the caller's ``sys.exit`` ends this process through that barrier with them (they
@@ -452,7 +562,7 @@ def leave_job(message: str, status: int) -> None:
     arrive. Process 0 hosts the job's coordination service and first waits up to
     ``LEAVE_WAIT_S`` for the others to leave.
     """
-    client = _client()
+    client = _join_to_report() if join else _client()
     if client is None:
         return
     if _watcher is not None:
