@@ -64,7 +64,7 @@ def test_a_process_with_another_config_stops_the_job(tmp_path):
 TYPO = "--config.batch_sise=16"
 
 
-@pytest.mark.parametrize("typos", [{1}, {0}, {0, 1}])
+@pytest.mark.parametrize("typos", [{0}, {0, 1}])
 def test_a_config_typo_on_some_processes_stops_the_job_at_once(tmp_path, typos):
     # The processes with the typo fail before joining; the old code left the others
     # waiting in the join until --init_timeout (here 40 s: longer than the bound).
@@ -148,6 +148,18 @@ def test_a_process_failing_in_setup_stops_the_other(tmp_path):
     assert re.fullmatch(r"error: process 1 of 2 failed, so process 0 stops too \(see "
                         r"process 1's output\); its error: Dataset folder .* \(injected\)\.",
                         line), line
+
+
+def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_path):
+    # The old code waited for the save (every process takes part) before telling the others.
+    (s0, out0, _), (s1, out1, _) = finish_all(_worker_job(tmp_path, "save"), timeout=BOUND_S)
+    assert _error_line(s1, out1) == "error: " + fails_on_one.MESSAGE
+    line = _error_line(s0, out0)
+    assert line.startswith("error: process 1 of 2 failed, so process 0 stops too"), line
+    assert out0.index(line) < out0.index(fails_on_one.SAVED), out0[-3000:]
+    assert fails_on_one.SAVED in out1  # Completed and committed, not abandoned:
+    saved = os.listdir(tmp_path / "run" / "checkpoints_best")
+    assert [name for name in saved if name.isdigit()] == saved != [], saved
 
 
 def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):

@@ -16,7 +16,11 @@ When one process goes wrong the others must not wait for it forever:
   store; a thread in every process (started by :func:`initialize`) polls it every
   :func:`poll_interval` seconds and ends its own process with one line naming the failed
   one. A process that failed after all the others finished ends through JAX's normal
-  shutdown, with them (they exit 0).
+  shutdown, with them (they exit 0). A checkpoint save in flight is completed after the
+  others were told (:func:`close_after_reporting`); they wait for it before exiting.
+* A process that fails before joining (a typo in its config): it joins anyway, only to
+  report its failure (:func:`expect_job`), instead of leaving the others to wait for it
+  until the start-up timeout.
 * A process that dies or hangs without a word (SIGKILL, a crash, a lost host): the same
   thread in process 0 reports it once it has shown no sign of life for
   ``heartbeat_timeout_s``; JAX's runtime, which would abort every process with a C++ stack
@@ -40,7 +44,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -57,6 +61,7 @@ __all__ = [
     "poll_interval",
     "check_same_config",
     "leave_job",
+    "close_after_reporting",
     "in_job",
     "lost_peer",
     "make_mesh",
@@ -407,7 +412,7 @@ class _PeerWatch:
             unreachable_since = None
             others = sorted(p for p in failed if p != self.me)
             if others and not self.stop.is_set():
-                _stop_because(self.client, others[0], failed[others[0]])
+                _stop_because(self.client, others[0], failed[others[0]], self.silence_s)
 
     def _silent(self) -> dict[int, str]:
         """Reports (and returns) the first process whose counter stood still too long."""
@@ -422,6 +427,7 @@ class _PeerWatch:
                 message = (f"no sign of life for {self.silence_s:.0f} s (killed, crashed, hung "
                            "or its host unreachable; --heartbeat_timeout)")
                 self.client.key_value_set(f"{_KEY}/failed/{p}", message, allow_overwrite=True)
+                self.client.key_value_set(f"{_KEY}/closed/{p}", "", allow_overwrite=True)
                 return {p: message}
         return {}
 
@@ -446,10 +452,17 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _stop_because(client: Any, who: int, message: str) -> None:
-    """Ends this process at once (status 1) because process ``who`` failed with ``message``:
-    the main thread may be blocked in a collective for good."""
+def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> None:
+    """Ends this process (status 1) because process ``who`` failed with ``message``: the
+    main thread may be blocked in a collective for good. Says so at once, then waits up to
+    ``wait_s`` for ``who`` to finish what it was writing (a checkpoint, whose every process
+    must take part in the save: this one's part goes on in a background thread)."""
     _say(f"error: {_stops_too(who, message)}")
+    try:
+        if wait_s > 0:
+            client.blocking_key_value_get(f"{_KEY}/closed/{who}", int(wait_s * 1000))
+    except Exception:  # noqa: BLE001  Not within wait_s, or the service is gone: stops now.
+        pass
     try:
         client.key_value_set(f"{_KEY}/left/{jax.process_index()}", _STOPPED,
                              allow_overwrite=True)
@@ -549,6 +562,35 @@ def lost_peer(error: BaseException) -> str | None:
             "or was killed; its output says why.")
 
 
+_closing: list[Callable[[], None]] = []  # What leave_job finishes once the others know.
+
+
+def close_after_reporting(close: Callable[[], None]) -> bool:
+    """In a multi-process job, has :func:`leave_job` call ``close`` (which waits for a
+    checkpoint save in flight) only after it has told the others of this process's failure,
+    so that they hear of it at once, not one save later; returns whether it will. Outside a
+    job, returns False: the caller closes now. Called at exit if no failure was reported.
+    """
+    if not in_job():
+        return False
+    _closing.append(close)
+    return True
+
+
+def _close_all() -> None:
+    """Runs what :func:`close_after_reporting` was given; a failure there is one warning
+    line (this process is failing already, and its own error was printed)."""
+    while _closing:
+        close = _closing.pop(0)
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001  Anything: the failure is reported already.
+            _say(f"warning: while leaving the job: {' '.join(str(e).split()) or type(e).__name__}")
+
+
+atexit.register(_close_all)
+
+
 def leave_job(message: str, status: int, join: bool = True) -> None:
     """After a failure reported as ``message``, leaves a multi-process job, telling the
     others first so that they stop too (they print ``message``); the caller then exits
@@ -571,8 +613,13 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
         me = jax.process_index()
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
+        closing = bool(_closing)
+        _close_all()  # The others stop once it is done (_stop_because): the save completes.
+        client.key_value_set(f"{_KEY}/closed/{me}", "", allow_overwrite=True)
         others = set(range(jax.process_count())) - {me}
-        left = _wait_until_left(client, others) if me == 0 else _left(client)
+        # Process 0's exit ends the service; a process that kept the others waiting would
+        # end their collectives first (a second line, from Gloo): both let them leave first.
+        left = _wait_until_left(client, others) if me == 0 or closing else _left(client)
         done = all(left.get(p) == _DONE for p in others)
         # Recorded after reading theirs: a process finishing meanwhile reads it at its exit.
         client.key_value_set(f"{_KEY}/left/{me}", _DONE if done else _STOPPED,
