@@ -267,7 +267,8 @@ def _join_to_report() -> Any:
         return _client()
     # The main thread waits inside XLA, which a Python handler cannot interrupt: a Ctrl-C
     # ends the process at once (its error is printed already).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGINT, signal.SIG_DFL) if main else None
     try:
         _join(job, "Joining the job only to tell the other processes of this failure "
               f"(waiting up to {job['timeout_s']} s for them all; Ctrl-C stops).",
@@ -275,6 +276,9 @@ def _join_to_report() -> Any:
               "the others were not told of this failure.")
     except errors.Error:
         return None  # The port in use, or the start failed: nothing to tell anyone through.
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
     return _client()
 
 
