@@ -589,7 +589,9 @@ def _close_all() -> None:
         try:
             close()
         except Exception as e:  # noqa: BLE001  Anything: the failure is reported already.
-            _say(f"warning: while leaving the job: {' '.join(str(e).split()) or type(e).__name__}")
+            first = " ".join(str(e).split()) or type(e).__name__
+            _say(f"warning: the checkpoint being saved at this failure was not completed "
+                 f"({first}); the run resumes from the last one committed.")
 
 
 atexit.register(_close_all)
@@ -618,8 +620,10 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
         closing = bool(_closing)
-        _close_all()  # The others stop once it is done (_stop_because): the save completes.
-        client.key_value_set(f"{_KEY}/closed/{me}", "", allow_overwrite=True)
+        try:
+            _close_all()  # The others stop once it is done (_stop_because): the save completes.
+        finally:  # Even on a Ctrl-C meanwhile: they would wait for it.
+            client.key_value_set(f"{_KEY}/closed/{me}", "", allow_overwrite=True)
         others = set(range(jax.process_count())) - {me}
         # Process 0's exit ends the service; a process that kept the others waiting would
         # end their collectives first (a second line, from Gloo): both let them leave first.
