@@ -269,10 +269,13 @@ def _join_to_report() -> Any:
     # ends the process at once (its error is printed already).
     main = threading.current_thread() is threading.main_thread()
     handler = signal.signal(signal.SIGINT, signal.SIG_DFL) if main else None
+    # Said for a launch by hand only: a cluster's launcher starts every process at once, and
+    # outside a cluster the join fails at once (--multihost by mistake).
+    announce = ("Joining the job only to tell the other processes of this failure (waiting "
+                f"up to {job['timeout_s']} s for them all; Ctrl-C stops)."
+                if job["coordinator_address"] is not None else None)
     try:
-        _join(job, "Joining the job only to tell the other processes of this failure "
-              f"(waiting up to {job['timeout_s']} s for them all; Ctrl-C stops).",
-              f"Not every process joined within {job['timeout_s']} s: "
+        _join(job, announce, f"Not every process joined within {job['timeout_s']} s: "
               "the others were not told of this failure.")
     except errors.Error:
         return None  # The port in use, or the start failed: nothing to tell anyone through.
