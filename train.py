@@ -9,7 +9,8 @@ with --config.<field>=<value>. Restarting with the same --workdir resumes.
 Multi-host: --multihost (TPU pods, SLURM), or --coordinator_address/--num_processes/
 --process_id on every process (--init_timeout: how long to wait for all of them;
 --heartbeat_timeout: after how long a silent process is taken for dead). Every process
-checks that its config is process 0's; a process that fails stops the others.
+checks that its config is process 0's; a process that fails stops the others (one that
+fails before joining, on a typo'd override, joins only to tell them).
 One run at a time per workdir (a second one is refused, naming the first). Mistakes are
 reported in one line ("error: ..."); --debug (or SDJ_DEBUG=1) shows the traceback.
 """
