@@ -16,8 +16,10 @@ is evaluated, the output says so in "note", and the file is named by the step ev
 never 'best' or 'latest'. --data-dir reads a moved dataset, which must match what the run
 recorded in run.json (sizes, shape, classes, channel statistics). The depth flags need a
 CIFAR ResNet / WideResNet run, one of them per command; --export needs a new or empty DIR.
-Mistakes (no such run or step, unwritable output, flags that would be ignored, other data)
-are reported in one line; --debug (or SDJ_DEBUG=1) shows the traceback.
+Multi-host: --multihost (TPU pods, SLURM), with --init_timeout and --heartbeat_timeout as
+in train.py. Mistakes (no such run or step, unwritable output, flags that would be
+ignored, other data) are reported in one line; --debug (or SDJ_DEBUG=1) shows the
+traceback.
 """
 
 import argparse
@@ -41,7 +43,7 @@ def parse_args(argv):
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="where the run's dataset is now, if it moved (tfds data_dir, or "
                              "the root of an image_folder dataset); it must be the same data")
-    parser.add_argument("--multihost", action="store_true")
+    distributed.add_arguments(parser, manual=False)
     depth.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     return parser.parse_args(argv)
@@ -62,10 +64,12 @@ def _write(path: str, text: str) -> None:
 
 
 def run(args) -> dict:
+    job = distributed.job_arguments(args)
+    distributed.expect_job(**job)  # A mistake in the flags still reaches the others.
     depth.check_arguments(args)  # before any work: refuses ignored or clashing flags
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
-    distributed.initialize(auto=args.multihost)
+    distributed.initialize(**job)
     from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
 
     analysis = depth.run_from_args(args)  # --depth-curve / --export / --mc-samples

@@ -9,7 +9,8 @@ with --config.<field>=<value>. Restarting with the same --workdir resumes.
 Multi-host: --multihost (TPU pods, SLURM), or --coordinator_address/--num_processes/
 --process_id on every process (--init_timeout: how long to wait for all of them;
 --heartbeat_timeout: after how long a silent process is taken for dead). Every process
-checks that its config is process 0's; a process that fails stops the others.
+checks that its config is process 0's; a process that fails stops the others (one that
+fails before joining, on a typo'd override, joins only to tell them).
 One run at a time per workdir (a second one is refused, naming the first). Mistakes are
 reported in one line ("error: ..."); --debug (or SDJ_DEBUG=1) shows the traceback.
 """
@@ -35,25 +36,7 @@ def parse_args(argv):
     parser.add_argument(
         "--workdir", default=None, help="outputs (default ./workdir/<config>[_<variant>])"
     )
-    parser.add_argument(
-        "--multihost",
-        action="store_true",
-        help="jax.distributed.initialize() from the environment (TPU pod, SLURM)",
-    )
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    parser.add_argument("--coordinator_bind_address", default=None)
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
-    parser.add_argument(
-        "--init_timeout", type=int, default=300, help="seconds to wait for all processes"
-    )
-    parser.add_argument(
-        "--heartbeat_timeout",
-        type=int,
-        default=100,
-        help="seconds without a sign of life after which a process is taken for dead and "
-        "the others stop; at least 3 polls (3 s up to 50 processes, 30 s from 500)",
-    )
+    distributed.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(parser, rest)  # --config.a.b=v or --config.a.b v
@@ -70,16 +53,10 @@ def default_workdir(spec):
 
 
 def run(args, overrides):
+    job = distributed.job_arguments(args)
+    distributed.expect_job(**job)  # A mistake in the config still reaches the others.
     config = load_config(args.config, overrides)
-    distributed.initialize(
-        auto=args.multihost,
-        coordinator_address=args.coordinator_address,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        coordinator_bind_address=args.coordinator_bind_address,
-        timeout_s=args.init_timeout,
-        heartbeat_timeout_s=args.heartbeat_timeout,
-    )
+    distributed.initialize(**job)
     distributed.check_same_config(json.loads(config.to_json()))
     from stochastic_depth_jax.training import loop  # After initialize: touches devices.
 

@@ -7,6 +7,7 @@ import itertools
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,79 @@ def test_a_process_with_another_config_stops_the_job(tmp_path):
     assert not os.path.exists(tmp_path / "run")  # Nothing written before the check.
 
 
+TYPO = "--config.batch_sise=16"
+
+
+@pytest.mark.parametrize("typos", [{0}, {0, 1}])
+def test_a_config_typo_on_some_processes_stops_the_job_at_once(tmp_path, typos):
+    # The processes with the typo fail before joining; the old code left the others
+    # waiting in the join until --init_timeout (here 40 s: longer than the bound).
+    address = free_address()
+    commands = [[sys.executable, "train.py", *_train_args(tmp_path, address),
+                 "--process_id", str(i), "--init_timeout", "40", *([TYPO] * (i in typos))]
+                for i in range(2)]
+    results = finish_all(start_all(commands, env=ENV, cwd=REPO), timeout=30)
+    own = "error: Unknown config field 'batch_sise'. Valid fields: "
+    for i, (status, out, _) in enumerate(results):
+        line = _error_line(status, out)
+        if i in typos:  # Its own error first, then why it does not exit yet.
+            assert line.startswith(own), line
+            assert out.index(own) < out.index("only to tell the other processes"), out
+        else:
+            [who] = typos
+            assert line.startswith(f"error: process {who} of 2 failed, so process {i} stops "
+                                   f"too (see process {who}'s output); its error: "
+                                   + own.removeprefix("error: ")), line
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_lone_process_with_a_typo_says_so_before_waiting_for_the_others():
+    # One of two processes run alone to try the command: its error shows at once, then it
+    # waits to tell the others, which a Ctrl-C ends.
+    address = free_address()
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--config", "cifar10:smoke", TYPO, "--coordinator_address",
+         address, "--coordinator_bind_address", address, "--num_processes", "2",
+         "--process_id", "1"], cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    try:
+        lines = []
+        while not lines or "Ctrl-C stops" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], lines  # Ended (the old code: exit 1 without telling anyone).
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == -signal.SIGINT
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert [x for x in lines if x.startswith("error:")] == [lines[-2]], lines
+    assert lines[-2].startswith("error: Unknown config field 'batch_sise'.")
+    assert lines[-1] == ("Joining the job only to tell the other processes of this failure "
+                         "(waiting up to 300 s for them all; Ctrl-C stops).\n")
+
+
+def test_evaluate_joins_with_the_timeouts_of_train(monkeypatch, tmp_path):
+    sys.path.insert(0, REPO)  # evaluate.py lives at the repository root.
+    import evaluate as evaluate_cli
+
+    joined = []
+
+    def initialize(**job):
+        joined.append(job)
+        raise errors.DistributedError("stop here")
+
+    monkeypatch.setattr(distributed, "initialize", initialize)
+    monkeypatch.setattr(distributed, "_expected", None, raising=False)  # Restored after.
+    args = evaluate_cli.parse_args(["--workdir", str(tmp_path), "--multihost",
+                                    "--init_timeout", "20", "--heartbeat_timeout", "7"])
+    with pytest.raises(errors.DistributedError, match="stop here"):
+        evaluate_cli.run(args)
+    assert joined == [dict(auto=True, coordinator_address=None, num_processes=None,
+                           process_id=None, coordinator_bind_address=None, timeout_s=20,
+                           heartbeat_timeout_s=7)]
+    assert distributed._expected == joined[0]  # A failure before joining tells the others.
+
+
 def _worker_job(tmp_path, mode, *extra):
     address = free_address()
     return start_all([[sys.executable, WORKER, mode, *_train_args(tmp_path, address, *extra),
@@ -74,6 +148,18 @@ def test_a_process_failing_in_setup_stops_the_other(tmp_path):
     assert re.fullmatch(r"error: process 1 of 2 failed, so process 0 stops too \(see "
                         r"process 1's output\); its error: Dataset folder .* \(injected\)\.",
                         line), line
+
+
+def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_path):
+    # The old code waited for the save (every process takes part) before telling the others.
+    (s0, out0, _), (s1, out1, _) = finish_all(_worker_job(tmp_path, "save"), timeout=BOUND_S)
+    assert _error_line(s1, out1) == "error: " + fails_on_one.MESSAGE
+    line = _error_line(s0, out0)
+    assert line.startswith("error: process 1 of 2 failed, so process 0 stops too"), line
+    assert out0.index(line) < out0.index(fails_on_one.SAVED), out0[-3000:]
+    assert fails_on_one.SAVED in out1  # Completed and committed, not abandoned:
+    saved = os.listdir(tmp_path / "run" / "checkpoints_best")
+    assert [name for name in saved if name.isdigit()] == saved != [], saved
 
 
 def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):

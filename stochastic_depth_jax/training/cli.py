@@ -206,7 +206,8 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
             if debug and not distributed.in_job():
                 raise
             print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
-            distributed.leave_job("interrupted (Ctrl-C)", 130)
+            # Not joining a job to say so (distributed.expect_job): Ctrl-C means stop now.
+            distributed.leave_job("interrupted (Ctrl-C)", 130, join=False)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001  Filtered below: bugs are re-raised.
             message = _message(e)

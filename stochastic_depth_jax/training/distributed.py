@@ -16,7 +16,11 @@ When one process goes wrong the others must not wait for it forever:
   store; a thread in every process (started by :func:`initialize`) polls it every
   :func:`poll_interval` seconds and ends its own process with one line naming the failed
   one. A process that failed after all the others finished ends through JAX's normal
-  shutdown, with them (they exit 0).
+  shutdown, with them (they exit 0). A checkpoint save in flight is completed after the
+  others were told (:func:`close_after_reporting`); they wait for it before exiting.
+* A process that fails before joining (a typo in its config): it joins anyway, only to
+  report its failure (:func:`expect_job`), instead of leaving the others to wait for it
+  until the start-up timeout.
 * A process that dies or hangs without a word (SIGKILL, a crash, a lost host): the same
   thread in process 0 reports it once it has shown no sign of life for
   ``heartbeat_timeout_s``; JAX's runtime, which would abort every process with a C++ stack
@@ -28,16 +32,19 @@ When one process goes wrong the others must not wait for it forever:
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import errno
+import inspect
 import itertools
 import json
 import os
+import signal
 import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -47,10 +54,14 @@ from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import config as config_lib
 
 __all__ = [
+    "add_arguments",
+    "job_arguments",
     "initialize",
+    "expect_job",
     "poll_interval",
     "check_same_config",
     "leave_job",
+    "close_after_reporting",
     "in_job",
     "lost_peer",
     "make_mesh",
@@ -89,6 +100,44 @@ def poll_interval(num_processes: int) -> float:
     return min(10.0, max(1.0, num_processes / 50))
 
 
+def add_arguments(parser: argparse.ArgumentParser, manual: bool = True) -> None:
+    """Adds the command-line flags of :func:`initialize` to ``parser``: ``--multihost``,
+    ``--init_timeout``, ``--heartbeat_timeout`` and, with ``manual``, those of a launch by
+    hand (``--coordinator_address``, ``--num_processes``, ``--process_id``, ...)."""
+    parser.add_argument(
+        "--multihost",
+        action="store_true",
+        help="jax.distributed.initialize() from the environment (TPU pod, SLURM)",
+    )
+    if manual:
+        parser.add_argument("--coordinator_address", default=None,
+                            help="host:port of process 0")
+        parser.add_argument("--coordinator_bind_address", default=None)
+        parser.add_argument("--num_processes", type=int, default=None)
+        parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument(
+        "--init_timeout", type=int, default=300, help="seconds to wait for all processes"
+    )
+    parser.add_argument(
+        "--heartbeat_timeout",
+        type=int,
+        default=100,
+        help="seconds without a sign of life after which a process is taken for dead and "
+        "the others stop; at least 3 polls (3 s up to 50 processes, 30 s from 500)",
+    )
+
+
+def job_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`initialize` (and :func:`expect_job`) from the flags
+    of :func:`add_arguments`."""
+    return dict(auto=args.multihost,
+                coordinator_address=getattr(args, "coordinator_address", None),
+                num_processes=getattr(args, "num_processes", None),
+                process_id=getattr(args, "process_id", None),
+                coordinator_bind_address=getattr(args, "coordinator_bind_address", None),
+                timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
+
+
 def initialize(
     *,
     auto: bool = False,
@@ -122,11 +171,13 @@ def initialize(
         the processes did not all join within ``timeout_s`` (the message says which
         address and how many were expected).
     """
+    global _expected
+    _expected = None  # Joining now: a failure from here on is reported from within the job.
     manual = (coordinator_address, num_processes, process_id)
-    # JAX's runtime aborts every process with a C++ stack trace once one was silent for
-    # its heartbeat timeout: the watch thread reports the silence first, in one line.
-    timeouts = dict(initialization_timeout=timeout_s,
-                    heartbeat_timeout_seconds=heartbeat_timeout_s + RUNTIME_MARGIN_S)
+    job = dict(auto=auto, coordinator_address=coordinator_address,
+               num_processes=num_processes, process_id=process_id,
+               coordinator_bind_address=coordinator_bind_address, timeout_s=timeout_s,
+               heartbeat_timeout_s=heartbeat_timeout_s)
     if any(v is not None for v in manual):
         if any(v is None for v in manual):
             raise errors.DistributedError(
@@ -134,29 +185,104 @@ def initialize(
                 f"--num_processes and --process_id; got {manual}."
             )
         _check_heartbeat(heartbeat_timeout_s, num_processes)  # Before joining: at once.
-        if process_id == 0:  # Where JAX will listen: by default, every interface.
-            port = coordinator_address.rsplit(":", 1)[-1]
-            _check_port_free(coordinator_bind_address
-                             or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}"))
-        print(
-            f"Process {process_id} of {num_processes}: joining the job at "
-            f"{coordinator_address} (waiting up to {timeout_s} s for all processes).",
-            file=sys.stderr,
-            flush=True,
-        )
-        _initialize(
-            f"the {num_processes} processes did not all join at {coordinator_address}",
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            coordinator_bind_address=coordinator_bind_address,
-            **timeouts,
-        )
-    elif auto:
-        _initialize("the cluster's processes did not all join", **timeouts)
+    _join(job, f"Process {process_id} of {num_processes}: joining the job at "
+          f"{coordinator_address} (waiting up to {timeout_s} s for all processes)."
+          if coordinator_address is not None else None,
+          f"error: multi-process start failed: {_missing(job)} within {timeout_s} s. "
+          "Start every process with the same coordinator address and --num_processes, each "
+          "with its own --process_id, or raise --init_timeout (a process that stopped before "
+          "joining printed why).")
     if in_job():
         _check_heartbeat(heartbeat_timeout_s, jax.process_count())
         _watch_peers(heartbeat_timeout_s)
+
+
+def _missing(job: dict[str, Any]) -> str:
+    """Who did not join, for a message: the expected count and address if known."""
+    if job["coordinator_address"] is None:
+        return "the cluster's processes did not all join"
+    return (f"the {job['num_processes']} processes did not all join at "
+            f"{job['coordinator_address']}")
+
+
+def _join(job: dict[str, Any], announce: str | None, timeout_message: str) -> None:
+    """``jax.distributed.initialize`` with ``job``'s arguments (those of :func:`initialize`);
+    nothing for a single-process run. ``announce``: printed, if given, as it starts
+    waiting; ``timeout_message``: printed if not every process joins within
+    ``job['timeout_s']``.
+
+    Raises:
+      errors.DistributedError: the coordinator's port is in use, or the start failed.
+    """
+    # JAX's runtime aborts every process with a C++ stack trace once one was silent for
+    # its heartbeat timeout: the watch thread reports the silence first, in one line.
+    timeouts = dict(initialization_timeout=job["timeout_s"],
+                    heartbeat_timeout_seconds=job["heartbeat_timeout_s"] + RUNTIME_MARGIN_S)
+    address = job["coordinator_address"]
+    if address is not None:
+        if job["process_id"] == 0:  # Where JAX will listen: by default, every interface.
+            port = address.rsplit(":", 1)[-1]
+            _check_port_free(job["coordinator_bind_address"]
+                             or os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}"))
+        where = dict(coordinator_address=address, num_processes=job["num_processes"],
+                     process_id=job["process_id"],
+                     coordinator_bind_address=job["coordinator_bind_address"])
+    elif job["auto"]:
+        where = {}
+    else:
+        return
+    if announce is not None:
+        _say(announce)
+    _initialize(timeout_message, **where, **timeouts)
+
+
+_expected: dict[str, Any] | None = None  # How this process will join its job (expect_job).
+
+
+def expect_job(**job: Any) -> None:
+    """Takes the arguments :func:`initialize` will get, before the work that comes first
+    (reading the config): a process that fails there still joins its job, only to report
+    its failure (:func:`leave_job`), so that the others stop at once instead of waiting
+    for it until ``timeout_s``. Does nothing for a single-process run.
+    """
+    global _expected
+    manual = [job.get(k) for k in ("coordinator_address", "num_processes", "process_id")]
+    joins = job.get("auto") or all(v is not None for v in manual)
+    _expected = dict(_INITIALIZE_DEFAULTS, **job) if joins else None
+
+
+# The arguments of initialize, with their default values (those that expect_job was not given).
+_INITIALIZE_DEFAULTS = {name: p.default
+                        for name, p in inspect.signature(initialize).parameters.items()}
+
+
+def _join_to_report() -> Any:
+    """Joins the job of :func:`expect_job` (if any, and not joined yet) after this process
+    failed, only to report it; returns the job's client, or ``None`` (no job expected, or
+    the others did not all join within its timeout: this process then exits with status 1).
+    """
+    global _expected
+    job, _expected = _expected, None
+    if job is None or in_job():
+        return _client()
+    # The main thread waits inside XLA, which a Python handler cannot interrupt: a Ctrl-C
+    # ends the process at once (its error is printed already).
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGINT, signal.SIG_DFL) if main else None
+    # Said for a launch by hand only: a cluster's launcher starts every process at once, and
+    # outside a cluster the join fails at once (--multihost by mistake).
+    announce = ("Joining the job only to tell the other processes of this failure (waiting "
+                f"up to {job['timeout_s']} s for them all; Ctrl-C stops)."
+                if job["coordinator_address"] is not None else None)
+    try:
+        _join(job, announce, f"Not every process joined within {job['timeout_s']} s: "
+              "the others were not told of this failure.")
+    except errors.Error:
+        return None  # The port in use, or the start failed: nothing to tell anyone through.
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    return _client()
 
 
 def _check_heartbeat(heartbeat_timeout_s: float, num_processes: int) -> None:
@@ -193,19 +319,14 @@ def _check_port_free(bind_address: str) -> None:
             ) from e
 
 
-def _initialize(what: str, **kwargs) -> None:
-    """``jax.distributed.initialize`` with a watchdog that ends a stuck start with a message.
+def _initialize(message: str, **kwargs) -> None:
+    """``jax.distributed.initialize`` with a watchdog that ends a stuck start with
+    ``message``.
 
     When processes are missing, XLA aborts the process with a C++ stack trace after its own
     timeout; the watchdog fires first (XLA's timeout is set later) and exits with one line.
     """
     timeout = kwargs["initialization_timeout"]
-    message = (
-        f"error: multi-process start failed: {what} within {timeout} s. Start every process "
-        "with the same coordinator address and --num_processes, each with its own "
-        "--process_id, or raise --init_timeout (a process that stopped before joining "
-        "printed why)."
-    )
     done = threading.Event()
 
     def watchdog():
@@ -298,7 +419,7 @@ class _PeerWatch:
             unreachable_since = None
             others = sorted(p for p in failed if p != self.me)
             if others and not self.stop.is_set():
-                _stop_because(self.client, others[0], failed[others[0]])
+                _stop_because(self.client, others[0], failed[others[0]], self.silence_s)
 
     def _silent(self) -> dict[int, str]:
         """Reports (and returns) the first process whose counter stood still too long."""
@@ -313,6 +434,7 @@ class _PeerWatch:
                 message = (f"no sign of life for {self.silence_s:.0f} s (killed, crashed, hung "
                            "or its host unreachable; --heartbeat_timeout)")
                 self.client.key_value_set(f"{_KEY}/failed/{p}", message, allow_overwrite=True)
+                self.client.key_value_set(f"{_KEY}/closed/{p}", "", allow_overwrite=True)
                 return {p: message}
         return {}
 
@@ -337,10 +459,17 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _stop_because(client: Any, who: int, message: str) -> None:
-    """Ends this process at once (status 1) because process ``who`` failed with ``message``:
-    the main thread may be blocked in a collective for good."""
+def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> None:
+    """Ends this process (status 1) because process ``who`` failed with ``message``: the
+    main thread may be blocked in a collective for good. Says so at once, then waits up to
+    ``wait_s`` for ``who`` to finish what it was writing (a checkpoint, whose every process
+    must take part in the save: this one's part goes on in a background thread)."""
     _say(f"error: {_stops_too(who, message)}")
+    try:
+        if wait_s > 0:
+            client.blocking_key_value_get(f"{_KEY}/closed/{who}", int(wait_s * 1000))
+    except Exception:  # noqa: BLE001  Not within wait_s, or the service is gone: stops now.
+        pass
     try:
         client.key_value_set(f"{_KEY}/left/{jax.process_index()}", _STOPPED,
                              allow_overwrite=True)
@@ -440,10 +569,42 @@ def lost_peer(error: BaseException) -> str | None:
             "or was killed; its output says why.")
 
 
-def leave_job(message: str, status: int) -> None:
+_closing: list[Callable[[], None]] = []  # What leave_job finishes once the others know.
+
+
+def close_after_reporting(close: Callable[[], None]) -> bool:
+    """In a multi-process job, has :func:`leave_job` call ``close`` (which waits for a
+    checkpoint save in flight) only after it has told the others of this process's failure,
+    so that they hear of it at once, not one save later; returns whether it will. Outside a
+    job, returns False: the caller closes now. Called at exit if no failure was reported.
+    """
+    if not in_job():
+        return False
+    _closing.append(close)
+    return True
+
+
+def _close_all() -> None:
+    """Runs what :func:`close_after_reporting` was given; a failure there is one warning
+    line (this process is failing already, and its own error was printed)."""
+    while _closing:
+        close = _closing.pop(0)
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001  Anything: the failure is reported already.
+            first = " ".join(str(e).split()) or type(e).__name__
+            _say(f"warning: the checkpoint being saved at this failure was not completed "
+                 f"({first}); the run resumes from the last one committed.")
+
+
+atexit.register(_close_all)
+
+
+def leave_job(message: str, status: int, join: bool = True) -> None:
     """After a failure reported as ``message``, leaves a multi-process job, telling the
     others first so that they stop too (they print ``message``); the caller then exits
-    with ``status``. Returns at once outside a multi-process job.
+    with ``status``. Returns at once outside a multi-process job. With ``join``, a process
+    that failed before joining the job of :func:`expect_job` joins it first, to tell them.
 
     When every other process has finished (it waits in JAX's shutdown barrier), returns,
     and the caller's ``sys.exit`` ends this process through that barrier with them (they
@@ -452,7 +613,7 @@ def leave_job(message: str, status: int) -> None:
     arrive. Process 0 hosts the job's coordination service and first waits up to
     ``LEAVE_WAIT_S`` for the others to leave.
     """
-    client = _client()
+    client = _join_to_report() if join else _client()
     if client is None:
         return
     if _watcher is not None:
@@ -461,8 +622,15 @@ def leave_job(message: str, status: int) -> None:
         me = jax.process_index()
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
+        closing = bool(_closing)
+        try:
+            _close_all()  # The others stop once it is done (_stop_because): the save completes.
+        finally:  # Even on a Ctrl-C meanwhile: they would wait for it.
+            client.key_value_set(f"{_KEY}/closed/{me}", "", allow_overwrite=True)
         others = set(range(jax.process_count())) - {me}
-        left = _wait_until_left(client, others) if me == 0 else _left(client)
+        # Process 0's exit ends the service; a process that kept the others waiting would
+        # end their collectives first (a second line, from Gloo): both let them leave first.
+        left = _wait_until_left(client, others) if me == 0 or closing else _left(client)
         done = all(left.get(p) == _DONE for p in others)
         # Recorded after reading theirs: a process finishing meanwhile reads it at its exit.
         client.key_value_set(f"{_KEY}/left/{me}", _DONE if done else _STOPPED,

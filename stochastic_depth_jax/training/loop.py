@@ -503,6 +503,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
                         workdir: str) -> tuple[dict[str, Any], bool]:
     """``(summary, trained)``; ``trained`` is False for a run that had already finished."""
     run, ds = _prepare(config, workdir)
+    failed = False
     try:
         _resume_or_init(run, ds.image_shape)
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
@@ -519,10 +520,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         )
         with stopping.StopSignals() as run.stop:
             return _train(run), True
+    except stopping.Stopped:  # An agreed stop: every process saved and waited.
+        raise
+    except BaseException:
+        failed = True
+        raise
     finally:
         if run.writer is not None:
             run.writer.close()
-        run.ckpts.close()  # Waits for pending saves: the last good checkpoint is committed.
+        # Waits for pending saves: the last good checkpoint is committed. After a failure in
+        # a multi-process job, once the other processes were told (they take part).
+        if not (failed and distributed.close_after_reporting(run.ckpts.close)):
+            run.ckpts.close()
 
 
 def _compile_train_step(run: _Run) -> Callable[..., Any]:

@@ -5,7 +5,8 @@ in a collective: ``python fails_on_one.py raise|stop|last0|last1 TRAIN_PY_ARGUME
 process 1 stops itself with SIGSTOP (a hung host: its connections stay open, it says
 nothing). ``last0``/``last1``: the others finish at once (their training is replaced by a
 no-op) and process 0/1 raises a ``DataError`` once they all wait in JAX's exit (process 0
-writing its results after the last collective). Used by
+writing its results after the last collective). ``save``: saves take ``SAVE_S`` seconds and
+process 1 raises a ``DataError`` as soon as its first one started. Used by
 ``tests/test_multihost_failures.py``.
 """
 
@@ -26,6 +27,7 @@ from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 
 MESSAGE = "Dataset folder '/data/cifar10' does not exist on this host (injected)."
 LAST = "Cannot write the plots: the disk is full (injected)."
+SAVE_S, SAVED = 3, "a save was committed (injected)"
 
 
 def _fail_last(who: int) -> None:
@@ -48,9 +50,40 @@ def _fail_last(who: int) -> None:
     distributed.check_same_config = check_then_finish
 
 
+def _fail_while_saving() -> None:
+    """Every save takes ``SAVE_S`` longer in its background thread, which prints ``SAVED``
+    when done; process 1 fails just after it started its first save."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    from stochastic_depth_jax.training import checkpoint as checkpoint_lib
+
+    background = async_checkpointer._background_wait_for_commit_futures
+
+    def slow_background(*args, **kwargs):
+        time.sleep(SAVE_S)
+        background(*args, **kwargs)
+        print(SAVED, flush=True)
+
+    async_checkpointer._background_wait_for_commit_futures = slow_background
+    save = checkpoint_lib.Checkpoints.save
+
+    def save_then_fail(self, *args, **kwargs):
+        started = save(self, *args, **kwargs)
+        if jax.process_index() == 1:
+            raise errors.DataError(MESSAGE)
+        return started
+
+    checkpoint_lib.Checkpoints.save = save_then_fail
+
+
 def main(mode: str, argv: list[str]) -> None:
     if mode.startswith("last"):
         _fail_last(int(mode.removeprefix("last")))
+    if mode == "save":
+        _fail_while_saving()
+    if mode not in ("raise", "stop"):
+        train.main(argv)
+        return
     original = setup_lib.load_data
 
     def load_data(config, *args, **kwargs):
