@@ -73,7 +73,7 @@ def test_a_config_typo_on_some_processes_stops_the_job_at_once(tmp_path, typos):
                  "--process_id", str(i), "--init_timeout", "40", *([TYPO] * (i in typos))]
                 for i in range(2)]
     results = finish_all(start_all(commands, env=ENV, cwd=REPO), timeout=30)
-    own = "error: Unknown config field 'batch_sise'. Valid fields: "
+    own = "error: Unknown config field 'batch_sise'. Did you mean 'batch_size'? "
     for i, (status, out, _) in enumerate(results):
         line = _error_line(status, out)
         if i in typos:  # Its own error first, then why it does not exit yet.

@@ -210,6 +210,9 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
             distributed.leave_job("interrupted (Ctrl-C)", 130, join=False)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001  Filtered below: bugs are re-raised.
+            if not distributed.report_first():  # The peer watch said why, and ends it.
+                distributed.wait_until_ended()
+                sys.exit(1)
             message = _message(e)
             if message is None or debug:
                 if not distributed.in_job():

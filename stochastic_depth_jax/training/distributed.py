@@ -64,6 +64,8 @@ __all__ = [
     "close_after_reporting",
     "in_job",
     "lost_peer",
+    "report_first",
+    "wait_until_ended",
     "make_mesh",
     "replicated",
     "batch_sharded",
@@ -459,11 +461,33 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+# Taken by whichever reports first why this process ends: the peer watch (another process
+# failed) or the main thread's own error (which may be the same failure, seen as a broken
+# collective a moment later): one line, not two.
+_ending = threading.Lock()
+
+
+def report_first() -> bool:
+    """Whether the caller is the first to report why this process ends (then it reports);
+    False once the peer watch has said so, and is ending the process: see
+    :func:`wait_until_ended`. Always True outside a multi-process job."""
+    return not in_job() or _ending.acquire(blocking=False)
+
+
+def wait_until_ended() -> None:
+    """Waits while the peer watch, which reported first, ends this process."""
+    if _watcher is not None and threading.current_thread() is not _watcher.thread:
+        _watcher.thread.join()
+
+
 def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> None:
     """Ends this process (status 1) because process ``who`` failed with ``message``: the
     main thread may be blocked in a collective for good. Says so at once, then waits up to
     ``wait_s`` for ``who`` to finish what it was writing (a checkpoint, whose every process
-    must take part in the save: this one's part goes on in a background thread)."""
+    must take part in the save: this one's part goes on in a background thread). Returns
+    without a word if this process is reporting its own error already."""
+    if not report_first():
+        return
     _say(f"error: {_stops_too(who, message)}")
     try:
         if wait_s > 0:
