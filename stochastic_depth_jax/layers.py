@@ -203,6 +203,7 @@ class StochasticDepth(nn.Module):
             raise ValueError(f"Unknown reroute_convs {self.reroute_convs!r}; "
                              f"valid: {list(REROUTE_CONVS)}.")
         ops.check_batch_axis(self.batch_axis)
+        ops.check_deterministic(deterministic)
         p = self.survival_prob if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)

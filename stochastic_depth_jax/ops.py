@@ -62,6 +62,7 @@ __all__ = [
     "check_survival_prob",
     "is_static_one",
     "is_concrete",
+    "check_deterministic",
     "check_gate",
     "scaled",
     "masked",
@@ -126,6 +127,21 @@ def is_static_one(p: Any) -> bool:
     if is_concrete(p) and np.ndim(p) == 0 and not isinstance(p, (bool, np.bool_)):
         return float(np.asarray(p, dtype=np.float64)) == 1.0
     return False
+
+
+def check_deterministic(deterministic: Any) -> None:
+    """Raises TypeError for a traced ``deterministic`` flag.
+
+    Training and evaluation are different programs (a gate is drawn or not), so the flag is
+    chosen while tracing; a ``train`` flag passed into ``jax.jit`` as an ordinary argument
+    arrives here as a tracer, which Python's ``if`` cannot read."""
+    if isinstance(deterministic, jax.core.Tracer):
+        raise TypeError(
+            "deterministic (or train) must be a Python bool, known while tracing, got a traced "
+            "value: mark the flag static, e.g. jax.jit(step, static_argnames='train') or "
+            "nnx.jit(..., static_argnames='train'), or switch NNX modules with "
+            "model.train() / model.eval()."
+        )
 
 
 def check_gate(gate: Array, mode: str, deterministic: bool = False) -> None:
@@ -651,6 +667,7 @@ def stochastic_depth(
     """
     validate_options(mode, scaling, implementation)
     check_survival_prob(survival_prob)
+    check_deterministic(deterministic)
     if deterministic:
         return with_shortcut(scaled(branch(x), eval_scale(survival_prob, scaling)), shortcut)
     if is_static_one(survival_prob):
