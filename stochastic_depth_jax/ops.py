@@ -280,6 +280,12 @@ def subset_size(batch_size: int, survival_prob: float, groups: int = 1) -> int:
     Returns:
       k, a Python int in ``[1, n]``.
     """
+    if not isinstance(batch_size, (int, np.integer)):
+        # A symbolic dimension (jax.export with shape polymorphism) cannot size a subset.
+        raise ValueError(
+            f"mode='sample' with implementation='skip' needs a static batch size (the subset "
+            f"size k is a shape), got the symbolic dimension {batch_size!r}: export with a "
+            f"concrete batch size, or use implementation='mask'.")
     n = _check_groups(batch_size, groups)
     p = _static_prob(survival_prob)
     return min(n, max(1, math.floor(n * p + 0.5)))

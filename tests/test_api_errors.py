@@ -257,3 +257,20 @@ def test_per_layer_rates_made_under_nnx_vmap_are_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"pass each layer's rate at call time, "
                                          r"sd\(x, survival_prob=p\)"):
         make(jnp.array([0.9, 0.5]), nnx.Rngs(params=0, stochastic_depth=1))
+
+
+def test_drop_path_subsets_under_a_symbolic_batch_say_what_to_do():
+    # jax.export with a polymorphic batch: k is a shape, so subsets need a concrete batch
+    # (before: a ConcretizationTypeError from inside subset_size); masking exports fine.
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 4, 6"), jnp.float32)
+    key = jax.random.key(1)
+
+    def export(implementation):
+        def op(x, k):
+            return ops.stochastic_depth(F, x, survival_prob=0.5, key=k, mode="sample",
+                                        implementation=implementation)
+        return jax.export.export(jax.jit(op))(spec, key)
+
+    with pytest.raises(ValueError, match="needs a static batch size.*symbolic dimension b"):
+        export("skip")
+    assert export("mask").call(X, key).shape == X.shape
