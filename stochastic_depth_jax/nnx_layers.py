@@ -139,7 +139,8 @@ class StochasticDepth(nnx.Module):
         pytree of such arrays works too).
 
         Args:
-          deterministic: overrides the module's flag (evaluation: all of f, scaled).
+          deterministic: overrides the module's flag (evaluation: all of f, scaled); a
+            Python bool (static under ``nnx.jit``).
           survival_prob: overrides the module's p for this call; may be traced (a layer's
             rate scanned over with ``nnx.scan``) in batch mode or with ``'mask'``.
           rngs: a key, stream or Rngs for this call's gate (default: the module's stream).

@@ -654,7 +654,8 @@ def stochastic_depth(
         same structure); ``mode='sample'`` gates along ``batch_axis`` of every leaf.
       survival_prob: p in (0, 1]. A concrete 1.0 never draws a key.
       key: PRNG key for the gate; required in training unless ``survival_prob`` is 1.
-      deterministic: evaluation mode: every branch runs, scaled per ``scaling``.
+      deterministic: evaluation mode: every branch runs, scaled per ``scaling``. A Python
+        bool (static under ``jit``).
       mode: ``'batch'`` (one gate per call, paper) or ``'sample'`` (one per example).
       scaling: ``'test'`` (paper: scale by p at evaluation) or ``'train'`` (scale by 1/p
         in training; ``n / k`` for subsets).
