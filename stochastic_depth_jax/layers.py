@@ -181,9 +181,9 @@ class StochasticDepth(nn.Module):
           x: branch input, ``[batch, ...]`` (batch along ``batch_axis``), or a pytree of
             such arrays (the branch then takes and returns pytrees).
           *args, **kwargs: forwarded to the branch (static values, e.g. ``train=True``).
-          deterministic: evaluation mode: the branch runs scaled per ``scaling`` (p f for
-            ``'test'``); with a ``gate`` it runs only where the gate is open (a fixed
-            sub-network at test time, e.g. a pruned model).
+          deterministic: evaluation mode (a Python bool, static under ``jit``): the branch
+            runs scaled per ``scaling`` (p f for ``'test'``); with a ``gate`` it runs only
+            where the gate is open (a fixed sub-network at test time, e.g. a pruned model).
           survival_prob: per-call p (may be traced, e.g. inside ``nn.scan``).
           gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns
             (bool scalar, int32 subset ``[groups, k]`` or bool ``[batch]``; subset rows
@@ -203,6 +203,7 @@ class StochasticDepth(nn.Module):
             raise ValueError(f"Unknown reroute_convs {self.reroute_convs!r}; "
                              f"valid: {list(REROUTE_CONVS)}.")
         ops.check_batch_axis(self.batch_axis)
+        ops.check_deterministic(deterministic)
         p = self.survival_prob if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)

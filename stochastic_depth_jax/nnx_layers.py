@@ -71,8 +71,14 @@ def _key(rngs: RngsLike, collection: str) -> Array:
     return rngs
 
 
+def _has_stream(rngs: nnx.Rngs, collection: str) -> bool:
+    """Whether ``rngs[collection]`` gives a stream: its own, or, as for ``nnx.Dropout``, the
+    ``'default'`` stream of ``nnx.Rngs(seed)``."""
+    return collection in rngs or "default" in rngs
+
+
 def _stream(rngs: nnx.Rngs, collection: str) -> Any:
-    if collection not in rngs:
+    if not _has_stream(rngs, collection):
         raise ValueError(f"The nnx.Rngs has no {collection!r} stream for stochastic-depth gates: "
                          f"build it with nnx.Rngs(params=..., {collection}=seed), or pass "
                          f"rngs=key at call time.")
@@ -92,7 +98,9 @@ class StochasticDepth(nnx.Module):
     Args:
       branch: the residual branch, called ``branch(x, *args, **kwargs)``: an ``nnx.Module``
         (its BatchNorm statistics update only when it runs) or a plain function.
-      survival_prob: p in (0, 1] (a float; 1 never draws a key).
+      survival_prob: p in (0, 1] (a float; 1 never draws a key). A module attribute is
+        static, so per-layer rates of a stack built with ``nnx.vmap`` are passed at call
+        time instead (``survival_prob=`` below).
       mode, scaling, implementation, groups: as the core op.
       batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
         examples: 0 for ``[batch, ...]``, 1 for ``[tokens, batch, width]`` layouts.
@@ -108,6 +116,13 @@ class StochasticDepth(nnx.Module):
                  rng_collection: str = "stochastic_depth", rngs: RngsLike = None):
         ops.validate_options(mode, scaling, implementation)
         ops.check_survival_prob(survival_prob)
+        if not ops.is_concrete(survival_prob):
+            # A traced attribute would leak out of the transform that created the module.
+            raise ValueError(
+                "StochasticDepth got a traced survival_prob at construction (e.g. per-layer "
+                "rates under nnx.vmap); a module attribute cannot vary per layer: build the "
+                "layers with one float and pass each layer's rate at call time, "
+                "sd(x, survival_prob=p), scanning over the rates.")
         ops.check_batch_axis(batch_axis)
         self.branch = branch
         self.survival_prob = survival_prob
@@ -118,13 +133,16 @@ class StochasticDepth(nnx.Module):
         self.rngs = _as_stream(rngs, rng_collection)
 
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
-                 rngs: RngsLike = None, gate: Any = None, shortcut: Array | None = None,
-                 **kwargs: Any) -> Array:
+                 survival_prob: Any = None, rngs: RngsLike = None, gate: Any = None,
+                 shortcut: Array | None = None, **kwargs: Any) -> Array:
         """Runs the gated branch on ``x`` ``[batch, ...]`` (batch along ``batch_axis``; a
         pytree of such arrays works too).
 
         Args:
-          deterministic: overrides the module's flag (evaluation: all of f, scaled).
+          deterministic: overrides the module's flag (evaluation: all of f, scaled); a
+            Python bool (static under ``nnx.jit``).
+          survival_prob: overrides the module's p for this call; may be traced (a layer's
+            rate scanned over with ``nnx.scan``) in batch mode or with ``'mask'``.
           rngs: a key, stream or Rngs for this call's gate (default: the module's stream).
           gate: a pre-drawn gate as :func:`stochastic_depth_jax.ops.draw_gate` returns
             (subset rows sorted and without repeats, see ``ops.subset_branch``).
@@ -135,7 +153,9 @@ class StochasticDepth(nnx.Module):
           the gated residual (``+ shortcut``), shaped like ``branch(x)``.
         """
         deterministic = self.deterministic if deterministic is None else deterministic
-        p = self.survival_prob
+        ops.check_deterministic(deterministic)
+        p = self.survival_prob if survival_prob is None else survival_prob
+        ops.check_survival_prob(p)
 
         def run(branch, v):
             return branch(v, *args, **kwargs)
@@ -359,7 +379,8 @@ class ViT(nnx.Module):
         ])
         self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.head = _linear(width, num_classes, dtype, rngs, init=nnx.initializers.zeros)
-        self.rngs = _as_stream(rngs if "stochastic_depth" in rngs else None, "stochastic_depth")
+        self.rngs = _as_stream(rngs if _has_stream(rngs, "stochastic_depth") else None,
+                               "stochastic_depth")
 
     def __call__(self, x: Array, *, deterministic: bool | None = None,
                  rngs: RngsLike = None) -> Array:
@@ -395,6 +416,7 @@ class ViT(nnx.Module):
 def _forward_key(model: Any, deterministic: bool, rngs: RngsLike) -> Array | None:
     """The key of one forward pass of a ViT or ConvNeXt (None in evaluation or without drop
     path): from ``rngs`` if given, else the model's ``'stochastic_depth'`` stream."""
+    ops.check_deterministic(deterministic)
     if deterministic or all(p >= 1.0 for p in model.probs):
         return None
     key = _key(rngs if rngs is not None else model.rngs, "stochastic_depth")
@@ -568,7 +590,8 @@ class ConvNeXt(nnx.Module):
         self.stage_starts = tuple(int(e) for e in np.cumsum(depths)[:-1])
         self.norm = nnx.LayerNorm(dims[-1], epsilon=linen_convnext.EPS, dtype=dtype, rngs=rngs)
         self.head = _linear(dims[-1], num_classes, dtype, rngs, init)
-        self.rngs = _as_stream(rngs if "stochastic_depth" in rngs else None, "stochastic_depth")
+        self.rngs = _as_stream(rngs if _has_stream(rngs, "stochastic_depth") else None,
+                               "stochastic_depth")
 
     def __call__(self, x: Array, *, deterministic: bool | None = None,
                  rngs: RngsLike = None) -> Array:

@@ -62,6 +62,7 @@ __all__ = [
     "check_survival_prob",
     "is_static_one",
     "is_concrete",
+    "check_deterministic",
     "check_gate",
     "scaled",
     "masked",
@@ -126,6 +127,21 @@ def is_static_one(p: Any) -> bool:
     if is_concrete(p) and np.ndim(p) == 0 and not isinstance(p, (bool, np.bool_)):
         return float(np.asarray(p, dtype=np.float64)) == 1.0
     return False
+
+
+def check_deterministic(deterministic: Any) -> None:
+    """Raises TypeError for a traced ``deterministic`` flag.
+
+    Training and evaluation are different programs (a gate is drawn or not), so the flag is
+    chosen while tracing; a ``train`` flag passed into ``jax.jit`` as an ordinary argument
+    arrives here as a tracer, which Python's ``if`` cannot read."""
+    if isinstance(deterministic, jax.core.Tracer):
+        raise TypeError(
+            "deterministic (or train) must be a Python bool, known while tracing, got a traced "
+            "value: mark the flag static, e.g. jax.jit(step, static_argnames='train') or "
+            "nnx.jit(..., static_argnames='train'), or switch NNX modules with "
+            "model.train() / model.eval()."
+        )
 
 
 def check_gate(gate: Array, mode: str, deterministic: bool = False) -> None:
@@ -264,6 +280,12 @@ def subset_size(batch_size: int, survival_prob: float, groups: int = 1) -> int:
     Returns:
       k, a Python int in ``[1, n]``.
     """
+    if not isinstance(batch_size, (int, np.integer)):
+        # A symbolic dimension (jax.export with shape polymorphism) cannot size a subset.
+        raise ValueError(
+            f"mode='sample' with implementation='skip' needs a static batch size (the subset "
+            f"size k is a shape), got the symbolic dimension {batch_size!r}: export with a "
+            f"concrete batch size, or use implementation='mask'.")
     n = _check_groups(batch_size, groups)
     p = _static_prob(survival_prob)
     return min(n, max(1, math.floor(n * p + 0.5)))
@@ -632,7 +654,8 @@ def stochastic_depth(
         same structure); ``mode='sample'`` gates along ``batch_axis`` of every leaf.
       survival_prob: p in (0, 1]. A concrete 1.0 never draws a key.
       key: PRNG key for the gate; required in training unless ``survival_prob`` is 1.
-      deterministic: evaluation mode: every branch runs, scaled per ``scaling``.
+      deterministic: evaluation mode: every branch runs, scaled per ``scaling``. A Python
+        bool (static under ``jit``).
       mode: ``'batch'`` (one gate per call, paper) or ``'sample'`` (one per example).
       scaling: ``'test'`` (paper: scale by p at evaluation) or ``'train'`` (scale by 1/p
         in training; ``n / k`` for subsets).
@@ -651,6 +674,7 @@ def stochastic_depth(
     """
     validate_options(mode, scaling, implementation)
     check_survival_prob(survival_prob)
+    check_deterministic(deterministic)
     if deterministic:
         return with_shortcut(scaled(branch(x), eval_scale(survival_prob, scaling)), shortcut)
     if is_static_one(survival_prob):

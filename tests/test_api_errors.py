@@ -223,3 +223,54 @@ def test_concrete_jax_scalars_are_range_checked_and_accepted_as_rates():
     assert abs(drop.survival_prob - 0.9) < 1e-6
     with pytest.raises(ValueError, match="drop_path_rate must be in"):
         vit.drop_path_rates(4, jnp.float32(1.0))
+
+
+def test_a_traced_train_flag_is_a_clear_error_everywhere():
+    # A train flag passed to jax.jit as an ordinary argument arrives traced; Python's `if`
+    # cannot read it. Each API says so and names static_argnames, not TracerBoolConversion.
+    message = r"deterministic \(or train\) must be a Python bool.*static_argnames"
+    key = jax.random.key(1)
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda d: ops.stochastic_depth(F, X, survival_prob=0.5, key=key,
+                                               deterministic=d))(True)
+    sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
+    v = sd.init(jax.random.key(0), X, deterministic=True)
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda d: sd.apply(v, X, deterministic=d))(True)
+    images = jnp.zeros((2, 16, 16, 3))
+    model = sdj.ViT(num_classes=3, **VIT)
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda t: model.init(jax.random.key(0), images, train=t))(False)
+    nnx_sd = nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5)
+    with pytest.raises(TypeError, match=message):
+        nnx.jit(lambda m, d: m(X, deterministic=d))(nnx_sd, True)
+
+
+def test_per_layer_rates_made_under_nnx_vmap_are_refused_with_the_fix():
+    # A traced attribute would leak out of nnx.vmap (UnexpectedTracerError at the first
+    # training call); the error names the call-time survival_prob instead.
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    def make(p, rngs):
+        return nnx_layers.StochasticDepth(NnxDense(rngs), p, rngs=rngs)
+
+    with pytest.raises(ValueError, match=r"pass each layer's rate at call time, "
+                                         r"sd\(x, survival_prob=p\)"):
+        make(jnp.array([0.9, 0.5]), nnx.Rngs(params=0, stochastic_depth=1))
+
+
+def test_drop_path_subsets_under_a_symbolic_batch_say_what_to_do():
+    # jax.export with a polymorphic batch: k is a shape, so subsets need a concrete batch
+    # (before: a ConcretizationTypeError from inside subset_size); masking exports fine.
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 4, 6"), jnp.float32)
+    key = jax.random.key(1)
+
+    def export(implementation):
+        def op(x, k):
+            return ops.stochastic_depth(F, x, survival_prob=0.5, key=k, mode="sample",
+                                        implementation=implementation)
+        return jax.export.export(jax.jit(op))(spec, key)
+
+    with pytest.raises(ValueError, match="needs a static batch size.*symbolic dimension b"):
+        export("skip")
+    assert export("mask").call(X, key).shape == X.shape
