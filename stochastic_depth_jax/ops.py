@@ -280,8 +280,9 @@ def subset_size(batch_size: int, survival_prob: float, groups: int = 1) -> int:
     Returns:
       k, a Python int in ``[1, n]``.
     """
-    if not isinstance(batch_size, (int, np.integer)):
-        # A symbolic dimension (jax.export with shape polymorphism) cannot size a subset.
+    if jax.export.is_symbolic_dim(batch_size):
+        # A symbolic dimension (jax.export with shape polymorphism) cannot size a subset;
+        # any concrete size (a NumPy or JAX integer too) can, as before.
         raise ValueError(
             f"mode='sample' with implementation='skip' needs a static batch size (the subset "
             f"size k is a shape), got the symbolic dimension {batch_size!r}: export with a "

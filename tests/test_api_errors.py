@@ -274,3 +274,9 @@ def test_drop_path_subsets_under_a_symbolic_batch_say_what_to_do():
     with pytest.raises(ValueError, match="needs a static batch size.*symbolic dimension b"):
         export("skip")
     assert export("mask").call(X, key).shape == X.shape
+
+
+@pytest.mark.parametrize("batch", [np.int64(10), jnp.int32(10)])
+def test_subset_size_takes_any_concrete_batch_size(batch):
+    # Only a symbolic dimension is refused: a NumPy or JAX integer sizes a subset as an int.
+    assert ops.subset_size(batch, 0.5) == ops.subset_size(10, 0.5)
