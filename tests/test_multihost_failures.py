@@ -112,6 +112,21 @@ def test_a_lone_process_with_a_typo_says_so_before_waiting_for_the_others():
                          "(waiting up to 300 s for them all; Ctrl-C stops).\n")
 
 
+def test_only_a_failure_the_cli_reports_leaves_the_checkpoint_close_to_it(monkeypatch):
+    # A Python caller's failure in a job reaches no leave_job, and a close left to the exit
+    # fails (the interpreter has shut its thread pools down; the save stays uncommitted):
+    # the run closes its checkpoints at once, as before. The command-line tools report the
+    # failure first, then close (leave_job).
+    monkeypatch.setattr(distributed, "in_job", lambda: True)
+    monkeypatch.setattr(distributed, "_closing", [])
+    assert not distributed.close_after_reporting(lambda: None)
+    assert distributed._closing == []
+    with distributed.reporting_failures():
+        assert distributed.close_after_reporting(print)
+    assert distributed._closing == [print]
+    assert not distributed.close_after_reporting(lambda: None)  # The block has ended.
+
+
 def test_evaluate_joins_with_the_timeouts_of_train(monkeypatch, tmp_path):
     sys.path.insert(0, REPO)  # evaluate.py lives at the repository root.
     import evaluate as evaluate_cli

@@ -193,7 +193,7 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
     with contextlib.ExitStack() as quiet:
         reports = _Reports()
         try:
-            with one_line_warnings(debug):
+            with one_line_warnings(debug), distributed.reporting_failures():
                 if not debug:
                     reports = quiet.enter_context(_library_reports_dropped())
                 return main()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import errno
 import inspect
 import itertools
@@ -44,7 +45,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -62,6 +63,7 @@ __all__ = [
     "check_same_config",
     "leave_job",
     "close_after_reporting",
+    "reporting_failures",
     "in_job",
     "lost_peer",
     "report_first",
@@ -594,15 +596,31 @@ def lost_peer(error: BaseException) -> str | None:
 
 
 _closing: list[Callable[[], None]] = []  # What leave_job finishes once the others know.
+_reporting = False  # Whether a failure now reaches leave_job (reporting_failures).
+
+
+@contextlib.contextmanager
+def reporting_failures() -> Iterator[None]:
+    """Marks the block as one whose failures :func:`leave_job` reports (the command-line
+    tools' error handler): only there does :func:`close_after_reporting` defer a close."""
+    global _reporting
+    previous, _reporting = _reporting, True
+    try:
+        yield
+    finally:
+        _reporting = previous
 
 
 def close_after_reporting(close: Callable[[], None]) -> bool:
-    """In a multi-process job, has :func:`leave_job` call ``close`` (which waits for a
-    checkpoint save in flight) only after it has told the others of this process's failure,
-    so that they hear of it at once, not one save later; returns whether it will. Outside a
-    job, returns False: the caller closes now. Called at exit if no failure was reported.
+    """In a multi-process job whose failures :func:`leave_job` reports
+    (:func:`reporting_failures`), has it call ``close`` (which waits for a checkpoint save
+    in flight) only after it has told the others of this process's failure, so that they
+    hear of it at once, not one save later; returns whether it will. Otherwise returns
+    False: the caller closes now (a Python caller's failure is not reported, and a close
+    left to the interpreter's exit fails: its thread pools are shut down by then). Called
+    at exit if no failure was reported after all.
     """
-    if not in_job():
+    if not (_reporting and in_job()):
         return False
     _closing.append(close)
     return True
