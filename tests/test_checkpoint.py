@@ -181,6 +181,29 @@ def test_an_unfinished_save_is_set_aside_with_a_warning(tmp_path, mesh, monkeypa
     ckpts.close()
 
 
+def test_only_the_newest_unfinished_save_is_kept(tmp_path, mesh, monkeypatch):
+    """A run preempted during many saves does not pile up a state's worth of disk each time:
+    the newest unfinished save replaces the older ones, and the warning says so."""
+    monkeypatch.setattr(ckpt_lib.time, "time", lambda: 1234.5)
+    _save_steps(tmp_path, mesh, [1])
+    step_dir = os.path.join(tmp_path, "checkpoints", "1")
+    _unfinished(tmp_path, "checkpoints", 3, step_dir)
+    with pytest.warns(logs.RunWarning):
+        ckpt_lib.Checkpoints(tmp_path).close()
+    for step in (4, 5):  # two left by one interruption (an older one never cleaned up)
+        _unfinished(tmp_path, "checkpoints", step, step_dir)
+    with pytest.warns(logs.RunWarning) as caught:
+        ckpt_lib.Checkpoints(tmp_path).close()
+    [message] = [str(w.message) for w in caught]
+    moved = os.path.join(tmp_path, "checkpoints_unfinished", "latest-5-1234")
+    assert message.startswith(f"An unfinished save of step 5 in {os.path.join(tmp_path, 'checkpoints')}"
+                              f" (interrupted before it was committed) was moved to {moved}, "
+                              "replacing 2 older unfinished saves (deleted: only the newest is "
+                              "kept); "), message
+    assert os.listdir(os.path.join(tmp_path, "checkpoints_unfinished")) == ["latest-5-1234"]
+    assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1"]
+
+
 def test_only_unfinished_saves_say_the_run_starts_from_step_0(tmp_path, mesh):
     """A run killed during its first saves: nothing committed, nothing lost silently."""
     _save_steps(tmp_path / "done", mesh, [1])

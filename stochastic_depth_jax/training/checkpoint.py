@@ -5,14 +5,15 @@ Layout under the workdir::
   checkpoints/<step>/{state,meta}        last ``keep`` saves (resume from the newest good one)
   checkpoints_best/<step>/{state,meta}   the two most recent improvements of the best metric
   checkpoints_corrupt/<kind>-<step>-<t>[.n]  checkpoints found damaged, moved aside
-  checkpoints_unfinished/<kind>-<step>-<t>[.n]  saves interrupted before their commit
+  checkpoints_unfinished/<kind>-<step>-<t>  the newest save interrupted before its commit
 
 Orbax writes each save into a temporary directory and renames it when complete, so an
 interrupted save never appears as a step, and old steps are deleted only after the new one
 is committed. A training run's start moves such leftovers (which Orbax would delete without
 a word; one killed between writing and committing holds the whole state) to
-``checkpoints_unfinished/`` with a warning saying where each went and which checkpoint the
-run resumes from (from step 0 if none was committed). A committed checkpoint that fails
+``checkpoints_unfinished/`` with a warning saying where it went and which checkpoint the
+run resumes from (from step 0 if none was committed); only the newest is kept per kind
+(older ones are deleted, as the warning says), so repeated preemptions do not fill the disk. A committed checkpoint that fails
 to restore, or whose restored bits do not match the checksum stored at save time, is
 skipped with a warning and moved aside (under a name no other move takes); the previous
 one is used instead. A read that fails for a reason outside the checkpoint (no permission,
@@ -103,7 +104,7 @@ def _check_listable(directory: str) -> None:
         raise access from e
 
 
-# Where a training run moves the saves an earlier one left unfinished (never deleted).
+# Where a training run moves the newest save an earlier one left unfinished (one per kind).
 UNFINISHED_DIR = "checkpoints_unfinished"
 
 
@@ -118,6 +119,20 @@ def _unfinished_saves(directory: str) -> list[str]:
         n for n in names if ocp.utils.TMP_DIR_SUFFIX in n
         and os.path.isdir(os.path.join(directory, n))
         and not os.path.islink(os.path.join(directory, n)))
+
+
+def _step_order(name: str) -> int:
+    """Sorts unfinished saves oldest first (by step; one without a step first)."""
+    step = _unfinished_step(name)
+    return int(step) if step.isdigit() else -1
+
+
+def _listdir(directory: str) -> list[str]:
+    """``directory``'s entries, sorted; none if it does not exist."""
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
 
 
 def _unfinished_step(name: str) -> str:
@@ -175,9 +190,11 @@ def structure_signature(tree: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _unfinished_message(kind: str, step: str, directory: str, target: str) -> str:
+def _unfinished_message(kind: str, step: str, directory: str, target: str,
+                        dropped: int = 0) -> str:
     """The warning for an unfinished save of ``kind`` moved from ``directory`` to
-    ``target``: what it was, where it went, and what the run uses instead."""
+    ``target``: what it was, where it went (and how many older unfinished saves it
+    replaced), and what the run uses instead."""
     committed = sorted(ocp.utils.checkpoint_steps(directory))
     if kind == "best":
         instead = "it is not used"
@@ -185,8 +202,10 @@ def _unfinished_message(kind: str, step: str, directory: str, target: str) -> st
         instead = f"the newest committed checkpoint (step {committed[-1]}) is used instead"
     else:
         instead = "no checkpoint was committed before it, so training starts from step 0"
+    replaced = (f", replacing {dropped} older unfinished save{'s' * (dropped > 1)} (deleted: "
+                "only the newest is kept)") if dropped else ""
     return (f"An unfinished save of step {step} in {directory} (interrupted before it was "
-            f"committed) was moved to {target}; {instead}.")
+            f"committed) was moved to {target}{replaced}; {instead}.")
 
 
 class Checkpoints:
@@ -214,21 +233,31 @@ class Checkpoints:
         }
 
     def _set_aside_unfinished(self) -> None:
-        """Moves the saves an earlier run left unfinished to ``checkpoints_unfinished/``, one
-        warning each (where it went; which checkpoint is used), before Orbax's start-up
-        would delete them. Process 0 moves them, as Orbax deletes them from process 0
-        alone: the others list only committed steps, so they need not wait for it."""
+        """Moves the newest save an earlier run left unfinished to
+        ``checkpoints_unfinished/``, per kind, with one warning (where it went; which
+        checkpoint is used), before Orbax's start-up would delete it. Only the newest is
+        kept: a run preempted during many saves would otherwise pile up a state's worth of
+        disk each time; older ones (and the one kept from an earlier interruption) are
+        deleted, which the warning says. Process 0 moves them, as Orbax deletes them from
+        process 0 alone: the others list only committed steps, so they need not wait."""
         if jax.process_index() != 0:
             return
+        parent = os.path.join(self.workdir, UNFINISHED_DIR)
         for name, kind in (("checkpoints", "latest"), ("checkpoints_best", "best")):
             directory = os.path.join(self.workdir, name)
-            for entry in _unfinished_saves(directory):
-                step = _unfinished_step(entry)
-                target = _move_aside(os.path.join(directory, entry),
-                                     os.path.join(self.workdir, UNFINISHED_DIR),
-                                     f"{kind}-{step}-{int(time.time())}")
-                warnings.warn(_unfinished_message(kind, step, directory, target),
-                              logs.RunWarning, stacklevel=3)  # the Checkpoints(...) call
+            entries = sorted(_unfinished_saves(directory), key=_step_order)
+            if not entries:
+                continue
+            kept = [os.path.join(parent, n) for n in _listdir(parent) if n.startswith(kind + "-")]
+            *older, newest = entries
+            step = _unfinished_step(newest)
+            target = _move_aside(os.path.join(directory, newest), parent,
+                                 f"{kind}-{step}-{int(time.time())}")
+            dropped = kept + [os.path.join(directory, n) for n in older]
+            for path in dropped:
+                shutil.rmtree(path, ignore_errors=True)
+            warnings.warn(_unfinished_message(kind, step, directory, target, len(dropped)),
+                          logs.RunWarning, stacklevel=3)  # the Checkpoints(...) call
 
     def _manager(self, name: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
