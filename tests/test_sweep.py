@@ -113,10 +113,14 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     assert "Unfinished" in text and "): depth8_pL0.5." in text and "depth8_pL1." not in text
 
 
-def test_stop_signals_nested_never_lose_a_request():
+def test_stop_signals_nested_never_lose_a_request(capsys):
     """A request the inner object did not act on reaches the enclosing one, and one pending
     in the enclosing object is the inner one's from its start."""
     before = signal.getsignal(signal.SIGTERM)
+    with stopping.StopSignals(when="before the next run") as outer:
+        os.kill(os.getpid(), signal.SIGINT)  # between runs: the enclosing one says what follows
+        assert outer.signum == signal.SIGINT
+        assert "SIGINT received: stopping before the next run (Ctrl-C" in capsys.readouterr().out
     with stopping.StopSignals() as outer:
         with stopping.StopSignals() as inner:
             os.kill(os.getpid(), signal.SIGTERM)  # e.g. during a run's last evaluation

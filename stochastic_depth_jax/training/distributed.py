@@ -488,7 +488,8 @@ def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> Non
     ``wait_s`` for ``who`` to finish what it was writing (a checkpoint, whose every process
     must take part in the save: this one's part goes on in a background thread). Returns
     without a word if this process is reporting its own error already."""
-    if not report_first():
+    if not report_first():  # Said already: by the peer watch (which ends the process) or
+        wait_until_ended()  # by the main thread's own error (the watch was closed for it).
         return
     _say(f"error: {_stops_too(who, message)}")
     try:

@@ -53,6 +53,7 @@ class Stopped(errors.Error):
 
 class StopSignals:
     """Context manager: while active, SIGTERM and SIGINT request a stop instead of killing.
+    ``when`` is what the line printed at the first signal says happens next.
 
     Handlers are installed only in the main thread (Python allows no other); elsewhere the
     object never requests a stop. The previous handlers are restored on exit.
@@ -63,8 +64,10 @@ class StopSignals:
     inner one starts is the inner one's too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, when: str = "at the next metrics point after saving a checkpoint"
+                 ) -> None:
         self.signum: int | None = None
+        self._when = when  # what the first signal's line says happens next
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -94,8 +97,8 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name} received: stopping at the next metrics "
-                  "point after saving a checkpoint (Ctrl-C again to stop at once).", flush=True)
+            print(f"\n{signal.Signals(signum).name} received: stopping {self._when} (Ctrl-C "
+                  "again to stop at once).", flush=True)
 
     def agreed(self) -> int | None:
         """The signal to stop on, the same in every process; None to go on.

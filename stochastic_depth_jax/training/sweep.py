@@ -216,7 +216,7 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
     # A signal between two runs, or during a run's last evaluation (after its last stop
     # point), reaches this object: the sweep stops before the next run instead of
     # starting it (a scheduler's grace period would end inside it).
-    with stopping.StopSignals() as stop:
+    with stopping.StopSignals(when="before the next run of the sweep starts") as stop:
         for name, config in runs:
             _stop_between_runs(stop, status, len(runs), root)
             workdir = os.path.join(root, name)
