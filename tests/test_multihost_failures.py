@@ -127,6 +127,34 @@ def test_only_a_failure_the_cli_reports_leaves_the_checkpoint_close_to_it(monkey
     assert not distributed.close_after_reporting(lambda: None)  # The block has ended.
 
 
+def test_the_workdir_stays_locked_until_a_failed_runs_save_is_committed(monkeypatch, tmp_path):
+    # The command-line tools finish a failed run's save after reporting the failure: the
+    # workdir lock is held until then, or a run started meanwhile would take the save in
+    # flight for one left unfinished and move it aside.
+    sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+    from configs import load_config
+    from stochastic_depth_jax.training import loop, workdir as workdir_lib
+
+    monkeypatch.setattr(distributed, "in_job", lambda: True)
+    monkeypatch.setattr(distributed, "_closing", [])
+    workdir = str(tmp_path / "run")
+    saved = []
+
+    def fails_while_saving(config, workdir):
+        os.makedirs(os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-1"))
+        assert distributed.close_after_reporting(lambda: saved.append("committed"))
+        raise RuntimeError("failed with a save in flight")
+
+    monkeypatch.setattr(loop, "_run_locked", fails_while_saving)
+    with distributed.reporting_failures(), pytest.raises(RuntimeError, match="in flight"):
+        loop.train_and_evaluate(load_config("cifar10:smoke"), workdir)
+    with pytest.raises(errors.WorkdirBusyError):
+        workdir_lib.WorkdirLock(workdir).acquire()
+    distributed._close_all()  # What leave_job runs once the others know.
+    assert saved == ["committed"]
+    workdir_lib.WorkdirLock(workdir).acquire().release()
+
+
 def test_evaluate_joins_with_the_timeouts_of_train(monkeypatch, tmp_path):
     sys.path.insert(0, REPO)  # evaluate.py lives at the repository root.
     import evaluate as evaluate_cli

@@ -67,6 +67,7 @@ __all__ = [
     "in_job",
     "lost_peer",
     "report_first",
+    "closes_pending",
     "wait_until_ended",
     "make_mesh",
     "replicated",
@@ -625,6 +626,12 @@ def close_after_reporting(close: Callable[[], None]) -> bool:
         return False
     _closing.append(close)
     return True
+
+
+def closes_pending() -> bool:
+    """Whether :func:`close_after_reporting` holds a close that :func:`leave_job` has yet to
+    run (a failed run's checkpoint save still in flight)."""
+    return bool(_closing)
 
 
 def _close_all() -> None:

@@ -429,10 +429,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
     try:
-        with lock:
+        lock.acquire()
+        try:
             return _run_locked(config, workdir)
+        finally:
+            # A failed run's save that finishes after the failure is reported
+            # (distributed.close_after_reporting) keeps the workdir until it is committed: a
+            # run started meanwhile would set it aside as an unfinished save.
+            if not (distributed.closes_pending()
+                    and distributed.close_after_reporting(lock.release)):
+                lock.release()
     except BaseException:
-        if created:
+        if created and not distributed.closes_pending():  # else: a save still writes there
             _remove_if_empty(workdir)
         raise
 
