@@ -78,6 +78,9 @@ def test_path_form_and_overrides():
         ("cifar10", ["--config.model.final_survival_prb=0.3"],
          "Unknown config field 'model.final_survival_prb'. Did you mean "
          "'model.final_survival_prob'\\? Valid fields: adam_b1"),
+        # A field of another model: no far-fetched guess (model.drop_path_rule), the list.
+        ("cifar10_vit", ["--config.model.compact_multiple=4"],
+         "Unknown config field 'model.compact_multiple'. Valid fields: "),
         ("cifar10", ["--config.model=1"], "'model' is a group of fields; override one of "
                                           "them: model.block, .*model.depth"),
         ("cifar10", ["--config.lr_boundaries_epochs=abc"], "Bad value 'abc' for config field "

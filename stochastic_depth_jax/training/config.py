@@ -150,7 +150,7 @@ def _unknown_field(key: str, valid: Sequence[str]) -> errors.ConfigError:
         return errors.ConfigError(
             f"Config field {key!r} is a group of fields; override one of them: "
             f"{', '.join(group)}")
-    close = difflib.get_close_matches(key, valid, n=1)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)  # a typo, not a guess
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return errors.ConfigError(
         f"Unknown config field {key!r}.{hint} Valid fields: {', '.join(valid)}")
