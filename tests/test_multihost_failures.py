@@ -196,6 +196,7 @@ def test_a_process_failing_in_setup_stops_the_other(tmp_path):
 def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_path):
     # The old code waited for the save (every process takes part) before telling the others.
     (s0, out0, _), (s1, out1, _) = finish_all(_worker_job(tmp_path, "save"), timeout=BOUND_S)
+    assert (s0, s1) == (1, 1), f"process 0:\n{out0[-3000:]}\nprocess 1:\n{out1[-3000:]}"
     assert _error_line(s1, out1) == "error: " + fails_on_one.MESSAGE
     line = _error_line(s0, out0)
     assert line.startswith("error: process 1 of 2 failed, so process 0 stops too"), line

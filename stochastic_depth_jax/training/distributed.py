@@ -81,6 +81,7 @@ DATA_AXIS = "data"
 # The longest process 0 (which hosts the job's coordination service) waits, after failing,
 # for the others to leave: when it exits first, JAX's runtime aborts them with a C++ trace.
 LEAVE_WAIT_S = 5.0
+EXIT_GRACE_S = 1.0  # process 0's wait for the others' exit once they said they leave
 # JAX's own heartbeat timeout is the one asked for plus this (see initialize).
 RUNTIME_MARGIN_S = 30
 _KEY = "stochastic_depth_jax"  # prefix of this package's keys in the job's key-value store
@@ -701,12 +702,19 @@ def _left(client: Any) -> dict[int, str]:
 
 
 def _wait_until_left(client: Any, processes: set[int]) -> dict[int, str]:
-    """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job; returns :func:`_left`."""
+    """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job; returns :func:`_left`.
+
+    On process 0, whose exit ends the job's service (and the runtime aborts a process still
+    connected to it, with a C++ trace), then waits ``EXIT_GRACE_S`` more when some of them
+    recorded that they exit at once: between recording it and exiting, a process on a busy
+    machine may wait for the interpreter lock."""
     deadline = time.monotonic() + LEAVE_WAIT_S
     left = _left(client)
     while not processes <= set(left) and time.monotonic() < deadline:
         time.sleep(0.1)
         left = _left(client)
+    if jax.process_index() == 0 and any(left.get(p) == _STOPPED for p in processes):
+        time.sleep(EXIT_GRACE_S)
     return left
 
 
