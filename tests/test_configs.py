@@ -133,8 +133,11 @@ def test_none_still_empties_optional_fields():
     # A placeholder that was given a value may be emptied again (it is told from a plain
     # field by its FieldReference, not by its value).
     c = load_config("cifar10", ["--config.model.scan=true", "--config.model.scan=None",
-                                "--config.validation_size=8", "--config.validation_size=None"])
-    assert c.model.scan is None and c.validation_size is None
+                                "--config.validation_size=8", "--config.validation_size=None",
+                                "--config.data_dir=/data", "--config.data_dir=None"])
+    assert c.model.scan is None and c.validation_size is None and c.data_dir is None
+    # A plain text field keeps the word: 'none' is a value of model.remat.
+    assert load_config("cifar10", ["--config.model.remat=none"]).model.remat == "none"
     c = load_config("cifar10_vit:smoke", ["--config.model.width=None"])  # from model.size
     assert c.model.width is None
     c = load_config("cifar10_convnext", ["--config.model.layer_scale_init=None"])

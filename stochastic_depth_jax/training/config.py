@@ -77,13 +77,14 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
 _NONE_WORDS = ("None", "none", "null")
 
 
-def _parse(text: str, field_type: Any, current: Any = None) -> Any:
+def _parse(text: str, field_type: Any, current: Any = None, may_be_empty: bool = False) -> Any:
     """Parses an override string for a field of type ``field_type`` now holding ``current``.
 
     A string field takes the text as is ('none' is a valid ``model.remat``); None-words
-    give None only for fields that can hold None (placeholders and untyped fields).
+    give None only for fields that can hold None (``may_be_empty``: placeholders, also
+    once given a value, and untyped fields).
     """
-    if field_type is str and current is not None:
+    if field_type is str and current is not None and not may_be_empty:
         return text
     if text in _NONE_WORDS:
         return None
@@ -172,8 +173,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         for p in parents:
             node = node[p]
         try:
-            value = _parse(text, node.get_type(leaf), node[leaf])
-            if value is None and not _may_be_empty(node, leaf, key):
+            may_be_empty = _may_be_empty(node, leaf, key)
+            value = _parse(text, node.get_type(leaf), node[leaf], may_be_empty)
+            if value is None and not may_be_empty:
                 raise ValueError(
                     f"the field cannot be empty (None empties only an optional field); give "
                     f"a value, like the current {node[leaf]!r}"
