@@ -111,12 +111,8 @@ UNFINISHED_DIR = "checkpoints_unfinished"
 def _unfinished_saves(directory: str) -> list[str]:
     """The saves left unfinished in ``directory``: Orbax's temporary directories
     (``<step>.orbax-checkpoint-tmp-<t>``, not a symbolic link, as Orbax tells them)."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):  # Nothing to move; Orbax says the rest.
-        return []
     return sorted(
-        n for n in names if ocp.utils.TMP_DIR_SUFFIX in n
+        n for n in _listdir(directory) if ocp.utils.TMP_DIR_SUFFIX in n
         and os.path.isdir(os.path.join(directory, n))
         and not os.path.islink(os.path.join(directory, n)))
 
@@ -128,10 +124,11 @@ def _step_order(name: str) -> int:
 
 
 def _listdir(directory: str) -> list[str]:
-    """``directory``'s entries, sorted; none if it does not exist."""
+    """``directory``'s entries, sorted; none if it does not exist (or is not a directory:
+    Orbax says so)."""
     try:
         return sorted(os.listdir(directory))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 

@@ -36,7 +36,6 @@ import argparse
 import atexit
 import contextlib
 import errno
-import inspect
 import itertools
 import json
 import os
@@ -246,20 +245,16 @@ _expected: dict[str, Any] | None = None  # How this process will join its job (e
 
 
 def expect_job(**job: Any) -> None:
-    """Takes the arguments :func:`initialize` will get, before the work that comes first
-    (reading the config): a process that fails there still joins its job, only to report
-    its failure (:func:`leave_job`), so that the others stop at once instead of waiting
-    for it until ``timeout_s``. Does nothing for a single-process run.
+    """Takes the arguments :func:`initialize` will get (all of them, as
+    :func:`job_arguments` gives them), before the work that comes first (reading the
+    config): a process that fails there still joins its job, only to report its failure
+    (:func:`leave_job`), so that the others stop at once instead of waiting for it until
+    ``timeout_s``. Does nothing for a single-process run.
     """
     global _expected
-    manual = [job.get(k) for k in ("coordinator_address", "num_processes", "process_id")]
-    joins = job.get("auto") or all(v is not None for v in manual)
-    _expected = dict(_INITIALIZE_DEFAULTS, **job) if joins else None
-
-
-# The arguments of initialize, with their default values (those that expect_job was not given).
-_INITIALIZE_DEFAULTS = {name: p.default
-                        for name, p in inspect.signature(initialize).parameters.items()}
+    manual = [job[k] for k in ("coordinator_address", "num_processes", "process_id")]
+    joins = job["auto"] or all(v is not None for v in manual)
+    _expected = job if joins else None
 
 
 def _join_to_report() -> Any:
