@@ -72,6 +72,7 @@ class _Run:
     state: Any
     best: dict[str, Any] | None = None
     stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
+    plotted_at: float | None = None  # perf_counter() of the last drawing of the curves
 
     @property
     def step(self) -> int:
@@ -155,11 +156,30 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
     return time.perf_counter() - t0
 
 
+# The curves are redrawn during training at most this often (a drawing takes ~0.3 s on
+# process 0), so a long run's error.png shows its progress; and at the end or a stop.
+PLOT_EVERY_S = 300.0
+
+
+def _draw_plots(run: _Run, force: bool) -> None:
+    """Redraws error.png and loss.png from metrics.jsonl (process 0, ``write_plots``)."""
+    if not run.config.write_plots or jax.process_index() != 0:
+        return
+    now = time.perf_counter()
+    if not force and run.plotted_at is not None and now - run.plotted_at < PLOT_EVERY_S:
+        return
+    run.plotted_at = now
+    plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir,
+                      title=plots.run_title(run.config), best=run.best,
+                      lr_drops=run.config.lr_schedule == "step")
+
+
 def _stop_if_requested(run: _Run, step: int) -> None:
     """On an agreed stop request: save 'latest' at ``step``, wait for it, raise Stopped."""
     signum = run.stop.agreed() if run.stop is not None else None
     if signum is None:
         return
+    _draw_plots(run, force=True)
     _save(run, "latest")  # Not twice: a step saved already (at the epoch's end) is skipped.
     run.ckpts.wait()
     spe = run.setup.steps_per_epoch
@@ -214,6 +234,8 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         }
         _save(run, "best", {"record": record})
     run.writer.write(record)
+    if not is_last:  # The last is drawn once the run's summary is known.
+        _draw_plots(run, force=run.plotted_at is None)  # The first epoch's, then periodically.
     if progress.prints_epoch_lines(c.progress_bar):  # Else the bar alone shows progress.
         print(progress.epoch_line(record, c.num_epochs), flush=True)
     periodic = (c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or (
@@ -582,6 +604,5 @@ def _train(run: _Run) -> dict[str, Any]:
         "train_step_compile_s": compile_time,
         "train_time_s_this_session": train_time,
     }  # Written once, with the compile counts, by _run_locked.
-    if c.write_plots and jax.process_index() == 0:
-        plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir)
+    _draw_plots(run, force=True)
     return summary

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-__all__ = ["new_figure", "plot_curves"]
+__all__ = ["curves_figure", "new_figure", "plot_curves", "run_title"]
+
+_MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -20,31 +22,103 @@ def new_figure(figsize: tuple[float, float]) -> Any:
     return Figure(figsize=figsize)
 
 
-def _plot(
-    records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str, path: str, percent: bool
-) -> None:
-    fig = new_figure((7, 4.5))
+def run_title(config: Any) -> str:
+    """One line naming what a run trained, e.g. ``cifar10, ResNet-110, stochastic depth
+    p_L=0.5 (linear, batch), float32``, ``..., constant depth, ...`` or ``cifar10, ViT-S,
+    drop path 0.1 (linear, sample), float32``: the curves' title, so a PNG copied out of its
+    workdir still says what it shows."""
+    m = config.model
+    if m.name == "wide_resnet":
+        model = f"WRN-{m.depth}-{m.widen_factor}"
+    elif m.name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's depth differs.
+        model = f"ViT-{str(m.size).capitalize()}" + (f" depth {m.depth}" if m.depth else "")
+    elif m.name == "convnext":
+        model = f"ConvNeXt-{m.size}"
+    else:
+        model = f"{_MODEL_NAMES.get(m.name, m.name)}-{m.depth}"
+    if "drop_path_rate" in m:
+        depth = f"drop path {m.drop_path_rate:g} ({m.drop_path_rule}, {m.mode})"
+    elif m.final_survival_prob >= 1:
+        depth = "constant depth"
+    else:
+        depth = f"stochastic depth p_L={m.final_survival_prob:g} ({m.survival_rule}, {m.mode})"
+    dataset = str(config.dataset)
+    if dataset.startswith("image_folder:"):  # A local path: its last part names it enough.
+        dataset = "image_folder:" + os.path.basename(dataset.rstrip("/"))
+    return f"{dataset}, {model}, {depth}, {m.dtype}"
+
+
+def _lr_changes(records: Sequence[dict[str, Any]]) -> list[tuple[Any, float]]:
+    """``(epoch, new lr)`` wherever the learning rate changed between two records. A record's
+    ``lr`` is its epoch's last, so a change is at the end of the epoch before it. Meant for a
+    piecewise-constant (step) schedule: a cosine one changes every epoch."""
+    changes, previous, previous_epoch = [], None, None
+    for r in records:
+        lr = r.get("lr")
+        if not isinstance(lr, (int, float)):
+            continue
+        if previous is not None and abs(lr - previous) > 1e-6 * abs(previous):
+            changes.append((previous_epoch, lr))
+        previous, previous_epoch = lr, r["epoch"]
+    return changes
+
+
+def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str,
+                  percent: bool, title: str | None = None,
+                  best: dict[str, Any] | None = None, lr_drops: bool = False) -> Any:
+    """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
+    scale = 100 if percent else 1
     for key in keys:
         points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if points:
             x, y = zip(*points)
-            ax.plot(x, [100 * v for v in y] if percent else y, label=key)
+            ax.plot(x, [scale * v for v in y], label=key, marker="." if len(x) < 30 else None)
+    for i, (epoch, lr) in enumerate(_lr_changes(records) if lr_drops else ()):
+        ax.axvline(epoch, color="0.6", linestyle=":", linewidth=1,
+                   label="learning-rate drop" if i == 0 else None)
+        ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=7, color="0.4")
+    metric = best.get("metric") if best else None
+    if metric in keys and isinstance(best.get("value"), (int, float)):
+        test = best.get("test_error")
+        note = f"best {metric}: epoch {best['epoch']:g}" + (
+            f", test error {100 * test:.2f}%" if isinstance(test, (int, float)) else "")
+        ax.plot([best["epoch"]], [scale * best["value"]], "k*", markersize=10, label=note)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    # Beside the axes: inside, it would hide a curve or a learning-rate label somewhere.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
-def plot_curves(records: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
+def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | None = None,
+                best: dict[str, Any] | None = None, lr_drops: bool = False) -> list[str]:
     """Writes ``error.png`` and ``loss.png`` (train/val/test per epoch) to ``out_dir``.
+
+    Args:
+      records: ``metrics.jsonl``'s records (``metrics.read_metrics``).
+      out_dir: where the PNGs go (the workdir).
+      title: a line above the axes (:func:`run_title`).
+      best: the run's best record (``summary.json``'s ``"best"``: ``metric``, ``value``,
+        ``epoch``, ``test_error``), starred on the error curve it was selected by.
+      lr_drops: mark each change of the records' ``lr`` with a dotted vertical line (for
+        ``lr_schedule='step'``).
 
     Returns:
       The paths written.
     """
     paths = [os.path.join(out_dir, "error.png"), os.path.join(out_dir, "loss.png")]
-    _plot(records, ("train_error", "val_error", "test_error"), "error (%)", paths[0], True)
-    _plot(records, ("train_loss", "val_loss", "test_loss"), "cross-entropy loss", paths[1], False)
+    curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)", True,
+                  title, best, lr_drops).savefig(paths[0], dpi=120)
+    curves_figure(records, ("train_loss", "val_loss", "test_loss"), "cross-entropy loss",
+                  False, title, None, lr_drops).savefig(paths[1], dpi=120)
     return paths

@@ -1,0 +1,81 @@
+"""The training curves: title, learning-rate drops, the best checkpoint, and when they are drawn."""
+
+import os
+import types
+
+import pytest
+
+from configs import load_config
+from stochastic_depth_jax.training import loop, plots
+
+
+def _records(lrs, start_error=0.9):
+    return [{"epoch": i + 1, "step": 10 * (i + 1), "lr": lr, "train_error": start_error - 0.1 * i,
+             "val_error": start_error - 0.05 * i, "test_error": start_error - 0.06 * i,
+             "train_loss": 2.0 - 0.1 * i} for i, lr in enumerate(lrs)]
+
+
+def test_step_drops_are_marked_where_they_happen():
+    # A record's lr is its epoch's last: a drop after epoch 3 shows in epoch 4's record.
+    step = _records([0.1, 0.1, 0.1, 0.01, 0.01, 0.001])
+    assert plots._lr_changes(step) == [(3, pytest.approx(0.01)), (5, pytest.approx(0.001))]
+    # float32 round trips of one value are not a change
+    assert plots._lr_changes(_records([0.1, 0.10000000149011612])) == []
+
+
+def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
+    records = _records([0.1, 0.1, 0.1, 0.01, 0.01, 0.001])
+    best = {"metric": "val_error", "value": 0.7, "epoch": 5, "step": 50, "test_error": 0.66}
+    fig = plots.curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)",
+                              True, title="the run", best=best, lr_drops=True)
+    ax = fig.axes[0]
+    assert ax.get_title() == "the run"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:4] == ["train_error", "val_error", "test_error", "learning-rate drop"]
+    assert labels[4] == "best val_error: epoch 5, test error 66.00%"
+    star = [line for line in ax.get_lines() if line.get_label().startswith("best")][0]
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([5], [pytest.approx(70.0)])
+    drops = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert sorted(line.get_xdata()[0] for line in drops) == [3, 5]
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 6]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    # Not marked for a schedule that is not piecewise constant (cosine changes every epoch).
+    cosine = plots.curves_figure(records, ("val_error",), "error (%)", True)
+    assert all(line.get_linestyle() != ":" for line in cosine.axes[0].get_lines())
+    # A best chosen by another metric is not starred on a figure without it.
+    loss = plots.curves_figure(records, ("train_loss",), "loss", False, best=best)
+    assert all(not line.get_label().startswith("best") for line in loss.axes[0].get_lines())
+
+
+@pytest.mark.parametrize("spec, overrides, want", [
+    ("cifar10", [], "cifar10, ResNet-110, stochastic depth p_L=0.5 (linear, batch), float32"),
+    ("cifar10", ["--config.model.final_survival_prob=1.0", "--config.model.dtype=bfloat16"],
+     "cifar10, ResNet-110, constant depth, bfloat16"),
+    ("cifar100_wrn", [], "cifar100, WRN-28-10, stochastic depth p_L=0.8"),
+    ("cifar10_vit", [], "cifar10, ViT-S, drop path 0.1 (linear, sample)"),
+    ("cifar10_vit:smoke", [], "ViT-Ti depth 2"),
+    ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
+    ("cifar10", ["--config.dataset=image_folder:/data/my_images/"], "image_folder:my_images, "),
+])
+def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
+    assert want in plots.run_title(load_config(spec, overrides))
+
+
+def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(
+        monkeypatch, tmp_path):
+    drawn, now = [], [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(plots, "plot_curves", lambda records, out, **kw: drawn.append(kw))
+    run = types.SimpleNamespace(config=load_config("cifar10:smoke"), workdir=str(tmp_path),
+                                best=None, plotted_at=None)
+    loop._draw_plots(run, force=run.plotted_at is None)  # the first epoch: drawn
+    now[0] += loop.PLOT_EVERY_S / 2
+    loop._draw_plots(run, force=False)  # too soon
+    now[0] += loop.PLOT_EVERY_S / 2
+    loop._draw_plots(run, force=False)  # due
+    loop._draw_plots(run, force=True)  # the end, or a stop
+    assert len(drawn) == 3 and drawn[0]["title"].startswith("cifar10, ResNet-8")
+    assert drawn[0]["lr_drops"] is True  # the smoke config's step schedule
+    run.config.write_plots = False
+    loop._draw_plots(run, force=True)
+    assert len(drawn) == 3 and not os.listdir(tmp_path)
