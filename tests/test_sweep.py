@@ -18,7 +18,7 @@ import sweep as sweep_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import errors  # noqa: E402
+from stochastic_depth_jax import errors, logs  # noqa: E402
 from stochastic_depth_jax.training import stopping, sweep  # noqa: E402
 
 
@@ -140,12 +140,17 @@ def test_a_rerun_with_fewer_depths_redraws_every_finished_run(capsys, tmp_path):
 
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):
     """A root holding runs of two configs (a later command gave depth 14 more epochs):
-    --collect drew them as one curve per depth, and compared their epoch times."""
+    --collect drew them as one curve per depth, and compared their epoch times. A ViT run
+    in the root (no p_L) stopped it with a traceback."""
     root = str(tmp_path)
     _finished_run(root, 8, 1.0, 0.5)
     _finished_run(root, 14, 1.0, 0.6)
     _finished_run(root, 14, 0.5, 0.4, "--config.num_epochs=3", "--config.write_plots=false")
-    sweep_cli.main(["--root", root, "--collect"])
+    os.makedirs(os.path.join(root, "vit"))  # a train.py run in the root: no p_L to draw
+    with open(os.path.join(root, "vit", "run.json"), "w") as f:
+        json.dump({"config": json.loads(load_config("cifar10_vit:smoke").to_json())}, f)
+    with pytest.warns(logs.RunWarning, match="vit is a 'vit' run, which has no p_L: left out"):
+        sweep_cli.main(["--root", root, "--collect"])
     out = capsys.readouterr().out
     fig8 = _sidecar(root, "fig8_error_vs_p_last")
     assert fig8["data"] == {"8 (num_epochs=2)": [[1.0, 0.5]], "14 (num_epochs=2)": [[1.0, 0.6]],

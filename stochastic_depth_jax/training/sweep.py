@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
@@ -261,6 +262,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
       ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON) and
       ``records`` (``metrics.jsonl``).
 
+    A run of a model without p_L (a ViT trained into the root) is left out with a warning.
+
     Raises:
       errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
     """
@@ -274,6 +277,11 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     for name in names:
         workdir = os.path.join(root, name)
         config, meta = evaluate_lib.load_run_config(workdir)
+        model = config.model.get("name", "cifar_resnet")
+        if model not in config_lib.MODELS:  # e.g. a ViT run of train.py put in the root
+            warnings.warn(f"{workdir} is a {model!r} run, which has no p_L: left out of the "
+                          "sweep's figures.", logs.RunWarning)
+            continue
         summary_path = os.path.join(workdir, SUMMARY_FILE)
         summary = {}
         if os.path.exists(summary_path):
@@ -388,7 +396,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     file saying the same. Returns name -> path.
     """
     if not runs:
-        raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json.")
+        raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json of "
+                                 "a CIFAR ResNet / WideResNet run.")
     os.makedirs(out_dir, exist_ok=True)
     series = label_series(runs) if all("config" in r for r in runs) else {}
     runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
@@ -444,7 +453,8 @@ def _grid(runs: Sequence[dict[str, Any]]) -> str:
 def _drawn_line(path: str, runs: Sequence[dict[str, Any]], left: dict[str, str]) -> str:
     """``figures: <file>: <n> runs (<grid>); left out (<why>): <grid>``."""
     drawn = [r for r in runs if r["name"] not in left]
-    line = f"figures: {os.path.basename(path)}: {len(drawn)} runs ({_grid(drawn)})"
+    line = (f"figures: {os.path.basename(path)}: {len(drawn)} run{'s' * (len(drawn) != 1)} "
+            f"({_grid(drawn)})")
     for why in dict.fromkeys(left.values()):  # one clause per reason, in order
         line += f"; left out ({why}): " + _grid([r for r in runs if left.get(r["name"]) == why])
     return line
