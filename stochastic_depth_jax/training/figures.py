@@ -8,7 +8,8 @@
 
 Every PNG carries its sources in its text metadata (``Source``, readable with
 ``PIL.Image.open(p).text``) and as a footnote, and beside it a sidecar ``<name>.json`` holds
-the sources and the plotted numbers. Figures are drawn with Agg outside pyplot
+the sources and the plotted numbers. Runs of different configs (``run['series']``, set by
+:func:`stochastic_depth_jax.training.sweep.label_series`) are drawn as separate lines. Figures are drawn with Agg outside pyplot
 (:func:`plots.new_figure`): the session's matplotlib backend (a notebook's) is left alone.
 """
 
@@ -59,7 +60,8 @@ def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
     """Writes ``fig`` to ``path`` (PNG) with its sources, and the sidecar JSON.
 
     Args:
-      fig: a matplotlib figure (closed afterwards), its bottom 5% left free for the sources.
+      fig: a matplotlib figure (closed afterwards), the bottom ``_FOOTNOTE_SPACE`` of its
+        height left free for the sources.
       path: the ``.png`` to write.
       sources: the runs (workdirs, checkpoints) the figure was drawn from.
       data: the plotted numbers (JSON-able), stored in the sidecar.
@@ -118,13 +120,13 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "Removing blocks at test time")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, sources, list(points), title or "depth curve")
 
 
-def _series_label(run: dict[str, Any]) -> str:
-    """``", <series>"`` for a legend entry, empty where every run is of one config."""
-    return f", {run['series']}" if run.get("series") else ""
+def _series_label(series: str) -> str:
+    """``", <series>"`` for a legend entry; empty where every run is of one config."""
+    return f", {series}" if series else ""
 
 
 def _title(ax: Any, title: str, subtitle: str) -> None:
@@ -176,7 +178,7 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
                 style = series.index(label) % len(_LINESTYLES)  # a series' line and marker
                 ax.plot([p for p, _ in rows], [100 * e for _, e in rows], _LINESTYLES[style],
                         marker=_MARKERS[style], color=colors[depth],
-                        label=f"{depth} layers" + (f", {label}" if label else ""))
+                        label=f"{depth} layers{_series_label(label)}")
     swept = sorted({r["p_last"] for r in runs})
     if len(swept) <= 12:  # the swept values, not matplotlib's 0.1 steps between them
         ax.set_xticks(swept, [f"{p:g}" for p in swept])
@@ -215,7 +217,7 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
         constant = r["p_last"] == 1.0
         label = (f"{r['depth']} layers, " + ("constant depth" if constant else
                                               f"stochastic, $p_L$={r['p_last']:g}")
-                 + _series_label(r) + ("" if r.get("finished", True) else " (unfinished)"))
+                 + _series_label(r.get("series", "")) + ("" if r.get("finished", True) else " (unfinished)"))
         ax.plot(*zip(*points), "--" if constant else "-", marker="." if len(points) < 20
                 else None, label=label)
     ax.set_xlabel("epoch")

@@ -374,9 +374,11 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
     if dataset:
         parts.append(dataset + (f", FAKE random-label data ({fake} training images; errors "
                                 "at chance)" if fake else ""))
-    model = shared(lambda c: (c["model"].get("name", "cifar_resnet"), c["model"].get("width")))
+    model = shared(lambda c: (c["model"].get("name", "cifar_resnet"), c["model"].get("width"),
+                              c["model"].get("widen_factor")))
     if model:
-        parts.append(f"{model[0]}, width {model[1]}")
+        name, width, k = model
+        parts.append(f"{name}, width {width}" + (f", k={k}" if name == "wide_resnet" else ""))
     epochs = shared(lambda c: (c["num_epochs"], c.get("max_steps", 0)))
     if epochs:
         parts.append(f"{epochs[0]} epochs" + (f" (at most {epochs[1]} steps)" if epochs[1]
