@@ -10,10 +10,13 @@ finished runs and resumes interrupted ones; a run recorded with another config i
 (a larger num_epochs or max_steps extends it). Figures go to
 <root>/figures: fig8_error_vs_p_last.png (test error of the best-by-validation epoch vs p_L,
 one line per depth), fig7_first_conv_grad.png (first-conv gradient magnitude per epoch,
-constant vs stochastic depth) and training_time.md; each names the runs it came from.
+constant vs stochastic depth) and training_time.md, drawn from every run under --root
+(earlier commands' too; runs of different configs as separate series); each names the runs
+it came from, and the output says which runs each includes.
 Any --config.<field>=<value> override applies to every run, except model.depth and
 model.final_survival_prob, which --depths and --p-last set (overriding them is refused).
-Mistakes are reported in one line; --debug (or SDJ_DEBUG=1) shows the traceback.
+Mistakes (also flags that --collect would ignore) are reported in one line; --debug (or
+SDJ_DEBUG=1) shows the traceback.
 """
 
 import argparse
@@ -22,6 +25,7 @@ import os
 import sys
 
 from configs import CONFIGS, load_config, parse_overrides
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import cli
 
 
@@ -56,29 +60,39 @@ def parse_args(argv):
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(parser, rest)
-    given = [f for f, v in (("--config", args.config), ("--depths", args.depths),
-                            ("--p-last", args.p_last)) if v is not None] + overrides
-    if args.collect and given:  # They would be ignored: every run under --root is drawn.
-        parser.error(f"--collect draws every run under --root as it was trained; drop {given} "
-                     "(or drop --collect to train them)")
-    # An empty list (--depths "") is given: plan() says it lists nothing.
+    # A missing flag is a usage error (status 2, as argparse's own); flags that --collect
+    # would ignore are refused in run(), in one line with status 1, as train.py and
+    # evaluate.py refuse theirs. An empty list (--depths "") is given: plan() says it
+    # lists nothing.
     if not args.collect and None in (args.config, args.depths, args.p_last):
         parser.error("training a sweep needs --config, --depths and --p-last (or use --collect)")
     return args, overrides
 
 
+def check_arguments(args, overrides):
+    """Refuses the training flags with --collect: they would be ignored, as every run under
+    --root is drawn as it was trained."""
+    given = [f for f, v in (("--config", args.config), ("--depths", args.depths),
+                            ("--p-last", args.p_last)) if v is not None] + overrides
+    if args.collect and given:
+        raise errors.ConfigError(
+            f"--collect draws every run under --root as it was trained; drop {', '.join(given)} "
+            "(or drop --collect to train them).")
+
+
 def run(args, overrides):
     from stochastic_depth_jax.training import sweep
 
-    names = None
+    check_arguments(args, overrides)
     if not args.collect:
         sweep.check_overrides(overrides)
         sweep.require_sweepable(load_config(args.config, overrides))
         runs = [(name, load_config(args.config, overrides + extra))
                 for name, extra in sweep.plan(args.depths, args.p_last)]
         print(json.dumps(sweep.run_sweep(runs, args.root), indent=2))
-        names = [name for name, _ in runs]
-    outputs = sweep.write_figures(sweep.collect(args.root, names),
+    # Every run under --root, not only this command's: a rerun with fewer depths or p_L
+    # values must not redraw the figures without the runs finished before.
+    outputs = sweep.write_figures(sweep.collect(args.root),
                                   os.path.join(args.root, sweep.FIGURES_DIR))
     print(json.dumps(outputs, indent=2))
 

@@ -3,6 +3,7 @@ refuses in one line before anything trains (an empty list, a point listed twice,
 values that would share a run directory, a --root that is a file), and what --collect
 draws of an interrupted sweep."""
 
+import json
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ import sweep as sweep_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import errors  # noqa: E402
+from stochastic_depth_jax import errors, logs  # noqa: E402
 from stochastic_depth_jax.training import stopping, sweep  # noqa: E402
 
 
@@ -80,13 +81,88 @@ def test_sweep_refuses_a_root_that_is_a_file(tmp_path):
     assert root.read_text() == "not a sweep"
 
 
-def test_sweep_collect_refuses_the_flags_it_would_ignore(capsys, tmp_path):
+def test_sweep_collect_refuses_the_flags_it_would_ignore_in_one_line(capsys, tmp_path):
+    """As train.py and evaluate.py refuse an ignored flag: ``error:``, status 1 (it was
+    argparse's usage text and status 2); an unknown flag stays argparse's usage error."""
     argv = ["--root", str(tmp_path), "--collect", "--depths", "14", "--config.num_epochs=9"]
+    line = one_line_error(capsys, sweep_cli.main, argv)
+    assert line == ("error: --collect draws every run under --root as it was trained; drop "
+                    "--depths, --config.num_epochs=9 (or drop --collect to train them).")
     with pytest.raises(SystemExit) as info:
-        sweep_cli.main(argv)
-    assert info.value.code == 2
-    assert "--collect draws every run under --root as it was trained; drop ['--depths', " \
-           "'--config.num_epochs=9']" in capsys.readouterr().err
+        sweep_cli.main(["--root", str(tmp_path), "--collect", "--no-such-flag"])
+    assert info.value.code == 2 and "unrecognised argument '--no-such-flag'" in \
+        capsys.readouterr().err
+
+
+def _finished_run(root, depth, p_last, test_error, *overrides):
+    """Writes the records of a finished smoke run (run.json, summary.json, metrics.jsonl) as
+    training leaves them, in ``<root>/depth<d>_pL<p>``, without training."""
+    [(name, extra)] = sweep.plan([depth], [p_last])
+    config = load_config("cifar10:smoke", list(overrides) + extra)
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir)
+    steps_per_epoch = 4
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+        json.dump({"config": json.loads(config.to_json())}, f)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({"steps": config.num_epochs * steps_per_epoch,
+                   "steps_per_epoch": steps_per_epoch,
+                   "best": {"test_error": test_error, "val_error": test_error}}, f)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for epoch in range(1, config.num_epochs + 1):
+            f.write(json.dumps({"epoch": epoch, "epoch_time_s": depth * p_last,
+                                "grad_first_conv_mean_abs": 0.01 * epoch}) + "\n")
+    return name
+
+
+def _sidecar(root, figure):
+    with open(os.path.join(root, "figures", figure + ".json")) as f:
+        return json.load(f)
+
+
+def test_a_rerun_with_fewer_depths_redraws_every_finished_run(capsys, tmp_path):
+    """`--depths 8,14` then `--depths 8`: the second command's figures were drawn from its
+    own two runs only, overwriting figures that showed the depth-14 results."""
+    root = str(tmp_path)
+    names = [_finished_run(root, d, p, 0.5 + d / 100 - p / 10)
+             for d in (8, 14) for p in (0.5, 1.0)]
+    sweep_cli.main(_sweep_argv(root, depths="8", p_last="0.5,1.0"))  # all finished: skipped
+    out = capsys.readouterr().out
+    fig8 = _sidecar(root, "fig8_error_vs_p_last")
+    assert sorted(fig8["data"]) == ["14", "8"] and fig8["left_out"] == {}
+    assert [os.path.basename(s) for s in fig8["sources"]] == names
+    assert fig8["data"]["14"] == [[0.5, 0.59], [1.0, 0.54]]
+    assert "FAKE random-label data" in fig8["trained_on"] and "2 epochs" in fig8["trained_on"]
+    assert "figures: fig8_error_vs_p_last.png: 4 runs (depths 8, 14 x p_L 0.5, 1)\n" in out
+    assert ("figures: fig7_first_conv_grad.png: 2 runs (depth 14 x p_L 0.5, 1); left out "
+            "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
+
+
+def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):
+    """A root holding runs of two configs (a later command gave depth 14 more epochs):
+    --collect drew them as one curve per depth, and compared their epoch times. A ViT run
+    in the root (no p_L) stopped it with a traceback."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 1.0, 0.5)
+    _finished_run(root, 14, 1.0, 0.6)
+    _finished_run(root, 14, 0.5, 0.4, "--config.num_epochs=3", "--config.write_plots=false")
+    os.makedirs(os.path.join(root, "vit"))  # a train.py run in the root: no p_L to draw
+    with open(os.path.join(root, "vit", "run.json"), "w") as f:
+        json.dump({"config": json.loads(load_config("cifar10_vit:smoke").to_json())}, f)
+    with pytest.warns(logs.RunWarning, match="vit is a 'vit' run, which has no p_L: left out"):
+        sweep_cli.main(["--root", root, "--collect"])
+    out = capsys.readouterr().out
+    fig8 = _sidecar(root, "fig8_error_vs_p_last")
+    assert fig8["data"] == {"8 (num_epochs=2)": [[1.0, 0.5]], "14 (num_epochs=2)": [[1.0, 0.6]],
+                            "14 (num_epochs=3)": [[0.5, 0.4]]}
+    assert fig8["series"]["depth14_pL0.5"] == "num_epochs=3"
+    assert ("figures: runs of different configs are drawn as separate series: num_epochs=2: "
+            "depths 8, 14 x p_L 1 | num_epochs=3: depth 14 x p_L 0.5\n") in out
+    with open(os.path.join(root, "figures", "training_time.md")) as f:
+        rows = {line.split(" | ")[0][2:]: line for line in f if line.startswith("| depth")}
+    # No constant-depth run of its config: no ratio to a run trained otherwise.
+    assert rows["depth14_pL0.5"].startswith("| depth14_pL0.5 | num_epochs=3 | 14 | 0.5 | 3 |")
+    assert rows["depth14_pL0.5"].endswith("| n/a |\n")
 
 
 def _run(tmp_path, name, p_last, finished):
@@ -111,6 +187,9 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     with open(sweep.write_figures(runs, str(tmp_path / "figures"))["training_time"]) as f:
         text = f.read()
     assert "Unfinished" in text and "): depth8_pL0.5." in text and "depth8_pL1." not in text
+    # Fig. 8 draws the finished run; its sidecar names the unfinished one it leaves out.
+    fig8 = _sidecar(str(tmp_path), "fig8_error_vs_p_last")
+    assert fig8["left_out"] == {"depth8_pL0.5": "unfinished"} and list(fig8["data"]) == ["8"]
 
 
 def test_stop_signals_nested_never_lose_a_request(capsys):

@@ -8,7 +8,8 @@
 
 Every PNG carries its sources in its text metadata (``Source``, readable with
 ``PIL.Image.open(p).text``) and as a footnote, and beside it a sidecar ``<name>.json`` holds
-the sources and the plotted numbers. Figures are drawn with Agg outside pyplot
+the sources and the plotted numbers. Runs of different configs (``run['series']``, set by
+:func:`stochastic_depth_jax.training.sweep.label_series`) are drawn as separate lines. Figures are drawn with Agg outside pyplot
 (:func:`plots.new_figure`): the session's matplotlib backend (a notebook's) is left alone.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 from typing import Any, Sequence
 
 from stochastic_depth_jax.training.plots import new_figure
@@ -31,24 +33,46 @@ __all__ = [
 ]
 
 
+_FOOTNOTE_WIDTH = 150  # characters of fontsize 6 that fit a 6.5-inch figure
+_FOOTNOTE_SPACE = 0.06  # of the figure's height, kept free below the axes for the footnote
+
+
+def _footnote(sources: Sequence[str]) -> str:
+    """The sources as a footnote of about two lines: their common directory once, then the
+    names in it; past two lines, how many more there are (all are in the PNG's metadata
+    and the sidecar)."""
+    parent = os.path.dirname(sources[0]) if sources else ""
+    if parent and all(os.path.dirname(s) == parent for s in sources):
+        head, names = f"sources (in {parent}): ", [os.path.basename(s) for s in sources]
+    else:
+        head, names = "sources: ", list(sources)
+    shown = len(names)
+    more = ""
+    while shown > 1 and len(head + ", ".join(names[:shown]) + more) > 2 * _FOOTNOTE_WIDTH:
+        shown -= 1
+        more = f", and {len(names) - shown} more (listed in the sidecar .json)"
+    return "\n".join(textwrap.wrap(head + ", ".join(names[:shown]) + more, _FOOTNOTE_WIDTH,
+                                   break_on_hyphens=False))
+
+
 def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
-                title: str = "") -> tuple[str, str]:
+                title: str = "", extra: dict[str, Any] | None = None) -> tuple[str, str]:
     """Writes ``fig`` to ``path`` (PNG) with its sources, and the sidecar JSON.
 
     Args:
-      fig: a matplotlib figure (closed afterwards).
+      fig: a matplotlib figure (closed afterwards), the bottom ``_FOOTNOTE_SPACE`` of its
+        height left free for the sources.
       path: the ``.png`` to write.
       sources: the runs (workdirs, checkpoints) the figure was drawn from.
       data: the plotted numbers (JSON-able), stored in the sidecar.
       title: a one-line description (PNG ``Title`` and sidecar ``title``).
+      extra: more JSON-able fields for the sidecar (e.g. the runs left out and why).
 
     Returns:
       ``(png_path, json_path)``.
     """
     sources = [str(s) for s in sources]
-    note = "sources: " + ", ".join(sources)
-    fig.text(0.01, 0.005, note if len(note) < 180 else note[:177] + "...", fontsize=6,
-             color="0.4", va="bottom")
+    fig.text(0.01, 0.005, _footnote(sources), fontsize=6, color="0.4", va="bottom")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, metadata={"Title": title, "Source": json.dumps(sources),
                                          "Software": "stochastic_depth_jax"})
@@ -58,7 +82,7 @@ def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
     sidecar = os.path.splitext(path)[0] + ".json"
     with open(sidecar, "w") as f:
         json.dump({"figure": os.path.basename(path), "title": title, "sources": sources,
-                   "data": data}, f, indent=2)
+                   **(extra or {}), "data": data}, f, indent=2)
     return path, sidecar
 
 
@@ -96,84 +120,153 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "Removing blocks at test time")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, sources, list(points), title or "depth curve")
 
 
+def _series_label(series: str) -> str:
+    """``", <series>"`` for a legend entry; empty where every run is of one config."""
+    return f", {series}" if series else ""
+
+
+def _title(ax: Any, title: str, subtitle: str) -> None:
+    """The figure's subject, and below it what it was trained on (wrapped to the width)."""
+    ax.set_title("\n".join([title] + textwrap.wrap(subtitle, 75)), fontsize=9)
+
+
+def _legend(fig: Any, ax: Any, entries: int) -> None:
+    """The legend inside the axes for a few lines; beside them (the figure widened) for
+    more, where it would hide the lines."""
+    if entries <= _LEGEND_INSIDE:
+        ax.legend(fontsize=8)
+        return
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width + 3, height)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+
+
+_LEGEND_INSIDE = 5  # lines whose legend fits inside the axes
+
+
 def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
-                         metric: str = "test_error") -> tuple[str, str]:
-    """Fig. 8: ``metric`` (default the best-by-validation epoch's test error) vs p_L,
-    one line per depth. ``runs`` as from :func:`stochastic_depth_jax.training.sweep.collect`.
+                         metric: str = "test_error", subtitle: str = "",
+                         ylabel: str = "", extra: dict[str, Any] | None = None
+                         ) -> tuple[str, str]:
+    """Fig. 8: ``metric`` (default the best-by-validation epoch's test error) vs p_L, one
+    line per depth and series (``run['series']``, where runs of several configs are drawn).
+
+    Args:
+      runs: as from :func:`stochastic_depth_jax.training.sweep.collect`; every one is drawn
+        (a run without ``metric`` is left out of the lines, not of the sources).
+      subtitle: what the runs were trained on (data, epochs), under the title.
+      ylabel: the axis label (default: ``metric`` in percent).
+      extra: more fields for the sidecar (:func:`save_figure`).
     """
-    fig = new_figure((6.5, 4.5))
+    fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
     data = {}
-    for depth in sorted({r["depth"] for r in runs}):
-        rows = sorted((r["p_last"], r[metric]) for r in runs
-                      if r["depth"] == depth and r.get(metric) is not None)
-        if rows:
-            data[str(depth)] = rows
-            ax.plot([p for p, _ in rows], [100 * e for _, e in rows], "o-",
-                    label=f"{depth} layers")
-    ax.set_xlabel("$p_L$ (survival probability of the last block)")
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+    depths = sorted({r["depth"] for r in runs})
+    series = sorted({r.get("series", "") for r in runs})
+    colors = {d: f"C{i % 10}" for i, d in enumerate(depths)}
+    for label in series:
+        for depth in depths:
+            rows = sorted((r["p_last"], r[metric]) for r in runs if r["depth"] == depth
+                          and r.get("series", "") == label and r.get(metric) is not None)
+            if rows:
+                key = f"{depth}" + (f" ({label})" if label else "")
+                data[key] = rows
+                style = series.index(label) % len(_LINESTYLES)  # a series' line and marker
+                ax.plot([p for p, _ in rows], [100 * e for _, e in rows], _LINESTYLES[style],
+                        marker=_MARKERS[style], color=colors[depth],
+                        label=f"{depth} layers{_series_label(label)}")
+    swept = sorted({r["p_last"] for r in runs})
+    if len(swept) <= 12:  # the swept values, not matplotlib's 0.1 steps between them
+        ax.set_xticks(swept, [f"{p:g}" for p in swept])
+    ax.set_xlabel("$p_L$ (survival probability of the last block; 1 = constant depth)")
+    ax.set_ylabel(ylabel or f"{metric.replace('_', ' ')} (%)")
     ax.grid(alpha=0.3)
+    _title(ax, "Error vs $p_L$ per depth (cf. Huang et al. 2016, Fig. 8)", subtitle)
     if data:  # No finished run yet: an empty legend only warns.
-        ax.legend()
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+        _legend(fig, ax, len(data))
+    fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
-                       f"{metric} vs p_L per depth (Huang et al. 2016, Fig. 8)")
+                       f"{metric} vs p_L per depth (Huang et al. 2016, Fig. 8)", extra)
+
+
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D")
 
 
 def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
-                         key: str = "grad_first_conv_mean_abs") -> tuple[str, str]:
+                         key: str = "grad_first_conv_mean_abs", subtitle: str = "",
+                         extra: dict[str, Any] | None = None) -> tuple[str, str]:
     """Fig. 7: the first convolution's mean |gradient| per epoch, one line per run
-    (constant depth dashed). ``runs`` as from :func:`sweep.collect`, with ``records``."""
-    fig = new_figure((6.5, 4.5))
+    (constant depth dashed; an unfinished run says so in the legend). ``runs`` as from
+    :func:`sweep.collect`, with ``records``; ``subtitle`` and ``extra`` as in
+    :func:`plot_error_vs_p_last`."""
+    from matplotlib import ticker
+
+    fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
     data = {}
-    for r in sorted(runs, key=lambda r: (r["depth"], -r["p_last"])):
+    for r in sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"])):
         points = [(m["epoch"], m[key]) for m in r["records"] if key in m]
         if not points:
             continue
         data[r["name"]] = points
         constant = r["p_last"] == 1.0
-        label = f"{r['depth']} layers, " + ("constant depth" if constant else
-                                             f"stochastic, $p_L$={r['p_last']:g}")
-        ax.plot(*zip(*points), "--" if constant else "-", label=label)
+        label = (f"{r['depth']} layers, " + ("constant depth" if constant else
+                                              f"stochastic, $p_L$={r['p_last']:g}")
+                 + _series_label(r.get("series", "")) + ("" if r.get("finished", True) else " (unfinished)"))
+        ax.plot(*zip(*points), "--" if constant else "-", marker="." if len(points) < 20
+                else None, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("mean |gradient| of the first conv")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.2
+    ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
+                  "steps)")
     ax.set_yscale("log")
-    ax.grid(alpha=0.3)
+    values = [v for points in data.values() for _, v in points if v > 0]
+    if values and max(values) < 10 * min(values):
+        # Within a decade the ticks are minor ones: plain numbers (0.024, not 2x10^-2).
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.grid(alpha=0.3, which="both")
+    _title(ax, "First-conv gradient magnitude (cf. Huang et al. 2016, Fig. 7)", subtitle)
     if data:  # No run has logged the gradient yet: an empty legend only warns.
-        ax.legend(fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+        _legend(fig, ax, len(data))
+    fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
-                       "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)")
+                       "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)", extra)
 
 
 def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
     """Markdown: per run, epochs, mean epoch time, images/s, and the ratio to the
-    constant-depth run of the same depth (paper Sec. 4: 25% less time at p_L = 0.5).
+    constant-depth run of the same depth and series (paper Sec. 4: 25% less time at
+    p_L = 0.5). A ``series`` column appears where runs of several configs are listed.
 
     Epoch times exclude compilation and evaluation; the first epoch is left out of the
     mean when there are several (it includes warm-up).
     """
-    lines = ["| run | depth | p_L | epochs | mean epoch time (s) | images/s | vs constant depth |",
-             "|---|---|---|---|---|---|---|"]
+    several = len({r.get("series", "") for r in runs}) > 1
+    lines = ["| run |" + (" series |" if several else "") + " depth | p_L | epochs | "
+             "mean epoch time (s) | images/s | vs constant depth |",
+             "|---" * (7 + several) + "|"]
     means = {}
     for r in runs:
         times = [m["epoch_time_s"] for m in r["records"] if "epoch_time_s" in m]
         times = times[1:] if len(times) > 1 else times
         means[r["name"]] = sum(times) / len(times) if times else None
-    for r in sorted(runs, key=lambda r: (r["depth"], -r["p_last"])):
+    for r in sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"])):
         mean = means[r["name"]]
-        base = [means[o["name"]] for o in runs if o["depth"] == r["depth"] and o["p_last"] == 1.0]
+        base = [means[o["name"]] for o in runs if o["depth"] == r["depth"]
+                and o["p_last"] == 1.0 and o.get("series", "") == r.get("series", "")]
         ratio = f"{mean / base[0]:.2f}" if mean and base and base[0] else "n/a"
         speed = [m["images_per_s"] for m in r["records"][1:] or r["records"]
                  if "images_per_s" in m]
         lines.append(
-            f"| {r['name']} | {r['depth']} | {r['p_last']:g} | {len(r['records'])} | "
+            f"| {r['name']} |" + (f" {r.get('series', '')} |" if several else "")
+            + f" {r['depth']} | {r['p_last']:g} | {len(r['records'])} | "
             + (f"{mean:.3f}" if mean else "n/a") + " | "
             + (f"{sum(speed) / len(speed):.0f}" if speed else "n/a") + f" | {ratio} |"
         )

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
@@ -39,6 +40,8 @@ __all__ = [
     "check_same_config",
     "run_sweep",
     "collect",
+    "label_series",
+    "describe_data",
     "write_figures",
     "FIGURES_DIR",
 ]
@@ -256,7 +259,10 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     Returns:
       per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
-      ``final_test_error``, ``code_version`` and ``records`` (``metrics.jsonl``).
+      ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON) and
+      ``records`` (``metrics.jsonl``).
+
+    A run of a model without p_L (a ViT trained into the root) is left out with a warning.
 
     Raises:
       errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
@@ -265,12 +271,17 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
         raise errors.CheckpointError(
             f"--root {root!r} is not a directory: pass the --root of an existing sweep (or "
             "train one: drop --collect and give --config, --depths and --p-last).")
-    names = sorted(names if names is not None else (
-        n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, evaluate_lib.RUN_FILE))))
+    names = names if names is not None else [
+        n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, evaluate_lib.RUN_FILE))]
     runs = []
     for name in names:
         workdir = os.path.join(root, name)
         config, meta = evaluate_lib.load_run_config(workdir)
+        model = config.model.get("name", "cifar_resnet")
+        if model not in config_lib.MODELS:  # e.g. a ViT run of train.py put in the root
+            warnings.warn(f"{workdir} is a {model!r} run, which has no p_L: left out of the "
+                          "sweep's figures.", logs.RunWarning)
+            continue
         summary_path = os.path.join(workdir, SUMMARY_FILE)
         summary = {}
         if os.path.exists(summary_path):
@@ -287,31 +298,183 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             "val_error": best.get("val_error"),
             "final_test_error": final.get("test_error"),
             "code_version": meta.get("code_version"),
+            "config": json.loads(config.to_json()),
             "records": metrics_lib.read_metrics(workdir),
         })
-    return runs
+    return sorted(runs, key=lambda r: (r["depth"], r["p_last"], r["name"]))
 
 
-def write_figures(runs: Sequence[dict[str, Any]], out_dir: str) -> dict[str, str]:
+# What runs drawn as one series may differ in: the swept fields, and those that change
+# neither the training nor its results.
+_NOT_COMPARED = frozenset(SWEPT_FIELDS) | _OPERATIONAL_FIELDS
+# Named first in a series' label when they differ: what a reader compares runs by.
+_LABEL_FIRST = ("dataset", "model.name", "num_epochs", "max_steps", "fake_data.num_train")
+
+
+def _compared(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``config`` (as JSON) flattened to ``{'a.b': json text}``, without ``_NOT_COMPARED``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_compared(value, prefix + key + "."))
+        elif prefix + key not in _NOT_COMPARED:
+            flat[prefix + key] = json.dumps(value)
+    return flat
+
+
+def label_series(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Run name -> the label of its series: runs of one config (apart from depth, p_L and
+    the logging/checkpoint fields) share a series. The label names the fields that tell
+    the series apart (``'num_epochs=4'``), dataset and epochs first; ``''`` for every run
+    where all share one config.
+
+    A sweep's root may hold runs of other configs (a later command with another dataset,
+    or more epochs for some depths): their numbers are drawn as separate series, never
+    as points of one curve.
+    """
+    flats = {r["name"]: _compared(r["config"]) for r in runs}
+    fields = sorted({k for f in flats.values() for k in f},
+                    key=lambda k: (_LABEL_FIRST.index(k) if k in _LABEL_FIRST else 99, k))
+    differing = [k for k in fields if len({f.get(k) for f in flats.values()}) > 1]
+    configs = len({tuple(f.get(k) for k in differing) for f in flats.values()})
+    chosen: list[str] = []
+    for field in differing:  # the fewest fields, in that order, that tell every config apart
+        count = len({tuple(f.get(k) for k in chosen + [field]) for f in flats.values()})
+        if count > len({tuple(f.get(k) for k in chosen) for f in flats.values()}):
+            chosen.append(field)
+        if count == configs:
+            break
+    return {name: ", ".join(f"{k}={_text(f.get(k))}" for k in chosen)
+            for name, f in flats.items()}
+
+
+def _text(value: str | None) -> str:
+    """A config value (JSON text) as a label shows it: strings without quotes."""
+    if value is None:
+        return "(absent)"
+    loaded = json.loads(value)
+    return loaded if isinstance(loaded, str) else value
+
+
+def describe_data(runs: Sequence[dict[str, Any]]) -> str:
+    """What the runs were trained on, as a figure's subtitle: the dataset (and whether it
+    was random fake data), model and epochs, where all runs agree on them."""
+    configs = [r["config"] for r in runs if r.get("config")]
+    if not configs:
+        return ""
+
+    def shared(get: Callable[[dict[str, Any]], Any]) -> Any:
+        values = {json.dumps(get(c)) for c in configs}
+        return get(configs[0]) if len(values) == 1 else None
+
+    parts = []
+    dataset = shared(lambda c: c["dataset"])
+    fake = shared(lambda c: (c.get("fake_data") or {}).get("num_train", 0)
+                  if not c["dataset"].startswith("image_folder:") else 0)
+    if dataset:
+        parts.append(dataset + (f", FAKE random-label data ({fake} training images; errors "
+                                "at chance)" if fake else ""))
+    model = shared(lambda c: (c["model"].get("name", "cifar_resnet"), c["model"].get("width"),
+                              c["model"].get("widen_factor")))
+    if model:
+        name, width, k = model
+        parts.append(f"{name}, width {width}" + (f", k={k}" if name == "wide_resnet" else ""))
+    epochs = shared(lambda c: (c["num_epochs"], c.get("max_steps", 0)))
+    if epochs:
+        parts.append(f"{epochs[0]} epochs" + (f" (at most {epochs[1]} steps)" if epochs[1]
+                                              else ""))
+    return "; ".join(parts)
+
+
+def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
+                  report: Callable[[str], Any] | None = print) -> dict[str, str]:
     """Fig. 8, Fig. 7 and the training-time table of ``runs`` (from :func:`collect`).
 
-    Fig. 7 shows the deepest depth of the sweep (constant depth dashed). Every file names
-    the runs it came from; the table also names the unfinished ones. Returns name -> path.
+    Fig. 8 draws the finished runs (an unfinished run's summary, if any, is of an earlier,
+    shorter session); Fig. 7 the deepest depth of each series, unfinished runs marked;
+    the table lists every run and names the unfinished ones. Runs of different configs are
+    separate series (:func:`label_series`). Each file names the runs it came from, and its
+    sidecar the runs left out and why; ``report`` (default ``print``) gets one line per
+    file saying the same. Returns name -> path.
     """
     if not runs:
-        raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json.")
+        raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json of "
+                                 "a CIFAR ResNet / WideResNet run.")
     os.makedirs(out_dir, exist_ok=True)
-    deepest = max(r["depth"] for r in runs)
-    fig8, _ = figures.plot_error_vs_p_last(runs, os.path.join(out_dir, "fig8_error_vs_p_last.png"))
-    fig7, _ = figures.plot_first_conv_grad([r for r in runs if r["depth"] == deepest],
-                                           os.path.join(out_dir, "fig7_first_conv_grad.png"))
-    table = os.path.join(out_dir, "training_time.md")
+    series = label_series(runs) if all("config" in r for r in runs) else {}
+    runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
+    drawn8 = [r for r in runs if r["finished"]]
+    deepest = {}
+    for r in runs:
+        deepest[r["series"]] = max(deepest.get(r["series"], 0), r["depth"])
+    drawn7 = [r for r in runs if r["depth"] == deepest[r["series"]]]
+    left8 = {r["name"]: "unfinished" for r in runs if not r["finished"]}
+    left7 = {r["name"]: "not the deepest depth" + (" of its series" if r["series"] else "")
+             for r in runs if r["depth"] != deepest[r["series"]]}
+    select = {r["config"].get("select_best_by") for r in drawn8 if "config" in r}
+    fig8, _ = figures.plot_error_vs_p_last(
+        drawn8, os.path.join(out_dir, "fig8_error_vs_p_last.png"),
+        subtitle=describe_data(drawn8), extra=_extra(drawn8, left8, series),
+        ylabel=(f"test error at the best-{select.pop()} epoch (%)" if len(select) == 1
+                else "test error of the selected epoch (%)"))
+    fig7, _ = figures.plot_first_conv_grad(
+        drawn7, os.path.join(out_dir, "fig7_first_conv_grad.png"),
+        subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
+    table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
+    if report is not None:
+        for path, left in ((fig8, left8), (fig7, left7), (table, {})):
+            report(_drawn_line(path, runs, left))
+        labels = sorted(set(series.values()))
+        if len(labels) > 1:
+            report("figures: runs of different configs are drawn as separate series: " + " | ".join(
+                f"{label}: {_grid([r for r in runs if r['series'] == label])}" for label in labels))
+    return {"fig8": fig8, "fig7": fig7, "training_time": table}
+
+
+def _extra(drawn: Sequence[dict[str, Any]], left_out: dict[str, str],
+           series: dict[str, str]) -> dict[str, Any]:
+    """The sidecar's record of what the runs were trained on (the figure's subtitle), the
+    runs not drawn (and why) and each run's series, where there are several."""
+    return {"trained_on": describe_data(drawn), "left_out": left_out,
+            **({"series": series} if len(set(series.values())) > 1 else {})}
+
+
+def _grid(runs: Sequence[dict[str, Any]]) -> str:
+    """The runs as the grid a reader knows them by: ``depths 8, 14 x p_L 0.5, 1`` (depths
+    sharing their p_L values together), not one name per run."""
+    p_lasts: dict[int, list[float]] = {}
+    for r in sorted(runs, key=lambda r: (r["depth"], r["p_last"])):
+        p_lasts.setdefault(r["depth"], []).append(r["p_last"])
+    rows: dict[tuple[float, ...], list[int]] = {}
+    for depth, ps in p_lasts.items():
+        rows.setdefault(tuple(ps), []).append(depth)
+    return "; ".join(f"depth{'s' if len(ds) > 1 else ''} {', '.join(map(str, ds))} x p_L "
+                     + ", ".join(f"{p:g}" for p in ps) for ps, ds in rows.items()) or "none"
+
+
+def _drawn_line(path: str, runs: Sequence[dict[str, Any]], left: dict[str, str]) -> str:
+    """``figures: <file>: <n> runs (<grid>); left out (<why>): <grid>``."""
+    drawn = [r for r in runs if r["name"] not in left]
+    line = (f"figures: {os.path.basename(path)}: {len(drawn)} run{'s' * (len(drawn) != 1)} "
+            f"({_grid(drawn)})")
+    for why in dict.fromkeys(left.values()):  # one clause per reason, in order
+        line += f"; left out ({why}): " + _grid([r for r in runs if left.get(r["name"]) == why])
+    return line
+
+
+def _write_table(runs: Sequence[dict[str, Any]], table: str) -> str:
+    """training_time.md: what the runs were trained on, the table, the unfinished runs and
+    the sources."""
     unfinished = [r["name"] for r in runs if not r["finished"]]
     # An interrupted run (drawn by --collect) is not told from a finished one by its row.
     note = (f"\nUnfinished (interrupted, or extended and not done yet; their rows count the "
             f"epochs so far): {', '.join(unfinished)}.\n" if unfinished else "")
+    trained_on = describe_data(runs)
     with open(table, "w") as f:
-        f.write("Training time per epoch (compilation and evaluation excluded), from each "
-                "run's metrics.jsonl.\n\n" + figures.training_time_table(runs) + note
+        f.write("Training time per epoch (compilation and evaluation excluded; the first "
+                "epoch, which includes warm-up, left out of the mean where there are "
+                "several), from each run's metrics.jsonl."
+                + (f" Trained on: {trained_on}." if trained_on else "") + "\n\n"
+                + figures.training_time_table(runs) + note
                 + "\nSources: " + ", ".join(r["workdir"] for r in runs) + "\n")
-    return {"fig8": fig8, "fig7": fig7, "training_time": table}
+    return table
