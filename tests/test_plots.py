@@ -1,5 +1,6 @@
 """The training curves: title, learning-rate drops, the best checkpoint, and when they are drawn."""
 
+import json
 import os
 import types
 
@@ -56,9 +57,12 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     ("cifar10_vit:smoke", [], "ViT-Ti depth 2"),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
     ("cifar10", ["--config.dataset=image_folder:/data/my_images/"], "image_folder:my_images, "),
+    ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8, "),
 ])
 def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
-    assert want in plots.run_title(load_config(spec, overrides))
+    config = load_config(spec, overrides)
+    assert want in plots.run_title(config)
+    assert plots.run_title(json.loads(config.to_json())) == plots.run_title(config)  # run.json
 
 
 def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(
@@ -74,7 +78,7 @@ def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(
     now[0] += loop.PLOT_EVERY_S / 2
     loop._draw_plots(run, force=False)  # due
     loop._draw_plots(run, force=True)  # the end, or a stop
-    assert len(drawn) == 3 and drawn[0]["title"].startswith("cifar10, ResNet-8")
+    assert len(drawn) == 3 and drawn[0]["title"] == plots.run_title(run.config)
     assert drawn[0]["lr_drops"] is True  # the smoke config's step schedule
     run.config.write_plots = False
     loop._draw_plots(run, force=True)

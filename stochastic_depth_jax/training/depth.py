@@ -25,7 +25,7 @@ from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import pruning
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
-from stochastic_depth_jax.training import figures
+from stochastic_depth_jax.training import figures, plots
 
 __all__ = [
     "depth_curve_run",
@@ -116,7 +116,7 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
     source = _source(run, workdir)
     _, sidecar = figures.plot_depth_curve(
         points, png, [source],
-        title=f"{run.config.dataset}, depth {run.config.model.depth}, order '{order}'")
+        title=f"{plots.run_title(run.config)}; order '{order}'")
     result = {"figure": os.path.basename(png), "sources": [source], "order_rule": order,
               "order": removal, "device": jax.devices()[0].device_kind, "points": points,
               "png": png, "json": sidecar}

@@ -25,27 +25,33 @@ def new_figure(figsize: tuple[float, float]) -> Any:
 def run_title(config: Any) -> str:
     """One line naming what a run trained, e.g. ``cifar10, ResNet-110, stochastic depth
     p_L=0.5 (linear, batch), float32``, ``..., constant depth, ...`` or ``cifar10, ViT-S,
-    drop path 0.1 (linear, sample), float32``: the curves' title, so a PNG copied out of its
-    workdir still says what it shows."""
-    m = config.model
-    if m.name == "wide_resnet":
-        model = f"WRN-{m.depth}-{m.widen_factor}"
-    elif m.name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's depth differs.
-        model = f"ViT-{str(m.size).capitalize()}" + (f" depth {m.depth}" if m.depth else "")
-    elif m.name == "convnext":
-        model = f"ConvNeXt-{m.size}"
+    drop path 0.1 (linear, sample), float32``, with ``FAKE data`` after the dataset of a
+    random-label smoke run: a figure's title, so a PNG copied out of its workdir still says
+    what it shows. ``config``: the run's ConfigDict, or run.json's ``"config"`` dict."""
+    m = config["model"]
+    name = m.get("name", "cifar_resnet")
+    if name == "wide_resnet":
+        model = f"WRN-{m['depth']}-{m['widen_factor']}"
+    elif name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's depth differs.
+        model = f"ViT-{str(m['size']).capitalize()}" + (
+            f" depth {m['depth']}" if m.get("depth") else "")
+    elif name == "convnext":
+        model = f"ConvNeXt-{m['size']}"
     else:
-        model = f"{_MODEL_NAMES.get(m.name, m.name)}-{m.depth}"
+        model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}"
     if "drop_path_rate" in m:
-        depth = f"drop path {m.drop_path_rate:g} ({m.drop_path_rule}, {m.mode})"
-    elif m.final_survival_prob >= 1:
+        depth = f"drop path {m['drop_path_rate']:g} ({m['drop_path_rule']}, {m['mode']})"
+    elif m["final_survival_prob"] >= 1:
         depth = "constant depth"
     else:
-        depth = f"stochastic depth p_L={m.final_survival_prob:g} ({m.survival_rule}, {m.mode})"
-    dataset = str(config.dataset)
+        depth = (f"stochastic depth p_L={m['final_survival_prob']:g} ({m['survival_rule']}, "
+                 f"{m['mode']})")
+    dataset = str(config["dataset"])
     if dataset.startswith("image_folder:"):  # A local path: its last part names it enough.
         dataset = "image_folder:" + os.path.basename(dataset.rstrip("/"))
-    return f"{dataset}, {model}, {depth}, {m.dtype}"
+    elif (config.get("fake_data") or {}).get("num_train", 0):
+        dataset += " (FAKE random-label data)"
+    return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
 
 
 def _lr_changes(records: Sequence[dict[str, Any]]) -> list[tuple[Any, float]]:
