@@ -10,7 +10,8 @@ finished runs and resumes interrupted ones; a run recorded with another config i
 (a larger num_epochs or max_steps extends it). Figures go to
 <root>/figures: fig8_error_vs_p_last.png (test error of the best-by-validation epoch vs p_L,
 one line per depth), fig7_first_conv_grad.png (first-conv gradient magnitude per epoch,
-constant vs stochastic depth) and training_time.md, drawn from every run under --root
+constant vs stochastic depth), fig3_error_curves.png (test error and training loss per
+epoch, constant vs stochastic depth) and training_time.md, drawn from every run under --root
 (earlier commands' too; runs of different configs as separate series); each names the runs
 it came from, and the output says which runs each includes.
 Any --config.<field>=<value> override applies to every run, except model.depth and

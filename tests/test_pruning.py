@@ -224,7 +224,7 @@ def test_sweep_figures_carry_their_sources(sweep_root):
         (8, 0.5, True), (8, 1.0, True)]
     outputs = sweep.write_figures(collected, os.path.join(root, "figures"))
     workdirs = [os.path.join(root, n) for n, _ in runs]
-    for key in ("fig8", "fig7"):
+    for key in ("fig8", "fig7", "fig3"):
         png = outputs[key]
         assert os.path.getsize(png) > 0 and figures.read_sources(png) == workdirs
         sidecar = json.load(open(os.path.splitext(png)[0] + ".json"))
@@ -232,6 +232,12 @@ def test_sweep_figures_carry_their_sources(sweep_root):
     fig8 = json.load(open(os.path.join(root, "figures", "fig8_error_vs_p_last.json")))
     assert [p for p, _ in fig8["data"]["8"]] == [0.5, 1.0]
     assert [e for _, e in fig8["data"]["8"]] == [r["test_error"] for r in collected]
+    fig3 = json.load(open(os.path.join(root, "figures", "fig3_error_curves.json")))
+    for r in collected:  # Fig. 3 plots each epoch's test error and training loss
+        assert fig3["data"][r["name"]]["test_error_percent"] == [
+            [m["epoch"], pytest.approx(100 * m["test_error"])] for m in r["records"]]
+        assert [e for e, _ in fig3["data"][r["name"]]["train_loss"]] == [
+            m["epoch"] for m in r["records"]]
     table = open(outputs["training_time"]).read()
     assert "depth8_pL0.5" in table and "| 1.00 |" in table and workdirs[0] in table
 

@@ -136,6 +136,8 @@ def test_a_rerun_with_fewer_depths_redraws_every_finished_run(capsys, tmp_path):
     assert "figures: fig8_error_vs_p_last.png: 4 runs (depths 8, 14 x p_L 0.5, 1)\n" in out
     assert ("figures: fig7_first_conv_grad.png: 2 runs (depth 14 x p_L 0.5, 1); left out "
             "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
+    assert ("figures: fig3_error_curves.png: 2 runs (depth 14 x p_L 0.5, 1); left out "
+            "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
 
 
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):

@@ -4,6 +4,8 @@
 * :func:`plot_error_vs_p_last`: test error vs p_L, one line per depth (paper Fig. 8);
 * :func:`plot_first_conv_grad`: mean |gradient| at the first convolution per epoch,
   constant vs stochastic depth (paper Fig. 7);
+* :func:`plot_error_curves`: test error and training loss per epoch, constant vs
+  stochastic depth (paper Fig. 3);
 * :func:`training_time_table`: epoch times, constant vs stochastic depth (markdown).
 
 Every PNG carries its sources in its text metadata (``Source``, readable with
@@ -29,6 +31,7 @@ __all__ = [
     "plot_depth_curve",
     "plot_error_vs_p_last",
     "plot_first_conv_grad",
+    "plot_error_curves",
     "training_time_table",
 ]
 
@@ -197,6 +200,30 @@ _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D")
 
 
+def _run_label(r: dict[str, Any]) -> str:
+    """A run's legend entry: depth, constant or stochastic depth, series, unfinished."""
+    return (f"{r['depth']} layers, " + ("constant depth" if r["p_last"] == 1.0 else
+                                         f"stochastic, $p_L$={r['p_last']:g}")
+            + _series_label(r.get("series", ""))
+            + ("" if r.get("finished", True) else " (unfinished)"))
+
+
+def _per_epoch(r: dict[str, Any], key: str, scale: float = 1.0) -> list[tuple[Any, float]]:
+    """``(epoch, scale * value)`` of a run's records that have ``key``."""
+    return [(m["epoch"], scale * m[key]) for m in r["records"]
+            if isinstance(m.get(key), (int, float))]
+
+
+def _by_run(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs in legend order: series, depth, then constant depth first."""
+    return sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"]))
+
+
+def _epoch_axis(ax: Any) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.2
+
+
 def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
                          key: str = "grad_first_conv_mean_abs", subtitle: str = "",
                          extra: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -209,19 +236,14 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
     data = {}
-    for r in sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"])):
-        points = [(m["epoch"], m[key]) for m in r["records"] if key in m]
+    for r in _by_run(runs):
+        points = _per_epoch(r, key)
         if not points:
             continue
         data[r["name"]] = points
-        constant = r["p_last"] == 1.0
-        label = (f"{r['depth']} layers, " + ("constant depth" if constant else
-                                              f"stochastic, $p_L$={r['p_last']:g}")
-                 + _series_label(r.get("series", "")) + ("" if r.get("finished", True) else " (unfinished)"))
-        ax.plot(*zip(*points), "--" if constant else "-", marker="." if len(points) < 20
-                else None, label=label)
-    ax.set_xlabel("epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.2
+        ax.plot(*zip(*points), "--" if r["p_last"] == 1.0 else "-",
+                marker="." if len(points) < 20 else None, label=_run_label(r))
+    _epoch_axis(ax)
     ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
                   "steps)")
     ax.set_yscale("log")
@@ -238,6 +260,40 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)", extra)
+
+
+def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str = "",
+                      extra: dict[str, Any] | None = None) -> tuple[str, str]:
+    """Fig. 3: test error (solid, left axis) and training loss (dashed, right axis) per
+    epoch, one colour per run, constant depth beside stochastic depth. ``runs`` as from
+    :func:`sweep.collect`, with ``records``; ``subtitle`` and ``extra`` as in
+    :func:`plot_error_vs_p_last`."""
+    fig = new_figure((6.5, 4.8))
+    ax = fig.subplots()
+    loss_ax = ax.twinx()
+    data = {}
+    for i, r in enumerate(_by_run(runs)):
+        error, loss = _per_epoch(r, "test_error", 100), _per_epoch(r, "train_loss")
+        if not (error or loss):
+            continue
+        data[r["name"]] = {"test_error_percent": error, "train_loss": loss}
+        color, marker = f"C{i % 10}", "." if len(error) < 20 else None
+        ax.plot(*zip(*error) if error else ([], []), "-", color=color, marker=marker,
+                label=_run_label(r))
+        if loss:
+            loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6)
+    _epoch_axis(ax)
+    ax.set_ylabel("test error (%), solid")
+    loss_ax.set_ylabel("training loss, dashed")
+    ax.grid(alpha=0.3)
+    _title(ax, "Test error and training loss per epoch (cf. Huang et al. 2016, Fig. 3)",
+           subtitle)
+    if data:  # No run has an epoch yet: an empty legend only warns.
+        _legend(fig, ax, len(data))
+    fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
+    return save_figure(fig, path, [r["workdir"] for r in runs], data,
+                       "test error and training loss per epoch (Huang et al. 2016, Fig. 3)",
+                       extra)
 
 
 def training_time_table(runs: Sequence[dict[str, Any]]) -> str:

@@ -388,10 +388,10 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
 
 def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
                   report: Callable[[str], Any] | None = print) -> dict[str, str]:
-    """Fig. 8, Fig. 7 and the training-time table of ``runs`` (from :func:`collect`).
+    """Fig. 8, Fig. 7, Fig. 3 and the training-time table of ``runs`` (from :func:`collect`).
 
     Fig. 8 draws the finished runs (an unfinished run's summary, if any, is of an earlier,
-    shorter session); Fig. 7 the deepest depth of each series, unfinished runs marked;
+    shorter session); Figs. 7 and 3 the deepest depth of each series, unfinished runs marked;
     the table lists every run and names the unfinished ones. Runs of different configs are
     separate series (:func:`label_series`). Each file names the runs it came from, and its
     sidecar the runs left out and why; ``report`` (default ``print``) gets one line per
@@ -420,15 +420,18 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     fig7, _ = figures.plot_first_conv_grad(
         drawn7, os.path.join(out_dir, "fig7_first_conv_grad.png"),
         subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
+    fig3, _ = figures.plot_error_curves(
+        drawn7, os.path.join(out_dir, "fig3_error_curves.png"),
+        subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
     table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
     if report is not None:
-        for path, left in ((fig8, left8), (fig7, left7), (table, {})):
+        for path, left in ((fig8, left8), (fig7, left7), (fig3, left7), (table, {})):
             report(_drawn_line(path, runs, left))
         labels = sorted(set(series.values()))
         if len(labels) > 1:
             report("figures: runs of different configs are drawn as separate series: " + " | ".join(
                 f"{label}: {_grid([r for r in runs if r['series'] == label])}" for label in labels))
-    return {"fig8": fig8, "fig7": fig7, "training_time": table}
+    return {"fig8": fig8, "fig7": fig7, "fig3": fig3, "training_time": table}
 
 
 def _extra(drawn: Sequence[dict[str, Any]], left_out: dict[str, str],
