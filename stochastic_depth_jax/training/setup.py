@@ -122,6 +122,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str,
         train_on_all=config.train_on_all,
         label=config.label,
         holdout=data_lib.recorded_holdout(recorded, config.dataset),
+        progress_bar=config.get("progress_bar", True),  # a run.json may predate the field
     )
 
 
