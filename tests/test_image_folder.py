@@ -136,6 +136,39 @@ def test_remote_data_paths_are_left_as_named(tmp_path, monkeypatch, remote):
     assert (made.dataset, made.data_dir) == (f"image_folder:{remote}", remote)
 
 
+def _file_urls(path):
+    """The two local ``file://`` URLs of the absolute ``path``, a space %-escaped."""
+    escaped = path.replace(" ", "%20")
+    return [f"file://{escaped}", f"file://localhost{escaped}"]
+
+
+def test_a_file_url_is_a_local_image_folder_in_training_and_evaluation(tmp_path):
+    """``image_folder:file:///abs/path`` (or ``file://localhost/...``) is read as the local
+    path: loaded, recorded in run.json as the path, accepted by evaluate.py --data-dir and
+    by the check for images the earlier reader read differently."""
+    root = data.testing.make_image_folder(str(tmp_path / "my pets"), classes=2,
+                                          per_class_train=2, per_class_test=1, size=(4, 4))
+    plain = data.load_dataset(f"image_folder:{root}", validation_size=0)
+    for url in _file_urls(root):
+        ds = data.load_dataset(f"image_folder:{url}", validation_size=0)
+        assert data.fingerprint(ds) == data.fingerprint(plain)
+        config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{url}"])
+        assert setup.absolute_data_paths(config).dataset == f"image_folder:{root}"
+        assert evaluate.relocate_data(config, url).dataset == f"image_folder:{root}"
+        assert image_folder.earlier_reader_difference(url) is None
+
+
+@pytest.mark.parametrize("url", ["file://pets", "file://data/pets", "file://"])
+def test_a_file_url_without_an_absolute_path_is_one_line(url):
+    with pytest.raises(errors.DataError) as info:
+        data.load_dataset(f"image_folder:{url}")
+    message = str(info.value)
+    assert "\n" not in message and "remote" not in message
+    assert message.startswith(f"Image folder {url!r} is not a local file URL: file:// is "
+                              "followed by an absolute path (file:///data/pets")
+    assert message.endswith(f"without file://: image_folder:{url[7:] or 'data/pets'}")
+
+
 # --- layout -------------------------------------------------------------------------------
 
 def test_a_train_and_val_folder_says_what_to_rename(capsys, tmp_path):

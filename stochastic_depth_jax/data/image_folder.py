@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import urllib.parse
 import warnings
 
 import numpy as np
@@ -317,7 +318,7 @@ def earlier_reader_difference(root: str) -> str | None:
     """
     from PIL import Image
 
-    root = os.path.expanduser(root)
+    root = local_root(root)
     for split in ("train", "test"):
         classes, _ = list_classes(os.path.join(root, split))
         for name in classes:
@@ -337,16 +338,45 @@ def earlier_reader_difference(root: str) -> str | None:
     return None
 
 
-def _check_root(root: str) -> None:
+_FILE_URL = "file://"
+
+
+def file_url_path(root: str) -> str:
+    """The local path a ``file://`` URL names (``file:///data/pets`` or
+    ``file://localhost/data/pets``: ``/data/pets``, %-escapes decoded as in any URL); any
+    other `root` (a path, a remote URL, a malformed ``file://`` one) is returned unchanged."""
+    if not root[:len(_FILE_URL)].lower() == _FILE_URL:
+        return root
+    rest = root[len(_FILE_URL):]
+    if rest[:len("localhost/")].lower() == "localhost/":
+        rest = rest[len("localhost"):]
+    return urllib.parse.unquote(rest) if rest.startswith("/") else root
+
+
+def local_root(root: str) -> str:
+    """The local directory an ``image_folder:`` path names: `root` with ``~`` expanded, or
+    the path of a ``file://`` URL (:func:`file_url_path`). Refuses, in one line, a remote
+    location (``gs://``, ``s3://``, ...) and a ``file://`` URL without an absolute path."""
     if not root:
         raise errors.DataError(f"image_folder: needs a path, e.g. image_folder:/data/pets; "
                                f"{_LAYOUT}")
-    if "://" in root:  # gs://, s3://, ...: the rule by which run.json keeps such paths as named
+    path = file_url_path(root)
+    if path[:len(_FILE_URL)].lower() == _FILE_URL:
+        rest = path[len(_FILE_URL):]
+        raise errors.DataError(
+            f"Image folder {root!r} is not a local file URL: file:// is followed by an "
+            f"absolute path (file:///data/pets, or file://localhost/data/pets); give a relative "
+            f"folder without file://: image_folder:{rest or 'data/pets'}")
+    if "://" in path:  # gs://, s3://, ...: the rule by which run.json keeps such paths as named
         local = "/data/" + (os.path.basename(root.rstrip("/")) or "images")
         raise errors.DataError(
             f"Image folder {root!r} is remote: image folders are read from a local disk only; "
             f"copy it to one (e.g. gsutil -m cp -r {root.rstrip('/')} /data/) and use the "
             f"local copy: image_folder:{local}")
+    return os.path.expanduser(path)
+
+
+def _check_root(root: str) -> None:
     if not os.path.exists(root):
         raise errors.DataFileNotFoundError(f"Image folder {root!r} does not exist; {_LAYOUT}")
     if not os.path.isdir(root):
@@ -373,7 +403,8 @@ def _check_validation_directory(root: str) -> None:
 
 
 def load(root: str) -> tuple[list[str], Split, Split]:
-    """Reads an image folder (`~` in `root` is expanded).
+    """Reads an image folder: a local path (`~` expanded) or a ``file://`` URL
+    (:func:`local_root`).
 
     Every image's size is read from its header first: mixed sizes, or more images than the
     memory holds (:func:`check_memory`), are refused before any is decoded.
@@ -383,11 +414,12 @@ def load(root: str) -> tuple[list[str], Split, Split]:
       Splits: images uint8 [N, H, W, 3], labels int32 [N].
 
     Raises:
-      errors.DataError: a remote path (``gs://...``), a missing or empty directory, an
-        unreadable file, images of different sizes, classes that differ between train/ and
-        test/, or too little memory; the message names the path.
+      errors.DataError: a remote path (``gs://...``) or a ``file://`` URL without an
+        absolute path, a missing or empty directory, an unreadable file, images of different
+        sizes, classes that differ between train/ and test/, or too little memory; the
+        message names the path.
     """
-    root = os.path.expanduser(root)
+    root = local_root(root)
     _check_root(root)
     _check_validation_directory(root)
     classes, train_skipped = list_classes(os.path.join(root, "train"))
