@@ -14,8 +14,10 @@ decoded straight into one array.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import re
+import struct
 import urllib.parse
 import warnings
 
@@ -308,34 +310,96 @@ def check_memory(root: str, count: int, size: tuple[int, int], meminfo: str | No
 _EARLIER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The PNG chunks Pillow reads an EXIF orientation from: eXIf, and the text chunks that may hold
+# a raw EXIF profile or XMP.
+_PNG_METADATA = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+_PNG_READ = 1 << 16  # a small PNG whole, in one read; larger ones are walked chunk by chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class _PngChunks:
+    """What a PNG's chunk headers say of how it reads: bits a sample, and whether a chunk
+    that can hold an EXIF orientation comes before or after the pixels."""
+
+    bits: int
+    metadata: bool
+    metadata_after_pixels: bool
+
+
+def _png_chunks(path: str) -> _PngChunks | None:
+    """The chunk headers of the PNG at `path`, read without its pixels; None where it is
+    not a whole PNG (another format, a damaged or truncated file): Pillow decides then."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read(_PNG_READ)
+            # The signature, then IHDR: length, type, width, height, bit depth, ..., CRC.
+            if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+                return None
+            at, before, after, pixels = 33, False, False, False
+            while True:
+                header = data[at:at + 8]
+                if len(header) < 8:  # past what was read: a larger PNG
+                    f.seek(at)
+                    header = f.read(8)
+                    if len(header) < 8:
+                        return None
+                length, kind = struct.unpack(">I4s", header)
+                if kind == b"IEND":
+                    return _PngChunks(data[24], before or after, after)
+                pixels = pixels or kind == b"IDAT"
+                if kind in _PNG_METADATA:
+                    before, after = before or not pixels, after or pixels
+                at += 12 + length  # the header, the chunk's data and its CRC
+    except OSError:
+        return None
+
+
+def _earlier_difference(path: str) -> str | None:
+    """Why the earlier reader read the image at `path` differently, or None. Decides as
+    Pillow's reader, and decodes only a PNG whose metadata follows its pixels (rare)."""
+    if not path.lower().endswith(_EARLIER_EXTENSIONS):
+        return f"{path!r} was not read before (only .png/.jpg/.jpeg were)"
+    png = _png_chunks(path)
+    if png is not None and png.bits <= 8 and not png.metadata:
+        return None  # nearly every PNG: 8 bits, no EXIF; decided without Pillow
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if png is not None and not png.metadata_after_pixels:
+                # Pillow's PNG reader decodes the pixels to find metadata after them (the
+                # base reader reads what open() found): there is none.
+                orientation = Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1)
+            else:
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return None  # unreadable either way: the load reports it
+    if mode.startswith("I;16"):
+        return f"the 16-bit image {path!r} was clipped before, is scaled now"
+    if orientation not in (None, 1):
+        return f"{path!r} has an EXIF rotation ({orientation}), applied only now"
+    return None
+
+
 def earlier_reader_difference(root: str) -> str | None:
     """Why the earlier reader would have read the folder's images differently (the first
     such image: one it skipped, a 16-bit one it clipped, an EXIF rotation it ignored), or
-    None if it read the same pixels. Opens each image's header only.
+    None if it read the same pixels. A PNG is told from its chunk headers (8 bits and no
+    metadata: nearly every one) or opened in Pillow, which decodes only a PNG with metadata
+    after its pixels; a JPEG's header is read by Pillow.
 
     For runs recorded without a pixel fingerprint, so evaluating or resuming one on images
     that now read differently is refused rather than silently using other pixels.
     """
-    from PIL import Image
-
     root = local_root(root)
+    paths = []
     for split in ("train", "test"):
         classes, _ = list_classes(os.path.join(root, split))
         for name in classes:
-            for path in _class_files(os.path.join(root, split, name))[0]:
-                if not path.lower().endswith(_EARLIER_EXTENSIONS):
-                    return f"{path!r} was not read before (only .png/.jpg/.jpeg were)"
-                try:
-                    with Image.open(path) as image:
-                        mode = image.mode
-                        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-                except (OSError, SyntaxError, ValueError):
-                    continue  # unreadable either way: the load reports it
-                if mode.startswith("I;16"):
-                    return f"the 16-bit image {path!r} was clipped before, is scaled now"
-                if orientation not in (None, 1):
-                    return f"{path!r} has an EXIF rotation ({orientation}), applied only now"
-    return None
+            paths += _class_files(os.path.join(root, split, name))[0]
+    # In order: the first image that differs is named. Not threaded: mostly Python work.
+    return next((r for r in map(_earlier_difference, paths) if r is not None), None)
 
 
 _FILE_URL = "file://"
