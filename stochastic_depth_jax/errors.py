@@ -8,6 +8,11 @@ shows the traceback). Anything else is a bug and keeps its traceback.
 
 Each type also derives from the built-in exception it refines (``ValueError``,
 ``OSError``, ...), so code catching the built-in keeps working.
+
+Where the fix is to run again (resume a stopped or failed run, retry a read), the words
+differ between a Python caller and a shell: ``str(error)`` says "call ... again" and
+``error.command_line``, the line the command-line tools print, says "run the same command"
+(:func:`run_again`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,29 @@ __all__ = [
     "WorkdirBusyError",
     "CheckpointError",
     "DistributedError",
+    "run_again",
 ]
 
 
 class Error(Exception):
-    """Base of every anticipated error; its message is meant for the user as is."""
+    """Base of every anticipated error; its message is meant for the user as is.
+
+    Args:
+      *args: as any exception's; ``str()`` is the message for a Python caller.
+      command_line: the message as the command-line tools print it, where it differs
+        (:func:`run_again`); ``command_line`` is ``str()`` otherwise.
+    """
+
+    _command_line: str | None = None  # also for an instance made without __init__
+
+    def __init__(self, *args: object, command_line: str | None = None):
+        super().__init__(*args)
+        self._command_line = command_line
+
+    @property
+    def command_line(self) -> str:
+        """The line the command-line tools print (after ``error: ``, for a failure)."""
+        return str(self) if self._command_line is None else self._command_line
 
 
 class ConfigError(Error, ValueError):
@@ -54,3 +77,14 @@ class DistributedError(Error, RuntimeError):
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
     """A dataset path (image folder, split directory) does not exist."""
+
+
+def run_again(problem: str, call: str, then: str) -> tuple[str, str]:
+    """``(message, command_line)`` of an error whose fix is to run again:
+    ``"<problem>: call <call> <then>."`` for a Python caller and ``"<problem>: run the same
+    command <then>."`` for the command-line tools, e.g.::
+
+        message, line = run_again("The disk is full", "train_and_evaluate again", "to resume")
+        raise WorkdirError(message, command_line=line)
+    """
+    return (f"{problem}: call {call} {then}.", f"{problem}: run the same command {then}.")

@@ -145,7 +145,12 @@ def test_full_disk_in_a_background_save_raises_one_workdir_error(tmp_path, mesh)
             getattr(ckpts, call)()
         message = str(info.value)
         assert message.startswith(f"Cannot write {tmp_path}/checkpoints (No space left on device)")
-        assert "free some space" in message and "resume from the newest" in message
+        assert "free some space" in message
+        # A Python caller calls again; the command-line tools print their own line.
+        assert message.endswith(": call the function with the same arguments again to resume "
+                                "from the newest.")
+        assert info.value.command_line == message.replace(
+            "call the function with the same arguments", "run the same command")
         assert info.value.__cause__ is full
     latest.wait_until_finished = fail(RuntimeError("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
@@ -339,6 +344,7 @@ def test_a_read_failing_outside_the_checkpoint_moves_nothing(tmp_path, mesh, cau
     message = str(info.value)
     assert message.startswith(f"Cannot read {tmp_path}/checkpoints/2 (")
     assert "\n" not in message and "no older checkpoint was used" in message
+    assert message.endswith(": call the same function again once it is fixed.")
     assert info.value.__cause__ is error  # --debug shows the library's traceback
     assert ckpts.steps("latest") == [1, 2]
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints_corrupt"))
@@ -407,6 +413,25 @@ def test_unlistable_checkpoints_directory_is_one_error(tmp_path, mesh, monkeypat
     monkeypatch.setattr(ckpt_lib.os, "listdir", listdir)
     with pytest.raises(ckpt_lib.CheckpointAccessError, match=r"Cannot read .*/checkpoints \("):
         ckpt_lib.Checkpoints(tmp_path, read_only=True)
+
+
+def test_the_command_line_tools_print_their_own_words_for_a_checkpoint_error(capsys):
+    """What to do next differs between Python and a shell: ``str()`` tells a Python caller
+    to call the function again, the command-line tools print "run the same command"."""
+    from stochastic_depth_jax.training import cli
+
+    error = ckpt_lib._access_error(
+        "w/checkpoints/2", PermissionError(errno.EACCES, "Permission denied", "w"))
+    assert str(error).endswith(": call the same function again once it is fixed.")
+
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_reporting_errors(main, debug=False)
+    assert exit_info.value.code == 1
+    line = str(error).replace("call the same function", "run the same command")
+    assert capsys.readouterr().err == f"error: {line}\n"
 
 
 def test_moving_aside_never_reuses_a_name(tmp_path, mesh, monkeypatch):

@@ -449,3 +449,25 @@ def test_decoding_shows_a_bar_on_a_terminal_and_two_lines_in_a_pipe(tmp_path, mo
     else:
         assert stdout.getvalue() == ""
         assert "decoding cifar10/train" in stderr.getvalue()
+
+
+def test_progress_bar_false_decodes_with_two_lines_on_a_terminal_too(tmp_path, monkeypatch):
+    """``--config.progress_bar=false`` reaches the one-time decoding (via ``load_data``): on a
+    terminal it prints the start and finish lines a log gets, and draws no bar."""
+    from configs import load_config
+    from stochastic_depth_jax.training import setup
+
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=40, num_test=10)
+    monkeypatch.setattr(sources, "_READ_CHUNK", 4)  # train: 10 chunks, long enough to show
+    stdout, stderr = _Terminal(), _Terminal()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    config = load_config("cifar10:smoke", [f"--config.data_dir={root}",
+                                           "--config.fake_data.num_train=0",
+                                           "--config.progress_bar=false"])
+    setup.load_data(config, str(tmp_path / "workdir"))
+    start, finish = stdout.getvalue().splitlines()
+    assert start.startswith("Decoding cifar10/train (40 images), once")
+    assert finish.startswith("Decoded cifar10/train in ")
+    assert stderr.getvalue() == ""

@@ -136,6 +136,117 @@ def test_remote_data_paths_are_left_as_named(tmp_path, monkeypatch, remote):
     assert (made.dataset, made.data_dir) == (f"image_folder:{remote}", remote)
 
 
+def _file_urls(path):
+    """The two local ``file://`` URLs of the absolute ``path``, a space %-escaped."""
+    escaped = path.replace(" ", "%20")
+    return [f"file://{escaped}", f"file://localhost{escaped}"]
+
+
+def test_a_file_url_is_a_local_image_folder_in_training_and_evaluation(tmp_path):
+    """``image_folder:file:///abs/path`` (or ``file://localhost/...``) is read as the local
+    path: loaded, recorded in run.json as the path, accepted by evaluate.py --data-dir and
+    by the check for images the earlier reader read differently."""
+    root = data.testing.make_image_folder(str(tmp_path / "my pets"), classes=2,
+                                          per_class_train=2, per_class_test=1, size=(4, 4))
+    plain = data.load_dataset(f"image_folder:{root}", validation_size=0)
+    for url in _file_urls(root):
+        ds = data.load_dataset(f"image_folder:{url}", validation_size=0)
+        assert data.fingerprint(ds) == data.fingerprint(plain)
+        config = load_config("cifar10:smoke", [f"--config.dataset=image_folder:{url}"])
+        assert setup.absolute_data_paths(config).dataset == f"image_folder:{root}"
+        assert evaluate.relocate_data(config, url).dataset == f"image_folder:{root}"
+        assert image_folder.earlier_reader_difference(url) is None
+
+
+@pytest.mark.parametrize("url", ["file://pets", "file://data/pets", "file://"])
+def test_a_file_url_without_an_absolute_path_is_one_line(url):
+    with pytest.raises(errors.DataError) as info:
+        data.load_dataset(f"image_folder:{url}")
+    message = str(info.value)
+    assert "\n" not in message and "remote" not in message
+    assert message.startswith(f"Image folder {url!r} is not a local file URL: file:// is "
+                              "followed by an absolute path (file:///data/pets")
+    assert message.endswith(f"without file://: image_folder:{url[7:] or 'data/pets'}")
+
+
+def _png_chunks(png: bytes) -> list[bytes]:
+    """A PNG's chunks (length, type, data and CRC each), after its signature."""
+    chunks, at = [], 8
+    while at < len(png):
+        end = at + 12 + int.from_bytes(png[at:at + 4], "big")
+        chunks.append(png[at:end])
+        at = end
+    return chunks
+
+
+def _png(pixels, **save):
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+def _exif_after_pixels(png: bytes) -> bytes:
+    """``png`` with its eXIf chunk moved after the pixels (allowed, and written by some
+    tools): Pillow finds it only by decoding them."""
+    chunks = _png_chunks(png)
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    return png[:8] + b"".join(rest[:-1] + exif + rest[-1:])  # before IEND
+
+
+def _earlier_reader_cases():
+    """name -> (PNG bytes, whether the earlier reader read it differently)."""
+    from PIL import Image
+    rgb = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    turned, upright = Image.Exif(), Image.Exif()
+    turned[0x0112], upright[0x0112] = 6, 1
+    text = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    text.add_text("Software", "a scanner")
+    return {
+        "plain": (_png(rgb), False),
+        "text": (_png(rgb, pnginfo=text), False),
+        "exif_upright": (_png(rgb, exif=upright), False),
+        "exif_turned": (_png(rgb, exif=turned), True),
+        "exif_turned_after_pixels": (_exif_after_pixels(_png(rgb, exif=turned)), True),
+        "gray16": (_png(np.full((4, 4), 40000, np.uint16)), True),
+        "damaged": (_png(rgb)[:40], False),  # unreadable either way: the load reports it
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_earlier_reader_cases()))
+def test_the_earlier_reader_check_reads_headers_and_decides_as_pillow_does(
+        tmp_path, monkeypatch, case):
+    """Before evaluating a run recorded without a pixel fingerprint: a plain PNG is told
+    from its chunk headers, without Pillow; any other is decided by Pillow as before (which
+    decodes it only for an EXIF after the pixels)."""
+    from PIL import Image, ImageFile
+
+    png, differs = _earlier_reader_cases()[case]
+    root = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=2,
+                                          per_class_test=1, size=(4, 4))
+    path = os.path.join(root, "test", "class1", "new.png")
+    with open(path, "wb") as f:
+        f.write(png)
+    if case == "exif_turned_after_pixels":
+        with Image.open(path) as image:
+            assert "exif" not in image.info  # found only by decoding
+    opened, decoded = [], []
+    monkeypatch.setattr(Image, "open", lambda p, *a, real=Image.open: opened.append(p) or real(
+        p, *a))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self, real=ImageFile.ImageFile.load:
+                        decoded.append(self.filename) or real(self))
+    reason = image_folder.earlier_reader_difference(root)
+    assert (reason is not None) == differs and (not differs or repr(path) in reason)
+    assert opened == ([] if case == "plain" else [path])  # the folder's PNGs: headers only
+    assert decoded == ([path] if case == "exif_turned_after_pixels" else [])  # rare: decoded
+    # The decision Pillow alone makes (as before this check read headers) is the same.
+    monkeypatch.setattr(image_folder, "_png_chunks", lambda p: None)
+    assert image_folder.earlier_reader_difference(root) == reason
+
+
 # --- layout -------------------------------------------------------------------------------
 
 def test_a_train_and_val_folder_says_what_to_rename(capsys, tmp_path):

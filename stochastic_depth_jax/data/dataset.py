@@ -87,12 +87,13 @@ def _label_key(name: str, label: str) -> str:
                      f"(or 'coarse' for cifar100).")
 
 
-def _load_tfds(name, data_dir, download, validation_size, seed, train_on_all, label):
+def _load_tfds(name, data_dir, download, validation_size, seed, train_on_all, label,
+               progress_bar):
     """(num_classes, train, validation, test) for cifar10 / cifar100 / svhn."""
     tfds_name = sources.TFDS_NAMES[name]
     key = _label_key(name, label)
     sources.ensure_prepared(tfds_name, data_dir, download)
-    read = lambda split: sources.read_split(tfds_name, split, data_dir, key)
+    read = lambda split: sources.read_split(tfds_name, split, data_dir, key, progress_bar)
     train, test = read("train"), read("test")
     num_classes = sources.num_classes(tfds_name, data_dir, key)
     if name == "svhn":
@@ -110,7 +111,7 @@ def _load_tfds(name, data_dir, download, validation_size, seed, train_on_all, la
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True,
                  validation_size: int | float | None = None, seed: int = 0,
                  train_on_all: bool = False, label: str = "fine",
-                 holdout: str | None = None) -> Dataset:
+                 holdout: str | None = None, progress_bar: bool = True) -> Dataset:
     """Loads a dataset into host memory, split as in the paper.
 
     Args:
@@ -129,6 +130,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
         share, see splits.per_class_counts) or 'random' (as image folders were split before
         this was recorded: :func:`recorded_holdout` rebuilds a recorded run's split). CIFAR
         is held out at random and SVHN per class, as in the paper.
+      progress_bar: the one-time decoding of a tfds dataset (cached for later loads) shows
+        a bar on a terminal or in a notebook; False (the trainer's ``progress_bar=False``)
+        prints a start and a finish line instead, as a pipe or a log file gets.
 
     Returns:
       Dataset.
@@ -153,7 +157,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
         holdout = "svhn" if name == "svhn" else "random"
         num_classes, train, validation, test = _load_tfds(
             name, data_dir or sources.default_data_dir(), download, validation_size,
-            seed, train_on_all, label)
+            seed, train_on_all, label, progress_bar)
         augment = _AUGMENT[name]
     else:
         raise errors.DataError(f"Unknown dataset {name!r}; choose one of "

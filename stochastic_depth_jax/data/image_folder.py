@@ -14,8 +14,11 @@ decoded straight into one array.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import re
+import struct
+import urllib.parse
 import warnings
 
 import numpy as np
@@ -307,46 +310,137 @@ def check_memory(root: str, count: int, size: tuple[int, int], meminfo: str | No
 _EARLIER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The PNG chunks Pillow reads an EXIF orientation from: eXIf, and the text chunks that may hold
+# a raw EXIF profile or XMP.
+_PNG_METADATA = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+_PNG_READ = 1 << 16  # a small PNG whole, in one read; larger ones are walked chunk by chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class _PngChunks:
+    """What a PNG's chunk headers say of how it reads: bits a sample, and whether a chunk
+    that can hold an EXIF orientation comes before or after the pixels."""
+
+    bits: int
+    metadata: bool
+    metadata_after_pixels: bool
+
+
+def _png_chunks(path: str) -> _PngChunks | None:
+    """The chunk headers of the PNG at `path`, read without its pixels; None where it is
+    not a whole PNG (another format, a damaged or truncated file): Pillow decides then."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read(_PNG_READ)
+            # The signature, then IHDR: length, type, width, height, bit depth, ..., CRC.
+            if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+                return None
+            at, before, after, pixels = 33, False, False, False
+            while True:
+                header = data[at:at + 8]
+                if len(header) < 8:  # past what was read: a larger PNG
+                    f.seek(at)
+                    header = f.read(8)
+                    if len(header) < 8:
+                        return None
+                length, kind = struct.unpack(">I4s", header)
+                if kind == b"IEND":
+                    return _PngChunks(data[24], before or after, after)
+                pixels = pixels or kind == b"IDAT"
+                if kind in _PNG_METADATA:
+                    before, after = before or not pixels, after or pixels
+                at += 12 + length  # the header, the chunk's data and its CRC
+    except OSError:
+        return None
+
+
+def _earlier_difference(path: str) -> str | None:
+    """Why the earlier reader read the image at `path` differently, or None. Decides as
+    Pillow's reader, and decodes only a PNG whose metadata follows its pixels (rare)."""
+    if not path.lower().endswith(_EARLIER_EXTENSIONS):
+        return f"{path!r} was not read before (only .png/.jpg/.jpeg were)"
+    png = _png_chunks(path)
+    if png is not None and png.bits <= 8 and not png.metadata:
+        return None  # nearly every PNG: 8 bits, no EXIF; decided without Pillow
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if png is not None and not png.metadata_after_pixels:
+                # Pillow's PNG reader decodes the pixels to find metadata after them (the
+                # base reader reads what open() found): there is none.
+                orientation = Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1)
+            else:
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return None  # unreadable either way: the load reports it
+    if mode.startswith("I;16"):
+        return f"the 16-bit image {path!r} was clipped before, is scaled now"
+    if orientation not in (None, 1):
+        return f"{path!r} has an EXIF rotation ({orientation}), applied only now"
+    return None
+
+
 def earlier_reader_difference(root: str) -> str | None:
     """Why the earlier reader would have read the folder's images differently (the first
     such image: one it skipped, a 16-bit one it clipped, an EXIF rotation it ignored), or
-    None if it read the same pixels. Opens each image's header only.
+    None if it read the same pixels. A PNG is told from its chunk headers (8 bits and no
+    metadata: nearly every one) or opened in Pillow, which decodes only a PNG with metadata
+    after its pixels; a JPEG's header is read by Pillow.
 
     For runs recorded without a pixel fingerprint, so evaluating or resuming one on images
     that now read differently is refused rather than silently using other pixels.
     """
-    from PIL import Image
-
-    root = os.path.expanduser(root)
+    root = local_root(root)
+    paths = []
     for split in ("train", "test"):
         classes, _ = list_classes(os.path.join(root, split))
         for name in classes:
-            for path in _class_files(os.path.join(root, split, name))[0]:
-                if not path.lower().endswith(_EARLIER_EXTENSIONS):
-                    return f"{path!r} was not read before (only .png/.jpg/.jpeg were)"
-                try:
-                    with Image.open(path) as image:
-                        mode = image.mode
-                        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-                except (OSError, SyntaxError, ValueError):
-                    continue  # unreadable either way: the load reports it
-                if mode.startswith("I;16"):
-                    return f"the 16-bit image {path!r} was clipped before, is scaled now"
-                if orientation not in (None, 1):
-                    return f"{path!r} has an EXIF rotation ({orientation}), applied only now"
-    return None
+            paths += _class_files(os.path.join(root, split, name))[0]
+    # In order: the first image that differs is named. Not threaded: mostly Python work.
+    return next((r for r in map(_earlier_difference, paths) if r is not None), None)
 
 
-def _check_root(root: str) -> None:
+_FILE_URL = "file://"
+
+
+def file_url_path(root: str) -> str:
+    """The local path a ``file://`` URL names (``file:///data/pets`` or
+    ``file://localhost/data/pets``: ``/data/pets``, %-escapes decoded as in any URL); any
+    other `root` (a path, a remote URL, a malformed ``file://`` one) is returned unchanged."""
+    if not root[:len(_FILE_URL)].lower() == _FILE_URL:
+        return root
+    rest = root[len(_FILE_URL):]
+    if rest[:len("localhost/")].lower() == "localhost/":
+        rest = rest[len("localhost"):]
+    return urllib.parse.unquote(rest) if rest.startswith("/") else root
+
+
+def local_root(root: str) -> str:
+    """The local directory an ``image_folder:`` path names: `root` with ``~`` expanded, or
+    the path of a ``file://`` URL (:func:`file_url_path`). Refuses, in one line, a remote
+    location (``gs://``, ``s3://``, ...) and a ``file://`` URL without an absolute path."""
     if not root:
         raise errors.DataError(f"image_folder: needs a path, e.g. image_folder:/data/pets; "
                                f"{_LAYOUT}")
-    if "://" in root:  # gs://, s3://, ...: the rule by which run.json keeps such paths as named
+    path = file_url_path(root)
+    if path[:len(_FILE_URL)].lower() == _FILE_URL:
+        rest = path[len(_FILE_URL):]
+        raise errors.DataError(
+            f"Image folder {root!r} is not a local file URL: file:// is followed by an "
+            f"absolute path (file:///data/pets, or file://localhost/data/pets); give a relative "
+            f"folder without file://: image_folder:{rest or 'data/pets'}")
+    if "://" in path:  # gs://, s3://, ...: the rule by which run.json keeps such paths as named
         local = "/data/" + (os.path.basename(root.rstrip("/")) or "images")
         raise errors.DataError(
             f"Image folder {root!r} is remote: image folders are read from a local disk only; "
             f"copy it to one (e.g. gsutil -m cp -r {root.rstrip('/')} /data/) and use the "
             f"local copy: image_folder:{local}")
+    return os.path.expanduser(path)
+
+
+def _check_root(root: str) -> None:
     if not os.path.exists(root):
         raise errors.DataFileNotFoundError(f"Image folder {root!r} does not exist; {_LAYOUT}")
     if not os.path.isdir(root):
@@ -373,7 +467,8 @@ def _check_validation_directory(root: str) -> None:
 
 
 def load(root: str) -> tuple[list[str], Split, Split]:
-    """Reads an image folder (`~` in `root` is expanded).
+    """Reads an image folder: a local path (`~` expanded) or a ``file://`` URL
+    (:func:`local_root`).
 
     Every image's size is read from its header first: mixed sizes, or more images than the
     memory holds (:func:`check_memory`), are refused before any is decoded.
@@ -383,11 +478,12 @@ def load(root: str) -> tuple[list[str], Split, Split]:
       Splits: images uint8 [N, H, W, 3], labels int32 [N].
 
     Raises:
-      errors.DataError: a remote path (``gs://...``), a missing or empty directory, an
-        unreadable file, images of different sizes, classes that differ between train/ and
-        test/, or too little memory; the message names the path.
+      errors.DataError: a remote path (``gs://...``) or a ``file://`` URL without an
+        absolute path, a missing or empty directory, an unreadable file, images of different
+        sizes, classes that differ between train/ and test/, or too little memory; the
+        message names the path.
     """
-    root = os.path.expanduser(root)
+    root = local_root(root)
     _check_root(root)
     _check_validation_directory(root)
     classes, train_skipped = list_classes(os.path.join(root, "train"))

@@ -152,14 +152,15 @@ def _decode_chunk(source, start: int, stop: int, where: str) -> list[dict]:
 
 
 def read_split(tfds_name: str, split: str, data_dir: str,
-               label_key: str = "label") -> Split:
+               label_key: str = "label", progress_bar: bool = True) -> Split:
     """Reads a prepared tfds split fully into host memory.
 
     Decoding the stored PNGs is the slow part (~0.45 ms per image on a CPU core: 28 s for
     CIFAR's 60k, minutes for SVHN), so the decoded arrays are cached beside the prepared
     data (``decoded-<split>-<label_key>.npz``) and reused while the array_record files are
     unchanged. An unreadable or stale cache is rebuilt; an unwritable directory only costs
-    the decoding next time.
+    the decoding next time. ``progress_bar``: as the trainer's (``config.progress_bar``):
+    False shows a long decoding by a start and a finish line instead of a bar.
 
     Returns:
       Split with images uint8 [N, H, W, C] and labels int32 [N] (from `label_key`),
@@ -181,7 +182,7 @@ def read_split(tfds_name: str, split: str, data_dir: str,
     # tfds suggests installing OpenCV for speed; Pillow (a dependency) decodes, once per
     # dataset thanks to the cache below.
     with logs.drop_absl_messages("OpenCV is not installed"):
-        for start in _decoding(starts, f"{tfds_name}/{split}", len(source)):
+        for start in _decoding(starts, f"{tfds_name}/{split}", len(source), progress_bar):
             stop = min(start + _READ_CHUNK, len(source))
             records = _decode_chunk(source, start, stop, where)
             images[start:stop] = np.stack([r["image"] for r in records])
@@ -190,24 +191,25 @@ def read_split(tfds_name: str, split: str, data_dir: str,
     return Split(images, labels)
 
 
-def _decoding(starts: range, what: str, count: int) -> Iterator[int]:
+def _decoding(starts: range, what: str, count: int, progress_bar: bool) -> Iterator[int]:
     """``starts`` (the chunks to decode), showing the progress of a long decoding (8 chunks
     or more) as the epochs' progress is shown (process 0 only): a bar where it redraws in
-    place (a terminal, a notebook), and a start and a finish line on stdout where every
-    redraw would be kept (a pipe, a log file)."""
+    place (a terminal, a notebook) unless ``progress_bar`` is off, and a start and a finish
+    line on stdout where no bar is drawn or every redraw would be kept (a pipe, a log
+    file)."""
     if len(starts) < 8:
         yield from starts
         return
     # Imported on use: the training package imports this one.
     from stochastic_depth_jax.training import progress
 
-    lines = progress.prints_epoch_lines(True)
+    lines = progress.prints_epoch_lines(progress_bar)
     if lines:
         print(f"Decoding {what} ({count} images), once: the arrays are cached beside the "
               "data for later runs.", flush=True)
     t0 = time.perf_counter()
     yield from tqdm.tqdm(starts, desc=f"decoding {what}", unit="chunk", leave=False,
-                         disable=not progress.draws_bar(True))
+                         disable=not progress.draws_bar(progress_bar))
     if lines:
         print(f"Decoded {what} in {time.perf_counter() - t0:.1f} s.", flush=True)
 

@@ -85,9 +85,10 @@ def _access_error(path: str, error: BaseException) -> CheckpointAccessError | No
     os_error = workdir_lib.read_os_error(error)
     if os_error is None:
         return None
-    return CheckpointAccessError(
+    message, command_line = errors.run_again(
         workdir_lib.describe_read_error(os_error, path) + " Nothing was moved, and no older "
-        "checkpoint was used in its place: run the same command again once it is fixed.")
+        "checkpoint was used in its place", "the same function", "again once it is fixed")
+    return CheckpointAccessError(message, command_line=command_line)
 
 
 def _check_listable(directory: str) -> None:
@@ -334,10 +335,11 @@ class Checkpoints:
             if os_error is None:
                 raise
             where = str(self._managers[kind].directory)
-            raise errors.WorkdirError(
+            message, command_line = errors.run_again(
                 workdir_lib.describe_os_error(os_error, where) + " The checkpoints saved "
-                "before are kept: run the same command again to resume from the newest."
-            ) from e
+                "before are kept", "the function with the same arguments",
+                "again to resume from the newest")
+            raise errors.WorkdirError(message, command_line=command_line) from e
 
     def restore(
         self, kind: str, abstract_state: Any, step: int | None = None

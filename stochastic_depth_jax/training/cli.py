@@ -62,7 +62,7 @@ def _message(error: BaseException) -> str | None:
     permission ``OSError`` (a checkpoint save's wrapped failures arrive as ``WorkdirError``),
     or a collective that failed because another process of the job vanished."""
     if isinstance(error, errors.Error):
-        return str(error)
+        return error.command_line  # str(error) speaks to a Python caller
     lost = distributed.lost_peer(error)
     if lost is not None:
         return lost

@@ -99,8 +99,12 @@ def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collec
 
     Raises:
       errors.DataFileNotFoundError: ``data_dir`` is not a directory.
+      errors.DataError: an image folder's ``data_dir`` is remote, or a ``file://`` URL
+        without an absolute path (``image_folder.local_root``).
       errors.ConfigError: the run trained on fake data written in its own workdir.
     """
+    if config.dataset.startswith(data_lib.IMAGE_FOLDER_PREFIX):
+        data_dir = image_folder.local_root(data_dir)  # a file:// URL too, as in training
     data_dir = os.path.expanduser(data_dir)
     if not os.path.isdir(data_dir):
         raise errors.DataFileNotFoundError(

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 import stochastic_depth_jax
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import errors
+from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.models import CifarResNet
 from stochastic_depth_jax.convnext import ConvNeXt
 from stochastic_depth_jax.vit import ViT
@@ -48,10 +49,12 @@ def absolute_data_path(field: str, value: Any) -> Any:
     """``value`` of the config ``field`` made absolute where it names a local place
     (``dataset``'s ``image_folder:`` path, ``data_dir``; ``~`` expanded), else unchanged.
     Not resolved: a symlink or a shared filesystem's mount point stays as the user named it.
-    A remote location (``gs://bucket/...``: anything with ``://``) is left as it is."""
+    An image folder's ``file:///path`` URL is recorded as its local path; a remote location
+    (``gs://bucket/...``: anything else with ``://``) is left as it is."""
     prefix = data_lib.IMAGE_FOLDER_PREFIX
     if field == "dataset" and isinstance(value, str) and value.startswith(prefix):
-        return prefix + _absolute_local(value.removeprefix(prefix))
+        path = image_folder.file_url_path(value.removeprefix(prefix))
+        return prefix + _absolute_local(path)
     if field == "data_dir" and value:
         return _absolute_local(value)
     return value
@@ -122,6 +125,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str,
         train_on_all=config.train_on_all,
         label=config.label,
         holdout=data_lib.recorded_holdout(recorded, config.dataset),
+        progress_bar=config.get("progress_bar", True),  # a run.json may predate the field
     )
 
 

@@ -45,9 +45,9 @@ class Stopped(errors.Error):
 
     def __init__(self, stopped: str, signum: int,
                  call_again: str = "train_and_evaluate again with the same workdir"):
-        super().__init__(f"{stopped}: call {call_again} to resume.")
+        message, command_line = errors.run_again(stopped, call_again, "to resume")
+        super().__init__(message, command_line=command_line)
         self.stopped = stopped
-        self.command_line = f"{stopped}: run the same command to resume."
         self.exit_status = 128 + signum
 
 
