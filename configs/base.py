@@ -96,8 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     # JAX's persistent compilation cache: 'auto' = $JAX_COMPILATION_CACHE_DIR, else
-    # $XDG_CACHE_HOME (or ~/.cache)/stochastic_depth_jax/jax; a path; '' = off. A resumed or
-    # repeated run loads its programs instead of compiling them (programs that took >= 1 s).
+    # $XDG_CACHE_HOME (or ~/.cache)/stochastic_depth_jax/jax/<jaxlib, machine, CPU features>;
+    # a path; '' = off. A resumed or repeated run loads its programs instead of compiling
+    # them (programs that took >= 1 s).
     c.compilation_cache_dir = "auto"
     c.log_every_steps = 20  # progress-bar refresh (host sync) interval
     c.progress_bar = True

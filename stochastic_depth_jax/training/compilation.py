@@ -5,7 +5,11 @@ A resumed or repeated run finds its programs in the cache instead of compiling t
 directory is ``config.compilation_cache_dir``:
 
 * ``'auto'`` (default): ``JAX_COMPILATION_CACHE_DIR`` if set, else
-  ``$XDG_CACHE_HOME/stochastic_depth_jax/jax`` (``~/.cache/...`` without XDG_CACHE_HOME);
+  ``$XDG_CACHE_HOME/stochastic_depth_jax/jax/<host>`` (``~/.cache/...`` without
+  XDG_CACHE_HOME), where ``<host>`` (:func:`host_tag`) names the jaxlib version, the machine
+  and its CPU features: a home directory shared by machines of different CPUs (a cluster's
+  NFS home) or an upgraded jaxlib does not load programs compiled for the other one (XLA:CPU
+  refuses them with error lines and compiles again; a jaxlib change has crashed loads);
 * a path: that directory;
 * ``''``: no persistent cache.
 
@@ -18,14 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
+import platform
 import threading
 from typing import Any, Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-__all__ = ["cache_dir_for", "use_cache_dir", "cache_dir_in_use", "CompileStats"]
+__all__ = ["cache_dir_for", "host_tag", "use_cache_dir", "cache_dir_in_use", "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -43,7 +49,33 @@ def cache_dir_for(setting: str | None, environ: Any = os.environ) -> str:
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return environ["JAX_COMPILATION_CACHE_DIR"]
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "stochastic_depth_jax", "jax")
+    return os.path.join(base, "stochastic_depth_jax", "jax", host_tag())
+
+
+def _cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model and feature flags as the OS lists them ('' where it does not)."""
+    try:
+        with open(cpuinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:  # macOS, Windows: the processor's name is what there is
+        return platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    seen: dict[str, str] = {}
+    for line in lines:  # the first processor's entries (all cores of a host share them)
+        key, _, value = line.partition(":")
+        if key.strip() in wanted and key.strip() not in seen:
+            seen[key.strip()] = " ".join(sorted(value.split()))
+    return repr(sorted(seen.items()))
+
+
+def host_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """``jaxlib<version>-<machine>-<digest of the CPU's model and features>``: the part of
+    the default cache directory that keeps programs compiled by one jaxlib on one kind of
+    CPU apart from the others'."""
+    import jaxlib
+
+    digest = hashlib.sha256(_cpu_features(cpuinfo).encode()).hexdigest()[:12]
+    return f"jaxlib{jaxlib.__version__}-{platform.machine() or 'unknown'}-{digest}"
 
 
 def use_cache_dir(path: str) -> None:
