@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -19,6 +20,7 @@ import pytest
 from processes import finish_all, free_address, start_all
 from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import distributed
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "workers", "fails_on_one.py")
@@ -133,7 +135,7 @@ def test_the_workdir_stays_locked_until_a_failed_runs_save_is_committed(monkeypa
     # flight for one left unfinished and move it aside.
     sys.path.insert(0, REPO)  # `configs` lives at the repository root.
     from configs import load_config
-    from stochastic_depth_jax.training import loop, workdir as workdir_lib
+    from stochastic_depth_jax.training import loop
 
     monkeypatch.setattr(distributed, "in_job", lambda: True)
     monkeypatch.setattr(distributed, "_closing", [])
@@ -153,6 +155,58 @@ def test_the_workdir_stays_locked_until_a_failed_runs_save_is_committed(monkeypa
     distributed._close_all()  # What leave_job runs once the others know.
     assert saved == ["committed"]
     workdir_lib.WorkdirLock(workdir).acquire().release()
+
+
+@pytest.mark.parametrize("kept", [None, "metrics.jsonl", "checkpoints"])
+def test_a_run_failing_with_only_fake_data_written_leaves_no_workdir(monkeypatch, tmp_path,
+                                                                     kept):
+    # The fake data is made again by the next run; a result or a checkpoint keeps it all.
+    sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+    from configs import load_config
+    from stochastic_depth_jax.training import loop, setup as setup_lib
+
+    workdir = tmp_path / "run"
+    load_data = setup_lib.load_data
+
+    def fails_after_loading(config, workdir, *args):
+        load_data(config, workdir, *args)
+        if kept == "checkpoints":
+            os.makedirs(os.path.join(workdir, kept, "0"))
+        elif kept:
+            open(os.path.join(workdir, kept), "w").close()
+        raise errors.DataError("failed after the fake data was written (injected)")
+
+    monkeypatch.setattr(setup_lib, "load_data", fails_after_loading)
+    with pytest.raises(errors.DataError, match="injected"):
+        loop.train_and_evaluate(load_config("cifar10:smoke"), str(workdir))
+    if kept is None:
+        assert not os.path.exists(workdir)
+    else:
+        assert {kept, setup_lib.FAKE_DATA_DIR} <= set(os.listdir(workdir))
+        assert (workdir / workdir_lib.LOCK_FILE).read_text() == ""  # Released.
+
+
+def test_a_process_ended_at_once_cleans_up_within_a_bound(monkeypatch):
+    # os._exit skips finally blocks: what the run registered runs first, from this thread,
+    # even when one clean-up fails and another hangs on a dead filesystem.
+    ran, exits = [], []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(distributed, "CLEANUP_WAIT_S", 0.5)
+    hung = threading.Event()
+
+    def fails():
+        ran.append("fails")
+        raise OSError("injected")
+
+    start = time.monotonic()
+    with distributed.cleanup_if_stopped(lambda: ran.append("first") or hung.wait()), \
+            distributed.cleanup_if_stopped(fails):
+        distributed._exit_now(1)
+    hung.set()
+    assert exits == [1] and ran == ["fails", "first"]
+    assert time.monotonic() - start < 5
+    distributed._exit_now(2)  # The block ended: nothing more runs.
+    assert exits == [1, 2] and ran == ["fails", "first"]
 
 
 def test_evaluate_joins_with_the_timeouts_of_train(monkeypatch, tmp_path):
@@ -191,6 +245,8 @@ def test_a_process_failing_in_setup_stops_the_other(tmp_path):
     assert re.fullmatch(r"error: process 1 of 2 failed, so process 0 stops too \(see "
                         r"process 1's output\); its error: Dataset folder .* \(injected\)\.",
                         line), line
+    # Its workdir, with only fake data written, goes as a lone run's does (see below).
+    assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
 
 
 def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_path):
@@ -218,6 +274,9 @@ def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
         "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
         "error: no sign of life for 3 s (killed, crashed, hung or its host unreachable; "
         "--heartbeat_timeout)")
+    # Ended from the watch thread while its main thread waited for process 1 in a collective:
+    # its clean-up ran all the same (the old code left the fake data and a locked workdir).
+    assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
 
 
 def test_a_busy_coordinator_port_is_named():

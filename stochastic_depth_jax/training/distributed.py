@@ -15,7 +15,9 @@ When one process goes wrong the others must not wait for it forever:
 * :func:`leave_job`: a process that fails tells the others through the job's key-value
   store; a thread in every process (started by :func:`initialize`) polls it every
   :func:`poll_interval` seconds and ends its own process with one line naming the failed
-  one. A process that failed after all the others finished ends through JAX's normal
+  one (first running what :func:`cleanup_if_stopped` registered: the run releases its
+  workdir lock, and removes a workdir it created with nothing worth keeping in it). A
+  process that failed after all the others finished ends through JAX's normal
   shutdown, with them (they exit 0). A checkpoint save in flight is completed after the
   others were told (:func:`close_after_reporting`); they wait for it before exiting.
 * A process that fails before joining (a typo in its config): it joins anyway, only to
@@ -67,6 +69,7 @@ __all__ = [
     "lost_peer",
     "report_first",
     "closes_pending",
+    "cleanup_if_stopped",
     "wait_until_ended",
     "make_mesh",
     "replicated",
@@ -81,6 +84,9 @@ DATA_AXIS = "data"
 # for the others to leave: when it exits first, JAX's runtime aborts them with a C++ trace.
 LEAVE_WAIT_S = 5.0
 EXIT_GRACE_S = 1.0  # process 0's wait for the others' exit once they said they leave
+# The longest a process that ends at once (os._exit) waits for its clean-up (releasing the
+# workdir lock, removing a workdir it created): a hung filesystem must not keep it running.
+CLEANUP_WAIT_S = 5.0
 # JAX's own heartbeat timeout is the one asked for plus this (see initialize).
 RUNTIME_MARGIN_S = 30
 _KEY = "stochastic_depth_jax"  # prefix of this package's keys in the job's key-value store
@@ -501,7 +507,7 @@ def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> Non
             _wait_until_left(client, set(range(jax.process_count())) - {0})
     except Exception:  # noqa: BLE001  The service gone with process 0: this one ends too.
         pass
-    os._exit(1)
+    _exit_now(1)
 
 
 def _stop_if_one_exited(client: Any) -> None:
@@ -685,6 +691,42 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
             return
     except BaseException:  # noqa: BLE001  Ends below, whatever the error.
         pass
+    _exit_now(status)
+
+
+_cleanups: list[Callable[[], None]] = []  # What _exit_now runs first (cleanup_if_stopped).
+
+
+@contextlib.contextmanager
+def cleanup_if_stopped(cleanup: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, has ``cleanup`` run if this process is ended at once (because
+    another process of the job failed, or after its own failure was reported), which skips
+    ``finally`` blocks and exit handlers: the main thread may be blocked in a collective
+    for good. ``cleanup`` may then run in another thread, also while the main thread runs
+    its own (it must be safe to run twice), and is given ``CLEANUP_WAIT_S`` at most."""
+    _cleanups.append(cleanup)
+    try:
+        yield
+    finally:
+        _cleanups[:] = [c for c in _cleanups if c is not cleanup]
+
+
+def _exit_now(status: int) -> None:
+    """Runs the clean-ups of :func:`cleanup_if_stopped` (newest first; each may fail, and
+    all together get ``CLEANUP_WAIT_S``), then ends this process with ``status`` without
+    running exit handlers (JAX's would wait in its shutdown barrier)."""
+    def run_all(cleanups: list[Callable[[], None]]) -> None:
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001  Left as a killed process leaves it.
+                pass
+
+    if _cleanups:
+        # In a thread of its own: a call blocked on a hung filesystem is abandoned.
+        worker = threading.Thread(target=run_all, args=(_cleanups[::-1],), daemon=True)
+        worker.start()
+        worker.join(CLEANUP_WAIT_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
