@@ -32,11 +32,11 @@ ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
 BOUND_S = 60
 
 
-def _train_args(tmp_path, address, *extra):
+def _train_args(tmp_path, address, *extra, processes=2):
     return ["--config", "cifar10:smoke", "--config.progress_bar=false",
             "--config.write_tensorboard=false", "--workdir", str(tmp_path / "run"),
             "--coordinator_address", address, "--coordinator_bind_address", address,
-            "--num_processes", "2", *extra]
+            "--num_processes", str(processes), *extra]
 
 
 def _error_line(status, text):
@@ -231,10 +231,11 @@ def test_evaluate_joins_with_the_timeouts_of_train(monkeypatch, tmp_path):
     assert distributed._expected == joined[0]  # A failure before joining tells the others.
 
 
-def _worker_job(tmp_path, mode, *extra):
+def _worker_job(tmp_path, mode, *extra, processes=2):
     address = free_address()
-    return start_all([[sys.executable, WORKER, mode, *_train_args(tmp_path, address, *extra),
-                       "--process_id", str(i)] for i in range(2)], env=ENV, cwd=REPO)
+    return start_all([[sys.executable, WORKER, mode,
+                       *_train_args(tmp_path, address, *extra, processes=processes),
+                       "--process_id", str(i)] for i in range(processes)], env=ENV, cwd=REPO)
 
 
 def test_a_process_failing_in_setup_stops_the_other(tmp_path):
@@ -320,6 +321,24 @@ def test_a_process_failing_after_the_others_finished_ends_with_them(tmp_path, wh
     [(other_status, other_out, _)] = results[:who] + results[who + 1:]
     assert other_status == 0, other_out[-3000:]
     assert "error" not in other_out and "Terminating" not in other_out, other_out[-3000:]
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_process_failing_after_one_finished_while_one_trains_stops_them_all(tmp_path, who):
+    # Process `who` fails once process 2 - who has finished (it waits in JAX's exit barrier,
+    # which can no longer complete), while process 2 still trains. The old code aborted the
+    # finished one (C++ trace, status 134) as process 0 exited (who=0), or left process 0
+    # in the barrier until JAX's heartbeat (3 + 30 s) aborted it (who=1).
+    done = 1 - who
+    results = finish_all(_worker_job(tmp_path, f"mixed{who}2", "--heartbeat_timeout", "3",
+                                     "--config.batch_size=48", "--config.eval_batch_size=48",
+                                     processes=3), timeout=25)
+    assert _error_line(results[who][0], results[who][1]) == "error: " + fails_on_one.LAST
+    for i in (done, 2):
+        line = _error_line(*results[i][:2])
+        assert line.startswith(f"error: process {who} of 3 failed, so process {i} stops too"), \
+            line
+    assert '"final"' in results[done][1]  # It had finished.
 
 
 def test_a_heartbeat_timeout_shorter_than_a_few_polls_is_refused_before_joining():

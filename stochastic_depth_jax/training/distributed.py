@@ -18,7 +18,8 @@ When one process goes wrong the others must not wait for it forever:
   one (first running what :func:`cleanup_if_stopped` registered: the run releases its
   workdir lock, and removes a workdir it created with nothing worth keeping in it). A
   process that failed after all the others finished ends through JAX's normal
-  shutdown, with them (they exit 0). A checkpoint save in flight is completed after the
+  shutdown, with them (they exit 0); one that finished stops too (a thread watches while
+  it waits in JAX's shutdown barrier) once another one exits at once. A checkpoint save in flight is completed after the
   others were told (:func:`close_after_reporting`); they wait for it before exiting.
 * A process that fails before joining (a typo in its config): it joins anyway, only to
   report its failure (:func:`expect_job`), instead of leaving the others to wait for it
@@ -359,6 +360,21 @@ def _client() -> Any:
     return state.client if state.client is not None and state.num_processes > 1 else None
 
 
+def _me() -> int:
+    """This process's index in the job. Unlike ``jax.process_index()``, starts no backend:
+    at exit, with JAX's client shutting down, that start fails."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.process_id
+
+
+def _count() -> int:
+    """How many processes the job has (as :func:`_me`, without starting a backend)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.num_processes
+
+
 def in_job() -> bool:
     """Whether this process is one of several of a multi-process JAX job."""
     return _client() is not None
@@ -380,7 +396,7 @@ class _PeerWatch:
     """
 
     def __init__(self, client: Any, silence_s: float) -> None:
-        self.client, self.me, self.count = client, jax.process_index(), jax.process_count()
+        self.client, self.me, self.count = client, _me(), _count()
         self.silence_s, self.poll_s = silence_s, poll_interval(self.count)
         self.heard: dict[int, tuple[str | None, float]] = {}  # process -> (counter, since)
         self.stop = threading.Event()
@@ -401,7 +417,21 @@ class _PeerWatch:
                 self.client.key_value_set(f"{_KEY}/left/{self.me}", _DONE, allow_overwrite=True)
                 _stop_if_one_exited(self.client)
             except Exception:  # noqa: BLE001  The service is gone: nobody is watching.
-                pass
+                return
+            # Another process may yet fail and exit at once while this one waits in JAX's
+            # shutdown barrier (with 3 or more processes: one fails after this one finished,
+            # as a third still trains): looked for while it waits.
+            threading.Thread(target=self._watch_exit, name="exit-watch", daemon=True).start()
+
+    def _watch_exit(self) -> None:
+        """:func:`_stop_if_one_exited` every poll until this process ends, or the barrier
+        completes and the client is shut down (its calls fail)."""
+        while True:
+            time.sleep(self.poll_s)
+            try:
+                _stop_if_one_exited(self.client)
+            except Exception:  # noqa: BLE001  Shut down, or the service is gone.
+                return
 
     def _watch(self) -> None:
         beats, unreachable_since = 0, None
@@ -457,7 +487,7 @@ def _watch_peers(silence_s: float) -> None:
 
 def _stops_too(who: int, message: str) -> str:
     """The line of a process that stops because process ``who`` failed with ``message``."""
-    return (f"process {who} of {jax.process_count()} failed, so process {jax.process_index()} "
+    return (f"process {who} of {_count()} failed, so process {_me()} "
             f"stops too (see process {who}'s output); its error: {message}")
 
 
@@ -501,27 +531,30 @@ def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> Non
     except Exception:  # noqa: BLE001  Not within wait_s, or the service is gone: stops now.
         pass
     try:
-        client.key_value_set(f"{_KEY}/left/{jax.process_index()}", _STOPPED,
+        client.key_value_set(f"{_KEY}/left/{_me()}", _STOPPED,
                              allow_overwrite=True)
-        if jax.process_index() == 0:  # Its exit ends the service: the others leave first.
-            _wait_until_left(client, set(range(jax.process_count())) - {0})
+        if _me() == 0:  # Its exit ends the service: the others leave first.
+            _wait_until_left(client, set(range(_count())) - {0})
     except Exception:  # noqa: BLE001  The service gone with process 0: this one ends too.
         pass
     _exit_now(1)
 
 
 def _stop_if_one_exited(client: Any) -> None:
-    """At the exit of a process that finished: if another one failed and exits at once, JAX's
-    shutdown barrier would wait for it until JAX's heartbeat aborts this process; stops
-    now instead, naming it. (The failed one decides after reading the "done" of this one,
-    recorded before: one of the two sees the other.)"""
-    failed = {p: m for p, m in _failed(client).items() if p != jax.process_index()}
-    if not failed:
-        return
-    left = _wait_until_left(client, set(failed))
-    gone = sorted(p for p in failed if left.get(p) != _DONE)
+    """At the exit of a process that finished: if another one exits at once (it failed, or
+    stopped because one did), JAX's shutdown barrier would wait for it until JAX's runtime
+    aborts this process (C++ trace); stops now instead, naming the failed one. (A failed
+    one decides after reading the "done" of this one, recorded before: one of the two
+    sees the other.)"""
+    me = _me()
+    failed = {p: m for p, m in _failed(client).items() if p != me}
+    left = _left(client)
+    if failed and _STOPPED not in _others(left):  # Else decided: a failed one may wait for
+        left = _wait_until_left(client, set(failed))  # this one to stop (process 0).
+    gone = sorted(p for p, how in left.items() if how == _STOPPED and p != me)
     if gone:
-        _stop_because(client, gone[0], failed[gone[0]])
+        who = min(failed, default=gone[0])  # A stopped one names the failed one, if known.
+        _stop_because(client, who, failed.get(who, "it stopped (see its output)"))
 
 
 def check_same_config(config: dict[str, Any], ignored: tuple[str, ...] = ("data_dir",)) -> None:
@@ -589,7 +622,7 @@ def lost_peer(error: BaseException) -> str | None:
             and "by peer" in text):  # "Connection reset by peer", "Connection closed by peer"
         return None
     try:
-        failed = {p: m for p, m in _failed(_client()).items() if p != jax.process_index()}
+        failed = {p: m for p, m in _failed(_client()).items() if p != _me()}
     except Exception:  # noqa: BLE001  No job, or its service is gone: nothing to read.
         failed = {}
     if failed:
@@ -671,7 +704,7 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
     if _watcher is not None:
         _watcher.close()
     try:  # Whatever happens here (the service gone with process 0), this process ends.
-        me = jax.process_index()
+        me = _me()
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
         closing = bool(_closing)
@@ -679,7 +712,7 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
             _close_all()  # The others stop once it is done (_stop_because): the save completes.
         finally:  # Even on a Ctrl-C meanwhile: they would wait for it.
             client.key_value_set(f"{_KEY}/closed/{me}", "", allow_overwrite=True)
-        others = set(range(jax.process_count())) - {me}
+        others = set(range(_count())) - {me}
         # Process 0's exit ends the service; a process that kept the others waiting would
         # end their collectives first (a second line, from Gloo): both let them leave first.
         left = _wait_until_left(client, others) if me == 0 or closing else _left(client)
@@ -742,17 +775,27 @@ def _wait_until_left(client: Any, processes: set[int]) -> dict[int, str]:
     """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job; returns :func:`_left`.
 
     On process 0, whose exit ends the job's service (and the runtime aborts a process still
-    connected to it, with a C++ trace), then waits ``EXIT_GRACE_S`` more when some of them
-    recorded that they exit at once: between recording it and exiting, a process on a busy
-    machine may wait for the interpreter lock."""
+    connected to it, with a C++ trace): when some of them recorded that they exit at once,
+    the others cannot end in JAX's shutdown barrier, so it also waits for those that wait
+    there to stop too (:func:`_stop_if_one_exited`), then ``EXIT_GRACE_S`` more: between
+    recording it and exiting, a process on a busy machine may wait for the interpreter
+    lock."""
     deadline = time.monotonic() + LEAVE_WAIT_S
+    primary = _me() == 0
     left = _left(client)
-    while not processes <= set(left) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (
+            processes <= set(left)
+            and not (primary and _STOPPED in left.values() and _DONE in _others(left))):
         time.sleep(0.1)
         left = _left(client)
-    if jax.process_index() == 0 and any(left.get(p) == _STOPPED for p in processes):
+    if primary and any(left.get(p) == _STOPPED for p in processes):
         time.sleep(EXIT_GRACE_S)
     return left
+
+
+def _others(left: dict[int, str]) -> list[str]:
+    """How the processes other than this one left, of :func:`_left`'s ``left``."""
+    return [how for p, how in left.items() if p != _me()]
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
