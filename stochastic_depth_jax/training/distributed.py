@@ -205,7 +205,7 @@ def initialize(
           "with its own --process_id, or raise --init_timeout (a process that stopped before "
           "joining printed why).")
     if in_job():
-        _check_heartbeat(heartbeat_timeout_s, jax.process_count())
+        _check_heartbeat(heartbeat_timeout_s, _count())  # Watching before any backend starts.
         _watch_peers(heartbeat_timeout_s)
 
 
@@ -362,7 +362,8 @@ def _client() -> Any:
 
 def _me() -> int:
     """This process's index in the job. Unlike ``jax.process_index()``, starts no backend:
-    at exit, with JAX's client shutting down, that start fails."""
+    a backend's start waits for every process's (one that joined only to report its failure
+    starts none), and fails at exit, with JAX's client shutting down."""
     from jax._src import distributed as jax_distributed
 
     return jax_distributed.global_state.process_id
