@@ -280,6 +280,22 @@ def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
     assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
 
 
+def test_a_hung_process_0_is_reported_after_the_heartbeat_timeout(tmp_path):
+    # Process 0 stops (SIGSTOP) in setup, and the job's service with it: the others' calls
+    # to it block. The old code left process 1 to JAX's runtime, which aborted it (C++
+    # trace, status 134) once its heartbeat calls timed out, 17-33 s later here.
+    procs = _worker_job(tmp_path, "stop0", "--heartbeat_timeout", "3")
+    try:
+        [(s1, out1, _)] = finish_all(procs[1:], timeout=BOUND_S)
+    finally:
+        procs[0].kill()
+        procs[0].communicate()
+    assert _error_line(s1, out1) == (
+        "error: process 0 of 2 failed, so process 1 stops too (see process 0's output); its "
+        "error: no answer from the job's coordination service, which it hosts, for 3 s (hung "
+        "or its host unreachable; --heartbeat_timeout)")
+
+
 def test_a_busy_coordinator_port_is_named():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -407,6 +423,28 @@ def test_one_failed_call_to_the_service_does_not_stop_the_heartbeat(monkeypatch)
         assert int(store.kv.get(key, 0)) >= 3 and watch.thread.is_alive()
     finally:
         watch.close()
+
+
+def test_a_process_stops_once_the_service_answers_nothing(monkeypatch, capsys):
+    # Process 0, which hosts the service, hangs: this one's calls to it block for good.
+    store, hung = _Store(), threading.Event()
+    store._check = lambda method, key="": hung.wait()
+    monkeypatch.setattr(distributed, "_me", lambda: 1)
+    monkeypatch.setattr(distributed, "_count", lambda: 2)
+    exits = queue.Queue()
+    monkeypatch.setattr(os, "_exit", exits.put)
+    monkeypatch.setattr(distributed, "poll_interval", lambda num_processes: 0.02)
+    watch = distributed._PeerWatch(store, silence_s=1)
+    atexit.unregister(watch.close)
+    try:
+        assert exits.get(timeout=10) == 1
+    finally:
+        watch.stop.set()
+        hung.set()
+    assert capsys.readouterr().err == (
+        "error: process 0 of 2 failed, so process 1 stops too (see process 0's output); its "
+        "error: no answer from the job's coordination service, which it hosts, for 1 s (hung "
+        "or its host unreachable; --heartbeat_timeout)\n")
 
 
 def test_a_process_stops_even_if_it_cannot_say_so(monkeypatch):

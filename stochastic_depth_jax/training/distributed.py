@@ -27,10 +27,14 @@ When one process goes wrong the others must not wait for it forever:
 * A process that dies or hangs without a word (SIGKILL, a crash, a lost host): the same
   thread in process 0 reports it once it has shown no sign of life for
   ``heartbeat_timeout_s``; JAX's runtime, which would abort every process with a C++ stack
-  trace, waits ``RUNTIME_MARGIN_S`` longer.
+  trace, waits longer (see :func:`_join`). Process 0 hanging (or its host unreachable):
+  the others stop once its service has answered nothing for ``heartbeat_timeout_s``.
 * Process 0 itself dying ends the others inside JAX's runtime at once, with its message
   ("Terminating process because the JAX distributed service detected fatal errors") and
-  a C++ stack trace: nothing here can replace that.
+  a C++ stack trace: nothing here can replace that. (The runtime's client takes a
+  ``missed_heartbeat_callback`` in place of that abort, but jaxlib 0.10 cannot pass its
+  argument, a C++ status, to a Python function: ``std::bad_cast``, then
+  ``std::terminate``.)
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ EXIT_GRACE_S = 1.0  # process 0's wait for the others' exit once they said they 
 # The longest a process that ends at once (os._exit) waits for its clean-up (releasing the
 # workdir lock, removing a workdir it created): a hung filesystem must not keep it running.
 CLEANUP_WAIT_S = 5.0
-# JAX's own heartbeat timeout is the one asked for plus this (see initialize).
+# JAX's own heartbeat timeout is twice (the one asked for + this): see _join.
 RUNTIME_MARGIN_S = 30
 _KEY = "stochastic_depth_jax"  # prefix of this package's keys in the job's key-value store
 # What a process that left the job records under left/: it waits in JAX's shutdown barrier
@@ -171,8 +175,9 @@ def initialize(
         ``'127.0.0.1:port'`` keeps a local test off the network.
       timeout_s: how long to wait for every process to join before giving up.
       heartbeat_timeout_s: after how long without a sign of life a process is taken for
-        dead and the others stop (JAX's default, 100 s; JAX's runtime itself gets
-        ``RUNTIME_MARGIN_S`` more); at least three :func:`poll_interval`.
+        dead and the others stop (JAX's default, 100 s; JAX's runtime itself gets twice
+        (this + ``RUNTIME_MARGIN_S``), see :func:`_join`); at least three
+        :func:`poll_interval`.
 
     Must run before anything touches a JAX device. In a job of several processes, starts
     the thread that ends this process when another one fails (:func:`leave_job`).
@@ -227,9 +232,11 @@ def _join(job: dict[str, Any], announce: str | None, timeout_message: str) -> No
       errors.DistributedError: the coordinator's port is in use, or the start failed.
     """
     # JAX's runtime aborts every process with a C++ stack trace once one was silent for
-    # its heartbeat timeout: the watch thread reports the silence first, in one line.
+    # its heartbeat timeout, and a process whose heartbeat calls to the service (process 0)
+    # time out, after half of it: the peer watch reports either first, in one line.
     timeouts = dict(initialization_timeout=job["timeout_s"],
-                    heartbeat_timeout_seconds=job["heartbeat_timeout_s"] + RUNTIME_MARGIN_S)
+                    heartbeat_timeout_seconds=2 * (job["heartbeat_timeout_s"]
+                                                   + RUNTIME_MARGIN_S))
     address = job["coordinator_address"]
     if address is not None:
         if job["process_id"] == 0:  # Where JAX will listen: by default, every interface.
@@ -401,8 +408,12 @@ class _PeerWatch:
         self.silence_s, self.poll_s = silence_s, poll_interval(self.count)
         self.heard: dict[int, tuple[str | None, float]] = {}  # process -> (counter, since)
         self.stop = threading.Event()
+        self.unanswered_since: float | None = None  # Since when the service answers nothing.
         self.thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
         self.thread.start()
+        if self.me != 0:  # Process 0 hosts the service.
+            threading.Thread(target=self._watch_service, name="service-watch",
+                             daemon=True).start()
         # Before JAX's own exit handler (atexit runs in reverse) shuts the client down.
         atexit.register(self.close, at_exit=True)
 
@@ -435,9 +446,10 @@ class _PeerWatch:
                 return
 
     def _watch(self) -> None:
-        beats, unreachable_since = 0, None
+        beats = 0
         while not self.stop.wait(self.poll_s):
             beats += 1
+            self.unanswered_since = self.unanswered_since or time.monotonic()
             try:
                 self.client.key_value_set(f"{_KEY}/beat/{self.me}", str(beats),
                                           allow_overwrite=True)
@@ -446,18 +458,32 @@ class _PeerWatch:
                     failed = self._silent()
             except Exception:  # noqa: BLE001  XLA raises plain runtime errors.
                 # One failed call (a network blip, a busy service) must not stop this
-                # process's counter: process 0 would take it for dead. Unreachable for
-                # longer than the silence timeout, the service is gone (process 0 died):
-                # JAX's runtime ends this process. (At exit, close() stops the loop first.)
-                now = time.monotonic()
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since > self.silence_s:
-                    return
+                # process's counter: process 0 would take it for dead. A service that
+                # answers nothing for the silence timeout is gone (_watch_service).
                 continue
-            unreachable_since = None
+            self.unanswered_since = None
             others = sorted(p for p in failed if p != self.me)
             if others and not self.stop.is_set():
                 _stop_because(self.client, others[0], failed[others[0]], self.silence_s)
+
+    def _watch_service(self) -> None:
+        """Ends this process, with one line, once the job's service has answered none of the
+        peer watch's calls for ``silence_s``: process 0, which hosts it, hangs or its host
+        is unreachable (the calls then block, or fail). JAX's runtime would abort it later
+        with a C++ trace (its heartbeat calls time out after ``heartbeat_timeout_s +
+        RUNTIME_MARGIN_S``: see :func:`_join`). Process 0 killed outright ends it at once,
+        inside the runtime (see the module docstring)."""
+        while not self.stop.wait(self.poll_s):
+            since = self.unanswered_since
+            if since is None or time.monotonic() - since <= self.silence_s:
+                continue
+            if not self.stop.is_set() and report_first():  # Else its own failure is said.
+                _say("error: " + _stops_too(0, f"no answer from the job's coordination service, "
+                                               f"which it hosts, for {self.silence_s:.0f} s "
+                                               "(hung or its host unreachable; "
+                                               "--heartbeat_timeout)"))
+                _exit_now(1)
+            return
 
     def _silent(self) -> dict[int, str]:
         """Reports (and returns) the first process whose counter stood still too long."""
