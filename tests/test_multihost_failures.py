@@ -494,9 +494,17 @@ def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_t
     store = _Store()
     store.kv.update({f"{distributed._KEY}/failed/1": "injected",
                      f"{distributed._KEY}/left/1": how})
-    exits = []
-    monkeypatch.setattr(os, "_exit", exits.append)
-    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store.
+    exits = queue.Queue()
+    monkeypatch.setattr(os, "_exit", exits.put)
+    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store:
+    watch.poll_s = 0.02  # (the peer watch waits 60 s) and then, while it waits, at once.
     watch.close(at_exit=True)
     assert store.kv[f"{distributed._KEY}/left/0"] == ("done" if how == "done" else "stopped")
-    assert exits == ([] if how == "done" else [1])
+    if how == "done":  # Waits in JAX's exit barrier, and stops once one exits at once (a
+        time.sleep(0.2)  # third process, stopped by process 1's failure).
+        assert exits.empty()
+        store.kv[f"{distributed._KEY}/left/2"] = "stopped"
+        assert store.kv[f"{distributed._KEY}/left/0"] == "done"
+    assert exits.get(timeout=10) == 1
+    time.sleep(0.1)
+    assert exits.empty() and store.kv[f"{distributed._KEY}/left/0"] == "stopped"

@@ -427,7 +427,8 @@ class _PeerWatch:
         if at_exit:
             try:
                 self.client.key_value_set(f"{_KEY}/left/{self.me}", _DONE, allow_overwrite=True)
-                _stop_if_one_exited(self.client)
+                if _stop_if_one_exited(self.client):
+                    return
             except Exception:  # noqa: BLE001  The service is gone: nobody is watching.
                 return
             # Another process may yet fail and exit at once while this one waits in JAX's
@@ -438,10 +439,11 @@ class _PeerWatch:
     def _watch_exit(self) -> None:
         """:func:`_stop_if_one_exited` every poll until this process ends, or the barrier
         completes and the client is shut down (its calls fail)."""
-        while True:
+        stopped = False
+        while not stopped:
             time.sleep(self.poll_s)
             try:
-                _stop_if_one_exited(self.client)
+                stopped = _stop_if_one_exited(self.client)
             except Exception:  # noqa: BLE001  Shut down, or the service is gone.
                 return
 
@@ -567,12 +569,13 @@ def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> Non
     _exit_now(1)
 
 
-def _stop_if_one_exited(client: Any) -> None:
+def _stop_if_one_exited(client: Any) -> bool:
     """At the exit of a process that finished: if another one exits at once (it failed, or
     stopped because one did), JAX's shutdown barrier would wait for it until JAX's runtime
     aborts this process (C++ trace); stops now instead, naming the failed one. (A failed
     one decides after reading the "done" of this one, recorded before: one of the two
-    sees the other.)"""
+    sees the other.) Returns whether it stopped (it returns only where ``os._exit`` does,
+    in a test, or if this process is reporting its own failure meanwhile)."""
     me = _me()
     failed = {p: m for p, m in _failed(client).items() if p != me}
     left = _left(client)
@@ -582,6 +585,7 @@ def _stop_if_one_exited(client: Any) -> None:
     if gone:
         who = min(failed, default=gone[0])  # A stopped one names the failed one, if known.
         _stop_because(client, who, failed.get(who, "it stopped (see its output)"))
+    return bool(gone)
 
 
 def check_same_config(config: dict[str, Any], ignored: tuple[str, ...] = ("data_dir",)) -> None:
