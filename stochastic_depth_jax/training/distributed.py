@@ -17,10 +17,11 @@ When one process goes wrong the others must not wait for it forever:
   :func:`poll_interval` seconds and ends its own process with one line naming the failed
   one (first running what :func:`cleanup_if_stopped` registered: the run releases its
   workdir lock, and removes a workdir it created with nothing worth keeping in it). A
-  process that failed after all the others finished ends through JAX's normal
-  shutdown, with them (they exit 0); one that finished stops too (a thread watches while
-  it waits in JAX's shutdown barrier) once another one exits at once. A checkpoint save in flight is completed after the
-  others were told (:func:`close_after_reporting`); they wait for it before exiting.
+  process that failed after all the others finished ends through JAX's normal shutdown,
+  with them (they exit 0); one that finished stops too (a thread watches while it waits
+  in JAX's shutdown barrier) once another one exits at once. A checkpoint save in flight
+  is completed after the others were told (:func:`close_after_reporting`); they wait for
+  it before exiting.
 * A process that fails before joining (a typo in its config): it joins anyway, only to
   report its failure (:func:`expect_job`), instead of leaving the others to wait for it
   until the start-up timeout.
@@ -480,10 +481,10 @@ class _PeerWatch:
             if since is None or time.monotonic() - since <= self.silence_s:
                 continue
             if not self.stop.is_set() and report_first():  # Else its own failure is said.
-                _say("error: " + _stops_too(0, f"no answer from the job's coordination service, "
-                                               f"which it hosts, for {self.silence_s:.0f} s "
-                                               "(hung or its host unreachable; "
-                                               "--heartbeat_timeout)"))
+                _say("error: " + _stops_too(
+                    0, f"no answer from the job's coordination service, which it hosts, for "
+                       f"{self.silence_s:.0f} s (hung or its host unreachable; "
+                       "--heartbeat_timeout)"))
                 _exit_now(1)
             return
 
@@ -574,8 +575,8 @@ def _stop_if_one_exited(client: Any) -> bool:
     stopped because one did), JAX's shutdown barrier would wait for it until JAX's runtime
     aborts this process (C++ trace); stops now instead, naming the failed one. (A failed
     one decides after reading the "done" of this one, recorded before: one of the two
-    sees the other.) Returns whether it stopped (it returns only where ``os._exit`` does,
-    in a test, or if this process is reporting its own failure meanwhile)."""
+    sees the other.) Returns whether it stopped this process: it returns then only if
+    ``os._exit`` does (a test), or if this process's own failure is being reported."""
     me = _me()
     failed = {p: m for p, m in _failed(client).items() if p != me}
     left = _left(client)
