@@ -503,6 +503,8 @@ def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_t
     if how == "done":  # Waits in JAX's exit barrier, and stops once one exits at once (a
         time.sleep(0.2)  # third process, stopped by process 1's failure).
         assert exits.empty()
+        # Not waiting long for process 1 to stop too: here, it never will.
+        monkeypatch.setattr(distributed, "LEAVE_WAIT_S", 0.2)
         store.kv[f"{distributed._KEY}/left/2"] = "stopped"
         assert store.kv[f"{distributed._KEY}/left/0"] == "done"
     assert exits.get(timeout=10) == 1
