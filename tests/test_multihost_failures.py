@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -19,6 +20,7 @@ import pytest
 from processes import finish_all, free_address, start_all
 from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import distributed
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "workers", "fails_on_one.py")
@@ -30,11 +32,11 @@ ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
 BOUND_S = 60
 
 
-def _train_args(tmp_path, address, *extra):
+def _train_args(tmp_path, address, *extra, processes=2):
     return ["--config", "cifar10:smoke", "--config.progress_bar=false",
             "--config.write_tensorboard=false", "--workdir", str(tmp_path / "run"),
             "--coordinator_address", address, "--coordinator_bind_address", address,
-            "--num_processes", "2", *extra]
+            "--num_processes", str(processes), *extra]
 
 
 def _error_line(status, text):
@@ -133,7 +135,7 @@ def test_the_workdir_stays_locked_until_a_failed_runs_save_is_committed(monkeypa
     # flight for one left unfinished and move it aside.
     sys.path.insert(0, REPO)  # `configs` lives at the repository root.
     from configs import load_config
-    from stochastic_depth_jax.training import loop, workdir as workdir_lib
+    from stochastic_depth_jax.training import loop
 
     monkeypatch.setattr(distributed, "in_job", lambda: True)
     monkeypatch.setattr(distributed, "_closing", [])
@@ -153,6 +155,58 @@ def test_the_workdir_stays_locked_until_a_failed_runs_save_is_committed(monkeypa
     distributed._close_all()  # What leave_job runs once the others know.
     assert saved == ["committed"]
     workdir_lib.WorkdirLock(workdir).acquire().release()
+
+
+@pytest.mark.parametrize("kept", [None, "metrics.jsonl", "checkpoints"])
+def test_a_run_failing_with_only_fake_data_written_leaves_no_workdir(monkeypatch, tmp_path,
+                                                                     kept):
+    # The fake data is made again by the next run; a result or a checkpoint keeps it all.
+    sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+    from configs import load_config
+    from stochastic_depth_jax.training import loop, setup as setup_lib
+
+    workdir = tmp_path / "run"
+    load_data = setup_lib.load_data
+
+    def fails_after_loading(config, workdir, *args):
+        load_data(config, workdir, *args)
+        if kept == "checkpoints":
+            os.makedirs(os.path.join(workdir, kept, "0"))
+        elif kept:
+            open(os.path.join(workdir, kept), "w").close()
+        raise errors.DataError("failed after the fake data was written (injected)")
+
+    monkeypatch.setattr(setup_lib, "load_data", fails_after_loading)
+    with pytest.raises(errors.DataError, match="injected"):
+        loop.train_and_evaluate(load_config("cifar10:smoke"), str(workdir))
+    if kept is None:
+        assert not os.path.exists(workdir)
+    else:
+        assert {kept, setup_lib.FAKE_DATA_DIR} <= set(os.listdir(workdir))
+        assert (workdir / workdir_lib.LOCK_FILE).read_text() == ""  # Released.
+
+
+def test_a_process_ended_at_once_cleans_up_within_a_bound(monkeypatch):
+    # os._exit skips finally blocks: what the run registered runs first, from this thread,
+    # even when one clean-up fails and another hangs on a dead filesystem.
+    ran, exits = [], []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(distributed, "CLEANUP_WAIT_S", 0.5)
+    hung = threading.Event()
+
+    def fails():
+        ran.append("fails")
+        raise OSError("injected")
+
+    start = time.monotonic()
+    with distributed.cleanup_if_stopped(lambda: ran.append("first") or hung.wait()), \
+            distributed.cleanup_if_stopped(fails):
+        distributed._exit_now(1)
+    hung.set()
+    assert exits == [1] and ran == ["fails", "first"]
+    assert time.monotonic() - start < 5
+    distributed._exit_now(2)  # The block ended: nothing more runs.
+    assert exits == [1, 2] and ran == ["fails", "first"]
 
 
 def test_evaluate_joins_with_the_timeouts_of_train(monkeypatch, tmp_path):
@@ -177,10 +231,11 @@ def test_evaluate_joins_with_the_timeouts_of_train(monkeypatch, tmp_path):
     assert distributed._expected == joined[0]  # A failure before joining tells the others.
 
 
-def _worker_job(tmp_path, mode, *extra):
+def _worker_job(tmp_path, mode, *extra, processes=2):
     address = free_address()
-    return start_all([[sys.executable, WORKER, mode, *_train_args(tmp_path, address, *extra),
-                       "--process_id", str(i)] for i in range(2)], env=ENV, cwd=REPO)
+    return start_all([[sys.executable, WORKER, mode,
+                       *_train_args(tmp_path, address, *extra, processes=processes),
+                       "--process_id", str(i)] for i in range(processes)], env=ENV, cwd=REPO)
 
 
 def test_a_process_failing_in_setup_stops_the_other(tmp_path):
@@ -191,6 +246,8 @@ def test_a_process_failing_in_setup_stops_the_other(tmp_path):
     assert re.fullmatch(r"error: process 1 of 2 failed, so process 0 stops too \(see "
                         r"process 1's output\); its error: Dataset folder .* \(injected\)\.",
                         line), line
+    # Its workdir, with only fake data written, goes as a lone run's does (see below).
+    assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
 
 
 def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_path):
@@ -218,6 +275,25 @@ def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
         "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
         "error: no sign of life for 3 s (killed, crashed, hung or its host unreachable; "
         "--heartbeat_timeout)")
+    # Ended from the watch thread while its main thread waited for process 1 in a collective:
+    # its clean-up ran all the same (the old code left the fake data and a locked workdir).
+    assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
+
+
+def test_a_hung_process_0_is_reported_after_the_heartbeat_timeout(tmp_path):
+    # Process 0 stops (SIGSTOP) in setup, and the job's service with it: the others' calls
+    # to it block. The old code left process 1 to JAX's runtime, which aborted it (C++
+    # trace, status 134) once its heartbeat calls timed out, 17-33 s later here.
+    procs = _worker_job(tmp_path, "stop0", "--heartbeat_timeout", "3")
+    try:
+        [(s1, out1, _)] = finish_all(procs[1:], timeout=BOUND_S)
+    finally:
+        procs[0].kill()
+        procs[0].communicate()
+    assert _error_line(s1, out1) == (
+        "error: process 0 of 2 failed, so process 1 stops too (see process 0's output); its "
+        "error: no answer from the job's coordination service, which it hosts, for 3 s (hung "
+        "or its host unreachable; --heartbeat_timeout)")
 
 
 def test_a_busy_coordinator_port_is_named():
@@ -261,6 +337,24 @@ def test_a_process_failing_after_the_others_finished_ends_with_them(tmp_path, wh
     [(other_status, other_out, _)] = results[:who] + results[who + 1:]
     assert other_status == 0, other_out[-3000:]
     assert "error" not in other_out and "Terminating" not in other_out, other_out[-3000:]
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_process_failing_after_one_finished_while_one_trains_stops_them_all(tmp_path, who):
+    # Process `who` fails once process 2 - who has finished (it waits in JAX's exit barrier,
+    # which can no longer complete), while process 2 still trains. The old code aborted the
+    # finished one (C++ trace, status 134) as process 0 exited (who=0), or left process 0
+    # in the barrier until JAX's heartbeat (3 + 30 s) aborted it (who=1).
+    done = 1 - who
+    results = finish_all(_worker_job(tmp_path, f"mixed{who}2", "--heartbeat_timeout", "3",
+                                     "--config.batch_size=48", "--config.eval_batch_size=48",
+                                     processes=3), timeout=25)
+    assert _error_line(results[who][0], results[who][1]) == "error: " + fails_on_one.LAST
+    for i in (done, 2):
+        line = _error_line(*results[i][:2])
+        assert line.startswith(f"error: process {who} of 3 failed, so process {i} stops too"), \
+            line
+    assert '"final"' in results[done][1]  # It had finished.
 
 
 def test_a_heartbeat_timeout_shorter_than_a_few_polls_is_refused_before_joining():
@@ -331,6 +425,28 @@ def test_one_failed_call_to_the_service_does_not_stop_the_heartbeat(monkeypatch)
         watch.close()
 
 
+def test_a_process_stops_once_the_service_answers_nothing(monkeypatch, capsys):
+    # Process 0, which hosts the service, hangs: this one's calls to it block for good.
+    store, hung = _Store(), threading.Event()
+    store._check = lambda method, key="": hung.wait()
+    monkeypatch.setattr(distributed, "_me", lambda: 1)
+    monkeypatch.setattr(distributed, "_count", lambda: 2)
+    exits = queue.Queue()
+    monkeypatch.setattr(os, "_exit", exits.put)
+    monkeypatch.setattr(distributed, "poll_interval", lambda num_processes: 0.02)
+    watch = distributed._PeerWatch(store, silence_s=1)
+    atexit.unregister(watch.close)
+    try:
+        assert exits.get(timeout=10) == 1
+    finally:
+        watch.stop.set()
+        hung.set()
+    assert capsys.readouterr().err == (
+        "error: process 0 of 2 failed, so process 1 stops too (see process 0's output); its "
+        "error: no answer from the job's coordination service, which it hosts, for 1 s (hung "
+        "or its host unreachable; --heartbeat_timeout)\n")
+
+
 def test_a_process_stops_even_if_it_cannot_say_so(monkeypatch):
     # Another process failed; recording that this one leaves fails (the service is gone).
     store = _Store(refused=("/left/",))
@@ -378,9 +494,19 @@ def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_t
     store = _Store()
     store.kv.update({f"{distributed._KEY}/failed/1": "injected",
                      f"{distributed._KEY}/left/1": how})
-    exits = []
-    monkeypatch.setattr(os, "_exit", exits.append)
-    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store.
+    exits = queue.Queue()
+    monkeypatch.setattr(os, "_exit", exits.put)
+    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store:
+    watch.poll_s = 0.02  # (the peer watch waits 60 s) and then, while it waits, at once.
     watch.close(at_exit=True)
     assert store.kv[f"{distributed._KEY}/left/0"] == ("done" if how == "done" else "stopped")
-    assert exits == ([] if how == "done" else [1])
+    if how == "done":  # Waits in JAX's exit barrier, and stops once one exits at once (a
+        time.sleep(0.2)  # third process, stopped by process 1's failure).
+        assert exits.empty()
+        # Not waiting long for process 1 to stop too: here, it never will.
+        monkeypatch.setattr(distributed, "LEAVE_WAIT_S", 0.2)
+        store.kv[f"{distributed._KEY}/left/2"] = "stopped"
+        assert store.kv[f"{distributed._KEY}/left/0"] == "done"
+    assert exits.get(timeout=10) == 1
+    time.sleep(0.1)
+    assert exits.empty() and store.kv[f"{distributed._KEY}/left/0"] == "stopped"

@@ -15,19 +15,27 @@ When one process goes wrong the others must not wait for it forever:
 * :func:`leave_job`: a process that fails tells the others through the job's key-value
   store; a thread in every process (started by :func:`initialize`) polls it every
   :func:`poll_interval` seconds and ends its own process with one line naming the failed
-  one. A process that failed after all the others finished ends through JAX's normal
-  shutdown, with them (they exit 0). A checkpoint save in flight is completed after the
-  others were told (:func:`close_after_reporting`); they wait for it before exiting.
+  one (first running what :func:`cleanup_if_stopped` registered: the run releases its
+  workdir lock, and removes a workdir it created with nothing worth keeping in it). A
+  process that failed after all the others finished ends through JAX's normal shutdown,
+  with them (they exit 0); one that finished stops too (a thread watches while it waits
+  in JAX's shutdown barrier) once another one exits at once. A checkpoint save in flight
+  is completed after the others were told (:func:`close_after_reporting`); they wait for
+  it before exiting.
 * A process that fails before joining (a typo in its config): it joins anyway, only to
   report its failure (:func:`expect_job`), instead of leaving the others to wait for it
   until the start-up timeout.
 * A process that dies or hangs without a word (SIGKILL, a crash, a lost host): the same
   thread in process 0 reports it once it has shown no sign of life for
   ``heartbeat_timeout_s``; JAX's runtime, which would abort every process with a C++ stack
-  trace, waits ``RUNTIME_MARGIN_S`` longer.
+  trace, waits longer (see :func:`_join`). Process 0 hanging (or its host unreachable):
+  the others stop once its service has answered nothing for ``heartbeat_timeout_s``.
 * Process 0 itself dying ends the others inside JAX's runtime at once, with its message
   ("Terminating process because the JAX distributed service detected fatal errors") and
-  a C++ stack trace: nothing here can replace that.
+  a C++ stack trace: nothing here can replace that. (The runtime's client takes a
+  ``missed_heartbeat_callback`` in place of that abort, but jaxlib 0.10 cannot pass its
+  argument, a C++ status, to a Python function: ``std::bad_cast``, then
+  ``std::terminate``.)
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ __all__ = [
     "lost_peer",
     "report_first",
     "closes_pending",
+    "cleanup_if_stopped",
     "wait_until_ended",
     "make_mesh",
     "replicated",
@@ -81,7 +90,10 @@ DATA_AXIS = "data"
 # for the others to leave: when it exits first, JAX's runtime aborts them with a C++ trace.
 LEAVE_WAIT_S = 5.0
 EXIT_GRACE_S = 1.0  # process 0's wait for the others' exit once they said they leave
-# JAX's own heartbeat timeout is the one asked for plus this (see initialize).
+# The longest a process that ends at once (os._exit) waits for its clean-up (releasing the
+# workdir lock, removing a workdir it created): a hung filesystem must not keep it running.
+CLEANUP_WAIT_S = 5.0
+# JAX's own heartbeat timeout is twice (the one asked for + this): see _join.
 RUNTIME_MARGIN_S = 30
 _KEY = "stochastic_depth_jax"  # prefix of this package's keys in the job's key-value store
 # What a process that left the job records under left/: it waits in JAX's shutdown barrier
@@ -164,8 +176,9 @@ def initialize(
         ``'127.0.0.1:port'`` keeps a local test off the network.
       timeout_s: how long to wait for every process to join before giving up.
       heartbeat_timeout_s: after how long without a sign of life a process is taken for
-        dead and the others stop (JAX's default, 100 s; JAX's runtime itself gets
-        ``RUNTIME_MARGIN_S`` more); at least three :func:`poll_interval`.
+        dead and the others stop (JAX's default, 100 s; JAX's runtime itself gets twice
+        (this + ``RUNTIME_MARGIN_S``), see :func:`_join`); at least three
+        :func:`poll_interval`.
 
     Must run before anything touches a JAX device. In a job of several processes, starts
     the thread that ends this process when another one fails (:func:`leave_job`).
@@ -198,7 +211,7 @@ def initialize(
           "with its own --process_id, or raise --init_timeout (a process that stopped before "
           "joining printed why).")
     if in_job():
-        _check_heartbeat(heartbeat_timeout_s, jax.process_count())
+        _check_heartbeat(heartbeat_timeout_s, _count())  # Watching before any backend starts.
         _watch_peers(heartbeat_timeout_s)
 
 
@@ -220,9 +233,11 @@ def _join(job: dict[str, Any], announce: str | None, timeout_message: str) -> No
       errors.DistributedError: the coordinator's port is in use, or the start failed.
     """
     # JAX's runtime aborts every process with a C++ stack trace once one was silent for
-    # its heartbeat timeout: the watch thread reports the silence first, in one line.
+    # its heartbeat timeout, and a process whose heartbeat calls to the service (process 0)
+    # time out, after half of it: the peer watch reports either first, in one line.
     timeouts = dict(initialization_timeout=job["timeout_s"],
-                    heartbeat_timeout_seconds=job["heartbeat_timeout_s"] + RUNTIME_MARGIN_S)
+                    heartbeat_timeout_seconds=2 * (job["heartbeat_timeout_s"]
+                                                   + RUNTIME_MARGIN_S))
     address = job["coordinator_address"]
     if address is not None:
         if job["process_id"] == 0:  # Where JAX will listen: by default, every interface.
@@ -353,6 +368,22 @@ def _client() -> Any:
     return state.client if state.client is not None and state.num_processes > 1 else None
 
 
+def _me() -> int:
+    """This process's index in the job. Unlike ``jax.process_index()``, starts no backend:
+    a backend's start waits for every process's (one that joined only to report its failure
+    starts none), and fails at exit, with JAX's client shutting down."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.process_id
+
+
+def _count() -> int:
+    """How many processes the job has (as :func:`_me`, without starting a backend)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.num_processes
+
+
 def in_job() -> bool:
     """Whether this process is one of several of a multi-process JAX job."""
     return _client() is not None
@@ -374,12 +405,16 @@ class _PeerWatch:
     """
 
     def __init__(self, client: Any, silence_s: float) -> None:
-        self.client, self.me, self.count = client, jax.process_index(), jax.process_count()
+        self.client, self.me, self.count = client, _me(), _count()
         self.silence_s, self.poll_s = silence_s, poll_interval(self.count)
         self.heard: dict[int, tuple[str | None, float]] = {}  # process -> (counter, since)
         self.stop = threading.Event()
+        self.unanswered_since: float | None = None  # Since when the service answers nothing.
         self.thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
         self.thread.start()
+        if self.me != 0:  # Process 0 hosts the service.
+            threading.Thread(target=self._watch_service, name="service-watch",
+                             daemon=True).start()
         # Before JAX's own exit handler (atexit runs in reverse) shuts the client down.
         atexit.register(self.close, at_exit=True)
 
@@ -393,14 +428,31 @@ class _PeerWatch:
         if at_exit:
             try:
                 self.client.key_value_set(f"{_KEY}/left/{self.me}", _DONE, allow_overwrite=True)
-                _stop_if_one_exited(self.client)
+                if _stop_if_one_exited(self.client):
+                    return
             except Exception:  # noqa: BLE001  The service is gone: nobody is watching.
-                pass
+                return
+            # Another process may yet fail and exit at once while this one waits in JAX's
+            # shutdown barrier (with 3 or more processes: one fails after this one finished,
+            # as a third still trains): looked for while it waits.
+            threading.Thread(target=self._watch_exit, name="exit-watch", daemon=True).start()
+
+    def _watch_exit(self) -> None:
+        """:func:`_stop_if_one_exited` every poll until this process ends, or the barrier
+        completes and the client is shut down (its calls fail)."""
+        stopped = False
+        while not stopped:
+            time.sleep(self.poll_s)
+            try:
+                stopped = _stop_if_one_exited(self.client)
+            except Exception:  # noqa: BLE001  Shut down, or the service is gone.
+                return
 
     def _watch(self) -> None:
-        beats, unreachable_since = 0, None
+        beats = 0
         while not self.stop.wait(self.poll_s):
             beats += 1
+            self.unanswered_since = self.unanswered_since or time.monotonic()
             try:
                 self.client.key_value_set(f"{_KEY}/beat/{self.me}", str(beats),
                                           allow_overwrite=True)
@@ -409,18 +461,32 @@ class _PeerWatch:
                     failed = self._silent()
             except Exception:  # noqa: BLE001  XLA raises plain runtime errors.
                 # One failed call (a network blip, a busy service) must not stop this
-                # process's counter: process 0 would take it for dead. Unreachable for
-                # longer than the silence timeout, the service is gone (process 0 died):
-                # JAX's runtime ends this process. (At exit, close() stops the loop first.)
-                now = time.monotonic()
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since > self.silence_s:
-                    return
+                # process's counter: process 0 would take it for dead. A service that
+                # answers nothing for the silence timeout is gone (_watch_service).
                 continue
-            unreachable_since = None
+            self.unanswered_since = None
             others = sorted(p for p in failed if p != self.me)
             if others and not self.stop.is_set():
                 _stop_because(self.client, others[0], failed[others[0]], self.silence_s)
+
+    def _watch_service(self) -> None:
+        """Ends this process, with one line, once the job's service has answered none of the
+        peer watch's calls for ``silence_s``: process 0, which hosts it, hangs or its host
+        is unreachable (the calls then block, or fail). JAX's runtime would abort it later
+        with a C++ trace (its heartbeat calls time out after ``heartbeat_timeout_s +
+        RUNTIME_MARGIN_S``: see :func:`_join`). Process 0 killed outright ends it at once,
+        inside the runtime (see the module docstring)."""
+        while not self.stop.wait(self.poll_s):
+            since = self.unanswered_since
+            if since is None or time.monotonic() - since <= self.silence_s:
+                continue
+            if not self.stop.is_set() and report_first():  # Else its own failure is said.
+                _say("error: " + _stops_too(
+                    0, f"no answer from the job's coordination service, which it hosts, for "
+                       f"{self.silence_s:.0f} s (hung or its host unreachable; "
+                       "--heartbeat_timeout)"))
+                _exit_now(1)
+            return
 
     def _silent(self) -> dict[int, str]:
         """Reports (and returns) the first process whose counter stood still too long."""
@@ -451,7 +517,7 @@ def _watch_peers(silence_s: float) -> None:
 
 def _stops_too(who: int, message: str) -> str:
     """The line of a process that stops because process ``who`` failed with ``message``."""
-    return (f"process {who} of {jax.process_count()} failed, so process {jax.process_index()} "
+    return (f"process {who} of {_count()} failed, so process {_me()} "
             f"stops too (see process {who}'s output); its error: {message}")
 
 
@@ -495,27 +561,32 @@ def _stop_because(client: Any, who: int, message: str, wait_s: float = 0) -> Non
     except Exception:  # noqa: BLE001  Not within wait_s, or the service is gone: stops now.
         pass
     try:
-        client.key_value_set(f"{_KEY}/left/{jax.process_index()}", _STOPPED,
+        client.key_value_set(f"{_KEY}/left/{_me()}", _STOPPED,
                              allow_overwrite=True)
-        if jax.process_index() == 0:  # Its exit ends the service: the others leave first.
-            _wait_until_left(client, set(range(jax.process_count())) - {0})
+        if _me() == 0:  # Its exit ends the service: the others leave first.
+            _wait_until_left(client, set(range(_count())) - {0})
     except Exception:  # noqa: BLE001  The service gone with process 0: this one ends too.
         pass
-    os._exit(1)
+    _exit_now(1)
 
 
-def _stop_if_one_exited(client: Any) -> None:
-    """At the exit of a process that finished: if another one failed and exits at once, JAX's
-    shutdown barrier would wait for it until JAX's heartbeat aborts this process; stops
-    now instead, naming it. (The failed one decides after reading the "done" of this one,
-    recorded before: one of the two sees the other.)"""
-    failed = {p: m for p, m in _failed(client).items() if p != jax.process_index()}
-    if not failed:
-        return
-    left = _wait_until_left(client, set(failed))
-    gone = sorted(p for p in failed if left.get(p) != _DONE)
+def _stop_if_one_exited(client: Any) -> bool:
+    """At the exit of a process that finished: if another one exits at once (it failed, or
+    stopped because one did), JAX's shutdown barrier would wait for it until JAX's runtime
+    aborts this process (C++ trace); stops now instead, naming the failed one. (A failed
+    one decides after reading the "done" of this one, recorded before: one of the two
+    sees the other.) Returns whether it stopped this process: it returns then only if
+    ``os._exit`` does (a test), or if this process's own failure is being reported."""
+    me = _me()
+    failed = {p: m for p, m in _failed(client).items() if p != me}
+    left = _left(client)
+    if failed and _STOPPED not in _others(left):  # Else decided: a failed one may wait for
+        left = _wait_until_left(client, set(failed))  # this one to stop (process 0).
+    gone = sorted(p for p, how in left.items() if how == _STOPPED and p != me)
     if gone:
-        _stop_because(client, gone[0], failed[gone[0]])
+        who = min(failed, default=gone[0])  # A stopped one names the failed one, if known.
+        _stop_because(client, who, failed.get(who, "it stopped (see its output)"))
+    return bool(gone)
 
 
 def check_same_config(config: dict[str, Any], ignored: tuple[str, ...] = ("data_dir",)) -> None:
@@ -583,7 +654,7 @@ def lost_peer(error: BaseException) -> str | None:
             and "by peer" in text):  # "Connection reset by peer", "Connection closed by peer"
         return None
     try:
-        failed = {p: m for p, m in _failed(_client()).items() if p != jax.process_index()}
+        failed = {p: m for p, m in _failed(_client()).items() if p != _me()}
     except Exception:  # noqa: BLE001  No job, or its service is gone: nothing to read.
         failed = {}
     if failed:
@@ -665,7 +736,7 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
     if _watcher is not None:
         _watcher.close()
     try:  # Whatever happens here (the service gone with process 0), this process ends.
-        me = jax.process_index()
+        me = _me()
         client.key_value_set(f"{_KEY}/failed/{me}", " ".join(message.split()),
                              allow_overwrite=True)
         closing = bool(_closing)
@@ -673,7 +744,7 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
             _close_all()  # The others stop once it is done (_stop_because): the save completes.
         finally:  # Even on a Ctrl-C meanwhile: they would wait for it.
             client.key_value_set(f"{_KEY}/closed/{me}", "", allow_overwrite=True)
-        others = set(range(jax.process_count())) - {me}
+        others = set(range(_count())) - {me}
         # Process 0's exit ends the service; a process that kept the others waiting would
         # end their collectives first (a second line, from Gloo): both let them leave first.
         left = _wait_until_left(client, others) if me == 0 or closing else _left(client)
@@ -685,6 +756,42 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
             return
     except BaseException:  # noqa: BLE001  Ends below, whatever the error.
         pass
+    _exit_now(status)
+
+
+_cleanups: list[Callable[[], None]] = []  # What _exit_now runs first (cleanup_if_stopped).
+
+
+@contextlib.contextmanager
+def cleanup_if_stopped(cleanup: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, has ``cleanup`` run if this process is ended at once (because
+    another process of the job failed, or after its own failure was reported), which skips
+    ``finally`` blocks and exit handlers: the main thread may be blocked in a collective
+    for good. ``cleanup`` may then run in another thread, also while the main thread runs
+    its own (it must be safe to run twice), and is given ``CLEANUP_WAIT_S`` at most."""
+    _cleanups.append(cleanup)
+    try:
+        yield
+    finally:
+        _cleanups[:] = [c for c in _cleanups if c is not cleanup]
+
+
+def _exit_now(status: int) -> None:
+    """Runs the clean-ups of :func:`cleanup_if_stopped` (newest first; each may fail, and
+    all together get ``CLEANUP_WAIT_S``), then ends this process with ``status`` without
+    running exit handlers (JAX's would wait in its shutdown barrier)."""
+    def run_all(cleanups: list[Callable[[], None]]) -> None:
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001  Left as a killed process leaves it.
+                pass
+
+    if _cleanups:
+        # In a thread of its own: a call blocked on a hung filesystem is abandoned.
+        worker = threading.Thread(target=run_all, args=(_cleanups[::-1],), daemon=True)
+        worker.start()
+        worker.join(CLEANUP_WAIT_S)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -700,17 +807,27 @@ def _wait_until_left(client: Any, processes: set[int]) -> dict[int, str]:
     """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job; returns :func:`_left`.
 
     On process 0, whose exit ends the job's service (and the runtime aborts a process still
-    connected to it, with a C++ trace), then waits ``EXIT_GRACE_S`` more when some of them
-    recorded that they exit at once: between recording it and exiting, a process on a busy
-    machine may wait for the interpreter lock."""
+    connected to it, with a C++ trace): when some of them recorded that they exit at once,
+    the others cannot end in JAX's shutdown barrier, so it also waits for those that wait
+    there to stop too (:func:`_stop_if_one_exited`), then ``EXIT_GRACE_S`` more: between
+    recording it and exiting, a process on a busy machine may wait for the interpreter
+    lock."""
     deadline = time.monotonic() + LEAVE_WAIT_S
+    primary = _me() == 0
     left = _left(client)
-    while not processes <= set(left) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (
+            processes <= set(left)
+            and not (primary and _STOPPED in left.values() and _DONE in _others(left))):
         time.sleep(0.1)
         left = _left(client)
-    if jax.process_index() == 0 and any(left.get(p) == _STOPPED for p in processes):
+    if primary and any(left.get(p) == _STOPPED for p in processes):
         time.sleep(EXIT_GRACE_S)
     return left
+
+
+def _others(left: dict[int, str]) -> list[str]:
+    """How the processes other than this one left, of :func:`_left`'s ``left``."""
+    return [how for p, how in left.items() if p != _me()]
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

@@ -450,34 +450,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = os.path.abspath(workdir)
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
+
+    def remove_unused() -> None:
+        """A run that failed before writing anything but its fake data leaves no workdir."""
+        if created:
+            workdir_lib.remove_unused(workdir, disposable=(setup_lib.FAKE_DATA_DIR,))
+
+    def stopped() -> None:  # Ended at once because another process failed: no finally runs.
+        lock.release()
+        remove_unused()
+
     try:
-        lock.acquire()
-        try:
-            return _run_locked(config, workdir)
-        finally:
-            # A failed run's save that finishes after the failure is reported
-            # (distributed.close_after_reporting) keeps the workdir until it is committed: a
-            # run started meanwhile would set it aside as an unfinished save.
-            if not (distributed.closes_pending()
-                    and distributed.close_after_reporting(lock.release)):
-                lock.release()
+        with distributed.cleanup_if_stopped(stopped):
+            lock.acquire()
+            try:
+                return _run_locked(config, workdir)
+            finally:
+                # A failed run's save that finishes after the failure is reported
+                # (distributed.close_after_reporting) keeps the workdir until it is
+                # committed: a run started meanwhile would set it aside as an unfinished
+                # save.
+                if not (distributed.closes_pending()
+                        and distributed.close_after_reporting(lock.release)):
+                    lock.release()
     except BaseException:
-        if created and not distributed.closes_pending():  # else: a save still writes there
-            _remove_if_empty(workdir)
+        if not distributed.closes_pending():  # else: a save still writes there
+            remove_unused()
         raise
-
-
-def _remove_if_empty(workdir: str) -> None:
-    """A run that failed before writing anything leaves no directory behind."""
-    try:
-        left = set(os.listdir(workdir)) - {workdir_lib.LOCK_FILE}
-        if not left:
-            lock_path = os.path.join(workdir, workdir_lib.LOCK_FILE)
-            if os.path.exists(lock_path):
-                os.remove(lock_path)
-            os.rmdir(workdir)
-    except OSError:
-        pass  # Best effort: never mask the original error.
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -16,8 +16,10 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable
@@ -31,6 +33,7 @@ __all__ = [
     "LOCK_FILE",
     "WorkdirLock",
     "prepare_workdir",
+    "remove_unused",
     "describe_os_error",
     "anticipated_os_error",
     "describe_read_error",
@@ -210,6 +213,29 @@ def prepare_workdir(path: str) -> bool:
     return created
 
 
+def remove_unused(workdir: str, disposable: tuple[str, ...] = ()) -> None:
+    """Removes ``workdir``, which the failed run created, if it holds nothing worth keeping:
+    only the lock file and the ``disposable`` entries (what the run generated and the next
+    one makes again, such as fake data). Anything else (a checkpoint, a metrics file) keeps
+    all of it. Never raises: a failure here must not hide the run's own error.
+    """
+    try:
+        entries = set(os.listdir(workdir))
+        if entries - {LOCK_FILE, *disposable}:
+            return
+        for name in entries & set(disposable):
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        if LOCK_FILE in entries:
+            os.remove(os.path.join(workdir, LOCK_FILE))
+        os.rmdir(workdir)  # Fails if anything was written meanwhile: then it stays.
+    except OSError:
+        pass  # Best effort: left as a killed run would leave it.
+
+
 def _holder_text(holder: dict[str, Any]) -> str:
     if not holder:
         return "an unknown process"
@@ -227,6 +253,9 @@ class WorkdirLock:
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
         self._fd: int | None = None
+        # release() may run in two threads at once: the main thread's failure and the thread
+        # that ends this process because another process of the job failed.
+        self._releasing = threading.Lock()
 
     def _read_holder(self) -> dict[str, Any]:
         try:
@@ -276,16 +305,18 @@ class WorkdirLock:
         return self
 
     def release(self) -> None:
-        """Clears the holder record and unlocks (the file stays: deleting it would race)."""
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)
-        except OSError:
-            pass  # A full disk cannot stop the unlock below.
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+        """Clears the holder record and unlocks (the file stays: deleting it would race).
+        Safe to call more than once, from any thread."""
+        with self._releasing:
+            if self._fd is None:
+                return
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass  # A full disk cannot stop the unlock below.
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "WorkdirLock":
         return self.acquire()

@@ -1,13 +1,15 @@
 """``train.py`` whose process 1 goes wrong while it loads the data, as process 0 waits for it
-in a collective: ``python fails_on_one.py raise|stop|last0|last1 TRAIN_PY_ARGUMENTS...``.
+in a collective: ``python fails_on_one.py MODE TRAIN_PY_ARGUMENTS...``.
 
 ``raise``: process 1 raises a ``DataError`` (a host that cannot find the data). ``stop``:
 process 1 stops itself with SIGSTOP (a hung host: its connections stay open, it says
-nothing). ``last0``/``last1``: the others finish at once (their training is replaced by a
-no-op) and process 0/1 raises a ``DataError`` once they all wait in JAX's exit (process 0
-writing its results after the last collective). ``save``: saves take ``SAVE_S`` seconds and
-process 1 raises a ``DataError`` as soon as its first one started. Used by
-``tests/test_multihost_failures.py``.
+nothing); ``stop0``: process 0 does (the job's coordination service hangs with it).
+``last0``/``last1``: the others finish at once (their training is replaced by a no-op)
+and process 0/1 raises a ``DataError`` once they all wait in JAX's exit (process 0 writing
+its results after the last collective). ``mixedWR`` (3 processes): process ``W`` fails so
+once the others but ``R`` have finished, while process ``R`` still trains. ``save``: saves
+take ``SAVE_S`` seconds and process 1 raises a ``DataError`` as soon as its first one
+started. Used by ``tests/test_multihost_failures.py``.
 """
 
 import os
@@ -30,14 +32,17 @@ LAST = "Cannot write the plots: the disk is full (injected)."
 SAVE_S, SAVED = 3, "a save was committed (injected)"
 
 
-def _fail_last(who: int) -> None:
-    """Process ``who`` fails once every other one has finished; the others finish at once."""
+def _fail_last(who: int, running: frozenset[int] = frozenset()) -> None:
+    """Process ``who`` fails once every other one has finished; the others finish at once,
+    but for those in ``running``, which go on training (until they are stopped)."""
     check = distributed.check_same_config
 
     def check_then_finish(config):
         check(config)
+        if jax.process_index() in running:
+            time.sleep(60)  # Training, while the others finish and fail.
         if jax.process_index() == who:
-            others = set(range(jax.process_count())) - {who}
+            others = set(range(jax.process_count())) - {who} - running
             deadline = time.monotonic() + 30
             while not others <= set(distributed._left(distributed._client())):
                 assert time.monotonic() < deadline, "the others did not finish"
@@ -79,15 +84,18 @@ def _fail_while_saving() -> None:
 def main(mode: str, argv: list[str]) -> None:
     if mode.startswith("last"):
         _fail_last(int(mode.removeprefix("last")))
+    if mode.startswith("mixed"):
+        who, running = mode.removeprefix("mixed")
+        _fail_last(int(who), frozenset({int(running)}))
     if mode == "save":
         _fail_while_saving()
-    if mode not in ("raise", "stop"):
+    if mode not in ("raise", "stop", "stop0"):
         train.main(argv)
         return
     original = setup_lib.load_data
 
     def load_data(config, *args, **kwargs):
-        if jax.process_index() == 1:
+        if jax.process_index() == (0 if mode == "stop0" else 1):
             if mode == "raise":
                 raise errors.DataFileNotFoundError(MESSAGE)
             os.kill(os.getpid(), signal.SIGSTOP)
