@@ -81,6 +81,26 @@ def test_sweep_refuses_a_root_that_is_a_file(tmp_path):
     assert root.read_text() == "not a sweep"
 
 
+def test_the_same_image_folder_named_otherwise_is_the_same_config(tmp_path, monkeypatch):
+    """run.json records an image folder's absolute path: the same sweep command run again
+    with a ``file://`` URL or a relative path was refused as 'a different config'."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "my pets"
+    [(name, extra)] = sweep.plan([8], [0.5])
+    workdir = str(tmp_path / name)
+    os.makedirs(workdir)
+    config = load_config("cifar10:smoke", extra + [f"--config.dataset=image_folder:{folder}"])
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+        json.dump({"config": json.loads(config.to_json())}, f)  # as training records it
+    for named in (f"file://{str(folder).replace(' ', '%20')}", "my pets", "./my pets/"):
+        sweep.check_same_config(workdir, load_config(
+            "cifar10:smoke", extra + [f"--config.dataset=image_folder:{named}"]))
+    other = load_config("cifar10:smoke", extra + ["--config.dataset=image_folder:file:///pets"])
+    with pytest.raises(errors.ConfigError, match="holds a run trained with a different config "
+                       r"\(dataset: 'image_folder:.*my pets' -> 'image_folder:/pets'\)"):
+        sweep.check_same_config(workdir, other)
+
+
 def test_sweep_collect_refuses_the_flags_it_would_ignore_in_one_line(capsys, tmp_path):
     """As train.py and evaluate.py refuse an ignored flag: ``error:``, status 1 (it was
     argparse's usage text and status 2); an unknown flag stays argparse's usage error."""

@@ -29,6 +29,7 @@ from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
 from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
+from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import stopping
 
 __all__ = [
@@ -152,6 +153,9 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
         return
     old_config, _ = evaluate_lib.load_run_config(workdir)
+    # The new config as training records it (an image folder's relative path or file://
+    # URL made the absolute path), else the same command would be refused the second time.
+    config = setup_lib.absolute_data_paths(config)
     # Both through JSON, as run.json stores them (tuples become lists).
     old, new = (json.loads(c.to_json()) for c in (old_config, config))
     changes = []
