@@ -160,6 +160,30 @@ def test_a_rerun_with_fewer_depths_redraws_every_finished_run(capsys, tmp_path):
             "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
 
 
+def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_with(
+        capsys, tmp_path):
+    """Runs whose run.json predates model.scan_unroll (and name, widen_factor, dropout_rate)
+    were drawn as another series ('model.scan_unroll=(absent)') than new runs of the same
+    config, and the same sweep command run again refused them as a different config."""
+    root = str(tmp_path)
+    old = _finished_run(root, 8, 0.5, 0.5)
+    with open(os.path.join(root, old, "run.json")) as f:
+        recorded = json.load(f)
+    for field in ("name", "widen_factor", "dropout_rate", "scan_unroll"):
+        del recorded["config"]["model"][field]
+    with open(os.path.join(root, old, "run.json"), "w") as f:
+        json.dump(recorded, f)
+    _finished_run(root, 14, 0.5, 0.4)
+    sweep.write_figures(sweep.collect(root), os.path.join(root, "figures"))
+    assert "separate series" not in capsys.readouterr().out
+    assert "series" not in _sidecar(root, "fig8_error_vs_p_last")
+    [(name, extra)] = sweep.plan([8], [0.5])
+    sweep.check_same_config(os.path.join(root, old), load_config("cifar10:smoke", extra))
+    with pytest.raises(errors.ConfigError, match=r"model.scan_unroll: False -> True"):
+        sweep.check_same_config(os.path.join(root, old), load_config(
+            "cifar10:smoke", extra + ["--config.model.scan_unroll=true"]))
+
+
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):
     """A root holding runs of two configs (a later command gave depth 14 more epochs):
     --collect drew them as one curve per depth, and compared their epoch times. A ViT run

@@ -156,8 +156,10 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     # The new config as training records it (an image folder's relative path or file://
     # URL made the absolute path), else the same command would be refused the second time.
     config = setup_lib.absolute_data_paths(config)
-    # Both through JSON, as run.json stores them (tuples become lists).
-    old, new = (json.loads(c.to_json()) for c in (old_config, config))
+    # Both through JSON, as run.json stores them (tuples become lists); a field added since
+    # the run was recorded is what it was trained with.
+    old, new = (config_lib.with_absent_defaults(json.loads(c.to_json()))
+                for c in (old_config, config))
     changes = []
     for field, change in config_lib.config_changes(old, new).items():
         a, b = change["old"], change["new"]
@@ -263,8 +265,9 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     Returns:
       per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
-      ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON) and
-      ``records`` (``metrics.jsonl``).
+      ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON, with
+      the fields it predates: ``config_lib.with_absent_defaults``) and ``records``
+      (``metrics.jsonl``).
 
     A run of a model without p_L (a ViT trained into the root) is left out with a warning.
 
@@ -302,7 +305,7 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             "val_error": best.get("val_error"),
             "final_test_error": final.get("test_error"),
             "code_version": meta.get("code_version"),
-            "config": json.loads(config.to_json()),
+            "config": config_lib.with_absent_defaults(json.loads(config.to_json())),
             "records": metrics_lib.read_metrics(workdir),
         })
     return sorted(runs, key=lambda r: (r["depth"], r["p_last"], r["name"]))
