@@ -184,6 +184,28 @@ def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_wit
             "cifar10:smoke", extra + ["--config.model.scan_unroll=true"]))
 
 
+def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path):
+    """The figures read every run under --root: one whose run.json no longer validates (an
+    older version's, edited) ended the command, training included, with an 'Invalid config'
+    line that named neither the file nor the run, as if this command's config were wrong."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 0.5, 0.5)
+    other = _finished_run(root, 14, 0.5, 0.4)
+    with open(os.path.join(root, other, "run.json")) as f:
+        recorded = json.load(f)
+    recorded["config"]["model"]["mode"] = "layer"
+    with open(os.path.join(root, other, "run.json"), "w") as f:
+        json.dump(recorded, f)
+    with pytest.warns(logs.RunWarning) as caught:
+        sweep_cli.main(["--root", root, "--collect"])
+    [warning] = [str(w.message) for w in caught]
+    assert warning.startswith(f"{os.path.join(root, other, 'run.json')} records a config this "
+                              "version refuses (Invalid config: model.mode='layer'")
+    assert warning.endswith("): left out of the sweep's figures.")
+    assert "figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 0.5)\n" in \
+        capsys.readouterr().out
+
+
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):
     """A root holding runs of two configs (a later command gave depth 14 more epochs):
     --collect drew them as one curve per depth, and compared their epoch times. A ViT run

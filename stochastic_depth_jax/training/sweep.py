@@ -269,7 +269,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
       the fields it predates: ``config_lib.with_absent_defaults``) and ``records``
       (``metrics.jsonl``).
 
-    A run of a model without p_L (a ViT trained into the root) is left out with a warning.
+    A run of a model without p_L (a ViT trained into the root), or whose run.json records a
+    config this version refuses, is left out with a warning naming it.
 
     Raises:
       errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
@@ -283,7 +284,13 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     runs = []
     for name in names:
         workdir = os.path.join(root, name)
-        config, meta = evaluate_lib.load_run_config(workdir)
+        try:
+            config, meta = evaluate_lib.load_run_config(workdir)
+        except errors.ConfigError as e:  # not this command's: it would be blamed otherwise
+            warnings.warn(f"{os.path.join(workdir, evaluate_lib.RUN_FILE)} records a config "
+                          f"this version refuses ({e}): left out of the sweep's figures.",
+                          logs.RunWarning)
+            continue
         model = config.model.get("name", "cifar_resnet")
         if model not in config_lib.MODELS:  # e.g. a ViT run of train.py put in the root
             warnings.warn(f"{workdir} is a {model!r} run, which has no p_L: left out of the "
