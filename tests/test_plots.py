@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import types
 
 import pytest
@@ -83,3 +84,38 @@ def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(
     run.config.write_plots = False
     loop._draw_plots(run, force=True)
     assert len(drawn) == 3 and not os.listdir(tmp_path)
+
+
+def test_a_record_without_an_epoch_is_left_off_the_curves(tmp_path):
+    """A metrics.jsonl line without an epoch (appended by hand or another tool) stopped the
+    drawing, and with it the training, with a KeyError."""
+    records = _records([0.1, 0.01]) + [{"step": 30, "lr": 0.001, "train_error": 0.5}]
+    paths = plots.plot_curves(records, str(tmp_path), best=None, lr_drops=True)
+    assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+@pytest.mark.parametrize("when", ["epoch_end", "stop"])
+def test_a_failing_drawing_never_costs_a_checkpoint(monkeypatch, tmp_path, when):
+    """The curves were drawn before the epoch's checkpoint was saved, and at a stop before the
+    stop's: a drawing that failed lost the checkpoint due then."""
+    from stochastic_depth_jax.training import checkpoint, stopping
+
+    drawn = []
+
+    def plot_curves(records, out_dir, **kwargs):
+        drawn.append(len(records))
+        if when == "epoch_end" or len(drawn) == 2:  # the first epoch's, or the stop's
+            raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(plots, "plot_curves", plot_curves)
+    # Stop (as on SIGTERM) once the first epoch's curves are drawn: at the end of epoch 1.
+    monkeypatch.setattr(stopping.StopSignals, "agreed",
+                        lambda self: signal.SIGTERM if drawn else None)
+    config = load_config("cifar10:smoke", [
+        "--config.progress_bar=false", "--config.write_tensorboard=false",
+        f"--config.checkpoint_every_epochs={1 if when == 'epoch_end' else 0}"])
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    [first] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert checkpoint.Checkpoints(str(tmp_path), read_only=True).steps("latest") == [
+        first["step"]]

@@ -75,6 +75,8 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them)."""
     from matplotlib.ticker import MaxNLocator
 
+    # A line without an epoch (appended by hand, or by another tool) has no place on the axis.
+    records = [r for r in records if isinstance(r.get("epoch"), (int, float))]
     fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
     scale = 100 if percent else 1
