@@ -55,8 +55,10 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
      "cifar10, ResNet-110, constant depth, bfloat16"),
     ("cifar100_wrn", [], "cifar100, WRN-28-10, stochastic depth p_L=0.8"),
     ("cifar10_vit", [], "cifar10, ViT-S, drop path 0.1 (linear, sample)"),
-    ("cifar10_vit:smoke", [], "ViT-Ti depth 2"),
+    # A model whose dimensions are set, not taken from its size, is not that size: said so.
+    ("cifar10_vit:smoke", [], "ViT-Ti depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
+    ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
     ("cifar10", ["--config.dataset=image_folder:/data/my_images/"], "image_folder:my_images, "),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8, "),
 ])

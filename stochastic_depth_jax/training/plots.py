@@ -32,11 +32,11 @@ def run_title(config: Any) -> str:
     name = m.get("name", "cifar_resnet")
     if name == "wide_resnet":
         model = f"WRN-{m['depth']}-{m['widen_factor']}"
-    elif name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's depth differs.
-        model = f"ViT-{str(m['size']).capitalize()}" + (
-            f" depth {m['depth']}" if m.get("depth") else "")
+    elif name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's dimensions differ.
+        model = f"ViT-{str(m['size']).capitalize()}" + _set_dims(m, "depth", "width",
+                                                                  "num_heads")
     elif name == "convnext":
-        model = f"ConvNeXt-{m['size']}"
+        model = f"ConvNeXt-{m['size']}" + _set_dims(m, "depths", "dims")
     else:
         model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}"
     if "drop_path_rate" in m:
@@ -52,6 +52,13 @@ def run_title(config: Any) -> str:
     elif (config.get("fake_data") or {}).get("num_train", 0):
         dataset += " (FAKE random-label data)"
     return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
+
+
+def _set_dims(model: Any, *fields: str) -> str:
+    """``' depth 2 width 32'``: the ``fields`` set instead of taken from ``model.size`` (a
+    model so set is not the size its name says)."""
+    return "".join(f" {f} " + ("-".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+                   for f in fields if (v := model.get(f)) is not None)
 
 
 def _lr_changes(records: Sequence[dict[str, Any]]) -> list[tuple[Any, float]]:
