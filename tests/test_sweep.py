@@ -206,6 +206,19 @@ def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path)
         capsys.readouterr().out
 
 
+def test_a_metrics_line_without_an_epoch_is_left_off_the_figures(tmp_path):
+    """A line appended to a run's metrics.jsonl by hand or another tool, without an epoch,
+    stopped --collect (and a sweep, after training) with a KeyError traceback."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5)
+    with open(os.path.join(root, name, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"note": "resubmitted", "test_error": 0.1,
+                            "grad_first_conv_mean_abs": 1.0}) + "\n")
+    sweep.write_figures(sweep.collect(root), os.path.join(root, "figures"), report=None)
+    epochs = [[e, 0.01 * e] for e in (1, 2)]
+    assert _sidecar(root, "fig7_first_conv_grad")["data"] == {name: epochs}
+
+
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):
     """A root holding runs of two configs (a later command gave depth 14 more epochs):
     --collect drew them as one curve per depth, and compared their epoch times. A ViT run

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-__all__ = ["curves_figure", "new_figure", "plot_curves", "run_title"]
+__all__ = ["curves_figure", "new_figure", "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 
@@ -54,6 +54,19 @@ def run_title(config: Any) -> str:
     return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def per_epoch(records: Sequence[dict[str, Any]], key: str,
+              scale: float = 1.0) -> list[tuple[Any, float]]:
+    """``(epoch, scale * value)`` of the ``metrics.jsonl`` records with a number at ``key``
+    (an epoch that was not evaluated has no ``test_error``) and an ``epoch`` (a line appended
+    by hand or by another tool may have none: it has no place on an epoch axis)."""
+    return [(r["epoch"], scale * r[key]) for r in records
+            if _number(r.get(key)) and _number(r.get("epoch"))]
+
+
 def _set_dims(model: Any, *fields: str) -> str:
     """``' depth 2 width 32'``: the ``fields`` set instead of taken from ``model.size`` (a
     model so set is not the size its name says)."""
@@ -82,16 +95,15 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them)."""
     from matplotlib.ticker import MaxNLocator
 
-    # A line without an epoch (appended by hand, or by another tool) has no place on the axis.
-    records = [r for r in records if isinstance(r.get("epoch"), (int, float))]
+    records = [r for r in records if _number(r.get("epoch"))]  # as in per_epoch
     fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
     scale = 100 if percent else 1
     for key in keys:
-        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        points = per_epoch(records, key, scale)
         if points:
             x, y = zip(*points)
-            ax.plot(x, [scale * v for v in y], label=key, marker="." if len(x) < 30 else None)
+            ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)
     for i, (epoch, lr) in enumerate(_lr_changes(records) if lr_drops else ()):
         ax.axvline(epoch, color="0.6", linestyle=":", linewidth=1,
                    label="learning-rate drop" if i == 0 else None)
