@@ -59,13 +59,20 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     ("cifar10_vit:smoke", [], "ViT-Ti depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
     ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
-    ("cifar10", ["--config.dataset=image_folder:/data/my_images/"], "image_folder:my_images, "),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8, "),
 ])
 def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
     config = load_config(spec, overrides)
     assert want in plots.run_title(config)
     assert plots.run_title(json.loads(config.to_json())) == plots.run_title(config)  # run.json
+
+
+@pytest.mark.parametrize("folder", ["/data/my_images/", "my_images", "file:///data/my_images"])
+def test_run_title_names_an_image_folder_by_its_last_part(folder):
+    """A relative folder (a run.json recorded before paths were made absolute, a Python
+    caller's config) was titled 'image_folder:image_folder:my_images'."""
+    config = load_config("cifar10", [f"--config.dataset=image_folder:{folder}"])
+    assert plots.run_title(config).startswith("image_folder:my_images, ResNet-110, ")
 
 
 def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(

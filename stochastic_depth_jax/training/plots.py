@@ -48,7 +48,8 @@ def run_title(config: Any) -> str:
                  f"{m['mode']})")
     dataset = str(config["dataset"])
     if dataset.startswith("image_folder:"):  # A local path: its last part names it enough.
-        dataset = "image_folder:" + os.path.basename(dataset.rstrip("/"))
+        folder = dataset.removeprefix("image_folder:").rstrip("/")
+        dataset = "image_folder:" + (os.path.basename(folder) or folder)
     elif (config.get("fake_data") or {}).get("num_train", 0):
         dataset += " (FAKE random-label data)"
     return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
