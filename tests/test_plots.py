@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import types
 
 import pytest
@@ -54,15 +55,24 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
      "cifar10, ResNet-110, constant depth, bfloat16"),
     ("cifar100_wrn", [], "cifar100, WRN-28-10, stochastic depth p_L=0.8"),
     ("cifar10_vit", [], "cifar10, ViT-S, drop path 0.1 (linear, sample)"),
-    ("cifar10_vit:smoke", [], "ViT-Ti depth 2"),
+    # A model whose dimensions are set, not taken from its size, is not that size: said so.
+    ("cifar10_vit:smoke", [], "ViT-Ti depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
-    ("cifar10", ["--config.dataset=image_folder:/data/my_images/"], "image_folder:my_images, "),
+    ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8, "),
 ])
 def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
     config = load_config(spec, overrides)
     assert want in plots.run_title(config)
     assert plots.run_title(json.loads(config.to_json())) == plots.run_title(config)  # run.json
+
+
+@pytest.mark.parametrize("folder", ["/data/my_images/", "my_images", "file:///data/my_images"])
+def test_run_title_names_an_image_folder_by_its_last_part(folder):
+    """A relative folder (a run.json recorded before paths were made absolute, a Python
+    caller's config) was titled 'image_folder:image_folder:my_images'."""
+    config = load_config("cifar10", [f"--config.dataset=image_folder:{folder}"])
+    assert plots.run_title(config).startswith("image_folder:my_images, ResNet-110, ")
 
 
 def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(
@@ -83,3 +93,38 @@ def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(
     run.config.write_plots = False
     loop._draw_plots(run, force=True)
     assert len(drawn) == 3 and not os.listdir(tmp_path)
+
+
+def test_a_record_without_an_epoch_is_left_off_the_curves(tmp_path):
+    """A metrics.jsonl line without an epoch (appended by hand or another tool) stopped the
+    drawing, and with it the training, with a KeyError."""
+    records = _records([0.1, 0.01]) + [{"step": 30, "lr": 0.001, "train_error": 0.5}]
+    paths = plots.plot_curves(records, str(tmp_path), best=None, lr_drops=True)
+    assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+@pytest.mark.parametrize("when", ["epoch_end", "stop"])
+def test_a_failing_drawing_never_costs_a_checkpoint(monkeypatch, tmp_path, when):
+    """The curves were drawn before the epoch's checkpoint was saved, and at a stop before the
+    stop's: a drawing that failed lost the checkpoint due then."""
+    from stochastic_depth_jax.training import checkpoint, stopping
+
+    drawn = []
+
+    def plot_curves(records, out_dir, **kwargs):
+        drawn.append(len(records))
+        if when == "epoch_end" or len(drawn) == 2:  # the first epoch's, or the stop's
+            raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(plots, "plot_curves", plot_curves)
+    # Stop (as on SIGTERM) once the first epoch's curves are drawn: at the end of epoch 1.
+    monkeypatch.setattr(stopping.StopSignals, "agreed",
+                        lambda self: signal.SIGTERM if drawn else None)
+    config = load_config("cifar10:smoke", [
+        "--config.progress_bar=false", "--config.write_tensorboard=false",
+        f"--config.checkpoint_every_epochs={1 if when == 'epoch_end' else 0}"])
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    [first] = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert checkpoint.Checkpoints(str(tmp_path), read_only=True).steps("latest") == [
+        first["step"]]

@@ -525,6 +525,28 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     assert _epochs(workdir) == [1, 2, 3]
 
 
+def test_a_line_without_an_epoch_never_costs_the_records_before_it(tmp_path):
+    """A line without an epoch (a note added by hand) read as epoch 0, a restart from the
+    start: resuming rewrote metrics.jsonl without every record before it."""
+    workdir = str(tmp_path)
+    note = {"note": "moved to node 4"}
+    _write_lines(workdir, [json.dumps(r) + "\n" for r in (
+        {"epoch": 1}, {"epoch": 2}, note, {"epoch": 3})])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=3)
+    assert metrics.read_metrics(workdir) == [{"epoch": 1}, {"epoch": 2}, note, {"epoch": 3}]
+    # A restart still replaces the records it repeats; the note stays.
+    _write_lines(workdir, [json.dumps(r) + "\n" for r in (
+        {"epoch": 1}, note, {"epoch": 2, "run": 0}, {"epoch": 2, "run": 1})])
+    with pytest.warns(UserWarning) as caught:
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=2)
+    [message] = [str(w.message) for w in caught]
+    assert "kept the records of epochs 1-2 that" in message
+    assert message.endswith("dropped 1 other record(s) (epoch 2).")
+    assert metrics.read_metrics(workdir) == [{"epoch": 1}, note, {"epoch": 2, "run": 1}]
+
+
 def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
     """Sessions at lr a (the fixture's), 0.05, then 0.07: run.json's config is the current
     one and its history says what each session changed, so lr a is not lost."""

@@ -81,6 +81,26 @@ def test_sweep_refuses_a_root_that_is_a_file(tmp_path):
     assert root.read_text() == "not a sweep"
 
 
+def test_the_same_image_folder_named_otherwise_is_the_same_config(tmp_path, monkeypatch):
+    """run.json records an image folder's absolute path: the same sweep command run again
+    with a ``file://`` URL or a relative path was refused as 'a different config'."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "my pets"
+    [(name, extra)] = sweep.plan([8], [0.5])
+    workdir = str(tmp_path / name)
+    os.makedirs(workdir)
+    config = load_config("cifar10:smoke", extra + [f"--config.dataset=image_folder:{folder}"])
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+        json.dump({"config": json.loads(config.to_json())}, f)  # as training records it
+    for named in (f"file://{str(folder).replace(' ', '%20')}", "my pets", "./my pets/"):
+        sweep.check_same_config(workdir, load_config(
+            "cifar10:smoke", extra + [f"--config.dataset=image_folder:{named}"]))
+    other = load_config("cifar10:smoke", extra + ["--config.dataset=image_folder:file:///pets"])
+    with pytest.raises(errors.ConfigError, match="holds a run trained with a different config "
+                       r"\(dataset: 'image_folder:.*my pets' -> 'image_folder:/pets'\)"):
+        sweep.check_same_config(workdir, other)
+
+
 def test_sweep_collect_refuses_the_flags_it_would_ignore_in_one_line(capsys, tmp_path):
     """As train.py and evaluate.py refuse an ignored flag: ``error:``, status 1 (it was
     argparse's usage text and status 2); an unknown flag stays argparse's usage error."""
@@ -138,6 +158,65 @@ def test_a_rerun_with_fewer_depths_redraws_every_finished_run(capsys, tmp_path):
             "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
     assert ("figures: fig3_error_curves.png: 2 runs (depth 14 x p_L 0.5, 1); left out "
             "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
+
+
+def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_with(
+        capsys, tmp_path):
+    """Runs whose run.json predates model.scan_unroll (and name, widen_factor, dropout_rate)
+    were drawn as another series ('model.scan_unroll=(absent)') than new runs of the same
+    config, and the same sweep command run again refused them as a different config."""
+    root = str(tmp_path)
+    old = _finished_run(root, 8, 0.5, 0.5)
+    with open(os.path.join(root, old, "run.json")) as f:
+        recorded = json.load(f)
+    for field in ("name", "widen_factor", "dropout_rate", "scan_unroll"):
+        del recorded["config"]["model"][field]
+    with open(os.path.join(root, old, "run.json"), "w") as f:
+        json.dump(recorded, f)
+    _finished_run(root, 14, 0.5, 0.4)
+    sweep.write_figures(sweep.collect(root), os.path.join(root, "figures"))
+    assert "separate series" not in capsys.readouterr().out
+    assert "series" not in _sidecar(root, "fig8_error_vs_p_last")
+    [(name, extra)] = sweep.plan([8], [0.5])
+    sweep.check_same_config(os.path.join(root, old), load_config("cifar10:smoke", extra))
+    with pytest.raises(errors.ConfigError, match=r"model.scan_unroll: False -> True"):
+        sweep.check_same_config(os.path.join(root, old), load_config(
+            "cifar10:smoke", extra + ["--config.model.scan_unroll=true"]))
+
+
+def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path):
+    """The figures read every run under --root: one whose run.json no longer validates (an
+    older version's, edited) ended the command, training included, with an 'Invalid config'
+    line that named neither the file nor the run, as if this command's config were wrong."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 0.5, 0.5)
+    other = _finished_run(root, 14, 0.5, 0.4)
+    with open(os.path.join(root, other, "run.json")) as f:
+        recorded = json.load(f)
+    recorded["config"]["model"]["mode"] = "layer"
+    with open(os.path.join(root, other, "run.json"), "w") as f:
+        json.dump(recorded, f)
+    with pytest.warns(logs.RunWarning) as caught:
+        sweep_cli.main(["--root", root, "--collect"])
+    [warning] = [str(w.message) for w in caught]
+    assert warning.startswith(f"{os.path.join(root, other, 'run.json')} records a config this "
+                              "version refuses (Invalid config: model.mode='layer'")
+    assert warning.endswith("): left out of the sweep's figures.")
+    assert "figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 0.5)\n" in \
+        capsys.readouterr().out
+
+
+def test_a_metrics_line_without_an_epoch_is_left_off_the_figures(tmp_path):
+    """A line appended to a run's metrics.jsonl by hand or another tool, without an epoch,
+    stopped --collect (and a sweep, after training) with a KeyError traceback."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5)
+    with open(os.path.join(root, name, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"note": "resubmitted", "test_error": 0.1,
+                            "grad_first_conv_mean_abs": 1.0}) + "\n")
+    sweep.write_figures(sweep.collect(root), os.path.join(root, "figures"), report=None)
+    epochs = [[e, 0.01 * e] for e in (1, 2)]
+    assert _sidecar(root, "fig7_first_conv_grad")["data"] == {name: epochs}
 
 
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):

@@ -31,6 +31,7 @@ __all__ = [
     "validate",
     "field_names",
     "config_changes",
+    "with_absent_defaults",
     "check_batch_fits",
 ]
 
@@ -61,6 +62,23 @@ def config_changes(old: dict[str, Any], new: dict[str, Any],
         elif a != b:
             changes[prefix + key] = {"old": a, "new": b}
     return changes
+
+
+# Fields of the block-wise ResNets (``MODELS``) that a run.json recorded before they existed
+# lacks, and the value such a run was trained with: what the code reads for an absent one
+# (``config.model.get('scan_unroll', False)``).
+_ABSENT_MODEL_FIELDS = {"name": "cifar_resnet", "widen_factor": 1, "dropout_rate": 0.0,
+                        "scan_unroll": False}
+
+
+def with_absent_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (as run.json stores it) with the ResNet fields it predates filled in with
+    the values it was trained with, so that comparing it with a newer config
+    (:func:`config_changes`) finds only what really differs."""
+    model = config.get("model")
+    if not isinstance(model, dict) or model.get("name", "cifar_resnet") not in MODELS:
+        return config
+    return {**config, "model": {**_ABSENT_MODEL_FIELDS, **model}}
 
 
 def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

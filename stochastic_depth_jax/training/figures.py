@@ -23,7 +23,7 @@ import sys
 import textwrap
 from typing import Any, Sequence
 
-from stochastic_depth_jax.training.plots import new_figure
+from stochastic_depth_jax.training.plots import new_figure, per_epoch
 
 __all__ = [
     "save_figure",
@@ -209,9 +209,8 @@ def _run_label(r: dict[str, Any]) -> str:
 
 
 def _per_epoch(r: dict[str, Any], key: str, scale: float = 1.0) -> list[tuple[Any, float]]:
-    """``(epoch, scale * value)`` of a run's records that have ``key``."""
-    return [(m["epoch"], scale * m[key]) for m in r["records"]
-            if isinstance(m.get(key), (int, float))]
+    """``(epoch, scale * value)`` of a run's records that have ``key`` (:func:`plots.per_epoch`)."""
+    return per_epoch(r["records"], key, scale)
 
 
 def _by_run(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -179,8 +179,8 @@ def _stop_if_requested(run: _Run, step: int) -> None:
     signum = run.stop.agreed() if run.stop is not None else None
     if signum is None:
         return
-    _draw_plots(run, force=True)
     _save(run, "latest")  # Not twice: a step saved already (at the epoch's end) is skipped.
+    _draw_plots(run, force=True)  # While the checkpoint is written, never before it.
     run.ckpts.wait()
     spe = run.setup.steps_per_epoch
     raise stopping.Stopped(
@@ -234,8 +234,6 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         }
         _save(run, "best", {"record": record})
     run.writer.write(record)
-    if not is_last:  # The last is drawn once the run's summary is known.
-        _draw_plots(run, force=run.plotted_at is None)  # The first epoch's, then periodically.
     if progress.prints_epoch_lines(c.progress_bar):  # Else the bar alone shows progress.
         print(progress.epoch_line(record, c.num_epochs), flush=True)
     periodic = (c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or (
@@ -243,6 +241,9 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
     )
     if periodic or is_last:
         _save(run, "latest", {"record": record})
+    # After the save (asynchronous): a drawing that fails never costs the epoch's checkpoint.
+    if not is_last:  # The last is drawn once the run's summary is known.
+        _draw_plots(run, force=run.plotted_at is None)  # The first epoch's, then periodically.
     return record
 
 

@@ -65,17 +65,29 @@ def consistent_records(
     """One record per epoch, epochs increasing, none after ``resume_epoch``.
 
     A record whose epoch is not after the previous one starts a new attempt (a restart
-    that re-ran epochs); it replaces the records from its epoch on.
+    that re-ran epochs); it replaces the records from its epoch on. A line without an epoch
+    (a note added by hand or by another tool) is no epoch's record: it stays where it is.
     """
     kept: list[dict[str, Any]] = []
     for record in records:
-        epoch = record.get("epoch", 0)
+        epoch = record.get("epoch")
+        if not _is_epoch(epoch):
+            kept.append(record)
+            continue
         if epoch > resume_epoch:
             continue
-        while kept and kept[-1].get("epoch", 0) >= epoch:
+        lines = []  # without an epoch, set aside while the records they follow are replaced
+        while kept and not (_is_epoch(kept[-1].get("epoch")) and kept[-1]["epoch"] < epoch):
+            if not _is_epoch(kept[-1].get("epoch")):
+                lines.append(kept[-1])
             kept.pop()
+        kept += reversed(lines)
         kept.append(record)
     return kept
+
+
+def _is_epoch(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
@@ -108,8 +120,9 @@ def _reset_file(path: str, resume_epoch: int) -> None:
     if bad or len(kept) != len(records):
         kept_ids = {id(r) for r in kept}
         dropped = [r.get("epoch") for r in records if id(r) not in kept_ids]
-        kept_text = (f"kept the records of epochs {_epoch_ranges([r.get('epoch') for r in kept])}"
-                     if kept else "kept no records")
+        epochs = [r["epoch"] for r in kept if _is_epoch(r.get("epoch"))]
+        kept_text = (f"kept the records of epochs {_epoch_ranges(epochs)}" if epochs
+                     else "kept no records")
         dropped_text = (f" ({'epoch' if len(dropped) == 1 else 'epochs'} "
                         f"{_epoch_ranges(dropped)})" if dropped else "")
         warnings.warn(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-__all__ = ["curves_figure", "new_figure", "plot_curves", "run_title"]
+__all__ = ["curves_figure", "new_figure", "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 
@@ -32,11 +32,11 @@ def run_title(config: Any) -> str:
     name = m.get("name", "cifar_resnet")
     if name == "wide_resnet":
         model = f"WRN-{m['depth']}-{m['widen_factor']}"
-    elif name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's depth differs.
-        model = f"ViT-{str(m['size']).capitalize()}" + (
-            f" depth {m['depth']}" if m.get("depth") else "")
+    elif name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's dimensions differ.
+        model = f"ViT-{str(m['size']).capitalize()}" + _set_dims(m, "depth", "width",
+                                                                  "num_heads")
     elif name == "convnext":
-        model = f"ConvNeXt-{m['size']}"
+        model = f"ConvNeXt-{m['size']}" + _set_dims(m, "depths", "dims")
     else:
         model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}"
     if "drop_path_rate" in m:
@@ -48,10 +48,31 @@ def run_title(config: Any) -> str:
                  f"{m['mode']})")
     dataset = str(config["dataset"])
     if dataset.startswith("image_folder:"):  # A local path: its last part names it enough.
-        dataset = "image_folder:" + os.path.basename(dataset.rstrip("/"))
+        folder = dataset.removeprefix("image_folder:").rstrip("/")
+        dataset = "image_folder:" + (os.path.basename(folder) or folder)
     elif (config.get("fake_data") or {}).get("num_train", 0):
         dataset += " (FAKE random-label data)"
     return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def per_epoch(records: Sequence[dict[str, Any]], key: str,
+              scale: float = 1.0) -> list[tuple[Any, float]]:
+    """``(epoch, scale * value)`` of the ``metrics.jsonl`` records with a number at ``key``
+    (an epoch that was not evaluated has no ``test_error``) and an ``epoch`` (a line appended
+    by hand or by another tool may have none: it has no place on an epoch axis)."""
+    return [(r["epoch"], scale * r[key]) for r in records
+            if _number(r.get(key)) and _number(r.get("epoch"))]
+
+
+def _set_dims(model: Any, *fields: str) -> str:
+    """``' depth 2 width 32'``: the ``fields`` set instead of taken from ``model.size`` (a
+    model so set is not the size its name says)."""
+    return "".join(f" {f} " + ("-".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+                   for f in fields if (v := model.get(f)) is not None)
 
 
 def _lr_changes(records: Sequence[dict[str, Any]]) -> list[tuple[Any, float]]:
@@ -75,14 +96,15 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them)."""
     from matplotlib.ticker import MaxNLocator
 
+    records = [r for r in records if _number(r.get("epoch"))]  # as in per_epoch
     fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
     scale = 100 if percent else 1
     for key in keys:
-        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        points = per_epoch(records, key, scale)
         if points:
             x, y = zip(*points)
-            ax.plot(x, [scale * v for v in y], label=key, marker="." if len(x) < 30 else None)
+            ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)
     for i, (epoch, lr) in enumerate(_lr_changes(records) if lr_drops else ()):
         ax.axvline(epoch, color="0.6", linestyle=":", linewidth=1,
                    label="learning-rate drop" if i == 0 else None)

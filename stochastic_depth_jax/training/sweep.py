@@ -29,6 +29,7 @@ from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
 from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
+from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import stopping
 
 __all__ = [
@@ -152,8 +153,13 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
         return
     old_config, _ = evaluate_lib.load_run_config(workdir)
-    # Both through JSON, as run.json stores them (tuples become lists).
-    old, new = (json.loads(c.to_json()) for c in (old_config, config))
+    # The new config as training records it (an image folder's relative path or file://
+    # URL made the absolute path), else the same command would be refused the second time.
+    config = setup_lib.absolute_data_paths(config)
+    # Both through JSON, as run.json stores them (tuples become lists); a field added since
+    # the run was recorded is what it was trained with.
+    old, new = (config_lib.with_absent_defaults(json.loads(c.to_json()))
+                for c in (old_config, config))
     changes = []
     for field, change in config_lib.config_changes(old, new).items():
         a, b = change["old"], change["new"]
@@ -259,10 +265,12 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     Returns:
       per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
-      ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON) and
-      ``records`` (``metrics.jsonl``).
+      ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON, with
+      the fields it predates: ``config_lib.with_absent_defaults``) and ``records``
+      (``metrics.jsonl``).
 
-    A run of a model without p_L (a ViT trained into the root) is left out with a warning.
+    A run of a model without p_L (a ViT trained into the root), or whose run.json records a
+    config this version refuses, is left out with a warning naming it.
 
     Raises:
       errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
@@ -276,7 +284,13 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     runs = []
     for name in names:
         workdir = os.path.join(root, name)
-        config, meta = evaluate_lib.load_run_config(workdir)
+        try:
+            config, meta = evaluate_lib.load_run_config(workdir)
+        except errors.ConfigError as e:  # not this command's: it would be blamed otherwise
+            warnings.warn(f"{os.path.join(workdir, evaluate_lib.RUN_FILE)} records a config "
+                          f"this version refuses ({e}): left out of the sweep's figures.",
+                          logs.RunWarning)
+            continue
         model = config.model.get("name", "cifar_resnet")
         if model not in config_lib.MODELS:  # e.g. a ViT run of train.py put in the root
             warnings.warn(f"{workdir} is a {model!r} run, which has no p_L: left out of the "
@@ -298,7 +312,7 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             "val_error": best.get("val_error"),
             "final_test_error": final.get("test_error"),
             "code_version": meta.get("code_version"),
-            "config": json.loads(config.to_json()),
+            "config": config_lib.with_absent_defaults(json.loads(config.to_json())),
             "records": metrics_lib.read_metrics(workdir),
         })
     return sorted(runs, key=lambda r: (r["depth"], r["p_last"], r["name"]))
