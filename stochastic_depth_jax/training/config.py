@@ -33,6 +33,7 @@ __all__ = [
     "config_changes",
     "with_absent_defaults",
     "check_batch_fits",
+    "fake_train_size",
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,6 +46,15 @@ LABELS = {"cifar100": ("fine", "coarse")}
 # PRNG implementations for parameter initialisation (see step.StepKeys.from_seed).
 INIT_RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 SELECT_BEST_BY = {"validation": "val_error", "test": "test_error", "train": "train_error"}
+
+
+def fake_train_size(config: Any) -> int:
+    """How many random-label training images the run generates (``fake_data.num_train``),
+    0 where it reads real data: fake data stands in for a tfds dataset only, an image
+    folder is real data already. ``config``: a ConfigDict, or run.json's config dict."""
+    if str(config["dataset"]).startswith("image_folder:"):
+        return 0
+    return int((config.get("fake_data") or {}).get("num_train", 0) or 0)
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any],
@@ -399,13 +409,13 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         f"{'train_on_all=True' if config.train_on_all else 'validation_size=0'} leaves no "
         'validation set; set select_best_by to "test" or "train"',
     )
-    fake = config.fake_data.num_train
-    if fake and isinstance(v, int) and not ds.startswith("image_folder:"):
+    fake = fake_train_size(config)
+    if fake and isinstance(v, int):
         _check(
             v < fake,
             f"validation_size={v} must be smaller than fake_data.num_train={fake}",
         )
-    if fake and not ds.startswith("image_folder:"):
+    if fake:
         _check_fake_batch(config)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from stochastic_depth_jax.training import config as config_lib
+
 __all__ = ["curves_figure", "new_figure", "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
@@ -50,7 +52,7 @@ def run_title(config: Any) -> str:
     if dataset.startswith("image_folder:"):  # A local path: its last part names it enough.
         folder = dataset.removeprefix("image_folder:").rstrip("/")
         dataset = "image_folder:" + (os.path.basename(folder) or folder)
-    elif (config.get("fake_data") or {}).get("num_train", 0):
+    elif config_lib.fake_train_size(config):
         dataset += " (FAKE random-label data)"
     return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
 

@@ -94,8 +94,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str,
     data.
     """
     data_dir = config.data_dir
-    # Fake data stands in for a tfds dataset only: an image folder is real data already.
-    if config.fake_data.num_train and not config.dataset.startswith("image_folder:"):
+    if config_lib.fake_train_size(config):
         data_dir = os.path.join(workdir, FAKE_DATA_DIR)
         marker = os.path.join(data_dir, f".complete-{config.dataset}")
         if jax.process_index() == 0 and not os.path.exists(marker):

@@ -383,8 +383,7 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
 
     parts = []
     dataset = shared(lambda c: c["dataset"])
-    fake = shared(lambda c: (c.get("fake_data") or {}).get("num_train", 0)
-                  if not c["dataset"].startswith("image_folder:") else 0)
+    fake = shared(config_lib.fake_train_size)
     if dataset:
         parts.append(dataset + (f", FAKE random-label data ({fake} training images; errors "
                                 "at chance)" if fake else ""))
