@@ -186,6 +186,34 @@ def test_a_run_failing_with_only_fake_data_written_leaves_no_workdir(monkeypatch
         assert (workdir / workdir_lib.LOCK_FILE).read_text() == ""  # Released.
 
 
+def test_a_failed_run_leaves_its_new_workdir_to_a_run_that_took_the_lock_first(
+        monkeypatch, tmp_path):
+    # Two runs started at once in a new workdir: this one created it, the other one locked
+    # it first and is writing its fake data there. This one, refused, must not remove them.
+    sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+    from configs import load_config
+    from stochastic_depth_jax.training import loop, setup as setup_lib
+
+    workdir, prepare = tmp_path / "run", workdir_lib.prepare_workdir
+    other = workdir_lib.WorkdirLock(str(workdir))
+
+    def created_then_locked_by_another(path):
+        created = prepare(path)
+        other.acquire()
+        os.makedirs(os.path.join(path, setup_lib.FAKE_DATA_DIR))
+        return created
+
+    monkeypatch.setattr(workdir_lib, "prepare_workdir", created_then_locked_by_another)
+    try:
+        with pytest.raises(errors.WorkdirBusyError):
+            loop.train_and_evaluate(load_config("cifar10:smoke"), str(workdir))
+        assert set(os.listdir(workdir)) == {workdir_lib.LOCK_FILE, setup_lib.FAKE_DATA_DIR}
+        with pytest.raises(errors.WorkdirBusyError):  # Still the other run's lock file.
+            workdir_lib.WorkdirLock(str(workdir)).acquire()
+    finally:
+        other.release()
+
+
 def test_a_process_ended_at_once_cleans_up_within_a_bound(monkeypatch):
     # os._exit skips finally blocks: what the run registered runs first, from this thread,
     # even when one clean-up fails and another hangs on a dead filesystem.
