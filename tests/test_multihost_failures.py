@@ -376,7 +376,7 @@ def test_a_process_failing_after_one_finished_while_one_trains_stops_them_all(tm
     done = 1 - who
     results = finish_all(_worker_job(tmp_path, f"mixed{who}2", "--heartbeat_timeout", "3",
                                      "--config.batch_size=48", "--config.eval_batch_size=48",
-                                     processes=3), timeout=25)
+                                     processes=3), timeout=BOUND_S)
     assert _error_line(results[who][0], results[who][1]) == "error: " + fails_on_one.LAST
     for i in (done, 2):
         line = _error_line(*results[i][:2])
