@@ -538,3 +538,26 @@ def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_t
     assert exits.get(timeout=10) == 1
     time.sleep(0.1)
     assert exits.empty() and store.kv[f"{distributed._KEY}/left/0"] == "stopped"
+
+
+def test_a_finished_process_stops_once_another_does_when_process_0_failed(monkeypatch):
+    # Process 0 failed as this one (1) had finished and a third (2) still trained: process 0
+    # waits for both to stop before it exits (its exit ends the job's service). The old code
+    # waited here for process 0 to leave, LEAVE_WAIT_S, as long as process 0 waited for this
+    # one: it stopped about when process 0 exited, which has JAX's runtime abort it (C++
+    # trace, status 134).
+    store = _Store()
+    store.kv[f"{distributed._KEY}/failed/0"] = "injected"
+    monkeypatch.setattr(distributed, "_me", lambda: 1)
+    monkeypatch.setattr(distributed, "_count", lambda: 3)
+    exits = queue.Queue()
+    monkeypatch.setattr(os, "_exit", exits.put)
+    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store.
+    stopped = threading.Timer(0.2, store.kv.__setitem__,
+                              (f"{distributed._KEY}/left/2", "stopped"))
+    start = time.monotonic()
+    stopped.start()
+    watch.close(at_exit=True)
+    assert exits.get(timeout=10) == 1
+    assert time.monotonic() - start < distributed.LEAVE_WAIT_S / 2
+    assert store.kv[f"{distributed._KEY}/left/1"] == "stopped"
