@@ -186,6 +186,34 @@ def test_a_run_failing_with_only_fake_data_written_leaves_no_workdir(monkeypatch
         assert (workdir / workdir_lib.LOCK_FILE).read_text() == ""  # Released.
 
 
+def test_a_failed_run_leaves_its_new_workdir_to_a_run_that_took_the_lock_first(
+        monkeypatch, tmp_path):
+    # Two runs started at once in a new workdir: this one created it, the other one locked
+    # it first and is writing its fake data there. This one, refused, must not remove them.
+    sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+    from configs import load_config
+    from stochastic_depth_jax.training import loop, setup as setup_lib
+
+    workdir, prepare = tmp_path / "run", workdir_lib.prepare_workdir
+    other = workdir_lib.WorkdirLock(str(workdir))
+
+    def created_then_locked_by_another(path):
+        created = prepare(path)
+        other.acquire()
+        os.makedirs(os.path.join(path, setup_lib.FAKE_DATA_DIR))
+        return created
+
+    monkeypatch.setattr(workdir_lib, "prepare_workdir", created_then_locked_by_another)
+    try:
+        with pytest.raises(errors.WorkdirBusyError):
+            loop.train_and_evaluate(load_config("cifar10:smoke"), str(workdir))
+        assert set(os.listdir(workdir)) == {workdir_lib.LOCK_FILE, setup_lib.FAKE_DATA_DIR}
+        with pytest.raises(errors.WorkdirBusyError):  # Still the other run's lock file.
+            workdir_lib.WorkdirLock(str(workdir)).acquire()
+    finally:
+        other.release()
+
+
 def test_a_process_ended_at_once_cleans_up_within_a_bound(monkeypatch):
     # os._exit skips finally blocks: what the run registered runs first, from this thread,
     # even when one clean-up fails and another hangs on a dead filesystem.
@@ -348,7 +376,7 @@ def test_a_process_failing_after_one_finished_while_one_trains_stops_them_all(tm
     done = 1 - who
     results = finish_all(_worker_job(tmp_path, f"mixed{who}2", "--heartbeat_timeout", "3",
                                      "--config.batch_size=48", "--config.eval_batch_size=48",
-                                     processes=3), timeout=25)
+                                     processes=3), timeout=BOUND_S)
     assert _error_line(results[who][0], results[who][1]) == "error: " + fails_on_one.LAST
     for i in (done, 2):
         line = _error_line(*results[i][:2])
@@ -510,3 +538,26 @@ def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_t
     assert exits.get(timeout=10) == 1
     time.sleep(0.1)
     assert exits.empty() and store.kv[f"{distributed._KEY}/left/0"] == "stopped"
+
+
+def test_a_finished_process_stops_once_another_does_when_process_0_failed(monkeypatch):
+    # Process 0 failed as this one (1) had finished and a third (2) still trained: process 0
+    # waits for both to stop before it exits (its exit ends the job's service). The old code
+    # waited here for process 0 to leave, LEAVE_WAIT_S, as long as process 0 waited for this
+    # one: it stopped about when process 0 exited, which has JAX's runtime abort it (C++
+    # trace, status 134).
+    store = _Store()
+    store.kv[f"{distributed._KEY}/failed/0"] = "injected"
+    monkeypatch.setattr(distributed, "_me", lambda: 1)
+    monkeypatch.setattr(distributed, "_count", lambda: 3)
+    exits = queue.Queue()
+    monkeypatch.setattr(os, "_exit", exits.put)
+    watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store.
+    stopped = threading.Timer(0.2, store.kv.__setitem__,
+                              (f"{distributed._KEY}/left/2", "stopped"))
+    start = time.monotonic()
+    stopped.start()
+    watch.close(at_exit=True)
+    assert exits.get(timeout=10) == 1
+    assert time.monotonic() - start < distributed.LEAVE_WAIT_S / 2
+    assert store.kv[f"{distributed._KEY}/left/1"] == "stopped"

@@ -580,8 +580,10 @@ def _stop_if_one_exited(client: Any) -> bool:
     me = _me()
     failed = {p: m for p, m in _failed(client).items() if p != me}
     left = _left(client)
-    if failed and _STOPPED not in _others(left):  # Else decided: a failed one may wait for
-        left = _wait_until_left(client, set(failed))  # this one to stop (process 0).
+    if failed and _STOPPED not in _others(left):  # Else decided. Until then, or until one
+        # stops: a failed process 0 waits for this one to stop, and exits (ending the
+        # service) at once if it does not within LEAVE_WAIT_S.
+        left = _wait_until_left(client, set(failed), or_one_stops=True)
     gone = sorted(p for p, how in left.items() if how == _STOPPED and p != me)
     if gone:
         who = min(failed, default=gone[0])  # A stopped one names the failed one, if known.
@@ -803,8 +805,11 @@ def _left(client: Any) -> dict[int, str]:
             for key, how in client.key_value_dir_get(f"{_KEY}/left/")}
 
 
-def _wait_until_left(client: Any, processes: set[int]) -> dict[int, str]:
-    """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job; returns :func:`_left`.
+def _wait_until_left(client: Any, processes: set[int],
+                     or_one_stops: bool = False) -> dict[int, str]:
+    """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job (with
+    ``or_one_stops``, only until another process records that it exits at once); returns
+    :func:`_left`.
 
     On process 0, whose exit ends the job's service (and the runtime aborts a process still
     connected to it, with a C++ trace): when some of them recorded that they exit at once,
@@ -816,7 +821,7 @@ def _wait_until_left(client: Any, processes: set[int]) -> dict[int, str]:
     primary = _me() == 0
     left = _left(client)
     while time.monotonic() < deadline and not (
-            processes <= set(left)
+            (processes <= set(left) or (or_one_stops and _STOPPED in _others(left)))
             and not (primary and _STOPPED in left.values() and _DONE in _others(left))):
         time.sleep(0.1)
         left = _left(client)

@@ -453,31 +453,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lock = workdir_lib.WorkdirLock(workdir)
 
     def remove_unused() -> None:
-        """A run that failed before writing anything but its fake data leaves no workdir."""
-        if created:
+        """A run that failed before writing anything but its fake data leaves no workdir.
+        Only while it holds the lock: a run that locked the new workdir first uses it, and
+        one may start there once it is released."""
+        if created and lock.held:
             workdir_lib.remove_unused(workdir, disposable=(setup_lib.FAKE_DATA_DIR,))
 
     def stopped() -> None:  # Ended at once because another process failed: no finally runs.
-        lock.release()
         remove_unused()
+        lock.release()
 
-    try:
-        with distributed.cleanup_if_stopped(stopped):
+    with distributed.cleanup_if_stopped(stopped):
+        try:
             lock.acquire()
-            try:
-                return _run_locked(config, workdir)
-            finally:
-                # A failed run's save that finishes after the failure is reported
-                # (distributed.close_after_reporting) keeps the workdir until it is
-                # committed: a run started meanwhile would set it aside as an unfinished
-                # save.
-                if not (distributed.closes_pending()
-                        and distributed.close_after_reporting(lock.release)):
-                    lock.release()
-    except BaseException:
-        if not distributed.closes_pending():  # else: a save still writes there
-            remove_unused()
-        raise
+            return _run_locked(config, workdir)
+        except BaseException:
+            if not distributed.closes_pending():  # else: a save still writes there
+                remove_unused()
+            raise
+        finally:
+            # A failed run's save that finishes after the failure is reported
+            # (distributed.close_after_reporting) keeps the workdir until it is committed:
+            # a run started meanwhile would set it aside as an unfinished save.
+            if not (distributed.closes_pending()
+                    and distributed.close_after_reporting(lock.release)):
+                lock.release()
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

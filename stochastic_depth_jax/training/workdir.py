@@ -304,6 +304,11 @@ class WorkdirLock:
             raise errors.WorkdirBusyError(busy)
         return self
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock: acquired (on process 0), not yet released."""
+        return self._fd is not None
+
     def release(self) -> None:
         """Clears the holder record and unlocks (the file stays: deleting it would race).
         Safe to call more than once, from any thread."""

@@ -40,7 +40,7 @@ def _fail_last(who: int, running: frozenset[int] = frozenset()) -> None:
     def check_then_finish(config):
         check(config)
         if jax.process_index() in running:
-            time.sleep(60)  # Training, while the others finish and fail.
+            time.sleep(600)  # Training, while the others finish and fail (then stopped).
         if jax.process_index() == who:
             others = set(range(jax.process_count())) - {who} - running
             deadline = time.monotonic() + 30
