@@ -184,23 +184,36 @@ def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_wit
             "cifar10:smoke", extra + ["--config.model.scan_unroll=true"]))
 
 
-def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path):
+@pytest.mark.parametrize("mode, why", [
+    ("layer", "(Invalid config: model.mode='layer'"),
+    # Another version's run.json without a field this one reads: an AttributeError
+    # traceback from validate, in evaluate.py too.
+    (None, "(" + "{run_json} records a config without the field 'mode', which this version "
+     "of stochastic_depth_jax needs: it was written by another version (code_version 0.0.1, "
+     "git abc1234); use that version for this run."),
+])
+def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path, mode, why):
     """The figures read every run under --root: one whose run.json no longer validates (an
     older version's, edited) ended the command, training included, with an 'Invalid config'
     line that named neither the file nor the run, as if this command's config were wrong."""
     root = str(tmp_path)
     _finished_run(root, 8, 0.5, 0.5)
     other = _finished_run(root, 14, 0.5, 0.4)
-    with open(os.path.join(root, other, "run.json")) as f:
+    run_json = os.path.join(root, other, "run.json")
+    with open(run_json) as f:
         recorded = json.load(f)
-    recorded["config"]["model"]["mode"] = "layer"
-    with open(os.path.join(root, other, "run.json"), "w") as f:
+    if mode is None:
+        del recorded["config"]["model"]["mode"]
+        recorded["code_version"] = {"package": "0.0.1", "git": "abc1234"}
+    else:
+        recorded["config"]["model"]["mode"] = mode
+    with open(run_json, "w") as f:
         json.dump(recorded, f)
     with pytest.warns(logs.RunWarning) as caught:
         sweep_cli.main(["--root", root, "--collect"])
     [warning] = [str(w.message) for w in caught]
-    assert warning.startswith(f"{os.path.join(root, other, 'run.json')} records a config this "
-                              "version refuses (Invalid config: model.mode='layer'")
+    assert warning.startswith(f"{run_json} records a config this version refuses "
+                              + why.format(run_json=run_json))
     assert warning.endswith("): left out of the sweep's figures.")
     assert "figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 0.5)\n" in \
         capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from typing import Any
 
@@ -87,7 +88,17 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
             "training run?"
         )
-    return config_lib.validate(ml_collections.ConfigDict(meta["config"])), meta
+    try:
+        return config_lib.validate(ml_collections.ConfigDict(meta["config"])), meta
+    except (AttributeError, KeyError) as e:  # a field this version reads is not recorded
+        field = re.search(r"'([^']+)'", str(e))
+        version = meta.get("code_version") or {}
+        raise errors.ConfigError(
+            f"{os.path.join(workdir, RUN_FILE)} records a config without the field "
+            f"{field.group(1) if field else str(e)!r}, which this version of "
+            "stochastic_depth_jax needs: it was written by another version (code_version "
+            f"{version.get('package', '?')}, git {version.get('git', '?')}); use that version "
+            "for this run.") from e
 
 
 def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
