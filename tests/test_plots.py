@@ -59,7 +59,7 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     ("cifar10_vit:smoke", [], "ViT-Ti depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
     ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
-    ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8, "),
+    ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8 width 4, "),
 ])
 def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
     config = load_config(spec, overrides)

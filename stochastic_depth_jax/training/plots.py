@@ -40,7 +40,8 @@ def run_title(config: Any) -> str:
     elif name == "convnext":
         model = f"ConvNeXt-{m['size']}" + _set_dims(m, "depths", "dims")
     else:
-        model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}"
+        model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}" + (
+            f" width {m['width']}" if m.get("width", 16) != 16 else "")  # paper: 16
     if "drop_path_rate" in m:
         depth = f"drop path {m['drop_path_rate']:g} ({m['drop_path_rule']}, {m['mode']})"
     elif m["final_survival_prob"] >= 1:
