@@ -8,8 +8,8 @@
   python evaluate.py --workdir W --mc-samples 10                   # Monte-Carlo depth
   python evaluate.py --workdir W --data-dir /new/place/of/the/data  # the data moved
 
-Every block is active and its residual scaled (train=False); the result is printed and
-written to <workdir>/eval_<checkpoint>_<split>.json (<checkpoint>: best, latest or
+Every block is active and its residual scaled (train=False); the result is printed (a
+depth curve as a table) and written to <workdir>/eval_<checkpoint>_<split>.json (<checkpoint>: best, latest or
 step<N>). The same checkpoint always gives bit-identical numbers. If the requested
 checkpoint is unreadable, the next one (for 'best': the next best by the selection metric)
 is evaluated, the output says so in "note", and the file is named by the step evaluated,
@@ -81,7 +81,8 @@ def run(args) -> dict:
     else:
         result, default = analysis
     text = json.dumps(result, indent=2)
-    print(text, flush=True)
+    # A depth curve's JSON has ~16 lines per point: a table instead (the JSON is written).
+    print(depth.curve_table(result) if args.depth_curve else text, flush=True)
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr, flush=True)
     output = args.output or default

@@ -242,7 +242,7 @@ def test_sweep_figures_carry_their_sources(sweep_root):
     assert "depth8_pL0.5" in table and "| 1.00 |" in table and workdirs[0] in table
 
 
-def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path):
+def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys):
     root, _, _, _ = sweep_root
     workdir = os.path.join(root, "depth8_pL0.5")
     import evaluate as evaluate_script
@@ -251,6 +251,14 @@ def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path):
                           "--repeats", "1", "--throughput-batch", "4"])
     curve = json.load(open(os.path.join(workdir, "depth_curve_survival.json")))
     assert curve["order"] == [2, 1, 0] and [p["blocks_kept"] for p in curve["points"]] == [3, 2, 1, 0]
+    # Printed as a table, a row per point (the JSON, ~16 lines a point, is in the file).
+    printed = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in printed if line[:3] in ("| 3", "| 2", "| 1", "| 0")]
+    assert [(r[0], r[1], r[3]) for r in rows] == [
+        (f"| {p['blocks_kept']}", str(p["removed"][-1]) if p["removed"] else "-",
+         f"{100 * p['test_error']:.2f}%") for p in curve["points"]]
+    assert printed[-1] == (f"Written: {curve['json']} (every number) and {curve['png']}.")
+    assert len(printed) == len(curve["points"]) + 4
     params = [p["num_params"] for p in curve["points"]]
     assert params == sorted(params, reverse=True) and params[0] > params[-1]
     assert all(p["images_per_s"] > 0 for p in curve["points"])

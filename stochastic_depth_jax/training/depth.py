@@ -29,6 +29,7 @@ from stochastic_depth_jax.training import figures, plots
 
 __all__ = [
     "depth_curve_run",
+    "curve_table",
     "export_pruned_run",
     "mc_evaluate_run",
     "require_blockwise_run",
@@ -85,6 +86,29 @@ def _source(run: evaluate_lib.RestoredRun, workdir: str) -> str:
     label = run.kind if run.note is None else "step"  # Never call a fallback 'best'.
     source = f"{workdir} (checkpoint {label}, step {int(run.meta['step'])})"
     return source if run.note is None else f"{source}; {run.note}"
+
+
+def curve_table(result: dict[str, Any]) -> str:
+    """A depth curve (:func:`depth_curve_run`'s result) as the lines a person reads: one row
+    per point (blocks kept, the block removed last, errors, measured images/s, parameters)
+    and where the JSON and PNG were written. The command line prints this, not the JSON,
+    which has several lines per point (a ResNet-110's 55 points: ~900 lines)."""
+    def percent(value: Any) -> str:
+        return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
+
+    lines = [f"Depth curve, order '{result['order_rule']}', {result['sources'][0]}, "
+             f"measured on {result['device']}:",
+             "| blocks kept | block removed (0-based) | validation error | test error | images/s | "
+             "parameters |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for p in result["points"]:
+        speed = p.get("images_per_s")
+        lines.append(
+            f"| {p['blocks_kept']} | {p['removed'][-1] if p['removed'] else '-'} | "
+            f"{percent(p.get('validation_error'))} | {percent(p.get('test_error'))} | "
+            f"{f'{speed:.0f}' if speed else '-'} | {p['num_params']:,} |")
+    lines.append(f"Written: {result['json']} (every number) and {result['png']}.")
+    return "\n".join(lines)
 
 
 def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
