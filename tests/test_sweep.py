@@ -225,11 +225,14 @@ def test_a_metrics_line_without_an_epoch_is_left_off_the_figures(tmp_path):
     root = str(tmp_path)
     name = _finished_run(root, 8, 0.5, 0.5)
     with open(os.path.join(root, name, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"note": "resubmitted", "test_error": 0.1,
+        f.write(json.dumps({"note": "resubmitted", "test_error": 0.1, "epoch_time_s": 99.0,
                             "grad_first_conv_mean_abs": 1.0}) + "\n")
     sweep.write_figures(sweep.collect(root), os.path.join(root, "figures"), report=None)
     epochs = [[e, 0.01 * e] for e in (1, 2)]
     assert _sidecar(root, "fig7_first_conv_grad")["data"] == {name: epochs}
+    # The table counts the 2 epochs and their time (the run's 2nd epoch: 8 x 0.5 = 4 s).
+    with open(os.path.join(root, "figures", "training_time.md")) as f:
+        assert f"| {name} | 8 | 0.5 | 2 | 4.000 |" in f.read()
 
 
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):

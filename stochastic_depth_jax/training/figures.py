@@ -309,7 +309,7 @@ def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
              "|---" * (7 + several) + "|"]
     means = {}
     for r in runs:
-        times = [m["epoch_time_s"] for m in r["records"] if "epoch_time_s" in m]
+        times = [t for _, t in per_epoch(r["records"], "epoch_time_s")]  # epoch lines only
         times = times[1:] if len(times) > 1 else times
         means[r["name"]] = sum(times) / len(times) if times else None
     for r in sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"])):
@@ -317,11 +317,12 @@ def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
         base = [means[o["name"]] for o in runs if o["depth"] == r["depth"]
                 and o["p_last"] == 1.0 and o.get("series", "") == r.get("series", "")]
         ratio = f"{mean / base[0]:.2f}" if mean and base and base[0] else "n/a"
-        speed = [m["images_per_s"] for m in r["records"][1:] or r["records"]
-                 if "images_per_s" in m]
+        speed = [v for _, v in per_epoch(r["records"], "images_per_s")]
+        speed = speed[1:] or speed
+        epochs = len(per_epoch(r["records"], "epoch"))
         lines.append(
             f"| {r['name']} |" + (f" {r.get('series', '')} |" if several else "")
-            + f" {r['depth']} | {r['p_last']:g} | {len(r['records'])} | "
+            + f" {r['depth']} | {r['p_last']:g} | {epochs} | "
             + (f"{mean:.3f}" if mean else "n/a") + " | "
             + (f"{sum(speed) / len(speed):.0f}" if speed else "n/a") + f" | {ratio} |"
         )
