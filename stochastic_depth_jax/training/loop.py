@@ -73,6 +73,7 @@ class _Run:
     best: dict[str, Any] | None = None
     stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
     plotted_at: float | None = None  # perf_counter() of the last drawing of the curves
+    plot_failed: bool = False  # a drawing failed (and was warned about)
 
     @property
     def step(self) -> int:
@@ -169,9 +170,18 @@ def _draw_plots(run: _Run, force: bool) -> None:
     if not force and run.plotted_at is not None and now - run.plotted_at < PLOT_EVERY_S:
         return
     run.plotted_at = now
-    plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir,
-                      title=plots.run_title(run.config), best=run.best,
-                      lr_drops=run.config.lr_schedule == "step")
+    try:
+        plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir,
+                          title=plots.run_title(run.config), best=run.best,
+                          lr_drops=run.config.lr_schedule == "step")
+    except Exception as e:  # noqa: BLE001  A picture must not end a run: said once.
+        if not run.plot_failed:
+            warnings.warn(
+                f"Could not draw error.png/loss.png in {run.workdir} ({type(e).__name__}: "
+                f"{e}); training goes on (the numbers are in metrics.jsonl"
+                + (" and tensorboard/" if run.config.write_tensorboard else "") + "); "
+                "--config.write_plots=false turns the drawing off.", logs.RunWarning)
+        run.plot_failed = True  # Said once; tried again at the next drawing.
 
 
 def _stop_if_requested(run: _Run, step: int) -> None:
