@@ -83,7 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_schedule = "step"
     c.lr_boundaries_epochs = (250, 375)
     c.lr_decay_factor = 0.1
-    c.warmup_epochs = 0  # linear warm-up of lr_schedule='warmup_cosine'
+    # Warm-up epochs: 'step' runs them at learning_rate / 10 (paper's ResNet-1202: 10);
+    # 'warmup_cosine' ramps linearly from 0.
+    c.warmup_epochs = 0
     c.adam_b1 = 0.9  # optimizer='adamw' only
     c.adam_b2 = 0.999
     c.label_smoothing = 0.0  # paper: plain cross-entropy; DeiT: 0.1

@@ -2,8 +2,9 @@
 
 Command:  python train.py --config cifar100 [--workdir ./workdir/cifar100]
 Smoke:    python train.py --config cifar100:smoke   (fake data, CPU, about a minute)
-Runtime:  about the CIFAR-10 run (paper: 15h7m on the authors' GPU), 500 epochs.
-Paper:    Table 1, CIFAR-100+ test error 24.98% (constant depth ResNet-110: 27.22%);
+Runtime:  paper (Table 2): 15h20m on the authors' GPU (constant depth: 20h51m), 500 epochs.
+Paper:    Table 1, CIFAR-100+ test error 24.98% (constant depth ResNet-110: 27.22% in
+          Sec. 4's text; some copies of Table 1 print 27.76%);
           constant depth: --config.model.final_survival_prob=1.0
 """
 

@@ -22,7 +22,8 @@ PAPER = {  # name: (dataset, depth, epochs, lr boundaries)
     "cifar10": ("cifar10", 110, 500, (250, 375)),
     "cifar100": ("cifar100", 110, 500, (250, 375)),
     "svhn": ("svhn", 152, 50, (30, 35)),
-    "cifar10_resnet1202": ("cifar10", 1202, 500, (250, 375)),
+    # Sec. 4: 300 epochs, / 10 at 150 and 225 (after a warm-up, see the test below).
+    "cifar10_resnet1202": ("cifar10", 1202, 300, (150, 225)),
 }
 
 
@@ -222,6 +223,18 @@ def test_step_schedule_divides_at_epoch_boundaries():
     schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
     lrs = {n: float(schedule(n)) for n in (0, 2499, 2500, 3749, 3750, 4999)}
     np.testing.assert_allclose(list(lrs.values()), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_resnet1202_warms_up_at_a_tenth_then_steps():
+    """Paper Sec. 4: lr 0.01 for the first 10 epochs, then 0.1, / 10 at epochs 150 and 225."""
+    c = load_config("cifar10_resnet1202")
+    schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
+    steps = (0, 99, 100, 1499, 1500, 2249, 2250, 2999)
+    np.testing.assert_allclose([float(schedule(n)) for n in steps],
+                               [0.01, 0.01, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    smoke = optim.make_lr_schedule(load_config("cifar10_resnet1202:smoke"), steps_per_epoch=5)
+    np.testing.assert_allclose([float(smoke(n)) for n in (0, 4, 5, 9)],
+                               [0.01, 0.01, 0.1, 0.1], rtol=1e-6)
 
 
 def _torch_sgd_reference(params, grads, lr, momentum, wd, steps):
