@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.survival_rule = "linear"  # p_l = 1 - l/L (1 - p_L), paper Eq. 4
     c.model.mode = "batch"  # one gate per block per mini-batch, as in the paper
     c.model.scaling = "test"  # train: identity or full block; test: residual * p_l
-    c.model.shortcut = "A"  # zero-padded identity shortcuts (paper's CIFAR ResNets)
+    # Parameter-free shortcuts as the paper's: 2x2 average pooling + zero channels (Sec. 4);
+    # 'A' subsamples instead (He et al.'s option A as fb.resnet.torch writes it).
+    c.model.shortcut = "A-avg"
     c.model.block = "basic"  # 'basic' (paper) or 'preact'
     # 'auto' (default): the real skipping that measured fastest on the run's platform,
     # resolved at start-up and recorded in run.json (CPU: lax.cond skipping; GPU/TPU:

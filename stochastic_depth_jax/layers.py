@@ -40,7 +40,9 @@ __all__ = [
 Array = Any
 ModuleDef = Any
 
-# He initialisation as in the official Torch code: N(0, sqrt(2 / (k * k * out_channels))).
+# He initialisation as fb.resnet.torch writes it: N(0, sqrt(2 / (k * k * out_channels))). The
+# official stochastic-depth code uses fan-in (nninit), which differs only where a conv changes
+# the width (the stem, the transition convs), each followed by BatchNorm (README).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # Rematerialisation of a *surviving* branch inside the skip cond. See StochasticDepth.remat.
@@ -426,14 +428,20 @@ class BottleneckBranch(_Branch):
         return self._last_norm("bn3")(y, train=train)
 
 
-SHORTCUTS = ("A", "B")
+SHORTCUTS = ("A-avg", "A", "B")
 
 
 class Shortcut(nn.Module):
     """The identity path of a residual block, made to match the branch's output.
 
-    * ``'A'``: stride-``s`` subsampling plus zero channel padding, parameter-free, as the
-      official stochastic-depth code and the ResNet paper's CIFAR nets.
+    * ``'A-avg'``: ``s x s`` average pooling with stride ``s`` plus zero channel padding,
+      parameter-free: the stochastic-depth paper's shortcut ("an average pooling layer
+      followed by zero paddings", Sec. 4; ``SpatialAveragePooling(2, 2, 2, 2)`` and
+      ``nn.Padding`` in the official Torch code).
+    * ``'A'``: stride-``s`` subsampling plus zero channel padding, parameter-free: the
+      ResNet paper's option A as fb.resnet.torch writes it (a 1x1 pooling with stride
+      ``s``), and this library's ``'A'`` before ``'A-avg'`` existed, so runs recorded
+      with ``'A'`` evaluate as they trained.
     * ``'B'``: 1x1 convolution with stride ``s`` plus BatchNorm (projection).
 
     Identity when the input already has the output's shape.
@@ -460,10 +468,13 @@ class Shortcut(nn.Module):
             return self.norm(dtype=self.dtype, name="bn")(y, train=train)
         if self.features < x.shape[-1]:
             raise ValueError(
-                f"Shortcut 'A' pads channels with zeros, so it cannot go from {x.shape[-1]} to "
-                f"{self.features} channels; use shortcut='B'."
+                f"Shortcut {self.kind!r} pads channels with zeros, so it cannot go from "
+                f"{x.shape[-1]} to {self.features} channels; use shortcut='B'."
             )
-        y = x[:, ::s, ::s, :]
+        if self.kind == "A" or s == 1:
+            y = x[:, ::s, ::s, :]
+        else:  # an odd side's last window averages the pixels it has, as the branch's output
+            y = nn.avg_pool(x, (s, s), strides=(s, s), padding="SAME", count_include_pad=False)
         return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
 
 
@@ -474,7 +485,7 @@ class ResidualBlock(nn.Module):
       features: branch width (output channels are ``features * branch_cls.expansion``).
       strides: spatial stride of the block (and its shortcut).
       branch_cls: the residual function, a ``_Branch`` subclass.
-      shortcut: ``'A'`` or ``'B'`` (see :class:`Shortcut`).
+      shortcut: ``'A-avg'``, ``'A'`` or ``'B'`` (see :class:`Shortcut`).
       post_activation: apply ``act`` after the addition (True for the paper's blocks, False
         for pre-activation blocks).
       mode, scaling, implementation, remat: see :class:`StochasticDepth`.
@@ -487,7 +498,7 @@ class ResidualBlock(nn.Module):
     features: int
     strides: int = 1
     branch_cls: ModuleDef = None  # type: ignore[assignment]
-    shortcut: str = "A"
+    shortcut: str = "A-avg"
     post_activation: bool = True
     mode: str = "batch"
     scaling: str = "test"

@@ -424,7 +424,9 @@ class CifarResNet(_StochasticResNetBase):
       survival_rule: ``'linear'`` (paper) or ``'uniform'``.
       mode, scaling, implementation, remat: see :class:`layers.StochasticDepth`.
       block: ``'basic'`` (paper) or ``'preact'``.
-      shortcut: ``'A'`` (paper, parameter-free) or ``'B'`` (projection).
+      shortcut: ``'A-avg'`` (paper: 2x2 average pooling + zero channels, parameter-free),
+        ``'A'`` (subsampling + zero channels; this library's default before ``'A-avg'``) or
+        ``'B'`` (projection). See :class:`layers.Shortcut`.
       width: stem/first-stage width (16 in the paper).
       scan: scan identical blocks (None: when a stage has >= 8 of them).
       scan_unroll: inline the scans' iterations (see :class:`ResidualStages`).
@@ -433,7 +435,7 @@ class CifarResNet(_StochasticResNetBase):
     depth: int = 110
     num_classes: int = 10
     block: str = "basic"
-    shortcut: str = "A"
+    shortcut: str = "A-avg"
     width: int = 16
 
     def __post_init__(self) -> None:

@@ -145,7 +145,16 @@ def _conv(x, k, stride=1):
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _reference_eval(variables, probs, scale_eval):
+def _shortcut_a(h, stride, kind):
+    """Option-A shortcut by hand: the official code's 2x2 average pooling ('A-avg') or
+    subsampling ('A'), then zero channels (appended by the caller)."""
+    if stride == 1 or kind == "A":
+        return h[:, ::stride, ::stride, :]
+    b, height, width, c = h.shape
+    return h.reshape(b, height // 2, 2, width // 2, 2, c).mean((2, 4))
+
+
+def _reference_eval(variables, probs, scale_eval, kind="A-avg"):
     """Hand-written ResNet-8 evaluation: every block runs, residual scaled by p_l."""
     p, s = variables["params"], variables["batch_stats"]
     h = jax.nn.relu(_bn(_conv(X, p["stem_conv"]["kernel"]), p["stem_bn"], s["stem_bn"]))
@@ -155,7 +164,7 @@ def _reference_eval(variables, probs, scale_eval):
         bs = s["stages"][name]["stochastic_depth"]["branch"]
         f = jax.nn.relu(_bn(_conv(h, bp["conv1"]["kernel"], stride), bp["bn1"], bs["bn1"]))
         f = _bn(_conv(f, bp["conv2"]["kernel"]), bp["bn2"], bs["bn2"])
-        short = h[:, ::stride, ::stride, :]
+        short = _shortcut_a(h, stride, kind)
         short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (0, f.shape[-1] - h.shape[-1])))
         h = jax.nn.relu(short + (probs[i] if scale_eval else 1.0) * f)
     h = h.mean((1, 2))
@@ -171,6 +180,33 @@ def test_eval_output_is_expected_depth_network(scaling):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, _reference_eval(v, model.survival_probs(),
                                                 scale_eval=scaling != "test"), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["A-avg", "A"])
+def test_option_a_shortcut_averages_as_the_paper_or_subsamples(kind):
+    """'A-avg' (the default) is the paper's average-pooling shortcut; 'A', recorded by runs
+    before it existed, still subsamples, so those runs evaluate as they trained."""
+    model = tiny(shortcut=kind)
+    v = init(model)
+    probs = model.survival_probs()
+    np.testing.assert_allclose(eval_apply(model, v), _reference_eval(v, probs, True, kind),
+                               rtol=1e-5, atol=1e-5)
+    other = {"A": "A-avg", "A-avg": "A"}[kind]
+    assert not np.allclose(eval_apply(model, v), _reference_eval(v, probs, True, other),
+                           atol=1e-4)
+    assert sdj.CifarResNet().shortcut == "A-avg"
+
+
+def test_average_shortcut_on_odd_sides_matches_the_strided_branch():
+    """An odd side: the branch's stride-2 output has ceil(side / 2) pixels, and so has the
+    shortcut, whose last window averages the pixels it covers."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    y = sdj.Shortcut(6, 2, "A-avg").apply({}, x, train=False)
+    assert y.shape == (2, 3, 3, 6)
+    np.testing.assert_allclose(y[:, 0, 0, :3], x[:, :2, :2].mean((1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(y[:, 2, 2, :3], x[:, 4, 4], rtol=1e-6)
+    np.testing.assert_allclose(y[:, 1, 2, :3], x[:, 2:4, 4].mean(1), rtol=1e-6)
+    assert not np.any(y[..., 3:])
 
 
 # ---- a dropped block: zero gradients, unchanged statistics ---------------------------------

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 AUGMENTATIONS = ("flip_translate", "none")
-# Paper, Sec. 4 (CIFAR): "translation by up to 4 pixels" and horizontal flips,
-# following the fb.resnet.torch recipe the authors trained with.
+# Paper, Sec. 4 (CIFAR): "translation by up to 4 pixels" and horizontal flips, as the
+# official code's own CIFAR loader draws them (a shift in [-4, 4] per axis, zero fill).
 MAX_SHIFT = 4
 
 
@@ -79,7 +79,7 @@ def augment_batch(images: jax.Array, augment_key: jax.Array, step,
 
     Args:
       images: float32 [B, H, W, C], already normalised (so the zero fill of a
-        translation is the mean colour, as in fb.resnet.torch).
+        translation is the mean colour, as in the official code).
       augment_key: a jax PRNG key.
       step: int scalar (may be traced).
       augment: 'flip_translate' or 'none'.
