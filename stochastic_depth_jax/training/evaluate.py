@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import warnings
 from typing import Any
 
@@ -88,17 +87,54 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
             "training run?"
         )
+    config = ml_collections.ConfigDict(meta["config"])
     try:
-        return config_lib.validate(ml_collections.ConfigDict(meta["config"])), meta
+        return config_lib.validate(config), meta
     except (AttributeError, KeyError) as e:  # a field this version reads is not recorded
-        field = re.search(r"'([^']+)'", str(e))
-        version = meta.get("code_version") or {}
         raise errors.ConfigError(
             f"{os.path.join(workdir, RUN_FILE)} records a config without the field "
-            f"{field.group(1) if field else str(e)!r}, which this version of "
-            "stochastic_depth_jax needs: it was written by another version (code_version "
-            f"{version.get('package', '?')}, git {version.get('git', '?')}); use that version "
+            f"{_missing_field(e, config)!r}, which this version of stochastic_depth_jax needs: "
+            f"it was written by another version ({_recorded_version(meta)}); use that version "
             "for this run.") from e
+
+
+def _recorded_version(meta: dict[str, Any]) -> str:
+    """run.json's ``code_version`` as a message names it."""
+    version = meta.get("code_version")
+    if not isinstance(version, dict) or not (version.get("package") or version.get("git")):
+        return "run.json records no code_version"
+    return f"code_version {version.get('package') or '?'}, git {version.get('git') or '?'}"
+
+
+def _missing_field(error: BaseException, config: ml_collections.ConfigDict) -> str:
+    """The dotted name (``model.mode``) of the field of ``config`` whose lookup raised
+    ``error``. ml_collections names only the leaf (``'mode'``, or a did-you-mean text), so the
+    innermost ``ConfigDict.__getitem__`` of the error's chain gives the dict and the key,
+    and the dict's place in ``config`` the rest; the leaf where that dict is not in
+    ``config`` (a copy)."""
+    lookup = ml_collections.ConfigDict.__getitem__.__code__
+    found = None
+    while error is not None:
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is lookup:  # its first two arguments: self, key
+                names = lookup.co_varnames[:2]
+                found = tuple(tb.tb_frame.f_locals.get(n) for n in names)
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    if found is None:
+        return "?"
+    parent, key = found
+    return next((prefix + str(key) for node, prefix in _dicts(config) if node is parent),
+                str(key))
+
+
+def _dicts(config: ml_collections.ConfigDict, prefix: str = ""):
+    """``(dict, 'its.dotted.prefix.')`` for ``config`` and every ConfigDict inside it."""
+    yield config, prefix
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _dicts(value, f"{prefix}{key}.")
 
 
 def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
