@@ -238,16 +238,22 @@ def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path,
         capsys.readouterr().out
 
 
-@pytest.mark.parametrize("field", ["model.depth", "weight_decay", "model"])
+@pytest.mark.parametrize("field, moved", [
+    ("model.depth", False), ("weight_decay", False), ("model", False),
+    # Read once the config is validated (and copied for the moved data): a traceback.
+    ("fake_data.num_train", True),
+])
 def test_evaluate_names_the_field_a_run_json_lacks_by_its_dotted_name(capsys, tmp_path,
-                                                                       field):
+                                                                       field, moved):
     """evaluate.py on another version's run.json without a field this one reads named the
     leaf only ('depth': of which part of the config?) or, for some top-level fields, a
-    did-you-mean text cut to a backslash ('\\')."""
+    did-you-mean text cut to a backslash ('\\'); a field read after the config was
+    validated was an AttributeError traceback."""
     workdir = os.path.join(str(tmp_path), _finished_run(str(tmp_path), 8, 0.5, 0.5))
     run_json = os.path.join(workdir, "run.json")
     _edit_run_json(run_json, field, None)
-    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir])
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir] + (
+        ["--data-dir", str(tmp_path)] if moved else []))
     assert line == "error: " + _missing(field).format(run_json=run_json)
 
 

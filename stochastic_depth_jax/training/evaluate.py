@@ -7,11 +7,12 @@ numbers every time (fixed batch plan, masked padding, no randomness).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import jax.numpy as jnp
 import ml_collections
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_run_config",
     "read_run_json",
+    "recorded_fields",
     "relocate_data",
     "check_same_data",
     "data_location",
@@ -88,14 +90,32 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
             "training run?"
         )
     config = ml_collections.ConfigDict(meta["config"])
-    try:
+    with recorded_fields(workdir, meta, config):
         return config_lib.validate(config), meta
-    except (AttributeError, KeyError) as e:  # a field this version reads is not recorded
+
+
+@contextlib.contextmanager
+def recorded_fields(workdir: str, meta: dict[str, Any],
+                    config: ml_collections.ConfigDict) -> Iterator[None]:
+    """Reports, in one line, the lookup of a field that ``run.json`` (``meta``, read into
+    ``config``) lacks: it was written by another version. The line names the field by its
+    dotted path (``model.mode``: ml_collections names the leaf only) and the recorded
+    ``code_version``. Any other error goes through as it is.
+
+    Raises:
+      errors.ConfigError: a field this version reads is not in the recorded config.
+    """
+    try:
+        yield
+    except (AttributeError, KeyError) as e:
+        field = _missing_field(e, config, meta["config"])
+        if field is None:
+            raise
         raise errors.ConfigError(
             f"{os.path.join(workdir, RUN_FILE)} records a config without the field "
-            f"{_missing_field(e, config)!r}, which this version of stochastic_depth_jax needs: "
-            f"it was written by another version ({_recorded_version(meta)}); use that version "
-            "for this run.") from e
+            f"{field!r}, which this version of stochastic_depth_jax needs: it was written by "
+            f"another version ({_recorded_version(meta)}); use that version for this run."
+        ) from e
 
 
 def _recorded_version(meta: dict[str, Any]) -> str:
@@ -106,34 +126,54 @@ def _recorded_version(meta: dict[str, Any]) -> str:
     return f"code_version {version.get('package') or '?'}, git {version.get('git') or '?'}"
 
 
-def _missing_field(error: BaseException, config: ml_collections.ConfigDict) -> str:
-    """The dotted name (``model.mode``) of the field of ``config`` whose lookup raised
-    ``error``. ml_collections names only the leaf (``'mode'``, or a did-you-mean text), so the
-    innermost ``ConfigDict.__getitem__`` of the error's chain gives the dict and the key,
-    and the dict's place in ``config`` the rest; the leaf where that dict is not in
-    ``config`` (a copy)."""
-    lookup = ml_collections.ConfigDict.__getitem__.__code__
-    found = None
-    while error is not None:
-        tb = error.__traceback__
+def _failed_lookup(error: BaseException | None) -> tuple[Any, Any] | None:
+    """``(config_dict, key)`` of the ``ConfigDict`` lookup that raised ``error`` (or the
+    error it was raised from), or None if none did. Read from the lookup's frame: the
+    error names only the key, and not always as it is (a did-you-mean text)."""
+    lookup, seen = ml_collections.ConfigDict.__getitem__.__code__, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb, found = error.__traceback__, None
         while tb is not None:
             if tb.tb_frame.f_code is lookup:  # its first two arguments: self, key
-                names = lookup.co_varnames[:2]
-                found = tuple(tb.tb_frame.f_locals.get(n) for n in names)
+                found = tuple(tb.tb_frame.f_locals.get(n) for n in lookup.co_varnames[:2])
             tb = tb.tb_next
+        if found is not None:
+            return found
         error = error.__cause__ or error.__context__
+    return None
+
+
+def _missing_field(error: BaseException, config: ml_collections.ConfigDict,
+                   recorded: dict[str, Any]) -> str | None:
+    """The dotted name (``model.mode``) of the field whose lookup raised ``error``, if
+    ``recorded`` (run.json's config, read into ``config``) lacks it; else None. The dict
+    looked up is placed by identity in ``config``, or (a copy of it, e.g. with the data
+    moved) by its fields in ``recorded``."""
+    found = _failed_lookup(error)
     if found is None:
-        return "?"
+        return None
     parent, key = found
-    return next((prefix + str(key) for node, prefix in _dicts(config) if node is parent),
-                str(key))
+    if not isinstance(parent, ml_collections.ConfigDict) or not isinstance(key, str):
+        return None
+    prefix = next((p for node, p in _dicts(config) if node is parent), None)
+    if prefix is None:
+        prefix = next((p for node, p in _dicts(recorded) if set(node) == set(parent.keys())),
+                      None)
+    if prefix is None:
+        return None
+    node = recorded
+    for name in prefix.split(".")[:-1]:
+        node = node.get(name) if isinstance(node, dict) else None
+    return prefix + key if isinstance(node, dict) and key not in node else None
 
 
-def _dicts(config: ml_collections.ConfigDict, prefix: str = ""):
-    """``(dict, 'its.dotted.prefix.')`` for ``config`` and every ConfigDict inside it."""
+def _dicts(config: Any, prefix: str = "") -> Iterator[tuple[Any, str]]:
+    """``(dict, 'its.dotted.prefix.')`` for ``config`` (a ConfigDict, or a dict as
+    run.json records it) and every one inside it."""
     yield config, prefix
     for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
             yield from _dicts(value, f"{prefix}{key}.")
 
 
@@ -338,6 +378,15 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
       errors.DataError: the data found is not the run's.
     """
     config, meta = load_run_config(workdir)
+    # A field this version reads after validating (data_dir, model.scan, ...) that another
+    # version's run.json lacks: one line naming it.
+    with recorded_fields(workdir, meta, config):
+        return _restore(workdir, config, meta, checkpoint, data_dir)
+
+
+def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, Any],
+             checkpoint: str | int, data_dir: str | None) -> RestoredRun:
+    """:func:`restore_run` once ``run.json`` is read."""
     if data_dir is not None:
         config = relocate_data(config, data_dir)
     kind, step = _parse_which(checkpoint)
