@@ -51,10 +51,8 @@ def parse_args(argv):
 
 def _write(path: str, text: str) -> None:
     try:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with workdir_lib.atomic_write(path) as f:
             f.write(text + "\n")
-        os.replace(tmp, path)
     except OSError as e:
         raise errors.WorkdirError(
             "The result is printed above but not saved: "
@@ -85,8 +83,8 @@ def run(args) -> dict:
     print(depth.curve_table(result) if args.depth_curve else text, flush=True)
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr, flush=True)
-    output = args.output or default
-    if distributed.is_primary():
+    output = args.output or default  # None: the analysis wrote its JSON (the depth curve)
+    if output is not None and distributed.is_primary():
         _write(output, text)
     return result
 

@@ -1,5 +1,6 @@
 """The training curves: title, learning-rate drops, the best checkpoint, and when they are drawn."""
 
+import contextlib
 import json
 import os
 import signal
@@ -140,3 +141,45 @@ def test_a_failing_drawing_never_costs_a_checkpoint_or_the_run(monkeypatch, tmp_
     else:  # drawn after epoch 1 and at the end, every checkpoint saved, the run finished
         assert steps == [r["step"] for r in records] and len(drawn) == 2
         assert summary["steps"] == records[-1]["step"]
+
+
+@pytest.mark.parametrize("fails", ["png", "json"])
+def test_a_figure_failing_mid_write_leaves_the_earlier_one(monkeypatch, tmp_path, fails):
+    """A figure (a depth curve, a sweep's) and its sidecar were written in place: an error
+    partway (a full disk, a kill) left a truncated PNG or JSON where a good one was."""
+    import matplotlib.figure
+
+    from stochastic_depth_jax.training import figures
+
+    path = str(tmp_path / "curve.png")
+    files = (path, os.path.splitext(path)[0] + ".json")
+
+    def draw(value):
+        fig = plots.new_figure((2, 2))
+        fig.subplots().plot([0, value])
+        return fig
+
+    figures.save_figure(draw(1), path, ["run A"], [1])
+    before = [open(p, "rb").read() for p in files]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def savefig(self, target, *args, **kwargs):  # half a PNG, then the disk is full
+        with (open(target, "wb") if isinstance(target, str) else contextlib.nullcontext(
+                target)) as f:
+            f.write(before[0][:100])
+        full_disk()
+
+    def dump(obj, f, **kwargs):
+        f.write(json.dumps(obj)[:20])
+        full_disk()
+
+    if fails == "png":
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    else:
+        monkeypatch.setattr(json, "dump", dump)
+    with pytest.raises(OSError, match="No space left"):
+        figures.save_figure(draw(2), path, ["run B"], [2])
+    assert [open(p, "rb").read() for p in files] == before
+    assert sorted(os.listdir(tmp_path)) == ["curve.json", "curve.png"]  # no partial file

@@ -242,13 +242,28 @@ def test_sweep_figures_carry_their_sources(sweep_root):
     assert "depth8_pL0.5" in table and "| 1.00 |" in table and workdirs[0] in table
 
 
-def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys):
+def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys, monkeypatch):
     root, _, _, _ = sweep_root
     workdir = os.path.join(root, "depth8_pL0.5")
+    import builtins
+
     import evaluate as evaluate_script
 
+    opened, real_open = [], builtins.open
+
+    def spy(path, mode="r", *args, **kwargs):  # what is opened for writing in the workdir
+        if isinstance(path, str) and path.startswith(workdir) and set(mode) & set("wax"):
+            opened.append(os.path.basename(path).split(".tmp")[0])
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
     evaluate_script.main(["--workdir", workdir, "--depth-curve", "--order", "survival",
                           "--repeats", "1", "--throughput-batch", "4"])
+    monkeypatch.undo()
+    # Each written once (the JSON was written three times: the figure's sidecar, then the
+    # curve over it, then evaluate.py's copy), through a file renamed onto it once whole.
+    assert sorted(opened) == ["depth_curve_survival.json", "depth_curve_survival.png"]
+    assert not [n for n in os.listdir(workdir) if ".tmp" in n]
     curve = json.load(open(os.path.join(workdir, "depth_curve_survival.json")))
     assert curve["order"] == [2, 1, 0] and [p["blocks_kept"] for p in curve["points"]] == [3, 2, 1, 0]
     # Printed as a table, a row per point (the JSON, ~16 lines a point, is in the file).

@@ -14,6 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` and the scripts live at the repository root.
 
+import evaluate as evaluate_cli  # noqa: E402
 import sweep as sweep_cli  # noqa: E402
 import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
@@ -184,15 +185,41 @@ def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_wit
             "cifar10:smoke", extra + ["--config.model.scan_unroll=true"]))
 
 
-@pytest.mark.parametrize("mode, why", [
-    ("layer", "(Invalid config: model.mode='layer'"),
+def _missing(field):
+    """What a run.json lacking ``field`` (another version's) is refused with."""
+    return ("{run_json} records a config without the field '" + field + "', which this "
+            "version of stochastic_depth_jax needs: it was written by another version "
+            "(code_version 0.0.1, git abc1234); use that version for this run.")
+
+
+def _edit_run_json(run_json, field, value):
+    """Sets the dotted config ``field`` of ``run_json`` to ``value``, or (None) removes it
+    and records another code version, as a run.json another version wrote."""
+    with open(run_json) as f:
+        recorded = json.load(f)
+    *parents, leaf = field.split(".")
+    node = recorded["config"]
+    for name in parents:
+        node = node[name]
+    if value is None:
+        del node[leaf]
+        recorded["code_version"] = {"package": "0.0.1", "git": "abc1234", "jax": "0.4"}
+    else:
+        node[leaf] = value
+    with open(run_json, "w") as f:
+        json.dump(recorded, f)
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("model.mode", "layer", "(Invalid config: model.mode='layer'"),
     # Another version's run.json without a field this one reads: an AttributeError
-    # traceback from validate, in evaluate.py too.
-    (None, "(" + "{run_json} records a config without the field 'mode', which this version "
-     "of stochastic_depth_jax needs: it was written by another version (code_version 0.0.1, "
-     "git abc1234); use that version for this run."),
+    # traceback from validate, in evaluate.py too; then a line naming the leaf only
+    # ('mode'), or for some top-level fields a did-you-mean text ('\\').
+    ("model.mode", None, "(" + _missing("model.mode")),
+    ("batch_size", None, "(" + _missing("batch_size")),
 ])
-def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path, mode, why):
+def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path, field,
+                                                                 value, why):
     """The figures read every run under --root: one whose run.json no longer validates (an
     older version's, edited) ended the command, training included, with an 'Invalid config'
     line that named neither the file nor the run, as if this command's config were wrong."""
@@ -200,15 +227,7 @@ def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path,
     _finished_run(root, 8, 0.5, 0.5)
     other = _finished_run(root, 14, 0.5, 0.4)
     run_json = os.path.join(root, other, "run.json")
-    with open(run_json) as f:
-        recorded = json.load(f)
-    if mode is None:
-        del recorded["config"]["model"]["mode"]
-        recorded["code_version"] = {"package": "0.0.1", "git": "abc1234"}
-    else:
-        recorded["config"]["model"]["mode"] = mode
-    with open(run_json, "w") as f:
-        json.dump(recorded, f)
+    _edit_run_json(run_json, field, value)
     with pytest.warns(logs.RunWarning) as caught:
         sweep_cli.main(["--root", root, "--collect"])
     [warning] = [str(w.message) for w in caught]
@@ -217,6 +236,25 @@ def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path,
     assert warning.endswith("): left out of the sweep's figures.")
     assert "figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 0.5)\n" in \
         capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field, moved", [
+    ("model.depth", False), ("weight_decay", False), ("model", False),
+    # Read once the config is validated (and copied for the moved data): a traceback.
+    ("fake_data.num_train", True),
+])
+def test_evaluate_names_the_field_a_run_json_lacks_by_its_dotted_name(capsys, tmp_path,
+                                                                       field, moved):
+    """evaluate.py on another version's run.json without a field this one reads named the
+    leaf only ('depth': of which part of the config?) or, for some top-level fields, a
+    did-you-mean text cut to a backslash ('\\'); a field read after the config was
+    validated was an AttributeError traceback."""
+    workdir = os.path.join(str(tmp_path), _finished_run(str(tmp_path), 8, 0.5, 0.5))
+    run_json = os.path.join(workdir, "run.json")
+    _edit_run_json(run_json, field, None)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir] + (
+        ["--data-dir", str(tmp_path)] if moved else []))
+    assert line == "error: " + _missing(field).format(run_json=run_json)
 
 
 def test_a_metrics_line_without_an_epoch_is_left_off_the_figures(tmp_path):

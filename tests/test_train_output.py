@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,3 +80,51 @@ def test_second_smoke_config_in_a_smoke_workdir_writes_its_own_fake_data(sample_
     cifar10 = setup_lib.load_data(load_config("cifar10:smoke", ["--config.download=false"]),
                                   workdir)
     assert cifar10.num_classes == 10  # The first dataset is still there.
+
+
+@pytest.mark.parametrize("lost", ["to a stopped run's clean-up", "by hand"])
+def test_fake_data_marked_complete_but_missing_is_written_again(capsys, monkeypatch, tmp_path,
+                                                                lost):
+    """A run stopped at once (another process failed) removes its new workdir from a
+    clean-up thread while the main thread may still be writing the fake data: the thread
+    emptied fake_data/ as the main thread wrote its .complete-* marker there (then it could
+    not remove the directory), and the next run trusted the marker and looked for the real
+    dataset in fake_data/ ("not prepared ... cannot be downloaded"). So did one after a
+    user deleted a file of it."""
+    from stochastic_depth_jax import data as data_lib
+
+    config = load_config("cifar10:smoke", ["--config.download=false"])
+    workdir = str(tmp_path / "run")
+    fake = os.path.join(workdir, setup_lib.FAKE_DATA_DIR)
+    if lost == "by hand":
+        setup_lib.load_data(config, workdir)
+        [record] = [os.path.join(d, f) for d, _, files in os.walk(fake) for f in files
+                    if f.startswith("cifar10-train.array_record")]
+        os.remove(record)
+    else:
+        write = data_lib.testing.make_tfds_dataset
+
+        def emptied_as_it_is_written(name, data_dir, **kwargs):
+            # The clean-up thread's rmtree, at this moment: it has removed what it listed
+            # in fake_data/; the main thread writes the marker next.
+            write(name, data_dir, **kwargs)
+            for entry in os.listdir(data_dir):
+                shutil.rmtree(os.path.join(data_dir, entry))
+
+        monkeypatch.setattr(data_lib.testing, "make_tfds_dataset", emptied_as_it_is_written)
+        with pytest.raises(data_lib.DataUnavailableError):
+            setup_lib.load_data(config, workdir)
+        monkeypatch.undo()
+        assert os.listdir(fake) == [".complete-cifar10"]  # what the stopped run left
+    capsys.readouterr()
+    ds = setup_lib.load_data(config, workdir)
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"The fake cifar10 data (160 train, 64 test random images; "
+                           f"config.fake_data) in {fake} is incomplete (")
+    assert line.endswith(" is missing): writing it again; no download.")
+    fresh = setup_lib.load_data(config, str(tmp_path / "fresh"))
+    np.testing.assert_array_equal(ds.train.images, fresh.train.images)
+    np.testing.assert_array_equal(ds.test.labels, fresh.test.labels)
+    capsys.readouterr()
+    setup_lib.load_data(config, workdir)  # now complete: trusted, nothing written
+    assert capsys.readouterr().out == ""

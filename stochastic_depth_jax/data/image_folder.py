@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import io
 import os
 import re
 import struct
 import urllib.parse
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -319,12 +321,17 @@ _PNG_READ = 1 << 16  # a small PNG whole, in one read; larger ones are walked ch
 
 @dataclasses.dataclass(frozen=True)
 class _PngChunks:
-    """What a PNG's chunk headers say of how it reads: bits a sample, and whether a chunk
-    that can hold an EXIF orientation comes before or after the pixels."""
+    """What a PNG's chunk headers say of how it reads: bits a sample, whether a chunk that
+    can hold an EXIF orientation comes before or after the pixels, where the pixels start
+    (``pixels_at``: the first IDAT chunk), the ``(offset, size)`` of each such chunk after
+    them, and whether it is animated (an acTL chunk)."""
 
     bits: int
     metadata: bool
     metadata_after_pixels: bool
+    pixels_at: int = 0
+    after_pixels: tuple[tuple[int, int], ...] = ()
+    animated: bool = False
 
 
 def _png_chunks(path: str) -> _PngChunks | None:
@@ -336,7 +343,7 @@ def _png_chunks(path: str) -> _PngChunks | None:
             # The signature, then IHDR: length, type, width, height, bit depth, ..., CRC.
             if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
                 return None
-            at, before, after, pixels = 33, False, False, False
+            at, before, pixels_at, after, animated = 33, False, 0, [], False
             while True:
                 header = data[at:at + 8]
                 if len(header) < 8:  # past what was read: a larger PNG
@@ -346,33 +353,69 @@ def _png_chunks(path: str) -> _PngChunks | None:
                         return None
                 length, kind = struct.unpack(">I4s", header)
                 if kind == b"IEND":
-                    return _PngChunks(data[24], before or after, after)
-                pixels = pixels or kind == b"IDAT"
+                    return _PngChunks(data[24], before or bool(after), bool(after), pixels_at,
+                                      tuple(after), animated)
+                if kind == b"IDAT" and not pixels_at:
+                    pixels_at = at
+                animated = animated or kind == b"acTL"
                 if kind in _PNG_METADATA:
-                    before, after = before or not pixels, after or pixels
+                    if pixels_at:
+                        after.append((at, 12 + length))
+                    else:
+                        before = True
                 at += 12 + length  # the header, the chunk's data and its CRC
     except OSError:
         return None
 
 
+def _png_headers(path: str, png: _PngChunks) -> bytes:
+    """The PNG at `path` without its pixels, its metadata chunks that follow them moved
+    before them: Pillow's ``open`` then finds, from headers only, what it otherwise finds
+    by decoding the pixels (it reads the chunks after them in order, into the same
+    ``info``). The pixel chunk is announced, empty: ``open`` stops there."""
+    with open(path, "rb") as f:
+        parts = [f.read(png.pixels_at)]
+        for offset, size in png.after_pixels:
+            f.seek(offset)
+            parts.append(f.read(size))
+    return b"".join(parts) + struct.pack(">I4s", 0, b"IDAT")
+
+
+def _mode_and_orientation(path: str, png: _PngChunks | None) -> tuple[str, Any]:
+    """The image's mode and EXIF orientation as Pillow reads them, without decoding a PNG's
+    pixels where Pillow would (metadata after them; not an animated PNG, rare, which is
+    decoded as Pillow does)."""
+    from PIL import Image
+    with Image.open(path) as image:
+        mode = image.mode
+        if png is None:
+            return mode, image.getexif().get(_EXIF_ORIENTATION, 1)
+        if not png.metadata_after_pixels or "exif" in image.info:
+            # Pillow's PNG reader decodes the pixels to find metadata after them, unless
+            # open() found an EXIF profile: the base reader reads what open() found.
+            return mode, Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1)
+        if png.animated:  # Pillow reads the first frame's chunks only
+            return mode, image.getexif().get(_EXIF_ORIENTATION, 1)
+    try:
+        with Image.open(io.BytesIO(_png_headers(path, png))) as image:
+            return mode, Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        pass  # e.g. a bad checksum, which Pillow checks before the pixels only
+    with Image.open(path) as image:
+        return mode, image.getexif().get(_EXIF_ORIENTATION, 1)
+
+
 def _earlier_difference(path: str) -> str | None:
     """Why the earlier reader read the image at `path` differently, or None. Decides as
-    Pillow's reader, and decodes only a PNG whose metadata follows its pixels (rare)."""
+    Pillow's reader from the file's headers: a PNG's chunks (and the metadata chunks
+    after its pixels), never its pixels (a PNG's, where the data load decoded them)."""
     if not path.lower().endswith(_EARLIER_EXTENSIONS):
         return f"{path!r} was not read before (only .png/.jpg/.jpeg were)"
     png = _png_chunks(path)
     if png is not None and png.bits <= 8 and not png.metadata:
         return None  # nearly every PNG: 8 bits, no EXIF; decided without Pillow
-    from PIL import Image
     try:
-        with Image.open(path) as image:
-            mode = image.mode
-            if png is not None and not png.metadata_after_pixels:
-                # Pillow's PNG reader decodes the pixels to find metadata after them (the
-                # base reader reads what open() found): there is none.
-                orientation = Image.Image.getexif(image).get(_EXIF_ORIENTATION, 1)
-            else:
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        mode, orientation = _mode_and_orientation(path, png)
     except (OSError, SyntaxError, ValueError):
         return None  # unreadable either way: the load reports it
     if mode.startswith("I;16"):
@@ -386,8 +429,9 @@ def earlier_reader_difference(root: str) -> str | None:
     """Why the earlier reader would have read the folder's images differently (the first
     such image: one it skipped, a 16-bit one it clipped, an EXIF rotation it ignored), or
     None if it read the same pixels. A PNG is told from its chunk headers (8 bits and no
-    metadata: nearly every one) or opened in Pillow, which decodes only a PNG with metadata
-    after its pixels; a JPEG's header is read by Pillow.
+    metadata: nearly every one) or by Pillow from its headers and metadata chunks, also
+    those after its pixels (which Pillow alone finds by decoding them); a JPEG's header is
+    read by Pillow.
 
     For runs recorded without a pixel fingerprint, so evaluating or resuming one on images
     that now read differently is refused rather than silently using other pixels.

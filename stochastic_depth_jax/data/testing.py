@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import io
 import os
+import shutil
 
 import numpy as np
 
@@ -73,6 +74,32 @@ def make_tfds_dataset(name: str, data_dir: str, *, num_train: int, num_test: int
     with _quiet_tfds():
         builder.download_and_prepare(file_format="array_record")
     return os.fspath(builder.data_dir)
+
+
+def missing_tfds_file(name: str, data_dir: str) -> str | None:
+    """The first file of the prepared dataset ``name`` in ``data_dir`` that is not there
+    (its ``dataset_info.json``, or a split's record file), or None if every one is.
+
+    So that a completion marker is trusted only beside its data: a run stopped while
+    writing it, or a user, may have removed some of it.
+    """
+    import tensorflow_datasets as tfds
+
+    tfds_name = sources.TFDS_NAMES.get(name, name)
+    with builders.no_tempdir_leak():
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        if not builder.is_prepared():
+            return os.path.join(os.fspath(builder.data_dir), "dataset_info.json")
+        paths = [os.fspath(p) for split in builder.info.splits.values()
+                 for p in split.filepaths]
+    return next((p for p in paths if not os.path.exists(p)), None)
+
+
+def remove_tfds_dataset(name: str, data_dir: str) -> None:
+    """Removes what is left of the prepared dataset ``name`` in ``data_dir`` (every version),
+    so that :func:`make_tfds_dataset` writes it whole again."""
+    shutil.rmtree(os.path.join(data_dir, sources.TFDS_NAMES.get(name, name)),
+                  ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ checkpoint and data and writes the results.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Sequence
 
@@ -135,17 +134,15 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
         run.setup.model, _variables(run), removal, evaluators=evaluators,
         image_shape=run.ds.image_shape, throughput_batch=throughput_batch, repeats=repeats,
         measure_every=measure_every)
-    out = output_dir or workdir
-    png = os.path.join(out, f"depth_curve_{order}.png")
+    png = os.path.join(output_dir or workdir, f"depth_curve_{order}.png")
     source = _source(run, workdir)
-    _, sidecar = figures.plot_depth_curve(
-        points, png, [source],
-        title=f"{plots.run_title(run.config)}; order '{order}'")
     result = {"figure": os.path.basename(png), "sources": [source], "order_rule": order,
               "order": removal, "device": jax.devices()[0].device_kind, "points": points,
-              "png": png, "json": sidecar}
-    with open(sidecar, "w") as f:  # the figure's sidecar, with the order and device added
-        json.dump(result, f, indent=2)
+              "png": png, "json": figures.sidecar_path(png)}
+    if jax.process_index() == 0:  # one writer in a multi-process job
+        # The result is the figure's sidecar: written once, with the figure.
+        figures.plot_depth_curve(points, png, [source], sidecar=result,
+                                 title=f"{plots.run_title(run.config)}; order '{order}'")
     return result
 
 
@@ -312,15 +309,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
-    """Runs what the depth flags ask for; returns ``(result, default JSON path)``, or
-    None when no depth flag was given (plain evaluation). Call :func:`check_arguments`
-    first."""
+    """Runs what the depth flags ask for; returns ``(result, default JSON path)`` (the path
+    None where the analysis wrote its JSON itself: the depth curve's), or None when no depth
+    flag was given (plain evaluation). Call :func:`check_arguments` first."""
     common = {"checkpoint": args.checkpoint, "data_dir": getattr(args, "data_dir", None)}
     if args.depth_curve:
         result = depth_curve_run(args.workdir, order=args.order, blocks=args.blocks,
                                  throughput_batch=args.throughput_batch, repeats=args.repeats,
                                  measure_every=args.measure_every, **common)
-        return result, result["json"]
+        return result, None  # written by depth_curve_run
     if args.export:
         result = export_pruned_run(args.workdir, args.export, order=args.order,
                                    blocks=args.blocks, remove=args.remove,

@@ -7,12 +7,12 @@ numbers every time (fixed batch plan, masked padding, no randomness).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import re
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import jax.numpy as jnp
 import ml_collections
@@ -30,6 +30,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_run_config",
     "read_run_json",
+    "recorded_fields",
     "relocate_data",
     "check_same_data",
     "data_location",
@@ -88,17 +89,92 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
             "training run?"
         )
+    config = ml_collections.ConfigDict(meta["config"])
+    with recorded_fields(workdir, meta, config):
+        return config_lib.validate(config), meta
+
+
+@contextlib.contextmanager
+def recorded_fields(workdir: str, meta: dict[str, Any],
+                    config: ml_collections.ConfigDict) -> Iterator[None]:
+    """Reports, in one line, the lookup of a field that ``run.json`` (``meta``, read into
+    ``config``) lacks: it was written by another version. The line names the field by its
+    dotted path (``model.mode``: ml_collections names the leaf only) and the recorded
+    ``code_version``. Any other error goes through as it is.
+
+    Raises:
+      errors.ConfigError: a field this version reads is not in the recorded config.
+    """
     try:
-        return config_lib.validate(ml_collections.ConfigDict(meta["config"])), meta
-    except (AttributeError, KeyError) as e:  # a field this version reads is not recorded
-        field = re.search(r"'([^']+)'", str(e))
-        version = meta.get("code_version") or {}
+        yield
+    except (AttributeError, KeyError) as e:
+        field = _missing_field(e, config, meta["config"])
+        if field is None:
+            raise
         raise errors.ConfigError(
             f"{os.path.join(workdir, RUN_FILE)} records a config without the field "
-            f"{field.group(1) if field else str(e)!r}, which this version of "
-            "stochastic_depth_jax needs: it was written by another version (code_version "
-            f"{version.get('package', '?')}, git {version.get('git', '?')}); use that version "
-            "for this run.") from e
+            f"{field!r}, which this version of stochastic_depth_jax needs: it was written by "
+            f"another version ({_recorded_version(meta)}); use that version for this run."
+        ) from e
+
+
+def _recorded_version(meta: dict[str, Any]) -> str:
+    """run.json's ``code_version`` as a message names it."""
+    version = meta.get("code_version")
+    if not isinstance(version, dict) or not (version.get("package") or version.get("git")):
+        return "run.json records no code_version"
+    return f"code_version {version.get('package') or '?'}, git {version.get('git') or '?'}"
+
+
+def _failed_lookup(error: BaseException | None) -> tuple[Any, Any] | None:
+    """``(config_dict, key)`` of the ``ConfigDict`` lookup that raised ``error`` (or the
+    error it was raised from), or None if none did. Read from the lookup's frame: the
+    error names only the key, and not always as it is (a did-you-mean text)."""
+    lookup, seen = ml_collections.ConfigDict.__getitem__.__code__, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb, found = error.__traceback__, None
+        while tb is not None:
+            if tb.tb_frame.f_code is lookup:  # its first two arguments: self, key
+                found = tuple(tb.tb_frame.f_locals.get(n) for n in lookup.co_varnames[:2])
+            tb = tb.tb_next
+        if found is not None:
+            return found
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _missing_field(error: BaseException, config: ml_collections.ConfigDict,
+                   recorded: dict[str, Any]) -> str | None:
+    """The dotted name (``model.mode``) of the field whose lookup raised ``error``, if
+    ``recorded`` (run.json's config, read into ``config``) lacks it; else None. The dict
+    looked up is placed by identity in ``config``, or (a copy of it, e.g. with the data
+    moved) by its fields in ``recorded``."""
+    found = _failed_lookup(error)
+    if found is None:
+        return None
+    parent, key = found
+    if not isinstance(parent, ml_collections.ConfigDict) or not isinstance(key, str):
+        return None
+    prefix = next((p for node, p in _dicts(config) if node is parent), None)
+    if prefix is None:
+        prefix = next((p for node, p in _dicts(recorded) if set(node) == set(parent.keys())),
+                      None)
+    if prefix is None:
+        return None
+    node = recorded
+    for name in prefix.split(".")[:-1]:
+        node = node.get(name) if isinstance(node, dict) else None
+    return prefix + key if isinstance(node, dict) and key not in node else None
+
+
+def _dicts(config: Any, prefix: str = "") -> Iterator[tuple[Any, str]]:
+    """``(dict, 'its.dotted.prefix.')`` for ``config`` (a ConfigDict, or a dict as
+    run.json records it) and every one inside it."""
+    yield config, prefix
+    for key, value in config.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            yield from _dicts(value, f"{prefix}{key}.")
 
 
 def relocate_data(config: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
@@ -302,6 +378,15 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
       errors.DataError: the data found is not the run's.
     """
     config, meta = load_run_config(workdir)
+    # A field this version reads after validating (data_dir, model.scan, ...) that another
+    # version's run.json lacks: one line naming it.
+    with recorded_fields(workdir, meta, config):
+        return _restore(workdir, config, meta, checkpoint, data_dir)
+
+
+def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, Any],
+             checkpoint: str | int, data_dir: str | None) -> RestoredRun:
+    """:func:`restore_run` once ``run.json`` is read."""
     if data_dir is not None:
         config = relocate_data(config, data_dir)
     kind, step = _parse_which(checkpoint)

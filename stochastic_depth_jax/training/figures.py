@@ -23,10 +23,12 @@ import sys
 import textwrap
 from typing import Any, Sequence
 
+from stochastic_depth_jax.training import workdir as workdir_lib
 from stochastic_depth_jax.training.plots import new_figure, per_epoch
 
 __all__ = [
     "save_figure",
+    "sidecar_path",
     "read_sources",
     "plot_depth_curve",
     "plot_error_vs_p_last",
@@ -58,9 +60,16 @@ def _footnote(sources: Sequence[str]) -> str:
                                    break_on_hyphens=False))
 
 
+def sidecar_path(path: str) -> str:
+    """The sidecar JSON of the figure ``path``: ``<name>.json`` beside ``<name>.png``."""
+    return os.path.splitext(path)[0] + ".json"
+
+
 def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
-                title: str = "", extra: dict[str, Any] | None = None) -> tuple[str, str]:
-    """Writes ``fig`` to ``path`` (PNG) with its sources, and the sidecar JSON.
+                title: str = "", extra: dict[str, Any] | None = None,
+                sidecar: dict[str, Any] | None = None) -> tuple[str, str]:
+    """Writes ``fig`` to ``path`` (PNG) with its sources, and the sidecar JSON, each once and
+    atomically (``workdir_lib.atomic_write``: a failure mid-write leaves the earlier pair).
 
     Args:
       fig: a matplotlib figure (closed afterwards), the bottom ``_FOOTNOTE_SPACE`` of its
@@ -70,6 +79,8 @@ def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
       data: the plotted numbers (JSON-able), stored in the sidecar.
       title: a one-line description (PNG ``Title`` and sidecar ``title``).
       extra: more JSON-able fields for the sidecar (e.g. the runs left out and why).
+      sidecar: the sidecar's whole content instead (``figure``, ``title``, ``sources``,
+        ``extra`` and ``data``), for a caller whose record of the figure has its own form.
 
     Returns:
       ``(png_path, json_path)``.
@@ -77,16 +88,21 @@ def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
     sources = [str(s) for s in sources]
     fig.text(0.01, 0.005, _footnote(sources), fontsize=6, color="0.4", va="bottom")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Title": title, "Source": json.dumps(sources),
-                                         "Software": "stochastic_depth_jax"})
+    if sidecar is None:
+        sidecar = {"figure": os.path.basename(path), "title": title, "sources": sources,
+                   **(extra or {}), "data": data}
+    json_path = sidecar_path(path)
+    # Both written before either replaces its earlier file: a failure leaves the earlier
+    # pair, not a new figure beside the sidecar of the old one.
+    with workdir_lib.atomic_write(json_path) as js, workdir_lib.atomic_write(path, "wb") as png:
+        fig.savefig(png, format="png", dpi=100,
+                    metadata={"Title": title, "Source": json.dumps(sources),
+                              "Software": "stochastic_depth_jax"})
+        json.dump(sidecar, js, indent=2)
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None:  # A caller's pyplot figure is closed; ours are not pyplot's.
         pyplot.close(fig)
-    sidecar = os.path.splitext(path)[0] + ".json"
-    with open(sidecar, "w") as f:
-        json.dump({"figure": os.path.basename(path), "title": title, "sources": sources,
-                   **(extra or {}), "data": data}, f, indent=2)
-    return path, sidecar
+    return path, json_path
 
 
 def read_sources(png_path: str) -> list[str]:
@@ -98,10 +114,12 @@ def read_sources(png_path: str) -> list[str]:
 
 
 def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Sequence[str],
-                     title: str = "") -> tuple[str, str]:
+                     title: str = "", sidecar: dict[str, Any] | None = None
+                     ) -> tuple[str, str]:
     """Error vs blocks kept (left) and error vs measured images/s (right).
 
-    ``points`` as returned by :func:`stochastic_depth_jax.pruning.depth_curve`.
+    ``points`` as returned by :func:`stochastic_depth_jax.pruning.depth_curve`;
+    ``sidecar``: as in :func:`save_figure`.
     """
     fig = new_figure((10, 4.2))
     left, right = fig.subplots(1, 2)
@@ -124,7 +142,8 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
         ax.legend()
     fig.suptitle(title or "Removing blocks at test time")
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
-    return save_figure(fig, path, sources, list(points), title or "depth curve")
+    return save_figure(fig, path, sources, list(points), title or "depth curve",
+                       sidecar=sidecar)
 
 
 def _series_label(series: str) -> str:

@@ -96,24 +96,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str,
     data_dir = config.data_dir
     if config_lib.fake_train_size(config):
         data_dir = os.path.join(workdir, FAKE_DATA_DIR)
-        marker = os.path.join(data_dir, f".complete-{config.dataset}")
-        if jax.process_index() == 0 and not os.path.exists(marker):
-            f = config.fake_data
-            print(
-                f"Writing fake {config.dataset} data ({f.num_train} train, {f.num_test} test"
-                + (f", {f.num_extra} extra" if f.num_extra else "")
-                + f" random images; config.fake_data) to {data_dir}: no download.",
-                flush=True,
-            )
-            data_lib.testing.make_tfds_dataset(
-                config.dataset,
-                data_dir,
-                num_train=f.num_train,
-                num_test=f.num_test,
-                num_extra=f.num_extra,
-                seed=config.seed,
-            )
-            open(marker, "w").close()
+        if jax.process_index() == 0:
+            _write_fake_data(config, data_dir)
         multihost_utils.sync_global_devices("fake_data")
     return data_lib.load_dataset(
         config.dataset,
@@ -126,6 +110,33 @@ def load_data(config: ml_collections.ConfigDict, workdir: str,
         holdout=data_lib.recorded_holdout(recorded, config.dataset),
         progress_bar=config.get("progress_bar", True),  # a run.json may predate the field
     )
+
+
+def _write_fake_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
+    """Writes ``config``'s fake dataset in ``data_dir``, then its completion marker, unless
+    the marker is there and so is every file of the data. A marker beside missing data (a
+    run stopped while writing it, whose clean-up removed the data as the marker was
+    written; files deleted by hand) is not trusted: the data is written again, with one
+    line saying so, instead of the load looking for the real dataset there."""
+    f = config.fake_data
+    marker = os.path.join(data_dir, f".complete-{config.dataset}")
+    what = (f"fake {config.dataset} data ({f.num_train} train, {f.num_test} test"
+            + (f", {f.num_extra} extra" if f.num_extra else "")
+            + " random images; config.fake_data)")
+    if os.path.exists(marker):
+        missing = data_lib.testing.missing_tfds_file(config.dataset, data_dir)
+        if missing is None:
+            return
+        print(f"The {what} in {data_dir} is incomplete ({missing} is missing): writing it "
+              "again; no download.", flush=True)
+        os.remove(marker)
+    else:
+        print(f"Writing {what} to {data_dir}: no download.", flush=True)
+    data_lib.testing.remove_tfds_dataset(config.dataset, data_dir)  # a partial one
+    data_lib.testing.make_tfds_dataset(config.dataset, data_dir, num_train=f.num_train,
+                                       num_test=f.num_test, num_extra=f.num_extra,
+                                       seed=config.seed)
+    open(marker, "w").close()
 
 
 def _implementation(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

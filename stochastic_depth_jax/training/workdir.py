@@ -11,6 +11,7 @@ the filesystem's ``flock`` (NFS v4 and Lustre provide it).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,8 +22,9 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import warnings
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -34,6 +36,7 @@ __all__ = [
     "WorkdirLock",
     "prepare_workdir",
     "remove_unused",
+    "atomic_write",
     "describe_os_error",
     "anticipated_os_error",
     "describe_read_error",
@@ -211,6 +214,26 @@ def prepare_workdir(path: str) -> bool:
     except OSError as e:
         raise errors.WorkdirError(describe_os_error(e, path)) from e
     return created
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w") -> Iterator[IO[Any]]:
+    """A file (opened with ``mode``: ``"w"`` or ``"wb"``) whose content replaces ``path``
+    only once all of it is written and on disk: it is written beside ``path`` and renamed
+    onto it, so a crash or an error mid-write leaves the earlier ``path`` (or none), never a
+    truncated one; the partial file is removed on an error. Its name is unique, so
+    processes writing the same path (a shared filesystem) each rename a whole file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def remove_unused(workdir: str, disposable: tuple[str, ...] = ()) -> None:
