@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -81,6 +82,14 @@ def run(main, argv=None):
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def child_backend() -> str:
+    """JAX's backend on this machine, asked of a child process: for a script that runs the
+    benchmarks as children, as JAX started in it would take the GPU's memory from them."""
+    found = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "unknown (JAX did not start)"
 
 
 def bad_flag(message: str) -> FlagError:

@@ -81,9 +81,7 @@ def parse_args(argv) -> argparse.Namespace:
     args.dtypes = bench_cli.names_from(args.dtypes, ("float32", "bfloat16"), "--dtypes")
     bench_cli.at_least(args, 1, "batch", "rounds")
     bench_cli.cifar_depth(args.depth)
-    import jax  # only now: --help and the checks above need no backend
-
-    backend = jax.default_backend()
+    backend = bench_cli.child_backend()  # JAX here would take the GPU from bench_step.py
     args.out = bench_cli.results_path(args.out, f"vs_torch_{backend}.md")
     args.step_out = bench_cli.results_path(args.step_out, f"step_{backend}.md", "--step-out")
     _check_torch(args.torch_python)

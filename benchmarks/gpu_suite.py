@@ -84,6 +84,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_cli  # noqa: E402  (next to this file)
+from bench_cli import child_backend as backend  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,14 +164,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.budget <= 0:
         raise bench_cli.bad_flag(f"--budget {args.budget:g}: seconds, more than 0.")
     return args
-
-
-def backend() -> str:
-    """JAX's backend on this machine, asked of a child process: JAX in this one would take
-    the GPU's memory from the parts."""
-    found = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                           capture_output=True, text=True)
-    return found.stdout.strip() if found.returncode == 0 else "unknown (JAX did not start)"
 
 
 def has_torch(python: str) -> bool:

@@ -151,6 +151,18 @@ def test_gpu_suite_parts_name_known_variants():
                 assert name in bench_train.EPOCH_VARIANTS, (part.name, name)
 
 
+def test_gpu_suite_parts_parse(tmp_path, monkeypatch):
+    """Every part's flags pass its script's checks (a typo costs no GPU minutes)."""
+    suite = load("gpu_suite")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's one GPU, not 8 CPUs
+    args = suite.parse_args(["--out-dir", str(tmp_path)])
+    for part in suite.PARTS:
+        script, *argv = suite.command(part, args)[1:]
+        name = os.path.basename(script).removesuffix(".py")
+        if name not in ("compare_torch", "bench_torch"):  # these need PyTorch
+            load(name).parse_args(argv)
+
+
 def run_command(module, argv, capsys):
     """``(exit status, stderr lines)`` of ``python benchmarks/<module>.py <argv>``, in process."""
     with pytest.raises(SystemExit) as stopped:
