@@ -20,9 +20,9 @@ import threading
 
 try:
     from stochastic_depth_jax import errors
-    from stochastic_depth_jax.training import cli
+    from stochastic_depth_jax.training import cli, stopping
 except ImportError:  # an environment with PyTorch only (bench_torch.py)
-    errors = cli = None
+    errors = cli = stopping = None
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TORCH_MISSING = ("PyTorch is not installed in this Python. It is optional (only "
@@ -63,6 +63,13 @@ def run(main, argv=None):
             return main(argv)
         except KeyboardInterrupt:
             raise Interrupted("Ctrl-C", 130) from None
+        except Exception as e:  # noqa: BLE001  Only the trainer's stop is taken here.
+            # The trainer inside bench_train.py stops on a signal after a checkpoint and says
+            # how to resume it; its workdir is temporary, so that would mislead.
+            if stopping is None or not isinstance(e, stopping.Stopped):
+                raise
+            how = "SIGTERM" if e.exit_status == 128 + signal.SIGTERM else "Ctrl-C"
+            raise Interrupted(how, e.exit_status) from None
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None

@@ -14,6 +14,7 @@ import jax
 import pytest
 
 from bench_scripts import BENCHMARKS, load
+from stochastic_depth_jax.training import stopping
 
 RECORDED = "# Recorded\n\n## an earlier table\n\n| variant | ms |\n|---|---|\n| constant | 1.0 |\n\n"
 
@@ -230,13 +231,17 @@ def test_bench_data_appends_below_the_recorded_table(tmp_path, capsys):
     assert f"appended to {out}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("how, status", [("SIGTERM", 143), ("Ctrl-C", 130)])
-def test_an_interrupted_benchmark_writes_nothing(how, status, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("how, status, by", [("SIGTERM", 143, "signal"), ("Ctrl-C", 130, "key"),
+                                            ("SIGTERM", 143, "trainer")])
+def test_an_interrupted_benchmark_writes_nothing(how, status, by, tmp_path, capsys,
+                                                 monkeypatch):
     bench_step = load("bench_step")
 
     def interrupt(*args):
-        if how == "SIGTERM":
+        if by == "signal":
             signal.raise_signal(signal.SIGTERM)
+        if by == "trainer":  # bench_train.py's trainer, stopped by SIGTERM after a checkpoint
+            raise stopping.Stopped("stopped at step 3", signal.SIGTERM)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bench_step, "compile_all", interrupt)
