@@ -55,7 +55,7 @@ def run(main, argv=None):
     """Runs ``main(argv)`` as a command: anticipated errors as one ``error:`` line (exit 1),
     an interruption as one line (exit 130 or 143); ``--debug`` is taken out of ``argv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("SDJ_DEBUG", "").lower() in ("1", "true", "yes")
+    debug = cli.debug_requested(argv) if cli else "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
 
     def body():
