@@ -7,14 +7,18 @@ preparing and reading a fake tfds 'cifar10' of the same size (array_record, PNG,
 written to a temporary data_dir), (3) the per-step cost of `train_batch` for
 batch 128 (gather + normalise + flip/translate), median over many steps with
 compilation excluded, and an evaluation batch.
+
+Prints a table and appends it, with machine, versions, date, code and command line, to
+``benchmarks/results/data.md`` (``--out``: elsewhere); a run at other sizes than the
+defaults says so in its table.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -23,6 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import data
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402  (next to this file)
+from provenance import cpu_name, run_label, size_changes  # noqa: E402
+
+SIZES = ("steps", "tfds_train")
 
 
 def _timed(fn):
@@ -72,13 +82,19 @@ def bench_eval(dev, mean, std):
     return seconds
 
 
-def main():
+def main(argv=None):
+    """Times placing, loading and batching CIFAR-sized data; appends the table."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="timed train_batch calls")
     parser.add_argument("--tfds-train", type=int, default=50000,
                         help="size of the fake tfds cifar10 train split (0 to skip)")
-    parser.add_argument("--out", default="benchmarks/results/data.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("data.md"))
+    args = parser.parse_args(argv)
+    label = run_label("bench_data.py", argv, size_changes(parser, args, SIZES))
+    bench_cli.at_least(args, 1, "steps")
+    bench_cli.at_least(args, 0, "tfds_train")
+    out = bench_cli.results_path(args.out, "data.md")
 
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     split, dev, place_s = bench_placement(mesh)
@@ -98,35 +114,21 @@ def main():
                      f"{np.percentile(times, 90):.3f}]"))
     eval_s = bench_eval(dev, mean, std)
     rows.append(("eval_batches over 50k, batch 500 (incl. compile)", f"{eval_s:.2f} s"))
-    _report(rows, args.out)
+    _report(rows, out, label)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _report(rows, out):
-    header = (f"Machine: {_cpu_name()}, {os.cpu_count()} cores, "
+def _report(rows, out, label):
+    """Appends the table of ``rows`` to ``out`` (the file's title first, if it is new)."""
+    header = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
               f"{jax.device_count()} x {jax.devices()[0].device_kind} "
               f"({jax.default_backend()}); Python {platform.python_version()}, "
-              f"jax {jax.__version__}, numpy {np.__version__}; "
-              f"{datetime.datetime.now().isoformat(timespec='minutes')}")
-    width = max(len(r[0]) for r in rows)
-    table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-    print(header + "\n" + table)
-    markdown = ["# Input pipeline benchmark (`benchmarks/bench_data.py`)", "", header, "",
+              f"jax {jax.__version__}, numpy {np.__version__}.")
+    markdown = ["## Input pipeline", "", header, "", label, "",
                 "| measurement | result |", "|---|---|"]
     markdown += [f"| {name} | {value} |" for name, value in rows]
-    with open(out, "w") as handle:
-        handle.write("\n".join(markdown) + "\n")
+    bench_cli.append_table("\n".join(markdown) + "\n", out,
+                           title="# Input pipeline benchmark (`benchmarks/bench_data.py`)")
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

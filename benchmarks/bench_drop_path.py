@@ -16,17 +16,18 @@ Run by hand (not in CI)::
     python benchmarks/bench_drop_path.py --model convnext   # GPU: ConvNeXt-T, 224x224, batch 128
                                                     # CPU: ConvNeXt-Atto, 32x32, stem 2, batch 32
 
-Prints a table and appends it, with machine, versions and date, to
-``benchmarks/results/drop_path_<backend>.md``.
+Prints a table and appends it, with machine, versions, date, code and command line, to
+``benchmarks/results/drop_path_<backend>.md`` (``--out``: elsewhere); a run at other sizes
+than the backend's defaults says so in its table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -35,7 +36,8 @@ import numpy as np
 import optax
 
 from stochastic_depth_jax import ConvNeXt, ViT
-from provenance import code_version, machine_line  # next to this file
+import bench_cli  # next to this file
+from provenance import machine_line, run_label, size_changes
 
 DEFAULTS = {  # (model, backend) -> model and batch of the standard run
     ("vit", "cpu"): dict(size="ti", depth=4, image=32, patch=4, batch=64, rounds=5),
@@ -44,6 +46,7 @@ DEFAULTS = {  # (model, backend) -> model and batch of the standard run
     ("convnext", "cpu"): dict(size="atto", depth=None, image=32, patch=2, batch=32, rounds=5),
     ("convnext", "gpu"): dict(size="tiny", depth=None, image=224, patch=4, batch=128, rounds=20),
 }
+SIZES = ("size", "depth", "depths", "image", "patch", "batch", "rounds", "warmup")
 
 
 @dataclasses.dataclass
@@ -168,21 +171,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unfused", action="store_true",
                     help="also time skipping with the kept outputs scattered into zeros and "
                          "then added (the default adds them into x in one scatter-add)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help=bench_cli.OUT_HELP.format("drop_path_<backend>.md"))
     args = ap.parse_args(argv)
+    args.label = run_label("bench_drop_path.py", argv, size_changes(ap, args, SIZES))
     args.backend = backend
     if args.model == "convnext" and (args.unfused or args.depth is not None):
         ap.error("--unfused and --depth are ViT options (the ConvNeXt always adds its kept "
                  "outputs into x in one scatter-add; give its depths with --depths 1,1,3,1)")
     if args.model == "vit" and args.depths is not None:
         ap.error("--depths is a ConvNeXt option; give the ViT's block count with --depth")
-    args.depths = tuple(int(v) for v in args.depths.split(",")) if args.depths else None
+    args.depths = tuple(bench_cli.numbers(args.depths, "--depths", int)) if args.depths else None
+    _check(args)
     return args
 
 
+def _check(args) -> None:
+    """Raises before anything is measured on a flag that cannot work."""
+    bench_cli.at_least(args, 1, "batch", "rounds", "image", "patch")
+    bench_cli.at_least(args, 0, "warmup")
+    args.rates = bench_cli.numbers(args.rates, "--rates")
+    for rate in [*args.rates, args.linear]:
+        if not 0 <= rate < 1:
+            raise bench_cli.bad_flag(f"--rates/--linear {rate:g}: a drop rate in [0, 1).")
+    try:
+        make_model(args).dims() if args.model == "vit" else make_model(args).stages()
+    except (ValueError, KeyError) as e:  # the model's own check of size, depth, ...
+        raise bench_cli.bad_flag(f"--model {args.model} --size {args.size}: {e}") from None
+    args.out = bench_cli.results_path(args.out, f"drop_path_{args.backend}.md")
+
+
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    rates = [float(v) for v in args.rates.split(",") if v]
+    """Times each drop-path variant's train step and appends the table (see the module's doc)."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    rates = args.rates
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (args.batch, args.image, args.image, 3), jnp.float32)
     y = jax.random.randint(ky, (args.batch,), 0, 10)
@@ -205,7 +227,7 @@ def main(argv=None) -> None:
     lines = [
         describe(args),
         "",
-        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
+        f"{machine_line()}; "
         f"{args.rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}. Train step = forward, "
         f"label-smoothed cross-entropy, backward, AdamW. skip: mode='sample', "
@@ -213,17 +235,12 @@ def main(argv=None) -> None:
         f"in one scatter-add); skip-unfused: the same outputs scattered into zeros, then "
         f"added; mask: timm's drop path (computed for all, multiplied).",
         "",
+        args.label,
+        "",
         *table(runners, args.batch),
     ]
-    text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"drop_path_{args.backend}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
-    print(f"appended to {out}")
+    bench_cli.append_table("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -11,14 +11,14 @@ Run by hand (not in CI)::
     python benchmarks/bench_prune.py                              # ResNet-110, batch 128
     python benchmarks/bench_prune.py --depth 20 --batch 32 --rounds 3
 
-Prints a table and appends it, with machine, versions and date, to
-``benchmarks/results/prune_<backend>.md``.
+Prints a table and appends it, with machine, versions, date, code and command line, to
+``benchmarks/results/prune_<backend>.md`` (``--out``: elsewhere; ``--no-write``: nowhere); a
+run at other sizes than the defaults says so in its table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
@@ -29,17 +29,42 @@ import jax
 
 from stochastic_depth_jax import CifarResNet, pruning
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402  (next to this file)
+from provenance import run_label, size_changes  # noqa: E402
 
-def main(argv=None):
+SIZES = ("depth", "batch", "rounds")
+TITLE = "# Pruned-model inference benchmark (benchmarks/bench_prune.py)"
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """The flags, checked before anything is measured; ``args.label``: the provenance line."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=110)
+    parser.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--fractions", default="0,0.25,0.5,0.75",
-                        help="fractions of the blocks to remove")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true")
+                        help="fractions of the blocks to remove, in [0, 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
+    parser.add_argument("--out", default=None,
+                        help=bench_cli.OUT_HELP.format("prune_<backend>.md"))
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
+    args.label = run_label("bench_prune.py", argv, size_changes(parser, args, SIZES))
+    bench_cli.at_least(args, 1, "batch", "rounds")
+    bench_cli.cifar_depth(args.depth)
+    args.fractions = bench_cli.numbers(args.fractions, "--fractions")
+    if not all(0 <= f < 1 for f in args.fractions):
+        raise bench_cli.bad_flag(f"--fractions {args.fractions}: each in [0, 1) (1 would "
+                                 f"remove every block).")
+    if not args.no_write:
+        args.out = bench_cli.results_path(args.out, f"prune_{jax.default_backend()}.md")
+    return args
+
+
+def main(argv=None):
+    """Times the pruned models' inference and appends the table (see the module's doc)."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
 
     model = CifarResNet(depth=args.depth, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
@@ -47,7 +72,7 @@ def main(argv=None):
     order = pruning.survival_order(model)
     L = model.num_blocks()
     variants = {}
-    for f in (float(v) for v in args.fractions.split(",")):
+    for f in args.fractions:
         k = int(round(f * L))
         pruned, pvars = pruning.prune(model, variables, pruning.keep_mask(L, order[:k]))
         fn = jax.jit(lambda v, x, m=pruned: m.apply(v, x, train=False))
@@ -69,23 +94,16 @@ def main(argv=None):
                     f"{1e3 * max(times[k]):.0f}) | {args.batch / med:.0f} | {med / full:.2f} | "
                     f"{first:.1f} |")
     device = jax.devices()[0]
-    header = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} - ResNet-{args.depth}, batch "
+    header = (f"## ResNet-{args.depth}, batch "
               f"{args.batch}, order 'survival'\n\nMachine: {platform.machine()}, "
               f"{os.cpu_count()} CPU cores, device: {device.device_kind} ({device.platform}). "
-              f"jax {jax.__version__}, Python {sys.version.split()[0]}.\nCommand: "
-              f"`python benchmarks/bench_prune.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-              f"\n\n")
+              f"jax {jax.__version__}, Python {sys.version.split()[0]}.\n\n{args.label}\n\n")
     text = header + "\n".join(rows) + "\n"
-    print(text)
-    if not args.no_write:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                            f"prune_{device.platform}.md")
-        new = not os.path.exists(path)
-        with open(path, "a") as f:
-            if new:
-                f.write("# Pruned-model inference benchmark (benchmarks/bench_prune.py)\n\n")
-            f.write(text + "\n")
+    if args.no_write:
+        print(text)
+    else:
+        bench_cli.append_table(text, args.out, title=TITLE)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -17,8 +17,9 @@ Run by hand (not in CI)::
 width 32, batch 32 unless ``--batch`` is given) at survival 1.0 and 0.5, with the library's
 default rerouting of stock convolutions (``reroute_convs='auto'``) and without it.
 
-Prints a table and writes it, with machine, versions and date, to
-``benchmarks/results/step_<backend>.md``.
+Prints a table and appends it, with machine, versions, date, code and command line, to
+``benchmarks/results/step_<backend>.md`` (``--out``: elsewhere); a run at other sizes than
+the defaults says so in its table.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import datetime
 import json
 import os
 import statistics
@@ -42,7 +42,12 @@ from stochastic_depth_jax import CifarResNet, draw_gates
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from user_branch import UserNet  # noqa: E402  (benchmark-only model, next to this file)
-from provenance import code_version, machine_line  # noqa: E402
+import bench_cli  # noqa: E402
+from provenance import machine_line, run_label, size_changes  # noqa: E402
+
+# The flags that set the sizes measured; a table at other values than the defaults says so.
+SIZES = {"depth": None, "batch": "128, 32 with --user-branch", "rounds": "30 GPU, 6 CPU",
+         "warmup": None, "blocks": None, "width": None}
 
 VARIANTS = {
     # name: (final_survival_prob, implementation, remat)
@@ -68,6 +73,7 @@ UNROLLED = "-unrolled"
 
 
 def known_variant(name: str) -> bool:
+    """Whether ``name`` is one of :data:`VARIANTS`, optionally with ``-unrolled``."""
     return name.removesuffix(UNROLLED) in VARIANTS
 
 
@@ -240,9 +246,10 @@ def table_rows(runners, batch) -> list[str]:
 
 
 def write_json(path: str, runners, batch, dtype: str) -> None:
-    """``{variant: median seconds}`` plus context, for ``compare_torch.py``."""
+    """``{variant: median seconds}`` plus context, for ``compare_torch.py`` (``path``: a new
+    file, :func:`bench_cli.new_file`)."""
     if path:
-        with open(path, "w") as f:
+        with open(path, "x") as f:
             json.dump({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                        "jax": jax.__version__,
                        "batch": batch, "dtype": dtype,
@@ -250,24 +257,12 @@ def write_json(path: str, runners, batch, dtype: str) -> None:
                       f, indent=2)
 
 
-def write_results(text: str, out: str | None) -> None:
-    print("\n" + text)
-    out = out or os.path.join(os.path.dirname(__file__), "results",
-                              f"step_{jax.default_backend()}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
-    print(f"appended to {out}")
-
-
 def user_branch_main(args, dtype) -> None:
     """``--user-branch``: a user's stock-Flax network, survival 1.0 vs 0.5, side by side."""
     batch = args.batch if args.batch_given else 32
     rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()] or list(USER_VARIANTS)
-    unknown = [n for n in names if n not in USER_VARIANTS]
-    if unknown:
-        sys.exit(f"unknown --user-branch variants {unknown}; valid: {list(USER_VARIANTS)}")
+    names = (list(USER_VARIANTS) if args.variants is None
+             else bench_cli.names_from(args.variants, USER_VARIANTS, "--user-branch --variants"))
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (batch, 32, 32, 3), jnp.float32)
     y = jax.random.randint(ky, (batch,), 0, 10)
@@ -284,9 +279,10 @@ def user_branch_main(args, dtype) -> None:
         f"## Train step, user's stock-Flax branch ({args.blocks} wrapped blocks, width "
         f"{args.width}), batch {batch}, {args.dtype}",
         "",
-        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
-        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}.",
+        f"{machine_line()}; {rounds} interleaved rounds after {args.warmup} warm-up; compile "
+        f"excluded; XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}.",
+        "",
+        args.label,
         "",
         "| variant (survival, reroute_convs) | median ms/step | IQR ms | img/s | / constant |",
         "|---|---|---|---|---|",
@@ -297,39 +293,58 @@ def user_branch_main(args, dtype) -> None:
         "in StochasticDepth with uniform survival). Gates drawn from the same per-round keys "
         "for every variant.",
     ]
-    write_results("\n".join(lines) + "\n", args.out)
+    bench_cli.append_table("\n".join(lines) + "\n", args.out)
 
 
-def main(argv=None) -> None:
+def parse_args(argv) -> argparse.Namespace:
+    """The flags, checked (a bad one raises before anything is measured); ``args.out`` is
+    where the table goes and ``args.label`` its provenance line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depth", type=int, default=110)
+    ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=None, help="default 128 (32 with --user-branch)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 30 GPU, 6 CPU)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     ap.add_argument("--scan", choices=["auto", "true", "false"], default="auto")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--variants", default=None, help="comma-separated; default: all")
-    ap.add_argument("--compile-depths", default="110,1202")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated, each also with '{UNROLLED}' appended; default: all "
+                         f"of {','.join(VARIANTS)} (--user-branch: {','.join(USER_VARIANTS)})")
+    ap.add_argument("--compile-depths", default="110,1202",
+                    help="also time compiling these depths ('' for none)")
     ap.add_argument("--user-branch", action="store_true",
                     help="time a user's stock-Flax wrapped network instead of CifarResNet")
     ap.add_argument("--blocks", type=int, default=8, help="--user-branch: wrapped blocks")
     ap.add_argument("--width", type=int, default=32, help="--user-branch: channels")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--json", default="", help="also write {variant: median seconds} here")
+    ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("step_<backend>.md"))
+    ap.add_argument("--json", default="",
+                    help="also write {variant: median seconds} to this new file")
     args = ap.parse_args(argv)
+    args.label = run_label("bench_step.py", argv, size_changes(ap, args, SIZES))
+    bench_cli.at_least(args, 1, "batch", "rounds", "blocks", "width")
+    bench_cli.at_least(args, 0, "warmup")
+    args.compile_depths = [bench_cli.integer(v, "--compile-depths")
+                           for v in args.compile_depths.split(",") if v.strip()]
+    if not args.user_branch:
+        for depth in [args.depth, *args.compile_depths]:
+            bench_cli.cifar_depth(depth)
+    args.out = bench_cli.results_path(args.out, f"step_{jax.default_backend()}.md")
+    args.json = bench_cli.new_file(args.json, "--json")
     args.batch_given = args.batch is not None
     args.batch = args.batch or 128
-    args.variants = args.variants or ""
+    return args
+
+
+def main(argv=None) -> None:
+    """Times the variants' train steps and appends their table (see the module's doc)."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     dtype = None if args.dtype == "float32" else jnp.bfloat16
     if args.user_branch:
         return user_branch_main(args, dtype)
     scan = {"auto": None, "true": True, "false": False}[args.scan]
     rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()] or list(VARIANTS)
-    unknown = [n for n in names if not known_variant(n)]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; valid: {list(VARIANTS)}, each also with "
-                 f"'{UNROLLED}' appended")
+    names = (list(VARIANTS) if args.variants is None
+             else bench_cli.names_from(args.variants, VARIANTS, "--variants", known_variant,
+                                       f", each also with '{UNROLLED}' appended"))
 
     x, y, kp = random_batch(args.batch)
     runners = [make_runner(n, args.depth, args.batch, scan, dtype, kp, x, y) for n in names]
@@ -341,7 +356,7 @@ def main(argv=None) -> None:
     rows = table_rows(runners, args.batch)
     write_json(args.json, runners, args.batch, args.dtype)
     compile_rows = []
-    for d in [int(v) for v in args.compile_depths.split(",") if v]:
+    for d in args.compile_depths:
         s = compile_seconds(d, args.batch, scan, dtype)
         compile_rows.append((d, s))
         print(f"compile depth {d}: {s:.1f}s", flush=True)
@@ -350,9 +365,10 @@ def main(argv=None) -> None:
         f"## Train step, CifarResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
         f"scan={args.scan}",
         "",
-        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
-        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}.",
+        f"{machine_line()}; {rounds} interleaved rounds after {args.warmup} warm-up; compile "
+        f"excluded; XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}.",
+        "",
+        args.label,
         "",
         "| variant | median ms/step | IQR ms | img/s | / constant depth |",
         "|---|---|---|---|---|",
@@ -369,8 +385,8 @@ def main(argv=None) -> None:
         if len(compile_rows) == 2:
             lines.append(f"\nCompile-time ratio {compile_rows[1][0]}/{compile_rows[0][0]}: "
                          f"{compile_rows[1][1] / compile_rows[0][1]:.2f}")
-    write_results("\n".join(lines) + "\n", args.out)
+    bench_cli.append_table("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

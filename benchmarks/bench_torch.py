@@ -1,6 +1,7 @@
 """PyTorch peer of the train-step benchmark: the same CIFAR ResNet, the paper's real skipping.
 
-Needs PyTorch (not a dependency of the package; install it in its own environment). Builds
+Needs PyTorch (optional, not a dependency of the package: ``pip install torch``, ideally in
+an environment of its own; neither JAX nor this package is needed there). Builds
 the CIFAR ResNet of the paper (depth 6n+2, widths 16/32/64, option-A shortcuts: stride
 subsampling plus zero channel padding, Torch ``BatchNorm2d``), and times a full train step
 (forward, cross-entropy, backward, SGD with Nesterov momentum 0.9 and L2 1e-4 on every
@@ -20,7 +21,9 @@ guard on, and recompile for, every gate pattern). Variants run interleaved round
     python benchmarks/bench_torch.py --json out.json          # also write medians as JSON
     python benchmarks/bench_torch.py --whole-epochs --epochs 2   # whole 45k-image epochs
 
-Appends a table to ``benchmarks/results/torch_<device>.md``. ``compare_torch.py`` runs this
+Appends a table, with machine, versions, date, code and command line, to
+``benchmarks/results/torch_<device>.md`` (``--out``: elsewhere; a run at other sizes than the
+defaults says so in its table). ``compare_torch.py`` runs this
 and ``bench_step.py`` side by side and writes one table. ``--whole-epochs`` times whole
 training epochs instead, as ``bench_train.py --whole-epochs`` does for ours: the images on
 the device, batches drawn, padded, cropped and flipped there, host-side gates per step, and
@@ -31,16 +34,28 @@ an evaluation (residuals scaled by p_l) after each epoch, timed apart; appended 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402  (next to this file)
+from provenance import run_label, size_changes  # noqa: E402
+
+try:
+    import torch
+except ModuleNotFoundError as e:
+    if e.name != "torch" or __name__ != "__main__":
+        raise
+    sys.exit(f"error: {bench_cli.TORCH_MISSING}")
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SIZES = {"depth": None, "batch": None, "rounds": "30 GPU, 5 CPU", "warmup": None,
+         "epochs": None, "train_images": None, "test_images": None}
 
 
 class Branch(nn.Module):
@@ -251,7 +266,7 @@ def whole_epochs(args, device, names) -> str:
         f"## PyTorch whole epochs, CIFAR ResNet-{args.depth}, batch {args.batch}, "
         f"{args.train_images} training images ({steps} steps), channels-last",
         "",
-        f"{datetime.date.today().isoformat()}; {describe_device(device)}; "
+        f"{describe_device(device)}; "
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"python {platform.python_version()}; p_L={args.p}. Random uint8 images held on the "
         f"device; each step draws its batch from a per-epoch permutation and pads, crops and "
@@ -259,6 +274,8 @@ def whole_epochs(args, device, names) -> str:
         f"{args.test_images} test images (batch 500, residuals scaled by p_l) after every "
         f"epoch, timed apart. 500-epoch projection = 500 x (median epoch + median "
         f"evaluation), epochs >= 2. Variants run one after another.",
+        "",
+        args.label,
         "",
         "| variant | epoch 1 s | median epoch s | img/s | skip / constant | median "
         "evaluation s | 500 epochs, min |",
@@ -268,17 +285,8 @@ def whole_epochs(args, device, names) -> str:
     ])
 
 
-def append_results(text: str, out: str | None, default_name: str) -> None:
-    """Prints ``text`` and appends it to ``out`` (default: results/<default_name>)."""
-    print("\n" + text)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                              default_name)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
-
-
 def describe_device(device) -> str:
+    """``cuda (<GPU name>)`` or ``cpu (<host CPU>)``."""
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
     return f"{device.type} ({name})"
@@ -290,44 +298,61 @@ VARIANTS = {  # name: (compiled, bf16, stochastic)
 }
 
 
-def main(argv=None):
+def parse_args(argv) -> argparse.Namespace:
+    """The flags, checked before anything is measured; ``args.names``: the variants run,
+    ``args.out``: where the table goes, ``args.label``: its provenance line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depth", type=int, default=110)
+    ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=None, help="default 30 on GPU, 5 on CPU")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     ap.add_argument("--p", type=float, default=0.5, help="p_L of the skip variants")
-    ap.add_argument("--variants", default="",
+    ap.add_argument("--variants", default=None,
                     help="comma-separated names or prefixes (e.g. 'eager'); default: all of "
                          + ",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    ap.add_argument("--json", default="", help="also write {variant: median seconds} here")
+    ap.add_argument("--json", default="",
+                    help="also write {variant: median seconds} to this new file")
     ap.add_argument("--whole-epochs", action="store_true",
                     help="time whole training epochs (with augmentation and an evaluation "
                          "per epoch) instead of steps; default variants: the eager ones")
     ap.add_argument("--epochs", type=int, default=2, help="--whole-epochs: epochs per variant")
     ap.add_argument("--train-images", type=int, default=45000)
     ap.add_argument("--test-images", type=int, default=10000)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format(
+        "torch_<device>.md, with --whole-epochs torch_epochs_<device>.md"))
     args = ap.parse_args(argv)
+    args.label = run_label("bench_torch.py", argv, size_changes(ap, args, SIZES))
+    bench_cli.at_least(args, 1, "batch", "rounds", "epochs", "test_images")
+    bench_cli.at_least(args, 0, "warmup", "threads")
+    bench_cli.cifar_depth(args.depth)
+    if args.whole_epochs and args.train_images < args.batch:
+        raise bench_cli.bad_flag(f"--train-images {args.train_images}: at least one batch "
+                                 f"(--batch {args.batch}).")
+    args.names = bench_cli.names_from(
+        args.variants if args.variants is not None
+        else ("eager" if args.whole_epochs else ",".join(VARIANTS)), VARIANTS,
+        "--variants", lambda w: any(n.startswith(w) for n in VARIANTS), " or their prefixes")
+    args.names = [n for n in VARIANTS if any(n.startswith(w) for w in args.names)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out = bench_cli.results_path(
+        args.out, f"torch_epochs_{device}.md" if args.whole_epochs else f"torch_{device}.md")
+    args.json = bench_cli.new_file(args.json, "--json")
+    return args
+
+
+def main(argv=None):
+    """Times the variants' train steps (or whole epochs) and appends the table."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rounds = args.rounds or (30 if device.type == "cuda" else 5)
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.whole_epochs and not wanted:
-        wanted = ["eager"]
-    names = [n for n in VARIANTS if not wanted or any(n.startswith(w) for w in wanted)]
-    if not names:
-        raise SystemExit(f"no variant matches {wanted}; valid: {list(VARIANTS)}")
+    names = args.names
     torch.backends.cudnn.benchmark = True
     allow_recompiles()
     if args.whole_epochs:
-        if args.epochs < 1 or args.train_images < args.batch or args.test_images < 1:
-            raise SystemExit("--whole-epochs needs --epochs >= 1, --train-images >= --batch "
-                             "and --test-images >= 1")
-        append_results(whole_epochs(args, device, names), args.out,
-                       f"torch_epochs_{device.type}.md")
+        bench_cli.append_table(whole_epochs(args, device, names), args.out)
         return
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
@@ -361,23 +386,25 @@ def main(argv=None):
     text = "\n".join([
         f"## PyTorch train step, CIFAR ResNet-{args.depth}, batch {args.batch}, channels-last",
         "",
-        f"{datetime.date.today().isoformat()}; {describe_device(device)}; "
+        f"{describe_device(device)}; "
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"python {platform.python_version()}; {rounds} interleaved rounds after {args.warmup} "
         f"warm-up (compilation in warm-up); p_L={args.p}, mean fraction kept "
         f"{statistics.mean(kept):.3f}.",
+        "",
+        args.label,
         "",
         "| variant | median ms/step | img/s | skip / constant |",
         "|---|---|---|---|",
         *rows,
         "",
     ])
-    append_results(text, args.out, f"torch_{device.type}.md")
+    bench_cli.append_table(text, args.out)
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "x") as f:
             json.dump({"device": str(dev), "torch": torch.__version__, "batch": args.batch,
                        "median_s": med}, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -9,7 +9,9 @@ images (an image folder): batch drawn on device, step, progress bar, metric sync
 first call of the compiled step is inside; evaluation and checkpoints are outside).
 (2) The bare jitted step on the same state, ``--steps`` calls after two warm-ups.
 (3) Checkpoint saves of that state: the blocking part of an async save, until committed,
-and a synchronous save. Results are appended to benchmarks/results/train.md.
+and a synchronous save. The table is appended, with machine, versions, date, code and
+command line, to benchmarks/results/train.md (``--out``: elsewhere); a run at other sizes
+than the defaults says so in its table.
 
 ``--implementation`` and ``--compact`` set ``model.implementation`` (default ``auto``: the
 platform's choice) and ``model.compact_multiple``. ``--compact 4`` measures compact mode; its
@@ -33,7 +35,6 @@ persistent compilation cache is off (``--cache-dir`` to use one) so every run co
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import shutil
@@ -44,6 +45,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import jax  # noqa: E402
 import orbax.checkpoint  # noqa: E402
@@ -54,6 +56,11 @@ from stochastic_depth_jax.training import checkpoint, loop, metrics  # noqa: E40
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 from stochastic_depth_jax.training import step as step_lib  # noqa: E402
+import bench_cli  # noqa: E402  (next to this file)
+from provenance import run_label, size_changes  # noqa: E402
+
+SIZES = ("depth", "batch", "steps", "epochs", "train_images", "test_images", "eval_batch")
+TITLE = "# Training-loop benchmark (benchmarks/bench_train.py)"
 
 
 def _config(args, workdir, folder=None):
@@ -118,11 +125,12 @@ def _epoch_images(args, workdir) -> str:
             if f.read() == spec:
                 print(f"reusing the images in {root}", flush=True)
                 return root
-        sys.exit(f"--images-dir {root} holds other images than this run needs ({spec.strip()}); "
-                 "give another directory or delete it.")
+        raise bench_cli.bad_flag(
+            f"--images-dir {root} holds other images than this run needs ({spec.strip()}); "
+            "give another directory or delete it.")
     if args.images_dir and os.path.exists(root) and os.listdir(root):
-        sys.exit(f"--images-dir {root} exists and is not a bench_train image folder; give "
-                 "another directory.")
+        raise bench_cli.bad_flag(f"--images-dir {root} exists and is not a bench_train image "
+                                 "folder; give another directory.")
     t0 = time.perf_counter()
     # Written beside root under a fresh name, renamed when complete: a killed run leaves no
     # half folder at root (only its own staging folder, named after root).
@@ -145,10 +153,7 @@ def _epoch_images(args, workdir) -> str:
 
 def _whole_epochs(args, workdir):
     """Trains ``args.epochs`` epochs of each variant; returns the report's table rows."""
-    names = [n.strip() for n in args.whole_epochs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in EPOCH_VARIANTS]
-    if unknown:
-        sys.exit(f"unknown --whole-epochs variants {unknown}; valid: {list(EPOCH_VARIANTS)}")
+    names = args.whole_epochs
     folder = _epoch_images(args, workdir)
     results = {}
     for name in names:
@@ -229,13 +234,13 @@ def _report(args, loop_ips, step_times, ckpt, state, devices):
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     return "\n".join(
         [
-            f"## {datetime.datetime.now():%Y-%m-%d %H:%M} - ResNet-{args.depth}, batch {args.batch}, "
-            f"p_L={args.p}",
+            f"## ResNet-{args.depth}, batch {args.batch}, p_L={args.p}",
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
             f"jax {jax.__version__}, orbax-checkpoint {orbax.checkpoint.__version__}, "
             f"Python {platform.python_version()}.",
-            f"Command: `python benchmarks/bench_train.py {' '.join(args.argv)}`",
+            "",
+            args.label,
             "",
             "| measure | value |",
             "| --- | --- |",
@@ -252,7 +257,8 @@ def _report(args, loop_ips, step_times, ckpt, state, devices):
     )
 
 
-def main(argv=None):
+def parse_args(argv) -> argparse.Namespace:
+    """The flags, checked before anything is measured; ``args.label``: the provenance line."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -279,9 +285,31 @@ def main(argv=None):
                         help="--whole-epochs: write the random images here once and reuse them "
                              "in later runs (default: a temporary directory per run)")
     parser.add_argument("--progress_bar", default="false")
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.md"))
+    parser.add_argument("--out", default=None,
+                        help=bench_cli.OUT_HELP.format("train.md") + "; '' to print it only")
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.label = run_label("bench_train.py", argv, size_changes(parser, args, SIZES))
+    bench_cli.at_least(args, 1, "batch", "steps", "epochs", "train_images", "test_images",
+                       "eval_batch")
+    bench_cli.cifar_depth(args.depth)
+    if args.whole_epochs:
+        args.whole_epochs = bench_cli.names_from(args.whole_epochs, EPOCH_VARIANTS,
+                                                 "--whole-epochs")
+    batches = [("--batch", args.batch)] + [("--eval-batch", args.eval_batch)] * bool(
+        args.whole_epochs)
+    for flag, value in batches:  # the trainer's check, named by this script's flags
+        if value % jax.device_count():
+            raise bench_cli.bad_flag(f"{flag} {value} does not divide by the "
+                                     f"{jax.device_count()} devices; use a multiple of "
+                                     f"{jax.device_count()}.")
+    if args.out != "":
+        args.out = bench_cli.results_path(args.out, "train.md")
+    return args
+
+
+def main(argv=None):
+    """Times the training loop, bare steps and saves, or whole epochs; appends the table."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.whole_epochs:
         return _whole_epochs_main(args)
     with tempfile.TemporaryDirectory() as workdir:
@@ -291,14 +319,15 @@ def main(argv=None):
         state, step_times = _bare_step(config, os.path.join(workdir, "run"), args.steps)
         ckpt = _checkpoint_times(state, workdir)
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    text = _report(args, loop_ips, step_times, ckpt, state, devices)
-    print(text)
-    if args.out:
-        new = not os.path.exists(args.out)
-        with open(args.out, "a") as f:
-            if new:
-                f.write("# Training-loop benchmark (benchmarks/bench_train.py)\n\n")
-            f.write(text + "\n")
+    _write(_report(args, loop_ips, step_times, ckpt, state, devices), args.out)
+
+
+def _write(text: str, out: str) -> None:
+    """Appends ``text`` to ``out`` (``''``: only prints it)."""
+    if out:
+        bench_cli.append_table(text, out, title=TITLE)
+    else:
+        print(text)
 
 
 def _whole_epochs_main(args):
@@ -306,12 +335,13 @@ def _whole_epochs_main(args):
         rows = _whole_epochs(args, workdir)
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     text = "\n".join([
-        f"## {datetime.datetime.now():%Y-%m-%d %H:%M} - whole epochs, ResNet-{args.depth}, "
+        f"## Whole epochs, ResNet-{args.depth}, "
         f"batch {args.batch}, p_L={args.p}, {args.dtype}, {args.train_images} training images",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
         f"jax {jax.__version__}, Python {platform.python_version()}.",
-        f"Command: `python benchmarks/bench_train.py {' '.join(args.argv)}`",
+        "",
+        args.label,
         "",
         f"Evaluation: {args.test_images} test + 500 validation images after every epoch "
         f"(batch {args.eval_batch}), "
@@ -324,11 +354,8 @@ def _whole_epochs_main(args):
         *rows,
         "",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    _write(text, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

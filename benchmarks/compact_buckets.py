@@ -18,16 +18,16 @@ is the compute floor), padding as a fraction of the kept blocks, and the number 
 programs compiled after 1, 3, 10, ... epochs (all of them compile in a fresh run; with the
 persistent compilation cache a repeated or resumed run reuses them). Multiply by a measured
 compile time per program (``bench_train.py --whole-epochs`` prints compiles and seconds) to
-get the compile time each granularity costs. Appends to
-``benchmarks/results/compact_buckets.md``.
+get the compile time each granularity costs. Appends the table, with date, code and command
+line, to ``benchmarks/results/compact_buckets.md`` (``--out``: elsewhere); a run at other
+sizes than the defaults says so in its table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,10 @@ import numpy as np
 
 from stochastic_depth_jax import CifarResNet
 from stochastic_depth_jax.training.step import StepKeys, step_gates
-from provenance import code_version  # next to this file
+import bench_cli  # next to this file
+from provenance import run_label, size_changes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+SIZES = ("depth", "final_survival", "epochs", "steps_per_epoch", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,19 +52,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps-per-epoch", type=int, default=351,
                     help="45k training images / batch 128 (the paper's CIFAR split)")
     ap.add_argument("--seed", type=int, default=0, help="config.seed of the run")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "compact_buckets.md"))
+    ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("compact_buckets.md"))
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args.label = run_label("compact_buckets.py", argv, size_changes(ap, args, SIZES))
     for name in ("multiples", "lengths"):
-        text = getattr(args, name)
-        try:
-            values = [int(m) for m in text.split(",") if m.strip()]
-        except ValueError:
-            ap.error(f"--{name} must be comma-separated integers, got {text!r}")
+        values = bench_cli.numbers(getattr(args, name), f"--{name}", int)
         if any(m < 1 for m in values):
-            ap.error(f"--{name} must be >= 1, got {text!r}")
+            raise bench_cli.bad_flag(f"--{name} {getattr(args, name)}: each must be >= 1.")
         setattr(args, name, values)
-    if args.epochs < 1 or args.steps_per_epoch < 1:
-        ap.error("--epochs and --steps-per-epoch must be >= 1")
+    bench_cli.at_least(args, 1, "epochs", "steps_per_epoch")
+    bench_cli.cifar_depth(args.depth)
+    if not 0 < args.final_survival <= 1:
+        raise bench_cli.bad_flag(f"--final-survival {args.final_survival}: p_L in (0, 1].")
+    args.out = bench_cli.results_path(args.out, "compact_buckets.md")
     return args
 
 
@@ -115,11 +117,9 @@ def table(args, model, gates, rows, marks) -> str:
     head = " | ".join(f"{e} ep" for e in marks)
     lines = [
         f"\n## Compact-mode granularity, ResNet-{args.depth}, p_L {args.final_survival}, "
-        f"{args.steps_per_epoch} steps/epoch, seed {args.seed} "
-        f"({datetime.date.today().isoformat()}, commit {code_version()})\n",
-        f"Command: `python benchmarks/compact_buckets.py --depth {args.depth} --epochs "
-        f"{args.epochs} --multiples {','.join(map(str, args.multiples))} --lengths "
-        f"{','.join(map(str, args.lengths))}`. Exact counts from "
+        f"{args.steps_per_epoch} steps/epoch, seed {args.seed}\n",
+        f"{args.label}\n",
+        "Exact counts from "
         f"the trainer's gate draws; no model run. Kept blocks (the compute floor): "
         f"{kept:.4f} of {gates.shape[1]}.\n",
         f"| scan lengths | blocks computed / all | padding / kept | programs after {head} |",
@@ -132,6 +132,7 @@ def table(args, model, gates, rows, marks) -> str:
 
 
 def main(argv=None) -> None:
+    """Counts each granularity's programs and padding; appends the table."""
     args = parse_args(argv)
     model = CifarResNet(depth=args.depth, num_classes=10, final_survival_prob=args.final_survival)
     marks = checkpoints(args.epochs)
@@ -144,12 +145,8 @@ def main(argv=None) -> None:
                      functools.partial(model.compact_buckets, lengths=lengths)))
     rows = [granularity_row(model, gates, label, fn, args.steps_per_epoch, marks)
             for label, fn in ways]
-    text = table(args, model, gates, rows, marks)
-    print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(text)
+    bench_cli.append_table(table(args, model, gates, rows, marks), args.out)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -10,7 +10,10 @@ overruns the budget (its printed lines stay in the log). Each part is a separate
 (a fresh JAX: no compiled program is shared between parts) that appends its raw table to a
 file in ``--out-dir`` (default ``benchmarks/results``); everything printed also goes to
 ``<out-dir>/gpu_suite.log``. Estimates are guesses for one H100/H200 and include compilation;
-the log records each part's real wall time, so later runs can be planned from it.
+the log records each part's real wall time, so later runs can be planned from it. It refuses
+to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
+not started where ``--torch-python`` has none. Ctrl-C or SIGTERM stops the running part (its
+table is not written; the earlier parts' are) and records that in the log.
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
@@ -79,6 +82,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_cli  # noqa: E402  (next to this file)
+from bench_cli import child_backend as backend  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,17 +153,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=540, help="seconds for all parts")
     ap.add_argument("--parts", default=",".join(BY_NAME), help="comma-separated, in order")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"),
+                    help="each part appends its table to a file here (made if missing; "
+                         "default benchmarks/results), and the log to gpu_suite.log")
     ap.add_argument("--torch-python", default=sys.executable,
-                    help="a Python with torch for vs-torch (default: this one)")
+                    help="a Python with torch for epochs-torch and vs-torch (default: this one)")
     ap.add_argument("--list", action="store_true", help="print the parts and exit")
     args = ap.parse_args(argv)
-    names = [n.strip() for n in args.parts.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BY_NAME]
-    if unknown:
-        ap.error(f"unknown parts {unknown}; valid: {list(BY_NAME)}")
-    args.selected = [BY_NAME[n] for n in names]
+    args.selected = [BY_NAME[n] for n in bench_cli.names_from(args.parts, BY_NAME, "--parts")]
+    if args.budget <= 0:
+        raise bench_cli.bad_flag(f"--budget {args.budget:g}: seconds, more than 0.")
     return args
+
+
+def has_torch(python: str) -> bool:
+    """Whether ``python`` runs and imports torch."""
+    try:
+        return subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def needs_torch(part: Part) -> bool:
+    """Whether ``part`` runs PyTorch (itself, or through ``--torch-python``)."""
+    return part.torch or "{torch}" in part.args
 
 
 def command(part: Part, args: argparse.Namespace) -> list[str]:
@@ -206,12 +225,31 @@ def main(argv=None) -> None:
         for p in PARTS:
             print(f"{p.name:18s} ~{p.estimate_s:4d} s  python {' '.join(p.args)}")
         return
+    found = backend()
+    if found != "gpu":
+        raise bench_cli.bad_flag(
+            f"JAX's backend here is {found}, not gpu: the suite measures GPU figures and writes "
+            f"them to *_gpu.md tables. Run it on a machine with a GPU (and jax[cuda]); on a CPU "
+            f"run the benchmarks themselves (README, 'Tests and benchmarks').")
+    torch_ok = (not any(needs_torch(p) for p in args.selected)) or has_torch(args.torch_python)
     os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "gpu_suite.log"), "a") as log:
+        _run_parts(args, torch_ok, log)
+
+
+def _run_parts(args, torch_ok: bool, log) -> None:
+    """Runs the selected parts in order inside the budget; the summary ends the log, also
+    after Ctrl-C or SIGTERM (which stop the running part)."""
     start = time.perf_counter()
     summary = []
-    with open(os.path.join(args.out_dir, "gpu_suite.log"), "a") as log:
+    part = None
+    try:
         for part in args.selected:
             left = args.budget - (time.perf_counter() - start)
+            if needs_torch(part) and not torch_ok:
+                summary.append(f"{part.name}: not started (no PyTorch in --torch-python "
+                               f"{args.torch_python}; it is optional: pip install torch)")
+                continue
             if part.estimate_s > left:
                 summary.append(f"{part.name}: not started (estimate {part.estimate_s} s, "
                                f"{left:.0f} s left)")
@@ -222,10 +260,19 @@ def main(argv=None) -> None:
             log.write(header)
             status, took = run_part(cmd, left, log)
             summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
+    except (bench_cli.Interrupted, KeyboardInterrupt) as e:
+        how, status = ((e.how, e.status) if isinstance(e, bench_cli.Interrupted)
+                       else ("Ctrl-C", 130))
+        name = part.name if part else "none"
+        summary.append(f"{name}: interrupted ({how}); its table was not written")
+        raise bench_cli.Interrupted(how, status, (
+            f"part {name} stopped and its table not written; the parts before it wrote "
+            f"theirs (summary in {log.name}).")) from None
+    finally:
         text = "\n=== summary\n" + "\n".join(summary) + "\n"
         sys.stdout.write(text)
         log.write(text)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -21,15 +21,15 @@ events stand in (an approximation: their events are regions of work, not kernels
     python benchmarks/profile_step.py --depth 20 --batch 16 --steps 2     # quick CPU run
     python benchmarks/profile_step.py --drop-path 0.4      # the ViT's drop path: skip vs mask
 
-Appends its tables to ``benchmarks/results/profile_<backend>.md``; ``--trace-dir`` keeps
-the raw traces (TensorBoard's profile plugin or Perfetto open them).
+Appends its tables to ``benchmarks/results/profile_<backend>.md`` (``--out``: elsewhere), with
+machine, versions, date, code and command line (and a warning where the sizes are not the
+defaults); ``--trace-dir`` keeps the raw traces (TensorBoard's profile plugin or Perfetto open them).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import functools
 import glob
 import os
@@ -43,7 +43,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (next to this file)
-from provenance import code_version, machine_line  # noqa: E402
+import bench_cli  # noqa: E402
+from provenance import machine_line, run_label, size_changes  # noqa: E402
+
+SIZES = {"depth": None, "batch": "128; with --drop-path, bench_drop_path.py's", "steps": None}
 
 # Keeps XLA's CUDA graphs on while profiling (set before JAX starts its backend).
 _FLAG = "--xla_enable_command_buffers_during_profiling=true"
@@ -137,11 +140,9 @@ def profile(run_once, runner, inputs, trace_dir: str) -> tuple[float, list]:
 
 def resnet_runners(args):
     """``(heading, run_once, [(name, make_runner)], inputs)`` for CifarResNet variants."""
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if not bench_step.known_variant(n)]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; valid: {list(bench_step.VARIANTS)}, each also "
-                 f"with '{bench_step.UNROLLED}' appended")
+    names = bench_cli.names_from(args.variants, bench_step.VARIANTS, "--variants",
+                                 bench_step.known_variant,
+                                 f", each also with '{bench_step.UNROLLED}' appended")
     dtype = None if args.dtype == "float32" else jnp.bfloat16
     x, y, kp = bench_step.random_batch(args.batch)
     _, gates = bench_step.round_gates(args.depth, args.steps + 2)
@@ -172,14 +173,14 @@ def drop_path_runners(args):
     return dp.describe(dargs).removeprefix("## "), dp.run_once, makers, keys
 
 
-def report(results: dict, args, source: str, argv, heading: str) -> str:
+def report(results: dict, args, source: str, heading: str) -> str:
     lines = [
         f"## Device timeline of the train step: {heading}",
         "",
-        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
-        f"{args.steps} profiled steps per variant after warm-up; timeline: {source}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}. Command: `python "
-        f"benchmarks/profile_step.py {' '.join(argv)}`.",
+        f"{machine_line()}; {args.steps} profiled steps per variant after warm-up; timeline: "
+        f"{source}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}.",
+        "",
+        args.label,
         "",
         "| variant | wall ms/step | device busy ms/step | busy / wall | kernels and copies "
         "/ step | median length us | under 5 us |",
@@ -198,9 +199,10 @@ def report(results: dict, args, source: str, argv, heading: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def parse_args(argv) -> argparse.Namespace:
+    """The flags, checked before anything is profiled; ``args.label``: the provenance line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depth", type=int, default=110)
+    ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=None,
                     help="default 128 (with --drop-path: bench_drop_path.py's for the backend)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -212,14 +214,23 @@ def main(argv=None) -> None:
                          "skip and mask at this uniform rate; its sizes for the backend)")
     ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
                     help="with --drop-path: the network")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("profile_<backend>.md"))
     args = ap.parse_args(argv)
-    if args.steps < 1:
-        sys.exit(f"--steps={args.steps}: profile at least one step")
+    args.label = run_label("profile_step.py", argv, size_changes(ap, args, SIZES))
+    bench_cli.at_least(args, 1, "steps", "batch")
     if args.drop_path < 0 or args.drop_path >= 1:
-        sys.exit(f"--drop-path={args.drop_path}: a drop rate in (0, 1), or 0 for the ResNet")
+        raise bench_cli.bad_flag(f"--drop-path {args.drop_path}: a drop rate in (0, 1), or 0 "
+                                 f"for the ResNet.")
     if not args.drop_path:
+        bench_cli.cifar_depth(args.depth)
         args.batch = args.batch or 128
+    args.out = bench_cli.results_path(args.out, f"profile_{jax.default_backend()}.md")
+    return args
+
+
+def main(argv=None) -> None:
+    """Profiles each variant's steps and appends the timeline tables (see the module's doc)."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     heading, run_once, makers, inputs = (drop_path_runners if args.drop_path
                                          else resnet_runners)(args)
     results, source = {}, "none"
@@ -238,13 +249,11 @@ def main(argv=None) -> None:
             s = results[name]
             print(f"{name}: {s['wall_ms']:.2f} ms/step wall, {s['busy_ms']:.2f} ms busy, "
                   f"{s['kernels']:.0f} kernels/step ({source})", flush=True)
-    text = report(results, args, source, sys.argv[1:] if argv is None else list(argv), heading)
-    bench_step.write_results(text, args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"profile_{jax.default_backend()}.md"))
+    text = report(results, args, source, heading)
+    bench_cli.append_table(text, args.out)
 
 
 if __name__ == "__main__":
     if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-    main()
+    bench_cli.run(main)

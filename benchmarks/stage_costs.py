@@ -34,13 +34,14 @@ expectation under the schedule is printed beside them).
     python benchmarks/stage_costs.py                      # ResNet-110, batch 128, fp32
     python benchmarks/stage_costs.py --depth 20 --batch 32 --rounds 3     # a quick CPU run
 
-Appends its table to ``benchmarks/results/stage_costs_<backend>.md``.
+Appends its table to ``benchmarks/results/stage_costs_<backend>.md`` (``--out``: elsewhere),
+with machine, versions, date, code and command line; a run at other sizes than the defaults
+says so in its table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -54,9 +55,11 @@ from stochastic_depth_jax import buckets as buckets_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (next to this file)
-from provenance import code_version, machine_line  # noqa: E402
+import bench_cli  # noqa: E402
+from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 DEFAULT_VARIANTS = "skip,compact,lengths-3"
+SIZES = {"depth": None, "batch": None, "rounds": "20 GPU, 4 CPU", "warmup": None}
 
 
 def pruned_runners(depth, batch, scan, dtype, key, x, y):
@@ -164,7 +167,7 @@ def analyse(times: dict[str, float], model: CifarResNet, variants, gates_timed,
             "equal_cost_floor": equal, "rows": rows}
 
 
-def report(a: dict, args, rounds: int, kept_fraction: float, argv) -> str:
+def report(a: dict, args, rounds: int, kept_fraction: float) -> str:
     full = a["full"]
     ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
     gap = a["removal"].sum() - (full - a["fixed"])
@@ -172,10 +175,10 @@ def report(a: dict, args, rounds: int, kept_fraction: float, argv) -> str:
         f"## Where the step's time goes: CifarResNet-{args.depth}, batch {args.batch}, "
         f"{args.dtype}",
         "",
-        f"{datetime.date.today().isoformat()}; {machine_line()}; code {code_version()}; "
-        f"{rounds} interleaved rounds after {args.warmup} warm-up; compile excluded; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}. Command: `python "
-        f"benchmarks/stage_costs.py {' '.join(argv)}`.",
+        f"{machine_line()}; {rounds} interleaved rounds after {args.warmup} warm-up; compile "
+        f"excluded; XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}.",
+        "",
+        args.label,
         "",
         "| stage | blocks | removing the stage saves, ms/step | its share | ms per block "
         "(share of the block time) |",
@@ -265,24 +268,40 @@ def plot(a: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def parse_args(argv) -> argparse.Namespace:
+    """The flags, checked before anything is measured; ``args.label``: the provenance line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depth", type=int, default=110)
+    ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 20 GPU, 4 CPU)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help="bench_step.py skipping variants, comma-separated")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--plot", default="", help="also draw the breakdown to this PNG")
+    ap.add_argument("--out", default=None,
+                    help=bench_cli.OUT_HELP.format("stage_costs_<backend>.md"))
+    ap.add_argument("--plot", default="",
+                    help="also draw the breakdown to this PNG (if it exists: to NAME-1.png, ...)")
     args = ap.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if not bench_step.known_variant(v)
-           or bench_step.VARIANTS[v.removesuffix(bench_step.UNROLLED)][0] == 1.0]
-    if bad:
-        sys.exit(f"--variants {bad}: not skipping variants of bench_step.py; valid: "
-                 f"{[v for v, spec in bench_step.VARIANTS.items() if spec[0] < 1.0]}")
+    args.label = run_label("stage_costs.py", argv, size_changes(ap, args, SIZES))
+    skipping = [v for v, spec in bench_step.VARIANTS.items() if spec[0] < 1.0]
+    args.variants = bench_cli.names_from(
+        args.variants, skipping, "--variants",
+        lambda v: v.removesuffix(bench_step.UNROLLED) in skipping,
+        f" (bench_step.py's skipping variants), each also with '{bench_step.UNROLLED}' appended")
+    bench_cli.at_least(args, 1, "batch", "rounds")
+    bench_cli.at_least(args, 0, "warmup")
+    bench_cli.cifar_depth(args.depth)
+    args.out = bench_cli.results_path(args.out, f"stage_costs_{jax.default_backend()}.md")
+    args.plot = bench_cli.fresh_file(args.plot, "--plot")
+    return args
+
+
+def main(argv=None) -> None:
+    """Times the constant-depth step, its stage removals and the skipping variants, and
+    appends the analysis (see the module's doc)."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    variants = args.variants
     rounds = args.rounds or (20 if jax.default_backend() != "cpu" else 4)
     dtype = None if args.dtype == "float32" else jnp.bfloat16
     x, y, kp = bench_step.random_batch(args.batch)
@@ -296,16 +315,13 @@ def main(argv=None) -> None:
     times = {r.name: statistics.median(r.times) for r in runners}
     timed = [np.asarray(g) for g in all_gates[args.warmup:]]
     result = analyse(times, model, variants, timed, {r.name: r.times for r in runners})
-    text = report(result, args, rounds, float(np.mean(timed)),
-                  sys.argv[1:] if argv is None else list(argv))
+    text = report(result, args, rounds, float(np.mean(timed)))
     if args.plot:
         plot(result, args.plot, f"CifarResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
                                 f"{jax.devices()[0].device_kind}")
         print(f"drew {args.plot}")
-    bench_step.write_results(text, args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"stage_costs_{jax.default_backend()}.md"))
+    bench_cli.append_table(text, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    bench_cli.run(main)

@@ -1,13 +1,22 @@
 """The benchmarks the GPU suite runs, at toy sizes: a part that breaks should break here, on
 the CPU, not in a lent GPU's minutes. Figures are not checked (they are the machine's), only
-that every variant ran and its table row is there and well formed."""
+that every variant ran and its table row is there and well formed; and the scripts as a user
+meets them: a rerun never loses a recorded table, a bad flag is one line, an interruption
+writes nothing."""
 
 import os
+import runpy
+import signal
 import sys
+import threading
 
+import jax
 import pytest
 
-from bench_scripts import load
+from bench_scripts import BENCHMARKS, load
+from stochastic_depth_jax.training import stopping
+
+RECORDED = "# Recorded\n\n## an earlier table\n\n| variant | ms |\n|---|---|\n| constant | 1.0 |\n\n"
 
 
 def rows(path, first_cells):
@@ -31,6 +40,12 @@ def test_bench_step_every_kind_of_variant(tmp_path):
     assert sorted(found) == sorted(names)
     assert float(found["constant"][4]) == 1.0  # the ratio base
     assert all(float(found[n][1]) > 0 for n in names)
+    # A toy run's table names its command and says that its sizes are not the recorded ones.
+    text = out.read_text()
+    assert "command: `python benchmarks/bench_step.py --depth 8 --batch 4 --rounds 1" in text
+    assert ("**Not the default sizes** (--depth 8 (default 110); --batch 4 (default 128, 32 "
+            "with --user-branch); --rounds 1 (default 30 GPU, 6 CPU); --warmup 1 (default 2))"
+            in text)
 
 
 def test_bench_step_user_branch(tmp_path):
@@ -70,13 +85,14 @@ def test_bench_train_images_are_reused_and_others_refused(tmp_path, capsys):
     capsys.readouterr()
     assert bench_train._epoch_images(args(images), str(tmp_path)) == str(images)
     assert f"reusing the images in {images}" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="holds other images than this run needs"):
+    flag_error = load("bench_cli").FlagError
+    with pytest.raises(flag_error, match="holds other images than this run needs"):
         bench_train._epoch_images(args(images, 128), str(tmp_path))
     assert (images / "bench_train_images.txt").read_text() == marker
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="is not a bench_train image folder"):
+    with pytest.raises(flag_error, match="is not a bench_train image folder"):
         bench_train._epoch_images(args(other), str(tmp_path))
     assert (other / "notes.txt").read_text() == "keep me"
 
@@ -97,15 +113,15 @@ def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
                                         "time.sleep(60)"))
     huge = suite.Part("huge", 10**6, ("-c", "print('never')"))
     monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in (quick, slow, huge)})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
     suite.main(["--parts", "quick,huge,slow", "--budget", "8", "--out-dir", str(tmp_path)])
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "quick ran" in log and "never" not in log and "slow started" in log
     assert "quick: ok" in log
     assert "huge: not started" in log
     assert "slow: stopped (budget)" in log
-    with pytest.raises(SystemExit):
+    with pytest.raises(load("bench_cli").FlagError, match="--parts: unknown nonsense; valid: "):
         suite.main(["--parts", "nonsense"])
-    assert "unknown parts" in capsys.readouterr().err
 
 
 def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path):
@@ -134,3 +150,139 @@ def test_gpu_suite_parts_name_known_variants():
         if "--whole-epochs" in args and script == "bench_train.py":
             for name in args[args.index("--whole-epochs") + 1].split(","):
                 assert name in bench_train.EPOCH_VARIANTS, (part.name, name)
+
+
+def test_gpu_suite_parts_parse(tmp_path, monkeypatch):
+    """Every part's flags pass its script's checks (a typo costs no GPU minutes)."""
+    suite = load("gpu_suite")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's one GPU, not 8 CPUs
+    args = suite.parse_args(["--out-dir", str(tmp_path)])
+    for part in suite.PARTS:
+        script, *argv = suite.command(part, args)[1:]
+        name = os.path.basename(script).removesuffix(".py")
+        if name not in ("compare_torch", "bench_torch"):  # these need PyTorch
+            load(name).parse_args(argv)
+
+
+def run_command(module, argv, capsys):
+    """``(exit status, stderr lines)`` of ``python benchmarks/<module>.py <argv>``, in process."""
+    with pytest.raises(SystemExit) as stopped:
+        load("bench_cli").run(load(module).main, argv)
+    return stopped.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench_step", ["--variants", "nope"], "--variants: unknown nope; valid: constant, skip,"),
+    ("bench_step", ["--variants", ""], "--variants is empty: give one or more names"),
+    ("bench_step", ["--rounds", "0"], "--rounds 0: must be at least 1."),
+    ("bench_step", ["--depth", "21"], "--depth 21: a CIFAR ResNet's depth is 6n+2"),
+    ("bench_step", ["--json", "{recorded}"], "exists; give a new file"),
+    ("stage_costs", ["--variants", "constant"], "--variants: unknown constant; valid: skip,"),
+    ("bench_train", ["--whole-epochs", "nope"], "--whole-epochs: unknown nope; valid: constant,"),
+    ("bench_train", ["--batch", "12"], "--batch 12 does not divide by the 8 devices"),
+    ("bench_prune", ["--fractions", "0,1.5"], "--fractions [0.0, 1.5]: each in [0, 1)"),
+    ("bench_drop_path", ["--rates", "x"], "--rates 'x': give comma-separated numbers."),
+    ("compact_buckets", ["--depth", "100"], "nearest: 98 or 104."),
+    ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
+    ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
+])
+def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
+                                                   monkeypatch):
+    recorded = tmp_path / "recorded.md"
+    recorded.write_text(RECORDED)
+    argv = [a.format(tmp=tmp_path, recorded=recorded) for a in argv]
+    if module == "gpu_suite":  # whatever this machine has: the check, not the detection
+        monkeypatch.setattr(load("gpu_suite"), "backend", lambda: "cpu")
+    out = [] if "--out" in argv or module == "gpu_suite" else ["--out", str(recorded)]
+    status, err = run_command(module, argv + out, capsys)
+    assert status == 1 and len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0]
+    assert recorded.read_text() == RECORDED
+
+
+def test_gpu_suite_asks_a_child_for_the_backend():
+    assert load("gpu_suite").backend() == jax.default_backend()
+
+
+def test_torch_missing_is_one_line_saying_it_is_optional(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as where PyTorch is not installed
+    monkeypatch.setattr(sys, "argv", ["bench_torch.py"])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(os.path.join(BENCHMARKS, "bench_torch.py"), run_name="__main__")
+    assert str(stopped.value.code).startswith("error: PyTorch is not installed in this Python. "
+                                              "It is optional")
+    assert "pip install torch" in stopped.value.code
+    no_torch = tmp_path / "python"  # a Python without torch, for compare_torch.py
+    no_torch.write_text("#!/bin/sh\nexit 1\n")
+    no_torch.chmod(0o755)
+    status, err = run_command("compare_torch", ["--torch-python", str(no_torch), "--out",
+                                                str(tmp_path / "vs.md")], capsys)
+    assert status == 1 and len(err) == 1
+    assert err[0].startswith(f"error: --torch-python {no_torch}: PyTorch is not installed")
+
+
+def test_bench_data_appends_below_the_recorded_table(tmp_path, capsys):
+    out = tmp_path / "data.md"
+    out.write_text(RECORDED)
+    load("bench_data").main(["--steps", "1", "--tfds-train", "0", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith(RECORDED) and text.count("| train_batch, batch 128") == 2
+    assert "**Not the default sizes** (--steps 1 (default 200); --tfds-train 0" in text
+    assert f"appended to {out}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how, status, by", [("SIGTERM", 143, "signal"), ("Ctrl-C", 130, "key"),
+                                            ("SIGTERM", 143, "trainer")])
+def test_an_interrupted_benchmark_writes_nothing(how, status, by, tmp_path, capsys,
+                                                 monkeypatch):
+    bench_step = load("bench_step")
+
+    def interrupt(*args):
+        if by == "signal":
+            signal.raise_signal(signal.SIGTERM)
+        if by == "trainer":  # bench_train.py's trainer, stopped by SIGTERM after a checkpoint
+            raise stopping.Stopped("stopped at step 3", signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_step, "compile_all", interrupt)
+    out = tmp_path / "step.md"
+    out.write_text(RECORDED)
+    code, err = run_command("bench_step", ["--depth", "8", "--batch", "2", "--variants",
+                                           "constant", "--out", str(out)], capsys)
+    assert code == status and err == [
+        f"interrupted ({how}): no table was written; the results files are as they were."]
+    assert out.read_text() == RECORDED
+
+
+def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
+    suite = load("gpu_suite")
+    slow = suite.Part("slow", 1, ("-c", "import time; print('slow started', flush=True); "
+                                        "time.sleep(60)"))
+    monkeypatch.setattr(suite, "BY_NAME", {"slow": slow})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    run = load("bench_cli").run
+    timer = threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        status, err = run_command("gpu_suite", ["--parts", "slow", "--out-dir", str(tmp_path)],
+                                  capsys)
+    finally:
+        timer.cancel()
+    assert run and status == 143 and len(err) == 1
+    assert err[0].startswith("interrupted (SIGTERM): part slow stopped")
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "slow started" in log and "slow: interrupted (SIGTERM)" in log
+
+
+def test_results_paths_never_lose_a_file(tmp_path):
+    cli = load("bench_cli")
+    recorded = tmp_path / "plot.png"
+    recorded.write_text("recorded")
+    assert cli.fresh_file(str(recorded), "--plot") == str(tmp_path / "plot-1.png")
+    assert cli.results_path(str(recorded), "x.md") == str(recorded)  # only opened to check
+    assert recorded.read_text() == "recorded"
+    assert cli.results_path(None, "x.md") == os.path.normpath(
+        os.path.join(BENCHMARKS, "results", "x.md"))
+    assert not os.path.exists(os.path.join(BENCHMARKS, "results", "x.md"))
+    with pytest.raises(cli.FlagError, match="is a directory; give a file in it"):
+        cli.results_path(str(tmp_path), "x.md")

@@ -68,9 +68,10 @@ def test_tiny_drop_path_profile(script, tmp_path):
 
 
 def test_rejects_unknown_variants_and_zero_steps(script):
-    with pytest.raises(SystemExit, match="unknown variants"):
+    flag_error = load("bench_cli").FlagError
+    with pytest.raises(flag_error, match="--variants: unknown nonsense"):
         script.main(["--variants", "nonsense"])
-    with pytest.raises(SystemExit, match="at least one step"):
+    with pytest.raises(flag_error, match="--steps 0: must be at least 1"):
         script.main(["--steps", "0"])
-    with pytest.raises(SystemExit, match="a drop rate in"):
+    with pytest.raises(flag_error, match="a drop rate in"):
         script.main(["--drop-path", "1.5"])

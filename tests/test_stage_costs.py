@@ -87,8 +87,10 @@ def test_analysis_recovers_stage_costs_floor_and_overheads(script, inflate):
     for row in a["rows"]:
         assert row["overhead"] == pytest.approx(overhead[row["variant"]])
         assert row["expected"] >= a["floor"] - 1e-9
-    args = type("A", (), {"depth": 110, "batch": 128, "dtype": "float32", "warmup": 2})()
-    text = script.report(a, args, 21, 0.75, ["--rounds", "21"])
+    label = load("provenance").run_label("stage_costs.py", ["--rounds", "21"])
+    args = type("A", (), {"depth": 110, "batch": 128, "dtype": "float32", "warmup": 2,
+                          "label": label})()
+    text = script.report(a, args, 21, 0.75)
     assert "| compact |" in text and f"**{a['floor'] / a['full']:.3f}**" in text
     assert "stage_costs.py --rounds 21`" in text
     if inflate > 1:  # 12% of 12.6 ms of blocks is 9.7% of the 15.6 ms step
@@ -127,5 +129,5 @@ def test_tiny_run_end_to_end(script, tmp_path):
 
 def test_rejects_constant_and_unknown_variants(script):
     for bad in ("constant", "nonsense"):
-        with pytest.raises(SystemExit, match="not skipping variants"):
+        with pytest.raises(load("bench_cli").FlagError, match=f"unknown {bad}; valid: skip,"):
             script.main(["--variants", bad])

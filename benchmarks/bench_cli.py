@@ -1,0 +1,221 @@
+"""What the benchmark scripts share on the command line: one-line errors, where a table goes.
+
+A script's ``main(argv)`` raises :class:`stochastic_depth_jax.errors.ConfigError` for a bad
+flag; :func:`run` (its ``__main__``) prints that as the trainer does, ``error: <message>``
+and exit status 1 (``--debug`` or ``SDJ_DEBUG=1``: the traceback). Ctrl-C or SIGTERM before
+the table is written stops with one line saying that nothing was written: a table is only
+ever appended whole, at the end, so the tables already in a results file are never touched.
+
+``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
+there the same lines are printed by :func:`run` itself (:class:`FlagError`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+try:
+    from stochastic_depth_jax import errors
+    from stochastic_depth_jax.training import cli, stopping
+except ImportError:  # an environment with PyTorch only (bench_torch.py)
+    errors = cli = stopping = None
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TORCH_MISSING = ("PyTorch is not installed in this Python. It is optional (only "
+                 "bench_torch.py and compare_torch.py's Torch side use it; stochastic_depth_jax "
+                 "does not need it): install it with `pip install torch`, ideally in an "
+                 "environment of its own, and give that environment's python to "
+                 "compare_torch.py --torch-python.")
+OUT_HELP = ("append the table to this file (its directory must exist; default: "
+            "benchmarks/results/{}); nothing already there is changed")
+
+
+class FlagError(*((errors.ConfigError,) if errors else (ValueError,))):
+    """A flag a user gave wrong; its message names the flag, the value and the fix."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM during a benchmark (a ``BaseException``: not an error to report)."""
+
+    def __init__(self, how: str, status: int, note: str = ""):
+        super().__init__(how)
+        self.how, self.status = how, status
+        self.note = note or "no table was written; the results files are as they were."
+
+
+def _terminated(signum, frame):
+    raise Interrupted("SIGTERM", 128 + signum)
+
+
+def run(main, argv=None):
+    """Runs ``main(argv)`` as a command: anticipated errors as one ``error:`` line (exit 1),
+    an interruption as one line (exit 130 or 143); ``--debug`` is taken out of ``argv``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = cli.debug_requested(argv) if cli else "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+
+    def body():
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            raise Interrupted("Ctrl-C", 130) from None
+        except Exception as e:  # noqa: BLE001  Only the trainer's stop is taken here.
+            # The trainer inside bench_train.py stops on a signal after a checkpoint and says
+            # how to resume it; its workdir is temporary, so that would mislead.
+            if stopping is None or not isinstance(e, stopping.Stopped):
+                raise
+            how = "SIGTERM" if e.exit_status == 128 + signal.SIGTERM else "Ctrl-C"
+            raise Interrupted(how, e.exit_status) from None
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    try:
+        if cli is not None:
+            return cli.run_reporting_errors(body, debug)
+        try:  # without this package: its convention, for the errors raised here
+            return body()
+        except FlagError as e:
+            if debug:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    except Interrupted as e:
+        print(f"interrupted ({e.how}): {e.note}", file=sys.stderr, flush=True)
+        sys.exit(e.status)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def child_backend() -> str:
+    """JAX's backend on this machine, asked of a child process: for a script that runs the
+    benchmarks as children, as JAX started in it would take the GPU's memory from them."""
+    found = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "unknown (JAX did not start)"
+
+
+def bad_flag(message: str) -> FlagError:
+    """The error of a flag a user gave wrong (``message`` names the flag, value and fix)."""
+    return FlagError(message)
+
+
+def at_least(args, minimum: int, *names: str) -> None:
+    """Raises unless each of ``args``' ``names`` (dests; ``None`` = the default) is >= ``minimum``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise bad_flag(f"{flag} {value}: must be at least {minimum}.")
+
+
+def cifar_depth(depth: int) -> None:
+    """Raises unless ``depth`` is a CIFAR ResNet's (6n+2), naming the nearest valid ones."""
+    if depth < 8 or (depth - 2) % 6:
+        below = max(8, depth - (depth - 2) % 6)
+        nearest = sorted({below, below + 6} if depth > 8 else {8})
+        raise bad_flag(f"--depth {depth}: a CIFAR ResNet's depth is 6n+2 with n >= 1 (20, 32, "
+                       f"44, 56, 110, 1202, ...); nearest: {' or '.join(map(str, nearest))}.")
+
+
+def names_from(text: str, valid, flag: str, known=None, also: str = "") -> list[str]:
+    """The comma-separated names of ``text`` (at least one), each in ``valid`` (or passing
+    ``known``); the error lists ``valid`` and ``also`` (what else is accepted)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    listed = f"; valid: {', '.join(valid)}{also}"
+    if not names:
+        raise bad_flag(f"{flag} is empty: give one or more names, comma-separated{listed}.")
+    unknown = [n for n in names if not (known(n) if known else n in valid)]
+    if unknown:
+        raise bad_flag(f"{flag}: unknown {', '.join(unknown)}{listed}.")
+    return names
+
+
+def integer(text: str, flag: str) -> int:
+    """``int(text)``, or the error naming ``flag``."""
+    try:
+        return int(text)
+    except ValueError:
+        raise bad_flag(f"{flag}: {text.strip()!r} is not an integer.") from None
+
+
+def numbers(text: str, flag: str, kind=float) -> list:
+    """The comma-separated numbers of ``text`` (at least one), or the error naming ``flag``."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise bad_flag(f"{flag} {text!r}: give comma-separated numbers.") from None
+    if not values:
+        raise bad_flag(f"{flag} is empty: give one or more numbers, comma-separated.")
+    return values
+
+
+def results_path(out: str | None, default_name: str, flag: str = "--out") -> str:
+    """Where the table goes: ``out``, or ``benchmarks/results/<default_name>``; checked now,
+    before minutes of measuring, by opening it for appending (an existing file is untouched;
+    one made for the check is removed)."""
+    path = os.path.abspath(out) if out else os.path.join(RESULTS, default_name)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise bad_flag(f"{flag} {out}: is a directory; give a file in it, e.g. "
+                       f"{os.path.join(out, default_name)}.")
+    if not os.path.isdir(folder):
+        raise bad_flag(f"{flag} {out}: the directory {folder} does not exist; create it or "
+                       f"give another path.")
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        raise bad_flag(f"{flag} {out or path}: cannot write there ({e.strerror}); give a "
+                       f"writable path.") from None
+    if not existed:
+        os.remove(path)
+    return path
+
+
+def new_file(path: str, flag: str) -> str:
+    """``path`` (absolute; ``''`` stays ``''``) for a file written whole: refused if it exists
+    (an earlier result is never overwritten) or its directory does not."""
+    if not path:
+        return ""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise bad_flag(f"{flag} {path}: exists; give a new file (it is written whole, so an "
+                       f"earlier result there would be lost).")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise bad_flag(f"{flag} {path}: the directory {os.path.dirname(path)} does not exist; "
+                       f"create it or give another path.")
+    return path
+
+
+def fresh_file(path: str, flag: str) -> str:
+    """``path`` (absolute; ``''`` stays ``''``), or, if it exists, the first free
+    ``<stem>-1<ext>``, ``<stem>-2<ext>``, ...: a drawing is never drawn over an earlier one."""
+    if not path:
+        return ""
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise bad_flag(f"{flag} {path}: the directory {os.path.dirname(path)} does not exist; "
+                       f"create it or give another path.")
+    stem, ext = os.path.splitext(path)
+    fresh, n = path, 0
+    while os.path.exists(fresh):
+        n += 1
+        fresh = f"{stem}-{n}{ext}"
+    if fresh != path:
+        print(f"{flag}: {path} exists; drawing to {fresh} instead", flush=True)
+    return fresh
+
+
+def append_table(text: str, path: str, title: str = "") -> None:
+    """Prints ``text`` and appends it to ``path`` in one write (``title``: a new file's first
+    line); says where it went."""
+    print("\n" + text, flush=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a") as f:
+        f.write((f"{title}\n\n" if new and title else "") + text.rstrip("\n") + "\n\n")
+    print(f"appended to {path}", flush=True)
