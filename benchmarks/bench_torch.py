@@ -2,8 +2,9 @@
 
 Needs PyTorch (optional, not a dependency of the package: ``pip install torch``, ideally in
 an environment of its own; neither JAX nor this package is needed there). Builds
-the CIFAR ResNet of the paper (depth 6n+2, widths 16/32/64, option-A shortcuts: stride
-subsampling plus zero channel padding, Torch ``BatchNorm2d``), and times a full train step
+the CIFAR ResNet of the paper (depth 6n+2, widths 16/32/64, option-A shortcuts: 2x2
+average pooling plus zero channel padding, as the paper and our default; Torch
+``BatchNorm2d``), and times a full train step
 (forward, cross-entropy, backward, SGD with Nesterov momentum 0.9 and L2 1e-4 on every
 weight, lr 0.1) on random CIFAR-shaped data, in channels-last memory format, for:
 
@@ -81,8 +82,8 @@ class Block(nn.Module):
         self.stride, self.pad = stride, cout - cin
 
     def shortcut(self, x):
-        if self.stride > 1:
-            x = x[:, :, ::self.stride, ::self.stride]
+        if self.stride > 1:  # the paper's "average pooling followed by zero paddings"
+            x = F.avg_pool2d(x, self.stride)
         return F.pad(x, (0, 0, 0, 0, 0, self.pad)) if self.pad else x
 
     def forward(self, x, keep: bool = True, scale: float = 1.0):
