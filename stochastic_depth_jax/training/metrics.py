@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from stochastic_depth_jax import logs
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["MetricWriter", "read_metrics", "consistent_records", "METRICS_FILE"]
 
@@ -132,12 +133,8 @@ def _reset_file(path: str, resume_epoch: int) -> None:
             + ".",
             logs.RunWarning,
         )
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with workdir_lib.atomic_write(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _jsonable(value: Any) -> Any:
