@@ -2,8 +2,8 @@
 
 Command:  python train.py --config svhn [--workdir ./workdir/svhn]
 Smoke:    python train.py --config svhn:smoke       (fake data, CPU, about a minute)
-Runtime:  50 epochs over ~598k images: about 1.6x the CIFAR run on one GPU
-          (paper gives no SVHN time).
+Runtime:  50 epochs over ~598k images: about 1.8x the CIFAR ResNet-110 run on one GPU
+          (1.33x the images seen, 75 blocks against 54; paper gives no SVHN time).
 Paper:    Table 1, SVHN test error 1.75% (constant depth ResNet-152: 2.01%);
           lr 0.1, / 10 at epochs 30 and 35 of 50 (Sec. 4, SVHN);
           constant depth: --config.model.final_survival_prob=1.0
