@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from stochastic_depth_jax import data as data_lib
-from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax import errors, logs, pruning
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
@@ -255,6 +255,17 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
     if not is_last:  # The last is drawn once the run's summary is known.
         _draw_plots(run, force=run.plotted_at is None)  # The first epoch's, then periodically.
     return record
+
+
+def _describe(config: ml_collections.ConfigDict, params: Any, ds: data_lib.Dataset) -> str:
+    """The start-up line saying what trains: the model as the figures' titles name it
+    (:func:`plots.run_title`), its parameter count and the data's split sizes, e.g.
+    ``Training cifar10, WRN-28-10, ..., float32: 36,479,194 parameters; 45,000 training,
+    5,000 validation, 10,000 test images.``"""
+    splits = [("training", ds.train), ("validation", ds.validation), ("test", ds.test)]
+    sizes = ", ".join(f"{len(split):,} {name}" for name, split in splits if split is not None)
+    return (f"Training {plots.run_title(config)}: {pruning.param_count(params):,} parameters; "
+            f"{sizes} images.")
 
 
 def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
@@ -551,6 +562,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
             if saved is not None:
                 return _nothing_to_train(run, saved), False
         _write_run_json(run, ds)
+        if jax.process_index() == 0:
+            print(_describe(run.config, run.state.params, ds), flush=True)
         spe = run.setup.steps_per_epoch
         run.writer = metrics_lib.MetricWriter(
             workdir,
