@@ -58,9 +58,11 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     # The smoke WRN's base width is 4, not the WRN paper's 16: it was titled WRN-10-2 alone.
     ("cifar100_wrn:smoke", [], "(FAKE random-label data), WRN-10-2 width 4, stochastic depth"),
     ("cifar100_wrn", ["--config.model.dropout_rate=0.3"], ", WRN-28-10 dropout 0.3, "),
-    ("cifar10_vit", [], "cifar10, ViT-S, drop path 0.1 (linear, sample)"),
+    # The patch size sets the token count: ViT-S/4 on CIFAR is not DeiT's ViT-S/16.
+    ("cifar10_vit", [], "cifar10, ViT-S/4, drop path 0.1 (linear, sample)"),
+    ("cifar10_vit", ["--config.model.patch_size=8"], "cifar10, ViT-S/8, drop path"),
     # A model whose dimensions are set, not taken from its size, is not that size: said so.
-    ("cifar10_vit:smoke", [], "ViT-Ti depth 2 width 32 num_heads 2, "),
+    ("cifar10_vit:smoke", [], "ViT-Ti/4 depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
     ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8 width 4, "),

@@ -51,7 +51,7 @@ def test_a_run_says_what_it_trains_at_start_up(tmp_path, capsys):
                             jnp.zeros((1, 32, 32, 3)))
     assert line == (f"Training {plots.run_title(config)}: {pruning.param_count(shapes):,} "
                     "parameters; 128 training, 32 validation, 64 test images.")
-    assert "ViT-Ti depth 2 width 32 num_heads 2, drop path 0.3" in line
+    assert "ViT-Ti/4 depth 2 width 32 num_heads 2, drop path 0.3" in line
 
 
 def test_vit_schedule_and_label_smoothing_come_from_the_config():

@@ -30,7 +30,7 @@ def new_figure(figsize: tuple[float, float]) -> Any:
 
 def run_title(config: Any) -> str:
     """One line naming what a run trained, e.g. ``cifar10, ResNet-110, stochastic depth
-    p_L=0.5 (linear, batch), float32``, ``..., constant depth, ...`` or ``cifar10, ViT-S,
+    p_L=0.5 (linear, batch), float32``, ``..., constant depth, ...`` or ``cifar10, ViT-S/4,
     drop path 0.1 (linear, sample), float32``, with ``FAKE data`` after the dataset of a
     random-label smoke run: a figure's title, so a PNG copied out of its workdir still says
     what it shows. ``config``: the run's ConfigDict, or run.json's ``"config"`` dict."""
@@ -38,9 +38,9 @@ def run_title(config: Any) -> str:
     name = m.get("name", "cifar_resnet")
     if name == "wide_resnet":  # WRN-d-k names its depth and widening, not the base width.
         model = f"WRN-{m['depth']}-{m['widen_factor']}" + _width(m)
-    elif name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's dimensions differ.
-        model = f"ViT-{str(m['size']).capitalize()}" + _set_dims(m, "depth", "width",
-                                                                  "num_heads")
+    elif name == "vit":  # DeiT's names, ViT-S/16: size/patch; a smoke run's dimensions differ.
+        model = f"ViT-{str(m['size']).capitalize()}/{m['patch_size']}" + _set_dims(
+            m, "depth", "width", "num_heads")
     elif name == "convnext":
         model = f"ConvNeXt-{m['size']}" + _set_dims(m, "depths", "dims")
     else:
