@@ -215,8 +215,12 @@ def _evaluate(run: _Run) -> dict[str, float]:
     return record
 
 
-def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> dict[str, Any]:
-    """Evaluates, records, updates the best checkpoint and saves the latest one."""
+def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
+                  is_last: bool) -> dict[str, Any]:
+    """Evaluates, records, updates the best checkpoint and saves the latest one.
+
+    ``train_time``: seconds of the ``timed_steps`` steps this session ran in the epoch (a
+    session resumed mid-epoch times only its part; images/s are of those steps)."""
     c, step, spe = run.config, run.step, run.setup.steps_per_epoch
     steps_done = step - (epoch - 1) * spe
     # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
@@ -227,7 +231,7 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         "lr": float(run.setup.lr_schedule(step - 1)),
         **_epoch_sums(run),
         "epoch_time_s": train_time,
-        "images_per_s": steps_done * c.batch_size / max(train_time, 1e-9),
+        "images_per_s": timed_steps * c.batch_size / max(train_time, 1e-9),
     }
     if epoch % c.eval_every_epochs == 0 or is_last:
         t0 = time.perf_counter()
@@ -608,9 +612,10 @@ def _train(run: _Run) -> dict[str, Any]:
     while run.step < total:
         epoch = run.step // spe + 1
         end = min(epoch * spe, total)
+        timed = end - run.step  # Fewer than the epoch's steps where it resumes mid-epoch.
         epoch_time = _train_epoch(run, compiled, epoch, end)
         train_time += epoch_time
-        record = _end_of_epoch(run, epoch, epoch_time, is_last=end == total)
+        record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
         if end < total:
             _stop_if_requested(run, end)
     run.ckpts.wait()
