@@ -2,8 +2,9 @@
 
 Command:  python train.py --config svhn [--workdir ./workdir/svhn]
 Smoke:    python train.py --config svhn:smoke       (fake data, CPU, about a minute)
-Runtime:  paper (Table 2): 25h33m on the authors' GPU (constant depth: 33h43m), about
-          1.7x the CIFAR-10 run; 50 epochs over ~598k images.
+Runtime:  paper (Table 2): 25h33m on the authors' GPU (constant depth: 33h43m); 50 epochs
+          over ~598k images, about 1.8x the CIFAR ResNet-110 run's compute (1.33x the
+          images seen, 75 blocks against 54).
 Paper:    Table 1, SVHN test error 1.75% (constant depth ResNet-152: 1.80%);
           lr 0.1, / 10 at epochs 30 and 35 of 50 (Sec. 4, SVHN); the paper evaluates
           (and selects by validation error) every 200 iterations, this config every epoch;

@@ -69,7 +69,7 @@ MODEL_CLASSES: dict[str, type] = {
 
 
 def _require_blockwise(model: Any) -> None:
-    """Refuses models without block-wise survival probabilities (e.g. the ViT)."""
+    """Refuses models without block-wise survival probabilities (the ViT, the ConvNeXt)."""
     if not all(hasattr(type(model), m) for m in ("num_blocks", "survival_probs", "kept_blocks")):
         raise errors.ConfigError(
             f"Depth on demand needs a model with block-wise stochastic depth "
@@ -181,6 +181,7 @@ class SubNetworkEvaluator:
     """
 
     def __init__(self, model: Any, variables: Any, batches: Batches):
+        _require_blockwise(model)  # Else the first call fails deep in apply ('gates').
         self.model, self.variables, self._batches = model, variables, batches
         self._cache: dict[tuple[bool, ...], dict[str, float]] = {}
 

@@ -1,6 +1,8 @@
 """Configs: paper values, smoke variants, overrides, clear errors; optimiser and schedule."""
 
+import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -50,6 +52,27 @@ def test_config_file_header_and_smoke_variant(name):
     # ConvNeXt configs give blocks per stage (model.depths) instead of one depth.
     depth = smoke.model.depth if "depth" in smoke.model else sum(smoke.model.depths)
     assert smoke.fake_data.num_train > 0 and depth < 20 and smoke.num_epochs <= 3
+
+
+def _train_images(dataset):
+    """Training images per epoch of ``dataset``, from README's data table (paper splits)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        row = next(line for line in f if line.startswith("| `") and f"`{dataset}`" in line)
+    return int(re.search(r"\| ([\d,]+) / [\d,]+ / [\d,]+ \|", row).group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("name, claim, digits", [
+    ("svhn", r"about ([\d.]+)x the CIFAR ResNet-110 run", 1),
+    ("cifar10_resnet1202", r"about ([\d.]+)x the ResNet-110 run", 1)])
+def test_runtime_ratios_in_config_docstrings_follow_from_the_configs(name, claim, digits):
+    """Compute per run, images x epochs x residual blocks, against CIFAR-10's ResNet-110
+    (SVHN's said 1.6x, where its 1.33x the images through 75 blocks against 54 are 1.85x)."""
+    def work(c):
+        return _train_images(c.dataset) * c.num_epochs * (c.model.depth - 2) // 2
+
+    config, module = load_config(name), importlib.import_module(f"configs.{name}")
+    quoted = float(re.search(claim, " ".join(module.__doc__.split())).group(1))
+    assert quoted == round(work(config) / work(load_config("cifar10")), digits)
 
 
 def test_path_form_and_overrides():

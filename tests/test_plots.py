@@ -33,7 +33,7 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     fig = plots.curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)",
                               True, title="the run", best=best, lr_drops=True)
     ax = fig.axes[0]
-    assert ax.get_title() == "the run"
+    assert fig.get_suptitle() == "the run"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[:4] == ["train_error", "val_error", "test_error", "learning-rate drop"]
     assert labels[4] == "best val_error: epoch 5, test error 66.00%"
@@ -56,9 +56,14 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     ("cifar10", ["--config.model.final_survival_prob=1.0", "--config.model.dtype=bfloat16"],
      "cifar10, ResNet-110, constant depth, bfloat16"),
     ("cifar100_wrn", [], "cifar100, WRN-28-10, stochastic depth p_L=0.8"),
-    ("cifar10_vit", [], "cifar10, ViT-S, drop path 0.1 (linear, sample)"),
+    # The smoke WRN's base width is 4, not the WRN paper's 16: it was titled WRN-10-2 alone.
+    ("cifar100_wrn:smoke", [], "(FAKE random-label data), WRN-10-2 width 4, stochastic depth"),
+    ("cifar100_wrn", ["--config.model.dropout_rate=0.3"], ", WRN-28-10 dropout 0.3, "),
+    # The patch size sets the token count: ViT-S/4 on CIFAR is not DeiT's ViT-S/16.
+    ("cifar10_vit", [], "cifar10, ViT-S/4, drop path 0.1 (linear, sample)"),
+    ("cifar10_vit", ["--config.model.patch_size=8"], "cifar10, ViT-S/8, drop path"),
     # A model whose dimensions are set, not taken from its size, is not that size: said so.
-    ("cifar10_vit:smoke", [], "ViT-Ti depth 2 width 32 num_heads 2, "),
+    ("cifar10_vit:smoke", [], "ViT-Ti/4 depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
     ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8 width 4, "),
@@ -67,6 +72,28 @@ def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
     config = load_config(spec, overrides)
     assert want in plots.run_title(config)
     assert plots.run_title(json.loads(config.to_json())) == plots.run_title(config)  # run.json
+
+
+@pytest.mark.parametrize("spec", ["cifar10:smoke", "cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_the_title_is_inside_the_figure(spec):
+    """Centred over the axes, beside the legend, these titles ran off the figure's left edge
+    (error.png read '(FAKE random-label data), ViT-Ti ...', the dataset cut off)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    title = plots.run_title(load_config(spec))
+    records = _records([0.1, 0.1, 0.01])
+    best = {"metric": "val_error", "value": 0.8, "epoch": 2, "test_error": 0.75}
+    fig = plots.curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)",
+                              True, title=title, best=best, lr_drops=True)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    shown = [t for t in fig.findobj(lambda a: hasattr(a, "get_text"))
+             if t.get_visible() and t.get_text().replace("\n", " ").startswith(title[:20])]
+    [text] = shown
+    assert text.get_text().replace("\n", " ") == title  # wrapped, not shortened
+    box, width = text.get_window_extent(renderer), fig.bbox.width
+    assert 0 <= box.x0 and box.x1 <= width, (box, width)
+    assert box.y0 >= fig.axes[0].get_window_extent(renderer).y1  # above the axes
 
 
 @pytest.mark.parametrize("folder", ["/data/my_images/", "my_images", "file:///data/my_images"])

@@ -17,7 +17,7 @@ sys.path.insert(0, REPO)  # `configs` and the scripts live at the repository roo
 
 import stochastic_depth_jax as sdj  # noqa: E402
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import pruning  # noqa: E402
+from stochastic_depth_jax import errors, pruning  # noqa: E402
 from stochastic_depth_jax.training import depth, figures, metrics, sweep  # noqa: E402
 
 X = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
@@ -132,6 +132,17 @@ def test_bad_keep_is_refused():
 def _batches(n=2):
     labels = jnp.arange(4) % 3
     return lambda: [(X * (i + 1), labels, jnp.ones(4, bool)) for i in range(n)]
+
+
+@pytest.mark.parametrize("model", [
+    sdj.ViT(depth=2, width=8, num_heads=2, patch_size=4, num_classes=3),
+    sdj.ConvNeXt(num_classes=3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), stem_stride=1)])
+def test_a_sub_network_evaluator_refuses_a_drop_path_model(model):
+    """It took the model, then the first call failed inside apply with a TypeError
+    ("unexpected keyword argument 'gates'") and a JAX traceback."""
+    with pytest.raises(errors.ConfigError, match="block-wise stochastic depth.*got a "
+                       + type(model).__name__):
+        pruning.SubNetworkEvaluator(model, {}, lambda: [])
 
 
 def test_mc_evaluation_of_a_constant_depth_net_is_deterministic():

@@ -3,6 +3,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,9 +11,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
 
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import ViT  # noqa: E402
+from stochastic_depth_jax import ViT, pruning  # noqa: E402
+from stochastic_depth_jax.training import train_and_evaluate  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
-from stochastic_depth_jax.training import distributed  # noqa: E402
+from stochastic_depth_jax.training import distributed, plots  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 from trainer_steps import train_steps  # noqa: E402
 
@@ -35,6 +37,21 @@ def test_smoke_vit_trains_through_the_trainer_same_on_one_and_eight_devices(tmp_
     _, one, _, p1 = _train(config, str(tmp_path), distributed.make_mesh(jax.devices()[:1]))
     np.testing.assert_allclose(eight, one, rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), p8, p1)
+
+
+def test_a_run_says_what_it_trains_at_start_up(tmp_path, capsys):
+    """Nothing printed named the model, its size or the data's splits: a ViT smoke run and a
+    ResNet-110 one looked alike until the curves were drawn."""
+    config = load_config("cifar10_vit:smoke", TINY + [
+        "--config.max_steps=1", "--config.write_plots=false", "--config.checkpoint_every_epochs=0"])
+    train_and_evaluate(config, str(tmp_path))
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Training ")]
+    model = setup_lib.build_model(config, 10, distributed.make_mesh())
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                            jnp.zeros((1, 32, 32, 3)))
+    assert line == (f"Training {plots.run_title(config)}: {pruning.param_count(shapes):,} "
+                    "parameters; 128 training, 32 validation, 64 test images.")
+    assert "ViT-Ti/4 depth 2 width 32 num_heads 2, drop path 0.3" in line
 
 
 def test_vit_schedule_and_label_smoothing_come_from_the_config():

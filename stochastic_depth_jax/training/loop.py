@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from stochastic_depth_jax import data as data_lib
-from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax import errors, logs, pruning
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
@@ -215,8 +215,12 @@ def _evaluate(run: _Run) -> dict[str, float]:
     return record
 
 
-def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> dict[str, Any]:
-    """Evaluates, records, updates the best checkpoint and saves the latest one."""
+def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
+                  is_last: bool) -> dict[str, Any]:
+    """Evaluates, records, updates the best checkpoint and saves the latest one.
+
+    ``train_time``: seconds of the ``timed_steps`` steps this session ran in the epoch (a
+    session resumed mid-epoch times only its part; images/s are of those steps)."""
     c, step, spe = run.config, run.step, run.setup.steps_per_epoch
     steps_done = step - (epoch - 1) * spe
     # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
@@ -227,7 +231,7 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
         "lr": float(run.setup.lr_schedule(step - 1)),
         **_epoch_sums(run),
         "epoch_time_s": train_time,
-        "images_per_s": steps_done * c.batch_size / max(train_time, 1e-9),
+        "images_per_s": timed_steps * c.batch_size / max(train_time, 1e-9),
     }
     if epoch % c.eval_every_epochs == 0 or is_last:
         t0 = time.perf_counter()
@@ -255,6 +259,17 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, is_last: bool) -> di
     if not is_last:  # The last is drawn once the run's summary is known.
         _draw_plots(run, force=run.plotted_at is None)  # The first epoch's, then periodically.
     return record
+
+
+def _describe(config: ml_collections.ConfigDict, params: Any, ds: data_lib.Dataset) -> str:
+    """The start-up line saying what trains: the model as the figures' titles name it
+    (:func:`plots.run_title`), its parameter count and the data's split sizes, e.g.
+    ``Training cifar10, WRN-28-10, ..., float32: 36,479,194 parameters; 45,000 training,
+    5,000 validation, 10,000 test images.``"""
+    splits = [("training", ds.train), ("validation", ds.validation), ("test", ds.test)]
+    sizes = ", ".join(f"{len(split):,} {name}" for name, split in splits if split is not None)
+    return (f"Training {plots.run_title(config)}: {pruning.param_count(params):,} parameters; "
+            f"{sizes} images.")
 
 
 def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
@@ -551,6 +566,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
             if saved is not None:
                 return _nothing_to_train(run, saved), False
         _write_run_json(run, ds)
+        if jax.process_index() == 0:
+            print(_describe(run.config, run.state.params, ds), flush=True)
         spe = run.setup.steps_per_epoch
         run.writer = metrics_lib.MetricWriter(
             workdir,
@@ -595,9 +612,10 @@ def _train(run: _Run) -> dict[str, Any]:
     while run.step < total:
         epoch = run.step // spe + 1
         end = min(epoch * spe, total)
+        timed = end - run.step  # Fewer than the epoch's steps where it resumes mid-epoch.
         epoch_time = _train_epoch(run, compiled, epoch, end)
         train_time += epoch_time
-        record = _end_of_epoch(run, epoch, epoch_time, is_last=end == total)
+        record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
         if end < total:
             _stop_if_requested(run, end)
     run.ckpts.wait()

@@ -6,6 +6,7 @@ any session leaves its matplotlib backend and open figures as they were."""
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Any, Sequence
 
 from stochastic_depth_jax.training import config as config_lib
@@ -13,6 +14,9 @@ from stochastic_depth_jax.training import config as config_lib
 __all__ = ["curves_figure", "new_figure", "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
+# Characters of a title line at 9 pt (110 take about 7.2 of the figure's 8.5 inches); a longer
+# title is wrapped, not cut at the figure's edges.
+_TITLE_WIDTH = 110
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -26,22 +30,23 @@ def new_figure(figsize: tuple[float, float]) -> Any:
 
 def run_title(config: Any) -> str:
     """One line naming what a run trained, e.g. ``cifar10, ResNet-110, stochastic depth
-    p_L=0.5 (linear, batch), float32``, ``..., constant depth, ...`` or ``cifar10, ViT-S,
+    p_L=0.5 (linear, batch), float32``, ``..., constant depth, ...`` or ``cifar10, ViT-S/4,
     drop path 0.1 (linear, sample), float32``, with ``FAKE data`` after the dataset of a
     random-label smoke run: a figure's title, so a PNG copied out of its workdir still says
     what it shows. ``config``: the run's ConfigDict, or run.json's ``"config"`` dict."""
     m = config["model"]
     name = m.get("name", "cifar_resnet")
-    if name == "wide_resnet":
-        model = f"WRN-{m['depth']}-{m['widen_factor']}"
-    elif name == "vit":  # DeiT's names: ViT-Ti, ViT-S; a smoke run's dimensions differ.
-        model = f"ViT-{str(m['size']).capitalize()}" + _set_dims(m, "depth", "width",
-                                                                  "num_heads")
+    if name == "wide_resnet":  # WRN-d-k names its depth and widening, not the base width.
+        model = f"WRN-{m['depth']}-{m['widen_factor']}" + _width(m)
+    elif name == "vit":  # DeiT's names, ViT-S/16: size/patch; a smoke run's dimensions differ.
+        model = f"ViT-{str(m['size']).capitalize()}/{m['patch_size']}" + _set_dims(
+            m, "depth", "width", "num_heads")
     elif name == "convnext":
         model = f"ConvNeXt-{m['size']}" + _set_dims(m, "depths", "dims")
     else:
-        model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}" + (
-            f" width {m['width']}" if m.get("width", 16) != 16 else "")  # paper: 16
+        model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}" + _width(m)
+    if m.get("dropout_rate"):  # WRN paper's option; a run with it is not the same net's curve.
+        model += f" dropout {m['dropout_rate']:g}"
     if "drop_path_rate" in m:
         depth = f"drop path {m['drop_path_rate']:g} ({m['drop_path_rule']}, {m['mode']})"
     elif m["final_survival_prob"] >= 1:
@@ -56,6 +61,11 @@ def run_title(config: Any) -> str:
     elif config_lib.fake_train_size(config):
         dataset += " (FAKE random-label data)"
     return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
+
+
+def _width(model: Any) -> str:
+    """``' width 4'`` where a CIFAR ResNet's or WRN's base width is not the papers' 16."""
+    return f" width {model['width']}" if model.get("width", 16) != 16 else ""
 
 
 def _number(value: Any) -> bool:
@@ -122,8 +132,8 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=9)
+    if title:  # Over the figure, wrapped: over the axes a long title ran off its left edge.
+        fig.suptitle("\n".join(textwrap.wrap(title, _TITLE_WIDTH)), fontsize=9)
     ax.grid(alpha=0.3)
     # Beside the axes: inside, it would hide a curve or a learning-rate label somewhere.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
@@ -138,7 +148,7 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
     Args:
       records: ``metrics.jsonl``'s records (``metrics.read_metrics``).
       out_dir: where the PNGs go (the workdir).
-      title: a line above the axes (:func:`run_title`).
+      title: above the axes, wrapped to the figure's width (:func:`run_title`).
       best: the run's best record (``summary.json``'s ``"best"``: ``metric``, ``value``,
         ``epoch``, ``test_error``), starred on the error curve it was selected by.
       lr_drops: mark each change of the records' ``lr`` with a dotted vertical line (for

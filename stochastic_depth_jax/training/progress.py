@@ -45,10 +45,11 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
 
     E.g. ``epoch 3/49: train loss 2.3123, error 93.75%; val error 90.62%; test error
     87.50%; 0.3 s (410 img/s)``; the validation and test parts appear in epochs that
-    evaluated them.
+    evaluated them. An epoch cut short (``max_steps``) shows its fraction to 2 decimals.
     """
+    # An epoch cut short by max_steps is a fraction (2 of SVHN's 7 steps: 0.2857142857142857).
     parts = [
-        f"epoch {record['epoch']}/{num_epochs}: train loss {record['train_loss']:.4f}, "
+        f"epoch {round(record['epoch'], 2):g}/{num_epochs}: train loss {record['train_loss']:.4f}, "
         f"error {100 * record['train_error']:.2f}%"
     ]
     for key, name in (("val_error", "val"), ("test_error", "test")):
