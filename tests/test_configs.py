@@ -299,3 +299,16 @@ def test_kernels_only_weight_decay_mask():
 def test_field_names_lists_nested_fields():
     names = config_lib.field_names(load_config("cifar10"))
     assert "model.depth" in names and "fake_data.num_train" in names and "batch_size" in names
+
+
+@pytest.mark.parametrize("name", ["cifar10_vit", "cifar10_convnext"])
+def test_drop_path_configs_say_how_to_shorten_them_and_that_they_do_not_sweep(name):
+    """One epoch of a warmed-up config names the field to change with it; the sweep's
+    refusal of a non-ResNet names no other model than the one given."""
+    from stochastic_depth_jax.training import sweep
+    with pytest.raises(ValueError, match=r"num_epochs=1\); for fewer epochs set "
+                                         r"--config.warmup_epochs too"):
+        load_config(f"{name}:smoke", ["--config.num_epochs=1"])
+    with pytest.raises(ValueError, match="Train it with train.py") as refused:
+        sweep.require_sweepable(load_config(f"{name}:smoke"))
+    assert "ViT" not in str(refused.value)

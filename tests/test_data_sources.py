@@ -69,6 +69,21 @@ def test_paper_split_arithmetic_at_full_size():
     assert np.all(np.bincount(val.labels[4000:]) == 200)
 
 
+def test_svhn_validation_size_as_a_fraction_or_too_small_a_count():
+    """A fraction (which README allows) is of train + extra; it used to become 0 per class,
+    i.e. silently no validation set. A count under one per class is one clear error."""
+    rng = np.random.default_rng(0)
+    tiny = lambda n: splits.Split(np.zeros((n, 1, 1, 1), np.uint8),
+                                  rng.integers(0, 10, n).astype(np.int32))
+    svhn_train, extra = tiny(600), tiny(1400)
+    train, val = splits.svhn_holdout(svhn_train, extra, 10, 0.1, seed=0)
+    assert (len(train), len(val)) == (1800, 200)
+    assert np.all(np.bincount(val.labels, minlength=10) == 20)
+    with pytest.raises(ValueError, match="fewer than one per class.*at least 10"):
+        splits.svhn_holdout(svhn_train, extra, 10, 5, seed=0)
+    assert splits.svhn_holdout(svhn_train, extra, 10, 0, seed=0)[1] is None
+
+
 def test_cifar100_fine_and_coarse(data_dir):
     fine = data.load_dataset("cifar100", data_dir=data_dir)
     coarse = data.load_dataset("cifar100", data_dir=data_dir, label="coarse")

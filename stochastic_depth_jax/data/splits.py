@@ -160,15 +160,17 @@ def _per_class_holdout(labels: np.ndarray, per_class: int, num_classes: int,
 
 
 def svhn_holdout(train: Split, extra: Split, num_classes: int,
-                 validation_size: int | None, seed: int) -> tuple[Split, Split | None]:
+                 validation_size: int | float | None,
+                 seed: int) -> tuple[Split, Split | None]:
     """The paper's SVHN split: per-class validation from train and from extra.
 
     Args:
         train, extra: tfds 'svhn_cropped' train (73,257) and extra (531,131) splits.
         num_classes: 10 for SVHN.
         validation_size: None for the paper's 400/class from train + 200/class from
-            extra (6,000); an int total is spread evenly over classes with the same
-            2:1 train:extra ratio; 0 gives no validation set.
+            extra (6,000); a count, or a fraction of train + extra, is spread evenly over
+            classes (rounded down to a multiple of ``num_classes``) with the same 2:1
+            train:extra ratio; 0 gives no validation set.
         seed: integer seed.
 
     Returns:
@@ -178,7 +180,13 @@ def svhn_holdout(train: Split, extra: Split, num_classes: int,
     if validation_size is None:
         from_train, from_extra = SVHN_VALIDATION_PER_CLASS
     else:
-        per_class = int(validation_size) // num_classes
+        count = resolve_count(validation_size, len(train) + len(extra))
+        per_class = count // num_classes
+        if count and not per_class:
+            raise errors.DataError(
+                f"validation_size={validation_size} holds out {count} SVHN images, fewer than "
+                f"one per class ({num_classes}), which the per-class split needs; pass at "
+                f"least {num_classes} (or 0 for no validation set).")
         from_train = (2 * per_class) // 3
         from_extra = per_class - from_train
     if from_train + from_extra == 0:

@@ -360,7 +360,8 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
     _check(_finite(c.lr_decay_factor) and 0 < c.lr_decay_factor <= 1,
            f"lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]")
     _check(isinstance(c.warmup_epochs, int) and 0 <= c.warmup_epochs < c.num_epochs,
-           f"warmup_epochs={c.warmup_epochs!r} must be an integer in [0, num_epochs)")
+           f"warmup_epochs={c.warmup_epochs!r} must be an integer in [0, num_epochs="
+           f"{c.num_epochs!r}); for fewer epochs set --config.warmup_epochs too")
     _check(_finite(c.label_smoothing) and 0.0 <= c.label_smoothing < 1.0,
            f"label_smoothing={c.label_smoothing!r} must be in [0, 1) (DeiT: 0.1)")
     _check(_finite(c.adam_b1) and _finite(c.adam_b2)

@@ -120,8 +120,8 @@ def require_sweepable(config: ml_collections.ConfigDict) -> None:
     if name not in config_lib.MODELS:
         raise errors.ConfigError(
             f"The sweep is over model.depth and p_L (model.final_survival_prob) of the block-wise "
-            f"ResNets {sorted(config_lib.MODELS)}; this config's model is {name!r}. Train the "
-            "ViT with train.py, its drop path set by --config.model.drop_path_rate.")
+            f"ResNets {sorted(config_lib.MODELS)}; this config's model is {name!r}. Train it "
+            "with train.py, its drop path set by --config.model.drop_path_rate.")
 
 
 # Fields that change neither the training nor its results: a run may be continued with
