@@ -145,13 +145,15 @@ _KernelStream.__module__ = "ipykernel.iostream"
 )
 def test_a_bar_where_it_redraws_in_place_and_lines_where_it_would_pile_up(
         monkeypatch, stdout, stderr, bar, expected):
+    """(bar drawn, a one-off task's start/finish lines); every epoch prints its line."""
     monkeypatch.setattr(sys, "stdout", stdout())
     monkeypatch.setattr(sys, "stderr", stderr())
-    assert (progress.draws_bar(bar), progress.prints_epoch_lines(bar)) == expected
+    assert (progress.draws_bar(bar), progress.prints_task_lines(bar)) == expected
+    assert progress.prints_epoch_lines(bar)
     epoch = progress.EpochProgress(1, 2, total=4, start=0, batch_size=8, enabled=bar)
     epoch.update(4, 2.3, 0.9)
     epoch.close()
-    assert ("4/4" in sys.stderr.getvalue()) == expected[0]
+    assert ("epoch 1/2" in sys.stderr.getvalue()) == expected[0]
 
 
 # `%run train.py` in IPython after a full disk failed a background save: SystemExit(1) is

@@ -38,3 +38,15 @@ def test_an_epoch_resumed_midway_counts_the_images_of_the_steps_it_timed(tmp_pat
     [record] = [r for r in metrics.read_metrics(str(tmp_path)) if r["epoch"] == 1]
     assert record["step"] == 4
     assert record["images_per_s"] == pytest.approx(3 * 32 / record["epoch_time_s"])
+
+
+def test_on_a_terminal_each_epoch_leaves_its_line_with_the_evaluation(monkeypatch, capsys):
+    """With the bar drawn (a terminal), a finished epoch used to leave only the bar, with
+    its training loss and error: the validation and test errors evaluated after it never
+    appeared. Now the bar is cleared and the epoch's line printed, as in a log."""
+    monkeypatch.setattr(progress, "interactive", lambda stream: True)
+    assert progress.draws_bar(True) and progress.prints_epoch_lines(True)
+    bar = progress.EpochProgress(1, 2, total=3, start=0, batch_size=4)
+    bar.update(3, 2.3, 0.9)
+    bar.close()
+    assert "epoch 1/2" not in capsys.readouterr().err.rsplit("\r", 1)[-1]  # cleared

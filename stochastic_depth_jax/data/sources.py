@@ -203,7 +203,7 @@ def _decoding(starts: range, what: str, count: int, progress_bar: bool) -> Itera
     # Imported on use: the training package imports this one.
     from stochastic_depth_jax.training import progress
 
-    lines = progress.prints_epoch_lines(progress_bar)
+    lines = progress.prints_task_lines(progress_bar)
     if lines:
         print(f"Decoding {what} ({count} images), once: the arrays are cached beside the "
               "data for later runs.", flush=True)

@@ -248,7 +248,7 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
         }
         _save(run, "best", {"record": record})
     run.writer.write(record)
-    if progress.prints_epoch_lines(c.progress_bar):  # Else the bar alone shows progress.
+    if progress.prints_epoch_lines(c.progress_bar):
         print(progress.epoch_line(record, c.num_epochs), flush=True)
     periodic = (c.checkpoint_every_epochs and epoch % c.checkpoint_every_epochs == 0) or (
         c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0

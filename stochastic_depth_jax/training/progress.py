@@ -1,6 +1,7 @@
-"""Training progress (process 0 only): a per-epoch tqdm bar showing loss, error, images/s
-and ETA on a terminal or in a notebook, and one line per finished epoch where a bar does not
-fit: output to a file or pipe (a log, a scheduler's output), or ``progress_bar=False``. The
+"""Training progress (process 0 only): one line per finished epoch, and while an epoch runs
+a tqdm bar showing loss, error, images/s and ETA on a terminal or in a notebook (not where
+every redraw would be kept: a file or pipe, a log, a scheduler's output; nor with
+``progress_bar=False``). The
 data's one-time decoding (``data.sources``) decides between its bar and lines here too."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-__all__ = ["EpochProgress", "draws_bar", "epoch_line", "interactive", "prints_epoch_lines"]
+__all__ = ["EpochProgress", "draws_bar", "epoch_line", "interactive", "prints_epoch_lines",
+           "prints_task_lines"]
 
 
 def interactive(stream: Any) -> bool:
@@ -32,12 +34,22 @@ def draws_bar(enabled: bool) -> bool:
     return bool(enabled) and jax.process_index() == 0 and interactive(sys.stderr)
 
 
-def prints_epoch_lines(progress_bar: bool) -> bool:
-    """Whether each finished epoch prints :func:`epoch_line` on stdout (process 0): when no
-    bar is drawn, and when stdout goes to a file or pipe (``train.py | tee log``: the log
-    keeps a line per epoch while the terminal shows the bar)."""
+def prints_task_lines(progress_bar: bool) -> bool:
+    """Whether a one-off task's progress (the data's first decoding) prints a start and a
+    finish line on stdout (process 0): where no bar is drawn, and where stdout goes to a
+    file or pipe (``train.py | tee log``), which keeps no bar."""
     return jax.process_index() == 0 and (
         not draws_bar(progress_bar) or not interactive(sys.stdout))
+
+
+def prints_epoch_lines(progress_bar: bool) -> bool:
+    """Whether each finished epoch prints :func:`epoch_line` on stdout: on process 0, always.
+    A bar shows only the epoch in progress and is cleared when it ends (its training loss
+    and error are in the line, which adds the validation and test errors evaluated after
+    it), so a terminal keeps one line per epoch, as a log does. ``progress_bar`` is taken
+    for the callers that decide on it and may again."""
+    del progress_bar
+    return jax.process_index() == 0
 
 
 def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
@@ -89,7 +101,7 @@ class EpochProgress:
                 desc=f"epoch {epoch}/{num_epochs}",
                 unit="step",
                 dynamic_ncols=True,
-                leave=True,
+                leave=False,  # the epoch's line (prints_epoch_lines) takes its place
             )
         self._last_time = None
         self._last_n = start
