@@ -131,7 +131,10 @@ def _finished_run(root, depth, p_last, test_error, *overrides):
                    "best": {"test_error": test_error, "val_error": test_error}}, f)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         for epoch in range(1, config.num_epochs + 1):
-            f.write(json.dumps({"epoch": epoch, "epoch_time_s": depth * p_last,
+            seconds = depth * p_last
+            f.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch,
+                                "epoch_time_s": seconds,
+                                "images_per_s": steps_per_epoch * config.batch_size / seconds,
                                 "grad_first_conv_mean_abs": 0.01 * epoch}) + "\n")
     return name
 
@@ -271,6 +274,22 @@ def test_a_metrics_line_without_an_epoch_is_left_off_the_figures(tmp_path):
     # The table counts the 2 epochs and their time (the run's 2nd epoch: 8 x 0.5 = 4 s).
     with open(os.path.join(root, "figures", "training_time.md")) as f:
         assert f"| {name} | 8 | 0.5 | 2 | 4.000 |" in f.read()
+
+
+def test_an_epoch_resumed_midway_counts_as_the_steps_it_timed(tmp_path):
+    """The table averaged epoch times as if every record were a whole epoch: a run stopped
+    and resumed in its 2nd epoch (its session timed 1 of the 4 steps, in 1 s) came out at
+    (1 + 4) / 2 = 2.5 s an epoch instead of 4 s."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5, "--config.num_epochs=3")
+    path = os.path.join(root, name, "metrics.jsonl")
+    records = [json.loads(line) for line in open(path)]
+    records[1].update(epoch_time_s=1.0, images_per_s=32 / 1.0)  # 1 step of batch 32 timed
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    sweep.write_figures(sweep.collect(root), os.path.join(root, "figures"), report=None)
+    with open(os.path.join(root, "figures", "training_time.md")) as f:
+        assert f"| {name} | 8 | 0.5 | 3 | 4.000 | 32 |" in f.read()
 
 
 def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):

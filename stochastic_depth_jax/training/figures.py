@@ -24,7 +24,7 @@ import textwrap
 from typing import Any, Sequence
 
 from stochastic_depth_jax.training import workdir as workdir_lib
-from stochastic_depth_jax.training.plots import new_figure, per_epoch
+from stochastic_depth_jax.training.plots import is_number, new_figure, per_epoch
 
 __all__ = [
     "save_figure",
@@ -319,30 +319,45 @@ def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
     constant-depth run of the same depth and series (paper Sec. 4: 25% less time at
     p_L = 0.5). A ``series`` column appears where runs of several configs are listed.
 
-    Epoch times exclude compilation and evaluation; the first epoch is left out of the
-    mean when there are several (it includes warm-up).
+    Epoch times exclude compilation and evaluation; the first epoch is left out when there
+    are several (it includes warm-up). The mean epoch time is the time per step of the
+    timed steps times the steps of a whole epoch, so an epoch resumed midway (its session
+    timed only the steps it ran) or cut short counts for what it timed, not as a whole
+    epoch; images/s is over the same steps.
     """
     several = len({r.get("series", "") for r in runs}) > 1
     lines = ["| run |" + (" series |" if several else "") + " depth | p_L | epochs | "
              "mean epoch time (s) | images/s | vs constant depth |",
              "|---" * (7 + several) + "|"]
-    means = {}
-    for r in runs:
-        times = [t for _, t in per_epoch(r["records"], "epoch_time_s")]  # epoch lines only
-        times = times[1:] if len(times) > 1 else times
-        means[r["name"]] = sum(times) / len(times) if times else None
+    timing = {r["name"]: _epoch_timing(r) for r in runs}
     for r in sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"])):
-        mean = means[r["name"]]
-        base = [means[o["name"]] for o in runs if o["depth"] == r["depth"]
+        mean, speed = timing[r["name"]]
+        base = [timing[o["name"]][0] for o in runs if o["depth"] == r["depth"]
                 and o["p_last"] == 1.0 and o.get("series", "") == r.get("series", "")]
         ratio = f"{mean / base[0]:.2f}" if mean and base and base[0] else "n/a"
-        speed = [v for _, v in per_epoch(r["records"], "images_per_s")]
-        speed = speed[1:] or speed
         epochs = len(per_epoch(r["records"], "epoch"))
         lines.append(
             f"| {r['name']} |" + (f" {r.get('series', '')} |" if several else "")
             + f" {r['depth']} | {r['p_last']:g} | {epochs} | "
             + (f"{mean:.3f}" if mean else "n/a") + " | "
-            + (f"{sum(speed) / len(speed):.0f}" if speed else "n/a") + f" | {ratio} |"
+            + (f"{speed:.0f}" if speed else "n/a") + f" | {ratio} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _epoch_timing(run: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(mean whole-epoch time in s, images/s) of a collected run's epoch records: the timed
+    images of a record are its ``images_per_s * epoch_time_s``, a whole epoch's are
+    ``batch_size * step / epoch`` of a record at a whole epoch."""
+    records = [r for r in run["records"] if is_number(r.get("epoch"))
+               and is_number(r.get("epoch_time_s")) and is_number(r.get("images_per_s"))]
+    records = records[1:] if len(records) > 1 else records
+    seconds = sum(r["epoch_time_s"] for r in records)
+    images = sum(r["images_per_s"] * r["epoch_time_s"] for r in records)
+    if not seconds or not images:
+        return None, None
+    batch = (run.get("config") or {}).get("batch_size")
+    whole = [r["step"] / r["epoch"] for r in run["records"] if is_number(r.get("epoch"))
+             and is_number(r.get("step")) and r["epoch"] > 0 and float(r["epoch"]).is_integer()]
+    mean = whole[0] * batch * seconds / images if whole and is_number(batch) else None
+    return mean, images / seconds

@@ -68,7 +68,8 @@ def _width(model: Any) -> str:
     return f" width {model['width']}" if model.get("width", 16) != 16 else ""
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A number (not a bool): what a metrics record holds at a key it measured."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -78,7 +79,7 @@ def per_epoch(records: Sequence[dict[str, Any]], key: str,
     (an epoch that was not evaluated has no ``test_error``) and an ``epoch`` (a line appended
     by hand or by another tool may have none: it has no place on an epoch axis)."""
     return [(r["epoch"], scale * r[key]) for r in records
-            if _number(r.get(key)) and _number(r.get("epoch"))]
+            if is_number(r.get(key)) and is_number(r.get("epoch"))]
 
 
 def _set_dims(model: Any, *fields: str) -> str:
@@ -109,7 +110,7 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them)."""
     from matplotlib.ticker import MaxNLocator
 
-    records = [r for r in records if _number(r.get("epoch"))]  # as in per_epoch
+    records = [r for r in records if is_number(r.get("epoch"))]  # as in per_epoch
     fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
     scale = 100 if percent else 1
