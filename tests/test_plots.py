@@ -66,6 +66,7 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     ("cifar10_vit:smoke", [], "ViT-Ti/4 depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
     ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
+    ("cifar10_vit", ["--config.model.drop_path_rate=0"], "cifar10, ViT-S/4, no drop path, float32"),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8 width 4, "),
 ])
 def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
@@ -78,13 +79,17 @@ def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
 def test_the_title_is_inside_the_figure(spec):
     """Centred over the axes, beside the legend, these titles ran off the figure's left edge
     (error.png read '(FAKE random-label data), ViT-Ti ...', the dataset cut off)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     title = plots.run_title(load_config(spec))
     records = _records([0.1, 0.1, 0.01])
     best = {"metric": "val_error", "value": 0.8, "epoch": 2, "test_error": 0.75}
     fig = plots.curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)",
                               True, title=title, best=best, lr_drops=True)
+    _assert_title_inside(fig, title)
+
+
+def _assert_title_inside(fig, title):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig).draw()
     renderer = fig.canvas.get_renderer()
     shown = [t for t in fig.findobj(lambda a: hasattr(a, "get_text"))
@@ -93,7 +98,23 @@ def test_the_title_is_inside_the_figure(spec):
     assert text.get_text().replace("\n", " ") == title  # wrapped, not shortened
     box, width = text.get_window_extent(renderer), fig.bbox.width
     assert 0 <= box.x0 and box.x1 <= width, (box, width)
-    assert box.y0 >= fig.axes[0].get_window_extent(renderer).y1  # above the axes
+    assert box.y0 >= max(ax.get_window_extent(renderer).y1 for ax in fig.axes)  # above
+
+
+def test_the_depth_curve_title_is_inside_its_figure(monkeypatch, tmp_path):
+    """The depth curve's title (a run's, evaluate.py --depth-curve) was drawn at the default
+    size unwrapped: an image-folder WRN run's ran off both edges of the figure."""
+    from stochastic_depth_jax.training import figures
+
+    title = plots.run_title(load_config("cifar100_wrn", [
+        "--config.dataset=image_folder:/data/a_long_folder_name_of_my_own_images",
+        "--config.model.dropout_rate=0.3"])) + ": error as blocks are removed at test time"
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    points = [{"blocks_kept": k, "test_error": 0.1 + 0.01 * (12 - k), "images_per_s": 100.0 * k}
+              for k in (12, 11, 10)]
+    figures.plot_depth_curve(points, str(tmp_path / "depth.png"), [], title=title)
+    _assert_title_inside(drawn[0], title)
 
 
 @pytest.mark.parametrize("folder", ["/data/my_images/", "my_images", "file:///data/my_images"])

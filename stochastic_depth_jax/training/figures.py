@@ -24,7 +24,7 @@ import textwrap
 from typing import Any, Sequence
 
 from stochastic_depth_jax.training import workdir as workdir_lib
-from stochastic_depth_jax.training.plots import is_number, new_figure, per_epoch
+from stochastic_depth_jax.training.plots import figure_title, is_number, new_figure, per_epoch
 
 __all__ = [
     "save_figure",
@@ -140,7 +140,7 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
         ax.set_ylabel("error (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title or "Removing blocks at test time")
+    figure_title(fig, title or "Removing blocks at test time")
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, sources, list(points), title or "depth curve",
                        sidecar=sidecar)

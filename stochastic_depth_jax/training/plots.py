@@ -11,12 +11,20 @@ from typing import Any, Sequence
 
 from stochastic_depth_jax.training import config as config_lib
 
-__all__ = ["curves_figure", "new_figure", "per_epoch", "plot_curves", "run_title"]
+__all__ = ["curves_figure", "figure_title", "is_number", "new_figure", "per_epoch",
+           "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
-# Characters of a title line at 9 pt (110 take about 7.2 of the figure's 8.5 inches); a longer
-# title is wrapped, not cut at the figure's edges.
-_TITLE_WIDTH = 110
+# Characters of a title line at 9 pt per inch of figure (110 take about 7.2 of an 8.5-inch
+# figure's width); a longer title is wrapped, not cut at the figure's edges.
+_TITLE_CHARS_PER_INCH = 110 / 8.5
+
+
+def figure_title(fig: Any, title: str) -> None:
+    """``title`` over the whole figure at 9 pt, wrapped to its width: centred over an axes
+    with a legend beside it, or at a larger size, a long title ran off the figure's edges."""
+    width = int(_TITLE_CHARS_PER_INCH * fig.get_figwidth())
+    fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=9)
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -47,7 +55,9 @@ def run_title(config: Any) -> str:
         model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}" + _width(m)
     if m.get("dropout_rate"):  # WRN paper's option; a run with it is not the same net's curve.
         model += f" dropout {m['dropout_rate']:g}"
-    if "drop_path_rate" in m:
+    if "drop_path_rate" in m and not m["drop_path_rate"]:
+        depth = "no drop path"  # every block runs: rule and mode do nothing
+    elif "drop_path_rate" in m:
         depth = f"drop path {m['drop_path_rate']:g} ({m['drop_path_rule']}, {m['mode']})"
     elif m["final_survival_prob"] >= 1:
         depth = "constant depth"
@@ -133,8 +143,8 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    if title:  # Over the figure, wrapped: over the axes a long title ran off its left edge.
-        fig.suptitle("\n".join(textwrap.wrap(title, _TITLE_WIDTH)), fontsize=9)
+    if title:
+        figure_title(fig, title)
     ax.grid(alpha=0.3)
     # Beside the axes: inside, it would hide a curve or a learning-rate label somewhere.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
