@@ -231,3 +231,18 @@ def test_a_figure_failing_mid_write_leaves_the_earlier_one(monkeypatch, tmp_path
         figures.save_figure(draw(2), path, ["run B"], [2])
     assert [open(p, "rb").read() for p in files] == before
     assert sorted(os.listdir(tmp_path)) == ["curve.json", "curve.png"]  # no partial file
+
+
+@pytest.mark.parametrize("epochs", [[0.5], [1], [0.25, 0.75]])
+def test_a_run_of_less_than_two_epochs_has_whole_epoch_ticks(epochs):
+    """A run stopped at epoch 0.5 (or after its first) had ticks 0.474, 0.498, 0.522."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = [dict(r, epoch=e) for r, e in zip(_records([0.1] * len(epochs)), epochs)]
+    fig = plots.curves_figure(records, ("train_error", "test_error"), "error (%)", True)
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    assert lo < min(epochs) and max(epochs) < hi

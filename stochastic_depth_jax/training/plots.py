@@ -5,6 +5,7 @@ any session leaves its matplotlib backend and open figures as they were."""
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 from typing import Any, Sequence
@@ -141,6 +142,12 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
             f", test error {100 * test:.2f}%" if isinstance(test, (int, float)) else "")
         ax.plot([best["epoch"]], [scale * best["value"]], "k*", markersize=10, label=note)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epochs = [r["epoch"] for r in records]
+    if epochs and max(epochs) - min(epochs) < 1:
+        # Integer ticks need two whole epochs in view; else (a first epoch, or half of one)
+        # the locator falls back to ticks such as 0.474, 0.498, 0.522.
+        first = math.floor(min(epochs))
+        ax.set_xlim(first - 0.25, first + 1.25)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     if title:
