@@ -76,6 +76,19 @@ def test_depth_flags_refuse_a_vit_run(capsys, vit, tmp_path, flags):
     assert _files(vit) == before and not os.path.exists(tmp_path / "out")
 
 
+def test_from_python_the_depth_functions_name_themselves_not_flags(vit):
+    """A notebook calling depth_curve_run on a ViT run was told to drop CLI flags."""
+    from stochastic_depth_jax.training import depth
+
+    with pytest.raises(errors.ConfigError) as refused:
+        depth.depth_curve_run(vit)
+    assert str(refused.value).startswith("depth_curve_run, export_pruned_run and "
+                                         "mc_evaluate_run need a run of a CIFAR ResNet")
+    assert "--" not in str(refused.value) and "evaluate_checkpoint" in str(refused.value)
+    with pytest.raises(errors.ConfigError, match="^samples must be >= 1"):
+        depth.mc_evaluate_run(vit, samples=0)
+
+
 def test_pruning_refuses_a_vit_model():
     model = sdj.ViT(depth=2, width=8, num_heads=2, patch_size=4, num_classes=3)
     with pytest.raises(errors.ConfigError, match="block-wise stochastic depth.*got a ViT"):

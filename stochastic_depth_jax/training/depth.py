@@ -51,10 +51,14 @@ def require_blockwise_run(workdir: str) -> None:
     config, _ = evaluate_lib.load_run_config(workdir)
     name = config.model.get("name", "cifar_resnet")
     if name not in config_lib.MODELS:
+        need = (f"a run of a CIFAR ResNet or WideResNet (block-wise stochastic depth; "
+                f"model.name in {sorted(config_lib.MODELS)}); the run in {workdir} has model "
+                f"{name!r}.")
         raise errors.ConfigError(
-            f"--depth-curve, --export and --mc-samples need a run of a CIFAR ResNet or "
-            f"WideResNet (block-wise stochastic depth; model.name in {sorted(config_lib.MODELS)}); "
-            f"the run in {workdir} has model {name!r}. Evaluate it without these flags.")
+            f"depth_curve_run, export_pruned_run and mc_evaluate_run need {need} Evaluate it "
+            "with evaluate.evaluate_checkpoint instead.",
+            command_line=f"--depth-curve, --export and --mc-samples need {need} Evaluate it "
+                         "without these flags.")
 
 
 def _variables(run: evaluate_lib.RestoredRun) -> dict[str, Any]:
@@ -203,7 +207,8 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
     deterministic scaled network, on ``split`` of a run (:func:`pruning.mc_evaluate`)."""
     if samples < 1:
         raise errors.ConfigError(
-            f"--mc-samples must be >= 1 (sampled sub-networks), got {samples}.")
+            f"samples must be >= 1 (sampled sub-networks), got {samples}.",
+            command_line=f"--mc-samples must be >= 1 (sampled sub-networks), got {samples}.")
     require_blockwise_run(workdir)
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),
