@@ -58,10 +58,14 @@ def run(args, overrides):
     config = load_config(args.config, overrides)
     distributed.initialize(**job)
     distributed.check_same_config(json.loads(config.to_json()))
-    from stochastic_depth_jax.training import loop  # After initialize: touches devices.
+    import jax  # After initialize, as what touches devices.
 
-    summary = loop.train_and_evaluate(config, args.workdir or default_workdir(args.config))
-    print(json.dumps({"final": summary["final"], "best": summary["best"]}, indent=2))
+    from stochastic_depth_jax.training import loop, progress
+
+    workdir = args.workdir or default_workdir(args.config)
+    summary = loop.train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:  # The full results are in summary.json.
+        print("\n".join(progress.summary_lines(summary, workdir, config.num_epochs)), flush=True)
 
 
 def main(argv=None):

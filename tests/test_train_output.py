@@ -52,6 +52,21 @@ def test_without_the_bar_each_epoch_prints_one_line(sample_run):
         assert " s (" in line and "img/s)" in line
 
 
+def test_the_run_ends_with_its_selected_model_and_where_the_results_are(sample_run):
+    """train.py ended by printing the final and best records as ~40 lines of JSON; it now
+    says in three lines where the run ended, the test error of the model it selected (the
+    paper's number) and where summary.json is."""
+    workdir, stdout, _ = sample_run
+    best = json.load(open(os.path.join(workdir, "summary.json")))["best"]
+    last = stdout.rstrip("\n").splitlines()[-3:]
+    assert last[0].startswith("Finished epoch 2/2 (8 steps); last epoch: val error ")
+    assert last[1] == (f"Best by validation error: epoch {best['epoch']:g}, test error "
+                       f"{100 * best['test_error']:.2f}% (val error {100 * best['val_error']:.2f}%)"
+                       "; in checkpoints_best/.")
+    assert last[2] == f"Results in {workdir}: summary.json, metrics.jsonl."  # no plots here
+    assert "{" not in stdout
+
+
 def test_sample_mode_resnet_records_the_masking_it_runs(sample_run):
     workdir, stdout, _ = sample_run
     [line] = [x for x in stdout.splitlines() if x.startswith("Skipping implementation")]

@@ -6,6 +6,7 @@ data's one-time decoding (``data.sources``) decides between its bar and lines he
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -14,7 +15,7 @@ import jax
 from tqdm.auto import tqdm
 
 __all__ = ["EpochProgress", "draws_bar", "epoch_line", "interactive", "prints_epoch_lines",
-           "prints_task_lines"]
+           "prints_task_lines", "summary_lines"]
 
 
 def interactive(stream: Any) -> bool:
@@ -69,6 +70,40 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
             parts.append(f"{name} error {100 * record[key]:.2f}%")
     parts.append(f"{record['epoch_time_s']:.1f} s ({record['images_per_s']:.0f} img/s)")
     return "; ".join(parts)
+
+
+_METRIC_NAMES = {"val_error": "validation error", "test_error": "test error",
+                 "train_error": "training error"}
+
+
+def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> list[str]:
+    """What a finished (or already finished) run prints last: where it ended, the model it
+    selected with its test error (the paper's number: the test error at the epoch of lowest
+    validation error), and where the full results are, e.g.::
+
+        Finished epoch 2/2 (8 steps); last epoch: val error 96.88%, test error 92.19%.
+        Best by validation error: epoch 1, test error 95.31% (val error 90.62%); in checkpoints_best/.
+        Results in runs/c10: summary.json, metrics.jsonl, error.png, loss.png.
+    """
+    final, best = summary.get("final") or {}, summary.get("best") or {}
+    lines = []
+    if final.get("epoch") is not None:
+        errors_ = [f"{name} error {100 * final[key]:.2f}%"
+                   for key, name in (("val_error", "val"), ("test_error", "test")) if key in final]
+        lines.append(f"Finished epoch {round(final['epoch'], 2):g}/{num_epochs} "
+                     f"({summary.get('steps', final.get('step'))} steps)"
+                     + (f"; last epoch: {', '.join(errors_)}." if errors_ else "."))
+    if best.get("metric") in _METRIC_NAMES:
+        shown = [f"{name} {100 * best[key]:.2f}%" for key, name in
+                 (("test_error", "test error"), ("val_error", "val error")) if key in best]
+        first, rest = (shown[0], shown[1:]) if shown else ("", [])
+        lines.append(f"Best by {_METRIC_NAMES[best['metric']]}: epoch {round(best['epoch'], 2):g}"
+                     + (f", {first}" if first else "")
+                     + (f" ({', '.join(rest)})" if rest else "") + "; in checkpoints_best/.")
+    lines.append(f"Results in {workdir}: summary.json, metrics.jsonl"
+                 + (", error.png, loss.png." if os.path.exists(os.path.join(workdir, "error.png"))
+                    else "."))
+    return lines
 
 
 class EpochProgress:
