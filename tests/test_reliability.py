@@ -506,6 +506,24 @@ ls {mount}/w/checkpoints > {out}/resume.ls
     assert max(int(x) for x in read("resume.ls").split() if x.isdigit()) > saved[-1]
 
 
+@pytest.mark.parametrize("error", [TypeError("not JSON"), OSError(28, "No space left")])
+def test_run_json_and_summary_are_replaced_only_whole(tmp_path, monkeypatch, error):
+    """run.json and summary.json are written through workdir.atomic_write (on disk before the
+    rename; no partial file left by a failure), as every other file the trainer rewrites."""
+    path = tmp_path / "summary.json"
+    loop._write_json(str(path), {"steps": 10})
+
+    def fails(obj, f, **kwargs):
+        f.write('{"ste')
+        raise error
+
+    monkeypatch.setattr(loop.json, "dump", fails)
+    with pytest.raises(type(error)):
+        loop._write_json(str(path), {"steps": 20})
+    assert os.listdir(tmp_path) == ["summary.json"] and json.loads(path.read_text()) == {
+        "steps": 10}
+
+
 def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     """A run stopped after epoch 76's record but before its checkpoint resumes at 75."""
     workdir = str(tmp_path)

@@ -51,10 +51,8 @@ def _host(tree: Any) -> Any:
 
 def _write_json(path: str, obj: Any) -> None:
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with workdir_lib.atomic_write(path) as f:  # a reader never sees half a file
             json.dump(obj, f, indent=2)
-        os.replace(tmp, path)  # Atomic: a reader never sees half a file.
 
 
 @dataclasses.dataclass
