@@ -604,6 +604,28 @@ def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
     assert changes["model.compact_lengths"] == {"old": None, "new": 0}
 
 
+def test_resuming_a_run_recorded_with_subsampling_shortcuts_keeps_them(run, tmp_path):
+    """A run recorded with model.shortcut='A' (the default before 'A-avg'), resumed by the
+    same command: its parameter-free shortcuts restore, but the rest would train with
+    average pooling. Refused in one line naming the way to resume it as trained, before
+    anything is written."""
+    config, workdir = _copy(run, tmp_path)
+    path = os.path.join(workdir, evaluate.RUN_FILE)
+    meta = json.load(open(path))
+    meta["config"]["model"]["shortcut"] = "A"
+    json.dump(meta, open(path, "w"))
+    before = {f: open(os.path.join(workdir, f), "rb").read()
+              for f in (evaluate.RUN_FILE, metrics.METRICS_FILE)}
+    resumed = config.copy_and_resolve_references()
+    resumed.num_epochs = 3
+    assert resumed.model.shortcut == "A-avg"
+    with pytest.raises(errors.ConfigError, match=(
+            r"trained with model.shortcut='A' \(run.json\) and this config has 'A-avg' .*"
+            r"Resume it as trained with --config.model.shortcut=A, or train in a fresh")):
+        loop.train_and_evaluate(resumed, workdir)
+    assert before == {f: open(os.path.join(workdir, f), "rb").read() for f in before}
+
+
 def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():
     import signal as signal_lib
 
