@@ -444,7 +444,8 @@ class Shortcut(nn.Module):
       with ``'A'`` evaluate as they trained.
     * ``'B'``: 1x1 convolution with stride ``s`` plus BatchNorm (projection).
 
-    ``kind`` defaults to ``'A-avg'``, as :class:`ResidualBlock`'s ``shortcut``. Identity when the input already has the output's shape.
+    ``kind`` defaults to ``'A-avg'``, as :class:`ResidualBlock`'s ``shortcut``. Identity
+    when the input already has the output's shape.
     """
 
     features: int
