@@ -85,6 +85,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_cli  # noqa: E402  (next to this file)
 from bench_cli import child_backend as backend  # noqa: E402
+from provenance import SUITE_PART_ENV  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--list", action="store_true", help="print the parts and exit")
     args = ap.parse_args(argv)
     args.selected = [BY_NAME[n] for n in bench_cli.names_from(args.parts, BY_NAME, "--parts")]
+    # The parts run from the repository root: a path relative to here must not move there.
+    args.out_dir = os.path.abspath(args.out_dir)
+    if os.sep in args.torch_python:  # a bare name ('python3') is looked up on PATH
+        args.torch_python = os.path.abspath(args.torch_python)
     if args.budget <= 0:
         raise bench_cli.bad_flag(f"--budget {args.budget:g}: seconds, more than 0.")
     return args
@@ -186,11 +191,16 @@ def command(part: Part, args: argparse.Namespace) -> list[str]:
             *(a.format(**fill) for a in part.args)]
 
 
-def run_part(cmd: list[str], timeout: float, log) -> tuple[str, float]:
-    """Runs ``cmd`` from the repository root, echoing its output to stdout and ``log``; kills
-    its process group after ``timeout`` seconds."""
+def part_env(part: Part) -> dict[str, str]:
+    """The environment ``part`` runs in: its name in ``$SDJ_GPU_SUITE_PART``, so that its
+    table says it has the suite's sizes (``provenance.run_label``), and unbuffered output."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", **{SUITE_PART_ENV: part.name})
+
+
+def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[str, float]:
+    """Runs ``cmd`` from the repository root in ``env`` (:func:`part_env`), echoing its
+    output to stdout and ``log``; kills its process group after ``timeout`` seconds."""
     t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(HERE), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     stopped = threading.Event()
@@ -258,7 +268,7 @@ def _run_parts(args, torch_ok: bool, log) -> None:
             header = f"\n=== {part.name}: {' '.join(cmd[1:])} ({left:.0f} s left)\n"
             sys.stdout.write(header)
             log.write(header)
-            status, took = run_part(cmd, left, log)
+            status, took = run_part(cmd, left, log, part_env(part))
             summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
     except (bench_cli.Interrupted, KeyboardInterrupt) as e:
         how, status = ((e.how, e.status) if isinstance(e, bench_cli.Interrupted)

@@ -444,12 +444,13 @@ class Shortcut(nn.Module):
       with ``'A'`` evaluate as they trained.
     * ``'B'``: 1x1 convolution with stride ``s`` plus BatchNorm (projection).
 
-    Identity when the input already has the output's shape.
+    ``kind`` defaults to ``'A-avg'``, as :class:`ResidualBlock`'s ``shortcut``. Identity
+    when the input already has the output's shape.
     """
 
     features: int
     strides: int = 1
-    kind: str = "A"
+    kind: str = "A-avg"
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     dtype: Any = None

@@ -108,7 +108,8 @@ def test_bench_drop_path_tiny_vit(tmp_path):
 
 def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
     suite = load("gpu_suite")
-    quick = suite.Part("quick", 1, ("-c", "print('quick ran')"))
+    quick = suite.Part("quick", 1, ("-c", "import os; print('quick ran as part', "
+                                          "os.environ['SDJ_GPU_SUITE_PART'])"))
     slow = suite.Part("slow", 1, ("-c", "import time; print('slow started', flush=True); "
                                         "time.sleep(60)"))
     huge = suite.Part("huge", 10**6, ("-c", "print('never')"))
@@ -116,7 +117,7 @@ def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(suite, "backend", lambda: "gpu")
     suite.main(["--parts", "quick,huge,slow", "--budget", "8", "--out-dir", str(tmp_path)])
     log = (tmp_path / "gpu_suite.log").read_text()
-    assert "quick ran" in log and "never" not in log and "slow started" in log
+    assert "quick ran as part quick" in log and "never" not in log and "slow started" in log
     assert "quick: ok" in log
     assert "huge: not started" in log
     assert "slow: stopped (budget)" in log
@@ -124,10 +125,17 @@ def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
         suite.main(["--parts", "nonsense"])
 
 
-def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path):
+def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path, monkeypatch):
     suite = load("gpu_suite")
     args = suite.parse_args(["--torch-python", "/some/venv/bin/python", "--out-dir",
                              str(tmp_path)])
+    # The parts run from the repository root: paths given relative to the caller's directory
+    # are made absolute (the log was written here, the parts' tables looked for there).
+    monkeypatch.chdir(tmp_path)
+    relative = suite.parse_args(["--torch-python", "venv/bin/python", "--out-dir", "results"])
+    assert relative.out_dir == str(tmp_path / "results")
+    assert relative.torch_python == str(tmp_path / "venv" / "bin" / "python")
+    assert suite.parse_args(["--torch-python", "python3"]).torch_python == "python3"  # PATH
     torch_parts = [p for p in suite.PARTS if p.torch]
     assert [p.name for p in torch_parts] == ["epochs-torch"]
     assert suite.command(torch_parts[0], args)[:2] == ["/some/venv/bin/python",
@@ -153,7 +161,9 @@ def test_gpu_suite_parts_name_known_variants():
 
 
 def test_gpu_suite_parts_parse(tmp_path, monkeypatch):
-    """Every part's flags pass its script's checks (a typo costs no GPU minutes)."""
+    """Every part's flags pass its script's checks (a typo costs no GPU minutes), and its
+    table says it is the suite's: not '**Not the default sizes**' (a smoke run's warning),
+    which the suite's 45,000-image epochs and 20 rounds would otherwise get."""
     suite = load("gpu_suite")
     monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's one GPU, not 8 CPUs
     args = suite.parse_args(["--out-dir", str(tmp_path)])
@@ -161,7 +171,12 @@ def test_gpu_suite_parts_parse(tmp_path, monkeypatch):
         script, *argv = suite.command(part, args)[1:]
         name = os.path.basename(script).removesuffix(".py")
         if name not in ("compare_torch", "bench_torch"):  # these need PyTorch
-            load(name).parse_args(argv)
+            with monkeypatch.context() as env:
+                for key, value in suite.part_env(part).items():
+                    env.setenv(key, value)
+                label = load(name).parse_args(argv).label
+            assert "Not the default sizes" not in label, (part.name, label)
+            assert f"Run by gpu_suite.py, part {part.name}: the sizes of the recorded" in label
 
 
 def run_command(module, argv, capsys):

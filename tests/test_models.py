@@ -195,6 +195,10 @@ def test_option_a_shortcut_averages_as_the_paper_or_subsamples(kind):
     assert not np.allclose(eval_apply(model, v), _reference_eval(v, probs, True, other),
                            atol=1e-4)
     assert sdj.CifarResNet().shortcut == "A-avg"
+    # The Shortcut module on its own too (README: 'A-avg' is the default): it subsampled.
+    x = jax.random.normal(jax.random.key(1), (1, 4, 4, 2))
+    np.testing.assert_allclose(sdj.Shortcut(4, 2).apply({}, x, train=False)[..., :2],
+                               x.reshape(1, 2, 2, 2, 2, 2).mean((2, 4)), rtol=1e-6)
 
 
 def test_average_shortcut_on_odd_sides_matches_the_strided_branch():

@@ -51,6 +51,17 @@ def test_error_figure_has_the_title_drops_best_star_and_integer_epochs():
     assert all(not line.get_label().startswith("best") for line in loss.axes[0].get_lines())
 
 
+def test_a_step_schedules_warm_up_end_is_not_called_a_drop():
+    """ResNet-1202's recipe warms up at lr / 10: its first change is a rise, then drops."""
+    records = _records([0.01, 0.01, 0.1, 0.1, 0.01])
+    fig = plots.curves_figure(records, ("train_error",), "error (%)", True, lr_drops=True)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["train_error", "learning-rate rise (warm-up ends)", "learning-rate drop"]
+    lines = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+    assert [(line.get_xdata()[0], line.get_label()) for line in lines] == [
+        (2, "learning-rate rise (warm-up ends)"), (4, "learning-rate drop")]
+
+
 @pytest.mark.parametrize("spec, overrides, want", [
     ("cifar10", [], "cifar10, ResNet-110, stochastic depth p_L=0.5 (linear, batch), float32"),
     ("cifar10", ["--config.model.final_survival_prob=1.0", "--config.model.dtype=bfloat16"],

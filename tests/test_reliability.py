@@ -506,6 +506,24 @@ ls {mount}/w/checkpoints > {out}/resume.ls
     assert max(int(x) for x in read("resume.ls").split() if x.isdigit()) > saved[-1]
 
 
+@pytest.mark.parametrize("error", [TypeError("not JSON"), OSError(28, "No space left")])
+def test_run_json_and_summary_are_replaced_only_whole(tmp_path, monkeypatch, error):
+    """run.json and summary.json are written through workdir.atomic_write (on disk before the
+    rename; no partial file left by a failure), as every other file the trainer rewrites."""
+    path = tmp_path / "summary.json"
+    loop._write_json(str(path), {"steps": 10})
+
+    def fails(obj, f, **kwargs):
+        f.write('{"ste')
+        raise error
+
+    monkeypatch.setattr(loop.json, "dump", fails)
+    with pytest.raises(type(error)):
+        loop._write_json(str(path), {"steps": 20})
+    assert os.listdir(tmp_path) == ["summary.json"] and json.loads(path.read_text()) == {
+        "steps": 10}
+
+
 def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     """A run stopped after epoch 76's record but before its checkpoint resumes at 75."""
     workdir = str(tmp_path)
@@ -584,6 +602,28 @@ def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
     assert "num_epochs: 4 -> 5" in message and "compact_lengths" not in message
     changes = json.load(open(path))["config_changes"]
     assert changes["model.compact_lengths"] == {"old": None, "new": 0}
+
+
+def test_resuming_a_run_recorded_with_subsampling_shortcuts_keeps_them(run, tmp_path):
+    """A run recorded with model.shortcut='A' (the default before 'A-avg'), resumed by the
+    same command: its parameter-free shortcuts restore, but the rest would train with
+    average pooling. Refused in one line naming the way to resume it as trained, before
+    anything is written."""
+    config, workdir = _copy(run, tmp_path)
+    path = os.path.join(workdir, evaluate.RUN_FILE)
+    meta = json.load(open(path))
+    meta["config"]["model"]["shortcut"] = "A"
+    json.dump(meta, open(path, "w"))
+    before = {f: open(os.path.join(workdir, f), "rb").read()
+              for f in (evaluate.RUN_FILE, metrics.METRICS_FILE)}
+    resumed = config.copy_and_resolve_references()
+    resumed.num_epochs = 3
+    assert resumed.model.shortcut == "A-avg"
+    with pytest.raises(errors.ConfigError, match=(
+            r"trained with model.shortcut='A' \(run.json\) and this config has 'A-avg' .*"
+            r"Resume it as trained with --config.model.shortcut=A, or train in a fresh")):
+        loop.train_and_evaluate(resumed, workdir)
+    assert before == {f: open(os.path.join(workdir, f), "rb").read() for f in before}
 
 
 def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():

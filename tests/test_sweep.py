@@ -188,6 +188,20 @@ def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_wit
             "cifar10:smoke", extra + ["--config.model.scan_unroll=true"]))
 
 
+def test_a_sweep_recorded_with_subsampling_shortcuts_is_continued_with_them(tmp_path):
+    """A sweep run before 'A-avg' became the default records model.shortcut='A': the same
+    command is refused, naming the override that continues it as it was trained."""
+    old = _finished_run(str(tmp_path), 8, 0.5, 0.5, "--config.model.shortcut=A")
+    [(name, extra)] = sweep.plan([8], [0.5])
+    with pytest.raises(errors.ConfigError, match=(
+            r"\(model.shortcut: 'A' -> 'A-avg'\) \(recorded before 'A-avg' became the "
+            r"default: add --config.model.shortcut=A to continue it\); use a new --root")):
+        sweep.check_same_config(os.path.join(str(tmp_path), old),
+                                load_config("cifar10:smoke", extra))
+    sweep.check_same_config(os.path.join(str(tmp_path), old), load_config(
+        "cifar10:smoke", extra + ["--config.model.shortcut=A"]))
+
+
 def _missing(field):
     """What a run.json lacking ``field`` (another version's) is refused with."""
     return ("{run_json} records a config without the field '" + field + "', which this "

@@ -51,10 +51,8 @@ def _host(tree: Any) -> Any:
 
 def _write_json(path: str, obj: Any) -> None:
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with workdir_lib.atomic_write(path) as f:  # a reader never sees half a file
             json.dump(obj, f, indent=2)
-        os.replace(tmp, path)  # Atomic: a reader never sees half a file.
 
 
 @dataclasses.dataclass
@@ -291,6 +289,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         run.state = run.setup.init_state(image_shape)
         return
     _check_steps_per_epoch(run, meta)
+    _check_same_shortcut(run)
     run.state, run.best = state, meta.get("best")
     if jax.process_index() == 0:
         print(
@@ -313,6 +312,28 @@ def _check_steps_per_epoch(run: _Run, meta: dict[str, Any]) -> None:
         "epoch" + (f" ({changed})" if changed else "") + ", so its epochs, learning-rate "
         "schedule and metrics would not line up. Resume with the batch size and data it was "
         "trained with, or train in a fresh --workdir.")
+
+
+def _check_same_shortcut(run: _Run) -> None:
+    """Refuses to resume with another ``model.shortcut`` than run.json records: the
+    option-A shortcuts have no parameters, so the checkpoint restores, but the rest of the
+    run would train another network. A run recorded before 'A-avg' became the default
+    records 'A' (subsampling), and the same command now gives 'A-avg'."""
+    try:
+        old = (evaluate_lib.read_run_json(run.workdir) or {}).get("config", {})
+    except (OSError, errors.Error):  # Unreadable: _write_run_json refuses it.
+        return
+    recorded = old.get("model", {}).get("shortcut") if isinstance(old.get("model"), dict) else None
+    new = run.config.model.get("shortcut")
+    if recorded is None or new is None or recorded == new:
+        return
+    why = (" ('A-avg' is the default now; runs recorded before it have 'A')"
+           if (recorded, new) == ("A", "A-avg") else "")
+    raise errors.ConfigError(
+        f"The run in {run.workdir} was trained with model.shortcut={recorded!r} (run.json) "
+        f"and this config has {new!r}{why}: the rest of the run would train another network. "
+        f"Resume it as trained with --config.model.shortcut={recorded}, or train in a fresh "
+        "--workdir.")
 
 
 def _changes_since_run_json(run: _Run, most: int = 8) -> str:

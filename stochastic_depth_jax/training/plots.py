@@ -130,9 +130,14 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
         if points:
             x, y = zip(*points)
             ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)
-    for i, (epoch, lr) in enumerate(_lr_changes(records) if lr_drops else ()):
+    labelled, before = set(), next((r["lr"] for r in records if _number(r.get("lr"))), None)
+    for epoch, lr in _lr_changes(records) if lr_drops else ():
+        # A step schedule's warm-up (ResNet-1202: 0.01, then 0.1) ends with a rise.
+        kind = "learning-rate drop" if lr < before else "learning-rate rise (warm-up ends)"
         ax.axvline(epoch, color="0.6", linestyle=":", linewidth=1,
-                   label="learning-rate drop" if i == 0 else None)
+                   label=None if kind in labelled else kind)
+        labelled.add(kind)
+        before = lr
         ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
                     xytext=(3, -12), textcoords="offset points", fontsize=7, color="0.4")
     metric = best.get("metric") if best else None

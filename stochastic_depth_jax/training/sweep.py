@@ -172,9 +172,13 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             continue
         changes.append(f"{field}: {a!r} -> {b!r}")
     if changes:
+        # A sweep recorded before 'A-avg' became the default: the same command changes it.
+        continued = (" (recorded before 'A-avg' became the default: add "
+                     "--config.model.shortcut=A to continue it)"
+                     if "model.shortcut: 'A' -> 'A-avg'" in changes else "")
         raise errors.ConfigError(
-            f"{workdir} holds a run trained with a different config ({'; '.join(changes)}); "
-            f"use a new --root for this config, or remove {workdir} to retrain it.")
+            f"{workdir} holds a run trained with a different config ({'; '.join(changes)})"
+            f"{continued}; use a new --root for this config, or remove {workdir} to retrain it.")
 
 
 def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> int:
