@@ -130,7 +130,7 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
         if points:
             x, y = zip(*points)
             ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)
-    labelled, before = set(), next((r["lr"] for r in records if _number(r.get("lr"))), None)
+    labelled, before = set(), next((r["lr"] for r in records if is_number(r.get("lr"))), None)
     for epoch, lr in _lr_changes(records) if lr_drops else ():
         # A step schedule's warm-up (ResNet-1202: 0.01, then 0.1) ends with a rise.
         kind = "learning-rate drop" if lr < before else "learning-rate rise (warm-up ends)"
