@@ -312,3 +312,16 @@ def test_drop_path_configs_say_how_to_shorten_them_and_that_they_do_not_sweep(na
     with pytest.raises(ValueError, match="Train it with train.py") as refused:
         sweep.require_sweepable(load_config(f"{name}:smoke"))
     assert "ViT" not in str(refused.value)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--config.lr_schedule=constant", "--config.warmup_epochs=2"],
+     "does nothing with lr_schedule='constant'"),
+    (["--config.warmup_epochs=6", "--config.lr_boundaries_epochs=5,8"],
+     r"outlasts the first lr drop \(lr_boundaries_epochs=\(5, 8\)\).*at most 5 epochs"),
+])
+def test_a_warm_up_the_schedule_would_ignore_or_hide_a_drop_with_is_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("cifar10:smoke", ["--config.num_epochs=10", *overrides])
+    load_config("cifar10:smoke", ["--config.num_epochs=10", "--config.warmup_epochs=5",
+                                  "--config.lr_boundaries_epochs=5,8"])  # up to the drop: fine

@@ -374,6 +374,14 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
         f"lr_boundaries_epochs={b!r} must be increasing positive integers (epochs; () for "
         "none)",
     )
+    _check(not c.warmup_epochs or c.lr_schedule != "constant",
+           f"warmup_epochs={c.warmup_epochs!r} does nothing with lr_schedule='constant'; set "
+           "--config.warmup_epochs=0, or lr_schedule='step' (warm-up at lr / 10)")
+    if c.warmup_epochs and c.lr_schedule == "step" and b:
+        _check(c.warmup_epochs <= b[0],
+               f"warmup_epochs={c.warmup_epochs!r} outlasts the first lr drop "
+               f"(lr_boundaries_epochs={tuple(b)!r}): the warm-up would hide it; warm up for at "
+               f"most {b[0]} epochs")
 
 
 def _finite(x: Any) -> bool:

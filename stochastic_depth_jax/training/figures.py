@@ -92,8 +92,9 @@ def save_figure(fig: Any, path: str, sources: Sequence[str], data: Any,
         sidecar = {"figure": os.path.basename(path), "title": title, "sources": sources,
                    **(extra or {}), "data": data}
     json_path = sidecar_path(path)
-    # Both written before either replaces its earlier file: a failure leaves the earlier
-    # pair, not a new figure beside the sidecar of the old one.
+    # Both written in full before either is renamed into place (the PNG, then the JSON): a
+    # failure while drawing or writing leaves the earlier pair, not a new figure beside the
+    # old one's sidecar; only a failed rename in between could part them.
     with workdir_lib.atomic_write(json_path) as js, workdir_lib.atomic_write(path, "wb") as png:
         fig.savefig(png, format="png", dpi=100,
                     metadata={"Title": title, "Source": json.dumps(sources),
