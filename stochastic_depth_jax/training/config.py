@@ -405,10 +405,18 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         "paper's split)",
     )
     no_validation = config.train_on_all or v == 0
+    without = "train_on_all=True" if config.train_on_all else "validation_size=0"
+    by_validation = config.select_best_by == "validation"
+    n = config.get("eval_every_steps", 0)
+    _check(  # Said before the selection's check, so one line names both fixes.
+        not (no_validation and n),
+        f"{without} leaves no validation set for eval_every_steps={n} (the validation error "
+        f"every {n} steps); set --config.eval_every_steps=0"
+        + (' and select_best_by to "test" or "train"' if by_validation else ""),
+    )
     _check(
-        not (no_validation and config.select_best_by == "validation"),
-        f"{'train_on_all=True' if config.train_on_all else 'validation_size=0'} leaves no "
-        'validation set; set select_best_by to "test" or "train"',
+        not (no_validation and by_validation),
+        f'{without} leaves no validation set; set select_best_by to "test" or "train"',
     )
     fake = fake_train_size(config)
     if fake and isinstance(v, int):
@@ -460,10 +468,12 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
             isinstance(config[field], int) and config[field] >= 1,
             f"{field}={config[field]!r} must be an integer >= 1",
         )
-    for field in ("max_steps", "checkpoint_every_epochs", "checkpoint_every_steps"):
+    for field in ("max_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
+                  "eval_every_steps"):
+        value = config.get(field, 0)  # eval_every_steps: absent from older config files
         _check(
-            isinstance(config[field], int) and config[field] >= 0,
-            f"{field}={config[field]!r} must be an integer >= 0",
+            isinstance(value, int) and value >= 0,
+            f"{field}={value!r} must be an integer >= 0",
         )
     for field, n in config.fake_data.items():
         _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
