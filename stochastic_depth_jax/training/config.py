@@ -81,10 +81,16 @@ _ABSENT_MODEL_FIELDS = {"name": "cifar_resnet", "widen_factor": 1, "dropout_rate
                         "scan_unroll": False}
 
 
+# The same for the fields of every config (a run without eval_every_steps evaluated once an
+# epoch).
+_ABSENT_FIELDS = {"eval_every_steps": 0}
+
+
 def with_absent_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (as run.json stores it) with the ResNet fields it predates filled in with
-    the values it was trained with, so that comparing it with a newer config
-    (:func:`config_changes`) finds only what really differs."""
+    """``config`` (as run.json stores it) with the fields it predates (the ResNet fields and
+    ``_ABSENT_FIELDS``) filled in with the values it was trained with, so that comparing it
+    with a newer config (:func:`config_changes`) finds only what really differs."""
+    config = {**_ABSENT_FIELDS, **config}
     model = config.get("model")
     if not isinstance(model, dict) or model.get("name", "cifar_resnet") not in MODELS:
         return config
