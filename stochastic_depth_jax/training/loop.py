@@ -134,8 +134,9 @@ def _epoch_sums(run: _Run) -> dict[str, float]:
 
 
 def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
-    """Runs steps up to ``end`` (inclusive), evaluating every ``eval_every_steps`` before
-    it; returns the wall time of the training steps (without those evaluations')."""
+    """Runs the steps until ``end`` updates are done, with the ``eval_every_steps``
+    evaluations before ``end`` (``_end_of_epoch`` evaluates there); returns the wall time
+    of the training steps, without those evaluations (``run.eval_time``)."""
     c, spe = run.config, run.setup.steps_per_epoch
     start = run.step
     bar = progress.EpochProgress(
@@ -304,10 +305,11 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
         t0 = time.perf_counter()
         evaluated = _evaluate(run)
         record.update(evaluated)
+        took = time.perf_counter() - t0
         if c.get("eval_every_steps", 0):  # The curve every N steps has the epoch ends too.
             run.validation_writer.write({"step": step, "epoch": label, **evaluated,
-                                         "eval_time_s": time.perf_counter() - t0})
-        run.eval_time += time.perf_counter() - t0
+                                         "eval_time_s": took})
+        run.eval_time += took
     if run.eval_time:  # This epoch's evaluations: mid-epoch (eval_every_steps) and its end.
         record["eval_time_s"] = run.eval_time
     if _improves(run, record):
