@@ -94,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Evaluation, selection, checkpoints, logging.
     c.eval_every_epochs = 1
+    # > 0: also evaluate the validation split every this many steps (global step multiple,
+    # mid-epoch included; SVHN in the paper: 200), recorded in validation.jsonl; where the
+    # validation error improves on the best, the test error too and the 'best' checkpoint.
+    # With select_best_by 'test' or 'train' they only record the validation error (the best
+    # is chosen at epoch ends). Needs a validation set.
+    c.eval_every_steps = 0
     c.select_best_by = "validation"  # paper: report the model with the best validation error
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 0  # > 0 also saves every this many steps

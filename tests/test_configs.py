@@ -40,6 +40,8 @@ def test_paper_hyperparameters(name):
     assert c.optimizer == "sgd" and c.momentum == 0.9 and c.nesterov
     assert c.weight_decay == 1e-4 and c.weight_decay_on == "all"
     assert c.select_best_by == "validation"
+    # SVHN: "validation error is calculated every 200 iterations" (Sec. 4); CIFAR: per epoch.
+    assert c.eval_every_steps == (200 if name == "svhn" else 0)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -126,6 +128,15 @@ def test_path_form_and_overrides():
         ("cifar10", ["--config.dataset=mnist"], "dataset='mnist'.*image_folder"),
         ("cifar10", ["--config.train_on_all=true"], "select_best_by"),
         ("cifar10", ["--config.select_best_by=loss"], "select_best_by.*validation"),
+        # eval_every_steps evaluates the validation split: one line names every fix.
+        ("svhn", ["--config.validation_size=0"], "validation_size=0 leaves no validation set "
+         "for eval_every_steps=200 .*; set --config.eval_every_steps=0 and select_best_by to "
+         '"test" or "train"$'),
+        ("svhn", ["--config.train_on_all=true", "--config.select_best_by=test"],
+         "train_on_all=True leaves no validation set for eval_every_steps=200 .*; set "
+         "--config.eval_every_steps=0$"),
+        ("cifar10", ["--config.eval_every_steps=-200"], "eval_every_steps=-200 must be an "
+         "integer >= 0"),
         # None empties only a field that may be empty: a count, rate or tuple may not.
         ("cifar10", ["--config.num_epochs=None"], "'num_epochs'.*cannot be empty.*500"),
         ("cifar10", ["--config.lr_decay_factor=None"], "'lr_decay_factor'.*cannot be empty"),

@@ -257,3 +257,25 @@ def test_a_run_of_less_than_two_epochs_has_whole_epoch_ticks(epochs):
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
     assert lo < min(epochs) and max(epochs) < hi
+
+
+def test_a_mid_epoch_best_is_starred_in_view_on_the_curve_every_n_steps():
+    """eval_every_steps: a first epoch's best at step 2 of 4 (epoch 0.5) was starred outside
+    the axes (a run under two epochs long is shown from epoch 0.75) and labelled 'epoch 0.5'
+    without its step; the validation curve now has a point per evaluation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    records = _records([0.1])  # epoch 1, step 10
+    validation = [{"step": s, "epoch": s / 4, "val_error": e}
+                  for s, e in ((1, 0.8), (2, 0.5), (3, 0.7), (4, 0.9))]
+    best = {"metric": "val_error", "value": 0.5, "epoch": 0.5, "step": 2, "test_error": 0.55}
+    fig = plots.curves_figure(records, ("train_error", "val_error"), "error (%)", True,
+                              best=best, validation=validation)
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    star = lines["best val_error: epoch 0.50 (step 2), test error 55.00%"]
+    lo, hi = ax.get_xlim()
+    assert lo < star.get_xdata()[0] < hi and lo < 1 < hi
+    assert list(lines["val_error"].get_xdata()) == [0.25, 0.5, 0.75, 1.0]
+    assert list(lines["train_error"].get_xdata()) == [1]  # per epoch, as before

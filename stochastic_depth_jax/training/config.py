@@ -81,10 +81,16 @@ _ABSENT_MODEL_FIELDS = {"name": "cifar_resnet", "widen_factor": 1, "dropout_rate
                         "scan_unroll": False}
 
 
+# The same for the fields of every config (a run without eval_every_steps evaluated once an
+# epoch).
+_ABSENT_FIELDS = {"eval_every_steps": 0}
+
+
 def with_absent_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (as run.json stores it) with the ResNet fields it predates filled in with
-    the values it was trained with, so that comparing it with a newer config
-    (:func:`config_changes`) finds only what really differs."""
+    """``config`` (as run.json stores it) with the fields it predates (the ResNet fields and
+    ``_ABSENT_FIELDS``) filled in with the values it was trained with, so that comparing it
+    with a newer config (:func:`config_changes`) finds only what really differs."""
+    config = {**_ABSENT_FIELDS, **config}
     model = config.get("model")
     if not isinstance(model, dict) or model.get("name", "cifar_resnet") not in MODELS:
         return config
@@ -413,10 +419,18 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         "paper's split)",
     )
     no_validation = config.train_on_all or v == 0
+    without = "train_on_all=True" if config.train_on_all else "validation_size=0"
+    by_validation = config.select_best_by == "validation"
+    n = config.get("eval_every_steps", 0)
+    _check(  # Said before the selection's check, so one line names both fixes.
+        not (no_validation and n),
+        f"{without} leaves no validation set for eval_every_steps={n} (the validation error "
+        f"every {n} steps); set --config.eval_every_steps=0"
+        + (' and select_best_by to "test" or "train"' if by_validation else ""),
+    )
     _check(
-        not (no_validation and config.select_best_by == "validation"),
-        f"{'train_on_all=True' if config.train_on_all else 'validation_size=0'} leaves no "
-        'validation set; set select_best_by to "test" or "train"',
+        not (no_validation and by_validation),
+        f'{without} leaves no validation set; set select_best_by to "test" or "train"',
     )
     fake = fake_train_size(config)
     if fake and isinstance(v, int):
@@ -468,10 +482,12 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
             isinstance(config[field], int) and config[field] >= 1,
             f"{field}={config[field]!r} must be an integer >= 1",
         )
-    for field in ("max_steps", "checkpoint_every_epochs", "checkpoint_every_steps"):
+    for field in ("max_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
+                  "eval_every_steps"):
+        value = config.get(field, 0)  # eval_every_steps: absent from older config files
         _check(
-            isinstance(config[field], int) and config[field] >= 0,
-            f"{field}={config[field]!r} must be an integer >= 0",
+            isinstance(value, int) and value >= 0,
+            f"{field}={value!r} must be an integer >= 0",
         )
     for field, n in config.fake_data.items():
         _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")

@@ -2,7 +2,9 @@
 
 Per epoch: train (progress bar, or one line per epoch without it), evaluate validation and
 test with every block active, write a metrics record, keep the best-by-validation
-checkpoint, save the latest one.
+checkpoint, save the latest one. With ``eval_every_steps``, the validation split is also
+evaluated every that many steps (mid-epoch included, recorded in validation.jsonl), and the
+test split and the best checkpoint where it improves (the paper's SVHN protocol).
 A restart with the same workdir continues from the newest readable checkpoint and
 reproduces the uninterrupted run's metrics (all randomness is keyed by the step).
 """
@@ -69,6 +71,10 @@ class _Run:
     writer: metrics_lib.MetricWriter
     state: Any
     best: dict[str, Any] | None = None
+    # eval_every_steps: validation.jsonl's writer, and the seconds evaluating in this epoch
+    # (kept out of its epoch_time_s, reported in its eval_time_s).
+    validation_writer: metrics_lib.MetricWriter | None = None
+    eval_time: float = 0.0
     stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
     plotted_at: float | None = None  # perf_counter() of the last drawing of the curves
     plot_failed: bool = False  # a drawing failed (and was warned about)
@@ -126,7 +132,9 @@ def _epoch_sums(run: _Run) -> dict[str, float]:
 
 
 def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
-    """Runs steps up to ``end`` (exclusive); returns the wall time of the training steps."""
+    """Runs the steps until ``end`` updates are done, with the ``eval_every_steps``
+    evaluations before ``end`` (``_end_of_epoch`` evaluates there); returns the wall time
+    of the training steps, without those evaluations (``run.eval_time``)."""
     c, spe = run.config, run.setup.steps_per_epoch
     start = run.step
     bar = progress.EpochProgress(
@@ -137,10 +145,15 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
         batch_size=c.batch_size,
         enabled=c.progress_bar,
     )
+    run.eval_time = 0.0
     t0 = time.perf_counter()
     try:
         for step in range(start + 1, end + 1):  # ``step`` = updates done after this one.
             run.state = compiled(run.state, run.splits["train"], step - 1)
+            # Before a stop or a save at this step: a restart resumes after it. The epoch's
+            # end is evaluated by _end_of_epoch.
+            if _evaluates_at(c, step) and step < end:
+                _evaluate_at_step(run)
             if step % c.log_every_steps == 0 or step == end:
                 _check_finite(run)
                 sums = _epoch_sums(run)
@@ -152,7 +165,7 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
         jax.block_until_ready(run.state)
     finally:
         bar.close()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0 - run.eval_time
 
 
 # The curves are redrawn during training at most this often (a drawing takes ~0.3 s on
@@ -171,7 +184,8 @@ def _draw_plots(run: _Run, force: bool) -> None:
     try:
         plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir,
                           title=plots.run_title(run.config), best=run.best,
-                          lr_drops=run.config.lr_schedule == "step")
+                          lr_drops=run.config.lr_schedule == "step",
+                          validation=_validation_records(run))
     except Exception as e:  # noqa: BLE001  A picture must not end a run: said once.
         if not run.plot_failed:
             warnings.warn(
@@ -180,6 +194,13 @@ def _draw_plots(run: _Run, force: bool) -> None:
                 + (" and tensorboard/" if run.config.write_tensorboard else "") + "); "
                 "--config.write_plots=false turns the drawing off.", logs.RunWarning)
         run.plot_failed = True  # Said once; tried again at the next drawing.
+
+
+def _validation_records(run: _Run) -> list[dict[str, Any]]:
+    """validation.jsonl's records where this run evaluates every ``eval_every_steps``."""
+    if not run.config.get("eval_every_steps", 0):
+        return []
+    return metrics_lib.read_metrics(run.workdir, metrics_lib.VALIDATION_FILE)
 
 
 def _stop_if_requested(run: _Run, step: int) -> None:
@@ -197,10 +218,11 @@ def _stop_if_requested(run: _Run, step: int) -> None:
         f"saved in {run.workdir}/checkpoints", signum)
 
 
-def _evaluate(run: _Run) -> dict[str, float]:
+def _evaluate(run: _Run, names: tuple[str, ...] = ("validation", "test")) -> dict[str, float]:
+    """``{'val_loss', 'val_error', 'test_loss', 'test_error'}`` of the splits ``names``."""
     record = {}
     for name, key in (("validation", "val"), ("test", "test")):
-        if name in run.splits:
+        if name in run.splits and name in names:
             result = evaluate_lib.evaluate_split(
                 run.setup.eval_step,
                 run.state,
@@ -213,12 +235,58 @@ def _evaluate(run: _Run) -> dict[str, float]:
     return record
 
 
+def _evaluates_at(config: ml_collections.ConfigDict, step: int) -> bool:
+    """Whether ``eval_every_steps`` evaluates the validation split at ``step``: a multiple,
+    so every process of a job evaluates at the same steps, and a resumed run as the
+    uninterrupted one."""
+    n = config.get("eval_every_steps", 0)
+    return bool(n) and step % n == 0
+
+
+def _improves(run: _Run, record: dict[str, Any]) -> bool:
+    """Whether ``record`` holds the selection metric and it is below the best so far."""
+    metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
+    return metric in record and (run.best is None or record[metric] < run.best["value"])
+
+
+def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
+    """Makes ``record`` (evaluated at the current step, ``epoch``: whole at an epoch's end,
+    else fractional) the run's best and saves the 'best' checkpoint."""
+    metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
+    run.best = {
+        "metric": metric,
+        "value": record[metric],
+        "epoch": epoch,
+        "step": run.step,
+        **{k: record[k] for k in ("val_error", "test_error") if k in record},
+    }
+    _save(run, "best", {"record": record})
+
+
+def _evaluate_at_step(run: _Run) -> None:
+    """``eval_every_steps`` mid-epoch: the validation split; where its error is the best so
+    far (``select_best_by='validation'``), the test split too and the 'best' checkpoint
+    (Huang et al., SVHN). One line of validation.jsonl; its time goes to ``run.eval_time``."""
+    _check_finite(run)  # Also waits for the steps dispatched: their time is training time.
+    t0 = time.perf_counter()
+    step = run.step
+    record = {"step": step, "epoch": step / run.setup.steps_per_epoch,
+              **_evaluate(run, ("validation",))}
+    if run.config.select_best_by == "validation" and _improves(run, record):
+        record.update(_evaluate(run, ("test",)))
+        _keep_best(run, record, record["epoch"])
+    record["eval_time_s"] = time.perf_counter() - t0
+    run.eval_time += record["eval_time_s"]
+    run.validation_writer.write(record)
+
+
 def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
                   is_last: bool) -> dict[str, Any]:
     """Evaluates, records, updates the best checkpoint and saves the latest one.
 
     ``train_time``: seconds of the ``timed_steps`` steps this session ran in the epoch (a
-    session resumed mid-epoch times only its part; images/s are of those steps)."""
+    session resumed mid-epoch times only its part; images/s are of those steps), without
+    the evaluations; ``eval_time_s``: theirs and the epoch end's."""
     c, step, spe = run.config, run.step, run.setup.steps_per_epoch
     steps_done = step - (epoch - 1) * spe
     # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
@@ -231,20 +299,19 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
         "epoch_time_s": train_time,
         "images_per_s": timed_steps * c.batch_size / max(train_time, 1e-9),
     }
-    if epoch % c.eval_every_epochs == 0 or is_last:
+    if epoch % c.eval_every_epochs == 0 or is_last or _evaluates_at(c, step):
         t0 = time.perf_counter()
-        record.update(_evaluate(run))
-        record["eval_time_s"] = time.perf_counter() - t0
-    metric = config_lib.SELECT_BEST_BY[c.select_best_by]
-    if metric in record and (run.best is None or record[metric] < run.best["value"]):
-        run.best = {
-            "metric": metric,
-            "value": record[metric],
-            "epoch": label,
-            "step": step,
-            **{k: record[k] for k in ("val_error", "test_error") if k in record},
-        }
-        _save(run, "best", {"record": record})
+        evaluated = _evaluate(run)
+        record.update(evaluated)
+        took = time.perf_counter() - t0
+        if c.get("eval_every_steps", 0):  # The curve every N steps has the epoch ends too.
+            run.validation_writer.write({"step": step, "epoch": label, **evaluated,
+                                         "eval_time_s": took})
+        run.eval_time += took
+    if run.eval_time:  # This epoch's evaluations: mid-epoch (eval_every_steps) and its end.
+        record["eval_time_s"] = run.eval_time
+    if _improves(run, record):
+        _keep_best(run, record, label)
     run.writer.write(record)
     if progress.prints_epoch_lines(c.progress_bar):
         print(progress.epoch_line(record, c.num_epochs), flush=True)
@@ -596,6 +663,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
             resume_epoch=run.step // spe,
             resume_step=run.step,
         )
+        run.validation_writer = _validation_writer(run)
         with stopping.StopSignals() as run.stop:
             return _train(run), True
     except stopping.Stopped:  # An agreed stop: every process saved and waited.
@@ -604,12 +672,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         failed = True
         raise
     finally:
-        if run.writer is not None:
-            run.writer.close()
+        for writer in (run.writer, run.validation_writer):
+            if writer is not None:
+                writer.close()
         # Waits for pending saves: the last good checkpoint is committed. After a failure in
         # a multi-process job, once the other processes were told (they take part).
         if not (failed and distributed.close_after_reporting(run.ckpts.close)):
             run.ckpts.close()
+
+
+def _validation_writer(run: _Run) -> metrics_lib.MetricWriter | None:
+    """validation.jsonl's writer with ``eval_every_steps``; also without, where an earlier
+    session wrote one: its records after the restored step are dropped all the same."""
+    path = os.path.join(run.workdir, metrics_lib.VALIDATION_FILE)
+    if not (run.config.get("eval_every_steps", 0) or os.path.exists(path)):
+        return None
+    return metrics_lib.MetricWriter(run.workdir, tensorboard=False, resume_step=run.step,
+                                    filename=metrics_lib.VALIDATION_FILE)
 
 
 def _compile_train_step(run: _Run) -> Callable[..., Any]:

@@ -1,11 +1,13 @@
-"""Per-epoch metric records: JSON lines (``metrics.jsonl``) and TensorBoard events.
+"""Metric records: JSON lines (``metrics.jsonl``, one per epoch; ``validation.jsonl``, one
+per validation evaluation with ``eval_every_steps``) and TensorBoard events.
 
 Only process 0 writes. Each record is appended with one ``write`` and flushed to disk, so
 a crash leaves at most a torn last line. On (re)start the file is rewritten atomically to
-the records that match the restored checkpoint: complete lines only, epochs up to the
-restored one, one record per epoch (a sequence that restarts at an earlier epoch replaces
-the records it repeats). Anything dropped is reported in a warning. TensorBoard events of
-steps after the restored checkpoint are purged, so a resumed run has no duplicate points.
+the records that match the restored checkpoint: complete lines only, epochs (steps) up to
+the restored one, one record per epoch (step) (a sequence that restarts at an earlier one
+replaces the records it repeats). Anything dropped is reported in a warning. TensorBoard
+events of steps after the restored checkpoint are purged, so a resumed run has no
+duplicate points.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import jax
 from stochastic_depth_jax import logs
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["MetricWriter", "read_metrics", "consistent_records", "METRICS_FILE"]
+__all__ = ["MetricWriter", "read_metrics", "consistent_records", "METRICS_FILE",
+           "VALIDATION_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
+# eval_every_steps: every validation evaluation (mid-epoch and at an epoch's end), by step.
+VALIDATION_FILE = "validation.jsonl"
 
 
 def _parse_lines(path: str) -> tuple[list[dict[str, Any]], list[int]]:
@@ -45,12 +50,13 @@ def _parse_lines(path: str) -> tuple[list[dict[str, Any]], list[int]]:
     return records, bad
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All complete records of ``<workdir>/metrics.jsonl`` in order ([] if absent).
+def read_metrics(workdir: str, filename: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """All complete records of ``<workdir>/metrics.jsonl`` (or of ``filename``, e.g.
+    ``VALIDATION_FILE``) in order ([] if absent).
 
     Unreadable lines (e.g. a torn last line) are skipped with a warning naming the file.
     """
-    path = os.path.join(workdir, METRICS_FILE)
+    path = os.path.join(workdir, filename)
     if not os.path.exists(path):
         return []
     records, bad = _parse_lines(path)
@@ -61,25 +67,26 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 def consistent_records(
-    records: list[dict[str, Any]], resume_epoch: int
+    records: list[dict[str, Any]], resume_epoch: int, key: str = "epoch"
 ) -> list[dict[str, Any]]:
     """One record per epoch, epochs increasing, none after ``resume_epoch``.
 
     A record whose epoch is not after the previous one starts a new attempt (a restart
     that re-ran epochs); it replaces the records from its epoch on. A line without an epoch
     (a note added by hand or by another tool) is no epoch's record: it stays where it is.
+    ``key='step'``: the same by step, none after the step ``resume_epoch`` (validation.jsonl).
     """
     kept: list[dict[str, Any]] = []
     for record in records:
-        epoch = record.get("epoch")
+        epoch = record.get(key)
         if not _is_epoch(epoch):
             kept.append(record)
             continue
         if epoch > resume_epoch:
             continue
         lines = []  # without an epoch, set aside while the records they follow are replaced
-        while kept and not (_is_epoch(kept[-1].get("epoch")) and kept[-1]["epoch"] < epoch):
-            if not _is_epoch(kept[-1].get("epoch")):
+        while kept and not (_is_epoch(kept[-1].get(key)) and kept[-1][key] < epoch):
+            if not _is_epoch(kept[-1].get(key)):
                 lines.append(kept[-1])
             kept.pop()
         kept += reversed(lines)
@@ -111,23 +118,24 @@ def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
     return ", ".join(text)
 
 
-def _reset_file(path: str, resume_epoch: int) -> None:
-    """Rewrites ``path`` atomically to the records consistent with ``resume_epoch``."""
+def _reset_file(path: str, resume_epoch: int, key: str = "epoch") -> None:
+    """Rewrites ``path`` atomically to the records consistent with ``resume_epoch`` (the
+    restored checkpoint's epoch, or its step for ``key='step'``)."""
     if os.path.exists(path):
         records, bad = _parse_lines(path)
     else:
         records, bad = [], []
-    kept = consistent_records(records, resume_epoch)
+    kept = consistent_records(records, resume_epoch, key)
     if bad or len(kept) != len(records):
         kept_ids = {id(r) for r in kept}
-        dropped = [r.get("epoch") for r in records if id(r) not in kept_ids]
-        epochs = [r["epoch"] for r in kept if _is_epoch(r.get("epoch"))]
-        kept_text = (f"kept the records of epochs {_epoch_ranges(epochs)}" if epochs
+        dropped = [r.get(key) for r in records if id(r) not in kept_ids]
+        epochs = [r[key] for r in kept if _is_epoch(r.get(key))]
+        kept_text = (f"kept the records of {key}s {_epoch_ranges(epochs)}" if epochs
                      else "kept no records")
-        dropped_text = (f" ({'epoch' if len(dropped) == 1 else 'epochs'} "
+        dropped_text = (f" ({key if len(dropped) == 1 else key + 's'} "
                         f"{_epoch_ranges(dropped)})" if dropped else "")
         warnings.warn(
-            f"{path}: {kept_text} that match the restored checkpoint (epoch {resume_epoch}); "
+            f"{path}: {kept_text} that match the restored checkpoint ({key} {resume_epoch}); "
             f"dropped {len(dropped)} other record(s){dropped_text}"
             + (f" and unreadable line(s) {bad}" if bad else "")
             + ".",
@@ -152,6 +160,8 @@ class MetricWriter:
       tensorboard: also write tensorboardX event files under ``<workdir>/tensorboard``.
       resume_epoch: keep only records with ``epoch <= resume_epoch`` (0: a fresh run).
       resume_step: the restored checkpoint's step; TensorBoard points after it are purged.
+      filename: ``VALIDATION_FILE`` writes the records of the validation evaluations
+        instead, one per step: those with ``step <= resume_step`` are kept.
     """
 
     def __init__(
@@ -161,14 +171,18 @@ class MetricWriter:
         tensorboard: bool = True,
         resume_epoch: int = 0,
         resume_step: int = 0,
+        filename: str = METRICS_FILE,
     ):
         self._active = jax.process_index() == 0
-        self._path = os.path.join(workdir, METRICS_FILE)
+        self._path = os.path.join(workdir, filename)
         self._tb = None
         if not self._active:
             return
         os.makedirs(workdir, exist_ok=True)
-        _reset_file(self._path, resume_epoch)
+        if filename == VALIDATION_FILE:
+            _reset_file(self._path, resume_step, key="step")
+        else:
+            _reset_file(self._path, resume_epoch)
         if tensorboard:
             from tensorboardX import SummaryWriter  # Imported here: only process 0 needs it.
 

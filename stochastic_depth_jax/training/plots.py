@@ -115,18 +115,36 @@ def _lr_changes(records: Sequence[dict[str, Any]]) -> list[tuple[Any, float]]:
     return changes
 
 
+def _best_label(best: dict[str, Any]) -> str:
+    """``'best val_error: epoch 5, test error 66.00%'``; a best chosen mid-epoch
+    (``eval_every_steps``) names its step: ``'epoch 12.34 (step 57700)'``."""
+    epoch = best["epoch"]
+    where = (f"epoch {epoch:g}" if float(epoch).is_integer() or not is_number(best.get("step"))
+             else f"epoch {epoch:.2f} (step {best['step']})")
+    test = best.get("test_error")
+    return f"best {best['metric']}: {where}" + (
+        f", test error {100 * test:.2f}%" if is_number(test) else "")
+
+
 def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str,
                   percent: bool, title: str | None = None,
-                  best: dict[str, Any] | None = None, lr_drops: bool = False) -> Any:
-    """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them)."""
+                  best: dict[str, Any] | None = None, lr_drops: bool = False,
+                  validation: Sequence[dict[str, Any]] = ()) -> Any:
+    """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them);
+    ``validation``'s records (validation.jsonl) give the ``val_*`` curves where they hold
+    them, at their fractional epochs."""
     from matplotlib.ticker import MaxNLocator
 
     records = [r for r in records if is_number(r.get("epoch"))]  # as in per_epoch
     fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
     scale = 100 if percent else 1
+    shown = [r["epoch"] for r in records]  # the epochs in view
     for key in keys:
         points = per_epoch(records, key, scale)
+        finer = per_epoch(validation, key, scale) if key.startswith("val_") else []
+        points = finer or points  # validation.jsonl holds the epoch ends' evaluations too
+        shown += [x for x, _ in points]
         if points:
             x, y = zip(*points)
             ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)
@@ -141,18 +159,16 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
         ax.annotate(f"lr {lr:g}", (epoch, 1), xycoords=("data", "axes fraction"),
                     xytext=(3, -12), textcoords="offset points", fontsize=7, color="0.4")
     metric = best.get("metric") if best else None
-    if metric in keys and isinstance(best.get("value"), (int, float)):
-        test = best.get("test_error")
-        note = f"best {metric}: epoch {best['epoch']:g}" + (
-            f", test error {100 * test:.2f}%" if isinstance(test, (int, float)) else "")
-        ax.plot([best["epoch"]], [scale * best["value"]], "k*", markersize=10, label=note)
+    if metric in keys and is_number(best.get("value")) and is_number(best.get("epoch")):
+        ax.plot([best["epoch"]], [scale * best["value"]], "k*", markersize=10,
+                label=_best_label(best))
+        shown.append(best["epoch"])  # a mid-epoch best (eval_every_steps) may come first
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    epochs = [r["epoch"] for r in records]
-    if epochs and max(epochs) - min(epochs) < 1:
+    if shown and max(shown) - min(shown) < 1:
         # Integer ticks need two whole epochs in view; else (a first epoch, or half of one)
         # the locator falls back to ticks such as 0.474, 0.498, 0.522.
-        first = math.floor(min(epochs))
-        ax.set_xlim(first - 0.25, first + 1.25)
+        first = math.floor(min(shown))
+        ax.set_xlim(first - 0.25, max(first + 1, max(shown)) + 0.25)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     if title:
@@ -165,7 +181,8 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
 
 
 def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | None = None,
-                best: dict[str, Any] | None = None, lr_drops: bool = False) -> list[str]:
+                best: dict[str, Any] | None = None, lr_drops: bool = False,
+                validation: Sequence[dict[str, Any]] = ()) -> list[str]:
     """Writes ``error.png`` and ``loss.png`` (train/val/test per epoch) to ``out_dir``.
 
     Args:
@@ -176,13 +193,15 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
         ``epoch``, ``test_error``), starred on the error curve it was selected by.
       lr_drops: mark each change of the records' ``lr`` with a dotted vertical line (for
         ``lr_schedule='step'``).
+      validation: ``validation.jsonl``'s records (``eval_every_steps``): the validation
+        curves are drawn from them, every N steps.
 
     Returns:
       The paths written.
     """
     paths = [os.path.join(out_dir, "error.png"), os.path.join(out_dir, "loss.png")]
     curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)", True,
-                  title, best, lr_drops).savefig(paths[0], dpi=120)
+                  title, best, lr_drops, validation).savefig(paths[0], dpi=120)
     curves_figure(records, ("train_loss", "val_loss", "test_loss"), "cross-entropy loss",
-                  False, title, None, lr_drops).savefig(paths[1], dpi=120)
+                  False, title, None, lr_drops, validation).savefig(paths[1], dpi=120)
     return paths

@@ -1,0 +1,86 @@
+"""``eval_every_steps``: the validation error every N steps, mid-epoch included (the paper's
+SVHN protocol), the test error and the 'best' checkpoint where it is the lowest so far;
+validation.jsonl, timing, and a resume that keeps best and records consistent."""
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from configs import load_config
+from stochastic_depth_jax.training import checkpoint as checkpoint_lib
+from stochastic_depth_jax.training import loop, metrics
+
+FLAGS = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+         "--config.write_plots=false", "--config.eval_every_steps=1"]
+# cifar10:smoke: 4 steps an epoch, 2 epochs; 32 validation and 64 test images. The lowest
+# validation error is at step 6, in the middle of epoch 2; step 3 is the best of epoch 1.
+VAL_ERROR = {1: 0.5, 2: 0.4, 3: 0.2, 4: 0.3, 5: 0.25, 6: 0.1, 7: 0.3, 8: 0.35}
+EVAL_S = 0.25  # each evaluation's time, kept out of the epochs' training time
+
+
+def _test_error(step):
+    return 0.6 + step / 100
+
+
+@pytest.fixture
+def fake_evaluation(monkeypatch):
+    """Evaluations whose errors are set by the state's step (validation: ``VAL_ERROR``;
+    test: ``_test_error``), each taking ``EVAL_S``; returns the (split, step) evaluated."""
+    calls = []
+
+    def evaluate_split(eval_step, state, split, **kwargs):
+        step = int(loop._host(state.step))
+        name = {32: "validation", 64: "test"}[len(split)]
+        calls.append((name, step))
+        time.sleep(EVAL_S)
+        error = VAL_ERROR[step] if name == "validation" else _test_error(step)
+        return {"loss": 2 * error, "error": error, "count": len(split)}
+
+    monkeypatch.setattr(loop.evaluate_lib, "evaluate_split", evaluate_split)
+    return calls
+
+
+def _without_times(records):
+    return [{k: v for k, v in r.items() if k != "eval_time_s"} for r in records]
+
+
+def test_best_is_the_mid_epoch_step_of_lowest_validation_error_and_resume_keeps_it(
+        fake_evaluation, tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), workdir)
+    # The paper's number: the test error at the step of the lowest validation error.
+    assert summary["best"] == {"metric": "val_error", "value": 0.1, "epoch": 1.5, "step": 6,
+                               "val_error": 0.1, "test_error": _test_error(6)}
+    assert 6 in checkpoint_lib.Checkpoints(workdir, read_only=True).steps("best")
+    # The test split only where the validation error improved, and at each epoch's end.
+    assert sorted(s for name, s in fake_evaluation if name == "test") == [1, 2, 3, 4, 6, 8]
+    assert sorted(s for name, s in fake_evaluation if name == "validation") == list(range(1, 9))
+    validation = metrics.read_metrics(workdir, metrics.VALIDATION_FILE)
+    assert [(r["step"], r["epoch"], r["val_error"], r.get("test_error")) for r in validation] == [
+        (s, s / 4, VAL_ERROR[s], _test_error(s) if s in (1, 2, 3, 4, 6, 8) else None)
+        for s in range(1, 9)]
+    epochs = metrics.read_metrics(workdir)
+    assert [r["epoch"] for r in epochs] == [1, 2]  # still one record per epoch
+    for record in epochs:  # 4 or 5 evaluations an epoch: timed apart from the training
+        assert record["eval_time_s"] >= 4 * EVAL_S
+        assert record["epoch_time_s"] < record["eval_time_s"] - 2 * EVAL_S
+    # Killed after step 6's best and records, before the checkpoint at step 8 committed:
+    # the run resumes at step 4, drops the records after it and reaches the same best.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+    os.remove(os.path.join(resumed, loop.SUMMARY_FILE))
+    with pytest.warns(UserWarning) as caught:
+        again = loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), resumed)
+    dropped = [str(w.message) for w in caught if "validation.jsonl" in str(w.message)]
+    assert [m.split(": ", 1)[1] for m in dropped] == [
+        "kept the records of steps 1-4 that match the restored checkpoint (step 4); dropped 4 "
+        "other record(s) (steps 5-8)."]
+    assert again["best"] == summary["best"]
+    assert _without_times(metrics.read_metrics(resumed, metrics.VALIDATION_FILE)) == (
+        _without_times(validation))
+    with open(os.path.join(resumed, loop.SUMMARY_FILE)) as f:
+        assert json.load(f)["best"] == summary["best"]
