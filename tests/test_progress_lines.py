@@ -50,3 +50,17 @@ def test_on_a_terminal_each_epoch_leaves_its_line_with_the_evaluation(monkeypatc
     bar.update(3, 2.3, 0.9)
     bar.close()
     assert "epoch 1/2" not in capsys.readouterr().err.rsplit("\r", 1)[-1]  # cleared
+
+
+def test_time_spent_evaluating_mid_epoch_is_left_out_of_the_bars_images_per_s(monkeypatch):
+    """With eval_every_steps the bar's images/s dipped after each evaluation."""
+    monkeypatch.setattr(progress, "interactive", lambda stream: True)
+    clock = iter([0.0, 1.0, 3.0])  # steps 1-2 in 1 s; then a 1.5 s evaluation, 0.5 s of steps
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    bar = progress.EpochProgress(1, 2, total=6, start=0, batch_size=4)
+    bar.update(0)
+    bar.update(2)
+    bar.exclude(1.5)
+    bar.update(4)
+    assert bar._bar.postfix.endswith("img/s=16")  # 2 steps x 4 images in 0.5 s, not 2 s
+    bar.close()

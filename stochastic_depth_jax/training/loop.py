@@ -153,7 +153,9 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
             # Before a stop or a save at this step: a restart resumes after it. The epoch's
             # end is evaluated by _end_of_epoch.
             if _evaluates_at(c, step) and step < end:
+                before = run.eval_time
                 _evaluate_at_step(run)
+                bar.exclude(run.eval_time - before)  # not in the bar's images/s either
             if step % c.log_every_steps == 0 or step == end:
                 _check_finite(run)
                 sums = _epoch_sums(run)

@@ -159,6 +159,12 @@ class EpochProgress:
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(n - self._bar.n)
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves ``seconds`` spent on something else (an evaluation mid-epoch) out of the
+        next images/s."""
+        if self._last_time is not None:
+            self._last_time += seconds
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
