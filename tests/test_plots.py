@@ -279,3 +279,15 @@ def test_a_mid_epoch_best_is_starred_in_view_on_the_curve_every_n_steps():
     assert lo < star.get_xdata()[0] < hi and lo < 1 < hi
     assert list(lines["val_error"].get_xdata()) == [0.25, 0.5, 0.75, 1.0]
     assert list(lines["train_error"].get_xdata()) == [1]  # per epoch, as before
+
+
+def test_validation_curve_keeps_the_epochs_before_eval_every_steps_was_turned_on():
+    """A run resumed with eval_every_steps turned on has validation.jsonl from then on only:
+    its validation curve lost the epochs before (drawn from epoch 3 on, not from 1)."""
+    records = _records([0.1] * 4)  # epochs 1-4, 10 steps each
+    validation = [{"step": s, "epoch": s / 10, "val_error": 0.5} for s in range(25, 45, 5)]
+    fig = plots.curves_figure(records, ("val_error",), "error (%)", True,
+                              validation=validation)
+    line = {line.get_label(): line for line in fig.axes[0].get_lines()}["val_error"]
+    assert list(line.get_xdata()) == [1, 2, 2.5, 3.0, 3.5, 4.0]
+    assert list(line.get_ydata())[:2] == [pytest.approx(90.0), pytest.approx(85.0)]
