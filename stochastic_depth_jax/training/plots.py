@@ -143,10 +143,10 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     for key in keys:
         points = per_epoch(records, key, scale)
         finer = per_epoch(validation, key, scale) if key.startswith("val_") else []
-        # validation.jsonl holds the epoch ends' evaluations too, but only from the session
-        # that turned eval_every_steps on: the epochs before come from metrics.jsonl.
-        if finer:
-            points = [p for p in points if p[0] < finer[0][0]] + finer
+        # validation.jsonl holds the epoch ends' evaluations too, but only of the sessions
+        # run with eval_every_steps (a run may turn it on when resumed): the others' epochs
+        # come from metrics.jsonl.
+        points = sorted({**dict(points), **dict(finer)}.items())
         shown += [x for x, _ in points]
         if points:
             x, y = zip(*points)
