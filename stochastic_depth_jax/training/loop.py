@@ -282,7 +282,7 @@ def _evaluate_at_step(run: _Run) -> None:
         _keep_best(run, record, record["epoch"])
     record["eval_time_s"] = time.perf_counter() - t0
     run.eval_time += record["eval_time_s"]
-    if run.validation_writer is not None:  # None: validation.jsonl removed (earlier_best)
+    if run.validation_writer is not None:  # None: an earlier best, no eval_every_steps
         run.validation_writer.write(record)
 
 
