@@ -329,10 +329,13 @@ def test_drop_path_configs_say_how_to_shorten_them_and_that_they_do_not_sweep(na
     (["--config.lr_schedule=constant", "--config.warmup_epochs=2"],
      "does nothing with lr_schedule='constant'"),
     (["--config.warmup_epochs=6", "--config.lr_boundaries_epochs=5,8"],
-     r"outlasts the first lr drop \(lr_boundaries_epochs=\(5, 8\)\).*at most 5 epochs"),
+     r"lasts until the first lr drop \(lr_boundaries_epochs=\(5, 8\)\).*fewer than 5 epochs"),
+    # Ending at the drop: lr / 10 for 5 epochs, then lr / 10 again; never learning_rate.
+    (["--config.warmup_epochs=5", "--config.lr_boundaries_epochs=5,8"],
+     r"lasts until the first lr drop"),
 ])
 def test_a_warm_up_the_schedule_would_ignore_or_hide_a_drop_with_is_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config("cifar10:smoke", ["--config.num_epochs=10", *overrides])
-    load_config("cifar10:smoke", ["--config.num_epochs=10", "--config.warmup_epochs=5",
-                                  "--config.lr_boundaries_epochs=5,8"])  # up to the drop: fine
+    load_config("cifar10:smoke", ["--config.num_epochs=10", "--config.warmup_epochs=4",
+                                  "--config.lr_boundaries_epochs=5,8"])  # before the drop: fine

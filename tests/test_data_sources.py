@@ -81,6 +81,9 @@ def test_svhn_validation_size_as_a_fraction_or_too_small_a_count():
     assert np.all(np.bincount(val.labels, minlength=10) == 20)
     with pytest.raises(ValueError, match="fewer than one per class.*at least 10"):
         splits.svhn_holdout(svhn_train, extra, 10, 5, seed=0)
+    # A fraction that holds out none suggests a count the per-class split takes (not 1).
+    with pytest.raises(ValueError, match="a count such as 10,"):
+        splits.svhn_holdout(svhn_train, extra, 10, 0.0001, seed=0)
     assert splits.svhn_holdout(svhn_train, extra, 10, 0, seed=0)[1] is None
 
 

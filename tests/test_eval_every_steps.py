@@ -84,3 +84,11 @@ def test_best_is_the_mid_epoch_step_of_lowest_validation_error_and_resume_keeps_
         _without_times(validation))
     with open(os.path.join(resumed, loop.SUMMARY_FILE)) as f:
         assert json.load(f)["best"] == summary["best"]
+    # The same, resumed with eval_every_steps turned off: step 6's best checkpoint is
+    # evaluated again when reached (it was not: the best was step 3's, while
+    # checkpoints_best/, which evaluate.py's 'best' reads, held step 6 as its newest).
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+    os.remove(os.path.join(workdir, loop.SUMMARY_FILE))
+    off = load_config("cifar10:smoke", FLAGS[:-1] + ["--config.eval_every_steps=0"])
+    with pytest.warns(UserWarning):
+        assert loop.train_and_evaluate(off, workdir)["best"] == summary["best"]

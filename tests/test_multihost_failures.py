@@ -382,7 +382,7 @@ def test_a_process_failing_after_one_finished_while_one_trains_stops_them_all(tm
         line = _error_line(*results[i][:2])
         assert line.startswith(f"error: process {who} of 3 failed, so process {i} stops too"), \
             line
-    assert '"final"' in results[done][1]  # It had finished.
+    assert fails_on_one.FINISHED in results[done][1]  # It had finished.
 
 
 def test_a_heartbeat_timeout_shorter_than_a_few_polls_is_refused_before_joining():

@@ -279,3 +279,16 @@ def test_a_mid_epoch_best_is_starred_in_view_on_the_curve_every_n_steps():
     assert lo < star.get_xdata()[0] < hi and lo < 1 < hi
     assert list(lines["val_error"].get_xdata()) == [0.25, 0.5, 0.75, 1.0]
     assert list(lines["train_error"].get_xdata()) == [1]  # per epoch, as before
+
+
+def test_validation_curve_keeps_the_epochs_of_sessions_without_eval_every_steps():
+    """validation.jsonl has the records of the sessions run with eval_every_steps only (a run
+    may turn it on or off when resumed): here epochs 2 and 4. The validation curve was drawn
+    from it alone, losing epochs 1 and 3 of metrics.jsonl."""
+    records = _records([0.1] * 4)  # epochs 1-4, 10 steps each
+    validation = [{"step": s, "epoch": s / 10, "val_error": 0.5} for s in (15, 20, 35, 40)]
+    fig = plots.curves_figure(records, ("val_error",), "error (%)", True,
+                              validation=validation)
+    line = {line.get_label(): line for line in fig.axes[0].get_lines()}["val_error"]
+    assert list(line.get_xdata()) == [1, 1.5, 2, 3, 3.5, 4]
+    assert list(line.get_ydata()) == [pytest.approx(v) for v in (90, 50, 50, 80, 50, 50)]

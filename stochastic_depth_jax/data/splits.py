@@ -54,8 +54,9 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-def resolve_count(validation_size: int | float, num_examples: int) -> int:
-    """Turns a count (int) or fraction (float in [0, 1)) into a number of examples."""
+def resolve_count(validation_size: int | float, num_examples: int, least: int = 1) -> int:
+    """Turns a count (int) or fraction (float in [0, 1)) into a number of examples;
+    ``least``: the smallest count a refusal suggests (SVHN's per-class split: one a class)."""
     if isinstance(validation_size, float):
         if not 0.0 <= validation_size < 1.0:
             raise errors.DataError(f"validation_size as a fraction must be in [0, 1), got "
@@ -65,7 +66,7 @@ def resolve_count(validation_size: int | float, num_examples: int) -> int:
             raise errors.DataError(
                 f"validation_size={validation_size} of the {num_examples} training examples "
                 f"holds out {count}, leaving {num_examples - count} to train on; pass another "
-                f"fraction, a count such as 1, or 0 for no validation set.")
+                f"fraction, a count such as {least}, or 0 for no validation set.")
         return count
     count = int(validation_size)
     if not 0 <= count < num_examples:
@@ -180,7 +181,7 @@ def svhn_holdout(train: Split, extra: Split, num_classes: int,
     if validation_size is None:
         from_train, from_extra = SVHN_VALIDATION_PER_CLASS
     else:
-        count = resolve_count(validation_size, len(train) + len(extra))
+        count = resolve_count(validation_size, len(train) + len(extra), least=num_classes)
         per_class = count // num_classes
         if count and not per_class:
             raise errors.DataError(

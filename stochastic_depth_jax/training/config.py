@@ -384,10 +384,12 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
            f"warmup_epochs={c.warmup_epochs!r} does nothing with lr_schedule='constant'; set "
            "--config.warmup_epochs=0, or lr_schedule='step' (warm-up at lr / 10)")
     if c.warmup_epochs and c.lr_schedule == "step" and b:
-        _check(c.warmup_epochs <= b[0],
-               f"warmup_epochs={c.warmup_epochs!r} outlasts the first lr drop "
-               f"(lr_boundaries_epochs={tuple(b)!r}): the warm-up would hide it; warm up for at "
-               f"most {b[0]} epochs")
+        # Ending at the drop hides it too: the warm-up's lr / 10 would go on as the decayed
+        # rate (lr_decay_factor 0.1), and the run would never train at learning_rate.
+        _check(c.warmup_epochs < b[0],
+               f"warmup_epochs={c.warmup_epochs!r} lasts until the first lr drop "
+               f"(lr_boundaries_epochs={tuple(b)!r}): the warm-up would hide it; warm up for "
+               f"fewer than {b[0]} epochs")
 
 
 def _finite(x: Any) -> bool:

@@ -75,6 +75,11 @@ class _Run:
     # (kept out of its epoch_time_s, reported in its eval_time_s).
     validation_writer: metrics_lib.MetricWriter | None = None
     eval_time: float = 0.0
+    # The 'best' checkpoints an earlier session saved after the restored step (killed before
+    # its next 'latest'): evaluated again when reached, whatever the cadence now, so that the
+    # best names them as the uninterrupted run did (else, resumed with eval_every_steps
+    # changed, the best was an older step while evaluate.py's 'best' was the newest of them).
+    earlier_best: frozenset[int] = frozenset()
     stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
     plotted_at: float | None = None  # perf_counter() of the last drawing of the curves
     plot_failed: bool = False  # a drawing failed (and was warned about)
@@ -152,7 +157,7 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
             run.state = compiled(run.state, run.splits["train"], step - 1)
             # Before a stop or a save at this step: a restart resumes after it. The epoch's
             # end is evaluated by _end_of_epoch.
-            if _evaluates_at(c, step) and step < end:
+            if (_evaluates_at(c, step) or step in run.earlier_best) and step < end:
                 before = run.eval_time
                 _evaluate_at_step(run)
                 bar.exclude(run.eval_time - before)  # not in the bar's images/s either
@@ -279,7 +284,8 @@ def _evaluate_at_step(run: _Run) -> None:
         _keep_best(run, record, record["epoch"])
     record["eval_time_s"] = time.perf_counter() - t0
     run.eval_time += record["eval_time_s"]
-    run.validation_writer.write(record)
+    if run.validation_writer is not None:  # None: an earlier best, no eval_every_steps
+        run.validation_writer.write(record)
 
 
 def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
@@ -301,7 +307,8 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
         "epoch_time_s": train_time,
         "images_per_s": timed_steps * c.batch_size / max(train_time, 1e-9),
     }
-    if epoch % c.eval_every_epochs == 0 or is_last or _evaluates_at(c, step):
+    if (epoch % c.eval_every_epochs == 0 or is_last or _evaluates_at(c, step)
+            or step in run.earlier_best):
         t0 = time.perf_counter()
         evaluated = _evaluate(run)
         record.update(evaluated)
@@ -360,6 +367,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     _check_steps_per_epoch(run, meta)
     _check_same_shortcut(run)
     run.state, run.best = state, meta.get("best")
+    run.earlier_best = frozenset(s for s in run.ckpts.steps("best") if s > run.step)
     if jax.process_index() == 0:
         print(
             f"Resuming from step {int(meta['step'])} (epoch {meta['epoch']:.2f}) in {run.workdir}",

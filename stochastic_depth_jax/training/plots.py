@@ -143,7 +143,10 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     for key in keys:
         points = per_epoch(records, key, scale)
         finer = per_epoch(validation, key, scale) if key.startswith("val_") else []
-        points = finer or points  # validation.jsonl holds the epoch ends' evaluations too
+        # validation.jsonl holds the epoch ends' evaluations too, but only of the sessions
+        # run with eval_every_steps (a run may turn it on when resumed): the others' epochs
+        # come from metrics.jsonl.
+        points = sorted({**dict(points), **dict(finer)}.items())
         shown += [x for x, _ in points]
         if points:
             x, y = zip(*points)
