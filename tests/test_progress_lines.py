@@ -64,3 +64,17 @@ def test_time_spent_evaluating_mid_epoch_is_left_out_of_the_bars_images_per_s(mo
     bar.update(4)
     assert bar._bar.postfix.endswith("img/s=16")  # 2 steps x 4 images in 0.5 s, not 2 s
     bar.close()
+
+
+def test_the_final_lines_of_a_run_rerun_with_fewer_epochs_and_of_validation_records(tmp_path):
+    """A finished 2-epoch run rerun with num_epochs=1 printed 'Finished epoch 2/1'; the
+    results line named no validation.jsonl where eval_every_steps wrote one."""
+    (tmp_path / "validation.jsonl").write_text("")
+    summary = {"final": {"epoch": 2, "step": 8, "test_error": 0.5}, "steps": 8,
+               "best": {"metric": "val_error", "epoch": 1.5, "val_error": 0.4,
+                        "test_error": 0.45}}
+    first, best, results = progress.summary_lines(summary, str(tmp_path), 1)
+    assert first == "Finished epoch 2 (8 steps); last epoch: test error 50.00%."
+    assert best == ("Best by validation error: epoch 1.5, test error 45.00% (val error 40.00%)"
+                    "; in checkpoints_best/.")
+    assert results == f"Results in {tmp_path}: summary.json, metrics.jsonl, validation.jsonl."

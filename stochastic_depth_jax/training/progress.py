@@ -90,7 +90,9 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
     if final.get("epoch") is not None:
         errors_ = [f"{name} error {100 * final[key]:.2f}%"
                    for key, name in (("val_error", "val"), ("test_error", "test")) if key in final]
-        lines.append(f"Finished epoch {round(final['epoch'], 2):g}/{num_epochs} "
+        # A finished run rerun with fewer num_epochs ('Nothing to train') ended past them.
+        of = f"/{num_epochs}" if final["epoch"] <= num_epochs else ""
+        lines.append(f"Finished epoch {round(final['epoch'], 2):g}{of} "
                      f"({summary.get('steps', final.get('step'))} steps)"
                      + (f"; last epoch: {', '.join(errors_)}." if errors_ else "."))
     if best.get("metric") in _METRIC_NAMES:
@@ -100,9 +102,9 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
         lines.append(f"Best by {_METRIC_NAMES[best['metric']]}: epoch {round(best['epoch'], 2):g}"
                      + (f", {first}" if first else "")
                      + (f" ({', '.join(rest)})" if rest else "") + "; in checkpoints_best/.")
-    lines.append(f"Results in {workdir}: summary.json, metrics.jsonl"
-                 + (", error.png, loss.png." if os.path.exists(os.path.join(workdir, "error.png"))
-                    else "."))
+    files = ["summary.json", "metrics.jsonl", "validation.jsonl", "error.png", "loss.png"]
+    found = [f for f in files if f in files[:2] or os.path.exists(os.path.join(workdir, f))]
+    lines.append(f"Results in {workdir}: {', '.join(found)}.")
     return lines
 
 
