@@ -92,3 +92,22 @@ def test_best_is_the_mid_epoch_step_of_lowest_validation_error_and_resume_keeps_
     off = load_config("cifar10:smoke", FLAGS[:-1] + ["--config.eval_every_steps=0"])
     with pytest.warns(UserWarning):
         assert loop.train_and_evaluate(off, workdir)["best"] == summary["best"]
+
+
+def test_mid_epoch_validation_is_on_the_tensorboard_curves_too(fake_evaluation, monkeypatch,
+                                                               tmp_path):
+    """TensorBoard had the epochs' records only: the evaluations between them were missing
+    from its val_error curve (validation.jsonl and the plots had them)."""
+    import tensorboardX
+
+    scalars = []
+    original = tensorboardX.SummaryWriter.add_scalar
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "add_scalar",
+                        lambda self, tag, value, global_step=None, **kw: (
+                            scalars.append((tag, global_step, value)),
+                            original(self, tag, value, global_step=global_step, **kw))[1])
+    flags = [f for f in FLAGS if "tensorboard" not in f] + ["--config.write_tensorboard=true"]
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags), str(tmp_path / "run"))
+    val = sorted({(step, value) for tag, step, value in scalars if tag == "val_error"})
+    assert val == [(s, VAL_ERROR[s]) for s in range(1, 9)]
+    assert sorted(s for tag, s, _ in scalars if tag == "test_error") == [1, 2, 3, 4, 6, 8]

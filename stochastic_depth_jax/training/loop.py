@@ -286,6 +286,8 @@ def _evaluate_at_step(run: _Run) -> None:
     run.eval_time += record["eval_time_s"]
     if run.validation_writer is not None:  # None: an earlier best, no eval_every_steps
         run.validation_writer.write(record)
+    # On the epochs' TensorBoard curves too, at this step (the epoch ends are already there).
+    run.writer.add_scalars(record, ("val_loss", "val_error", "test_loss", "test_error"))
 
 
 def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,

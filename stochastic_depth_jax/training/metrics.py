@@ -16,7 +16,7 @@ import json
 import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
@@ -202,11 +202,18 @@ class MetricWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self._tb.add_scalar(key, value, global_step=record["step"])
-            self._tb.flush()
+        self.add_scalars(record)
+
+    def add_scalars(self, record: dict[str, Any], keys: Sequence[str] | None = None) -> None:
+        """TensorBoard only: ``record``'s numbers (of ``keys``: all but the step and epoch)
+        at ``record['step']``, e.g. a mid-epoch evaluation beside the epochs' curves."""
+        if self._tb is None:
+            return
+        for key, value in record.items():
+            if (keys is None or key in keys) and key not in ("step", "epoch") and (
+                    isinstance(value, (int, float)) and not isinstance(value, bool)):
+                self._tb.add_scalar(key, value, global_step=record["step"])
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
