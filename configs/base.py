@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.validation_size = ml_collections.config_dict.placeholder(object)
     c.train_on_all = False
     c.label = "fine"
+    # Input normalisation by the training split's statistics: 'channel' (per-channel mean
+    # and std) or 'pixel' (the official Torch code's: the mean image and one global std,
+    # before augmentation, so a translation's fill is the mean at that pixel).
+    c.normalization = "channel"
     # > 0: build a small fake dataset with the real name and shapes under
     # <workdir>/fake_data and train on it (offline smoke runs and CI only). Ignored for
     # image folders (real data): `:smoke --config.dataset=image_folder:PATH` is a short run.

@@ -333,8 +333,9 @@ def save_pruned(directory: str, model: Any, variables: Any,
 
     ``directory`` must be new or empty (:func:`check_export_directory`). ``metadata``
     (e.g. the source run and the removed blocks) is stored in ``model.json``; so are the
-    input normalisation ``mean`` and ``std`` (float ``[C]``, pixel units 0-255: the model
-    expects ``(pixels - mean) / std``) when given. Returns ``directory``.
+    input normalisation ``mean`` and ``std`` (float ``[C]`` each, or a mean image
+    ``[H, W, C]`` and a scalar std (``normalization='pixel'``); pixel units 0-255: the model
+    expects ``(pixels - mean) / std``) when given, in their shapes. Returns ``directory``.
     """
     import orbax.checkpoint as ocp
 
@@ -346,8 +347,9 @@ def save_pruned(directory: str, model: Any, variables: Any,
     record = {**_definition(model), "metadata": metadata or {},
               "num_params": param_count(variables)}
     if mean is not None:
-        record["input"] = {"mean": [float(v) for v in np.ravel(mean)],
-                           "std": [float(v) for v in np.ravel(std)],
+        # As run.json records them: [C] lists, or a mean image [H][W][C] and one std.
+        record["input"] = {"mean": np.asarray(mean).tolist(),
+                           "std": np.asarray(std).tolist(),
                            "normalised": "(pixels - mean) / std, pixels in [0, 255]"}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, VARIABLES_DIR), variables)
@@ -360,8 +362,9 @@ def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:
     """Loads what :func:`save_pruned` wrote: ``(model, variables, metadata)``.
 
     Runs on its own: ``model.apply(variables, (pixels - mean) / std, train=False)`` with
-    ``mean, std = metadata['input']['mean'], metadata['input']['std']`` (float ``[C]``,
-    pixel units; ``evaluate.py --export`` records them). ``'input'`` is absent from
+    ``mean, std = np.float32(metadata['input']['mean']), np.float32(metadata['input']['std'])``
+    (``[C]`` each, or ``[H, W, C]`` and a scalar; pixel units; ``evaluate.py --export``
+    records them). ``'input'`` is absent from
     exports saved without them (older exports load as before).
     """
     import orbax.checkpoint as ocp

@@ -24,7 +24,8 @@ def check_augment(name: str) -> str:
 
 
 def normalize(images: jax.Array, mean, std) -> jax.Array:
-    """uint8 [..., C] pixels -> float32 (x - mean) / std, mean/std [C] in [0, 255] units."""
+    """uint8 [..., H, W, C] pixels -> float32 (x - mean) / std, in [0, 255] units: mean and
+    std broadcast ([C] each, or a mean image [H, W, C] and a scalar std)."""
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     return (images.astype(jnp.float32) - mean) / std
@@ -79,7 +80,8 @@ def augment_batch(images: jax.Array, augment_key: jax.Array, step,
 
     Args:
       images: float32 [B, H, W, C], already normalised (so the zero fill of a
-        translation is the mean colour, as in the official code).
+        translation is the mean colour, or with normalization='pixel' the mean at that
+        pixel, as in the official code).
       augment_key: a jax PRNG key.
       step: int scalar (may be traced).
       augment: 'flip_translate' or 'none'.

@@ -25,8 +25,10 @@ class Dataset:
       image_shape: (H, W, C).
       train, validation, test: Splits (validation is None when train_on_all or
         validation_size == 0).
-      mean, std: float32 [C], per channel over the train split, in [0, 255]
-        pixel units; normalised = (pixel - mean) / std. Record them with the run.
+      mean, std: over the train split, in [0, 255] pixel units; normalised =
+        (pixel - mean) / std. Record them with the run. normalization='channel': float32
+        [C] each; 'pixel' (the official code's): the mean image [H, W, C] and one global
+        std (shape ()).
       augment: 'flip_translate' (CIFAR, image folders) or 'none' (SVHN).
       class_names: label names for image folders (label i is class_names[i]),
         else None.
@@ -111,7 +113,8 @@ def _load_tfds(name, data_dir, download, validation_size, seed, train_on_all, la
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True,
                  validation_size: int | float | None = None, seed: int = 0,
                  train_on_all: bool = False, label: str = "fine",
-                 holdout: str | None = None, progress_bar: bool = True) -> Dataset:
+                 holdout: str | None = None, progress_bar: bool = True,
+                 normalization: str = "channel") -> Dataset:
     """Loads a dataset into host memory, split as in the paper.
 
     Args:
@@ -133,6 +136,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
       progress_bar: the one-time decoding of a tfds dataset (cached for later loads) shows
         a bar on a terminal or in a notebook; False (the trainer's ``progress_bar=False``)
         prints a start and a finish line instead, as a pipe or a log file gets.
+      normalization: the statistics of the training split (after the holdout) that
+        normalise inputs: 'channel' (per-channel mean and std) or 'pixel' (the official
+        Torch code's mean image and global std; see :attr:`Dataset.mean`).
 
     Returns:
       Dataset.
@@ -142,6 +148,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
       CorruptDataError: a stored record cannot be decoded.
       ValueError: unknown name or label, bad validation_size, bad image folder.
     """
+    if normalization not in splits.NORMALIZATIONS:
+        raise errors.DataError(f"normalization={normalization!r}; valid: "
+                               f"{list(splits.NORMALIZATIONS)}")
     class_names = None
     if holdout is not None and not name.startswith(IMAGE_FOLDER_PREFIX):
         raise errors.DataError(f"holdout={holdout!r} applies to image folders only; {name!r} "
@@ -162,6 +171,6 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
     else:
         raise errors.DataError(f"Unknown dataset {name!r}; choose one of "
                          f"{sorted(sources.TFDS_NAMES)} or 'image_folder:<path>'.")
-    mean, std = splits.channel_stats(train)
+    mean, std = splits.NORMALIZATIONS[normalization](train)
     return Dataset(name, num_classes, tuple(train.images.shape[1:]), train, validation,
                    test, mean, std, augment, class_names, holdout)

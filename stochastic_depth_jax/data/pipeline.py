@@ -143,7 +143,7 @@ def train_batch(dev: DeviceSplit, key: jax.Array, step, *, batch_size: int,
       key: jax PRNG key (the run's data key).
       step: int scalar, global step from 0.
       batch_size: global batch size (static).
-      mean, std: float [C] in [0, 255] pixel units (Dataset.mean / .std).
+      mean, std: in [0, 255] pixel units (Dataset.mean / .std: [C], or [H, W, C] and ()).
       augment: 'flip_translate' or 'none' (static).
 
     Returns:
@@ -193,7 +193,7 @@ def eval_batches(dev: DeviceSplit, *, batch_size: int, mean, std,
     Args:
       dev: DeviceSplit.
       batch_size: global batch size; the last batch is padded to it.
-      mean, std: float [C], [0, 255] units.
+      mean, std: [0, 255] units (Dataset.mean / .std).
       with_indices: also yield the int32 [batch] example indices (for checks).
 
     Yields:

@@ -220,3 +220,28 @@ def channel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def pixel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The official Torch code's normalisation (``cifar-dataset.lua``): the mean image and
+    one global std of a split, in [0, 255] pixel units.
+
+    Returns:
+        (mean, std): float32 [H, W, C] and a float32 scalar (shape ``()``). Computed in
+        float64 chunks, as :func:`channel_stats`.
+    """
+    total = np.zeros(split.images.shape[1:])
+    total_sq = 0.0
+    for start in range(0, len(split), 8192):
+        chunk = split.images[start:start + 8192].astype(np.float64)
+        total += chunk.sum(0)
+        total_sq += float(np.square(chunk).sum())
+    mean = total / len(split)
+    # E[x^2] - E[x]^2 over every value; the mean of the per-pixel means is the global mean.
+    variance = total_sq / (len(split) * mean.size) - mean.mean() ** 2
+    std = np.sqrt(max(variance, 0.0))
+    return mean.astype(np.float32), np.float32(max(std, 1e-3)).reshape(())
+
+
+# config.normalization: how the training split's statistics normalise every split's inputs.
+NORMALIZATIONS = {"channel": channel_stats, "pixel": pixel_stats}

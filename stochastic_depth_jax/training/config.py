@@ -82,8 +82,8 @@ _ABSENT_MODEL_FIELDS = {"name": "cifar_resnet", "widen_factor": 1, "dropout_rate
 
 
 # The same for the fields of every config (a run without eval_every_steps evaluated once an
-# epoch).
-_ABSENT_FIELDS = {"eval_every_steps": 0}
+# epoch; one without normalization normalised per channel).
+_ABSENT_FIELDS = {"eval_every_steps": 0, "normalization": "channel"}
 
 
 def with_absent_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -402,6 +402,9 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
         ds in DATASETS or (isinstance(ds, str) and ds.startswith("image_folder:")),
         f'dataset={ds!r}; valid: {list(DATASETS)} or "image_folder:<path>"',
     )
+    # Absent from the config of a run recorded before it: normalised per channel.
+    _check_choice(config.get("normalization", "channel"), splits.NORMALIZATIONS,
+                  "normalization")
     labels = LABELS.get(ds, ("fine",))
     _check(
         config.label in labels,

@@ -257,7 +257,9 @@ def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset,
 
     Raises:
       errors.DataError: naming the first differences and where the data was read.
+      errors.ConfigError: ``config.normalization`` is not the one the run trained with.
     """
+    _check_same_normalization(recorded, ds, config)
     where = data_location(config, workdir)
     diffs = []
     for key, value in _DATA_FINGERPRINT:
@@ -266,9 +268,7 @@ def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset,
     names = None if ds.class_names is None else list(ds.class_names)
     if recorded.get("class_names", names) != names:
         diffs.append("class names or their label order differ")
-    for key in ("mean", "std"):
-        if key in recorded and not np.allclose(recorded[key], getattr(ds, key), rtol=1e-5):
-            diffs.append(f"training-split channel {key} differs")
+    diffs += _stats_differences(recorded, ds)
     if "pixels_sha256" in recorded and recorded["pixels_sha256"] != data_lib.fingerprint(ds):
         diffs.append("the images or labels of a split differ")
     if diffs:
@@ -283,6 +283,28 @@ def check_same_data(recorded: dict[str, Any], ds: data_lib.Dataset,
                 f"folder reader read these images differently ({reason}), so its results "
                 "would not be on the images it trained on; use the version that trained it "
                 "(run.json's code_version), or retrain.")
+
+
+def _check_same_normalization(recorded: dict[str, Any], ds: data_lib.Dataset,
+                               config: ml_collections.ConfigDict) -> None:
+    """Refuses statistics of another ``normalization`` than the recorded ones (a [C] mean
+    is per channel, an [H, W, C] one per pixel): the model would see inputs normalised
+    otherwise than it trained on (a resume with a changed ``--config.normalization``)."""
+    if "mean" not in recorded or np.ndim(recorded["mean"]) == np.ndim(ds.mean):
+        return
+    trained = "pixel" if np.ndim(recorded["mean"]) == 3 else "channel"
+    raise errors.ConfigError(
+        f"This run was trained with normalization={trained!r} (run.json's data records its "
+        f"statistics) and this config has normalization="
+        f"{config.get('normalization', 'channel')!r}: set --config.normalization={trained} "
+        "as it trained, or train in a fresh --workdir.")
+
+
+def _stats_differences(recorded: dict[str, Any], ds: data_lib.Dataset) -> list[str]:
+    """The normalisation statistics (of the same shape) that differ from the recorded ones."""
+    what = "channel" if np.ndim(ds.mean) == 1 else "pixel"
+    return [f"training-split {what} {key} differs" for key in ("mean", "std")
+            if key in recorded and not np.allclose(recorded[key], getattr(ds, key), rtol=1e-5)]
 
 
 def _parse_which(which: str | int) -> tuple[str, int | None]:
@@ -337,7 +359,8 @@ class RestoredRun:
     Attributes:
       config: the run's validated config; ds: its dataset (host splits); setup: model,
       mesh and steps built exactly as in training; state: the restored ``TrainState``;
-      mean, std: float32 ``[C]`` normalisation; kind: 'latest' or 'best'; meta: the
+      mean, std: float32 normalisation (``[C]`` each, or ``[H, W, C]`` and a scalar with
+      ``normalization='pixel'``); kind: 'latest' or 'best'; meta: the
       checkpoint's metadata (``step``, ``epoch``, ...); note: None, or why an older
       checkpoint than the one requested was restored (the requested one is unreadable).
     """

@@ -109,6 +109,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str,
         label=config.label,
         holdout=data_lib.recorded_holdout(recorded, config.dataset),
         progress_bar=config.get("progress_bar", True),  # a run.json may predate the field
+        normalization=config.get("normalization", "channel"),  # as progress_bar
     )
 
 
@@ -394,8 +395,10 @@ def run_metadata(
             "class_names": None if ds.class_names is None else list(ds.class_names),
             "image_shape": list(ds.image_shape),
             "augment": ds.augment,
-            "mean": [float(v) for v in ds.mean],
-            "std": [float(v) for v in ds.std],
+            # normalization='channel': [C] lists; 'pixel': the mean image as nested lists
+            # [H][W][C] and the global std as one number.
+            "mean": np.asarray(ds.mean).tolist(),
+            "std": np.asarray(ds.std).tolist(),
             "num_train": len(ds.train),
             "num_test": len(ds.test),
             "num_validation": 0 if ds.validation is None else len(ds.validation),
