@@ -125,7 +125,8 @@ def make_train_step(
       optimizer: optax transformation (weight decay included).
       keys: the run's keys; mesh: the data mesh (``batch_size`` must divide by its size).
       batch_size: global batch; steps_per_epoch: for the epoch sums.
-      mean, std: float [C] normalisation; augment: ``data.AUGMENTATIONS`` name.
+      mean, std: normalisation (``[C]`` each, or ``[H, W, C]`` and a scalar with
+        ``normalization='pixel'``); augment: ``data.AUGMENTATIONS`` name.
       compact_multiple: > 0 for compact mode (models with ``compact_buckets`` only), each
         stage's scan length rounded up to a multiple of this.
       compact_lengths: > 0 for compact mode with this many scan lengths per stage, chosen
