@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import warned
 from processes import free_address, run_together
 from stochastic_depth_jax import logs
 from stochastic_depth_jax.training import checkpoint as ckpt_lib
@@ -178,7 +179,7 @@ def test_an_unfinished_save_is_set_aside_with_a_warning(tmp_path, mesh, monkeypa
     with pytest.warns(logs.RunWarning) as caught:
         ckpts = ckpt_lib.Checkpoints(tmp_path)
     moved = os.path.join(tmp_path, "checkpoints_unfinished", "latest-3-1234")
-    assert [str(w.message) for w in caught] == [
+    assert warned.messages(caught, logs.RunWarning) == [
         f"An unfinished save of step 3 in {os.path.join(tmp_path, 'checkpoints')} (interrupted "
         f"before it was committed) was moved to {moved}; the newest committed checkpoint "
         "(step 2) is used instead."]
@@ -202,7 +203,7 @@ def test_only_the_newest_unfinished_save_is_kept(tmp_path, mesh, monkeypatch):
         _unfinished(tmp_path, "checkpoints", step, step_dir)
     with pytest.warns(logs.RunWarning) as caught:
         ckpt_lib.Checkpoints(tmp_path).close()
-    [message] = [str(w.message) for w in caught]
+    [message] = warned.messages(caught, logs.RunWarning)
     moved = os.path.join(tmp_path, "checkpoints_unfinished", "latest-5-1234")
     assert message.startswith(f"An unfinished save of step 5 in {os.path.join(tmp_path, 'checkpoints')}"
                               f" (interrupted before it was committed) was moved to {moved}, "
@@ -220,7 +221,7 @@ def test_only_unfinished_saves_say_the_run_starts_from_step_0(tmp_path, mesh):
         _unfinished(tmp_path / "run", directory, 4, step_dir)
     with pytest.warns(logs.RunWarning) as caught:
         ckpts = ckpt_lib.Checkpoints(tmp_path / "run")
-    latest, best = (str(w.message) for w in caught)
+    latest, best = warned.messages(caught, logs.RunWarning)
     assert latest.endswith("no checkpoint was committed before it, so training starts from "
                            "step 0.")
     assert "checkpoints_best (interrupted" in best and best.endswith("; it is not used.")
@@ -454,7 +455,8 @@ def test_moving_aside_never_reuses_a_name(tmp_path, mesh, monkeypatch):
         os.remove(os.path.join(tmp_path, "checkpoints", "2", "meta", "metadata"))
         with pytest.warns(ckpt_lib.CheckpointCorruptWarning) as caught:
             ckpts.restore("latest", _abstract(base))
-        moved.append(str(caught[0].message).split("moved to ")[1].split(";")[0])
+        [message] = warned.messages(caught, ckpt_lib.CheckpointCorruptWarning)
+        moved.append(message.split("moved to ")[1].split(";")[0])
         ckpts.close()
     assert moved == [earlier + ".1", earlier + ".2"]
     assert os.listdir(earlier) == ["kept"]  # untouched

@@ -19,6 +19,7 @@ sys.path.insert(0, REPO)  # `configs`, train.py and evaluate.py live at the repo
 
 import evaluate as evaluate_cli  # noqa: E402
 import train as train_cli  # noqa: E402
+import warned  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import data, errors  # noqa: E402
@@ -530,14 +531,14 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     _write_lines(workdir, [json.dumps({"epoch": e, "step": 4 * e}) + "\n" for e in range(1, 77)])
     with pytest.warns(UserWarning) as caught:
         metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=75)
-    [message] = [str(w.message) for w in caught]
+    [message] = warned.messages(caught, UserWarning)
     assert "kept the records of epochs 1-75 that" in message
     assert message.endswith("dropped 1 other record(s) (epoch 76).")
     # A restart that re-ran epochs 2-3 then stopped: the first attempt's records go.
     _write_lines(workdir, [json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3, 2, 3, 4)])
     with pytest.warns(UserWarning) as caught:
         metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=3)
-    [message] = [str(w.message) for w in caught]
+    [message] = warned.messages(caught, UserWarning)
     assert "kept the records of epochs 1-3 that" in message
     assert "dropped 3 other record(s) (epochs 2-4)" in message
     assert _epochs(workdir) == [1, 2, 3]
@@ -559,7 +560,7 @@ def test_a_line_without_an_epoch_never_costs_the_records_before_it(tmp_path):
         {"epoch": 1}, note, {"epoch": 2, "run": 0}, {"epoch": 2, "run": 1})])
     with pytest.warns(UserWarning) as caught:
         metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=2)
-    [message] = [str(w.message) for w in caught]
+    [message] = warned.messages(caught, UserWarning)
     assert "kept the records of epochs 1-2 that" in message
     assert message.endswith("dropped 1 other record(s) (epoch 2).")
     assert metrics.read_metrics(workdir) == [{"epoch": 1}, note, {"epoch": 2, "run": 1}]

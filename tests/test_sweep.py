@@ -17,6 +17,7 @@ sys.path.insert(0, REPO)  # `configs` and the scripts live at the repository roo
 import evaluate as evaluate_cli  # noqa: E402
 import sweep as sweep_cli  # noqa: E402
 import train as train_cli  # noqa: E402
+import warned  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors, logs  # noqa: E402
@@ -248,7 +249,7 @@ def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path,
     _edit_run_json(run_json, field, value)
     with pytest.warns(logs.RunWarning) as caught:
         sweep_cli.main(["--root", root, "--collect"])
-    [warning] = [str(w.message) for w in caught]
+    [warning] = warned.messages(caught, logs.RunWarning)
     assert warning.startswith(f"{run_json} records a config this version refuses "
                               + why.format(run_json=run_json))
     assert warning.endswith("): left out of the sweep's figures.")
