@@ -67,6 +67,16 @@ def test_bench_train_whole_epochs(tmp_path):
     assert sorted(found) == ["auto", "constant"] and found["constant"][3] == "1.000"
 
 
+def test_bench_train_bare_config_divides_by_the_devices(tmp_path):
+    """The bare-step run's validation batch was a fixed 100, which 8 devices do not divide:
+    the trainer refused it on an 8-GPU host. Here 8 simulated devices."""
+    bench_train = load("bench_train")
+    args = bench_train.parse_args(["--depth", "8", "--batch", "16", "--steps", "1", "--out", ""])
+    config = bench_train._config(args, str(tmp_path), folder=str(tmp_path))
+    assert jax.device_count() == 8
+    assert config.eval_batch_size % 8 == 0 and config.validation_size == config.eval_batch_size
+
+
 def test_bench_train_images_are_reused_and_others_refused(tmp_path, capsys):
     bench_train = load("bench_train")
 
