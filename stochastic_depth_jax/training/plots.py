@@ -115,19 +115,26 @@ def _session_configs(run_json: dict[str, Any]) -> list[tuple[int, dict[str, Any]
     sessions = [(int(run_json.get("start_step") or 0), config)]
     changes = run_json.get("config_changes") or {}
     for entry in reversed(run_json.get("history") or []):
-        config = copy.deepcopy(config)
-        for field, change in changes.items():
-            *parents, name = field.split(".")
-            node = config
-            for part in parents:
-                node = node.setdefault(part, {})
-            if change.get("old") is None:
-                node.pop(name, None)
-            else:
-                node[name] = change["old"]
+        config = _undone(config, changes)
         sessions.insert(0, (int(entry.get("start_step") or 0), config))
         changes = entry.get("config_changes") or {}
     return sessions
+
+
+def _undone(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``changes`` (``{'a.b': {'old': x, 'new': y}}``, as
+    ``config.config_changes`` gives them) undone."""
+    config = copy.deepcopy(config)
+    for field, change in changes.items():
+        *parents, name = field.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        if change.get("old") is None:
+            node.pop(name, None)
+        else:
+            node[name] = change["old"]
+    return config
 
 
 def _width(model: Any) -> str:
