@@ -145,6 +145,9 @@ def test_an_earlier_best_that_a_changed_resume_does_not_reproduce_is_set_aside(
         [moved] = [str(w.message) for w in caught if "checkpoints_superseded" in str(w.message)]
         [aside] = os.listdir(os.path.join(workdir, checkpoint_lib.SUPERSEDED_DIR))
         assert aside.startswith("best-6-") and aside in moved and "step 6," in moved
+        with open(os.path.join(workdir, checkpoint_lib.SUPERSEDED_DIR, aside, "meta",
+                               "metadata")) as f:
+            assert json.load(f)["checksum"] == old_best  # moved whole, not lost
         return summary, checkpoint_lib.Checkpoints(workdir, read_only=True), moved
 
     # Step 6 improves again: its 'best' is this session's weights, as its 'latest' is.
