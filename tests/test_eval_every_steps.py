@@ -80,6 +80,7 @@ def test_best_is_the_mid_epoch_step_of_lowest_validation_error_and_resume_keeps_
         "kept the records of steps 1-4 that match the restored checkpoint (step 4); dropped 4 "
         "other record(s) (steps 5-8)."]
     assert again["best"] == summary["best"]
+    assert not os.path.exists(os.path.join(resumed, checkpoint_lib.SUPERSEDED_DIR))
     assert _without_times(metrics.read_metrics(resumed, metrics.VALIDATION_FILE)) == (
         _without_times(validation))
     with open(os.path.join(resumed, loop.SUMMARY_FILE)) as f:
@@ -111,3 +112,55 @@ def test_mid_epoch_validation_is_on_the_tensorboard_curves_too(fake_evaluation, 
     val = sorted({(step, value) for tag, step, value in scalars if tag == "val_error"})
     assert val == [(s, VAL_ERROR[s]) for s in range(1, 9)]
     assert sorted(s for tag, s, _ in scalars if tag == "test_error") == [1, 2, 3, 4, 6, 8]
+
+
+def _checksum(ckpts, kind, step):
+    return ckpts.read_meta(kind, step)["checksum"]
+
+
+def test_an_earlier_best_that_a_changed_resume_does_not_reproduce_is_set_aside(
+        fake_evaluation, monkeypatch, tmp_path):
+    """Resumed with another learning rate after a kill between a 'best' and a 'latest'
+    save, the earlier session's 'best' at step 6 held the old weights while this session's
+    records (and summary.json's best) described new ones; and a new best at step 5 was not
+    saved at all (Orbax saves no step below its newest)."""
+    monkeypatch.setitem(globals(), "EVAL_S", 0.0)
+    first = str(tmp_path / "first")
+    loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), first)
+    ckpts = checkpoint_lib.Checkpoints(first, read_only=True)
+    assert ckpts.steps("best") == [3, 6] and ckpts.steps("latest") == [4, 8]
+    old_best = _checksum(ckpts, "best", 6)
+    shutil.rmtree(os.path.join(first, "checkpoints", "8"))  # killed before step 8's 'latest'
+    os.remove(os.path.join(first, loop.SUMMARY_FILE))
+    val_error = dict(VAL_ERROR)
+    changed = FLAGS + ["--config.learning_rate=0.5", "--config.checkpoint_every_steps=1",
+                       "--config.keep_checkpoints=5"]
+
+    def resume(name, flags, val_errors):
+        workdir = str(tmp_path / name)
+        shutil.copytree(first, workdir)
+        monkeypatch.setitem(globals(), "VAL_ERROR", {**val_error, **val_errors})
+        with pytest.warns(UserWarning) as caught:
+            summary = loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)
+        [moved] = [str(w.message) for w in caught if "checkpoints_superseded" in str(w.message)]
+        [aside] = os.listdir(os.path.join(workdir, checkpoint_lib.SUPERSEDED_DIR))
+        assert aside.startswith("best-6-") and aside in moved and "step 6," in moved
+        with open(os.path.join(workdir, checkpoint_lib.SUPERSEDED_DIR, aside, "meta",
+                               "metadata")) as f:
+            assert json.load(f)["checksum"] == old_best  # moved whole, not lost
+        return summary, checkpoint_lib.Checkpoints(workdir, read_only=True), moved
+
+    # Step 6 improves again: its 'best' is this session's weights, as its 'latest' is.
+    summary, ckpts, moved = resume("again", changed, {})
+    assert summary["best"]["step"] == 6 and ckpts.steps("best") == [3, 6]
+    assert _checksum(ckpts, "best", 6) == _checksum(ckpts, "latest", 6) != old_best
+    assert ckpts.read_meta("best", 6)["best"] == summary["best"]
+    assert "(changed: " in moved and "learning_rate" in moved.split("(changed: ")[1]
+    # A new best at step 5 and none at 6: the newest 'best' is step 5's, this session's.
+    summary, ckpts, _ = resume("earlier", changed, {5: 0.15, 6: 0.3})
+    assert summary["best"]["step"] == 5 and ckpts.steps("best") == [3, 5]
+    assert _checksum(ckpts, "best", 5) == _checksum(ckpts, "latest", 5)
+    # Resumed to end before step 6: the best it reports is step 3's, the newest 'best'.
+    summary, ckpts, moved = resume("shorter", FLAGS + ["--config.num_epochs=1"], {})
+    assert summary["best"]["step"] == 3 and ckpts.steps("best") == [3]
+    assert "after this run's end (step 4)" in moved

@@ -142,7 +142,7 @@ def test_curves_are_drawn_after_the_first_epoch_then_at_most_every_plot_every_s(
     monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(plots, "plot_curves", lambda records, out, **kw: drawn.append(kw))
     run = types.SimpleNamespace(config=load_config("cifar10:smoke"), workdir=str(tmp_path),
-                                best=None, plotted_at=None)
+                                best=None, plotted_at=None, title=None)
     loop._draw_plots(run, force=run.plotted_at is None)  # the first epoch: drawn
     now[0] += loop.PLOT_EVERY_S / 2
     loop._draw_plots(run, force=False)  # too soon
@@ -292,3 +292,40 @@ def test_validation_curve_keeps_the_epochs_of_sessions_without_eval_every_steps(
     line = {line.get_label(): line for line in fig.axes[0].get_lines()}["val_error"]
     assert list(line.get_xdata()) == [1, 1.5, 2, 3, 3.5, 4]
     assert list(line.get_ydata()) == [pytest.approx(v) for v in (90, 50, 50, 80, 50, 50)]
+
+
+def test_the_curves_title_is_true_for_every_session_of_a_resumed_run(monkeypatch, tmp_path):
+    """Resumed with --config.model.dtype=bfloat16 after float32 epochs, the whole curve was
+    titled bfloat16 (the current session's config)."""
+    titles = []
+    monkeypatch.setattr(plots, "plot_curves", lambda records, out, **kw: titles.append(kw["title"]))
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.num_epochs=1"]),
+                            workdir)
+    unchanged = plots.run_title(load_config("cifar10:smoke"))
+    assert titles == [unchanged]  # a run never changed: as before
+    resumed = load_config("cifar10:smoke", flags + ["--config.model.dtype=bfloat16"])
+    with pytest.warns(logs.RunWarning, match="changed config"):
+        loop.train_and_evaluate(resumed, workdir)
+    assert titles[-1] == unchanged.replace("float32", "float32 then bfloat16 from epoch 2")
+
+
+def test_the_curves_title_names_each_change_where_its_session_began():
+    config = json.loads(load_config("cifar10:smoke", [
+        "--config.model.dtype=bfloat16", "--config.model.final_survival_prob=0.8"]).to_json())
+    session = {"config_changes": {}, "start_step": 0}
+    run_json = {"config": config, "start_step": 28, "history": [
+        session,
+        {"start_step": 10, "config_changes": {"model.dtype": {"old": "float32",
+                                                             "new": "bfloat16"}}},
+        {"start_step": 20, "config_changes": {"num_epochs": {"old": 2, "new": 9}}},
+        # killed before its first checkpoint: trained nothing the curves show
+        {"start_step": 28, "config_changes": {"model.final_survival_prob": {"old": 0.5,
+                                                                           "new": 0.6}}}],
+        "config_changes": {"model.final_survival_prob": {"old": 0.6, "new": 0.8}}}
+    title = plots.curve_title(run_json, steps_per_epoch=4)
+    assert title.endswith(", stochastic depth p_L=0.5 (linear, batch) then stochastic depth "
+                          "p_L=0.8 (linear, batch) from epoch 8, float32 then bfloat16 from "
+                          "step 10 (epoch 2.50)")
+    assert plots.curve_title({"config": config, **session}, 4) == plots.run_title(config)

@@ -6,6 +6,8 @@ Layout under the workdir::
   checkpoints_best/<step>/{state,meta}   the two most recent improvements of the best metric
   checkpoints_corrupt/<kind>-<step>-<t>[.n]  checkpoints found damaged, moved aside
   checkpoints_unfinished/<kind>-<step>-<t>  the newest save interrupted before its commit
+  checkpoints_superseded/<kind>-<step>-<t>[.n]  'best' checkpoints of an earlier session
+                                         that a resumed run's trajectory does not reproduce
 
 Orbax writes each save into a temporary directory and renames it when complete, so an
 interrupted save never appears as a step, and old steps are deleted only after the new one
@@ -107,6 +109,10 @@ def _check_listable(directory: str) -> None:
 
 # Where a training run moves the newest save an earlier one left unfinished (one per kind).
 UNFINISHED_DIR = "checkpoints_unfinished"
+# Where damaged checkpoints go, and an earlier session's 'best' ones that a resumed run
+# with another trajectory does not reproduce (training.loop): moved, never deleted.
+CORRUPT_DIR = "checkpoints_corrupt"
+SUPERSEDED_DIR = "checkpoints_superseded"
 
 
 def _unfinished_saves(directory: str) -> list[str]:
@@ -294,8 +300,9 @@ class Checkpoints:
     ) -> bool:
         """Starts saving ``train_state`` and JSON ``meta`` as ``step`` of ``kind``.
 
-        A step that already exists is left untouched (a resumed run reaching it again
-        recomputes identical values). Returns whether a save was started. The JSON gets the
+        A step that already exists is left untouched: a resumed run reaching it again
+        recomputes identical values (where it does not, the training loop first sets an
+        earlier 'best' aside: ``set_aside``). Returns whether a save was started. The JSON gets the
         state's checksum, verified on restore.
         """
         manager = self._managers[kind]
@@ -479,22 +486,37 @@ class Checkpoints:
             f"corrupt ({_summary(error)})"
         )
         if not self._read_only:
-            target = None
-            if jax.process_index() == 0 and os.path.exists(where):
-                target = _move_aside(where, os.path.join(self.workdir, "checkpoints_corrupt"),
-                                     f"{kind}-{step}-{int(time.time())}")
-            multihost_utils.sync_global_devices(f"checkpoint_skip_{kind}_{step}")
-            manager.reload()
-            if target is not None:  # Process 0 says where; the others, that it went.
-                message += f"; moved to {target}"
-            else:
-                message += "; moved to " + os.path.join(self.workdir, "checkpoints_corrupt")
+            # Process 0 says where; the others, that it went.
+            [target] = self.set_aside(kind, [step], CORRUPT_DIR) or [
+                os.path.join(self.workdir, CORRUPT_DIR)]
+            message += f"; moved to {target}"
         warning = CheckpointCorruptWarning(
             message + ("; falling back to the previous checkpoint." if fallback else ".")
         )
         warning.__cause__ = error  # Its traceback shows under --debug (cli.one_line_warnings).
         warnings.warn(warning, stacklevel=5)
         return None
+
+    def set_aside(self, kind: str, steps: list[int], directory: str) -> list[str]:
+        """Moves the committed ``steps`` of ``kind`` to ``<workdir>/<directory>/`` as
+        ``<kind>-<step>-<t>`` (a name no other move takes), once the saves in flight have
+        committed. Process 0 moves them, the other processes wait for it (every process
+        calls this), and every manager then lists the steps left. Returns the targets on
+        process 0, [] on the others."""
+        manager = self._managers[kind]
+        with self._writing(kind):
+            manager.wait_until_finished()
+        targets = []
+        if jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(str(manager.directory), str(step))
+                if os.path.exists(source):
+                    targets.append(_move_aside(source, os.path.join(self.workdir, directory),
+                                               f"{kind}-{step}-{int(time.time())}"))
+        multihost_utils.sync_global_devices(
+            f"checkpoint_set_aside_{directory}_{kind}_{'_'.join(map(str, steps))}")
+        manager.reload()
+        return targets
 
     def read_meta(self, kind: str, step: int) -> dict[str, Any]:
         """The JSON metadata of one checkpoint, without restoring arrays."""

@@ -79,7 +79,14 @@ class _Run:
     # its next 'latest'): evaluated again when reached, whatever the cadence now, so that the
     # best names them as the uninterrupted run did (else, resumed with eval_every_steps
     # changed, the best was an older step while evaluate.py's 'best' was the newest of them).
+    # Those this session's trajectory does not reproduce are set aside (_supersede_best).
     earlier_best: frozenset[int] = frozenset()
+    resumed_at: int = 0  # the restored step
+    # That session's evaluations after the restored step, by step (metrics.jsonl and
+    # validation.jsonl, read before their writers drop them): see _keep_best.
+    earlier_records: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    config_changes: tuple[str, ...] = ()  # the fields this session changed (run.json)
+    title: str | None = None  # the curves' title, of every session (plots.curve_title)
     stop: stopping.StopSignals | None = None  # SIGTERM/SIGINT: checkpoint, then stop
     plotted_at: float | None = None  # perf_counter() of the last drawing of the curves
     plot_failed: bool = False  # a drawing failed (and was warned about)
@@ -155,6 +162,8 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
     try:
         for step in range(start + 1, end + 1):  # ``step`` = updates done after this one.
             run.state = compiled(run.state, run.splits["train"], step - 1)
+            if step in run.earlier_best:  # Before its evaluation may save 'best' here.
+                _check_earlier_best(run)
             # Before a stop or a save at this step: a restart resumes after it. The epoch's
             # end is evaluated by _end_of_epoch.
             if (_evaluates_at(c, step) or step in run.earlier_best) and step < end:
@@ -190,7 +199,7 @@ def _draw_plots(run: _Run, force: bool) -> None:
     run.plotted_at = now
     try:
         plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir,
-                          title=plots.run_title(run.config), best=run.best,
+                          title=run.title or plots.run_title(run.config), best=run.best,
                           lr_drops=run.config.lr_schedule == "step",
                           validation=_validation_records(run))
     except Exception as e:  # noqa: BLE001  A picture must not end a run: said once.
@@ -260,6 +269,12 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
     """Makes ``record`` (evaluated at the current step, ``epoch``: whole at an epoch's end,
     else fractional) the run's best and saves the 'best' checkpoint."""
     metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
+    later = sorted(s for s in run.earlier_best if s > run.step)
+    if later and run.step not in run.earlier_best and not _as_before(run, record):
+        # Orbax saves no step below its newest: those would hide this one, and 'best' would
+        # name weights that this session's records do not describe.
+        _supersede_best(run, later, f"this session's evaluation at step {run.step} differs "
+                        "from that session's")
     run.best = {
         "metric": metric,
         "value": record[metric],
@@ -268,6 +283,56 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
         **{k: record[k] for k in ("val_error", "test_error") if k in record},
     }
     _save(run, "best", {"record": record})
+
+
+# An earlier session's 'best' checkpoint at a step S after the restored one is kept only if
+# this session's state at S is bit for bit the one it holds (the checksum saved with it):
+# the one exact test. A config change does not tell: many change nothing the weights see
+# (eval_every_steps, keep_checkpoints, plots), and the weights may change without one (the
+# restored step older than the newest 'best' because the newest 'latest' was damaged, and
+# the code or devices changed). Unchanged, the recomputed state is identical: nothing moves.
+def _check_earlier_best(run: _Run) -> None:
+    """At a step where an earlier session saved 'best': sets it and the later ones aside
+    unless this session's state is the one it holds."""
+    step = run.step
+    try:
+        saved = run.ckpts.read_meta("best", step).get("checksum")
+    except Exception:  # noqa: BLE001  Damaged: evaluate.py skips it, as any damaged one.
+        return
+    if saved is not None and int(saved) == state_lib.checksum(run.state):
+        return
+    _supersede_best(run, sorted(s for s in run.earlier_best if s >= step),
+                    f"this session's weights at step {step} differ from the ones saved there")
+
+
+def _as_before(run: _Run, record: dict[str, Any]) -> bool:
+    """Whether the earlier session evaluated the current step as ``record`` does (a 'best'
+    it saved here was rotated away by later ones): compared exactly, as a recomputed
+    trajectory evaluates."""
+    old = run.earlier_records.get(run.step, {})
+    keys = [k for k in ("val_loss", "val_error", "test_loss", "test_error", "train_loss",
+                        "train_error") if k in old and k in record]
+    return bool(keys) and all(float(old[k]) == float(record[k]) for k in keys)
+
+
+def _supersede_best(run: _Run, steps: list[int], why: str) -> None:
+    """Moves the earlier session's 'best' checkpoints ``steps`` to checkpoints_superseded/
+    (none is lost), saying so in one line: this session's records describe its own weights,
+    which 'best' must name."""
+    targets = run.ckpts.set_aside("best", steps, checkpoint_lib.SUPERSEDED_DIR)
+    run.earlier_best = run.earlier_best.difference(steps)
+    if jax.process_index() != 0:
+        return
+    changed = (f" (changed: {', '.join(run.config_changes)})" if run.config_changes else "")
+    listed = ", ".join(map(str, steps))
+    where = ", ".join(os.path.basename(t) for t in targets)
+    warnings.warn(
+        f"The 'best' checkpoint{'s' * (len(steps) > 1)} of step{'s' * (len(steps) > 1)} "
+        f"{listed}, saved by an earlier session after step {run.resumed_at} where this "
+        f"session resumed{changed}, moved to "
+        f"{os.path.join(run.workdir, checkpoint_lib.SUPERSEDED_DIR)}/ ({where}): {why}, "
+        "and 'best' names the weights that this session's records and summary.json describe.",
+        logs.RunWarning)
 
 
 def _evaluate_at_step(run: _Run) -> None:
@@ -370,11 +435,26 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     _check_same_shortcut(run)
     run.state, run.best = state, meta.get("best")
     run.earlier_best = frozenset(s for s in run.ckpts.steps("best") if s > run.step)
+    run.resumed_at = run.step
+    if run.earlier_best:
+        run.earlier_records = _records_after(run.workdir, run.step)
     if jax.process_index() == 0:
         print(
             f"Resuming from step {int(meta['step'])} (epoch {meta['epoch']:.2f}) in {run.workdir}",
             flush=True,
         )
+
+
+def _records_after(workdir: str, step: int) -> dict[int, dict[str, Any]]:
+    """The evaluations recorded after ``step`` (metrics.jsonl, validation.jsonl), by step;
+    the newest of each step."""
+    records = {}
+    for name in (metrics_lib.METRICS_FILE, metrics_lib.VALIDATION_FILE):
+        for record in metrics_lib.read_metrics(workdir, name):
+            at = record.get("step")
+            if isinstance(at, int) and at > step:
+                records[at] = {**records.get(at, {}), **record}
+    return records
 
 
 def _check_steps_per_epoch(run: _Run, meta: dict[str, Any]) -> None:
@@ -480,6 +560,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         # path is now recorded absolute: recorded, not warned.
         known = {k: v for k, v in changes.items() if _has_field(old.get("config", {}), k)
                  and setup_lib.absolute_data_path(k, v["old"]) != v["new"]}
+        run.config_changes = tuple(known)
         if known and run.step > 0 and jax.process_index() == 0:
             listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in known.items())
             warnings.warn(
@@ -490,6 +571,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         meta["history"] = old.get("history", []) + [{k: old.get(k) for k in _SESSION_FIELDS}]
     meta.update(started_at=time.time(), start_step=run.step, config_changes=changes)
     _write_json(path, meta)
+    run.title = plots.curve_title(meta, run.setup.steps_per_epoch)
 
 
 def _missing_run_json(path: str, step: int, dataset: str) -> str:
@@ -730,6 +812,9 @@ def _train(run: _Run) -> dict[str, Any]:
         record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
         if end < total:
             _stop_if_requested(run, end)
+    beyond = sorted(s for s in run.earlier_best if s > run.step)
+    if beyond:  # This run ends before them: the best it reports is another checkpoint.
+        _supersede_best(run, beyond, f"they lie after this run's end (step {run.step})")
     run.ckpts.wait()
     if record is None:  # Nothing left to do: the workdir holds a finished run.
         record = (metrics_lib.read_metrics(run.workdir) or [None])[-1]

@@ -5,6 +5,7 @@ any session leaves its matplotlib backend and open figures as they were."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import textwrap
@@ -12,8 +13,8 @@ from typing import Any, Sequence
 
 from stochastic_depth_jax.training import config as config_lib
 
-__all__ = ["curves_figure", "figure_title", "is_number", "new_figure", "per_epoch",
-           "plot_curves", "run_title"]
+__all__ = ["curve_title", "curves_figure", "figure_title", "is_number", "new_figure",
+           "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 # Characters of a title line at 9 pt per inch of figure (110 take about 7.2 of an 8.5-inch
@@ -43,6 +44,11 @@ def run_title(config: Any) -> str:
     drop path 0.1 (linear, sample), float32``, with ``FAKE data`` after the dataset of a
     random-label smoke run: a figure's title, so a PNG copied out of its workdir still says
     what it shows. ``config``: the run's ConfigDict, or run.json's ``"config"`` dict."""
+    return ", ".join(_title_parts(config))
+
+
+def _title_parts(config: Any) -> list[str]:
+    """:func:`run_title`'s parts: dataset, model, depth rule, dtype."""
     m = config["model"]
     name = m.get("name", "cifar_resnet")
     if name == "wide_resnet":  # WRN-d-k names its depth and widening, not the base width.
@@ -71,7 +77,64 @@ def run_title(config: Any) -> str:
         dataset = "image_folder:" + (os.path.basename(folder) or folder)
     elif config_lib.fake_train_size(config):
         dataset += " (FAKE random-label data)"
-    return f"{dataset}, {model}, {depth}, {m.get('dtype', 'float32')}"
+    return [dataset, model, depth, str(m.get("dtype", "float32"))]
+
+
+def curve_title(run_json: dict[str, Any], steps_per_epoch: int) -> str:
+    """The title of a run's curves, true for all its sessions (run.json: the current config,
+    and each session's ``start_step`` and ``config_changes``): :func:`run_title`, where each
+    part a resumed session changed reads e.g. ``float32 then bfloat16 from epoch 12``. A
+    session that trained nothing (the next one started at the same step) is left out; a
+    run never changed gets ``run_title(config)``."""
+    sessions = [(start, _title_parts(config))
+                for start, config in _session_configs(run_json)]
+    trained = [s for s, after in zip(sessions, sessions[1:] + [(math.inf, None)])
+               if after[0] > s[0]]
+    parts = []
+    for i, first in enumerate(trained[0][1]):
+        text, value = first, first
+        for start, later in trained[1:]:
+            if later[i] != value:
+                value = later[i]
+                text += f" then {value} from {_from(start, steps_per_epoch)}"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _from(step: int, steps_per_epoch: int) -> str:
+    """Where a session starting after ``step`` updates begins on the curves' epoch axis."""
+    if step % steps_per_epoch == 0:
+        return f"epoch {step // steps_per_epoch + 1}"
+    return f"step {step} (epoch {step / steps_per_epoch:.2f})"
+
+
+def _session_configs(run_json: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``[(start_step, config)]`` of each session, oldest first: run.json's config with the
+    later sessions' ``config_changes`` undone (a field a change added is removed)."""
+    config = copy.deepcopy(run_json["config"])
+    sessions = [(int(run_json.get("start_step") or 0), config)]
+    changes = run_json.get("config_changes") or {}
+    for entry in reversed(run_json.get("history") or []):
+        config = _undone(config, changes)
+        sessions.insert(0, (int(entry.get("start_step") or 0), config))
+        changes = entry.get("config_changes") or {}
+    return sessions
+
+
+def _undone(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``changes`` (``{'a.b': {'old': x, 'new': y}}``, as
+    ``config.config_changes`` gives them) undone."""
+    config = copy.deepcopy(config)
+    for field, change in changes.items():
+        *parents, name = field.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        if change.get("old") is None:
+            node.pop(name, None)
+        else:
+            node[name] = change["old"]
+    return config
 
 
 def _width(model: Any) -> str:
