@@ -571,7 +571,10 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         meta["history"] = old.get("history", []) + [{k: old.get(k) for k in _SESSION_FIELDS}]
     meta.update(started_at=time.time(), start_step=run.step, config_changes=changes)
     _write_json(path, meta)
-    run.title = plots.curve_title(meta, run.setup.steps_per_epoch)
+    try:
+        run.title = plots.curve_title(meta, run.setup.steps_per_epoch)
+    except Exception:  # noqa: BLE001  An odd history (edited by hand, an old version's) must
+        run.title = None  # not stop a run over a title: this session's config names it.
 
 
 def _missing_run_json(path: str, step: int, dataset: str) -> str:
