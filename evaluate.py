@@ -79,13 +79,16 @@ def run(args) -> dict:
     else:
         result, default = analysis
     text = json.dumps(result, indent=2)
-    # A depth curve's JSON has ~16 lines per point: a table instead (the JSON is written).
-    print(depth.curve_table(result) if args.depth_curve else text, flush=True)
+    # A depth curve's JSON has ~16 lines per point: its table was printed a row at a time
+    # as it was computed (the JSON is written).
+    print(depth.curve_footer(result) if args.depth_curve else text, flush=True)
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr, flush=True)
     output = args.output or default  # None: the analysis wrote its JSON (the depth curve)
     if output is not None and distributed.is_primary():
         _write(output, text)
+        # On stderr: stdout stays the JSON alone, for a pipe (evaluate.py ... | jq).
+        print(f"Written: {output}", file=sys.stderr, flush=True)
     return result
 
 
