@@ -251,7 +251,8 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
         json.dump(meta, f)
     out = str(tmp_path / "eval.json")
     evaluate_cli.main(["--workdir", copy, "--output", out])
-    assert f"Written: {out}" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the figures in one line, and where they went
+    assert err.startswith("Test error ") and err.endswith(f"Written: {out}\n")
     assert evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0]).size == 6
     here, there = _json(out), evaluate.evaluate_checkpoint(workdir)
     assert here["error"] == there["error"] and here["count"] == there["count"]
@@ -276,6 +277,12 @@ def test_a_run_still_training_is_evaluated_with_a_warning(resnet):
     with warnings.catch_warnings():
         warnings.simplefilter("error", logs.RunWarning)
         evaluate.evaluate_checkpoint(workdir, "latest")  # finished: nothing to say
+
+
+def test_a_sweep_root_given_as_workdir_names_its_runs(capsys, resnet):
+    root, workdir = resnet
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", root, "--depth-curve"])
+    assert line.endswith(f"It holds runs (a sweep's root?): {workdir}; give one of them.")
 
 
 def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):

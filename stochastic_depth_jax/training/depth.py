@@ -106,11 +106,12 @@ def _greedy_progress(progress: Callable[[str], None],
 
 
 def _checkpoint(run: evaluate_lib.RestoredRun) -> str:
-    """Which checkpoint was evaluated: ``'checkpoint best, step 4, epoch 1'`` (``step``,
-    never 'best', for an older one evaluated because the requested one is unreadable)."""
-    label = run.kind if run.note is None else "step"  # Never call a fallback 'best'.
+    """Which checkpoint was evaluated: ``'checkpoint best, step 4, epoch 1'``, or
+    ``'step 4, epoch 1'`` (never 'best') for an older one evaluated because the requested
+    one is unreadable."""
+    label = f"checkpoint {run.kind}, " if run.note is None else ""  # a fallback: its step
     epoch = run.meta.get("epoch")
-    return (f"checkpoint {label}, step {int(run.meta['step'])}"
+    return (f"{label}step {int(run.meta['step'])}"
             + ("" if epoch is None else f", epoch {round(float(epoch), 2):g}"))
 
 

@@ -89,13 +89,25 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
     """The validated config and metadata a run recorded in ``<workdir>/run.json``."""
     meta = read_run_json(workdir)
     if meta is None:
+        runs = _runs_inside(workdir)
         raise errors.CheckpointError(
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
-            "training run?"
-        )
+            "training run?" + (f" It holds runs (a sweep's root?): {', '.join(runs[:3])}"
+                               + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+                               + "; give one of them." if runs else ""))
     config = ml_collections.ConfigDict(meta["config"])
     with recorded_fields(workdir, meta, config):
         return config_lib.validate(config), meta
+
+
+def _runs_inside(directory: str) -> list[str]:
+    """The paths of the training runs (with a ``run.json``) directly inside ``directory``."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names
+            if os.path.isfile(os.path.join(directory, n, RUN_FILE))]
 
 
 @contextlib.contextmanager
