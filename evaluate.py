@@ -63,10 +63,32 @@ def _write(path: str, text: str) -> None:
         ) from e
 
 
+def _check_output(path: str | None) -> None:
+    """Refuses an ``--output`` that would replace something other than an earlier result of
+    this script (``run.json``, ``summary.json``, any other file): checked before the work."""
+    if path is None or not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        raise errors.WorkdirError(f"--output {path} is a directory; give the path of a JSON "
+                                  "file to write.")
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        ours = isinstance(earlier, dict) and ({"evaluated_step", "order_rule"} & earlier.keys())
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise errors.WorkdirError(
+            f"--output {path} exists and is not a result of evaluate.py (a run's own file "
+            "such as run.json or summary.json?); give a new path, or leave --output out (the "
+            "default is in the workdir, named by checkpoint and split). Nothing was written.")
+
+
 def run(args) -> dict:
     job = distributed.job_arguments(args)
     distributed.expect_job(**job)  # A mistake in the flags still reaches the others.
     depth.check_arguments(args)  # before any work: refuses ignored or clashing flags
+    _check_output(args.output)
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)

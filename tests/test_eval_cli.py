@@ -285,6 +285,22 @@ def test_a_sweep_root_given_as_workdir_names_its_runs(capsys, resnet):
     assert line.endswith(f"It holds runs (a sweep's root?): {workdir}; give one of them.")
 
 
+def test_output_never_replaces_a_runs_own_file(capsys, resnet, tmp_path):
+    """--output <workdir>/run.json replaced the run's record with the evaluation's JSON
+    (the run could then no longer be evaluated or resumed)."""
+    _, workdir = resnet
+    for name in ("run.json", "metrics.jsonl"):
+        path = os.path.join(workdir, name)
+        before = _bytes(path)
+        line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+        assert f"--output {path} exists and is not a result of evaluate.py" in line
+        assert _bytes(path) == before
+    out = str(tmp_path / "again.json")  # an earlier result of its own: replaced
+    evaluate_cli.main(["--workdir", workdir, "--output", out])
+    evaluate_cli.main(["--workdir", workdir, "--output", out, "--split", "validation"])
+    assert _json(out)["split"] == "validation"
+
+
 def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
     """It said 'has no best checkpoint yet (latest: [])', or '(latest: [4, 8])' without
     naming --checkpoint latest."""

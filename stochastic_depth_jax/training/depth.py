@@ -184,7 +184,8 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
     evaluators = _evaluators(run)
     png = _curve_path(run, checkpoint, order, output_dir or workdir)
     removal = _order(run, evaluators, order, blocks, progress)
-    _check_replaceable(png, removal)
+    if order == "list":  # the others follow from the checkpoint, which the name gives
+        _check_replaceable(png, removal)
     source, device = _source(run, workdir), jax.devices()[0].device_kind
     if progress is not None:
         for line in curve_header(order, source, device):
@@ -218,8 +219,8 @@ def _curve_path(run: evaluate_lib.RestoredRun, checkpoint: str | int, order: str
 
 
 def _check_replaceable(png: str, removal: list[int]) -> None:
-    """Refuses to replace a curve of another removal order (``--blocks``) of the same file
-    name: that result would be lost. The same order again (a rerun) replaces it.
+    """Refuses to replace a curve of another ``--blocks`` order (order 'list') of the same
+    file name: that result would be lost. The same order again (a rerun) replaces it.
 
     Raises:
       errors.WorkdirError: naming the file, its order and what to do.
