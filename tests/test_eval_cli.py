@@ -316,7 +316,8 @@ def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
     os.makedirs(empty)
     shutil.copy(os.path.join(workdir, "run.json"), empty)
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--mc-samples", "2"])
-    assert line.startswith(f"error: The run in {empty} has no checkpoint yet (one is saved")
+    assert line.startswith(f"error: The run in {empty} has no best checkpoint yet, nor any "
+                           "other: one is saved at the end of each epoch")
 
 
 def test_an_export_directory_that_cannot_be_made_names_export_not_workdir(capsys, resnet,

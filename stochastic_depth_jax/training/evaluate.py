@@ -504,8 +504,9 @@ def _no_checkpoint(workdir: str, kind: str, latest: list[int]
                          f"checkpoints are at steps {latest}: evaluate one with --checkpoint "
                          "latest or --checkpoint STEP.")
     return checkpoint_lib.NoCheckpointError(
-        f"The run in {workdir} has no checkpoint yet (one is saved at the end of each "
-        "epoch, and every checkpoint_every_steps steps if set); evaluate it once one is saved.")
+        f"The run in {workdir} has no {kind} checkpoint yet, nor any other: one is saved at "
+        "the end of each epoch (and every checkpoint_every_steps steps if set); evaluate it "
+        "once one is saved.")
 
 
 def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:
