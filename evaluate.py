@@ -9,9 +9,11 @@
   python evaluate.py --workdir W --data-dir /new/place/of/the/data  # the data moved
 
 Every block is active and its residual scaled (train=False); the result is printed (a
-depth curve as a table) and written to <workdir>/eval_<checkpoint>_<split>.json (<checkpoint>: best, latest or
-step<N>). The same checkpoint always gives bit-identical numbers. If the requested
-checkpoint is unreadable, the next one (for 'best': the next best by the selection metric)
+depth curve as a table, a row as each point is done) and written to
+<workdir>/eval_<checkpoint>_<split>.json (<checkpoint>: best, latest or step<N>; a depth
+curve: depth_curve_<order>.{json,png} for best, else depth_curve_<order>_<checkpoint>).
+The same checkpoint always gives bit-identical numbers. If the requested checkpoint is
+unreadable, the next one (for 'best': the next best by the selection metric)
 is evaluated, the output says so in "note", and the file is named by the step evaluated,
 never 'best' or 'latest'. --data-dir reads a moved dataset, which must match what the run
 recorded in run.json (sizes, shape, classes, channel statistics). The depth flags need a
@@ -61,10 +63,32 @@ def _write(path: str, text: str) -> None:
         ) from e
 
 
+def _check_output(path: str | None) -> None:
+    """Refuses an ``--output`` that would replace something other than an earlier result of
+    this script (``run.json``, ``summary.json``, any other file): checked before the work."""
+    if path is None or not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        raise errors.WorkdirError(f"--output {path} is a directory; give the path of a JSON "
+                                  "file to write.")
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        ours = isinstance(earlier, dict) and ({"evaluated_step", "order_rule"} & earlier.keys())
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise errors.WorkdirError(
+            f"--output {path} exists and is not a result of evaluate.py (a run's own file "
+            "such as run.json or summary.json?); give a new path, or leave --output out (the "
+            "default is in the workdir, named by checkpoint and split). Nothing was written.")
+
+
 def run(args) -> dict:
     job = distributed.job_arguments(args)
     distributed.expect_job(**job)  # A mistake in the flags still reaches the others.
     depth.check_arguments(args)  # before any work: refuses ignored or clashing flags
+    _check_output(args.output)
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)
@@ -79,14 +103,44 @@ def run(args) -> dict:
     else:
         result, default = analysis
     text = json.dumps(result, indent=2)
-    # A depth curve's JSON has ~16 lines per point: a table instead (the JSON is written).
-    print(depth.curve_table(result) if args.depth_curve else text, flush=True)
+    # A depth curve's JSON has ~16 lines per point: its table was printed a row at a time
+    # as it was computed (the JSON is written).
+    print(depth.curve_footer(result) if args.depth_curve else text, flush=True)
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr, flush=True)
     output = args.output or default  # None: the analysis wrote its JSON (the depth curve)
     if output is not None and distributed.is_primary():
         _write(output, text)
+        # On stderr: stdout stays the JSON alone, for a pipe (evaluate.py ... | jq).
+        print(f"{summary_line(result)}Written: {output}", file=sys.stderr, flush=True)
     return result
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def summary_line(result: dict) -> str:
+    """The numbers a person looks for in ``result`` (a plain evaluation's, Monte-Carlo
+    depth's or an export's JSON), as a sentence ending in a space; '' for another."""
+    if "mc" in result:
+        return (f"Monte-Carlo depth, {result['samples']} sub-networks: {result['split']} error "
+                f"{_percent(result['mc']['error'])} (deterministic network "
+                f"{_percent(result['deterministic']['error'])}, members' mean "
+                f"{_percent(result['member_mean_error'])}) on {result['count']:,} images. ")
+    if "output" in result:
+        kept, test = result["blocks_kept"], result["error"].get("test", {})
+        return (f"{kept} of {kept + len(result['removed'])} blocks kept "
+                f"({result['num_params']['pruned']:,} of {result['num_params']['full']:,} "
+                f"parameters), test error {_percent(test['pruned'])} (all blocks: "
+                f"{_percent(test['full'])}). " if test else "")
+    if "error" in result and "evaluated_step" in result:
+        which = "" if result["checkpoint"] == "step" else f"checkpoint {result['checkpoint']}, "
+        epoch = "" if result.get("epoch") is None else f", epoch {result['epoch']}"
+        return (f"{result['split'].capitalize()} error {_percent(result['error'])} (loss "
+                f"{result['loss']:.4f}) on {result['count']:,} images, {which}step "
+                f"{result['evaluated_step']}{epoch}. ")
+    return ""
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ records. One ResNet run (made as a sweep run) and one ViT run serve every test."
 import json
 import os
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -178,6 +179,162 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
         json.dump(record, f)
     old_model, _, old_meta = sdj.load_pruned(out)
     assert old_model == model and "input" not in old_meta and old_meta["removed"] == [2]
+
+
+# ---- what a user meets: another checkpoint's curve, progress, devices, a live run ----------
+
+FAST = ["--repeats", "1", "--throughput-batch", "4"]
+
+
+def _drawn(monkeypatch, capsys):
+    """Replaces the depth curve's drawing by a record of its path and title, and of what
+    was printed before it was drawn (the rows are printed as they are computed)."""
+    from stochastic_depth_jax.training import depth
+
+    drawn = []
+
+    def draw(points, png, sources, *, sidecar, title):
+        drawn.append({"png": png, "title": title, "printed": capsys.readouterr().out})
+
+    monkeypatch.setattr(depth.figures, "plot_depth_curve", draw)
+    return drawn
+
+
+def test_a_depth_curve_of_latest_gets_its_own_file_and_says_so(monkeypatch, capsys, resnet):
+    """--checkpoint latest wrote depth_curve_survival.png over the best checkpoint's curve
+    with nothing in the title saying which; --measure-every 2 ended in a KeyError traceback
+    after the work (the table's unmeasured rows); the table came only at the end."""
+    _, workdir = resnet
+    drawn = _drawn(monkeypatch, capsys)
+    step = _json(os.path.join(workdir, "summary.json"))["steps"]
+    evaluate_cli.main(["--workdir", workdir, "--depth-curve", "--checkpoint", "latest",
+                       "--measure-every", "2", *FAST])
+    [curve] = drawn
+    assert curve["png"] == os.path.join(workdir, "depth_curve_survival_latest.png")
+    assert curve["title"].endswith(f"order 'survival', checkpoint latest, step {step}, epoch 2")
+    rows = [line for line in curve["printed"].splitlines() if line[:2] == "| "]
+    assert len(rows) == 4 + 1  # printed before the figure was drawn (progress), header too
+    assert rows[2].endswith("| - | - |") and not rows[1].endswith("| - | - |")
+    assert capsys.readouterr().out.startswith("Written: ")  # then only where it went
+
+
+def test_a_depth_curve_of_other_blocks_is_not_replaced(monkeypatch, capsys, resnet):
+    _, workdir = resnet
+    drawn = _drawn(monkeypatch, capsys)
+    earlier = os.path.join(workdir, "depth_curve_list.json")
+    with open(earlier, "w") as f:
+        json.dump({"order": [0]}, f)
+    try:
+        line = one_line_error(capsys, evaluate_cli.main,
+                              ["--workdir", workdir, "--depth-curve", "--blocks", "2", *FAST])
+        assert f"{earlier} holds the depth curve of another removal order ([0])" in line
+        assert _json(earlier) == {"order": [0]} and not drawn
+    finally:
+        os.remove(earlier)
+
+
+def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
+        capsys, resnet, tmp_path):
+    """A run trained with batches of 12 (on 1, 2, 3, 4 or 6 devices), evaluated on this
+    machine's 8, was refused: 'batch_size=12 does not divide by the 8 devices ... use
+    --config.batch_size=8', a flag evaluate.py does not have."""
+    import shutil
+
+    from stochastic_depth_jax.training import evaluate
+
+    _, workdir = resnet
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    meta = _json(os.path.join(copy, "run.json"))
+    meta["config"].update(batch_size=12, eval_batch_size=12)
+    with open(os.path.join(copy, "run.json"), "w") as f:
+        json.dump(meta, f)
+    out = str(tmp_path / "eval.json")
+    evaluate_cli.main(["--workdir", copy, "--output", out])
+    err = capsys.readouterr().err  # the figures in one line, and where they went
+    assert err.startswith("Test error ") and err.endswith(f"Written: {out}\n")
+    assert evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0]).size == 6
+    here, there = _json(out), evaluate.evaluate_checkpoint(workdir)
+    assert here["error"] == there["error"] and here["count"] == there["count"]
+    assert here["loss"] == pytest.approx(there["loss"], rel=1e-5)
+
+
+def test_a_run_still_training_is_evaluated_with_a_warning(resnet):
+    """'best' of a run still training was labelled best with no word that it was only the
+    best so far."""
+    from stochastic_depth_jax import logs
+    from stochastic_depth_jax.training import evaluate, workdir as workdir_lib
+
+    _, workdir = resnet
+    step = _json(os.path.join(workdir, "summary.json"))["steps"]
+    with workdir_lib.WorkdirLock(workdir):  # as train.py holds it while it runs
+        with pytest.warns(logs.RunWarning, match="is still training, by pid .*: its latest "
+                          f"checkpoint so far, step {step}, is evaluated"):
+            evaluate.evaluate_checkpoint(workdir, "latest")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", logs.RunWarning)
+            evaluate.evaluate_checkpoint(workdir, step)  # a step is what it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", logs.RunWarning)
+        evaluate.evaluate_checkpoint(workdir, "latest")  # finished: nothing to say
+
+
+def test_a_sweep_root_given_as_workdir_names_its_runs(capsys, resnet):
+    root, workdir = resnet
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", root, "--depth-curve"])
+    assert line.endswith(f"It holds runs (a sweep's root?): {workdir}; give one of them.")
+
+
+def test_output_never_replaces_a_runs_own_file(capsys, resnet, tmp_path):
+    """--output <workdir>/run.json replaced the run's record with the evaluation's JSON
+    (the run could then no longer be evaluated or resumed)."""
+    _, workdir = resnet
+    for name in ("run.json", "metrics.jsonl"):
+        path = os.path.join(workdir, name)
+        before = _bytes(path)
+        line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+        assert f"--output {path} exists and is not a result of evaluate.py" in line
+        assert _bytes(path) == before
+    out = str(tmp_path / "again.json")  # an earlier result of its own: replaced
+    evaluate_cli.main(["--workdir", workdir, "--output", out])
+    evaluate_cli.main(["--workdir", workdir, "--output", out, "--split", "validation"])
+    assert _json(out)["split"] == "validation"
+
+
+def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
+    """It said 'has no best checkpoint yet (latest: [])', or '(latest: [4, 8])' without
+    naming --checkpoint latest."""
+    import shutil
+
+    _, workdir = resnet
+    young = str(tmp_path / "young")
+    shutil.copytree(workdir, young, ignore=shutil.ignore_patterns("checkpoints_best"))
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", young])
+    assert "has no best checkpoint yet; its latest checkpoints are at steps [" in line
+    assert line.endswith("evaluate one with --checkpoint latest or --checkpoint STEP.")
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    shutil.copy(os.path.join(workdir, "run.json"), empty)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--mc-samples", "2"])
+    assert line.startswith(f"error: The run in {empty} has no best checkpoint yet, nor any "
+                           "other: one is saved at the end of each epoch")
+
+
+def test_an_export_directory_that_cannot_be_made_names_export_not_workdir(capsys, resnet,
+                                                                          tmp_path):
+    """Under a file, it said '... a file is in the way of the directory; use another
+    --workdir'; a refused --remove leaves no directory behind."""
+    _, workdir = resnet
+    blocked = os.path.join(workdir, "run.json", "pruned")
+    line = one_line_error(capsys, evaluate_cli.main,
+                          ["--workdir", workdir, "--export", blocked, "--remove", "1", *FAST])
+    assert line == (f"error: Cannot create the export directory {blocked} (Not a directory); "
+                    "choose another one (--export DIR). Nothing was written.")
+    new = str(tmp_path / "pruned")
+    line = one_line_error(capsys, evaluate_cli.main,
+                          ["--workdir", workdir, "--export", new, "--remove", "99", *FAST])
+    assert "--remove must be a number of blocks in [0, 3], got 99" in line
+    assert not os.path.exists(new)
 
 
 # ---- evaluate.py --data-dir: the run's data moved --------------------------------------------

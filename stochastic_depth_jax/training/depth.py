@@ -13,8 +13,10 @@ checkpoint and data and writes the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +31,9 @@ from stochastic_depth_jax.training import figures, plots
 __all__ = [
     "depth_curve_run",
     "curve_table",
+    "curve_header",
+    "curve_row",
+    "curve_footer",
     "export_pruned_run",
     "mc_evaluate_run",
     "require_blockwise_run",
@@ -77,54 +82,98 @@ def _evaluators(run: evaluate_lib.RestoredRun) -> dict[str, pruning.SubNetworkEv
     return {n: pruning.SubNetworkEvaluator(model, variables, _batches(run, n)) for n in names}
 
 
-def _order(run, evaluators, order: str, blocks: Sequence[int] | None) -> list[int]:
+def _order(run, evaluators, order: str, blocks: Sequence[int] | None,
+           progress: Callable[[str], None] | None = None) -> list[int]:
     if order == "greedy" and "validation" not in evaluators:
         raise errors.ConfigError("order 'greedy' needs a validation split; this run has none "
                          "(validation_size=0). Use --order survival or --order list.")
     error_of = evaluators["validation"].error if "validation" in evaluators else None
-    return pruning.removal_order(order, run.setup.model, blocks=blocks, error_of=error_of)
+    on_step = None
+    if progress is not None and order == "greedy":
+        on_step = _greedy_progress(progress, run.setup.model.num_blocks())
+    return pruning.removal_order(order, run.setup.model, blocks=blocks, error_of=error_of,
+                                 on_step=on_step)
+
+
+def _greedy_progress(progress: Callable[[str], None],
+                     total: int) -> Callable[[list[int], float], None]:
+    """``on_step`` for :func:`pruning.greedy_order`: one line per removal (the search
+    evaluates about L^2 / 2 sub-networks before the first row of the curve)."""
+    def on_step(removed: list[int], error: float) -> None:
+        progress(f"greedy order: removed block {removed[-1]} ({len(removed)} of {total}), "
+                 f"validation error {_percent(error)}")
+    return on_step
+
+
+def _checkpoint(run: evaluate_lib.RestoredRun) -> str:
+    """Which checkpoint was evaluated: ``'checkpoint best, step 4, epoch 1'``, or
+    ``'step 4, epoch 1'`` (never 'best') for an older one evaluated because the requested
+    one is unreadable."""
+    label = f"checkpoint {run.kind}, " if run.note is None else ""  # a fallback: its step
+    epoch = run.meta.get("epoch")
+    return (f"{label}step {int(run.meta['step'])}"
+            + ("" if epoch is None else f", epoch {round(float(epoch), 2):g}"))
 
 
 def _source(run: evaluate_lib.RestoredRun, workdir: str) -> str:
-    label = run.kind if run.note is None else "step"  # Never call a fallback 'best'.
-    source = f"{workdir} (checkpoint {label}, step {int(run.meta['step'])})"
+    source = f"{workdir} ({_checkpoint(run)})"
     return source if run.note is None else f"{source}; {run.note}"
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
+
+
+def curve_header(order_rule: str, source: str, device: str) -> list[str]:
+    """The first lines of :func:`curve_table`: what the curve is of, and the columns."""
+    return [f"Depth curve, order '{order_rule}', {source}, measured on {device}:",
+            "| blocks kept | block removed (0-based) | validation error | test error | "
+            "images/s | parameters |",
+            "|---:|---:|---:|---:|---:|---:|"]
+
+
+def curve_row(point: dict[str, Any]) -> str:
+    """One point of a depth curve as a row of :func:`curve_table` ('-' where the point was
+    not measured: ``measure_every`` > 1 measures speed and size every few points)."""
+    speed, params = point.get("images_per_s"), point.get("num_params")
+    return (f"| {point['blocks_kept']} | "
+            f"{point['removed'][-1] if point['removed'] else '-'} | "
+            f"{_percent(point.get('validation_error'))} | {_percent(point.get('test_error'))} | "
+            f"{f'{speed:.0f}' if speed else '-'} | "
+            f"{'-' if params is None else f'{params:,}'} |")
+
+
+def curve_footer(result: dict[str, Any]) -> str:
+    """The last line of :func:`curve_table`: where the curve was written."""
+    return f"Written: {result['json']} (every number) and {result['png']}."
 
 
 def curve_table(result: dict[str, Any]) -> str:
     """A depth curve (:func:`depth_curve_run`'s result) as the lines a person reads: one row
     per point (blocks kept, the block removed last, errors, measured images/s, parameters)
-    and where the JSON and PNG were written. The command line prints this, not the JSON,
-    which has several lines per point (a ResNet-110's 55 points: ~900 lines)."""
-    def percent(value: Any) -> str:
-        return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
-
-    lines = [f"Depth curve, order '{result['order_rule']}', {result['sources'][0]}, "
-             f"measured on {result['device']}:",
-             "| blocks kept | block removed (0-based) | validation error | test error | images/s | "
-             "parameters |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for p in result["points"]:
-        speed = p.get("images_per_s")
-        lines.append(
-            f"| {p['blocks_kept']} | {p['removed'][-1] if p['removed'] else '-'} | "
-            f"{percent(p.get('validation_error'))} | {percent(p.get('test_error'))} | "
-            f"{f'{speed:.0f}' if speed else '-'} | {p['num_params']:,} |")
-    lines.append(f"Written: {result['json']} (every number) and {result['png']}.")
-    return "\n".join(lines)
+    and where the JSON and PNG were written. The command line prints this (the rows as they
+    are computed), not the JSON, which has several lines per point (a ResNet-110's 55
+    points: ~900 lines)."""
+    lines = curve_header(result["order_rule"], result["sources"][0], result["device"])
+    lines += [curve_row(p) for p in result["points"]]
+    return "\n".join(lines + [curve_footer(result)])
 
 
 def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
                     data_dir: str | None = None, order: str = "survival",
                     blocks: Sequence[int] | None = None, output_dir: str | None = None,
-                    throughput_batch: int = 128, repeats: int = 5,
-                    measure_every: int = 1) -> dict[str, Any]:
+                    throughput_batch: int = 128, repeats: int = 5, measure_every: int = 1,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Removes a run's blocks one by one in ``order``; writes the curve as JSON and PNG.
 
     Writes ``depth_curve_<order>.json`` (points, order, source) and
     ``depth_curve_<order>.png`` (with its sidecar ``.json`` beside it; the sidecar is the
-    same file) to ``output_dir`` (default: the workdir). Errors are on the validation (if
-    any) and test splits; throughput is of each exported pruned model on one device.
+    same file) to ``output_dir`` (default: the workdir); of a checkpoint other than 'best',
+    ``depth_curve_<order>_<latest|step<N>>``. A curve of another ``blocks`` order in the
+    same file is refused, not replaced. Errors are on the validation (if any) and test
+    splits; throughput is of each exported pruned model on one device. ``progress``, if
+    given (e.g. ``print``), receives lines as the work goes: each greedy removal, then
+    :func:`curve_table`'s lines but the last, a row per point as it is done.
 
     Returns:
       ``{'figure', 'sources', 'order_rule', 'order', 'device', 'points', 'png', 'json'}``
@@ -133,21 +182,60 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
     require_blockwise_run(workdir)
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     evaluators = _evaluators(run)
-    removal = _order(run, evaluators, order, blocks)
+    png = _curve_path(run, checkpoint, order, output_dir or workdir)
+    removal = _order(run, evaluators, order, blocks, progress)
+    if order == "list":  # the others follow from the checkpoint, which the name gives
+        _check_replaceable(png, removal)
+    source, device = _source(run, workdir), jax.devices()[0].device_kind
+    if progress is not None:
+        for line in curve_header(order, source, device):
+            progress(line)
     points = pruning.depth_curve(
         run.setup.model, _variables(run), removal, evaluators=evaluators,
         image_shape=run.ds.image_shape, throughput_batch=throughput_batch, repeats=repeats,
-        measure_every=measure_every)
-    png = os.path.join(output_dir or workdir, f"depth_curve_{order}.png")
-    source = _source(run, workdir)
+        measure_every=measure_every,
+        on_point=None if progress is None else lambda p: progress(curve_row(p)))
     result = {"figure": os.path.basename(png), "sources": [source], "order_rule": order,
-              "order": removal, "device": jax.devices()[0].device_kind, "points": points,
+              "order": removal, "device": device, "points": points,
               "png": png, "json": figures.sidecar_path(png)}
     if jax.process_index() == 0:  # one writer in a multi-process job
         # The result is the figure's sidecar: written once, with the figure.
-        figures.plot_depth_curve(points, png, [source], sidecar=result,
-                                 title=f"{plots.run_title(run.config)}; order '{order}'")
+        figures.plot_depth_curve(
+            points, png, [source], sidecar=result,
+            title=f"{plots.run_title(run.config)}; order '{order}', {_checkpoint(run)}")
     return result
+
+
+def _curve_path(run: evaluate_lib.RestoredRun, checkpoint: str | int, order: str,
+                directory: str) -> str:
+    """``<directory>/depth_curve_<order>.png`` for the best checkpoint, else
+    ``depth_curve_<order>_<latest|step<N>>.png``: a curve of another checkpoint never
+    replaces the best one's (the label as :func:`evaluate_lib.result_label` gives it)."""
+    result = {"evaluated_step": int(run.meta["step"]),
+              **({} if run.note is None else {"note": run.note})}
+    label = evaluate_lib.result_label(checkpoint, result)
+    return os.path.join(directory, f"depth_curve_{order}"
+                        + ("" if label == "best" else f"_{label}") + ".png")
+
+
+def _check_replaceable(png: str, removal: list[int]) -> None:
+    """Refuses to replace a curve of another ``--blocks`` order (order 'list') of the same
+    file name: that result would be lost. The same order again (a rerun) replaces it.
+
+    Raises:
+      errors.WorkdirError: naming the file, its order and what to do.
+    """
+    path = figures.sidecar_path(png)
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("order")
+    except (OSError, ValueError, AttributeError):
+        return  # none (or not a curve we wrote): nothing of ours to lose
+    if recorded is not None and [int(b) for b in recorded] != list(removal):
+        raise errors.WorkdirError(
+            f"{path} holds the depth curve of another removal order ({recorded}); rename it "
+            f"and {os.path.basename(png)} to keep them, or delete them, then run again. "
+            "Nothing was computed.")
 
 
 def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "best",
@@ -167,6 +255,16 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     """
     pruning.check_export_directory(output)
     require_blockwise_run(workdir)
+    with _export_directory(output):  # created before minutes of work: can it be written?
+        return _export(workdir, output, checkpoint=checkpoint, data_dir=data_dir, order=order,
+                       blocks=blocks, remove=remove, throughput_batch=throughput_batch,
+                       repeats=repeats)
+
+
+def _export(workdir: str, output: str, *, checkpoint: str | int, data_dir: str | None,
+            order: str, blocks: Sequence[int] | None, remove: int | None,
+            throughput_batch: int, repeats: int) -> dict[str, Any]:
+    """:func:`export_pruned_run` once ``output`` exists (empty)."""
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     evaluators = _evaluators(run)
     removal = _order(run, evaluators, order, blocks)
@@ -179,7 +277,7 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     pruned, pvars = pruning.prune(model, variables, keep)
     shape = run.ds.image_shape
     record = {
-        "source": _source(run, workdir),
+        "source": _source(run, os.path.abspath(workdir)),  # the export may move
         "order_rule": order,
         "removed": [int(b) for b in removal[:remove]],
         "blocks_kept": int(keep.sum()),
@@ -198,6 +296,27 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     pruning.save_pruned(output, pruned, jax.device_get(pvars), record, mean=run.mean,
                         std=run.std)
     return {"output": output, **record}
+
+
+@contextlib.contextmanager
+def _export_directory(output: str) -> Iterator[None]:
+    """Creates the (new or empty) export directory before the work, or says in one line why
+    it cannot be (the OS error's generic fix would name --workdir); removes it again if it
+    was created here and the export failed before writing anything into it."""
+    created = not os.path.lexists(output)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        raise errors.WorkdirError(
+            f"Cannot create the export directory {output} ({e.strerror or e}); choose another "
+            "one (--export DIR). Nothing was written.") from e
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(output)  # only if still empty: a partial export is left to see
+        raise
 
 
 def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
@@ -313,15 +432,23 @@ def check_arguments(args: argparse.Namespace) -> None:
             setattr(args, name, value)
 
 
+def _print_line(line: str) -> None:
+    print(line, flush=True)  # flushed: a log shows each point as it is done
+
+
 def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
     """Runs what the depth flags ask for; returns ``(result, default JSON path)`` (the path
     None where the analysis wrote its JSON itself: the depth curve's), or None when no depth
-    flag was given (plain evaluation). Call :func:`check_arguments` first."""
+    flag was given (plain evaluation). Call :func:`check_arguments` first. A depth curve
+    prints its table a row at a time as it is computed (the caller prints
+    :func:`curve_footer`)."""
     common = {"checkpoint": args.checkpoint, "data_dir": getattr(args, "data_dir", None)}
     if args.depth_curve:
         result = depth_curve_run(args.workdir, order=args.order, blocks=args.blocks,
                                  throughput_batch=args.throughput_batch, repeats=args.repeats,
-                                 measure_every=args.measure_every, **common)
+                                 measure_every=args.measure_every,
+                                 progress=_print_line if jax.process_index() == 0 else None,
+                                 **common)
         return result, None  # written by depth_curve_run
     if args.export:
         result = export_pruned_run(args.workdir, args.export, order=args.order,

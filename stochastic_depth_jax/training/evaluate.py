@@ -14,16 +14,19 @@ import os
 import warnings
 from typing import Any, Iterator
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from stochastic_depth_jax import data as data_lib
-from stochastic_depth_jax import errors
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
+from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import setup as setup_lib
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = [
     "evaluate_split",
@@ -38,6 +41,7 @@ __all__ = [
     "RestoredRun",
     "RUN_FILE",
     "result_label",
+    "evaluation_mesh",
 ]
 
 RUN_FILE = "run.json"
@@ -85,13 +89,25 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
     """The validated config and metadata a run recorded in ``<workdir>/run.json``."""
     meta = read_run_json(workdir)
     if meta is None:
+        runs = _runs_inside(workdir)
         raise errors.CheckpointError(
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
-            "training run?"
-        )
+            "training run?" + (f" It holds runs (a sweep's root?): {', '.join(runs[:3])}"
+                               + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+                               + "; give one of them." if runs else ""))
     config = ml_collections.ConfigDict(meta["config"])
     with recorded_fields(workdir, meta, config):
         return config_lib.validate(config), meta
+
+
+def _runs_inside(directory: str) -> list[str]:
+    """The paths of the training runs (with a ``run.json``) directly inside ``directory``."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names
+            if os.path.isfile(os.path.join(directory, n, RUN_FILE))]
 
 
 @contextlib.contextmanager
@@ -418,11 +434,7 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
         if step is not None and step not in ckpts.steps("latest") and step in ckpts.steps("best"):
             kind = "best"
         if not ckpts.steps(kind):
-            raise checkpoint_lib.NoCheckpointError(
-                f"The run in {workdir} has no {kind} checkpoint yet"
-                + (f" (latest: {ckpts.steps('latest')})" if kind == "best" else "")
-                + "."
-            )
+            raise _no_checkpoint(workdir, kind, ckpts.steps("latest"))
         try:
             ds = setup_lib.load_data(config, workdir, meta.get("data"))
         except (data_lib.DataUnavailableError, errors.DataFileNotFoundError) as e:
@@ -444,12 +456,57 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
             mean=mean,
             std=std,
             augment=ds.augment,
+            mesh=evaluation_mesh(config),
         )
         abstract = setup_lib.abstract_state(setup, ds.image_shape)
         state, ckpt_meta, note = _restore_labelled(ckpts, kind, step, abstract)
     finally:
         ckpts.close()
+    _warn_if_training(workdir, kind if step is None else None, ckpt_meta)
     return RestoredRun(config, ds, setup, state, mean, std, kind, ckpt_meta, note)
+
+
+def evaluation_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The mesh a run is evaluated on: every device, or, in one process whose device count
+    the run's batch sizes do not divide (another machine than the one it trained on: 3
+    GPUs for a batch of 128), the first of them, as many as both batch sizes divide over.
+    Every example is evaluated either way (padding is masked); only float rounding of the
+    sums depends on the device count. A multi-process job keeps every device (its mesh
+    spans the processes) and ``setup.build`` names the batch size that does not divide."""
+    devices = jax.devices()
+    if jax.process_count() > 1:
+        return distributed.make_mesh(devices)
+    usable = max(n for n in range(1, len(devices) + 1)
+                 if config.batch_size % n == 0 and config.eval_batch_size % n == 0)
+    return distributed.make_mesh(devices[:usable])
+
+
+def _warn_if_training(workdir: str, kind: str | None, meta: dict[str, Any]) -> None:
+    """Warns, in one line, that the 'best' or 'latest' checkpoint of a run still training
+    is only the one so far (its result will be superseded); None ``kind``: a step, which
+    is what it is."""
+    holder = None if kind is None else workdir_lib.training_holder(workdir)
+    if holder is not None:
+        warnings.warn(
+            f"The run in {workdir} is still training, by {holder}: its {kind} checkpoint so far, "
+            f"step {int(meta['step'])}, is evaluated; evaluate again when it has finished.",
+            logs.RunWarning)
+
+
+def _no_checkpoint(workdir: str, kind: str, latest: list[int]
+                   ) -> checkpoint_lib.NoCheckpointError:
+    """The error for a run without a ``kind`` checkpoint: what there is, and what to do."""
+    if kind == "best" and latest:
+        return checkpoint_lib.NoCheckpointError(
+            f"The run in {workdir} has no best checkpoint yet; its latest checkpoints are at "
+            f"steps {latest}: evaluate one with checkpoint='latest' or a step.",
+            command_line=f"The run in {workdir} has no best checkpoint yet; its latest "
+                         f"checkpoints are at steps {latest}: evaluate one with --checkpoint "
+                         "latest or --checkpoint STEP.")
+    return checkpoint_lib.NoCheckpointError(
+        f"The run in {workdir} has no {kind} checkpoint yet, nor any other: one is saved at "
+        "the end of each epoch (and every checkpoint_every_steps steps if set); evaluate it "
+        "once one is saved.")
 
 
 def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from stochastic_depth_jax import errors, logs
 __all__ = [
     "LOCK_FILE",
     "WorkdirLock",
+    "training_holder",
     "prepare_workdir",
     "remove_unused",
     "atomic_write",
@@ -264,6 +265,28 @@ def _holder_text(holder: dict[str, Any]) -> str:
         return "an unknown process"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started_at", 0)))
     return f"pid {holder.get('pid')} on host {holder.get('host')!r} (started {started})"
+
+
+def training_holder(workdir: str) -> str | None:
+    """Who holds ``workdir``'s lock now, i.e. a run still training there, as the busy
+    message names it (``pid 12 on host 'gpu1' (started ...)``); None if no live run holds
+    it (finished, killed, or never a run). For readers (evaluation): it tests the lock with
+    a shared one taken and dropped at once, never blocking and never writing."""
+    try:
+        fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no run ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder_text(WorkdirLock(workdir)._read_holder())
+    except OSError:
+        return None  # a filesystem without flock: as the trainer, nothing to tell
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 class WorkdirLock:
