@@ -279,6 +279,21 @@ def test_a_run_still_training_is_evaluated_with_a_warning(resnet):
         evaluate.evaluate_checkpoint(workdir, "latest")  # finished: nothing to say
 
 
+def test_an_evaluation_testing_the_lock_never_refuses_a_run_starting(tmp_path):
+    """An evaluation tests the lock by holding a shared one for a moment: a run taking the
+    lock at that moment was refused as if the workdir were busy."""
+    import fcntl
+    import threading
+
+    from stochastic_depth_jax.training import workdir as workdir_lib
+
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()  # the lock file exists
+    fd = os.open(os.path.join(str(tmp_path), workdir_lib.LOCK_FILE), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the evaluation's probe, held...
+    threading.Timer(0.05, os.close, [fd]).start()  # ...and dropped 50 ms later
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
 def test_a_sweep_root_given_as_workdir_names_its_runs(capsys, resnet):
     root, workdir = resnet
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", root, "--depth-curve"])

@@ -289,6 +289,24 @@ def training_holder(workdir: str) -> str | None:
         os.close(fd)
 
 
+# An evaluation tests the lock with a shared one held for microseconds (training_holder):
+# a run starting at that moment retries rather than calling the workdir busy.
+_LOCK_TRIES, _LOCK_RETRY_S = 10, 0.02
+
+
+def _flock_soon(fd: int) -> bool:
+    """Takes the exclusive lock on ``fd`` without blocking, retrying a few times within
+    ~0.2 s; False if another run holds it."""
+    for attempt in range(_LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < _LOCK_TRIES:
+                time.sleep(_LOCK_RETRY_S)
+    return False
+
+
 class WorkdirLock:
     """Exclusive ownership of a workdir by one run (see the module docstring).
 
@@ -313,9 +331,7 @@ class WorkdirLock:
     def _try_lock(self) -> str | None:
         """Takes the lock on process 0; returns None or the reason it is busy."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_soon(fd):
             os.close(fd)
             return (
                 f"The workdir {os.path.dirname(self.path)} is in use by another run: "
