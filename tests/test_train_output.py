@@ -143,3 +143,19 @@ def test_fake_data_marked_complete_but_missing_is_written_again(capsys, monkeypa
     capsys.readouterr()
     setup_lib.load_data(config, workdir)  # now complete: trusted, nothing written
     assert capsys.readouterr().out == ""
+
+
+def test_a_closed_output_pipe_is_one_line_not_a_traceback(tmp_path):
+    """``train.py ... | head -1``: the reader exits, the next print raised BrokenPipeError,
+    which ended in a traceback (and another at the exit's flush)."""
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--config", "cifar10:smoke", "--workdir",
+         str(tmp_path / "run"), "--config.progress_bar=false"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # the first line, as `head -1` reads it, then the reader is gone
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: The output's reader exited (a broken pipe")

@@ -63,6 +63,10 @@ def _message(error: BaseException) -> str | None:
     or a collective that failed because another process of the job vanished."""
     if isinstance(error, errors.Error):
         return error.command_line  # str(error) speaks to a Python caller
+    if isinstance(error, BrokenPipeError):
+        return ("The output's reader exited (a broken pipe, e.g. `| head`): stopped. "
+                "Checkpoints saved before are kept; run the same command again to resume, "
+                "with its output to a file or `| tee` to keep every line.")
     lost = distributed.lost_peer(error)
     if lost is not None:
         return lost
@@ -221,7 +225,7 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
                 traceback.print_exc()
                 message = "".join(traceback.format_exception_only(e)).strip()
             else:
-                print(f"error: {message}", file=sys.stderr, flush=True)
+                _print_error(message, closed=isinstance(e, BrokenPipeError))
             distributed.leave_job(message, 1)
             if reports.seen:
                 gc.collect()  # Finalises what the failed save abandoned while imports work.
@@ -229,6 +233,28 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
             # back into Orbax's closed event loop) ends during the exit.
             _quiet_at_exit(quiet, reports, debug)
             sys.exit(1)
+
+
+def _print_error(message: str, closed: bool) -> None:
+    """Prints ``error: message`` on stderr. ``closed``: a pipe this process wrote to has no
+    reader (stdout, or stderr too under ``2>&1 | head``); what is still written to it is
+    sent to /dev/null, so neither this line nor the exit's flush ends in a traceback."""
+    if closed:
+        _to_devnull(sys.stdout)
+    try:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _to_devnull(sys.stderr)
+
+
+def _to_devnull(stream: Any) -> None:
+    """Points ``stream``'s file descriptor at /dev/null (a closed pipe's reader is gone)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # not a real file (a notebook's stream): nothing to point
+        pass
 
 
 def _quiet_at_exit(quiet: contextlib.ExitStack, reports: _Reports, debug: bool) -> None:
