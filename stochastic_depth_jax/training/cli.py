@@ -57,19 +57,23 @@ def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
 
 
+_CLOSED_PIPE = ("The output's reader exited (a broken pipe, e.g. `| head`): stopped. Checkpoints "
+                "saved before are kept; run the same command again to resume, with its output "
+                "to a file or `| tee` to keep every line.")
+
+
 def _message(error: BaseException) -> str | None:
     """The one line for an anticipated error that reaches the top: ours, a disk or
     permission ``OSError`` (a checkpoint save's wrapped failures arrive as ``WorkdirError``),
-    or a collective that failed because another process of the job vanished."""
+    a collective that failed because another process of the job vanished, or an output
+    pipe without a reader."""
     if isinstance(error, errors.Error):
         return error.command_line  # str(error) speaks to a Python caller
-    if isinstance(error, BrokenPipeError):
-        return ("The output's reader exited (a broken pipe, e.g. `| head`): stopped. "
-                "Checkpoints saved before are kept; run the same command again to resume, "
-                "with its output to a file or `| tee` to keep every line.")
     lost = distributed.lost_peer(error)
     if lost is not None:
         return lost
+    if isinstance(error, BrokenPipeError):
+        return _CLOSED_PIPE
     if isinstance(error, OSError):
         os_error = workdir_lib.anticipated_os_error(error)
         if os_error is not None:
@@ -225,7 +229,7 @@ def run_reporting_errors(main: Callable[[], Any], debug: bool) -> Any:
                 traceback.print_exc()
                 message = "".join(traceback.format_exception_only(e)).strip()
             else:
-                _print_error(message, closed=isinstance(e, BrokenPipeError))
+                _print_error(message, closed=message is _CLOSED_PIPE)
             distributed.leave_job(message, 1)
             if reports.seen:
                 gc.collect()  # Finalises what the failed save abandoned while imports work.
