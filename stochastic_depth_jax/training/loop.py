@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import errors, logs, pruning
@@ -270,7 +271,7 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
     else fractional) the run's best and saves the 'best' checkpoint."""
     metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
     later = sorted(s for s in run.earlier_best if s > run.step)
-    if later and run.step not in run.earlier_best and not _as_before(run, record):
+    if later and run.step not in run.earlier_best and not _agreed(_as_before(run, record)):
         # Orbax saves no step below its newest: those would hide this one, and 'best' would
         # name weights that this session's records do not describe.
         _supersede_best(run, later, f"this session's evaluation at step {run.step} differs "
@@ -313,6 +314,15 @@ def _as_before(run: _Run, record: dict[str, Any]) -> bool:
     keys = [k for k in ("val_loss", "val_error", "test_loss", "test_error", "train_loss",
                         "train_error") if k in old and k in record]
     return bool(keys) and all(float(old[k]) == float(record[k]) for k in keys)
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process: a decision that only process 0's reading of
+    the records supports (:func:`_records_after`), taken alike by all, which then call
+    ``set_aside`` alike."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def _supersede_best(run: _Run, steps: list[int], why: str) -> None:
@@ -436,7 +446,9 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     run.state, run.best = state, meta.get("best")
     run.earlier_best = frozenset(s for s in run.ckpts.steps("best") if s > run.step)
     run.resumed_at = run.step
-    if run.earlier_best:
+    if run.earlier_best and jax.process_index() == 0:
+        # Process 0 only: it drops these records later (MetricWriter), perhaps before
+        # another process read them; its reading decides for all (_agreed).
         run.earlier_records = _records_after(run.workdir, run.step)
     if jax.process_index() == 0:
         print(
