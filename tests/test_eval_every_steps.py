@@ -197,3 +197,35 @@ def test_two_processes_resumed_take_the_same_decisions_on_the_earlier_bests(
     assert ckpts.steps("best") == [6, 7]
     with open(os.path.join(workdir, loop.SUMMARY_FILE)) as f:
         assert json.load(f)["best"] == summary["best"] == ckpts.read_meta("best", 7)["best"]
+
+
+def test_a_new_best_before_the_earlier_bests_of_a_changed_session_is_saved(
+        fake_evaluation, monkeypatch, tmp_path):
+    """Resumed at step 2 with the lr drop moved from epoch 2 to epoch 1: steps 3 and 4 train
+    as before, 5 and 6 otherwise. Step 3, a new best evaluated as before, was not saved
+    (below the earlier 'best' steps 5 and 6), which the checksums then set aside: 'best'
+    was empty while summary.json's best was step 3. Started afresh (killed before the
+    first 'latest'), the earlier 'best' steps stayed, with the earlier session's weights."""
+    monkeypatch.setitem(globals(), "EVAL_S", 0.0)
+    monkeypatch.setitem(globals(), "VAL_ERROR", {**VAL_ERROR, 5: 0.15})
+    flags = FLAGS + ["--config.checkpoint_every_steps=1", "--config.keep_checkpoints=8"]
+    first = str(tmp_path / "first")
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + [
+        "--config.lr_boundaries_epochs=(2,)"]), first)
+    assert checkpoint_lib.Checkpoints(first, read_only=True).steps("best") == [5, 6]
+    os.remove(os.path.join(first, loop.SUMMARY_FILE))
+    monkeypatch.setitem(globals(), "VAL_ERROR", {**VAL_ERROR, 5: 0.3, 6: 0.3})
+    for name, latest in (("resumed", [2]), ("afresh", [])):
+        workdir = str(tmp_path / name)
+        shutil.copytree(first, workdir)
+        for step in set(range(1, 9)) - set(latest):
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+        with pytest.warns(UserWarning) as caught:
+            summary = loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)
+        ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
+        assert summary["best"]["step"] == 3 and ckpts.steps("best")[-1:] == [3], name
+        assert _checksum(ckpts, "best", 3) == _checksum(ckpts, "latest", 3), name
+        assert ckpts.read_meta("best", 3)["best"] == summary["best"]
+        [moved] = [str(w.message) for w in caught
+                   if checkpoint_lib.SUPERSEDED_DIR in str(w.message)]
+        assert "steps 5, 6," in moved and "with a changed config, has a new best at step " in moved
