@@ -547,13 +547,6 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
 _DATA_FIELDS = ("dataset", "validation_size", "seed", "train_on_all", "label", "fake_data")
 
 
-def _moved_folder(change: dict[str, Any]) -> bool:
-    """A ``dataset`` change from one ``image_folder:`` path to another: the images moved (or
-    are others, which the data check then finds)."""
-    return all(isinstance(change[k], str) and change[k].startswith("image_folder:")
-               for k in ("old", "new"))
-
-
 # What run.json keeps of each earlier session in 'history'.
 _SESSION_FIELDS = ("started_at", "start_step", "config_changes", "code_version", "devices")
 
@@ -581,7 +574,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         warnings.warn(_missing_run_json(path, run.step, run.config.dataset), logs.RunWarning)
     if old is not None:
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
-        data_changed = any(k.split(".")[0] in _DATA_FIELDS and not _moved_folder(v)
+        data_changed = any(k.split(".")[0] in _DATA_FIELDS and not config_lib.moved_folder(v)
                            for k, v in changes.items())
         if run.step > 0 and "data" in old and not data_changed:
             evaluate_lib.check_same_data(
