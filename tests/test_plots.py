@@ -342,4 +342,5 @@ def test_a_moved_image_folder_is_no_change_of_the_curves_dataset():
     assert plots.curve_title(run_json, steps_per_epoch=4) == plots.run_title(config)
     # Another dataset is a change.
     run_json["config_changes"] = {"dataset": {"old": "cifar10", "new": config["dataset"]}}
-    assert plots.curve_title(run_json, 4).startswith("cifar10 then image_folder:flowers_v2 from ")
+    assert plots.curve_title(run_json, 4).startswith(
+        "cifar10 (FAKE random-label data) then image_folder:flowers_v2 from epoch 3, ")
