@@ -5,11 +5,13 @@ validation.jsonl, timing, and a resume that keeps best and records consistent.""
 import json
 import os
 import shutil
+import sys
 import time
 
 import pytest
 
 from configs import load_config
+from processes import free_address, run_together
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import loop, metrics
 
@@ -19,6 +21,8 @@ FLAGS = ["--config.progress_bar=false", "--config.write_tensorboard=false",
 # validation error is at step 6, in the middle of epoch 2; step 3 is the best of epoch 1.
 VAL_ERROR = {1: 0.5, 2: 0.4, 3: 0.2, 4: 0.3, 5: 0.25, 6: 0.1, 7: 0.3, 8: 0.35}
 EVAL_S = 0.25  # each evaluation's time, kept out of the epochs' training time
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "workers", "fake_evaluation.py")
 
 
 def _test_error(step):
@@ -164,3 +168,64 @@ def test_an_earlier_best_that_a_changed_resume_does_not_reproduce_is_set_aside(
     summary, ckpts, moved = resume("shorter", FLAGS + ["--config.num_epochs=1"], {})
     assert summary["best"]["step"] == 3 and ckpts.steps("best") == [3]
     assert "after this run's end (step 4)" in moved
+
+
+def test_two_processes_resumed_take_the_same_decisions_on_the_earlier_bests(
+        fake_evaluation, monkeypatch, tmp_path):
+    """Resumed unchanged on 2 processes before a 'best' rotated away (step 5) and those after
+    it (6, 7): process 1 read metrics.jsonl after process 0 had dropped its records after the
+    restored step, so it alone took step 5 as evaluated otherwise and set 6 and 7 aside; the
+    job stopped with ``AssertionError: sync_global_devices name mismatch``."""
+    val_error = {**VAL_ERROR, 5: 0.15, 6: 0.1, 7: 0.05}
+    monkeypatch.setitem(globals(), "VAL_ERROR", val_error)
+    monkeypatch.setitem(globals(), "EVAL_S", 0.0)
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), workdir)
+    assert checkpoint_lib.Checkpoints(workdir, read_only=True).steps("best") == [6, 7]
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))  # killed before step 8's 'latest'
+    os.remove(os.path.join(workdir, loop.SUMMARY_FILE))
+    address = free_address()
+    args = [sys.executable, WORKER, "--config", "cifar10:smoke", *FLAGS, "--workdir", workdir,
+            "--coordinator_address", address, "--coordinator_bind_address", address,
+            "--num_processes", "2"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONUNBUFFERED="1", VAL_ERROR=json.dumps(val_error))
+    run_together([args + ["--process_id", str(i)] for i in range(2)], env=env, cwd=REPO,
+                 timeout=120)
+    # (Those set aside here were the 8 devices' weights of this process's first session.)
+    ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
+    assert ckpts.steps("best") == [6, 7]
+    with open(os.path.join(workdir, loop.SUMMARY_FILE)) as f:
+        assert json.load(f)["best"] == summary["best"] == ckpts.read_meta("best", 7)["best"]
+
+
+def test_a_new_best_before_the_earlier_bests_of_a_changed_session_is_saved(
+        fake_evaluation, monkeypatch, tmp_path):
+    """Resumed at step 2 with the lr drop moved from epoch 2 to epoch 1: steps 3 and 4 train
+    as before, 5 and 6 otherwise. Step 3, a new best evaluated as before, was not saved
+    (below the earlier 'best' steps 5 and 6), which the checksums then set aside: 'best'
+    was empty while summary.json's best was step 3. Started afresh (killed before the
+    first 'latest'), the earlier 'best' steps stayed, with the earlier session's weights."""
+    monkeypatch.setitem(globals(), "EVAL_S", 0.0)
+    monkeypatch.setitem(globals(), "VAL_ERROR", {**VAL_ERROR, 5: 0.15})
+    flags = FLAGS + ["--config.checkpoint_every_steps=1", "--config.keep_checkpoints=8"]
+    first = str(tmp_path / "first")
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + [
+        "--config.lr_boundaries_epochs=(2,)"]), first)
+    assert checkpoint_lib.Checkpoints(first, read_only=True).steps("best") == [5, 6]
+    os.remove(os.path.join(first, loop.SUMMARY_FILE))
+    monkeypatch.setitem(globals(), "VAL_ERROR", {**VAL_ERROR, 5: 0.3, 6: 0.3})
+    for name, latest in (("resumed", [2]), ("afresh", [])):
+        workdir = str(tmp_path / name)
+        shutil.copytree(first, workdir)
+        for step in set(range(1, 9)) - set(latest):
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+        with pytest.warns(UserWarning) as caught:
+            summary = loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)
+        ckpts = checkpoint_lib.Checkpoints(workdir, read_only=True)
+        assert summary["best"]["step"] == 3 and ckpts.steps("best")[-1:] == [3], name
+        assert _checksum(ckpts, "best", 3) == _checksum(ckpts, "latest", 3), name
+        assert ckpts.read_meta("best", 3)["best"] == summary["best"]
+        [moved] = [str(w.message) for w in caught
+                   if checkpoint_lib.SUPERSEDED_DIR in str(w.message)]
+        assert "steps 5, 6," in moved and "with a changed config, has a new best at step " in moved

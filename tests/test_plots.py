@@ -329,3 +329,18 @@ def test_the_curves_title_names_each_change_where_its_session_began():
                           "p_L=0.8 (linear, batch) from epoch 8, float32 then bfloat16 from "
                           "step 10 (epoch 2.50)")
     assert plots.curve_title({"config": config, **session}, 4) == plots.run_title(config)
+
+
+def test_a_moved_image_folder_is_no_change_of_the_curves_dataset():
+    """Resumed with the image folder moved (the same images, which the resumed run checks),
+    the title read ``image_folder:flowers then image_folder:flowers_v2 from epoch 3``."""
+    config = json.loads(load_config("cifar10:smoke").to_json())
+    config["dataset"] = "image_folder:/mnt/new/flowers_v2"
+    moved = {"dataset": {"old": "image_folder:/data/flowers", "new": config["dataset"]}}
+    run_json = {"config": config, "start_step": 8, "config_changes": moved,
+                "history": [{"start_step": 0, "config_changes": {}}]}
+    assert plots.curve_title(run_json, steps_per_epoch=4) == plots.run_title(config)
+    # Another dataset is a change.
+    run_json["config_changes"] = {"dataset": {"old": "cifar10", "new": config["dataset"]}}
+    assert plots.curve_title(run_json, 4).startswith(
+        "cifar10 (FAKE random-label data) then image_folder:flowers_v2 from epoch 3, ")

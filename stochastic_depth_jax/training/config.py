@@ -31,6 +31,7 @@ __all__ = [
     "validate",
     "field_names",
     "config_changes",
+    "moved_folder",
     "with_absent_defaults",
     "check_batch_fits",
     "fake_train_size",
@@ -72,6 +73,13 @@ def config_changes(old: dict[str, Any], new: dict[str, Any],
         elif a != b:
             changes[prefix + key] = {"old": a, "new": b}
     return changes
+
+
+def moved_folder(change: dict[str, Any]) -> bool:
+    """A ``dataset`` change (of :func:`config_changes`) from one ``image_folder:`` path to
+    another: the images moved (or are others, which a resumed run's data check finds)."""
+    return all(isinstance(change.get(k), str) and change[k].startswith("image_folder:")
+               for k in ("old", "new"))
 
 
 # Fields of the block-wise ResNets (``MODELS``) that a run.json recorded before they existed

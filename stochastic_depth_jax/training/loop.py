@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import errors, logs, pruning
@@ -270,11 +271,14 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
     else fractional) the run's best and saves the 'best' checkpoint."""
     metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
     later = sorted(s for s in run.earlier_best if s > run.step)
-    if later and run.step not in run.earlier_best and not _as_before(run, record):
+    if later and run.step not in run.earlier_best and not _agreed(
+            _as_before(run, record) and not run.config_changes):
         # Orbax saves no step below its newest: those would hide this one, and 'best' would
-        # name weights that this session's records do not describe.
-        _supersede_best(run, later, f"this session's evaluation at step {run.step} differs "
-                        "from that session's")
+        # name weights that this session's records do not describe. Evaluated as before
+        # with the config unchanged, the trajectory is the earlier one and so are they;
+        # changed, they may not be (lr_boundaries_epochs moved past this step), and this
+        # step's weights are saved now or never.
+        _supersede_best(run, later, _new_best_why(run, record))
     run.best = {
         "metric": metric,
         "value": record[metric],
@@ -313,6 +317,24 @@ def _as_before(run: _Run, record: dict[str, Any]) -> bool:
     keys = [k for k in ("val_loss", "val_error", "test_loss", "test_error", "train_loss",
                         "train_error") if k in old and k in record]
     return bool(keys) and all(float(old[k]) == float(record[k]) for k in keys)
+
+
+def _new_best_why(run: _Run, record: dict[str, Any]) -> str:
+    """Why a new best at the current step sets the earlier session's later bests aside."""
+    if _as_before(run, record):
+        return f"this session, with a changed config, has a new best at step {run.step}"
+    if run.step not in run.earlier_records:  # Dropped by a session resumed in between.
+        return f"that session's evaluation at step {run.step} is not recorded any more"
+    return f"this session's evaluation at step {run.step} differs from that session's"
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process: a decision that only process 0's reading of
+    the records supports (:func:`_records_after`), taken alike by all, which then call
+    ``set_aside`` alike."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def _supersede_best(run: _Run, steps: list[int], why: str) -> None:
@@ -417,6 +439,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     """Restores the newest good 'latest' checkpoint, or initialises a fresh state."""
     if not run.ckpts.steps("latest"):
         run.state = run.setup.init_state(image_shape)
+        _note_earlier_best(run)  # Killed after a 'best' save, before the first 'latest'.
         return
     try:
         state, meta = run.ckpts.restore("latest", setup_lib.abstract_state(run.setup, image_shape))
@@ -430,19 +453,28 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting afresh.",
                       logs.RunWarning)
         run.state = run.setup.init_state(image_shape)
+        _note_earlier_best(run)
         return
     _check_steps_per_epoch(run, meta)
     _check_same_shortcut(run)
     run.state, run.best = state, meta.get("best")
-    run.earlier_best = frozenset(s for s in run.ckpts.steps("best") if s > run.step)
-    run.resumed_at = run.step
-    if run.earlier_best:
-        run.earlier_records = _records_after(run.workdir, run.step)
+    _note_earlier_best(run)
     if jax.process_index() == 0:
         print(
             f"Resuming from step {int(meta['step'])} (epoch {meta['epoch']:.2f}) in {run.workdir}",
             flush=True,
         )
+
+
+def _note_earlier_best(run: _Run) -> None:
+    """Notes the 'best' checkpoints an earlier session saved after the step this one starts
+    from (restored, or 0: a fresh state), and that session's records after it."""
+    run.earlier_best = frozenset(s for s in run.ckpts.steps("best") if s > run.step)
+    run.resumed_at = run.step
+    if run.earlier_best and jax.process_index() == 0:
+        # Process 0 only: it drops these records later (MetricWriter), perhaps before
+        # another process read them; its reading decides for all (_agreed).
+        run.earlier_records = _records_after(run.workdir, run.step)
 
 
 def _records_after(workdir: str, step: int) -> dict[int, dict[str, Any]]:
@@ -515,13 +547,6 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
 _DATA_FIELDS = ("dataset", "validation_size", "seed", "train_on_all", "label", "fake_data")
 
 
-def _moved_folder(change: dict[str, Any]) -> bool:
-    """A ``dataset`` change from one ``image_folder:`` path to another: the images moved (or
-    are others, which the data check then finds)."""
-    return all(isinstance(change[k], str) and change[k].startswith("image_folder:")
-               for k in ("old", "new"))
-
-
 # What run.json keeps of each earlier session in 'history'.
 _SESSION_FIELDS = ("started_at", "start_step", "config_changes", "code_version", "devices")
 
@@ -549,7 +574,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         warnings.warn(_missing_run_json(path, run.step, run.config.dataset), logs.RunWarning)
     if old is not None:
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
-        data_changed = any(k.split(".")[0] in _DATA_FIELDS and not _moved_folder(v)
+        data_changed = any(k.split(".")[0] in _DATA_FIELDS and not config_lib.moved_folder(v)
                            for k, v in changes.items())
         if run.step > 0 and "data" in old and not data_changed:
             evaluate_lib.check_same_data(

@@ -126,6 +126,8 @@ def _undone(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     ``config.config_changes`` gives them) undone."""
     config = copy.deepcopy(config)
     for field, change in changes.items():
+        if field == "dataset" and config_lib.moved_folder(change):
+            continue  # The same images elsewhere (a resumed run checks them): named as now.
         *parents, name = field.split(".")
         node = config
         for part in parents:
