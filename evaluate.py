@@ -29,8 +29,9 @@ import json
 import os
 import sys
 
-from stochastic_depth_jax import errors
-from stochastic_depth_jax.training import cli, depth, distributed, workdir as workdir_lib
+from stochastic_depth_jax import errors, pruning
+from stochastic_depth_jax.training import cli, depth, distributed, figures
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 
 def parse_args(argv):
@@ -77,11 +78,30 @@ def _check_output(path: str | None) -> None:
         ours = isinstance(earlier, dict) and ({"evaluated_step", "order_rule"} & earlier.keys())
     except (OSError, ValueError):
         ours = False
+    whole = _part_of_a_whole(path, earlier) if ours else None
+    if whole is not None:  # e.g. a depth curve's JSON: its numbers would be lost
+        raise errors.WorkdirError(
+            f"--output {path} is part of {whole}, which it would no longer match; give a new "
+            "path, or leave --output out. Nothing was written.")
     if not ours:
         raise errors.WorkdirError(
             f"--output {path} exists and is not a result of evaluate.py (a run's own file "
             "such as run.json or summary.json?); give a new path, or leave --output out (the "
             "default is in the workdir, named by checkpoint and split). Nothing was written.")
+
+
+def _part_of_a_whole(path: str, earlier: dict) -> str | None:
+    """What an earlier result of this script at ``path`` belongs to, if it is not a copy of
+    its own: a figure's sidecar JSON (a depth curve's, beside its PNG) or an export's
+    ``export.json`` (beside its ``model.json``); None for a result that stands alone."""
+    directory = os.path.dirname(os.path.abspath(path))
+    figure = earlier.get("figure")
+    if isinstance(figure, str) and os.path.isfile(os.path.join(directory, figure)) and (
+            figures.sidecar_path(figure) == os.path.basename(path)):
+        return f"the figure {os.path.join(os.path.dirname(path), figure)} (its sidecar)"
+    if "output" in earlier and os.path.isfile(os.path.join(directory, pruning.MODEL_FILE)):
+        return f"the export {os.path.dirname(path) or '.'} (its record)"
+    return None
 
 
 def run(args) -> dict:

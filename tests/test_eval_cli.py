@@ -316,6 +316,29 @@ def test_output_never_replaces_a_runs_own_file(capsys, resnet, tmp_path):
     assert _json(out)["split"] == "validation"
 
 
+def test_output_never_replaces_a_depth_curves_json_or_an_exports_record(capsys, resnet,
+                                                                         tmp_path):
+    """Results of evaluate.py, so they were replaced: a depth curve's numbers (its PNG left
+    without them), an export's export.json (the export then described by an evaluation)."""
+    _, workdir = resnet
+    curve = {"figure": "depth_curve_survival.png", "order_rule": "survival", "points": []}
+    export = {"output": str(tmp_path / "pruned"), "order_rule": "survival", "removed": [2]}
+    for folder, name, record, beside in [("curves", "depth_curve_survival.json", curve,
+                                          "depth_curve_survival.png"),
+                                         ("pruned", "export.json", export, "model.json")]:
+        os.makedirs(tmp_path / folder)
+        path = str(tmp_path / folder / name)
+        with open(path, "w") as f:
+            json.dump(record, f)
+        open(tmp_path / folder / beside, "w").close()
+        line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+        assert f"--output {path} is part of the " in line and line.endswith("Nothing was written.")
+        assert _json(path) == record
+        os.remove(tmp_path / folder / beside)  # a copy on its own is a result like any other
+        evaluate_cli.main(["--workdir", workdir, "--output", path])
+        assert _json(path)["split"] == "test"
+
+
 def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
     """It said 'has no best checkpoint yet (latest: [])', or '(latest: [4, 8])' without
     naming --checkpoint latest."""
