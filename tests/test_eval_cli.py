@@ -259,6 +259,28 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
     assert here["loss"] == pytest.approx(there["loss"], rel=1e-5)
 
 
+def test_a_drop_path_run_is_evaluated_on_the_devices_its_groups_divide(capsys, vit, tmp_path):
+    """A ViT trained on 4 devices (model.groups=4), evaluated on this machine's 8, was
+    refused: 'model.groups=4 is not a multiple of the 8 devices ... Set
+    --config.model.groups', a flag evaluate.py does not have."""
+    import shutil
+
+    from stochastic_depth_jax.training import evaluate
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(vit, copy)
+    meta = _json(os.path.join(copy, "run.json"))
+    assert meta["config"]["model"]["groups"] % 4 == 0  # the 8 devices' run, made a 4's
+    meta["config"]["model"]["groups"] = 4
+    with open(os.path.join(copy, "run.json"), "w") as f:
+        json.dump(meta, f)
+    assert evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0]).size == 4
+    out = str(tmp_path / "eval.json")
+    evaluate_cli.main(["--workdir", copy, "--output", out])
+    assert capsys.readouterr().err.startswith("Test error ")
+    assert _json(out)["error"] == evaluate.evaluate_checkpoint(vit)["error"]
+
+
 def test_a_run_still_training_is_evaluated_with_a_warning(resnet):
     """'best' of a run still training was labelled best with no word that it was only the
     best so far."""

@@ -25,6 +25,7 @@ from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed
+from stochastic_depth_jax.training import implementation as implementation_lib
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
@@ -469,15 +470,20 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
 def evaluation_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """The mesh a run is evaluated on: every device, or, in one process whose device count
     the run's batch sizes do not divide (another machine than the one it trained on: 3
-    GPUs for a batch of 128), the first of them, as many as both batch sizes divide over.
+    GPUs for a batch of 128), the first of them, as many as both batch sizes (and a
+    drop-path model's subset groups, :func:`setup.drop_path_groups`) divide over.
     Every example is evaluated either way (padding is masked); only float rounding of the
     sums depends on the device count. A multi-process job keeps every device (its mesh
     spans the processes) and ``setup.build`` names the batch size that does not divide."""
     devices = jax.devices()
     if jax.process_count() > 1:
         return distributed.make_mesh(devices)
+    # A drop-path model's subset groups must divide over the devices too (setup.build).
+    implementation = implementation_lib.resolve(config.model, devices[0].platform)
+    groups = setup_lib.drop_path_groups(config, implementation.implementation)
     usable = max(n for n in range(1, len(devices) + 1)
-                 if config.batch_size % n == 0 and config.eval_batch_size % n == 0)
+                 if config.batch_size % n == 0 and config.eval_batch_size % n == 0
+                 and (groups is None or groups % n == 0))
     return distributed.make_mesh(devices[:usable])
 
 
