@@ -31,6 +31,7 @@ import sys
 
 from stochastic_depth_jax import errors, pruning
 from stochastic_depth_jax.training import cli, depth, distributed, figures
+from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
 
@@ -155,7 +156,8 @@ def summary_line(result: dict) -> str:
                 f"parameters), test error {_percent(test['pruned'])} (all blocks: "
                 f"{_percent(test['full'])}). " if test else "")
     if "error" in result and "evaluated_step" in result:
-        which = "" if result["checkpoint"] == "step" else f"checkpoint {result['checkpoint']}, "
+        label = evaluate_lib.result_label(result["requested"], result)  # never a step's kind
+        which = "" if label.startswith("step") else f"checkpoint {label}, "
         epoch = "" if result.get("epoch") is None else f", epoch {result['epoch']}"
         return (f"{result['split'].capitalize()} error {_percent(result['error'])} (loss "
                 f"{result['loss']:.4f}) on {result['count']:,} images, {which}step "

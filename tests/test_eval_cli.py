@@ -218,6 +218,23 @@ def test_a_depth_curve_of_latest_gets_its_own_file_and_says_so(monkeypatch, caps
     assert capsys.readouterr().out.startswith("Written: ")  # then only where it went
 
 
+def test_a_step_is_never_called_the_latest_or_best_checkpoint(monkeypatch, capsys, resnet,
+                                                                tmp_path):
+    """--checkpoint <an earlier step> was titled and summarised 'checkpoint latest, step 2'
+    while the latest checkpoint was at step 4 (the step's series, not the checkpoint)."""
+    _, workdir = resnet
+    drawn = _drawn(monkeypatch, capsys)
+    latest = _json(os.path.join(workdir, "summary.json"))["steps"]
+    evaluate_cli.main(["--workdir", workdir, "--depth-curve", "--checkpoint", "2", *FAST])
+    [curve] = drawn
+    assert latest != 2 and curve["png"] == os.path.join(workdir, "depth_curve_survival_step2.png")
+    assert curve["title"].endswith("order 'survival', step 2, epoch 1")
+    assert f"{workdir} (step 2, epoch 1), measured on" in curve["printed"]
+    out = str(tmp_path / "eval.json")
+    evaluate_cli.main(["--workdir", workdir, "--checkpoint", "2", "--output", out])
+    assert " images, step 2, epoch 1. Written: " in capsys.readouterr().err
+
+
 def test_a_depth_curve_of_other_blocks_is_not_replaced(monkeypatch, capsys, resnet):
     _, workdir = resnet
     drawn = _drawn(monkeypatch, capsys)
