@@ -158,7 +158,8 @@ def summary_line(result: dict) -> str:
     if "error" in result and "evaluated_step" in result:
         label = evaluate_lib.result_label(result["requested"], result)  # never a step's kind
         which = "" if label.startswith("step") else f"checkpoint {label}, "
-        epoch = "" if result.get("epoch") is None else f", epoch {result['epoch']}"
+        epoch = evaluate_lib.epoch_text(result.get("epoch"))
+        epoch = epoch and f", epoch {epoch}"
         return (f"{result['split'].capitalize()} error {_percent(result['error'])} (loss "
                 f"{result['loss']:.4f}) on {result['count']:,} images, {which}step "
                 f"{result['evaluated_step']}{epoch}. ")

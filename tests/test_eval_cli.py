@@ -233,6 +233,8 @@ def test_a_step_is_never_called_the_latest_or_best_checkpoint(monkeypatch, capsy
     out = str(tmp_path / "eval.json")
     evaluate_cli.main(["--workdir", workdir, "--checkpoint", "2", "--output", out])
     assert " images, step 2, epoch 1. Written: " in capsys.readouterr().err
+    mid = {**_json(out), "epoch": 4 / 3}  # saved within an epoch (checkpoint_every_steps)
+    assert evaluate_cli.summary_line(mid).endswith(", step 2, epoch 1.33. ")  # not 16 digits
 
 
 def test_a_depth_curve_of_other_blocks_is_not_replaced(monkeypatch, capsys, resnet):

@@ -121,7 +121,7 @@ def _checkpoint(run: evaluate_lib.RestoredRun, checkpoint: str | int) -> str:
     label = "" if label.startswith("step") else f"checkpoint {label}, "
     epoch = run.meta.get("epoch")
     return (f"{label}step {int(run.meta['step'])}"
-            + ("" if epoch is None else f", epoch {round(float(epoch), 2):g}"))
+            + ("" if epoch is None else f", epoch {evaluate_lib.epoch_text(epoch)}"))
 
 
 def _source(run: evaluate_lib.RestoredRun, workdir: str, checkpoint: str | int) -> str:

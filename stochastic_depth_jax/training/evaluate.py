@@ -43,6 +43,7 @@ __all__ = [
     "RUN_FILE",
     "result_label",
     "evaluation_mesh",
+    "epoch_text",
 ]
 
 RUN_FILE = "run.json"
@@ -525,6 +526,12 @@ def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:
     if "note" in result or str(checkpoint) not in ("best", "latest"):
         return f"step{int(result['evaluated_step'])}"
     return str(checkpoint)
+
+
+def epoch_text(epoch: Any) -> str:
+    """A checkpoint's epoch as a person reads it: ``'2'`` at an epoch's end, ``'1.33'``
+    within one (a float has 16 digits); ``''`` for None."""
+    return "" if epoch is None else f"{round(float(epoch), 2):g}"
 
 
 def _epoch(value: Any) -> int | float | None:
