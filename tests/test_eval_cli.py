@@ -253,7 +253,7 @@ def test_a_depth_curve_of_other_blocks_is_not_replaced(monkeypatch, capsys, resn
 
 
 def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
-        capsys, resnet, tmp_path):
+        capsys, monkeypatch, resnet, tmp_path):
     """A run trained with batches of 12 (on 1, 2, 3, 4 or 6 devices), evaluated on this
     machine's 8, was refused: 'batch_size=12 does not divide by the 8 devices ... use
     --config.batch_size=8', a flag evaluate.py does not have."""
@@ -276,6 +276,13 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
     here, there = _json(out), evaluate.evaluate_checkpoint(workdir)
     assert here["error"] == there["error"] and here["count"] == there["count"]
     assert here["loss"] == pytest.approx(there["loss"], rel=1e-5)
+    # A multi-process job keeps every device: it said '... use --config.batch_size=8', a
+    # flag evaluate.py does not have.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(errors.ConfigError, match="The run's batch_size=12 and eval_batch_size"
+                       "=12 do not divide over the 8 devices of this 2-process job; evaluate "
+                       "it in one process"):
+        evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0])
 
 
 def test_a_drop_path_run_is_evaluated_on_the_devices_its_groups_divide(capsys, vit, tmp_path):

@@ -475,16 +475,30 @@ def evaluation_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     drop-path model's subset groups, :func:`setup.drop_path_groups`) divide over.
     Every example is evaluated either way (padding is masked); only float rounding of the
     sums depends on the device count. A multi-process job keeps every device (its mesh
-    spans the processes) and ``setup.build`` names the batch size that does not divide."""
+    spans the processes).
+
+    Raises:
+      errors.ConfigError: a multi-process job whose device count those sizes do not divide
+        (the same on every process, before any collective).
+    """
     devices = jax.devices()
-    if jax.process_count() > 1:
-        return distributed.make_mesh(devices)
     # A drop-path model's subset groups must divide over the devices too (setup.build).
     implementation = implementation_lib.resolve(config.model, devices[0].platform)
     groups = setup_lib.drop_path_groups(config, implementation.implementation)
+    sizes = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
+             **({} if groups is None else {"model.groups": groups})}
+    if jax.process_count() > 1:
+        indivisible = [f"{k}={v}" for k, v in sizes.items() if v % len(devices)]
+        if indivisible:  # setup.build would name --config flags evaluate.py does not have
+            raise errors.ConfigError(
+                f"The run's {' and '.join(indivisible)} "
+                f"{'does' if len(indivisible) == 1 else 'do'} not divide over the "
+                f"{len(devices)} devices of this {jax.process_count()}-process job; evaluate "
+                "it in one process (it uses as many of its devices as they divide over), or "
+                "on a device count they divide by.")
+        return distributed.make_mesh(devices)
     usable = max(n for n in range(1, len(devices) + 1)
-                 if config.batch_size % n == 0 and config.eval_batch_size % n == 0
-                 and (groups is None or groups % n == 0))
+                 if all(v % n == 0 for v in sizes.values()))
     return distributed.make_mesh(devices[:usable])
 
 
