@@ -65,10 +65,20 @@ def _write(path: str, text: str) -> None:
         ) from e
 
 
-def _check_output(path: str | None) -> None:
+def _check_output(path: str | None, workdir: str) -> None:
     """Refuses an ``--output`` that would replace something other than an earlier result of
-    this script (``run.json``, ``summary.json``, any other file): checked before the work."""
-    if path is None or not os.path.lexists(path):
+    this script (``run.json``, ``summary.json``, any other file), or that is in another
+    run's workdir (its results there are that run's): checked before the work."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if (os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE))
+            and os.path.realpath(directory) != os.path.realpath(workdir)):
+        raise errors.WorkdirError(
+            f"--output {path} is in the workdir of another run ({directory}), where a result "
+            f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
+            "Nothing was written.")
+    if not os.path.lexists(path):
         return
     if os.path.isdir(path):
         raise errors.WorkdirError(f"--output {path} is a directory; give the path of a JSON "
@@ -109,7 +119,7 @@ def run(args) -> dict:
     job = distributed.job_arguments(args)
     distributed.expect_job(**job)  # A mistake in the flags still reaches the others.
     depth.check_arguments(args)  # before any work: refuses ignored or clashing flags
-    _check_output(args.output)
+    _check_output(args.output, args.workdir)
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)

@@ -364,6 +364,25 @@ def test_output_never_replaces_a_runs_own_file(capsys, resnet, tmp_path):
     assert _json(out)["split"] == "validation"
 
 
+def test_output_never_goes_into_another_runs_workdir(capsys, resnet, tmp_path):
+    """--output <another run>/eval_best_test.json replaced that run's result with this
+    one's, and nothing in it says which run it is of."""
+    import shutil
+
+    _, workdir = resnet
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    shutil.copy(os.path.join(workdir, "run.json"), other)
+    theirs = os.path.join(other, "eval_best_test.json")
+    with open(theirs, "w") as f:
+        json.dump({"evaluated_step": 7, "error": 0.5}, f)
+    for path in (theirs, os.path.join(other, "new.json")):
+        line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+        assert f"--output {path} is in the workdir of another run ({other})" in line
+    assert _json(theirs) == {"evaluated_step": 7, "error": 0.5}
+    assert not os.path.exists(os.path.join(other, "new.json"))
+
+
 def test_output_never_replaces_a_depth_curves_json_or_an_exports_record(capsys, resnet,
                                                                          tmp_path):
     """Results of evaluate.py, so they were replaced: a depth curve's numbers (its PNG left
