@@ -29,8 +29,10 @@ import json
 import os
 import sys
 
-from stochastic_depth_jax import errors
-from stochastic_depth_jax.training import cli, depth, distributed, workdir as workdir_lib
+from stochastic_depth_jax import errors, pruning
+from stochastic_depth_jax.training import cli, depth, distributed, figures
+from stochastic_depth_jax.training import evaluate as evaluate_lib
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 
 def parse_args(argv):
@@ -63,10 +65,20 @@ def _write(path: str, text: str) -> None:
         ) from e
 
 
-def _check_output(path: str | None) -> None:
+def _check_output(path: str | None, workdir: str) -> None:
     """Refuses an ``--output`` that would replace something other than an earlier result of
-    this script (``run.json``, ``summary.json``, any other file): checked before the work."""
-    if path is None or not os.path.lexists(path):
+    this script (``run.json``, ``summary.json``, any other file), or that is in another
+    run's workdir (its results there are that run's): checked before the work."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if (os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE))
+            and os.path.realpath(directory) != os.path.realpath(workdir)):
+        raise errors.WorkdirError(
+            f"--output {path} is in the workdir of another run ({directory}), where a result "
+            f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
+            "Nothing was written.")
+    if not os.path.lexists(path):
         return
     if os.path.isdir(path):
         raise errors.WorkdirError(f"--output {path} is a directory; give the path of a JSON "
@@ -77,6 +89,11 @@ def _check_output(path: str | None) -> None:
         ours = isinstance(earlier, dict) and ({"evaluated_step", "order_rule"} & earlier.keys())
     except (OSError, ValueError):
         ours = False
+    whole = _part_of_a_whole(path, earlier) if ours else None
+    if whole is not None:  # e.g. a depth curve's JSON: its numbers would be lost
+        raise errors.WorkdirError(
+            f"--output {path} is part of {whole}, which it would no longer match; give a new "
+            "path, or leave --output out. Nothing was written.")
     if not ours:
         raise errors.WorkdirError(
             f"--output {path} exists and is not a result of evaluate.py (a run's own file "
@@ -84,11 +101,25 @@ def _check_output(path: str | None) -> None:
             "default is in the workdir, named by checkpoint and split). Nothing was written.")
 
 
+def _part_of_a_whole(path: str, earlier: dict) -> str | None:
+    """What an earlier result of this script at ``path`` belongs to, if it is not a copy of
+    its own: a figure's sidecar JSON (a depth curve's, beside its PNG) or an export's
+    ``export.json`` (beside its ``model.json``); None for a result that stands alone."""
+    directory = os.path.dirname(os.path.abspath(path))
+    figure = earlier.get("figure")
+    if isinstance(figure, str) and os.path.isfile(os.path.join(directory, figure)) and (
+            figures.sidecar_path(figure) == os.path.basename(path)):
+        return f"the figure {os.path.join(os.path.dirname(path), figure)} (its sidecar)"
+    if "output" in earlier and os.path.isfile(os.path.join(directory, pruning.MODEL_FILE)):
+        return f"the export {os.path.dirname(path) or '.'} (its record)"
+    return None
+
+
 def run(args) -> dict:
     job = distributed.job_arguments(args)
     distributed.expect_job(**job)  # A mistake in the flags still reaches the others.
     depth.check_arguments(args)  # before any work: refuses ignored or clashing flags
-    _check_output(args.output)
+    _check_output(args.output, args.workdir)
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)
@@ -135,8 +166,10 @@ def summary_line(result: dict) -> str:
                 f"parameters), test error {_percent(test['pruned'])} (all blocks: "
                 f"{_percent(test['full'])}). " if test else "")
     if "error" in result and "evaluated_step" in result:
-        which = "" if result["checkpoint"] == "step" else f"checkpoint {result['checkpoint']}, "
-        epoch = "" if result.get("epoch") is None else f", epoch {result['epoch']}"
+        label = evaluate_lib.result_label(result["requested"], result)  # never a step's kind
+        which = "" if label.startswith("step") else f"checkpoint {label}, "
+        epoch = evaluate_lib.epoch_text(result.get("epoch"))
+        epoch = epoch and f", epoch {epoch}"
         return (f"{result['split'].capitalize()} error {_percent(result['error'])} (loss "
                 f"{result['loss']:.4f}) on {result['count']:,} images, {which}step "
                 f"{result['evaluated_step']}{epoch}. ")

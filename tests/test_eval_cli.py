@@ -218,6 +218,25 @@ def test_a_depth_curve_of_latest_gets_its_own_file_and_says_so(monkeypatch, caps
     assert capsys.readouterr().out.startswith("Written: ")  # then only where it went
 
 
+def test_a_step_is_never_called_the_latest_or_best_checkpoint(monkeypatch, capsys, resnet,
+                                                                tmp_path):
+    """--checkpoint <an earlier step> was titled and summarised 'checkpoint latest, step 2'
+    while the latest checkpoint was at step 4 (the step's series, not the checkpoint)."""
+    _, workdir = resnet
+    drawn = _drawn(monkeypatch, capsys)
+    latest = _json(os.path.join(workdir, "summary.json"))["steps"]
+    evaluate_cli.main(["--workdir", workdir, "--depth-curve", "--checkpoint", "2", *FAST])
+    [curve] = drawn
+    assert latest != 2 and curve["png"] == os.path.join(workdir, "depth_curve_survival_step2.png")
+    assert curve["title"].endswith("order 'survival', step 2, epoch 1")
+    assert f"{workdir} (step 2, epoch 1), measured on" in curve["printed"]
+    out = str(tmp_path / "eval.json")
+    evaluate_cli.main(["--workdir", workdir, "--checkpoint", "2", "--output", out])
+    assert " images, step 2, epoch 1. Written: " in capsys.readouterr().err
+    mid = {**_json(out), "epoch": 4 / 3}  # saved within an epoch (checkpoint_every_steps)
+    assert evaluate_cli.summary_line(mid).endswith(", step 2, epoch 1.33. ")  # not 16 digits
+
+
 def test_a_depth_curve_of_other_blocks_is_not_replaced(monkeypatch, capsys, resnet):
     _, workdir = resnet
     drawn = _drawn(monkeypatch, capsys)
@@ -234,7 +253,7 @@ def test_a_depth_curve_of_other_blocks_is_not_replaced(monkeypatch, capsys, resn
 
 
 def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
-        capsys, resnet, tmp_path):
+        capsys, monkeypatch, resnet, tmp_path):
     """A run trained with batches of 12 (on 1, 2, 3, 4 or 6 devices), evaluated on this
     machine's 8, was refused: 'batch_size=12 does not divide by the 8 devices ... use
     --config.batch_size=8', a flag evaluate.py does not have."""
@@ -257,6 +276,35 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
     here, there = _json(out), evaluate.evaluate_checkpoint(workdir)
     assert here["error"] == there["error"] and here["count"] == there["count"]
     assert here["loss"] == pytest.approx(there["loss"], rel=1e-5)
+    # A multi-process job keeps every device: it said '... use --config.batch_size=8', a
+    # flag evaluate.py does not have.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(errors.ConfigError, match="The run's batch_size=12 and eval_batch_size"
+                       "=12 do not divide over the 8 devices of this 2-process job; evaluate "
+                       "it in one process"):
+        evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0])
+
+
+def test_a_drop_path_run_is_evaluated_on_the_devices_its_groups_divide(capsys, vit, tmp_path):
+    """A ViT trained on 4 devices (model.groups=4), evaluated on this machine's 8, was
+    refused: 'model.groups=4 is not a multiple of the 8 devices ... Set
+    --config.model.groups', a flag evaluate.py does not have."""
+    import shutil
+
+    from stochastic_depth_jax.training import evaluate
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(vit, copy)
+    meta = _json(os.path.join(copy, "run.json"))
+    assert meta["config"]["model"]["groups"] % 4 == 0  # the 8 devices' run, made a 4's
+    meta["config"]["model"]["groups"] = 4
+    with open(os.path.join(copy, "run.json"), "w") as f:
+        json.dump(meta, f)
+    assert evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0]).size == 4
+    out = str(tmp_path / "eval.json")
+    evaluate_cli.main(["--workdir", copy, "--output", out])
+    assert capsys.readouterr().err.startswith("Test error ")
+    assert _json(out)["error"] == evaluate.evaluate_checkpoint(vit)["error"]
 
 
 def test_a_run_still_training_is_evaluated_with_a_warning(resnet):
@@ -314,6 +362,48 @@ def test_output_never_replaces_a_runs_own_file(capsys, resnet, tmp_path):
     evaluate_cli.main(["--workdir", workdir, "--output", out])
     evaluate_cli.main(["--workdir", workdir, "--output", out, "--split", "validation"])
     assert _json(out)["split"] == "validation"
+
+
+def test_output_never_goes_into_another_runs_workdir(capsys, resnet, tmp_path):
+    """--output <another run>/eval_best_test.json replaced that run's result with this
+    one's, and nothing in it says which run it is of."""
+    import shutil
+
+    _, workdir = resnet
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    shutil.copy(os.path.join(workdir, "run.json"), other)
+    theirs = os.path.join(other, "eval_best_test.json")
+    with open(theirs, "w") as f:
+        json.dump({"evaluated_step": 7, "error": 0.5}, f)
+    for path in (theirs, os.path.join(other, "new.json")):
+        line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+        assert f"--output {path} is in the workdir of another run ({other})" in line
+    assert _json(theirs) == {"evaluated_step": 7, "error": 0.5}
+    assert not os.path.exists(os.path.join(other, "new.json"))
+
+
+def test_output_never_replaces_a_depth_curves_json_or_an_exports_record(capsys, resnet,
+                                                                         tmp_path):
+    """Results of evaluate.py, so they were replaced: a depth curve's numbers (its PNG left
+    without them), an export's export.json (the export then described by an evaluation)."""
+    _, workdir = resnet
+    curve = {"figure": "depth_curve_survival.png", "order_rule": "survival", "points": []}
+    export = {"output": str(tmp_path / "pruned"), "order_rule": "survival", "removed": [2]}
+    for folder, name, record, beside in [("curves", "depth_curve_survival.json", curve,
+                                          "depth_curve_survival.png"),
+                                         ("pruned", "export.json", export, "model.json")]:
+        os.makedirs(tmp_path / folder)
+        path = str(tmp_path / folder / name)
+        with open(path, "w") as f:
+            json.dump(record, f)
+        open(tmp_path / folder / beside, "w").close()
+        line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+        assert f"--output {path} is part of the " in line and line.endswith("Nothing was written.")
+        assert _json(path) == record
+        os.remove(tmp_path / folder / beside)  # a copy on its own is a result like any other
+        evaluate_cli.main(["--workdir", workdir, "--output", path])
+        assert _json(path)["split"] == "test"
 
 
 def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):

@@ -105,18 +105,27 @@ def _greedy_progress(progress: Callable[[str], None],
     return on_step
 
 
-def _checkpoint(run: evaluate_lib.RestoredRun) -> str:
+def _label(run: evaluate_lib.RestoredRun, checkpoint: str | int) -> str:
+    """``'best'``, ``'latest'`` or ``'step<N>'``, as :func:`evaluate_lib.result_label`."""
+    result = {"evaluated_step": int(run.meta["step"]),
+              **({} if run.note is None else {"note": run.note})}
+    return evaluate_lib.result_label(checkpoint, result)
+
+
+def _checkpoint(run: evaluate_lib.RestoredRun, checkpoint: str | int) -> str:
     """Which checkpoint was evaluated: ``'checkpoint best, step 4, epoch 1'``, or
-    ``'step 4, epoch 1'`` (never 'best') for an older one evaluated because the requested
-    one is unreadable."""
-    label = f"checkpoint {run.kind}, " if run.note is None else ""  # a fallback: its step
+    ``'step 4, epoch 1'`` (never 'best' or 'latest') for a step number requested (the
+    latest may be later) or an older one evaluated because the requested one is
+    unreadable."""
+    label = _label(run, checkpoint)
+    label = "" if label.startswith("step") else f"checkpoint {label}, "
     epoch = run.meta.get("epoch")
     return (f"{label}step {int(run.meta['step'])}"
-            + ("" if epoch is None else f", epoch {round(float(epoch), 2):g}"))
+            + ("" if epoch is None else f", epoch {evaluate_lib.epoch_text(epoch)}"))
 
 
-def _source(run: evaluate_lib.RestoredRun, workdir: str) -> str:
-    source = f"{workdir} ({_checkpoint(run)})"
+def _source(run: evaluate_lib.RestoredRun, workdir: str, checkpoint: str | int) -> str:
+    source = f"{workdir} ({_checkpoint(run, checkpoint)})"
     return source if run.note is None else f"{source}; {run.note}"
 
 
@@ -186,7 +195,7 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
     removal = _order(run, evaluators, order, blocks, progress)
     if order == "list":  # the others follow from the checkpoint, which the name gives
         _check_replaceable(png, removal)
-    source, device = _source(run, workdir), jax.devices()[0].device_kind
+    source, device = _source(run, workdir, checkpoint), jax.devices()[0].device_kind
     if progress is not None:
         for line in curve_header(order, source, device):
             progress(line)
@@ -200,9 +209,8 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
               "png": png, "json": figures.sidecar_path(png)}
     if jax.process_index() == 0:  # one writer in a multi-process job
         # The result is the figure's sidecar: written once, with the figure.
-        figures.plot_depth_curve(
-            points, png, [source], sidecar=result,
-            title=f"{plots.run_title(run.config)}; order '{order}', {_checkpoint(run)}")
+        title = f"{plots.run_title(run.config)}; order '{order}', {_checkpoint(run, checkpoint)}"
+        figures.plot_depth_curve(points, png, [source], sidecar=result, title=title)
     return result
 
 
@@ -211,9 +219,7 @@ def _curve_path(run: evaluate_lib.RestoredRun, checkpoint: str | int, order: str
     """``<directory>/depth_curve_<order>.png`` for the best checkpoint, else
     ``depth_curve_<order>_<latest|step<N>>.png``: a curve of another checkpoint never
     replaces the best one's (the label as :func:`evaluate_lib.result_label` gives it)."""
-    result = {"evaluated_step": int(run.meta["step"]),
-              **({} if run.note is None else {"note": run.note})}
-    label = evaluate_lib.result_label(checkpoint, result)
+    label = _label(run, checkpoint)
     return os.path.join(directory, f"depth_curve_{order}"
                         + ("" if label == "best" else f"_{label}") + ".png")
 
@@ -277,7 +283,7 @@ def _export(workdir: str, output: str, *, checkpoint: str | int, data_dir: str |
     pruned, pvars = pruning.prune(model, variables, keep)
     shape = run.ds.image_shape
     record = {
-        "source": _source(run, os.path.abspath(workdir)),  # the export may move
+        "source": _source(run, os.path.abspath(workdir), checkpoint),  # the export may move
         "order_rule": order,
         "removed": [int(b) for b in removal[:remove]],
         "blocks_kept": int(keep.sum()),
@@ -332,7 +338,7 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),
                                  samples=samples, key=jax.random.key(seed))
-    out = {"source": _source(run, workdir), "split": split, "seed": seed,
+    out = {"source": _source(run, workdir, checkpoint), "split": split, "seed": seed,
            "evaluated_step": int(run.meta["step"]), **result}
     return out if run.note is None else {**out, "note": run.note}
 

@@ -25,6 +25,7 @@ from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed
+from stochastic_depth_jax.training import implementation as implementation_lib
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
@@ -42,6 +43,7 @@ __all__ = [
     "RUN_FILE",
     "result_label",
     "evaluation_mesh",
+    "epoch_text",
 ]
 
 RUN_FILE = "run.json"
@@ -469,15 +471,34 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
 def evaluation_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """The mesh a run is evaluated on: every device, or, in one process whose device count
     the run's batch sizes do not divide (another machine than the one it trained on: 3
-    GPUs for a batch of 128), the first of them, as many as both batch sizes divide over.
+    GPUs for a batch of 128), the first of them, as many as both batch sizes (and a
+    drop-path model's subset groups, :func:`setup.drop_path_groups`) divide over.
     Every example is evaluated either way (padding is masked); only float rounding of the
     sums depends on the device count. A multi-process job keeps every device (its mesh
-    spans the processes) and ``setup.build`` names the batch size that does not divide."""
+    spans the processes).
+
+    Raises:
+      errors.ConfigError: a multi-process job whose device count those sizes do not divide
+        (the same on every process, before any collective).
+    """
     devices = jax.devices()
+    # A drop-path model's subset groups must divide over the devices too (setup.build).
+    implementation = implementation_lib.resolve(config.model, devices[0].platform)
+    groups = setup_lib.drop_path_groups(config, implementation.implementation)
+    sizes = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
+             **({} if groups is None else {"model.groups": groups})}
     if jax.process_count() > 1:
+        indivisible = [f"{k}={v}" for k, v in sizes.items() if v % len(devices)]
+        if indivisible:  # setup.build would name --config flags evaluate.py does not have
+            raise errors.ConfigError(
+                f"The run's {' and '.join(indivisible)} "
+                f"{'does' if len(indivisible) == 1 else 'do'} not divide over the "
+                f"{len(devices)} devices of this {jax.process_count()}-process job; evaluate "
+                "it in one process (it uses as many of its devices as they divide over), or "
+                "on a device count they divide by.")
         return distributed.make_mesh(devices)
     usable = max(n for n in range(1, len(devices) + 1)
-                 if config.batch_size % n == 0 and config.eval_batch_size % n == 0)
+                 if all(v % n == 0 for v in sizes.values()))
     return distributed.make_mesh(devices[:usable])
 
 
@@ -519,6 +540,12 @@ def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:
     if "note" in result or str(checkpoint) not in ("best", "latest"):
         return f"step{int(result['evaluated_step'])}"
     return str(checkpoint)
+
+
+def epoch_text(epoch: Any) -> str:
+    """A checkpoint's epoch as a person reads it: ``'2'`` at an epoch's end, ``'1.33'``
+    within one (a float has 16 digits); ``''`` for None."""
+    return "" if epoch is None else f"{round(float(epoch), 2):g}"
 
 
 def _epoch(value: Any) -> int | float | None:

@@ -187,14 +187,23 @@ def _drop_path_implementation(config: ml_collections.ConfigDict, mesh: jax.shard
     """
     m = config.model
     implementation = _implementation(config, mesh, implementation)
-    subsets = m.mode == "sample" and implementation == "skip" and m.drop_path_rate > 0
-    if subsets and m.groups % mesh.size:
+    if drop_path_groups(config, implementation) and m.groups % mesh.size:
         raise errors.ConfigError(
             f"model.groups={m.groups} is not a multiple of the {mesh.size} devices: drop-path "
             f"subsets would move activations between devices. Set --config.model.groups to a "
             f"multiple of {mesh.size} dividing batch_size={config.batch_size}."
         )
     return implementation
+
+
+def drop_path_groups(config: ml_collections.ConfigDict, implementation: str) -> int | None:
+    """``model.groups`` of a drop-path model (ViT, ConvNeXt) that draws per-example subsets
+    in groups (``mode='sample'``, ``implementation`` (resolved) ``'skip'``, a drop rate):
+    the mesh size must divide it. None for a model without such subsets."""
+    m = config.model
+    subsets = (m.get("groups") is not None and m.get("mode") == "sample"
+               and implementation == "skip" and m.get("drop_path_rate", 0) > 0)
+    return int(m.groups) if subsets else None
 
 
 def build_vit(config: ml_collections.ConfigDict, num_classes: int,
