@@ -338,7 +338,7 @@ def test_an_evaluation_testing_the_lock_never_refuses_a_run_starting(tmp_path):
     workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()  # the lock file exists
     fd = os.open(os.path.join(str(tmp_path), workdir_lib.LOCK_FILE), os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the evaluation's probe, held...
-    threading.Timer(0.05, os.close, [fd]).start()  # ...and dropped 50 ms later
+    threading.Timer(0.02, os.close, [fd]).start()  # ...and dropped 20 ms later
     workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
 
 

@@ -291,12 +291,12 @@ def training_holder(workdir: str) -> str | None:
 
 # An evaluation tests the lock with a shared one held for microseconds (training_holder):
 # a run starting at that moment retries rather than calling the workdir busy.
-_LOCK_TRIES, _LOCK_RETRY_S = 10, 0.02
+_LOCK_TRIES, _LOCK_RETRY_S = 20, 0.025
 
 
 def _flock_soon(fd: int) -> bool:
     """Takes the exclusive lock on ``fd`` without blocking, retrying a few times within
-    ~0.2 s; False if another run holds it."""
+    ~0.5 s; False if another run holds it."""
     for attempt in range(_LOCK_TRIES):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
