@@ -147,30 +147,26 @@ def run(args) -> dict:
     return result
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
 def summary_line(result: dict) -> str:
     """The numbers a person looks for in ``result`` (a plain evaluation's, Monte-Carlo
     depth's or an export's JSON), as a sentence ending in a space; '' for another."""
     if "mc" in result:
         return (f"Monte-Carlo depth, {result['samples']} sub-networks: {result['split']} error "
-                f"{_percent(result['mc']['error'])} (deterministic network "
-                f"{_percent(result['deterministic']['error'])}, members' mean "
-                f"{_percent(result['member_mean_error'])}) on {result['count']:,} images. ")
+                f"{depth.percent(result['mc']['error'])} (deterministic network "
+                f"{depth.percent(result['deterministic']['error'])}, members' mean "
+                f"{depth.percent(result['member_mean_error'])}) on {result['count']:,} images. ")
     if "output" in result:
         kept, test = result["blocks_kept"], result["error"].get("test", {})
         return (f"{kept} of {kept + len(result['removed'])} blocks kept "
                 f"({result['num_params']['pruned']:,} of {result['num_params']['full']:,} "
-                f"parameters), test error {_percent(test['pruned'])} (all blocks: "
-                f"{_percent(test['full'])}). " if test else "")
+                f"parameters), test error {depth.percent(test['pruned'])} (all blocks: "
+                f"{depth.percent(test['full'])}). " if test else "")
     if "error" in result and "evaluated_step" in result:
         label = evaluate_lib.result_label(result["requested"], result)  # never a step's kind
         which = "" if label.startswith("step") else f"checkpoint {label}, "
         epoch = evaluate_lib.epoch_text(result.get("epoch"))
         epoch = epoch and f", epoch {epoch}"
-        return (f"{result['split'].capitalize()} error {_percent(result['error'])} (loss "
+        return (f"{result['split'].capitalize()} error {depth.percent(result['error'])} (loss "
                 f"{result['loss']:.4f}) on {result['count']:,} images, {which}step "
                 f"{result['evaluated_step']}{epoch}. ")
     return ""

@@ -9,6 +9,11 @@ one warning a test expected. Tests that require exactly N of ours count ours onl
 import warnings
 
 
+def of(caught: list[warnings.WarningMessage], category: type[Warning]) -> list[Warning]:
+    """The caught warnings of ``category`` (or a subclass), in order."""
+    return [w.message for w in caught if issubclass(w.category, category)]
+
+
 def messages(caught: list[warnings.WarningMessage], category: type[Warning]) -> list[str]:
-    """The messages of the caught warnings of ``category`` (or a subclass), in order."""
-    return [str(w.message) for w in caught if issubclass(w.category, category)]
+    """The texts of :func:`of`."""
+    return [str(w) for w in of(caught, category)]

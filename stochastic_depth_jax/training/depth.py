@@ -34,6 +34,7 @@ __all__ = [
     "curve_header",
     "curve_row",
     "curve_footer",
+    "percent",
     "export_pruned_run",
     "mc_evaluate_run",
     "require_blockwise_run",
@@ -101,7 +102,7 @@ def _greedy_progress(progress: Callable[[str], None],
     evaluates about L^2 / 2 sub-networks before the first row of the curve)."""
     def on_step(removed: list[int], error: float) -> None:
         progress(f"greedy order: removed block {removed[-1]} ({len(removed)} of {total}), "
-                 f"validation error {_percent(error)}")
+                 f"validation error {percent(error)}")
     return on_step
 
 
@@ -129,7 +130,8 @@ def _source(run: evaluate_lib.RestoredRun, workdir: str, checkpoint: str | int) 
     return source if run.note is None else f"{source}; {run.note}"
 
 
-def _percent(value: Any) -> str:
+def percent(value: Any) -> str:
+    """An error rate as the tables print it (``12.34%``); ``-`` where there is none."""
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
 
 
@@ -147,7 +149,7 @@ def curve_row(point: dict[str, Any]) -> str:
     speed, params = point.get("images_per_s"), point.get("num_params")
     return (f"| {point['blocks_kept']} | "
             f"{point['removed'][-1] if point['removed'] else '-'} | "
-            f"{_percent(point.get('validation_error'))} | {_percent(point.get('test_error'))} | "
+            f"{percent(point.get('validation_error'))} | {percent(point.get('test_error'))} | "
             f"{f'{speed:.0f}' if speed else '-'} | "
             f"{'-' if params is None else f'{params:,}'} |")
 
