@@ -65,6 +65,10 @@ def _write(path: str, text: str) -> None:
         ) from e
 
 
+# A plain evaluation's JSON written before 'evaluated_step' existed.
+_EARLIER_RESULT = {"checkpoint", "step", "split", "error", "loss", "count"}
+
+
 def _check_output(path: str | None, workdir: str) -> None:
     """Refuses an ``--output`` that would replace something other than an earlier result of
     this script (``run.json``, ``summary.json``, any other file), or that is in another
@@ -86,7 +90,8 @@ def _check_output(path: str | None, workdir: str) -> None:
     try:
         with open(path) as f:
             earlier = json.load(f)
-        ours = isinstance(earlier, dict) and ({"evaluated_step", "order_rule"} & earlier.keys())
+        ours = isinstance(earlier, dict) and bool(
+            {"evaluated_step", "order_rule"} & earlier.keys() or _EARLIER_RESULT <= earlier.keys())
     except (OSError, ValueError):
         ours = False
     whole = _part_of_a_whole(path, earlier) if ours else None
@@ -134,13 +139,15 @@ def run(args) -> dict:
     else:
         result, default = analysis
     text = json.dumps(result, indent=2)
+    if not distributed.is_primary():  # every process has the result; one prints it
+        return result
     # A depth curve's JSON has ~16 lines per point: its table was printed a row at a time
     # as it was computed (the JSON is written).
     print(depth.curve_footer(result) if args.depth_curve else text, flush=True)
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr, flush=True)
     output = args.output or default  # None: the analysis wrote its JSON (the depth curve)
-    if output is not None and distributed.is_primary():
+    if output is not None:
         _write(output, text)
         # On stderr: stdout stays the JSON alone, for a pipe (evaluate.py ... | jq).
         print(f"{summary_line(result)}Written: {output}", file=sys.stderr, flush=True)

@@ -132,6 +132,34 @@ def test_numeric_checkpoint_writes_eval_step_file_with_int_epoch(resnet):
     saved = _json(os.path.join(workdir, f"eval_step{step}_validation.json"))
     assert saved["evaluated_step"] == step and saved["requested"] == str(step)
     assert saved["epoch"] == 2 and isinstance(saved["epoch"], int)
+    # A step is a step: it said "latest" (or "best", wherever that step was stored).
+    assert saved["checkpoint"] == "step"
+    evaluate_cli.main(["--workdir", workdir, "--split", "validation"])
+    assert _json(os.path.join(workdir, "eval_best_validation.json"))["checkpoint"] == "best"
+
+
+def test_an_earlier_versions_result_may_be_replaced(resnet, tmp_path):
+    """A result written before 'evaluated_step' existed was refused as "not a result of
+    evaluate.py"."""
+    _, workdir = resnet
+    out = str(tmp_path / "old.json")
+    with open(out, "w") as f:
+        json.dump({"checkpoint": "best", "step": 4, "epoch": 2, "split": "test",
+                   "loss": 2.3, "error": 0.9, "count": 16}, f)
+    evaluate_cli.main(["--workdir", workdir, "--output", out])
+    assert _json(out)["evaluated_step"] > 0
+
+
+def test_only_process_0_prints_and_writes(monkeypatch, capsys, resnet, tmp_path):
+    """Every process of a multi-process evaluation printed the whole JSON."""
+    from stochastic_depth_jax.training import distributed
+
+    _, workdir = resnet
+    out = str(tmp_path / "other.json")
+    monkeypatch.setattr(distributed, "is_primary", lambda: False)
+    result = evaluate_cli.run(evaluate_cli.parse_args(["--workdir", workdir, "--output", out]))
+    assert result["count"] == 16  # computed, as every process takes part
+    assert capsys.readouterr() == ("", "") and not os.path.exists(out)
 
 
 def test_mc_samples_writes_its_file(resnet):

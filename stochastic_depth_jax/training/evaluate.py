@@ -571,7 +571,8 @@ def evaluate_checkpoint(
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
       'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float) and,
       if the requested checkpoint was unreadable and an older one was evaluated instead,
-      ``'note'`` saying so; then ``'checkpoint'`` is ``'step'``, never 'best' or 'latest'.
+      ``'note'`` saying so. ``'checkpoint'`` is ``'best'`` or ``'latest'`` only when that
+      checkpoint was evaluated; ``'step'`` for a step number requested or a fallback.
 
     Raises:
       errors.CheckpointError: not a run, no such step, or nothing readable.
@@ -591,7 +592,9 @@ def evaluate_checkpoint(
     evaluated = int(run.meta["step"])
     out = {
         "requested": str(checkpoint),
-        "checkpoint": run.kind if run.note is None else "step",
+        # 'best'/'latest' only when that is what was evaluated: a requested step held in
+        # checkpoints_best/ need not be the run's best (a later step may be).
+        "checkpoint": run.kind if run.note is None and str(checkpoint) == run.kind else "step",
         "step": evaluated,
         "evaluated_step": evaluated,
         "epoch": _epoch(run.meta.get("epoch")),
