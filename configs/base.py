@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # 'A' subsamples instead (He et al.'s option A as fb.resnet.torch writes it).
     c.model.shortcut = "A-avg"
     c.model.block = "basic"  # 'basic' (paper) or 'preact'
+    # 'ours': convs He-initialised on fan-out, BatchNorm scales 1, Flax's Dense classifier;
+    # 'official': the official Torch code's (convs He on fan-in, BatchNorm scales uniform in
+    # [0, 1), classifier weight and bias uniform in +-1/sqrt(fan_in)). See `:official`.
+    c.model.initialization = "ours"
     # 'auto' (default): the real skipping that measured fastest on the run's platform,
     # resolved at start-up and recorded in run.json (CPU: lax.cond skipping; GPU/TPU:
     # compact mode, see compact_multiple). 'skip': a dropped block is not computed (forward
@@ -133,6 +137,31 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.num_epochs = 2
     c.lr_boundaries_epochs = (1,)
     c.log_every_steps = 1
+    return c
+
+
+# The CIFAR configs' variants: the official recipe, and its smoke-sized run.
+OFFICIAL_VARIANTS = (None, "smoke", "official", "official_smoke")
+
+
+def official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns the paper's CIFAR recipe ``c`` into the official Torch code's where the two
+    differ (github.com/yueatsprograms/Stochastic_Depth, main.lua): its initialisation, its
+    input normalisation (the mean image and one std), and its lr drops, one epoch before
+    the paper's (lr 0.1 while the 1-based epoch counter is < 250 of 500, 0.01 while < 375).
+    Not reproduced: its last partial batch of each epoch (72 images; we drop it)."""
+    c.model.initialization = "official"
+    c.normalization = "pixel"
+    c.lr_boundaries_epochs = (c.num_epochs // 2 - 1, c.num_epochs * 3 // 4 - 1)
+    return c
+
+
+def cifar_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """``c`` as variant ``arg`` of :data:`OFFICIAL_VARIANTS` makes it (None: unchanged)."""
+    if arg in ("official", "official_smoke"):
+        c = official(c)
+    if arg in ("smoke", "official_smoke"):
+        c = smoke(c)
     return c
 
 

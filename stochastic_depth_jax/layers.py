@@ -42,7 +42,8 @@ ModuleDef = Any
 
 # He initialisation as fb.resnet.torch writes it: N(0, sqrt(2 / (k * k * out_channels))). The
 # official stochastic-depth code uses fan-in (nninit), which differs only where a conv changes
-# the width (the stem, the transition convs), each followed by BatchNorm (README).
+# the width (the stem, the transition convs), each followed by BatchNorm (README); the models'
+# initialization='official' gives it (blocks and shortcuts take a ``kernel_init``).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # Rematerialisation of a *surviving* branch inside the skip cond. See StochasticDepth.remat.
@@ -343,6 +344,7 @@ class _Branch(nn.Module):
     dtype: Any = None
     zero_init_last: bool = False
     dropout_rate: float = 0.0
+    kernel_init: Callable[..., Array] = conv_kernel_init
 
     expansion = 1
 
@@ -367,7 +369,7 @@ class _Branch(nn.Module):
             strides=(strides, strides),
             padding=((pad, pad), (pad, pad)),
             use_bias=False,
-            kernel_init=conv_kernel_init,
+            kernel_init=self.kernel_init,
             dtype=self.dtype,
             name=name,
         )
@@ -378,8 +380,9 @@ class _Branch(nn.Module):
         return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
     def _last_norm(self, name: str) -> nn.Module:
-        init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        return self.norm(dtype=self.dtype, scale_init=init, name=name)
+        # Otherwise the norm's own scale_init (a model may give its norm another one).
+        kw = {"scale_init": nn.initializers.zeros} if self.zero_init_last else {}
+        return self.norm(dtype=self.dtype, name=name, **kw)
 
 
 class BasicBranch(_Branch):
@@ -454,6 +457,7 @@ class Shortcut(nn.Module):
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     dtype: Any = None
+    kernel_init: Callable[..., Array] = conv_kernel_init
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -465,7 +469,7 @@ class Shortcut(nn.Module):
             return x
         if self.kind == "B":
             y = self.conv(self.features, (1, 1), strides=(s, s), use_bias=False,
-                          kernel_init=conv_kernel_init, dtype=self.dtype, name="conv")(x)
+                          kernel_init=self.kernel_init, dtype=self.dtype, name="conv")(x)
             return self.norm(dtype=self.dtype, name="bn")(y, train=train)
         if self.features < x.shape[-1]:
             raise ValueError(
@@ -494,6 +498,8 @@ class ResidualBlock(nn.Module):
       has_branch: False for a block deleted from a pruned model: no branch parameters, no
         compute, ``out = act(shortcut(x))``, which is what the block computes when its gate
         is closed.
+      kernel_init: initialiser of the branch's and a projection shortcut's convolutions
+        (default :data:`conv_kernel_init`, He on fan-out).
     """
 
     features: int
@@ -512,6 +518,7 @@ class ResidualBlock(nn.Module):
     zero_init_last: bool = False
     dropout_rate: float = 0.0
     has_branch: bool = True
+    kernel_init: Callable[..., Array] = conv_kernel_init
 
     @nn.compact
     def __call__(self, x: Array, survival_prob: Any = 1.0, gate: Any = None, *,
@@ -532,13 +539,14 @@ class ResidualBlock(nn.Module):
         if not self.has_branch:
             out_features = self.features * self.branch_cls.expansion
             shortcut = Shortcut(out_features, self.strides, self.shortcut, conv=self.conv,
-                                norm=self.norm, dtype=self.dtype, name="shortcut")
+                                norm=self.norm, dtype=self.dtype,
+                                kernel_init=self.kernel_init, name="shortcut")
             out = shortcut(x, train=train)
             return self.act(out) if self.post_activation else out
         branch = self.branch_cls(
             features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
             act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last,
-            dropout_rate=self.dropout_rate, parent=None,
+            dropout_rate=self.dropout_rate, kernel_init=self.kernel_init, parent=None,
         )
         sd = StochasticDepth(
             branch, mode=self.mode, scaling=self.scaling, implementation=self.implementation,
@@ -547,7 +555,8 @@ class ResidualBlock(nn.Module):
         y = sd(x, deterministic=not stochastic, survival_prob=survival_prob, gate=gate,
                train=train)
         shortcut = Shortcut(y.shape[-1], self.strides, self.shortcut, conv=self.conv,
-                            norm=self.norm, dtype=self.dtype, name="shortcut")
+                            norm=self.norm, dtype=self.dtype, kernel_init=self.kernel_init,
+                            name="shortcut")
         out = shortcut(x, train=train).astype(y.dtype) + y
         return self.act(out) if self.post_activation else out
 

@@ -29,6 +29,7 @@ __all__ = [
     "ResNet152",
     "ResidualStages",
     "CIFAR_BLOCKS",
+    "INITIALIZATIONS",
     "valid_cifar_depths",
 ]
 
@@ -39,6 +40,23 @@ CIFAR_BLOCKS = {"basic": layers.BasicBlock, "preact": layers.PreActBlock}
 
 # A stage with at least this many identical blocks is scanned when ``scan=None``.
 AUTO_SCAN_MIN_BLOCKS = 8
+
+# ``initialization`` of the ResNets: 'ours' (He on fan-out, BatchNorm scales 1, Flax's Dense)
+# or 'official' (the official Torch code's, github.com/yueatsprograms/Stochastic_Depth:
+# nninit's He on fan-in, cudnn.torch's BatchNorm scales uniform in [0, 1), nn.Linear's
+# weight and bias uniform in +-1/sqrt(fan_in)).
+INITIALIZATIONS = ("ours", "official")
+_FAN_IN_KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _torch_linear_init(fan_in: int):
+    """Torch's ``nn.Linear`` reset, for weight and bias alike: uniform in +-1/sqrt(fan_in)
+    (the bias's bound comes from the layer's inputs, which its shape does not show)."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
 
 
 def valid_cifar_depths(limit: int = 1202) -> list[int]:
@@ -276,6 +294,9 @@ class _StochasticResNetBase(nn.Module):
       zero_init_last: zero-initialise the last BatchNorm scale of each branch.
       dropout_rate: dropout between each branch's convolutions in training (Wide ResNets;
         rng stream ``'dropout'``); 0 (default) adds none.
+      initialization: ``'ours'`` (default: convolutions He-initialised on fan-out,
+        BatchNorm scales 1, Flax's ``Dense``) or ``'official'``, the official Torch code's
+        (see :data:`INITIALIZATIONS`). Only the initial values differ.
       keep: None, or bool ``[L]`` (a pruned model, see :mod:`stochastic_depth_jax.pruning`):
         blocks marked False are deleted, with no parameters and no compute. Block indices,
         gates and survival probabilities stay those of the full model's L blocks, so a
@@ -296,6 +317,7 @@ class _StochasticResNetBase(nn.Module):
     zero_init_last: bool = False
     dropout_rate: float = 0.0
     keep: tuple[bool, ...] | None = None
+    initialization: str = "ours"
 
     # The trainer draws every block's gates up front and passes them as ``gates=``.
     takes_gates = True
@@ -325,6 +347,9 @@ class _StochasticResNetBase(nn.Module):
                 raise ValueError(f"keep must have one entry per block ({self.num_blocks()}), "
                                  f"got {len(keep)}.")
             object.__setattr__(self, "keep", keep)  # hashable, whatever sequence was given
+        if self.initialization not in INITIALIZATIONS:
+            raise ValueError(f"Unknown initialization {self.initialization!r}; valid: "
+                             f"{list(INITIALIZATIONS)}.")
         schedules.survival_probabilities(self.survival_rule, 1, self.final_survival_prob)
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(
@@ -397,9 +422,30 @@ class _StochasticResNetBase(nn.Module):
         return functools.partial(
             cls, shortcut=shortcut, mode=self.mode, scaling=self.scaling,
             implementation=self.implementation, remat=self.remat, conv=self.conv,
-            norm=self.norm, dtype=self.dtype, zero_init_last=self.zero_init_last,
-            dropout_rate=self.dropout_rate,
+            norm=self._norm(), dtype=self.dtype, zero_init_last=self.zero_init_last,
+            dropout_rate=self.dropout_rate, kernel_init=self._kernel_init(),
         )
+
+    def _official(self) -> bool:
+        return self.initialization == "official"
+
+    def _kernel_init(self) -> Any:
+        """Every convolution's initialiser (stem, branches, projection shortcuts)."""
+        return _FAN_IN_KERNEL_INIT if self._official() else layers.conv_kernel_init
+
+    def _norm(self) -> ModuleDef:
+        """``norm``, its scales starting uniform in [0, 1) for the official initialisation
+        (a zero-initialised last scale, ``zero_init_last``, stays zero)."""
+        if not self._official():
+            return self.norm
+        return functools.partial(self.norm, scale_init=nn.initializers.uniform(1.0))
+
+    def _head(self, x: Array, num_classes: int) -> Array:
+        """The linear classifier on pooled features ``x`` ``[batch, C]``."""
+        if not self._official():
+            return nn.Dense(num_classes, name="head")(x)
+        init = _torch_linear_init(x.shape[-1])
+        return nn.Dense(num_classes, kernel_init=init, bias_init=init, name="head")(x)
 
 
 class CifarResNet(_StochasticResNetBase):
@@ -430,6 +476,8 @@ class CifarResNet(_StochasticResNetBase):
       width: stem/first-stage width (16 in the paper).
       scan: scan identical blocks (None: when a stage has >= 8 of them).
       scan_unroll: inline the scans' iterations (see :class:`ResidualStages`).
+      initialization: ``'ours'`` (default) or ``'official'``, the official Torch code's
+        (:data:`INITIALIZATIONS`).
     """
 
     depth: int = 110
@@ -504,10 +552,10 @@ class CifarResNet(_StochasticResNetBase):
         w = self.width
         x = x.astype(self.dtype) if self.dtype is not None else x
         x = self.conv(w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                      kernel_init=layers.conv_kernel_init, dtype=self.dtype, name="stem_conv")(x)
+                      kernel_init=self._kernel_init(), dtype=self.dtype, name="stem_conv")(x)
         preact = self.block == "preact"
         if not preact:
-            x = nn.relu(self.norm(dtype=self.dtype, name="stem_bn")(x, train=train))
+            x = nn.relu(self._norm()(dtype=self.dtype, name="stem_bn")(x, train=train))
         stages = ResidualStages(
             stage_sizes=(n, n, n), stage_features=self.stage_widths(), stage_strides=(1, 2, 2),
             block=self._block(CIFAR_BLOCKS[self.block], self.shortcut), scan=self.scan,
@@ -516,9 +564,9 @@ class CifarResNet(_StochasticResNetBase):
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
                    buckets=buckets, stochastic=stochastic)
         if preact:
-            x = nn.relu(self.norm(dtype=self.dtype, name="final_bn")(x, train=train))
+            x = nn.relu(self._norm()(dtype=self.dtype, name="final_bn")(x, train=train))
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return nn.Dense(self.num_classes, name="head")(x)
+        return self._head(x, self.num_classes)
 
 
 class WideResNet(CifarResNet):
@@ -603,9 +651,9 @@ class ResNet(_StochasticResNetBase):
         gates, constant = self._gates(x, gates, stochastic)
         x = x.astype(self.dtype) if self.dtype is not None else x
         x = self.conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                      use_bias=False, kernel_init=layers.conv_kernel_init, dtype=self.dtype,
+                      use_bias=False, kernel_init=self._kernel_init(), dtype=self.dtype,
                       name="stem_conv")(x)
-        x = nn.relu(self.norm(dtype=self.dtype, name="stem_bn")(x, train=train))
+        x = nn.relu(self._norm()(dtype=self.dtype, name="stem_bn")(x, train=train))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         k = len(self.stage_sizes)
         stages = ResidualStages(
@@ -618,7 +666,7 @@ class ResNet(_StochasticResNetBase):
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
                    buckets=buckets, stochastic=stochastic)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return nn.Dense(self.num_classes, name="head")(x)
+        return self._head(x, self.num_classes)
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
 
 from cli_output import one_line_error  # noqa: E402
+import stochastic_depth_jax as sdj  # noqa: E402
 from configs import CONFIGS, load_config  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import optim  # noqa: E402
@@ -120,6 +122,8 @@ def test_path_form_and_overrides():
         ("cifar10", ["--config.model.final_survival_prob=1.5"], "final_survival_prob"),
         ("cifar10", ["--config.model.survival_rule=cosine"], "survival_rule.*linear"),
         ("cifar10", ["--config.model.mode=layer"], "model.mode.*batch"),
+        ("cifar10", ["--config.model.initialization=torch"],
+         "^Invalid config: model.initialization='torch'; valid: \\['official', 'ours'\\]$"),
         ("cifar10", ["--config.optimizer=adam"], "optimizer='adam'; valid: \\['adamw', 'sgd'\\]"),
         ("cifar10", ["--config.weight_decay_on=bn"], "weight_decay_on.*kernels"),
         ("cifar10", ["--config.batch_size=0"], "batch_size=0 must be"),
@@ -339,3 +343,57 @@ def test_a_warm_up_the_schedule_would_ignore_or_hide_a_drop_with_is_refused(over
         load_config("cifar10:smoke", ["--config.num_epochs=10", *overrides])
     load_config("cifar10:smoke", ["--config.num_epochs=10", "--config.warmup_epochs=4",
                                   "--config.lr_boundaries_epochs=5,8"])  # before the drop: fine
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_official_variant_is_the_official_codes_recipe(name):
+    paper, c = load_config(name), load_config(f"{name}:official")
+    assert paper.model.initialization == "ours" and paper.normalization == "channel"
+    changes = config_lib.config_changes(paper.to_dict(), c.to_dict())
+    # main.lua: lr 0.1 while the 1-based epoch counter is < 250 of 500: 249 epochs, not 250.
+    assert changes == {"model.initialization": {"old": "ours", "new": "official"},
+                       "normalization": {"old": "channel", "new": "pixel"},
+                       "lr_boundaries_epochs": {"old": (250, 375), "new": (249, 374)}}
+    schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
+    np.testing.assert_allclose([float(schedule(n)) for n in (2489, 2490, 3739, 3740)],
+                               [0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+    # Its smoke run: the smoke config with the official fields.
+    smoke, official_smoke = load_config(f"{name}:smoke"), load_config(f"{name}:official_smoke")
+    assert set(config_lib.config_changes(smoke.to_dict(), official_smoke.to_dict())) == {
+        "model.initialization", "normalization"}
+
+
+def test_a_config_recorded_before_initialization_existed_builds_the_old_init():
+    from stochastic_depth_jax.training import setup
+
+    new = load_config("cifar100_wrn:smoke").to_dict()
+    old = {**new, "model": {k: v for k, v in new["model"].items() if k != "initialization"}}
+    assert new["model"]["initialization"] == "ours"
+    assert config_lib.config_changes(config_lib.with_absent_defaults(old), new) == {}
+    # As evaluate.py and a resume read run.json: validated, then built.
+    recorded = config_lib.validate(ml_collections.ConfigDict(old))
+    model = setup.build_cifar_resnet(recorded, 100, mesh=None, implementation="skip")
+    assert isinstance(model, sdj.WideResNet) and model.initialization == "ours"
+    official = load_config("cifar100_wrn:smoke", ["--config.model.initialization=official"])
+    assert setup.build_cifar_resnet(official, 100, None, "skip").initialization == "official"
+
+
+def test_initialization_is_refused_for_the_drop_path_models():
+    c = load_config("cifar10_vit")
+    with pytest.raises(ValueError, match="Unknown config field 'model.initialization'"):
+        config_lib.apply_overrides(c, ["--config.model.initialization=official"])
+    c.model.initialization = "official"  # as a config file of its own could write it
+    with pytest.raises(ValueError, match="^Invalid config: model.initialization='official' "
+                       "applies to the ResNets only .*not to 'vit': remove it$"):
+        config_lib.validate(c)
+
+
+def test_an_unknown_initialization_is_one_line(capsys, tmp_path):
+    import train
+
+    line = one_line_error(capsys, train.main, [
+        "--config", "cifar10:official_smoke", "--workdir", str(tmp_path / "w"),
+        "--config.model.initialization=fan_in"])
+    assert line == ("error: Invalid config: model.initialization='fan_in'; valid: "
+                    "['official', 'ours']")
+    assert not os.path.exists(tmp_path / "w")

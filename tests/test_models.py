@@ -423,3 +423,64 @@ def test_mask_implementation_keeps_dropped_block_statistics():
     dropped = upd["batch_stats"]["stages"]["stage2_block1"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, dropped,
                            v["batch_stats"]["stages"]["stage2_block1"])
+
+
+# ---- initialisation: ours (the default) and the official Torch code's -------------------
+
+@pytest.fixture(scope="module")
+def initialized():
+    """Parameters of a ResNet-8 of width 16 (64 features into a 10-way head, as ResNet-110's)
+    from the default model and from ``initialization='official'``, same key."""
+    x = jnp.zeros((1, 8, 8, 3))
+    models = {"ours": sdj.CifarResNet(depth=8, width=16, num_classes=10),
+              "official": sdj.CifarResNet(depth=8, width=16, num_classes=10,
+                                          initialization="official")}
+    return {name: model.init({"params": jax.random.key(0)}, x, train=False)["params"]
+            for name, model in models.items()}
+
+
+def _named(params, leaf):
+    """``{path: array}`` of the leaves called ``leaf`` ('kernel', 'scale', ...)."""
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(params) if p[-1].key == leaf}
+
+
+def test_official_initialization_is_the_torch_codes(initialized):
+    params = initialized["official"]
+    convs = {k: v for k, v in _named(params, "kernel").items() if "head" not in k}
+    assert len(convs) == 7  # stem + 2 per block
+    for path, k in convs.items():  # nninit.kaiming: N(0, sqrt(2 / (k * k * in_channels)))
+        kh, kw, c_in, _ = k.shape
+        np.testing.assert_allclose(k.std(), np.sqrt(2 / (kh * kw * c_in)), rtol=0.12, err_msg=path)
+    # The stem: fan-in 27 against fan-out 144, a 2.3x larger std than the default's.
+    assert params["stem_conv"]["kernel"].std() > 1.8 * initialized["ours"]["stem_conv"]["kernel"].std()
+    scales = np.concatenate(list(_named(params, "scale").values()))  # cudnn.torch: uniform()
+    assert len(scales) == 240 and 0 <= scales.min() and scales.max() < 1
+    assert abs(scales.mean() - 0.5) < 0.1 and scales.std() > 0.2
+    for path, b in _named(params, "bias").items():
+        if "head" not in path:
+            assert not b.any(), path  # BatchNorm biases 0
+    bound = 1 / 8  # nn.Linear: weight and bias uniform in +-1/sqrt(64)
+    w, b = np.asarray(params["head"]["kernel"]), np.asarray(params["head"]["bias"])
+    assert np.abs(w).max() <= bound and np.abs(b).max() <= bound and b.any()
+    assert np.abs(w).max() > 0.95 * bound and abs(w.std() - bound / np.sqrt(3)) < 0.1 * bound
+
+
+def test_default_initialization_is_unchanged(initialized):
+    ours, official = initialized["ours"], initialized["official"]
+    assert sdj.CifarResNet().initialization == "ours"
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(official)
+    for path, k in _named(ours, "kernel").items():
+        if "head" in path:
+            continue
+        kh, kw, _, c_out = k.shape  # He on fan-out
+        np.testing.assert_allclose(k.std(), np.sqrt(2 / (kh * kw * c_out)), rtol=0.12, err_msg=path)
+        # Where fan-in equals fan-out the draws are the official ones bit for bit: the same
+        # keys reach the same initialisers, nothing else moved.
+        same = k.shape[2] == c_out
+        assert np.array_equal(k, _named(official, "kernel")[path]) == same, path
+    assert all((s == 1).all() for s in _named(ours, "scale").values())
+    assert not np.asarray(ours["head"]["bias"]).any()
+    with pytest.raises(ValueError, match=r"Unknown initialization 'torch'; valid: \['ours', "
+                                         r"'official'\]"):
+        sdj.CifarResNet(initialization="torch")

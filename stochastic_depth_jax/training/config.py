@@ -86,7 +86,7 @@ def moved_folder(change: dict[str, Any]) -> bool:
 # lacks, and the value such a run was trained with: what the code reads for an absent one
 # (``config.model.get('scan_unroll', False)``).
 _ABSENT_MODEL_FIELDS = {"name": "cifar_resnet", "widen_factor": 1, "dropout_rate": 0.0,
-                        "scan_unroll": False}
+                        "scan_unroll": False, "initialization": "ours"}
 
 
 # The same for the fields of every config (a run without eval_every_steps evaluated once an
@@ -270,6 +270,8 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
     _check_choice(m.dtype, DTYPES, "model.dtype")
     _check_choice(m.block, models.CIFAR_BLOCKS, "model.block")
     _check_choice(m.shortcut, layers.SHORTCUTS, "model.shortcut")
+    _check_choice(m.get("initialization", "ours"), models.INITIALIZATIONS,
+                  "model.initialization")
     _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
     _check_choice(m.remat, layers.REMAT_POLICIES, "model.remat")
     _check(
@@ -318,6 +320,10 @@ def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDic
 
 def _validate_drop_path(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
     """The drop-path fields shared by the ViT and the ConvNeXt."""
+    # Their configs lack the field; a config file that adds it would have it ignored.
+    _check(m.get("initialization", "ours") == "ours",
+           f"model.initialization={m.get('initialization')!r} applies to the ResNets only "
+           f"(model.name 'cifar_resnet', 'wide_resnet'), not to {m.name!r}: remove it")
     _check_choice(m.mode, ops.MODES, "model.mode")
     _check_choice(m.scaling, ops.SCALINGS, "model.scaling")
     _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")

@@ -174,6 +174,7 @@ def build_cifar_resnet(config: ml_collections.ConfigDict, num_classes: int,
         implementation=_implementation(config, mesh, implementation),
         remat=m.remat,
         dropout_rate=float(m.get("dropout_rate", 0.0)),
+        initialization=m.get("initialization", "ours"),  # absent from older run.json
         dtype=config_lib.DTYPES[m.dtype],
     )
 
