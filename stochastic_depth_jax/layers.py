@@ -33,7 +33,6 @@ __all__ = [
     "PreActBlock",
     "BottleneckBlock",
     "REMAT_POLICIES",
-    "BN_STATS_NAME",
     "conv_kernel_init",
     "gate_rng",
 ]
@@ -46,16 +45,11 @@ ModuleDef = Any
 # the width (the stem, the transition convs), each followed by BatchNorm (README).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# BatchNorm's batch mean and variance in training, [C] vectors each: 'convs' keeps them, so
-# the backward pass recomputes BatchNorm element-wise without reducing the activations again.
-BN_STATS_NAME = "stochastic_depth_bn_stats"
-
 # Rematerialisation of a *surviving* branch inside the skip cond. See StochasticDepth.remat.
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "convs": jax.checkpoint_policies.save_only_these_names("stochastic_depth_conv",
-                                                           BN_STATS_NAME),
+    "convs": jax.checkpoint_policies.save_only_these_names("stochastic_depth_conv"),
 }
 
 
@@ -90,9 +84,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
         if train:
             xf = x.astype(jnp.float32)
-            # Both named (the variance's gradient uses this same mean), see BN_STATS_NAME.
-            mean = checkpoint_name(jnp.mean(xf, axes), BN_STATS_NAME)
-            var = checkpoint_name(jnp.mean(jnp.square(xf - mean), axes), BN_STATS_NAME)
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
             if not self.is_initializing():
                 n = x.size // features
                 unbiased = var * (n / max(n - 1, 1))
@@ -144,8 +137,8 @@ class StochasticDepth(nn.Module):
       scaling: ``'test'`` (paper: p f at evaluation) or ``'train'`` (f / p in training).
       implementation: ``'skip'`` (real skipping) or ``'mask'`` (compute, then multiply).
       remat: what a *surviving* branch keeps for its backward pass: ``'none'`` (all
-        activations), ``'convs'`` (convolution outputs tagged ``stochastic_depth_conv``, and
-        this library's BatchNorm batch statistics; cheap element-wise ops are recomputed) or ``'full'`` (only the input). Inside a
+        activations), ``'convs'`` (convolution outputs tagged ``stochastic_depth_conv``;
+        cheap element-wise ops are recomputed) or ``'full'`` (only the input). Inside a
         ``lax.scan``, a ``lax.cond`` under ``grad`` must fill the skipped branch's residuals
         with zeros; saving fewer residuals makes a skipped block cheaper.
       rng_collection: the rng stream gates are drawn from.
@@ -265,12 +258,8 @@ class StochasticDepth(nn.Module):
         return "intermediates" in jax.eval_shape(sown, self.variables, x)
 
     def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
-        # A static factor (1 in training with scaling='test') is closed over, so that a 1
-        # multiplies nothing; a traced one (a scanned p) must be an operand of the cond.
-        static = isinstance(factor, (int, float))
-
         def run(module, v, f):
-            return ops.scaled(call(module, v), factor if static else f)
+            return ops.scaled(call(module, v), f)
 
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:

@@ -1,6 +1,4 @@
 """The Linen StochasticDepth wrapper around a user's branch, and Torch-statistics BatchNorm."""
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,46 +115,3 @@ def test_capture_intermediates_keeps_model_outputs_and_batch_stats():
         dropped += int(np.sum(~np.asarray(state["intermediates"]["gates"][0])))
         assert len(jax.tree_util.tree_leaves(state["intermediates"])) > 1  # captured calls
     assert dropped > 0  # some block was skipped, so the statistics check means something
-
-
-def _block_grad_jaxpr(remat: str, scaling: str = "test") -> str:
-    """The printed jaxpr of the gradient of one always-kept paper block in training."""
-    block = sdj.BasicBlock(4, remat=remat, scaling=scaling)
-    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 4))
-    v = block.init({"params": jax.random.key(1)}, x, train=False)
-
-    def loss(params):
-        y, _ = block.apply({"params": params, "batch_stats": v["batch_stats"]}, x, 0.5,
-                           jnp.array(True), train=True, mutable=["batch_stats"])
-        return jnp.sum(y ** 2)
-
-    return str(jax.make_jaxpr(jax.grad(loss))(v["params"]))
-
-
-def test_remat_convs_backward_reuses_the_batch_statistics():
-    # 'convs' recomputes BatchNorm in the backward pass from the saved convolution outputs,
-    # but keeps BN's batch mean and variance: re-reducing them would read each activation
-    # twice more. So its gradient has no more reductions than the one that saves everything.
-    assert _block_grad_jaxpr("convs").count("reduce_sum") == \
-        _block_grad_jaxpr("none").count("reduce_sum")
-
-
-def test_kept_branch_in_training_is_not_multiplied_by_one():
-    # scaling='test' trains with a factor of 1: the kept branch's output is used as it is
-    # (one full-size multiply fewer, forward and backward); 'train' scales by 1 / p.
-    def muls(scaling):
-        return _block_grad_jaxpr("none", scaling).count(" mul ")
-
-    assert muls("train") > muls("test")
-    block = sdj.BasicBlock(4, scaling="test")
-    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 4))
-    v = block.init({"params": jax.random.key(1)}, x, train=False)
-    run = functools.partial(block.apply, v, x, 0.5, train=True, mutable=["batch_stats"])
-    kept, _ = run(jnp.array(True))
-    dropped, _ = run(jnp.array(False))
-    branch = sdj.BasicBranch(4, parent=None)
-    f, _ = branch.apply({"params": v["params"]["stochastic_depth"]["branch"],
-                         "batch_stats": v["batch_stats"]["stochastic_depth"]["branch"]},
-                        x, train=True, mutable=["batch_stats"])
-    np.testing.assert_allclose(kept, jax.nn.relu(x + f), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(dropped, jax.nn.relu(x), rtol=0, atol=0)
