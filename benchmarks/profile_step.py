@@ -9,7 +9,10 @@ program is compiled and warmed up) and summarises the trace's device timeline:
   device's work (near 1) or by launches, host work and synchronisation (well below 1);
 * kernels (and memory copies) per step and their median duration: at batch 128 a ResNet-110
   step is thousands of small kernels, each paying a launch and a tail;
-* the kernels that take the most time, by name.
+* the kernels that take the most time, by name;
+* with ``--by-source`` (CPU, ResNet), the ops' time split by what they come from
+  (convolutions, ``conv.py``'s transposes, BatchNorm, ReLU, the scans' stacked residuals,
+  skipped blocks' zero-fill, ...), each op matched to its HLO instruction's metadata.
 
 On a GPU the timeline is the ``/device:GPU:N`` planes' stream lines (CUPTI). XLA turns CUDA
 graphs off while profiling unless told otherwise, which would change what is measured, so
@@ -19,6 +22,7 @@ events stand in (an approximation: their events are regions of work, not kernels
 
     python benchmarks/profile_step.py --variants constant,compact --steps 5
     python benchmarks/profile_step.py --depth 20 --batch 16 --steps 2     # quick CPU run
+    python benchmarks/profile_step.py --variants skip-remat-convs --steps 3 --by-source
     python benchmarks/profile_step.py --drop-path 0.4      # the ViT's drop path: skip vs mask
 
 Appends its tables to ``benchmarks/results/profile_<backend>.md`` (``--out``: elsewhere), with
@@ -33,6 +37,7 @@ import collections
 import functools
 import glob
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -113,6 +118,60 @@ def summarise(events, steps: int, wall_s: float, top: int = 8) -> dict:
     }
 
 
+# Where an op's time goes (--by-source): the first matching rule names it. An op is known by
+# its HLO instruction (the CPU trace's event name): shape, ``op_name`` metadata (the JAX call
+# path) and whether it sits in a skipping cond's first branch (the skipped block).
+_STACKED = re.compile(r"\w+\[\d+,\d+,\d+,\d+,\d+\]$")  # [blocks, batch, H, W, C]
+SOURCES = (
+    ("skipped blocks' zero-fill", lambda n, shape, meta, skip: skip),
+    ("convolutions", lambda n, shape, meta, skip: "conv_general_dilated" in meta),
+    ("conv.py's backward transposes", lambda n, shape, meta, skip:
+        n.startswith("transpose") and re.search(r"conv\d?/transpose", meta)),
+    ("scan stacked residuals: zero-init", lambda n, shape, meta, skip:
+        "broadcast" in n and bool(_STACKED.match(shape))),
+    ("scan stacked residuals: copies", lambda n, shape, meta, skip:
+        n.startswith("copy") and bool(_STACKED.match(shape))),
+    ("scan stacked residuals: write", lambda n, shape, meta, skip: "dynamic_update_slice" in meta),
+    ("scan stacked residuals: read", lambda n, shape, meta, skip: "dynamic_slice" in meta),
+    ("remat reduce_precision", lambda n, shape, meta, skip: "reduce_precision" in meta),
+    ("BatchNorm reductions", lambda n, shape, meta, skip:
+        re.search(r"bn\d?/", meta) and "reduce" in meta),
+    ("BatchNorm element-wise", lambda n, shape, meta, skip: re.search(r"bn\d?/", meta)),
+    ("ReLU", lambda n, shape, meta, skip: "relu" in meta or "select_n" in meta),
+    ("other copies", lambda n, shape, meta, skip: n.startswith("copy")),
+)
+_CONTAINERS = ("cond", "while", "call", "SlinkyThreadPool")  # enclose other events
+
+
+def hlo_ops(hlo: str) -> dict[str, tuple[str, str, bool]]:
+    """``{instruction: (shape, op_name, in a cond's first branch)}`` of compiled HLO text."""
+    first_branches = set(re.findall(r"branch_computations=\{%?([\w.\-]+),", hlo))
+    ops, computation = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", line)
+        if header and line.rstrip().endswith("{"):
+            computation = header.group(1)
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+        if m:
+            meta = re.search(r'op_name="([^"]*)"', line)
+            ops.setdefault(m.group(1), (m.group(2).split("{")[0], meta.group(1) if meta else "",
+                                        computation in first_branches))
+    return ops
+
+
+def by_source(events, ops: dict) -> dict[str, int]:
+    """Nanoseconds per :data:`SOURCES` label (``'other'`` for the rest) of the leaf events
+    (those that enclose others, conditionals and loops, are left out)."""
+    totals = collections.defaultdict(int)
+    for name, start, end in events:
+        if name.startswith(_CONTAINERS):
+            continue
+        shape, meta, skip = ops.get(name, ("", "", False))
+        label = next((lb for lb, rule in SOURCES if rule(name, shape, meta, skip)), "other")
+        totals[label] += end - start
+    return dict(totals)
+
+
 def read_trace(trace_dir: str):
     """The planes of the newest ``*.xplane.pb`` under ``trace_dir``, as plain tuples."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
@@ -156,6 +215,12 @@ def resnet_runners(args):
     return heading, bench_step.run_once, [(n, functools.partial(make, n)) for n in names], gates
 
 
+def step_hlo(runner, gates) -> str:
+    """The compiled HLO text of a ``bench_step`` runner's step on ``gates``."""
+    buckets = None if runner.buckets is None else runner.buckets(gates)
+    return runner.step.lower(*runner.state, gates, buckets, *runner.batch).compile().as_text()
+
+
 def drop_path_runners(args):
     """The same for ``bench_drop_path.py``'s network: no drop path, skip and mask at
     ``--drop-path`` (uniform), with that script's defaults for the backend."""
@@ -194,6 +259,13 @@ def report(results: dict, args, source: str, heading: str) -> str:
         lines += ["", f"Most time, {name} (share of kernel time):", ""]
         lines += [f"- {share / max(s['total_ns'], 1):.1%} `{kname[:90]}`"
                   for kname, share in s["top"]]
+    for name, s in results.items():
+        if s.get("sources"):
+            total = sum(s["sources"].values())
+            lines += ["", f"Op time by source, {name} (share of the leaf ops' time, "
+                          f"{total / args.steps / 1e6:.0f} ms/step):", ""]
+            lines += [f"- {ns / total:.1%} {label}" for label, ns in
+                      sorted(s["sources"].items(), key=lambda kv: -kv[1])]
     lines += ["", "Profiling adds per-event overhead: compare wall times with the benchmarks' "
                   "(bench_step.py, bench_drop_path.py)."]
     return "\n".join(lines) + "\n"
@@ -214,6 +286,9 @@ def parse_args(argv) -> argparse.Namespace:
                          "skip and mask at this uniform rate; its sizes for the backend)")
     ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
                     help="with --drop-path: the network")
+    ap.add_argument("--by-source", action="store_true",
+                    help="CPU, ResNet: also split the ops' time by what they come from "
+                         "(convolutions, BatchNorm, the scans' stacked residuals, ...)")
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("profile_<backend>.md"))
     args = ap.parse_args(argv)
     args.label = run_label("profile_step.py", argv, size_changes(ap, args, SIZES))
@@ -221,6 +296,10 @@ def parse_args(argv) -> argparse.Namespace:
     if args.drop_path < 0 or args.drop_path >= 1:
         raise bench_cli.bad_flag(f"--drop-path {args.drop_path}: a drop rate in (0, 1), or 0 "
                                  f"for the ResNet.")
+    if args.by_source and (args.drop_path or jax.default_backend() != "cpu"):
+        raise bench_cli.bad_flag("--by-source splits the CPU's ResNet profile only (the CPU "
+                                 "trace names each op by its HLO instruction): run it on the "
+                                 "CPU, without --drop-path.")
     if not args.drop_path:
         bench_cli.cifar_depth(args.depth)
         args.batch = args.batch or 128
@@ -246,6 +325,8 @@ def main(argv=None) -> None:
                 print(f"WARNING: the trace has no {jax.default_backend()} device timeline; "
                       f"these figures are the host's ({source}), not the device's", flush=True)
             results[name] = summarise(events, args.steps, wall)
+            if args.by_source:  # the profiled steps' program, for the gates of the first
+                results[name]["sources"] = by_source(events, hlo_ops(step_hlo(runner, inputs[2])))
             s = results[name]
             print(f"{name}: {s['wall_ms']:.2f} ms/step wall, {s['busy_ms']:.2f} ms busy, "
                   f"{s['kernels']:.0f} kernels/step ({source})", flush=True)

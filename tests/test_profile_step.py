@@ -47,7 +47,7 @@ def test_cpu_falls_back_to_xla_threads_without_scheduling_events(script):
 def test_tiny_profile_end_to_end(script, tmp_path):
     out = tmp_path / "profile.md"
     script.main(["--depth", "8", "--batch", "4", "--steps", "2", "--variants", "constant,skip",
-                 "--out", str(out)])
+                 "--by-source", "--out", str(out)])
     assert "profile_step.py --depth 8 --batch 4 --steps 2" in out.read_text()
     rows = [line.split(" | ") for line in out.read_text().splitlines()
             if line.startswith("| constant") or line.startswith("| skip")]
@@ -55,6 +55,36 @@ def test_tiny_profile_end_to_end(script, tmp_path):
     for row in rows:
         wall, busy, fraction, kernels = (float(v) for v in row[1:5])
         assert 0 < busy <= wall and 0 < fraction <= 1 and kernels >= 1
+    for variant in ("constant", "skip"):  # every op's time is attributed, convolutions first
+        section = out.read_text().split(f"Op time by source, {variant} ")[1].split("\n\n")[1]
+        shares = {line.split(" ", 2)[2]: float(line.split()[1].rstrip("%"))
+                  for line in section.splitlines()}
+        assert sum(shares.values()) == pytest.approx(100, abs=0.5)
+        assert max(shares, key=shares.get) == "convolutions"
+
+
+HLO = """\
+%region_0.1 (a: f32[4]) -> f32[4,8] {
+  ROOT %broadcast.3 = f32[4,8]{1,0} broadcast(f32[] %c), dimensions={}
+}
+
+ENTRY %main.9 (p: f32[4,8]) -> f32[3,4,2,2,8] {
+  %wrapped_broadcast.5 = f32[3,4,2,2,8]{4,3,2,1,0} fusion(%c), kind=kLoop
+  %ynn_fusion.2 = f32[4,2,2,8]{3,2,1,0} fusion(%p), metadata={op_name="jit(step)/branch/conv1/conv_general_dilated"}
+  %fusion.7 = f32[8]{0} fusion(%p), metadata={op_name="jit(step)/branch/bn1/reduce_sum"}
+  %cond.4 = f32[4,8]{1,0} conditional(%g, %p, %p), branch_computations={%region_0.1, %region_1.2}
+}
+"""
+
+
+def test_ops_are_attributed_by_their_hlo_instruction(script):
+    ops = script.hlo_ops(HLO)
+    assert ops["broadcast.3"] == ("f32[4,8]", "", True)  # in the skipped branch
+    events = [("cond.4", 0, 100), ("broadcast.3", 0, 7), ("wrapped_broadcast.5", 10, 15),
+              ("ynn_fusion.2", 20, 40), ("fusion.7", 40, 43), ("copy.1", 50, 51)]
+    assert script.by_source(events, ops) == {
+        "skipped blocks' zero-fill": 7, "scan stacked residuals: zero-init": 5,
+        "convolutions": 20, "BatchNorm reductions": 3, "other copies": 1}
 
 
 def test_tiny_drop_path_profile(script, tmp_path):
@@ -75,3 +105,5 @@ def test_rejects_unknown_variants_and_zero_steps(script):
         script.main(["--steps", "0"])
     with pytest.raises(flag_error, match="a drop rate in"):
         script.main(["--drop-path", "1.5"])
+    with pytest.raises(flag_error, match="--by-source splits the CPU's ResNet profile only"):
+        script.main(["--drop-path", "0.5", "--by-source"])
