@@ -65,8 +65,10 @@ def _write(path: str, text: str) -> None:
         ) from e
 
 
-# A plain evaluation's JSON written before 'evaluated_step' existed.
-_EARLIER_RESULT = {"checkpoint", "step", "split", "error", "loss", "count"}
+# The keys of results written before 'evaluated_step' existed: a plain evaluation's, and
+# Monte-Carlo depth's (its first version, which had neither 'evaluated_step' nor 'checkpoint').
+_EARLIER_RESULTS = ({"checkpoint", "step", "split", "error", "loss", "count"},
+                    {"source", "split", "seed", "deterministic", "mc", "samples", "count"})
 
 
 def _check_output(path: str | None, workdir: str) -> None:
@@ -91,7 +93,8 @@ def _check_output(path: str | None, workdir: str) -> None:
         with open(path) as f:
             earlier = json.load(f)
         ours = isinstance(earlier, dict) and bool(
-            {"evaluated_step", "order_rule"} & earlier.keys() or _EARLIER_RESULT <= earlier.keys())
+            {"evaluated_step", "order_rule"} & earlier.keys()
+            or any(keys <= earlier.keys() for keys in _EARLIER_RESULTS))
     except (OSError, ValueError):
         ours = False
     whole = _part_of_a_whole(path, earlier) if ours else None

@@ -52,7 +52,8 @@ def parse_args(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help=f'{_sweepable_configs()} or a config file of a CIFAR '
-                        'ResNet / WideResNet, optionally ":smoke"')
+                        'ResNet / WideResNet, optionally ":smoke" (cifar10, cifar100: also '
+                        '":official", ":official_smoke")')
     parser.add_argument("--depths", type=_list(int), default=None, help="e.g. 20,32,44")
     parser.add_argument("--p-last", type=_list(float), default=None, help="e.g. 0.2,0.5,1.0")
     parser.add_argument("--root", required=True, help="the sweep directory")

@@ -31,7 +31,9 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--config", required=True, help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke"'
+        "--config", required=True,
+        help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke" (cifar10, cifar100: '
+             'also ":official", ":official_smoke")',
     )
     parser.add_argument(
         "--workdir", default=None, help="outputs (default ./workdir/<config>[_<variant>])"

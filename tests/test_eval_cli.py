@@ -138,14 +138,19 @@ def test_numeric_checkpoint_writes_eval_step_file_with_int_epoch(resnet):
     assert _json(os.path.join(workdir, "eval_best_validation.json"))["checkpoint"] == "best"
 
 
-def test_an_earlier_versions_result_may_be_replaced(resnet, tmp_path):
+@pytest.mark.parametrize("earlier", [
+    {"checkpoint": "best", "step": 4, "epoch": 2, "split": "test", "loss": 2.3, "error": 0.9,
+     "count": 16},
+    {"source": "w (checkpoint best, step 4, epoch 2)", "split": "test", "seed": 0,  # --mc-samples
+     "deterministic": {"error": 0.9, "loss": 2.3}, "mc": {"error": 0.9, "loss": 2.3},
+     "member_mean_error": 0.9, "samples": 2, "count": 16}], ids=["plain", "mc"])
+def test_an_earlier_versions_result_may_be_replaced(resnet, tmp_path, earlier):
     """A result written before 'evaluated_step' existed was refused as "not a result of
     evaluate.py"."""
     _, workdir = resnet
     out = str(tmp_path / "old.json")
     with open(out, "w") as f:
-        json.dump({"checkpoint": "best", "step": 4, "epoch": 2, "split": "test",
-                   "loss": 2.3, "error": 0.9, "count": 16}, f)
+        json.dump(earlier, f)
     evaluate_cli.main(["--workdir", workdir, "--output", out])
     assert _json(out)["evaluated_step"] > 0
 

@@ -484,3 +484,20 @@ def test_default_initialization_is_unchanged(initialized):
     with pytest.raises(ValueError, match=r"Unknown initialization 'torch'; valid: \['ours', "
                                          r"'official'\]"):
         sdj.CifarResNet(initialization="torch")
+
+
+def test_official_initialization_of_a_scanned_stage_is_per_block():
+    """A scanned stage stacks its blocks' kernels ``[blocks, k, k, in, out]``: each block's
+    fan-in is k * k * in, not counting the stacking axis (which would shrink the std by
+    sqrt(blocks))."""
+    model = sdj.CifarResNet(depth=20, width=8, num_classes=10, scan=True,
+                            initialization="official")
+    key = jax.random.key(0, impl="rbg")  # compiles faster than threefry on CPU
+    params = model.init({"params": key}, jnp.zeros((1, 8, 8, 3)), train=False)
+    stacked = {k: v for k, v in _named(params["params"], "kernel").items() if "_scan" in k}
+    assert len(stacked) == 6  # conv1, conv2 of each stage's scan
+    for path, k in stacked.items():
+        blocks, kh, kw, c_in, _ = k.shape
+        assert blocks >= 2, path
+        np.testing.assert_allclose(k.std(axis=(1, 2, 3, 4)), np.sqrt(2 / (kh * kw * c_in)),
+                                   rtol=0.15, err_msg=path)

@@ -70,6 +70,8 @@ def test_a_step_schedules_warm_up_end_is_not_called_a_drop():
     # The smoke WRN's base width is 4, not the WRN paper's 16: it was titled WRN-10-2 alone.
     ("cifar100_wrn:smoke", [], "(FAKE random-label data), WRN-10-2 width 4, stochastic depth"),
     ("cifar100_wrn", ["--config.model.dropout_rate=0.3"], ", WRN-28-10 dropout 0.3, "),
+    # Its start-up line (and curves) read as the paper recipe's: the init is named.
+    ("cifar10:official", [], "cifar10, ResNet-110 official init, stochastic depth p_L=0.5"),
     # The patch size sets the token count: ViT-S/4 on CIFAR is not DeiT's ViT-S/16.
     ("cifar10_vit", [], "cifar10, ViT-S/4, drop path 0.1 (linear, sample)"),
     ("cifar10_vit", ["--config.model.patch_size=8"], "cifar10, ViT-S/8, drop path"),

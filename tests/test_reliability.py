@@ -631,6 +631,32 @@ def test_resuming_a_run_recorded_with_subsampling_shortcuts_keeps_them(run, tmp_
     assert before == {f: open(os.path.join(workdir, f), "rb").read() for f in before}
 
 
+
+def test_resuming_with_another_initialization_is_refused(run, tmp_path):
+    """A resumed run keeps the parameters it has: another model.initialization was recorded
+    in run.json as if the run had it (unwarned for a run.json from before the field).
+    Refused in one line naming the way to resume it, before anything is written."""
+    config, workdir = _copy(run, tmp_path)
+    path = os.path.join(workdir, evaluate.RUN_FILE)
+    meta = json.load(open(path))
+    assert meta["config"]["model"].pop("initialization") == "ours"  # as an earlier version's
+    json.dump(meta, open(path, "w"))
+    before = {f: open(os.path.join(workdir, f), "rb").read()
+              for f in (evaluate.RUN_FILE, metrics.METRICS_FILE)}
+    resumed = config.copy_and_resolve_references()
+    resumed.num_epochs, resumed.model.initialization = 3, "official"
+    with pytest.raises(errors.ConfigError, match=(
+            r"^The run in .* was initialised with model.initialization='ours' \(run.json, from "
+            r"before the field\) and this config has 'official': .* Resume it with "
+            r"--config.model.initialization=ours, or train in a fresh --workdir.$")):
+        loop.train_and_evaluate(resumed, workdir)
+    assert before == {f: open(os.path.join(workdir, f), "rb").read() for f in before}
+    meta["config"]["model"]["initialization"] = "official"  # an :official run resumed without
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(errors.ConfigError, match=r"initialization='official' \(run.json\) and "
+                       r"this config has 'ours'.*--config.model.initialization=official,"):
+        loop.train_and_evaluate(config.copy_and_resolve_references(), workdir)
+
 def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():
     import signal as signal_lib
 

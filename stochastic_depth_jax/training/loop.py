@@ -457,6 +457,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         return
     _check_steps_per_epoch(run, meta)
     _check_same_shortcut(run)
+    _check_same_initialization(run)
     run.state, run.best = state, meta.get("best")
     _note_earlier_best(run)
     if jax.process_index() == 0:
@@ -505,16 +506,23 @@ def _check_steps_per_epoch(run: _Run, meta: dict[str, Any]) -> None:
         "trained with, or train in a fresh --workdir.")
 
 
+def _recorded_model(run: _Run) -> dict[str, Any]:
+    """run.json's ``config.model`` ({} where there is none or it is unreadable:
+    _write_run_json refuses an unreadable one)."""
+    try:
+        old = (evaluate_lib.read_run_json(run.workdir) or {}).get("config", {})
+    except (OSError, errors.Error):
+        return {}
+    model = old.get("model") if isinstance(old, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
 def _check_same_shortcut(run: _Run) -> None:
     """Refuses to resume with another ``model.shortcut`` than run.json records: the
     option-A shortcuts have no parameters, so the checkpoint restores, but the rest of the
     run would train another network. A run recorded before 'A-avg' became the default
     records 'A' (subsampling), and the same command now gives 'A-avg'."""
-    try:
-        old = (evaluate_lib.read_run_json(run.workdir) or {}).get("config", {})
-    except (OSError, errors.Error):  # Unreadable: _write_run_json refuses it.
-        return
-    recorded = old.get("model", {}).get("shortcut") if isinstance(old.get("model"), dict) else None
+    recorded = _recorded_model(run).get("shortcut")
     new = run.config.model.get("shortcut")
     if recorded is None or new is None or recorded == new:
         return
@@ -525,6 +533,24 @@ def _check_same_shortcut(run: _Run) -> None:
         f"and this config has {new!r}{why}: the rest of the run would train another network. "
         f"Resume it as trained with --config.model.shortcut={recorded}, or train in a fresh "
         "--workdir.")
+
+
+def _check_same_initialization(run: _Run) -> None:
+    """Refuses to resume with another ``model.initialization`` than run.json records (a run
+    recorded before the field: 'ours'): the restored parameters keep the one they were
+    drawn with, and run.json, which would record the new one (unwarned for a run that
+    predates the field), would mislabel the run."""
+    model, new = _recorded_model(run), run.config.model.get("initialization")
+    if not model or new is None:
+        return
+    recorded = config_lib.with_absent_defaults({"model": model})["model"]["initialization"]
+    source = "run.json" if "initialization" in model else "run.json, from before the field"
+    if recorded != new:
+        raise errors.ConfigError(
+            f"The run in {run.workdir} was initialised with model.initialization={recorded!r} "
+            f"({source}) and this config has {new!r}: its parameters are restored as trained, "
+            f"so the new one would only mislabel the run. Resume it with "
+            f"--config.model.initialization={recorded}, or train in a fresh --workdir.")
 
 
 def _changes_since_run_json(run: _Run, most: int = 8) -> str:

@@ -62,6 +62,8 @@ def _title_parts(config: Any) -> list[str]:
         model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}" + _width(m)
     if m.get("dropout_rate"):  # WRN paper's option; a run with it is not the same net's curve.
         model += f" dropout {m['dropout_rate']:g}"
+    if m.get("initialization", "ours") != "ours":  # the official code's: another start
+        model += f" {m['initialization']} init"
     if "drop_path_rate" in m and not m["drop_path_rate"]:
         depth = "no drop path"  # every block runs: rule and mode do nothing
     elif "drop_path_rate" in m:
