@@ -87,6 +87,23 @@ def test_cpu_compiler_options_keep_gradient_convolutions_on_xla_kernels():
     assert _library_fused_convolutions(compiled.as_text()) == 0
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+def test_trainer_step_keeps_gradient_convolutions_on_xla_kernels():
+    """The trainer's CPU train step is compiled with ``cpu_compiler_options()``."""
+    from configs import load_config
+    from stochastic_depth_jax import data
+    from stochastic_depth_jax.training import distributed
+    from stochastic_depth_jax.training import setup as setup_lib
+    config = load_config("cifar10:smoke", ["--config.batch_size=32"])
+    split = data.Split(np.full((64, 16, 16, 3), 128, np.uint8), np.arange(64, dtype=np.int32) % 10)
+    mesh = distributed.make_mesh(jax.devices()[:1])
+    setup = setup_lib.build(config, num_classes=10, num_train=64, mean=np.full(3, 0.5),
+                            std=np.full(3, 0.25), augment="flip_translate", mesh=mesh)
+    state = setup.init_state(split.images.shape[1:])
+    hlo = setup.train_step.lower(state, data.put_on_devices(split, mesh)).compile().as_text()
+    assert "convolution(" in hlo and _library_fused_convolutions(hlo) == 0
+
+
 def test_module_matches_flax_conv_and_rejects_unknown_implementation():
     import flax.linen as nn
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
