@@ -118,8 +118,8 @@ def cpu_compiler_options() -> dict[str, str]:
 
     On the CPU backend, XLA options under which :func:`conv2d`'s weight gradient runs on
     XLA's own convolution kernels instead of YNNPACK's (same values to float32 rounding;
-    a ResNet-110 train step 10-45% faster in three of four noisy side-by-side runs on a
-    shared 2-core CPU, 2-6% in the fourth). Empty on other
+    a ResNet-110 train step 11-48% faster in four of five noisy side-by-side runs on a
+    shared 2-core CPU, 2-6% in the other). Empty on other
     backends and on a jaxlib that does not know the option. Use as
     ``jax.jit(step, compiler_options=cpu_compiler_options())``; the trainer does.
     """
