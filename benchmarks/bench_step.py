@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from stochastic_depth_jax import CifarResNet, draw_gates
+from stochastic_depth_jax.conv import cpu_compiler_options
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from user_branch import UserNet  # noqa: E402  (benchmark-only model, next to this file)
@@ -109,7 +110,7 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y, keep=None, label=Non
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates["batch_stats"]
 
-    @functools.partial(jax.jit, static_argnums=4)
+    @functools.partial(jax.jit, static_argnums=4, compiler_options=cpu_compiler_options())
     def step(params, batch_stats, opt_state, gates, buckets, x, y):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, gates, buckets, x, y)
@@ -183,7 +184,7 @@ def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates["batch_stats"]
 
-    @functools.partial(jax.jit, static_argnums=4)
+    @functools.partial(jax.jit, static_argnums=4, compiler_options=cpu_compiler_options())
     def step(params, batch_stats, opt_state, k, buckets, x, y):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, k, x, y)

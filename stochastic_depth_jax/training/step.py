@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from stochastic_depth_jax import data as data_lib
+from stochastic_depth_jax.conv import cpu_compiler_options
 from stochastic_depth_jax.ops import draw_gates
 from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import state as state_lib
@@ -107,6 +108,10 @@ def make_train_step(
     label_smoothing: float = 0.0,
 ) -> Callable[..., state_lib.TrainState]:
     """Returns ``train_step(state, train_split) -> state`` (jitted, state donated).
+
+    On CPU it is jitted with :func:`~stochastic_depth_jax.conv.cpu_compiler_options`, which
+    JAX accepts on a top-level jit only: compile it with ``train_step.lower(...).compile()``
+    rather than wrapping it in another ``jax.jit``.
 
     With ``compact_multiple > 0`` or ``compact_lengths > 0`` it returns a
     :class:`CompactTrainStep` instead, called as
@@ -202,14 +207,15 @@ def make_train_step(
 
     if compact and float(model.final_survival_prob) < 1.0:  # constant: nothing to compact
         jitted = jax.jit(train_step, out_shardings=replicated, donate_argnums=0,
-                         static_argnums=3)
+                         static_argnums=3, compiler_options=cpu_compiler_options())
         if compact_lengths:
             lengths = model.compact_lengths(compact_lengths)
             bucketing = functools.partial(model.compact_buckets, lengths=lengths)
         else:
             bucketing = functools.partial(model.compact_buckets, multiple=compact_multiple)
         return CompactTrainStep(jitted, model, keys.gates, bucketing, batch_size, mesh)
-    return jax.jit(train_step, out_shardings=replicated, donate_argnums=0)
+    return jax.jit(train_step, out_shardings=replicated, donate_argnums=0,
+                   compiler_options=cpu_compiler_options())
 
 
 # Stream id folded into the gate key for dropout (Wide ResNets), so dropout masks are
