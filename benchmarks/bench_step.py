@@ -320,6 +320,11 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--json", default="",
                     help="also write {variant: median seconds} to this new file")
     args = ap.parse_args(argv)
+    # A flag given at its default's value (compare_torch.py passes --batch) is the default.
+    if args.batch == (32 if args.user_branch else 128):
+        args.batch = None
+    if args.rounds == (30 if jax.default_backend() != "cpu" else 6):
+        args.rounds = None
     args.label = run_label("bench_step.py", argv, size_changes(ap, args, SIZES))
     bench_cli.at_least(args, 1, "batch", "rounds", "blocks", "width")
     bench_cli.at_least(args, 0, "warmup")

@@ -323,6 +323,8 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format(
         "torch_<device>.md, with --whole-epochs torch_epochs_<device>.md"))
     args = ap.parse_args(argv)
+    if args.rounds == (30 if torch.cuda.is_available() else 5):  # given at its default
+        args.rounds = None  # (compare_torch.py passes --rounds)
     args.label = run_label("bench_torch.py", argv, size_changes(ap, args, SIZES))
     bench_cli.at_least(args, 1, "batch", "rounds", "epochs", "test_images")
     bench_cli.at_least(args, 0, "warmup", "threads")

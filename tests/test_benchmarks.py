@@ -48,6 +48,17 @@ def test_bench_step_every_kind_of_variant(tmp_path):
             in text)
 
 
+def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
+    """compare_torch.py passes --batch 128 to bench_step.py: its table said "Not the default
+    sizes (--batch 128 (default 128, ...))"."""
+    parse = load("bench_step").parse_args
+    assert jax.default_backend() == "cpu"
+    for argv in (["--batch", "128", "--rounds", "6"], ["--user-branch", "--batch", "32"]):
+        assert "Not the default sizes" not in parse(argv).label, argv
+    assert parse(["--user-branch"]).batch == parse(["--user-branch", "--batch", "32"]).batch
+    assert "--batch 32 (default" in parse(["--batch", "32"]).label
+
+
 def test_bench_step_user_branch(tmp_path):
     out = tmp_path / "user.md"
     load("bench_step").main(["--user-branch", "--blocks", "2", "--width", "4", "--batch", "4",
