@@ -91,7 +91,7 @@ def _conv_s1_bwd(pads, res, ct):
 _conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
 
 
-# XLA:CPU (jaxlib 0.10) hands the weight-gradient convolution of _conv_s1_bwd (input
+# XLA:CPU (jaxlib 0.10 to 0.12) hands the weight-gradient convolution of _conv_s1_bwd (input
 # channels as the batch, the cotangent as a batch-sized kernel) to YNNPACK, and XLA's own
 # (Eigen) convolution runs it faster at a CIFAR ResNet's shapes; letting YNNPACK take dots
 # only sends it there. Measured (shared, noisy 2-core machine): four scanned
@@ -116,10 +116,10 @@ def _cpu_options_known() -> bool:
 def cpu_compiler_options() -> dict[str, str]:
     """``compiler_options`` for ``jax.jit`` of a training step: faster conv gradients on CPU.
 
-    On the CPU backend, XLA options under which :func:`conv2d`'s weight gradient runs on
-    XLA's own convolution kernels instead of YNNPACK's (same values to float32 rounding;
-    a ResNet-110 train step 11-48% faster in four of five noisy side-by-side runs on a
-    shared 2-core CPU, 2-6% in the other). Empty on other
+    On the CPU backend, XLA options under which :func:`conv2d`'s weight gradient (and every
+    other convolution) runs on XLA's own convolution kernels instead of YNNPACK's (same
+    values to float32 rounding; a ResNet-110 train step 11-48% faster in four of five
+    noisy side-by-side runs on a shared 2-core CPU, 2-6% in the other). Empty on other
     backends and on a jaxlib that does not know the option. Use as
     ``jax.jit(step, compiler_options=cpu_compiler_options())``; the trainer does.
     """
