@@ -260,8 +260,7 @@ def write_json(path: str, runners, batch, dtype: str) -> None:
 
 def user_branch_main(args, dtype) -> None:
     """``--user-branch``: a user's stock-Flax network, survival 1.0 vs 0.5, side by side."""
-    batch = args.batch if args.batch_given else 32
-    rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
+    batch, rounds = args.batch, args.rounds
     names = (list(USER_VARIANTS) if args.variants is None
              else bench_cli.names_from(args.variants, USER_VARIANTS, "--user-branch --variants"))
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
@@ -320,12 +319,14 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--json", default="",
                     help="also write {variant: median seconds} to this new file")
     args = ap.parse_args(argv)
-    # A flag given at its default's value (compare_torch.py passes --batch) is the default.
-    if args.batch == (32 if args.user_branch else 128):
-        args.batch = None
-    if args.rounds == (30 if jax.default_backend() != "cpu" else 6):
-        args.rounds = None
+    defaults = _defaults(args.user_branch)
+    for name, value in defaults.items():  # given at its default's value (compare_torch.py
+        if getattr(args, name) == value:  # passes --batch): the table's sizes are the default
+            setattr(args, name, None)
     args.label = run_label("bench_step.py", argv, size_changes(ap, args, SIZES))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     bench_cli.at_least(args, 1, "batch", "rounds", "blocks", "width")
     bench_cli.at_least(args, 0, "warmup")
     args.compile_depths = [bench_cli.integer(v, "--compile-depths")
@@ -335,9 +336,13 @@ def parse_args(argv) -> argparse.Namespace:
             bench_cli.cifar_depth(depth)
     args.out = bench_cli.results_path(args.out, f"step_{jax.default_backend()}.md")
     args.json = bench_cli.new_file(args.json, "--json")
-    args.batch_given = args.batch is not None
-    args.batch = args.batch or 128
     return args
+
+
+def _defaults(user_branch: bool) -> dict[str, int]:
+    """The sizes ``--batch`` and ``--rounds`` stand for when not given (:data:`SIZES`)."""
+    return {"batch": 32 if user_branch else 128,
+            "rounds": 30 if jax.default_backend() != "cpu" else 6}
 
 
 def main(argv=None) -> None:
@@ -347,7 +352,7 @@ def main(argv=None) -> None:
     if args.user_branch:
         return user_branch_main(args, dtype)
     scan = {"auto": None, "true": True, "false": False}[args.scan]
-    rounds = args.rounds or (30 if jax.default_backend() != "cpu" else 6)
+    rounds = args.rounds
     names = (list(VARIANTS) if args.variants is None
              else bench_cli.names_from(args.variants, VARIANTS, "--variants", known_variant,
                                        f", each also with '{UNROLLED}' appended"))

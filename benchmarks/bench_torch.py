@@ -323,9 +323,11 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format(
         "torch_<device>.md, with --whole-epochs torch_epochs_<device>.md"))
     args = ap.parse_args(argv)
-    if args.rounds == (30 if torch.cuda.is_available() else 5):  # given at its default
-        args.rounds = None  # (compare_torch.py passes --rounds)
+    default_rounds = 30 if torch.cuda.is_available() else 5
+    if args.rounds == default_rounds:  # given at its default (compare_torch.py passes it)
+        args.rounds = None
     args.label = run_label("bench_torch.py", argv, size_changes(ap, args, SIZES))
+    args.rounds = default_rounds if args.rounds is None else args.rounds
     bench_cli.at_least(args, 1, "batch", "rounds", "epochs", "test_images")
     bench_cli.at_least(args, 0, "warmup", "threads")
     bench_cli.cifar_depth(args.depth)
@@ -350,7 +352,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rounds = args.rounds or (30 if device.type == "cuda" else 5)
+    rounds = args.rounds
     names = args.names
     torch.backends.cudnn.benchmark = True
     allow_recompiles()
