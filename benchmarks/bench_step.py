@@ -15,7 +15,10 @@ Run by hand (not in CI)::
 ``--user-branch`` times instead a new user's network (``benchmarks/user_branch.py``: stock
 ``nn.Conv`` + ``nn.BatchNorm`` blocks, each branch wrapped in ``StochasticDepth``; 8 blocks of
 width 32, batch 32 unless ``--batch`` is given) at survival 1.0 and 0.5, with the library's
-default rerouting of stock convolutions (``reroute_convs='auto'``) and without it.
+default rerouting of stock convolutions (``reroute_convs='auto'``) and without it, under the
+user's own plain ``jax.jit`` (what they get without changing their code), and the rerouted
+pair again under ``jax.jit(..., compiler_options=cpu_compiler_options())`` (what passing the
+library's options adds).
 
 Prints a table and appends it, with machine, versions, date, code and command line, to
 ``benchmarks/results/step_<backend>.md`` (``--out``: elsewhere); a run at other sizes than
@@ -160,17 +163,27 @@ def compile_all(runners, first_gates, all_gates) -> None:
 
 
 USER_VARIANTS = {
-    # name: (survival_prob, reroute_convs)
-    "constant": (1.0, "auto"),  # the baseline: the same net at survival 1.0
-    "skip": (0.5, "auto"),  # what a user gets by default
-    "constant-stock": (1.0, "never"),  # stock Flax convolutions everywhere
-    "skip-stock": (0.5, "never"),
+    # name: (survival_prob, reroute_convs, compiler options): a user's own jax.jit passes no
+    # compiler options, so the plain pairs are what a user gets without changing their code.
+    "constant": (1.0, "auto", False),  # the baseline: the same net at survival 1.0
+    "skip": (0.5, "auto", False),  # what a user gets by default
+    "constant-stock": (1.0, "never", False),  # stock Flax convolutions everywhere
+    "skip-stock": (0.5, "never", False),
+    "constant-options": (1.0, "auto", True),  # jit(..., compiler_options=cpu_compiler_options())
+    "skip-options": (0.5, "auto", True),
 }
+USER_JITS = {False: "jax.jit", True: "jax.jit + cpu_compiler_options()"}
+
+
+def user_baseline(name: str) -> str:
+    """The variant ``name``'s row is divided by: the same reroute_convs and jit at survival
+    1.0 (``skip-options`` -> ``constant-options``)."""
+    return name.replace("skip", "constant", 1)
 
 
 def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
     """A Runner for ``USER_VARIANTS[name]``; its step takes a per-round rng key as gates."""
-    p, reroute = USER_VARIANTS[name]
+    p, reroute, options = USER_VARIANTS[name]
     model = UserNet(blocks=blocks, width=width, survival_prob=p, reroute_convs=reroute,
                     dtype=dtype or jnp.float32)
     variables = jax.jit(lambda k: model.init({"params": k}, x[:2], train=False))(key)
@@ -184,7 +197,8 @@ def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates["batch_stats"]
 
-    @functools.partial(jax.jit, static_argnums=4, compiler_options=cpu_compiler_options())
+    @functools.partial(jax.jit, static_argnums=4,
+                       compiler_options=cpu_compiler_options() if options else None)
     def step(params, batch_stats, opt_state, k, buckets, x, y):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch_stats, k, x, y)
@@ -233,13 +247,16 @@ def time_rounds(runners, all_gates, warmup) -> None:
               flush=True)
 
 
-def table_rows(runners, batch) -> list[str]:
-    """Median, IQR, throughput and ratio to the first runner (if named 'constant')."""
-    base = statistics.median(runners[0].times) if runners[0].name == "constant" else None
+def table_rows(runners, batch, baseline=None) -> list[str]:
+    """Median, IQR, throughput and ratio to the runner named ``baseline(name)`` (default:
+    the first runner, if named 'constant'); '-' where that runner did not run."""
+    medians = {r.name: statistics.median(r.times) for r in runners}
+    first = runners[0].name if runners[0].name == "constant" else None
     rows = []
     for r in runners:
-        med = statistics.median(r.times)
+        med = medians[r.name]
         q = np.percentile(r.times, [25, 75])
+        base = medians.get(baseline(r.name) if baseline else first)
         ratio = f"{med / base:.3f}" if base else "-"
         rows.append(f"| {r.name} | {med * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} | "
                     f"{batch / med:.1f} | {ratio} |")
@@ -284,14 +301,19 @@ def user_branch_main(args, dtype) -> None:
         "",
         args.label,
         "",
-        "| variant (survival, reroute_convs) | median ms/step | IQR ms | img/s | / constant |",
+        "| variant (survival, reroute_convs, jit) | median ms/step | IQR ms | img/s | "
+        "/ constant |",
         "|---|---|---|---|---|",
-        *[row.replace(f"| {n} |", f"| {n} ({USER_VARIANTS[n][0]}, {USER_VARIANTS[n][1]}) |", 1)
-          for row, n in zip(table_rows(runners, batch), names)],
+        *[row.replace(f"| {n} |", f"| {n} ({USER_VARIANTS[n][0]}, {USER_VARIANTS[n][1]}, "
+                                  f"{USER_JITS[USER_VARIANTS[n][2]]}) |", 1)
+          for row, n in zip(table_rows(runners, batch, user_baseline), names)],
         "",
         "Network: benchmarks/user_branch.py (stock nn.Conv + nn.BatchNorm, each branch wrapped "
         "in StochasticDepth with uniform survival). Gates drawn from the same per-round keys "
-        "for every variant.",
+        "for every variant. jax.jit: the user's own jit, no compiler options; "
+        "+ cpu_compiler_options(): jax.jit(..., compiler_options=sdj.conv."
+        "cpu_compiler_options()). '/ constant': divided by the survival-1.0 row of the same "
+        "reroute_convs and jit.",
     ]
     bench_cli.append_table("\n".join(lines) + "\n", args.out)
 

@@ -60,12 +60,22 @@ def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
 
 
 def test_bench_step_user_branch(tmp_path):
+    """A user's own jax.jit (no compiler options) and the jit with the library's options,
+    each pair divided by its own survival-1.0 row."""
     out = tmp_path / "user.md"
     load("bench_step").main(["--user-branch", "--blocks", "2", "--width", "4", "--batch", "4",
-                             "--rounds", "1", "--warmup", "1", "--variants", "constant,skip",
-                             "--out", str(out)])
-    assert sorted(rows(out, ["constant (1.0, auto)", "skip (0.5, auto)"])) == [
-        "constant (1.0, auto)", "skip (0.5, auto)"]
+                             "--rounds", "1", "--warmup", "1", "--variants",
+                             "constant,skip,constant-options,skip-options", "--out", str(out)])
+    plain, options = "jax.jit", "jax.jit + cpu_compiler_options()"
+    names = [f"constant (1.0, auto, {plain})", f"skip (0.5, auto, {plain})",
+             f"constant-options (1.0, auto, {options})", f"skip-options (0.5, auto, {options})"]
+    found = rows(out, names)
+    assert sorted(found) == sorted(names)
+    ms = {n.split()[0]: float(found[n][1]) for n in names}
+    ratio = {n.split()[0]: float(found[n][4]) for n in names}
+    assert ratio["constant"] == ratio["constant-options"] == 1.0
+    for name, base in [("skip", "constant"), ("skip-options", "constant-options")]:
+        assert ratio[name] == pytest.approx(ms[name] / ms[base], abs=0.01, rel=0.01)
 
 
 def test_bench_train_whole_epochs(tmp_path):
