@@ -2,9 +2,12 @@
 
 A script's ``main(argv)`` raises :class:`stochastic_depth_jax.errors.ConfigError` for a bad
 flag; :func:`run` (its ``__main__``) prints that as the trainer does, ``error: <message>``
-and exit status 1 (``--debug`` or ``SDJ_DEBUG=1``: the traceback). Ctrl-C or SIGTERM before
-the table is written stops with one line saying that nothing was written: a table is only
-ever appended whole, at the end, so the tables already in a results file are never touched.
+and exit status 1 (``--debug`` or ``SDJ_DEBUG=1``: the traceback). Ctrl-C or SIGTERM during
+a script's timed rounds (:func:`rounds`) stops it after the current round: the table of the
+rounds completed is appended, its heading saying "interrupted after N of M rounds", and the
+script exits 130 / 143 (a second signal, or one at any other time, stops at once with one line
+saying that nothing was written). A table is only ever appended whole, so the tables already
+in a results file are never touched.
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
 there the same lines are printed by :func:`run` itself (:class:`FlagError`).
@@ -17,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import Iterator
 
 try:
     from stochastic_depth_jax import errors
@@ -51,9 +55,64 @@ def _terminated(signum, frame):
     raise Interrupted("SIGTERM", 128 + signum)
 
 
+def _signal_name(signum: int) -> str:
+    return "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+
+
+# Set by rounds() when a signal cut them short and some were timed: (the interruption to
+# raise once the table is written, timed rounds completed, timed rounds asked for).
+_cut_short: tuple[Interrupted, int, int] | None = None
+
+
+def rounds(total: int, warmup: int = 0) -> Iterator[int]:
+    """The round indices ``0 .. total - 1`` of a benchmark's loop, the first ``warmup``
+    untimed. A Ctrl-C or SIGTERM during them ends the loop after the current round: the
+    table :func:`append_table` writes next is labelled with the rounds completed, and the
+    script then exits 130 / 143. A second signal, or one during the warm-up (nothing timed
+    to tabulate), stops at once, with nothing written."""
+    global _cut_short
+    _cut_short = None
+    caught: list[int] = []
+
+    def finish_round(signum, frame):
+        if caught or started[0] <= warmup:
+            raise Interrupted(_signal_name(signum), 128 + signum)
+        caught.append(signum)
+        print(f"{_signal_name(signum)}: stopping after this round, then writing the table of "
+              f"the rounds completed (again: stop at once, nothing written)", file=sys.stderr,
+              flush=True)
+
+    started = [0]  # rounds started, the current one included
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({s: signal.signal(s, finish_round) for s in (signal.SIGINT, signal.SIGTERM)}
+                if main_thread else {})
+    try:
+        for i in range(total):
+            started[0] = i + 1
+            yield i
+            if caught:
+                break
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        timed, asked = started[0] - warmup, total - warmup
+        how = _signal_name(caught[0])
+        note = (f"the table of the {timed} of {asked} timed rounds completed was appended, "
+                f"marked as interrupted." if timed < asked else
+                "every round had completed; the table was appended whole.")
+        _cut_short = (Interrupted(how, 128 + caught[0], note), timed, asked)
+
+
+def interrupted() -> bool:
+    """Whether a signal cut the last :func:`rounds` short (skip further measurements)."""
+    return _cut_short is not None
+
+
 def run(main, argv=None):
     """Runs ``main(argv)`` as a command: anticipated errors as one ``error:`` line (exit 1),
     an interruption as one line (exit 130 or 143); ``--debug`` is taken out of ``argv``."""
+    global _cut_short
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = cli.debug_requested(argv) if cli else "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -87,6 +146,7 @@ def run(main, argv=None):
         print(f"interrupted ({e.how}): {e.note}", file=sys.stderr, flush=True)
         sys.exit(e.status)
     finally:
+        _cut_short = None  # a script that failed before its table: not the next one's
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
@@ -211,11 +271,31 @@ def fresh_file(path: str, flag: str) -> str:
     return fresh
 
 
-def append_table(text: str, path: str, title: str = "") -> None:
-    """Prints ``text`` and appends it to ``path`` in one write (``title``: a new file's first
-    line); says where it went."""
+def append_table(text: str, path: str | None, title: str = "") -> None:
+    """Prints ``text`` and appends it to ``path`` (``None``: print only) in one write
+    (``title``: a new file's first line); says where it went. After :func:`rounds` were
+    cut short by a signal, the table's first line says so, and the interruption is raised
+    once it is written (:func:`run` exits 130 / 143)."""
+    global _cut_short
+    cut_short, stop, _cut_short = _cut_short, None, None
+    if cut_short is not None:
+        stop, timed, asked = cut_short
+        if timed < asked:
+            text = _marked_interrupted(text, stop.how, timed, asked)
     print("\n" + text, flush=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a") as f:
-        f.write((f"{title}\n\n" if new and title else "") + text.rstrip("\n") + "\n\n")
-    print(f"appended to {path}", flush=True)
+    if path is not None:
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        with open(path, "a") as f:
+            f.write((f"{title}\n\n" if new and title else "") + text.rstrip("\n") + "\n\n")
+        print(f"appended to {path}", flush=True)
+    if stop is not None:
+        raise stop
+
+
+def _marked_interrupted(text: str, how: str, timed: int, asked: int) -> str:
+    """``text`` with its heading (first line) saying it holds ``timed`` of ``asked`` rounds."""
+    heading, _, rest = text.partition("\n")
+    return (f"{heading} (interrupted after {timed} of {asked} rounds)\n\n"
+            f"**Interrupted after {timed} of {asked} rounds** ({how}): medians of the rounds "
+            f"completed, not a full run; the round count below is the one asked for.\n"
+            f"{rest}")

@@ -216,7 +216,7 @@ def main(argv=None) -> None:
         print(f"compiled+first step {name}: {time.perf_counter() - t0:.1f}s", flush=True)
         runners.append(r)
     base_key = jax.random.key(42)
-    for i in range(args.warmup + args.rounds):
+    for i in bench_cli.rounds(args.warmup + args.rounds, args.warmup):
         key = jax.random.fold_in(base_key, i)
         for r in runners:
             dt = run_once(r, key)

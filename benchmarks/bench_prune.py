@@ -80,7 +80,7 @@ def main(argv=None):
         jax.block_until_ready(fn(pvars, x))
         variants[k] = (fn, pvars, time.perf_counter() - t0, pruning.param_count(pvars))
     times = {k: [] for k in variants}
-    for _ in range(args.rounds):
+    for _ in bench_cli.rounds(args.rounds):
         for k, (fn, pvars, _, _) in variants.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn(pvars, x))
@@ -99,10 +99,7 @@ def main(argv=None):
               f"{os.cpu_count()} CPU cores, device: {device.device_kind} ({device.platform}). "
               f"jax {jax.__version__}, Python {sys.version.split()[0]}.\n\n{args.label}\n\n")
     text = header + "\n".join(rows) + "\n"
-    if args.no_write:
-        print(text)
-    else:
-        bench_cli.append_table(text, args.out, title=TITLE)
+    bench_cli.append_table(text, None if args.no_write else args.out, title=TITLE)
 
 
 if __name__ == "__main__":

@@ -237,8 +237,10 @@ def compile_seconds(depth, batch, scan, dtype) -> float:
 
 
 def time_rounds(runners, all_gates, warmup) -> None:
-    """Runs every runner on each round's gates in turn, recording times after ``warmup``."""
-    for i, gates in enumerate(all_gates):
+    """Runs every runner on each round's gates in turn, recording times after ``warmup``;
+    a Ctrl-C or SIGTERM ends the rounds after the current one (:func:`bench_cli.rounds`)."""
+    for i in bench_cli.rounds(len(all_gates), warmup):
+        gates = all_gates[i]
         for r in runners:
             dt = run_once(r, gates)
             if i >= warmup:
@@ -291,7 +293,8 @@ def user_branch_main(args, dtype) -> None:
         run_once(r, keys[0])
         print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
     time_rounds(runners, keys, args.warmup)
-    write_json(args.json, runners, batch, args.dtype)
+    if not bench_cli.interrupted():  # a file of medians cannot say it is partial
+        write_json(args.json, runners, batch, args.dtype)
     lines = [
         f"## Train step, user's stock-Flax branch ({args.blocks} wrapped blocks, width "
         f"{args.width}), batch {batch}, {args.dtype}",
@@ -385,11 +388,13 @@ def main(argv=None) -> None:
     first, all_gates = round_gates(args.depth, args.warmup + rounds)
     compile_all(runners, first, all_gates)
     time_rounds(runners, all_gates, args.warmup)
-    active = [float(np.asarray(g).mean()) for g in all_gates[args.warmup:]]
+    timed = all_gates[args.warmup:args.warmup + len(runners[0].times)]  # interrupted: fewer
+    active = [float(np.asarray(g).mean()) for g in timed]
     rows = table_rows(runners, args.batch)
-    write_json(args.json, runners, args.batch, args.dtype)
     compile_rows = []
-    for d in args.compile_depths:
+    if not bench_cli.interrupted():  # the table of the rounds done is written at once
+        write_json(args.json, runners, args.batch, args.dtype)
+    for d in [] if bench_cli.interrupted() else args.compile_depths:
         s = compile_seconds(d, args.batch, scan, dtype)
         compile_rows.append((d, s))
         print(f"compile depth {d}: {s:.1f}s", flush=True)

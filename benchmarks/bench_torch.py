@@ -366,7 +366,7 @@ def main(argv=None):
     runners = [Runner(n, args.depth, args.batch, device, *VARIANTS[n]) for n in names]
     probs = torch.tensor(survival_probs(len(runners[0].model.blocks), args.p))
     kept = []
-    for i in range(args.warmup + rounds):
+    for i in bench_cli.rounds(args.warmup + rounds, args.warmup):
         gates = (torch.rand(len(probs), generator=g) < probs).tolist()  # host-side, as Torch's
         if i == 0:  # every branch runs once (and compiles) before timing
             gates = [True] * len(gates)

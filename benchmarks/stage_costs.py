@@ -313,10 +313,11 @@ def main(argv=None) -> None:
     bench_step.compile_all(runners, first, all_gates)
     bench_step.time_rounds(runners, all_gates, args.warmup)
     times = {r.name: statistics.median(r.times) for r in runners}
-    timed = [np.asarray(g) for g in all_gates[args.warmup:]]
+    done = len(runners[0].times)  # fewer than asked if a signal cut the rounds short
+    timed = [np.asarray(g) for g in all_gates[args.warmup:args.warmup + done]]
     result = analyse(times, model, variants, timed, {r.name: r.times for r in runners})
     text = report(result, args, rounds, float(np.mean(timed)))
-    if args.plot:
+    if args.plot and not bench_cli.interrupted():  # a drawing cannot say it is partial
         plot(result, args.plot, f"CifarResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
                                 f"{jax.devices()[0].device_kind}")
         print(f"drew {args.plot}")

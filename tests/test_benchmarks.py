@@ -5,8 +5,10 @@ meets them: a rerun never loses a recorded table, a bad flag is one line, an int
 writes nothing."""
 
 import os
+import re
 import runpy
 import signal
+import subprocess
 import sys
 import threading
 
@@ -298,6 +300,61 @@ def test_an_interrupted_benchmark_writes_nothing(how, status, by, tmp_path, caps
     assert code == status and err == [
         f"interrupted ({how}): no table was written; the results files are as they were."]
     assert out.read_text() == RECORDED
+
+
+def test_a_benchmark_interrupted_in_its_rounds_writes_the_rounds_done(tmp_path):
+    """A Ctrl-C (or a `timeout` kill) after minutes of rounds lost them all: the table was
+    only written at the end."""
+    out, js = tmp_path / "step.md", tmp_path / "step.json"
+    out.write_text(RECORDED)
+    asked = 200  # far more than can run before the signal lands
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(BENCHMARKS, "bench_step.py"), "--depth", "8", "--batch",
+         "2", "--warmup", "0", "--rounds", str(asked), "--variants", "constant",
+         "--compile-depths", "", "--json", str(js), "--out", str(out)],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        while not proc.stdout.readline().startswith("round 0:"):
+            assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    text = out.read_text()
+    assert text.startswith(RECORDED)
+    [(heading, done)] = re.findall(r"\n(## Train step, CifarResNet-8.*\(interrupted after "
+                                   rf"(\d+) of {asked} rounds\))\n", text)
+    assert 1 <= int(done) < asked
+    assert f"**Interrupted after {done} of {asked} rounds** (Ctrl-C)" in text
+    assert float(rows(out, ["constant"])["constant"][1]) > 0
+    assert not js.exists()  # a file of medians that could not say it is partial
+    assert err.splitlines()[-1] == (f"interrupted (Ctrl-C): the table of the {done} of {asked} "
+                                    "timed rounds completed was appended, marked as "
+                                    "interrupted.")
+
+
+def test_a_second_signal_or_one_in_the_warm_up_stops_at_once(tmp_path, capsys, monkeypatch):
+    bench_step = load("bench_step")
+    run_once, calls = bench_step.run_once, []
+
+    def signalled(r, gates):  # call 1 compiles; call 2 is round 0, warm-up or timed
+        calls.append(r.name)
+        for _ in range(signals if len(calls) == 2 else 0):
+            signal.raise_signal(signal.SIGTERM)
+        return run_once(r, gates)
+
+    monkeypatch.setattr(bench_step, "run_once", signalled)
+    out = tmp_path / "step.md"
+    for signals, warmup in [(1, "1"), (2, "0")]:
+        calls.clear()
+        code, err = run_command("bench_step", [
+            "--depth", "8", "--batch", "2", "--rounds", "3", "--warmup", warmup, "--variants",
+            "constant", "--compile-depths", "", "--out", str(out)], capsys)
+        assert code == 143 and err[-1] == ("interrupted (SIGTERM): no table was written; the "
+                                           "results files are as they were."), err
+        assert not out.exists()
 
 
 def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
