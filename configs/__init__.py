@@ -5,7 +5,10 @@
 
 Each module here defines ``get_config(arg=None) -> ml_collections.ConfigDict``; a config
 file may list the args it accepts in ``VARIANTS`` (default: ``(None, 'smoke')``). The library
-(``stochastic_depth_jax``) never imports this package; ``train.py`` does.
+(``stochastic_depth_jax``) does not need this package; ``train.py`` imports it. Only when a
+run.json's config lacks a field that the code reads does the library look here, where
+``import configs`` finds this package, to tell another version's run.json from a misspelt
+field (``training.evaluate.recorded_fields``).
 """
 
 from __future__ import annotations

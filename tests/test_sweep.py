@@ -5,10 +5,12 @@ draws of an interrupted sweep."""
 
 import json
 import os
+import re
 import signal
 import sys
 import warnings
 
+import ml_collections
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +23,7 @@ import warned  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors, logs  # noqa: E402
+from stochastic_depth_jax.training import evaluate as evaluate_lib  # noqa: E402
 from stochastic_depth_jax.training import stopping, sweep  # noqa: E402
 
 
@@ -274,6 +277,32 @@ def test_evaluate_names_the_field_a_run_json_lacks_by_its_dotted_name(capsys, tm
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir] + (
         ["--data-dir", str(tmp_path)] if moved else []))
     assert line == "error: " + _missing(field).format(run_json=run_json)
+
+
+@pytest.mark.parametrize("model", ["cifar_resnet", "vit"])
+def test_a_field_no_version_had_is_not_blamed_on_another_version(model):
+    """A misspelt field in the code that reads run.json's config came out as "run.json
+    records a config without the field ... written by another version": the run.json was
+    blamed for a typo in this version's code."""
+    spec = "cifar10:smoke" if model == "cifar_resnet" else "cifar10_vit:smoke"
+    recorded = json.loads(load_config(spec).to_json())
+    meta = {"config": recorded, "code_version": {"package": "0.0.1", "git": "abc1234"}}
+    config = ml_collections.ConfigDict(recorded)
+    # No version's config has it (for a ViT: a ResNet field, read by mistake).
+    typo = "depht" if model == "cifar_resnet" else "shortcut"
+    with pytest.raises(AttributeError, match=typo):
+        with evaluate_lib.recorded_fields("run", meta, config):
+            getattr(config.model, typo)
+    with pytest.raises(KeyError, match="batch_sise"):
+        with evaluate_lib.recorded_fields("run", meta, config):
+            config["batch_sise"]  # noqa: B018
+    # A field this version's configs have, missing from the recorded one: another version.
+    del recorded["weight_decay"]
+    config = ml_collections.ConfigDict(recorded)
+    with pytest.raises(errors.ConfigError, match="^" + re.escape(_missing("weight_decay").format(
+            run_json=os.path.join("run", "run.json"))) + "$"):
+        with evaluate_lib.recorded_fields("run", meta, config):
+            config.weight_decay  # noqa: B018
 
 
 def test_a_metrics_line_without_an_epoch_is_left_off_the_figures(tmp_path):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import importlib
+import importlib.util
 import json
 import os
 import warnings
@@ -116,9 +119,11 @@ def _runs_inside(directory: str) -> list[str]:
 def recorded_fields(workdir: str, meta: dict[str, Any],
                     config: ml_collections.ConfigDict) -> Iterator[None]:
     """Reports, in one line, the lookup of a field that ``run.json`` (``meta``, read into
-    ``config``) lacks: it was written by another version. The line names the field by its
-    dotted path (``model.mode``: ml_collections names the leaf only) and the recorded
-    ``code_version``. Any other error goes through as it is.
+    ``config``) lacks but this version's configs have: it was written by another version.
+    The line names the field by its dotted path (``model.mode``: ml_collections names the
+    leaf only) and the recorded ``code_version``. A field that this version's configs lack
+    too (a misspelt name in the code that reads it) and any other error go through as they
+    are.
 
     Raises:
       errors.ConfigError: a field this version reads is not in the recorded config.
@@ -127,13 +132,49 @@ def recorded_fields(workdir: str, meta: dict[str, Any],
         yield
     except (AttributeError, KeyError) as e:
         field = _missing_field(e, config, meta["config"])
-        if field is None:
+        if field is None or not _in_this_version(field, meta["config"]):
             raise
         raise errors.ConfigError(
             f"{os.path.join(workdir, RUN_FILE)} records a config without the field "
             f"{field!r}, which this version of stochastic_depth_jax needs: it was written by "
             f"another version ({_recorded_version(meta)}); use that version for this run."
         ) from e
+
+
+def _in_this_version(field: str, recorded: dict[str, Any]) -> bool:
+    """Whether ``field`` (dotted) is in a config this version's ``configs`` package builds
+    for the recorded config's model (any config name and variant: run.json does not record
+    which). True where that package is not beside this library (an installed copy): the
+    field cannot be checked, and the code that reads it is this version's, tested."""
+    model = recorded.get("model")
+    name = model.get("name", "cifar_resnet") if isinstance(model, dict) else "cifar_resnet"
+    known = _config_fields(name)
+    return known is None or field in known
+
+
+@functools.cache
+def _config_fields(model_name: str) -> frozenset[str] | None:
+    """The dotted names of every field and sub-config of the configs that the repository's
+    ``configs`` package builds for ``model_name``; None where ``import configs`` would not
+    give that package (next to this one). Imported only here, on an error's path: the
+    library itself needs none of it."""
+    init = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "configs", "__init__.py")
+    try:
+        spec = importlib.util.find_spec("configs")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or os.path.abspath(spec.origin) != init:
+        return None  # not a checkout, or a package of that name of someone else's
+    configs = importlib.import_module("configs")
+    names = set()
+    for module_name in configs.CONFIGS.values():
+        module = importlib.import_module(module_name)
+        for variant in getattr(module, "VARIANTS", configs.VARIANTS):
+            built = module.get_config(variant)
+            if built.model.get("name", "cifar_resnet") == model_name:
+                names.update(prefix + key for node, prefix in _dicts(built) for key in node)
+    return frozenset(names)
 
 
 def _recorded_version(meta: dict[str, Any]) -> str:
