@@ -36,7 +36,7 @@ from stochastic_depth_jax.training import workdir as workdir_lib
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = distributed.ArgumentParser(  # a usage error reaches a job's others
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", required=True, help="the training run directory")

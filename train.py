@@ -25,7 +25,7 @@ from stochastic_depth_jax.training import cli, distributed
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = distributed.ArgumentParser(  # a usage error reaches a job's others
         description=__doc__,
         epilog="configs: " + ", ".join(CONFIGS),  # From the package: cannot drift.
         formatter_class=argparse.RawDescriptionHelpFormatter,

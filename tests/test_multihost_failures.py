@@ -89,6 +89,32 @@ def test_a_config_typo_on_some_processes_stops_the_job_at_once(tmp_path, typos):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_a_usage_error_on_one_process_stops_the_job_at_once(tmp_path):
+    """A misspelt flag on one process: argparse's usage error and exit 2 there, while the
+    other waited the whole --init_timeout (here 40 s) and then blamed the launch. A mistake
+    in the job flags themselves cannot reach the others: they wait, then name that cause."""
+    address, lone = free_address(), free_address()
+    commands = [[sys.executable, "train.py", *_train_args(tmp_path / str(job), where,
+                                                          "--init_timeout", timeout),
+                 "--process_id", str(i), *(mistake if i == 1 else [])]
+                for job, (where, timeout, mistake) in enumerate([
+                    (address, "40", ["--confg.batch_size=16"]),
+                    (lone, "3", ["--process_id", "one"])])
+                for i in range(2)]
+    results = finish_all(start_all(commands, env=ENV, cwd=REPO), timeout=30)
+    (status0, out0, _), (status1, out1, _), (waited, out2, _), (bad, out3, _) = results
+    usage = ("train.py: error: unrecognised argument '--confg.batch_size=16' (overrides look "
+             "like --config.<field>=<value>)")
+    assert status1 == 2 and usage in out1.splitlines(), out1
+    assert _error_line(status0, out0) == (
+        "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
+        f"error: a mistake on its command line ({usage.replace(': error', '', 1)})")
+    assert bad == 2 and "argument --process_id: invalid int value: 'one'" in out3, out3
+    assert _error_line(waited, out2).startswith(
+        f"error: multi-process start failed: the 2 processes did not all join at {lone} "
+        "within 3 s. Most likely a process was not started, or stopped before joining")
+
+
 def test_a_lone_process_with_a_typo_says_so_before_waiting_for_the_others():
     # One of two processes run alone to try the command: its error shows at once, then it
     # waits to tell the others, which a Ctrl-C ends.

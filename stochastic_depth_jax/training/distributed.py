@@ -62,6 +62,7 @@ from stochastic_depth_jax import errors
 from stochastic_depth_jax.training import config as config_lib
 
 __all__ = [
+    "ArgumentParser",
     "add_arguments",
     "job_arguments",
     "initialize",
@@ -144,6 +145,50 @@ def add_arguments(parser: argparse.ArgumentParser, manual: bool = True) -> None:
     )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` for a command with :func:`add_arguments`' flags, whose
+    usage errors reach the job: a process launched by hand with a mistake on its command
+    line (a misspelt flag) prints argparse's usage error and exits 2 as usual, but first
+    joins the job its flags name, only to tell the other processes (:func:`leave_job`),
+    which then stop at once instead of waiting ``--init_timeout`` for it."""
+
+    _argv: list[str] | None = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error()
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        try:
+            super().error(message)  # prints the usage and the error, raises SystemExit(2)
+        except SystemExit as e:
+            job = _job_flags(self._argv or [])
+            if job is not None:
+                expect_job(**job)
+                leave_job(f"a mistake on its command line ({self.prog}: {message})", e.code)
+            raise
+
+
+class _FlagError(Exception):
+    pass
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise _FlagError(message)
+
+
+def _job_flags(argv: list[str]) -> dict[str, Any] | None:
+    """The arguments of :func:`initialize` that ``argv`` gives, read from its job flags
+    alone (a mistake elsewhere on the line leaves them readable); None if they are wrong."""
+    parser = _QuietParser(add_help=False)
+    add_arguments(parser)
+    try:
+        return job_arguments(parser.parse_known_args(argv)[0])
+    except _FlagError:
+        return None
+
+
 def job_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`initialize` (and :func:`expect_job`) from the flags
     of :func:`add_arguments`."""
@@ -206,10 +251,11 @@ def initialize(
     _join(job, f"Process {process_id} of {num_processes}: joining the job at "
           f"{coordinator_address} (waiting up to {timeout_s} s for all processes)."
           if coordinator_address is not None else None,
-          f"error: multi-process start failed: {_missing(job)} within {timeout_s} s. "
-          "Start every process with the same coordinator address and --num_processes, each "
-          "with its own --process_id, or raise --init_timeout (a process that stopped before "
-          "joining printed why).")
+          f"error: multi-process start failed: {_missing(job)} within {timeout_s} s. Most "
+          "likely a process was not started, or stopped before joining (a mistake in its job "
+          "flags): its own output says why. Otherwise start every process with the same "
+          "coordinator address and --num_processes, each with its own --process_id, or raise "
+          "--init_timeout.")
     if in_job():
         _check_heartbeat(heartbeat_timeout_s, _count())  # Watching before any backend starts.
         _watch_peers(heartbeat_timeout_s)
