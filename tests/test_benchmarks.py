@@ -2,7 +2,7 @@
 the CPU, not in a lent GPU's minutes. Figures are not checked (they are the machine's), only
 that every variant ran and its table row is there and well formed; and the scripts as a user
 meets them: a rerun never loses a recorded table, a bad flag is one line, an interruption
-writes nothing."""
+during the timed rounds writes the rounds done, marked as such, and any other writes nothing."""
 
 import os
 import re
