@@ -38,15 +38,18 @@ def cpu_name() -> str:
 
 
 def code_version() -> str:
-    """The git commit measured, with ``+ uncommitted changes`` where the package or the
-    benchmarks differ from it (or $CODE_VERSION outside a checkout)."""
+    """The git commit measured, with ``+ uncommitted changes`` where the package, the
+    configs or the benchmarks differ from it (or $CODE_VERSION outside a checkout). The
+    tables in ``benchmarks/results`` are not code: a table appended there by an earlier run
+    does not mark the next run's code as changed."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = ["git", "-C", repo]
     try:
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "stochastic_depth_jax",
-                                "benchmarks", "configs"], capture_output=True).returncode
+                                "benchmarks", "configs", ":(exclude)benchmarks/results"],
+                               capture_output=True).returncode
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("CODE_VERSION", "unknown (no git; set CODE_VERSION)")
     return commit + (" + uncommitted changes" if dirty else "")

@@ -7,6 +7,7 @@ during the timed rounds writes the rounds done, marked as such, and any other wr
 import os
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,6 +376,24 @@ def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monk
     assert err[0].startswith("interrupted (SIGTERM): part slow stopped")
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "slow started" in log and "slow: interrupted (SIGTERM)" in log
+
+
+def test_a_table_appended_to_the_results_is_not_a_code_change(tmp_path):
+    """The second of two runs read 'code <commit> + uncommitted changes': the only change
+    was the first run's table, appended to benchmarks/results."""
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    shutil.copy(os.path.join(BENCHMARKS, "provenance.py"), bench)
+    (bench / "results" / "step_cpu.md").write_text(RECORDED)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "recorded"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    version = runpy.run_path(str(bench / "provenance.py"))["code_version"]
+    assert not version().endswith("uncommitted changes")
+    (bench / "results" / "step_cpu.md").write_text(RECORDED + "## a new table\n")
+    assert not version().endswith("uncommitted changes")
+    (bench / "provenance.py").write_text((bench / "provenance.py").read_text() + "\n# edit\n")
+    assert version().endswith(" + uncommitted changes")
 
 
 def test_results_paths_never_lose_a_file(tmp_path):
