@@ -162,7 +162,9 @@ class ArgumentParser(argparse.ArgumentParser):
         try:
             super().error(message)  # prints the usage and the error, raises SystemExit(2)
         except SystemExit as e:
-            job = _job_flags(self._argv or [])
+            # Only the job flags this command has (evaluate.py: --multihost alone).
+            manual = "--coordinator_address" in self._option_string_actions
+            job = _job_flags(self._argv or [], manual)
             if job is not None:
                 expect_job(**job)
                 leave_job(f"a mistake on its command line ({self.prog}: {message})", e.code)
@@ -178,11 +180,12 @@ class _QuietParser(argparse.ArgumentParser):
         raise _FlagError(message)
 
 
-def _job_flags(argv: list[str]) -> dict[str, Any] | None:
+def _job_flags(argv: list[str], manual: bool) -> dict[str, Any] | None:
     """The arguments of :func:`initialize` that ``argv`` gives, read from its job flags
-    alone (a mistake elsewhere on the line leaves them readable); None if they are wrong."""
+    alone (those of ``add_arguments(parser, manual)``: a mistake elsewhere on the line
+    leaves them readable); None if they are wrong."""
     parser = _QuietParser(add_help=False)
-    add_arguments(parser)
+    add_arguments(parser, manual)
     try:
         return job_arguments(parser.parse_known_args(argv)[0])
     except _FlagError:
