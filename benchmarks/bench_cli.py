@@ -78,6 +78,7 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
         if caught or started[0] <= warmup:
             raise Interrupted(_signal_name(signum), 128 + signum)
         caught.append(signum)
+        _outputs_survive_their_reader()
         print(f"{_signal_name(signum)}: stopping after this round, then writing the table of "
               f"the rounds completed (again: stop at once, nothing written)", file=sys.stderr,
               flush=True)
@@ -102,6 +103,59 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
                 f"marked as interrupted." if timed < asked else
                 "every round had completed; the table was appended whole.")
         _cut_short = (Interrupted(how, 128 + caught[0], note), timed, asked)
+
+
+class _ReaderMayBeGone:
+    """``sys.stdout`` or ``sys.stderr`` once a Ctrl-C asked for the table of the rounds done:
+    the same Ctrl-C stops a reader in the terminal's process group (``| tee log``), and a
+    write to its closed pipe then sends the stream to /dev/null instead of raising
+    ``BrokenPipeError``, which stopped the script before its table was appended."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            _to_devnull(self.stream)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            _to_devnull(self.stream)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _to_devnull(stream) -> None:
+    """Points ``stream``'s file descriptor at /dev/null (its pipe's reader is gone)."""
+    if cli is not None:
+        return cli.to_devnull(stream)
+    try:  # without this package (bench_torch.py): as it does
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # not a real file: nothing to point
+        pass
+
+
+def _outputs_survive_their_reader() -> None:
+    """Wraps ``sys.stdout`` and ``sys.stderr`` in :class:`_ReaderMayBeGone` (until
+    :func:`run` returns)."""
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), _ReaderMayBeGone):
+            setattr(sys, name, _ReaderMayBeGone(getattr(sys, name)))
+
+
+def _outputs_restored() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, _ReaderMayBeGone):
+            setattr(sys, name, stream.stream)
 
 
 def interrupted() -> bool:
@@ -147,6 +201,7 @@ def run(main, argv=None):
         sys.exit(e.status)
     finally:
         _cut_short = None  # a script that failed before its table: not the next one's
+        _outputs_restored()
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
@@ -282,11 +337,12 @@ def append_table(text: str, path: str | None, title: str = "") -> None:
         stop, timed, asked = cut_short
         if timed < asked:
             text = _marked_interrupted(text, stop.how, timed, asked)
-    print("\n" + text, flush=True)
-    if path is not None:
+    if path is not None:  # before printing it: a closed output cannot lose the table
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         with open(path, "a") as f:
             f.write((f"{title}\n\n" if new and title else "") + text.rstrip("\n") + "\n\n")
+    print("\n" + text, flush=True)
+    if path is not None:
         print(f"appended to {path}", flush=True)
     if stop is not None:
         raise stop

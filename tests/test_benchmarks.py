@@ -305,7 +305,9 @@ def test_an_interrupted_benchmark_writes_nothing(how, status, by, tmp_path, caps
 
 def test_a_benchmark_interrupted_in_its_rounds_writes_the_rounds_done(tmp_path):
     """A Ctrl-C (or a `timeout` kill) after minutes of rounds lost them all: the table was
-    only written at the end."""
+    only written at the end. Run as `bench_step.py | tee log`, the same Ctrl-C stops tee:
+    the next round's line then hit the closed pipe, and the script stopped with the
+    trainer's broken-pipe error, its table not written."""
     out, js = tmp_path / "step.md", tmp_path / "step.json"
     out.write_text(RECORDED)
     asked = 200  # far more than can run before the signal lands
@@ -319,6 +321,7 @@ def test_a_benchmark_interrupted_in_its_rounds_writes_the_rounds_done(tmp_path):
         while not proc.stdout.readline().startswith("round 0:"):
             assert proc.poll() is None, proc.stderr.read()
         proc.send_signal(signal.SIGINT)
+        proc.stdout.close()  # its reader gone, as `| tee` stopped by the same Ctrl-C
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -44,7 +44,8 @@ from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import distributed, stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors"]
+__all__ = ["DEBUG_ENV", "debug_requested", "one_line_warnings", "run_reporting_errors",
+           "to_devnull"]
 
 DEBUG_ENV = "SDJ_DEBUG"
 # What stays quiet at the exit of the process (see run_reporting_errors): one at most, with
@@ -244,14 +245,14 @@ def _print_error(message: str, closed: bool) -> None:
     reader (stdout, or stderr too under ``2>&1 | head``); what is still written to it is
     sent to /dev/null, so neither this line nor the exit's flush ends in a traceback."""
     if closed:
-        _to_devnull(sys.stdout)
+        to_devnull(sys.stdout)
     try:
         print(f"error: {message}", file=sys.stderr, flush=True)
     except BrokenPipeError:
-        _to_devnull(sys.stderr)
+        to_devnull(sys.stderr)
 
 
-def _to_devnull(stream: Any) -> None:
+def to_devnull(stream: Any) -> None:
     """Points ``stream``'s file descriptor at /dev/null (a closed pipe's reader is gone)."""
     try:
         null = os.open(os.devnull, os.O_WRONLY)
