@@ -115,6 +115,33 @@ def test_a_usage_error_on_one_process_stops_the_job_at_once(tmp_path):
         "within 3 s. Most likely a process was not started, or stopped before joining")
 
 
+@pytest.mark.parametrize("argv, joins", [
+    (["--process_id", "1", "--bogus"], True),
+    (["--process_id=1", "--bogus"], True),
+    (["--process", "1", "--bogus"], True),  # argparse's abbreviation, read as it reads it
+    (["--process_id", "1", "--bogus", "--debug"], False),
+    (["--process_id", "one", "--bogus"], False),
+])
+def test_a_usage_error_joins_the_job_its_flags_name_unless_debugging(monkeypatch, capsys,
+                                                                      argv, joins):
+    """Under --debug a misspelt flag joined the job to report it (and waited up to
+    --init_timeout), where --debug reports any other error without joining."""
+    told = []
+    monkeypatch.setattr(distributed, "_expected", None)  # restored after: expect_job sets it
+    monkeypatch.setattr(distributed, "leave_job", lambda message, status: told.append(
+        (distributed._expected["process_id"], message, status)))
+    parser = distributed.ArgumentParser(prog="train.py")
+    distributed.add_arguments(parser)
+    parser.add_argument("--debug", action="store_true")
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(["--coordinator_address", "127.0.0.1:1", "--num_processes", "2",
+                           *argv])
+    assert stopped.value.code == 2
+    assert "train.py: error:" in capsys.readouterr().err
+    assert told == ([(1, "a mistake on its command line (train.py: unrecognized arguments: "
+                      "--bogus)", 2)] if joins else [])
+
+
 def test_a_lone_process_with_a_typo_says_so_before_waiting_for_the_others():
     # One of two processes run alone to try the command: its error shows at once, then it
     # waits to tell the others, which a Ctrl-C ends.

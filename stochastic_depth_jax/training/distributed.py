@@ -150,7 +150,8 @@ class ArgumentParser(argparse.ArgumentParser):
     usage errors reach the job: a process launched by hand with a mistake on its command
     line (a misspelt flag) prints argparse's usage error and exits 2 as usual, but first
     joins the job its flags name, only to tell the other processes (:func:`leave_job`),
-    which then stop at once instead of waiting ``--init_timeout`` for it."""
+    which then stop at once instead of waiting ``--init_timeout`` for it (not under
+    ``--debug``, as for any other error)."""
 
     _argv: list[str] | None = None
 
@@ -162,10 +163,13 @@ class ArgumentParser(argparse.ArgumentParser):
         try:
             super().error(message)  # prints the usage and the error, raises SystemExit(2)
         except SystemExit as e:
+            from stochastic_depth_jax.training import cli  # which imports this module
+
             # Only the job flags this command has (evaluate.py: --multihost alone).
             manual = "--coordinator_address" in self._option_string_actions
             job = _job_flags(self._argv or [], manual)
-            if job is not None:
+            # --debug: no joining to report a failure, as for any other error (cli).
+            if job is not None and not cli.debug_requested(self._argv or []):
                 expect_job(**job)
                 leave_job(f"a mistake on its command line ({self.prog}: {message})", e.code)
             raise
