@@ -305,6 +305,30 @@ def test_a_field_no_version_had_is_not_blamed_on_another_version(model):
             config.weight_decay  # noqa: B018
 
 
+def test_a_config_that_fails_to_build_does_not_replace_the_error_reported(monkeypatch):
+    """Telling another version's run.json from a misspelt field builds every config of the
+    repository: one raising there replaced the one-line "written by another version" with
+    its own traceback, unrelated to the run."""
+    import configs.svhn
+
+    def broken(arg=None):
+        raise RuntimeError("a config's own bug")
+
+    recorded = json.loads(load_config("cifar10:smoke").to_json())
+    del recorded["weight_decay"]
+    meta = {"config": recorded, "code_version": {"package": "0.0.1", "git": "abc1234"}}
+    config = ml_collections.ConfigDict(recorded)
+    monkeypatch.setattr(configs.svhn, "get_config", broken)
+    evaluate_lib._config_fields.cache_clear()
+    try:
+        with pytest.raises(errors.ConfigError, match=re.escape(_missing("weight_decay").format(
+                run_json=os.path.join("run", "run.json")))):
+            with evaluate_lib.recorded_fields("run", meta, config):
+                config.weight_decay  # noqa: B018
+    finally:
+        evaluate_lib._config_fields.cache_clear()  # not this test's configs for the next
+
+
 def test_a_metrics_line_without_an_epoch_is_left_off_the_figures(tmp_path):
     """A line appended to a run's metrics.jsonl by hand or another tool, without an epoch,
     stopped --collect (and a sweep, after training) with a KeyError traceback."""

@@ -144,8 +144,9 @@ def recorded_fields(workdir: str, meta: dict[str, Any],
 def _in_this_version(field: str, recorded: dict[str, Any]) -> bool:
     """Whether ``field`` (dotted) is in a config this version's ``configs`` package builds
     for the recorded config's model (any config name and variant: run.json does not record
-    which). True where that package is not beside this library (an installed copy): the
-    field cannot be checked, and the code that reads it is this version's, tested."""
+    which). True where that package is not beside this library (an installed copy) or one
+    of its configs fails to build: the field cannot be checked, and the code that reads it
+    is this version's, tested."""
     model = recorded.get("model")
     name = model.get("name", "cifar_resnet") if isinstance(model, dict) else "cifar_resnet"
     known = _config_fields(name)
@@ -156,25 +157,30 @@ def _in_this_version(field: str, recorded: dict[str, Any]) -> bool:
 def _config_fields(model_name: str) -> frozenset[str] | None:
     """The dotted names of every field and sub-config of the configs that the repository's
     ``configs`` package builds for ``model_name``; None where ``import configs`` would not
-    give that package (next to this one). Imported only here, on an error's path: the
-    library itself needs none of it."""
+    give that package (next to this one), or where building them fails. Imported only
+    here, on an error's path: the library itself needs none of it."""
     init = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "configs", "__init__.py")
+        os.path.realpath(__file__)))), "configs", "__init__.py")
     try:
         spec = importlib.util.find_spec("configs")
     except (ImportError, ValueError):
         return None
-    if spec is None or spec.origin is None or os.path.abspath(spec.origin) != init:
+    if spec is None or spec.origin is None or os.path.realpath(spec.origin) != init:
         return None  # not a checkout, or a package of that name of someone else's
-    configs = importlib.import_module("configs")
-    names = set()
+    try:
+        return frozenset(_built_fields(importlib.import_module("configs"), model_name))
+    except Exception:  # noqa: BLE001  A config that fails to build: nothing to check against,
+        return None  # and its error is not the one being reported.
+
+
+def _built_fields(configs: Any, model_name: str) -> Iterator[str]:
+    """The dotted names in every config of the ``configs`` package for ``model_name``."""
     for module_name in configs.CONFIGS.values():
         module = importlib.import_module(module_name)
         for variant in getattr(module, "VARIANTS", configs.VARIANTS):
             built = module.get_config(variant)
             if built.model.get("name", "cifar_resnet") == model_name:
-                names.update(prefix + key for node, prefix in _dicts(built) for key in node)
-    return frozenset(names)
+                yield from (prefix + key for node, prefix in _dicts(built) for key in node)
 
 
 def _recorded_version(meta: dict[str, Any]) -> str:
