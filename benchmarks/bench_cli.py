@@ -59,9 +59,9 @@ def _signal_name(signum: int) -> str:
     return "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
 
 
-# Set by rounds() when a signal cut them short and some were timed: (the interruption to
-# raise once the table is written, timed rounds completed, timed rounds asked for).
-_cut_short: tuple[Interrupted, int, int] | None = None
+# Set by rounds() when a signal cut them short and some were timed: (how, exit status,
+# timed rounds completed, timed rounds asked for); append_table raises the interruption.
+_cut_short: tuple[str, int, int, int] | None = None
 
 
 def rounds(total: int, warmup: int = 0) -> Iterator[int]:
@@ -97,12 +97,8 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if caught:
-        timed, asked = started[0] - warmup, total - warmup
-        how = _signal_name(caught[0])
-        note = (f"the table of the {timed} of {asked} timed rounds completed was appended, "
-                f"marked as interrupted." if timed < asked else
-                "every round had completed; the table was appended whole.")
-        _cut_short = (Interrupted(how, 128 + caught[0], note), timed, asked)
+        _cut_short = (_signal_name(caught[0]), 128 + caught[0], started[0] - warmup,
+                      total - warmup)
 
 
 class _ReaderMayBeGone:
@@ -334,9 +330,14 @@ def append_table(text: str, path: str | None, title: str = "") -> None:
     global _cut_short
     cut_short, stop, _cut_short = _cut_short, None, None
     if cut_short is not None:
-        stop, timed, asked = cut_short
+        how, status, timed, asked = cut_short
         if timed < asked:
-            text = _marked_interrupted(text, stop.how, timed, asked)
+            text = _marked_interrupted(text, how, timed, asked)
+        done = "appended" if path is not None else "printed only (written nowhere)"
+        stop = Interrupted(how, status, (
+            f"the table of the {timed} of {asked} timed rounds completed was {done}, marked "
+            f"as interrupted." if timed < asked else
+            f"every round had completed; the table was {done} whole."))
     if path is not None:  # before printing it: a closed output cannot lose the table
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         with open(path, "a") as f:

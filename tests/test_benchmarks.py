@@ -361,6 +361,26 @@ def test_a_second_signal_or_one_in_the_warm_up_stops_at_once(tmp_path, capsys, m
         assert not out.exists()
 
 
+def test_an_interrupted_table_printed_only_does_not_say_it_was_appended(capsys):
+    """bench_prune.py --no-write, interrupted in its rounds, said the table 'was appended'."""
+    cli = load("bench_cli")
+
+    def main(argv):
+        for i in cli.rounds(3):
+            if i == 0:
+                signal.raise_signal(signal.SIGINT)
+        cli.append_table("## a table\n\n| variant |\n", None)
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(main, [])
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 130
+    assert "## a table (interrupted after 1 of 3 rounds)" in out and "appended" not in out
+    assert err.splitlines()[-1] == ("interrupted (Ctrl-C): the table of the 1 of 3 timed "
+                                    "rounds completed was printed only (written nowhere), "
+                                    "marked as interrupted.")
+
+
 def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
     suite = load("gpu_suite")
     slow = suite.Part("slow", 1, ("-c", "import time; print('slow started', flush=True); "
