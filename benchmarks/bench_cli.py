@@ -5,8 +5,9 @@ flag; :func:`run` (its ``__main__``) prints that as the trainer does, ``error: <
 and exit status 1 (``--debug`` or ``SDJ_DEBUG=1``: the traceback). Ctrl-C or SIGTERM during
 a script's timed rounds (:func:`rounds`) stops it after the current round: the table of the
 rounds completed is appended, its heading saying "interrupted after N of M rounds", and the
-script exits 130 / 143 (a second signal, or one at any other time, stops at once with one line
-saying that nothing was written). A table is only ever appended whole, so the tables already
+script exits 130 / 143; likewise during measurements after the rounds (:func:`after_rounds`:
+``bench_step.py``'s compile times). A second signal, or one at any other time, stops at once
+with one line saying that nothing was written. A table is only ever appended whole, so the tables already
 in a results file are never touched.
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
@@ -15,12 +16,13 @@ there the same lines are printed by :func:`run` itself (:class:`FlagError`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 try:
     from stochastic_depth_jax import errors
@@ -59,9 +61,52 @@ def _signal_name(signum: int) -> str:
     return "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
 
 
-# Set by rounds() when a signal cut them short and some were timed: (how, exit status,
-# timed rounds completed, timed rounds asked for); append_table raises the interruption.
-_cut_short: tuple[str, int, int, int] | None = None
+@dataclasses.dataclass(frozen=True)
+class _Cut:
+    """A signal's cut in a script's measurements, for the table :func:`append_table` writes
+    next."""
+
+    how: str  # 'Ctrl-C' or 'SIGTERM'
+    status: int  # the exit status
+    mark: str  # added to the table's heading ('': nothing is missing from the table)
+    missing: str  # the line under the heading: what the table lacks
+    held: str  # what was written, as the exit line says it
+
+
+# Set by rounds() or after_rounds() when a signal cut them short; append_table writes the
+# table as it says, then raises the interruption.
+_cut_short: _Cut | None = None
+
+
+def _stoppable(items: Sequence, at_once: Callable[[int], bool], then: str):
+    """Yields ``items``; a Ctrl-C or SIGTERM ends them after the current one, unless
+    ``at_once(started)`` (items started, the current one included) or it is the second:
+    then it stops at once (:class:`Interrupted`). Returns (the signal caught or None, items
+    started)."""
+    caught: list[int] = []
+    started = 0
+
+    def finish_current(signum, frame):
+        if caught or at_once(started):
+            raise Interrupted(_signal_name(signum), 128 + signum)
+        caught.append(signum)
+        _outputs_survive_their_reader()
+        print(f"{_signal_name(signum)}: stopping after this {then} (again: stop at once, "
+              f"nothing written)", file=sys.stderr, flush=True)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({s: signal.signal(s, finish_current) for s in (signal.SIGINT, signal.SIGTERM)}
+                if main_thread else {})
+    try:
+        for item in items:
+            started += 1
+            yield item
+            if caught:
+                break
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return (caught[0] if caught else None), started
 
 
 def rounds(total: int, warmup: int = 0) -> Iterator[int]:
@@ -72,33 +117,44 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
     to tabulate), stops at once, with nothing written."""
     global _cut_short
     _cut_short = None
-    caught: list[int] = []
+    signum, started = yield from _stoppable(
+        range(total), lambda started: started <= warmup,
+        "round, then writing the table of the rounds completed")
+    if signum is not None:
+        timed, asked = started - warmup, total - warmup
+        _cut_short = _Cut(
+            _signal_name(signum), 128 + signum,
+            f"interrupted after {timed} of {asked} rounds" if timed < asked else "",
+            "medians of the rounds completed, not a full run; the round count below is the "
+            "one asked for.",
+            f"the table of the {timed} of {asked} timed rounds completed" if timed < asked
+            else "every round had completed; the table")
 
-    def finish_round(signum, frame):
-        if caught or started[0] <= warmup:
-            raise Interrupted(_signal_name(signum), 128 + signum)
-        caught.append(signum)
-        _outputs_survive_their_reader()
-        print(f"{_signal_name(signum)}: stopping after this round, then writing the table of "
-              f"the rounds completed (again: stop at once, nothing written)", file=sys.stderr,
-              flush=True)
 
-    started = [0]  # rounds started, the current one included
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({s: signal.signal(s, finish_round) for s in (signal.SIGINT, signal.SIGTERM)}
-                if main_thread else {})
-    try:
-        for i in range(total):
-            started[0] = i + 1
-            yield i
-            if caught:
-                break
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if caught:
-        _cut_short = (_signal_name(caught[0]), 128 + caught[0], started[0] - warmup,
-                      total - warmup)
+def after_rounds(items: Sequence, what: str) -> Iterator:
+    """Yields ``items``, measurements made after the timed rounds (``what`` names them:
+    'compile depths'); none if a signal cut the rounds short. A Ctrl-C or SIGTERM ends them
+    after the current one: the table, its rounds whole, is appended without the rest, its
+    heading saying so, and the script exits 130 / 143; a second signal stops at once, with
+    nothing written."""
+    global _cut_short
+    if _cut_short is not None:
+        if items and not _cut_short.mark:  # caught in the last round: none of these measured
+            _cut_short = dataclasses.replace(
+                _cut_short, mark=f"interrupted before the {what}",
+                missing=f"the timed rounds are whole; the {what} were not measured.",
+                held=f"the table, without the {what},")
+        return
+    signum, started = yield from _stoppable(
+        items, lambda started: False, f"one, then writing the table without the other {what}")
+    if signum is not None:
+        partial = started < len(items)
+        _cut_short = _Cut(
+            _signal_name(signum), 128 + signum,
+            f"interrupted after {started} of {len(items)} {what}" if partial else "",
+            f"the timed rounds are whole; the {what} not measured are left out.",
+            f"the table, with {started} of {len(items)} {what}," if partial
+            else f"every one of the {what} was measured; the table")
 
 
 class _ReaderMayBeGone:
@@ -155,8 +211,9 @@ def _outputs_restored() -> None:
 
 
 def interrupted() -> bool:
-    """Whether a signal cut the last :func:`rounds` short (skip further measurements)."""
-    return _cut_short is not None
+    """Whether a signal cut the last :func:`rounds` short: the table lacks rounds (write no
+    ``--json`` file or drawing, which could not say so)."""
+    return _cut_short is not None and bool(_cut_short.mark)
 
 
 def run(main, argv=None):
@@ -324,20 +381,17 @@ def fresh_file(path: str, flag: str) -> str:
 
 def append_table(text: str, path: str | None, title: str = "") -> None:
     """Prints ``text`` and appends it to ``path`` (``None``: print only) in one write
-    (``title``: a new file's first line); says where it went. After :func:`rounds` were
-    cut short by a signal, the table's first line says so, and the interruption is raised
-    once it is written (:func:`run` exits 130 / 143)."""
+    (``title``: a new file's first line); says where it went. After :func:`rounds` or
+    :func:`after_rounds` were cut short by a signal, the table's first line says so, and the
+    interruption is raised once it is written (:func:`run` exits 130 / 143)."""
     global _cut_short
-    cut_short, stop, _cut_short = _cut_short, None, None
-    if cut_short is not None:
-        how, status, timed, asked = cut_short
-        if timed < asked:
-            text = _marked_interrupted(text, how, timed, asked)
+    cut, stop, _cut_short = _cut_short, None, None
+    if cut is not None:
+        if cut.mark:
+            text = _marked_interrupted(text, cut)
         done = "appended" if path is not None else "printed only (written nowhere)"
-        stop = Interrupted(how, status, (
-            f"the table of the {timed} of {asked} timed rounds completed was {done}, marked "
-            f"as interrupted." if timed < asked else
-            f"every round had completed; the table was {done} whole."))
+        stop = Interrupted(cut.how, cut.status, f"{cut.held} was {done}" + (
+            ", marked as interrupted." if cut.mark else " whole."))
     if path is not None:  # before printing it: a closed output cannot lose the table
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         with open(path, "a") as f:
@@ -349,10 +403,9 @@ def append_table(text: str, path: str | None, title: str = "") -> None:
         raise stop
 
 
-def _marked_interrupted(text: str, how: str, timed: int, asked: int) -> str:
-    """``text`` with its heading (first line) saying it holds ``timed`` of ``asked`` rounds."""
+def _marked_interrupted(text: str, cut: _Cut) -> str:
+    """``text`` with its heading (first line) saying what ``cut`` left out of it."""
     heading, _, rest = text.partition("\n")
-    return (f"{heading} (interrupted after {timed} of {asked} rounds)\n\n"
-            f"**Interrupted after {timed} of {asked} rounds** ({how}): medians of the rounds "
-            f"completed, not a full run; the round count below is the one asked for.\n"
+    return (f"{heading} ({cut.mark})\n\n"
+            f"**{cut.mark[:1].upper() + cut.mark[1:]}** ({cut.how}): {cut.missing}\n"
             f"{rest}")

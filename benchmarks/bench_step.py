@@ -394,7 +394,8 @@ def main(argv=None) -> None:
     compile_rows = []
     if not bench_cli.interrupted():  # the table of the rounds done is written at once
         write_json(args.json, runners, args.batch, args.dtype)
-    for d in [] if bench_cli.interrupted() else args.compile_depths:
+    # A signal here: the table without the other depths (none after cut-short rounds).
+    for d in bench_cli.after_rounds(args.compile_depths, "compile depths"):
         s = compile_seconds(d, args.batch, scan, dtype)
         compile_rows.append((d, s))
         print(f"compile depth {d}: {s:.1f}s", flush=True)

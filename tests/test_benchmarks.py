@@ -2,7 +2,8 @@
 the CPU, not in a lent GPU's minutes. Figures are not checked (they are the machine's), only
 that every variant ran and its table row is there and well formed; and the scripts as a user
 meets them: a rerun never loses a recorded table, a bad flag is one line, an interruption
-during the timed rounds writes the rounds done, marked as such, and any other writes nothing."""
+during the timed rounds (or the compile timings after them) writes what was measured, marked
+as such, and any other writes nothing."""
 
 import os
 import re
@@ -359,6 +360,47 @@ def test_a_second_signal_or_one_in_the_warm_up_stops_at_once(tmp_path, capsys, m
         assert code == 143 and err[-1] == ("interrupted (SIGTERM): no table was written; the "
                                            "results files are as they were."), err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("when, mark, held", [
+    ("compiling", "interrupted after 1 of 2 compile depths", "with 1 of 2 compile depths,"),
+    ("last round", "interrupted before the compile depths", "without the compile depths,"),
+])
+def test_a_signal_after_the_rounds_writes_their_table_marked(tmp_path, capsys, monkeypatch,
+                                                             when, mark, held):
+    """bench_step.py times compilation at depths 110 and 1202 after its rounds: a Ctrl-C or
+    SIGTERM then lost the rounds' table ('no table was written'); one in the last round left
+    the compile times out of a table that said nothing of it."""
+    bench_step = load("bench_step")
+    compiled, steps, run_once = [], [], bench_step.run_once
+
+    def compile_seconds(depth, *args):
+        compiled.append(depth)
+        if when == "compiling" and len(compiled) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return 1.5
+
+    def step(r, gates):  # call 1 compiles, calls 2 and 3 are the rounds
+        steps.append(r.name)
+        if when == "last round" and len(steps) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return run_once(r, gates)
+
+    monkeypatch.setattr(bench_step, "compile_seconds", compile_seconds)
+    monkeypatch.setattr(bench_step, "run_once", step)
+    out, js = tmp_path / "step.md", tmp_path / "step.json"
+    code, err = run_command("bench_step", [
+        "--depth", "8", "--batch", "2", "--rounds", "2", "--warmup", "0", "--variants",
+        "constant", "--compile-depths", "20,56", "--json", str(js), "--out", str(out)], capsys)
+    assert code == 143 and len(steps) == 3, err
+    assert err[-1] == f"interrupted (SIGTERM): the table, {held} was appended, marked as " \
+                      "interrupted."
+    text = out.read_text()
+    assert text.splitlines()[0].endswith(f" ({mark})")
+    assert len(rows(out, ["constant"])["constant"]) == 5  # the rounds' row, whole
+    assert ("| 20 | 1.5 |" in text) == (when == "compiling") and "| 56 |" not in text
+    assert compiled == ([20] if when == "compiling" else [])
+    assert js.exists()  # the rounds are whole: their medians too
 
 
 def test_an_interrupted_table_printed_only_does_not_say_it_was_appended(capsys):
