@@ -127,6 +127,7 @@ def test_a_usage_error_joins_the_job_its_flags_name_unless_debugging(monkeypatch
     """Under --debug a misspelt flag joined the job to report it (and waited up to
     --init_timeout), where --debug reports any other error without joining."""
     told = []
+    monkeypatch.delenv("SDJ_DEBUG", raising=False)
     monkeypatch.setattr(distributed, "_expected", None)  # restored after: expect_job sets it
     monkeypatch.setattr(distributed, "leave_job", lambda message, status: told.append(
         (distributed._expected["process_id"], message, status)))
