@@ -7,8 +7,8 @@ a script's timed rounds (:func:`rounds`) stops it after the current round: the t
 rounds completed is appended, its heading saying "interrupted after N of M rounds", and the
 script exits 130 / 143; likewise during measurements after the rounds (:func:`after_rounds`:
 ``bench_step.py``'s compile times). A second signal, or one at any other time, stops at once
-with one line saying that nothing was written. A table is only ever appended whole, so the tables already
-in a results file are never touched.
+with one line saying that nothing was written. A table is only ever appended whole, so the
+tables already in a results file are never touched.
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
 there the same lines are printed by :func:`run` itself (:class:`FlagError`).
@@ -204,6 +204,7 @@ def _outputs_survive_their_reader() -> None:
 
 
 def _outputs_restored() -> None:
+    """Undoes :func:`_outputs_survive_their_reader`."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if isinstance(stream, _ReaderMayBeGone):
