@@ -148,18 +148,27 @@ _CONTAINERS = ("cond", "while", "call", "SlinkyThreadPool")  # enclose other eve
 
 
 def hlo_ops(hlo: str) -> dict[str, tuple[str, str, bool]]:
-    """``{instruction: (shape, op_name, in a cond's first branch)}`` of compiled HLO text."""
+    """``{instruction: (shape, op_name, in a cond's first branch)}`` of compiled HLO text.
+
+    An instruction without ``op_name`` (XLA:CPU splits a large reduction into a
+    ``reduce-window`` without metadata, then a ``reduce`` with it) takes its first user's.
+    """
     first_branches = set(re.findall(r"branch_computations=\{%?([\w.\-]+),", hlo))
-    ops, computation = {}, None
+    ops, users, computation = {}, {}, None
     for line in hlo.splitlines():
         header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", line)
         if header and line.rstrip().endswith("{"):
             computation = header.group(1)
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
-        if m:
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) [\w\-]+\(([^)]*)\)", line)
+        if m and m.group(1) not in ops:
             meta = re.search(r'op_name="([^"]*)"', line)
-            ops.setdefault(m.group(1), (m.group(2).split("{")[0], meta.group(1) if meta else "",
-                                        computation in first_branches))
+            ops[m.group(1)] = (m.group(2).split("{")[0], meta.group(1) if meta else "",
+                               computation in first_branches)
+            for operand in re.findall(r"%([\w.\-]+)", m.group(3)):
+                users.setdefault(operand, m.group(1))
+    for name, (shape, meta, skip) in ops.items():
+        if not meta and name in users:
+            ops[name] = (shape, ops[users[name]][1], skip)
     return ops
 
 
