@@ -28,7 +28,8 @@ it does not cover fall back to ``lax.conv_general_dilated``).
 
 XLA:CPU by default runs :func:`conv2d`'s weight-gradient convolution with YNNPACK, slower
 than its own (Eigen) convolution at a CIFAR ResNet's shapes; :func:`cpu_compiler_options`
-gives the ``jax.jit`` options that keep it on XLA's kernels (the trainer uses them).
+gives the ``jax.jit`` options that keep it on XLA's kernels, reductions on YNNPACK's (the
+trainer uses them).
 Rewriting the convolution as im2col + matmul, or the weight gradient as a patches matmul or
 nine shifted dots, was slower (README, "What is left on the CPU").
 """
@@ -100,9 +101,10 @@ _conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
 # 128x32x32x16: 0.66 ms on YNNPACK, 4.7 ms so). Measured (shared, noisy 2-core machine):
 # four scanned cond-wrapped two-conv blocks, batch 128, fwd + bwd, 692 -> 506 ms
 # (32x32x16), 413 -> 318 (16x16x32), 305 -> 235 (8x8x64); reductions back on YNNPACK, the
-# ResNet-110 train step a further 10% faster (README, "What is left on the CPU"). Im2col +
-# matmul and nine-shifted-dot formulations were slower (XLA:CPU's dot is no faster than
-# its convolution here), so the formulation itself is unchanged.
+# ResNet-110 train step a further 5-16% faster (medians; 10-17% round by round; README,
+# "What is left on the CPU"). Im2col + matmul and nine-shifted-dot formulations were
+# slower (XLA:CPU's dot is no faster than its convolution here), so the formulation itself
+# is unchanged.
 _CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
@@ -147,7 +149,7 @@ def cpu_compiler_options() -> dict[str, str]:
     other convolution) runs on XLA's own convolution kernels instead of YNNPACK's, while
     dots and reductions stay on YNNPACK (same values to float32 rounding; a ResNet-110
     train step 11-48% faster in four of five noisy side-by-side runs on a shared 2-core
-    CPU, 2-6% in the other; reductions kept on YNNPACK, a further ~10%). Empty on other
+    CPU, 2-6% in the other; reductions kept on YNNPACK, a further 5-16%). Empty on other
     backends and on a jaxlib that refuses the option (with one warning). Use as
     ``jax.jit(step, compiler_options=cpu_compiler_options())``; the trainer does.
     """
