@@ -201,7 +201,13 @@ IDLE = "idle pool threads (waiting: dependencies, the host)"
 
 def subtract(intervals, cover) -> list[tuple[int, int]]:
     """``[start, end)`` intervals minus the union of ``cover``'s (both lists of pairs)."""
-    out, cover, i = [], sorted(cover), 0
+    merged = []  # the union of cover as disjoint sorted intervals: one pass below
+    for start, end in sorted(cover):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    out, cover, i = [], merged, 0
     for start, end in sorted(intervals):
         while i < len(cover) and cover[i][1] <= start:
             i += 1
@@ -254,7 +260,7 @@ def attribute(untraced, windows) -> dict[str | None, float]:
     totals, flight, threads, last = collections.defaultdict(float), collections.Counter(), 0, 0
     for t, step, op in points:
         if threads and t > last:
-            ops = [o for o, n in flight.items() if n > 0] or [None]
+            ops = list(flight) or [None]
             for o in ops:
                 totals[o] += threads * (t - last) / len(ops)
         last = t
@@ -262,6 +268,8 @@ def attribute(untraced, windows) -> dict[str | None, float]:
             threads += step
         else:
             flight[op] += step
+            if not flight[op]:
+                del flight[op]
     return dict(totals)
 
 
@@ -285,7 +293,8 @@ def thread_time(planes, ops: dict, wall_ns: int) -> tuple[dict[str, float], dict
     for evs in pool:
         regions = _regions(evs)
         named = [(s, s + d) for n, s, d in evs if d > 0 and not n.startswith(_REGION)]
-        leaf = [(s, s + d) for n, s, d in evs if d > 0 and not n.startswith(_CPU_NOISE + _CONTAINERS)]
+        leaf = [(s, s + d) for n, s, d in evs
+                if d > 0 and not n.startswith(_CPU_NOISE + _CONTAINERS)]
         gaps = subtract(regions, named)
         untraced += gaps
         runtime += sum(e - s for s, e in subtract(regions, leaf)) - sum(e - s for s, e in gaps)
