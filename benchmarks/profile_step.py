@@ -10,9 +10,13 @@ program is compiled and warmed up) and summarises the trace's device timeline:
 * kernels (and memory copies) per step and their median duration: at batch 128 a ResNet-110
   step is thousands of small kernels, each paying a launch and a tail;
 * the kernels that take the most time, by name;
-* with ``--by-source`` (CPU, ResNet), the ops' time split by what they come from
-  (convolutions, ``conv.py``'s transposes, BatchNorm, ReLU, the scans' stacked residuals,
-  skipped blocks' zero-fill, ...), each op matched to its HLO instruction's metadata.
+* with ``--by-source`` (CPU, ResNet), the XLA thread pool's time (threads x wall) split by
+  what it comes from (convolutions, ``conv.py``'s transposes, BatchNorm, ReLU, the scans'
+  stacked residuals, skipped blocks' zero-fill, ..., the runtime between ops, idle), each
+  op matched to its HLO instruction's metadata. XLA's own (Eigen) convolutions run as
+  unnamed pool tasks after their thunk returns; that work is found between the pool's
+  task markers and counted with the ops in flight (the busy and kernel columns, which see
+  named events only, leave it out).
 
 On a GPU the timeline is the ``/device:GPU:N`` planes' stream lines (CUPTI). XLA turns CUDA
 graphs off while profiling unless told otherwise, which would change what is measured, so
@@ -144,19 +148,33 @@ _CONTAINERS = ("cond", "while", "call", "SlinkyThreadPool")  # enclose other eve
 
 
 def hlo_ops(hlo: str) -> dict[str, tuple[str, str, bool]]:
-    """``{instruction: (shape, op_name, in a cond's first branch)}`` of compiled HLO text."""
+    """``{instruction: (shape, op_name, in a cond's first branch)}`` of compiled HLO text.
+
+    An instruction without ``op_name`` (XLA:CPU splits a large reduction into a
+    ``reduce-window`` without metadata, then a ``reduce`` with it) takes its first user's.
+    """
     first_branches = set(re.findall(r"branch_computations=\{%?([\w.\-]+),", hlo))
-    ops, computation = {}, None
+    ops, users, computation = {}, {}, None
     for line in hlo.splitlines():
         header = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", line)
         if header and line.rstrip().endswith("{"):
             computation = header.group(1)
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
-        if m:
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) [\w\-]+\(([^)]*)\)", line)
+        if m and m.group(1) not in ops:
             meta = re.search(r'op_name="([^"]*)"', line)
-            ops.setdefault(m.group(1), (m.group(2).split("{")[0], meta.group(1) if meta else "",
-                                        computation in first_branches))
+            ops[m.group(1)] = (m.group(2).split("{")[0], meta.group(1) if meta else "",
+                               computation in first_branches)
+            for operand in re.findall(r"%([\w.\-]+)", m.group(3)):
+                users.setdefault(operand, m.group(1))
+    for name, (shape, meta, skip) in ops.items():
+        if not meta and name in users:
+            ops[name] = (shape, ops[users[name]][1], skip)
     return ops
+
+
+def _label(name: str, ops: dict) -> str:
+    shape, meta, skip = ops.get(name, ("", "", False))
+    return next((lb for lb, rule in SOURCES if rule(name, shape, meta, skip)), "other")
 
 
 def by_source(events, ops: dict) -> dict[str, int]:
@@ -164,12 +182,130 @@ def by_source(events, ops: dict) -> dict[str, int]:
     (those that enclose others, conditionals and loops, are left out)."""
     totals = collections.defaultdict(int)
     for name, start, end in events:
-        if name.startswith(_CONTAINERS):
-            continue
-        shape, meta, skip = ops.get(name, ("", "", False))
-        label = next((lb for lb, rule in SOURCES if rule(name, shape, meta, skip)), "other")
-        totals[label] += end - start
+        if not name.startswith(_CONTAINERS):
+            totals[_label(name, ops)] += end - start
     return dict(totals)
+
+
+# XLA:CPU's intra-op thread pool. Its threads mark each task they run (StartRegion ..
+# StopRegion) but only thunks carry a named event: a convolution's thunk (XLA's Eigen
+# kernel) returns after a few microseconds, its work runs as unnamed pool tasks, and an
+# ``end: <op>`` marker says when it completed; a large loop fusion's other threads run
+# unnamed tasks too. That work is attributed to the ops in flight while it runs.
+_POOL_LINE = "tf_XLAEigen"
+_REGION = ("ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion")
+RUNTIME = "XLA runtime between ops (thunk executor, cond and loop control)"
+UNOWNED = "untraced thread-pool tasks, no op in flight"
+IDLE = "idle pool threads (waiting: dependencies, the host)"
+
+
+def subtract(intervals, cover) -> list[tuple[int, int]]:
+    """``[start, end)`` intervals minus the union of ``cover``'s (both lists of pairs)."""
+    merged = []  # the union of cover as disjoint sorted intervals: one pass below
+    for start, end in sorted(cover):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    out, cover, i = [], merged, 0
+    for start, end in sorted(intervals):
+        while i < len(cover) and cover[i][1] <= start:
+            i += 1
+        cur, j = start, i
+        while j < len(cover) and cover[j][0] < end:
+            if cover[j][0] > cur:
+                out.append((cur, cover[j][0]))
+            cur = max(cur, cover[j][1])
+            j += 1
+        if cur < end:
+            out.append((cur, end))
+    return out
+
+
+def _regions(events) -> list[tuple[int, int]]:
+    """The tasks a pool thread ran: its StartRegion .. StopRegion pairs."""
+    regions, start = [], None
+    for name, s, _ in sorted(events, key=lambda e: e[1]):
+        if name == _REGION[0]:
+            start = s
+        elif name == _REGION[1] and start is not None:
+            regions.append((start, s))
+            start = None
+    return regions
+
+
+def op_windows(lines) -> list[tuple[int, int, str]]:
+    """``(start, end, op)`` of each leaf op run on the XLA threads: its thunk's event, to
+    its ``end: <op>`` marker where that comes later (asynchronous: a convolution)."""
+    launches, ends = collections.defaultdict(list), collections.defaultdict(list)
+    for line, evs in lines:
+        for name, s, d in evs:
+            if name.startswith("end: "):
+                ends[name[5:]].append(s)
+            elif d > 0 and not name.startswith(_CPU_NOISE + _CONTAINERS):
+                launches[name].append((s, s + d))
+    windows = []
+    for name, runs in launches.items():  # an op's runs never overlap: pair them in order
+        marks = sorted(ends[name]) + [0] * len(runs)
+        windows += [(s, max(e, mark), name) for (s, e), mark in zip(sorted(runs), marks)]
+    return windows
+
+
+def attribute(untraced, windows) -> dict[str | None, float]:
+    """Nanoseconds of ``untraced`` intervals (several threads' may overlap) per op in flight
+    (``windows``), split equally among the ops in flight; ``None``: no op in flight."""
+    points = [(s, 1, None) for s, _ in untraced] + [(e, -1, None) for _, e in untraced]
+    points += [(s, 1, op) for s, _, op in windows] + [(e, -1, op) for _, e, op in windows]
+    points.sort(key=lambda p: p[0])
+    totals, flight, threads, last = collections.defaultdict(float), collections.Counter(), 0, 0
+    for t, step, op in points:
+        if threads and t > last:
+            ops = list(flight) or [None]
+            for o in ops:
+                totals[o] += threads * (t - last) / len(ops)
+        last = t
+        if op is None:
+            threads += step
+        else:
+            flight[op] += step
+            if not flight[op]:
+                del flight[op]
+    return dict(totals)
+
+
+def pool_threads(planes) -> int:
+    """How many XLA:CPU intra-op pool threads the trace shows."""
+    return sum(line.startswith(_POOL_LINE) for plane, ls in planes if plane == "/host:CPU"
+               for line, _ in ls)
+
+
+def thread_time(planes, ops: dict, wall_ns: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The CPU pool threads' time over ``wall_ns`` by source: ``({label: ns}, {label: ns
+    of it in untraced pool tasks})``, summing to pool threads x wall. Labels: :data:`SOURCES`,
+    ``'other'``, :data:`RUNTIME`, :data:`UNOWNED`, :data:`IDLE`."""
+    lines = [(line, evs) for plane, ls in planes if plane == "/host:CPU"
+             for line, evs in ls if line.startswith("tf_XLA")]
+    leaves = [(n, s, s + d) for _, evs in lines for n, s, d in evs
+              if d > 0 and not n.startswith(_CPU_NOISE + _CONTAINERS)]
+    totals = collections.defaultdict(float, by_source(leaves, ops))
+    pool = [evs for line, evs in lines if line.startswith(_POOL_LINE)]  # pool_threads()
+    untraced, runtime = [], 0
+    for evs in pool:
+        regions = _regions(evs)
+        named = [(s, s + d) for n, s, d in evs if d > 0 and not n.startswith(_REGION)]
+        leaf = [(s, s + d) for n, s, d in evs
+                if d > 0 and not n.startswith(_CPU_NOISE + _CONTAINERS)]
+        gaps = subtract(regions, named)
+        untraced += gaps
+        runtime += sum(e - s for s, e in subtract(regions, leaf)) - sum(e - s for s, e in gaps)
+    hidden = collections.defaultdict(float)
+    for op, ns in attribute(untraced, op_windows(lines)).items():
+        hidden[UNOWNED if op is None else _label(op, ops)] += ns
+    for label, ns in hidden.items():
+        totals[label] += ns
+    totals[RUNTIME] += runtime
+    totals[IDLE] = max(0.0, len(pool) * wall_ns - sum(totals.values()))
+    return dict(totals), dict(hidden)
 
 
 def read_trace(trace_dir: str):
@@ -238,6 +374,21 @@ def drop_path_runners(args):
     return dp.describe(dargs).removeprefix("## "), dp.run_once, makers, keys
 
 
+def source_lines(name: str, s: dict, steps: int) -> list[str]:
+    """The ``--by-source`` split of one variant: shares of its pool threads' time."""
+    total = sum(s["sources"].values())
+    lines = [f"Thread time by source, {name} ({s['pool_threads']} XLA pool threads x "
+             f"{s['wall_ms']:.0f} ms wall = {total / steps / 1e6:.0f} ms/step; untraced pool "
+             f"tasks (XLA's Eigen convolutions, the helper threads of a large fusion) are "
+             f"counted with the ops in flight, split equally where several are):", ""]
+    for label, ns in sorted(s["sources"].items(), key=lambda kv: -kv[1]):
+        hidden = s["untraced"].get(label, 0)
+        note = (f" ({hidden / ns:.0%} of it untraced pool tasks)"
+                if label != UNOWNED and hidden >= 0.05 * ns else "")
+        lines.append(f"- {ns / total:.1%} {label}{note}")
+    return lines
+
+
 def report(results: dict, args, source: str, heading: str) -> str:
     lines = [
         f"## Device timeline of the train step: {heading}",
@@ -261,11 +412,7 @@ def report(results: dict, args, source: str, heading: str) -> str:
                   for kname, share in s["top"]]
     for name, s in results.items():
         if s.get("sources"):
-            total = sum(s["sources"].values())
-            lines += ["", f"Op time by source, {name} (share of the leaf ops' time, "
-                          f"{total / args.steps / 1e6:.0f} ms/step):", ""]
-            lines += [f"- {ns / total:.1%} {label}" for label, ns in
-                      sorted(s["sources"].items(), key=lambda kv: -kv[1])]
+            lines += ["", *source_lines(name, s, args.steps)]
     lines += ["", "Profiling adds per-event overhead: compare wall times with the benchmarks' "
                   "(bench_step.py, bench_drop_path.py)."]
     return "\n".join(lines) + "\n"
@@ -287,8 +434,8 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
                     help="with --drop-path: the network")
     ap.add_argument("--by-source", action="store_true",
-                    help="CPU, ResNet: also split the ops' time by what they come from "
-                         "(convolutions, BatchNorm, the scans' stacked residuals, ...)")
+                    help="CPU, ResNet: also split the thread pool's time by what it comes "
+                         "from (convolutions, BatchNorm, the scans' stacked residuals, ...)")
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("profile_<backend>.md"))
     args = ap.parse_args(argv)
     args.label = run_label("profile_step.py", argv, size_changes(ap, args, SIZES))
@@ -326,7 +473,10 @@ def main(argv=None) -> None:
                       f"these figures are the host's ({source}), not the device's", flush=True)
             results[name] = summarise(events, args.steps, wall)
             if args.by_source:  # the profiled steps' program, for the gates of the first
-                results[name]["sources"] = by_source(events, hlo_ops(step_hlo(runner, inputs[2])))
+                ops = hlo_ops(step_hlo(runner, inputs[2]))
+                results[name]["sources"], results[name]["untraced"] = thread_time(
+                    planes, ops, int(wall * 1e9))
+                results[name]["pool_threads"] = pool_threads(planes)
             s = results[name]
             print(f"{name}: {s['wall_ms']:.2f} ms/step wall, {s['busy_ms']:.2f} ms busy, "
                   f"{s['kernels']:.0f} kernels/step ({source})", flush=True)

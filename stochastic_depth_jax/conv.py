@@ -28,7 +28,8 @@ it does not cover fall back to ``lax.conv_general_dilated``).
 
 XLA:CPU by default runs :func:`conv2d`'s weight-gradient convolution with YNNPACK, slower
 than its own (Eigen) convolution at a CIFAR ResNet's shapes; :func:`cpu_compiler_options`
-gives the ``jax.jit`` options that keep it on XLA's kernels (the trainer uses them).
+gives the ``jax.jit`` options that keep it on XLA's kernels, reductions on YNNPACK's (the
+trainer uses them).
 Rewriting the convolution as im2col + matmul, or the weight gradient as a patches matmul or
 nine shifted dots, was slower (README, "What is left on the CPU").
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -93,22 +95,49 @@ _conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
 
 # XLA:CPU (jaxlib 0.10 to 0.12) hands the weight-gradient convolution of _conv_s1_bwd (input
 # channels as the batch, the cotangent as a batch-sized kernel) to YNNPACK, and XLA's own
-# (Eigen) convolution runs it faster at a CIFAR ResNet's shapes; letting YNNPACK take dots
-# only sends it there. Measured (shared, noisy 2-core machine): four scanned
-# cond-wrapped two-conv blocks, batch 128, fwd + bwd, 692 -> 506 ms (32x32x16), 413 -> 318
-# (16x16x32), 305 -> 235 (8x8x64). Im2col + matmul and nine-shifted-dot formulations,
-# measured alongside, were slower (XLA:CPU's dot is no faster than its convolution here),
-# so the formulation itself is unchanged.
+# (Eigen) convolution runs it faster at a CIFAR ResNet's shapes. The option lists what
+# YNNPACK may still take: dots, and reductions, without which XLA splits each large
+# reduction (BatchNorm's statistics) into a slow reduce-window (a mean and variance of
+# 128x32x32x16: 0.66 ms on YNNPACK, 4.7 ms so). Measured (shared, noisy 2-core machine):
+# four scanned cond-wrapped two-conv blocks, batch 128, fwd + bwd, 692 -> 506 ms
+# (32x32x16), 413 -> 318 (16x16x32), 305 -> 235 (8x8x64); reductions back on YNNPACK, the
+# ResNet-110 train step a further 5-16% faster (medians; 10-17% round by round; README,
+# "What is left on the CPU"). Im2col + matmul and nine-shifted-dot formulations were
+# slower (XLA:CPU's dot is no faster than its convolution here), so the formulation itself
+# is unchanged.
 _CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def _probe_cpu_options() -> None:
+    """Compiles a trivial program with :data:`_CPU_COMPILER_OPTIONS` (raises if refused)."""
+    jax.jit(lambda a: a + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+        jnp.zeros((), jnp.float32)).compile()
 
 
 @functools.cache
 def _cpu_options_known() -> bool:
+    """Whether this jaxlib's XLA:CPU accepts :data:`_CPU_COMPILER_OPTIONS`; warns once if not.
+
+    Every refusal warns, "no such option" included: that is what a jaxlib that renamed or
+    dropped this experimental option answers, and training silently 1.3-1.5x slower is
+    worse than one line on a jaxlib where the option never existed.
+    """
     try:
-        jax.jit(lambda a: a + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
-            jnp.zeros((), jnp.float32)).compile()
-    except Exception:  # a jaxlib without this (experimental) option: compile without it
+        _probe_cpu_options()
+    except Exception as e:  # any refusal: train without the options
+        import jaxlib
+
+        from stochastic_depth_jax import logs
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        options = ", ".join(f"{k}={v}" for k, v in _CPU_COMPILER_OPTIONS.items())
+        warnings.warn(
+            f"XLA:CPU of jaxlib {jaxlib.__version__} refused the compiler option {options} "
+            f"({reason}): train steps compile without it, so CPU convolution gradients and "
+            f"BatchNorm statistics run on slower kernels (steps up to ~1.5x slower; results equal "
+            f"to float rounding). Nothing to do, unless you can move to a jaxlib this library is "
+            f"tested with (README, 'Tested versions').", logs.RunWarning, stacklevel=2)
         return False
     return True
 
@@ -117,10 +146,11 @@ def cpu_compiler_options() -> dict[str, str]:
     """``compiler_options`` for ``jax.jit`` of a training step: faster conv gradients on CPU.
 
     On the CPU backend, XLA options under which :func:`conv2d`'s weight gradient (and every
-    other convolution) runs on XLA's own convolution kernels instead of YNNPACK's (same
-    values to float32 rounding; a ResNet-110 train step 11-48% faster in four of five
-    noisy side-by-side runs on a shared 2-core CPU, 2-6% in the other). Empty on other
-    backends and on a jaxlib that does not know the option. Use as
+    other convolution) runs on XLA's own convolution kernels instead of YNNPACK's, while
+    dots and reductions stay on YNNPACK (same values to float32 rounding; a ResNet-110
+    train step 11-48% faster in four of five noisy side-by-side runs on a shared 2-core
+    CPU, 2-6% in the other; reductions kept on YNNPACK, a further 5-16%). Empty on other
+    backends and on a jaxlib that refuses the option (with one warning). Use as
     ``jax.jit(step, compiler_options=cpu_compiler_options())``; the trainer does.
     """
     if jax.default_backend() != "cpu" or not _cpu_options_known():

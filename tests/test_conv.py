@@ -114,6 +114,33 @@ def test_trainer_step_keeps_gradient_convolutions_on_xla_kernels():
         "compiler_options=cpu_compiler_options()")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+def test_refused_cpu_options_warn_once_and_train_without_them(monkeypatch):
+    """A jaxlib that renames or rejects the YNNPACK option: one warning naming the option,
+    the jaxlib and the cost, then compiler options left empty (the step still compiles)."""
+    import jaxlib
+
+    from stochastic_depth_jax import conv, logs
+    from warned import messages
+
+    def refuse():
+        raise RuntimeError("INVALID_ARGUMENT: No such compile option: "
+                           "'xla_cpu_experimental_ynn_fusion_type'\nmore detail")
+
+    monkeypatch.setattr(conv, "_probe_cpu_options", refuse)
+    conv._cpu_options_known.cache_clear()
+    try:
+        with pytest.warns(logs.RunWarning) as caught:
+            assert cpu_compiler_options() == {} and cpu_compiler_options() == {}
+    finally:
+        conv._cpu_options_known.cache_clear()  # the real probe for the other tests
+    [message] = messages(caught, logs.RunWarning)
+    assert "\n" not in message
+    for part in ("xla_cpu_experimental_ynn_fusion_type=", f"jaxlib {jaxlib.__version__}",
+                 "No such compile option", "slower", "Nothing to do"):
+        assert part in message
+
+
 def test_module_matches_flax_conv_and_rejects_unknown_implementation():
     import flax.linen as nn
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
