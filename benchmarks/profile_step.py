@@ -382,9 +382,9 @@ def source_lines(name: str, s: dict, steps: int) -> list[str]:
              f"tasks (XLA's Eigen convolutions, the helper threads of a large fusion) are "
              f"counted with the ops in flight, split equally where several are):", ""]
     for label, ns in sorted(s["sources"].items(), key=lambda kv: -kv[1]):
-        hidden = s["untraced"].get(label, 0)
+        hidden = s["untraced"].get(label, 0)  # part of ns: 0 where ns is (idle, a busy pool)
         note = (f" ({hidden / ns:.0%} of it untraced pool tasks)"
-                if label != UNOWNED and hidden >= 0.05 * ns else "")
+                if label != UNOWNED and hidden and hidden >= 0.05 * ns else "")
         lines.append(f"- {ns / total:.1%} {label}{note}")
     return lines
 
