@@ -101,8 +101,8 @@ _conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
 # 128x32x32x16: 0.66 ms on YNNPACK, 4.7 ms so). Measured (shared, noisy 2-core machine):
 # four scanned cond-wrapped two-conv blocks, batch 128, fwd + bwd, 692 -> 506 ms
 # (32x32x16), 413 -> 318 (16x16x32), 305 -> 235 (8x8x64); reductions back on YNNPACK, the
-# ResNet-110 train step a further 5-16% faster (medians; 10-17% round by round; README,
-# "What is left on the CPU"). Im2col + matmul and nine-shifted-dot formulations were
+# ResNet-110 train step a further 5-14% faster (medians; 9-17% round by round; ResNet-56
+# 17%; README, "What is left on the CPU"). Im2col + matmul and nine-shifted-dot formulations were
 # slower (XLA:CPU's dot is no faster than its convolution here), so the formulation itself
 # is unchanged.
 _CPU_COMPILER_OPTIONS = {
@@ -121,7 +121,7 @@ def _cpu_options_known() -> bool:
     """Whether this jaxlib's XLA:CPU accepts :data:`_CPU_COMPILER_OPTIONS`; warns once if not.
 
     Every refusal warns, "no such option" included: that is what a jaxlib that renamed or
-    dropped this experimental option answers, and training silently 1.3-1.5x slower is
+    dropped this experimental option answers, and training silently up to ~2x slower is
     worse than one line on a jaxlib where the option never existed.
     """
     try:
@@ -135,9 +135,9 @@ def _cpu_options_known() -> bool:
         warnings.warn(
             f"XLA:CPU of jaxlib {jaxlib.__version__} refused the compiler option {options} "
             f"({reason}): train steps compile without it, so CPU convolution gradients and "
-            f"BatchNorm statistics run on slower kernels (steps up to ~1.5x slower; results equal "
+            f"BatchNorm statistics run on slower kernels (steps up to ~2x slower; results equal "
             f"to float rounding). Nothing to do, unless you can move to a jaxlib this library is "
-            f"tested with (README, 'Tested versions').", logs.RunWarning, stacklevel=2)
+            f"tested with (README, 'Tested versions').", logs.RunWarning, stacklevel=3)
         return False
     return True
 
@@ -149,7 +149,7 @@ def cpu_compiler_options() -> dict[str, str]:
     other convolution) runs on XLA's own convolution kernels instead of YNNPACK's, while
     dots and reductions stay on YNNPACK (same values to float32 rounding; a ResNet-110
     train step 11-48% faster in four of five noisy side-by-side runs on a shared 2-core
-    CPU, 2-6% in the other; reductions kept on YNNPACK, a further 5-16%). Empty on other
+    CPU, 2-6% in the other; reductions kept on YNNPACK, a further 5-14%). Empty on other
     backends and on a jaxlib that refuses the option (with one warning). Use as
     ``jax.jit(step, compiler_options=cpu_compiler_options())``; the trainer does.
     """

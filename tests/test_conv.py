@@ -136,6 +136,8 @@ def test_refused_cpu_options_warn_once_and_train_without_them(monkeypatch):
         conv._cpu_options_known.cache_clear()  # the real probe for the other tests
     [message] = messages(caught, logs.RunWarning)
     assert "\n" not in message
+    # Python names the line that asked for the options (here), not conv.py's internals
+    assert {w.filename for w in caught if issubclass(w.category, logs.RunWarning)} == {__file__}
     for part in ("xla_cpu_experimental_ynn_fusion_type=", f"jaxlib {jaxlib.__version__}",
                  "No such compile option", "slower", "Nothing to do"):
         assert part in message
