@@ -199,6 +199,11 @@ UNOWNED = "untraced thread-pool tasks, no op in flight"
 IDLE = "idle pool threads (waiting: dependencies, the host)"
 
 
+def _is_leaf(name: str, duration: int) -> bool:
+    """Whether a CPU trace event is an op's own work (not scheduling, not a container)."""
+    return duration > 0 and not name.startswith(_CPU_NOISE + _CONTAINERS)
+
+
 def subtract(intervals, cover) -> list[tuple[int, int]]:
     """``[start, end)`` intervals minus the union of ``cover``'s (both lists of pairs)."""
     merged = []  # the union of cover as disjoint sorted intervals: one pass below
@@ -242,7 +247,7 @@ def op_windows(lines) -> list[tuple[int, int, str]]:
         for name, s, d in evs:
             if name.startswith("end: "):
                 ends[name[5:]].append(s)
-            elif d > 0 and not name.startswith(_CPU_NOISE + _CONTAINERS):
+            elif _is_leaf(name, d):
                 launches[name].append((s, s + d))
     windows = []
     for name, runs in launches.items():  # an op's runs never overlap: pair them in order
@@ -273,28 +278,30 @@ def attribute(untraced, windows) -> dict[str | None, float]:
     return dict(totals)
 
 
+def _xla_lines(planes, prefix: str = "tf_XLA") -> list:
+    """``[(line, events)]`` of the CPU plane's lines named ``prefix...``."""
+    return [(line, evs) for plane, ls in planes if plane == "/host:CPU"
+            for line, evs in ls if line.startswith(prefix)]
+
+
 def pool_threads(planes) -> int:
     """How many XLA:CPU intra-op pool threads the trace shows."""
-    return sum(line.startswith(_POOL_LINE) for plane, ls in planes if plane == "/host:CPU"
-               for line, _ in ls)
+    return len(_xla_lines(planes, _POOL_LINE))
 
 
 def thread_time(planes, ops: dict, wall_ns: int) -> tuple[dict[str, float], dict[str, float]]:
     """The CPU pool threads' time over ``wall_ns`` by source: ``({label: ns}, {label: ns
     of it in untraced pool tasks})``, summing to pool threads x wall. Labels: :data:`SOURCES`,
     ``'other'``, :data:`RUNTIME`, :data:`UNOWNED`, :data:`IDLE`."""
-    lines = [(line, evs) for plane, ls in planes if plane == "/host:CPU"
-             for line, evs in ls if line.startswith("tf_XLA")]
-    leaves = [(n, s, s + d) for _, evs in lines for n, s, d in evs
-              if d > 0 and not n.startswith(_CPU_NOISE + _CONTAINERS)]
+    lines = _xla_lines(planes)
+    leaves = [(n, s, s + d) for _, evs in lines for n, s, d in evs if _is_leaf(n, d)]
     totals = collections.defaultdict(float, by_source(leaves, ops))
-    pool = [evs for line, evs in lines if line.startswith(_POOL_LINE)]  # pool_threads()
+    pool = [evs for _, evs in _xla_lines(planes, _POOL_LINE)]
     untraced, runtime = [], 0
     for evs in pool:
         regions = _regions(evs)
         named = [(s, s + d) for n, s, d in evs if d > 0 and not n.startswith(_REGION)]
-        leaf = [(s, s + d) for n, s, d in evs
-                if d > 0 and not n.startswith(_CPU_NOISE + _CONTAINERS)]
+        leaf = [(s, s + d) for n, s, d in evs if _is_leaf(n, d)]
         gaps = subtract(regions, named)
         untraced += gaps
         runtime += sum(e - s for s, e in subtract(regions, leaf)) - sum(e - s for s, e in gaps)
