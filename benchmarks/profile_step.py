@@ -384,6 +384,8 @@ def drop_path_runners(args):
 def source_lines(name: str, s: dict, steps: int) -> list[str]:
     """The ``--by-source`` split of one variant: shares of its pool threads' time."""
     total = sum(s["sources"].values())
+    if not total:  # a trace without XLA:CPU threads' events: nothing to split
+        return [f"Thread time by source, {name}: the trace holds no XLA thread-pool events."]
     lines = [f"Thread time by source, {name} ({s['pool_threads']} XLA pool threads x "
              f"{s['wall_ms']:.0f} ms wall = {total / steps / 1e6:.0f} ms/step; untraced pool "
              f"tasks (XLA's Eigen convolutions, the helper threads of a large fusion) are "

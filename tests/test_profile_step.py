@@ -122,7 +122,8 @@ def test_untraced_pool_tasks_go_to_the_ops_in_flight(script):
 
 def test_source_split_of_a_fully_busy_pool(script):
     """A pool thread busy with named ops the whole wall: no idle and no runtime time (0 ns
-    labels), which the report lists at 0% instead of dividing by them."""
+    labels), which the report lists at 0% instead of dividing by them; a trace without XLA
+    thread events: one line, not a division by zero."""
     r0, r1 = script._REGION
     planes = [("/host:CPU", [("tf_XLAEigen/1", [(r0, 0, 0), ("fusion.7", 0, 50), (r1, 50, 0)])])]
     totals, untraced = script.thread_time(planes, script.hlo_ops(HLO), wall_ns=50)
@@ -130,6 +131,10 @@ def test_source_split_of_a_fully_busy_pool(script):
     s = {"sources": totals, "untraced": untraced, "pool_threads": 1, "wall_ms": 50e-6}
     assert script.source_lines("constant", s, steps=1)[2:] == [
         "- 100.0% BatchNorm reductions", f"- 0.0% {script.RUNTIME}", f"- 0.0% {script.IDLE}"]
+    totals, untraced = script.thread_time([("/host:CPU", [])], {}, wall_ns=50)  # no events
+    s.update(sources=totals, untraced=untraced, pool_threads=0)
+    assert script.source_lines("constant", s, steps=1) == [
+        "Thread time by source, constant: the trace holds no XLA thread-pool events."]
 
 def test_tiny_drop_path_profile(script, tmp_path):
     out = tmp_path / "profile.md"
