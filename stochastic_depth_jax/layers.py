@@ -324,9 +324,21 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def _tag(y: Array) -> Array:
-    """Names a convolution output so the ``'convs'`` remat policy can keep it."""
-    return checkpoint_name(y, "stochastic_depth_conv")
+def _tag(y: Array, merge: int = 0) -> Array:
+    """Names a convolution output so the ``'convs'`` remat policy can keep it.
+
+    The value kept has the last ``merge + 1`` axes of ``y`` merged into one (a reshape: no
+    copy in the row-major layout). Inside a scan each kept value is stacked into a buffer
+    that is zero-filled every step, and XLA folds the fills of buffers of one shape and dtype
+    into one that it then copies into each of the others; a branch gives its kept values
+    different ``merge`` (and so shapes, also unlike the block input's) so that each buffer
+    is filled on its own, without the copies.
+    """
+    if not merge:
+        return checkpoint_name(y, "stochastic_depth_conv")
+    kept = checkpoint_name(y.reshape(y.shape[:y.ndim - 1 - merge] + (-1,)),
+                           "stochastic_depth_conv")
+    return kept.reshape(y.shape)
 
 
 class _Branch(nn.Module):
@@ -393,9 +405,9 @@ class BasicBranch(_Branch):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        y = _tag(self._conv(self.features, 3, self.strides, "conv1")(x))
+        y = _tag(self._conv(self.features, 3, self.strides, "conv1")(x), merge=2)
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
-        y = _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)))
+        y = _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)), merge=1)
         return self._last_norm("bn2")(y, train=train)
 
 
@@ -408,9 +420,9 @@ class PreActBranch(_Branch):
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(x, train=train))
-        y = _tag(self._conv(self.features, 3, self.strides, "conv1")(y))
+        y = _tag(self._conv(self.features, 3, self.strides, "conv1")(y), merge=2)
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        return _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)))
+        return _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)), merge=1)
 
 
 class BottleneckBranch(_Branch):
@@ -423,11 +435,11 @@ class BottleneckBranch(_Branch):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        y = _tag(self._conv(self.features, 1, 1, "conv1")(x))
+        y = _tag(self._conv(self.features, 1, 1, "conv1")(x), merge=1)
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(y, train=train))
-        y = _tag(self._conv(self.features, 3, self.strides, "conv2")(y))
+        y = _tag(self._conv(self.features, 3, self.strides, "conv2")(y), merge=2)
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        y = _tag(self._conv(self.features * 4, 1, 1, "conv3")(self._dropout(y, train)))
+        y = _tag(self._conv(self.features * 4, 1, 1, "conv3")(self._dropout(y, train)), merge=1)
         return self._last_norm("bn3")(y, train=train)
 
 

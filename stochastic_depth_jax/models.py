@@ -65,16 +65,26 @@ def valid_cifar_depths(limit: int = 1202) -> list[int]:
 
 
 class _ScanBody(nn.Module):
-    """One scanned block: carry ``x``, per-iteration inputs ``(p_l,)`` or ``(p_l, gate_l)``."""
+    """One scanned block: carry ``x``, per-iteration inputs ``(p_l,)`` or ``(p_l, gate_l)``.
+
+    ``preact``: the carry is the previous block's output before its activation; the block
+    applies that activation first and returns its own output before activation (see
+    :meth:`ResidualStages._preact_policy`).
+    """
 
     block: ModuleDef
     train: bool
     constant: bool
     stochastic: bool | None = None
+    preact: bool = False
 
     @nn.compact
     def __call__(self, x: Array, inputs: tuple) -> tuple[Array, None]:
-        block = self.block(name="block")
+        if self.preact:
+            block = self.block(name="block", post_activation=False)
+            x = block.act(x)
+        else:
+            block = self.block(name="block")
         kw = {"train": self.train, "stochastic": self.stochastic}
         if self.constant:
             return block(x, 1.0, None, **kw), None
@@ -83,11 +93,15 @@ class _ScanBody(nn.Module):
         return block(x, prob, gate, **kw), None
 
 
-def _scanned_body(length: int, unroll: bool = False) -> ModuleDef:
+def _scanned_body(length: int, unroll: bool = False, policy: Any = None) -> ModuleDef:
     """``_ScanBody`` scanned ``length`` times, parameters and statistics stacked on axis 0;
-    ``unroll``: every iteration inlined (straight-line code, no loop)."""
+    ``unroll``: every iteration inlined (straight-line code, no loop); ``policy``: each
+    iteration rematerialised under this checkpoint policy (None: not)."""
+    body = _ScanBody
+    if policy is not None:
+        body = nn.remat(_ScanBody, policy=policy, prevent_cse=False)  # the scan prevents CSE
     return nn.scan(
-        _ScanBody,
+        body,
         variable_axes={"params": 0, "batch_stats": 0},
         split_rngs={"params": True, "dropout": True},  # each block its own dropout mask
         length=length,
@@ -149,16 +163,22 @@ class ResidualStages(nn.Module):
             kw = {} if buckets is None else {"implementation": "mask"}
             if not keep[start]:
                 kw["has_branch"] = False
+            scanned = n > 1 and self._scanned(n - 1)
+            policy = self._preact_policy(feats) if scanned and buckets is None else None
+            if policy is not None:  # the stage carries pre-activations
+                kw["post_activation"] = False
             first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
             x = first(x, p0, g0, **call_kw)
             kept = start + 1 + np.flatnonzero(keep[start + 1:start + n])  # in order
             # A slice when none is removed: the unpruned program is unchanged (no gather).
             rest = slice(start + 1, start + n) if len(kept) == n - 1 else kept
-            if n > 1 and self._scanned(n - 1):
+            if scanned:
                 if len(kept):
                     bucket = None if buckets is None else buckets[i]
                     x = self._scan_stage(i, len(kept), feats, x, probs[rest], gates, rest,
-                                         call_kw, constant, bucket)
+                                         call_kw, constant, bucket, policy)
+                if policy is not None:
+                    x = first.act(x)
             else:
                 for j in kept - start:
                     p = 1.0 if constant else float(probs[start + j])
@@ -209,16 +229,36 @@ class ResidualStages(nn.Module):
             return num_identical >= AUTO_SCAN_MIN_BLOCKS
         return bool(self.scan)
 
-    def _scan_stage(self, i, length, feats, x, probs, gates, rest, call_kw, constant, bucket):
+    def _preact_policy(self, feats: int) -> Any:
+        """The checkpoint policy under which a scanned stage carries pre-activations, or None.
+
+        With a post-activation block (``act(shortcut + b f)``) whose branch is
+        rematerialised (``remat`` ``'convs'`` or ``'full'``), each block's activation moves to
+        the start of the next one (the stage's first block returns its output before the
+        activation; the stage applies the last one), and each scanned block runs under
+        ``remat`` with that policy. The scan then stacks, per block, only its input and the
+        convolution outputs the policy keeps: the activation's mask is recomputed from the
+        input in the backward pass instead of being stacked (and zero-filled every step), as
+        are the stacked copies of the gates and weights. The same numbers: ``act`` is applied
+        to the same values, once each.
+        """
+        probe = self.block(feats, 1, parent=None)
+        if not isinstance(probe, layers.ResidualBlock) or not probe.post_activation:
+            return None
+        return layers.REMAT_POLICIES.get(probe.remat)
+
+    def _scan_stage(self, i, length, feats, x, probs, gates, rest, call_kw, constant, bucket,
+                    policy=None):
         name = f"stage{i + 1}_scan"
         if bucket is not None and not self.is_initializing():
             return self._compact_stage(name, length, feats, x, probs, gates[rest], bucket)
-        stage = _scanned_body(length, self.scan_unroll)
+        stage = _scanned_body(length, self.scan_unroll, policy)
         inputs: tuple = () if constant else (jnp.asarray(probs, jnp.float32),)
         if gates is not None:
             inputs = inputs + (gates[rest],)
         body = stage(block=functools.partial(self.block, feats, 1), train=call_kw["train"],
-                     constant=constant, stochastic=call_kw["stochastic"], name=name)
+                     constant=constant, stochastic=call_kw["stochastic"],
+                     preact=policy is not None, name=name)
         x, _ = body(x, inputs)
         return x
 

@@ -284,6 +284,41 @@ def test_scan_equals_unrolled(mode):
                            uu["batch_stats"])
 
 
+def _loss_and_grads(model, variables, gates):
+    def loss(params):
+        y, _ = model.apply({**variables, "params": params}, X, train=True, gates=gates,
+                           mutable=["batch_stats"])
+        return jnp.sum(y * jnp.arange(y.shape[-1]))
+    return jax.value_and_grad(loss)(variables["params"])
+
+
+_jit_loss_and_grads = jax.jit(_loss_and_grads, static_argnums=0)
+
+
+def test_scan_stacks_one_residual_per_shape_and_no_masks():
+    """A scanned stage's backward pass gets from its forward scan, per block, the block
+    input and the kept convolution outputs, each stacked in a buffer of its own shape (no
+    ReLU mask: it is recomputed from the next block's input), with the unrolled model's
+    gradients."""
+    scanned, unrolled = tiny(depth=20, scan=True), tiny(depth=20, scan=False)
+    v = init(scanned)
+    gates = jnp.array([True, True, False, True, False, True, True, True, False])
+    jaxpr = jax.make_jaxpr(lambda p: _loss_and_grads(scanned, {**v, "params": p}, gates))(
+        v["params"])
+    forward = [e for e in jaxpr.eqns if e.primitive.name == "scan" and not e.params["reverse"]]
+    assert len(forward) == 3  # one per stage, 2 scanned blocks each
+    for eqn in forward:
+        stacked = [o.aval for o in eqn.outvars[eqn.params["num_carry"]:] if o.aval.ndim >= 4]
+        assert stacked and all(a.dtype == jnp.float32 for a in stacked), stacked
+        assert len({a.shape for a in stacked}) == len(stacked), stacked
+    vu = {k: _unstack_scanned(flax.core.unfreeze(t)) for k, t in v.items()}
+    (ls, gs), (lu, gu) = (_jit_loss_and_grads(scanned, v, gates),
+                          _jit_loss_and_grads(unrolled, vu, gates))
+    np.testing.assert_allclose(ls, lu, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           _unstack_scanned(flax.core.unfreeze(gs)), gu)
+
+
 def test_auto_scan_for_deep_nets():
     v = jax.eval_shape(lambda: sdj.CifarResNet(depth=56).init(
         {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False))
