@@ -319,6 +319,32 @@ def test_scan_stacks_one_residual_per_shape_and_no_masks():
                            _unstack_scanned(flax.core.unfreeze(gs)), gu)
 
 
+def test_scanned_pre_activation_carry_applies_a_non_idempotent_act_once():
+    """A scanned post-activation stage under remat carries pre-activations: each block's
+    ``act`` moves to the next block's start. With an ``act`` that is not idempotent (unlike
+    ReLU) applying it twice or not at all would show; scanned and unrolled stages agree in
+    training (a closed gate included) and at evaluation."""
+    def act(z):
+        return jax.nn.relu(z) + 0.1 * z
+
+    block = functools.partial(sdj.layers.BasicBlock, act=act, remat="convs")
+    probs, gates = np.full(4, 0.7), jnp.array([True, False, True, True])
+    outputs, v = {}, None
+    for scan in (True, False):
+        stages = sdj.models.ResidualStages(stage_sizes=(4,), stage_features=(3,),
+                                           stage_strides=(1,), block=block, scan=scan)
+        if v is None:  # the scanned stage's variables, then the same ones unrolled
+            v = stages.init({"params": jax.random.key(1)}, X, probs, None, train=False,
+                            constant=False)
+        else:
+            v = {k: _unstack_scanned(flax.core.unfreeze(t)) for k, t in v.items()}
+        train, _ = stages.apply(v, X, probs, gates, train=True, constant=False,
+                                mutable=["batch_stats"])
+        outputs[scan] = (train, stages.apply(v, X, probs, None, train=False, constant=False))
+    for a, b in zip(outputs[True], outputs[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_auto_scan_for_deep_nets():
     v = jax.eval_shape(lambda: sdj.CifarResNet(depth=56).init(
         {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False))
