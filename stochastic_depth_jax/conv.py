@@ -105,41 +105,61 @@ _conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
 # 17%; README, "What is left on the CPU"). Im2col + matmul and nine-shifted-dot formulations were
 # slower (XLA:CPU's dot is no faster than its convolution here), so the formulation itself
 # is unchanged.
-_CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# The option's forms, best first, each with what a step loses when it is the best one this
+# jaxlib accepts. XLA refuses the whole option for one value it does not know ("... is not a
+# valid enum value"), so a jaxlib without LIBRARY_FUSION_TYPE_REDUCE still gets the dots-only
+# form (the option's first form here, which keeps the convolutions off YNNPACK).
+_CPU_OPTION_FORMS = (
+    ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE", ""),
+    ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+     "BatchNorm statistics and other large reductions run as a slower reduce-window "
+     "(ResNet train steps 5-20% slower)"),
+)
+# What a step loses when this jaxlib accepts none of the forms.
+_NO_FORM_COST = ("CPU convolution gradients and BatchNorm statistics run on slower kernels "
+                 "(steps up to ~2x slower)")
 
 
-def _probe_cpu_options() -> None:
-    """Compiles a trivial program with :data:`_CPU_COMPILER_OPTIONS` (raises if refused)."""
-    jax.jit(lambda a: a + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+def _probe_cpu_options(options: dict[str, str]) -> None:
+    """Compiles a trivial program with ``options`` (raises if XLA refuses them)."""
+    jax.jit(lambda a: a + 1, compiler_options=options).lower(
         jnp.zeros((), jnp.float32)).compile()
 
 
 @functools.cache
-def _cpu_options_known() -> bool:
-    """Whether this jaxlib's XLA:CPU accepts :data:`_CPU_COMPILER_OPTIONS`; warns once if not.
+def _cpu_options() -> tuple[tuple[str, str], ...]:
+    """The first of :data:`_CPU_OPTION_FORMS` this jaxlib's XLA:CPU accepts, as option
+    items (empty if none); warns once if that is not the first form.
 
     Every refusal warns, "no such option" included: that is what a jaxlib that renamed or
-    dropped this experimental option answers, and training silently up to ~2x slower is
-    worse than one line on a jaxlib where the option never existed.
+    dropped this experimental option answers, and training silently slower is worse than
+    one line on a jaxlib where the option never existed.
     """
-    try:
-        _probe_cpu_options()
-    except Exception as e:  # any refusal: train without the options
-        import jaxlib
+    refusal = None
+    for value, cost in _CPU_OPTION_FORMS:
+        try:
+            _probe_cpu_options({_YNN_OPTION: value})
+        except Exception as e:  # any refusal: try the next form
+            refusal = refusal or (str(e).strip().splitlines() or [type(e).__name__])[0]
+            continue
+        if refusal is not None:
+            _warn_refused(refusal, f"train steps compile with {_YNN_OPTION}={value}, so {cost}")
+        return ((_YNN_OPTION, value),)
+    _warn_refused(refusal, f"train steps compile without it, so {_NO_FORM_COST}")
+    return ()
 
-        from stochastic_depth_jax import logs
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        options = ", ".join(f"{k}={v}" for k, v in _CPU_COMPILER_OPTIONS.items())
-        warnings.warn(
-            f"XLA:CPU of jaxlib {jaxlib.__version__} refused the compiler option {options} "
-            f"({reason}): train steps compile without it, so CPU convolution gradients and "
-            f"BatchNorm statistics run on slower kernels (steps up to ~2x slower; results equal "
-            f"to float rounding). Nothing to do, unless you can move to a jaxlib this library is "
-            f"tested with (README, 'Tested versions').", logs.RunWarning, stacklevel=3)
-        return False
-    return True
+
+def _warn_refused(reason: str, consequence: str) -> None:
+    """One RunWarning: XLA refused the option's best form (``reason``: XLA's first line)."""
+    import jaxlib
+
+    from stochastic_depth_jax import logs
+    warnings.warn(
+        f"XLA:CPU of jaxlib {jaxlib.__version__} refused the compiler option "
+        f"{_YNN_OPTION}={_CPU_OPTION_FORMS[0][0]} ({reason}): {consequence}; results equal "
+        f"to float rounding. Nothing to do, unless you can move to a jaxlib this library is "
+        f"tested with (README, 'Tested versions').", logs.RunWarning, stacklevel=4)
 
 
 def cpu_compiler_options() -> dict[str, str]:
@@ -150,12 +170,13 @@ def cpu_compiler_options() -> dict[str, str]:
     dots and reductions stay on YNNPACK (same values to float32 rounding; a ResNet-110
     train step 11-48% faster in four of five noisy side-by-side runs on a shared 2-core
     CPU, 2-6% in the other; reductions kept on YNNPACK, a further 5-14%). Empty on other
-    backends and on a jaxlib that refuses the option (with one warning). Use as
+    backends and on a jaxlib that refuses the option (with one warning); dots only on a
+    jaxlib that refuses the reductions' value (with one warning). Use as
     ``jax.jit(step, compiler_options=cpu_compiler_options())``; the trainer does.
     """
-    if jax.default_backend() != "cpu" or not _cpu_options_known():
+    if jax.default_backend() != "cpu":
         return {}
-    return dict(_CPU_COMPILER_OPTIONS)
+    return dict(_cpu_options())
 
 
 def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),

@@ -69,7 +69,7 @@ def _known_cpu_options() -> dict[str, str]:
     """``cpu_compiler_options()``, failing in one line where this jaxlib lacks the option."""
     options = cpu_compiler_options()
     assert options, (f"jaxlib {jax.lib.__version__}'s XLA:CPU refuses the YNNPACK option: "
-                     "update _CPU_COMPILER_OPTIONS in stochastic_depth_jax/conv.py")
+                     "update _CPU_OPTION_FORMS in stochastic_depth_jax/conv.py")
     return options
 
 
@@ -120,26 +120,51 @@ def test_refused_cpu_options_warn_once_and_train_without_them(monkeypatch):
     the jaxlib and the cost, then compiler options left empty (the step still compiles)."""
     import jaxlib
 
-    from stochastic_depth_jax import conv, logs
-    from warned import messages
+    from stochastic_depth_jax import conv
 
-    def refuse():
+    def refuse(options):
         raise RuntimeError("INVALID_ARGUMENT: No such compile option: "
                            "'xla_cpu_experimental_ynn_fusion_type'\nmore detail")
 
     monkeypatch.setattr(conv, "_probe_cpu_options", refuse)
-    conv._cpu_options_known.cache_clear()
-    try:
-        with pytest.warns(logs.RunWarning) as caught:
-            assert cpu_compiler_options() == {} and cpu_compiler_options() == {}
-    finally:
-        conv._cpu_options_known.cache_clear()  # the real probe for the other tests
-    [message] = messages(caught, logs.RunWarning)
-    assert "\n" not in message
-    # Python names the line that asked for the options (here), not conv.py's internals
-    assert {w.filename for w in caught if issubclass(w.category, logs.RunWarning)} == {__file__}
+    message = _only_warning(conv, expect={})
     for part in ("xla_cpu_experimental_ynn_fusion_type=", f"jaxlib {jaxlib.__version__}",
                  "No such compile option", "slower", "Nothing to do"):
+        assert part in message
+
+
+def _only_warning(conv, expect):
+    """The one RunWarning of two ``cpu_compiler_options()`` calls (which return ``expect``)
+    on a fresh probe; names the calling line (here), not conv.py's internals."""
+    from stochastic_depth_jax import logs
+    from warned import messages
+
+    conv._cpu_options.cache_clear()
+    try:
+        with pytest.warns(logs.RunWarning) as caught:
+            assert cpu_compiler_options() == expect and cpu_compiler_options() == expect
+    finally:
+        conv._cpu_options.cache_clear()  # the real probe for the other tests
+    [message] = messages(caught, logs.RunWarning)
+    assert "\n" not in message
+    assert {w.filename for w in caught if issubclass(w.category, logs.RunWarning)} == {__file__}
+    return message
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+def test_a_refused_option_value_falls_back_to_the_next_form(monkeypatch):
+    """A jaxlib whose XLA knows the option but not one value of the best form (a bogus
+    value here, refused by the real XLA) gets the next form, with one warning naming the
+    refused value, the form used and the cost."""
+    import jaxlib
+
+    from stochastic_depth_jax import conv
+    value = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_NOSUCH"
+    monkeypatch.setattr(conv, "_CPU_OPTION_FORMS", ((value, ""),) + conv._CPU_OPTION_FORMS[1:])
+    fallback = conv._CPU_OPTION_FORMS[1][0]
+    message = _only_warning(conv, expect={"xla_cpu_experimental_ynn_fusion_type": fallback})
+    for part in (f"jaxlib {jaxlib.__version__}", f"={value} (", "LIBRARY_FUSION_TYPE_NOSUCH",
+                 f"compile with xla_cpu_experimental_ynn_fusion_type={fallback},", "slower"):
         assert part in message
 
 
