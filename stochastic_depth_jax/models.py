@@ -117,7 +117,10 @@ class ResidualStages(nn.Module):
     The first block of a stage (which may change width or stride) runs on its own; the
     remaining ``n - 1`` identical blocks run under ``nn.scan`` when scanning, so compile time
     does not grow with depth. Scanned and unrolled forms hold the same parameters, stacked
-    along a leading axis in the scanned form.
+    along a leading axis in the scanned form. A scanned stage of post-activation blocks
+    (:class:`layers.ResidualBlock`) with ``remat`` ``'convs'`` or ``'full'`` carries
+    pre-activations (:meth:`_preact_policy`): the same outputs, but the stage's first block
+    returns (and ``capture_intermediates`` records) its output before its activation.
 
     Attributes:
       stage_sizes: blocks per stage.
@@ -240,10 +243,19 @@ class ResidualStages(nn.Module):
         convolution outputs the policy keeps: the activation's mask is recomputed from the
         input in the backward pass instead of being stacked (and zero-filled every step), as
         are the stacked copies of the gates and weights. The same numbers: ``act`` is applied
-        to the same values, once each.
+        to the same values, once each. What differs: the stage's first block returns (and
+        ``capture_intermediates`` records) its output before the activation.
+
+        Only for blocks known to honour ``post_activation``: a :class:`layers.ResidualBlock`
+        (the library's blocks, or a subclass changing only fields) whose ``__call__`` is
+        ``ResidualBlock.__call__``. A subclass that overrides ``__call__`` runs as written
+        (its activation inside the block, no carry): nothing tells that it applies ``act``
+        only where ``post_activation`` says, and if it does not, the carry would apply it
+        twice.
         """
         probe = self.block(feats, 1, parent=None)
-        if not isinstance(probe, layers.ResidualBlock) or not probe.post_activation:
+        if (not isinstance(probe, layers.ResidualBlock) or not probe.post_activation
+                or type(probe).__call__ is not layers.ResidualBlock.__call__):
             return None
         return layers.REMAT_POLICIES.get(probe.remat)
 
@@ -325,7 +337,11 @@ class _StochasticResNetBase(nn.Module):
     Attributes:
       final_survival_prob: p_L (paper: 0.5); 1.0 gives a constant-depth network.
       survival_rule: ``'linear'`` (paper) or ``'uniform'``.
-      mode, scaling, implementation, remat: see :class:`layers.StochasticDepth`.
+      mode, scaling, implementation, remat: see :class:`layers.StochasticDepth`. With
+        ``remat`` ``'convs'`` or ``'full'``, a scanned stage of post-activation blocks
+        carries pre-activations (:meth:`ResidualStages._preact_policy`): what
+        ``capture_intermediates`` records as the output of the stage's first block is then
+        before its ``act`` (the scanned blocks record none, with or without).
       scan: scan identical blocks (None: when a stage has >= 8 of them).
       scan_unroll: inline the scans' iterations (see :class:`ResidualStages`).
       dtype: computation dtype (parameters stay float32).

@@ -2,6 +2,7 @@
 import functools
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -344,6 +345,41 @@ def test_scanned_pre_activation_carry_applies_a_non_idempotent_act_once():
     for a, b in zip(outputs[True], outputs[False]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
+
+
+class _OwnCallBlock(sdj.layers.ResidualBlock):
+    """A user's block that overrides ``__call__`` and applies ``act`` whatever
+    ``post_activation`` says."""
+
+    @nn.compact
+    def __call__(self, x, survival_prob=1.0, gate=None, *, train, stochastic=None):
+        y = self.conv(self.features, (3, 3), name="conv")(x)
+        return self.act(x + survival_prob * y)
+
+
+def test_scanned_stage_of_a_block_with_its_own_call_equals_unrolled():
+    """No pre-activation carry for a ``ResidualBlock`` subclass that overrides ``__call__``
+    (the carry would apply its non-idempotent ``act`` twice): scanned and unrolled stages
+    give the same outputs and gradients."""
+    block = functools.partial(_OwnCallBlock, act=lambda z: jax.nn.relu(z) + 0.1 * z)
+    probs = np.full(4, 0.7)
+    results, v = {}, None
+    for scan in (True, False):
+        stages = sdj.models.ResidualStages(stage_sizes=(4,), stage_features=(3,),
+                                           stage_strides=(1,), block=block, scan=scan)
+        if v is None:  # the scanned stage's variables, then the same ones unrolled
+            v = stages.init({"params": jax.random.key(1)}, X, probs, None, train=False,
+                            constant=False)
+        else:
+            v = {k: _unstack_scanned(flax.core.unfreeze(t)) for k, t in v.items()}
+
+        def loss(params, stages=stages):
+            y = stages.apply({"params": params}, X, probs, None, train=True, constant=False)
+            return jnp.sum(y * jnp.arange(y.shape[-1])), y
+        (_, y), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        results[scan] = (y, _unstack_scanned(flax.core.unfreeze(g)) if scan else g)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           results[True], results[False])
 
 def test_auto_scan_for_deep_nets():
     v = jax.eval_shape(lambda: sdj.CifarResNet(depth=56).init(
