@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 import jax
@@ -422,6 +423,49 @@ def test_an_interrupted_table_printed_only_does_not_say_it_was_appended(capsys):
     assert err.splitlines()[-1] == ("interrupted (Ctrl-C): the table of the 1 of 3 timed "
                                     "rounds completed was printed only (written nowhere), "
                                     "marked as interrupted.")
+
+
+def test_command_lines_write_paths_as_any_machine_reads_them(tmp_path, monkeypatch):
+    """The tables' command lines carried this machine's paths (compare_torch.py's temporary
+    --json files, a venv's --torch-python, an absolute --out), replaced by hand before the
+    tables were committed."""
+    provenance = load("provenance")
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    (temp / "run").mkdir(parents=True)
+    (home / "venv" / "bin").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    repo = os.path.dirname(os.path.abspath(BENCHMARKS))
+    monkeypatch.chdir(BENCHMARKS)  # a relative path is read from here, written from the root
+    line = provenance.command_line("compare_torch.py", [
+        "--torch-python", str(home / "venv" / "bin" / "python"),
+        "--out", os.path.join(repo, "benchmarks", "results", "vs.md"),
+        "--step-out", os.path.join("results", "step.md"),
+        "--json=" + str(temp / "run" / "a b.json"), "--plot", str(home / "plot.png"),
+        "--images-dir", "/data/cifar",  # elsewhere: whole, it matters to rerun the command
+        "--compile-depths", "", "--variants", "constant,skip"])
+    assert line == (
+        "python benchmarks/compare_torch.py --torch-python <python with torch> "
+        "--out benchmarks/results/vs.md --step-out benchmarks/results/step.md "
+        "--json=<tmp>/'run/a b.json' --plot ~/plot.png --images-dir /data/cifar "
+        "--compile-depths '' --variants constant,skip")
+    inside = os.path.join(repo, "torch-venv", "bin", "python")
+    for python, shown in [(inside, "torch-venv/bin/python"), ("python3", "python3")]:
+        assert provenance.command_line("x.py", ["--torch-python", python]).endswith(shown)
+    # The scripts' own labels, from their flags.
+    torch_python = home / "venv" / "bin" / "python"
+    torch_python.write_text("#!/bin/sh\nexit 0\n")
+    torch_python.chmod(0o755)
+    monkeypatch.setattr(load("bench_cli"), "child_backend", lambda: "cpu")
+    vs = load("compare_torch").parse_args([
+        "--torch-python", str(torch_python), "--depth", "8", "--out", str(temp / "vs.md"),
+        "--step-out", str(home / "step.md")]).label
+    assert ("`python benchmarks/compare_torch.py --torch-python <python with torch> --depth 8 "
+            "--out <tmp>/vs.md --step-out ~/step.md`") in vs
+    step = load("bench_step").parse_args(["--depth", "8", "--json", str(temp / "run" / "s.json"),
+                                          "--out", str(home / "step.md")]).label
+    assert "`python benchmarks/bench_step.py --depth 8 --json <tmp>/run/s.json --out " \
+           "~/step.md`" in step
 
 
 def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
