@@ -8,7 +8,10 @@ rounds completed is appended, its heading saying "interrupted after N of M round
 script exits 130 / 143; likewise during measurements after the rounds (:func:`after_rounds`:
 ``bench_step.py``'s compile times). A second signal, or one at any other time, stops at once
 with one line saying that nothing was written. A table is only ever appended whole, so the
-tables already in a results file are never touched.
+tables already in a results file are never touched; a ``--json`` file of its medians is
+written with it (:func:`append_table`), unless rounds are missing from it. An output whose
+reader exits (``| head``) stops a script with one line and exit status 141, as a pipe's
+writer killed by SIGPIPE.
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
 there the same lines are printed by :func:`run` itself (:class:`FlagError`).
@@ -17,7 +20,9 @@ there the same lines are printed by :func:`run` itself (:class:`FlagError`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +50,8 @@ class FlagError(*((errors.ConfigError,) if errors else (ValueError,))):
 
 
 class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM during a benchmark (a ``BaseException``: not an error to report)."""
+    """Ctrl-C, SIGTERM or a closed output during a benchmark (a ``BaseException``: not an
+    error to report)."""
 
     def __init__(self, how: str, status: int, note: str = ""):
         super().__init__(how)
@@ -53,11 +59,30 @@ class Interrupted(BaseException):
         self.note = note or "no table was written; the results files are as they were."
 
 
+# What stops a benchmark, and how :func:`stopped` names each.
+STOPS = (Interrupted, KeyboardInterrupt, BrokenPipeError)
+CLOSED_OUTPUT = "its output's reader exited, e.g. `| head`"
+SIGPIPE_STATUS = 128 + 13  # a pipe's writer killed by SIGPIPE, as the shell reports it
+
+
+def stopped(error: BaseException, note: str = "") -> Interrupted:
+    """The :class:`Interrupted` that ends a command stopped by ``error`` (one of
+    :data:`STOPS`); ``note``: what was written (default: ``error``'s, or nothing). A
+    closed output (``BrokenPipeError``: ``| head`` read what it wanted) exits 141, as a
+    pipe's writer killed by SIGPIPE does."""
+    if isinstance(error, Interrupted):
+        return Interrupted(error.how, error.status, note or error.note)
+    if isinstance(error, KeyboardInterrupt):
+        return Interrupted("Ctrl-C", 130, note)
+    return Interrupted(CLOSED_OUTPUT, SIGPIPE_STATUS, note)
+
+
 def _terminated(signum, frame):
     raise Interrupted("SIGTERM", 128 + signum)
 
 
-def _signal_name(signum: int) -> str:
+def signal_name(signum: int) -> str:
+    """How the lines an interruption ends with name ``signum``: 'SIGTERM' or 'Ctrl-C'."""
     return "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
 
 
@@ -71,6 +96,7 @@ class _Cut:
     mark: str  # added to the table's heading ('': nothing is missing from the table)
     missing: str  # the line under the heading: what the table lacks
     held: str  # what was written, as the exit line says it
+    rounds_whole: bool  # every timed round ran (a --json file of their medians is true)
 
 
 # Set by rounds() or after_rounds() when a signal cut them short; append_table writes the
@@ -88,10 +114,10 @@ def _stoppable(items: Sequence, at_once: Callable[[int], bool], then: str):
 
     def finish_current(signum, frame):
         if caught or at_once(started):
-            raise Interrupted(_signal_name(signum), 128 + signum)
+            raise Interrupted(signal_name(signum), 128 + signum)
         caught.append(signum)
         _outputs_survive_their_reader()
-        print(f"{_signal_name(signum)}: stopping after this {then} (again: stop at once, "
+        print(f"{signal_name(signum)}: stopping after this {then} (again: stop at once, "
               f"nothing written)", file=sys.stderr, flush=True)
 
     main_thread = threading.current_thread() is threading.main_thread()
@@ -123,12 +149,12 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
     if signum is not None:
         timed, asked = started - warmup, total - warmup
         _cut_short = _Cut(
-            _signal_name(signum), 128 + signum,
+            signal_name(signum), 128 + signum,
             f"interrupted after {timed} of {asked} rounds" if timed < asked else "",
             "medians of the rounds completed, not a full run; the round count below is the "
             "one asked for.",
             f"the table of the {timed} of {asked} timed rounds completed" if timed < asked
-            else "every round had completed; the table")
+            else "every round had completed; the table", timed == asked)
 
 
 def after_rounds(items: Sequence, what: str) -> Iterator:
@@ -150,11 +176,11 @@ def after_rounds(items: Sequence, what: str) -> Iterator:
     if signum is not None:
         partial = started < len(items)
         _cut_short = _Cut(
-            _signal_name(signum), 128 + signum,
+            signal_name(signum), 128 + signum,
             f"interrupted after {started} of {len(items)} {what}" if partial else "",
             f"the timed rounds are whole; the {what} not measured are left out.",
             f"the table, with {started} of {len(items)} {what}," if partial
-            else f"every one of the {what} was measured; the table")
+            else f"every one of the {what} was measured; the table", True)
 
 
 class _ReaderMayBeGone:
@@ -212,9 +238,9 @@ def _outputs_restored() -> None:
 
 
 def interrupted() -> bool:
-    """Whether a signal cut the last :func:`rounds` short: the table lacks rounds (write no
-    ``--json`` file or drawing, which could not say so)."""
-    return _cut_short is not None and bool(_cut_short.mark)
+    """Whether a signal cut the last :func:`rounds` short: the table lacks rounds (draw no
+    figure, which could not say so; :func:`append_table` leaves out the ``--json`` file)."""
+    return _cut_short is not None and not _cut_short.rounds_whole
 
 
 def run(main, argv=None):
@@ -228,8 +254,8 @@ def run(main, argv=None):
     def body():
         try:
             return main(argv)
-        except KeyboardInterrupt:
-            raise Interrupted("Ctrl-C", 130) from None
+        except (KeyboardInterrupt, BrokenPipeError) as e:  # not the trainer's broken pipe,
+            raise stopped(e) from None  # which speaks of checkpoints
         except Exception as e:  # noqa: BLE001  Only the trainer's stop is taken here.
             # The trainer inside bench_train.py stops on a signal after a checkpoint and says
             # how to resume it; its workdir is temporary, so that would mislead.
@@ -251,7 +277,7 @@ def run(main, argv=None):
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
     except Interrupted as e:
-        print(f"interrupted ({e.how}): {e.note}", file=sys.stderr, flush=True)
+        _say_last(f"interrupted ({e.how}): {e.note}", closed=e.status == SIGPIPE_STATUS)
         sys.exit(e.status)
     finally:
         _cut_short = None  # a script that failed before its table: not the next one's
@@ -266,6 +292,18 @@ def child_backend() -> str:
     found = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
                            capture_output=True, text=True)
     return found.stdout.strip() if found.returncode == 0 else "unknown (JAX did not start)"
+
+
+def _say_last(line: str, closed: bool) -> None:
+    """Prints the command's last ``line`` on stderr. ``closed``: stdout has no reader (what
+    is left in its buffer would fail the exit's flush with a traceback: sent to /dev/null);
+    stderr may have none either (``2>&1 | head``): then the line is dropped."""
+    if closed:
+        _to_devnull(sys.stdout)
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _to_devnull(sys.stderr)
 
 
 def bad_flag(message: str) -> FlagError:
@@ -380,11 +418,14 @@ def fresh_file(path: str, flag: str) -> str:
     return fresh
 
 
-def append_table(text: str, path: str | None, title: str = "") -> None:
+def append_table(text: str, path: str | None, title: str = "", medians=None) -> None:
     """Prints ``text`` and appends it to ``path`` (``None``: print only) in one write
-    (``title``: a new file's first line); says where it went. After :func:`rounds` or
-    :func:`after_rounds` were cut short by a signal, the table's first line says so, and the
-    interruption is raised once it is written (:func:`run` exits 130 / 143)."""
+    (``title``: a new file's first line); says where it went. ``medians``: ``(json path,
+    data)``, a ``--json`` file (``''``: none) written whole, new, with the table, unless
+    its rounds are not whole (a file of medians cannot say it is partial). After
+    :func:`rounds` or :func:`after_rounds` were cut short by a signal, the table's first
+    line says so, and the interruption is raised once both are written (:func:`run` exits
+    130 / 143); a signal in the last round leaves both whole."""
     global _cut_short
     cut, stop, _cut_short = _cut_short, None, None
     if cut is not None:
@@ -397,9 +438,17 @@ def append_table(text: str, path: str | None, title: str = "") -> None:
         new = not os.path.exists(path) or os.path.getsize(path) == 0
         with open(path, "a") as f:
             f.write((f"{title}\n\n" if new and title else "") + text.rstrip("\n") + "\n\n")
-    print("\n" + text, flush=True)
-    if path is not None:
-        print(f"appended to {path}", flush=True)
+    if medians and medians[0] and (cut is None or cut.rounds_whole):
+        with open(medians[0], "x") as f:  # new: checked by new_file before the rounds
+            json.dump(medians[1], f, indent=2)
+    try:
+        print("\n" + text, flush=True)
+        if path is not None:
+            print(f"appended to {path}", flush=True)
+    except BrokenPipeError:  # the reader exited (`| head`): the table is lost if not written
+        if path is None:
+            raise
+        _to_devnull(sys.stdout)
     if stop is not None:
         raise stop
 
@@ -410,3 +459,11 @@ def _marked_interrupted(text: str, cut: _Cut) -> str:
     return (f"{heading} ({cut.mark})\n\n"
             f"**{cut.mark[:1].upper() + cut.mark[1:]}** ({cut.how}): {cut.missing}\n"
             f"{rest}")
+
+
+def interruption_mark(table: str) -> str:
+    """What the heading of ``table`` (as :func:`append_table` wrote it) says an
+    interruption left out of it ('interrupted after 2 of 6 rounds'); '' for a whole one."""
+    heading = table.lstrip("\n").partition("\n")[0]
+    mark = re.search(r" \((interrupted [^()]*)\)$", heading)
+    return mark.group(1) if mark else ""

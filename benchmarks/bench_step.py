@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import statistics
 import sys
@@ -265,16 +264,12 @@ def table_rows(runners, batch, baseline=None) -> list[str]:
     return rows
 
 
-def write_json(path: str, runners, batch, dtype: str) -> None:
-    """``{variant: median seconds}`` plus context, for ``compare_torch.py`` (``path``: a new
-    file, :func:`bench_cli.new_file`)."""
-    if path:
-        with open(path, "x") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                       "jax": jax.__version__,
-                       "batch": batch, "dtype": dtype,
-                       "median_s": {r.name: statistics.median(r.times) for r in runners}},
-                      f, indent=2)
+def medians(path: str, runners, batch, dtype: str) -> tuple[str, dict]:
+    """``(path, {variant: median seconds} plus context)``: the ``--json`` file for
+    ``compare_torch.py`` that :func:`bench_cli.append_table` writes with the table."""
+    return path, {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                  "jax": jax.__version__, "batch": batch, "dtype": dtype,
+                  "median_s": {r.name: statistics.median(r.times) for r in runners}}
 
 
 def user_branch_main(args, dtype) -> None:
@@ -293,8 +288,6 @@ def user_branch_main(args, dtype) -> None:
         run_once(r, keys[0])
         print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
     time_rounds(runners, keys, args.warmup)
-    if not bench_cli.interrupted():  # a file of medians cannot say it is partial
-        write_json(args.json, runners, batch, args.dtype)
     lines = [
         f"## Train step, user's stock-Flax branch ({args.blocks} wrapped blocks, width "
         f"{args.width}), batch {batch}, {args.dtype}",
@@ -318,7 +311,8 @@ def user_branch_main(args, dtype) -> None:
         "cpu_compiler_options()). '/ constant': divided by the survival-1.0 row of the same "
         "reroute_convs and jit.",
     ]
-    bench_cli.append_table("\n".join(lines) + "\n", args.out)
+    bench_cli.append_table("\n".join(lines) + "\n", args.out,
+                           medians=medians(args.json, runners, batch, args.dtype))
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -392,8 +386,6 @@ def main(argv=None) -> None:
     active = [float(np.asarray(g).mean()) for g in timed]
     rows = table_rows(runners, args.batch)
     compile_rows = []
-    if not bench_cli.interrupted():  # the table of the rounds done is written at once
-        write_json(args.json, runners, args.batch, args.dtype)
     # A signal here: the table without the other depths (none after cut-short rounds).
     for d in bench_cli.after_rounds(args.compile_depths, "compile depths"):
         s = compile_seconds(d, args.batch, scan, dtype)
@@ -424,7 +416,8 @@ def main(argv=None) -> None:
         if len(compile_rows) == 2:
             lines.append(f"\nCompile-time ratio {compile_rows[1][0]}/{compile_rows[0][0]}: "
                          f"{compile_rows[1][1] / compile_rows[0][1]:.2f}")
-    bench_cli.append_table("\n".join(lines) + "\n", args.out)
+    bench_cli.append_table("\n".join(lines) + "\n", args.out,
+                           medians=medians(args.json, runners, args.batch, args.dtype))
 
 
 if __name__ == "__main__":

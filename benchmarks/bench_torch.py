@@ -35,7 +35,6 @@ an evaluation (residuals scaled by p_l) after each epoch, timed apart; appended 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -404,11 +403,9 @@ def main(argv=None):
         *rows,
         "",
     ])
-    bench_cli.append_table(text, args.out)
-    if args.json:
-        with open(args.json, "x") as f:
-            json.dump({"device": str(dev), "torch": torch.__version__, "batch": args.batch,
-                       "median_s": med}, f, indent=2)
+    # With the table: appended after a signal in the last round too (compare_torch.py).
+    bench_cli.append_table(text, args.out, medians=(args.json, {
+        "device": str(dev), "torch": torch.__version__, "batch": args.batch, "median_s": med}))
 
 
 if __name__ == "__main__":

@@ -13,16 +13,23 @@ Ours: constant depth, ``skip`` (lax.cond skipping, remat 'convs' as the config),
 stage fitted to the schedule); "default" is what ``model.implementation='auto'`` picks on
 that backend (CPU: skip; GPU/TPU: compact). Every compact program the rounds use is
 compiled before timing. Torch: eager and ``torch.compile``, constant and real skipping.
+
+Ctrl-C or SIGTERM is passed on to the benchmark running, which appends the table of the
+rounds it completed (marked as interrupted; ``bench_step.py``'s to ``--step-out``, where the
+earlier ones are whole); no joint table is written, and the last line says what was.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -30,6 +37,7 @@ import bench_cli  # noqa: E402  (next to this file)
 from provenance import run_label, size_changes  # noqa: E402
 
 OURS = ("constant", "skip-remat-convs", "compact", "lengths-3")  # bench_step.py variants
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 SIZES = {"depth": None, "batch": None, "rounds": "bench_step.py's and bench_torch.py's"}
 
 
@@ -38,11 +46,68 @@ class StepFailed(bench_cli.FlagError):
 
 
 def _run(cmd: list[str]) -> None:
+    """Runs the benchmark ``cmd`` from the repository root, in a session of its own (a
+    Ctrl-C in the terminal reaches only this script): each Ctrl-C or SIGTERM here is passed
+    on to it, and waited for (the first: it finishes its round and appends the table of the
+    rounds done, marked; the second: it stops at once; a third kills it). The interruption
+    is then raised here, to say what was written."""
     print("$ " + " ".join(cmd), flush=True)
-    status = subprocess.run(cmd, cwd=os.path.dirname(HERE)).returncode
+    caught: list[int] = []
+    sent: list[int] = []
+    proc = None
+
+    def pass_on(signum=None, frame=None):
+        if signum is not None:
+            caught.append(signum)
+        while proc is not None and len(sent) < len(caught):  # each once, also if caught
+            sent.append(caught[len(sent)])  # while it started
+            _signal(proc, sent[-1], len(sent))
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
+                if main_thread else {})
+    try:
+        proc = subprocess.Popen(cmd, cwd=os.path.dirname(HERE), start_new_session=True,
+                                preexec_fn=_dies_with(os.getpid()))
+        pass_on()
+        status = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if proc is not None and proc.poll() is None:  # this script failed: not left running
+            proc.kill()
+            proc.wait()
+    if caught:
+        raise bench_cli.Interrupted(bench_cli.signal_name(caught[0]), 128 + caught[0])
+    if status == bench_cli.SIGPIPE_STATUS:  # its output's reader exited: so did ours
+        raise BrokenPipeError
     if status:
         raise StepFailed(f"{os.path.basename(cmd[1])} failed (exit status {status}; its "
                          f"output is above); nothing was written to --out.")
+
+
+def _signal(proc: subprocess.Popen, signum: int, count: int) -> None:
+    """Passes the ``count``-th signal ``signum`` on to ``proc``; from the third, kills it."""
+    if count >= 3:
+        print(f"{bench_cli.signal_name(signum)} again: killing "
+              f"{os.path.basename(proc.args[1])}", file=sys.stderr, flush=True)
+        proc.kill()
+    else:
+        proc.send_signal(signum)
+
+
+def _dies_with(parent: int):
+    """What a child runs before its program: on Linux, it is killed when ``parent`` dies,
+    even by SIGKILL (``gpu_suite.py``'s budget kills this script's process group, which
+    the child, in a session of its own, is not in); elsewhere nothing."""
+    def die_with_parent():
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # not Linux
+            return
+        if os.getppid() != parent:  # it died before that
+            os._exit(128 + signal.SIGKILL)
+    return die_with_parent
 
 
 def _check_torch(python: str) -> None:
@@ -91,28 +156,58 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> None:
     """Runs both benchmarks and appends the joint table (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    variants = args.variants
     common = ["--depth", str(args.depth), "--batch", str(args.batch)]
     if args.rounds:
         common += ["--rounds", str(args.rounds)]
-    ours = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for dtype in args.dtypes:
-            path = os.path.join(tmp, f"jax_{dtype}.json")
-            _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common,
-                  "--variants", ",".join(variants), "--dtype", dtype,
-                  "--compile-depths", "", "--json", path, "--out", args.step_out])
-            ours[dtype] = json.load(open(path))
-            default = default_variant(ours[dtype]["backend"])
-            if default not in ours[dtype]["median_s"]:  # before spending more time
-                raise bench_cli.bad_flag(f"--variants: 'auto' on {ours[dtype]['backend']} is "
-                                         f"{default!r}, which was not run: add it.")
-        path = os.path.join(tmp, "torch.json")
-        _run([args.torch_python, os.path.join(HERE, "bench_torch.py"), *common,
-              "--json", path, "--out", os.path.join(tmp, "t.md"),
-              *(["--variants", args.torch_variants] if args.torch_variants is not None else [])])
-        theirs = json.load(open(path))
+    appended: list[str] = []  # what bench_step.py appended to --step-out, as the line says it
+    with tempfile.TemporaryDirectory(prefix="compare_torch-") as tmp:
+        try:
+            ours = {dtype: _ours(args, common, dtype, tmp, appended) for dtype in args.dtypes}
+            path = os.path.join(tmp, "torch.json")
+            _run([args.torch_python, os.path.join(HERE, "bench_torch.py"), *common,
+                  "--json", path, "--out", os.path.join(tmp, "t.md"),
+                  *(["--variants", args.torch_variants] if args.torch_variants is not None
+                    else [])])
+            theirs = json.load(open(path))
+        except bench_cli.STOPS as e:  # no comparison from partial results: say what is kept
+            raise bench_cli.stopped(e, _kept(args, appended, tmp)) from None
     bench_cli.append_table(_table(args, ours, theirs), args.out)
+
+
+def _ours(args, common: list[str], dtype: str, tmp: str, appended: list[str]) -> dict:
+    """Runs ``bench_step.py`` in ``dtype``; its medians. Adds to ``appended`` the table it
+    appended to ``--step-out``, also if it was interrupted (with its mark)."""
+    path = os.path.join(tmp, f"jax_{dtype}.json")
+    size = os.path.getsize(args.step_out) if os.path.exists(args.step_out) else 0
+    try:
+        _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common,
+              "--variants", ",".join(args.variants), "--dtype", dtype,
+              "--compile-depths", "", "--json", path, "--out", args.step_out])
+    finally:
+        if os.path.exists(args.step_out) and os.path.getsize(args.step_out) > size:
+            with open(args.step_out, "rb") as f:
+                f.seek(size)
+                mark = bench_cli.interruption_mark(f.read().decode())
+            appended.append(dtype + (f" ({mark})" if mark else ""))
+    ours = json.load(open(path))
+    default = default_variant(ours["backend"])
+    if default not in ours["median_s"]:  # before spending more time
+        raise bench_cli.bad_flag(f"--variants: 'auto' on {ours['backend']} is {default!r}, "
+                                 f"which was not run: add it.")
+    return ours
+
+
+def _kept(args, appended: list[str], tmp: str) -> str:
+    """What an interrupted run leaves (the line it ends with): never a comparison table."""
+    kept = []
+    if appended:
+        kept.append(f"bench_step.py appended its table{'s' if len(appended) > 1 else ''} of "
+                    f"{' and '.join(appended)} to {args.step_out}")
+    if os.path.exists(os.path.join(tmp, "t.md")):
+        kept.append("bench_torch.py's table was printed above, not kept")
+    if not kept:
+        return ""  # Interrupted's: nothing was written
+    return "; ".join([f"no comparison table was written to {args.out}", *kept]) + "."
 
 
 def default_variant(backend: str) -> str:

@@ -9,10 +9,15 @@ import os
 import platform
 import shlex
 import subprocess
+import tempfile
 
 # Set by gpu_suite.py for each part it runs (the part's name): the suite's sizes are those of
 # the recorded GPU tables, so its tables are not marked as smoke runs.
 SUITE_PART_ENV = "SDJ_GPU_SUITE_PART"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Flags whose value is an interpreter: outside the repository, what matters to rerun the
+# command is what it has (its versions are in the table), not where it is on this machine.
+INTERPRETERS = {"--torch-python": "<python with torch>"}
 
 
 def machine_line() -> str:
@@ -42,8 +47,7 @@ def code_version() -> str:
     configs or the benchmarks differ from it (or $CODE_VERSION outside a checkout). The
     tables in ``benchmarks/results`` are not code: a table appended there by an earlier run
     does not mark the next run's code as changed."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    git = ["git", "-C", repo]
+    git = ["git", "-C", REPO]
     try:
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
@@ -56,8 +60,49 @@ def code_version() -> str:
 
 
 def command_line(script: str, argv) -> str:
-    """``python benchmarks/<script> <argv>``, quoted so that it can be pasted into a shell."""
-    return shlex.join(["python", f"benchmarks/{script}", *argv])
+    """``python benchmarks/<script> <argv>``, quoted so that it can be pasted into a shell
+    at the repository's root, with the paths in it written as :func:`portable_path` does."""
+    words, flag = ["python", f"benchmarks/{script}"], None
+    for arg in argv:
+        name, eq, value = arg.partition("=")  # --flag=value
+        if not (eq and arg.startswith("--")):
+            name, eq, value = flag, "", arg
+        placeholder = INTERPRETERS.get(name)
+        words.append((shlex.quote(name + eq) if eq else "") + portable_path(value, placeholder))
+        flag = arg
+    return " ".join(words)
+
+
+def portable_path(text: str, placeholder: str | None = None) -> str:
+    """``text`` quoted for a shell; if it is a path (absolute, or relative with a directory
+    that exists from here), written so that it reads the same from any machine: inside the
+    repository relative to its root (where :func:`command_line` runs), else ``placeholder``
+    if given, else under the temporary directory ``<tmp>/...``, under the home directory
+    ``~/...``, anywhere else whole (a data set's place matters to rerun the command)."""
+    absolute = os.path.isabs(text)
+    if not (absolute or (os.sep in text and os.path.isdir(os.path.dirname(text)))):
+        return shlex.quote(text)
+    path = os.path.abspath(text)
+    # Its directory resolved, not the file: a venv's python links to the system's.
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    within = _relative_to(real, REPO)
+    if within is not None:
+        return shlex.quote(within)
+    if placeholder:
+        return placeholder
+    for root, name in ((tempfile.gettempdir(), "<tmp>"), (os.path.expanduser("~"), "~")):
+        within = _relative_to(real, root)
+        if within is not None and os.path.dirname(root) != root:  # not '/' itself
+            return name if within == "." else f"{name}/{shlex.quote(within)}"
+    return shlex.quote(path)
+
+
+def _relative_to(path: str, root: str) -> str | None:
+    """``path`` relative to the directory ``root`` (resolved), or None if outside it."""
+    root = os.path.realpath(root)
+    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return os.path.relpath(path, root)
 
 
 def size_changes(parser, args, sizes) -> list[str]:

@@ -5,6 +5,7 @@ meets them: a rerun never loses a recorded table, a bad flag is one line, an int
 during the timed rounds (or the compile timings after them) writes what was measured, marked
 as such, and any other writes nothing."""
 
+import json
 import os
 import re
 import runpy
@@ -12,7 +13,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 
 import jax
 import pytest
@@ -422,6 +425,164 @@ def test_an_interrupted_table_printed_only_does_not_say_it_was_appended(capsys):
     assert err.splitlines()[-1] == ("interrupted (Ctrl-C): the table of the 1 of 3 timed "
                                     "rounds completed was printed only (written nowhere), "
                                     "marked as interrupted.")
+
+
+@pytest.mark.parametrize("signalled_round, whole", [(1, True), (0, False)])
+def test_the_json_medians_are_written_with_a_table_of_whole_rounds(tmp_path, capsys,
+                                                                   signalled_round, whole):
+    """bench_torch.py wrote its --json medians (compare_torch.py reads them) after appending
+    its table: a signal in the last round, which leaves every round whole, raised the
+    interruption before they were written. A table lacking rounds gets no medians file."""
+    cli = load("bench_cli")
+    out, js = tmp_path / "torch.md", tmp_path / "torch.json"
+    medians = {"median_s": {"eager-fp32-constant": 0.25}}
+
+    def main(argv):
+        for i in cli.rounds(2):
+            if i == signalled_round:
+                signal.raise_signal(signal.SIGINT)
+        cli.append_table("## a table\n\n| variant |\n", str(out), medians=(str(js), medians))
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(main, [])
+    assert stopped.value.code == 130
+    assert ("## a table (interrupted after 1 of 2 rounds)" in out.read_text()) != whole
+    if whole:
+        assert json.loads(js.read_text()) == medians
+    else:
+        assert not js.exists()
+
+
+def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
+    """A Ctrl-C reached compare_torch.py and the bench_step.py it ran: the benchmark
+    appended the table of its rounds done, marked, while compare_torch.py, which killed it
+    a quarter of a second later (if it had not finished), said that no table was written.
+    And that table's command line carried this machine's temporary paths."""
+    out, step = tmp_path / "vs.md", tmp_path / "step.md"
+    out.write_text(RECORDED)
+    step.write_text(RECORDED)
+    torch_python = tmp_path / "python"  # found to have torch; never run: stopped before
+    torch_python.write_text("#!/bin/sh\nexit 0\n")
+    torch_python.chmod(0o755)
+    asked = 200  # far more than can run before the signal lands
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(BENCHMARKS, "compare_torch.py"), "--torch-python",
+         str(torch_python), "--depth", "8", "--batch", "2", "--rounds", str(asked),
+         "--dtypes", "float32", "--variants", "constant", "--out", str(out), "--step-out",
+         str(step)],
+        env=dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path)), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        while not proc.stdout.readline().startswith("round 2:"):  # 2 warm-up rounds before
+            assert proc.poll() is None, proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)  # a Ctrl-C in its terminal: its process group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    [done] = re.findall(rf"\n## Train step, CifarResNet-8.*\(interrupted after (\d+) of {asked} "
+                        r"rounds\)\n", step.read_text())
+    assert err.splitlines()[-1] == (
+        f"interrupted (Ctrl-C): no comparison table was written to {out}; bench_step.py "
+        f"appended its table of float32 (interrupted after {done} of {asked} rounds) to {step}.")
+    assert out.read_text() == RECORDED
+    [label] = [line for line in step.read_text().splitlines() if line.startswith("Run ")]
+    assert "--json <tmp>/compare_torch-" in label and "--out <tmp>/step.md`" in label
+
+
+
+def test_compare_torch_benchmark_dies_with_it(tmp_path):
+    """compare_torch.py runs each benchmark in a session of its own (a Ctrl-C reaches only
+    compare_torch.py, which passes it on once): gpu_suite.py's budget, killing the part's
+    process group, would leave the benchmark running on the GPU under the next part."""
+    kill_self = ("import os, signal, subprocess, sys; sys.path.insert(0, sys.argv[1]); "
+                 "import compare_torch; child = subprocess.Popen(['sleep', '60'], stdout=subprocess."
+                 "DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=compare_torch._dies_with("
+                 "os.getpid())); print(child.pid, "
+                 "flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", kill_self, BENCHMARKS], text=True,
+                          capture_output=True, timeout=60)
+    child = int(proc.stdout)
+    try:
+        for _ in range(100):
+            try:  # gone, or a zombie (killed) that nothing reaped
+                with open(f"/proc/{child}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the benchmark outlived compare_torch.py")
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+def test_a_benchmark_whose_reader_exits_stops_quietly(tmp_path):
+    """`bench_step.py | head -3` ended with the trainer's line, 'error: The output's reader
+    exited (...): stopped. Checkpoints saved before are kept; run the same command again to
+    resume, ...', and exit status 1. A benchmark that prints its rounds until the reader
+    exits (bench_step.py's compilation would cost seconds): one line, exit status 141."""
+    prints = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_cli, itertools; "
+              "bench_cli.run(lambda argv: [print(f'round {i}', flush=True) "
+              "for i in itertools.count()])")
+    proc = subprocess.Popen([sys.executable, "-c", prints, BENCHMARKS], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert [proc.stdout.readline() for _ in range(3)] == ["round 0\n", "round 1\n",
+                                                               "round 2\n"]  # | head -3
+        proc.stdout.close()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141 and err.splitlines() == [
+        "interrupted (its output's reader exited, e.g. `| head`): no table was written; the "
+        "results files are as they were."], err
+
+
+def test_command_lines_write_paths_as_any_machine_reads_them(tmp_path, monkeypatch):
+    """The tables' command lines carried this machine's paths (compare_torch.py's temporary
+    --json files, a venv's --torch-python, an absolute --out), replaced by hand before the
+    tables were committed."""
+    provenance = load("provenance")
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    (temp / "run").mkdir(parents=True)
+    (home / "venv" / "bin").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    repo = os.path.dirname(os.path.abspath(BENCHMARKS))
+    monkeypatch.chdir(BENCHMARKS)  # a relative path is read from here, written from the root
+    line = provenance.command_line("compare_torch.py", [
+        "--torch-python", str(home / "venv" / "bin" / "python"),
+        "--out", os.path.join(repo, "benchmarks", "results", "vs.md"),
+        "--step-out", os.path.join("results", "step.md"),
+        "--json=" + str(temp / "run" / "a b.json"), "--plot", str(home / "plot.png"),
+        "--images-dir", "/data/cifar",  # elsewhere: whole, it matters to rerun the command
+        "--compile-depths", "", "--variants", "constant,skip"])
+    assert line == (
+        "python benchmarks/compare_torch.py --torch-python <python with torch> "
+        "--out benchmarks/results/vs.md --step-out benchmarks/results/step.md "
+        "--json=<tmp>/'run/a b.json' --plot ~/plot.png --images-dir /data/cifar "
+        "--compile-depths '' --variants constant,skip")
+    inside = os.path.join(repo, "torch-venv", "bin", "python")
+    for python, shown in [(inside, "torch-venv/bin/python"), ("python3", "python3")]:
+        assert provenance.command_line("x.py", ["--torch-python", python]).endswith(shown)
+    # The scripts' own labels, from their flags.
+    torch_python = home / "venv" / "bin" / "python"
+    torch_python.write_text("#!/bin/sh\nexit 0\n")
+    torch_python.chmod(0o755)
+    monkeypatch.setattr(load("bench_cli"), "child_backend", lambda: "cpu")
+    vs = load("compare_torch").parse_args([
+        "--torch-python", str(torch_python), "--depth", "8", "--out", str(temp / "vs.md"),
+        "--step-out", str(home / "step.md")]).label
+    assert ("`python benchmarks/compare_torch.py --torch-python <python with torch> --depth 8 "
+            "--out <tmp>/vs.md --step-out ~/step.md`") in vs
+    step = load("bench_step").parse_args(["--depth", "8", "--json", str(temp / "run" / "s.json"),
+                                          "--out", str(home / "step.md")]).label
+    assert "`python benchmarks/bench_step.py --depth 8 --json <tmp>/run/s.json --out " \
+           "~/step.md`" in step
 
 
 def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
