@@ -167,7 +167,7 @@ class ResidualStages(nn.Module):
             if not keep[start]:
                 kw["has_branch"] = False
             scanned = n > 1 and self._scanned(n - 1)
-            policy = self._preact_policy(feats) if scanned and buckets is None else None
+            policy = self._preact_policy(feats, stride) if scanned and buckets is None else None
             if policy is not None:  # the stage carries pre-activations
                 kw["post_activation"] = False
             first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
@@ -232,7 +232,7 @@ class ResidualStages(nn.Module):
             return num_identical >= AUTO_SCAN_MIN_BLOCKS
         return bool(self.scan)
 
-    def _preact_policy(self, feats: int) -> Any:
+    def _preact_policy(self, feats: int, stride: int) -> Any:
         """The checkpoint policy under which a scanned stage carries pre-activations, or None.
 
         With a post-activation block (``act(shortcut + b f)``) whose branch is
@@ -246,16 +246,17 @@ class ResidualStages(nn.Module):
         to the same values, once each. What differs: the stage's first block returns (and
         ``capture_intermediates`` records) its output before the activation.
 
-        Only for blocks known to honour ``post_activation``: a :class:`layers.ResidualBlock`
+        Only for blocks known to honour ``post_activation``: the stage's first block (of
+        stride ``stride``) and its scanned ones must be :class:`layers.ResidualBlock` instances
         (the library's blocks, or a subclass changing only fields) whose ``__call__`` is
         ``ResidualBlock.__call__``. A subclass that overrides ``__call__`` runs as written
         (its activation inside the block, no carry): nothing tells that it applies ``act``
         only where ``post_activation`` says, and if it does not, the carry would apply it
         twice.
         """
-        probe = self.block(feats, 1, parent=None)
-        if (not isinstance(probe, layers.ResidualBlock) or not probe.post_activation
-                or type(probe).__call__ is not layers.ResidualBlock.__call__):
+        first, probe = (self.block(feats, s, parent=None) for s in (stride, 1))
+        if not all(isinstance(b, layers.ResidualBlock) and b.post_activation
+                   and type(b).__call__ is layers.ResidualBlock.__call__ for b in (first, probe)):
             return None
         return layers.REMAT_POLICIES.get(probe.remat)
 

@@ -131,6 +131,15 @@ def test_refused_cpu_options_warn_once_and_train_without_them(monkeypatch):
     for part in ("xla_cpu_experimental_ynn_fusion_type=", f"jaxlib {jaxlib.__version__}",
                  "No such compile option", "slower", "Nothing to do"):
         assert part in message
+    assert ("BatchNorm" in message) == _splits_reductions({}), message
+
+
+def _splits_reductions(options: dict[str, str]) -> bool:
+    """Whether XLA:CPU under ``options`` splits BatchNorm's statistics (a mean and variance
+    of ``128x32x32x16``) into a slower reduce-window: a warning may say so only then."""
+    x = jax.ShapeDtypeStruct((128, 32, 32, 16), jnp.float32)
+    stats = jax.jit(lambda a: (a.mean((0, 1, 2)), a.var((0, 1, 2))), compiler_options=options)
+    return "reduce-window" in stats.lower(x).compile().as_text()
 
 
 def _only_warning(conv, expect):
@@ -166,6 +175,8 @@ def test_a_refused_option_value_falls_back_to_the_next_form(monkeypatch):
     for part in (f"jaxlib {jaxlib.__version__}", f"={value} (", "LIBRARY_FUSION_TYPE_NOSUCH",
                  f"compile with xla_cpu_experimental_ynn_fusion_type={fallback},", "slower"):
         assert part in message
+    assert ("BatchNorm" in message) == _splits_reductions(
+        {"xla_cpu_experimental_ynn_fusion_type": fallback}), message
 
 
 def test_module_matches_flax_conv_and_rejects_unknown_implementation():
