@@ -252,11 +252,14 @@ class ResidualStages(nn.Module):
         ``ResidualBlock.__call__``. A subclass that overrides ``__call__`` runs as written
         (its activation inside the block, no carry): nothing tells that it applies ``act``
         only where ``post_activation`` says, and if it does not, the carry would apply it
-        twice.
+        twice. Both must also have the same ``act``: each scanned block applies its own to
+        the carried value, which is the previous block's output.
         """
         first, probe = (self.block(feats, s, parent=None) for s in (stride, 1))
         if not all(isinstance(b, layers.ResidualBlock) and b.post_activation
                    and type(b).__call__ is layers.ResidualBlock.__call__ for b in (first, probe)):
+            return None
+        if first.act != probe.act:  # each scanned block applies the previous block's act
             return None
         return layers.REMAT_POLICIES.get(probe.remat)
 

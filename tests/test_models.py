@@ -363,11 +363,21 @@ def _own_call_if_strided(features, strides, **kw):
     return cls(features, strides, **kw)
 
 
-@pytest.mark.parametrize("own_call, stride", [(_OwnCallBlock, 1), (_own_call_if_strided, 2)])
+def _other_act_if_strided(features, strides, **kw):
+    """A block factory: the library's block throughout, a stage's (strided) first block
+    with another ``act`` than its scanned ones."""
+    if strides != 1:
+        kw["act"] = jnp.tanh
+    return sdj.layers.BasicBlock(features, strides, **kw)
+
+
+@pytest.mark.parametrize("own_call, stride", [(_OwnCallBlock, 1), (_own_call_if_strided, 2),
+                                              (_other_act_if_strided, 2)])
 def test_scanned_stage_of_a_block_with_its_own_call_equals_unrolled(own_call, stride):
     """No pre-activation carry where a stage's first or scanned blocks override
-    ``ResidualBlock.__call__`` (the carry would apply their non-idempotent ``act`` twice):
-    scanned and unrolled stages give the same outputs and gradients."""
+    ``ResidualBlock.__call__`` (the carry would apply their non-idempotent ``act`` twice) or
+    where the first block's ``act`` is not the scanned ones' (the carry would apply the
+    wrong one): scanned and unrolled stages give the same outputs and gradients."""
     block = functools.partial(own_call, act=lambda z: jax.nn.relu(z) + 0.1 * z)
     probs, gates = np.full(4, 0.7), jnp.array([True, True, False, True])
     results, v = {}, None
