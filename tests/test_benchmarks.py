@@ -491,19 +491,25 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
 
 
 
-def test_compare_torch_benchmark_dies_with_it(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
+def test_compare_torch_benchmark_dies_with_it(signum):
     """compare_torch.py runs each benchmark in a session of its own (a Ctrl-C reaches only
     compare_torch.py, which passes it on once): gpu_suite.py's budget, killing the part's
-    process group, would leave the benchmark running on the GPU under the next part."""
-    kill_self = ("import os, signal, subprocess, sys; sys.path.insert(0, sys.argv[1]); "
-                 "import compare_torch; child = subprocess.Popen(['sleep', '60'], stdout=subprocess."
-                 "DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=compare_torch._dies_with("
-                 "os.getpid())); print(child.pid, "
-                 "flush=True); os.kill(os.getpid(), signal.SIGKILL)")
-    proc = subprocess.run([sys.executable, "-c", kill_self, BENCHMARKS], text=True,
-                          capture_output=True, timeout=60)
-    child = int(proc.stdout)
+    process group (SIGKILL), or a closed terminal (SIGHUP) would leave the benchmark running
+    on, on the GPU under the next part."""
+    runs = ("import sys; sys.path.insert(0, sys.argv[1]); import compare_torch; "
+            "compare_torch._run([sys.executable, '-c', 'import os, time; "
+            "print(os.getpid(), flush=True); time.sleep(60)'])")
+    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = None
     try:
+        while child is None:  # after compare_torch.py's '$ <command>' line
+            line = proc.stdout.readline()
+            assert line, "compare_torch.py ended before its benchmark started"
+            child = int(line) if line.strip().isdigit() else None
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=60)
         for _ in range(100):
             try:  # gone, or a zombie (killed) that nothing reaped
                 with open(f"/proc/{child}/stat") as f:
@@ -515,10 +521,31 @@ def test_compare_torch_benchmark_dies_with_it(tmp_path):
         else:
             raise AssertionError("the benchmark outlived compare_torch.py")
     finally:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        proc.kill()
+        for pid in [child] if child else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_compare_torch_runs_no_python_between_fork_and_exec(monkeypatch):
+    """compare_torch.py set the parent-death signal in a ``preexec_fn``: Python code in the
+    child between fork and exec, which may deadlock where the parent has threads (JAX's).
+    The benchmark runs the same command, in a session of its own."""
+    compare_torch, started = load("compare_torch"), []
+
+    def popen(cmd, **kwargs):
+        started.append((cmd, kwargs))
+        raise OSError("recorded")
+
+    monkeypatch.setattr(compare_torch.subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="recorded"):
+        compare_torch._run(["python", "bench_step.py", "--depth", "8"])
+    [(cmd, kwargs)] = started
+    assert kwargs.get("preexec_fn") is None and kwargs["start_new_session"]
+    assert cmd[-4:] == ["python", "bench_step.py", "--depth", "8"]
+
 
 def test_a_benchmark_whose_reader_exits_stops_quietly(tmp_path):
     """`bench_step.py | head -3` ended with the trainer's line, 'error: The output's reader
@@ -583,6 +610,19 @@ def test_command_lines_write_paths_as_any_machine_reads_them(tmp_path, monkeypat
                                           "--out", str(home / "step.md")]).label
     assert "`python benchmarks/bench_step.py --depth 8 --json <tmp>/run/s.json --out " \
            "~/step.md`" in step
+
+
+def test_command_lines_write_a_file_named_alone_from_the_root(monkeypatch):
+    """Run from benchmarks/, `--out mine.md` wrote to benchmarks/mine.md while its command
+    line said `--out mine.md` (pasted at the root: a file there); a value that only looked
+    like a path from there (`--variants results/x`) was rewritten as one."""
+    provenance = load("provenance")
+    monkeypatch.chdir(BENCHMARKS)
+    assert provenance.command_line("bench_step.py", [
+        "--out", "mine.md", "--json=m.json", "--variants", "results/x",
+        "--torch-python", "python3"]) == (
+        "python benchmarks/bench_step.py --out benchmarks/mine.md --json=benchmarks/m.json "
+        "--variants results/x --torch-python python3")
 
 
 def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
