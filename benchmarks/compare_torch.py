@@ -38,10 +38,11 @@ from provenance import run_label, size_changes  # noqa: E402
 OURS = ("constant", "skip-remat-convs", "compact", "lengths-3")  # bench_step.py variants
 # Asks for SIGKILL when the parent (argv[1]) dies (prctl(2) PR_SET_PDEATHSIG, kept across
 # exec; a C library without prctl: no such guard), then runs the command (argv[2:]).
-_DIES_WITH_PARENT = """import ctypes, os, signal, sys
+_DIES_WITH_PARENT = """import os, signal, sys
 try:
+    import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-except (OSError, AttributeError):
+except (ImportError, OSError, AttributeError):
     pass
 if os.getppid() != int(sys.argv[1]):  # it died before that
     os._exit(128 + signal.SIGKILL)
