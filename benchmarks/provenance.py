@@ -87,7 +87,7 @@ def portable_path(path: str, placeholder: str | None = None) -> str:
     """``path`` (absolute, or relative to the working directory) quoted for a shell,
     written so that it reads the same from any machine: inside the repository relative to
     its root (where :func:`command_line` runs), else ``placeholder`` if given, else under
-    the temporary directory ``<tmp>/...``, under the home directory ``~/...``, anywhere
+    the temporary directory ``'<tmp>/...'``, under the home directory ``~/...``, anywhere
     else whole (a data set's place matters to rerun the command)."""
     path = os.path.abspath(path)
     # Its directory resolved, not the file: a venv's python links to the system's.
@@ -95,13 +95,22 @@ def portable_path(path: str, placeholder: str | None = None) -> str:
     within = _relative_to(real, REPO)
     if within is not None:
         return shlex.quote(within)
+    # A placeholder is quoted too: bare, a shell reads `<tmp>/x` as redirections (from a
+    # file 'tmp', into '/x'), not as a word.
     if placeholder:
-        return placeholder
-    for root, name in ((tempfile.gettempdir(), "<tmp>"), (os.path.expanduser("~"), "~")):
-        within = _relative_to(real, root)
-        if within is not None and os.path.dirname(root) != root:  # not '/' itself
-            return name if within == "." else f"{name}/{shlex.quote(within)}"
+        return shlex.quote(placeholder)
+    tmp = _relative_to(real, tempfile.gettempdir())
+    if tmp is not None and not _is_root(tempfile.gettempdir()):
+        return shlex.quote("<tmp>" if tmp == "." else f"<tmp>/{tmp}")
+    home = _relative_to(real, os.path.expanduser("~"))
+    if home is not None and not _is_root(os.path.expanduser("~")):
+        return "~" if home == "." else f"~/{shlex.quote(home)}"  # ~ unquoted: expanded
     return shlex.quote(path)
+
+
+def _is_root(directory: str) -> bool:
+    """Whether ``directory`` is the file system's root (it holds every path: no place)."""
+    return os.path.dirname(directory) == directory
 
 
 def _relative_to(path: str, root: str) -> str | None:

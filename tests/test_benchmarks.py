@@ -9,6 +9,7 @@ import json
 import os
 import re
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -497,7 +498,7 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
         f"appended its table of float32 (interrupted after {done} of {asked} rounds) to {step}.")
     assert out.read_text() == RECORDED
     [label] = [line for line in step.read_text().splitlines() if line.startswith("Run ")]
-    assert "--json <tmp>/compare_torch-" in label and "--out <tmp>/step.md`" in label
+    assert "--json '<tmp>/compare_torch-" in label and "--out '<tmp>/step.md'`" in label
 
 
 
@@ -599,10 +600,15 @@ def test_command_lines_write_paths_as_any_machine_reads_them(tmp_path, monkeypat
         "--images-dir", "/data/cifar",  # elsewhere: whole, it matters to rerun the command
         "--compile-depths", "", "--variants", "constant,skip"])
     assert line == (
-        "python benchmarks/compare_torch.py --torch-python <python with torch> "
+        "python benchmarks/compare_torch.py --torch-python '<python with torch>' "
         "--out benchmarks/results/vs.md --step-out benchmarks/results/step.md "
-        "--json=<tmp>/'run/a b.json' --plot ~/plot.png --images-dir /data/cifar "
+        "--json='<tmp>/run/a b.json' --plot ~/plot.png --images-dir /data/cifar "
         "--compile-depths '' --variants constant,skip")
+    # Pasted into a shell, a placeholder is one word: `<tmp>/x`, bare, was two redirections
+    # (from a file 'tmp', into '/x': run where 'tmp' exists, it wrote there).
+    words = list(shlex.shlex(line, posix=True, punctuation_chars=True))
+    assert "<python with torch>" in words and "--json=<tmp>/run/a b.json" in words
+    assert not [w for w in words if w and set(w) <= set("<>|&;()")], words
     inside = os.path.join(repo, "torch-venv", "bin", "python")
     for python, shown in [(inside, "torch-venv/bin/python"), ("python3", "python3")]:
         assert provenance.command_line("x.py", ["--torch-python", python]).endswith(shown)
@@ -614,11 +620,11 @@ def test_command_lines_write_paths_as_any_machine_reads_them(tmp_path, monkeypat
     vs = load("compare_torch").parse_args([
         "--torch-python", str(torch_python), "--depth", "8", "--out", str(temp / "vs.md"),
         "--step-out", str(home / "step.md")]).label
-    assert ("`python benchmarks/compare_torch.py --torch-python <python with torch> --depth 8 "
-            "--out <tmp>/vs.md --step-out ~/step.md`") in vs
+    assert ("`python benchmarks/compare_torch.py --torch-python '<python with torch>' "
+            "--depth 8 --out '<tmp>/vs.md' --step-out ~/step.md`") in vs
     step = load("bench_step").parse_args(["--depth", "8", "--json", str(temp / "run" / "s.json"),
                                           "--out", str(home / "step.md")]).label
-    assert "`python benchmarks/bench_step.py --depth 8 --json <tmp>/run/s.json --out " \
+    assert "`python benchmarks/bench_step.py --depth 8 --json '<tmp>/run/s.json' --out " \
            "~/step.md`" in step
 
 
