@@ -22,7 +22,6 @@ earlier ones are whole); no joint table is written, and the last line says what 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -37,7 +36,18 @@ import bench_cli  # noqa: E402  (next to this file)
 from provenance import run_label, size_changes  # noqa: E402
 
 OURS = ("constant", "skip-remat-convs", "compact", "lengths-3")  # bench_step.py variants
-_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
+# Asks for SIGKILL when the parent (argv[1]) dies (prctl(2) PR_SET_PDEATHSIG, kept across
+# exec; a C library without prctl: no such guard), then runs the command (argv[2:]).
+_DIES_WITH_PARENT = """import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+except (ImportError, OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):  # it died before that
+    os._exit(128 + signal.SIGKILL)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 SIZES = {"depth": None, "batch": None, "rounds": "bench_step.py's and bench_torch.py's"}
 
 
@@ -61,14 +71,14 @@ def _run(cmd: list[str]) -> None:
             caught.append(signum)
         while proc is not None and len(sent) < len(caught):  # each once, also if caught
             sent.append(caught[len(sent)])  # while it started
-            _signal(proc, sent[-1], len(sent))
+            _signal(proc, os.path.basename(cmd[1]), sent[-1], len(sent))
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = ({s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
                 if main_thread else {})
     try:
-        proc = subprocess.Popen(cmd, cwd=os.path.dirname(HERE), start_new_session=True,
-                                preexec_fn=_dies_with(os.getpid()))
+        proc = subprocess.Popen(_dying_with_this(cmd), cwd=os.path.dirname(HERE),
+                                start_new_session=True)
         pass_on()
         status = proc.wait()
     finally:
@@ -86,28 +96,27 @@ def _run(cmd: list[str]) -> None:
                          f"output is above); nothing was written to --out.")
 
 
-def _signal(proc: subprocess.Popen, signum: int, count: int) -> None:
-    """Passes the ``count``-th signal ``signum`` on to ``proc``; from the third, kills it."""
+def _signal(proc: subprocess.Popen, name: str, signum: int, count: int) -> None:
+    """Passes the ``count``-th signal ``signum`` on to ``proc`` (the script ``name``); from
+    the third, kills it."""
     if count >= 3:
-        print(f"{bench_cli.signal_name(signum)} again: killing "
-              f"{os.path.basename(proc.args[1])}", file=sys.stderr, flush=True)
+        print(f"{bench_cli.signal_name(signum)} again: killing {name}", file=sys.stderr,
+              flush=True)
         proc.kill()
     else:
         proc.send_signal(signum)
 
 
-def _dies_with(parent: int):
-    """What a child runs before its program: on Linux, it is killed when ``parent`` dies,
-    even by SIGKILL (``gpu_suite.py``'s budget kills this script's process group, which
-    the child, in a session of its own, is not in); elsewhere nothing."""
-    def die_with_parent():
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):  # not Linux
-            return
-        if os.getppid() != parent:  # it died before that
-            os._exit(128 + signal.SIGKILL)
-    return die_with_parent
+def _dying_with_this(cmd: list[str]) -> list[str]:
+    """``cmd``, run so that on Linux it is killed when this process dies, even by SIGKILL
+    (``gpu_suite.py``'s budget kills this script's process group, which the child, in a
+    session of its own, is not in; closing the terminal hangs this script up); elsewhere
+    ``cmd`` as it is. A program that the child runs first (:data:`_DIES_WITH_PARENT`), not
+    a ``preexec_fn``: this process has threads (JAX's among them), and Python code run
+    between fork and exec may deadlock on a lock one of them held."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-I", "-S", "-c", _DIES_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 def _check_torch(python: str) -> None:

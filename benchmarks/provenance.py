@@ -7,6 +7,7 @@ only :func:`machine_line` touches JAX.
 import datetime
 import os
 import platform
+import re
 import shlex
 import subprocess
 import tempfile
@@ -18,6 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Flags whose value is an interpreter: outside the repository, what matters to rerun the
 # command is what it has (its versions are in the table), not where it is on this machine.
 INTERPRETERS = {"--torch-python": "<python with torch>"}
+# The benchmarks' flags whose value is a path, by their name: --out, --step-out, --json,
+# --plot, --images-dir, --torch-python... (a value such as --variants a/b is not one).
+PATH_FLAG = re.compile(r"--([a-z]+-)*(out|json|plot|dir|python)")
 
 
 def machine_line() -> str:
@@ -61,40 +65,52 @@ def code_version() -> str:
 
 def command_line(script: str, argv) -> str:
     """``python benchmarks/<script> <argv>``, quoted so that it can be pasted into a shell
-    at the repository's root, with the paths in it written as :func:`portable_path` does."""
+    at the repository's root, with the paths in it written as :func:`portable_path` does:
+    the values of the flags whose name says they are paths (:data:`PATH_FLAG`), also a bare
+    file name (read from where the command ran), and any absolute path."""
     words, flag = ["python", f"benchmarks/{script}"], None
     for arg in argv:
         name, eq, value = arg.partition("=")  # --flag=value
         if not (eq and arg.startswith("--")):
             name, eq, value = flag, "", arg
         placeholder = INTERPRETERS.get(name)
-        words.append((shlex.quote(name + eq) if eq else "") + portable_path(value, placeholder))
+        # An interpreter named without a directory is looked up on PATH: not a path.
+        path = bool(value) and (os.path.isabs(value) or bool(
+            name and PATH_FLAG.fullmatch(name) and (os.sep in value or not placeholder)))
+        words.append((shlex.quote(name + eq) if eq else "")
+                     + (portable_path(value, placeholder) if path else shlex.quote(value)))
         flag = arg
     return " ".join(words)
 
 
-def portable_path(text: str, placeholder: str | None = None) -> str:
-    """``text`` quoted for a shell; if it is a path (absolute, or relative with a directory
-    that exists from here), written so that it reads the same from any machine: inside the
-    repository relative to its root (where :func:`command_line` runs), else ``placeholder``
-    if given, else under the temporary directory ``<tmp>/...``, under the home directory
-    ``~/...``, anywhere else whole (a data set's place matters to rerun the command)."""
-    absolute = os.path.isabs(text)
-    if not (absolute or (os.sep in text and os.path.isdir(os.path.dirname(text)))):
-        return shlex.quote(text)
-    path = os.path.abspath(text)
+def portable_path(path: str, placeholder: str | None = None) -> str:
+    """``path`` (absolute, or relative to the working directory) quoted for a shell,
+    written so that it reads the same from any machine: inside the repository relative to
+    its root (where :func:`command_line` runs), else ``placeholder`` if given, else under
+    the temporary directory ``'<tmp>/...'``, under the home directory ``~/...``, anywhere
+    else whole (a data set's place matters to rerun the command)."""
+    path = os.path.abspath(path)
     # Its directory resolved, not the file: a venv's python links to the system's.
     real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     within = _relative_to(real, REPO)
     if within is not None:
         return shlex.quote(within)
+    # A placeholder is quoted too: bare, a shell reads `<tmp>/x` as redirections (from a
+    # file 'tmp', into '/x'), not as a word.
     if placeholder:
-        return placeholder
-    for root, name in ((tempfile.gettempdir(), "<tmp>"), (os.path.expanduser("~"), "~")):
-        within = _relative_to(real, root)
-        if within is not None and os.path.dirname(root) != root:  # not '/' itself
-            return name if within == "." else f"{name}/{shlex.quote(within)}"
+        return shlex.quote(placeholder)
+    tmp = _relative_to(real, tempfile.gettempdir())
+    if tmp is not None and not _is_root(tempfile.gettempdir()):
+        return shlex.quote("<tmp>" if tmp == "." else f"<tmp>/{tmp}")
+    home = _relative_to(real, os.path.expanduser("~"))
+    if home is not None and not _is_root(os.path.expanduser("~")):
+        return "~" if home == "." else f"~/{shlex.quote(home)}"  # ~ unquoted: expanded
     return shlex.quote(path)
+
+
+def _is_root(directory: str) -> bool:
+    """Whether ``directory`` is the file system's root (it holds every path: no place)."""
+    return os.path.dirname(directory) == directory
 
 
 def _relative_to(path: str, root: str) -> str | None:

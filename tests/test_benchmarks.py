@@ -9,6 +9,7 @@ import json
 import os
 import re
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -308,6 +309,17 @@ def test_an_interrupted_benchmark_writes_nothing(how, status, by, tmp_path, caps
     assert out.read_text() == RECORDED
 
 
+def child_env(**changes) -> dict:
+    """The environment of a benchmark run as a child process: unbuffered, and compiling
+    through the session's persistent compilation cache, every program kept (bench_step.py
+    at depth 8 compiles for over 10 s on 2 busy cores; loaded, for under 1 s)."""
+    from stochastic_depth_jax.training import compilation
+    return dict(os.environ, PYTHONUNBUFFERED="1",
+                JAX_COMPILATION_CACHE_DIR=compilation.cache_dir_for("auto"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **changes)
+
+
 def test_a_benchmark_interrupted_in_its_rounds_writes_the_rounds_done(tmp_path):
     """A Ctrl-C (or a `timeout` kill) after minutes of rounds lost them all: the table was
     only written at the end. Run as `bench_step.py | tee log`, the same Ctrl-C stops tee:
@@ -320,8 +332,7 @@ def test_a_benchmark_interrupted_in_its_rounds_writes_the_rounds_done(tmp_path):
         [sys.executable, os.path.join(BENCHMARKS, "bench_step.py"), "--depth", "8", "--batch",
          "2", "--warmup", "0", "--rounds", str(asked), "--variants", "constant",
          "--compile-depths", "", "--json", str(js), "--out", str(out)],
-        env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+        env=child_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         while not proc.stdout.readline().startswith("round 0:"):
             assert proc.poll() is None, proc.stderr.read()
@@ -470,7 +481,7 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
          str(torch_python), "--depth", "8", "--batch", "2", "--rounds", str(asked),
          "--dtypes", "float32", "--variants", "constant", "--out", str(out), "--step-out",
          str(step)],
-        env=dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path)), text=True,
+        env=child_env(TMPDIR=str(tmp_path)), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         while not proc.stdout.readline().startswith("round 2:"):  # 2 warm-up rounds before
@@ -487,23 +498,29 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
         f"appended its table of float32 (interrupted after {done} of {asked} rounds) to {step}.")
     assert out.read_text() == RECORDED
     [label] = [line for line in step.read_text().splitlines() if line.startswith("Run ")]
-    assert "--json <tmp>/compare_torch-" in label and "--out <tmp>/step.md`" in label
+    assert "--json '<tmp>/compare_torch-" in label and "--out '<tmp>/step.md'`" in label
 
 
 
-def test_compare_torch_benchmark_dies_with_it(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
+def test_compare_torch_benchmark_dies_with_it(signum):
     """compare_torch.py runs each benchmark in a session of its own (a Ctrl-C reaches only
     compare_torch.py, which passes it on once): gpu_suite.py's budget, killing the part's
-    process group, would leave the benchmark running on the GPU under the next part."""
-    kill_self = ("import os, signal, subprocess, sys; sys.path.insert(0, sys.argv[1]); "
-                 "import compare_torch; child = subprocess.Popen(['sleep', '60'], stdout=subprocess."
-                 "DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=compare_torch._dies_with("
-                 "os.getpid())); print(child.pid, "
-                 "flush=True); os.kill(os.getpid(), signal.SIGKILL)")
-    proc = subprocess.run([sys.executable, "-c", kill_self, BENCHMARKS], text=True,
-                          capture_output=True, timeout=60)
-    child = int(proc.stdout)
+    process group (SIGKILL), or a closed terminal (SIGHUP) would leave the benchmark running
+    on, on the GPU under the next part."""
+    runs = ("import sys; sys.path.insert(0, sys.argv[1]); import compare_torch; "
+            "compare_torch._run([sys.executable, '-c', 'import os, time; "
+            "print(os.getpid(), flush=True); time.sleep(60)'])")
+    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = None
     try:
+        while child is None:  # after compare_torch.py's '$ <command>' line
+            line = proc.stdout.readline()
+            assert line, "compare_torch.py ended before its benchmark started"
+            child = int(line) if line.strip().isdigit() else None
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=60)
         for _ in range(100):
             try:  # gone, or a zombie (killed) that nothing reaped
                 with open(f"/proc/{child}/stat") as f:
@@ -515,10 +532,31 @@ def test_compare_torch_benchmark_dies_with_it(tmp_path):
         else:
             raise AssertionError("the benchmark outlived compare_torch.py")
     finally:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        proc.kill()
+        for pid in [child] if child else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_compare_torch_runs_no_python_between_fork_and_exec(monkeypatch):
+    """compare_torch.py set the parent-death signal in a ``preexec_fn``: Python code in the
+    child between fork and exec, which may deadlock where the parent has threads (JAX's).
+    The benchmark runs the same command, in a session of its own."""
+    compare_torch, started = load("compare_torch"), []
+
+    def popen(cmd, **kwargs):
+        started.append((cmd, kwargs))
+        raise OSError("recorded")
+
+    monkeypatch.setattr(compare_torch.subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="recorded"):
+        compare_torch._run(["python", "bench_step.py", "--depth", "8"])
+    [(cmd, kwargs)] = started
+    assert kwargs.get("preexec_fn") is None and kwargs["start_new_session"]
+    assert cmd[-4:] == ["python", "bench_step.py", "--depth", "8"]
+
 
 def test_a_benchmark_whose_reader_exits_stops_quietly(tmp_path):
     """`bench_step.py | head -3` ended with the trainer's line, 'error: The output's reader
@@ -562,10 +600,15 @@ def test_command_lines_write_paths_as_any_machine_reads_them(tmp_path, monkeypat
         "--images-dir", "/data/cifar",  # elsewhere: whole, it matters to rerun the command
         "--compile-depths", "", "--variants", "constant,skip"])
     assert line == (
-        "python benchmarks/compare_torch.py --torch-python <python with torch> "
+        "python benchmarks/compare_torch.py --torch-python '<python with torch>' "
         "--out benchmarks/results/vs.md --step-out benchmarks/results/step.md "
-        "--json=<tmp>/'run/a b.json' --plot ~/plot.png --images-dir /data/cifar "
+        "--json='<tmp>/run/a b.json' --plot ~/plot.png --images-dir /data/cifar "
         "--compile-depths '' --variants constant,skip")
+    # Pasted into a shell, a placeholder is one word: `<tmp>/x`, bare, was two redirections
+    # (from a file 'tmp', into '/x': run where 'tmp' exists, it wrote there).
+    words = list(shlex.shlex(line, posix=True, punctuation_chars=True))
+    assert "<python with torch>" in words and "--json=<tmp>/run/a b.json" in words
+    assert not [w for w in words if w and set(w) <= set("<>|&;()")], words
     inside = os.path.join(repo, "torch-venv", "bin", "python")
     for python, shown in [(inside, "torch-venv/bin/python"), ("python3", "python3")]:
         assert provenance.command_line("x.py", ["--torch-python", python]).endswith(shown)
@@ -577,12 +620,25 @@ def test_command_lines_write_paths_as_any_machine_reads_them(tmp_path, monkeypat
     vs = load("compare_torch").parse_args([
         "--torch-python", str(torch_python), "--depth", "8", "--out", str(temp / "vs.md"),
         "--step-out", str(home / "step.md")]).label
-    assert ("`python benchmarks/compare_torch.py --torch-python <python with torch> --depth 8 "
-            "--out <tmp>/vs.md --step-out ~/step.md`") in vs
+    assert ("`python benchmarks/compare_torch.py --torch-python '<python with torch>' "
+            "--depth 8 --out '<tmp>/vs.md' --step-out ~/step.md`") in vs
     step = load("bench_step").parse_args(["--depth", "8", "--json", str(temp / "run" / "s.json"),
                                           "--out", str(home / "step.md")]).label
-    assert "`python benchmarks/bench_step.py --depth 8 --json <tmp>/run/s.json --out " \
+    assert "`python benchmarks/bench_step.py --depth 8 --json '<tmp>/run/s.json' --out " \
            "~/step.md`" in step
+
+
+def test_command_lines_write_a_file_named_alone_from_the_root(monkeypatch):
+    """Run from benchmarks/, `--out mine.md` wrote to benchmarks/mine.md while its command
+    line said `--out mine.md` (pasted at the root: a file there); a value that only looked
+    like a path from there (`--variants results/x`) was rewritten as one."""
+    provenance = load("provenance")
+    monkeypatch.chdir(BENCHMARKS)
+    assert provenance.command_line("bench_step.py", [
+        "--out", "mine.md", "--json=m.json", "--variants", "results/x",
+        "--torch-python", "python3"]) == (
+        "python benchmarks/bench_step.py --out benchmarks/mine.md --json=benchmarks/m.json "
+        "--variants results/x --torch-python python3")
 
 
 def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
