@@ -126,13 +126,17 @@ def summarise(events, steps: int, wall_s: float, top: int = 8) -> dict:
 # its HLO instruction (the CPU trace's event name): shape, ``op_name`` metadata (the JAX call
 # path) and whether it sits in a skipping cond's first branch (the skipped block).
 _STACKED = re.compile(r"\w+\[\d+,\d+,\d+,\d+,\d+\]$")  # [blocks, batch, H, W, C]
+# What a scanned stage's stacks are created by (``ResidualStages._scan_stage``: ``lax.scan``
+# allocates each stacked output as a broadcast zero), whatever their shape.
+_STACK_INIT = "_scan_stage/broadcast_in_dim"
 SOURCES = (
     ("skipped blocks' zero-fill", lambda n, shape, meta, skip: skip),
     ("convolutions", lambda n, shape, meta, skip: "conv_general_dilated" in meta),
     ("conv.py's backward transposes", lambda n, shape, meta, skip:
         n.startswith("transpose") and re.search(r"conv\d?/transpose", meta)),
+    # The scan's zero-filled stacks: 5-D, or with their last axes merged (layers._tag).
     ("scan stacked residuals: zero-init", lambda n, shape, meta, skip:
-        "broadcast" in n and bool(_STACKED.match(shape))),
+        "broadcast" in n and (bool(_STACKED.match(shape)) or meta.endswith(_STACK_INIT))),
     ("scan stacked residuals: copies", lambda n, shape, meta, skip:
         n.startswith("copy") and bool(_STACKED.match(shape))),
     ("scan stacked residuals: write", lambda n, shape, meta, skip: "dynamic_update_slice" in meta),

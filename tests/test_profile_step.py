@@ -74,6 +74,7 @@ HLO = """\
 
 ENTRY %main.9 (p: f32[4,8]) -> f32[3,4,2,2,8] {
   %wrapped_broadcast.5 = f32[3,4,2,2,8]{4,3,2,1,0} fusion(%c), kind=kLoop
+  %wrapped_broadcast.6 = f32[3,4,32]{2,1,0} fusion(%c), kind=kLoop, metadata={op_name="jit(step)/jvp(CifarResNet)/stages/stages._scan_stage/broadcast_in_dim"}
   %ynn_fusion.2 = f32[4,2,2,8]{3,2,1,0} fusion(%p), metadata={op_name="jit(step)/branch/conv1/conv_general_dilated"}
   %fusion.7 = f32[8]{0} fusion(%p), metadata={op_name="jit(step)/branch/bn1/reduce_sum"}
   %wrapped_reduce-window.3 = f32[2,1,1,8]{3,2,1,0} fusion(%p, %c), kind=kLoop
@@ -88,11 +89,13 @@ def test_ops_are_attributed_by_their_hlo_instruction(script):
     assert ops["broadcast.3"] == ("f32[4,8]", "", True)  # in the skipped branch
     # XLA's first stage of a split reduction has no metadata: its user's names it
     assert ops["wrapped_reduce-window.3"][1] == "jit(step)/branch/bn2/reduce_sum"
+    # a stack of kept convolution outputs with merged axes (layers._tag) is one as well
     events = [("cond.4", 0, 100), ("broadcast.3", 0, 7), ("wrapped_broadcast.5", 10, 15),
+              ("wrapped_broadcast.6", 15, 21),
               ("ynn_fusion.2", 20, 40), ("fusion.7", 40, 43), ("copy.1", 50, 51),
               ("wrapped_reduce-window.3", 60, 64), ("fusion.8", 64, 65)]
     assert script.by_source(events, ops) == {
-        "skipped blocks' zero-fill": 7, "scan stacked residuals: zero-init": 5,
+        "skipped blocks' zero-fill": 7, "scan stacked residuals: zero-init": 5 + 6,
         "convolutions": 20, "BatchNorm reductions": 3 + 4 + 1, "other copies": 1}
 
 
