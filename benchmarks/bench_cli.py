@@ -7,11 +7,13 @@ a script's timed rounds (:func:`rounds`) stops it after the current round: the t
 rounds completed is appended, its heading saying "interrupted after N of M rounds", and the
 script exits 130 / 143; likewise during measurements after the rounds (:func:`after_rounds`:
 ``bench_step.py``'s compile times). A second signal, or one at any other time, stops at once
-with one line saying that nothing was written. A table is only ever appended whole, so the
+with one line saying that nothing was written, also while the script is still importing
+JAX (each script imports this module first). A table is only ever appended whole, so the
 tables already in a results file are never touched; a ``--json`` file of its medians is
 written with it (:func:`append_table`), unless rounds are missing from it. An output whose
 reader exits (``| head``) stops a script with one line and exit status 141, as a pipe's
-writer killed by SIGPIPE.
+writer killed by SIGPIPE. ``--out ''`` prints the table only, in every script
+(:func:`results_path`).
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
 there the same lines are printed by :func:`run` itself (:class:`FlagError`).
@@ -29,20 +31,56 @@ import sys
 import threading
 from typing import Callable, Iterator, Sequence
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+NOTHING_WRITTEN = "no table was written; the results files are as they were."
+
+
+def _stopped_while_starting(signum, frame):
+    """Ctrl-C or SIGTERM while a benchmark imports its libraries (before :func:`run`): one
+    line and exit 130 / 143 at once, not a traceback from inside an import (nor an
+    interruption lost in a library's garbage-collection callback, which drops what it
+    raises). Nothing is measured yet, so nothing is lost."""
+    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    try:  # not print(): this may run in the middle of another write to stderr
+        os.write(2, f"interrupted ({how}): {NOTHING_WRITTEN}\n".encode())
+    except OSError:  # no reader (`2>&1 | head`): the status still says it
+        pass
+    os._exit(128 + signum)
+
+
+def _started_as_a_benchmark() -> dict:
+    """In a benchmark run as a command (``python benchmarks/<script>.py``, not a module
+    imported by a test), Ctrl-C and SIGTERM stop it with :func:`_stopped_while_starting`
+    until :func:`run` takes over; returns the handlers replaced. A signal ignored (a job
+    started in the background by a script) stays ignored."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if (not main or os.path.dirname(os.path.abspath(main)) != HERE
+            or os.path.abspath(sys.argv[0]) != os.path.abspath(main)
+            or threading.current_thread() is not threading.main_thread()):
+        return {}
+    return {s: signal.signal(s, _stopped_while_starting)
+            for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) not in (signal.SIG_IGN, None)}
+
+
+# Before the imports below (JAX's): each script imports this module first.
+_BEFORE_START = _started_as_a_benchmark()
+
 try:
     from stochastic_depth_jax import errors
     from stochastic_depth_jax.training import cli, stopping
 except ImportError:  # an environment with PyTorch only (bench_torch.py)
     errors = cli = stopping = None
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(HERE, "results")
 TORCH_MISSING = ("PyTorch is not installed in this Python. It is optional (only "
                  "bench_torch.py and compare_torch.py's Torch side use it; stochastic_depth_jax "
                  "does not need it): install it with `pip install torch`, ideally in an "
                  "environment of its own, and give that environment's python to "
                  "compare_torch.py --torch-python.")
 OUT_HELP = ("append the table to this file (its directory must exist; default: "
-            "benchmarks/results/{}); nothing already there is changed")
+            "benchmarks/results/{}); nothing already there is changed; '' to print it only, "
+            "writing no file")
 
 
 class FlagError(*((errors.ConfigError,) if errors else (ValueError,))):
@@ -56,7 +94,7 @@ class Interrupted(BaseException):
     def __init__(self, how: str, status: int, note: str = ""):
         super().__init__(how)
         self.how, self.status = how, status
-        self.note = note or "no table was written; the results files are as they were."
+        self.note = note or NOTHING_WRITTEN
 
 
 # What stops a benchmark, and how :func:`stopped` names each.
@@ -265,6 +303,8 @@ def run(main, argv=None):
             raise Interrupted(how, e.exit_status) from None
 
     main_thread = threading.current_thread() is threading.main_thread()
+    while _BEFORE_START and main_thread:  # imported: a signal now stops as the doc says
+        signal.signal(*_BEFORE_START.popitem())
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         if cli is not None:
@@ -361,10 +401,14 @@ def numbers(text: str, flag: str, kind=float) -> list:
     return values
 
 
-def results_path(out: str | None, default_name: str, flag: str = "--out") -> str:
-    """Where the table goes: ``out``, or ``benchmarks/results/<default_name>``; checked now,
+def results_path(out: str | None, default_name: str, flag: str = "--out") -> str | None:
+    """Where the table goes: ``out``, ``benchmarks/results/<default_name>`` if ``out`` is
+    None (the flag not given), or None if it is ``''`` (print it only: a smoke run asked
+    for no file, so no committed table is appended to; see :data:`OUT_HELP`). Checked now,
     before minutes of measuring, by opening it for appending (an existing file is untouched;
     one made for the check is removed)."""
+    if out == "":
+        return None
     path = os.path.abspath(out) if out else os.path.join(RESULTS, default_name)
     folder = os.path.dirname(path)
     if os.path.isdir(path):

@@ -22,14 +22,15 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402  (next to this file; first: Ctrl-C in JAX's import)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import data
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_cli  # noqa: E402  (next to this file)
 from provenance import cpu_name, run_label, size_changes  # noqa: E402
 
 SIZES = ("steps", "tfds_train")
@@ -82,20 +83,25 @@ def bench_eval(dev, mean, std):
     return seconds
 
 
-def main(argv=None):
-    """Times placing, loading and batching CIFAR-sized data; appends the table."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def parse_args(argv) -> argparse.Namespace:
+    """The flags, checked before anything is measured; ``args.out``: where the table goes,
+    ``args.label``: its provenance line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="timed train_batch calls")
     parser.add_argument("--tfds-train", type=int, default=50000,
                         help="size of the fake tfds cifar10 train split (0 to skip)")
     parser.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("data.md"))
     args = parser.parse_args(argv)
-    label = run_label("bench_data.py", argv, size_changes(parser, args, SIZES))
+    args.label = run_label("bench_data.py", argv, size_changes(parser, args, SIZES))
     bench_cli.at_least(args, 1, "steps")
     bench_cli.at_least(args, 0, "tfds_train")
-    out = bench_cli.results_path(args.out, "data.md")
+    args.out = bench_cli.results_path(args.out, "data.md")
+    return args
 
+
+def main(argv=None):
+    """Times placing, loading and batching CIFAR-sized data; appends the table."""
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     split, dev, place_s = bench_placement(mesh)
     mean, std = data.splits.channel_stats(split)
@@ -114,11 +120,12 @@ def main(argv=None):
                      f"{np.percentile(times, 90):.3f}]"))
     eval_s = bench_eval(dev, mean, std)
     rows.append(("eval_batches over 50k, batch 500 (incl. compile)", f"{eval_s:.2f} s"))
-    _report(rows, out, label)
+    _report(rows, args.out, args.label)
 
 
 def _report(rows, out, label):
-    """Appends the table of ``rows`` to ``out`` (the file's title first, if it is new)."""
+    """Appends the table of ``rows`` to ``out`` (the file's title first, if it is new;
+    None: prints it only)."""
     header = (f"Machine: {cpu_name()}, {os.cpu_count()} cores, "
               f"{jax.device_count()} x {jax.devices()[0].device_kind} "
               f"({jax.default_backend()}); Python {platform.python_version()}, "

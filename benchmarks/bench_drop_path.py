@@ -30,13 +30,14 @@ import statistics
 import sys
 import time
 
+import bench_cli  # next to this file; first: Ctrl-C in JAX's import
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from stochastic_depth_jax import ConvNeXt, ViT
-import bench_cli  # next to this file
 from provenance import machine_line, run_label, size_changes
 
 DEFAULTS = {  # (model, backend) -> model and batch of the standard run

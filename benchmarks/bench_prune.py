@@ -12,8 +12,8 @@ Run by hand (not in CI)::
     python benchmarks/bench_prune.py --depth 20 --batch 32 --rounds 3
 
 Prints a table and appends it, with machine, versions, date, code and command line, to
-``benchmarks/results/prune_<backend>.md`` (``--out``: elsewhere; ``--no-write``: nowhere); a
-run at other sizes than the defaults says so in its table.
+``benchmarks/results/prune_<backend>.md`` (``--out``: elsewhere; ``--out ''`` or
+``--no-write``: nowhere); a run at other sizes than the defaults says so in its table.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402  (next to this file; first: Ctrl-C in JAX's import)
+
 import jax
 
 from stochastic_depth_jax import CifarResNet, pruning
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_cli  # noqa: E402  (next to this file)
 from provenance import run_label, size_changes  # noqa: E402
 
 SIZES = ("depth", "batch", "rounds")
@@ -48,7 +49,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument("--out", default=None,
                         help=bench_cli.OUT_HELP.format("prune_<backend>.md"))
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--no-write", action="store_true", help="print the table only "
+                        "(as --out '')")
     args = parser.parse_args(argv)
     args.label = run_label("bench_prune.py", argv, size_changes(parser, args, SIZES))
     bench_cli.at_least(args, 1, "batch", "rounds")
@@ -57,8 +59,8 @@ def parse_args(argv) -> argparse.Namespace:
     if not all(0 <= f < 1 for f in args.fractions):
         raise bench_cli.bad_flag(f"--fractions {args.fractions}: each in [0, 1) (1 would "
                                  f"remove every block).")
-    if not args.no_write:
-        args.out = bench_cli.results_path(args.out, f"prune_{jax.default_backend()}.md")
+    args.out = bench_cli.results_path("" if args.no_write else args.out,
+                                      f"prune_{jax.default_backend()}.md")
     return args
 
 
@@ -99,7 +101,7 @@ def main(argv=None):
               f"{os.cpu_count()} CPU cores, device: {device.device_kind} ({device.platform}). "
               f"jax {jax.__version__}, Python {sys.version.split()[0]}.\n\n{args.label}\n\n")
     text = header + "\n".join(rows) + "\n"
-    bench_cli.append_table(text, None if args.no_write else args.out, title=TITLE)
+    bench_cli.append_table(text, args.out, title=TITLE)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402  (next to this file; first: Ctrl-C in JAX's import)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,9 +46,7 @@ import optax
 from stochastic_depth_jax import CifarResNet, draw_gates
 from stochastic_depth_jax.conv import cpu_compiler_options
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from user_branch import UserNet  # noqa: E402  (benchmark-only model, next to this file)
-import bench_cli  # noqa: E402
 from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 # The flags that set the sizes measured; a table at other values than the defaults says so.

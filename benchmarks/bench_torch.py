@@ -312,7 +312,8 @@ def parse_args(argv) -> argparse.Namespace:
                          + ",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", default="",
-                    help="also write {variant: median seconds} to this new file")
+                    help="also write {variant: median seconds} of the train steps to this "
+                         "new file (for compare_torch.py; not with --whole-epochs)")
     ap.add_argument("--whole-epochs", action="store_true",
                     help="time whole training epochs (with augmentation and an evaluation "
                          "per epoch) instead of steps; default variants: the eager ones")
@@ -330,6 +331,10 @@ def parse_args(argv) -> argparse.Namespace:
     bench_cli.at_least(args, 1, "batch", "rounds", "epochs", "test_images")
     bench_cli.at_least(args, 0, "warmup", "threads")
     bench_cli.cifar_depth(args.depth)
+    if args.whole_epochs and args.json:  # was accepted, and no file written
+        raise bench_cli.bad_flag(f"--json {args.json} with --whole-epochs: the --json medians "
+                                 f"are of train steps (compare_torch.py reads them); whole "
+                                 f"epochs write their table only. Drop one of the two flags.")
     if args.whole_epochs and args.train_images < args.batch:
         raise bench_cli.bad_flag(f"--train-images {args.train_images}: at least one batch "
                                  f"(--batch {args.batch}).")

@@ -47,6 +47,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
+import bench_cli  # noqa: E402  (next to this file; first: Ctrl-C in JAX's import)
+
 import jax  # noqa: E402
 import orbax.checkpoint  # noqa: E402
 
@@ -56,7 +58,6 @@ from stochastic_depth_jax.training import checkpoint, loop, metrics  # noqa: E40
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 from stochastic_depth_jax.training import step as step_lib  # noqa: E402
-import bench_cli  # noqa: E402  (next to this file)
 from provenance import run_label, size_changes  # noqa: E402
 
 SIZES = ("depth", "batch", "steps", "epochs", "train_images", "test_images", "eval_batch")
@@ -288,7 +289,7 @@ def parse_args(argv) -> argparse.Namespace:
                              "in later runs (default: a temporary directory per run)")
     parser.add_argument("--progress_bar", default="false")
     parser.add_argument("--out", default=None,
-                        help=bench_cli.OUT_HELP.format("train.md") + "; '' to print it only")
+                        help=bench_cli.OUT_HELP.format("train.md"))
     args = parser.parse_args(argv)
     args.label = run_label("bench_train.py", argv, size_changes(parser, args, SIZES))
     bench_cli.at_least(args, 1, "batch", "steps", "epochs", "train_images", "test_images",
@@ -304,8 +305,7 @@ def parse_args(argv) -> argparse.Namespace:
             raise bench_cli.bad_flag(f"{flag} {value} does not divide by the "
                                      f"{jax.device_count()} devices; use a multiple of "
                                      f"{jax.device_count()}.")
-    if args.out != "":
-        args.out = bench_cli.results_path(args.out, "train.md")
+    args.out = bench_cli.results_path(args.out, "train.md")
     return args
 
 
@@ -321,15 +321,8 @@ def main(argv=None):
         state, step_times = _bare_step(config, os.path.join(workdir, "run"), args.steps)
         ckpt = _checkpoint_times(state, workdir)
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    _write(_report(args, loop_ips, step_times, ckpt, state, devices), args.out)
-
-
-def _write(text: str, out: str) -> None:
-    """Appends ``text`` to ``out`` (``''``: only prints it)."""
-    if out:
-        bench_cli.append_table(text, out, title=TITLE)
-    else:
-        print(text)
+    bench_cli.append_table(_report(args, loop_ips, step_times, ckpt, state, devices),
+                           args.out, title=TITLE)
 
 
 def _whole_epochs_main(args):
@@ -356,7 +349,7 @@ def _whole_epochs_main(args):
         *rows,
         "",
     ])
-    _write(text, args.out)
+    bench_cli.append_table(text, args.out, title=TITLE)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,14 @@ import argparse
 import functools
 import sys
 
+import bench_cli  # next to this file; first: Ctrl-C in JAX's import
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import CifarResNet
 from stochastic_depth_jax.training.step import StepKeys, step_gates
-import bench_cli  # next to this file
 from provenance import run_label, size_changes
 
 SIZES = ("depth", "final_survival", "epochs", "steps_per_epoch", "seed")

@@ -145,7 +145,8 @@ def parse_args(argv) -> argparse.Namespace:
                          "variant compiles one program per bucket tuple: ~4 s each on an H100)")
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("vs_torch_<backend>.md"))
     ap.add_argument("--step-out", default=None,
-                    help="where our step tables go (default: results/step_<backend>.md)")
+                    help="where our step tables go (default: results/step_<backend>.md; "
+                         "'' to print them only)")
     args = ap.parse_args(argv)
     args.label = run_label("compare_torch.py", argv, size_changes(ap, args, SIZES))
     args.variants = bench_cli.names_from(args.variants, OURS, "--variants")
@@ -187,14 +188,15 @@ def _ours(args, common: list[str], dtype: str, tmp: str, appended: list[str]) ->
     """Runs ``bench_step.py`` in ``dtype``; its medians. Adds to ``appended`` the table it
     appended to ``--step-out``, also if it was interrupted (with its mark)."""
     path = os.path.join(tmp, f"jax_{dtype}.json")
-    size = os.path.getsize(args.step_out) if os.path.exists(args.step_out) else 0
+    step_out = args.step_out or ""  # '': printed only (bench_step.py --out '')
+    size = os.path.getsize(step_out) if os.path.exists(step_out) else 0
     try:
         _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common,
               "--variants", ",".join(args.variants), "--dtype", dtype,
-              "--compile-depths", "", "--json", path, "--out", args.step_out])
+              "--compile-depths", "", "--json", path, "--out", step_out])
     finally:
-        if os.path.exists(args.step_out) and os.path.getsize(args.step_out) > size:
-            with open(args.step_out, "rb") as f:
+        if os.path.exists(step_out) and os.path.getsize(step_out) > size:
+            with open(step_out, "rb") as f:
                 f.seek(size)
                 mark = bench_cli.interruption_mark(f.read().decode())
             appended.append(dtype + (f" ({mark})" if mark else ""))
@@ -216,7 +218,8 @@ def _kept(args, appended: list[str], tmp: str) -> str:
         kept.append("bench_torch.py's table was printed above, not kept")
     if not kept:
         return ""  # Interrupted's: nothing was written
-    return "; ".join([f"no comparison table was written to {args.out}", *kept]) + "."
+    where = f" to {args.out}" if args.out else ""  # --out '': it would only be printed
+    return "; ".join([f"no comparison table was written{where}", *kept]) + "."
 
 
 def default_variant(backend: str) -> str:

@@ -270,14 +270,12 @@ def _run_parts(args, torch_ok: bool, log) -> None:
             log.write(header)
             status, took = run_part(cmd, left, log, part_env(part))
             summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
-    except (bench_cli.Interrupted, KeyboardInterrupt) as e:
-        how, status = ((e.how, e.status) if isinstance(e, bench_cli.Interrupted)
-                       else ("Ctrl-C", 130))
+    except (bench_cli.Interrupted, KeyboardInterrupt) as e:  # not a closed output: no summary
         name = part.name if part else "none"
-        summary.append(f"{name}: interrupted ({how}); its table was not written")
-        raise bench_cli.Interrupted(how, status, (
-            f"part {name} stopped and its table not written; the parts before it wrote "
-            f"theirs (summary in {log.name}).")) from None
+        stop = bench_cli.stopped(e, f"part {name} stopped and its table not written; the "
+                                    f"parts before it wrote theirs (summary in {log.name}).")
+        summary.append(f"{name}: interrupted ({stop.how}); its table was not written")
+        raise stop from None
     finally:
         text = "\n=== summary\n" + "\n".join(summary) + "\n"
         sys.stdout.write(text)

@@ -46,6 +46,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cli  # noqa: E402  (next to this file; first: Ctrl-C in JAX's import)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,9 +56,7 @@ import numpy as np
 from stochastic_depth_jax import CifarResNet
 from stochastic_depth_jax import buckets as buckets_lib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (next to this file)
-import bench_cli  # noqa: E402
 from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 DEFAULT_VARIANTS = "skip,compact,lengths-3"

@@ -691,3 +691,98 @@ def test_results_paths_never_lose_a_file(tmp_path):
     assert not os.path.exists(os.path.join(BENCHMARKS, "results", "x.md"))
     with pytest.raises(cli.FlagError, match="is a directory; give a file in it"):
         cli.results_path(str(tmp_path), "x.md")
+
+
+def bench_torch_without_torch(monkeypatch):
+    """``bench_torch.py``'s functions where PyTorch is not installed (its flags need none of
+    it): imported over a stand-in ``torch`` of a machine without a GPU."""
+    import types
+    torch = types.ModuleType("torch")
+    torch.nn = types.ModuleType("torch.nn")
+    torch.nn.Module = object
+    torch.nn.functional = types.ModuleType("torch.nn.functional")
+    torch.cuda = types.SimpleNamespace(is_available=lambda: False)
+    for module in (torch, torch.nn, torch.nn.functional):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it adds benchmarks/ for its imports
+    return types.SimpleNamespace(**runpy.run_path(os.path.join(BENCHMARKS, "bench_torch.py")))
+
+
+def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatch):
+    """`bench_torch.py --whole-epochs --json FILE` ran for minutes and wrote no FILE, saying
+    nothing of it: its --json medians are the train steps' (compare_torch.py's)."""
+    bench_torch = bench_torch_without_torch(monkeypatch)
+    js, out = tmp_path / "epochs.json", tmp_path / "t.md"
+    with pytest.raises(SystemExit) as stopped:
+        load("bench_cli").run(bench_torch.main, ["--whole-epochs", "--json", str(js), "--out",
+                                                 str(out)])
+    err = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 1 and err == [
+        f"error: --json {js} with --whole-epochs: the --json medians are of train steps "
+        f"(compare_torch.py reads them); whole epochs write their table only. Drop one of the "
+        f"two flags."]
+    assert not js.exists() and not out.exists()
+    assert bench_torch.parse_args(["--json", str(js), "--out", str(out)]).json == str(js)
+
+
+# The scripts that take --out, and what else their flags need here.
+OUT_SCRIPTS = {"bench_step": [], "bench_train": [], "bench_data": [], "bench_drop_path": [],
+               "bench_prune": [], "compact_buckets": [], "stage_costs": [], "profile_step": [],
+               "bench_torch": [], "compare_torch": ["--torch-python", "{torch}"]}
+
+
+def test_out_empty_prints_only_in_every_script(tmp_path, capsys, monkeypatch):
+    """`--out ''` meant the committed table (bench_step.py's default, benchmarks/results/
+    step_cpu.md) in every script but bench_train.py, which printed only: a smoke run that
+    asked for no file appended to the recorded results. Now '' prints only, everywhere, and
+    each --help says so."""
+    taking_out = [name[:-3] for name in os.listdir(BENCHMARKS) if name.endswith(".py")
+                  and 'add_argument("--out"' in open(os.path.join(BENCHMARKS, name)).read()]
+    assert sorted(taking_out) == sorted(OUT_SCRIPTS)  # a new script is checked here too
+    torch_python = tmp_path / "python"  # found to have torch; compare_torch.py runs nothing
+    torch_python.write_text("#!/bin/sh\nexit 0\n")
+    torch_python.chmod(0o755)
+    monkeypatch.setattr(load("bench_cli"), "child_backend", lambda: "cpu")
+    for name, needed in OUT_SCRIPTS.items():
+        module = bench_torch_without_torch(monkeypatch) if name == "bench_torch" else load(name)
+        argv = [a.format(torch=torch_python) for a in needed]
+        assert module.parse_args(argv + ["--out", ""]).out is None, name
+        with pytest.raises(SystemExit):
+            module.parse_args(argv + ["--help"])
+        assert "'' to print it only, writing no file" in " ".join(
+            capsys.readouterr().out.split()), name
+    assert load("compare_torch").parse_args(["--torch-python", str(torch_python), "--step-out",
+                                             ""]).step_out is None
+    assert load("bench_prune").parse_args(["--no-write"]).out is None  # its older spelling
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_benchmark_imports_jax_is_one_line(signum, tmp_path):
+    """A Ctrl-C while a benchmark still imported JAX (seconds, before any flag is read)
+    printed a KeyboardInterrupt traceback from inside the import; a SIGTERM killed it
+    without a word."""
+    out = tmp_path / "step.md"
+    importing = (  # stands for the seconds JAX takes to import: the signal lands in them
+        "import runpy, sys, time\n"
+        "class SlowJax:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'jax':\n"
+        "            print('importing jax', flush=True)\n"
+        "            time.sleep(60)\n"
+        "sys.meta_path.insert(0, SlowJax())\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, "-c", importing,
+                             os.path.join(BENCHMARKS, "bench_step.py"), "--out", str(out)],
+                            env=child_env(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == "importing jax\n", proc.stderr.read()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    assert proc.returncode == 128 + signum and err.splitlines() == [
+        f"interrupted ({how}): no table was written; the results files are as they were."], err
+    assert not out.exists()
