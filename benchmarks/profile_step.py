@@ -47,12 +47,13 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_step  # noqa: E402  (next to this file)
-import bench_cli  # noqa: E402
+import bench_cli  # noqa: E402  (next to this file; first: Ctrl-C in JAX's import)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bench_step  # noqa: E402
 from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 SIZES = {"depth": None, "batch": "128; with --drop-path, bench_drop_path.py's", "steps": None}
