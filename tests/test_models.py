@@ -308,8 +308,10 @@ def test_scan_stacks_one_residual_per_shape_and_no_masks():
         v["params"])
     forward = [e for e in jaxpr.eqns if e.primitive.name == "scan" and not e.params["reverse"]]
     assert len(forward) == 3  # one per stage, 2 scanned blocks each
-    for eqn in forward:
-        stacked = [o.aval for o in eqn.outvars[eqn.params["num_carry"]:] if o.aval.ndim >= 4]
+    for eqn in forward:  # stacked: [length, batch, ...] (jax 0.12's scan has no num_carry)
+        length = eqn.params["length"]
+        assert length != X.shape[0]  # so that the carry, [batch, ...], is not counted
+        stacked = [o.aval for o in eqn.outvars if o.aval.ndim >= 4 and o.aval.shape[0] == length]
         assert stacked and all(a.dtype == jnp.float32 for a in stacked), stacked
         assert len({a.shape for a in stacked}) == len(stacked), stacked
     vu = {k: _unstack_scanned(flax.core.unfreeze(t)) for k, t in v.items()}
