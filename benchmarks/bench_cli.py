@@ -35,14 +35,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NOTHING_WRITTEN = "no table was written; the results files are as they were."
 
 
+def signal_name(signum: int) -> str:
+    """How the lines an interruption ends with name ``signum``: 'SIGTERM' or 'Ctrl-C'."""
+    return "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+
+
 def _stopped_while_starting(signum, frame):
     """Ctrl-C or SIGTERM while a benchmark imports its libraries (before :func:`run`): one
     line and exit 130 / 143 at once, not a traceback from inside an import (nor an
     interruption lost in a library's garbage-collection callback, which drops what it
     raises). Nothing is measured yet, so nothing is lost."""
-    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     try:  # not print(): this may run in the middle of another write to stderr
-        os.write(2, f"interrupted ({how}): {NOTHING_WRITTEN}\n".encode())
+        os.write(2, f"interrupted ({signal_name(signum)}): {NOTHING_WRITTEN}\n".encode())
     except OSError:  # no reader (`2>&1 | head`): the status still says it
         pass
     os._exit(128 + signum)
@@ -117,11 +121,6 @@ def stopped(error: BaseException, note: str = "") -> Interrupted:
 
 def _terminated(signum, frame):
     raise Interrupted("SIGTERM", 128 + signum)
-
-
-def signal_name(signum: int) -> str:
-    """How the lines an interruption ends with name ``signum``: 'SIGTERM' or 'Ctrl-C'."""
-    return "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +298,7 @@ def run(main, argv=None):
             # how to resume it; its workdir is temporary, so that would mislead.
             if stopping is None or not isinstance(e, stopping.Stopped):
                 raise
-            how = "SIGTERM" if e.exit_status == 128 + signal.SIGTERM else "Ctrl-C"
+            how = signal_name(e.exit_status - 128)
             raise Interrupted(how, e.exit_status) from None
 
     main_thread = threading.current_thread() is threading.main_thread()

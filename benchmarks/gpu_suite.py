@@ -12,8 +12,9 @@ file in ``--out-dir`` (default ``benchmarks/results``); everything printed also 
 ``<out-dir>/gpu_suite.log``. Estimates are guesses for one H100/H200 and include compilation;
 the log records each part's real wall time, so later runs can be planned from it. It refuses
 to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
-not started where ``--torch-python`` has none. Ctrl-C or SIGTERM stops the running part (its
-table is not written; the earlier parts' are) and records that in the log.
+not started where ``--torch-python`` has none. Ctrl-C, SIGTERM or a reader that exits
+(``| head``) stops the running part (its table is not written; the earlier parts' are) and
+records that in the log.
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
@@ -213,9 +214,9 @@ def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[
     timer.start()
     try:
         for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+            log.write(line)  # first: the log keeps it also if stdout's reader exited
             log.flush()
+            sys.stdout.write(line)
         proc.wait()
     finally:
         timer.cancel()
@@ -266,20 +267,33 @@ def _run_parts(args, torch_ok: bool, log) -> None:
                 continue
             cmd = command(part, args)
             header = f"\n=== {part.name}: {' '.join(cmd[1:])} ({left:.0f} s left)\n"
-            sys.stdout.write(header)
             log.write(header)
+            sys.stdout.write(header)
             status, took = run_part(cmd, left, log, part_env(part))
             summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
-    except (bench_cli.Interrupted, KeyboardInterrupt) as e:  # not a closed output: no summary
+    except bench_cli.STOPS as e:  # a closed output (`| head`) too: the parts' tables are kept
         name = part.name if part else "none"
         stop = bench_cli.stopped(e, f"part {name} stopped and its table not written; the "
                                     f"parts before it wrote theirs (summary in {log.name}).")
         summary.append(f"{name}: interrupted ({stop.how}); its table was not written")
         raise stop from None
     finally:
-        text = "\n=== summary\n" + "\n".join(summary) + "\n"
+        # sys.exc_info(): what is being raised, if anything (its own line ends the command)
+        _summary("\n=== summary\n" + "\n".join(summary) + "\n", log, sys.exc_info()[1])
+
+
+def _summary(text: str, log, raising: BaseException | None) -> None:
+    """Writes the summary ``text`` to ``log``, then to stdout. A stdout whose reader exited
+    (``| head``) leaves the exception being raised (``raising``) as it is, or, after the
+    last part, stops the suite saying that every part ran."""
+    log.write(text)
+    try:
         sys.stdout.write(text)
-        log.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError as e:
+        if raising is None:
+            raise bench_cli.stopped(e, f"every part had run; the summary is in {log.name}.") \
+                from None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ meets them: a rerun never loses a recorded table, a bad flag is one line, an int
 during the timed rounds (or the compile timings after them) writes what was measured, marked
 as such, and any other writes nothing."""
 
+import io
 import json
 import os
 import re
@@ -659,6 +660,43 @@ def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monk
     assert err[0].startswith("interrupted (SIGTERM): part slow stopped")
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "slow started" in log and "slow: interrupted (SIGTERM)" in log
+
+
+class ReaderExits(io.StringIO):
+    """A stdout whose reader (`| head`) exits at the first text that starts with ``last``."""
+
+    def __init__(self, last: str):
+        super().__init__()
+        self.last, self.gone = last, False
+
+    def write(self, text):
+        self.gone = self.gone or text.startswith(self.last)
+        if self.gone:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_gpu_suite_whose_reader_exits_says_what_was_written(tmp_path, capsys, monkeypatch):
+    """`gpu_suite.py | head`: the suite stopped saying "no table was written; the results
+    files are as they were" although the parts before had written theirs, and its log lost
+    the running part's line and the summary."""
+    suite = load("gpu_suite")
+    parts = [suite.Part(name, 1, ("-c", f"print('{name} ran')")) for name in ("one", "two")]
+    monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in parts})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    log = tmp_path / "gpu_suite.log"
+    for last, stopped in (("two ran", "part two stopped and its table not written; the parts "
+                                      f"before it wrote theirs (summary in {log})."),
+                          ("\n=== summary", f"every part had run; the summary is in {log}.")):
+        monkeypatch.setattr(sys, "stdout", ReaderExits(last))
+        status, err = run_command("gpu_suite", ["--out-dir", str(tmp_path)], capsys)
+        assert status == 141 and err == [
+            f"interrupted (its output's reader exited, e.g. `| head`): {stopped}"], err
+        summary = log.read_text().rpartition("=== summary\n")[2].splitlines()
+        assert [line.split(",")[0] for line in summary] == ["one: ok", "two: ok"] if (
+            last == "\n=== summary") else ["one: ok", "two: interrupted (its output's reader "
+                                         "exited, e.g. `| head`); its table was not written"]
+    assert log.read_text().splitlines().count("two ran") == 2  # the line that hit the closed pipe
 
 
 def test_a_table_appended_to_the_results_is_not_a_code_change(tmp_path):
