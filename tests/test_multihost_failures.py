@@ -612,6 +612,8 @@ def test_a_finished_process_stops_once_another_does_when_process_0_failed(monkey
     exits = queue.Queue()
     monkeypatch.setattr(os, "_exit", exits.put)
     watch = _watch(monkeypatch, store, poll_s=60)  # Only the exit looks at the store.
+    # The old code's wait, long: a loaded machine's slow thread cannot pass for it (5 s).
+    monkeypatch.setattr(distributed, "LEAVE_WAIT_S", 60.0)
     stopped = threading.Timer(0.2, store.kv.__setitem__,
                               (f"{distributed._KEY}/left/2", "stopped"))
     start = time.monotonic()
