@@ -163,7 +163,7 @@ def test_a_lone_process_with_a_typo_says_so_before_waiting_for_the_others():
             lines.append(proc.stdout.readline())
             assert lines[-1], lines  # Ended (the old code: exit 1 without telling anyone).
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == -signal.SIGINT
+        assert proc.wait(timeout=BOUND_S) == -signal.SIGINT
     finally:
         proc.kill()
         proc.communicate()
