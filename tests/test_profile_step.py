@@ -61,7 +61,8 @@ def test_tiny_profile_end_to_end(script, tmp_path):
         section = out.read_text().split(f"Thread time by source, {variant} ")[1].split("\n\n")[1]
         shares = {line.split(" ", 2)[2].split(" (")[0]: float(line.split()[1].rstrip("%"))
                   for line in section.splitlines()}
-        assert sum(shares.values()) == pytest.approx(100, abs=0.5)
+        # each share printed to 0.1%: their sum is off by up to 0.05 points for each
+        assert sum(shares.values()) == pytest.approx(100, abs=0.05 * len(shares) + 1e-9)
         assert {"convolutions", script.IDLE.split(" (")[0]} <= set(shares)
         # XLA's Eigen convolutions run as unnamed pool tasks: found, and counted as theirs
         assert re.search(r"% convolutions \(\d+% of it untraced pool tasks\)", section)
