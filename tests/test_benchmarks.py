@@ -525,7 +525,9 @@ def test_compare_torch_benchmark_dies_with_it(signum):
     compare_torch.py, which passes it on once): gpu_suite.py's budget, killing the part's
     process group (SIGKILL), or a closed terminal (SIGHUP) would leave the benchmark running
     on, on the GPU under the next part."""
-    runs = ("import sys; sys.path.insert(0, sys.argv[1]); import compare_torch; "
+    # SIGHUP as in a terminal's session: a run under nohup (or CI) inherits it ignored.
+    runs = ("import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+            "sys.path.insert(0, sys.argv[1]); import compare_torch; "
             "compare_torch._run([sys.executable, '-c', 'import os, time; "
             "print(os.getpid(), flush=True); time.sleep(60)'])")
     proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
