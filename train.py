@@ -15,10 +15,19 @@ One run at a time per workdir (a second one is refused, naming the first). Mista
 reported in one line ("error: ..."); --debug (or SDJ_DEBUG=1) shows the traceback.
 """
 
-import argparse
-import json
-import re
+import os
+import runpy
 import sys
+
+# First, as a command: this may start it again (same pid) with huge pages for its allocator
+# (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX).
+if __name__ == "__main__":
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax",
+                                "hugepages.py"))["restart_with_huge_pages"](__file__)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
 
 from configs import CONFIGS, load_config, parse_overrides
 from stochastic_depth_jax.training import cli, distributed

@@ -31,6 +31,8 @@ import sys
 import threading
 from typing import Callable, Iterator, Sequence
 
+import provenance  # next to this file; standard library only
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTHING_WRITTEN = "no table was written; the results files are as they were."
 
@@ -67,7 +69,17 @@ def _started_as_a_benchmark() -> dict:
             if signal.getsignal(s) not in (signal.SIG_IGN, None)}
 
 
+def _restart_with_huge_pages() -> None:
+    """A benchmark run as a command starts again at once with huge pages for its
+    allocator, as ``train.py`` does (``stochastic_depth_jax/hugepages.py``), so that it
+    measures what training gets; its tables say which (:func:`provenance.run_label`)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main and os.path.dirname(os.path.abspath(main)) == HERE:
+        provenance.HUGEPAGES["restart_with_huge_pages"](main)
+
+
 # Before the imports below (JAX's): each script imports this module first.
+_restart_with_huge_pages()
 _BEFORE_START = _started_as_a_benchmark()
 
 try:

@@ -8,6 +8,7 @@ import datetime
 import os
 import platform
 import re
+import runpy
 import shlex
 import subprocess
 import tempfile
@@ -16,6 +17,8 @@ import tempfile
 # the recorded GPU tables, so its tables are not marked as smoke runs.
 SUITE_PART_ENV = "SDJ_GPU_SUITE_PART"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# stochastic_depth_jax/hugepages.py, run from its file (importing the package imports JAX).
+HUGEPAGES = runpy.run_path(os.path.join(REPO, "stochastic_depth_jax", "hugepages.py"))
 # Flags whose value is an interpreter: outside the repository, what matters to rerun the
 # command is what it has (its versions are in the table), not where it is on this machine.
 INTERPRETERS = {"--torch-python": "<python with torch>"}
@@ -135,14 +138,22 @@ def size_changes(parser, args, sizes) -> list[str]:
     return changed
 
 
+def allocator() -> str:
+    """``malloc huge pages on``, or ``off`` and why (``stochastic_depth_jax/hugepages.py``):
+    on the CPU, steps are measurably faster with them."""
+    if HUGEPAGES["active"]():
+        return "malloc huge pages on"
+    return f"malloc huge pages off ({HUGEPAGES['reason_not_to']() or 'not restarted with them'})"
+
+
 def run_label(script: str, argv, changed=()) -> str:
-    """The line every table ends its header with: when, the code, the exact command, and,
-    for a run at other sizes than the script's defaults (the recorded tables' sizes), a
-    warning that names them, so that a smoke run is never read as a recorded measurement.
+    """The line every table ends its header with: when, the code, the allocator's huge pages
+    (:func:`allocator`), the exact command, and, for a run at other sizes than the script's
+    defaults (the recorded tables' sizes), a warning that names them, so that a smoke run is never read as a recorded measurement.
     A part of ``gpu_suite.py`` (``$SDJ_GPU_SUITE_PART``) says so instead: its sizes, set in
     the suite, are those of the recorded GPU tables (45,000 images an epoch, 20 rounds)."""
-    line = (f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}; code {code_version()}; command: "
-            f"`{command_line(script, argv)}`.")
+    line = (f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}; code {code_version()}; "
+            f"{allocator()}; command: `{command_line(script, argv)}`.")
     part = os.environ.get(SUITE_PART_ENV)
     if part:  # the suite's parts set the sizes its recorded tables are measured at
         line += f" Run by gpu_suite.py, part {part}: the sizes of the recorded GPU tables."

@@ -19,6 +19,7 @@ sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train
 from configs import load_config  # noqa: E402
 from processes import free_address, run_together  # noqa: E402
 from trainer_steps import train_steps  # noqa: E402
+from stochastic_depth_jax import hugepages  # noqa: E402
 from stochastic_depth_jax.training import distributed, evaluate, loop, metrics  # noqa: E402
 
 TIMING = ("epoch_time_s", "images_per_s", "eval_time_s")
@@ -105,6 +106,7 @@ def test_short_run_learns_and_writes_outputs(trained):
     assert summary["best"]["epoch"] in (1, 2, 3, 4) and summary["steps"] == 16
     run = json.load(open(os.path.join(workdir, "run.json")))
     assert len(run["data"]["mean"]) == 3 and run["code_version"]["package"]
+    assert run["devices"]["huge_pages"] is hugepages.active()  # this process's allocator
     # model.implementation='auto' resolved for the CPU and recorded with its reason.
     assert run["implementation"]["requested"] == "auto"
     assert (run["implementation"]["implementation"], run["implementation"]["compact_multiple"]) \
@@ -353,11 +355,12 @@ def test_two_processes_train_and_one_process_restores(tmp_path):
     args = [sys.executable, "train.py", "--config", "cifar10:smoke", *TINY, "--workdir", workdir,
             "--config.num_epochs=1", "--coordinator_address", address,
             "--coordinator_bind_address", address, "--num_processes", "2"]
-    run_together(
-        [args + ["--process_id", str(i)] for i in range(2)], env=_env(devices=2), cwd=REPO
-    )
+    env = _env(devices=2)
+    run_together([args + ["--process_id", str(i)] for i in range(2)], env=env, cwd=REPO)
     run = json.load(open(os.path.join(workdir, "run.json")))
-    assert run["devices"] == {"count": 4, "processes": 2, "platform": "cpu"}
+    # train.py started again with huge pages where the system has them to give.
+    huge = hugepages.reason_not_to(env) is None or hugepages.active(env)
+    assert run["devices"] == {"count": 4, "processes": 2, "platform": "cpu", "huge_pages": huge}
     [record] = metrics.read_metrics(workdir)
     result = evaluate.evaluate_checkpoint(workdir, "latest")  # This process: 8 devices, 1 host.
     assert result["step"] == record["step"] == 4

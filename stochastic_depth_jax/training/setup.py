@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 import stochastic_depth_jax
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax import errors
+from stochastic_depth_jax import hugepages
 from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.models import CifarResNet
 from stochastic_depth_jax.convnext import ConvNeXt
@@ -422,5 +423,7 @@ def run_metadata(
             "count": mesh.size,
             "processes": jax.process_count(),
             "platform": jax.devices()[0].platform,
+            # Did process 0 allocate with transparent huge pages (stochastic_depth_jax.hugepages)?
+            "huge_pages": hugepages.active(),
         },
     }
