@@ -247,6 +247,11 @@ def run_command(module, argv, capsys):
     ("bench_train", ["--whole-epochs", "nope"], "--whole-epochs: unknown nope; valid: constant,"),
     ("bench_train", ["--batch", "12"], "--batch 12 does not divide by the 8 devices"),
     ("bench_prune", ["--fractions", "0,1.5"], "--fractions [0.0, 1.5]: each in [0, 1)"),
+    # --no-write won: the --out file asked for was silently not written (toy sizes: fast).
+    ("bench_prune", ["--no-write", "--depth", "8", "--batch", "1", "--rounds", "1",
+                     "--fractions", "0", "--out", "{recorded}"],
+     "recorded.md: --no-write prints the table only, so nothing would be written there. "
+     "Drop one of the two flags."),
     ("bench_drop_path", ["--rates", "x"], "--rates 'x': give comma-separated numbers."),
     ("compact_buckets", ["--depth", "100"], "nearest: 98 or 104."),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
