@@ -41,8 +41,8 @@ TITLE = "# Pruned-model inference benchmark (benchmarks/bench_prune.py)"
 
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked before anything is measured; ``args.label``: the provenance line."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.argument_parser(description=__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--fractions", default="0,0.25,0.5,0.75",

@@ -132,7 +132,7 @@ def _check_torch(python: str) -> None:
 
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked (torch found, paths writable) before anything runs."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--torch-python", required=True,
                     help="a Python interpreter with torch (optional dependency; e.g. a venv's)")
     ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")

@@ -665,6 +665,20 @@ def test_command_lines_write_a_file_named_alone_from_the_root(monkeypatch):
         "--variants results/x --torch-python python3")
 
 
+def test_an_abbreviated_flag_is_refused(tmp_path, capsys):
+    """argparse took `--js FILE` for `--json FILE`, and the table's command line, which
+    writes a path portably by its flag's full name, recorded this machine's path. Every
+    script's parser takes full names only."""
+    js = tmp_path / "s.json"
+    with pytest.raises(SystemExit) as stopped:
+        load("bench_step").parse_args(["--js", str(js), "--out", ""])
+    assert stopped.value.code == 2
+    assert f"unrecognized arguments: --js {js}" in capsys.readouterr().err
+    scripts = [name for name in os.listdir(BENCHMARKS) if name.endswith(".py")]
+    assert not [name for name in scripts if name != "bench_cli.py" and "argparse.ArgumentParser("
+                in open(os.path.join(BENCHMARKS, name)).read()]  # bench_cli.argument_parser
+
+
 def _signal_once_logged(log, text, signum, done, deadline_s=120):
     """Sends ``signum`` to this process once ``log`` holds ``text`` (or at ``deadline_s``,
     then failing the test on what the log lacks); gives up once ``done`` is set."""
