@@ -564,6 +564,56 @@ def test_compare_torch_benchmark_dies_with_it(signum):
                 pass
 
 
+def _state(pid):
+    """The state letter of process ``pid`` (``/proc/<pid>/stat``): 'T' stopped, 'S', 'R'..."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _until_state(pid, stopped, timeout_s=10):
+    """Whether process ``pid`` gets (``stopped``) or leaves the stopped state 'T' in time."""
+    end = time.monotonic() + timeout_s
+    while (_state(pid) == "T") != stopped:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_compare_torch_ctrl_z_stops_and_continues_its_benchmark():
+    """compare_torch.py runs each benchmark in a session of its own, so a Ctrl-Z in the
+    terminal (SIGTSTP to its process group) stopped compare_torch.py only, and the benchmark
+    ran on, holding the machine. SIGTSTP now stops both, SIGCONT (`fg`, `bg`) continues
+    both."""
+    # A process group of its own in this session, as a shell's job: an orphaned group
+    # (this test run in a session of its own) would ignore SIGTSTP.
+    runs = ("import os, sys; os.setpgid(0, 0); sys.path.insert(0, sys.argv[1]); "
+            "import compare_torch; compare_torch._run([sys.executable, '-c', 'import os, "
+            "time; print(os.getpid(), flush=True); time.sleep(60)'])")
+    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        while child is None:  # after compare_torch.py's '$ <command>' line
+            line = proc.stdout.readline()
+            assert line, "compare_torch.py ended before its benchmark started"
+            child = int(line) if line.strip().isdigit() else None
+        os.kill(proc.pid, signal.SIGTSTP)
+        assert _until_state(child, stopped=True), "Ctrl-Z did not stop the benchmark"
+        assert _until_state(proc.pid, stopped=True), "Ctrl-Z did not stop compare_torch.py"
+        os.kill(proc.pid, signal.SIGCONT)
+        assert _until_state(proc.pid, stopped=False)
+        assert _until_state(child, stopped=False), "SIGCONT did not continue the benchmark"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in [child] if child else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_compare_torch_runs_no_python_between_fork_and_exec(monkeypatch):
     """compare_torch.py set the parent-death signal in a ``preexec_fn``: Python code in the
     child between fork and exec, which may deadlock where the parent has threads (JAX's).
