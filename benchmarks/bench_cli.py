@@ -13,7 +13,8 @@ tables already in a results file are never touched; a ``--json`` file of its med
 written with it (:func:`append_table`), unless rounds are missing from it. An output whose
 reader exits (``| head``) stops a script with one line and exit status 141, as a pipe's
 writer killed by SIGPIPE. ``--out ''`` prints the table only, in every script
-(:func:`results_path`).
+(:func:`results_path`). Every script takes its flags by their full names only
+(:func:`argument_parser`).
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
 there the same lines are printed by :func:`run` itself (:class:`FlagError`).
@@ -21,6 +22,7 @@ there the same lines are printed by :func:`run` itself (:class:`FlagError`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -355,6 +357,14 @@ def _say_last(line: str, closed: bool) -> None:
         print(line, file=sys.stderr, flush=True)
     except BrokenPipeError:
         _to_devnull(sys.stderr)
+
+
+def argument_parser(**kwargs) -> argparse.ArgumentParser:
+    """``argparse.ArgumentParser(**kwargs)`` that takes each flag by its full name only: an
+    abbreviation (``--js`` for ``--json``) is refused as an unknown argument. A table's
+    command line writes a path portably (``provenance.command_line``) by its flag's full
+    name, so an abbreviated path flag would record this machine's path."""
+    return argparse.ArgumentParser(allow_abbrev=False, **kwargs)
 
 
 def bad_flag(message: str) -> FlagError:

@@ -86,7 +86,7 @@ def bench_eval(dev, mean, std):
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked before anything is measured; ``args.out``: where the table goes,
     ``args.label``: its provenance line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_cli.argument_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="timed train_batch calls")
     parser.add_argument("--tfds-train", type=int, default=50000,
                         help="size of the fake tfds cifar10 train split (0 to skip)")

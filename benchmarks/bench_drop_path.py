@@ -147,11 +147,11 @@ def table(runners: list[Runner], batch: int) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
-    first = argparse.ArgumentParser(add_help=False)
+    first = bench_cli.argument_parser(add_help=False)
     first.add_argument("--model", choices=["vit", "convnext"], default="vit")
     model = first.parse_known_args(argv)[0].model
     d = DEFAULTS[(model, backend)]
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
                     help="the network timed (defaults below follow it)")
     ap.add_argument("--size", default=d["size"],

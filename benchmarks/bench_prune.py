@@ -13,7 +13,8 @@ Run by hand (not in CI)::
 
 Prints a table and appends it, with machine, versions, date, code and command line, to
 ``benchmarks/results/prune_<backend>.md`` (``--out``: elsewhere; ``--out ''`` or
-``--no-write``: nowhere); a run at other sizes than the defaults says so in its table.
+``--no-write``: nowhere, so not ``--no-write`` with ``--out FILE``); a run at other sizes
+than the defaults says so in its table.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ TITLE = "# Pruned-model inference benchmark (benchmarks/bench_prune.py)"
 
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked before anything is measured; ``args.label``: the provenance line."""
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_cli.argument_parser(description=__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--fractions", default="0,0.25,0.5,0.75",
@@ -50,8 +51,12 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help=bench_cli.OUT_HELP.format("prune_<backend>.md"))
     parser.add_argument("--no-write", action="store_true", help="print the table only "
-                        "(as --out '')")
+                        "(as --out ''; not with another --out)")
     args = parser.parse_args(argv)
+    if args.no_write and args.out:
+        raise bench_cli.bad_flag(f"--no-write with --out {args.out}: --no-write prints the "
+                                 f"table only, so nothing would be written there. Drop one of "
+                                 f"the two flags.")
     args.label = run_label("bench_prune.py", argv, size_changes(parser, args, SIZES))
     bench_cli.at_least(args, 1, "batch", "rounds")
     bench_cli.cifar_depth(args.depth)

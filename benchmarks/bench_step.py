@@ -319,7 +319,7 @@ def user_branch_main(args, dtype) -> None:
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked (a bad one raises before anything is measured); ``args.out`` is
     where the table goes and ``args.label`` its provenance line."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=None, help="default 128 (32 with --user-branch)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 30 GPU, 6 CPU)")

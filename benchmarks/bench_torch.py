@@ -301,7 +301,7 @@ VARIANTS = {  # name: (compiled, bf16, stochastic)
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked before anything is measured; ``args.names``: the variants run,
     ``args.out``: where the table goes, ``args.label``: its provenance line."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=None, help="default 30 on GPU, 5 on CPU")

@@ -262,7 +262,7 @@ def _report(args, loop_ips, step_times, ckpt, state, devices):
 
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked before anything is measured; ``args.label``: the provenance line."""
-    parser = argparse.ArgumentParser(
+    parser = bench_cli.argument_parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="cifar10")

@@ -43,7 +43,7 @@ SIZES = ("depth", "final_survival", "epochs", "steps_per_epoch", "seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--final-survival", type=float, default=0.5, help="p_L (linear decay)")
     ap.add_argument("--multiples", default="1,2,4,6", help="compact multiples to compare")

@@ -16,7 +16,8 @@ compiled before timing. Torch: eager and ``torch.compile``, constant and real sk
 
 Ctrl-C or SIGTERM is passed on to the benchmark running, which appends the table of the
 rounds it completed (marked as interrupted; ``bench_step.py``'s to ``--step-out``, where the
-earlier ones are whole); no joint table is written, and the last line says what was.
+earlier ones are whole); no joint table is written, and the last line says what was. Ctrl-Z
+stops the benchmark with this script, and ``fg`` / ``bg`` continue both.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def _run(cmd: list[str]) -> None:
     Ctrl-C in the terminal reaches only this script): each Ctrl-C or SIGTERM here is passed
     on to it, and waited for (the first: it finishes its round and appends the table of the
     rounds done, marked; the second: it stops at once; a third kills it). The interruption
-    is then raised here, to say what was written."""
+    is then raised here, to say what was written. A Ctrl-Z (SIGTSTP) stops the benchmark
+    (SIGSTOP) and then this script; continuing this script (SIGCONT: ``fg``, ``bg``)
+    continues the benchmark."""
     print("$ " + " ".join(cmd), flush=True)
     caught: list[int] = []
     sent: list[int] = []
@@ -73,9 +76,21 @@ def _run(cmd: list[str]) -> None:
             sent.append(caught[len(sent)])  # while it started
             _signal(proc, os.path.basename(cmd[1]), sent[-1], len(sent))
 
+    def stop_too(signum, frame):  # Ctrl-Z: the benchmark stops with this script
+        _signal_group(proc, signal.SIGSTOP)
+        _stop_this_process()
+        # Continued; or never stopped (an orphaned process group ignores SIGTSTP), when
+        # nothing else would continue the benchmark.
+        _signal_group(proc, signal.SIGCONT)
+
+    def continue_too(signum, frame):  # fg / bg / kill -CONT: and continues with it
+        _signal_group(proc, signal.SIGCONT)
+
+    handlers = {signal.SIGINT: pass_on, signal.SIGTERM: pass_on}
+    if hasattr(signal, "SIGTSTP"):  # not on Windows
+        handlers.update({signal.SIGTSTP: stop_too, signal.SIGCONT: continue_too})
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
-                if main_thread else {})
+    previous = ({s: signal.signal(s, h) for s, h in handlers.items()} if main_thread else {})
     try:
         proc = subprocess.Popen(_dying_with_this(cmd), cwd=os.path.dirname(HERE),
                                 start_new_session=True)
@@ -107,6 +122,28 @@ def _signal(proc: subprocess.Popen, name: str, signum: int, count: int) -> None:
         proc.send_signal(signum)
 
 
+def _signal_group(proc: subprocess.Popen | None, signum: int) -> None:
+    """Sends ``signum`` to the process group of ``proc`` (the benchmark and any process it
+    started; its session's), if it was started and is still running."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:  # ended since
+        pass
+
+
+def _stop_this_process() -> None:
+    """Stops this process as SIGTSTP's default action does (a Ctrl-Z in a shell: the job is
+    stopped); returns once it is continued. Raised in this thread, so that it is delivered
+    before the handler is put back."""
+    handler = signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+    try:
+        signal.raise_signal(signal.SIGTSTP)
+    finally:
+        signal.signal(signal.SIGTSTP, handler)
+
+
 def _dying_with_this(cmd: list[str]) -> list[str]:
     """``cmd``, run so that on Linux it is killed when this process dies, even by SIGKILL
     (``gpu_suite.py``'s budget kills this script's process group, which the child, in a
@@ -132,7 +169,7 @@ def _check_torch(python: str) -> None:
 
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked (torch found, paths writable) before anything runs."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--torch-python", required=True,
                     help="a Python interpreter with torch (optional dependency; e.g. a venv's)")
     ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")

@@ -152,7 +152,7 @@ BY_NAME = {p.name: p for p in PARTS}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=540, help="seconds for all parts")
     ap.add_argument("--parts", default=",".join(BY_NAME), help="comma-separated, in order")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"),

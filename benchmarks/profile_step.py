@@ -434,7 +434,7 @@ def report(results: dict, args, source: str, heading: str) -> str:
 
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked before anything is profiled; ``args.label``: the provenance line."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=None,
                     help="default 128 (with --drop-path: bench_drop_path.py's for the backend)")

@@ -271,7 +271,7 @@ def plot(a: dict, path: str, title: str) -> None:
 
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked before anything is measured; ``args.label``: the provenance line."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 20 GPU, 4 CPU)")

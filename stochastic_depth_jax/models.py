@@ -12,6 +12,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax.linen import transforms as linen_transforms
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,6 +161,8 @@ class ResidualStages(nn.Module):
         for i, (n, feats, stride) in enumerate(
             zip(self.stage_sizes, self.stage_features, self.stage_strides)
         ):
+            for s in {stride, 1}:  # the stage's first block and its others
+                _check_block(self.block(feats, s, parent=None))
             p0 = 1.0 if constant else float(probs[start])
             g0 = None if gates is None else gates[start]
             # Compact mode runs no conditional: the stage's first block is masked instead.
@@ -313,6 +316,31 @@ class ResidualStages(nn.Module):
         body = stage(block=block, train=True, constant=False, name=name)
         x, _ = body(x, (probs_g, valid))
         return x
+
+
+def _check_block(block: nn.Module) -> None:
+    """ValueError if ``block`` is an instance of a class wrapped in Flax's lifted ``nn.remat``.
+
+    Such a class traces every argument of ``__call__`` that its ``static_argnums`` does not
+    name, and those name positional arguments only: the stage passes ``train`` by keyword
+    (the library's blocks take it keyword-only), so the block would see a tracer where it
+    needs a Python bool, and fail deep in the first gradient (``TracerBoolConversionError``).
+    The library's blocks checkpoint through their own ``remat`` field instead, inside the
+    skipping ``cond``, so that only the branches that survive are rematerialised.
+    """
+    cls = type(block)
+    base = cls.__mro__[1]
+    if cls.__module__ != linen_transforms.__name__ or cls.__name__ != "Checkpoint" + base.__name__:
+        return
+    if issubclass(base, layers.ResidualBlock):
+        fix = (f"use {base.__name__}'s own remat='convs' or remat='full' field instead, which "
+               f"rematerialises only the branches that survive")
+    else:
+        fix = ("rematerialise inside the block instead, e.g. its branch as "
+               "nn.remat(MyBranch)(parent=None)")
+    raise ValueError(f"ResidualStages got block=nn.remat({base.__name__}), which traces the "
+                     f"block's keyword argument train (static_argnums names positional "
+                     f"arguments only); {fix}.")
 
 
 @functools.lru_cache(maxsize=None)

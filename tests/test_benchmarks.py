@@ -247,6 +247,11 @@ def run_command(module, argv, capsys):
     ("bench_train", ["--whole-epochs", "nope"], "--whole-epochs: unknown nope; valid: constant,"),
     ("bench_train", ["--batch", "12"], "--batch 12 does not divide by the 8 devices"),
     ("bench_prune", ["--fractions", "0,1.5"], "--fractions [0.0, 1.5]: each in [0, 1)"),
+    # --no-write won: the --out file asked for was silently not written (toy sizes: fast).
+    ("bench_prune", ["--no-write", "--depth", "8", "--batch", "1", "--rounds", "1",
+                     "--fractions", "0", "--out", "{recorded}"],
+     "recorded.md: --no-write prints the table only, so nothing would be written there. "
+     "Drop one of the two flags."),
     ("bench_drop_path", ["--rates", "x"], "--rates 'x': give comma-separated numbers."),
     ("compact_buckets", ["--depth", "100"], "nearest: 98 or 104."),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
@@ -559,6 +564,56 @@ def test_compare_torch_benchmark_dies_with_it(signum):
                 pass
 
 
+def _state(pid):
+    """The state letter of process ``pid`` (``/proc/<pid>/stat``): 'T' stopped, 'S', 'R'..."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _until_state(pid, stopped, timeout_s=10):
+    """Whether process ``pid`` gets (``stopped``) or leaves the stopped state 'T' in time."""
+    end = time.monotonic() + timeout_s
+    while (_state(pid) == "T") != stopped:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_compare_torch_ctrl_z_stops_and_continues_its_benchmark():
+    """compare_torch.py runs each benchmark in a session of its own, so a Ctrl-Z in the
+    terminal (SIGTSTP to its process group) stopped compare_torch.py only, and the benchmark
+    ran on, holding the machine. SIGTSTP now stops both, SIGCONT (`fg`, `bg`) continues
+    both."""
+    # A process group of its own in this session, as a shell's job: an orphaned group
+    # (this test run in a session of its own) would ignore SIGTSTP.
+    runs = ("import os, sys; os.setpgid(0, 0); sys.path.insert(0, sys.argv[1]); "
+            "import compare_torch; compare_torch._run([sys.executable, '-c', 'import os, "
+            "time; print(os.getpid(), flush=True); time.sleep(60)'])")
+    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        while child is None:  # after compare_torch.py's '$ <command>' line
+            line = proc.stdout.readline()
+            assert line, "compare_torch.py ended before its benchmark started"
+            child = int(line) if line.strip().isdigit() else None
+        os.kill(proc.pid, signal.SIGTSTP)
+        assert _until_state(child, stopped=True), "Ctrl-Z did not stop the benchmark"
+        assert _until_state(proc.pid, stopped=True), "Ctrl-Z did not stop compare_torch.py"
+        os.kill(proc.pid, signal.SIGCONT)
+        assert _until_state(proc.pid, stopped=False)
+        assert _until_state(child, stopped=False), "SIGCONT did not continue the benchmark"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in [child] if child else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_compare_torch_runs_no_python_between_fork_and_exec(monkeypatch):
     """compare_torch.py set the parent-death signal in a ``preexec_fn``: Python code in the
     child between fork and exec, which may deadlock where the parent has threads (JAX's).
@@ -658,6 +713,20 @@ def test_command_lines_write_a_file_named_alone_from_the_root(monkeypatch):
         "--torch-python", "python3"]) == (
         "python benchmarks/bench_step.py --out benchmarks/mine.md --json=benchmarks/m.json "
         "--variants results/x --torch-python python3")
+
+
+def test_an_abbreviated_flag_is_refused(tmp_path, capsys):
+    """argparse took `--js FILE` for `--json FILE`, and the table's command line, which
+    writes a path portably by its flag's full name, recorded this machine's path. Every
+    script's parser takes full names only."""
+    js = tmp_path / "s.json"
+    with pytest.raises(SystemExit) as stopped:
+        load("bench_step").parse_args(["--js", str(js), "--out", ""])
+    assert stopped.value.code == 2
+    assert f"unrecognized arguments: --js {js}" in capsys.readouterr().err
+    scripts = [name for name in os.listdir(BENCHMARKS) if name.endswith(".py")]
+    assert not [name for name in scripts if name != "bench_cli.py" and "argparse.ArgumentParser("
+                in open(os.path.join(BENCHMARKS, name)).read()]  # bench_cli.argument_parser
 
 
 def _signal_once_logged(log, text, signum, done, deadline_s=120):

@@ -402,6 +402,36 @@ def test_scanned_stage_of_a_block_with_its_own_call_equals_unrolled(own_call, st
                            results[True], results[False])
 
 
+@pytest.mark.parametrize("scan, block", [
+    (True, nn.remat(sdj.layers.BasicBlock)),
+    (False, nn.remat(functools.partial(sdj.layers.BasicBlock, remat="none"))),
+])
+def test_a_block_wrapped_in_nn_remat_is_refused_naming_its_own_remat(scan, block):
+    """``ResidualStages(block=nn.remat(BasicBlock))`` failed in the first gradient with a
+    ``TracerBoolConversionError``: Flax's lifted remat traces the blocks' keyword-only
+    ``train`` (its ``static_argnums`` name positional arguments only). Refused up front, in
+    one line naming the block's own ``remat`` field, at init and in a gradient alike."""
+    x, probs = jnp.ones((2, 8, 8, 16)), np.linspace(1, 0.5, 9)
+    gates = jnp.array([True, False] * 4 + [True])
+    layout = dict(stage_sizes=(9,), stage_features=(16,), stage_strides=(1,), scan=scan)
+    stages = sdj.models.ResidualStages(block=block, **layout)
+    refused = (r"^ResidualStages got block=nn.remat\(BasicBlock\), which traces the block's "
+               r"keyword argument train .*; use BasicBlock's own remat='convs' or "
+               r"remat='full' field instead, which rematerialises only the branches that "
+               r"survive\.")
+    with pytest.raises(ValueError, match=refused):
+        stages.init(jax.random.key(0), x, probs, None, train=False, constant=False)
+    v = sdj.models.ResidualStages(block=sdj.layers.BasicBlock, **layout).init(
+        jax.random.key(0), x, probs, None, train=False, constant=False)
+
+    def loss(params):
+        y, _ = stages.apply({**v, "params": params}, x, probs, gates, train=True,
+                            constant=False, mutable=["batch_stats"])
+        return jnp.sum(y)
+    with pytest.raises(ValueError, match=refused):
+        jax.grad(loss)(v["params"])
+
+
 def test_auto_scan_for_deep_nets():
     v = jax.eval_shape(lambda: sdj.CifarResNet(depth=56).init(
         {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False))
