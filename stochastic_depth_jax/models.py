@@ -319,28 +319,30 @@ class ResidualStages(nn.Module):
 
 
 def _check_block(block: nn.Module) -> None:
-    """ValueError if ``block`` is an instance of a class wrapped in Flax's lifted ``nn.remat``.
+    """ValueError if ``block`` is one of the library's blocks (a class whose ``__call__`` is
+    :meth:`layers.ResidualBlock.__call__`) wrapped in Flax's lifted ``nn.remat``.
 
     Such a class traces every argument of ``__call__`` that its ``static_argnums`` does not
     name, and those name positional arguments only: the stage passes ``train`` by keyword
     (the library's blocks take it keyword-only), so the block would see a tracer where it
     needs a Python bool, and fail deep in the first gradient (``TracerBoolConversionError``).
     The library's blocks checkpoint through their own ``remat`` field instead, inside the
-    skipping ``cond``, so that only the branches that survive are rematerialised.
+    skipping ``cond``, so that only the branches that survive are rematerialised. A block
+    with a ``__call__`` of its own is let through: one that does not branch on ``train`` in
+    Python works under ``nn.remat``, and nothing here tells whether it does.
     """
     cls = type(block)
     base = cls.__mro__[1]
     if cls.__module__ != linen_transforms.__name__ or cls.__name__ != "Checkpoint" + base.__name__:
         return
-    if issubclass(base, layers.ResidualBlock):
-        fix = (f"use {base.__name__}'s own remat='convs' or remat='full' field instead, which "
-               f"rematerialises only the branches that survive")
-    else:
-        fix = ("rematerialise inside the block instead, e.g. its branch as "
-               "nn.remat(MyBranch)(parent=None)")
+    if not (issubclass(base, layers.ResidualBlock)
+            and base.__call__ is layers.ResidualBlock.__call__):
+        return
     raise ValueError(f"ResidualStages got block=nn.remat({base.__name__}), which traces the "
                      f"block's keyword argument train (static_argnums names positional "
-                     f"arguments only); {fix}.")
+                     f"arguments only); use {base.__name__}'s own remat='convs' or "
+                     f"remat='full' field instead, which rematerialises only the branches "
+                     f"that survive.")
 
 
 @functools.lru_cache(maxsize=None)

@@ -432,6 +432,40 @@ def test_a_block_wrapped_in_nn_remat_is_refused_naming_its_own_remat(scan, block
         jax.grad(loss)(v["params"])
 
 
+class _NoTrainBlock(nn.Module):
+    """A user's block that does not branch on ``train`` in Python (LayerNorm, no dropout):
+    it works under Flax's ``nn.remat``, which traces ``train``."""
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, survival_prob=1.0, gate=None, *, train, stochastic=None):
+        y = nn.Conv(self.features, (3, 3), strides=self.strides)(nn.LayerNorm()(x))
+        scale = survival_prob if gate is None else jnp.asarray(gate, x.dtype)
+        return x + scale * y
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_users_block_wrapped_in_nn_remat_runs_as_without(scan):
+    """The refusal of ``nn.remat(BasicBlock)`` also refused every user block wrapped in
+    ``nn.remat``, which worked before where the block does not branch on ``train``: such a
+    block gives the same values and gradients as without ``nn.remat``."""
+    x, probs = jnp.ones((2, 8, 8, 16)), np.linspace(1, 0.5, 9)
+    gates = jnp.array([True, False] * 4 + [True])
+    layout = dict(stage_sizes=(9,), stage_features=(16,), stage_strides=(1,), scan=scan)
+    results = []
+    for block in (nn.remat(_NoTrainBlock), _NoTrainBlock):
+        stages = sdj.models.ResidualStages(block=block, **layout)
+        v = stages.init(jax.random.key(0), x, probs, None, train=False, constant=False)
+
+        def loss(params, stages=stages):
+            return jnp.sum(stages.apply({"params": params}, x, probs, gates, train=True,
+                                        constant=False) ** 2)
+        results.append(jax.value_and_grad(loss)(v["params"]))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                           *results)
+
+
 def test_auto_scan_for_deep_nets():
     v = jax.eval_shape(lambda: sdj.CifarResNet(depth=56).init(
         {"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False))
