@@ -19,8 +19,10 @@ again.
 
 It changes nothing where it would not help: not on other systems or C libraries, not where
 the kernel's huge pages are ``never`` (none to have) or ``always`` (every large block is
-huge already), and not when ``GLIBC_TUNABLES`` already names ``glibc.malloc.hugetlb`` (the
-user's choice: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` turns this off).
+huge already), not in a set-user-ID or file-capabilities interpreter (whose glibc drops the
+tunable: it would start again without it, forever), and not when ``GLIBC_TUNABLES`` already
+names ``glibc.malloc.hugetlb`` (the user's choice: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``
+turns this off).
 
 Importable without JAX, NumPy or the rest of the package: standard library only.
 """
@@ -28,15 +30,18 @@ Importable without JAX, NumPy or the rest of the package: standard library only.
 from __future__ import annotations
 
 import os
+import struct
 import sys
 from typing import Mapping
 
 __all__ = ["TUNABLE", "THP_MODE_FILE", "reason_not_to", "environment", "active",
-           "restart_with_huge_pages"]
+           "restart_with_huge_pages", "secure_execution"]
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
+AUXV_FILE = "/proc/self/auxv"  # the auxiliary vector the kernel gave this process
+AT_SECURE = 23  # its key for secure execution (<elf.h>)
 
 
 def glibc_version() -> tuple[int, int] | None:
@@ -61,6 +66,25 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
     return chosen[0] if len(chosen) == 1 else None
 
 
+def secure_execution(path: str = AUXV_FILE) -> bool:
+    """Does this process run in secure-execution mode (``AT_SECURE``: a set-user-ID or
+    set-group-ID interpreter, or one with file capabilities)? glibc then drops
+    :data:`TUNABLE` from ``GLIBC_TUNABLES`` as the process starts, so a restart with it
+    would start without it, and restart again, forever."""
+    if os.getuid() != os.geteuid() or os.getgid() != os.getegid():
+        return True
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    pair = struct.calcsize("@LL")
+    for key, value in struct.iter_unpack("@LL", data[:len(data) - len(data) % pair]):
+        if key == AT_SECURE:
+            return value != 0
+    return False
+
+
 def _named(tunables: str) -> str | None:
     """The value ``GLIBC_TUNABLES``' text gives :data:`TUNABLE`, or None if it names none."""
     for item in filter(None, tunables.split(":")):
@@ -71,13 +95,13 @@ def _named(tunables: str) -> str | None:
 
 
 def reason_not_to(environ: Mapping[str, str] | None = None, platform: str | None = None,
-                  glibc: tuple[int, int] | None | str = "running", mode: str | None | bool = True
-                  ) -> str | None:
+                  glibc: tuple[int, int] | None | str = "running", mode: str | None | bool = True,
+                  secure: bool | None = None) -> str | None:
     """Why this process should not restart with huge pages, or None if it should.
 
     The arguments stand in for the running system in tests: ``environ`` (``os.environ``),
     ``platform`` (``sys.platform``), ``glibc`` (:func:`glibc_version`), ``mode``
-    (:func:`thp_mode`).
+    (:func:`thp_mode`), ``secure`` (:func:`secure_execution`).
     """
     environ = os.environ if environ is None else environ
     platform = sys.platform if platform is None else platform
@@ -85,6 +109,8 @@ def reason_not_to(environ: Mapping[str, str] | None = None, platform: str | None
         return f"not Linux ({platform})"
     if _named(environ.get("GLIBC_TUNABLES", "")) is not None:
         return f"GLIBC_TUNABLES already sets {TUNABLE}"
+    if secure_execution() if secure is None else secure:
+        return f"a set-user-ID or file-capabilities process, whose glibc drops {TUNABLE}"
     glibc = glibc_version() if glibc == "running" else glibc
     if glibc is None:
         return "not glibc"
