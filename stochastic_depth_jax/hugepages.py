@@ -145,11 +145,41 @@ def active(environ: Mapping[str, str] | None = None) -> bool:
                 and thp_mode() in ("madvise", "always"))
 
 
+def _script_index(argv: list[str]) -> int | None:
+    """Where the script is in the interpreter's command line ``argv`` (``sys.orig_argv``):
+    the first word after the interpreter's options; None for ``-c``, ``-m``, ``-`` (stdin)
+    or no script at all."""
+    i = 1
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return i + 1 if i + 1 < len(argv) and argv[i + 1] != "-" else None
+        if word == "--check-hash-based-pycs":
+            i += 2
+            continue
+        if word == "-" or word.startswith("--"):  # stdin; --help, --version
+            return None
+        if not word.startswith("-"):
+            return i
+        for j, letter in enumerate(word[1:], 1):
+            if letter in "cm":  # a command or a module: no script
+                return None
+            if letter in "WX":  # a value: the rest of this word, or the next one
+                if j == len(word) - 1:
+                    i += 1
+                break
+        i += 1
+    return None
+
+
 def runs(script: str) -> bool:
     """Is this process the command ``python [options] <script> [arguments]``? (Not, for
-    example, a test running ``script`` in-process with ``runpy``: its command is pytest's.)"""
+    example, a test running ``script`` in-process with ``runpy``: its command is pytest's;
+    nor ``python -m pdb <script>`` or another program running it, whose restart would
+    start that program again: a debugger's breakpoints lost.)"""
     argv = getattr(sys, "orig_argv", None)
-    if not argv or not sys.argv or sys.argv[0] in ("", "-", "-c") or sys.argv[0] not in argv[1:]:
+    at = _script_index(argv) if argv else None
+    if at is None or argv[at:] != sys.argv:
         return False
     try:
         return os.path.samefile(sys.argv[0], script)

@@ -176,3 +176,33 @@ def test_a_secure_execution_interpreter_runs_once(tmp_path):
         out = subprocess.run(prefix + [script], env=env, capture_output=True, text=True,
                              timeout=60)
     assert out.stdout.splitlines() == ["start 1", "running"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("argv, at", [
+    (["py", "s.py", "a"], 1), (["py", "-u", "-X", "dev", "s.py"], 4), (["py", "-Xdev", "s.py"], 2),
+    (["py", "-uW", "ignore", "s.py"], 3), (["py", "-Wignore", "s.py"], 2),
+    (["py", "--check-hash-based-pycs", "never", "s.py"], 3), (["py", "--", "s.py"], 2),
+    (["py", "-m", "pdb", "s.py"], None), (["py", "-um", "cProfile", "s.py"], None),
+    (["py", "-c", "code", "s.py"], None), (["py", "-", "s.py"], None), (["py", "-u"], None),
+    (["py", "--version"], None)])
+def test_the_script_is_the_first_word_after_the_interpreters_options(argv, at):
+    assert hugepages._script_index(argv) == at
+
+
+def test_a_program_running_the_script_is_not_started_again(tmp_path):
+    """``python -m pdb train.py`` (or any program running the script in its own process)
+    was restarted whole: a second debugger prompt, its breakpoints and the commands piped
+    to it lost. Only ``python [options] <script>`` restarts."""
+    script = tmp_path / "command.py"
+    script.write_text(SCRIPT.format(module=os.path.join(REPO, "stochastic_depth_jax",
+                                                        "hugepages.py")))
+    wrapper = tmp_path / "wrapper.py"  # as pdb and cProfile run a script: in __main__
+    wrapper.write_text("import runpy, sys\nprint('wrapper ran', flush=True)\n"
+                       "sys.argv[:] = sys.argv[1:]\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, str(wrapper), str(script), "a b"], env=env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    lines = [line.split(" ", 1) for line in out.stdout.splitlines()]
+    assert [kind for kind, _ in lines] == ["wrapper", "start", "running"]
+    assert lines[2][1].endswith("None ['a b'] False")
