@@ -132,17 +132,55 @@ def environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def active(environ: Mapping[str, str] | None = None) -> bool:
-    """Does this process allocate with huge pages: did it start with :data:`TUNABLE` set
-    non-zero, on a system where that takes effect? (Recorded in ``run.json`` and in the
-    benchmarks' tables.)"""
-    environ = os.environ if environ is None else environ
-    value = _named(environ.get("GLIBC_TUNABLES", ""))
-    if value in (None, "", "0"):
+def active() -> bool:
+    """Does this process's ``malloc`` get huge pages for its large blocks? (Recorded in
+    ``run.json`` and in the benchmarks' tables.) Yes where the kernel's mode is ``always``
+    (every large block is huge already); elsewhere, asked of the kernel rather than read from
+    ``GLIBC_TUNABLES`` (which glibc reads only as the process starts, may ignore, or applies
+    the last of): does a fresh block of ``malloc`` have huge pages advised or mapped
+    (:func:`_advised`)?"""
+    if not sys.platform.startswith("linux"):
         return False
-    glibc = glibc_version()
-    return bool(sys.platform.startswith("linux") and glibc and glibc >= MIN_GLIBC
-                and thp_mode() in ("madvise", "always"))
+    return thp_mode() == "always" or _advised()
+
+
+def _advised(size: int = 64 << 20) -> bool:
+    """Did ``malloc`` ask the kernel for huge pages (``MADV_HUGEPAGE``: ``glibc.malloc.hugetlb
+    =1``; ``MAP_HUGETLB``: ``=2``) for a block of ``size`` bytes? The kernel's flags for the
+    block's mapping say (``VmFlags`` ``hg`` / ``ht`` in ``/proc/self/smaps``). 64 MiB: above
+    glibc's largest ``mmap`` threshold (32 MiB), so mapped afresh; never touched, so free."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        block = libc.malloc(size)
+    except (ImportError, OSError, AttributeError):
+        return False
+    if not block:
+        return False
+    try:
+        return bool(_vm_flags(block) & {"hg", "ht"})
+    finally:
+        libc.free(block)
+
+
+def _vm_flags(address: int, path: str = "/proc/self/smaps") -> set[str]:
+    """The kernel's flags (``VmFlags``) for the mapping of this process that holds
+    ``address``; empty where ``path`` cannot be read."""
+    inside = False
+    try:
+        with open(path) as f:
+            for line in f:
+                first = line.split(" ", 1)[0]
+                if "-" in first and not first.endswith(":"):  # a mapping's first line
+                    start, end = (int(a, 16) for a in first.split("-"))
+                    inside = start <= address < end
+                elif inside and line.startswith("VmFlags:"):
+                    return set(line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def _script_index(argv: list[str]) -> int | None:

@@ -206,3 +206,56 @@ def test_a_program_running_the_script_is_not_started_again(tmp_path):
     lines = [line.split(" ", 1) for line in out.stdout.splitlines()]
     assert [kind for kind, _ in lines] == ["wrapper", "start", "running"]
     assert lines[2][1].endswith("None ['a b'] False")
+
+
+MEASURE = textwrap.dedent("""\
+    import ctypes, os, re, runpy, sys
+    active = runpy.run_path({module!r})["active"]
+    if len(sys.argv) > 1:  # set in Python: after glibc read its tunables
+        os.environ["GLIBC_TUNABLES"] = sys.argv[1]
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    size = 64 << 20
+    ctypes.memset(libc.malloc(size), 1, size)
+    with open("/proc/self/smaps_rollup") as f:
+        kib = re.findall(r"(?:AnonHugePages|Private_Hugetlb):\\s+(\\d+) kB", f.read())
+    print(active(), sum(map(int, kib)) > 0)
+""")
+
+
+@pytest.mark.parametrize("tunables, in_python", [
+    ("", False), ("glibc.malloc.hugetlb=1", False),
+    ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", False),
+    ("glibc.malloc.hugetlb=1", True),  # a notebook's os.environ: too late
+    ("glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0", False),  # the last one counts
+    ("glibc.malloc.hugetlb=0:glibc.malloc.hugetlb=1", False),
+    ("glibc.malloc.hugetlb=yes", False),  # not a number: ignored
+    ("glibc.malloc.hugetlb=2", False),  # MAP_HUGETLB: only where pages are reserved
+])
+def test_active_says_whether_malloc_gets_huge_pages(tmp_path, tunables, in_python):
+    """``devices.huge_pages`` and the tables' ``Run`` line said "on" for tunables glibc did
+    not apply (set after the start, overridden, not a number, no reserved pages): measured,
+    a 64 MiB block of ``malloc`` gets huge pages exactly where :func:`active` says so."""
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        pytest.skip("no /proc/self/smaps_rollup to measure with")
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE.format(module=os.path.join(REPO, "stochastic_depth_jax",
+                                                         "hugepages.py")))
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables and not in_python:
+        env["GLIBC_TUNABLES"] = tunables
+    out = subprocess.run([sys.executable, str(script), *([tunables] if in_python else [])],
+                         env=env, capture_output=True, text=True, timeout=60, check=True)
+    said, measured = out.stdout.split()
+    assert said == measured, f"active() says {said}, measured {measured}"
+
+
+def test_vm_flags_are_the_mapping_holding_the_address(tmp_path):
+    smaps = tmp_path / "smaps"
+    smaps.write_text("1000-3000 rw-p 00000000 00:00 0 \nSize:  8 kB\nVmFlags: rd wr mr\n"
+                     "3000-5000 rw-p 00000000 00:00 0    [heap]\nSize:  8 kB\n"
+                     "VmFlags: rd wr hg\n")
+    assert hugepages._vm_flags(0x2fff, str(smaps)) == {"rd", "wr", "mr"}
+    assert hugepages._vm_flags(0x3000, str(smaps)) == {"rd", "wr", "hg"}
+    assert hugepages._vm_flags(0x5000, str(smaps)) == set()
+    assert hugepages._vm_flags(0x3000, str(tmp_path / "missing")) == set()
