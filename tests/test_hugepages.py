@@ -259,3 +259,21 @@ def test_vm_flags_are_the_mapping_holding_the_address(tmp_path):
     assert hugepages._vm_flags(0x3000, str(smaps)) == {"rd", "wr", "hg"}
     assert hugepages._vm_flags(0x5000, str(smaps)) == set()
     assert hugepages._vm_flags(0x3000, str(tmp_path / "missing")) == set()
+
+
+def test_output_written_before_the_restart_is_kept(tmp_path):
+    """What the command printed before its restart, still in Python's buffer (a pipe's
+    output is block-buffered), is written before the process is replaced, not lost."""
+    script = tmp_path / "command.py"
+    script.write_text(textwrap.dedent(f"""\
+        import runpy
+        print("before")
+        runpy.run_path({os.path.join(REPO, "stochastic_depth_jax", "hugepages.py")!r})[
+            "restart_with_huge_pages"](__file__)
+        print("after")
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PYTHONUNBUFFERED")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    restarted = hugepages.reason_not_to(env) is None
+    assert out == ["before", "before", "after"] if restarted else ["before", "after"]
