@@ -113,3 +113,18 @@ def test_a_script_run_in_process_does_not_restart_its_runner(tmp_path, monkeypat
     assert not hugepages.runs(str(script))
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("would start pytest again"))
     hugepages.restart_with_huge_pages(str(script))
+
+
+def test_hint_once_where_huge_pages_would_help(monkeypatch):
+    monkeypatch.setattr(hugepages, "_hinted", False)
+    monkeypatch.setattr(hugepages, "active", lambda: False)
+    monkeypatch.setattr(hugepages, "reason_not_to", lambda: None)
+    line = hugepages.hint()
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in line and "\n" not in line
+    assert hugepages.hint() is None  # once per process
+    monkeypatch.setattr(hugepages, "_hinted", False)
+    monkeypatch.setattr(hugepages, "reason_not_to", lambda: "not Linux (darwin)")
+    assert hugepages.hint() is None  # nothing to gain
+    monkeypatch.setattr(hugepages, "reason_not_to", lambda: None)
+    monkeypatch.setattr(hugepages, "active", lambda: True)
+    assert hugepages.hint() is None  # has them
