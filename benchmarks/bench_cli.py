@@ -77,7 +77,7 @@ def _restart_with_huge_pages() -> None:
     measures what training gets; its tables say which (:func:`provenance.run_label`)."""
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main and os.path.dirname(os.path.abspath(main)) == HERE:
-        provenance.HUGEPAGES["restart_with_huge_pages"](main)
+        provenance.hugepages()["restart_with_huge_pages"](main)
 
 
 # Before the imports below (JAX's): each script imports this module first.

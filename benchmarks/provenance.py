@@ -5,6 +5,7 @@ only :func:`machine_line` touches JAX.
 """
 
 import datetime
+import functools
 import os
 import platform
 import re
@@ -17,8 +18,6 @@ import tempfile
 # the recorded GPU tables, so its tables are not marked as smoke runs.
 SUITE_PART_ENV = "SDJ_GPU_SUITE_PART"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# stochastic_depth_jax/hugepages.py, run from its file (importing the package imports JAX).
-HUGEPAGES = runpy.run_path(os.path.join(REPO, "stochastic_depth_jax", "hugepages.py"))
 # Flags whose value is an interpreter: outside the repository, what matters to rerun the
 # command is what it has (its versions are in the table), not where it is on this machine.
 INTERPRETERS = {"--torch-python": "<python with torch>"}
@@ -138,12 +137,19 @@ def size_changes(parser, args, sizes) -> list[str]:
     return changed
 
 
+@functools.lru_cache(maxsize=None)
+def hugepages() -> dict:
+    """``stochastic_depth_jax/hugepages.py``'s names, run from its file (importing the
+    package would import JAX)."""
+    return runpy.run_path(os.path.join(REPO, "stochastic_depth_jax", "hugepages.py"))
+
+
 def allocator() -> str:
     """``malloc huge pages on``, or ``off`` and why (``stochastic_depth_jax/hugepages.py``):
     on the CPU, steps are measurably faster with them."""
-    if HUGEPAGES["active"]():
+    if hugepages()["active"]():
         return "malloc huge pages on"
-    return f"malloc huge pages off ({HUGEPAGES['reason_not_to']() or 'not restarted with them'})"
+    return f"malloc huge pages off ({hugepages()['reason_not_to']() or 'not restarted with them'})"
 
 
 def run_label(script: str, argv, changed=()) -> str:

@@ -36,7 +36,7 @@ import sys
 from typing import Mapping
 
 __all__ = ["TUNABLE", "THP_MODE_FILE", "reason_not_to", "environment", "active",
-           "restart_with_huge_pages", "secure_execution"]
+           "restart_with_huge_pages", "secure_execution", "hint"]
 
 TUNABLE = "glibc.malloc.hugetlb"
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -240,3 +240,19 @@ def restart_with_huge_pages(script: str) -> None:
         os.execve(sys.executable, sys.orig_argv, environment())
     except OSError:  # could not start again (e.g. the interpreter moved): run as is
         return
+
+
+_hinted = False
+
+
+def hint() -> str | None:
+    """For a CPU run in a process that did not start with huge pages where they would help
+    (a notebook, the user's own program calling ``train_and_evaluate``): one line saying how
+    to have them, the first time it is asked in the process; None otherwise."""
+    global _hinted
+    if _hinted or active() or reason_not_to() is not None:
+        return None
+    _hinted = True
+    return (f"This process allocates memory in 4 KiB pages: start Python with "
+            f"GLIBC_TUNABLES={TUNABLE}=1 (as train.py does by itself) for faster CPU steps "
+            f"(README, \"Huge pages\").")

@@ -277,3 +277,18 @@ def test_output_written_before_the_restart_is_kept(tmp_path):
                          text=True, timeout=60, check=True).stdout.split()
     restarted = hugepages.reason_not_to(env) is None
     assert out == ["before", "before", "after"] if restarted else ["before", "after"]
+
+
+def test_hint_once_where_huge_pages_would_help(monkeypatch):
+    monkeypatch.setattr(hugepages, "_hinted", False)
+    monkeypatch.setattr(hugepages, "active", lambda: False)
+    monkeypatch.setattr(hugepages, "reason_not_to", lambda: None)
+    line = hugepages.hint()
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in line and "\n" not in line
+    assert hugepages.hint() is None  # once per process
+    monkeypatch.setattr(hugepages, "_hinted", False)
+    monkeypatch.setattr(hugepages, "reason_not_to", lambda: "not Linux (darwin)")
+    assert hugepages.hint() is None  # nothing to gain
+    monkeypatch.setattr(hugepages, "reason_not_to", lambda: None)
+    monkeypatch.setattr(hugepages, "active", lambda: True)
+    assert hugepages.hint() is None  # has them

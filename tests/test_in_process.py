@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from stochastic_depth_jax import hugepages
 from stochastic_depth_jax.training import progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +113,9 @@ def test_a_session_calls_the_trainer_is_interrupted_resumes_and_is_left_as_it_wa
     assert f"Resuming from step {step} " in out.stdout
     assert report["finished_call_returns_the_summary"]
     assert out.stdout.count("Skipping implementation") == 3  # one per call: no doubled output
+    # Started without huge pages where they would help: said once, with how to have them.
+    hinted = hugepages.reason_not_to(env) is None
+    assert out.stdout.count("start Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == hinted
     for key in ("changed_by_the_stopped_call", "changed_by_the_resumed_call",
                 "changed_by_all_calls"):
         assert report[key] == {}, (key, report[key])

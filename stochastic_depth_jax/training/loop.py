@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import data as data_lib
-from stochastic_depth_jax import errors, logs, pruning
+from stochastic_depth_jax import errors, hugepages, logs, pruning
 from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
@@ -668,6 +668,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, dat
         how = implementation_lib.describe(r, config.model)
         why = "" if implementation_lib.is_constant_depth(config.model) else f"; {r.reason}"
         print(f"Skipping implementation ({r.requested} on {r.platform}): {how}{why}", flush=True)
+        if r.platform == "cpu" and (line := hugepages.hint()):
+            print(line, flush=True)
     splits = {
         "train": data_lib.put_on_devices(ds.train, setup.mesh),
         "test": data_lib.put_on_devices(ds.test, setup.mesh),
