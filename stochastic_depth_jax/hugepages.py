@@ -7,7 +7,7 @@ freed. So every step writes to fresh memory, and the kernel maps it in 4 KiB pag
 page fault each: about 5 million minor faults in 75 s of ResNet-110 steps on a 2-core CPU.
 glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) makes ``malloc`` advise the
 kernel to back such blocks with transparent huge pages (2 MiB): 28x fewer faults, and steps
-about 4% faster with skipping, 10% at constant depth (README, "Huge pages").
+3-15% faster with skipping, 8-14% at constant depth (README, "Huge pages").
 
 A tunable is read once, when the process starts; it cannot be switched on from inside
 Python. :func:`restart_with_huge_pages` therefore executes the same command again in the
