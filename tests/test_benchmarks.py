@@ -524,6 +524,26 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
 
 
 
+def _compare_torch_running_a_sleeper(first: str) -> tuple[subprocess.Popen, int]:
+    """A Python process that runs ``first``, then compare_torch.py's ``_run`` of a child that
+    prints its pid and sleeps for a minute; returns the process and the child's pid, once
+    that child runs."""
+    runs = (f"{first}; import sys; sys.path.insert(0, sys.argv[1]); import compare_torch; "
+            "compare_torch._run([sys.executable, '-c', 'import os, time; "
+            "print(os.getpid(), flush=True); time.sleep(60)'])")
+    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        while True:  # after compare_torch.py's '$ <command>' line
+            line = proc.stdout.readline()
+            assert line, "compare_torch.py ended before its benchmark started"
+            if line.strip().isdigit():
+                return proc, int(line)
+    except BaseException:
+        proc.kill()
+        raise
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
 def test_compare_torch_benchmark_dies_with_it(signum):
     """compare_torch.py runs each benchmark in a session of its own (a Ctrl-C reaches only
@@ -531,18 +551,9 @@ def test_compare_torch_benchmark_dies_with_it(signum):
     process group (SIGKILL), or a closed terminal (SIGHUP) would leave the benchmark running
     on, on the GPU under the next part."""
     # SIGHUP as in a terminal's session: a run under nohup (or CI) inherits it ignored.
-    runs = ("import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-            "sys.path.insert(0, sys.argv[1]); import compare_torch; "
-            "compare_torch._run([sys.executable, '-c', 'import os, time; "
-            "print(os.getpid(), flush=True); time.sleep(60)'])")
-    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    child = None
+    proc, child = _compare_torch_running_a_sleeper(
+        "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)")
     try:
-        while child is None:  # after compare_torch.py's '$ <command>' line
-            line = proc.stdout.readline()
-            assert line, "compare_torch.py ended before its benchmark started"
-            child = int(line) if line.strip().isdigit() else None
         os.kill(proc.pid, signum)
         proc.wait(timeout=60)
         for _ in range(100):
@@ -587,17 +598,8 @@ def test_compare_torch_ctrl_z_stops_and_continues_its_benchmark():
     both."""
     # A process group of its own in this session, as a shell's job: an orphaned group
     # (this test run in a session of its own) would ignore SIGTSTP.
-    runs = ("import os, sys; os.setpgid(0, 0); sys.path.insert(0, sys.argv[1]); "
-            "import compare_torch; compare_torch._run([sys.executable, '-c', 'import os, "
-            "time; print(os.getpid(), flush=True); time.sleep(60)'])")
-    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    child = None
+    proc, child = _compare_torch_running_a_sleeper("import os; os.setpgid(0, 0)")
     try:
-        while child is None:  # after compare_torch.py's '$ <command>' line
-            line = proc.stdout.readline()
-            assert line, "compare_torch.py ended before its benchmark started"
-            child = int(line) if line.strip().isdigit() else None
         os.kill(proc.pid, signal.SIGTSTP)
         assert _until_state(child, stopped=True), "Ctrl-Z did not stop the benchmark"
         assert _until_state(proc.pid, stopped=True), "Ctrl-Z did not stop compare_torch.py"

@@ -76,11 +76,17 @@ SCRIPT = textwrap.dedent("""\
 """)
 
 
+def _script(tmp_path, name, template):
+    """``template`` written to ``tmp_path/name`` with this checkout's hugepages.py as its
+    ``module``, and this environment without ``GLIBC_TUNABLES`` to run it in."""
+    script = tmp_path / name
+    script.write_text(template.format(module=os.path.join(REPO, "stochastic_depth_jax",
+                                                          "hugepages.py")))
+    return script, {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+
 def _run_script(tmp_path, env_tunables=None, *python_options):
-    script = tmp_path / "command.py"
-    script.write_text(SCRIPT.format(module=os.path.join(REPO, "stochastic_depth_jax",
-                                                        "hugepages.py")))
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    script, env = _script(tmp_path, "command.py", SCRIPT)
     if env_tunables is not None:
         env["GLIBC_TUNABLES"] = env_tunables
     args = [sys.executable, *python_options, str(script), "a b", "--flag=c"]
@@ -191,10 +197,7 @@ def test_active_says_whether_malloc_gets_huge_pages(tmp_path, tunables, in_pytho
     a 64 MiB block of ``malloc`` gets huge pages exactly where :func:`active` says so."""
     if not os.path.exists("/proc/self/smaps_rollup"):
         pytest.skip("no /proc/self/smaps_rollup to measure with")
-    script = tmp_path / "measure.py"
-    script.write_text(MEASURE.format(module=os.path.join(REPO, "stochastic_depth_jax",
-                                                         "hugepages.py")))
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    script, env = _script(tmp_path, "measure.py", MEASURE)
     if tunables and not in_python:
         env["GLIBC_TUNABLES"] = tunables
     out = subprocess.run([sys.executable, str(script), *([tunables] if in_python else [])],
