@@ -94,6 +94,7 @@ def test_a_session_calls_the_trainer_is_interrupted_resumes_and_is_left_as_it_wa
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=REPO)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # The session's own setting: none.
+    env.pop("GLIBC_TUNABLES", None)  # nor the suite's (conftest): as a user's notebook
     out = subprocess.run(
         [sys.executable, "-c", _SESSION, str(tmp_path / "run"), str(tmp_path / "cache")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
