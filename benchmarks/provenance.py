@@ -155,7 +155,8 @@ def allocator() -> str:
 def run_label(script: str, argv, changed=()) -> str:
     """The line every table ends its header with: when, the code, the allocator's huge pages
     (:func:`allocator`), the exact command, and, for a run at other sizes than the script's
-    defaults (the recorded tables' sizes), a warning that names them, so that a smoke run is never read as a recorded measurement.
+    defaults (the recorded tables' sizes), a warning that names them, so that a smoke run is
+    never read as a recorded measurement.
     A part of ``gpu_suite.py`` (``$SDJ_GPU_SUITE_PART``) says so instead: its sizes, set in
     the suite, are those of the recorded GPU tables (45,000 images an epoch, 20 rounds)."""
     line = (f"Run {datetime.datetime.now():%Y-%m-%d %H:%M}; code {code_version()}; "
