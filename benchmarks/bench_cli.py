@@ -12,9 +12,10 @@ JAX (each script imports this module first). A table is only ever appended whole
 tables already in a results file are never touched; a ``--json`` file of its medians is
 written with it (:func:`append_table`), unless rounds are missing from it. An output whose
 reader exits (``| head``) stops a script with one line and exit status 141, as a pipe's
-writer killed by SIGPIPE. ``--out ''`` prints the table only, in every script
-(:func:`results_path`). Every script takes its flags by their full names only
-(:func:`argument_parser`).
+writer killed by SIGPIPE. A Ctrl-Z stops a script that runs a child in a session of its own
+(``compare_torch.py``, ``gpu_suite.py``) with that child (:class:`StopsWithThis`).
+``--out ''`` prints the table only, in every script (:func:`results_path`). Every script
+takes its flags by their full names only (:func:`argument_parser`).
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
 there the same lines are printed by :func:`run` itself (:class:`FlagError`).
