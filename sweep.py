@@ -25,8 +25,9 @@ import runpy
 import sys
 
 # First, as a command: this may start it again (same pid) with huge pages for its allocator
-# (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX).
-if __name__ == "__main__":
+# (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX). Not
+# when run without a file (`exec(open(...).read())` has no __file__): no restart then.
+if __name__ == "__main__" and "__file__" in globals():
     runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax",
                                 "hugepages.py"))["restart_with_huge_pages"](__file__)
 

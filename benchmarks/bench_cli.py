@@ -12,9 +12,10 @@ JAX (each script imports this module first). A table is only ever appended whole
 tables already in a results file are never touched; a ``--json`` file of its medians is
 written with it (:func:`append_table`), unless rounds are missing from it. An output whose
 reader exits (``| head``) stops a script with one line and exit status 141, as a pipe's
-writer killed by SIGPIPE. ``--out ''`` prints the table only, in every script
-(:func:`results_path`). Every script takes its flags by their full names only
-(:func:`argument_parser`).
+writer killed by SIGPIPE. A Ctrl-Z stops a script that runs a child in a session of its own
+(``compare_torch.py``, ``gpu_suite.py``) with that child (:class:`StopsWithThis`).
+``--out ''`` prints the table only, in every script (:func:`results_path`). Every script
+takes its flags by their full names only (:func:`argument_parser`).
 
 ``bench_torch.py`` runs in any environment with PyTorch, which may lack JAX and this package:
 there the same lines are printed by :func:`run` itself (:class:`FlagError`).
@@ -23,6 +24,7 @@ there the same lines are printed by :func:`run` itself (:class:`FlagError`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -345,6 +347,91 @@ def child_backend() -> str:
     found = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
                            capture_output=True, text=True)
     return found.stdout.strip() if found.returncode == 0 else "unknown (JAX did not start)"
+
+
+class StopsWithThis:
+    """Ctrl-Z for a script that runs a child in a session of its own (``compare_torch.py``'s
+    benchmarks, ``gpu_suite.py``'s parts): a Ctrl-Z in the terminal (SIGTSTP to this
+    script's process group) would stop this script only, and the child would run on,
+    holding the machine. Its handlers (:meth:`handlers`, installed by
+    :func:`child_stops_with_this`) stop the child's process group (SIGSTOP) and then this
+    script; continuing this script (SIGCONT: ``fg``, ``bg``) continues the child. A Ctrl-Z
+    that comes while the child is being started is held until :meth:`started` knows it,
+    so that the child cannot run on behind a stopped script. A child that runs children of
+    its own in other sessions (``compare_torch.py`` as a part of ``gpu_suite.py``) stops
+    without them: SIGSTOP runs no handler."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self._stop_held = False  # a Ctrl-Z came before the child was known
+
+    def handlers(self) -> dict:
+        """The signal handlers to install while the child runs (none on Windows)."""
+        if not hasattr(signal, "SIGTSTP"):
+            return {}
+        return {signal.SIGTSTP: self._stop_too, signal.SIGCONT: self._continue_too}
+
+    def started(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """Records the child ``proc`` just started (returned), and stops it with this script
+        if a Ctrl-Z came while it was being started. A Ctrl-Z handled before ``proc`` is
+        recorded is held; one after it stops both at once: none is lost."""
+        self.proc = proc
+        if self._stop_held:
+            self._stop_too()
+        return proc
+
+    def _stop_too(self, signum=None, frame=None):
+        if self.proc is None:  # being started: stopped with this script by started()
+            self._stop_held = True
+            return
+        self._stop_held = False
+        _signal_group(self.proc, signal.SIGSTOP)
+        _stop_this_process()
+        # Continued; or never stopped (an orphaned process group ignores SIGTSTP), when
+        # nothing else would continue the child.
+        _signal_group(self.proc, signal.SIGCONT)
+
+    def _continue_too(self, signum=None, frame=None):
+        self._stop_held = False  # stopped and continued before it was known: nothing to do
+        _signal_group(self.proc, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def child_stops_with_this(handlers: dict | None = None) -> Iterator[StopsWithThis]:
+    """Installs :class:`StopsWithThis`'s handlers, and ``handlers`` (signal: handler), for
+    the block, in the main thread (elsewhere none can be); yields the holder, to be given
+    the child (:meth:`StopsWithThis.started`). The previous handlers are put back after."""
+    job = StopsWithThis()
+    wanted = {**job.handlers(), **(handlers or {})}
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({s: signal.signal(s, h) for s, h in wanted.items()} if main_thread else {})
+    try:
+        yield job
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _signal_group(proc: subprocess.Popen | None, signum: int) -> None:
+    """Sends ``signum`` to the process group of ``proc`` (the child and any process it
+    started; its session's), if it was started and is still running."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:  # ended since
+        pass
+
+
+def _stop_this_process() -> None:
+    """Stops this process as SIGTSTP's default action does (a Ctrl-Z in a shell: the job is
+    stopped); returns once it is continued. Raised in this thread, so that it is delivered
+    before the handler is put back."""
+    handler = signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+    try:
+        signal.raise_signal(signal.SIGTSTP)
+    finally:
+        signal.signal(signal.SIGTSTP, handler)
 
 
 def _say_last(line: str, closed: bool) -> None:

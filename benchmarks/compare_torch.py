@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -63,7 +62,7 @@ def _run(cmd: list[str]) -> None:
     rounds done, marked; the second: it stops at once; a third kills it). The interruption
     is then raised here, to say what was written. A Ctrl-Z (SIGTSTP) stops the benchmark
     (SIGSTOP) and then this script; continuing this script (SIGCONT: ``fg``, ``bg``)
-    continues the benchmark."""
+    continues the benchmark (:class:`bench_cli.StopsWithThis`)."""
     print("$ " + " ".join(cmd), flush=True)
     caught: list[int] = []
     sent: list[int] = []
@@ -76,29 +75,15 @@ def _run(cmd: list[str]) -> None:
             sent.append(caught[len(sent)])  # while it started
             _signal(proc, os.path.basename(cmd[1]), sent[-1], len(sent))
 
-    def stop_too(signum, frame):  # Ctrl-Z: the benchmark stops with this script
-        _signal_group(proc, signal.SIGSTOP)
-        _stop_this_process()
-        # Continued; or never stopped (an orphaned process group ignores SIGTSTP), when
-        # nothing else would continue the benchmark.
-        _signal_group(proc, signal.SIGCONT)
-
-    def continue_too(signum, frame):  # fg / bg / kill -CONT: and continues with it
-        _signal_group(proc, signal.SIGCONT)
-
-    handlers = {signal.SIGINT: pass_on, signal.SIGTERM: pass_on}
-    if hasattr(signal, "SIGTSTP"):  # not on Windows
-        handlers.update({signal.SIGTSTP: stop_too, signal.SIGCONT: continue_too})
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({s: signal.signal(s, h) for s, h in handlers.items()} if main_thread else {})
     try:
-        proc = subprocess.Popen(_dying_with_this(cmd), cwd=os.path.dirname(HERE),
-                                start_new_session=True)
-        pass_on()
-        status = proc.wait()
+        with bench_cli.child_stops_with_this({signal.SIGINT: pass_on,
+                                              signal.SIGTERM: pass_on}) as job:
+            proc = job.started(subprocess.Popen(_dying_with_this(cmd),
+                                                cwd=os.path.dirname(HERE),
+                                                start_new_session=True))
+            pass_on()
+            status = proc.wait()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         if proc is not None and proc.poll() is None:  # this script failed: not left running
             proc.kill()
             proc.wait()
@@ -120,28 +105,6 @@ def _signal(proc: subprocess.Popen, name: str, signum: int, count: int) -> None:
         proc.kill()
     else:
         proc.send_signal(signum)
-
-
-def _signal_group(proc: subprocess.Popen | None, signum: int) -> None:
-    """Sends ``signum`` to the process group of ``proc`` (the benchmark and any process it
-    started; its session's), if it was started and is still running."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signum)
-    except ProcessLookupError:  # ended since
-        pass
-
-
-def _stop_this_process() -> None:
-    """Stops this process as SIGTSTP's default action does (a Ctrl-Z in a shell: the job is
-    stopped); returns once it is continued. Raised in this thread, so that it is delivered
-    before the handler is put back."""
-    handler = signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-    try:
-        signal.raise_signal(signal.SIGTSTP)
-    finally:
-        signal.signal(signal.SIGTSTP, handler)
 
 
 def _dying_with_this(cmd: list[str]) -> list[str]:

@@ -14,7 +14,8 @@ the log records each part's real wall time, so later runs can be planned from it
 to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
 not started where ``--torch-python`` has none. Ctrl-C, SIGTERM or a reader that exits
 (``| head``) stops the running part (its table is not written; the earlier parts' are) and
-records that in the log.
+records that in the log. Ctrl-Z stops the running part with the suite, and ``fg`` / ``bg``
+continue both (the budget's clock runs on meanwhile).
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
@@ -199,11 +200,27 @@ def part_env(part: Part) -> dict[str, str]:
 
 
 def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[str, float]:
-    """Runs ``cmd`` from the repository root in ``env`` (:func:`part_env`), echoing its
-    output to stdout and ``log``; kills its process group after ``timeout`` seconds."""
+    """Runs ``cmd`` from the repository root in ``env`` (:func:`part_env`), in a session of
+    its own, echoing its output to stdout and ``log``; kills its process group after
+    ``timeout`` seconds. A Ctrl-Z stops the part with the suite, and ``fg`` / ``bg``
+    continue both (:class:`bench_cli.StopsWithThis`): it is not in the suite's process
+    group, which the terminal's Ctrl-Z stops."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=os.path.dirname(HERE), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    with bench_cli.child_stops_with_this() as job:
+        proc = job.started(subprocess.Popen(
+            cmd, cwd=os.path.dirname(HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=env, start_new_session=True))
+        over_budget = _echo_until_done(proc, timeout, log)
+    if over_budget:
+        status = "stopped (budget)"
+    else:
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    return status, time.perf_counter() - t0
+
+
+def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
+    """Echoes the output of the part ``proc`` to ``log`` and stdout until it ends; kills its
+    process group after ``timeout`` seconds, or if this fails. Whether the budget killed it."""
     stopped = threading.Event()
 
     def stop():
@@ -223,11 +240,7 @@ def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    if stopped.is_set():
-        status = "stopped (budget)"
-    else:
-        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-    return status, time.perf_counter() - t0
+    return stopped.is_set()
 
 
 def main(argv=None) -> None:

@@ -174,7 +174,7 @@ class ResidualStages(nn.Module):
             if policy is not None:  # the stage carries pre-activations
                 kw["post_activation"] = False
             first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
-            x = first(x, p0, g0, **call_kw)
+            x = _call_first_block(first, x, p0, g0, **call_kw)
             kept = start + 1 + np.flatnonzero(keep[start + 1:start + n])  # in order
             # A slice when none is removed: the unpruned program is unchanged (no gather).
             rest = slice(start + 1, start + n) if len(kept) == n - 1 else kept
@@ -320,29 +320,72 @@ class ResidualStages(nn.Module):
 
 def _check_block(block: nn.Module) -> None:
     """ValueError if ``block`` is one of the library's blocks (a class whose ``__call__`` is
-    :meth:`layers.ResidualBlock.__call__`) wrapped in Flax's lifted ``nn.remat``.
+    :meth:`layers.ResidualBlock.__call__`) wrapped in Flax's lifted ``nn.remat``, or a
+    subclass of one that keeps its ``__call__`` (``class MyBlock(nn.remat(BasicBlock))``).
 
     Such a class traces every argument of ``__call__`` that its ``static_argnums`` does not
     name, and those name positional arguments only: the stage passes ``train`` by keyword
     (the library's blocks take it keyword-only), so the block would see a tracer where it
-    needs a Python bool, and fail deep in the first gradient (``TracerBoolConversionError``).
-    The library's blocks checkpoint through their own ``remat`` field instead, inside the
-    skipping ``cond``, so that only the branches that survive are rematerialised. A block
-    with a ``__call__`` of its own is let through: one that does not branch on ``train`` in
-    Python works under ``nn.remat``, and nothing here tells whether it does.
+    needs a Python bool, and fail deep in init or the first gradient
+    (``TracerBoolConversionError``). The library's blocks checkpoint through their own
+    ``remat`` field instead, inside the skipping ``cond``, so that only the branches that
+    survive are rematerialised. A block with a ``__call__`` of its own is let through: one
+    that does not branch on ``train`` in Python works under ``nn.remat``, and nothing here
+    tells whether it does. Other lifted transforms are checked as the block runs
+    (:func:`_call_first_block`).
     """
+    lifted = _lifted_library_block(block)
+    if lifted is None or lifted[0] != "Checkpoint":
+        return
+    _, named, base = lifted
+    raise ValueError(f"ResidualStages got block={named}, which traces the block's keyword "
+                     f"argument train (static_argnums names positional arguments only); use "
+                     f"{base}'s own remat='convs' or remat='full' field instead, which "
+                     f"rematerialises only the branches that survive.")
+
+
+def _call_first_block(block: nn.Module, *args, **kwargs) -> Array:
+    """``block(*args, **kwargs)``: a stage's first block, which runs before its others (all
+    of one class). One of the library's blocks under a Flax lifted transform that traces
+    its keyword arguments (``nn.jit(BasicBlock)``) fails on ``train``, a Python bool it
+    branches on, with JAX's ``TracerBoolConversionError`` in init: a ValueError here, in
+    one line naming the fix. Under ``nn.jit(BasicBlock, static_argnames=('train',
+    'stochastic'))`` it works, and runs as it is: which arguments a transform made static
+    is not told from outside, so this waits for the failure, unlike :func:`_check_block`."""
+    try:
+        return block(*args, **kwargs)
+    except jax.errors.ConcretizationTypeError:
+        lifted = _lifted_library_block(block)
+        if lifted is None:
+            raise
+        transform, named, base = lifted
+        static = (f", or nn.jit({base}, static_argnames=('train', 'stochastic'))"
+                  if transform == "Jit" else "")
+        raise ValueError(f"ResidualStages got block={named}, which traces the block's "
+                         f"keyword arguments train and stochastic, Python values it branches "
+                         f"on; pass {base} itself and jit the function that applies the "
+                         f"model{static}.") from None
+
+
+def _lifted_library_block(block: nn.Module) -> tuple[str, str, str] | None:
+    """For one of the library's blocks whose ``__call__`` is a Flax lifted transform's
+    (``nn.remat``, ``nn.jit``, ...) of :meth:`layers.ResidualBlock.__call__`, also in a
+    user's subclass that keeps that ``__call__``: the transform's class-name prefix
+    ('Checkpoint', 'Jit', ...), the block as errors name it ('nn.jit(BasicBlock)') and the
+    library class's name. None for any other block: a class that defines a ``__call__`` of
+    its own is the user's to run as written."""
     cls = type(block)
-    base = cls.__mro__[1]
-    if cls.__module__ != linen_transforms.__name__ or cls.__name__ != "Checkpoint" + base.__name__:
-        return
-    if not (issubclass(base, layers.ResidualBlock)
+    owner = next((c for c in cls.__mro__ if "__call__" in vars(c)), None)
+    if owner is None or owner.__module__ != linen_transforms.__name__:
+        return None
+    base = owner.__mro__[1]
+    if not (owner.__name__.endswith(base.__name__) and issubclass(base, layers.ResidualBlock)
             and base.__call__ is layers.ResidualBlock.__call__):
-        return
-    raise ValueError(f"ResidualStages got block=nn.remat({base.__name__}), which traces the "
-                     f"block's keyword argument train (static_argnums names positional "
-                     f"arguments only); use {base.__name__}'s own remat='convs' or "
-                     f"remat='full' field instead, which rematerialises only the branches "
-                     f"that survive.")
+        return None
+    transform = owner.__name__[:-len(base.__name__)]
+    lifted = f"nn.{'remat' if transform == 'Checkpoint' else transform.lower()}({base.__name__})"
+    named = lifted if cls is owner else f"{cls.__name__} (a subclass of {lifted})"
+    return transform, named, base.__name__
 
 
 @functools.lru_cache(maxsize=None)

@@ -524,19 +524,28 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
 
 
 
-def _compare_torch_running_a_sleeper(first: str) -> tuple[subprocess.Popen, int]:
-    """A Python process that runs ``first``, then compare_torch.py's ``_run`` of a child that
-    prints its pid and sleeps for a minute; returns the process and the child's pid, once
-    that child runs."""
-    runs = (f"{first}; import sys; sys.path.insert(0, sys.argv[1]); import compare_torch; "
-            "compare_torch._run([sys.executable, '-c', 'import os, time; "
-            "print(os.getpid(), flush=True); time.sleep(60)'])")
-    proc = subprocess.Popen([sys.executable, "-c", runs, BENCHMARKS], text=True,
+# How each script that runs a child in a session of its own runs it: compare_torch.py its
+# benchmark, gpu_suite.py its part.
+_RUNS_A_CHILD = {
+    "compare_torch": "compare_torch._run({cmd})",
+    "gpu_suite": "gpu_suite.run_part({cmd}, 60, open(os.devnull, 'w'), dict(os.environ))",
+}
+_SLEEPER = ("[sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); "
+            "time.sleep(60)']")
+
+
+def _running_a_sleeper(script: str, first: str) -> tuple[subprocess.Popen, int]:
+    """A Python process that imports ``script`` (of :data:`_RUNS_A_CHILD`), runs ``first``,
+    then has ``script`` run a child that prints its pid and sleeps for a minute; returns the
+    process and the child's pid (the first line of digits printed), once that child runs."""
+    runs = "\n".join([f"import os, sys; sys.path.insert(0, sys.argv[1]); import {script}",
+                      first, _RUNS_A_CHILD[script].format(cmd=_SLEEPER)])
+    proc = subprocess.Popen([sys.executable, "-u", "-c", runs, BENCHMARKS], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         while True:  # after compare_torch.py's '$ <command>' line
             line = proc.stdout.readline()
-            assert line, "compare_torch.py ended before its benchmark started"
+            assert line, f"{script}.py ended before its child started"
             if line.strip().isdigit():
                 return proc, int(line)
     except BaseException:
@@ -551,8 +560,8 @@ def test_compare_torch_benchmark_dies_with_it(signum):
     process group (SIGKILL), or a closed terminal (SIGHUP) would leave the benchmark running
     on, on the GPU under the next part."""
     # SIGHUP as in a terminal's session: a run under nohup (or CI) inherits it ignored.
-    proc, child = _compare_torch_running_a_sleeper(
-        "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)")
+    proc, child = _running_a_sleeper(
+        "compare_torch", "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)")
     try:
         os.kill(proc.pid, signum)
         proc.wait(timeout=60)
@@ -591,21 +600,36 @@ def _until_state(pid, stopped, timeout_s=10):
     return True
 
 
-def test_compare_torch_ctrl_z_stops_and_continues_its_benchmark():
-    """compare_torch.py runs each benchmark in a session of its own, so a Ctrl-Z in the
-    terminal (SIGTSTP to its process group) stopped compare_torch.py only, and the benchmark
-    ran on, holding the machine. SIGTSTP now stops both, SIGCONT (`fg`, `bg`) continues
-    both."""
+# A Ctrl-Z that comes as the child starts, before the script that starts it knows it.
+_CTRL_Z_WHILE_STARTING = """import signal, subprocess
+class _Popen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        print(self.pid, flush=True)
+        signal.raise_signal(signal.SIGTSTP)
+subprocess.Popen = _Popen"""
+
+
+@pytest.mark.parametrize("racing", [False, True], ids=["running", "while-starting"])
+@pytest.mark.parametrize("script", ["compare_torch", "gpu_suite"])
+def test_ctrl_z_stops_and_continues_the_child(script, racing):
+    """compare_torch.py runs each benchmark, gpu_suite.py each part, in a session of its
+    own, so a Ctrl-Z in the terminal (SIGTSTP to its process group) stopped the script only,
+    and the child ran on, holding the machine. SIGTSTP now stops both, SIGCONT (`fg`, `bg`)
+    continues both; also a Ctrl-Z that comes while the child is being started, before
+    the script knows it (it stopped the script only)."""
     # A process group of its own in this session, as a shell's job: an orphaned group
     # (this test run in a session of its own) would ignore SIGTSTP.
-    proc, child = _compare_torch_running_a_sleeper("import os; os.setpgid(0, 0)")
+    first = "os.setpgid(0, 0)" + ("\n" + _CTRL_Z_WHILE_STARTING if racing else "")
+    proc, child = _running_a_sleeper(script, first)
     try:
-        os.kill(proc.pid, signal.SIGTSTP)
-        assert _until_state(child, stopped=True), "Ctrl-Z did not stop the benchmark"
-        assert _until_state(proc.pid, stopped=True), "Ctrl-Z did not stop compare_torch.py"
+        if not racing:
+            os.kill(proc.pid, signal.SIGTSTP)
+        assert _until_state(child, stopped=True), f"Ctrl-Z did not stop {script}.py's child"
+        assert _until_state(proc.pid, stopped=True), f"Ctrl-Z did not stop {script}.py"
         os.kill(proc.pid, signal.SIGCONT)
         assert _until_state(proc.pid, stopped=False)
-        assert _until_state(child, stopped=False), "SIGCONT did not continue the benchmark"
+        assert _until_state(child, stopped=False), "SIGCONT did not continue the child"
     finally:
         proc.kill()
         proc.wait()

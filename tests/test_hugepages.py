@@ -248,3 +248,16 @@ def test_hint_once_where_huge_pages_would_help(monkeypatch):
     monkeypatch.setattr(hugepages, "reason_not_to", lambda: None)
     monkeypatch.setattr(hugepages, "active", lambda: True)
     assert hugepages.hint() is None  # has them
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "sweep.py"])
+def test_a_script_run_without_its_file_runs_as_it_is(script):
+    """`python -c "exec(open('train.py').read())"`, which ran the script before it started
+    again with huge pages, stopped with a NameError: its code has no ``__file__``, from
+    which the restart finds hugepages.py and tells the script's command. It runs as it is,
+    without the restart."""
+    code = f"import sys; sys.argv = [{script!r}, '--help']; exec(open({script!r}).read())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: {script} "), out.stdout

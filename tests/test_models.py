@@ -1,5 +1,6 @@
 """Flax modules and models: gates, eval scaling, dropped blocks, scan, parameter counts."""
 import functools
+import re
 
 import flax
 import flax.linen as nn
@@ -402,23 +403,40 @@ def test_scanned_stage_of_a_block_with_its_own_call_equals_unrolled(own_call, st
                            results[True], results[False])
 
 
-@pytest.mark.parametrize("scan, block", [
-    (True, nn.remat(sdj.layers.BasicBlock)),
-    (False, nn.remat(functools.partial(sdj.layers.BasicBlock, remat="none"))),
+class _MyRematBlock(nn.remat(sdj.layers.BasicBlock)):
+    """A user's subclass of ``nn.remat(BasicBlock)`` that keeps its ``__call__``."""
+    remat: str = "convs"
+
+
+_REMAT_REFUSED = (r"which traces the block's keyword argument train .*; use BasicBlock's own "
+                  r"remat='convs' or remat='full' field instead, which rematerialises only "
+                  r"the branches that survive\.")
+_JIT_REFUSED = (r"which traces the block's keyword arguments train and stochastic, Python "
+                r"values it branches on; pass BasicBlock itself and jit the function that "
+                r"applies the model, or nn.jit\(BasicBlock, static_argnames=\('train', "
+                r"'stochastic'\)\)\.")
+
+
+@pytest.mark.parametrize("scan, block, named, refused", [
+    (True, nn.remat(sdj.layers.BasicBlock), "nn.remat(BasicBlock)", _REMAT_REFUSED),
+    (False, nn.remat(functools.partial(sdj.layers.BasicBlock, remat="none")),
+     "nn.remat(BasicBlock)", _REMAT_REFUSED),
+    (True, _MyRematBlock, "_MyRematBlock (a subclass of nn.remat(BasicBlock))", _REMAT_REFUSED),
+    (False, nn.jit(sdj.layers.BasicBlock), "nn.jit(BasicBlock)", _JIT_REFUSED),
 ])
-def test_a_block_wrapped_in_nn_remat_is_refused_naming_its_own_remat(scan, block):
+def test_a_library_block_under_nn_remat_or_nn_jit_is_refused_in_one_line(scan, block, named,
+                                                                           refused):
     """``ResidualStages(block=nn.remat(BasicBlock))`` failed in the first gradient with a
     ``TracerBoolConversionError``: Flax's lifted remat traces the blocks' keyword-only
     ``train`` (its ``static_argnums`` name positional arguments only). Refused up front, in
-    one line naming the block's own ``remat`` field, at init and in a gradient alike."""
+    one line naming the block's own ``remat`` field, at init and in a gradient alike. So did
+    a user's subclass of ``nn.remat(BasicBlock)``, and ``nn.jit(BasicBlock)`` (which traces
+    ``train`` unless told it is static), in init: now the same kind of line."""
     x, probs = jnp.ones((2, 8, 8, 16)), np.linspace(1, 0.5, 9)
     gates = jnp.array([True, False] * 4 + [True])
     layout = dict(stage_sizes=(9,), stage_features=(16,), stage_strides=(1,), scan=scan)
     stages = sdj.models.ResidualStages(block=block, **layout)
-    refused = (r"^ResidualStages got block=nn.remat\(BasicBlock\), which traces the block's "
-               r"keyword argument train .*; use BasicBlock's own remat='convs' or "
-               r"remat='full' field instead, which rematerialises only the branches that "
-               r"survive\.")
+    refused = rf"^ResidualStages got block={re.escape(named)}, {refused}"
     with pytest.raises(ValueError, match=refused):
         stages.init(jax.random.key(0), x, probs, None, train=False, constant=False)
     v = sdj.models.ResidualStages(block=sdj.layers.BasicBlock, **layout).init(
@@ -430,6 +448,34 @@ def test_a_block_wrapped_in_nn_remat_is_refused_naming_its_own_remat(scan, block
         return jnp.sum(y)
     with pytest.raises(ValueError, match=refused):
         jax.grad(loss)(v["params"])
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_library_block_under_nn_jit_with_static_train_runs_as_without(scan):
+    """``nn.jit(BasicBlock, static_argnames=('train', 'stochastic'))`` works (only its
+    ``train`` and ``stochastic`` need be Python values): not refused with the ``nn.jit``
+    that traces them, it gives the same variables, values and gradients as ``BasicBlock``,
+    in training and at evaluation."""
+    x, probs = jnp.ones((2, 8, 8, 16)), np.linspace(1, 0.5, 5)
+    gates = jnp.array([True, False, True, False, True])
+    layout = dict(stage_sizes=(5,), stage_features=(16,), stage_strides=(1,), scan=scan)
+    jitted = nn.jit(sdj.layers.BasicBlock, static_argnames=("train", "stochastic"))
+    v = None
+    results = []
+    for block in (jitted, sdj.layers.BasicBlock):
+        stages = sdj.models.ResidualStages(block=block, **layout)
+        own = stages.init(jax.random.key(0), x, probs, None, train=False, constant=False)
+        v = v or own  # one set of variables: nn.jit forks the init's random numbers
+        assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(v)
+
+        def loss(params, stages=stages):
+            y, _ = stages.apply({**v, "params": params}, x, probs, gates, train=True,
+                                constant=False, mutable=["batch_stats"])
+            return jnp.sum(y ** 2)
+        results.append((jax.value_and_grad(loss)(v["params"]),
+                        stages.apply(v, x, probs, None, train=False, constant=False)))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4),
+                           *results)
 
 
 class _NoTrainBlock(nn.Module):
