@@ -401,12 +401,16 @@ class StopsWithThis:
 def child_stops_with_this(handlers: dict | None = None) -> Iterator[StopsWithThis]:
     """Installs :class:`StopsWithThis`'s handlers, and ``handlers`` (signal: handler), for
     the block, in the main thread (elsewhere none can be); yields the holder, to be given
-    the child (:meth:`StopsWithThis.started`). The previous handlers are put back after."""
+    the child (:meth:`StopsWithThis.started`). The previous handlers are put back after,
+    also those of an install that a signal's exception cut short (a Ctrl-C before the
+    SIGINT handler is in)."""
     job = StopsWithThis()
     wanted = {**job.handlers(), **(handlers or {})}
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({s: signal.signal(s, h) for s, h in wanted.items()} if main_thread else {})
+    previous = ({s: signal.getsignal(s) for s in wanted} if main_thread else {})
     try:
+        for signum in previous:
+            signal.signal(signum, wanted[signum])
         yield job
     finally:
         for signum, handler in previous.items():

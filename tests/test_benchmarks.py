@@ -602,6 +602,32 @@ def _until_state(pid, stopped, timeout_s=10):
     return True
 
 
+def test_child_stops_with_this_puts_back_what_it_installed_if_installing_is_interrupted(
+        monkeypatch):
+    """A Ctrl-C while ``child_stops_with_this`` installs its handlers (a KeyboardInterrupt
+    before its SIGINT handler is in) left the SIGTSTP and SIGCONT handlers it had installed
+    in place, not put back: a later Ctrl-Z was held for a child that never started, and did
+    not stop the script."""
+    cli = load("bench_cli")
+    signums = (signal.SIGTSTP, signal.SIGCONT, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in signums}
+    install = signal.signal
+    interrupted = []
+
+    def interrupted_at_sigint(signum, handler):
+        if signum == signal.SIGINT and not interrupted:
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+        return install(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", interrupted_at_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        with cli.child_stops_with_this({signal.SIGINT: lambda signum, frame: None}):
+            pass
+    assert interrupted
+    assert {s: signal.getsignal(s) for s in signums} == before
+
+
 def _parent(pid):
     """The parent process id of process ``pid`` (``/proc/<pid>/stat``)."""
     with open(f"/proc/{pid}/stat") as f:
