@@ -359,7 +359,8 @@ class StopsWithThis:
     that comes while the child is being started is held until :meth:`started` knows it,
     so that the child cannot run on behind a stopped script. A child that runs children of
     its own in other sessions (``compare_torch.py`` as a part of ``gpu_suite.py``) stops
-    without them: SIGSTOP runs no handler."""
+    with them on Linux, where they are found in /proc (SIGSTOP runs no handler of the
+    child's that could pass it on); elsewhere without them."""
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
@@ -400,12 +401,16 @@ class StopsWithThis:
 def child_stops_with_this(handlers: dict | None = None) -> Iterator[StopsWithThis]:
     """Installs :class:`StopsWithThis`'s handlers, and ``handlers`` (signal: handler), for
     the block, in the main thread (elsewhere none can be); yields the holder, to be given
-    the child (:meth:`StopsWithThis.started`). The previous handlers are put back after."""
+    the child (:meth:`StopsWithThis.started`). The previous handlers are put back after,
+    also those of an install that a signal's exception cut short (a Ctrl-C before the
+    SIGINT handler is in)."""
     job = StopsWithThis()
     wanted = {**job.handlers(), **(handlers or {})}
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({s: signal.signal(s, h) for s, h in wanted.items()} if main_thread else {})
+    previous = ({s: signal.getsignal(s) for s in wanted} if main_thread else {})
     try:
+        for signum in previous:
+            signal.signal(signum, wanted[signum])
         yield job
     finally:
         for signum, handler in previous.items():
@@ -414,13 +419,60 @@ def child_stops_with_this(handlers: dict | None = None) -> Iterator[StopsWithThi
 
 def _signal_group(proc: subprocess.Popen | None, signum: int) -> None:
     """Sends ``signum`` to the process group of ``proc`` (the child and any process it
-    started; its session's), if it was started and is still running."""
+    started; its session's), if it was started and is still running; then to the groups
+    of the processes below it in groups of their own (:func:`_groups_below`), which would
+    run on behind a stopped child (``compare_torch.py``'s benchmark, in ``gpu_suite.py``).
+    The child's group first: stopped, it starts no more."""
     if proc is None or proc.poll() is not None:
         return
+    _killpg_if_there(proc.pid, signum)
+    for group in _groups_below(proc.pid):
+        _killpg_if_there(group, signum)
+
+
+def _killpg_if_there(group: int, signum: int) -> None:
+    """Sends ``signum`` to the process group ``group``, unless it has ended since it was
+    found (or is not this user's to signal)."""
     try:
-        os.killpg(proc.pid, signum)
-    except ProcessLookupError:  # ended since
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
         pass
+
+
+def _groups_below(pid: int) -> list[int]:
+    """The process groups of the processes that ``pid`` started, and that they started,
+    down the tree, other than ``pid``'s own and this process's: on Linux (read from
+    /proc); elsewhere none."""
+    table = _process_table()
+    skip = {table.get(pid, (0, pid))[1], os.getpgrp()}
+    groups: list[int] = []
+    parents = [pid]
+    while parents:
+        parent = parents.pop()
+        for child, (ppid, group) in table.items():
+            if ppid == parent:
+                parents.append(child)
+                if group not in skip and group not in groups:
+                    groups.append(group)
+    return groups
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Each process's parent and process group, ``{pid: (ppid, pgid)}``, from /proc; empty
+    where there is none (not Linux)."""
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return {}
+    table = {}
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command's name
+        except OSError:  # ended since
+            continue
+        table[int(name)] = (int(fields[1]), int(fields[2]))
+    return table
 
 
 def _stop_this_process() -> None:

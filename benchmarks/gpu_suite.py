@@ -14,7 +14,8 @@ the log records each part's real wall time, so later runs can be planned from it
 to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
 not started where ``--torch-python`` has none. Ctrl-C, SIGTERM or a reader that exits
 (``| head``) stops the running part (its table is not written; the earlier parts' are) and
-records that in the log. Ctrl-Z stops the running part with the suite, and ``fg`` / ``bg``
+records that in the log. Ctrl-Z stops the running part with the suite (on Linux with the
+processes it runs in sessions of their own: vs-torch's benchmark), and ``fg`` / ``bg``
 continue both (the budget's clock runs on meanwhile).
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,

@@ -8,8 +8,9 @@ scanned and unrolled forms of a model see the same gates for the same key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 from flax.linen import transforms as linen_transforms
@@ -174,15 +175,17 @@ class ResidualStages(nn.Module):
             if policy is not None:  # the stage carries pre-activations
                 kw["post_activation"] = False
             first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
-            x = _call_first_block(first, x, p0, g0, **call_kw)
+            with _traced_flags_refused(first):
+                x = first(x, p0, g0, **call_kw)
             kept = start + 1 + np.flatnonzero(keep[start + 1:start + n])  # in order
             # A slice when none is removed: the unpruned program is unchanged (no gather).
             rest = slice(start + 1, start + n) if len(kept) == n - 1 else kept
             if scanned:
                 if len(kept):
                     bucket = None if buckets is None else buckets[i]
-                    x = self._scan_stage(i, len(kept), feats, x, probs[rest], gates, rest,
-                                         call_kw, constant, bucket, policy)
+                    with _traced_flags_refused(first):
+                        x = self._scan_stage(i, len(kept), feats, x, probs[rest], gates,
+                                             rest, call_kw, constant, bucket, policy)
                 if policy is not None:
                     x = first.act(x)
             else:
@@ -190,7 +193,8 @@ class ResidualStages(nn.Module):
                     p = 1.0 if constant else float(probs[start + j])
                     g = None if gates is None else gates[start + j]
                     blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}")
-                    x = blk(x, p, g, **call_kw)
+                    with _traced_flags_refused(blk):
+                        x = blk(x, p, g, **call_kw)
             start += n
         return x
 
@@ -332,7 +336,7 @@ def _check_block(block: nn.Module) -> None:
     survive are rematerialised. A block with a ``__call__`` of its own is let through: one
     that does not branch on ``train`` in Python works under ``nn.remat``, and nothing here
     tells whether it does. Other lifted transforms are checked as the block runs
-    (:func:`_call_first_block`).
+    (:func:`_traced_flags_refused`).
     """
     lifted = _lifted_library_block(block)
     if lifted is None or lifted[0] != "Checkpoint":
@@ -344,16 +348,18 @@ def _check_block(block: nn.Module) -> None:
                      f"rematerialises only the branches that survive.")
 
 
-def _call_first_block(block: nn.Module, *args, **kwargs) -> Array:
-    """``block(*args, **kwargs)``: a stage's first block, which runs before its others (all
-    of one class). One of the library's blocks under a Flax lifted transform that traces
-    its keyword arguments (``nn.jit(BasicBlock)``) fails on ``train``, a Python bool it
+@contextlib.contextmanager
+def _traced_flags_refused(block: nn.Module) -> Iterator[None]:
+    """Runs blocks of ``block``'s class (a stage's first block, its unrolled or scanned
+    others: each call, as a deleted first block runs only its shortcut, which may not
+    branch). One of the library's blocks under a Flax lifted transform that traces its
+    keyword arguments (``nn.jit(BasicBlock)``) fails on ``train``, a Python bool it
     branches on, with JAX's ``TracerBoolConversionError`` in init: a ValueError here, in
     one line naming the fix. Under ``nn.jit(BasicBlock, static_argnames=('train',
     'stochastic'))`` it works, and runs as it is: which arguments a transform made static
     is not told from outside, so this waits for the failure, unlike :func:`_check_block`."""
     try:
-        return block(*args, **kwargs)
+        yield
     except jax.errors.ConcretizationTypeError:
         lifted = _lifted_library_block(block)
         if lifted is None:

@@ -534,12 +534,14 @@ _SLEEPER = ("[sys.executable, '-c', 'import os, time; print(os.getpid(), flush=T
             "time.sleep(60)']")
 
 
-def _running_a_sleeper(script: str, first: str) -> tuple[subprocess.Popen, int]:
+def _running_a_sleeper(script: str, first: str,
+                       cmd: str = _SLEEPER) -> tuple[subprocess.Popen, int]:
     """A Python process that imports ``script`` (of :data:`_RUNS_A_CHILD`), runs ``first``,
-    then has ``script`` run a child that prints its pid and sleeps for a minute; returns the
-    process and the child's pid (the first line of digits printed), once that child runs."""
+    then has ``script`` run a child ``cmd`` (by default one that prints its pid and sleeps
+    for a minute); returns the process and the pid of the sleeper (the first line of digits
+    printed), once it runs."""
     runs = "\n".join([f"import os, sys; sys.path.insert(0, sys.argv[1]); import {script}",
-                      first, _RUNS_A_CHILD[script].format(cmd=_SLEEPER)])
+                      first, _RUNS_A_CHILD[script].format(cmd=cmd)])
     proc = subprocess.Popen([sys.executable, "-u", "-c", runs, BENCHMARKS], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -598,6 +600,65 @@ def _until_state(pid, stopped, timeout_s=10):
             return False
         time.sleep(0.05)
     return True
+
+
+def test_child_stops_with_this_puts_back_what_it_installed_if_installing_is_interrupted(
+        monkeypatch):
+    """A Ctrl-C while ``child_stops_with_this`` installs its handlers (a KeyboardInterrupt
+    before its SIGINT handler is in) left the SIGTSTP and SIGCONT handlers it had installed
+    in place, not put back: a later Ctrl-Z was held for a child that never started, and did
+    not stop the script."""
+    cli = load("bench_cli")
+    signums = (signal.SIGTSTP, signal.SIGCONT, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in signums}
+    install = signal.signal
+    interrupted = []
+
+    def interrupted_at_sigint(signum, handler):
+        if signum == signal.SIGINT and not interrupted:
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+        return install(signum, handler)
+
+    monkeypatch.setattr(signal, "signal", interrupted_at_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        with cli.child_stops_with_this({signal.SIGINT: lambda signum, frame: None}):
+            pass
+    assert interrupted
+    assert {s: signal.getsignal(s) for s in signums} == before
+
+
+def _parent(pid):
+    """The parent process id of process ``pid`` (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_ctrl_z_stops_gpu_suite_s_part_with_the_benchmark_that_part_runs():
+    """gpu_suite.py's vs-torch part is compare_torch.py, which runs its benchmark in a
+    session of its own: a Ctrl-Z stopped the suite and compare_torch.py (SIGSTOP to the
+    part's process group), and the benchmark ran on, holding the GPU. It stops with them,
+    and continues with them."""
+    runs = (f"import sys; sys.path.insert(0, {BENCHMARKS!r}); import compare_torch; "
+            f"compare_torch._run({_SLEEPER})")
+    proc, benchmark = _running_a_sleeper("gpu_suite", "os.setpgid(0, 0)",
+                                         cmd=f"[sys.executable, '-c', {runs!r}]")
+    part = _parent(benchmark)  # compare_torch.py
+    try:
+        os.kill(proc.pid, signal.SIGTSTP)
+        assert _until_state(benchmark, stopped=True), "Ctrl-Z did not stop the part's benchmark"
+        assert _until_state(part, stopped=True), "Ctrl-Z did not stop the part"
+        assert _until_state(proc.pid, stopped=True), "Ctrl-Z did not stop gpu_suite.py"
+        os.kill(proc.pid, signal.SIGCONT)
+        assert _until_state(part, stopped=False), "SIGCONT did not continue the part"
+        assert _until_state(benchmark, stopped=False), "SIGCONT did not continue the benchmark"
+    finally:
+        for pid in (proc.pid, part, benchmark):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
 
 
 # A Ctrl-Z that comes as the child starts, before the script that starts it knows it.

@@ -451,6 +451,21 @@ def test_a_library_block_under_nn_remat_or_nn_jit_is_refused_in_one_line(scan, b
 
 
 @pytest.mark.parametrize("scan", [True, False])
+def test_nn_jit_of_a_library_block_is_refused_also_after_a_deleted_first_block(scan):
+    """A pruned stage whose first block is deleted (``keep``) runs that block's shortcut
+    only, which does not branch on ``train``: under ``nn.jit(BasicBlock)`` it passed, and
+    the stage's next blocks (unrolled, or scanned) failed with JAX's
+    ``TracerBoolConversionError``, not the one-line ValueError."""
+    x, probs = jnp.ones((2, 8, 8, 16)), np.linspace(1, 0.5, 5)
+    stages = sdj.models.ResidualStages(block=nn.jit(sdj.layers.BasicBlock), stage_sizes=(5,),
+                                       stage_features=(16,), stage_strides=(1,), scan=scan,
+                                       keep=[False, True, True, True, True])
+    refused = rf"^ResidualStages got block=nn\.jit\(BasicBlock\), {_JIT_REFUSED}"
+    with pytest.raises(ValueError, match=refused):
+        stages.init(jax.random.key(0), x, probs, None, train=False, constant=False)
+
+
+@pytest.mark.parametrize("scan", [True, False])
 def test_a_library_block_under_nn_jit_with_static_train_runs_as_without(scan):
     """``nn.jit(BasicBlock, static_argnames=('train', 'stochastic'))`` works (only its
     ``train`` and ``stochastic`` need be Python values): not refused with the ``nn.jit``
