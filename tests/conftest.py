@@ -17,6 +17,27 @@ if "glibc.malloc.hugetlb" not in _tunables:
 
 import pytest  # noqa: E402
 
+# Memory one test worker may take: the worker (up to ~4.7 GiB by the end of a run, measured
+# on the 2-core CI machine) and the train.py processes its tests start.
+WORKER_MEMORY = 6 << 30
+MAX_WORKERS = 8  # beyond this the longest test files, not the workers, set the run's time
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many worker processes ``-n auto`` (pyproject's addopts) starts: one per core this
+    process may use, as many as the available memory holds (:data:`WORKER_MEMORY` each,
+    under a container's limit too), at most :data:`MAX_WORKERS`, at least one. Most of a
+    test's time is XLA compiling on one core, so two workers on two cores take about 0.6x
+    the time of one process. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides where set;
+    ``-n N`` chooses N, ``-n 0`` runs the tests in this process."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own hook reads it
+    from stochastic_depth_jax.data import image_folder
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = image_folder.available_memory()
+    fit = MAX_WORKERS if memory is None else memory // WORKER_MEMORY
+    return max(1, min(cores or 1, fit, MAX_WORKERS))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _persistent_compilation_cache():
