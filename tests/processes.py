@@ -6,10 +6,23 @@ import time
 
 
 def free_address() -> str:
-    """``'127.0.0.1:<port>'`` with a port free right now (for a test's coordinator)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    """``'127.0.0.1:<port>'`` with a port free for a test's coordinator, and kept from others.
+
+    A port merely released (bound to port 0, then closed) could be handed by the kernel to
+    the next bind to port 0 (a test in the other pytest-xdist worker, another job's
+    listener) in the seconds before this job's coordinator binds it. Here the port is left
+    in TIME_WAIT for a minute: binds to port 0 skip it and a plain bind of it is refused,
+    while a server that reuses addresses, as gRPC's (the coordinator's) does, binds it.
+    """
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        address = listener.getsockname()
+        with socket.create_connection(address):
+            accepted, _ = listener.accept()
+            accepted.close()  # Closed first, this end of the connection waits in TIME_WAIT.
+    return f"127.0.0.1:{address[1]}"
 
 
 def start_all(commands, *, env, cwd=None) -> list[subprocess.Popen]:

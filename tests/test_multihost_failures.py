@@ -3,6 +3,7 @@ with a non-zero status and one line saying what happened and on which process.""
 
 import atexit
 import collections
+import errno
 import itertools
 import os
 import queue
@@ -381,6 +382,24 @@ def test_a_hung_process_0_is_reported_after_the_heartbeat_timeout(tmp_path):
         "error: process 0 of 2 failed, so process 1 stops too (see process 0's output); its "
         "error: no answer from the job's coordination service, which it hosts, for 3 s (hung "
         "or its host unreachable; --heartbeat_timeout)")
+
+
+def test_a_free_address_is_kept_for_its_coordinator():
+    """The port of ``free_address`` was released at once: the kernel could give it to a test
+    in the other pytest-xdist worker before this job's coordinator bound it. It is held
+    back from a plain bind (as from binds to port 0) for a while, and still passes the
+    trainer's check and binds as the coordinator's gRPC server does."""
+    address = free_address()
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as other:
+        with pytest.raises(OSError) as refused:
+            other.bind((host, int(port)))
+    assert refused.value.errno == errno.EADDRINUSE
+    distributed._check_port_free(address)  # not "already in use on this host"
+    with socket.socket() as coordinator:
+        coordinator.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        coordinator.bind((host, int(port)))
+        coordinator.listen()
 
 
 def test_a_busy_coordinator_port_is_named():
