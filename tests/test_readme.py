@@ -3,6 +3,7 @@
 import os
 import re
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -14,7 +15,10 @@ def _snippets():
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
-def test_readme_python_snippets_run():
+def test_readme_python_snippets_run(monkeypatch, tmp_path):
+    # The snippets' temporary directories (a training run's workdir) go where pytest
+    # cleans up, not in the system's temporary directory, one more each run.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     snippets = _snippets()
     assert len(snippets) >= 4
     namespace = {"__name__": "readme"}
