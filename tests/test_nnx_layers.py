@@ -170,7 +170,9 @@ def test_nnx_plain_function_branch_matches_the_core_op(mode, implementation):
         expected = sdj.stochastic_depth(branch, x, survival_prob=0.5, key=key, mode=mode,
                                         implementation=implementation, scaling="train")
         np.testing.assert_allclose(sd(x, rngs=key), expected, rtol=1e-6)
-        np.testing.assert_allclose(jitted(sd, x, key), expected, rtol=1e-6)
+        # Compiled against eager: XLA's fused tanh may differ in the last bits (jax 0.12.1:
+        # 2.4e-7 apart, values of order 1), so an absolute tolerance of the same order.
+        np.testing.assert_allclose(jitted(sd, x, key), expected, rtol=1e-6, atol=1e-6)
         grad = jax.grad(lambda v: jnp.sum(sd(v, rngs=key) ** 2))(x)
         want = jax.grad(lambda v: jnp.sum(sdj.stochastic_depth(
             branch, v, survival_prob=0.5, key=key, mode=mode, implementation=implementation,
