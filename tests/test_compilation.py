@@ -1,11 +1,17 @@
 """The persistent compilation cache setting and the per-run compilation count."""
 import os
+import re
+import sys
 
 import jax
 import jaxlib
 import jax.numpy as jnp
 
-from stochastic_depth_jax.training import compilation
+from configs import load_config
+from stochastic_depth_jax.training import compilation, loop
+from processes import finish_all, free_address, start_all
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "cached_collective.py")
 
 
 def test_cache_dir_setting():
@@ -61,3 +67,77 @@ def test_listeners_are_removed_on_exit():
         pass
     jax.jit(lambda v: v * 5.5 - 1)(jnp.ones(3)).block_until_ready()
     assert stats.programs == 0
+
+
+def test_cache_hazard_rule():
+    hazard = compilation.cache_hazard
+    assert hazard("cpu", 2, "0.12.1") and "jaxlib 0.12.1" in hazard("cpu", 2, "0.12.1")
+    assert hazard("cpu", 8, "0.12.2") and hazard("cpu", 2, "0.13.0.dev20270101")
+    for ok in ("0.12.0.1", "0.12.0", "0.11.2", "0.10.2", "0.7.0"):
+        assert hazard("cpu", 2, ok) is None, ok
+    assert hazard("cpu", 1, "0.12.1") is None  # one process: no cross-process all-reduce
+    assert hazard("gpu", 2, "0.12.1") is None and hazard("tpu", 4, "0.12.1") is None
+
+
+def _two_process_sum(cache: str, timeout: float) -> list[str] | None:
+    """Each process's ``sum .. hits ..`` line, or None if the job was still running after
+    ``timeout`` seconds (then killed)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONUNBUFFERED="1")
+    address = free_address()
+    procs = start_all([[sys.executable, WORKER, str(i), address, cache] for i in range(2)],
+                      env=env)
+    try:
+        results = finish_all(procs, timeout=timeout)
+    except AssertionError as e:
+        if "still running" in str(e):
+            return None
+        raise
+    lines = []
+    for status, text, _ in results:
+        assert status == 0, text[-3000:]
+        lines += re.findall(r"^sum .*$", text, re.M)
+    return lines
+
+
+def test_cache_hazard_matches_this_jaxlib(tmp_path):
+    """The installed jaxlib either runs a two-process CPU job's all-reduce loaded from the
+    persistent cache, and cache_hazard lets such jobs use the cache, or hangs there, and
+    cache_hazard keeps the cache off for them. Fails when a jaxlib release fixes (or brings)
+    the hang and the rule does not follow."""
+    cache = str(tmp_path / "cache")
+    first = _two_process_sum(cache, timeout=300)
+    assert first == ["sum 12 hits 0"] * 2, first  # compiled; process 0 writes the cache
+    assert os.listdir(cache)
+    second = _two_process_sum(cache, timeout=120)
+    hazard = compilation.cache_hazard("cpu", 2)
+    if second is None:
+        assert hazard, (f"jaxlib {jaxlib.__version__} hangs a two-process CPU job on a program "
+                        "loaded from the cache, but cache_hazard lets such jobs use it")
+    else:
+        # Process 0 loads what it wrote (process 1 may compile: its cache key can differ).
+        assert re.fullmatch(r"sum 12 hits [1-9]\d*", second[0]), second
+        assert len(second) == 2 and second[1].startswith("sum 12 hits"), second
+        assert hazard is None, (f"jaxlib {jaxlib.__version__} runs a two-process CPU job on a "
+                                "program loaded from the cache: narrow _CPU_JOB_CACHE_HANGS_FROM")
+
+
+def test_a_cache_hazard_keeps_the_run_off_the_cache_and_says_why(tmp_path, monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(compilation, "cache_hazard",
+                        lambda platform, processes: asked.append((platform, processes))
+                        or "a known hang")
+    cache, before = tmp_path / "cache", jax.config.jax_compilation_cache_dir
+    config = load_config("cifar10:smoke", [
+        "--config.progress_bar=false", "--config.write_tensorboard=false",
+        "--config.write_plots=false", "--config.num_epochs=1", "--config.max_steps=1",
+        f"--config.compilation_cache_dir={cache}"])
+    summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert asked == [(jax.default_backend(), 1)]
+    assert summary["compilation"]["cache_dir"] is None and not cache.exists()
+    assert summary["compilation"]["cache_off_because"] == "a known hang"
+    assert summary["compilation"]["cache_hits"] == 0 and summary["compilation"]["programs"]
+    out = capsys.readouterr().out
+    assert "Persistent compilation cache off: a known hang.\n" in out
+    assert "loaded from the persistent cache, which is off)" in out
+    assert jax.config.jax_compilation_cache_dir == before  # the session's setting, restored

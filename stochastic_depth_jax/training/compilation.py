@@ -16,6 +16,10 @@ directory is ``config.compilation_cache_dir``:
 JAX caches only programs that took at least ``jax_persistent_cache_min_compile_time_secs``
 (default 1 s) to compile. The cache is trusted code: do not share its directory with users
 you do not trust.
+
+A multi-process job on the CPU backend runs without the cache from jaxlib 0.12.1 on
+(:func:`cache_hazard`): there a program loaded from the cache waits forever in its first
+cross-process all-reduce.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from typing import Any, Iterator
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-__all__ = ["cache_dir_for", "host_tag", "use_cache_dir", "cache_dir_in_use", "CompileStats"]
+__all__ = ["cache_dir_for", "cache_hazard", "host_tag", "use_cache_dir", "cache_dir_in_use",
+           "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -50,6 +55,43 @@ def cache_dir_for(setting: str | None, environ: Any = os.environ) -> str:
         return environ["JAX_COMPILATION_CACHE_DIR"]
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "stochastic_depth_jax", "jax", host_tag())
+
+
+# jaxlib 0.12.1 (first seen 2026-12-06; 0.12.0.1 and earlier are fine): in a job of several
+# processes on the CPU backend, an executable loaded from the persistent cache hangs in its
+# first cross-process all-reduce, every process waiting in Gloo's receive; the same program
+# compiled afresh runs. Seen with two processes summing a sharded array, whether one or both
+# of them loaded it. Releases after 0.12.1 count as affected until one is seen to work
+# (tests/test_compilation.py runs that check against the installed jaxlib).
+_CPU_JOB_CACHE_HANGS_FROM = (0, 12, 1)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``'0.12.0.1'`` -> ``(0, 12, 0, 1)``; stops at the first part that is not a number
+    (``'0.13.0.dev20270101'`` -> ``(0, 13, 0)``)."""
+    parts = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def cache_hazard(platform: str, process_count: int, jaxlib_version: str | None = None
+                 ) -> str | None:
+    """Why a job on ``platform`` with ``process_count`` processes must not use the persistent
+    compilation cache with this jaxlib (``jaxlib_version``, default the installed one), or
+    None where it may."""
+    if jaxlib_version is None:
+        import jaxlib
+
+        jaxlib_version = jaxlib.__version__
+    if (platform == "cpu" and process_count > 1
+            and _release(jaxlib_version) >= _CPU_JOB_CACHE_HANGS_FROM):
+        return (f"jaxlib {jaxlib_version} hangs a job of several processes on the CPU in the "
+                "first cross-process all-reduce of a program loaded from the persistent "
+                "compilation cache, so this job compiles its programs instead")
+    return None
 
 
 def _cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -748,11 +748,18 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     cache_dir = compilation.cache_dir_for(config.compilation_cache_dir)
+    hazard = cache_dir and compilation.cache_hazard(jax.default_backend(), jax.process_count())
+    if hazard:
+        cache_dir = ""
+        if jax.process_index() == 0:
+            print(f"Persistent compilation cache off: {hazard}.", flush=True)
     with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:
         summary, trained = _train_and_evaluate(config, workdir)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
         return summary
     summary["compilation"] = {**stats.to_json(), "cache_dir": cache_dir or None}
+    if hazard:
+        summary["compilation"]["cache_off_because"] = hazard
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
         print(f"Compiled {stats.programs} programs in {stats.compile_s:.1f}s "
