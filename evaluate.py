@@ -39,7 +39,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 from stochastic_depth_jax import errors, pruning
-from stochastic_depth_jax.training import cli, depth, distributed, figures
+from stochastic_depth_jax.training import cli, compilation, depth, distributed, figures
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
@@ -140,7 +140,13 @@ def run(args) -> dict:
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)
+    import jax
+
     from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
+
+    cache, hazard = compilation.off_if_hazardous(jax.config.jax_compilation_cache_dir or "")
+    if hazard:  # JAX's own setting (JAX_COMPILATION_CACHE_DIR): off for this job.
+        compilation.use_cache_dir(cache)
 
     analysis = depth.run_from_args(args)  # --depth-curve / --export / --mc-samples
     if analysis is None:

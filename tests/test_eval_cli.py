@@ -167,6 +167,24 @@ def test_only_process_0_prints_and_writes(monkeypatch, capsys, resnet, tmp_path)
     assert capsys.readouterr() == ("", "") and not os.path.exists(out)
 
 
+def test_a_cache_hazard_turns_jaxs_own_cache_setting_off(monkeypatch, capsys, resnet, tmp_path):
+    """A job that must not use the persistent cache (compilation.cache_hazard) evaluates
+    without it, also where JAX's own setting (JAX_COMPILATION_CACHE_DIR) turned it on."""
+    from stochastic_depth_jax.training import compilation
+
+    _, workdir = resnet
+    monkeypatch.setattr(compilation, "cache_hazard", lambda platform, processes: "a known hang")
+    before = jax.config.jax_compilation_cache_dir or ""
+    compilation.use_cache_dir(str(tmp_path / "cache"))  # as JAX_COMPILATION_CACHE_DIR does
+    try:
+        evaluate_cli.main(["--workdir", workdir, "--output", str(tmp_path / "result.json")])
+        assert not jax.config.jax_compilation_cache_dir
+    finally:
+        compilation.use_cache_dir(before)
+    assert "Persistent compilation cache off: a known hang.\n" in capsys.readouterr().out
+    assert _json(str(tmp_path / "result.json"))["count"] == 16
+
+
 def test_mc_samples_writes_its_file(resnet):
     _, workdir = resnet
     evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2", "--seed", "1"])

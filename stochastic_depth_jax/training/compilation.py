@@ -35,8 +35,8 @@ from typing import Any, Iterator
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-__all__ = ["cache_dir_for", "cache_hazard", "host_tag", "use_cache_dir", "cache_dir_in_use",
-           "CompileStats"]
+__all__ = ["cache_dir_for", "cache_hazard", "off_if_hazardous", "host_tag", "use_cache_dir",
+           "cache_dir_in_use", "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -92,6 +92,18 @@ def cache_hazard(platform: str, process_count: int, jaxlib_version: str | None =
                 "first cross-process all-reduce of a program loaded from the persistent "
                 "compilation cache, so this job compiles its programs instead")
     return None
+
+
+def off_if_hazardous(path: str) -> tuple[str, str | None]:
+    """``(path, None)`` where this job may use the cache at ``path`` ('' = none); otherwise
+    ``('', why)`` (:func:`cache_hazard` for this job's backend and processes), after process
+    0 has said so in one line. Call once the job's processes have joined."""
+    why = cache_hazard(jax.default_backend(), jax.process_count()) if path else None
+    if not why:
+        return path, None
+    if jax.process_index() == 0:
+        print(f"Persistent compilation cache off: {why}.", flush=True)
+    return "", why
 
 
 def _cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -747,12 +747,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     mesh = distributed.make_mesh()  # Fail fast, before any data is prepared.
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    cache_dir = compilation.cache_dir_for(config.compilation_cache_dir)
-    hazard = cache_dir and compilation.cache_hazard(jax.default_backend(), jax.process_count())
-    if hazard:
-        cache_dir = ""
-        if jax.process_index() == 0:
-            print(f"Persistent compilation cache off: {hazard}.", flush=True)
+    cache_dir, hazard = compilation.off_if_hazardous(
+        compilation.cache_dir_for(config.compilation_cache_dir))
     with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:
         summary, trained = _train_and_evaluate(config, workdir)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
