@@ -73,6 +73,10 @@ def test_cache_hazard_rule():
     hazard = compilation.cache_hazard
     assert hazard("cpu", 2, "0.12.1") and "jaxlib 0.12.1" in hazard("cpu", 2, "0.12.1")
     assert hazard("cpu", 8, "0.12.2") and hazard("cpu", 2, "0.13.0.dev20270101")
+    # Release candidates and local builds rank with their release, not below it.
+    for affected in ("0.12.1rc0", "0.12.2rc1", "0.12.1+cuda", "0.12.1.dev20261201+abc1234"):
+        assert hazard("cpu", 2, affected), affected
+    assert hazard("cpu", 2, "0.12.0rc1") is None
     for ok in ("0.12.0.1", "0.12.0", "0.11.2", "0.10.2", "0.7.0"):
         assert hazard("cpu", 2, ok) is None, ok
     assert hazard("cpu", 1, "0.12.1") is None  # one process: no cross-process all-reduce

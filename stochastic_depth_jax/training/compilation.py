@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import re
 import threading
 from typing import Any, Iterator
 
@@ -67,13 +68,18 @@ _CPU_JOB_CACHE_HANGS_FROM = (0, 12, 1)
 
 
 def _release(version: str) -> tuple[int, ...]:
-    """``'0.12.0.1'`` -> ``(0, 12, 0, 1)``; stops at the first part that is not a number
-    (``'0.13.0.dev20270101'`` -> ``(0, 13, 0)``)."""
+    """``'0.12.0.1'`` -> ``(0, 12, 0, 1)``: the leading numbers, up to the first part that is
+    not only digits, whose leading digits still count, so a pre-release or local build ranks
+    with its release, not below it (``'0.12.2rc1'``, ``'0.12.2+local'`` -> ``(0, 12, 2)``;
+    ``'0.13.0.dev20270101'`` -> ``(0, 13, 0)``)."""
     parts = []
     for part in version.split("."):
-        if not part.isdigit():
+        digits = re.match(r"\d*", part).group()
+        if not digits:
             break
-        parts.append(int(part))
+        parts.append(int(digits))
+        if digits != part:
+            break
     return tuple(parts)
 
 
