@@ -73,24 +73,31 @@ def test_cache_hazard_rule():
     hazard = compilation.cache_hazard
     assert hazard("cpu", 2, "0.12.1") and "jaxlib 0.12.1" in hazard("cpu", 2, "0.12.1")
     assert hazard("cpu", 8, "0.12.2") and hazard("cpu", 2, "0.13.0.dev20270101")
+    # Release candidates and local builds rank with their release, not below it.
+    for affected in ("0.12.1rc0", "0.12.2rc1", "0.12.1+cuda", "0.12.1.dev20261201+abc1234"):
+        assert hazard("cpu", 2, affected), affected
+    assert hazard("cpu", 2, "0.12.0rc1") is None
     for ok in ("0.12.0.1", "0.12.0", "0.11.2", "0.10.2", "0.7.0"):
         assert hazard("cpu", 2, ok) is None, ok
     assert hazard("cpu", 1, "0.12.1") is None  # one process: no cross-process all-reduce
     assert hazard("gpu", 2, "0.12.1") is None and hazard("tpu", 4, "0.12.1") is None
 
 
-def _two_process_sum(cache: str, timeout: float) -> list[str] | None:
-    """Each process's ``sum .. hits ..`` line, or None if the job was still running after
-    ``timeout`` seconds (then killed)."""
+def _two_process_sum(cache: str, timeout: float, may_hang: bool = False,
+                     worker: tuple[str, ...] = (WORKER,)) -> list[str] | None:
+    """Each process's ``sum .. hits ..`` line; with ``may_hang``, None where the job was
+    still running after ``timeout`` seconds (then killed) with every process past its
+    ``ready`` line: hung in the program it compiled or loaded. Any other failure, a hang
+    before that too (a process that never joined the job), fails the test with the output."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONUNBUFFERED="1")
     address = free_address()
-    procs = start_all([[sys.executable, WORKER, str(i), address, cache] for i in range(2)],
+    procs = start_all([[sys.executable, *worker, str(i), address, cache] for i in range(2)],
                       env=env)
     try:
         results = finish_all(procs, timeout=timeout)
     except AssertionError as e:
-        if "still running" in str(e):
+        if may_hang and "still running" in str(e) and str(e).count("ready hits") == 2:
             return None
         raise
     lines = []
@@ -98,6 +105,19 @@ def _two_process_sum(cache: str, timeout: float) -> list[str] | None:
         assert status == 0, text[-3000:]
         lines += re.findall(r"^sum .*$", text, re.M)
     return lines
+
+
+def test_only_a_hang_in_the_program_counts_as_the_jaxlibs(tmp_path):
+    """A job that hangs before its program runs (here one process fails before joining and
+    the other waits for it) fails the check instead of passing for the jaxlib's hang."""
+    stuck = ("import sys, time; print('joining', flush=True); "
+             "sys.exit(3) if sys.argv[1] == '1' else time.sleep(60)")
+    try:
+        result = _two_process_sum(str(tmp_path), timeout=5, may_hang=True, worker=("-c", stuck))
+    except AssertionError as e:
+        assert "still running" in str(e) and "joining" in str(e), e
+    else:
+        raise AssertionError(f"taken for a hang in the program: {result}")
 
 
 def test_cache_hazard_matches_this_jaxlib(tmp_path):
@@ -109,7 +129,7 @@ def test_cache_hazard_matches_this_jaxlib(tmp_path):
     first = _two_process_sum(cache, timeout=300)
     assert first == ["sum 12 hits 0"] * 2, first  # compiled; process 0 writes the cache
     assert os.listdir(cache)
-    second = _two_process_sum(cache, timeout=120)
+    second = _two_process_sum(cache, timeout=120, may_hang=True)
     hazard = compilation.cache_hazard("cpu", 2)
     if second is None:
         assert hazard, (f"jaxlib {jaxlib.__version__} hangs a two-process CPU job on a program "

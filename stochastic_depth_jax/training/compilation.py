@@ -18,7 +18,7 @@ JAX caches only programs that took at least ``jax_persistent_cache_min_compile_t
 you do not trust.
 
 A multi-process job on the CPU backend runs without the cache from jaxlib 0.12.1 on
-(:func:`cache_hazard`): there a program loaded from the cache waits forever in its first
+(:func:`cache_hazard`): there a program loaded from the cache can wait forever in its first
 cross-process all-reduce.
 """
 
@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import re
 import threading
 from typing import Any, Iterator
 
@@ -58,22 +59,29 @@ def cache_dir_for(setting: str | None, environ: Any = os.environ) -> str:
 
 
 # jaxlib 0.12.1 (first seen 2026-12-06; 0.12.0.1 and earlier are fine): in a job of several
-# processes on the CPU backend, an executable loaded from the persistent cache hangs in its
-# first cross-process all-reduce, every process waiting in Gloo's receive; the same program
-# compiled afresh runs. Seen with two processes summing a sharded array, whether one or both
-# of them loaded it. Releases after 0.12.1 count as affected until one is seen to work
-# (tests/test_compilation.py runs that check against the installed jaxlib).
+# processes on the CPU backend, an executable loaded from the persistent cache can hang in
+# its first cross-process all-reduce, every process waiting in Gloo's receive; the same
+# program compiled afresh runs. Seen with the train step and with two processes summing a
+# sharded array times 2, whether one or both of them loaded it (a plain sum, and
+# multihost_utils' broadcast and all-gather, ran). Releases after 0.12.1 count as affected
+# until one is seen to work (tests/test_compilation.py runs that check against the installed
+# jaxlib).
 _CPU_JOB_CACHE_HANGS_FROM = (0, 12, 1)
 
 
 def _release(version: str) -> tuple[int, ...]:
-    """``'0.12.0.1'`` -> ``(0, 12, 0, 1)``; stops at the first part that is not a number
-    (``'0.13.0.dev20270101'`` -> ``(0, 13, 0)``)."""
+    """``'0.12.0.1'`` -> ``(0, 12, 0, 1)``: the leading numbers, up to the first part that is
+    not only digits, whose leading digits still count, so a pre-release or local build ranks
+    with its release, not below it (``'0.12.2rc1'``, ``'0.12.2+local'`` -> ``(0, 12, 2)``;
+    ``'0.13.0.dev20270101'`` -> ``(0, 13, 0)``)."""
     parts = []
     for part in version.split("."):
-        if not part.isdigit():
+        digits = re.match(r"\d*", part).group()
+        if not digits:
             break
-        parts.append(int(part))
+        parts.append(int(digits))
+        if digits != part:
+            break
     return tuple(parts)
 
 
@@ -88,8 +96,8 @@ def cache_hazard(platform: str, process_count: int, jaxlib_version: str | None =
         jaxlib_version = jaxlib.__version__
     if (platform == "cpu" and process_count > 1
             and _release(jaxlib_version) >= _CPU_JOB_CACHE_HANGS_FROM):
-        return (f"jaxlib {jaxlib_version} hangs a job of several processes on the CPU in the "
-                "first cross-process all-reduce of a program loaded from the persistent "
+        return (f"jaxlib {jaxlib_version} can hang a job of several processes on the CPU in "
+                "the first cross-process all-reduce of a program loaded from the persistent "
                 "compilation cache, so this job compiles its programs instead")
     return None
 

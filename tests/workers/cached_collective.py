@@ -1,7 +1,8 @@
 """One process of a two-process CPU job that sums a sharded array across the processes,
 with JAX's persistent compilation cache on. Arguments: process id, coordinator address,
 cache directory. Run the job twice with one directory and the second run loads the program
-the first compiled (only process 0 writes the cache). Prints ``sum <value> hits <count>``.
+the first compiled (only process 0 writes the cache). Prints ``ready hits <count>`` once the
+program is compiled or loaded, then ``sum <value> hits <count>``.
 On jaxlib 0.12.1 the second run hangs (``jnp.sum(x)`` alone does not; ``x * 2.0`` does).
 """
 
@@ -24,5 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 mesh = jax.make_mesh((jax.device_count(),), ("d",))
 local = jnp.arange(float(jax.local_device_count())) + process_id * jax.local_device_count()
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
-total = jax.jit(lambda x: jnp.sum(x * 2.0), out_shardings=NamedSharding(mesh, P()))(x)
-print(f"sum {float(total):g} hits {len(hits)}", flush=True)
+program = jax.jit(lambda x: jnp.sum(x * 2.0), out_shardings=NamedSharding(mesh, P()))
+program = program.lower(x).compile()
+print(f"ready hits {len(hits)}", flush=True)  # A hang after this line is in the program.
+print(f"sum {float(program(x)):g} hits {len(hits)}", flush=True)
