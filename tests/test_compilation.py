@@ -90,7 +90,7 @@ def _two_process_sum(cache: str, timeout: float, may_hang: bool = False,
     ``ready`` line: hung in the program it compiled or loaded. Any other failure, a hang
     before that too (a process that never joined the job), fails the test with the output."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")  # the rule checked is the CPU's
     address = free_address()
     procs = start_all([[sys.executable, *worker, str(i), address, cache] for i in range(2)],
                       env=env)
