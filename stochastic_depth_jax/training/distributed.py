@@ -468,6 +468,10 @@ class _PeerWatch:
         if self.me != 0:  # Process 0 hosts the service.
             threading.Thread(target=self._watch_service, name="service-watch",
                              daemon=True).start()
+        # Started now, as Python 3.12 (before 3.13) refuses to start a thread in an atexit
+        # callback ("can't create new thread at interpreter shutdown"); it waits for close.
+        self.exiting = threading.Event()
+        threading.Thread(target=self._watch_exit, name="exit-watch", daemon=True).start()
         # Before JAX's own exit handler (atexit runs in reverse) shuts the client down.
         atexit.register(self.close, at_exit=True)
 
@@ -488,11 +492,13 @@ class _PeerWatch:
             # Another process may yet fail and exit at once while this one waits in JAX's
             # shutdown barrier (with 3 or more processes: one fails after this one finished,
             # as a third still trains): looked for while it waits.
-            threading.Thread(target=self._watch_exit, name="exit-watch", daemon=True).start()
+            self.exiting.set()
 
     def _watch_exit(self) -> None:
-        """:func:`_stop_if_one_exited` every poll until this process ends, or the barrier
-        completes and the client is shut down (its calls fail)."""
+        """Once this process is exiting (:meth:`close` at exit): :func:`_stop_if_one_exited`
+        every poll until this process ends, or the barrier completes and the client is shut
+        down (its calls fail)."""
+        self.exiting.wait()
         stopped = False
         while not stopped:
             time.sleep(self.poll_s)
