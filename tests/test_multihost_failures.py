@@ -566,6 +566,30 @@ def test_a_process_stops_even_if_it_cannot_say_so(monkeypatch):
         watch.close()
 
 
+def test_a_finished_process_watches_for_a_failed_one_without_a_thread_started_at_exit(
+        monkeypatch, capsys):
+    # Python 3.12 before 3.12.3 refuses to start a thread in an exit handler: the old code
+    # started the exit watch there (a traceback at the exit of every process of a job).
+    store, exits = _Store(), queue.Queue()
+    monkeypatch.setattr(distributed, "_me", lambda: 1)
+    monkeypatch.setattr(distributed, "_count", lambda: 2)
+    monkeypatch.setattr(os, "_exit", exits.put)
+    watch = _watch(monkeypatch, store)
+
+    def refused(thread):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    with monkeypatch.context() as shutting_down:
+        shutting_down.setattr(threading.Thread, "start", refused)
+        watch.close(at_exit=True)  # Finished: waits in JAX's shutdown barrier.
+    store.kv[f"{distributed._KEY}/failed/0"] = "injected"  # Then process 0 fails and stops.
+    store.kv[f"{distributed._KEY}/left/0"] = distributed._STOPPED
+    assert exits.get(timeout=10) == 1
+    assert capsys.readouterr().err == (
+        "error: process 0 of 2 failed, so process 1 stops too (see process 0's output); its "
+        "error: injected\n")
+
+
 def _check_as(monkeypatch, process, config):
     """``check_same_config(config)`` as in a fresh ``process`` of the job."""
     monkeypatch.setattr(jax, "process_index", lambda: process)

@@ -468,7 +468,7 @@ class _PeerWatch:
         if self.me != 0:  # Process 0 hosts the service.
             threading.Thread(target=self._watch_service, name="service-watch",
                              daemon=True).start()
-        # Started now, as Python 3.12 (before 3.13) refuses to start a thread in an atexit
+        # Started now, as Python 3.12 before 3.12.3 refuses to start a thread in an atexit
         # callback ("can't create new thread at interpreter shutdown"); it waits for close.
         self.exiting = threading.Event()
         threading.Thread(target=self._watch_exit, name="exit-watch", daemon=True).start()
