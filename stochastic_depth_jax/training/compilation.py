@@ -70,19 +70,11 @@ _CPU_JOB_CACHE_HANGS_FROM = (0, 12, 1)
 
 
 def _release(version: str) -> tuple[int, ...]:
-    """``'0.12.0.1'`` -> ``(0, 12, 0, 1)``: the leading numbers, up to the first part that is
-    not only digits, whose leading digits still count, so a pre-release or local build ranks
-    with its release, not below it (``'0.12.2rc1'``, ``'0.12.2+local'`` -> ``(0, 12, 2)``;
-    ``'0.13.0.dev20270101'`` -> ``(0, 13, 0)``)."""
-    parts = []
-    for part in version.split("."):
-        digits = re.match(r"\d*", part).group()
-        if not digits:
-            break
-        parts.append(int(digits))
-        if digits != part:
-            break
-    return tuple(parts)
+    """The version's leading dotted numbers, so a pre-release or local build ranks with its
+    release, not below it: ``'0.12.0.1'`` -> ``(0, 12, 0, 1)``; ``'0.12.2rc1'``,
+    ``'0.12.2+local'`` -> ``(0, 12, 2)``; ``'0.13.0.dev20270101'`` -> ``(0, 13, 0)``."""
+    numbers = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(n) for n in numbers.group().split(".")) if numbers else ()
 
 
 def cache_hazard(platform: str, process_count: int, jaxlib_version: str | None = None
