@@ -201,7 +201,11 @@ class StochasticDepth(nnx.Module):
                         lambda b, v: ops.zeros_like_output(out), self.branch, x)
 
     def set_view(self, deterministic: bool | None = None):
-        """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
+        """Used by ``nnx.view``; ``nnx.view_info`` reads its Args section (it needs one).
+
+        Args:
+          deterministic: if True, evaluation (every block runs, scaled; no gates drawn).
+        """
         if deterministic is not None:
             self.deterministic = deterministic
 
@@ -408,7 +412,11 @@ class ViT(nnx.Module):
         return self.head(x)
 
     def set_view(self, deterministic: bool | None = None):
-        """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
+        """Used by ``nnx.view``; ``nnx.view_info`` reads its Args section (it needs one).
+
+        Args:
+          deterministic: if True, evaluation (every block runs, scaled; no gates drawn).
+        """
         if deterministic is not None:
             self.deterministic = deterministic
 
@@ -610,6 +618,10 @@ class ConvNeXt(nnx.Module):
         return self.head(self.norm(jnp.mean(x, axis=(1, 2))))
 
     def set_view(self, deterministic: bool | None = None):
-        """Used by ``nnx.view`` / ``model.eval()``: sets ``deterministic``."""
+        """Used by ``nnx.view``; ``nnx.view_info`` reads its Args section (it needs one).
+
+        Args:
+          deterministic: if True, evaluation (every block runs, scaled; no gates drawn).
+        """
         if deterministic is not None:
             self.deterministic = deterministic

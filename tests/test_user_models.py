@@ -59,3 +59,22 @@ def test_nnx_scanned_stack_takes_each_layers_rate_at_call_time():
     assert np.allclose(residuals(stack, jnp.array([1.0, 1e-7, 1.0, 1e-7])), [1, 0, 1, 0])
     stack.eval()
     np.testing.assert_allclose(residuals(stack, probs), probs, rtol=1e-6)
+
+
+def test_nnx_view_and_view_info_see_the_wrappers_and_models():
+    # nnx.view sets `deterministic` through set_view; nnx.view_info documents set_view from
+    # its docstring's Args section (a set_view without one made it raise KeyError).
+    rngs = nnx.Rngs(params=0, stochastic_depth=1)
+    drop = nnx_layers.DropPath(One(rngs), rate=0.5, rngs=rngs)
+    vit = nnx_layers.ViT(3, size="ti", depth=1, width=8, num_heads=2, patch_size=8,
+                         image_size=16, drop_path_rate=0.5, rngs=rngs)
+    cnx = nnx_layers.ConvNeXt(3, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), stem_stride=1,
+                              drop_path_rate=0.5, rngs=rngs)
+    for model, name in ((drop, "DropPath"), (vit, "ViT"), (cnx, "ConvNeXt")):
+        info = nnx.view_info(model)
+        assert f"{name}:\n  deterministic: bool | None = None\n" in info, info
+        assert "evaluation" in info.split(f"{name}:")[1].split(":\n")[0], info
+        evaluation = nnx.view(model, deterministic=True)
+        assert evaluation.deterministic and not model.deterministic
+    x = jnp.ones((8, 3))
+    np.testing.assert_array_equal(nnx.view(drop, deterministic=True)(x), 1.0)
