@@ -196,7 +196,12 @@ class StochasticDepth(nnx.Module):
             out = jax.eval_shape(lambda v: run(self.branch, v), x)
             return jax.lax.cond(gate, lambda v: ops.scaled(run(self.branch, v), factor),
                                 lambda v: ops.zeros_like_output(out), x)
-        out = _output_struct(run, self.branch, x)
+        out, adds_variables = _output_struct(run, self.branch, x)
+        if adds_variables:
+            # A cond cannot add variables on one side only (what ``nnx.capture`` records):
+            # masking gives the same outputs, gradients and statistics, as Linen's wrapper.
+            run = _keep_state_if_dropped(run, gate)
+            return ops.masked(run(self.branch, x), gate, factor, self.batch_axis)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
                         lambda b, v: ops.zeros_like_output(out), self.branch, x)
 
@@ -217,8 +222,10 @@ def _has_state(branch: Any) -> bool:
 
 
 # The state a dropped branch leaves as it was: everything but parameters and rng counters
-# (BatchNorm's BatchStat, and any other mutable variable of the same structure).
-_KEPT_STATE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState, nnx.Intermediate))
+# (BatchNorm's BatchStat, and any other mutable variable of the same structure); not what
+# ``nnx.capture`` records either (its ``__captures__``, of any variable type).
+_KEPT_STATE = nnx.Not(nnx.Any(nnx.Param, nnx.RngState, nnx.Intermediate,
+                              nnx.PathContains("__captures__")))
 
 
 def _keep_state_if_dropped(run: Any, gate: Array) -> Any:
@@ -238,17 +245,31 @@ def _keep_state_if_dropped(run: Any, gate: Array) -> Any:
     return wrapped
 
 
-def _output_struct(run: Any, branch: nnx.Module, x: Array) -> Any:
-    """Shape/dtype of ``run(branch, x)`` without running it or changing ``branch``.
+def _output_struct(run: Any, branch: nnx.Module, x: Array) -> tuple[Any, bool]:
+    """Shape/dtype of ``run(branch, x)``, and whether the run adds variables to ``branch``,
+    without running it or changing ``branch``.
 
-    ``branch.output_struct(x)`` when the branch defines it; otherwise the branch is traced
-    abstractly on a copy of its state, so an output that differs from ``x`` in shape or dtype
-    (a bf16 branch on an f32 stream, a widening branch) needs no declaration.
+    The branch is traced abstractly on a copy of its state, so an output that differs from
+    ``x`` in shape or dtype (a bf16 branch on an f32 stream, a widening branch) needs no
+    declaration (``branch.output_struct(x)``, when the branch defines it, gives the output).
+    Variables are added by ``sow`` / ``perturb`` under ``nnx.capture`` (or a ``sow`` outside
+    it): the copy's graph or state structure changes.
     """
-    if hasattr(branch, "output_struct"):
-        return branch.output_struct(x)
     graphdef, state = nnx.split(branch)
-    return jax.eval_shape(lambda s, v: run(nnx.merge(graphdef, s), v), state, x)
+    added = []
+
+    def trace(s, v):
+        before = jax.tree_util.tree_structure(s)  # before the run: it may update s in place
+        module = nnx.merge(graphdef, s)
+        y = run(module, v)
+        after, new_state = nnx.split(module)
+        added.append(after != graphdef or jax.tree_util.tree_structure(new_state) != before)
+        return y
+
+    out = jax.eval_shape(trace, state, x)
+    if hasattr(branch, "output_struct"):
+        out = branch.output_struct(x)
+    return out, added[0]
 
 
 class DropPath(StochasticDepth):

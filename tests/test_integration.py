@@ -232,6 +232,47 @@ def test_nnx_batch_skipping_takes_another_dtype_or_shape(dtype, out):
     assert step(sd, X).dtype == dtype
 
 
+class NnxSowing(nnx.Module):
+    """A branch with BatchNorm that records its hidden activations (``sow``)."""
+
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(D, D, rngs=rngs)
+        self.bn = nnx.BatchNorm(D, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.fc(x)
+        self.sow(nnx.Intermediate, "hidden", h)
+        return self.bn(h) + 1.0
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nnx_batch_skipping_under_nnx_capture_masks_as_linen_does(jit):
+    # nnx.capture records what a branch sows; a skipping nnx.cond cannot record on one side
+    # only (it raised "cond branch outputs must have the same pytree structure"), so the
+    # wrapper masks instead: the outputs and BatchNorm statistics of 'mask', and the
+    # intermediates recorded for closed gates too (as the Linen wrapper's intermediates).
+    def build(implementation):
+        rngs = nnx.Rngs(params=0, stochastic_depth=1)
+        return nnx_layers.StochasticDepth(NnxSowing(rngs), 0.5, implementation=implementation,
+                                          rngs=rngs)
+
+    skip, mask = build("skip"), build("mask")
+    forward = nnx.capture(lambda m, x, key: m(x, rngs=key), nnx.Intermediate)
+    if jit:
+        forward = nnx.jit(forward)
+    kept = set()
+    for seed in range(6):
+        key = jax.random.key(seed)
+        y, recorded = forward(skip, X, key)
+        want, _ = forward(mask, X, key)
+        np.testing.assert_allclose(y, want, rtol=1e-6)
+        np.testing.assert_allclose(skip.branch.bn.mean[...], mask.branch.bn.mean[...],
+                                   rtol=1e-6)
+        assert [h.shape for h in recorded["branch"]["hidden"]] == [(B, T, D)]
+        kept.add(bool(jnp.any(y != 0)))
+    assert kept == {True, False}
+
+
 def _tree_branch(h):
     return {"a": jnp.tanh(h["a"]) + 1.0, "b": h["b"] * 2.0 + 1.0}
 
