@@ -226,7 +226,9 @@ class StochasticDepth(nn.Module):
         if self.mode == "sample" and not deterministic:
             # Subset gather/scatter (or add into the shortcut) or mask: the op's one
             # implementation.
-            return ops.gated_branch(lambda v: call(self, v), x, gate, p, mode=self.mode,
+            branch = ops.naming_whole_arguments(lambda v: call(self, v), x, args, kwargs,
+                                                self.batch_axis)
+            return ops.gated_branch(branch, x, gate, p, mode=self.mode,
                                     scaling=self.scaling, implementation=self.implementation,
                                     shortcut=shortcut, batch_axis=self.batch_axis)
         # A gated evaluation keeps the evaluation scale on the blocks it runs.

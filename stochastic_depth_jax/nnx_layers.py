@@ -175,7 +175,9 @@ class StochasticDepth(nnx.Module):
                                  batch_size=batch, groups=self.groups)
         ops.check_gate(gate, self.mode, deterministic)
         if self.mode == "sample" and not deterministic:
-            return ops.gated_branch(lambda v: run(self.branch, v), x, gate, p, mode=self.mode,
+            branch = ops.naming_whole_arguments(lambda v: run(self.branch, v), x, args, kwargs,
+                                                self.batch_axis)
+            return ops.gated_branch(branch, x, gate, p, mode=self.mode,
                                     scaling=self.scaling, implementation=self.implementation,
                                     shortcut=shortcut, batch_axis=self.batch_axis)
         # A gated evaluation keeps the evaluation scale on the blocks it runs (as Linen).

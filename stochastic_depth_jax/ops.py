@@ -50,6 +50,7 @@ __all__ = [
     "draw_subset",
     "subset_mask",
     "subset_branch",
+    "naming_whole_arguments",
     "with_shortcut",
     "zeros_like_output",
     "explicit_sharding",
@@ -408,6 +409,48 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
         return _merge_groups(out)
 
     return tree_map(scatter, y) if shortcut is None else tree_map(scatter, y, shortcut)
+
+
+def naming_whole_arguments(branch: Callable[[Any], Any], x: Any, args: tuple, kwargs: dict,
+                           batch_axis: int = 0) -> Callable[[Any], Any]:
+    """``branch`` (a wrapper's call with ``args`` / ``kwargs`` bound), failing in one line
+    when it fails on a drop-path subset of ``x`` while another argument has the whole batch.
+
+    A subset gathers only ``x``: the other arguments reach the branch as they are, so a
+    per-example one (an attention mask) meets ``k`` examples of ``x`` and breaks deep in the
+    branch (a broadcasting error). Errors of a full-batch call, or with no such argument,
+    pass through unchanged.
+    """
+    batch = batch_size_of(x, batch_axis)
+
+    def call(v: Any) -> Any:
+        try:
+            return branch(v)
+        except (TypeError, ValueError) as e:
+            kept = batch_size_of(v, batch_axis)
+            whole = _whole_batch_arguments(args, kwargs, batch, batch_axis)
+            if kept == batch or not whole:
+                raise
+            raise ValueError(
+                f"The branch failed on the {kept} of {batch} examples a drop-path subset "
+                f"keeps ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"argument {', '.join(whole)} has the whole batch of {batch} along "
+                f"batch_axis={batch_axis}, but subsets gather only x: pass per-example "
+                "arguments inside x (sd((x, mask)), the branch taking the pair), or use "
+                "implementation='mask'.") from e
+
+    return call
+
+
+def _whole_batch_arguments(args: tuple, kwargs: dict, batch: int, batch_axis: int
+                           ) -> list[str]:
+    """Names and shapes of the arguments with an array of ``batch`` along ``batch_axis``."""
+    named = [(f"args[{i}]", a) for i, a in enumerate(args)] + \
+        [(f"{name}=", a) for name, a in kwargs.items()]
+    return [f"{name} (shape {tuple(jnp.shape(leaf))})" for name, a in named
+            for leaf in jax.tree_util.tree_leaves(a)
+            if hasattr(leaf, "shape") and jnp.ndim(leaf) > batch_axis
+            and jnp.shape(leaf)[batch_axis] == batch][:3]
 
 
 def explicit_sharding(v: Any) -> Any:

@@ -280,3 +280,41 @@ def test_drop_path_subsets_under_a_symbolic_batch_say_what_to_do():
 def test_subset_size_takes_any_concrete_batch_size(batch):
     # Only a symbolic dimension is refused: a NumPy or JAX integer sizes a subset as an int.
     assert ops.subset_size(batch, 0.5) == ops.subset_size(10, 0.5)
+
+
+class MaskedDense(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask=None):
+        x, mask = x if mask is None else (x, mask)  # the pair inside x, or two arguments
+        return nn.Dense(x.shape[-1])(x) * mask[..., None]
+
+
+class NnxMaskedDense(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(6, 6, rngs=rngs)
+
+    def __call__(self, x, mask=None):
+        x, mask = x if mask is None else (x, mask)  # the pair inside x, or two arguments
+        return self.dense(x) * mask[..., None]
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_a_per_example_argument_beside_a_drop_path_subset_names_the_fix(api):
+    # A drop-path subset runs the branch on k of the batch's examples of x; other arguments
+    # go to the branch whole, so a per-example mask failed deep in the branch with a
+    # broadcasting error. It is one line naming the argument and the fix now.
+    mask = jnp.ones(X.shape[:2])
+    message = (r"on the 4 of 8 examples .* argument args\[0\] \(shape \(8, 4\)\) has the "
+               r"whole batch .* pass per-example arguments inside x")
+    if api == "linen":
+        sd = sdj.StochasticDepth(MaskedDense(parent=None), survival_prob=0.5, mode="sample")
+        variables = sd.init(jax.random.key(0), X, mask, deterministic=True)
+        run = lambda *a: sd.apply(variables, *a, deterministic=False,  # noqa: E731
+                                  rngs={"stochastic_depth": jax.random.key(1)})
+    else:
+        drop = nnx_layers.DropPath(NnxMaskedDense(nnx.Rngs(0)), 0.5)
+        run = nnx.jit(lambda *a: drop(*a, rngs=jax.random.key(1)))
+    with pytest.raises(ValueError, match=message):
+        run(X, mask)
+    y = run((X, mask))  # the fix: the mask inside x is gathered with it
+    assert y.shape == X.shape and int(np.sum(np.any(np.asarray(y) != 0, axis=(1, 2)))) == 4
