@@ -338,7 +338,8 @@ def save_pruned(directory: str, model: Any, variables: Any,
     """Saves a (pruned) model: ``model.json`` (its definition) and Orbax ``variables/``.
 
     ``directory`` must be new or empty (:func:`check_export_directory`). ``metadata``
-    (e.g. the source run and the removed blocks) is stored in ``model.json``; so are the
+    (e.g. the source run and the removed blocks; JSON values, NumPy ones stored as lists
+    and numbers) is stored in ``model.json``; so are the
     input normalisation ``mean`` and ``std`` (float ``[C]`` each, or a mean image
     ``[H, W, C]`` and a scalar std (``normalization='pixel'``); pixel units 0-255: the model
     expects ``(pixels - mean) / std``) when given, in their shapes. Returns ``directory``.
@@ -349,7 +350,6 @@ def save_pruned(directory: str, model: Any, variables: Any,
     check_export_directory(directory)
     if (mean is None) != (std is None):
         raise errors.ConfigError("save_pruned needs both mean and std, or neither.")
-    os.makedirs(directory, exist_ok=True)
     record = {**_definition(model), "metadata": metadata or {},
               "num_params": param_count(variables)}
     if mean is not None:
@@ -357,11 +357,33 @@ def save_pruned(directory: str, model: Any, variables: Any,
         record["input"] = {"mean": np.asarray(mean).tolist(),
                            "std": np.asarray(std).tolist(),
                            "normalised": "(pixels - mean) / std, pixels in [0, 255]"}
+    text = _record_json(record)  # before anything is written: a refusal leaves nothing
+    os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, VARIABLES_DIR), variables)
     with open(os.path.join(directory, MODEL_FILE), "w") as f:
-        json.dump(record, f, indent=2)
+        f.write(text)
     return directory
+
+
+def _record_json(record: dict[str, Any]) -> str:
+    """``record`` as ``model.json``'s text; NumPy values (a keep mask, a float32 error) as
+    JSON lists and numbers.
+
+    Raises:
+      errors.ConfigError: the metadata holds something else JSON cannot hold.
+    """
+    def plain(value: Any) -> Any:
+        if isinstance(value, (np.ndarray, np.generic)):
+            return value.tolist()
+        raise TypeError(f"a value of type {type(value).__name__}")
+
+    try:
+        return json.dumps(record, indent=2, default=plain)
+    except (TypeError, ValueError) as e:
+        raise errors.ConfigError(
+            f"save_pruned's metadata must be JSON-serialisable (numbers, strings, lists, "
+            f"dicts with string keys, NumPy arrays); {e}. Nothing was written.") from None
 
 
 def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:

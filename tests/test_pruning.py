@@ -122,6 +122,26 @@ def test_pruned_scanned_stage_holds_only_kept_blocks():
     assert "stage3_scan" not in pvars["params"]["stages"]  # nothing left to scan
 
 
+def test_save_pruned_takes_numpy_metadata_and_writes_nothing_it_cannot_record(tmp_path):
+    # A keep mask or a float32 error in the metadata (what pruning's own functions hand
+    # out) is recorded as JSON lists and numbers; json.dump raised TypeError after the
+    # variables and part of model.json were written, so the retry found a non-empty
+    # directory. Anything JSON cannot hold is refused in one line before anything is written.
+    model = sdj.CifarResNet(depth=8, width=4, num_classes=3)
+    variables = _variables(model)
+    keep = pruning.keep_mask(3, [2])
+    pruned, pvars = pruning.prune(model, variables, keep)
+    out = str(tmp_path / "numpy")
+    pruning.save_pruned(out, pruned, pvars, {"keep": keep, "error": np.float32(0.25),
+                                             "blocks": np.int64(2)})
+    assert pruning.load_pruned(out)[2] == {"keep": [True, True, False], "error": 0.25,
+                                           "blocks": 2}
+    bad = str(tmp_path / "bad")
+    with pytest.raises(errors.ConfigError, match="metadata must be JSON-serialisable.*type object"):
+        pruning.save_pruned(bad, pruned, pvars, {"model": object()})
+    assert not os.path.exists(bad)
+
+
 def test_bad_keep_is_refused():
     with pytest.raises(ValueError, match="one entry per block \\(9\\)"):
         sdj.CifarResNet(depth=20, keep=(True, False))
