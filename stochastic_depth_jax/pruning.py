@@ -261,7 +261,13 @@ def prune(model: Any, variables: Any, keep: Sequence[bool]) -> tuple[Any, Any]:
       computes at evaluation with ``gates=keep``.
     """
     _require_blockwise(model)
-    keep = np.asarray(keep, bool) & model.kept_blocks()  # a pruned model prunes further
+    keep = np.asarray(keep, bool)
+    L = model.num_blocks()
+    if keep.shape != (L,):
+        raise ValueError(f"prune's keep has one entry per block of the full model ({L}; a "
+                         f"pruned model's deleted blocks too), got shape {keep.shape}; e.g. "
+                         f"pruning.keep_mask({L}, removed).")
+    keep = keep & model.kept_blocks()  # a pruned model prunes further
     pruned = model.clone(keep=tuple(bool(k) for k in keep))
     x = _sample_input(variables)
     abstract = jax.eval_shape(lambda x: pruned.init({"params": jax.random.key(0)}, x, train=False),

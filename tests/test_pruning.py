@@ -145,6 +145,13 @@ def test_save_pruned_takes_numpy_metadata_and_writes_nothing_it_cannot_record(tm
 def test_bad_keep_is_refused():
     with pytest.raises(ValueError, match="one entry per block \\(9\\)"):
         sdj.CifarResNet(depth=20, keep=(True, False))
+    # prune's keep is over the full model's blocks, also for a pruned model (a keep over
+    # its kept blocks only failed in NumPy broadcasting).
+    model = sdj.CifarResNet(depth=14, width=4, num_classes=3)
+    pruned, pvars = pruning.prune(model, _variables(model), pruning.keep_mask(6, [5, 4]))
+    with pytest.raises(ValueError, match=r"one entry per block of the full model \(6;.*"
+                                         r"got shape \(4,\)"):
+        pruning.prune(pruned, pvars, [True, True, False, True])
 
 
 # ---- Monte-Carlo depth ---------------------------------------------------------------------
