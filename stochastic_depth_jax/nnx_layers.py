@@ -125,7 +125,8 @@ class StochasticDepth(nnx.Module):
                 "sd(x, survival_prob=p), scanning over the rates.")
         ops.check_batch_axis(batch_axis)
         self.branch = branch
-        self.survival_prob = survival_prob
+        # A Python float: a JAX scalar attribute would be NNX state, traced under nnx.jit.
+        self.survival_prob = float(survival_prob)
         self.mode, self.scaling, self.implementation = mode, scaling, implementation
         self.groups, self.batch_axis = groups, batch_axis
         self.deterministic = deterministic

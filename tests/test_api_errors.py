@@ -225,6 +225,18 @@ def test_concrete_jax_scalars_are_range_checked_and_accepted_as_rates():
         vit.drop_path_rates(4, jnp.float32(1.0))
 
 
+@pytest.mark.parametrize("p", [jnp.float32(0.5), jnp.float32(1.0), np.float32(0.5)])
+def test_a_concrete_array_rate_is_a_static_attribute_of_the_nnx_wrapper(p):
+    # A JAX scalar attribute was NNX state, traced under nnx.jit: a drop-path subset there
+    # was refused as a traced rate, and a rate of 1 drew a key (needing rngs) that eager
+    # calls did not draw.
+    sd = nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), p, mode="sample")
+    assert isinstance(sd.survival_prob, float) and "survival_prob" not in nnx.state(sd)
+    key = jax.random.key(1)
+    call = nnx.jit(lambda m, x: m(x, rngs=key) if float(p) < 1 else m(x))
+    np.testing.assert_allclose(call(sd, X), sd(X, rngs=key), rtol=1e-6, atol=1e-6)
+
+
 def test_a_traced_train_flag_is_a_clear_error_everywhere():
     # A train flag passed to jax.jit as an ordinary argument arrives traced; Python's `if`
     # cannot read it. Each API says so and names static_argnames, not TracerBoolConversion.
