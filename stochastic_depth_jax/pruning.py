@@ -103,8 +103,10 @@ def list_order(model: Any, blocks: Sequence[int]) -> list[int]:
     blocks = [int(b) for b in blocks]
     bad = [b for b in blocks if not 0 <= b < L]
     if bad or len(set(blocks)) != len(blocks):
-        raise errors.ConfigError(f"blocks must be distinct indices in [0, {L}) (0-based, L = {L} "
-                         f"blocks), got {blocks}; e.g. --blocks {L - 1},{L - 2}.")
+        problem = f"must be distinct indices in [0, {L}) (0-based, L = {L} blocks), got {blocks}"
+        raise errors.ConfigError(
+            f"blocks {problem}; e.g. blocks=[{L - 1}, {L - 2}].",
+            command_line=f"--blocks {problem}; e.g. --blocks {L - 1},{L - 2}.")
     return blocks
 
 
@@ -147,8 +149,11 @@ def removal_order(rule: str, model: Any, *, blocks: Sequence[int] | None = None,
         return survival_order(model)
     if rule == "list":
         if not blocks:
-            raise errors.ConfigError("order 'list' needs the blocks to remove, in order "
-                             "(e.g. --blocks 8,7,6; 0-based).")
+            raise errors.ConfigError(
+                "order 'list' needs the blocks to remove, in order (e.g. blocks=[8, 7, 6]; "
+                "0-based).",
+                command_line="order 'list' needs the blocks to remove, in order (e.g. --blocks "
+                             "8,7,6; 0-based).")
         return list_order(model, blocks)
     if rule == "greedy":
         if error_of is None:

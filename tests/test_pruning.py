@@ -68,12 +68,15 @@ def test_greedy_order_takes_the_cheapest_block_each_time():
 def test_list_order_and_bad_orders():
     model = sdj.CifarResNet(depth=20)
     assert pruning.removal_order("list", model, blocks=[0, 8, 4]) == [0, 8, 4]
-    with pytest.raises(ValueError, match=r"distinct indices in \[0, 9\)"):
+    with pytest.raises(ValueError, match=r"distinct indices in \[0, 9\)") as e:
         pruning.removal_order("list", model, blocks=[9])
+    # A Python caller is told the argument, evaluate.py's user the flag.
+    assert "blocks=[8, 7]" in str(e.value) and "--blocks 8,7" in e.value.command_line
     with pytest.raises(ValueError, match="distinct"):
         pruning.removal_order("list", model, blocks=[1, 1])
-    with pytest.raises(ValueError, match="needs the blocks"):
+    with pytest.raises(ValueError, match=r"needs the blocks .*blocks=\[8, 7, 6\]") as e:
         pruning.removal_order("list", model)
+    assert "--blocks 8,7,6" in e.value.command_line
     with pytest.raises(ValueError, match="valid: \\['survival', 'greedy', 'list'\\]"):
         pruning.removal_order("random", model)
 
@@ -330,6 +333,10 @@ def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys, monkeyp
     assert curve["points"][0]["test_loss"] == pytest.approx(plain["loss"], rel=1e-5)
     # Export with two blocks removed; the saved model reproduces the curve's point.
     out = str(tmp_path / "pruned")
+    with pytest.raises(errors.ConfigError, match=r"^remove must be a number of blocks in "
+                                                 r"\[0, 3\], got 99") as e:
+        depth.export_pruned_run(workdir, out, remove=99)
+    assert e.value.command_line.startswith("--remove must be") and not os.path.exists(out)
     record = depth.export_pruned_run(workdir, out, remove=2, repeats=1, throughput_batch=4)
     assert record["removed"] == [2, 1] and record["num_params"]["pruned"] < record[
         "num_params"]["full"]

@@ -86,8 +86,10 @@ def _evaluators(run: evaluate_lib.RestoredRun) -> dict[str, pruning.SubNetworkEv
 def _order(run, evaluators, order: str, blocks: Sequence[int] | None,
            progress: Callable[[str], None] | None = None) -> list[int]:
     if order == "greedy" and "validation" not in evaluators:
-        raise errors.ConfigError("order 'greedy' needs a validation split; this run has none "
-                         "(validation_size=0). Use --order survival or --order list.")
+        problem = "order 'greedy' needs a validation split; this run has none (validation_size=0)"
+        raise errors.ConfigError(
+            f"{problem}. Use order='survival' or order='list'.",
+            command_line=f"{problem}. Use --order survival or --order list.")
     error_of = evaluators["validation"].error if "validation" in evaluators else None
     on_step = None
     if progress is not None and order == "greedy":
@@ -278,8 +280,9 @@ def _export(workdir: str, output: str, *, checkpoint: str | int, data_dir: str |
     removal = _order(run, evaluators, order, blocks)
     remove = len(removal) if remove is None and order == "list" else remove
     if remove is None or not 0 <= remove <= len(removal):
-        raise errors.ConfigError(f"--remove must be a number of blocks in [0, {len(removal)}], got "
-                         f"{remove!r} (order {order!r}).")
+        problem = (f"must be a number of blocks in [0, {len(removal)}], got {remove!r} "
+                   f"(order {order!r}).")
+        raise errors.ConfigError(f"remove {problem}", command_line=f"--remove {problem}")
     model, variables = run.setup.model, _variables(run)
     keep = pruning.keep_mask(model.num_blocks(), removal[:remove])
     pruned, pvars = pruning.prune(model, variables, keep)
