@@ -355,8 +355,28 @@ class EncoderBlock(nnx.Module):
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
                  deterministic: bool | None = None) -> Array:
         """``x`` ``[batch, tokens, width]``; ``gates`` as :func:`vit.block_gates` returns."""
+        _check_block_keys(self, (self.attn, self.mlp), gates, deterministic,
+                          "vit.block_gates(key, i, p, ...)")
         x = self.attn(x, deterministic=deterministic, gate=gates[0], shortcut=x)
         return self.mlp(x, deterministic=deterministic, gate=gates[1], shortcut=x)
+
+
+def _check_block_keys(block: nnx.Module, wrappers: tuple, gates: tuple, deterministic: Any,
+                      draw: str) -> None:
+    """Refuses a training call of a block whose wrappers would draw gates without a stream.
+
+    A block takes its stream only from ``'stochastic_depth'`` (not ``nnx.Rngs(seed)``'s
+    default one) and its call has no ``rngs=``, so the wrapper's own message would name a
+    fix the block does not take.
+    """
+    for sd, gate in zip(wrappers, gates):
+        training = not (sd.deterministic if deterministic is None else deterministic)
+        if training and gate is None and sd.rngs is None \
+                and not ops.is_static_one(sd.survival_prob):
+            raise ValueError(
+                f"{type(block).__name__} in training needs gates or a 'stochastic_depth' "
+                f"stream: build it with nnx.Rngs(params=..., stochastic_depth=seed) (blocks do "
+                f"not draw from nnx.Rngs(seed)'s default stream), or pass gates from {draw}.")
 
 
 class ViT(nnx.Module):
@@ -552,6 +572,8 @@ class ConvNeXtBlock(nnx.Module):
 
     def __call__(self, x: Array, gate: Any = None, *, deterministic: bool | None = None) -> Array:
         """``x`` ``[batch, H, W, C]``; ``gate`` as :func:`convnext.block_gate` returns."""
+        _check_block_keys(self, (self.drop_path,), (gate,), deterministic,
+                          "convnext.block_gate(key, j, p, ...)")
         return self.drop_path(x, deterministic=deterministic, gate=gate, shortcut=x)
 
 

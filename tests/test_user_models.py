@@ -1,10 +1,12 @@
 """The wrappers inside users' own NNX models, written the way the Flax NNX guides write them."""
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import stochastic_depth_jax as sdj
-from stochastic_depth_jax import nnx_layers
+from stochastic_depth_jax import convnext, nnx_layers, vit
 
 X = jnp.zeros((4, 3))
 
@@ -78,3 +80,26 @@ def test_nnx_view_and_view_info_see_the_wrappers_and_models():
         assert evaluation.deterministic and not model.deterministic
     x = jnp.ones((8, 3))
     np.testing.assert_array_equal(nnx.view(drop, deterministic=True)(x), 1.0)
+
+
+def test_a_block_built_from_a_default_seed_names_its_ways_to_gates():
+    # The blocks draw only from a 'stochastic_depth' stream (or take gates from their model);
+    # built from nnx.Rngs(0) a training call said "call with rngs=key", which they do not take.
+    x, images = jnp.ones((4, 4, 8)), jnp.ones((4, 4, 4, 8))
+    blocks = [nnx_layers.EncoderBlock(8, 2, 16, 0.5, rngs=nnx.Rngs(0)),
+              nnx_layers.ConvNeXtBlock(8, 0.5, rngs=nnx.Rngs(0))]
+    for block, x in zip(blocks, (x, images)):
+        with pytest.raises(ValueError, match=f"{type(block).__name__} in training needs gates "
+                                             "or a 'stochastic_depth' stream: build it with "
+                                             r"nnx.Rngs\(params=..., stochastic_depth=seed\)"):
+            block(x)
+        assert block(x, deterministic=True).shape == x.shape
+    key = jax.random.key(0)
+    gates = vit.block_gates(key, 0, 0.5, mode="sample", implementation="skip", batch_size=4,
+                            groups=1)
+    assert blocks[0](jnp.ones((4, 4, 8)), gates).shape == (4, 4, 8)
+    gate = convnext.block_gate(key, 0, 0.5, mode="sample", implementation="skip", batch_size=4,
+                               groups=1)
+    assert blocks[1](images, gate).shape == images.shape
+    streamed = nnx_layers.ConvNeXtBlock(8, 0.5, rngs=nnx.Rngs(params=0, stochastic_depth=1))
+    assert streamed(images).shape == images.shape
