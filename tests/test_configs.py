@@ -195,6 +195,18 @@ def test_none_in_a_config_file_fails_clearly(field):
         config_lib.validate(c)
 
 
+def test_a_config_that_is_not_a_config_dict_is_one_line(tmp_path):
+    # A plain dict (config.to_dict(), a parsed YAML file) failed with AttributeError
+    # "'dict' object has no attribute 'fake_data'", and left the workdir behind.
+    from stochastic_depth_jax.training import train_and_evaluate
+
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"config must be an ml_collections.ConfigDict "
+                                         r"\(configs.load_config\), got a dict"):
+        train_and_evaluate(load_config("cifar10:smoke").to_dict(), workdir)
+    assert not os.path.exists(workdir)
+
+
 def test_default_workdir_keeps_the_variant():
     import train
 

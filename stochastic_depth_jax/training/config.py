@@ -515,6 +515,10 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field; returns ``config`` or raises ``errors.ConfigError`` (a
     ``ValueError``) naming the field, its value and the valid values."""
+    if not isinstance(config, ml_collections.ConfigDict):  # a dict has no attribute access
+        raise errors.ConfigError(
+            f"The config must be an ml_collections.ConfigDict (configs.load_config), got a "
+            f"{type(config).__name__}; build it with load_config(name, overrides).")
     _validate_counts(config)  # First: the other checks compare against them.
     _validate_data(config)
     _validate_model(config)
