@@ -261,6 +261,8 @@ class StochasticDepth(nn.Module):
         return "intermediates" in jax.eval_shape(sown, self.variables, x)
 
     def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
+        ops.check_shared_gate(gate)
+
         def run(module, v, f):
             return ops.scaled(call(module, v), f)
 
@@ -364,7 +366,8 @@ class _Branch(nn.Module):
 
     def output_struct(self, x: Array) -> jax.ShapeDtypeStruct:
         """Shape/dtype of the branch output for input ``x`` ``[batch, H, W, C]`` (under
-        explicit sharding, the batch axis sharded as ``x``'s)."""
+        explicit sharding, the batch axis sharded as ``x``'s; inside ``shard_map``, varying
+        over the mesh axes ``x`` varies over)."""
         b, h, w, _ = x.shape
         s = self.strides
         shape = (b, _conv_out(h, 3, s, 1), _conv_out(w, 3, s, 1), self.features * self.expansion)
@@ -373,7 +376,8 @@ class _Branch(nn.Module):
             batch = (tuple(sharding.spec) + (None,))[0]
             sharding = jax.sharding.NamedSharding(sharding.mesh,
                                                   jax.sharding.PartitionSpec(batch))
-        return jax.ShapeDtypeStruct(shape, self.dtype or x.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(shape, self.dtype or x.dtype, sharding=sharding,
+                                    manual_axis_type=jax.typeof(x).manual_axis_type)
 
     def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
         pad = (kernel - 1) // 2  # Torch's symmetric padding, also for stride 2

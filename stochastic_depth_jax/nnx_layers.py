@@ -193,6 +193,7 @@ class StochasticDepth(nnx.Module):
 
     def _cond(self, run, x: Array, gate: Array, factor: Any) -> Array:
         """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
+        ops.check_shared_gate(gate)
         # In f32; ``scaled`` casts it to each output's dtype.
         factor = jnp.asarray(factor, jnp.float32)
         if not _has_state(self.branch):  # a plain function: nothing for nnx to carry

@@ -54,6 +54,8 @@ __all__ = [
     "with_shortcut",
     "zeros_like_output",
     "explicit_sharding",
+    "varying_axes",
+    "check_shared_gate",
     "batch_size_of",
     "train_scale",
     "eval_scale",
@@ -543,15 +545,48 @@ def with_shortcut(y: Array, shortcut: Array | None) -> Array:
     return jax.tree_util.tree_map(lambda s, v: s + v, shortcut, y)
 
 
+def varying_axes(v: Any) -> tuple:
+    """The ``shard_map`` mesh axes over which ``v`` (an array, tracer or ``ShapeDtypeStruct``)
+    varies, sorted; ``()`` outside ``shard_map`` or for a value replicated over its axes."""
+    if isinstance(v, jax.ShapeDtypeStruct):
+        manual = getattr(v, "manual_axis_type", None)
+    elif isinstance(v, jax.Array):
+        manual = getattr(jax.typeof(v), "manual_axis_type", None)
+    else:  # a Python or NumPy value: the same on every device
+        return ()
+    return tuple(sorted(getattr(manual, "varying", ()) or ()))
+
+
+def check_shared_gate(gate: Any) -> None:
+    """ValueError for a batch-mode gate that differs between ``shard_map`` devices.
+
+    Skipping is a ``cond`` on the gate; the gradient of a parameter shared by the devices is
+    summed across them inside it, and a device whose gate is closed never joins the sum, so
+    the others would wait for it forever (XLA aborts the process)."""
+    axes = varying_axes(gate)
+    if axes:
+        raise ValueError(
+            f"A mode='batch' gate that differs between shard_map devices (it varies over mesh "
+            f"axes {axes}, e.g. drawn from a key with jax.lax.axis_index folded in) cannot "
+            "skip: the gradient's sum across devices would run only where the gate is open. "
+            "Give every device the same key, or use implementation='mask' for a gate per "
+            "device.")
+
+
 def zeros_like_output(out: Any) -> Any:
     """Zeros shaped like ``out`` (a pytree of ``ShapeDtypeStruct``, e.g. from
-    ``jax.eval_shape``): a skipped branch's output. Under explicit sharding each leaf takes
-    the struct's sharding, as a ``cond``'s two branches must agree in type."""
+    ``jax.eval_shape``): a skipped branch's output. A ``cond``'s two branches must agree in
+    type, so under explicit sharding each leaf takes the struct's sharding, and inside
+    ``shard_map`` it varies over the mesh axes the struct's does (zeros made there are
+    replicated, while the branch's output varies with its per-device input)."""
     def zeros(o):
         sharding = explicit_sharding(o)
         if sharding is None:  # as before explicit sharding existed
-            return jnp.zeros(o.shape, o.dtype)
-        return jnp.zeros(o.shape, o.dtype, out_sharding=sharding)
+            z = jnp.zeros(o.shape, o.dtype)
+        else:
+            z = jnp.zeros(o.shape, o.dtype, out_sharding=sharding)
+        axes = varying_axes(o)
+        return jax.lax.pcast(z, axes, to="varying") if axes else z
 
     return jax.tree_util.tree_map(zeros, out)
 
@@ -663,6 +698,7 @@ def gated_branch(
     factor = train_scale(survival_prob, scaling)
     if mode == "sample" or implementation == "mask":
         return with_shortcut(masked(branch(x), gate, factor, batch_axis), shortcut)
+    check_shared_gate(gate)
     out = jax.eval_shape(branch, x)
     return with_shortcut(jax.lax.cond(
         gate,

@@ -1,0 +1,150 @@
+"""The op, the Linen wrapper and a library block inside ``jax.shard_map`` (8 CPU devices): each
+device runs its shard as the same code would alone, with the gates its key gives."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+import stochastic_depth_jax as sdj
+
+DEVICES = 8
+B, D = 2 * DEVICES, 4
+X = jax.random.normal(jax.random.key(0), (B, D))
+W = jax.random.normal(jax.random.key(1), (D, D))
+
+
+def _mesh():
+    assert jax.device_count() == DEVICES
+    return jax.make_mesh((DEVICES,), ("data",), axis_types=(AxisType.Auto,))
+
+
+def _keys(local, *args):
+    """A key that opens the batch-mode gate of ``local(X, *args, key)`` and one that closes it."""
+    keys = {}
+    for seed in range(32):
+        key = jax.random.key(seed)
+        keys.setdefault(bool(jnp.any(local(X, *args, key) != X)), key)
+    return keys
+
+
+def _per_shard(local, x, *args):
+    """``local`` on each device's shard of ``x`` alone, concatenated: what shard_map computes."""
+    return jnp.concatenate([local(s, *args) for s in jnp.split(x, DEVICES)])
+
+
+def _loss(local, mapped):
+    """Sum of squares of ``local`` over the batch, in shard_map (``mapped``) or shard by shard;
+    its gradient with respect to the replicated weights is summed over the devices."""
+    if mapped:
+        fn = jax.shard_map(local, mesh=_mesh(), in_specs=(P("data"), P(), P()),
+                           out_specs=P("data"))
+    else:
+        fn = lambda x, w, key: _per_shard(local, x, w, key)  # noqa: E731
+    return jax.jit(jax.value_and_grad(lambda x, w, key: jnp.sum(fn(x, w, key) ** 2),
+                                      argnums=(0, 1)))
+
+
+def _close(got, want):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 got, want)
+
+
+def _op(x, w, key, fold=False, **opts):
+    if fold:  # a gate per device
+        key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+    return sdj.stochastic_depth(lambda v: jnp.tanh(v @ w), x, survival_prob=0.5, key=key,
+                                shortcut=x, **opts)
+
+
+class Branch(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(D)(x))
+
+
+SD = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5)
+
+
+def _linen(x, w, key):
+    params = {"branch": {"Dense_0": {"kernel": w, "bias": jnp.zeros((D,))}}}
+    return SD.apply({"params": params}, x, deterministic=False, shortcut=x, rngs={"stochastic_depth": key})
+
+
+@pytest.mark.parametrize("open_", [True, False])
+@pytest.mark.parametrize("local", [_op, _linen], ids=["op", "linen"])
+def test_batch_mode_skipping_inside_shard_map_matches_each_shard_alone(local, open_):
+    # One key for every device: one gate, the same everywhere, and the branch skipped (or run)
+    # on every device. The skipped side's zeros must vary over the mesh axis as the branch's
+    # output does, or the cond's two sides differ in type.
+    key = _keys(local, W)[open_]
+    got = _loss(local, mapped=True)(X, W, key)
+    _close(got, _loss(local, mapped=False)(X, W, key))
+    assert np.any(np.asarray(got[1][1]) != 0) == open_  # a closed gate: no weight gradient
+
+
+class StatelessNorm(nn.Module):
+    """A norm without running statistics (the library's BatchNorm would differ by device)."""
+
+    dtype: object = None
+    scale_init: object = None
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return nn.LayerNorm(dtype=self.dtype)(x)
+
+
+@pytest.mark.parametrize("open_", [True, False])
+def test_a_library_block_skips_inside_shard_map(open_):
+    # The library's branches declare their output (output_struct), which must say it varies
+    # over the mesh axis as the input does.
+    block = sdj.BasicBlock(4, norm=StatelessNorm)
+    x = jax.random.normal(jax.random.key(3), (B, 4, 4, 4))
+    variables = block.init(jax.random.key(4), x, 0.5, train=False)
+
+    def local(x, key):
+        return block.apply(variables, x, 0.5, train=True, rngs={"stochastic_depth": key})
+
+    keys = {}
+    for seed in range(32):  # a closed gate leaves relu(x)
+        key = jax.random.key(seed)
+        keys.setdefault(bool(jnp.any(local(x, key) != jax.nn.relu(x))), key)
+    key = keys[open_]
+    mapped = jax.shard_map(local, mesh=_mesh(), in_specs=(P("data"), P()), out_specs=P("data"))
+    _close(jax.jit(mapped)(x, key), _per_shard(local, x, key))
+
+
+@pytest.mark.parametrize("local", [_op, _linen], ids=["op", "linen"])
+def test_a_batch_gate_that_differs_between_devices_is_refused_with_the_fix(local):
+    # Skipping with a gate per device would hang the backward pass: the replicated weights'
+    # gradient is summed across devices inside the cond, where only open devices arrive.
+    def per_device(x, w, key):
+        return local(x, w, jax.random.fold_in(key, jax.lax.axis_index("data")))
+
+    with pytest.raises(ValueError, match=r"differs between shard_map devices.*"
+                                         r"implementation='mask'"):
+        _loss(per_device, mapped=True)(X, W, jax.random.key(0))
+
+
+def test_a_per_device_batch_gate_masks_inside_shard_map():
+    def local(x, w, key):
+        return _op(x, w, key, fold=True, implementation="mask")
+
+    def alone(x, w, key):  # device i's key, as axis_index gives it
+        return jnp.concatenate([
+            _op(s, w, jax.random.fold_in(key, i), implementation="mask")
+            for i, s in enumerate(jnp.split(x, DEVICES))])
+
+    key = jax.random.key(5)
+    got = _loss(local, mapped=True)(X, W, key)
+    want = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(alone(x, w, key) ** 2),
+                                      argnums=(0, 1)))(X, W)
+    _close(got, want)
+    rows = np.asarray(jnp.any(_loss_out(local, key) != X, axis=1)).reshape(DEVICES, -1)
+    assert len({bool(r[0]) for r in rows}) == 2  # the devices' gates differ
+
+
+def _loss_out(local, key):
+    fn = jax.shard_map(local, mesh=_mesh(), in_specs=(P("data"), P(), P()), out_specs=P("data"))
+    return jax.jit(fn)(X, W, key)
