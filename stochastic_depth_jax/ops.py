@@ -63,6 +63,7 @@ __all__ = [
     "stochastic_depth",
     "validate_options",
     "check_survival_prob",
+    "check_survival_probs",
     "is_static_one",
     "is_concrete",
     "check_deterministic",
@@ -113,6 +114,24 @@ def check_survival_prob(p: Any) -> None:
     v = float(np.asarray(p, dtype=np.float64))
     if math.isnan(v) or not 0.0 < v <= 1.0:
         raise ValueError(f"survival_prob must be in (0, 1], got {v!r}.")
+
+
+def check_survival_probs(probs: Any) -> None:
+    """Raises ValueError unless every entry of a schedule known on the host is in (0, 1].
+
+    A schedule of drop rates (``drop_path_rates``, 0 at the first block) passed where
+    survival probabilities are meant would otherwise drop those blocks (almost) always.
+    Traced schedules are left to the caller, as in :func:`check_survival_prob`."""
+    try:
+        values = np.asarray(probs, dtype=np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced values are the caller's to check
+    bad = np.flatnonzero(~((values > 0.0) & (values <= 1.0)))  # NaN is out of range too
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"survival probabilities must be in (0, 1], got {float(values.flat[i])!r} at index "
+            f"{i}; drop rates (sdj.drop_path_rates) are 1 - p: pass 1 - rates.")
 
 
 def is_concrete(value: Any) -> bool:
@@ -191,6 +210,7 @@ def draw_gates(
       bool gates, ``True`` where the block survives.
     """
     validate_options(mode, "test")
+    check_survival_probs(survival_probs)
     probs = jnp.asarray(survival_probs, dtype=jnp.float32)
     if mode == "batch":
         return jax.random.bernoulli(key, probs, probs.shape)
@@ -689,6 +709,7 @@ def gated_branch(
       ``'batch'``/``'skip'`` the branch is not evaluated when the gate is closed, in
       ``'sample'``/``'skip'`` only on the subset.
     """
+    check_survival_prob(survival_prob)
     gate = jnp.asarray(gate)
     check_gate(gate, mode)
     if mode == "sample" and jnp.issubdtype(gate.dtype, jnp.integer):

@@ -173,6 +173,30 @@ def test_a_whole_schedule_as_survival_prob_is_refused_everywhere():
         jnp.asarray(probs)[2])
 
 
+def test_the_op_split_in_two_checks_its_rates_as_the_op_does():
+    # gated_branch with the whole schedule would broadcast it over the last axis (here 4
+    # blocks over 4 channels) and scale silently; a rate of 0 divided by zero in Python.
+    x = X[:, 0]
+    gate = jnp.bool_(True)
+    probs = sdj.linear_decay(4, 0.5)
+    with pytest.raises(ValueError, match=r"one block's survival probability \(a scalar\)"):
+        ops.gated_branch(F, jnp.ones((8, 4)), gate, probs, scaling="train")
+    for p in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"survival_prob must be in \(0, 1\]"):
+            ops.gated_branch(F, x, gate, p, scaling="train")
+    # draw_gates given drop rates (0 at the first block) would drop those blocks always.
+    for bad, value in ((vit.drop_path_rates(4, 0.1), "0.0"), ([0.5, 1.5], "1.5"),
+                       ([float("nan")], "nan")):
+        with pytest.raises(ValueError, match=rf"survival probabilities must be in \(0, 1\], "
+                                             rf"got {value} at index \d+;.*1 - rates"):
+            sdj.draw_gates(jax.random.key(0), bad)
+    # Good schedules and traced ones (the caller's to check) pass.
+    gates = sdj.draw_gates(jax.random.key(0), 1.0 - vit.drop_path_rates(4, 0.1))
+    assert gates.shape == (4,) and bool(gates[0])
+    jax.jit(lambda p: sdj.draw_gates(jax.random.key(0), p))(jnp.asarray(probs))
+    jax.jit(lambda p: ops.gated_branch(F, x, gate, p))(jnp.asarray(probs)[1])
+
+
 def test_an_integer_gate_is_refused_with_the_bool_fix():
     sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
     variables = sd.init(jax.random.key(0), X, deterministic=True)
