@@ -141,7 +141,9 @@ class StochasticDepth(nn.Module):
         activations), ``'convs'`` (convolution outputs tagged ``stochastic_depth_conv``;
         cheap element-wise ops are recomputed) or ``'full'`` (only the input). Inside a
         ``lax.scan``, a ``lax.cond`` under ``grad`` must fill the skipped branch's residuals
-        with zeros; saving fewer residuals makes a skipped block cheaper.
+        with zeros; saving fewer residuals makes a skipped block cheaper. It applies to
+        batch-mode skipping only (that ``cond``): drop path (``mode='sample'``) and
+        ``'mask'`` run the branch as it is, so for them wrap the branch in ``nn.remat``.
       rng_collection: the rng stream gates are drawn from.
       reroute_convs: whether stock ``flax.linen.Conv`` layers inside the branch compute
         through :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and
