@@ -121,7 +121,10 @@ def check_survival_probs(probs: Any) -> None:
 
     A schedule of drop rates (``drop_path_rates``, 0 at the first block) passed where
     survival probabilities are meant would otherwise drop those blocks (almost) always.
-    Traced schedules are left to the caller, as in :func:`check_survival_prob`."""
+    Traced schedules (and arrays spanning other hosts) are left to the caller, as in
+    :func:`check_survival_prob`."""
+    if isinstance(probs, jax.Array) and not is_concrete(probs):
+        return
     try:
         values = np.asarray(probs, dtype=np.float64)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
