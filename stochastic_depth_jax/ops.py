@@ -165,7 +165,9 @@ def check_deterministic(deterministic: Any) -> None:
             "deterministic (or train) must be a Python bool, known while tracing, got a traced "
             "value: mark the flag static, e.g. jax.jit(step, static_argnames='train') or "
             "nnx.jit(..., static_argnames='train'), or switch NNX modules with "
-            "model.train() / model.eval()."
+            "model.train() / model.eval(); nn.remat and jax.checkpoint trace keyword "
+            "arguments, so rematerialise the branch instead: "
+            "StochasticDepth(nn.remat(MyBranch)(parent=None)) or StochasticDepth(remat='full')."
         )
 
 

@@ -280,6 +280,11 @@ def test_a_traced_train_flag_is_a_clear_error_everywhere():
     nnx_sd = nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5)
     with pytest.raises(TypeError, match=message):
         nnx.jit(lambda m, d: m(X, deterministic=d))(nnx_sd, True)
+    # nn.remat around the wrapper traces its keyword-only flag: the error names the way out.
+    remat_sd = nn.remat(sdj.StochasticDepth)(Dense(parent=None), survival_prob=0.5)
+    with pytest.raises(TypeError, match=r"nn.remat and jax.checkpoint trace keyword arguments"
+                                        r".*nn.remat\(MyBranch\).*remat='full'"):
+        remat_sd.init(jax.random.key(0), X, deterministic=True)
 
 
 def test_per_layer_rates_made_under_nnx_vmap_are_refused_with_the_fix():
