@@ -167,8 +167,9 @@ def check_deterministic(deterministic: Any) -> None:
             "value: mark the flag static, e.g. jax.jit(step, static_argnames='train') or "
             "nnx.jit(..., static_argnames='train'), or switch NNX modules with "
             "model.train() / model.eval(); nn.remat and jax.checkpoint trace keyword "
-            "arguments, so rematerialise the branch instead: "
-            "StochasticDepth(nn.remat(MyBranch)(parent=None)) or StochasticDepth(remat='full')."
+            "arguments, so around the Linen wrapper rematerialise its branch instead: "
+            "StochasticDepth(nn.remat(MyBranch)(parent=None)), or StochasticDepth(remat='full') "
+            "(batch-mode skipping only: drop path and 'mask' run the branch as it is)."
         )
 
 
