@@ -33,6 +33,7 @@ run; use ``mode='sample'`` for per-example gates instead.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any, Callable
 
@@ -166,8 +167,9 @@ def check_deterministic(deterministic: Any) -> None:
             "value: mark the flag static, e.g. jax.jit(step, static_argnames='train') or "
             "nnx.jit(..., static_argnames='train'), or switch NNX modules with "
             "model.train() / model.eval(); nn.remat and jax.checkpoint trace keyword "
-            "arguments, so rematerialise the branch instead: "
-            "StochasticDepth(nn.remat(MyBranch)(parent=None)) or StochasticDepth(remat='full')."
+            "arguments, so around the Linen wrapper rematerialise its branch instead: "
+            "StochasticDepth(nn.remat(MyBranch)(parent=None)), or StochasticDepth(remat='full') "
+            "(batch-mode skipping only: drop path and 'mask' run the branch as it is)."
         )
 
 
@@ -445,8 +447,9 @@ def naming_whole_arguments(branch: Callable[[Any], Any], x: Any, args: tuple, kw
 
     A subset gathers only ``x``: the other arguments reach the branch as they are, so a
     per-example one (an attention mask) meets ``k`` examples of ``x`` and breaks deep in the
-    branch (a broadcasting error). Errors of a full-batch call, or with no such argument,
-    pass through unchanged.
+    branch (a broadcasting error). Errors of a full-batch call, with no such argument, or
+    that do not name both sizes (a mismatch of the two prints both shapes; any other error
+    of the branch, e.g. a missing rng, is the user's own) pass through unchanged.
     """
     batch = batch_size_of(x, batch_axis)
 
@@ -456,7 +459,7 @@ def naming_whole_arguments(branch: Callable[[Any], Any], x: Any, args: tuple, kw
         except (TypeError, ValueError) as e:
             kept = batch_size_of(v, batch_axis)
             whole = _whole_batch_arguments(args, kwargs, batch, batch_axis)
-            if kept == batch or not whole:
+            if kept == batch or not whole or not _names_sizes(str(e), kept, batch):
                 raise
             raise ValueError(
                 f"The branch failed on the {kept} of {batch} examples a drop-path subset "
@@ -467,6 +470,13 @@ def naming_whole_arguments(branch: Callable[[Any], Any], x: Any, args: tuple, kw
                 "implementation='mask'.") from e
 
     return call
+
+
+def _names_sizes(message: str, *sizes: int) -> bool:
+    """Whether ``message`` names each of ``sizes`` as a number (a shape's entry): an argument
+    of the whole batch beside a subset of ``x`` fails with both sizes in the message, while an
+    argument merely as long as the batch (8 heads, batch 8) is not the cause of other errors."""
+    return all(re.search(rf"(?<![\d.]){n}(?![\d.])", message) for n in sizes)
 
 
 def _whole_batch_arguments(args: tuple, kwargs: dict, batch: int, batch_axis: int

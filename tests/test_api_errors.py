@@ -282,8 +282,10 @@ def test_a_traced_train_flag_is_a_clear_error_everywhere():
         nnx.jit(lambda m, d: m(X, deterministic=d))(nnx_sd, True)
     # nn.remat around the wrapper traces its keyword-only flag: the error names the way out.
     remat_sd = nn.remat(sdj.StochasticDepth)(Dense(parent=None), survival_prob=0.5)
+    # StochasticDepth(remat=...) rematerialises batch-mode skipping only, which it says.
     with pytest.raises(TypeError, match=r"nn.remat and jax.checkpoint trace keyword arguments"
-                                        r".*nn.remat\(MyBranch\).*remat='full'"):
+                                        r".*nn.remat\(MyBranch\).*remat='full'\) \(batch-mode "
+                                        r"skipping only: drop path and 'mask' run the branch"):
         remat_sd.init(jax.random.key(0), X, deterministic=True)
 
 
@@ -359,3 +361,24 @@ def test_a_per_example_argument_beside_a_drop_path_subset_names_the_fix(api):
         run(X, mask)
     y = run((X, mask))  # the fix: the mask inside x is gathered with it
     assert y.shape == X.shape and int(np.sum(np.any(np.asarray(y) != 0, axis=(1, 2)))) == 4
+
+
+class NnxBiasedDropout(nnx.Module):
+    """A branch taking a per-head bias ``[heads, T, T]`` (8 heads, as long as the batch) that
+    it uses whole, with the user's own bug: a Dropout without rngs."""
+
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(6, 6, rngs=rngs)
+        self.drop = nnx.Dropout(0.1)
+
+    def __call__(self, x, bias):
+        return self.drop(self.dense(x)) + jnp.mean(bias)
+
+
+def test_another_error_of_a_drop_path_subset_passes_through_unchanged():
+    # An argument as long as the batch (8 heads beside a batch of 8) that the branch uses
+    # whole is no mistake: the branch's own error (the Dropout's missing rngs) is raised as
+    # it is, not relabelled with the advice to move the bias inside x.
+    drop = nnx_layers.DropPath(NnxBiasedDropout(nnx.Rngs(0)), 0.5)
+    with pytest.raises(ValueError, match=r"^`deterministic` is False, but no `rngs`"):
+        drop(X, jnp.zeros((8, 4, 4)), rngs=jax.random.key(1))

@@ -273,6 +273,26 @@ def test_nnx_batch_skipping_under_nnx_capture_masks_as_linen_does(jit):
     assert kept == {True, False}
 
 
+def test_nnx_batch_skipping_of_a_branch_sowing_outside_nnx_capture_masks():
+    # Without nnx.capture a sow adds an nnx.Intermediate to the branch, which a skipping
+    # nnx.cond cannot do on one side only either: masked, as 'mask', recorded every call.
+    def build(implementation):
+        rngs = nnx.Rngs(params=0, stochastic_depth=1)
+        return nnx_layers.StochasticDepth(NnxSowing(rngs), 0.5, implementation=implementation,
+                                          rngs=rngs)
+
+    skip, mask = build("skip"), build("mask")
+    kept = set()
+    for seed in range(6):
+        key = jax.random.key(seed)
+        y, want = skip(X, rngs=key), mask(X, rngs=key)
+        np.testing.assert_allclose(y, want, rtol=1e-6)
+        np.testing.assert_allclose(skip.branch.bn.mean[...], mask.branch.bn.mean[...],
+                                   rtol=1e-6)
+        kept.add(bool(jnp.any(y != 0)))
+    assert kept == {True, False} and len(skip.branch.hidden.get_value()) == 6
+
+
 def _tree_branch(h):
     return {"a": jnp.tanh(h["a"]) + 1.0, "b": h["b"] * 2.0 + 1.0}
 

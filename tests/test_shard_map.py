@@ -115,6 +115,22 @@ def test_a_library_block_skips_inside_shard_map(open_):
     _close(jax.jit(mapped)(x, key), _per_shard(local, x, key))
 
 
+def test_a_library_block_with_batchnorm_masks_inside_shard_map():
+    # Each device's BatchNorm statistics differ, which a skipping cond's closed side cannot
+    # match; 'mask' runs the block, normalising each shard as it would alone.
+    block = sdj.BasicBlock(4, implementation="mask")
+    x = jax.random.normal(jax.random.key(3), (B, 4, 4, 4))
+    variables = block.init(jax.random.key(4), x, 0.5, train=False)
+
+    def local(x, key):
+        return block.apply(variables, x, 0.5, train=True, rngs={"stochastic_depth": key},
+                           mutable=["batch_stats"])[0]
+
+    key = jax.random.key(0)
+    mapped = jax.shard_map(local, mesh=_mesh(), in_specs=(P("data"), P()), out_specs=P("data"))
+    _close(jax.jit(mapped)(x, key), _per_shard(local, x, key))
+
+
 @pytest.mark.parametrize("local", [_op, _linen], ids=["op", "linen"])
 def test_a_batch_gate_that_differs_between_devices_is_refused_with_the_fix(local):
     # Skipping with a gate per device would hang the backward pass: the replicated weights'
