@@ -349,7 +349,7 @@ def save_pruned(directory: str, model: Any, variables: Any,
     """Saves a (pruned) model: ``model.json`` (its definition) and Orbax ``variables/``.
 
     ``directory`` must be new or empty (:func:`check_export_directory`). ``metadata``
-    (e.g. the source run and the removed blocks; JSON values, NumPy ones stored as lists
+    (e.g. the source run and the removed blocks; JSON values, NumPy and JAX ones stored as lists
     and numbers) is stored in ``model.json``; so are the
     input normalisation ``mean`` and ``std`` (float ``[C]`` each, or a mean image
     ``[H, W, C]`` and a scalar std (``normalization='pixel'``); pixel units 0-255: the model
@@ -378,13 +378,16 @@ def save_pruned(directory: str, model: Any, variables: Any,
 
 
 def _record_json(record: dict[str, Any]) -> str:
-    """``record`` as ``model.json``'s text; NumPy values (a keep mask, a float32 error) as
-    JSON lists and numbers.
+    """``record`` as ``model.json``'s text; NumPy and JAX values (a keep mask, an error
+    computed with ``jnp``) as JSON lists and numbers.
 
     Raises:
-      errors.ConfigError: the metadata holds something else JSON cannot hold.
+      errors.ConfigError: the metadata holds something else JSON cannot hold (a traced
+        value, an array spread over other hosts).
     """
     def plain(value: Any) -> Any:
+        if isinstance(value, jax.Array) and ops.is_concrete(value):
+            value = np.asarray(value)
         if isinstance(value, (np.ndarray, np.generic)):
             return value.tolist()
         raise TypeError(f"a value of type {type(value).__name__}")
@@ -394,7 +397,7 @@ def _record_json(record: dict[str, Any]) -> str:
     except (TypeError, ValueError) as e:
         raise errors.ConfigError(
             f"save_pruned's metadata must be JSON-serialisable (numbers, strings, lists, "
-            f"dicts with string keys, NumPy arrays); {e}. Nothing was written.") from None
+            f"dicts with string keys, NumPy or local JAX arrays); {e}. Nothing was written.") from None
 
 
 def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:

@@ -136,9 +136,12 @@ def test_save_pruned_takes_numpy_metadata_and_writes_nothing_it_cannot_record(tm
     pruned, pvars = pruning.prune(model, variables, keep)
     out = str(tmp_path / "numpy")
     pruning.save_pruned(out, pruned, pvars, {"keep": keep, "error": np.float32(0.25),
-                                             "blocks": np.int64(2)})
+                                             "blocks": np.int64(2),
+                                             "jnp_error": jnp.mean(jnp.float32([0.5, 0.0])),
+                                             "jnp_keep": jnp.asarray(keep)})
     assert pruning.load_pruned(out)[2] == {"keep": [True, True, False], "error": 0.25,
-                                           "blocks": 2}
+                                           "blocks": 2, "jnp_error": 0.25,
+                                           "jnp_keep": [True, True, False]}
     bad = str(tmp_path / "bad")
     with pytest.raises(errors.ConfigError, match="metadata must be JSON-serialisable.*type object"):
         pruning.save_pruned(bad, pruned, pvars, {"model": object()})
