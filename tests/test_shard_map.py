@@ -1,5 +1,7 @@
 """The op, the Linen wrapper and a library block inside ``jax.shard_map`` (8 CPU devices): each
 device runs its shard as the same code would alone, with the gates its key gives."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -148,3 +150,19 @@ def test_a_per_device_batch_gate_masks_inside_shard_map():
 def _loss_out(local, key):
     fn = jax.shard_map(local, mesh=_mesh(), in_specs=(P("data"), P(), P()), out_specs=P("data"))
     return jax.jit(fn)(X, W, key)
+
+
+def test_the_cpu_friendly_conv_gives_a_replicated_kernel_its_summed_gradient_inside_shard_map():
+    # Its custom gradient returned the kernel's gradient varying over 'data' for a kernel
+    # that does not, which JAX refused (the library's ResNets could not train there on CPU).
+    x = jax.random.normal(jax.random.key(10), (B, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(11), (3, 3, 3, 4))
+
+    def loss(x, w, mapped):
+        y = sdj.conv.conv2d(x, w, (2, 2), ((1, 1), (1, 1)))
+        return jax.lax.psum(jnp.sum(y ** 2), "data") if mapped else jnp.sum(y ** 2)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    mapped = jax.shard_map(functools.partial(grad, mapped=True), mesh=_mesh(),
+                           in_specs=(P("data"), P()), out_specs=(P("data"), P()))
+    _close(jax.jit(mapped)(x, w), jax.jit(functools.partial(grad, mapped=False))(x, w))
