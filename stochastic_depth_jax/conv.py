@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stochastic_depth_jax.ops import varying_axes
+
 __all__ = [
     "conv2d",
     "conv_general_dilated",
@@ -197,10 +199,26 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
     """
     pads = tuple((int(a), int(b)) for a, b in padding)
     sh, sw = (int(s) for s in strides)
+    x, w = _same_varying(x, w)
     if w.shape[0] == 1 and w.shape[1] == 1 and pads == ((0, 0), (0, 0)):
         return _conv_s1(x[:, ::sh, ::sw, :], w, pads)  # 1x1: subsample first, exact
     y = _conv_s1(x, w, pads)
     return y if (sh, sw) == (1, 1) else y[:, ::sh, ::sw, :]
+
+
+def _same_varying(x: Array, w: Array) -> tuple[Array, Array]:
+    """``x`` and ``w`` made to vary over the same ``shard_map`` mesh axes (unchanged outside
+    one). The custom gradient returns each operand's gradient typed as the operand, and
+    inside ``shard_map`` a replicated kernel's gradient computed from a per-device batch
+    varies; cast to varying here, as ``lax``'s own convolution does implicitly, the kernel's
+    gradient is summed over the devices by the cast's transpose."""
+    axes = set(varying_axes(x)) | set(varying_axes(w))
+
+    def cast(v: Array) -> Array:
+        missing = tuple(sorted(axes - set(varying_axes(v))))
+        return lax.pcast(v, missing, to="varying") if missing else v
+
+    return cast(x), cast(w)
 
 
 def _nhwc_numbers(lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any) -> bool:

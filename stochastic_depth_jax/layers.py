@@ -61,11 +61,18 @@ class BatchNorm(nn.Module):
     (momentum 0.1 is Flax's 0.9) and the running variance uses the unbiased batch variance
     (n / (n - 1)); normalisation uses the biased one, as Torch. Under a sharded ``jit`` the
     batch mean is taken over the global batch, so statistics do not depend on device count.
+    Inside ``jax.shard_map`` (or ``pmap``) each device sees only its shard: ``axis_name``
+    averages the statistics over that mapped axis, so they are again the global batch's.
 
     Attributes:
       momentum: Torch-convention momentum.
       epsilon: added to the variance.
       scale_init: initialiser of the scale (``zeros`` gives zero-init residual branches).
+      axis_name: None, or the mapped axis (a name or tuple of names, e.g. ``'data'`` of a
+        ``shard_map`` over the batch) whose devices' shards together make the batch: in
+        training the batch mean and variance (and the unbiased count n) are then those of
+        the whole batch (``jax.lax.pmean``; every shard must hold as many examples), and the
+        running statistics the same on every device. Evaluation is unchanged.
     """
 
     momentum: float = 0.1
@@ -73,6 +80,7 @@ class BatchNorm(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     scale_init: Callable[..., Array] = nn.initializers.ones
+    axis_name: str | tuple[str, ...] | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
@@ -84,11 +92,12 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
         if train:
+            shards = self._shards()  # checks axis_name before a pmean over it
             xf = x.astype(jnp.float32)
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            mean = self._batch_mean(xf, axes)
+            var = self._batch_mean(jnp.square(xf - mean), axes)
             if not self.is_initializing():
-                n = x.size // features
+                n = x.size // features * shards
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
                 mean_v.value = (1.0 - m) * mean_v.value + m * mean
@@ -99,6 +108,31 @@ class BatchNorm(nn.Module):
         add = bias.astype(jnp.float32) - mean * mul
         dtype = self.dtype or x.dtype
         return (x * mul.astype(dtype) + add.astype(dtype)).astype(dtype)
+
+    def _synced(self) -> bool:
+        # As Flax's BatchNorm: init (often outside the mapped function) reduces locally.
+        return self.axis_name is not None and not self.is_initializing()
+
+    def _batch_mean(self, v: Array, axes: tuple[int, ...]) -> Array:
+        """Mean of ``v`` over ``axes`` of this shard, and over ``axis_name``'s shards (equal
+        in size, so the mean of their means is the whole batch's)."""
+        mean = jnp.mean(v, axes)
+        return jax.lax.pmean(mean, self.axis_name) if self._synced() else mean
+
+    def _shards(self) -> int:
+        """How many shards make the batch: the size of ``axis_name`` (1 without one); a
+        ValueError naming the axis where it is not bound (JAX's own error there is an
+        assertion without a message, or one that points at ``psum``)."""
+        if not self._synced():
+            return 1
+        try:
+            return jax.lax.axis_size(self.axis_name)
+        except NameError:
+            raise ValueError(
+                f"BatchNorm(axis_name={self.axis_name!r}) averages its batch statistics over "
+                f"a mapped axis of that name, which is not bound here: call the model inside "
+                f"jax.shard_map (or pmap) over that axis, or leave axis_name=None (under jit "
+                f"the statistics are already the whole batch's).") from None
 
 
 def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:

@@ -429,7 +429,8 @@ class _StochasticResNetBase(nn.Module):
       scan_unroll: inline the scans' iterations (see :class:`ResidualStages`).
       dtype: computation dtype (parameters stay float32).
       conv, norm: convolution and normalisation modules (defaults: :class:`conv.Conv`,
-        :class:`layers.BatchNorm`).
+        :class:`layers.BatchNorm`; inside ``jax.shard_map`` over the batch,
+        ``functools.partial(layers.BatchNorm, axis_name=...)``).
       zero_init_last: zero-initialise the last BatchNorm scale of each branch.
       dropout_rate: dropout between each branch's convolutions in training (Wide ResNets;
         rng stream ``'dropout'``); 0 (default) adds none.

@@ -1,5 +1,8 @@
 """The op, the Linen wrapper and a library block inside ``jax.shard_map`` (8 CPU devices): each
-device runs its shard as the same code would alone, with the gates its key gives."""
+device runs its shard as the same code would alone, with the gates its key gives; a library
+ResNet whose BatchNorm averages over the mapped axis trains as under ``jit``."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -85,7 +88,8 @@ def test_batch_mode_skipping_inside_shard_map_matches_each_shard_alone(local, op
 
 
 class StatelessNorm(nn.Module):
-    """A norm without running statistics (the library's BatchNorm would differ by device)."""
+    """A norm without running statistics (the library's BatchNorm without ``axis_name`` would
+    differ by device)."""
 
     dtype: object = None
     scale_init: object = None
@@ -164,3 +168,86 @@ def test_a_per_device_batch_gate_masks_inside_shard_map():
 def _loss_out(local, key):
     fn = jax.shard_map(local, mesh=_mesh(), in_specs=(P("data"), P(), P()), out_specs=P("data"))
     return jax.jit(fn)(X, W, key)
+
+
+# The library's BatchNorm with axis_name='data' inside shard_map: the statistics of the whole
+# batch, as under jit, so a library ResNet trains there as it does under jit.
+SYNCED_BN = functools.partial(sdj.layers.BatchNorm, axis_name="data")
+IMAGES = jax.random.normal(jax.random.key(6), (B, 8, 8, 3))
+LABELS = jax.random.randint(jax.random.key(7), (B,), 0, 3)
+
+
+def _resnet(**kw):
+    return sdj.CifarResNet(depth=8, width=4, num_classes=3, **kw)
+
+
+def _train_step(model, gates, mapped):
+    """Loss, gradients and new batch_stats of one training step of ``model`` on IMAGES, in
+    shard_map over 'data' (the loss the devices' mean, so its gradient is the whole batch's)
+    or under jit on the whole batch."""
+    def step(variables, x, y):
+        def loss(params):
+            logits, updates = model.apply({**variables, "params": params}, x, train=True,
+                                          gates=gates, mutable=["batch_stats"])
+            ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+            return (jax.lax.pmean(ce, "data") if mapped else ce), updates["batch_stats"]
+
+        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        return value, grads, stats
+
+    if mapped:
+        step = jax.shard_map(step, mesh=_mesh(), in_specs=(P(), P("data"), P("data")),
+                             out_specs=P())
+    return jax.jit(step)
+
+
+@pytest.mark.parametrize("gates", [None, (True,) * 3, (False, True, False)],
+                         ids=["constant_depth", "gates_open", "gates_closed"])
+def test_a_library_resnet_with_synced_batchnorm_trains_inside_shard_map_as_under_jit(gates):
+    # Without axis_name each device normalised its own shard and its running statistics
+    # differed by device, which a skipping cond refuses (its closed side's do not).
+    p_L = 1.0 if gates is None else 0.5
+    synced = _resnet(final_survival_prob=p_L, norm=SYNCED_BN)
+    plain = _resnet(final_survival_prob=p_L)
+    given = None if gates is None else jnp.array(gates)
+    variables = plain.init(jax.random.key(8), IMAGES, train=False)
+    got = _train_step(synced, given, mapped=True)(variables, IMAGES, LABELS)
+    _close(got, _train_step(plain, given, mapped=False)(variables, IMAGES, LABELS))
+    for stage, gate in enumerate(gates or (), start=1):
+        block = f"stage{stage}_block1"  # a closed block skipped: its statistics unchanged
+        same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), got[2]["stages"][block],
+                            variables["batch_stats"]["stages"][block])
+        assert all(jax.tree.leaves(same)) != gate
+
+
+def test_synced_batchnorm_outside_its_mapped_axis_says_so():
+    bn = SYNCED_BN()
+    x = jax.random.normal(jax.random.key(9), (B, D))
+    variables = bn.init(jax.random.key(0), x, train=True)
+
+    def apply(x):
+        return bn.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+    with pytest.raises(ValueError, match=r"axis_name='data'.* not bound here.*shard_map"):
+        jax.jit(apply)(x)
+    wrong = jax.shard_map(lambda x: sdj.layers.BatchNorm(axis_name="batch").apply(
+        variables, x, train=True, mutable=["batch_stats"])[0], mesh=_mesh(),
+        in_specs=P("data"), out_specs=P("data"))
+    with pytest.raises(ValueError, match=r"axis_name='batch'.* not bound here"):  # JAX: ''
+        jax.jit(wrong)(x)
+
+
+def test_the_cpu_friendly_conv_gives_a_replicated_kernel_its_summed_gradient_inside_shard_map():
+    # Its custom gradient returned the kernel's gradient varying over 'data' for a kernel
+    # that does not, which JAX refused (the library's ResNets could not train there on CPU).
+    x = jax.random.normal(jax.random.key(10), (B, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(11), (3, 3, 3, 4))
+
+    def loss(x, w, mapped):
+        y = sdj.conv.conv2d(x, w, (2, 2), ((1, 1), (1, 1)))
+        return jax.lax.psum(jnp.sum(y ** 2), "data") if mapped else jnp.sum(y ** 2)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    mapped = jax.shard_map(functools.partial(grad, mapped=True), mesh=_mesh(),
+                           in_specs=(P("data"), P()), out_specs=(P("data"), P()))
+    _close(jax.jit(mapped)(x, w), jax.jit(functools.partial(grad, mapped=False))(x, w))
