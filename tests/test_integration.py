@@ -273,6 +273,8 @@ def test_nnx_batch_skipping_under_nnx_capture_masks_as_linen_does(jit):
     assert kept == {True, False}
 
 
+# What this test does on purpose (newer Flax deprecates it; it still works).
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside:DeprecationWarning")
 def test_nnx_batch_skipping_of_a_branch_sowing_outside_nnx_capture_masks():
     # Without nnx.capture a sow adds an nnx.Intermediate to the branch, which a skipping
     # nnx.cond cannot do on one side only either: masked, as 'mask', recorded every call.
