@@ -181,9 +181,10 @@ def _resnet(**kw):
     return sdj.CifarResNet(depth=8, width=4, num_classes=3, **kw)
 
 
-def _train_step(model, gates, mapped):
+def _train_step(model, gates, mapped, check_vma=True):
     """Loss, gradients and new batch_stats of one training step of ``model`` on IMAGES, in
-    shard_map over 'data' (the loss the devices' mean, so its gradient is the whole batch's)
+    shard_map over 'data' (the loss the devices' mean, so its gradient is the whole batch's;
+    without ``check_vma`` JAX sums no replicated gradient, so the gradients are averaged)
     or under jit on the whole batch."""
     def step(variables, x, y):
         def loss(params):
@@ -193,11 +194,13 @@ def _train_step(model, gates, mapped):
             return (jax.lax.pmean(ce, "data") if mapped else ce), updates["batch_stats"]
 
         (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        if not check_vma:
+            grads = jax.lax.pmean(grads, "data")
         return value, grads, stats
 
     if mapped:
         step = jax.shard_map(step, mesh=_mesh(), in_specs=(P(), P("data"), P("data")),
-                             out_specs=P())
+                             out_specs=P(), check_vma=check_vma)
     return jax.jit(step)
 
 
@@ -218,6 +221,17 @@ def test_a_library_resnet_with_synced_batchnorm_trains_inside_shard_map_as_under
         same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), got[2]["stages"][block],
                             variables["batch_stats"]["stages"][block])
         assert all(jax.tree.leaves(same)) != gate
+
+
+def test_synced_batchnorm_without_vma_checks_trains_as_under_jit_with_averaged_gradients():
+    # README: with check_vma=False JAX does not sum a replicated parameter's gradient over
+    # the devices (each device's differs, and their sum is not jit's): their pmean is jit's,
+    # BatchNorm's pmean and the CPU conv's custom gradient included.
+    synced = _resnet(final_survival_prob=1.0, norm=SYNCED_BN)
+    variables = synced.init(jax.random.key(8), IMAGES, train=False)
+    got = _train_step(synced, None, mapped=True, check_vma=False)(variables, IMAGES, LABELS)
+    want = _train_step(_resnet(final_survival_prob=1.0), None, mapped=False)
+    _close(got, want(variables, IMAGES, LABELS))
 
 
 def test_synced_batchnorm_outside_its_mapped_axis_says_so():
