@@ -397,7 +397,8 @@ def _record_json(record: dict[str, Any]) -> str:
     except (TypeError, ValueError) as e:
         raise errors.ConfigError(
             f"save_pruned's metadata must be JSON-serialisable (numbers, strings, lists, "
-            f"dicts with string keys, NumPy or local JAX arrays); {e}. Nothing was written.") from None
+            f"dicts with string keys, NumPy or local JAX arrays); {e}. Nothing was "
+            "written.") from None
 
 
 def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:

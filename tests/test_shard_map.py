@@ -72,7 +72,8 @@ SD = sdj.StochasticDepth(Branch(parent=None), survival_prob=0.5)
 
 def _linen(x, w, key):
     params = {"branch": {"Dense_0": {"kernel": w, "bias": jnp.zeros((D,))}}}
-    return SD.apply({"params": params}, x, deterministic=False, shortcut=x, rngs={"stochastic_depth": key})
+    return SD.apply({"params": params}, x, deterministic=False, shortcut=x,
+                    rngs={"stochastic_depth": key})
 
 
 @pytest.mark.parametrize("open_", [True, False])
