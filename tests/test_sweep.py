@@ -402,7 +402,7 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     runs = [_run(tmp_path, "depth8_pL0.5", 0.5, finished=False)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        # Not a deprecation inside matplotlib (matplotlib < 3.10.7 with pyparsing 3.3 warns
+        # Not a deprecation inside matplotlib (3.8.4 to 3.10.3 with pyparsing 3.3 warn
         # on import; hidden from users by Python's default filters).
         warnings.simplefilter("ignore", DeprecationWarning)
         outputs = sweep.write_figures(runs, str(tmp_path / "figures"))
