@@ -11,8 +11,8 @@ Public API:
 * models: :class:`CifarResNet`, :class:`WideResNet`, :class:`ResNet`, :data:`ResNet50`,
   :data:`ResNet101`, :data:`ResNet152`;
 * depth on demand (module :mod:`stochastic_depth_jax.pruning`): :func:`prune`,
-  :func:`save_pruned`, :func:`load_pruned`, :func:`removal_order`, :func:`depth_curve`,
-  :func:`mc_evaluate`, :class:`SubNetworkEvaluator`.
+  :func:`keep_mask`, :func:`save_pruned`, :func:`load_pruned`, :func:`removal_order`,
+  :func:`depth_curve`, :func:`mc_evaluate`, :class:`SubNetworkEvaluator`.
 * :func:`reroute_flax_convs`: the context in which stock ``flax.linen.Conv`` layers use the
   CPU-friendly convolution of :mod:`stochastic_depth_jax.conv` (``StochasticDepth`` enters
   it on CPU by itself).
@@ -66,6 +66,7 @@ from stochastic_depth_jax.ops import (
 from stochastic_depth_jax.pruning import (
     SubNetworkEvaluator,
     depth_curve,
+    keep_mask,
     load_pruned,
     mc_evaluate,
     prune,
@@ -107,6 +108,7 @@ __all__ = [
     "draw_subset",
     "drop_path_rates",
     "gated_branch",
+    "keep_mask",
     "linear_decay",
     "load_pruned",
     "mc_evaluate",

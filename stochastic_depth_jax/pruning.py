@@ -76,10 +76,29 @@ def _require_blockwise(model: Any) -> None:
             f"({', '.join(sorted(MODEL_CLASSES))}); got a {type(model).__name__}.")
 
 
-def keep_mask(num_blocks: int, removed: Sequence[int]) -> np.ndarray:
-    """bool ``[num_blocks]``, False at the (0-based) block indices in ``removed``."""
-    keep = np.ones(num_blocks, bool)
-    keep[np.asarray(list(removed), int)] = False
+def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
+    """bool ``[num_blocks]``, False at the (0-based) block indices in ``removed``.
+
+    The ``keep`` that :func:`prune` takes, e.g. ``keep_mask(model.num_blocks(), [53, 52])``.
+    Indices are checked, not wrapped: a negative or too large index (often a 1-based block
+    number) is a ValueError naming it, as :func:`list_order` refuses it.
+    """
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) \
+            or num_blocks < 1:
+        raise ValueError(f"keep_mask's num_blocks is the full model's block count, a positive "
+                         f"integer (model.num_blocks()), got {num_blocks!r}.")
+    L = int(num_blocks)
+    if hasattr(removed, "__array__"):  # a NumPy or JAX array: its values as Python scalars
+        removed = np.asarray(removed).reshape(-1).tolist()
+    removed = [removed] if isinstance(removed, (int, np.integer)) else list(removed)
+    bad = [r for r in removed if isinstance(r, (bool, np.bool_))
+           or not isinstance(r, (int, np.integer)) or not 0 <= r < L]
+    if bad:
+        raise ValueError(f"keep_mask's removed blocks must be 0-based integer indices in "
+                         f"[0, {L}), got {bad}; e.g. keep_mask({L}, [{L - 1}]) removes the "
+                         f"last block.")
+    keep = np.ones(L, bool)
+    keep[np.asarray(removed, int)] = False
     return keep
 
 

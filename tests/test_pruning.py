@@ -5,6 +5,7 @@ runs the p_L sweep's resume, the figures' sources and the evaluate.py flags."""
 import functools
 import json
 import os
+import re
 import sys
 
 import jax
@@ -158,6 +159,25 @@ def test_bad_keep_is_refused():
     with pytest.raises(ValueError, match=r"one entry per block of the full model \(6;.*"
                                          r"got shape \(4,\)"):
         pruning.prune(pruned, pvars, [True, True, False, True])
+
+
+def test_keep_mask_checks_its_indices():
+    # The top-level name is the pruning module's function.
+    assert sdj.keep_mask is pruning.keep_mask
+    np.testing.assert_array_equal(sdj.keep_mask(4, [3, 0]), [False, True, True, False])
+    np.testing.assert_array_equal(sdj.keep_mask(4, np.array([1])), [True, False, True, True])
+    np.testing.assert_array_equal(sdj.keep_mask(4, jnp.array([2, 2])), [True, True, False, True])
+    np.testing.assert_array_equal(sdj.keep_mask(np.int64(2), []), [True, True])
+    # Out of range (a 1-based block number, a negative index NumPy would wrap) and non-integer
+    # indices were an IndexError, or silently removed another block; now one line naming them.
+    for removed, shown in [([4], "[4]"), ([-1], "[-1]"), ([1, 2.5], "[2.5]"),
+                           ([True], "[True]"), (np.array([1.0]), "[1.0]")]:
+        with pytest.raises(ValueError, match=r"0-based integer indices in \[0, 4\), got "
+                                             + re.escape(shown) + r"; e.g. keep_mask\(4, \[3\]\)"):
+            sdj.keep_mask(4, removed)
+    for num_blocks in (0, 4.0, True):
+        with pytest.raises(ValueError, match="num_blocks is the full model's block count"):
+            sdj.keep_mask(num_blocks, [])
 
 
 # ---- Monte-Carlo depth ---------------------------------------------------------------------
