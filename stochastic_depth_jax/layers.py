@@ -72,7 +72,9 @@ class BatchNorm(nn.Module):
         ``shard_map`` over the batch) whose devices' shards together make the batch: in
         training the batch mean and variance (and the unbiased count n) are then those of
         the whole batch (``jax.lax.pmean``; every shard must hold as many examples), and the
-        running statistics the same on every device. Evaluation is unchanged.
+        running statistics the same on every device. Evaluation is unchanged. For groups
+        of devices (``axis_index_groups``, which ``shard_map`` does not implement) make the
+        group a mesh axis and name only it.
     """
 
     momentum: float = 0.1

@@ -252,6 +252,32 @@ def test_synced_batchnorm_outside_its_mapped_axis_says_so():
         jax.jit(wrong)(x)
 
 
+def test_synced_batchnorm_over_a_sub_axis_gives_each_group_its_statistics():
+    # README: statistics over groups of devices (what Flax's axis_index_groups does under
+    # pmap; shard_map does not implement it) come from a mesh axis of their own: over 'bn'
+    # each group of 4 devices normalises by its own 8 examples, over ('group', 'bn') by all.
+    mesh = jax.make_mesh((2, DEVICES // 2), ("group", "bn"), axis_types=(AxisType.Auto,) * 2)
+    x = jax.random.normal(jax.random.key(10), (B, D)) * 3.0 + 1.0
+    variables = sdj.layers.BatchNorm().init(jax.random.key(0), x, train=False)
+
+    def mapped(axis_name, stats_spec):
+        def local(x):
+            return sdj.layers.BatchNorm(axis_name=axis_name).apply(
+                variables, x, train=True, mutable=["batch_stats"])
+        return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(("group", "bn")),
+                                     out_specs=(P(("group", "bn")), stats_spec)))(x)
+
+    def alone(x):
+        return sdj.layers.BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+
+    groups = [alone(half) for half in jnp.split(x, 2)]
+    y, stats = mapped("bn", P("group"))  # the running statistics differ by group
+    _close(y, jnp.concatenate([g[0] for g in groups]))
+    _close(stats, jax.tree.map(lambda *g: jnp.concatenate(g), *[g[1] for g in groups]))
+    y, stats = mapped(("group", "bn"), P())
+    _close((y, stats), alone(x))
+
+
 def test_the_cpu_friendly_conv_gives_a_replicated_kernel_its_summed_gradient_inside_shard_map():
     # Its custom gradient returned the kernel's gradient varying over 'data' for a kernel
     # that does not, which JAX refused (the library's ResNets could not train there on CPU).
