@@ -357,10 +357,11 @@ def _traced_flags_refused(block: nn.Module) -> Iterator[None]:
     branches on, with JAX's ``TracerBoolConversionError`` in init: a ValueError here, in
     one line naming the fix. Under ``nn.jit(BasicBlock, static_argnames=('train',
     'stochastic'))`` it works, and runs as it is: which arguments a transform made static
-    is not told from outside, so this waits for the failure, unlike :func:`_check_block`."""
+    is not told from outside, so this waits for the failure (JAX's, or the blocks' own
+    check of their flags), unlike :func:`_check_block`."""
     try:
         yield
-    except jax.errors.ConcretizationTypeError:
+    except (jax.errors.ConcretizationTypeError, ops.TracedFlagError):
         lifted = _lifted_library_block(block)
         if lifted is None:
             raise
@@ -547,6 +548,15 @@ class _StochasticResNetBase(nn.Module):
         return buckets_lib.stage_lengths(self.survival_probs(), sizes,
                                          _scanned_stages(sizes, self.scan), count)
 
+    @staticmethod
+    def _check_flags(train: Any, stochastic: Any) -> None:
+        """A ``train`` or ``stochastic`` passed to ``jax.jit`` as an ordinary argument
+        arrives traced: refused with the op's one-line ``TypeError`` naming
+        ``static_argnames``, not JAX's ``TracerBoolConversionError`` from the gate logic."""
+        ops.check_deterministic(train)
+        if stochastic is not None:
+            ops.check_deterministic(stochastic)
+
     def _check_buckets(self, buckets, gates, train):
         if buckets is None:
             return None
@@ -685,6 +695,7 @@ class CifarResNet(_StochasticResNetBase):
         The training gates are sown as ``intermediates['gates']`` (read them with
         ``mutable=['batch_stats', 'intermediates']``).
         """
+        self._check_flags(train, stochastic)
         buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)
@@ -786,6 +797,7 @@ class ResNet(_StochasticResNetBase):
     def __call__(self, x: Array, *, train: bool, gates: Array | None = None,
                  buckets: Sequence[int] | None = None, stochastic: bool | None = None) -> Array:
         """See :meth:`CifarResNet.__call__`."""
+        self._check_flags(train, stochastic)
         buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)

@@ -68,6 +68,7 @@ __all__ = [
     "is_static_one",
     "is_concrete",
     "check_deterministic",
+    "TracedFlagError",
     "check_gate",
     "scaled",
     "masked",
@@ -155,14 +156,20 @@ def is_static_one(p: Any) -> bool:
     return False
 
 
+class TracedFlagError(TypeError):
+    """A ``deterministic`` / ``train`` / ``stochastic`` flag that arrived traced: its own
+    class, so that a caller that knows why it was traced (the stages' refusal of
+    ``nn.jit(BasicBlock)``) can name that cause instead; a ``TypeError`` like JAX's own."""
+
+
 def check_deterministic(deterministic: Any) -> None:
-    """Raises TypeError for a traced ``deterministic`` flag.
+    """Raises :class:`TracedFlagError` (a TypeError) for a traced ``deterministic`` flag.
 
     Training and evaluation are different programs (a gate is drawn or not), so the flag is
     chosen while tracing; a ``train`` flag passed into ``jax.jit`` as an ordinary argument
     arrives here as a tracer, which Python's ``if`` cannot read."""
     if isinstance(deterministic, jax.core.Tracer):
-        raise TypeError(
+        raise TracedFlagError(
             "deterministic (or train) must be a Python bool, known while tracing, got a traced "
             "value: mark the flag static, e.g. jax.jit(step, static_argnames='train') or "
             "nnx.jit(..., static_argnames='train'), or switch NNX modules with "

@@ -289,6 +289,34 @@ def test_a_traced_train_flag_is_a_clear_error_everywhere():
         remat_sd.init(jax.random.key(0), X, deterministic=True)
 
 
+
+_IMAGES = jnp.zeros((2, 8, 8, 4))
+_FLAGGED = {  # the library's modules taking `train`, each with the positional inputs it needs
+    "CifarResNet": (lambda: sdj.CifarResNet(depth=8, width=4, num_classes=3), ()),
+    "WideResNet": (lambda: sdj.WideResNet(depth=10, widen_factor=1, width=4, num_classes=3), ()),
+    "ResNet": (lambda: sdj.ResNet(stage_sizes=(1, 1), width=4, num_classes=3), ()),
+    "BasicBlock": (lambda: sdj.BasicBlock(features=4), (0.5,)),
+    "BatchNorm": (lambda: sdj.BatchNorm(), ()),
+}
+
+
+@pytest.mark.parametrize("name, flag", [(name, flag) for name in sorted(_FLAGGED)
+                                         for flag in ("train", "stochastic")
+                                         if (name, flag) != ("BatchNorm", "stochastic")])
+def test_a_traced_train_flag_of_the_resnets_and_blocks_is_the_same_clear_error(name, flag):
+    # The README promises the traced flag's TypeError for `train` too: the paper's ResNets,
+    # their blocks and BatchNorm raised JAX's TracerBoolConversionError from inside the gate
+    # logic instead, naming neither the flag nor static_argnames.
+    make, args = _FLAGGED[name]
+    module = make()
+
+    def init(value):
+        flags = {"train": value} if flag == "train" else {"train": False, "stochastic": value}
+        return module.init(jax.random.key(0), _IMAGES, *args, **flags)
+    with pytest.raises(TypeError, match=r"deterministic \(or train\) must be a Python bool"
+                                        r".*static_argnames"):
+        jax.jit(init)(True)
+
 def test_per_layer_rates_made_under_nnx_vmap_are_refused_with_the_fix():
     # A traced attribute would leak out of nnx.vmap (UnexpectedTracerError at the first
     # training call); the error names the call-time survival_prob instead.
