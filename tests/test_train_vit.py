@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
 
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import ViT, pruning  # noqa: E402
+from stochastic_depth_jax import ViT, errors, pruning  # noqa: E402
 from stochastic_depth_jax.training import train_and_evaluate  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import distributed, plots  # noqa: E402
@@ -79,6 +79,24 @@ def test_groups_not_a_multiple_of_devices_is_a_clear_error(tmp_path):
 def test_bad_vit_config_fails_at_load(override, message):
     with pytest.raises(ValueError, match=message):
         load_config("cifar10_vit:smoke", TINY + [override])
+
+
+@pytest.mark.parametrize("spec, override, message", [
+    ("cifar10_vit:smoke", "--config.model.patch_size=3",
+     "model.patch_size=3 does not fit cifar10: 32x32 images do not tile into 3x3 patches"),
+    ("cifar10_convnext:smoke", "--config.model.stem_stride=3",
+     "model.stem_stride=3 does not fit cifar10: 32x32 images do not divide into this "
+     "ConvNeXt's stages"),
+])
+def test_a_model_that_does_not_fit_the_images_is_refused_before_anything_is_written(
+        tmp_path, spec, override, message):
+    """The images' sides are known once the data is loaded: a patch size or stem stride
+    that does not divide them was a traceback from the model's initialisation, and left
+    the workdir behind with its empty checkpoint folders."""
+    workdir = tmp_path / "run"
+    with pytest.raises(errors.ConfigError, match=message):
+        train_and_evaluate(load_config(spec, TINY + [override]), str(workdir))
+    assert not workdir.exists()
 
 
 def test_resnet_only_options_are_refused_for_the_vit():
