@@ -69,6 +69,22 @@ def test_groups_not_a_multiple_of_devices_is_a_clear_error(tmp_path):
         setup_lib.build_model(config, 10, distributed.make_mesh())
 
 
+@pytest.mark.parametrize("spec", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_groups_not_a_multiple_of_devices_is_refused_before_the_data_is_prepared(
+        monkeypatch, tmp_path, spec):
+    """Refused only once the model was built: after the data's download and preparation
+    (real CIFAR: minutes, to learn of a config mistake), where the batch sizes that do not
+    divide over the devices are refused before any."""
+    def load_data(*args, **kwargs):
+        raise AssertionError("the data was prepared before the config was checked")
+
+    monkeypatch.setattr(setup_lib, "load_data", load_data)
+    config = load_config(spec, TINY + ["--config.model.groups=4"])
+    with pytest.raises(errors.ConfigError, match="model.groups=4 is not a multiple of the 8"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.model.size=xl", "model.size='xl'"),
     ("--config.model.drop_path_rate=1.0", "drop_path_rate must be in"),

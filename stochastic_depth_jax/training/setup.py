@@ -200,6 +200,14 @@ def _drop_path_implementation(config: ml_collections.ConfigDict, mesh: jax.shard
     return implementation
 
 
+def check_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Refuses (``errors.ConfigError``) a drop-path model whose ``model.groups`` is not a
+    multiple of the mesh size, as :func:`build_model` would, but from the config alone:
+    the trainer calls it with the batch-size checks, before any data is downloaded or
+    prepared. Nothing for the ResNets (no ``model.groups``)."""
+    _drop_path_implementation(config, mesh, None)
+
+
 def drop_path_groups(config: ml_collections.ConfigDict, implementation: str) -> int | None:
     """``model.groups`` of a drop-path model (ViT, ConvNeXt) that draws per-example subsets
     in groups (``mode='sample'``, ``implementation`` (resolved) ``'skip'``, a drop rate):
