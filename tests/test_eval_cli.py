@@ -77,6 +77,19 @@ def test_depth_flags_refuse_a_vit_run(capsys, vit, tmp_path, flags):
     assert _files(vit) == before and not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("flags, analysis", [(["--seed", "3"], "--mc-samples"),
+                                            (["--remove", "1"], "--export")])
+def test_a_flag_of_an_analysis_a_vit_run_lacks_is_not_fixed_by_adding_it(
+        capsys, vit, resnet, flags, analysis):
+    """A ViT run told to "drop --seed or add --mc-samples" was refused again with the second
+    fix; a ResNet run still gets both."""
+    refused = f"{flags[0]} applies only to {analysis}, not to a plain evaluation; drop {flags[0]}"
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", vit, *flags])
+    assert line.endswith(refused + ".")
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", resnet[1], *flags])
+    assert line.endswith(f"{refused} or add {analysis}.")
+
+
 def test_from_python_the_depth_functions_name_themselves_not_flags(vit):
     """A notebook calling depth_curve_run on a ViT run was told to drop CLI flags."""
     from stochastic_depth_jax.training import depth

@@ -120,3 +120,15 @@ def test_constant_depth_says_nothing_is_skipped():
     for platform in ("cpu", "gpu"):
         text = implementation.describe(implementation.resolve(model, platform), model)
         assert text.startswith("none needed: constant depth") and "compact" not in text
+
+
+@pytest.mark.parametrize("name", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_no_drop_path_says_nothing_is_skipped(name):
+    """drop_path_rate=0 (a baseline) said 'skip (per-example subsets: each block runs only on
+    the examples it keeps)' at start-up, and why that implementation was chosen."""
+    model = load_config(name, ["--config.model.drop_path_rate=0"]).model
+    for platform in ("cpu", "gpu"):
+        text = implementation.describe(implementation.resolve(model, platform), model)
+        assert text.startswith("none needed: no drop path") and "subset" not in text
+    assert implementation.is_constant_depth(model)
+    assert not implementation.is_constant_depth(load_config(name).model)

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import types
+import warnings
 
 import pytest
 
@@ -163,6 +164,15 @@ def test_a_record_without_an_epoch_is_left_off_the_curves(tmp_path):
     drawing, and with it the training, with a KeyError."""
     records = _records([0.1, 0.01]) + [{"step": 30, "lr": 0.001, "train_error": 0.5}]
     paths = plots.plot_curves(records, str(tmp_path), best=None, lr_drops=True)
+    assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_a_run_stopped_before_its_first_epoch_ends_draws_without_a_warning(tmp_path):
+    """Ctrl-C before the first epoch's end draws the curves of no records: matplotlib's
+    "No artists with labels found to put in legend" came out as one of our warning lines."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = plots.plot_curves([], str(tmp_path), title="the run")
     assert all(os.path.getsize(p) > 0 for p in paths)
 
 

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
 
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import ViT, pruning  # noqa: E402
+from stochastic_depth_jax import ViT, errors, pruning  # noqa: E402
 from stochastic_depth_jax.training import train_and_evaluate  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import distributed, plots  # noqa: E402
@@ -69,6 +69,22 @@ def test_groups_not_a_multiple_of_devices_is_a_clear_error(tmp_path):
         setup_lib.build_model(config, 10, distributed.make_mesh())
 
 
+@pytest.mark.parametrize("spec", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_groups_not_a_multiple_of_devices_is_refused_before_the_data_is_prepared(
+        monkeypatch, tmp_path, spec):
+    """Refused only once the model was built: after the data's download and preparation
+    (real CIFAR: minutes, to learn of a config mistake), where the batch sizes that do not
+    divide over the devices are refused before any."""
+    def load_data(*args, **kwargs):
+        raise AssertionError("the data was prepared before the config was checked")
+
+    monkeypatch.setattr(setup_lib, "load_data", load_data)
+    config = load_config(spec, TINY + ["--config.model.groups=4"])
+    with pytest.raises(errors.ConfigError, match="model.groups=4 is not a multiple of the 8"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.model.size=xl", "model.size='xl'"),
     ("--config.model.drop_path_rate=1.0", "drop_path_rate must be in"),
@@ -79,6 +95,24 @@ def test_groups_not_a_multiple_of_devices_is_a_clear_error(tmp_path):
 def test_bad_vit_config_fails_at_load(override, message):
     with pytest.raises(ValueError, match=message):
         load_config("cifar10_vit:smoke", TINY + [override])
+
+
+@pytest.mark.parametrize("spec, override, message", [
+    ("cifar10_vit:smoke", "--config.model.patch_size=3",
+     "model.patch_size=3 does not fit cifar10: 32x32 images do not tile into 3x3 patches"),
+    ("cifar10_convnext:smoke", "--config.model.stem_stride=3",
+     "model.stem_stride=3 does not fit cifar10: 32x32 images do not divide into this "
+     "ConvNeXt's stages"),
+])
+def test_a_model_that_does_not_fit_the_images_is_refused_before_anything_is_written(
+        tmp_path, spec, override, message):
+    """The images' sides are known once the data is loaded: a patch size or stem stride
+    that does not divide them was a traceback from the model's initialisation, and left
+    the workdir behind with its empty checkpoint folders."""
+    workdir = tmp_path / "run"
+    with pytest.raises(errors.ConfigError, match=message):
+        train_and_evaluate(load_config(spec, TINY + [override]), str(workdir))
+    assert not workdir.exists()
 
 
 def test_resnet_only_options_are_refused_for_the_vit():

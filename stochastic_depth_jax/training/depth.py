@@ -401,6 +401,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="measure throughput every this many points of the curve (1)")
 
 
+def _recorded_blockwise(workdir: str | None) -> bool:
+    """False only for a workdir whose run.json records a model without block-wise
+    stochastic depth (a ViT, a ConvNeXt): there, adding a depth flag is no fix (it is
+    refused too). Unreadable or absent: True (the later checks say why)."""
+    try:
+        meta = evaluate_lib.read_run_json(workdir) if workdir else None
+    except (OSError, errors.Error):
+        return True
+    model = (meta or {}).get("config", {}).get("model")
+    return not isinstance(model, dict) or model.get("name", "cifar_resnet") in config_lib.MODELS
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses flag combinations that would be ignored or contradict each other, then fills
     in the defaults (``args.order``, ``args.split``, ...) in place.
@@ -418,10 +430,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise errors.ConfigError("--export needs a directory (new or empty), got ''.")
     for name, applies in _APPLIES_TO.items():
         if getattr(args, name, None) is not None and analysis not in applies:
+            add = analysis == "plain" and _recorded_blockwise(getattr(args, "workdir", None))
             raise errors.ConfigError(
                 f"{_flag(name)} applies only to {' or '.join(map(_flag, applies))}, not to "
                 f"{_flag(analysis)}; drop {_flag(name)}"
-                + ("." if analysis != "plain" else f" or add {_flag(applies[0])}."))
+                + (f" or add {_flag(applies[0])}." if add else "."))
     if args.mc_samples is not None and args.mc_samples < 1:
         raise errors.ConfigError(
             f"--mc-samples must be >= 1 (sampled sub-networks), got {args.mc_samples}.")

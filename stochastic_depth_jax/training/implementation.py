@@ -142,13 +142,17 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
 
 
 def is_constant_depth(model: ml_collections.ConfigDict) -> bool:
-    """True for a ResNet config with p_L = 1: no block is ever dropped, nothing to skip."""
-    return model.get("final_survival_prob", None) == 1.0
+    """True for a ResNet config with p_L = 1, or a drop-path one (ViT, ConvNeXt) with
+    drop_path_rate 0: no block is ever dropped, nothing to skip."""
+    return (model.get("final_survival_prob", None) == 1.0
+            or model.get("drop_path_rate", None) == 0)
 
 
 def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
     """What ``resolved`` does with ``model``'s gates, in a few words (the start-up line)."""
     if is_constant_depth(model):
+        if "drop_path_rate" in model:
+            return "none needed: no drop path (drop_path_rate=0, every block runs on every example)"
         return "none needed: constant depth (final_survival_prob=1.0, every block runs)"
     if resolved.compact_multiple:
         return (f"compact mode (kept blocks gathered into static-length scans, multiple "

@@ -747,6 +747,7 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     mesh = distributed.make_mesh()  # Fail fast, before any data is prepared.
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    setup_lib.check_groups(config, mesh)
     cache_dir, hazard = compilation.off_if_hazardous(
         compilation.cache_dir_for(config.compilation_cache_dir))
     with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:

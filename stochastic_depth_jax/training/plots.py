@@ -244,8 +244,10 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     if title:
         figure_title(fig, title)
     ax.grid(alpha=0.3)
-    # Beside the axes: inside, it would hide a curve or a learning-rate label somewhere.
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    # Beside the axes: inside, it would hide a curve or a learning-rate label somewhere. None
+    # without a curve (a run stopped before its first epoch's end): matplotlib would warn.
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     return fig
 

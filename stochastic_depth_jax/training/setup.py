@@ -23,6 +23,8 @@ from stochastic_depth_jax import errors
 from stochastic_depth_jax import hugepages
 from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.models import CifarResNet
+from stochastic_depth_jax import convnext as convnext_lib
+from stochastic_depth_jax import vit as vit_lib
 from stochastic_depth_jax.convnext import ConvNeXt
 from stochastic_depth_jax.vit import ViT
 from stochastic_depth_jax.training import config as config_lib
@@ -198,6 +200,14 @@ def _drop_path_implementation(config: ml_collections.ConfigDict, mesh: jax.shard
     return implementation
 
 
+def check_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Refuses (``errors.ConfigError``) a drop-path model whose ``model.groups`` is not a
+    multiple of the mesh size, as :func:`build_model` would, but from the config alone:
+    the trainer calls it with the batch-size checks, before any data is downloaded or
+    prepared. Nothing for the ResNets (no ``model.groups``)."""
+    _drop_path_implementation(config, mesh, None)
+
+
 def drop_path_groups(config: ml_collections.ConfigDict, implementation: str) -> int | None:
     """``model.groups`` of a drop-path model (ViT, ConvNeXt) that draws per-example subsets
     in groups (``mode='sample'``, ``implementation`` (resolved) ``'skip'``, a drop rate):
@@ -336,13 +346,39 @@ def build(
     )
 
 
+# config.model.name -> (the field that constrains the image sides, a check of the built model
+# on images [1, H, W, C] raising ValueError): a ViT's patches, a ConvNeXt's stem and stages.
+_IMAGE_CHECKS: dict[str, tuple[str, Callable[[Any, tuple[int, ...]], None]]] = {
+    "vit": ("patch_size", lambda model, shape: vit_lib.check_patches(shape, model.patch_size)),
+    "convnext": ("stem_stride", lambda model, shape: convnext_lib.check_image(
+        shape, model.stem_stride, len(model.stages()[0]))),
+}
+
+
+def check_image_shape(config: ml_collections.ConfigDict, model: Any, dataset: str,
+                      image_shape: tuple[int, ...]) -> None:
+    """Refuses a model that cannot take the dataset's ``image_shape`` ``[H, W, C]`` images
+    (a ViT patch size or a ConvNeXt stem stride that does not divide the sides), naming the
+    field, before anything is written: the model's own check fails only at initialisation,
+    with a traceback and after the workdir's checkpoint folders exist."""
+    field, check = _IMAGE_CHECKS.get(config.model.get("name", "cifar_resnet"), (None, None))
+    if check is None:
+        return
+    try:
+        check(model, (1, *image_shape))
+    except ValueError as e:
+        raise errors.ConfigError(
+            f"Invalid config: model.{field}={config.model[field]!r} does not fit {dataset}: {e}"
+        ) from None
+
+
 def build_for_dataset(
     config: ml_collections.ConfigDict, ds: data_lib.Dataset, mesh: jax.sharding.Mesh | None = None
 ) -> Setup:
     """``build`` with the class count, training size and statistics of a loaded dataset."""
     held = "" if ds.validation is None else f" ({len(ds.validation)} held out for validation)"
     config_lib.check_batch_fits(config.batch_size, len(ds.train), ds.name + held)
-    return build(
+    setup = build(
         config,
         num_classes=ds.num_classes,
         num_train=len(ds.train),
@@ -351,6 +387,8 @@ def build_for_dataset(
         augment=ds.augment,
         mesh=mesh,
     )
+    check_image_shape(config, setup.model, ds.name, tuple(ds.image_shape))
+    return setup
 
 
 def abstract_state(setup: Setup, image_shape: tuple[int, int, int]) -> Any:

@@ -6,7 +6,7 @@ finished run (its ``summary.json`` records every step of its config) is not run 
 interrupted one continues from its newest checkpoint through ``train_and_evaluate``. A run
 recorded with a different config is refused (:func:`check_same_config`), except a longer
 ``num_epochs``/``max_steps``, which extends it. Only the block-wise ResNets are swept
-(:func:`require_sweepable`): the ViT has no p_L.
+(:func:`require_sweepable`): the ViT and ConvNeXt have no p_L.
 :func:`collect` reads the runs' own records and :func:`write_figures` draws Fig. 8, Fig. 7
 and the training-time table into ``<root>/figures``.
 
