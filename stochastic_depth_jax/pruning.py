@@ -76,6 +76,14 @@ def _require_blockwise(model: Any) -> None:
             f"({', '.join(sorted(MODEL_CLASSES))}); got a {type(model).__name__}.")
 
 
+def _host_scalar(value: Any) -> Any:
+    """A 0-d NumPy or JAX array (``jnp.argmin``'s result, an element of an index array) as
+    the Python number it holds, so that it is checked as one; anything else as it is."""
+    if hasattr(value, "__array__") and np.ndim(value) == 0:
+        return np.asarray(value).item()
+    return value
+
+
 def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
     """bool ``[num_blocks]``, False at the (0-based) block indices in ``removed``.
 
@@ -83,6 +91,7 @@ def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
     Indices are checked, not wrapped: a negative or too large index (often a 1-based block
     number) is a ValueError naming it, as :func:`list_order` refuses it.
     """
+    num_blocks = _host_scalar(num_blocks)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) \
             or num_blocks < 1:
         raise ValueError(f"keep_mask's num_blocks is the full model's block count, a positive "
@@ -91,6 +100,7 @@ def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
     if hasattr(removed, "__array__"):  # a NumPy or JAX array: its values as Python scalars
         removed = np.asarray(removed).reshape(-1).tolist()
     removed = [removed] if isinstance(removed, (int, np.integer)) else list(removed)
+    removed = [_host_scalar(r) for r in removed]  # e.g. a list of jnp.argmin results
     bad = [r for r in removed if isinstance(r, (bool, np.bool_))
            or not isinstance(r, (int, np.integer)) or not 0 <= r < L]
     if bad:

@@ -180,6 +180,21 @@ def test_keep_mask_checks_its_indices():
             sdj.keep_mask(num_blocks, [])
 
 
+def test_keep_mask_takes_0d_integer_arrays_as_the_indices_they_hold():
+    # A list of jnp.argmin results, or of an index array's elements, worked before keep_mask
+    # checked its indices, and was then refused as "not integer indices"; a 0-d bool or
+    # float array is still refused, as its scalar is.
+    order = jnp.argsort(jnp.array([0.3, 0.1, 0.2, 0.9]))
+    np.testing.assert_array_equal(sdj.keep_mask(4, list(order)[:2]), [True, False, False, True])
+    np.testing.assert_array_equal(sdj.keep_mask(4, [np.array(3), jnp.argmin(jnp.arange(4))]),
+                                  [False, True, True, False])
+    np.testing.assert_array_equal(sdj.keep_mask(jnp.int32(3), [np.int64(1)]), [True, False, True])
+    for removed, shown in [([np.array(True)], "[True]"), ([jnp.array(1.0)], "[1.0]")]:
+        with pytest.raises(ValueError, match=r"0-based integer indices in \[0, 4\), got "
+                                             + re.escape(shown)):
+            sdj.keep_mask(4, removed)
+
+
 # ---- Monte-Carlo depth ---------------------------------------------------------------------
 
 def _batches(n=2):
