@@ -129,8 +129,10 @@ def list_order(model: Any, blocks: Sequence[int]) -> list[int]:
     """The user's order, checked: distinct 0-based block indices in ``[0, L)``."""
     _require_blockwise(model)
     L = model.num_blocks()
-    blocks = [int(b) for b in blocks]
-    bad = [b for b in blocks if not 0 <= b < L]
+    blocks = [_host_scalar(b) for b in blocks]  # 2.5 or True is refused, not read as 2 or 1
+    bad = [b for b in blocks if isinstance(b, (bool, np.bool_))
+           or not isinstance(b, (int, np.integer)) or not 0 <= b < L]
+    blocks = blocks if bad else [int(b) for b in blocks]  # NumPy integers as Python ints
     if bad or len(set(blocks)) != len(blocks):
         problem = f"must be distinct indices in [0, {L}) (0-based, L = {L} blocks), got {blocks}"
         raise errors.ConfigError(

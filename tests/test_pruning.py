@@ -75,6 +75,12 @@ def test_list_order_and_bad_orders():
     assert "blocks=[8, 7]" in str(e.value) and "--blocks 8,7" in e.value.command_line
     with pytest.raises(ValueError, match="distinct"):
         pruning.removal_order("list", model, blocks=[1, 1])
+    # A non-integer was truncated (2.5 removed block 2, True block 1); NumPy and 0-d JAX
+    # integers are the indices they hold.
+    for blocks in ([2.5], [True], [np.float64(3.0)]):
+        with pytest.raises(ValueError, match=r"distinct indices in \[0, 9\)"):
+            pruning.removal_order("list", model, blocks=blocks)
+    assert pruning.removal_order("list", model, blocks=[np.int64(3), jnp.array(2)]) == [3, 2]
     with pytest.raises(ValueError, match=r"needs the blocks .*blocks=\[8, 7, 6\]") as e:
         pruning.removal_order("list", model)
     assert "--blocks 8,7,6" in e.value.command_line
