@@ -37,7 +37,9 @@ __all__ = [
     "fake_train_size",
 ]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The trainer's precisions. float16 is refused (_check_dtype): it needs loss scaling, which the
+# trainer does not do; the library's models take any float dtype for users who scale.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # config.model.name -> model class (a run.json without the field means 'cifar_resnet').
 MODELS = {"cifar_resnet": models.CifarResNet, "wide_resnet": models.WideResNet}
 DATASETS = ("cifar10", "cifar100", "svhn")  # or 'image_folder:<path>'
@@ -239,6 +241,14 @@ def _check_choice(value: Any, choices: Any, field: str) -> None:
     _check(value in choices, f"{field}={value!r}; valid: {sorted(choices)}")
 
 
+def _check_dtype(dtype: Any) -> None:
+    _check(dtype != "float16",
+           "model.dtype='float16' needs loss scaling, which the trainer does not do (its "
+           "gradients underflow or overflow: a ConvNeXt's first step overflows); use 'bfloat16' "
+           "(mixed precision with float32's range) or 'float32'")
+    _check_choice(dtype, DTYPES, "model.dtype")
+
+
 def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
     """The CIFAR ResNets: 'cifar_resnet' (depth 6n+2) and 'wide_resnet' (WRN-d-k, 6n+4)."""
     del config
@@ -267,7 +277,7 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
     _check_choice(m.survival_rule, schedules.SCHEDULES, "model.survival_rule")
     _check_choice(m.mode, ops.MODES, "model.mode")
     _check_choice(m.scaling, ops.SCALINGS, "model.scaling")
-    _check_choice(m.dtype, DTYPES, "model.dtype")
+    _check_dtype(m.dtype)
     _check_choice(m.block, models.CIFAR_BLOCKS, "model.block")
     _check_choice(m.shortcut, layers.SHORTCUTS, "model.shortcut")
     _check_choice(m.get("initialization", "ours"), models.INITIALIZATIONS,
@@ -327,7 +337,7 @@ def _validate_drop_path(m: ml_collections.ConfigDict, config: ml_collections.Con
     _check_choice(m.mode, ops.MODES, "model.mode")
     _check_choice(m.scaling, ops.SCALINGS, "model.scaling")
     _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
-    _check_choice(m.dtype, DTYPES, "model.dtype")
+    _check_dtype(m.dtype)
     _check(isinstance(m.groups, int) and m.groups >= 1 and config.batch_size % m.groups == 0,
            f"model.groups={m.groups!r} must be an integer >= 1 dividing batch_size="
            f"{config.batch_size} (drop-path subsets are drawn per group; use a multiple of "
