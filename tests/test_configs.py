@@ -416,3 +416,21 @@ def test_an_unknown_initialization_is_one_line(capsys, tmp_path):
     assert line == ("error: Invalid config: model.initialization='fan_in'; valid: "
                     "['official', 'ours']")
     assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("name", ["cifar10:smoke", "cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_a_run_recorded_in_float16_is_read_and_built_in_float16(name):
+    """Refusing model.dtype='float16' for training refused the run.json of a run trained in
+    it before (a ResNet trained): evaluate.py, the depth analyses and sweep --collect read
+    run.json through validate and said "needs loss scaling ... use 'bfloat16'", which no
+    recorded run can do."""
+    from stochastic_depth_jax.training import setup
+
+    recorded = load_config(name)
+    recorded.model.dtype = "float16"  # as an earlier version recorded it
+    config = config_lib.validate(recorded, recorded=True)
+    model = setup.build_model(config, 10, mesh=None, implementation="skip")
+    assert model.dtype == jnp.float16
+    with pytest.raises(ValueError, match="^Invalid config: model.dtype='float16' needs loss "
+                       "scaling"):  # training it still is refused
+        config_lib.validate(recorded)

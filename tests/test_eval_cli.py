@@ -349,6 +349,29 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
         evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0])
 
 
+def test_a_run_trained_in_float16_is_still_evaluated_and_collected(capsys, resnet, tmp_path):
+    """Once the trainer refused model.dtype='float16', evaluate.py and sweep --collect
+    refused a run an earlier version had trained in it ("needs loss scaling ... use
+    'bfloat16'", which a recorded run cannot do); the sweep left it out of its figures."""
+    import shutil
+
+    _, workdir = resnet
+    root = tmp_path / "root"
+    copy = str(root / NAME)
+    shutil.copytree(workdir, copy)
+    meta = _json(os.path.join(copy, "run.json"))
+    meta["config"]["model"]["dtype"] = "float16"  # as an earlier version recorded it
+    with open(os.path.join(copy, "run.json"), "w") as f:
+        json.dump(meta, f)
+    out = str(tmp_path / "eval.json")
+    evaluate_cli.main(["--workdir", copy, "--output", out])
+    assert capsys.readouterr().err.startswith("Test error ") and _json(out)["count"] == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [run] = sweep.collect(str(root))
+    assert run["name"] == NAME and run["config"]["model"]["dtype"] == "float16"
+
+
 def test_a_drop_path_run_is_evaluated_on_the_devices_its_groups_divide(capsys, vit, tmp_path):
     """A ViT trained on 4 devices (model.groups=4), evaluated on this machine's 8, was
     refused: 'model.groups=4 is not a multiple of the 8 devices ... Set

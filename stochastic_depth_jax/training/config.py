@@ -20,6 +20,7 @@ from stochastic_depth_jax.training import implementation, optim
 
 __all__ = [
     "DTYPES",
+    "TRAIN_DTYPES",
     "MODELS",
     "DATASETS",
     "LABELS",
@@ -37,9 +38,12 @@ __all__ = [
     "fake_train_size",
 ]
 
-# The trainer's precisions. float16 is refused (_check_dtype): it needs loss scaling, which the
-# trainer does not do; the library's models take any float dtype for users who scale.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.dtype -> the models' compute dtype. The trainer trains in TRAIN_DTYPES only: float16
+# needs loss scaling, which it does not do (_check_trainable_dtype). 'float16' stays here so
+# that a run an earlier version trained in it is still evaluated, analysed and collected as
+# it was trained; the library's models take any float dtype for users who scale.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TRAIN_DTYPES = ("bfloat16", "float32")
 # config.model.name -> model class (a run.json without the field means 'cifar_resnet').
 MODELS = {"cifar_resnet": models.CifarResNet, "wide_resnet": models.WideResNet}
 DATASETS = ("cifar10", "cifar100", "svhn")  # or 'image_folder:<path>'
@@ -242,11 +246,17 @@ def _check_choice(value: Any, choices: Any, field: str) -> None:
 
 
 def _check_dtype(dtype: Any) -> None:
+    """A precision the models can be built in; the valid ones named are those that train."""
+    _check(dtype in DTYPES, f"model.dtype={dtype!r}; valid: {sorted(TRAIN_DTYPES)}")
+
+
+def _check_trainable_dtype(dtype: Any) -> None:
+    """Refuses float16 to train, but not to read: :func:`validate` of a recorded run skips
+    this, as its run.json cannot be changed to another precision."""
     _check(dtype != "float16",
-           "model.dtype='float16' needs loss scaling, which the trainer does not do (its "
-           "gradients underflow or overflow: a ConvNeXt's first step overflows); use 'bfloat16' "
-           "(mixed precision with float32's range) or 'float32'")
-    _check_choice(dtype, DTYPES, "model.dtype")
+           "model.dtype='float16' needs loss scaling, which the trainer does not do (float16 "
+           "gradients can underflow or overflow: a ConvNeXt's first step overflows); use "
+           "'bfloat16' (mixed precision with float32's range) or 'float32'")
 
 
 def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
@@ -522,9 +532,15 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
         _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def validate(config: ml_collections.ConfigDict, *,
+             recorded: bool = False) -> ml_collections.ConfigDict:
     """Checks every field; returns ``config`` or raises ``errors.ConfigError`` (a
-    ``ValueError``) naming the field, its value and the valid values."""
+    ``ValueError``) naming the field, its value and the valid values.
+
+    ``recorded``: ``config`` is a run's ``run.json`` (evaluate.py, the depth analyses, the
+    sweep's records), read to use the run as trained, not to train: a precision the trainer
+    no longer trains in (``model.dtype='float16'``) is accepted.
+    """
     if not isinstance(config, ml_collections.ConfigDict):  # a dict has no attribute access
         raise errors.ConfigError(
             f"The config must be an ml_collections.ConfigDict (configs.load_config), got a "
@@ -532,6 +548,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_counts(config)  # First: the other checks compare against them.
     _validate_data(config)
     _validate_model(config)
+    if not recorded:
+        _check_trainable_dtype(config.model.dtype)
     _validate_optim(config)
     _check(
         isinstance(config.compilation_cache_dir, str),

@@ -102,7 +102,7 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
                                + "; give one of them." if runs else ""))
     config = ml_collections.ConfigDict(meta["config"])
     with recorded_fields(workdir, meta, config):
-        return config_lib.validate(config), meta
+        return config_lib.validate(config, recorded=True), meta
 
 
 def _runs_inside(directory: str) -> list[str]:
