@@ -113,11 +113,20 @@ def check_image(image_shape: tuple[int, ...], stem_stride: int, stages: int) -> 
     """
     check_stem_stride(stem_stride)
     total = stem_stride * 2 ** (stages - 1)
+    fix = _stage_fix(image_shape[1:3], stem_stride, stages) if len(image_shape) == 4 else ""
     check_image_sides(
         image_shape, "ConvNeXt", total,
         f"do not divide into this ConvNeXt's stages: stem stride {stem_stride} and "
         f"{stages - 1} stride-2 downsamplings need sides that are multiples of {total}; "
-        f"resize or crop the images, or use a smaller stem_stride.")
+        f"resize or crop the images, or use {fix}.")
+
+
+def _stage_fix(sides: tuple[int, ...], stem_stride: int, stages: int) -> str:
+    """The model change that fits ``sides``: the largest smaller stem stride that does, else
+    fewer stages (at stem stride 1, or where no smaller stride fits, only they can)."""
+    down = 2 ** (stages - 1)
+    fits = [s for s in range(stem_stride - 1, 0, -1) if not any(n % (s * down) for n in sides)]
+    return f"stem_stride={fits[0]}" if fits else "fewer stages (depths, dims)"
 
 
 class ConvNeXtBranch(nn.Module):

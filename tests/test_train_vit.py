@@ -115,6 +115,25 @@ def test_a_model_that_does_not_fit_the_images_is_refused_before_anything_is_writ
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("stem_stride, side, fix", [
+    (2, 24, "or use stem_stride=1."),  # 24 = 1 * 8 * 3: a smaller stem fits
+    (4, 80, "or use stem_stride=2."),  # the largest that fits (3 does not), not 1
+    (1, 20, "or use fewer stages (depths, dims)."),  # no stem stride fits 20 with 4 stages
+    (2, 20, "or use fewer stages (depths, dims)."),
+])
+def test_a_convnext_that_does_not_fit_the_images_is_told_a_fix_that_fits(stem_stride, side,
+                                                                        fix):
+    """The line naming model.stem_stride said "or use a smaller stem_stride" at stem_stride=1,
+    and where no smaller one fits: the stage count (a multiple of 8 for four stages) was the
+    constraint it never named."""
+    config = load_config("cifar10_convnext:smoke", [f"--config.model.stem_stride={stem_stride}"])
+    model = setup_lib.build_model(config, 10, distributed.make_mesh())
+    with pytest.raises(errors.ConfigError, match=f"model.stem_stride={stem_stride} does not fit"
+                       ) as e:
+        setup_lib.check_image_shape(config, model, "image_folder:x", (side, side, 3))
+    assert str(e.value).endswith("; resize or crop the images, " + fix)
+
+
 def test_resnet_only_options_are_refused_for_the_vit():
     with pytest.raises(ValueError, match="Unknown config field 'model.compact_multiple'"):
         load_config("cifar10_vit:smoke", TINY + ["--config.model.compact_multiple=4"])
