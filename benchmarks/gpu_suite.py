@@ -12,9 +12,10 @@ file in ``--out-dir`` (default ``benchmarks/results``); everything printed also 
 ``<out-dir>/gpu_suite.log``. Estimates are guesses for one H100/H200 and include compilation;
 the log records each part's real wall time, so later runs can be planned from it. It refuses
 to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
-not started where ``--torch-python`` has none. Ctrl-C, SIGTERM or a reader that exits
-(``| head``) stops the running part (its table is not written; the earlier parts' are) and
-records that in the log. Ctrl-Z stops the running part with the suite (on Linux with the
+not started where ``--torch-python`` has none, or one that sees no CUDA GPU (it would write
+the CPU's figures to those tables). Ctrl-C, SIGTERM or a reader that exits (``| head``)
+stops the running part (its table is not written; the earlier parts' are) and records that
+in the log. Ctrl-Z stops the running part with the suite (on Linux with the
 processes it runs in sessions of their own: vs-torch's benchmark), and ``fg`` / ``bg``
 continue both (the budget's clock runs on meanwhile).
 
@@ -174,12 +175,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def has_torch(python: str) -> bool:
-    """Whether ``python`` runs and imports torch."""
+# Exits 0 where torch imports and sees a CUDA GPU, 3 where it sees none.
+_TORCH_CHECK = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+
+
+def torch_problem(python: str) -> str | None:
+    """Why ``python`` cannot run the parts that need PyTorch, or None if it can: torch
+    imports there and sees a CUDA GPU. A torch without one (a CPU-only wheel, a driver it
+    does not support) would measure the CPU and write it to the *_gpu.md tables."""
     try:
-        return subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+        status = subprocess.run([python, "-c", _TORCH_CHECK], capture_output=True).returncode
     except OSError:
-        return False
+        status = None
+    if status == 0:
+        return None
+    if status == 3:
+        return (f"PyTorch in --torch-python {python} sees no CUDA GPU: its figures would be "
+                f"the CPU's, in a *_gpu.md table; give a Python whose torch has CUDA")
+    return (f"no PyTorch in --torch-python {python}; it is optional: pip install torch")
 
 
 def needs_torch(part: Part) -> bool:
@@ -256,24 +269,25 @@ def main(argv=None) -> None:
             f"JAX's backend here is {found}, not gpu: the suite measures GPU figures and writes "
             f"them to *_gpu.md tables. Run it on a machine with a GPU (and jax[cuda]); on a CPU "
             f"run the benchmarks themselves (README, 'Tests and benchmarks').")
-    torch_ok = (not any(needs_torch(p) for p in args.selected)) or has_torch(args.torch_python)
+    torch_why = (torch_problem(args.torch_python) if any(needs_torch(p) for p in args.selected)
+                 else None)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "gpu_suite.log"), "a") as log:
-        _run_parts(args, torch_ok, log)
+        _run_parts(args, torch_why, log)
 
 
-def _run_parts(args, torch_ok: bool, log) -> None:
+def _run_parts(args, torch_why: str | None, log) -> None:
     """Runs the selected parts in order inside the budget; the summary ends the log, also
-    after Ctrl-C or SIGTERM (which stop the running part)."""
+    after Ctrl-C or SIGTERM (which stop the running part). ``torch_why``: why the parts
+    that need PyTorch cannot run (:func:`torch_problem`), None if they can."""
     start = time.perf_counter()
     summary = []
     part = None
     try:
         for part in args.selected:
             left = args.budget - (time.perf_counter() - start)
-            if needs_torch(part) and not torch_ok:
-                summary.append(f"{part.name}: not started (no PyTorch in --torch-python "
-                               f"{args.torch_python}; it is optional: pip install torch)")
+            if needs_torch(part) and torch_why:
+                summary.append(f"{part.name}: not started ({torch_why})")
                 continue
             if part.estimate_s > left:
                 summary.append(f"{part.name}: not started (estimate {part.estimate_s} s, "

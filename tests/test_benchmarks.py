@@ -245,6 +245,23 @@ def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path, monkeypatch)
     assert vs[0] == sys.executable and vs[vs.index("--torch-python") + 1] == "/some/venv/bin/python"
 
 
+def test_gpu_suite_torch_parts_need_a_torch_that_sees_the_gpu(tmp_path):
+    """A --torch-python whose torch sees no CUDA GPU (a CPU-only wheel) ran epochs-torch and
+    vs-torch on the CPU, into torch_epochs_gpu.md and vs_torch_gpu.md: only a Python without
+    torch was refused."""
+    suite = load("gpu_suite")
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "class cuda:\n    @staticmethod\n    def is_available():\n        return False\n")
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert "sees no CUDA GPU" in suite.torch_problem(str(python))
+    assert "no PyTorch in --torch-python" in suite.torch_problem(sys.executable)
+    assert "no PyTorch in --torch-python" in suite.torch_problem(str(tmp_path / "missing"))
+
+
 def test_gpu_suite_parts_name_known_variants():
     """Every variant a suite part asks of bench_step / bench_train / stage_costs exists."""
     suite, bench_step, bench_train = load("gpu_suite"), load("bench_step"), load("bench_train")
