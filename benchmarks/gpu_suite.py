@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 540 s
     python benchmarks/gpu_suite.py --list                                # parts and estimates
-    python benchmarks/gpu_suite.py --parts stage-costs,epochs --budget 560
+    python benchmarks/gpu_suite.py --parts epochs --budget 560
 
 GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
 a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
@@ -20,9 +20,12 @@ processes it runs in sessions of their own: vs-torch's benchmark), and ``fg`` / 
 continue both (the budget's clock runs on meanwhile).
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
-vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
-fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and then
-``--parts epochs-bf16 --budget 260``; ``epochs-torch`` next:
+vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s; and, by hand, 200 s of
+``bench_train.py --whole-epochs constant,auto --epochs 2``, which finished constant depth
+and reached step 180 of the default's first epoch: the epochs parts' estimates are set from
+that, and ``epochs`` alone fills a command of 600 s). A 15-minute device slice fits about
+two parts: e.g. ``--parts epochs --budget 560``, then ``--parts epochs-bf16 --budget 300``
+if the device time left allows, else ``stage-costs``; ``epochs-torch`` next:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -63,7 +66,10 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
 * ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
   multiple 2, and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
   ``epochs``; multiple 1 is left out: it compiles 301 programs in three epochs,
-  ``benchmarks/compact_buckets.py``);
+  ``benchmarks/compact_buckets.py``). Multiple 2 and 4 lengths compile 90 and 58 programs
+  in three epochs, ~4 s each: about 850 s, more than a 600 s command holds, so a slice of
+  that length needs two runs by hand, ``--whole-epochs constant,compact-2`` and
+  ``constant,lengths-4``;
 * ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
   ``lax.cond`` skipping, compact mode (multiple 4, the GPU default), then PyTorch eager and
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
@@ -106,10 +112,10 @@ PARTS = (
     Part("stage-costs", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
                               "--rounds", "20", "--plot", "{out}/stage_costs_gpu_float32.png",
                               "--out", "{out}/stage_costs_gpu.md")),
-    Part("epochs", 380, ("benchmarks/bench_train.py", "--whole-epochs",
+    Part("epochs", 480, ("benchmarks/bench_train.py", "--whole-epochs",
                          "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
                          "--images-dir", "{images}", "--out", "{out}/train.md")),
-    Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
+    Part("epochs-bf16", 300, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("epochs-torch", 200, ("benchmarks/bench_torch.py", "--whole-epochs", "--epochs", "2",
@@ -126,10 +132,10 @@ PARTS = (
                                    "--dtype", "bfloat16", "--rounds", "20",
                                    "--plot", "{out}/stage_costs_gpu_bfloat16.png",
                                    "--out", "{out}/stage_costs_gpu.md")),
-    Part("drop-path", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+    Part("drop-path", 380, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                             "--linear", "0.4", "--rounds", "10",
                             "--out", "{out}/drop_path_gpu.md")),
-    Part("drop-path-unfused", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+    Part("drop-path-unfused", 560, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                                     "--linear", "0.4", "--unfused", "--rounds", "10",
                                     "--out", "{out}/drop_path_gpu.md")),
     Part("drop-path-convnext", 200, ("benchmarks/bench_drop_path.py", "--model", "convnext",
@@ -137,7 +143,7 @@ PARTS = (
                                      "--out", "{out}/drop_path_gpu.md")),
     Part("profile-drop-path", 120, ("benchmarks/profile_step.py", "--drop-path", "0.4",
                                     "--steps", "5", "--out", "{out}/profile_gpu.md")),
-    Part("epochs-compact", 500, ("benchmarks/bench_train.py", "--whole-epochs",
+    Part("epochs-compact", 850, ("benchmarks/bench_train.py", "--whole-epochs",
                                  "constant,compact-2,lengths-4", "--epochs", "3",
                                  "--train-images", "45000", "--images-dir", "{images}",
                                  "--out", "{out}/train.md")),
