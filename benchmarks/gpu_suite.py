@@ -6,7 +6,9 @@
 
 GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
 a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
-overruns the budget (its printed lines stay in the log). Each part is a separate process
+overruns the budget (its printed lines stay in the log): SIGTERM 30 s before the budget's end,
+so that a benchmark in its timed rounds appends the table of the rounds done, marked as
+interrupted, then SIGKILL at the end. Each part is a separate process
 (a fresh JAX: no compiled program is shared between parts) that appends its raw table to a
 file in ``--out-dir`` (default ``benchmarks/results``); everything printed also goes to
 ``<out-dir>/gpu_suite.log``. Estimates are guesses for one H100/H200 and include compilation;
@@ -232,23 +234,33 @@ def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[
             text=True, env=env, start_new_session=True))
         over_budget = _echo_until_done(proc, timeout, log)
     if over_budget:
-        status = "stopped (budget)"
+        status = "stopped (budget; a table it appended says it was interrupted)"
     else:
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
     return status, time.perf_counter() - t0
 
 
+# Seconds before the budget's end at which a running part is sent SIGTERM (at most a quarter
+# of its time): a benchmark in its timed rounds then appends the table of the rounds done,
+# marked as interrupted (bench_cli.rounds), before the SIGKILL at the end.
+GRACE_S = 30.0
+
+
 def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
-    """Echoes the output of the part ``proc`` to ``log`` and stdout until it ends; kills its
-    process group after ``timeout`` seconds, or if this fails. Whether the budget killed it."""
+    """Echoes the output of the part ``proc`` to ``log`` and stdout until it ends; sends its
+    process group SIGTERM :data:`GRACE_S` seconds before ``timeout``, SIGKILL at
+    ``timeout`` or if this fails. Whether the budget stopped it."""
     stopped = threading.Event()
 
-    def stop():
+    def stop(signum):
         stopped.set()
-        os.killpg(proc.pid, signal.SIGKILL)
+        bench_cli._killpg_if_there(proc.pid, signum)
 
-    timer = threading.Timer(timeout, stop)
-    timer.start()
+    grace = min(GRACE_S, timeout / 4)
+    timers = [threading.Timer(timeout - grace, stop, (signal.SIGTERM,)),
+              threading.Timer(timeout, stop, (signal.SIGKILL,))]
+    for timer in timers:
+        timer.start()
     try:
         for line in proc.stdout:
             log.write(line)  # first: the log keeps it also if stdout's reader exited
@@ -256,7 +268,8 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
             sys.stdout.write(line)
         proc.wait()
     finally:
-        timer.cancel()
+        for timer in timers:
+            timer.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -220,7 +221,40 @@ def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
     assert "quick ran as part quick" in log and "never" not in log and "slow started" in log
     assert "quick: ok" in log
     assert "huge: not started" in log
-    assert "slow: stopped (budget)" in log
+    assert "slow: stopped (budget" in log
+
+
+def test_gpu_suite_budget_lets_a_part_write_what_it_measured(tmp_path, monkeypatch):
+    """A part still running near the budget's end is sent SIGTERM first, as a benchmark in its
+    timed rounds takes it to append the table of the rounds done (marked as interrupted),
+    and SIGKILL only at the end; a SIGKILL alone lost every round it had measured."""
+    suite = load("gpu_suite")
+    rounds = suite.Part("rounds", 1, ("-c", textwrap.dedent("""\
+        import signal, sys, time
+        def table(signum, frame):
+            print('table of the rounds done, marked interrupted', flush=True)
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, table)
+        print('rounds started', flush=True)
+        time.sleep(60)
+        """)))
+    stubborn = suite.Part("stubborn", 1, ("-c", textwrap.dedent("""\
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print('stubborn started', flush=True)
+        time.sleep(60)
+        """)))
+    monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in (rounds, stubborn)})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    t0 = time.perf_counter()
+    suite.main(["--parts", "rounds", "--budget", "8", "--out-dir", str(tmp_path)])
+    assert time.perf_counter() - t0 < 8 - 1  # SIGTERM a quarter of the budget before its end
+    suite.main(["--parts", "stubborn", "--budget", "4", "--out-dir", str(tmp_path)])
+    assert time.perf_counter() - t0 < 8 + 4 + 5  # SIGKILL at the budget's end
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "rounds started" in log and "table of the rounds done, marked interrupted" in log
+    assert "rounds: stopped (budget" in log
+    assert "stubborn started" in log and "stubborn: stopped (budget" in log
     with pytest.raises(load("bench_cli").FlagError, match="--parts: unknown nonsense; valid: "):
         suite.main(["--parts", "nonsense"])
 
