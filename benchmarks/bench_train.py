@@ -214,17 +214,19 @@ class _EpochCompiles:
 
 def _ran_as(workdir: str, model) -> str:
     """What the run in ``workdir`` trained with, from its run.json (``'auto'`` resolved):
-    'constant depth', 'compact, multiple 4', 'compact, 3 lengths', 'skip' or 'mask'; with
-    the platform it was resolved for."""
+    'compact, multiple 4', 'compact, 3 lengths', 'lax.cond skip' or 'mask', with the
+    platform it was resolved for. At p_L = 1 'constant depth', and compact mode if it ran
+    (``'auto'`` on a GPU: not the plain network of ``bench_step.py``'s constant rows)."""
     rec = evaluate_lib.read_run_json(workdir)["implementation"]
-    if implementation_lib.is_constant_depth(model):
-        how = "constant depth"
-    elif rec.get("compact_multiple"):
+    if rec.get("compact_multiple"):
         how = f"compact, multiple {rec['compact_multiple']}"
     elif rec.get("compact_lengths"):
         how = f"compact, {rec['compact_lengths']} lengths"
     else:
         how = "lax.cond skip" if rec["implementation"] == "skip" else rec["implementation"]
+    if implementation_lib.is_constant_depth(model):
+        compact = rec.get("compact_multiple") or rec.get("compact_lengths")
+        how = "constant depth" + (f", {how}" if compact else "")
     return f"{how} ({rec['platform']})"
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -131,6 +132,20 @@ def test_bench_train_epochs_exclude_the_compiles_inside_them():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:8] == ["auto", "compact, multiple 4 (gpu)", "10.0", "5.00", "1.000",
                          "1, 4.0", "1.00", f"{500 * 6 / 60:.1f}"]
+
+
+def test_bench_train_says_a_constant_run_in_compact_mode(tmp_path):
+    """On a GPU 'auto' resolves to compact mode also at p_L = 1 (the 'constant' variant):
+    every block kept, but gathered into scans, not the plain network of bench_step.py's
+    constant rows; its row says so."""
+    bench_train = load("bench_train")
+    resolved = {"implementation": "skip", "compact_multiple": 4, "requested": "auto",
+                "platform": "gpu", "reason": "GPU", "compact_lengths": 0}
+    (tmp_path / "run.json").write_text(json.dumps({"config": {}, "implementation": resolved}))
+    model = ml_collections.ConfigDict({"final_survival_prob": 1.0})
+    assert bench_train._ran_as(str(tmp_path), model) == "constant depth, compact, multiple 4 (gpu)"
+    model.final_survival_prob = 0.5
+    assert bench_train._ran_as(str(tmp_path), model) == "compact, multiple 4 (gpu)"
 
 
 def test_bench_train_epoch_compiles_are_assigned_to_their_epoch():
