@@ -212,12 +212,12 @@ class _EpochCompiles:
                 [self.programs.get(e, 0) for e in range(1, epochs + 1)])
 
 
-def _ran_as(workdir: str, model) -> str:
-    """What the run in ``workdir`` trained with, from its run.json (``'auto'`` resolved):
+def _ran_as(rec: dict, model) -> str:
+    """What a run trained with, from its run.json's ``implementation`` ``rec`` (``'auto'``
+    resolved):
     'compact, multiple 4', 'compact, 3 lengths', 'lax.cond skip' or 'mask', with the
     platform it was resolved for. At p_L = 1 'constant depth', and compact mode if it ran
     (``'auto'`` on a GPU: not the plain network of ``bench_step.py``'s constant rows)."""
-    rec = evaluate_lib.read_run_json(workdir)["implementation"]
     if rec.get("compact_multiple"):
         how = f"compact, multiple {rec['compact_multiple']}"
     elif rec.get("compact_lengths"):
@@ -242,6 +242,8 @@ class _EpochRun:
     evals: list[float]
     ran_as: str
     compilation: dict
+    num_train: int = 0  # the training images, validation held out (run.json)
+    steps_per_epoch: int = 0  # the trainer's: the last partial batch dropped
 
     def steady(self) -> float:
         """The median epoch >= 2 (epoch 1 alone if it is the only one), less the compiles
@@ -259,7 +261,8 @@ class _EpochRun:
 
 
 def _whole_epochs(args, workdir):
-    """Trains ``args.epochs`` epochs of each variant; returns the report's table rows."""
+    """Trains ``args.epochs`` epochs of each variant; returns the report's table rows, and
+    the training images and steps per epoch of the last variant (the same for all)."""
     names = args.whole_epochs
     folder = _epoch_images(args, workdir)
     results = {}
@@ -275,15 +278,17 @@ def _whole_epochs(args, workdir):
         records = metrics.read_metrics(os.path.join(workdir, name))
         epochs = [r["epoch_time_s"] for r in records]
         evals = [r["eval_time_s"] for r in records if "eval_time_s" in r]
+        meta = evaluate_lib.read_run_json(os.path.join(workdir, name))
         run = _EpochRun(epochs, *compiles.of(len(epochs)), evals,
-                        _ran_as(os.path.join(workdir, name), config.model),
-                        summary["compilation"])
+                        _ran_as(meta["implementation"], config.model), summary["compilation"],
+                        meta["data"]["num_train"], summary["steps_per_epoch"])
         results[name] = run
         print(f"{name} ({run.ran_as}): epochs {[round(e, 2) for e in epochs]} s, compiling "
               f"inside them {[round(c, 2) for c in run.compile_s]} s "
               f"({run.compile_programs} programs); evaluations "
               f"{[round(e, 2) for e in evals]} s; {summary['compilation']}", flush=True)
-    return [_epoch_row(name, run, results) for name, run in results.items()]
+    rows = [_epoch_row(name, run, results) for name, run in results.items()]
+    return rows, run.num_train, run.steps_per_epoch
 
 
 def _epoch_row(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
@@ -436,11 +441,12 @@ def main(argv=None):
 
 def _whole_epochs_main(args):
     with tempfile.TemporaryDirectory() as workdir:
-        rows = _whole_epochs(args, workdir)
+        rows, num_train, steps = _whole_epochs(args, workdir)
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     text = "\n".join([
         f"## Whole epochs, ResNet-{args.depth}, "
-        f"batch {args.batch}, p_L={args.p}, {args.dtype}, {args.train_images} training images",
+        f"batch {args.batch}, p_L={args.p}, {args.dtype}, {num_train} training images "
+        f"({steps} steps, the last partial batch dropped)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
         f"jax {jax.__version__}, Python {platform.python_version()}.",

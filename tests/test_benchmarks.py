@@ -109,6 +109,9 @@ def test_bench_train_whole_epochs(tmp_path):
         "--out", str(out)])
     found = rows(out, ["constant", "auto"])
     assert sorted(found) == ["auto", "constant"] and found["constant"][4] == "1.000"
+    # The images it trained on: 64 asked, 57 per class written (500 validation held out).
+    assert "float32, 70 training images (4 steps, the last partial batch dropped)" in (
+        out.read_text())
     # What each ran as, 'auto' resolved (README: lax.cond skipping on the CPU), from run.json.
     assert found["constant"][1] == "constant depth (cpu)"
     assert found["auto"][1] == "lax.cond skip (cpu)"
@@ -134,18 +137,17 @@ def test_bench_train_epochs_exclude_the_compiles_inside_them():
                          "1, 4.0", "1.00", f"{500 * 6 / 60:.1f}"]
 
 
-def test_bench_train_says_a_constant_run_in_compact_mode(tmp_path):
+def test_bench_train_says_a_constant_run_in_compact_mode():
     """On a GPU 'auto' resolves to compact mode also at p_L = 1 (the 'constant' variant):
     every block kept, but gathered into scans, not the plain network of bench_step.py's
     constant rows; its row says so."""
     bench_train = load("bench_train")
     resolved = {"implementation": "skip", "compact_multiple": 4, "requested": "auto",
                 "platform": "gpu", "reason": "GPU", "compact_lengths": 0}
-    (tmp_path / "run.json").write_text(json.dumps({"config": {}, "implementation": resolved}))
     model = ml_collections.ConfigDict({"final_survival_prob": 1.0})
-    assert bench_train._ran_as(str(tmp_path), model) == "constant depth, compact, multiple 4 (gpu)"
+    assert bench_train._ran_as(resolved, model) == "constant depth, compact, multiple 4 (gpu)"
     model.final_survival_prob = 0.5
-    assert bench_train._ran_as(str(tmp_path), model) == "compact, multiple 4 (gpu)"
+    assert bench_train._ran_as(resolved, model) == "compact, multiple 4 (gpu)"
 
 
 def test_bench_train_epoch_compiles_are_assigned_to_their_epoch():
