@@ -27,7 +27,10 @@ the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per e
     python benchmarks/bench_train.py --whole-epochs constant,cond,compact-4,lengths-3,lengths-4 \
         --epochs 3 --train-images 45000          # on a GPU: the paper's 45k training images
 
-It reports what each variant ran as (``auto`` resolved, from its run.json), each epoch's
+A SIGTERM or Ctrl-C stops the variant training at its next metrics point (after a
+checkpoint, in a temporary workdir); the table of the variants that finished is appended, its
+heading saying which one was stopped (none finished: nothing is written). It reports what
+each variant ran as (``auto`` resolved, from its run.json), each epoch's
 training time (evaluation excluded), the median of epochs >= 2 less the compiling inside them
 (shown apart: a program first drawn in a later epoch stalls it), the ratio to constant depth,
 and the programs the run compiled and the seconds spent. The
@@ -64,6 +67,7 @@ from stochastic_depth_jax.training import implementation as implementation_lib  
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 from stochastic_depth_jax.training import step as step_lib  # noqa: E402
+from stochastic_depth_jax.training import stopping  # noqa: E402
 from provenance import run_label, size_changes  # noqa: E402
 
 SIZES = ("depth", "batch", "steps", "epochs", "train_images", "test_images", "eval_batch")
@@ -273,8 +277,14 @@ def _whole_epochs(args, workdir):
                                             "--config.validation_size=500",
                                             f"--config.eval_batch_size={args.eval_batch}",
                                             *EPOCH_VARIANTS[name]])
-        with _EpochCompiles() as compiles:
-            summary = loop.train_and_evaluate(config, os.path.join(workdir, name))
+        try:
+            with _EpochCompiles() as compiles:
+                summary = loop.train_and_evaluate(config, os.path.join(workdir, name))
+        except stopping.Stopped as e:  # a signal: the table of the variants that finished
+            if not results:
+                raise
+            bench_cli.cut_before(e.exit_status, f"the variant {name}")
+            break
         records = metrics.read_metrics(os.path.join(workdir, name))
         epochs = [r["epoch_time_s"] for r in records]
         evals = [r["eval_time_s"] for r in records if "eval_time_s" in r]

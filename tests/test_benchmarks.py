@@ -117,6 +117,36 @@ def test_bench_train_whole_epochs(tmp_path):
     assert found["auto"][1] == "lax.cond skip (cpu)"
 
 
+def test_bench_train_whole_epochs_stopped_keeps_the_variants_that_finished(
+        tmp_path, capsys, monkeypatch):
+    """A SIGTERM (gpu_suite.py's budget) while the trainer runs the second variant: the
+    first one's row is appended, the heading saying which variant was stopped; the whole
+    table was lost (the trainer stops after a checkpoint, raising Stopped)."""
+    from stochastic_depth_jax.training import loop
+    train = loop.train_and_evaluate
+
+    def stopped_in_auto(config, workdir):
+        if os.path.basename(workdir) == "auto":
+            raise stopping.Stopped("stopped by SIGTERM at step 2", signal.SIGTERM)
+        return train(config, workdir)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", stopped_in_auto)
+    out = tmp_path / "train.md"
+    out.write_text(RECORDED)
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): the table of those that finished was appended, marked as "
+        "interrupted.")
+    text = out.read_text()
+    assert text.startswith(RECORDED)
+    assert "(interrupted before the variant auto finished)" in text
+    found = rows(out, ["constant", "auto"])
+    assert "auto" not in found and found["constant"][1] == "constant depth (cpu)"
+
+
 def test_bench_train_epochs_exclude_the_compiles_inside_them():
     """Compact mode compiles a program where a bucket tuple is first drawn, also in epochs
     >= 2 (ResNet-110, multiple 4, the GPU's 'auto': 7 in epoch 2, 2 in epoch 3, ~4 s each
