@@ -236,6 +236,18 @@ def after_rounds(items: Sequence, what: str) -> Iterator:
             else f"every one of the {what} was measured; the table", True)
 
 
+def cut_before(status: int, what: str) -> None:
+    """Marks the table :func:`append_table` writes next as cut short, by the signal of exit
+    ``status``, before ``what`` finished ('the variant lengths-3'): its heading says so, and
+    the interruption is raised once it is appended. For measurements that are not rounds:
+    ``bench_train.py``'s whole epochs, whose trainer stops on a signal after a checkpoint,
+    keep the variants that finished (``gpu_suite.py``'s budget sends SIGTERM first)."""
+    global _cut_short
+    _cut_short = _Cut(signal_name(status - 128), status, f"interrupted before {what} finished",
+                      f"{what} was stopped; the rows are of those that finished.",
+                      "the table of those that finished", True)
+
+
 class _ReaderMayBeGone:
     """``sys.stdout`` or ``sys.stderr`` once a Ctrl-C asked for the table of the rounds done:
     the same Ctrl-C stops a reader in the terminal's process group (``| tee log``), and a

@@ -27,20 +27,27 @@ the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per e
     python benchmarks/bench_train.py --whole-epochs constant,cond,compact-4,lengths-3,lengths-4 \
         --epochs 3 --train-images 45000          # on a GPU: the paper's 45k training images
 
-It reports each epoch's training time (evaluation excluded), the median of epochs >= 2, the
-ratio to constant depth, and the programs the run compiled and the seconds spent. The
+A SIGTERM or Ctrl-C stops the variant training at its next metrics point (after a
+checkpoint, in a temporary workdir); the table of the variants that finished is appended, its
+heading saying which one was stopped (none finished: nothing is written). It reports what
+each variant ran as (``auto`` resolved, from its run.json), each epoch's
+training time (evaluation excluded), the median of epochs >= 2 less the compiling inside them
+(shown apart: a program first drawn in a later epoch stalls it), the ratio to constant depth,
+and the programs the run compiled and the seconds spent. The
 persistent compilation cache is off (``--cache-dir`` to use one) so every run compiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,10 +61,13 @@ import orbax.checkpoint  # noqa: E402
 
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import data  # noqa: E402
-from stochastic_depth_jax.training import checkpoint, loop, metrics  # noqa: E402
+from stochastic_depth_jax.training import checkpoint, compilation, loop, metrics  # noqa: E402
+from stochastic_depth_jax.training import evaluate as evaluate_lib  # noqa: E402
+from stochastic_depth_jax.training import implementation as implementation_lib  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 from stochastic_depth_jax.training import step as step_lib  # noqa: E402
+from stochastic_depth_jax.training import stopping  # noqa: E402
 from provenance import run_label, size_changes  # noqa: E402
 
 SIZES = ("depth", "batch", "steps", "epochs", "train_images", "test_images", "eval_batch")
@@ -154,8 +164,109 @@ def _epoch_images(args, workdir) -> str:
     return root
 
 
+class _EpochCompiles:
+    """Seconds the main thread spent tracing, lowering and compiling inside each training
+    epoch, by epoch (a context manager, for one ``train_and_evaluate``).
+
+    Compact mode compiles a program the first time a bucket tuple is drawn, also after
+    epoch 1 (multiple 4, ResNet-110, 351 steps: 7 new programs in epoch 2, 2 in epoch 3,
+    ~4 s each on a GPU), and that stall is inside the epoch's ``epoch_time_s``. The trainer
+    records no timestamps, so the epochs' windows are taken from its ``_train_epoch`` (the
+    steps, without evaluations) and JAX's compile events are assigned to the window they
+    end in; those of other threads (an async checkpoint's) stall no step and are left out.
+    """
+
+    EVENTS = (compilation._COMPILE, compilation._TRACE, compilation._LOWER)
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+        self.programs: dict[int, int] = {}
+        self._epoch = None  # the epoch whose steps are running, else None
+
+    def _on_duration(self, event, seconds, **_):
+        if (self._epoch is None or event not in self.EVENTS
+                or threading.current_thread() is not threading.main_thread()):
+            return
+        self.seconds[self._epoch] = self.seconds.get(self._epoch, 0.0) + seconds
+        self.programs[self._epoch] = (self.programs.get(self._epoch, 0)
+                                      + (event == compilation._COMPILE))
+
+    def _timed(self, original):
+        def train_epoch(run, compiled, epoch, end):
+            self._epoch = epoch
+            try:
+                return original(run, compiled, epoch, end)
+            finally:
+                self._epoch = None
+        return train_epoch
+
+    def __enter__(self):
+        self._original = loop._train_epoch
+        loop._train_epoch = self._timed(self._original)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
+        loop._train_epoch = self._original
+
+    def of(self, epochs: int) -> tuple[list[float], list[int]]:
+        """The compile seconds and programs of epochs 1..``epochs``."""
+        return ([self.seconds.get(e, 0.0) for e in range(1, epochs + 1)],
+                [self.programs.get(e, 0) for e in range(1, epochs + 1)])
+
+
+def _ran_as(rec: dict, model) -> str:
+    """What a run trained with, from its run.json's ``implementation`` ``rec`` (``'auto'``
+    resolved):
+    'compact, multiple 4', 'compact, 3 lengths', 'lax.cond skip' or 'mask', with the
+    platform it was resolved for. At p_L = 1 'constant depth', and compact mode if it ran
+    (``'auto'`` on a GPU: not the plain network of ``bench_step.py``'s constant rows)."""
+    if rec.get("compact_multiple"):
+        how = f"compact, multiple {rec['compact_multiple']}"
+    elif rec.get("compact_lengths"):
+        how = f"compact, {rec['compact_lengths']} lengths"
+    else:
+        how = "lax.cond skip" if rec["implementation"] == "skip" else rec["implementation"]
+    if implementation_lib.is_constant_depth(model):
+        compact = rec.get("compact_multiple") or rec.get("compact_lengths")
+        how = "constant depth" + (f", {how}" if compact else "")
+    return f"{how} ({rec['platform']})"
+
+
+@dataclasses.dataclass
+class _EpochRun:
+    """One variant's whole epochs: training seconds per epoch (evaluation excluded), the
+    compile seconds and programs inside each, evaluation seconds, what it ran as, and the
+    run's compile counts (``summary['compilation']``)."""
+
+    epochs: list[float]
+    compile_s: list[float]
+    compile_programs: list[int]
+    evals: list[float]
+    ran_as: str
+    compilation: dict
+    num_train: int = 0  # the training images, validation held out (run.json)
+    steps_per_epoch: int = 0  # the trainer's: the last partial batch dropped
+
+    def steady(self) -> float:
+        """The median epoch >= 2 (epoch 1 alone if it is the only one), less the compiles
+        inside each: a steady-state epoch, as the table's projection needs."""
+        net = [e - c for e, c in zip(self.epochs, self.compile_s)]
+        return statistics.median(net[1:] or net)
+
+    def later_compiles(self) -> str:
+        """'programs, seconds' compiled inside epochs >= 2 (a real run's later stalls)."""
+        return f"{sum(self.compile_programs[1:])}, {sum(self.compile_s[1:]):.1f}"
+
+    def eval_s(self) -> float:
+        """The median evaluation after epoch 1 (whose evaluation compiles), 0 if none."""
+        return statistics.median(self.evals[1:] or self.evals) if self.evals else 0.0
+
+
 def _whole_epochs(args, workdir):
-    """Trains ``args.epochs`` epochs of each variant; returns the report's table rows."""
+    """Trains ``args.epochs`` epochs of each variant; returns the report's table rows, and
+    the training images and steps per epoch of the last variant (the same for all)."""
     names = args.whole_epochs
     folder = _epoch_images(args, workdir)
     results = {}
@@ -166,28 +277,41 @@ def _whole_epochs(args, workdir):
                                             "--config.validation_size=500",
                                             f"--config.eval_batch_size={args.eval_batch}",
                                             *EPOCH_VARIANTS[name]])
-        summary = loop.train_and_evaluate(config, os.path.join(workdir, name))
+        try:
+            with _EpochCompiles() as compiles:
+                summary = loop.train_and_evaluate(config, os.path.join(workdir, name))
+        except stopping.Stopped as e:  # a signal: the table of the variants that finished
+            if not results:
+                raise
+            bench_cli.cut_before(e.exit_status, f"the variant {name}")
+            break
         records = metrics.read_metrics(os.path.join(workdir, name))
         epochs = [r["epoch_time_s"] for r in records]
         evals = [r["eval_time_s"] for r in records if "eval_time_s" in r]
-        results[name] = (epochs, evals, summary["compilation"])
-        print(f"{name}: epochs {[round(e, 2) for e in epochs]} s; evaluations "
+        meta = evaluate_lib.read_run_json(os.path.join(workdir, name))
+        run = _EpochRun(epochs, *compiles.of(len(epochs)), evals,
+                        _ran_as(meta["implementation"], config.model), summary["compilation"],
+                        meta["data"]["num_train"], summary["steps_per_epoch"])
+        results[name] = run
+        print(f"{name} ({run.ran_as}): epochs {[round(e, 2) for e in epochs]} s, compiling "
+              f"inside them {[round(c, 2) for c in run.compile_s]} s "
+              f"({run.compile_programs} programs); evaluations "
               f"{[round(e, 2) for e in evals]} s; {summary['compilation']}", flush=True)
-    def steady_of(name):
-        return statistics.median(results[name][0][1:] or results[name][0])
+    rows = [_epoch_row(name, run, results) for name, run in results.items()]
+    return rows, run.num_train, run.steps_per_epoch
 
-    rows = []
-    for name, (epochs, evals, comp) in results.items():
-        steady = steady_of(name)
-        # Against constant depth in the same scan form (an unrolled variant: unrolled).
-        base = "constant-unrolled" if name.endswith("-unrolled") else "constant"
-        ratio = f"{steady / steady_of(base):.3f}" if base in results else "-"
-        ev = statistics.median(evals[1:] or evals) if evals else 0.0
-        # The paper's run: 500 epochs, each one training epoch and one evaluation.
-        rows.append(f"| {name} | {epochs[0]:.1f} | {steady:.2f} | {ratio} | {ev:.2f} | "
-                    f"{500 * (steady + ev) / 60:.1f} | {comp['programs']} | "
-                    f"{comp['compile_s']:.1f} |")
-    return rows
+
+def _epoch_row(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
+    """The table row of variant ``name``: its ratio to constant depth in the same scan form
+    (an unrolled variant: unrolled), both from this run, compiles excluded."""
+    base = "constant-unrolled" if name.endswith("-unrolled") else "constant"
+    ratio = f"{run.steady() / results[base].steady():.3f}" if base in results else "-"
+    comp = run.compilation
+    # The paper's run: 500 epochs, each one training epoch and one evaluation.
+    return (f"| {name} | {run.ran_as} | {run.epochs[0]:.1f} | {run.steady():.2f} | {ratio} | "
+            f"{run.later_compiles()} | {run.eval_s():.2f} | "
+            f"{500 * (run.steady() + run.eval_s()) / 60:.1f} | {comp['programs']} | "
+            f"{comp['compile_s']:.1f} |")
 
 
 def _bare_step(config, workdir, steps):
@@ -327,11 +451,12 @@ def main(argv=None):
 
 def _whole_epochs_main(args):
     with tempfile.TemporaryDirectory() as workdir:
-        rows = _whole_epochs(args, workdir)
+        rows, num_train, steps = _whole_epochs(args, workdir)
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     text = "\n".join([
         f"## Whole epochs, ResNet-{args.depth}, "
-        f"batch {args.batch}, p_L={args.p}, {args.dtype}, {args.train_images} training images",
+        f"batch {args.batch}, p_L={args.p}, {args.dtype}, {num_train} training images "
+        f"({steps} steps, the last partial batch dropped)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, devices: {devices}. "
         f"jax {jax.__version__}, Python {platform.python_version()}.",
@@ -340,12 +465,15 @@ def _whole_epochs_main(args):
         "",
         f"Evaluation: {args.test_images} test + 500 validation images after every epoch "
         f"(batch {args.eval_batch}), "
-        f"timed apart from the epoch. 500-epoch projection = 500 x (median epoch + median "
+        f"timed apart from the epoch. The median epoch >= 2 excludes the tracing, lowering "
+        f"and compiling inside each epoch (compact mode's programs first drawn after epoch 1; "
+        f"in their own column). 500-epoch projection = 500 x (median epoch + median "
         f"evaluation), compilation excluded.",
         "",
-        "| variant | epoch 1 s (with compiles) | median epoch >= 2 s | / constant (same scan "
-        "form) | median evaluation s | 500 epochs, min | programs compiled | compile s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | ran as | epoch 1 s (with compiles) | median epoch >= 2 s, compiles "
+        "excluded | / constant (same scan form) | compiled inside epochs >= 2: programs, s | "
+        "median evaluation s | 500 epochs, min | programs compiled | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
     ])

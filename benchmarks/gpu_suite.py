@@ -2,26 +2,32 @@
 
     python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 540 s
     python benchmarks/gpu_suite.py --list                                # parts and estimates
-    python benchmarks/gpu_suite.py --parts stage-costs,epochs --budget 560
+    python benchmarks/gpu_suite.py --parts epochs --budget 560
 
 GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
 a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
-overruns the budget (its printed lines stay in the log). Each part is a separate process
+overruns the budget (its printed lines stay in the log): SIGTERM 30 s before the budget's end,
+so that a benchmark in its timed rounds appends the table of the rounds done, marked as
+interrupted, then SIGKILL at the end. Each part is a separate process
 (a fresh JAX: no compiled program is shared between parts) that appends its raw table to a
 file in ``--out-dir`` (default ``benchmarks/results``); everything printed also goes to
 ``<out-dir>/gpu_suite.log``. Estimates are guesses for one H100/H200 and include compilation;
 the log records each part's real wall time, so later runs can be planned from it. It refuses
 to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
-not started where ``--torch-python`` has none. Ctrl-C, SIGTERM or a reader that exits
-(``| head``) stops the running part (its table is not written; the earlier parts' are) and
-records that in the log. Ctrl-Z stops the running part with the suite (on Linux with the
+not started where ``--torch-python`` has none, or one that sees no CUDA GPU (it would write
+the CPU's figures to those tables). Ctrl-C, SIGTERM or a reader that exits (``| head``)
+stops the running part (its table is not written; the earlier parts' are) and records that
+in the log. Ctrl-Z stops the running part with the suite (on Linux with the
 processes it runs in sessions of their own: vs-torch's benchmark), and ``fg`` / ``bg``
 continue both (the budget's clock runs on meanwhile).
 
 Parts (the order was re-planned after the 2026-12-04 H200 run, which measured drop-path,
-vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s). A 15-minute device slice
-fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and then
-``--parts epochs-bf16 --budget 260``; ``epochs-torch`` next:
+vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s; and, by hand, 200 s of
+``bench_train.py --whole-epochs constant,auto --epochs 2``, which finished constant depth
+and reached step 180 of the default's first epoch: the epochs parts' estimates are set from
+that, and ``epochs`` alone fills a command of 600 s). A 15-minute device slice fits about
+two parts: e.g. ``--parts epochs --budget 560``, then ``--parts epochs-bf16 --budget 300``
+if the device time left allows, else ``stage-costs``; ``epochs-torch`` next:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -62,7 +68,10 @@ fits about the first three: e.g. ``--parts stage-costs,epochs --budget 560`` and
 * ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
   multiple 2, and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
   ``epochs``; multiple 1 is left out: it compiles 301 programs in three epochs,
-  ``benchmarks/compact_buckets.py``);
+  ``benchmarks/compact_buckets.py``). Multiple 2 and 4 lengths compile 90 and 58 programs
+  in three epochs, ~4 s each: about 850 s, more than a 600 s command holds, so a slice of
+  that length needs two runs by hand, ``--whole-epochs constant,compact-2`` and
+  ``constant,lengths-4``;
 * ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
   ``lax.cond`` skipping, compact mode (multiple 4, the GPU default), then PyTorch eager and
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
@@ -105,10 +114,10 @@ PARTS = (
     Part("stage-costs", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
                               "--rounds", "20", "--plot", "{out}/stage_costs_gpu_float32.png",
                               "--out", "{out}/stage_costs_gpu.md")),
-    Part("epochs", 380, ("benchmarks/bench_train.py", "--whole-epochs",
+    Part("epochs", 480, ("benchmarks/bench_train.py", "--whole-epochs",
                          "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
                          "--images-dir", "{images}", "--out", "{out}/train.md")),
-    Part("epochs-bf16", 230, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
+    Part("epochs-bf16", 300, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
                               "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("epochs-torch", 200, ("benchmarks/bench_torch.py", "--whole-epochs", "--epochs", "2",
@@ -125,10 +134,10 @@ PARTS = (
                                    "--dtype", "bfloat16", "--rounds", "20",
                                    "--plot", "{out}/stage_costs_gpu_bfloat16.png",
                                    "--out", "{out}/stage_costs_gpu.md")),
-    Part("drop-path", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+    Part("drop-path", 380, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                             "--linear", "0.4", "--rounds", "10",
                             "--out", "{out}/drop_path_gpu.md")),
-    Part("drop-path-unfused", 250, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
+    Part("drop-path-unfused", 560, ("benchmarks/bench_drop_path.py", "--rates", "0.1,0.4",
                                     "--linear", "0.4", "--unfused", "--rounds", "10",
                                     "--out", "{out}/drop_path_gpu.md")),
     Part("drop-path-convnext", 200, ("benchmarks/bench_drop_path.py", "--model", "convnext",
@@ -136,7 +145,7 @@ PARTS = (
                                      "--out", "{out}/drop_path_gpu.md")),
     Part("profile-drop-path", 120, ("benchmarks/profile_step.py", "--drop-path", "0.4",
                                     "--steps", "5", "--out", "{out}/profile_gpu.md")),
-    Part("epochs-compact", 500, ("benchmarks/bench_train.py", "--whole-epochs",
+    Part("epochs-compact", 850, ("benchmarks/bench_train.py", "--whole-epochs",
                                  "constant,compact-2,lengths-4", "--epochs", "3",
                                  "--train-images", "45000", "--images-dir", "{images}",
                                  "--out", "{out}/train.md")),
@@ -174,12 +183,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def has_torch(python: str) -> bool:
-    """Whether ``python`` runs and imports torch."""
+# Exits 0 where torch imports and sees a CUDA GPU, 3 where it sees none.
+_TORCH_CHECK = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+
+
+def torch_problem(python: str) -> str | None:
+    """Why ``python`` cannot run the parts that need PyTorch, or None if it can: torch
+    imports there and sees a CUDA GPU. A torch without one (a CPU-only wheel, a driver it
+    does not support) would measure the CPU and write it to the *_gpu.md tables."""
     try:
-        return subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+        status = subprocess.run([python, "-c", _TORCH_CHECK], capture_output=True).returncode
     except OSError:
-        return False
+        status = None
+    if status == 0:
+        return None
+    if status == 3:
+        return (f"PyTorch in --torch-python {python} sees no CUDA GPU: its figures would be "
+                f"the CPU's, in a *_gpu.md table; give a Python whose torch has CUDA")
+    return (f"no PyTorch in --torch-python {python}; it is optional: pip install torch")
 
 
 def needs_torch(part: Part) -> bool:
@@ -213,23 +234,33 @@ def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[
             text=True, env=env, start_new_session=True))
         over_budget = _echo_until_done(proc, timeout, log)
     if over_budget:
-        status = "stopped (budget)"
+        status = "stopped (budget; a table it appended says it was interrupted)"
     else:
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
     return status, time.perf_counter() - t0
 
 
+# Seconds before the budget's end at which a running part is sent SIGTERM (at most a quarter
+# of its time): a benchmark in its timed rounds then appends the table of the rounds done,
+# marked as interrupted (bench_cli.rounds), before the SIGKILL at the end.
+GRACE_S = 30.0
+
+
 def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
-    """Echoes the output of the part ``proc`` to ``log`` and stdout until it ends; kills its
-    process group after ``timeout`` seconds, or if this fails. Whether the budget killed it."""
+    """Echoes the output of the part ``proc`` to ``log`` and stdout until it ends; sends its
+    process group SIGTERM :data:`GRACE_S` seconds before ``timeout``, SIGKILL at
+    ``timeout`` or if this fails. Whether the budget stopped it."""
     stopped = threading.Event()
 
-    def stop():
+    def stop(signum):
         stopped.set()
-        os.killpg(proc.pid, signal.SIGKILL)
+        bench_cli._killpg_if_there(proc.pid, signum)
 
-    timer = threading.Timer(timeout, stop)
-    timer.start()
+    grace = min(GRACE_S, timeout / 4)
+    timers = [threading.Timer(timeout - grace, stop, (signal.SIGTERM,)),
+              threading.Timer(timeout, stop, (signal.SIGKILL,))]
+    for timer in timers:
+        timer.start()
     try:
         for line in proc.stdout:
             log.write(line)  # first: the log keeps it also if stdout's reader exited
@@ -237,7 +268,8 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
             sys.stdout.write(line)
         proc.wait()
     finally:
-        timer.cancel()
+        for timer in timers:
+            timer.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -256,24 +288,25 @@ def main(argv=None) -> None:
             f"JAX's backend here is {found}, not gpu: the suite measures GPU figures and writes "
             f"them to *_gpu.md tables. Run it on a machine with a GPU (and jax[cuda]); on a CPU "
             f"run the benchmarks themselves (README, 'Tests and benchmarks').")
-    torch_ok = (not any(needs_torch(p) for p in args.selected)) or has_torch(args.torch_python)
+    torch_why = (torch_problem(args.torch_python) if any(needs_torch(p) for p in args.selected)
+                 else None)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "gpu_suite.log"), "a") as log:
-        _run_parts(args, torch_ok, log)
+        _run_parts(args, torch_why, log)
 
 
-def _run_parts(args, torch_ok: bool, log) -> None:
+def _run_parts(args, torch_why: str | None, log) -> None:
     """Runs the selected parts in order inside the budget; the summary ends the log, also
-    after Ctrl-C or SIGTERM (which stop the running part)."""
+    after Ctrl-C or SIGTERM (which stop the running part). ``torch_why``: why the parts
+    that need PyTorch cannot run (:func:`torch_problem`), None if they can."""
     start = time.perf_counter()
     summary = []
     part = None
     try:
         for part in args.selected:
             left = args.budget - (time.perf_counter() - start)
-            if needs_torch(part) and not torch_ok:
-                summary.append(f"{part.name}: not started (no PyTorch in --torch-python "
-                               f"{args.torch_python}; it is optional: pip install torch)")
+            if needs_torch(part) and torch_why:
+                summary.append(f"{part.name}: not started ({torch_why})")
                 continue
             if part.estimate_s > left:
                 summary.append(f"{part.name}: not started (estimate {part.estimate_s} s, "

@@ -16,10 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
 import jax
+import ml_collections
+import numpy as np
 import pytest
 
 from bench_scripts import BENCHMARKS, load
@@ -105,7 +108,101 @@ def test_bench_train_whole_epochs(tmp_path):
         "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
         "--out", str(out)])
     found = rows(out, ["constant", "auto"])
-    assert sorted(found) == ["auto", "constant"] and found["constant"][3] == "1.000"
+    assert sorted(found) == ["auto", "constant"] and found["constant"][4] == "1.000"
+    # The images it trained on: 64 asked, 57 per class written (500 validation held out).
+    assert "float32, 70 training images (4 steps, the last partial batch dropped)" in (
+        out.read_text())
+    # What each ran as, 'auto' resolved (README: lax.cond skipping on the CPU), from run.json.
+    assert found["constant"][1] == "constant depth (cpu)"
+    assert found["auto"][1] == "lax.cond skip (cpu)"
+
+
+def test_bench_train_whole_epochs_stopped_keeps_the_variants_that_finished(
+        tmp_path, capsys, monkeypatch):
+    """A SIGTERM (gpu_suite.py's budget) while the trainer runs the second variant: the
+    first one's row is appended, the heading saying which variant was stopped; the whole
+    table was lost (the trainer stops after a checkpoint, raising Stopped)."""
+    from stochastic_depth_jax.training import loop
+    train = loop.train_and_evaluate
+
+    def stopped_in_auto(config, workdir):
+        if os.path.basename(workdir) == "auto":
+            raise stopping.Stopped("stopped by SIGTERM at step 2", signal.SIGTERM)
+        return train(config, workdir)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", stopped_in_auto)
+    out = tmp_path / "train.md"
+    out.write_text(RECORDED)
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): the table of those that finished was appended, marked as "
+        "interrupted.")
+    text = out.read_text()
+    assert text.startswith(RECORDED)
+    assert "(interrupted before the variant auto finished)" in text
+    found = rows(out, ["constant", "auto"])
+    assert "auto" not in found and found["constant"][1] == "constant depth (cpu)"
+
+
+def test_bench_train_epochs_exclude_the_compiles_inside_them():
+    """Compact mode compiles a program where a bucket tuple is first drawn, also in epochs
+    >= 2 (ResNet-110, multiple 4, the GPU's 'auto': 7 in epoch 2, 2 in epoch 3, ~4 s each
+    against ~7 s epochs): the steady epoch, its ratio and the 500-epoch projection, said to
+    exclude compilation, took them in."""
+    bench_train = load("bench_train")
+    run = bench_train._EpochRun(epochs=[10.0, 9.0, 5.0], compile_s=[4.0, 4.0, 0.0],
+                                compile_programs=[1, 1, 0], evals=[3.0, 1.0, 1.0],
+                                ran_as="compact, multiple 4 (gpu)",
+                                compilation={"programs": 2, "compile_s": 8.0})
+    constant = bench_train._EpochRun([6.0, 5.0, 5.0], [1.0, 0.0, 0.0], [1, 0, 0],
+                                     [3.0, 1.0, 1.0], "constant depth (gpu)",
+                                     {"programs": 1, "compile_s": 1.0})
+    assert run.steady() == 5.0  # median(9 - 4, 5 - 0), not median(9, 5) = 7
+    row = bench_train._epoch_row("auto", run, {"auto": run, "constant": constant})
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:8] == ["auto", "compact, multiple 4 (gpu)", "10.0", "5.00", "1.000",
+                         "1, 4.0", "1.00", f"{500 * 6 / 60:.1f}"]
+
+
+def test_bench_train_says_a_constant_run_in_compact_mode():
+    """On a GPU 'auto' resolves to compact mode also at p_L = 1 (the 'constant' variant):
+    every block kept, but gathered into scans, not the plain network of bench_step.py's
+    constant rows; its row says so."""
+    bench_train = load("bench_train")
+    resolved = {"implementation": "skip", "compact_multiple": 4, "requested": "auto",
+                "platform": "gpu", "reason": "GPU", "compact_lengths": 0}
+    model = ml_collections.ConfigDict({"final_survival_prob": 1.0})
+    assert bench_train._ran_as(resolved, model) == "constant depth, compact, multiple 4 (gpu)"
+    model.final_survival_prob = 0.5
+    assert bench_train._ran_as(resolved, model) == "compact, multiple 4 (gpu)"
+
+
+def test_bench_train_epoch_compiles_are_assigned_to_their_epoch():
+    """The compiles inside each epoch's steps are counted for that epoch, those between the
+    epochs (evaluation) for none."""
+    bench_train = load("bench_train")
+    from stochastic_depth_jax.training import loop
+
+    def train_epoch(run, compiled, epoch, end):  # epoch 2 meets a new program
+        if epoch == 2:
+            jax.jit(lambda x: x * 3 + epoch)(np.ones(7, np.float32)).block_until_ready()
+        return 0.0
+
+    original = loop._train_epoch
+    loop._train_epoch = train_epoch
+    try:
+        with bench_train._EpochCompiles() as compiles:
+            for epoch in (1, 2, 3):
+                loop._train_epoch(None, None, epoch, 0)
+                jax.jit(lambda x: x - epoch)(np.ones(5, np.float32)).block_until_ready()  # between epochs
+        assert loop._train_epoch is train_epoch  # put back
+    finally:
+        loop._train_epoch = original
+    seconds, programs = compiles.of(3)
+    assert programs == [0, 1, 0] and seconds[0] == seconds[2] == 0.0 and seconds[1] > 0
 
 
 def test_bench_train_bare_config_divides_by_the_devices(tmp_path):
@@ -171,7 +268,40 @@ def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
     assert "quick ran as part quick" in log and "never" not in log and "slow started" in log
     assert "quick: ok" in log
     assert "huge: not started" in log
-    assert "slow: stopped (budget)" in log
+    assert "slow: stopped (budget" in log
+
+
+def test_gpu_suite_budget_lets_a_part_write_what_it_measured(tmp_path, monkeypatch):
+    """A part still running near the budget's end is sent SIGTERM first, as a benchmark in its
+    timed rounds takes it to append the table of the rounds done (marked as interrupted),
+    and SIGKILL only at the end; a SIGKILL alone lost every round it had measured."""
+    suite = load("gpu_suite")
+    rounds = suite.Part("rounds", 1, ("-c", textwrap.dedent("""\
+        import signal, sys, time
+        def table(signum, frame):
+            print('table of the rounds done, marked interrupted', flush=True)
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, table)
+        print('rounds started', flush=True)
+        time.sleep(60)
+        """)))
+    stubborn = suite.Part("stubborn", 1, ("-c", textwrap.dedent("""\
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print('stubborn started', flush=True)
+        time.sleep(60)
+        """)))
+    monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in (rounds, stubborn)})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    t0 = time.perf_counter()
+    suite.main(["--parts", "rounds", "--budget", "8", "--out-dir", str(tmp_path)])
+    assert time.perf_counter() - t0 < 8 - 1  # SIGTERM a quarter of the budget before its end
+    suite.main(["--parts", "stubborn", "--budget", "4", "--out-dir", str(tmp_path)])
+    assert time.perf_counter() - t0 < 8 + 4 + 5  # SIGKILL at the budget's end
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "rounds started" in log and "table of the rounds done, marked interrupted" in log
+    assert "rounds: stopped (budget" in log
+    assert "stubborn started" in log and "stubborn: stopped (budget" in log
     with pytest.raises(load("bench_cli").FlagError, match="--parts: unknown nonsense; valid: "):
         suite.main(["--parts", "nonsense"])
 
@@ -194,6 +324,23 @@ def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path, monkeypatch)
     assert suite.command(suite.BY_NAME["epochs"], args)[0] == sys.executable
     vs = suite.command(suite.BY_NAME["vs-torch"], args)  # runs ours, and torch through the flag
     assert vs[0] == sys.executable and vs[vs.index("--torch-python") + 1] == "/some/venv/bin/python"
+
+
+def test_gpu_suite_torch_parts_need_a_torch_that_sees_the_gpu(tmp_path):
+    """A --torch-python whose torch sees no CUDA GPU (a CPU-only wheel) ran epochs-torch and
+    vs-torch on the CPU, into torch_epochs_gpu.md and vs_torch_gpu.md: only a Python without
+    torch was refused."""
+    suite = load("gpu_suite")
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "class cuda:\n    @staticmethod\n    def is_available():\n        return False\n")
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert "sees no CUDA GPU" in suite.torch_problem(str(python))
+    assert "no PyTorch in --torch-python" in suite.torch_problem(sys.executable)
+    assert "no PyTorch in --torch-python" in suite.torch_problem(str(tmp_path / "missing"))
 
 
 def test_gpu_suite_parts_name_known_variants():
