@@ -218,19 +218,17 @@ class _EpochCompiles:
 
 def _ran_as(rec: dict, model) -> str:
     """What a run trained with, from its run.json's ``implementation`` ``rec`` (``'auto'``
-    resolved):
-    'compact, multiple 4', 'compact, 3 lengths', 'lax.cond skip' or 'mask', with the
-    platform it was resolved for. At p_L = 1 'constant depth', and compact mode if it ran
-    (``'auto'`` on a GPU: not the plain network of ``bench_step.py``'s constant rows)."""
-    if rec.get("compact_multiple"):
+    resolved): 'constant depth' (the plain network: the train step compacts nothing at
+    p_L = 1), 'compact, multiple 4', 'compact, 3 lengths', 'lax.cond skip' or 'mask'; with
+    the platform it was resolved for."""
+    if implementation_lib.is_constant_depth(model):
+        how = "constant depth"
+    elif rec.get("compact_multiple"):
         how = f"compact, multiple {rec['compact_multiple']}"
     elif rec.get("compact_lengths"):
         how = f"compact, {rec['compact_lengths']} lengths"
     else:
         how = "lax.cond skip" if rec["implementation"] == "skip" else rec["implementation"]
-    if implementation_lib.is_constant_depth(model):
-        compact = rec.get("compact_multiple") or rec.get("compact_lengths")
-        how = "constant depth" + (f", {how}" if compact else "")
     return f"{how} ({rec['platform']})"
 
 

@@ -167,17 +167,19 @@ def test_bench_train_epochs_exclude_the_compiles_inside_them():
                          "1, 4.0", "1.00", f"{500 * 6 / 60:.1f}"]
 
 
-def test_bench_train_says_a_constant_run_in_compact_mode():
-    """On a GPU 'auto' resolves to compact mode also at p_L = 1 (the 'constant' variant):
-    every block kept, but gathered into scans, not the plain network of bench_step.py's
-    constant rows; its row says so."""
+def test_bench_train_names_what_each_run_ran_as():
+    """A constant-depth row is the plain network (the train step compacts nothing at
+    p_L = 1, whatever a record from before resolve() knew that says); the others say their
+    resolved implementation."""
     bench_train = load("bench_train")
     resolved = {"implementation": "skip", "compact_multiple": 4, "requested": "auto",
                 "platform": "gpu", "reason": "GPU", "compact_lengths": 0}
     model = ml_collections.ConfigDict({"final_survival_prob": 1.0})
-    assert bench_train._ran_as(resolved, model) == "constant depth, compact, multiple 4 (gpu)"
+    assert bench_train._ran_as(resolved, model) == "constant depth (gpu)"
     model.final_survival_prob = 0.5
     assert bench_train._ran_as(resolved, model) == "compact, multiple 4 (gpu)"
+    resolved.update(compact_multiple=0, compact_lengths=3)
+    assert bench_train._ran_as(resolved, model) == "compact, 3 lengths (gpu)"
 
 
 def test_bench_train_epoch_compiles_are_assigned_to_their_epoch():

@@ -122,6 +122,20 @@ def test_constant_depth_says_nothing_is_skipped():
         assert text.startswith("none needed: constant depth") and "compact" not in text
 
 
+@pytest.mark.parametrize("override", [[], ["--config.model.compact_multiple=2"],
+                                      ["--config.model.compact_lengths=3"]])
+def test_constant_depth_records_no_compact_mode(override):
+    """The train step compacts nothing at p_L = 1 (a plain network); run.json recorded
+    compact mode there on a GPU ('auto' and explicit), which read as if it ran."""
+    model = _model("--config.model.final_survival_prob=1.0", *override)
+    for platform in ("cpu", "gpu", "tpu"):
+        r = implementation.resolve(model, platform)
+        assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("skip", 0, 0)
+        assert "nothing is dropped" in r.reason
+    mask = _model("--config.model.final_survival_prob=1.0", "--config.model.implementation=mask")
+    assert implementation.resolve(mask, "gpu").implementation == "mask"
+
+
 @pytest.mark.parametrize("name", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
 def test_no_drop_path_says_nothing_is_skipped(name):
     """drop_path_rate=0 (a baseline) said 'skip (per-example subsets: each block runs only on

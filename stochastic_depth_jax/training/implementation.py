@@ -21,6 +21,10 @@ and reason) in ``run.json``:
 as configured). With ``'auto'``, a ``compact_multiple`` or ``compact_lengths`` > 0 asks for
 that compact mode on every platform; both 0 let the platform decide.
 
+At constant depth (p_L = 1; a drop-path model at rate 0) nothing is dropped: the record
+says no compact mode whatever was asked (the train step compacts nothing there), and the
+network runs as a plain one.
+
 One exception: the ResNets (:data:`MASKED_SAMPLE_MODELS`) draw all gates up front, so with
 ``mode='sample'`` their per-example gates are Bernoulli masks whatever was asked for; that
 resolves to ``'mask'`` (which computes exactly the same), so the record says what runs.
@@ -119,6 +123,10 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"model.implementation={impl!r}; valid: {list(IMPLEMENTATIONS)}")
     kind = _platform_kind(platform)
+    if is_constant_depth(model):  # the train step compacts nothing here: say so
+        return Resolved("skip" if impl == "auto" else impl, 0, impl, platform,
+                        "nothing is dropped (constant depth or no drop path): every block "
+                        "runs, no skipping or compact mode")
     if model.mode == "sample" and model.get("name", "cifar_resnet") in MASKED_SAMPLE_MODELS:
         return Resolved("mask", 0, impl, platform, _MASKED_SAMPLE_WHY)
     if impl != "auto" or multiple or lengths:
