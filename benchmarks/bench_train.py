@@ -40,6 +40,7 @@ persistent compilation cache is off (``--cache-dir`` to use one) so every run co
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import platform
@@ -174,6 +175,12 @@ class _EpochCompiles:
     records no timestamps, so the epochs' windows are taken from its ``_train_epoch`` (the
     steps, without evaluations) and JAX's compile events are assigned to the window they
     end in; those of other threads (an async checkpoint's) stall no step and are left out.
+
+    A compile stalls the steps only by what outlasts the steps already dispatched (up to
+    the 20 between the trainer's metric syncs, ~0.4 s on an H100), so the queue is drained
+    before a new bucket tuple's program compiles (:meth:`_synced`): the seconds subtracted
+    are then a stall, not the queued steps' time too. It fails loudly where the trainer's
+    internals no longer match (no ``_train_epoch`` called, no ``_jitted`` to wrap).
     """
 
     EVENTS = (compilation._COMPILE, compilation._TRACE, compilation._LOWER)
@@ -181,7 +188,9 @@ class _EpochCompiles:
     def __init__(self):
         self.seconds: dict[int, float] = {}
         self.programs: dict[int, int] = {}
+        self.timed: list[int] = []  # the epochs whose _train_epoch ran wrapped
         self._epoch = None  # the epoch whose steps are running, else None
+        self._drawn: set = set()  # the bucket tuples whose program exists
 
     def _on_duration(self, event, seconds, **_):
         if (self._epoch is None or event not in self.EVENTS
@@ -194,11 +203,32 @@ class _EpochCompiles:
     def _timed(self, original):
         def train_epoch(run, compiled, epoch, end):
             self._epoch = epoch
+            self.timed.append(epoch)
             try:
-                return original(run, compiled, epoch, end)
+                return original(run, self._synced(compiled), epoch, end)
             finally:
                 self._epoch = None
         return train_epoch
+
+    def _synced(self, compiled):
+        """``compiled`` (the trainer's step), in compact mode a copy that waits for the
+        steps dispatched before it wherever a bucket tuple is first drawn: its compile then
+        stalls the device for all its seconds, as :meth:`of` counts (otherwise the queued
+        steps ran meanwhile, and their time was subtracted with the compile). The other
+        steps were compiled before the first epoch."""
+        if not isinstance(compiled, step_lib.CompactTrainStep):
+            return compiled
+        jitted = compiled._jitted  # (state, split, gates, buckets), buckets static
+
+        def drained_before_new_programs(state, split, gates, buckets):
+            if buckets not in self._drawn:
+                self._drawn.add(buckets)
+                jax.block_until_ready(state)
+            return jitted(state, split, gates, buckets)
+
+        synced = copy.copy(compiled)
+        synced._jitted = drained_before_new_programs
+        return synced
 
     def __enter__(self):
         self._original = loop._train_epoch
@@ -211,7 +241,14 @@ class _EpochCompiles:
         loop._train_epoch = self._original
 
     def of(self, epochs: int) -> tuple[list[float], list[int]]:
-        """The compile seconds and programs of epochs 1..``epochs``."""
+        """The compile seconds and programs of epochs 1..``epochs``; an error where the
+        trainer ran them without its ``loop._train_epoch`` (nothing would be subtracted)."""
+        missing = sorted(set(range(1, epochs + 1)) - set(self.timed))
+        if missing:
+            raise RuntimeError(
+                f"bench_train: epochs {missing} ran without loop._train_epoch, which "
+                "--whole-epochs wraps to time their compiles; update _EpochCompiles to the "
+                "trainer's loop.")
         return ([self.seconds.get(e, 0.0) for e in range(1, epochs + 1)],
                 [self.programs.get(e, 0) for e in range(1, epochs + 1)])
 

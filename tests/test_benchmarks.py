@@ -147,6 +147,15 @@ def test_bench_train_whole_epochs_stopped_keeps_the_variants_that_finished(
     assert "auto" not in found and found["constant"][1] == "constant depth (cpu)"
 
 
+def test_bench_train_epoch_compiles_fail_loudly_without_the_trainers_epochs():
+    """Where the trainer no longer runs its epochs through loop._train_epoch, the wrapper
+    sees no epoch: an error, not a table that subtracted no compiles."""
+    bench_train = load("bench_train")
+    with bench_train._EpochCompiles() as compiles:
+        pass
+    with pytest.raises(RuntimeError, match=r"epochs \[1, 2\] ran without loop._train_epoch"):
+        compiles.of(2)
+
 def test_bench_train_epochs_exclude_the_compiles_inside_them():
     """Compact mode compiles a program where a bucket tuple is first drawn, also in epochs
     >= 2 (ResNet-110, multiple 4, the GPU's 'auto': 7 in epoch 2, 2 in epoch 3, ~4 s each
@@ -206,6 +215,50 @@ def test_bench_train_epoch_compiles_are_assigned_to_their_epoch():
     seconds, programs = compiles.of(3)
     assert programs == [0, 1, 0] and seconds[0] == seconds[2] == 0.0 and seconds[1] > 0
 
+
+def test_bench_train_epoch_compiles_count_only_their_stall():
+    """A compact step meeting a new bucket tuple compiles on the host while the device still
+    runs the steps dispatched before it (asynchronous dispatch: up to 20 of them between the
+    trainer's metric syncs, ~0.4 s on an H100): only the compile time beyond that queue
+    stalls the epoch, so subtracting all of it took the queued steps out too (ResNet-110,
+    multiple 4: ~9 compiles in epochs 2-3 made compact mode look faster than it is). The
+    queue is now drained before a new program is compiled, so what is subtracted is a stall."""
+    bench_train = load("bench_train")
+    from stochastic_depth_jax.training import loop, step as step_lib
+
+    heavy = jax.jit(lambda x: jax.lax.fori_loop(0, 30, lambda i, a: jax.numpy.tanh(a @ a), x))
+    x = jax.numpy.full((1024, 1024), 1e-3, jax.numpy.float32)
+    heavy(x).block_until_ready()
+    t0 = time.perf_counter()
+    heavy(x).block_until_ready()
+    device_s = time.perf_counter() - t0  # the queued steps' device time
+
+    def traced_slowly(state, split, gates, buckets):  # a compile as long as the queue
+        time.sleep(device_s)
+        return state + gates.sum()
+
+    compact = object.__new__(step_lib.CompactTrainStep)  # one new bucket tuple per step
+    compact._jitted = jax.jit(traced_slowly, static_argnums=3)
+    compact._key, compact._draw = None, lambda key, step: np.zeros(2, np.float32)
+    compact._bucketing = lambda gates: (1,)
+    compact._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def train_epoch(run, compiled, epoch, end):
+        t0 = time.perf_counter()
+        state = compiled(heavy(x), None, 0)  # dispatched behind the queued steps
+        jax.block_until_ready(state)
+        return time.perf_counter() - t0
+
+    original = loop._train_epoch
+    loop._train_epoch = train_epoch
+    try:
+        with bench_train._EpochCompiles() as compiles:
+            took = loop._train_epoch(None, compact, 1, 0)
+    finally:
+        loop._train_epoch = original
+    seconds, programs = compiles.of(1)
+    assert programs == [1] and seconds[0] >= device_s
+    assert took - seconds[0] > 0.7 * device_s  # the steps' time is left, not ~0
 
 def test_bench_train_bare_config_divides_by_the_devices(tmp_path):
     """The bare-step run's validation batch was a fixed 100, which 8 devices do not divide:
