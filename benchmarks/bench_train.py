@@ -28,7 +28,8 @@ the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per e
         --epochs 3 --train-images 45000          # on a GPU: the paper's 45k training images
 
 A SIGTERM or Ctrl-C stops the variant training at its next metrics point (after a
-checkpoint, in a temporary workdir); the table of the variants that finished is appended, its
+checkpoint, in a temporary workdir; one while it loads data or compiles is held until then),
+or before the next variant starts; the table of the variants that finished is appended, its
 heading saying which one was stopped (none finished: nothing is written). It reports what
 each variant ran as (``auto`` resolved, from its run.json), each epoch's
 training time (evaluation excluded), the median of epochs >= 2 less the compiling inside them
@@ -302,10 +303,29 @@ class _EpochRun:
 def _whole_epochs(args, workdir):
     """Trains ``args.epochs`` epochs of each variant; returns the report's table rows, and
     the training images and steps per epoch of the last variant (the same for all)."""
-    names = args.whole_epochs
     folder = _epoch_images(args, workdir)
     results = {}
-    for name in names:
+    # Signals between the trainers' stop points (a variant's data loading, initialisation,
+    # compiling; between variants) are held too, not lost with the table: the trainer
+    # started next takes one as its own stop request (stopping.StopSignals nests).
+    with stopping.StopSignals("at the variant's next metrics point; the table of the "
+                              "variants that finished is then appended") as signals:
+        run = _variants(args, workdir, folder, results, signals)
+    rows = [_epoch_row(name, run, results) for name, run in results.items()]
+    return rows, run.num_train, run.steps_per_epoch
+
+
+def _variants(args, workdir, folder, results, signals) -> _EpochRun:
+    """Trains each variant into ``results`` until one is stopped by a signal (a table cut
+    short: :func:`bench_cli.cut_before`); returns the last that finished."""
+    run = None
+    for name in args.whole_epochs:
+        if signals.signum is not None:  # after the last variant that finished
+            if not results:
+                raise stopping.Stopped(f"stopped by {stopping.StopSignals.name(signals.signum)}"
+                                       " before any variant finished", signals.signum)
+            bench_cli.cut_before(128 + signals.signum, f"the variant {name}")
+            break
         jax.clear_caches()  # each variant compiles everything it uses, as a fresh run does
         config = _config(args, workdir, folder)
         config_lib.apply_overrides(config, [f"--config.num_epochs={args.epochs}",
@@ -332,8 +352,7 @@ def _whole_epochs(args, workdir):
               f"inside them {[round(c, 2) for c in run.compile_s]} s "
               f"({run.compile_programs} programs); evaluations "
               f"{[round(e, 2) for e in evals]} s; {summary['compilation']}", flush=True)
-    rows = [_epoch_row(name, run, results) for name, run in results.items()]
-    return rows, run.num_train, run.steps_per_epoch
+    return run
 
 
 def _epoch_row(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:

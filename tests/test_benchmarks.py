@@ -147,6 +147,32 @@ def test_bench_train_whole_epochs_stopped_keeps_the_variants_that_finished(
     assert "auto" not in found and found["constant"][1] == "constant depth (cpu)"
 
 
+def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, capsys,
+                                                                   monkeypatch):
+    """A SIGTERM while a variant's trainer loads its data, initialises or compiles (before
+    it takes signals as a stop request; seconds at 45k images) ended the command at once:
+    the finished variants' table was lost. It now stops that variant at its first metrics
+    point, or before a next variant starts, and appends the rows of those that finished."""
+    from stochastic_depth_jax.training import loop
+    train = loop.train_and_evaluate
+
+    def signalled_while_preparing(config, workdir):
+        if os.path.basename(workdir) == "auto":
+            os.kill(os.getpid(), signal.SIGTERM)  # as in the trainer's _prepare
+        return train(config, workdir)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", signalled_while_preparing)
+    out = tmp_path / "train.md"
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant,auto,cond", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143 and out.exists()
+    assert "(interrupted before the variant cond finished)" in out.read_text()
+    found = rows(out, ["constant", "auto", "cond"])  # auto's 4 steps hold no stop point
+    assert sorted(found) == ["auto", "constant"]
+
+
 def test_bench_train_epoch_compiles_fail_loudly_without_the_trainers_epochs():
     """Where the trainer no longer runs its epochs through loop._train_epoch, the wrapper
     sees no epoch: an error, not a table that subtracted no compiles."""
