@@ -234,10 +234,21 @@ def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[
             text=True, env=env, start_new_session=True))
         over_budget = _echo_until_done(proc, timeout, log)
     if over_budget:
-        status = "stopped (budget; a table it appended says it was interrupted)"
+        status = _stopped_by_budget(proc.returncode)
     else:
         status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
     return status, time.perf_counter() - t0
+
+
+def _stopped_by_budget(returncode: int) -> str:
+    """The summary's status of a part the budget stopped: what its exit says of its table
+    (the SIGTERM's table is marked as interrupted where one was appended; one appended after
+    the part's last stop point is whole; SIGKILL lost whatever was not yet appended)."""
+    if returncode == -signal.SIGKILL:
+        return ("killed at the budget's end (SIGKILL after SIGTERM; what it had not appended "
+                "is lost)")
+    return (f"stopped (budget: SIGTERM, exit {returncode}; a table it appended says whether "
+            "it is whole)")
 
 
 # Seconds before the budget's end at which a running part is sent SIGTERM (at most a quarter
