@@ -28,9 +28,9 @@ the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per e
         --epochs 3 --train-images 45000          # on a GPU: the paper's 45k training images
 
 A SIGTERM or Ctrl-C stops the variant training at its next metrics point (after a
-checkpoint, in a temporary workdir; one while it loads data or compiles is held until then),
-or before the next variant starts; the table of the variants that finished is appended, its
-heading saying which one was stopped (none finished: nothing is written). It reports what
+checkpoint, in a temporary workdir), at once while it loads data or compiles before its
+steps, or before the next variant starts; the table of the variants that finished is
+appended, its heading saying which one was stopped (none finished: nothing is written). It reports what
 each variant ran as (``auto`` resolved, from its run.json), each epoch's
 training time (evaluation excluded), the median of epochs >= 2 less the compiling inside them
 (shown apart: a program first drawn in a later epoch stalls it), the ratio to constant depth,
@@ -305,14 +305,31 @@ def _whole_epochs(args, workdir):
     the training images and steps per epoch of the last variant (the same for all)."""
     folder = _epoch_images(args, workdir)
     results = {}
-    # Signals between the trainers' stop points (a variant's data loading, initialisation,
-    # compiling; between variants) are held too, not lost with the table: the trainer
-    # started next takes one as its own stop request (stopping.StopSignals nests).
-    with stopping.StopSignals("at the variant's next metrics point; the table of the "
-                              "variants that finished is then appended") as signals:
+    with _VariantStops() as signals:
         run = _variants(args, workdir, folder, results, signals)
     rows = [_epoch_row(name, run, results) for name, run in results.items()]
     return rows, run.num_train, run.steps_per_epoch
+
+
+class _VariantStops(stopping.StopSignals):
+    """SIGTERM and Ctrl-C outside the trainer's steps, whose own StopSignals (nested in
+    this) stops at its next metrics point: while a variant's trainer loads its data,
+    initialises or compiles before them, the variant stops at once (``Stopped``; waiting
+    for its first metrics point could outlast gpu_suite's 30 s before SIGKILL); between
+    variants, or after the trainer's last stop point (passed on by its StopSignals), the
+    next variant is not started. Either way the rows of those that finished are appended;
+    without this, the command ended at once and the table was lost."""
+
+    def __init__(self):
+        super().__init__("now; the rows of the variants that finished are appended")
+        self.training = False  # inside a variant's train_and_evaluate
+
+    def _handle(self, signum, frame):
+        first = self.signum is None
+        super()._handle(signum, frame)
+        if first and self.training:
+            raise stopping.Stopped(f"stopped by {self.name(signum)} before the variant's "
+                                   "steps", signum)
 
 
 def _variants(args, workdir, folder, results, signals) -> _EpochRun:
@@ -320,19 +337,20 @@ def _variants(args, workdir, folder, results, signals) -> _EpochRun:
     short: :func:`bench_cli.cut_before`); returns the last that finished."""
     run = None
     for name in args.whole_epochs:
-        if signals.signum is not None:  # after the last variant that finished
-            if not results:
-                raise stopping.Stopped(f"stopped by {stopping.StopSignals.name(signals.signum)}"
-                                       " before any variant finished", signals.signum)
-            bench_cli.cut_before(128 + signals.signum, f"the variant {name}")
-            break
         jax.clear_caches()  # each variant compiles everything it uses, as a fresh run does
         config = _config(args, workdir, folder)
         config_lib.apply_overrides(config, [f"--config.num_epochs={args.epochs}",
                                             "--config.validation_size=500",
                                             f"--config.eval_batch_size={args.eval_batch}",
                                             *EPOCH_VARIANTS[name]])
+        if signals.signum is not None:  # since the last variant that finished
+            if not results:
+                raise stopping.Stopped(f"stopped by {stopping.StopSignals.name(signals.signum)}"
+                                       " before any variant finished", signals.signum)
+            bench_cli.cut_before(128 + signals.signum, f"the variant {name}")
+            break
         try:
+            signals.training = True
             with _EpochCompiles() as compiles:
                 summary = loop.train_and_evaluate(config, os.path.join(workdir, name))
         except stopping.Stopped as e:  # a signal: the table of the variants that finished
@@ -340,6 +358,8 @@ def _variants(args, workdir, folder, results, signals) -> _EpochRun:
                 raise
             bench_cli.cut_before(e.exit_status, f"the variant {name}")
             break
+        finally:
+            signals.training = False
         records = metrics.read_metrics(os.path.join(workdir, name))
         epochs = [r["epoch_time_s"] for r in records]
         evals = [r["eval_time_s"] for r in records if "eval_time_s" in r]

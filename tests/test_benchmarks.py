@@ -150,27 +150,38 @@ def test_bench_train_whole_epochs_stopped_keeps_the_variants_that_finished(
 def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, capsys,
                                                                    monkeypatch):
     """A SIGTERM while a variant's trainer loads its data, initialises or compiles (before
-    it takes signals as a stop request; seconds at 45k images) ended the command at once:
-    the finished variants' table was lost. It now stops that variant at its first metrics
-    point, or before a next variant starts, and appends the rows of those that finished."""
+    it takes signals as a stop request; seconds at 45k images), or after its last stop
+    point, ended the command at once or was lost: the finished variants' table was lost
+    (SIGKILL followed in gpu_suite). Now that variant stops at once, or the next one is not
+    started, and the rows of those that finished are appended."""
     from stochastic_depth_jax.training import loop
-    train = loop.train_and_evaluate
+    prepare, train = loop._prepare, loop._train
 
     def signalled_while_preparing(config, workdir):
         if os.path.basename(workdir) == "auto":
-            os.kill(os.getpid(), signal.SIGTERM)  # as in the trainer's _prepare
-        return train(config, workdir)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return prepare(config, workdir)
 
-    monkeypatch.setattr(loop, "train_and_evaluate", signalled_while_preparing)
+    def signalled_after_the_last_stop_point(run):
+        summary = train(run)
+        if os.path.basename(run.workdir) == "constant":
+            os.kill(os.getpid(), signal.SIGTERM)  # as in the last evaluation
+        return summary
+
+    monkeypatch.setattr(loop, "_prepare", signalled_while_preparing)
     out = tmp_path / "train.md"
-    code, err = run_command("bench_train", [
-        "--whole-epochs", "constant,auto,cond", "--epochs", "1", "--train-images", "64",
-        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
-        "--out", str(out)], capsys)
-    assert code == 143 and out.exists()
-    assert "(interrupted before the variant cond finished)" in out.read_text()
-    found = rows(out, ["constant", "auto", "cond"])  # auto's 4 steps hold no stop point
-    assert sorted(found) == ["auto", "constant"]
+    argv = ["--whole-epochs", "constant,auto,cond", "--epochs", "1", "--train-images", "64",
+            "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+            "--out", str(out)]
+    code, err = run_command("bench_train", argv, capsys)
+    assert code == 143 and "(interrupted before the variant auto finished)" in out.read_text()
+    assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
+    monkeypatch.setattr(loop, "_prepare", prepare)
+    monkeypatch.setattr(loop, "_train", signalled_after_the_last_stop_point)
+    out.unlink()
+    code, err = run_command("bench_train", argv, capsys)
+    assert code == 143 and "(interrupted before the variant auto finished)" in out.read_text()
+    assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
 
 
 def test_bench_train_epoch_compiles_fail_loudly_without_the_trainers_epochs():
