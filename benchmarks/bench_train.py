@@ -30,8 +30,8 @@ the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per e
 A SIGTERM or Ctrl-C stops the variant training at its next metrics point (after a
 checkpoint, in a temporary workdir), at once while it loads data or compiles before its
 steps, or before the next variant starts; the table of the variants that finished is
-appended, its heading saying which one was stopped (none finished: nothing is written). It reports what
-each variant ran as (``auto`` resolved, from its run.json), each epoch's
+appended, its heading saying which one was stopped (none finished: nothing is written).
+It reports what each variant ran as (``auto`` resolved, from its run.json), each epoch's
 training time (evaluation excluded), the median of epochs >= 2 less the compiling inside them
 (shown apart: a program first drawn in a later epoch stalls it), the ratio to constant depth,
 and the programs the run compiled and the seconds spent. The
