@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 540 s
     python benchmarks/gpu_suite.py --list                                # parts and estimates
-    python benchmarks/gpu_suite.py --parts epochs --budget 560
+    python benchmarks/gpu_suite.py --parts epochs --budget 380
 
 GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
 a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
@@ -25,9 +25,10 @@ Parts (the order was re-planned after the 2026-12-04 H200 run, which measured dr
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s; and, by hand, 200 s of
 ``bench_train.py --whole-epochs constant,auto --epochs 2``, which finished constant depth
 and reached step 180 of the default's first epoch: the epochs parts' estimates are set from
-that, and ``epochs`` alone fills a command of 600 s). A 15-minute device slice fits about
-two parts: e.g. ``--parts epochs --budget 560``, then ``--parts epochs-bf16 --budget 300``
-if the device time left allows, else ``stage-costs``; ``epochs-torch`` next:
+that, about 150 s a variant for three epochs). A 15-minute device slice, start-up included,
+fits the issue's two headline tables: ``--parts epochs --budget 380``, then at once (a
+machine left idle is given back) ``--parts epochs-bf16 --budget 330``; ``epochs-torch``
+next, then ``epochs-lengths``:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -37,13 +38,15 @@ if the device time left allows, else ``stage-costs``; ``epochs-torch`` next:
   own overhead; drawn to ``stage_costs_gpu_float32.png``. This says how far 0.78 is
   reachable at all;
 * ``epochs``: whole 45k-image epochs, constant depth vs the default config (on a GPU:
-  compact mode, multiple 4) vs compact mode with 3 scan lengths per stage fitted to the
-  schedule (the candidate default), fp32 (``train.md``);
+  compact mode, multiple 4), fp32 (``train.md``), with the 500-epoch projection;
 * ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
   500-epoch projection the issue's 30-minute target is about;
 * ``epochs-torch``: PyTorch's whole epochs (eager, fp32 and bf16, constant and skipping;
   images on the GPU, augmented there, an evaluation per epoch), the PyTorch column of the
   training-time table (needs ``--torch-python``; ``torch_epochs_gpu.md``);
+* ``epochs-lengths``: constant depth vs compact mode with 3 scan lengths per stage fitted to
+  the schedule (the candidate default: it pads 2.5 blocks a step where multiple 4 pads 3.7,
+  and compiles all its 27 programs in the first epoch), fp32 (``train.md``);
 * ``profile``: the device timeline of 5 steps each of constant depth, ``lax.cond``
   skipping and compact mode (``profile_gpu.md``; ``--trace-dir`` by hand keeps the raw
   traces): busy / wall,
@@ -67,7 +70,7 @@ if the device time left allows, else ``stage-costs``; ``epochs-torch`` next:
   whatever the rate (gather and scatter kernels, or lost fusion);
 * ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
   multiple 2, and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
-  ``epochs``; multiple 1 is left out: it compiles 301 programs in three epochs,
+  ``epochs`` and ``epochs-lengths``; multiple 1 is left out: it compiles 301 programs in three epochs,
   ``benchmarks/compact_buckets.py``). Multiple 2 and 4 lengths compile 90 and 58 programs
   in three epochs, ~4 s each: about 850 s, more than a 600 s command holds, so a slice of
   that length needs two runs by hand, ``--whole-epochs constant,compact-2`` and
@@ -114,8 +117,8 @@ PARTS = (
     Part("stage-costs", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
                               "--rounds", "20", "--plot", "{out}/stage_costs_gpu_float32.png",
                               "--out", "{out}/stage_costs_gpu.md")),
-    Part("epochs", 480, ("benchmarks/bench_train.py", "--whole-epochs",
-                         "constant,auto,lengths-3", "--epochs", "3", "--train-images", "45000",
+    Part("epochs", 350, ("benchmarks/bench_train.py", "--whole-epochs",
+                         "constant,auto", "--epochs", "3", "--train-images", "45000",
                          "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("epochs-bf16", 300, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
@@ -123,6 +126,9 @@ PARTS = (
     Part("epochs-torch", 200, ("benchmarks/bench_torch.py", "--whole-epochs", "--epochs", "2",
                               "--train-images", "45000", "--variants", "eager",
                               "--out", "{out}/torch_epochs_gpu.md"), torch=True),
+    Part("epochs-lengths", 330, ("benchmarks/bench_train.py", "--whole-epochs",
+                                 "constant,lengths-3", "--epochs", "3", "--train-images",
+                                 "45000", "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("profile", 90, ("benchmarks/profile_step.py", "--variants", "constant,skip,compact",
                          "--steps", "5", "--out", "{out}/profile_gpu.md")),
     Part("unroll", 340, ("benchmarks/bench_step.py", "--variants",
