@@ -70,11 +70,11 @@ next, then ``epochs-lengths``:
   whatever the rate (gather and scatter kernels, or lost fusion);
 * ``epochs-compact``: compact-mode granularity over whole epochs beside constant depth:
   multiple 2, and 4 fitted lengths per stage (multiple 4 and 3 fitted lengths are in
-  ``epochs`` and ``epochs-lengths``; multiple 1 is left out: it compiles 301 programs in three epochs,
-  ``benchmarks/compact_buckets.py``). Multiple 2 and 4 lengths compile 90 and 58 programs
-  in three epochs, ~4 s each: about 850 s, more than a 600 s command holds, so a slice of
-  that length needs two runs by hand, ``--whole-epochs constant,compact-2`` and
-  ``constant,lengths-4``;
+  ``epochs`` and ``epochs-lengths``; multiple 1 is left out: it compiles 301 programs in
+  three epochs, ``benchmarks/compact_buckets.py``). Multiple 2 and 4 lengths compile 90
+  and 58 programs in three epochs, ~4 s each: about 850 s, more than a 600 s command holds,
+  so a slice of that length needs two runs by hand, ``--whole-epochs constant,compact-2``
+  and ``constant,lengths-4``;
 * ``vs-torch``: train step of CIFAR ResNet-110, batch 128, fp32 and bf16: constant depth,
   ``lax.cond`` skipping, compact mode (multiple 4, the GPU default), then PyTorch eager and
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step

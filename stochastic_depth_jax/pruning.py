@@ -84,6 +84,14 @@ def _host_scalar(value: Any) -> Any:
     return value
 
 
+def _not_block_indices(values: Iterable[Any], num_blocks: int) -> list[Any]:
+    """The entries of ``values`` that are not 0-based block indices in ``[0, num_blocks)``:
+    a bool, a float (2.5, or 3.0) or a number out of range (a NumPy or 0-d JAX integer is the
+    index it holds). :func:`keep_mask` and :func:`list_order` refuse them."""
+    return [v for v in values if isinstance(v, (bool, np.bool_))
+            or not isinstance(v, (int, np.integer)) or not 0 <= v < num_blocks]
+
+
 def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
     """bool ``[num_blocks]``, False at the (0-based) block indices in ``removed``.
 
@@ -101,8 +109,7 @@ def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
         removed = np.asarray(removed).reshape(-1).tolist()
     removed = [removed] if isinstance(removed, (int, np.integer)) else list(removed)
     removed = [_host_scalar(r) for r in removed]  # e.g. a list of jnp.argmin results
-    bad = [r for r in removed if isinstance(r, (bool, np.bool_))
-           or not isinstance(r, (int, np.integer)) or not 0 <= r < L]
+    bad = _not_block_indices(removed, L)
     if bad:
         raise ValueError(f"keep_mask's removed blocks must be 0-based integer indices in "
                          f"[0, {L}), got {bad}; e.g. keep_mask({L}, [{L - 1}]) removes the "
@@ -130,8 +137,7 @@ def list_order(model: Any, blocks: Sequence[int]) -> list[int]:
     _require_blockwise(model)
     L = model.num_blocks()
     blocks = [_host_scalar(b) for b in blocks]  # 2.5 or True is refused, not read as 2 or 1
-    bad = [b for b in blocks if isinstance(b, (bool, np.bool_))
-           or not isinstance(b, (int, np.integer)) or not 0 <= b < L]
+    bad = _not_block_indices(blocks, L)
     blocks = blocks if bad else [int(b) for b in blocks]  # NumPy integers as Python ints
     if bad or len(set(blocks)) != len(blocks):
         problem = f"must be distinct indices in [0, {L}) (0-based, L = {L} blocks), got {blocks}"

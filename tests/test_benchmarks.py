@@ -245,7 +245,8 @@ def test_bench_train_epoch_compiles_are_assigned_to_their_epoch():
         with bench_train._EpochCompiles() as compiles:
             for epoch in (1, 2, 3):
                 loop._train_epoch(None, None, epoch, 0)
-                jax.jit(lambda x: x - epoch)(np.ones(5, np.float32)).block_until_ready()  # between epochs
+                # Between epochs: not counted.
+                jax.jit(lambda x: x - epoch)(np.ones(5, np.float32)).block_until_ready()
         assert loop._train_epoch is train_epoch  # put back
     finally:
         loop._train_epoch = original

@@ -358,9 +358,10 @@ _IMAGE_CHECKS: dict[str, tuple[str, Callable[[Any, tuple[int, ...]], None]]] = {
 def check_image_shape(config: ml_collections.ConfigDict, model: Any, dataset: str,
                       image_shape: tuple[int, ...]) -> None:
     """Refuses a model that cannot take the dataset's ``image_shape`` ``[H, W, C]`` images
-    (a ViT patch size or a ConvNeXt stem stride that does not divide the sides), naming the
-    field, before anything is written: the model's own check fails only at initialisation,
-    with a traceback and after the workdir's checkpoint folders exist."""
+    (a ViT patch size that does not divide the sides; a ConvNeXt whose stem stride and
+    stages do not fit them), naming the field, before anything is written: the model's own
+    check fails only at initialisation, with a traceback and after the workdir's checkpoint
+    folders exist."""
     field, check = _IMAGE_CHECKS.get(config.model.get("name", "cifar_resnet"), (None, None))
     if check is None:
         return
