@@ -70,6 +70,9 @@ VARIANTS = {
     "compact-1": (0.5, "compact1", "none"),
     "lengths-3": (0.5, "lengths3", "none"),
     "lengths-4": (0.5, "lengths4", "none"),
+    # Each scanned stage's kept blocks in one loop of dynamic length (one program, no padding).
+    "loop": (0.5, "loop", "none"),
+    "loop-remat-convs": (0.5, "loop", "convs"),
 }
 # Any variant with "-unrolled" appended: the same with scan_unroll=True (scans inlined: no
 # loop for XLA:GPU to drive from the host block by block).

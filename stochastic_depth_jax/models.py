@@ -20,6 +20,7 @@ import numpy as np
 
 from stochastic_depth_jax import buckets as buckets_lib
 from stochastic_depth_jax import layers, ops, schedules
+from stochastic_depth_jax.kept_loop import kept_loop
 from stochastic_depth_jax.conv import Conv
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ResidualStages",
     "CIFAR_BLOCKS",
     "INITIALIZATIONS",
+    "IMPLEMENTATIONS",
     "valid_cifar_depths",
 ]
 
@@ -39,6 +41,12 @@ Array = Any
 ModuleDef = Any
 
 CIFAR_BLOCKS = {"basic": layers.BasicBlock, "preact": layers.PreActBlock}
+
+# ``implementation`` of the ResNets: the op's (``'skip'``: ``lax.cond`` per block, ``'mask'``)
+# or ``'loop'``: each scanned stage runs its kept blocks in one loop of dynamic length
+# (:func:`stochastic_depth_jax.kept_loop.kept_loop`), the other blocks masked.
+LOOP = "loop"
+IMPLEMENTATIONS = tuple(ops.IMPLEMENTATIONS) + (LOOP,)
 
 # A stage with at least this many identical blocks is scanned when ``scan=None``.
 AUTO_SCAN_MIN_BLOCKS = 8
@@ -95,6 +103,37 @@ class _ScanBody(nn.Module):
         return block(x, prob, gate, **kw), None
 
 
+class _KeptLoop(nn.Module):
+    """A scanned stage run as one loop over its kept blocks only (``implementation='loop'``).
+
+    Reads the stage's stacked parameters and statistics (the layout ``_scanned_body``
+    creates, under the same name) and runs :func:`kept_loop` over them: the kept blocks in
+    order, each applied functionally, with open gates; the dropped ones not at all, forward
+    or backward. Written back: the kept blocks' statistics (training only).
+    """
+
+    block: ModuleDef  # one scanned block, implementation 'mask' (gates are open here)
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: Array, probs: Array, gates: Array) -> Array:
+        params = self.variables["params"]["block"]
+        stats = self.variables.get("batch_stats", {}).get("block", {})
+        block = self.block(parent=None)
+        train, open_gate = self.train, jnp.ones((), jnp.bool_)
+
+        def block_fn(p, s, v, prob):
+            variables = {"params": p, "batch_stats": s} if s else {"params": p}
+            y, new = block.apply(variables, v, prob, open_gate, train=train, stochastic=True,
+                                 mutable=["batch_stats"])
+            return y, new.get("batch_stats", {})
+
+        y, new_stats = kept_loop(block_fn, params, stats, x, probs, gates)
+        if stats and train:  # as a scanned BatchNorm does, refused if not mutable
+            self.put_variable("batch_stats", "block", new_stats)
+        return y
+
+
 def _scanned_body(length: int, unroll: bool = False, policy: Any = None) -> ModuleDef:
     """``_ScanBody`` scanned ``length`` times, parameters and statistics stacked on axis 0;
     ``unroll``: every iteration inlined (straight-line code, no loop); ``policy``: each
@@ -137,6 +176,11 @@ class ResidualStages(nn.Module):
       keep: bool ``[L]`` or None; blocks marked False are deleted (a pruned model): no
         parameters, no compute. A deleted first block of a stage keeps its shortcut; the
         kept blocks of a scanned stage form a shorter scan (same stacked layout).
+      loop: with batch gates (one per block) in a stochastic pass, run each scanned stage's
+        kept blocks in one loop of dynamic length (:class:`_KeptLoop`) instead of scanning
+        every block: no conditional, no padding, one program whatever the gates. The
+        blocks should mask (``implementation='mask'``): a stage's first block and the
+        blocks of unscanned stages run as they are. Blocks must draw no randomness.
     """
 
     stage_sizes: Sequence[int]
@@ -146,6 +190,7 @@ class ResidualStages(nn.Module):
     scan: bool | None = None
     keep: Sequence[bool] | None = None
     scan_unroll: bool = False
+    loop: bool = False
 
     @nn.compact
     def __call__(self, x: Array, probs: np.ndarray, gates: Array | None, *, train: bool,
@@ -171,7 +216,8 @@ class ResidualStages(nn.Module):
             if not keep[start]:
                 kw["has_branch"] = False
             scanned = n > 1 and self._scanned(n - 1)
-            policy = self._preact_policy(feats, stride) if scanned and buckets is None else None
+            carry_preact = scanned and buckets is None and not self.loop
+            policy = self._preact_policy(feats, stride) if carry_preact else None
             if policy is not None:  # the stage carries pre-activations
                 kw["post_activation"] = False
             first = self.block(feats, stride, name=f"stage{i + 1}_block1", **kw)
@@ -275,6 +321,12 @@ class ResidualStages(nn.Module):
         name = f"stage{i + 1}_scan"
         if bucket is not None and not self.is_initializing():
             return self._compact_stage(name, length, feats, x, probs, gates[rest], bucket)
+        stochastic = call_kw["train"] if call_kw["stochastic"] is None else call_kw["stochastic"]
+        if (self.loop and stochastic and not constant and gates is not None and gates.ndim == 1
+                and not self.is_initializing()):
+            body = _KeptLoop(block=functools.partial(self.block, feats, 1), train=call_kw["train"],
+                             name=name)
+            return body(x, jnp.asarray(probs, jnp.float32), gates[rest])
         stage = _scanned_body(length, self.scan_unroll, policy)
         inputs: tuple = () if constant else (jnp.asarray(probs, jnp.float32),)
         if gates is not None:
@@ -479,7 +531,16 @@ class _StochasticResNetBase(nn.Module):
         )
 
     def _validate_sd(self) -> None:
-        ops.validate_options(self.mode, self.scaling, self.implementation)
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"Unknown implementation {self.implementation!r}; valid: "
+                             f"{list(IMPLEMENTATIONS)}.")
+        ops.validate_options(self.mode, self.scaling, self._block_implementation())
+        if self.implementation == LOOP and self.mode != "batch":
+            raise ValueError(f"implementation='loop' needs mode='batch' (one gate per block), "
+                             f"got mode={self.mode!r}; use 'skip' or 'mask' for it.")
+        if self.implementation == LOOP and float(self.dropout_rate) > 0:
+            raise ValueError(f"implementation='loop' runs blocks that draw no randomness; "
+                             f"dropout_rate={self.dropout_rate} needs 'skip' or 'mask'.")
         if not 0.0 <= float(self.dropout_rate) < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         if self.keep is not None:
@@ -565,13 +626,21 @@ class _StochasticResNetBase(nn.Module):
                              "gates they were computed from (gates=...).")
         if self.keep is not None:
             raise ValueError("buckets (compact mode) cannot be used on a pruned model (keep=...).")
+        if self.implementation == LOOP:
+            raise ValueError("buckets (compact mode) and implementation='loop' are two ways to "
+                             "run only the kept blocks: pass buckets=None, or use 'skip'.")
         sizes = tuple(self.stage_sizes_())
         return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan))
+
+    def _block_implementation(self) -> str:
+        """The blocks' own implementation: ``'loop'`` masks the blocks outside the loops
+        (each stage's first block, unscanned stages), as compact mode does: no conditional."""
+        return "mask" if self.implementation == LOOP else self.implementation
 
     def _block(self, cls: ModuleDef, shortcut: str) -> ModuleDef:
         return functools.partial(
             cls, shortcut=shortcut, mode=self.mode, scaling=self.scaling,
-            implementation=self.implementation, remat=self.remat, conv=self.conv,
+            implementation=self._block_implementation(), remat=self.remat, conv=self.conv,
             norm=self._norm(), dtype=self.dtype, zero_init_last=self.zero_init_last,
             dropout_rate=self.dropout_rate, kernel_init=self._kernel_init(),
         )
@@ -710,7 +779,8 @@ class CifarResNet(_StochasticResNetBase):
         stages = ResidualStages(
             stage_sizes=(n, n, n), stage_features=self.stage_widths(), stage_strides=(1, 2, 2),
             block=self._block(CIFAR_BLOCKS[self.block], self.shortcut), scan=self.scan,
-            scan_unroll=self.scan_unroll, keep=self.keep, name="stages",
+            scan_unroll=self.scan_unroll, keep=self.keep, loop=self.implementation == LOOP,
+            name="stages",
         )
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
                    buckets=buckets, stochastic=stochastic)
@@ -813,7 +883,7 @@ class ResNet(_StochasticResNetBase):
             stage_features=tuple(self.width * 2**i for i in range(k)),
             stage_strides=(1,) + (2,) * (k - 1),
             block=self._block(layers.BottleneckBlock, "B"), scan=self.scan, keep=self.keep,
-            scan_unroll=self.scan_unroll, name="stages",
+            scan_unroll=self.scan_unroll, loop=self.implementation == LOOP, name="stages",
         )
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
                    buckets=buckets, stochastic=stochastic)

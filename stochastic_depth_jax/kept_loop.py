@@ -1,0 +1,135 @@
+"""Runs the kept blocks of a stack of identical blocks in one loop of dynamic length.
+
+The third way to really skip dropped blocks, beside ``lax.cond`` skipping (one conditional
+per block) and compact mode (kept blocks gathered into scans of a few static lengths, one
+compiled program per tuple of lengths, padding masked): a ``lax.while_loop`` whose trip
+count is the number of kept blocks. One compiled program whatever the gates, no padding,
+no conditional per block.
+
+A while loop of dynamic length has no reverse-mode derivative in JAX, so :func:`kept_loop`
+carries its own (``jax.custom_vjp``): the forward loop keeps each kept block's VJP
+residuals (what ``jax.vjp`` of the block saves, under the block's own remat policy) in
+buffers with one slot per block of the stack, and the backward loop walks the kept blocks
+in reverse, applying each block's VJP to its stored residuals and adding the parameter
+gradients into that block's slot. Memory is that of a scan over every block of the stack
+(the buffers are sized for all of them); compute is that of the kept blocks only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["kept_loop"]
+
+Array = Any
+# block_fn(params, stats, x, survival_prob) -> (y, new_stats) for one block's slices.
+BlockFn = Callable[[Any, Any, Array, Array], tuple[Array, Any]]
+
+
+def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array,
+              gates: Array) -> tuple[Array, Any]:
+    """Applies the blocks whose gate is open, in order, to ``x``; the others not at all.
+
+    Args:
+      block_fn: ``(params, stats, x, survival_prob) -> (y, new_stats)`` for one block;
+        ``y`` has ``x``'s shape and dtype (identical blocks). Differentiated with respect
+        to ``params`` and ``x`` only; ``new_stats`` (e.g. BatchNorm running statistics)
+        carries no gradient.
+      params: the blocks' parameters, every leaf stacked on axis 0 (one slot per block).
+      stats: the blocks' non-differentiated state, stacked the same way (may be empty).
+      x: the input of the first block.
+      probs: float ``[n]``, each block's survival probability (passed to ``block_fn``).
+      gates: bool ``[n]``, True where a block runs (traced or concrete).
+
+    Returns:
+      ``(y, stats)``: the output of the last kept block (``x`` if none is kept), and
+      ``stats`` with the kept blocks' slots replaced by their ``new_stats``.
+    """
+    gates = jnp.asarray(gates)
+    if gates.ndim != 1 or gates.dtype != jnp.bool_:
+        raise ValueError(f"kept_loop needs one bool gate per block, shape [n]; got "
+                         f"{gates.dtype}{list(gates.shape)}.")
+    n = gates.shape[0]
+    for leaf in jax.tree_util.tree_leaves((params, stats, probs)):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
+            raise ValueError(f"kept_loop: every leaf of params, stats and probs must be "
+                             f"stacked on axis 0 with {n} slots (one per gate); got "
+                             f"shape {tuple(jnp.shape(leaf))}.")
+    order = jnp.argsort(jnp.logical_not(gates), stable=True).astype(jnp.int32)  # kept first
+    count = jnp.sum(gates.astype(jnp.int32))
+    return _loop(_Block(block_fn), params, stats, x, jnp.asarray(probs), order, count)
+
+
+class _Block:
+    """``block_fn`` with room for the VJP's tree structure, which the forward pass learns
+    while tracing and the backward pass needs to rebuild each block's VJP (a structure is
+    not a JAX value, so it cannot travel with the residuals). One per :func:`kept_loop`
+    call."""
+
+    def __init__(self, fn: BlockFn):
+        self.fn = fn
+        self.vjp_tree = None
+
+    def vjp(self, params, stats, x, prob):
+        """``(y, new_stats, residual leaves)`` of one block; records the VJP's structure."""
+        y, vjp, new_stats = jax.vjp(lambda p, v: self.fn(p, stats, v, prob), params, x,
+                                    has_aux=True)
+        leaves, self.vjp_tree = jax.tree_util.tree_flatten(vjp)
+        return y, new_stats, leaves
+
+
+def _slot(tree: Any, j: Array) -> Any:
+    return jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, j, keepdims=False),
+                                  tree)
+
+
+def _put(tree: Any, j: Array, values: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a, v: a.at[j].set(v.astype(a.dtype)), tree, values)
+
+
+def _forward(block: _Block, params, stats, x, probs, order, count):
+    n = order.shape[0]
+    shapes = jax.eval_shape(block.vjp, _slot(params, 0), _slot(stats, 0), x, probs[0])
+    residuals = [jnp.zeros((n,) + s.shape, s.dtype) for s in shapes[2]]
+
+    def body(i, carry):
+        x, stats, residuals = carry
+        j = order[i]
+        y, new_stats, leaves = block.vjp(_slot(params, j), _slot(stats, j), x, probs[j])
+        if y.shape != x.shape or y.dtype != x.dtype:
+            raise ValueError(f"kept_loop: a block must return its input's shape and dtype "
+                             f"({x.dtype}{list(x.shape)}), got {y.dtype}{list(y.shape)}.")
+        residuals = [r.at[i].set(leaf) for r, leaf in zip(residuals, leaves)]
+        return y, _put(stats, j, new_stats), residuals
+
+    y, stats, residuals = lax.fori_loop(0, count, body, (x, stats, residuals))
+    return (y, stats), (residuals, params, order, count)
+
+
+def _backward(block: _Block, saved, cotangents):
+    residuals, params, order, count = saved
+    dy = cotangents[0]  # statistics carry no gradient
+
+    def body(k, carry):
+        dx, dparams = carry
+        i = count - 1 - k  # the kept blocks in reverse
+        vjp = jax.tree_util.tree_unflatten(block.vjp_tree, [r[i] for r in residuals])
+        dp, dx = vjp(dx)
+        dparams = jax.tree_util.tree_map(lambda a, v: a.at[order[i]].add(v), dparams, dp)
+        return dx, dparams
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    dx, dparams = lax.fori_loop(0, count, body, (dy, zeros))
+    return dparams, None, dx, None, None, None
+
+
+def _loop_primal(block, params, stats, x, probs, order, count):
+    return _forward(block, params, stats, x, probs, order, count)[0]
+
+
+_loop = jax.custom_vjp(_loop_primal, nondiff_argnums=(0,))
+_loop.defvjp(_forward, _backward)
