@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     # resolved at start-up and recorded in run.json (CPU: lax.cond skipping; GPU/TPU:
     # compact mode, see compact_multiple). 'skip': a dropped block is not computed (forward
     # or backward); 'mask': compute, multiply by the gate (what other libraries do; same
-    # numbers, no speed-up).
+    # numbers, no speed-up); 'loop': each scanned stage's kept blocks in one device loop of
+    # dynamic length (one program, no padding; GPU speed not measured yet).
     c.model.implementation = "auto"
     # What a kept block saves for backward: 'convs' (conv outputs; BN/ReLU recomputed),
     # 'none' (everything) or 'full' (input only). 'convs' was fastest on CPU and H100.

@@ -146,3 +146,31 @@ def test_no_drop_path_says_nothing_is_skipped(name):
         assert text.startswith("none needed: no drop path") and "subset" not in text
     assert implementation.is_constant_depth(model)
     assert not implementation.is_constant_depth(load_config(name).model)
+
+
+def test_loop_is_kept_and_described_on_every_platform():
+    model = _model("--config.model.implementation=loop")
+    for platform in ("cpu", "gpu", "tpu"):
+        r = implementation.resolve(model, platform)
+        assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("loop", 0, 0)
+        assert "one loop per stage" in r.reason
+        assert implementation.describe(r, model).startswith("loop (each scanned stage's kept")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.model.compact_multiple=4"], "set model.compact_multiple=4 and "
+     "model.compact_lengths=0 to 0"),
+    (["--config.model.mode=sample"], "'loop' needs model.mode='batch'"),
+    (["--config.model.dropout_rate=0.3"], "model.dropout_rate=0.3 needs implementation 'skip'"),
+])
+def test_loop_with_what_it_cannot_run_fails_clearly(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(load_config("cifar10:smoke",
+                                        ["--config.model.implementation=loop", *overrides]))
+
+
+@pytest.mark.parametrize("name", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_drop_path_models_refuse_loop(name):
+    with pytest.raises(ValueError, match="model.implementation='loop' loops over a ResNet's "
+                       "scanned stages; '(vit|convnext)' takes one of \\['auto', 'skip', 'mask'\\]$"):
+        config_lib.validate(load_config(name, ["--config.model.implementation=loop"]))

@@ -273,12 +273,14 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     _assert_same_training(eight, state8, one, state1)
 
 
-def test_compact_mode_trains_like_skipping_on_eight_devices(tmp_path):
+def test_compact_mode_and_loop_train_like_skipping_on_eight_devices(tmp_path):
     deep = TINY + ["--config.model.depth=26", "--config.model.scan=true"]
     mesh = distributed.make_mesh()
     skip, state_s = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), mesh)
     # Both ways of choosing the scan lengths: a multiple, and lengths fit to the schedule.
-    for knob in ("--config.model.compact_multiple=2", "--config.model.compact_lengths=2"):
+    # And implementation='loop': the kept blocks in one loop of dynamic length per stage.
+    for knob in ("--config.model.compact_multiple=2", "--config.model.compact_lengths=2",
+                 "--config.model.implementation=loop"):
         compact, state_c = _per_step_losses(
             load_config("cifar10:smoke", deep + [knob]), str(tmp_path), mesh)
         _assert_same_training(compact, state_c, skip, state_s)

@@ -319,6 +319,15 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
         "model.compact_multiple / compact_lengths > 0 need model.mode='batch' (one gate per "
         "block)",
     )
+    if m.implementation == models.LOOP:
+        _check(m.compact_multiple == 0 and m.compact_lengths == 0,
+               f"model.implementation='loop' runs each stage's kept blocks in one loop, with no "
+               f"scan lengths: set model.compact_multiple={m.compact_multiple} and "
+               f"model.compact_lengths={m.compact_lengths} to 0")
+        _check(m.mode == "batch", f"model.implementation='loop' needs model.mode='batch' (one "
+               f"gate per block), got {m.mode!r}")
+        _check(rate == 0, f"model.implementation='loop' runs blocks that draw no randomness: "
+               f"model.dropout_rate={rate} needs implementation 'skip' or 'mask'")
 
 
 def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
@@ -346,7 +355,11 @@ def _validate_drop_path(m: ml_collections.ConfigDict, config: ml_collections.Con
            f"(model.name 'cifar_resnet', 'wide_resnet'), not to {m.name!r}: remove it")
     _check_choice(m.mode, ops.MODES, "model.mode")
     _check_choice(m.scaling, ops.SCALINGS, "model.scaling")
-    _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
+    _check(m.implementation != models.LOOP,
+           f"model.implementation='loop' loops over a ResNet's scanned stages; {m.name!r} "
+           f"takes one of {list(implementation.DROP_PATH_IMPLEMENTATIONS)}")
+    _check_choice(m.implementation, implementation.DROP_PATH_IMPLEMENTATIONS,
+                  "model.implementation")
     _check_dtype(m.dtype)
     _check(isinstance(m.groups, int) and m.groups >= 1 and config.batch_size % m.groups == 0,
            f"model.groups={m.groups!r} must be an integer >= 1 dividing batch_size="

@@ -38,10 +38,11 @@ from typing import Any
 
 import ml_collections
 
-from stochastic_depth_jax import ops
+from stochastic_depth_jax import models, ops
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "DROP_PATH_IMPLEMENTATIONS",
     "DEFAULT_COMPACT_MULTIPLE",
     "MASKED_SAMPLE_MODELS",
     "COMPACT_MODELS",
@@ -50,8 +51,10 @@ __all__ = [
     "describe",
 ]
 
-# What model.implementation accepts: the op's implementations plus 'auto'.
-IMPLEMENTATIONS = ("auto",) + tuple(ops.IMPLEMENTATIONS)
+# What model.implementation accepts: the op's implementations plus 'auto' (drop-path models),
+# and for the ResNets also 'loop' (each scanned stage's kept blocks in one loop).
+DROP_PATH_IMPLEMENTATIONS = ("auto",) + tuple(ops.IMPLEMENTATIONS)
+IMPLEMENTATIONS = DROP_PATH_IMPLEMENTATIONS + (models.LOOP,)
 # Kept-block counts rounded up to this multiple in compact mode when 'auto' picks it and
 # both compact knobs are 0 (H100: 4 measured fastest of 1, 2, 4 over 20-round step
 # benchmarks, every program compiled before timing).
@@ -131,7 +134,8 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
         return Resolved("mask", 0, impl, platform, _MASKED_SAMPLE_WHY)
     if impl != "auto" or multiple or lengths:
         how = (f"compact mode, multiple {multiple}" if multiple else
-               f"compact mode, {lengths} lengths per stage" if lengths else "no compact mode")
+               f"compact mode, {lengths} lengths per stage" if lengths else
+               "kept blocks in one loop per stage" if impl == models.LOOP else "no compact mode")
         return Resolved("skip" if impl == "auto" else impl, multiple, impl, platform,
                         f"configured ({how})", lengths)
     if model.mode != "batch":
@@ -168,6 +172,9 @@ def describe(resolved: Resolved, model: ml_collections.ConfigDict) -> str:
     if resolved.compact_lengths:
         return (f"compact mode (kept blocks gathered into static-length scans, "
                 f"{resolved.compact_lengths} lengths per stage chosen for the schedule)")
+    if resolved.implementation == models.LOOP:
+        return ("loop (each scanned stage's kept blocks in one device loop of dynamic "
+                "length: one program, no padding; the other blocks masked)")
     if resolved.implementation == "mask":
         return "mask (every block computes; dropped outputs are multiplied by 0)"
     if model.mode == "sample":

@@ -1,0 +1,179 @@
+"""implementation='loop': each scanned stage's kept blocks in one loop of dynamic length.
+
+The loop (:func:`kept_loop`) carries its own VJP, so every test compares values and
+gradients with what JAX derives for the same blocks run by other means.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stochastic_depth_jax as sdj
+from stochastic_depth_jax.kept_loop import kept_loop
+
+X = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+# depth 26: three scanned blocks after each stage's first one (scan=True).
+GATES = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1], bool)
+
+
+def _toy(n=5, d=3):
+    k = jax.random.split(jax.random.key(3), 3)
+    params = {"w": 0.4 * jax.random.normal(k[0], (n, d, d)), "b": jax.random.normal(k[1], (n, d))}
+    stats = {"mean": jnp.arange(n, dtype=jnp.float32)}
+    return params, stats, jax.random.normal(k[2], (2, d)), jnp.linspace(1.0, 0.5, n)
+
+
+def _toy_block(p, s, x, prob):
+    y = jnp.tanh(x @ p["w"] + p["b"]) * prob
+    return x + y, {"mean": 0.9 * s["mean"] + 0.1 * jnp.mean(y)}
+
+
+def _toy_reference(params, stats, x, probs, gates):
+    """The kept blocks one after the other in Python (what lax.cond skipping computes)."""
+    for j in np.flatnonzero(gates):
+        p = jax.tree_util.tree_map(lambda a: a[j], params)
+        x, s = _toy_block(p, {"mean": stats["mean"][j]}, x, probs[j])
+        stats = {"mean": stats["mean"].at[j].set(s["mean"])}
+    return x, stats
+
+
+@pytest.mark.parametrize("gates", [[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1],
+                                   [0, 0, 0, 0, 1]])
+def test_kept_loop_equals_the_kept_blocks_run_one_by_one(gates):
+    params, stats, x, probs = _toy()
+    gates = np.array(gates, bool)
+
+    def loss(fn, params, x, gates):
+        y, new = fn(params, x, gates)
+        return jnp.sum(jnp.sin(y)), new
+
+    looped = jax.jit(jax.value_and_grad(
+        lambda p, x, g: loss(lambda p, x, g: kept_loop(_toy_block, p, stats, x, probs, g),
+                             p, x, g), argnums=(0, 1), has_aux=True))
+    (l1, s1), g1 = looped(params, x, jnp.asarray(gates))
+    (l2, s2), g2 = jax.value_and_grad(
+        lambda p, x: loss(lambda p, x, g: _toy_reference(p, stats, x, probs, g), p, x, gates),
+        argnums=(0, 1), has_aux=True)(params, x)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(close, (s1, g1), (s2, g2))
+    dropped = ~gates
+    assert np.all(np.asarray(g1[0]["w"])[dropped] == 0)  # a dropped block learns nothing
+    np.testing.assert_array_equal(np.asarray(s1["mean"])[dropped],
+                                  np.asarray(stats["mean"])[dropped])
+
+
+def test_kept_loop_refuses_what_it_cannot_loop_over():
+    params, stats, x, probs = _toy()
+    with pytest.raises(ValueError, match="one bool gate per block"):
+        kept_loop(_toy_block, params, stats, x, probs, jnp.ones(5))
+    with pytest.raises(ValueError, match="stacked on axis 0 with 4 slots"):
+        kept_loop(_toy_block, params, stats, x, probs, jnp.ones(4, bool))
+    with pytest.raises(ValueError, match="must return its input's shape"):
+        kept_loop(lambda p, s, v, q: (v[:, :2], s), params, stats, x, probs, jnp.ones(5, bool))
+
+
+def _model(**kw):
+    kw = {"depth": 26, "width": 4, "num_classes": 3, "scan": True, **kw}
+    return sdj.CifarResNet(**kw)
+
+
+def _train(model, variables, gates, stochastic=None, train=True):
+    def run(params):
+        y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, X,
+                             train=train, stochastic=stochastic, gates=jnp.asarray(gates),
+                             mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), upd
+    return jax.jit(jax.value_and_grad(run, has_aux=True))(variables["params"])
+
+
+def _assert_close(a, b):
+    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5),
+                           a, b)
+
+
+@pytest.mark.parametrize("kw", [{"remat": "convs"}, {"remat": "none"}, {"remat": "full"},
+                                {"block": "preact"}, {"shortcut": "B"},
+                                {"dtype": jnp.bfloat16}])
+def test_loop_trains_like_skipping(kw):
+    """Loss, every gradient and the running statistics (dropped blocks' unchanged)."""
+    skip, loop = _model(**kw), _model(implementation="loop", **kw)
+    v = skip.init({"params": jax.random.key(1)}, X, train=False)
+    if kw.get("dtype") == jnp.bfloat16:  # bf16 rounding differs between the programs
+        (l1, u1), g1 = _train(loop, v, GATES)
+        (l2, u2), g2 = _train(skip, v, GATES)
+        np.testing.assert_allclose(l1, l2, rtol=2e-2)
+        return
+    (l1, u1), g1 = _train(loop, v, GATES)
+    (l2, u2), g2 = _train(skip, v, GATES)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    _assert_close((g1, u1), (g2, u2))
+
+
+def test_loop_has_one_program_and_no_conditional_for_every_gate_draw():
+    model = _model(implementation="loop")
+    v = model.init({"params": jax.random.key(1)}, X, train=False)
+
+    def run(params, gates):
+        y, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X, train=True,
+                           gates=gates, mutable=["batch_stats"])
+        return jnp.sum(y)
+
+    grad = jax.jit(jax.grad(run))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grad(v["params"], jnp.asarray(rng.random(12) < 0.5))
+    assert grad._cache_size() == 1
+    hlo = grad.lower(v["params"], jnp.asarray(GATES)).as_text()
+    assert "stablehlo.while" in hlo and "stablehlo.case" not in hlo
+
+
+def test_loop_evaluates_like_skipping():
+    """Evaluation (every block, scaled) and one Monte-Carlo member (train=False,
+    stochastic=True: running statistics, the loop over the kept blocks)."""
+    skip, loop = _model(), _model(implementation="loop")
+    v = skip.init({"params": jax.random.key(1)}, X, train=False)
+    np.testing.assert_allclose(loop.apply(v, X, train=False), skip.apply(v, X, train=False),
+                               rtol=1e-5, atol=1e-6)
+    (l1, _), g1 = _train(loop, v, GATES, stochastic=True, train=False)
+    (l2, _), g2 = _train(skip, v, GATES, stochastic=True, train=False)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    _assert_close(g1, g2)
+
+
+def test_loop_in_other_residual_stages():
+    """The ImageNet ResNet, and a pruned CIFAR model (a shorter stacked scan)."""
+    resnet = dict(stage_sizes=(1, 4, 1, 1), width=4, num_classes=5, scan=True)
+    gates = np.array([1, 1, 0, 1, 1, 0, 1], bool)
+    skip, loop = sdj.ResNet(**resnet), sdj.ResNet(implementation="loop", **resnet)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    v = skip.init({"params": jax.random.key(1)}, x, train=False)
+    outs = [m.apply(v, x, train=True, gates=jnp.asarray(gates), mutable=["batch_stats"])
+            for m in (loop, skip)]
+    _assert_close(*outs)
+    keep = tuple(np.arange(12) % 4 != 2)
+    skip, loop = _model(keep=keep), _model(keep=keep, implementation="loop")
+    v = skip.init({"params": jax.random.key(1)}, X, train=False)
+    (l1, u1), g1 = _train(loop, v, GATES)
+    (l2, u2), g2 = _train(skip, v, GATES)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    _assert_close((g1, u1), (g2, u2))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"mode": "sample"}, "implementation='loop' needs mode='batch'"),
+    ({"dropout_rate": 0.3}, "implementation='loop' runs blocks that draw no randomness"),
+    ({"implementation": "fastest"}, "Unknown implementation 'fastest'; valid: .*'loop'"),
+])
+def test_loop_refuses_what_it_cannot_run(kw, message):
+    kw.setdefault("implementation", "loop")
+    with pytest.raises(ValueError, match=message):
+        _model(**kw)
+
+
+def test_loop_and_compact_buckets_are_refused_together():
+    model = _model(implementation="loop")
+    v = model.init({"params": jax.random.key(1)}, X, train=False)
+    with pytest.raises(ValueError, match="buckets .* and implementation='loop'"):
+        model.apply(v, X, train=True, gates=jnp.asarray(GATES), buckets=(3, 3, 3),
+                    mutable=["batch_stats"])
