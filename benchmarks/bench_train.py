@@ -120,6 +120,8 @@ EPOCH_VARIANTS = {
     "compact-4": ["--config.model.compact_multiple=4"],
     "lengths-3": ["--config.model.compact_lengths=3"],
     "lengths-4": ["--config.model.compact_lengths=4"],
+    # Each scanned stage's kept blocks in one loop of dynamic length (one program, no padding).
+    "loop": ["--config.model.implementation=loop"],
     # Scans inlined (no loop per block; see README, "Skipping implementation per backend").
     "constant-unrolled": ["--config.model.final_survival_prob=1.0",
                           "--config.model.scan_unroll=True"],

@@ -27,8 +27,9 @@ vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s; and, by hand, 2
 and reached step 180 of the default's first epoch: the epochs parts' estimates are set from
 that, about 150 s a variant for three epochs). A 15-minute device slice, start-up included,
 fits the issue's two headline tables: ``--parts epochs --budget 380``, then at once (a
-machine left idle is given back) ``--parts epochs-bf16 --budget 330``; ``epochs-torch``
-next, then ``epochs-lengths``:
+machine left idle is given back) ``--parts epochs-bf16 --budget 330``; then
+``loop-step`` and ``epochs-loop`` (``implementation='loop'``, the candidate with no padding
+and one program), ``epochs-torch``, ``epochs-lengths``:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -41,6 +42,13 @@ next, then ``epochs-lengths``:
   compact mode, multiple 4), fp32 (``train.md``), with the 500-epoch projection;
 * ``epochs-bf16``: constant depth vs the default over whole epochs in bf16, with the
   500-epoch projection the issue's 30-minute target is about;
+* ``loop-step``: train step of ResNet-110, batch 128, fp32, the trainer's ``remat='convs'``:
+  constant depth, compact mode (multiple 4), ``implementation='loop'`` (each scanned
+  stage's kept blocks in one loop of dynamic length: no padding, one program, but a loop
+  whose trip count the host reads) and ``lax.cond`` skipping (``step_gpu.md``): whether
+  the loop beats compact mode on a GPU at all;
+* ``epochs-loop``: constant depth vs ``implementation='loop'`` over whole epochs, fp32
+  (``train.md``): if it beats the default there, it becomes the GPU default;
 * ``epochs-torch``: PyTorch's whole epochs (eager, fp32 and bf16, constant and skipping;
   images on the GPU, augmented there, an evaluation per epoch), the PyTorch column of the
   training-time table (needs ``--torch-python``; ``torch_epochs_gpu.md``);
@@ -122,6 +130,13 @@ PARTS = (
                          "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("epochs-bf16", 300, ("benchmarks/bench_train.py", "--whole-epochs", "constant,auto",
                               "--dtype", "bfloat16", "--epochs", "3", "--train-images", "45000",
+                              "--images-dir", "{images}", "--out", "{out}/train.md")),
+    Part("loop-step", 150, ("benchmarks/bench_step.py", "--variants",
+                            "constant-remat-convs,compact-remat-convs,loop-remat-convs,"
+                            "skip-remat-convs", "--rounds", "20", "--compile-depths", "",
+                            "--out", "{out}/step_gpu.md")),
+    Part("epochs-loop", 330, ("benchmarks/bench_train.py", "--whole-epochs", "constant,loop",
+                              "--epochs", "3", "--train-images", "45000",
                               "--images-dir", "{images}", "--out", "{out}/train.md")),
     Part("epochs-torch", 200, ("benchmarks/bench_torch.py", "--whole-epochs", "--epochs", "2",
                               "--train-images", "45000", "--variants", "eager",

@@ -22,6 +22,8 @@ Public API:
   :mod:`stochastic_depth_jax.convnext`);
 * native Flax NNX modules: :mod:`nnx_layers` (``StochasticDepth``, ``DropPath``,
   ``EncoderBlock``, ``ViT``, ``ConvNeXtBlock``, ``ConvNeXt``, ``load_linen_params``).
+* :func:`kept_loop`: the kept blocks of a stack of identical blocks in one loop of dynamic
+  length, with its own VJP (``implementation='loop'`` in the ResNets);
 * compact mode's scan lengths (module :mod:`stochastic_depth_jax.buckets`):
   ``CifarResNet.compact_lengths`` fits them to the survival schedule.
 * :class:`RunWarning`: the category of the trainer's warnings (skipped checkpoints, trimmed
@@ -52,6 +54,7 @@ from stochastic_depth_jax.models import (
     valid_cifar_depths,
 )
 from stochastic_depth_jax import buckets, nnx_layers
+from stochastic_depth_jax.kept_loop import kept_loop
 from stochastic_depth_jax.logs import RunWarning
 from stochastic_depth_jax.ops import (
     batch_size_of,
@@ -109,6 +112,7 @@ __all__ = [
     "drop_path_rates",
     "gated_branch",
     "keep_mask",
+    "kept_loop",
     "linear_decay",
     "load_pruned",
     "mc_evaluate",

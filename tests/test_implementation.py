@@ -171,6 +171,7 @@ def test_loop_with_what_it_cannot_run_fails_clearly(overrides, message):
 
 @pytest.mark.parametrize("name", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
 def test_drop_path_models_refuse_loop(name):
-    with pytest.raises(ValueError, match="model.implementation='loop' loops over a ResNet's "
-                       "scanned stages; '(vit|convnext)' takes one of \\['auto', 'skip', 'mask'\\]$"):
+    message = ("model.implementation='loop' loops over a ResNet's scanned stages; "
+               "'(vit|convnext)' takes one of \\['auto', 'skip', 'mask'\\]$")
+    with pytest.raises(ValueError, match=message):
         config_lib.validate(load_config(name, ["--config.model.implementation=loop"]))
