@@ -109,11 +109,14 @@ class _KeptLoop(nn.Module):
     Reads the stage's stacked parameters and statistics (the layout ``_scanned_body``
     creates, under the same name) and runs :func:`kept_loop` over them: the kept blocks in
     order, each applied functionally, with open gates; the dropped ones not at all, forward
-    or backward. Written back: the kept blocks' statistics (training only).
+    or backward. Written back: the kept blocks' statistics (training only). ``policy``: each
+    block rematerialised under this checkpoint policy (the block's ``remat``), so the loop
+    stores per block only what the policy saves.
     """
 
     block: ModuleDef  # one scanned block, implementation 'mask' (gates are open here)
     train: bool
+    policy: Any = None
 
     @nn.compact
     def __call__(self, x: Array, probs: Array, gates: Array) -> Array:
@@ -128,6 +131,8 @@ class _KeptLoop(nn.Module):
                                  mutable=["batch_stats"])
             return y, new.get("batch_stats", {})
 
+        if self.policy is not None:
+            block_fn = jax.checkpoint(block_fn, policy=self.policy)
         y, new_stats = kept_loop(block_fn, params, stats, x, probs, gates)
         if stats and train:  # as a scanned BatchNorm does, refused if not mutable
             self.put_variable("batch_stats", "block", new_stats)
@@ -324,8 +329,9 @@ class ResidualStages(nn.Module):
         stochastic = call_kw["train"] if call_kw["stochastic"] is None else call_kw["stochastic"]
         if (self.loop and stochastic and not constant and gates is not None and gates.ndim == 1
                 and not self.is_initializing()):
-            body = _KeptLoop(block=functools.partial(self.block, feats, 1), train=call_kw["train"],
-                             name=name)
+            block = functools.partial(self.block, feats, 1)
+            policy = layers.REMAT_POLICIES.get(getattr(block(parent=None), "remat", "none"))
+            body = _KeptLoop(block=block, train=call_kw["train"], policy=policy, name=name)
             return body(x, jnp.asarray(probs, jnp.float32), gates[rest])
         stage = _scanned_body(length, self.scan_unroll, policy)
         inputs: tuple = () if constant else (jnp.asarray(probs, jnp.float32),)
