@@ -178,6 +178,9 @@ class _EpochCompiles:
     records no timestamps, so the epochs' windows are taken from its ``_train_epoch`` (the
     steps, without evaluations) and JAX's compile events are assigned to the window they
     end in; those of other threads (an async checkpoint's) stall no step and are left out.
+    An ``eval_every_steps`` evaluation inside an epoch (``loop._evaluate_at_step``; the
+    first compiles the evaluation programs) counts for no epoch: the trainer keeps its whole
+    time, compiles included, out of ``epoch_time_s`` already (:meth:`_untimed`).
 
     A compile stalls the steps only by what outlasts the steps already dispatched (up to
     the 20 between the trainer's metric syncs, ~0.4 s on an H100), so the queue is drained
@@ -213,6 +216,20 @@ class _EpochCompiles:
                 self._epoch = None
         return train_epoch
 
+    def _untimed(self, original):
+        """``loop._evaluate_at_step`` with the compiles inside it counted for no epoch:
+        its time is not in the epoch's ``epoch_time_s`` (``run.eval_time``), so subtracting
+        them from it took them off twice (SVHN's evaluations every 200 steps: the first
+        one's programs, seconds each, off epoch 1; a one-epoch run's steady epoch went
+        negative)."""
+        def evaluate_at_step(run):
+            epoch, self._epoch = self._epoch, None
+            try:
+                return original(run)
+            finally:
+                self._epoch = epoch
+        return evaluate_at_step
+
     def _synced(self, compiled):
         """``compiled`` (the trainer's step), in compact mode a copy that waits for the
         steps dispatched before it wherever a bucket tuple is first drawn: its compile then
@@ -235,13 +252,16 @@ class _EpochCompiles:
 
     def __enter__(self):
         self._original = loop._train_epoch
+        self._evaluate = loop._evaluate_at_step
         loop._train_epoch = self._timed(self._original)
+        loop._evaluate_at_step = self._untimed(self._evaluate)
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
         return self
 
     def __exit__(self, *exc):
         jax.monitoring.unregister_event_duration_listener(self._on_duration)
         loop._train_epoch = self._original
+        loop._evaluate_at_step = self._evaluate
 
     def of(self, epochs: int) -> tuple[list[float], list[int]]:
         """The compile seconds and programs of epochs 1..``epochs``; an error where the
@@ -539,8 +559,7 @@ def _whole_epochs_main(args):
         "",
         args.label,
         "",
-        f"Evaluation: {args.test_images} test + 500 validation images after every epoch "
-        f"(batch {args.eval_batch}), "
+        f"Evaluation: {_evaluations(args)}, "
         f"timed apart from the epoch. The median epoch >= 2 excludes the tracing, lowering "
         f"and compiling inside each epoch (compact mode's programs first drawn after epoch 1; "
         f"in their own column). 500-epoch projection = 500 x (median epoch + median "
@@ -554,6 +573,17 @@ def _whole_epochs_main(args):
         "",
     ])
     bench_cli.append_table(text, args.out, title=TITLE)
+
+
+def _evaluations(args) -> str:
+    """The table's evaluations: after every epoch, and inside the epochs where the config
+    evaluates every N steps (``eval_every_steps``: SVHN); an epoch's are summed."""
+    every = load_config(args.config).get("eval_every_steps", 0)
+    inside = (f", and the validation images (the test images too at a new best) every "
+              f"{every} steps inside it (eval_every_steps; an epoch's evaluations summed)"
+              ) if every else ""
+    return (f"{args.test_images} test + 500 validation images after every epoch{inside} "
+            f"(batch {args.eval_batch})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """CIFAR-10+, a ConvNeXt-Femto with a stride-2 stem and drop path that really skips.
 
 Command:  python train.py --config cifar10_convnext [--workdir ./workdir/cifar10_convnext]
-Smoke:    python train.py --config cifar10_convnext:smoke   (fake data, CPU, tens of seconds)
+Smoke:    python train.py --config cifar10_convnext:smoke   (fake data, CPU: about 30 s on 2 cores)
 Runtime:  not measured (no full run made; see benchmarks/bench_drop_path.py --model convnext
           for step times).
 Paper:    no paper result: Huang et al. (2016) train ResNets only. ConvNeXt-T reaches 82.1%

@@ -117,6 +117,27 @@ def test_bench_train_whole_epochs(tmp_path):
     assert found["auto"][1] == "lax.cond skip (cpu)"
 
 
+def test_bench_train_whole_epochs_subtract_no_mid_epoch_evaluation(tmp_path, capsys):
+    """With eval_every_steps (SVHN: every 200 steps) an evaluation runs inside the epoch;
+    the trainer keeps its time, its first compiles included, out of epoch_time_s, and the
+    compiles inside the epoch were subtracted from it again (9 programs, ~1.7 s, off a
+    0.2 s epoch: its steady figure went negative). Constant depth compiles every program
+    of its steps before epoch 1: nothing inside it is the steps' compile."""
+    out = tmp_path / "train.md"
+    load("bench_train").main([
+        "--config", "svhn:smoke", "--whole-epochs", "constant", "--epochs", "1",
+        "--train-images", "64", "--test-images", "20", "--depth", "8", "--batch", "16",
+        "--eval-batch", "80", "--out", str(out)])
+    printed = capsys.readouterr().out
+    # 4 steps: step 2 evaluates inside the epoch (its time is in the evaluations).
+    assert "compiling inside them [0.0] s ([0] programs)" in printed, printed
+    found = rows(out, ["constant"])["constant"]
+    assert float(found[3]) > 0  # one epoch: its time, nothing subtracted
+    assert ("after every epoch, and the validation images (the test images too at a new "
+            "best) every 2 steps inside it (eval_every_steps; an epoch's evaluations summed)"
+            in out.read_text())
+
+
 def test_bench_train_whole_epochs_stopped_keeps_the_variants_that_finished(
         tmp_path, capsys, monkeypatch):
     """A SIGTERM (gpu_suite.py's budget) while the trainer runs the second variant: the

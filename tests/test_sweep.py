@@ -127,8 +127,11 @@ def _finished_run(root, depth, p_last, test_error, *overrides):
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
     steps_per_epoch = 4
+    held_out = config.validation_size  # the smoke data's split, as run.json records it
     with open(os.path.join(workdir, "run.json"), "w") as f:
-        json.dump({"config": json.loads(config.to_json())}, f)
+        json.dump({"config": json.loads(config.to_json()),
+                   "data": {"num_train": config.fake_data.num_train - held_out,
+                            "num_validation": held_out}}, f)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump({"steps": config.num_epochs * steps_per_epoch,
                    "steps_per_epoch": steps_per_epoch,
@@ -160,12 +163,29 @@ def test_a_rerun_with_fewer_depths_redraws_every_finished_run(capsys, tmp_path):
     assert sorted(fig8["data"]) == ["14", "8"] and fig8["left_out"] == {}
     assert [os.path.basename(s) for s in fig8["sources"]] == names
     assert fig8["data"]["14"] == [[0.5, 0.59], [1.0, 0.54]]
-    assert "FAKE random-label data" in fig8["trained_on"] and "2 epochs" in fig8["trained_on"]
+    # What the runs trained on: 32 of the 160 smoke images are held out for validation.
+    assert fig8["trained_on"] == ("cifar10, FAKE random-label data (128 training images, 32 "
+                                  "held out for validation; errors at chance); cifar_resnet, "
+                                  "width 4; 2 epochs")
     assert "figures: fig8_error_vs_p_last.png: 4 runs (depths 8, 14 x p_L 0.5, 1)\n" in out
     assert ("figures: fig7_first_conv_grad.png: 2 runs (depth 14 x p_L 0.5, 1); left out "
             "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
     assert ("figures: fig3_error_curves.png: 2 runs (depth 14 x p_L 0.5, 1); left out "
             "(not the deepest depth): depth 8 x p_L 0.5, 1\n") in out
+
+
+def test_the_subtitle_says_how_many_fake_images_were_generated_where_runs_disagree():
+    """Runs whose records differ (another validation_size) or lack the split share only the
+    number of fake images generated: the subtitle says that, not that all trained on it."""
+    config = json.loads(load_config("cifar10:smoke").to_json())
+    runs = [{"config": config, "num_train": 128, "num_validation": 32},
+            {"config": config, "num_train": 144, "num_validation": 16}]
+    for drawn in (runs, [{"config": config}]):
+        assert sweep.describe_data(drawn).startswith(
+            "cifar10, FAKE random-label data (160 images generated; errors at chance);")
+    assert sweep.describe_data([{"config": config, "num_train": 160, "num_validation": 0}]
+                               ).startswith("cifar10, FAKE random-label data (160 training "
+                                            "images; errors at chance);")
 
 
 def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_with(

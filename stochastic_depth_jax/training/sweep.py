@@ -270,8 +270,9 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
       per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
       ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON, with
-      the fields it predates: ``config_lib.with_absent_defaults``) and ``records``
-      (``metrics.jsonl``).
+      the fields it predates: ``config_lib.with_absent_defaults``), ``num_train`` and
+      ``num_validation`` (the images it trained on and held out: run.json's data record;
+      None where it has none) and ``records`` (``metrics.jsonl``).
 
     A run of a model without p_L (a ViT trained into the root), or whose run.json records a
     config this version refuses, is left out with a warning naming it.
@@ -306,6 +307,7 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             with open(summary_path) as f:
                 summary = json.load(f)
         best, final = summary.get("best") or {}, summary.get("final") or {}
+        data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
         runs.append({
             "name": name,
             "workdir": workdir,
@@ -317,6 +319,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             "final_test_error": final.get("test_error"),
             "code_version": meta.get("code_version"),
             "config": config_lib.with_absent_defaults(json.loads(config.to_json())),
+            "num_train": data.get("num_train"),
+            "num_validation": data.get("num_validation"),
             "records": metrics_lib.read_metrics(workdir),
         })
     return sorted(runs, key=lambda r: (r["depth"], r["p_last"], r["name"]))
@@ -389,8 +393,8 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
     dataset = shared(lambda c: c["dataset"])
     fake = shared(config_lib.fake_train_size)
     if dataset:
-        parts.append(dataset + (f", FAKE random-label data ({fake} training images; errors "
-                                "at chance)" if fake else ""))
+        parts.append(dataset + (f", FAKE random-label data ({_fake_images(runs, fake)}; "
+                                "errors at chance)" if fake else ""))
     model = shared(lambda c: (c["model"].get("name", "cifar_resnet"), c["model"].get("width"),
                               c["model"].get("widen_factor")))
     if model:
@@ -401,6 +405,19 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
         parts.append(f"{epochs[0]} epochs" + (f" (at most {epochs[1]} steps)" if epochs[1]
                                               else ""))
     return "; ".join(parts)
+
+
+def _fake_images(runs: Sequence[dict[str, Any]], generated: int) -> str:
+    """The fake images the runs trained on and held out for validation, as recorded (the
+    ``generated`` ``fake_data.num_train`` less ``validation_size``: a smoke run's 160 are
+    128 and 32), where all agree; else how many were generated (validation included)."""
+    sizes = {(r.get("num_train"), r.get("num_validation")) for r in runs if r.get("config")}
+    if len(sizes) == 1:
+        [(train, held)] = sizes
+        if train is not None:
+            return f"{train} training images" + (f", {held} held out for validation"
+                                                 if held else "")
+    return f"{generated} images generated"
 
 
 def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
