@@ -252,11 +252,17 @@ def time_rounds(runners, all_gates, warmup) -> None:
               flush=True)
 
 
+def _constant_depth(name: str) -> bool:
+    """Whether ``name`` is a :data:`VARIANTS` entry (``-unrolled`` or not) at p_L = 1."""
+    return VARIANTS.get(name.removesuffix(UNROLLED), (0.5,))[0] == 1.0
+
+
 def table_rows(runners, batch, baseline=None) -> list[str]:
     """Median, IQR, throughput and ratio to the runner named ``baseline(name)`` (default:
-    the first runner, if named 'constant'); '-' where that runner did not run."""
+    the first runner, if it is a constant-depth variant such as 'constant' or
+    'constant-remat-convs'); '-' where that runner did not run."""
     medians = {r.name: statistics.median(r.times) for r in runners}
-    first = runners[0].name if runners[0].name == "constant" else None
+    first = runners[0].name if _constant_depth(runners[0].name) else None
     rows = []
     for r in runners:
         med = medians[r.name]
@@ -412,7 +418,7 @@ def main(argv=None) -> None:
         f"Gates are drawn per round from fold_in(key, round) and shared by every stochastic "
         f"variant; mean fraction of blocks kept over the timed rounds: "
         f"{np.mean(active):.3f} (expected {probs.mean():.3f}). Every row, '-unrolled' ones "
-        f"included, is divided by the first row's constant depth.",
+        f"included, is divided by the first row if that is constant depth ('-': it is not).",
     ]
     if compile_rows:
         lines += ["", "| compile (jit of grad), depth | seconds |", "|---|---|"]

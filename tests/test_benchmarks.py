@@ -1277,3 +1277,14 @@ def test_a_signal_while_a_benchmark_imports_jax_is_one_line(signum, tmp_path):
     assert proc.returncode == 128 + signum and err.splitlines() == [
         f"interrupted ({how}): no table was written; the results files are as they were."], err
     assert not out.exists()
+
+
+def test_bench_step_ratios_against_a_constant_depth_first_row():
+    """A table led by 'constant-remat-convs' (the gpu_suite's loop-step part) printed '-' for
+    every ratio: only a first row named exactly 'constant' was a baseline."""
+    bench_step = load("bench_step")
+    runners = [bench_step.Runner(name, None, (), times) for name, times in (
+        ("constant-remat-convs", [2.0, 2.0]), ("loop-remat-convs", [1.5, 1.5]))]
+    rows = bench_step.table_rows(runners, 128)
+    assert rows[0].endswith("| 1.000 |") and rows[1].endswith("| 0.750 |")
+    assert bench_step.table_rows(runners[::-1], 128)[0].endswith("| - |")  # not constant
