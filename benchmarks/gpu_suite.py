@@ -28,8 +28,8 @@ and reached step 180 of the default's first epoch: the epochs parts' estimates a
 that, about 150 s a variant for three epochs). A 15-minute device slice, start-up included,
 fits the issue's two headline tables: ``--parts epochs --budget 380``, then at once (a
 machine left idle is given back) ``--parts epochs-bf16 --budget 330``; then
-``loop-step`` and ``epochs-loop`` (``implementation='loop'``, the candidate with no padding
-and one program), ``epochs-torch``, ``epochs-lengths``:
+``loop-step``, ``epochs-loop`` (``implementation='loop'``, the candidate with no padding
+and one program) and ``graphs-step``, ``epochs-torch``, ``epochs-lengths``:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -49,6 +49,10 @@ and one program), ``epochs-torch``, ``epochs-lengths``:
   the loop beats compact mode on a GPU at all;
 * ``epochs-loop``: constant depth vs ``implementation='loop'`` over whole epochs, fp32
   (``train.md``): if it beats the default there, it becomes the GPU default;
+* ``graphs-step``: ``loop-step``'s variants with conditionals and while loops recorded into
+  XLA's command buffers (``--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE``, off by
+  default; the table's heading records it): if a conditional no longer splits the step's
+  CUDA graphs, ``lax.cond`` skipping may pay on a GPU without compact mode;
 * ``epochs-torch``: PyTorch's whole epochs (eager, fp32 and bf16, constant and skipping;
   images on the GPU, augmented there, an evaluation per epoch), the PyTorch column of the
   training-time table (needs ``--torch-python``; ``torch_epochs_gpu.md``);
@@ -119,7 +123,12 @@ class Part:
     # image folder, written once per machine in the temporary directory) are filled in.
     args: tuple[str, ...]
     torch: bool = False  # run with --torch-python instead of this Python
+    xla_flags: str = ""  # appended to $XLA_FLAGS for this part (its table records them)
 
+
+# Conditionals and while loops recorded into XLA:GPU's command buffers (CUDA graphs, with
+# CUDA's conditional nodes) instead of splitting them: off by default in XLA.
+COMMAND_BUFFER_CONTROL_FLOW = "--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE"
 
 PARTS = (
     Part("stage-costs", 150, ("benchmarks/stage_costs.py", "--variants", "skip,compact",
@@ -138,6 +147,11 @@ PARTS = (
     Part("epochs-loop", 330, ("benchmarks/bench_train.py", "--whole-epochs", "constant,loop",
                               "--epochs", "3", "--train-images", "45000",
                               "--images-dir", "{images}", "--out", "{out}/train.md")),
+    Part("graphs-step", 150, ("benchmarks/bench_step.py", "--variants",
+                              "constant-remat-convs,skip-remat-convs,loop-remat-convs,"
+                              "compact-remat-convs", "--rounds", "20", "--compile-depths", "",
+                              "--out", "{out}/step_gpu.md"),
+         xla_flags=COMMAND_BUFFER_CONTROL_FLOW),
     Part("epochs-torch", 200, ("benchmarks/bench_torch.py", "--whole-epochs", "--epochs", "2",
                               "--train-images", "45000", "--variants", "eager",
                               "--out", "{out}/torch_epochs_gpu.md"), torch=True),
@@ -238,8 +252,12 @@ def command(part: Part, args: argparse.Namespace) -> list[str]:
 
 def part_env(part: Part) -> dict[str, str]:
     """The environment ``part`` runs in: its name in ``$SDJ_GPU_SUITE_PART``, so that its
-    table says it has the suite's sizes (``provenance.run_label``), and unbuffered output."""
-    return dict(os.environ, PYTHONUNBUFFERED="1", **{SUITE_PART_ENV: part.name})
+    table says it has the suite's sizes (``provenance.run_label``), unbuffered output, and
+    its ``xla_flags`` after any ``$XLA_FLAGS`` already set."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{SUITE_PART_ENV: part.name})
+    if part.xla_flags:
+        env["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), part.xla_flags)))
+    return env
 
 
 def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[str, float]:

@@ -1288,3 +1288,17 @@ def test_bench_step_ratios_against_a_constant_depth_first_row():
     rows = bench_step.table_rows(runners, 128)
     assert rows[0].endswith("| 1.000 |") and rows[1].endswith("| 0.750 |")
     assert bench_step.table_rows(runners[::-1], 128)[0].endswith("| - |")  # not constant
+
+
+def test_gpu_suite_part_xla_flags_follow_the_callers(monkeypatch):
+    """A part's own XLA flags (graphs-step: control flow in command buffers) are appended to
+    the caller's $XLA_FLAGS, which other parts get unchanged."""
+    suite = load("gpu_suite")
+    graphs = suite.BY_NAME["graphs-step"]
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert suite.part_env(graphs)["XLA_FLAGS"] == suite.COMMAND_BUFFER_CONTROL_FLOW
+    assert "XLA_FLAGS" not in suite.part_env(suite.BY_NAME["epochs"])
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=somewhere")
+    assert suite.part_env(graphs)["XLA_FLAGS"] == ("--xla_dump_to=somewhere "
+                                                   + suite.COMMAND_BUFFER_CONTROL_FLOW)
+    assert suite.part_env(suite.BY_NAME["epochs"])["XLA_FLAGS"] == "--xla_dump_to=somewhere"
