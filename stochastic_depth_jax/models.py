@@ -20,8 +20,8 @@ import numpy as np
 
 from stochastic_depth_jax import buckets as buckets_lib
 from stochastic_depth_jax import layers, ops, schedules
-from stochastic_depth_jax.kept_loop import kept_loop
 from stochastic_depth_jax.conv import Conv
+from stochastic_depth_jax.kept_loop import kept_loop
 
 __all__ = [
     "CifarResNet",
