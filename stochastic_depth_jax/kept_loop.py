@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from stochastic_depth_jax import ops
+
 __all__ = ["kept_loop"]
 
 Array = Any
@@ -87,6 +89,15 @@ def _slot(tree: Any, j: Array) -> Any:
                                   tree)
 
 
+def _buffer(struct: jax.ShapeDtypeStruct, n: int) -> Array:
+    """Zeros for ``n`` slots of a residual shaped like ``struct``, typed as the residual
+    is: a loop's carry must keep its type, and inside ``shard_map`` a residual computed from
+    a per-device batch varies over the mesh axes (zeros made there do not), under explicit
+    mesh axes it has a sharding."""
+    zeros = ops.zeros_like_output(struct)
+    return jnp.broadcast_to(zeros, (n,) + zeros.shape)
+
+
 def _put(tree: Any, j: Array, values: Any) -> Any:
     return jax.tree_util.tree_map(lambda a, v: a.at[j].set(v.astype(a.dtype)), tree, values)
 
@@ -94,7 +105,7 @@ def _put(tree: Any, j: Array, values: Any) -> Any:
 def _forward(block: _Block, params, stats, x, probs, order, count):
     n = order.shape[0]
     shapes = jax.eval_shape(block.vjp, _slot(params, 0), _slot(stats, 0), x, probs[0])
-    residuals = [jnp.zeros((n,) + s.shape, s.dtype) for s in shapes[2]]
+    residuals = [_buffer(s, n) for s in shapes[2]]
 
     def body(i, carry):
         x, stats, residuals = carry

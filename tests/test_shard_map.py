@@ -224,6 +224,19 @@ def test_a_library_resnet_with_synced_batchnorm_trains_inside_shard_map_as_under
         assert all(jax.tree.leaves(same)) != gate
 
 
+def test_implementation_loop_with_synced_batchnorm_trains_inside_shard_map_as_under_jit():
+    # The loop's buffers of stored residuals start as zeros, which shard_map types as
+    # replicated, while the residuals computed from a device's shard vary over 'data': they
+    # must start varying, or the loop's carry changes type (JAX refuses the loop).
+    kw = dict(depth=14, scan=True, final_survival_prob=0.5)  # one looped block per stage
+    looped = sdj.CifarResNet(width=4, num_classes=3, implementation="loop", norm=SYNCED_BN, **kw)
+    plain = sdj.CifarResNet(width=4, num_classes=3, **kw)
+    gates = jnp.array([True, True, True, False, False, True])
+    variables = plain.init(jax.random.key(8), IMAGES, train=False)
+    got = _train_step(looped, gates, mapped=True)(variables, IMAGES, LABELS)
+    _close(got, _train_step(plain, gates, mapped=False)(variables, IMAGES, LABELS))
+
+
 def test_synced_batchnorm_without_vma_checks_trains_as_under_jit_with_averaged_gradients():
     # README: with check_vma=False JAX does not sum a replicated parameter's gradient over
     # the devices (each device's differs, and their sum is not jit's): their pmean is jit's,
