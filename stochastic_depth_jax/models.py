@@ -547,6 +547,8 @@ class _StochasticResNetBase(nn.Module):
         if self.implementation == LOOP and float(self.dropout_rate) > 0:
             raise ValueError(f"implementation='loop' runs blocks that draw no randomness; "
                              f"dropout_rate={self.dropout_rate} needs 'skip' or 'mask'.")
+        if self.implementation == LOOP:
+            self._check_loop_stages()
         if not 0.0 <= float(self.dropout_rate) < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         if self.keep is not None:
@@ -637,6 +639,19 @@ class _StochasticResNetBase(nn.Module):
                              "run only the kept blocks: pass buckets=None, or use 'skip'.")
         sizes = tuple(self.stage_sizes_())
         return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan))
+
+    def _check_loop_stages(self) -> None:
+        """ValueError where ``implementation='loop'`` has nothing to loop over: it loops over
+        the blocks after each stage's first in the scanned stages and masks every other
+        block, so with no scanned stage every block would compute, under the name 'loop'."""
+        sizes = tuple(self.stage_sizes_())
+        if any(_scanned_stages(sizes, self.scan)):
+            return
+        fix = "pass scan=True" if max(sizes) > 1 else "use stages of 2 blocks or more, scan=True"
+        raise ValueError(f"implementation='loop' loops over the blocks after each stage's first "
+                         f"in scanned stages, and stage sizes {sizes} with scan={self.scan!r} "
+                         f"scan none (scan=None: stages of {AUTO_SCAN_MIN_BLOCKS + 1} blocks or "
+                         f"more), so every block would compute, masked; {fix}, or use 'skip'.")
 
     def _block_implementation(self) -> str:
         """The blocks' own implementation: ``'loop'`` masks the blocks outside the loops

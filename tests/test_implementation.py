@@ -149,7 +149,7 @@ def test_no_drop_path_says_nothing_is_skipped(name):
 
 
 def test_loop_is_kept_and_described_on_every_platform():
-    model = _model("--config.model.implementation=loop")
+    model = _model("--config.model.implementation=loop", "--config.model.depth=56")  # scanned
     for platform in ("cpu", "gpu", "tpu"):
         r = implementation.resolve(model, platform)
         assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("loop", 0, 0)
@@ -162,6 +162,11 @@ def test_loop_is_kept_and_described_on_every_platform():
      "model.compact_lengths=0 to 0"),
     (["--config.model.mode=sample"], "'loop' needs model.mode='batch'"),
     (["--config.model.dropout_rate=0.3"], "model.dropout_rate=0.3 needs implementation 'skip'"),
+    # No scanned stage: nothing to loop over, every block would compute (masked).
+    (["--config.model.depth=20"], r"model.depth=20 \(3 blocks per stage\) with model.scan=None "
+     r"scans none .*: set model.scan=True, or use implementation 'skip'$"),
+    (["--config.model.scan=True"], r"model.depth=8 \(1 block per stage\) with model.scan=True "
+     r"scans none .*: use model.depth=14 or more with model.scan=True"),
 ])
 def test_loop_with_what_it_cannot_run_fails_clearly(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -176,6 +176,9 @@ def test_loop_in_other_residual_stages():
     ({"mode": "sample"}, "implementation='loop' needs mode='batch'"),
     ({"dropout_rate": 0.3}, "implementation='loop' runs blocks that draw no randomness"),
     ({"implementation": "fastest"}, "Unknown implementation 'fastest'; valid: .*'loop'"),
+    # No scanned stage: every block would compute (masked) under the name 'loop'.
+    ({"depth": 20, "scan": None}, r"stage sizes \(3, 3, 3\) with scan=None scan none .*; "
+     r"pass scan=True, or use 'skip'\.$"),
 ])
 def test_loop_refuses_what_it_cannot_run(kw, message):
     kw.setdefault("implementation", "loop")

@@ -328,6 +328,23 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
                f"gate per block), got {m.mode!r}")
         _check(rate == 0, f"model.implementation='loop' runs blocks that draw no randomness: "
                f"model.dropout_rate={rate} needs implementation 'skip' or 'mask'")
+        _check_loop_stages(m)
+
+
+def _check_loop_stages(m: ml_collections.ConfigDict) -> None:
+    """Refuses implementation='loop' where no stage is scanned: it loops over the blocks
+    after each stage's first in scanned stages only and masks the others, so it would
+    compute every block (as 'mask') while the run says 'loop'."""
+    wide = m.get("name", "cifar_resnet") == "wide_resnet"
+    n = (m.depth - 4) // 6 if wide else (m.depth - 2) // 6
+    scan = m.get("scan")
+    fix = ("set model.scan=True" if n > 1 else
+           f"use model.depth={16 if wide else 14} or more with model.scan=True")
+    _check(any(models._scanned_stages((n, n, n), scan)),
+           f"model.implementation='loop' loops over the blocks after each stage's first in "
+           f"scanned stages, and model.depth={m.depth} ({n} block{'s' * (n > 1)} per stage) with "
+           f"model.scan={scan!r} scans none (None: {models.AUTO_SCAN_MIN_BLOCKS + 1} blocks or "
+           f"more), so every block would compute, masked: {fix}, or use implementation 'skip'")
 
 
 def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
