@@ -3,6 +3,8 @@
 The loop (:func:`kept_loop`) carries its own VJP, so every test compares values and
 gradients with what JAX derives for the same blocks run by other means.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,28 @@ def test_kept_loop_equals_the_kept_blocks_run_one_by_one(gates):
     assert np.all(np.asarray(g1[0]["w"])[dropped] == 0)  # a dropped block learns nothing
     np.testing.assert_array_equal(np.asarray(s1["mean"])[dropped],
                                   np.asarray(stats["mean"])[dropped])
+
+
+def test_kept_loop_under_explicit_mesh_axes_equals_the_kept_blocks_run_one_by_one():
+    # Under explicit axes a residual's type carries its sharding (the batch's here): the
+    # loop's buffers of stored residuals must start with it, or the loop refuses its carry.
+    params, stats, _, probs = _toy()
+    gates = np.array([1, 0, 1, 1, 0], bool)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    x = jax.random.normal(jax.random.key(4), (jax.device_count(), 3))
+
+    def loss(run, params, x):
+        return jnp.sum(jnp.sin(run(params, stats, x, probs, gates)[0]))
+
+    looped = lambda *a: kept_loop(_toy_block, *a[:4], jnp.asarray(a[4]))
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
+        got = jax.jit(jax.grad(functools.partial(loss, looped), argnums=(0, 1)))(params, sharded)
+        got = jax.device_get(got)
+    want = jax.grad(functools.partial(loss, _toy_reference), argnums=(0, 1))(params, x)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           got, want)
 
 
 def test_kept_loop_refuses_what_it_cannot_loop_over():
