@@ -40,7 +40,9 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
       block_fn: ``(params, stats, x, survival_prob) -> (y, new_stats)`` for one block;
         ``y`` has ``x``'s shape and dtype (identical blocks). Differentiated with respect
         to ``params`` and ``x`` only; ``new_stats`` (e.g. BatchNorm running statistics)
-        carries no gradient.
+        carries no gradient. It must not close over a value being differentiated (a
+        parameter shared by the blocks): the loop's own VJP has no gradient for it, and
+        JAX raises ``UnexpectedTracerError``; pass it in ``params``, one copy per slot.
       params: the blocks' parameters, every leaf stacked on axis 0 (one slot per block).
       stats: the blocks' non-differentiated state, stacked the same way (may be empty).
       x: the input of the first block.
@@ -50,6 +52,12 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
     Returns:
       ``(y, stats)``: the output of the last kept block (``x`` if none is kept), and
       ``stats`` with the kept blocks' slots replaced by their ``new_stats``.
+
+    Derivatives: reverse mode (``jax.grad``, ``jax.vjp``) and forward over reverse
+    (``jax.hessian``, ``jax.jvp`` of a gradient). Forward mode of the loop itself
+    (``jax.jvp``, ``jax.jacfwd``) is refused, as for any ``jax.custom_vjp``; so is reverse
+    over reverse (``jax.grad`` of a gradient) with traced gates (under ``jit``), where the
+    backward pass is a loop of dynamic length too.
     """
     gates = jnp.asarray(gates)
     if gates.ndim != 1 or gates.dtype != jnp.bool_:
