@@ -63,6 +63,7 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
     if gates.ndim != 1 or gates.dtype != jnp.bool_:
         raise ValueError(f"kept_loop needs one bool gate per block, shape [n]; got "
                          f"{gates.dtype}{list(gates.shape)}.")
+    _check_shared_gates(gates)
     n = gates.shape[0]
     for leaf in jax.tree_util.tree_leaves((params, stats, probs)):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
@@ -72,6 +73,20 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
     order = jnp.argsort(jnp.logical_not(gates), stable=True).astype(jnp.int32)  # kept first
     count = jnp.sum(gates.astype(jnp.int32))
     return _loop(_Block(block_fn), params, stats, x, jnp.asarray(probs), order, count)
+
+
+def _check_shared_gates(gates: Array) -> None:
+    """ValueError for gates that differ between ``shard_map`` devices: each device would run
+    a loop of its own length, while a replicated parameter's gradient (or a BatchNorm synced
+    across the devices) is summed across them inside the loop, once per block."""
+    axes = ops.varying_axes(gates)
+    if axes:
+        raise ValueError(
+            f"kept_loop: gates that differ between shard_map devices (they vary over mesh axes "
+            f"{axes}, e.g. drawn from a key with jax.lax.axis_index folded in) would give each "
+            "device a loop of its own length, and the sums across devices inside it would not "
+            "match. Give every device the same gates (the same key), or use "
+            "implementation='mask' for gates per device.")
 
 
 class _Block:

@@ -148,6 +148,22 @@ def test_a_batch_gate_that_differs_between_devices_is_refused_with_the_fix(local
         _loss(per_device, mapped=True)(X, W, jax.random.key(0))
 
 
+def test_kept_loop_refuses_gates_that_differ_between_devices_with_the_fix():
+    # Each device would loop over its own kept blocks, while the replicated weights'
+    # gradient is summed across the devices once per block inside the loop.
+    ws, probs = jnp.stack([W, W]), jnp.ones(2)
+
+    def local(x, w, key):
+        gates = jax.random.bernoulli(jax.random.fold_in(key, jax.lax.axis_index("data")), 0.5,
+                                     (2,))
+        return sdj.kept_loop(lambda w, s, v, p: (v + jnp.tanh(v @ w), s), w, {}, x, probs,
+                             gates)[0]
+
+    with pytest.raises(ValueError, match=r"gates that differ between shard_map devices.*"
+                                         r"implementation='mask'"):
+        _loss(local, mapped=True)(X, ws, jax.random.key(0))
+
+
 def test_a_per_device_batch_gate_masks_inside_shard_map():
     def local(x, w, key):
         return _op(x, w, key, fold=True, implementation="mask")
