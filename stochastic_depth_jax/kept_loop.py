@@ -64,7 +64,7 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
         raise ValueError(f"kept_loop needs one bool gate per block, shape [n]; got "
                          f"{gates.dtype}{list(gates.shape)}.")
     _check_shared_gates(gates)
-    n = gates.shape[0]
+    n, probs = gates.shape[0], jnp.asarray(probs)  # a list of floats: one array, not n leaves
     for leaf in jax.tree_util.tree_leaves((params, stats, probs)):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
             raise ValueError(f"kept_loop: every leaf of params, stats and probs must be "
@@ -72,7 +72,7 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
                              f"shape {tuple(jnp.shape(leaf))}.")
     order = jnp.argsort(jnp.logical_not(gates), stable=True).astype(jnp.int32)  # kept first
     count = jnp.sum(gates.astype(jnp.int32))
-    return _loop(_Block(block_fn), params, stats, x, jnp.asarray(probs), order, count)
+    return _loop(_Block(block_fn), params, stats, x, probs, order, count)
 
 
 def _check_shared_gates(gates: Array) -> None:

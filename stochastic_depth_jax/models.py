@@ -132,7 +132,8 @@ class _KeptLoop(nn.Module):
             return y, new.get("batch_stats", {})
 
         if self.policy is not None:
-            block_fn = jax.checkpoint(block_fn, policy=self.policy)
+            # The loop already keeps XLA from merging recomputation across blocks.
+            block_fn = jax.checkpoint(block_fn, policy=self.policy, prevent_cse=False)
         y, new_stats = kept_loop(block_fn, params, stats, x, probs, gates)
         if stats and train:  # as a scanned BatchNorm does, refused if not mutable
             self.put_variable("batch_stats", "block", new_stats)

@@ -87,6 +87,15 @@ def test_kept_loop_under_explicit_mesh_axes_equals_the_kept_blocks_run_one_by_on
                            got, want)
 
 
+def test_kept_loop_takes_survival_probabilities_as_a_list():
+    """A list of floats was refused as n leaves of shape ()."""
+    params, stats, x, probs = _toy()
+    gates = jnp.asarray([1, 0, 1, 1, 0], bool)
+    want = kept_loop(_toy_block, params, stats, x, probs, gates)
+    got = kept_loop(_toy_block, params, stats, x, [float(p) for p in probs], gates)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+
+
 def test_kept_loop_refuses_what_it_cannot_loop_over():
     params, stats, x, probs = _toy()
     with pytest.raises(ValueError, match="one bool gate per block"):
