@@ -330,7 +330,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.list:
         for p in PARTS:
-            print(f"{p.name:18s} ~{p.estimate_s:4d} s  python {' '.join(p.args)}")
+            flags = f"XLA_FLAGS+={p.xla_flags} " if p.xla_flags else ""
+            print(f"{p.name:18s} ~{p.estimate_s:4d} s  {flags}python {' '.join(p.args)}")
         return
     found = backend()
     if found != "gpu":

@@ -1302,3 +1302,11 @@ def test_gpu_suite_part_xla_flags_follow_the_callers(monkeypatch):
     assert suite.part_env(graphs)["XLA_FLAGS"] == ("--xla_dump_to=somewhere "
                                                    + suite.COMMAND_BUFFER_CONTROL_FLOW)
     assert suite.part_env(suite.BY_NAME["epochs"])["XLA_FLAGS"] == "--xla_dump_to=somewhere"
+
+
+def test_gpu_suite_list_shows_a_parts_own_xla_flags(capsys):
+    suite = load("gpu_suite")
+    suite.main(["--list"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert f"XLA_FLAGS+={suite.COMMAND_BUFFER_CONTROL_FLOW} python" in lines["graphs-step"]
+    assert "XLA_FLAGS" not in lines["epochs"] and set(lines) == set(suite.BY_NAME)
