@@ -252,6 +252,28 @@ def time_rounds(runners, all_gates, warmup) -> None:
               flush=True)
 
 
+def with_a_loop_to_run(names: list[str], args: argparse.Namespace, scan) -> list[str]:
+    """``names`` without the ``implementation='loop'`` variants where ``--depth`` and ``--scan``
+    scan no stage (the model refuses them: every block would compute; ResNet-20's stages of
+    3 blocks are not scanned by default): left out of the default list, saying so; named in
+    ``--variants``, a flag error naming the fix, before anything compiles."""
+    try:
+        CifarResNet(depth=args.depth, scan=scan, implementation="loop")
+        return names
+    except ValueError:
+        pass
+    loops = [n for n in names if VARIANTS[n.removesuffix(UNROLLED)][1] == "loop"]
+    fix = "--scan true" if args.depth > 8 else "--depth 14 or more with --scan true"
+    why = (f"depth {args.depth} with --scan {args.scan} scans no stage for "
+           f"implementation='loop' to loop over")
+    if loops and args.variants is not None:
+        raise bench_cli.bad_flag(f"--variants {','.join(loops)}: {why}; pass {fix}, or leave "
+                                 f"them out.")
+    if loops:
+        print(f"left out {', '.join(loops)}: {why} ({fix} runs them).", flush=True)
+    return [n for n in names if n not in loops]
+
+
 def _constant_depth(name: str) -> bool:
     """Whether ``name`` is a :data:`VARIANTS` entry (``-unrolled`` or not) at p_L = 1."""
     return VARIANTS.get(name.removesuffix(UNROLLED), (0.5,))[0] == 1.0
@@ -386,6 +408,7 @@ def main(argv=None) -> None:
              else bench_cli.names_from(args.variants, VARIANTS, "--variants", known_variant,
                                        f", each also with '{UNROLLED}' appended"))
 
+    names = with_a_loop_to_run(names, args, scan)
     x, y, kp = random_batch(args.batch)
     runners = [make_runner(n, args.depth, args.batch, scan, dtype, kp, x, y) for n in names]
     probs = CifarResNet(depth=args.depth).survival_probs()
