@@ -62,7 +62,7 @@ import jax  # noqa: E402
 import orbax.checkpoint  # noqa: E402
 
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import data  # noqa: E402
+from stochastic_depth_jax import data, errors  # noqa: E402
 from stochastic_depth_jax.training import checkpoint, compilation, loop, metrics  # noqa: E402
 from stochastic_depth_jax.training import evaluate as evaluate_lib  # noqa: E402
 from stochastic_depth_jax.training import implementation as implementation_lib  # noqa: E402
@@ -354,17 +354,38 @@ class _VariantStops(stopping.StopSignals):
                                    "steps", signum)
 
 
+def _variant_config(args, workdir, folder, name):
+    """The validated config of ``--whole-epochs`` variant ``name`` on the images in
+    ``folder``."""
+    config = _config(args, workdir, folder)
+    config_lib.apply_overrides(config, [f"--config.num_epochs={args.epochs}",
+                                        "--config.validation_size=500",
+                                        f"--config.eval_batch_size={args.eval_batch}",
+                                        *EPOCH_VARIANTS[name]])
+    return config_lib.validate(config)
+
+
+def _check_variants(args) -> None:
+    """A flag error for a ``--whole-epochs`` variant the trainer refuses at these flags
+    (``loop`` at a depth whose stages are not scanned: ``--depth 20``), before any image is
+    written: the trainer found it only after the variants before it had trained, and the
+    command ended without their table."""
+    for name in args.whole_epochs:
+        try:
+            _variant_config(args, "", "images", name)  # the folder is not read here
+        except errors.ConfigError as e:
+            raise bench_cli.bad_flag(f"--whole-epochs {name}: refused at these flags, leave it "
+                                     f"out or change them (this script sets no model.scan: "
+                                     f"--depth 56 and more scan every stage). {e}") from None
+
+
 def _variants(args, workdir, folder, results, signals) -> _EpochRun:
     """Trains each variant into ``results`` until one is stopped by a signal (a table cut
     short: :func:`bench_cli.cut_before`); returns the last that finished."""
     run = None
     for name in args.whole_epochs:
         jax.clear_caches()  # each variant compiles everything it uses, as a fresh run does
-        config = _config(args, workdir, folder)
-        config_lib.apply_overrides(config, [f"--config.num_epochs={args.epochs}",
-                                            "--config.validation_size=500",
-                                            f"--config.eval_batch_size={args.eval_batch}",
-                                            *EPOCH_VARIANTS[name]])
+        config = _variant_config(args, workdir, folder, name)
         if signals.signum is not None:  # since the last variant that finished
             if not results:
                 raise stopping.Stopped(f"stopped by {stopping.StopSignals.name(signals.signum)}"
@@ -518,6 +539,7 @@ def parse_args(argv) -> argparse.Namespace:
     if args.whole_epochs:
         args.whole_epochs = bench_cli.names_from(args.whole_epochs, EPOCH_VARIANTS,
                                                  "--whole-epochs")
+        _check_variants(args)
     batches = [("--batch", args.batch)] + [("--eval-batch", args.eval_batch)] * bool(
         args.whole_epochs)
     for flag, value in batches:  # the trainer's check, named by this script's flags

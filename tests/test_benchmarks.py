@@ -538,6 +538,8 @@ def run_command(module, argv, capsys):
     ("bench_step", ["--depth", "20", "--variants", "constant,loop"],
      "--variants loop: depth 20 with --scan auto scans no stage for implementation='loop' "
      "to loop over; pass --scan true"),
+    ("bench_train", ["--whole-epochs", "constant,loop", "--depth", "20"],
+     "--whole-epochs loop: refused at these flags"),
 ])
 def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
                                                    monkeypatch):
