@@ -260,6 +260,27 @@ def part_env(part: Part) -> dict[str, str]:
     return env
 
 
+def flags_already_set(part: Part) -> list[str]:
+    """The flags in ``$XLA_FLAGS`` that ``part``'s own ``xla_flags`` set again. XLA applies
+    the part's after them, and a ``+X,-Y`` value edits the list before it: after the
+    caller's ``--xla_gpu_enable_command_buffer=`` (none), graphs-step records only
+    conditionals and while loops in command buffers. The parts without flags of their own
+    run with the caller's: the comparison is no longer with XLA's default."""
+    names = {flag.split("=", 1)[0] for flag in part.xla_flags.split()}
+    return [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+            if flag.split("=", 1)[0] in names]
+
+
+def _flags_note(part: Part) -> str:
+    """A line for the part's header where :func:`flags_already_set` finds any, else ''."""
+    caller = flags_already_set(part)
+    if not caller:
+        return ""
+    return (f"note: $XLA_FLAGS already sets {' '.join(caller)}: {part.name}'s "
+            f"{part.xla_flags} applies after it (a +/- value edits that list), and the other "
+            f"parts run with it (their tables' headings record XLA_FLAGS)\n")
+
+
 def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[str, float]:
     """Runs ``cmd`` from the repository root in ``env`` (:func:`part_env`), in a session of
     its own, echoing its output to stdout and ``log``; kills its process group after
@@ -364,7 +385,8 @@ def _run_parts(args, torch_why: str | None, log) -> None:
                                f"{left:.0f} s left)")
                 continue
             cmd = command(part, args)
-            header = f"\n=== {part.name}: {' '.join(cmd[1:])} ({left:.0f} s left)\n"
+            header = (f"\n=== {part.name}: {' '.join(cmd[1:])} ({left:.0f} s left)\n"
+                      + _flags_note(part))
             log.write(header)
             sys.stdout.write(header)
             status, took = run_part(cmd, left, log, part_env(part))

@@ -1324,6 +1324,21 @@ def test_gpu_suite_part_xla_flags_follow_the_callers(monkeypatch):
     assert suite.part_env(suite.BY_NAME["epochs"])["XLA_FLAGS"] == "--xla_dump_to=somewhere"
 
 
+def test_gpu_suite_says_where_the_callers_xla_flags_set_a_parts_flag_too(monkeypatch):
+    """XLA applies graphs-step's +CONDITIONAL,+WHILE to the caller's own command-buffer list
+    (none after '='), and the other parts run with it: the header says so."""
+    suite = load("gpu_suite")
+    graphs = suite.BY_NAME["graphs-step"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=x --xla_gpu_enable_command_buffer=")
+    assert suite.flags_already_set(graphs) == ["--xla_gpu_enable_command_buffer="]
+    assert suite._flags_note(graphs).startswith(
+        "note: $XLA_FLAGS already sets --xla_gpu_enable_command_buffer=: graphs-step's "
+        f"{suite.COMMAND_BUFFER_CONTROL_FLOW} applies after it")
+    assert suite._flags_note(suite.BY_NAME["epochs"]) == ""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=x")
+    assert suite._flags_note(graphs) == ""
+
+
 def test_gpu_suite_list_shows_a_parts_own_xla_flags(capsys):
     suite = load("gpu_suite")
     suite.main(["--list"])
