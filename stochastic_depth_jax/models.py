@@ -649,10 +649,12 @@ class _StochasticResNetBase(nn.Module):
         if any(_scanned_stages(sizes, self.scan)):
             return
         fix = "pass scan=True" if max(sizes) > 1 else "use stages of 2 blocks or more, scan=True"
+        auto = (f" (scan=None: stages of {AUTO_SCAN_MIN_BLOCKS + 1} blocks or more)"
+                if self.scan is None else "")
         raise ValueError(f"implementation='loop' loops over the blocks after each stage's first "
                          f"in scanned stages, and stage sizes {sizes} with scan={self.scan!r} "
-                         f"scan none (scan=None: stages of {AUTO_SCAN_MIN_BLOCKS + 1} blocks or "
-                         f"more), so every block would compute, masked; {fix}, or use 'skip'.")
+                         f"scan none{auto}, so every block would compute, masked; {fix}, or "
+                         f"use 'skip'.")
 
     def _block_implementation(self) -> str:
         """The blocks' own implementation: ``'loop'`` masks the blocks outside the loops

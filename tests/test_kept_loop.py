@@ -212,6 +212,9 @@ def test_loop_in_other_residual_stages():
     # No scanned stage: every block would compute (masked) under the name 'loop'.
     ({"depth": 20, "scan": None}, r"stage sizes \(3, 3, 3\) with scan=None scan none .*; "
      r"pass scan=True, or use 'skip'\.$"),
+    # scan=False: no word about scan=None's threshold, which does not apply.
+    ({"depth": 56, "scan": False}, r"with scan=False scan none, so every block would compute, "
+     r"masked; pass scan=True"),
 ])
 def test_loop_refuses_what_it_cannot_run(kw, message):
     kw.setdefault("implementation", "loop")

@@ -188,6 +188,21 @@ def test_the_subtitle_says_how_many_fake_images_were_generated_where_runs_disagr
                                             "images; errors at chance);")
 
 
+def test_the_subtitle_says_fake_data_where_runs_generated_different_numbers():
+    """Fake runs of different sizes lost the 'FAKE' label: only a size all runs share kept
+    it. A mix of fake and real runs says that some ran on fake data."""
+    small = json.loads(load_config("cifar10:smoke").to_json())
+    large = json.loads(load_config("cifar10:smoke", ["--config.fake_data.num_train=320"]
+                                   ).to_json())
+    runs = [{"config": small, "num_train": 128, "num_validation": 32},
+            {"config": large, "num_train": 288, "num_validation": 32}]
+    assert sweep.describe_data(runs).startswith(
+        "cifar10, FAKE random-label data (160, 320 images generated, by run; errors at chance);")
+    real = json.loads(load_config("cifar10", []).to_json())
+    assert sweep.describe_data([runs[0], {"config": real}]).startswith(
+        "cifar10, some runs on FAKE random-label data")
+
+
 def test_a_run_recorded_before_a_field_existed_has_the_config_it_was_trained_with(
         capsys, tmp_path):
     """Runs whose run.json predates model.scan_unroll (and name, widen_factor, dropout_rate,

@@ -336,7 +336,7 @@ def _check_loop_stages(m: ml_collections.ConfigDict) -> None:
     after each stage's first in scanned stages only and masks the others, so it would
     compute every block (as 'mask') while the run says 'loop'."""
     wide = m.get("name", "cifar_resnet") == "wide_resnet"
-    n = (m.depth - 4) // 6 if wide else (m.depth - 2) // 6
+    n = (models.WideResNet if wide else models.CifarResNet)(depth=m.depth).blocks_per_stage()
     scan = m.get("scan")
     fix = ("set model.scan=True" if n > 1 else
            f"use model.depth={16 if wide else 14} or more with model.scan=True")

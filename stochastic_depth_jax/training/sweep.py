@@ -391,10 +391,13 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
 
     parts = []
     dataset = shared(lambda c: c["dataset"])
-    fake = shared(config_lib.fake_train_size)
-    if dataset:
-        parts.append(dataset + (f", FAKE random-label data ({_fake_images(runs, fake)}; "
-                                "errors at chance)" if fake else ""))
+    fakes = [config_lib.fake_train_size(c) for c in configs]
+    if dataset and all(fakes):  # fake data of one size, or of several (the sizes differ)
+        parts.append(f"{dataset}, FAKE random-label data "
+                     f"({_fake_images(runs, shared(config_lib.fake_train_size))}; "
+                     "errors at chance)")
+    elif dataset:
+        parts.append(dataset + (", some runs on FAKE random-label data" if any(fakes) else ""))
     model = shared(lambda c: (c["model"].get("name", "cifar_resnet"), c["model"].get("width"),
                               c["model"].get("widen_factor")))
     if model:
@@ -410,13 +413,17 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
 def _fake_images(runs: Sequence[dict[str, Any]], generated: int) -> str:
     """The fake images the runs trained on and held out for validation, as recorded (the
     ``generated`` ``fake_data.num_train`` less ``validation_size``: a smoke run's 160 are
-    128 and 32), where all agree; else how many were generated (validation included)."""
+    128 and 32), where all agree; else how many were generated (validation included), or
+    that the runs generated different numbers (``generated`` None)."""
     sizes = {(r.get("num_train"), r.get("num_validation")) for r in runs if r.get("config")}
     if len(sizes) == 1:
         [(train, held)] = sizes
         if train is not None:
             return f"{train} training images" + (f", {held} held out for validation"
                                                  if held else "")
+    if generated is None:
+        sizes = sorted({config_lib.fake_train_size(r["config"]) for r in runs if r.get("config")})
+        return f"{', '.join(map(str, sizes))} images generated, by run"
     return f"{generated} images generated"
 
 
