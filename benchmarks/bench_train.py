@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -365,18 +366,24 @@ def _variant_config(args, workdir, folder, name):
     return config_lib.validate(config)
 
 
-def _check_variants(args) -> None:
-    """A flag error for a ``--whole-epochs`` variant the trainer refuses at these flags
-    (``loop`` at a depth whose stages are not scanned: ``--depth 20``), before any image is
-    written: the trainer found it only after the variants before it had trained, and the
-    command ended without their table."""
-    for name in args.whole_epochs:
+def _check_configs(args) -> None:
+    """A flag error for a config the trainer refuses at these flags (``loop`` at a depth
+    whose stages are not scanned: ``--depth 20``): each ``--whole-epochs`` variant's, or the
+    bare-step mode's, before any image is written. The trainer found a variant's only after
+    the variants before it had trained, and the command ended without their table."""
+    if args.whole_epochs:  # the image folder is not read here
+        checks = [(f"--whole-epochs {name}: refused at these flags, leave it out or change them",
+                   functools.partial(_variant_config, args, "", "images", name))
+                  for name in args.whole_epochs]
+    else:
+        checks = [("refused at these flags",
+                   lambda: config_lib.validate(_config(args, "", "images")))]
+    for what, build in checks:
         try:
-            _variant_config(args, "", "images", name)  # the folder is not read here
+            build()
         except errors.ConfigError as e:
-            raise bench_cli.bad_flag(f"--whole-epochs {name}: refused at these flags, leave it "
-                                     f"out or change them (this script sets no model.scan: "
-                                     f"--depth 56 and more scan every stage). {e}") from None
+            raise bench_cli.bad_flag(f"{what} (this script sets no model.scan: --depth 56 and "
+                                     f"more scan every stage). {e}") from None
 
 
 def _variants(args, workdir, folder, results, signals) -> _EpochRun:
@@ -539,7 +546,7 @@ def parse_args(argv) -> argparse.Namespace:
     if args.whole_epochs:
         args.whole_epochs = bench_cli.names_from(args.whole_epochs, EPOCH_VARIANTS,
                                                  "--whole-epochs")
-        _check_variants(args)
+    _check_configs(args)
     batches = [("--batch", args.batch)] + [("--eval-batch", args.eval_batch)] * bool(
         args.whole_epochs)
     for flag, value in batches:  # the trainer's check, named by this script's flags

@@ -540,6 +540,9 @@ def run_command(module, argv, capsys):
      "to loop over; pass --scan true"),
     ("bench_train", ["--whole-epochs", "constant,loop", "--depth", "20"],
      "--whole-epochs loop: refused at these flags"),
+    # The bare-step mode wrote its images, then the trainer refused the config.
+    ("bench_train", ["--implementation", "loop", "--depth", "20"],
+     "refused at these flags (this script sets no model.scan"),
 ])
 def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
                                                    monkeypatch):
