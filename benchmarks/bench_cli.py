@@ -30,6 +30,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -208,6 +209,14 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
             "one asked for.",
             f"the table of the {timed} of {asked} timed rounds completed" if timed < asked
             else "every round had completed; the table", timed == asked)
+
+
+def per_round(times: Sequence[float], base: Sequence[float]) -> float:
+    """The median over rounds of ``times[i] / base[i]``: a variant's time over its
+    baseline's in the same round. Variants run back to back within a round, so this cancels
+    what drifts between rounds on a noisy machine (a load that comes and goes), which the
+    ratio of the two medians does not."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 def after_rounds(items: Sequence, what: str) -> Iterator:

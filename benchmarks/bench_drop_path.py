@@ -130,18 +130,24 @@ def run_once(r: Runner, key) -> float:
 
 
 def table(runners: list[Runner], batch: int) -> list[str]:
-    """One row per variant: median, IQR, img/s, ratio to no drop path and to its mask twin."""
+    """One row per variant: median, IQR, img/s, ratio to no drop path and to its mask twin
+    (the medians' ratio, and :func:`bench_cli.per_round`'s median of each round's ratio)."""
     med = {r.name: statistics.median(r.times) for r in runners}
-    rows = ["| variant | median ms/step | IQR ms | img/s | / no drop path | skip / mask |",
-            "|---|---|---|---|---|---|"]
+    by_name = {r.name: r for r in runners}
+    rows = ["| variant | median ms/step | IQR ms | img/s | / no drop path | skip / mask "
+            "| skip / mask, per round |",
+            "|---|---|---|---|---|---|---|"]
     for r in runners:
         q = np.percentile(r.times, [25, 75])
         label, _, impl = r.name.rpartition(" ")
         twin = f"{label} mask" if impl.startswith("skip") else None
-        vs_mask = f"**{med[r.name] / med[twin]:.3f}**" if twin in med and r.name != "none" else "-"
+        paired = twin in med and r.name != "none"
+        vs_mask = f"**{med[r.name] / med[twin]:.3f}**" if paired else "-"
+        per_round = (f"{bench_cli.per_round(r.times, by_name[twin].times):.3f}" if paired
+                     else "-")
         rows.append(f"| {r.name} | {med[r.name] * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} "
                     f"| {batch / med[r.name]:.1f} | {med[r.name] / med['none']:.3f} "
-                    f"| {vs_mask} |")
+                    f"| {vs_mask} | {per_round} |")
     return rows
 
 

@@ -280,19 +280,23 @@ def _constant_depth(name: str) -> bool:
 
 
 def table_rows(runners, batch, baseline=None) -> list[str]:
-    """Median, IQR, throughput and ratio to the runner named ``baseline(name)`` (default:
-    the first runner, if it is a constant-depth variant such as 'constant' or
-    'constant-remat-convs'); '-' where that runner did not run."""
-    medians = {r.name: statistics.median(r.times) for r in runners}
+    """Median, IQR, throughput and two ratios to the runner named ``baseline(name)``
+    (default: the first runner, if it is a constant-depth variant such as 'constant' or
+    'constant-remat-convs'); '-' where that runner did not run.
+
+    The first ratio divides the medians; the second is :func:`bench_cli.per_round`, the
+    median of each round's own ratio, which drift between rounds does not move."""
+    by_name = {r.name: r for r in runners}
     first = runners[0].name if _constant_depth(runners[0].name) else None
     rows = []
     for r in runners:
-        med = medians[r.name]
+        med = statistics.median(r.times)
         q = np.percentile(r.times, [25, 75])
-        base = medians.get(baseline(r.name) if baseline else first)
-        ratio = f"{med / base:.3f}" if base else "-"
+        base = by_name.get(baseline(r.name) if baseline else first)
+        ratio = f"{med / statistics.median(base.times):.3f}" if base else "-"
+        paired = f"{bench_cli.per_round(r.times, base.times):.3f}" if base else "-"
         rows.append(f"| {r.name} | {med * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[1] * 1e3:.1f} | "
-                    f"{batch / med:.1f} | {ratio} |")
+                    f"{batch / med:.1f} | {ratio} | {paired} |")
     return rows
 
 
@@ -330,8 +334,8 @@ def user_branch_main(args, dtype) -> None:
         args.label,
         "",
         "| variant (survival, reroute_convs, jit) | median ms/step | IQR ms | img/s | "
-        "/ constant |",
-        "|---|---|---|---|---|",
+        "/ constant | per round |",
+        "|---|---|---|---|---|---|",
         *[row.replace(f"| {n} |", f"| {n} ({USER_VARIANTS[n][0]}, {USER_VARIANTS[n][1]}, "
                                   f"{USER_JITS[USER_VARIANTS[n][2]]}) |", 1)
           for row, n in zip(table_rows(runners, batch, user_baseline), names)],
@@ -341,7 +345,7 @@ def user_branch_main(args, dtype) -> None:
         "for every variant. jax.jit: the user's own jit, no compiler options; "
         "+ cpu_compiler_options(): jax.jit(..., compiler_options=sdj.conv."
         "cpu_compiler_options()). '/ constant': divided by the survival-1.0 row of the same "
-        "reroute_convs and jit.",
+        "reroute_convs and jit; 'per round': the median of each round's ratio.",
     ]
     bench_cli.append_table("\n".join(lines) + "\n", args.out,
                            medians=medians(args.json, runners, batch, args.dtype))
@@ -434,14 +438,17 @@ def main(argv=None) -> None:
         "",
         args.label,
         "",
-        "| variant | median ms/step | IQR ms | img/s | / constant depth |",
-        "|---|---|---|---|---|",
+        "| variant | median ms/step | IQR ms | img/s | / constant depth | per round |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
         f"Gates are drawn per round from fold_in(key, round) and shared by every stochastic "
         f"variant; mean fraction of blocks kept over the timed rounds: "
         f"{np.mean(active):.3f} (expected {probs.mean():.3f}). Every row, '-unrolled' ones "
-        f"included, is divided by the first row if that is constant depth ('-': it is not).",
+        f"included, is divided by the first row if that is constant depth ('-': it is not): "
+        f"'/ constant depth' divides the medians, 'per round' is the median of each round's "
+        f"ratio (the two variants timed back to back), which drift between rounds does not "
+        f"move.",
     ]
     if compile_rows:
         lines += ["", "| compile (jit of grad), depth | seconds |", "|---|---|"]

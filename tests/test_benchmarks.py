@@ -379,6 +379,7 @@ def test_bench_drop_path_tiny_vit(tmp_path):
                                   "--rates", "0.4", "--linear", "0.4", "--out", str(out)])
     found = rows(out, ["none", "uniform 0.4 skip", "uniform 0.4 mask"])
     assert len(found) == 3 and found["uniform 0.4 skip"][5].strip("*") != "-"
+    assert float(found["uniform 0.4 skip"][6]) > 0 and found["uniform 0.4 mask"][6] == "-"
 
 
 def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
@@ -1309,8 +1310,20 @@ def test_bench_step_ratios_against_a_constant_depth_first_row():
     runners = [bench_step.Runner(name, None, (), times) for name, times in (
         ("constant-remat-convs", [2.0, 2.0]), ("loop-remat-convs", [1.5, 1.5]))]
     rows = bench_step.table_rows(runners, 128)
-    assert rows[0].endswith("| 1.000 |") and rows[1].endswith("| 0.750 |")
-    assert bench_step.table_rows(runners[::-1], 128)[0].endswith("| - |")  # not constant
+    assert rows[0].endswith("| 1.000 | 1.000 |") and rows[1].endswith("| 0.750 | 0.750 |")
+    assert bench_step.table_rows(runners[::-1], 128)[0].endswith("| - | - |")  # not constant
+
+
+def test_bench_step_per_round_ratio_cancels_drift_between_rounds():
+    """A load that arrives halfway through round 3 (after constant depth ran in it) and
+    doubles every time from then on moves the medians apart: skip's 3.2 over constant's 2.0
+    says 1.600 for a variant that took 0.8 of constant depth's time in every other round;
+    the median of the rounds' own ratios says 0.800."""
+    bench_step = load("bench_step")
+    runners = [bench_step.Runner("constant", None, (), [2.0, 2.0, 2.0, 4.0, 4.0]),
+               bench_step.Runner("skip", None, (), [1.6, 1.6, 3.2, 3.2, 3.2])]
+    cells = [c.strip() for c in bench_step.table_rows(runners, 128)[1].strip("|").split("|")]
+    assert cells[4:] == ["1.600", "0.800"]
 
 
 def test_gpu_suite_part_xla_flags_follow_the_callers(monkeypatch):
