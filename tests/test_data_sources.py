@@ -1,5 +1,6 @@
 """Data sources and splits: fake tfds datasets with the real names, image folders, errors."""
 import io
+import re
 import os
 import sys
 import time
@@ -386,6 +387,19 @@ def test_validation_fraction_that_holds_out_nothing_or_everything_is_refused():
     with pytest.raises(errors.DataError, match="holds out 4, leaving 0"):
         splits.holdout(split, 0.9, 0)
     assert splits.holdout(split, 0.0, 0)[1] is None and len(splits.holdout(split, 0.25, 0)[1]) == 1
+
+
+def test_validation_size_as_a_numpy_scalar_counts_by_its_kind_and_others_are_refused():
+    """np.float32(0.1) (not a Python float) was truncated by int() to 0: silently no
+    validation set. True was read as 1, a string parsed or failed with a traceback."""
+    split = splits.Split(np.zeros((20, 2, 2, 3), np.uint8), np.arange(20, dtype=np.int32))
+    assert len(splits.holdout(split, np.float32(0.1), 0)[1]) == 2
+    assert len(splits.holdout(split, np.int64(3), 0)[1]) == 3
+    for bad in (True, "5", "0.1", [5]):
+        expected = re.escape(f"validation_size={bad!r} must be a count (an int such as 5000), "
+                             "a fraction (a float in [0, 1) such as 0.1)")
+        with pytest.raises(errors.DataError, match=expected):
+            splits.holdout(split, bad, 0)
 
 
 def test_decoded_cache_is_reused_and_rebuilt_when_stale_or_broken(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ validation set can be rebuilt from its config alone.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import numpy as np
 from stochastic_depth_jax import errors
@@ -56,8 +57,18 @@ def _rng(seed: int) -> np.random.Generator:
 
 def resolve_count(validation_size: int | float, num_examples: int, least: int = 1) -> int:
     """Turns a count (int) or fraction (float in [0, 1)) into a number of examples;
-    ``least``: the smallest count a refusal suggests (SVHN's per-class split: one a class)."""
-    if isinstance(validation_size, float):
+    ``least``: the smallest count a refusal suggests (SVHN's per-class split: one a class).
+
+    NumPy scalars count by their kind (``np.int64(5)`` a count, ``np.float32(0.1)`` a
+    fraction: ``int()`` truncated it to 0, silently no validation set); a bool or a string
+    is refused rather than read as 1 or parsed."""
+    if isinstance(validation_size, bool) or not isinstance(validation_size, numbers.Real):
+        raise errors.DataError(
+            f"validation_size={validation_size!r} must be a count (an int such as 5000), a "
+            f"fraction (a float in [0, 1) such as 0.1), 0 for no validation set, or None for "
+            f"the paper's split.")
+    if not isinstance(validation_size, numbers.Integral):
+        validation_size = float(validation_size)
         if not 0.0 <= validation_size < 1.0:
             raise errors.DataError(f"validation_size as a fraction must be in [0, 1), got "
                              f"{validation_size}.")
