@@ -150,6 +150,22 @@ def test_download_false_fails_at_once(tmp_path):
     assert "extra_32x32.mat" in str(info.value)
 
 
+def test_a_wrong_manual_archive_is_one_line_naming_it(tmp_path):
+    """An archive in downloads/manual (where the offline message says to put it) that fails
+    tfds's checksum, a truncated copy or another file, ended in tfds's traceback."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    (manual / "cifar-10-binary.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
+    assert str(info.value) == (
+        f"{str(manual / 'cifar-10-binary.tar.gz')!r} (15 bytes, expected 162.17 MiB) does not "
+        "match tfds's checksum for 'cifar10': it is damaged, incomplete or another file; "
+        "replace it with the original archive "
+        "(https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz), or delete it to download "
+        "it again.")
+
+
 def test_corrupt_record_is_reported(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,
                                    corrupt=("test",))
