@@ -206,11 +206,28 @@ def svhn_holdout(train: Split, extra: Split, num_classes: int,
     rng = _rng(seed)
     held_train = _per_class_holdout(train.labels, from_train, num_classes, rng, "train")
     held_extra = _per_class_holdout(extra.labels, from_extra, num_classes, rng, "extra")
-    kept = concatenate(train.take(np.flatnonzero(~held_train)),
-                       extra.take(np.flatnonzero(~held_extra)))
-    validation = concatenate(train.take(np.flatnonzero(held_train)),
-                             extra.take(np.flatnonzero(held_extra)))
+    kept = _take_from((train, np.flatnonzero(~held_train)), (extra, np.flatnonzero(~held_extra)))
+    validation = _take_from((train, np.flatnonzero(held_train)),
+                            (extra, np.flatnonzero(held_extra)))
     return kept, validation
+
+
+def _take_from(*parts: tuple[Split, np.ndarray]) -> Split:
+    """The examples at each ``(split, indices)`` part, end to end, gathered straight into one
+    array: ``concatenate(train.take(a), extra.take(b))`` held two copies of the result at
+    once (for SVHN's 1.8 GB, 3.5 GB above the inputs while loading)."""
+    count = sum(len(indices) for _, indices in parts)
+    images = np.empty((count,) + parts[0][0].images.shape[1:], np.uint8)
+    labels = np.empty(count, np.int32)
+    start = 0
+    for split, indices in parts:
+        stop = start + len(indices)
+        # mode="clip" (the indices are in range): the default, "raise", buffers `out`, a
+        # second copy.
+        np.take(split.images, indices, axis=0, out=images[start:stop], mode="clip")
+        labels[start:stop] = split.labels[indices]
+        start = stop
+    return Split(images, labels)
 
 
 def channel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
