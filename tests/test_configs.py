@@ -165,6 +165,15 @@ def test_path_form_and_overrides():
         ("cifar100:smoke", ["--config.batch_size=150", "--config.validation_size=0.5",
                             "--config.select_best_by=test"],
          "batch_size=150 is larger than the 80 training examples"),
+        # Fake data writes every split; tfds failed on an empty one with a traceback, after
+        # announcing the data.
+        ("cifar10:smoke", ["--config.fake_data.num_test=0"], r"fake_data.num_test=0: fake "
+         r"data needs a test split; set --config.fake_data.num_test to at least 1"),
+        ("svhn:smoke", ["--config.fake_data.num_extra=0"], r"fake_data.num_extra=0: fake svhn "
+         r"data needs its extra split .*set --config.fake_data.num_extra to at least 1"),
+        # SVHN's validation set is held out of train + extra (160 + 64 fake images).
+        ("svhn:smoke", ["--config.validation_size=224"], r"validation_size=224 must be "
+         r"smaller than fake_data.num_train \+ num_extra=224$"),
     ],
 )
 def test_bad_configs_fail_clearly(spec, overrides, match):
@@ -190,6 +199,18 @@ def test_none_still_empties_optional_fields():
     assert c.model.layer_scale_init is None
     # A batch that fits the fake training set exactly is accepted.
     assert load_config("cifar10:smoke", ["--config.batch_size=128"]).batch_size == 128
+
+
+def test_fake_svhn_counts_its_extra_images():
+    """Fake SVHN trains on num_train + num_extra images, as the real one on train + extra;
+    only num_train was counted: a validation set of 170 of its 224 images was refused as
+    not smaller than 160, and a sweep's subtitle said 160 images were generated."""
+    c = load_config("svhn:smoke", ["--config.validation_size=170"])
+    assert config_lib.fake_train_size(c) == 224 and c.validation_size == 170
+    assert config_lib.fake_train_size(load_config("cifar10:smoke")) == 160
+    # Real data (num_train 0) stays real, whatever num_extra says.
+    assert config_lib.fake_train_size(load_config("svhn", ["--config.fake_data.num_extra=64"])
+                                      ) == 0
 
 
 @pytest.mark.parametrize("field", ["lr_decay_factor", "label_smoothing", "adam_b2",

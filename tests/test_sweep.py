@@ -188,6 +188,14 @@ def test_the_subtitle_says_how_many_fake_images_were_generated_where_runs_disagr
                                             "images; errors at chance);")
 
 
+def test_the_subtitle_counts_fake_svhn_extra_images_as_generated():
+    """Fake SVHN generates num_train + num_extra training images (160 + 64): the subtitle
+    said 160."""
+    config = json.loads(load_config("svhn:smoke").to_json())
+    assert sweep.describe_data([{"config": config}]).startswith(
+        "svhn, FAKE random-label data (224 images generated; errors at chance);")
+
+
 def test_the_subtitle_says_fake_data_where_runs_generated_different_numbers():
     """Fake runs of different sizes lost the 'FAKE' label: only a size all runs share kept
     it. A mix of fake and real runs says that some ran on fake data."""

@@ -43,6 +43,21 @@ def test_fake_data_is_one_line_of_ours_and_nothing_from_tfds(sample_run):
         assert noise not in stdout + stderr, noise
 
 
+def test_fake_data_line_names_only_the_splits_written(monkeypatch, tmp_path, capsys):
+    """Only SVHN has an extra split: fake CIFAR data with num_extra set said it wrote extra
+    images it never wrote."""
+    written = []
+    monkeypatch.setattr(setup_lib.data_lib.testing, "make_tfds_dataset",
+                        lambda *args, **kwargs: written.append(kwargs["num_extra"]))
+    for spec in ("cifar10:smoke", "svhn:smoke"):
+        config = load_config(spec, ["--config.fake_data.num_extra=64"])
+        setup_lib._write_fake_data(config, str(tmp_path))
+    cifar, svhn = capsys.readouterr().out.splitlines()
+    assert "(160 train, 64 test random images;" in cifar
+    assert "(160 train, 64 test, 64 extra random images;" in svhn
+    assert written == [0, 64]
+
+
 def test_without_the_bar_each_epoch_prints_one_line(sample_run):
     _, stdout, _ = sample_run
     lines = [x for x in stdout.splitlines() if x.startswith("epoch ")]

@@ -7,6 +7,7 @@ builders (same name, version and feature spec) with plain-Python readers.
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -132,7 +133,26 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     with no_tempdir_leak():
         builder = tf_free_builder(tfds_name)(data_dir=data_dir)
-    builder.download_and_prepare(file_format="array_record", download_config=config)
+    try:
+        builder.download_and_prepare(file_format="array_record", download_config=config)
+    except tfds.core.download.download_manager.NonMatchingChecksumError as error:
+        raise DataUnavailableError(_checksum_message(tfds_name, error)) from None
+
+
+def _checksum_message(tfds_name: str, error: Exception) -> str:
+    """One line for an archive that fails tfds's checksum (a damaged or truncated copy, or
+    another file under the archive's name in downloads/manual), instead of tfds's
+    traceback: which file, its size against the expected one, and the fix."""
+    text = str(error)
+    path = re.search(r"downloaded to (.+?), has wrong checksum", text)
+    sizes = re.findall(r"UrlInfo\(size=([^,]+),", text)
+    url = re.search(r"Artifact (\S+?),", text)
+    where = repr(path.group(1)) if path else "The downloaded archive"
+    got = f" ({sizes[1]}, expected {sizes[0]})" if len(sizes) == 2 else ""
+    source = f" ({url.group(1)})" if url else ""
+    return (f"{where}{got} does not match tfds's checksum for '{tfds_name}': it is damaged, "
+            f"incomplete or another file; replace it with the original archive{source}, or "
+            f"delete it to download it again.")
 
 
 def _decode_chunk(source, start: int, stop: int, where: str) -> list[dict]:

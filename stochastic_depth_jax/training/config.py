@@ -36,6 +36,7 @@ __all__ = [
     "with_absent_defaults",
     "check_batch_fits",
     "fake_train_size",
+    "fake_train_fields",
 ]
 
 # model.dtype -> the models' compute dtype. The trainer trains in TRAIN_DTYPES only: float16
@@ -56,12 +57,24 @@ SELECT_BEST_BY = {"validation": "val_error", "test": "test_error", "train": "tra
 
 
 def fake_train_size(config: Any) -> int:
-    """How many random-label training images the run generates (``fake_data.num_train``),
-    0 where it reads real data: fake data stands in for a tfds dataset only, an image
-    folder is real data already. ``config``: a ConfigDict, or run.json's config dict."""
+    """How many random-label training images the run generates: ``fake_data.num_train``, and
+    for SVHN its ``num_extra`` too (SVHN trains on train + extra, as the real data does); 0
+    where it reads real data (``fake_data.num_train`` 0): fake data stands in for a tfds
+    dataset only, an image folder is real data already. ``config``: a ConfigDict, or
+    run.json's config dict."""
     if str(config["dataset"]).startswith("image_folder:"):
         return 0
-    return int((config.get("fake_data") or {}).get("num_train", 0) or 0)
+    fake = config.get("fake_data") or {}
+    size = int(fake.get("num_train", 0) or 0)
+    if size and config["dataset"] == "svhn":
+        size += int(fake.get("num_extra", 0) or 0)
+    return size
+
+
+def fake_train_fields(dataset: str) -> str:
+    """The ``fake_data`` fields :func:`fake_train_size` adds up for ``dataset``, as messages
+    name them."""
+    return "fake_data.num_train + num_extra" if dataset == "svhn" else "fake_data.num_train"
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any],
@@ -505,10 +518,25 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     if fake and isinstance(v, int):
         _check(
             v < fake,
-            f"validation_size={v} must be smaller than fake_data.num_train={fake}",
+            f"validation_size={v} must be smaller than {fake_train_fields(ds)}={fake}",
         )
     if fake:
+        _check_fake_splits(config)
         _check_fake_batch(config)
+
+
+def _check_fake_splits(config: ml_collections.ConfigDict) -> None:
+    """Fake data writes every split the dataset has (test, and SVHN's extra), and tfds cannot
+    write an empty one: refused before any data is written, instead of tfds's traceback."""
+    f = config.fake_data
+    _check(f.num_test > 0, f"fake_data.num_test={f.num_test}: fake data needs a test split; "
+                           "set --config.fake_data.num_test to at least 1 (the smoke "
+                           "configs use 64)")
+    if config.dataset == "svhn":
+        _check(f.num_extra > 0,
+               f"fake_data.num_extra={f.num_extra}: fake svhn data needs its extra split "
+               "(SVHN trains on train + extra); set --config.fake_data.num_extra to at least "
+               "1 (svhn:smoke uses 64)")
 
 
 def _check_fake_batch(config: ml_collections.ConfigDict) -> None:

@@ -810,6 +810,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         _write_run_json(run, ds)
         if jax.process_index() == 0:
             print(_describe(run.config, run.state.params, ds), flush=True)
+        # The host copy of every split: training reads the device copies (run.splits) from
+        # here on, so it is not kept for the whole run (on a CPU, a second copy of the data
+        # in the same memory).
+        del ds
         spe = run.setup.steps_per_epoch
         run.writer = metrics_lib.MetricWriter(
             workdir,

@@ -124,8 +124,10 @@ def _write_fake_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
     line saying so, instead of the load looking for the real dataset there."""
     f = config.fake_data
     marker = os.path.join(data_dir, f".complete-{config.dataset}")
+    # Only SVHN has an extra split: another dataset's num_extra writes nothing.
+    extra = f.num_extra if config.dataset == "svhn" else 0
     what = (f"fake {config.dataset} data ({f.num_train} train, {f.num_test} test"
-            + (f", {f.num_extra} extra" if f.num_extra else "")
+            + (f", {extra} extra" if extra else "")
             + " random images; config.fake_data)")
     if os.path.exists(marker):
         missing = data_lib.testing.missing_tfds_file(config.dataset, data_dir)
@@ -138,7 +140,7 @@ def _write_fake_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
         print(f"Writing {what} to {data_dir}: no download.", flush=True)
     data_lib.testing.remove_tfds_dataset(config.dataset, data_dir)  # a partial one
     data_lib.testing.make_tfds_dataset(config.dataset, data_dir, num_train=f.num_train,
-                                       num_test=f.num_test, num_extra=f.num_extra,
+                                       num_test=f.num_test, num_extra=extra,
                                        seed=config.seed)
     open(marker, "w").close()
 
