@@ -413,8 +413,9 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
 def _fake_images(runs: Sequence[dict[str, Any]], generated: int) -> str:
     """The fake images the runs trained on and held out for validation, as recorded (the
     ``generated`` ``config_lib.fake_train_size``, SVHN's extra images included, less
-    ``validation_size``: a smoke run's 160 are 128 and 32), where all agree; else how many were generated (validation included), or
-    that the runs generated different numbers (``generated`` None)."""
+    ``validation_size``: a smoke run's 160 are 128 and 32), where all agree; else how many
+    were generated (validation included), or that the runs generated different numbers
+    (``generated`` None)."""
     sizes = {(r.get("num_train"), r.get("num_validation")) for r in runs if r.get("config")}
     if len(sizes) == 1:
         [(train, held)] = sizes
