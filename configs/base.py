@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     # and std) or 'pixel' (the official Torch code's: the mean image and one global std,
     # before augmentation, so a translation's fill is the mean at that pixel).
     c.normalization = "channel"
+    # Training images' augmentation: 'auto' (the dataset's, as the paper: CIFAR and image
+    # folders flip + translate by up to 4 px, SVHN none), 'flip_translate', 'translate' (no
+    # flip: digits, text) or 'none' (e.g. the un-augmented CIFAR-10/100 benchmarks).
+    c.augment = "auto"
     # > 0: build a small fake dataset with the real name and shapes under
     # <workdir>/fake_data and train on it (offline smoke runs and CI only). Ignored for
     # image folders (real data): `:smoke --config.dataset=image_folder:PATH` is a short run.

@@ -171,6 +171,8 @@ def test_path_form_and_overrides():
          r"data needs a test split; set --config.fake_data.num_test to at least 1"),
         ("svhn:smoke", ["--config.fake_data.num_extra=0"], r"fake_data.num_extra=0: fake svhn "
          r"data needs its extra split .*set --config.fake_data.num_extra to at least 1"),
+        ("cifar10", ["--config.augment=crop"], r"augment='crop'; valid: \['auto', "
+         r"'flip_translate', 'none', 'translate'\]$"),
         # SVHN's validation set is held out of train + extra (160 + 64 fake images).
         ("svhn:smoke", ["--config.validation_size=224"], r"validation_size=224 must be "
          r"smaller than fake_data.num_train \+ num_extra=224$"),

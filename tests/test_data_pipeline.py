@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from stochastic_depth_jax import data
+from stochastic_depth_jax import data, errors
 from stochastic_depth_jax.data import order
 
 MEAN, STD = np.array([10.0, 20.0, 30.0], np.float32), np.array([2.0, 4.0, 8.0], np.float32)
@@ -107,6 +107,41 @@ def test_flip_translate_is_a_flip_and_a_bounded_shift():
     assert 0.4 < flips < 0.6
     assert {dy for _, dy, _ in found} == set(range(-4, 5))
     assert {dx for _, _, dx in found} == set(range(-4, 5))
+
+
+def test_translate_augment_is_flip_translate_s_shift_never_mirrored():
+    """augment='translate' (digits, text): for every key the same shift as
+    'flip_translate' draws, and no mirror, where 'flip_translate' mirrors about half."""
+    split = _split(64)
+    dev = data.put_on_devices(split, _mesh(1))
+    plain, labels = _batch(dev, jax.random.key(0), 3, 64, "none")
+    shifted, same_labels = _batch(dev, jax.random.key(0), 3, 64, "translate")
+    both, _ = _batch(dev, jax.random.key(0), 3, 64, "flip_translate")
+    np.testing.assert_array_equal(labels, same_labels)
+    mirrored = 0
+    for image, t, ft in zip(np.asarray(plain), np.asarray(shifted), np.asarray(both)):
+        shifts = [(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)
+                  if np.array_equal(data.translate(jnp.asarray(image), dy, dx), t)]
+        assert shifts, "a 'translate' image is not a shift of the plain one"
+        dy, dx = shifts[0]
+        flipped = np.asarray(data.translate(jnp.asarray(image[:, ::-1]), dy, dx))
+        assert np.array_equal(ft, t) or np.array_equal(ft, flipped)
+        mirrored += not np.array_equal(ft, t)
+    assert 16 < mirrored < 48  # flip_translate mirrors; translate, with its shifts, never
+
+
+def test_load_dataset_takes_another_augmentation(tmp_path):
+    """augment=None is the dataset's own (the paper's); a name overrides it for any dataset;
+    a wrong one is one DataError line naming the choices."""
+    data.testing.make_tfds_dataset("svhn", str(tmp_path), num_train=40, num_test=10,
+                                   num_extra=20)
+    load = functools.partial(data.load_dataset, "svhn", data_dir=str(tmp_path),
+                             download=False, validation_size=0)
+    assert load().augment == "none" == data.default_augment("svhn")
+    assert load(augment="translate").augment == "translate"
+    assert data.default_augment("cifar100") == "flip_translate"
+    with pytest.raises(errors.DataError, match=r"augment='flip'; valid: None \(the dataset's\) or "):
+        load(augment="flip")
 
 
 @pytest.mark.parametrize("shard", [False, True])

@@ -549,8 +549,26 @@ def test_progress_bar_false_decodes_with_two_lines_on_a_terminal_too(tmp_path, m
     config = load_config("cifar10:smoke", [f"--config.data_dir={root}",
                                            "--config.fake_data.num_train=0",
                                            "--config.progress_bar=false"])
-    setup.load_data(config, str(tmp_path / "workdir"))
+    ds = setup.load_data(config, str(tmp_path / "workdir"))
+    assert ds.augment == "flip_translate"  # augment='auto': the dataset's
     start, finish = stdout.getvalue().splitlines()
     assert start.startswith("Decoding cifar10/train (40 images), once")
     assert finish.startswith("Decoded cifar10/train in ")
     assert stderr.getvalue() == ""
+
+
+def test_the_trainer_loads_the_configs_augmentation_and_records_it(tmp_path):
+    """--config.augment reaches the data the trainer loads, and run.json's data record."""
+    from configs import load_config
+    from stochastic_depth_jax.training import setup
+
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=40, num_test=10)
+    config = load_config("cifar10:smoke", [f"--config.data_dir={root}",
+                                           "--config.fake_data.num_train=0",
+                                           "--config.progress_bar=false",
+                                           "--config.augment=none", "--config.batch_size=8"])
+    ds = setup.load_data(config, str(tmp_path / "workdir"))
+    assert ds.augment == "none"
+    record = setup.run_metadata(config, ds, setup.build_for_dataset(config, ds).mesh)
+    assert record["data"]["augment"] == "none" and record["config"]["augment"] == "none"

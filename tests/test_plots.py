@@ -82,6 +82,11 @@ def test_a_step_schedules_warm_up_end_is_not_called_a_drop():
     ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
     ("cifar10_vit", ["--config.model.drop_path_rate=0"], "cifar10, ViT-S/4, no drop path, float32"),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8 width 4, "),
+    # CIFAR-10 without augmentation is not the paper's CIFAR-10+: named; the dataset's own
+    # augmentation, named or 'auto', is not.
+    ("cifar10", ["--config.augment=none"], "cifar10 (no augmentation), ResNet-110, "),
+    ("cifar10", ["--config.augment=flip_translate"], "cifar10, ResNet-110, "),
+    ("svhn", ["--config.augment=translate"], "svhn (translate only), ResNet-152, "),
 ])
 def test_run_title_names_data_model_and_depth_rule(spec, overrides, want):
     config = load_config(spec, overrides)

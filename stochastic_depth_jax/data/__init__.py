@@ -9,8 +9,8 @@ Typical use:
 from stochastic_depth_jax.data import testing
 from stochastic_depth_jax.data.augment import (AUGMENTATIONS, augment_batch, flip_translate,
                                                normalize, translate)
-from stochastic_depth_jax.data.dataset import (IMAGE_FOLDER_PREFIX, Dataset, fingerprint,
-                                               load_dataset, recorded_holdout)
+from stochastic_depth_jax.data.dataset import (IMAGE_FOLDER_PREFIX, Dataset, default_augment,
+                                               fingerprint, load_dataset, recorded_holdout)
 from stochastic_depth_jax.data.pipeline import (DATA_AXIS, DeviceSplit, epoch_order,
                                                 eval_batches, eval_plan, put_on_devices,
                                                 steps_per_epoch, train_batch)
@@ -19,7 +19,7 @@ from stochastic_depth_jax.data.splits import Split
 
 __all__ = [
     "AUGMENTATIONS", "CorruptDataError", "IMAGE_FOLDER_PREFIX", "DATA_AXIS", "DataUnavailableError", "Dataset",
-    "DeviceSplit", "Split", "augment_batch", "epoch_order", "eval_batches", "eval_plan",
+    "DeviceSplit", "Split", "augment_batch", "default_augment", "epoch_order", "eval_batches", "eval_plan",
     "fingerprint",
     "flip_translate", "load_dataset", "normalize", "put_on_devices", "recorded_holdout",
     "steps_per_epoch",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-AUGMENTATIONS = ("flip_translate", "none")
+# 'translate': the shifts without the flip (digits, text: a mirrored 2 or R is no longer one).
+AUGMENTATIONS = ("flip_translate", "translate", "none")
 # Paper, Sec. 4 (CIFAR): "translation by up to 4 pixels" and horizontal flips, as the
 # official code's own CIFAR loader draws them (a shift in [-4, 4] per axis, zero fill).
 MAX_SHIFT = 4
@@ -52,16 +53,18 @@ def translate(image: jax.Array, dy: jax.Array, dx: jax.Array,
 
 
 def flip_translate(image: jax.Array, key: jax.Array,
-                   max_shift: int = MAX_SHIFT) -> jax.Array:
+                   max_shift: int = MAX_SHIFT, flip: bool = True) -> jax.Array:
     """Random horizontal flip (p = 0.5) then random translation of one image [H, W, C].
 
     The shift (dy, dx) is uniform on [-max_shift, max_shift]^2, i.e. one of the
-    81 crops of the 4-pixel zero-padded image.
+    81 crops of the 4-pixel zero-padded image. ``flip=False`` ('translate'): the same
+    shift for the same key, never mirrored.
     """
     # One draw of three words (not split + bernoulli + randint): a third of the
     # threefry code, which is most of this function's compile time.
     bits = jax.random.bits(key, (3,), jnp.uint32)
-    image = jnp.where(bits[0] & 1, image[:, ::-1, :], image)
+    if flip:
+        image = jnp.where(bits[0] & 1, image[:, ::-1, :], image)
     # Modulo bias of 2**32 % 9 words in 2**32: below 1e-9, irrelevant.
     span = jnp.uint32(2 * max_shift + 1)
     dy, dx = ((bits[1:] % span).astype(jnp.int32) - max_shift)
@@ -84,7 +87,7 @@ def augment_batch(images: jax.Array, augment_key: jax.Array, step,
         pixel, as in the official code).
       augment_key: a jax PRNG key.
       step: int scalar (may be traced).
-      augment: 'flip_translate' or 'none'.
+      augment: 'flip_translate', 'translate' (no flip) or 'none'.
 
     Returns:
       float32 [B, H, W, C].
@@ -92,4 +95,5 @@ def augment_batch(images: jax.Array, augment_key: jax.Array, step,
     if check_augment(augment) == "none":
         return images
     keys = example_keys(augment_key, step, jnp.arange(images.shape[0]))
-    return jax.vmap(flip_translate)(images, keys)
+    flip = augment == "flip_translate"
+    return jax.vmap(lambda image, key: flip_translate(image, key, flip=flip))(images, keys)

@@ -8,11 +8,18 @@ import numpy as np
 
 from stochastic_depth_jax import errors
 from stochastic_depth_jax.data import image_folder, sources, splits
+from stochastic_depth_jax.data.augment import AUGMENTATIONS
 from stochastic_depth_jax.data.splits import Split
 
 IMAGE_FOLDER_PREFIX = "image_folder:"
 # Paper, Sec. 4: CIFAR is augmented (flip + translate); SVHN is not.
 _AUGMENT = {"cifar10": "flip_translate", "cifar100": "flip_translate", "svhn": "none"}
+
+
+def default_augment(name: str) -> str:
+    """The augmentation :func:`load_dataset` gives ``name`` by default: the paper's for its
+    datasets, flip + translate for an image folder (and any other name)."""
+    return _AUGMENT.get(name, "flip_translate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +36,9 @@ class Dataset:
         (pixel - mean) / std. Record them with the run. normalization='channel': float32
         [C] each; 'pixel' (the official code's): the mean image [H, W, C] and one global
         std (shape ()).
-      augment: 'flip_translate' (CIFAR, image folders) or 'none' (SVHN).
+      augment: the training batches' augmentation (``AUGMENTATIONS``): the dataset's by
+        default, 'flip_translate' (CIFAR, image folders) or 'none' (SVHN), or the one
+        load_dataset was given.
       class_names: label names for image folders (label i is class_names[i]),
         else None.
       holdout: how validation was (or, without a validation set, would be) held out of the
@@ -114,7 +123,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
                  validation_size: int | float | None = None, seed: int = 0,
                  train_on_all: bool = False, label: str = "fine",
                  holdout: str | None = None, progress_bar: bool = True,
-                 normalization: str = "channel") -> Dataset:
+                 normalization: str = "channel", augment: str | None = None) -> Dataset:
     """Loads a dataset into host memory, split as in the paper.
 
     Args:
@@ -139,6 +148,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
       normalization: the statistics of the training split (after the holdout) that
         normalise inputs: 'channel' (per-channel mean and std) or 'pixel' (the official
         Torch code's mean image and global std; see :attr:`Dataset.mean`).
+      augment: None for the dataset's (the paper's: CIFAR flip + translate, SVHN none; an
+        image folder flip + translate), or an ``AUGMENTATIONS`` name: 'flip_translate',
+        'translate' (no flip: digits, text) or 'none'.
 
     Returns:
       Dataset.
@@ -151,6 +163,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
     if normalization not in splits.NORMALIZATIONS:
         raise errors.DataError(f"normalization={normalization!r}; valid: "
                                f"{list(splits.NORMALIZATIONS)}")
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise errors.DataError(f"augment={augment!r}; valid: None (the dataset's) or "
+                               f"{list(AUGMENTATIONS)}")
     class_names = None
     if holdout is not None and not name.startswith(IMAGE_FOLDER_PREFIX):
         raise errors.DataError(f"holdout={holdout!r} applies to image folders only; {name!r} "
@@ -158,7 +173,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
     if name.startswith(IMAGE_FOLDER_PREFIX):
         holdout = holdout or IMAGE_FOLDER_HOLDOUT
         class_names, train, test = image_folder.load(name[len(IMAGE_FOLDER_PREFIX):])
-        num_classes, validation, augment = len(class_names), None, "flip_translate"
+        num_classes, validation = len(class_names), None
         if not train_on_all:
             train, validation = splits.holdout(train, validation_size, seed, holdout)
         class_names = tuple(class_names)
@@ -167,10 +182,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
         num_classes, train, validation, test = _load_tfds(
             name, data_dir or sources.default_data_dir(), download, validation_size,
             seed, train_on_all, label, progress_bar)
-        augment = _AUGMENT[name]
     else:
         raise errors.DataError(f"Unknown dataset {name!r}; choose one of "
                          f"{sorted(sources.TFDS_NAMES)} or 'image_folder:<path>'.")
     mean, std = splits.NORMALIZATIONS[normalization](train)
+    augment = default_augment(name) if augment is None else augment
     return Dataset(name, num_classes, tuple(train.images.shape[1:]), train, validation,
                    test, mean, std, augment, class_names, holdout)

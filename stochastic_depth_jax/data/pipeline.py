@@ -144,7 +144,7 @@ def train_batch(dev: DeviceSplit, key: jax.Array, step, *, batch_size: int,
       step: int scalar, global step from 0.
       batch_size: global batch size (static).
       mean, std: in [0, 255] pixel units (Dataset.mean / .std: [C], or [H, W, C] and ()).
-      augment: 'flip_translate' or 'none' (static).
+      augment: a ``data.AUGMENTATIONS`` name (static).
 
     Returns:
       images float32 [batch, H, W, C] normalised and augmented, labels int32

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from stochastic_depth_jax import convnext, errors, layers, models, ops, schedules, vit
-from stochastic_depth_jax.data import splits
+from stochastic_depth_jax.data import augment as augment_lib, splits
 from stochastic_depth_jax.training import implementation, optim
 
 __all__ = [
@@ -71,6 +71,14 @@ def fake_train_size(config: Any) -> int:
     return size
 
 
+def dataset_augment(config: Any) -> str | None:
+    """``config.augment`` as ``data.load_dataset`` takes it: None for 'auto' (the dataset's
+    own: CIFAR and image folders flip + translate, SVHN none) or a run.json that predates
+    the field, else the augmentation named."""
+    augment = config.get("augment", "auto")
+    return None if augment == "auto" else augment
+
+
 def fake_train_fields(dataset: str) -> str:
     """The ``fake_data`` fields :func:`fake_train_size` adds up for ``dataset``, as messages
     name them."""
@@ -110,7 +118,8 @@ _ABSENT_MODEL_FIELDS = {"name": "cifar_resnet", "widen_factor": 1, "dropout_rate
 
 # The same for the fields of every config (a run without eval_every_steps evaluated once an
 # epoch; one without normalization normalised per channel).
-_ABSENT_FIELDS = {"eval_every_steps": 0, "normalization": "channel"}
+# One without augment augmented as its dataset does ('auto').
+_ABSENT_FIELDS = {"eval_every_steps": 0, "normalization": "channel", "augment": "auto"}
 
 
 def with_absent_defaults(config: dict[str, Any]) -> dict[str, Any]:
@@ -482,6 +491,8 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     # Absent from the config of a run recorded before it: normalised per channel.
     _check_choice(config.get("normalization", "channel"), splits.NORMALIZATIONS,
                   "normalization")
+    _check_choice(config.get("augment", "auto"), ("auto",) + augment_lib.AUGMENTATIONS,
+                  "augment")
     labels = LABELS.get(ds, ("fine",))
     _check(
         config.label in labels,

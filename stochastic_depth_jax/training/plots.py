@@ -11,6 +11,7 @@ import os
 import textwrap
 from typing import Any, Sequence
 
+from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
 
 __all__ = ["curve_title", "curves_figure", "figure_title", "is_number", "new_figure",
@@ -79,7 +80,16 @@ def _title_parts(config: Any) -> list[str]:
         dataset = "image_folder:" + (os.path.basename(folder) or folder)
     elif config_lib.fake_train_size(config):
         dataset += " (FAKE random-label data)"
+    augment = config.get("augment", "auto")  # absent: recorded before the field, 'auto'
+    if augment not in ("auto", data_lib.default_augment(str(config["dataset"]))):
+        dataset += f" ({_AUGMENT_NAMES.get(augment, augment)})"  # not the dataset's own
     return [dataset, model, depth, str(m.get("dtype", "float32"))]
+
+
+# How a title names an augmentation other than the dataset's (CIFAR without it is CIFAR-10,
+# not the paper's CIFAR-10+).
+_AUGMENT_NAMES = {"none": "no augmentation", "translate": "translate only",
+                  "flip_translate": "flip + translate"}
 
 
 def curve_title(run_json: dict[str, Any], steps_per_epoch: int) -> str:
