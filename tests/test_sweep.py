@@ -491,3 +491,26 @@ def test_a_signal_after_a_runs_last_stop_point_stops_the_sweep_before_the_next_r
     assert "1 of 2 runs finished" in str(stopped.value)
     assert str(stopped.value).endswith("call run_sweep again with the same runs and root to resume.")
     assert stopped.value.command_line.endswith("run the same command to resume.")
+
+
+def test_an_interrupted_table_leaves_the_earlier_one(tmp_path, monkeypatch):
+    """Ctrl-C while training_time.md was being made (the table is computed after the file
+    is opened) left it empty: the earlier table was lost, as the figures' never are."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 0.5, 0.5)
+    out = os.path.join(root, "figures")
+    table = sweep.write_figures(sweep.collect(root), out, report=None)["training_time"]
+    with open(table) as f:
+        before = f.read()
+
+    def interrupted(runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.figures, "training_time_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.write_figures(sweep.collect(root), out, report=None)
+    with open(table) as f:
+        assert f.read() == before
+    assert sorted(os.listdir(out)) == sorted(  # no temporary file left beside it
+        f"{n}{e}" for n in ("fig8_error_vs_p_last", "fig7_first_conv_grad", "fig3_error_curves")
+        for e in (".png", ".json")) + ["training_time.md"]

@@ -31,6 +31,7 @@ from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import stopping
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = [
     "run_name",
@@ -508,13 +509,14 @@ def _drawn_line(path: str, runs: Sequence[dict[str, Any]], left: dict[str, str])
 
 def _write_table(runs: Sequence[dict[str, Any]], table: str) -> str:
     """training_time.md: what the runs were trained on, the table, the unfinished runs and
-    the sources."""
+    the sources; written atomically, as the figures are, so a Ctrl-C or an error while it is
+    made leaves the earlier table, never an empty or half one."""
     unfinished = [r["name"] for r in runs if not r["finished"]]
     # An interrupted run (drawn by --collect) is not told from a finished one by its row.
     note = (f"\nUnfinished (interrupted, or extended and not done yet; their rows count the "
             f"epochs so far): {', '.join(unfinished)}.\n" if unfinished else "")
     trained_on = describe_data(runs)
-    with open(table, "w") as f:
+    with workdir_lib.atomic_write(table) as f:
         f.write("Training time per epoch (compilation and evaluation excluded; the first "
                 "epoch, which includes warm-up, left out of the mean where there are "
                 "several), from each run's metrics.jsonl."
