@@ -514,3 +514,25 @@ def test_an_interrupted_table_leaves_the_earlier_one(tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == sorted(  # no temporary file left beside it
         f"{n}{e}" for n in ("fig8_error_vs_p_last", "fig7_first_conv_grad", "fig3_error_curves")
         for e in (".png", ".json")) + ["training_time.md"]
+
+
+@pytest.mark.parametrize("damage", ['{"steps": 8, "steps_per', "[]"])
+def test_a_damaged_summary_is_an_unfinished_run_named_in_a_warning(capsys, tmp_path, damage):
+    """A run's summary.json cut short (a copy interrupted) or not an object stopped
+    --collect, and a sweep, with a JSONDecodeError (AttributeError) traceback; it is a run
+    to finish, as train.py reads it."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5)
+    _finished_run(root, 8, 1.0, 0.6)
+    path = os.path.join(root, name, "summary.json")
+    with open(path, "w") as f:
+        f.write(damage)
+    with pytest.warns(logs.RunWarning, match=re.escape(f"{path} is damaged (")):
+        sweep_cli.main(["--root", root, "--collect"])
+    assert _sidecar(root, "fig8_error_vs_p_last")["left_out"] == {name: "unfinished"}
+    trained = []
+    runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [0.5, 1.0])]
+    with pytest.warns(logs.RunWarning, match="the run counts as unfinished"):
+        status = sweep.run_sweep(runs, root, train=lambda c, w: trained.append(w))
+    assert trained == [os.path.join(root, name)]
+    assert status == {name: "started", "depth8_pL1": "skipped (finished)"}  # no checkpoints

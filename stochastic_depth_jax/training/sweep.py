@@ -187,14 +187,35 @@ def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> 
     return min(total, config.max_steps) if config.max_steps else total
 
 
-def is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
-    """True if ``workdir`` holds a run that completed every step ``config`` asks for."""
+def _read_summary(workdir: str) -> dict[str, Any] | None:
+    """The run's ``summary.json``; None if it has none, or (with a warning naming it) if it
+    is damaged: the run then counts as unfinished, as training counts it (a rerun of the
+    sweep resumes it at its last step, evaluates it again and writes the summary anew)."""
     path = os.path.join(workdir, SUMMARY_FILE)
     if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        summary = json.load(f)
-    return summary.get("steps", 0) >= _total_steps(summary, config)
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError("it holds no JSON object")
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}): the run counts as "
+                      "unfinished; rerun the sweep's command to evaluate it again and rewrite "
+                      "it.", logs.RunWarning)
+        return None
+    return summary
+
+
+def _finished(summary: dict[str, Any] | None, config: ml_collections.ConfigDict) -> bool:
+    """Whether ``summary`` (:func:`_read_summary`'s) records every step ``config`` asks for."""
+    return summary is not None and summary.get("steps", 0) >= _total_steps(summary, config)
+
+
+def is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+    """True if ``workdir`` holds a run that completed every step ``config`` asks for (a
+    damaged ``summary.json`` is warned about and counts as unfinished)."""
+    return _finished(_read_summary(workdir), config)
 
 
 def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
@@ -268,7 +289,7 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     """Reads the runs under ``root`` (all subdirectories with a ``run.json``, or ``names``).
 
     Returns:
-      per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
+      per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary records every step; a damaged one is warned about),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
       ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON, with
       the fields it predates: ``config_lib.with_absent_defaults``), ``num_train`` and
@@ -302,19 +323,15 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             warnings.warn(f"{workdir} is a {model!r} run, which has no p_L: left out of the "
                           "sweep's figures.", logs.RunWarning)
             continue
-        summary_path = os.path.join(workdir, SUMMARY_FILE)
-        summary = {}
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
-        best, final = summary.get("best") or {}, summary.get("final") or {}
+        summary = _read_summary(workdir)  # read once: a damaged one is warned about once
+        best, final = (summary or {}).get("best") or {}, (summary or {}).get("final") or {}
         data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
         runs.append({
             "name": name,
             "workdir": workdir,
             "depth": int(config.model.depth),
             "p_last": float(config.model.final_survival_prob),
-            "finished": is_finished(workdir, config),
+            "finished": _finished(summary, config),
             "test_error": best.get("test_error"),
             "val_error": best.get("val_error"),
             "final_test_error": final.get("test_error"),
