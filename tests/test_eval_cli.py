@@ -198,10 +198,15 @@ def test_a_cache_hazard_turns_jaxs_own_cache_setting_off(monkeypatch, capsys, re
     assert _json(str(tmp_path / "result.json"))["count"] == 16
 
 
-def test_mc_samples_writes_its_file(resnet):
+def test_mc_samples_writes_its_file_named_by_its_seed(resnet):
+    """Another --seed samples other sub-networks: its result replaced the first seed's in
+    eval_mc2_best_test.json, which the seed's name did not say."""
     _, workdir = resnet
+    evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2"])
     evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2", "--seed", "1"])
-    saved = _json(os.path.join(workdir, "eval_mc2_best_test.json"))
+    first = _json(os.path.join(workdir, "eval_mc2_best_test.json"))
+    saved = _json(os.path.join(workdir, "eval_mc2_seed1_best_test.json"))
+    assert first["seed"] == 0 and first["samples"] == 2
     assert saved["samples"] == 2 and saved["seed"] == 1 and saved["count"] == 16
 
 
