@@ -737,3 +737,22 @@ def test_sweep_refuses_the_vit_and_does_not_offer_it(capsys, tmp_path):
     assert "drop_path_rate" in line and not os.path.exists(root)
     offered = sweep_cli._sweepable_configs()
     assert "cifar10_vit" not in offered and {"cifar10", "cifar100_wrn"} <= set(offered)
+
+
+def test_a_missing_step_names_the_steps_of_both_series(capsys, resnet, tmp_path):
+    """A step that no checkpoint holds was refused as 'No latest checkpoint at step N ...;
+    available: [4]', leaving out the best series' steps, which are evaluated too (the
+    latest series rotates out steps the best one keeps)."""
+    import shutil
+
+    _, workdir = resnet
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    [best] = [int(n) for n in os.listdir(os.path.join(copy, "checkpoints_best")) if n.isdigit()]
+    latest = sorted(int(n) for n in os.listdir(os.path.join(copy, "checkpoints")) if n.isdigit())
+    shutil.rmtree(os.path.join(copy, "checkpoints", str(best)))  # rotated out of 'latest'
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", copy, "--checkpoint", "99"])
+    rest = [s for s in latest if s != best]
+    assert line == (f"error: No checkpoint at step 99 in {copy}: checkpoints/ holds steps "
+                    f"{rest} and checkpoints_best/ steps [{best}]; give one of them "
+                    "(--checkpoint STEP), or --checkpoint best or latest.")

@@ -279,9 +279,9 @@ def test_evaluate_cli_mistakes(capsys, run, tmp_path):
     assert "--checkpoint must be 'latest', 'best' or a step number, got 'bets'" in (
         one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "bets"])
     )
-    assert "No latest checkpoint at step 999" in one_line_error(
-        capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "999"]
-    )
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "999"])
+    assert f"No checkpoint at step 999 in {workdir}: checkpoints/ holds steps [" in line
+    assert line.endswith("; give one of them (--checkpoint STEP), or --checkpoint best or latest.")
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     shutil.copy(os.path.join(workdir, "run.json"), empty)

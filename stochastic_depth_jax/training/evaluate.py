@@ -482,6 +482,8 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
     try:
         if step is not None and step not in ckpts.steps("latest") and step in ckpts.steps("best"):
             kind = "best"
+        if step is not None and step not in ckpts.steps(kind):
+            raise _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best"))
         if not ckpts.steps(kind):
             raise _no_checkpoint(workdir, kind, ckpts.steps("latest"))
         try:
@@ -575,6 +577,18 @@ def _no_checkpoint(workdir: str, kind: str, latest: list[int]
         f"The run in {workdir} has no {kind} checkpoint yet, nor any other: one is saved at "
         "the end of each epoch (and every checkpoint_every_steps steps if set); evaluate it "
         "once one is saved.")
+
+
+def _no_step(workdir: str, step: int, latest: list[int], best: list[int]
+             ) -> checkpoint_lib.NoCheckpointError:
+    """The error for a step number that neither series holds: the steps of both (a step
+    of either is evaluated; the best series may keep steps the latest one rotated out)."""
+    held = f"checkpoints/ holds steps {latest} and checkpoints_best/ steps {best}"
+    return checkpoint_lib.NoCheckpointError(
+        f"No checkpoint at step {step} in {workdir}: {held}; give one of them, or "
+        "checkpoint='best' or 'latest'.",
+        command_line=f"No checkpoint at step {step} in {workdir}: {held}; give one of them "
+                     "(--checkpoint STEP), or --checkpoint best or latest.")
 
 
 def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:
