@@ -190,7 +190,7 @@ def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> 
 def _read_summary(workdir: str) -> dict[str, Any] | None:
     """The run's ``summary.json``; None if it has none, or (with a warning naming it) if it
     is damaged: the run then counts as unfinished, as training counts it (a rerun of the
-    sweep resumes it at its last step, evaluates it again and writes the summary anew)."""
+    sweep resumes it at its last step and writes the summary anew)."""
     path = os.path.join(workdir, SUMMARY_FILE)
     if not os.path.exists(path):
         return None
@@ -201,8 +201,8 @@ def _read_summary(workdir: str) -> dict[str, Any] | None:
             raise ValueError("it holds no JSON object")
     except (OSError, ValueError) as e:
         warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}): the run counts as "
-                      "unfinished; rerun the sweep's command to evaluate it again and rewrite "
-                      "it.", logs.RunWarning)
+                      "unfinished; rerun the sweep's command to rewrite it (the run resumes "
+                      "at its last step).", logs.RunWarning)
         return None
     return summary
 
