@@ -536,3 +536,23 @@ def test_a_damaged_summary_is_an_unfinished_run_named_in_a_warning(capsys, tmp_p
         status = sweep.run_sweep(runs, root, train=lambda c, w: trained.append(w))
     assert trained == [os.path.join(root, name)]
     assert status == {name: "started", "depth8_pL1": "skipped (finished)"}  # no checkpoints
+
+
+def test_a_damaged_run_json_is_left_out_of_the_figures_and_named(capsys, tmp_path):
+    """One run's run.json cut short stopped --collect for every run ('restore it from a
+    copy or rerun'); a sweep over it said 'or rerun', and rerunning it said the same."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5)
+    _finished_run(root, 8, 1.0, 0.6)
+    path = os.path.join(root, name, "run.json")
+    with open(path, "w") as f:
+        f.write('{"config": {')
+    with pytest.warns(logs.RunWarning, match=re.escape(
+            f"{path} is damaged (JSONDecodeError: ") + r".*\); it is left out of the sweep's "
+            r"figures \(restore it from a copy, or remove the run to retrain it\)\.$"):
+        sweep_cli.main(["--root", root, "--collect"])
+    assert _sidecar(root, "fig8_error_vs_p_last")["sources"] == [
+        os.path.join(root, "depth8_pL1")]
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(root, p_last="0.5,1.0"))
+    assert line.endswith(f"; restore it from a copy, or remove {os.path.join(root, name)} to "
+                         "retrain it.")

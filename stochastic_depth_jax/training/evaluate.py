@@ -90,9 +90,11 @@ def read_run_json(workdir: str,
     return meta
 
 
-def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """The validated config and metadata a run recorded in ``<workdir>/run.json``."""
-    meta = read_run_json(workdir)
+def load_run_config(workdir: str, fix: str = "restore it from a copy or rerun"
+                    ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """The validated config and metadata a run recorded in ``<workdir>/run.json``; ``fix``
+    ends the message of a damaged one (:func:`read_run_json`)."""
+    meta = read_run_json(workdir, fix)
     if meta is None:
         runs = _runs_inside(workdir)
         raise errors.CheckpointError(

@@ -153,7 +153,8 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """
     if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
         return
-    old_config, _ = evaluate_lib.load_run_config(workdir)
+    old_config, _ = evaluate_lib.load_run_config(
+        workdir, fix=f"restore it from a copy, or remove {workdir} to retrain it")
     # The new config as training records it (an image folder's relative path or file://
     # URL made the absolute path), else the same command would be refused the second time.
     config = setup_lib.absolute_data_paths(config)
@@ -296,8 +297,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
       ``num_validation`` (the images it trained on and held out: run.json's data record;
       None where it has none) and ``records`` (``metrics.jsonl``).
 
-    A run of a model without p_L (a ViT trained into the root), or whose run.json records a
-    config this version refuses, is left out with a warning naming it.
+    A run of a model without p_L (a ViT trained into the root), or whose run.json is damaged
+    or records a config this version refuses, is left out with a warning naming it.
 
     Raises:
       errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
@@ -312,11 +313,18 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     for name in names:
         workdir = os.path.join(root, name)
         try:
-            config, meta = evaluate_lib.load_run_config(workdir)
+            config, meta = evaluate_lib.load_run_config(
+                workdir, fix="it is left out of the sweep's figures (restore it from a copy, "
+                             "or remove the run to retrain it)")
         except errors.ConfigError as e:  # not this command's: it would be blamed otherwise
             warnings.warn(f"{os.path.join(workdir, evaluate_lib.RUN_FILE)} records a config "
                           f"this version refuses ({e}): left out of the sweep's figures.",
                           logs.RunWarning)
+            continue
+        except errors.CheckpointError as e:  # damaged: one run's, not every run's figures
+            if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
+                raise  # a name given without a run.json
+            warnings.warn(str(e), logs.RunWarning)
             continue
         model = config.model.get("name", "cifar_resnet")
         if model not in config_lib.MODELS:  # e.g. a ViT run of train.py put in the root
