@@ -82,11 +82,16 @@ _EARLIER_RESULTS = ({"checkpoint", "step", "split", "error", "loss", "count"},
 
 def _check_output(path: str | None, workdir: str) -> None:
     """Refuses an ``--output`` that would replace something other than an earlier result of
-    this script (``run.json``, ``summary.json``, any other file), or that is in another
-    run's workdir (its results there are that run's): checked before the work."""
+    this script (``run.json``, ``summary.json``, any other file), that is in another run's
+    workdir (its results there are that run's), or whose directory does not exist: checked
+    before the work (a depth curve or Monte-Carlo depth of a deep model takes minutes)."""
     if path is None:
         return
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):  # found before the work, not once its result is printed
+        raise errors.WorkdirError(
+            f"--output {path}: its directory {directory} does not exist (or is not a "
+            "directory); create it, or give another path. Nothing was evaluated.")
     if (os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE))
             and os.path.realpath(directory) != os.path.realpath(workdir)):
         raise errors.WorkdirError(

@@ -198,10 +198,15 @@ def test_a_cache_hazard_turns_jaxs_own_cache_setting_off(monkeypatch, capsys, re
     assert _json(str(tmp_path / "result.json"))["count"] == 16
 
 
-def test_mc_samples_writes_its_file(resnet):
+def test_mc_samples_writes_its_file_named_by_its_seed(resnet):
+    """Another --seed samples other sub-networks: its result replaced the first seed's in
+    eval_mc2_best_test.json, which the seed's name did not say."""
     _, workdir = resnet
+    evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2"])
     evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2", "--seed", "1"])
-    saved = _json(os.path.join(workdir, "eval_mc2_best_test.json"))
+    first = _json(os.path.join(workdir, "eval_mc2_best_test.json"))
+    saved = _json(os.path.join(workdir, "eval_mc2_seed1_best_test.json"))
+    assert first["seed"] == 0 and first["samples"] == 2
     assert saved["samples"] == 2 and saved["seed"] == 1 and saved["count"] == 16
 
 
@@ -732,3 +737,22 @@ def test_sweep_refuses_the_vit_and_does_not_offer_it(capsys, tmp_path):
     assert "drop_path_rate" in line and not os.path.exists(root)
     offered = sweep_cli._sweepable_configs()
     assert "cifar10_vit" not in offered and {"cifar10", "cifar100_wrn"} <= set(offered)
+
+
+def test_a_missing_step_names_the_steps_of_both_series(capsys, resnet, tmp_path):
+    """A step that no checkpoint holds was refused as 'No latest checkpoint at step N ...;
+    available: [4]', leaving out the best series' steps, which are evaluated too (the
+    latest series rotates out steps the best one keeps)."""
+    import shutil
+
+    _, workdir = resnet
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    [best] = [int(n) for n in os.listdir(os.path.join(copy, "checkpoints_best")) if n.isdigit()]
+    latest = sorted(int(n) for n in os.listdir(os.path.join(copy, "checkpoints")) if n.isdigit())
+    shutil.rmtree(os.path.join(copy, "checkpoints", str(best)))  # rotated out of 'latest'
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", copy, "--checkpoint", "99"])
+    rest = [s for s in latest if s != best]
+    assert line == (f"error: No checkpoint at step 99 in {copy}: checkpoints/ holds steps "
+                    f"{rest} and checkpoints_best/ steps [{best}]; give one of them "
+                    "(--checkpoint STEP), or --checkpoint best or latest.")

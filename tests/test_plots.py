@@ -181,6 +181,32 @@ def test_a_run_stopped_before_its_first_epoch_ends_draws_without_a_warning(tmp_p
     assert all(os.path.getsize(p) > 0 for p in paths)
 
 
+def test_an_interrupted_drawing_leaves_the_earlier_curves(monkeypatch, tmp_path):
+    """A second Ctrl-C (training stops at once) or an error while error.png was written
+    left it truncated: matplotlib wrote the PNG in place."""
+    paths = plots.plot_curves(_records([0.1, 0.01]), str(tmp_path))
+    before = [open(p, "rb").read() for p in paths]
+    figure = plots.curves_figure
+
+    def cut_short(*args, **kwargs):
+        fig = figure(*args, **kwargs)
+
+        def savefig(target, **kw):  # a path (written in place) or a file object
+            with contextlib.ExitStack() as stack:
+                f = stack.enter_context(open(target, "wb")) if isinstance(target, str) else target
+                f.write(b"\x89PNG half")
+                raise KeyboardInterrupt
+
+        fig.savefig = savefig
+        return fig
+
+    monkeypatch.setattr(plots, "curves_figure", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_curves(_records([0.1, 0.01, 0.001]), str(tmp_path))
+    assert [open(p, "rb").read() for p in paths] == before
+    assert sorted(os.listdir(tmp_path)) == ["error.png", "loss.png"]  # no temporary file
+
+
 @pytest.mark.parametrize("when", ["always", "stop"])
 def test_a_failing_drawing_never_costs_a_checkpoint_or_the_run(monkeypatch, tmp_path, when):
     """The curves were drawn before the epoch's checkpoint was saved, and at a stop before the

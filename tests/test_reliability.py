@@ -279,9 +279,9 @@ def test_evaluate_cli_mistakes(capsys, run, tmp_path):
     assert "--checkpoint must be 'latest', 'best' or a step number, got 'bets'" in (
         one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "bets"])
     )
-    assert "No latest checkpoint at step 999" in one_line_error(
-        capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "999"]
-    )
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--checkpoint", "999"])
+    assert f"No checkpoint at step 999 in {workdir}: checkpoints/ holds steps [" in line
+    assert line.endswith("; give one of them (--checkpoint STEP), or --checkpoint best or latest.")
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     shutil.copy(os.path.join(workdir, "run.json"), empty)
@@ -289,11 +289,20 @@ def test_evaluate_cli_mistakes(capsys, run, tmp_path):
         capsys, evaluate_cli.main, ["--workdir", empty]
     )
     out = str(tmp_path / "blocked")
-    open(out, "w").close()  # A file where the output's directory should be.
-    line = one_line_error(
+    open(out, "w").close()  # A file where the output's directory should be: before the work.
+    for where in (out, str(tmp_path / "missing")):
+        line = one_line_error(
+            capsys,
+            evaluate_cli.main,
+            ["--workdir", workdir, "--checkpoint", "latest", "--output", where + "/eval.json"],
+        )
+        assert line == (f"error: --output {where}/eval.json: its directory {where} does not "
+                        "exist (or is not a directory); create it, or give another path. "
+                        "Nothing was evaluated.")
+    line = one_line_error(  # A name too long to create: found only when it is written.
         capsys,
         evaluate_cli.main,
-        ["--workdir", workdir, "--checkpoint", "latest", "--output", out + "/eval.json"],
+        ["--workdir", workdir, "--checkpoint", "latest", "--output", str(tmp_path / ("x" * 300))],
     )
     assert "printed above but not saved" in line and "--output PATH" in line
 

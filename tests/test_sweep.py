@@ -499,3 +499,68 @@ def test_a_signal_after_a_runs_last_stop_point_stops_the_sweep_before_the_next_r
     assert "1 of 2 runs finished" in str(stopped.value)
     assert str(stopped.value).endswith("call run_sweep again with the same runs and root to resume.")
     assert stopped.value.command_line.endswith("run the same command to resume.")
+
+
+def test_an_interrupted_table_leaves_the_earlier_one(tmp_path, monkeypatch):
+    """Ctrl-C while training_time.md was being made (the table is computed after the file
+    is opened) left it empty: the earlier table was lost, as the figures' never are."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 0.5, 0.5)
+    out = os.path.join(root, "figures")
+    table = sweep.write_figures(sweep.collect(root), out, report=None)["training_time"]
+    with open(table) as f:
+        before = f.read()
+
+    def interrupted(runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.figures, "training_time_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.write_figures(sweep.collect(root), out, report=None)
+    with open(table) as f:
+        assert f.read() == before
+    assert sorted(os.listdir(out)) == sorted(  # no temporary file left beside it
+        f"{n}{e}" for n in ("fig8_error_vs_p_last", "fig7_first_conv_grad", "fig3_error_curves")
+        for e in (".png", ".json")) + ["training_time.md"]
+
+
+@pytest.mark.parametrize("damage", ['{"steps": 8, "steps_per', "[]"])
+def test_a_damaged_summary_is_an_unfinished_run_named_in_a_warning(capsys, tmp_path, damage):
+    """A run's summary.json cut short (a copy interrupted) or not an object stopped
+    --collect, and a sweep, with a JSONDecodeError (AttributeError) traceback; it is a run
+    to finish, as train.py reads it."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5)
+    _finished_run(root, 8, 1.0, 0.6)
+    path = os.path.join(root, name, "summary.json")
+    with open(path, "w") as f:
+        f.write(damage)
+    with pytest.warns(logs.RunWarning, match=re.escape(f"{path} is damaged (")):
+        sweep_cli.main(["--root", root, "--collect"])
+    assert _sidecar(root, "fig8_error_vs_p_last")["left_out"] == {name: "unfinished"}
+    trained = []
+    runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [0.5, 1.0])]
+    with pytest.warns(logs.RunWarning, match="the run counts as unfinished"):
+        status = sweep.run_sweep(runs, root, train=lambda c, w: trained.append(w))
+    assert trained == [os.path.join(root, name)]
+    assert status == {name: "started", "depth8_pL1": "skipped (finished)"}  # no checkpoints
+
+
+def test_a_damaged_run_json_is_left_out_of_the_figures_and_named(capsys, tmp_path):
+    """One run's run.json cut short stopped --collect for every run ('restore it from a
+    copy or rerun'); a sweep over it said 'or rerun', and rerunning it said the same."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5)
+    _finished_run(root, 8, 1.0, 0.6)
+    path = os.path.join(root, name, "run.json")
+    with open(path, "w") as f:
+        f.write('{"config": {')
+    with pytest.warns(logs.RunWarning, match=re.escape(
+            f"{path} is damaged (JSONDecodeError: ") + r".*\); it is left out of the sweep's "
+            r"figures \(restore it from a copy, or remove the run to retrain it\)\.$"):
+        sweep_cli.main(["--root", root, "--collect"])
+    assert _sidecar(root, "fig8_error_vs_p_last")["sources"] == [
+        os.path.join(root, "depth8_pL1")]
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(root, p_last="0.5,1.0"))
+    assert line.endswith(f"; restore it from a copy, or remove {os.path.join(root, name)} to "
+                         "retrain it.")

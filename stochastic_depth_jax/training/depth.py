@@ -394,7 +394,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="0-based block indices to remove, in order (implies --order list)")
     g.add_argument("--remove", type=int, default=None,
                    help="blocks to remove for --export (default with --blocks: all of them)")
-    g.add_argument("--seed", type=int, default=None, help="gate key for --mc-samples (0)")
+    g.add_argument("--seed", type=int, default=None, help="gate key for --mc-samples (0; another seed's "
+                   "result is eval_mc<K>_seed<S>_...json)")
     g.add_argument("--throughput-batch", type=int, default=None, help="(128)")
     g.add_argument("--repeats", type=int, default=None, help="timed batches per throughput (5)")
     g.add_argument("--measure-every", type=int, default=None,
@@ -483,7 +484,14 @@ def run_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str] | None
     if args.mc_samples:
         result = mc_evaluate_run(args.workdir, split=args.split, samples=args.mc_samples,
                                  seed=args.seed, **common)
-        label = evaluate_lib.result_label(args.checkpoint, result)
-        return result, os.path.join(args.workdir,
-                                    f"eval_mc{args.mc_samples}_{label}_{args.split}.json")
+        return result, os.path.join(args.workdir, _mc_file_name(args.checkpoint, result))
     return None
+
+
+def _mc_file_name(checkpoint: str | int, result: dict[str, Any]) -> str:
+    """``eval_mc<K>_<checkpoint>_<split>.json`` for :func:`mc_evaluate_run`'s ``result``,
+    with ``_seed<S>`` after ``<K>`` for a seed other than 0: another seed samples other
+    sub-networks, so its numbers differ and must not replace the first seed's."""
+    label = evaluate_lib.result_label(checkpoint, result)
+    seed = "" if result["seed"] == 0 else f"_seed{result['seed']}"
+    return f"eval_mc{result['samples']}{seed}_{label}_{result['split']}.json"

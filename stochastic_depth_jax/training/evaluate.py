@@ -90,9 +90,11 @@ def read_run_json(workdir: str,
     return meta
 
 
-def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """The validated config and metadata a run recorded in ``<workdir>/run.json``."""
-    meta = read_run_json(workdir)
+def load_run_config(workdir: str, fix: str = "restore it from a copy or rerun"
+                    ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """The validated config and metadata a run recorded in ``<workdir>/run.json``; ``fix``
+    ends the message of a damaged one (:func:`read_run_json`)."""
+    meta = read_run_json(workdir, fix)
     if meta is None:
         runs = _runs_inside(workdir)
         raise errors.CheckpointError(
@@ -482,6 +484,8 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
     try:
         if step is not None and step not in ckpts.steps("latest") and step in ckpts.steps("best"):
             kind = "best"
+        if step is not None and step not in ckpts.steps(kind):
+            raise _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best"))
         if not ckpts.steps(kind):
             raise _no_checkpoint(workdir, kind, ckpts.steps("latest"))
         try:
@@ -575,6 +579,18 @@ def _no_checkpoint(workdir: str, kind: str, latest: list[int]
         f"The run in {workdir} has no {kind} checkpoint yet, nor any other: one is saved at "
         "the end of each epoch (and every checkpoint_every_steps steps if set); evaluate it "
         "once one is saved.")
+
+
+def _no_step(workdir: str, step: int, latest: list[int], best: list[int]
+             ) -> checkpoint_lib.NoCheckpointError:
+    """The error for a step number that neither series holds: the steps of both (a step
+    of either is evaluated; the best series may keep steps the latest one rotated out)."""
+    held = f"checkpoints/ holds steps {latest} and checkpoints_best/ steps {best}"
+    return checkpoint_lib.NoCheckpointError(
+        f"No checkpoint at step {step} in {workdir}: {held}; give one of them, or "
+        "checkpoint='best' or 'latest'.",
+        command_line=f"No checkpoint at step {step} in {workdir}: {held}; give one of them "
+                     "(--checkpoint STEP), or --checkpoint best or latest.")
 
 
 def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:

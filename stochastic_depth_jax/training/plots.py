@@ -279,11 +279,18 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
         curves are drawn from them, every N steps.
 
     Returns:
-      The paths written.
+      The paths written, each atomically (a second Ctrl-C, which stops training at once,
+      or an error mid-write leaves the earlier PNG, never a truncated one).
     """
+    from stochastic_depth_jax.training import workdir as workdir_lib  # imports JAX: not at import
+
     paths = [os.path.join(out_dir, "error.png"), os.path.join(out_dir, "loss.png")]
-    curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)", True,
-                  title, best, lr_drops, validation).savefig(paths[0], dpi=120)
-    curves_figure(records, ("train_loss", "val_loss", "test_loss"), "cross-entropy loss",
-                  False, title, None, lr_drops, validation).savefig(paths[1], dpi=120)
+    figures = [
+        curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)", True,
+                      title, best, lr_drops, validation),
+        curves_figure(records, ("train_loss", "val_loss", "test_loss"), "cross-entropy loss",
+                      False, title, None, lr_drops, validation)]
+    for fig, path in zip(figures, paths):
+        with workdir_lib.atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
     return paths

@@ -31,6 +31,7 @@ from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import stopping
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = [
     "run_name",
@@ -152,7 +153,8 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """
     if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
         return
-    old_config, _ = evaluate_lib.load_run_config(workdir)
+    old_config, _ = evaluate_lib.load_run_config(
+        workdir, fix=f"restore it from a copy, or remove {workdir} to retrain it")
     # The new config as training records it (an image folder's relative path or file://
     # URL made the absolute path), else the same command would be refused the second time.
     config = setup_lib.absolute_data_paths(config)
@@ -186,14 +188,35 @@ def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> 
     return min(total, config.max_steps) if config.max_steps else total
 
 
-def is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
-    """True if ``workdir`` holds a run that completed every step ``config`` asks for."""
+def _read_summary(workdir: str) -> dict[str, Any] | None:
+    """The run's ``summary.json``; None if it has none, or (with a warning naming it) if it
+    is damaged: the run then counts as unfinished, as training counts it (a rerun of the
+    sweep resumes it at its last step and writes the summary anew)."""
     path = os.path.join(workdir, SUMMARY_FILE)
     if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        summary = json.load(f)
-    return summary.get("steps", 0) >= _total_steps(summary, config)
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError("it holds no JSON object")
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}): the run counts as "
+                      "unfinished; rerun the sweep's command to rewrite it (the run resumes "
+                      "at its last step).", logs.RunWarning)
+        return None
+    return summary
+
+
+def _finished(summary: dict[str, Any] | None, config: ml_collections.ConfigDict) -> bool:
+    """Whether ``summary`` (:func:`_read_summary`'s) records every step ``config`` asks for."""
+    return summary is not None and summary.get("steps", 0) >= _total_steps(summary, config)
+
+
+def is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
+    """True if ``workdir`` holds a run that completed every step ``config`` asks for (a
+    damaged ``summary.json`` is warned about and counts as unfinished)."""
+    return _finished(_read_summary(workdir), config)
 
 
 def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
@@ -267,15 +290,15 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     """Reads the runs under ``root`` (all subdirectories with a ``run.json``, or ``names``).
 
     Returns:
-      per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary exists),
+      per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary records every step; a damaged one is warned about),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
       ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON, with
       the fields it predates: ``config_lib.with_absent_defaults``), ``num_train`` and
       ``num_validation`` (the images it trained on and held out: run.json's data record;
       None where it has none) and ``records`` (``metrics.jsonl``).
 
-    A run of a model without p_L (a ViT trained into the root), or whose run.json records a
-    config this version refuses, is left out with a warning naming it.
+    A run of a model without p_L (a ViT trained into the root), or whose run.json is damaged
+    or records a config this version refuses, is left out with a warning naming it.
 
     Raises:
       errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
@@ -290,30 +313,33 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     for name in names:
         workdir = os.path.join(root, name)
         try:
-            config, meta = evaluate_lib.load_run_config(workdir)
+            config, meta = evaluate_lib.load_run_config(
+                workdir, fix="it is left out of the sweep's figures (restore it from a copy, "
+                             "or remove the run to retrain it)")
         except errors.ConfigError as e:  # not this command's: it would be blamed otherwise
             warnings.warn(f"{os.path.join(workdir, evaluate_lib.RUN_FILE)} records a config "
                           f"this version refuses ({e}): left out of the sweep's figures.",
                           logs.RunWarning)
+            continue
+        except errors.CheckpointError as e:  # damaged: one run's, not every run's figures
+            if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
+                raise  # a name given without a run.json
+            warnings.warn(str(e), logs.RunWarning)
             continue
         model = config.model.get("name", "cifar_resnet")
         if model not in config_lib.MODELS:  # e.g. a ViT run of train.py put in the root
             warnings.warn(f"{workdir} is a {model!r} run, which has no p_L: left out of the "
                           "sweep's figures.", logs.RunWarning)
             continue
-        summary_path = os.path.join(workdir, SUMMARY_FILE)
-        summary = {}
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
-        best, final = summary.get("best") or {}, summary.get("final") or {}
+        summary = _read_summary(workdir)  # read once: a damaged one is warned about once
+        best, final = (summary or {}).get("best") or {}, (summary or {}).get("final") or {}
         data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
         runs.append({
             "name": name,
             "workdir": workdir,
             "depth": int(config.model.depth),
             "p_last": float(config.model.final_survival_prob),
-            "finished": is_finished(workdir, config),
+            "finished": _finished(summary, config),
             "test_error": best.get("test_error"),
             "val_error": best.get("val_error"),
             "final_test_error": final.get("test_error"),
@@ -509,13 +535,14 @@ def _drawn_line(path: str, runs: Sequence[dict[str, Any]], left: dict[str, str])
 
 def _write_table(runs: Sequence[dict[str, Any]], table: str) -> str:
     """training_time.md: what the runs were trained on, the table, the unfinished runs and
-    the sources."""
+    the sources; written atomically, as the figures are, so a Ctrl-C or an error while it is
+    made leaves the earlier table, never an empty or half one."""
     unfinished = [r["name"] for r in runs if not r["finished"]]
     # An interrupted run (drawn by --collect) is not told from a finished one by its row.
     note = (f"\nUnfinished (interrupted, or extended and not done yet; their rows count the "
             f"epochs so far): {', '.join(unfinished)}.\n" if unfinished else "")
     trained_on = describe_data(runs)
-    with open(table, "w") as f:
+    with workdir_lib.atomic_write(table) as f:
         f.write("Training time per epoch (compilation and evaluation excluded; the first "
                 "epoch, which includes warm-up, left out of the mean where there are "
                 "several), from each run's metrics.jsonl."
