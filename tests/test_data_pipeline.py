@@ -140,7 +140,8 @@ def test_load_dataset_takes_another_augmentation(tmp_path):
     assert load().augment == "none" == data.default_augment("svhn")
     assert load(augment="translate").augment == "translate"
     assert data.default_augment("cifar100") == "flip_translate"
-    with pytest.raises(errors.DataError, match=r"augment='flip'; valid: None \(the dataset's\) or "):
+    with pytest.raises(errors.DataError,
+                       match=r"augment='flip'; valid: None \(the dataset's\) or "):
         load(augment="flip")
 
 

@@ -19,7 +19,8 @@ from stochastic_depth_jax.data.splits import Split
 
 __all__ = [
     "AUGMENTATIONS", "CorruptDataError", "IMAGE_FOLDER_PREFIX", "DATA_AXIS", "DataUnavailableError", "Dataset",
-    "DeviceSplit", "Split", "augment_batch", "default_augment", "epoch_order", "eval_batches", "eval_plan",
+    "DeviceSplit", "Split", "augment_batch", "default_augment", "epoch_order", "eval_batches",
+    "eval_plan",
     "fingerprint",
     "flip_translate", "load_dataset", "normalize", "put_on_devices", "recorded_holdout",
     "steps_per_epoch",

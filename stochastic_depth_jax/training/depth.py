@@ -394,8 +394,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="0-based block indices to remove, in order (implies --order list)")
     g.add_argument("--remove", type=int, default=None,
                    help="blocks to remove for --export (default with --blocks: all of them)")
-    g.add_argument("--seed", type=int, default=None, help="gate key for --mc-samples (0; another seed's "
-                   "result is eval_mc<K>_seed<S>_...json)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="gate key for --mc-samples (0; another seed's result is "
+                        "eval_mc<K>_seed<S>_...json)")
     g.add_argument("--throughput-batch", type=int, default=None, help="(128)")
     g.add_argument("--repeats", type=int, default=None, help="timed batches per throughput (5)")
     g.add_argument("--measure-every", type=int, default=None,

@@ -290,7 +290,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     """Reads the runs under ``root`` (all subdirectories with a ``run.json``, or ``names``).
 
     Returns:
-      per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary records every step; a damaged one is warned about),
+      per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary
+      records every step; a damaged one is warned about),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
       ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON, with
       the fields it predates: ``config_lib.with_absent_defaults``), ``num_train`` and
