@@ -544,8 +544,10 @@ def mc_evaluate(model: Any, variables: Any, batches: Batches, *, samples: int,
     """Averaged softmax of ``samples`` sampled sub-networks vs the deterministic network.
 
     Member i is the sub-network with gates ``draw_gates(fold_in(key, i), p)`` (the same for
-    every batch, so the ensemble is k fixed networks), run with running BatchNorm
-    statistics and training-time scaling. The deterministic network runs every block
+    every batch and every example, so the ensemble is k fixed networks, whatever the batch
+    size; a ``mode='sample'`` model trained on one draw per example gets the same k
+    networks for each example), run with running BatchNorm statistics and training-time
+    scaling. The deterministic network runs every block
     scaled by p_l (paper Eq. 5).
 
     Returns:
@@ -565,8 +567,9 @@ def mc_evaluate(model: Any, variables: Any, batches: Batches, *, samples: int,
 
     def sums(variables, images, labels, mask):
         def member(i, acc):
-            gates = ops.draw_gates(jax.random.fold_in(key, i), probs, mode=model.mode,
-                                   batch_size=images.shape[0])
+            gates = ops.draw_gates(jax.random.fold_in(key, i), probs)  # one network
+            if model.mode == "sample":  # its gates are [blocks, batch]: the same for each
+                gates = jnp.broadcast_to(gates[:, None], gates.shape + images.shape[:1])
             logits = model.apply(variables, images, train=False, stochastic=True, gates=gates)
             p = jax.nn.softmax(logits.astype(jnp.float32))
             member_err = _sums(logits, labels, mask)[1]  # a count: exact in float32

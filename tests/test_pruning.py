@@ -408,3 +408,29 @@ def test_dropout_acts_in_training_only_with_its_own_rng_stream():
     np.testing.assert_array_equal(_eval(model, variables), _eval(plain, variables))
     with pytest.raises(ValueError, match="dropout_rate must be in \\[0, 1\\)"):
         sdj.CifarResNet(depth=8, dropout_rate=1.0)
+
+
+def test_mc_members_of_a_sample_mode_model_are_fixed_networks_whatever_the_batch():
+    """A mode='sample' model's members drew one gate column per position in the batch, so
+    its Monte-Carlo figures changed with the evaluation batch size; now member i is one
+    network for every example: the figures of 8 examples in one batch and in two equal."""
+    model = sdj.CifarResNet(depth=20, width=4, num_classes=3, final_survival_prob=0.2,
+                            mode="sample")
+    variables = _variables(model)
+    images = jnp.concatenate([X, X * 2])
+    labels = jnp.arange(8) % 3
+    whole = lambda: [(images, labels, jnp.ones(8, bool))]
+    halves = lambda: [(images[:4], labels[:4], jnp.ones(4, bool)),
+                      (images[4:], labels[4:], jnp.ones(4, bool))]
+    run = functools.partial(pruning.mc_evaluate, model, variables, samples=3,
+                            key=jax.random.key(5))
+    one, two = run(whole), run(halves)
+    assert one["mc"]["error"] == two["mc"]["error"]
+    assert one["member_mean_error"] == two["member_mean_error"]
+    assert one["mc"]["loss"] == pytest.approx(two["mc"]["loss"], rel=1e-5)
+    # Member 0 is the network of draw_gates(fold_in(key, 0)), as in batch mode.
+    gates = sdj.draw_gates(jax.random.fold_in(jax.random.key(5), 0), model.survival_probs())
+    logits = model.apply(variables, images, train=False, stochastic=True,
+                         gates=jnp.broadcast_to(gates[:, None], gates.shape + (8,)))
+    member = pruning.mc_evaluate(model, variables, whole, samples=1, key=jax.random.key(5))
+    assert member["mc"]["error"] == float(jnp.mean(jnp.argmax(logits, -1) != labels))
