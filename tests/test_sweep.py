@@ -119,6 +119,18 @@ def test_sweep_collect_refuses_the_flags_it_would_ignore_in_one_line(capsys, tmp
         capsys.readouterr().err
 
 
+def test_sweep_collect_on_one_run_s_workdir_says_so(capsys, tmp_path):
+    """--root pointing at one run (not the sweep's root) said 'No runs to plot: the sweep
+    directory holds no run.json', though it holds one: now it names the mistake."""
+    _finished_run(str(tmp_path), 8, 0.5, 0.3)
+    [run] = os.listdir(tmp_path)
+    line = one_line_error(capsys, sweep_cli.main, ["--root", str(tmp_path / run), "--collect"])
+    assert line == (f"error: --root {str(tmp_path / run)!r} is one run's workdir (it holds "
+                    f"run.json), not a sweep's root, whose runs are its subdirectories: pass "
+                    f"the directory that holds the runs (here perhaps {tmp_path}); evaluate.py "
+                    f"{tmp_path / run} evaluates this run.")
+
+
 def _finished_run(root, depth, p_last, test_error, *overrides):
     """Writes the records of a finished smoke run (run.json, summary.json, metrics.jsonl) as
     training leaves them, in ``<root>/depth<d>_pL<p>``, without training."""

@@ -302,12 +302,19 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     or records a config this version refuses, is left out with a warning naming it.
 
     Raises:
-      errors.CheckpointError: ``root`` is not a directory, or a run has no ``run.json``.
+      errors.CheckpointError: ``root`` is not a directory, is one run's workdir (not a
+        sweep's root), or a run has no ``run.json``.
     """
     if not os.path.isdir(root):
         raise errors.CheckpointError(
             f"--root {root!r} is not a directory: pass the --root of an existing sweep (or "
             "train one: drop --collect and give --config, --depths and --p-last).")
+    if names is None and os.path.exists(os.path.join(root, evaluate_lib.RUN_FILE)):
+        parent = os.path.dirname(os.path.abspath(root))
+        raise errors.CheckpointError(
+            f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not a "
+            f"sweep's root, whose runs are its subdirectories: pass the directory that holds "
+            f"the runs (here perhaps {parent}); evaluate.py {root} evaluates this run.")
     names = names if names is not None else [
         n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, evaluate_lib.RUN_FILE))]
     runs = []
