@@ -131,6 +131,23 @@ def test_sweep_collect_on_one_run_s_workdir_says_so(capsys, tmp_path):
                     f"{tmp_path / run} evaluates this run.")
 
 
+def test_a_sweep_into_one_run_s_workdir_is_refused_before_it_trains(capsys, tmp_path):
+    """A sweep whose --root was one run's workdir trained every run inside it, then refused
+    to draw them ('is one run's workdir ... pass the directory that holds the runs', which
+    was the root given); a sweep trained there earlier is still drawn."""
+    run = tmp_path / _finished_run(str(tmp_path), 8, 0.5, 0.3)
+    trained = []
+    runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [1.0])]
+    with pytest.raises(errors.ConfigError, match=re.escape(
+            f"--root {str(run)!r} is one run's workdir (it holds run.json), not a sweep's "
+            "root: the sweep would train its runs inside that run's directory; give the "
+            "sweep a directory of its own (new or of an earlier sweep).")):
+        sweep.run_sweep(runs, str(run), train=lambda c, w: trained.append(w))
+    assert trained == []
+    _finished_run(str(run), 8, 1.0, 0.4)  # a sweep trained there before this version
+    assert [r["name"] for r in sweep.collect(str(run))] == ["depth8_pL1"]
+
+
 def _finished_run(root, depth, p_last, test_error, *overrides):
     """Writes the records of a finished smoke run (run.json, summary.json, metrics.jsonl) as
     training leaves them, in ``<root>/depth<d>_pL<p>``, without training."""

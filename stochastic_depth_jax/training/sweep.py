@@ -236,15 +236,20 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
     Raises:
       stopping.Stopped: on SIGTERM/SIGINT, inside a run (after its checkpoint) or between
         runs (the next is not started); call again to go on.
-      errors.ConfigError: ``root`` is a file, or a run's directory holds a run of a
-        different config (:func:`check_same_config`; every run is checked before any
-        trains).
+      errors.ConfigError: ``root`` is a file or one run's workdir, or a run's directory
+        holds a run of a different config (:func:`check_same_config`; every run is checked
+        before any trains).
     """
     if train is None:
         train = loop_lib.train_and_evaluate
     if os.path.exists(root) and not os.path.isdir(root):
         raise errors.ConfigError(f"--root {root!r} is a file, not a directory: give the sweep "
                                  "a directory (new or of an earlier sweep).")
+    if _is_a_run(root):  # before any run trains, not once all have (collect refused it)
+        raise errors.ConfigError(
+            f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not a "
+            "sweep's root: the sweep would train its runs inside that run's directory; give "
+            "the sweep a directory of its own (new or of an earlier sweep).")
     for name, config in runs:
         require_sweepable(config)
         check_same_config(os.path.join(root, name), config)
@@ -286,6 +291,12 @@ def _stop_between_runs(stop: stopping.StopSignals, status: dict[str, str], total
         call_again=_CALL_AGAIN)
 
 
+def _is_a_run(root: str) -> bool:
+    """Whether ``root`` is one run's workdir (it holds a ``run.json``): a sweep's root holds
+    its runs in subdirectories."""
+    return os.path.exists(os.path.join(root, evaluate_lib.RUN_FILE))
+
+
 def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Reads the runs under ``root`` (all subdirectories with a ``run.json``, or ``names``).
 
@@ -302,21 +313,23 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
     or records a config this version refuses, is left out with a warning naming it.
 
     Raises:
-      errors.CheckpointError: ``root`` is not a directory, is one run's workdir (not a
-        sweep's root), or a run has no ``run.json``.
+      errors.CheckpointError: ``root`` is not a directory, is one run's workdir with no
+        runs below it (not a sweep's root), or a run has no ``run.json``.
     """
     if not os.path.isdir(root):
         raise errors.CheckpointError(
             f"--root {root!r} is not a directory: pass the --root of an existing sweep (or "
             "train one: drop --collect and give --config, --depths and --p-last).")
-    if names is None and os.path.exists(os.path.join(root, evaluate_lib.RUN_FILE)):
-        parent = os.path.dirname(os.path.abspath(root))
-        raise errors.CheckpointError(
-            f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not a "
-            f"sweep's root, whose runs are its subdirectories: pass the directory that holds "
-            f"the runs (here perhaps {parent}); evaluate.py {root} evaluates this run.")
-    names = names if names is not None else [
-        n for n in os.listdir(root) if os.path.exists(os.path.join(root, n, evaluate_lib.RUN_FILE))]
+    if names is None:
+        names = [n for n in os.listdir(root)
+                 if os.path.exists(os.path.join(root, n, evaluate_lib.RUN_FILE))]
+        # Only where no run is below it: a sweep trained inside a run's workdir has its runs.
+        if not names and _is_a_run(root):
+            parent = os.path.dirname(os.path.abspath(root))
+            raise errors.CheckpointError(
+                f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not "
+                f"a sweep's root, whose runs are its subdirectories: pass the directory that "
+                f"holds the runs (here perhaps {parent}); evaluate.py {root} evaluates this run.")
     runs = []
     for name in names:
         workdir = os.path.join(root, name)
