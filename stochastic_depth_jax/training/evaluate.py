@@ -484,7 +484,8 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
     try:
         if step is not None and step not in ckpts.steps("latest") and step in ckpts.steps("best"):
             kind = "best"
-        if step is not None and step not in ckpts.steps(kind):
+        held = ckpts.steps("latest") or ckpts.steps("best")  # none: _no_checkpoint says so
+        if step is not None and held and step not in ckpts.steps(kind):
             raise _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best"))
         if not ckpts.steps(kind):
             raise _no_checkpoint(workdir, kind, ckpts.steps("latest"))
