@@ -593,3 +593,15 @@ def test_a_damaged_run_json_is_left_out_of_the_figures_and_named(capsys, tmp_pat
     line = one_line_error(capsys, sweep_cli.main, _sweep_argv(root, p_last="0.5,1.0"))
     assert line.endswith(f"; restore it from a copy, or remove {os.path.join(root, name)} to "
                          "retrain it.")
+
+
+def test_the_subtitle_names_an_augmentation_that_is_not_the_datasets():
+    """A sweep of un-augmented CIFAR-10 was subtitled as the paper's CIFAR-10+ ('cifar10,
+    ...'), though each run's curves say 'cifar10 (no augmentation)'."""
+    none = json.loads(load_config("cifar10:smoke", ["--config.augment=none"]).to_json())
+    own = json.loads(load_config("cifar10:smoke", ["--config.augment=flip_translate"]).to_json())
+    assert sweep.describe_data([{"config": none}] * 2).startswith(
+        "cifar10 (no augmentation), FAKE random-label data (160 images generated;")
+    assert sweep.describe_data([{"config": own}]).startswith("cifar10, FAKE random-label")
+    assert sweep.describe_data([{"config": none}, {"config": own}]).startswith(
+        "cifar10, FAKE random-label")  # two series, labelled by augment

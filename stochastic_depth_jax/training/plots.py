@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
 
-__all__ = ["curve_title", "curves_figure", "figure_title", "is_number", "new_figure",
+__all__ = ["augment_label", "curve_title", "curves_figure", "figure_title", "is_number", "new_figure",
            "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
@@ -80,10 +80,19 @@ def _title_parts(config: Any) -> list[str]:
         dataset = "image_folder:" + (os.path.basename(folder) or folder)
     elif config_lib.fake_train_size(config):
         dataset += " (FAKE random-label data)"
-    augment = config.get("augment", "auto")  # absent: recorded before the field, 'auto'
-    if augment not in ("auto", data_lib.default_augment(str(config["dataset"]))):
-        dataset += f" ({_AUGMENT_NAMES.get(augment, augment)})"  # not the dataset's own
+    if augment := augment_label(config):
+        dataset += f" ({augment})"
     return [dataset, model, depth, str(m.get("dtype", "float32"))]
+
+
+def augment_label(config: Any) -> str | None:
+    """How a title names ``config``'s augmentation where it is not its dataset's own
+    (``'no augmentation'``: CIFAR without it is CIFAR-10, not the paper's CIFAR-10+); None
+    where it is. ``config``: a ConfigDict, or run.json's config dict."""
+    augment = config.get("augment", "auto")  # absent: recorded before the field, 'auto'
+    if augment in ("auto", data_lib.default_augment(str(config["dataset"]))):
+        return None
+    return _AUGMENT_NAMES.get(augment, augment)
 
 
 # How a title names an augmentation other than the dataset's (CIFAR without it is CIFAR-10,

@@ -29,6 +29,7 @@ from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
 from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
+from stochastic_depth_jax.training import plots
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
@@ -426,8 +427,9 @@ def _text(value: str | None) -> str:
 
 
 def describe_data(runs: Sequence[dict[str, Any]]) -> str:
-    """What the runs were trained on, as a figure's subtitle: the dataset (and whether it
-    was random fake data), model and epochs, where all runs agree on them."""
+    """What the runs were trained on, as a figure's subtitle: the dataset (its augmentation
+    where it is not the dataset's own, as a run's curves name it, and whether it was random
+    fake data), model and epochs, where all runs agree on them."""
     configs = [r["config"] for r in runs if r.get("config")]
     if not configs:
         return ""
@@ -438,6 +440,8 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
 
     parts = []
     dataset = shared(lambda c: c["dataset"])
+    if dataset and (augment := shared(plots.augment_label)):  # not the dataset's own
+        dataset += f" ({augment})"
     fakes = [config_lib.fake_train_size(c) for c in configs]
     if dataset and all(fakes):  # fake data of one size, or of several (the sizes differ)
         parts.append(f"{dataset}, FAKE random-label data "
