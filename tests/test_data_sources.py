@@ -200,6 +200,37 @@ def test_a_wrong_manual_archive_is_one_line_naming_it(tmp_path):
         "it again.")
 
 
+def test_a_wrong_download_says_to_run_again_not_to_replace_a_temporary_file(tmp_path,
+                                                                           monkeypatch):
+    """A download that is not the archive (a proxy's page) was named by its path in tfds's
+    temporary directory, with 'replace it with the original archive, or delete it to
+    download it again': tfds never reads that file again."""
+    import hashlib
+
+    from tensorflow_datasets.core import utils as tfds_utils
+    from tensorflow_datasets.core.download import checksums, downloader
+
+    page = b"<html>proxy login</html>"
+
+    def download(self, url, destination, verify=True):  # what the network answered
+        path = destination / os.path.basename(url)
+        path.write_bytes(page)
+        return downloader.DownloadResult(path=path, url_info=checksums.UrlInfo(
+            size=tfds_utils.Size(len(page)), checksum=hashlib.sha256(page).hexdigest(),
+            filename=path.name))
+
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", download)
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=True)
+    assert str(info.value) == (
+        "The archive downloaded for 'cifar10' from "
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz (24 bytes, expected 162.17 "
+        "MiB) does not match tfds's checksum: the download was cut short or is not the "
+        "archive (e.g. a proxy's page); run again, or put the original archive in "
+        f"{tmp_path / 'downloads' / 'manual'}.")
+
+
 def test_corrupt_record_is_reported(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,
                                    corrupt=("test",))

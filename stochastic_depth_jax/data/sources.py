@@ -136,23 +136,36 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
     try:
         builder.download_and_prepare(file_format="array_record", download_config=config)
     except tfds.core.download.download_manager.NonMatchingChecksumError as error:
-        raise DataUnavailableError(_checksum_message(tfds_name, error)) from None
+        raise DataUnavailableError(_checksum_message(tfds_name, error, manual_dir)) from None
 
 
-def _checksum_message(tfds_name: str, error: Exception) -> str:
-    """One line for an archive that fails tfds's checksum (a damaged or truncated copy, or
-    another file under the archive's name in downloads/manual), instead of tfds's
-    traceback: which file, its size against the expected one, and the fix."""
+def _checksum_message(tfds_name: str, error: Exception, manual_dir: str) -> str:
+    """One line for an archive that fails tfds's checksum, instead of tfds's traceback:
+    which file, its size against the expected one, and the fix. A file in ``manual_dir`` (a
+    damaged or truncated copy, or another file under the archive's name) is to be replaced;
+    one tfds downloaded (a proxy's page, a transfer cut short) lies in a temporary directory
+    tfds never reads again, so replacing it would change nothing."""
     text = str(error)
     path = re.search(r"downloaded to (.+?), has wrong checksum", text)
     sizes = re.findall(r"UrlInfo\(size=([^,]+),", text)
     url = re.search(r"Artifact (\S+?),", text)
-    where = repr(path.group(1)) if path else "The downloaded archive"
     got = f" ({sizes[1]}, expected {sizes[0]})" if len(sizes) == 2 else ""
     source = f" ({url.group(1)})" if url else ""
+    if path and not _inside(path.group(1), manual_dir):
+        origin = f" from {url.group(1)}" if url else ""
+        return (f"The archive downloaded for '{tfds_name}'{origin}{got} does not match tfds's "
+                f"checksum: the download was cut short or is not the archive (e.g. a proxy's "
+                f"page); run again, or put the original archive in {manual_dir}.")
+    where = repr(path.group(1)) if path else "The archive"
     return (f"{where}{got} does not match tfds's checksum for '{tfds_name}': it is damaged, "
             f"incomplete or another file; replace it with the original archive{source}, or "
             f"delete it to download it again.")
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` lies in ``directory`` (both as the file system resolves them)."""
+    directory = os.path.realpath(directory)
+    return os.path.commonpath([os.path.realpath(path), directory]) == directory
 
 
 def _decode_chunk(source, start: int, stop: int, where: str) -> list[dict]:
