@@ -154,6 +154,24 @@ def test_restart_of_finished_run_does_nothing(trained, capsys):
     assert json.loads(before["run.json"])["config"]["num_epochs"] == 4
 
 
+@pytest.mark.parametrize("damage", ["[]", '{"final": {"epoch"'])
+def test_restart_of_a_finished_run_rewrites_a_damaged_summary(trained, tmp_path, damage):
+    """A finished run's summary.json that is JSON but not an object ended the restart in an
+    AttributeError traceback (one cut short was rewritten): a sweep, which calls such a run
+    unfinished and reruns it to rewrite the summary, stopped there."""
+    import shutil
+
+    config, workdir, summary = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, "summary.json"), "w") as f:
+        f.write(damage)
+    again = loop.train_and_evaluate(config, copy)
+    assert again["steps"] == 16 and again["final"] == summary["final"]
+    with open(os.path.join(copy, "summary.json")) as f:
+        assert json.load(f)["final"] == summary["final"]
+
+
 def test_evaluate_cli_writes_json(trained):
     _, workdir, _ = trained
     out = subprocess.run(

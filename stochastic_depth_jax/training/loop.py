@@ -773,11 +773,14 @@ def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
 
 
 def _saved_summary(workdir: str) -> dict[str, Any] | None:
+    """The run's summary.json; None where it has none or it is damaged (cut short, or JSON
+    but not an object): the run then counts as unfinished and writes it anew."""
     try:
         with open(os.path.join(workdir, SUMMARY_FILE)) as f:
-            return json.load(f)
+            summary = json.load(f)
     except (OSError, ValueError):
         return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
