@@ -200,6 +200,18 @@ def test_a_wrong_manual_archive_is_one_line_naming_it(tmp_path):
         "it again.")
 
 
+def test_an_empty_manual_archive_is_named_with_its_size(tmp_path):
+    """An empty file (a copy that failed) was said to be of 'Unknown size', tfds's text for
+    a size of 0."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    (manual / "cifar-10-binary.tar.gz").write_bytes(b"")
+    with pytest.raises(data.DataUnavailableError, match=re.escape(
+            f"{str(manual / 'cifar-10-binary.tar.gz')!r} (0 bytes, expected 162.17 MiB) does "
+            "not match tfds's checksum for 'cifar10'")):
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
+
+
 def test_a_wrong_download_says_to_run_again_not_to_replace_a_temporary_file(tmp_path,
                                                                            monkeypatch):
     """A download that is not the archive (a proxy's page) was named by its path in tfds's

@@ -149,6 +149,8 @@ def _checksum_message(tfds_name: str, error: Exception, manual_dir: str) -> str:
     path = re.search(r"downloaded to (.+?), has wrong checksum", text)
     sizes = re.findall(r"UrlInfo\(size=([^,]+),", text)
     url = re.search(r"Artifact (\S+?),", text)
+    # tfds writes a size of 0 (an empty file, a copy that failed) as 'Unknown size'.
+    sizes = ["0 bytes" if size == "Unknown size" else size for size in sizes]
     got = f" ({sizes[1]}, expected {sizes[0]})" if len(sizes) == 2 else ""
     source = f" ({url.group(1)})" if url else ""
     if path and not _inside(path.group(1), manual_dir):
