@@ -14,8 +14,8 @@ from typing import Any, Sequence
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
 
-__all__ = ["augment_label", "curve_title", "curves_figure", "figure_title", "is_number", "new_figure",
-           "per_epoch", "plot_curves", "run_title"]
+__all__ = ["augment_label", "curve_title", "curves_figure", "figure_title", "is_number",
+           "new_figure", "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 # Characters of a title line at 9 pt per inch of figure (110 take about 7.2 of an 8.5-inch
