@@ -139,9 +139,10 @@ def test_load_dataset_takes_another_augmentation(tmp_path):
                              download=False, validation_size=0)
     assert load().augment == "none" == data.default_augment("svhn")
     assert load(augment="translate").augment == "translate"
+    assert load(augment="auto").augment == "none"  # the config's word for None
     assert data.default_augment("cifar100") == "flip_translate"
     with pytest.raises(errors.DataError,
-                       match=r"augment='flip'; valid: None \(the dataset's\) or "):
+                       match=r"augment='flip'; valid: None or 'auto' \(the dataset's\) or "):
         load(augment="flip")
 
 

@@ -148,7 +148,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
       normalization: the statistics of the training split (after the holdout) that
         normalise inputs: 'channel' (per-channel mean and std) or 'pixel' (the official
         Torch code's mean image and global std; see :attr:`Dataset.mean`).
-      augment: None for the dataset's (the paper's: CIFAR flip + translate, SVHN none; an
+      augment: None or 'auto' for the dataset's (the paper's: CIFAR flip + translate, SVHN none; an
         image folder flip + translate), or an ``AUGMENTATIONS`` name: 'flip_translate',
         'translate' (no flip: digits, text) or 'none'.
 
@@ -163,9 +163,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
     if normalization not in splits.NORMALIZATIONS:
         raise errors.DataError(f"normalization={normalization!r}; valid: "
                                f"{list(splits.NORMALIZATIONS)}")
+    augment = None if augment == "auto" else augment  # the config's word for the same
     if augment is not None and augment not in AUGMENTATIONS:
-        raise errors.DataError(f"augment={augment!r}; valid: None (the dataset's) or "
-                               f"{list(AUGMENTATIONS)}")
+        raise errors.DataError(f"augment={augment!r}; valid: None or 'auto' (the dataset's) "
+                               f"or {list(AUGMENTATIONS)}")
     class_names = None
     if holdout is not None and not name.startswith(IMAGE_FOLDER_PREFIX):
         raise errors.DataError(f"holdout={holdout!r} applies to image folders only; {name!r} "

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["augment_label", "curve_title", "curves_figure", "figure_title", "is_number",
            "new_figure", "per_epoch", "plot_curves", "run_title"]
@@ -291,8 +292,6 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
       The paths written, each atomically (a second Ctrl-C, which stops training at once,
       or an error mid-write leaves the earlier PNG, never a truncated one).
     """
-    from stochastic_depth_jax.training import workdir as workdir_lib  # imports JAX: not at import
-
     paths = [os.path.join(out_dir, "error.png"), os.path.join(out_dir, "loss.png")]
     figures = [
         curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)", True,
