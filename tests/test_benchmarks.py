@@ -722,7 +722,7 @@ def test_a_signal_after_the_rounds_writes_their_table_marked(tmp_path, capsys, m
                       "interrupted."
     text = out.read_text()
     assert text.splitlines()[0].endswith(f" ({mark})")
-    assert len(rows(out, ["constant"])["constant"]) == 5  # the rounds' row, whole
+    assert len(rows(out, ["constant"])["constant"]) == 6  # the rounds' row, whole (both ratios)
     assert ("| 20 | 1.5 |" in text) == (when == "compiling") and "| 56 |" not in text
     assert compiled == ([20] if when == "compiling" else [])
     assert js.exists()  # the rounds are whole: their medians too
