@@ -875,7 +875,9 @@ class ResNet(_StochasticResNetBase):
     """Bottleneck ImageNet-style ResNet (He et al., 2016) with stochastic depth.
 
     7x7/2 stem, 3x3/2 max-pool, four stages of bottleneck blocks (widths 64..512, outputs
-    4x), projection shortcuts. Use :data:`ResNet50`, :data:`ResNet101`, :data:`ResNet152`.
+    4x), each stage's stride in its first block's 3x3 convolution and projection shortcuts
+    where the shape changes, as torchvision and fb.resnet.torch (the paper's ImageNet code):
+    the same parameter counts. Use :data:`ResNet50`, :data:`ResNet101`, :data:`ResNet152`.
     Input ``[batch, H, W, 3]``; output logits ``[batch, num_classes]``.
     """
 
