@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from stochastic_depth_jax.ops import varying_axes
+from stochastic_depth_jax.ops import explicit_sharding, varying_axes
 
 __all__ = [
     "conv2d",
@@ -65,8 +65,34 @@ _DN = ("NHWC", "HWIO", "NHWC")
 CONV_IMPLEMENTATIONS = ("auto", "xla", "cpu_friendly")
 
 
-def _conv(x: Array, w: Array, pads: Pads) -> Array:
-    return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_DN)
+def _conv(x: Array, w: Array, pads: Pads, out_sharding: Any = None) -> Array:
+    return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_DN,
+                                    out_sharding=out_sharding)
+
+
+def _grad_shardings(x: Array, w: Array) -> tuple[Any, Any]:
+    """``out_sharding`` for the input and weight gradients of :func:`_conv_s1_bwd`: the
+    operands' own shardings (the kernel's in the ``[ci, kh, kw, co]`` layout the weight
+    gradient comes out in), or None without explicit mesh axes.
+
+    Under ``AxisType.Explicit`` axes (``jax.make_mesh``'s default since jax 0.10) a
+    convolution that contracts a sharded axis is refused unless told its output's sharding,
+    and the weight gradient contracts the batch (sharded in data parallelism): stated
+    here, the kernel's gradient is summed over the batch's devices, as autodiff's own
+    gradient of ``lax.conv_general_dilated`` is."""
+    sx, sw = explicit_sharding(x), explicit_sharding(w)
+    if sx is None and sw is None:
+        return None, None
+    mesh = (sx or sw).mesh
+
+    def spec(v, sharding):
+        given = tuple(sharding.spec) if sharding is not None else ()
+        return given + (None,) * (v.ndim - len(given))
+
+    wi = spec(w, sw)
+    named = jax.sharding.NamedSharding
+    return (named(mesh, jax.sharding.PartitionSpec(*spec(x, sx))),
+            named(mesh, jax.sharding.PartitionSpec(wi[2], wi[0], wi[1], wi[3])))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -84,11 +110,14 @@ def _conv_s1_bwd(pads, res, ct):
     (pt, pb), (pl, pr) = pads
     # Input gradient: correlate the cotangent with the spatially flipped kernel, in/out
     # channels swapped; padding k - 1 - p restores the input's size.
+    gx_sharding, gw_sharding = _grad_shardings(x, w)
     w_flip = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-    gx = _conv(ct, w_flip, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+    gx = _conv(ct, w_flip, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)),
+               gx_sharding)
     # Weight gradient as a forward-layout conv: input channels play the batch, the batch
     # plays the contracted feature axis, and the cotangent is the (large) kernel.
-    gw = _conv(x.transpose(3, 1, 2, 0), ct.transpose(1, 2, 0, 3), pads)  # [ci, kh, kw, co]
+    gw = _conv(x.transpose(3, 1, 2, 0), ct.transpose(1, 2, 0, 3), pads,
+               gw_sharding)  # [ci, kh, kw, co]
     return gx.astype(x.dtype), gw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 

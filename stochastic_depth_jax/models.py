@@ -618,6 +618,15 @@ class _StochasticResNetBase(nn.Module):
         return buckets_lib.stage_lengths(self.survival_probs(), sizes,
                                          _scanned_stages(sizes, self.scan), count)
 
+    def _check_images(self, x: Array) -> None:
+        """ValueError unless ``x`` is a batch of images ``[batch, H, W, C]``: one image
+        without its batch axis reached the stem convolution and failed there with JAX's
+        "convolution requires lhs and rhs ndim to be equal"."""
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{type(self).__name__} takes images [batch, height, width, "
+                             f"channels], got shape {tuple(jnp.shape(x))}; for one image "
+                             f"pass x[None].")
+
     @staticmethod
     def _check_flags(train: Any, stochastic: Any) -> None:
         """A ``train`` or ``stochastic`` passed to ``jax.jit`` as an ordinary argument
@@ -789,6 +798,7 @@ class CifarResNet(_StochasticResNetBase):
         ``mutable=['batch_stats', 'intermediates']``).
         """
         self._check_flags(train, stochastic)
+        self._check_images(x)
         buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)
@@ -865,7 +875,9 @@ class ResNet(_StochasticResNetBase):
     """Bottleneck ImageNet-style ResNet (He et al., 2016) with stochastic depth.
 
     7x7/2 stem, 3x3/2 max-pool, four stages of bottleneck blocks (widths 64..512, outputs
-    4x), projection shortcuts. Use :data:`ResNet50`, :data:`ResNet101`, :data:`ResNet152`.
+    4x), each stage's stride in its first block's 3x3 convolution and projection shortcuts
+    where the shape changes, as torchvision and fb.resnet.torch (the paper's ImageNet code):
+    the same parameter counts. Use :data:`ResNet50`, :data:`ResNet101`, :data:`ResNet152`.
     Input ``[batch, H, W, 3]``; output logits ``[batch, num_classes]``.
     """
 
@@ -874,8 +886,7 @@ class ResNet(_StochasticResNetBase):
     width: int = 64
 
     def __post_init__(self) -> None:
-        if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
-            raise ValueError(f"stage_sizes must be positive block counts, got {self.stage_sizes}.")
+        _check_stage_sizes(self.stage_sizes)
         self._validate_sd()
         super().__post_init__()
 
@@ -892,6 +903,7 @@ class ResNet(_StochasticResNetBase):
                  buckets: Sequence[int] | None = None, stochastic: bool | None = None) -> Array:
         """See :meth:`CifarResNet.__call__`."""
         self._check_flags(train, stochastic)
+        self._check_images(x)
         buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)
@@ -913,6 +925,19 @@ class ResNet(_StochasticResNetBase):
                    buckets=buckets, stochastic=stochastic)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         return self._head(x, self.num_classes)
+
+
+def _check_stage_sizes(sizes: Any) -> None:
+    """ValueError unless ``sizes`` is a non-empty sequence of positive integers. A depth
+    given instead (``stage_sizes=152``) failed in Python's iteration ("'int' object is not
+    iterable"), and a fractional count was truncated silently."""
+    valid = (isinstance(sizes, Sequence) and not isinstance(sizes, str) and len(sizes) > 0
+             and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+                     for n in sizes))
+    if not valid:
+        raise ValueError(f"stage_sizes must be a sequence of positive block counts, one per "
+                         f"stage, got {sizes!r}; ResNet-152 is stage_sizes=(3, 8, 36, 3) "
+                         f"(sdj.ResNet152), ResNet-50 (3, 4, 6, 3).")
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))

@@ -1,4 +1,5 @@
 """Library mistakes a user makes in their own code: each is one clear error (or warning)."""
+import re
 import warnings
 
 import flax.linen as nn
@@ -410,3 +411,25 @@ def test_another_error_of_a_drop_path_subset_passes_through_unchanged():
     drop = nnx_layers.DropPath(NnxBiasedDropout(nnx.Rngs(0)), 0.5)
     with pytest.raises(ValueError, match=r"^`deterministic` is False, but no `rngs`"):
         drop(X, jnp.zeros((8, 4, 4)), rngs=jax.random.key(1))
+
+
+@pytest.mark.parametrize("name", ["CifarResNet", "WideResNet", "ResNet"])
+@pytest.mark.parametrize("shape", [(8, 8, 4), (1, 2, 8, 8, 4)])
+def test_images_without_a_batch_axis_are_one_clear_error(name, shape):
+    # One image without its batch axis failed in the stem convolution with JAX's "convolution
+    # requires lhs and rhs ndim to be equal, got 3 and 4".
+    module = _FLAGGED[name][0]()
+    message = (f"{name} takes images [batch, height, width, channels], got shape {shape}; "
+               f"for one image pass x[None].")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.init(jax.random.key(0), jnp.zeros(shape), train=False)
+
+
+@pytest.mark.parametrize("sizes", [152, (3, 4.5, 6, 3), (3, 0), ()])
+def test_resnet_stage_sizes_that_are_not_block_counts_are_one_clear_error(sizes):
+    # A depth for stage_sizes failed with Python's "'int' object is not iterable", and a
+    # fractional count was truncated silently.
+    with pytest.raises(ValueError, match=r"stage_sizes must be a sequence of positive block "
+                                         r"counts, one per stage, got .*; ResNet-152 is "
+                                         r"stage_sizes=\(3, 8, 36, 3\)"):
+        sdj.ResNet(stage_sizes=sizes)

@@ -188,8 +188,7 @@ def test_nnx_wrappers_match_one_device(drop_path):
 @pytest.mark.parametrize("open_", [True, False])
 def test_residual_block_skips_under_explicit_sharding(open_):
     """The library's blocks declare their output (``output_struct``) with the batch sharding,
-    so the skipping ``cond`` traces (forward: stock convolutions' gradients need an
-    ``out_sharding`` under explicit sharding)."""
+    so the skipping ``cond`` traces (gradients: the ResNet train step below)."""
     block = layers.BasicBlock(features=8, strides=2)
     x = jax.random.normal(jax.random.key(0), (B, 8, 8, 4))
     variables = block.init(jax.random.key(0), x, train=False)
@@ -198,3 +197,29 @@ def test_residual_block_skips_under_explicit_sharding(open_):
     got, _ = _explicit(fwd, x, variables)
     _close(got, fwd(x, variables))
     assert ops.explicit_sharding(got[0]).spec[0] == "data"
+
+
+@pytest.mark.parametrize("set_mesh", [True, False])
+def test_resnet_train_step_matches_one_device(set_mesh):
+    """A data-parallel train step of a library ResNet over an explicit mesh (``jax.make_mesh``'s
+    default): the loss, the gradients and the BatchNorm statistics are the one-device
+    step's, with a block skipped and the rest run, through the library's CPU convolution,
+    whose weight gradient contracts the sharded batch (1x1, strided 3x3 and the 7x7 stem)."""
+    model = sdj.ResNet(stage_sizes=(1, 2), width=4, num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    gates = jnp.array([True, False, True])
+
+    def step(x, v):
+        def loss(params):
+            y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                 train=True, gates=gates, mutable=["batch_stats"])
+            return jnp.sum(y ** 2), upd
+        return jax.value_and_grad(loss, has_aux=True)(v["params"])
+
+    step = jax.jit(step)
+    # Replicated on the mesh, as a pod user puts them (without the mesh context jax needs
+    # that to resolve the head's weight gradient, a dot over the sharded batch).
+    replicated = jax.device_put(variables, NamedSharding(_mesh(), P()))
+    got, _ = _explicit(step, x, replicated, set_mesh=set_mesh)
+    _close(got, step(x, variables))

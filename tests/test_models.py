@@ -573,6 +573,17 @@ def test_imagenet_resnet_runs_and_scans():
     assert sdj.ResNet50().num_blocks() == 16 and sdj.ResNet152().num_blocks() == 50
 
 
+
+@pytest.mark.parametrize("make, count", [("ResNet50", 25_557_032), ("ResNet101", 44_549_160)])
+def test_imagenet_resnets_have_torchvisions_parameter_counts(make, count):
+    # The README names these counts (torchvision's, 1000 classes); ResNet-152's is checked
+    # by its snippet. Scanned and unrolled stages hold the same parameters.
+    for scan in (True, False):
+        model = getattr(sdj, make)(scan=scan)
+        shapes = jax.eval_shape(lambda: model.init(  # noqa: B023
+            jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+        assert sum(a.size for a in jax.tree.leaves(shapes["params"])) == count
+
 # ---- compact mode: kept blocks gathered into static-length scans, no conditionals ---------
 
 def test_compact_mode_equals_skipping():
