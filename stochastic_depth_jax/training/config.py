@@ -71,14 +71,6 @@ def fake_train_size(config: Any) -> int:
     return size
 
 
-def dataset_augment(config: Any) -> str | None:
-    """``config.augment`` as ``data.load_dataset`` takes it: None for 'auto' (the dataset's
-    own: CIFAR and image folders flip + translate, SVHN none) or a run.json that predates
-    the field, else the augmentation named."""
-    augment = config.get("augment", "auto")
-    return None if augment == "auto" else augment
-
-
 def fake_train_fields(dataset: str) -> str:
     """The ``fake_data`` fields :func:`fake_train_size` adds up for ``dataset``, as messages
     name them."""

@@ -113,7 +113,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str,
         holdout=data_lib.recorded_holdout(recorded, config.dataset),
         progress_bar=config.get("progress_bar", True),  # a run.json may predate the field
         normalization=config.get("normalization", "channel"),  # as progress_bar
-        augment=config_lib.dataset_augment(config),
+        augment=config.get("augment", "auto"),  # as progress_bar; 'auto': the dataset's
     )
 
 
