@@ -515,6 +515,11 @@ def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--mc-samples", "2"])
     assert line.startswith(f"error: The run in {empty} has no best checkpoint yet, nor any "
                            "other: one is saved at the end of each epoch")
+    # A step asked of it was told 'checkpoints/ holds steps [] and checkpoints_best/ steps
+    # []; give one of them', though neither exists: told that none is saved yet.
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--checkpoint", "4"])
+    assert line.startswith(f"error: The run in {empty} has no latest checkpoint yet, nor any "
+                           "other: one is saved at the end of each epoch")
 
 
 def test_an_export_directory_that_cannot_be_made_names_export_not_workdir(capsys, resnet,
@@ -756,18 +761,3 @@ def test_a_missing_step_names_the_steps_of_both_series(capsys, resnet, tmp_path)
     assert line == (f"error: No checkpoint at step 99 in {copy}: checkpoints/ holds steps "
                     f"{rest} and checkpoints_best/ steps [{best}]; give one of them "
                     "(--checkpoint STEP), or --checkpoint best or latest.")
-
-
-def test_a_step_of_a_run_without_checkpoints_says_it_has_none(capsys, resnet, tmp_path):
-    """A step asked of a run with no checkpoint yet was told 'checkpoints/ holds steps [] and
-    checkpoints_best/ steps []; give one of them, or --checkpoint best or latest', though
-    neither exists: it is told that none has been saved yet, as without a step."""
-    import shutil
-
-    _, workdir = resnet
-    empty = str(tmp_path / "run")
-    os.makedirs(empty)
-    shutil.copy(os.path.join(workdir, "run.json"), empty)
-    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--checkpoint", "4"])
-    assert line.startswith(f"error: The run in {empty} has no latest checkpoint yet, nor any "
-                           "other: one is saved at the end of each epoch")
