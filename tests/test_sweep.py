@@ -553,11 +553,12 @@ def test_an_interrupted_table_leaves_the_earlier_one(tmp_path, monkeypatch):
         for e in (".png", ".json")) + ["training_time.md"]
 
 
-@pytest.mark.parametrize("damage", ['{"steps": 8, "steps_per', "[]"])
+@pytest.mark.parametrize("damage", ['{"steps": 8, "steps_per', "[]", '{"steps": 8}',
+                                    '{"steps": "8", "steps_per_epoch": 4}'])
 def test_a_damaged_summary_is_an_unfinished_run_named_in_a_warning(capsys, tmp_path, damage):
-    """A run's summary.json cut short (a copy interrupted) or not an object stopped
-    --collect, and a sweep, with a JSONDecodeError (AttributeError) traceback; it is a run
-    to finish, as train.py reads it."""
+    """A run's summary.json cut short (a copy interrupted), not an object, or without a
+    step count stopped --collect, and a sweep, with a JSONDecodeError (AttributeError,
+    KeyError, TypeError) traceback; it is a run to finish, as train.py reads it."""
     root = str(tmp_path)
     name = _finished_run(root, 8, 0.5, 0.5)
     _finished_run(root, 8, 1.0, 0.6)

@@ -189,6 +189,10 @@ def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> 
     return min(total, config.max_steps) if config.max_steps else total
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_summary(workdir: str) -> dict[str, Any] | None:
     """The run's ``summary.json``; None if it has none, or (with a warning naming it) if it
     is damaged: the run then counts as unfinished, as training counts it (a rerun of the
@@ -201,6 +205,9 @@ def _read_summary(workdir: str) -> dict[str, Any] | None:
             summary = json.load(f)
         if not isinstance(summary, dict):
             raise ValueError("it holds no JSON object")
+        wrong = [k for k in ("steps", "steps_per_epoch") if not _is_count(summary.get(k))]
+        if wrong:
+            raise ValueError(f"no whole number for {' or '.join(map(repr, wrong))}")
     except (OSError, ValueError) as e:
         warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}): the run counts as "
                       "unfinished; rerun the sweep's command to rewrite it (the run resumes "
@@ -211,7 +218,7 @@ def _read_summary(workdir: str) -> dict[str, Any] | None:
 
 def _finished(summary: dict[str, Any] | None, config: ml_collections.ConfigDict) -> bool:
     """Whether ``summary`` (:func:`_read_summary`'s) records every step ``config`` asks for."""
-    return summary is not None and summary.get("steps", 0) >= _total_steps(summary, config)
+    return summary is not None and summary["steps"] >= _total_steps(summary, config)
 
 
 def is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
