@@ -169,11 +169,16 @@ def run(args) -> dict:
     print(depth.curve_footer(result) if args.depth_curve else text, flush=True)
     if "note" in result:
         print(f"warning: {result['note']}", file=sys.stderr, flush=True)
-    output = args.output or default  # None: the analysis wrote its JSON (the depth curve)
-    if output is not None:
+    # None: the analysis wrote its JSON (the depth curve). An export's record also stays
+    # beside its model (export.json) when --output names another copy.
+    outputs = [args.output or default] if args.output or default else []
+    if args.export and args.output and os.path.abspath(args.output) != os.path.abspath(default):
+        outputs.insert(0, default)
+    for output in outputs:
         _write(output, text)
-        # On stderr: stdout stays the JSON alone, for a pipe (evaluate.py ... | jq).
-        print(f"{summary_line(result)}Written: {output}", file=sys.stderr, flush=True)
+    if outputs:  # On stderr: stdout stays the JSON alone, for a pipe (evaluate.py ... | jq).
+        print(f"{summary_line(result)}Written: {' and '.join(outputs)}", file=sys.stderr,
+              flush=True)
     return result
 
 

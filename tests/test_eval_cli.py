@@ -214,7 +214,11 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
     _, workdir = resnet
     out = str(tmp_path / "pruned")
     args = ["--workdir", workdir, "--remove", "1", "--repeats", "1", "--throughput-batch", "4"]
-    evaluate_cli.main([*args, "--export", out])
+    copy = str(tmp_path / "export_copy.json")
+    evaluate_cli.main([*args, "--export", out, "--output", copy])
+    # --output is a copy of the record: the export's own export.json is written too.
+    assert capsys.readouterr().err.endswith(f"Written: {out}/export.json and {copy}\n")
+    assert _json(copy) == _json(os.path.join(out, "export.json"))
     data = _json(os.path.join(workdir, "run.json"))["data"]
     model, variables, meta = sdj.load_pruned(out)
     np.testing.assert_allclose(meta["input"]["mean"], data["mean"], rtol=1e-6)
