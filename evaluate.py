@@ -185,24 +185,27 @@ def run(args) -> dict:
 def summary_line(result: dict) -> str:
     """The numbers a person looks for in ``result`` (a plain evaluation's, Monte-Carlo
     depth's or an export's JSON), as a sentence ending in a space; '' for another."""
+    images = "FAKE random-label images" if result.get("fake_data") else "images"
     if "mc" in result:
         return (f"Monte-Carlo depth, {result['samples']} sub-networks: {result['split']} error "
                 f"{depth.percent(result['mc']['error'])} (deterministic network "
                 f"{depth.percent(result['deterministic']['error'])}, members' mean "
-                f"{depth.percent(result['member_mean_error'])}) on {result['count']:,} images. ")
+                f"{depth.percent(result['member_mean_error'])}) on {result['count']:,} "
+                f"{images}. ")
     if "output" in result:
         kept, test = result["blocks_kept"], result["error"].get("test", {})
+        fake = ", FAKE random-label data" if result.get("fake_data") else ""
         return (f"{kept} of {kept + len(result['removed'])} blocks kept "
                 f"({result['num_params']['pruned']:,} of {result['num_params']['full']:,} "
                 f"parameters), test error {depth.percent(test['pruned'])} (all blocks: "
-                f"{depth.percent(test['full'])}). " if test else "")
+                f"{depth.percent(test['full'])}{fake}). " if test else "")
     if "error" in result and "evaluated_step" in result:
         label = evaluate_lib.result_label(result["requested"], result)  # never a step's kind
         which = "" if label.startswith("step") else f"checkpoint {label}, "
         epoch = evaluate_lib.epoch_text(result.get("epoch"))
         epoch = epoch and f", epoch {epoch}"
         return (f"{result['split'].capitalize()} error {depth.percent(result['error'])} (loss "
-                f"{result['loss']:.4f}) on {result['count']:,} images, {which}step "
+                f"{result['loss']:.4f}) on {result['count']:,} {images}, {which}step "
                 f"{result['evaluated_step']}{epoch}. ")
     return ""
 

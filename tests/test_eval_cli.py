@@ -206,7 +206,7 @@ def test_mc_samples_writes_its_file_named_by_its_seed(resnet):
     evaluate_cli.main(["--workdir", workdir, "--mc-samples", "2", "--seed", "1"])
     first = _json(os.path.join(workdir, "eval_mc2_best_test.json"))
     saved = _json(os.path.join(workdir, "eval_mc2_seed1_best_test.json"))
-    assert first["seed"] == 0 and first["samples"] == 2
+    assert first["seed"] == 0 and first["samples"] == 2 and first["fake_data"] is True
     assert saved["samples"] == 2 and saved["seed"] == 1 and saved["count"] == 16
 
 
@@ -224,6 +224,7 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
     np.testing.assert_allclose(meta["input"]["mean"], data["mean"], rtol=1e-6)
     np.testing.assert_allclose(meta["input"]["std"], data["std"], rtol=1e-6)
     assert meta["removed"] == [2] and model.kept_blocks().tolist() == [True, True, False]
+    assert meta["fake_data"] is True  # the exported model's recorded errors are at chance
     # The recorded normalisation reproduces the export's own test error, without the run.
     from stochastic_depth_jax.training import evaluate
 
@@ -345,6 +346,10 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
     evaluate_cli.main(["--workdir", copy, "--output", out])
     err = capsys.readouterr().err  # the figures in one line, and where they went
     assert err.startswith("Test error ") and err.endswith(f"Written: {out}\n")
+    # A fake-data run's figures say so, in the line and the JSON (they sit at chance).
+    assert " on 16 FAKE random-label images, checkpoint best, " in err
+    assert _json(out)["fake_data"] is True
+    assert evaluate.fake_data_fields(load_config("cifar10")) == {}
     assert evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0]).size == 6
     here, there = _json(out), evaluate.evaluate_checkpoint(workdir)
     assert here["error"] == there["error"] and here["count"] == there["count"]

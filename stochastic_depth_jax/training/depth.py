@@ -303,6 +303,7 @@ def _export(workdir: str, output: str, *, checkpoint: str | int, data_dir: str |
                                          repeats=repeats)["images_per_s"],
             "device": jax.devices()[0].device_kind,
         },
+        **evaluate_lib.fake_data_fields(run.config),
     }
     pruning.save_pruned(output, pruned, jax.device_get(pvars), record, mean=run.mean,
                         std=run.std)
@@ -344,7 +345,8 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
     result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),
                                  samples=samples, key=jax.random.key(seed))
     out = {"source": _source(run, workdir, checkpoint), "split": split, "seed": seed,
-           "evaluated_step": int(run.meta["step"]), **result}
+           "evaluated_step": int(run.meta["step"]), **result,
+           **evaluate_lib.fake_data_fields(run.config)}
     return out if run.note is None else {**out, "note": run.note}
 
 

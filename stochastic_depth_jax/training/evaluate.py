@@ -619,6 +619,13 @@ def _epoch(value: Any) -> int | float | None:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def fake_data_fields(config: ml_collections.ConfigDict) -> dict[str, bool]:
+    """``{'fake_data': True}`` for a run that trained (and is evaluated) on fake random-label
+    data (``config.fake_data``), whose errors sit at chance; ``{}`` for a real dataset.
+    Results carry it so that a figure quoted from one cannot pass for a real one."""
+    return {"fake_data": True} if config.fake_data.num_train else {}
+
+
 def evaluate_checkpoint(
     workdir: str, checkpoint: str | int = "best", split: str = "test",
     data_dir: str | None = None,
@@ -633,7 +640,8 @@ def evaluate_checkpoint(
 
     Returns:
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
-      'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float) and,
+      'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float),
+      ``'fake_data': True`` for a run on fake data (:func:`fake_data_fields`) and,
       if the requested checkpoint was unreadable and an older one was evaluated instead,
       ``'note'`` saying so. ``'checkpoint'`` is ``'best'`` or ``'latest'`` only when that
       checkpoint was evaluated; ``'step'`` for a step number requested or a fallback.
@@ -664,6 +672,7 @@ def evaluate_checkpoint(
         "epoch": _epoch(run.meta.get("epoch")),
         "split": split,
         **result,
+        **fake_data_fields(run.config),
     }
     if data_dir is not None:
         out["data_dir"] = data_dir
