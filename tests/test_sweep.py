@@ -24,7 +24,7 @@ from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors, logs  # noqa: E402
 from stochastic_depth_jax.training import evaluate as evaluate_lib  # noqa: E402
-from stochastic_depth_jax.training import stopping, sweep  # noqa: E402
+from stochastic_depth_jax.training import config as config_lib, stopping, sweep  # noqa: E402
 
 
 def _sweep_argv(root, *extra, depths="8", p_last="0.5"):
@@ -606,3 +606,24 @@ def test_the_subtitle_names_an_augmentation_that_is_not_the_datasets():
     assert sweep.describe_data([{"config": own}]).startswith("cifar10, FAKE random-label")
     assert sweep.describe_data([{"config": none}, {"config": own}]).startswith(
         "cifar10, FAKE random-label")  # two series, labelled by augment
+
+
+def test_the_datasets_own_augmentation_named_is_the_same_config_as_auto(tmp_path):
+    """'auto' and the dataset's own augmentation named train identically, yet a sweep
+    rerun naming it was refused as another config, and the two drawn as two series."""
+    root = str(tmp_path)
+    auto = _finished_run(root, 8, 0.5, 0.5)
+    named = _finished_run(root, 8, 1.0, 0.6, "--config.augment=flip_translate")
+    runs = [(n, load_config("cifar10:smoke", ["--config.augment=flip_translate", *extra]))
+            for n, extra in sweep.plan([8], [0.5, 1.0])]
+    status = sweep.run_sweep(runs, root, train=lambda c, w: pytest.fail(f"trained {w}"))
+    assert status == {auto: "skipped (finished)", named: "skipped (finished)"}
+    assert set(sweep.label_series(sweep.collect(root)).values()) == {""}  # one series
+    # Another augmentation, or 'auto' on a dataset whose own is another, is a change.
+    change = config_lib.config_changes({"dataset": "svhn", "augment": "auto"},
+                                       {"dataset": "svhn", "augment": "flip_translate"})
+    assert change == {"augment": {"old": "auto", "new": "flip_translate"}}
+    with pytest.raises(errors.ConfigError, match=r"augment: 'auto' -> 'none'"):
+        sweep.run_sweep([(auto, load_config("cifar10:smoke", [
+            "--config.augment=none", *sweep.plan([8], [0.5])[0][1]]))], root,
+            train=lambda c, w: pytest.fail(f"trained {w}"))

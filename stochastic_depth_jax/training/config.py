@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from stochastic_depth_jax import convnext, errors, layers, models, ops, schedules, vit
+from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.data import augment as augment_lib, splits
 from stochastic_depth_jax.training import implementation, optim
 
@@ -32,6 +33,7 @@ __all__ = [
     "validate",
     "field_names",
     "config_changes",
+    "resolved_augment",
     "moved_folder",
     "with_absent_defaults",
     "check_batch_fits",
@@ -91,7 +93,18 @@ def config_changes(old: dict[str, Any], new: dict[str, Any],
             changes.update(config_changes(a, b, prefix + key + "."))
         elif a != b:
             changes[prefix + key] = {"old": a, "new": b}
+    if not prefix and "augment" in changes and resolved_augment(old) == resolved_augment(new):
+        del changes["augment"]  # 'auto' and the dataset's own named: the same training
     return changes
+
+
+def resolved_augment(config: dict[str, Any]) -> str:
+    """The augmentation a top-level ``config`` (as run.json stores it) trains with: its
+    ``augment``, 'auto' (or absent: recorded before the field) as its dataset's own."""
+    augment = config.get("augment") or "auto"
+    if augment == "auto":
+        return data_lib.default_augment(str(config.get("dataset")))
+    return augment
 
 
 def moved_folder(change: dict[str, Any]) -> bool:

@@ -389,7 +389,10 @@ _LABEL_FIRST = ("dataset", "model.name", "num_epochs", "max_steps", "fake_data.n
 
 
 def _compared(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``config`` (as JSON) flattened to ``{'a.b': json text}``, without ``_NOT_COMPARED``."""
+    """``config`` (as JSON) flattened to ``{'a.b': json text}``, without ``_NOT_COMPARED``;
+    ``augment`` as trained ('auto' and the dataset's own named are one series)."""
+    if not prefix:
+        config = {**config, "augment": config_lib.resolved_augment(config)}
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict):
