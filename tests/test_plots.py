@@ -387,3 +387,21 @@ def test_a_moved_image_folder_is_no_change_of_the_curves_dataset():
     run_json["config_changes"] = {"dataset": {"old": "cifar10", "new": config["dataset"]}}
     assert plots.curve_title(run_json, 4).startswith(
         "cifar10 (FAKE random-label data) then image_folder:flowers_v2 from epoch 3, ")
+
+
+@pytest.mark.parametrize("old, new, named", [
+    ("none", "translate", "(no augmentation then translate only from epoch 3), ResNet-8 "),
+    ("auto", "none", "(flip + translate then no augmentation from epoch 3), ResNet-8 "),
+    ("none", "auto", "(no augmentation then flip + translate from epoch 3), ResNet-8 ")])
+def test_a_changed_augmentation_is_one_part_of_the_curves_title(old, new, named):
+    """Resumed with another augmentation, the title repeated the whole dataset part
+    ('cifar10 (FAKE ...) (no augmentation) then cifar10 (FAKE ...) (translate only) from
+    epoch 3'); a change to the dataset's own was not named at all ('then cifar10 (FAKE ...)
+    from epoch 3')."""
+    config = json.loads(load_config("cifar10:smoke", [f"--config.augment={new}"]).to_json())
+    run_json = {"config": config, "start_step": 8,
+                "config_changes": {"augment": {"old": old, "new": new}},
+                "history": [{"start_step": 0, "config_changes": {}}]}
+    assert plots.curve_title(run_json, steps_per_epoch=4) == (
+        f"cifar10 (FAKE random-label data) {named}width 4, stochastic depth p_L=0.5 "
+        "(linear, batch), float32")

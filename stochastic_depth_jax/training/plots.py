@@ -46,11 +46,19 @@ def run_title(config: Any) -> str:
     drop path 0.1 (linear, sample), float32``, with ``FAKE data`` after the dataset of a
     random-label smoke run: a figure's title, so a PNG copied out of its workdir still says
     what it shows. ``config``: the run's ConfigDict, or run.json's ``"config"`` dict."""
-    return ", ".join(_title_parts(config))
+    return _joined(_title_parts(config), augment_label(config) is not None)
+
+
+def _joined(parts: Sequence[str], augment: bool) -> str:
+    """:func:`_title_parts` (each maybe with its changes) as a title: the augmentation in
+    brackets after the dataset where ``augment`` (it is not the dataset's own, or changed)."""
+    dataset, augmentation, *rest = parts
+    return ", ".join([dataset + (f" ({augmentation})" if augment else ""), *rest])
 
 
 def _title_parts(config: Any) -> list[str]:
-    """:func:`run_title`'s parts: dataset, model, depth rule, dtype."""
+    """:func:`run_title`'s parts: dataset, augmentation (as trained: 'auto' named as its
+    dataset's), model, depth rule, dtype."""
     m = config["model"]
     name = m.get("name", "cifar_resnet")
     if name == "wide_resnet":  # WRN-d-k names its depth and widening, not the base width.
@@ -81,9 +89,9 @@ def _title_parts(config: Any) -> list[str]:
         dataset = "image_folder:" + (os.path.basename(folder) or folder)
     elif config_lib.fake_train_size(config):
         dataset += " (FAKE random-label data)"
-    if augment := augment_label(config):
-        dataset += f" ({augment})"
-    return [dataset, model, depth, str(m.get("dtype", "float32"))]
+    augment = config_lib.resolved_augment(config)
+    return [dataset, _AUGMENT_NAMES.get(augment, augment), model, depth,
+            str(m.get("dtype", "float32"))]
 
 
 def augment_label(config: Any) -> str | None:
@@ -108,19 +116,21 @@ def curve_title(run_json: dict[str, Any], steps_per_epoch: int) -> str:
     part a resumed session changed reads e.g. ``float32 then bfloat16 from epoch 12``. A
     session that trained nothing (the next one started at the same step) is left out; a
     run never changed gets ``run_title(config)``."""
-    sessions = [(start, _title_parts(config))
-                for start, config in _session_configs(run_json)]
-    trained = [s for s, after in zip(sessions, sessions[1:] + [(math.inf, None)])
+    configs = _session_configs(run_json)
+    sessions = [(start, _title_parts(config), config) for start, config in configs]
+    trained = [s for s, after in zip(sessions, sessions[1:] + [(math.inf, None, None)])
                if after[0] > s[0]]
     parts = []
     for i, first in enumerate(trained[0][1]):
         text, value = first, first
-        for start, later in trained[1:]:
+        for start, later, _ in trained[1:]:
             if later[i] != value:
                 value = later[i]
                 text += f" then {value} from {_from(start, steps_per_epoch)}"
         parts.append(text)
-    return ", ".join(parts)
+    # The augmentation is named where one session's is not its dataset's own, or it changed.
+    augment = " then " in parts[1] or any(augment_label(c) for _, _, c in trained)
+    return _joined(parts, augment)
 
 
 def _from(step: int, steps_per_epoch: int) -> str:
