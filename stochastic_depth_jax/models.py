@@ -621,11 +621,17 @@ class _StochasticResNetBase(nn.Module):
     def _check_images(self, x: Array) -> None:
         """ValueError unless ``x`` is a batch of images ``[batch, H, W, C]``: one image
         without its batch axis reached the stem convolution and failed there with JAX's
-        "convolution requires lhs and rhs ndim to be equal"."""
-        if jnp.ndim(x) != 4:
+        "convolution requires lhs and rhs ndim to be equal"; a channels-first batch
+        ``[N, 3, H, H]`` trained silently as 3 rows of H-channel images."""
+        shape = tuple(jnp.shape(x))
+        if len(shape) != 4:
             raise ValueError(f"{type(self).__name__} takes images [batch, height, width, "
-                             f"channels], got shape {tuple(jnp.shape(x))}; for one image "
-                             f"pass x[None].")
+                             f"channels], got shape {shape}; for one image pass x[None].")
+        # Channels first (PyTorch's NCHW) ran: 3 rows of a 32-"channel" image, a wrong net.
+        if shape[1] in (1, 3) and shape[2] == shape[3] > 4:
+            raise ValueError(f"{type(self).__name__} takes images [batch, height, width, "
+                             f"channels], got shape {shape}, which is channels-first "
+                             f"(NCHW); pass x.transpose(0, 2, 3, 1).")
 
     @staticmethod
     def _check_flags(train: Any, stochastic: Any) -> None:

@@ -425,6 +425,19 @@ def test_images_without_a_batch_axis_are_one_clear_error(name, shape):
         module.init(jax.random.key(0), jnp.zeros(shape), train=False)
 
 
+@pytest.mark.parametrize("name", ["CifarResNet", "WideResNet", "ResNet"])
+def test_channels_first_images_are_one_clear_error(name):
+    # PyTorch's NCHW batch [N, 3, 32, 32] ran as 3 rows of 32-"channel" images: a stem
+    # built for 32 channels, trained on the wrong pixels, with no error.
+    module = _FLAGGED[name][0]()
+    message = (f"{name} takes images [batch, height, width, channels], got shape "
+               f"(2, 3, 16, 16), which is channels-first (NCHW); pass x.transpose(0, 2, 3, 1).")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.init(jax.random.key(0), jnp.zeros((2, 3, 16, 16)), train=False)
+    module.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)  # NHWC
+    module.init(jax.random.key(0), jnp.zeros((2, 3, 3, 3)), train=False)  # tiny: NHWC
+
+
 @pytest.mark.parametrize("sizes", [152, (3, 4.5, 6, 3), (3, 0), ()])
 def test_resnet_stage_sizes_that_are_not_block_counts_are_one_clear_error(sizes):
     # A depth for stage_sizes failed with Python's "'int' object is not iterable", and a
