@@ -6,8 +6,10 @@ import sys
 import jax
 import jaxlib
 import jax.numpy as jnp
+import pytest
 
 from configs import load_config
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import compilation, loop
 from processes import finish_all, free_address, start_all
 
@@ -161,3 +163,41 @@ def test_a_cache_hazard_keeps_the_run_off_the_cache_and_says_why(tmp_path, monke
     assert "Persistent compilation cache off: a known hang.\n" in out
     assert "loaded from the persistent cache, which is off)" in out
     assert jax.config.jax_compilation_cache_dir == before  # the session's setting, restored
+
+
+def _one_step(tmp_path, cache_dir):
+    return load_config("cifar10:smoke", [
+        "--config.progress_bar=false", "--config.write_tensorboard=false",
+        "--config.write_plots=false", "--config.num_epochs=1", "--config.max_steps=1",
+        f"--config.compilation_cache_dir={cache_dir}"])
+
+
+def test_an_unwritable_default_cache_trains_without_it(tmp_path, monkeypatch):
+    """'auto' under a home that cannot hold it (read-only, missing, a file in the way) stopped
+    the run, the default config included, with the workdir's advice ("use another
+    --workdir"); the cache is an optimisation the user did not ask for: one warning, and
+    the run trains without it."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.warns(logs.RunWarning, match=r"Persistent compilation cache off: the default "
+                      r"directory \(compilation_cache_dir='auto'\) cannot create .*file.* "
+                      r"\(Not a directory\); set --config.compilation_cache_dir"):
+        summary = loop.train_and_evaluate(_one_step(tmp_path, "auto"), str(tmp_path / "run"))
+    assert summary["compilation"]["cache_dir"] is None and summary["compilation"]["programs"]
+    assert "cannot create" in summary["compilation"]["cache_off_because"]
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_an_unwritable_cache_path_is_one_error_naming_the_field(tmp_path):
+    """A path the user gave that cannot be created: the field and its fix, not "use another
+    --workdir"; nothing is left in the workdir."""
+    (tmp_path / "file").write_text("")
+    cache, workdir = tmp_path / "file" / "cache", tmp_path / "run"
+    with pytest.raises(errors.ConfigError, match=re.escape(
+            f"compilation_cache_dir='{cache}': cannot create {cache} (Not a directory); give "
+            "a directory this user can write, or --config.compilation_cache_dir='' to turn "
+            "the cache off.")):
+        loop.train_and_evaluate(_one_step(tmp_path, cache), str(workdir))
+    assert not workdir.exists()

@@ -13,6 +13,10 @@ directory is ``config.compilation_cache_dir``:
 * a path: that directory;
 * ``''``: no persistent cache.
 
+A directory that cannot be created (:func:`off_if_unwritable`) is one error naming the field
+where the user gave the path, and the cache off, said in one warning, for ``'auto'``: a
+read-only or missing home directory must not stop a run that never asked for the cache.
+
 JAX caches only programs that took at least ``jax_persistent_cache_min_compile_time_secs``
 (default 1 s) to compile. The cache is trusted code: do not share its directory with users
 you do not trust.
@@ -31,13 +35,16 @@ import os
 import platform
 import re
 import threading
+import warnings
 from typing import Any, Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-__all__ = ["cache_dir_for", "cache_hazard", "off_if_hazardous", "host_tag", "use_cache_dir",
-           "cache_dir_in_use", "CompileStats"]
+from stochastic_depth_jax import errors, logs
+
+__all__ = ["cache_dir_for", "cache_hazard", "off_if_hazardous", "off_if_unwritable", "host_tag",
+           "use_cache_dir", "cache_dir_in_use", "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -104,6 +111,34 @@ def off_if_hazardous(path: str) -> tuple[str, str | None]:
     if jax.process_index() == 0:
         print(f"Persistent compilation cache off: {why}.", flush=True)
     return "", why
+
+
+def off_if_unwritable(path: str, setting: str) -> tuple[str, str | None]:
+    """``(path, None)`` where the cache directory ``path`` ('' = none) exists or could be
+    created; otherwise, for ``setting`` 'auto' (a place the user did not choose: a home
+    directory that is read-only or missing), ``('', why)`` after process 0 has warned that
+    the run goes on without the cache. A path the user gave (``setting``) that cannot be
+    created raises ``errors.ConfigError`` naming the field, before anything trains.
+
+    Without this, ``os.makedirs`` failed in :func:`use_cache_dir` and the run stopped with
+    the workdir's advice ("use another --workdir"), which does not help."""
+    if not path:
+        return path, None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        problem = f"cannot create {path} ({e.strerror or e})"
+        if setting != "auto":
+            raise errors.ConfigError(
+                f"compilation_cache_dir={setting!r}: {problem}; give a directory this user "
+                "can write, or --config.compilation_cache_dir='' to turn the cache off.") from e
+        why = f"the default directory (compilation_cache_dir='auto') {problem}"
+        if jax.process_index() == 0:
+            warnings.warn(f"Persistent compilation cache off: {why}; set "
+                          "--config.compilation_cache_dir to a directory this user can write "
+                          "to keep compiled programs, or '' to silence this.", logs.RunWarning)
+        return "", why
+    return path, None
 
 
 def _cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -750,6 +750,8 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     setup_lib.check_groups(config, mesh)
     cache_dir, hazard = compilation.off_if_hazardous(
         compilation.cache_dir_for(config.compilation_cache_dir))
+    cache_dir, unwritable = compilation.off_if_unwritable(cache_dir, config.compilation_cache_dir)
+    hazard = hazard or unwritable
     with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:
         summary, trained = _train_and_evaluate(config, workdir)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
