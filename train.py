@@ -45,8 +45,9 @@ def parse_args(argv):
         help=f'{sorted(CONFIGS)} or a config file, optionally ":smoke" (cifar10, cifar100: '
              'also ":official", ":official_smoke")',
     )
-    parser.add_argument(
-        "--workdir", default=None, help="outputs (default ./workdir/<config>[_<variant>])"
+    parser.add_argument(  # '--workdir=~/runs/x' reaches us unexpanded: the shell leaves it
+        "--workdir", default=None, type=os.path.expanduser,
+        help="outputs (default ./workdir/<config>[_<variant>])"
     )
     distributed.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")

@@ -246,6 +246,23 @@ def test_default_workdir_keeps_the_variant():
     assert train.default_workdir("../my exp.py") == "./workdir/my_exp"  # a directory name
 
 
+def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
+    """'--workdir=~/runs/x' (the shell expands no '~' after '=') and a Python caller's
+    '~/runs/x' trained into a folder named '~' under the current directory."""
+    import train
+    from stochastic_depth_jax.training import train_and_evaluate
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args, _ = train.parse_args(["--config", "cifar10:smoke", "--workdir=~/runs/x"])
+    assert args.workdir == str(tmp_path / "home" / "runs" / "x")
+    train_and_evaluate(load_config("cifar10:smoke", [
+        "--config.max_steps=1", "--config.progress_bar=false", "--config.write_plots=false",
+        "--config.write_tensorboard=false", "--config.compilation_cache_dir="]), "~/run")
+    assert os.path.exists(tmp_path / "home" / "run" / "summary.json")
+    assert not os.path.exists(tmp_path / "~")
+
+
 def test_cli_reports_config_errors():
     for args, expected in (
         (["--config", "nope"], "cifar100"),

@@ -711,7 +711,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     config = setup_lib.absolute_data_paths(config_lib.validate(config))
-    workdir = os.path.abspath(workdir)
+    workdir = os.path.abspath(os.path.expanduser(workdir))  # '~/runs/x': not a './~' folder
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
 
