@@ -315,6 +315,35 @@ def test_a_config_files_own_config_error_passes_through(tmp_path):
         load_config(str(path))
 
 
+def test_lr_drops_past_the_last_epoch_are_named():
+    """`--config.num_epochs=100` on cifar10 kept its drops after epochs 250 and 375: the run
+    trained at lr 0.1 throughout, and nothing said so."""
+    late = config_lib.unreached_lr_drops
+    assert late(load_config("cifar10", ["--config.num_epochs=100"])) == (
+        "lr_boundaries_epochs=(250, 375): the learning-rate drops after epochs 250, 375 never "
+        "happen in a run of num_epochs=100 (unless extended later); set "
+        "--config.lr_boundaries_epochs to epochs below 100, or () for none.")
+    assert "drop after epoch 160 never happens in a run of num_epochs=150" in late(
+        load_config("cifar100_wrn", ["--config.num_epochs=150"]))
+    assert late(load_config("cifar10:smoke", ["--config.num_epochs=1"])).endswith(
+        "set --config.lr_boundaries_epochs=() (none).")
+    for spec in CONFIGS:  # as shipped, every drop happens; a cosine schedule has none
+        assert late(load_config(spec)) is None and late(load_config(f"{spec}:smoke")) is None
+    assert late(load_config("cifar10_vit", ["--config.num_epochs=100"])) is None
+
+
+def test_a_run_whose_lr_drops_never_happen_warns(tmp_path):
+    from stochastic_depth_jax import logs
+    from stochastic_depth_jax.training import train_and_evaluate
+
+    config = load_config("cifar10:smoke", [
+        "--config.num_epochs=1", "--config.max_steps=1", "--config.progress_bar=false",
+        "--config.write_plots=false", "--config.write_tensorboard=false"])
+    with pytest.warns(logs.RunWarning, match=r"lr_boundaries_epochs=\(1,\): the learning-rate "
+                      r"drop after epoch 1 never happens in a run of num_epochs=1"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_step_schedule_divides_at_epoch_boundaries():
     c = load_config("cifar10")
     schedule = optim.make_lr_schedule(c, steps_per_epoch=10)

@@ -38,6 +38,7 @@ __all__ = [
     "with_absent_defaults",
     "check_batch_fits",
     "fake_train_size",
+    "unreached_lr_drops",
     "fake_train_fields",
 ]
 
@@ -481,6 +482,25 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
                f"warmup_epochs={c.warmup_epochs!r} lasts until the first lr drop "
                f"(lr_boundaries_epochs={tuple(b)!r}): the warm-up would hide it; warm up for "
                f"fewer than {b[0]} epochs")
+
+
+def unreached_lr_drops(config: ml_collections.ConfigDict) -> str | None:
+    """Why some learning-rate drops of a step schedule never happen, or None: a boundary at
+    or after ``num_epochs`` (a drop after epoch E starts epoch E + 1). Not an error, as a
+    run may be extended later, but a run shortened by ``--config.num_epochs`` alone (the
+    CIFAR configs' drops are after epochs 250 and 375) trained at the first rate
+    throughout, silently."""
+    n, b = config.num_epochs, tuple(config.lr_boundaries_epochs)
+    late = [e for e in b if e >= n]
+    if config.lr_schedule != "step" or not late:
+        return None
+    fix = ("--config.lr_boundaries_epochs=() (none)" if n == 1 else
+           f"--config.lr_boundaries_epochs to epochs below {n}, or () for none")
+    drops = "drops" if len(late) > 1 else "drop"
+    return (f"lr_boundaries_epochs={b!r}: the learning-rate {drops} after epoch"
+            f"{'s' * (len(late) > 1)} {', '.join(map(str, late))} never happen"
+            f"{'s' * (len(late) == 1)} in a run of num_epochs={n} (unless extended later); "
+            f"set {fix}.")
 
 
 def _finite(x: Any) -> bool:

@@ -815,6 +815,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         _write_run_json(run, ds)
         if jax.process_index() == 0:
             print(_describe(run.config, run.state.params, ds), flush=True)
+            if late := config_lib.unreached_lr_drops(run.config):
+                warnings.warn(late, logs.RunWarning)
         # The host copy of every split: training reads the device copies (run.splits) from
         # here on, so it is not kept for the whole run (on a CPU, a second copy of the data
         # in the same memory).
