@@ -52,6 +52,9 @@ def parse_args(argv):
     distributed.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
     args, rest = parser.parse_known_args(argv)
+    if args.workdir is not None and not args.workdir.strip():  # else the default, silently
+        parser.error("--workdir is empty (an unset shell variable?); give a directory, or "
+                     "leave the flag out for ./workdir/<config>[_<variant>]")
     return args, parse_overrides(parser, rest)  # --config.a.b=v or --config.a.b v
 
 

@@ -263,6 +263,23 @@ def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "~")
 
 
+def test_an_empty_workdir_is_refused(tmp_path, monkeypatch, capsys):
+    """`--workdir "$UNSET"` trained (or resumed) in ./workdir/<config> as if the flag were
+    left out, and train_and_evaluate(config, '') in the current directory."""
+    import train
+    from stochastic_depth_jax import errors
+    from stochastic_depth_jax.training import train_and_evaluate
+
+    with pytest.raises(SystemExit) as info:
+        train.parse_args(["--config", "cifar10:smoke", "--workdir", ""])
+    assert info.value.code == 2
+    assert "error: --workdir is empty (an unset shell variable?)" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.WorkdirError, match=r"The workdir is empty \(''\); give"):
+        train_and_evaluate(load_config("cifar10:smoke", ["--config.max_steps=1"]), "")
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_reports_config_errors():
     for args, expected in (
         (["--config", "nope"], "cifar100"),

@@ -711,6 +711,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     config = setup_lib.absolute_data_paths(config_lib.validate(config))
+    if not str(workdir).strip():  # abspath('') is the current directory: trained into it
+        raise errors.WorkdirError(f"The workdir is empty ({workdir!r}); give the directory "
+                                  "the run writes its checkpoints, metrics and plots to.")
     workdir = os.path.abspath(os.path.expanduser(workdir))  # '~/runs/x': not a './~' folder
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
