@@ -153,6 +153,10 @@ def test_path_form_and_overrides():
         ("cifar10", ["--config.lr_decay_factor=None"], "'lr_decay_factor'.*cannot be empty"),
         ("cifar10", ["--config.label_smoothing=none"], "'label_smoothing'.*cannot be empty"),
         ("cifar10", ["--config.adam_b1=null"], "'adam_b1'.*cannot be empty"),
+        # A string field keeps a None-word as text: the cache went to a folder ./None.
+        ("cifar10", ["--config.compilation_cache_dir=None"], "compilation_cache_dir='None' "
+         "would be a directory named 'None' in the current directory; "
+         "--config.compilation_cache_dir='' turns the cache off"),
         ("cifar10", ["--config.lr_boundaries_epochs=None"], "'lr_boundaries_epochs'.*empty"),
         ("cifar10_vit", ["--config.batch_size=None"], "'batch_size'.*cannot be empty"),
         ("cifar10", ["--config.model.depth=None"], "'model.depth'.*cannot be empty"),
