@@ -626,12 +626,13 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
         _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
 
 
-def _check_cache_dir(setting: Any) -> None:
+def _check_cache_dir(setting: Any, recorded: bool) -> None:
     """'auto', a path or '' (off); a None-word is refused, as a string field keeps it as
-    text: ``--config.compilation_cache_dir=None`` meant off, and cached into ./None."""
+    text: ``--config.compilation_cache_dir=None`` meant off, and cached into ./None. Not in
+    a ``recorded`` run.json: the run is evaluated whatever its cache was."""
     _check(isinstance(setting, str),
            f"compilation_cache_dir={setting!r} must be 'auto', a path or '' (off)")
-    _check(setting not in _NONE_WORDS,
+    _check(recorded or setting not in _NONE_WORDS,
            f"compilation_cache_dir={setting!r} would be a directory named {setting!r} in the "
            "current directory; --config.compilation_cache_dir='' turns the cache off (or give "
            f"./{setting} for that directory)")
@@ -656,7 +657,7 @@ def validate(config: ml_collections.ConfigDict, *,
     if not recorded:
         _check_trainable_dtype(config.model.dtype)
     _validate_optim(config)
-    _check_cache_dir(config.compilation_cache_dir)
+    _check_cache_dir(config.compilation_cache_dir, recorded)
     _check_choice(config.init_rng_impl, INIT_RNG_IMPLS, "init_rng_impl")
     _check_choice(config.select_best_by, SELECT_BEST_BY, "select_best_by")
     return config
