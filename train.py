@@ -27,11 +27,47 @@ if __name__ == "__main__" and "__file__" in globals():
                                 "hugepages.py"))["restart_with_huge_pages"](__file__)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 
-from configs import CONFIGS, load_config, parse_overrides
-from stochastic_depth_jax.training import cli, distributed
+
+@contextlib.contextmanager
+def _interrupt_reported():
+    """Ctrl-C while the block (the imports of JAX and the package, seconds) runs: once they
+    are done, the one line and exit status 130 of a Ctrl-C later on
+    (``cli.run_reporting_errors``). A KeyboardInterrupt raised inside the imports was lost
+    or disguised: JAX's garbage-collection callback swallows it (the run went on), an
+    extension module interrupted while loading raised ImportError ("numpy._core.multiarray
+    failed to import", a traceback) or crashed. A second Ctrl-C raises at once. Not where
+    SIGINT is not Python's own (ignored, as in a background job)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    noted = []
+
+    def note(signum, frame):
+        noted.append(signum)
+        if len(noted) > 1:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    except BaseException:
+        if not noted:
+            raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if noted:
+        print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+with _interrupt_reported() if __name__ == "__main__" else contextlib.nullcontext():
+    from configs import CONFIGS, load_config, parse_overrides
+    from stochastic_depth_jax.training import cli, distributed
 
 
 def parse_args(argv):

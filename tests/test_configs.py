@@ -284,6 +284,42 @@ def test_an_empty_workdir_is_refused(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+# train.py as a command, with SIGINT arriving while it imports `configs` (and JAX), as a
+# Ctrl-C in the first seconds does; SWALLOW: inside code that swallows the KeyboardInterrupt,
+# as JAX's garbage-collection callback does.
+_CTRL_C_AT_START = """
+import builtins, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+real = builtins.__import__
+def hooked(name, *args, **kwargs):
+    if name == "configs" and hooked.first:
+        hooked.first = False
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            if not SWALLOW:
+                raise
+    return real(name, *args, **kwargs)
+hooked.first = True
+builtins.__import__ = hooked
+sys.argv = ["train.py", "--config", "cifar10:smoke", "--config.max_steps=1", "--workdir", WORKDIR]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("swallow", [True, False])
+def test_ctrl_c_at_start_up_is_one_line(tmp_path, swallow):
+    """A Ctrl-C while train.py imported JAX printed a traceback (an ImportError's, from an
+    interrupted extension module: "numpy._core.multiarray failed to import"), or was lost in
+    JAX's garbage-collection callback and the run went on training."""
+    workdir = tmp_path / "run"
+    code = f"SWALLOW = {swallow}\nWORKDIR = {str(workdir)!r}\n" + _CTRL_C_AT_START
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (130, "interrupted (Ctrl-C).\n")
+    assert not workdir.exists()
+
+
 def test_cli_reports_config_errors():
     for args, expected in (
         (["--config", "nope"], "cifar100"),
