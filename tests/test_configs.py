@@ -337,6 +337,16 @@ def test_cli_reports_config_errors():
         assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
 
 
+def test_an_abbreviated_debug_flag_shows_the_traceback(monkeypatch):
+    """argparse takes '--deb' for --debug, and the error was still one line."""
+    import train
+    from stochastic_depth_jax import errors
+
+    monkeypatch.delenv("SDJ_DEBUG", raising=False)
+    with pytest.raises(errors.ConfigError, match="Bad value 'abc'"):
+        train.main(["--config", "cifar10:smoke", "--deb", "--config.batch_size=abc"])
+
+
 @pytest.mark.parametrize("source, expected", [
     ("def get_config(arg=None)\n    return None\n",
      "has a syntax error at line 1 (expected ':'): 'def get_config(arg=None)'; fix the file."),
