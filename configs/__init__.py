@@ -89,6 +89,19 @@ def _config_module(name: str) -> ModuleType:
     )
 
 
+def _unknown_variant(name: str, arg: str | None, variants: tuple) -> errors.ConfigError:
+    """The error for variant ``arg`` (None: none given) of config ``name``, which takes
+    ``variants``: "(or none)" only where None is one of them (a config file's ``VARIANTS``
+    may require one)."""
+    named = [v for v in variants if v is not None]
+    if arg is None:
+        return errors.ConfigError(f"Config {name!r} needs a variant: give {name}:<variant> "
+                                  f"with one of {named}.")
+    none = " (or none)" if None in variants else ""
+    return errors.ConfigError(
+        f"Unknown variant {arg!r} of config {name!r}; valid: {named}{none}.")
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Builds, overrides and validates a config.
 
@@ -108,10 +121,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     module = _config_module(name)
     variants = tuple(getattr(module, "VARIANTS", VARIANTS))  # A file may declare its own.
     if arg not in variants:
-        raise errors.ConfigError(
-            f"Unknown variant {arg!r} of config {name!r}; valid: "
-            f"{[v for v in variants if v is not None]} (or none)."
-        )
+        raise _unknown_variant(name, arg, variants)
     if name in CONFIGS:
         config = module.get_config(arg)
     else:

@@ -382,6 +382,21 @@ def test_a_config_files_own_config_error_passes_through(tmp_path):
         load_config(str(path))
 
 
+def test_a_config_file_that_requires_a_variant_says_so(tmp_path):
+    """A file whose VARIANTS lack None: "Unknown variant None ...; valid: ['small'] (or
+    none)", offering the very choice that failed."""
+    path = tmp_path / "mine.py"
+    path.write_text("from configs import base\nVARIANTS = ('small',)\n\n"
+                    "def get_config(arg):\n    return base.smoke(base.base_config())\n")
+    with pytest.raises(ValueError, match=re.escape(
+            f"Config '{path}' needs a variant: give {path}:<variant> with one of ['small'].")):
+        load_config(str(path))
+    with pytest.raises(ValueError, match=re.escape(
+            f"Unknown variant 'smoke' of config '{path}'; valid: ['small'].") + "$"):
+        load_config(f"{path}:smoke")
+    assert load_config(f"{path}:small").model.depth == 8
+
+
 def test_lr_drops_past_the_last_epoch_are_named():
     """`--config.num_epochs=100` on cifar10 kept its drops after epochs 250 and 375: the run
     trained at lr 0.1 throughout, and nothing said so."""
