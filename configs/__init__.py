@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import re
 import traceback
 from types import ModuleType
 from typing import Iterator, Sequence
@@ -102,6 +103,46 @@ def _unknown_variant(name: str, arg: str | None, variants: tuple) -> errors.Conf
         f"Unknown variant {arg!r} of config {name!r}; valid: {named}{none}.")
 
 
+def _check_returned(path: str, arg: str | None, config: object) -> None:
+    """A config file's ``get_config`` must return a ``ConfigDict``: None (a forgotten
+    ``return``) failed in the overrides with AttributeError's traceback, and a dict was
+    told to "build it with load_config", which is what ran it."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise errors.ConfigError(
+            f"Config file {path!r}: get_config({arg!r}) returned "
+            f"{'None' if config is None else 'a ' + type(config).__name__}, not an "
+            "ml_collections.ConfigDict; return one (configs/base.py's base_config() is a "
+            "start, or ml_collections.ConfigDict(your_dict)).")
+
+
+def _check_fields(path: str, config: ml_collections.ConfigDict) -> None:
+    """A config file's config has every top-level field of ``base.base_config()`` (those
+    that runs recorded before the field existed may lack excepted): the trainer reads them,
+    and a missing one failed with a KeyError or AttributeError traceback, at validation or
+    later in training (``write_plots``)."""
+    from configs import base
+
+    optional = set(config_lib.with_absent_defaults({}))
+    missing = [k for k in base.base_config() if k not in config and k not in optional]
+    if missing:
+        raise errors.ConfigError(
+            f"Config file {path!r} lacks the field{'s' * (len(missing) > 1)} "
+            f"{', '.join(missing)}; start from configs/base.py's base_config(), which has "
+            "every field, and set what differs.")
+
+
+def _missing_field(error: BaseException) -> str | None:
+    """The key a ConfigDict's KeyError names (``"'depth'"``; its AttributeError wraps
+    one), or None for another error."""
+    while (isinstance(error, (KeyError, AttributeError)) and error.args
+           and isinstance(error.args[0], BaseException)):
+        error = error.args[0]
+    if not (isinstance(error, KeyError) and error.args and isinstance(error.args[0], str)):
+        return None
+    match = re.match(r"'([^'\n]+)'", error.args[0])
+    return match.group(1) if match else None
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Builds, overrides and validates a config.
 
@@ -127,8 +168,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     else:
         with _user_file(name):
             config = module.get_config(arg)
+        _check_returned(name, arg, config)
+        _check_fields(name, config)
     config_lib.apply_overrides(config, overrides)
-    config_lib.validate(config)
+    try:
+        config_lib.validate(config)
+    except (KeyError, AttributeError) as e:  # a model field a config file lacks
+        field = _missing_field(e)
+        if name in CONFIGS or field is None:
+            raise
+        raise errors.ConfigError(
+            f"Config file {name!r} has no field {field!r} (model.{field}?), which its model "
+            "needs; start from the model block of a config in configs/ for that model.") from e
     return config
 
 

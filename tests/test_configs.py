@@ -397,6 +397,26 @@ def test_a_config_file_that_requires_a_variant_says_so(tmp_path):
     assert load_config(f"{path}:small").model.depth == 8
 
 
+@pytest.mark.parametrize("body, expected", [
+    # A forgotten return failed in the overrides: AttributeError's traceback.
+    ("    c = base.base_config()\n", "get_config(None) returned None, not an "
+     "ml_collections.ConfigDict; return one"),
+    # A dict was told to "build it with load_config(name, overrides)".
+    ("    return {'seed': 1}\n", "get_config(None) returned a dict, not an "),
+    # A missing field: KeyError or AttributeError tracebacks, some only once training.
+    ("    c = base.base_config()\n    del c['write_plots'], c['batch_size']\n    return c\n",
+     "lacks the fields batch_size, write_plots; start from configs/base.py's base_config()"),
+    ("    c = base.base_config()\n    del c.model['depth']\n    return c\n",
+     "has no field 'depth' (model.depth?), which its model needs"),
+])
+def test_a_config_file_returning_no_full_config_is_one_line(tmp_path, body, expected):
+    path = tmp_path / "mine.py"
+    path.write_text("from configs import base\n\ndef get_config(arg=None):\n" + body)
+    with pytest.raises(ValueError, match=f"^Config file '{re.escape(str(path))}'.* "
+                                         + re.escape(expected)):
+        load_config(str(path), ["--config.seed=1"])
+
+
 def test_lr_drops_past_the_last_epoch_are_named():
     """`--config.num_epochs=100` on cifar10 kept its drops after epochs 250 and 375: the run
     trained at lr 0.1 throughout, and nothing said so."""
