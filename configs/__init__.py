@@ -159,6 +159,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     """
     name, _, arg = spec.partition(":")
     arg = arg or None
+    if name not in CONFIGS:  # '--config=~/exp.py': the shell expands no '~' after '='
+        name = os.path.expanduser(name)
     module = _config_module(name)
     variants = tuple(getattr(module, "VARIANTS", VARIANTS))  # A file may declare its own.
     if arg not in variants:

@@ -417,6 +417,15 @@ def test_a_config_file_returning_no_full_config_is_one_line(tmp_path, body, expe
         load_config(str(path), ["--config.seed=1"])
 
 
+def test_a_config_file_under_home_is_found(tmp_path, monkeypatch):
+    """'--config=~/exp.py:smoke' (no '~' expanded by the shell after '='): "Config file
+    '~/exp.py' does not exist"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "exp.py").write_text("from configs import base\n\ndef get_config(arg=None):\n"
+                                     "    return base.smoke(base.base_config())\n")
+    assert load_config("~/exp.py:smoke").model.depth == 8
+
+
 def test_lr_drops_past_the_last_epoch_are_named():
     """`--config.num_epochs=100` on cifar10 kept its drops after epochs 250 and 375: the run
     trained at lr 0.1 throughout, and nothing said so."""
