@@ -59,7 +59,8 @@ def _interrupt_reported():
         if not noted:
             raise
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGINT) is note:  # not one an import installed since
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if noted:
         print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
         sys.exit(130)
