@@ -20,7 +20,7 @@ import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from stochastic_depth_jax.training import loop  # noqa: E402
+from stochastic_depth_jax.training import loop, metrics  # noqa: E402
 
 FLAGS = ["--config.progress_bar=false", "--config.write_tensorboard=false",
          "--config.write_plots=false"]
@@ -148,6 +148,21 @@ def test_a_missing_run_json_is_written_anew_with_a_warning(trained, tmp_path):
         summary = loop.train_and_evaluate(config, workdir)
     assert summary["steps"] == 12
     assert json.load(open(os.path.join(workdir, "run.json")))["config"]["num_epochs"] == 3
+
+
+def test_extending_a_run_cut_short_by_max_steps_keeps_the_record_of_its_last_step(tmp_path):
+    """The record of a max_steps end (epoch 1.5) is the restored checkpoint's own: a run
+    extended from it dropped it, so a 'best' saved at that step was described by no record
+    (nor drawn on the curves), while TensorBoard kept its points."""
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS + ["--config.max_steps=6"]),
+                            workdir)
+    cut = metrics.read_metrics(workdir)[-1]
+    assert (cut["epoch"], cut["step"]) == (1.5, 6)
+    summary = loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), workdir)
+    records = metrics.read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 1.5, 2] and records[1] == cut
+    assert summary["steps"] == 8
 
 
 def test_a_missing_run_json_of_an_image_folder_run_says_validation_is_held_out_per_class():

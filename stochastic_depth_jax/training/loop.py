@@ -385,9 +385,8 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
     session resumed mid-epoch times only its part; images/s are of those steps), without
     the evaluations; ``eval_time_s``: theirs and the epoch end's."""
     c, step, spe = run.config, run.step, run.setup.steps_per_epoch
-    steps_done = step - (epoch - 1) * spe
     # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
-    label = epoch if steps_done == spe else step / spe
+    label = _epoch_reached(step, spe)
     record = {
         "epoch": label,
         "step": step,
@@ -821,7 +820,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         run.writer = metrics_lib.MetricWriter(
             workdir,
             tensorboard=config.write_tensorboard,
-            resume_epoch=run.step // spe,
+            resume_epoch=_epoch_reached(run.step, spe),
             resume_step=run.step,
         )
         run.validation_writer = _validation_writer(run)
@@ -840,6 +839,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         # a multi-process job, once the other processes were told (they take part).
         if not (failed and distributed.close_after_reporting(run.ckpts.close)):
             run.ckpts.close()
+
+
+def _epoch_reached(step: int, steps_per_epoch: int) -> int | float:
+    """The epoch ``step`` reached as metrics.jsonl labels it: whole at an epoch's end, else
+    the fraction (a run cut short by ``max_steps``). A resumed run keeps the records up to
+    it: the record of a ``max_steps`` end is the restored checkpoint's own (dropping it when
+    the run is extended left a 'best' of that step that no record described)."""
+    return step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
 
 
 def _validation_writer(run: _Run) -> metrics_lib.MetricWriter | None:

@@ -67,7 +67,7 @@ def read_metrics(workdir: str, filename: str = METRICS_FILE) -> list[dict[str, A
 
 
 def consistent_records(
-    records: list[dict[str, Any]], resume_epoch: int, key: str = "epoch"
+    records: list[dict[str, Any]], resume_epoch: float, key: str = "epoch"
 ) -> list[dict[str, Any]]:
     """One record per epoch, epochs increasing, none after ``resume_epoch``.
 
@@ -118,7 +118,7 @@ def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
     return ", ".join(text)
 
 
-def _reset_file(path: str, resume_epoch: int, key: str = "epoch") -> None:
+def _reset_file(path: str, resume_epoch: float, key: str = "epoch") -> None:
     """Rewrites ``path`` atomically to the records consistent with ``resume_epoch`` (the
     restored checkpoint's epoch, or its step for ``key='step'``)."""
     if os.path.exists(path):
@@ -158,7 +158,8 @@ class MetricWriter:
     Args:
       workdir: run directory.
       tensorboard: also write tensorboardX event files under ``<workdir>/tensorboard``.
-      resume_epoch: keep only records with ``epoch <= resume_epoch`` (0: a fresh run).
+      resume_epoch: keep only records with ``epoch <= resume_epoch`` (0: a fresh run); the
+        restored checkpoint's epoch, a fraction where it ended an epoch cut short.
       resume_step: the restored checkpoint's step; TensorBoard points after it are purged.
       filename: ``VALIDATION_FILE`` writes the records of the validation evaluations
         instead, one per step: those with ``step <= resume_step`` are kept.
@@ -169,7 +170,7 @@ class MetricWriter:
         workdir: str,
         *,
         tensorboard: bool = True,
-        resume_epoch: int = 0,
+        resume_epoch: float = 0,
         resume_step: int = 0,
         filename: str = METRICS_FILE,
     ):
