@@ -186,6 +186,20 @@ def test_another_batch_size_is_refused_before_anything_is_written(trained, tmp_p
     assert _snapshot(workdir) == before
 
 
+def test_another_select_best_by_is_refused_before_anything_is_written(trained, tmp_path):
+    """Resumed with select_best_by=train, each epoch's training error was compared with the
+    best validation error, and 'best' saved where the one fell below the other."""
+    workdir = _copy(trained, tmp_path)
+    before = _snapshot(workdir)
+    config = load_config("cifar10:smoke", FLAGS + ["--config.select_best_by=train",
+                                                   "--config.num_epochs=3"])
+    with pytest.raises(ValueError, match=r"chose its best checkpoint \(step \d+\) with "
+                       r"select_best_by='validation' and this config has 'train': .* Resume it "
+                       r"with --config.select_best_by=validation, or train in a fresh"):
+        loop.train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+
+
 def test_the_non_finite_message_names_a_committed_checkpoint(tmp_path, monkeypatch):
     """A save only started is not a checkpoint to resume from. On storage that commits a
     save only when waited for, the message waits for it and names what is on disk then."""

@@ -457,6 +457,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     _check_steps_per_epoch(run, meta)
     _check_same_shortcut(run)
     _check_same_initialization(run)
+    _check_same_selection(run, meta.get("best"))
     run.state, run.best = state, meta.get("best")
     _note_earlier_best(run)
     if jax.process_index() == 0:
@@ -550,6 +551,23 @@ def _check_same_initialization(run: _Run) -> None:
             f"({source}) and this config has {new!r}: its parameters are restored as trained, "
             f"so the new one would only mislabel the run. Resume it with "
             f"--config.model.initialization={recorded}, or train in a fresh --workdir.")
+
+
+def _check_same_selection(run: _Run, best: dict[str, Any] | None) -> None:
+    """Refuses to resume with another ``select_best_by`` than the restored best was chosen
+    by: each evaluation would be compared with a number of the other metric (a training
+    error with the best validation error), and 'best' would hold checkpoints of both."""
+    metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
+    if not isinstance(best, dict) or best.get("metric") in (None, metric):
+        return
+    by = {m: name for name, m in config_lib.SELECT_BEST_BY.items()}.get(best["metric"])
+    if by is None:  # A metric this version does not know: nothing to compare with.
+        return
+    raise errors.ConfigError(
+        f"The run in {run.workdir} chose its best checkpoint (step {best.get('step')}) with "
+        f"select_best_by={by!r} and this config has {run.config.select_best_by!r}: its "
+        f"evaluations would be compared with the best {best['metric']}. Resume it with "
+        f"--config.select_best_by={by}, or train in a fresh --workdir.")
 
 
 def _changes_since_run_json(run: _Run, most: int = 8) -> str:
