@@ -789,15 +789,18 @@ def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
     return min(total, config.max_steps) if config.max_steps else total
 
 
-def _saved_summary(workdir: str) -> dict[str, Any] | None:
-    """The run's summary.json; None where it has none or it is damaged (cut short, or JSON
-    but not an object): the run then counts as unfinished and writes it anew."""
+def _saved_summary(workdir: str, step: int) -> dict[str, Any] | None:
+    """The run's summary.json if it is that of the session that ended at ``step`` (the
+    restored checkpoint's); None where it has none, it is damaged (cut short, or JSON but
+    not an object) or it is an earlier session's (a finished run extended, stopped, then
+    given an end at the step it reached: its summary named the earlier end, for good): the
+    run then counts as unfinished and writes it anew."""
     try:
         with open(os.path.join(workdir, SUMMARY_FILE)) as f:
             summary = json.load(f)
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) else None
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
 def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
@@ -824,7 +827,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     try:
         _resume_or_init(run, ds.image_shape)
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
-            saved = _saved_summary(workdir)  # None: killed before writing it; written below
+            saved = _saved_summary(workdir, run.step)  # None: written below
             if saved is not None:
                 return _nothing_to_train(run, saved), False
         _write_run_json(run, ds)
