@@ -557,6 +557,18 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     assert _epochs(workdir) == [1, 2, 3]
 
 
+def test_records_dropped_at_a_start_from_step_0_do_not_name_a_restored_checkpoint(tmp_path):
+    """checkpoints/ deleted by hand: the run starts afresh, and the warning said the records
+    did not 'match the restored checkpoint (epoch 0)', a checkpoint that does not exist."""
+    workdir = str(tmp_path)
+    _write_lines(workdir, [json.dumps({"epoch": e, "step": 4 * e}) + "\n" for e in (1, 2)])
+    with pytest.warns(UserWarning) as caught:
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=0)
+    [message] = warned.messages(caught, UserWarning)
+    assert message.endswith("kept no records (no checkpoint to resume from: training starts "
+                            "from step 0); dropped 2 other record(s) (epochs 1-2).")
+
+
 def test_a_line_without_an_epoch_never_costs_the_records_before_it(tmp_path):
     """A line without an epoch (a note added by hand) read as epoch 0, a restart from the
     start: resuming rewrote metrics.jsonl without every record before it."""

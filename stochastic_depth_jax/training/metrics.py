@@ -134,8 +134,11 @@ def _reset_file(path: str, resume_epoch: float, key: str = "epoch") -> None:
                      else "kept no records")
         dropped_text = (f" ({key if len(dropped) == 1 else key + 's'} "
                         f"{_epoch_ranges(dropped)})" if dropped else "")
+        # 0: nothing was restored (checkpoints deleted, or all unreadable), not a checkpoint.
+        basis = (f" that match the restored checkpoint ({key} {resume_epoch})" if resume_epoch
+                 else " (no checkpoint to resume from: training starts from step 0)")
         warnings.warn(
-            f"{path}: {kept_text} that match the restored checkpoint ({key} {resume_epoch}); "
+            f"{path}: {kept_text}{basis}; "
             f"dropped {len(dropped)} other record(s){dropped_text}"
             + (f" and unreadable line(s) {bad}" if bad else "")
             + ".",
