@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from stochastic_depth_jax.training import loop, metrics  # noqa: E402
+from stochastic_depth_jax.training import loop, metrics, stopping  # noqa: E402
 
 FLAGS = ["--config.progress_bar=false", "--config.write_tensorboard=false",
          "--config.write_plots=false"]
@@ -163,6 +164,23 @@ def test_extending_a_run_cut_short_by_max_steps_keeps_the_record_of_its_last_ste
     records = metrics.read_metrics(workdir)
     assert [r["epoch"] for r in records] == [1, 1.5, 2] and records[1] == cut
     assert summary["steps"] == 8
+
+
+def test_a_run_stopped_mid_epoch_then_ended_there_records_its_last_step(tmp_path):
+    """Stopped at step 3 (a SIGTERM: no record), then given max_steps=3: the restart trained
+    nothing and its summary's final record was an earlier epoch's (here none at all), not
+    step 3's, which a run ending there evaluates and records."""
+    workdir = str(tmp_path / "run")
+    flags = FLAGS + ["--config.log_every_steps=3"]
+    with stopping.StopSignals() as pending, pytest.raises(stopping.Stopped):
+        pending.signum = signal.SIGTERM  # as if it came during the first compile
+        loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)
+    assert metrics.read_metrics(workdir) == []
+    summary = loop.train_and_evaluate(
+        load_config("cifar10:smoke", flags + ["--config.max_steps=3"]), workdir)
+    assert summary["steps"] == 3 and summary["final"]["step"] == 3
+    [record] = metrics.read_metrics(workdir)
+    assert record == summary["final"] and record["epoch"] == 0.75 and "test_error" in record
 
 
 def test_a_missing_run_json_of_an_image_folder_run_says_validation_is_held_out_per_class():

@@ -892,6 +892,21 @@ def _compile_train_step(run: _Run) -> Callable[..., Any]:
     return lambda state, split, step: compiled(state, split)
 
 
+def _record_of_the_end(run: _Run) -> dict[str, Any] | None:
+    """The record of the step a run with nothing to train ends at: metrics.jsonl's last, or,
+    where that is of an earlier step (a run stopped mid-epoch, then given an end at or
+    before the step it reached), that step evaluated and recorded as a run ending there
+    does, rather than 'Finished epoch 3 (14 steps)' with epoch 3's record (step 12). Process
+    0's reading decides for all: the evaluation is collective."""
+    # The last epoch's record: a line without a step (a note added by hand) is none.
+    last = next((r for r in reversed(metrics_lib.read_metrics(run.workdir)) if "step" in r),
+                None)
+    if not _agreed(last is None or last["step"] != run.step):
+        return last
+    spe = run.setup.steps_per_epoch
+    return _end_of_epoch(run, -(-run.step // spe), 0.0, 0, is_last=True)
+
+
 def _train(run: _Run) -> dict[str, Any]:
     c, spe = run.config, run.setup.steps_per_epoch
     total = _total_steps(c, spe)
@@ -910,9 +925,9 @@ def _train(run: _Run) -> dict[str, Any]:
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.
         _supersede_best(run, beyond, f"they lie after this run's end (step {run.step})")
+    if record is None:  # Nothing left to do: the workdir holds a run at (or past) its end.
+        record = _record_of_the_end(run)
     run.ckpts.wait()
-    if record is None:  # Nothing left to do: the workdir holds a finished run.
-        record = (metrics_lib.read_metrics(run.workdir) or [None])[-1]
     summary = {
         "final": record,
         "best": run.best,
