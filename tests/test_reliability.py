@@ -472,6 +472,28 @@ def test_library_reports_of_a_reported_error_are_dropped_unless_debug(tmp_path, 
     assert out.stderr.count("Traceback") == 1  # the unrelated failure's only
 
 
+def test_a_second_ctrl_c_while_a_save_commits_is_one_line(capsys, caplog):
+    """Orbax logged 'Save Finalize thread (save_finalize) failed.' with the Ctrl-C's
+    traceback before the one line 'interrupted (Ctrl-C).'."""
+    from absl import logging as absl_logging
+
+    from stochastic_depth_jax.training import cli
+
+    def interrupted_while_waiting():
+        try:
+            raise KeyboardInterrupt  # raised by StopSignals in the save's join()
+        except KeyboardInterrupt:
+            absl_logging.exception("[step=7][wait_until_finished] Save Finalize thread "
+                                   "(save_finalize) failed.")
+            raise
+
+    with pytest.raises(SystemExit) as exited:
+        cli.run_reporting_errors(interrupted_while_waiting, debug=False)
+    assert exited.value.code == 130
+    assert "Save Finalize" not in caplog.text
+    assert capsys.readouterr().err.splitlines() == ["interrupted (Ctrl-C)."]
+
+
 def test_full_disk_during_a_save_is_one_line_and_the_run_resumes(run, tmp_path):
     """A real full disk (a small tmpfs in a private mount namespace) fails the checkpoint
     of epoch 3: one error line, the saved checkpoints untouched; after freeing space the
