@@ -422,10 +422,10 @@ def test_checkpoints_linked_to_a_disk_not_mounted_are_one_error(tmp_path, mesh):
     _save_steps(tmp_path / "disk", mesh, [1])
     os.symlink(tmp_path / "disk" / "checkpoints", tmp_path / "checkpoints")
     os.rename(tmp_path / "disk", tmp_path / "unmounted")
-    with pytest.raises(ckpt_lib.CheckpointAccessError, match=r"Cannot read .*/checkpoints: "
+    with pytest.raises(ckpt_lib.CheckpointAccessError, match=r"Cannot write .*/checkpoints: "
                        r"it is a symbolic link to .*/disk/checkpoints, which does not exist "
                        r"\(its filesystem not mounted, or moved\?\): mount it or mend the "
-                       r"link; nothing was changed: call the same function again"):
+                       r"link to resume the run, or use another --workdir\.$"):
         ckpt_lib.Checkpoints(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["checkpoints", "unmounted"]  # nothing created
 

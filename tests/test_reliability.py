@@ -244,6 +244,18 @@ def test_train_cli_workdir_is_a_file(capsys, tmp_path):
     assert path.read_text() == "precious"
 
 
+def test_train_cli_workdir_linked_to_a_disk_not_mounted(capsys, tmp_path):
+    """Was 'File exists: a file is in the way of the directory; use another --workdir'."""
+    link = tmp_path / "run"
+    os.symlink(tmp_path / "unmounted" / "run", link)
+    line = one_line_error(
+        capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir", str(link), *TINY])
+    assert line == (f"error: Cannot write {link}: it is a symbolic link to {tmp_path}/unmounted/run, "
+                    "which does not exist (its filesystem not mounted, or moved?): mount it or "
+                    "mend the link to resume the run there, or use another --workdir.")
+    assert os.listdir(tmp_path) == ["run"]
+
+
 @pytest.mark.parametrize("code, strerror, fix", [
     (errno.EACCES, "Permission denied", "give this user write access to resume the run there"),
     (errno.EROFS, "Read-only file system", "remount it writable to resume the run there"),

@@ -113,11 +113,7 @@ def _check_link(directory: str) -> None:
     manager creates it: that failed with 'File exists', which the trainer reported as a file
     in the way with the fix 'use another --workdir' (a fresh start)."""
     if os.path.islink(directory) and not os.path.exists(directory):
-        message, command_line = errors.run_again(
-            f"Cannot read {directory}: it is a symbolic link to {os.readlink(directory)}, "
-            "which does not exist (its filesystem not mounted, or moved?): mount it or mend "
-            "the link; nothing was changed", "the same function", "again once it is fixed")
-        raise CheckpointAccessError(message, command_line=command_line)
+        raise CheckpointAccessError(workdir_lib.dangling_link(directory, "resume the run"))
 
 
 # Where a training run moves the newest save an earlier one left unfinished (one per kind).
