@@ -161,9 +161,10 @@ def _fake_data_written(marker: str) -> dict[str, Any] | None:
     try:
         with open(marker) as f:
             text = f.read()
-        return json.loads(text) if text.strip() else None
+        written = json.loads(text) if text.strip() else None
     except (OSError, ValueError):
         return {}
+    return written if written is None or isinstance(written, dict) else {}
 
 
 def _fields(values: dict[str, Any], keys: list[str]) -> str:
