@@ -416,6 +416,20 @@ def test_unlistable_checkpoints_directory_is_one_error(tmp_path, mesh, monkeypat
         ckpt_lib.Checkpoints(tmp_path, read_only=True)
 
 
+def test_checkpoints_linked_to_a_disk_not_mounted_are_one_error(tmp_path, mesh):
+    """checkpoints/ a link to another disk, not mounted: training said 'File exists ... a file
+    is in the way ...; use another --workdir', which starts afresh."""
+    _save_steps(tmp_path / "disk", mesh, [1])
+    os.symlink(tmp_path / "disk" / "checkpoints", tmp_path / "checkpoints")
+    os.rename(tmp_path / "disk", tmp_path / "unmounted")
+    with pytest.raises(ckpt_lib.CheckpointAccessError, match=r"Cannot write .*/checkpoints: "
+                       r"it is a symbolic link to .*/disk/checkpoints, which does not exist "
+                       r"\(its filesystem not mounted, or moved\?\): mount it or mend the "
+                       r"link to resume the run, or use another --workdir\.$"):
+        ckpt_lib.Checkpoints(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "unmounted"]  # nothing created
+
+
 def test_the_command_line_tools_print_their_own_words_for_a_checkpoint_error(capsys):
     """What to do next differs between Python and a shell: ``str()`` tells a Python caller
     to call the function again, the command-line tools print "run the same command"."""

@@ -244,6 +244,18 @@ def test_train_cli_workdir_is_a_file(capsys, tmp_path):
     assert path.read_text() == "precious"
 
 
+def test_train_cli_workdir_linked_to_a_disk_not_mounted(capsys, tmp_path):
+    """Was 'File exists: a file is in the way of the directory; use another --workdir'."""
+    link = tmp_path / "run"
+    os.symlink(tmp_path / "unmounted" / "run", link)
+    line = one_line_error(
+        capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir", str(link), *TINY])
+    assert line == (f"error: Cannot write {link}: it is a symbolic link to {tmp_path}/unmounted/run, "
+                    "which does not exist (its filesystem not mounted, or moved?): mount it or "
+                    "mend the link to resume the run there, or use another --workdir.")
+    assert os.listdir(tmp_path) == ["run"]
+
+
 @pytest.mark.parametrize("code, strerror, fix", [
     (errno.EACCES, "Permission denied", "give this user write access to resume the run there"),
     (errno.EROFS, "Read-only file system", "remount it writable to resume the run there"),
@@ -472,6 +484,28 @@ def test_library_reports_of_a_reported_error_are_dropped_unless_debug(tmp_path, 
     assert out.stderr.count("Traceback") == 1  # the unrelated failure's only
 
 
+def test_a_second_ctrl_c_while_a_save_commits_is_one_line(capsys, caplog):
+    """Orbax logged 'Save Finalize thread (save_finalize) failed.' with the Ctrl-C's
+    traceback before the one line 'interrupted (Ctrl-C).'."""
+    from absl import logging as absl_logging
+
+    from stochastic_depth_jax.training import cli
+
+    def interrupted_while_waiting():
+        try:
+            raise KeyboardInterrupt  # raised by StopSignals in the save's join()
+        except KeyboardInterrupt:
+            absl_logging.exception("[step=7][wait_until_finished] Save Finalize thread "
+                                   "(save_finalize) failed.")
+            raise
+
+    with pytest.raises(SystemExit) as exited:
+        cli.run_reporting_errors(interrupted_while_waiting, debug=False)
+    assert exited.value.code == 130
+    assert "Save Finalize" not in caplog.text
+    assert capsys.readouterr().err.splitlines() == ["interrupted (Ctrl-C)."]
+
+
 def test_full_disk_during_a_save_is_one_line_and_the_run_resumes(run, tmp_path):
     """A real full disk (a small tmpfs in a private mount namespace) fails the checkpoint
     of epoch 3: one error line, the saved checkpoints untouched; after freeing space the
@@ -555,6 +589,18 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     assert "kept the records of epochs 1-3 that" in message
     assert "dropped 3 other record(s) (epochs 2-4)" in message
     assert _epochs(workdir) == [1, 2, 3]
+
+
+def test_records_dropped_at_a_start_from_step_0_do_not_name_a_restored_checkpoint(tmp_path):
+    """checkpoints/ deleted by hand: the run starts afresh, and the warning said the records
+    did not 'match the restored checkpoint (epoch 0)', a checkpoint that does not exist."""
+    workdir = str(tmp_path)
+    _write_lines(workdir, [json.dumps({"epoch": e, "step": 4 * e}) + "\n" for e in (1, 2)])
+    with pytest.warns(UserWarning) as caught:
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=0)
+    [message] = warned.messages(caught, UserWarning)
+    assert message.endswith("kept no records (no checkpoint to resume from: training starts "
+                            "from step 0); dropped 2 other record(s) (epochs 1-2).")
 
 
 def test_a_line_without_an_epoch_never_costs_the_records_before_it(tmp_path):

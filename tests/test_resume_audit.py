@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import train as train_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from stochastic_depth_jax.training import loop  # noqa: E402
+from stochastic_depth_jax.training import loop, metrics, stopping  # noqa: E402
 
 FLAGS = ["--config.progress_bar=false", "--config.write_tensorboard=false",
          "--config.write_plots=false"]
@@ -150,6 +151,38 @@ def test_a_missing_run_json_is_written_anew_with_a_warning(trained, tmp_path):
     assert json.load(open(os.path.join(workdir, "run.json")))["config"]["num_epochs"] == 3
 
 
+def test_extending_a_run_cut_short_by_max_steps_keeps_the_record_of_its_last_step(tmp_path):
+    """The record of a max_steps end (epoch 1.5) is the restored checkpoint's own: a run
+    extended from it dropped it, so a 'best' saved at that step was described by no record
+    (nor drawn on the curves), while TensorBoard kept its points."""
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS + ["--config.max_steps=6"]),
+                            workdir)
+    cut = metrics.read_metrics(workdir)[-1]
+    assert (cut["epoch"], cut["step"]) == (1.5, 6)
+    summary = loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), workdir)
+    records = metrics.read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 1.5, 2] and records[1] == cut
+    assert summary["steps"] == 8
+
+
+def test_a_run_stopped_mid_epoch_then_ended_there_records_its_last_step(tmp_path):
+    """Stopped at step 3 (a SIGTERM: no record), then given max_steps=3: the restart trained
+    nothing and its summary's final record was an earlier epoch's (here none at all), not
+    step 3's, which a run ending there evaluates and records."""
+    workdir = str(tmp_path / "run")
+    flags = FLAGS + ["--config.log_every_steps=3"]
+    with stopping.StopSignals() as pending, pytest.raises(stopping.Stopped):
+        pending.signum = signal.SIGTERM  # as if it came during the first compile
+        loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)
+    assert metrics.read_metrics(workdir) == []
+    summary = loop.train_and_evaluate(
+        load_config("cifar10:smoke", flags + ["--config.max_steps=3"]), workdir)
+    assert summary["steps"] == 3 and summary["final"]["step"] == 3
+    [record] = metrics.read_metrics(workdir)
+    assert record == summary["final"] and record["epoch"] == 0.75 and "test_error" in record
+
+
 def test_a_missing_run_json_of_an_image_folder_run_says_validation_is_held_out_per_class():
     """Earlier image-folder runs held validation out at random: without run.json to say so,
     the resumed run holds it out per class, and the warning says so."""
@@ -167,6 +200,20 @@ def test_another_batch_size_is_refused_before_anything_is_written(trained, tmp_p
                                                    "--config.num_epochs=3"])
     with pytest.raises(ValueError, match=r"at step 8 .* saved at epoch 2, 4 steps per epoch; "
                        r"this config makes 8 steps per epoch \(batch_size: 32 -> 16; "):
+        loop.train_and_evaluate(config, workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_another_select_best_by_is_refused_before_anything_is_written(trained, tmp_path):
+    """Resumed with select_best_by=train, each epoch's training error was compared with the
+    best validation error, and 'best' saved where the one fell below the other."""
+    workdir = _copy(trained, tmp_path)
+    before = _snapshot(workdir)
+    config = load_config("cifar10:smoke", FLAGS + ["--config.select_best_by=train",
+                                                   "--config.num_epochs=3"])
+    with pytest.raises(ValueError, match=r"chose its best checkpoint \(step \d+\) with "
+                       r"select_best_by='validation' and this config has 'train': .* Resume it "
+                       r"with --config.select_best_by=validation, or train in a fresh"):
         loop.train_and_evaluate(config, workdir)
     assert _snapshot(workdir) == before
 

@@ -172,6 +172,24 @@ def test_restart_of_a_finished_run_rewrites_a_damaged_summary(trained, tmp_path,
         assert json.load(f)["final"] == summary["final"]
 
 
+def test_a_summary_of_an_earlier_session_is_not_taken_for_the_runs(trained, tmp_path):
+    """A finished 3-epoch run extended to 8, stopped after epoch 4, then given num_epochs=4:
+    the restart said 'Nothing to train' and kept the 3-epoch session's summary.json for good
+    ('Finished epoch 3/4 (12 steps)' of a run at step 16; a sweep called it unfinished)."""
+    import shutil
+
+    config, workdir, summary = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    earlier = dict(summary, steps=12, final=metrics.read_metrics(copy)[2])
+    with open(os.path.join(copy, "summary.json"), "w") as f:
+        json.dump(earlier, f)
+    again = loop.train_and_evaluate(config, copy)
+    assert again["steps"] == 16 and again["final"] == summary["final"]
+    with open(os.path.join(copy, "summary.json")) as f:
+        assert json.load(f)["steps"] == 16
+
+
 def test_evaluate_cli_writes_json(trained):
     _, workdir, _ = trained
     out = subprocess.run(

@@ -112,6 +112,22 @@ def test_second_smoke_config_in_a_smoke_workdir_writes_its_own_fake_data(sample_
     assert cifar10.num_classes == 10  # The first dataset is still there.
 
 
+def test_fake_data_of_other_sizes_is_written_again(capsys, tmp_path):
+    """The marker said only 'complete': a config with other fake_data sizes (or seed) in the
+    same workdir trained on the old data, while run.json recorded the new sizes."""
+    workdir = str(tmp_path / "run")
+    setup_lib.load_data(load_config("cifar10:smoke", ["--config.download=false"]), workdir)
+    capsys.readouterr()
+    bigger = load_config("cifar10:smoke", ["--config.download=false",
+                                           "--config.fake_data.num_train=192"])
+    ds = setup_lib.load_data(bigger, workdir)
+    assert len(ds.train) + len(ds.validation) == 192
+    assert ("was written with fake_data.num_train=160 and this config has "
+            "fake_data.num_train=192: writing it again; no download.") in capsys.readouterr().out
+    setup_lib.load_data(bigger, workdir)  # as written now: used as it is
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("lost", ["to a stopped run's clean-up", "by hand"])
 def test_fake_data_marked_complete_but_missing_is_written_again(capsys, monkeypatch, tmp_path,
                                                                 lost):

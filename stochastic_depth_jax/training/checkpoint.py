@@ -107,6 +107,15 @@ def _check_listable(directory: str) -> None:
         raise access from e
 
 
+def _check_link(directory: str) -> None:
+    """Raises ``CheckpointAccessError`` if ``directory`` is a symbolic link to nothing (the
+    checkpoints kept on another disk, not mounted now), before a training run's Orbax
+    manager creates it: that failed with 'File exists', which the trainer reported as a file
+    in the way with the fix 'use another --workdir' (a fresh start)."""
+    if os.path.islink(directory) and not os.path.exists(directory):
+        raise CheckpointAccessError(workdir_lib.dangling_link(directory, "resume the run"))
+
+
 # Where a training run moves the newest save an earlier one left unfinished (one per kind).
 UNFINISHED_DIR = "checkpoints_unfinished"
 # Where damaged checkpoints go, and an earlier session's 'best' ones that a resumed run
@@ -228,6 +237,8 @@ class Checkpoints:
         self.workdir = os.path.abspath(workdir)
         self._read_only = read_only
         for name in ("checkpoints", "checkpoints_best"):
+            if not read_only:
+                _check_link(os.path.join(self.workdir, name))
             _check_listable(os.path.join(self.workdir, name))
         if not read_only:
             self._set_aside_unfinished()

@@ -84,8 +84,11 @@ def _message(error: BaseException) -> str | None:
 
 def _reported_kind(error: BaseException) -> bool:
     """Whether a library's report of ``error`` is of a kind reported here in one line: ours,
-    or a disk or permission failure, also wrapped (TensorStore's errors carry its code)."""
-    return isinstance(error, errors.Error) or workdir_lib.anticipated_os_error(error) is not None
+    a disk or permission failure, also wrapped (TensorStore's errors carry its code), or a
+    Ctrl-C (a second one while a save commits: Orbax logs its 'Save Finalize thread
+    failed' with the traceback)."""
+    return (isinstance(error, (errors.Error, KeyboardInterrupt))
+            or workdir_lib.anticipated_os_error(error) is not None)
 
 
 def _exiting() -> bool:

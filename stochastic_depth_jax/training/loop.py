@@ -385,9 +385,8 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
     session resumed mid-epoch times only its part; images/s are of those steps), without
     the evaluations; ``eval_time_s``: theirs and the epoch end's."""
     c, step, spe = run.config, run.step, run.setup.steps_per_epoch
-    steps_done = step - (epoch - 1) * spe
     # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
-    label = epoch if steps_done == spe else step / spe
+    label = _epoch_reached(step, spe)
     record = {
         "epoch": label,
         "step": step,
@@ -458,6 +457,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     _check_steps_per_epoch(run, meta)
     _check_same_shortcut(run)
     _check_same_initialization(run)
+    _check_same_selection(run, meta.get("best"))
     run.state, run.best = state, meta.get("best")
     _note_earlier_best(run)
     if jax.process_index() == 0:
@@ -551,6 +551,23 @@ def _check_same_initialization(run: _Run) -> None:
             f"({source}) and this config has {new!r}: its parameters are restored as trained, "
             f"so the new one would only mislabel the run. Resume it with "
             f"--config.model.initialization={recorded}, or train in a fresh --workdir.")
+
+
+def _check_same_selection(run: _Run, best: dict[str, Any] | None) -> None:
+    """Refuses to resume with another ``select_best_by`` than the restored best was chosen
+    by: each evaluation would be compared with a number of the other metric (a training
+    error with the best validation error), and 'best' would hold checkpoints of both."""
+    metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
+    if not isinstance(best, dict) or best.get("metric") in (None, metric):
+        return
+    by = {m: name for name, m in config_lib.SELECT_BEST_BY.items()}.get(best["metric"])
+    if by is None:  # A metric this version does not know: nothing to compare with.
+        return
+    raise errors.ConfigError(
+        f"The run in {run.workdir} chose its best checkpoint (step {best.get('step')}) with "
+        f"select_best_by={by!r} and this config has {run.config.select_best_by!r}: its "
+        f"evaluations would be compared with the best {best['metric']}. Resume it with "
+        f"--config.select_best_by={by}, or train in a fresh --workdir.")
 
 
 def _changes_since_run_json(run: _Run, most: int = 8) -> str:
@@ -777,15 +794,18 @@ def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
     return min(total, config.max_steps) if config.max_steps else total
 
 
-def _saved_summary(workdir: str) -> dict[str, Any] | None:
-    """The run's summary.json; None where it has none or it is damaged (cut short, or JSON
-    but not an object): the run then counts as unfinished and writes it anew."""
+def _saved_summary(workdir: str, step: int) -> dict[str, Any] | None:
+    """The run's summary.json if it is that of the session that ended at ``step`` (the
+    restored checkpoint's); None where it has none, it is damaged (cut short, or JSON but
+    not an object) or it is an earlier session's (a finished run extended, stopped, then
+    given an end at the step it reached: its summary named the earlier end, for good): the
+    run then counts as unfinished and writes it anew."""
     try:
         with open(os.path.join(workdir, SUMMARY_FILE)) as f:
             summary = json.load(f)
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) else None
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
 def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
@@ -812,7 +832,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     try:
         _resume_or_init(run, ds.image_shape)
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
-            saved = _saved_summary(workdir)  # None: killed before writing it; written below
+            saved = _saved_summary(workdir, run.step)  # None: written below
             if saved is not None:
                 return _nothing_to_train(run, saved), False
         _write_run_json(run, ds)
@@ -828,7 +848,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         run.writer = metrics_lib.MetricWriter(
             workdir,
             tensorboard=config.write_tensorboard,
-            resume_epoch=run.step // spe,
+            resume_epoch=_epoch_reached(run.step, spe),
             resume_step=run.step,
         )
         run.validation_writer = _validation_writer(run)
@@ -847,6 +867,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
         # a multi-process job, once the other processes were told (they take part).
         if not (failed and distributed.close_after_reporting(run.ckpts.close)):
             run.ckpts.close()
+
+
+def _epoch_reached(step: int, steps_per_epoch: int) -> int | float:
+    """The epoch ``step`` reached as metrics.jsonl labels it: whole at an epoch's end, else
+    the fraction (a run cut short by ``max_steps``). A resumed run keeps the records up to
+    it: the record of a ``max_steps`` end is the restored checkpoint's own (dropping it when
+    the run is extended left a 'best' of that step that no record described)."""
+    return step // steps_per_epoch if step % steps_per_epoch == 0 else step / steps_per_epoch
 
 
 def _validation_writer(run: _Run) -> metrics_lib.MetricWriter | None:
@@ -871,6 +899,21 @@ def _compile_train_step(run: _Run) -> Callable[..., Any]:
     return lambda state, split, step: compiled(state, split)
 
 
+def _record_of_the_end(run: _Run) -> dict[str, Any] | None:
+    """The record of the step a run with nothing to train ends at: metrics.jsonl's last, or,
+    where that is of an earlier step (a run stopped mid-epoch, then given an end at or
+    before the step it reached), that step evaluated and recorded as a run ending there
+    does, rather than 'Finished epoch 3 (14 steps)' with epoch 3's record (step 12). Process
+    0's reading decides for all: the evaluation is collective."""
+    # The last epoch's record: a line without a step (a note added by hand) is none.
+    last = next((r for r in reversed(metrics_lib.read_metrics(run.workdir)) if "step" in r),
+                None)
+    if not _agreed(last is None or last["step"] != run.step):
+        return last
+    spe = run.setup.steps_per_epoch
+    return _end_of_epoch(run, -(-run.step // spe), 0.0, 0, is_last=True)
+
+
 def _train(run: _Run) -> dict[str, Any]:
     c, spe = run.config, run.setup.steps_per_epoch
     total = _total_steps(c, spe)
@@ -889,9 +932,9 @@ def _train(run: _Run) -> dict[str, Any]:
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.
         _supersede_best(run, beyond, f"they lie after this run's end (step {run.step})")
+    if record is None:  # Nothing left to do: the workdir holds a run at (or past) its end.
+        record = _record_of_the_end(run)
     run.ckpts.wait()
-    if record is None:  # Nothing left to do: the workdir holds a finished run.
-        record = (metrics_lib.read_metrics(run.workdir) or [None])[-1]
     summary = {
         "final": record,
         "best": run.best,

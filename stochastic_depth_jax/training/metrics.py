@@ -67,7 +67,7 @@ def read_metrics(workdir: str, filename: str = METRICS_FILE) -> list[dict[str, A
 
 
 def consistent_records(
-    records: list[dict[str, Any]], resume_epoch: int, key: str = "epoch"
+    records: list[dict[str, Any]], resume_epoch: float, key: str = "epoch"
 ) -> list[dict[str, Any]]:
     """One record per epoch, epochs increasing, none after ``resume_epoch``.
 
@@ -118,7 +118,7 @@ def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
     return ", ".join(text)
 
 
-def _reset_file(path: str, resume_epoch: int, key: str = "epoch") -> None:
+def _reset_file(path: str, resume_epoch: float, key: str = "epoch") -> None:
     """Rewrites ``path`` atomically to the records consistent with ``resume_epoch`` (the
     restored checkpoint's epoch, or its step for ``key='step'``)."""
     if os.path.exists(path):
@@ -134,8 +134,11 @@ def _reset_file(path: str, resume_epoch: int, key: str = "epoch") -> None:
                      else "kept no records")
         dropped_text = (f" ({key if len(dropped) == 1 else key + 's'} "
                         f"{_epoch_ranges(dropped)})" if dropped else "")
+        # 0: nothing was restored (checkpoints deleted, or all unreadable), not a checkpoint.
+        basis = (f" that match the restored checkpoint ({key} {resume_epoch})" if resume_epoch
+                 else " (no checkpoint to resume from: training starts from step 0)")
         warnings.warn(
-            f"{path}: {kept_text} that match the restored checkpoint ({key} {resume_epoch}); "
+            f"{path}: {kept_text}{basis}; "
             f"dropped {len(dropped)} other record(s){dropped_text}"
             + (f" and unreadable line(s) {bad}" if bad else "")
             + ".",
@@ -158,7 +161,8 @@ class MetricWriter:
     Args:
       workdir: run directory.
       tensorboard: also write tensorboardX event files under ``<workdir>/tensorboard``.
-      resume_epoch: keep only records with ``epoch <= resume_epoch`` (0: a fresh run).
+      resume_epoch: keep only records with ``epoch <= resume_epoch`` (0: a fresh run); the
+        restored checkpoint's epoch, a fraction where it ended an epoch cut short.
       resume_step: the restored checkpoint's step; TensorBoard points after it are purged.
       filename: ``VALIDATION_FILE`` writes the records of the validation evaluations
         instead, one per step: those with ``step <= resume_step`` are kept.
@@ -169,7 +173,7 @@ class MetricWriter:
         workdir: str,
         *,
         tensorboard: bool = True,
-        resume_epoch: int = 0,
+        resume_epoch: float = 0,
         resume_step: int = 0,
         filename: str = METRICS_FILE,
     ):

@@ -127,15 +127,21 @@ def _write_fake_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
     marker = os.path.join(data_dir, f".complete-{config.dataset}")
     # Only SVHN has an extra split: another dataset's num_extra writes nothing.
     extra = f.num_extra if config.dataset == "svhn" else 0
+    wanted = {"num_train": f.num_train, "num_test": f.num_test, "num_extra": extra,
+              "seed": config.seed}
     what = (f"fake {config.dataset} data ({f.num_train} train, {f.num_test} test"
             + (f", {extra} extra" if extra else "")
             + " random images; config.fake_data)")
     if os.path.exists(marker):
         missing = data_lib.testing.missing_tfds_file(config.dataset, data_dir)
-        if missing is None:
+        written = _fake_data_written(marker)
+        if missing is None and written in (None, wanted):
             return
-        print(f"The {what} in {data_dir} is incomplete ({missing} is missing): writing it "
-              "again; no download.", flush=True)
+        changed = [k for k in wanted if written.get(k) != wanted[k]] if written else []
+        why = (f"is incomplete ({missing} is missing)" if missing is not None else
+               f"was written with {_fields(written, changed)} and this config has "
+               f"{_fields(wanted, changed)}" if changed else "has an unreadable marker")
+        print(f"The {what} in {data_dir} {why}: writing it again; no download.", flush=True)
         os.remove(marker)
     else:
         print(f"Writing {what} to {data_dir}: no download.", flush=True)
@@ -143,7 +149,27 @@ def _write_fake_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
     data_lib.testing.make_tfds_dataset(config.dataset, data_dir, num_train=f.num_train,
                                        num_test=f.num_test, num_extra=extra,
                                        seed=config.seed)
-    open(marker, "w").close()
+    with open(marker, "w") as out:
+        json.dump(wanted, out)
+
+
+def _fake_data_written(marker: str) -> dict[str, Any] | None:
+    """What the fake data beside ``marker`` was written with (sizes, seed): None for an
+    empty marker (older versions wrote no content: trusted as before), {} if unreadable.
+    A marker that said only 'complete' let a config with other sizes train on the old data
+    while run.json recorded the new ones."""
+    try:
+        with open(marker) as f:
+            text = f.read()
+        written = json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return {}
+    return written if written is None or isinstance(written, dict) else {}
+
+
+def _fields(values: dict[str, Any], keys: list[str]) -> str:
+    """``fake_data.num_train=160, seed=0`` of ``values``' ``keys``, as config fields."""
+    return ", ".join(f"{k if k == 'seed' else 'fake_data.' + k}={values.get(k)}" for k in keys)
 
 
 def _implementation(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

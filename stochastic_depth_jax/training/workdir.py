@@ -39,6 +39,7 @@ __all__ = [
     "remove_unused",
     "atomic_write",
     "describe_os_error",
+    "dangling_link",
     "anticipated_os_error",
     "describe_read_error",
     "read_os_error",
@@ -196,6 +197,15 @@ def _os_error_in(error: BaseException, accept: Callable[[int], bool],
     return None
 
 
+def dangling_link(path: str, then: str) -> str:
+    """One line for ``path``, a symbolic link to nothing (the disk it points to not mounted):
+    creating it fails with 'File exists', whose fix (another --workdir, i.e. a fresh start)
+    would misdirect. ``then``: what mending the link lets the user do."""
+    return (f"Cannot write {path}: it is a symbolic link to {os.readlink(path)}, which does "
+            f"not exist (its filesystem not mounted, or moved?): mount it or mend the link to "
+            f"{then}, or use another --workdir.")
+
+
 def prepare_workdir(path: str) -> bool:
     """Creates ``path`` if needed and checks it is a writable directory.
 
@@ -206,6 +216,8 @@ def prepare_workdir(path: str) -> bool:
       errors.WorkdirError: it is a file, read-only, on a full disk, ...
     """
     created = not os.path.exists(path)
+    if created and os.path.islink(path):
+        raise errors.WorkdirError(dangling_link(path, "resume the run there"))
     probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
