@@ -24,6 +24,7 @@ ignored, other data) are reported in one line; --debug (or SDJ_DEBUG=1) shows th
 traceback.
 """
 
+import contextlib
 import os
 import runpy
 import sys
@@ -31,29 +32,38 @@ import sys
 # First, as a command: this may start it again (same pid) with huge pages for its allocator
 # (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX). Not
 # when run without a file (`exec(open(...).read())` has no __file__): no restart then.
+# Then the imports of JAX and the package, where a Ctrl-C is reported as one later would be
+# (stochastic_depth_jax/startup.py, run from its file too).
 if __name__ == "__main__" and "__file__" in globals():
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax",
-                                "hugepages.py"))["restart_with_huge_pages"](__file__)
+    _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax")
+    runpy.run_path(os.path.join(_PACKAGE, "hugepages.py"))["restart_with_huge_pages"](__file__)
+    _imports = runpy.run_path(os.path.join(_PACKAGE, "startup.py"))["interrupt_reported"]()
+else:
+    _imports = contextlib.nullcontext()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from stochastic_depth_jax import errors, pruning
-from stochastic_depth_jax.training import cli, compilation, depth, distributed, figures
-from stochastic_depth_jax.training import evaluate as evaluate_lib
-from stochastic_depth_jax.training import workdir as workdir_lib
+with _imports:
+    from stochastic_depth_jax import errors, pruning
+    from stochastic_depth_jax.training import cli, compilation, depth, distributed, figures
+    from stochastic_depth_jax.training import evaluate as evaluate_lib
+    from stochastic_depth_jax.training import workdir as workdir_lib
 
 
 def parse_args(argv):
     parser = distributed.ArgumentParser(  # a usage error reaches a job's others
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workdir", required=True, help="the training run directory")
+    # type: '--workdir=~/runs/x' reaches us unexpanded (the shell leaves it), as may the others
+    parser.add_argument("--workdir", required=True, type=os.path.expanduser,
+                        help="the training run directory")
     parser.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step")
     parser.add_argument("--split", default=None, choices=("test", "validation"),
                         help="(default: test)")
-    parser.add_argument("--output", default=None, help="JSON path (default in the workdir)")
-    parser.add_argument("--data-dir", default=None, metavar="DIR",
+    parser.add_argument("--output", default=None, type=os.path.expanduser,
+                        help="JSON path (default in the workdir)")
+    parser.add_argument("--data-dir", default=None, metavar="DIR", type=os.path.expanduser,
                         help="where the run's dataset is now, if it moved (tfds data_dir, or "
                              "the root of an image_folder dataset); it must be the same data")
     distributed.add_arguments(parser, manual=False)
@@ -213,7 +223,8 @@ def summary_line(result: dict) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    cli.run_reporting_errors(lambda: run(args), cli.debug_requested(argv))
+    # args.debug too: argparse takes an abbreviation ('--deb'), which the list does not show.
+    cli.run_reporting_errors(lambda: run(args), args.debug or cli.debug_requested(argv))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Mistakes (also flags that --collect would ignore) are reported in one line; --de
 SDJ_DEBUG=1) shows the traceback.
 """
 
+import contextlib
 import os
 import runpy
 import sys
@@ -27,16 +28,22 @@ import sys
 # First, as a command: this may start it again (same pid) with huge pages for its allocator
 # (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX). Not
 # when run without a file (`exec(open(...).read())` has no __file__): no restart then.
+# Then the imports of JAX and the package, where a Ctrl-C is reported as one later would be
+# (stochastic_depth_jax/startup.py, run from its file too).
 if __name__ == "__main__" and "__file__" in globals():
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax",
-                                "hugepages.py"))["restart_with_huge_pages"](__file__)
+    _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax")
+    runpy.run_path(os.path.join(_PACKAGE, "hugepages.py"))["restart_with_huge_pages"](__file__)
+    _imports = runpy.run_path(os.path.join(_PACKAGE, "startup.py"))["interrupt_reported"]()
+else:
+    _imports = contextlib.nullcontext()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from configs import CONFIGS, load_config, parse_overrides
-from stochastic_depth_jax import errors
-from stochastic_depth_jax.training import cli
+with _imports:
+    from configs import CONFIGS, load_config, parse_overrides
+    from stochastic_depth_jax import errors
+    from stochastic_depth_jax.training import cli
 
 
 def _list(cast):
@@ -65,7 +72,8 @@ def parse_args(argv):
                         '":official", ":official_smoke")')
     parser.add_argument("--depths", type=_list(int), default=None, help="e.g. 20,32,44")
     parser.add_argument("--p-last", type=_list(float), default=None, help="e.g. 0.2,0.5,1.0")
-    parser.add_argument("--root", required=True, help="the sweep directory")
+    parser.add_argument("--root", required=True, type=os.path.expanduser,  # '--root=~/x'
+                        help="the sweep directory")
     parser.add_argument("--collect", action="store_true",
                         help="do not train; draw every run under --root")
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")
@@ -111,7 +119,8 @@ def run(args, overrides):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
-    cli.run_reporting_errors(lambda: run(args, overrides), cli.debug_requested(argv))
+    # args.debug too: argparse takes an abbreviation ('--deb'), which the list does not show.
+    cli.run_reporting_errors(lambda: run(args, overrides), args.debug or cli.debug_requested(argv))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ One run at a time per workdir (a second one is refused, naming the first). Mista
 reported in one line ("error: ..."); --debug (or SDJ_DEBUG=1) shows the traceback.
 """
 
+import contextlib
 import os
 import runpy
 import sys
@@ -22,51 +23,21 @@ import sys
 # First, as a command: this may start it again (same pid) with huge pages for its allocator
 # (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX). Not
 # when run without a file (`exec(open(...).read())` has no __file__): no restart then.
+# Then the imports of JAX and the package, where a Ctrl-C is reported as one later would be
+# (stochastic_depth_jax/startup.py, run from its file too).
 if __name__ == "__main__" and "__file__" in globals():
-    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax",
-                                "hugepages.py"))["restart_with_huge_pages"](__file__)
+    _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax")
+    runpy.run_path(os.path.join(_PACKAGE, "hugepages.py"))["restart_with_huge_pages"](__file__)
+    _imports = runpy.run_path(os.path.join(_PACKAGE, "startup.py"))["interrupt_reported"]()
+else:
+    _imports = contextlib.nullcontext()
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import signal  # noqa: E402
 
 
-@contextlib.contextmanager
-def _interrupt_reported():
-    """Ctrl-C while the block (the imports of JAX and the package, seconds) runs: once they
-    are done, the one line and exit status 130 of a Ctrl-C later on
-    (``cli.run_reporting_errors``). A KeyboardInterrupt raised inside the imports was lost
-    or disguised: JAX's garbage-collection callback swallows it (the run went on), an
-    extension module interrupted while loading raised ImportError ("numpy._core.multiarray
-    failed to import", a traceback) or crashed. A second Ctrl-C raises at once. Not where
-    SIGINT is not Python's own (ignored, as in a background job)."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    noted = []
-
-    def note(signum, frame):
-        noted.append(signum)
-        if len(noted) > 1:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    except BaseException:
-        if not noted:
-            raise
-    finally:
-        if signal.getsignal(signal.SIGINT) is note:  # not one an import installed since
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-    if noted:
-        print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
-        sys.exit(130)
-
-
-with _interrupt_reported() if __name__ == "__main__" else contextlib.nullcontext():
+with _imports:
     from configs import CONFIGS, load_config, parse_overrides
     from stochastic_depth_jax.training import cli, distributed
 

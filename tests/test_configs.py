@@ -267,6 +267,34 @@ def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "~")
 
 
+def test_evaluate_and_sweep_paths_under_home_are_expanded(tmp_path, monkeypatch):
+    """'--root=~/sweeps' made a sweep in a folder named '~'; evaluate.py's paths likewise."""
+    import evaluate
+    import sweep
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = evaluate.parse_args(["--workdir=~/run", "--output=~/e.json", "--data-dir=~/data",
+                                "--export=~/pruned"])
+    assert (args.workdir, args.output, args.data_dir, args.export) == tuple(
+        str(tmp_path / p) for p in ("run", "e.json", "data", "pruned"))
+    assert sweep.parse_args(["--root=~/sweeps", "--collect"])[0].root == str(tmp_path / "sweeps")
+
+
+@pytest.mark.parametrize("script, argv", [("evaluate", ["--workdir", "nowhere", "--deb"]),
+                                          ("sweep", ["--root", "nowhere", "--collect", "--deb"])])
+def test_an_abbreviated_debug_flag_of_evaluate_and_sweep_shows_the_traceback(
+        monkeypatch, tmp_path, script, argv):
+    """argparse takes '--deb' for --debug; evaluate.py and sweep.py ignored it."""
+    import importlib
+
+    from stochastic_depth_jax import errors
+
+    monkeypatch.delenv("SDJ_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.Error, match="nowhere"):
+        importlib.import_module(script).main(argv)
+
+
 def test_an_empty_workdir_is_refused(tmp_path, monkeypatch, capsys):
     """`--workdir "$UNSET"` trained (or resumed) in ./workdir/<config> as if the flag were
     left out, and train_and_evaluate(config, '') in the current directory."""
@@ -284,15 +312,15 @@ def test_an_empty_workdir_is_refused(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
-# train.py as a command, with SIGINT arriving while it imports `configs` (and JAX), as a
-# Ctrl-C in the first seconds does; SWALLOW: inside code that swallows the KeyboardInterrupt,
-# as JAX's garbage-collection callback does.
+# A script as a command, with SIGINT arriving while it imports `configs` or the package (and
+# JAX), as a Ctrl-C in the first seconds does; SWALLOW: inside code that swallows the
+# KeyboardInterrupt, as JAX's garbage-collection callback does.
 _CTRL_C_AT_START = """
 import builtins, runpy, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 real = builtins.__import__
 def hooked(name, *args, **kwargs):
-    if name == "configs" and hooked.first:
+    if name in ("configs", "stochastic_depth_jax") and hooked.first:
         hooked.first = False
         try:
             signal.raise_signal(signal.SIGINT)
@@ -302,18 +330,22 @@ def hooked(name, *args, **kwargs):
     return real(name, *args, **kwargs)
 hooked.first = True
 builtins.__import__ = hooked
-sys.argv = ["train.py", "--config", "cifar10:smoke", "--config.max_steps=1", "--workdir", WORKDIR]
-runpy.run_path("train.py", run_name="__main__")
+sys.argv = ARGV
+runpy.run_path(ARGV[0], run_name="__main__")
 """
 
 
+@pytest.mark.parametrize("script, flags", [
+    ("train.py", ["--config", "cifar10:smoke", "--config.max_steps=1", "--workdir"]),
+    ("evaluate.py", ["--workdir"]), ("sweep.py", ["--collect", "--root"])])
 @pytest.mark.parametrize("swallow", [True, False])
-def test_ctrl_c_at_start_up_is_one_line(tmp_path, swallow):
-    """A Ctrl-C while train.py imported JAX printed a traceback (an ImportError's, from an
+def test_ctrl_c_at_start_up_is_one_line(tmp_path, swallow, script, flags):
+    """A Ctrl-C while a script imported JAX printed a traceback (an ImportError's, from an
     interrupted extension module: "numpy._core.multiarray failed to import"), or was lost in
     JAX's garbage-collection callback and the run went on training."""
     workdir = tmp_path / "run"
-    code = f"SWALLOW = {swallow}\nWORKDIR = {str(workdir)!r}\n" + _CTRL_C_AT_START
+    argv = [script, *flags, str(workdir)]
+    code = f"SWALLOW = {swallow}\nARGV = {argv!r}\n" + _CTRL_C_AT_START
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert (done.returncode, done.stderr) == (130, "interrupted (Ctrl-C).\n")

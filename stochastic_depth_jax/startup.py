@@ -1,0 +1,49 @@
+"""A Ctrl-C while a command-line script imports JAX and the package (its first seconds).
+
+``train.py``, ``evaluate.py`` and ``sweep.py`` run this file by its path
+(``runpy.run_path``), as they run ``hugepages.py``, and wrap their imports of the package in
+:func:`interrupt_reported`: importing this module would import the package, whose
+``__init__`` imports JAX, the very imports a Ctrl-C would interrupt.
+
+Importable without JAX, NumPy or the rest of the package: standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def interrupt_reported() -> Iterator[None]:
+    """Ctrl-C while the block (the imports of JAX and the package, seconds) runs: once they
+    are done, the one line and exit status 130 of a Ctrl-C later on
+    (``cli.run_reporting_errors``). A KeyboardInterrupt raised inside the imports was lost
+    or disguised: JAX's garbage-collection callback swallows it (the run went on), an
+    extension module interrupted while loading raised ImportError ("numpy._core.multiarray
+    failed to import", a traceback) or crashed. A second Ctrl-C raises at once. Not where
+    SIGINT is not Python's own (ignored, as in a background job)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    noted = []
+
+    def note(signum, frame):
+        noted.append(signum)
+        if len(noted) > 1:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    except BaseException:
+        if not noted:
+            raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is note:  # not one an import installed since
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if noted:
+        print("interrupted (Ctrl-C).", file=sys.stderr, flush=True)
+        sys.exit(130)
