@@ -725,6 +725,12 @@ def test_stop_signals_request_a_stop_and_a_second_ctrl_c_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal_lib.SIGINT)  # the second one stops at once
     assert signal_lib.getsignal(signal_lib.SIGTERM) is before  # handlers restored
+    # SLURM's --signal=USR1@N asks for a checkpoint ahead of the limit: it ended the process.
+    before = signal_lib.getsignal(signal_lib.SIGUSR1)
+    with stopping.StopSignals() as stop:
+        os.kill(os.getpid(), signal_lib.SIGUSR1)
+        assert stop.agreed() == signal_lib.SIGUSR1
+    assert signal_lib.getsignal(signal_lib.SIGUSR1) is before
 
 
 def test_a_stop_says_how_to_resume_to_python_and_on_the_command_line(capsys):

@@ -1,11 +1,12 @@
-"""A graceful stop on SIGTERM / SIGINT: checkpoint the current step, then exit.
+"""A graceful stop on SIGTERM / SIGINT / SIGUSR1: checkpoint the current step, then exit.
 
 Schedulers (SLURM, Kubernetes, TPU maintenance events, preemptible VMs) send SIGTERM and
 wait a grace period before killing; a user presses Ctrl-C. :class:`StopSignals` turns either
 into a request that the training loop honours at its next metrics point (every
 ``log_every_steps`` steps): it saves a 'latest' checkpoint of that step, waits until the
 save is committed and raises :class:`Stopped`, which the command-line tools report in one
-line with exit status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT). Rerunning the same
+line with exit status ``128 + signal`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1 on
+Linux). Rerunning the same
 command (from Python: calling ``train_and_evaluate`` again with the same workdir) resumes
 from that step.
 
@@ -27,7 +28,10 @@ from stochastic_depth_jax import errors
 
 __all__ = ["Stopped", "StopSignals"]
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1 too: SLURM's `--signal=USR1@<seconds>` (PyTorch Lightning's requeue signal) sends
+# it ahead of the time limit to ask for a checkpoint; by default it ended the process unsaved.
+SIGNALS = (signal.SIGTERM, signal.SIGINT) + tuple(
+    s for s in (getattr(signal, "SIGUSR1", None),) if s is not None)
 
 
 class Stopped(errors.Error):
@@ -52,7 +56,7 @@ class Stopped(errors.Error):
 
 
 class StopSignals:
-    """Context manager: while active, SIGTERM and SIGINT request a stop instead of killing.
+    """Context manager: while active, :data:`SIGNALS` request a stop instead of killing.
     ``when`` is what the line printed at the first signal says happens next.
 
     Handlers are installed only in the main thread (Python allows no other); elsewhere the
