@@ -140,6 +140,8 @@ def test_torn_last_line_is_dropped_on_restart(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # The file is whole again.
         assert _epochs(workdir) == [1, 2, 3, 4]
+    with open(os.path.join(workdir, "metrics.jsonl.dropped")) as f:
+        assert f.read() == '{"epoch": 4, "step": 1\n'  # the torn line set aside as it was
 
 
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
@@ -580,7 +582,9 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
         metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=75)
     [message] = warned.messages(caught, UserWarning)
     assert "kept the records of epochs 1-75 that" in message
-    assert message.endswith("dropped 1 other record(s) (epoch 76).")
+    aside = os.path.join(workdir, "metrics.jsonl.dropped")
+    assert message.endswith(f"dropped 1 other record(s) (epoch 76); they are kept in {aside}.")
+    assert metrics.read_metrics(workdir, "metrics.jsonl.dropped") == [{"epoch": 76, "step": 304}]
     # A restart that re-ran epochs 2-3 then stopped: the first attempt's records go.
     _write_lines(workdir, [json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3, 2, 3, 4)])
     with pytest.warns(UserWarning) as caught:
@@ -589,6 +593,9 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     assert "kept the records of epochs 1-3 that" in message
     assert "dropped 3 other record(s) (epochs 2-4)" in message
     assert _epochs(workdir) == [1, 2, 3]
+    # Appended to the records set aside before: nothing a reset drops is lost.
+    assert [r["epoch"] for r in metrics.read_metrics(workdir, "metrics.jsonl.dropped")] == [
+        76, 2, 3, 4]
 
 
 def test_records_dropped_at_a_start_from_step_0_do_not_name_a_restored_checkpoint(tmp_path):
@@ -600,7 +607,9 @@ def test_records_dropped_at_a_start_from_step_0_do_not_name_a_restored_checkpoin
         metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=0)
     [message] = warned.messages(caught, UserWarning)
     assert message.endswith("kept no records (no checkpoint to resume from: training starts "
-                            "from step 0); dropped 2 other record(s) (epochs 1-2).")
+                            "from step 0); dropped 2 other record(s) (epochs 1-2); they are "
+                            f"kept in {os.path.join(workdir, 'metrics.jsonl.dropped')}.")
+    assert len(metrics.read_metrics(workdir, "metrics.jsonl.dropped")) == 2  # not lost
 
 
 def test_a_line_without_an_epoch_never_costs_the_records_before_it(tmp_path):
@@ -621,7 +630,7 @@ def test_a_line_without_an_epoch_never_costs_the_records_before_it(tmp_path):
         metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=2)
     [message] = warned.messages(caught, UserWarning)
     assert "kept the records of epochs 1-2 that" in message
-    assert message.endswith("dropped 1 other record(s) (epoch 2).")
+    assert "dropped 1 other record(s) (epoch 2); they are kept in " in message
     assert metrics.read_metrics(workdir) == [{"epoch": 1}, note, {"epoch": 2, "run": 1}]
 
 

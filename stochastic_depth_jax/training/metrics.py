@@ -5,7 +5,8 @@ Only process 0 writes. Each record is appended with one ``write`` and flushed to
 a crash leaves at most a torn last line. On (re)start the file is rewritten atomically to
 the records that match the restored checkpoint: complete lines only, epochs (steps) up to
 the restored one, one record per epoch (step) (a sequence that restarts at an earlier one
-replaces the records it repeats). Anything dropped is reported in a warning. TensorBoard
+replaces the records it repeats). Anything dropped is reported in a warning and appended to
+``metrics.jsonl.dropped`` (``validation.jsonl.dropped``), not lost. TensorBoard
 events of steps after the restored checkpoint are purged, so a resumed run has no
 duplicate points.
 """
@@ -128,6 +129,7 @@ def _reset_file(path: str, resume_epoch: float, key: str = "epoch") -> None:
     kept = consistent_records(records, resume_epoch, key)
     if bad or len(kept) != len(records):
         kept_ids = {id(r) for r in kept}
+        aside = _set_aside(path, [r for r in records if id(r) not in kept_ids], bad)
         dropped = [r.get(key) for r in records if id(r) not in kept_ids]
         epochs = [r[key] for r in kept if _is_epoch(r.get(key))]
         kept_text = (f"kept the records of {key}s {_epoch_ranges(epochs)}" if epochs
@@ -141,11 +143,27 @@ def _reset_file(path: str, resume_epoch: float, key: str = "epoch") -> None:
             f"{path}: {kept_text}{basis}; "
             f"dropped {len(dropped)} other record(s){dropped_text}"
             + (f" and unreadable line(s) {bad}" if bad else "")
-            + ".",
+            + f"; they are kept in {aside}.",
             logs.RunWarning,
         )
     with workdir_lib.atomic_write(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def _set_aside(path: str, records: Sequence[dict[str, Any]], bad: Sequence[int]) -> str:
+    """Appends the ``records`` a reset drops and the unreadable lines numbered ``bad`` (as
+    they were) to ``<path>.dropped``, whose name it returns: a run whose checkpoints were
+    deleted or lost starts again from step 0, and its history must not go with them."""
+    aside = path + ".dropped"
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    with open(aside, "ab") as f:
+        f.writelines((json.dumps(r) + "\n").encode() for r in records)
+        f.writelines(line if line.endswith(b"\n") else line + b"\n"
+                     for line in (lines[n - 1] for n in bad))
+        f.flush()
+        os.fsync(f.fileno())
+    return aside
 
 
 def _jsonable(value: Any) -> Any:
