@@ -217,7 +217,8 @@ class ResidualStages(nn.Module):
                 _check_block(self.block(feats, s, parent=None))
             p0 = 1.0 if constant else float(probs[start])
             g0 = None if gates is None else gates[start]
-            # Compact mode runs no conditional: the stage's first block is masked instead.
+            # Compact mode runs no conditional: the stage's first block is masked instead
+            # (as are the blocks of a stage too short to scan, below).
             kw = {} if buckets is None else {"implementation": "mask"}
             if not keep[start]:
                 kw["has_branch"] = False
@@ -240,11 +241,12 @@ class ResidualStages(nn.Module):
                                              rest, call_kw, constant, bucket, policy)
                 if policy is not None:
                     x = first.act(x)
-            else:
+            else:  # in compact mode masked too: no conditional anywhere
+                masked = {} if buckets is None else {"implementation": "mask"}
                 for j in kept - start:
                     p = 1.0 if constant else float(probs[start + j])
                     g = None if gates is None else gates[start + j]
-                    blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}")
+                    blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}", **masked)
                     with _traced_flags_refused(blk):
                         x = blk(x, p, g, **call_kw)
             start += n
@@ -648,7 +650,8 @@ class _StochasticResNetBase(nn.Module):
             raise ValueError("buckets (compact mode) and implementation='loop' are two ways to "
                              "run only the kept blocks: pass buckets=None, or use 'skip'.")
         sizes = tuple(self.stage_sizes_())
-        return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan))
+        host = None if isinstance(gates, jax.core.Tracer) else gates  # traced: unchecked
+        return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan), host)
 
     def _check_loop_stages(self) -> None:
         """ValueError where ``implementation='loop'`` has nothing to loop over: it loops over
@@ -791,8 +794,10 @@ class CifarResNet(_StochasticResNetBase):
           buckets: compact mode (training, ``mode='batch'``, explicit ``gates``): one static
             scan length per stage from :meth:`compact_buckets` of the same gates, held on
             the host. Each stage's kept blocks are gathered into a scan of that length and
-            no conditional runs; a distinct ``buckets`` tuple is a distinct compilation.
-            Same outputs, gradients and statistics as skipping.
+            no conditional runs (each stage's first block, and every block of an unscanned
+            stage, is masked: computed, its output multiplied by its gate); a distinct
+            ``buckets`` tuple is a distinct compilation. Same outputs, gradients and
+            statistics as skipping.
 
         The training gates are sown as ``intermediates['gates']`` (read them with
         ``mutable=['batch_stats', 'intermediates']``).
