@@ -107,6 +107,11 @@ def test_unknown_implementation_fails_clearly():
     with pytest.raises(ValueError, match="model.implementation='fastest'"):
         config_lib.validate(load_config("cifar10:smoke",
                                         ["--config.model.implementation=fastest"]))
+    # Compact mode is a knob, not an implementation name: the message says which.
+    with pytest.raises(ValueError, match=r"model.implementation='compact' is not a name: "
+                       r"compact mode is model.compact_multiple=4 \(or model.compact_lengths=3\)"):
+        config_lib.validate(load_config("cifar10:smoke",
+                                        ["--config.model.implementation=compact"]))
 
 
 @pytest.mark.parametrize("name", ["cifar10:smoke", "cifar100_wrn:smoke"])
