@@ -123,6 +123,9 @@ def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) 
     else:
         _check_lengths(lengths, stage_sizes, scanned)
     gates = np.asarray(gates, bool)
+    if gates.shape != (sum(stage_sizes),):  # e.g. mode='sample' gates, or another model's
+        raise ValueError(f"gates must be one per block, shape ({sum(stage_sizes)},) (compact "
+                         f"mode needs mode='batch'), got shape {gates.shape}.")
     out, start = [], 0
     for i, (n, scan) in enumerate(zip(stage_sizes, scanned)):
         if not scan:

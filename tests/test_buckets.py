@@ -1,5 +1,6 @@
 """Compact mode's scan lengths: the kept-count distribution and the least-padding lengths."""
 import itertools
+import re
 
 import jax
 import numpy as np
@@ -87,6 +88,11 @@ def test_lengths_and_buckets_from_another_model_fail_clearly():
             model.compact_buckets(gates, lengths=bad)
     with pytest.raises(ValueError, match="multiple must be an integer >= 1, got 0"):
         model.compact_buckets(gates, multiple=0)
+    # Per-example gates [L, batch] or another model's: buckets summed over the wrong axis.
+    for bad in (np.ones((54, 8), bool), np.ones(12, bool)):
+        with pytest.raises(ValueError, match=r"gates must be one per block, shape \(54,\) "
+                           r".*got shape " + re.escape(str(bad.shape))):
+            model.compact_buckets(bad)
     tiny = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned per stage
     x = np.zeros((2, 8, 8, 3), np.float32)
     variables = tiny.init({"params": jax.random.key(0)}, x, train=False)
