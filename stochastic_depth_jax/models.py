@@ -638,12 +638,15 @@ class _StochasticResNetBase(nn.Module):
         if stochastic is not None:
             ops.check_deterministic(stochastic)
 
-    def _check_buckets(self, buckets, gates, train):
+    def _check_buckets(self, buckets, gates, train, stochastic=None):
         if buckets is None:
             return None
         if not train or gates is None or self.mode != "batch":
             raise ValueError("buckets (compact mode) need train=True, mode='batch' and the "
                              "gates they were computed from (gates=...).")
+        if stochastic is not None and not stochastic:  # compact mode always gates as in training
+            raise ValueError("buckets (compact mode) gate the blocks as in training; "
+                             "stochastic=False (p_l-scaled open blocks) needs buckets=None.")
         if self.keep is not None:
             raise ValueError("buckets (compact mode) cannot be used on a pruned model (keep=...).")
         if self.implementation == LOOP:
@@ -791,9 +794,9 @@ class CifarResNet(_StochasticResNetBase):
             stream (or ``gates``) with running BatchNorm statistics and training-time
             scaling: one member of the Monte-Carlo ensemble.
 
-          buckets: compact mode (training, ``mode='batch'``, explicit ``gates``): one static
-            scan length per stage from :meth:`compact_buckets` of the same gates, held on
-            the host. Each stage's kept blocks are gathered into a scan of that length and
+          buckets: compact mode (training, not ``stochastic=False``; ``mode='batch'``; explicit
+            ``gates``): one static scan length per stage from :meth:`compact_buckets` of
+            the same gates, held on the host. Each stage's kept blocks are gathered into a scan of that length and
             no conditional runs (each stage's first block, and every block of an unscanned
             stage, is masked: computed, its output multiplied by its gate); a distinct
             ``buckets`` tuple is a distinct compilation. Same outputs, gradients and
@@ -805,7 +808,7 @@ class CifarResNet(_StochasticResNetBase):
         """
         self._check_flags(train, stochastic)
         self._check_images(x)
-        buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
+        buckets = self._check_buckets(buckets, gates, train, stochastic)  # before drawing gates
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)
         n = self.blocks_per_stage()
@@ -910,7 +913,7 @@ class ResNet(_StochasticResNetBase):
         """See :meth:`CifarResNet.__call__`."""
         self._check_flags(train, stochastic)
         self._check_images(x)
-        buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
+        buckets = self._check_buckets(buckets, gates, train, stochastic)  # before drawing gates
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)
         x = x.astype(self.dtype) if self.dtype is not None else x

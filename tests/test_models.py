@@ -688,6 +688,12 @@ def test_compact_mode_needs_gates_and_training():
     with pytest.raises(ValueError, match="buckets"):
         model.apply(v, X, train=True, buckets=(1, 1, 1), rngs={"stochastic_depth": jax.random.key(0)},
                     mutable=["batch_stats"])
+    # train=True, stochastic=False runs the open blocks scaled by p_l; compact mode gated them
+    # as in training instead (another network's output, silently).
+    with pytest.raises(ValueError, match=r"stochastic=False \(p_l-scaled open blocks\) needs "
+                       r"buckets=None"):
+        model.apply(v, X, train=True, stochastic=False, gates=np.ones(12, bool),
+                    buckets=(3, 3, 3), mutable=["batch_stats"])
 
 
 def test_mask_implementation_keeps_dropped_block_statistics():
