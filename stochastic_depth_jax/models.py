@@ -799,9 +799,10 @@ class CifarResNet(_StochasticResNetBase):
             the same gates, held on the host. Each stage's kept blocks are gathered into a
             scan of that length and no conditional runs (each stage's first block, and every
             block of an unscanned stage, is masked: computed, its output multiplied by its
-            gate); a distinct ``buckets`` tuple is a distinct compilation. Same outputs, gradients and
-            statistics as skipping, but for dropout (``dropout_rate`` > 0): a kept block
-            draws its mask by its slot in the gathered scan, so the masks are other draws.
+            gate); a distinct ``buckets`` tuple is a distinct compilation. Same outputs,
+            gradients and statistics as skipping, but for dropout (``dropout_rate`` > 0): a
+            kept block draws its mask by its slot in the gathered scan, so the masks are
+            other draws.
 
         The training gates are sown as ``intermediates['gates']`` (read them with
         ``mutable=['batch_stats', 'intermediates']``).
