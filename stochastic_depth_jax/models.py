@@ -653,7 +653,10 @@ class _StochasticResNetBase(nn.Module):
             raise ValueError("buckets (compact mode) and implementation='loop' are two ways to "
                              "run only the kept blocks: pass buckets=None, or use 'skip'.")
         sizes = tuple(self.stage_sizes_())
-        host = None if isinstance(gates, jax.core.Tracer) else gates  # traced: unchecked
+        # Checked where readable here: not traced (under jit), not spread over processes.
+        readable = (not isinstance(gates, jax.core.Tracer)
+                    and getattr(gates, "is_fully_addressable", True))
+        host = gates if readable else None
         return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan), host)
 
     def _check_loop_stages(self) -> None:
