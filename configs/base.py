@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.initialization = "ours"
     # 'auto' (default): the real skipping that measured fastest on the run's platform,
     # resolved at start-up and recorded in run.json (CPU: lax.cond skipping; GPU/TPU:
-    # compact mode, see compact_multiple). 'skip': a dropped block is not computed (forward
+    # compact mode where a stage is scanned, else lax.cond skipping; see compact_multiple).
+    # 'skip': a dropped block is not computed (forward
     # or backward); 'mask': compute, multiply by the gate (what other libraries do; same
     # numbers, no speed-up); 'loop': each scanned stage's kept blocks in one device loop of
     # dynamic length (one program, no padding; GPU speed not measured yet).
@@ -68,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     # 'none' (everything) or 'full' (input only). 'convs' was fastest on CPU and H100.
     c.model.remat = "convs"
     # > 0: compact mode, draw gates on the host and gather each stage's kept blocks into a
-    # scan whose length is the kept count rounded up to this multiple (no conditionals).
+    # scan whose length is the kept count rounded up to this multiple (no conditionals;
+    # the blocks outside scanned stages, and each stage's first, are masked).
     # Fastest on GPU (H100, ResNet-110, batch 128: 0.85x the constant-depth step with 4).
     c.model.compact_multiple = 0
     # > 0: compact mode with this many scan lengths per stage, chosen to minimise the

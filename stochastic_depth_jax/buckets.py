@@ -123,6 +123,9 @@ def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) 
     else:
         _check_lengths(lengths, stage_sizes, scanned)
     gates = np.asarray(gates, bool)
+    if gates.shape != (sum(stage_sizes),):  # e.g. mode='sample' gates, or another model's
+        raise ValueError(f"gates must be one per block, shape ({sum(stage_sizes)},) (compact "
+                         f"mode needs mode='batch'), got shape {gates.shape}.")
     out, start = [], 0
     for i, (n, scan) in enumerate(zip(stage_sizes, scanned)):
         if not scan:
@@ -171,8 +174,10 @@ def _check_lengths(lengths, stage_sizes, scanned) -> None:
             raise ValueError(f"lengths[{i}]={ls} but stage {i + 1} needs {want}; {_FIX}.")
 
 
-def check_buckets(buckets, stage_sizes, scanned) -> tuple[int, ...]:
-    """``buckets`` as ints; ValueError unless one per stage, in 1..n-1 (0 if unscanned)."""
+def check_buckets(buckets, stage_sizes, scanned, gates=None) -> tuple[int, ...]:
+    """``buckets`` as ints; ValueError unless one per stage, in 1..n-1 (0 if unscanned), and,
+    for host-side ``gates`` (bool ``[L]``; None or traced: not checked), each holding its
+    stage's kept count: a shorter scan would silently run only the first kept blocks."""
     buckets = tuple(int(b) for b in buckets)
     if len(buckets) != len(stage_sizes):
         raise ValueError(f"buckets has {len(buckets)} entries for {len(stage_sizes)} stages; "
@@ -182,4 +187,20 @@ def check_buckets(buckets, stage_sizes, scanned) -> tuple[int, ...]:
             want = f"1..{n - 1}" if scan else "0 (the stage is not scanned)"
             raise ValueError(f"buckets[{i}]={b} but stage {i + 1} needs {want}; compute them "
                              "with model.compact_buckets(gates, ...).")
+    if gates is not None:
+        _check_buckets_hold(buckets, stage_sizes, scanned, np.asarray(gates))
     return buckets
+
+
+def _check_buckets_hold(buckets, stage_sizes, scanned, gates: np.ndarray) -> None:
+    """ValueError where a scanned stage keeps more blocks (after its first) than its bucket."""
+    if gates.shape != (sum(stage_sizes),):
+        return  # the model refuses the gates' shape itself
+    start = 0
+    for i, (b, n, scan) in enumerate(zip(buckets, stage_sizes, scanned)):
+        kept = int(np.count_nonzero(gates[start + 1:start + n]))
+        if scan and kept > b:
+            raise ValueError(f"buckets[{i}]={b} but the gates keep {kept} of stage {i + 1}'s "
+                             f"scanned blocks (a scan of {b} would drop the rest); compute "
+                             "buckets from these gates with model.compact_buckets(gates, ...).")
+        start += n

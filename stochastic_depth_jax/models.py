@@ -217,7 +217,8 @@ class ResidualStages(nn.Module):
                 _check_block(self.block(feats, s, parent=None))
             p0 = 1.0 if constant else float(probs[start])
             g0 = None if gates is None else gates[start]
-            # Compact mode runs no conditional: the stage's first block is masked instead.
+            # Compact mode runs no conditional: the stage's first block is masked instead
+            # (as are the blocks of a stage too short to scan, below).
             kw = {} if buckets is None else {"implementation": "mask"}
             if not keep[start]:
                 kw["has_branch"] = False
@@ -240,11 +241,12 @@ class ResidualStages(nn.Module):
                                              rest, call_kw, constant, bucket, policy)
                 if policy is not None:
                     x = first.act(x)
-            else:
+            else:  # in compact mode masked too: no conditional anywhere
+                masked = {} if buckets is None else {"implementation": "mask"}
                 for j in kept - start:
                     p = 1.0 if constant else float(probs[start + j])
                     g = None if gates is None else gates[start + j]
-                    blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}")
+                    blk = self.block(feats, 1, name=f"stage{i + 1}_block{j + 1}", **masked)
                     with _traced_flags_refused(blk):
                         x = blk(x, p, g, **call_kw)
             start += n
@@ -642,19 +644,26 @@ class _StochasticResNetBase(nn.Module):
         if stochastic is not None:
             ops.check_deterministic(stochastic)
 
-    def _check_buckets(self, buckets, gates, train):
+    def _check_buckets(self, buckets, gates, train, stochastic=None):
         if buckets is None:
             return None
         if not train or gates is None or self.mode != "batch":
             raise ValueError("buckets (compact mode) need train=True, mode='batch' and the "
                              "gates they were computed from (gates=...).")
+        if stochastic is not None and not stochastic:  # compact mode always gates as in training
+            raise ValueError("buckets (compact mode) gate the blocks as in training; "
+                             "stochastic=False (p_l-scaled open blocks) needs buckets=None.")
         if self.keep is not None:
             raise ValueError("buckets (compact mode) cannot be used on a pruned model (keep=...).")
         if self.implementation == LOOP:
             raise ValueError("buckets (compact mode) and implementation='loop' are two ways to "
                              "run only the kept blocks: pass buckets=None, or use 'skip'.")
         sizes = tuple(self.stage_sizes_())
-        return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan))
+        # Checked where readable here: not traced (under jit), not spread over processes.
+        readable = (not isinstance(gates, jax.core.Tracer)
+                    and getattr(gates, "is_fully_addressable", True))
+        host = gates if readable else None
+        return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan), host)
 
     def _check_loop_stages(self) -> None:
         """ValueError where ``implementation='loop'`` has nothing to loop over: it loops over
@@ -794,18 +803,22 @@ class CifarResNet(_StochasticResNetBase):
             stream (or ``gates``) with running BatchNorm statistics and training-time
             scaling: one member of the Monte-Carlo ensemble.
 
-          buckets: compact mode (training, ``mode='batch'``, explicit ``gates``): one static
-            scan length per stage from :meth:`compact_buckets` of the same gates, held on
-            the host. Each stage's kept blocks are gathered into a scan of that length and
-            no conditional runs; a distinct ``buckets`` tuple is a distinct compilation.
-            Same outputs, gradients and statistics as skipping.
+          buckets: compact mode (training, not ``stochastic=False``; ``mode='batch'``; explicit
+            ``gates``): one static scan length per stage from :meth:`compact_buckets` of
+            the same gates, held on the host. Each stage's kept blocks are gathered into a
+            scan of that length and no conditional runs (each stage's first block, and every
+            block of an unscanned stage, is masked: computed, its output multiplied by its
+            gate); a distinct ``buckets`` tuple is a distinct compilation. Same outputs,
+            gradients and statistics as skipping, but for dropout (``dropout_rate`` > 0): a
+            kept block draws its mask by its slot in the gathered scan, so the masks are
+            other draws.
 
         The training gates are sown as ``intermediates['gates']`` (read them with
         ``mutable=['batch_stats', 'intermediates']``).
         """
         self._check_flags(train, stochastic)
         self._check_images(x)
-        buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
+        buckets = self._check_buckets(buckets, gates, train, stochastic)  # before drawing gates
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)
         n = self.blocks_per_stage()
@@ -910,7 +923,7 @@ class ResNet(_StochasticResNetBase):
         """See :meth:`CifarResNet.__call__`."""
         self._check_flags(train, stochastic)
         self._check_images(x)
-        buckets = self._check_buckets(buckets, gates, train)  # before gates are drawn
+        buckets = self._check_buckets(buckets, gates, train, stochastic)  # before drawing gates
         stochastic = train if stochastic is None else stochastic
         gates, constant = self._gates(x, gates, stochastic)
         x = x.astype(self.dtype) if self.dtype is not None else x

@@ -1,5 +1,6 @@
 """Compact mode's scan lengths: the kept-count distribution and the least-padding lengths."""
 import itertools
+import re
 
 import jax
 import numpy as np
@@ -87,6 +88,11 @@ def test_lengths_and_buckets_from_another_model_fail_clearly():
             model.compact_buckets(gates, lengths=bad)
     with pytest.raises(ValueError, match="multiple must be an integer >= 1, got 0"):
         model.compact_buckets(gates, multiple=0)
+    # Per-example gates [L, batch] or another model's: buckets summed over the wrong axis.
+    for bad in (np.ones((54, 8), bool), np.ones(12, bool)):
+        with pytest.raises(ValueError, match=r"gates must be one per block, shape \(54,\) "
+                           r".*got shape " + re.escape(str(bad.shape))):
+            model.compact_buckets(bad)
     tiny = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned per stage
     x = np.zeros((2, 8, 8, 3), np.float32)
     variables = tiny.init({"params": jax.random.key(0)}, x, train=False)
@@ -95,6 +101,21 @@ def test_lengths_and_buckets_from_another_model_fail_clearly():
         with pytest.raises(ValueError, match=message):
             tiny.apply(variables, x, train=True, gates=np.ones(12, bool), buckets=bad,
                        mutable=["batch_stats"])
+
+
+def test_buckets_too_short_for_host_gates_fail_clearly():
+    """Buckets of other gates, shorter than a stage's kept count: the scan ran only the first
+    kept blocks and dropped the others, silently (another network's output)."""
+    tiny = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned per stage
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    variables = tiny.init({"params": jax.random.key(0)}, x, train=False)
+    gates = np.ones(12, bool)
+    with pytest.raises(ValueError, match=r"^buckets\[0\]=1 but the gates keep 3 of stage 1's "
+                       r"scanned blocks .*model.compact_buckets\(gates, ...\)."):
+        tiny.apply(variables, x, train=True, gates=gates, buckets=(1, 3, 3),
+                   mutable=["batch_stats"])
+    gates[1:4] = False  # a first block's gate does not count: it runs outside the scan
+    tiny.apply(variables, x, train=True, gates=gates, buckets=(1, 3, 3), mutable=["batch_stats"])
 
 
 def test_fitted_lengths_for_the_other_resnets():

@@ -17,13 +17,35 @@ def _model(*overrides):
     ("tpu", "skip", implementation.DEFAULT_COMPACT_MULTIPLE),
 ])
 def test_auto_is_the_default_and_resolves_per_platform(platform, impl, multiple):
-    model = _model()
+    model = _model("--config.model.depth=56")  # scanned stages (9 blocks each)
     assert model.implementation == "auto"
     r = implementation.resolve(model, platform)
     assert (r.implementation, r.compact_multiple, r.compact_lengths, r.requested,
             r.platform) == (impl, multiple, 0, "auto", platform)
     assert r.reason and set(r.to_json()) == {"implementation", "compact_multiple", "requested",
                                              "platform", "reason", "compact_lengths"}
+
+
+@pytest.mark.parametrize("name, overrides, blocks", [
+    ("cifar10:smoke", ["--config.model.depth=20"], "3 blocks"),
+    ("cifar100_wrn", [], "4 blocks"),  # WRN-28-10, the config's own default
+    ("cifar10:smoke", [], "1 block"),
+])
+def test_auto_picks_no_compact_mode_where_no_stage_is_scanned(name, overrides, blocks):
+    """Compact mode gathers the kept blocks of scanned stages only; with none (scan=None and
+    fewer than 9 blocks a stage) it masks every block. 'auto' recorded compact mode on a
+    GPU there while each block ran under lax.cond."""
+    model = load_config(name, overrides).model
+    for platform in ("gpu", "tpu"):
+        r = implementation.resolve(model, platform)
+        assert (r.implementation, r.compact_multiple, r.compact_lengths) == ("skip", 0, 0)
+        assert f"({blocks} per stage) with model.scan=None scans no stage" in r.reason
+        assert implementation.describe(r, model).startswith("skip (lax.cond")
+    scanned = load_config(name, overrides + ["--config.model.scan=True"]).model
+    assert implementation.resolve(scanned, "gpu").compact_multiple == (blocks != "1 block") * 4
+    explicit = load_config(name, overrides + ["--config.model.compact_multiple=2"]).model
+    r = implementation.resolve(explicit, "gpu")  # as asked, and said what it does
+    assert r.compact_multiple == 2 and r.reason.endswith("so every block is masked)")
 
 
 def test_explicit_choices_and_multiples_are_kept_on_every_platform():
@@ -85,6 +107,11 @@ def test_unknown_implementation_fails_clearly():
     with pytest.raises(ValueError, match="model.implementation='fastest'"):
         config_lib.validate(load_config("cifar10:smoke",
                                         ["--config.model.implementation=fastest"]))
+    # Compact mode is a knob, not an implementation name: the message says which.
+    with pytest.raises(ValueError, match=r"model.implementation='compact' is not a name: "
+                       r"compact mode is model.compact_multiple=4 \(or model.compact_lengths=3\)"):
+        config_lib.validate(load_config("cifar10:smoke",
+                                        ["--config.model.implementation=compact"]))
 
 
 @pytest.mark.parametrize("name", ["cifar10:smoke", "cifar100_wrn:smoke"])

@@ -609,6 +609,27 @@ def test_compact_mode_equals_skipping():
         jax.tree_util.tree_map(close, u_comp, u_skip)  # dropped blocks' stats unchanged too
 
 
+def test_compact_mode_masks_unscanned_stages_instead_of_branching():
+    """Compact mode promises no conditional: a stage too short to scan (scan=None, ResNet-20
+    to -44, WRN-28) ran its blocks under lax.cond, the model's 'skip', while run.json said
+    compact mode. Its blocks are masked, with the same results."""
+    model = tiny(depth=20)  # scan=None: two blocks after each stage's first, none scanned
+    v = init(model)
+    gates = np.array([1, 0, 1, 1, 1, 0, 0, 1, 1], bool)
+    assert model.compact_buckets(gates, 4) == (0, 0, 0)
+
+    def run(params, buckets):
+        y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
+                             train=True, gates=jnp.asarray(gates), buckets=buckets,
+                             mutable=["batch_stats"])
+        return jnp.sum(y ** 2), upd
+
+    grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+    assert "stablehlo.case" not in grad.lower(v["params"], (0, 0, 0)).as_text()
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    jax.tree_util.tree_map(close, grad(v["params"], (0, 0, 0)), grad(v["params"], None))
+
+
 def test_scan_unroll_inlines_every_scan_and_changes_nothing_else():
     """Same parameters, losses, gradients and statistics, with skipping and in compact mode;
     the lowered gradient has no loop (and still one conditional per gated block when
@@ -667,6 +688,12 @@ def test_compact_mode_needs_gates_and_training():
     with pytest.raises(ValueError, match="buckets"):
         model.apply(v, X, train=True, buckets=(1, 1, 1), rngs={"stochastic_depth": jax.random.key(0)},
                     mutable=["batch_stats"])
+    # train=True, stochastic=False runs the open blocks scaled by p_l; compact mode gated them
+    # as in training instead (another network's output, silently).
+    with pytest.raises(ValueError, match=r"stochastic=False \(p_l-scaled open blocks\) needs "
+                       r"buckets=None"):
+        model.apply(v, X, train=True, stochastic=False, gates=np.ones(12, bool),
+                    buckets=(3, 3, 3), mutable=["batch_stats"])
 
 
 def test_mask_implementation_keeps_dropped_block_statistics():

@@ -659,6 +659,9 @@ def test_resume_with_changed_config_keeps_each_sessions_values(run, tmp_path):
         "num_epochs": {"old": 2, "new": 3},
     }
     assert {"code_version", "devices", "started_at"} <= set(first) & set(second)
+    # What each session ran ('auto' resolves per platform; a resume may run elsewhere).
+    assert first["implementation"]["requested"] == meta["config"]["model"]["implementation"]
+    assert first["implementation"]["platform"] == second["implementation"]["platform"] == "cpu"
     # A run.json from before a field existed: the field is recorded, not warned about.
     path = os.path.join(workdir, evaluate.RUN_FILE)
     del meta["config"]["model"]["compact_lengths"]

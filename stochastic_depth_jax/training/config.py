@@ -320,6 +320,9 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
     _check_choice(m.shortcut, layers.SHORTCUTS, "model.shortcut")
     _check_choice(m.get("initialization", "ours"), models.INITIALIZATIONS,
                   "model.initialization")
+    _check(m.implementation != "compact", f"model.implementation='compact' is not a name: "
+           f"compact mode is model.compact_multiple={implementation.DEFAULT_COMPACT_MULTIPLE} "
+           f"(or model.compact_lengths=3) with implementation 'auto' or 'skip'")
     _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
     _check_choice(m.remat, layers.REMAT_POLICIES, "model.remat")
     _check(

@@ -17,6 +17,10 @@ and reason) in ``run.json``:
   faster (not measured yet). TPU was not measured; it gets compact mode for the same reason
   (a ``conditional`` is a host-visible control-flow boundary there too).
 
+Compact mode gathers the kept blocks of scanned stages only and masks every other block, so
+'auto' picks it only where the config scans a stage (``scans_a_stage``); with none (ResNet-20
+to -44, WRN-28 at ``scan=None``) it resolves to ``lax.cond`` skipping, saying why.
+
 ``'skip'`` and ``'mask'`` are used as given (with ``compact_multiple`` / ``compact_lengths``
 as configured). With ``'auto'``, a ``compact_multiple`` or ``compact_lengths`` > 0 asks for
 that compact mode on every platform; both 0 let the platform decide.
@@ -49,6 +53,7 @@ __all__ = [
     "Resolved",
     "resolve",
     "describe",
+    "scans_a_stage",
 ]
 
 # What model.implementation accepts: the op's implementations plus 'auto' (drop-path models),
@@ -136,6 +141,10 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
         how = (f"compact mode, multiple {multiple}" if multiple else
                f"compact mode, {lengths} lengths per stage" if lengths else
                "kept blocks in one loop per stage" if impl == models.LOOP else "no compact mode")
+        if (multiple or lengths) and model.get("name", "cifar_resnet") in COMPACT_MODELS \
+                and not scans_a_stage(model):
+            how += ("; no stage is scanned (model.scan=True scans stages of 2 blocks or more), "
+                    "so every block is masked")
         return Resolved("skip" if impl == "auto" else impl, multiple, impl, platform,
                         f"configured ({how})", lengths)
     if model.mode != "batch":
@@ -150,7 +159,31 @@ def resolve(model: ml_collections.ConfigDict, platform: str) -> Resolved:
         return Resolved("skip", 0, impl, platform,
                         f"{kind.upper()}: model {name!r} has no compact mode (only "
                         f"{', '.join(COMPACT_MODELS)}); lax.cond skipping")
+    if not scans_a_stage(model):
+        return Resolved("skip", 0, impl, platform, f"{kind.upper()}: {_no_scan(model)}")
     return Resolved("skip", DEFAULT_COMPACT_MULTIPLE, impl, platform, _WHY[kind])
+
+
+def scans_a_stage(model: ml_collections.ConfigDict) -> bool:
+    """Whether a ResNet config (:data:`COMPACT_MODELS`) scans any stage: compact mode gathers
+    the kept blocks of scanned stages only and masks every other block."""
+    return any(models._scanned_stages(_stage_sizes(model), model.get("scan")))
+
+
+def _stage_sizes(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    wide = model.get("name", "cifar_resnet") == "wide_resnet"
+    n = (models.WideResNet if wide else models.CifarResNet)(depth=model.depth).blocks_per_stage()
+    return (n, n, n)
+
+
+def _no_scan(model: ml_collections.ConfigDict) -> str:
+    """Why 'auto' does not pick compact mode for a config that scans no stage."""
+    n = _stage_sizes(model)[0]
+    fix = ("model.scan=True scans them" if n > 1 else
+           "a depth with 2 or more blocks per stage and model.scan=True would scan them")
+    return (f"model.depth={model.depth} ({n} block{'s' * (n > 1)} per stage) with model.scan="
+            f"{model.get('scan')!r} scans no stage, so compact mode would gather nothing and "
+            f"mask every block; lax.cond skipping ({fix})")
 
 
 def is_constant_depth(model: ml_collections.ConfigDict) -> bool:

@@ -590,8 +590,10 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
 _DATA_FIELDS = ("dataset", "validation_size", "seed", "train_on_all", "label", "fake_data")
 
 
-# What run.json keeps of each earlier session in 'history'.
-_SESSION_FIELDS = ("started_at", "start_step", "config_changes", "code_version", "devices")
+# What run.json keeps of each earlier session in 'history'; 'implementation' too, as what
+# 'auto' resolved to depends on the platform: a session resumed on another ran another.
+_SESSION_FIELDS = ("started_at", "start_step", "config_changes", "code_version", "devices",
+                   "implementation")
 
 
 def _has_field(config: dict[str, Any], dotted: str) -> bool:
