@@ -82,7 +82,8 @@ def test_best_is_the_mid_epoch_step_of_lowest_validation_error_and_resume_keeps_
     dropped = [str(w.message) for w in caught if "validation.jsonl" in str(w.message)]
     assert [m.split(": ", 1)[1] for m in dropped] == [
         "kept the records of steps 1-4 that match the restored checkpoint (step 4); dropped 4 "
-        "other record(s) (steps 5-8)."]
+        "other record(s) (steps 5-8); they are kept in "
+        f"{os.path.join(resumed, metrics.VALIDATION_FILE)}.dropped."]
     assert again["best"] == summary["best"]
     assert not os.path.exists(os.path.join(resumed, checkpoint_lib.SUPERSEDED_DIR))
     assert _without_times(metrics.read_metrics(resumed, metrics.VALIDATION_FILE)) == (
