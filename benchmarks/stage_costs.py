@@ -216,7 +216,8 @@ def report(a: dict, args, rounds: int, kept_fraction: float) -> str:
         "",
         f"Mean fraction of blocks kept by the timed rounds' gates: {kept_fraction:.3f}. "
         "Compact mode runs each stage's first block (masked) and its kept count rounded up "
-        "to the bucket length; `skip` runs exactly the kept blocks.",
+        "to the bucket length (every block of a stage too short to scan, masked); `skip` "
+        "runs exactly the kept blocks.",
     ]
     return "\n".join(lines) + "\n"
 
