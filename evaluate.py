@@ -25,6 +25,7 @@ traceback.
 """
 
 import contextlib
+import importlib.util
 import os
 import runpy
 import sys
@@ -33,10 +34,16 @@ import sys
 # (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX). Not
 # when run without a file (`exec(open(...).read())` has no __file__): no restart then.
 # Then the imports of JAX and the package, where a Ctrl-C is reported as one later would be
-# (stochastic_depth_jax/startup.py, run from its file too).
-if __name__ == "__main__" and "__file__" in globals():
-    _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax")
-    runpy.run_path(os.path.join(_PACKAGE, "hugepages.py"))["restart_with_huge_pages"](__file__)
+# (stochastic_depth_jax/startup.py, run from its file too; without __file__, from where the
+# package would be imported: find_spec imports nothing of it).
+if __name__ == "__main__":
+    if "__file__" in globals():
+        _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax")
+        runpy.run_path(os.path.join(_PACKAGE, "hugepages.py"))["restart_with_huge_pages"](__file__)
+    else:  # None where it is not importable: the import below says so
+        _SPEC = importlib.util.find_spec("stochastic_depth_jax")
+        _PACKAGE = _SPEC.submodule_search_locations[0] if _SPEC else None
+if __name__ == "__main__" and _PACKAGE:
     _imports = runpy.run_path(os.path.join(_PACKAGE, "startup.py"))["interrupt_reported"]()
 else:
     _imports = contextlib.nullcontext()

@@ -40,11 +40,13 @@ import bench_cli  # noqa: E402  (next to this file; first: Ctrl-C in JAX's impor
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from stochastic_depth_jax import CifarResNet, draw_gates
 from stochastic_depth_jax.conv import cpu_compiler_options
+from stochastic_depth_jax.training import implementation
 
 from user_branch import UserNet  # noqa: E402  (benchmark-only model, next to this file)
 from provenance import machine_line, run_label, size_changes  # noqa: E402
@@ -300,12 +302,25 @@ def table_rows(runners, batch, baseline=None) -> list[str]:
     return rows
 
 
-def medians(path: str, runners, batch, dtype: str) -> tuple[str, dict]:
+def medians(path: str, runners, batch, dtype: str, **context) -> tuple[str, dict]:
     """``(path, {variant: median seconds} plus context)``: the ``--json`` file for
     ``compare_torch.py`` that :func:`bench_cli.append_table` writes with the table."""
     return path, {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                  "jax": jax.__version__, "batch": batch, "dtype": dtype,
+                  "jax": jax.__version__, "batch": batch, "dtype": dtype, **context,
                   "median_s": {r.name: statistics.median(r.times) for r in runners}}
+
+
+def auto_variant(depth: int, scan) -> str:
+    """The variant the trainer's ``model.implementation='auto'`` picks for ``depth`` and
+    ``scan`` on this backend (``compare_torch.py``'s "ours default"), from the trainer's own
+    rule: compact mode on GPU/TPU only where a stage is scanned (not ResNet-20's stages of 3
+    blocks), else ``lax.cond`` skipping."""
+    model = ml_collections.ConfigDict({
+        "name": "cifar_resnet", "depth": depth, "scan": scan, "implementation": "auto",
+        "mode": "batch", "final_survival_prob": 0.5, "compact_multiple": 0,
+        "compact_lengths": 0})
+    resolved = implementation.resolve(model, jax.default_backend())
+    return "compact" if resolved.compact_multiple else "skip-remat-convs"
 
 
 def user_branch_main(args, dtype) -> None:
@@ -457,7 +472,8 @@ def main(argv=None) -> None:
             lines.append(f"\nCompile-time ratio {compile_rows[1][0]}/{compile_rows[0][0]}: "
                          f"{compile_rows[1][1] / compile_rows[0][1]:.2f}")
     bench_cli.append_table("\n".join(lines) + "\n", args.out,
-                           medians=medians(args.json, runners, args.batch, args.dtype))
+                           medians=medians(args.json, runners, args.batch, args.dtype,
+                                           auto_variant=auto_variant(args.depth, scan)))
 
 
 if __name__ == "__main__":

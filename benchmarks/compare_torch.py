@@ -11,7 +11,8 @@ the same machine, then appends one table, with date, code and command line, to
 Ours: constant depth, ``skip`` (lax.cond skipping, remat 'convs' as the config),
 ``compact`` (compact mode, multiple 4) and ``lengths-3`` (compact mode, 3 scan lengths per
 stage fitted to the schedule); "default" is what ``model.implementation='auto'`` picks on
-that backend (CPU: skip; GPU/TPU: compact). Every compact program the rounds use is
+that backend for that depth (CPU: skip; GPU/TPU: compact where a stage is scanned, so not
+at ``--depth 20``, whose stages of 3 blocks are not). Every compact program the rounds use is
 compiled before timing. Torch: eager and ``torch.compile``, constant and real skipping.
 
 Ctrl-C or SIGTERM is passed on to the benchmark running, which appends the table of the
@@ -201,7 +202,7 @@ def _ours(args, common: list[str], dtype: str, tmp: str, appended: list[str]) ->
                 mark = bench_cli.interruption_mark(f.read().decode())
             appended.append(dtype + (f" ({mark})" if mark else ""))
     ours = json.load(open(path))
-    default = default_variant(ours["backend"])
+    default = ours["auto_variant"]
     if default not in ours["median_s"]:  # before spending more time
         raise bench_cli.bad_flag(f"--variants: 'auto' on {ours['backend']} is {default!r}, "
                                  f"which was not run: add it.")
@@ -222,11 +223,6 @@ def _kept(args, appended: list[str], tmp: str) -> str:
     return "; ".join([f"no comparison table was written{where}", *kept]) + "."
 
 
-def default_variant(backend: str) -> str:
-    """Our bench_step variant that model.implementation='auto' picks on ``backend``."""
-    return "skip-remat-convs" if backend == "cpu" else "compact"
-
-
 def _table(args, ours, theirs) -> str:
     b = args.batch
     rows = []
@@ -234,7 +230,7 @@ def _table(args, ours, theirs) -> str:
         prec = "fp32" if dtype == "float32" else "bf16"
         med = res["median_s"]
         skip = "skip-remat-convs"  # the config's default remat
-        default = default_variant(res["backend"])
+        default = res["auto_variant"]  # bench_step.py's, for this backend and depth
         t = {k.replace(f"-{prec}", ""): v for k, v in theirs["median_s"].items() if prec in k}
         cells = [med["constant"], med.get(skip), med.get("compact"), med.get("lengths-3"),
                  med[default],

@@ -26,7 +26,7 @@ From the per-block costs and the schedule it derives, per skipping variant, the 
 it would take if each block cost what it costs in the constant-depth network: ``floor``
 (every dropped block free; the true compute floor), and for compact mode the blocks it
 really runs (each stage's first block always, masked; its kept count rounded up to the
-bucket length). The gap between that prediction and the measured time is the variant's
+bucket length; every block of a stage too short to scan, masked). The gap between that prediction and the measured time is the variant's
 own overhead (conditionals; gathers, scatters and program switches). Each timed round is
 predicted from its own gates and the overhead is the median of the rounds' gaps (the
 expectation under the schedule is printed beside them).
@@ -98,9 +98,8 @@ def blocks_run(name: str, model: CifarResNet, gates: np.ndarray) -> np.ndarray:
         lengths = model.compact_buckets(gates, lengths=model.compact_lengths(
             int(impl[len("lengths"):])))
     # Compact mode: a stage's first block always runs (masked), then its bucket of
-    # gathered blocks; an unscanned stage (bucket 0) runs its other kept blocks by lax.cond.
-    return np.array([1 + (b if b else kept[s] - gates[starts[s]])
-                     for s, b in enumerate(lengths)], float)
+    # gathered blocks; an unscanned stage (bucket 0) is masked whole: all its blocks run.
+    return np.array([1 + b if b else n for b, n in zip(lengths, sizes)], float)
 
 
 def expected_blocks_run(name: str, model: CifarResNet) -> np.ndarray:
@@ -120,8 +119,8 @@ def expected_blocks_run(name: str, model: CifarResNet) -> np.ndarray:
                      for lengths in model.compact_lengths(int(impl[len("lengths"):]))]
     out = []
     for a, n, length, scanned in zip(starts, sizes, per_stage, _scanned(model)):
-        if not scanned:
-            out.append(1 + probs[a + 1:a + n].sum())
+        if not scanned:  # masked whole in compact mode: every block runs
+            out.append(float(n))
             continue
         pmf = buckets_lib.kept_count_pmf(probs[a + 1:a + n])
         out.append(1 + sum(p * length(int(k)) for k, p in enumerate(pmf)))
@@ -217,7 +216,8 @@ def report(a: dict, args, rounds: int, kept_fraction: float) -> str:
         "",
         f"Mean fraction of blocks kept by the timed rounds' gates: {kept_fraction:.3f}. "
         "Compact mode runs each stage's first block (masked) and its kept count rounded up "
-        "to the bucket length; `skip` runs exactly the kept blocks.",
+        "to the bucket length (every block of a stage too short to scan, masked); `skip` "
+        "runs exactly the kept blocks.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -5,6 +5,7 @@ meets them: a rerun never loses a recorded table, a bad flag is one line, an int
 during the timed rounds (or the compile timings after them) writes what was measured, marked
 as such, and any other writes nothing."""
 
+import argparse
 import io
 import json
 import os
@@ -72,6 +73,26 @@ def test_bench_step_leaves_loop_variants_out_of_its_default_list_where_none_can_
             in capsys.readouterr().out)
     assert bench_step.with_a_loop_to_run(names, args, True) == names
 
+
+
+def test_ours_default_is_what_auto_picks_for_the_depth(monkeypatch):
+    """'auto' picks compact mode on a GPU only where a stage is scanned: compare_torch.py's
+    "ours default" column showed compact mode at --depth 20 (every block masked), which the
+    trainer runs with lax.cond."""
+    bench_step, compare_torch = load("bench_step"), load("compare_torch")
+    assert bench_step.auto_variant(110, None) == "skip-remat-convs"  # CPU
+    monkeypatch.setattr(bench_step.jax, "default_backend", lambda: "gpu")
+    assert bench_step.auto_variant(110, None) == "compact"
+    assert bench_step.auto_variant(20, None) == "skip-remat-convs"
+    assert bench_step.auto_variant(20, True) == "compact"
+    ours = {"float32": {"backend": "gpu", "auto_variant": "skip-remat-convs", "jax": "0",
+                        "device": "GPU", "median_s": {"constant": 0.1, "compact": 0.2,
+                                                      "skip-remat-convs": 0.08}}}
+    args = argparse.Namespace(depth=20, batch=32, label="")
+    table = compare_torch._table(args, ours, {"torch": "0", "device": "GPU", "median_s": {}})
+    [row] = [line for line in table.splitlines() if line.startswith("| fp32")]
+    cells = row.split(" | ")
+    assert (cells[5], cells[10]) == ("400", "0.800")  # ours default img/s, / constant: skip's
 
 def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
     """compare_torch.py passes --batch 128 to bench_step.py: its table said "Not the default

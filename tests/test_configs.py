@@ -331,7 +331,10 @@ def hooked(name, *args, **kwargs):
 hooked.first = True
 builtins.__import__ = hooked
 sys.argv = ARGV
-runpy.run_path(ARGV[0], run_name="__main__")
+if EXEC:  # as `exec(open(script).read())` runs it: no __file__
+    exec(compile(open(ARGV[0]).read(), ARGV[0], "exec"), {"__name__": "__main__"})
+else:
+    runpy.run_path(ARGV[0], run_name="__main__")
 """
 
 
@@ -345,7 +348,22 @@ def test_ctrl_c_at_start_up_is_one_line(tmp_path, swallow, script, flags):
     JAX's garbage-collection callback and the run went on training."""
     workdir = tmp_path / "run"
     argv = [script, *flags, str(workdir)]
-    code = f"SWALLOW = {swallow}\nARGV = {argv!r}\n" + _CTRL_C_AT_START
+    code = f"SWALLOW = {swallow}\nEXEC = False\nARGV = {argv!r}\n" + _CTRL_C_AT_START
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (130, "interrupted (Ctrl-C).\n")
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("train.py", ["--config", "cifar10:smoke", "--config.max_steps=1", "--workdir"]),
+    ("evaluate.py", ["--workdir"]), ("sweep.py", ["--collect", "--root"])])
+def test_ctrl_c_at_start_up_is_one_line_run_without_a_file(tmp_path, script, flags):
+    """Run by exec() (no __file__, so no huge-pages restart): the guard found startup.py by
+    the script's __file__ and was left out, a Ctrl-C in the imports a traceback."""
+    workdir = tmp_path / "run"
+    argv = [script, *flags, str(workdir)]
+    code = f"SWALLOW = False\nEXEC = True\nARGV = {argv!r}\n" + _CTRL_C_AT_START
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert (done.returncode, done.stderr) == (130, "interrupted (Ctrl-C).\n")

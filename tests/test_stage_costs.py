@@ -38,6 +38,16 @@ def test_compact_runs_first_blocks_and_whole_buckets(script):
     np.testing.assert_array_equal(script.blocks_run("compact", model, gates), [18, 17, 13])
 
 
+
+@pytest.mark.parametrize("variant", ["compact", "lengths-3"])
+def test_compact_runs_every_block_of_a_stage_too_short_to_scan(script, variant):
+    """Compact mode masks an unscanned stage's blocks (ResNet-20's stages of 3): all of them
+    run, whatever the gates; the cost model counted only the kept ones (lax.cond's)."""
+    model = sdj.CifarResNet(depth=20)
+    gates = np.array([1, 0, 0, 0, 1, 0, 1, 1, 1], bool)
+    np.testing.assert_array_equal(script.blocks_run(variant, model, gates), [3, 3, 3])
+    np.testing.assert_array_equal(script.expected_blocks_run(variant, model), [3, 3, 3])
+
 def independent_blocks_run(name, gates):
     """Blocks per stage of ResNet-110 (3 x 18), written out apart from the script's code."""
     g = np.asarray(gates, bool).reshape(3, 18)
