@@ -48,12 +48,16 @@ def parse_args(argv):
     parser = distributed.ArgumentParser(  # a usage error reaches a job's others
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workdir", required=True, help="the training run directory")
+    # type=os.path.expanduser: '--workdir=~/runs/x' reaches us as typed (the shell expands no
+    # '~' after '='), as train.py's.
+    parser.add_argument("--workdir", required=True, type=os.path.expanduser,
+                        help="the training run directory")
     parser.add_argument("--checkpoint", default="best", help="'best', 'latest' or a step")
     parser.add_argument("--split", default=None, choices=("test", "validation"),
                         help="(default: test)")
-    parser.add_argument("--output", default=None, help="JSON path (default in the workdir)")
-    parser.add_argument("--data-dir", default=None, metavar="DIR",
+    parser.add_argument("--output", default=None, type=os.path.expanduser,
+                        help="JSON path (default in the workdir)")
+    parser.add_argument("--data-dir", default=None, metavar="DIR", type=os.path.expanduser,
                         help="where the run's dataset is now, if it moved (tfds data_dir, or "
                              "the root of an image_folder dataset); it must be the same data")
     distributed.add_arguments(parser, manual=False)

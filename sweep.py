@@ -65,7 +65,8 @@ def parse_args(argv):
                         '":official", ":official_smoke")')
     parser.add_argument("--depths", type=_list(int), default=None, help="e.g. 20,32,44")
     parser.add_argument("--p-last", type=_list(float), default=None, help="e.g. 0.2,0.5,1.0")
-    parser.add_argument("--root", required=True, help="the sweep directory")
+    parser.add_argument("--root", required=True, type=os.path.expanduser,  # '--root=~/x'
+                        help="the sweep directory")
     parser.add_argument("--collect", action="store_true",
                         help="do not train; draw every run under --root")
     parser.add_argument("--debug", action="store_true", help="tracebacks for every error")

@@ -770,3 +770,17 @@ def test_a_missing_step_names_the_steps_of_both_series(capsys, resnet, tmp_path)
     assert line == (f"error: No checkpoint at step 99 in {copy}: checkpoints/ holds steps "
                     f"{rest} and checkpoints_best/ steps [{best}]; give one of them "
                     "(--checkpoint STEP), or --checkpoint best or latest.")
+
+
+def test_paths_under_home_are_expanded(tmp_path, monkeypatch):
+    """'--workdir=~/runs/x' (the shell expands no '~' after '=') was 'not a directory', and
+    '--export=~/pruned' or sweep.py's '--root=~/sweep' wrote into a folder named '~' in the
+    current directory, as train.py's --workdir did."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path)
+    args = evaluate_cli.parse_args(["--workdir=~/run", "--output=~/r.json", "--export=~/e",
+                                    "--data-dir=~/data"])
+    assert (args.workdir, args.output, args.export, args.data_dir) == tuple(
+        os.path.join(home, name) for name in ("run", "r.json", "e", "data"))
+    args, _ = sweep_cli.parse_args(["--collect", "--root=~/sweep"])
+    assert args.root == os.path.join(home, "sweep")

@@ -385,7 +385,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "ResNet / WideResNet runs; one of the first three)")
     g.add_argument("--depth-curve", action="store_true",
                    help="error and throughput as blocks are removed one by one (JSON + PNG)")
-    g.add_argument("--export", metavar="DIR", default=None,
+    g.add_argument("--export", metavar="DIR", default=None, type=os.path.expanduser,  # '=~/x'
                    help="save the model with --remove blocks deleted to DIR (new or empty)")
     g.add_argument("--mc-samples", type=int, default=None, metavar="K",
                    help="Monte-Carlo depth: average the softmax of K >= 1 sampled sub-networks")
