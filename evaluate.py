@@ -217,7 +217,8 @@ def summary_line(result: dict) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    cli.run_reporting_errors(lambda: run(args), cli.debug_requested(argv))
+    # args.debug too: argparse takes an abbreviation ('--deb'), which the list does not show.
+    cli.run_reporting_errors(lambda: run(args), args.debug or cli.debug_requested(argv))
 
 
 if __name__ == "__main__":

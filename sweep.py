@@ -112,7 +112,9 @@ def run(args, overrides):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
-    cli.run_reporting_errors(lambda: run(args, overrides), cli.debug_requested(argv))
+    # args.debug too: argparse takes an abbreviation ('--deb'), which the list does not show.
+    debug = args.debug or cli.debug_requested(argv)
+    cli.run_reporting_errors(lambda: run(args, overrides), debug)
 
 
 if __name__ == "__main__":

@@ -784,3 +784,13 @@ def test_paths_under_home_are_expanded(tmp_path, monkeypatch):
         os.path.join(home, name) for name in ("run", "r.json", "e", "data"))
     args, _ = sweep_cli.parse_args(["--collect", "--root=~/sweep"])
     assert args.root == os.path.join(home, "sweep")
+
+
+def test_an_abbreviated_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
+    """argparse takes '--deb' for --debug, and the error was still one line (as train.py's
+    was): the traceback asked for is the exception itself."""
+    monkeypatch.delenv("SDJ_DEBUG", raising=False)
+    with pytest.raises(errors.CheckpointError, match="is not a directory"):
+        evaluate_cli.main(["--workdir", str(tmp_path / "none"), "--deb"])
+    with pytest.raises(errors.ConfigError, match="--collect draws every run"):
+        sweep_cli.main(["--collect", "--deb", "--root", str(tmp_path), "--config.seed=1"])
