@@ -76,6 +76,8 @@ def parse_args(argv):
     # would ignore are refused in run(), in one line with status 1, as train.py and
     # evaluate.py refuse theirs. An empty list (--depths "") is given: plan() says it
     # lists nothing.
+    if not args.root.strip():  # else the runs train in the current directory, silently
+        parser.error("--root is empty (an unset shell variable?); give the sweep directory")
     if not args.collect and None in (args.config, args.depths, args.p_last):
         parser.error("training a sweep needs --config, --depths and --p-last (or use --collect)")
     return args, overrides

@@ -794,3 +794,13 @@ def test_an_abbreviated_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
         evaluate_cli.main(["--workdir", str(tmp_path / "none"), "--deb"])
     with pytest.raises(errors.ConfigError, match="--collect draws every run"):
         sweep_cli.main(["--collect", "--deb", "--root", str(tmp_path), "--config.seed=1"])
+
+
+def test_an_empty_sweep_root_is_refused(capsys):
+    """`--root "$UNSET"` trained the sweep's runs in the current directory (./depth8_pL1,
+    ./figures), as train.py's empty --workdir trained in ./workdir/<config>."""
+    with pytest.raises(SystemExit) as info:
+        sweep_cli.parse_args(["--config", "cifar10:smoke", "--depths", "8", "--p-last", "1",
+                              "--root", " "])
+    assert info.value.code == 2
+    assert "error: --root is empty (an unset shell variable?)" in capsys.readouterr().err
