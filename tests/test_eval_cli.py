@@ -4,6 +4,7 @@ records. One ResNet run (made as a sweep run) and one ViT run serve every test."
 
 import json
 import os
+import shutil
 import sys
 import warnings
 
@@ -804,3 +805,24 @@ def test_an_empty_sweep_root_is_refused(capsys):
                               "--root", " "])
     assert info.value.code == 2
     assert "error: --root is empty (an unset shell variable?)" in capsys.readouterr().err
+
+
+def test_checkpoints_linked_to_a_disk_not_mounted_are_named(resnet, tmp_path):
+    """checkpoints/ a symbolic link to nothing (its disk not mounted): the run 'has no latest
+    checkpoint yet, nor any other', to be evaluated 'once one is saved', as if it had never
+    trained; a step asked for was one neither series holds."""
+    from stochastic_depth_jax.training import checkpoint, evaluate
+
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    shutil.copy(os.path.join(resnet[1], "run.json"), workdir)
+    for name in ("checkpoints", "checkpoints_best"):
+        os.symlink(str(tmp_path / "disk" / name), os.path.join(workdir, name))
+    link = os.path.join(workdir, "checkpoints")
+    for which in ("latest", 4):
+        with pytest.raises(checkpoint.CheckpointAccessError) as info:
+            evaluate.evaluate_checkpoint(workdir, which)
+        assert str(info.value) == (
+            f"Cannot read {link}: it is a symbolic link to {tmp_path / 'disk' / 'checkpoints'}, "
+            "which does not exist (its filesystem not mounted, or moved?): mount it or mend "
+            "the link to evaluate the run.")

@@ -15,7 +15,7 @@ import importlib.util
 import json
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -486,9 +486,11 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
             kind = "best"
         held = ckpts.steps("latest") or ckpts.steps("best")  # none: _no_checkpoint says so
         if step is not None and held and step not in ckpts.steps(kind):
-            raise _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best"))
+            raise (_unmounted(workdir, _CHECKPOINT_DIRS.values())
+                   or _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best")))
         if not ckpts.steps(kind):
-            raise _no_checkpoint(workdir, kind, ckpts.steps("latest"))
+            raise (_unmounted(workdir, [_CHECKPOINT_DIRS[kind]])
+                   or _no_checkpoint(workdir, kind, ckpts.steps("latest")))
         try:
             ds = setup_lib.load_data(config, workdir, meta.get("data"))
         except (data_lib.DataUnavailableError, errors.DataFileNotFoundError) as e:
@@ -564,6 +566,24 @@ def _warn_if_training(workdir: str, kind: str | None, meta: dict[str, Any]) -> N
             f"The run in {workdir} is still training, by {holder}: its {kind} checkpoint so far, "
             f"step {int(meta['step'])}, is evaluated; evaluate again when it has finished.",
             logs.RunWarning)
+
+
+# Where each kind of checkpoint is kept in a run's workdir.
+_CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "checkpoints_best"}
+
+
+def _unmounted(workdir: str, names: Iterable[str]
+               ) -> checkpoint_lib.CheckpointAccessError | None:
+    """The error for the first of ``names`` (checkpoint directories of ``workdir``) that is
+    a symbolic link to nothing (the disk holding them not mounted), else None: read, it
+    holds no checkpoint, and the run was said to have none yet ('evaluate it once one is
+    saved') or not the step asked for."""
+    for name in names:
+        path = os.path.join(workdir, name)
+        if os.path.islink(path) and not os.path.exists(path):
+            return checkpoint_lib.CheckpointAccessError(
+                workdir_lib.dangling_link(path, "evaluate the run", access="read"))
+    return None
 
 
 def _no_checkpoint(workdir: str, kind: str, latest: list[int]
