@@ -826,3 +826,15 @@ def test_checkpoints_linked_to_a_disk_not_mounted_are_named(resnet, tmp_path):
             f"Cannot read {link}: it is a symbolic link to {tmp_path / 'disk' / 'checkpoints'}, "
             "which does not exist (its filesystem not mounted, or moved?): mount it or mend "
             "the link to evaluate the run.")
+
+
+def test_an_image_folder_run_of_a_smoke_config_is_not_called_fake():
+    """A smoke config's fake_data.num_train (160) is left as it is when --config.dataset names
+    an image folder, which is real data and what the run trained on: its results were
+    marked "fake_data": true, 'FAKE random-label images' in the line."""
+    from stochastic_depth_jax.training import evaluate
+
+    folder = load_config("cifar10:smoke", ["--config.dataset=image_folder:/data/pets"])
+    assert folder.fake_data.num_train == 160
+    assert evaluate.fake_data_fields(folder) == {}
+    assert evaluate.fake_data_fields(load_config("cifar10:smoke")) == {"fake_data": True}

@@ -642,8 +642,10 @@ def _epoch(value: Any) -> int | float | None:
 def fake_data_fields(config: ml_collections.ConfigDict) -> dict[str, bool]:
     """``{'fake_data': True}`` for a run that trained (and is evaluated) on fake random-label
     data (``config.fake_data``), whose errors sit at chance; ``{}`` for a real dataset.
-    Results carry it so that a figure quoted from one cannot pass for a real one."""
-    return {"fake_data": True} if config.fake_data.num_train else {}
+    Results carry it so that a figure quoted from one cannot pass for a real one. An image
+    folder is real data whatever ``fake_data.num_train`` says (a smoke config's 160, left
+    as it was): :func:`config_lib.fake_train_size`, as training decides."""
+    return {"fake_data": True} if config_lib.fake_train_size(config) else {}
 
 
 def evaluate_checkpoint(
