@@ -90,6 +90,8 @@ def parse_args(argv):
     # would ignore are refused in run(), in one line with status 1, as train.py and
     # evaluate.py refuse theirs. An empty list (--depths "") is given: plan() says it
     # lists nothing.
+    if not args.root.strip():  # else the runs train in the current directory, silently
+        parser.error("--root is empty (an unset shell variable?); give the sweep directory")
     if not args.collect and None in (args.config, args.depths, args.p_last):
         parser.error("training a sweep needs --config, --depths and --p-last (or use --collect)")
     return args, overrides
@@ -127,7 +129,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
     # args.debug too: argparse takes an abbreviation ('--deb'), which the list does not show.
-    cli.run_reporting_errors(lambda: run(args, overrides), args.debug or cli.debug_requested(argv))
+    debug = args.debug or cli.debug_requested(argv)
+    cli.run_reporting_errors(lambda: run(args, overrides), debug)
 
 
 if __name__ == "__main__":

@@ -268,6 +268,23 @@ def test_bench_train_epochs_exclude_the_compiles_inside_them():
                          "1, 4.0", "1.00", f"{500 * 6 / 60:.1f}"]
 
 
+def test_bench_train_runs_have_no_lr_drop_they_never_reach(tmp_path):
+    """cifar10's lr drops lie after epochs 250 and 375: every 1- or 2-epoch benchmark run
+    warned that they never happen, naming a --config flag this script does not take. The
+    runs keep the drops they reach (the same schedule), so nothing warns."""
+    from stochastic_depth_jax.training import config as config_lib
+
+    bench_train = load("bench_train")
+    args = bench_train.parse_args(["--whole-epochs", "auto", "--epochs", "2", "--eval-batch", "80"])
+    folder = str(tmp_path / "images")
+    assert config_lib.unreached_lr_drops(bench_train._config(args, str(tmp_path), folder)) is None
+    config = bench_train._variant_config(args, str(tmp_path), folder, "auto")
+    assert config_lib.unreached_lr_drops(config) is None
+    args = bench_train.parse_args(["--whole-epochs", "auto", "--epochs", "300", "--eval-batch", "80"])
+    config = bench_train._variant_config(args, str(tmp_path), folder, "auto")
+    assert tuple(config.lr_boundaries_epochs) == (250,)  # the drop it reaches, kept
+
+
 def test_bench_train_names_what_each_run_ran_as():
     """A constant-depth row is the plain network (the train step compacts nothing at
     p_L = 1, whatever a record from before resolve() knew that says); the others say their

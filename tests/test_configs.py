@@ -267,34 +267,6 @@ def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "~")
 
 
-def test_evaluate_and_sweep_paths_under_home_are_expanded(tmp_path, monkeypatch):
-    """'--root=~/sweeps' made a sweep in a folder named '~'; evaluate.py's paths likewise."""
-    import evaluate
-    import sweep
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    args = evaluate.parse_args(["--workdir=~/run", "--output=~/e.json", "--data-dir=~/data",
-                                "--export=~/pruned"])
-    assert (args.workdir, args.output, args.data_dir, args.export) == tuple(
-        str(tmp_path / p) for p in ("run", "e.json", "data", "pruned"))
-    assert sweep.parse_args(["--root=~/sweeps", "--collect"])[0].root == str(tmp_path / "sweeps")
-
-
-@pytest.mark.parametrize("script, argv", [("evaluate", ["--workdir", "nowhere", "--deb"]),
-                                          ("sweep", ["--root", "nowhere", "--collect", "--deb"])])
-def test_an_abbreviated_debug_flag_of_evaluate_and_sweep_shows_the_traceback(
-        monkeypatch, tmp_path, script, argv):
-    """argparse takes '--deb' for --debug; evaluate.py and sweep.py ignored it."""
-    import importlib
-
-    from stochastic_depth_jax import errors
-
-    monkeypatch.delenv("SDJ_DEBUG", raising=False)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(errors.Error, match="nowhere"):
-        importlib.import_module(script).main(argv)
-
-
 def test_an_empty_workdir_is_refused(tmp_path, monkeypatch, capsys):
     """`--workdir "$UNSET"` trained (or resumed) in ./workdir/<config> as if the flag were
     left out, and train_and_evaluate(config, '') in the current directory."""

@@ -4,6 +4,7 @@ records. One ResNet run (made as a sweep run) and one ViT run serve every test."
 
 import json
 import os
+import shutil
 import sys
 import warnings
 
@@ -770,3 +771,70 @@ def test_a_missing_step_names_the_steps_of_both_series(capsys, resnet, tmp_path)
     assert line == (f"error: No checkpoint at step 99 in {copy}: checkpoints/ holds steps "
                     f"{rest} and checkpoints_best/ steps [{best}]; give one of them "
                     "(--checkpoint STEP), or --checkpoint best or latest.")
+
+
+def test_paths_under_home_are_expanded(tmp_path, monkeypatch):
+    """'--workdir=~/runs/x' (the shell expands no '~' after '=') was 'not a directory', and
+    '--export=~/pruned' or sweep.py's '--root=~/sweep' wrote into a folder named '~' in the
+    current directory, as train.py's --workdir did."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path)
+    args = evaluate_cli.parse_args(["--workdir=~/run", "--output=~/r.json", "--export=~/e",
+                                    "--data-dir=~/data"])
+    assert (args.workdir, args.output, args.export, args.data_dir) == tuple(
+        os.path.join(home, name) for name in ("run", "r.json", "e", "data"))
+    args, _ = sweep_cli.parse_args(["--collect", "--root=~/sweep"])
+    assert args.root == os.path.join(home, "sweep")
+
+
+def test_an_abbreviated_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
+    """argparse takes '--deb' for --debug, and the error was still one line (as train.py's
+    was): the traceback asked for is the exception itself."""
+    monkeypatch.delenv("SDJ_DEBUG", raising=False)
+    with pytest.raises(errors.CheckpointError, match="is not a directory"):
+        evaluate_cli.main(["--workdir", str(tmp_path / "none"), "--deb"])
+    with pytest.raises(errors.ConfigError, match="--collect draws every run"):
+        sweep_cli.main(["--collect", "--deb", "--root", str(tmp_path), "--config.seed=1"])
+
+
+def test_an_empty_sweep_root_is_refused(capsys):
+    """`--root "$UNSET"` trained the sweep's runs in the current directory (./depth8_pL1,
+    ./figures), as train.py's empty --workdir trained in ./workdir/<config>."""
+    with pytest.raises(SystemExit) as info:
+        sweep_cli.parse_args(["--config", "cifar10:smoke", "--depths", "8", "--p-last", "1",
+                              "--root", " "])
+    assert info.value.code == 2
+    assert "error: --root is empty (an unset shell variable?)" in capsys.readouterr().err
+
+
+def test_checkpoints_linked_to_a_disk_not_mounted_are_named(resnet, tmp_path):
+    """checkpoints/ a symbolic link to nothing (its disk not mounted): the run 'has no latest
+    checkpoint yet, nor any other', to be evaluated 'once one is saved', as if it had never
+    trained; a step asked for was one neither series holds."""
+    from stochastic_depth_jax.training import checkpoint, evaluate
+
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    shutil.copy(os.path.join(resnet[1], "run.json"), workdir)
+    for name in ("checkpoints", "checkpoints_best"):
+        os.symlink(str(tmp_path / "disk" / name), os.path.join(workdir, name))
+    link = os.path.join(workdir, "checkpoints")
+    for which in ("latest", 4):
+        with pytest.raises(checkpoint.CheckpointAccessError) as info:
+            evaluate.evaluate_checkpoint(workdir, which)
+        assert str(info.value) == (
+            f"Cannot read {link}: it is a symbolic link to {tmp_path / 'disk' / 'checkpoints'}, "
+            "which does not exist (its filesystem not mounted, or moved?): mount it or mend "
+            "the link to evaluate the run.")
+
+
+def test_an_image_folder_run_of_a_smoke_config_is_not_called_fake():
+    """A smoke config's fake_data.num_train (160) is left as it is when --config.dataset names
+    an image folder, which is real data and what the run trained on: its results were
+    marked "fake_data": true, 'FAKE random-label images' in the line."""
+    from stochastic_depth_jax.training import evaluate
+
+    folder = load_config("cifar10:smoke", ["--config.dataset=image_folder:/data/pets"])
+    assert folder.fake_data.num_train == 160
+    assert evaluate.fake_data_fields(folder) == {}
+    assert evaluate.fake_data_fields(load_config("cifar10:smoke")) == {"fake_data": True}

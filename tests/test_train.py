@@ -410,6 +410,31 @@ def test_two_processes_train_and_one_process_restores(tmp_path):
     assert result["loss"] == pytest.approx(record["test_loss"], rel=1e-5)
 
 
+def test_two_processes_ending_at_a_step_without_a_record_evaluate_it_together(tmp_path):
+    """A run given an end at a step its metrics.jsonl has no record of (stopped mid-epoch,
+    then ended there) evaluates that step, collectively: process 0's reading of the records
+    decides for both, which must take the same branch (or wait for each other for good)."""
+    workdir = str(tmp_path / "run")
+    args = [sys.executable, "train.py", "--config", "cifar10:smoke", *TINY, "--workdir", workdir,
+            "--config.max_steps=3", "--config.write_plots=false", "--num_processes", "2"]
+    env = _env(devices=2)
+
+    def together():
+        address = free_address()
+        run_together([args + ["--coordinator_address", address, "--coordinator_bind_address",
+                              address, "--process_id", str(i)] for i in range(2)],
+                     env=env, cwd=REPO)
+
+    together()
+    open(os.path.join(workdir, "metrics.jsonl"), "w").close()  # as if killed before it
+    os.remove(os.path.join(workdir, "summary.json"))
+    together()
+    [record] = metrics.read_metrics(workdir)
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert record["step"] == summary["steps"] == 3 and summary["final"] == record
+    assert record["epoch"] == 0.75 and "test_error" in record
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     workdir, address = str(tmp_path / "run"), free_address()
     args = [sys.executable, "train.py", "--config", "cifar10:smoke", *TINY, "--workdir", workdir,

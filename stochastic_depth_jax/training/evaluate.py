@@ -15,7 +15,7 @@ import importlib.util
 import json
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -486,9 +486,11 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
             kind = "best"
         held = ckpts.steps("latest") or ckpts.steps("best")  # none: _no_checkpoint says so
         if step is not None and held and step not in ckpts.steps(kind):
-            raise _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best"))
+            raise (_unmounted(workdir, _CHECKPOINT_DIRS.values())
+                   or _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best")))
         if not ckpts.steps(kind):
-            raise _no_checkpoint(workdir, kind, ckpts.steps("latest"))
+            raise (_unmounted(workdir, [_CHECKPOINT_DIRS[kind]])
+                   or _no_checkpoint(workdir, kind, ckpts.steps("latest")))
         try:
             ds = setup_lib.load_data(config, workdir, meta.get("data"))
         except (data_lib.DataUnavailableError, errors.DataFileNotFoundError) as e:
@@ -566,6 +568,24 @@ def _warn_if_training(workdir: str, kind: str | None, meta: dict[str, Any]) -> N
             logs.RunWarning)
 
 
+# Where each kind of checkpoint is kept in a run's workdir.
+_CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "checkpoints_best"}
+
+
+def _unmounted(workdir: str, names: Iterable[str]
+               ) -> checkpoint_lib.CheckpointAccessError | None:
+    """The error for the first of ``names`` (checkpoint directories of ``workdir``) that is
+    a symbolic link to nothing (the disk holding them not mounted), else None: read, it
+    holds no checkpoint, and the run was said to have none yet ('evaluate it once one is
+    saved') or not the step asked for."""
+    for name in names:
+        path = os.path.join(workdir, name)
+        if os.path.islink(path) and not os.path.exists(path):
+            return checkpoint_lib.CheckpointAccessError(
+                workdir_lib.dangling_link(path, "evaluate the run", access="read"))
+    return None
+
+
 def _no_checkpoint(workdir: str, kind: str, latest: list[int]
                    ) -> checkpoint_lib.NoCheckpointError:
     """The error for a run without a ``kind`` checkpoint: what there is, and what to do."""
@@ -622,8 +642,10 @@ def _epoch(value: Any) -> int | float | None:
 def fake_data_fields(config: ml_collections.ConfigDict) -> dict[str, bool]:
     """``{'fake_data': True}`` for a run that trained (and is evaluated) on fake random-label
     data (``config.fake_data``), whose errors sit at chance; ``{}`` for a real dataset.
-    Results carry it so that a figure quoted from one cannot pass for a real one."""
-    return {"fake_data": True} if config.fake_data.num_train else {}
+    Results carry it so that a figure quoted from one cannot pass for a real one. An image
+    folder is real data whatever ``fake_data.num_train`` says (a smoke config's 160, left
+    as it was): :func:`config_lib.fake_train_size`, as training decides."""
+    return {"fake_data": True} if config_lib.fake_train_size(config) else {}
 
 
 def evaluate_checkpoint(

@@ -197,13 +197,15 @@ def _os_error_in(error: BaseException, accept: Callable[[int], bool],
     return None
 
 
-def dangling_link(path: str, then: str) -> str:
+def dangling_link(path: str, then: str, access: str = "write") -> str:
     """One line for ``path``, a symbolic link to nothing (the disk it points to not mounted):
     creating it fails with 'File exists', whose fix (another --workdir, i.e. a fresh start)
-    would misdirect. ``then``: what mending the link lets the user do."""
-    return (f"Cannot write {path}: it is a symbolic link to {os.readlink(path)}, which does "
+    would misdirect, and reading it finds nothing, as if the run had never saved there.
+    ``then``: what mending the link lets the user do; ``access``: 'write' or 'read' (which
+    another --workdir does not help)."""
+    return (f"Cannot {access} {path}: it is a symbolic link to {os.readlink(path)}, which does "
             f"not exist (its filesystem not mounted, or moved?): mount it or mend the link to "
-            f"{then}, or use another --workdir.")
+            f"{then}" + (", or use another --workdir." if access == "write" else "."))
 
 
 def prepare_workdir(path: str) -> bool:
