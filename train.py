@@ -21,22 +21,14 @@ import os
 import runpy
 import sys
 
-# First, as a command: this may start it again (same pid) with huge pages for its allocator
-# (stochastic_depth_jax/hugepages.py, run from its file: importing it would import JAX). Not
-# when run without a file (`exec(open(...).read())` has no __file__): no restart then.
-# Then the imports of JAX and the package, where a Ctrl-C is reported as one later would be
-# (stochastic_depth_jax/startup.py, run from its file too; without __file__, from where the
-# package would be imported: find_spec imports nothing of it).
-if __name__ == "__main__":
-    if "__file__" in globals():
-        _PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stochastic_depth_jax")
-        runpy.run_path(os.path.join(_PACKAGE, "hugepages.py"))["restart_with_huge_pages"](__file__)
-    else:  # None where it is not importable: the import below says so
-        _SPEC = importlib.util.find_spec("stochastic_depth_jax")
-        _PACKAGE = _SPEC.submodule_search_locations[0] if _SPEC else None
-if __name__ == "__main__" and _PACKAGE:
-    _imports = runpy.run_path(os.path.join(_PACKAGE, "startup.py"))["interrupt_reported"]()
-else:
+# First, as a command: stochastic_depth_jax/startup.py, run from its file (importing it would
+# import the package, whose __init__ imports JAX; find_spec imports nothing of it), may start
+# this again (same pid) with huge pages for its allocator, and reports a Ctrl-C during the
+# imports of JAX and the package below as one later would be.
+if __name__ == "__main__" and (_SPEC := importlib.util.find_spec("stochastic_depth_jax")):
+    _imports = runpy.run_path(os.path.join(_SPEC.submodule_search_locations[0], "startup.py"))[
+        "start"](globals().get("__file__"))
+else:  # not a command, or no package to find: the import below says so
     _imports = contextlib.nullcontext()
 
 import argparse  # noqa: E402

@@ -14,9 +14,10 @@ Python. :func:`restart_with_huge_pages` therefore executes the same command agai
 same process (same pid, arguments, and environment plus the tunable) before anything heavy
 is imported, if the process is that command, ``python [options] <script>`` (not, e.g., under
 ``python -m pdb``, which would start again whole: :func:`runs`). ``train.py``,
-``evaluate.py``, ``sweep.py`` and the benchmarks call it first, running this file by its
-path (``runpy.run_path``) rather than importing it: importing it would import the package,
-whose ``__init__`` imports JAX, which the new process would import again.
+``evaluate.py``, ``sweep.py`` (through ``startup.py``) and the benchmarks call it first,
+running this file by its path (``runpy.run_path``) rather than importing it: importing it
+would import the package, whose ``__init__`` imports JAX, which the new process would import
+again.
 
 It changes nothing where it would not help: not on other systems or C libraries, not where
 the kernel's huge pages are ``never`` (none to have) or ``always`` (every large block is

@@ -1,9 +1,9 @@
-"""A Ctrl-C while a command-line script imports JAX and the package (its first seconds).
+"""What a command-line script does before it imports JAX: :func:`start`.
 
 ``train.py``, ``evaluate.py`` and ``sweep.py`` run this file by its path
-(``runpy.run_path``), as they run ``hugepages.py``, and wrap their imports of the package in
-:func:`interrupt_reported`: importing this module would import the package, whose
-``__init__`` imports JAX, the very imports a Ctrl-C would interrupt.
+(``runpy.run_path``) and wrap their imports of the package in what :func:`start` returns:
+importing this module would import the package, whose ``__init__`` imports JAX, the very
+imports a Ctrl-C would interrupt and huge pages must come before.
 
 Importable without JAX, NumPy or the rest of the package: standard library only.
 """
@@ -11,9 +11,21 @@ Importable without JAX, NumPy or the rest of the package: standard library only.
 from __future__ import annotations
 
 import contextlib
+import os
+import runpy
 import signal
 import sys
-from typing import Iterator
+from typing import ContextManager, Iterator
+
+
+def start(script: str | None) -> ContextManager[None]:
+    """Starts the command ``script`` (its ``__file__``) again with huge pages for its
+    allocator where that helps (``hugepages.py``, beside this file; not without a file:
+    ``exec(open(...).read())``), then returns :func:`interrupt_reported` for its imports."""
+    if script is not None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        runpy.run_path(os.path.join(here, "hugepages.py"))["restart_with_huge_pages"](script)
+    return interrupt_reported()
 
 
 @contextlib.contextmanager

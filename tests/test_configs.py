@@ -313,29 +313,15 @@ else:
 @pytest.mark.parametrize("script, flags", [
     ("train.py", ["--config", "cifar10:smoke", "--config.max_steps=1", "--workdir"]),
     ("evaluate.py", ["--workdir"]), ("sweep.py", ["--collect", "--root"])])
-@pytest.mark.parametrize("swallow", [True, False])
-def test_ctrl_c_at_start_up_is_one_line(tmp_path, swallow, script, flags):
+@pytest.mark.parametrize("swallow, by_exec", [(True, False), (False, False), (False, True)])
+def test_ctrl_c_at_start_up_is_one_line(tmp_path, swallow, by_exec, script, flags):
     """A Ctrl-C while a script imported JAX printed a traceback (an ImportError's, from an
     interrupted extension module: "numpy._core.multiarray failed to import"), or was lost in
-    JAX's garbage-collection callback and the run went on training."""
+    JAX's garbage-collection callback and the run went on training. Run by exec() (no
+    __file__, so no huge-pages restart), the guard was left out: a traceback."""
     workdir = tmp_path / "run"
     argv = [script, *flags, str(workdir)]
-    code = f"SWALLOW = {swallow}\nEXEC = False\nARGV = {argv!r}\n" + _CTRL_C_AT_START
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert (done.returncode, done.stderr) == (130, "interrupted (Ctrl-C).\n")
-    assert not workdir.exists()
-
-
-@pytest.mark.parametrize("script, flags", [
-    ("train.py", ["--config", "cifar10:smoke", "--config.max_steps=1", "--workdir"]),
-    ("evaluate.py", ["--workdir"]), ("sweep.py", ["--collect", "--root"])])
-def test_ctrl_c_at_start_up_is_one_line_run_without_a_file(tmp_path, script, flags):
-    """Run by exec() (no __file__, so no huge-pages restart): the guard found startup.py by
-    the script's __file__ and was left out, a Ctrl-C in the imports a traceback."""
-    workdir = tmp_path / "run"
-    argv = [script, *flags, str(workdir)]
-    code = f"SWALLOW = False\nEXEC = True\nARGV = {argv!r}\n" + _CTRL_C_AT_START
+    code = f"SWALLOW = {swallow}\nEXEC = {by_exec}\nARGV = {argv!r}\n" + _CTRL_C_AT_START
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert (done.returncode, done.stderr) == (130, "interrupted (Ctrl-C).\n")

@@ -586,6 +586,19 @@ def test_imagenet_resnets_have_torchvisions_parameter_counts(make, count):
 
 # ---- compact mode: kept blocks gathered into static-length scans, no conditionals ---------
 
+
+def _gated_grad(model, v, gates):
+    """jit of ``params, buckets -> ((sum(y^2), batch-stat updates), grads)`` of ``model``
+    training on X with ``gates`` (buckets static: None for lax.cond skipping)."""
+    def run(params, buckets):
+        y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
+                             train=True, gates=jnp.asarray(gates), buckets=buckets,
+                             mutable=["batch_stats"])
+        return jnp.sum(y ** 2), upd
+
+    return jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+
+
 def test_compact_mode_equals_skipping():
     model = tiny(depth=26, scan=True)  # n = 4: three scanned blocks per stage
     v = init(model)
@@ -594,13 +607,7 @@ def test_compact_mode_equals_skipping():
         buckets = model.compact_buckets(gates, multiple)
         assert buckets == want
 
-        def run(params, buckets):
-            y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
-                                 train=True, gates=jnp.asarray(gates), buckets=buckets,
-                                 mutable=["batch_stats"])
-            return jnp.sum(y ** 2), upd
-
-        grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+        grad = _gated_grad(model, v, gates)
         (l_skip, u_skip), g_skip = grad(v["params"], None)
         (l_comp, u_comp), g_comp = grad(v["params"], buckets)
         np.testing.assert_allclose(l_comp, l_skip, rtol=1e-5)
@@ -618,13 +625,7 @@ def test_compact_mode_masks_unscanned_stages_instead_of_branching():
     gates = np.array([1, 0, 1, 1, 1, 0, 0, 1, 1], bool)
     assert model.compact_buckets(gates, 4) == (0, 0, 0)
 
-    def run(params, buckets):
-        y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
-                             train=True, gates=jnp.asarray(gates), buckets=buckets,
-                             mutable=["batch_stats"])
-        return jnp.sum(y ** 2), upd
-
-    grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+    grad = _gated_grad(model, v, gates)
     assert "stablehlo.case" not in grad.lower(v["params"], (0, 0, 0)).as_text()
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     jax.tree_util.tree_map(close, grad(v["params"], (0, 0, 0)), grad(v["params"], None))
