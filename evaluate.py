@@ -96,6 +96,9 @@ def _check_output(path: str | None, workdir: str) -> None:
     before the work (a depth curve or Monte-Carlo depth of a deep model takes minutes)."""
     if path is None:
         return
+    if not path.strip():  # an unset shell variable: the default path was written, unsaid
+        raise errors.ConfigError("--output is empty (an unset shell variable?); give a JSON "
+                                 "path, or leave the flag out for the default in the workdir.")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):  # found before the work, not once its result is printed
         raise errors.WorkdirError(

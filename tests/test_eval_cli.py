@@ -838,3 +838,11 @@ def test_an_image_folder_run_of_a_smoke_config_is_not_called_fake():
     assert folder.fake_data.num_train == 160
     assert evaluate.fake_data_fields(folder) == {}
     assert evaluate.fake_data_fields(load_config("cifar10:smoke")) == {"fake_data": True}
+
+
+def test_an_empty_output_is_refused(capsys, tmp_path):
+    """--output "$UNSET" wrote the default file as if the flag were left out."""
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", str(tmp_path), "--output", ""])
+    assert line == ("error: --output is empty (an unset shell variable?); give a JSON path, or "
+                    "leave the flag out for the default in the workdir.")
+    assert os.listdir(tmp_path) == []

@@ -99,6 +99,12 @@ def _is_epoch(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _shown(epoch: Any) -> str:
+    """An epoch as a warning names it: a fraction of one (a step cut short by ``max_steps``)
+    to 4 places (``0.3333``, not ``0.3333333333333333``)."""
+    return f"{round(epoch, 4):g}" if isinstance(epoch, float) else str(epoch)
+
+
 def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
     """A short text for a list of epochs: ``[1, 2, 3, 5, 7, 8]`` -> ``'1-3, 5, 7-8'``.
 
@@ -112,7 +118,7 @@ def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
             last[1] = epoch
         else:
             parts.append([epoch, epoch])
-    text = [str(a) if a == b else f"{a}-{b}" for a, b in parts]
+    text = [_shown(a) if a == b else f"{_shown(a)}-{_shown(b)}" for a, b in parts]
     if len(text) > max_parts:
         shown = sum(b - a + 1 if isinstance(a, int) else 1 for a, b in parts[:max_parts])
         text = text[:max_parts] + [f"... ({len(epochs) - shown} more)"]
