@@ -592,7 +592,7 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     [message] = warned.messages(caught, UserWarning)
     assert "kept the records of epochs 1-3 that" in message
     assert "dropped 3 other record(s) (epochs 2-4)" in message
-    assert metrics._epoch_ranges([1 / 3, 2.0, 123.25, 3]) == "0.3333, 2, 123.25, 3"
+    assert metrics._epoch_ranges([1 / 3, 2.0, 123.25, 3]) == "0.33, 2, 123.25, 3"
     assert _epochs(workdir) == [1, 2, 3]
     # Appended to the records set aside before: nothing a reset drops is lost.
     assert [r["epoch"] for r in metrics.read_metrics(workdir, "metrics.jsonl.dropped")] == [

@@ -29,6 +29,7 @@ from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import implementation as implementation_lib
+from stochastic_depth_jax.training.metrics import epoch_text
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
@@ -624,12 +625,6 @@ def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:
     if "note" in result or str(checkpoint) not in ("best", "latest"):
         return f"step{int(result['evaluated_step'])}"
     return str(checkpoint)
-
-
-def epoch_text(epoch: Any) -> str:
-    """A checkpoint's epoch as a person reads it: ``'2'`` at an epoch's end, ``'1.33'``
-    within one (a float has 16 digits); ``''`` for None."""
-    return "" if epoch is None else f"{round(float(epoch), 2):g}"
 
 
 def _epoch(value: Any) -> int | float | None:

@@ -24,7 +24,7 @@ import jax
 from stochastic_depth_jax import logs
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["MetricWriter", "read_metrics", "consistent_records", "METRICS_FILE",
+__all__ = ["MetricWriter", "read_metrics", "consistent_records", "epoch_text", "METRICS_FILE",
            "VALIDATION_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -99,10 +99,16 @@ def _is_epoch(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def epoch_text(epoch: Any) -> str:
+    """A checkpoint's (a record's) epoch as a person reads it: ``'2'`` at an epoch's end,
+    ``'1.33'`` within one (a float has 16 digits); ``''`` for None."""
+    return "" if epoch is None else f"{round(float(epoch), 2):g}"
+
+
 def _shown(epoch: Any) -> str:
-    """An epoch as a warning names it: a fraction of one (a step cut short by ``max_steps``)
-    to 4 places (``0.3333``, not ``0.3333333333333333``)."""
-    return f"{round(epoch, 4):g}" if isinstance(epoch, float) else str(epoch)
+    """An epoch as a warning names it: :func:`epoch_text` for a fraction of one (a step cut
+    short by ``max_steps``), anything else (a hand-written line's) as it is."""
+    return epoch_text(epoch) if isinstance(epoch, float) else str(epoch)
 
 
 def _epoch_ranges(epochs: list[Any], max_parts: int = 8) -> str:
