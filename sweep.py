@@ -26,10 +26,7 @@ import os
 import runpy
 import sys
 
-# First, as a command: stochastic_depth_jax/startup.py, run from its file (importing it would
-# import the package, whose __init__ imports JAX; find_spec imports nothing of it), may start
-# this again (same pid) with huge pages for its allocator, and reports a Ctrl-C during the
-# imports of JAX and the package below as one later would be.
+# Before JAX: huge pages and the Ctrl-C guard of the imports (stochastic_depth_jax/startup.py).
 if __name__ == "__main__" and (_SPEC := importlib.util.find_spec("stochastic_depth_jax")):
     _imports = runpy.run_path(os.path.join(_SPEC.submodule_search_locations[0], "startup.py"))[
         "start"](globals().get("__file__"))

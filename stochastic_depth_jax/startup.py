@@ -3,7 +3,9 @@
 ``train.py``, ``evaluate.py`` and ``sweep.py`` run this file by its path
 (``runpy.run_path``) and wrap their imports of the package in what :func:`start` returns:
 importing this module would import the package, whose ``__init__`` imports JAX, the very
-imports a Ctrl-C would interrupt and huge pages must come before.
+imports a Ctrl-C would interrupt and huge pages must come before. They find this file with
+``importlib.util.find_spec('stochastic_depth_jax')``, which imports nothing of the package
+(so also when run without ``__file__``, by ``exec``); without it they import as usual.
 
 Importable without JAX, NumPy or the rest of the package: standard library only.
 """
