@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     # them (programs that took >= 1 s).
     c.compilation_cache_dir = "auto"
     c.log_every_steps = 20  # progress-bar refresh (host sync) interval
-    c.progress_bar = True
+    c.progress_bar = True  # a bar per epoch (terminal); a line every 5 min in a log
     c.write_tensorboard = True
     c.write_plots = True
     return c

@@ -78,3 +78,45 @@ def test_the_final_lines_of_a_run_rerun_with_fewer_epochs_and_of_validation_reco
     assert best == ("Best by validation error: epoch 1.5, test error 45.00% (val error 40.00%)"
                     "; in checkpoints_best/.")
     assert results == f"Results in {tmp_path}: summary.json, metrics.jsonl, validation.jsonl."
+
+
+def test_where_no_bar_is_drawn_a_long_epoch_prints_a_line_every_few_minutes(
+        monkeypatch, capsys):
+    """Piped to a log (a scheduler's output), ResNet-110's ~15-minute CPU epoch printed
+    nothing until it ended: no sign the run was alive, nor when the epoch would end."""
+    monkeypatch.setattr(progress, "interactive", lambda stream: False)
+    assert progress.LINE_EVERY_S == 300
+    # The epoch starts at 0 s; step 10 at 20 s (after compiling); 20 at 200 s (too soon); 40
+    # at 320 s (a line); 45 at 500 s (too soon); 80 at 640 s (a line, after a 60 s
+    # evaluation left out of img/s); 100 at 700 s, the epoch's end (its own line).
+    times = iter([0.0, 20.0, 200.0, 320.0, 500.0, 640.0, 700.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(times))
+    bar = progress.EpochProgress(3, 500, total=100, start=0, batch_size=8)
+    for n in (10, 20, 40, 45):
+        bar.update(n, 2.5, 0.75)
+    bar.exclude(60.0)
+    for n in (80, 100):
+        bar.update(n, 2.25, 0.5)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        # 30 steps in 300 s after the first update: 0.1 step/s, 0.8 img/s, 600 s left.
+        "epoch 3/500: step 40/100, train loss 2.5000, error 75.00% so far; 1 img/s, "
+        "~10 min left in the epoch",
+        # 70 steps in 560 s of training (620 s less the evaluation): 0.125 step/s, 160 s left.
+        "epoch 3/500: step 80/100, train loss 2.2500, error 50.00% so far; 1 img/s, "
+        "~3 min left in the epoch"]
+
+
+def test_no_lines_within_an_epoch_with_progress_bar_off_or_a_bar_drawn(monkeypatch, capsys):
+    monkeypatch.setattr(progress.time, "perf_counter", iter([0.0, 1.0, 1e4]).__next__)
+    bar = progress.EpochProgress(1, 2, total=10, start=0, batch_size=8, enabled=False)
+    bar.update(1, 2.5, 0.75)
+    bar.update(5, 2.5, 0.75)
+    monkeypatch.setattr(progress, "interactive", lambda stream: True)
+    monkeypatch.setattr(progress.time, "perf_counter", iter([0.0, 1.0, 1e4]).__next__)
+    bar = progress.EpochProgress(1, 2, total=10, start=0, batch_size=8)
+    bar.update(1, 2.5, 0.75)
+    bar.update(5, 2.5, 0.75)
+    bar.close()
+    assert capsys.readouterr().out == ""
