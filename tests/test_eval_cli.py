@@ -787,6 +787,17 @@ def test_paths_under_home_are_expanded(tmp_path, monkeypatch):
     assert args.root == os.path.join(home, "sweep")
 
 
+def test_python_callers_paths_under_home_are_expanded(resnet, monkeypatch):
+    """`evaluate_checkpoint('~/run')` was 'not the --workdir of a training run' (the
+    command line and train_and_evaluate expanded '~'; the library did not)."""
+    from stochastic_depth_jax.training import evaluate
+
+    root, workdir = resnet
+    monkeypatch.setenv("HOME", root)
+    result = evaluate.evaluate_checkpoint(os.path.join("~", NAME), "latest")
+    assert result["split"] == "test" and result["count"] > 0
+
+
 def test_an_abbreviated_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
     """argparse takes '--deb' for --debug, and the error was still one line (as train.py's
     was): the traceback asked for is the exception itself."""

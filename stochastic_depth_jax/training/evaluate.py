@@ -468,6 +468,7 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
       errors.ConfigError: a bad ``checkpoint``.
       errors.DataError: the data found is not the run's.
     """
+    workdir = os.path.expanduser(workdir)  # '~/runs/x' from Python, as on the command line
     config, meta = load_run_config(workdir)
     # A field this version reads after validating (data_dir, model.scan, ...) that another
     # version's run.json lacks: one line naming it.
