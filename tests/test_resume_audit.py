@@ -181,6 +181,8 @@ def test_a_run_stopped_mid_epoch_then_ended_there_records_its_last_step(tmp_path
     assert summary["steps"] == 3 and summary["final"]["step"] == 3
     [record] = metrics.read_metrics(workdir)
     assert record == summary["final"] and record["epoch"] == 0.75 and "test_error" in record
+    # Its steps were trained by the stopped session, untimed: no 0 s, 0 img/s.
+    assert "epoch_time_s" not in record and "images_per_s" not in record
 
 
 def test_a_missing_run_json_of_an_image_folder_run_says_validation_is_held_out_per_class():

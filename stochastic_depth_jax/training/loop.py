@@ -383,7 +383,8 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
 
     ``train_time``: seconds of the ``timed_steps`` steps this session ran in the epoch (a
     session resumed mid-epoch times only its part; images/s are of those steps), without
-    the evaluations; ``eval_time_s``: theirs and the epoch end's."""
+    the evaluations; ``eval_time_s``: theirs and the epoch end's. With no step timed (the
+    end of a run that stopped there untimed) the record has neither time nor images/s."""
     c, step, spe = run.config, run.step, run.setup.steps_per_epoch
     # A run stopped mid-epoch (max_steps) records the fraction it reached, like its checkpoint.
     label = _epoch_reached(step, spe)
@@ -392,9 +393,10 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
         "step": step,
         "lr": float(run.setup.lr_schedule(step - 1)),
         **_epoch_sums(run),
-        "epoch_time_s": train_time,
-        "images_per_s": timed_steps * c.batch_size / max(train_time, 1e-9),
     }
+    if timed_steps:  # none where the steps were trained in an earlier, untimed session
+        record.update(epoch_time_s=train_time,
+                      images_per_s=timed_steps * c.batch_size / max(train_time, 1e-9))
     if (epoch % c.eval_every_epochs == 0 or is_last or _evaluates_at(c, step)
             or step in run.earlier_best):
         t0 = time.perf_counter()

@@ -70,7 +70,8 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
     for key, name in (("val_error", "val"), ("test_error", "test")):
         if key in record:
             parts.append(f"{name} error {100 * record[key]:.2f}%")
-    parts.append(f"{record['epoch_time_s']:.1f} s ({record['images_per_s']:.0f} img/s)")
+    if "epoch_time_s" in record:  # none for steps trained untimed, in an earlier session
+        parts.append(f"{record['epoch_time_s']:.1f} s ({record['images_per_s']:.0f} img/s)")
     return "; ".join(parts)
 
 
