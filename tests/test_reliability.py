@@ -599,6 +599,25 @@ def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
         76, 2, 3, 4]
 
 
+def test_records_set_aside_before_a_crash_are_not_set_aside_twice(tmp_path, monkeypatch):
+    """Killed after appending to metrics.jsonl.dropped but before rewriting metrics.jsonl,
+    the next start set the same records aside again: the history held them twice."""
+    workdir = str(tmp_path)
+    _write_lines(workdir, [json.dumps({"epoch": e, "step": 4 * e}) + "\n" for e in (1, 2, 3)])
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+        m.setattr(metrics.workdir_lib, "atomic_write", killed)
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=1)
+    assert _epochs(workdir) == [1, 2, 3]  # not rewritten
+    with pytest.warns(UserWarning, match=r"dropped 2 other record\(s\) \(epochs 2-3\)"):
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=1)
+    assert _epochs(workdir) == [1]
+    assert [r["epoch"] for r in metrics.read_metrics(workdir, "metrics.jsonl.dropped")] == [2, 3]
+
+
 def test_records_dropped_at_a_start_from_step_0_do_not_name_a_restored_checkpoint(tmp_path):
     """checkpoints/ deleted by hand: the run starts afresh, and the warning said the records
     did not 'match the restored checkpoint (epoch 0)', a checkpoint that does not exist."""

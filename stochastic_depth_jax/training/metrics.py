@@ -165,14 +165,20 @@ def _reset_file(path: str, resume_epoch: float, key: str = "epoch") -> None:
 def _set_aside(path: str, records: Sequence[dict[str, Any]], bad: Sequence[int]) -> str:
     """Appends the ``records`` a reset drops and the unreadable lines numbered ``bad`` (as
     they were) to ``<path>.dropped``, whose name it returns: a run whose checkpoints were
-    deleted or lost starts again from step 0, and its history must not go with them."""
+    deleted or lost starts again from step 0, and its history must not go with them.
+    Lines the file holds already are not added again: a crash before ``path`` was rewritten
+    sets the same records aside on the next start."""
     aside = path + ".dropped"
     with open(path, "rb") as f:
         lines = f.readlines()
+    added = [(json.dumps(r) + "\n").encode() for r in records] + [
+        line if line.endswith(b"\n") else line + b"\n" for line in (lines[n - 1] for n in bad)]
+    held = set()
+    if os.path.exists(aside):
+        with open(aside, "rb") as f:
+            held = {line if line.endswith(b"\n") else line + b"\n" for line in f}
     with open(aside, "ab") as f:
-        f.writelines((json.dumps(r) + "\n").encode() for r in records)
-        f.writelines(line if line.endswith(b"\n") else line + b"\n"
-                     for line in (lines[n - 1] for n in bad))
+        f.writelines(line for line in added if line not in held)
         f.flush()
         os.fsync(f.fileno())
     return aside
