@@ -21,10 +21,11 @@ import json
 import os
 import sys
 import textwrap
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from stochastic_depth_jax.training import workdir as workdir_lib
-from stochastic_depth_jax.training.plots import figure_title, is_number, new_figure, per_epoch
+from stochastic_depth_jax.training.plots import (epoch_axis, figure_title, is_number,
+                                                 new_figure, per_epoch)
 
 __all__ = [
     "save_figure",
@@ -238,9 +239,9 @@ def _by_run(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"]))
 
 
-def _epoch_axis(ax: Any) -> None:
-    ax.set_xlabel("epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.2
+def _epochs(lines: Iterable[Sequence[tuple[Any, float]]]) -> list[float]:
+    """The epochs of the ``(epoch, value)`` points of ``lines``."""
+    return [epoch for points in lines for epoch, _ in points]
 
 
 def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
@@ -262,7 +263,7 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
         data[r["name"]] = points
         ax.plot(*zip(*points), "--" if r["p_last"] == 1.0 else "-",
                 marker="." if len(points) < 20 else None, label=_run_label(r))
-    _epoch_axis(ax)
+    epoch_axis(ax, _epochs(data.values()))  # whole epochs, also for a run of one
     ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
                   "steps)")
     ax.set_yscale("log")
@@ -299,9 +300,10 @@ def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str =
         color, marker = f"C{i % 10}", "." if len(error) < 20 else None
         ax.plot(*zip(*error) if error else ([], []), "-", color=color, marker=marker,
                 label=_run_label(r))
-        if loss:
-            loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6)
-    _epoch_axis(ax)
+        if loss:  # marked like the error: one epoch's loss is a point, no dashed line
+            loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6,
+                         marker="." if len(loss) < 20 else None)
+    epoch_axis(ax, _epochs(p for d in data.values() for p in d.values()))
     ax.set_ylabel("test error (%), solid")
     loss_ax.set_ylabel("training loss, dashed")
     ax.grid(alpha=0.3)
