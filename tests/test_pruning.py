@@ -390,6 +390,28 @@ def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys, monkeyp
     assert record["error"]["test"]["pruned"] == curve["points"][2]["test_error"]
 
 
+def test_a_depth_curve_without_matplotlib_is_refused_before_any_work(sweep_root, capsys,
+                                                                    monkeypatch):
+    """Without matplotlib the curve was computed, then lost in a traceback: its numbers are
+    written with its figure (the PNG's sidecar)."""
+    import evaluate as evaluate_script
+    from stochastic_depth_jax.training import evaluate
+
+    workdir = os.path.join(sweep_root[0], "depth8_pL0.5")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # its import fails
+    monkeypatch.setattr(evaluate, "restore_run", lambda *a, **k: pytest.fail("restored"))
+    with pytest.raises(SystemExit) as info:
+        evaluate_script.main(["--workdir", workdir, "--depth-curve", "--order", "list",
+                              "--blocks", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    [line] = err.splitlines()
+    assert line.startswith("error: --depth-curve draws depth_curve_list.png, but matplotlib "
+                           "cannot be imported (")
+    assert line.endswith("); install it (pip install matplotlib) and run again. Nothing was "
+                         "computed.")
+
+
 def test_dropout_acts_in_training_only_with_its_own_rng_stream():
     x = X[:2]
     model = sdj.CifarResNet(depth=14, width=4, num_classes=3, scan=True, dropout_rate=0.5,

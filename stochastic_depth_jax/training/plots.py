@@ -6,6 +6,7 @@ any session leaves its matplotlib backend and open figures as they were."""
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import textwrap
@@ -16,8 +17,8 @@ from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["augment_label", "curve_title", "curves_figure", "epoch_axis", "figure_title",
-           "is_number",
-           "new_figure", "per_epoch", "plot_curves", "run_title"]
+           "is_number", "matplotlib_problem", "new_figure", "per_epoch", "plot_curves",
+           "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 # Characters of a title line at 9 pt per inch of figure (110 take about 7.2 of an 8.5-inch
@@ -30,6 +31,20 @@ def figure_title(fig: Any, title: str) -> None:
     with a legend beside it, or at a larger size, a long title ran off the figure's edges."""
     width = int(_TITLE_CHARS_PER_INCH * fig.get_figwidth())
     fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=9)
+
+
+def matplotlib_problem() -> str | None:
+    """Why matplotlib cannot draw here (``'matplotlib cannot be imported (...)'``), or None.
+
+    Checked before work whose product includes a figure, so that a missing matplotlib is
+    said in one line, not as a traceback after the work (a depth curve's minutes, a
+    sweep's runs) with its numbers unwritten.
+    """
+    try:
+        importlib.import_module("matplotlib.figure")
+    except ImportError as e:
+        return f"matplotlib cannot be imported ({type(e).__name__}: {e})"
+    return None
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
