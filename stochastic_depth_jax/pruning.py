@@ -224,8 +224,10 @@ class SubNetworkEvaluator:
 
     One compilation serves every keep mask: the mask enters as gates of the full model at
     evaluation (``train=False, gates=keep``), so a removed block is skipped by ``lax.cond``
-    and the kept ones run scaled as at evaluation. ``evaluator(keep)`` returns
-    ``{'error', 'loss', 'count'}``; results are cached per mask.
+    and the kept ones run scaled as at evaluation. A mask keeping every block runs the
+    model as evaluated (no gates; a second compilation): the gated program rounds otherwise
+    (~1e-6), so its figures could differ from the model's own by an example or two.
+    ``evaluator(keep)`` returns ``{'error', 'loss', 'count'}``; results are cached per mask.
     """
 
     def __init__(self, model: Any, variables: Any, batches: Batches):
@@ -241,8 +243,12 @@ class SubNetworkEvaluator:
 
     def __call__(self, keep: Sequence[bool]) -> dict[str, float]:
         key = tuple(bool(k) for k in keep)
+        L = self.model.num_blocks()
+        if len(key) != L:  # else an all-True mask of another length ran the model as is
+            raise ValueError(f"keep has one entry per block of the full model ({L}), got "
+                             f"{len(key)}; e.g. pruning.keep_mask({L}, removed).")
         if key not in self._cache:
-            gates = jnp.asarray(key)
+            gates = None if all(key) else jnp.asarray(key)  # all kept: the model itself
             total = jnp.zeros(3, jnp.float32)
             for images, labels, mask in self._batches():
                 total = total + self._sums(self.variables, images, labels, mask, gates)

@@ -208,6 +208,23 @@ def _batches(n=2):
     return lambda: [(X * (i + 1), labels, jnp.ones(4, bool)) for i in range(n)]
 
 
+def test_a_mask_keeping_every_block_is_the_model_as_evaluated():
+    """The depth curve's first point and an export's 'full' error ran the gated program,
+    which rounds otherwise (~1e-6 in the logits): an example or two could differ from the
+    model's own evaluation. A mask of another length is refused, not run as the model."""
+    model = sdj.CifarResNet(depth=8, width=4, num_classes=3)
+    labels, mask = jnp.arange(8) % 3, jnp.ones(8, bool)
+    plain = jax.jit(lambda v, x: pruning._sums(model.apply(v, x, train=False), labels, mask))
+    for seed in range(4):  # the gated program's loss differed in its last bits for 1 of 4
+        x = jax.random.normal(jax.random.key(seed), (8, 8, 8, 3))
+        variables = model.init({"params": jax.random.key(seed + 1)}, x, train=False)
+        evaluator = pruning.SubNetworkEvaluator(model, variables, lambda: [(x, labels, mask)])
+        assert evaluator(np.ones(3, bool)) == pruning._metrics(np.asarray(plain(variables, x)))
+    with pytest.raises(ValueError, match=r"keep has one entry per block of the full model "
+                                         r"\(3\), got 8; e.g. pruning.keep_mask\(3, removed\)"):
+        evaluator(np.ones(8, bool))
+
+
 @pytest.mark.parametrize("model", [
     sdj.ViT(depth=2, width=8, num_heads=2, patch_size=4, num_classes=3),
     sdj.ConvNeXt(num_classes=3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), stem_stride=1)])
