@@ -66,6 +66,24 @@ def test_greedy_order_takes_the_cheapest_block_each_time():
     assert len(calls) == 9 * 10 // 2
 
 
+def test_a_pruned_model_is_ordered_and_curved_by_the_blocks_it_has():
+    """A pruned model's (a loaded export's) orders began with its deleted blocks, and its
+    depth curve counted them as kept: its first points repeated the model as it is."""
+    model = sdj.CifarResNet(depth=20, width=4, num_classes=3)
+    pruned, pvars = pruning.prune(model, _variables(model), pruning.keep_mask(9, [8, 7]))
+    assert pruning.survival_order(pruned) == [6, 5, 4, 3, 2, 1, 0]
+    assert pruning.greedy_order(pruned, lambda keep: 0.0) == [6, 5, 4, 3, 2, 1, 0]  # ties
+    with pytest.raises(ValueError, match=r"blocks \[8\] are already deleted from this "
+                                         r"pruned model; it has blocks \[0, 1, 2, 3, 4, 5, 6\]"):
+        pruning.list_order(pruned, [6, 8])
+    evaluator = pruning.SubNetworkEvaluator(pruned, pvars, lambda: [(X, jnp.zeros(4, jnp.int32),
+                                                                     jnp.ones(4, bool))])
+    points = pruning.depth_curve(pruned, pvars, [6, 5], evaluators={"test": evaluator},
+                                 image_shape=(8, 8, 3), throughput_batch=2, repeats=1,
+                                 measure_every=9)
+    assert [p["blocks_kept"] for p in points] == [7, 6, 5]
+
+
 def test_list_order_and_bad_orders():
     model = sdj.CifarResNet(depth=20)
     assert pruning.removal_order("list", model, blocks=[0, 8, 4]) == [0, 8, 4]
