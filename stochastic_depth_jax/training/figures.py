@@ -23,6 +23,7 @@ import sys
 import textwrap
 from typing import Any, Iterable, Sequence
 
+from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 from stochastic_depth_jax.training.plots import (epoch_axis, figure_title, is_number,
                                                  new_figure, per_epoch)
@@ -338,7 +339,7 @@ def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
         base = [timing[o["name"]][0] for o in runs if o["depth"] == r["depth"]
                 and o["p_last"] == 1.0 and o.get("series", "") == r.get("series", "")]
         ratio = f"{mean / base[0]:.2f}" if mean and base and base[0] else "n/a"
-        epochs = len(per_epoch(r["records"], "epoch"))
+        epochs = _epochs_trained(r["records"])
         lines.append(
             f"| {r['name']} |" + (f" {r.get('series', '')} |" if several else "")
             + f" {r['depth']} | {r['p_last']:g} | {epochs} | "
@@ -346,6 +347,14 @@ def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
             + (f"{speed:.0f}" if speed else "n/a") + f" | {ratio} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _epochs_trained(records: Sequence[dict[str, Any]]) -> str:
+    """The epoch a run's records reach (``'2'``, ``'1.5'`` for one stopped mid-epoch), not
+    how many records it has: a session stopped mid-epoch and resumed leaves a record at
+    its stop (epoch 0.5) before the whole epochs, which counted as one more epoch."""
+    epochs = [epoch for epoch, _ in per_epoch(records, "epoch")]
+    return metrics_lib.epoch_text(max(epochs)) if epochs else "0"
 
 
 def _epoch_timing(run: dict[str, Any]) -> tuple[float | None, float | None]:
