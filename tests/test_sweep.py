@@ -490,6 +490,11 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     assert fig8["left_out"] == {"depth8_pL0.5": "unfinished"} and list(fig8["data"]) == ["8"]
 
 
+def test_a_one_epoch_sweep_is_described_as_one_epoch():
+    config = load_config("cifar10", ["--config.num_epochs=1"]).to_dict()
+    assert sweep.describe_data([{"config": config}]).endswith("; 1 epoch")  # not '1 epochs'
+
+
 def test_the_training_time_table_counts_the_epochs_a_run_reached():
     """A run stopped at epoch 0.5 and resumed keeps that record before its whole epochs: its
     row read 3 epochs for 2."""

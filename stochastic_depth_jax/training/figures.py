@@ -301,9 +301,10 @@ def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str =
         color, marker = f"C{i % 10}", "." if len(error) < 20 else None
         ax.plot(*zip(*error) if error else ([], []), "-", color=color, marker=marker,
                 label=_run_label(r))
-        if loss:  # marked like the error: one epoch's loss is a point, no dashed line
+        if loss:  # marked: one epoch's loss is a point (no dashed line), an x where a
+            # single point of each sits mid-axis, on the error's dot
             loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6,
-                         marker="." if len(loss) < 20 else None)
+                         marker="x" if len(loss) < 20 else None)
     epoch_axis(ax, _epochs(p for d in data.values() for p in d.values()))
     ax.set_ylabel("test error (%), solid")
     loss_ax.set_ylabel("training loss, dashed")

@@ -466,8 +466,8 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
         parts.append(f"{name}, width {width}" + (f", k={k}" if name == "wide_resnet" else ""))
     epochs = shared(lambda c: (c["num_epochs"], c.get("max_steps", 0)))
     if epochs:
-        parts.append(f"{epochs[0]} epochs" + (f" (at most {epochs[1]} steps)" if epochs[1]
-                                              else ""))
+        parts.append(f"{epochs[0]} epoch{'s' * (epochs[0] != 1)}"
+                     + (f" (at most {epochs[1]} steps)" if epochs[1] else ""))
     return "; ".join(parts)
 
 
