@@ -136,6 +136,21 @@ def test_the_depth_curve_title_is_inside_its_figure(monkeypatch, tmp_path):
     _assert_title_inside(drawn[0], title)
 
 
+def test_a_greedy_depth_curve_says_its_order_was_chosen_on_validation(monkeypatch, tmp_path):
+    """The greedy order is chosen on the validation split, so its validation curve is
+    optimistic; the legend named it as any split."""
+    from stochastic_depth_jax.training import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    points = [{"blocks_kept": k, "validation_error": 0.1, "test_error": 0.2,
+               "images_per_s": 100.0 * k} for k in (3, 2)]
+    figures.plot_depth_curve(points, str(tmp_path / "depth.png"), [], chosen_on="validation")
+    for ax in drawn[0].axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "validation (the order was chosen on it)", "test"]
+
+
 @pytest.mark.parametrize("folder", ["/data/my_images/", "my_images", "file:///data/my_images"])
 def test_run_title_names_an_image_folder_by_its_last_part(folder):
     """A relative folder (a run.json recorded before paths were made absolute, a Python

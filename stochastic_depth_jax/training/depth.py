@@ -215,7 +215,8 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
     if jax.process_index() == 0:  # one writer in a multi-process job
         # The result is the figure's sidecar: written once, with the figure.
         title = f"{plots.run_title(run.config)}; order '{order}', {_checkpoint(run, checkpoint)}"
-        figures.plot_depth_curve(points, png, [source], sidecar=result, title=title)
+        figures.plot_depth_curve(points, png, [source], sidecar=result, title=title,
+                                 chosen_on="validation" if order == "greedy" else None)
     return result
 
 

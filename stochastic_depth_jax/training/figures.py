@@ -117,24 +117,27 @@ def read_sources(png_path: str) -> list[str]:
 
 
 def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Sequence[str],
-                     title: str = "", sidecar: dict[str, Any] | None = None
-                     ) -> tuple[str, str]:
+                     title: str = "", sidecar: dict[str, Any] | None = None,
+                     chosen_on: str | None = None) -> tuple[str, str]:
     """Error vs blocks kept (left) and error vs measured images/s (right).
 
     ``points`` as returned by :func:`stochastic_depth_jax.pruning.depth_curve`;
-    ``sidecar``: as in :func:`save_figure`.
+    ``sidecar``: as in :func:`save_figure`; ``chosen_on``: the split the removal order was
+    chosen on (``'validation'`` for the greedy order), so labelled: its curve is optimistic,
+    the other split's is the fair one.
     """
     fig = new_figure((10, 4.2))
     left, right = fig.subplots(1, 2)
     splits = [k[:-6] for k in points[0] if k.endswith("_error")]
     for split in splits:
+        label = split + (" (the order was chosen on it)" if split == chosen_on else "")
         kept = [p["blocks_kept"] for p in points]
         err = [100 * p[f"{split}_error"] for p in points]
-        left.plot(kept, err, "o-", ms=3, label=split)
+        left.plot(kept, err, "o-", ms=3, label=label)
         fast = [(p["images_per_s"], 100 * p[f"{split}_error"]) for p in points
                 if "images_per_s" in p]
         if fast:
-            right.plot(*zip(*fast), "o-", ms=3, label=split)
+            right.plot(*zip(*fast), "o-", ms=3, label=label)
     left.set_xlabel("residual blocks kept")
     left.invert_xaxis()
     left.xaxis.get_major_locator().set_params(integer=True)
