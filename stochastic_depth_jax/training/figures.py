@@ -145,7 +145,7 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
     for ax in (left, right):
         ax.set_ylabel("error (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)  # as the other figures: the default hid points
     figure_title(fig, title or "Removing blocks at test time")
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, sources, list(points), title or "depth curve",
