@@ -46,7 +46,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=110, help="CIFAR ResNet depth (6n+2)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--fractions", default="0,0.25,0.5,0.75",
-                        help="fractions of the blocks to remove, in [0, 1)")
+                        help="fractions of the blocks to remove, in [0, 1) (the full model, "
+                             "0, is always measured: the baseline)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument("--out", default=None,
                         help=bench_cli.OUT_HELP.format("prune_<backend>.md"))
@@ -79,8 +80,9 @@ def main(argv=None):
     order = pruning.survival_order(model)
     L = model.num_blocks()
     variants = {}
-    for f in args.fractions:
-        k = int(round(f * L))
+    # The full model always: each row's 'time / full' is relative to it (without fraction 0
+    # the least pruned model was called full).
+    for k in sorted({0} | {int(round(f * L)) for f in args.fractions}):
         pruned, pvars = pruning.prune(model, variables, pruning.keep_mask(L, order[:k]))
         fn = jax.jit(lambda v, x, m=pruned: m.apply(v, x, train=False))
         t0 = time.perf_counter()
@@ -92,7 +94,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             jax.block_until_ready(fn(pvars, x))
             times[k].append(time.perf_counter() - t0)
-    full = statistics.median(times[min(times)])
+    full = statistics.median(times[0])
     rows = ["| blocks removed | blocks kept | parameters | median ms (min-max) | images/s | "
             "time / full | first call (compile) s |", "|---|---|---|---|---|---|---|"]
     for k, (_, _, first, params) in variants.items():

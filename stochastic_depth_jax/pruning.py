@@ -121,15 +121,22 @@ def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
 
 # ---- removal orders ------------------------------------------------------------------------
 
+def _present(model: Any) -> list[int]:
+    """The 0-based indices of the blocks ``model`` has: all L, or a pruned model's kept ones
+    (its deleted blocks are not there to remove again)."""
+    return [int(l) for l in np.flatnonzero(model.kept_blocks())]
+
+
 def survival_order(model: Any) -> list[int]:
     """Blocks by survival probability, lowest first; ties (uniform rule) deepest first.
 
     Under the paper's linear decay this removes the deepest block first, the intuition of
     Sec. 3: the blocks trained to be dropped most often are the ones the net needs least.
+    A pruned model's order holds the blocks it has (indices over the full model).
     """
     _require_blockwise(model)
     probs = model.survival_probs()
-    return sorted(range(len(probs)), key=lambda l: (probs[l], -l))
+    return sorted(_present(model), key=lambda l: (probs[l], -l))
 
 
 def list_order(model: Any, blocks: Sequence[int]) -> list[int]:
@@ -144,6 +151,11 @@ def list_order(model: Any, blocks: Sequence[int]) -> list[int]:
         raise errors.ConfigError(
             f"blocks {problem}; e.g. blocks=[{L - 1}, {L - 2}].",
             command_line=f"--blocks {problem}; e.g. --blocks {L - 1},{L - 2}.")
+    deleted = [b for b in blocks if b not in _present(model)]
+    if deleted:  # removing one again changes nothing: a curve's point would repeat
+        raise errors.ConfigError(
+            f"blocks {deleted} are already deleted from this pruned model; it has blocks "
+            f"{_present(model)}.")
     return blocks
 
 
@@ -159,11 +171,11 @@ def greedy_order(model: Any, error_of: Callable[[np.ndarray], float],
     each removal with the order so far and its error (progress: the search is long).
     """
     _require_blockwise(model)
-    L = model.num_blocks()
+    L, present = model.num_blocks(), _present(model)  # a pruned model: the blocks it has
     order: list[int] = []
-    limit = L if max_removed is None else min(L, max_removed)
+    limit = len(present) if max_removed is None else min(len(present), max_removed)
     while len(order) < limit:
-        candidates = [l for l in reversed(range(L)) if l not in order]
+        candidates = [l for l in reversed(present) if l not in order]
         errors = [error_of(keep_mask(L, order + [l])) for l in candidates]
         order.append(candidates[int(np.argmin(errors))])
         if on_step is not None:
@@ -224,8 +236,11 @@ class SubNetworkEvaluator:
 
     One compilation serves every keep mask: the mask enters as gates of the full model at
     evaluation (``train=False, gates=keep``), so a removed block is skipped by ``lax.cond``
-    and the kept ones run scaled as at evaluation. ``evaluator(keep)`` returns
-    ``{'error', 'loss', 'count'}``; results are cached per mask.
+    (implementation 'skip'; 'mask' and ``mode='sample'`` models compute it and multiply it
+    by 0: the same numbers where it is finite) and the kept ones run scaled as at evaluation. A mask keeping every block runs the
+    model as evaluated (no gates; a second compilation): the gated program rounds otherwise
+    (~1e-6), so its figures could differ from the model's own by an example or two.
+    ``evaluator(keep)`` returns ``{'error', 'loss', 'count'}``; results are cached per mask.
     """
 
     def __init__(self, model: Any, variables: Any, batches: Batches):
@@ -241,8 +256,12 @@ class SubNetworkEvaluator:
 
     def __call__(self, keep: Sequence[bool]) -> dict[str, float]:
         key = tuple(bool(k) for k in keep)
+        L = self.model.num_blocks()
+        if len(key) != L:  # else an all-True mask of another length ran the model as is
+            raise ValueError(f"keep has one entry per block of the full model ({L}), got "
+                             f"{len(key)}; e.g. pruning.keep_mask({L}, removed).")
         if key not in self._cache:
-            gates = jnp.asarray(key)
+            gates = None if all(key) else jnp.asarray(key)  # all kept: the model itself
             total = jnp.zeros(3, jnp.float32)
             for images, labels, mask in self._batches():
                 total = total + self._sums(self.variables, images, labels, mask, gates)
@@ -520,7 +539,8 @@ def depth_curve(model: Any, variables: Any, order: Sequence[int], *,
     points = []
     for k in range(len(order) + 1):
         keep = keep_mask(L, order[:k])
-        point: dict[str, Any] = {"blocks_kept": int(keep.sum()), "removed": list(order[:k])}
+        kept = int((keep & model.kept_blocks()).sum())  # a pruned model's deleted ones not
+        point: dict[str, Any] = {"blocks_kept": kept, "removed": list(order[:k])}
         for name, evaluate in evaluators.items():
             result = evaluate(keep)
             point[f"{name}_error"], point[f"{name}_loss"] = result["error"], result["loss"]

@@ -1309,6 +1309,17 @@ def test_out_empty_prints_only_in_every_script(tmp_path, capsys, monkeypatch):
     assert load("bench_prune").parse_args(["--no-write"]).out is None  # its older spelling
 
 
+def test_bench_prune_times_each_pruned_model_against_the_full_one(capsys):
+    """Without fraction 0 the least pruned model was the 'full' one of 'time / full' (its
+    row read 1.00); the full model is now always measured."""
+    load("bench_prune").main(["--no-write", "--depth", "8", "--batch", "1", "--rounds", "1",
+                              "--fractions", "0.5"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if re.match(r"\| \d", line)]
+    assert [(r[0], r[1], r[5]) for r in rows][:1] == [("| 0", "3", "1.00")]
+    assert [r[:2] for r in rows] == [["| 0", "3"], ["| 2", "1"]]  # 0.5 of 3 blocks: 2
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_a_benchmark_imports_jax_is_one_line(signum, tmp_path):
     """A Ctrl-C while a benchmark still imported JAX (seconds, before any flag is read)

@@ -268,7 +268,7 @@ def _drawn(monkeypatch, capsys):
 
     drawn = []
 
-    def draw(points, png, sources, *, sidecar, title):
+    def draw(points, png, sources, *, sidecar, title, chosen_on):
         drawn.append({"png": png, "title": title, "printed": capsys.readouterr().out})
 
     monkeypatch.setattr(depth.figures, "plot_depth_curve", draw)

@@ -136,6 +136,21 @@ def test_the_depth_curve_title_is_inside_its_figure(monkeypatch, tmp_path):
     _assert_title_inside(drawn[0], title)
 
 
+def test_a_greedy_depth_curve_says_its_order_was_chosen_on_validation(monkeypatch, tmp_path):
+    """The greedy order is chosen on the validation split, so its validation curve is
+    optimistic; the legend named it as any split."""
+    from stochastic_depth_jax.training import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    points = [{"blocks_kept": k, "validation_error": 0.1, "test_error": 0.2,
+               "images_per_s": 100.0 * k} for k in (3, 2)]
+    figures.plot_depth_curve(points, str(tmp_path / "depth.png"), [], chosen_on="validation")
+    for ax in drawn[0].axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "validation (the order was chosen on it)", "test"]
+
+
 @pytest.mark.parametrize("folder", ["/data/my_images/", "my_images", "file:///data/my_images"])
 def test_run_title_names_an_image_folder_by_its_last_part(folder):
     """A relative folder (a run.json recorded before paths were made absolute, a Python
@@ -300,6 +315,33 @@ def test_a_run_of_less_than_two_epochs_has_whole_epoch_ticks(epochs):
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
     assert lo < min(epochs) and max(epochs) < hi
+
+
+@pytest.mark.parametrize("plot", ["plot_first_conv_grad", "plot_error_curves"])
+def test_a_sweep_of_one_epoch_has_whole_epoch_ticks_and_every_point_shown(plot, monkeypatch,
+                                                                         tmp_path):
+    """A sweep of one-epoch runs drew Fig. 7 and Fig. 3 with ticks 0.96, 0.98, 1.0 (the
+    run's curves had whole epochs), and Fig. 3's training loss, a dashed line without a
+    marker, not at all: a single point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from stochastic_depth_jax.training import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    records = [dict(_records([0.1])[0], grad_first_conv_mean_abs=0.02)]
+    runs = [{"name": f"depth14_pL{p:g}", "depth": 14, "p_last": p, "records": records,
+             "workdir": str(tmp_path / f"pL{p:g}")} for p in (0.5, 1.0)]
+    getattr(figures, plot)(runs, str(tmp_path / "fig.png"))
+    [fig] = drawn
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    lines = [line for a in fig.axes for line in a.get_lines()]
+    assert len(lines) == 2 * len(fig.axes)  # each run's line on each axis (Fig. 3: 2 axes)
+    assert all(line.get_marker() not in (None, "None", "") for line in lines)
 
 
 def test_a_mid_epoch_best_is_starred_in_view_on_the_curve_every_n_steps():

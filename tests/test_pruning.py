@@ -66,6 +66,24 @@ def test_greedy_order_takes_the_cheapest_block_each_time():
     assert len(calls) == 9 * 10 // 2
 
 
+def test_a_pruned_model_is_ordered_and_curved_by_the_blocks_it_has():
+    """A pruned model's (a loaded export's) orders began with its deleted blocks, and its
+    depth curve counted them as kept: its first points repeated the model as it is."""
+    model = sdj.CifarResNet(depth=20, width=4, num_classes=3)
+    pruned, pvars = pruning.prune(model, _variables(model), pruning.keep_mask(9, [8, 7]))
+    assert pruning.survival_order(pruned) == [6, 5, 4, 3, 2, 1, 0]
+    assert pruning.greedy_order(pruned, lambda keep: 0.0) == [6, 5, 4, 3, 2, 1, 0]  # ties
+    with pytest.raises(ValueError, match=r"blocks \[8\] are already deleted from this "
+                                         r"pruned model; it has blocks \[0, 1, 2, 3, 4, 5, 6\]"):
+        pruning.list_order(pruned, [6, 8])
+    evaluator = pruning.SubNetworkEvaluator(pruned, pvars, lambda: [(X, jnp.zeros(4, jnp.int32),
+                                                                     jnp.ones(4, bool))])
+    points = pruning.depth_curve(pruned, pvars, [6, 5], evaluators={"test": evaluator},
+                                 image_shape=(8, 8, 3), throughput_batch=2, repeats=1,
+                                 measure_every=9)
+    assert [p["blocks_kept"] for p in points] == [7, 6, 5]
+
+
 def test_list_order_and_bad_orders():
     model = sdj.CifarResNet(depth=20)
     assert pruning.removal_order("list", model, blocks=[0, 8, 4]) == [0, 8, 4]
@@ -206,6 +224,23 @@ def test_keep_mask_takes_0d_integer_arrays_as_the_indices_they_hold():
 def _batches(n=2):
     labels = jnp.arange(4) % 3
     return lambda: [(X * (i + 1), labels, jnp.ones(4, bool)) for i in range(n)]
+
+
+def test_a_mask_keeping_every_block_is_the_model_as_evaluated():
+    """The depth curve's first point and an export's 'full' error ran the gated program,
+    which rounds otherwise (~1e-6 in the logits): an example or two could differ from the
+    model's own evaluation. A mask of another length is refused, not run as the model."""
+    model = sdj.CifarResNet(depth=8, width=4, num_classes=3)
+    labels, mask = jnp.arange(8) % 3, jnp.ones(8, bool)
+    plain = jax.jit(lambda v, x: pruning._sums(model.apply(v, x, train=False), labels, mask))
+    for seed in range(4):  # the gated program's loss differed in its last bits for 1 of 4
+        x = jax.random.normal(jax.random.key(seed), (8, 8, 8, 3))
+        variables = model.init({"params": jax.random.key(seed + 1)}, x, train=False)
+        evaluator = pruning.SubNetworkEvaluator(model, variables, lambda: [(x, labels, mask)])
+        assert evaluator(np.ones(3, bool)) == pruning._metrics(np.asarray(plain(variables, x)))
+    with pytest.raises(ValueError, match=r"keep has one entry per block of the full model "
+                                         r"\(3\), got 8; e.g. pruning.keep_mask\(3, removed\)"):
+        evaluator(np.ones(8, bool))
 
 
 @pytest.mark.parametrize("model", [
@@ -388,6 +423,28 @@ def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys, monkeyp
     model, variables, meta = pruning.load_pruned(out)
     assert model.kept_blocks().tolist() == [True, False, False] and meta["removed"] == [2, 1]
     assert record["error"]["test"]["pruned"] == curve["points"][2]["test_error"]
+
+
+def test_a_depth_curve_without_matplotlib_is_refused_before_any_work(sweep_root, capsys,
+                                                                    monkeypatch):
+    """Without matplotlib the curve was computed, then lost in a traceback: its numbers are
+    written with its figure (the PNG's sidecar)."""
+    import evaluate as evaluate_script
+    from stochastic_depth_jax.training import evaluate
+
+    workdir = os.path.join(sweep_root[0], "depth8_pL0.5")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # its import fails
+    monkeypatch.setattr(evaluate, "restore_run", lambda *a, **k: pytest.fail("restored"))
+    with pytest.raises(SystemExit) as info:
+        evaluate_script.main(["--workdir", workdir, "--depth-curve", "--order", "list",
+                              "--blocks", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "Traceback" not in err
+    [line] = err.splitlines()
+    assert line.startswith("error: --depth-curve draws depth_curve_list.png, but matplotlib "
+                           "cannot be imported (")
+    assert line.endswith("); install it (pip install matplotlib) and run again. Nothing was "
+                         "computed.")
 
 
 def test_dropout_acts_in_training_only_with_its_own_rng_stream():

@@ -490,6 +490,42 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     assert fig8["left_out"] == {"depth8_pL0.5": "unfinished"} and list(fig8["data"]) == ["8"]
 
 
+def test_a_one_epoch_sweep_is_described_as_one_epoch():
+    config = load_config("cifar10", ["--config.num_epochs=1"]).to_dict()
+    assert sweep.describe_data([{"config": config}]).endswith("; 1 epoch")  # not '1 epochs'
+
+
+def test_the_training_time_table_counts_the_epochs_a_run_reached():
+    """A run stopped at epoch 0.5 and resumed keeps that record before its whole epochs: its
+    row read 3 epochs for 2."""
+    def run(name, epochs):
+        records = [{"epoch": e, "step": 4 * e, "epoch_time_s": 0.5, "images_per_s": 100.0}
+                   for e in epochs]
+        return {"name": name, "depth": 8, "p_last": 1.0, "records": records,
+                "config": {"batch_size": 10}}
+
+    table = sweep.figures.training_time_table([run("a", [0.5, 1, 2]), run("b", [1, 1.5])])
+    rows = [line.split(" | ")[:4] for line in table.splitlines()[2:]]
+    assert rows == [["| a", "8", "1", "2"], ["| b", "8", "1", "1.5"]]
+
+
+def test_sweep_figures_without_matplotlib_write_the_table_and_say_so(tmp_path, monkeypatch):
+    """Without matplotlib a sweep's runs trained, then it ended in a traceback, its table
+    not written: now the table is, and one warning names the figures and how to draw them."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # its import fails
+    runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
+    out = tmp_path / "sweep" / "figures"
+    with pytest.warns(logs.RunWarning) as caught:
+        outputs = sweep.write_figures(runs, str(out), report=None)
+    [message] = warned.messages(caught, logs.RunWarning)
+    assert message.startswith("fig8_error_vs_p_last.png, fig7_first_conv_grad.png and "
+                              "fig3_error_curves.png not drawn: matplotlib cannot be imported")
+    assert message.endswith(f"then 'python sweep.py --root {tmp_path / 'sweep'} --collect' "
+                            "draws them.")
+    assert outputs == {"training_time": str(out / "training_time.md")}
+    assert os.listdir(out) == ["training_time.md"]
+
+
 def test_stop_signals_nested_never_lose_a_request(capsys):
     """A request the inner object did not act on reaches the enclosing one, and one pending
     in the enclosing object is the inner one's from its start."""

@@ -193,6 +193,7 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
       (also the content of the JSON file).
     """
     require_blockwise_run(workdir)
+    _require_matplotlib(order)
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     evaluators = _evaluators(run)
     png = _curve_path(run, checkpoint, order, output_dir or workdir)
@@ -214,8 +215,24 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
     if jax.process_index() == 0:  # one writer in a multi-process job
         # The result is the figure's sidecar: written once, with the figure.
         title = f"{plots.run_title(run.config)}; order '{order}', {_checkpoint(run, checkpoint)}"
-        figures.plot_depth_curve(points, png, [source], sidecar=result, title=title)
+        figures.plot_depth_curve(points, png, [source], sidecar=result, title=title,
+                                 chosen_on="validation" if order == "greedy" else None)
     return result
+
+
+def _require_matplotlib(order: str) -> None:
+    """Refuses a depth curve before its minutes of work where its figure cannot be drawn:
+    the curve's numbers are written with it (the PNG's sidecar), so they were lost after a
+    traceback.
+
+    Raises:
+      errors.Error: matplotlib cannot be imported; one line naming the fix.
+    """
+    problem = plots.matplotlib_problem()
+    if problem is not None:
+        what = f"draws depth_curve_{order}.png, but {problem}; install it (pip install " \
+               "matplotlib) and run again. Nothing was computed."
+        raise errors.Error(f"depth_curve_run {what}", command_line=f"--depth-curve {what}")
 
 
 def _curve_path(run: evaluate_lib.RestoredRun, checkpoint: str | int, order: str,

@@ -21,10 +21,12 @@ import json
 import os
 import sys
 import textwrap
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
-from stochastic_depth_jax.training.plots import figure_title, is_number, new_figure, per_epoch
+from stochastic_depth_jax.training.plots import (epoch_axis, figure_title, is_number,
+                                                 new_figure, per_epoch)
 
 __all__ = [
     "save_figure",
@@ -115,24 +117,27 @@ def read_sources(png_path: str) -> list[str]:
 
 
 def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Sequence[str],
-                     title: str = "", sidecar: dict[str, Any] | None = None
-                     ) -> tuple[str, str]:
+                     title: str = "", sidecar: dict[str, Any] | None = None,
+                     chosen_on: str | None = None) -> tuple[str, str]:
     """Error vs blocks kept (left) and error vs measured images/s (right).
 
     ``points`` as returned by :func:`stochastic_depth_jax.pruning.depth_curve`;
-    ``sidecar``: as in :func:`save_figure`.
+    ``sidecar``: as in :func:`save_figure`; ``chosen_on``: the split the removal order was
+    chosen on (``'validation'`` for the greedy order), so labelled: its curve is optimistic,
+    the other split's is the fair one.
     """
     fig = new_figure((10, 4.2))
     left, right = fig.subplots(1, 2)
     splits = [k[:-6] for k in points[0] if k.endswith("_error")]
     for split in splits:
+        label = split + (" (the order was chosen on it)" if split == chosen_on else "")
         kept = [p["blocks_kept"] for p in points]
         err = [100 * p[f"{split}_error"] for p in points]
-        left.plot(kept, err, "o-", ms=3, label=split)
+        left.plot(kept, err, "o-", ms=3, label=label)
         fast = [(p["images_per_s"], 100 * p[f"{split}_error"]) for p in points
                 if "images_per_s" in p]
         if fast:
-            right.plot(*zip(*fast), "o-", ms=3, label=split)
+            right.plot(*zip(*fast), "o-", ms=3, label=label)
     left.set_xlabel("residual blocks kept")
     left.invert_xaxis()
     left.xaxis.get_major_locator().set_params(integer=True)
@@ -140,7 +145,7 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
     for ax in (left, right):
         ax.set_ylabel("error (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)  # as the other figures: the default hid points
     figure_title(fig, title or "Removing blocks at test time")
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, sources, list(points), title or "depth curve",
@@ -238,9 +243,9 @@ def _by_run(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda r: (r.get("series", ""), r["depth"], -r["p_last"]))
 
 
-def _epoch_axis(ax: Any) -> None:
-    ax.set_xlabel("epoch")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.2
+def _epochs(lines: Iterable[Sequence[tuple[Any, float]]]) -> list[float]:
+    """The epochs of the ``(epoch, value)`` points of ``lines``."""
+    return [epoch for points in lines for epoch, _ in points]
 
 
 def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
@@ -262,7 +267,7 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
         data[r["name"]] = points
         ax.plot(*zip(*points), "--" if r["p_last"] == 1.0 else "-",
                 marker="." if len(points) < 20 else None, label=_run_label(r))
-    _epoch_axis(ax)
+    epoch_axis(ax, _epochs(data.values()))  # whole epochs, also for a run of one
     ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
                   "steps)")
     ax.set_yscale("log")
@@ -299,9 +304,11 @@ def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str =
         color, marker = f"C{i % 10}", "." if len(error) < 20 else None
         ax.plot(*zip(*error) if error else ([], []), "-", color=color, marker=marker,
                 label=_run_label(r))
-        if loss:
-            loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6)
-    _epoch_axis(ax)
+        if loss:  # marked: one epoch's loss is a point (no dashed line), an x where a
+            # single point of each sits mid-axis, on the error's dot
+            loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6,
+                         marker="x" if len(loss) < 20 else None)
+    epoch_axis(ax, _epochs(p for d in data.values() for p in d.values()))
     ax.set_ylabel("test error (%), solid")
     loss_ax.set_ylabel("training loss, dashed")
     ax.grid(alpha=0.3)
@@ -336,7 +343,7 @@ def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
         base = [timing[o["name"]][0] for o in runs if o["depth"] == r["depth"]
                 and o["p_last"] == 1.0 and o.get("series", "") == r.get("series", "")]
         ratio = f"{mean / base[0]:.2f}" if mean and base and base[0] else "n/a"
-        epochs = len(per_epoch(r["records"], "epoch"))
+        epochs = _epochs_trained(r["records"])
         lines.append(
             f"| {r['name']} |" + (f" {r.get('series', '')} |" if several else "")
             + f" {r['depth']} | {r['p_last']:g} | {epochs} | "
@@ -344,6 +351,14 @@ def training_time_table(runs: Sequence[dict[str, Any]]) -> str:
             + (f"{speed:.0f}" if speed else "n/a") + f" | {ratio} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _epochs_trained(records: Sequence[dict[str, Any]]) -> str:
+    """The epoch a run's records reach (``'2'``, ``'1.5'`` for one stopped mid-epoch), not
+    how many records it has: a session stopped mid-epoch and resumed leaves a record at
+    its stop (epoch 0.5) before the whole epochs, which counted as one more epoch."""
+    epochs = [epoch for epoch, _ in per_epoch(records, "epoch")]
+    return metrics_lib.epoch_text(max(epochs)) if epochs else "0"
 
 
 def _epoch_timing(run: dict[str, Any]) -> tuple[float | None, float | None]:

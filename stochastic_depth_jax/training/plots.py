@@ -6,6 +6,7 @@ any session leaves its matplotlib backend and open figures as they were."""
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import os
 import textwrap
@@ -15,8 +16,9 @@ from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["augment_label", "curve_title", "curves_figure", "figure_title", "is_number",
-           "new_figure", "per_epoch", "plot_curves", "run_title"]
+__all__ = ["augment_label", "curve_title", "curves_figure", "epoch_axis", "figure_title",
+           "is_number", "matplotlib_problem", "new_figure", "per_epoch", "plot_curves",
+           "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 # Characters of a title line at 9 pt per inch of figure (110 take about 7.2 of an 8.5-inch
@@ -29,6 +31,20 @@ def figure_title(fig: Any, title: str) -> None:
     with a legend beside it, or at a larger size, a long title ran off the figure's edges."""
     width = int(_TITLE_CHARS_PER_INCH * fig.get_figwidth())
     fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=9)
+
+
+def matplotlib_problem() -> str | None:
+    """Why matplotlib cannot draw here (``'matplotlib cannot be imported (...)'``), or None.
+
+    Checked before work whose product includes a figure, so that a missing matplotlib is
+    said in one line, not as a traceback after the work (a depth curve's minutes, a
+    sweep's runs) with its numbers unwritten.
+    """
+    try:
+        importlib.import_module("matplotlib.figure")
+    except ImportError as e:
+        return f"matplotlib cannot be imported ({type(e).__name__}: {e})"
+    return None
 
 
 def new_figure(figsize: tuple[float, float]) -> Any:
@@ -223,6 +239,22 @@ def _best_label(best: dict[str, Any]) -> str:
         f", test error {100 * test:.2f}%" if is_number(test) else "")
 
 
+def epoch_axis(ax: Any, epochs: Sequence[float]) -> None:
+    """An x axis of whole epochs, labelled ``epoch``, for curves at ``epochs``.
+
+    Integer ticks need two whole epochs in view; else (a run of one epoch, or half of one)
+    matplotlib's locator falls back to ticks such as 0.96, 0.98, 1.0: the view then spans
+    the epoch before and after the points.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if epochs and max(epochs) - min(epochs) < 1:
+        first = math.floor(min(epochs))
+        ax.set_xlim(first - 0.25, max(first + 1, max(epochs)) + 0.25)
+    ax.set_xlabel("epoch")
+
+
 def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str,
                   percent: bool, title: str | None = None,
                   best: dict[str, Any] | None = None, lr_drops: bool = False,
@@ -230,8 +262,6 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them);
     ``validation``'s records (validation.jsonl) give the ``val_*`` curves where they hold
     them, at their fractional epochs."""
-    from matplotlib.ticker import MaxNLocator
-
     records = [r for r in records if is_number(r.get("epoch"))]  # as in per_epoch
     fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
@@ -263,13 +293,7 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
         ax.plot([best["epoch"]], [scale * best["value"]], "k*", markersize=10,
                 label=_best_label(best))
         shown.append(best["epoch"])  # a mid-epoch best (eval_every_steps) may come first
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if shown and max(shown) - min(shown) < 1:
-        # Integer ticks need two whole epochs in view; else (a first epoch, or half of one)
-        # the locator falls back to ticks such as 0.474, 0.498, 0.522.
-        first = math.floor(min(shown))
-        ax.set_xlim(first - 0.25, max(first + 1, max(shown)) + 0.25)
-    ax.set_xlabel("epoch")
+    epoch_axis(ax, shown)
     ax.set_ylabel(ylabel)
     if title:
         figure_title(fig, title)

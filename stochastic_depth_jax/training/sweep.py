@@ -466,8 +466,8 @@ def describe_data(runs: Sequence[dict[str, Any]]) -> str:
         parts.append(f"{name}, width {width}" + (f", k={k}" if name == "wide_resnet" else ""))
     epochs = shared(lambda c: (c["num_epochs"], c.get("max_steps", 0)))
     if epochs:
-        parts.append(f"{epochs[0]} epochs" + (f" (at most {epochs[1]} steps)" if epochs[1]
-                                              else ""))
+        parts.append(f"{epochs[0]} epoch{'s' * (epochs[0] != 1)}"
+                     + (f" (at most {epochs[1]} steps)" if epochs[1] else ""))
     return "; ".join(parts)
 
 
@@ -498,7 +498,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     the table lists every run and names the unfinished ones. Runs of different configs are
     separate series (:func:`label_series`). Each file names the runs it came from, and its
     sidecar the runs left out and why; ``report`` (default ``print``) gets one line per
-    file saying the same. Returns name -> path.
+    file saying the same. Returns name -> path. Where matplotlib cannot be imported, only
+    the table is written, with a warning naming the figures not drawn.
     """
     if not runs:
         raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json of "
@@ -514,6 +515,9 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     left8 = {r["name"]: "unfinished" for r in runs if not r["finished"]}
     left7 = {r["name"]: "not the deepest depth" + (" of its series" if r["series"] else "")
              for r in runs if r["depth"] != deepest[r["series"]]}
+    problem = plots.matplotlib_problem()
+    if problem is not None:  # The table needs no drawing: written, the figures named.
+        return _table_only(runs, out_dir, problem, report)
     select = {r["config"].get("select_best_by") for r in drawn8 if "config" in r}
     fig8, _ = figures.plot_error_vs_p_last(
         drawn8, os.path.join(out_dir, "fig8_error_vs_p_last.png"),
@@ -535,6 +539,22 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
             report("figures: runs of different configs are drawn as separate series: " + " | ".join(
                 f"{label}: {_grid([r for r in runs if r['series'] == label])}" for label in labels))
     return {"fig8": fig8, "fig7": fig7, "fig3": fig3, "training_time": table}
+
+
+def _table_only(runs: Sequence[dict[str, Any]], out_dir: str, problem: str,
+                report: Callable[[str], Any] | None) -> dict[str, str]:
+    """:func:`write_figures` where matplotlib cannot draw: the runs trained (or were
+    collected) and their table is written; a warning, one line, names the figures not
+    drawn and the command that draws them once matplotlib is installed."""
+    table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
+    root = os.path.dirname(os.path.normpath(out_dir)) or "."
+    warnings.warn(
+        f"fig8_error_vs_p_last.png, fig7_first_conv_grad.png and fig3_error_curves.png not "
+        f"drawn: {problem}; install it (pip install matplotlib), then "
+        f"'python sweep.py --root {root} --collect' draws them.", logs.RunWarning)
+    if report is not None:
+        report(_drawn_line(table, runs, {}))
+    return {"training_time": table}
 
 
 def _extra(drawn: Sequence[dict[str, Any]], left_out: dict[str, str],
