@@ -413,7 +413,7 @@ def save_pruned(directory: str, model: Any, variables: Any,
     """
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
+    directory = os.path.abspath(os.path.expanduser(directory))  # '~/pruned' too
     check_export_directory(directory)
     if (mean is None) != (std is None):
         raise errors.ConfigError("save_pruned needs both mean and std, or neither.")
@@ -468,7 +468,7 @@ def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:
     """
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
+    directory = os.path.abspath(os.path.expanduser(directory))  # '~/pruned' too
     path = os.path.join(directory, MODEL_FILE)
     if not os.path.exists(path):
         raise errors.CheckpointError(f"{path} not found: is {directory!r} a directory written by "

@@ -788,14 +788,25 @@ def test_paths_under_home_are_expanded(tmp_path, monkeypatch):
 
 
 def test_python_callers_paths_under_home_are_expanded(resnet, monkeypatch):
-    """`evaluate_checkpoint('~/run')` was 'not the --workdir of a training run' (the
-    command line and train_and_evaluate expanded '~'; the library did not)."""
-    from stochastic_depth_jax.training import evaluate
+    """`evaluate_checkpoint('~/run')` was 'not the --workdir of a training run', and
+    `export_pruned_run(..., '~/pruned')` wrote into a folder named '~' in the current
+    directory (the command line and train_and_evaluate expanded '~'; the library did not)."""
+    from stochastic_depth_jax.training import depth, evaluate
 
-    root, workdir = resnet
+    root, _ = resnet
     monkeypatch.setenv("HOME", root)
-    result = evaluate.evaluate_checkpoint(os.path.join("~", NAME), "latest")
+    tilde = os.path.join("~", NAME)
+    result = evaluate.evaluate_checkpoint(tilde, "latest")
     assert result["split"] == "test" and result["count"] > 0
+    assert depth.mc_evaluate_run(tilde, samples=1)["samples"] == 1
+    assert [r["name"] for r in sweep.collect("~")] == [NAME]
+    try:
+        record = depth.export_pruned_run(tilde, "~/pruned", remove=1, repeats=1,
+                                         throughput_batch=4)
+        assert record["removed"] and os.path.isdir(os.path.join(root, "pruned"))
+        assert pruning.load_pruned("~/pruned")[2]["removed"] == record["removed"]
+    finally:  # the sweep's root is the module's: leave it as it was
+        shutil.rmtree(os.path.join(root, "pruned"), ignore_errors=True)
 
 
 def test_an_abbreviated_debug_flag_shows_the_traceback(tmp_path, monkeypatch):

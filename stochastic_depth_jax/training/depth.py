@@ -192,6 +192,8 @@ def depth_curve_run(workdir: str, *, checkpoint: str | int = "best",
       ``{'figure', 'sources', 'order_rule', 'order', 'device', 'points', 'png', 'json'}``
       (also the content of the JSON file).
     """
+    workdir = os.path.expanduser(workdir)  # '~/runs/x' from Python, as on the command line
+    output_dir = output_dir and os.path.expanduser(output_dir)
     require_blockwise_run(workdir)
     _require_matplotlib(order)
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
@@ -280,6 +282,8 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     Returns the record also stored as the saved model's metadata: removed blocks, parameter
     counts, validation/test error and measured images/s of the full and pruned models.
     """
+    # '~/runs/x' from Python, as on the command line
+    workdir, output = os.path.expanduser(workdir), os.path.expanduser(output)
     pruning.check_export_directory(output)
     require_blockwise_run(workdir)
     with _export_directory(output):  # created before minutes of work: can it be written?
@@ -357,6 +361,7 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
         raise errors.ConfigError(
             f"samples must be >= 1 (sampled sub-networks), got {samples}.",
             command_line=f"--mc-samples must be >= 1 (sampled sub-networks), got {samples}.")
+    workdir = os.path.expanduser(workdir)  # '~/runs/x' from Python, as on the command line
     require_blockwise_run(workdir)
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     result = pruning.mc_evaluate(run.setup.model, _variables(run), _batches(run, split),

@@ -250,6 +250,7 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
     """
     if train is None:
         train = loop_lib.train_and_evaluate
+    root = os.path.expanduser(root)  # '~/sweep' from Python, as on the command line
     if os.path.exists(root) and not os.path.isdir(root):
         raise errors.ConfigError(f"--root {root!r} is a file, not a directory: give the sweep "
                                  "a directory (new or of an earlier sweep).")
@@ -324,6 +325,7 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
       errors.CheckpointError: ``root`` is not a directory, is one run's workdir with no
         runs below it (not a sweep's root), or a run has no ``run.json``.
     """
+    root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise errors.CheckpointError(
             f"--root {root!r} is not a directory: pass the --root of an existing sweep (or "
@@ -504,6 +506,7 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     if not runs:
         raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json of "
                                  "a CIFAR ResNet / WideResNet run.")
+    out_dir = os.path.expanduser(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     series = label_series(runs) if all("config" in r for r in runs) else {}
     runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
