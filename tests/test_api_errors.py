@@ -344,6 +344,40 @@ def test_subset_indices_longer_than_a_group_are_one_clear_error():
     ops.gated_branch(F, X, indices, 0.5, mode="sample")
 
 
+class _BatchNormBranch(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.BatchNorm(use_running_average=not train)(nn.Dense(x.shape[-1])(x))
+
+
+class _Block(nn.Module):
+    unbound: bool
+
+    @nn.compact
+    def __call__(self, x, train):
+        branch = _BatchNormBranch(parent=None) if self.unbound else _BatchNormBranch()
+        sd = sdj.StochasticDepth(branch, survival_prob=0.5, implementation="mask")
+        return x + sd(x, train, deterministic=not train)
+
+
+def test_a_masked_branch_whose_statistics_live_outside_the_wrapper_names_parent_none():
+    # A branch made in the parent's compact method without parent=None is bound there; the
+    # masked call that keeps a dropped branch's statistics failed with Flax's "pytree
+    # structure error: different numbers of pytree children".
+    rngs = {"stochastic_depth": jax.random.key(1)}
+    block = _Block(unbound=False)
+    v = block.init(jax.random.key(0), X, False)
+    with pytest.raises(ValueError, match=r"its branch _BatchNormBranch is bound to _Block \(as "
+                                         r"_BatchNormBranch_0\): create it unbound, StochasticDepth\(_BatchNormBranch"
+                                         r"\(parent=None\), \.\.\.\)"):
+        block.apply(v, X, True, rngs=rngs, mutable=["batch_stats"])
+    block.apply(v, X, False)  # evaluation and training without statistics run as they are
+    block.apply({"params": v["params"], "batch_stats": v["batch_stats"]}, X, False)
+    unbound = _Block(unbound=True)
+    unbound.apply(unbound.init(jax.random.key(0), X, False), X, True, rngs=rngs,
+                  mutable=["batch_stats"])
+
+
 _IMAGES = jnp.zeros((2, 8, 8, 4))
 _FLAGGED = {  # the library's modules taking `train`, each with the positional inputs it needs
     "CifarResNet": (lambda: sdj.CifarResNet(depth=8, width=4, num_classes=3), ()),
