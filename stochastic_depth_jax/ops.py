@@ -683,11 +683,13 @@ def draw_gate(
 
 def train_scale(survival_prob: Array, scaling: str) -> Array:
     """Factor on a surviving branch during training: 1 (paper) or 1/p (inverted)."""
+    validate_options("batch", scaling)  # any other value than 'test' would read as 'train'
     return 1.0 if scaling == "test" else 1.0 / survival_prob
 
 
 def eval_scale(survival_prob: Array, scaling: str) -> Array:
     """Factor on every branch at evaluation: p (paper, Eq. 5) or 1 (inverted)."""
+    validate_options("batch", scaling)  # any other value than 'test' would read as 'train'
     return survival_prob if scaling == "test" else 1.0
 
 
@@ -780,6 +782,7 @@ def gated_branch(
       ``'batch'``/``'skip'`` the branch is not evaluated when the gate is closed, in
       ``'sample'``/``'skip'`` only on the subset.
     """
+    validate_options(mode, scaling, implementation)  # a typo would pick another branch
     check_survival_prob(survival_prob)
     gate = jnp.asarray(gate)
     check_gate(gate, mode)

@@ -378,6 +378,21 @@ def test_a_masked_branch_whose_statistics_live_outside_the_wrapper_names_parent_
                   mutable=["batch_stats"])
 
 
+
+@pytest.mark.parametrize("kwargs, name", [(dict(scaling="tset"), "scaling"),
+                                          (dict(mode="samples"), "mode"),
+                                          (dict(implementation="masked"), "implementation")])
+def test_the_op_split_in_two_refuses_an_unknown_option_as_the_op_does(kwargs, name):
+    # gated_branch took any other scaling for 'train' (1/p) and any other mode or
+    # implementation for batch-mode skipping, silently.
+    with pytest.raises(ValueError, match=f"Unknown stochastic-depth {name} "):
+        ops.gated_branch(F, X, jnp.bool_(True), 0.5, **kwargs)
+    if name == "scaling":
+        for scale in (ops.train_scale, ops.eval_scale):
+            with pytest.raises(ValueError, match="Unknown stochastic-depth scaling 'tset'"):
+                scale(0.5, "tset")
+
+
 _IMAGES = jnp.zeros((2, 8, 8, 4))
 _FLAGGED = {  # the library's modules taking `train`, each with the positional inputs it needs
     "CifarResNet": (lambda: sdj.CifarResNet(depth=8, width=4, num_classes=3), ()),
