@@ -275,10 +275,26 @@ class StochasticDepth(nn.Module):
         factor = scale(p, self.scaling)
         if self.mode == "sample" or self.implementation == "mask" or self._sows(call, x):
             if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
+                self._check_stats_under_wrapper()
                 call = _keep_stats_if_dropped(call, gate)
             return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis),
                                      shortcut)
         return ops.with_shortcut(self._skip(call, x, gate, factor), shortcut)
+
+    def _check_stats_under_wrapper(self) -> None:
+        """ValueError for a branch bound to another module (``MyBranch()`` made in a parent's
+        compact method, not ``parent=None``) that has ``batch_stats``: a masked batch-mode
+        call keeps a dropped branch's statistics by mapping this wrapper's own variables,
+        and those live elsewhere (Flax failed with a pytree structure error)."""
+        scope = getattr(self.branch, "scope", None)
+        if scope is None or scope.path[:len(self.scope.path)] == self.scope.path:
+            return
+        if "batch_stats" in self.branch.variables:
+            raise ValueError(
+                f"StochasticDepth keeps a dropped branch's batch_stats unchanged, which needs "
+                f"them under the wrapper, but its branch {type(self.branch).__name__} is bound "
+                f"to {type(self.branch.parent).__name__} (as {'/'.join(scope.path)}): create "
+                f"it unbound, StochasticDepth({type(self.branch).__name__}(parent=None), ...).")
 
     def _sows(self, call: Callable[..., Array], x: Array) -> bool:
         """Whether the branch writes the mutable ``'intermediates'`` collection (it sows, or

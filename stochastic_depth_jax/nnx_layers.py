@@ -370,7 +370,8 @@ def _check_block_keys(block: nnx.Module, wrappers: tuple, gates: tuple, determin
     default one) and its call has no ``rngs=``, so the wrapper's own message would name a
     fix the block does not take.
     """
-    ops.check_deterministic(deterministic)  # a traced flag: its own message, not Python's
+    if deterministic is not None:  # None: each wrapper's own flag
+        ops.check_deterministic(deterministic)  # a traced flag: its own message, not Python's
     for sd, gate in zip(wrappers, gates):
         training = not (sd.deterministic if deterministic is None else deterministic)
         if training and gate is None and sd.rngs is None \

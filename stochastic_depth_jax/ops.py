@@ -163,11 +163,15 @@ class TracedFlagError(TypeError):
 
 
 def check_deterministic(deterministic: Any) -> None:
-    """Raises :class:`TracedFlagError` (a TypeError) for a traced ``deterministic`` flag.
+    """Raises :class:`TracedFlagError` (a TypeError) for a traced ``deterministic`` flag, and
+    a TypeError for one that is not a bool.
 
     Training and evaluation are different programs (a gate is drawn or not), so the flag is
     chosen while tracing; a ``train`` flag passed into ``jax.jit`` as an ordinary argument
-    arrives here as a tracer, which Python's ``if`` cannot read."""
+    arrives here as a tracer, which Python's ``if`` cannot read. A flag that is not a bool
+    would be read by Python's truth value: ``None`` (a user module's unset
+    ``deterministic: bool | None = None`` field, passed on) would silently train, and the
+    string ``'False'`` evaluate."""
     if isinstance(deterministic, jax.core.Tracer):
         raise TracedFlagError(
             "deterministic (or train) must be a Python bool, known while tracing, got a traced "
@@ -178,6 +182,19 @@ def check_deterministic(deterministic: Any) -> None:
             "StochasticDepth(nn.remat(MyBranch)(parent=None)), or StochasticDepth(remat='full') "
             "(batch-mode skipping only: drop path and 'mask' run the branch as it is)."
         )
+    if not _is_bool(deterministic):
+        raise TypeError(
+            f"deterministic (or train) must be a bool, got {deterministic!r} "
+            f"({type(deterministic).__name__}): pass True for evaluation, False for training "
+            "(e.g. deterministic=not train).")
+
+
+def _is_bool(flag: Any) -> bool:
+    """True for a Python or NumPy bool, or a concrete 0-d bool array (``jnp.bool_(True)``)."""
+    if isinstance(flag, (bool, np.bool_)):
+        return True
+    return isinstance(flag, (np.ndarray, jax.Array)) and flag.dtype == np.bool_ \
+        and flag.ndim == 0
 
 
 def check_gate(gate: Array, mode: str, deterministic: bool = False) -> None:
@@ -421,6 +438,11 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
         return back(out)
     groups, k = indices.shape
     n = _check_groups(batch, groups)
+    if k > n:
+        raise ValueError(
+            f"Subset indices of shape {tuple(indices.shape)} keep k={k} examples per group, "
+            f"but each of the {groups} group(s) of the batch of {batch} has only n={n}; "
+            f"draw them for this batch: ops.draw_subset(key, {batch}, p, groups={groups}).")
     if k == n:  # nothing dropped: no gather, no scatter
         return with_shortcut(scaled(branch(x), factor), shortcut)
     hints = dict(indices_are_sorted=True, unique_indices=True)  # draw_subset's contract
@@ -661,11 +683,13 @@ def draw_gate(
 
 def train_scale(survival_prob: Array, scaling: str) -> Array:
     """Factor on a surviving branch during training: 1 (paper) or 1/p (inverted)."""
+    validate_options("batch", scaling)  # any other value than 'test' would read as 'train'
     return 1.0 if scaling == "test" else 1.0 / survival_prob
 
 
 def eval_scale(survival_prob: Array, scaling: str) -> Array:
     """Factor on every branch at evaluation: p (paper, Eq. 5) or 1 (inverted)."""
+    validate_options("batch", scaling)  # any other value than 'test' would read as 'train'
     return survival_prob if scaling == "test" else 1.0
 
 
@@ -681,7 +705,20 @@ def scaled(y: Array, factor: Any) -> Array:
                 f"{jnp.result_type(v)}; cast it in the branch (e.g. return y.astype(jnp.float32)).")
     if isinstance(factor, (int, float)) and factor == 1.0:
         return y
-    return jax.tree_util.tree_map(lambda v: v * jnp.asarray(factor, dtype=v.dtype), y)
+    return jax.tree_util.tree_map(lambda v: _times(v, factor), y)
+
+
+def _times(v: Array, factor: Any) -> Array:
+    """``v * factor`` in ``v``'s dtype, rounded once.
+
+    A bfloat16 (or float16) output is multiplied in float32 and cast back: a factor first
+    cast to bfloat16 is off by up to 0.2% (p = 0.9907 is 0.9922 there), the same way for
+    every element and every step, so the kept or evaluated branch would be scaled by that
+    rounded factor rather than p or 1/p; rounding the product alone is unbiased."""
+    dtype = jnp.result_type(v)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return (v.astype(jnp.float32) * jnp.asarray(factor, jnp.float32)).astype(dtype)
+    return v * jnp.asarray(factor, dtype=dtype)
 
 
 def masked(y: Array, gate: Array, factor: Any, batch_axis: int = 0) -> Array:
@@ -693,10 +730,24 @@ def masked(y: Array, gate: Array, factor: Any, batch_axis: int = 0) -> Array:
     def one(v):
         shape = [1] * v.ndim
         if gate.ndim:
+            _check_mask_fits(gate, v, batch_axis)
             shape[batch_axis] = gate.shape[0]
         return scaled(v * gate.astype(v.dtype).reshape(shape), factor)
 
     return jax.tree_util.tree_map(one, y)
+
+
+def _check_mask_fits(gate: Array, v: Array, batch_axis: int) -> None:
+    """ValueError unless a per-example ``gate`` is ``[batch]`` for the branch output ``v``
+    (otherwise the multiply fails on broadcasting, or a ``[batch, 1]`` gate passes by
+    chance)."""
+    batch = v.shape[batch_axis] if batch_axis < v.ndim else None
+    if gate.ndim != 1 or gate.shape[0] != batch:
+        raise ValueError(
+            f"A per-example gate must be bool [batch], one entry per example, got shape "
+            f"{tuple(gate.shape)} for a branch output of shape {tuple(v.shape)} "
+            f"(batch_axis={batch_axis}); draw it for this batch, e.g. "
+            f"ops.draw_gate(key, p, mode='sample', implementation='mask', batch_size=B).")
 
 
 def gated_branch(
@@ -731,6 +782,7 @@ def gated_branch(
       ``'batch'``/``'skip'`` the branch is not evaluated when the gate is closed, in
       ``'sample'``/``'skip'`` only on the subset.
     """
+    validate_options(mode, scaling, implementation)  # a typo would pick another branch
     check_survival_prob(survival_prob)
     gate = jnp.asarray(gate)
     check_gate(gate, mode)

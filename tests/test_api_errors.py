@@ -291,6 +291,108 @@ def test_a_traced_train_flag_is_a_clear_error_everywhere():
 
 
 
+@pytest.mark.parametrize("flag", [None, "False"])
+def test_a_train_flag_that_is_not_a_bool_is_refused_not_read_by_its_truth(flag):
+    # deterministic=None (a user module's unset `deterministic: bool | None = None` passed
+    # on) trained silently, and the string 'False' evaluated.
+    message = r"deterministic \(or train\) must be a bool, got .*: pass True for evaluation"
+    key = jax.random.key(1)
+    with pytest.raises(TypeError, match=message):
+        ops.stochastic_depth(F, X, survival_prob=0.5, key=key, deterministic=flag)
+    sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
+    v = sd.init(jax.random.key(0), X, deterministic=True)
+    with pytest.raises(TypeError, match=message):
+        sd.apply(v, X, deterministic=flag, rngs={"stochastic_depth": key})
+    with pytest.raises(TypeError, match=message):
+        sdj.BatchNorm().init(jax.random.key(0), X, train=flag)
+    with pytest.raises(TypeError, match=message):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5, deterministic=flag)(X, rngs=key)
+    # Python, NumPy and concrete JAX bools are flags; an NNX call's None is the module's.
+    for ok in (True, np.bool_(True), jnp.bool_(True)):
+        np.testing.assert_allclose(ops.stochastic_depth(F, X, survival_prob=0.5,
+                                                        deterministic=ok), 0.5 * F(X))
+    nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5)(X, deterministic=None, rngs=key)
+
+
+def test_a_per_example_gate_that_does_not_fit_the_batch_is_one_clear_error():
+    # A bool gate of another length failed in the multiply ("mul got incompatible shapes
+    # for broadcasting"), and a [batch, 1] gate passed by chance.
+    message = r"A per-example gate must be bool \[batch\], one entry per example, got shape"
+    for gate in (jnp.ones(7, bool), jnp.ones((8, 1), bool)):
+        with pytest.raises(ValueError, match=message):
+            ops.gated_branch(F, X, gate, 0.5, mode="sample")
+        sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5, mode="sample")
+        v = sd.init(jax.random.key(0), X, deterministic=True)
+        for deterministic in (False, True):
+            with pytest.raises(ValueError, match=message):
+                sd.apply(v, X, deterministic=deterministic, gate=gate)
+        nnx_sd = nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5, mode="sample")
+        with pytest.raises(ValueError, match=message):
+            nnx_sd(X, gate=gate)
+    gate = jnp.arange(8) % 2 == 0
+    np.testing.assert_allclose(ops.gated_branch(F, X, gate, 0.5, mode="sample"),
+                               gate[:, None, None] * F(X))
+
+
+def test_subset_indices_longer_than_a_group_are_one_clear_error():
+    # k > n repeated examples in the gather and scatter (undefined results), silently.
+    with pytest.raises(ValueError, match=r"Subset indices of shape \(2, 5\) keep k=5 examples "
+                                         r"per group, but each of the 2 group\(s\) of the "
+                                         r"batch of 8 has only n=4"):
+        ops.gated_branch(F, X, jnp.zeros((2, 5), jnp.int32), 0.5, mode="sample")
+    indices = ops.draw_subset(jax.random.key(0), 8, 0.5, groups=2)
+    ops.gated_branch(F, X, indices, 0.5, mode="sample")
+
+
+class _BatchNormBranch(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.BatchNorm(use_running_average=not train)(nn.Dense(x.shape[-1])(x))
+
+
+class _Block(nn.Module):
+    unbound: bool
+
+    @nn.compact
+    def __call__(self, x, train):
+        branch = _BatchNormBranch(parent=None) if self.unbound else _BatchNormBranch()
+        sd = sdj.StochasticDepth(branch, survival_prob=0.5, implementation="mask")
+        return x + sd(x, train, deterministic=not train)
+
+
+def test_a_masked_branch_whose_statistics_live_outside_the_wrapper_names_parent_none():
+    # A branch made in the parent's compact method without parent=None is bound there; the
+    # masked call that keeps a dropped branch's statistics failed with Flax's "pytree
+    # structure error: different numbers of pytree children".
+    rngs = {"stochastic_depth": jax.random.key(1)}
+    block = _Block(unbound=False)
+    v = block.init(jax.random.key(0), X, False)
+    with pytest.raises(ValueError, match=r"its branch _BatchNormBranch is bound to _Block \(as "
+                                         r"_BatchNormBranch_0\): create it unbound, StochasticDepth\(_BatchNormBranch"
+                                         r"\(parent=None\), \.\.\.\)"):
+        block.apply(v, X, True, rngs=rngs, mutable=["batch_stats"])
+    block.apply(v, X, False)  # evaluation and training without statistics run as they are
+    block.apply({"params": v["params"], "batch_stats": v["batch_stats"]}, X, False)
+    unbound = _Block(unbound=True)
+    unbound.apply(unbound.init(jax.random.key(0), X, False), X, True, rngs=rngs,
+                  mutable=["batch_stats"])
+
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(scaling="tset"), "scaling"),
+                                          (dict(mode="samples"), "mode"),
+                                          (dict(implementation="masked"), "implementation")])
+def test_the_op_split_in_two_refuses_an_unknown_option_as_the_op_does(kwargs, name):
+    # gated_branch took any other scaling for 'train' (1/p) and any other mode or
+    # implementation for batch-mode skipping, silently.
+    with pytest.raises(ValueError, match=f"Unknown stochastic-depth {name} "):
+        ops.gated_branch(F, X, jnp.bool_(True), 0.5, **kwargs)
+    if name == "scaling":
+        for scale in (ops.train_scale, ops.eval_scale):
+            with pytest.raises(ValueError, match="Unknown stochastic-depth scaling 'tset'"):
+                scale(0.5, "tset")
+
+
 _IMAGES = jnp.zeros((2, 8, 8, 4))
 _FLAGGED = {  # the library's modules taking `train`, each with the positional inputs it needs
     "CifarResNet": (lambda: sdj.CifarResNet(depth=8, width=4, num_classes=3), ()),

@@ -53,6 +53,24 @@ def test_training_output_is_gate_times_branch(scaling, train_factor):
     assert seen == {True, False}
 
 
+def test_bfloat16_outputs_are_scaled_by_p_not_by_p_rounded_to_bfloat16():
+    # The factor was cast to the output's dtype first: bf16(0.9907) = 0.9922, so every
+    # evaluated bf16 branch of a linear-decay ResNet-110 was scaled by up to 0.2% more or
+    # less than p_l, the same way for every element (a bias, not rounding noise).
+    dtype = jnp.bfloat16
+    x = jax.random.uniform(jax.random.key(0), (256, 256), minval=1.0, maxval=2.0).astype(dtype)
+    exact = x.astype(jnp.float32)
+    for p, scaling in ((1.0 - 1.0 / 108.0, "test"), (0.9, "train"), (1.0 - 3.0 / 108.0, "test")):
+        y = ops.gated_branch(lambda h: h, x, jnp.bool_(True), p, scaling=scaling)  # kept
+        y_eval = sdj.stochastic_depth(lambda h: h, x, survival_prob=p, deterministic=True,
+                                      scaling=scaling)
+        for out, factor in ((y, 1.0 / p if scaling == "train" else 1.0),
+                            (y_eval, p if scaling == "test" else 1.0)):
+            assert out.dtype == dtype
+            ratio = float(jnp.mean(out.astype(jnp.float32)) / jnp.mean(exact))
+            assert abs(ratio / factor - 1.0) < 4e-4, (p, scaling, ratio, factor)
+
+
 def test_expectation_matches_eval_for_both_scalings():
     keys = jax.random.split(jax.random.key(3), 4000)
     for scaling in ("test", "train"):
