@@ -68,6 +68,25 @@ def test_a_process_with_another_config_stops_the_job(tmp_path):
     assert not os.path.exists(tmp_path / "run")  # Nothing written before the check.
 
 
+def test_a_workdir_the_processes_do_not_share_stops_the_job_in_one_line(tmp_path):
+    """Each process given a workdir of its own (as each host's local disk is): the old code
+    hung 10 minutes in the first checkpoint save (Orbax waiting for process 0's folders),
+    then failed with a traceback; with fake data, process 1 called the dataset missing."""
+    address = free_address()
+    commands = [[sys.executable, "train.py", *_train_args(tmp_path / f"host{i}", address),
+                 "--process_id", str(i)] for i in range(2)]
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        start_all(commands, env=ENV, cwd=REPO), timeout=BOUND_S)
+    mine = _error_line(s1, out1)
+    assert mine.startswith(f"error: Process 1 does not see process 0's workdir at "
+                           f"{tmp_path / 'host1' / 'run'} (the run.lock process 0 took is "
+                           "missing there): every process needs the same --workdir"), mine
+    theirs = _error_line(s0, out0)
+    assert theirs.startswith("error: process 1 of 2 failed, so process 0 stops too"), theirs
+    assert theirs.endswith(mine.removeprefix("error: "))
+    assert not os.path.exists(tmp_path / "host0" / "run")  # Only its lock there: removed.
+
+
 TYPO = "--config.batch_sise=16"
 
 
