@@ -409,6 +409,25 @@ def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_pa
     assert [name for name in saved if name.isdigit()] == saved != [], saved
 
 
+def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path):
+    """Resumed with process 1 not listing the newest checkpoint (its host's view of the
+    workdir lagging): the old code restored step 2 there and step 4 on process 0, and the
+    two trained on out of step (process 1 then ended by JAX's runtime, a C++ trace)."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.checkpoint_every_steps=2"]
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=4"]),
+                            str(tmp_path / "run"))
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        _worker_job(tmp_path, "stale1", *flags, "--config.max_steps=6"), timeout=BOUND_S)
+    mine = _error_line(s1, out1)
+    assert mine.startswith("error: Process 1 starts from step 2 but process 0 from step 4: "
+                           "the hosts list different checkpoints in "), mine
+    assert _error_line(s0, out0).endswith(mine.removeprefix("error: "))
+
+
 def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
     # Process 1 stops (SIGSTOP) in setup: its connections stay open, so only silence tells.
     procs = _worker_job(tmp_path, "stop", "--heartbeat_timeout", "3")
