@@ -237,13 +237,15 @@ def initialize(
         :func:`poll_interval`.
 
     Must run before anything touches a JAX device. In a job of several processes, starts
-    the thread that ends this process when another one fails (:func:`leave_job`).
+    the thread that ends this process when another one fails (:func:`leave_job`), then
+    the backend (to compare the processes' device counts).
 
     Raises:
       errors.ConfigError: ``heartbeat_timeout_s`` shorter than three polls.
-      errors.DistributedError: incomplete arguments, the coordinator's port is in use, or
-        the processes did not all join within ``timeout_s`` (the message says which
-        address and how many were expected).
+      errors.DistributedError: incomplete arguments, the coordinator's port is in use, the
+        processes did not all join within ``timeout_s`` (the message says which address
+        and how many were expected), they have unequal device counts, or this process was
+        given another ``num_processes`` than process 0.
     """
     global _expected
     _expected = None  # Joining now: a failure from here on is reported from within the job.
