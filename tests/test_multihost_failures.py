@@ -68,6 +68,64 @@ def test_a_process_with_another_config_stops_the_job(tmp_path):
     assert not os.path.exists(tmp_path / "run")  # Nothing written before the check.
 
 
+def test_a_workdir_the_processes_do_not_share_stops_the_job_in_one_line(tmp_path):
+    """Each process given a workdir of its own (as each host's local disk is): the old code
+    hung 10 minutes in the first checkpoint save (Orbax waiting for process 0's folders),
+    then failed with a traceback; with fake data, process 1 called the dataset missing."""
+    address = free_address()
+    commands = [[sys.executable, "train.py", *_train_args(tmp_path / f"host{i}", address),
+                 "--process_id", str(i)] for i in range(2)]
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        start_all(commands, env=ENV, cwd=REPO), timeout=BOUND_S)
+    mine = _error_line(s1, out1)
+    assert mine.startswith(f"error: Process 1 does not see process 0's workdir at "
+                           f"{tmp_path / 'host1' / 'run'} (the run.lock process 0 took is "
+                           "missing there): every process needs the same --workdir"), mine
+    theirs = _error_line(s0, out0)
+    assert theirs.startswith("error: process 1 of 2 failed, so process 0 stops too"), theirs
+    assert theirs.endswith(mine.removeprefix("error: "))
+    assert not os.path.exists(tmp_path / "host0" / "run")  # Only its lock there: removed.
+
+
+def test_processes_with_unequal_device_counts_stop_at_once_in_one_line(tmp_path):
+    """A host with a GPU fewer: the old code failed in JAX's multi-host utilities with a
+    traceback (``cannot reshape array of size 3 into shape (2,2)``) on every process."""
+    address = free_address()
+    procs = [proc for i, n in enumerate((2, 1)) for proc in start_all(
+        [[sys.executable, "train.py", *_train_args(tmp_path, address), "--process_id", str(i),
+          "--config.batch_size=24", "--config.eval_batch_size=24"]],
+        env=dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}"), cwd=REPO)]
+    for status, out, _ in finish_all(procs, timeout=BOUND_S):
+        assert _error_line(status, out) == (
+            "error: The processes of this job do not all have the same number of devices "
+            "(process 1: 1; the others: 2); give every process as many (the same "
+            "CUDA_VISIBLE_DEVICES count, or the launcher's GPUs per task).")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_process_given_another_process_count_stops_the_job_at_once(tmp_path):
+    """Process 1 told of 3 processes where process 0 started a job of 2: the old code ran it
+    (as 2), process 1 watching for a process that does not exist."""
+    address = free_address()
+    commands = [[sys.executable, "train.py",
+                 *_train_args(tmp_path, address, processes=2 + i), "--process_id", str(i)]
+                for i in range(2)]
+    (s0, out0, _), (s1, out1, _) = finish_all(start_all(commands, env=ENV, cwd=REPO),
+                                               timeout=BOUND_S)
+    mine = _error_line(s1, out1)
+    assert mine == ("error: Process 1 was given --num_processes 3, but the job process 0 "
+                    "started has 2 processes; give every process the same --num_processes.")
+    assert _error_line(s0, out0).endswith(mine.removeprefix("error: "))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_unequal_device_counts_name_the_processes_that_differ():
+    distributed.check_device_counts([0, 0, 1, 1, 2, 2])
+    with pytest.raises(errors.DistributedError, match=r"devices \(process 0: 3, process 2: "
+                       r"1; the others: 2\); give"):
+        distributed.check_device_counts([0, 0, 0, 1, 1, 2, 3, 3])
+
+
 TYPO = "--config.batch_sise=16"
 
 
@@ -349,6 +407,25 @@ def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_pa
     assert fails_on_one.SAVED in out1  # Completed and committed, not abandoned:
     saved = os.listdir(tmp_path / "run" / "checkpoints_best")
     assert [name for name in saved if name.isdigit()] == saved != [], saved
+
+
+def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path):
+    """Resumed with process 1 not listing the newest checkpoint (its host's view of the
+    workdir lagging): the old code restored step 2 there and step 4 on process 0, and the
+    two trained on out of step (process 1 then ended by JAX's runtime, a C++ trace)."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.checkpoint_every_steps=2"]
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=4"]),
+                            str(tmp_path / "run"))
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        _worker_job(tmp_path, "stale1", *flags, "--config.max_steps=6"), timeout=BOUND_S)
+    mine = _error_line(s1, out1)
+    assert mine.startswith("error: Process 1 starts from step 2 but process 0 from step 4: "
+                           "the hosts list different checkpoints in "), mine
+    assert _error_line(s0, out0).endswith(mine.removeprefix("error: "))
 
 
 def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):

@@ -11,7 +11,9 @@ is split along the mesh axis ``'data'`` and parameters are replicated.
 When one process goes wrong the others must not wait for it forever:
 
 * :func:`check_same_config`: every process compares its config with process 0's before
-  training (different configs train garbage or deadlock in a collective).
+  training (different configs train garbage or deadlock in a collective);
+  :func:`initialize` refuses processes with unequal device counts
+  (:func:`check_device_counts`).
 * :func:`leave_job`: a process that fails tells the others through the job's key-value
   store; a thread in every process (started by :func:`initialize`) polls it every
   :func:`poll_interval` seconds and ends its own process with one line naming the failed
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import contextlib
 import errno
 import itertools
@@ -69,6 +72,7 @@ __all__ = [
     "expect_job",
     "poll_interval",
     "check_same_config",
+    "check_device_counts",
     "leave_job",
     "close_after_reporting",
     "reporting_failures",
@@ -233,13 +237,15 @@ def initialize(
         :func:`poll_interval`.
 
     Must run before anything touches a JAX device. In a job of several processes, starts
-    the thread that ends this process when another one fails (:func:`leave_job`).
+    the thread that ends this process when another one fails (:func:`leave_job`), then
+    the backend (to compare the processes' device counts).
 
     Raises:
       errors.ConfigError: ``heartbeat_timeout_s`` shorter than three polls.
-      errors.DistributedError: incomplete arguments, the coordinator's port is in use, or
-        the processes did not all join within ``timeout_s`` (the message says which
-        address and how many were expected).
+      errors.DistributedError: incomplete arguments, the coordinator's port is in use, the
+        processes did not all join within ``timeout_s`` (the message says which address
+        and how many were expected), they have unequal device counts, or this process was
+        given another ``num_processes`` than process 0.
     """
     global _expected
     _expected = None  # Joining now: a failure from here on is reported from within the job.
@@ -266,6 +272,37 @@ def initialize(
     if in_job():
         _check_heartbeat(heartbeat_timeout_s, _count())  # Watching before any backend starts.
         _watch_peers(heartbeat_timeout_s)
+        check_device_counts([d.process_index for d in jax.devices()])
+        _check_process_count()
+
+
+def _check_process_count() -> None:
+    """Raises ``errors.DistributedError`` on a process given another ``--num_processes``
+    than process 0 (the job has process 0's count): it joined, and watched for processes
+    that do not exist."""
+    if jax.process_count() != _count():
+        raise errors.DistributedError(
+            f"Process {_me()} was given --num_processes {_count()}, but the job process 0 "
+            f"started has {jax.process_count()} processes; give every process the same "
+            "--num_processes.")
+
+
+def check_device_counts(owners: list[int]) -> None:
+    """Raises ``errors.DistributedError`` unless every process of the job has as many devices
+    as the others; ``owners``: the process of each device of the job (every process sees
+    them all, so all raise alike, before any collective). With uneven counts the data-
+    parallel mesh, JAX's multi-host utilities and Orbax fail later with a traceback
+    (``cannot reshape array of size 3 into shape (2,2)``)."""
+    counts = collections.Counter(owners)  # process -> its devices
+    # The count most processes have (on a tie, process 0's: the devices come in order).
+    usual = collections.Counter(counts.values()).most_common(1)[0][0]
+    odd = sorted(p for p, n in counts.items() if n != usual)
+    if odd:
+        listed = ", ".join(f"process {p}: {counts[p]}" for p in odd[:4])
+        raise errors.DistributedError(
+            f"The processes of this job do not all have the same number of devices "
+            f"({listed}{', ...' * (len(odd) > 4)}; the others: {usual}); give every process "
+            "as many (the same CUDA_VISIBLE_DEVICES count, or the launcher's GPUs per task).")
 
 
 def _missing(job: dict[str, Any]) -> str:

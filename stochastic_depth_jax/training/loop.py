@@ -469,6 +469,22 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         )
 
 
+def _check_same_start(run: _Run) -> None:
+    """Raises ``errors.DistributedError`` on a process that starts from another step than
+    process 0. Each restores the newest checkpoint it lists, and a host whose view of the
+    shared workdir lags (a filesystem's cache) lists fewer: the processes then trained on
+    different weights from different steps, out of step in every collective."""
+    if jax.process_count() == 1:
+        return
+    theirs = int(multihost_utils.broadcast_one_to_all(np.int32(run.step)))
+    if theirs != run.step:
+        raise errors.DistributedError(
+            f"Process {jax.process_index()} starts from step {run.step} but process 0 from "
+            f"step {theirs}: the hosts list different checkpoints in "
+            f"{os.path.join(run.workdir, 'checkpoints')} (a shared filesystem whose caches "
+            "lag); start the job again once every host sees the same files.")
+
+
 def _note_earlier_best(run: _Run) -> None:
     """Notes the 'best' checkpoints an earlier session saved after the step this one starts
     from (restored, or 0: a fresh state), and that session's records after it."""
@@ -835,6 +851,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     failed = False
     try:
         _resume_or_init(run, ds.image_shape)
+        _check_same_start(run)
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
             saved = _saved_summary(workdir, run.step)  # None: written below
             if saved is not None:

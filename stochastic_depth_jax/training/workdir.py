@@ -5,8 +5,10 @@ of a run. The kernel releases the lock when the process exits in any way (SIGKIL
 included), so a lock left by a killed run is free: the next run takes it over and says
 whose it was (pid and host, recorded in the file). A second run on a busy workdir stops at
 once, naming the holder. In a multi-process job only process 0 takes the lock; the others
-learn the outcome from it. On a filesystem shared by several hosts the lock is as good as
-the filesystem's ``flock`` (NFS v4 and Lustre provide it).
+learn the outcome from it, and each checks that it reads the lock file process 0 wrote (a
+workdir that is not one folder shared by every host is refused at start-up). On a
+filesystem shared by several hosts the lock is as good as the filesystem's ``flock`` (NFS
+v4 and Lustre provide it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import warnings
 from typing import IO, Any, Callable, Iterator
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import errors, logs
@@ -306,6 +309,9 @@ def training_holder(workdir: str) -> str | None:
 # An evaluation tests the lock with a shared one held for microseconds (training_holder):
 # a run starting at that moment retries rather than calling the workdir busy.
 _LOCK_TRIES, _LOCK_RETRY_S = 20, 0.025
+# How long a process of a job looks for process 0's lock record before it calls the workdir
+# not shared: another host may see the write late (NFS attribute caching).
+SHARED_WAIT_S = 10.0
 
 
 def _flock_soon(fd: int) -> bool:
@@ -331,6 +337,8 @@ class WorkdirLock:
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
         self._fd: int | None = None
+        # Written in the lock file by process 0; the others of a job must read it there.
+        self._token = 1 + int.from_bytes(os.urandom(4), "little") % (2**31 - 2)
         # release() may run in two threads at once: the main thread's failure and the thread
         # that ends this process because another process of the job failed.
         self._releasing = threading.Lock()
@@ -364,21 +372,50 @@ class WorkdirLock:
             "host": socket.gethostname(),
             "started_at": time.time(),
             "argv": sys.argv,
+            "token": self._token,
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        os.fsync(fd)  # For the other hosts of a job (_check_shared), over NFS too.
         self._fd = fd
         return None
 
     def acquire(self) -> "WorkdirLock":
+        """Takes the lock (process 0); in a multi-process job, every other process then
+        checks that it sees the lock file process 0 wrote (:meth:`_check_shared`)."""
         busy = self._try_lock() if jax.process_index() == 0 else None
         if jax.process_count() > 1:
-            ok = multihost_utils.broadcast_one_to_all(busy is None)
-            if not bool(ok):
+            token = int(multihost_utils.broadcast_one_to_all(
+                np.int32(self._token if busy is None else 0)))
+            if not token:
                 busy = busy or "The workdir is in use by another run (reported by process 0)."
+            else:
+                if jax.process_index() != 0:
+                    self._check_shared(token)
+                # Process 0 writes nothing more there until all have seen it: a workdir it
+                # created is then removed whole when the job stops.
+                multihost_utils.sync_global_devices("workdir_shared")
         if busy:
             raise errors.WorkdirBusyError(busy)
         return self
+
+    def _check_shared(self, token: int) -> None:
+        """Raises ``errors.WorkdirError`` unless this process reads process 0's ``token`` in
+        the lock file: a workdir that is not one shared folder (each host's local disk, or
+        another --workdir per process) otherwise hung in the first checkpoint save for 10
+        minutes (Orbax waiting for process 0's folders), then failed with its traceback.
+        Retries for ``SHARED_WAIT_S``: another host may see process 0's write late."""
+        deadline = time.monotonic() + SHARED_WAIT_S
+        while self._read_holder().get("token") != token:
+            if time.monotonic() >= deadline:
+                state = "not process 0's" if os.path.exists(self.path) else "missing"
+                raise errors.WorkdirError(
+                    f"Process {jax.process_index()} does not see process 0's workdir at "
+                    f"{os.path.dirname(self.path)} (the {LOCK_FILE} process 0 took is "
+                    f"{state} there): "
+                    "every process needs the same --workdir, on a filesystem all hosts share "
+                    "(not each host's local disk).")
+            time.sleep(0.2)
 
     @property
     def held(self) -> bool:
