@@ -27,8 +27,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "workers", "fails_on_one.py")
 sys.path.insert(0, os.path.dirname(WORKER))
 import fails_on_one  # noqa: E402
+# SDJ_SHARED_WAIT_S: a workdir not shared is called so after 5 s, not the default 90.
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-           PYTHONUNBUFFERED="1")
+           PYTHONUNBUFFERED="1", SDJ_SHARED_WAIT_S="5")
 # Each case ends within seconds; the old code hung for minutes (a test fails at this bound).
 # Generous: two to four processes importing JAX at once take 15 s on a loaded 2-core machine.
 BOUND_S = 60
@@ -742,3 +743,15 @@ def test_a_finished_process_stops_once_another_does_when_process_0_failed(monkey
     assert exits.get(timeout=10) == 1
     assert time.monotonic() - start < distributed.LEAVE_WAIT_S / 2
     assert store.kv[f"{distributed._KEY}/left/1"] == "stopped"
+
+
+def test_the_wait_for_a_shared_workdir_is_90_s_unless_the_environment_says(monkeypatch):
+    from stochastic_depth_jax.training import workdir
+
+    monkeypatch.delenv("SDJ_SHARED_WAIT_S", raising=False)
+    assert workdir.shared_wait_s() == 90
+    monkeypatch.setenv("SDJ_SHARED_WAIT_S", "300")
+    assert workdir.shared_wait_s() == 300
+    monkeypatch.setenv("SDJ_SHARED_WAIT_S", "a minute")
+    with pytest.raises(errors.ConfigError, match="SDJ_SHARED_WAIT_S='a minute' is not a number"):
+        workdir.shared_wait_s()

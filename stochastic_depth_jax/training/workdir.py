@@ -310,8 +310,23 @@ def training_holder(workdir: str) -> str | None:
 # a run starting at that moment retries rather than calling the workdir busy.
 _LOCK_TRIES, _LOCK_RETRY_S = 20, 0.025
 # How long a process of a job looks for process 0's lock record before it calls the workdir
-# not shared: another host may see the write late (NFS attribute caching).
-SHARED_WAIT_S = 10.0
+# not shared: another host may see the write late (NFS caches a directory's attributes, a
+# file's absence included, for up to 60 s by default). The environment variable
+# SDJ_SHARED_WAIT_S overrides it (a slower filesystem; tests).
+SHARED_WAIT_S = 90.0
+
+
+def shared_wait_s() -> float:
+    """:data:`SHARED_WAIT_S`, or ``$SDJ_SHARED_WAIT_S`` where set to a number of seconds."""
+    text = os.environ.get("SDJ_SHARED_WAIT_S", "").strip()
+    if not text:
+        return SHARED_WAIT_S
+    try:
+        return max(float(text), 0.0)
+    except ValueError:
+        raise errors.ConfigError(
+            f"SDJ_SHARED_WAIT_S={text!r} is not a number of seconds; unset it or give one "
+            f"(default {SHARED_WAIT_S:g}).") from None
 
 
 def _flock_soon(fd: int) -> bool:
@@ -404,8 +419,8 @@ class WorkdirLock:
         the lock file: a workdir that is not one shared folder (each host's local disk, or
         another --workdir per process) otherwise hung in the first checkpoint save for 10
         minutes (Orbax waiting for process 0's folders), then failed with its traceback.
-        Retries for ``SHARED_WAIT_S``: another host may see process 0's write late."""
-        deadline = time.monotonic() + SHARED_WAIT_S
+        Retries for :func:`shared_wait_s`: another host may see process 0's write late."""
+        deadline = time.monotonic() + shared_wait_s()
         while self._read_holder().get("token") != token:
             if time.monotonic() >= deadline:
                 state = "not process 0's" if os.path.exists(self.path) else "missing"
