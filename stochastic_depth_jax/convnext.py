@@ -252,7 +252,7 @@ class ConvNeXt(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, train: bool, key: Array | None = None) -> Array:
         """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
-        ops.check_deterministic(train)
+        ops.check_deterministic(train, name="train")
         ops.validate_options(self.mode, self.scaling, self.implementation)
         depths, dims = self.stages()
         probs = self.survival_probs()

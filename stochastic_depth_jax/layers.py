@@ -87,7 +87,7 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
         """Normalises ``x`` ``[..., channels]`` over all axes but the last."""
-        ops.check_deterministic(train)  # a traced flag: its own message, not Python's
+        ops.check_deterministic(train, name="train")  # a traced flag: its own message, not Python's
         features = x.shape[-1]
         axes = tuple(range(x.ndim - 1))
         mean_v = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
@@ -608,9 +608,9 @@ class ResidualBlock(nn.Module):
             stochastic=True`` is one sampled sub-network with running statistics, for
             Monte-Carlo evaluation.
         """
-        ops.check_deterministic(train)  # a traced flag: its own message, not Python's
+        ops.check_deterministic(train, name="train")  # a traced flag: its own message, not Python's
         if stochastic is not None:
-            ops.check_deterministic(stochastic)
+            ops.check_deterministic(stochastic, name="stochastic")
         stochastic = train if stochastic is None else stochastic
         if not self.has_branch:
             out_features = self.features * self.branch_cls.expansion

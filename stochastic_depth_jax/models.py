@@ -640,9 +640,9 @@ class _StochasticResNetBase(nn.Module):
         """A ``train`` or ``stochastic`` passed to ``jax.jit`` as an ordinary argument
         arrives traced: refused with the op's one-line ``TypeError`` naming
         ``static_argnames``, not JAX's ``TracerBoolConversionError`` from the gate logic."""
-        ops.check_deterministic(train)
+        ops.check_deterministic(train, name="train")
         if stochastic is not None:
-            ops.check_deterministic(stochastic)
+            ops.check_deterministic(stochastic, name="stochastic")
 
     def _check_buckets(self, buckets, gates, train, stochastic=None):
         if buckets is None:

@@ -162,9 +162,11 @@ class TracedFlagError(TypeError):
     ``nn.jit(BasicBlock)``) can name that cause instead; a ``TypeError`` like JAX's own."""
 
 
-def check_deterministic(deterministic: Any) -> None:
+def check_deterministic(deterministic: Any, *, name: str = "deterministic") -> None:
     """Raises :class:`TracedFlagError` (a TypeError) for a traced ``deterministic`` flag, and
-    a TypeError for one that is not a bool.
+    a TypeError for one that is not a bool. ``name``: the argument's name in the caller's
+    signature (``'train'``, ``'stochastic'``), whose meaning of True the message says:
+    ``train=True`` is what ``deterministic=False`` is.
 
     Training and evaluation are different programs (a gate is drawn or not), so the flag is
     chosen while tracing; a ``train`` flag passed into ``jax.jit`` as an ordinary argument
@@ -183,10 +185,19 @@ def check_deterministic(deterministic: Any) -> None:
             "(batch-mode skipping only: drop path and 'mask' run the branch as it is)."
         )
     if not _is_bool(deterministic):
-        raise TypeError(
-            f"deterministic (or train) must be a bool, got {deterministic!r} "
-            f"({type(deterministic).__name__}): pass True for evaluation, False for training "
-            "(e.g. deterministic=not train).")
+        use = _FLAG_USES.get(name, "pass True or False")
+        raise TypeError(f"{name} must be a bool, got {deterministic!r} "
+                        f"({type(deterministic).__name__}): {use}.")
+
+
+# What True and False mean, by the flag's name (check_deterministic's message).
+_FLAG_USES = {
+    "deterministic": "pass True for evaluation, False for training (e.g. deterministic=not "
+                     "train)",
+    "train": "pass True for training, False for evaluation",
+    "stochastic": "pass True to gate the blocks as in training, False to run them all, or "
+                  "None (the default) to follow train",
+}
 
 
 def _is_bool(flag: Any) -> bool:

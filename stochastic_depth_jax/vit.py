@@ -322,7 +322,7 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, train: bool, key: Array | None = None) -> Array:
         """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
-        ops.check_deterministic(train)
+        ops.check_deterministic(train, name="train")
         if self.pool not in POOLS:
             raise ValueError(f"Unknown pool {self.pool!r}; valid: {list(POOLS)}.")
         ops.validate_options(self.mode, self.scaling, self.implementation)

@@ -295,7 +295,7 @@ def test_a_traced_train_flag_is_a_clear_error_everywhere():
 def test_a_train_flag_that_is_not_a_bool_is_refused_not_read_by_its_truth(flag):
     # deterministic=None (a user module's unset `deterministic: bool | None = None` passed
     # on) trained silently, and the string 'False' evaluated.
-    message = r"deterministic \(or train\) must be a bool, got .*: pass True for evaluation"
+    message = r"deterministic must be a bool, got .*: pass True for evaluation"
     key = jax.random.key(1)
     with pytest.raises(TypeError, match=message):
         ops.stochastic_depth(F, X, survival_prob=0.5, key=key, deterministic=flag)
@@ -303,8 +303,6 @@ def test_a_train_flag_that_is_not_a_bool_is_refused_not_read_by_its_truth(flag):
     v = sd.init(jax.random.key(0), X, deterministic=True)
     with pytest.raises(TypeError, match=message):
         sd.apply(v, X, deterministic=flag, rngs={"stochastic_depth": key})
-    with pytest.raises(TypeError, match=message):
-        sdj.BatchNorm().init(jax.random.key(0), X, train=flag)
     with pytest.raises(TypeError, match=message):
         nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5, deterministic=flag)(X, rngs=key)
     # Python, NumPy and concrete JAX bools are flags; an NNX call's None is the module's.
@@ -419,6 +417,25 @@ def test_a_traced_train_flag_of_the_resnets_and_blocks_is_the_same_clear_error(n
     with pytest.raises(TypeError, match=r"deterministic \(or train\) must be a Python bool"
                                         r".*static_argnames"):
         jax.jit(init)(True)
+
+
+@pytest.mark.parametrize("name, flag", [
+    (name, flag) for name in sorted(_FLAGGED) + ["ViT", "ConvNeXt"]
+    for flag in ("train", "stochastic")
+    if flag == "train" or name in ("CifarResNet", "BasicBlock")])
+def test_a_train_flag_that_is_not_a_bool_is_refused_with_what_train_true_means(name, flag):
+    # train=None (or 1) was told "deterministic (or train) must be a bool ...: pass True for
+    # evaluation, False for training": for `train` the opposite of what True means.
+    make, args = {**_FLAGGED, "ViT": (lambda: sdj.ViT(num_classes=3, **VIT), ()),
+                  "ConvNeXt": (lambda: sdj.ConvNeXt(num_classes=3, depths=(1, 1, 1, 1),
+                                                    dims=(4, 4, 4, 4), stem_stride=1), ())}[name]
+    flags = {"train": None} if flag == "train" else {"train": False, "stochastic": 1}
+    use = {"train": r"pass True for training, False for evaluation\.",
+           "stochastic": r"pass True to gate the blocks as in training, False to run them all, "
+                         r"or None \(the default\) to follow train\."}[flag]
+    with pytest.raises(TypeError, match=f"^{flag} must be a bool, got {flags[flag]} "
+                                        f"\\({type(flags[flag]).__name__}\\): {use}"):
+        make().init(jax.random.key(0), _IMAGES, *args, **flags)
 
 def test_per_layer_rates_made_under_nnx_vmap_are_refused_with_the_fix():
     # A traced attribute would leak out of nnx.vmap (UnexpectedTracerError at the first

@@ -819,3 +819,17 @@ def test_an_image_folder_run_recorded_before_per_class_holdout_keeps_its_split(
     assert meta["data"]["holdout"] == "random"
     monkeypatch.chdir(tmp_path)
     assert evaluate.evaluate_checkpoint(workdir, "latest", "validation")["count"] == 6
+
+
+def test_records_set_aside_after_a_torn_line_of_the_dropped_file_start_their_own(tmp_path):
+    """Killed while appending to metrics.jsonl.dropped, the next start appended the same
+    records after the torn line: the first joined it, unreadable, lost from the history."""
+    workdir = str(tmp_path)
+    _write_lines(workdir, [json.dumps({"epoch": e, "step": 4 * e}) + "\n" for e in (1, 2, 3)])
+    with open(os.path.join(workdir, "metrics.jsonl.dropped"), "w") as f:
+        f.write('{"epoch": 2, "st')  # the torn first line of the set-aside records
+    with pytest.warns(UserWarning, match=r"dropped 2 other record\(s\) \(epochs 2-3\)"):
+        metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=1)
+    with pytest.warns(UserWarning, match=r"Skipping unreadable line\(s\) \[1\]"):
+        kept = metrics.read_metrics(workdir, "metrics.jsonl.dropped")
+    assert [r["epoch"] for r in kept] == [2, 3]

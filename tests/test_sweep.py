@@ -513,7 +513,7 @@ def test_sweep_figures_without_matplotlib_write_the_table_and_say_so(tmp_path, m
     """Without matplotlib a sweep's runs trained, then it ended in a traceback, its table
     not written: now the table is, and one warning names the figures and how to draw them."""
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # its import fails
-    runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
+    runs = [_run(tmp_path / "sweep", "depth8_pL1", 1.0, finished=True)]
     out = tmp_path / "sweep" / "figures"
     with pytest.warns(logs.RunWarning) as caught:
         outputs = sweep.write_figures(runs, str(out), report=None)
@@ -524,6 +524,12 @@ def test_sweep_figures_without_matplotlib_write_the_table_and_say_so(tmp_path, m
                             "draws them.")
     assert outputs == {"training_time": str(out / "training_time.md")}
     assert os.listdir(out) == ["training_time.md"]
+    # A Python caller's own directory: sweep.py --collect would draw into <root>/figures.
+    with pytest.warns(logs.RunWarning) as caught:
+        sweep.write_figures(runs, str(tmp_path / "mine"), report=None)
+    [message] = warned.messages(caught, logs.RunWarning)
+    assert message.endswith(f"then sweep.write_figures(..., '{tmp_path / 'mine'}') called "
+                            "again draws them.")
 
 
 def test_stop_signals_nested_never_lose_a_request(capsys):

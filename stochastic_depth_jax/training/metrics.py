@@ -167,18 +167,23 @@ def _set_aside(path: str, records: Sequence[dict[str, Any]], bad: Sequence[int])
     they were) to ``<path>.dropped``, whose name it returns: a run whose checkpoints were
     deleted or lost starts again from step 0, and its history must not go with them.
     Lines the file holds already are not added again: a crash before ``path`` was rewritten
-    sets the same records aside on the next start."""
+    sets the same records aside on the next start. After a line torn by a crash while
+    appending, the new ones start on a line of their own (else the first would join it)."""
     aside = path + ".dropped"
     with open(path, "rb") as f:
         lines = f.readlines()
     added = [(json.dumps(r) + "\n").encode() for r in records] + [
         line if line.endswith(b"\n") else line + b"\n" for line in (lines[n - 1] for n in bad)]
-    held = set()
+    held: list[bytes] = []
     if os.path.exists(aside):
         with open(aside, "rb") as f:
-            held = {line if line.endswith(b"\n") else line + b"\n" for line in f}
+            held = f.readlines()
+    whole = {line if line.endswith(b"\n") else line + b"\n" for line in held}
+    new = [line for line in added if line not in whole]
+    if new and held and not held[-1].endswith(b"\n"):
+        new.insert(0, b"\n")  # ends the torn line
     with open(aside, "ab") as f:
-        f.writelines(line for line in added if line not in held)
+        f.writelines(new)
         f.flush()
         os.fsync(f.fileno())
     return aside

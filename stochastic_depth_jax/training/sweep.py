@@ -550,14 +550,25 @@ def _table_only(runs: Sequence[dict[str, Any]], out_dir: str, problem: str,
     collected) and their table is written; a warning, one line, names the figures not
     drawn and the command that draws them once matplotlib is installed."""
     table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
-    root = os.path.dirname(os.path.normpath(out_dir)) or "."
     warnings.warn(
         f"fig8_error_vs_p_last.png, fig7_first_conv_grad.png and fig3_error_curves.png not "
         f"drawn: {problem}; install it (pip install matplotlib), then "
-        f"'python sweep.py --root {root} --collect' draws them.", logs.RunWarning)
+        f"{_redraw(runs, out_dir)} draws them.", logs.RunWarning)
     if report is not None:
         report(_drawn_line(table, runs, {}))
     return {"training_time": table}
+
+
+def _redraw(runs: Sequence[dict[str, Any]], out_dir: str) -> str:
+    """The command that draws the figures into ``out_dir``: ``sweep.py --collect`` where
+    ``out_dir`` is the runs' root's ``figures`` (it draws there), else calling
+    :func:`write_figures` again (a Python caller's own directory)."""
+    roots = {os.path.dirname(os.path.normpath(r["workdir"])) for r in runs if r.get("workdir")}
+    if len(roots) == 1:
+        [root] = roots
+        if os.path.normpath(out_dir) == os.path.join(root, FIGURES_DIR):
+            return f"'python sweep.py --root {root or '.'} --collect'"
+    return f"sweep.write_figures(..., {out_dir!r}) called again"
 
 
 def _extra(drawn: Sequence[dict[str, Any]], left_out: dict[str, str],
