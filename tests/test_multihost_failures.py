@@ -276,6 +276,36 @@ def test_the_workdir_stays_locked_until_a_failed_runs_save_is_committed(monkeypa
     workdir_lib.WorkdirLock(workdir).acquire().release()
 
 
+def test_a_failed_run_ended_at_once_before_its_release_still_releases_the_workdir(
+        monkeypatch, tmp_path):
+    # Its failure left the release to leave_job (once the others are told); the peer watch
+    # ending the process first (another process failed too, which broke a collective of
+    # this one) skipped it: run.lock kept the run's record, and the next run took the lock
+    # over from a holder 'gone'.
+    sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+
+    monkeypatch.setattr(distributed, "in_job", lambda: True)
+    monkeypatch.setattr(distributed, "_closing", [])
+    monkeypatch.setattr(os, "_exit", lambda status: None)
+    workdir = tmp_path / "run"
+    workdir.mkdir()  # A run's workdir: kept.
+
+    def fails_with_a_close_pending(config, workdir):
+        assert distributed.close_after_reporting(lambda: None)
+        raise RuntimeError("a collective broke (injected)")
+
+    monkeypatch.setattr(loop, "_run_locked", fails_with_a_close_pending)
+    with distributed.reporting_failures(), pytest.raises(RuntimeError, match="injected"):
+        loop.train_and_evaluate(load_config("cifar10:smoke"), str(workdir))
+    distributed._exit_now(1)  # The peer watch ends the process: no leave_job.
+    assert (workdir / workdir_lib.LOCK_FILE).read_text() == ""
+    workdir_lib.WorkdirLock(str(workdir)).acquire().release()
+    distributed._close_all()  # Leaves nothing registered for the other tests.
+    assert not distributed._cleanups
+
+
 @pytest.mark.parametrize("kept", [None, "metrics.jsonl", "checkpoints"])
 def test_a_run_failing_with_only_fake_data_written_leaves_no_workdir(monkeypatch, tmp_path,
                                                                      kept):

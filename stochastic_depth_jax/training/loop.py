@@ -11,6 +11,7 @@ reproduces the uninterrupted run's metrics (all randomness is keyed by the step)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -781,21 +782,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         remove_unused()
         lock.release()
 
-    with distributed.cleanup_if_stopped(stopped):
-        try:
-            lock.acquire()
-            return _run_locked(config, workdir)
-        except BaseException:
-            if not distributed.closes_pending():  # else: a save still writes there
-                remove_unused()
-            raise
-        finally:
-            # A failed run's save that finishes after the failure is reported
-            # (distributed.close_after_reporting) keeps the workdir until it is committed:
-            # a run started meanwhile would set it aside as an unfinished save.
-            if not (distributed.closes_pending()
-                    and distributed.close_after_reporting(lock.release)):
-                lock.release()
+    # Registered until the lock is released, which a failure may leave to leave_job: a
+    # process ended at once before that (the peer watch) releases it all the same.
+    registered = contextlib.ExitStack()
+    registered.enter_context(distributed.cleanup_if_stopped(stopped))
+
+    def release() -> None:
+        lock.release()
+        registered.close()
+
+    try:
+        lock.acquire()
+        return _run_locked(config, workdir)
+    except BaseException:
+        if not distributed.closes_pending():  # else: a save still writes there
+            remove_unused()
+        raise
+    finally:
+        # A failed run's save that finishes after the failure is reported
+        # (distributed.close_after_reporting) keeps the workdir until it is committed:
+        # a run started meanwhile would set it aside as an unfinished save.
+        if not (distributed.closes_pending() and distributed.close_after_reporting(release)):
+            release()
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
