@@ -352,6 +352,27 @@ def test_a_read_failing_outside_the_checkpoint_moves_nothing(tmp_path, mesh, cau
     ckpts.close()
 
 
+def test_a_restore_broken_by_another_process_leaving_the_job_moves_nothing(tmp_path, mesh):
+    """Orbax's restore waits for every process in a collective, which fails (Gloo) where
+    another process failed instead of restoring: it was taken for damage, and the newest
+    good checkpoint moved to checkpoints_corrupt/ without a word as the job stopped (the
+    next start resumed from the one before)."""
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    ckpts = ckpt_lib.Checkpoints(tmp_path)
+    lost = jax.errors.JaxRuntimeError(
+        "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+        "Connection closed by peer [127.0.0.1]:15232")
+    _failing_state_restore(ckpts, 2, lost)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ckpt_lib.CheckpointCorruptWarning)
+        with pytest.raises(jax.errors.JaxRuntimeError) as info:
+            ckpts.restore("latest", _abstract(base))
+    assert info.value is lost  # Reported by the command-line tools as a lost process.
+    assert ckpts.steps("latest") == [1, 2]
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints_corrupt"))
+    ckpts.close()
+
+
 # Damaged files, as the OS or a decoder reports them: each is skipped and moved aside.
 _DAMAGE = {
     "tensorstore_data_loss": lambda: _tensorstore_error("DATA_LOSS"),

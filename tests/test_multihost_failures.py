@@ -276,6 +276,36 @@ def test_the_workdir_stays_locked_until_a_failed_runs_save_is_committed(monkeypa
     workdir_lib.WorkdirLock(workdir).acquire().release()
 
 
+def test_a_failed_run_ended_at_once_before_its_release_still_releases_the_workdir(
+        monkeypatch, tmp_path):
+    # Its failure left the release to leave_job (once the others are told); the peer watch
+    # ending the process first (another process failed too, which broke a collective of
+    # this one) skipped it: run.lock kept the run's record, and the next run took the lock
+    # over from a holder 'gone'.
+    sys.path.insert(0, REPO)  # `configs` lives at the repository root.
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+
+    monkeypatch.setattr(distributed, "in_job", lambda: True)
+    monkeypatch.setattr(distributed, "_closing", [])
+    monkeypatch.setattr(os, "_exit", lambda status: None)
+    workdir = tmp_path / "run"
+    workdir.mkdir()  # A run's workdir: kept.
+
+    def fails_with_a_close_pending(config, workdir):
+        assert distributed.close_after_reporting(lambda: None)
+        raise RuntimeError("a collective broke (injected)")
+
+    monkeypatch.setattr(loop, "_run_locked", fails_with_a_close_pending)
+    with distributed.reporting_failures(), pytest.raises(RuntimeError, match="injected"):
+        loop.train_and_evaluate(load_config("cifar10:smoke"), str(workdir))
+    distributed._exit_now(1)  # The peer watch ends the process: no leave_job.
+    assert (workdir / workdir_lib.LOCK_FILE).read_text() == ""
+    workdir_lib.WorkdirLock(str(workdir)).acquire().release()
+    distributed._close_all()  # Leaves nothing registered for the other tests.
+    assert not distributed._cleanups
+
+
 @pytest.mark.parametrize("kept", [None, "metrics.jsonl", "checkpoints"])
 def test_a_run_failing_with_only_fake_data_written_leaves_no_workdir(monkeypatch, tmp_path,
                                                                      kept):
@@ -411,22 +441,40 @@ def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_pa
 
 
 def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path):
-    """Resumed with process 1 not listing the newest checkpoint (its host's view of the
-    workdir lagging): the old code restored step 2 there and step 4 on process 0, and the
-    two trained on out of step (process 1 then ended by JAX's runtime, a C++ trace)."""
+    """Resumed with process 0 not listing the newest checkpoint (its host's view of the
+    workdir lagging): every process stops before anything is written. Process 0 compared
+    with itself: it went on from step 2, set the record of step 4 aside (metrics.jsonl
+    emptied) and rewrote run.json before process 1's failure stopped it; before that
+    check, the two trained on out of step (process 1 then ended by JAX's runtime)."""
     from configs import load_config
     from stochastic_depth_jax.training import loop
 
     flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
              "--config.checkpoint_every_steps=2"]
+    run = tmp_path / "run"
     loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=4"]),
-                            str(tmp_path / "run"))
-    (s0, out0, _), (s1, out1, _) = finish_all(
-        _worker_job(tmp_path, "stale1", *flags, "--config.max_steps=6"), timeout=BOUND_S)
-    mine = _error_line(s1, out1)
-    assert mine.startswith("error: Process 1 starts from step 2 but process 0 from step 4: "
-                           "the hosts list different checkpoints in "), mine
-    assert _error_line(s0, out0).endswith(mine.removeprefix("error: "))
+                            str(run))
+    before = {name: (run / name).read_text() for name in ("metrics.jsonl", "run.json")}
+    results = finish_all(_worker_job(tmp_path, "stale0", *flags, "--config.max_steps=6"),
+                         timeout=BOUND_S)
+    assert {name: (run / name).read_text() for name in before} == before
+    assert not (run / "metrics.jsonl.dropped").exists()
+    for status, out, _ in results:  # The process that says it first names it for the other.
+        assert _error_line(status, out).endswith(
+            "The processes of this job start from different steps (process 0: step 2; the "
+            f"others: step 4): the hosts list different checkpoints in {run / 'checkpoints'} "
+            "(a shared filesystem whose caches lag); start the job again once every host "
+            "sees the same files."), out[-3000:]
+
+
+def test_different_starts_name_the_processes_behind_the_newest_step():
+    from stochastic_depth_jax.training import loop
+
+    assert loop._different_starts([4, 4, 4], "ckpts") is None
+    assert loop._different_starts([4, 2, 4, 0, 2, 2, 2], "ckpts").startswith(
+        "The processes of this job start from different steps (process 1: step 2, process 3: "
+        "step 0, process 4: step 2, process 5: step 2, ...; the others: step 4): the hosts "
+        "list different checkpoints in ckpts")
 
 
 def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):

@@ -51,6 +51,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax.training import distributed
 from stochastic_depth_jax.training import state as state_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
@@ -219,6 +220,15 @@ def _unfinished_message(kind: str, step: str, directory: str, target: str,
                 "only the newest is kept)") if dropped else ""
     return (f"An unfinished save of step {step} in {directory} (interrupted before it was "
             f"committed) was moved to {target}{replaced}; {instead}.")
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` (or the error it was raised from) is a collective that failed
+    because another process of the job left it (:func:`distributed.lost_peer`): Orbax's
+    restore waits for every process (``sync_global_processes``), and a process that fails
+    instead of restoring breaks it on the others, whose checkpoint is intact."""
+    return any(e is not None and distributed.lost_peer(e) is not None
+               for e in (error, error.__cause__))
 
 
 class Checkpoints:
@@ -476,7 +486,10 @@ class Checkpoints:
         for a reason outside the checkpoint, or skips the damaged step (``_skip``).
 
         The listing is checked first: a file deleted while being read fails in many ways,
-        some of which look environmental (``ESTALE`` on NFS)."""
+        some of which look environmental (``ESTALE`` on NFS). Before it, a collective of the
+        restore broken by another process leaving the job is raised as it is: not damage."""
+        if _lost_peer(error):
+            raise error
         try:
             if self.steps(kind) != listing:
                 return _GONE

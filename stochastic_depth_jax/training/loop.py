@@ -11,6 +11,7 @@ reproduces the uninterrupted run's metrics (all randomness is keyed by the step)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -470,19 +471,34 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
 
 
 def _check_same_start(run: _Run) -> None:
-    """Raises ``errors.DistributedError`` on a process that starts from another step than
-    process 0. Each restores the newest checkpoint it lists, and a host whose view of the
-    shared workdir lags (a filesystem's cache) lists fewer: the processes then trained on
-    different weights from different steps, out of step in every collective."""
+    """Raises ``errors.DistributedError`` on every process alike where the processes start
+    from different steps. Each restores the newest checkpoint it lists, and a host whose
+    view of the shared workdir lags (a filesystem's cache) lists fewer: the processes then
+    trained on different weights from different steps, out of step in every collective.
+    Every process learns every step: compared with process 0's alone, a process 0 that was
+    behind went on, set the run's later records aside and rewrote run.json before it
+    heard of the failure."""
     if jax.process_count() == 1:
         return
-    theirs = int(multihost_utils.broadcast_one_to_all(np.int32(run.step)))
-    if theirs != run.step:
-        raise errors.DistributedError(
-            f"Process {jax.process_index()} starts from step {run.step} but process 0 from "
-            f"step {theirs}: the hosts list different checkpoints in "
-            f"{os.path.join(run.workdir, 'checkpoints')} (a shared filesystem whose caches "
-            "lag); start the job again once every host sees the same files.")
+    steps = np.ravel(multihost_utils.process_allgather(np.int32(run.step)))
+    different = _different_starts([int(s) for s in steps],
+                                  os.path.join(run.workdir, "checkpoints"))
+    if different:
+        raise errors.DistributedError(different)
+
+
+def _different_starts(steps: list[int], directory: str) -> str | None:
+    """The error for processes starting from different ``steps`` (each process's, in order),
+    naming those behind the newest (up to 4); None where all agree."""
+    newest = max(steps)
+    behind = [(p, s) for p, s in enumerate(steps) if s != newest]
+    if not behind:
+        return None
+    listed = ", ".join(f"process {p}: step {s}" for p, s in behind[:4])
+    return (f"The processes of this job start from different steps ({listed}"
+            f"{', ...' * (len(behind) > 4)}; the others: step {newest}): the hosts list "
+            f"different checkpoints in {directory} (a shared filesystem whose caches lag); "
+            "start the job again once every host sees the same files.")
 
 
 def _note_earlier_best(run: _Run) -> None:
@@ -766,21 +782,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         remove_unused()
         lock.release()
 
-    with distributed.cleanup_if_stopped(stopped):
-        try:
-            lock.acquire()
-            return _run_locked(config, workdir)
-        except BaseException:
-            if not distributed.closes_pending():  # else: a save still writes there
-                remove_unused()
-            raise
-        finally:
-            # A failed run's save that finishes after the failure is reported
-            # (distributed.close_after_reporting) keeps the workdir until it is committed:
-            # a run started meanwhile would set it aside as an unfinished save.
-            if not (distributed.closes_pending()
-                    and distributed.close_after_reporting(lock.release)):
-                lock.release()
+    # Registered until the lock is released, which a failure may leave to leave_job: a
+    # process ended at once before that (the peer watch) releases it all the same.
+    registered = contextlib.ExitStack()
+    registered.enter_context(distributed.cleanup_if_stopped(stopped))
+
+    def release() -> None:
+        lock.release()
+        registered.close()
+
+    try:
+        lock.acquire()
+        return _run_locked(config, workdir)
+    except BaseException:
+        if not distributed.closes_pending():  # else: a save still writes there
+            remove_unused()
+        raise
+    finally:
+        # A failed run's save that finishes after the failure is reported
+        # (distributed.close_after_reporting) keeps the workdir until it is committed:
+        # a run started meanwhile would set it aside as an unfinished save.
+        if not (distributed.closes_pending() and distributed.close_after_reporting(release)):
+            release()
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

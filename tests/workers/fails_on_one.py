@@ -9,8 +9,8 @@ and process 0/1 raises a ``DataError`` once they all wait in JAX's exit (process
 its results after the last collective). ``mixedWR`` (3 processes): process ``W`` fails so
 once the others but ``R`` have finished, while process ``R`` still trains. ``save``: saves
 take ``SAVE_S`` seconds and process 1 raises a ``DataError`` as soon as its first one
-started. ``stale1``: process 1 does not list the newest 'latest' checkpoint. Used by
-``tests/test_multihost_failures.py``.
+started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' checkpoint.
+Used by ``tests/test_multihost_failures.py``.
 """
 
 import os
@@ -90,16 +90,16 @@ def _fail_while_saving() -> None:
     checkpoint_lib.Checkpoints.save = save_then_fail
 
 
-def _hide_newest_checkpoint() -> None:
-    """Process 1 lists the 'latest' checkpoints without the newest one (a host whose view
-    of the shared workdir lags)."""
+def _hide_newest_checkpoint(who: int) -> None:
+    """Process ``who`` lists the 'latest' checkpoints without the newest one (a host whose
+    view of the shared workdir lags)."""
     from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 
     steps = checkpoint_lib.Checkpoints.steps
 
     def stale(self, kind="latest"):
         listed = steps(self, kind)
-        return listed[:-1] if kind == "latest" and jax.process_index() == 1 else listed
+        return listed[:-1] if kind == "latest" and jax.process_index() == who else listed
 
     checkpoint_lib.Checkpoints.steps = stale
 
@@ -112,8 +112,8 @@ def main(mode: str, argv: list[str]) -> None:
         _fail_last(int(who), frozenset({int(running)}))
     if mode == "save":
         _fail_while_saving()
-    if mode == "stale1":
-        _hide_newest_checkpoint()
+    if mode.startswith("stale"):
+        _hide_newest_checkpoint(int(mode.removeprefix("stale")))
     if mode not in ("raise", "stop", "stop0"):
         train.main(argv)
         return
