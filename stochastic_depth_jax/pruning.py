@@ -234,12 +234,13 @@ def _metrics(total: np.ndarray) -> dict[str, float]:
 class SubNetworkEvaluator:
     """Error of the model with some blocks removed, over every example of ``batches``.
 
-    One compilation serves every keep mask: the mask enters as gates of the full model at
-    evaluation (``train=False, gates=keep``), so a removed block is skipped by ``lax.cond``
-    (implementation 'skip'; 'mask' and ``mode='sample'`` models compute it and multiply it
-    by 0: the same numbers where it is finite) and the kept ones run scaled as at evaluation. A mask keeping every block runs the
-    model as evaluated (no gates; a second compilation): the gated program rounds otherwise
-    (~1e-6), so its figures could differ from the model's own by an example or two.
+    One compilation serves every keep mask that removes a block: the mask enters as gates of
+    the full model at evaluation (``train=False, gates=keep``), so a removed block is skipped
+    by ``lax.cond`` (implementation 'skip'; 'mask' and ``mode='sample'`` models compute it
+    and multiply it by 0: the same numbers where it is finite) and the kept ones run scaled
+    as at evaluation. A mask keeping every block runs the model as evaluated (no gates; a
+    second compilation): the gated program rounds otherwise (~1e-6), so its figures could
+    differ from the model's own by an example or two.
     ``evaluator(keep)`` returns ``{'error', 'loss', 'count'}``; results are cached per mask.
     """
 

@@ -366,8 +366,8 @@ def test_a_masked_branch_whose_statistics_live_outside_the_wrapper_names_parent_
     block = _Block(unbound=False)
     v = block.init(jax.random.key(0), X, False)
     with pytest.raises(ValueError, match=r"its branch _BatchNormBranch is bound to _Block \(as "
-                                         r"_BatchNormBranch_0\): create it unbound, StochasticDepth\(_BatchNormBranch"
-                                         r"\(parent=None\), \.\.\.\)"):
+                       r"_BatchNormBranch_0\): create it unbound, "
+                       r"StochasticDepth\(_BatchNormBranch\(parent=None\), \.\.\.\)"):
         block.apply(v, X, True, rngs=rngs, mutable=["batch_stats"])
     block.apply(v, X, False)  # evaluation and training without statistics run as they are
     block.apply({"params": v["params"], "batch_stats": v["batch_stats"]}, X, False)

@@ -16,8 +16,8 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-__all__ = ["LINE_EVERY_S", "EpochProgress", "draws_bar", "epoch_line", "interactive", "prints_epoch_lines",
-           "prints_task_lines", "summary_lines"]
+__all__ = ["LINE_EVERY_S", "EpochProgress", "draws_bar", "epoch_line", "interactive",
+           "prints_epoch_lines", "prints_task_lines", "summary_lines"]
 
 
 def interactive(stream: Any) -> bool:
