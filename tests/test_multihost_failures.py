@@ -5,6 +5,7 @@ import atexit
 import collections
 import errno
 import itertools
+import json
 import os
 import queue
 import re
@@ -803,3 +804,24 @@ def test_the_wait_for_a_shared_workdir_is_90_s_unless_the_environment_says(monke
     monkeypatch.setenv("SDJ_SHARED_WAIT_S", "a minute")
     with pytest.raises(errors.ConfigError, match="SDJ_SHARED_WAIT_S='a minute' is not a number"):
         workdir.shared_wait_s()
+
+
+def test_a_process_waiting_for_the_shared_lock_file_says_so_then_names_its_state(
+        tmp_path, monkeypatch, capsys):
+    """The wait (90 s by default) was silent: a job that looked hung for a minute and a half;
+    and an old run.lock there (this host's own copy of an earlier run) read "the run.lock
+    process 0 took is not process 0's there"."""
+    from stochastic_depth_jax.training import workdir
+
+    monkeypatch.setenv("SDJ_SHARED_WAIT_S", "8")
+    clock = iter(range(0, 100))  # one second a read
+    monkeypatch.setattr(workdir.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(workdir.time, "sleep", lambda s: None)
+    (tmp_path / workdir.LOCK_FILE).write_text(json.dumps({"pid": 1, "token": 7}))
+    lock = workdir.WorkdirLock(str(tmp_path))
+    with pytest.raises(errors.WorkdirError, match=r"\(the run.lock process 0 took is not the "
+                       r"one there, which another run wrote\): every process needs"):
+        lock._check_shared(8)
+    assert capsys.readouterr().out == (
+        f"Process 0: waiting up to 8 s to see the run.lock process 0 wrote in {tmp_path} (a "
+        "shared filesystem may show it late).\n")

@@ -314,6 +314,8 @@ _LOCK_TRIES, _LOCK_RETRY_S = 20, 0.025
 # file's absence included, for up to 60 s by default). The environment variable
 # SDJ_SHARED_WAIT_S overrides it (a slower filesystem; tests).
 SHARED_WAIT_S = 90.0
+# After this long the waiting process says what it waits for.
+SHARED_NOTE_S = 5.0
 
 
 def shared_wait_s() -> float:
@@ -420,16 +422,25 @@ class WorkdirLock:
         another --workdir per process) otherwise hung in the first checkpoint save for 10
         minutes (Orbax waiting for process 0's folders), then failed with its traceback.
         Retries for :func:`shared_wait_s`: another host may see process 0's write late."""
-        deadline = time.monotonic() + shared_wait_s()
+        wait = shared_wait_s()
+        started = time.monotonic()
+        noted = False
         while self._read_holder().get("token") != token:
-            if time.monotonic() >= deadline:
-                state = "not process 0's" if os.path.exists(self.path) else "missing"
+            waited = time.monotonic() - started
+            if waited >= wait:
+                state = ("missing there" if not os.path.exists(self.path) else
+                         "not the one there, which another run wrote")
                 raise errors.WorkdirError(
                     f"Process {jax.process_index()} does not see process 0's workdir at "
                     f"{os.path.dirname(self.path)} (the {LOCK_FILE} process 0 took is "
-                    f"{state} there): "
+                    f"{state}): "
                     "every process needs the same --workdir, on a filesystem all hosts share "
                     "(not each host's local disk).")
+            if not noted and waited >= SHARED_NOTE_S and wait > SHARED_NOTE_S:
+                noted = True  # A silent wait of a minute or more would look like a hang.
+                print(f"Process {jax.process_index()}: waiting up to {wait:g} s to see the "
+                      f"{LOCK_FILE} process 0 wrote in {os.path.dirname(self.path)} (a shared "
+                      "filesystem may show it late).", flush=True)
             time.sleep(0.2)
 
     @property
