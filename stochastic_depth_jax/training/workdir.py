@@ -400,6 +400,8 @@ class WorkdirLock:
     def acquire(self) -> "WorkdirLock":
         """Takes the lock (process 0); in a multi-process job, every other process then
         checks that it sees the lock file process 0 wrote (:meth:`_check_shared`)."""
+        if jax.process_count() > 1:
+            shared_wait_s()  # a bad $SDJ_SHARED_WAIT_S refused by every process, before all
         busy = self._try_lock() if jax.process_index() == 0 else None
         if jax.process_count() > 1:
             token = int(multihost_utils.broadcast_one_to_all(
