@@ -27,3 +27,22 @@ def test_readme_python_snippets_run(monkeypatch, tmp_path):
             exec(compile(code, f"README.md python snippet {i + 1}", "exec"), namespace)
         except Exception as e:  # noqa: BLE001  Say which snippet broke.
             raise AssertionError(f"README snippet {i + 1} fails: {e!r}\n{code}") from e
+
+
+def test_readme_shard_map_snippets_run_on_one_device():
+    """The shard_map snippets use every device JAX sees; the suite forces 8 CPU devices,
+    a newcomer's CPU (or single GPU) has one, where they must run as well."""
+    import subprocess
+
+    snippets = [s for s in _snippets() if "jax.shard_map" in s]
+    assert len(snippets) == 2
+    code = "\n".join(["import jax, jax.numpy as jnp", "import stochastic_depth_jax as sdj",
+                      "key = jax.random.key(2)", *snippets,
+                      "assert n_dev == 1, n_dev", "print('ran on', n_dev)"])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+                   "--xla_force_host_platform_device_count=8", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ran on 1" in proc.stdout
