@@ -191,9 +191,14 @@ def test_loop_is_kept_and_described_on_every_platform():
     (["--config.model.dropout_rate=0.3"], "model.dropout_rate=0.3 needs implementation 'skip'"),
     # No scanned stage: nothing to loop over, every block would compute (masked).
     (["--config.model.depth=20"], r"model.depth=20 \(3 blocks per stage\) with model.scan=None "
-     r"scans none .*: set model.scan=True, or use implementation 'skip'$"),
+     r"scans none \(None: stages of 9 blocks or more\), .*: set model.scan=True, or use "
+     r"implementation 'skip'$"),
+    # The parenthesis gives the rule of the scan value given (it named None's for True).
     (["--config.model.scan=True"], r"model.depth=8 \(1 block per stage\) with model.scan=True "
-     r"scans none .*: use model.depth=14 or more with model.scan=True"),
+     r"scans none \(True: stages of 2 blocks or more\), .*: use model.depth=14 or more with "
+     r"model.scan=True"),
+    (["--config.model.depth=20", "--config.model.scan=False"], r"model.scan=False scans none, "
+     r"so every block would compute, masked: set model.scan=True"),
 ])
 def test_loop_with_what_it_cannot_run_fails_clearly(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -374,8 +374,16 @@ def _check_loop_stages(m: ml_collections.ConfigDict) -> None:
     _check(any(models._scanned_stages((n, n, n), scan)),
            f"model.implementation='loop' loops over the blocks after each stage's first in "
            f"scanned stages, and model.depth={m.depth} ({n} block{'s' * (n > 1)} per stage) with "
-           f"model.scan={scan!r} scans none (None: {models.AUTO_SCAN_MIN_BLOCKS + 1} blocks or "
-           f"more), so every block would compute, masked: {fix}, or use implementation 'skip'")
+           f"model.scan={scan!r} scans none{_scan_rule(scan)}, so every block would compute, "
+           f"masked: {fix}, or use implementation 'skip'")
+
+
+def _scan_rule(scan: bool | None) -> str:
+    """Which stages ``model.scan`` scans, as the loop refusal's parenthesis: the rule of the
+    value given (``True`` needs 2 blocks a stage, ``None`` 9), not always ``None``'s."""
+    if scan is None:
+        return f" (None: stages of {models.AUTO_SCAN_MIN_BLOCKS + 1} blocks or more)"
+    return " (True: stages of 2 blocks or more)" if scan else ""
 
 
 def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
