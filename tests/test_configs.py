@@ -165,7 +165,11 @@ def test_path_form_and_overrides():
         ("cifar10_vit", ["--config.num_epochs=-1"], "num_epochs=-1 must be an integer >= 1"),
         # 160 fake images less 32 for validation: refused before any data is written.
         ("cifar10:smoke", ["--config.batch_size=256"],
-         "batch_size=256 is larger than the 128 training examples.*at most 128"),
+         "batch_size=256 is larger than the 128 training examples.*at most 128, or hold out "
+         r"fewer than 32 for validation \(--config.validation_size\)$"),
+        ("cifar10:smoke", ["--config.batch_size=256", "--config.train_on_all=True",
+                           "--config.select_best_by=test"],
+         r"larger than the 160 training examples .*: lower --config.batch_size to at most 160$"),
         ("cifar100:smoke", ["--config.batch_size=150", "--config.validation_size=0.5",
                             "--config.select_best_by=test"],
          "batch_size=150 is larger than the 80 training examples"),

@@ -590,6 +590,7 @@ def _check_fake_batch(config: ml_collections.ConfigDict) -> None:
     """A batch larger than the fake training set, refused before any data is written (the
     loaded data is checked again: ``check_batch_fits``)."""
     f, v = config.fake_data, config.validation_size
+    held = 0
     if config.dataset == "svhn":  # train + extra, less a per-class holdout: a bound
         available, why = f.num_train + f.num_extra, "fake_data.num_train + num_extra"
     elif config.train_on_all:
@@ -599,16 +600,19 @@ def _check_fake_batch(config: ml_collections.ConfigDict) -> None:
                                     f.num_train)
         available = f.num_train - held
         why = f"fake_data.num_train={f.num_train} less validation_size={held}"
-    check_batch_fits(config.batch_size, available, f"fake {config.dataset} data ({why})")
+    check_batch_fits(config.batch_size, available, f"fake {config.dataset} data ({why})", held)
 
 
-def check_batch_fits(batch_size: int, num_train: int, what: str) -> None:
+def check_batch_fits(batch_size: int, num_train: int, what: str, held: int = 0) -> None:
     """Refuses a ``batch_size`` larger than the ``num_train`` training examples of ``what``
-    (not one full batch an epoch)."""
+    (not one full batch an epoch). ``held`` validation images taken from the training data
+    are the other way out (a ``:smoke`` config's 32 on a small image folder)."""
+    fewer = (f", or hold out fewer than {held} for validation (--config.validation_size)"
+             if held else "")
     _check(
         batch_size <= num_train,
         f"batch_size={batch_size} is larger than the {num_train} training examples of {what}: "
-        f"lower --config.batch_size to at most {num_train}",
+        f"lower --config.batch_size to at most {num_train}{fewer}",
     )
 
 

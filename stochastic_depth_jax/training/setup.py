@@ -406,8 +406,9 @@ def build_for_dataset(
     config: ml_collections.ConfigDict, ds: data_lib.Dataset, mesh: jax.sharding.Mesh | None = None
 ) -> Setup:
     """``build`` with the class count, training size and statistics of a loaded dataset."""
-    held = "" if ds.validation is None else f" ({len(ds.validation)} held out for validation)"
-    config_lib.check_batch_fits(config.batch_size, len(ds.train), ds.name + held)
+    num_held = 0 if ds.validation is None else len(ds.validation)
+    held = f" ({num_held} held out for validation)" if num_held else ""
+    config_lib.check_batch_fits(config.batch_size, len(ds.train), ds.name + held, num_held)
     setup = build(
         config,
         num_classes=ds.num_classes,
