@@ -80,9 +80,10 @@ def test_a_workdir_the_processes_do_not_share_stops_the_job_in_one_line(tmp_path
     (s0, out0, _), (s1, out1, _) = finish_all(
         start_all(commands, env=ENV, cwd=REPO), timeout=BOUND_S)
     mine = _error_line(s1, out1)
-    assert mine.startswith(f"error: Process 1 does not see process 0's workdir at "
-                           f"{tmp_path / 'host1' / 'run'} (the run.lock process 0 took is "
-                           "missing there): every process needs the same --workdir"), mine
+    # The path named is process 1's own --workdir, said so (it read as process 0's).
+    assert mine.startswith(f"error: Process 1 does not see process 0's workdir in its own "
+                           f"--workdir {tmp_path / 'host1' / 'run'} (the run.lock process 0 "
+                           "took is missing there): every process needs the same --workdir"), mine
     theirs = _error_line(s0, out0)
     assert theirs.startswith("error: process 1 of 2 failed, so process 0 stops too"), theirs
     assert theirs.endswith(mine.removeprefix("error: "))

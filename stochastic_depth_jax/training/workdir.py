@@ -432,10 +432,11 @@ class WorkdirLock:
             if waited >= wait:
                 state = ("missing there" if not os.path.exists(self.path) else
                          "not the one there, which another run wrote")
+                # The path is this process's --workdir: process 0's may be another one.
                 raise errors.WorkdirError(
-                    f"Process {jax.process_index()} does not see process 0's workdir at "
-                    f"{os.path.dirname(self.path)} (the {LOCK_FILE} process 0 took is "
-                    f"{state}): "
+                    f"Process {jax.process_index()} does not see process 0's workdir in its "
+                    f"own --workdir {os.path.dirname(self.path)} (the {LOCK_FILE} process 0 "
+                    f"took is {state}): "
                     "every process needs the same --workdir, on a filesystem all hosts share "
                     "(not each host's local disk).")
             if not noted and waited >= SHARED_NOTE_S and wait > SHARED_NOTE_S:
