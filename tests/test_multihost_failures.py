@@ -795,6 +795,32 @@ def test_a_finished_process_stops_once_another_does_when_process_0_failed(monkey
     assert store.kv[f"{distributed._KEY}/left/1"] == "stopped"
 
 
+def test_a_failed_process_with_a_close_pending_does_not_wait_for_a_failed_process_0(
+        monkeypatch):
+    # Every process failed at once (processes that restored different steps): process 1,
+    # with a checkpoint close pending, waited for process 0 to leave while process 0 waited
+    # for it; process 0 gave up first, and its exit (ending the job's service) had JAX's
+    # runtime abort process 1 (C++ trace, status -6), seen in CI under load.
+    store = _Store()
+    monkeypatch.setattr(distributed, "_me", lambda: 1)
+    monkeypatch.setattr(distributed, "_count", lambda: 2)
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    monkeypatch.setattr(distributed, "_join_to_report", lambda: store)
+    monkeypatch.setattr(distributed, "_watcher", None)
+    monkeypatch.setattr(distributed, "_closing", [lambda: None])  # a save to commit first
+    monkeypatch.setattr(distributed, "LEAVE_WAIT_S", 60.0)
+    exits = queue.Queue()
+    monkeypatch.setattr(distributed, "_exit_now", exits.put)
+    # Process 0 reports its own failure just after this one starts waiting.
+    threading.Timer(0.3, store.kv.__setitem__,
+                    (f"{distributed._KEY}/failed/0", "process 0 failed too")).start()
+    start = time.monotonic()
+    distributed.leave_job("process 1 failed", 1)
+    assert exits.get(timeout=10) == 1
+    assert time.monotonic() - start < 10
+    assert store.kv[f"{distributed._KEY}/left/1"] == "stopped"
+
+
 def test_the_wait_for_a_shared_workdir_is_90_s_unless_the_environment_says(monkeypatch):
     from stochastic_depth_jax.training import workdir
 

@@ -845,7 +845,8 @@ def leave_job(message: str, status: int, join: bool = True) -> None:
         others = set(range(_count())) - {me}
         # Process 0's exit ends the service; a process that kept the others waiting would
         # end their collectives first (a second line, from Gloo): both let them leave first.
-        left = _wait_until_left(client, others) if me == 0 or closing else _left(client)
+        left = (_wait_until_left(client, others, failing=True) if me == 0 or closing
+                else _left(client))
         done = all(left.get(p) == _DONE for p in others)
         # Recorded after reading theirs: a process finishing meanwhile reads it at its exit.
         client.key_value_set(f"{_KEY}/left/{me}", _DONE if done else _STOPPED,
@@ -901,11 +902,12 @@ def _left(client: Any) -> dict[int, str]:
             for key, how in client.key_value_dir_get(f"{_KEY}/left/")}
 
 
-def _wait_until_left(client: Any, processes: set[int],
-                     or_one_stops: bool = False) -> dict[int, str]:
+def _wait_until_left(client: Any, processes: set[int], or_one_stops: bool = False,
+                     failing: bool = False) -> dict[int, str]:
     """Waits up to ``LEAVE_WAIT_S`` for ``processes`` to leave the job (with
-    ``or_one_stops``, only until another process records that it exits at once); returns
-    :func:`_left`.
+    ``or_one_stops``, only until another process records that it exits at once; where this
+    process is ``failing`` (:func:`leave_job`), not for a process 0 that failed too:
+    :func:`_leaving_last`); returns :func:`_left`.
 
     On process 0, whose exit ends the job's service (and the runtime aborts a process still
     connected to it, with a C++ trace): when some of them recorded that they exit at once,
@@ -917,13 +919,28 @@ def _wait_until_left(client: Any, processes: set[int],
     primary = _me() == 0
     left = _left(client)
     while time.monotonic() < deadline and not (
-            (processes <= set(left) or (or_one_stops and _STOPPED in _others(left)))
+            (processes - (_leaving_last(client) if failing else set()) <= set(left)
+             or (or_one_stops and _STOPPED in _others(left)))
             and not (primary and _STOPPED in left.values() and _DONE in _others(left))):
         time.sleep(0.1)
         left = _left(client)
     if primary and any(left.get(p) == _STOPPED for p in processes):
         time.sleep(EXIT_GRACE_S)
     return left
+
+
+def _leaving_last(client: Any) -> set[int]:
+    """``{0}`` where this is another process and process 0 failed too: process 0 then waits
+    in :func:`leave_job` for this one to leave (its exit ends the job's service), so this one
+    must not wait for it. Both waited, each for the other, until one gave up: process 0
+    first, and its exit aborted this one with a C++ trace (every process failing at once,
+    as on processes that restored different steps)."""
+    if _me() == 0:
+        return set()
+    try:
+        return {0} & set(_failed(client))
+    except Exception:  # noqa: BLE001  The service is gone: nothing to wait for anyway.
+        return set()
 
 
 def _others(left: dict[int, str]) -> list[str]:
