@@ -828,9 +828,11 @@ def test_the_wait_for_a_shared_workdir_is_90_s_unless_the_environment_says(monke
     assert workdir.shared_wait_s() == 90
     monkeypatch.setenv("SDJ_SHARED_WAIT_S", "300")
     assert workdir.shared_wait_s() == 300
-    monkeypatch.setenv("SDJ_SHARED_WAIT_S", "a minute")
-    with pytest.raises(errors.ConfigError, match="SDJ_SHARED_WAIT_S='a minute' is not a number"):
-        workdir.shared_wait_s()
+    for bad in ("a minute", "nan", "-5"):
+        monkeypatch.setenv("SDJ_SHARED_WAIT_S", bad)
+        with pytest.raises(errors.ConfigError, match=f"SDJ_SHARED_WAIT_S='{bad}' is not a "
+                           r"number of seconds \(0 or more\)"):
+            workdir.shared_wait_s()
 
 
 def test_a_process_waiting_for_the_shared_lock_file_says_so_then_names_its_state(

@@ -324,11 +324,14 @@ def shared_wait_s() -> float:
     if not text:
         return SHARED_WAIT_S
     try:
-        return max(float(text), 0.0)
+        seconds = float(text)
     except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0:  # 'nan' would wait for good, a typo or '-5' not at all
         raise errors.ConfigError(
-            f"SDJ_SHARED_WAIT_S={text!r} is not a number of seconds; unset it or give one "
-            f"(default {SHARED_WAIT_S:g}).") from None
+            f"SDJ_SHARED_WAIT_S={text!r} is not a number of seconds (0 or more); unset it or "
+            f"give one (default {SHARED_WAIT_S:g}).")
+    return seconds
 
 
 def _flock_soon(fd: int) -> bool:
