@@ -6,8 +6,9 @@ Smoke:    python train.py --config cifar100_wrn:smoke   (fake data, WRN-10-2 of 
 Runtime:  200 epochs of a 36.5M-parameter net (WRN paper: about a day on a 2016 GPU).
 Recipe:   the common WRN CIFAR recipe (Zagoruyko & Komodakis, 2016): SGD, Nesterov momentum
           0.9, weight decay 5e-4, lr 0.1 times 0.2 at epochs 60, 120, 160, batch 128,
-          pre-activation blocks, projection shortcuts; dropout between the convolutions
-          off (the WRN paper's option: --config.model.dropout_rate=0.3).
+          pre-activation blocks, projection shortcuts (here 1x1 conv + BN on the block
+          input; the WRN code's: a bare 1x1 conv on the pre-activation); dropout between
+          the convolutions off (the WRN paper's option: --config.model.dropout_rate=0.3).
 Paper:    WRN paper, Table 4: WRN-28-10 CIFAR-100+ test error 20.50% (no dropout, no
           stochastic depth). p_L = 0.8 is our choice (the stochastic-depth paper has no
           wide nets); sweep it: python sweep.py --config cifar100_wrn --depths 28

@@ -512,12 +512,14 @@ class Shortcut(nn.Module):
 
     * ``'A-avg'``: ``s x s`` average pooling with stride ``s`` plus zero channel padding,
       parameter-free: the stochastic-depth paper's shortcut ("an average pooling layer
-      followed by zero paddings", Sec. 4; ``SpatialAveragePooling(2, 2, 2, 2)`` and
-      ``nn.Padding`` in the official Torch code).
+      followed by zero paddings", Sec. 4), as one version of the official Torch code's
+      ``ResidualDrop.lua`` writes it (``SpatialAveragePooling(2, 2, 2, 2)``, ``nn.Padding``).
     * ``'A'``: stride-``s`` subsampling plus zero channel padding, parameter-free: the
       ResNet paper's option A as fb.resnet.torch writes it (a 1x1 pooling with stride
-      ``s``), and this library's ``'A'`` before ``'A-avg'`` existed, so runs recorded
-      with ``'A'`` evaluate as they trained.
+      ``s``); also the official ``ResidualDrop.lua``'s in its other versions, the one
+      whose ``main.lua`` trains SVHN among them (``SpatialAveragePooling(1, 1, 2, 2)``:
+      a 1x1 "average" with stride 2); and this library's ``'A'`` before ``'A-avg'``
+      existed, so runs recorded with ``'A'`` evaluate as they trained.
     * ``'B'``: 1x1 convolution with stride ``s`` plus BatchNorm (projection).
 
     ``kind`` defaults to ``'A-avg'``, as :class:`ResidualBlock`'s ``shortcut``. Identity

@@ -738,7 +738,8 @@ class CifarResNet(_StochasticResNetBase):
       mode, scaling, implementation, remat: see :class:`layers.StochasticDepth`.
       block: ``'basic'`` (paper) or ``'preact'``.
       shortcut: ``'A-avg'`` (paper: 2x2 average pooling + zero channels, parameter-free),
-        ``'A'`` (subsampling + zero channels; this library's default before ``'A-avg'``) or
+        ``'A'`` (subsampling + zero channels, as most versions of the official code; this
+        library's default before ``'A-avg'``) or
         ``'B'`` (projection). See :class:`layers.Shortcut`.
       width: stem/first-stage width (16 in the paper).
       scan: scan identical blocks (None: when a stage has >= 8 of them).
@@ -852,7 +853,9 @@ class WideResNet(CifarResNet):
     as in the WRN paper, d = 6n + 4 (WRN-28-10: n = 4, 36.5M parameters; WRN-16-4: n = 2).
     Same blocks, stages, gates and pruning as :class:`CifarResNet`. One difference from
     the WRN paper: a projection shortcut here reads the block input, not its
-    pre-activation (as :class:`layers.PreActBlock` does everywhere in this library).
+    pre-activation (as :class:`layers.PreActBlock` does everywhere in this library), and
+    is followed by BatchNorm (``'B'``, as :class:`layers.Shortcut`; the WRN code's is a
+    bare 1x1 convolution).
 
     Attributes:
       depth: 6n + 4 (16, 22, 28, 40, ...).

@@ -522,6 +522,21 @@ def test_kernels_only_weight_decay_mask():
     assert mask == {"k": True, "b": False}
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_kernels_only_weight_decay_skips_every_batchnorm_also_in_scanned_stages(scan):
+    """A scanned stage stacks its BatchNorm scales and biases ([blocks, C], ndim 2): they
+    were decayed, unlike the first block's, so scan=True trained another model than
+    scan=False. Now every kernel and only the kernels, either way."""
+    from flax import traverse_util
+    model = sdj.CifarResNet(depth=20, num_classes=10, scan=scan)
+    params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                               jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+    mask = traverse_util.flatten_dict(optim.WEIGHT_DECAY_MASKS["kernels"](params), sep="/")
+    assert any("_scan/" in k for k in mask) == scan
+    for name, decayed in mask.items():
+        assert decayed == name.endswith("/kernel"), name
+
+
 def test_field_names_lists_nested_fields():
     names = config_lib.field_names(load_config("cifar10"))
     assert "model.depth" in names and "fake_data.num_train" in names and "batch_size" in names

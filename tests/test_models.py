@@ -148,8 +148,9 @@ def _conv(x, k, stride=1):
 
 
 def _shortcut_a(h, stride, kind):
-    """Option-A shortcut by hand: the official code's 2x2 average pooling ('A-avg') or
-    subsampling ('A'), then zero channels (appended by the caller)."""
+    """Option-A shortcut by hand: the paper's 2x2 average pooling ('A-avg') or subsampling
+    ('A'; most versions of the official code), then zero channels (appended by the
+    caller)."""
     if stride == 1 or kind == "A":
         return h[:, ::stride, ::stride, :]
     b, height, width, c = h.shape
@@ -182,6 +183,45 @@ def test_eval_output_is_expected_depth_network(scaling):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, _reference_eval(v, model.survival_probs(),
                                                 scale_eval=scaling != "test"), atol=1e-4)
+
+
+def _bn_batch(x, p, eps=1e-5):
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    return (x - mean) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _reference_train(variables, gates, kind):
+    """Hand-written ResNet-8 training forward, as the official ResidualDrop.lua: a closed
+    gate skips the branch, and the block outputs relu(shortcut(h)): on a downsampling block
+    the pooled, zero-padded shortcut still runs. BatchNorm on the batch's statistics."""
+    p = variables["params"]
+    h = jax.nn.relu(_bn_batch(_conv(X, p["stem_conv"]["kernel"]), p["stem_bn"]))
+    for i, stride in enumerate((1, 2, 2)):
+        bp = p["stages"][f"stage{i + 1}_block1"]["stochastic_depth"]["branch"]
+        short = _shortcut_a(h, stride, kind)
+        width = bp["conv2"]["kernel"].shape[-1]
+        short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (0, width - h.shape[-1])))
+        if gates[i]:
+            f = jax.nn.relu(_bn_batch(_conv(h, bp["conv1"]["kernel"], stride), bp["bn1"]))
+            short = short + _bn_batch(_conv(f, bp["conv2"]["kernel"]), bp["bn2"])
+        h = jax.nn.relu(short)
+    h = h.mean((1, 2))
+    return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.mark.parametrize("kind", ["A-avg", "A"])
+@pytest.mark.parametrize("implementation", ["skip", "mask"])
+def test_dropped_downsampling_block_keeps_its_shortcut_in_training(kind, implementation):
+    """Paper Sec. 3 / the official code: a dropped block is its shortcut (then the ReLU), also
+    where it downsamples (ResNet-8: each stage's only block is its first)."""
+    model = tiny(shortcut=kind, implementation=implementation)
+    v = init(model)
+    for gates in ([1, 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 0]):
+        logits, _ = train_apply(model, v, gates=jnp.array(gates, bool))
+        np.testing.assert_allclose(logits, _reference_train(v, gates, kind), rtol=1e-5,
+                                   atol=1e-5)
+    assert not np.allclose(_reference_train(v, [1, 0, 0], kind),
+                           _reference_train(v, [1, 1, 1], kind), atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["A-avg", "A"])

@@ -62,9 +62,28 @@ def _all_params(params: Any) -> Any:
     return jax.tree.map(lambda _: True, params)
 
 
+# A scanned stage (``nn.scan``, the ResNets' ``stage<i>_scan``) stacks its blocks'
+# parameters along one leading axis: a BatchNorm scale there is ``[blocks, C]``.
+_SCAN_SUFFIX = "_scan"
+# Per-layer vectors, never decayed by 'kernels' whatever axes a scan stacks on them.
+_NOT_KERNELS = ("bias", "scale")
+
+
 def _kernels_only(params: Any) -> Any:
-    """True for conv/dense kernels (ndim > 1), False for biases and BatchNorm scale/bias."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """True for conv/dense kernels (and other weights of ndim > 1, as a ViT's position
+    embedding), False for biases and BatchNorm/LayerNorm scales and biases.
+
+    The ndim is the layer's own: a scanned stage's stacking axis does not count (a
+    ResNet-110 stage's BatchNorm scale is ``[17, C]``; the ndim test alone decayed it, as
+    it did not the unscanned first block's, and a scanned model trained otherwise than
+    the same model unrolled)."""
+    def kernel(path, p):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names and names[-1] in _NOT_KERNELS:
+            return False
+        stacked = sum(n.endswith(_SCAN_SUFFIX) for n in names)
+        return p.ndim - stacked > 1
+    return jax.tree_util.tree_map_with_path(kernel, params)
 
 
 def sgd(config: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
