@@ -537,6 +537,18 @@ def test_kernels_only_weight_decay_skips_every_batchnorm_also_in_scanned_stages(
         assert decayed == name.endswith("/kernel"), name
 
 
+def test_kernels_only_weight_decay_spares_the_vits_position_embedding_and_class_token():
+    """DeiT (timm's ``no_weight_decay``) decays neither; both are ndim 3, so the ndim test
+    alone decayed them."""
+    from flax import traverse_util
+    model = sdj.ViT(num_classes=10, patch_size=8, width=16, depth=2, num_heads=2, mlp_ratio=2)
+    params = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)},
+                                               jnp.zeros((1, 32, 32, 3)), train=False))["params"]
+    mask = traverse_util.flatten_dict(optim.WEIGHT_DECAY_MASKS["kernels"](params), sep="/")
+    assert mask["pos_embed"] is False and mask["cls"] is False
+    assert all(decayed == name.endswith("/kernel") for name, decayed in mask.items()), mask
+
+
 def test_field_names_lists_nested_fields():
     names = config_lib.field_names(load_config("cifar10"))
     assert "model.depth" in names and "fake_data.num_train" in names and "batch_size" in names

@@ -65,13 +65,15 @@ def _all_params(params: Any) -> Any:
 # A scanned stage (``nn.scan``, the ResNets' ``stage<i>_scan``) stacks its blocks'
 # parameters along one leading axis: a BatchNorm scale there is ``[blocks, C]``.
 _SCAN_SUFFIX = "_scan"
-# Per-layer vectors, never decayed by 'kernels' whatever axes a scan stacks on them.
-_NOT_KERNELS = ("bias", "scale")
+# Never decayed by 'kernels': per-layer vectors, whatever axes a scan stacks on them, and
+# the ViT's position embedding and class token (DeiT's and timm's ``no_weight_decay``).
+_NOT_KERNELS = ("bias", "scale", "pos_embed", "cls")
 
 
 def _kernels_only(params: Any) -> Any:
-    """True for conv/dense kernels (and other weights of ndim > 1, as a ViT's position
-    embedding), False for biases and BatchNorm/LayerNorm scales and biases.
+    """True for conv/dense kernels (and other weights of ndim > 1), False for biases,
+    BatchNorm/LayerNorm scales and biases, and the ViT's ``pos_embed`` and ``cls`` token
+    (as DeiT, which decays neither).
 
     The ndim is the layer's own: a scanned stage's stacking axis does not count (a
     ResNet-110 stage's BatchNorm scale is ``[17, C]``; the ndim test alone decayed it, as
