@@ -8,8 +8,8 @@ Paper:    no paper result: Huang et al. (2016) train ResNets only. DeiT-S reache
 Recipe:   DeiT-style (Touvron et al., 2021), scaled to CIFAR: AdamW (lr 1e-3 at batch 512,
           weight decay 0.05 on kernels, not on pos_embed/cls as DeiT), 10 warm-up epochs
           then cosine decay to 0, label smoothing 0.1, drop path 0.1 with timm's linear rule
-          (0 at the first block). Not
-          tuned; DeiT's own rule gives lr 5e-4 at batch 512, and it warms up 5 epochs. No
+          (0 at the first block). Not tuned; DeiT's own rule gives lr 5e-4 at batch 512,
+          and it warms up 5 epochs. No
           RandAugment/Mixup/CutMix: this repo's augmentation is the paper's flip + translate,
           so expect well below DeiT-level accuracy from scratch on CIFAR. Not a paper result.
 Drop path: per-example subsets (mode='sample', implementation='skip'): each residual branch
