@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stochastic_depth_jax import conv
 from stochastic_depth_jax import convnext as linen_convnext
 from stochastic_depth_jax import ops, vit as linen_vit
 
@@ -108,13 +109,22 @@ class StochasticDepth(nnx.Module):
       rng_collection: the ``nnx.Rngs`` stream gates are drawn from.
       rngs: ``nnx.Rngs`` with that stream (or a stream); may be None if every training call
         passes ``rngs=``.
+      reroute_convs: whether stock ``nnx.Conv`` layers inside the branch compute through
+        :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and numbers,
+        a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU backend),
+        ``'always'`` or ``'never'`` (for forward-mode autodiff). See
+        :func:`~stochastic_depth_jax.conv.reroute_nnx_convs`.
     """
 
     def __init__(self, branch: nnx.Module, survival_prob: float = 1.0, *, mode: str = "batch",
                  scaling: str = "test", implementation: str = "skip", groups: int = 1,
                  batch_axis: int = 0, deterministic: bool = False,
-                 rng_collection: str = "stochastic_depth", rngs: RngsLike = None):
+                 rng_collection: str = "stochastic_depth", rngs: RngsLike = None,
+                 reroute_convs: str = "auto"):
         ops.validate_options(mode, scaling, implementation)
+        if reroute_convs not in conv.REROUTE_CONVS:
+            raise ValueError(f"Unknown reroute_convs {reroute_convs!r}; "
+                             f"valid: {list(conv.REROUTE_CONVS)}.")
         ops.check_survival_prob(survival_prob)
         if not ops.is_concrete(survival_prob):
             # A traced attribute would leak out of the transform that created the module.
@@ -131,6 +141,7 @@ class StochasticDepth(nnx.Module):
         self.groups, self.batch_axis = groups, batch_axis
         self.deterministic = deterministic
         self.rng_collection = rng_collection
+        self.reroute_convs = reroute_convs
         self.rngs = _as_stream(rngs, rng_collection)
 
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
@@ -159,7 +170,8 @@ class StochasticDepth(nnx.Module):
         ops.check_survival_prob(p)
 
         def run(branch, v):
-            return branch(v, *args, **kwargs)
+            with conv.reroute_nnx_convs(branch, self.reroute_convs):
+                return branch(v, *args, **kwargs)
 
         if deterministic and gate is None:
             return ops.with_shortcut(ops.scaled(run(self.branch, x),
