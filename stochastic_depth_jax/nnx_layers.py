@@ -295,12 +295,25 @@ class DropPath(StochasticDepth):
 
     def __init__(self, branch: nnx.Module, rate: float = 0.0, *, mode: str = "sample",
                  scaling: str = "train", implementation: str = "skip", **kwargs: Any):
+        if "survival_prob" in kwargs:  # Python said "got multiple values for argument"
+            raise TypeError(f"DropPath takes the drop rate, not survival_prob: "
+                            f"DropPath(branch, rate={_drop_rate(kwargs['survival_prob'])}), or "
+                            f"StochasticDepth(branch, survival_prob=..., mode='sample', "
+                            f"scaling='train').")
         if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) \
                 or np.ndim(rate) or not 0.0 <= float(rate) < 1.0:
             raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
                              "branch's drop rate (e.g. rate=0.1).")
         super().__init__(branch, 1.0 - float(rate), mode=mode, scaling=scaling,
                          implementation=implementation, **kwargs)
+
+
+def _drop_rate(survival_prob: Any) -> str:
+    """``1 - survival_prob`` for a message (``'1 - p'`` where that is not a number)."""
+    try:
+        return f"{1.0 - float(survival_prob):g}"
+    except (TypeError, ValueError):
+        return "1 - p"
 
 
 def _linear(din: int, dout: int, dtype: Any, rngs: nnx.Rngs, init=linen_vit.KERNEL_INIT):
