@@ -181,8 +181,9 @@ class StochasticDepth(nnx.Module):
         if gate is None:
             key = _key(rngs if rngs is not None else self.rngs, self.rng_collection)
             if key is None:
-                raise ValueError("StochasticDepth in training needs rngs: pass "
-                                 "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key.")
+                raise ValueError(f"{type(self).__name__} in training needs rngs: pass "
+                                 "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key "
+                                 "(to evaluate: model.eval(), or deterministic=True).")
             batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
                                  batch_size=batch, groups=self.groups)
@@ -404,7 +405,8 @@ def _check_block_keys(block: nnx.Module, wrappers: tuple, gates: tuple, determin
             raise ValueError(
                 f"{type(block).__name__} in training needs gates or a 'stochastic_depth' "
                 f"stream: build it with nnx.Rngs(params=..., stochastic_depth=seed) (blocks do "
-                f"not draw from nnx.Rngs(seed)'s default stream), or pass gates from {draw}.")
+                f"not draw from nnx.Rngs(seed)'s default stream), or pass gates from {draw} "
+                f"(to evaluate: model.eval(), or deterministic=True).")
 
 
 class ViT(nnx.Module):
@@ -503,7 +505,7 @@ def _forward_key(model: Any, deterministic: bool, rngs: RngsLike) -> Array | Non
     if key is None:
         raise ValueError(f"{type(model).__name__} in training needs a 'stochastic_depth' key: "
                          "build it with nnx.Rngs(params=..., stochastic_depth=...) or pass "
-                         "rngs=key.")
+                         "rngs=key (to evaluate: model.eval(), or deterministic=True).")
     return key
 
 
