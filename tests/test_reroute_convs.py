@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from stochastic_depth_jax import StochasticDepth, nnx_layers, ops
 from stochastic_depth_jax.conv import reroute_flax_convs, reroute_nnx_convs
@@ -178,5 +179,14 @@ def test_nnx_reroute_respects_user_conv_and_rejects_bad_option():
         assert _uses_custom_conv(lambda v: stock(v), x)
     with reroute_nnx_convs(jnp.tanh, "always"):  # a plain function: nothing to reroute
         pass
+    # A call that names its output sharding (explicit mesh axes) goes to lax with it.
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(jnp.ones((len(jax.devices()), 6, 6, 3)), P("data"))
+        want = stock(xs, out_sharding=P("data"))
+        with reroute_nnx_convs(stock, "always"):
+            assert not _uses_custom_conv(lambda v: stock(v, out_sharding=P("data")), xs)
+            np.testing.assert_array_equal(stock(xs, out_sharding=P("data")), want)
     with pytest.raises(ValueError, match="reroute_convs"):
         nnx_layers.StochasticDepth(stock, 0.5, reroute_convs="sometimes")
