@@ -24,7 +24,8 @@ Users' own branches built from *stock* ``flax.linen.Conv`` get the same speed-up
 code change: :func:`reroute_flax_convs` is a Flax method interceptor, active while
 :class:`~stochastic_depth_jax.StochasticDepth` runs its branch on CPU, that hands each
 ``nn.Conv`` the drop-in :func:`conv_general_dilated` (same parameters, same numbers; cases
-it does not cover fall back to ``lax.conv_general_dilated``).
+it does not cover fall back to ``lax.conv_general_dilated``). :func:`reroute_nnx_convs` does
+the same for the stock ``nnx.Conv`` layers of an NNX branch (the NNX wrappers use it).
 
 XLA:CPU by default runs :func:`conv2d`'s weight-gradient convolution with YNNPACK, slower
 than its own (Eigen) convolution at a CIFAR ResNet's shapes; :func:`cpu_compiler_options`
@@ -43,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+from flax import nnx
 import jax.numpy as jnp
 from jax import lax
 
@@ -52,6 +54,7 @@ __all__ = [
     "conv2d",
     "conv_general_dilated",
     "reroute_flax_convs",
+    "reroute_nnx_convs",
     "Conv",
     "CONV_IMPLEMENTATIONS",
     "REROUTE_CONVS",
@@ -331,6 +334,47 @@ def reroute_flax_convs(when: str = "always"):
         return
     with nn.intercept_methods(_reroute_interceptor):
         yield
+
+
+def _nnx_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                              padding: Any, *, out_sharding: Any = None, **kwargs: Any) -> Array:
+    """:func:`conv_general_dilated` with ``flax.nnx.Conv``'s call signature (it passes
+    ``out_sharding``; a call that sets one goes to ``lax`` unchanged)."""
+    if out_sharding is not None:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                        out_sharding=out_sharding, **kwargs)
+    return conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+@contextlib.contextmanager
+def reroute_nnx_convs(module: Any, when: str = "always"):
+    """Context in which the stock ``flax.nnx.Conv`` layers of ``module`` use
+    :func:`conv_general_dilated`: the NNX counterpart of :func:`reroute_flax_convs`.
+
+    Applies to the ``nnx.Conv`` layers (and subclasses) found in ``module``'s graph whose
+    ``conv_general_dilated`` is ``lax.conv_general_dilated`` (the default); the attribute is
+    swapped for the duration of the context and restored, so parameters, the module's graph
+    and results (to float rounding) are unchanged. ``module`` may be any object; one that
+    is not an NNX graph node (a plain function) is left as it is. ``when``: as
+    :func:`reroute_flax_convs`.
+    """
+    if when not in REROUTE_CONVS:
+        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
+    if (when == "never" or (when == "auto" and jax.default_backend() != "cpu")
+            or not nnx.graph.is_graph_node(module)):
+        yield
+        return
+    stock = [m for _, m in nnx.iter_graph(module)
+             if isinstance(m, nnx.Conv) and m.conv_general_dilated is lax.conv_general_dilated]
+    # object.__setattr__, as the Linen interceptor: the attribute is static (not state), and
+    # NNX's own setattr refuses a module created at another trace level (a closed-over model).
+    for m in stock:
+        object.__setattr__(m, "conv_general_dilated", _nnx_conv_general_dilated)
+    try:
+        yield
+    finally:
+        for m in stock:
+            object.__setattr__(m, "conv_general_dilated", lax.conv_general_dilated)
 
 
 def _explicit_padding(padding: Any, kernel: Sequence[int], x_shape, strides) -> Pads:

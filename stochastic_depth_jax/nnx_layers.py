@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stochastic_depth_jax import conv
 from stochastic_depth_jax import convnext as linen_convnext
 from stochastic_depth_jax import ops, vit as linen_vit
 
@@ -108,13 +109,22 @@ class StochasticDepth(nnx.Module):
       rng_collection: the ``nnx.Rngs`` stream gates are drawn from.
       rngs: ``nnx.Rngs`` with that stream (or a stream); may be None if every training call
         passes ``rngs=``.
+      reroute_convs: whether stock ``nnx.Conv`` layers inside the branch compute through
+        :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and numbers,
+        a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU backend),
+        ``'always'`` or ``'never'`` (for forward-mode autodiff). See
+        :func:`~stochastic_depth_jax.conv.reroute_nnx_convs`.
     """
 
     def __init__(self, branch: nnx.Module, survival_prob: float = 1.0, *, mode: str = "batch",
                  scaling: str = "test", implementation: str = "skip", groups: int = 1,
                  batch_axis: int = 0, deterministic: bool = False,
-                 rng_collection: str = "stochastic_depth", rngs: RngsLike = None):
+                 rng_collection: str = "stochastic_depth", rngs: RngsLike = None,
+                 reroute_convs: str = "auto"):
         ops.validate_options(mode, scaling, implementation)
+        if reroute_convs not in conv.REROUTE_CONVS:
+            raise ValueError(f"Unknown reroute_convs {reroute_convs!r}; "
+                             f"valid: {list(conv.REROUTE_CONVS)}.")
         ops.check_survival_prob(survival_prob)
         if not ops.is_concrete(survival_prob):
             # A traced attribute would leak out of the transform that created the module.
@@ -131,6 +141,7 @@ class StochasticDepth(nnx.Module):
         self.groups, self.batch_axis = groups, batch_axis
         self.deterministic = deterministic
         self.rng_collection = rng_collection
+        self.reroute_convs = reroute_convs
         self.rngs = _as_stream(rngs, rng_collection)
 
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
@@ -159,7 +170,8 @@ class StochasticDepth(nnx.Module):
         ops.check_survival_prob(p)
 
         def run(branch, v):
-            return branch(v, *args, **kwargs)
+            with conv.reroute_nnx_convs(branch, self.reroute_convs):
+                return branch(v, *args, **kwargs)
 
         if deterministic and gate is None:
             return ops.with_shortcut(ops.scaled(run(self.branch, x),
@@ -169,8 +181,9 @@ class StochasticDepth(nnx.Module):
         if gate is None:
             key = _key(rngs if rngs is not None else self.rngs, self.rng_collection)
             if key is None:
-                raise ValueError("StochasticDepth in training needs rngs: pass "
-                                 "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key.")
+                raise ValueError(f"{type(self).__name__} in training needs rngs: pass "
+                                 "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key "
+                                 "(to evaluate: model.eval(), or deterministic=True).")
             batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
                                  batch_size=batch, groups=self.groups)
@@ -283,12 +296,25 @@ class DropPath(StochasticDepth):
 
     def __init__(self, branch: nnx.Module, rate: float = 0.0, *, mode: str = "sample",
                  scaling: str = "train", implementation: str = "skip", **kwargs: Any):
+        if "survival_prob" in kwargs:  # Python said "got multiple values for argument"
+            raise TypeError(f"DropPath takes the drop rate, not survival_prob: "
+                            f"DropPath(branch, rate={_drop_rate(kwargs['survival_prob'])}), or "
+                            f"StochasticDepth(branch, survival_prob=..., mode='sample', "
+                            f"scaling='train').")
         if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) \
                 or np.ndim(rate) or not 0.0 <= float(rate) < 1.0:
             raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
                              "branch's drop rate (e.g. rate=0.1).")
         super().__init__(branch, 1.0 - float(rate), mode=mode, scaling=scaling,
                          implementation=implementation, **kwargs)
+
+
+def _drop_rate(survival_prob: Any) -> str:
+    """``1 - survival_prob`` for a message (``'1 - p'`` where that is not a number)."""
+    try:
+        return f"{1.0 - float(survival_prob):g}"
+    except (TypeError, ValueError):
+        return "1 - p"
 
 
 def _linear(din: int, dout: int, dtype: Any, rngs: nnx.Rngs, init=linen_vit.KERNEL_INIT):
@@ -379,7 +405,8 @@ def _check_block_keys(block: nnx.Module, wrappers: tuple, gates: tuple, determin
             raise ValueError(
                 f"{type(block).__name__} in training needs gates or a 'stochastic_depth' "
                 f"stream: build it with nnx.Rngs(params=..., stochastic_depth=seed) (blocks do "
-                f"not draw from nnx.Rngs(seed)'s default stream), or pass gates from {draw}.")
+                f"not draw from nnx.Rngs(seed)'s default stream), or pass gates from {draw} "
+                f"(to evaluate: model.eval(), or deterministic=True).")
 
 
 class ViT(nnx.Module):
@@ -478,7 +505,7 @@ def _forward_key(model: Any, deterministic: bool, rngs: RngsLike) -> Array | Non
     if key is None:
         raise ValueError(f"{type(model).__name__} in training needs a 'stochastic_depth' key: "
                          "build it with nnx.Rngs(params=..., stochastic_depth=...) or pass "
-                         "rngs=key.")
+                         "rngs=key (to evaluate: model.eval(), or deterministic=True).")
     return key
 
 

@@ -109,6 +109,13 @@ def test_nnx_rngs_without_the_stream_and_bad_rngs_are_clear_errors():
         sd(X, rngs=3)
 
 
+def test_nnx_drop_path_given_a_survival_prob_names_rate():
+    # Was Python's "got multiple values for argument 'survival_prob'".
+    with pytest.raises(TypeError, match=r"DropPath takes the drop rate, not survival_prob: "
+                                        r"DropPath\(branch, rate=0.1\)"):
+        nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), survival_prob=0.9)
+
+
 def test_bad_model_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="dtype must be a floating-point dtype"):
         sdj.CifarResNet(depth=8, num_classes=3, dtype="float8").init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)

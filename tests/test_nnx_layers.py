@@ -189,7 +189,9 @@ def test_drop_path_rate_and_missing_keys_are_clear_errors():
     with pytest.raises(ValueError, match="survival_prob must be in"):
         nnx_layers.StochasticDepth(lambda v: v, 0.0)
     sd = nnx_layers.DropPath(lambda v: v + 1.0, 0.5)
-    with pytest.raises(ValueError, match="needs rngs"):
+    # A model evaluated without model.eval() is told that way out too.
+    with pytest.raises(ValueError, match=r"DropPath in training needs rngs: .* \(to evaluate: "
+                                         r"model.eval\(\), or deterministic=True\)"):
         sd(X)
     with pytest.raises(ValueError, match="drop_path_rate must be in"):
         nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **{**TINY, "drop_path_rate": 1.2})
