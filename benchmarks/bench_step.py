@@ -18,7 +18,8 @@ width 32, batch 32 unless ``--batch`` is given) at survival 1.0 and 0.5, with th
 default rerouting of stock convolutions (``reroute_convs='auto'``) and without it, under the
 user's own plain ``jax.jit`` (what they get without changing their code), and the rerouted
 pair again under ``jax.jit(..., compiler_options=cpu_compiler_options())`` (what passing the
-library's options adds).
+library's options adds); and its Flax NNX twin (``UserNetNNX``, ``nnx-*`` variants) with and
+without rerouting under the user's own ``nnx.jit``.
 
 Prints a table and appends it, with machine, versions, date, code and command line, to
 ``benchmarks/results/step_<backend>.md`` (``--out``: elsewhere); a run at other sizes than
@@ -43,12 +44,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
 from stochastic_depth_jax import CifarResNet, draw_gates
 from stochastic_depth_jax.conv import cpu_compiler_options
 from stochastic_depth_jax.training import implementation
 
-from user_branch import UserNet  # noqa: E402  (benchmark-only model, next to this file)
+from user_branch import UserNet, UserNetNNX  # noqa: E402  (benchmark-only, next to this file)
 from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 # The flags that set the sizes measured; a table at other values than the defaults says so.
@@ -167,6 +169,7 @@ def compile_all(runners, first_gates, all_gates) -> None:
         print(f"compiled+first step {r.name}: {time.perf_counter() - t0:.1f}s", flush=True)
 
 
+NNX = "nnx"  # USER_VARIANTS' jit of the Flax NNX net
 USER_VARIANTS = {
     # name: (survival_prob, reroute_convs, compiler options): a user's own jax.jit passes no
     # compiler options, so the plain pairs are what a user gets without changing their code.
@@ -176,8 +179,13 @@ USER_VARIANTS = {
     "skip-stock": (0.5, "never", False),
     "constant-options": (1.0, "auto", True),  # jit(..., compiler_options=cpu_compiler_options())
     "skip-options": (0.5, "auto", True),
+    # The Flax NNX twin (user_branch.UserNetNNX) under the user's own nnx.jit.
+    "nnx-constant": (1.0, "auto", NNX),
+    "nnx-skip": (0.5, "auto", NNX),
+    "nnx-constant-stock": (1.0, "never", NNX),
+    "nnx-skip-stock": (0.5, "never", NNX),
 }
-USER_JITS = {False: "jax.jit", True: "jax.jit + cpu_compiler_options()"}
+USER_JITS = {False: "jax.jit", True: "jax.jit + cpu_compiler_options()", NNX: "nnx.jit, NNX net"}
 
 
 def user_baseline(name: str) -> str:
@@ -187,8 +195,12 @@ def user_baseline(name: str) -> str:
 
 
 def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
-    """A Runner for ``USER_VARIANTS[name]``; its step takes a per-round rng key as gates."""
+    """A Runner for ``USER_VARIANTS[name]``; its step takes a per-round rng key as gates
+    (the NNX net draws from its own ``nnx.Rngs`` stream, seeded alike for every NNX
+    variant)."""
     p, reroute, options = USER_VARIANTS[name]
+    if options == NNX:
+        return make_nnx_user_runner(name, blocks, width, dtype, x, y)
     model = UserNet(blocks=blocks, width=width, survival_prob=p, reroute_convs=reroute,
                     dtype=dtype or jnp.float32)
     variables = jax.jit(lambda k: model.init({"params": k}, x[:2], train=False))(key)
@@ -212,6 +224,31 @@ def make_user_runner(name, blocks, width, batch, dtype, key, x, y):
 
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
     return Runner(name, step, state, [], None, (x, y))
+
+
+def make_nnx_user_runner(name, blocks, width, dtype, x, y):
+    """A Runner for an NNX variant of ``USER_VARIANTS``: the training step an NNX user
+    writes (``nnx.Optimizer``, ``nnx.value_and_grad`` under ``nnx.jit``), state held in the
+    model and optimizer objects."""
+    p, reroute, _ = USER_VARIANTS[name]
+    model = UserNetNNX(blocks, width, p, reroute, dtype=dtype or jnp.float32,
+                       rngs=nnx.Rngs(params=0, stochastic_depth=42))
+    tx = optax.chain(optax.add_decayed_weights(1e-4),
+                     optax.sgd(0.1, momentum=0.9, nesterov=True))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train(model, optimizer, x, y):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    def step(model, optimizer, _, key, buckets, x, y):
+        return model, optimizer, None, train(model, optimizer, x, y)
+
+    return Runner(name, step, (model, optimizer, None), [], None, (x, y))
 
 
 def run_once(r: Runner, gates) -> float:
@@ -356,8 +393,11 @@ def user_branch_main(args, dtype) -> None:
           for row, n in zip(table_rows(runners, batch, user_baseline), names)],
         "",
         "Network: benchmarks/user_branch.py (stock nn.Conv + nn.BatchNorm, each branch wrapped "
-        "in StochasticDepth with uniform survival). Gates drawn from the same per-round keys "
-        "for every variant. jax.jit: the user's own jit, no compiler options; "
+        "in StochasticDepth with uniform survival; nnx-*: its Flax NNX twin, stock nnx.Conv + "
+        "nnx.BatchNorm in nnx_layers.StochasticDepth, trained with nnx.Optimizer and "
+        "nnx.value_and_grad under the user's nnx.jit). Gates drawn from the same per-round "
+        "keys for every Linen variant (NNX: from the model's nnx.Rngs stream, seeded alike). "
+        "jax.jit: the user's own jit, no compiler options; "
         "+ cpu_compiler_options(): jax.jit(..., compiler_options=sdj.conv."
         "cpu_compiler_options()). '/ constant': divided by the survival-1.0 row of the same "
         "reroute_convs and jit; 'per round': the median of each round's ratio.",

@@ -105,6 +105,31 @@ def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
     assert "--batch 32 (default" in parse(["--batch", "32"]).label
 
 
+def test_bench_step_user_branch_nnx(tmp_path):
+    """The NNX twin under the user's own nnx.jit: each row divided by its own survival-1.0
+    row, and the steps train (the model's parameters move)."""
+    bench = load("bench_step")
+    out = tmp_path / "user.md"
+    bench.main(["--user-branch", "--blocks", "2", "--width", "4", "--batch", "4", "--rounds",
+                "1", "--warmup", "1", "--variants", "nnx-constant,nnx-skip", "--out", str(out)])
+    names = ["nnx-constant (1.0, auto, nnx.jit, NNX net)", "nnx-skip (0.5, auto, nnx.jit, NNX net)"]
+    found = rows(out, names)
+    assert sorted(found) == sorted(names)
+    assert float(found[names[0]][4]) == 1.0
+    img_s = [float(found[n][3]) for n in names]
+    assert float(found[names[1]][4]) == pytest.approx(
+        img_s[0] / img_s[1], abs=_printed_quotient_error(*img_s))
+    import jax.numpy as jnp
+    from flax import nnx
+    x, y = jnp.ones((4, 32, 32, 3)), jnp.zeros((4,), jnp.int32)
+    runner = bench.make_user_runner("nnx-skip", 2, 4, 4, None, None, x, y)
+    before = jax.tree.map(jnp.array, nnx.state(runner.state[0], nnx.Param))
+    bench.run_once(runner, None)
+    after = nnx.state(runner.state[0], nnx.Param)
+    assert any(not jnp.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
 def test_bench_step_user_branch(tmp_path):
     """A user's own jax.jit (no compiler options) and the jit with the library's options,
     each pair divided by its own survival-1.0 row."""
