@@ -147,18 +147,19 @@ def test_load_dataset_takes_another_augmentation(tmp_path):
 
 
 @pytest.mark.parametrize("shard", [False, True])
-def test_one_and_eight_devices_give_identical_batches(shard):
-    split = _split(101)  # 101 = not a multiple of 8: sharding pads to 104.
+def test_one_two_and_eight_devices_give_identical_batches(shard):
+    split = _split(101)  # 101 = not a multiple of 2 or 8: sharding pads to 102 or 104.
     one = data.put_on_devices(split, _mesh(1), shard=shard)
-    eight = data.put_on_devices(split, _mesh(8), shard=shard)
-    assert eight.sharded == shard and len(eight) == 101
-    for step in (0, 7, 13):
-        a = _batch(one, jax.random.key(4), step, 16, "flip_translate")
-        b = _batch(eight, jax.random.key(4), step, 16, "flip_translate")
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
-        assert b[0].sharding.spec == P("data") and b[1].sharding.spec == P("data")
-        assert np.asarray(b[1]).max() < 101  # Padding is never sampled.
+    for devices in (2, 8):
+        many = data.put_on_devices(split, _mesh(devices), shard=shard)
+        assert many.sharded == shard and len(many) == 101
+        for step in (0, 7, 13):
+            a = _batch(one, jax.random.key(4), step, 16, "flip_translate")
+            b = _batch(many, jax.random.key(4), step, 16, "flip_translate")
+            assert np.asarray(a[0]).tobytes() == np.asarray(b[0]).tobytes()
+            np.testing.assert_array_equal(a[1], b[1])
+            assert b[0].sharding.spec == P("data") and b[1].sharding.spec == P("data")
+            assert np.asarray(b[1]).max() < 101  # Padding is never sampled.
 
 
 def test_put_on_devices_chooses_sharding_by_size():
@@ -184,15 +185,18 @@ def test_train_batch_inside_a_sharded_train_step():
     assert per_example.shape == (32,) and per_example.sharding.spec == P("data")
 
 
-@pytest.mark.parametrize("devices, shard", [(1, False), (8, False), (8, True)])
-def test_eval_covers_every_example_exactly_once(devices, shard):
+@pytest.mark.parametrize("devices, shard, batch_size", [
+    (1, False, 16), (2, True, 16), (8, False, 16), (8, True, 16), (8, True, 24),
+    (2, False, 104)])  # 104: one batch larger than the split
+def test_eval_covers_every_example_exactly_once(devices, shard, batch_size):
     split = _split(101)
     dev = data.put_on_devices(split, _mesh(devices), shard=shard)
     counts = np.zeros(101, int)
     total = 0
-    for images, labels, mask, indices in data.eval_batches(dev, batch_size=16, mean=MEAN,
-                                                           std=STD, with_indices=True):
-        assert images.shape == (16, 8, 8, 3) and mask.dtype == jnp.bool_
+    for images, labels, mask, indices in data.eval_batches(dev, batch_size=batch_size,
+                                                           mean=MEAN, std=STD,
+                                                           with_indices=True):
+        assert images.shape == (batch_size, 8, 8, 3) and mask.dtype == jnp.bool_
         mask, labels = np.asarray(mask), np.asarray(labels)
         np.testing.assert_array_equal(labels[mask], indices[mask])
         np.testing.assert_allclose(
