@@ -130,6 +130,30 @@ def test_translate_augment_is_flip_translate_s_shift_never_mirrored():
     assert 16 < mirrored < 48  # flip_translate mirrors; translate, with its shifts, never
 
 
+def test_augmentation_is_drawn_per_example_and_anew_each_epoch():
+    """One image repeated over a batch comes out in many different flips and shifts; the
+    same example is augmented otherwise in the next epochs (its draw depends on the step
+    and its position, both new each epoch), yet again identically for the same step."""
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 3)), jnp.float32)
+    outs = np.asarray(data.augment_batch(jnp.stack([image] * 64), jax.random.key(0), 3,
+                                         "flip_translate"))
+    assert len({o.tobytes() for o in outs}) > 40  # 162 equally likely draws
+    dev = data.put_on_devices(_split(64), _mesh(1))
+    by_epoch = []
+    for epoch in range(3):
+        seen = {}
+        for step in range(4 * epoch, 4 * epoch + 4):
+            images, labels = map(np.asarray, _batch(dev, jax.random.key(7), step, 16,
+                                                    "flip_translate"))
+            seen.update({int(l): im.tobytes() for l, im in zip(labels, images)})
+        by_epoch.append(seen)
+    for later in by_epoch[1:]:
+        assert sum(later[i] == by_epoch[0][i] for i in range(64)) <= 4
+    again = np.asarray(_batch(dev, jax.random.key(7), 5, 16, "flip_translate")[0])
+    assert again.tobytes() == b"".join(by_epoch[1][int(l)] for l in np.asarray(
+        _batch(dev, jax.random.key(7), 5, 16, "none")[1]))
+
+
 def test_load_dataset_takes_another_augmentation(tmp_path):
     """augment=None is the dataset's own (the paper's); a name overrides it for any dataset;
     a wrong one is one DataError line naming the choices."""
