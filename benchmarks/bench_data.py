@@ -6,7 +6,10 @@ Measures (1) placing 50,000 x 32x32x3 uint8 random arrays on the device, (2)
 preparing and reading a fake tfds 'cifar10' of the same size (array_record, PNG,
 written to a temporary data_dir), (3) the per-step cost of `train_batch` for
 batch 128 (gather + normalise + flip/translate), median over many steps with
-compilation excluded, and an evaluation batch.
+compilation excluded, called once per batch (dispatch and the step's transfer included)
+and, as the train step pays it, --steps batches inside one jitted loop, with what that
+cost is made of (the epoch order alone; + gather and normalisation; + augmentation) and
+images per second, and (4) an evaluation batch.
 
 Prints a table and appends it, with machine, versions, date, code and command line, to
 ``benchmarks/results/data.md`` (``--out``: elsewhere); a run at other sizes than the
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import data
+from stochastic_depth_jax.data import order
 
 from provenance import cpu_name, run_label, size_changes  # noqa: E402
 
@@ -77,6 +81,36 @@ def bench_steps(dev, steps, augment, mean, std):
     return _step_times(lambda s: batch(dev, key, jnp.int32(s)), steps)
 
 
+def in_one_jit(dev, steps, augment, mean, std, order_only=False):
+    """Seconds per batch of `train_batch` (or, with ``order_only``, of its example order
+    alone) over ``steps`` batches in one jitted scan, as the train step runs it: no
+    dispatch or transfer per batch. Each batch is added into the carry, so none of it is
+    optimised away. Median of 5 rounds, compilation excluded."""
+    spe = data.steps_per_epoch(len(dev), 128)
+
+    def one(step):
+        if order_only:
+            positions = (step % spe) * 128 + jnp.arange(128)
+            return order.permute(jax.random.fold_in(key, step // spe), positions, len(dev))
+        return data.train_batch(dev, key, step, batch_size=128, mean=mean, std=std,
+                                augment=augment)
+
+    @jax.jit
+    def run(start):
+        def body(carry, step):
+            return jax.tree.map(jnp.add, carry, one(step)), None
+        init = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, jnp.int32(0)))
+        return jax.lax.scan(body, init, start + jnp.arange(steps, dtype=jnp.int32))[0]
+
+    key = jax.random.key(0)
+    jax.block_until_ready(run(0))
+    return float(np.median([_timed(lambda: run(r * steps))[1] for r in range(1, 6)])) / steps
+
+
+def _per_batch(seconds):
+    return f"{seconds * 1e3:.3f} ms ({128 / seconds:,.0f} img/s)"
+
+
 def bench_eval(dev, mean, std):
     batches = data.eval_batches(dev, batch_size=500, mean=mean, std=std)
     _, seconds = _timed(lambda: [b[0] for b in batches])
@@ -118,6 +152,17 @@ def main(argv=None):
                      f"of {args.steps})",
                      f"{np.median(times):.3f} ms [{np.percentile(times, 10):.3f}, "
                      f"{np.percentile(times, 90):.3f}]"))
+    order_s = in_one_jit(dev, args.steps, "none", mean, std, order_only=True)
+    plain_s = in_one_jit(dev, args.steps, "none", mean, std)
+    full_s = in_one_jit(dev, args.steps, "flip_translate", mean, std)
+    rows += [(f"in one jit ({args.steps} batches of 128 per call, median of 5): "
+              f"augment=flip_translate", _per_batch(full_s)),
+             ("... of which the epoch order (keyed permutation at 128 positions)",
+              f"{order_s * 1e3:.3f} ms"),
+             ("... of which gather + normalise (augment=none minus the order)",
+              f"{(plain_s - order_s) * 1e3:.3f} ms"),
+             ("... of which flip + translate (flip_translate minus none)",
+              f"{(full_s - plain_s) * 1e3:.3f} ms")]
     eval_s = bench_eval(dev, mean, std)
     rows.append(("eval_batches over 50k, batch 500 (incl. compile)", f"{eval_s:.2f} s"))
     _report(rows, args.out, args.label)

@@ -130,6 +130,30 @@ def test_translate_augment_is_flip_translate_s_shift_never_mirrored():
     assert 16 < mirrored < 48  # flip_translate mirrors; translate, with its shifts, never
 
 
+def test_augmentation_is_drawn_per_example_and_anew_each_epoch():
+    """One image repeated over a batch comes out in many different flips and shifts; the
+    same example is augmented otherwise in the next epochs (its draw depends on the step
+    and its position, both new each epoch), yet again identically for the same step."""
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 3)), jnp.float32)
+    outs = np.asarray(data.augment_batch(jnp.stack([image] * 64), jax.random.key(0), 3,
+                                         "flip_translate"))
+    assert len({o.tobytes() for o in outs}) > 40  # 162 equally likely draws
+    dev = data.put_on_devices(_split(64), _mesh(1))
+    by_epoch = []
+    for epoch in range(3):
+        seen = {}
+        for step in range(4 * epoch, 4 * epoch + 4):
+            images, labels = map(np.asarray, _batch(dev, jax.random.key(7), step, 16,
+                                                    "flip_translate"))
+            seen.update({int(l): im.tobytes() for l, im in zip(labels, images)})
+        by_epoch.append(seen)
+    for later in by_epoch[1:]:
+        assert sum(later[i] == by_epoch[0][i] for i in range(64)) <= 4
+    again = np.asarray(_batch(dev, jax.random.key(7), 5, 16, "flip_translate")[0])
+    assert again.tobytes() == b"".join(by_epoch[1][int(l)] for l in np.asarray(
+        _batch(dev, jax.random.key(7), 5, 16, "none")[1]))
+
+
 def test_load_dataset_takes_another_augmentation(tmp_path):
     """augment=None is the dataset's own (the paper's); a name overrides it for any dataset;
     a wrong one is one DataError line naming the choices."""
@@ -147,18 +171,19 @@ def test_load_dataset_takes_another_augmentation(tmp_path):
 
 
 @pytest.mark.parametrize("shard", [False, True])
-def test_one_and_eight_devices_give_identical_batches(shard):
-    split = _split(101)  # 101 = not a multiple of 8: sharding pads to 104.
+def test_one_two_and_eight_devices_give_identical_batches(shard):
+    split = _split(101)  # 101 = not a multiple of 2 or 8: sharding pads to 102 or 104.
     one = data.put_on_devices(split, _mesh(1), shard=shard)
-    eight = data.put_on_devices(split, _mesh(8), shard=shard)
-    assert eight.sharded == shard and len(eight) == 101
-    for step in (0, 7, 13):
-        a = _batch(one, jax.random.key(4), step, 16, "flip_translate")
-        b = _batch(eight, jax.random.key(4), step, 16, "flip_translate")
-        np.testing.assert_array_equal(a[0], b[0])
-        np.testing.assert_array_equal(a[1], b[1])
-        assert b[0].sharding.spec == P("data") and b[1].sharding.spec == P("data")
-        assert np.asarray(b[1]).max() < 101  # Padding is never sampled.
+    for devices in (2, 8):
+        many = data.put_on_devices(split, _mesh(devices), shard=shard)
+        assert many.sharded == shard and len(many) == 101
+        for step in (0, 7, 13):
+            a = _batch(one, jax.random.key(4), step, 16, "flip_translate")
+            b = _batch(many, jax.random.key(4), step, 16, "flip_translate")
+            assert np.asarray(a[0]).tobytes() == np.asarray(b[0]).tobytes()
+            np.testing.assert_array_equal(a[1], b[1])
+            assert b[0].sharding.spec == P("data") and b[1].sharding.spec == P("data")
+            assert np.asarray(b[1]).max() < 101  # Padding is never sampled.
 
 
 def test_put_on_devices_chooses_sharding_by_size():
@@ -184,15 +209,18 @@ def test_train_batch_inside_a_sharded_train_step():
     assert per_example.shape == (32,) and per_example.sharding.spec == P("data")
 
 
-@pytest.mark.parametrize("devices, shard", [(1, False), (8, False), (8, True)])
-def test_eval_covers_every_example_exactly_once(devices, shard):
+@pytest.mark.parametrize("devices, shard, batch_size", [
+    (1, False, 16), (2, True, 16), (8, False, 16), (8, True, 16), (8, True, 24),
+    (2, False, 104)])  # 104: one batch larger than the split
+def test_eval_covers_every_example_exactly_once(devices, shard, batch_size):
     split = _split(101)
     dev = data.put_on_devices(split, _mesh(devices), shard=shard)
     counts = np.zeros(101, int)
     total = 0
-    for images, labels, mask, indices in data.eval_batches(dev, batch_size=16, mean=MEAN,
-                                                           std=STD, with_indices=True):
-        assert images.shape == (16, 8, 8, 3) and mask.dtype == jnp.bool_
+    for images, labels, mask, indices in data.eval_batches(dev, batch_size=batch_size,
+                                                           mean=MEAN, std=STD,
+                                                           with_indices=True):
+        assert images.shape == (batch_size, 8, 8, 3) and mask.dtype == jnp.bool_
         mask, labels = np.asarray(mask), np.asarray(labels)
         np.testing.assert_array_equal(labels[mask], indices[mask])
         np.testing.assert_allclose(

@@ -18,7 +18,8 @@ from stochastic_depth_jax.data.sources import CorruptDataError, DataUnavailableE
 from stochastic_depth_jax.data.splits import Split
 
 __all__ = [
-    "AUGMENTATIONS", "CorruptDataError", "IMAGE_FOLDER_PREFIX", "DATA_AXIS", "DataUnavailableError", "Dataset",
+    "AUGMENTATIONS", "CorruptDataError", "IMAGE_FOLDER_PREFIX", "DATA_AXIS",
+    "DataUnavailableError", "Dataset",
     "DeviceSplit", "Split", "augment_batch", "default_augment", "epoch_order", "eval_batches",
     "eval_plan",
     "fingerprint",

@@ -134,9 +134,10 @@ def train_batch(dev: DeviceSplit, key: jax.Array, step, *, batch_size: int,
     """One training batch, a pure function of (key, step); jit-able, step may be traced.
 
     epoch = step // steps_per_epoch; the batch is slice `step % steps_per_epoch`
-    of `epoch_order(key, epoch)` (a keyed permutation, see order.py), so every epoch visits N - N % batch_size
-    distinct examples. Augmentation keys are fold_in(fold_in(k, step), i) with i
-    the position in the global batch: identical on 1 or 8 devices.
+    of `epoch_order(key, epoch)` (a keyed permutation, see order.py), so every epoch
+    visits N - N % batch_size distinct examples (the incomplete last batch is dropped).
+    Augmentation keys are fold_in(fold_in(k, step), i) with i the position in the
+    global batch: identical on 1, 2 or 8 devices.
 
     Args:
       dev: DeviceSplit from put_on_devices.
