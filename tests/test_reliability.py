@@ -144,6 +144,35 @@ def test_torn_last_line_is_dropped_on_restart(tmp_path):
         assert f.read() == '{"epoch": 4, "step": 1\n'  # the torn line set aside as it was
 
 
+def test_a_disk_filling_up_mid_record_is_an_error_naming_metrics_jsonl(tmp_path,
+                                                                       monkeypatch):
+    """The disk fills up while a record is appended: the kernel writes part of it and fails
+    only the next write. The part was taken for the whole line, and the next record (once
+    space was freed, e.g. by the checkpoints' rotation) joined it: both unreadable on
+    resume. Where the write did fail, the run ended with 'error: Cannot write a file (No
+    space left on device)', naming no file."""
+    from stochastic_depth_jax.training import cli
+
+    workdir = str(tmp_path)
+    writer = metrics.MetricWriter(workdir, tensorboard=False)
+    writer.write({"epoch": 1, "step": 4})
+    real_write, calls = os.write, []
+
+    def write(fd, data):  # a full disk: part of the line, then ENOSPC
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[:10]))
+
+    monkeypatch.setattr(metrics.os, "write", write)
+    with pytest.raises(OSError) as info:
+        writer.write({"epoch": 2, "step": 8})
+    path = os.path.join(workdir, "metrics.jsonl")
+    assert info.value.filename == path and len(calls) == 2
+    assert cli._message(info.value) == (f"Cannot write {path} (No space left on device): free "
+                                        "some space or use another --workdir.")
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.
