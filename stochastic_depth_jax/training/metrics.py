@@ -1,7 +1,7 @@
 """Metric records: JSON lines (``metrics.jsonl``, one per epoch; ``validation.jsonl``, one
 per validation evaluation with ``eval_every_steps``) and TensorBoard events.
 
-Only process 0 writes. Each record is appended with one ``write`` and flushed to disk, so
+Only process 0 writes. Each record is appended whole (or fails) and flushed to disk, so
 a crash leaves at most a torn last line. On (re)start the file is rewritten atomically to
 the records that match the restored checkpoint: complete lines only, epochs (steps) up to
 the restored one, one record per epoch (step) (a sequence that restarts at an earlier one
