@@ -437,6 +437,36 @@ def test_unlistable_checkpoints_directory_is_one_error(tmp_path, mesh, monkeypat
         ckpt_lib.Checkpoints(tmp_path, read_only=True)
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "checkpoints_best"])
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path, mesh,
+                                                                      monkeypatch, name):
+    """A checkpoint directory this user may not write in (its modes, a copy of another
+    user's run): the run trained until its first save of that kind failed, then Orbax's save
+    threads held the process for 5 minutes, printing their tracebacks. Refused at the start
+    now, in one line naming it; an evaluation still reads it."""
+    from stochastic_depth_jax import errors
+
+    _save_steps(tmp_path, mesh, [1])
+    denied = os.path.join(str(tmp_path), name)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as chmod a-w would, also for root
+        if os.path.dirname(os.path.abspath(path)) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib.os, "mkdir", mkdir)
+    with pytest.raises(errors.WorkdirError) as info:
+        ckpt_lib.Checkpoints(tmp_path)
+    assert str(info.value) == (
+        f"Cannot write {denied} (Permission denied): no permission to write there; give this "
+        "user write access to resume the run there (chmod/chown), or use another --workdir.")
+    assert sorted(os.listdir(denied)) == (["1"] if name == "checkpoints" else [])
+    ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
+    assert ckpts.steps("latest") == [1]
+    ckpts.close()
+
+
 def test_checkpoints_linked_to_a_disk_not_mounted_are_one_error(tmp_path, mesh):
     """checkpoints/ a link to another disk, not mounted: training said 'File exists ... a file
     is in the way ...; use another --workdir', which starts afresh."""

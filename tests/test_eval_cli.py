@@ -519,6 +519,16 @@ def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", young])
     assert "has no best checkpoint yet; its latest checkpoints are at steps [" in line
     assert line.endswith("evaluate one with --checkpoint latest or --checkpoint STEP.")
+    # Only 'best' (checkpoints/ deleted to save space, or killed after a mid-epoch 'best'
+    # before the first 'latest'): it said 'no latest checkpoint yet, nor any other'.
+    kept = str(tmp_path / "kept")
+    shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("checkpoints"))
+    best = sorted(int(s) for s in os.listdir(os.path.join(kept, "checkpoints_best")))
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", kept, "--checkpoint",
+                                                      "latest"])
+    assert line == (f"error: The run in {kept} has no latest checkpoint; its best checkpoints "
+                    f"are at steps {best}: evaluate one with --checkpoint best or --checkpoint "
+                    "STEP.")
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     shutil.copy(os.path.join(workdir, "run.json"), empty)

@@ -29,9 +29,11 @@ step deleted by the writer's rotation while being read (the step listing changed
 whatever the error: ``ESTALE`` on NFS) is not taken for damage: the reader lists again and
 reads the newest step that exists.
 
-A save that fails for a full disk (or another disk or permission failure), whether it
-surfaces at once or from a background save at the next save, wait or close, raises one
-``errors.WorkdirError``; the committed checkpoints are untouched.
+A training run refuses, at its start, a checkpoint directory it cannot create a step in
+(``errors.WorkdirError``, one line). A save that fails for a full disk (or another disk or
+permission failure), whether it surfaces at once or from a background save at the next
+save, wait or close, raises one ``errors.WorkdirError``; the committed checkpoints are
+untouched.
 """
 
 from __future__ import annotations
@@ -115,6 +117,24 @@ def _check_link(directory: str) -> None:
     in the way with the fix 'use another --workdir' (a fresh start)."""
     if os.path.islink(directory) and not os.path.exists(directory):
         raise CheckpointAccessError(workdir_lib.dangling_link(directory, "resume the run"))
+
+
+def _check_writable(directory: str) -> None:
+    """Raises ``errors.WorkdirError`` if a step directory cannot be created in the existing
+    ``directory`` (its modes, a read-only mount), before training starts: the first save
+    failed only after a whole epoch of training, and Orbax's other save threads then waited
+    5 minutes for that directory before the process could exit, printing their tracebacks.
+    Every process tries its own name, so the processes of a job agree."""
+    if not os.path.isdir(directory):
+        return  # Orbax creates it in the workdir, which prepare_workdir found writable.
+    probe = os.path.join(directory, f".write-test-{jax.process_index()}-{os.getpid()}")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        if workdir_lib.anticipated_os_error(e) is None:
+            raise
+        raise errors.WorkdirError(workdir_lib.describe_os_error(e, directory)) from e
 
 
 # Where a training run moves the newest save an earlier one left unfinished (one per kind).
@@ -250,6 +270,8 @@ class Checkpoints:
             if not read_only:
                 _check_link(os.path.join(self.workdir, name))
             _check_listable(os.path.join(self.workdir, name))
+            if not read_only:
+                _check_writable(os.path.join(self.workdir, name))
         if not read_only:
             self._set_aside_unfinished()
         self._managers = {

@@ -18,7 +18,8 @@ without Python's source location; other libraries' warnings keep their usual for
 warning raised from an exception (a skipped checkpoint) adds that exception's traceback
 under ``--debug``. Libraries' log records of an exception reported here in one line (Orbax
 logging a full disk from its background save threads before the save raises it to the
-trainer) are dropped unless ``--debug``.
+trainer) are dropped unless ``--debug``, and so are the errors of the reads that a
+damaged checkpoint's failed restore abandoned in flight (:func:`_abandoned`).
 
 Called in a process that goes on after the ``SystemExit`` (IPython's ``%run train.py``, a
 test calling ``main``), nothing stays in effect: warnings print as before and libraries'
@@ -36,6 +37,7 @@ import os
 import sys
 import threading
 import traceback
+import types
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -145,7 +147,7 @@ def _library_reports_dropped() -> Iterator[_Reports]:
         finalising = bool(seen) and sys.is_finalizing()
         # A disk failure's echoes are dropped only once a library has logged one.
         echo = bool(seen) and _reported_kind(error)
-        if not echo and not closed_loop and not finalising:
+        if not echo and not closed_loop and not finalising and not _abandoned(unraisable):
             original(unraisable)
 
     sys.unraisablehook = unraisable_hook
@@ -154,6 +156,18 @@ def _library_reports_dropped() -> Iterator[_Reports]:
             yield reports
     finally:
         sys.unraisablehook = original
+
+
+def _abandoned(unraisable: Any) -> bool:
+    """Whether ``unraisable`` is a coroutine's error raised as it was closed unfinished: a
+    read of a damaged checkpoint fails, Orbax abandons the reads still in flight, and each
+    one, closed when collected, wraps the ``GeneratorExit`` of its closing in an
+    ``Exception`` that Python prints with TensorStore's spec, ~80 lines per array (thousands
+    after the one-line warning that the checkpoint was skipped). Its work was abandoned
+    because of a failure reported on its own (a warning or an error)."""
+    error = unraisable.exc_value
+    return (isinstance(unraisable.object, types.CoroutineType)
+            and isinstance(error.__cause__ or error.__context__, GeneratorExit))
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(stochastic_depth_jax.__file__)) + os.sep

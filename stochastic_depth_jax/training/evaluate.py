@@ -492,7 +492,7 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, meta: dict[str, An
                    or _no_step(workdir, step, ckpts.steps("latest"), ckpts.steps("best")))
         if not ckpts.steps(kind):
             raise (_unmounted(workdir, [_CHECKPOINT_DIRS[kind]])
-                   or _no_checkpoint(workdir, kind, ckpts.steps("latest")))
+                   or _no_checkpoint(workdir, kind, ckpts.steps("latest"), ckpts.steps("best")))
         try:
             ds = setup_lib.load_data(config, workdir, meta.get("data"))
         except (data_lib.DataUnavailableError, errors.DataFileNotFoundError) as e:
@@ -588,9 +588,17 @@ def _unmounted(workdir: str, names: Iterable[str]
     return None
 
 
-def _no_checkpoint(workdir: str, kind: str, latest: list[int]
+def _no_checkpoint(workdir: str, kind: str, latest: list[int], best: list[int]
                    ) -> checkpoint_lib.NoCheckpointError:
     """The error for a run without a ``kind`` checkpoint: what there is, and what to do."""
+    if kind == "latest" and best:  # 'nor any other', it said: checkpoints/ deleted, or
+        # killed after a mid-epoch 'best' (eval_every_steps), before its first 'latest'
+        return checkpoint_lib.NoCheckpointError(
+            f"The run in {workdir} has no latest checkpoint; its best checkpoints are at "
+            f"steps {best}: evaluate one with checkpoint='best' or a step.",
+            command_line=f"The run in {workdir} has no latest checkpoint; its best "
+                         f"checkpoints are at steps {best}: evaluate one with --checkpoint "
+                         "best or --checkpoint STEP.")
     if kind == "best" and latest:
         return checkpoint_lib.NoCheckpointError(
             f"The run in {workdir} has no best checkpoint yet; its latest checkpoints are at "

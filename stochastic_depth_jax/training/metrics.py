@@ -1,7 +1,7 @@
 """Metric records: JSON lines (``metrics.jsonl``, one per epoch; ``validation.jsonl``, one
 per validation evaluation with ``eval_every_steps``) and TensorBoard events.
 
-Only process 0 writes. Each record is appended with one ``write`` and flushed to disk, so
+Only process 0 writes. Each record is appended whole (or fails) and flushed to disk, so
 a crash leaves at most a torn last line. On (re)start the file is rewritten atomically to
 the records that match the restored checkpoint: complete lines only, epochs (steps) up to
 the restored one, one record per epoch (step) (a sequence that restarts at an earlier one
@@ -240,13 +240,19 @@ class MetricWriter:
         if not self._active:
             return
         record = {k: _jsonable(v) for k, v in record.items()}
-        line = (json.dumps(record) + "\n").encode()
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:  # One write of the whole line, then to disk: a crash tears at most this line.
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        line = memoryview((json.dumps(record) + "\n").encode())
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:  # The whole line, then to disk: a crash tears at most this line.
+                while line:  # A disk filling up writes part of it and fails only then:
+                    line = line[os.write(fd, line):]  # unchecked, the next line joined it.
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:  # 'Cannot write a file (No space left on device)', it said.
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, self._path) from e
         self.add_scalars(record)
 
     def add_scalars(self, record: dict[str, Any], keys: Sequence[str] | None = None) -> None:
