@@ -166,7 +166,7 @@ def _abandoned(unraisable: Any) -> bool:
     after the one-line warning that the checkpoint was skipped). Its work was abandoned
     because of a failure reported on its own (a warning or an error)."""
     error = unraisable.exc_value
-    return (isinstance(unraisable.object, types.CoroutineType)
+    return (error is not None and isinstance(unraisable.object, types.CoroutineType)
             and isinstance(error.__cause__ or error.__context__, GeneratorExit))
 
 
