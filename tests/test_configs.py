@@ -549,6 +549,46 @@ def test_kernels_only_weight_decay_spares_the_vits_position_embedding_and_class_
     assert all(decayed == name.endswith("/kernel") for name, decayed in mask.items()), mask
 
 
+def test_kernels_only_weight_decay_names_an_nnx_models_params_as_linen():
+    """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` hands the mask the arrays inside the
+    Params, each path ending in the Variable's ``.value``: the names were missed there, and
+    the NNX ViT's pos_embed and cls token were decayed (as the ndim test alone did)."""
+    from flax import nnx
+    from stochastic_depth_jax import nnx_layers
+    model = nnx_layers.ViT(10, image_size=16, patch_size=8, width=16, depth=1, num_heads=2,
+                           mlp_ratio=2, rngs=nnx.Rngs(0))
+    masks = []
+
+    def spy(params):
+        masks.append(optim.WEIGHT_DECAY_MASKS["kernels"](params))
+        return masks[-1]
+
+    nnx.Optimizer(model, optax.adamw(1e-3, weight_decay=0.05, mask=spy), wrt=nnx.Param)
+    flat = {jax.tree_util.keystr(k): v
+            for k, v in jax.tree_util.tree_flatten_with_path(masks[0])[0]}
+    assert flat["['pos_embed'].value"] is False and flat["['cls'].value"] is False, flat
+    assert all(v == k.endswith("['kernel'].value") for k, v in flat.items()), flat
+
+
+def test_kernels_only_weight_decay_decays_a_kernel_under_a_name_merely_ending_in_scan():
+    """Only the scanned stages (``stage<i>_scan``) stack parameters; a user's module named
+    ``..._scan`` does not, and its Dense kernel ([in, out]) was taken for a stacked vector
+    and not decayed."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4, name="lidar_scan")(x)
+            return nn.Dense(2, name="head")(nn.LayerNorm(name="norm_scan")(x))
+
+    params = jax.eval_shape(lambda: Net().init(jax.random.key(0), jnp.zeros((1, 3))))["params"]
+    mask = optim.WEIGHT_DECAY_MASKS["kernels"](params)
+    assert mask["lidar_scan"] == {"kernel": True, "bias": False}
+    assert mask["head"]["kernel"] is True
+    assert mask["norm_scan"] == {"scale": False, "bias": False}
+
+
 def test_field_names_lists_nested_fields():
     names = config_lib.field_names(load_config("cifar10"))
     assert "model.depth" in names and "fake_data.num_train" in names and "batch_size" in names

@@ -8,6 +8,7 @@ of every parameter (BatchNorm scales and biases included, the Torch default), le
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
@@ -62,28 +63,48 @@ def _all_params(params: Any) -> Any:
     return jax.tree.map(lambda _: True, params)
 
 
-# A scanned stage (``nn.scan``, the ResNets' ``stage<i>_scan``) stacks its blocks'
-# parameters along one leading axis: a BatchNorm scale there is ``[blocks, C]``.
-_SCAN_SUFFIX = "_scan"
+# A scanned stage (``nn.scan``, the ResNets' ``stage<i>_scan``, also around a user's blocks
+# in ``ResidualStages``) stacks its blocks' parameters along one leading axis: a BatchNorm
+# scale there is ``[blocks, C]``. Only that name: a user's module that merely ends in
+# ``_scan`` stacks nothing, and its kernels are kernels.
+_SCANNED_STAGE = re.compile(r"stage\d+_scan")
 # Never decayed by 'kernels': per-layer vectors, whatever axes a scan stacks on them, and
 # the ViT's position embedding and class token (DeiT's and timm's ``no_weight_decay``).
 _NOT_KERNELS = ("bias", "scale", "pos_embed", "cls")
 
 
+def _path_names(path: tuple) -> list[str]:
+    """The parameter's names along ``path``: dict keys and list indices; an ``nnx.Variable``'s
+    ``.value`` (the array inside an ``nnx.Param``, as ``nnx.Optimizer`` passes them) is not
+    a name, so an NNX model's leaves are named as its Linen twin's."""
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            if k.name not in ("value", "raw_value"):
+                names.append(k.name)
+        elif isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        else:
+            names.append(str(k))
+    return names
+
+
 def _kernels_only(params: Any) -> Any:
     """True for conv/dense kernels (and other weights of ndim > 1), False for biases,
     BatchNorm/LayerNorm scales and biases, and the ViT's ``pos_embed`` and ``cls`` token
-    (as DeiT, which decays neither).
+    (as DeiT, which decays neither); Linen parameters or an NNX model's ``nnx.Param`` state.
 
     The ndim is the layer's own: a scanned stage's stacking axis does not count (a
     ResNet-110 stage's BatchNorm scale is ``[17, C]``; the ndim test alone decayed it, as
     it did not the unscanned first block's, and a scanned model trained otherwise than
     the same model unrolled)."""
     def kernel(path, p):
-        names = [str(getattr(k, "key", k)) for k in path]
+        names = _path_names(path)
         if names and names[-1] in _NOT_KERNELS:
             return False
-        stacked = sum(n.endswith(_SCAN_SUFFIX) for n in names)
+        stacked = sum(bool(_SCANNED_STAGE.fullmatch(n)) for n in names)
         return p.ndim - stacked > 1
     return jax.tree_util.tree_map_with_path(kernel, params)
 
