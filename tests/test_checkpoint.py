@@ -467,6 +467,29 @@ def test_an_unwritable_checkpoint_directory_is_refused_before_training(tmp_path,
     ckpts.close()
 
 
+def test_a_write_probe_left_by_a_killed_run_is_no_obstacle(tmp_path, mesh):
+    """A run killed between creating and removing its write probe in checkpoints/ left it
+    behind. Its name was the process index and pid, which a container gives the next run
+    again: that run was refused, 'Cannot write .../checkpoints (File exists): a file is in
+    the way of the directory; use another --workdir' (a fresh start). Now it resumes, and
+    the leftover is neither a step nor in the way of saves, rotation or restores."""
+    base = _save_steps(tmp_path, mesh, [1])
+    for pid in (os.getpid(), 1):
+        os.mkdir(os.path.join(str(tmp_path), "checkpoints",
+                              f".write-test-{jax.process_index()}-{pid}"))
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    assert ckpts.steps("latest") == [1]
+    for s in (2, 3):
+        ckpts.save("latest", s, _with_step(base, s, mesh), {"epoch": s})
+    ckpts.wait()
+    assert ckpts.steps("latest") == [2, 3]
+    state, meta = ckpts.restore("latest", _abstract(base))
+    assert meta["epoch"] == 3 and int(state.step) == 3
+    ckpts.close()
+    assert sorted(n for n in os.listdir(os.path.join(str(tmp_path), "checkpoints"))
+                  if n.isdigit()) == ["2", "3"]
+
+
 def test_checkpoints_linked_to_a_disk_not_mounted_are_one_error(tmp_path, mesh):
     """checkpoints/ a link to another disk, not mounted: training said 'File exists ... a file
     is in the way ...; use another --workdir', which starts afresh."""

@@ -173,6 +173,38 @@ def test_a_disk_filling_up_mid_record_is_an_error_naming_metrics_jsonl(tmp_path,
                                         "some space or use another --workdir.")
 
 
+def test_a_full_disk_while_a_resume_rewrites_metrics_is_an_error_naming_the_file(
+        tmp_path, monkeypatch):
+    """A resumed run rewrites metrics.jsonl to the records of its checkpoint and appends
+    the others to metrics.jsonl.dropped. On a disk with too little space left (the previous
+    session ended on a full disk; NFS and delayed allocation report it at fsync) the run
+    ended with 'error: Cannot write a file (No space left on device)', naming no file, as
+    appending did before. Now each names its file, and metrics.jsonl is left as it was."""
+    from stochastic_depth_jax.training import cli
+
+    workdir = str(tmp_path)
+    writer = metrics.MetricWriter(workdir, tensorboard=False)
+    for epoch in (1, 2, 3):
+        writer.write({"epoch": epoch, "step": 4 * epoch})
+    path = os.path.join(workdir, metrics.METRICS_FILE)
+    with open(path) as f:
+        before = f.read()
+
+    def fsync(fd):  # as the kernel reports a full disk at fsync: no file named
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for resume_epoch, named in ((3, path), (2, path + ".dropped")):
+        with pytest.raises(OSError) as info, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # epoch 3 dropped, in a warning
+            metrics.MetricWriter(workdir, tensorboard=False, resume_epoch=resume_epoch)
+        assert cli._message(info.value) == (f"Cannot write {named} (No space left on "
+                                            "device): free some space or use another --workdir.")
+        with open(path) as f:
+            assert f.read() == before
+    assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "metrics.jsonl.dropped"]
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.

@@ -44,6 +44,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from typing import Any, Iterator
@@ -124,13 +125,14 @@ def _check_writable(directory: str) -> None:
     ``directory`` (its modes, a read-only mount), before training starts: the first save
     failed only after a whole epoch of training, and Orbax's other save threads then waited
     5 minutes for that directory before the process could exit, printing their tracebacks.
-    Every process tries its own name, so the processes of a job agree."""
+    Every process tries a name of its own, so the processes of a job agree. The name is new
+    each time: one left by a run killed before removing it (neither a step nor a save to
+    Orbax) is not in the way (its process index and pid, a container's next run's too, were
+    refused as 'a file is in the way')."""
     if not os.path.isdir(directory):
         return  # Orbax creates it in the workdir, which prepare_workdir found writable.
-    probe = os.path.join(directory, f".write-test-{jax.process_index()}-{os.getpid()}")
     try:
-        os.mkdir(probe)
-        os.rmdir(probe)
+        os.rmdir(tempfile.mkdtemp(prefix=f".write-test-{jax.process_index()}-", dir=directory))
     except OSError as e:
         if workdir_lib.anticipated_os_error(e) is None:
             raise

@@ -182,7 +182,7 @@ def _set_aside(path: str, records: Sequence[dict[str, Any]], bad: Sequence[int])
     new = [line for line in added if line not in whole]
     if new and held and not held[-1].endswith(b"\n"):
         new.insert(0, b"\n")  # ends the torn line
-    with open(aside, "ab") as f:
+    with workdir_lib.naming(aside), open(aside, "ab") as f:
         f.writelines(new)
         f.flush()
         os.fsync(f.fileno())
@@ -241,7 +241,7 @@ class MetricWriter:
             return
         record = {k: _jsonable(v) for k, v in record.items()}
         line = memoryview((json.dumps(record) + "\n").encode())
-        try:
+        with workdir_lib.naming(self._path):  # 'Cannot write a file (No space ...)', it said
             fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:  # The whole line, then to disk: a crash tears at most this line.
                 while line:  # A disk filling up writes part of it and fails only then:
@@ -249,10 +249,6 @@ class MetricWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        except OSError as e:  # 'Cannot write a file (No space left on device)', it said.
-            if e.filename is not None:
-                raise
-            raise OSError(e.errno, e.strerror, self._path) from e
         self.add_scalars(record)
 
     def add_scalars(self, record: dict[str, Any], keys: Sequence[str] | None = None) -> None:

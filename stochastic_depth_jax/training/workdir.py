@@ -41,6 +41,7 @@ __all__ = [
     "prepare_workdir",
     "remove_unused",
     "atomic_write",
+    "naming",
     "describe_os_error",
     "dangling_link",
     "anticipated_os_error",
@@ -243,7 +244,7 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO[Any]]:
     processes writing the same path (a shared filesystem) each rename a whole file."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        with open(tmp, mode) as f:
+        with naming(path), open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -252,6 +253,18 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO[Any]]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Raises an ``OSError`` that names no file (a write, flush or fsync on a full disk) as
+    one naming ``path``: the one-line error said 'Cannot write a file'."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e
 
 
 def remove_unused(workdir: str, disposable: tuple[str, ...] = ()) -> None:
