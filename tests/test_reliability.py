@@ -173,6 +173,15 @@ def test_a_disk_filling_up_mid_record_is_an_error_naming_metrics_jsonl(tmp_path,
                                         "some space or use another --workdir.")
 
 
+def test_a_write_that_makes_no_progress_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """os.write returning 0 (a broken file system) looped for good on the rest of the line."""
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    monkeypatch.setattr(metrics.os, "write", lambda fd, data: 0)
+    with pytest.raises(OSError, match="made no progress") as info:
+        writer.write({"epoch": 1, "step": 4})
+    assert info.value.filename == os.path.join(str(tmp_path), "metrics.jsonl")
+
+
 def test_a_full_disk_while_a_resume_rewrites_metrics_is_an_error_naming_the_file(
         tmp_path, monkeypatch):
     """A resumed run rewrites metrics.jsonl to the records of its checkpoint and appends

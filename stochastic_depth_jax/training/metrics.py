@@ -13,6 +13,7 @@ duplicate points.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -245,7 +246,10 @@ class MetricWriter:
             fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:  # The whole line, then to disk: a crash tears at most this line.
                 while line:  # A disk filling up writes part of it and fails only then:
-                    line = line[os.write(fd, line):]  # unchecked, the next line joined it.
+                    written = os.write(fd, line)  # unchecked, the next line joined it.
+                    if not written:  # no progress (not on a sane file system): not forever
+                        raise OSError(errno.EIO, "write made no progress")
+                    line = line[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
