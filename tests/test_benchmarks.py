@@ -149,6 +149,12 @@ def test_bench_train_whole_epochs(tmp_path):
     # What each ran as, 'auto' resolved (README: lax.cond skipping on the CPU), from run.json.
     assert found["constant"][1] == "constant depth (cpu)"
     assert found["auto"][1] == "lax.cond skip (cpu)"
+    # gpu_suite.py reads its figures back from the table as written.
+    lines, epochs = load("suite_figures").lines_of(out.read_text())
+    assert [e.variant for e in epochs] == ["constant (constant depth (cpu))",
+                                           "auto (lax.cond skip (cpu))"]
+    assert lines[1].startswith("whole epochs fp32, ours auto (lax.cond skip (cpu)): ")
+    assert f"({4 * 16 / epochs[1].epoch_s:.0f} img/s), {found['auto'][4]} x constant" in lines[1]
 
 
 def test_bench_train_whole_epochs_subtract_no_mid_epoch_evaluation(tmp_path, capsys):
@@ -1410,3 +1416,148 @@ def test_gpu_suite_list_shows_a_parts_own_xla_flags(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert f"XLA_FLAGS+={suite.COMMAND_BUFFER_CONTROL_FLOW} python" in lines["graphs-step"]
     assert "XLA_FLAGS" not in lines["epochs"] and set(lines) == set(suite.BY_NAME)
+
+
+def test_gpu_suite_dry_run_parts_parse_at_toy_sizes(tmp_path, monkeypatch):
+    """--dry-run runs every part at its script's toy sizes (DRY_RUN_FLAGS after the part's
+    own flags): each must still parse (a size its script refuses, a ConvNeXt given the
+    ViT's --depth, would fail the dry run, not find a bug), and its table must say it is
+    not at the recorded sizes: the suite's part name is not passed on in a dry run."""
+    suite = load("gpu_suite")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    args = suite.parse_args(["--dry-run", "--out-dir", str(tmp_path)])
+    for part in suite.PARTS:
+        script, *argv = suite.command(part, args)[1:]
+        name = os.path.basename(script).removesuffix(".py")
+        assert argv[-len(suite.dry_run_flags(part)):] == suite.dry_run_flags(part)
+        assert suite.SUITE_PART_ENV not in suite.part_env(part, dry_run=True)
+        if name == "compare_torch":  # needs PyTorch; its sizes are bench_step.py's names
+            continue
+        module = bench_torch_without_torch(monkeypatch) if name == "bench_torch" else load(name)
+        with monkeypatch.context() as env:
+            env.delenv(suite.SUITE_PART_ENV, raising=False)
+            parsed = module.parse_args(argv)
+        assert "**Not the default sizes**" in parsed.label, (part.name, parsed.label)
+        if "--depth" in argv and name != "bench_drop_path":
+            assert parsed.depth <= 56, part.name
+        assert "stochastic_depth_jax_bench_images_dry_run" in " ".join(argv) or (
+            "--images-dir" not in argv)
+    compile_part = suite.command(suite.BY_NAME["compile"], args)
+    assert compile_part[-2:] == ["--compile-depths", "14,20"]
+    assert "--compile-depths" not in suite.dry_run_flags(suite.BY_NAME["loop-step"])
+
+
+def test_gpu_suite_dry_run_never_writes_to_the_recorded_results(tmp_path, capsys,
+                                                                monkeypatch):
+    """A dry run on a CPU is allowed (the GPU run is not, and says that a dry run is); its
+    toy tables never go to benchmarks/results, whose tables are the recorded ones."""
+    suite = load("gpu_suite")
+    results = os.path.join(BENCHMARKS, "results")
+    with pytest.raises(load("bench_cli").FlagError, match="a dry run's toy tables do not go "):
+        suite.parse_args(["--dry-run", "--out-dir", results])
+    assert suite.parse_args(["--dry-run"]).out_dir is None  # a new temporary directory
+    assert suite.parse_args([]).out_dir == os.path.normpath(results)
+    monkeypatch.setattr(suite, "backend", lambda: "cpu")
+    status, err = run_command("gpu_suite", ["--parts", "epochs", "--out-dir", str(tmp_path)],
+                              capsys)
+    assert status == 1 and "check the parts at toy sizes with --dry-run" in err[0]
+    monkeypatch.setattr(suite, "BY_NAME", {"quick": suite.Part("quick", 1, ("-c", "pass"))})
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    suite.main(["--dry-run", "--parts", "quick", "--budget", "30"])
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("gpu_suite_dry_run-")]
+    assert len(made) == 1 and "quick: ok" in (made[0] / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_refuses_in_one_line_where_a_part_cannot_import(tmp_path, capsys,
+                                                                  monkeypatch):
+    """The GPU image lacks some of what the parts import (ml_collections, tensorboardX): each
+    part then failed with a traceback after its start-up, one after the other, and the
+    budget went by with no table. Now the suite checks the parts' imports first, in one
+    child, and names what is missing and the fix; it records the versions in its log."""
+    suite = load("gpu_suite")
+    versions = suite.preflight([suite.BY_NAME["epochs"], suite.BY_NAME["vs-torch"]])
+    assert versions.startswith("versions: python ") and f"jax {jax.__version__}" in versions
+    assert suite.part_modules(suite.BY_NAME["vs-torch"]) == {"compare_torch": "compare_torch",
+                                                             "bench_step": "bench_step"}
+    assert suite.part_modules(suite.BY_NAME["epochs"])["tensorboardX"] == "bench_train"
+    assert suite.part_modules(suite.BY_NAME["epochs-torch"]) == {}  # torch_problem's
+    monkeypatch.setitem(suite.RUN_TIME_MODULES, "bench_train.py", ("no_such_module_here",))
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    status, err = run_command("gpu_suite", ["--parts", "loop-step,epochs", "--out-dir",
+                                            str(tmp_path)], capsys)
+    assert status == 1 and len(err) == 1, err
+    assert ("this Python lacks modules that the parts import: no_such_module_here (for "
+            "bench_train). Install them (pip install no_such_module_here;") in err[0]
+    assert not os.listdir(tmp_path)  # no part started, no log
+
+
+# A whole-epochs table of ours and of PyTorch's, as bench_train.py / bench_torch.py write
+# them (their headings and columns; the figures made up).
+OURS_EPOCHS = """
+## Whole epochs, ResNet-110, batch 128, p_L=0.5, {dtype}, 45000 training images (351 steps, \
+the last partial batch dropped)
+
+| variant | ran as | epoch 1 s (with compiles) | median epoch >= 2 s, compiles excluded | \
+/ constant (same scan form) | compiled inside epochs >= 2: programs, s | median evaluation s \
+| 500 epochs, min | programs compiled | compile s |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| constant | constant depth (gpu) | 8.9 | 7.29 | 1.000 | 0, 0.0 | 0.14 | 61.9 | 26 | 17.2 |
+| auto | compact, multiple 4 (gpu) | 90.0 | 6.00 | 0.823 | 9, 36.0 | 0.14 | 51.2 | 45 | 99.0 |
+"""
+THEIR_EPOCHS = """
+## PyTorch whole epochs, CIFAR ResNet-110, batch 128, 45000 training images (351 steps), \
+channels-last
+
+| variant | epoch 1 s | median epoch s | img/s | skip / constant | median evaluation s | \
+500 epochs, min |
+|---|---|---|---|---|---|---|
+| eager-fp32-constant | 17.00 | 16.00 | 2808 | - | 1.00 | 141.7 |
+| eager-fp32-skip | 13.00 | 12.00 | 3744 | 0.750 | 1.00 | 108.3 |
+"""
+
+
+def test_suite_figures_read_the_columns_the_epoch_benchmarks_write():
+    """The columns suite_figures.py reads are those bench_torch.py and bench_train.py write
+    (bench_torch.py's tables need PyTorch to make: its source is read instead)."""
+    with open(os.path.join(BENCHMARKS, "bench_torch.py")) as f:
+        torch_source = f.read().replace('"\n        "', "")
+    header = load("suite_figures").tables(THEIR_EPOCHS)[0].rows[0]
+    assert "| " + " | ".join(header) + " |" in torch_source
+    assert "## PyTorch whole epochs, CIFAR ResNet-{args.depth}, batch {args.batch}" in (
+        torch_source)
+
+
+def test_gpu_suite_prints_the_figures_of_each_part_and_at_its_end(tmp_path, monkeypatch,
+                                                                  capsys):
+    """After each part, and in its summary, the suite prints the headline figures of the
+    tables the part appended (only those: not the ones already in the file): whole epochs
+    against constant depth with the 500-epoch projection, PyTorch's epochs, and our
+    throughput over PyTorch's where both ran in the same command."""
+    suite = load("gpu_suite")
+    (tmp_path / "train.md").write_text(OURS_EPOCHS.format(dtype="bfloat16"))  # earlier
+    write = "import sys; open(sys.argv[1], 'a').write(sys.argv[2])"
+    ours = suite.Part("ours", 1, ("-c", write, "{out}/train.md",
+                                  OURS_EPOCHS.format(dtype="float32")))
+    theirs = suite.Part("theirs", 1, ("-c", write, "{out}/torch_epochs_gpu.md", THEIR_EPOCHS))
+    monkeypatch.setattr(suite, "BY_NAME", {"ours": ours, "theirs": theirs})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    suite.main(["--parts", "ours,theirs", "--budget", "60", "--out-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    log = (tmp_path / "gpu_suite.log").read_text()
+    summary = log.split("=== summary\n")[1]
+    assert ("figures: ours: whole epochs fp32, ours auto (compact, multiple 4 (gpu)): 6.00 "
+            "s/epoch (7488 img/s), 0.823 x constant; 500 epochs (training + evaluation each "
+            "epoch): 51.2 min\n") in summary
+    assert "bf16" not in summary  # the table that was there before
+    assert ("figures: theirs: whole epochs fp32, PyTorch eager-fp32-skip: 12.00 s/epoch "
+            "(3744 img/s), 0.750 x constant;") in summary
+    assert ("figures: ours vs PyTorch: whole epochs fp32: ours auto (compact, multiple 4 "
+            "(gpu)) / PyTorch eager-fp32-skip: 2.00x the throughput\n") in summary
+    assert ("ours vs PyTorch: whole epochs fp32: ours constant (constant depth (gpu)) / "
+            "PyTorch eager-fp32-constant: 2.19x") in summary  # constant with constant only
+    assert summary.count("ours vs PyTorch") == 2
+    # As it goes: after the part, before the next one starts.
+    assert log.index("figures: ours: whole epochs fp32, ours auto") < log.index("=== theirs")
+    assert printed.count("figures: ours: whole epochs fp32, ours auto") == 2
