@@ -430,19 +430,33 @@ def _variants(args, workdir, folder, results, signals) -> _EpochRun:
               f"inside them {[round(c, 2) for c in run.compile_s]} s "
               f"({run.compile_programs} programs); evaluations "
               f"{[round(e, 2) for e in evals]} s; {summary['compilation']}", flush=True)
+        # Its row's figures now: a kill before the table is appended leaves them in the log.
+        ratio = _vs_constant(name, run, results)
+        print(f"{name}: median epoch >= 2 {run.steady():.2f} s, compiles excluded"
+              f"{'' if ratio == '-' else f', {ratio} x constant'}; 500 epochs (training + "
+              f"evaluation each epoch): {_minutes_500(run):.1f} min", flush=True)
     return run
 
 
-def _epoch_row(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
-    """The table row of variant ``name``: its ratio to constant depth in the same scan form
-    (an unrolled variant: unrolled), both from this run, compiles excluded."""
+def _vs_constant(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
+    """Variant ``name``'s steady epoch over constant depth's in the same scan form (an
+    unrolled variant: unrolled), both from this run, compiles excluded; '-' without one."""
     base = "constant-unrolled" if name.endswith("-unrolled") else "constant"
-    ratio = f"{run.steady() / results[base].steady():.3f}" if base in results else "-"
+    return f"{run.steady() / results[base].steady():.3f}" if base in results else "-"
+
+
+def _minutes_500(run: _EpochRun) -> float:
+    """The paper's run: 500 epochs, each one training epoch and one evaluation."""
+    return 500 * (run.steady() + run.eval_s()) / 60
+
+
+def _epoch_row(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
+    """The table row of variant ``name``: its ratio to constant depth (:func:`_vs_constant`)
+    and the 500-epoch projection (:func:`_minutes_500`)."""
     comp = run.compilation
-    # The paper's run: 500 epochs, each one training epoch and one evaluation.
-    return (f"| {name} | {run.ran_as} | {run.epochs[0]:.1f} | {run.steady():.2f} | {ratio} | "
-            f"{run.later_compiles()} | {run.eval_s():.2f} | "
-            f"{500 * (run.steady() + run.eval_s()) / 60:.1f} | {comp['programs']} | "
+    return (f"| {name} | {run.ran_as} | {run.epochs[0]:.1f} | {run.steady():.2f} | "
+            f"{_vs_constant(name, run, results)} | {run.later_compiles()} | "
+            f"{run.eval_s():.2f} | {_minutes_500(run):.1f} | {comp['programs']} | "
             f"{comp['compile_s']:.1f} |")
 
 

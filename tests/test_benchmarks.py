@@ -135,7 +135,7 @@ def _printed_quotient_error(a, b, half=0.05, ratio_half=0.0005):
     return ratio_half + 1e-9 + widest
 
 
-def test_bench_train_whole_epochs(tmp_path):
+def test_bench_train_whole_epochs(tmp_path, capsys):
     out = tmp_path / "train.md"
     load("bench_train").main([
         "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
@@ -155,6 +155,13 @@ def test_bench_train_whole_epochs(tmp_path):
                                            "auto (lax.cond skip (cpu))"]
     assert lines[1].startswith("whole epochs fp32, ours auto (lax.cond skip (cpu)): ")
     assert f"({4 * 16 / epochs[1].epoch_s:.0f} img/s), {found['auto'][4]} x constant" in lines[1]
+    # Each variant's figures are printed as soon as it finished (a SIGKILL before the table
+    # is appended leaves them in gpu_suite.py's log).
+    printed = capsys.readouterr().out
+    assert (f"auto: median epoch >= 2 {found['auto'][3]} s, compiles excluded, "
+            f"{found['auto'][4]} x constant; 500 epochs (training + evaluation each epoch): "
+            f"{found['auto'][7]} min\n") in printed
+    assert printed.index("auto: median epoch") < printed.index("## Whole epochs")
 
 
 def test_bench_train_whole_epochs_subtract_no_mid_epoch_evaluation(tmp_path, capsys):
