@@ -75,6 +75,7 @@ class Epochs:
     """One variant's whole epochs: ``ours`` (bench_train) or PyTorch's (bench_torch)."""
 
     ours: bool
+    network: str  # 'ResNet-110': ours and PyTorch's compared only on the same
     precision: str  # 'fp32' or 'bf16'
     variant: str  # ours: with what it ran as, 'auto (compact, multiple 4 (gpu))'
     constant: bool  # constant depth (every block), else stochastic depth
@@ -99,17 +100,24 @@ def epochs_of(table: Table) -> list[Epochs]:
         found = []
         for row in table.rows:
             seconds = float(row["median epoch >= 2 s, compiles excluded"])
-            found.append(Epochs(True, precision, f"{row['variant']} ({row['ran as']})",
+            found.append(Epochs(True, _network(table), precision,
+                                f"{row['variant']} ({row['ran as']})",
                                 row["variant"].startswith("constant"), seconds, steps * batch / seconds,
                                 row["/ constant (same scan form)"], row["500 epochs, min"],
                                 table.mark))
         return found
     if table.heading.startswith(_THEIRS):
-        return [Epochs(False, row["variant"].split("-")[1], row["variant"],
+        return [Epochs(False, _network(table), row["variant"].split("-")[1], row["variant"],
                        row["variant"].endswith("-constant"), float(row["median epoch s"]), float(row["img/s"]),
                        row["skip / constant"], row["500 epochs, min"], table.mark)
                 for row in table.rows]
     return []
+
+
+def _network(table: Table) -> str:
+    """'ResNet-110', from the heading (ours: 'ResNet-110', PyTorch's: 'CIFAR ResNet-110')."""
+    found = re.search(r"ResNet-(\d+)", table.heading)
+    return found.group(0) if found else table.heading
 
 
 def lines_of(text: str) -> tuple[list[str], list[Epochs]]:
@@ -148,11 +156,12 @@ def _epoch_line(e: Epochs) -> str:
 
 def ours_vs_torch(epochs: list[Epochs]) -> list[str]:
     """Our throughput over PyTorch's in whole epochs, each of our rows against each PyTorch
-    row of the same precision and kind (constant depth with constant depth, stochastic with
-    PyTorch's skipping); the last of each measured. None where one side was not measured."""
+    row of the same network, precision and kind (constant depth with constant depth,
+    stochastic with PyTorch's skipping); the last of each measured. None where one side was
+    not measured."""
     ours = {(e.precision, e.variant): e for e in epochs if e.ours}
     theirs = {(e.precision, e.variant): e for e in epochs if not e.ours}
     return [f"whole epochs {o.precision}: ours {o.variant} / PyTorch {t.variant}: "
             f"{o.images_per_s / t.images_per_s:.2f}x the throughput{o.mark}{t.mark}"
             for o in ours.values() for t in theirs.values()
-            if (o.precision, o.constant) == (t.precision, t.constant)]
+            if (o.network, o.precision, o.constant) == (t.network, t.precision, t.constant)]

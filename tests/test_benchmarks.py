@@ -500,7 +500,7 @@ def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path, monkeypatch)
     assert relative.torch_python == str(tmp_path / "venv" / "bin" / "python")
     assert suite.parse_args(["--torch-python", "python3"]).torch_python == "python3"  # PATH
     torch_parts = [p for p in suite.PARTS if p.torch]
-    assert [p.name for p in torch_parts] == ["epochs-torch"]
+    assert [p.name for p in torch_parts] == ["epochs-torch", "epochs-torch-compile"]
     assert suite.command(torch_parts[0], args)[:2] == ["/some/venv/bin/python",
                                                        "benchmarks/bench_torch.py"]
     assert suite.command(suite.BY_NAME["epochs"], args)[0] == sys.executable
@@ -1565,6 +1565,10 @@ def test_gpu_suite_prints_the_figures_of_each_part_and_at_its_end(tmp_path, monk
     assert ("ours vs PyTorch: whole epochs fp32: ours constant (constant depth (gpu)) / "
             "PyTorch eager-fp32-constant: 2.19x") in summary  # constant with constant only
     assert summary.count("ours vs PyTorch") == 2
+    # Not across networks (a dry run's, or a hand-made command's, other sizes).
+    lines, epochs = load("suite_figures").lines_of(OURS_EPOCHS.format(dtype="float32")
+                                                   + THEIR_EPOCHS.replace("-110", "-56"))
+    assert len(epochs) == 4 and not load("suite_figures").ours_vs_torch(epochs)
     # As it goes: after the part, before the next one starts.
     assert log.index("figures: ours: whole epochs fp32, ours auto") < log.index("=== theirs")
     assert printed.count("figures: ours: whole epochs fp32, ours auto") == 2
