@@ -250,7 +250,9 @@ def dry_run_flags(part: Part) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=540, help="seconds for all parts")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="seconds for the whole command: its checks (JAX's backend, the "
+                         "parts' imports) and the parts")
     ap.add_argument("--parts", default=",".join(BY_NAME), help="comma-separated, in order")
     ap.add_argument("--out-dir", default=None,
                     help="each part appends its table to a file here (made if missing; "
@@ -426,6 +428,7 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
 
 
 def main(argv=None) -> None:
+    started = time.perf_counter()  # the budget counts the checks below too
     args = parse_args(argv)
     if args.list:
         for p in PARTS:
@@ -451,7 +454,7 @@ def main(argv=None) -> None:
                  f"{args.budget:g} s, tables to {args.out_dir}; {versions}\n")
         log.write(start)
         sys.stdout.write(start)
-        _run_parts(args, torch_why, log)
+        _run_parts(args, torch_why, log, started)
 
 
 # Modules that a part's script imports only once it runs, not at its own import: the
@@ -521,13 +524,13 @@ def preflight(parts: list[Part]) -> str:
     return "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
 
 
-def _run_parts(args, torch_why: str | None, log) -> None:
+def _run_parts(args, torch_why: str | None, log, start: float) -> None:
     """Runs the selected parts in order inside the budget; after each, the figures of the
     tables it appended (:mod:`suite_figures`); the summary, with every part's figures and
     our whole epochs against PyTorch's where both ran, ends the log, also after Ctrl-C or
     SIGTERM (which stop the running part). ``torch_why``: why the parts that need PyTorch
-    cannot run (:func:`torch_problem`), None if they can."""
-    start = time.perf_counter()
+    cannot run (:func:`torch_problem`), None if they can; ``start``: the suite's start
+    (``time.perf_counter()``), from which ``--budget`` counts."""
     summary, figures, epochs = [], [], []
     part = None
     try:

@@ -1572,3 +1572,17 @@ def test_gpu_suite_prints_the_figures_of_each_part_and_at_its_end(tmp_path, monk
     # As it goes: after the part, before the next one starts.
     assert log.index("figures: ours: whole epochs fp32, ours auto") < log.index("=== theirs")
     assert printed.count("figures: ours: whole epochs fp32, ours auto") == 2
+
+
+def test_gpu_suite_budget_counts_its_own_checks(tmp_path, monkeypatch):
+    """--budget sizes a lent machine's slice: the checks before the first part (JAX's
+    backend, the parts' imports: a child process each, seconds on a GPU image) count in
+    it. The clock started after them, and the command outlasted its budget by that much."""
+    suite = load("gpu_suite")
+    part = suite.Part("part", 3, ("-c", "print('part ran')"))
+    monkeypatch.setattr(suite, "BY_NAME", {"part": part})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: time.sleep(2) or "versions: -")
+    suite.main(["--parts", "part", "--budget", "4", "--out-dir", str(tmp_path)])
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "part ran" not in log and "part: not started (estimate 3 s, " in log
