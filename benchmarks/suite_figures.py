@@ -102,14 +102,15 @@ def epochs_of(table: Table) -> list[Epochs]:
             seconds = float(row["median epoch >= 2 s, compiles excluded"])
             found.append(Epochs(True, _network(table), precision,
                                 f"{row['variant']} ({row['ran as']})",
-                                row["variant"].startswith("constant"), seconds, steps * batch / seconds,
-                                row["/ constant (same scan form)"], row["500 epochs, min"],
-                                table.mark))
+                                row["variant"].startswith("constant"), seconds,
+                                steps * batch / seconds, row["/ constant (same scan form)"],
+                                row["500 epochs, min"], table.mark))
         return found
     if table.heading.startswith(_THEIRS):
         return [Epochs(False, _network(table), row["variant"].split("-")[1], row["variant"],
-                       row["variant"].endswith("-constant"), float(row["median epoch s"]), float(row["img/s"]),
-                       row["skip / constant"], row["500 epochs, min"], table.mark)
+                       row["variant"].endswith("-constant"), float(row["median epoch s"]),
+                       float(row["img/s"]), row["skip / constant"], row["500 epochs, min"],
+                       table.mark)
                 for row in table.rows]
     return []
 
