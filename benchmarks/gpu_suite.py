@@ -369,9 +369,13 @@ def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[
     group, which the terminal's Ctrl-Z stops."""
     t0 = time.perf_counter()
     with bench_cli.child_stops_with_this() as job:
+        # SIGTERM if the suite dies (SIGKILL at a machine's time limit): the part, in a
+        # session of its own, ran on, on the GPU under the next command; a benchmark
+        # appends what it measured on SIGTERM.
         proc = job.started(subprocess.Popen(
-            cmd, cwd=os.path.dirname(HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=env, start_new_session=True))
+            bench_cli.dying_with_this(cmd, signal.SIGTERM), cwd=os.path.dirname(HERE),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True))
         over_budget = _echo_until_done(proc, timeout, log)
     if over_budget:
         status = _stopped_by_budget(proc.returncode)

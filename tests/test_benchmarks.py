@@ -894,15 +894,18 @@ def _running_a_sleeper(script: str, first: str,
         raise
 
 
+@pytest.mark.parametrize("script", ["compare_torch", "gpu_suite"])
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
-def test_compare_torch_benchmark_dies_with_it(signum):
+def test_compare_torch_benchmark_dies_with_it(signum, script):
     """compare_torch.py runs each benchmark in a session of its own (a Ctrl-C reaches only
     compare_torch.py, which passes it on once): gpu_suite.py's budget, killing the part's
     process group (SIGKILL), or a closed terminal (SIGHUP) would leave the benchmark running
-    on, on the GPU under the next part."""
+    on, on the GPU under the next part. gpu_suite.py's parts too: a suite killed at a
+    machine's time limit left its part running, on the GPU under the next command (the part
+    gets SIGTERM, on which a benchmark appends what it measured)."""
     # SIGHUP as in a terminal's session: a run under nohup (or CI) inherits it ignored.
     proc, child = _running_a_sleeper(
-        "compare_torch", "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)")
+        script, "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)")
     try:
         os.kill(proc.pid, signum)
         proc.wait(timeout=60)
