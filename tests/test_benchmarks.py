@@ -252,6 +252,37 @@ def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, ca
     assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
 
 
+def test_bench_train_whole_epochs_signal_in_the_steps_stops_the_variant_at_once(
+        tmp_path, capsys, monkeypatch):
+    """A SIGTERM inside a variant's steps: the trainer stopped at its next metrics point,
+    up to 20 steps on, which in compact mode's first epoch (programs compiled as bucket
+    tuples are first drawn) could outlast gpu_suite's 30 s before SIGKILL, losing the rows
+    of the variants that had finished (seen at toy sizes on the CPU: killed, nothing
+    appended). The unfinished variant's row is not written anyway: it stops at once."""
+    from stochastic_depth_jax.training import loop
+    train_epoch = loop._train_epoch
+
+    def far_from_a_metrics_point(run, compiled, epoch, end):
+        if os.path.basename(run.workdir) != "auto":
+            return train_epoch(run, compiled, epoch, end)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(600):  # steps still to run before the next metrics point
+            time.sleep(0.1)
+        raise AssertionError("the variant ran on to its next metrics point")
+
+    monkeypatch.setattr(loop, "_train_epoch", far_from_a_metrics_point)
+    out = tmp_path / "train.md"
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143, err
+    assert "(interrupted before the variant auto finished)" in out.read_text()
+    assert sorted(rows(out, ["constant", "auto"])) == ["constant"]
+    assert loop._train_epoch is far_from_a_metrics_point  # bench_train put back its patches
+    assert stopping.StopSignals._handle.__name__ == "_handle"
+
+
 def test_bench_train_epoch_compiles_fail_loudly_without_the_trainers_epochs():
     """Where the trainer no longer runs its epochs through loop._train_epoch, the wrapper
     sees no epoch: an error, not a table that subtracted no compiles."""
