@@ -552,7 +552,10 @@ def test_gpu_suite_torch_parts_need_a_torch_that_sees_the_gpu(tmp_path):
     python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     assert "sees no CUDA GPU" in suite.torch_problem(str(python))
-    assert "no PyTorch in --torch-python" in suite.torch_problem(sys.executable)
+    assert suite.torch_problem(str(python), need_cuda=False) is None  # a dry run takes it
+    # A Python without torch, also where the tests' own Python has one (a CPU wheel).
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError('no torch here')\n")
+    assert "no PyTorch in --torch-python" in suite.torch_problem(str(python))
     assert "no PyTorch in --torch-python" in suite.torch_problem(str(tmp_path / "missing"))
 
 
