@@ -1482,6 +1482,9 @@ def test_gpu_suite_dry_run_parts_parse_at_toy_sizes(tmp_path, monkeypatch):
             env.delenv(suite.SUITE_PART_ENV, raising=False)
             parsed = module.parse_args(argv)
         assert "**Not the default sizes**" in parsed.label, (part.name, parsed.label)
+        if name == "bench_drop_path" and parsed.model == "convnext":  # checked at its init
+            from stochastic_depth_jax import convnext
+            convnext.check_image((1, parsed.image, parsed.image, 3), parsed.patch, 4)
         if "--depth" in argv and name != "bench_drop_path":
             assert parsed.depth <= 56, part.name
         assert "stochastic_depth_jax_bench_images_dry_run" in " ".join(argv) or (
