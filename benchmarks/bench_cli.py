@@ -451,6 +451,35 @@ def _signal_group(proc: subprocess.Popen | None, signum: int) -> None:
         _killpg_if_there(group, signum)
 
 
+# Asks for the signal argv[2] when the parent (argv[1]) dies (prctl(2) PR_SET_PDEATHSIG,
+# kept across exec; a C library without prctl: no such guard), then runs the command
+# (argv[3:]); if the parent already died, exits as that signal would have ended it.
+_DIES_WITH_PARENT = """import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[2]))
+except (ImportError, OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):  # it died before that
+    os._exit(128 + int(sys.argv[2]))
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+def dying_with_this(cmd: list[str], signum: int) -> list[str]:
+    """``cmd``, run so that on Linux it gets ``signum`` when this process dies, even by
+    SIGKILL: a child in a session of its own (``compare_torch.py``'s benchmark,
+    ``gpu_suite.py``'s part) is in no process group that a kill of this one reaches, and
+    ran on, on the GPU under the next command; elsewhere ``cmd`` as it is. A program that the
+    child runs first (:data:`_DIES_WITH_PARENT`), not a ``preexec_fn``: this process may
+    have threads (JAX's), and Python code run between fork and exec may deadlock on a lock
+    one of them held."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-I", "-S", "-c", _DIES_WITH_PARENT, str(os.getpid()),
+            str(int(signum)), *cmd]
+
+
 def _killpg_if_there(group: int, signum: int) -> None:
     """Sends ``signum`` to the process group ``group``, unless it has ended since it was
     found (or is not this user's to signal)."""

@@ -27,9 +27,9 @@ the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per e
     python benchmarks/bench_train.py --whole-epochs constant,cond,compact-4,lengths-3,lengths-4 \
         --epochs 3 --train-images 45000          # on a GPU: the paper's 45k training images
 
-A SIGTERM or Ctrl-C stops the variant training at its next metrics point (after a
-checkpoint, in a temporary workdir), at once while it loads data or compiles before its
-steps, or before the next variant starts; the table of the variants that finished is
+A SIGTERM or Ctrl-C stops the variant training at once in its steps, or while it loads data
+or compiles before them, at its next metrics point in an evaluation, or before the next
+variant starts; the table of the variants that finished is
 appended, its heading saying which one was stopped (none finished: nothing is written).
 It reports what each variant ran as (``auto`` resolved, from its run.json), each epoch's
 training time (evaluation excluded), the median of epochs >= 2 less the compiling inside them
@@ -260,11 +260,30 @@ class _EpochCompiles:
         synced._jitted = drained_before_new_programs
         return synced
 
+    def _stops_in_the_steps(self, original):
+        """The trainer's signal handler (``StopSignals._handle``), stopping the variant at
+        once (``Stopped``) inside an epoch's steps: its next metrics point, up to 20 steps
+        away, could be 30 s off in compact mode's first epoch (programs compiled as bucket
+        tuples are first drawn), past gpu_suite's SIGKILL, which lost the rows of the
+        variants that had finished; an unfinished variant's row is not written anyway. Out
+        of the steps (an evaluation) it stops as the trainer does, soon."""
+        def handle(stop, signum, frame):
+            first = stop.signum is None
+            original(stop, signum, frame)
+            if first and self._epoch is not None and type(stop) is stopping.StopSignals:
+                print(f"bench_train: stopping the variant now, in epoch {self._epoch}'s "
+                      f"steps (it is not timed whole)", flush=True)
+                raise stopping.Stopped(f"stopped by {stopping.StopSignals.name(signum)} in "
+                                       f"epoch {self._epoch}'s steps", signum)
+        return handle
+
     def __enter__(self):
         self._original = loop._train_epoch
         self._evaluate = loop._evaluate_at_step
+        self._handle = stopping.StopSignals._handle
         loop._train_epoch = self._timed(self._original)
         loop._evaluate_at_step = self._untimed(self._evaluate)
+        stopping.StopSignals._handle = self._stops_in_the_steps(self._handle)
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
         return self
 
@@ -272,6 +291,7 @@ class _EpochCompiles:
         jax.monitoring.unregister_event_duration_listener(self._on_duration)
         loop._train_epoch = self._original
         loop._evaluate_at_step = self._evaluate
+        stopping.StopSignals._handle = self._handle
 
     def of(self, epochs: int) -> tuple[list[float], list[int]]:
         """The compile seconds and programs of epochs 1..``epochs``; an error where the
@@ -344,9 +364,10 @@ def _whole_epochs(args, workdir):
 
 
 class _VariantStops(stopping.StopSignals):
-    """SIGTERM and Ctrl-C outside the trainer's steps, whose own StopSignals (nested in
-    this) stops at its next metrics point: while a variant's trainer loads its data,
-    initialises or compiles before them, the variant stops at once (``Stopped``; waiting
+    """SIGTERM and Ctrl-C outside the trainer's steps (inside them the trainer's own
+    StopSignals, nested in this, stops the variant at once: :class:`_EpochCompiles`):
+    while a variant's trainer loads its data, initialises or compiles before its steps,
+    the variant stops at once (``Stopped``; waiting
     for its first metrics point could outlast gpu_suite's 30 s before SIGKILL); between
     variants, or after the trainer's last stop point (passed on by its StopSignals), the
     next variant is not started. Either way the rows of those that finished are appended;
@@ -430,19 +451,33 @@ def _variants(args, workdir, folder, results, signals) -> _EpochRun:
               f"inside them {[round(c, 2) for c in run.compile_s]} s "
               f"({run.compile_programs} programs); evaluations "
               f"{[round(e, 2) for e in evals]} s; {summary['compilation']}", flush=True)
+        # Its row's figures now: a kill before the table is appended leaves them in the log.
+        ratio = _vs_constant(name, run, results)
+        print(f"{name}: median epoch >= 2 {run.steady():.2f} s, compiles excluded"
+              f"{'' if ratio == '-' else f', {ratio} x constant'}; 500 epochs (training + "
+              f"evaluation each epoch): {_minutes_500(run):.1f} min", flush=True)
     return run
 
 
-def _epoch_row(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
-    """The table row of variant ``name``: its ratio to constant depth in the same scan form
-    (an unrolled variant: unrolled), both from this run, compiles excluded."""
+def _vs_constant(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
+    """Variant ``name``'s steady epoch over constant depth's in the same scan form (an
+    unrolled variant: unrolled), both from this run, compiles excluded; '-' without one."""
     base = "constant-unrolled" if name.endswith("-unrolled") else "constant"
-    ratio = f"{run.steady() / results[base].steady():.3f}" if base in results else "-"
+    return f"{run.steady() / results[base].steady():.3f}" if base in results else "-"
+
+
+def _minutes_500(run: _EpochRun) -> float:
+    """The paper's run: 500 epochs, each one training epoch and one evaluation."""
+    return 500 * (run.steady() + run.eval_s()) / 60
+
+
+def _epoch_row(name: str, run: _EpochRun, results: dict[str, _EpochRun]) -> str:
+    """The table row of variant ``name``: its ratio to constant depth (:func:`_vs_constant`)
+    and the 500-epoch projection (:func:`_minutes_500`)."""
     comp = run.compilation
-    # The paper's run: 500 epochs, each one training epoch and one evaluation.
-    return (f"| {name} | {run.ran_as} | {run.epochs[0]:.1f} | {run.steady():.2f} | {ratio} | "
-            f"{run.later_compiles()} | {run.eval_s():.2f} | "
-            f"{500 * (run.steady() + run.eval_s()) / 60:.1f} | {comp['programs']} | "
+    return (f"| {name} | {run.ran_as} | {run.epochs[0]:.1f} | {run.steady():.2f} | "
+            f"{_vs_constant(name, run, results)} | {run.later_compiles()} | "
+            f"{run.eval_s():.2f} | {_minutes_500(run):.1f} | {comp['programs']} | "
             f"{comp['compile_s']:.1f} |")
 
 

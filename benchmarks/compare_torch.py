@@ -37,18 +37,6 @@ import bench_cli  # noqa: E402  (next to this file)
 from provenance import run_label, size_changes  # noqa: E402
 
 OURS = ("constant", "skip-remat-convs", "compact", "lengths-3")  # bench_step.py variants
-# Asks for SIGKILL when the parent (argv[1]) dies (prctl(2) PR_SET_PDEATHSIG, kept across
-# exec; a C library without prctl: no such guard), then runs the command (argv[2:]).
-_DIES_WITH_PARENT = """import os, signal, sys
-try:
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-except (ImportError, OSError, AttributeError):
-    pass
-if os.getppid() != int(sys.argv[1]):  # it died before that
-    os._exit(128 + signal.SIGKILL)
-os.execvp(sys.argv[2], sys.argv[2:])
-"""
 SIZES = {"depth": None, "batch": None, "rounds": "bench_step.py's and bench_torch.py's"}
 
 
@@ -112,12 +100,8 @@ def _dying_with_this(cmd: list[str]) -> list[str]:
     """``cmd``, run so that on Linux it is killed when this process dies, even by SIGKILL
     (``gpu_suite.py``'s budget kills this script's process group, which the child, in a
     session of its own, is not in; closing the terminal hangs this script up); elsewhere
-    ``cmd`` as it is. A program that the child runs first (:data:`_DIES_WITH_PARENT`), not
-    a ``preexec_fn``: this process has threads (JAX's among them), and Python code run
-    between fork and exec may deadlock on a lock one of them held."""
-    if not sys.platform.startswith("linux"):
-        return cmd
-    return [sys.executable, "-I", "-S", "-c", _DIES_WITH_PARENT, str(os.getpid()), *cmd]
+    ``cmd`` as it is (:func:`bench_cli.dying_with_this`)."""
+    return bench_cli.dying_with_this(cmd, signal.SIGKILL)
 
 
 def _check_torch(python: str) -> None:

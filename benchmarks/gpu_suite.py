@@ -29,7 +29,12 @@ that, about 150 s a variant for three epochs). A 15-minute device slice, start-u
 fits the issue's two headline tables: ``--parts epochs --budget 380``, then at once (a
 machine left idle is given back) ``--parts epochs-bf16 --budget 330``; then
 ``loop-step``, ``epochs-loop`` (``implementation='loop'``, the candidate with no padding
-and one program) and ``graphs-step``, ``epochs-torch``, ``epochs-lengths``:
+and one program) and ``graphs-step``, ``epochs-torch``, ``epochs-torch-compile``,
+``epochs-lengths``. ``--dry-run`` runs the parts at toy sizes on any machine, a CPU too,
+to check them before a GPU's minutes are spent. After each part, and again in the
+summary, the suite prints the headline figures of the tables the part appended
+(``suite_figures.py``): each variant against constant depth, the 500-epoch projection, and
+our whole-epoch throughput over PyTorch's where both ran in the same command:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -56,6 +61,9 @@ and one program) and ``graphs-step``, ``epochs-torch``, ``epochs-lengths``:
 * ``epochs-torch``: PyTorch's whole epochs (eager, fp32 and bf16, constant and skipping;
   images on the GPU, augmented there, an evaluation per epoch), the PyTorch column of the
   training-time table (needs ``--torch-python``; ``torch_epochs_gpu.md``);
+* ``epochs-torch-compile``: PyTorch's whole epochs with ``torch.compile`` (each residual
+  branch compiled), skipping, fp32 and bf16: the epochs of the issue's >= 1.0x target
+  (``torch_epochs_gpu.md``; its estimate is a guess, not yet measured);
 * ``epochs-lengths``: constant depth vs compact mode with 3 scan lengths per stage fitted to
   the schedule (the candidate default: it pads 2.5 blocks a step where multiple 4 pads 3.7,
   and compiles all its 27 programs in the first epoch), fp32 (``train.md``);
@@ -100,6 +108,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +121,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench_cli  # noqa: E402  (next to this file)
+import suite_figures  # noqa: E402
 from bench_cli import child_backend as backend  # noqa: E402
 from provenance import SUITE_PART_ENV  # noqa: E402
 
@@ -155,6 +166,12 @@ PARTS = (
     Part("epochs-torch", 200, ("benchmarks/bench_torch.py", "--whole-epochs", "--epochs", "2",
                               "--train-images", "45000", "--variants", "eager",
                               "--out", "{out}/torch_epochs_gpu.md"), torch=True),
+    # torch.compile's skipping, against which the issue's 1.0x is set (its constant depth
+    # and eager are in vs-torch's steps and epochs-torch): each residual branch compiled.
+    Part("epochs-torch-compile", 240, ("benchmarks/bench_torch.py", "--whole-epochs",
+                                       "--epochs", "2", "--train-images", "45000",
+                                       "--variants", "compile-fp32-skip,compile-bf16-skip",
+                                       "--out", "{out}/torch_epochs_gpu.md"), torch=True),
     Part("epochs-lengths", 330, ("benchmarks/bench_train.py", "--whole-epochs",
                                  "constant,lengths-3", "--epochs", "3", "--train-images",
                                  "45000", "--images-dir", "{images}", "--out", "{out}/train.md")),
@@ -196,21 +213,72 @@ PARTS = (
 )
 BY_NAME = {p.name: p for p in PARTS}
 
+# --dry-run: each script's toy sizes, appended after a part's own flags (argparse keeps a
+# flag's last value), so that every part runs its own variants and code on a CPU in minutes.
+# ResNet-56 is the smallest CIFAR ResNet whose stages bench_train.py scans ('loop' needs it).
+DRY_RUN_FLAGS = {
+    "bench_train.py": ("--depth", "56", "--batch", "8", "--epochs", "2", "--train-images",
+                       "48", "--test-images", "20", "--eval-batch", "10"),
+    "bench_step.py": ("--depth", "14", "--scan", "true", "--batch", "8", "--rounds", "2",
+                      "--warmup", "1", "--blocks", "2", "--width", "8"),
+    "stage_costs.py": ("--depth", "14", "--batch", "8", "--rounds", "2", "--warmup", "1"),
+    "profile_step.py": ("--depth", "14", "--batch", "8", "--steps", "2"),
+    # Batch 8: at 4, k = round(4 x 0.9) kept every example, and drop 0.1 skipped nothing.
+    "bench_drop_path.py": ("--image", "32", "--batch", "8", "--rounds", "2", "--warmup", "1"),
+    # ResNet-56 as bench_train.py's: the summary compares whole epochs of the same network.
+    "bench_torch.py": ("--depth", "56", "--batch", "8", "--epochs", "2", "--train-images",
+                       "48", "--test-images", "20", "--rounds", "2", "--warmup", "1"),
+    "compare_torch.py": ("--depth", "14", "--batch", "8", "--rounds", "2"),
+}
+# Per network of bench_drop_path.py (the ConvNeXt takes --depths, the ViT --depth; its
+# --patch is the ConvNeXt's stem stride: 32x32 images need 2, as its CPU default).
+DRY_RUN_DROP_PATH = {"vit": ("--size", "ti", "--depth", "2", "--patch", "8"),
+                     "convnext": ("--size", "atto", "--depths", "1,1,1,1", "--patch", "2")}
+
+
+def dry_run_flags(part: Part) -> list[str]:
+    """The flags :data:`DRY_RUN_FLAGS` appends to ``part``'s for a dry run: toy sizes of its
+    script; a part that times compiling (``compile``) compiles two toy depths."""
+    script = os.path.basename(part.args[0])
+    flags = list(DRY_RUN_FLAGS.get(script, ()))
+    if script == "bench_drop_path.py":
+        flags += DRY_RUN_DROP_PATH["convnext" if "convnext" in part.args else "vit"]
+    depths = part.args.index("--compile-depths") + 1 if "--compile-depths" in part.args else 0
+    if depths and part.args[depths]:
+        flags += ["--compile-depths", "14,20"]
+    return flags
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=540, help="seconds for all parts")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="seconds for the whole command: its checks (JAX's backend, the "
+                         "parts' imports) and the parts")
     ap.add_argument("--parts", default=",".join(BY_NAME), help="comma-separated, in order")
-    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"),
+    ap.add_argument("--out-dir", default=None,
                     help="each part appends its table to a file here (made if missing; "
-                         "default benchmarks/results), and the log to gpu_suite.log")
+                         "default benchmarks/results, with --dry-run a new temporary "
+                         "directory), and the log to gpu_suite.log")
     ap.add_argument("--torch-python", default=sys.executable,
                     help="a Python with torch for epochs-torch and vs-torch (default: this one)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run the parts at toy sizes (DRY_RUN_FLAGS) on any backend, a CPU "
+                         "too, a torch without CUDA too: to check, before GPU minutes are "
+                         "spent, that each part runs end to end and writes its table (marked "
+                         "'Not the default sizes'; never to benchmarks/results). The budget "
+                         "still counts the GPU estimates")
     ap.add_argument("--list", action="store_true", help="print the parts and exit")
     args = ap.parse_args(argv)
     args.selected = [BY_NAME[n] for n in bench_cli.names_from(args.parts, BY_NAME, "--parts")]
     # The parts run from the repository root: a path relative to here must not move there.
-    args.out_dir = os.path.abspath(args.out_dir)
+    if args.out_dir is not None:
+        args.out_dir = os.path.abspath(args.out_dir)
+    elif not args.dry_run:
+        args.out_dir = bench_cli.RESULTS
+    if args.dry_run and args.out_dir and _same_dir(args.out_dir, bench_cli.RESULTS):
+        raise bench_cli.bad_flag(f"--dry-run --out-dir {args.out_dir}: a dry run's toy tables "
+                                 f"do not go among the recorded ones; give another directory "
+                                 f"or leave --out-dir out (a new temporary one).")
     if os.sep in args.torch_python:  # a bare name ('python3') is looked up on PATH
         args.torch_python = os.path.abspath(args.torch_python)
     if args.budget <= 0:
@@ -218,19 +286,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 # Exits 0 where torch imports and sees a CUDA GPU, 3 where it sees none.
 _TORCH_CHECK = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
 
 
-def torch_problem(python: str) -> str | None:
+def torch_problem(python: str, need_cuda: bool = True) -> str | None:
     """Why ``python`` cannot run the parts that need PyTorch, or None if it can: torch
-    imports there and sees a CUDA GPU. A torch without one (a CPU-only wheel, a driver it
-    does not support) would measure the CPU and write it to the *_gpu.md tables."""
+    imports there and sees a CUDA GPU (``need_cuda``; a dry run takes a CPU-only torch). A
+    torch without one (a CPU-only wheel, a driver it does not support) would measure the
+    CPU and write it to the *_gpu.md tables."""
     try:
         status = subprocess.run([python, "-c", _TORCH_CHECK], capture_output=True).returncode
     except OSError:
         status = None
-    if status == 0:
+    if status == 0 or (status == 3 and not need_cuda):
         return None
     if status == 3:
         return (f"PyTorch in --torch-python {python} sees no CUDA GPU: its figures would be "
@@ -244,17 +317,25 @@ def needs_torch(part: Part) -> bool:
 
 
 def command(part: Part, args: argparse.Namespace) -> list[str]:
+    """The command line of ``part``: its Python, its script and flags filled in, and in a
+    dry run (``args.dry_run``) :func:`dry_run_flags` after them."""
+    images = "stochastic_depth_jax_bench_images" + ("_dry_run" if args.dry_run else "")
     fill = {"out": args.out_dir, "torch": args.torch_python,
-            "images": os.path.join(tempfile.gettempdir(), "stochastic_depth_jax_bench_images")}
+            "images": os.path.join(tempfile.gettempdir(), images)}
     return [args.torch_python if part.torch else sys.executable,
-            *(a.format(**fill) for a in part.args)]
+            *(a.format(**fill) for a in part.args),
+            *(dry_run_flags(part) if args.dry_run else ())]
 
 
-def part_env(part: Part) -> dict[str, str]:
+def part_env(part: Part, dry_run: bool = False) -> dict[str, str]:
     """The environment ``part`` runs in: its name in ``$SDJ_GPU_SUITE_PART``, so that its
-    table says it has the suite's sizes (``provenance.run_label``), unbuffered output, and
-    its ``xla_flags`` after any ``$XLA_FLAGS`` already set."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{SUITE_PART_ENV: part.name})
+    table says it has the suite's sizes (``provenance.run_label``; not in a dry run, whose
+    toy sizes its tables name), unbuffered output, and its ``xla_flags`` after any
+    ``$XLA_FLAGS`` already set."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop(SUITE_PART_ENV, None)
+    if not dry_run:
+        env[SUITE_PART_ENV] = part.name
     if part.xla_flags:
         env["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), part.xla_flags)))
     return env
@@ -289,9 +370,13 @@ def run_part(cmd: list[str], timeout: float, log, env: dict[str, str]) -> tuple[
     group, which the terminal's Ctrl-Z stops."""
     t0 = time.perf_counter()
     with bench_cli.child_stops_with_this() as job:
+        # SIGTERM if the suite dies (SIGKILL at a machine's time limit): the part, in a
+        # session of its own, ran on, on the GPU under the next command; a benchmark
+        # appends what it measured on SIGTERM.
         proc = job.started(subprocess.Popen(
-            cmd, cwd=os.path.dirname(HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=env, start_new_session=True))
+            bench_cli.dying_with_this(cmd, signal.SIGTERM), cwd=os.path.dirname(HERE),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True))
         over_budget = _echo_until_done(proc, timeout, log)
     if over_budget:
         status = _stopped_by_budget(proc.returncode)
@@ -348,6 +433,7 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
 
 
 def main(argv=None) -> None:
+    started = time.perf_counter()  # the budget counts the checks below too
     args = parse_args(argv)
     if args.list:
         for p in PARTS:
@@ -355,24 +441,102 @@ def main(argv=None) -> None:
             print(f"{p.name:18s} ~{p.estimate_s:4d} s  {flags}python {' '.join(p.args)}")
         return
     found = backend()
-    if found != "gpu":
+    if found != "gpu" and not args.dry_run:
         raise bench_cli.bad_flag(
             f"JAX's backend here is {found}, not gpu: the suite measures GPU figures and writes "
             f"them to *_gpu.md tables. Run it on a machine with a GPU (and jax[cuda]); on a CPU "
-            f"run the benchmarks themselves (README, 'Tests and benchmarks').")
-    torch_why = (torch_problem(args.torch_python) if any(needs_torch(p) for p in args.selected)
-                 else None)
+            f"run the benchmarks themselves (README, 'Tests and benchmarks'), or check the "
+            f"parts at toy sizes with --dry-run.")
+    versions = preflight(args.selected)
+    torch_why = (torch_problem(args.torch_python, need_cuda=not args.dry_run)
+                 if any(needs_torch(p) for p in args.selected) else None)
+    if args.out_dir is None:  # a dry run's own
+        args.out_dir = tempfile.mkdtemp(prefix="gpu_suite_dry_run-")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "gpu_suite.log"), "a") as log:
-        _run_parts(args, torch_why, log)
+        start = (f"\n=== gpu_suite.py{' --dry-run' if args.dry_run else ''}, "
+                 f"{datetime.datetime.now():%Y-%m-%d %H:%M}, backend {found}, budget "
+                 f"{args.budget:g} s, tables to {args.out_dir}; {versions}\n")
+        log.write(start)
+        sys.stdout.write(start)
+        _run_parts(args, torch_why, log, started)
 
 
-def _run_parts(args, torch_why: str | None, log) -> None:
-    """Runs the selected parts in order inside the budget; the summary ends the log, also
-    after Ctrl-C or SIGTERM (which stop the running part). ``torch_why``: why the parts
-    that need PyTorch cannot run (:func:`torch_problem`), None if they can."""
-    start = time.perf_counter()
-    summary = []
+# Modules that a part's script imports only once it runs, not at its own import: the
+# trainer writes TensorBoard files through tensorboardX and reads images through Pillow.
+RUN_TIME_MODULES = {"bench_train.py": ("tensorboardX", "PIL")}
+PIP_NAMES = {"PIL": "pillow"}  # where a module's package has another name
+VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections",
+            "tensorboardX", "numpy")
+# Imports each module named (a script of benchmarks/ by its name), in this Python; prints
+# [{missing module: [modules that need it]}, {module: error}, {distribution: version}].
+_IMPORT_CHECK = """import importlib, importlib.metadata as md, json, platform, sys
+sys.path[:0] = sys.argv[1:3]
+missing, failed = {}, {}
+for name in sys.argv[4:]:
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        missing.setdefault((e.name or name).split(".")[0], []).append(name)
+    except Exception as e:
+        failed[name] = f"{type(e).__name__}: {e}"
+versions = {"python": platform.python_version()}
+for dist in sys.argv[3].split(","):
+    try:
+        versions[dist] = md.version(dist)
+    except md.PackageNotFoundError:
+        versions[dist] = "none"
+print(json.dumps([missing, failed, versions]))
+"""
+
+
+def part_modules(part: Part) -> dict[str, str]:
+    """What ``part`` imports in this Python, each with the script it is for: its script
+    (compare_torch.py's bench_step.py too) and :data:`RUN_TIME_MODULES`; none for a part
+    run with ``--torch-python`` (:func:`torch_problem` checks that one)."""
+    script = os.path.basename(part.args[0])
+    if part.torch or not script.endswith(".py"):  # (a test's stand-in part: python -c)
+        return {}
+    scripts = [script] + (["bench_step.py"] if script == "compare_torch.py" else [])
+    return {m: s.removesuffix(".py") for s in scripts
+            for m in (s.removesuffix(".py"), *RUN_TIME_MODULES.get(s, ()))}
+
+
+def preflight(parts: list[Part]) -> str:
+    """Imports, in a child of this Python, what ``parts`` need (:func:`part_modules`), and
+    raises a flag error naming what is missing or fails to import, before any part starts
+    (each would fail after its start-up, one after the other, spending the budget); returns
+    the versions line for the log."""
+    owners = {m: s for p in parts for m, s in part_modules(p).items()}
+    found = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, HERE, os.path.dirname(HERE),
+                            ",".join(VERSIONS), *owners], capture_output=True, text=True)
+    try:
+        missing, failed, versions = json.loads(found.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise bench_cli.bad_flag(f"{sys.executable} could not check the parts' imports: "
+                                 f"{found.stderr.strip()[-300:]}") from None
+    if missing:
+        needs = "; ".join(f"{m} (for {', '.join(dict.fromkeys(owners[n] for n in by))})"
+                          for m, by in missing.items())
+        names = " ".join(PIP_NAMES.get(m, m) for m in missing)
+        raise bench_cli.bad_flag(
+            f"this Python lacks modules that the parts import: {needs}. Install them (pip "
+            f"install {names}; on a machine without network, wheels saved elsewhere with pip "
+            f"download) and run again; no part was started.")
+    if failed:
+        raise bench_cli.bad_flag("importing a part's script fails here, no part was started: "
+                                 + "; ".join(f"{m}: {e}" for m, e in failed.items()))
+    return "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def _run_parts(args, torch_why: str | None, log, start: float) -> None:
+    """Runs the selected parts in order inside the budget; after each, the figures of the
+    tables it appended (:mod:`suite_figures`); the summary, with every part's figures and
+    our whole epochs against PyTorch's where both ran, ends the log, also after Ctrl-C or
+    SIGTERM (which stop the running part). ``torch_why``: why the parts that need PyTorch
+    cannot run (:func:`torch_problem`), None if they can; ``start``: the suite's start
+    (``time.perf_counter()``), from which ``--budget`` counts."""
+    summary, figures, epochs = [], [], []
     part = None
     try:
         for part in args.selected:
@@ -389,7 +553,16 @@ def _run_parts(args, torch_why: str | None, log) -> None:
                       + _flags_note(part))
             log.write(header)
             sys.stdout.write(header)
-            status, took = run_part(cmd, left, log, part_env(part))
+            sizes = suite_figures.file_sizes(args.out_dir)
+            try:
+                status, took = run_part(cmd, left, log, part_env(part, args.dry_run))
+            finally:  # what it appended, also when it was interrupted
+                found, rows = suite_figures.lines_of(
+                    suite_figures.appended_since(args.out_dir, sizes))
+                figures += [f"{part.name}: {line}" for line in found]
+                epochs += rows
+                _echo("".join(f"figures: {f}\n" for f in figures[len(figures) - len(found):]),
+                      log)
             summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
     except bench_cli.STOPS as e:  # a closed output (`| head`) too: the parts' tables are kept
         name = part.name if part else "none"
@@ -399,7 +572,17 @@ def _run_parts(args, torch_why: str | None, log) -> None:
         raise stop from None
     finally:
         # sys.exc_info(): what is being raised, if anything (its own line ends the command)
-        _summary("\n=== summary\n" + "\n".join(summary) + "\n", log, sys.exc_info()[1])
+        figures += [f"ours vs PyTorch: {line}" for line in suite_figures.ours_vs_torch(epochs)]
+        _summary("\n=== summary\n" + "\n".join(summary) + "\n"
+                 + "".join(f"figures: {f}\n" for f in figures), log, sys.exc_info()[1])
+
+
+def _echo(text: str, log) -> None:
+    """Writes ``text`` to ``log`` (first: it keeps it also if stdout's reader exited), then
+    to stdout."""
+    log.write(text)
+    log.flush()
+    sys.stdout.write(text)
 
 
 def _summary(text: str, log, raising: BaseException | None) -> None:

@@ -160,7 +160,7 @@ def _printed_quotient_error(a, b, half=0.05, ratio_half=0.0005):
     return ratio_half + 1e-9 + widest
 
 
-def test_bench_train_whole_epochs(tmp_path):
+def test_bench_train_whole_epochs(tmp_path, capsys):
     out = tmp_path / "train.md"
     load("bench_train").main([
         "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
@@ -174,6 +174,19 @@ def test_bench_train_whole_epochs(tmp_path):
     # What each ran as, 'auto' resolved (README: lax.cond skipping on the CPU), from run.json.
     assert found["constant"][1] == "constant depth (cpu)"
     assert found["auto"][1] == "lax.cond skip (cpu)"
+    # gpu_suite.py reads its figures back from the table as written.
+    lines, epochs = load("suite_figures").lines_of(out.read_text())
+    assert [e.variant for e in epochs] == ["constant (constant depth (cpu))",
+                                           "auto (lax.cond skip (cpu))"]
+    assert lines[1].startswith("whole epochs fp32, ours auto (lax.cond skip (cpu)): ")
+    assert f"({4 * 16 / epochs[1].epoch_s:.0f} img/s), {found['auto'][4]} x constant" in lines[1]
+    # Each variant's figures are printed as soon as it finished (a SIGKILL before the table
+    # is appended leaves them in gpu_suite.py's log).
+    printed = capsys.readouterr().out
+    assert (f"auto: median epoch >= 2 {found['auto'][3]} s, compiles excluded, "
+            f"{found['auto'][4]} x constant; 500 epochs (training + evaluation each epoch): "
+            f"{found['auto'][7]} min\n") in printed
+    assert printed.index("auto: median epoch") < printed.index("## Whole epochs")
 
 
 def test_bench_train_whole_epochs_subtract_no_mid_epoch_evaluation(tmp_path, capsys):
@@ -262,6 +275,37 @@ def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, ca
     code, err = run_command("bench_train", argv, capsys)
     assert code == 143 and "(interrupted before the variant auto finished)" in out.read_text()
     assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
+
+
+def test_bench_train_whole_epochs_signal_in_the_steps_stops_the_variant_at_once(
+        tmp_path, capsys, monkeypatch):
+    """A SIGTERM inside a variant's steps: the trainer stopped at its next metrics point,
+    up to 20 steps on, which in compact mode's first epoch (programs compiled as bucket
+    tuples are first drawn) could outlast gpu_suite's 30 s before SIGKILL, losing the rows
+    of the variants that had finished (seen at toy sizes on the CPU: killed, nothing
+    appended). The unfinished variant's row is not written anyway: it stops at once."""
+    from stochastic_depth_jax.training import loop
+    train_epoch = loop._train_epoch
+
+    def far_from_a_metrics_point(run, compiled, epoch, end):
+        if os.path.basename(run.workdir) != "auto":
+            return train_epoch(run, compiled, epoch, end)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(600):  # steps still to run before the next metrics point
+            time.sleep(0.1)
+        raise AssertionError("the variant ran on to its next metrics point")
+
+    monkeypatch.setattr(loop, "_train_epoch", far_from_a_metrics_point)
+    out = tmp_path / "train.md"
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143, err
+    assert "(interrupted before the variant auto finished)" in out.read_text()
+    assert sorted(rows(out, ["constant", "auto"])) == ["constant"]
+    assert loop._train_epoch is far_from_a_metrics_point  # bench_train put back its patches
+    assert stopping.StopSignals._handle.__name__ == "_handle"
 
 
 def test_bench_train_epoch_compiles_fail_loudly_without_the_trainers_epochs():
@@ -512,7 +556,7 @@ def test_gpu_suite_runs_torch_parts_with_the_torch_python(tmp_path, monkeypatch)
     assert relative.torch_python == str(tmp_path / "venv" / "bin" / "python")
     assert suite.parse_args(["--torch-python", "python3"]).torch_python == "python3"  # PATH
     torch_parts = [p for p in suite.PARTS if p.torch]
-    assert [p.name for p in torch_parts] == ["epochs-torch"]
+    assert [p.name for p in torch_parts] == ["epochs-torch", "epochs-torch-compile"]
     assert suite.command(torch_parts[0], args)[:2] == ["/some/venv/bin/python",
                                                        "benchmarks/bench_torch.py"]
     assert suite.command(suite.BY_NAME["epochs"], args)[0] == sys.executable
@@ -533,7 +577,10 @@ def test_gpu_suite_torch_parts_need_a_torch_that_sees_the_gpu(tmp_path):
     python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path / "site"} exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     assert "sees no CUDA GPU" in suite.torch_problem(str(python))
-    assert "no PyTorch in --torch-python" in suite.torch_problem(sys.executable)
+    assert suite.torch_problem(str(python), need_cuda=False) is None  # a dry run takes it
+    # A Python without torch, also where the tests' own Python has one (a CPU wheel).
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError('no torch here')\n")
+    assert "no PyTorch in --torch-python" in suite.torch_problem(str(python))
     assert "no PyTorch in --torch-python" in suite.torch_problem(str(tmp_path / "missing"))
 
 
@@ -906,15 +953,18 @@ def _running_a_sleeper(script: str, first: str,
         raise
 
 
+@pytest.mark.parametrize("script", ["compare_torch", "gpu_suite"])
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
-def test_compare_torch_benchmark_dies_with_it(signum):
+def test_compare_torch_benchmark_dies_with_it(signum, script):
     """compare_torch.py runs each benchmark in a session of its own (a Ctrl-C reaches only
     compare_torch.py, which passes it on once): gpu_suite.py's budget, killing the part's
     process group (SIGKILL), or a closed terminal (SIGHUP) would leave the benchmark running
-    on, on the GPU under the next part."""
+    on, on the GPU under the next part. gpu_suite.py's parts too: a suite killed at a
+    machine's time limit left its part running, on the GPU under the next command (the part
+    gets SIGTERM, on which a benchmark appends what it measured)."""
     # SIGHUP as in a terminal's session: a run under nohup (or CI) inherits it ignored.
     proc, child = _running_a_sleeper(
-        "compare_torch", "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)")
+        script, "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)")
     try:
         os.kill(proc.pid, signum)
         proc.wait(timeout=60)
@@ -1435,3 +1485,169 @@ def test_gpu_suite_list_shows_a_parts_own_xla_flags(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert f"XLA_FLAGS+={suite.COMMAND_BUFFER_CONTROL_FLOW} python" in lines["graphs-step"]
     assert "XLA_FLAGS" not in lines["epochs"] and set(lines) == set(suite.BY_NAME)
+
+
+def test_gpu_suite_dry_run_parts_parse_at_toy_sizes(tmp_path, monkeypatch):
+    """--dry-run runs every part at its script's toy sizes (DRY_RUN_FLAGS after the part's
+    own flags): each must still parse (a size its script refuses, a ConvNeXt given the
+    ViT's --depth, would fail the dry run, not find a bug), and its table must say it is
+    not at the recorded sizes: the suite's part name is not passed on in a dry run."""
+    suite = load("gpu_suite")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    args = suite.parse_args(["--dry-run", "--out-dir", str(tmp_path)])
+    for part in suite.PARTS:
+        script, *argv = suite.command(part, args)[1:]
+        name = os.path.basename(script).removesuffix(".py")
+        assert argv[-len(suite.dry_run_flags(part)):] == suite.dry_run_flags(part)
+        assert suite.SUITE_PART_ENV not in suite.part_env(part, dry_run=True)
+        if name == "compare_torch":  # needs PyTorch; its sizes are bench_step.py's names
+            continue
+        module = bench_torch_without_torch(monkeypatch) if name == "bench_torch" else load(name)
+        with monkeypatch.context() as env:
+            env.delenv(suite.SUITE_PART_ENV, raising=False)
+            parsed = module.parse_args(argv)
+        assert "**Not the default sizes**" in parsed.label, (part.name, parsed.label)
+        if name == "bench_drop_path" and parsed.model == "convnext":  # checked at its init
+            from stochastic_depth_jax import convnext
+            convnext.check_image((1, parsed.image, parsed.image, 3), parsed.patch, 4)
+        if "--depth" in argv and name != "bench_drop_path":
+            assert parsed.depth <= 56, part.name
+        assert "stochastic_depth_jax_bench_images_dry_run" in " ".join(argv) or (
+            "--images-dir" not in argv)
+    compile_part = suite.command(suite.BY_NAME["compile"], args)
+    assert compile_part[-2:] == ["--compile-depths", "14,20"]
+    assert "--compile-depths" not in suite.dry_run_flags(suite.BY_NAME["loop-step"])
+
+
+def test_gpu_suite_dry_run_never_writes_to_the_recorded_results(tmp_path, capsys,
+                                                                monkeypatch):
+    """A dry run on a CPU is allowed (the GPU run is not, and says that a dry run is); its
+    toy tables never go to benchmarks/results, whose tables are the recorded ones."""
+    suite = load("gpu_suite")
+    results = os.path.join(BENCHMARKS, "results")
+    with pytest.raises(load("bench_cli").FlagError, match="a dry run's toy tables do not go "):
+        suite.parse_args(["--dry-run", "--out-dir", results])
+    assert suite.parse_args(["--dry-run"]).out_dir is None  # a new temporary directory
+    assert suite.parse_args([]).out_dir == os.path.normpath(results)
+    monkeypatch.setattr(suite, "backend", lambda: "cpu")
+    status, err = run_command("gpu_suite", ["--parts", "epochs", "--out-dir", str(tmp_path)],
+                              capsys)
+    assert status == 1 and "check the parts at toy sizes with --dry-run" in err[0]
+    monkeypatch.setattr(suite, "BY_NAME", {"quick": suite.Part("quick", 1, ("-c", "pass"))})
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    suite.main(["--dry-run", "--parts", "quick", "--budget", "30"])
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("gpu_suite_dry_run-")]
+    assert len(made) == 1 and "quick: ok" in (made[0] / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_refuses_in_one_line_where_a_part_cannot_import(tmp_path, capsys,
+                                                                  monkeypatch):
+    """The GPU image lacks some of what the parts import (ml_collections, tensorboardX): each
+    part then failed with a traceback after its start-up, one after the other, and the
+    budget went by with no table. Now the suite checks the parts' imports first, in one
+    child, and names what is missing and the fix; it records the versions in its log."""
+    suite = load("gpu_suite")
+    versions = suite.preflight([suite.BY_NAME["epochs"], suite.BY_NAME["vs-torch"]])
+    assert versions.startswith("versions: python ") and f"jax {jax.__version__}" in versions
+    assert suite.part_modules(suite.BY_NAME["vs-torch"]) == {"compare_torch": "compare_torch",
+                                                             "bench_step": "bench_step"}
+    assert suite.part_modules(suite.BY_NAME["epochs"])["tensorboardX"] == "bench_train"
+    assert suite.part_modules(suite.BY_NAME["epochs-torch"]) == {}  # torch_problem's
+    monkeypatch.setitem(suite.RUN_TIME_MODULES, "bench_train.py", ("no_such_module_here",))
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    status, err = run_command("gpu_suite", ["--parts", "loop-step,epochs", "--out-dir",
+                                            str(tmp_path)], capsys)
+    assert status == 1 and len(err) == 1, err
+    assert ("this Python lacks modules that the parts import: no_such_module_here (for "
+            "bench_train). Install them (pip install no_such_module_here;") in err[0]
+    assert not os.listdir(tmp_path)  # no part started, no log
+
+
+# A whole-epochs table of ours and of PyTorch's, as bench_train.py / bench_torch.py write
+# them (their headings and columns; the figures made up).
+OURS_EPOCHS = """
+## Whole epochs, ResNet-110, batch 128, p_L=0.5, {dtype}, 45000 training images (351 steps, \
+the last partial batch dropped)
+
+| variant | ran as | epoch 1 s (with compiles) | median epoch >= 2 s, compiles excluded | \
+/ constant (same scan form) | compiled inside epochs >= 2: programs, s | median evaluation s \
+| 500 epochs, min | programs compiled | compile s |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| constant | constant depth (gpu) | 8.9 | 7.29 | 1.000 | 0, 0.0 | 0.14 | 61.9 | 26 | 17.2 |
+| auto | compact, multiple 4 (gpu) | 90.0 | 6.00 | 0.823 | 9, 36.0 | 0.14 | 51.2 | 45 | 99.0 |
+"""
+THEIR_EPOCHS = """
+## PyTorch whole epochs, CIFAR ResNet-110, batch 128, 45000 training images (351 steps), \
+channels-last
+
+| variant | epoch 1 s | median epoch s | img/s | skip / constant | median evaluation s | \
+500 epochs, min |
+|---|---|---|---|---|---|---|
+| eager-fp32-constant | 17.00 | 16.00 | 2808 | - | 1.00 | 141.7 |
+| eager-fp32-skip | 13.00 | 12.00 | 3744 | 0.750 | 1.00 | 108.3 |
+"""
+
+
+def test_suite_figures_read_the_columns_the_epoch_benchmarks_write():
+    """The columns suite_figures.py reads are those bench_torch.py and bench_train.py write
+    (bench_torch.py's tables need PyTorch to make: its source is read instead)."""
+    with open(os.path.join(BENCHMARKS, "bench_torch.py")) as f:
+        torch_source = f.read().replace('"\n        "', "")
+    header = load("suite_figures").tables(THEIR_EPOCHS)[0].rows[0]
+    assert "| " + " | ".join(header) + " |" in torch_source
+    assert "## PyTorch whole epochs, CIFAR ResNet-{args.depth}, batch {args.batch}" in (
+        torch_source)
+
+
+def test_gpu_suite_prints_the_figures_of_each_part_and_at_its_end(tmp_path, monkeypatch,
+                                                                  capsys):
+    """After each part, and in its summary, the suite prints the headline figures of the
+    tables the part appended (only those: not the ones already in the file): whole epochs
+    against constant depth with the 500-epoch projection, PyTorch's epochs, and our
+    throughput over PyTorch's where both ran in the same command."""
+    suite = load("gpu_suite")
+    (tmp_path / "train.md").write_text(OURS_EPOCHS.format(dtype="bfloat16"))  # earlier
+    write = "import sys; open(sys.argv[1], 'a').write(sys.argv[2])"
+    ours = suite.Part("ours", 1, ("-c", write, "{out}/train.md",
+                                  OURS_EPOCHS.format(dtype="float32")))
+    theirs = suite.Part("theirs", 1, ("-c", write, "{out}/torch_epochs_gpu.md", THEIR_EPOCHS))
+    monkeypatch.setattr(suite, "BY_NAME", {"ours": ours, "theirs": theirs})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    suite.main(["--parts", "ours,theirs", "--budget", "60", "--out-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    log = (tmp_path / "gpu_suite.log").read_text()
+    summary = log.split("=== summary\n")[1]
+    assert ("figures: ours: whole epochs fp32, ours auto (compact, multiple 4 (gpu)): 6.00 "
+            "s/epoch (7488 img/s), 0.823 x constant; 500 epochs (training + evaluation each "
+            "epoch): 51.2 min\n") in summary
+    assert "bf16" not in summary  # the table that was there before
+    assert ("figures: theirs: whole epochs fp32, PyTorch eager-fp32-skip: 12.00 s/epoch "
+            "(3744 img/s), 0.750 x constant;") in summary
+    assert ("figures: ours vs PyTorch: whole epochs fp32: ours auto (compact, multiple 4 "
+            "(gpu)) / PyTorch eager-fp32-skip: 2.00x the throughput\n") in summary
+    assert ("ours vs PyTorch: whole epochs fp32: ours constant (constant depth (gpu)) / "
+            "PyTorch eager-fp32-constant: 2.19x") in summary  # constant with constant only
+    assert summary.count("ours vs PyTorch") == 2
+    # Not across networks (a dry run's, or a hand-made command's, other sizes).
+    lines, epochs = load("suite_figures").lines_of(OURS_EPOCHS.format(dtype="float32")
+                                                   + THEIR_EPOCHS.replace("-110", "-56"))
+    assert len(epochs) == 4 and not load("suite_figures").ours_vs_torch(epochs)
+    # As it goes: after the part, before the next one starts.
+    assert log.index("figures: ours: whole epochs fp32, ours auto") < log.index("=== theirs")
+    assert printed.count("figures: ours: whole epochs fp32, ours auto") == 2
+
+
+def test_gpu_suite_budget_counts_its_own_checks(tmp_path, monkeypatch):
+    """--budget sizes a lent machine's slice: the checks before the first part (JAX's
+    backend, the parts' imports: a child process each, seconds on a GPU image) count in
+    it. The clock started after them, and the command outlasted its budget by that much."""
+    suite = load("gpu_suite")
+    part = suite.Part("part", 3, ("-c", "print('part ran')"))
+    monkeypatch.setattr(suite, "BY_NAME", {"part": part})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: time.sleep(2) or "versions: -")
+    suite.main(["--parts", "part", "--budget", "4", "--out-dir", str(tmp_path)])
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "part ran" not in log and "part: not started (estimate 3 s, " in log
