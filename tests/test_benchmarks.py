@@ -308,6 +308,55 @@ def test_bench_train_whole_epochs_signal_in_the_steps_stops_the_variant_at_once(
     assert stopping.StopSignals._handle.__name__ == "_handle"
 
 
+class _ReaderGone(io.TextIOBase):
+    """The stdout and stderr of a part whose gpu_suite.py died: a pipe with no reader."""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("where", ["in the steps", "while preparing"])
+def test_bench_train_whole_epochs_appends_its_rows_when_the_suite_died(
+        tmp_path, capsys, monkeypatch, where):
+    """gpu_suite.py killed (SIGKILL at a lent machine's time limit): its part gets SIGTERM
+    (PR_SET_PDEATHSIG) with its output a pipe that no one reads. The stop's line, printed
+    from the signal handler, raised BrokenPipeError there instead of stopping the variant,
+    and bench_train.py ended as after `| head` (exit 141) without the rows of the variants
+    that had finished. The benchmarks' rounds survived it; now bench_train.py does too."""
+    from stochastic_depth_jax.training import loop
+    train_epoch, prepare = loop._train_epoch, loop._prepare
+
+    def suite_dies(workdir):
+        if os.path.basename(workdir) == "auto":
+            monkeypatch.setattr(sys, "stdout", _ReaderGone())
+            monkeypatch.setattr(sys, "stderr", _ReaderGone())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def in_the_steps(run, compiled, epoch, end):
+        suite_dies(run.workdir)
+        return train_epoch(run, compiled, epoch, end)
+
+    def while_preparing(config, workdir):
+        suite_dies(workdir)
+        return prepare(config, workdir)
+
+    if where == "in the steps":
+        monkeypatch.setattr(loop, "_train_epoch", in_the_steps)
+    else:
+        monkeypatch.setattr(loop, "_prepare", while_preparing)
+    out = tmp_path / "train.md"
+    code, _ = run_command("bench_train", [
+        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143
+    assert "(interrupted before the variant auto finished)" in out.read_text()
+    assert sorted(rows(out, ["constant", "auto"])) == ["constant"]
+
+
 def test_bench_train_epoch_compiles_fail_loudly_without_the_trainers_epochs():
     """Where the trainer no longer runs its epochs through loop._train_epoch, the wrapper
     sees no epoch: an error, not a table that subtracted no compiles."""
