@@ -100,7 +100,7 @@ our whole-epoch throughput over PyTorch's where both ran in the same command:
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
 * ``user-branch``: a user's stock-Flax branch wrapped in ``StochasticDepth``, survival 0.5 vs
-  1.0 (``step_gpu.md``);
+  1.0, and its Flax NNX twin under ``nnx.jit`` (``nnx-*``) (``step_gpu.md``);
 * ``compile``: compile time of ResNet-1202 vs ResNet-110 (``step_gpu.md``).
 """
 
@@ -205,8 +205,12 @@ PARTS = (
                            "--rounds", "20",
                            "--variants", "constant,skip-remat-convs,compact", "--step-out",
                            "{out}/step_gpu.md", "--out", "{out}/vs_torch_gpu.md")),
-    Part("user-branch", 40, ("benchmarks/bench_step.py", "--user-branch",
-                             "--variants", "constant,skip", "--out", "{out}/step_gpu.md")),
+    # The Linen net and its NNX twin under the user's own jit (H200, 2026-12-04: the Linen
+    # pair took 26 s, 3-4 s compiling each). Not the '-stock' variants (reroute_convs='auto'
+    # reroutes on the CPU only: the same programs on a GPU) nor '-options' (CPU options).
+    Part("user-branch", 50, ("benchmarks/bench_step.py", "--user-branch", "--variants",
+                             "constant,skip,nnx-constant,nnx-skip",
+                             "--out", "{out}/step_gpu.md")),
     Part("compile", 60, ("benchmarks/bench_step.py", "--variants", "constant",
                          "--rounds", "3", "--compile-depths", "110,1202",
                          "--out", "{out}/step_gpu.md")),

@@ -1700,3 +1700,17 @@ def test_gpu_suite_budget_counts_its_own_checks(tmp_path, monkeypatch):
     suite.main(["--parts", "part", "--budget", "4", "--out-dir", str(tmp_path)])
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "part ran" not in log and "part: not started (estimate 3 s, " in log
+
+
+def test_gpu_suite_user_branch_part_runs_the_nnx_twin_and_what_differs_on_a_gpu():
+    """bench_step.py --user-branch gained the NNX twin (nnx-* variants); the suite's part
+    still named only the Linen pair, so a GPU run never measured NNX. Its '-stock' variants
+    are the same programs off the CPU (reroute_convs='auto' reroutes there only) and its
+    '-options' ones pass CPU compiler options: a GPU's minutes are not spent on them."""
+    suite, bench_step = load("gpu_suite"), load("bench_step")
+    argv = suite.BY_NAME["user-branch"].args
+    names = argv[argv.index("--variants") + 1].split(",")
+    assert set(names) <= set(bench_step.USER_VARIANTS)
+    assert {bench_step.USER_VARIANTS[n][2] for n in names} == {False, bench_step.NNX}
+    assert {bench_step.USER_VARIANTS[n][1] for n in names} == {"auto"}
+    assert all(bench_step.user_baseline(n) in names for n in names)  # each ratio's base
