@@ -472,12 +472,15 @@ RUN_TIME_MODULES = {"bench_train.py": ("tensorboardX", "PIL")}
 PIP_NAMES = {"PIL": "pillow"}  # where a module's package has another name
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections",
             "tensorboardX", "numpy")
-# Imports each module named (a script of benchmarks/ by its name), in this Python; prints
+THIS_PACKAGE = "stochastic_depth_jax"  # on the path by PYTHONPATH or pip install -e, not pip
+# Imports each module named (a script of benchmarks/ by its name), in this Python, with the
+# path a part has (run with -P from the repository root: benchmarks/, argv[1], then
+# PYTHONPATH's and site's; neither the root nor the current directory); prints
 # [{missing module: [modules that need it]}, {module: error}, {distribution: version}].
 _IMPORT_CHECK = """import importlib, importlib.metadata as md, json, platform, sys
-sys.path[:0] = sys.argv[1:3]
+sys.path.insert(0, sys.argv[1])
 missing, failed = {}, {}
-for name in sys.argv[4:]:
+for name in sys.argv[3:]:
     try:
         importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -485,7 +488,7 @@ for name in sys.argv[4:]:
     except Exception as e:
         failed[name] = f"{type(e).__name__}: {e}"
 versions = {"python": platform.python_version()}
-for dist in sys.argv[3].split(","):
+for dist in sys.argv[2].split(","):
     try:
         versions[dist] = md.version(dist)
     except md.PackageNotFoundError:
@@ -512,8 +515,10 @@ def preflight(parts: list[Part]) -> str:
     (each would fail after its start-up, one after the other, spending the budget); returns
     the versions line for the log."""
     owners = {m: s for p in parts for m, s in part_modules(p).items()}
-    found = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, HERE, os.path.dirname(HERE),
-                            ",".join(VERSIONS), *owners], capture_output=True, text=True)
+    root = os.path.dirname(HERE)
+    found = subprocess.run([sys.executable, "-P", "-c", _IMPORT_CHECK, HERE,
+                            ",".join(VERSIONS), *owners], capture_output=True, text=True,
+                           cwd=root)  # as run_part: a relative PYTHONPATH alike
     try:
         missing, failed, versions = json.loads(found.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -522,11 +527,14 @@ def preflight(parts: list[Part]) -> str:
     if missing:
         needs = "; ".join(f"{m} (for {', '.join(dict.fromkeys(owners[n] for n in by))})"
                           for m, by in missing.items())
-        names = " ".join(PIP_NAMES.get(m, m) for m in missing)
-        raise bench_cli.bad_flag(
-            f"this Python lacks modules that the parts import: {needs}. Install them (pip "
-            f"install {names}; on a machine without network, wheels saved elsewhere with pip "
-            f"download) and run again; no part was started.")
+        names = " ".join(PIP_NAMES.get(m, m) for m in missing if m != THIS_PACKAGE)
+        fixes = ([f"Install them (pip install {names}; on a machine without network, wheels "
+                  f"saved elsewhere with pip download)"] if names else [])
+        if THIS_PACKAGE in missing:
+            fixes.append(f"Put this repository on the path (PYTHONPATH={root}, or pip "
+                         f"install -e {root})")
+        raise bench_cli.bad_flag(f"this Python lacks modules that the parts import: {needs}. "
+                                 f"{'. '.join(fixes)}. Then run again; no part was started.")
     if failed:
         raise bench_cli.bad_flag("importing a part's script fails here, no part was started: "
                                  + "; ".join(f"{m}: {e}" for m, e in failed.items()))

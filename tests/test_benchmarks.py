@@ -1714,3 +1714,33 @@ def test_gpu_suite_user_branch_part_runs_the_nnx_twin_and_what_differs_on_a_gpu(
     assert {bench_step.USER_VARIANTS[n][2] for n in names} == {False, bench_step.NNX}
     assert {bench_step.USER_VARIANTS[n][1] for n in names} == {"auto"}
     assert all(bench_step.user_baseline(n) in names for n in names)  # each ratio's base
+
+
+def test_gpu_suite_import_check_sees_the_path_its_parts_see(tmp_path, monkeypatch):
+    """A part runs as `python benchmarks/<script>.py` from the repository root: its path has
+    benchmarks/, not the root (bench_train.py adds it itself, the others do not), so where
+    this package is not installed (a GPU image, the repository copied there) their
+    `import stochastic_depth_jax` fails. The import check put the root on its path (and
+    `python -c` the current directory), passed, and every part then failed in turn. It
+    imports now as the parts do, and says how to put the package on the path."""
+    suite = load("gpu_suite")
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "only_at_root.py").write_text("")
+    (root / "benchmarks" / "script.py").write_text("import only_at_root\n")
+    part = suite.Part("script", 1, ("benchmarks/script.py",))
+    ran = subprocess.run([sys.executable, *part.args], cwd=root, capture_output=True,
+                         text=True)  # as run_part runs it
+    assert "No module named 'only_at_root'" in ran.stderr
+    monkeypatch.setattr(suite, "HERE", str(root / "benchmarks"))
+    monkeypatch.chdir(root)
+    with pytest.raises(load("bench_cli").FlagError,
+                       match=r"lacks modules that the parts import: only_at_root \(for script\)"):
+        suite.preflight([part])
+    (root / "benchmarks" / "script.py").write_text("import stochastic_depth_jax_not_here\n")
+    monkeypatch.setattr(suite, "THIS_PACKAGE", "stochastic_depth_jax_not_here")
+    with pytest.raises(load("bench_cli").FlagError) as refused:
+        suite.preflight([part])
+    assert f"Put this repository on the path (PYTHONPATH={root}, or pip install -e {root})" in (
+        str(refused.value)) and "pip install stochastic_depth_jax_not_here" not in str(
+        refused.value)
