@@ -1744,3 +1744,15 @@ def test_gpu_suite_import_check_sees_the_path_its_parts_see(tmp_path, monkeypatc
     assert f"Put this repository on the path (PYTHONPATH={root}, or pip install -e {root})" in (
         str(refused.value)) and "pip install stochastic_depth_jax_not_here" not in str(
         refused.value)
+
+
+def test_gpu_suite_import_check_covers_the_stage_costs_drawing():
+    """stage-costs and stage-costs-bf16 pass --plot: stage_costs.py imports matplotlib only
+    to draw it, after its rounds and before appending its table. A GPU image without
+    matplotlib passed the import check, then lost each part's table after its minutes."""
+    import inspect
+    suite = load("gpu_suite")
+    assert "import matplotlib" in inspect.getsource(load("stage_costs").plot)
+    for part in suite.PARTS:
+        if "--plot" in part.args:
+            assert suite.part_modules(part)["matplotlib"] == "stage_costs", part.name
