@@ -478,18 +478,29 @@ THIS_PACKAGE = "stochastic_depth_jax"  # on the path by PYTHONPATH or pip instal
 # path a part has (run with -P from the repository root: benchmarks/, argv[1], then
 # PYTHONPATH's and site's; neither the root nor the current directory); prints
 # [{missing module: [modules that need it]}, {module: error}, {distribution: version}].
-_IMPORT_CHECK = """import importlib, importlib.metadata as md, json, platform, sys
+# A script that puts the root on its path (bench_train.py) has this package (argv[2]) for
+# itself only: one imported after it that uses it needs it found on the part's own path.
+_IMPORT_CHECK = """import importlib, importlib.machinery, json, platform, sys
+import importlib.metadata as md
 sys.path.insert(0, sys.argv[1])
+package, base = sys.argv[2], list(sys.path)
+found = importlib.util.find_spec(package) is not None
 missing, failed = {}, {}
-for name in sys.argv[3:]:
+for name in sys.argv[4:]:
     try:
-        importlib.import_module(name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         missing.setdefault((e.name or name).split(".")[0], []).append(name)
     except Exception as e:
         failed[name] = f"{type(e).__name__}: {e}"
+    else:
+        uses = any(str(getattr(v, "__module__", None) or getattr(v, "__name__", "")).split(".")[0]
+                   == package for v in vars(module).values())
+        if uses and not found and not importlib.machinery.PathFinder.find_spec(package):
+            missing.setdefault(package, []).append(name)
+    sys.path[:] = base
 versions = {"python": platform.python_version()}
-for dist in sys.argv[2].split(","):
+for dist in sys.argv[3].split(","):
     try:
         versions[dist] = md.version(dist)
     except md.PackageNotFoundError:
@@ -517,7 +528,7 @@ def preflight(parts: list[Part]) -> str:
     the versions line for the log."""
     owners = {m: s for p in parts for m, s in part_modules(p).items()}
     root = os.path.dirname(HERE)
-    found = subprocess.run([sys.executable, "-P", "-c", _IMPORT_CHECK, HERE,
+    found = subprocess.run([sys.executable, "-P", "-c", _IMPORT_CHECK, HERE, THIS_PACKAGE,
                             ",".join(VERSIONS), *owners], capture_output=True, text=True,
                            cwd=root)  # as run_part: a relative PYTHONPATH alike
     try:

@@ -1756,3 +1756,30 @@ def test_gpu_suite_import_check_covers_the_stage_costs_drawing():
     for part in suite.PARTS:
         if "--plot" in part.args:
             assert suite.part_modules(part)["matplotlib"] == "stage_costs", part.name
+
+
+def test_gpu_suite_import_check_not_fooled_by_a_script_that_adds_the_root(tmp_path,
+                                                                          monkeypatch):
+    """bench_train.py puts the repository root on its own path: imported first in the one
+    child, it made this package importable for every script checked after it, which, run
+    as parts, then failed (`--parts epochs,loop-step` where the package is not installed)."""
+    suite = load("gpu_suite")
+    root = tmp_path / "repo"
+    (root / "pkgx").mkdir(parents=True)
+    (root / "benchmarks").mkdir()
+    (root / "pkgx" / "__init__.py").write_text("def thing():\n    pass\n")
+    (root / "benchmarks" / "adds.py").write_text(
+        "import os, sys\nsys.path.insert(0, os.path.dirname(os.path.dirname("
+        "os.path.abspath(__file__))))\nfrom pkgx import thing\n")
+    (root / "benchmarks" / "needs.py").write_text("from pkgx import thing\n")
+    (root / "benchmarks" / "neither.py").write_text("import json\n")
+    parts = [suite.Part(n, 1, (f"benchmarks/{n}.py",)) for n in ("adds", "needs", "neither")]
+    for part, works in zip(parts, [True, False, True]):  # as run_part runs them
+        ran = subprocess.run([sys.executable, *part.args], cwd=root, capture_output=True)
+        assert (ran.returncode == 0) == works, part.name
+    monkeypatch.setattr(suite, "HERE", str(root / "benchmarks"))
+    monkeypatch.setattr(suite, "THIS_PACKAGE", "pkgx")
+    with pytest.raises(load("bench_cli").FlagError,
+                       match=r"lacks modules that the parts import: pkgx \(for needs\)\. Put "):
+        suite.preflight(parts)
+    assert suite.preflight([parts[0], parts[2]]).startswith("versions: ")
