@@ -1783,3 +1783,14 @@ def test_gpu_suite_import_check_not_fooled_by_a_script_that_adds_the_root(tmp_pa
                        match=r"lacks modules that the parts import: pkgx \(for needs\)\. Put "):
         suite.preflight(parts)
     assert suite.preflight([parts[0], parts[2]]).startswith("versions: ")
+
+
+def test_suite_figures_name_a_step_table_they_cannot_read():
+    """A train-step table without a '/ constant' column (a column renamed) raised
+    StopIteration out of suite_figures.lines_of, which gpu_suite.py calls after each part
+    (in a finally): the suite stopped there, its later parts not run. Named instead."""
+    table = ("## Train step, CifarResNet-110, batch 128, float32, scan=auto\n\n"
+             "| variant | median ms/step | img/s |\n|---|---|---|\n| constant | 7.0 | 18000 |\n")
+    lines, epochs = load("suite_figures").lines_of(table)
+    assert epochs == [] and len(lines) == 1
+    assert lines[0].startswith("(could not read the table 'Train step, CifarResNet-110, ")
