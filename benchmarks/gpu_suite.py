@@ -480,7 +480,7 @@ THIS_PACKAGE = "stochastic_depth_jax"  # on the path by PYTHONPATH or pip instal
 # [{missing module: [modules that need it]}, {module: error}, {distribution: version}].
 # A script that puts the root on its path (bench_train.py) has this package (argv[2]) for
 # itself only: one imported after it that uses it needs it found on the part's own path.
-_IMPORT_CHECK = """import importlib, importlib.machinery, json, platform, sys
+_IMPORT_CHECK = """import importlib, importlib.machinery, importlib.util, json, platform, sys
 import importlib.metadata as md
 sys.path.insert(0, sys.argv[1])
 package, base = sys.argv[2], list(sys.path)
