@@ -170,7 +170,7 @@ def _stoppable(items: Sequence, at_once: Callable[[int], bool], then: str):
         if caught or at_once(started):
             raise Interrupted(signal_name(signum), 128 + signum)
         caught.append(signum)
-        _outputs_survive_their_reader()
+        outputs_survive_their_reader()
         print(f"{signal_name(signum)}: stopping after this {then} (again: stop at once, "
               f"nothing written)", file=sys.stderr, flush=True)
 
@@ -295,16 +295,18 @@ def _to_devnull(stream) -> None:
         pass
 
 
-def _outputs_survive_their_reader() -> None:
+def outputs_survive_their_reader() -> None:
     """Wraps ``sys.stdout`` and ``sys.stderr`` in :class:`_ReaderMayBeGone` (until
-    :func:`run` returns)."""
+    :func:`run` returns): at a stop's first signal, whose lines must not keep the table from
+    being appended (a Ctrl-C that also stopped ``| tee``; ``gpu_suite.py`` killed, its part
+    sent SIGTERM with no one reading its output)."""
     for name in ("stdout", "stderr"):
         if not isinstance(getattr(sys, name), _ReaderMayBeGone):
             setattr(sys, name, _ReaderMayBeGone(getattr(sys, name)))
 
 
 def _outputs_restored() -> None:
-    """Undoes :func:`_outputs_survive_their_reader`."""
+    """Undoes :func:`outputs_survive_their_reader`."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if isinstance(stream, _ReaderMayBeGone):

@@ -269,6 +269,7 @@ class _EpochCompiles:
         of the steps (an evaluation) it stops as the trainer does, soon."""
         def handle(stop, signum, frame):
             first = stop.signum is None
+            bench_cli.outputs_survive_their_reader()  # its line must not stop the stop
             original(stop, signum, frame)
             if first and self._epoch is not None and type(stop) is stopping.StopSignals:
                 print(f"bench_train: stopping the variant now, in epoch {self._epoch}'s "
@@ -379,6 +380,9 @@ class _VariantStops(stopping.StopSignals):
 
     def _handle(self, signum, frame):
         first = self.signum is None
+        # Its line printed to no reader (gpu_suite.py died and sent this SIGTERM) must not
+        # raise BrokenPipeError here, which ended the command without the finished rows.
+        bench_cli.outputs_survive_their_reader()
         super()._handle(signum, frame)
         if first and self.training:
             raise stopping.Stopped(f"stopped by {self.name(signum)} before the variant's "

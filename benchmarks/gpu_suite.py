@@ -100,7 +100,7 @@ our whole-epoch throughput over PyTorch's where both ran in the same command:
   ``torch.compile``, constant and skipping (needs ``--torch-python`` with torch; the step
   tables are kept in ``step_gpu.md``, the joint table in ``vs_torch_gpu.md``);
 * ``user-branch``: a user's stock-Flax branch wrapped in ``StochasticDepth``, survival 0.5 vs
-  1.0 (``step_gpu.md``);
+  1.0, and its Flax NNX twin under ``nnx.jit`` (``nnx-*``) (``step_gpu.md``);
 * ``compile``: compile time of ResNet-1202 vs ResNet-110 (``step_gpu.md``).
 """
 
@@ -205,8 +205,12 @@ PARTS = (
                            "--rounds", "20",
                            "--variants", "constant,skip-remat-convs,compact", "--step-out",
                            "{out}/step_gpu.md", "--out", "{out}/vs_torch_gpu.md")),
-    Part("user-branch", 40, ("benchmarks/bench_step.py", "--user-branch",
-                             "--variants", "constant,skip", "--out", "{out}/step_gpu.md")),
+    # The Linen net and its NNX twin under the user's own jit (H200, 2026-12-04: the Linen
+    # pair took 26 s, 3-4 s compiling each). Not the '-stock' variants (reroute_convs='auto'
+    # reroutes on the CPU only: the same programs on a GPU) nor '-options' (CPU options).
+    Part("user-branch", 50, ("benchmarks/bench_step.py", "--user-branch", "--variants",
+                             "constant,skip,nnx-constant,nnx-skip",
+                             "--out", "{out}/step_gpu.md")),
     Part("compile", 60, ("benchmarks/bench_step.py", "--variants", "constant",
                          "--rounds", "3", "--compile-depths", "110,1202",
                          "--out", "{out}/step_gpu.md")),
@@ -463,23 +467,38 @@ def main(argv=None) -> None:
 
 
 # Modules that a part's script imports only once it runs, not at its own import: the
-# trainer writes TensorBoard files through tensorboardX and reads images through Pillow.
-RUN_TIME_MODULES = {"bench_train.py": ("tensorboardX", "PIL")}
+# trainer writes TensorBoard files through tensorboardX and reads images through Pillow;
+# stage_costs.py draws its --plot with matplotlib, after its rounds and before its table.
+RUN_TIME_MODULES = {"bench_train.py": ("tensorboardX", "PIL"), "stage_costs.py": ("matplotlib",)}
 PIP_NAMES = {"PIL": "pillow"}  # where a module's package has another name
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections",
             "tensorboardX", "numpy")
-# Imports each module named (a script of benchmarks/ by its name), in this Python; prints
+THIS_PACKAGE = "stochastic_depth_jax"  # on the path by PYTHONPATH or pip install -e, not pip
+# Imports each module named (a script of benchmarks/ by its name), in this Python, with the
+# path a part has (run with -P from the repository root: benchmarks/, argv[1], then
+# PYTHONPATH's and site's; neither the root nor the current directory); prints
 # [{missing module: [modules that need it]}, {module: error}, {distribution: version}].
-_IMPORT_CHECK = """import importlib, importlib.metadata as md, json, platform, sys
-sys.path[:0] = sys.argv[1:3]
+# A script that puts the root on its path (bench_train.py) has this package (argv[2]) for
+# itself only: one imported after it that uses it needs it found on the part's own path.
+_IMPORT_CHECK = """import importlib, importlib.machinery, importlib.util, json, platform, sys
+import importlib.metadata as md
+sys.path.insert(0, sys.argv[1])
+package, base = sys.argv[2], list(sys.path)
+found = importlib.util.find_spec(package) is not None
 missing, failed = {}, {}
 for name in sys.argv[4:]:
     try:
-        importlib.import_module(name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
         missing.setdefault((e.name or name).split(".")[0], []).append(name)
     except Exception as e:
         failed[name] = f"{type(e).__name__}: {e}"
+    else:
+        uses = any(str(getattr(v, "__module__", None) or getattr(v, "__name__", "")).split(".")[0]
+                   == package for v in vars(module).values())
+        if uses and not found and not importlib.machinery.PathFinder.find_spec(package):
+            missing.setdefault(package, []).append(name)
+    sys.path[:] = base
 versions = {"python": platform.python_version()}
 for dist in sys.argv[3].split(","):
     try:
@@ -508,8 +527,10 @@ def preflight(parts: list[Part]) -> str:
     (each would fail after its start-up, one after the other, spending the budget); returns
     the versions line for the log."""
     owners = {m: s for p in parts for m, s in part_modules(p).items()}
-    found = subprocess.run([sys.executable, "-c", _IMPORT_CHECK, HERE, os.path.dirname(HERE),
-                            ",".join(VERSIONS), *owners], capture_output=True, text=True)
+    root = os.path.dirname(HERE)
+    found = subprocess.run([sys.executable, "-P", "-c", _IMPORT_CHECK, HERE, THIS_PACKAGE,
+                            ",".join(VERSIONS), *owners], capture_output=True, text=True,
+                           cwd=root)  # as run_part: a relative PYTHONPATH alike
     try:
         missing, failed, versions = json.loads(found.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -518,11 +539,14 @@ def preflight(parts: list[Part]) -> str:
     if missing:
         needs = "; ".join(f"{m} (for {', '.join(dict.fromkeys(owners[n] for n in by))})"
                           for m, by in missing.items())
-        names = " ".join(PIP_NAMES.get(m, m) for m in missing)
-        raise bench_cli.bad_flag(
-            f"this Python lacks modules that the parts import: {needs}. Install them (pip "
-            f"install {names}; on a machine without network, wheels saved elsewhere with pip "
-            f"download) and run again; no part was started.")
+        names = " ".join(PIP_NAMES.get(m, m) for m in missing if m != THIS_PACKAGE)
+        fixes = ([f"Install them (pip install {names}; on a machine without network, wheels "
+                  f"saved elsewhere with pip download)"] if names else [])
+        if THIS_PACKAGE in missing:
+            fixes.append(f"Put this repository on the path (PYTHONPATH={root}, or pip "
+                         f"install -e {root})")
+        raise bench_cli.bad_flag(f"this Python lacks modules that the parts import: {needs}. "
+                                 f"{'. '.join(fixes)}. Then run again; no part was started.")
     if failed:
         raise bench_cli.bad_flag("importing a part's script fails here, no part was started: "
                                  + "; ".join(f"{m}: {e}" for m, e in failed.items()))

@@ -133,7 +133,7 @@ def lines_of(text: str) -> tuple[list[str], list[Epochs]]:
                 lines += [_epoch_line(e) for e in rows]
             elif _STEP.match(table.heading):
                 lines += [_step_line(table, row) for row in table.rows]
-        except (KeyError, ValueError, IndexError) as e:
+        except (KeyError, ValueError, IndexError, StopIteration) as e:  # a column missing
             lines.append(f"(could not read the table '{table.heading}': {e!r})")
     return lines, epochs
 

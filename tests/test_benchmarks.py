@@ -308,6 +308,55 @@ def test_bench_train_whole_epochs_signal_in_the_steps_stops_the_variant_at_once(
     assert stopping.StopSignals._handle.__name__ == "_handle"
 
 
+class _ReaderGone(io.TextIOBase):
+    """The stdout and stderr of a part whose gpu_suite.py died: a pipe with no reader."""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("where", ["in the steps", "while preparing"])
+def test_bench_train_whole_epochs_appends_its_rows_when_the_suite_died(
+        tmp_path, capsys, monkeypatch, where):
+    """gpu_suite.py killed (SIGKILL at a lent machine's time limit): its part gets SIGTERM
+    (PR_SET_PDEATHSIG) with its output a pipe that no one reads. The stop's line, printed
+    from the signal handler, raised BrokenPipeError there instead of stopping the variant,
+    and bench_train.py ended as after `| head` (exit 141) without the rows of the variants
+    that had finished. The benchmarks' rounds survived it; now bench_train.py does too."""
+    from stochastic_depth_jax.training import loop
+    train_epoch, prepare = loop._train_epoch, loop._prepare
+
+    def suite_dies(workdir):
+        if os.path.basename(workdir) == "auto":
+            monkeypatch.setattr(sys, "stdout", _ReaderGone())
+            monkeypatch.setattr(sys, "stderr", _ReaderGone())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def in_the_steps(run, compiled, epoch, end):
+        suite_dies(run.workdir)
+        return train_epoch(run, compiled, epoch, end)
+
+    def while_preparing(config, workdir):
+        suite_dies(workdir)
+        return prepare(config, workdir)
+
+    if where == "in the steps":
+        monkeypatch.setattr(loop, "_train_epoch", in_the_steps)
+    else:
+        monkeypatch.setattr(loop, "_prepare", while_preparing)
+    out = tmp_path / "train.md"
+    code, _ = run_command("bench_train", [
+        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143
+    assert "(interrupted before the variant auto finished)" in out.read_text()
+    assert sorted(rows(out, ["constant", "auto"])) == ["constant"]
+
+
 def test_bench_train_epoch_compiles_fail_loudly_without_the_trainers_epochs():
     """Where the trainer no longer runs its epochs through loop._train_epoch, the wrapper
     sees no epoch: an error, not a table that subtracted no compiles."""
@@ -593,7 +642,9 @@ def test_gpu_suite_parts_name_known_variants():
         if "--variants" in args and script in ("bench_step.py", "stage_costs.py",
                                                "profile_step.py", "compare_torch.py"):
             for name in args[args.index("--variants") + 1].split(","):
-                assert bench_step.known_variant(name), (part.name, name)
+                known = (name in bench_step.USER_VARIANTS if "--user-branch" in args
+                         else bench_step.known_variant(name))  # --user-branch: its own
+                assert known, (part.name, name)
         if "--whole-epochs" in args and script == "bench_train.py":
             for name in args[args.index("--whole-epochs") + 1].split(","):
                 assert name in bench_train.EPOCH_VARIANTS, (part.name, name)
@@ -1651,3 +1702,97 @@ def test_gpu_suite_budget_counts_its_own_checks(tmp_path, monkeypatch):
     suite.main(["--parts", "part", "--budget", "4", "--out-dir", str(tmp_path)])
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "part ran" not in log and "part: not started (estimate 3 s, " in log
+
+
+def test_gpu_suite_user_branch_part_runs_the_nnx_twin_and_what_differs_on_a_gpu():
+    """bench_step.py --user-branch gained the NNX twin (nnx-* variants); the suite's part
+    still named only the Linen pair, so a GPU run never measured NNX. Its '-stock' variants
+    are the same programs off the CPU (reroute_convs='auto' reroutes there only) and its
+    '-options' ones pass CPU compiler options: a GPU's minutes are not spent on them."""
+    suite, bench_step = load("gpu_suite"), load("bench_step")
+    argv = suite.BY_NAME["user-branch"].args
+    names = argv[argv.index("--variants") + 1].split(",")
+    assert set(names) <= set(bench_step.USER_VARIANTS)
+    assert {bench_step.USER_VARIANTS[n][2] for n in names} == {False, bench_step.NNX}
+    assert {bench_step.USER_VARIANTS[n][1] for n in names} == {"auto"}
+    assert all(bench_step.user_baseline(n) in names for n in names)  # each ratio's base
+
+
+def test_gpu_suite_import_check_sees_the_path_its_parts_see(tmp_path, monkeypatch):
+    """A part runs as `python benchmarks/<script>.py` from the repository root: its path has
+    benchmarks/, not the root (bench_train.py adds it itself, the others do not), so where
+    this package is not installed (a GPU image, the repository copied there) their
+    `import stochastic_depth_jax` fails. The import check put the root on its path (and
+    `python -c` the current directory), passed, and every part then failed in turn. It
+    imports now as the parts do, and says how to put the package on the path."""
+    suite = load("gpu_suite")
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "only_at_root.py").write_text("")
+    (root / "benchmarks" / "script.py").write_text("import only_at_root\n")
+    part = suite.Part("script", 1, ("benchmarks/script.py",))
+    ran = subprocess.run([sys.executable, *part.args], cwd=root, capture_output=True,
+                         text=True)  # as run_part runs it
+    assert "No module named 'only_at_root'" in ran.stderr
+    monkeypatch.setattr(suite, "HERE", str(root / "benchmarks"))
+    monkeypatch.chdir(root)
+    with pytest.raises(load("bench_cli").FlagError,
+                       match=r"lacks modules that the parts import: only_at_root \(for script\)"):
+        suite.preflight([part])
+    (root / "benchmarks" / "script.py").write_text("import stochastic_depth_jax_not_here\n")
+    monkeypatch.setattr(suite, "THIS_PACKAGE", "stochastic_depth_jax_not_here")
+    with pytest.raises(load("bench_cli").FlagError) as refused:
+        suite.preflight([part])
+    assert f"Put this repository on the path (PYTHONPATH={root}, or pip install -e {root})" in (
+        str(refused.value)) and "pip install stochastic_depth_jax_not_here" not in str(
+        refused.value)
+
+
+def test_gpu_suite_import_check_covers_the_stage_costs_drawing():
+    """stage-costs and stage-costs-bf16 pass --plot: stage_costs.py imports matplotlib only
+    to draw it, after its rounds and before appending its table. A GPU image without
+    matplotlib passed the import check, then lost each part's table after its minutes."""
+    import inspect
+    suite = load("gpu_suite")
+    assert "import matplotlib" in inspect.getsource(load("stage_costs").plot)
+    for part in suite.PARTS:
+        if "--plot" in part.args:
+            assert suite.part_modules(part)["matplotlib"] == "stage_costs", part.name
+
+
+def test_gpu_suite_import_check_not_fooled_by_a_script_that_adds_the_root(tmp_path,
+                                                                          monkeypatch):
+    """bench_train.py puts the repository root on its own path: imported first in the one
+    child, it made this package importable for every script checked after it, which, run
+    as parts, then failed (`--parts epochs,loop-step` where the package is not installed)."""
+    suite = load("gpu_suite")
+    root = tmp_path / "repo"
+    (root / "pkgx").mkdir(parents=True)
+    (root / "benchmarks").mkdir()
+    (root / "pkgx" / "__init__.py").write_text("def thing():\n    pass\n")
+    (root / "benchmarks" / "adds.py").write_text(
+        "import os, sys\nsys.path.insert(0, os.path.dirname(os.path.dirname("
+        "os.path.abspath(__file__))))\nfrom pkgx import thing\n")
+    (root / "benchmarks" / "needs.py").write_text("from pkgx import thing\n")
+    (root / "benchmarks" / "neither.py").write_text("import json\n")
+    parts = [suite.Part(n, 1, (f"benchmarks/{n}.py",)) for n in ("adds", "needs", "neither")]
+    for part, works in zip(parts, [True, False, True]):  # as run_part runs them
+        ran = subprocess.run([sys.executable, *part.args], cwd=root, capture_output=True)
+        assert (ran.returncode == 0) == works, part.name
+    monkeypatch.setattr(suite, "HERE", str(root / "benchmarks"))
+    monkeypatch.setattr(suite, "THIS_PACKAGE", "pkgx")
+    with pytest.raises(load("bench_cli").FlagError,
+                       match=r"lacks modules that the parts import: pkgx \(for needs\)\. Put "):
+        suite.preflight(parts)
+    assert suite.preflight([parts[0], parts[2]]).startswith("versions: ")
+
+
+def test_suite_figures_name_a_step_table_they_cannot_read():
+    """A train-step table without a '/ constant' column (a column renamed) raised
+    StopIteration out of suite_figures.lines_of, which gpu_suite.py calls after each part
+    (in a finally): the suite stopped there, its later parts not run. Named instead."""
+    table = ("## Train step, CifarResNet-110, batch 128, float32, scan=auto\n\n"
+             "| variant | median ms/step | img/s |\n|---|---|---|\n| constant | 7.0 | 18000 |\n")
+    lines, epochs = load("suite_figures").lines_of(table)
+    assert epochs == [] and len(lines) == 1
+    assert lines[0].startswith("(could not read the table 'Train step, CifarResNet-110, ")
