@@ -277,6 +277,17 @@ def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, ca
     assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
 
 
+def _constant_then_auto(tmp_path, capsys):
+    """bench_train --whole-epochs constant,auto at toy sizes: (table path, exit code,
+    stderr)."""
+    out = tmp_path / "train.md"
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    return out, code, err
+
+
 def test_bench_train_whole_epochs_signal_in_the_steps_stops_the_variant_at_once(
         tmp_path, capsys, monkeypatch):
     """A SIGTERM inside a variant's steps: the trainer stopped at its next metrics point,
@@ -296,11 +307,7 @@ def test_bench_train_whole_epochs_signal_in_the_steps_stops_the_variant_at_once(
         raise AssertionError("the variant ran on to its next metrics point")
 
     monkeypatch.setattr(loop, "_train_epoch", far_from_a_metrics_point)
-    out = tmp_path / "train.md"
-    code, err = run_command("bench_train", [
-        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
-        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
-        "--out", str(out)], capsys)
+    out, code, err = _constant_then_auto(tmp_path, capsys)
     assert code == 143, err
     assert "(interrupted before the variant auto finished)" in out.read_text()
     assert sorted(rows(out, ["constant", "auto"])) == ["constant"]
@@ -347,12 +354,8 @@ def test_bench_train_whole_epochs_appends_its_rows_when_the_suite_died(
         monkeypatch.setattr(loop, "_train_epoch", in_the_steps)
     else:
         monkeypatch.setattr(loop, "_prepare", while_preparing)
-    out = tmp_path / "train.md"
-    code, _ = run_command("bench_train", [
-        "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
-        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
-        "--out", str(out)], capsys)
-    assert code == 143
+    out, code, err = _constant_then_auto(tmp_path, capsys)
+    assert code == 143, err
     assert "(interrupted before the variant auto finished)" in out.read_text()
     assert sorted(rows(out, ["constant", "auto"])) == ["constant"]
 
