@@ -314,13 +314,23 @@ def test_compact_mode_and_loop_train_like_skipping_on_eight_devices(tmp_path):
     the schedule) and implementation='loop' (the kept blocks in one loop of dynamic length
     per stage) train as skipping does, step by step.
 
-    On 8 simulated devices of an AVX-512 CPU, every scanned program without a conditional
-    (masking, compact mode, the loop) ends its first step ~3e-4 (relative) away from the same
-    program on one device, where skipping (and constant depth, and unscanned masking) stays
-    within ~1e-6; not explained yet. So there the parameters are compared tightly with
-    masking (the same arithmetic as compact mode and the loop, with no conditional), and
-    with skipping only to what that drift leaves after 3 steps (~1e-3 absolute), losses
-    tightly with both; on one device compact mode is compared tightly with skipping."""
+    Two programs that round differently can disagree about the sign of a ReLU input that
+    lies within float32 rounding of 0, and then one example's gradient at that element
+    flows in one program and not in the other. This test's first batch (seed 0) holds such
+    an input: in stage 3's second block (the first scanned one), channel 14 of example 26
+    at row 4, column 0 is -7.0e-7 in float64 (its shortcut is 0). On 8 simulated devices
+    of an AVX-512 CPU, the scanned programs without a conditional (masking, compact mode,
+    the loop) round it to >= 0, skipping and one device below 0: the first gradients
+    differ by up to 3e-3 of a parameter's largest entry, from that block's conv2 (output
+    channel 14) back to the stem, and the parameters by 3e-3 (absolute, stem kernel) after
+    3 steps. No reduction is wrong: in float64 the scanned masked step gives the same
+    gradients on 1 and 8 devices to 1e-14, and nudging that one input by +1e-6 in float64
+    gives the 8-device float32 gradients to 1e-5. Seeds 1-9 show no such gap (one step:
+    parameters within 7e-6, relative, of one device's, skipping and masking alike). So on
+    8 devices the parameters are compared tightly with masking (the same arithmetic as
+    compact mode and the loop, with no conditional), and with skipping to 5e-3 absolute,
+    what that one flipped ReLU leaves after 3 steps with some margin; losses tightly with
+    both. On one device compact mode is compared tightly with skipping."""
     deep = TINY + ["--config.model.depth=26", "--config.model.scan=true"]
     one = distributed.make_mesh(jax.devices()[:1])
     skip1, state_s1 = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), one)
@@ -333,13 +343,13 @@ def test_compact_mode_and_loop_train_like_skipping_on_eight_devices(tmp_path):
     masked, state_m = _per_step_losses(
         load_config("cifar10:smoke", deep + ["--config.model.implementation=mask"]),
         str(tmp_path), mesh)
-    _assert_same_training(masked, state_m, skip, state_s, rtol=5e-2, atol=5e-3)
+    _assert_same_training(masked, state_m, skip, state_s, atol=5e-3)
     for knob in ("--config.model.compact_multiple=2", "--config.model.compact_lengths=2",
                  "--config.model.implementation=loop"):
         compact, state_c = _per_step_losses(
             load_config("cifar10:smoke", deep + [knob]), str(tmp_path), mesh)
         _assert_same_training(compact, state_c, masked, state_m)
-        _assert_same_training(compact, state_c, skip, state_s, rtol=5e-2, atol=5e-3)
+        _assert_same_training(compact, state_c, skip, state_s, atol=5e-3)
 
 
 def test_batch_larger_than_the_training_set_fails_clearly(tmp_path):
