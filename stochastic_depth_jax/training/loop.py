@@ -815,17 +815,22 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
         compilation.cache_dir_for(config.compilation_cache_dir))
     cache_dir, unwritable = compilation.off_if_unwritable(cache_dir, config.compilation_cache_dir)
     hazard = hazard or unwritable
-    with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:
+    read_only = compilation.read_only(cache_dir)
+    with (compilation.cache_dir_in_use(cache_dir, read_only=bool(read_only)),
+          compilation.CompileStats() as stats):
         summary, trained = _train_and_evaluate(config, workdir)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
         return summary
     summary["compilation"] = {**stats.to_json(), "cache_dir": cache_dir or None}
     if hazard:
         summary["compilation"]["cache_off_because"] = hazard
+    if read_only:
+        summary["compilation"]["cache_read_only_because"] = read_only
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
         print(f"Compiled {stats.programs} programs in {stats.compile_s:.1f}s "
-              f"({stats.cache_hits} loaded from the persistent cache"
+              f"({stats.cache_hits} loaded from the {'read-only ' * bool(read_only)}"
+              "persistent cache"
               f"{' at ' + cache_dir if cache_dir else ', which is off'}); "
               f"tracing and lowering {stats.trace_and_lower_s:.1f}s.", flush=True)
     return summary
