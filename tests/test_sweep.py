@@ -25,6 +25,7 @@ from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors, logs  # noqa: E402
 from stochastic_depth_jax.training import evaluate as evaluate_lib  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib, stopping, sweep  # noqa: E402
+from stochastic_depth_jax.training import figures  # noqa: E402
 
 
 def _sweep_argv(root, *extra, depths="8", p_last="0.5"):
@@ -488,6 +489,47 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     # Fig. 8 draws the finished run; its sidecar names the unfinished one it leaves out.
     fig8 = _sidecar(str(tmp_path), "fig8_error_vs_p_last")
     assert fig8["left_out"] == {"depth8_pL0.5": "unfinished"} and list(fig8["data"]) == ["8"]
+
+
+def test_fig8_of_a_sweep_in_progress_names_its_unfinished_runs_under_the_title(
+        tmp_path, monkeypatch):
+    """Fig. 8 leaves the unfinished runs out: the PNG looked like the whole sweep's (only
+    its sidecar named them), also where it replaced the figure of a finished grid."""
+    titles = {}
+    save = figures.save_figure
+
+    def saved(fig, path, *args, **kwargs):
+        titles[os.path.basename(path)] = fig.axes[0].get_title()
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", saved)
+    runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert "unfinished" not in titles["fig8_error_vs_p_last.png"]
+    runs.append(_run(tmp_path, "depth8_pL0.5", 0.5, finished=False))
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert titles["fig8_error_vs_p_last.png"].endswith(
+        "\nnot drawn, unfinished: depth 8 x p_L 0.5")
+
+
+def test_figs_7_and_3_draw_the_deepest_depth_with_an_epoch(tmp_path):
+    """A sweep that has just started its next depth (no epoch finished there yet): Figs. 7
+    and 3 drew that depth's runs, which have no curve, and came out empty, replacing the
+    figures of the depths finished before."""
+    runs = [_run(tmp_path, "depth8_pL0.5", 0.5, finished=True),
+            _run(tmp_path, "depth8_pL1", 1.0, finished=True),
+            {**_run(tmp_path, "depth14_pL0.5", 0.5, finished=False), "depth": 14,
+             "records": []}]
+    for record in runs[0]["records"] + runs[1]["records"]:
+        record.update(test_error=0.9, train_loss=2.3)
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    for figure in ("fig7_first_conv_grad", "fig3_error_curves"):
+        drawn = _sidecar(str(tmp_path), figure)
+        assert sorted(drawn["data"]) == ["depth8_pL0.5", "depth8_pL1"]
+        assert drawn["left_out"] == {"depth14_pL0.5": "no finished epoch yet"}
+    runs[2]["records"] = runs[0]["records"]  # its first epoch done: the deepest is drawn
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert list(_sidecar(str(tmp_path), "fig7_first_conv_grad")["data"]) == ["depth14_pL0.5"]
 
 
 def test_a_one_epoch_sweep_is_described_as_one_epoch():

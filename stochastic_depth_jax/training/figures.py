@@ -157,9 +157,11 @@ def _series_label(series: str) -> str:
     return f", {series}" if series else ""
 
 
-def _title(ax: Any, title: str, subtitle: str) -> None:
-    """The figure's subject, and below it what it was trained on (wrapped to the width)."""
-    ax.set_title("\n".join([title] + textwrap.wrap(subtitle, 75)), fontsize=9)
+def _title(ax: Any, title: str, subtitle: str, note: str = "") -> None:
+    """The figure's subject, below it what it was trained on, and ``note`` (what is missing
+    from it), each wrapped to the width."""
+    ax.set_title("\n".join([title] + textwrap.wrap(subtitle, 75) + textwrap.wrap(note, 75)),
+                 fontsize=9)
 
 
 def _legend(fig: Any, ax: Any, entries: int) -> None:
@@ -178,8 +180,8 @@ _LEGEND_INSIDE = 5  # lines whose legend fits inside the axes
 
 def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
                          metric: str = "test_error", subtitle: str = "",
-                         ylabel: str = "", extra: dict[str, Any] | None = None
-                         ) -> tuple[str, str]:
+                         ylabel: str = "", extra: dict[str, Any] | None = None,
+                         note: str = "") -> tuple[str, str]:
     """Fig. 8: ``metric`` (default the best-by-validation epoch's test error) vs p_L, one
     line per depth and series (``run['series']``, where runs of several configs are drawn).
 
@@ -189,6 +191,8 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
       subtitle: what the runs were trained on (data, epochs), under the title.
       ylabel: the axis label (default: ``metric`` in percent).
       extra: more fields for the sidecar (:func:`save_figure`).
+      note: a last line of the title, e.g. the unfinished runs of a sweep in progress not
+        drawn (a figure that looked whole, its sidecar alone naming them).
     """
     fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
@@ -213,7 +217,7 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
     ax.set_xlabel("$p_L$ (survival probability of the last block; 1 = constant depth)")
     ax.set_ylabel(ylabel or f"{metric.replace('_', ' ')} (%)")
     ax.grid(alpha=0.3)
-    _title(ax, "Error vs $p_L$ per depth (cf. Huang et al. 2016, Fig. 8)", subtitle)
+    _title(ax, "Error vs $p_L$ per depth (cf. Huang et al. 2016, Fig. 8)", subtitle, note)
     if data:  # No finished run yet: an empty legend only warns.
         _legend(fig, ax, len(data))
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
