@@ -128,8 +128,8 @@ def test_sweep_collect_on_one_run_s_workdir_says_so(capsys, tmp_path):
     line = one_line_error(capsys, sweep_cli.main, ["--root", str(tmp_path / run), "--collect"])
     assert line == (f"error: --root {str(tmp_path / run)!r} is one run's workdir (it holds "
                     f"run.json), not a sweep's root, whose runs are its subdirectories: pass "
-                    f"the directory that holds the runs (here perhaps {tmp_path}); evaluate.py "
-                    f"{tmp_path / run} evaluates this run.")
+                    f"the directory that holds the runs (here perhaps {tmp_path}); 'python "
+                    f"evaluate.py --workdir {tmp_path / run}' evaluates this run.")
 
 
 def test_a_sweep_into_one_run_s_workdir_is_refused_before_it_trains(capsys, tmp_path):

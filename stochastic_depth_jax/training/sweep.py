@@ -339,7 +339,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             raise errors.CheckpointError(
                 f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not "
                 f"a sweep's root, whose runs are its subdirectories: pass the directory that "
-                f"holds the runs (here perhaps {parent}); evaluate.py {root} evaluates this run.")
+                f"holds the runs (here perhaps {parent}); 'python evaluate.py --workdir "
+                f"{root}' evaluates this run.")
     runs = []
     for name in names:
         workdir = os.path.join(root, name)
