@@ -26,7 +26,8 @@ from typing import Any, Iterable, Sequence
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 from stochastic_depth_jax.training.plots import (epoch_axis, figure_title, is_number,
-                                                 new_figure, per_epoch)
+                                                 mark_non_finite, new_figure, non_finite,
+                                                 per_epoch)
 
 __all__ = [
     "save_figure",
@@ -264,14 +265,19 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
     data = {}
+    shown = []
     for r in _by_run(runs):
-        points = _per_epoch(r, key)
-        if not points:
+        points, bad = _per_epoch(r, key), non_finite(r["records"], key)
+        if not (points or bad):
             continue
         data[r["name"]] = points
-        ax.plot(*zip(*points), "--" if r["p_last"] == 1.0 else "-",
-                marker="." if len(points) < 20 else None, label=_run_label(r))
-    epoch_axis(ax, _epochs(data.values()))  # whole epochs, also for a run of one
+        # NaN where the gradient was not finite: a gap in the line, marked at the top.
+        line = sorted(points + [(epoch, float("nan")) for epoch in bad])
+        [drawn] = ax.plot(*zip(*line), "--" if r["p_last"] == 1.0 else "-",
+                          marker="." if len(points) < 20 else None, label=_run_label(r))
+        mark_non_finite(ax, bad, drawn.get_color(), r["name"])
+        shown += [epoch for epoch, _ in line]
+    epoch_axis(ax, shown)  # whole epochs, also for a run of one
     ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
                   "steps)")
     ax.set_yscale("log")
