@@ -102,10 +102,22 @@ def load_run_config(workdir: str, fix: str = "restore it from a copy or rerun"
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
             "training run?" + (f" It holds runs (a sweep's root?): {', '.join(runs[:3])}"
                                + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
-                               + "; give one of them." if runs else ""))
+                               + "; give one of them." if runs else "") + _export_hint(workdir))
     config = ml_collections.ConfigDict(meta["config"])
     with recorded_fields(workdir, meta, config):
         return config_lib.validate(config, recorded=True), meta
+
+
+def _export_hint(directory: str) -> str:
+    """Where ``directory`` is a pruned model (``evaluate.py --export``, ``save_pruned``: it
+    holds ``model.json``), what it is and how to use it; else ''."""
+    if not os.path.isfile(os.path.join(directory, "model.json")):
+        return ""
+    record = os.path.join(directory, "export.json")
+    return (" It holds a pruned model (evaluate.py --export), not a run: load it with "
+            "stochastic_depth_jax.load_pruned"
+            + (f"; its errors, and the run it came from, are in {record}"
+               if os.path.isfile(record) else "") + ".")
 
 
 def _runs_inside(directory: str) -> list[str]:
