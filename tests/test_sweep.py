@@ -149,6 +149,26 @@ def test_a_sweep_into_one_run_s_workdir_is_refused_before_it_trains(capsys, tmp_
     assert [r["name"] for r in sweep.collect(str(run))] == ["depth8_pL1"]
 
 
+def test_a_run_is_not_trained_into_a_sweep_s_root(capsys, tmp_path):
+    """`train.py --workdir <sweep root>` (to add one run to the sweep) trained there, its
+    files among the sweep's runs, and the sweep then refused its own root as 'one run's
+    workdir ... give the sweep a directory of its own'."""
+    _finished_run(str(tmp_path), 8, 0.5, 0.3)
+    line = one_line_error(capsys, train_cli.main, ["--config", "cifar10:smoke",
+                                                   "--workdir", str(tmp_path)])
+    assert line == (f"error: The workdir {tmp_path} holds runs in its subdirectories "
+                    "(depth8_pL0.5; a sweep's root?), not one run: a run there would mix its "
+                    "files with theirs, and the sweep could not be continued; give this run a "
+                    f"directory of its own (e.g. {tmp_path / '<name>'}).")
+    assert os.listdir(tmp_path) == ["depth8_pL0.5"]
+    # A root where that happened before: the sweep says what is in the way.
+    (tmp_path / "run.json").write_text("{}")
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path))
+    assert line == (f"error: --root {str(tmp_path)!r} holds the files of a run trained there "
+                    "(run.json, checkpoints, ...) besides the sweep's runs: move them into a "
+                    "directory of their own to continue the sweep.")
+
+
 def _finished_run(root, depth, p_last, test_error, *overrides):
     """Writes the records of a finished smoke run (run.json, summary.json, metrics.jsonl) as
     training leaves them, in ``<root>/depth<d>_pL<p>``, without training."""

@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_run_config",
     "read_run_json",
+    "runs_inside",
     "recorded_fields",
     "relocate_data",
     "check_same_data",
@@ -97,7 +98,7 @@ def load_run_config(workdir: str, fix: str = "restore it from a copy or rerun"
     ends the message of a damaged one (:func:`read_run_json`)."""
     meta = read_run_json(workdir, fix)
     if meta is None:
-        runs = _runs_inside(workdir)
+        runs = runs_inside(workdir)
         raise errors.CheckpointError(
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
             "training run?" + (f" It holds runs (a sweep's root?): {', '.join(runs[:3])}"
@@ -120,7 +121,7 @@ def _export_hint(directory: str) -> str:
                if os.path.isfile(record) else "") + ".")
 
 
-def _runs_inside(directory: str) -> list[str]:
+def runs_inside(directory: str) -> list[str]:
     """The paths of the training runs (with a ``run.json``) directly inside ``directory``."""
     try:
         names = sorted(os.listdir(directory))

@@ -768,6 +768,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise errors.WorkdirError(f"The workdir is empty ({workdir!r}); give the directory "
                                   "the run writes its checkpoints, metrics and plots to.")
     workdir = os.path.abspath(os.path.expanduser(workdir))  # '~/runs/x': not a './~' folder
+    _refuse_a_sweep_root(workdir)
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
 
@@ -804,6 +805,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # a run started meanwhile would set it aside as an unfinished save.
         if not (distributed.closes_pending() and distributed.close_after_reporting(release)):
             release()
+
+
+def _refuse_a_sweep_root(workdir: str) -> None:
+    """Refuses to start a run in a directory that holds runs in its subdirectories (a
+    sweep's root, ``train.py --workdir runs/pL`` meant to add one run to it): the run's
+    files went in among the sweep's runs, and ``sweep.py`` then refused that root as one
+    run's workdir. A run already there (its ``run.json``) resumes as before."""
+    if os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
+        return
+    runs = evaluate_lib.runs_inside(workdir)
+    if runs:
+        names = ", ".join(os.path.basename(r) for r in runs[:3]) + (
+            f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        raise errors.WorkdirError(
+            f"The workdir {workdir} holds runs in its subdirectories ({names}; a sweep's "
+            "root?), not one run: a run there would mix its files with theirs, and the sweep "
+            "could not be continued; give this run a directory of its own (e.g. "
+            f"{os.path.join(workdir, '<name>')}).")
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -255,6 +255,11 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         raise errors.ConfigError(f"--root {root!r} is a file, not a directory: give the sweep "
                                  "a directory (new or of an earlier sweep).")
     if _is_a_run(root):  # before any run trains, not once all have (collect refused it)
+        if evaluate_lib.runs_inside(root):  # a run trained into the root of a sweep
+            raise errors.ConfigError(
+                f"--root {root!r} holds the files of a run trained there ("
+                f"{evaluate_lib.RUN_FILE}, checkpoints, ...) besides the sweep's runs: move "
+                "them into a directory of their own to continue the sweep.")
         raise errors.ConfigError(
             f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not a "
             "sweep's root: the sweep would train its runs inside that run's directory; give "
