@@ -58,6 +58,26 @@ def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expecte
     assert not os.path.exists(tmp_path / "depth8_pL0.5")
 
 
+@pytest.mark.parametrize("script, flag, hint", [
+    ("train", "--work_dir=/tmp/x", "; did you mean --workdir?"),
+    ("sweep", "--p_last", "; did you mean --p-last?"),
+    ("train", "--confg.seed=1", "; did you mean --config.seed=1?"),
+    ("sweep", "--configs.num_epochs", "; did you mean --config.num_epochs?"),
+    ("sweep", "--no-such-flag", ""),
+])
+def test_a_misspelt_flag_names_the_flag_meant(capsys, tmp_path, script, flag, hint):
+    """A misspelt flag was 'unrecognised argument ... (overrides look like --config.<field>=
+    <value>)', whatever it was close to."""
+    main, argv = ((train_cli.main, ["--config", "cifar10:smoke", flag]) if script == "train"
+                  else (sweep_cli.main, _sweep_argv(tmp_path, flag)))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    [line] = [x for x in capsys.readouterr().err.splitlines() if ": error: " in x]
+    assert info.value.code == 2
+    assert line.endswith(f"unrecognised argument {flag!r} (overrides look like "
+                         f"--config.<field>=<value>){hint}")
+
+
 @pytest.mark.parametrize("grid, expected", [
     ({"depths": ""}, "--depths lists no values"),
     ({"p_last": ","}, "--p-last lists no values"),
