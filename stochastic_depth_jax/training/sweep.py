@@ -505,9 +505,9 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     shorter session) and names the unfinished ones under its title; Figs. 7 and 3 the
     deepest depth of each series that has a finished epoch (:func:`_deepest_runs`),
     unfinished runs marked; the table lists every run and names the unfinished ones. Runs
-    of different configs are separate series (:func:`label_series`). Each file names the runs it came from, and its
-    sidecar the runs left out and why; ``report`` (default ``print``) gets one line per
-    file saying the same. Returns name -> path. Where matplotlib cannot be imported, only
+    of different configs are separate series (:func:`label_series`). Each file names the
+    runs it came from, and its sidecar the runs left out and why; ``report`` (default
+    ``print``) gets one line per file saying the same. Returns name -> path. Where matplotlib cannot be imported, only
     the table is written, with a warning naming the figures not drawn.
     """
     if not runs:
