@@ -507,8 +507,9 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     unfinished runs marked; the table lists every run and names the unfinished ones. Runs
     of different configs are separate series (:func:`label_series`). Each file names the
     runs it came from, and its sidecar the runs left out and why; ``report`` (default
-    ``print``) gets one line per file saying the same. Returns name -> path. Where matplotlib cannot be imported, only
-    the table is written, with a warning naming the figures not drawn.
+    ``print``) gets one line per file saying the same. Returns name -> path. Where
+    matplotlib cannot be imported, only the table is written, with a warning naming the
+    figures not drawn.
     """
     if not runs:
         raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json of "
