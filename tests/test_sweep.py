@@ -189,6 +189,29 @@ def test_a_run_is_not_trained_into_a_sweep_s_root(capsys, tmp_path):
                     "directory of their own to continue the sweep.")
 
 
+def test_a_run_busy_in_another_sweep_is_said_in_the_sweep_s_words(tmp_path):
+    """Two sweeps of one root: the second stopped with the lock's advice, 'or use another
+    --workdir', a flag sweep.py does not have."""
+    from stochastic_depth_jax.training import workdir as workdir_lib
+
+    runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [0.5])]
+    lock = workdir_lib.WorkdirLock(str(tmp_path / "depth8_pL0.5"))
+    os.makedirs(tmp_path / "depth8_pL0.5")
+    lock.acquire()
+    try:
+        with pytest.raises(errors.WorkdirBusyError) as info:
+            sweep.run_sweep(runs, str(tmp_path))
+    finally:
+        lock.release()
+    message = str(info.value)
+    assert message.startswith(f"The workdir {tmp_path / 'depth8_pL0.5'} is in use by another "
+                              f"run: pid {os.getpid()}")
+    assert message.endswith(" (another sweep of this --root?). Wait for it to finish or stop "
+                            "it, then run this sweep again (it skips the finished runs), or "
+                            "give it another --root.")
+    assert "--workdir" not in message
+
+
 def _finished_run(root, depth, p_last, test_error, *overrides):
     """Writes the records of a finished smoke run (run.json, summary.json, metrics.jsonl) as
     training leaves them, in ``<root>/depth<d>_pL<p>``, without training."""

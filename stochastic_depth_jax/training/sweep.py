@@ -286,6 +286,12 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             except stopping.Stopped as e:  # say how to resume the sweep, not the run
                 raise stopping.Stopped(e.stopped, e.exit_status - 128,
                                        call_again=_CALL_AGAIN) from None
+            except errors.WorkdirBusyError as e:  # the sweep chose the workdir: not '--workdir'
+                raise errors.WorkdirBusyError(
+                    str(e).removesuffix(workdir_lib.BUSY_FIX).rstrip()
+                    + " (another sweep of this --root?). Wait for it to finish or stop it, "
+                    "then run this sweep again (it skips the finished runs), or give it "
+                    "another --root.") from None
             status[name] = "resumed" if resumed else "started"
     return status
 
