@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import os
@@ -185,6 +186,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
+def _did_you_mean(parser: argparse.ArgumentParser, item: str) -> str:
+    """``'; did you mean --workdir?'`` for a misspelt flag of ``parser`` (``--work_dir``) or
+    a misspelt ``--config.`` prefix (``--confg.seed=1``: ``--config.seed=1``); else ''."""
+    flag, sep, value = item.partition("=")
+    prefix, dot, field = flag.partition(".")
+    if dot and field and difflib.get_close_matches(prefix, ["--config"], cutoff=0.75):
+        return f"; did you mean --config.{field}{sep}{value}?"
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def parse_overrides(parser: argparse.ArgumentParser, rest: Sequence[str]) -> list[str]:
     """The ``--config.<field>=<value>`` overrides among ``rest``, the arguments that
     ``parser.parse_known_args`` left; any other argument is a usage error of ``parser``.
@@ -199,7 +212,7 @@ def parse_overrides(parser: argparse.ArgumentParser, rest: Sequence[str]) -> lis
         item = rest[i]
         if not item.startswith("--config."):
             parser.error(f"unrecognised argument {item!r} (overrides look like "
-                         "--config.<field>=<value>)")
+                         f"--config.<field>=<value>){_did_you_mean(parser, item)}")
         if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)

@@ -24,6 +24,7 @@ labels int32 [B], mask bool [B])`` (padded examples have mask False), e.g.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -231,6 +232,28 @@ def _metrics(total: np.ndarray) -> dict[str, float]:
     return {"error": errors / count, "loss": loss / count, "count": int(count)}
 
 
+def _apply_sums(model: Any, variables: Any, images: jax.Array, labels: jax.Array,
+                mask: jax.Array, gates: jax.Array | None) -> jax.Array:
+    logits = model.apply(variables, images, train=False, gates=gates)
+    return _sums(logits, labels, mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_gated_sums(model: Any) -> Any:
+    return jax.jit(functools.partial(_apply_sums, model))
+
+
+def _gated_sums(model: Any) -> Any:
+    """The jitted ``(variables, images, labels, mask, gates) -> sums`` of ``model``, one per
+    model (Flax modules compare by their fields): the evaluators of a depth curve's splits
+    share its compilations, where each compiled the same programs again. A model with an
+    unhashable field gets its own."""
+    try:
+        return _shared_gated_sums(model)
+    except TypeError:
+        return jax.jit(functools.partial(_apply_sums, model))
+
+
 class SubNetworkEvaluator:
     """Error of the model with some blocks removed, over every example of ``batches``.
 
@@ -248,12 +271,7 @@ class SubNetworkEvaluator:
         _require_blockwise(model)  # Else the first call fails deep in apply ('gates').
         self.model, self.variables, self._batches = model, variables, batches
         self._cache: dict[tuple[bool, ...], dict[str, float]] = {}
-
-        def sums(variables, images, labels, mask, gates):
-            logits = model.apply(variables, images, train=False, gates=gates)
-            return _sums(logits, labels, mask)
-
-        self._sums = jax.jit(sums)
+        self._sums = _gated_sums(model)
 
     def __call__(self, keep: Sequence[bool]) -> dict[str, float]:
         key = tuple(bool(k) for k in keep)

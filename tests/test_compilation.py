@@ -12,6 +12,7 @@ from configs import load_config
 from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import compilation, loop
 from processes import finish_all, free_address, start_all
+import warned
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "cached_collective.py")
 
@@ -201,3 +202,43 @@ def test_an_unwritable_cache_path_is_one_error_naming_the_field(tmp_path):
             "the cache off.")):
         loop.train_and_evaluate(_one_step(tmp_path, cache), str(workdir))
     assert not workdir.exists()
+
+
+def _unwritable_dir(tmp_path):
+    """An existing directory in which this process cannot create a file: one without write
+    permission, or, where permissions do not stop this user (root), Linux's
+    /proc/self/fdinfo."""
+    path = tmp_path / "shared_cache"
+    path.mkdir()
+    path.chmod(0o500)
+    try:
+        (path / "probe").write_text("")
+    except OSError:
+        return str(path)
+    (path / "probe").unlink()
+    return "/proc/self/fdinfo"
+
+
+def test_a_read_only_cache_is_used_and_said_once(tmp_path, capsys):
+    """A cache directory that exists but cannot be written (another user's, a read-only
+    mount) passed the check: JAX warned, with its source line, for every program it could
+    not store, and the run's last line said its programs were cached there. Now one warning
+    says the cache is read-only; it still serves what it holds."""
+    cache = _unwritable_dir(tmp_path)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program
+    try:
+        with pytest.warns(Warning) as caught:
+            summary = loop.train_and_evaluate(_one_step(tmp_path, cache), str(tmp_path / "run"))
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+    texts = warned.messages(caught, Warning)
+    assert not [m for m in texts if m.startswith("Error writing persistent compilation cache")]
+    assert [m for m in texts if "compilation cache" in m] == [
+        f"Persistent compilation cache read-only: cannot write to {cache} "
+        f"({summary['compilation']['cache_read_only_because'].split(' (', 1)[1]}; programs "
+        "found there are loaded, the others compiled and not kept; set "
+        "--config.compilation_cache_dir to a directory this user can write to keep them, or "
+        "'' to turn the cache off."]
+    assert summary["compilation"]["cache_dir"] == cache and summary["compilation"]["programs"]
+    assert f"loaded from the read-only persistent cache at {cache});" in capsys.readouterr().out

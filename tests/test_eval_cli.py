@@ -450,6 +450,18 @@ def test_a_sweep_root_given_as_workdir_names_its_runs(capsys, resnet):
     assert line.endswith(f"It holds runs (a sweep's root?): {workdir}; give one of them.")
 
 
+def test_an_export_given_as_workdir_says_what_it_is(capsys, tmp_path):
+    """The directory of --export given back to evaluate.py was 'not the --workdir of a
+    training run?', with nothing on what it holds or how to use it."""
+    (tmp_path / "model.json").write_text("{}")
+    (tmp_path / "export.json").write_text("{}")
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", str(tmp_path)])
+    assert line.endswith(
+        "It holds a pruned model (evaluate.py --export), not a run: load it with "
+        "stochastic_depth_jax.load_pruned; its errors, and the run it came from, are in "
+        f"{tmp_path / 'export.json'}.")
+
+
 def test_output_never_replaces_a_runs_own_file(capsys, resnet, tmp_path):
     """--output <workdir>/run.json replaced the run's record with the evaluation's JSON
     (the run could then no longer be evaluated or resumed)."""

@@ -171,7 +171,7 @@ def test_a_usage_error_on_one_process_stops_the_job_at_once(tmp_path):
     results = finish_all(start_all(commands, env=ENV, cwd=REPO), timeout=BOUND_S)
     (status0, out0, _), (status1, out1, _), (waited, out2, _), (bad, out3, _) = results
     usage = ("train.py: error: unrecognised argument '--confg.batch_size=16' (overrides look "
-             "like --config.<field>=<value>)")
+             "like --config.<field>=<value>); did you mean --config.batch_size=16?")
     assert status1 == 2 and usage in out1.splitlines(), out1
     assert _error_line(status0, out0) == (
         "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "

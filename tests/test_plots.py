@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import signal
 import types
@@ -447,3 +448,36 @@ def test_a_changed_augmentation_is_one_part_of_the_curves_title(old, new, named)
     assert plots.curve_title(run_json, steps_per_epoch=4) == (
         f"cifar10 (FAKE random-label data) {named}width 4, stochastic depth p_L=0.5 "
         "(linear, batch), float32")
+
+
+def test_a_non_finite_value_is_a_gap_in_its_curve_marked_as_such():
+    """metrics.jsonl records NaN and infinities as 'nan' and 'inf' (JSON has no number for
+    them): the curves left those epochs out silently, joining their neighbours as if the
+    run had been fine there."""
+    records = _records([0.1] * 3)
+    for record, val, test in zip(records, (2.2, "nan", 2.0), (2.1, 2.05, "inf")):
+        record.update(val_loss=val, test_loss=test)
+    fig = plots.curves_figure(records, ("train_loss", "val_loss", "test_loss"), "loss", False)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["val_loss"].get_xdata()) == [1, 2, 3]
+    assert math.isnan(lines["val_loss"].get_ydata()[1])  # a gap, not a line through it
+    assert list(lines["val_loss: NaN or infinite"].get_xdata()) == [2]
+    assert list(lines["test_loss: NaN or infinite"].get_xdata()) == [3]
+    assert "train_loss: NaN or infinite" not in lines
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "val_loss: NaN or infinite" in legend and "test_loss: NaN or infinite" in legend
+
+
+def test_a_non_finite_first_conv_gradient_is_marked_on_fig_7(monkeypatch, tmp_path):
+    from stochastic_depth_jax.training import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    records = [dict(r, grad_first_conv_mean_abs=g)
+               for r, g in zip(_records([0.1] * 3), (0.02, "inf", 0.01))]
+    runs = [{"name": "depth14_pL0.5", "depth": 14, "p_last": 0.5, "records": records,
+             "workdir": str(tmp_path / "depth14_pL0.5")}]
+    figures.plot_first_conv_grad(runs, str(tmp_path / "fig.png"))
+    lines = {line.get_label(): line for line in drawn[0].axes[0].get_lines()}
+    assert list(lines["depth14_pL0.5: NaN or infinite"].get_xdata()) == [2]
+    assert math.isnan(lines["14 layers, stochastic, $p_L$=0.5"].get_ydata()[1])

@@ -243,6 +243,23 @@ def test_a_mask_keeping_every_block_is_the_model_as_evaluated():
         evaluator(np.ones(8, bool))
 
 
+def test_the_evaluators_of_one_model_share_their_compilations():
+    """A depth curve's validation and test evaluators each compiled the same two programs
+    (all blocks, and gated), twice the compilation of the model's evaluation."""
+    from stochastic_depth_jax.training import compilation
+
+    model = sdj.CifarResNet(depth=8, width=4, num_classes=3, final_survival_prob=0.7)
+    variables = _variables(model)
+    keeps = [np.ones(3, bool), np.array([True, False, True])]
+    first = pruning.SubNetworkEvaluator(model, variables, _batches())
+    results = [first(keep) for keep in keeps]
+    again = sdj.CifarResNet(depth=8, width=4, num_classes=3, final_survival_prob=0.7)
+    second = pruning.SubNetworkEvaluator(again, variables, _batches())  # equal, not the same
+    with compilation.CompileStats() as stats:
+        assert [second(keep) for keep in keeps] == results
+    assert stats.programs == 0
+
+
 @pytest.mark.parametrize("model", [
     sdj.ViT(depth=2, width=8, num_heads=2, patch_size=4, num_classes=3),
     sdj.ConvNeXt(num_classes=3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), stem_stride=1)])

@@ -25,6 +25,7 @@ from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors, logs  # noqa: E402
 from stochastic_depth_jax.training import evaluate as evaluate_lib  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib, stopping, sweep  # noqa: E402
+from stochastic_depth_jax.training import figures  # noqa: E402
 
 
 def _sweep_argv(root, *extra, depths="8", p_last="0.5"):
@@ -55,6 +56,26 @@ def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expecte
     line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path, *rest))
     assert expected in line
     assert not os.path.exists(tmp_path / "depth8_pL0.5")
+
+
+@pytest.mark.parametrize("script, flag, hint", [
+    ("train", "--work_dir=/tmp/x", "; did you mean --workdir?"),
+    ("sweep", "--p_last", "; did you mean --p-last?"),
+    ("train", "--confg.seed=1", "; did you mean --config.seed=1?"),
+    ("sweep", "--configs.num_epochs", "; did you mean --config.num_epochs?"),
+    ("sweep", "--no-such-flag", ""),
+])
+def test_a_misspelt_flag_names_the_flag_meant(capsys, tmp_path, script, flag, hint):
+    """A misspelt flag was 'unrecognised argument ... (overrides look like --config.<field>=
+    <value>)', whatever it was close to."""
+    main, argv = ((train_cli.main, ["--config", "cifar10:smoke", flag]) if script == "train"
+                  else (sweep_cli.main, _sweep_argv(tmp_path, flag)))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    [line] = [x for x in capsys.readouterr().err.splitlines() if ": error: " in x]
+    assert info.value.code == 2
+    assert line.endswith(f"unrecognised argument {flag!r} (overrides look like "
+                         f"--config.<field>=<value>){hint}")
 
 
 @pytest.mark.parametrize("grid, expected", [
@@ -127,8 +148,8 @@ def test_sweep_collect_on_one_run_s_workdir_says_so(capsys, tmp_path):
     line = one_line_error(capsys, sweep_cli.main, ["--root", str(tmp_path / run), "--collect"])
     assert line == (f"error: --root {str(tmp_path / run)!r} is one run's workdir (it holds "
                     f"run.json), not a sweep's root, whose runs are its subdirectories: pass "
-                    f"the directory that holds the runs (here perhaps {tmp_path}); evaluate.py "
-                    f"{tmp_path / run} evaluates this run.")
+                    f"the directory that holds the runs (here perhaps {tmp_path}); 'python "
+                    f"evaluate.py --workdir {tmp_path / run}' evaluates this run.")
 
 
 def test_a_sweep_into_one_run_s_workdir_is_refused_before_it_trains(capsys, tmp_path):
@@ -146,6 +167,49 @@ def test_a_sweep_into_one_run_s_workdir_is_refused_before_it_trains(capsys, tmp_
     assert trained == []
     _finished_run(str(run), 8, 1.0, 0.4)  # a sweep trained there before this version
     assert [r["name"] for r in sweep.collect(str(run))] == ["depth8_pL1"]
+
+
+def test_a_run_is_not_trained_into_a_sweep_s_root(capsys, tmp_path):
+    """`train.py --workdir <sweep root>` (to add one run to the sweep) trained there, its
+    files among the sweep's runs, and the sweep then refused its own root as 'one run's
+    workdir ... give the sweep a directory of its own'."""
+    _finished_run(str(tmp_path), 8, 0.5, 0.3)
+    line = one_line_error(capsys, train_cli.main, ["--config", "cifar10:smoke",
+                                                   "--workdir", str(tmp_path)])
+    assert line == (f"error: The workdir {tmp_path} holds runs in its subdirectories "
+                    "(depth8_pL0.5; a sweep's root?), not one run: a run there would mix its "
+                    "files with theirs, and the sweep could not be continued; give this run a "
+                    f"directory of its own (e.g. {tmp_path / '<name>'}).")
+    assert os.listdir(tmp_path) == ["depth8_pL0.5"]
+    # A root where that happened before: the sweep says what is in the way.
+    (tmp_path / "run.json").write_text("{}")
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path))
+    assert line == (f"error: --root {str(tmp_path)!r} holds the files of a run trained there "
+                    "(run.json, checkpoints, ...) besides the sweep's runs: move them into a "
+                    "directory of their own to continue the sweep.")
+
+
+def test_a_run_busy_in_another_sweep_is_said_in_the_sweep_s_words(tmp_path):
+    """Two sweeps of one root: the second stopped with the lock's advice, 'or use another
+    --workdir', a flag sweep.py does not have."""
+    from stochastic_depth_jax.training import workdir as workdir_lib
+
+    runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [0.5])]
+    lock = workdir_lib.WorkdirLock(str(tmp_path / "depth8_pL0.5"))
+    os.makedirs(tmp_path / "depth8_pL0.5")
+    lock.acquire()
+    try:
+        with pytest.raises(errors.WorkdirBusyError) as info:
+            sweep.run_sweep(runs, str(tmp_path))
+    finally:
+        lock.release()
+    message = str(info.value)
+    assert message.startswith(f"The workdir {tmp_path / 'depth8_pL0.5'} is in use by another "
+                              f"run: pid {os.getpid()}")
+    assert message.endswith(" (another sweep of this --root?). Wait for it to finish or stop "
+                            "it, then run this sweep again (it skips the finished runs), or "
+                            "give it another --root.")
+    assert "--workdir" not in message
 
 
 def _finished_run(root, depth, p_last, test_error, *overrides):
@@ -488,6 +552,47 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
     # Fig. 8 draws the finished run; its sidecar names the unfinished one it leaves out.
     fig8 = _sidecar(str(tmp_path), "fig8_error_vs_p_last")
     assert fig8["left_out"] == {"depth8_pL0.5": "unfinished"} and list(fig8["data"]) == ["8"]
+
+
+def test_fig8_of_a_sweep_in_progress_names_its_unfinished_runs_under_the_title(
+        tmp_path, monkeypatch):
+    """Fig. 8 leaves the unfinished runs out: the PNG looked like the whole sweep's (only
+    its sidecar named them), also where it replaced the figure of a finished grid."""
+    titles = {}
+    save = figures.save_figure
+
+    def saved(fig, path, *args, **kwargs):
+        titles[os.path.basename(path)] = fig.axes[0].get_title()
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", saved)
+    runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert "unfinished" not in titles["fig8_error_vs_p_last.png"]
+    runs.append(_run(tmp_path, "depth8_pL0.5", 0.5, finished=False))
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert titles["fig8_error_vs_p_last.png"].endswith(
+        "\nnot drawn, unfinished: depth 8 x p_L 0.5")
+
+
+def test_figs_7_and_3_draw_the_deepest_depth_with_an_epoch(tmp_path):
+    """A sweep that has just started its next depth (no epoch finished there yet): Figs. 7
+    and 3 drew that depth's runs, which have no curve, and came out empty, replacing the
+    figures of the depths finished before."""
+    runs = [_run(tmp_path, "depth8_pL0.5", 0.5, finished=True),
+            _run(tmp_path, "depth8_pL1", 1.0, finished=True),
+            {**_run(tmp_path, "depth14_pL0.5", 0.5, finished=False), "depth": 14,
+             "records": []}]
+    for record in runs[0]["records"] + runs[1]["records"]:
+        record.update(test_error=0.9, train_loss=2.3)
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    for figure in ("fig7_first_conv_grad", "fig3_error_curves"):
+        drawn = _sidecar(str(tmp_path), figure)
+        assert sorted(drawn["data"]) == ["depth8_pL0.5", "depth8_pL1"]
+        assert drawn["left_out"] == {"depth14_pL0.5": "no finished epoch yet"}
+    runs[2]["records"] = runs[0]["records"]  # its first epoch done: the deepest is drawn
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert list(_sidecar(str(tmp_path), "fig7_first_conv_grad")["data"]) == ["depth14_pL0.5"]
 
 
 def test_a_one_epoch_sweep_is_described_as_one_epoch():

@@ -15,7 +15,10 @@ directory is ``config.compilation_cache_dir``:
 
 A directory that cannot be created (:func:`off_if_unwritable`) is one error naming the field
 where the user gave the path, and the cache off, said in one warning, for ``'auto'``: a
-read-only or missing home directory must not stop a run that never asked for the cache.
+read-only or missing home directory must not stop a run that never asked for the cache. A
+directory that exists but cannot be written (:func:`read_only`: another user's, a read-only
+mount, a cache shared read-only) is used to load programs, said in one warning; JAX's own
+warning for each program it then cannot store is dropped (:func:`cache_dir_in_use`).
 
 JAX caches only programs that took at least ``jax_persistent_cache_min_compile_time_secs``
 (default 1 s) to compile. The cache is trusted code: do not share its directory with users
@@ -34,6 +37,7 @@ import hashlib
 import os
 import platform
 import re
+import tempfile
 import threading
 import warnings
 from typing import Any, Iterator
@@ -43,8 +47,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from stochastic_depth_jax import errors, logs
 
-__all__ = ["cache_dir_for", "cache_hazard", "off_if_hazardous", "off_if_unwritable", "host_tag",
-           "use_cache_dir", "cache_dir_in_use", "CompileStats"]
+__all__ = ["cache_dir_for", "cache_hazard", "off_if_hazardous", "off_if_unwritable", "read_only",
+           "host_tag", "use_cache_dir", "cache_dir_in_use", "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -141,6 +145,37 @@ def off_if_unwritable(path: str, setting: str) -> tuple[str, str | None]:
     return path, None
 
 
+def read_only(path: str) -> str | None:
+    """Why programs cannot be stored in the existing cache directory ``path`` (``'cannot
+    write to <path> (Permission denied)'``), after process 0 has said so in one warning;
+    None where a file could be created there (and was removed), or ``path`` is '' (off).
+
+    The permission bits do not tell (ACLs, read-only mounts, root), so a file is created.
+    Such a cache still serves the programs it holds; without this, JAX warned with its
+    source line for every program it could not store, and the run's last line said that
+    its programs were cached there."""
+    if not path:
+        return None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        why = f"cannot write to {path} ({e.strerror or e})"
+    else:
+        return None
+    if jax.process_index() == 0:
+        warnings.warn(f"Persistent compilation cache read-only: {why}; programs found there "
+                      "are loaded, the others compiled and not kept; set "
+                      "--config.compilation_cache_dir to a directory this user can write to "
+                      "keep them, or '' to turn the cache off.", logs.RunWarning)
+    return why
+
+
+# JAX's warning for each program it could not store in the cache (jax._src.compiler).
+_WRITE_FAILED = "Error writing persistent compilation cache entry"
+
+
 def _cpu_features(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model and feature flags as the OS lists them ('' where it does not)."""
     try:
@@ -180,14 +215,19 @@ def use_cache_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def cache_dir_in_use(path: str) -> Iterator[None]:
+def cache_dir_in_use(path: str, read_only: bool = False) -> Iterator[None]:
     """Points JAX's persistent compilation cache at ``path`` ('' = off) while the block runs,
     then back where it was: a run called from Python (a notebook, a sweep in one process)
-    leaves the session's ``jax_compilation_cache_dir`` as it found it."""
+    leaves the session's ``jax_compilation_cache_dir`` as it found it. ``read_only``
+    (:func:`read_only` said why, once): JAX's warning for each program it cannot store
+    there is dropped while the block runs."""
     previous = jax.config.jax_compilation_cache_dir or ""
     use_cache_dir(path)
     try:
-        yield
+        with warnings.catch_warnings() if read_only else contextlib.nullcontext():
+            if read_only:
+                warnings.filterwarnings("ignore", message=_WRITE_FAILED)
+            yield
     finally:
         use_cache_dir(previous)
 

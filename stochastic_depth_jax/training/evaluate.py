@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_run_config",
     "read_run_json",
+    "runs_inside",
     "recorded_fields",
     "relocate_data",
     "check_same_data",
@@ -97,18 +98,30 @@ def load_run_config(workdir: str, fix: str = "restore it from a copy or rerun"
     ends the message of a damaged one (:func:`read_run_json`)."""
     meta = read_run_json(workdir, fix)
     if meta is None:
-        runs = _runs_inside(workdir)
+        runs = runs_inside(workdir)
         raise errors.CheckpointError(
             f"{os.path.join(workdir, RUN_FILE)} not found: is {workdir!r} the --workdir of a "
             "training run?" + (f" It holds runs (a sweep's root?): {', '.join(runs[:3])}"
                                + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
-                               + "; give one of them." if runs else ""))
+                               + "; give one of them." if runs else "") + _export_hint(workdir))
     config = ml_collections.ConfigDict(meta["config"])
     with recorded_fields(workdir, meta, config):
         return config_lib.validate(config, recorded=True), meta
 
 
-def _runs_inside(directory: str) -> list[str]:
+def _export_hint(directory: str) -> str:
+    """Where ``directory`` is a pruned model (``evaluate.py --export``, ``save_pruned``: it
+    holds ``model.json``), what it is and how to use it; else ''."""
+    if not os.path.isfile(os.path.join(directory, "model.json")):
+        return ""
+    record = os.path.join(directory, "export.json")
+    return (" It holds a pruned model (evaluate.py --export), not a run: load it with "
+            "stochastic_depth_jax.load_pruned"
+            + (f"; its errors, and the run it came from, are in {record}"
+               if os.path.isfile(record) else "") + ".")
+
+
+def runs_inside(directory: str) -> list[str]:
     """The paths of the training runs (with a ``run.json``) directly inside ``directory``."""
     try:
         names = sorted(os.listdir(directory))

@@ -26,7 +26,8 @@ from typing import Any, Iterable, Sequence
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 from stochastic_depth_jax.training.plots import (epoch_axis, figure_title, is_number,
-                                                 new_figure, per_epoch)
+                                                 mark_non_finite, new_figure, non_finite,
+                                                 per_epoch)
 
 __all__ = [
     "save_figure",
@@ -157,9 +158,11 @@ def _series_label(series: str) -> str:
     return f", {series}" if series else ""
 
 
-def _title(ax: Any, title: str, subtitle: str) -> None:
-    """The figure's subject, and below it what it was trained on (wrapped to the width)."""
-    ax.set_title("\n".join([title] + textwrap.wrap(subtitle, 75)), fontsize=9)
+def _title(ax: Any, title: str, subtitle: str, note: str = "") -> None:
+    """The figure's subject, below it what it was trained on, and ``note`` (what is missing
+    from it), each wrapped to the width."""
+    ax.set_title("\n".join([title] + textwrap.wrap(subtitle, 75) + textwrap.wrap(note, 75)),
+                 fontsize=9)
 
 
 def _legend(fig: Any, ax: Any, entries: int) -> None:
@@ -178,8 +181,8 @@ _LEGEND_INSIDE = 5  # lines whose legend fits inside the axes
 
 def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
                          metric: str = "test_error", subtitle: str = "",
-                         ylabel: str = "", extra: dict[str, Any] | None = None
-                         ) -> tuple[str, str]:
+                         ylabel: str = "", extra: dict[str, Any] | None = None,
+                         note: str = "") -> tuple[str, str]:
     """Fig. 8: ``metric`` (default the best-by-validation epoch's test error) vs p_L, one
     line per depth and series (``run['series']``, where runs of several configs are drawn).
 
@@ -189,6 +192,8 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
       subtitle: what the runs were trained on (data, epochs), under the title.
       ylabel: the axis label (default: ``metric`` in percent).
       extra: more fields for the sidecar (:func:`save_figure`).
+      note: a last line of the title, e.g. the unfinished runs of a sweep in progress not
+        drawn (a figure that looked whole, its sidecar alone naming them).
     """
     fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
@@ -213,7 +218,7 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
     ax.set_xlabel("$p_L$ (survival probability of the last block; 1 = constant depth)")
     ax.set_ylabel(ylabel or f"{metric.replace('_', ' ')} (%)")
     ax.grid(alpha=0.3)
-    _title(ax, "Error vs $p_L$ per depth (cf. Huang et al. 2016, Fig. 8)", subtitle)
+    _title(ax, "Error vs $p_L$ per depth (cf. Huang et al. 2016, Fig. 8)", subtitle, note)
     if data:  # No finished run yet: an empty legend only warns.
         _legend(fig, ax, len(data))
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
@@ -260,14 +265,19 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
     data = {}
+    shown = []
     for r in _by_run(runs):
-        points = _per_epoch(r, key)
-        if not points:
+        points, bad = _per_epoch(r, key), non_finite(r["records"], key)
+        if not (points or bad):
             continue
         data[r["name"]] = points
-        ax.plot(*zip(*points), "--" if r["p_last"] == 1.0 else "-",
-                marker="." if len(points) < 20 else None, label=_run_label(r))
-    epoch_axis(ax, _epochs(data.values()))  # whole epochs, also for a run of one
+        # NaN where the gradient was not finite: a gap in the line, marked at the top.
+        line = sorted(points + [(epoch, float("nan")) for epoch in bad])
+        [drawn] = ax.plot(*zip(*line), "--" if r["p_last"] == 1.0 else "-",
+                          marker="." if len(points) < 20 else None, label=_run_label(r))
+        mark_non_finite(ax, bad, drawn.get_color(), r["name"])
+        shown += [epoch for epoch, _ in line]
+    epoch_axis(ax, shown)  # whole epochs, also for a run of one
     ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
                   "steps)")
     ax.set_yscale("log")

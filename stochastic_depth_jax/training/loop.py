@@ -768,6 +768,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise errors.WorkdirError(f"The workdir is empty ({workdir!r}); give the directory "
                                   "the run writes its checkpoints, metrics and plots to.")
     workdir = os.path.abspath(os.path.expanduser(workdir))  # '~/runs/x': not a './~' folder
+    _refuse_a_sweep_root(workdir)
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
 
@@ -806,6 +807,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             release()
 
 
+def _refuse_a_sweep_root(workdir: str) -> None:
+    """Refuses to start a run in a directory that holds runs in its subdirectories (a
+    sweep's root, ``train.py --workdir runs/pL`` meant to add one run to it): the run's
+    files went in among the sweep's runs, and ``sweep.py`` then refused that root as one
+    run's workdir. A run already there (its ``run.json``) resumes as before."""
+    if os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
+        return
+    runs = evaluate_lib.runs_inside(workdir)
+    if runs:
+        names = ", ".join(os.path.basename(r) for r in runs[:3]) + (
+            f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        raise errors.WorkdirError(
+            f"The workdir {workdir} holds runs in its subdirectories ({names}; a sweep's "
+            "root?), not one run: a run there would mix its files with theirs, and the sweep "
+            "could not be continued; give this run a directory of its own (e.g. "
+            f"{os.path.join(workdir, '<name>')}).")
+
+
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh = distributed.make_mesh()  # Fail fast, before any data is prepared.
     distributed.check_batch_size(config.batch_size, mesh)
@@ -815,17 +834,22 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
         compilation.cache_dir_for(config.compilation_cache_dir))
     cache_dir, unwritable = compilation.off_if_unwritable(cache_dir, config.compilation_cache_dir)
     hazard = hazard or unwritable
-    with compilation.cache_dir_in_use(cache_dir), compilation.CompileStats() as stats:
+    read_only = compilation.read_only(cache_dir)
+    with (compilation.cache_dir_in_use(cache_dir, read_only=bool(read_only)),
+          compilation.CompileStats() as stats):
         summary, trained = _train_and_evaluate(config, workdir)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
         return summary
     summary["compilation"] = {**stats.to_json(), "cache_dir": cache_dir or None}
     if hazard:
         summary["compilation"]["cache_off_because"] = hazard
+    if read_only:
+        summary["compilation"]["cache_read_only_because"] = read_only
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
         print(f"Compiled {stats.programs} programs in {stats.compile_s:.1f}s "
-              f"({stats.cache_hits} loaded from the persistent cache"
+              f"({stats.cache_hits} loaded from the {'read-only ' * bool(read_only)}"
+              "persistent cache"
               f"{' at ' + cache_dir if cache_dir else ', which is off'}); "
               f"tracing and lowering {stats.trace_and_lower_s:.1f}s.", flush=True)
     return summary

@@ -17,8 +17,8 @@ from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["augment_label", "curve_title", "curves_figure", "epoch_axis", "figure_title",
-           "is_number", "matplotlib_problem", "new_figure", "per_epoch", "plot_curves",
-           "run_title"]
+           "is_number", "mark_non_finite", "matplotlib_problem", "new_figure", "non_finite",
+           "per_epoch", "plot_curves", "run_title"]
 
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 # Characters of a title line at 9 pt per inch of figure (110 take about 7.2 of an 8.5-inch
@@ -199,11 +199,33 @@ def is_number(value: Any) -> bool:
 
 def per_epoch(records: Sequence[dict[str, Any]], key: str,
               scale: float = 1.0) -> list[tuple[Any, float]]:
-    """``(epoch, scale * value)`` of the ``metrics.jsonl`` records with a number at ``key``
-    (an epoch that was not evaluated has no ``test_error``) and an ``epoch`` (a line appended
-    by hand or by another tool may have none: it has no place on an epoch axis)."""
+    """``(epoch, scale * value)`` of the ``metrics.jsonl`` records with a finite number at
+    ``key`` (an epoch that was not evaluated has no ``test_error``; a non-finite one is
+    :func:`non_finite`'s) and an ``epoch`` (a line appended by hand or by another tool may
+    have none: it has no place on an epoch axis)."""
     return [(r["epoch"], scale * r[key]) for r in records
-            if is_number(r.get(key)) and is_number(r.get("epoch"))]
+            if is_number(r.get(key)) and math.isfinite(r[key]) and is_number(r.get("epoch"))]
+
+
+# How metrics.jsonl records NaN and infinities (metrics._jsonable: JSON has no number for them).
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
+def non_finite(records: Sequence[dict[str, Any]], key: str) -> list[Any]:
+    """The epochs of the records whose ``key`` is NaN or infinite (``'nan'``, ``'inf'`` as
+    ``metrics.jsonl`` writes them, or a float read from a ``NaN`` token): no point on a
+    curve, so :func:`mark_non_finite` marks them."""
+    return [r["epoch"] for r in records if is_number(r.get("epoch")) and (
+        r.get(key) in _NON_FINITE or (is_number(r.get(key)) and not math.isfinite(r[key])))]
+
+
+def mark_non_finite(ax: Any, epochs: Sequence[Any], color: Any, name: str) -> None:
+    """An ``x`` at the top of ``ax`` at each of ``epochs`` where ``name`` was NaN or infinite,
+    labelled as such: dropped silently, the curve went on through the neighbouring epochs
+    as if the run had been fine there."""
+    if epochs:
+        ax.plot(epochs, [1.0] * len(epochs), "x", color=color, markersize=8, clip_on=False,
+                transform=ax.get_xaxis_transform(), label=f"{name}: NaN or infinite")
 
 
 def _set_dims(model: Any, *fields: str) -> str:
@@ -273,11 +295,15 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
         # validation.jsonl holds the epoch ends' evaluations too, but only of the sessions
         # run with eval_every_steps (a run may turn it on when resumed): the others' epochs
         # come from metrics.jsonl.
-        points = sorted({**dict(points), **dict(finer)}.items())
+        bad = non_finite(records, key) + (non_finite(validation, key)
+                                          if key.startswith("val_") else [])
+        # A gap in the line where the value was not finite, marked at the top.
+        points = sorted({**dict(points), **dict(finer), **dict.fromkeys(bad, math.nan)}.items())
         shown += [x for x, _ in points]
         if points:
             x, y = zip(*points)
-            ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)
+            [line] = ax.plot(x, y, label=key, marker="." if len(x) < 30 else None)
+            mark_non_finite(ax, sorted(set(bad)), line.get_color(), key)
     labelled, before = set(), next((r["lr"] for r in records if is_number(r.get("lr"))), None)
     for epoch, lr in _lr_changes(records) if lr_drops else ():
         # A step schedule's warm-up (ResNet-1202: 0.01, then 0.1) ends with a rise.

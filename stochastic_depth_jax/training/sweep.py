@@ -255,6 +255,11 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         raise errors.ConfigError(f"--root {root!r} is a file, not a directory: give the sweep "
                                  "a directory (new or of an earlier sweep).")
     if _is_a_run(root):  # before any run trains, not once all have (collect refused it)
+        if evaluate_lib.runs_inside(root):  # a run trained into the root of a sweep
+            raise errors.ConfigError(
+                f"--root {root!r} holds the files of a run trained there ("
+                f"{evaluate_lib.RUN_FILE}, checkpoints, ...) besides the sweep's runs: move "
+                "them into a directory of their own to continue the sweep.")
         raise errors.ConfigError(
             f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not a "
             "sweep's root: the sweep would train its runs inside that run's directory; give "
@@ -281,6 +286,12 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             except stopping.Stopped as e:  # say how to resume the sweep, not the run
                 raise stopping.Stopped(e.stopped, e.exit_status - 128,
                                        call_again=_CALL_AGAIN) from None
+            except errors.WorkdirBusyError as e:  # the sweep chose the workdir: not '--workdir'
+                raise errors.WorkdirBusyError(
+                    str(e).removesuffix(workdir_lib.BUSY_FIX).rstrip()
+                    + " (another sweep of this --root?). Wait for it to finish or stop it, "
+                    "then run this sweep again (it skips the finished runs), or give it "
+                    "another --root.") from None
             status[name] = "resumed" if resumed else "started"
     return status
 
@@ -339,7 +350,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
             raise errors.CheckpointError(
                 f"--root {root!r} is one run's workdir (it holds {evaluate_lib.RUN_FILE}), not "
                 f"a sweep's root, whose runs are its subdirectories: pass the directory that "
-                f"holds the runs (here perhaps {parent}); evaluate.py {root} evaluates this run.")
+                f"holds the runs (here perhaps {parent}); 'python evaluate.py --workdir "
+                f"{root}' evaluates this run.")
     runs = []
     for name in names:
         workdir = os.path.join(root, name)
@@ -496,12 +508,14 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     """Fig. 8, Fig. 7, Fig. 3 and the training-time table of ``runs`` (from :func:`collect`).
 
     Fig. 8 draws the finished runs (an unfinished run's summary, if any, is of an earlier,
-    shorter session); Figs. 7 and 3 the deepest depth of each series, unfinished runs marked;
-    the table lists every run and names the unfinished ones. Runs of different configs are
-    separate series (:func:`label_series`). Each file names the runs it came from, and its
-    sidecar the runs left out and why; ``report`` (default ``print``) gets one line per
-    file saying the same. Returns name -> path. Where matplotlib cannot be imported, only
-    the table is written, with a warning naming the figures not drawn.
+    shorter session) and names the unfinished ones under its title; Figs. 7 and 3 the
+    deepest depth of each series that has a finished epoch (:func:`_deepest_runs`),
+    unfinished runs marked; the table lists every run and names the unfinished ones. Runs
+    of different configs are separate series (:func:`label_series`). Each file names the
+    runs it came from, and its sidecar the runs left out and why; ``report`` (default
+    ``print``) gets one line per file saying the same. Returns name -> path. Where
+    matplotlib cannot be imported, only the table is written, with a warning naming the
+    figures not drawn.
     """
     if not runs:
         raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json of "
@@ -511,13 +525,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     series = label_series(runs) if all("config" in r for r in runs) else {}
     runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
     drawn8 = [r for r in runs if r["finished"]]
-    deepest = {}
-    for r in runs:
-        deepest[r["series"]] = max(deepest.get(r["series"], 0), r["depth"])
-    drawn7 = [r for r in runs if r["depth"] == deepest[r["series"]]]
     left8 = {r["name"]: "unfinished" for r in runs if not r["finished"]}
-    left7 = {r["name"]: "not the deepest depth" + (" of its series" if r["series"] else "")
-             for r in runs if r["depth"] != deepest[r["series"]]}
+    drawn7, left7 = _deepest_runs(runs)
     problem = plots.matplotlib_problem()
     if problem is not None:  # The table needs no drawing: written, the figures named.
         return _table_only(runs, out_dir, problem, report)
@@ -525,6 +534,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     fig8, _ = figures.plot_error_vs_p_last(
         drawn8, os.path.join(out_dir, "fig8_error_vs_p_last.png"),
         subtitle=describe_data(drawn8), extra=_extra(drawn8, left8, series),
+        note=(f"not drawn, unfinished: {_grid([r for r in runs if r['name'] in left8])}"
+              if left8 else ""),
         ylabel=(f"test error at the best-{select.pop()} epoch (%)" if len(select) == 1
                 else "test error of the selected epoch (%)"))
     fig7, _ = figures.plot_first_conv_grad(
@@ -542,6 +553,27 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
             report("figures: runs of different configs are drawn as separate series: " + " | ".join(
                 f"{label}: {_grid([r for r in runs if r['series'] == label])}" for label in labels))
     return {"fig8": fig8, "fig7": fig7, "fig3": fig3, "training_time": table}
+
+
+def _deepest_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                           dict[str, str]]:
+    """The runs Figs. 7 and 3 draw (each series' deepest depth that has a finished epoch,
+    else its deepest), and ``{name: why}`` of the others. A deeper run that has not
+    finished its first epoch (the next depth of a sweep in progress) has no curve yet:
+    chosen, it left both figures empty, overwriting the ones drawn before."""
+    def has_epoch(r: dict[str, Any]) -> bool:
+        return bool(plots.per_epoch(r["records"], "epoch"))
+
+    deepest: dict[str, int] = {}
+    for label in {r["series"] for r in runs}:
+        mine = [r for r in runs if r["series"] == label]
+        deepest[label] = max([r["depth"] for r in mine if has_epoch(r)]
+                             or [r["depth"] for r in mine])
+    drawn = [r for r in runs if r["depth"] == deepest[r["series"]]]
+    left = {r["name"]: ("no finished epoch yet" if r["depth"] > deepest[r["series"]] else
+                        "not the deepest depth" + (" of its series" if r["series"] else ""))
+            for r in runs if r["depth"] != deepest[r["series"]]}
+    return drawn, left
 
 
 def _table_only(runs: Sequence[dict[str, Any]], out_dir: str, problem: str,

@@ -360,6 +360,10 @@ def _flock_soon(fd: int) -> bool:
     return False
 
 
+# How a busy workdir's message ends (a sweep, whose runs' workdirs it chooses, says its own).
+BUSY_FIX = "Wait for it to finish, stop it, or use another --workdir."
+
+
 class WorkdirLock:
     """Exclusive ownership of a workdir by one run (see the module docstring).
 
@@ -390,8 +394,7 @@ class WorkdirLock:
             os.close(fd)
             return (
                 f"The workdir {os.path.dirname(self.path)} is in use by another run: "
-                f"{_holder_text(self._read_holder())}. Wait for it to finish, stop it, or "
-                "use another --workdir."
+                f"{_holder_text(self._read_holder())}. {BUSY_FIX}"
             )
         stale = self._read_holder()
         if stale:  # The previous holder exited without releasing: killed or crashed.
