@@ -1407,6 +1407,117 @@ def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatc
     assert bench_torch.parse_args(["--json", str(js), "--out", str(out)]).json == str(js)
 
 
+def _torch_whole_epochs(monkeypatch, tmp_path, capsys, train, done=None):
+    """bench_torch.py --whole-epochs eager-fp32-constant,eager-fp32-skip, run as its main
+    runs it, without PyTorch: ``train(name)`` stands in for a variant's epochs (its row),
+    ``done(name)`` after its figures are printed. (table path, exit status, stderr)."""
+    import types
+    bench_torch = bench_torch_without_torch(monkeypatch)
+    monkeypatch.setattr(bench_torch.torch, "get_num_threads", lambda: 1, raising=False)
+    monkeypatch.setattr(bench_torch.torch, "__version__", "stand-in", raising=False)
+    names = ["eager-fp32-constant", "eager-fp32-skip"]
+    code = bench_torch.whole_epochs.__globals__
+    monkeypatch.setitem(code, "epoch_data", lambda args, device: ([[0] * 64], [[0] * 64]))
+    monkeypatch.setitem(code, "variant_epochs", lambda args, device, name, *data: train(name))
+    print_row = code["print_row"]
+    monkeypatch.setitem(code, "print_row",
+                        lambda args, row: (print_row(args, row), done and done(row[0])))
+    out = tmp_path / "torch_epochs.md"
+    out.write_text(RECORDED)
+    args = bench_torch.parse_args(["--whole-epochs", "--variants", ",".join(names), "--batch",
+                                   "16", "--train-images", "64", "--out", str(out)])
+    device = types.SimpleNamespace(type="cpu")
+    code, err = run_command_main(lambda argv: load("bench_cli").append_table(
+        bench_torch.whole_epochs(args, device, args.names), args.out), capsys)
+    return out, code, err
+
+
+def run_command_main(main, capsys):
+    """``(exit status, stderr lines)`` of ``main`` run as a benchmark's ``__main__``."""
+    with pytest.raises(SystemExit) as stopped:
+        load("bench_cli").run(main, [])
+    return stopped.value.code, capsys.readouterr().err.splitlines()
+
+
+def _row(name):
+    return name, 2.0, 1.0 if name.endswith("constant") else 0.8, 0.1
+
+
+def _signalled_in(stopped):
+    """A stand-in for a variant's epochs that sends this process SIGTERM in variant
+    ``stopped``'s steps and trains on for a minute (a stop at once ends it)."""
+    def train(name):
+        if name == stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(600):
+                time.sleep(0.1)
+            raise AssertionError("the variant ran on after the signal")
+        return _row(name)
+    return train
+
+
+def test_bench_torch_whole_epochs_stopped_keeps_the_variants_that_finished(
+        tmp_path, capsys, monkeypatch):
+    """gpu_suite.py's budget SIGTERM during bench_torch.py --whole-epochs ended it at once:
+    only the log lines of the variants that finished survived, no table (bench_train.py
+    appended their rows). Now the variant training stops at once and the rows of those
+    that finished are appended, the heading naming the one stopped, as bench_train.py's."""
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys,
+                                         _signalled_in("eager-fp32-skip"))
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): the table of those that finished was appended, marked as "
+        "interrupted."), err
+    text = out.read_text()
+    assert text.startswith(RECORDED)
+    assert "(interrupted before the variant eager-fp32-skip finished)" in text
+    assert sorted(rows(out, ["eager-fp32-constant", "eager-fp32-skip"])) == [
+        "eager-fp32-constant"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers put back
+    # None finished: nothing is written.
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys,
+                                         _signalled_in("eager-fp32-constant"))
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): no table was written; the results files are as they were.")
+    assert out.read_text() == RECORDED
+
+
+def test_bench_torch_whole_epochs_signal_after_the_last_variant(tmp_path, capsys,
+                                                               monkeypatch):
+    """A signal after the last variant finished (its figures printed): the table is whole,
+    appended as it is, and the exit says so."""
+    def last_done(name):
+        if name == "eager-fp32-skip":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys, _row, last_done)
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): every one of the variants had finished; the table was "
+        "appended whole."), err
+    assert "interrupted" not in out.read_text().removeprefix(RECORDED)
+    found = rows(out, ["eager-fp32-constant", "eager-fp32-skip"])
+    assert sorted(found) == ["eager-fp32-constant", "eager-fp32-skip"]
+    assert found["eager-fp32-skip"][4] == "0.800"  # skip / constant
+
+
+def test_bench_torch_whole_epochs_appends_its_rows_when_the_suite_died(
+        tmp_path, capsys, monkeypatch):
+    """gpu_suite.py killed: its part gets SIGTERM (PR_SET_PDEATHSIG) with no reader on its
+    output; the stop's line must not keep the finished rows from being appended."""
+    train = _signalled_in("eager-fp32-skip")
+
+    def suite_died(name):
+        if name == "eager-fp32-skip":
+            monkeypatch.setattr(sys, "stdout", _ReaderGone())
+            monkeypatch.setattr(sys, "stderr", _ReaderGone())
+        return train(name)
+
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys, suite_died)
+    assert code == 143
+    assert "(interrupted before the variant eager-fp32-skip finished)" in out.read_text()
+    assert sorted(rows(out, ["eager-fp32-constant", "eager-fp32-skip"])) == [
+        "eager-fp32-constant"]
+
+
 # The scripts that take --out, and what else their flags need here.
 OUT_SCRIPTS = {"bench_step": [], "bench_train": [], "bench_data": [], "bench_drop_path": [],
                "bench_prune": [], "compact_buckets": [], "stage_costs": [], "profile_step": [],
