@@ -279,10 +279,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out_dir = os.path.abspath(args.out_dir)
     elif not args.dry_run:
         args.out_dir = bench_cli.RESULTS
-    if args.dry_run and args.out_dir and _same_dir(args.out_dir, bench_cli.RESULTS):
+    if args.dry_run and args.out_dir and _inside(args.out_dir, bench_cli.RESULTS):
         raise bench_cli.bad_flag(f"--dry-run --out-dir {args.out_dir}: a dry run's toy tables "
-                                 f"do not go among the recorded ones; give another directory "
-                                 f"or leave --out-dir out (a new temporary one).")
+                                 f"do not go among the recorded ones (in or under "
+                                 f"benchmarks/results); give a directory elsewhere or leave "
+                                 f"--out-dir out (a new temporary one).")
     if os.sep in args.torch_python:  # a bare name ('python3') is looked up on PATH
         args.torch_python = os.path.abspath(args.torch_python)
     if args.budget <= 0:
@@ -290,8 +291,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _same_dir(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or under it (links resolved: a link to the results,
+    or a path through one, is the results)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 # Exits 0 where torch imports and sees a CUDA GPU, 3 where it sees none.

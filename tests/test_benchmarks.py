@@ -1690,8 +1690,16 @@ def test_gpu_suite_dry_run_never_writes_to_the_recorded_results(tmp_path, capsys
     toy tables never go to benchmarks/results, whose tables are the recorded ones."""
     suite = load("gpu_suite")
     results = os.path.join(BENCHMARKS, "results")
-    with pytest.raises(load("bench_cli").FlagError, match="a dry run's toy tables do not go "):
-        suite.parse_args(["--dry-run", "--out-dir", results])
+    (tmp_path / "link").symlink_to(results)
+    # Under the results too (a sub-directory was accepted, and its toy tables written there),
+    # and through a link.
+    for inside in (results, os.path.join(results, "sub"), os.path.join(results, "..",
+                                                                        "results", "a", "b"),
+                   str(tmp_path / "link"), str(tmp_path / "link" / "sub")):
+        with pytest.raises(load("bench_cli").FlagError, match="a dry run's toy tables do not "
+                                                              "go among the recorded ones"):
+            suite.parse_args(["--dry-run", "--out-dir", inside])
+    assert suite.parse_args(["--dry-run", "--out-dir", results + "-elsewhere"]).out_dir
     assert suite.parse_args(["--dry-run"]).out_dir is None  # a new temporary directory
     assert suite.parse_args([]).out_dir == os.path.normpath(results)
     monkeypatch.setattr(suite, "backend", lambda: "cpu")
