@@ -15,9 +15,11 @@ file in ``--out-dir`` (default ``benchmarks/results``); everything printed also 
 the log records each part's real wall time, so later runs can be planned from it. It refuses
 to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
 not started where ``--torch-python`` has none, or one that sees no CUDA GPU (it would write
-the CPU's figures to those tables). Ctrl-C, SIGTERM or a reader that exits (``| head``)
-stops the running part (its table is not written; the earlier parts' are) and records that
-in the log. Ctrl-Z stops the running part with the suite (on Linux with the
+the CPU's figures to those tables). Ctrl-C or SIGTERM is passed on to the running part,
+which is given up to 30 s (again: at once) to append what it measured, marked as
+interrupted, before it is killed; a reader that exits (``| head``) kills it (its table is not
+written). Either way the earlier parts' tables are kept, and the log says what the running
+part appended. Ctrl-Z stops the running part with the suite (on Linux with the
 processes it runs in sessions of their own: vs-torch's benchmark), and ``fg`` / ``bg``
 continue both (the budget's clock runs on meanwhile).
 
@@ -413,7 +415,8 @@ GRACE_S = 30.0
 def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
     """Echoes the output of the part ``proc`` to ``log`` and stdout until it ends; sends its
     process group SIGTERM :data:`GRACE_S` seconds before ``timeout``, SIGKILL at
-    ``timeout`` or if this fails. Whether the budget stopped it."""
+    ``timeout`` or if this fails. Ctrl-C or SIGTERM here is passed on to it
+    (:func:`_pass_on`). Whether the budget stopped it."""
     stopped = threading.Event()
 
     def stop(signum):
@@ -426,10 +429,15 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
     for timer in timers:
         timer.start()
     try:
-        for line in proc.stdout:
-            log.write(line)  # first: the log keeps it also if stdout's reader exited
-            log.flush()
-            sys.stdout.write(line)
+        try:
+            for line in proc.stdout:
+                log.write(line)  # first: the log keeps it also if stdout's reader exited
+                log.flush()
+                sys.stdout.write(line)
+        except (bench_cli.Interrupted, KeyboardInterrupt) as e:
+            timers[0].cancel()  # a second SIGTERM would stop a benchmark at once
+            _pass_on(proc, e, log, already=stopped.is_set())
+            raise
         proc.wait()
     finally:
         for timer in timers:
@@ -438,6 +446,51 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return stopped.is_set()
+
+
+# Seconds a part is given, after a Ctrl-C or SIGTERM to the suite is passed on to it, to
+# append what it measured (as a benchmark does: bench_cli.rounds, bench_train.py's
+# variants) before it is killed: as long as the budget gives one before its end.
+PASS_ON_WAIT_S = GRACE_S
+
+
+def _pass_on(proc: subprocess.Popen, stop: BaseException, log, already: bool) -> None:
+    """Passes the suite's Ctrl-C or SIGTERM (``stop``) on to the part ``proc``'s process
+    group (not where the budget's SIGTERM was ``already`` sent: a second one stops a
+    benchmark at once), and echoes its output to ``log`` (and stdout while it has a
+    reader) until it ends, for at most :data:`PASS_ON_WAIT_S` seconds; a second Ctrl-C or
+    SIGTERM, or the wait's end, kills it (the caller). It was SIGKILLed at once: a
+    benchmark in its timed rounds, or ``bench_train.py --whole-epochs``, lost what it had
+    measured."""
+    signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else stop.status - 128
+    how = bench_cli.signal_name(signum)
+    if not already:
+        bench_cli._killpg_if_there(proc.pid, signum)
+    _say(f"{how}: passed on to the running part, which appends what it measured; waiting "
+         f"up to {PASS_ON_WAIT_S:.0f} s for it ({how} again: kill it at once)\n", log)
+    killer = threading.Timer(PASS_ON_WAIT_S, bench_cli._killpg_if_there,
+                             (proc.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        for line in iter(proc.stdout.readline, ""):
+            _say(line, log)
+        proc.wait()
+    except (bench_cli.Interrupted, KeyboardInterrupt):  # again: killed at once (the caller)
+        pass
+    finally:
+        killer.cancel()
+
+
+def _say(text: str, log) -> None:
+    """Writes ``text`` to ``log``, then to stdout unless its reader exited (the Ctrl-C that
+    stopped the suite also stops a ``| tee`` in its process group): then it is dropped."""
+    log.write(text)
+    log.flush()
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        bench_cli._to_devnull(sys.stdout)
 
 
 def main(argv=None) -> None:
@@ -565,9 +618,10 @@ def _run_parts(args, torch_why: str | None, log, start: float) -> None:
     cannot run (:func:`torch_problem`), None if they can; ``start``: the suite's start
     (``time.perf_counter()``), from which ``--budget`` counts."""
     summary, figures, epochs = [], [], []
-    part = None
+    part, appended = None, ""
     try:
         for part in args.selected:
+            appended = ""
             left = args.budget - (time.perf_counter() - start)
             if needs_torch(part) and torch_why:
                 summary.append(f"{part.name}: not started ({torch_why})")
@@ -585,8 +639,8 @@ def _run_parts(args, torch_why: str | None, log, start: float) -> None:
             try:
                 status, took = run_part(cmd, left, log, part_env(part, args.dry_run))
             finally:  # what it appended, also when it was interrupted
-                found, rows = suite_figures.lines_of(
-                    suite_figures.appended_since(args.out_dir, sizes))
+                appended = suite_figures.appended_since(args.out_dir, sizes)
+                found, rows = suite_figures.lines_of(appended)
                 figures += [f"{part.name}: {line}" for line in found]
                 epochs += rows
                 _echo("".join(f"figures: {f}\n" for f in figures[len(figures) - len(found):]),
@@ -594,15 +648,29 @@ def _run_parts(args, torch_why: str | None, log, start: float) -> None:
             summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
     except bench_cli.STOPS as e:  # a closed output (`| head`) too: the parts' tables are kept
         name = part.name if part else "none"
-        stop = bench_cli.stopped(e, f"part {name} stopped and its table not written; the "
-                                    f"parts before it wrote theirs (summary in {log.name}).")
-        summary.append(f"{name}: interrupted ({stop.how}); its table was not written")
+        table = (_what_it_appended(appended) if appended and not isinstance(e, BrokenPipeError)
+                 else "")
+        stop = bench_cli.stopped(e, f"part {name} stopped {table or 'and its table not written'}"
+                                    f"; the parts before it wrote theirs (summary in "
+                                    f"{log.name}).")
+        summary.append(f"{name}: interrupted ({stop.how}); "
+                       f"{'stopped ' + table if table else 'its table was not written'}")
         raise stop from None
     finally:
         # sys.exc_info(): what is being raised, if anything (its own line ends the command)
         figures += [f"ours vs PyTorch: {line}" for line in suite_figures.ours_vs_torch(epochs)]
         _summary("\n=== summary\n" + "\n".join(summary) + "\n"
                  + "".join(f"figures: {f}\n" for f in figures), log, sys.exc_info()[1])
+
+
+def _what_it_appended(text: str) -> str:
+    """What the tables a part appended (``text``) after the signal passed on to it say of
+    themselves: marked as interrupted, or whole."""
+    marks = [t.mark.strip(" ()") for t in suite_figures.tables(text)]
+    cut = [m for m in marks if m]
+    if cut:
+        return f"after it appended what it measured ({'; '.join(cut)})"
+    return "after it appended its table" + ("s" if len(marks) > 1 else "") + " whole"
 
 
 def _echo(text: str, log) -> None:

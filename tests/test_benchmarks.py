@@ -1306,6 +1306,69 @@ def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monk
     assert "slow started" in log and "slow: interrupted (SIGTERM)" in log
 
 
+# A part that, on Ctrl-C or SIGTERM, appends the table of what it measured, marked, as a
+# benchmark in its timed rounds does, after a moment (the suite SIGKILLed it at once).
+_WRITES_ON_SIGNAL = textwrap.dedent("""\
+    import signal, sys, time
+    def table(signum, frame):
+        time.sleep(0.5)
+        with open(sys.argv[1], 'a') as f:
+            f.write('## Toy (interrupted after 1 of 2 rounds)\\n\\n| variant | ms |\\n'
+                    '|---|---|\\n| constant | 1.0 |\\n\\n')
+        print('appended after', signal.Signals(signum).name, flush=True)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, table)
+    signal.signal(signal.SIGINT, table)
+    print('rounds started', flush=True)
+    time.sleep(60)
+    """)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_gpu_suite_interrupted_lets_its_part_write_what_it_measured(tmp_path, capsys,
+                                                                    monkeypatch, signum):
+    """A SIGTERM to the suite (a lent machine's time limit) or a Ctrl-C SIGKILLed its running
+    part at once: a benchmark in its timed rounds, or bench_train.py's whole epochs, lost
+    what it had measured. Now the signal is passed on, and the part given time to append
+    it; one that does not stop is killed at the end of that wait."""
+    suite = load("gpu_suite")
+    rounds = suite.Part("rounds", 1, ("-c", _WRITES_ON_SIGNAL, "{out}/toy.md"))
+    stubborn = suite.Part("stubborn", 1, ("-c", textwrap.dedent("""\
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print('stubborn started', flush=True)
+        time.sleep(60)
+        """)))
+    monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in (rounds, stubborn)})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    monkeypatch.setattr(suite, "PASS_ON_WAIT_S", 2.0)
+    log = tmp_path / "gpu_suite.log"
+    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    for name, started in (("rounds", "rounds started"), ("stubborn", "stubborn started")):
+        done = threading.Event()
+        sender = threading.Thread(target=_signal_once_logged, args=(log, started, signum, done))
+        sender.start()
+        t0 = time.perf_counter()
+        try:
+            status, err = run_command("gpu_suite", ["--parts", name, "--budget", "100",
+                                                    "--out-dir", str(tmp_path)], capsys)
+        finally:
+            done.set()
+            sender.join()
+        assert status == 128 + signum and len(err) == 1, err
+        assert time.perf_counter() - t0 < 30  # not the part's minute, nor the budget's
+    summaries = [part.splitlines() for part in log.read_text().split("=== summary\n")[1:]]
+    assert f"appended after {signal.Signals(signum).name}" in log.read_text()
+    assert summaries[0][0] == (f"rounds: interrupted ({how}); stopped after it appended what "
+                               f"it measured (interrupted after 1 of 2 rounds)")
+    assert "| constant | 1.0 |" in (tmp_path / "toy.md").read_text()
+    assert summaries[1][0] == f"stubborn: interrupted ({how}); its table was not written"
+    assert err[0] == (f"interrupted ({how}): part stubborn stopped and its table not written; "
+                      f"the parts before it wrote theirs (summary in {log}).")
+
+
 class ReaderExits(io.StringIO):
     """A stdout whose reader (`| head`) exits at the first text that starts with ``last``."""
 
