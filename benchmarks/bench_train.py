@@ -626,7 +626,7 @@ def _whole_epochs_main(args):
         rows, num_train, steps = _whole_epochs(args, workdir)
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     text = "\n".join([
-        f"## Whole epochs, ResNet-{args.depth}, "
+        f"## Whole epochs, ResNet-{args.depth} (config {args.config}), "
         f"batch {args.batch}, p_L={args.p}, {args.dtype}, {num_train} training images "
         f"({steps} steps, the last partial batch dropped)",
         "",

@@ -36,7 +36,8 @@ and one program) and ``graphs-step``, ``epochs-torch``, ``epochs-torch-compile``
 to check them before a GPU's minutes are spent. After each part, and again in the
 summary, the suite prints the headline figures of the tables the part appended
 (``suite_figures.py``): each variant against constant depth, the 500-epoch projection, and
-our whole-epoch throughput over PyTorch's where both ran in the same command:
+our whole-epoch throughput over PyTorch's where both ran in the same command, on the
+same network, config, batch, precision and p_L:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the

@@ -178,6 +178,9 @@ def test_bench_train_whole_epochs(tmp_path, capsys):
     lines, epochs = load("suite_figures").lines_of(out.read_text())
     assert [e.variant for e in epochs] == ["constant (constant depth (cpu))",
                                            "auto (lax.cond skip (cpu))"]
+    # What it is paired with PyTorch's by: the network, the config, the batch and p_L.
+    assert {(e.network, e.model, e.batch, e.p_last) for e in epochs} == {
+        ("ResNet-8", "cifar10", 16, "0.5")}
     assert lines[1].startswith("whole epochs fp32, ours auto (lax.cond skip (cpu)): ")
     assert f"({4 * 16 / epochs[1].epoch_s:.0f} img/s), {found['auto'][4]} x constant" in lines[1]
     # Each variant's figures are printed as soon as it finished (a SIGKILL before the table
@@ -1803,8 +1806,8 @@ def test_gpu_suite_refuses_in_one_line_where_a_part_cannot_import(tmp_path, caps
 # A whole-epochs table of ours and of PyTorch's, as bench_train.py / bench_torch.py write
 # them (their headings and columns; the figures made up).
 OURS_EPOCHS = """
-## Whole epochs, ResNet-110, batch 128, p_L=0.5, {dtype}, 45000 training images (351 steps, \
-the last partial batch dropped)
+## Whole epochs, ResNet-110 (config cifar10), batch 128, p_L=0.5, {dtype}, 45000 training \
+images (351 steps, the last partial batch dropped)
 
 | variant | ran as | epoch 1 s (with compiles) | median epoch >= 2 s, compiles excluded | \
 / constant (same scan form) | compiled inside epochs >= 2: programs, s | median evaluation s \
@@ -1816,6 +1819,8 @@ the last partial batch dropped)
 THEIR_EPOCHS = """
 ## PyTorch whole epochs, CIFAR ResNet-110, batch 128, 45000 training images (351 steps), \
 channels-last
+
+cuda (a GPU); 16 cores, 16 threads; torch 2.x; python 3.11; p_L=0.5. Random uint8 images.
 
 | variant | epoch 1 s | median epoch s | img/s | skip / constant | median evaluation s | \
 500 epochs, min |
@@ -1834,6 +1839,31 @@ def test_suite_figures_read_the_columns_the_epoch_benchmarks_write():
     assert "| " + " | ".join(header) + " |" in torch_source
     assert "## PyTorch whole epochs, CIFAR ResNet-{args.depth}, batch {args.batch}" in (
         torch_source)
+    assert "python {platform.python_version()}; p_L={args.p}." in torch_source
+
+
+def test_suite_figures_pair_ours_and_pytorch_only_where_they_measured_the_same():
+    """Ours and PyTorch's whole epochs were paired by network, precision and kind only: a
+    table at another batch, p_L or config (another model) was printed as a ratio of
+    throughputs that compares nothing."""
+    figures = load("suite_figures")
+
+    def pairs(ours, theirs):
+        return [line.split(": ", 1)[1].split(":")[0]
+                for line in figures.ours_vs_torch(figures.lines_of(ours + theirs)[1])]
+
+    ours = OURS_EPOCHS.format(dtype="float32")
+    assert pairs(ours, THEIR_EPOCHS) == [
+        "ours constant (constant depth (gpu)) / PyTorch eager-fp32-constant",
+        "ours auto (compact, multiple 4 (gpu)) / PyTorch eager-fp32-skip"]
+    assert not pairs(ours, THEIR_EPOCHS.replace("batch 128", "batch 8"))
+    assert not pairs(ours.replace("config cifar10", "config cifar100_wrn"), THEIR_EPOCHS)
+    assert not pairs(ours.replace(" (config cifar10)", ""), THEIR_EPOCHS)  # unknown model
+    # Another p_L: constant depth is still the same network; the stochastic rows are not.
+    assert pairs(ours, THEIR_EPOCHS.replace("p_L=0.5", "p_L=0.2")) == [
+        "ours constant (constant depth (gpu)) / PyTorch eager-fp32-constant"]
+    assert pairs(ours, THEIR_EPOCHS.replace("p_L=0.5", "p_L=0.50")) == pairs(ours,
+                                                                            THEIR_EPOCHS)
 
 
 def test_gpu_suite_prints_the_figures_of_each_part_and_at_its_end(tmp_path, monkeypatch,
