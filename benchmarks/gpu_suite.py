@@ -1,8 +1,8 @@
 """Every pending GPU figure in one command, in priority order, inside a time budget.
 
-    python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 540 s
+    python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 550 s
     python benchmarks/gpu_suite.py --list                                # parts and estimates
-    python benchmarks/gpu_suite.py --parts epochs --budget 380
+    python benchmarks/gpu_suite.py --parts epochs --budget 400
 
 GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
 a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
@@ -27,13 +27,16 @@ Parts (the order was re-planned after the 2026-12-04 H200 run, which measured dr
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s; and, by hand, 200 s of
 ``bench_train.py --whole-epochs constant,auto --epochs 2``, which finished constant depth
 and reached step 180 of the default's first epoch: the epochs parts' estimates are set from
-that, about 150 s a variant for three epochs). A 15-minute device slice, start-up included,
-fits the issue's two headline tables: ``--parts epochs --budget 380``, then at once (a
-machine left idle is given back) ``--parts epochs-bf16 --budget 330``; then
-``loop-step``, ``epochs-loop`` (``implementation='loop'``, the candidate with no padding
-and one program) and ``graphs-step``, ``epochs-torch``, ``epochs-torch-compile``,
-``epochs-lengths``. ``--dry-run`` runs the parts at toy sizes on any machine, a CPU too,
-to check them before a GPU's minutes are spent. After each part, and again in the
+that, about 150 s a variant for three epochs). A 15-minute device slice whose machine's
+start leaves 750 s holds the issue's two headline tables: ``--parts epochs --budget 400``,
+then at once (a machine left idle is given back) ``--parts epochs-bf16 --budget 350``
+(each, as ``--list`` shows: the part's estimate, 20 s for the start-up checks and the 30 s
+before the budget's end at which a part still running is sent SIGTERM; before its first
+part the suite prints what it expects of each part); then ``loop-step``, ``epochs-loop``
+(``implementation='loop'``, the candidate with no padding and one program) and
+``graphs-step``, ``epochs-torch``, ``epochs-torch-compile``, ``epochs-lengths``.
+``--dry-run`` runs the parts at toy sizes on any machine, a CPU too, to check them before a
+GPU's minutes are spent. After each part, and again in the
 summary, the suite prints the headline figures of the tables the part appended
 (``suite_figures.py``): each variant against constant depth, the 500-epoch projection, and
 our whole-epoch throughput over PyTorch's where both ran in the same command, on the
@@ -113,6 +116,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import signal
 import subprocess
@@ -258,9 +262,11 @@ def dry_run_flags(part: Part) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=540,
+    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
                     help="seconds for the whole command: its checks (JAX's backend, the "
-                         "parts' imports) and the parts")
+                         "parts' imports) and the parts; --list shows the budget that runs "
+                         "each part alone to its end by its estimate (default: "
+                         "%(default)g, the first two parts')")
     ap.add_argument("--parts", default=",".join(BY_NAME), help="comma-separated, in order")
     ap.add_argument("--out-dir", default=None,
                     help="each part appends its table to a file here (made if missing; "
@@ -411,6 +417,41 @@ def _stopped_by_budget(returncode: int) -> str:
 # of its time): a benchmark in its timed rounds then appends the table of the rounds done,
 # marked as interrupted (bench_cli.rounds), before the SIGKILL at the end.
 GRACE_S = 30.0
+# A guess at the seconds of the checks before the first part on a GPU machine (JAX's backend
+# and the parts' imports, a child process each; ~5 s on the 2-core CPU): the budgets that
+# budget_for suggests allow for it; the suite prints what they took.
+STARTUP_S = 20
+DEFAULT_BUDGET = 550  # the first two parts by their estimates (budget_for), in a 600 s command
+
+
+def budget_for(parts: list[Part], startup: float = STARTUP_S) -> int:
+    """The ``--budget`` that runs ``parts`` to their end by their estimates: the start-up
+    checks (``startup`` seconds), the estimates, and the :data:`GRACE_S` before the
+    budget's end at which a part still running is sent SIGTERM."""
+    return math.ceil(startup + sum(p.estimate_s for p in parts) + GRACE_S)
+
+
+def plan(parts: list[Part], budget: float, spent: float, skipped=frozenset()) -> list[str]:
+    """What each of ``parts`` does by the estimates, one line each, inside ``budget``
+    seconds of which ``spent`` are gone (the start-up checks), as :func:`_run_parts` decides:
+    started only where its estimate fits in what is left, and cut short where it would end
+    after its SIGTERM; ``skipped``: the names of parts not started whatever the time (no
+    PyTorch)."""
+    lines, at = [], spent
+    for part in parts:
+        left = budget - at
+        if part.name in skipped:
+            lines.append(f"{part.name}: not started (no PyTorch that it can use)")
+            continue
+        if part.estimate_s > left:
+            lines.append(f"{part.name} ~{part.estimate_s} s: not started ({left:.0f} s left "
+                         f"by then)")
+            continue
+        sigterm, at = budget - min(GRACE_S, left / 4), at + part.estimate_s
+        lines.append(f"{part.name} ~{part.estimate_s} s: ends ~{at:.0f} s in" + (
+            "" if at <= sigterm else f", after its SIGTERM at {sigterm:.0f} s: it may be "
+                                     f"cut short"))
+    return lines
 
 
 def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
@@ -500,7 +541,8 @@ def main(argv=None) -> None:
     if args.list:
         for p in PARTS:
             flags = f"XLA_FLAGS+={p.xla_flags} " if p.xla_flags else ""
-            print(f"{p.name:18s} ~{p.estimate_s:4d} s  {flags}python {' '.join(p.args)}")
+            print(f"{p.name:18s} ~{p.estimate_s:4d} s (alone: --budget {budget_for([p]):4d})  "
+                  f"{flags}python {' '.join(p.args)}")
         return
     found = backend()
     if found != "gpu" and not args.dry_run:
@@ -521,7 +563,22 @@ def main(argv=None) -> None:
                  f"{args.budget:g} s, tables to {args.out_dir}; {versions}\n")
         log.write(start)
         sys.stdout.write(start)
+        _echo(_plan_text(args, torch_why, time.perf_counter() - started), log)
         _run_parts(args, torch_why, log, started)
+
+
+def _plan_text(args, torch_why: str | None, spent: float) -> str:
+    """The plan printed before the first part (:func:`plan`), and the budget that would run
+    every part selected to its end (:func:`budget_for`, with the checks' ``spent`` seconds)."""
+    skipped = {p.name for p in args.selected if needs_torch(p) and torch_why}
+    runs = [p for p in args.selected if p.name not in skipped]
+    needed = budget_for(runs, spent)
+    toy = "; a dry run's toy sizes take less" if args.dry_run else ""
+    return (f"plan by the estimates (guesses for one H100/H200, compilation included{toy}), "
+            f"the start-up checks having taken {spent:.0f} s:\n"
+            + "".join(f"  {line}\n" for line in plan(args.selected, args.budget, spent, skipped))
+            + f"  --budget {needed} runs every part selected to its end (given "
+              f"{args.budget:g} s{'' if needed <= args.budget else ': too little'})\n")
 
 
 # Modules that a part's script imports only once it runs, not at its own import: the

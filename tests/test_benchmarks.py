@@ -1919,6 +1919,54 @@ def test_gpu_suite_budget_counts_its_own_checks(tmp_path, monkeypatch):
     assert "part ran" not in log and "part: not started (estimate 3 s, " in log
 
 
+def test_gpu_suite_documented_budgets_run_their_parts_to_their_end():
+    """The budgets the suite's doc gave (`--parts epochs --budget 380`) were less than the
+    part's estimate (350 s), the start-up checks and the 30 s before the budget's end at
+    which a part is sent SIGTERM: by its own estimate the part was cut short. Each budget
+    documented, and the default, now runs its parts to their end by the estimates."""
+    suite = load("gpu_suite")
+    documented = re.findall(r"--parts ([\w-]+) --budget (\d+)", suite.__doc__)
+    assert len(documented) >= 3, documented
+    for name, budget in documented:
+        part = suite.BY_NAME[name]
+        assert int(budget) == suite.budget_for([part]), (name, budget)
+        assert "cut short" not in " ".join(suite.plan([part], int(budget), suite.STARTUP_S))
+    assert suite.budget_for([suite.BY_NAME["epochs"]]) == (
+        suite.STARTUP_S + 350 + suite.GRACE_S)
+    default = suite.parse_args([]).budget
+    started = [line for line in suite.plan(suite.PARTS, default, suite.STARTUP_S)
+               if "not started" not in line]
+    assert len(started) >= 2 and not [line for line in started if "cut short" in line]
+    assert default == suite.budget_for(suite.PARTS[:2])
+    with open(os.path.join(BENCHMARKS, "..", "README.md")) as f:
+        assert f"inside --budget seconds ({default:g})" in f.read()
+    assert f"# all parts, {default:g} s" in suite.__doc__
+
+
+def test_gpu_suite_prints_its_plan_before_the_first_part(tmp_path, monkeypatch, capsys):
+    """Before the first part, the suite prints what the estimates say of each part: started
+    or not, ending before its SIGTERM or not, and the budget that would run them all."""
+    suite = load("gpu_suite")
+    parts = [suite.Part("first", 40, ("-c", "print('first ran')")),
+             suite.Part("second", 50, ("-c", "print('second ran')")),
+             suite.Part("third", 200, ("-c", "print('third ran')"))]
+    monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in parts})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    suite.main(["--parts", "first,second,third", "--budget", "100", "--out-dir",
+                str(tmp_path)])
+    log = (tmp_path / "gpu_suite.log").read_text()
+    planned = log[log.index("plan by the estimates"):log.index("=== first")].splitlines()
+    assert [line.split(":")[0].strip() for line in planned[1:4]] == [
+        "first ~40 s", "second ~50 s", "third ~200 s"]
+    assert "ends ~4" in planned[1] and "cut short" not in planned[1]
+    assert "after its SIGTERM at 85 s: it may be cut short" in planned[2]  # 100 - 60 / 4
+    assert "not started (" in planned[3]
+    assert re.search(r"--budget 32\d runs every part selected to its end \(given 100 s: "
+                     r"too little\)", planned[4]), planned[4]
+    assert "third: not started (estimate 200 s" in log  # as the plan said
+
+
 def test_gpu_suite_user_branch_part_runs_the_nnx_twin_and_what_differs_on_a_gpu():
     """bench_step.py --user-branch gained the NNX twin (nnx-* variants); the suite's part
     still named only the Linen pair, so a GPU run never measured NNX. Its '-stock' variants
