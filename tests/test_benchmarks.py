@@ -280,6 +280,33 @@ def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, ca
     assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
 
 
+def test_bench_train_whole_epochs_signal_after_the_last_variant(tmp_path, capsys,
+                                                               monkeypatch):
+    """A SIGTERM or Ctrl-C after the last variant's last stop point (its last evaluation)
+    was taken and dropped: the table was appended and the command exited 0, as if no one
+    had asked it to stop. The table is whole, and the exit now says so, as bench_torch.py's
+    and the rounds' do."""
+    from stochastic_depth_jax.training import loop
+    train = loop._train
+
+    def signalled_after_the_last_stop_point(run):
+        summary = train(run)
+        os.kill(os.getpid(), signal.SIGTERM)  # as in the last evaluation
+        return summary
+
+    monkeypatch.setattr(loop, "_train", signalled_after_the_last_stop_point)
+    out = tmp_path / "train.md"
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): every one of the variants had finished; the table was "
+        "appended whole."), err
+    assert "interrupted" not in out.read_text() and sorted(rows(out, ["constant"])) == [
+        "constant"]
+
+
 def _constant_then_auto(tmp_path, capsys):
     """bench_train --whole-epochs constant,auto at toy sizes: (table path, exit code,
     stderr)."""
