@@ -257,6 +257,15 @@ def cut_before(status: int, what: str) -> None:
                       "the table of those that finished", True)
 
 
+def cut_after_the_last(status: int, what: str) -> None:
+    """A signal (exit ``status``) that came after the last of ``what`` ('variants') had
+    finished, before the table was appended (:func:`cut_before`'s measurements): the table
+    is appended whole, and the interruption raised once it is."""
+    global _cut_short
+    _cut_short = _Cut(signal_name(status - 128), status, "", "",
+                      f"every one of the {what} had finished; the table", True)
+
+
 class _ReaderMayBeGone:
     """``sys.stdout`` or ``sys.stderr`` once a Ctrl-C asked for the table of the rounds done:
     the same Ctrl-C stops a reader in the terminal's process group (``| tee log``), and a

@@ -29,7 +29,10 @@ and ``bench_step.py`` side by side and writes one table. ``--whole-epochs`` time
 training epochs instead, as ``bench_train.py --whole-epochs`` does for ours: the images on
 the device, batches drawn, padded, cropped and flipped there, host-side gates per step, and
 an evaluation (residuals scaled by p_l) after each epoch, timed apart; appended to
-``benchmarks/results/torch_epochs_<device>.md``.
+``benchmarks/results/torch_epochs_<device>.md``. There a SIGTERM or Ctrl-C stops the
+variant training at once, and the rows of the variants that finished are appended, the
+heading naming the one stopped (none finished: nothing is written), as ``bench_train.py
+--whole-epochs`` does (``gpu_suite.py``'s budget sends SIGTERM before its SIGKILL).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import statistics
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -229,37 +234,148 @@ def evaluate(r: "Runner", x, y, probs, batch: int = 500) -> tuple[float, float]:
     return error, time.perf_counter() - t0
 
 
-def whole_epochs(args, device, names) -> str:
-    """``--whole-epochs``: each variant trains ``args.epochs`` epochs of random CIFAR-shaped
-    images held on the device (batches drawn and augmented there, as our trainer does),
-    evaluated after each epoch; the report's text."""
+class _VariantStopped(BaseException):
+    """A signal while a variant trains (:class:`_EpochStops`): it stops at once, its epochs
+    not timed whole (a ``BaseException``: no ``except Exception`` in torch catches it)."""
+
+
+class _EpochStops:
+    """Ctrl-C and SIGTERM during ``--whole-epochs``, as ``bench_train.py``'s: the first
+    stops the variant training at once (or while the images are made), or the next variant
+    is not started, and the rows of the variants that finished are appended, the heading
+    naming the one stopped (none finished: nothing is written); then a second Ctrl-C stops
+    at once, a second SIGTERM is ignored. Without this, SIGTERM (``gpu_suite.py``'s budget)
+    ended the command at once and the finished variants' rows were lost."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.training = False  # inside a variant (or making the images): stop it at once
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_EpochStops":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop at once, nothing written
+                raise bench_cli.Interrupted(bench_cli.signal_name(signum), 128 + signum)
+            return
+        self.signum = signum
+        # Its line printed to no reader (gpu_suite.py died and sent this SIGTERM) must not
+        # raise BrokenPipeError here, which would end the command without the rows.
+        bench_cli.outputs_survive_their_reader()
+        print(f"{bench_cli.signal_name(signum)}: stopping now; the rows of the variants that "
+              f"finished are appended (Ctrl-C again: stop at once, nothing written)",
+              file=sys.stderr, flush=True)
+        if self.training:
+            raise _VariantStopped()
+
+
+def run_variants(names, train, stops: _EpochStops, done=None) -> tuple[list, str | None]:
+    """``train(name)`` (a variant's row) for each of ``names`` until ``stops`` takes a
+    signal: the rows of the variants that finished, and the name of the one stopped, or
+    not started, (None where every variant finished). ``done(row)`` after each (its lines,
+    printed once a signal no longer stops the variant)."""
+    rows = []
+    for name in names:
+        if stops.signum is not None:  # since the last variant finished
+            return rows, name
+        try:
+            stops.training = True
+            row = train(name)
+            stops.training = False
+        except _VariantStopped:
+            return rows, name
+        rows.append(row)
+        if done is not None:
+            done(row)
+    return rows, None
+
+
+def cut_short(stops: _EpochStops, rows: list, stopped: str | None) -> None:
+    """After a signal (``stops.signum``): marks the table appended next (the rows of the
+    variants that finished; the variant ``stopped``, None if every one had finished), or,
+    where none finished, stops now with nothing written."""
+    if stops.signum is None:
+        return
+    status = 128 + stops.signum
+    if stopped is None:
+        bench_cli.cut_after_the_last(status, "variants")
+    elif rows:
+        bench_cli.cut_before(status, f"the variant {stopped}")
+    else:
+        raise bench_cli.Interrupted(bench_cli.signal_name(stops.signum), status)
+
+
+def epoch_data(args, device) -> tuple[list, list]:
+    """Random uint8 CIFAR-shaped images and labels on ``device``: (train, test) of each."""
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8).to(device)
             for n in (args.train_images, args.test_images)]
     labels = [torch.randint(0, 10, (n,), generator=g).to(device)
               for n in (args.train_images, args.test_images)]
-    rows, steady = [], {}
-    for name in names:
-        r = Runner(name, args.depth, args.batch, device, *VARIANTS[name])
-        probs = torch.tensor(survival_probs(len(r.model.blocks), args.p))
-        host_gen = torch.Generator().manual_seed(1)
-        dev_gen = torch.Generator(device=device).manual_seed(2)
-        epochs, evals = [], []
-        for epoch in range(args.epochs):
-            epochs.append(train_epoch(r, data[0], labels[0], args.batch, probs, host_gen,
-                                      dev_gen))
-            error, seconds = evaluate(r, data[1], labels[1], probs)
-            evals.append(seconds)
-            print(f"{name} epoch {epoch + 1}: {epochs[-1]:.2f} s, evaluation {seconds:.2f} s "
-                  f"(test error {error:.3f})", flush=True)
-        steady[name] = statistics.median(epochs[1:] or epochs)
-        ev = statistics.median(evals[1:] or evals)
-        rows.append((name, epochs[0], steady[name], ev))
-        # Its row's figures now: a kill before the table is appended leaves them in the log.
-        print(f"{name}: median epoch {steady[name]:.2f} s "
-              f"({len(data[0]) // args.batch * args.batch / steady[name]:.0f} img/s); 500 "
-              f"epochs (training + evaluation each epoch): {500 * (steady[name] + ev) / 60:.1f} "
-              f"min", flush=True)
+    return data, labels
+
+
+def variant_epochs(args, device, name, data, labels) -> tuple[str, float, float, float]:
+    """Variant ``name``'s ``args.epochs`` epochs, each evaluated after it: its row (name,
+    first epoch s, median epoch s, median evaluation s)."""
+    r = Runner(name, args.depth, args.batch, device, *VARIANTS[name])
+    probs = torch.tensor(survival_probs(len(r.model.blocks), args.p))
+    host_gen = torch.Generator().manual_seed(1)
+    dev_gen = torch.Generator(device=device).manual_seed(2)
+    epochs, evals = [], []
+    for epoch in range(args.epochs):
+        epochs.append(train_epoch(r, data[0], labels[0], args.batch, probs, host_gen, dev_gen))
+        error, seconds = evaluate(r, data[1], labels[1], probs)
+        evals.append(seconds)
+        print(f"{name} epoch {epoch + 1}: {epochs[-1]:.2f} s, evaluation {seconds:.2f} s "
+              f"(test error {error:.3f})", flush=True)
+    return name, epochs[0], statistics.median(epochs[1:] or epochs), statistics.median(
+        evals[1:] or evals)
+
+
+def print_row(args, row) -> None:
+    """A finished variant's figures (``row``: :func:`variant_epochs`'), printed at once: a
+    kill before the table is appended leaves them in the log."""
+    name, _, steady, ev = row
+    print(f"{name}: median epoch {steady:.2f} s "
+          f"({args.train_images // args.batch * args.batch / steady:.0f} img/s); 500 "
+          f"epochs (training + evaluation each epoch): {500 * (steady + ev) / 60:.1f} "
+          f"min", flush=True)
+
+
+def whole_epochs(args, device, names) -> str:
+    """``--whole-epochs``: each variant trains ``args.epochs`` epochs of random CIFAR-shaped
+    images held on the device (batches drawn and augmented there, as our trainer does),
+    evaluated after each epoch; the report's text. A signal stops it as
+    :class:`_EpochStops` says (:func:`cut_short`: the report is then of the variants that
+    finished)."""
+    with _EpochStops() as stops:
+        try:
+            stops.training = True  # none finished yet: a signal stops at once
+            data, labels = epoch_data(args, device)
+            stops.training = False
+        except _VariantStopped:  # run_variants starts none
+            data = labels = None
+        rows, stopped = run_variants(
+            names, lambda name: variant_epochs(args, device, name, data, labels), stops,
+            lambda row: print_row(args, row))
+    cut_short(stops, rows, stopped)
+    return epochs_report(args, device, rows)
+
+
+def epochs_report(args, device, rows) -> str:
+    """The ``--whole-epochs`` table of ``rows`` (:func:`variant_epochs`')."""
+    steady = {name: st for name, _, st, _ in rows}
     lines = []
     steps = args.train_images // args.batch
     for name, first, st, ev in rows:

@@ -30,7 +30,8 @@ the schedule; ``benchmarks/compact_buckets.py`` counts each one's programs per e
 A SIGTERM or Ctrl-C stops the variant training at once in its steps, or while it loads data
 or compiles before them, at its next metrics point in an evaluation, or before the next
 variant starts; the table of the variants that finished is
-appended, its heading saying which one was stopped (none finished: nothing is written).
+appended, its heading saying which one was stopped (none finished: nothing is written; after
+the last one finished: the table, whole, and exit status 130 / 143).
 It reports what each variant ran as (``auto`` resolved, from its run.json), each epoch's
 training time (evaluation excluded), the median of epochs >= 2 less the compiling inside them
 (shown apart: a program first drawn in a later epoch stalls it), the ratio to constant depth,
@@ -360,6 +361,9 @@ def _whole_epochs(args, workdir):
     results = {}
     with _VariantStops() as signals:
         run = _variants(args, workdir, folder, results, signals)
+    if signals.signum is not None and len(results) == len(args.whole_epochs):
+        # After the last variant's last stop point: the table is whole; the exit says so.
+        bench_cli.cut_after_the_last(128 + signals.signum, "variants")
     rows = [_epoch_row(name, run, results) for name, run in results.items()]
     return rows, run.num_train, run.steps_per_epoch
 
@@ -626,7 +630,7 @@ def _whole_epochs_main(args):
         rows, num_train, steps = _whole_epochs(args, workdir)
     devices = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     text = "\n".join([
-        f"## Whole epochs, ResNet-{args.depth}, "
+        f"## Whole epochs, ResNet-{args.depth} (config {args.config}), "
         f"batch {args.batch}, p_L={args.p}, {args.dtype}, {num_train} training images "
         f"({steps} steps, the last partial batch dropped)",
         "",

@@ -1,8 +1,8 @@
 """Every pending GPU figure in one command, in priority order, inside a time budget.
 
-    python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 540 s
+    python benchmarks/gpu_suite.py --out-dir /path/to/results            # all parts, 550 s
     python benchmarks/gpu_suite.py --list                                # parts and estimates
-    python benchmarks/gpu_suite.py --parts epochs --budget 380
+    python benchmarks/gpu_suite.py --parts epochs --budget 400
 
 GPU time is often lent in short slices, so the suite runs its parts most-wanted first, starts
 a part only if its estimate fits in what is left of ``--budget`` seconds, and stops a part that
@@ -15,9 +15,11 @@ file in ``--out-dir`` (default ``benchmarks/results``); everything printed also 
 the log records each part's real wall time, so later runs can be planned from it. It refuses
 to start where JAX has no GPU (its tables are named ``*_gpu.md``); parts that need PyTorch are
 not started where ``--torch-python`` has none, or one that sees no CUDA GPU (it would write
-the CPU's figures to those tables). Ctrl-C, SIGTERM or a reader that exits (``| head``)
-stops the running part (its table is not written; the earlier parts' are) and records that
-in the log. Ctrl-Z stops the running part with the suite (on Linux with the
+the CPU's figures to those tables). Ctrl-C or SIGTERM is passed on to the running part,
+which is given up to 30 s (again: at once) to append what it measured, marked as
+interrupted, before it is killed; a reader that exits (``| head``) kills it (its table is not
+written). Either way the earlier parts' tables are kept, and the log says what the running
+part appended. Ctrl-Z stops the running part with the suite (on Linux with the
 processes it runs in sessions of their own: vs-torch's benchmark), and ``fg`` / ``bg``
 continue both (the budget's clock runs on meanwhile).
 
@@ -25,16 +27,20 @@ Parts (the order was re-planned after the 2026-12-04 H200 run, which measured dr
 vs-torch and user-branch; its wall times: 359 s, 215 s and 26 s; and, by hand, 200 s of
 ``bench_train.py --whole-epochs constant,auto --epochs 2``, which finished constant depth
 and reached step 180 of the default's first epoch: the epochs parts' estimates are set from
-that, about 150 s a variant for three epochs). A 15-minute device slice, start-up included,
-fits the issue's two headline tables: ``--parts epochs --budget 380``, then at once (a
-machine left idle is given back) ``--parts epochs-bf16 --budget 330``; then
-``loop-step``, ``epochs-loop`` (``implementation='loop'``, the candidate with no padding
-and one program) and ``graphs-step``, ``epochs-torch``, ``epochs-torch-compile``,
-``epochs-lengths``. ``--dry-run`` runs the parts at toy sizes on any machine, a CPU too,
-to check them before a GPU's minutes are spent. After each part, and again in the
+that, about 150 s a variant for three epochs). A 15-minute device slice whose machine's
+start leaves 750 s holds the issue's two headline tables: ``--parts epochs --budget 400``,
+then at once (a machine left idle is given back) ``--parts epochs-bf16 --budget 350``
+(each, as ``--list`` shows: the part's estimate, 20 s for the start-up checks and the 30 s
+before the budget's end at which a part still running is sent SIGTERM; before its first
+part the suite prints what it expects of each part); then ``loop-step``, ``epochs-loop``
+(``implementation='loop'``, the candidate with no padding and one program) and
+``graphs-step``, ``epochs-torch``, ``epochs-torch-compile``, ``epochs-lengths``.
+``--dry-run`` runs the parts at toy sizes on any machine, a CPU too, to check them before a
+GPU's minutes are spent. After each part, and again in the
 summary, the suite prints the headline figures of the tables the part appended
 (``suite_figures.py``): each variant against constant depth, the 500-epoch projection, and
-our whole-epoch throughput over PyTorch's where both ran in the same command:
+our whole-epoch throughput over PyTorch's where both ran in the same command, on the
+same network, config, batch, precision and p_L:
 
 * ``stage-costs``: where a ResNet-110 step's time goes (``stage_costs_gpu.md``): each
   stage's block cost, forward and backward, measured by removing the stage; the floor the
@@ -110,6 +116,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import signal
 import subprocess
@@ -255,9 +262,11 @@ def dry_run_flags(part: Part) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget", type=float, default=540,
+    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
                     help="seconds for the whole command: its checks (JAX's backend, the "
-                         "parts' imports) and the parts")
+                         "parts' imports) and the parts; --list shows the budget that runs "
+                         "each part alone to its end by its estimate (default: "
+                         "%(default)g, the first two parts')")
     ap.add_argument("--parts", default=",".join(BY_NAME), help="comma-separated, in order")
     ap.add_argument("--out-dir", default=None,
                     help="each part appends its table to a file here (made if missing; "
@@ -279,10 +288,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out_dir = os.path.abspath(args.out_dir)
     elif not args.dry_run:
         args.out_dir = bench_cli.RESULTS
-    if args.dry_run and args.out_dir and _same_dir(args.out_dir, bench_cli.RESULTS):
+    if args.dry_run and args.out_dir and _inside(args.out_dir, bench_cli.RESULTS):
         raise bench_cli.bad_flag(f"--dry-run --out-dir {args.out_dir}: a dry run's toy tables "
-                                 f"do not go among the recorded ones; give another directory "
-                                 f"or leave --out-dir out (a new temporary one).")
+                                 f"do not go among the recorded ones (in or under "
+                                 f"benchmarks/results); give a directory elsewhere or leave "
+                                 f"--out-dir out (a new temporary one).")
     if os.sep in args.torch_python:  # a bare name ('python3') is looked up on PATH
         args.torch_python = os.path.abspath(args.torch_python)
     if args.budget <= 0:
@@ -290,8 +300,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _same_dir(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or under it (links resolved: a link to the results,
+    or a path through one, is the results)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 # Exits 0 where torch imports and sees a CUDA GPU, 3 where it sees none.
@@ -404,12 +417,48 @@ def _stopped_by_budget(returncode: int) -> str:
 # of its time): a benchmark in its timed rounds then appends the table of the rounds done,
 # marked as interrupted (bench_cli.rounds), before the SIGKILL at the end.
 GRACE_S = 30.0
+# A guess at the seconds of the checks before the first part on a GPU machine (JAX's backend
+# and the parts' imports, a child process each; ~5 s on the 2-core CPU): the budgets that
+# budget_for suggests allow for it; the suite prints what they took.
+STARTUP_S = 20
+DEFAULT_BUDGET = 550  # the first two parts by their estimates (budget_for), in a 600 s command
+
+
+def budget_for(parts: list[Part], startup: float = STARTUP_S) -> int:
+    """The ``--budget`` that runs ``parts`` to their end by their estimates: the start-up
+    checks (``startup`` seconds), the estimates, and the :data:`GRACE_S` before the
+    budget's end at which a part still running is sent SIGTERM."""
+    return math.ceil(startup + sum(p.estimate_s for p in parts) + GRACE_S)
+
+
+def plan(parts: list[Part], budget: float, spent: float, skipped=frozenset()) -> list[str]:
+    """What each of ``parts`` does by the estimates, one line each, inside ``budget``
+    seconds of which ``spent`` are gone (the start-up checks), as :func:`_run_parts` decides:
+    started only where its estimate fits in what is left, and cut short where it would end
+    after its SIGTERM; ``skipped``: the names of parts not started whatever the time (no
+    PyTorch)."""
+    lines, at = [], spent
+    for part in parts:
+        left = budget - at
+        if part.name in skipped:
+            lines.append(f"{part.name}: not started (no PyTorch that it can use)")
+            continue
+        if part.estimate_s > left:
+            lines.append(f"{part.name} ~{part.estimate_s} s: not started ({left:.0f} s left "
+                         f"by then)")
+            continue
+        sigterm, at = budget - min(GRACE_S, left / 4), at + part.estimate_s
+        lines.append(f"{part.name} ~{part.estimate_s} s: ends ~{at:.0f} s in" + (
+            "" if at <= sigterm else f", after its SIGTERM at {sigterm:.0f} s: it may be "
+                                     f"cut short"))
+    return lines
 
 
 def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
     """Echoes the output of the part ``proc`` to ``log`` and stdout until it ends; sends its
     process group SIGTERM :data:`GRACE_S` seconds before ``timeout``, SIGKILL at
-    ``timeout`` or if this fails. Whether the budget stopped it."""
+    ``timeout`` or if this fails. Ctrl-C or SIGTERM here is passed on to it
+    (:func:`_pass_on`). Whether the budget stopped it."""
     stopped = threading.Event()
 
     def stop(signum):
@@ -422,10 +471,15 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
     for timer in timers:
         timer.start()
     try:
-        for line in proc.stdout:
-            log.write(line)  # first: the log keeps it also if stdout's reader exited
-            log.flush()
-            sys.stdout.write(line)
+        try:
+            for line in proc.stdout:
+                log.write(line)  # first: the log keeps it also if stdout's reader exited
+                log.flush()
+                sys.stdout.write(line)
+        except (bench_cli.Interrupted, KeyboardInterrupt) as e:
+            timers[0].cancel()  # a second SIGTERM would stop a benchmark at once
+            _pass_on(proc, e, log, already=stopped.is_set())
+            raise
         proc.wait()
     finally:
         for timer in timers:
@@ -436,13 +490,59 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
     return stopped.is_set()
 
 
+# Seconds a part is given, after a Ctrl-C or SIGTERM to the suite is passed on to it, to
+# append what it measured (as a benchmark does: bench_cli.rounds, bench_train.py's
+# variants) before it is killed: as long as the budget gives one before its end.
+PASS_ON_WAIT_S = GRACE_S
+
+
+def _pass_on(proc: subprocess.Popen, stop: BaseException, log, already: bool) -> None:
+    """Passes the suite's Ctrl-C or SIGTERM (``stop``) on to the part ``proc``'s process
+    group (not where the budget's SIGTERM was ``already`` sent: a second one stops a
+    benchmark at once), and echoes its output to ``log`` (and stdout while it has a
+    reader) until it ends, for at most :data:`PASS_ON_WAIT_S` seconds; a second Ctrl-C or
+    SIGTERM, or the wait's end, kills it (the caller). It was SIGKILLed at once: a
+    benchmark in its timed rounds, or ``bench_train.py --whole-epochs``, lost what it had
+    measured."""
+    signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else stop.status - 128
+    how = bench_cli.signal_name(signum)
+    if not already:
+        bench_cli._killpg_if_there(proc.pid, signum)
+    _say(f"{how}: passed on to the running part, which appends what it measured; waiting "
+         f"up to {PASS_ON_WAIT_S:.0f} s for it ({how} again: kill it at once)\n", log)
+    killer = threading.Timer(PASS_ON_WAIT_S, bench_cli._killpg_if_there,
+                             (proc.pid, signal.SIGKILL))
+    killer.start()
+    try:
+        for line in iter(proc.stdout.readline, ""):
+            _say(line, log)
+        proc.wait()
+    except (bench_cli.Interrupted, KeyboardInterrupt):  # again: killed at once (the caller)
+        pass
+    finally:
+        killer.cancel()
+
+
+def _say(text: str, log) -> None:
+    """Writes ``text`` to ``log``, then to stdout unless its reader exited (the Ctrl-C that
+    stopped the suite also stops a ``| tee`` in its process group): then it is dropped."""
+    log.write(text)
+    log.flush()
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        bench_cli._to_devnull(sys.stdout)
+
+
 def main(argv=None) -> None:
     started = time.perf_counter()  # the budget counts the checks below too
     args = parse_args(argv)
     if args.list:
         for p in PARTS:
             flags = f"XLA_FLAGS+={p.xla_flags} " if p.xla_flags else ""
-            print(f"{p.name:18s} ~{p.estimate_s:4d} s  {flags}python {' '.join(p.args)}")
+            print(f"{p.name:18s} ~{p.estimate_s:4d} s (alone: --budget {budget_for([p]):4d})  "
+                  f"{flags}python {' '.join(p.args)}")
         return
     found = backend()
     if found != "gpu" and not args.dry_run:
@@ -463,7 +563,22 @@ def main(argv=None) -> None:
                  f"{args.budget:g} s, tables to {args.out_dir}; {versions}\n")
         log.write(start)
         sys.stdout.write(start)
+        _echo(_plan_text(args, torch_why, time.perf_counter() - started), log)
         _run_parts(args, torch_why, log, started)
+
+
+def _plan_text(args, torch_why: str | None, spent: float) -> str:
+    """The plan printed before the first part (:func:`plan`), and the budget that would run
+    every part selected to its end (:func:`budget_for`, with the checks' ``spent`` seconds)."""
+    skipped = {p.name for p in args.selected if needs_torch(p) and torch_why}
+    runs = [p for p in args.selected if p.name not in skipped]
+    needed = budget_for(runs, spent)
+    toy = "; a dry run's toy sizes take less" if args.dry_run else ""
+    return (f"plan by the estimates (guesses for one H100/H200, compilation included{toy}), "
+            f"the start-up checks having taken {spent:.0f} s:\n"
+            + "".join(f"  {line}\n" for line in plan(args.selected, args.budget, spent, skipped))
+            + f"  --budget {needed} runs every part selected to its end (given "
+              f"{args.budget:g} s{'' if needed <= args.budget else ': too little'})\n")
 
 
 # Modules that a part's script imports only once it runs, not at its own import: the
@@ -561,9 +676,10 @@ def _run_parts(args, torch_why: str | None, log, start: float) -> None:
     cannot run (:func:`torch_problem`), None if they can; ``start``: the suite's start
     (``time.perf_counter()``), from which ``--budget`` counts."""
     summary, figures, epochs = [], [], []
-    part = None
+    part, appended = None, ""
     try:
         for part in args.selected:
+            appended = ""
             left = args.budget - (time.perf_counter() - start)
             if needs_torch(part) and torch_why:
                 summary.append(f"{part.name}: not started ({torch_why})")
@@ -581,8 +697,8 @@ def _run_parts(args, torch_why: str | None, log, start: float) -> None:
             try:
                 status, took = run_part(cmd, left, log, part_env(part, args.dry_run))
             finally:  # what it appended, also when it was interrupted
-                found, rows = suite_figures.lines_of(
-                    suite_figures.appended_since(args.out_dir, sizes))
+                appended = suite_figures.appended_since(args.out_dir, sizes)
+                found, rows = suite_figures.lines_of(appended)
                 figures += [f"{part.name}: {line}" for line in found]
                 epochs += rows
                 _echo("".join(f"figures: {f}\n" for f in figures[len(figures) - len(found):]),
@@ -590,15 +706,29 @@ def _run_parts(args, torch_why: str | None, log, start: float) -> None:
             summary.append(f"{part.name}: {status}, {took:.0f} s (estimate {part.estimate_s} s)")
     except bench_cli.STOPS as e:  # a closed output (`| head`) too: the parts' tables are kept
         name = part.name if part else "none"
-        stop = bench_cli.stopped(e, f"part {name} stopped and its table not written; the "
-                                    f"parts before it wrote theirs (summary in {log.name}).")
-        summary.append(f"{name}: interrupted ({stop.how}); its table was not written")
+        table = (_what_it_appended(appended) if appended and not isinstance(e, BrokenPipeError)
+                 else "")
+        stop = bench_cli.stopped(e, f"part {name} stopped {table or 'and its table not written'}"
+                                    f"; the parts before it wrote theirs (summary in "
+                                    f"{log.name}).")
+        summary.append(f"{name}: interrupted ({stop.how}); "
+                       f"{'stopped ' + table if table else 'its table was not written'}")
         raise stop from None
     finally:
         # sys.exc_info(): what is being raised, if anything (its own line ends the command)
         figures += [f"ours vs PyTorch: {line}" for line in suite_figures.ours_vs_torch(epochs)]
         _summary("\n=== summary\n" + "\n".join(summary) + "\n"
                  + "".join(f"figures: {f}\n" for f in figures), log, sys.exc_info()[1])
+
+
+def _what_it_appended(text: str) -> str:
+    """What the tables a part appended (``text``) after the signal passed on to it say of
+    themselves: marked as interrupted, or whole."""
+    marks = [t.mark.strip(" ()") for t in suite_figures.tables(text)]
+    cut = [m for m in marks if m]
+    if cut:
+        return f"after it appended what it measured ({'; '.join(cut)})"
+    return "after it appended its table" + ("s" if len(marks) > 1 else "") + " whole"
 
 
 def _echo(text: str, log) -> None:

@@ -17,10 +17,12 @@ import re
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """One appended table: its ``## `` heading and its rows, each a dict by column name."""
+    """One appended table: its ``## `` heading, its rows, each a dict by column name, and
+    the text between the two (what was measured, how, the command)."""
 
     heading: str
     rows: list[dict[str, str]]
+    notes: str = ""
 
     @property
     def mark(self) -> str:
@@ -33,17 +35,18 @@ def tables(text: str) -> list[Table]:
     """The tables of ``text`` (markdown as the benchmarks append it): each ``## `` heading
     with the first table below it."""
     found: list[Table] = []
-    heading, columns, read = "", None, False
+    heading, columns, read, notes = "", None, False, []
     for line in text.splitlines():
         if line.startswith("## "):
-            heading, columns, read = line[3:].strip(), None, False
+            heading, columns, read, notes = line[3:].strip(), None, False, []
         elif not line.startswith("|"):
             read, columns = read or columns is not None, None  # a table ended
+            notes.append(line)
         elif heading and not read:  # the first table under the heading
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if columns is None:
                 columns = cells
-                found.append(Table(heading, []))
+                found.append(Table(heading, [], "\n".join(notes).strip()))
             elif not set("".join(cells)) <= set("-: "):  # not the |---| line
                 found[-1].rows.append(dict(zip(columns, cells)))
     return found
@@ -75,7 +78,13 @@ class Epochs:
     """One variant's whole epochs: ``ours`` (bench_train) or PyTorch's (bench_torch)."""
 
     ours: bool
-    network: str  # 'ResNet-110': ours and PyTorch's compared only on the same
+    # Ours and PyTorch's are compared only where these four are the same: the network
+    # ('ResNet-110'), the model (ours: the config, 'cifar10'; PyTorch's: TORCH_MODEL), the
+    # batch and p_L (stochastic rows only; '' where the table does not say).
+    network: str
+    model: str
+    batch: int
+    p_last: str
     precision: str  # 'fp32' or 'bf16'
     variant: str  # ours: with what it ran as, 'auto (compact, multiple 4 (gpu))'
     constant: bool  # constant depth (every block), else stochastic depth
@@ -87,27 +96,39 @@ class Epochs:
 
 
 _OURS = re.compile(r"^Whole epochs, .*batch (\d+), .*, (float32|bfloat16), .*\((\d+) steps")
-_THEIRS = "PyTorch whole epochs"
+_THEIRS = re.compile(r"^PyTorch whole epochs, .*batch (\d+), ")
+# bench_train.py's config (its heading's '(config cifar10)'; '' in a table from before it
+# said, which is paired with none).
+_CONFIG = re.compile(r"\(config ([^()\s]+)\)")
+# bench_torch.py's network is the cifar10 config's: CIFAR ResNet, option-A shortcuts
+# (average pooling, zero channels), BatchNorm, 10 classes.
+TORCH_MODEL = "cifar10"
+_P_LAST = re.compile(r"p_L=(\d*\.?\d+)")
 _STEP = re.compile(r"^Train step, ")
 
 
 def epochs_of(table: Table) -> list[Epochs]:
     """The rows of a whole-epochs table, ours or PyTorch's; [] for any other table."""
-    ours = _OURS.match(table.heading)
+    ours, theirs = _OURS.match(table.heading), _THEIRS.match(table.heading)
+    found_p = _P_LAST.search(f"{table.heading}\n{table.notes}")
+    p_last = found_p.group(1) if found_p else ""
     if ours:
         batch, dtype, steps = int(ours.group(1)), ours.group(2), int(ours.group(3))
         precision = "fp32" if dtype == "float32" else "bf16"
+        config = _CONFIG.search(table.heading)
         found = []
         for row in table.rows:
             seconds = float(row["median epoch >= 2 s, compiles excluded"])
-            found.append(Epochs(True, _network(table), precision,
+            found.append(Epochs(True, _network(table), config.group(1) if config else "",
+                                batch, p_last, precision,
                                 f"{row['variant']} ({row['ran as']})",
                                 row["variant"].startswith("constant"), seconds,
                                 steps * batch / seconds, row["/ constant (same scan form)"],
                                 row["500 epochs, min"], table.mark))
         return found
-    if table.heading.startswith(_THEIRS):
-        return [Epochs(False, _network(table), row["variant"].split("-")[1], row["variant"],
+    if theirs:
+        return [Epochs(False, _network(table), TORCH_MODEL, int(theirs.group(1)), p_last,
+                       row["variant"].split("-")[1], row["variant"],
                        row["variant"].endswith("-constant"), float(row["median epoch s"]),
                        float(row["img/s"]), row["skip / constant"], row["500 epochs, min"],
                        table.mark)
@@ -157,12 +178,28 @@ def _epoch_line(e: Epochs) -> str:
 
 def ours_vs_torch(epochs: list[Epochs]) -> list[str]:
     """Our throughput over PyTorch's in whole epochs, each of our rows against each PyTorch
-    row of the same network, precision and kind (constant depth with constant depth,
-    stochastic with PyTorch's skipping); the last of each measured. None where one side was
-    not measured."""
-    ours = {(e.precision, e.variant): e for e in epochs if e.ours}
-    theirs = {(e.precision, e.variant): e for e in epochs if not e.ours}
+    row of the same kind (:func:`_same_run`); the last of each measured. None where one
+    side was not measured."""
+    ours = {_key(e): e for e in epochs if e.ours}
+    theirs = {_key(e): e for e in epochs if not e.ours}
     return [f"whole epochs {o.precision}: ours {o.variant} / PyTorch {t.variant}: "
             f"{o.images_per_s / t.images_per_s:.2f}x the throughput{o.mark}{t.mark}"
-            for o in ours.values() for t in theirs.values()
-            if (o.network, o.precision, o.constant) == (t.network, t.precision, t.constant)]
+            for o in ours.values() for t in theirs.values() if _same_run(o, t)]
+
+
+def _key(e: Epochs) -> tuple:
+    """What makes two rows of one side the same measurement (the later one is kept)."""
+    return e.network, e.model, e.batch, e.p_last, e.precision, e.variant
+
+
+def _same_run(o: Epochs, t: Epochs) -> bool:
+    """Whether our row ``o`` and PyTorch's ``t`` measured the same thing, so that their
+    ratio means something: the same network, model (a config's other head or blocks is
+    another model), batch and precision, and the same kind: constant depth with constant
+    depth, stochastic depth with PyTorch's skipping at the same p_L. Any of these unknown
+    (a table that does not say it): not the same."""
+    same = (o.network, o.model, o.batch, o.precision, o.constant) == (
+        t.network, t.model, t.batch, t.precision, t.constant) and bool(o.model)
+    if o.constant:
+        return same
+    return same and bool(o.p_last) and bool(t.p_last) and float(o.p_last) == float(t.p_last)

@@ -178,6 +178,9 @@ def test_bench_train_whole_epochs(tmp_path, capsys):
     lines, epochs = load("suite_figures").lines_of(out.read_text())
     assert [e.variant for e in epochs] == ["constant (constant depth (cpu))",
                                            "auto (lax.cond skip (cpu))"]
+    # What it is paired with PyTorch's by: the network, the config, the batch and p_L.
+    assert {(e.network, e.model, e.batch, e.p_last) for e in epochs} == {
+        ("ResNet-8", "cifar10", 16, "0.5")}
     assert lines[1].startswith("whole epochs fp32, ours auto (lax.cond skip (cpu)): ")
     assert f"({4 * 16 / epochs[1].epoch_s:.0f} img/s), {found['auto'][4]} x constant" in lines[1]
     # Each variant's figures are printed as soon as it finished (a SIGKILL before the table
@@ -275,6 +278,33 @@ def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, ca
     code, err = run_command("bench_train", argv, capsys)
     assert code == 143 and "(interrupted before the variant auto finished)" in out.read_text()
     assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
+
+
+def test_bench_train_whole_epochs_signal_after_the_last_variant(tmp_path, capsys,
+                                                               monkeypatch):
+    """A SIGTERM or Ctrl-C after the last variant's last stop point (its last evaluation)
+    was taken and dropped: the table was appended and the command exited 0, as if no one
+    had asked it to stop. The table is whole, and the exit now says so, as bench_torch.py's
+    and the rounds' do."""
+    from stochastic_depth_jax.training import loop
+    train = loop._train
+
+    def signalled_after_the_last_stop_point(run):
+        summary = train(run)
+        os.kill(os.getpid(), signal.SIGTERM)  # as in the last evaluation
+        return summary
+
+    monkeypatch.setattr(loop, "_train", signalled_after_the_last_stop_point)
+    out = tmp_path / "train.md"
+    code, err = run_command("bench_train", [
+        "--whole-epochs", "constant", "--epochs", "1", "--train-images", "64",
+        "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
+        "--out", str(out)], capsys)
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): every one of the variants had finished; the table was "
+        "appended whole."), err
+    assert "interrupted" not in out.read_text() and sorted(rows(out, ["constant"])) == [
+        "constant"]
 
 
 def _constant_then_auto(tmp_path, capsys):
@@ -1306,6 +1336,69 @@ def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monk
     assert "slow started" in log and "slow: interrupted (SIGTERM)" in log
 
 
+# A part that, on Ctrl-C or SIGTERM, appends the table of what it measured, marked, as a
+# benchmark in its timed rounds does, after a moment (the suite SIGKILLed it at once).
+_WRITES_ON_SIGNAL = textwrap.dedent("""\
+    import signal, sys, time
+    def table(signum, frame):
+        time.sleep(0.5)
+        with open(sys.argv[1], 'a') as f:
+            f.write('## Toy (interrupted after 1 of 2 rounds)\\n\\n| variant | ms |\\n'
+                    '|---|---|\\n| constant | 1.0 |\\n\\n')
+        print('appended after', signal.Signals(signum).name, flush=True)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, table)
+    signal.signal(signal.SIGINT, table)
+    print('rounds started', flush=True)
+    time.sleep(60)
+    """)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_gpu_suite_interrupted_lets_its_part_write_what_it_measured(tmp_path, capsys,
+                                                                    monkeypatch, signum):
+    """A SIGTERM to the suite (a lent machine's time limit) or a Ctrl-C SIGKILLed its running
+    part at once: a benchmark in its timed rounds, or bench_train.py's whole epochs, lost
+    what it had measured. Now the signal is passed on, and the part given time to append
+    it; one that does not stop is killed at the end of that wait."""
+    suite = load("gpu_suite")
+    rounds = suite.Part("rounds", 1, ("-c", _WRITES_ON_SIGNAL, "{out}/toy.md"))
+    stubborn = suite.Part("stubborn", 1, ("-c", textwrap.dedent("""\
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print('stubborn started', flush=True)
+        time.sleep(60)
+        """)))
+    monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in (rounds, stubborn)})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    monkeypatch.setattr(suite, "PASS_ON_WAIT_S", 2.0)
+    log = tmp_path / "gpu_suite.log"
+    how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    for name, started in (("rounds", "rounds started"), ("stubborn", "stubborn started")):
+        done = threading.Event()
+        sender = threading.Thread(target=_signal_once_logged, args=(log, started, signum, done))
+        sender.start()
+        t0 = time.perf_counter()
+        try:
+            status, err = run_command("gpu_suite", ["--parts", name, "--budget", "100",
+                                                    "--out-dir", str(tmp_path)], capsys)
+        finally:
+            done.set()
+            sender.join()
+        assert status == 128 + signum and len(err) == 1, err
+        assert time.perf_counter() - t0 < 30  # not the part's minute, nor the budget's
+    summaries = [part.splitlines() for part in log.read_text().split("=== summary\n")[1:]]
+    assert f"appended after {signal.Signals(signum).name}" in log.read_text()
+    assert summaries[0][0] == (f"rounds: interrupted ({how}); stopped after it appended what "
+                               f"it measured (interrupted after 1 of 2 rounds)")
+    assert "| constant | 1.0 |" in (tmp_path / "toy.md").read_text()
+    assert summaries[1][0] == f"stubborn: interrupted ({how}); its table was not written"
+    assert err[0] == (f"interrupted ({how}): part stubborn stopped and its table not written; "
+                      f"the parts before it wrote theirs (summary in {log}).")
+
+
 class ReaderExits(io.StringIO):
     """A stdout whose reader (`| head`) exits at the first text that starts with ``last``."""
 
@@ -1405,6 +1498,117 @@ def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatc
         f"two flags."]
     assert not js.exists() and not out.exists()
     assert bench_torch.parse_args(["--json", str(js), "--out", str(out)]).json == str(js)
+
+
+def _torch_whole_epochs(monkeypatch, tmp_path, capsys, train, done=None):
+    """bench_torch.py --whole-epochs eager-fp32-constant,eager-fp32-skip, run as its main
+    runs it, without PyTorch: ``train(name)`` stands in for a variant's epochs (its row),
+    ``done(name)`` after its figures are printed. (table path, exit status, stderr)."""
+    import types
+    bench_torch = bench_torch_without_torch(monkeypatch)
+    monkeypatch.setattr(bench_torch.torch, "get_num_threads", lambda: 1, raising=False)
+    monkeypatch.setattr(bench_torch.torch, "__version__", "stand-in", raising=False)
+    names = ["eager-fp32-constant", "eager-fp32-skip"]
+    code = bench_torch.whole_epochs.__globals__
+    monkeypatch.setitem(code, "epoch_data", lambda args, device: ([[0] * 64], [[0] * 64]))
+    monkeypatch.setitem(code, "variant_epochs", lambda args, device, name, *data: train(name))
+    print_row = code["print_row"]
+    monkeypatch.setitem(code, "print_row",
+                        lambda args, row: (print_row(args, row), done and done(row[0])))
+    out = tmp_path / "torch_epochs.md"
+    out.write_text(RECORDED)
+    args = bench_torch.parse_args(["--whole-epochs", "--variants", ",".join(names), "--batch",
+                                   "16", "--train-images", "64", "--out", str(out)])
+    device = types.SimpleNamespace(type="cpu")
+    code, err = run_command_main(lambda argv: load("bench_cli").append_table(
+        bench_torch.whole_epochs(args, device, args.names), args.out), capsys)
+    return out, code, err
+
+
+def run_command_main(main, capsys):
+    """``(exit status, stderr lines)`` of ``main`` run as a benchmark's ``__main__``."""
+    with pytest.raises(SystemExit) as stopped:
+        load("bench_cli").run(main, [])
+    return stopped.value.code, capsys.readouterr().err.splitlines()
+
+
+def _row(name):
+    return name, 2.0, 1.0 if name.endswith("constant") else 0.8, 0.1
+
+
+def _signalled_in(stopped):
+    """A stand-in for a variant's epochs that sends this process SIGTERM in variant
+    ``stopped``'s steps and trains on for a minute (a stop at once ends it)."""
+    def train(name):
+        if name == stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(600):
+                time.sleep(0.1)
+            raise AssertionError("the variant ran on after the signal")
+        return _row(name)
+    return train
+
+
+def test_bench_torch_whole_epochs_stopped_keeps_the_variants_that_finished(
+        tmp_path, capsys, monkeypatch):
+    """gpu_suite.py's budget SIGTERM during bench_torch.py --whole-epochs ended it at once:
+    only the log lines of the variants that finished survived, no table (bench_train.py
+    appended their rows). Now the variant training stops at once and the rows of those
+    that finished are appended, the heading naming the one stopped, as bench_train.py's."""
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys,
+                                         _signalled_in("eager-fp32-skip"))
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): the table of those that finished was appended, marked as "
+        "interrupted."), err
+    text = out.read_text()
+    assert text.startswith(RECORDED)
+    assert "(interrupted before the variant eager-fp32-skip finished)" in text
+    assert sorted(rows(out, ["eager-fp32-constant", "eager-fp32-skip"])) == [
+        "eager-fp32-constant"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers put back
+    # None finished: nothing is written.
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys,
+                                         _signalled_in("eager-fp32-constant"))
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): no table was written; the results files are as they were.")
+    assert out.read_text() == RECORDED
+
+
+def test_bench_torch_whole_epochs_signal_after_the_last_variant(tmp_path, capsys,
+                                                               monkeypatch):
+    """A signal after the last variant finished (its figures printed): the table is whole,
+    appended as it is, and the exit says so."""
+    def last_done(name):
+        if name == "eager-fp32-skip":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys, _row, last_done)
+    assert code == 143 and err[-1] == (
+        "interrupted (SIGTERM): every one of the variants had finished; the table was "
+        "appended whole."), err
+    assert "interrupted" not in out.read_text().removeprefix(RECORDED)
+    found = rows(out, ["eager-fp32-constant", "eager-fp32-skip"])
+    assert sorted(found) == ["eager-fp32-constant", "eager-fp32-skip"]
+    assert found["eager-fp32-skip"][4] == "0.800"  # skip / constant
+
+
+def test_bench_torch_whole_epochs_appends_its_rows_when_the_suite_died(
+        tmp_path, capsys, monkeypatch):
+    """gpu_suite.py killed: its part gets SIGTERM (PR_SET_PDEATHSIG) with no reader on its
+    output; the stop's line must not keep the finished rows from being appended."""
+    train = _signalled_in("eager-fp32-skip")
+
+    def suite_died(name):
+        if name == "eager-fp32-skip":
+            monkeypatch.setattr(sys, "stdout", _ReaderGone())
+            monkeypatch.setattr(sys, "stderr", _ReaderGone())
+        return train(name)
+
+    out, code, err = _torch_whole_epochs(monkeypatch, tmp_path, capsys, suite_died)
+    assert code == 143
+    assert "(interrupted before the variant eager-fp32-skip finished)" in out.read_text()
+    assert sorted(rows(out, ["eager-fp32-constant", "eager-fp32-skip"])) == [
+        "eager-fp32-constant"]
 
 
 # The scripts that take --out, and what else their flags need here.
@@ -1579,8 +1783,16 @@ def test_gpu_suite_dry_run_never_writes_to_the_recorded_results(tmp_path, capsys
     toy tables never go to benchmarks/results, whose tables are the recorded ones."""
     suite = load("gpu_suite")
     results = os.path.join(BENCHMARKS, "results")
-    with pytest.raises(load("bench_cli").FlagError, match="a dry run's toy tables do not go "):
-        suite.parse_args(["--dry-run", "--out-dir", results])
+    (tmp_path / "link").symlink_to(results)
+    # Under the results too (a sub-directory was accepted, and its toy tables written there),
+    # and through a link.
+    for inside in (results, os.path.join(results, "sub"), os.path.join(results, "..",
+                                                                        "results", "a", "b"),
+                   str(tmp_path / "link"), str(tmp_path / "link" / "sub")):
+        with pytest.raises(load("bench_cli").FlagError, match="a dry run's toy tables do not "
+                                                              "go among the recorded ones"):
+            suite.parse_args(["--dry-run", "--out-dir", inside])
+    assert suite.parse_args(["--dry-run", "--out-dir", results + "-elsewhere"]).out_dir
     assert suite.parse_args(["--dry-run"]).out_dir is None  # a new temporary directory
     assert suite.parse_args([]).out_dir == os.path.normpath(results)
     monkeypatch.setattr(suite, "backend", lambda: "cpu")
@@ -1621,8 +1833,8 @@ def test_gpu_suite_refuses_in_one_line_where_a_part_cannot_import(tmp_path, caps
 # A whole-epochs table of ours and of PyTorch's, as bench_train.py / bench_torch.py write
 # them (their headings and columns; the figures made up).
 OURS_EPOCHS = """
-## Whole epochs, ResNet-110, batch 128, p_L=0.5, {dtype}, 45000 training images (351 steps, \
-the last partial batch dropped)
+## Whole epochs, ResNet-110 (config cifar10), batch 128, p_L=0.5, {dtype}, 45000 training \
+images (351 steps, the last partial batch dropped)
 
 | variant | ran as | epoch 1 s (with compiles) | median epoch >= 2 s, compiles excluded | \
 / constant (same scan form) | compiled inside epochs >= 2: programs, s | median evaluation s \
@@ -1634,6 +1846,8 @@ the last partial batch dropped)
 THEIR_EPOCHS = """
 ## PyTorch whole epochs, CIFAR ResNet-110, batch 128, 45000 training images (351 steps), \
 channels-last
+
+cuda (a GPU); 16 cores, 16 threads; torch 2.x; python 3.11; p_L=0.5. Random uint8 images.
 
 | variant | epoch 1 s | median epoch s | img/s | skip / constant | median evaluation s | \
 500 epochs, min |
@@ -1652,6 +1866,31 @@ def test_suite_figures_read_the_columns_the_epoch_benchmarks_write():
     assert "| " + " | ".join(header) + " |" in torch_source
     assert "## PyTorch whole epochs, CIFAR ResNet-{args.depth}, batch {args.batch}" in (
         torch_source)
+    assert "python {platform.python_version()}; p_L={args.p}." in torch_source
+
+
+def test_suite_figures_pair_ours_and_pytorch_only_where_they_measured_the_same():
+    """Ours and PyTorch's whole epochs were paired by network, precision and kind only: a
+    table at another batch, p_L or config (another model) was printed as a ratio of
+    throughputs that compares nothing."""
+    figures = load("suite_figures")
+
+    def pairs(ours, theirs):
+        return [line.split(": ", 1)[1].split(":")[0]
+                for line in figures.ours_vs_torch(figures.lines_of(ours + theirs)[1])]
+
+    ours = OURS_EPOCHS.format(dtype="float32")
+    assert pairs(ours, THEIR_EPOCHS) == [
+        "ours constant (constant depth (gpu)) / PyTorch eager-fp32-constant",
+        "ours auto (compact, multiple 4 (gpu)) / PyTorch eager-fp32-skip"]
+    assert not pairs(ours, THEIR_EPOCHS.replace("batch 128", "batch 8"))
+    assert not pairs(ours.replace("config cifar10", "config cifar100_wrn"), THEIR_EPOCHS)
+    assert not pairs(ours.replace(" (config cifar10)", ""), THEIR_EPOCHS)  # unknown model
+    # Another p_L: constant depth is still the same network; the stochastic rows are not.
+    assert pairs(ours, THEIR_EPOCHS.replace("p_L=0.5", "p_L=0.2")) == [
+        "ours constant (constant depth (gpu)) / PyTorch eager-fp32-constant"]
+    assert pairs(ours, THEIR_EPOCHS.replace("p_L=0.5", "p_L=0.50")) == pairs(ours,
+                                                                            THEIR_EPOCHS)
 
 
 def test_gpu_suite_prints_the_figures_of_each_part_and_at_its_end(tmp_path, monkeypatch,
@@ -1705,6 +1944,54 @@ def test_gpu_suite_budget_counts_its_own_checks(tmp_path, monkeypatch):
     suite.main(["--parts", "part", "--budget", "4", "--out-dir", str(tmp_path)])
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "part ran" not in log and "part: not started (estimate 3 s, " in log
+
+
+def test_gpu_suite_documented_budgets_run_their_parts_to_their_end():
+    """The budgets the suite's doc gave (`--parts epochs --budget 380`) were less than the
+    part's estimate (350 s), the start-up checks and the 30 s before the budget's end at
+    which a part is sent SIGTERM: by its own estimate the part was cut short. Each budget
+    documented, and the default, now runs its parts to their end by the estimates."""
+    suite = load("gpu_suite")
+    documented = re.findall(r"--parts ([\w-]+) --budget (\d+)", suite.__doc__)
+    assert len(documented) >= 3, documented
+    for name, budget in documented:
+        part = suite.BY_NAME[name]
+        assert int(budget) == suite.budget_for([part]), (name, budget)
+        assert "cut short" not in " ".join(suite.plan([part], int(budget), suite.STARTUP_S))
+    assert suite.budget_for([suite.BY_NAME["epochs"]]) == (
+        suite.STARTUP_S + 350 + suite.GRACE_S)
+    default = suite.parse_args([]).budget
+    started = [line for line in suite.plan(suite.PARTS, default, suite.STARTUP_S)
+               if "not started" not in line]
+    assert len(started) >= 2 and not [line for line in started if "cut short" in line]
+    assert default == suite.budget_for(suite.PARTS[:2])
+    with open(os.path.join(BENCHMARKS, "..", "README.md")) as f:
+        assert f"inside --budget seconds ({default:g})" in f.read()
+    assert f"# all parts, {default:g} s" in suite.__doc__
+
+
+def test_gpu_suite_prints_its_plan_before_the_first_part(tmp_path, monkeypatch, capsys):
+    """Before the first part, the suite prints what the estimates say of each part: started
+    or not, ending before its SIGTERM or not, and the budget that would run them all."""
+    suite = load("gpu_suite")
+    parts = [suite.Part("first", 40, ("-c", "print('first ran')")),
+             suite.Part("second", 50, ("-c", "print('second ran')")),
+             suite.Part("third", 200, ("-c", "print('third ran')"))]
+    monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in parts})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    suite.main(["--parts", "first,second,third", "--budget", "100", "--out-dir",
+                str(tmp_path)])
+    log = (tmp_path / "gpu_suite.log").read_text()
+    planned = log[log.index("plan by the estimates"):log.index("=== first")].splitlines()
+    assert [line.split(":")[0].strip() for line in planned[1:4]] == [
+        "first ~40 s", "second ~50 s", "third ~200 s"]
+    assert "ends ~4" in planned[1] and "cut short" not in planned[1]
+    assert "after its SIGTERM at 85 s: it may be cut short" in planned[2]  # 100 - 60 / 4
+    assert "not started (" in planned[3]
+    assert re.search(r"--budget 32\d runs every part selected to its end \(given 100 s: "
+                     r"too little\)", planned[4]), planned[4]
+    assert "third: not started (estimate 200 s" in log  # as the plan said
 
 
 def test_gpu_suite_user_branch_part_runs_the_nnx_twin_and_what_differs_on_a_gpu():
