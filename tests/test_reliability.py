@@ -703,6 +703,8 @@ def test_temporary_files_left_by_killed_writes_are_removed_at_start(run, tmp_pat
     the next run removes them. Others stay: evaluate.py's (it may be writing while a run
     starts) and any whose name is not exactly that of one of the run's own."""
     config, workdir = _copy(run, tmp_path)
+    config = config.copy_and_resolve_references()
+    config.num_epochs = 2  # as the run trained (another test sets the shared config's to 3)
     stale = [f"{name}.tmp-0123456789ab" for name in (
         "run.json", "summary.json", "metrics.jsonl", "validation.jsonl", "error.png",
         "loss.png")]
