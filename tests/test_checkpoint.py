@@ -547,3 +547,125 @@ def test_moving_aside_never_reuses_a_name(tmp_path, mesh, monkeypatch):
     assert os.listdir(earlier) == ["kept"]  # untouched
     step_files = sorted(os.listdir(os.path.join(tmp_path, "checkpoints", "1")))
     assert [sorted(os.listdir(path)) for path in moved] == [step_files] * 2  # not nested
+
+
+def _no_space_in_unfinished_meta(monkeypatch):
+    """A full disk met by a background save: writing its 'meta' item (into Orbax's
+    temporary directory) fails with ENOSPC, as TensorStore's writes then do."""
+    from etils import epath
+
+    path_type = type(epath.Path("/"))
+    real_write_text = path_type.write_text
+
+    def write_text(self, *args, **kwargs):
+        if "orbax-checkpoint-tmp" in str(self) and self.name == "metadata":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(path_type, "write_text", write_text)
+
+
+def test_a_save_failed_on_a_full_disk_leaves_nothing_behind(tmp_path, mesh, monkeypatch):
+    """The save's temporary directory (part of a state, on the disk that ran out of space)
+    was left in checkpoints/; the next run moved it to checkpoints_unfinished/, where it
+    kept the space, as a save 'interrupted before it was committed'. The failing run now
+    removes it and says so; the committed checkpoints stay as they were."""
+    from stochastic_depth_jax import errors
+
+    base = _save_steps(tmp_path, mesh, [1])
+    directory = os.path.join(str(tmp_path), "checkpoints")
+    step_files = sorted(os.listdir(os.path.join(directory, "1")))
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    _no_space_in_unfinished_meta(monkeypatch)
+    with pytest.raises(errors.WorkdirError) as info:
+        ckpts.save("latest", 2, _with_step(base, 2, mesh), {"epoch": 2})
+        ckpts.wait()
+    assert str(info.value).startswith(
+        f"Cannot write {directory} (No space left on device): free some space or use another "
+        "--workdir. The checkpoints saved before are kept; the failed save of step 2 was "
+        "removed: call ")
+    assert sorted(os.listdir(directory)) == ["1"]
+    assert sorted(os.listdir(os.path.join(directory, "1"))) == step_files
+    monkeypatch.undo()
+    ckpts.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to set aside
+        ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    state, meta = ckpts.restore("latest", _abstract(base))
+    assert meta["step"] == 1
+    jax.tree.map(np.testing.assert_array_equal, state, _with_step(base, 1, mesh))
+    ckpts.close()
+    assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.UNFINISHED_DIR))
+
+
+def test_write_access_lost_mid_run_fails_the_save_at_once(tmp_path, mesh, monkeypatch):
+    """Write permission on checkpoints/ lost between two saves (its modes changed, a
+    filesystem gone read-only): Orbax created the step's directory in a background thread,
+    and the save's other threads waited 5 minutes for it, printing their tracebacks, before
+    the process could exit. The save now fails at once, in one error, and leaves no thread
+    behind."""
+    import threading
+
+    from stochastic_depth_jax import errors
+
+    base = _save_steps(tmp_path, mesh, [1])
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    directory = os.path.join(str(tmp_path), "checkpoints")
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as chmod a-w would, also for root
+        if os.path.dirname(os.path.abspath(path)) == directory:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    before = set(threading.enumerate())
+    monkeypatch.setattr(ckpt_lib.os, "mkdir", mkdir)
+    with pytest.raises(errors.WorkdirError, match=rf"^Cannot write {directory} \(Permission "
+                       r"denied\): no permission to write there; "):
+        ckpts.save("latest", 2, _with_step(base, 2, mesh), {"epoch": 2})
+    monkeypatch.undo()
+    left = [t for t in set(threading.enumerate()) - before if not t.daemon]
+    for thread in left:  # a save's threads that end on their own
+        thread.join(timeout=60)
+    assert [t.name for t in left if t.is_alive()] == []
+    ckpts.close()
+    assert ckpt_lib.Checkpoints(tmp_path, read_only=True).steps("latest") == [1]
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "checkpoints_best"])
+def test_a_step_that_cannot_be_deleted_is_refused_before_training(tmp_path, mesh,
+                                                                  monkeypatch, name):
+    """A step copied read-only (or another user's) in a workdir this user may write in:
+    training went on until the first rotation had to delete it, then stopped naming only
+    checkpoints/ (writable), and again one epoch later on every restart. Refused at the
+    start now, naming the directory, with nothing written into the checkpoint to find
+    out; an evaluation still reads it."""
+    from stochastic_depth_jax import errors
+
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    base = _state(mesh)
+    for kind in ("latest", "best"):
+        ckpts.save(kind, 1, _with_step(base, 1, mesh), {"epoch": 1})
+    ckpts.close()
+    step_dir = os.path.join(str(tmp_path), name, "1")
+    denied = os.path.join(step_dir, "state")
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):  # as chmod -R a-w would, also for root
+        if os.path.abspath(path) == denied and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib.os, "access", access)
+    listing = sorted(os.listdir(denied))
+    with pytest.raises(errors.WorkdirError) as info:
+        ckpt_lib.Checkpoints(tmp_path)
+    assert str(info.value) == (
+        f"Cannot write {denied} (Permission denied): no permission to write there; give this "
+        "user write access to resume the run there (chmod/chown), or use another --workdir. "
+        "Training deletes old checkpoints as it saves new ones, so every directory in "
+        f"{step_dir} must be writable.")
+    assert sorted(os.listdir(denied)) == listing  # nothing written there
+    ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
+    assert ckpts.steps("latest") == ckpts.steps("best") == [1]
+    ckpts.close()

@@ -697,6 +697,31 @@ def test_run_json_and_summary_are_replaced_only_whole(tmp_path, monkeypatch, err
         "steps": 10}
 
 
+def test_temporary_files_left_by_killed_writes_are_removed_at_start(run, tmp_path):
+    """A run killed while replacing run.json, summary.json, metrics.jsonl or a plot
+    (workdir.atomic_write) left '<name>.tmp-<12 hex digits>' beside it, one more each time;
+    the next run removes them. Others stay: evaluate.py's (it may be writing while a run
+    starts) and any whose name is not exactly that of one of the run's own."""
+    config, workdir = _copy(run, tmp_path)
+    config = config.copy_and_resolve_references()
+    config.num_epochs = 2  # as the run trained (another test sets the shared config's to 3)
+    stale = [f"{name}.tmp-0123456789ab" for name in (
+        "run.json", "summary.json", "metrics.jsonl", "validation.jsonl", "error.png",
+        "loss.png")]
+    others = ["eval_best_test.json.tmp-0123456789ab", "run.json.tmp-0123456789abc",
+              "run.json.tmp-mine", "notes.txt.tmp-0123456789ab", "xrun.json.tmp-0123456789ab"]
+    for name in stale + others:
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write('{"ste')
+    os.mkdir(os.path.join(workdir, "summary.json.tmp-abcdefabcdef"))  # not a file: kept
+    others.append("summary.json.tmp-abcdefabcdef")
+    summary = open(os.path.join(workdir, "summary.json")).read()
+    loop.train_and_evaluate(config, workdir)  # nothing to train: it reached its end
+    left = set(os.listdir(workdir))
+    assert left.isdisjoint(stale) and set(others) <= left
+    assert open(os.path.join(workdir, "summary.json")).read() == summary
+
+
 def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     """A run stopped after epoch 76's record but before its checkpoint resumes at 75."""
     workdir = str(tmp_path)

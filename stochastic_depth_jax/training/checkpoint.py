@@ -29,11 +29,12 @@ step deleted by the writer's rotation while being read (the step listing changed
 whatever the error: ``ESTALE`` on NFS) is not taken for damage: the reader lists again and
 reads the newest step that exists.
 
-A training run refuses, at its start, a checkpoint directory it cannot create a step in
+A training run refuses, at its start, a checkpoint directory it cannot create a step in,
+or a step holding a directory it could not delete when the step rotates out
 (``errors.WorkdirError``, one line). A save that fails for a full disk (or another disk or
 permission failure), whether it surfaces at once or from a background save at the next
 save, wait or close, raises one ``errors.WorkdirError``; the committed checkpoints are
-untouched.
+untouched, and the failed save's temporary directory is removed (one process).
 """
 
 from __future__ import annotations
@@ -137,6 +138,28 @@ def _check_writable(directory: str) -> None:
         if workdir_lib.anticipated_os_error(e) is None:
             raise
         raise errors.WorkdirError(workdir_lib.describe_os_error(e, directory)) from e
+
+
+def _check_steps_writable(directory: str) -> None:
+    """Raises ``errors.WorkdirError`` if a committed step in ``directory`` holds a directory
+    this user may not write in (a step copied read-only, or from another user), before
+    training starts: training deletes old steps as it saves new ones (and moves 'best' ones
+    aside), which failed only at the first rotation, after epochs of training, naming
+    ``directory`` but not the step (a fixed ``directory`` failed again, one epoch later).
+    Asked with ``os.access``: nothing is written into a checkpoint to find out."""
+    if not os.path.isdir(directory):
+        return
+    for step in sorted(ocp.utils.checkpoint_steps(directory)):
+        step_dir = os.path.join(directory, str(step))
+        for parent, _, _ in os.walk(step_dir):
+            if os.access(parent, os.W_OK | os.X_OK):
+                continue
+            read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+            code = errno.EROFS if read_only else errno.EACCES
+            line = workdir_lib.describe_os_error(OSError(code, os.strerror(code)), parent)
+            raise errors.WorkdirError(
+                f"{line} Training deletes old checkpoints as it saves new ones, so every "
+                f"directory in {step_dir} must be writable.")
 
 
 # Where a training run moves the newest save an earlier one left unfinished (one per kind).
@@ -253,6 +276,27 @@ def _lost_peer(error: BaseException) -> bool:
                for e in (error, error.__cause__))
 
 
+# How long a failed save's writes still in flight are waited for, at most, before its
+# temporary directory is removed.
+SETTLE_S = 60.0
+
+
+def _settle(manager: ocp.CheckpointManager) -> None:
+    """Waits (up to :data:`SETTLE_S`) for the writes of ``manager``'s last save that are
+    still in flight: Orbax raises a save's first failure without waiting for its other
+    writes, which go on in its temporary directory (and create it again if it is removed
+    meanwhile). Their own failures are not raised: the first one is. Orbax keeps them in a
+    private attribute: where a later version has none, nothing is waited for."""
+    checkpointer = getattr(manager, "_checkpointer", None)
+    futures = getattr(getattr(checkpointer, "_async_manager", None), "_commit_futures", None)
+    deadline = time.monotonic() + SETTLE_S
+    for write in futures or ():
+        try:
+            write.result(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001  Its failure (or a timeout): already reported.
+            pass
+
+
 class Checkpoints:
     """The 'latest' and 'best' checkpoint managers of one workdir.
 
@@ -274,6 +318,7 @@ class Checkpoints:
             _check_listable(os.path.join(self.workdir, name))
             if not read_only:
                 _check_writable(os.path.join(self.workdir, name))
+                _check_steps_writable(os.path.join(self.workdir, name))
         if not read_only:
             self._set_aside_unfinished()
         self._managers = {
@@ -314,6 +359,11 @@ class Checkpoints:
             max_to_keep=None if self._read_only else keep,
             save_interval_steps=0 if self._read_only else 1,
             enable_async_checkpointing=async_save,
+            # The step's directory is created in save(), not by a background thread: where
+            # that failed (write permission lost mid-run, a filesystem gone read-only), the
+            # save's other threads waited 5 minutes for it, printing tracebacks, before the
+            # process could exit; now save() raises at once.
+            async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
             create=not self._read_only,
             cleanup_tmp_directories=not self._read_only,
             read_only=self._read_only,
@@ -389,9 +439,41 @@ class Checkpoints:
             where = str(self._managers[kind].directory)
             message, command_line = errors.run_again(
                 workdir_lib.describe_os_error(os_error, where) + " The checkpoints saved "
-                "before are kept", "the function with the same arguments",
-                "again to resume from the newest")
+                f"before are kept{self._discard_failed(kind)}",
+                "the function with the same arguments", "again to resume from the newest")
             raise errors.WorkdirError(message, command_line=command_line) from e
+
+    def _discard_failed(self, kind: str) -> str:
+        """Removes what the failed saves of ``kind`` left (Orbax's temporary directories,
+        part of a state that nothing can use, on a disk that ran out of space: the next run
+        moved them to ``checkpoints_unfinished/``, where they kept the space, saying they
+        were interrupted) and returns the words the error adds about them. Every one there
+        is this run's: its start moved the earlier ones aside, and the workdir's lock keeps
+        other runs out; its writes still in flight end first (``_settle``). A committed
+        step's name is never one of them. With several processes, another may still write
+        there: left for the next run to set aside."""
+        directory = str(self._managers[kind].directory)
+        if jax.process_count() > 1:
+            return ""
+        _settle(self._managers[kind])
+        removed, left = [], []
+        try:
+            for name in _unfinished_saves(directory):
+                path = os.path.join(directory, name)
+                shutil.rmtree(path, ignore_errors=True)
+                (left if os.path.lexists(path) else removed).append(_unfinished_step(name))
+        except OSError:
+            pass  # Not even listed: the error it comes with says why.
+
+        def saves(steps: list[str], what: str) -> str:
+            many = len(steps) > 1
+            return (f"the failed save{'s' * many} of step{'s' * many} {', '.join(steps)} "
+                    f"{'were' if many else 'was'} {what}")
+
+        words = [saves(removed, "removed")] if removed else []
+        if left:  # A read-only filesystem: the next start moves them aside, with a warning.
+            words.append(saves(left, f"left in {directory}"))
+        return "; " + " and ".join(words) if words else ""
 
     def restore(
         self, kind: str, abstract_state: Any, step: int | None = None

@@ -16,10 +16,12 @@ from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["augment_label", "curve_title", "curves_figure", "epoch_axis", "figure_title",
-           "is_number", "mark_non_finite", "matplotlib_problem", "new_figure", "non_finite",
-           "per_epoch", "plot_curves", "run_title"]
+__all__ = ["CURVE_FILES", "augment_label", "curve_title", "curves_figure", "epoch_axis",
+           "figure_title", "is_number", "mark_non_finite", "matplotlib_problem", "new_figure",
+           "non_finite", "per_epoch", "plot_curves", "run_title"]
 
+# The curves plot_curves writes in a workdir.
+CURVE_FILES = ("error.png", "loss.png")
 _MODEL_NAMES = {"cifar_resnet": "ResNet", "vit": "ViT", "convnext": "ConvNeXt"}
 # Characters of a title line at 9 pt per inch of figure (110 take about 7.2 of an 8.5-inch
 # figure's width); a longer title is wrapped, not cut at the figure's edges.
@@ -352,7 +354,7 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
       The paths written, each atomically (a second Ctrl-C, which stops training at once,
       or an error mid-write leaves the earlier PNG, never a truncated one).
     """
-    paths = [os.path.join(out_dir, "error.png"), os.path.join(out_dir, "loss.png")]
+    paths = [os.path.join(out_dir, name) for name in CURVE_FILES]
     figures = [
         curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)", True,
                       title, best, lr_drops, validation),

@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 import warnings
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -41,6 +41,7 @@ __all__ = [
     "prepare_workdir",
     "remove_unused",
     "atomic_write",
+    "remove_stale_temporaries",
     "naming",
     "describe_os_error",
     "dangling_link",
@@ -235,6 +236,36 @@ def prepare_workdir(path: str) -> bool:
     return created
 
 
+# atomic_write's temporary files are '<path>.tmp-<this many hexadecimal digits>'.
+_TEMPORARY_DIGITS = 12
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{%d}" % _TEMPORARY_DIGITS)
+
+
+def remove_stale_temporaries(directory: str, names: Iterable[str]) -> list[str]:
+    """Removes the temporary files that :func:`atomic_write` calls for ``names`` in
+    ``directory`` left when killed mid-write (``<name>.tmp-<12 hex digits>``: a whole file
+    or part of one, never used; each kill left one more). Only for files that one writer
+    owns, such as a training run holding the workdir's lock: another process's temporary
+    file, still being written, would be lost. Returns the paths removed; never raises (a
+    leftover must not stop a run)."""
+    wanted = set(names)
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in sorted(entries):
+        name, dot, suffix = entry.rpartition(".tmp-")
+        if name not in wanted or not _TEMPORARY.fullmatch(dot + suffix):
+            continue
+        path = os.path.join(directory, entry)
+        with contextlib.suppress(OSError):
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.remove(path)
+                removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w") -> Iterator[IO[Any]]:
     """A file (opened with ``mode``: ``"w"`` or ``"wb"``) whose content replaces ``path``
@@ -242,7 +273,7 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO[Any]]:
     onto it, so a crash or an error mid-write leaves the earlier ``path`` (or none), never a
     truncated one; the partial file is removed on an error. Its name is unique, so
     processes writing the same path (a shared filesystem) each rename a whole file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:_TEMPORARY_DIGITS]}"
     try:
         with naming(path), open(tmp, mode) as f:
             yield f
