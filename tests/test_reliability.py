@@ -60,9 +60,11 @@ def run(tmp_path_factory):
 
 
 def _copy(run, tmp_path):
+    """The run's config (a copy: a test that changes it must not change the next test's)
+    and a copy of its workdir."""
     workdir = str(tmp_path / "copy")
     shutil.copytree(run[1], workdir)
-    return run[0], workdir
+    return run[0].copy_and_resolve_references(), workdir
 
 
 # One writer per workdir ------------------------------------------------------------------
