@@ -481,3 +481,18 @@ def test_a_non_finite_first_conv_gradient_is_marked_on_fig_7(monkeypatch, tmp_pa
     lines = {line.get_label(): line for line in drawn[0].axes[0].get_lines()}
     assert list(lines["depth14_pL0.5: NaN or infinite"].get_xdata()) == [2]
     assert math.isnan(lines["14 layers, stochastic, $p_L$=0.5"].get_ydata()[1])
+
+
+@pytest.mark.parametrize("epochs", [[1], [0.5]])
+def test_fig_7_of_runs_with_no_finite_gradient_is_drawn(tmp_path, epochs):
+    """The runs of Fig. 7 whose every gradient record is NaN or infinite (the deepest depth's
+    first epoch, where its parameters blew up): the NaN gaps left no positive value on the
+    log axis, and matplotlib refused to draw the figure ('Data cannot be log-scaled'), which
+    stopped `sweep.py --collect`."""
+    from stochastic_depth_jax.training import figures
+
+    runs = [{"name": f"depth14_pL{p}", "depth": 14, "p_last": p, "workdir": str(tmp_path),
+             "records": [{"epoch": e, "grad_first_conv_mean_abs": bad} for e in epochs]}
+            for p, bad in ((0.5, "nan"), (1.0, "inf"))]
+    png, _ = figures.plot_first_conv_grad(runs, str(tmp_path / "fig7.png"))
+    assert os.path.getsize(png) and figures.read_sources(png) == [str(tmp_path)] * 2

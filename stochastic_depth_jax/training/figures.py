@@ -280,8 +280,11 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     epoch_axis(ax, shown)  # whole epochs, also for a run of one
     ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
                   "steps)")
-    ax.set_yscale("log")
     values = [v for points in data.values() for _, v in points if v > 0]
+    if values or not data:
+        # Not where every value drawn is NaN or infinite (a gap): with no positive value
+        # on it, matplotlib refuses to draw a log axis ('Data cannot be log-scaled').
+        ax.set_yscale("log")
     if values and max(values) < 10 * min(values):
         # Within a decade the ticks are minor ones: plain numbers (0.024, not 2x10^-2).
         plain = ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
