@@ -209,7 +209,7 @@ def test_a_run_busy_in_another_sweep_is_said_in_the_sweep_s_words(tmp_path):
     assert message.endswith(" (another sweep of this --root?). Wait for it to finish or stop "
                             "it, then run this sweep again (it skips the finished runs), or "
                             "give it another --root.")
-    assert "--workdir" not in message
+    assert "--workdir" not in message and "). (" not in message
 
 
 def _finished_run(root, depth, p_last, test_error, *overrides):

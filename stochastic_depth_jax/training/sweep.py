@@ -288,7 +288,7 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                                        call_again=_CALL_AGAIN) from None
             except errors.WorkdirBusyError as e:  # the sweep chose the workdir: not '--workdir'
                 raise errors.WorkdirBusyError(
-                    str(e).removesuffix(workdir_lib.BUSY_FIX).rstrip()
+                    str(e).removesuffix(workdir_lib.BUSY_FIX).rstrip().removesuffix(".")
                     + " (another sweep of this --root?). Wait for it to finish or stop it, "
                     "then run this sweep again (it skips the finished runs), or give it "
                     "another --root.") from None
