@@ -677,6 +677,29 @@ def test_a_signal_after_a_runs_last_stop_point_stops_the_sweep_before_the_next_r
     assert stopped.value.command_line.endswith("run the same command to resume.")
 
 
+def test_a_signal_while_a_run_sets_up_says_the_run_stops_at_its_first_stop_point(
+        tmp_path, capsys):
+    """Ctrl-C while a run of the sweep loads its data and compiles (before its own handler
+    is installed) is pending for the run, which stops at its first stop point with a
+    checkpoint: the line printed said 'before the next run of the sweep starts'."""
+    seen = []
+
+    def train(config, workdir):
+        os.kill(os.getpid(), signal.SIGINT)  # setting up: the sweep's handler gets it
+        with stopping.StopSignals() as own:  # the run's, as the loop installs it
+            seen.append(own.signum)
+
+    runs = [(name, load_config("cifar10:smoke", extra))
+            for name, extra in sweep.plan([8], [0.5, 1.0])]
+    with pytest.raises(stopping.Stopped):
+        sweep.run_sweep(runs, str(tmp_path / "runs"), train=train)
+    assert seen == [signal.SIGINT]  # pending for the run from its start, and only one ran
+    out = capsys.readouterr().out
+    assert (f"SIGINT received: stopping {runs[0][0]} once it has set up and saved a checkpoint "
+            "at its first stop point") in out
+    assert "before the next run" not in out
+
+
 def test_an_interrupted_table_leaves_the_earlier_one(tmp_path, monkeypatch):
     """Ctrl-C while training_time.md was being made (the table is computed after the file
     is opened) left it empty: the earlier table was lost, as the figures' never are."""

@@ -57,7 +57,8 @@ class Stopped(errors.Error):
 
 class StopSignals:
     """Context manager: while active, :data:`SIGNALS` request a stop instead of killing.
-    ``when`` is what the line printed at the first signal says happens next.
+    ``when`` is what the line printed at the first signal says happens next (an attribute
+    of that name: the owner may change it as it goes, e.g. a sweep while a run sets up).
 
     Handlers are installed only in the main thread (Python allows no other); elsewhere the
     object never requests a stop. The previous handlers are restored on exit.
@@ -71,7 +72,7 @@ class StopSignals:
     def __init__(self, when: str = "at the next metrics point after saving a checkpoint"
                  ) -> None:
         self.signum: int | None = None
-        self._when = when  # what the first signal's line says happens next
+        self.when = when  # what the first signal's line says happens next
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -101,7 +102,7 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name} received: stopping {self._when} (Ctrl-C "
+            print(f"\n{signal.Signals(signum).name} received: stopping {self.when} (Ctrl-C "
                   "again to stop at once).", flush=True)
 
     def agreed(self) -> int | None:

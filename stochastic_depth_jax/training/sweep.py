@@ -271,7 +271,7 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
     # A signal between two runs, or during a run's last evaluation (after its last stop
     # point), reaches this object: the sweep stops before the next run instead of
     # starting it (a scheduler's grace period would end inside it).
-    with stopping.StopSignals(when="before the next run of the sweep starts") as stop:
+    with stopping.StopSignals(when=_BETWEEN_RUNS) as stop:
         for name, config in runs:
             _stop_between_runs(stop, status, len(runs), root)
             workdir = os.path.join(root, name)
@@ -281,6 +281,10 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             resumed = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
                 n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
             print(f"sweep: {'resuming' if resumed else 'starting'} {name}", flush=True)
+            # Until the run's own handler is installed (it loads data and compiles first), a
+            # signal is pending for it: it stops at its first stop point, with a checkpoint.
+            stop.when = (f"{name} once it has set up and saved a checkpoint at its first "
+                         "stop point (see --config.log_every_steps); the sweep stops then")
             try:
                 train(config, workdir)
             except stopping.Stopped as e:  # say how to resume the sweep, not the run
@@ -292,11 +296,13 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                     + " (another sweep of this --root?). Wait for it to finish or stop it, "
                     "then run this sweep again (it skips the finished runs), or give it "
                     "another --root.") from None
+            stop.when = _BETWEEN_RUNS
             status[name] = "resumed" if resumed else "started"
     return status
 
 
 _CALL_AGAIN = "run_sweep again with the same runs and root"
+_BETWEEN_RUNS = "before the next run of the sweep starts"
 
 
 def _stop_between_runs(stop: stopping.StopSignals, status: dict[str, str], total: int,
