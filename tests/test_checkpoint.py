@@ -669,3 +669,40 @@ def test_a_step_that_cannot_be_deleted_is_refused_before_training(tmp_path, mesh
     ckpts = ckpt_lib.Checkpoints(tmp_path, read_only=True)
     assert ckpts.steps("latest") == ckpts.steps("best") == [1]
     ckpts.close()
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "checkpoints_best"])
+def test_a_step_linked_to_another_runs_checkpoint_is_refused_before_training(tmp_path, mesh,
+                                                                             name):
+    """A step that is a symbolic link (to another run's checkpoint, to resume from it) was
+    rotated away like any other: on a host with 4 CPU cores or more, Orbax's deleter
+    emptied the directory it links to (the other run's checkpoint lost), then failed on the
+    link in a traceback. Refused at the start now, naming the link; the other run's
+    checkpoint is untouched and an evaluation still reads it."""
+    from stochastic_depth_jax import errors
+
+    other = os.path.join(str(tmp_path), "other")
+    ckpts = ckpt_lib.Checkpoints(other, keep=2)
+    base = _state(mesh)
+    for kind in ("latest", "best"):
+        ckpts.save(kind, 1, _with_step(base, 1, mesh), {"epoch": 1})
+    ckpts.close()
+    target = os.path.join(other, name, "1")
+    files = sorted(os.path.relpath(os.path.join(p, f), target)
+                   for p, _, names in os.walk(target) for f in names)
+    run = os.path.join(str(tmp_path), "run")
+    shutil.copytree(other, run)  # the other kind's steps are plain copies
+    link = os.path.join(run, name, "1")
+    shutil.rmtree(link)
+    os.symlink(target, link)
+    with pytest.raises(errors.WorkdirError) as info:
+        ckpt_lib.Checkpoints(run, keep=1)
+    assert str(info.value) == (
+        f"{link} is a symbolic link to {target}: training deletes old checkpoints as it saves "
+        f"new ones, which would delete the files there; replace the link with a copy (rm "
+        f"{link} && cp -r {target} {link}), or use another --workdir.")
+    assert sorted(os.path.relpath(os.path.join(p, f), target)
+                  for p, _, names in os.walk(target) for f in names) == files
+    ckpts = ckpt_lib.Checkpoints(run, read_only=True)
+    assert ckpts.steps("latest") == ckpts.steps("best") == [1]
+    ckpts.close()

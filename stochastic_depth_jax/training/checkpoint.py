@@ -30,7 +30,8 @@ whatever the error: ``ESTALE`` on NFS) is not taken for damage: the reader lists
 reads the newest step that exists.
 
 A training run refuses, at its start, a checkpoint directory it cannot create a step in,
-or a step holding a directory it could not delete when the step rotates out
+or a step holding a directory it could not delete when the step rotates out (or linked
+to another directory, whose files the deletion would take)
 (``errors.WorkdirError``, one line). A save that fails for a full disk (or another disk or
 permission failure), whether it surfaces at once or from a background save at the next
 save, wait or close, raises one ``errors.WorkdirError``; the committed checkpoints are
@@ -146,11 +147,21 @@ def _check_steps_writable(directory: str) -> None:
     training starts: training deletes old steps as it saves new ones (and moves 'best' ones
     aside), which failed only at the first rotation, after epochs of training, naming
     ``directory`` but not the step (a fixed ``directory`` failed again, one epoch later).
-    Asked with ``os.access``: nothing is written into a checkpoint to find out."""
+    Asked with ``os.access``: nothing is written into a checkpoint to find out. A step that
+    is a symbolic link (to another run's checkpoint, to resume from it) is refused too:
+    Orbax's rotation deleted the files of the directory it links to (its parallel deleter,
+    used with 4 CPU cores or more), then failed on the link itself, in a traceback."""
     if not os.path.isdir(directory):
         return
     for step in sorted(ocp.utils.checkpoint_steps(directory)):
         step_dir = os.path.join(directory, str(step))
+        if os.path.islink(step_dir):
+            target = os.path.realpath(step_dir)
+            raise errors.WorkdirError(
+                f"{step_dir} is a symbolic link to {target}: training deletes old "
+                "checkpoints as it saves new ones, which would delete the files there; "
+                f"replace the link with a copy (rm {step_dir} && cp -r {target} {step_dir}), "
+                "or use another --workdir.")
         for parent, _, _ in os.walk(step_dir):
             if os.access(parent, os.W_OK | os.X_OK):
                 continue
