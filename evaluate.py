@@ -44,6 +44,7 @@ with _imports:
     from stochastic_depth_jax import errors, pruning
     from stochastic_depth_jax.training import cli, compilation, depth, distributed, figures
     from stochastic_depth_jax.training import evaluate as evaluate_lib
+    from stochastic_depth_jax.training import loop
     from stochastic_depth_jax.training import workdir as workdir_lib
 
 
@@ -107,6 +108,12 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is in the workdir of another run ({directory}), where a result "
             f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
             "Nothing was written.")
+    if (os.path.basename(path) in loop.OWN_FILES
+            and os.path.realpath(directory) == os.path.realpath(workdir)):
+        raise errors.WorkdirError(
+            f"--output {path} is the name of one of the run's own files (it writes "
+            f"{', '.join(loop.OWN_FILES)} there), which a result would replace or pass for; "
+            "give another name, or leave --output out. Nothing was evaluated.")
     if not os.path.lexists(path):
         return
     if os.path.isdir(path):

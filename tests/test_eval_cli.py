@@ -464,14 +464,21 @@ def test_an_export_given_as_workdir_says_what_it_is(capsys, tmp_path):
 
 def test_output_never_replaces_a_runs_own_file(capsys, resnet, tmp_path):
     """--output <workdir>/run.json replaced the run's record with the evaluation's JSON
-    (the run could then no longer be evaluated or resumed)."""
+    (the run could then no longer be evaluated or resumed); one the run has not written yet
+    (validation.jsonl without eval_every_steps) was written under the run's name, which the
+    run would then take for its own (or remove as a temporary of its own)."""
     _, workdir = resnet
-    for name in ("run.json", "metrics.jsonl"):
+    assert not os.path.exists(os.path.join(workdir, "validation.jsonl"))
+    for name in ("run.json", "metrics.jsonl", "validation.jsonl"):
         path = os.path.join(workdir, name)
-        before = _bytes(path)
+        before = _bytes(path) if os.path.exists(path) else None
         line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
-        assert f"--output {path} exists and is not a result of evaluate.py" in line
-        assert _bytes(path) == before
+        assert line.startswith(f"error: --output {path} is the name of one of the run's own")
+        assert (_bytes(path) if os.path.exists(path) else None) == before
+    elsewhere = tmp_path / "other"  # the name alone is fine outside the workdir
+    elsewhere.mkdir()
+    evaluate_cli.main(["--workdir", workdir, "--output", str(elsewhere / "summary.json")])
+    assert _json(str(elsewhere / "summary.json"))["split"] == "test"
     out = str(tmp_path / "again.json")  # an earlier result of its own: replaced
     evaluate_cli.main(["--workdir", workdir, "--output", out])
     evaluate_cli.main(["--workdir", workdir, "--output", out, "--split", "validation"])

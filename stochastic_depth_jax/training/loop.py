@@ -39,13 +39,13 @@ from stochastic_depth_jax.training import step as step_lib
 from stochastic_depth_jax.training import stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["train_and_evaluate", "NonFiniteLossError"]
+__all__ = ["OWN_FILES", "train_and_evaluate", "NonFiniteLossError"]
 
 SUMMARY_FILE = "summary.json"
 # The files a training run replaces whole (workdir.atomic_write): a kill mid-write left a
 # temporary file beside one, which the next run removes (evaluate.py's, written while a
-# run may train, are left alone).
-_OWN_FILES = (evaluate_lib.RUN_FILE, SUMMARY_FILE, metrics_lib.METRICS_FILE,
+# run may train, are left alone); evaluate.py --output may not name one.
+OWN_FILES = (evaluate_lib.RUN_FILE, SUMMARY_FILE, metrics_lib.METRICS_FILE,
               metrics_lib.VALIDATION_FILE, *plots.CURVE_FILES)
 
 
@@ -832,7 +832,7 @@ def _refuse_a_sweep_root(workdir: str) -> None:
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:  # The lock's holder: no other process writes these.
-        workdir_lib.remove_stale_temporaries(workdir, _OWN_FILES)
+        workdir_lib.remove_stale_temporaries(workdir, OWN_FILES)
     mesh = distributed.make_mesh()  # Fail fast, before any data is prepared.
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
