@@ -506,10 +506,13 @@ def _pass_on(proc: subprocess.Popen, stop: BaseException, log, already: bool) ->
     measured."""
     signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else stop.status - 128
     how = bench_cli.signal_name(signum)
-    if not already:
+    if already:  # not passed on: the part is appending what it measured, or will be killed
+        said = "the running part was already sent the budget's SIGTERM, not this"
+    else:
         bench_cli._killpg_if_there(proc.pid, signum)
-    _say(f"{how}: passed on to the running part, which appends what it measured; waiting "
-         f"up to {PASS_ON_WAIT_S:.0f} s for it ({how} again: kill it at once)\n", log)
+        said = "passed on to the running part"
+    _say(f"{how}: {said}; it appends what it measured; waiting up to {PASS_ON_WAIT_S:.0f} s "
+         f"for it, no later than the budget's end ({how} again: kill it at once)\n", log)
     killer = threading.Timer(PASS_ON_WAIT_S, bench_cli._killpg_if_there,
                              (proc.pid, signal.SIGKILL))
     killer.start()

@@ -1399,6 +1399,46 @@ def test_gpu_suite_interrupted_lets_its_part_write_what_it_measured(tmp_path, ca
                       f"the parts before it wrote theirs (summary in {log}).")
 
 
+def test_gpu_suite_ctrl_c_after_the_budgets_sigterm_is_not_said_to_be_passed_on(tmp_path,
+                                                                               capsys):
+    """A Ctrl-C after the budget's SIGTERM had been sent to the part is, rightly, not passed
+    on (a second signal stops a benchmark at once, nothing written), but the log said
+    'Ctrl-C: passed on to the running part': it names now the SIGTERM the part is handling.
+    Before it, the Ctrl-C is passed on and said to be."""
+    suite = load("gpu_suite")
+    part = textwrap.dedent("""\
+        import signal, sys, time
+        def got(signum, frame):
+            print('got', signal.Signals(signum).name, flush=True)
+            sys.exit(128 + signum)
+        signal.signal(signal.SIGINT, got)
+        print('started', flush=True)
+        time.sleep(float(sys.argv[1]))
+        print('ended', flush=True)
+        """)
+    for already, sleep_s in ((True, "0.5"), (False, "60")):
+        proc = subprocess.Popen([sys.executable, "-c", part, sleep_s], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            assert proc.stdout.readline() == "started\n"
+            with open(tmp_path / f"{already}.log", "w+") as log:
+                suite._pass_on(proc, KeyboardInterrupt(), log, already=already)
+                log.seek(0)
+                said, *then = log.read().splitlines()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if already:
+            assert said.startswith("Ctrl-C: the running part was already sent the budget's "
+                                   "SIGTERM, not this; ") and then == ["ended"], (said, then)
+        else:
+            assert said.startswith("Ctrl-C: passed on to the running part; ") and then == [
+                "got SIGINT"], (said, then)
+        assert "waiting up to 30 s for it, no later than the budget's end" in said
+    capsys.readouterr()
+
+
 class ReaderExits(io.StringIO):
     """A stdout whose reader (`| head`) exits at the first text that starts with ``last``."""
 
