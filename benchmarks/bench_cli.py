@@ -600,6 +600,9 @@ def names_from(text: str, valid, flag: str, known=None, also: str = "") -> list[
     unknown = [n for n in names if not (known(n) if known else n in valid)]
     if unknown:
         raise bad_flag(f"{flag}: unknown {', '.join(unknown)}{listed}.")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # Its rows would share a name (and a whole-epochs run, its workdir).
+        raise bad_flag(f"{flag}: {', '.join(twice)} given more than once; give each name once.")
     return names
 
 

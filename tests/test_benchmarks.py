@@ -717,6 +717,9 @@ def run_command(module, argv, capsys):
     ("bench_step", ["--json", "{recorded}"], "exists; give a new file"),
     ("stage_costs", ["--variants", "constant"], "--variants: unknown constant; valid: skip,"),
     ("bench_train", ["--whole-epochs", "nope"], "--whole-epochs: unknown nope; valid: constant,"),
+    ("bench_train", ["--whole-epochs", "constant,auto,constant"],
+     "--whole-epochs: constant given more than once; give each name once."),
+    ("bench_step", ["--variants", "skip,skip"], "--variants: skip given more than once"),
     ("bench_train", ["--batch", "12"], "--batch 12 does not divide by the 8 devices"),
     ("bench_prune", ["--fractions", "0,1.5"], "--fractions [0.0, 1.5]: each in [0, 1)"),
     # --no-write won: the --out file asked for was silently not written (toy sizes: fast).
