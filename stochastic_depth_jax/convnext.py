@@ -153,7 +153,8 @@ class ConvNeXtBranch(nn.Module):
         y = nn.gelu(y, approximate=False)
         y = nn.Dense(c, kernel_init=KERNEL_INIT, dtype=self.dtype, name="pwconv2")(y)
         if self.layer_scale_init:
-            gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (c,))
+            gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (c,),
+                               jnp.float32)
             y = y * gamma.astype(y.dtype)
         return y
 

@@ -59,7 +59,10 @@ class BatchNorm(nn.Module):
 
     Running averages follow Torch: ``new = (1 - momentum) * old + momentum * batch``
     (momentum 0.1 is Flax's 0.9) and the running variance uses the unbiased batch variance
-    (n / (n - 1)); normalisation uses the biased one, as Torch. Under a sharded ``jit`` the
+    (n / (n - 1)); normalisation uses the biased one, as Torch. Statistics are computed in
+    float32 for a bfloat16, float16 or float32 input (the output has ``dtype``, else the
+    input's) and in float64 for a float64 one (``jax_enable_x64``); the running statistics
+    are kept in float32 (in ``param_dtype`` where it is wider). Under a sharded ``jit`` the
     batch mean is taken over the global batch, so statistics do not depend on device count.
     Inside ``jax.shard_map`` (or ``pmap``) each device sees only its shard: ``axis_name``
     averages the statistics over that mapped axis, so they are again the global batch's.
@@ -90,25 +93,29 @@ class BatchNorm(nn.Module):
         ops.check_deterministic(train, name="train")  # a traced flag: its own message, not Python's
         features = x.shape[-1]
         axes = tuple(range(x.ndim - 1))
-        mean_v = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        var_v = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        # Statistics (and the running ones kept) in float32 at least: a bfloat16 or float16
+        # input in float32, a float64 one (jax_enable_x64) in float64.
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        stats = jnp.promote_types(self.param_dtype, jnp.float32)
+        mean_v = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats)
+        var_v = self.variable("batch_stats", "var", jnp.ones, (features,), stats)
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
         if train:
             shards = self._shards()  # checks axis_name before a pmean over it
-            xf = x.astype(jnp.float32)
+            xf = x.astype(compute)
             mean = self._batch_mean(xf, axes)
             var = self._batch_mean(jnp.square(xf - mean), axes)
             if not self.is_initializing():
                 n = x.size // features * shards
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
-                mean_v.value = (1.0 - m) * mean_v.value + m * mean
-                var_v.value = (1.0 - m) * var_v.value + m * unbiased
+                mean_v.value = ((1.0 - m) * mean_v.value + m * mean).astype(stats)
+                var_v.value = ((1.0 - m) * var_v.value + m * unbiased).astype(stats)
         else:
-            mean, var = mean_v.value, var_v.value
-        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-        add = bias.astype(jnp.float32) - mean * mul
+            mean, var = mean_v.value.astype(compute), var_v.value.astype(compute)
+        mul = scale.astype(compute) * jax.lax.rsqrt(var + self.epsilon)
+        add = bias.astype(compute) - mean * mul
         dtype = self.dtype or x.dtype
         return (x * mul.astype(dtype) + add.astype(dtype)).astype(dtype)
 

@@ -489,7 +489,9 @@ class _StochasticResNetBase(nn.Module):
         before its ``act`` (the scanned blocks record none, with or without).
       scan: scan identical blocks (None: when a stage has >= 8 of them).
       scan_unroll: inline the scans' iterations (see :class:`ResidualStages`).
-      dtype: computation dtype (parameters stay float32).
+      dtype: computation dtype (parameters stay float32). BatchNorm statistics, the pooled
+        features and the head compute in float32 for bfloat16 or float16 and in float64 for
+        ``'float64'`` (with ``jax_enable_x64``; without it JAX computes float64 in float32).
       conv, norm: convolution and normalisation modules (defaults: :class:`conv.Conv`,
         :class:`layers.BatchNorm`; inside ``jax.shard_map`` over the batch,
         ``functools.partial(layers.BatchNorm, axis_name=...)``).
@@ -840,7 +842,7 @@ class CifarResNet(_StochasticResNetBase):
                    buckets=buckets, stochastic=stochastic)
         if preact:
             x = nn.relu(self._norm()(dtype=self.dtype, name="final_bn")(x, train=train))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
         return self._head(x, self.num_classes)
 
 
@@ -945,7 +947,7 @@ class ResNet(_StochasticResNetBase):
         )
         x = stages(x, self.survival_probs(), gates, train=train, constant=constant,
                    buckets=buckets, stochastic=stochastic)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        x = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
         return self._head(x, self.num_classes)
 
 

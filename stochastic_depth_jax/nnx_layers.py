@@ -448,8 +448,9 @@ class ViT(nnx.Module):
                                   rngs=rngs)
         tokens = (image_size // patch_size) ** 2 + (pool == "token")
         if pool == "token":
-            self.cls = nnx.Param(jnp.zeros((1, 1, width)))
-        self.pos_embed = nnx.Param(linen_vit.POS_INIT(rngs.params(), (1, tokens, width)))
+            self.cls = nnx.Param(jnp.zeros((1, 1, width), jnp.float32))
+        self.pos_embed = nnx.Param(linen_vit.POS_INIT(rngs.params(), (1, tokens, width),
+                                                      jnp.float32))
         self.blocks = nnx.List([
             EncoderBlock(width, heads, mlp_ratio * width, p, mode=mode, scaling=scaling,
                          implementation=implementation, groups=groups, dtype=dtype, rngs=rngs)

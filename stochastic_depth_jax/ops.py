@@ -378,7 +378,8 @@ def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int =
     n = _check_groups(batch_size, groups)
     k = subset_size(batch_size, survival_prob, groups)
     _warn_if_never_dropped(n, k, _static_prob(survival_prob), groups)
-    scores = jax.random.uniform(key, (groups, n))
+    # float32 scores whatever jax_enable_x64 says: the same subset from the same key.
+    scores = jax.random.uniform(key, (groups, n), jnp.float32)
     idx = jnp.argsort(scores, axis=-1)[:, :k]
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
@@ -684,12 +685,22 @@ def draw_gate(
     """
     validate_options(mode, "test", implementation)
     if mode == "batch":
-        return jax.random.bernoulli(key, survival_prob)
+        return jax.random.bernoulli(key, _draw_prob(survival_prob))
     if batch_size is None:
         raise ValueError("mode='sample' needs batch_size to draw one gate per example.")
     if implementation == "skip":
         return draw_subset(key, batch_size, survival_prob, groups)
-    return jax.random.bernoulli(key, survival_prob, (batch_size,))
+    return jax.random.bernoulli(key, _draw_prob(survival_prob), (batch_size,))
+
+
+def _draw_prob(p: Any) -> Array:
+    """``p`` as the Bernoulli draw takes it: float32, so that a key gives the same gates with
+    and without ``jax_enable_x64`` (the draw compares uniforms of ``p``'s dtype, and a Python
+    float is float64 under x64). A bfloat16 or float16 ``p`` keeps its dtype, as before."""
+    dtype = jnp.result_type(p)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return p
+    return jnp.asarray(p, jnp.float32)
 
 
 def train_scale(survival_prob: Array, scaling: str) -> Array:

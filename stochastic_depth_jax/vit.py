@@ -341,10 +341,12 @@ class ViT(nn.Module):
             check_tokens(self.get_variable("params", "pos_embed").shape[1], tokens, image_shape,
                          p)
         if self.pool == "token":
-            cls = self.param("cls", nn.initializers.zeros, (1, 1, width))
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, width)).astype(x.dtype),
                                  x], axis=1)
-        x = x + self.param("pos_embed", POS_INIT, (1,) + x.shape[1:]).astype(x.dtype)
+        # float32 parameters (the initialisers' default is float64 under jax_enable_x64).
+        pos = self.param("pos_embed", POS_INIT, (1,) + x.shape[1:], jnp.float32)
+        x = x + pos.astype(x.dtype)
         for i in range(depth):
             sp = float(probs[i])
             gates = block_gates(key if train else None, i, sp, mode=self.mode,

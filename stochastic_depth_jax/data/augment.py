@@ -48,7 +48,10 @@ def translate(image: jax.Array, dy: jax.Array, dx: jax.Array,
     height, width, _ = image.shape
     pad = ((max_shift, max_shift), (max_shift, max_shift), (0, 0))
     padded = jnp.pad(image, pad)
-    start = (max_shift - dy, max_shift - dx, 0)
+    # All three indices int32 (lax.dynamic_slice concatenates them): a Python 0 would be
+    # int64 under jax_enable_x64.
+    dy, dx = jnp.asarray(dy, jnp.int32), jnp.asarray(dx, jnp.int32)
+    start = (max_shift - dy, max_shift - dx, jnp.zeros((), jnp.int32))
     return jax.lax.dynamic_slice(padded, start, image.shape[:2] + image.shape[2:])
 
 

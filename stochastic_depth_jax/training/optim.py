@@ -140,8 +140,15 @@ WEIGHT_DECAY_MASKS: dict[str, Callable[[Any], Any]] = {"all": _all_params, "kern
 
 
 def make_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """The schedule named by ``config.lr_schedule``; maps update count -> learning rate."""
-    return LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch)
+    """The schedule named by ``config.lr_schedule``; maps update count -> float32 learning
+    rate.
+
+    The schedule computes in float32 from a float32 count (exact below 2**24 updates), so it
+    gives the same rates with and without ``jax_enable_x64`` (an int count and Python floats
+    compute in float64 there, and 0.1 * 0.1 rounded once differs from float32's product).
+    """
+    schedule = LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch)
+    return lambda count: jnp.asarray(schedule(jnp.asarray(count, jnp.float32)), jnp.float32)
 
 
 def make_optimizer(

@@ -240,7 +240,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     """
     if not label_smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    # One-hot in the logits' dtype (the default float is float64 under jax_enable_x64).
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    targets = optax.smooth_labels(one_hot, label_smoothing)
     return optax.softmax_cross_entropy(logits, targets)
 
 
