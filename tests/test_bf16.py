@@ -78,3 +78,17 @@ def test_bf16_run_tracks_float32_run():
     print("float32 windows", np.round(w32, 4), "bfloat16 windows", np.round(w16, 4))
     assert w32[-1] < 0.6 * w32[0]  # it learns, so tracking is not trivially flat
     np.testing.assert_allclose(w16, w32, rtol=LOSS_RTOL, atol=LOSS_ATOL)
+
+
+def test_loss_of_bfloat16_logits_computes_in_float32():
+    """cross_entropy of bfloat16 logits, with and without label smoothing: computed in
+    float32 (the trainer casts its logits first; a user calling it may not)."""
+    from stochastic_depth_jax.training.step import cross_entropy
+
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 10))
+    labels = jnp.arange(4)
+    for smoothing in (0.0, 0.1):
+        loss16 = cross_entropy(logits.astype(jnp.bfloat16), labels, smoothing)
+        assert loss16.dtype == jnp.float32
+        up = logits.astype(jnp.bfloat16).astype(jnp.float32)
+        np.testing.assert_allclose(loss16, cross_entropy(up, labels, smoothing), rtol=1e-6)

@@ -237,7 +237,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     """Per-example cross-entropy, float ``[batch]``; labels int ``[batch]``.
 
     With ``label_smoothing`` s > 0 the target is ``(1 - s) one_hot + s / num_classes``.
+    Computed in float32 at least (bfloat16 logits are cast up; float64 ones stay).
     """
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     if not label_smoothing:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     # One-hot in the logits' dtype (the default float is float64 under jax_enable_x64).
