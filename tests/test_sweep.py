@@ -948,3 +948,18 @@ def test_a_run_s_error_names_the_run_in_the_sweep_s_words(capsys, tmp_path, monk
     line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path, p_last="0.5,1.0"))
     assert line == f"error: depth8_pL0.5: {expected}"
     assert "--workdir" not in line
+
+
+def test_a_sweep_stopped_after_a_diverged_run_does_not_count_it_finished(tmp_path):
+    """The stop line counts the runs finished; a diverged one is not."""
+    def train(config, workdir):
+        os.kill(os.getpid(), signal.SIGTERM)  # the sweep's handler: it stops before the next
+        raise loop.NonFiniteLossError("Non-finite training loss at step 1 (epoch 1).")
+
+    runs = [(name, load_config("cifar10:smoke", extra))
+            for name, extra in sweep.plan([8], [0.5, 1.0])]
+    with pytest.warns(logs.RunWarning, match="depth8_pL0.5 diverged: "):
+        with pytest.raises(stopping.Stopped) as stopped:
+            sweep.run_sweep(runs, str(tmp_path / "runs"), train=train)
+    assert "with 0 of 2 runs finished and 1 diverged; the rest have not started" in \
+        str(stopped.value)

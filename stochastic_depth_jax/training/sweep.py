@@ -274,6 +274,7 @@ def _record_divergence(name: str, workdir: str, error: loop_lib.NonFiniteLossErr
               "kept_step": max(_saved_steps(workdir), default=0), "error": str(error)}
     path = os.path.join(workdir, DIVERGED_FILE)
     if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)  # a caller's train= may not have made it
         with workdir_lib.atomic_write(path) as f:
             json.dump(record, f, indent=2)
     status = figures.diverged_label({"diverged": record})
@@ -403,6 +404,8 @@ def _train_run(train: Callable[[ml_collections.ConfigDict, str], Any], name: str
         try:
             return _record_divergence(name, workdir, e)
         except OSError as write_error:  # e.g. a full disk: the divergence is said, too
+            if workdir_lib.anticipated_os_error(write_error) is None:
+                raise
             raise _named(name, errors.WorkdirError(
                 f"{e} Recording it in {DIVERGED_FILE} failed: "
                 f"{_os_problem(write_error)}")) from write_error
