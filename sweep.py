@@ -13,7 +13,11 @@ one line per depth), fig7_first_conv_grad.png (first-conv gradient magnitude per
 constant vs stochastic depth), fig3_error_curves.png (test error and training loss per
 epoch, constant vs stochastic depth) and training_time.md, drawn from every run under --root
 (earlier commands' too; runs of different configs as separate series); each names the runs
-it came from, and the output says which runs each includes.
+it came from, and stderr says which runs each includes. stdout holds two JSON objects
+alone (`| jq` reads them): each run's status, then the figures' paths.
+A run whose loss becomes non-finite is recorded as diverged (<run>/diverged.json) and the
+sweep goes on; Fig. 8 leaves it out, and the command ends with status 1 naming it (a rerun
+skips it: remove its directory to train it again).
 Any --config.<field>=<value> override applies to every run, except model.depth and
 model.final_survival_prob, which --depths and --p-last set (overriding them is refused).
 Mistakes (also flags that --collect would ignore) are reported in one line; --debug (or
@@ -98,20 +102,31 @@ def check_arguments(args, overrides):
 
 
 def run(args, overrides):
+    # stdout holds the two JSON objects alone (`sweep.py ... | jq`); every other line, the
+    # runs' training and the figures' report, goes to stderr.
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        _run(args, overrides, out)
+
+
+def _run(args, overrides, out):
     from stochastic_depth_jax.training import sweep
 
     check_arguments(args, overrides)
+    status = {}
     if not args.collect:
         sweep.check_overrides(overrides)
         sweep.require_sweepable(load_config(args.config, overrides))
         runs = [(name, load_config(args.config, overrides + extra))
                 for name, extra in sweep.plan(args.depths, args.p_last)]
-        print(json.dumps(sweep.run_sweep(runs, args.root), indent=2))
+        status = sweep.run_sweep(runs, args.root)
+        print(json.dumps(status, indent=2), file=out, flush=True)
     # Every run under --root, not only this command's: a rerun with fewer depths or p_L
     # values must not redraw the figures without the runs finished before.
     outputs = sweep.write_figures(sweep.collect(args.root),
                                   os.path.join(args.root, sweep.FIGURES_DIR))
-    print(json.dumps(outputs, indent=2))
+    print(json.dumps(outputs, indent=2), file=out, flush=True)
+    sweep.check_diverged(status, args.root)  # the others' figures are drawn: exit 1
 
 
 def main(argv=None):

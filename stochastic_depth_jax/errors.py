@@ -17,6 +17,8 @@ differ between a Python caller and a shell: ``str(error)`` says "call ... again"
 
 from __future__ import annotations
 
+from typing import Callable
+
 __all__ = [
     "Error",
     "ConfigError",
@@ -49,6 +51,14 @@ class Error(Exception):
     def command_line(self) -> str:
         """The line the command-line tools print (after ``error: ``, for a failure)."""
         return str(self) if self._command_line is None else self._command_line
+
+    def reword(self, change: Callable[[str], str]) -> None:
+        """Rewrites the message and the command line alike with ``change``: a caller adds
+        what it knows (e.g. the run of a sweep the error comes from), and the error keeps its
+        type, attributes and traceback."""
+        self.args = (change(str(self)),)
+        if self._command_line is not None:
+            self._command_line = change(self._command_line)
 
 
 class ConfigError(Error, ValueError):

@@ -3,6 +3,7 @@ refuses in one line before anything trains (an empty list, a point listed twice,
 values that would share a run directory, a --root that is a file), and what --collect
 draws of an interrupted sweep."""
 
+import errno
 import json
 import os
 import re
@@ -25,7 +26,8 @@ from configs import load_config  # noqa: E402
 from stochastic_depth_jax import errors, logs  # noqa: E402
 from stochastic_depth_jax.training import evaluate as evaluate_lib  # noqa: E402
 from stochastic_depth_jax.training import config as config_lib, stopping, sweep  # noqa: E402
-from stochastic_depth_jax.training import figures  # noqa: E402
+from stochastic_depth_jax.training import figures, loop  # noqa: E402
+from stochastic_depth_jax.training import workdir as workdir_lib  # noqa: E402
 
 
 def _sweep_argv(root, *extra, depths="8", p_last="0.5"):
@@ -192,8 +194,6 @@ def test_a_run_is_not_trained_into_a_sweep_s_root(capsys, tmp_path):
 def test_a_run_busy_in_another_sweep_is_said_in_the_sweep_s_words(tmp_path):
     """Two sweeps of one root: the second stopped with the lock's advice, 'or use another
     --workdir', a flag sweep.py does not have."""
-    from stochastic_depth_jax.training import workdir as workdir_lib
-
     runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [0.5])]
     lock = workdir_lib.WorkdirLock(str(tmp_path / "depth8_pL0.5"))
     os.makedirs(tmp_path / "depth8_pL0.5")
@@ -204,8 +204,8 @@ def test_a_run_busy_in_another_sweep_is_said_in_the_sweep_s_words(tmp_path):
     finally:
         lock.release()
     message = str(info.value)
-    assert message.startswith(f"The workdir {tmp_path / 'depth8_pL0.5'} is in use by another "
-                              f"run: pid {os.getpid()}")
+    assert message.startswith(f"depth8_pL0.5: The workdir {tmp_path / 'depth8_pL0.5'} is in use "
+                              f"by another run: pid {os.getpid()}")
     assert message.endswith(" (another sweep of this --root?). Wait for it to finish or stop "
                             "it, then run this sweep again (it skips the finished runs), or "
                             "give it another --root.")
@@ -251,7 +251,7 @@ def test_a_rerun_with_fewer_depths_redraws_every_finished_run(capsys, tmp_path):
     names = [_finished_run(root, d, p, 0.5 + d / 100 - p / 10)
              for d in (8, 14) for p in (0.5, 1.0)]
     sweep_cli.main(_sweep_argv(root, depths="8", p_last="0.5,1.0"))  # all finished: skipped
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # stdout holds the JSON alone
     fig8 = _sidecar(root, "fig8_error_vs_p_last")
     assert sorted(fig8["data"]) == ["14", "8"] and fig8["left_out"] == {}
     assert [os.path.basename(s) for s in fig8["sources"]] == names
@@ -393,7 +393,7 @@ def test_a_run_json_this_version_refuses_is_left_out_naming_it(capsys, tmp_path,
                               + why.format(run_json=run_json))
     assert warning.endswith("): left out of the sweep's figures.")
     assert "figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 0.5)\n" in \
-        capsys.readouterr().out
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, moved", [
@@ -510,7 +510,7 @@ def test_runs_of_another_config_are_drawn_as_separate_series(capsys, tmp_path):
         json.dump({"config": json.loads(load_config("cifar10_vit:smoke").to_json())}, f)
     with pytest.warns(logs.RunWarning, match="vit is a 'vit' run, which has no p_L: left out"):
         sweep_cli.main(["--root", root, "--collect"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     fig8 = _sidecar(root, "fig8_error_vs_p_last")
     assert fig8["data"] == {"8 (num_epochs=2)": [[1.0, 0.5]], "14 (num_epochs=2)": [[1.0, 0.6]],
                             "14 (num_epochs=3)": [[0.5, 0.4]]}
@@ -797,3 +797,169 @@ def test_the_datasets_own_augmentation_named_is_the_same_config_as_auto(tmp_path
         sweep.run_sweep([(auto, load_config("cifar10:smoke", [
             "--config.augment=none", *sweep.plan([8], [0.5])[0][1]]))], root,
             train=lambda c, w: pytest.fail(f"trained {w}"))
+
+
+def _training(root, trained, diverge=()):
+    """A ``train(config, workdir)`` that prints a line as training does and leaves the
+    records of a finished run, or, for the runs named in ``diverge``, those of a run whose
+    loss became NaN in its second epoch (no summary; the loop's error)."""
+    def train(config, workdir):
+        name = os.path.basename(workdir)
+        trained.append(name)
+        print(f"epoch 1/2: train loss 2.3 ({name})", flush=True)  # the loop prints on stdout
+        _finished_run(root, config.model.depth, config.model.final_survival_prob, 0.4)
+        if name in diverge:
+            os.remove(os.path.join(workdir, "summary.json"))
+            error = loop.NonFiniteLossError(
+                "Non-finite training loss at step 5 (epoch 2); stopping without saving the "
+                "broken state; no checkpoint had been saved yet. Try a lower "
+                "--config.learning_rate or another --config.seed.")
+            error.step, error.epoch = 5, 2
+            raise error
+    return train
+
+
+def _json_objects(text):
+    """The JSON values ``text`` holds one after another (``jq`` reads such a stream);
+    fails on anything else in it."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while text[at:].strip():
+        at += len(text[at:]) - len(text[at:].lstrip())
+        value, at = decoder.raw_decode(text, at)
+        values.append(value)
+    return values
+
+
+def test_sweep_s_stdout_is_its_json_alone(capsys, tmp_path, monkeypatch):
+    """`sweep.py ... | jq` failed: stdout mixed the runs' training lines, 'sweep: starting'
+    and the figures' report with the two JSON objects the README says it prints."""
+    root, trained = str(tmp_path), []
+    monkeypatch.setattr(loop, "train_and_evaluate", _training(root, trained))
+    sweep_cli.main(_sweep_argv(root, p_last="0.5,1.0"))
+    out, err = capsys.readouterr()
+    status, outputs = _json_objects(out)
+    assert status == {"depth8_pL0.5": "started", "depth8_pL1": "started"}
+    assert sorted(outputs) == ["fig3", "fig7", "fig8", "training_time"]
+    for line in ("sweep: starting depth8_pL0.5", "epoch 1/2: train loss 2.3 (depth8_pL1)",
+                 "figures: fig8_error_vs_p_last.png: 2 runs (depth 8 x p_L 0.5, 1)"):
+        assert line + "\n" in err
+    sweep_cli.main(["--root", root, "--collect"])
+    out, err = capsys.readouterr()
+    assert _json_objects(out) == [outputs] and "figures: fig8" in err
+
+
+def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(capsys, tmp_path, monkeypatch):
+    """A run whose loss became NaN stopped the sweep, and every rerun diverged again at
+    the same step: the rest of the grid never trained. Now it is recorded as diverged, the
+    others train and are drawn, and the command ends with status 1 naming it; a rerun skips
+    it (trained again, it diverges again) and says so again."""
+    root, trained = str(tmp_path), []
+    monkeypatch.setattr(loop, "train_and_evaluate",
+                        _training(root, trained, diverge={"depth8_pL0.5"}))
+    argv = _sweep_argv(root, p_last="0.5,1.0")
+    for attempt, was in enumerate(("diverged at epoch 2", "skipped (diverged at epoch 2)")):
+        with pytest.warns(logs.RunWarning) if not attempt else warnings.catch_warnings():
+            with pytest.raises(SystemExit) as info:
+                sweep_cli.main(argv)
+        assert info.value.code == 1
+        out, err = capsys.readouterr()
+        status, _ = _json_objects(out)
+        finished = "skipped (finished)" if attempt else "started"
+        assert status == {"depth8_pL0.5": was, "depth8_pL1": finished}
+        assert trained == ["depth8_pL0.5", "depth8_pL1"]  # the diverged run is not retried
+        assert "Traceback" not in err
+        [line] = [x for x in err.splitlines() if x.startswith("error:")]
+        assert line == (
+            "error: 1 of 2 runs diverged (non-finite loss): depth8_pL0.5 at epoch 2; Fig. 8 "
+            "leaves them out, the other figures and the table mark them, and a rerun skips "
+            f"them. To train one again, remove its directory (e.g. rm -r {root}/depth8_pL0.5)"
+            ", then run the same command (the same config may diverge again: a sweep with a "
+            "lower --config.learning_rate or another --config.seed needs a new --root).")
+        fig8 = _sidecar(root, "fig8_error_vs_p_last")
+        assert fig8["data"] == {"8": [[1.0, 0.4]]}
+        assert fig8["left_out"] == {"depth8_pL0.5": "diverged at epoch 2"}
+        assert ("figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 1); left out "
+                "(diverged at epoch 2): depth 8 x p_L 0.5\n") in err
+        with open(os.path.join(root, "figures", "training_time.md")) as f:
+            table = f.read()
+        assert ("Diverged (non-finite training loss or parameters; their rows count the "
+                "epochs before it): depth8_pL0.5 at epoch 2.") in table
+        assert "Unfinished" not in table
+    with open(os.path.join(root, "depth8_pL0.5", sweep.DIVERGED_FILE)) as f:
+        record = json.load(f)
+    assert (record["step"], record["epoch"], record["kept_step"]) == (5, 2, 0)
+    assert record["error"].startswith("Non-finite training loss at step 5 (epoch 2)")
+    # --collect only draws: the diverged run marked, no error.
+    sweep_cli.main(["--root", root, "--collect"])
+    [run] = [r for r in sweep.collect(root) if r["name"] == "depth8_pL0.5"]
+    assert not run["finished"] and run["diverged"]["epoch"] == 2
+    assert figures._run_label({**run, "series": ""}).endswith(" (diverged at epoch 2)")
+
+
+@pytest.mark.parametrize("newest, expected", [(4, "skipped (diverged at epoch 2)"),
+                                              (8, "resumed")])
+def test_a_diverged_run_trained_past_it_since_is_resumed(tmp_path, newest, expected):
+    """A run recorded as diverged is skipped while its newest checkpoint is the one kept
+    when it diverged; one with a newer checkpoint (trained past it since, e.g. by train.py)
+    resumes."""
+    root, trained = str(tmp_path), []
+    name = _finished_run(root, 8, 0.5, 0.4)
+    os.remove(os.path.join(root, name, "summary.json"))
+    with open(os.path.join(root, name, sweep.DIVERGED_FILE), "w") as f:
+        json.dump({"step": 5, "epoch": 2, "kept_step": 4}, f)
+    os.makedirs(os.path.join(root, name, "checkpoints", str(newest)))
+    runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [0.5])]
+    status = sweep.run_sweep(runs, root, train=lambda c, w: trained.append(w))
+    assert status == {name: expected}
+    assert len(trained) == (expected == "resumed")
+
+
+# A failed checkpoint save's error: its command line differs from its message.
+_SAVE_FAILED = errors.run_again(
+    workdir_lib.describe_os_error(OSError(errno.ENOSPC, "No space left on device"),
+                                  "/d/checkpoints") + " The checkpoints saved before are kept",
+    "the function with the same arguments", "again to resume")
+
+
+@pytest.mark.parametrize("error, expected", [
+    (errors.DataError("The data is bad: fix it."), "The data is bad: fix it."),
+    # A write's own OSError (not wrapped): the command line described it with '--workdir'.
+    (OSError(errno.ENOSPC, "No space left on device", "/d/metrics.jsonl"),
+     "Cannot write /d/metrics.jsonl (No space left on device): free some space or give the "
+     "sweep another --root."),
+    (errors.WorkdirError(workdir_lib.describe_os_error(
+        OSError(errno.EROFS, "Read-only file system"), "/d")),
+     "Cannot write /d (Read-only file system): the filesystem is read-only; remount it "
+     "writable to resume the run there, or give the sweep another --root."),
+    (errors.WorkdirError(_SAVE_FAILED[0], command_line=_SAVE_FAILED[1]),
+     "Cannot write /d/checkpoints (No space left on device): free some space or give the "
+     "sweep another --root. The checkpoints saved before are kept: run the same command "
+     "again to resume."),
+])
+def test_a_run_s_error_names_the_run_in_the_sweep_s_words(capsys, tmp_path, monkeypatch,
+                                                          error, expected):
+    """An error while a run of the sweep trained named neither the run (only the 'sweep:
+    starting' line, perhaps far above, did) nor a fix the sweep has: a full or read-only
+    disk said 'use another --workdir', a flag sweep.py does not have."""
+    def train(config, workdir):
+        raise error
+
+    monkeypatch.setattr(loop, "train_and_evaluate", train)
+    line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path, p_last="0.5,1.0"))
+    assert line == f"error: depth8_pL0.5: {expected}"
+    assert "--workdir" not in line
+
+
+def test_a_sweep_stopped_after_a_diverged_run_does_not_count_it_finished(tmp_path):
+    """The stop line counts the runs finished; a diverged one is not."""
+    def train(config, workdir):
+        os.kill(os.getpid(), signal.SIGTERM)  # the sweep's handler: it stops before the next
+        raise loop.NonFiniteLossError("Non-finite training loss at step 1 (epoch 1).")
+
+    runs = [(name, load_config("cifar10:smoke", extra))
+            for name, extra in sweep.plan([8], [0.5, 1.0])]
+    with pytest.warns(logs.RunWarning, match="depth8_pL0.5 diverged: "):
+        with pytest.raises(stopping.Stopped) as stopped:
+            sweep.run_sweep(runs, str(tmp_path / "runs"), train=train)
+    assert "with 0 of 2 runs finished and 1 diverged; the rest have not started" in \
+        str(stopped.value)

@@ -533,6 +533,12 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path):
         loop.train_and_evaluate(config, str(tmp_path))
     assert "stopping without saving" in str(info.value)
     bad_step = int(str(info.value).split("step ")[1].split()[0].rstrip(";)"))
+    # Where, for a caller that records it (a sweep goes on with its next run): 4 steps an
+    # epoch (128 training images, batch 32); the loss's step counts from 0, the
+    # parameters' from 1.
+    loss = str(info.value).startswith("Non-finite training loss")
+    assert (info.value.step, info.value.epoch) == (bad_step,
+                                                   (bad_step - (not loss)) // 4 + 1)
     from stochastic_depth_jax.training import checkpoint
 
     ckpts = checkpoint.Checkpoints(str(tmp_path), read_only=True)

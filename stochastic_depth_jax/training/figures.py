@@ -38,6 +38,7 @@ __all__ = [
     "plot_first_conv_grad",
     "plot_error_curves",
     "training_time_table",
+    "diverged_label",
 ]
 
 
@@ -230,12 +231,24 @@ _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D")
 
 
+def diverged_label(r: dict[str, Any]) -> str:
+    """``'diverged at epoch N'`` for a run whose training diverged (``r['diverged']``, as
+    :func:`stochastic_depth_jax.training.sweep.collect` reads it; ``'diverged'`` where the
+    epoch is unknown), ``''`` for any other run."""
+    diverged = r.get("diverged")
+    if not diverged:
+        return ""
+    epoch = diverged.get("epoch") if isinstance(diverged, dict) else None
+    return "diverged" + (f" at epoch {epoch}" if isinstance(epoch, int) else "")
+
+
 def _run_label(r: dict[str, Any]) -> str:
-    """A run's legend entry: depth, constant or stochastic depth, series, unfinished."""
+    """A run's legend entry: depth, constant or stochastic depth, series, unfinished or
+    diverged."""
     return (f"{r['depth']} layers, " + ("constant depth" if r["p_last"] == 1.0 else
                                          f"stochastic, $p_L$={r['p_last']:g}")
             + _series_label(r.get("series", ""))
-            + ("" if r.get("finished", True) else " (unfinished)"))
+            + ("" if r.get("finished", True) else f" ({diverged_label(r) or 'unfinished'})"))
 
 
 def _per_epoch(r: dict[str, Any], key: str, scale: float = 1.0) -> list[tuple[Any, float]]:
@@ -257,8 +270,8 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
                          key: str = "grad_first_conv_mean_abs", subtitle: str = "",
                          extra: dict[str, Any] | None = None) -> tuple[str, str]:
     """Fig. 7: the first convolution's mean |gradient| per epoch, one line per run
-    (constant depth dashed; an unfinished run says so in the legend). ``runs`` as from
-    :func:`sweep.collect`, with ``records``; ``subtitle`` and ``extra`` as in
+    (constant depth dashed; an unfinished or diverged run says so in the legend). ``runs``
+    as from :func:`sweep.collect`, with ``records``; ``subtitle`` and ``extra`` as in
     :func:`plot_error_vs_p_last`."""
     from matplotlib import ticker
 

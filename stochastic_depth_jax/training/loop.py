@@ -50,7 +50,21 @@ OWN_FILES = (evaluate_lib.RUN_FILE, SUMMARY_FILE, metrics_lib.METRICS_FILE,
 
 
 class NonFiniteLossError(errors.Error, FloatingPointError):
-    """The training loss became NaN or infinite; the broken state was not saved."""
+    """The training loss became NaN or infinite; the broken state was not saved.
+
+    ``step`` (the step its message names) and ``epoch`` (1-based: the epoch in which the
+    loss or the parameters became non-finite) say where, for a caller that records it (a
+    sweep goes on with its next run); None where unknown."""
+
+    step: int | None = None
+    epoch: int | None = None
+
+
+def _diverged(message: str, step: int, epoch: int) -> NonFiniteLossError:
+    """A :class:`NonFiniteLossError`, its ``step`` and ``epoch`` set."""
+    error = NonFiniteLossError(message)
+    error.step, error.epoch = step, epoch
+    return error
 
 
 def _host(tree: Any) -> Any:
@@ -118,11 +132,11 @@ def _check_finite(run: _Run) -> None:
     bad = int(_host(run.state.sums["nonfinite_step"]))
     if bad >= 0:
         where = _kept_checkpoint(run)
-        raise NonFiniteLossError(
-            f"Non-finite training loss at step {bad} (epoch {bad // run.setup.steps_per_epoch + 1})"
-            f"; stopping without saving the broken state; {where}. Try a lower "
-            "--config.learning_rate or another --config.seed."
-        )
+        epoch = bad // run.setup.steps_per_epoch + 1
+        raise _diverged(
+            f"Non-finite training loss at step {bad} (epoch {epoch}); stopping without saving "
+            f"the broken state; {where}. Try a lower --config.learning_rate or another "
+            "--config.seed.", bad, epoch)
 
 
 def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
@@ -130,11 +144,10 @@ def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
     _check_finite(run)
     step = run.step
     if not state_lib.all_finite(run.state):
-        raise NonFiniteLossError(
+        raise _diverged(  # by the epoch of the last step done (steps counted from 1)
             f"The parameters became non-finite by step {step} (the loss was still finite); "
             f"stopping without saving them; {_kept_checkpoint(run)}. Try a lower "
-            "--config.learning_rate."
-        )
+            "--config.learning_rate.", step, max(step - 1, 0) // run.setup.steps_per_epoch + 1)
     meta = {"epoch": step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
     run.ckpts.save(kind, step, run.state, meta)
 

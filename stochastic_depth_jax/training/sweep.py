@@ -5,8 +5,11 @@ Each (depth, p_L) pair is an ordinary training run in its own workdir,
 finished run (its ``summary.json`` records every step of its config) is not run again, an
 interrupted one continues from its newest checkpoint through ``train_and_evaluate``. A run
 recorded with a different config is refused (:func:`check_same_config`), except a longer
-``num_epochs``/``max_steps``, which extends it. Only the block-wise ResNets are swept
-(:func:`require_sweepable`): the ViT and ConvNeXt have no p_L.
+``num_epochs``/``max_steps``, which extends it. A run whose loss or parameters become
+non-finite is recorded as diverged (``diverged.json`` in its workdir) and the sweep goes on
+with the next run; a rerun skips it, and :func:`check_diverged` names such runs at the end.
+Only the block-wise ResNets are swept (:func:`require_sweepable`): the ViT and ConvNeXt have
+no p_L.
 :func:`collect` reads the runs' own records and :func:`write_figures` draws Fig. 8, Fig. 7
 and the training-time table into ``<root>/figures``.
 
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import warnings
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 
 from stochastic_depth_jax import errors, logs
@@ -42,6 +47,7 @@ __all__ = [
     "require_sweepable",
     "check_same_config",
     "run_sweep",
+    "check_diverged",
     "collect",
     "label_series",
     "describe_data",
@@ -51,6 +57,9 @@ __all__ = [
 
 FIGURES_DIR = "figures"
 SUMMARY_FILE = loop_lib.SUMMARY_FILE
+# Written into a run's workdir when its training diverged (loop.NonFiniteLossError): where,
+# the checkpoint kept, and the error. A rerun skips the run instead of diverging again.
+DIVERGED_FILE = "diverged.json"
 
 
 def run_name(depth: int, p_last: float) -> str:
@@ -227,10 +236,94 @@ def is_finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
     return _finished(_read_summary(workdir), config)
 
 
+def _saved_steps(workdir: str) -> list[int]:
+    """The steps of the run's committed checkpoints (``checkpoints/<step>``), in order."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def _divergence(workdir: str) -> dict[str, Any] | None:
+    """The run's record of its divergence (:data:`DIVERGED_FILE`): None where it has none, or
+    where the run has a checkpoint newer than the one kept when it diverged (it was trained
+    past that point since, e.g. by ``train.py``). A damaged record is warned about and counts
+    as none: the run is trained again (and recorded again if it diverges again)."""
+    path = os.path.join(workdir, DIVERGED_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record, dict) or not _is_count(record.get("kept_step")):
+            raise ValueError("no whole number for 'kept_step'")
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path} is damaged ({type(e).__name__}: {e}): the run is trained "
+                      "again by the sweep's command (remove the file to silence this).",
+                      logs.RunWarning)
+        return None
+    if max(_saved_steps(workdir), default=0) > record["kept_step"]:
+        return None
+    return record
+
+
+def _record_divergence(name: str, workdir: str, error: loop_lib.NonFiniteLossError) -> str:
+    """Writes :data:`DIVERGED_FILE` for the run ``name`` that raised ``error`` and warns
+    that the sweep goes on; returns the run's status (``'diverged at epoch N'``)."""
+    record = {"step": error.step, "epoch": error.epoch,
+              "kept_step": max(_saved_steps(workdir), default=0), "error": str(error)}
+    path = os.path.join(workdir, DIVERGED_FILE)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)  # a caller's train= may not have made it
+        with workdir_lib.atomic_write(path) as f:
+            json.dump(record, f, indent=2)
+    status = figures.diverged_label({"diverged": record})
+    warnings.warn(f"{name} {status}: its training loss or parameters became non-finite "
+                  f"(recorded in {path}); the sweep goes on with its next run.",
+                  logs.RunWarning)
+    return status
+
+
+def _is_diverged(status: str) -> bool:
+    """Whether a :func:`run_sweep` status says the run diverged (now or before)."""
+    return status.startswith(("diverged", "skipped (diverged"))
+
+
+# The fixes a run's own errors give that name train.py's --workdir: in a sweep the workdir
+# is <root>/<run>, chosen by the sweep.
+_SWEEP_WORDS = (
+    ("use another --workdir", "give the sweep another --root"),
+    ("train in a fresh --workdir", "give the sweep a new --root"),
+    ("train in a new --workdir", "give the sweep a new --root"),
+    ("or a fresh --workdir", "or give the sweep a new --root"),
+    ("the same --workdir", "the same --root"),
+    ("own --workdir", "own workdir"),
+)
+
+
+def _in_sweep_words(name: str, text: str) -> str:
+    """``text``, an error raised while the sweep trained ``name``, named with the run (the
+    ``sweep: starting`` line may be far above it) and in the sweep's words."""
+    for old, new in _SWEEP_WORDS:
+        text = text.replace(old, new)
+    return f"{name}: {text}"
+
+
+def _named(name: str, error: errors.Error) -> errors.Error:
+    """``error`` raised while training ``name``, reworded by :func:`_in_sweep_words`."""
+    error.reword(lambda text: _in_sweep_words(name, text))
+    return error
+
+
 def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
               train: Callable[[ml_collections.ConfigDict, str], Any] | None = None
               ) -> dict[str, str]:
     """Trains each ``(name, config)`` in ``<root>/<name>``, skipping finished runs.
+
+    A run that diverges (``loop.NonFiniteLossError``) is recorded in its workdir
+    (:data:`DIVERGED_FILE`), named in a warning, and the sweep goes on with the next run;
+    a later call skips it. :func:`check_diverged` raises for such runs once the figures of
+    the others are drawn.
 
     Args:
       runs: e.g. from :func:`plan`, with the configs built by the caller.
@@ -239,7 +332,9 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         :func:`stochastic_depth_jax.training.train_and_evaluate` (which resumes).
 
     Returns:
-      name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'``.
+      name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'`` (trained to its end
+      by this call), ``'diverged at epoch N'`` (by this call) or
+      ``'skipped (diverged at epoch N)'`` (recorded by an earlier call).
 
     Raises:
       stopping.Stopped: on SIGTERM/SIGINT, inside a run (after its checkpoint) or between
@@ -247,6 +342,8 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
       errors.ConfigError: ``root`` is a file or one run's workdir, or a run's directory
         holds a run of a different config (:func:`check_same_config`; every run is checked
         before any trains).
+      errors.Error: any other anticipated error of a run's training (a full disk, ...),
+        its message starting with the run's name.
     """
     if train is None:
         train = loop_lib.train_and_evaluate
@@ -278,27 +375,82 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             if is_finished(workdir, config):
                 status[name] = "skipped (finished)"
                 continue
-            resumed = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-                n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+            diverged = _divergence(workdir)
+            if diverged is not None:  # trained again, it would diverge again
+                status[name] = f"skipped ({figures.diverged_label({'diverged': diverged})})"
+                continue
+            resumed = bool(_saved_steps(workdir))
             print(f"sweep: {'resuming' if resumed else 'starting'} {name}", flush=True)
             # Until the run's own handler is installed (it loads data and compiles first), a
             # signal is pending for it: it stops at its first stop point, with a checkpoint.
             stop.when = (f"{name} once it has set up and saved a checkpoint at its first "
                          "stop point (see --config.log_every_steps); the sweep stops then")
-            try:
-                train(config, workdir)
-            except stopping.Stopped as e:  # say how to resume the sweep, not the run
-                raise stopping.Stopped(e.stopped, e.exit_status - 128,
-                                       call_again=_CALL_AGAIN) from None
-            except errors.WorkdirBusyError as e:  # the sweep chose the workdir: not '--workdir'
-                raise errors.WorkdirBusyError(
-                    str(e).removesuffix(workdir_lib.BUSY_FIX).rstrip().removesuffix(".")
-                    + " (another sweep of this --root?). Wait for it to finish or stop it, "
-                    "then run this sweep again (it skips the finished runs), or give it "
-                    "another --root.") from None
+            diverged_now = _train_run(train, name, config, workdir)
+            status[name] = diverged_now or ("resumed" if resumed else "started")
             stop.when = _BETWEEN_RUNS
-            status[name] = "resumed" if resumed else "started"
     return status
+
+
+def _train_run(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
+               config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """Trains one run of the sweep: None once it has finished, ``'diverged at epoch N'`` if
+    it diverged (recorded); raises its other errors named and in the sweep's words."""
+    try:
+        train(config, workdir)
+    except stopping.Stopped as e:  # say how to resume the sweep, not the run
+        raise stopping.Stopped(e.stopped, e.exit_status - 128,
+                               call_again=_CALL_AGAIN) from None
+    except loop_lib.NonFiniteLossError as e:
+        try:
+            return _record_divergence(name, workdir, e)
+        except OSError as write_error:  # e.g. a full disk: the divergence is said, too
+            if workdir_lib.anticipated_os_error(write_error) is None:
+                raise
+            raise _named(name, errors.WorkdirError(
+                f"{e} Recording it in {DIVERGED_FILE} failed: "
+                f"{_os_problem(write_error)}")) from write_error
+    except errors.WorkdirBusyError as e:  # the sweep chose the workdir: not '--workdir'
+        raise _named(name, errors.WorkdirBusyError(
+            str(e).removesuffix(workdir_lib.BUSY_FIX).rstrip().removesuffix(".")
+            + " (another sweep of this --root?). Wait for it to finish or stop it, "
+            "then run this sweep again (it skips the finished runs), or give it "
+            "another --root.")) from None
+    except errors.Error as e:
+        raise _named(name, e)
+    except OSError as e:  # a full or read-only disk: as the command line says it, named
+        os_error = workdir_lib.anticipated_os_error(e)
+        if os_error is None:
+            raise
+        raise _named(name, errors.WorkdirError(_os_problem(os_error))) from e
+    return None
+
+
+def _os_problem(error: OSError) -> str:
+    """A disk or permission failure as one line (``workdir.describe_os_error``)."""
+    os_error = workdir_lib.anticipated_os_error(error) or error
+    return workdir_lib.describe_os_error(os_error, os_error.filename or "a file")
+
+
+def check_diverged(status: dict[str, str], root: str) -> None:
+    """Raises ``loop.NonFiniteLossError`` naming the runs of ``status`` (:func:`run_sweep`'s)
+    that diverged, now or before, and how to train them again; returns if none did.
+    Called once the other runs' figures are drawn: the sweep's results are incomplete."""
+    diverged = [n for n, s in status.items() if _is_diverged(s)]
+    if not diverged:
+        return
+    root = os.path.expanduser(root)
+    # 'depth8_pL0.5 at epoch 2', from 'diverged at epoch 2' or 'skipped (diverged at ...)'.
+    runs = ", ".join(n + status[n].removeprefix("skipped (").removesuffix(")")
+                     .removeprefix("diverged") for n in diverged)
+    problem = (f"{len(diverged)} of {len(status)} runs diverged (non-finite loss): {runs}; "
+               "Fig. 8 leaves them out, the other figures and the table mark them, and a "
+               "rerun skips them. To train one again, remove its directory (e.g. rm -r "
+               f"{shlex.quote(os.path.join(root, diverged[0]))})")
+    retry = ("(the same config may diverge again: a sweep with a lower "
+             "--config.learning_rate or another --config.seed needs a new --root)")
+    raise loop_lib.NonFiniteLossError(
+        f"{problem}, then call run_sweep again with the same runs and root {retry}.",
+        command_line=f"{problem}, then run the same command {retry}.")
 
 
 _CALL_AGAIN = "run_sweep again with the same runs and root"
@@ -311,9 +463,11 @@ def _stop_between_runs(stop: stopping.StopSignals, status: dict[str, str], total
     signum = stop.agreed()
     if signum is None:
         return
+    diverged = sum(_is_diverged(s) for s in status.values())
     raise stopping.Stopped(
-        f"sweep stopped by {stopping.StopSignals.name(signum)} with {len(status)} of {total} "
-        f"runs finished; the rest have not started (runs in {root})", signum,
+        f"sweep stopped by {stopping.StopSignals.name(signum)} with {len(status) - diverged} "
+        f"of {total} runs finished" + (f" and {diverged} diverged" if diverged else "")
+        + f"; the rest have not started (runs in {root})", signum,
         call_again=_CALL_AGAIN)
 
 
@@ -328,7 +482,8 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
 
     Returns:
       per run: ``name``, ``workdir``, ``depth``, ``p_last``, ``finished`` (a summary
-      records every step; a damaged one is warned about),
+      records every step; a damaged one is warned about), ``diverged`` (an unfinished
+      run's :data:`DIVERGED_FILE` record: ``step``, ``epoch``, ...; else None),
       ``test_error``/``val_error`` of the best-by-validation epoch (the paper's number),
       ``final_test_error``, ``code_version``, ``config`` (``run.json``'s, as JSON, with
       the fields it predates: ``config_lib.with_absent_defaults``), ``num_train`` and
@@ -383,12 +538,14 @@ def collect(root: str, names: Sequence[str] | None = None) -> list[dict[str, Any
         summary = _read_summary(workdir)  # read once: a damaged one is warned about once
         best, final = (summary or {}).get("best") or {}, (summary or {}).get("final") or {}
         data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        finished = _finished(summary, config)
         runs.append({
             "name": name,
             "workdir": workdir,
             "depth": int(config.model.depth),
             "p_last": float(config.model.final_survival_prob),
-            "finished": _finished(summary, config),
+            "finished": finished,
+            "diverged": None if finished else _divergence(workdir),
             "test_error": best.get("test_error"),
             "val_error": best.get("val_error"),
             "final_test_error": final.get("test_error"),
@@ -514,9 +671,10 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     """Fig. 8, Fig. 7, Fig. 3 and the training-time table of ``runs`` (from :func:`collect`).
 
     Fig. 8 draws the finished runs (an unfinished run's summary, if any, is of an earlier,
-    shorter session) and names the unfinished ones under its title; Figs. 7 and 3 the
-    deepest depth of each series that has a finished epoch (:func:`_deepest_runs`),
-    unfinished runs marked; the table lists every run and names the unfinished ones. Runs
+    shorter session) and names the unfinished and diverged ones under its title; Figs. 7
+    and 3 the deepest depth of each series that has a finished epoch (:func:`_deepest_runs`),
+    unfinished and diverged runs marked; the table lists every run and names the
+    unfinished and diverged ones. Runs
     of different configs are separate series (:func:`label_series`). Each file names the
     runs it came from, and its sidecar the runs left out and why; ``report`` (default
     ``print``) gets one line per file saying the same. Returns name -> path. Where
@@ -531,7 +689,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     series = label_series(runs) if all("config" in r for r in runs) else {}
     runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
     drawn8 = [r for r in runs if r["finished"]]
-    left8 = {r["name"]: "unfinished" for r in runs if not r["finished"]}
+    left8 = {r["name"]: figures.diverged_label(r) or "unfinished"
+             for r in runs if not r["finished"]}
     drawn7, left7 = _deepest_runs(runs)
     problem = plots.matplotlib_problem()
     if problem is not None:  # The table needs no drawing: written, the figures named.
@@ -540,8 +699,9 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     fig8, _ = figures.plot_error_vs_p_last(
         drawn8, os.path.join(out_dir, "fig8_error_vs_p_last.png"),
         subtitle=describe_data(drawn8), extra=_extra(drawn8, left8, series),
-        note=(f"not drawn, unfinished: {_grid([r for r in runs if r['name'] in left8])}"
-              if left8 else ""),
+        note=("not drawn, " + "; ".join(
+            f"{why}: {_grid([r for r in runs if left8.get(r['name']) == why])}"
+            for why in dict.fromkeys(left8.values())) if left8 else ""),
         ylabel=(f"test error at the best-{select.pop()} epoch (%)" if len(select) == 1
                 else "test error of the selected epoch (%)"))
     fig7, _ = figures.plot_first_conv_grad(
@@ -641,13 +801,17 @@ def _drawn_line(path: str, runs: Sequence[dict[str, Any]], left: dict[str, str])
 
 
 def _write_table(runs: Sequence[dict[str, Any]], table: str) -> str:
-    """training_time.md: what the runs were trained on, the table, the unfinished runs and
-    the sources; written atomically, as the figures are, so a Ctrl-C or an error while it is
-    made leaves the earlier table, never an empty or half one."""
-    unfinished = [r["name"] for r in runs if not r["finished"]]
+    """training_time.md: what the runs were trained on, the table, the unfinished and
+    diverged runs and the sources; written atomically, as the figures are, so a Ctrl-C or
+    an error while it is made leaves the earlier table, never an empty or half one."""
+    unfinished = [r["name"] for r in runs if not r["finished"] and not r.get("diverged")]
+    diverged = [r["name"] + figures.diverged_label(r).removeprefix("diverged")
+                for r in runs if not r["finished"] and r.get("diverged")]
     # An interrupted run (drawn by --collect) is not told from a finished one by its row.
     note = (f"\nUnfinished (interrupted, or extended and not done yet; their rows count the "
             f"epochs so far): {', '.join(unfinished)}.\n" if unfinished else "")
+    note += (f"\nDiverged (non-finite training loss or parameters; their rows count the "
+             f"epochs before it): {', '.join(diverged)}.\n" if diverged else "")
     trained_on = describe_data(runs)
     with workdir_lib.atomic_write(table) as f:
         f.write("Training time per epoch (compilation and evaluation excluded; the first "
