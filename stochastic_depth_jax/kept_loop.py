@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from stochastic_depth_jax import ops
 
@@ -39,10 +40,12 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
     Args:
       block_fn: ``(params, stats, x, survival_prob) -> (y, new_stats)`` for one block;
         ``y`` has ``x``'s shape and dtype (identical blocks). Differentiated with respect
-        to ``params`` and ``x`` only; ``new_stats`` (e.g. BatchNorm running statistics)
-        carries no gradient. It must not close over a value being differentiated (a
-        parameter shared by the blocks): the loop's own VJP has no gradient for it, and
-        JAX raises ``UnexpectedTracerError``; pass it in ``params``, one copy per slot.
+        to ``params``, ``x`` and ``probs`` (a block's VJP takes its probability only when
+        ``probs`` is differentiated, so constant probabilities store nothing more);
+        ``new_stats`` (e.g. BatchNorm running statistics) carries no gradient. It must not
+        close over a value being differentiated (a parameter shared by the blocks): the
+        loop's own VJP has no gradient for it, and JAX raises ``UnexpectedTracerError``;
+        pass it in ``params``, one copy per slot.
       params: the blocks' parameters, every leaf stacked on axis 0 (one slot per block).
       stats: the blocks' non-differentiated state, stacked the same way (may be empty).
       x: the input of the first block.
@@ -98,11 +101,20 @@ class _Block:
     def __init__(self, fn: BlockFn):
         self.fn = fn
         self.vjp_tree = None
+        # Whether the survival probabilities are differentiated (known while tracing the
+        # forward rule): only then does each block's VJP take its probability, which may
+        # store more (``f(x)`` for a branch scaled by 1 / p).
+        self.prob_grad = False
+        self.out_struct = None  # the output's type, for a zero cotangent
 
     def vjp(self, params, stats, x, prob):
         """``(y, new_stats, residual leaves)`` of one block; records the VJP's structure."""
-        y, vjp, new_stats = jax.vjp(lambda p, v: self.fn(p, stats, v, prob), params, x,
-                                    has_aux=True)
+        if self.prob_grad:
+            y, vjp, new_stats = jax.vjp(lambda p, v, q: self.fn(p, stats, v, q), params, x,
+                                        prob, has_aux=True)
+        else:
+            y, vjp, new_stats = jax.vjp(lambda p, v: self.fn(p, stats, v, prob), params, x,
+                                        has_aux=True)
         leaves, self.vjp_tree = jax.tree_util.tree_flatten(vjp)
         return y, new_stats, leaves
 
@@ -141,24 +153,56 @@ def _forward(block: _Block, params, stats, x, probs, order, count):
         return y, _put(stats, j, new_stats), residuals
 
     y, stats, residuals = lax.fori_loop(0, count, body, (x, stats, residuals))
-    return (y, stats), (residuals, params, order, count)
+    return (y, stats), (residuals, params, probs, order, count)
+
+
+def _forward_rule(block: _Block, params, stats, x, probs, order, count):
+    """The forward rule, given each leaf as a ``CustomVJPPrimal`` (``symbolic_zeros``): it
+    learns whether ``probs`` is differentiated."""
+    block.prob_grad = bool(probs.perturbed)
+    value = lambda t: jax.tree_util.tree_map(lambda v: v.value, t)
+    params, stats, x, probs, order, count = map(value, (params, stats, x, probs, order, count))
+    block.out_struct = _typed_struct(x)
+    return _forward(block, params, stats, x, probs, order, count)
+
+
+def _typed_struct(x: Array) -> jax.ShapeDtypeStruct:
+    """``x``'s shape, dtype, explicit sharding and ``shard_map`` varying axes, for zeros of
+    its type (:func:`ops.zeros_like_output`)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ops.explicit_sharding(x),
+                                manual_axis_type=manual)
+
+
+def _zero_cotangent(block: _Block, t: Any) -> Array:
+    """The output's cotangent as an array: zeros for a symbolic zero (the output unused),
+    typed as the output, which is typed as ``x`` (a loop's carry keeps its type): its
+    explicit sharding, and varying over the ``shard_map`` axes ``x`` varies over."""
+    if not isinstance(t, SymbolicZero):
+        return t
+    return ops.zeros_like_output(block.out_struct)
 
 
 def _backward(block: _Block, saved, cotangents):
-    residuals, params, order, count = saved
-    dy = cotangents[0]  # statistics carry no gradient
+    residuals, params, probs, order, count = saved
+    dy = _zero_cotangent(block, cotangents[0])  # statistics carry no gradient
 
     def body(k, carry):
-        dx, dparams = carry
+        dx, dparams, dprobs = carry
         i = count - 1 - k  # the kept blocks in reverse
         vjp = jax.tree_util.tree_unflatten(block.vjp_tree, [r[i] for r in residuals])
-        dp, dx = vjp(dx)
+        if block.prob_grad:
+            dp, dx, dq = vjp(dx)
+            dprobs = dprobs.at[order[i]].add(dq.astype(dprobs.dtype))
+        else:
+            dp, dx = vjp(dx)
         dparams = jax.tree_util.tree_map(lambda a, v: a.at[order[i]].add(v), dparams, dp)
-        return dx, dparams
+        return dx, dparams, dprobs
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    dx, dparams = lax.fori_loop(0, count, body, (dy, zeros))
-    return dparams, None, dx, None, None, None
+    dprobs = jnp.zeros_like(probs) if block.prob_grad else None  # None: no carry
+    dx, dparams, dprobs = lax.fori_loop(0, count, body, (dy, zeros, dprobs))
+    return dparams, None, dx, dprobs, None, None
 
 
 def _loop_primal(block, params, stats, x, probs, order, count):
@@ -166,4 +210,4 @@ def _loop_primal(block, params, stats, x, probs, order, count):
 
 
 _loop = jax.custom_vjp(_loop_primal, nondiff_argnums=(0,))
-_loop.defvjp(_forward, _backward)
+_loop.defvjp(_forward_rule, _backward, symbolic_zeros=True)

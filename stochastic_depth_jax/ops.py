@@ -362,7 +362,7 @@ def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int =
 
     Each of the ``groups`` contiguous groups of ``n = batch_size / groups`` examples keeps a
     uniformly random subset of exactly ``k = subset_size(batch_size, survival_prob, groups)``
-    examples (the ``k`` largest of ``n`` uniform numbers). Each example is kept with
+    examples (the ``k`` smallest of ``n`` uniform numbers). Each example is kept with
     probability exactly ``k / n``.
 
     Groups exist for sharded batches: with ``groups`` a multiple of the number of data shards,

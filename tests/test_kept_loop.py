@@ -228,3 +228,49 @@ def test_loop_and_compact_buckets_are_refused_together():
     with pytest.raises(ValueError, match="buckets .* and implementation='loop'"):
         model.apply(v, X, train=True, gates=jnp.asarray(GATES), buckets=(3, 3, 3),
                     mutable=["batch_stats"])
+
+
+def test_kept_loop_differentiates_the_survival_probabilities():
+    """A block scaled by its probability (1 / p for scaling='train') has a gradient with
+    respect to it; the loop's VJP returned zeros for ``probs``, silently, where JAX derives
+    it for the blocks run one by one. A loss of the statistics alone (the output unused)
+    has zero gradients."""
+    params, stats, x, probs = _toy()
+    for gates in ([1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]):
+        gates = np.array(gates, bool)
+
+        def loss(run, params, x, probs):
+            return jnp.sum(jnp.sin(run(params, stats, x, probs, gates)[0]))
+
+        looped = lambda *a: kept_loop(_toy_block, *a[:4], jnp.asarray(a[4]))
+        got = jax.jit(jax.grad(functools.partial(loss, looped), argnums=(0, 1, 2)))(
+            params, x, probs)
+        want = jax.grad(functools.partial(loss, _toy_reference), argnums=(0, 1, 2))(
+            params, x, probs)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+        assert np.all(np.asarray(got[2])[~gates] == 0)  # a dropped block's p: no effect
+    stats_loss = lambda p, q: jnp.sum(kept_loop(_toy_block, p, stats, x, q, gates)[1]["mean"])
+    for g in jax.tree_util.tree_leaves(jax.grad(stats_loss, argnums=(0, 1))(params, probs)):
+        assert np.all(np.asarray(g) == 0)
+
+
+def test_kept_loop_gradients_of_probabilities_and_statistics_under_explicit_mesh_axes():
+    """The cotangent of an unused output (a loss of the statistics alone) is made as zeros
+    typed as the output (sharded as the batch), and the probabilities' gradient matches."""
+    params, stats, _, probs = _toy()
+    gates = np.array([1, 0, 1, 1, 0], bool)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,))
+    x = jax.random.normal(jax.random.key(4), (jax.device_count(), 3))
+    looped = lambda p, x, q: kept_loop(_toy_block, p, stats, x, q, jnp.asarray(gates))
+    out = lambda p, x, q: jnp.sum(jnp.sin(looped(p, x, q)[0]))
+    stat = lambda p, x, q: jnp.sum(looped(p, x, q)[1]["mean"])
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
+        got = jax.device_get(jax.jit(jax.grad(out, argnums=2))(params, sharded, probs))
+        zeros = jax.device_get(jax.jit(jax.grad(stat, argnums=(0, 1, 2)))(params, sharded, probs))
+    want = jax.grad(lambda q: jnp.sum(jnp.sin(_toy_reference(params, stats, x, q, gates)[0])))(
+        probs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(zeros))
