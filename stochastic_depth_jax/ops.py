@@ -414,6 +414,21 @@ def subset_mask(indices: Array, batch_size: int) -> Array:
     return rows.reshape(batch_size)
 
 
+def _check_subset_rows(indices: Any, n: int) -> None:
+    """Refuses concrete subset indices that break the gather/scatter's contract (each row
+    sorted, without repeats, in [0, n)): XLA is told so, and other indices give undefined
+    results. Traced ones (under ``jit``) cannot be checked."""
+    if not is_concrete(indices):
+        return
+    rows = np.asarray(indices)
+    if rows.size and not (np.all(np.diff(rows, axis=-1) > 0) and rows.min() >= 0
+                          and rows.max() < n):
+        raise ValueError(
+            f"Subset indices must be sorted within each row, without repeats, and in [0, {n}) "
+            f"(got {rows.tolist() if rows.size <= 16 else 'other indices'}): draw them with "
+            "ops.draw_subset, or pass jnp.sort(indices, axis=-1) of distinct indices.")
+
+
 def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
                   factor: Any = 1.0, shortcut: Array | None = None,
                   batch_axis: int = 0) -> Array:
@@ -457,6 +472,7 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
             f"draw them for this batch: ops.draw_subset(key, {batch}, p, groups={groups}).")
     if k == n:  # nothing dropped: no gather, no scatter
         return with_shortcut(scaled(branch(x), factor), shortcut)
+    _check_subset_rows(indices, n)
     hints = dict(indices_are_sorted=True, unique_indices=True)  # draw_subset's contract
     take = jax.vmap(lambda v, i: v.at[i].get(**hints))
     picked = tree_map(lambda v: _merge_groups(take(_split_groups(v, groups),

@@ -67,6 +67,20 @@ def test_branch_runs_only_on_the_subset():
     assert shapes == [(4, 3, D)]
 
 
+@pytest.mark.parametrize("rows", [[[3, 1]], [[1, 1]], [[0, 16]], [[-1, 2]]])
+def test_concrete_subset_indices_out_of_contract_are_refused(rows):
+    """Unsorted, repeated or out-of-range indices (jax.random.choice's, say) passed as a gate:
+    the gather and scatter are told the rows are sorted and unique, so the result was
+    undefined; concrete ones are refused in one line, draw_subset's pass."""
+    x = jnp.ones((16, D))
+    with pytest.raises(ValueError, match=r"^Subset indices must be sorted within each row, "
+                       r"without repeats, and in \[0, 16\) .*ops.draw_subset"):
+        ops.subset_branch(branch, x, jnp.asarray(rows, jnp.int32))
+    good = ops.draw_subset(jax.random.key(0), 16, 0.5)
+    np.testing.assert_allclose(ops.subset_branch(branch, x, good)[np.asarray(good)[0]],
+                               branch(x[np.asarray(good)[0]]), rtol=1e-6)
+
+
 def test_inclusion_frequency_within_five_sigma_of_survival():
     """Over N keys each example is kept with probability k / n (within 1 / (2n) of p)."""
     n, p, num_keys = 16, 0.7, 4000
