@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -48,7 +49,7 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
         pass it in ``params``, one copy per slot.
       params: the blocks' parameters, every leaf stacked on axis 0 (one slot per block).
       stats: the blocks' non-differentiated state, stacked the same way (may be empty).
-      x: the input of the first block.
+      x: the input of the first block, one array (not a pytree).
       probs: float ``[n]``, each block's survival probability (passed to ``block_fn``).
       gates: bool ``[n]``, True where a block runs (traced or concrete).
 
@@ -73,6 +74,10 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
             raise ValueError(f"kept_loop: every leaf of params, stats and probs must be "
                              f"stacked on axis 0 with {n} slots (one per gate); got "
                              f"shape {tuple(jnp.shape(leaf))}.")
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        raise ValueError(f"kept_loop: x must be one array (the blocks' input and output); got "
+                         f"{type(x).__name__}: pass a pytree's arrays concatenated, or use "
+                         "implementation='skip'.")
     order = jnp.argsort(jnp.logical_not(gates), stable=True).astype(jnp.int32)  # kept first
     count = jnp.sum(gates.astype(jnp.int32))
     return _loop(_Block(block_fn), params, stats, x, probs, order, count)

@@ -104,6 +104,9 @@ def test_kept_loop_refuses_what_it_cannot_loop_over():
         kept_loop(_toy_block, params, stats, x, probs, jnp.ones(4, bool))
     with pytest.raises(ValueError, match="must return its input's shape"):
         kept_loop(lambda p, s, v, q: (v[:, :2], s), params, stats, x, probs, jnp.ones(5, bool))
+    # A pytree input failed with an AttributeError deep in the loop.
+    with pytest.raises(ValueError, match="^kept_loop: x must be one array .*got dict"):
+        kept_loop(_toy_block, params, stats, {"x": x}, probs, jnp.ones(5, bool))
 
 
 def _model(**kw):
