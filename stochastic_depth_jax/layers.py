@@ -407,6 +407,27 @@ def _tag(y: Array, merge: int = 0) -> Array:
     return kept.reshape(y.shape)
 
 
+class Dropout(nn.Module):
+    """``nn.Dropout`` (the same rng, mask and scaling) drawing its mask from float32 uniforms
+    whatever ``jax_enable_x64`` says: flax's draws from its Python-float keep probability,
+    float64 uniforms under x64, another mask from the same key. Its class name is flax's,
+    so its automatic name (``Dropout_0``), and with it the rng it folds in, are too."""
+
+    rate: float
+    deterministic: bool = False
+    rng_collection: str = "dropout"
+
+    def __call__(self, inputs: Array) -> Array:
+        if self.rate == 0.0 or self.deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep_prob = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng(self.rng_collection),
+                                    jnp.asarray(keep_prob, jnp.float32), inputs.shape)
+        return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 class _Branch(nn.Module):
     """Shared fields of the residual branches (not public).
 
@@ -457,7 +478,7 @@ class _Branch(nn.Module):
     def _dropout(self, y: Array, train: bool) -> Array:
         if not self.dropout_rate:
             return y
-        return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        return Dropout(self.dropout_rate, deterministic=not train)(y)
 
     def _last_norm(self, name: str) -> nn.Module:
         # Otherwise the norm's own scale_init (a model may give its norm another one).

@@ -80,6 +80,40 @@ def test_gates_from_a_key_are_the_same_with_x64():
     _assert_same(*_both(layer))
 
 
+def test_dropout_masks_are_the_same_with_x64():
+    """A Wide ResNet's dropout (``model.dropout_rate``) drew its masks with flax's Dropout,
+    which compares float64 uniforms with its Python-float keep probability under x64: other
+    masks from the same key, so the run was not the run without x64. Without x64 the masks
+    are still flax's, bit for bit."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    keys = jax.random.split(jax.random.key(2), 8)
+
+    def block(dropout=None):
+        if dropout is not None:  # as the code before: flax's Dropout, named as ours is
+            return [dropout(rate, deterministic=False)(x) for rate in (0.1, 0.3, 0.7)]
+        blk = sdj.layers.ResidualBlock(features=4, branch_cls=sdj.layers.BasicBranch,
+                                       dropout_rate=0.3)
+        variables = blk.init(jax.random.key(1), x, train=False)
+        return [blk.apply(variables, x, train=True, rngs={"dropout": k},
+                          mutable=["batch_stats"])[0] for k in keys]
+
+    a, b = _both(block)
+    _assert_same(a, b)
+    assert not np.array_equal(a[0], a[1])  # the keys draw different masks
+
+    class Both(nn.Module):  # one module path and rng for flax's Dropout and ours
+        dropout: type
+
+        @nn.compact
+        def __call__(self):
+            return block(self.dropout)
+
+    with jax.enable_x64(False):
+        for k in keys[:2]:
+            _assert_same(Both(nn.Dropout).apply({}, rngs={"dropout": k}),
+                         Both(sdj.layers.Dropout).apply({}, rngs={"dropout": k}))
+
+
 @pytest.mark.parametrize("schedule, extra", [
     ("step", dict(lr_boundaries_epochs=(2, 3), warmup_epochs=1)),
     ("warmup_cosine", dict(warmup_epochs=1)),
