@@ -931,6 +931,12 @@ _SAVE_FAILED = errors.run_again(
         OSError(errno.EROFS, "Read-only file system"), "/d")),
      "Cannot write /d (Read-only file system): the filesystem is read-only; remount it "
      "writable to resume the run there, or give the sweep another --root."),
+    # TensorStore's error (a checkpoint's array write) carries the OS error in its text: it
+    # went out unnamed, as it was raised.
+    (ValueError("UNKNOWN: Error writing local file \"/d/checkpoints/4/x\": [OS error: No space "
+                "left on device] [os_error_code='28']"),
+     "Cannot write a file (No space left on device): free some space or give the sweep "
+     "another --root."),
     (errors.WorkdirError(_SAVE_FAILED[0], command_line=_SAVE_FAILED[1]),
      "Cannot write /d/checkpoints (No space left on device): free some space or give the "
      "sweep another --root. The checkpoints saved before are kept: run the same command "

@@ -417,7 +417,8 @@ def _train_run(train: Callable[[ml_collections.ConfigDict, str], Any], name: str
             "another --root.")) from None
     except errors.Error as e:
         raise _named(name, e)
-    except OSError as e:  # a full or read-only disk: as the command line says it, named
+    except Exception as e:  # a full or read-only disk (an OSError, or TensorStore's error
+        # carrying one): as the command line says it, named
         os_error = workdir_lib.anticipated_os_error(e)
         if os_error is None:
             raise
