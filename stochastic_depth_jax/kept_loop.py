@@ -74,6 +74,8 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
             raise ValueError(f"kept_loop: every leaf of params, stats and probs must be "
                              f"stacked on axis 0 with {n} slots (one per gate); got "
                              f"shape {tuple(jnp.shape(leaf))}.")
+    if isinstance(x, (bool, int, float, complex)):  # a Python number is one array too
+        x = jnp.asarray(x)
     if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
         raise ValueError(f"kept_loop: x must be one array (the blocks' input and output); got "
                          f"{type(x).__name__}: pass a pytree's arrays concatenated, or use "
@@ -201,13 +203,23 @@ def _backward(block: _Block, saved, cotangents):
             dprobs = dprobs.at[order[i]].add(dq.astype(dprobs.dtype))
         else:
             dp, dx = vjp(dx)
-        dparams = jax.tree_util.tree_map(lambda a, v: a.at[order[i]].add(v), dparams, dp)
+        dparams = jax.tree_util.tree_map(_accumulate(order[i]), dparams, dp)
         return dx, dparams, dprobs
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     dprobs = jnp.zeros_like(probs) if block.prob_grad else None  # None: no carry
     dx, dparams, dprobs = lax.fori_loop(0, count, body, (dy, zeros, dprobs))
+    # An integer or bool leaf (a block's index, say) has no gradient: float0, as JAX's own.
+    dparams = jax.tree_util.tree_map(
+        lambda a, d: d if jnp.issubdtype(a.dtype, jnp.inexact)
+        else np.zeros(a.shape, jax.dtypes.float0), params, dparams)
     return dparams, None, dx, dprobs, None, None
+
+
+def _accumulate(j: Array) -> Callable[[Array, Array], Array]:
+    """Adds a block's parameter gradient into slot ``j``; a float0 one (an integer or bool
+    leaf's) is no gradient, and adding it fails."""
+    return lambda a, v: a if v.dtype == jax.dtypes.float0 else a.at[j].add(v)
 
 
 def _loop_primal(block, params, stats, x, probs, order, count):

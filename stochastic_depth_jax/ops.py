@@ -420,7 +420,8 @@ def _check_subset_rows(indices: Any, n: int) -> None:
     results. Traced ones (under ``jit``) cannot be checked."""
     if not is_concrete(indices):
         return
-    rows = np.asarray(indices)
+    # Signed and wide: for unsigned indices, 1 - 3 would wrap to a large positive difference.
+    rows = np.asarray(indices).astype(np.int64)
     if rows.size and not (np.all(np.diff(rows, axis=-1) > 0) and rows.min() >= 0
                           and rows.max() < n):
         raise ValueError(

@@ -67,15 +67,19 @@ def test_branch_runs_only_on_the_subset():
     assert shapes == [(4, 3, D)]
 
 
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint32])
 @pytest.mark.parametrize("rows", [[[3, 1]], [[1, 1]], [[0, 16]], [[-1, 2]]])
-def test_concrete_subset_indices_out_of_contract_are_refused(rows):
+def test_concrete_subset_indices_out_of_contract_are_refused(rows, dtype):
     """Unsorted, repeated or out-of-range indices (jax.random.choice's, say) passed as a gate:
     the gather and scatter are told the rows are sorted and unique, so the result was
     undefined; concrete ones are refused in one line, draw_subset's pass."""
     x = jnp.ones((16, D))
     with pytest.raises(ValueError, match=r"^Subset indices must be sorted within each row, "
                        r"without repeats, and in \[0, 16\) .*ops.draw_subset"):
-        ops.subset_branch(branch, x, jnp.asarray(rows, jnp.int32))
+        ops.subset_branch(branch, x, jnp.asarray(np.asarray(rows).astype(dtype)))
+    # Unsigned indices in reverse passed: their differences wrapped around to positive.
+    with pytest.raises(ValueError, match=r"^Subset indices must be sorted"):
+        ops.gated_branch(branch, x, np.asarray(rows).astype(dtype), 0.5, mode="sample")
     good = ops.draw_subset(jax.random.key(0), 16, 0.5)
     np.testing.assert_allclose(ops.subset_branch(branch, x, good)[np.asarray(good)[0]],
                                branch(x[np.asarray(good)[0]]), rtol=1e-6)

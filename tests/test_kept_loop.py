@@ -107,6 +107,9 @@ def test_kept_loop_refuses_what_it_cannot_loop_over():
     # A pytree input failed with an AttributeError deep in the loop.
     with pytest.raises(ValueError, match="^kept_loop: x must be one array .*got dict"):
         kept_loop(_toy_block, params, stats, {"x": x}, probs, jnp.ones(5, bool))
+    # A Python number is one array (it ran before the pytree check refused it).
+    y, _ = kept_loop(lambda p, s, v, q: (v * q, s), params, stats, 2.0, probs, jnp.ones(5, bool))
+    np.testing.assert_allclose(y, 2.0 * np.prod(np.asarray(probs)), rtol=1e-6)
 
 
 def _model(**kw):
@@ -277,3 +280,30 @@ def test_kept_loop_gradients_of_probabilities_and_statistics_under_explicit_mesh
         probs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(zeros))
+
+
+def test_kept_loop_differentiates_params_with_integer_leaves():
+    """An integer leaf among the parameters (each block's index, say) has no gradient: the
+    loop's VJP added its float0 cotangent into the slot buffers and failed with a dtype
+    error; now the float leaves' gradients match the blocks run one by one, jit or not."""
+    params, stats, x, probs = _toy()
+    params = {**params, "index": jnp.arange(5)}
+    gates = np.array([1, 0, 1, 1, 0], bool)
+
+    def block(p, s, v, prob):
+        return _toy_block({"w": p["w"], "b": p["b"] + 0.1 * p["index"]}, s, v, prob)
+
+    def reference(p, v):
+        for j in np.flatnonzero(gates):
+            v, _ = block(jax.tree_util.tree_map(lambda a: a[j], p), {"mean": 0.0}, v, probs[j])
+        return jnp.sum(jnp.sin(v))
+
+    looped = lambda p, v: jnp.sum(jnp.sin(
+        kept_loop(block, p, stats, v, probs, jnp.asarray(gates))[0]))
+    want = jax.grad(reference, argnums=(0, 1), allow_int=True)(params, x)
+    for run in (jax.grad(looped, argnums=(0, 1), allow_int=True),
+                jax.jit(jax.grad(looped, argnums=(0, 1), allow_int=True))):
+        got = run(params, x)
+        assert got[0]["index"].dtype == jax.dtypes.float0
+        for a, b in [(got[0]["w"], want[0]["w"]), (got[0]["b"], want[0]["b"]), (got[1], want[1])]:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
