@@ -464,6 +464,11 @@ def subset_branch(branch: Callable[[Array], Array], x: Array, indices: Array,
         out = subset_branch(lambda v: front(branch(back(v))), front(x), indices, factor,
                             None if shortcut is None else front(shortcut))
         return back(out)
+    if isinstance(indices, (list, tuple)):
+        indices = np.asarray(indices)
+    if np.ndim(indices) != 2:
+        raise ValueError(f"Subset indices must be int [groups, k] (ops.draw_subset's); got "
+                         f"shape {tuple(np.shape(indices))}: for one group pass indices[None].")
     groups, k = indices.shape
     n = _check_groups(batch, groups)
     if k > n:

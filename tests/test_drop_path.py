@@ -85,6 +85,18 @@ def test_concrete_subset_indices_out_of_contract_are_refused(rows, dtype):
                                branch(x[np.asarray(good)[0]]), rtol=1e-6)
 
 
+def test_subset_indices_as_a_list_work_and_a_flat_row_is_refused():
+    """A Python list failed with "'list' object has no attribute 'shape'", and a flat row
+    of indices with an unpacking error."""
+    x = jnp.ones((16, D))
+    good = ops.draw_subset(jax.random.key(0), 16, 0.5)
+    np.testing.assert_array_equal(ops.subset_branch(branch, x, np.asarray(good).tolist()),
+                                  ops.subset_branch(branch, x, good))
+    with pytest.raises(ValueError, match=r"^Subset indices must be int \[groups, k\] .*got "
+                       r"shape \(8,\): for one group pass indices\[None\]\.$"):
+        ops.subset_branch(branch, x, good[0])
+
+
 def test_inclusion_frequency_within_five_sigma_of_survival():
     """Over N keys each example is kept with probability k / n (within 1 / (2n) of p)."""
     n, p, num_keys = 16, 0.7, 4000
