@@ -183,6 +183,16 @@ def test_a_run_is_not_trained_into_a_sweep_s_root(capsys, tmp_path):
                     "files with theirs, and the sweep could not be continued; give this run a "
                     f"directory of its own (e.g. {tmp_path / '<name>'}).")
     assert os.listdir(tmp_path) == ["depth8_pL0.5"]
+    # A run's own workdir whose damaged run.json was moved aside into a subdirectory (as
+    # the damaged-run.json error suggests) is a run, not a sweep's root: not refused here.
+    run = tmp_path / "depth8_pL0.5"
+    os.makedirs(run / "aside")
+    os.makedirs(run / "checkpoints")
+    os.rename(run / "run.json", run / "aside" / "run.json")
+    loop._refuse_a_sweep_root(str(run))
+    os.rename(run / "aside" / "run.json", run / "run.json")
+    os.rmdir(run / "aside")
+    os.rmdir(run / "checkpoints")
     # A root where that happened before: the sweep says what is in the way.
     (tmp_path / "run.json").write_text("{}")
     line = one_line_error(capsys, sweep_cli.main, _sweep_argv(tmp_path))

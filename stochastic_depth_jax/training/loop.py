@@ -829,8 +829,10 @@ def _refuse_a_sweep_root(workdir: str) -> None:
     """Refuses to start a run in a directory that holds runs in its subdirectories (a
     sweep's root, ``train.py --workdir runs/pL`` meant to add one run to it): the run's
     files went in among the sweep's runs, and ``sweep.py`` then refused that root as one
-    run's workdir. A run already there (its ``run.json``) resumes as before."""
-    if os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
+    run's workdir. A run already there (its ``run.json``, or its checkpoints: a damaged
+    ``run.json`` moved aside into a subdirectory) resumes as before."""
+    if any(os.path.exists(os.path.join(workdir, name))
+           for name in (evaluate_lib.RUN_FILE, "checkpoints")):
         return
     runs = evaluate_lib.runs_inside(workdir)
     if runs:
