@@ -496,3 +496,27 @@ def test_fig_7_of_runs_with_no_finite_gradient_is_drawn(tmp_path, epochs):
             for p, bad in ((0.5, "nan"), (1.0, "inf"))]
     png, _ = figures.plot_first_conv_grad(runs, str(tmp_path / "fig7.png"))
     assert os.path.getsize(png) and figures.read_sources(png) == [str(tmp_path)] * 2
+
+
+def test_fig_7_legend_counts_its_nan_markers(tmp_path, monkeypatch):
+    """Three runs with a NaN epoch each: six legend entries (each line and its NaN marker),
+    which the legend placement counted as three and put inside the axes, over the lines."""
+    import matplotlib.figure
+
+    from stochastic_depth_jax.training import figures
+
+    sizes = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (
+        sizes.append((tuple(fig.get_size_inches()), fig.axes[0].get_legend())),
+        savefig(fig, *a, **k))[1])
+    runs = [{"name": f"depth14_pL{p}", "depth": 14, "p_last": p, "workdir": str(tmp_path),
+             "records": [{"epoch": 1, "grad_first_conv_mean_abs": 0.02},
+                         {"epoch": 2, "grad_first_conv_mean_abs": "nan"},
+                         {"epoch": 3, "grad_first_conv_mean_abs": 0.01}]}
+            for p in (0.5, 0.75, 1.0)]
+    figures.plot_first_conv_grad(runs[:2], str(tmp_path / "two.png"))
+    figures.plot_first_conv_grad(runs, str(tmp_path / "three.png"))
+    (two, legend_two), (three, legend_three) = sizes
+    assert len(legend_two.get_texts()) == 4 and len(legend_three.get_texts()) == 6
+    assert three[0] == two[0] + 3  # widened for the legend beside the axes

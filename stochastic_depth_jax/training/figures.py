@@ -166,10 +166,10 @@ def _title(ax: Any, title: str, subtitle: str, note: str = "") -> None:
                  fontsize=9)
 
 
-def _legend(fig: Any, ax: Any, entries: int) -> None:
-    """The legend inside the axes for a few lines; beside them (the figure widened) for
-    more, where it would hide the lines."""
-    if entries <= _LEGEND_INSIDE:
+def _legend(fig: Any, ax: Any) -> None:
+    """The legend inside the axes for a few entries (the labelled lines, NaN markers
+    included); beside them (the figure widened) for more, where it would hide the lines."""
+    if len(ax.get_legend_handles_labels()[1]) <= _LEGEND_INSIDE:
         ax.legend(fontsize=8)
         return
     width, height = fig.get_size_inches()
@@ -221,7 +221,7 @@ def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
     ax.grid(alpha=0.3)
     _title(ax, "Error vs $p_L$ per depth (cf. Huang et al. 2016, Fig. 8)", subtitle, note)
     if data:  # No finished run yet: an empty legend only warns.
-        _legend(fig, ax, len(data))
+        _legend(fig, ax)
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        f"{metric} vs p_L per depth (Huang et al. 2016, Fig. 8)", extra)
@@ -306,7 +306,7 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     ax.grid(alpha=0.3, which="both")
     _title(ax, "First-conv gradient magnitude (cf. Huang et al. 2016, Fig. 7)", subtitle)
     if data:  # No run has logged the gradient yet: an empty legend only warns.
-        _legend(fig, ax, len(data))
+        _legend(fig, ax)
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)", extra)
@@ -341,7 +341,7 @@ def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str =
     _title(ax, "Test error and training loss per epoch (cf. Huang et al. 2016, Fig. 3)",
            subtitle)
     if data:  # No run has an epoch yet: an empty legend only warns.
-        _legend(fig, ax, len(data))
+        _legend(fig, ax)
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        "test error and training loss per epoch (Huang et al. 2016, Fig. 3)",
