@@ -728,6 +728,15 @@ def run_command(module, argv, capsys):
      "recorded.md: --no-write prints the table only, so nothing would be written there. "
      "Drop one of the two flags."),
     ("bench_drop_path", ["--rates", "x"], "--rates 'x': give comma-separated numbers."),
+    # The model checked the images only as it ran: a traceback after the flags were taken.
+    ("bench_drop_path", ["--image", "30"], "--image 30 --patch 4: 30x30 images do not tile "
+                                           "into 4x4 patches"),
+    ("bench_drop_path", ["--model", "convnext", "--image", "36"],
+     "--image 36 --patch 2: 36x36 images do not divide into this ConvNeXt's stages"),
+    # argparse's error: a usage block, then the line, exit status 2.
+    ("bench_drop_path", ["--model", "convnext", "--unfused"], "--unfused and --depth are ViT "
+                                                              "options"),
+    ("bench_drop_path", ["--depths", "1,1,3,1"], "--depths is a ConvNeXt option"),
     ("compact_buckets", ["--depth", "100"], "nearest: 98 or 104."),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
     ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
