@@ -750,6 +750,9 @@ def run_command(module, argv, capsys):
     # The bare-step mode wrote its images, then the trainer refused the config.
     ("bench_train", ["--implementation", "loop", "--depth", "20"],
      "refused at these flags (this script sets no model.scan"),
+    # ... a note that every other refusal carried too, unrelated to it.
+    ("bench_train", ["--p", "1.5"], "error: refused at these flags. Invalid config: "
+                                    "model.final_survival_prob=1.5 must be in (0, 1]"),
 ])
 def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
                                                    monkeypatch):
