@@ -738,6 +738,9 @@ def run_command(module, argv, capsys):
                                                               "options"),
     ("bench_drop_path", ["--depths", "1,1,3,1"], "--depths is a ConvNeXt option"),
     ("compact_buckets", ["--depth", "100"], "nearest: 98 or 104."),
+    # Unscanned stages: a table of stage-first blocks only (0.33 computed), negative padding.
+    ("compact_buckets", ["--depth", "20"], "--depth 20: its stages (3 blocks) are not scanned"),
+    ("compact_buckets", ["--final-survival", "1"], "--final-survival 1.0: p_L in (0, 1) (at 1,"),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
     ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
     # implementation='loop' where no stage is scanned: the model refuses it (a traceback;
