@@ -1541,6 +1541,17 @@ def bench_torch_without_torch(monkeypatch):
     return types.SimpleNamespace(**runpy.run_path(os.path.join(BENCHMARKS, "bench_torch.py")))
 
 
+def test_bench_torch_times_no_round_that_compiles(tmp_path, monkeypatch):
+    """``--warmup 0``: round 0, which runs every block (all gates on) so that torch.compile
+    compiles each branch, was timed: compilation in a step's median, and a table saying
+    "(compilation in warm-up)" of no warm-up."""
+    bench_torch = bench_torch_without_torch(monkeypatch)
+    with pytest.raises(load("bench_cli").FlagError,
+                       match=r"--warmup 0: at least 1 \(the first round runs every block"):
+        bench_torch.parse_args(["--warmup", "0", "--out", ""])
+    assert bench_torch.parse_args(["--warmup", "1", "--out", ""]).warmup == 1
+
+
 def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatch):
     """`bench_torch.py --whole-epochs --json FILE` ran for minutes and wrote no FILE, saying
     nothing of it: its --json medians are the train steps' (compare_torch.py's)."""
