@@ -742,6 +742,7 @@ def run_command(module, argv, capsys):
     ("compact_buckets", ["--depth", "20"], "--depth 20: its stages (3 blocks) are not scanned"),
     ("compact_buckets", ["--final-survival", "1"], "--final-survival 1.0: p_L in (0, 1) (at 1,"),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
+    ("profile_step", ["--trace-dir", "{recorded}"], "recorded.md: a file, not a directory"),
     ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
     # implementation='loop' where no stage is scanned: the model refuses it (a traceback;
     # bench_train.py's after training the variants before it, whose table was lost).
