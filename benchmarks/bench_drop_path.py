@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stochastic_depth_jax import ConvNeXt, ViT
+from stochastic_depth_jax import ConvNeXt, ViT, convnext, vit
 from provenance import machine_line, run_label, size_changes
 
 DEFAULTS = {  # (model, backend) -> model and batch of the standard run
@@ -184,10 +184,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.label = run_label("bench_drop_path.py", argv, size_changes(ap, args, SIZES))
     args.backend = backend
     if args.model == "convnext" and (args.unfused or args.depth is not None):
-        ap.error("--unfused and --depth are ViT options (the ConvNeXt always adds its kept "
-                 "outputs into x in one scatter-add; give its depths with --depths 1,1,3,1)")
+        raise bench_cli.bad_flag("--unfused and --depth are ViT options (the ConvNeXt always "
+                                 "adds its kept outputs into x in one scatter-add; give its "
+                                 "depths with --depths 1,1,3,1)")
     if args.model == "vit" and args.depths is not None:
-        ap.error("--depths is a ConvNeXt option; give the ViT's block count with --depth")
+        raise bench_cli.bad_flag("--depths is a ConvNeXt option; give the ViT's block count "
+                                 "with --depth")
     args.depths = tuple(bench_cli.numbers(args.depths, "--depths", int)) if args.depths else None
     _check(args)
     return args
@@ -201,10 +203,21 @@ def _check(args) -> None:
     for rate in [*args.rates, args.linear]:
         if not 0 <= rate < 1:
             raise bench_cli.bad_flag(f"--rates/--linear {rate:g}: a drop rate in [0, 1).")
-    try:
-        make_model(args).dims() if args.model == "vit" else make_model(args).stages()
-    except (ValueError, KeyError) as e:  # the model's own check of size, depth, ...
+    try:  # the model's own check of size, depth, ...
+        model = make_model(args)
+        if args.model == "vit":
+            model.dims()
+        stages = 1 if args.model == "vit" else len(model.stages()[0])
+    except (ValueError, KeyError) as e:
         raise bench_cli.bad_flag(f"--model {args.model} --size {args.size}: {e}") from None
+    image = (1, args.image, args.image, 3)
+    try:  # the model checks the images only as it runs: a traceback, after the compiles
+        if args.model == "vit":
+            vit.check_patches(image, args.patch)
+        else:
+            convnext.check_image(image, args.patch, stages)
+    except ValueError as e:
+        raise bench_cli.bad_flag(f"--image {args.image} --patch {args.patch}: {e}") from None
     args.out = bench_cli.results_path(args.out, f"drop_path_{args.backend}.md")
 
 

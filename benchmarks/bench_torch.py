@@ -451,6 +451,10 @@ def parse_args(argv) -> argparse.Namespace:
     args.rounds = default_rounds if args.rounds is None else args.rounds
     bench_cli.at_least(args, 1, "batch", "rounds", "epochs", "test_images")
     bench_cli.at_least(args, 0, "warmup", "threads")
+    if args.warmup < 1 and not args.whole_epochs:  # round 0 was timed: compiles, all blocks
+        raise bench_cli.bad_flag(f"--warmup {args.warmup}: at least 1 (the first round runs "
+                                 f"every block once, compiling torch.compile's variants, "
+                                 f"and must not be timed).")
     bench_cli.cifar_depth(args.depth)
     if args.whole_epochs and args.json:  # was accepted, and no file written
         raise bench_cli.bad_flag(f"--json {args.json} with --whole-epochs: the --json medians "

@@ -418,9 +418,10 @@ def _check_configs(args) -> None:
     for what, build in checks:
         try:
             build()
-        except errors.ConfigError as e:
-            raise bench_cli.bad_flag(f"{what} (this script sets no model.scan: --depth 56 and "
-                                     f"more scan every stage). {e}") from None
+        except errors.ConfigError as e:  # the note only where the config's scan is why
+            note = (" (this script sets no model.scan: --depth 56 and more scan every stage)"
+                    if "model.scan" in str(e) else "")
+            raise bench_cli.bad_flag(f"{what}{note}. {e}") from None
 
 
 def _variants(args, workdir, folder, results, signals) -> _EpochRun:

@@ -64,8 +64,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         setattr(args, name, values)
     bench_cli.at_least(args, 1, "epochs", "steps_per_epoch")
     bench_cli.cifar_depth(args.depth)
-    if not 0 < args.final_survival <= 1:
-        raise bench_cli.bad_flag(f"--final-survival {args.final_survival}: p_L in (0, 1].")
+    if not 0 < args.final_survival < 1:  # 1: constant depth, no gates drawn (a traceback)
+        raise bench_cli.bad_flag(f"--final-survival {args.final_survival}: p_L in (0, 1) "
+                                 f"(at 1, constant depth, no block is dropped: nothing to "
+                                 f"bucket).")
+    model = CifarResNet(depth=args.depth)
+    if not any(model.compact_buckets(np.ones(model.num_blocks(), bool))):
+        # Every block of an unscanned stage runs, masked: the rows counted its stage-first
+        # blocks only (a third of ResNet-20's) and a negative padding.
+        raise bench_cli.bad_flag(
+            f"--depth {args.depth}: its stages ({model.stage_sizes_()[0]} blocks) are not "
+            f"scanned, so compact mode has no scan lengths to choose (every block runs, "
+            f"masked); give --depth 56 or more (stages of 9 blocks or more are scanned).")
     args.out = bench_cli.results_path(args.out, "compact_buckets.md")
     return args
 

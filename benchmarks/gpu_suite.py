@@ -586,7 +586,7 @@ def _plan_text(args, torch_why: str | None, spent: float) -> str:
 
 # Modules that a part's script imports only once it runs, not at its own import: the
 # trainer writes TensorBoard files through tensorboardX and reads images through Pillow;
-# stage_costs.py draws its --plot with matplotlib, after its rounds and before its table.
+# stage_costs.py draws its --plot with matplotlib, after its rounds and its table.
 RUN_TIME_MODULES = {"bench_train.py": ("tensorboardX", "PIL"), "stage_costs.py": ("matplotlib",)}
 PIP_NAMES = {"PIL": "pillow"}  # where a module's package has another name
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections",

@@ -464,6 +464,10 @@ def parse_args(argv) -> argparse.Namespace:
     if not args.drop_path:
         bench_cli.cifar_depth(args.depth)
         args.batch = args.batch or 128
+    if args.trace_dir and os.path.exists(args.trace_dir) and not os.path.isdir(args.trace_dir):
+        # The profiler refused it after the first variant compiled: a traceback.
+        raise bench_cli.bad_flag(f"--trace-dir {args.trace_dir}: a file, not a directory; give "
+                                 f"a directory (made if missing).")
     args.out = bench_cli.results_path(args.out, f"profile_{jax.default_backend()}.md")
     return args
 

@@ -237,6 +237,7 @@ def plot(a: dict, path: str, title: str) -> None:
     bars += [(r["variant"], r["blocks_run"], r["overhead"], r["measured"]) for r in a["rows"]]
     colors = ["#9e9e9e", "#08519c", "#3182bd", "#9ecae1"]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(bars) + 2.4))
+    hatched = False  # the legend's "overhead" goes with the first hatched bar
     for i, (label, blocks, over, measured) in enumerate(reversed(bars)):
         left = 0.0
         parts = [a["fixed"]] + list(np.asarray(blocks) * a["per_block"])
@@ -251,7 +252,8 @@ def plot(a: dict, path: str, title: str) -> None:
         gap = (measured - left) if measured is not None and over else 0.0
         if gap > 0:
             ax.barh(i, gap * 1e3, left=left * 1e3, color="none", edgecolor="#cb181d",
-                    hatch="///", label="overhead" if label == bars[-1][0] else None)
+                    hatch="///", label=None if hatched else "overhead")
+            hatched = True
         if measured is not None:
             ax.plot(measured * 1e3, i, "kD", ms=6,
                     label="measured (median)" if label == bars[0][0] else None)
@@ -294,8 +296,25 @@ def parse_args(argv) -> argparse.Namespace:
     bench_cli.at_least(args, 0, "warmup")
     bench_cli.cifar_depth(args.depth)
     args.out = bench_cli.results_path(args.out, f"stage_costs_{jax.default_backend()}.md")
-    args.plot = bench_cli.fresh_file(args.plot, "--plot")
+    args.plot = bench_cli.fresh_file(drawing_path(args.plot), "--plot")
     return args
+
+
+def drawing_path(path: str) -> str:
+    """``--plot``'s file as matplotlib writes it: a name without an extension gets
+    ``.png``, as matplotlib adds it (the check for an earlier drawing looked at the name
+    given, and the drawing went over the ``.png`` beside it); a format matplotlib cannot
+    write is refused now, not after the rounds (its error there lost their table)."""
+    if not path or not os.path.splitext(path)[1]:
+        return path and path + ".png"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = sorted(FigureCanvasAgg.get_supported_filetypes())
+    ext = os.path.splitext(path)[1]
+    if ext[1:].lower() not in formats:
+        raise bench_cli.bad_flag(f"--plot {path}: matplotlib draws no '{ext}' file; give a "
+                                 f"name ending in .png (or .{', .'.join(formats)}).")
+    return path
 
 
 def main(argv=None) -> None:
@@ -318,11 +337,13 @@ def main(argv=None) -> None:
     timed = [np.asarray(g) for g in all_gates[args.warmup:args.warmup + done]]
     result = analyse(times, model, variants, timed, {r.name: r.times for r in runners})
     text = report(result, args, rounds, float(np.mean(timed)))
-    if args.plot and not bench_cli.interrupted():  # a drawing cannot say it is partial
+    # The table first: a drawing that fails (a full disk) cannot lose the rounds. A run
+    # stopped by a signal is not drawn (a drawing cannot say it is partial).
+    bench_cli.append_table(text, args.out)
+    if args.plot:
         plot(result, args.plot, f"CifarResNet-{args.depth}, batch {args.batch}, {args.dtype}, "
                                 f"{jax.devices()[0].device_kind}")
-        print(f"drew {args.plot}")
-    bench_cli.append_table(text, args.out)
+        print(f"drew {args.plot}", flush=True)
 
 
 if __name__ == "__main__":

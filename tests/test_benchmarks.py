@@ -728,8 +728,21 @@ def run_command(module, argv, capsys):
      "recorded.md: --no-write prints the table only, so nothing would be written there. "
      "Drop one of the two flags."),
     ("bench_drop_path", ["--rates", "x"], "--rates 'x': give comma-separated numbers."),
+    # The model checked the images only as it ran: a traceback after the flags were taken.
+    ("bench_drop_path", ["--image", "30"], "--image 30 --patch 4: 30x30 images do not tile "
+                                           "into 4x4 patches"),
+    ("bench_drop_path", ["--model", "convnext", "--image", "36"],
+     "--image 36 --patch 2: 36x36 images do not divide into this ConvNeXt's stages"),
+    # argparse's error: a usage block, then the line, exit status 2.
+    ("bench_drop_path", ["--model", "convnext", "--unfused"], "--unfused and --depth are ViT "
+                                                              "options"),
+    ("bench_drop_path", ["--depths", "1,1,3,1"], "--depths is a ConvNeXt option"),
     ("compact_buckets", ["--depth", "100"], "nearest: 98 or 104."),
+    # Unscanned stages: a table of stage-first blocks only (0.33 computed), negative padding.
+    ("compact_buckets", ["--depth", "20"], "--depth 20: its stages (3 blocks) are not scanned"),
+    ("compact_buckets", ["--final-survival", "1"], "--final-survival 1.0: p_L in (0, 1) (at 1,"),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
+    ("profile_step", ["--trace-dir", "{recorded}"], "recorded.md: a file, not a directory"),
     ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
     # implementation='loop' where no stage is scanned: the model refuses it (a traceback;
     # bench_train.py's after training the variants before it, whose table was lost).
@@ -741,6 +754,9 @@ def run_command(module, argv, capsys):
     # The bare-step mode wrote its images, then the trainer refused the config.
     ("bench_train", ["--implementation", "loop", "--depth", "20"],
      "refused at these flags (this script sets no model.scan"),
+    # ... a note that every other refusal carried too, unrelated to it.
+    ("bench_train", ["--p", "1.5"], "error: refused at these flags. Invalid config: "
+                                    "model.final_survival_prob=1.5 must be in (0, 1]"),
 ])
 def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
                                                    monkeypatch):
@@ -1524,6 +1540,17 @@ def bench_torch_without_torch(monkeypatch):
         monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(sys, "path", list(sys.path))  # it adds benchmarks/ for its imports
     return types.SimpleNamespace(**runpy.run_path(os.path.join(BENCHMARKS, "bench_torch.py")))
+
+
+def test_bench_torch_times_no_round_that_compiles(tmp_path, monkeypatch):
+    """``--warmup 0``: round 0, which runs every block (all gates on) so that torch.compile
+    compiles each branch, was timed: compilation in a step's median, and a table saying
+    "(compilation in warm-up)" of no warm-up."""
+    bench_torch = bench_torch_without_torch(monkeypatch)
+    with pytest.raises(load("bench_cli").FlagError,
+                       match=r"--warmup 0: at least 1 \(the first round runs every block"):
+        bench_torch.parse_args(["--warmup", "0", "--out", ""])
+    assert bench_torch.parse_args(["--warmup", "1", "--out", ""]).warmup == 1
 
 
 def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatch):

@@ -141,3 +141,51 @@ def test_rejects_constant_and_unknown_variants(script):
     for bad in ("constant", "nonsense"):
         with pytest.raises(load("bench_cli").FlagError, match=f"unknown {bad}; valid: skip,"):
             script.main(["--variants", bad])
+
+
+def test_plot_labels_the_overhead_of_any_hatched_bar(script, tmp_path, monkeypatch):
+    """The legend's "overhead" was tied to the last variant's bar: where that one had none
+    (compact below its prediction), the hatched bar of another had no legend entry."""
+    import matplotlib.figure
+
+    model = sdj.CifarResNet(depth=110)
+    times, gates, rounds = synthetic_times(model, np.array([4e-4, 2e-4, 1e-4]), 3e-3,
+                                           {"skip": 7e-4, "compact": -6e-4})
+    a = script.analyse(times, model, ["skip", "compact"], gates, rounds)
+    drawn, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *args, **kw: (drawn.append(fig), savefig(fig, *args, **kw)))
+    script.plot(a, str(tmp_path / "costs.png"), "synthetic")
+    [fig] = drawn
+    hatched = [p for p in fig.axes[0].patches if p.get_hatch()]
+    assert len(hatched) == 1  # skip's: compact took less than its blocks' prediction
+    assert "overhead" in fig.axes[0].get_legend_handles_labels()[1]
+
+
+def test_plot_is_checked_before_measuring_and_never_drawn_over(script, tmp_path):
+    """``--plot breakdown`` (no extension): matplotlib wrote breakdown.png, over an earlier
+    drawing there, as only 'breakdown' was checked; ``--plot costs.md`` failed with a
+    traceback after the rounds, their table lost."""
+    earlier = tmp_path / "breakdown.png"
+    earlier.write_bytes(b"an earlier drawing")
+    args = script.parse_args(["--plot", str(tmp_path / "breakdown"), "--out", ""])
+    assert args.plot == str(tmp_path / "breakdown-1.png")
+    assert script.parse_args(["--plot", str(earlier), "--out", ""]).plot == args.plot
+    assert earlier.read_bytes() == b"an earlier drawing"
+    with pytest.raises(load("bench_cli").FlagError,
+                       match=r"costs.md: matplotlib draws no '.md' file; give a name ending "
+                             r"in .png \(or .avif"):
+        script.parse_args(["--plot", str(tmp_path / "costs.md"), "--out", ""])
+
+
+def test_a_drawing_that_fails_does_not_lose_the_table(script, tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(script, "plot", full_disk)
+    out = tmp_path / "stage_costs.md"
+    with pytest.raises(OSError):
+        script.main(["--depth", "8", "--batch", "4", "--rounds", "1", "--warmup", "1",
+                     "--variants", "skip", "--out", str(out), "--plot",
+                     str(tmp_path / "costs.png")])
+    assert "Floor under the schedule" in out.read_text()
