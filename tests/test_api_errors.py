@@ -572,3 +572,87 @@ def test_resnet_stage_sizes_that_are_not_block_counts_are_one_clear_error(sizes)
                                          r"counts, one per stage, got .*; ResNet-152 is "
                                          r"stage_sizes=\(3, 8, 36, 3\)"):
         sdj.ResNet(stage_sizes=sizes)
+
+
+_DROP_PATH_MODELS = {  # Linen and NNX, small, 16x16 images
+    "ViT": lambda: sdj.ViT(num_classes=3, **VIT),
+    "ConvNeXt": lambda: sdj.ConvNeXt(num_classes=3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4),
+                                     stem_stride=2, drop_path_rate=0.2),
+}
+
+
+@pytest.mark.parametrize("seed", [3, jnp.array(3), np.uint32(3)])
+def test_a_seed_where_a_gate_key_belongs_is_refused_by_every_drawing_function(seed):
+    # The op refused it, but draw_gates, draw_gate, draw_subset and the models' `key=`
+    # passed it to JAX: "invalid PRNG key data: expected key_data to have ndim, shape, and
+    # dtype attributes" (or "expected key_data.ndim >= 1"), not saying a key was wanted.
+    message = r"^key must be a PRNG key, e\.g\. jax\.random\.fold_in\(jax\.random\.key\(seed\)"
+    probs = sdj.linear_decay(4, 0.5)
+    with pytest.raises(TypeError, match=message):
+        sdj.draw_gates(seed, probs)
+    with pytest.raises(TypeError, match=message):
+        sdj.draw_gate(seed, 0.5)
+    with pytest.raises(TypeError, match=message):
+        sdj.draw_subset(seed, 8, 0.5)
+    images = jnp.zeros((4, 16, 16, 3))
+    for make in _DROP_PATH_MODELS.values():
+        model = make()
+        variables = model.init(jax.random.key(0), images, train=False)
+        with pytest.raises(TypeError, match=message):
+            model.apply(variables, images, train=True, key=seed)
+        model.apply(variables, images, train=True, key=jax.random.key(1))
+    # Typed keys of any implementation and raw threefry keys still work.
+    for key in (jax.random.key(0), jax.random.key(0, impl="rbg"), jax.random.PRNGKey(0)):
+        assert sdj.draw_gates(key, probs).shape == (4,)
+        assert sdj.draw_gate(key, 0.5, mode="sample", batch_size=8).shape == (1, 4)
+
+
+@pytest.mark.parametrize("p", [1.5, 0.0])
+@pytest.mark.parametrize("mode, implementation", [("batch", "skip"), ("sample", "mask")])
+def test_draw_gate_checks_its_rate_as_the_op_does(p, mode, implementation):
+    # draw_gate drew a gate that is always open (p = 1.5) or always closed (p = 0.0, the
+    # first block's drop rate of drop_path_rates passed as p) without a word; the op, its
+    # subsets and draw_gates refuse them.
+    with pytest.raises(ValueError, match=r"survival_prob must be in \(0, 1\]"):
+        sdj.draw_gate(jax.random.key(0), p, mode=mode, implementation=implementation,
+                      batch_size=8)
+
+
+@pytest.mark.parametrize("name", sorted(_DROP_PATH_MODELS) + ["NNX ViT", "NNX ConvNeXt"])
+def test_vit_and_convnext_name_channels_first_images(name):
+    # A PyTorch batch [N, 3, 16, 16] was told "3x16 images do not tile into 4x4 patches ...
+    # resize or crop the images" (ConvNeXt: "do not divide into this ConvNeXt's stages"):
+    # the wrong fix. The ResNets name the layout; so do these now, in both APIs.
+    nchw, nhwc = jnp.zeros((4, 3, 16, 16)), jnp.zeros((4, 16, 16, 3))
+    model = name.split()[-1]
+    message = re.escape(f"{model} takes images [batch, height, width, channels], got shape "
+                        f"(4, 3, 16, 16), which is channels-first (NCHW); pass "
+                        f"x.transpose(0, 2, 3, 1).")
+    if name.startswith("NNX"):
+        rngs = nnx.Rngs(params=0, stochastic_depth=1)
+        module = (nnx_layers.ViT(3, image_size=16, rngs=rngs, **VIT) if model == "ViT" else
+                  nnx_layers.ConvNeXt(3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4),
+                                      stem_stride=2, rngs=rngs))
+        with pytest.raises(ValueError, match=message):
+            module(nchw)
+        assert module(nhwc).shape == (4, 3)
+        return
+    with pytest.raises(ValueError, match=message):
+        _DROP_PATH_MODELS[name]().init(jax.random.key(0), nchw, train=False)
+    with pytest.raises(ValueError, match=re.escape("got shape (16, 16, 3); for one image pass "
+                                                   "x[None].")):
+        _DROP_PATH_MODELS[name]().init(jax.random.key(0), nhwc[0], train=False)
+    _DROP_PATH_MODELS[name]().init(jax.random.key(0), nhwc, train=False)
+
+
+@pytest.mark.parametrize("field", ["width", "depth", "num_heads"])
+def test_a_zero_vit_dimension_is_refused_not_replaced_by_the_size(field):
+    # `width or 192`: ViT(size='ti', depth=0) built ti's 12 blocks without a word.
+    dims = dict(size="ti", patch_size=4, width=32, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match=f"^{field} must be an integer >= 1 \\(None: the "
+                                         f"size's\\), got 0\\."):
+        sdj.ViT(num_classes=3, **{**dims, field: 0}).init(
+            jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+    with pytest.raises(ValueError, match=f"^{field} must be an integer >= 1"):
+        nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **{**dims, field: 0})
+    assert vit.vit_dims("ti", depth=None) == (192, 12, 3)
