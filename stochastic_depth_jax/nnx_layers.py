@@ -467,12 +467,18 @@ class ViT(nnx.Module):
         deterministic = self.deterministic if deterministic is None else deterministic
         key = _forward_key(self, deterministic, rngs)
         linen_vit.check_patches(x.shape, self.patch_size)
+        _check_channels("ViT", x.shape, self.stem_conv)
         image_shape = x.shape
         x = self.stem_conv(x)
         b, width = x.shape[0], x.shape[-1]
         x = x.reshape(b, -1, width)
+        # The NNX ViT sizes its position embedding at construction (image_size=224 unless
+        # told): name that argument, not only "a new model".
+        h, w = image_shape[1:3]
+        rebuild = (f"build it with image_size={h}" if h == w else
+                   "crop or resize them to a square and build it with that image_size")
         linen_vit.check_tokens(self.pos_embed[...].shape[1], x.shape[1] + (self.pool == "token"),
-                               image_shape, self.patch_size)
+                               image_shape, self.patch_size, rebuild)
         if self.pool == "token":
             cls = jnp.broadcast_to(self.cls[...], (b, 1, width)).astype(x.dtype)
             x = jnp.concatenate([cls, x], axis=1)
@@ -494,6 +500,17 @@ class ViT(nnx.Module):
         """
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def _check_channels(model: str, image_shape: tuple[int, ...], stem: nnx.Conv) -> None:
+    """ValueError unless the images have the channels the stem was built for (``in_channels``,
+    3 unless told): grayscale images reached JAX's "lhs feature dimension size divided by
+    feature_group_count must equal the rhs input feature dimension size"."""
+    if image_shape[-1] != stem.in_features:
+        raise ValueError(
+            f"This {model} was built for {stem.in_features}-channel images "
+            f"(in_channels={stem.in_features}), got images of shape {tuple(image_shape)} with "
+            f"{image_shape[-1]}: build it with in_channels={image_shape[-1]}.")
 
 
 def _forward_key(model: Any, deterministic: bool, rngs: RngsLike) -> Array | None:
@@ -683,6 +700,7 @@ class ConvNeXt(nnx.Module):
         """Classifies ``x`` ``[batch, H, W, C]``; ``rngs`` (key, stream, Rngs) overrides."""
         deterministic = self.deterministic if deterministic is None else deterministic
         linen_convnext.check_image(x.shape, self.stem_stride, self.stages)
+        _check_channels("ConvNeXt", x.shape, self.stem_conv)
         key = _forward_key(self, deterministic, rngs)
         x = self.stem_norm(self.stem_conv(x))
         for j, (block, p) in enumerate(zip(self.blocks, self.probs)):

@@ -136,13 +136,15 @@ def check_patches(image_shape: tuple[int, ...], patch_size: int) -> None:
         f"dropped); use a patch size that divides both sides, or resize or crop the images.")
 
 
-def check_tokens(expected: int, got: int, image_shape: tuple[int, ...], patch_size: int) -> None:
-    """ValueError when the images give another token count than the position embedding has."""
+def check_tokens(expected: int, got: int, image_shape: tuple[int, ...], patch_size: int,
+                 rebuild: str = "build a new model for this size") -> None:
+    """ValueError when the images give another token count than the position embedding has;
+    ``rebuild`` names how to make a model for these images."""
     if expected != got:
         raise ValueError(
             f"{image_shape[1]}x{image_shape[2]} images with patch {patch_size} give {got} tokens, "
             f"but this model's position embedding has {expected}: use the image size the model "
-            f"was built for, or build a new model for this size.")
+            f"was built for, or {rebuild}.")
 
 
 def vit_dims(size: str, width: int | None = None, depth: int | None = None,

@@ -656,3 +656,33 @@ def test_a_zero_vit_dimension_is_refused_not_replaced_by_the_size(field):
     with pytest.raises(ValueError, match=f"^{field} must be an integer >= 1"):
         nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **{**dims, field: 0})
     assert vit.vit_dims("ti", depth=None) == (192, 12, 3)
+
+
+@pytest.mark.parametrize("name", ["ViT", "ConvNeXt"])
+def test_nnx_models_name_in_channels_for_images_of_other_channels(name):
+    # Grayscale images into a model built for 3 channels (in_channels's default) failed in
+    # JAX's convolution: "lhs feature dimension size divided by feature_group_count must
+    # equal the rhs input feature dimension size, but 1 // 1 != 3".
+    def make(**kw):
+        rngs = nnx.Rngs(params=0, stochastic_depth=1)
+        if name == "ViT":
+            return nnx_layers.ViT(3, image_size=16, rngs=rngs, **VIT, **kw)
+        return nnx_layers.ConvNeXt(3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), stem_stride=2,
+                                   rngs=rngs, **kw)
+    gray = jnp.zeros((4, 16, 16, 1))
+    with pytest.raises(ValueError, match=re.escape(
+            f"This {name} was built for 3-channel images (in_channels=3), got images of shape "
+            f"(4, 16, 16, 1) with 1: build it with in_channels=1.")):
+        make()(gray)
+    assert make(in_channels=1)(gray).shape == (4, 3)
+
+
+def test_nnx_vit_names_image_size_for_images_of_another_size():
+    # The NNX ViT sizes its position embedding when built (image_size=224 unless told); CIFAR
+    # images into the default were told only to "build a new model for this size".
+    vit_nnx = nnx_layers.ViT(3, rngs=nnx.Rngs(params=0, stochastic_depth=1), **VIT)
+    with pytest.raises(ValueError, match=r"32x32 images with patch 4 give 65 tokens, but this "
+                                         r"model's position embedding has 3137: use the image "
+                                         r"size the model was built for, or build it with "
+                                         r"image_size=32\."):
+        vit_nnx(jnp.zeros((2, 32, 32, 3)))
