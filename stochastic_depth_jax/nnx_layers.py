@@ -533,7 +533,8 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
 
     Linen's ``blocks_{i}`` is NNX's ``blocks[i]``; every other name is the same. ``params`` is
     ``variables['params']`` (the whole ``variables`` dict is accepted too). Raises ValueError
-    when the two models differ in depth, names or shapes; nothing is copied then.
+    when the two models differ in depth, names or shapes, or when the NNX model has a
+    parameter the Linen one lacks (e.g. layer scale); nothing is copied then.
     """
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
@@ -565,6 +566,15 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
             raise ValueError(f"Parameter {'/'.join(names)}: NNX shape {variable[...].shape}, "
                              f"Linen shape {np.shape(value)}.")
         updates.append((variable, value))
+    # A parameter the Linen model lacks (layer scale built with 0 there, 1e-6 here) kept its
+    # initial value, and the two models differed without a word.
+    loaded = {id(variable) for variable, _ in updates}
+    missing = ["/".join(map(str, path)) for path, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Param) and id(node) not in loaded]
+    if missing:
+        raise ValueError(f"The NNX {type(model).__name__} has parameters the Linen model lacks "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                         f"build it as the Linen one (pool, layer_scale_init, architecture).")
     for variable, value in updates:  # all checked first: a failed load changes nothing
         variable[...] = jnp.asarray(value)
 

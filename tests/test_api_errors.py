@@ -686,3 +686,26 @@ def test_nnx_vit_names_image_size_for_images_of_another_size():
                                          r"size the model was built for, or build it with "
                                          r"image_size=32\."):
         vit_nnx(jnp.zeros((2, 32, 32, 3)))
+
+
+def test_load_linen_params_refuses_an_nnx_model_with_parameters_the_linen_one_lacks():
+    # A Linen ConvNeXt without layer scale (layer_scale_init=0) loaded into the NNX default
+    # (1e-6): every Linen parameter found its place, the NNX gammas kept 1e-6, and the two
+    # models gave different logits without a word.
+    images = jax.random.normal(jax.random.key(5), (2, 16, 16, 3))
+    tiny = dict(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), stem_stride=2)
+    linen = sdj.ConvNeXt(3, layer_scale_init=0.0, **tiny)
+    variables = linen.init(jax.random.key(0), images, train=False)
+    scaled = nnx_layers.ConvNeXt(3, rngs=nnx.Rngs(0), **tiny)
+    before = jax.tree.leaves(nnx.state(scaled, nnx.Param))
+    with pytest.raises(ValueError, match=re.escape(
+            "The NNX ConvNeXt has parameters the Linen model lacks (blocks/0/drop_path/branch/"
+            "gamma, blocks/1/drop_path/branch/gamma, blocks/2/drop_path/branch/gamma, ...): "
+            "build it as the Linen one (pool, layer_scale_init, architecture).")):
+        nnx_layers.load_linen_params(scaled, variables["params"])
+    after = jax.tree.leaves(nnx.state(scaled, nnx.Param))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))  # nothing copied
+    plain = nnx_layers.ConvNeXt(3, layer_scale_init=0.0, rngs=nnx.Rngs(0), **tiny)
+    nnx_layers.load_linen_params(plain, variables["params"])
+    np.testing.assert_allclose(plain(images, deterministic=True),
+                               linen.apply(variables, images, train=False), atol=1e-6)
