@@ -668,20 +668,32 @@ class ResidualBlock(nn.Module):
 
 
 class BasicBlock(ResidualBlock):
-    """The paper's block: ``relu(shortcut(x) + b * (conv-BN-ReLU-conv-BN)(x))``."""
+    """The paper's block: ``relu(shortcut(x) + b * (conv-BN-ReLU-conv-BN)(x))``.
+
+    ``[batch, H, W, C_in]`` -> ``[batch, H / strides, W / strides, features]``; fields and
+    call (``survival_prob``, ``gate``, ``train``, ``stochastic``) as :class:`ResidualBlock`.
+    """
 
     branch_cls: ModuleDef = BasicBranch
 
 
 class PreActBlock(ResidualBlock):
-    """Pre-activation block: ``shortcut(x) + b * (BN-ReLU-conv-BN-ReLU-conv)(x)``."""
+    """Pre-activation block: ``shortcut(x) + b * (BN-ReLU-conv-BN-ReLU-conv)(x)``.
+
+    ``[batch, H, W, C_in]`` -> ``[batch, H / strides, W / strides, features]``; fields and
+    call as :class:`ResidualBlock` (no activation after the addition).
+    """
 
     branch_cls: ModuleDef = PreActBranch
     post_activation: bool = False
 
 
 class BottleneckBlock(ResidualBlock):
-    """Bottleneck block with projection shortcut: ``relu(shortcut(x) + b * f(x))``."""
+    """Bottleneck block with projection shortcut: ``relu(shortcut(x) + b * f(x))``.
+
+    f is :class:`BottleneckBranch`; ``[batch, H, W, C_in]`` -> ``[batch, H / strides,
+    W / strides, 4 * features]``; fields and call as :class:`ResidualBlock`.
+    """
 
     branch_cls: ModuleDef = BottleneckBranch
     shortcut: str = "B"

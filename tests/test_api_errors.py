@@ -709,3 +709,15 @@ def test_load_linen_params_refuses_an_nnx_model_with_parameters_the_linen_one_la
     nnx_layers.load_linen_params(plain, variables["params"])
     np.testing.assert_allclose(plain(images, deterministic=True),
                                linen.apply(variables, images, train=False), atol=1e-6)
+
+
+def test_every_public_callable_has_its_own_docstring():
+    # help(sdj.ResNet152) showed functools.partial's docstring ("partial(func, *args,
+    # **keywords) - new function with partial application ..."), nothing about the model.
+    for name in sdj.__all__:
+        obj = getattr(sdj, name)
+        if not callable(obj) or isinstance(obj, type) and issubclass(obj, Warning):
+            continue
+        doc = obj.__doc__ or ""
+        assert doc.strip() and doc != type(obj).__doc__, name
+    assert "stage_sizes=(3, 8, 36, 3)" in sdj.ResNet152.__doc__
