@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 from flax import nnx
 
@@ -86,6 +87,21 @@ def _stream(rngs: nnx.Rngs, collection: str) -> Any:
     return rngs[collection]
 
 
+def _check_nnx_branch(branch: Any) -> None:
+    """TypeError for a Linen module (it failed at the first call with Flax's "Can't call
+    compact methods on unbound modules") or a module class given as the branch."""
+    if isinstance(branch, nn.Module):
+        raise TypeError(
+            f"StochasticDepth (NNX) got a Linen module ({type(branch).__name__}) as its branch: "
+            f"use sdj.StochasticDepth (Linen) inside Linen models, or convert it, "
+            f"flax.nnx.bridge.ToNNX(branch, rngs=rngs), and initialise it with "
+            f"bridge.lazy_init.")
+    if isinstance(branch, type):
+        raise TypeError(
+            f"StochasticDepth got the class {branch.__name__} as its branch, not a module: "
+            f"pass an instance, e.g. {branch.__name__}(..., rngs=rngs).")
+
+
 class StochasticDepth(nnx.Module):
     """Wraps a residual branch module f so it survives with probability p; returns ``b f(x)``.
 
@@ -121,6 +137,7 @@ class StochasticDepth(nnx.Module):
                  batch_axis: int = 0, deterministic: bool = False,
                  rng_collection: str = "stochastic_depth", rngs: RngsLike = None,
                  reroute_convs: str = "auto"):
+        _check_nnx_branch(branch)
         ops.validate_options(mode, scaling, implementation)
         if reroute_convs not in conv.REROUTE_CONVS:
             raise ValueError(f"Unknown reroute_convs {reroute_convs!r}; "

@@ -721,3 +721,35 @@ def test_every_public_callable_has_its_own_docstring():
         doc = obj.__doc__ or ""
         assert doc.strip() and doc != type(obj).__doc__, name
     assert "stage_sizes=(3, 8, 36, 3)" in sdj.ResNet152.__doc__
+
+
+def test_a_branch_of_the_other_flax_api_or_a_class_is_refused_in_one_line():
+    # An NNX branch in the Linen wrapper ran as a constant closure: init gave {} and its
+    # parameters were never trained. A Linen branch in the NNX wrapper failed at its first
+    # call with "Can't call compact methods on unbound modules"; a class instead of an
+    # instance with "Could not convert Dense(features=Array(...".
+    with pytest.raises(TypeError, match=r"StochasticDepth \(Linen\) got an NNX module \(Linear\)"
+                                        r".*use stochastic_depth_jax\.nnx_layers\."
+                                        r"StochasticDepth \(or DropPath\) for NNX branches\."):
+        sdj.StochasticDepth(nnx.Linear(6, 6, rngs=nnx.Rngs(0)), survival_prob=0.8).init(
+            jax.random.key(0), X, deterministic=True)
+    with pytest.raises(TypeError, match=r"got the class Dense as its branch, not a module: "
+                                        r"pass an instance, e\.g\. StochasticDepth\(Dense\("
+                                        r"\.\.\., parent=None\)\)\."):
+        sdj.StochasticDepth(nn.Dense, survival_prob=0.8).init(jax.random.key(0), X,
+                                                              deterministic=True)
+    for make in (nnx_layers.StochasticDepth, nnx_layers.DropPath):
+        with pytest.raises(TypeError, match=r"StochasticDepth \(NNX\) got a Linen module "
+                                            r"\(Dense\) as its branch: use sdj\.StochasticDepth "
+                                            r"\(Linen\) inside Linen models, or convert it, "
+                                            r"flax\.nnx\.bridge\.ToNNX"):
+            make(nn.Dense(6), 0.2, rngs=nnx.Rngs(0))
+        with pytest.raises(TypeError, match=r"got the class Linear as its branch, not a module: "
+                                            r"pass an instance, e\.g\. Linear\(\.\.\., "
+                                            r"rngs=rngs\)\."):
+            make(nnx.Linear, 0.2, rngs=nnx.Rngs(0))
+    # Functions and modules of the wrapper's own API still work, in both.
+    sdj.StochasticDepth(F, survival_prob=0.8).apply({}, X, deterministic=False,
+                                                    rngs={"stochastic_depth": jax.random.key(1)})
+    nnx_layers.DropPath(F, 0.2, rngs=nnx.Rngs(0))(X)
+    nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.2, rngs=nnx.Rngs(0))(X)
