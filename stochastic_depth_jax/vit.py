@@ -86,7 +86,8 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
     Args:
       depth: number of encoder blocks.
       rate: the largest (last block's) drop probability, in ``[0, 1)``.
-      rule: ``'linear'`` (timm/DeiT: 0 at the first block to ``rate`` at the last),
+      rule: ``'linear'`` (timm/DeiT: 0 at the first block to ``rate`` at the last; one
+        block alone gets 0, as timm's ``linspace(0, rate, 1)``),
         ``'paper'`` (Huang et al. Eq. 4: ``l / L * rate`` for l = 1..L, so the first block
         already drops ``rate / L``) or ``'uniform'``.
     """
