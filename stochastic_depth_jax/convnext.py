@@ -254,6 +254,8 @@ class ConvNeXt(nn.Module):
     def __call__(self, x: Array, *, train: bool, key: Array | None = None) -> Array:
         """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
         ops.check_deterministic(train, name="train")
+        if key is not None:
+            ops.check_key(key)
         ops.validate_options(self.mode, self.scaling, self.implementation)
         depths, dims = self.stages()
         probs = self.survival_probs()

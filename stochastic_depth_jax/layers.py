@@ -13,6 +13,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import nnx
 from flax.linen import module as linen_module
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,7 @@ class StochasticDepth(nn.Module):
         Returns:
           the gated residual (``+ shortcut``), shaped like ``branch(x)``.
         """
+        _check_linen_branch(self.branch)
         ops.validate_options(self.mode, self.scaling, self.implementation)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat {self.remat!r}; valid: {sorted(REMAT_POLICIES)}.")
@@ -339,6 +341,22 @@ class StochasticDepth(nn.Module):
 
         # The factor travels in f32; ``scaled`` casts it to each output's dtype.
         return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, jnp.float32))
+
+
+def _check_linen_branch(branch: Any) -> None:
+    """TypeError for a branch the Linen wrapper cannot own: an NNX module (it ran as a
+    constant closure, its parameters outside the Linen variables, so never trained) or a
+    module class instead of an instance (Flax's "Could not convert Dense(features=Array..."
+    )."""
+    if isinstance(branch, nnx.Module):
+        raise TypeError(
+            f"StochasticDepth (Linen) got an NNX module ({type(branch).__name__}) as its "
+            f"branch, whose parameters Linen would neither see nor train: use "
+            f"stochastic_depth_jax.nnx_layers.StochasticDepth (or DropPath) for NNX branches.")
+    if isinstance(branch, type):
+        raise TypeError(
+            f"StochasticDepth got the class {branch.__name__} as its branch, not a module: "
+            f"pass an instance, e.g. StochasticDepth({branch.__name__}(..., parent=None)).")
 
 
 def _keep_stats_if_dropped(call: Callable[..., Array], gate: Array) -> Callable[..., Array]:
@@ -668,20 +686,32 @@ class ResidualBlock(nn.Module):
 
 
 class BasicBlock(ResidualBlock):
-    """The paper's block: ``relu(shortcut(x) + b * (conv-BN-ReLU-conv-BN)(x))``."""
+    """The paper's block: ``relu(shortcut(x) + b * (conv-BN-ReLU-conv-BN)(x))``.
+
+    ``[batch, H, W, C_in]`` -> ``[batch, H / strides, W / strides, features]``; fields and
+    call (``survival_prob``, ``gate``, ``train``, ``stochastic``) as :class:`ResidualBlock`.
+    """
 
     branch_cls: ModuleDef = BasicBranch
 
 
 class PreActBlock(ResidualBlock):
-    """Pre-activation block: ``shortcut(x) + b * (BN-ReLU-conv-BN-ReLU-conv)(x)``."""
+    """Pre-activation block: ``shortcut(x) + b * (BN-ReLU-conv-BN-ReLU-conv)(x)``.
+
+    ``[batch, H, W, C_in]`` -> ``[batch, H / strides, W / strides, features]``; fields and
+    call as :class:`ResidualBlock` (no activation after the addition).
+    """
 
     branch_cls: ModuleDef = PreActBranch
     post_activation: bool = False
 
 
 class BottleneckBlock(ResidualBlock):
-    """Bottleneck block with projection shortcut: ``relu(shortcut(x) + b * f(x))``."""
+    """Bottleneck block with projection shortcut: ``relu(shortcut(x) + b * f(x))``.
+
+    f is :class:`BottleneckBranch`; ``[batch, H, W, C_in]`` -> ``[batch, H / strides,
+    W / strides, 4 * features]``; fields and call as :class:`ResidualBlock`.
+    """
 
     branch_cls: ModuleDef = BottleneckBranch
     shortcut: str = "B"

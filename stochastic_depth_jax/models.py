@@ -967,3 +967,17 @@ def _check_stage_sizes(sizes: Any) -> None:
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3))
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3))
+
+
+def _named_resnet_doc(name: str, sizes: tuple[int, ...], params: str) -> str:
+    # help(sdj.ResNet152) showed functools.partial's own docstring.
+    blocks = sum(sizes)
+    return (f"{name}: :class:`ResNet` with ``stage_sizes={sizes}``, {blocks} bottleneck blocks "
+            f"(p_l decays linearly over all {blocks}), torchvision's {params} parameters for "
+            f"1000 classes. Takes ResNet's other fields, e.g. ``{name}(num_classes=10)``.")
+
+
+ResNet50.__doc__ = _named_resnet_doc("ResNet50", (3, 4, 6, 3), "25,557,032")
+ResNet101.__doc__ = _named_resnet_doc("ResNet101", (3, 4, 23, 3), "44,549,160")
+ResNet152.__doc__ = _named_resnet_doc("ResNet152", (3, 8, 36, 3), "60,192,808") + (
+    " The paper's ImageNet network (Sec. 4).")

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 from flax import nnx
 
@@ -86,6 +87,21 @@ def _stream(rngs: nnx.Rngs, collection: str) -> Any:
     return rngs[collection]
 
 
+def _check_nnx_branch(branch: Any) -> None:
+    """TypeError for a Linen module (it failed at the first call with Flax's "Can't call
+    compact methods on unbound modules") or a module class given as the branch."""
+    if isinstance(branch, nn.Module):
+        raise TypeError(
+            f"StochasticDepth (NNX) got a Linen module ({type(branch).__name__}) as its branch: "
+            f"use sdj.StochasticDepth (Linen) inside Linen models, or convert it, "
+            f"flax.nnx.bridge.ToNNX(branch, rngs=rngs), and initialise it with "
+            f"bridge.lazy_init.")
+    if isinstance(branch, type):
+        raise TypeError(
+            f"StochasticDepth got the class {branch.__name__} as its branch, not a module: "
+            f"pass an instance, e.g. {branch.__name__}(..., rngs=rngs).")
+
+
 class StochasticDepth(nnx.Module):
     """Wraps a residual branch module f so it survives with probability p; returns ``b f(x)``.
 
@@ -121,6 +137,7 @@ class StochasticDepth(nnx.Module):
                  batch_axis: int = 0, deterministic: bool = False,
                  rng_collection: str = "stochastic_depth", rngs: RngsLike = None,
                  reroute_convs: str = "auto"):
+        _check_nnx_branch(branch)
         ops.validate_options(mode, scaling, implementation)
         if reroute_convs not in conv.REROUTE_CONVS:
             raise ValueError(f"Unknown reroute_convs {reroute_convs!r}; "
@@ -467,12 +484,18 @@ class ViT(nnx.Module):
         deterministic = self.deterministic if deterministic is None else deterministic
         key = _forward_key(self, deterministic, rngs)
         linen_vit.check_patches(x.shape, self.patch_size)
+        _check_channels("ViT", x.shape, self.stem_conv)
         image_shape = x.shape
         x = self.stem_conv(x)
         b, width = x.shape[0], x.shape[-1]
         x = x.reshape(b, -1, width)
+        # The NNX ViT sizes its position embedding at construction (image_size=224 unless
+        # told): name that argument, not only "a new model".
+        h, w = image_shape[1:3]
+        rebuild = (f"build it with image_size={h}" if h == w else
+                   "crop or resize them to a square and build it with that image_size")
         linen_vit.check_tokens(self.pos_embed[...].shape[1], x.shape[1] + (self.pool == "token"),
-                               image_shape, self.patch_size)
+                               image_shape, self.patch_size, rebuild)
         if self.pool == "token":
             cls = jnp.broadcast_to(self.cls[...], (b, 1, width)).astype(x.dtype)
             x = jnp.concatenate([cls, x], axis=1)
@@ -496,6 +519,17 @@ class ViT(nnx.Module):
             self.deterministic = deterministic
 
 
+def _check_channels(model: str, image_shape: tuple[int, ...], stem: nnx.Conv) -> None:
+    """ValueError unless the images have the channels the stem was built for (``in_channels``,
+    3 unless told): grayscale images reached JAX's "lhs feature dimension size divided by
+    feature_group_count must equal the rhs input feature dimension size"."""
+    if image_shape[-1] != stem.in_features:
+        raise ValueError(
+            f"This {model} was built for {stem.in_features}-channel images "
+            f"(in_channels={stem.in_features}), got images of shape {tuple(image_shape)} with "
+            f"{image_shape[-1]}: build it with in_channels={image_shape[-1]}.")
+
+
 def _forward_key(model: Any, deterministic: bool, rngs: RngsLike) -> Array | None:
     """The key of one forward pass of a ViT or ConvNeXt (None in evaluation or without drop
     path): from ``rngs`` if given, else the model's ``'stochastic_depth'`` stream."""
@@ -516,7 +550,8 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
 
     Linen's ``blocks_{i}`` is NNX's ``blocks[i]``; every other name is the same. ``params`` is
     ``variables['params']`` (the whole ``variables`` dict is accepted too). Raises ValueError
-    when the two models differ in depth, names or shapes; nothing is copied then.
+    when the two models differ in depth, names or shapes, or when the NNX model has a
+    parameter the Linen one lacks (e.g. layer scale); nothing is copied then.
     """
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
@@ -548,6 +583,15 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
             raise ValueError(f"Parameter {'/'.join(names)}: NNX shape {variable[...].shape}, "
                              f"Linen shape {np.shape(value)}.")
         updates.append((variable, value))
+    # A parameter the Linen model lacks (layer scale built with 0 there, 1e-6 here) kept its
+    # initial value, and the two models differed without a word.
+    loaded = {id(variable) for variable, _ in updates}
+    missing = ["/".join(map(str, path)) for path, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Param) and id(node) not in loaded]
+    if missing:
+        raise ValueError(f"The NNX {type(model).__name__} has parameters the Linen model lacks "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+                         f"build it as the Linen one (pool, layer_scale_init, architecture).")
     for variable, value in updates:  # all checked first: a failed load changes nothing
         variable[...] = jnp.asarray(value)
 
@@ -683,6 +727,7 @@ class ConvNeXt(nnx.Module):
         """Classifies ``x`` ``[batch, H, W, C]``; ``rngs`` (key, stream, Rngs) overrides."""
         deterministic = self.deterministic if deterministic is None else deterministic
         linen_convnext.check_image(x.shape, self.stem_stride, self.stages)
+        _check_channels("ConvNeXt", x.shape, self.stem_conv)
         key = _forward_key(self, deterministic, rngs)
         x = self.stem_norm(self.stem_conv(x))
         for j, (block, p) in enumerate(zip(self.blocks, self.probs)):

@@ -252,6 +252,7 @@ def draw_gates(
       bool gates, ``True`` where the block survives.
     """
     validate_options(mode, "test")
+    check_key(key)
     check_survival_probs(survival_probs)
     probs = jnp.asarray(survival_probs, dtype=jnp.float32)
     if mode == "batch":
@@ -375,6 +376,7 @@ def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int =
       int32 ``[groups, k]``: sorted indices within each group (example ``g * n + i`` of the
       batch for entry ``i`` of row ``g``).
     """
+    check_key(key)
     n = _check_groups(batch_size, groups)
     k = subset_size(batch_size, survival_prob, groups)
     _warn_if_never_dropped(n, k, _static_prob(survival_prob), groups)
@@ -384,11 +386,14 @@ def draw_subset(key: Array, batch_size: int, survival_prob: float, groups: int =
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
-def _check_key(key: Any) -> None:
-    """TypeError unless ``key`` is a PRNG key (typed, or a raw uint32 ``[2]``)."""
+def check_key(key: Any) -> None:
+    """TypeError unless ``key`` is one PRNG key: typed (``jax.random.key``, any
+    implementation), or raw uint32 ``[2]`` (``jax.random.PRNGKey``; ``[4]`` for ``'rbg'``).
+    An integer seed, or a seed array, reached JAX's "invalid PRNG key data", which does not
+    say that a key was wanted."""
     dtype = getattr(key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-    raw = dtype == jnp.uint32 and getattr(key, "shape", None) == (2,)
+    raw = dtype == jnp.uint32 and getattr(key, "shape", None) in ((2,), (4,))
     if not (typed or raw):
         raise TypeError(f"key must be a PRNG key, e.g. jax.random.fold_in(jax.random.key(seed), "
                         f"step), got {key!r}.")
@@ -700,12 +705,25 @@ def draw_gate(
 ) -> Array:
     """One block's training gate, in the form :func:`gated_branch` takes.
 
+    Args:
+      key: a JAX PRNG key (one per block and step, e.g. ``fold_in(step_key, block)``).
+      survival_prob: this block's p in (0, 1] (one float; traced allowed except for
+        ``'sample'`` with ``'skip'``, whose subset size ``k`` is a shape), checked as
+        :func:`stochastic_depth` checks it.
+      mode, implementation: as :func:`stochastic_depth`.
+      batch_size: the number of examples, required for ``mode='sample'``.
+      groups: ``'sample'`` with ``'skip'``: see :func:`draw_subset`.
+
     Returns:
       bool scalar (``'batch'``); int32 subset indices ``[groups, k]`` (``'sample'`` with
       ``'skip'``, see :func:`draw_subset`); bool ``[batch_size]`` Bernoulli(p) gates
       (``'sample'`` with ``'mask'``).
     """
     validate_options(mode, "test", implementation)
+    check_key(key)
+    # A rate out of range drew a gate that is always open (p > 1) or always closed (p = 0,
+    # e.g. the first block's drop rate passed as p), where the op refuses it.
+    check_survival_prob(survival_prob)
     if mode == "batch":
         return jax.random.bernoulli(key, _draw_prob(survival_prob))
     if batch_size is None:
@@ -903,7 +921,7 @@ def stochastic_depth(
             "stochastic_depth needs a PRNG `key` in training (deterministic=False) when "
             "survival_prob < 1; pass key=jax.random.fold_in(base_key, step)."
         )
-    _check_key(key)
+    check_key(key)
     batch = batch_size_of(x, batch_axis) if mode == "sample" else None
     gate = draw_gate(key, survival_prob, mode=mode, implementation=implementation,
                      batch_size=batch, groups=groups)

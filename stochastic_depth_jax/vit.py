@@ -86,7 +86,8 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
     Args:
       depth: number of encoder blocks.
       rate: the largest (last block's) drop probability, in ``[0, 1)``.
-      rule: ``'linear'`` (timm/DeiT: 0 at the first block to ``rate`` at the last),
+      rule: ``'linear'`` (timm/DeiT: 0 at the first block to ``rate`` at the last; one
+        block alone gets 0, as timm's ``linspace(0, rate, 1)``),
         ``'paper'`` (Huang et al. Eq. 4: ``l / L * rate`` for l = 1..L, so the first block
         already drops ``rate / L``) or ``'uniform'``.
     """
@@ -109,11 +110,20 @@ def check_positive_int(value: Any, name: str, hint: str = "") -> None:
 def check_image_sides(image_shape: tuple[int, ...], model: str, multiple: int,
                       why: str) -> None:
     """ValueError unless ``image_shape`` is ``[batch, H, W, C]`` with H and W multiples of
-    ``multiple``; ``why`` completes "<H>x<W> images ..." (what fails, and the fix)."""
-    if len(image_shape) != 4:
+    ``multiple``; ``why`` completes "<H>x<W> images ..." (what fails, and the fix).
+
+    A channels-first batch (PyTorch's ``[N, 3, H, H]``) is named as such, as the ResNets
+    do: it failed as "3xH images do not tile ...", whose fix (resize or crop) was wrong."""
+    shape = tuple(image_shape)
+    if len(shape) != 4:
+        one = "; for one image pass x[None]" if len(shape) == 3 else ""
         raise ValueError(f"{model} takes images [batch, height, width, channels], got shape "
-                         f"{tuple(image_shape)}.")
-    h, w = image_shape[1:3]
+                         f"{shape}{one}.")
+    if shape[1] in (1, 3) and shape[2] == shape[3] > 4:
+        raise ValueError(f"{model} takes images [batch, height, width, channels], got shape "
+                         f"{shape}, which is channels-first (NCHW); pass "
+                         f"x.transpose(0, 2, 3, 1).")
+    h, w = shape[1:3]
     if h % multiple or w % multiple:
         raise ValueError(f"{h}x{w} images {why}")
 
@@ -127,13 +137,15 @@ def check_patches(image_shape: tuple[int, ...], patch_size: int) -> None:
         f"dropped); use a patch size that divides both sides, or resize or crop the images.")
 
 
-def check_tokens(expected: int, got: int, image_shape: tuple[int, ...], patch_size: int) -> None:
-    """ValueError when the images give another token count than the position embedding has."""
+def check_tokens(expected: int, got: int, image_shape: tuple[int, ...], patch_size: int,
+                 rebuild: str = "build a new model for this size") -> None:
+    """ValueError when the images give another token count than the position embedding has;
+    ``rebuild`` names how to make a model for these images."""
     if expected != got:
         raise ValueError(
             f"{image_shape[1]}x{image_shape[2]} images with patch {patch_size} give {got} tokens, "
             f"but this model's position embedding has {expected}: use the image size the model "
-            f"was built for, or build a new model for this size.")
+            f"was built for, or {rebuild}.")
 
 
 def vit_dims(size: str, width: int | None = None, depth: int | None = None,
@@ -142,7 +154,13 @@ def vit_dims(size: str, width: int | None = None, depth: int | None = None,
     if size not in VIT_SIZES:
         raise ValueError(f"Unknown ViT size {size!r}; valid: {list(VIT_SIZES)}.")
     w, d, h = VIT_SIZES[size]
-    w, d, h = width or w, depth or d, num_heads or h
+    # None takes the size's value; 0 is refused (``width or w`` built the size's 12 blocks
+    # for depth=0).
+    for value, name in ((width, "width"), (depth, "depth"), (num_heads, "num_heads")):
+        if value is not None:
+            check_positive_int(value, name, " (None: the size's)")
+    w, d, h = (v if v is not None else default
+               for v, default in ((width, w), (depth, d), (num_heads, h)))
     if w % h:
         raise ValueError(f"ViT width {w} does not divide into {h} heads.")
     return w, d, h
@@ -323,6 +341,8 @@ class ViT(nn.Module):
     def __call__(self, x: Array, *, train: bool, key: Array | None = None) -> Array:
         """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
         ops.check_deterministic(train, name="train")
+        if key is not None:
+            ops.check_key(key)
         if self.pool not in POOLS:
             raise ValueError(f"Unknown pool {self.pool!r}; valid: {list(POOLS)}.")
         ops.validate_options(self.mode, self.scaling, self.implementation)

@@ -572,3 +572,184 @@ def test_resnet_stage_sizes_that_are_not_block_counts_are_one_clear_error(sizes)
                                          r"counts, one per stage, got .*; ResNet-152 is "
                                          r"stage_sizes=\(3, 8, 36, 3\)"):
         sdj.ResNet(stage_sizes=sizes)
+
+
+_DROP_PATH_MODELS = {  # Linen and NNX, small, 16x16 images
+    "ViT": lambda: sdj.ViT(num_classes=3, **VIT),
+    "ConvNeXt": lambda: sdj.ConvNeXt(num_classes=3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4),
+                                     stem_stride=2, drop_path_rate=0.2),
+}
+
+
+@pytest.mark.parametrize("seed", [3, jnp.array(3), np.uint32(3)])
+def test_a_seed_where_a_gate_key_belongs_is_refused_by_every_drawing_function(seed):
+    # The op refused it, but draw_gates, draw_gate, draw_subset and the models' `key=`
+    # passed it to JAX: "invalid PRNG key data: expected key_data to have ndim, shape, and
+    # dtype attributes" (or "expected key_data.ndim >= 1"), not saying a key was wanted.
+    message = r"^key must be a PRNG key, e\.g\. jax\.random\.fold_in\(jax\.random\.key\(seed\)"
+    probs = sdj.linear_decay(4, 0.5)
+    with pytest.raises(TypeError, match=message):
+        sdj.draw_gates(seed, probs)
+    with pytest.raises(TypeError, match=message):
+        sdj.draw_gate(seed, 0.5)
+    with pytest.raises(TypeError, match=message):
+        sdj.draw_subset(seed, 8, 0.5)
+    images = jnp.zeros((4, 16, 16, 3))
+    for make in _DROP_PATH_MODELS.values():
+        model = make()
+        variables = model.init(jax.random.key(0), images, train=False)
+        with pytest.raises(TypeError, match=message):
+            model.apply(variables, images, train=True, key=seed)
+        model.apply(variables, images, train=True, key=jax.random.key(1))
+    # Typed keys of any implementation and raw threefry keys still work.
+    for key in (jax.random.key(0), jax.random.key(0, impl="rbg"), jax.random.PRNGKey(0)):
+        assert sdj.draw_gates(key, probs).shape == (4,)
+        assert sdj.draw_gate(key, 0.5, mode="sample", batch_size=8).shape == (1, 4)
+
+
+@pytest.mark.parametrize("p", [1.5, 0.0])
+@pytest.mark.parametrize("mode, implementation", [("batch", "skip"), ("sample", "mask")])
+def test_draw_gate_checks_its_rate_as_the_op_does(p, mode, implementation):
+    # draw_gate drew a gate that is always open (p = 1.5) or always closed (p = 0.0, the
+    # first block's drop rate of drop_path_rates passed as p) without a word; the op, its
+    # subsets and draw_gates refuse them.
+    with pytest.raises(ValueError, match=r"survival_prob must be in \(0, 1\]"):
+        sdj.draw_gate(jax.random.key(0), p, mode=mode, implementation=implementation,
+                      batch_size=8)
+
+
+@pytest.mark.parametrize("name", sorted(_DROP_PATH_MODELS) + ["NNX ViT", "NNX ConvNeXt"])
+def test_vit_and_convnext_name_channels_first_images(name):
+    # A PyTorch batch [N, 3, 16, 16] was told "3x16 images do not tile into 4x4 patches ...
+    # resize or crop the images" (ConvNeXt: "do not divide into this ConvNeXt's stages"):
+    # the wrong fix. The ResNets name the layout; so do these now, in both APIs.
+    nchw, nhwc = jnp.zeros((4, 3, 16, 16)), jnp.zeros((4, 16, 16, 3))
+    model = name.split()[-1]
+    message = re.escape(f"{model} takes images [batch, height, width, channels], got shape "
+                        f"(4, 3, 16, 16), which is channels-first (NCHW); pass "
+                        f"x.transpose(0, 2, 3, 1).")
+    if name.startswith("NNX"):
+        rngs = nnx.Rngs(params=0, stochastic_depth=1)
+        module = (nnx_layers.ViT(3, image_size=16, rngs=rngs, **VIT) if model == "ViT" else
+                  nnx_layers.ConvNeXt(3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4),
+                                      stem_stride=2, rngs=rngs))
+        with pytest.raises(ValueError, match=message):
+            module(nchw)
+        assert module(nhwc).shape == (4, 3)
+        return
+    with pytest.raises(ValueError, match=message):
+        _DROP_PATH_MODELS[name]().init(jax.random.key(0), nchw, train=False)
+    with pytest.raises(ValueError, match=re.escape("got shape (16, 16, 3); for one image pass "
+                                                   "x[None].")):
+        _DROP_PATH_MODELS[name]().init(jax.random.key(0), nhwc[0], train=False)
+    _DROP_PATH_MODELS[name]().init(jax.random.key(0), nhwc, train=False)
+
+
+@pytest.mark.parametrize("field", ["width", "depth", "num_heads"])
+def test_a_zero_vit_dimension_is_refused_not_replaced_by_the_size(field):
+    # `width or 192`: ViT(size='ti', depth=0) built ti's 12 blocks without a word.
+    dims = dict(size="ti", patch_size=4, width=32, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match=f"^{field} must be an integer >= 1 \\(None: the "
+                                         f"size's\\), got 0\\."):
+        sdj.ViT(num_classes=3, **{**dims, field: 0}).init(
+            jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+    with pytest.raises(ValueError, match=f"^{field} must be an integer >= 1"):
+        nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **{**dims, field: 0})
+    assert vit.vit_dims("ti", depth=None) == (192, 12, 3)
+
+
+@pytest.mark.parametrize("name", ["ViT", "ConvNeXt"])
+def test_nnx_models_name_in_channels_for_images_of_other_channels(name):
+    # Grayscale images into a model built for 3 channels (in_channels's default) failed in
+    # JAX's convolution: "lhs feature dimension size divided by feature_group_count must
+    # equal the rhs input feature dimension size, but 1 // 1 != 3".
+    def make(**kw):
+        rngs = nnx.Rngs(params=0, stochastic_depth=1)
+        if name == "ViT":
+            return nnx_layers.ViT(3, image_size=16, rngs=rngs, **VIT, **kw)
+        return nnx_layers.ConvNeXt(3, depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), stem_stride=2,
+                                   rngs=rngs, **kw)
+    gray = jnp.zeros((4, 16, 16, 1))
+    with pytest.raises(ValueError, match=re.escape(
+            f"This {name} was built for 3-channel images (in_channels=3), got images of shape "
+            f"(4, 16, 16, 1) with 1: build it with in_channels=1.")):
+        make()(gray)
+    assert make(in_channels=1)(gray).shape == (4, 3)
+
+
+def test_nnx_vit_names_image_size_for_images_of_another_size():
+    # The NNX ViT sizes its position embedding when built (image_size=224 unless told); CIFAR
+    # images into the default were told only to "build a new model for this size".
+    vit_nnx = nnx_layers.ViT(3, rngs=nnx.Rngs(params=0, stochastic_depth=1), **VIT)
+    with pytest.raises(ValueError, match=r"32x32 images with patch 4 give 65 tokens, but this "
+                                         r"model's position embedding has 3137: use the image "
+                                         r"size the model was built for, or build it with "
+                                         r"image_size=32\."):
+        vit_nnx(jnp.zeros((2, 32, 32, 3)))
+
+
+def test_load_linen_params_refuses_an_nnx_model_with_parameters_the_linen_one_lacks():
+    # A Linen ConvNeXt without layer scale (layer_scale_init=0) loaded into the NNX default
+    # (1e-6): every Linen parameter found its place, the NNX gammas kept 1e-6, and the two
+    # models gave different logits without a word.
+    images = jax.random.normal(jax.random.key(5), (2, 16, 16, 3))
+    tiny = dict(depths=(1, 1, 1, 1), dims=(4, 4, 4, 4), stem_stride=2)
+    linen = sdj.ConvNeXt(3, layer_scale_init=0.0, **tiny)
+    variables = linen.init(jax.random.key(0), images, train=False)
+    scaled = nnx_layers.ConvNeXt(3, rngs=nnx.Rngs(0), **tiny)
+    before = jax.tree.leaves(nnx.state(scaled, nnx.Param))
+    with pytest.raises(ValueError, match=re.escape(
+            "The NNX ConvNeXt has parameters the Linen model lacks (blocks/0/drop_path/branch/"
+            "gamma, blocks/1/drop_path/branch/gamma, blocks/2/drop_path/branch/gamma, ...): "
+            "build it as the Linen one (pool, layer_scale_init, architecture).")):
+        nnx_layers.load_linen_params(scaled, variables["params"])
+    after = jax.tree.leaves(nnx.state(scaled, nnx.Param))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))  # nothing copied
+    plain = nnx_layers.ConvNeXt(3, layer_scale_init=0.0, rngs=nnx.Rngs(0), **tiny)
+    nnx_layers.load_linen_params(plain, variables["params"])
+    np.testing.assert_allclose(plain(images, deterministic=True),
+                               linen.apply(variables, images, train=False), atol=1e-6)
+
+
+def test_every_public_callable_has_its_own_docstring():
+    # help(sdj.ResNet152) showed functools.partial's docstring ("partial(func, *args,
+    # **keywords) - new function with partial application ..."), nothing about the model.
+    for name in sdj.__all__:
+        obj = getattr(sdj, name)
+        if not callable(obj) or isinstance(obj, type) and issubclass(obj, Warning):
+            continue
+        doc = obj.__doc__ or ""
+        assert doc.strip() and doc != type(obj).__doc__, name
+    assert "stage_sizes=(3, 8, 36, 3)" in sdj.ResNet152.__doc__
+
+
+def test_a_branch_of_the_other_flax_api_or_a_class_is_refused_in_one_line():
+    # An NNX branch in the Linen wrapper ran as a constant closure: init gave {} and its
+    # parameters were never trained. A Linen branch in the NNX wrapper failed at its first
+    # call with "Can't call compact methods on unbound modules"; a class instead of an
+    # instance with "Could not convert Dense(features=Array(...".
+    with pytest.raises(TypeError, match=r"StochasticDepth \(Linen\) got an NNX module \(Linear\)"
+                                        r".*use stochastic_depth_jax\.nnx_layers\."
+                                        r"StochasticDepth \(or DropPath\) for NNX branches\."):
+        sdj.StochasticDepth(nnx.Linear(6, 6, rngs=nnx.Rngs(0)), survival_prob=0.8).init(
+            jax.random.key(0), X, deterministic=True)
+    with pytest.raises(TypeError, match=r"got the class Dense as its branch, not a module: "
+                                        r"pass an instance, e\.g\. StochasticDepth\(Dense\("
+                                        r"\.\.\., parent=None\)\)\."):
+        sdj.StochasticDepth(nn.Dense, survival_prob=0.8).init(jax.random.key(0), X,
+                                                              deterministic=True)
+    for make in (nnx_layers.StochasticDepth, nnx_layers.DropPath):
+        with pytest.raises(TypeError, match=r"StochasticDepth \(NNX\) got a Linen module "
+                                            r"\(Dense\) as its branch: use sdj\.StochasticDepth "
+                                            r"\(Linen\) inside Linen models, or convert it, "
+                                            r"flax\.nnx\.bridge\.ToNNX"):
+            make(nn.Dense(6), 0.2, rngs=nnx.Rngs(0))
+        with pytest.raises(TypeError, match=r"got the class Linear as its branch, not a module: "
+                                            r"pass an instance, e\.g\. Linear\(\.\.\., "
+                                            r"rngs=rngs\)\."):
+            make(nnx.Linear, 0.2, rngs=nnx.Rngs(0))
+    # Functions and modules of the wrapper's own API still work, in both.
+    sdj.StochasticDepth(F, survival_prob=0.8).apply({}, X, deterministic=False,
+                                                    rngs={"stochastic_depth": jax.random.key(1)})
+    nnx_layers.DropPath(F, 0.2, rngs=nnx.Rngs(0))(X)
+    nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.2, rngs=nnx.Rngs(0))(X)
