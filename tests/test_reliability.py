@@ -764,6 +764,38 @@ def test_evaluations_killed_while_writing_leave_no_temporary_files(capsys, run, 
     assert json.loads((out / "mine.json").read_text())["split"] == "test"
 
 
+_WRITING = """
+import sys, time
+from stochastic_depth_jax.training import workdir
+with workdir.atomic_write(sys.argv[1]) as f:
+    f.write('{"ste')
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_write_in_progress_is_kept_and_a_killed_one_removed(tmp_path):
+    """Told apart by the writer's flock, which the kernel releases when it is killed, not
+    by age alone: a slow writer's file is never removed under it."""
+    path = str(tmp_path / "eval_best_test.json")
+    writer = subprocess.Popen([sys.executable, "-c", _WRITING, path], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        [tmp] = os.listdir(tmp_path)
+        later = time.time() + 10 * workdir_lib.ABANDONED_AFTER_S
+        assert workdir_lib.remove_abandoned_temporaries(
+            str(tmp_path), lambda n: True, now=later) == []
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert workdir_lib.remove_abandoned_temporaries(str(tmp_path), lambda n: True) == []
+    assert workdir_lib.remove_abandoned_temporaries(
+        str(tmp_path), lambda n: True, now=later) == [os.path.join(str(tmp_path), tmp)]
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_killed_write_probe_does_not_keep_a_failed_first_run_s_workdir(tmp_path,
                                                                       monkeypatch):
     """A run killed while checking that its new workdir is writable left
