@@ -109,12 +109,12 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is in the workdir of another run ({directory}), where a result "
             f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
             "Nothing was written.")
-    own = (*loop.OWN_FILES, loop.DIVERGED_FILE)  # diverged.json: a sweep's, of the run
-    if (os.path.basename(path) in own
+    if (os.path.basename(path) in (*loop.OWN_FILES, loop.DIVERGED_FILE)
             and os.path.realpath(directory) == os.path.realpath(workdir)):
         raise errors.WorkdirError(
             f"--output {path} is the name of one of the run's own files (it writes "
-            f"{', '.join(own)} there), which a result would replace or pass for; "
+            f"{', '.join(loop.OWN_FILES)} there; a sweep, its {loop.DIVERGED_FILE}), which "
+            "a result would replace or pass for; "
             "give another name, or leave --output out. Nothing was evaluated.")
     if not os.path.lexists(path):
         return

@@ -224,10 +224,12 @@ def parse_overrides(parser: argparse.ArgumentParser, rest: Sequence[str]) -> lis
     overrides, i = [], 0
     while i < len(rest):
         item = rest[i]
-        if not item.startswith("--config."):
+        joined = "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--")
+        if not item.startswith("--config."):  # '--seed 1': did you mean --config.seed=1?
+            meant = f"{item}={rest[i + 1]}" if joined else item
             parser.error(f"unrecognised argument {item!r} (overrides look like "
-                         f"--config.<field>=<value>){_did_you_mean(parser, item)}")
-        if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                         f"--config.<field>=<value>){_did_you_mean(parser, meant)}")
+        if joined:
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)
         i += 1

@@ -914,5 +914,5 @@ def test_output_never_replaces_a_sweep_s_diverged_record(capsys, tmp_path):
         line = one_line_error(capsys, evaluate_cli.main,
                               ["--workdir", str(workdir), "--output", path])
         assert line.startswith(f"error: --output {path} is the name of one of the run's own")
-        assert "diverged.json there)" in line
+        assert "there; a sweep, its diverged.json), which" in line
     assert record.read_text() == '{"step": 5, "epoch": 2, "kept_step": 4}'

@@ -70,13 +70,15 @@ def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expecte
     # An override without its '--config.' prefix: said as for a misspelt prefix.
     ("train", "--seed=1", "; did you mean --config.seed=1?"),
     ("train", "--batch-size", "; did you mean --config.batch_size?"),
+    ("train", "--seed 1", "; did you mean --config.seed=1?"),
     ("sweep", "--model.width=4", "; did you mean --config.model.width=4?"),
 ])
 def test_a_misspelt_flag_names_the_flag_meant(capsys, tmp_path, script, flag, hint):
     """A misspelt flag was 'unrecognised argument ... (overrides look like --config.<field>=
     <value>)', whatever it was close to."""
-    main, argv = ((train_cli.main, ["--config", "cifar10:smoke", flag]) if script == "train"
-                  else (sweep_cli.main, _sweep_argv(tmp_path, flag)))
+    flag, *value = flag.split(" ")  # '--seed 1': the flag, then its value
+    main, argv = ((train_cli.main, ["--config", "cifar10:smoke", flag, *value])
+                  if script == "train" else (sweep_cli.main, _sweep_argv(tmp_path, flag)))
     with pytest.raises(SystemExit) as info:
         main(argv)
     [line] = [x for x in capsys.readouterr().err.splitlines() if ": error: " in x]
