@@ -39,6 +39,7 @@ else:  # not a command, or no package to find: the import below says so
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 
 with _imports:
     from stochastic_depth_jax import errors, pruning
@@ -108,11 +109,12 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is in the workdir of another run ({directory}), where a result "
             f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
             "Nothing was written.")
-    if (os.path.basename(path) in loop.OWN_FILES
+    if (os.path.basename(path) in (*loop.OWN_FILES, loop.DIVERGED_FILE)
             and os.path.realpath(directory) == os.path.realpath(workdir)):
         raise errors.WorkdirError(
             f"--output {path} is the name of one of the run's own files (it writes "
-            f"{', '.join(loop.OWN_FILES)} there), which a result would replace or pass for; "
+            f"{', '.join(loop.OWN_FILES)} there; a sweep, its {loop.DIVERGED_FILE}), which "
+            "a result would replace or pass for; "
             "give another name, or leave --output out. Nothing was evaluated.")
     if not os.path.lexists(path):
         return
@@ -139,6 +141,22 @@ def _check_output(path: str | None, workdir: str) -> None:
             "default is in the workdir, named by checkpoint and split). Nothing was written.")
 
 
+# The files evaluate.py writes in a run's workdir: results and depth curves (with sidecars).
+_RESULT_NAME = re.compile(r"eval_[A-Za-z0-9_]+\.json|depth_curve_[A-Za-z0-9_]+\.(json|png)")
+
+
+def _remove_abandoned(workdir: str, output: str | None) -> None:
+    """Removes the temporary files (``eval_best_test.json.tmp-<12 hex digits>``, ...) that
+    evaluations killed while writing left in ``workdir`` (and beside ``output``): a run's
+    start leaves them (another evaluation may be writing), so each kill left one more. Only
+    those of this script's names that no live process is writing."""
+    workdir_lib.remove_abandoned_temporaries(workdir, _RESULT_NAME.fullmatch)
+    if output:
+        name = os.path.basename(output)
+        workdir_lib.remove_abandoned_temporaries(os.path.dirname(os.path.abspath(output)),
+                                                 lambda n: n == name)
+
+
 def _part_of_a_whole(path: str, earlier: dict) -> str | None:
     """What an earlier result of this script at ``path`` belongs to, if it is not a copy of
     its own: a figure's sidecar JSON (a depth curve's, beside its PNG) or an export's
@@ -161,6 +179,8 @@ def run(args) -> dict:
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)
+    if distributed.is_primary():
+        _remove_abandoned(args.workdir, args.output)
     import jax
 
     from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.

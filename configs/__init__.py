@@ -186,6 +186,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
+def _config_fields() -> set[str]:
+    """The dotted field names of every registered config (``seed``, ``model.depth``): a flag
+    named as one (``--seed=1``) is an override whose ``--config.`` prefix was forgotten.
+    Read only for such a usage error; a config that fails to load adds none."""
+    fields: set[str] = set()
+    for name in CONFIGS:
+        with contextlib.suppress(Exception):
+            fields.update(config_lib.field_names(load_config(name)))
+    return fields
+
+
 def _did_you_mean(parser: argparse.ArgumentParser, item: str) -> str:
     """``'; did you mean --workdir?'`` for a misspelt flag of ``parser`` (``--work_dir``) or
     a misspelt ``--config.`` prefix (``--confg.seed=1``: ``--config.seed=1``); else ''."""
@@ -193,6 +204,9 @@ def _did_you_mean(parser: argparse.ArgumentParser, item: str) -> str:
     prefix, dot, field = flag.partition(".")
     if dot and field and difflib.get_close_matches(prefix, ["--config"], cutoff=0.75):
         return f"; did you mean --config.{field}{sep}{value}?"
+    name = flag.lstrip("-").replace("-", "_")  # '--seed=1', '--batch-size', '--model.depth'
+    if flag.startswith("--") and name in _config_fields():
+        return f"; did you mean --config.{name}{sep}{value}?"
     options = [o for o in parser._option_string_actions if o.startswith("--")]
     close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
@@ -210,10 +224,12 @@ def parse_overrides(parser: argparse.ArgumentParser, rest: Sequence[str]) -> lis
     overrides, i = [], 0
     while i < len(rest):
         item = rest[i]
-        if not item.startswith("--config."):
+        joined = "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--")
+        if not item.startswith("--config."):  # '--seed 1': did you mean --config.seed=1?
+            meant = f"{item}={rest[i + 1]}" if joined else item
             parser.error(f"unrecognised argument {item!r} (overrides look like "
-                         f"--config.<field>=<value>){_did_you_mean(parser, item)}")
-        if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                         f"--config.<field>=<value>){_did_you_mean(parser, meant)}")
+        if joined:
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)
         i += 1

@@ -671,6 +671,50 @@ def test_a_step_that_cannot_be_deleted_is_refused_before_training(tmp_path, mesh
     ckpts.close()
 
 
+@pytest.mark.parametrize("where", ["step", "inside"])
+def test_a_step_that_cannot_be_listed_is_refused_before_training(tmp_path, mesh, monkeypatch,
+                                                                 where):
+    """A step directory of mode 0o300 (write and enter, not read) passed the start-up
+    check, which asked only for write access, and os.walk skipped what it could not list:
+    the run trained until it restored or rotated that step. Refused at the start now,
+    naming the directory and the access it lacks."""
+    from stochastic_depth_jax import errors
+
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+    ckpts.save("latest", 1, _with_step(_state(mesh), 1, mesh), {"epoch": 1})
+    ckpts.close()
+    step_dir = os.path.join(str(tmp_path), "checkpoints", "1")
+    denied = step_dir if where == "step" else os.path.join(step_dir, "state")
+    real_access, real_scandir = os.access, os.scandir
+
+    def access(path, mode, *args, **kwargs):  # as chmod 300 would, also for root
+        if os.path.abspath(path) == denied and mode & os.R_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib.os, "access", access)
+    with pytest.raises(errors.WorkdirError) as info:
+        ckpt_lib.Checkpoints(tmp_path)
+    expected = (
+        f"Cannot read {denied} (Permission denied): this user may not read it (a workdir "
+        "copied from another user, or its modes changed): give it read access (chmod/chown) "
+        "or work on a copy you own. Training restores its checkpoints and deletes old ones "
+        f"as it saves new ones, so every directory in {step_dir} must be readable and "
+        "writable.")
+    assert str(info.value) == expected
+
+    def scandir(path="."):  # as listing it fails for another user than root
+        if os.path.abspath(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(ckpt_lib.os, "access", real_access)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(errors.WorkdirError) as info:
+        ckpt_lib.Checkpoints(tmp_path)
+    assert str(info.value) == expected
+
+
 @pytest.mark.parametrize("name", ["checkpoints", "checkpoints_best"])
 def test_a_step_linked_to_another_runs_checkpoint_is_refused_before_training(tmp_path, mesh,
                                                                              name):

@@ -897,3 +897,22 @@ def test_an_empty_output_is_refused(capsys, tmp_path):
     assert line == ("error: --output is empty (an unset shell variable?); give a JSON path, or "
                     "leave the flag out for the default in the workdir.")
     assert os.listdir(tmp_path) == []
+
+
+def test_output_never_replaces_a_sweep_s_diverged_record(capsys, tmp_path):
+    """--output <run>/diverged.json was accepted: the evaluation's JSON replaced the sweep's
+    record that the run diverged (its rerun then trained the run again), or, written before
+    it, was read by the sweep as a damaged record. Refused before any work, like the run's
+    other own files."""
+    workdir = tmp_path / "depth8_pL0.5"
+    workdir.mkdir()
+    (workdir / "run.json").write_text("{}")
+    record = workdir / "diverged.json"
+    record.write_text('{"step": 5, "epoch": 2, "kept_step": 4}')
+    for name in ("diverged.json", "summary.json"):
+        path = str(workdir / name)
+        line = one_line_error(capsys, evaluate_cli.main,
+                              ["--workdir", str(workdir), "--output", path])
+        assert line.startswith(f"error: --output {path} is the name of one of the run's own")
+        assert "there; a sweep, its diverged.json), which" in line
+    assert record.read_text() == '{"step": 5, "epoch": 2, "kept_step": 4}'

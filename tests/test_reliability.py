@@ -724,6 +724,108 @@ def test_temporary_files_left_by_killed_writes_are_removed_at_start(run, tmp_pat
     assert open(os.path.join(workdir, "summary.json")).read() == summary
 
 
+def _write_old(path, text='{"ste'):
+    """A file as a kill mid-write left it, long enough ago."""
+    with open(path, "w") as f:
+        f.write(text)
+    old = time.time() - 10 * workdir_lib.ABANDONED_AFTER_S
+    os.utime(path, (old, old))
+
+
+def test_evaluations_killed_while_writing_leave_no_temporary_files(capsys, run, tmp_path):
+    """evaluate.py killed while writing its result left 'eval_best_test.json.tmp-<12 hex>'
+    in the run's workdir, one more each time, which nothing removed (a run's start leaves
+    them: an evaluation may be writing). The next evaluation removes those no process holds
+    and not just created; the run's own, other names, and one being written stay."""
+    import fcntl
+
+    _, workdir = _copy(run, tmp_path)
+    abandoned = ["eval_best_test.json.tmp-0123456789ab", "eval_step8_test.json.tmp-aaaaaaaaaaaa",
+                 "depth_curve_survival.png.tmp-0123456789ab"]
+    kept = ["run.json.tmp-0123456789ab", "eval_best_test.json.tmp-mine",
+            "eval_best_test.json.tmp-0123456789abc", "notes.json.tmp-0123456789ab",
+            "eval_latest_test.json.tmp-bbbbbbbbbbbb", "eval_best_test.json.tmp-cccccccccccc"]
+    for name in abandoned + kept:
+        _write_old(os.path.join(workdir, name))
+    os.utime(os.path.join(workdir, kept[-1]))  # just created: not locked yet
+    held = open(os.path.join(workdir, kept[-2]))  # another evaluation writing it
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    _write_old(str(out / "mine.json.tmp-0123456789ab"))
+    _write_old(str(out / "other.json.tmp-0123456789ab"))
+    try:
+        evaluate_cli.main(["--workdir", workdir, "--output", str(out / "mine.json")])
+    finally:
+        held.close()
+    left = set(os.listdir(workdir))
+    assert left.isdisjoint(abandoned) and set(kept) <= left
+    assert sorted(os.listdir(out)) == ["mine.json", "other.json.tmp-0123456789ab"]
+    assert json.loads((out / "mine.json").read_text())["split"] == "test"
+
+
+_WRITING = """
+import sys, time
+from stochastic_depth_jax.training import workdir
+with workdir.atomic_write(sys.argv[1]) as f:
+    f.write('{"ste')
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_write_in_progress_is_kept_and_a_killed_one_removed(tmp_path):
+    """Told apart by the writer's flock, which the kernel releases when it is killed, not
+    by age alone: a slow writer's file is never removed under it."""
+    path = str(tmp_path / "eval_best_test.json")
+    writer = subprocess.Popen([sys.executable, "-c", _WRITING, path], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        [tmp] = os.listdir(tmp_path)
+        later = time.time() + 10 * workdir_lib.ABANDONED_AFTER_S
+        assert workdir_lib.remove_abandoned_temporaries(
+            str(tmp_path), lambda n: True, now=later) == []
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert workdir_lib.remove_abandoned_temporaries(str(tmp_path), lambda n: True) == []
+    assert workdir_lib.remove_abandoned_temporaries(
+        str(tmp_path), lambda n: True, now=later) == [os.path.join(str(tmp_path), tmp)]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_write_probe_does_not_keep_a_failed_first_run_s_workdir(tmp_path,
+                                                                      monkeypatch):
+    """A run killed while checking that its new workdir is writable left
+    '.write-test-<pid>' there: the next run found the workdir existing, not its own, and
+    kept it when it failed before writing anything, as if it held results. Such probes are
+    removed; a workdir holding something else is kept, with it."""
+    workdir = tmp_path / "new"
+    workdir.mkdir()
+    (workdir / ".write-test-4242").write_text("ok")
+    assert workdir_lib.prepare_workdir(str(workdir)) is True
+    assert os.listdir(workdir) == []
+    workdir_lib.remove_unused(str(workdir))
+    assert not workdir.exists()
+    workdir.mkdir()
+    for name in (".write-test-4242", ".write-test-x", "notes.txt"):
+        (workdir / name).write_text("ok")
+    assert workdir_lib.prepare_workdir(str(workdir)) is False
+    assert sorted(os.listdir(workdir)) == [".write-test-x", "notes.txt"]
+    # A run starting beside it removed this run's probe first: not a failure to write.
+    real_remove = os.remove
+
+    def remove(path, *args, **kwargs):
+        real_remove(path, *args, **kwargs)
+        if os.path.basename(path).startswith(".write-test-"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+
+    monkeypatch.setattr(workdir_lib.os, "remove", remove)
+    assert workdir_lib.prepare_workdir(str(workdir)) is False
+
+
 def test_dropped_records_warning_names_only_the_dropped_epochs(tmp_path):
     """A run stopped after epoch 76's record but before its checkpoint resumes at 75."""
     workdir = str(tmp_path)

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import time
 import warnings
 
 import ml_collections
@@ -66,12 +67,18 @@ def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expecte
     ("train", "--confg.seed=1", "; did you mean --config.seed=1?"),
     ("sweep", "--configs.num_epochs", "; did you mean --config.num_epochs?"),
     ("sweep", "--no-such-flag", ""),
+    # An override without its '--config.' prefix: said as for a misspelt prefix.
+    ("train", "--seed=1", "; did you mean --config.seed=1?"),
+    ("train", "--batch-size", "; did you mean --config.batch_size?"),
+    ("train", "--seed 1", "; did you mean --config.seed=1?"),
+    ("sweep", "--model.width=4", "; did you mean --config.model.width=4?"),
 ])
 def test_a_misspelt_flag_names_the_flag_meant(capsys, tmp_path, script, flag, hint):
     """A misspelt flag was 'unrecognised argument ... (overrides look like --config.<field>=
     <value>)', whatever it was close to."""
-    main, argv = ((train_cli.main, ["--config", "cifar10:smoke", flag]) if script == "train"
-                  else (sweep_cli.main, _sweep_argv(tmp_path, flag)))
+    flag, *value = flag.split(" ")  # '--seed 1': the flag, then its value
+    main, argv = ((train_cli.main, ["--config", "cifar10:smoke", flag, *value])
+                  if script == "train" else (sweep_cli.main, _sweep_argv(tmp_path, flag)))
     with pytest.raises(SystemExit) as info:
         main(argv)
     [line] = [x for x in capsys.readouterr().err.splitlines() if ": error: " in x]
@@ -979,3 +986,158 @@ def test_a_sweep_stopped_after_a_diverged_run_does_not_count_it_finished(tmp_pat
             sweep.run_sweep(runs, str(tmp_path / "runs"), train=train)
     assert "with 0 of 2 runs finished and 1 diverged; the rest have not started" in \
         str(stopped.value)
+
+
+def test_figs_7_and_3_say_a_deeper_run_diverged_not_that_it_has_no_epoch_yet(tmp_path):
+    """A deeper run that diverged in its first epoch was left out of Figs. 7 and 3 as 'no
+    finished epoch yet', as if a rerun of the sweep would finish it (the rerun skips it)."""
+    runs = [_run(tmp_path, "depth8_pL0.5", 0.5, finished=True),
+            {**_run(tmp_path, "depth14_pL0.5", 0.5, finished=False), "depth": 14,
+             "records": [], "diverged": {"step": 2, "epoch": 1, "kept_step": 0}}]
+    for record in runs[0]["records"]:
+        record.update(test_error=0.9, train_loss=2.3)
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    for figure in ("fig7_first_conv_grad", "fig3_error_curves"):
+        assert _sidecar(str(tmp_path), figure)["left_out"] == {
+            "depth14_pL0.5": "diverged at epoch 1"}
+
+
+def test_a_sweep_removes_the_temporary_files_its_killed_writes_left(tmp_path):
+    """A sweep killed while writing a run's diverged.json, or its figures, left
+    'diverged.json.tmp-<12 hex>' (never removed: a diverged run is skipped, never started
+    again) and '<figure>.tmp-<12 hex>'. The next sweep removes them; a finished file and
+    other names stay."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.4)
+    old = time.time() - 10 * workdir_lib.ABANDONED_AFTER_S
+    made = {os.path.join(root, name): ["diverged.json.tmp-0123456789ab",
+                                      "notes.json.tmp-0123456789ab"],
+            os.path.join(root, "figures"): ["fig8_error_vs_p_last.png.tmp-0123456789ab",
+                                            "fig8_error_vs_p_last.json.tmp-0123456789ab",
+                                            "training_time.md.tmp-0123456789ab",
+                                            "mine.png.tmp-0123456789ab"]}
+    for directory, names in made.items():
+        os.makedirs(directory, exist_ok=True)
+        for entry in names:
+            path = os.path.join(directory, entry)
+            with open(path, "w") as f:
+                f.write("{")
+            os.utime(path, (old, old))
+    runs = [(n, load_config("cifar10:smoke", extra)) for n, extra in sweep.plan([8], [0.5])]
+    assert sweep.run_sweep(runs, root, train=lambda c, w: pytest.fail("trained")) == {
+        name: "skipped (finished)"}
+    assert "diverged.json.tmp-0123456789ab" not in os.listdir(os.path.join(root, name))
+    assert "notes.json.tmp-0123456789ab" in os.listdir(os.path.join(root, name))
+    sweep.write_figures(sweep.collect(root), os.path.join(root, "figures"), report=None)
+    assert sorted(n for n in os.listdir(os.path.join(root, "figures")) if ".tmp-" in n) == [
+        "mine.png.tmp-0123456789ab"]
+
+
+def _diverged_run(root):
+    """A sweep's run that diverged in epoch 2 (its record, no summary), as the sweep leaves
+    it; returns its workdir."""
+    workdir = os.path.join(root, _finished_run(root, 8, 0.5, 0.4))
+    os.remove(os.path.join(workdir, "summary.json"))
+    with open(os.path.join(workdir, sweep.DIVERGED_FILE), "w") as f:
+        json.dump({"step": 5, "epoch": 2, "kept_step": 4, "error": "Non-finite"}, f)
+    return workdir
+
+
+def test_train_py_refuses_to_take_a_diverged_run_out_of_its_sweep(capsys, tmp_path):
+    """The divergence's error says 'Try a lower --config.learning_rate': train.py resumed
+    the sweep's run in place with it, and every later command of the sweep then stopped on
+    that run (another config). Refused before anything is written, saying to train a copy;
+    the sweep's own config (logging fields aside) still resumes it."""
+    root = str(tmp_path)
+    workdir = _diverged_run(root)
+    before = {n: open(os.path.join(workdir, n)).read() for n in os.listdir(workdir)}
+    [(_, extra)] = sweep.plan([8], [0.5])
+    argv = ["--config", "cifar10:smoke", "--workdir", workdir, *extra,
+            "--config.learning_rate=0.01"]
+    line = one_line_error(capsys, train_cli.main, argv)
+    copy = workdir + "_retry"
+    assert line == (
+        f"error: {workdir} is a sweep's run that diverged (diverged.json); resumed with "
+        "another config (learning_rate: 0.1 -> 0.01) it would no longer match its sweep, "
+        f"which would then refuse its --root. Train a copy instead (cp -r {workdir} {copy}, "
+        f"then --workdir {copy}), or sweep this config in a new --root.")
+    assert {n: open(os.path.join(workdir, n)).read() for n in os.listdir(workdir)} == before
+    for same in ([], ["--config.log_every_steps=1"]):
+        loop._refuse_to_leave_its_sweep(load_config("cifar10:smoke", extra + same), workdir)
+
+
+def test_a_diverged_run_resumed_by_hand_that_diverges_again_is_recorded_anew(
+        tmp_path, monkeypatch):
+    """A sweep's diverged run resumed by train.py that diverged again kept the record of
+    the first divergence: the sweep then named the wrong epoch and checkpoint."""
+    workdir = _diverged_run(str(tmp_path))
+    os.makedirs(os.path.join(workdir, "checkpoints", "8"))
+
+    def diverges(config, workdir):
+        error = loop.NonFiniteLossError("Non-finite training loss at step 11 (epoch 3).")
+        error.step, error.epoch = 11, 3
+        raise error
+
+    monkeypatch.setattr(loop, "_run_locked", diverges)
+    [(_, extra)] = sweep.plan([8], [0.5])
+    with pytest.raises(loop.NonFiniteLossError):
+        loop.train_and_evaluate(load_config("cifar10:smoke", extra), workdir)
+    with open(os.path.join(workdir, sweep.DIVERGED_FILE)) as f:
+        record = json.load(f)
+    assert record == {"step": 11, "epoch": 3, "kept_step": 8,
+                      "error": "Non-finite training loss at step 11 (epoch 3)."}
+    assert sweep.collect(str(tmp_path))[0]["diverged"]["epoch"] == 3
+    elsewhere = str(tmp_path / "alone")  # a run of no sweep gets no record
+    with pytest.raises(loop.NonFiniteLossError):
+        loop.train_and_evaluate(load_config("cifar10:smoke"), elsewhere)
+    assert not os.path.exists(os.path.join(elsewhere, sweep.DIVERGED_FILE))
+
+
+# Texts naming --workdir that a sweep's run never raises: evaluate.py's, the sweep's own
+# hint for evaluate.py, and train.py's refusal to take a run out of its sweep.
+_NOT_A_SWEEP_RUNS_ERROR = ("the --workdir of a training run", "'python evaluate.py --workdir ",
+                           ", then --workdir ")
+
+
+def _package_texts():
+    """``(file, text)`` of every string in the package's code (f-strings with '{}' for
+    their fields; docstrings left out: they are not messages)."""
+    import ast
+
+    package = os.path.dirname(os.path.dirname(sweep.__file__))
+    for directory, _, names in os.walk(package):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(directory, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            docs = {id(n.body[0].value) for n in ast.walk(tree)
+                    if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                      ast.AsyncFunctionDef))
+                    and n.body and isinstance(n.body[0], ast.Expr)}
+            parts = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.JoinedStr):
+                    parts.update(id(v) for v in node.values)
+                    yield path, "".join(v.value if isinstance(v, ast.Constant) else "{}"
+                                        for v in node.values)
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                        and id(node) not in docs | parts):
+                    yield path, node.value
+
+
+def test_every_fix_naming_workdir_is_said_in_the_sweep_s_words():
+    """The sweep rewords its runs' errors by phrase ('use another --workdir' -> 'give the
+    sweep another --root'): a message added or reworded since, with a phrase the table
+    lacks, told the sweep's user about a flag sweep.py does not have. Every text of the
+    package naming --workdir is reworded, or listed here as never a sweep run's error."""
+    checked = 0
+    for path, text in _package_texts():
+        if "--workdir" not in text or path == sweep.__file__:
+            continue
+        checked += 1
+        left = sweep._in_sweep_words("run", text)
+        for allowed in _NOT_A_SWEEP_RUNS_ERROR:
+            left = left.replace(allowed, "")
+        assert "--workdir" not in left, (path, text)
+    assert checked >= 15  # the texts were found

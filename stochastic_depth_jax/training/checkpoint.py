@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -162,7 +163,9 @@ def _check_steps_writable(directory: str) -> None:
                 "checkpoints as it saves new ones, which would delete the files there; "
                 f"replace the link with a copy (rm {step_dir} && cp -r {target} {step_dir}), "
                 "or use another --workdir.")
-        for parent, _, _ in os.walk(step_dir):
+        for parent, _, _ in os.walk(step_dir, onerror=functools.partial(_unlisted, step_dir)):
+            if not os.access(parent, os.R_OK):  # mode 0o300: it was never listed, yet
+                raise _unreadable_step(parent, step_dir)  # restoring and deleting list it
             if os.access(parent, os.W_OK | os.X_OK):
                 continue
             read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
@@ -171,6 +174,25 @@ def _check_steps_writable(directory: str) -> None:
             raise errors.WorkdirError(
                 f"{line} Training deletes old checkpoints as it saves new ones, so every "
                 f"directory in {step_dir} must be writable.")
+
+
+def _unlisted(step_dir: str, error: OSError) -> None:
+    """``os.walk``'s ``onerror``: a directory of ``step_dir`` it cannot list is not skipped
+    in silence (a directory this user may not read: :func:`_unreadable_step`)."""
+    if error.errno in (errno.EACCES, errno.EPERM) and error.filename:
+        raise _unreadable_step(error.filename, step_dir) from error
+    raise error
+
+
+def _unreadable_step(directory: str, step_dir: str) -> errors.WorkdirError:
+    """The error for a directory of a step this user may not list (write and enter, but not
+    read: mode 0o300): the write check passed it, and the run failed only when it restored
+    the step or its rotation deleted it."""
+    line = workdir_lib.describe_read_error(
+        OSError(errno.EACCES, os.strerror(errno.EACCES)), directory)
+    return errors.WorkdirError(
+        f"{line} Training restores its checkpoints and deletes old ones as it saves new ones, "
+        f"so every directory in {step_dir} must be readable and writable.")
 
 
 # Where a training run moves the newest save an earlier one left unfinished (one per kind).

@@ -39,7 +39,7 @@ from stochastic_depth_jax.training import step as step_lib
 from stochastic_depth_jax.training import stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["OWN_FILES", "train_and_evaluate", "NonFiniteLossError"]
+__all__ = ["OWN_FILES", "DIVERGED_FILE", "train_and_evaluate", "NonFiniteLossError"]
 
 SUMMARY_FILE = "summary.json"
 # The files a training run replaces whole (workdir.atomic_write): a kill mid-write left a
@@ -47,6 +47,9 @@ SUMMARY_FILE = "summary.json"
 # run may train, are left alone); evaluate.py --output may not name one.
 OWN_FILES = (evaluate_lib.RUN_FILE, SUMMARY_FILE, metrics_lib.METRICS_FILE,
               metrics_lib.VALIDATION_FILE, *plots.CURVE_FILES)
+# A sweep's record, in a run's workdir, that the run diverged there (training.sweep): where,
+# the checkpoint kept, and the error. A sweep's rerun skips the run instead of diverging again.
+DIVERGED_FILE = "diverged.json"
 
 
 class NonFiniteLossError(errors.Error, FloatingPointError):
@@ -65,6 +68,22 @@ def _diverged(message: str, step: int, epoch: int) -> NonFiniteLossError:
     error = NonFiniteLossError(message)
     error.step, error.epoch = step, epoch
     return error
+
+
+def write_divergence(workdir: str, error: NonFiniteLossError) -> dict[str, Any]:
+    """Writes :data:`DIVERGED_FILE` in ``workdir`` for ``error`` (process 0; every process
+    returns the record): the step and epoch where training diverged, the newest committed
+    checkpoint (``kept_step``, 0 if none) and the error."""
+    directory = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
+        directory) else []
+    record = {"step": error.step, "epoch": error.epoch, "kept_step": max(steps, default=0),
+              "error": str(error)}
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)  # a sweep's caller's train= may not have made it
+        with workdir_lib.atomic_write(os.path.join(workdir, DIVERGED_FILE)) as f:
+            json.dump(record, f, indent=2)
+    return record
 
 
 def _host(tree: Any) -> Any:
@@ -787,6 +806,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   "the run writes its checkpoints, metrics and plots to.")
     workdir = os.path.abspath(os.path.expanduser(workdir))  # '~/runs/x': not a './~' folder
     _refuse_a_sweep_root(workdir)
+    _refuse_to_leave_its_sweep(config, workdir)
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
 
@@ -813,7 +833,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         lock.acquire()
         return _run_locked(config, workdir)
-    except BaseException:
+    except BaseException as e:
+        if (isinstance(e, NonFiniteLossError)  # a sweep's diverged run, resumed by hand
+                and os.path.exists(os.path.join(workdir, DIVERGED_FILE))):
+            with contextlib.suppress(OSError):  # its error says what matters
+                write_divergence(workdir, e)  # where it diverged now: not a stale record
         if not distributed.closes_pending():  # else: a save still writes there
             remove_unused()
         raise
@@ -843,6 +867,29 @@ def _refuse_a_sweep_root(workdir: str) -> None:
             "root?), not one run: a run there would mix its files with theirs, and the sweep "
             "could not be continued; give this run a directory of its own (e.g. "
             f"{os.path.join(workdir, '<name>')}).")
+
+
+def _refuse_to_leave_its_sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to resume a sweep's run that diverged (its :data:`DIVERGED_FILE`) with a
+    config its sweep would refuse (``--config.learning_rate`` lowered, as the divergence's
+    error suggests): trained on in place, the run no longer matched its sweep, whose every
+    later command then stopped on it (and its record said where it diverged before). The
+    line says to train a copy. The same config resumes, as in the sweep."""
+    if not os.path.exists(os.path.join(workdir, DIVERGED_FILE)):
+        return
+    from stochastic_depth_jax.training import sweep as sweep_lib  # it imports this module
+
+    try:
+        changes = sweep_lib.config_differences(workdir, config)
+    except errors.Error:  # a damaged or refused run.json: said below, as for any run
+        return
+    if changes:
+        copy = workdir.rstrip(os.sep) + "_retry"
+        raise errors.ConfigError(
+            f"{workdir} is a sweep's run that diverged ({DIVERGED_FILE}); resumed with another "
+            f"config ({'; '.join(changes)}) it would no longer match its sweep, which would "
+            f"then refuse its --root. Train a copy instead (cp -r {workdir} {copy}, then "
+            f"--workdir {copy}), or sweep this config in a new --root.")
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -59,7 +59,7 @@ FIGURES_DIR = "figures"
 SUMMARY_FILE = loop_lib.SUMMARY_FILE
 # Written into a run's workdir when its training diverged (loop.NonFiniteLossError): where,
 # the checkpoint kept, and the error. A rerun skips the run instead of diverging again.
-DIVERGED_FILE = "diverged.json"
+DIVERGED_FILE = loop_lib.DIVERGED_FILE
 
 
 def run_name(depth: int, p_last: float) -> str:
@@ -161,10 +161,26 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     Raises:
       errors.ConfigError: naming the differing fields, the run directory and the fix.
     """
+    changes = config_differences(workdir, config)
+    if changes:
+        # A sweep recorded before 'A-avg' became the default: the same command changes it.
+        continued = (" (recorded before 'A-avg' became the default: add "
+                     "--config.model.shortcut=A to continue it)"
+                     if "model.shortcut: 'A' -> 'A-avg'" in changes else "")
+        raise errors.ConfigError(
+            f"{workdir} holds a run trained with a different config ({'; '.join(changes)})"
+            f"{continued}; use a new --root for this config, or remove {workdir} to retrain it.")
+
+
+def config_differences(workdir: str, config: ml_collections.ConfigDict,
+                       fix: str | None = None) -> list[str]:
+    """The differences (``'learning_rate: 0.1 -> 0.05'``) between the config ``workdir``'s
+    ``run.json`` records and ``config`` that :func:`check_same_config` refuses; none where
+    there is no ``run.json`` yet. ``fix``: what to do about a damaged ``run.json``."""
     if not os.path.exists(os.path.join(workdir, evaluate_lib.RUN_FILE)):
-        return
+        return []
     old_config, _ = evaluate_lib.load_run_config(
-        workdir, fix=f"restore it from a copy, or remove {workdir} to retrain it")
+        workdir, fix=fix or f"restore it from a copy, or remove {workdir} to retrain it")
     # The new config as training records it (an image folder's relative path or file://
     # URL made the absolute path), else the same command would be refused the second time.
     config = setup_lib.absolute_data_paths(config)
@@ -183,14 +199,7 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
             changes.append(f"{field}: {a!r} -> {b!r} (shorter; a longer one extends the run)")
             continue
         changes.append(f"{field}: {a!r} -> {b!r}")
-    if changes:
-        # A sweep recorded before 'A-avg' became the default: the same command changes it.
-        continued = (" (recorded before 'A-avg' became the default: add "
-                     "--config.model.shortcut=A to continue it)"
-                     if "model.shortcut: 'A' -> 'A-avg'" in changes else "")
-        raise errors.ConfigError(
-            f"{workdir} holds a run trained with a different config ({'; '.join(changes)})"
-            f"{continued}; use a new --root for this config, or remove {workdir} to retrain it.")
+    return changes
 
 
 def _total_steps(summary: dict[str, Any], config: ml_collections.ConfigDict) -> int:
@@ -270,13 +279,8 @@ def _divergence(workdir: str) -> dict[str, Any] | None:
 def _record_divergence(name: str, workdir: str, error: loop_lib.NonFiniteLossError) -> str:
     """Writes :data:`DIVERGED_FILE` for the run ``name`` that raised ``error`` and warns
     that the sweep goes on; returns the run's status (``'diverged at epoch N'``)."""
-    record = {"step": error.step, "epoch": error.epoch,
-              "kept_step": max(_saved_steps(workdir), default=0), "error": str(error)}
+    record = loop_lib.write_divergence(workdir, error)
     path = os.path.join(workdir, DIVERGED_FILE)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)  # a caller's train= may not have made it
-        with workdir_lib.atomic_write(path) as f:
-            json.dump(record, f, indent=2)
     status = figures.diverged_label({"diverged": record})
     warnings.warn(f"{name} {status}: its training loss or parameters became non-finite "
                   f"(recorded in {path}); the sweep goes on with its next run.",
@@ -290,7 +294,8 @@ def _is_diverged(status: str) -> bool:
 
 
 # The fixes a run's own errors give that name train.py's --workdir: in a sweep the workdir
-# is <root>/<run>, chosen by the sweep.
+# is <root>/<run>, chosen by the sweep. A test reads every text of the package that names
+# --workdir and fails on one this table does not reword: add its phrase here.
 _SWEEP_WORDS = (
     ("use another --workdir", "give the sweep another --root"),
     ("train in a fresh --workdir", "give the sweep a new --root"),
@@ -372,6 +377,8 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         for name, config in runs:
             _stop_between_runs(stop, status, len(runs), root)
             workdir = os.path.join(root, name)
+            if jax.process_index() == 0:  # a record's write a kill cut short (each kill one)
+                workdir_lib.remove_abandoned_temporaries(workdir, {DIVERGED_FILE}.__contains__)
             if is_finished(workdir, config):
                 status[name] = "skipped (finished)"
                 continue
@@ -687,6 +694,9 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
                                  "a CIFAR ResNet / WideResNet run.")
     out_dir = os.path.expanduser(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    # What a drawing killed mid-write left (each kill one more); another sweep's, still
+    # being written, is held and stays.
+    workdir_lib.remove_abandoned_temporaries(out_dir, _FIGURE_FILES.__contains__)
     series = label_series(runs) if all("config" in r for r in runs) else {}
     runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
     drawn8 = [r for r in runs if r["finished"]]
@@ -722,6 +732,11 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     return {"fig8": fig8, "fig7": fig7, "fig3": fig3, "training_time": table}
 
 
+_FIGURES = ("fig8_error_vs_p_last.png", "fig7_first_conv_grad.png", "fig3_error_curves.png")
+# The files write_figures writes: the figures, their sidecars, the table.
+_FIGURE_FILES = frozenset((*_FIGURES, *map(figures.sidecar_path, _FIGURES), "training_time.md"))
+
+
 def _deepest_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
                                                            dict[str, str]]:
     """The runs Figs. 7 and 3 draw (each series' deepest depth that has a finished epoch,
@@ -737,10 +752,17 @@ def _deepest_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
         deepest[label] = max([r["depth"] for r in mine if has_epoch(r)]
                              or [r["depth"] for r in mine])
     drawn = [r for r in runs if r["depth"] == deepest[r["series"]]]
-    left = {r["name"]: ("no finished epoch yet" if r["depth"] > deepest[r["series"]] else
+    left = {r["name"]: (_no_epoch_why(r) if r["depth"] > deepest[r["series"]] else
                         "not the deepest depth" + (" of its series" if r["series"] else ""))
             for r in runs if r["depth"] != deepest[r["series"]]}
     return drawn, left
+
+
+def _no_epoch_why(run: dict[str, Any]) -> str:
+    """Why a deeper run without a finished epoch is not drawn: it diverged in its first
+    epoch (``'diverged at epoch 1'``; 'no finished epoch yet' read as a run in progress,
+    which a rerun of the sweep would finish), or it has not finished one yet."""
+    return figures.diverged_label(run) or "no finished epoch yet"
 
 
 def _table_only(runs: Sequence[dict[str, Any]], out_dir: str, problem: str,

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ __all__ = [
     "remove_unused",
     "atomic_write",
     "remove_stale_temporaries",
+    "remove_abandoned_temporaries",
     "naming",
     "describe_os_error",
     "dangling_link",
@@ -225,15 +227,42 @@ def prepare_workdir(path: str) -> bool:
     created = not os.path.exists(path)
     if created and os.path.islink(path):
         raise errors.WorkdirError(dangling_link(path, "resume the run there"))
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    if not created:  # a run killed during this check left its probe: nothing else
+        created = _remove_probes(path)
+    probe = os.path.join(path, f"{_PROBE_PREFIX}{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
+        with contextlib.suppress(FileNotFoundError):  # a run starting beside it removed it
+            os.remove(probe)
     except OSError as e:
         raise errors.WorkdirError(describe_os_error(e, path)) from e
     return created
+
+
+# prepare_workdir's probe: '.write-test-<pid>'.
+_PROBE_PREFIX = ".write-test-"
+_PROBE = re.compile(re.escape(_PROBE_PREFIX) + r"[0-9]+")
+
+
+def _remove_probes(path: str) -> bool:
+    """Removes the probes (regular files named ``.write-test-<pid>``) that runs killed while
+    :func:`prepare_workdir` checked ``path`` left; True if ``path`` held nothing else (made
+    by such a run, or empty before it): the run now starting takes it as new, and removes
+    it if it fails having written nothing (a probe kept it, as if it held results). Never
+    raises: a leftover must not stop a run."""
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    probes = [e for e in entries if _PROBE.fullmatch(e)
+              and os.path.isfile(os.path.join(path, e))
+              and not os.path.islink(os.path.join(path, e))]
+    for entry in probes:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(path, entry))
+    return bool(probes) and len(probes) == len(entries)
 
 
 # atomic_write's temporary files are '<path>.tmp-<this many hexadecimal digits>'.
@@ -266,20 +295,63 @@ def remove_stale_temporaries(directory: str, names: Iterable[str]) -> list[str]:
     return removed
 
 
+# A temporary file of atomic_write's older than this, that no process holds, was left by a
+# writer killed mid-write (remove_abandoned_temporaries); a live one holds it the while.
+ABANDONED_AFTER_S = 60.0
+
+
+def remove_abandoned_temporaries(directory: str, is_name: Callable[[str], bool],
+                                 now: float | None = None) -> list[str]:
+    """Removes the temporary files of :func:`atomic_write` in ``directory`` for the names
+    ``is_name`` accepts (``<name>.tmp-<12 hex digits>``) that a writer killed mid-write left
+    (each kill left one more): those no process holds (a live writer holds an ``flock`` on
+    its file until it is renamed) and not written to for :data:`ABANDONED_AFTER_S` (a
+    writer may have created its file and not locked it yet). Safe where other processes
+    write the same names (evaluations of one run); a file that cannot be locked (no
+    ``flock`` on this filesystem) is left. Returns the paths removed; never raises."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in sorted(entries):
+        name, dot, suffix = entry.rpartition(".tmp-")
+        if not (dot and _TEMPORARY.fullmatch(dot + suffix) and is_name(name)):
+            continue
+        path = os.path.join(directory, entry)
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < ABANDONED_AFTER_S:
+                continue
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live writer's
+                os.remove(path)
+                removed.append(path)
+            finally:
+                os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w") -> Iterator[IO[Any]]:
     """A file (opened with ``mode``: ``"w"`` or ``"wb"``) whose content replaces ``path``
     only once all of it is written and on disk: it is written beside ``path`` and renamed
     onto it, so a crash or an error mid-write leaves the earlier ``path`` (or none), never a
     truncated one; the partial file is removed on an error. Its name is unique, so
-    processes writing the same path (a shared filesystem) each rename a whole file."""
+    processes writing the same path (a shared filesystem) each rename a whole file. The
+    writer holds an ``flock`` on it until it is renamed: one a kill left is told from one
+    being written (:func:`remove_abandoned_temporaries`)."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:_TEMPORARY_DIGITS]}"
     try:
         with naming(path), open(tmp, mode) as f:
+            with contextlib.suppress(OSError):  # a filesystem without flock: written all the same
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still open, so still held
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
