@@ -801,16 +801,26 @@ def test_a_killed_write_probe_does_not_keep_a_failed_first_run_s_workdir(tmp_pat
     """A run killed while checking that its new workdir is writable left
     '.write-test-<pid>' there: the next run found the workdir existing, not its own, and
     kept it when it failed before writing anything, as if it held results. Such probes are
-    removed; a workdir holding something else is kept, with it."""
+    removed (not those of a process still running: a run starting beside it); a workdir
+    holding something else is kept, with it."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead = f".write-test-{ended.pid}"
     workdir = tmp_path / "new"
     workdir.mkdir()
-    (workdir / ".write-test-4242").write_text("ok")
+    # A run starting beside this one (here: this test's parent process) holds its probe.
+    live = f".write-test-{os.getppid()}"
+    (workdir / live).write_text("ok")
+    assert workdir_lib.prepare_workdir(str(workdir)) is False
+    assert os.listdir(workdir) == [live]
+    os.remove(workdir / live)
+    (workdir / dead).write_text("ok")
     assert workdir_lib.prepare_workdir(str(workdir)) is True
     assert os.listdir(workdir) == []
     workdir_lib.remove_unused(str(workdir))
     assert not workdir.exists()
     workdir.mkdir()
-    for name in (".write-test-4242", ".write-test-x", "notes.txt"):
+    for name in (dead, ".write-test-x", "notes.txt"):
         (workdir / name).write_text("ok")
     assert workdir_lib.prepare_workdir(str(workdir)) is False
     assert sorted(os.listdir(workdir)) == [".write-test-x", "notes.txt"]

@@ -246,10 +246,24 @@ _PROBE_PREFIX = ".write-test-"
 _PROBE = re.compile(re.escape(_PROBE_PREFIX) + r"[0-9]+")
 
 
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host: its probe may be in use (a run starting
+    beside this one, whose checks then fail in their own way), so it is left."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 def _remove_probes(path: str) -> bool:
-    """Removes the probes (regular files named ``.write-test-<pid>``) that runs killed while
-    :func:`prepare_workdir` checked ``path`` left; True if ``path`` held nothing else (made
-    by such a run, or empty before it): the run now starting takes it as new, and removes
+    """Removes the probes (regular files named ``.write-test-<pid>``, ``pid`` not running
+    here) that runs killed while :func:`prepare_workdir` checked ``path`` left; True if
+    ``path`` held nothing else (made by such a run, or empty before it): the run now starting takes it as new, and removes
     it if it fails having written nothing (a probe kept it, as if it held results). Never
     raises: a leftover must not stop a run."""
     try:
@@ -258,7 +272,8 @@ def _remove_probes(path: str) -> bool:
         return False
     probes = [e for e in entries if _PROBE.fullmatch(e)
               and os.path.isfile(os.path.join(path, e))
-              and not os.path.islink(os.path.join(path, e))]
+              and not os.path.islink(os.path.join(path, e))
+              and not _running(int(e[len(_PROBE_PREFIX):]))]
     for entry in probes:
         with contextlib.suppress(OSError):
             os.remove(os.path.join(path, entry))
