@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -1055,13 +1056,19 @@ def test_train_py_refuses_to_take_a_diverged_run_out_of_its_sweep(capsys, tmp_pa
     argv = ["--config", "cifar10:smoke", "--workdir", workdir, *extra,
             "--config.learning_rate=0.01"]
     line = one_line_error(capsys, train_cli.main, argv)
-    copy = workdir + "_retry"
+    copy = str(tmp_path.parent / f"{tmp_path.name}_{os.path.basename(workdir)}_retry")
     assert line == (
         f"error: {workdir} is a sweep's run that diverged (diverged.json); resumed with "
         "another config (learning_rate: 0.1 -> 0.01) it would no longer match its sweep, "
-        f"which would then refuse its --root. Train a copy instead (cp -r {workdir} {copy}, "
-        f"then --workdir {copy}), or sweep this config in a new --root.")
+        "which would then refuse its --root. Train a copy outside the sweep instead (cp -r "
+        f"{workdir} {copy} && rm {copy}/diverged.json, then --workdir {copy}), or sweep this "
+        "config in a new --root.")
     assert {n: open(os.path.join(workdir, n)).read() for n in os.listdir(workdir)} == before
+    # The advice, followed: the copy is no run of the sweep, and takes the new config.
+    command = line.split("(cp -r ", 1)[1].split(", then", 1)[0]
+    subprocess.run("cp -r " + command, shell=True, check=True)
+    assert [r["name"] for r in sweep.collect(root)] == [os.path.basename(workdir)]
+    loop._refuse_to_leave_its_sweep(load_config("cifar10:smoke", extra + argv[-1:]), copy)
     for same in ([], ["--config.log_every_steps=1"]):
         loop._refuse_to_leave_its_sweep(load_config("cifar10:smoke", extra + same), workdir)
 

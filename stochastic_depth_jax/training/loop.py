@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import time
 import warnings
 from typing import Any, Callable
@@ -884,12 +885,24 @@ def _refuse_to_leave_its_sweep(config: ml_collections.ConfigDict, workdir: str) 
     except errors.Error:  # a damaged or refused run.json: said below, as for any run
         return
     if changes:
-        copy = workdir.rstrip(os.sep) + "_retry"
+        copy = _outside_its_sweep(workdir)
         raise errors.ConfigError(
             f"{workdir} is a sweep's run that diverged ({DIVERGED_FILE}); resumed with another "
             f"config ({'; '.join(changes)}) it would no longer match its sweep, which would "
-            f"then refuse its --root. Train a copy instead (cp -r {workdir} {copy}, then "
-            f"--workdir {copy}), or sweep this config in a new --root.")
+            f"then refuse its --root. Train a copy outside the sweep instead (cp -r "
+            f"{shlex.quote(workdir)} {shlex.quote(copy)} && rm "
+            f"{shlex.quote(os.path.join(copy, DIVERGED_FILE))}, then --workdir "
+            f"{shlex.quote(copy)}), or sweep this config in a new --root.")
+
+
+def _outside_its_sweep(workdir: str) -> str:
+    """Where a copy of a sweep's run goes to be trained on its own: beside the sweep's root
+    (a directory in the root is one of its runs, collected into its figures), named after
+    both ('<root>_<run>_retry')."""
+    run_dir = os.path.abspath(workdir)
+    root = os.path.dirname(run_dir)
+    return os.path.join(os.path.dirname(root),
+                        f"{os.path.basename(root)}_{os.path.basename(run_dir)}_retry")
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
