@@ -367,10 +367,12 @@ class ResidualStages(nn.Module):
             saved["old"] = tree
             return gather(tree)
 
-        def scatter(tree):  # only valid slots write their statistics back
+        def scatter(tree):  # only valid slots write their statistics back, as they are
+            # Padding slots aim past the end (each at its own index: all are unique) and are
+            # dropped, their blocks' statistics kept bit for bit (inf or NaN ones too).
             def put(old, new):
-                w = valid.reshape((-1,) + (1,) * (new.ndim - 1)).astype(new.dtype)
-                return old.at[idx].add((new - old[idx]) * w)
+                slots = jnp.where(valid, idx, old.shape[0] + jnp.arange(bucket))
+                return old.at[slots].set(new, mode="drop", unique_indices=True)
             return jax.tree_util.tree_map(put, saved["old"], tree)
 
         stage = _scanned_body(bucket, self.scan_unroll)

@@ -656,6 +656,46 @@ def test_compact_mode_equals_skipping():
         jax.tree_util.tree_map(close, u_comp, u_skip)  # dropped blocks' stats unchanged too
 
 
+def test_compact_mode_writes_statistics_back_exactly():
+    """Compact mode wrote each slot's statistics back as ``old + (new - old) * valid``: a kept
+    block's came back rounded to the old value's precision (1 absolute at 1e8, where the
+    batch's own statistic is about 1), and a padding slot's inf came back NaN (inf * 0).
+    Masking (the same arithmetic in a scan of every block) gives the batch's statistics and
+    keeps a dropped block's inf; compact mode now gives them bit for bit. With momentum 1 a
+    running statistic is the batch's own."""
+    norm = functools.partial(sdj.BatchNorm, momentum=1.0)
+    model = tiny(depth=26, scan=True, norm=norm)  # three scanned blocks per stage
+    gates = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1], bool)
+    buckets = model.compact_buckets(gates, 2)
+    assert buckets == (2, 2, 2)  # stage 3 keeps one: its padding slot is a dropped block
+    kept = jnp.asarray(gates.reshape(3, 4)[:, 1:])  # per stage, its scanned blocks
+    v = init(model)
+
+    def extreme(path, a):  # scanned: 1e8 where kept, inf where dropped
+        stage = [k.key for k in path if str(k.key).endswith("_scan")]
+        if not stage:
+            return a
+        rows = kept[int(stage[0][5]) - 1].reshape((-1,) + (1,) * (a.ndim - 1))
+        return jnp.where(rows, jnp.full_like(a, 1e8), jnp.inf)
+
+    v["batch_stats"] = jax.tree_util.tree_map_with_path(extreme, v["batch_stats"])
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(model, buckets, v):
+        return model.apply(v, X, train=True, gates=jnp.asarray(gates), buckets=buckets,
+                           mutable=["batch_stats"])[1]["batch_stats"]
+
+    compact = run(model, buckets, v)
+    masked = run(tiny(depth=26, scan=True, norm=norm, implementation="mask"), None, v)
+    skipped = run(model, None, v)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, compact, masked)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           compact, skipped)
+    stage3 = compact["stages"]["stage3_scan"]["block"]["stochastic_depth"]["branch"]
+    assert all(np.all(np.isinf(stat[:2])) and np.all(np.abs(stat[2]) < 1e3)
+               for bn in stage3.values() for stat in bn.values())
+
+
 def test_compact_mode_masks_unscanned_stages_instead_of_branching():
     """Compact mode promises no conditional: a stage too short to scan (scan=None, ResNet-20
     to -44, WRN-28) ran its blocks under lax.cond, the model's 'skip', while run.json said
