@@ -796,6 +796,34 @@ def test_a_write_in_progress_is_kept_and_a_killed_one_removed(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_abandoned_temporaries_are_removed_where_flock_is_a_posix_lock(tmp_path, monkeypatch):
+    """On NFS, Linux emulates flock with POSIX locks, whose exclusive kind needs a file open
+    for writing: the clean-up asked for one on a file it opened to read, failed (EBADF) and
+    so left every abandoned file, while a writer's lock (its file open to write) works.
+    Emulated here; a live writer's file still stays."""
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def posix_emulated(fd, operation):
+        read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        if operation & fcntl.LOCK_EX and read_only:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", posix_emulated)
+    abandoned = str(tmp_path / "eval_best_test.json.tmp-0123456789ab")
+    _write_old(abandoned)
+    later = time.time() + 10 * workdir_lib.ABANDONED_AFTER_S
+    with workdir_lib.atomic_write(str(tmp_path / "eval_latest_test.json")) as f:
+        f.write("{}")
+        assert workdir_lib.remove_abandoned_temporaries(
+            str(tmp_path), lambda n: True, now=later) == [abandoned]
+        [writing] = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+        assert writing.startswith("eval_latest_test.json.tmp-")
+    assert os.listdir(tmp_path) == ["eval_latest_test.json"]
+
+
 def test_a_killed_write_probe_does_not_keep_a_failed_first_run_s_workdir(tmp_path,
                                                                       monkeypatch):
     """A run killed while checking that its new workdir is writable left

@@ -341,7 +341,10 @@ def remove_abandoned_temporaries(directory: str, is_name: Callable[[str], bool],
                 continue
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live writer's
+                # Shared: on NFS, flock is a POSIX lock, whose exclusive kind needs a file
+                # open for writing (EBADF here, so nothing was ever removed there). Either
+                # kind fails while a live writer holds its exclusive one.
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 os.remove(path)
                 removed.append(path)
             finally:
