@@ -1069,6 +1069,8 @@ def test_train_py_refuses_to_take_a_diverged_run_out_of_its_sweep(capsys, tmp_pa
     subprocess.run("cp -r " + command, shell=True, check=True)
     assert [r["name"] for r in sweep.collect(root)] == [os.path.basename(workdir)]
     loop._refuse_to_leave_its_sweep(load_config("cifar10:smoke", extra + argv[-1:]), copy)
+    # A second retry is named anew: cp -r into the first one's directory would nest the run.
+    assert one_line_error(capsys, train_cli.main, argv) == line.replace(copy, copy + "2")
     for same in ([], ["--config.log_every_steps=1"]):
         loop._refuse_to_leave_its_sweep(load_config("cifar10:smoke", extra + same), workdir)
 

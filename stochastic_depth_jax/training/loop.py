@@ -898,11 +898,17 @@ def _refuse_to_leave_its_sweep(config: ml_collections.ConfigDict, workdir: str) 
 def _outside_its_sweep(workdir: str) -> str:
     """Where a copy of a sweep's run goes to be trained on its own: beside the sweep's root
     (a directory in the root is one of its runs, collected into its figures), named after
-    both ('<root>_<run>_retry')."""
+    both ('<root>_<run>_retry', or '_retry2', ... where an earlier retry has that name:
+    ``cp -r`` would copy the run into it)."""
     run_dir = os.path.abspath(workdir)
     root = os.path.dirname(run_dir)
-    return os.path.join(os.path.dirname(root),
+    stem = os.path.join(os.path.dirname(root),
                         f"{os.path.basename(root)}_{os.path.basename(run_dir)}_retry")
+    copy, n = stem, 1
+    while os.path.lexists(copy):
+        n += 1
+        copy = f"{stem}{n}"
+    return copy
 
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
