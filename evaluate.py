@@ -161,13 +161,16 @@ def run(args) -> dict:
     if not os.path.isdir(args.workdir):
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)
-    import jax
+    # JAX's own setting (JAX_COMPILATION_CACHE_DIR), as a run's is checked: off for a job
+    # that must not use it or where it cannot be used, read-only said once.
+    cache = compilation.from_jax_setting()
+    cache.announce()
+    with cache.in_use():
+        return _evaluate(args)
 
+
+def _evaluate(args) -> dict:
     from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
-
-    cache, hazard = compilation.off_if_hazardous(jax.config.jax_compilation_cache_dir or "")
-    if hazard:  # JAX's own setting (JAX_COMPILATION_CACHE_DIR): off for this job.
-        compilation.use_cache_dir(cache)
 
     analysis = depth.run_from_args(args)  # --depth-curve / --export / --mc-samples
     if analysis is None:
