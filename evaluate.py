@@ -162,9 +162,10 @@ def run(args) -> dict:
         raise errors.CheckpointError(f"--workdir {args.workdir!r} is not a directory.")
     distributed.initialize(**job)
     # JAX's own setting (JAX_COMPILATION_CACHE_DIR), as a run's is checked: off for a job
-    # that must not use it or where it cannot be used, read-only said once.
+    # that must not use it or where it cannot be used, read-only said once; on stderr, as
+    # stdout is the JSON alone (evaluate.py ... | jq).
     cache = compilation.from_jax_setting()
-    cache.announce()
+    cache.announce(sys.stderr)
     with cache.in_use():
         return _evaluate(args)
 

@@ -212,7 +212,8 @@ def _evaluate_under_jaxs_cache_setting(monkeypatch, workdir, setting, out):
 
 def test_a_cache_hazard_turns_jaxs_own_cache_setting_off(monkeypatch, capsys, resnet, tmp_path):
     """A job that must not use the persistent cache (compilation.cache_hazard) evaluates
-    without it, also where JAX's own setting (JAX_COMPILATION_CACHE_DIR) turned it on."""
+    without it, also where JAX's own setting (JAX_COMPILATION_CACHE_DIR) turned it on. It
+    says so on stderr: its line on stdout broke `evaluate.py ... | jq`."""
     from stochastic_depth_jax.training import compilation
 
     _, workdir = resnet
@@ -220,7 +221,9 @@ def test_a_cache_hazard_turns_jaxs_own_cache_setting_off(monkeypatch, capsys, re
     seen, said = _evaluate_under_jaxs_cache_setting(
         monkeypatch, workdir, str(tmp_path / "cache"), str(tmp_path / "result.json"))
     assert seen == [None] and said == [] and not (tmp_path / "cache").exists()
-    assert "Persistent compilation cache off: a known hang.\n" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert json.loads(out)["count"] == 16  # the JSON alone
+    assert "Persistent compilation cache off: a known hang.\n" in err
 
 
 def test_a_read_only_jax_cache_setting_is_said_once(monkeypatch, resnet, tmp_path):

@@ -43,10 +43,11 @@ import hashlib
 import os
 import platform
 import re
+import sys
 import tempfile
 import threading
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -132,9 +133,11 @@ class Cache:
     read_only_because: str | None = None
     _notices: list[tuple[str, bool]] = dataclasses.field(default_factory=list, repr=False)
 
-    def announce(self) -> None:
+    def announce(self, out: TextIO | None = None) -> None:
         """Says, on process 0 and once, what the caller should know: the cache is off or
-        read-only, or other jaxlib versions' caches take space (a new default directory)."""
+        read-only (warnings), or off for this job, or other jaxlib versions' caches take
+        space (a new default directory): lines on ``out`` (default stdout; ``evaluate.py``'s
+        stdout is its JSON alone)."""
         notices, self._notices = self._notices, []
         if jax.process_index() != 0:
             return
@@ -142,7 +145,7 @@ class Cache:
             if as_warning:
                 warnings.warn(text, logs.RunWarning)
             else:
-                print(text, flush=True)
+                print(text, file=out or sys.stdout, flush=True)
 
     def in_use(self) -> contextlib.AbstractContextManager[None]:
         """:func:`cache_dir_in_use` for this cache (JAX's per-program warning for each one
