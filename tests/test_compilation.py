@@ -240,7 +240,7 @@ def test_a_read_only_cache_is_used_and_said_once(tmp_path, capsys):
         f"({summary['compilation']['cache_read_only_because'].split(' (', 1)[1]}; programs "
         "found there are loaded, the others compiled and not kept; set "
         "--config.compilation_cache_dir to a directory this user can write to keep compiled "
-        "programs, or --config.compilation_cache_dir='' to silence this."]
+        "programs, or --config.compilation_cache_dir='' to turn the cache off."]
     assert summary["compilation"]["cache_dir"] == cache and summary["compilation"]["programs"]
     assert f"loaded from the read-only persistent cache at {cache});" in capsys.readouterr().out
 
@@ -280,7 +280,7 @@ def test_a_jax_cache_setting_that_cannot_be_created_is_left_as_found(tmp_path, m
         f"Persistent compilation cache off: {summary['compilation']['cache_off_because']}; "
         "set JAX_COMPILATION_CACHE_DIR or --config.compilation_cache_dir to a directory this "
         "user can write to keep compiled programs, or --config.compilation_cache_dir='' to "
-        "silence this."]
+        "turn the cache off."]
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
@@ -327,7 +327,7 @@ def test_a_cache_directory_that_cannot_be_entered_is_not_called_read_only(tmp_pa
     assert warned.messages(caught, logs.RunWarning) == [
         f"Persistent compilation cache off: {cache.off_because}; set "
         "--config.compilation_cache_dir to a directory this user can write to keep compiled "
-        "programs, or --config.compilation_cache_dir='' to silence this."]
+        "programs, or --config.compilation_cache_dir='' to turn the cache off."]
 
 
 def test_a_new_default_directory_names_other_jaxlib_versions_once(tmp_path, capsys):

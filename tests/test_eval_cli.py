@@ -240,7 +240,8 @@ def test_a_read_only_jax_cache_setting_is_said_once(monkeypatch, resnet, tmp_pat
         f"Persistent compilation cache read-only: cannot write to {cache}"]
     assert said[0].endswith("; programs found there are loaded, the others compiled and not "
                             "kept; set JAX_COMPILATION_CACHE_DIR to a directory this user can "
-                            "write to keep compiled programs, or unset it to silence this.")
+                            "write to keep compiled programs, or unset it to turn the "
+                            "cache off.")
 
 
 def test_a_jax_cache_setting_that_cannot_be_created_is_off_and_said_once(monkeypatch, resnet,
@@ -256,7 +257,7 @@ def test_a_jax_cache_setting_that_cannot_be_created_is_off_and_said_once(monkeyp
         "Persistent compilation cache off: JAX_COMPILATION_CACHE_DIR "
         f"(jax_compilation_cache_dir): cannot create {cache} (Not a directory); set "
         "JAX_COMPILATION_CACHE_DIR to a directory this user can write to keep compiled "
-        "programs, or unset it to silence this."]
+        "programs, or unset it to turn the cache off."]
 
 
 def test_mc_samples_writes_its_file_named_by_its_seed(resnet):

@@ -178,7 +178,8 @@ def choose(setting: str, environ: Any = os.environ) -> Cache:
         field = "the default directory (compilation_cache_dir='auto')"
     where = "JAX_COMPILATION_CACHE_DIR or " * ("JAX_COMPILATION_CACHE_DIR" in field)
     fix = (f"set {where}--config.compilation_cache_dir to a directory this user can write "
-           "to keep compiled programs, or --config.compilation_cache_dir='' to silence this")
+           "to keep compiled programs, or --config.compilation_cache_dir='' to turn the "
+           "cache off")
     default = setting == "auto" and not where
     return _settle(path, field, fix, given=setting != "auto", default=default)
 
@@ -192,7 +193,7 @@ def from_jax_setting() -> Cache:
     path = jax.config.jax_compilation_cache_dir or ""
     return _settle(path, "JAX_COMPILATION_CACHE_DIR (jax_compilation_cache_dir)",
                    "set JAX_COMPILATION_CACHE_DIR to a directory this user can write to keep "
-                   "compiled programs, or unset it to silence this", given=False)
+                   "compiled programs, or unset it to turn the cache off", given=False)
 
 
 def _settle(path: str, field: str, fix: str, given: bool, default: bool = False) -> Cache:
