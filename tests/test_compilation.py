@@ -1,6 +1,7 @@
 """The persistent compilation cache setting and the per-run compilation count."""
 import os
 import re
+import shutil
 import sys
 import warnings
 
@@ -352,8 +353,17 @@ def test_a_new_default_directory_names_other_jaxlib_versions_once(tmp_path, caps
         f"Persistent compilation cache: new directory {parent / ours} for this jaxlib; 2 "
         f"other jaxlib versions' directories in {parent} hold 2.0 MB that this jaxlib does "
         "not read: jaxlib0.0.1-x86_64-0123456789ab (2.0 MB), jaxlib0.0.2-aarch64-"
-        "abcdef012345 (0.0 MB). Delete those no other environment or machine sharing this "
-        "home still uses.\n")
+        "abcdef012345 (0.0 MB). Delete them if no other environment, or machine sharing "
+        "this home, still uses them.\n")
     assert old.is_dir() and (parent / sibling).is_dir()
     compilation.choose("auto", env).announce()  # the directory exists now: not again
     assert capsys.readouterr().out == ""
+
+    shutil.rmtree(parent / ours)
+    shutil.rmtree(parent / "jaxlib0.0.2-aarch64-abcdef012345")
+    compilation.choose("auto", env).announce()
+    assert capsys.readouterr().out == (
+        f"Persistent compilation cache: new directory {parent / ours} for this jaxlib; "
+        f"another jaxlib version's directory in {parent} holds 2.0 MB that this jaxlib does "
+        "not read: jaxlib0.0.1-x86_64-0123456789ab (2.0 MB). Delete it if no other "
+        "environment, or machine sharing this home, still uses it.\n")

@@ -280,11 +280,14 @@ def _other_versions(path: str) -> str | None:
         return None
     sizes = {n: _size(os.path.join(parent, n)) for n in others}
     listed = ", ".join(f"{n} ({_megabytes(sizes[n])})" for n in others)
-    return (f"Persistent compilation cache: new directory {path} for this jaxlib; "
-            f"{len(others)} other jaxlib version{'s' * (len(others) > 1)}' "
-            f"{'directories' if len(others) > 1 else 'directory'} in {parent} hold "
+    many = len(others) > 1
+    whose = (f"{len(others)} other jaxlib versions' directories in {parent} hold" if many
+             else f"another jaxlib version's directory in {parent} holds")
+    them = "them" if many else "it"
+    return (f"Persistent compilation cache: new directory {path} for this jaxlib; {whose} "
             f"{_megabytes(sum(sizes.values()))} that this jaxlib does not read: {listed}. "
-            "Delete those no other environment or machine sharing this home still uses.")
+            f"Delete {them} if no other environment, or machine sharing this home, still "
+            f"uses {them}.")
 
 
 def _size(path: str) -> int:
