@@ -1747,6 +1747,29 @@ def test_bench_prune_times_each_pruned_model_against_the_full_one(capsys):
     assert [r[:2] for r in rows] == [["| 0", "3"], ["| 2", "1"]]  # 0.5 of 3 blocks: 2
 
 
+def test_bench_prune_first_calls_are_compiled_not_loaded_from_the_persistent_cache(
+        tmp_path, capsys):
+    """Its 'first call (compile) s' column went through JAX's persistent cache where
+    JAX_COMPILATION_CACHE_DIR was set: a second run timed loading the programs. They are
+    compiled with the cache off, and not stored."""
+    from stochastic_depth_jax.training import compilation
+
+    cache, before = tmp_path / "cache", jax.config.jax_compilation_cache_dir or ""
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program
+    compilation.use_cache_dir(str(cache))
+    try:
+        load("bench_prune").main(["--no-write", "--depth", "8", "--batch", "1", "--rounds",
+                                  "1", "--fractions", "0.5"])
+        assert jax.config.jax_compilation_cache_dir == str(cache)  # the setting, restored
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation.use_cache_dir(before)
+    assert "first call (compile) s" in capsys.readouterr().out
+    stored = os.listdir(cache) if cache.exists() else []  # the model's set-up may store some
+    assert not [name for name in stored if name.startswith("jit__lambda-")], stored
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_a_benchmark_imports_jax_is_one_line(signum, tmp_path):
     """A Ctrl-C while a benchmark still imported JAX (seconds, before any flag is read)
