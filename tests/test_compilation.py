@@ -28,6 +28,27 @@ def test_cache_dir_setting():
     assert compilation.cache_dir_for("rel/dir", env) == os.path.abspath("rel/dir")
 
 
+def test_a_remote_cache_is_left_to_jax(tmp_path, monkeypatch):
+    """JAX's cache takes gs://bucket/dir (with etils[epath]; TPU pods share one so): the
+    field made it ./gs:/bucket/dir, a local directory created in the current one; JAX's own
+    setting (evaluate.py) is not checked as a local directory either."""
+    monkeypatch.chdir(tmp_path)
+    env = {"XDG_CACHE_HOME": "/x/cache"}
+    assert compilation.cache_dir_for("gs://bucket/jax", env) == "gs://bucket/jax"
+    assert compilation.cache_dir_for("auto", {**env, "JAX_COMPILATION_CACHE_DIR":
+                                              "gs://b/c"}) == "gs://b/c"
+    cache = compilation.choose("gs://bucket/jax", env)
+    assert (cache.path, cache.off_because, cache.read_only_because) == (
+        "gs://bucket/jax", None, None)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", "gs://bucket/jax")
+    try:
+        assert compilation.from_jax_setting().path == "gs://bucket/jax"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert os.listdir(tmp_path) == []  # nothing made locally
+
+
 def test_the_default_cache_is_per_jaxlib_and_cpu_kind(tmp_path):
     """Machines sharing a home directory (NFS) get one cache per CPU kind: XLA:CPU refuses a
     program compiled for other CPU features (error lines, then a compile), or worse."""

@@ -10,7 +10,7 @@ directory is ``config.compilation_cache_dir``:
   and its CPU features: a home directory shared by machines of different CPUs (a cluster's
   NFS home) or an upgraded jaxlib does not load programs compiled for the other one (XLA:CPU
   refuses them with error lines and compiles again; a jaxlib change has crashed loads);
-* a path: that directory;
+* a path: that directory (a URL, ``gs://bucket/dir``, is left to JAX as it is);
 * ``''``: no persistent cache.
 
 :func:`choose` decides a run's cache and :func:`from_jax_setting` the cache JAX's own
@@ -68,6 +68,8 @@ def cache_dir_for(setting: str | None, environ: Any = os.environ) -> str:
     """The cache directory ``config.compilation_cache_dir=setting`` means ('' = none)."""
     if not setting:
         return ""
+    if _remote(setting):  # JAX's cache takes gs://... (etils[epath]); abspath made it local
+        return setting
     if setting != "auto":
         return os.path.abspath(os.path.expanduser(setting))
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -196,14 +198,22 @@ def from_jax_setting() -> Cache:
                    "compiled programs, or unset it to turn the cache off", given=False)
 
 
+def _remote(path: str) -> bool:
+    """Whether ``path`` is a URL (``gs://bucket/dir``), which JAX opens itself."""
+    return "://" in path
+
+
 def _settle(path: str, field: str, fix: str, given: bool, default: bool = False) -> Cache:
-    """:class:`Cache` at ``path`` ('' = none), named ``field`` in what it says."""
+    """:class:`Cache` at ``path`` ('' = none), named ``field`` in what it says. A remote
+    one (``gs://``) is JAX's to open: the checks below would make local directories."""
     if not path:
         return Cache()
     hazard = cache_hazard(jax.default_backend(), jax.process_count())
     if hazard:
         return Cache("", off_because=hazard,
                      _notices=[(f"Persistent compilation cache off: {hazard}.", False)])
+    if _remote(path):
+        return Cache(path)
     new = not os.path.isdir(path)
     problem = _unusable(path)
     if problem:
