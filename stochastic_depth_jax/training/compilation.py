@@ -68,7 +68,7 @@ def cache_dir_for(setting: str | None, environ: Any = os.environ) -> str:
     """The cache directory ``config.compilation_cache_dir=setting`` means ('' = none)."""
     if not setting:
         return ""
-    if _remote(setting):  # JAX's cache takes gs://... (etils[epath]); abspath made it local
+    if _remote(setting):  # JAX opens gs://... itself (etils.epath); abspath made it local
         return setting
     if setting != "auto":
         return os.path.abspath(os.path.expanduser(setting))
