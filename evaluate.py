@@ -181,13 +181,17 @@ def run(args) -> dict:
     distributed.initialize(**job)
     if distributed.is_primary():
         _remove_abandoned(args.workdir, args.output)
-    import jax
+    # JAX's own setting (JAX_COMPILATION_CACHE_DIR), as a run's is checked: off for a job
+    # that must not use it or where it cannot be used, read-only said once; on stderr, as
+    # stdout is the JSON alone (evaluate.py ... | jq).
+    cache = compilation.from_jax_setting()
+    cache.announce(sys.stderr)
+    with cache.in_use():
+        return _evaluate(args)
 
+
+def _evaluate(args) -> dict:
     from stochastic_depth_jax.training import evaluate  # After initialize: touches devices.
-
-    cache, hazard = compilation.off_if_hazardous(jax.config.jax_compilation_cache_dir or "")
-    if hazard:  # JAX's own setting (JAX_COMPILATION_CACHE_DIR): off for this job.
-        compilation.use_cache_dir(cache)
 
     analysis = depth.run_from_args(args)  # --depth-curve / --export / --mc-samples
     if analysis is None:

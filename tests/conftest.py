@@ -1,4 +1,5 @@
 """Test set-up: eight simulated CPU devices, made before JAX starts its backend."""
+import contextlib
 import os
 
 # Must run before jax initialises a backend; conftest is imported before any test module.
@@ -47,5 +48,10 @@ def _persistent_compilation_cache():
     programs many times). The session's setting is restored afterwards. Set
     ``JAX_COMPILATION_CACHE_DIR`` to choose the directory."""
     from stochastic_depth_jax.training import compilation
-    with compilation.cache_dir_in_use(compilation.cache_dir_for("auto")):
+    path = compilation.cache_dir_for("auto")
+    # Created now, not at the first compile: a run started by a test (a subprocess) that
+    # created it would print the note a new default directory gives (other jaxlib versions').
+    with contextlib.suppress(OSError):
+        os.makedirs(path, exist_ok=True)
+    with compilation.cache_dir_in_use(path):
         yield

@@ -900,6 +900,30 @@ def test_a_second_signal_or_one_in_the_warm_up_stops_at_once(tmp_path, capsys, m
         assert not out.exists()
 
 
+def test_compile_times_are_compiled_not_loaded_from_the_persistent_cache(tmp_path):
+    """bench_step.py's compile times went through JAX's persistent cache where
+    JAX_COMPILATION_CACHE_DIR was set: a second run timed loading the program (ResNet-20:
+    5.7 s, then 1.2 s). The timed program is compiled with the cache off, not stored."""
+    import jax.numpy as jnp
+    from stochastic_depth_jax.training import compilation
+
+    bench_step = load("bench_step")
+    cache, before = tmp_path / "cache", jax.config.jax_compilation_cache_dir or ""
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program
+    compilation.use_cache_dir(str(cache))
+    try:
+        with compilation.CompileStats() as stats:
+            assert bench_step.compile_seconds(8, 2, False, jnp.float32) > 0
+        assert jax.config.jax_compilation_cache_dir == str(cache)  # the setting, restored
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation.use_cache_dir(before)
+    assert stats.programs >= 1 and stats.cache_hits == 0
+    stored = os.listdir(cache) if cache.exists() else []  # the model's set-up may store some
+    assert not [name for name in stored if name.startswith("jit_loss-")], stored
+
+
 @pytest.mark.parametrize("when, mark, held", [
     ("compiling", "interrupted after 1 of 2 compile depths", "with 1 of 2 compile depths,"),
     ("last round", "interrupted before the compile depths", "without the compile depths,"),
@@ -1721,6 +1745,29 @@ def test_bench_prune_times_each_pruned_model_against_the_full_one(capsys):
             if re.match(r"\| \d", line)]
     assert [(r[0], r[1], r[5]) for r in rows][:1] == [("| 0", "3", "1.00")]
     assert [r[:2] for r in rows] == [["| 0", "3"], ["| 2", "1"]]  # 0.5 of 3 blocks: 2
+
+
+def test_bench_prune_first_calls_are_compiled_not_loaded_from_the_persistent_cache(
+        tmp_path, capsys):
+    """Its 'first call (compile) s' column went through JAX's persistent cache where
+    JAX_COMPILATION_CACHE_DIR was set: a second run timed loading the programs. They are
+    compiled with the cache off, and not stored."""
+    from stochastic_depth_jax.training import compilation
+
+    cache, before = tmp_path / "cache", jax.config.jax_compilation_cache_dir or ""
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program
+    compilation.use_cache_dir(str(cache))
+    try:
+        load("bench_prune").main(["--no-write", "--depth", "8", "--batch", "1", "--rounds",
+                                  "1", "--fractions", "0.5"])
+        assert jax.config.jax_compilation_cache_dir == str(cache)  # the setting, restored
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation.use_cache_dir(before)
+    assert "first call (compile) s" in capsys.readouterr().out
+    stored = os.listdir(cache) if cache.exists() else []  # the model's set-up may store some
+    assert not [name for name in stored if name.startswith("jit__lambda-")], stored
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

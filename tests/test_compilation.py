@@ -1,7 +1,9 @@
 """The persistent compilation cache setting and the per-run compilation count."""
 import os
 import re
+import shutil
 import sys
+import warnings
 
 import jax
 import jaxlib
@@ -24,6 +26,27 @@ def test_cache_dir_setting():
         "/x/cache/stochastic_depth_jax/jax", compilation.host_tag())
     assert compilation.cache_dir_for("auto", {**env, "JAX_COMPILATION_CACHE_DIR": "/y"}) == "/y"
     assert compilation.cache_dir_for("rel/dir", env) == os.path.abspath("rel/dir")
+
+
+def test_a_remote_cache_is_left_to_jax(tmp_path, monkeypatch):
+    """JAX's cache takes gs://bucket/dir (with etils[epath]; TPU pods share one so): the
+    field made it ./gs:/bucket/dir, a local directory created in the current one; JAX's own
+    setting (evaluate.py) is not checked as a local directory either."""
+    monkeypatch.chdir(tmp_path)
+    env = {"XDG_CACHE_HOME": "/x/cache"}
+    assert compilation.cache_dir_for("gs://bucket/jax", env) == "gs://bucket/jax"
+    assert compilation.cache_dir_for("auto", {**env, "JAX_COMPILATION_CACHE_DIR":
+                                              "gs://b/c"}) == "gs://b/c"
+    cache = compilation.choose("gs://bucket/jax", env)
+    assert (cache.path, cache.off_because, cache.read_only_because) == (
+        "gs://bucket/jax", None, None)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", "gs://bucket/jax")
+    try:
+        assert compilation.from_jax_setting().path == "gs://bucket/jax"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert os.listdir(tmp_path) == []  # nothing made locally
 
 
 def test_the_default_cache_is_per_jaxlib_and_cpu_kind(tmp_path):
@@ -183,7 +206,7 @@ def test_an_unwritable_default_cache_trains_without_it(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
     before = jax.config.jax_compilation_cache_dir
     with pytest.warns(logs.RunWarning, match=r"Persistent compilation cache off: the default "
-                      r"directory \(compilation_cache_dir='auto'\) cannot create .*file.* "
+                      r"directory \(compilation_cache_dir='auto'\): cannot create .*file.* "
                       r"\(Not a directory\); set --config.compilation_cache_dir"):
         summary = loop.train_and_evaluate(_one_step(tmp_path, "auto"), str(tmp_path / "run"))
     assert summary["compilation"]["cache_dir"] is None and summary["compilation"]["programs"]
@@ -238,7 +261,130 @@ def test_a_read_only_cache_is_used_and_said_once(tmp_path, capsys):
         f"Persistent compilation cache read-only: cannot write to {cache} "
         f"({summary['compilation']['cache_read_only_because'].split(' (', 1)[1]}; programs "
         "found there are loaded, the others compiled and not kept; set "
-        "--config.compilation_cache_dir to a directory this user can write to keep them, or "
-        "'' to turn the cache off."]
+        "--config.compilation_cache_dir to a directory this user can write to keep compiled "
+        "programs, or --config.compilation_cache_dir='' to turn the cache off."]
     assert summary["compilation"]["cache_dir"] == cache and summary["compilation"]["programs"]
     assert f"loaded from the read-only persistent cache at {cache});" in capsys.readouterr().out
+
+    # Started again, the run has nothing to train: it warned that the cache was read-only
+    # (programs "compiled and not kept") before saying so, and compiles nothing to keep.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = loop.train_and_evaluate(_one_step(tmp_path, cache), str(tmp_path / "run"))
+    assert again == summary and "Nothing to train" in capsys.readouterr().out
+    assert not [w for w in caught if "compilation cache" in str(w.message)]
+
+
+def test_a_jax_cache_setting_that_cannot_be_created_is_left_as_found(tmp_path, monkeypatch):
+    """JAX_COMPILATION_CACHE_DIR (which 'auto' uses) under a file: the run trained without the
+    cache, then failed restoring the session's setting, which tried to create it: "use
+    another --workdir", and no summary.json. Now the run finishes, its summary says why the
+    cache was off, and the session's setting is as it was."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    (tmp_path / "file").write_text("")
+    bad, before = str(tmp_path / "file" / "cache"), jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", bad)
+    jax.config.update("jax_compilation_cache_dir", bad)  # as JAX reads the variable
+    try:
+        with pytest.warns(logs.RunWarning) as caught:
+            summary = loop.train_and_evaluate(_one_step(tmp_path, "auto"),
+                                              str(tmp_path / "run"))
+        assert jax.config.jax_compilation_cache_dir == bad
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
+    assert summary["compilation"]["cache_dir"] is None
+    assert summary["compilation"]["cache_off_because"] == (
+        "JAX_COMPILATION_CACHE_DIR (which compilation_cache_dir='auto' uses): cannot create "
+        f"{bad} (Not a directory)")
+    assert [m for m in warned.messages(caught, logs.RunWarning) if "compilation" in m] == [
+        f"Persistent compilation cache off: {summary['compilation']['cache_off_because']}; "
+        "set JAX_COMPILATION_CACHE_DIR or --config.compilation_cache_dir to a directory this "
+        "user can write to keep compiled programs, or --config.compilation_cache_dir='' to "
+        "turn the cache off."]
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def _unenterable(monkeypatch, path):
+    """``path``, made a directory this user may list but not enter (mode 600), as the
+    cache's check sees it: permissions do not stop root, so os.access says so."""
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, 0o600)
+    real_access = os.access
+
+    def access(p, mode, *args, **kwargs):
+        if os.path.abspath(p) == os.path.abspath(path) and mode & os.X_OK:
+            return False
+        return real_access(p, mode, *args, **kwargs)
+
+    monkeypatch.setattr(compilation.os, "access", access)
+    return str(path)
+
+
+def test_a_cache_directory_that_cannot_be_entered_is_not_called_read_only(tmp_path,
+                                                                          monkeypatch):
+    """Mode 600 (listable, not searchable): the write check failed and the warning said
+    "read-only ... programs found there are loaded", but nothing there can be loaded, and
+    JAX warned for every program it then could not look up. A path the user gave is one
+    error naming the field, before anything trains; under 'auto' the cache is off."""
+    given = _unenterable(monkeypatch, tmp_path / "given")
+    with pytest.raises(errors.ConfigError, match=re.escape(
+            f"compilation_cache_dir='{given}': cannot enter {given} (no search permission: "
+            "mode 600), so nothing can be loaded from it or stored in it; give a directory "
+            "this user can write, or --config.compilation_cache_dir='' to turn the cache "
+            "off.")):
+        loop.train_and_evaluate(_one_step(tmp_path, given), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+    auto = _unenterable(monkeypatch, tmp_path / "xdg" / "stochastic_depth_jax" / "jax"
+                        / compilation.host_tag())
+    cache = compilation.choose("auto", {"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert cache.path == "" and cache.read_only_because is None
+    assert cache.off_because.startswith(
+        f"the default directory (compilation_cache_dir='auto'): cannot enter {auto} ")
+    with pytest.warns(logs.RunWarning) as caught:
+        cache.announce()
+        cache.announce()  # said once
+    assert warned.messages(caught, logs.RunWarning) == [
+        f"Persistent compilation cache off: {cache.off_because}; set "
+        "--config.compilation_cache_dir to a directory this user can write to keep compiled "
+        "programs, or --config.compilation_cache_dir='' to turn the cache off."]
+
+
+def test_a_new_default_directory_names_other_jaxlib_versions_once(tmp_path, capsys):
+    """An upgraded jaxlib gets a new default directory; the old version's (hundreds of MB
+    after a while) was never read again nor named anywhere. The first run of the new one
+    names them with their sizes, once; nothing is deleted (another environment, or a
+    machine sharing this home, may still use them), and another CPU's directory of this
+    jaxlib is not named."""
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    parent = tmp_path / "stochastic_depth_jax" / "jax"
+    ours = compilation.host_tag()
+    old = parent / "jaxlib0.0.1-x86_64-0123456789ab"
+    (old / "sub").mkdir(parents=True)
+    (old / "a-cache").write_bytes(b"x" * 1_500_000)
+    (old / "sub" / "b").write_bytes(b"x" * 500_000)
+    (parent / "jaxlib0.0.2-aarch64-abcdef012345").mkdir()
+    sibling = ours[:-12] + ("0" * 12 if not ours.endswith("0" * 12) else "1" * 12)
+    (parent / sibling).mkdir()  # this jaxlib on another kind of CPU
+    (parent / "notes").mkdir()  # not ours
+    compilation.choose("auto", env).announce()
+    assert capsys.readouterr().out == (
+        f"Persistent compilation cache: new directory {parent / ours} for this jaxlib; 2 "
+        f"other jaxlib versions' directories in {parent} hold 2.0 MB that this jaxlib does "
+        "not read: jaxlib0.0.1-x86_64-0123456789ab (2.0 MB), jaxlib0.0.2-aarch64-"
+        "abcdef012345 (0.0 MB). Delete them if no other environment, or machine sharing "
+        "this home, still uses them.\n")
+    assert old.is_dir() and (parent / sibling).is_dir()
+    compilation.choose("auto", env).announce()  # the directory exists now: not again
+    assert capsys.readouterr().out == ""
+
+    shutil.rmtree(parent / ours)
+    shutil.rmtree(parent / "jaxlib0.0.2-aarch64-abcdef012345")
+    compilation.choose("auto", env).announce()
+    assert capsys.readouterr().out == (
+        f"Persistent compilation cache: new directory {parent / ours} for this jaxlib; "
+        f"another jaxlib version's directory in {parent} holds 2.0 MB that this jaxlib does "
+        "not read: jaxlib0.0.1-x86_64-0123456789ab (2.0 MB). Delete it if no other "
+        "environment, or machine sharing this home, still uses it.\n")

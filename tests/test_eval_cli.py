@@ -181,22 +181,83 @@ def test_only_process_0_prints_and_writes(monkeypatch, capsys, resnet, tmp_path)
     assert capsys.readouterr() == ("", "") and not os.path.exists(out)
 
 
+def _evaluate_under_jaxs_cache_setting(monkeypatch, workdir, setting, out):
+    """evaluate.py's main with JAX's own setting at ``setting`` (as JAX_COMPILATION_CACHE_DIR
+    sets it, uncreated): ``(the setting while it evaluated, every warning it raised)``,
+    the session's setting restored afterwards."""
+    from stochastic_depth_jax.training import compilation, evaluate
+
+    seen, evaluate_checkpoint = [], evaluate.evaluate_checkpoint
+
+    def recording(*args, **kwargs):
+        seen.append(jax.config.jax_compilation_cache_dir)
+        return evaluate_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", recording)
+    before = jax.config.jax_compilation_cache_dir or ""
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program
+    jax.config.update("jax_compilation_cache_dir", setting)  # not created, as the variable
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluate_cli.main(["--workdir", workdir, "--output", out])
+        assert jax.config.jax_compilation_cache_dir == setting  # the session's, restored
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation.use_cache_dir(before)
+    assert _json(out)["count"] == 16
+    return seen, [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+
+
 def test_a_cache_hazard_turns_jaxs_own_cache_setting_off(monkeypatch, capsys, resnet, tmp_path):
     """A job that must not use the persistent cache (compilation.cache_hazard) evaluates
-    without it, also where JAX's own setting (JAX_COMPILATION_CACHE_DIR) turned it on."""
+    without it, also where JAX's own setting (JAX_COMPILATION_CACHE_DIR) turned it on. It
+    says so on stderr: its line on stdout broke `evaluate.py ... | jq`."""
     from stochastic_depth_jax.training import compilation
 
     _, workdir = resnet
     monkeypatch.setattr(compilation, "cache_hazard", lambda platform, processes: "a known hang")
-    before = jax.config.jax_compilation_cache_dir or ""
-    compilation.use_cache_dir(str(tmp_path / "cache"))  # as JAX_COMPILATION_CACHE_DIR does
-    try:
-        evaluate_cli.main(["--workdir", workdir, "--output", str(tmp_path / "result.json")])
-        assert not jax.config.jax_compilation_cache_dir
-    finally:
-        compilation.use_cache_dir(before)
-    assert "Persistent compilation cache off: a known hang.\n" in capsys.readouterr().out
-    assert _json(str(tmp_path / "result.json"))["count"] == 16
+    seen, said = _evaluate_under_jaxs_cache_setting(
+        monkeypatch, workdir, str(tmp_path / "cache"), str(tmp_path / "result.json"))
+    assert seen == [None] and said == [] and not (tmp_path / "cache").exists()
+    out, err = capsys.readouterr()
+    assert json.loads(out)["count"] == 16  # the JSON alone
+    assert "Persistent compilation cache off: a known hang.\n" in err
+
+
+def test_a_read_only_jax_cache_setting_is_said_once(monkeypatch, resnet, tmp_path):
+    """JAX_COMPILATION_CACHE_DIR at a directory this user cannot write: evaluate.py printed
+    JAX's warning, with its source line, for every program it could not store there
+    (train.py said it once); now one line, as train.py's, and the cache still loads."""
+    from test_compilation import _unwritable_dir
+
+    cache = _unwritable_dir(tmp_path)
+    seen, said = _evaluate_under_jaxs_cache_setting(monkeypatch, resnet[1], cache,
+                                                    str(tmp_path / "result.json"))
+    assert seen == [cache]
+    assert [m.split(" (", 1)[0] for m in said] == [
+        f"Persistent compilation cache read-only: cannot write to {cache}"]
+    assert said[0].endswith("; programs found there are loaded, the others compiled and not "
+                            "kept; set JAX_COMPILATION_CACHE_DIR to a directory this user can "
+                            "write to keep compiled programs, or unset it to turn the "
+                            "cache off.")
+
+
+def test_a_jax_cache_setting_that_cannot_be_created_is_off_and_said_once(monkeypatch, resnet,
+                                                                        tmp_path):
+    """JAX_COMPILATION_CACHE_DIR under a file (or a read-only home): JAX's warning with its
+    source line; now one line, and the evaluation runs without the cache."""
+    (tmp_path / "file").write_text("")
+    cache = str(tmp_path / "file" / "cache")
+    seen, said = _evaluate_under_jaxs_cache_setting(monkeypatch, resnet[1], cache,
+                                                    str(tmp_path / "result.json"))
+    assert seen == [None]
+    assert said == [
+        "Persistent compilation cache off: JAX_COMPILATION_CACHE_DIR "
+        f"(jax_compilation_cache_dir): cannot create {cache} (Not a directory); set "
+        "JAX_COMPILATION_CACHE_DIR to a directory this user can write to keep compiled "
+        "programs, or unset it to turn the cache off."]
 
 
 def test_mc_samples_writes_its_file_named_by_its_seed(resnet):

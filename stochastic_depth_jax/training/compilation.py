@@ -10,15 +10,21 @@ directory is ``config.compilation_cache_dir``:
   and its CPU features: a home directory shared by machines of different CPUs (a cluster's
   NFS home) or an upgraded jaxlib does not load programs compiled for the other one (XLA:CPU
   refuses them with error lines and compiles again; a jaxlib change has crashed loads);
-* a path: that directory;
+* a path: that directory (a URL, ``gs://bucket/dir``, is left to JAX as it is);
 * ``''``: no persistent cache.
 
-A directory that cannot be created (:func:`off_if_unwritable`) is one error naming the field
-where the user gave the path, and the cache off, said in one warning, for ``'auto'``: a
-read-only or missing home directory must not stop a run that never asked for the cache. A
-directory that exists but cannot be written (:func:`read_only`: another user's, a read-only
-mount, a cache shared read-only) is used to load programs, said in one warning; JAX's own
-warning for each program it then cannot store is dropped (:func:`cache_dir_in_use`).
+:func:`choose` decides a run's cache and :func:`from_jax_setting` the cache JAX's own
+setting gives a script without the field (``evaluate.py``), by the same rules; what they
+decide is said once, where the work starts (:meth:`Cache.announce`). A directory that cannot
+be created, or that this user cannot enter (mode 600), is one error naming the field where
+the user gave the path, and the cache off, said in one warning, for ``'auto'`` and JAX's
+setting: a read-only or missing home directory must not stop a run that never asked for the
+cache. A directory that exists but cannot be written (another user's, a read-only mount, a
+cache shared read-only) is used to load programs, said in one warning; JAX's own warning for
+each program it then cannot store is dropped (:func:`cache_dir_in_use`). A new default
+directory (a jaxlib upgrade) names the other jaxlib versions' directories beside it, with
+their sizes, once: no run of this jaxlib reads them again, but another environment or
+machine may, so they are not deleted.
 
 JAX caches only programs that took at least ``jax_persistent_cache_min_compile_time_secs``
 (default 1 s) to compile. The cache is trusted code: do not share its directory with users
@@ -37,18 +43,19 @@ import hashlib
 import os
 import platform
 import re
+import sys
 import tempfile
 import threading
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 from stochastic_depth_jax import errors, logs
 
-__all__ = ["cache_dir_for", "cache_hazard", "off_if_hazardous", "off_if_unwritable", "read_only",
-           "host_tag", "use_cache_dir", "cache_dir_in_use", "CompileStats"]
+__all__ = ["cache_dir_for", "cache_hazard", "Cache", "choose", "from_jax_setting", "host_tag",
+           "use_cache_dir", "cache_dir_in_use", "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -61,6 +68,8 @@ def cache_dir_for(setting: str | None, environ: Any = os.environ) -> str:
     """The cache directory ``config.compilation_cache_dir=setting`` means ('' = none)."""
     if not setting:
         return ""
+    if _remote(setting):  # JAX opens gs://... itself (etils.epath); abspath made it local
+        return setting
     if setting != "auto":
         return os.path.abspath(os.path.expanduser(setting))
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -105,71 +114,204 @@ def cache_hazard(platform: str, process_count: int, jaxlib_version: str | None =
     return None
 
 
-def off_if_hazardous(path: str) -> tuple[str, str | None]:
-    """``(path, None)`` where this job may use the cache at ``path`` ('' = none); otherwise
-    ``('', why)`` (:func:`cache_hazard` for this job's backend and processes), after process
-    0 has said so in one line. Call once the job's processes have joined."""
-    why = cache_hazard(jax.default_backend(), jax.process_count()) if path else None
-    if not why:
-        return path, None
-    if jax.process_index() == 0:
-        print(f"Persistent compilation cache off: {why}.", flush=True)
-    return "", why
+@dataclasses.dataclass
+class Cache:
+    """The persistent cache a run or an evaluation uses (``path``; '' = none), and why not,
+    or read-only, where it was asked for: :func:`choose` (a run's ``compilation_cache_dir``)
+    or :func:`from_jax_setting` (JAX's own ``jax_compilation_cache_dir``) decide it without
+    a word; :meth:`announce` then says so once, where the work starts (a finished run that
+    has nothing to train says nothing about a cache it does not use), and :meth:`in_use`
+    points JAX at it while a block runs.
+
+    Attributes:
+      path: the directory JAX is pointed at, '' for none.
+      off_because: why a cache that was asked for is off (a job that must not use it, a
+        directory that cannot be created or entered).
+      read_only_because: why programs cannot be stored in ``path``; those it holds load.
+    """
+
+    path: str = ""
+    off_because: str | None = None
+    read_only_because: str | None = None
+    _notices: list[tuple[str, bool]] = dataclasses.field(default_factory=list, repr=False)
+
+    def announce(self, out: TextIO | None = None) -> None:
+        """Says, on process 0 and once, what the caller should know: the cache is off or
+        read-only (warnings), or off for this job, or other jaxlib versions' caches take
+        space (a new default directory): lines on ``out`` (default stdout; ``evaluate.py``'s
+        stdout is its JSON alone)."""
+        notices, self._notices = self._notices, []
+        if jax.process_index() != 0:
+            return
+        for text, as_warning in notices:
+            if as_warning:
+                warnings.warn(text, logs.RunWarning)
+            else:
+                print(text, file=out or sys.stdout, flush=True)
+
+    def in_use(self) -> contextlib.AbstractContextManager[None]:
+        """:func:`cache_dir_in_use` for this cache (JAX's per-program warning for each one
+        it cannot store dropped where it is read-only)."""
+        return cache_dir_in_use(self.path, read_only=bool(self.read_only_because))
+
+    def to_json(self) -> dict[str, Any]:
+        """``cache_dir`` (None: off), and ``cache_off_because`` or
+        ``cache_read_only_because`` where they apply (``summary.json``'s fields)."""
+        record: dict[str, Any] = {"cache_dir": self.path or None}
+        if self.off_because:
+            record["cache_off_because"] = self.off_because
+        if self.read_only_because:
+            record["cache_read_only_because"] = self.read_only_because
+        return record
 
 
-def off_if_unwritable(path: str, setting: str) -> tuple[str, str | None]:
-    """``(path, None)`` where the cache directory ``path`` ('' = none) exists or could be
-    created; otherwise, for ``setting`` 'auto' (a place the user did not choose: a home
-    directory that is read-only or missing), ``('', why)`` after process 0 has warned that
-    the run goes on without the cache. A path the user gave (``setting``) that cannot be
-    created raises ``errors.ConfigError`` naming the field, before anything trains.
+def choose(setting: str, environ: Any = os.environ) -> Cache:
+    """The cache of a run whose ``config.compilation_cache_dir`` is ``setting``
+    (:func:`cache_dir_for`). A path the user gave that cannot be created or entered raises
+    ``errors.ConfigError`` naming the field, before anything trains; under ``'auto'`` (a
+    place the user did not choose: a read-only or missing home) the cache is off instead.
+    Call once the job's processes have joined."""
+    path = cache_dir_for(setting, environ)
+    if setting != "auto":
+        field = f"compilation_cache_dir={setting!r}"
+    elif environ.get("JAX_COMPILATION_CACHE_DIR"):
+        field = "JAX_COMPILATION_CACHE_DIR (which compilation_cache_dir='auto' uses)"
+    else:
+        field = "the default directory (compilation_cache_dir='auto')"
+    where = "JAX_COMPILATION_CACHE_DIR or " * ("JAX_COMPILATION_CACHE_DIR" in field)
+    fix = (f"set {where}--config.compilation_cache_dir to a directory this user can write "
+           "to keep compiled programs, or --config.compilation_cache_dir='' to turn the "
+           "cache off")
+    default = setting == "auto" and not where
+    return _settle(path, field, fix, given=setting != "auto", default=default)
+
+
+def from_jax_setting() -> Cache:
+    """The cache JAX's own setting (``JAX_COMPILATION_CACHE_DIR``, or
+    ``jax.config.update('jax_compilation_cache_dir', ...)``) chose for a script that has no
+    field of its own (``evaluate.py``): off where it cannot be created or entered, or for a
+    job that must not use it; read-only where it cannot be written. Call once the job's
+    processes have joined."""
+    path = jax.config.jax_compilation_cache_dir or ""
+    return _settle(path, "JAX_COMPILATION_CACHE_DIR (jax_compilation_cache_dir)",
+                   "set JAX_COMPILATION_CACHE_DIR to a directory this user can write to keep "
+                   "compiled programs, or unset it to turn the cache off", given=False)
+
+
+def _remote(path: str) -> bool:
+    """Whether ``path`` is a URL (``gs://bucket/dir``), which JAX opens itself."""
+    return "://" in path
+
+
+def _settle(path: str, field: str, fix: str, given: bool, default: bool = False) -> Cache:
+    """:class:`Cache` at ``path`` ('' = none), named ``field`` in what it says. A remote
+    one (``gs://``) is JAX's to open: the checks below would make local directories."""
+    if not path:
+        return Cache()
+    hazard = cache_hazard(jax.default_backend(), jax.process_count())
+    if hazard:
+        return Cache("", off_because=hazard,
+                     _notices=[(f"Persistent compilation cache off: {hazard}.", False)])
+    if _remote(path):
+        return Cache(path)
+    new = not os.path.isdir(path)
+    problem = _unusable(path)
+    if problem:
+        if given:
+            raise errors.ConfigError(
+                f"{field}: {problem}; give a directory this user can write, or "
+                "--config.compilation_cache_dir='' to turn the cache off.")
+        why = f"{field}: {problem}"
+        return Cache("", off_because=why,
+                     _notices=[(f"Persistent compilation cache off: {why}; {fix}.", True)])
+    cache = Cache(path)
+    cache.read_only_because = _not_writable(path)
+    if cache.read_only_because:
+        cache._notices.append((
+            f"Persistent compilation cache read-only: {cache.read_only_because}; programs "
+            f"found there are loaded, the others compiled and not kept; {fix}.", True))
+    if new and default and jax.process_index() == 0:  # sizes: read once, said once
+        cache._notices += [(text, False) for text in [_other_versions(path)] if text]
+    return cache
+
+
+def _unusable(path: str) -> str | None:
+    """Why no program can be loaded from or stored in ``path``, after creating it where it
+    is missing: ``'cannot create <path> (<reason>)'``, ``'cannot enter <path> (...)'``; None
+    where it can be used, at least read-only.
 
     Without this, ``os.makedirs`` failed in :func:`use_cache_dir` and the run stopped with
-    the workdir's advice ("use another --workdir"), which does not help."""
-    if not path:
-        return path, None
+    the workdir's advice ("use another --workdir"); a directory this user may list but not
+    enter (mode 600) was called read-only, "programs found there are loaded", while JAX
+    warned, with its source line, for every program it then could not look up."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        problem = f"cannot create {path} ({e.strerror or e})"
-        if setting != "auto":
-            raise errors.ConfigError(
-                f"compilation_cache_dir={setting!r}: {problem}; give a directory this user "
-                "can write, or --config.compilation_cache_dir='' to turn the cache off.") from e
-        why = f"the default directory (compilation_cache_dir='auto') {problem}"
-        if jax.process_index() == 0:
-            warnings.warn(f"Persistent compilation cache off: {why}; set "
-                          "--config.compilation_cache_dir to a directory this user can write "
-                          "to keep compiled programs, or '' to silence this.", logs.RunWarning)
-        return "", why
-    return path, None
+        return f"cannot create {path} ({e.strerror or e})"
+    if not os.access(path, os.X_OK):
+        return (f"cannot enter {path} (no search permission: mode "
+                f"{os.stat(path).st_mode & 0o777:o}), so nothing can be loaded from it or "
+                "stored in it")
+    return None
 
 
-def read_only(path: str) -> str | None:
-    """Why programs cannot be stored in the existing cache directory ``path`` (``'cannot
-    write to <path> (Permission denied)'``), after process 0 has said so in one warning;
-    None where a file could be created there (and was removed), or ``path`` is '' (off).
-
-    The permission bits do not tell (ACLs, read-only mounts, root), so a file is created.
-    Such a cache still serves the programs it holds; without this, JAX warned with its
-    source line for every program it could not store, and the run's last line said that
-    its programs were cached there."""
-    if not path:
-        return None
+def _not_writable(path: str) -> str | None:
+    """``'cannot write to <path> (Permission denied)'`` where no file can be created in the
+    directory ``path``, else None. The permission bits do not tell (ACLs, read-only mounts,
+    root), so a file is created (and removed)."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        why = f"cannot write to {path} ({e.strerror or e})"
-    else:
+        return f"cannot write to {path} ({e.strerror or e})"
+    return None
+
+
+# The name host_tag() gives a default cache directory.
+_HOST_TAG = re.compile(r"jaxlib(?P<version>[^-]+)-[^-]+-[0-9a-f]{12}")
+
+
+def _other_versions(path: str) -> str | None:
+    """One line naming the default cache directories of other jaxlib versions beside the
+    new one at ``path`` (an upgrade leaves the old one behind, which no run of this jaxlib
+    reads again) with their sizes; None where there are none. They are named, not deleted:
+    another environment on this machine, or another machine sharing this home, may still
+    use them."""
+    parent, ours = os.path.split(os.path.normpath(path))
+    version = _HOST_TAG.fullmatch(ours)
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
         return None
-    if jax.process_index() == 0:
-        warnings.warn(f"Persistent compilation cache read-only: {why}; programs found there "
-                      "are loaded, the others compiled and not kept; set "
-                      "--config.compilation_cache_dir to a directory this user can write to "
-                      "keep them, or '' to turn the cache off.", logs.RunWarning)
-    return why
+    others = [n for n in names if (m := _HOST_TAG.fullmatch(n)) and version
+              and m["version"] != version["version"] and os.path.isdir(os.path.join(parent, n))]
+    if not others:
+        return None
+    sizes = {n: _size(os.path.join(parent, n)) for n in others}
+    listed = ", ".join(f"{n} ({_megabytes(sizes[n])})" for n in others)
+    many = len(others) > 1
+    whose = (f"{len(others)} other jaxlib versions' directories in {parent} hold" if many
+             else f"another jaxlib version's directory in {parent} holds")
+    them = "them" if many else "it"
+    return (f"Persistent compilation cache: new directory {path} for this jaxlib; {whose} "
+            f"{_megabytes(sum(sizes.values()))} that this jaxlib does not read: {listed}. "
+            f"Delete {them} if no other environment, or machine sharing this home, still "
+            f"uses {them}.")
+
+
+def _size(path: str) -> int:
+    """Bytes in the files under ``path`` (those that can be read)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 # JAX's warning for each program it could not store in the cache (jax._src.compiler).
@@ -203,12 +345,13 @@ def host_tag(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 
 def use_cache_dir(path: str) -> None:
-    """Points JAX's persistent compilation cache at ``path`` ('' turns it off)."""
+    """Points JAX's persistent compilation cache at ``path`` ('' turns it off); JAX creates
+    the directory when it first compiles. Nothing is created here: restoring a session's own
+    setting that cannot be created (:func:`from_jax_setting` turned it off) failed after the
+    work was done, with the workdir's advice."""
     current = jax.config.jax_compilation_cache_dir or ""
     if path == current:
         return
-    if path:
-        os.makedirs(path, exist_ok=True)
     compilation_cache.set_cache_dir(path or None)
     # JAX opens the cache once per process; re-open it at the new place on the next compile.
     compilation_cache.reset_cache()
@@ -219,8 +362,8 @@ def cache_dir_in_use(path: str, read_only: bool = False) -> Iterator[None]:
     """Points JAX's persistent compilation cache at ``path`` ('' = off) while the block runs,
     then back where it was: a run called from Python (a notebook, a sweep in one process)
     leaves the session's ``jax_compilation_cache_dir`` as it found it. ``read_only``
-    (:func:`read_only` said why, once): JAX's warning for each program it cannot store
-    there is dropped while the block runs."""
+    (:class:`Cache` says why, once): JAX's warning for each program it cannot store there
+    is dropped while the block runs."""
     previous = jax.config.jax_compilation_cache_dir or ""
     use_cache_dir(path)
     try:

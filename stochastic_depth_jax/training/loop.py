@@ -918,27 +918,18 @@ def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     distributed.check_batch_size(config.batch_size, mesh)
     distributed.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     setup_lib.check_groups(config, mesh)
-    cache_dir, hazard = compilation.off_if_hazardous(
-        compilation.cache_dir_for(config.compilation_cache_dir))
-    cache_dir, unwritable = compilation.off_if_unwritable(cache_dir, config.compilation_cache_dir)
-    hazard = hazard or unwritable
-    read_only = compilation.read_only(cache_dir)
-    with (compilation.cache_dir_in_use(cache_dir, read_only=bool(read_only)),
-          compilation.CompileStats() as stats):
-        summary, trained = _train_and_evaluate(config, workdir)
+    cache = compilation.choose(config.compilation_cache_dir)
+    with cache.in_use(), compilation.CompileStats() as stats:
+        summary, trained = _train_and_evaluate(config, workdir, cache.announce)
     if not trained:  # A finished run: its summary stays as its training sessions wrote it.
         return summary
-    summary["compilation"] = {**stats.to_json(), "cache_dir": cache_dir or None}
-    if hazard:
-        summary["compilation"]["cache_off_because"] = hazard
-    if read_only:
-        summary["compilation"]["cache_read_only_because"] = read_only
+    summary["compilation"] = {**stats.to_json(), **cache.to_json()}
     _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
         print(f"Compiled {stats.programs} programs in {stats.compile_s:.1f}s "
-              f"({stats.cache_hits} loaded from the {'read-only ' * bool(read_only)}"
-              "persistent cache"
-              f"{' at ' + cache_dir if cache_dir else ', which is off'}); "
+              f"({stats.cache_hits} loaded from the "
+              f"{'read-only ' * bool(cache.read_only_because)}persistent cache"
+              f"{' at ' + cache.path if cache.path else ', which is off'}); "
               f"tracing and lowering {stats.trace_and_lower_s:.1f}s.", flush=True)
     return summary
 
@@ -979,9 +970,13 @@ def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict,
-                        workdir: str) -> tuple[dict[str, Any], bool]:
-    """``(summary, trained)``; ``trained`` is False for a run that had already finished."""
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        announce: Callable[[], None] = lambda: None
+                        ) -> tuple[dict[str, Any], bool]:
+    """``(summary, trained)``; ``trained`` is False for a run that had already finished.
+    ``announce()`` (the compilation cache's notices) is called once the run is known to
+    train, before its description: a finished run does not warn about a cache it does not
+    use."""
     run, ds = _prepare(config, workdir)
     failed = False
     try:
@@ -991,6 +986,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
             saved = _saved_summary(workdir, run.step)  # None: written below
             if saved is not None:
                 return _nothing_to_train(run, saved), False
+        announce()
         _write_run_json(run, ds)
         if jax.process_index() == 0:
             print(_describe(run.config, run.state.params, ds), flush=True)
