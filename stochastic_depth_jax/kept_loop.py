@@ -88,7 +88,7 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
                          "implementation='skip'.")
     order = jnp.argsort(jnp.logical_not(gates), stable=True).astype(jnp.int32)  # kept first
     count = jnp.sum(gates.astype(jnp.int32))
-    modes = _autodiff_modes((params, x, probs))
+    modes = _autodiff_modes((params, stats, x, probs))
     if modes[:1] == ["forward"]:  # jax.jvp / jax.jacfwd: JAX's own JVP of the plain loop
         _check_reversible(modes[1:], count)
         return _plain_loop(block_fn, params, stats, x, probs, order, count)
@@ -237,7 +237,7 @@ def _forward_rule(block: _Block, params, stats, x, probs, order, count):
     value = lambda t: jax.tree_util.tree_map(lambda v: v.value, t)
     params, stats, x, probs, order, count = map(value, (params, stats, x, probs, order, count))
     # Differentiated again in reverse mode (grad of grad): the loops below would be.
-    _check_reversible(_autodiff_modes((params, x, probs)), count)
+    _check_reversible(_autodiff_modes((params, stats, x, probs)), count)
     block.out_struct = _typed_struct(x)
     return _forward(block, params, stats, x, probs, order, count)
 

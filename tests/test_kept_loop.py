@@ -327,11 +327,12 @@ def test_kept_loop_in_forward_mode_equals_the_kept_blocks_run_one_by_one():
     a custom_vjp function"; forward mode now differentiates the plain loop, jit or not."""
     params, stats, x, probs = _toy()
     gates = np.array([1, 0, 1, 1, 0], bool)
-    looped = lambda p, v, q, g: kept_loop(_toy_block, p, stats, v, q, g)
-    reference = lambda p, v, q: _toy_reference(p, stats, v, q, gates)
-    tangents = jax.tree_util.tree_map(jnp.cos, (params, x, probs))
-    got = jax.jvp(lambda *a: looped(*a, jnp.asarray(gates)), (params, x, probs), tangents)
-    _close(got, jax.jvp(reference, (params, x, probs), tangents))
+    looped = lambda p, v, q, g, s=stats: kept_loop(_toy_block, p, s, v, q, g)
+    reference = lambda p, v, q, s=stats: _toy_reference(p, s, v, q, gates)
+    primals = (params, x, probs, stats)  # a tangent of the statistics reaches the new ones
+    tangents = jax.tree_util.tree_map(jnp.cos, primals)
+    got = jax.jvp(lambda p, v, q, s: looped(p, v, q, jnp.asarray(gates), s), primals, tangents)
+    _close(got, jax.jvp(reference, primals, tangents))
     got = jax.jit(jax.jacfwd(looped, argnums=(0, 1, 2)))(params, x, probs, jnp.asarray(gates))
     _close(got, jax.jacfwd(reference, argnums=(0, 1, 2))(params, x, probs))
 
