@@ -17,6 +17,7 @@ gradients into that block's slot. Memory is that of a scan over every block of t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -55,13 +56,18 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
 
     Returns:
       ``(y, stats)``: the output of the last kept block (``x`` if none is kept), and
-      ``stats`` with the kept blocks' slots replaced by their ``new_stats``.
+      ``stats`` with the kept blocks' slots replaced by their ``new_stats``. ``stats``
+      carries no gradient: a loss on it (or ``jax.jacrev`` of it) gets that part of the
+      gradient as zero, with a warning; return it as an auxiliary output (``has_aux``).
 
-    Derivatives: reverse mode (``jax.grad``, ``jax.vjp``) and forward over reverse
-    (``jax.hessian``, ``jax.jvp`` of a gradient). Forward mode of the loop itself
-    (``jax.jvp``, ``jax.jacfwd``) is refused, as for any ``jax.custom_vjp``; so is reverse
-    over reverse (``jax.grad`` of a gradient) with traced gates (under ``jit``), where the
-    backward pass is a loop of dynamic length too.
+    Derivatives: reverse mode (``jax.grad``, ``jax.vjp``) through the loop's own VJP;
+    forward mode (``jax.jvp``, ``jax.jacfwd``) through JAX's JVP of the plain loop; and
+    forward over reverse (``jax.hessian``, ``jax.jvp`` of a gradient). Reverse over
+    reverse (``jax.grad`` of a gradient, or of a ``jvp``) with gates traced under ``jit``
+    would reverse a loop of dynamic length: refused in one line (with concrete gates,
+    outside ``jit``, it works). Forward mode is recognised where ``kept_loop`` is traced:
+    ``jax.jvp`` of a ``jax.jit``-ed function that calls it gets JAX's "can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function"; put the ``jit`` outside.
     """
     gates = jnp.asarray(gates)
     if gates.ndim != 1 or gates.dtype != jnp.bool_:
@@ -82,7 +88,70 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
                          "implementation='skip'.")
     order = jnp.argsort(jnp.logical_not(gates), stable=True).astype(jnp.int32)  # kept first
     count = jnp.sum(gates.astype(jnp.int32))
+    modes = _autodiff_modes((params, stats, x, probs))
+    if modes[:1] == ["forward"]:  # jax.jvp / jax.jacfwd: JAX's own JVP of the plain loop
+        _check_reversible(modes[1:], count)
+        return _plain_loop(block_fn, params, stats, x, probs, order, count)
     return _loop(_Block(block_fn), params, stats, x, probs, order, count)
+
+
+def _autodiff_modes(tree: Any) -> list[str]:
+    """How each autodiff transformation differentiating a leaf of ``tree`` does it,
+    innermost (the first to see the loop) first: ``'forward'`` (``jax.jvp``, ``jacfwd``)
+    or ``'reverse'`` (``jax.grad``, ``vjp``, ``linearize``). Read from the leaves' tracers;
+    a tracer of a kind not known here gives none (the loop then runs as it did)."""
+    owners, chains = set(), []
+    for leaf in jax.tree_util.tree_leaves(tree):
+        while isinstance(leaf, jax.core.Tracer):  # a tracer wraps those of outer traces
+            owners.add(id(getattr(leaf, "_trace", None)))
+            chain, trace = [], getattr(leaf, "_trace", None)
+            while trace is not None:
+                chain.append(trace)
+                trace = getattr(trace, "parent_trace", None)
+            chains.append(chain)
+            leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
+    modes = []
+    for trace in max(chains, key=len, default=[]):  # the innermost trace's, outwards
+        if id(trace) not in owners:
+            continue
+        kind = type(trace).__name__  # JAX's internal classes, named here, not imported
+        if kind == "LinearizeTrace":
+            modes.append("reverse")
+        elif kind == "JVPTrace":  # a JVP under partial evaluation (no direct linearize): reverse
+            parent = type(getattr(trace, "parent_trace", None)).__name__
+            modes.append("reverse" if parent == "JaxprTrace" else "forward")
+    return modes
+
+
+def _check_reversible(outer_modes: list[str], count: Array) -> None:
+    """ValueError where reverse mode would differentiate a loop of traced length (the
+    loop's own passes, or the plain loop of a forward-mode derivative): JAX cannot, and its
+    error suggests ``lax.scan``."""
+    if "reverse" in outer_modes and isinstance(count, jax.core.Tracer):
+        raise ValueError(
+            "kept_loop: reverse mode (jax.grad, jax.vjp) of a derivative of the loop (grad of "
+            "grad, grad of jvp) with gates traced under jit would reverse a loop of dynamic "
+            "length, which JAX cannot; use forward over reverse (jax.hessian, jax.jvp or "
+            "jax.jacfwd of jax.grad), or concrete gates outside jit.")
+
+
+def _plain_loop(block_fn: BlockFn, params, stats, x, probs, order, count):
+    """The kept blocks in one loop, without the loop's own VJP: what forward mode (and
+    :func:`kept_loop` undifferentiated) runs."""
+    def body(i, carry):
+        x, stats = carry
+        j = order[i]
+        y, new_stats = block_fn(_slot(params, j), _slot(stats, j), x, probs[j])
+        _check_block_output(x, y)
+        return y, _put(stats, j, new_stats)
+
+    return lax.fori_loop(0, count, body, (x, stats))
+
+
+def _check_block_output(x: Array, y: Array) -> None:
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"kept_loop: a block must return its input's shape and dtype "
+                         f"({x.dtype}{list(x.shape)}), got {y.dtype}{list(y.shape)}.")
 
 
 def _check_shared_gates(gates: Array) -> None:
@@ -153,9 +222,7 @@ def _forward(block: _Block, params, stats, x, probs, order, count):
         x, stats, residuals = carry
         j = order[i]
         y, new_stats, leaves = block.vjp(_slot(params, j), _slot(stats, j), x, probs[j])
-        if y.shape != x.shape or y.dtype != x.dtype:
-            raise ValueError(f"kept_loop: a block must return its input's shape and dtype "
-                             f"({x.dtype}{list(x.shape)}), got {y.dtype}{list(y.shape)}.")
+        _check_block_output(x, y)
         residuals = [r.at[i].set(leaf) for r, leaf in zip(residuals, leaves)]
         return y, _put(stats, j, new_stats), residuals
 
@@ -169,6 +236,8 @@ def _forward_rule(block: _Block, params, stats, x, probs, order, count):
     block.prob_grad = bool(probs.perturbed)
     value = lambda t: jax.tree_util.tree_map(lambda v: v.value, t)
     params, stats, x, probs, order, count = map(value, (params, stats, x, probs, order, count))
+    # Differentiated again in reverse mode (grad of grad): the loops below would be.
+    _check_reversible(_autodiff_modes((params, stats, x, probs)), count)
     block.out_struct = _typed_struct(x)
     return _forward(block, params, stats, x, probs, order, count)
 
@@ -192,6 +261,7 @@ def _zero_cotangent(block: _Block, t: Any) -> Array:
 
 def _backward(block: _Block, saved, cotangents):
     residuals, params, probs, order, count = saved
+    _warn_if_statistics_differentiated(cotangents[1])
     dy = _zero_cotangent(block, cotangents[0])  # statistics carry no gradient
 
     def body(k, carry):
@@ -214,6 +284,23 @@ def _backward(block: _Block, saved, cotangents):
         lambda a, d: d if jnp.issubdtype(a.dtype, jnp.inexact)
         else np.zeros(a.shape, jax.dtypes.float0), params, dparams)
     return dparams, None, dx, dprobs, None, None
+
+
+def _warn_if_statistics_differentiated(cotangent: Any) -> None:
+    """Warns where the returned statistics are differentiated (a loss on them, ``jacrev``
+    of them): their cotangent is dropped, so that part of the gradient is missing. Their
+    cotangent is a symbolic zero where they are not (an auxiliary output, ``has_aux``)."""
+    leaves = jax.tree_util.tree_leaves(cotangent,
+                                       is_leaf=lambda t: isinstance(t, SymbolicZero))
+    # An integer leaf's cotangent (float0) is no gradient either.
+    if all(isinstance(t, SymbolicZero) or t.dtype == jax.dtypes.float0 for t in leaves):
+        return
+    warnings.warn(
+        "kept_loop: the statistics it returns are differentiated (a loss on them, or jacrev "
+        "of them), but they carry no gradient through the loop: that part of the gradient "
+        "is zero. Differentiate the blocks' output only (return the statistics as an "
+        "auxiliary output, has_aux=True, or stop_gradient them), or use "
+        "implementation='skip' or 'mask', which differentiate them.", stacklevel=2)
 
 
 def _accumulate(j: Array) -> Callable[[Array, Array], Array]:

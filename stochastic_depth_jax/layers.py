@@ -313,9 +313,7 @@ class StochasticDepth(nn.Module):
         if not self.is_mutable_collection("intermediates"):
             return False
 
-        # capture_intermediates=True of the enclosing apply (Flax keeps it on a context
-        # stack, which a nested apply would otherwise reset).
-        capture = (getattr(linen_module._context, "capture_stack", None) or [False])[-1]
+        capture = capturing_intermediates()
 
         def sown(variables, v):
             run = nn.apply(call, self.clone(parent=None), mutable=True,
@@ -341,6 +339,12 @@ class StochasticDepth(nn.Module):
 
         # The factor travels in f32; ``scaled`` casts it to each output's dtype.
         return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, jnp.float32))
+
+
+def capturing_intermediates() -> Any:
+    """The ``capture_intermediates`` of the enclosing ``apply`` (Flax keeps it on a context
+    stack, which a nested ``apply`` would otherwise reset), for such a nested ``apply``."""
+    return (getattr(linen_module._context, "capture_stack", None) or [False])[-1]
 
 
 def _check_linen_branch(branch: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -167,7 +168,9 @@ class ResidualStages(nn.Module):
     along a leading axis in the scanned form. A scanned stage of post-activation blocks
     (:class:`layers.ResidualBlock`) with ``remat`` ``'convs'`` or ``'full'`` carries
     pre-activations (:meth:`_preact_policy`): the same outputs, but the stage's first block
-    returns (and ``capture_intermediates`` records) its output before its activation.
+    returns (and ``capture_intermediates`` records) its output before its activation. The
+    scanned (or looped) blocks record no intermediates: where one would (a ``sow``, or
+    ``capture_intermediates=True``), a warning says so.
 
     Attributes:
       stage_sizes: blocks per stage.
@@ -327,6 +330,7 @@ class ResidualStages(nn.Module):
     def _scan_stage(self, i, length, feats, x, probs, gates, rest, call_kw, constant, bucket,
                     policy=None):
         name = f"stage{i + 1}_scan"
+        self._warn_if_scanned_blocks_record(name, feats, x, call_kw)
         if bucket is not None and not self.is_initializing():
             return self._compact_stage(name, length, feats, x, probs, gates[rest], bucket)
         stochastic = call_kw["train"] if call_kw["stochastic"] is None else call_kw["stochastic"]
@@ -345,6 +349,37 @@ class ResidualStages(nn.Module):
                      preact=policy is not None, name=name)
         x, _ = body(x, inputs)
         return x
+
+    def _warn_if_scanned_blocks_record(self, name: str, feats: int, x: Array,
+                                       call_kw: dict) -> None:
+        """Warns where the scanned blocks would record intermediates (a ``sow``, or
+        ``capture_intermediates=True``) with ``'intermediates'`` mutable: ``nn.scan`` drops
+        them (and ``implementation='loop'``, whose blocks run in a loop of traced length
+        with only the kept ones computed, records none either), which was silent."""
+        if self.is_initializing() or not self.is_mutable_collection("intermediates"):
+            return
+        capture = layers.capturing_intermediates()
+        block = self.block(feats, 1, parent=None)
+        slot = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+        variables = {k: slot(self.variables[k][name]["block"]) for k in self.variables
+                     if k in ("params", "batch_stats") and name in self.variables[k]}
+        rngs = {k: jax.random.key(0) for k in ("params", "dropout", "stochastic_depth")}
+
+        def recorded(variables, v):
+            return block.apply(variables, v, jnp.float32(1.0), jnp.ones((), jnp.bool_),
+                               **call_kw, mutable=True, rngs=rngs,
+                               capture_intermediates=capture)[1]
+
+        try:
+            records = "intermediates" in jax.eval_shape(recorded, variables, x)
+        except Exception:  # noqa: BLE001 - a block this probe cannot run: no warning
+            return
+        if records:
+            warnings.warn(
+                "The blocks after each stage's first in a scanned stage record no "
+                "intermediates (sow, capture_intermediates): nn.scan drops them, and "
+                "implementation='loop' records none either; scan=False with 'skip' or "
+                "'mask' records every block's.", stacklevel=2)
 
     def _compact_stage(self, name, length, feats, x, probs, gates, bucket):
         """Scans over the kept blocks only, gathered to the front (``bucket`` slots).

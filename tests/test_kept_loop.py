@@ -4,7 +4,9 @@ The loop (:func:`kept_loop`) carries its own VJP, so every test compares values 
 gradients with what JAX derives for the same blocks run by other means.
 """
 import functools
+import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,6 +238,9 @@ def test_loop_and_compact_buckets_are_refused_together():
                     mutable=["batch_stats"])
 
 
+_STATS_DIFFERENTIATED = "^kept_loop: the statistics it returns are differentiated"
+
+
 def test_kept_loop_differentiates_the_survival_probabilities():
     """A block scaled by its probability (1 / p for scaling='train') has a gradient with
     respect to it; the loop's VJP returned zeros for ``probs``, silently, where JAX derives
@@ -257,8 +262,9 @@ def test_kept_loop_differentiates_the_survival_probabilities():
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
         assert np.all(np.asarray(got[2])[~gates] == 0)  # a dropped block's p: no effect
     stats_loss = lambda p, q: jnp.sum(kept_loop(_toy_block, p, stats, x, q, gates)[1]["mean"])
-    for g in jax.tree_util.tree_leaves(jax.grad(stats_loss, argnums=(0, 1))(params, probs)):
-        assert np.all(np.asarray(g) == 0)
+    with pytest.warns(UserWarning, match=_STATS_DIFFERENTIATED):
+        grads = jax.grad(stats_loss, argnums=(0, 1))(params, probs)
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree_util.tree_leaves(grads))
 
 
 def test_kept_loop_gradients_of_probabilities_and_statistics_under_explicit_mesh_axes():
@@ -275,7 +281,9 @@ def test_kept_loop_gradients_of_probabilities_and_statistics_under_explicit_mesh
     with jax.set_mesh(mesh):
         sharded = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
         got = jax.device_get(jax.jit(jax.grad(out, argnums=2))(params, sharded, probs))
-        zeros = jax.device_get(jax.jit(jax.grad(stat, argnums=(0, 1, 2)))(params, sharded, probs))
+        with pytest.warns(UserWarning, match=_STATS_DIFFERENTIATED):
+            zeros = jax.jit(jax.grad(stat, argnums=(0, 1, 2)))(params, sharded, probs)
+        zeros = jax.device_get(zeros)
     want = jax.grad(lambda q: jnp.sum(jnp.sin(_toy_reference(params, stats, x, q, gates)[0])))(
         probs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -307,3 +315,110 @@ def test_kept_loop_differentiates_params_with_integer_leaves():
         assert got[0]["index"].dtype == jax.dtypes.float0
         for a, b in [(got[0]["w"], want[0]["w"]), (got[0]["b"], want[0]["b"]), (got[1], want[1])]:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _close(got, want):
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           got, want)
+
+
+def test_kept_loop_in_forward_mode_equals_the_kept_blocks_run_one_by_one():
+    """jax.jvp and jax.jacfwd failed with JAX's "can't apply forward-mode autodiff (jvp) to
+    a custom_vjp function"; forward mode now differentiates the plain loop, jit or not."""
+    params, stats, x, probs = _toy()
+    gates = np.array([1, 0, 1, 1, 0], bool)
+    looped = lambda p, v, q, g, s=stats: kept_loop(_toy_block, p, s, v, q, g)
+    reference = lambda p, v, q, s=stats: _toy_reference(p, s, v, q, gates)
+    primals = (params, x, probs, stats)  # a tangent of the statistics reaches the new ones
+    tangents = jax.tree_util.tree_map(jnp.cos, primals)
+    got = jax.jvp(lambda p, v, q, s: looped(p, v, q, jnp.asarray(gates), s), primals, tangents)
+    _close(got, jax.jvp(reference, primals, tangents))
+    got = jax.jit(jax.jacfwd(looped, argnums=(0, 1, 2)))(params, x, probs, jnp.asarray(gates))
+    _close(got, jax.jacfwd(reference, argnums=(0, 1, 2))(params, x, probs))
+
+
+def test_kept_loop_second_derivatives_or_one_line_naming_what_works():
+    """Reverse over reverse with traced gates failed after tracing with JAX's error
+    suggesting lax.scan (misleading: the user wrote no loop); now one line names forward
+    over reverse, which works under jit, as does grad of grad with concrete gates."""
+    params, stats, x, probs = _toy()
+    gates = np.array([1, 0, 1, 1, 0], bool)
+
+    def loss(v, g):
+        return jnp.sum(jnp.sin(kept_loop(_toy_block, params, stats, v, probs, g)[0]))
+
+    reference = lambda v: jnp.sum(jnp.sin(_toy_reference(params, stats, v, probs, gates)[0]))
+    grad_sum = lambda f: lambda v, *g: jnp.sum(jax.grad(f)(v, *g))
+    with pytest.raises(ValueError, match=r"^kept_loop: reverse mode .* with gates traced under "
+                       r"jit .*; use forward over reverse \(jax\.hessian"):
+        jax.jit(jax.grad(grad_sum(loss)))(x, jnp.asarray(gates))
+    with pytest.raises(ValueError, match="^kept_loop: reverse mode"):  # grad of jvp
+        jax.jit(jax.grad(lambda v, g: jnp.sum(
+            jax.jvp(lambda u: loss(u, g), (v,), (v,))[1])))(x, jnp.asarray(gates))
+    _close(jax.jit(jax.hessian(loss))(x, jnp.asarray(gates)), jax.hessian(reference)(x))
+    _close(jax.grad(grad_sum(loss))(x, jnp.asarray(gates)), jax.grad(grad_sum(reference))(x))
+
+
+def test_kept_loop_warns_where_its_statistics_are_differentiated():
+    """A loss on the returned statistics got their part of the gradient dropped, silently;
+    returned as an auxiliary output (as the trainer does) they warn of nothing."""
+    params, stats, x, probs = _toy()
+    gates = jnp.asarray([1, 0, 1, 1, 0], bool)
+
+    def loss(p, on_stats):
+        y, new = kept_loop(_toy_block, p, stats, x, probs, gates)
+        return jnp.sum(y) + (jnp.sum(new["mean"]) if on_stats else 0.0), new
+
+    with pytest.warns(UserWarning, match=_STATS_DIFFERENTIATED + r".*has_aux=True"):
+        jax.jit(jax.grad(lambda p: loss(p, True)[0]))(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.jit(jax.grad(lambda p: loss(p, False), has_aux=True))(params)
+
+
+def test_loop_model_in_forward_mode_equals_skipping():
+    """A ResNet with implementation='loop' (and convolutions without their own VJP)
+    differentiates in forward mode: as skipping does, jvp with respect to the input."""
+    conv = functools.partial(sdj.conv.Conv, implementation="xla")
+    skip, loop = _model(depth=14, conv=conv), _model(depth=14, conv=conv, implementation="loop")
+    v = skip.init({"params": jax.random.key(1)}, X, train=False)
+    gates = jnp.asarray([1, 0, 1, 1, 1, 0], bool)
+
+    def run(model):
+        f = lambda x: model.apply(v, x, train=True, gates=gates,
+                                  mutable=["batch_stats"])[0]
+        return jax.jit(lambda x: jax.jvp(f, (x,), (jnp.cos(x),)))(X)
+
+    _close(run(loop), run(skip))
+
+
+class _SowingBlock(sdj.layers.BasicBlock):
+    @nn.compact
+    def __call__(self, x, survival_prob=1.0, gate=None, *, train, stochastic=None):
+        self.sow("intermediates", "mean", jnp.mean(x))
+        return super().__call__(x, survival_prob, gate, train=train, stochastic=stochastic)
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_scanned_blocks_that_record_intermediates_warn(loop):
+    """A scanned (or looped) block's sow, or capture_intermediates, recorded nothing,
+    silently; it warns now. Reading only the model's own sown gates warns of nothing."""
+    block = functools.partial(_SowingBlock, implementation="mask" if loop else "skip")
+    stages = sdj.models.ResidualStages(stage_sizes=(4,), stage_features=(3,),
+                                       stage_strides=(1,), block=block, scan=True, loop=loop)
+    probs, gates = np.full(4, 0.7), jnp.array([True, True, False, True])
+    v = stages.init({"params": jax.random.key(1)}, X, probs, gates, train=False, constant=False)
+    run = functools.partial(stages.apply, v, X, probs, gates, train=True, constant=False)
+    with pytest.warns(UserWarning, match=r"^The blocks after each stage's first in a scanned "
+                      r"stage record no intermediates .*; scan=False with 'skip' or 'mask'"):
+        _, state = run(mutable=["batch_stats", "intermediates"])
+    assert list(state["intermediates"]) == ["stage1_block1"]  # the unscanned first block
+    model = _model(implementation="loop" if loop else "skip")
+    v = model.init({"params": jax.random.key(1)}, X, train=False)
+    with pytest.warns(UserWarning, match="record no intermediates"):
+        model.apply(v, X, train=True, gates=jnp.asarray(GATES), capture_intermediates=True,
+                    mutable=["batch_stats", "intermediates"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.apply(v, X, train=True, gates=jnp.asarray(GATES),
+                    mutable=["batch_stats", "intermediates"])
