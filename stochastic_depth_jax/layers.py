@@ -63,8 +63,10 @@ class BatchNorm(nn.Module):
     (n / (n - 1)); normalisation uses the biased one, as Torch. Statistics are computed in
     float32 for a bfloat16, float16 or float32 input (the output has ``dtype``, else the
     input's) and in float64 for a float64 one (``jax_enable_x64``); the running statistics
-    are kept in float32 (in ``param_dtype`` where it is wider). Under a sharded ``jit`` the
-    batch mean is taken over the global batch, so statistics do not depend on device count.
+    are kept in float32 (in ``param_dtype`` where it is wider), and written back in the
+    dtype they were given (float64 ones, with ``jax_enable_x64``, stay float64). Under a
+    sharded ``jit`` the batch mean is taken over the global batch, so statistics do not
+    depend on device count.
     Inside ``jax.shard_map`` (or ``pmap``) each device sees only its shard: ``axis_name``
     averages the statistics over that mapped axis, so they are again the global batch's.
 
@@ -111,8 +113,10 @@ class BatchNorm(nn.Module):
                 n = x.size // features * shards
                 unbiased = var * (n / max(n - 1, 1))
                 m = self.momentum
-                mean_v.value = ((1.0 - m) * mean_v.value + m * mean).astype(stats)
-                var_v.value = ((1.0 - m) * var_v.value + m * unbiased).astype(stats)
+                # Written back in the dtype they came in (``stats`` from init): a skipping
+                # ``cond`` returns a dropped block's unchanged, and both sides must agree.
+                mean_v.value = ((1.0 - m) * mean_v.value + m * mean).astype(mean_v.value.dtype)
+                var_v.value = ((1.0 - m) * var_v.value + m * unbiased).astype(var_v.value.dtype)
         else:
             mean, var = mean_v.value.astype(compute), var_v.value.astype(compute)
         mul = scale.astype(compute) * jax.lax.rsqrt(var + self.epsilon)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import stochastic_depth_jax as sdj
+from compiled import with_conditionals
 from stochastic_depth_jax.kept_loop import kept_loop
 
 X = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
@@ -120,12 +121,19 @@ def _model(**kw):
 
 
 def _train(model, variables, gates, stochastic=None, train=True):
-    def run(params):
+    """Loss, statistics and gradients. The gates are an argument of the compiled program, so
+    that skipping runs its conditionals (made from constants inside it, XLA folds those of
+    the stages' first blocks into straight-line code): one forward and one backward per
+    stage's first block and per scanned stage."""
+    def run(params, gates):
         y, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, X,
-                             train=train, stochastic=stochastic, gates=jnp.asarray(gates),
+                             train=train, stochastic=stochastic, gates=gates,
                              mutable=["batch_stats"])
         return jnp.sum(jnp.sin(y)), upd
-    return jax.jit(jax.value_and_grad(run, has_aux=True))(variables["params"])
+    args = (variables["params"], jnp.asarray(gates))
+    branches = 12 if model.implementation == "skip" else 0
+    return with_conditionals(jax.jit(jax.value_and_grad(run, has_aux=True)), *args,
+                             at_least=branches)(*args)
 
 
 def _assert_close(a, b):

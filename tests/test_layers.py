@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import stochastic_depth_jax as sdj
+from compiled import with_conditionals
 
 X = jax.random.normal(jax.random.key(0), (6, 5))
 
@@ -115,3 +116,25 @@ def test_capture_intermediates_keeps_model_outputs_and_batch_stats():
         dropped += int(np.sum(~np.asarray(state["intermediates"]["gates"][0])))
         assert len(jax.tree_util.tree_leaves(state["intermediates"])) > 1  # captured calls
     assert dropped > 0  # some block was skipped, so the statistics check means something
+
+
+def test_a_gate_made_inside_jit_folds_skipping_and_the_tests_check_says_so():
+    """The check the equivalence tests make (``compiled.with_conditionals``): a gate made from
+    a constant inside ``jit`` leaves the compiled gradient no conditional (XLA folds it into
+    the branch the gate picks), and the check refuses it; a gate passed as an argument keeps
+    one forward and one backward, with the same gradient."""
+    sd = sdj.StochasticDepth(MyBranch(parent=None), survival_prob=0.5)
+    params = sd.init(jax.random.key(0), X, deterministic=True)["params"]
+
+    def loss(params, gate):
+        return jnp.sum((X + sd.apply({"params": params}, X, deterministic=False, gate=gate)) ** 2)
+
+    branching = jax.jit(jax.grad(loss))
+    for value in (True, False):
+        gate = jnp.bool_(value)
+        folded = jax.jit(jax.grad(lambda p, v=value: loss(p, jnp.bool_(v))))
+        with pytest.raises(AssertionError, match="folded into straight-line code"):
+            with_conditionals(folded, params)
+        got = with_conditionals(branching, params, gate, at_least=2)(params, gate)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                               got, folded(params))

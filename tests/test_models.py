@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 
 import stochastic_depth_jax as sdj
+from compiled import count, with_conditionals
 
 X = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
 
@@ -44,6 +45,17 @@ def train_apply(model, variables, key=None, gates=None, x=X):
 @functools.partial(jax.jit, static_argnums=0)
 def eval_apply(model, variables, x=X):
     return model.apply(variables, x, train=False)
+
+
+def skipping_conditionals(model):
+    """The fewest conditionals the compiled gradient of a skipping ``model`` keeps when its
+    gates are an argument: one forward and one backward per block outside a scan, and per
+    scanned stage (the loop's body holds one). Gates made from constants inside ``jit``
+    leave the scanned stages' only: XLA folds the others into straight-line code."""
+    sizes = model.stage_sizes_()
+    scanned = [bool(lengths) for lengths in model.compact_lengths(1)]
+    unscanned = sum(1 if scan else n for n, scan in zip(sizes, scanned))
+    return 2 * (unscanned + sum(scanned))
 
 
 # ---- parameter counts (He et al. 2016, Table 6) and depth validation --------------------
@@ -263,12 +275,14 @@ def test_dropped_block_has_zero_grads_and_unchanged_stats(scan):
     v = init(model)
     gates = jnp.array([1, 0, 1, 1, 1, 0, 1, 1, 1], bool)
 
-    def loss(params):
+    def loss(params, gates):
         logits, upd = train_apply(model, {"params": params, "batch_stats": v["batch_stats"]},
                                   gates=gates)
         return jnp.sum(logits ** 2), upd
 
-    grads, upd = jax.jit(jax.grad(loss, has_aux=True))(v["params"])
+    grad = with_conditionals(jax.jit(jax.grad(loss, has_aux=True)), v["params"], gates,
+                             at_least=skipping_conditionals(model))
+    grads, upd = grad(v["params"], gates)
     stats = upd["batch_stats"]["stages"]
     old = v["batch_stats"]["stages"]
     g = grads["stages"]
@@ -579,16 +593,22 @@ def test_auto_scan_for_deep_nets():
 # ---- implementations agree ------------------------------------------------------------------
 
 def test_skip_mask_and_remat_agree():
+    """One gradient of skipping (remat 'convs', 'full', 'none') and of masking. The gates
+    are an argument of the compiled gradient: made inside it, from constants, they let XLA
+    fold every skipping conditional into straight-line code, and the test compared masking
+    with a program that did not branch."""
     base = tiny(depth=20)
     v = init(base)
     gates = jnp.array([1, 0, 1, 1, 1, 0, 0, 1, 1], bool)
 
     def grads(model):
-        def loss(params):
+        def loss(params, gates):
             y, _ = train_apply(model, {"params": params, "batch_stats": v["batch_stats"]},
                                gates=gates)
             return jnp.sum(y ** 2)
-        return jax.jit(jax.grad(loss))(v["params"])
+        branches = skipping_conditionals(model) if model.implementation == "skip" else 0
+        return with_conditionals(jax.jit(jax.grad(loss)), v["params"], gates,
+                                 at_least=branches)(v["params"], gates)
 
     ref = grads(base)
     for kw in (dict(implementation="mask"), dict(remat="full"), dict(remat="none")):
@@ -627,16 +647,17 @@ def test_imagenet_resnets_have_torchvisions_parameter_counts(make, count):
 # ---- compact mode: kept blocks gathered into static-length scans, no conditionals ---------
 
 
-def _gated_grad(model, v, gates):
-    """jit of ``params, buckets -> ((sum(y^2), batch-stat updates), grads)`` of ``model``
-    training on X with ``gates`` (buckets static: None for lax.cond skipping)."""
-    def run(params, buckets):
+def _gated_grad(model, v):
+    """jit of ``params, gates, buckets -> ((sum(y^2), batch-stat updates), grads)`` of
+    ``model`` training on X (buckets static: None for lax.cond skipping). The gates are an
+    argument, as the trainer's: made from constants inside the program, XLA folds
+    skipping's conditionals (all but the scanned stages') into straight-line code."""
+    def run(params, gates, buckets):
         y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
-                             train=True, gates=jnp.asarray(gates), buckets=buckets,
-                             mutable=["batch_stats"])
+                             train=True, gates=gates, buckets=buckets, mutable=["batch_stats"])
         return jnp.sum(y ** 2), upd
 
-    return jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+    return jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=2)
 
 
 def test_compact_mode_equals_skipping():
@@ -647,9 +668,11 @@ def test_compact_mode_equals_skipping():
         buckets = model.compact_buckets(gates, multiple)
         assert buckets == want
 
-        grad = _gated_grad(model, v, gates)
-        (l_skip, u_skip), g_skip = grad(v["params"], None)
-        (l_comp, u_comp), g_comp = grad(v["params"], buckets)
+        grad = _gated_grad(model, v)
+        skip = with_conditionals(grad, v["params"], gates, None,
+                                 at_least=skipping_conditionals(model))
+        (l_skip, u_skip), g_skip = skip(v["params"], gates)
+        (l_comp, u_comp), g_comp = grad(v["params"], gates, buckets)
         np.testing.assert_allclose(l_comp, l_skip, rtol=1e-5)
         close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         jax.tree_util.tree_map(close, g_comp, g_skip)
@@ -681,13 +704,16 @@ def test_compact_mode_writes_statistics_back_exactly():
     v["batch_stats"] = jax.tree_util.tree_map_with_path(extreme, v["batch_stats"])
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
-    def run(model, buckets, v):
-        return model.apply(v, X, train=True, gates=jnp.asarray(gates), buckets=buckets,
+    def run(model, buckets, v, gates):
+        return model.apply(v, X, train=True, gates=gates, buckets=buckets,
                            mutable=["batch_stats"])[1]["batch_stats"]
 
-    compact = run(model, buckets, v)
-    masked = run(tiny(depth=26, scan=True, norm=norm, implementation="mask"), None, v)
-    skipped = run(model, None, v)
+    gates = jnp.asarray(gates)  # an argument: skipping really branches
+    compact = run(model, buckets, v, gates)
+    masked = run(tiny(depth=26, scan=True, norm=norm, implementation="mask"), None, v, gates)
+    # Forward only: one conditional per stage's first block and per scanned stage.
+    skipped = with_conditionals(run, model, None, v, gates,
+                                at_least=skipping_conditionals(model) // 2)(v, gates)
     jax.tree_util.tree_map(np.testing.assert_array_equal, compact, masked)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            compact, skipped)
@@ -705,10 +731,12 @@ def test_compact_mode_masks_unscanned_stages_instead_of_branching():
     gates = np.array([1, 0, 1, 1, 1, 0, 0, 1, 1], bool)
     assert model.compact_buckets(gates, 4) == (0, 0, 0)
 
-    grad = _gated_grad(model, v, gates)
-    assert "stablehlo.case" not in grad.lower(v["params"], (0, 0, 0)).as_text()
+    grad = _gated_grad(model, v)
+    assert "stablehlo.case" not in grad.lower(v["params"], gates, (0, 0, 0)).as_text()
+    skip = with_conditionals(grad, v["params"], gates, None,
+                             at_least=skipping_conditionals(model))
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    jax.tree_util.tree_map(close, grad(v["params"], (0, 0, 0)), grad(v["params"], None))
+    jax.tree_util.tree_map(close, grad(v["params"], gates, (0, 0, 0)), skip(v["params"], gates))
 
 
 def test_scan_unroll_inlines_every_scan_and_changes_nothing_else():
@@ -722,17 +750,27 @@ def test_scan_unroll_inlines_every_scan_and_changes_nothing_else():
     for buckets in (None, looped.compact_buckets(gates, 1)):
         results = {}
         for name, model in (("looped", looped), ("inlined", inlined)):
-            def run(params, buckets, model=model):
+            def run(params, gates, buckets, model=model):
                 y, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, X,
-                                     train=True, gates=jnp.asarray(gates), buckets=buckets,
+                                     train=True, gates=gates, buckets=buckets,
                                      mutable=["batch_stats"])
                 return jnp.sum(y ** 2), upd
-            grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
-            results[name] = grad(v["params"], buckets)
-            hlo = grad.lower(v["params"], buckets).as_text()
+            grad = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=2)
+            lowered = grad.lower(v["params"], jnp.asarray(gates), buckets)
+            hlo = lowered.as_text()
             loops = hlo.count("stablehlo.while")
             assert (loops == 0) if name == "inlined" else (loops > 0), (name, buckets, loops)
             assert ("stablehlo.case" in hlo) == (buckets is None)
+            # The gates are an argument, so skipping's conditionals survive XLA (inlined:
+            # one forward and one backward per block); compact mode has none.
+            program = lowered.compile()
+            kept = count(program, "conditional")
+            if buckets is None:
+                least = 2 * 12 if name == "inlined" else skipping_conditionals(model)
+                assert kept >= least, (name, kept)
+            else:
+                assert kept == 0, (name, kept)
+            results[name] = program(v["params"], jnp.asarray(gates))
         close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         jax.tree_util.tree_map(close, results["inlined"], results["looped"])
 

@@ -286,9 +286,15 @@ def test_sigkill_or_sigterm_and_resume_reproduce_the_uninterrupted_run(tmp_path)
     assert _records(stopped) == _records(full)
 
 
-def _per_step_losses(config, workdir, mesh, steps=3):
-    _, losses, _, state = train_steps(config, workdir, mesh, steps)
+def _per_step_losses(config, workdir, mesh, steps=3, conditionals=0):
+    _, losses, _, state = train_steps(config, workdir, mesh, steps, conditionals)
     return losses, state
+
+
+# The scanned ResNet-26's skipping step (gates drawn from the traced step number) keeps a
+# conditional forward and one backward per stage's first block and per scanned stage: it
+# really branches (it has 15).
+SKIPPING_CONDITIONALS = 12
 
 
 def _assert_same_training(losses, state, ref_losses, ref_state, rtol=1e-3, atol=1e-5):
@@ -329,8 +335,9 @@ def test_one_device_and_eight_devices_agree_on_a_scanned_network(tmp_path):
     for knob in ([], ["--config.model.implementation=mask"],
                  ["--config.model.compact_multiple=2"]):
         config = load_config("cifar10:smoke", deep + knob)
-        losses1, state1 = _per_step_losses(config, str(tmp_path), one)
-        losses8, state8 = _per_step_losses(config, str(tmp_path), eight)
+        branches = 0 if knob else SKIPPING_CONDITIONALS
+        losses1, state1 = _per_step_losses(config, str(tmp_path), one, conditionals=branches)
+        losses8, state8 = _per_step_losses(config, str(tmp_path), eight, conditionals=branches)
         np.testing.assert_allclose(losses8, losses1, rtol=1e-6)
         _assert_leaves_close(state8, state1, rtol=2e-5)
 
@@ -359,13 +366,15 @@ def test_compact_mode_and_loop_train_like_skipping_on_eight_devices(tmp_path):
     both. On one device compact mode is compared tightly with skipping."""
     deep = TINY + ["--config.model.depth=26", "--config.model.scan=true"]
     one = distributed.make_mesh(jax.devices()[:1])
-    skip1, state_s1 = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), one)
+    skip1, state_s1 = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), one,
+                                       conditionals=SKIPPING_CONDITIONALS)
     compact1, state_c1 = _per_step_losses(
         load_config("cifar10:smoke", deep + ["--config.model.compact_multiple=2"]),
         str(tmp_path), one)
     _assert_same_training(compact1, state_c1, skip1, state_s1)
     mesh = distributed.make_mesh()
-    skip, state_s = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), mesh)
+    skip, state_s = _per_step_losses(load_config("cifar10:smoke", deep), str(tmp_path), mesh,
+                                     conditionals=SKIPPING_CONDITIONALS)
     masked, state_m = _per_step_losses(
         load_config("cifar10:smoke", deep + ["--config.model.implementation=mask"]),
         str(tmp_path), mesh)

@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
 
 import stochastic_depth_jax as sdj  # noqa: E402
+from compiled import with_conditionals  # noqa: E402
 from configs import load_config  # noqa: E402
 from stochastic_depth_jax import convnext, data, nnx_layers, ops, vit  # noqa: E402
 from stochastic_depth_jax.training import evaluate, loop, metrics, optim, step  # noqa: E402
@@ -213,15 +214,18 @@ def test_skipping_masking_compact_mode_and_the_loop_agree_in_float64():
         stats = variables.pop("batch_stats")
         stats = jax.tree.map(lambda a: (a + 0.5).astype(jnp.float32), stats)  # as kept
 
-        def run(model, buckets=None):
+        def run(model, buckets=None, conditionals=0):
             def loss(params, gates):
                 y, upd = model.apply({"params": params, "batch_stats": stats}, x, train=True,
                                      gates=gates, buckets=buckets, mutable=["batch_stats"])
                 return jnp.sum(y ** 2), upd
-            return jax.device_get(jax.jit(jax.value_and_grad(loss, has_aux=True))(
-                variables["params"], jnp.asarray(gates)))
+            args = (variables["params"], jnp.asarray(gates))
+            grad = with_conditionals(jax.jit(jax.value_and_grad(loss, has_aux=True)), *args,
+                                     at_least=conditionals)
+            return jax.device_get(grad(*args))
 
-        skip = run(base)
+        # A conditional forward and backward per stage's first block and per scanned stage.
+        skip = run(base, conditionals=12)
         others = {"mask": run(sdj.CifarResNet(**kw, implementation="mask")),
                   "compact": run(base, base.compact_buckets(gates, 2)),
                   "loop": run(sdj.CifarResNet(**kw, implementation="loop"))}
@@ -233,6 +237,43 @@ def test_skipping_masking_compact_mode_and_the_loop_agree_in_float64():
             np.max(np.abs(a - b)), 1e-12 * np.max(np.abs(b)) + 1e-300), grads_o, grads)
         # Running statistics are kept in float32: one rounding of float64 values.
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), upd_o, upd)
+
+
+def test_float64_running_statistics_skip_as_they_mask():
+    """Running statistics given in float64 (with x64, e.g. every variable cast to float64)
+    failed in skipping's conditional, "cond branches must have equal output types": a kept
+    block wrote them back in float32, a dropped one returned them unchanged, and masking
+    returned some in float32 and some in float64. They stay float64 now, and skipping,
+    masking, compact mode and the loop agree."""
+    gates = np.array([0, 1, 1, 0, 1, 1], bool)  # a dropped first block and a scanned one
+    with jax.enable_x64(True):
+        kw = dict(depth=14, width=4, num_classes=3, scan=True, dtype=jnp.float64)
+        x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3), jnp.float64)
+        base = sdj.CifarResNet(**kw)
+        variables = jax.tree.map(lambda a: (a + 0.5).astype(jnp.float64),
+                                 base.init(jax.random.key(1), x, train=False))
+
+        def run(model, buckets=None, conditionals=0):
+            def apply(variables, gates):
+                return model.apply(variables, x, train=True, gates=gates, buckets=buckets,
+                                   mutable=["batch_stats"])
+            args = (variables, jnp.asarray(gates))
+            return jax.device_get(with_conditionals(jax.jit(apply), *args,
+                                                    at_least=conditionals)(*args))
+
+        skip = run(base, conditionals=6)  # one per block: 3 first ones, 3 scanned stages
+        others = {"mask": run(sdj.CifarResNet(**kw, implementation="mask")),
+                  "compact": run(base, base.compact_buckets(gates, 1)),
+                  "loop": run(sdj.CifarResNet(**kw, implementation="loop"))}
+    assert {leaf.dtype for leaf in jax.tree.leaves(skip)} == {np.dtype(np.float64)}
+    for name, other in others.items():
+        def same(a, b, name=name):
+            np.testing.assert_equal(a.dtype, b.dtype, err_msg=name)
+            np.testing.assert_allclose(a, b, rtol=1e-12, err_msg=name)
+        jax.tree.map(same, other, skip)
+    dropped = skip[1]["batch_stats"]["stages"]["stage1_block1"]
+    jax.tree.map(np.testing.assert_array_equal, dropped,
+                 variables["batch_stats"]["stages"]["stage1_block1"])
 
 
 def _float32_arrays(jaxpr, found=None):
