@@ -47,6 +47,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -330,6 +331,24 @@ def _settle(manager: ocp.CheckpointManager) -> None:
             pass
 
 
+def _barrier_unless_failed(barrier: Any) -> Any:
+    """Orbax's barrier ``barrier`` (``(*, key, timeout_ms)``), which a thread whose save
+    failed does not enter: it raises that failure instead. Orbax's save thread syncs with
+    the other processes in a ``finally`` also after its own writes failed (a full disk on
+    one host), while the others wait for it at the barrier after their writes: each
+    waited for the other (20 minutes, Orbax's timeout), the job silent. Now the failed
+    process's error surfaces at once; it reports it, and the others stop naming it
+    (``distributed.leave_job``)."""
+
+    def sync(*, key: str, timeout_ms: int) -> None:
+        failure = sys.exc_info()[1]  # In a ``finally``: the exception on its way out.
+        if isinstance(failure, Exception):
+            raise failure
+        barrier(key=key, timeout_ms=timeout_ms)
+
+    return sync
+
+
 class Checkpoints:
     """The 'latest' and 'best' checkpoint managers of one workdir.
 
@@ -396,7 +415,9 @@ class Checkpoints:
             # that failed (write permission lost mid-run, a filesystem gone read-only), the
             # save's other threads waited 5 minutes for it, printing tracebacks, before the
             # process could exit; now save() raises at once.
-            async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
+            async_options=ocp.options.AsyncOptions(
+                create_directories_asynchronously=False,
+                barrier_sync_fn=_barrier_unless_failed(ocp.multihost.get_barrier_sync_fn())),
             create=not self._read_only,
             cleanup_tmp_directories=not self._read_only,
             read_only=self._read_only,
