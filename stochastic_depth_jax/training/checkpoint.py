@@ -364,6 +364,7 @@ class Checkpoints:
     ):
         self.workdir = os.path.abspath(workdir)
         self._read_only = read_only
+        self._failed_kinds: set[str] = set()  # the kinds whose save failed (_writing)
         for name in ("checkpoints", "checkpoints_best"):
             if not read_only:
                 _check_link(os.path.join(self.workdir, name))
@@ -490,6 +491,7 @@ class Checkpoints:
             os_error = workdir_lib.anticipated_os_error(e)
             if os_error is None:
                 raise
+            self._failed_kinds.add(kind)
             where = str(self._managers[kind].directory)
             message, command_line = errors.run_again(
                 workdir_lib.describe_os_error(os_error, where) + " The checkpoints saved "
@@ -717,12 +719,18 @@ class Checkpoints:
 
     def close(self) -> None:
         """Waits for pending saves and releases the managers; every manager is closed even
-        if a save failed, and the first failure is raised."""
+        if a save failed, and the first failure is raised. A disk failure of a kind whose
+        save failed so already is not raised again: the same save's other writes met the
+        same full disk, and Orbax keeps their error until the close (with several
+        processes, a second line after the first said it all)."""
         failure = None
         for kind, manager in self._managers.items():
+            failed = kind in self._failed_kinds
             try:
                 with self._writing(kind):
                     manager.close()
+            except errors.WorkdirError as e:
+                failure = failure or (None if failed else e)
             except Exception as e:  # noqa: BLE001  Raised below, once all are closed.
                 failure = failure or e
         if failure is not None:
