@@ -756,3 +756,39 @@ def test_a_step_linked_to_another_runs_checkpoint_is_refused_before_training(tmp
     ckpts = ckpt_lib.Checkpoints(run, read_only=True)
     assert ckpts.steps("latest") == ckpts.steps("best") == [1]
     ckpts.close()
+
+
+def test_a_save_thread_whose_save_failed_does_not_wait_for_the_others():
+    """Orbax's save thread syncs with the other processes in a ``finally``, also after its
+    save failed (the job then hung: see test_multihost_failures): it raises that failure
+    instead. A caller saving while it handles an error of its own still syncs."""
+    import threading
+
+    synced = []
+    sync = ckpt_lib._barrier_unless_failed(lambda **kwargs: synced.append(kwargs["key"]))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    raised = []
+
+    def save_thread():
+        try:
+            try:
+                raise full
+            finally:
+                sync(key="set_value_start", timeout_ms=1)
+        except OSError as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=save_thread)
+    thread.start()
+    thread.join()
+    assert raised == [full] and synced == []
+    try:
+        raise KeyboardInterrupt  # a caller saving at a Ctrl-C, say
+    except KeyboardInterrupt:
+        sync(key="a", timeout_ms=1)
+    try:
+        raise RuntimeError("the caller's own")
+    except RuntimeError:
+        sync(key="b", timeout_ms=1)
+    sync(key="c", timeout_ms=1)
+    assert synced == ["a", "b", "c"]

@@ -49,6 +49,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from typing import Any, Iterator
@@ -342,7 +343,9 @@ def _barrier_unless_failed(barrier: Any) -> Any:
 
     def sync(*, key: str, timeout_ms: int) -> None:
         failure = sys.exc_info()[1]  # In a ``finally``: the exception on its way out.
-        if isinstance(failure, Exception):
+        # Orbax's save threads only: a caller's thread may save while handling an error.
+        if isinstance(failure, Exception) and threading.current_thread() is not \
+                threading.main_thread():
             raise failure
         barrier(key=key, timeout_ms=timeout_ms)
 
