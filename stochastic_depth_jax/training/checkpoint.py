@@ -35,7 +35,9 @@ to another directory, whose files the deletion would take)
 (``errors.WorkdirError``, one line). A save that fails for a full disk (or another disk or
 permission failure), whether it surfaces at once or from a background save at the next
 save, wait or close, raises one ``errors.WorkdirError``; the committed checkpoints are
-untouched, and the failed save's temporary directory is removed (one process).
+untouched, and the failed save's temporary directory is removed (one process). With
+several processes, a save failed on one of them fails there at once, without waiting for
+the others at Orbax's barriers (:func:`_barrier_unless_failed`); the others stop, naming it.
 """
 
 from __future__ import annotations
