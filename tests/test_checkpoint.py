@@ -124,10 +124,11 @@ def test_corrupt_latest_is_skipped_with_warning(tmp_path, mesh, damage):
 
 def test_full_disk_in_a_background_save_raises_one_workdir_error(tmp_path, mesh):
     """Orbax raises a background save's failure at the next save, wait or close, as the
-    ValueError TensorStore raised; a full disk is named, other errors pass unchanged."""
+    ValueError TensorStore raised; a full disk is named, other errors pass unchanged. A
+    close after the failure was raised does not raise it again: the same save's other
+    writes, whose error Orbax keeps until the close, met the same full disk."""
     from stochastic_depth_jax import errors
 
-    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
     full = ValueError(
         'RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to write 18298 '
         "bytes to file 15: No space left on device [os_error_code='28']"
@@ -139,8 +140,9 @@ def test_full_disk_in_a_background_save_raises_one_workdir_error(tmp_path, mesh)
 
         return raise_it
 
-    latest = ckpts._managers["latest"]
-    for call in ("wait", "close"):
+    for call in ("close", "wait"):
+        ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2)
+        latest = ckpts._managers["latest"]
         latest.wait_until_finished = latest.close = fail(full)
         with pytest.raises(errors.WorkdirError) as info:
             getattr(ckpts, call)()
@@ -153,6 +155,10 @@ def test_full_disk_in_a_background_save_raises_one_workdir_error(tmp_path, mesh)
         assert info.value.command_line == message.replace(
             "call the function with the same arguments", "run the same command")
         assert info.value.__cause__ is full
+        if call == "close":  # Its managers closed for good.
+            del latest.wait_until_finished, latest.close
+            ckpts.close()
+    ckpts.close()  # After the wait's: said once.
     latest.wait_until_finished = fail(RuntimeError("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
         ckpts.wait()
@@ -750,3 +756,39 @@ def test_a_step_linked_to_another_runs_checkpoint_is_refused_before_training(tmp
     ckpts = ckpt_lib.Checkpoints(run, read_only=True)
     assert ckpts.steps("latest") == ckpts.steps("best") == [1]
     ckpts.close()
+
+
+def test_a_save_thread_whose_save_failed_does_not_wait_for_the_others():
+    """Orbax's save thread syncs with the other processes in a ``finally``, also after its
+    save failed (the job then hung: see test_multihost_failures): it raises that failure
+    instead. A caller saving while it handles an error of its own still syncs."""
+    import threading
+
+    synced = []
+    sync = ckpt_lib._barrier_unless_failed(lambda **kwargs: synced.append(kwargs["key"]))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    raised = []
+
+    def save_thread():
+        try:
+            try:
+                raise full
+            finally:
+                sync(key="set_value_start", timeout_ms=1)
+        except OSError as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=save_thread)
+    thread.start()
+    thread.join()
+    assert raised == [full] and synced == []
+    try:
+        raise KeyboardInterrupt  # a caller saving at a Ctrl-C, say
+    except KeyboardInterrupt:
+        sync(key="a", timeout_ms=1)
+    try:
+        raise RuntimeError("the caller's own")
+    except RuntimeError:
+        sync(key="b", timeout_ms=1)
+    sync(key="c", timeout_ms=1)
+    assert synced == ["a", "b", "c"]

@@ -442,6 +442,29 @@ def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_pa
     assert [name for name in saved if name.isdigit()] == saved != [], saved
 
 
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_disk_filling_on_one_process_during_a_save_stops_the_job_at_once(tmp_path, who):
+    """Process ``who``'s part of a save failed (ENOSPC): Orbax's save thread there still
+    synced with the others after its failure, while they waited for it after their own
+    writes; the job hung silent for Orbax's timeout (20 minutes), each waiting for the
+    other. Now the failed process says why and the other stops, naming it. Process 0's
+    save met the full disk twice (its metadata, its arrays): said once, not again at the
+    close as a 'warning: the checkpoint being saved at this failure was not completed'."""
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        _worker_job(tmp_path, f"full{who}", "--config.num_epochs=3"), timeout=BOUND_S)
+    outputs = (out0, out1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    full = (f"error: Cannot write {checkpoints} (No space left on device): free some space "
+            "or use another --workdir. The checkpoints saved before are kept")
+    assert _error_line((s0, s1)[who], outputs[who]).startswith(full), outputs[who][-3000:]
+    assert "warning" not in outputs[who], outputs[who][-3000:]
+    line = _error_line((s1, s0)[who], outputs[1 - who])
+    assert line.startswith(f"error: process {who} of 2 failed, so process {1 - who} stops "
+                           f"too (see process {who}'s output); its error: Cannot write "
+                           f"{checkpoints} (No space left on device)"), line
+    assert "4" in os.listdir(checkpoints)  # The step saved before, kept.
+
+
 def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path):
     """Resumed with process 0 not listing the newest checkpoint (its host's view of the
     workdir lagging): every process stops before anything is written. Process 0 compared

@@ -35,7 +35,9 @@ to another directory, whose files the deletion would take)
 (``errors.WorkdirError``, one line). A save that fails for a full disk (or another disk or
 permission failure), whether it surfaces at once or from a background save at the next
 save, wait or close, raises one ``errors.WorkdirError``; the committed checkpoints are
-untouched, and the failed save's temporary directory is removed (one process).
+untouched, and the failed save's temporary directory is removed (one process). With
+several processes, a save failed on one of them fails there at once, without waiting for
+the others at Orbax's barriers (:func:`_barrier_unless_failed`); the others stop, naming it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ import hashlib
 import itertools
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from typing import Any, Iterator
@@ -330,6 +334,26 @@ def _settle(manager: ocp.CheckpointManager) -> None:
             pass
 
 
+def _barrier_unless_failed(barrier: Any) -> Any:
+    """Orbax's barrier ``barrier`` (``(*, key, timeout_ms)``), which a thread whose save
+    failed does not enter: it raises that failure instead. Orbax's save thread syncs with
+    the other processes in a ``finally`` also after its own writes failed (a full disk on
+    one host), while the others wait for it at the barrier after their writes: each
+    waited for the other (20 minutes, Orbax's timeout), the job silent. Now the failed
+    process's error surfaces at once; it reports it, and the others stop naming it
+    (``distributed.leave_job``)."""
+
+    def sync(*, key: str, timeout_ms: int) -> None:
+        failure = sys.exc_info()[1]  # In a ``finally``: the exception on its way out.
+        # Orbax's save threads only: a caller's thread may save while handling an error.
+        if isinstance(failure, Exception) and threading.current_thread() is not \
+                threading.main_thread():
+            raise failure
+        barrier(key=key, timeout_ms=timeout_ms)
+
+    return sync
+
+
 class Checkpoints:
     """The 'latest' and 'best' checkpoint managers of one workdir.
 
@@ -345,6 +369,7 @@ class Checkpoints:
     ):
         self.workdir = os.path.abspath(workdir)
         self._read_only = read_only
+        self._failed_kinds: set[str] = set()  # the kinds whose save failed (_writing)
         for name in ("checkpoints", "checkpoints_best"):
             if not read_only:
                 _check_link(os.path.join(self.workdir, name))
@@ -396,7 +421,9 @@ class Checkpoints:
             # that failed (write permission lost mid-run, a filesystem gone read-only), the
             # save's other threads waited 5 minutes for it, printing tracebacks, before the
             # process could exit; now save() raises at once.
-            async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
+            async_options=ocp.options.AsyncOptions(
+                create_directories_asynchronously=False,
+                barrier_sync_fn=_barrier_unless_failed(ocp.multihost.get_barrier_sync_fn())),
             create=not self._read_only,
             cleanup_tmp_directories=not self._read_only,
             read_only=self._read_only,
@@ -469,6 +496,7 @@ class Checkpoints:
             os_error = workdir_lib.anticipated_os_error(e)
             if os_error is None:
                 raise
+            self._failed_kinds.add(kind)
             where = str(self._managers[kind].directory)
             message, command_line = errors.run_again(
                 workdir_lib.describe_os_error(os_error, where) + " The checkpoints saved "
@@ -696,12 +724,18 @@ class Checkpoints:
 
     def close(self) -> None:
         """Waits for pending saves and releases the managers; every manager is closed even
-        if a save failed, and the first failure is raised."""
+        if a save failed, and the first failure is raised. A disk failure of a kind whose
+        save failed so already is not raised again: the same save's other writes met the
+        same full disk, and Orbax keeps their error until the close (with several
+        processes, a second line after the first said it all)."""
         failure = None
         for kind, manager in self._managers.items():
+            failed = kind in self._failed_kinds
             try:
                 with self._writing(kind):
                     manager.close()
+            except errors.WorkdirError as e:
+                failure = failure or (None if failed else e)
             except Exception as e:  # noqa: BLE001  Raised below, once all are closed.
                 failure = failure or e
         if failure is not None:

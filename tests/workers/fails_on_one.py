@@ -10,9 +10,12 @@ its results after the last collective). ``mixedWR`` (3 processes): process ``W``
 once the others but ``R`` have finished, while process ``R`` still trains. ``save``: saves
 take ``SAVE_S`` seconds and process 1 raises a ``DataError`` as soon as its first one
 started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' checkpoint.
+``full0``/``full1``: the disk fills on process 0/1 during the 'latest' save of step
+``FULL_AT`` (its writes there fail with ENOSPC).
 Used by ``tests/test_multihost_failures.py``.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -34,6 +37,7 @@ LAST = "Cannot write the plots: the disk is full (injected)."
 # loaded machine to run process 0's watch before its save ended and the test failed.
 SAVE_S, SAVED = 6, "a save was committed (injected)"
 FINISHED = "training finished (injected)"
+FULL_AT = 8  # The end of the smoke config's second epoch.
 
 
 def _fail_last(who: int, running: frozenset[int] = frozenset()) -> None:
@@ -104,6 +108,24 @@ def _hide_newest_checkpoint(who: int) -> None:
     checkpoint_lib.Checkpoints.steps = stale
 
 
+def _fill_the_disk(who: int) -> None:
+    """Process ``who``'s writes into the 'latest' save of step ``FULL_AT`` (Orbax's
+    temporary directory) fail with ENOSPC, as TensorStore's do on a full disk; every
+    process writes its part of a save there (process 1: its array metadata)."""
+    from etils import epath
+
+    path_type = type(epath.Path("/"))
+    write_text = path_type.write_text
+    where = os.path.join("checkpoints", f"{FULL_AT}.orbax-checkpoint-tmp")
+
+    def full(self, *args, **kwargs):
+        if jax.process_index() == who and where in str(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    path_type.write_text = full
+
+
 def main(mode: str, argv: list[str]) -> None:
     if mode.startswith("last"):
         _fail_last(int(mode.removeprefix("last")))
@@ -112,6 +134,8 @@ def main(mode: str, argv: list[str]) -> None:
         _fail_last(int(who), frozenset({int(running)}))
     if mode == "save":
         _fail_while_saving()
+    if mode.startswith("full"):
+        _fill_the_disk(int(mode.removeprefix("full")))
     if mode.startswith("stale"):
         _hide_newest_checkpoint(int(mode.removeprefix("stale")))
     if mode not in ("raise", "stop", "stop0"):
