@@ -367,6 +367,37 @@ def test_kept_loop_second_derivatives_or_one_line_naming_what_works():
     _close(jax.grad(grad_sum(loss))(x, jnp.asarray(gates)), jax.grad(grad_sum(reference))(x))
 
 
+def test_kept_loop_under_grad_inside_other_transforms_takes_reverse_mode():
+    """The mode is read from the tracers where the loop is traced: a gradient taken through
+    vmap, checkpoint, shard_map or an inner jit (gates traced under jit) must still take the
+    loop's own VJP. Taken for forward mode, the plain loop of dynamic length would be
+    reversed, which JAX refuses ("Reverse-mode differentiation does not work for
+    lax.while_loop"), and the trainer's step would fail. No warning either: the statistics
+    are an auxiliary output."""
+    params, stats, x, probs = _toy()
+    gates = np.array([1, 0, 1, 1, 0], bool)
+
+    def loss(p, v, g):
+        y, new = kept_loop(_toy_block, p, stats, v, probs, g)
+        return jnp.sum(jnp.sin(y)), new
+
+    mesh = jax.make_mesh((1,), ("d",), devices=jax.devices()[:1])
+    mapped = jax.shard_map(loss, mesh=mesh, in_specs=(jax.P(), jax.P(), jax.P()),
+                           out_specs=(jax.P(), jax.P()))
+    batched = lambda p, v, g: jax.tree_util.tree_map(
+        lambda a: a[0], jax.vmap(loss, in_axes=(None, 0, None))(p, v[None], g))
+    want = jax.grad(lambda p: jnp.sum(jnp.sin(_toy_reference(p, stats, x, probs, gates)[0])))(
+        params)
+    for name, wrapped in [("vmap", batched), ("checkpoint", jax.checkpoint(loss)),
+                          ("shard_map", mapped), ("jit", jax.jit(loss))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got, _ = jax.jit(jax.grad(wrapped, has_aux=True))(params, x, jnp.asarray(gates))
+        jax.tree_util.tree_map(
+            lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+                                                                err_msg=name), got, want)
+
+
 def test_kept_loop_warns_where_its_statistics_are_differentiated():
     """A loss on the returned statistics got their part of the gradient dropped, silently;
     returned as an auxiliary output (as the trainer does) they warn of nothing."""
