@@ -292,22 +292,29 @@ def remove_stale_temporaries(directory: str, names: Iterable[str]) -> list[str]:
     owns, such as a training run holding the workdir's lock: another process's temporary
     file, still being written, would be lost. Returns the paths removed; never raises (a
     leftover must not stop a run)."""
-    wanted = set(names)
     removed = []
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return removed
-    for entry in sorted(entries):
-        name, dot, suffix = entry.rpartition(".tmp-")
-        if name not in wanted or not _TEMPORARY.fullmatch(dot + suffix):
-            continue
-        path = os.path.join(directory, entry)
+    for path in _temporaries(directory, set(names).__contains__):
         with contextlib.suppress(OSError):
             if os.path.isfile(path) and not os.path.islink(path):
                 os.remove(path)
                 removed.append(path)
     return removed
+
+
+def _temporaries(directory: str, is_name: Callable[[str], bool]) -> list[str]:
+    """The paths in ``directory`` named as :func:`atomic_write`'s temporary files of the
+    names ``is_name`` accepts (``<name>.tmp-<12 hex digits>``), sorted; none if it cannot
+    be listed."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    paths = []
+    for entry in sorted(entries):
+        name, dot, suffix = entry.rpartition(".tmp-")
+        if dot and _TEMPORARY.fullmatch(dot + suffix) and is_name(name):
+            paths.append(os.path.join(directory, entry))
+    return paths
 
 
 # A temporary file of atomic_write's older than this, that no process holds, was left by a
@@ -326,15 +333,7 @@ def remove_abandoned_temporaries(directory: str, is_name: Callable[[str], bool],
     ``flock`` on this filesystem) is left. Returns the paths removed; never raises."""
     now = time.time() if now is None else now
     removed = []
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return removed
-    for entry in sorted(entries):
-        name, dot, suffix = entry.rpartition(".tmp-")
-        if not (dot and _TEMPORARY.fullmatch(dot + suffix) and is_name(name)):
-            continue
-        path = os.path.join(directory, entry)
+    for path in _temporaries(directory, is_name):
         with contextlib.suppress(OSError):
             info = os.lstat(path)
             if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < ABANDONED_AFTER_S:
