@@ -792,3 +792,18 @@ def test_a_save_thread_whose_save_failed_does_not_wait_for_the_others():
         sync(key="b", timeout_ms=1)
     sync(key="c", timeout_ms=1)
     assert synced == ["a", "b", "c"]
+    # A trainer run in a worker thread (not the main one) makes its managers there, and
+    # saves there while handling an error of its own: it syncs too.
+    synced.clear()
+
+    def worker():
+        sync = ckpt_lib._barrier_unless_failed(lambda **kwargs: synced.append(kwargs["key"]))
+        try:
+            raise RuntimeError("the caller's own")
+        except RuntimeError:
+            sync(key="d", timeout_ms=1)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert synced == ["d"]

@@ -341,13 +341,15 @@ def _barrier_unless_failed(barrier: Any) -> Any:
     one host), while the others wait for it at the barrier after their writes: each
     waited for the other (20 minutes, Orbax's timeout), the job silent. Now the failed
     process's error surfaces at once; it reports it, and the others stop naming it
-    (``distributed.leave_job``)."""
+    (``distributed.leave_job``). The thread that makes the managers (the caller's, which
+    saves: not always the main thread, e.g. a trainer run in a worker thread) syncs
+    whatever error it may be handling."""
+    caller = threading.current_thread()
 
     def sync(*, key: str, timeout_ms: int) -> None:
         failure = sys.exc_info()[1]  # In a ``finally``: the exception on its way out.
-        # Orbax's save threads only: a caller's thread may save while handling an error.
-        if isinstance(failure, Exception) and threading.current_thread() is not \
-                threading.main_thread():
+        # Orbax's save threads only: the caller may save while handling an error.
+        if isinstance(failure, Exception) and threading.current_thread() is not caller:
             raise failure
         barrier(key=key, timeout_ms=timeout_ms)
 
