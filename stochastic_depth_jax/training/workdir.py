@@ -263,9 +263,9 @@ def _running(pid: int) -> bool:
 def _remove_probes(path: str) -> bool:
     """Removes the probes (regular files named ``.write-test-<pid>``, ``pid`` not running
     here) that runs killed while :func:`prepare_workdir` checked ``path`` left; True if
-    ``path`` held nothing else (made by such a run, or empty before it): the run now starting takes it as new, and removes
-    it if it fails having written nothing (a probe kept it, as if it held results). Never
-    raises: a leftover must not stop a run."""
+    ``path`` held nothing else (made by such a run, or empty before it): the run now
+    starting takes it as new, and removes it if it fails having written nothing (a probe
+    kept it, as if it held results). Never raises: a leftover must not stop a run."""
     try:
         entries = os.listdir(path)
     except OSError:
