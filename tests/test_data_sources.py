@@ -297,6 +297,28 @@ def test_tfds_not_installed_is_one_line_and_image_folders_need_none(tmp_path, mo
     assert len(ds.train) == 10 and len(ds.test) == 4
 
 
+def test_a_module_tfds_needs_missing_is_one_line_naming_it(tmp_path, monkeypatch):
+    """tfds installed without a module it imports but does not declare (array_record)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_array_record(name, *args, **kwargs):
+        if name == "tensorflow_datasets":
+            raise ModuleNotFoundError("No module named 'array_record'", name="array_record")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_array_record)
+    with pytest.raises(data.TfdsImportError) as caught:
+        data.load_dataset("svhn", data_dir=str(tmp_path))
+    assert str(caught.value) == (
+        "tensorflow-datasets cannot be imported (ModuleNotFoundError: No module named "
+        "'array_record'); it reads cifar10, cifar100 and svhn: install this package's "
+        "dependencies (pip install -e .), which include the modules tfds uses without "
+        "declaring them (array_record, importlib_resources); an image_folder: dataset is "
+        "read without it.")
+
+
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="cifar100.*image_folder"):
         data.load_dataset("mnist")
