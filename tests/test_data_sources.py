@@ -250,6 +250,75 @@ def test_corrupt_record_is_reported(tmp_path):
         data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=0)
 
 
+@pytest.mark.parametrize("damage", ["empty", "not json", "a directory"])
+def test_a_damaged_dataset_info_is_one_line_naming_it(tmp_path, damage):
+    """A prepared dataset whose dataset_info.json is unreadable (an interrupted copy leaves
+    it empty or cut short) ended in protobuf's ParseError (tfds's DatasetInfoFileError for a
+    directory) and its traceback, from tfds.builder."""
+    prepared = data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20,
+                                              num_test=10)
+    info = os.path.join(prepared, "dataset_info.json")
+    if damage == "a directory":
+        os.remove(info)
+        os.mkdir(info)
+    else:
+        with open(info, "w") as f:
+            f.write("" if damage == "empty" else '{"name": "cifar10", "vers')
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
+    message = str(caught.value)
+    assert "\n" not in message and isinstance(caught.value, errors.Error)
+    assert message.startswith(f"'cifar10' in {prepared} is damaged: {info} cannot be read (")
+    assert message.endswith(f"delete {prepared} and prepare the dataset again (or copy it "
+                            "again, whole, from where it was prepared).")
+
+
+def test_tfds_not_installed_is_one_line_and_image_folders_need_none(tmp_path, monkeypatch):
+    """Without tensorflow-datasets, a tfds dataset (real or the trainer's fake data) ended
+    in ModuleNotFoundError's traceback; an image folder never needed it."""
+    from configs import load_config
+    from stochastic_depth_jax.training import setup
+
+    root = data.testing.make_image_folder(str(tmp_path / "images"), classes=2,
+                                          per_class_train=5, per_class_test=2, size=(8, 8))
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    expected = ("tensorflow-datasets is not installed; it reads cifar10, cifar100 and svhn "
+                "(fake data too): pip install 'tensorflow-datasets>=4.9.8,<5' (or this "
+                "package's dependencies: pip install -e .); an image_folder: dataset is read "
+                "without it.")
+    with pytest.raises(data.TfdsImportError) as caught:
+        data.load_dataset("cifar10", data_dir=str(tmp_path / "tfds"))
+    assert str(caught.value) == expected
+    assert isinstance(caught.value, errors.Error) and isinstance(caught.value, ImportError)
+    config = load_config("cifar10:smoke", ["--config.progress_bar=false"])
+    with pytest.raises(data.TfdsImportError, match="not installed"):
+        setup.load_data(config, str(tmp_path / "workdir"))  # writes fake data first
+    ds = data.load_dataset(f"image_folder:{root}", validation_size=0)
+    assert len(ds.train) == 10 and len(ds.test) == 4
+
+
+def test_a_module_tfds_needs_missing_is_one_line_naming_it(tmp_path, monkeypatch):
+    """tfds installed without a module it imports but does not declare (array_record)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_array_record(name, *args, **kwargs):
+        if name == "tensorflow_datasets":
+            raise ModuleNotFoundError("No module named 'array_record'", name="array_record")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_array_record)
+    with pytest.raises(data.TfdsImportError) as caught:
+        data.load_dataset("svhn", data_dir=str(tmp_path))
+    assert str(caught.value) == (
+        "tensorflow-datasets cannot be imported (ModuleNotFoundError: No module named "
+        "'array_record'); it reads cifar10, cifar100 and svhn: install this package's "
+        "dependencies (pip install -e .), which include the modules tfds uses without "
+        "declaring them (array_record, importlib_resources); an image_folder: dataset is "
+        "read without it.")
+
+
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="cifar100.*image_folder"):
         data.load_dataset("mnist")

@@ -14,7 +14,8 @@ from stochastic_depth_jax.data.dataset import (IMAGE_FOLDER_PREFIX, Dataset, def
 from stochastic_depth_jax.data.pipeline import (DATA_AXIS, DeviceSplit, epoch_order,
                                                 eval_batches, eval_plan, put_on_devices,
                                                 steps_per_epoch, train_batch)
-from stochastic_depth_jax.data.sources import CorruptDataError, DataUnavailableError
+from stochastic_depth_jax.data.sources import (CorruptDataError, DataUnavailableError,
+                                               TfdsImportError)
 from stochastic_depth_jax.data.splits import Split
 
 __all__ = [
@@ -24,6 +25,6 @@ __all__ = [
     "eval_plan",
     "fingerprint",
     "flip_translate", "load_dataset", "normalize", "put_on_devices", "recorded_holdout",
-    "steps_per_epoch",
+    "steps_per_epoch", "TfdsImportError",
     "testing", "train_batch", "translate",
 ]

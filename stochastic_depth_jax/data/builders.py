@@ -92,8 +92,8 @@ def _svhn_generate(self, split_prefix, filepath):
 
 def real_builder_class(tfds_name: str):
     """The registered tfds builder class for cifar10, cifar100 or svhn_cropped."""
-    import tensorflow_datasets as tfds
-    return tfds.builder_cls(tfds_name)
+    from stochastic_depth_jax.data import sources  # imports this module
+    return sources.import_tfds().builder_cls(tfds_name)
 
 
 def tf_free_builder(tfds_name: str):

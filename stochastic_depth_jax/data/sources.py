@@ -6,6 +6,7 @@ builders (same name, version and feature spec) with plain-Python readers.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -19,7 +20,8 @@ import numpy as np
 import tqdm
 
 from stochastic_depth_jax import errors, logs
-from stochastic_depth_jax.data.builders import no_tempdir_leak, tf_free_builder
+from stochastic_depth_jax.data.builders import (no_tempdir_leak, real_builder_class,
+                                                 tf_free_builder)
 from stochastic_depth_jax.data.splits import Split
 
 # Our names -> tfds names. SVHN is 'svhn_cropped' (32x32 digits) with its 'extra' split.
@@ -44,6 +46,11 @@ class DataUnavailableError(errors.Error, RuntimeError):
     """The dataset is not prepared locally and cannot be downloaded now."""
 
 
+class TfdsImportError(errors.Error, ImportError):
+    """tensorflow-datasets (or a module it needs) cannot be imported: the tfds datasets
+    cannot be read, wherever they are."""
+
+
 class CorruptDataError(errors.Error, RuntimeError):
     """A stored record could not be decoded; it is reported, never dropped."""
 
@@ -53,9 +60,31 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
-def _tfds():
-    # Imported on use: keeps `import stochastic_depth_jax` light for model-only users.
-    import tensorflow_datasets as tfds
+# What an image folder needs instead, named where tfds cannot be imported.
+_NO_TFDS_NEEDED = "an image_folder: dataset is read without it"
+
+
+def import_tfds():
+    """tensorflow_datasets, imported on use (keeps `import stochastic_depth_jax` light for
+    model-only users).
+
+    Raises:
+      TfdsImportError: it (or a module it needs) cannot be imported: one line saying what
+        to install, instead of an ImportError's traceback.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        if error.name == "tensorflow_datasets":
+            raise TfdsImportError(
+                "tensorflow-datasets is not installed; it reads cifar10, cifar100 and svhn "
+                "(fake data too): pip install 'tensorflow-datasets>=4.9.8,<5' (or this "
+                f"package's dependencies: pip install -e .); {_NO_TFDS_NEEDED}.") from error
+        raise TfdsImportError(
+            f"tensorflow-datasets cannot be imported ({type(error).__name__}: {error}); it "
+            "reads cifar10, cifar100 and svhn: install this package's dependencies (pip "
+            "install -e .), which include the modules tfds uses without declaring them "
+            f"(array_record, importlib_resources); {_NO_TFDS_NEEDED}.") from error
     return tfds
 
 
@@ -72,6 +101,46 @@ def _unavailable_message(tfds_name: str, data_dir: str, reason: str) -> str:
         f"TensorFlow) and copy {os.path.join(data_dir, tfds_name)} to the same place here:\n"
         f"  python -c \"from stochastic_depth_jax import data; "
         f"data.load_dataset('{_our_name(tfds_name)}', data_dir='{data_dir}')\"")
+
+
+def tfds_builder(tfds_name: str, data_dir: str):
+    """``tfds.builder(tfds_name, data_dir=data_dir)``, which reads the prepared dataset's
+    ``dataset_info.json`` where there is one.
+
+    Raises:
+      CorruptDataError: that file cannot be read (empty or cut short by an interrupted copy,
+        not JSON, a directory, unreadable): one line naming it and the fix, instead of
+        protobuf's ParseError (or tfds's error) and its traceback.
+    """
+    tfds = import_tfds()
+    try:
+        with no_tempdir_leak():
+            return tfds.builder(tfds_name, data_dir=data_dir)
+    except Exception as error:  # noqa: BLE001  re-raised unless the file is unreadable
+        damaged = _unreadable_info(tfds_name, data_dir)
+        if damaged is None:
+            raise
+        path, why = damaged
+        directory = os.path.dirname(path)
+        raise CorruptDataError(
+            f"'{tfds_name}' in {directory} is damaged: {path} cannot be read "
+            f"({type(why).__name__}: {why}); delete {directory} and prepare the dataset "
+            f"again (or copy it again, whole, from where it was prepared).") from error
+
+
+def _unreadable_info(tfds_name: str, data_dir: str) -> tuple[str, Exception] | None:
+    """(path, why) where the ``dataset_info.json`` that ``tfds.builder`` reads for
+    ``tfds_name`` in ``data_dir`` exists but is not readable JSON; None otherwise."""
+    version = str(real_builder_class(tfds_name).VERSION)
+    path = os.path.join(data_dir, tfds_name, version, "dataset_info.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:  # a directory, no permission; not JSON or UTF-8
+        return path, error
+    return None
 
 
 def _our_name(tfds_name: str) -> str:
@@ -110,9 +179,9 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
         host is unreachable (decided in ~PROBE_TIMEOUT_S, never tfds's 205 s of
         retries) and no manual archive is present.
     """
-    tfds = _tfds()
+    tfds = import_tfds()
+    builder = tfds_builder(tfds_name, data_dir)
     with no_tempdir_leak():
-        builder = tfds.builder(tfds_name, data_dir=data_dir)
         prepared = builder.is_prepared()
     if prepared:
         if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
@@ -201,7 +270,7 @@ def read_split(tfds_name: str, split: str, data_dir: str,
       Split with images uint8 [N, H, W, C] and labels int32 [N] (from `label_key`),
       in the stored record order.
     """
-    tfds = _tfds()
+    tfds = import_tfds()
     source = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
     info_dir = source.dataset_info.data_dir
     cache = os.path.join(info_dir, f"decoded-{split}-{label_key}.npz")
@@ -305,6 +374,4 @@ def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) 
 
 def num_classes(tfds_name: str, data_dir: str, label_key: str = "label") -> int:
     """Number of classes of a tfds label feature (works before preparation too)."""
-    with no_tempdir_leak():
-        builder = _tfds().builder(tfds_name, data_dir=data_dir)
-    return builder.info.features[label_key].num_classes
+    return tfds_builder(tfds_name, data_dir).info.features[label_key].num_classes

@@ -83,11 +83,9 @@ def missing_tfds_file(name: str, data_dir: str) -> str | None:
     So that a completion marker is trusted only beside its data: a run stopped while
     writing it, or a user, may have removed some of it.
     """
-    import tensorflow_datasets as tfds
-
     tfds_name = sources.TFDS_NAMES.get(name, name)
+    builder = sources.tfds_builder(tfds_name, data_dir)
     with builders.no_tempdir_leak():
-        builder = tfds.builder(tfds_name, data_dir=data_dir)
         if not builder.is_prepared():
             return os.path.join(os.fspath(builder.data_dir), "dataset_info.json")
         paths = [os.fspath(p) for split in builder.info.splits.values()
@@ -107,9 +105,8 @@ def _quiet_tfds():
     """Hides tfds's output while it prepares fake data: its "Downloading and preparing
     dataset Unknown size" and "downloaded and prepared" lines (printed to stdout) and its
     progress bars, which speak of a download that does not happen. Errors still raise."""
+    tfds = sources.import_tfds()
     from tensorflow_datasets.core.utils import tqdm_utils
-
-    import tensorflow_datasets as tfds
 
     was_on = getattr(tqdm_utils, "_active", True)  # tfds has a setter only.
     tfds.display_progress_bar(False)
