@@ -160,3 +160,6 @@ def test_compact_modes_compiles_inside_an_epoch_are_left_out_of_its_time(tmp_pat
     assert 1 <= programs <= 4  # one per bucket tuple of the epoch's 4 steps
     assert 0 < record["epoch_time_s"] < 1000
     assert record["images_per_s"] == pytest.approx(4 * 32 / record["epoch_time_s"])
+    # The line printed says where the rest of the epoch's wall time went.
+    assert progress.epoch_line(record, 1).endswith(
+        f"; {record['compile_time_s']:.1f} s compiling new programs")
