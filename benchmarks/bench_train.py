@@ -185,7 +185,9 @@ class _EpochCompiles:
 
     Compact mode compiles a program the first time a bucket tuple is drawn, also after
     epoch 1 (multiple 4, ResNet-110, 351 steps: 7 new programs in epoch 2, 2 in epoch 3,
-    ~4 s each on a GPU), and that stall is inside the epoch's ``epoch_time_s``. The trainer
+    ~4 s each on a GPU). The trainer keeps that stall out of the epoch's ``epoch_time_s``
+    (recording it as ``compile_time_s``); the epochs are read here with it added back, so
+    that what is subtracted is what this class measures, once. The trainer
     records no timestamps, so the epochs' windows are taken from its ``_train_epoch`` (the
     steps, without evaluations) and JAX's compile events are assigned to the window they
     end in; those of other threads (an async checkpoint's) stall no step and are left out.
@@ -449,7 +451,9 @@ def _variants(args, workdir, folder, results, signals) -> _EpochRun:
         finally:
             signals.training = False
         records = metrics.read_metrics(os.path.join(workdir, name))
-        epochs = [r["epoch_time_s"] for r in records]
+        # The epochs' wall time: the trainer's compile_time_s (compact mode's new programs)
+        # added back, as _EpochCompiles subtracts the compiles it counts itself.
+        epochs = [r["epoch_time_s"] + r.get("compile_time_s", 0.0) for r in records]
         evals = [r["eval_time_s"] for r in records if "eval_time_s" in r]
         meta = evaluate_lib.read_run_json(os.path.join(workdir, name))
         run = _EpochRun(epochs, *compiles.of(len(epochs)), evals,

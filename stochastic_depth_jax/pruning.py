@@ -189,11 +189,13 @@ ORDERS = ("survival", "greedy", "list")
 
 def removal_order(rule: str, model: Any, *, blocks: Sequence[int] | None = None,
                   error_of: Callable[[np.ndarray], float] | None = None,
-                  on_step: Callable[[list[int], float], None] | None = None) -> list[int]:
+                  on_step: Callable[[list[int], float], None] | None = None,
+                  max_removed: int | None = None) -> list[int]:
     """The order in which to remove blocks under ``rule`` (one of :data:`ORDERS`).
 
-    ``'list'`` needs ``blocks``; ``'greedy'`` needs ``error_of`` and reports each removal
-    to ``on_step`` (see :func:`greedy_order`).
+    ``'list'`` needs ``blocks``; ``'greedy'`` needs ``error_of``, reports each removal
+    to ``on_step`` and stops after ``max_removed`` removals where given (see
+    :func:`greedy_order`; the other orders cost nothing and are given whole).
     """
     if rule == "survival":
         return survival_order(model)
@@ -208,7 +210,7 @@ def removal_order(rule: str, model: Any, *, blocks: Sequence[int] | None = None,
     if rule == "greedy":
         if error_of is None:
             raise errors.ConfigError("order 'greedy' needs error_of(keep) -> validation error.")
-        return greedy_order(model, error_of, on_step=on_step)
+        return greedy_order(model, error_of, max_removed=max_removed, on_step=on_step)
     raise errors.ConfigError(f"Unknown removal order {rule!r}; valid: {list(ORDERS)}.")
 
 

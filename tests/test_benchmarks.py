@@ -503,6 +503,7 @@ def test_bench_train_epoch_compiles_count_only_their_stall():
     compact._key, compact._draw = None, lambda key, step: np.zeros(2, np.float32)
     compact._bucketing = lambda gates: (1,)
     compact._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    compact._drawn, compact.compile_s = set(), 0.0
 
     def train_epoch(run, compiled, epoch, end):
         t0 = time.perf_counter()

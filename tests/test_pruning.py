@@ -442,6 +442,30 @@ def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys, monkeyp
     assert record["error"]["test"]["pruned"] == curve["points"][2]["test_error"]
 
 
+def test_a_greedy_export_searches_only_the_blocks_it_removes(sweep_root, tmp_path,
+                                                             monkeypatch, capsys):
+    """export --order greedy --remove N searched the whole greedy order (L^2 / 2
+    validation evaluations: ResNet-110's 1485 for --remove 5, which needs 260), silently,
+    and refused a --remove out of range only after that search."""
+    root, _, _, _ = sweep_root
+    workdir = os.path.join(root, "depth8_pL0.5")  # 3 blocks
+    calls = []
+    error = pruning.SubNetworkEvaluator.error
+    monkeypatch.setattr(pruning.SubNetworkEvaluator, "error",
+                        lambda self, keep: calls.append(tuple(keep)) or error(self, keep))
+    with pytest.raises(errors.ConfigError, match=r"remove must be a number of blocks in "
+                                                 r"\[0, 3\], got 4 \(order 'greedy'\)"):
+        depth.export_pruned_run(workdir, str(tmp_path / "none"), order="greedy", remove=4)
+    assert calls == [] and not os.path.exists(tmp_path / "none")
+    record = depth.export_pruned_run(workdir, str(tmp_path / "one"), order="greedy", remove=1,
+                                     repeats=1, throughput_batch=4, progress=print)
+    assert len(calls) == 3  # one removal: each of the 3 blocks tried once, not 3 + 2 + 1
+    assert len(record["removed"]) == 1 and record["blocks_kept"] == 2
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"greedy order: removed block {record['removed'][0]} (1 of 1), "
+                           "validation error ")
+
+
 def test_a_depth_curve_without_matplotlib_is_refused_before_any_work(sweep_root, capsys,
                                                                     monkeypatch):
     """Without matplotlib the curve was computed, then lost in a traceback: its numbers are

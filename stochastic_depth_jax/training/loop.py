@@ -116,6 +116,9 @@ class _Run:
     # (kept out of its epoch_time_s, reported in its eval_time_s).
     validation_writer: metrics_lib.MetricWriter | None = None
     eval_time: float = 0.0
+    # Compact mode: the seconds compiling the programs of bucket tuples first drawn in this
+    # epoch's steps (kept out of its epoch_time_s, reported in its compile_time_s).
+    compile_time: float = 0.0
     # The 'best' checkpoints an earlier session saved after the restored step (killed before
     # its next 'latest'): evaluated again when reached, whatever the cadence now, so that the
     # best names them as the uninterrupted run did (else, resumed with eval_every_steps
@@ -186,7 +189,8 @@ def _epoch_sums(run: _Run) -> dict[str, float]:
 def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
     """Runs the steps until ``end`` updates are done, with the ``eval_every_steps``
     evaluations before ``end`` (``_end_of_epoch`` evaluates there); returns the wall time
-    of the training steps, without those evaluations (``run.eval_time``)."""
+    of the training steps, without those evaluations (``run.eval_time``) and without
+    compiling the programs compact mode meets in them (``run.compile_time``)."""
     c, spe = run.config, run.setup.steps_per_epoch
     start = run.step
     bar = progress.EpochProgress(
@@ -197,11 +201,15 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
         batch_size=c.batch_size,
         enabled=c.progress_bar,
     )
-    run.eval_time = 0.0
+    run.eval_time = run.compile_time = 0.0
     t0 = time.perf_counter()
     try:
         for step in range(start + 1, end + 1):  # ``step`` = updates done after this one.
+            compiling = getattr(compiled, "compile_s", 0.0)  # compact mode's, else none
             run.state = compiled(run.state, run.splits["train"], step - 1)
+            if compiling := getattr(compiled, "compile_s", 0.0) - compiling:
+                run.compile_time += compiling
+                bar.exclude(compiling)  # a new bucket tuple's program: no training time
             if step in run.earlier_best:  # Before its evaluation may save 'best' here.
                 _check_earlier_best(run)
             # Before a stop or a save at this step: a restart resumes after it. The epoch's
@@ -221,7 +229,7 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
         jax.block_until_ready(run.state)
     finally:
         bar.close()
-    return time.perf_counter() - t0 - run.eval_time
+    return time.perf_counter() - t0 - run.eval_time - run.compile_time
 
 
 # The curves are redrawn during training at most this often (a drawing takes ~0.3 s on
@@ -436,6 +444,8 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
     if timed_steps:  # none where the steps were trained in an earlier, untimed session
         record.update(epoch_time_s=train_time,
                       images_per_s=timed_steps * c.batch_size / max(train_time, 1e-9))
+        if run.compile_time:  # compact mode's programs first drawn in the epoch's steps
+            record["compile_time_s"] = run.compile_time
     if (epoch % c.eval_every_epochs == 0 or is_last or _evaluates_at(c, step)
             or step in run.earlier_best):
         t0 = time.perf_counter()

@@ -61,6 +61,8 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
     E.g. ``epoch 3/49: train loss 2.3123, error 93.75%; val error 90.62%; test error
     87.50%; 0.3 s (410 img/s)``; the validation and test parts appear in epochs that
     evaluated them. An epoch cut short (``max_steps``) shows its fraction to 2 decimals.
+    In compact mode an epoch that compiled programs for new bucket tuples ends with their
+    seconds (``; 4.2 s compiling new programs``), which its time and img/s leave out.
     """
     # An epoch cut short by max_steps is a fraction (2 of SVHN's 7 steps: 0.2857142857142857).
     parts = [
@@ -72,6 +74,8 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
             parts.append(f"{name} error {100 * record[key]:.2f}%")
     if "epoch_time_s" in record:  # none for steps trained untimed, in an earlier session
         parts.append(f"{record['epoch_time_s']:.1f} s ({record['images_per_s']:.0f} img/s)")
+    if record.get("compile_time_s"):  # compact mode: new programs, out of the time above
+        parts.append(f"{record['compile_time_s']:.1f} s compiling new programs")
     return "; ".join(parts)
 
 

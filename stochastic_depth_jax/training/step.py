@@ -24,7 +24,7 @@ import optax
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.conv import cpu_compiler_options
 from stochastic_depth_jax.ops import draw_gates
-from stochastic_depth_jax.training import distributed
+from stochastic_depth_jax.training import compilation, distributed
 from stochastic_depth_jax.training import state as state_lib
 
 __all__ = [
@@ -266,6 +266,13 @@ class CompactTrainStep:
     ``__call__(state, split, step)`` with ``step`` = ``state.step`` as a host integer (the
     loop knows it without reading the device). The gates come from the host's CPU backend,
     bit-identical to the device draw (threefry), so every process picks the same buckets.
+
+    Attributes:
+      compile_s: seconds spent tracing, lowering and compiling (or loading from the
+        persistent cache) the programs of the bucket tuples drawn so far. A tuple is first
+        drawn inside an epoch's steps: the trainer keeps these seconds out of the epoch's
+        ``epoch_time_s`` and images/s, as it keeps the other programs' compilation, done
+        before the first epoch.
     """
 
     def __init__(self, jitted, model, gate_key, bucketing, batch_size, mesh):
@@ -274,12 +281,23 @@ class CompactTrainStep:
         self._key = jax.device_put(gate_key, cpu)
         self._draw = jax.jit(lambda k, s: step_gates(model, k, s, batch_size))
         self._replicated = distributed.replicated(mesh)
+        self.compile_s = 0.0
+        self._drawn: set = set()  # the bucket tuples whose program exists
 
     def __call__(self, state: state_lib.TrainState, split: data_lib.DeviceSplit, step: int):
         gates = np.asarray(self._draw(self._key, np.int32(step)))
         buckets = self._bucketing(gates)
         gates = jax.device_put(gates, self._replicated)
-        return self._jitted(state, split, gates, buckets)
+        if buckets in self._drawn:
+            return self._jitted(state, split, gates, buckets)
+        # A new tuple: its program compiles now. The steps dispatched before it finish
+        # first, so the seconds counted are a stall of the device, not the queue's work.
+        jax.block_until_ready(state)
+        with compilation.CompileStats() as stats:
+            state = self._jitted(state, split, gates, buckets)
+        self.compile_s += stats.compile_s + stats.trace_and_lower_s
+        self._drawn.add(buckets)
+        return state
 
 
 def make_eval_step(
