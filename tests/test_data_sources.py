@@ -1,9 +1,11 @@
 """Data sources and splits: fake tfds datasets with the real names, image folders, errors."""
+import fcntl
 import io
 import re
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 import warned
 from stochastic_depth_jax import data, errors
 from stochastic_depth_jax.data import builders, sources, splits
+from stochastic_depth_jax.training import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -616,6 +619,72 @@ def test_damaged_decoded_cache_is_rebuilt(tmp_path, monkeypatch, damage):
     calls.clear()
     again = sources.read_split("cifar10", "test", root)  # ...and the cache is good again.
     assert calls == [] and np.array_equal(again.images, first.images)
+
+
+def _cache(root, split="test"):
+    [cache] = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+               if f == f"decoded-{split}-label.npz"]
+    return cache
+
+
+def test_two_hosts_caching_a_split_at_once_each_write_a_file_of_their_own(tmp_path,
+                                                                           monkeypatch):
+    """Two hosts sharing a data_dir, whose processes have the same pid (containers), cache
+    the same split at once: both wrote '<cache>.tmp-<pid>.npz'. The second truncated the
+    first one's file and renamed it while the first was writing it: the first's rename
+    failed (a warning that its cache was lost), and its last writes went into the file
+    the second had made the cache. Each now writes a file of its own."""
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=30, num_test=10)
+    first = sources.read_split("cifar10", "test", root)
+    cache = _cache(root)
+    os.remove(cache)
+    savez = np.savez
+
+    def the_other_host_meanwhile(file, **arrays):
+        savez(file, **arrays)  # Written, not yet renamed: the other host writes it all.
+        monkeypatch.setattr(np, "savez", savez)
+        sources._write_cache(cache, str(arrays["stamp"]), arrays["images"], arrays["labels"])
+
+    monkeypatch.setattr(np, "savez", the_other_host_meanwhile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sources.read_split("cifar10", "test", root)
+    assert warned.messages(caught, UserWarning) == []
+    assert np.savez is savez  # Both wrote, ...
+    assert [n for n in os.listdir(os.path.dirname(cache)) if ".tmp-" in n] == []
+    calls = []
+    real = sources._decode_chunk
+    monkeypatch.setattr(sources, "_decode_chunk", lambda *a: calls.append(1) or real(*a))
+    again = sources.read_split("cifar10", "test", root)  # ... and the cache is whole.
+    assert calls == [] and np.array_equal(again.images, first.images)
+
+
+def test_the_decoded_caches_temporaries_a_kill_left_are_removed(tmp_path):
+    """A run killed while caching a split left its temporary file (a whole split's size:
+    hundreds of MB), and each kill one more. Those of this cache that no writer holds and
+    that were not written to for a minute go, as earlier versions' ('<cache>.tmp-<pid>.npz')
+    do; one being written (recent, or held by its writer) and other files stay."""
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=30, num_test=10)
+    sources.read_split("cifar10", "test", root)
+    cache = _cache(root)
+    directory, name = os.path.split(cache)
+    abandoned = [f"{name}.tmp-0123456789ab", f"{name}.tmp-4242.npz"]
+    held, recent = f"{name}.tmp-00000000abcd", f"{name}.tmp-fedcba987654"
+    others = [f"{name}.tmp-12.npz.part", "notes.json.tmp-0123456789ab", f"{name}.tmp-x1.npz"]
+    old = time.time() - 2 * workdir_lib.ABANDONED_AFTER_S
+    for entry in abandoned + [held, recent] + others:
+        with open(os.path.join(directory, entry), "wb") as f:
+            f.write(b"part of a split")
+        if entry != recent:
+            os.utime(os.path.join(directory, entry), (old, old))
+    with open(os.path.join(directory, held), "rb+") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # A live writer's.
+        sources.read_split("cifar10", "test", root)
+    left = set(os.listdir(directory))
+    assert not left & set(abandoned), sorted(left)
+    assert {held, recent, name, *others} <= left, sorted(left)
 
 
 class _Terminal(io.StringIO):

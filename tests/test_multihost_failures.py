@@ -443,16 +443,20 @@ def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_pa
     assert [name for name in saved if name.isdigit()] == saved != [], saved
 
 
-@pytest.mark.parametrize("who", [0, 1])
-def test_a_disk_filling_on_one_process_during_a_save_stops_the_job_at_once(tmp_path, who):
+@pytest.mark.parametrize("who, saves", [(0, "async"), (1, "async"), (0, "sync")])
+def test_a_disk_filling_on_one_process_during_a_save_stops_the_job_at_once(tmp_path, who,
+                                                                           saves):
     """Process ``who``'s part of a save failed (ENOSPC): Orbax's save thread there still
     synced with the others after its failure, while they waited for it after their own
     writes; the job hung silent for Orbax's timeout (20 minutes), each waiting for the
     other. Now the failed process says why and the other stops, naming it. Process 0's
     save met the full disk twice (its metadata, its arrays): said once, not again at the
-    close as a 'warning: the checkpoint being saved at this failure was not completed'."""
+    close as a 'warning: the checkpoint being saved at this failure was not completed'.
+    Synchronous saves (``async_checkpointing=False``) end so too: Orbax's synchronous
+    save raises its failure on the caller's thread before its barriers."""
     (s0, out0, _), (s1, out1, _) = finish_all(
-        _worker_job(tmp_path, f"full{who}", "--config.num_epochs=3"), timeout=BOUND_S)
+        _worker_job(tmp_path, f"full{who}", "--config.num_epochs=3",
+                    f"--config.async_checkpointing={saves == 'async'}"), timeout=BOUND_S)
     outputs = (out0, out1)
     checkpoints = tmp_path / "run" / "checkpoints"
     full = (f"error: Cannot write {checkpoints} (No space left on device): free some space "

@@ -6,9 +6,11 @@ builders (same name, version and feature spec) with plain-Python readers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -275,6 +277,7 @@ def read_split(tfds_name: str, split: str, data_dir: str,
     info_dir = source.dataset_info.data_dir
     cache = os.path.join(info_dir, f"decoded-{split}-{label_key}.npz")
     stamp = _records_stamp(info_dir, tfds_name, split)
+    _remove_abandoned(cache)
     cached = _read_cache(cache, stamp, len(source))
     if cached is not None:
         return cached
@@ -355,21 +358,52 @@ def _read_cache(path: str, stamp: str, count: int) -> Split | None:
 
 
 def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    """Writes the decoded split to ``path`` atomically, under a temporary name of its own
+    that its writer holds (``workdir.atomic_write``): hosts sharing a ``data_dir`` each
+    rename a whole file. The name was ``<path>.tmp-<pid>.npz``, the same for two hosts
+    whose processes have the same pid (containers): the second truncated and renamed the
+    first one's file while it was written (its rename then failed with a warning, and its
+    last writes went into the cache)."""
+    # Imported on use: the training package imports this one.
+    from stochastic_depth_jax.training import workdir as workdir_lib
+
     try:
-        np.savez(
-            tmp,
-            images=images,
-            labels=labels,
-            stamp=np.array(stamp),
-            crc=np.array(_content_crc(images, labels), np.int64),
-        )
-        os.replace(tmp, path)  # atomic: readers never see a half-written cache
+        with workdir_lib.atomic_write(path, "wb") as f:  # Removed on an error.
+            np.savez(
+                f,
+                images=images,
+                labels=labels,
+                stamp=np.array(stamp),
+                crc=np.array(_content_crc(images, labels), np.int64),
+            )
     except OSError as e:
         warnings.warn(f"Could not cache decoded data at {path} ({e}); it will be decoded "
                       f"again next time.", logs.RunWarning)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+
+def _remove_abandoned(cache: str) -> None:
+    """Removes the temporary files of ``cache`` that writers killed mid-write left (a whole
+    split's size each, one more each kill): those of :func:`_write_cache` that no process
+    holds and that were not written to for ``workdir.ABANDONED_AFTER_S``
+    (``workdir.remove_abandoned_temporaries``: other hosts may be writing theirs), and
+    earlier versions' ``<cache>.tmp-<pid>.npz``, which their writers did not hold, once not
+    written to for as long. Never raises: a leftover must not stop a run."""
+    from stochastic_depth_jax.training import workdir as workdir_lib
+
+    directory, name = os.path.split(cache)
+    workdir_lib.remove_abandoned_temporaries(directory, name.__eq__)
+    earlier = re.compile(re.escape(name) + r"\.tmp-[0-9]+\.npz")
+    try:
+        entries = [e for e in os.listdir(directory) if earlier.fullmatch(e)]
+    except OSError:
+        return
+    for entry in entries:
+        path = os.path.join(directory, entry)
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            if (stat.S_ISREG(info.st_mode)
+                    and time.time() - info.st_mtime >= workdir_lib.ABANDONED_AFTER_S):
+                os.remove(path)
 
 
 def num_classes(tfds_name: str, data_dir: str, label_key: str = "label") -> int:
