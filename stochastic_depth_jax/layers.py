@@ -160,7 +160,25 @@ def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:
             f"rngs={{{collection!r}: jax.random.fold_in(key, step)}} (or evaluate with "
             f"train=False / deterministic=True)."
         )
+    _check_split_in_scan(module, collection if module.has_rng(collection) else "params")
     return module.make_rng(collection)
+
+
+def _check_split_in_scan(module: nn.Module, collection: str) -> None:
+    """ValueError when ``module``'s parameters differ from one iteration of a scan to the
+    next (``nn.scan`` with ``variable_axes={'params': 0}``: a stack of layers) while its key
+    stream comes from outside the scan (not in ``split_rngs``): every layer would draw the
+    same gates (see :func:`stochastic_depth_jax.ops.key_shared_across_scan`)."""
+    stream = module.scope.rngs.get(collection)
+    params = jax.tree_util.tree_leaves(module.variables.get("params", {}))
+    if stream is not None and params and ops.key_shared_across_scan(
+            getattr(stream, "rng", None), params[0]):
+        raise ValueError(
+            f"{type(module).__name__} runs inside a scan over layers whose rng stream "
+            f"{collection!r} is not split, so every layer would draw the same gate (all kept "
+            f"or all dropped): add it to nn.scan's split_rngs, e.g. split_rngs={{'params': "
+            f"True, {collection!r}: True}} (in a jax.lax.scan of your own, scan over "
+            f"jax.random.split(key, num_layers)); to share one gate on purpose, pass gate=.")
 
 
 class StochasticDepth(nn.Module):

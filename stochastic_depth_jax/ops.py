@@ -156,6 +156,26 @@ def is_static_one(p: Any) -> bool:
     return False
 
 
+def key_shared_across_scan(key: Any, varying: Any) -> bool:
+    """True when ``varying`` (e.g. a layer's parameter) differs from one iteration of a
+    ``lax.scan`` to the next (``nn.scan`` / ``nnx.scan`` over stacked layers) while ``key``
+    comes from outside that scan, so every iteration would draw the same gates.
+
+    Read off the traces at trace time, at no cost when running. Where the traces cannot be
+    read (a concrete ``varying``; a transform between the scan and the layer, such as
+    ``nn.remat``, that takes the key in as its own argument) it answers False."""
+    trace = getattr(varying, "_trace", None)
+    if key is None or trace is None:
+        return False
+    outer = getattr(key, "_trace", None)  # None: a concrete key, outside every trace
+    scanned = False
+    while trace is not None and trace is not outer:
+        info = getattr(getattr(trace, "frame", None), "debug_info", None)
+        scanned = scanned or getattr(info, "traced_for", None) == "scan"
+        trace = getattr(trace, "parent_trace", None)
+    return scanned and trace is outer
+
+
 class TracedFlagError(TypeError):
     """A ``deterministic`` / ``train`` / ``stochastic`` flag that arrived traced: its own
     class, so that a caller that knows why it was traced (the stages' refusal of
