@@ -43,6 +43,7 @@ from stochastic_depth_jax.layers import (
     ResidualBlock,
     Shortcut,
     StochasticDepth,
+    DropPath,
 )
 from stochastic_depth_jax.models import (
     CifarResNet,
@@ -100,6 +101,7 @@ __all__ = [
     "RunWarning",
     "Shortcut",
     "StochasticDepth",
+    "DropPath",
     "SubNetworkEvaluator",
     "WideResNet",
     "depth_curve",

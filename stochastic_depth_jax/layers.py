@@ -17,6 +17,7 @@ from flax import nnx
 from flax.linen import module as linen_module
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from stochastic_depth_jax import ops
@@ -25,6 +26,7 @@ from stochastic_depth_jax.conv import REROUTE_CONVS, Conv, reroute_flax_convs
 __all__ = [
     "BatchNorm",
     "StochasticDepth",
+    "DropPath",
     "BasicBranch",
     "PreActBranch",
     "BottleneckBranch",
@@ -200,7 +202,10 @@ class StochasticDepth(nn.Module):
 
     Attributes:
       branch: the residual branch, called as ``branch(x, *args, **kwargs)``.
-      survival_prob: p; overridden by the ``survival_prob`` call argument when given.
+      survival_prob: p, the probability of *keeping* the branch; overridden by the
+        ``survival_prob`` call argument when given. Not timm's or torchvision's drop rate,
+        which is 1 - p: their ``drop_path_rate=0.1`` is ``survival_prob=0.9`` (or
+        :class:`DropPath` with ``rate=0.1``); ``survival_prob=0.1`` keeps 10% of the time.
       mode: ``'batch'`` (paper) or ``'sample'`` (drop path).
       scaling: ``'test'`` (paper: p f at evaluation) or ``'train'`` (f / p in training).
       implementation: ``'skip'`` (real skipping) or ``'mask'`` (compute, then multiply).
@@ -277,7 +282,7 @@ class StochasticDepth(nn.Module):
                              f"valid: {list(REROUTE_CONVS)}.")
         ops.check_batch_axis(self.batch_axis)
         ops.check_deterministic(deterministic)
-        p = self.survival_prob if survival_prob is None else survival_prob
+        p = self._module_prob() if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)
         if deterministic and (gate is None or self.is_initializing()):
@@ -311,6 +316,10 @@ class StochasticDepth(nn.Module):
             return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis),
                                      shortcut)
         return ops.with_shortcut(self._skip(call, x, gate, factor), shortcut)
+
+    def _module_prob(self) -> Any:
+        """p when the call gives none: the ``survival_prob`` field."""
+        return self.survival_prob
 
     def _check_stats_under_wrapper(self) -> None:
         """ValueError for a branch bound to another module (``MyBranch()`` made in a parent's
@@ -361,6 +370,52 @@ class StochasticDepth(nn.Module):
 
         # The factor travels in f32; ``scaled`` casts it to each output's dtype.
         return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, jnp.float32))
+
+
+class DropPath(StochasticDepth):
+    """timm-style drop path that really skips: :class:`StochasticDepth` taking the drop
+    ``rate`` (= 1 - p, the probability of dropping) instead of ``survival_prob``, with
+    per-example subsets (``mode='sample'``, ``'skip'``) and inverted (``'train'``) scaling
+    by default, as NNX's :class:`stochastic_depth_jax.nnx_layers.DropPath`::
+
+        y = x + DropPath(Mlp(parent=None), rate=0.1)(x, deterministic=not train)
+
+    Attributes:
+      rate: the drop rate in [0, 1), by keyword (timm's ``drop_path_rate`` for this branch);
+        a ``survival_prob`` (also the second positional argument) is refused.
+      Other fields as :class:`StochasticDepth`; the call too (its ``survival_prob=``
+      overrides p, as there).
+    """
+
+    mode: str = "sample"
+    scaling: str = "train"
+    rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.survival_prob, (int, float)) or self.survival_prob != 1.0:
+            p = self.survival_prob
+            raise TypeError(
+                f"DropPath takes the drop rate by keyword, DropPath(branch, rate=...), but got "
+                f"survival_prob={p!r} (its second positional argument): for a drop rate of "
+                f"{p!r} write rate={p!r}, for a survival probability of {p!r} "
+                f"rate={_drop_rate(p)}.")
+        rate = self.rate
+        if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) or np.ndim(rate) \
+                or not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
+                             "branch's drop rate (e.g. rate=0.1).")
+        super().__post_init__()
+
+    def _module_prob(self) -> Any:
+        return 1.0 - float(self.rate)
+
+
+def _drop_rate(survival_prob: Any) -> str:
+    """``1 - survival_prob`` for a message (``'1 - p'`` where that is not a number)."""
+    try:
+        return f"{1.0 - float(survival_prob):g}"
+    except (TypeError, ValueError):
+        return "1 - p"
 
 
 def capturing_intermediates() -> Any:

@@ -115,9 +115,10 @@ class StochasticDepth(nnx.Module):
     Args:
       branch: the residual branch, called ``branch(x, *args, **kwargs)``: an ``nnx.Module``
         (its BatchNorm statistics update only when it runs) or a plain function.
-      survival_prob: p in (0, 1] (a float; 1 never draws a key). A module attribute is
-        static, so per-layer rates of a stack built with ``nnx.vmap`` are passed at call
-        time instead (``survival_prob=`` below).
+      survival_prob: p in (0, 1], the probability of *keeping* the branch (a float; 1 never
+        draws a key); not timm's drop rate 1 - p (for that, :class:`DropPath`). A module
+        attribute is static, so per-layer rates of a stack built with ``nnx.vmap`` are
+        passed at call time instead (``survival_prob=`` below).
       mode, scaling, implementation, groups: as the core op.
       batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
         examples: 0 for ``[batch, ...]``, 1 for ``[tokens, batch, width]`` layouts.

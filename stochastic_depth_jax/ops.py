@@ -909,7 +909,8 @@ def stochastic_depth(
       branch: the residual function f, ``x -> f(x)``; pure (close over parameters).
       x: input array, any shape, or a pytree of arrays (the branch takes and returns the
         same structure); ``mode='sample'`` gates along ``batch_axis`` of every leaf.
-      survival_prob: p in (0, 1]. A concrete 1.0 never draws a key.
+      survival_prob: p in (0, 1], the probability of *keeping* the branch (timm's drop
+        rate is 1 - p). A concrete 1.0 never draws a key.
       key: PRNG key for the gate; required in training unless ``survival_prob`` is 1.
       deterministic: evaluation mode: every branch runs, scaled per ``scaling``. A Python
         bool (static under ``jit``).
