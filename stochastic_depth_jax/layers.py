@@ -284,6 +284,7 @@ class StochasticDepth(nn.Module):
         ops.check_deterministic(deterministic)
         p = self._module_prob() if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
+        p = ops.checked_prob(p)  # a traced p out of (0, 1]: NaN, scalar ops only
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)
         if deterministic and (gate is None or self.is_initializing()):
             return ops.with_shortcut(ops.scaled(call(self, x), ops.eval_scale(p, self.scaling)),
@@ -313,9 +314,10 @@ class StochasticDepth(nn.Module):
             if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
                 self._check_stats_under_wrapper()
                 call = _keep_stats_if_dropped(call, gate)
-            return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis),
-                                     shortcut)
-        return ops.with_shortcut(self._skip(call, x, gate, factor), shortcut)
+            return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis,
+                                                ops.closed_fill(p)), shortcut)
+        return ops.with_shortcut(self._skip(call, x, gate, factor, ops.closed_fill(p)),
+                                 shortcut)
 
     def _module_prob(self) -> Any:
         """p when the call gives none: the ``survival_prob`` field."""
@@ -353,11 +355,12 @@ class StochasticDepth(nn.Module):
 
         return "intermediates" in jax.eval_shape(sown, self.variables, x)
 
-    def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
+    def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any,
+              fill: Any = None) -> Array:
         ops.check_shared_gate(gate)
 
         def run(module, v, f):
-            return ops.scaled(call(module, v), f)
+            return ops.scaled(call(module, v), f[0])
 
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
@@ -366,10 +369,10 @@ class StochasticDepth(nn.Module):
         out = _branch_output(self, call, x)
 
         def skip(module, v, f):
-            return ops.zeros_like_output(out)
+            return ops.zeros_like_output(out, f[1])
 
         # The factor travels in f32; ``scaled`` casts it to each output's dtype.
-        return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, jnp.float32))
+        return nn.cond(gate, run, skip, self, x, (jnp.asarray(factor, jnp.float32), fill))
 
 
 class DropPath(StochasticDepth):
