@@ -6,8 +6,9 @@ Public API:
 * the framework-free op :func:`stochastic_depth` (and :func:`draw_gates`, :func:`draw_gate`,
   :func:`gated_branch`; per-example subsets: :func:`subset_size`, :func:`draw_subset`,
   :func:`subset_branch`; :func:`batch_size_of` for pytree inputs and ``batch_axis``);
-* Flax Linen layers: :class:`StochasticDepth`, :class:`BatchNorm`, :class:`BasicBlock`,
-  :class:`PreActBlock`, :class:`BottleneckBlock`, :class:`Shortcut`;
+* Flax Linen layers: :class:`StochasticDepth` (``survival_prob``: the probability of
+  keeping), :class:`DropPath` (timm's drop ``rate``), :class:`BatchNorm`,
+  :class:`BasicBlock`, :class:`PreActBlock`, :class:`BottleneckBlock`, :class:`Shortcut`;
 * models: :class:`CifarResNet`, :class:`WideResNet`, :class:`ResNet`, :data:`ResNet50`,
   :data:`ResNet101`, :data:`ResNet152`;
 * depth on demand (module :mod:`stochastic_depth_jax.pruning`): :func:`prune`,
@@ -43,6 +44,7 @@ from stochastic_depth_jax.layers import (
     ResidualBlock,
     Shortcut,
     StochasticDepth,
+    DropPath,
 )
 from stochastic_depth_jax.models import (
     CifarResNet,
@@ -100,6 +102,7 @@ __all__ = [
     "RunWarning",
     "Shortcut",
     "StochasticDepth",
+    "DropPath",
     "SubNetworkEvaluator",
     "WideResNet",
     "depth_curve",

@@ -17,6 +17,7 @@ from flax import nnx
 from flax.linen import module as linen_module
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from stochastic_depth_jax import ops
@@ -25,6 +26,7 @@ from stochastic_depth_jax.conv import REROUTE_CONVS, Conv, reroute_flax_convs
 __all__ = [
     "BatchNorm",
     "StochasticDepth",
+    "DropPath",
     "BasicBranch",
     "PreActBranch",
     "BottleneckBranch",
@@ -160,7 +162,25 @@ def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:
             f"rngs={{{collection!r}: jax.random.fold_in(key, step)}} (or evaluate with "
             f"train=False / deterministic=True)."
         )
+    _check_split_in_scan(module, collection if module.has_rng(collection) else "params")
     return module.make_rng(collection)
+
+
+def _check_split_in_scan(module: nn.Module, collection: str) -> None:
+    """ValueError when ``module``'s parameters differ from one iteration of a scan to the
+    next (``nn.scan`` with ``variable_axes={'params': 0}``: a stack of layers) while its key
+    stream comes from outside the scan (not in ``split_rngs``): every layer would draw the
+    same gates (see :func:`stochastic_depth_jax.ops.key_shared_across_scan`)."""
+    stream = module.scope.rngs.get(collection)
+    params = jax.tree_util.tree_leaves(module.variables.get("params", {}))
+    if stream is not None and params and ops.key_shared_across_scan(
+            getattr(stream, "rng", None), params[0]):
+        raise ValueError(
+            f"{type(module).__name__} runs inside a scan over layers whose rng stream "
+            f"{collection!r} is not split, so every layer would draw the same gate (all kept "
+            f"or all dropped): add it to nn.scan's split_rngs, e.g. split_rngs={{'params': "
+            f"True, {collection!r}: True}} (in a jax.lax.scan of your own, scan over "
+            f"jax.random.split(key, num_layers)); to share one gate on purpose, pass gate=.")
 
 
 class StochasticDepth(nn.Module):
@@ -182,7 +202,10 @@ class StochasticDepth(nn.Module):
 
     Attributes:
       branch: the residual branch, called as ``branch(x, *args, **kwargs)``.
-      survival_prob: p; overridden by the ``survival_prob`` call argument when given.
+      survival_prob: p, the probability of *keeping* the branch; overridden by the
+        ``survival_prob`` call argument when given. Not timm's or torchvision's drop rate,
+        which is 1 - p: their ``drop_path_rate=0.1`` is ``survival_prob=0.9`` (or
+        :class:`DropPath` with ``rate=0.1``); ``survival_prob=0.1`` keeps 10% of the time.
       mode: ``'batch'`` (paper) or ``'sample'`` (drop path).
       scaling: ``'test'`` (paper: p f at evaluation) or ``'train'`` (f / p in training).
       implementation: ``'skip'`` (real skipping) or ``'mask'`` (compute, then multiply).
@@ -259,8 +282,9 @@ class StochasticDepth(nn.Module):
                              f"valid: {list(REROUTE_CONVS)}.")
         ops.check_batch_axis(self.batch_axis)
         ops.check_deterministic(deterministic)
-        p = self.survival_prob if survival_prob is None else survival_prob
+        p = self._module_prob() if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
+        p = ops.checked_prob(p)  # a traced p out of (0, 1]: NaN, scalar ops only
         call = functools.partial(_call_branch, args=args, kwargs=kwargs)
         if deterministic and (gate is None or self.is_initializing()):
             return ops.with_shortcut(ops.scaled(call(self, x), ops.eval_scale(p, self.scaling)),
@@ -290,9 +314,14 @@ class StochasticDepth(nn.Module):
             if self.mode == "batch" and self.is_mutable_collection("batch_stats"):
                 self._check_stats_under_wrapper()
                 call = _keep_stats_if_dropped(call, gate)
-            return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis),
-                                     shortcut)
-        return ops.with_shortcut(self._skip(call, x, gate, factor), shortcut)
+            return ops.with_shortcut(ops.masked(call(self, x), gate, factor, self.batch_axis,
+                                                ops.closed_fill(p)), shortcut)
+        return ops.with_shortcut(self._skip(call, x, gate, factor, ops.closed_fill(p)),
+                                 shortcut)
+
+    def _module_prob(self) -> Any:
+        """p when the call gives none: the ``survival_prob`` field."""
+        return self.survival_prob
 
     def _check_stats_under_wrapper(self) -> None:
         """ValueError for a branch bound to another module (``MyBranch()`` made in a parent's
@@ -326,11 +355,12 @@ class StochasticDepth(nn.Module):
 
         return "intermediates" in jax.eval_shape(sown, self.variables, x)
 
-    def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any) -> Array:
+    def _skip(self, call: Callable[..., Array], x: Array, gate: Array, factor: Any,
+              fill: Any = None) -> Array:
         ops.check_shared_gate(gate)
 
         def run(module, v, f):
-            return ops.scaled(call(module, v), f)
+            return ops.scaled(call(module, v), f[0])
 
         policy = REMAT_POLICIES[self.remat]
         if policy is not None:
@@ -339,10 +369,56 @@ class StochasticDepth(nn.Module):
         out = _branch_output(self, call, x)
 
         def skip(module, v, f):
-            return ops.zeros_like_output(out)
+            return ops.zeros_like_output(out, f[1])
 
         # The factor travels in f32; ``scaled`` casts it to each output's dtype.
-        return nn.cond(gate, run, skip, self, x, jnp.asarray(factor, jnp.float32))
+        return nn.cond(gate, run, skip, self, x, (jnp.asarray(factor, jnp.float32), fill))
+
+
+class DropPath(StochasticDepth):
+    """timm-style drop path that really skips: :class:`StochasticDepth` taking the drop
+    ``rate`` (= 1 - p, the probability of dropping) instead of ``survival_prob``, with
+    per-example subsets (``mode='sample'``, ``'skip'``) and inverted (``'train'``) scaling
+    by default, as NNX's :class:`stochastic_depth_jax.nnx_layers.DropPath`::
+
+        y = x + DropPath(Mlp(parent=None), rate=0.1)(x, deterministic=not train)
+
+    Attributes:
+      rate: the drop rate in [0, 1), by keyword (timm's ``drop_path_rate`` for this branch);
+        a ``survival_prob`` (also the second positional argument) is refused.
+      Other fields as :class:`StochasticDepth`; the call too (its ``survival_prob=``
+      overrides p, as there).
+    """
+
+    mode: str = "sample"
+    scaling: str = "train"
+    rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.survival_prob, (int, float)) or self.survival_prob != 1.0:
+            p = self.survival_prob
+            raise TypeError(
+                f"DropPath takes the drop rate by keyword, DropPath(branch, rate=...), but got "
+                f"survival_prob={p!r} (its second positional argument): for a drop rate of "
+                f"{p!r} write rate={p!r}, for a survival probability of {p!r} "
+                f"rate={_drop_rate(p)}.")
+        rate = self.rate
+        if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) or np.ndim(rate) \
+                or not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
+                             "branch's drop rate (e.g. rate=0.1).")
+        super().__post_init__()
+
+    def _module_prob(self) -> Any:
+        return 1.0 - float(self.rate)
+
+
+def _drop_rate(survival_prob: Any) -> str:
+    """``1 - survival_prob`` for a message (``'1 - p'`` where that is not a number)."""
+    try:
+        return f"{1.0 - float(survival_prob):g}"
+    except (TypeError, ValueError):
+        return "1 - p"
 
 
 def capturing_intermediates() -> Any:

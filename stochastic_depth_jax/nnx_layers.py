@@ -115,9 +115,10 @@ class StochasticDepth(nnx.Module):
     Args:
       branch: the residual branch, called ``branch(x, *args, **kwargs)``: an ``nnx.Module``
         (its BatchNorm statistics update only when it runs) or a plain function.
-      survival_prob: p in (0, 1] (a float; 1 never draws a key). A module attribute is
-        static, so per-layer rates of a stack built with ``nnx.vmap`` are passed at call
-        time instead (``survival_prob=`` below).
+      survival_prob: p in (0, 1], the probability of *keeping* the branch (a float; 1 never
+        draws a key); not timm's drop rate 1 - p (for that, :class:`DropPath`). A module
+        attribute is static, so per-layer rates of a stack built with ``nnx.vmap`` are
+        passed at call time instead (``survival_prob=`` below).
       mode, scaling, implementation, groups: as the core op.
       batch_axis: ``'sample'``: the axis of ``x`` (and of the branch output) that indexes
         examples: 0 for ``[batch, ...]``, 1 for ``[tokens, batch, width]`` layouts.
@@ -185,6 +186,7 @@ class StochasticDepth(nnx.Module):
         ops.check_deterministic(deterministic)
         p = self.survival_prob if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
+        p = ops.checked_prob(p)  # a traced p out of (0, 1]: NaN, scalar ops only
 
         def run(branch, v):
             with conv.reroute_nnx_convs(branch, self.reroute_convs):
@@ -215,13 +217,14 @@ class StochasticDepth(nnx.Module):
         scale = ops.eval_scale if deterministic else ops.train_scale
         factor = scale(p, self.scaling)
         if self.mode == "batch" and self.implementation == "skip":
-            return ops.with_shortcut(self._cond(run, x, gate, factor), shortcut)
+            return ops.with_shortcut(self._cond(run, x, gate, factor, ops.closed_fill(p)),
+                                     shortcut)
         if self.mode == "batch" and _has_state(self.branch):
             run = _keep_state_if_dropped(run, gate)
-        return ops.with_shortcut(ops.masked(run(self.branch, x), gate, factor, self.batch_axis),
-                                 shortcut)
+        return ops.with_shortcut(ops.masked(run(self.branch, x), gate, factor, self.batch_axis,
+                                            ops.closed_fill(p)), shortcut)
 
-    def _cond(self, run, x: Array, gate: Array, factor: Any) -> Array:
+    def _cond(self, run, x: Array, gate: Array, factor: Any, fill: Any = None) -> Array:
         """Batch-mode skipping: an ``nnx.cond`` so a stateful branch (BatchNorm) may update."""
         ops.check_shared_gate(gate)
         # In f32; ``scaled`` casts it to each output's dtype.
@@ -229,15 +232,15 @@ class StochasticDepth(nnx.Module):
         if not _has_state(self.branch):  # a plain function: nothing for nnx to carry
             out = jax.eval_shape(lambda v: run(self.branch, v), x)
             return jax.lax.cond(gate, lambda v: ops.scaled(run(self.branch, v), factor),
-                                lambda v: ops.zeros_like_output(out), x)
+                                lambda v: ops.zeros_like_output(out, fill), x)
         out, adds_variables = _output_struct(run, self.branch, x)
         if adds_variables:
             # A cond cannot add variables on one side only (what ``nnx.capture`` records):
             # masking gives the same outputs, gradients and statistics, as Linen's wrapper.
             run = _keep_state_if_dropped(run, gate)
-            return ops.masked(run(self.branch, x), gate, factor, self.batch_axis)
+            return ops.masked(run(self.branch, x), gate, factor, self.batch_axis, fill)
         return nnx.cond(gate, lambda b, v: ops.scaled(run(b, v), factor),
-                        lambda b, v: ops.zeros_like_output(out), self.branch, x)
+                        lambda b, v: ops.zeros_like_output(out, fill), self.branch, x)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view``; ``nnx.view_info`` reads its Args section (it needs one).

@@ -96,9 +96,10 @@ def check_survival_prob(p: Any) -> None:
     """Raises ValueError for a survival probability that is not a scalar in (0, 1].
 
     Python and NumPy scalars, 0-d arrays and concrete (non-traced) JAX scalars are
-    range-checked; traced values are left to the caller (they cannot be inspected under
-    ``jit``). Lists, tuples, strings, None, bools and arrays with dimensions (a whole schedule)
-    are refused: one call gates one block with one probability."""
+    range-checked; traced values cannot be inspected under ``jit`` (the op, the wrappers
+    and :func:`gated_branch` turn one out of range into NaN outputs, :func:`checked_prob`).
+    Lists, tuples, strings, None, bools and arrays with dimensions (a whole schedule) are
+    refused: one call gates one block with one probability."""
     if isinstance(p, (bool, np.bool_)) or p is None or isinstance(p, (str, bytes, list, tuple)):
         raise ValueError(
             f"survival_prob must be a float in (0, 1], got {p!r} ({type(p).__name__}); pass one "
@@ -139,6 +140,27 @@ def check_survival_probs(probs: Any) -> None:
             f"{i}; drop rates (sdj.drop_path_rates) are 1 - p: pass 1 - rates.")
 
 
+def checked_prob(p: Any) -> Any:
+    """``p`` as it is where it is known on the host (:func:`check_survival_prob` refuses it
+    out of (0, 1]); a traced ``p`` out of (0, 1], or NaN, becomes NaN, with scalar ops only.
+
+    A NaN p draws closed gates and scales by NaN, and a closed batch-mode gate gives NaN
+    (:func:`closed_fill`), so a bad rate that arrives traced (a drop-rate schedule, 0 at the
+    first block, scanned in as survival probabilities) turns the loss NaN at the first
+    training step, instead of training with that block never kept (with ``'mask'`` the
+    gate gives NaN, :func:`masked`)."""
+    if is_concrete(p):
+        return p
+    return jnp.where((p > 0) & (p <= 1), p, jnp.nan)
+
+
+def closed_fill(p: Any) -> Any:
+    """What a skipped branch's zeros get added (:func:`zeros_like_output`): None for a p
+    known on the host; for a traced p (:func:`checked_prob`'s) a scalar, 0, or NaN where p
+    is out of range. Also added to a mask's gate (:func:`masked`)."""
+    return None if is_concrete(p) else 0.0 * p
+
+
 def is_concrete(value: Any) -> bool:
     """True for a value known on the host: a Python or NumPy number or array, or a JAX array
     that is not traced (e.g. ``jnp.float32(0.9)`` outside ``jit``)."""
@@ -154,6 +176,26 @@ def is_static_one(p: Any) -> bool:
     if is_concrete(p) and np.ndim(p) == 0 and not isinstance(p, (bool, np.bool_)):
         return float(np.asarray(p, dtype=np.float64)) == 1.0
     return False
+
+
+def key_shared_across_scan(key: Any, varying: Any) -> bool:
+    """True when ``varying`` (e.g. a layer's parameter) differs from one iteration of a
+    ``lax.scan`` to the next (``nn.scan`` / ``nnx.scan`` over stacked layers) while ``key``
+    comes from outside that scan, so every iteration would draw the same gates.
+
+    Read off the traces at trace time, at no cost when running. Where the traces cannot be
+    read (a concrete ``varying``; a transform between the scan and the layer, such as
+    ``nn.remat``, that takes the key in as its own argument) it answers False."""
+    trace = getattr(varying, "_trace", None)
+    if key is None or trace is None:
+        return False
+    outer = getattr(key, "_trace", None)  # None: a concrete key, outside every trace
+    scanned = False
+    while trace is not None and trace is not outer:
+        info = getattr(getattr(trace, "frame", None), "debug_info", None)
+        scanned = scanned or getattr(info, "traced_for", None) == "scan"
+        trace = getattr(trace, "parent_trace", None)
+    return scanned and trace is outer
 
 
 class TracedFlagError(TypeError):
@@ -676,18 +718,20 @@ def check_shared_gate(gate: Any) -> None:
             "device.")
 
 
-def zeros_like_output(out: Any) -> Any:
+def zeros_like_output(out: Any, fill: Any = None) -> Any:
     """Zeros shaped like ``out`` (a pytree of ``ShapeDtypeStruct``, e.g. from
     ``jax.eval_shape``): a skipped branch's output. A ``cond``'s two branches must agree in
     type, so under explicit sharding each leaf takes the struct's sharding, and inside
     ``shard_map`` it varies over the mesh axes the struct's does (zeros made there are
-    replicated, while the branch's output varies with its per-device input)."""
+    replicated, while the branch's output varies with its per-device input). ``fill``: a
+    scalar added to every element (:func:`closed_fill`: 0, or NaN for a bad traced p)."""
     def zeros(o):
         sharding = explicit_sharding(o)
+        value = 0 if fill is None else jnp.asarray(fill).astype(o.dtype)  # one broadcast
         if sharding is None:  # as before explicit sharding existed
-            z = jnp.zeros(o.shape, o.dtype)
+            z = jnp.full(o.shape, value, o.dtype)
         else:
-            z = jnp.zeros(o.shape, o.dtype, out_sharding=sharding)
+            z = jnp.full(o.shape, value, o.dtype, out_sharding=sharding)
         axes = varying_axes(o)
         return jax.lax.pcast(z, axes, to="varying") if axes else z
 
@@ -724,6 +768,7 @@ def draw_gate(
     # A rate out of range drew a gate that is always open (p > 1) or always closed (p = 0,
     # e.g. the first block's drop rate passed as p), where the op refuses it.
     check_survival_prob(survival_prob)
+    survival_prob = checked_prob(survival_prob)  # traced out of range: NaN, closed gates
     if mode == "batch":
         return jax.random.bernoulli(key, _draw_prob(survival_prob))
     if batch_size is None:
@@ -783,10 +828,13 @@ def _times(v: Array, factor: Any) -> Array:
     return v * jnp.asarray(factor, dtype=dtype)
 
 
-def masked(y: Array, gate: Array, factor: Any, batch_axis: int = 0) -> Array:
+def masked(y: Array, gate: Array, factor: Any, batch_axis: int = 0, fill: Any = None) -> Array:
     """``y * gate * factor``; a ``[batch]`` gate broadcasts along ``y``'s ``batch_axis``
-    (a scalar gate over everything); pytrees leaf by leaf."""
+    (a scalar gate over everything); pytrees leaf by leaf. ``fill``: added to the gate
+    (:func:`closed_fill`: 0, or NaN for a bad traced p)."""
     gate = jnp.asarray(gate)
+    if fill is not None:
+        gate = gate.astype(jnp.float32) + fill
     check_batch_axis(batch_axis)
 
     def one(v):
@@ -846,6 +894,7 @@ def gated_branch(
     """
     validate_options(mode, scaling, implementation)  # a typo would pick another branch
     check_survival_prob(survival_prob)
+    survival_prob = checked_prob(survival_prob)
     gate = jnp.asarray(gate)
     check_gate(gate, mode)
     if mode == "sample" and jnp.issubdtype(gate.dtype, jnp.integer):
@@ -854,13 +903,14 @@ def gated_branch(
         return subset_branch(branch, x, gate, factor, shortcut, batch_axis)
     factor = train_scale(survival_prob, scaling)
     if mode == "sample" or implementation == "mask":
-        return with_shortcut(masked(branch(x), gate, factor, batch_axis), shortcut)
+        return with_shortcut(masked(branch(x), gate, factor, batch_axis,
+                                    closed_fill(survival_prob)), shortcut)
     check_shared_gate(gate)
     out = jax.eval_shape(branch, x)
     return with_shortcut(jax.lax.cond(
         gate,
         lambda v: scaled(branch(v), factor),
-        lambda v: zeros_like_output(out),
+        lambda v: zeros_like_output(out, closed_fill(survival_prob)),
         x,
     ), shortcut)
 
@@ -889,7 +939,8 @@ def stochastic_depth(
       branch: the residual function f, ``x -> f(x)``; pure (close over parameters).
       x: input array, any shape, or a pytree of arrays (the branch takes and returns the
         same structure); ``mode='sample'`` gates along ``batch_axis`` of every leaf.
-      survival_prob: p in (0, 1]. A concrete 1.0 never draws a key.
+      survival_prob: p in (0, 1], the probability of *keeping* the branch (timm's drop
+        rate is 1 - p). A concrete 1.0 never draws a key.
       key: PRNG key for the gate; required in training unless ``survival_prob`` is 1.
       deterministic: evaluation mode: every branch runs, scaled per ``scaling``. A Python
         bool (static under ``jit``).
@@ -911,6 +962,7 @@ def stochastic_depth(
     """
     validate_options(mode, scaling, implementation)
     check_survival_prob(survival_prob)
+    survival_prob = checked_prob(survival_prob)
     check_deterministic(deterministic)
     if deterministic:
         return with_shortcut(scaled(branch(x), eval_scale(survival_prob, scaling)), shortcut)

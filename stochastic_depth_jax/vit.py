@@ -310,6 +310,11 @@ class ViT(nn.Module):
       mlp_ratio: MLP width over model width (4).
       dtype: computation dtype (parameters float32).
       fused_residual: see :class:`EncoderBlock` (for benchmarks; the values are the same).
+
+    Initialisation is the original JAX ViT's (timm's ``weight_init='jax'`` without its
+    N(0, 1e-6) terms): Xavier-uniform linears, zero head and class token, position
+    embedding N(0, 0.02) (timm's ``trunc_normal_(std=.02)``: its bounds of +-2 are
+    absolute, 100 standard deviations, so the same distribution).
     """
 
     num_classes: int

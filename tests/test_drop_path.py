@@ -349,3 +349,32 @@ def test_vit_fused_residual_matches_the_unfused_block():
     np.testing.assert_allclose(y_f, y_u, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_u)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_linen_drop_path_takes_the_drop_rate_as_nnx_does():
+    # timm's drop_path_rate=0.25 is survival 0.75: the same parameters and outputs.
+    drop = sdj.DropPath(LinenBranch(parent=None), rate=0.25)
+    sd = sdj.StochasticDepth(LinenBranch(parent=None), survival_prob=0.75, mode="sample",
+                             scaling="train")
+    variables = drop.init(jax.random.key(0), X, deterministic=True)
+    key = jax.random.key(3)
+    y = drop.apply(variables, X, deterministic=False, rngs={"stochastic_depth": key})
+    np.testing.assert_array_equal(
+        y, sd.apply(variables, X, deterministic=False, rngs={"stochastic_depth": key}))
+    dropped = np.all(np.asarray(y) == 0.0, axis=(1, 2))
+    assert dropped.sum() == B - ops.subset_size(B, 0.75)  # 4 of 16 dropped, not 12
+    np.testing.assert_array_equal(drop.apply(variables, X, deterministic=True),
+                                  sd.apply(variables, X, deterministic=True))
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda b: sdj.DropPath(b, 0.1), TypeError,
+     r"DropPath takes the drop rate by keyword.*drop rate of 0.1 write rate=0.1, for a "
+     r"survival probability of 0.1 rate=0.9\.$"),
+    (lambda b: sdj.DropPath(b, survival_prob=0.9), TypeError, r"rate=0.1\.$"),
+    (lambda b: sdj.DropPath(b, rate=1.0), ValueError, r"DropPath rate must be a float in \[0, 1\)"),
+    (lambda b: sdj.DropPath(b, rate=-0.1), ValueError, r"in \[0, 1\), got -0.1"),
+])
+def test_linen_drop_path_refuses_a_survival_prob_or_a_bad_rate(make, error, message):
+    with pytest.raises(error, match=message):
+        make(LinenBranch(parent=None))

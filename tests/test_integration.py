@@ -68,10 +68,53 @@ def test_linen_scan_gives_each_layer_its_own_gate_only_with_split_rngs(mode):
     counts = _kept_counts(split, split.init(jax.random.key(0), x, probs), probs)
     assert len(set(counts.ravel())) > 2 and set(counts.ravel()) != {0.0, float(L)}
     assert len({tuple(c) for c in counts}) > 1  # fresh gates per key
-    # Without split_rngs for the stream every layer gets the same key: all or nothing.
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_linen_scan_without_split_rngs_says_what_to_add(mode):
+    # Without the stream in split_rngs every layer would get the same key, so all layers
+    # would be kept or dropped together; that is refused, eagerly and under jit.
+    x = jnp.zeros((B, 2))
     shared = _stack(split=False, mode=mode)
-    counts = _kept_counts(shared, shared.init(jax.random.key(0), x, probs), probs)
-    assert set(counts.ravel()) <= {0.0, float(L)}
+    variables = shared.init(jax.random.key(0), x, None)
+    message = r"scan over layers.*'stochastic_depth' is not split.*split_rngs="
+    with pytest.raises(ValueError, match=message):
+        _kept_counts(shared, variables, None, keys=[0])
+    with pytest.raises(ValueError, match=message):
+        shared.apply(variables, x, None, rngs={"stochastic_depth": jax.random.key(1)})
+    # The same stacked layers under a jax.lax.scan of the user's own, the key closed over.
+    layer, key = ScanLayer(mode=mode), jax.random.key(1)
+
+    def body(h, layer_params):
+        y, _ = layer.apply({"params": layer_params}, h, None, rngs={"stochastic_depth": key})
+        return y, None
+
+    with pytest.raises(ValueError, match=r"jax.random.split\(key, num_layers\)"):
+        jax.lax.scan(body, x, variables["params"])
+
+
+def test_linen_scan_with_one_shared_layer_or_a_pre_drawn_gate_is_not_refused():
+    x = jnp.zeros((B, 2))
+    # Weights shared by every iteration (variable_broadcast), the stream not split: one
+    # layer applied repeatedly (as an RNN cell over time); nothing to say.
+    loop = nn.scan(ScanLayer, variable_broadcast="params", length=L,
+                   split_rngs={"params": False, "stochastic_depth": False})()
+    variables = loop.init(jax.random.key(0), x, None)
+    y, _ = loop.apply(variables, x, None, rngs={"stochastic_depth": jax.random.key(1)})
+    assert set(np.unique(np.asarray(y))) <= {0.0, float(L)}
+
+    class GatedLayer(nn.Module):
+        @nn.compact
+        def __call__(self, h, gate):
+            sd = sdj.StochasticDepth(Ones(parent=None), survival_prob=0.5)
+            return h + sd(h, deterministic=False, gate=gate), None
+
+    # One gate for every layer on purpose, passed in: taken as it is.
+    stack = nn.scan(GatedLayer, variable_axes={"params": 0}, length=L,
+                    split_rngs={"params": True}, in_axes=nn.broadcast)()
+    gate = jnp.asarray(True)
+    variables = stack.init(jax.random.key(0), x, gate)
+    np.testing.assert_array_equal(stack.apply(variables, x, gate)[0], float(L))
 
 
 def test_linen_scan_takes_a_per_layer_rate_in_batch_mode():

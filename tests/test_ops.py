@@ -186,3 +186,63 @@ def test_sample_mode_mask_implementation_masks_examples():
 def test_validate_options_lists_valid_values():
     with pytest.raises(ValueError, match=r"\['batch', 'sample'\]"):
         ops.validate_options("row", "test")
+
+
+@pytest.mark.parametrize("implementation, mode", [("skip", "batch"), ("mask", "batch"),
+                                                  ("mask", "sample")])
+@pytest.mark.parametrize("scaling", ["test", "train"])
+def test_a_traced_rate_out_of_range_gives_nan_at_the_first_training_step(
+        implementation, mode, scaling):
+    # A concrete rate out of (0, 1] is refused; a traced one cannot be (a drop-rate schedule,
+    # 0 at the first block, scanned in as survival probabilities): it made the block never
+    # run (p <= 0) or always run (p > 1), silently. Now training gives NaN at once.
+    def train(p, key):
+        return sdj.stochastic_depth(branch, X, survival_prob=p, key=key, mode=mode,
+                                    scaling=scaling, implementation=implementation)
+
+    def train_w(w, p, key):
+        return sdj.stochastic_depth(lambda h: branch(h, w), X, survival_prob=p, key=key,
+                                    mode=mode, scaling=scaling, implementation=implementation)
+
+    step = jax.jit(train)
+    def split(p, key):  # the op in two: draw_gate, then gated_branch
+        batch = X.shape[0] if mode == "sample" else None
+        gate = sdj.draw_gate(key, p, mode=mode, implementation=implementation,
+                             batch_size=batch)
+        return sdj.gated_branch(branch, X, gate, p, mode=mode, scaling=scaling,
+                                implementation=implementation)
+
+    for p in (0.0, -0.5, 1.5, float("nan")):
+        for seed in range(3):
+            assert np.isnan(step(p, jax.random.key(seed))).all(), (p, seed)
+            assert np.isnan(jax.jit(split)(p, jax.random.key(seed))).all(), (p, seed)
+    for p in (0.3, 1.0):  # in range: the concrete rate's output and gradient
+        key = jax.random.key(4)
+        np.testing.assert_allclose(step(p, key), train(p, key), rtol=1e-5, atol=1e-7)
+        grad = jax.jit(jax.grad(lambda w, p: train_w(w, p, key).sum()))
+        np.testing.assert_allclose(grad(W, p), jax.grad(
+            lambda w: train_w(w, p, key).sum())(W), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("implementation", ["skip", "mask"])
+def test_wrappers_give_nan_for_a_traced_rate_out_of_range(implementation):
+    import flax.linen as nn
+    from flax import nnx
+    from stochastic_depth_jax import nnx_layers
+
+    class Dense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(x)
+
+    sd = sdj.StochasticDepth(Dense(parent=None), implementation=implementation)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    linen = jax.jit(lambda p: sd.apply(variables, X, deterministic=False, survival_prob=p,
+                                       rngs={"stochastic_depth": jax.random.key(1)}))
+    nsd = nnx_layers.StochasticDepth(nnx.Linear(4, 4, rngs=nnx.Rngs(0)),
+                                     implementation=implementation,
+                                     rngs=nnx.Rngs(stochastic_depth=1))
+    nnx_step = nnx.jit(lambda m, p: m(X, survival_prob=p))
+    for p in (0.0, 2.0):
+        assert np.isnan(linen(p)).all() and np.isnan(nnx_step(nsd, p)).all()
+    assert np.isfinite(linen(0.5)).all() and np.isfinite(nnx_step(nsd, 0.5)).all()
