@@ -276,6 +276,38 @@ def test_a_damaged_dataset_info_is_one_line_naming_it(tmp_path, damage):
                             "again, whole, from where it was prepared).")
 
 
+@pytest.mark.parametrize("failure", [PermissionError(13, "Permission denied"),
+                                     OSError(5, "Input/output error")])
+def test_a_dataset_info_this_user_cannot_read_is_not_called_damaged(tmp_path, monkeypatch,
+                                                                    failure):
+    """A dataset_info.json that cannot be read (another user's mode 600 copy, a failing
+    disk or network file system) was 'damaged: delete it and prepare the dataset again':
+    a whole dataset, maybe shared, deleted for a permission."""
+    import builtins
+
+    prepared = data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20,
+                                              num_test=10)
+    info = os.path.join(prepared, "dataset_info.json")
+    real_open = builtins.open
+
+    def unreadable(file, *args, **kwargs):
+        if os.fspath(file) == info:
+            raise type(failure)(failure.errno, failure.strerror, info)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", unreadable)
+    with pytest.raises(errors.DataError) as caught:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
+    message = str(caught.value)
+    assert not isinstance(caught.value, data.CorruptDataError)
+    assert "\n" not in message and "delete" not in message
+    assert message == (
+        f"'cifar10' in {prepared} cannot be read: {info}: {failure.strerror} "
+        f"({type(failure).__name__}); let this user read {prepared} and its files (or fix "
+        "the file system holding them), or set data_dir to a copy it can read.")
+    assert os.path.exists(info)
+
+
 def test_tfds_not_installed_is_one_line_and_image_folders_need_none(tmp_path, monkeypatch):
     """Without tensorflow-datasets, a tfds dataset (real or the trainer's fake data) ended
     in ModuleNotFoundError's traceback; an image folder never needed it."""

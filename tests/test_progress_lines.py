@@ -163,3 +163,38 @@ def test_compact_modes_compiles_inside_an_epoch_are_left_out_of_its_time(tmp_pat
     # The line printed says where the rest of the epoch's wall time went.
     assert progress.epoch_line(record, 1).endswith(
         f"; {record['compile_time_s']:.1f} s compiling new programs")
+
+
+def test_compact_modes_compile_seconds_are_its_own_threads_only():
+    """The seconds a new bucket tuple's program stalls the steps counted every thread's
+    compiles meanwhile (an async checkpoint's, a user's): taken off epoch_time_s, another
+    thread's seconds made the epoch look faster, or its time negative."""
+    import threading
+
+    import jax
+    import numpy as np
+
+    from stochastic_depth_jax.training import step as step_lib
+
+    def other_thread_compiles(state, split, gates, buckets):
+        thread = threading.Thread(
+            target=lambda: jax.jit(lambda v: v * 7.25 - 0.5)(np.ones(3)).block_until_ready())
+        thread.start()
+        thread.join()
+        return state
+
+    def this_thread_compiles(state, split, gates, buckets):
+        return jax.jit(lambda v: v * 3.75 + 0.25)(state)
+
+    compact = object.__new__(step_lib.CompactTrainStep)  # no model: the measure alone
+    compact._key, compact._draw = None, lambda key, step: np.zeros(2, np.float32)
+    compact._replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    compact._drawn, compact.compile_s = set(), 0.0
+    compact._bucketing = lambda gates: (1,)
+    compact._jitted = other_thread_compiles
+    compact(np.ones(3, np.float32), None, 0)
+    assert compact.compile_s == 0.0
+    compact._bucketing = lambda gates: (2,)  # a new tuple: this thread's compile counts
+    compact._jitted = this_thread_compiles
+    compact(np.ones(3, np.float32), None, 1)
+    assert compact.compile_s > 0.0

@@ -64,6 +64,16 @@ def test_greedy_order_takes_the_cheapest_block_each_time():
     order = pruning.removal_order("greedy", model, error_of=error_of)
     assert order == [3, 6, 1, 5, 4, 7, 0, 8, 2]
     assert len(calls) == 9 * 10 // 2
+    # An export's search (--remove k) stops after k removals: the full order's first k,
+    # ties included (all equal after block 3: the deeper block first, as in the full search).
+    flat = lambda keep: 0.0 if not keep[3] else 1.0  # noqa: E731
+    for k in range(10):
+        calls.clear()
+        assert pruning.removal_order("greedy", model, error_of=error_of,
+                                     max_removed=k) == order[:k]
+        assert len(calls) == sum(range(9, 9 - k, -1))
+        assert (pruning.removal_order("greedy", model, error_of=flat, max_removed=k)
+                == pruning.removal_order("greedy", model, error_of=flat)[:k])
 
 
 def test_a_pruned_model_is_ordered_and_curved_by_the_blocks_it_has():

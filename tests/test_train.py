@@ -22,7 +22,7 @@ from trainer_steps import train_steps  # noqa: E402
 from stochastic_depth_jax import hugepages  # noqa: E402
 from stochastic_depth_jax.training import distributed, evaluate, loop, metrics  # noqa: E402
 
-TIMING = ("epoch_time_s", "images_per_s", "eval_time_s")
+TIMING = ("epoch_time_s", "images_per_s", "eval_time_s", "compile_time_s")  # per session
 TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false"]
 
 

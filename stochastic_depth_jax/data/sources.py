@@ -110,9 +110,11 @@ def tfds_builder(tfds_name: str, data_dir: str):
     ``dataset_info.json`` where there is one.
 
     Raises:
-      CorruptDataError: that file cannot be read (empty or cut short by an interrupted copy,
-        not JSON, a directory, unreadable): one line naming it and the fix, instead of
-        protobuf's ParseError (or tfds's error) and its traceback.
+      CorruptDataError: that file is damaged (empty or cut short by an interrupted copy,
+        not JSON, a directory): one line naming it and the fix, instead of protobuf's
+        ParseError (or tfds's error) and its traceback.
+      errors.DataError: that file cannot be read (no permission, an I/O error): one line
+        saying so; the dataset may be whole, so deleting it is not the fix.
     """
     tfds = import_tfds()
     try:
@@ -124,6 +126,12 @@ def tfds_builder(tfds_name: str, data_dir: str):
             raise
         path, why = damaged
         directory = os.path.dirname(path)
+        if isinstance(why, OSError) and not isinstance(why, IsADirectoryError):
+            raise errors.DataError(
+                f"'{tfds_name}' in {directory} cannot be read: {path}: "
+                f"{why.strerror or why} ({type(why).__name__}); let this user read "
+                f"{directory} and its files (or fix the file system holding them), or set "
+                f"data_dir to a copy it can read.") from error
         raise CorruptDataError(
             f"'{tfds_name}' in {directory} is damaged: {path} cannot be read "
             f"({type(why).__name__}: {why}); delete {directory} and prepare the dataset "
@@ -132,7 +140,8 @@ def tfds_builder(tfds_name: str, data_dir: str):
 
 def _unreadable_info(tfds_name: str, data_dir: str) -> tuple[str, Exception] | None:
     """(path, why) where the ``dataset_info.json`` that ``tfds.builder`` reads for
-    ``tfds_name`` in ``data_dir`` exists but is not readable JSON; None otherwise."""
+    ``tfds_name`` in ``data_dir`` exists but is not readable JSON (``why``: the OSError
+    reading it, or the ValueError decoding it); None otherwise."""
     version = str(real_builder_class(tfds_name).VERSION)
     path = os.path.join(data_dir, tfds_name, version, "dataset_info.json")
     try:
@@ -140,7 +149,7 @@ def _unreadable_info(tfds_name: str, data_dir: str) -> tuple[str, Exception] | N
             json.load(f)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as error:  # a directory, no permission; not JSON or UTF-8
+    except (OSError, ValueError) as error:  # no permission, a directory; not JSON or UTF-8
         return path, error
     return None
 

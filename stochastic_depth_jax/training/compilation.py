@@ -388,17 +388,27 @@ class CompileStats:
       compile_s: seconds spent on them (compiling or loading).
       cache_hits: how many of them came from the persistent cache.
       trace_and_lower_s: seconds spent tracing and lowering to MLIR.
+      this_thread: count only what the thread that entered the block compiles (JAX reports
+        each compile in the thread doing it): the seconds that thread was stalled, without
+        another thread's compiles meanwhile (an asynchronous checkpoint's, a user's).
     """
 
     programs: int = 0
     compile_s: float = 0.0
     cache_hits: int = 0
     trace_and_lower_s: float = 0.0
+    this_thread: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        self._thread: int | None = None
+
+    def _counts(self) -> bool:
+        return not self.this_thread or threading.get_ident() == self._thread
 
     def _on_duration(self, event: str, seconds: float, **_: Any) -> None:
+        if not self._counts():
+            return
         with self._lock:
             if event == _COMPILE:
                 self.programs += 1
@@ -407,11 +417,12 @@ class CompileStats:
                 self.trace_and_lower_s += seconds
 
     def _on_event(self, event: str, **_: Any) -> None:
-        if event == _CACHE_HIT:
+        if event == _CACHE_HIT and self._counts():
             with self._lock:
                 self.cache_hits += 1
 
     def __enter__(self) -> "CompileStats":
+        self._thread = threading.get_ident()
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
         jax.monitoring.register_event_listener(self._on_event)
         return self

@@ -291,9 +291,10 @@ class CompactTrainStep:
         if buckets in self._drawn:
             return self._jitted(state, split, gates, buckets)
         # A new tuple: its program compiles now. The steps dispatched before it finish
-        # first, so the seconds counted are a stall of the device, not the queue's work.
+        # first, so the seconds counted are a stall of the device, not the queue's work;
+        # another thread's compiles meanwhile (an async checkpoint's) stall no step.
         jax.block_until_ready(state)
-        with compilation.CompileStats() as stats:
+        with compilation.CompileStats(this_thread=True) as stats:
             state = self._jitted(state, split, gates, buckets)
         self.compile_s += stats.compile_s + stats.trace_and_lower_s
         self._drawn.add(buckets)
