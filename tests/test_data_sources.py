@@ -318,8 +318,8 @@ def test_tfds_not_installed_is_one_line_and_image_folders_need_none(tmp_path, mo
                                           per_class_train=5, per_class_test=2, size=(8, 8))
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
     expected = ("tensorflow-datasets is not installed; it reads cifar10, cifar100 and svhn "
-                "(fake data too): pip install 'tensorflow-datasets>=4.9.8,<5' (or this "
-                "package's dependencies: pip install -e .); an image_folder: dataset is read "
+                "(fake data too): pip install 'tensorflow-datasets>=4.9.8,<5' (or reinstall "
+                "this package with its dependencies); an image_folder: dataset is read "
                 "without it.")
     with pytest.raises(data.TfdsImportError) as caught:
         data.load_dataset("cifar10", data_dir=str(tmp_path / "tfds"))
@@ -332,15 +332,20 @@ def test_tfds_not_installed_is_one_line_and_image_folders_need_none(tmp_path, mo
     assert len(ds.train) == 10 and len(ds.test) == 4
 
 
-def test_a_module_tfds_needs_missing_is_one_line_naming_it(tmp_path, monkeypatch):
-    """tfds installed without a module it imports but does not declare (array_record)."""
+@pytest.mark.parametrize("message", [
+    "No module named 'array_record'",
+    "No module named 'array_record'\nIt is needed to read tfds's record files.",
+])
+def test_a_module_tfds_needs_missing_is_one_line_naming_it(tmp_path, monkeypatch, message):
+    """tfds installed without a module it imports but does not declare (array_record); a
+    module's own multi-line import message gives its first line only."""
     import builtins
 
     real_import = builtins.__import__
 
     def without_array_record(name, *args, **kwargs):
         if name == "tensorflow_datasets":
-            raise ModuleNotFoundError("No module named 'array_record'", name="array_record")
+            raise ModuleNotFoundError(message, name="array_record")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", without_array_record)
@@ -348,10 +353,9 @@ def test_a_module_tfds_needs_missing_is_one_line_naming_it(tmp_path, monkeypatch
         data.load_dataset("svhn", data_dir=str(tmp_path))
     assert str(caught.value) == (
         "tensorflow-datasets cannot be imported (ModuleNotFoundError: No module named "
-        "'array_record'); it reads cifar10, cifar100 and svhn: install this package's "
-        "dependencies (pip install -e .), which include the modules tfds uses without "
-        "declaring them (array_record, importlib_resources); an image_folder: dataset is "
-        "read without it.")
+        "'array_record'); it reads cifar10, cifar100 and svhn: reinstall this package with "
+        "its dependencies, which include the modules tfds uses without declaring them "
+        "(array_record, importlib_resources); an image_folder: dataset is read without it.")
 
 
 def test_unknown_dataset_lists_choices():

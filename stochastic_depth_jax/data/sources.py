@@ -80,12 +80,14 @@ def import_tfds():
         if error.name == "tensorflow_datasets":
             raise TfdsImportError(
                 "tensorflow-datasets is not installed; it reads cifar10, cifar100 and svhn "
-                "(fake data too): pip install 'tensorflow-datasets>=4.9.8,<5' (or this "
-                f"package's dependencies: pip install -e .); {_NO_TFDS_NEEDED}.") from error
+                "(fake data too): pip install 'tensorflow-datasets>=4.9.8,<5' (or reinstall this "
+                f"package with its dependencies); {_NO_TFDS_NEEDED}.") from error
+        # One line: an import error's text may run over several (a module's own message).
+        first_line = (str(error).strip().splitlines() or [""])[0]
         raise TfdsImportError(
-            f"tensorflow-datasets cannot be imported ({type(error).__name__}: {error}); it "
-            "reads cifar10, cifar100 and svhn: install this package's dependencies (pip "
-            "install -e .), which include the modules tfds uses without declaring them "
+            f"tensorflow-datasets cannot be imported ({type(error).__name__}: {first_line}); "
+            "it reads cifar10, cifar100 and svhn: reinstall this package with its "
+            "dependencies, which include the modules tfds uses without declaring them "
             f"(array_record, importlib_resources); {_NO_TFDS_NEEDED}.") from error
     return tfds
 
