@@ -181,13 +181,25 @@ def run(args) -> dict:
     distributed.initialize(**job)
     if distributed.is_primary():
         _remove_abandoned(args.workdir, args.output)
-    # JAX's own setting (JAX_COMPILATION_CACHE_DIR), as a run's is checked: off for a job
-    # that must not use it or where it cannot be used, read-only said once; on stderr, as
-    # stdout is the JSON alone (evaluate.py ... | jq).
-    cache = compilation.from_jax_setting()
+    # The cache the run used (its recorded compilation_cache_dir), so that its programs
+    # load instead of compiling again on every call:
+    # off for a job that must not use it or where it cannot be used, read-only said once;
+    # on stderr, as stdout is the JSON alone (evaluate.py ... | jq).
+    cache = compilation.for_recorded_run(_recorded_cache_setting(args.workdir))
     cache.announce(sys.stderr)
     with cache.in_use():
         return _evaluate(args)
+
+
+def _recorded_cache_setting(workdir: str) -> str | None:
+    """The ``compilation_cache_dir`` that ``workdir``'s run.json records; None where it
+    records none or cannot be read (the evaluation then says what is wrong with it)."""
+    try:
+        meta = evaluate_lib.read_run_json(workdir)
+    except errors.Error:
+        return None
+    setting = (meta or {}).get("config", {}).get("compilation_cache_dir")
+    return setting if isinstance(setting, str) else None
 
 
 def _evaluate(args) -> dict:
