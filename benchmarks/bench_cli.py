@@ -89,9 +89,9 @@ _BEFORE_START = _started_as_a_benchmark()
 
 try:
     from stochastic_depth_jax import errors
-    from stochastic_depth_jax.training import cli, stopping
+    from stochastic_depth_jax.training import cli, compilation, stopping
 except ImportError:  # an environment with PyTorch only (bench_torch.py)
-    errors = cli = stopping = None
+    errors = cli = compilation = stopping = None
 
 RESULTS = os.path.join(HERE, "results")
 TORCH_MISSING = ("PyTorch is not installed in this Python. It is optional (only "
@@ -565,6 +565,21 @@ def argument_parser(**kwargs) -> argparse.ArgumentParser:
     command line writes a path portably (``provenance.command_line``) by its flag's full
     name, so an abbreviated path flag would record this machine's path."""
     return argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+
+
+@contextlib.contextmanager
+def jax_cache() -> Iterator[None]:
+    """Runs the block under JAX's own persistent compilation cache
+    (``JAX_COMPILATION_CACHE_DIR``), checked as ``train.py`` and ``evaluate.py`` check theirs
+    (``compilation.from_jax_setting``): one warning where it cannot be created or entered
+    (then off) or written (read-only), instead of JAX's warning, with its source line, for
+    every program. For the scripts that compile with JAX, once their flags are checked (it
+    starts JAX's backend: not in ``compare_torch.py`` or ``gpu_suite.py``, whose children
+    need the accelerator)."""
+    cache = compilation.from_jax_setting()
+    cache.announce()
+    with cache.in_use():
+        yield
 
 
 def bad_flag(message: str) -> FlagError:

@@ -461,6 +461,12 @@ def _defaults(user_branch: bool) -> dict[str, int]:
 def main(argv=None) -> None:
     """Times the variants' train steps and appends their table (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     dtype = None if args.dtype == "float32" else jnp.bfloat16
     if args.user_branch:
         return user_branch_main(args, dtype)

@@ -475,6 +475,12 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> None:
     """Profiles each variant's steps and appends the timeline tables (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     heading, run_once, makers, inputs = (drop_path_runners if args.drop_path
                                          else resnet_runners)(args)
     results, source = {}, "none"

@@ -321,6 +321,12 @@ def main(argv=None) -> None:
     """Times the constant-depth step, its stage removals and the skipping variants, and
     appends the analysis (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     variants = args.variants
     rounds = args.rounds or (20 if jax.default_backend() != "cpu" else 4)
     dtype = None if args.dtype == "float32" else jnp.bfloat16

@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 
 import jax
 import ml_collections
@@ -2203,3 +2204,61 @@ def test_suite_figures_name_a_step_table_they_cannot_read():
     lines, epochs = load("suite_figures").lines_of(table)
     assert epochs == [] and len(lines) == 1
     assert lines[0].startswith("(could not read the table 'Train step, CifarResNet-110, ")
+
+
+
+def _under_jax_cache_setting(path, run):
+    """``run()`` with JAX's own cache setting at ``path`` (as JAX_COMPILATION_CACHE_DIR sets
+    it); the warnings it raised about the cache, JAX's setting checked to be restored."""
+    from stochastic_depth_jax.training import compilation
+
+    before = jax.config.jax_compilation_cache_dir or ""
+    compilation.use_cache_dir(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        assert jax.config.jax_compilation_cache_dir == path
+    finally:
+        compilation.use_cache_dir(before)
+    return [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+
+
+def test_profile_step_under_a_jax_cache_that_cannot_be_created_says_it_once(tmp_path):
+    """JAX_COMPILATION_CACHE_DIR under a file (a read-only or missing home): profile_step.py
+    (and bench_drop_path.py, stage_costs.py) printed JAX's warning, with its source line,
+    and went on; train.py, sweep.py and evaluate.py say it in one line and compile without
+    the cache. Now the benchmarks too."""
+    (tmp_path / "file").write_text("")
+    out, bad = tmp_path / "table.md", str(tmp_path / "file" / "cache")
+    said = _under_jax_cache_setting(bad, lambda: load("profile_step").main(
+        ["--depth", "8", "--batch", "2", "--steps", "1", "--variants", "constant", "--out",
+         str(out)]))
+    assert said == [
+        "Persistent compilation cache off: JAX_COMPILATION_CACHE_DIR "
+        f"(jax_compilation_cache_dir): cannot create {bad} (Not a directory); set "
+        "JAX_COMPILATION_CACHE_DIR to a directory this user can write to keep compiled "
+        "programs, or unset it to turn the cache off."]
+    assert "| constant" in out.read_text()
+
+
+@pytest.mark.parametrize("script", ["profile_step", "bench_drop_path", "stage_costs",
+                                    "bench_step", "bench_prune", "bench_data",
+                                    "compact_buckets"])
+def test_every_jax_benchmark_checks_jaxs_cache_setting(script, tmp_path, monkeypatch):
+    """Each benchmark that compiles with JAX measures under JAX's cache setting checked as
+    the trainer's is: a read-only one is one warning, not JAX's for every program it cannot
+    store, and still serves what it holds."""
+    from test_compilation import _unwritable_dir
+
+    module, seen = load(script), []
+
+    def measure(args):  # what the script measures, in short: one compile
+        seen.append(jax.config.jax_compilation_cache_dir)
+        jax.block_until_ready(jax.jit(lambda x: x * 3 + len(seen))(np.float32(1)))
+
+    monkeypatch.setattr(module, "_measure", measure, raising=False)
+    cache = _unwritable_dir(tmp_path)
+    said = _under_jax_cache_setting(cache, lambda: module.main(["--out", ""]))
+    assert seen == [cache]
+    assert [m.split(":")[0] for m in said] == ["Persistent compilation cache read-only"]
