@@ -91,8 +91,10 @@ _EARLIER_RESULTS = ({"checkpoint", "step", "split", "error", "loss", "count"},
 def _check_output(path: str | None, workdir: str) -> None:
     """Refuses an ``--output`` that would replace something other than an earlier result of
     this script (``run.json``, ``summary.json``, any other file), that is in another run's
-    workdir (its results there are that run's), or whose directory does not exist: checked
-    before the work (a depth curve or Monte-Carlo depth of a deep model takes minutes)."""
+    workdir (its results there are that run's), that in the run's own workdir is not a
+    ``.json`` name other than the run's (every other name there is the run's, written yet or
+    not), or whose directory does not exist: checked before the work (a depth curve or
+    Monte-Carlo depth of a deep model takes minutes)."""
     if path is None:
         return
     if not path.strip():  # an unset shell variable: the default path was written, unsaid
@@ -109,13 +111,23 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is in the workdir of another run ({directory}), where a result "
             f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
             "Nothing was written.")
-    if (os.path.basename(path) in (*loop.OWN_FILES, loop.DIVERGED_FILE)
-            and os.path.realpath(directory) == os.path.realpath(workdir)):
+    name, in_the_run = os.path.basename(path), (
+        os.path.realpath(directory) == os.path.realpath(workdir))
+    if in_the_run and name.lower() in {n.lower() for n in (*loop.OWN_FILES, loop.DIVERGED_FILE)}:
         raise errors.WorkdirError(
             f"--output {path} is the name of one of the run's own files (it writes "
             f"{', '.join(loop.OWN_FILES)} there; a sweep, its {loop.DIVERGED_FILE}), which "
             "a result would replace or pass for; "
             "give another name, or leave --output out. Nothing was evaluated.")
+    # The run's own files that are not JSON have names of their kind: the records it sets
+    # aside, the temporary files of its writes, its lock and directories; none ends in .json.
+    if in_the_run and not name.lower().endswith(".json"):
+        raise errors.WorkdirError(
+            f"--output {path}: in the run's workdir a name that does not end in .json is the "
+            "run's, or may become one (its metrics.jsonl, the records it sets aside as "
+            "<file>.dropped, the temporary files of its writes, <file>.tmp-<digits>, which its "
+            f"next start removes, {workdir_lib.LOCK_FILE}, its directories); give a name "
+            "ending in .json, or leave --output out. Nothing was evaluated.")
     if not os.path.lexists(path):
         return
     if os.path.isdir(path):

@@ -667,6 +667,22 @@ def results_path(out: str | None, default_name: str, flag: str = "--out") -> str
     return path
 
 
+def distinct_outputs(*outputs: tuple[str, str | None]) -> None:
+    """Refuses two of a script's outputs, ``(flag, path)`` (``None`` or ``''``: none), that
+    name the same file or directory: a table appended where the ``--json`` medians are then
+    written new failed after the rounds ("a file is in the way"), losing the medians; a
+    drawing or a directory made there replaced or blocked the table. Checked before
+    anything is measured."""
+    seen: dict[str, str] = {}
+    for flag, path in outputs:
+        if not path:
+            continue
+        same = seen.setdefault(os.path.realpath(os.path.expanduser(path)), flag)
+        if same != flag:
+            raise bad_flag(f"{same} and {flag} both name {path}; give each its own path (one "
+                           f"would replace or block the other after the measuring).")
+
+
 def new_file(path: str, flag: str) -> str:
     """``path`` (absolute; ``''`` stays ``''``) for a file written whole: refused if it exists
     (an earlier result is never overwritten) or its directory does not."""

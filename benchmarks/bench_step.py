@@ -449,6 +449,7 @@ def parse_args(argv) -> argparse.Namespace:
             bench_cli.cifar_depth(depth)
     args.out = bench_cli.results_path(args.out, f"step_{jax.default_backend()}.md")
     args.json = bench_cli.new_file(args.json, "--json")
+    bench_cli.distinct_outputs(("--out", args.out), ("--json", args.json))
     return args
 
 

@@ -469,6 +469,7 @@ def parse_args(argv) -> argparse.Namespace:
         raise bench_cli.bad_flag(f"--trace-dir {args.trace_dir}: a file, not a directory; give "
                                  f"a directory (made if missing).")
     args.out = bench_cli.results_path(args.out, f"profile_{jax.default_backend()}.md")
+    bench_cli.distinct_outputs(("--out", args.out), ("--trace-dir", args.trace_dir))
     return args
 
 

@@ -297,6 +297,7 @@ def parse_args(argv) -> argparse.Namespace:
     bench_cli.cifar_depth(args.depth)
     args.out = bench_cli.results_path(args.out, f"stage_costs_{jax.default_backend()}.md")
     args.plot = bench_cli.fresh_file(drawing_path(args.plot), "--plot")
+    bench_cli.distinct_outputs(("--out", args.out), ("--plot", args.plot))
     return args
 
 

@@ -745,6 +745,22 @@ def run_command(module, argv, capsys):
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
     ("profile_step", ["--trace-dir", "{recorded}"], "recorded.md: a file, not a directory"),
     ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
+    # Two outputs at one path: the table appended, then the medians' new file refused there
+    # ("a file is in the way ... use another --workdir"), or the drawing (a directory of
+    # traces, the trainer's cache) made over it, after the measuring.
+    ("bench_step", ["--out", "{tmp}/t.md", "--json", "{tmp}/t.md"],
+     "--out and --json both name {tmp}/t.md; give each its own path"),
+    ("stage_costs", ["--out", "{tmp}/t.png", "--plot", "{tmp}/t.png"],
+     "--out and --plot both name {tmp}/t.png; give each its own path"),
+    ("profile_step", ["--out", "{tmp}/t", "--trace-dir", "{tmp}/t"],
+     "--out and --trace-dir both name {tmp}/t; give each its own path"),
+    ("bench_train", ["--out", "{tmp}/t.md", "--cache-dir", "{tmp}/t.md"],
+     "--out and --cache-dir both name {tmp}/t.md; give each its own path"),
+    ("bench_train", ["--images-dir", "{tmp}/i", "--cache-dir", "{tmp}/i"],
+     "--images-dir and --cache-dir both name {tmp}/i; give each its own path"),
+    ("compare_torch", ["--torch-python", sys.executable, "--out", "{tmp}/t.md", "--step-out",
+                       "{tmp}/t.md"],
+     "--out and --step-out both name {tmp}/t.md; give each its own path"),
     # implementation='loop' where no stage is scanned: the model refuses it (a traceback;
     # bench_train.py's after training the variants before it, whose table was lost).
     ("bench_step", ["--depth", "20", "--variants", "constant,loop"],
@@ -769,8 +785,8 @@ def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_pa
     out = [] if "--out" in argv or module == "gpu_suite" else ["--out", str(recorded)]
     status, err = run_command(module, argv + out, capsys)
     assert status == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    assert message in err[0]
-    assert recorded.read_text() == RECORDED
+    assert message.format(tmp=tmp_path) in err[0]
+    assert recorded.read_text() == RECORDED and sorted(os.listdir(tmp_path)) == ["recorded.md"]
 
 
 def test_gpu_suite_asks_a_child_for_the_backend():

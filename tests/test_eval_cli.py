@@ -1013,6 +1013,35 @@ def test_an_empty_output_is_refused(capsys, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl.dropped", "validation.jsonl.dropped",
+                                  "summary.json.tmp-0123456789ab", "run.lock", "notes.txt",
+                                  "tensorboard"])
+def test_output_in_the_workdir_is_a_json_name_other_than_the_runs(capsys, resnet, name):
+    """--output <workdir>/metrics.jsonl.dropped (the run's record of the metrics a restart
+    set aside, which it appends to), a temporary file's name (removed by the run's next
+    start), run.lock, ...: accepted, as only the run's listed files were refused. In the
+    run's workdir every name that is not a .json one is the run's, or may become one."""
+    _, workdir = resnet
+    path = os.path.join(workdir, name)
+    before = _files(workdir)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+    assert line.startswith(f"error: --output {path}: in the run's workdir a name that does "
+                           "not end in .json is the run's, or may become one")
+    assert line.endswith("give a name ending in .json, or leave --output out. Nothing was "
+                         "evaluated.")
+    assert _files(workdir) == before
+
+
+def test_output_in_the_workdir_may_be_any_other_json_name(resnet):
+    _, workdir = resnet
+    path = os.path.join(workdir, "mine.json")
+    try:
+        evaluate_cli.main(["--workdir", workdir, "--output", path])
+        assert _json(path)["split"] == "test"
+    finally:
+        os.remove(path)
+
+
 def test_output_never_replaces_a_sweep_s_diverged_record(capsys, tmp_path):
     """--output <run>/diverged.json was accepted: the evaluation's JSON replaced the sweep's
     record that the run diverged (its rerun then trained the run again), or, written before
