@@ -21,9 +21,10 @@ benchmarks), by the same rules; what they decide is said once, where the work st
 cannot be created, or that this user cannot enter (mode 600), is one error naming the field
 where the user gave the path, and the cache off, said in one warning, for ``'auto'``, a
 run's record and JAX's setting: a read-only or missing home directory must not stop a run
-that never asked for the cache. A directory that exists but cannot be written (another user's, a read-only mount, a
-cache shared read-only) is used to load programs, said in one warning; JAX's own warning for
-each program it then cannot store is dropped (:func:`cache_dir_in_use`). A new default
+that never asked for the cache. A directory that exists but cannot be written (another
+user's, a read-only mount, a cache shared read-only) is used to load programs, said in one
+warning; JAX's own warning for each program it then cannot store is dropped
+(:func:`cache_dir_in_use`). A new default
 directory (a jaxlib upgrade) names the other jaxlib versions' directories beside it, with
 their sizes, once: no run of this jaxlib reads them again, but another environment or
 machine may, so they are not deleted.
