@@ -470,6 +470,13 @@ def parse_args(argv) -> argparse.Namespace:
                                  f"a directory (made if missing).")
     args.out = bench_cli.results_path(args.out, f"profile_{jax.default_backend()}.md")
     bench_cli.distinct_outputs(("--out", args.out), ("--trace-dir", args.trace_dir))
+    if args.trace_dir:  # the profiler's error came once the first variant was profiled
+        try:
+            os.makedirs(args.trace_dir, exist_ok=True)
+        except OSError as e:
+            raise bench_cli.bad_flag(f"--trace-dir {args.trace_dir}: cannot create it "
+                                     f"({e.strerror or e}); give a directory this user can "
+                                     f"write (made if missing).") from None
     return args
 
 

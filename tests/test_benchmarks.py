@@ -744,7 +744,13 @@ def run_command(module, argv, capsys):
     ("compact_buckets", ["--final-survival", "1"], "--final-survival 1.0: p_L in (0, 1) (at 1,"),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
     ("profile_step", ["--trace-dir", "{recorded}"], "recorded.md: a file, not a directory"),
+    # The profiler's traceback, once the first variant had compiled and run.
+    ("profile_step", ["--trace-dir", "{recorded}/traces"],
+     "recorded.md/traces: cannot create it (Not a directory); give a directory"),
     ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
+    # After the backend's and the parts' checks: "... use another --workdir".
+    ("gpu_suite", ["--out-dir", "{recorded}/tables"],
+     "--out-dir {recorded}/tables: {recorded} is a file, not a directory; give a directory"),
     # Two outputs at one path: the table appended, then the medians' new file refused there
     # ("a file is in the way ... use another --workdir"), or the drawing (a directory of
     # traces, the trainer's cache) made over it, after the measuring.
@@ -785,7 +791,7 @@ def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_pa
     out = [] if "--out" in argv or module == "gpu_suite" else ["--out", str(recorded)]
     status, err = run_command(module, argv + out, capsys)
     assert status == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    assert message.format(tmp=tmp_path) in err[0]
+    assert message.format(tmp=tmp_path, recorded=recorded) in err[0]
     assert recorded.read_text() == RECORDED and sorted(os.listdir(tmp_path)) == ["recorded.md"]
 
 
