@@ -295,6 +295,21 @@ def test_an_evaluation_uses_the_cache_the_run_used(monkeypatch, resnet, tmp_path
     assert not [w for w in caught if "compilation cache" in str(w.message)]
 
 
+def test_a_recorded_relative_cache_path_is_not_made_where_the_evaluation_runs(
+        monkeypatch, resnet, tmp_path):
+    """A run trained with compilation_cache_dir=<relative path> names a directory relative
+    to where it started, which run.json does not say: evaluated from elsewhere, it is not
+    made there (JAX's own setting applies, as for a run that recorded none)."""
+    workdir = _copy_recording(resnet[1], tmp_path, "rel_cache")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    seen, said = _evaluate_under_jaxs_cache_setting(monkeypatch, workdir,
+                                                    str(tmp_path / "jax_cache"),
+                                                    str(tmp_path / "result.json"))
+    assert seen == [str(tmp_path / "jax_cache")] and said == []
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
 def test_a_recorded_cache_that_cannot_be_created_is_off_with_one_warning(resnet, tmp_path,
                                                                         capsys):
     """The run's cache path, now under a file (a moved or unmounted disk): the evaluation

@@ -225,9 +225,11 @@ def for_recorded_run(setting: str | None, environ: Any = os.environ) -> Cache:
     again on every call. As :func:`choose`, except that a recorded path that cannot be
     created or entered (now) is off with one warning, not an error: the record is not the
     user's to change there. ``None`` (no ``run.json`` to read it from, which the evaluation
-    then reports): JAX's own setting (:func:`from_jax_setting`). Call once the job's
-    processes have joined."""
-    if setting is None:
+    then reports) or a relative path (relative to where the run started, which the record
+    does not say: from elsewhere it would make a stray empty directory): JAX's own setting
+    (:func:`from_jax_setting`). Call once the job's processes have joined."""
+    if setting is None or (setting not in ("", "auto") and not _remote(setting)
+                           and not os.path.isabs(os.path.expanduser(setting))):
         return from_jax_setting()
     return choose(setting, environ, recorded=True)
 
