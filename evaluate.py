@@ -193,10 +193,10 @@ def run(args) -> dict:
     distributed.initialize(**job)
     if distributed.is_primary():
         _remove_abandoned(args.workdir, args.output)
-    # The cache the run used (its recorded compilation_cache_dir), so that its programs
-    # load instead of compiling again on every call:
-    # off for a job that must not use it or where it cannot be used, read-only said once;
-    # on stderr, as stdout is the JSON alone (evaluate.py ... | jq).
+    # The cache the run used (its recorded compilation_cache_dir), so that the programs
+    # load instead of compiling again on every call: off for a job that must not use it or
+    # where it cannot be used, read-only said once; on stderr, as stdout is the JSON alone
+    # (evaluate.py ... | jq).
     cache = compilation.for_recorded_run(_recorded_cache_setting(args.workdir))
     cache.announce(sys.stderr)
     with cache.in_use():

@@ -24,10 +24,9 @@ run's record and JAX's setting: a read-only or missing home directory must not s
 that never asked for the cache. A directory that exists but cannot be written (another
 user's, a read-only mount, a cache shared read-only) is used to load programs, said in one
 warning; JAX's own warning for each program it then cannot store is dropped
-(:func:`cache_dir_in_use`). A new default
-directory (a jaxlib upgrade) names the other jaxlib versions' directories beside it, with
-their sizes, once: no run of this jaxlib reads them again, but another environment or
-machine may, so they are not deleted.
+(:func:`cache_dir_in_use`). A new default directory (a jaxlib upgrade) names the other
+jaxlib versions' directories beside it, with their sizes, once: no run of this jaxlib reads
+them again, but another environment or machine may, so they are not deleted.
 
 JAX caches only programs that took at least ``jax_persistent_cache_min_compile_time_secs``
 (default 1 s) to compile. The cache is trusted code: do not share its directory with users
