@@ -91,8 +91,10 @@ _EARLIER_RESULTS = ({"checkpoint", "step", "split", "error", "loss", "count"},
 def _check_output(path: str | None, workdir: str) -> None:
     """Refuses an ``--output`` that would replace something other than an earlier result of
     this script (``run.json``, ``summary.json``, any other file), that is in another run's
-    workdir (its results there are that run's), or whose directory does not exist: checked
-    before the work (a depth curve or Monte-Carlo depth of a deep model takes minutes)."""
+    workdir (its results there are that run's), that in the run's own workdir is not a
+    ``.json`` name other than the run's (every other name there is the run's, written yet or
+    not), or whose directory does not exist: checked before the work (a depth curve or
+    Monte-Carlo depth of a deep model takes minutes)."""
     if path is None:
         return
     if not path.strip():  # an unset shell variable: the default path was written, unsaid
@@ -109,13 +111,23 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is in the workdir of another run ({directory}), where a result "
             f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
             "Nothing was written.")
-    if (os.path.basename(path) in (*loop.OWN_FILES, loop.DIVERGED_FILE)
-            and os.path.realpath(directory) == os.path.realpath(workdir)):
+    name, in_the_run = os.path.basename(path), (
+        os.path.realpath(directory) == os.path.realpath(workdir))
+    if in_the_run and name.lower() in {n.lower() for n in (*loop.OWN_FILES, loop.DIVERGED_FILE)}:
         raise errors.WorkdirError(
             f"--output {path} is the name of one of the run's own files (it writes "
             f"{', '.join(loop.OWN_FILES)} there; a sweep, its {loop.DIVERGED_FILE}), which "
             "a result would replace or pass for; "
             "give another name, or leave --output out. Nothing was evaluated.")
+    # The run's own files that are not JSON have names of their kind: the records it sets
+    # aside, the temporary files of its writes, its lock and directories; none ends in .json.
+    if in_the_run and not name.lower().endswith(".json"):
+        raise errors.WorkdirError(
+            f"--output {path}: in the run's workdir a name that does not end in .json is the "
+            "run's, or may become one (its metrics.jsonl, the records it sets aside as "
+            "<file>.dropped, the temporary files of its writes, <file>.tmp-<digits>, which its "
+            f"next start removes, {workdir_lib.LOCK_FILE}, its directories); give a name "
+            "ending in .json, or leave --output out. Nothing was evaluated.")
     if not os.path.lexists(path):
         return
     if os.path.isdir(path):
@@ -181,13 +193,25 @@ def run(args) -> dict:
     distributed.initialize(**job)
     if distributed.is_primary():
         _remove_abandoned(args.workdir, args.output)
-    # JAX's own setting (JAX_COMPILATION_CACHE_DIR), as a run's is checked: off for a job
-    # that must not use it or where it cannot be used, read-only said once; on stderr, as
-    # stdout is the JSON alone (evaluate.py ... | jq).
-    cache = compilation.from_jax_setting()
+    # The cache the run used (its recorded compilation_cache_dir), so that the programs
+    # load instead of compiling again on every call: off for a job that must not use it or
+    # where it cannot be used, read-only said once; on stderr, as stdout is the JSON alone
+    # (evaluate.py ... | jq).
+    cache = compilation.for_recorded_run(_recorded_cache_setting(args.workdir))
     cache.announce(sys.stderr)
     with cache.in_use():
         return _evaluate(args)
+
+
+def _recorded_cache_setting(workdir: str) -> str | None:
+    """The ``compilation_cache_dir`` that ``workdir``'s run.json records; None where it
+    records none or cannot be read (the evaluation then says what is wrong with it)."""
+    try:
+        meta = evaluate_lib.read_run_json(workdir)
+    except errors.Error:
+        return None
+    setting = (meta or {}).get("config", {}).get("compilation_cache_dir")
+    return setting if isinstance(setting, str) else None
 
 
 def _evaluate(args) -> dict:

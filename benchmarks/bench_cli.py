@@ -89,9 +89,9 @@ _BEFORE_START = _started_as_a_benchmark()
 
 try:
     from stochastic_depth_jax import errors
-    from stochastic_depth_jax.training import cli, stopping
+    from stochastic_depth_jax.training import cli, compilation, stopping
 except ImportError:  # an environment with PyTorch only (bench_torch.py)
-    errors = cli = stopping = None
+    errors = cli = compilation = stopping = None
 
 RESULTS = os.path.join(HERE, "results")
 TORCH_MISSING = ("PyTorch is not installed in this Python. It is optional (only "
@@ -567,6 +567,21 @@ def argument_parser(**kwargs) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(allow_abbrev=False, **kwargs)
 
 
+@contextlib.contextmanager
+def jax_cache() -> Iterator[None]:
+    """Runs the block under JAX's own persistent compilation cache
+    (``JAX_COMPILATION_CACHE_DIR``), checked as ``train.py`` and ``evaluate.py`` check theirs
+    (``compilation.from_jax_setting``): one warning where it cannot be created or entered
+    (then off) or written (read-only), instead of JAX's warning, with its source line, for
+    every program. For the scripts that compile with JAX, once their flags are checked (it
+    starts JAX's backend: not in ``compare_torch.py`` or ``gpu_suite.py``, whose children
+    need the accelerator)."""
+    cache = compilation.from_jax_setting()
+    cache.announce()
+    with cache.in_use():
+        yield
+
+
 def bad_flag(message: str) -> FlagError:
     """The error of a flag a user gave wrong (``message`` names the flag, value and fix)."""
     return FlagError(message)
@@ -650,6 +665,22 @@ def results_path(out: str | None, default_name: str, flag: str = "--out") -> str
     if not existed:
         os.remove(path)
     return path
+
+
+def distinct_outputs(*outputs: tuple[str, str | None]) -> None:
+    """Refuses two of a script's outputs, ``(flag, path)`` (``None`` or ``''``: none), that
+    name the same file or directory: a table appended where the ``--json`` medians are then
+    written new failed after the rounds ("a file is in the way"), losing the medians; a
+    drawing or a directory made there replaced or blocked the table. Checked before
+    anything is measured."""
+    seen: dict[str, str] = {}
+    for flag, path in outputs:
+        if not path:
+            continue
+        same = seen.setdefault(os.path.realpath(os.path.expanduser(path)), flag)
+        if same != flag:
+            raise bad_flag(f"{same} and {flag} both name {path}; give each its own path (one "
+                           f"would replace or block the other after the measuring).")
 
 
 def new_file(path: str, flag: str) -> str:

@@ -136,6 +136,12 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None):
     """Times placing, loading and batching CIFAR-sized data; appends the table."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args):
+    """:func:`main`'s work, once its flags are checked."""
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     split, dev, place_s = bench_placement(mesh)
     mean, std = data.splits.channel_stats(split)

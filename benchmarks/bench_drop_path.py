@@ -224,6 +224,12 @@ def _check(args) -> None:
 def main(argv=None) -> None:
     """Times each drop-path variant's train step and appends the table (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     rates = args.rates
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (args.batch, args.image, args.image, 3), jnp.float32)

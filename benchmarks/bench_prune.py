@@ -74,7 +74,12 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None):
     """Times the pruned models' inference and appends the table (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
 
+
+def _measure(args):
+    """:func:`main`'s work, once its flags are checked."""
     model = CifarResNet(depth=args.depth, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (args.batch, 32, 32, 3))
     variables = model.init({"params": jax.random.key(1)}, x[:1], train=False)

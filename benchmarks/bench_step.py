@@ -449,6 +449,7 @@ def parse_args(argv) -> argparse.Namespace:
             bench_cli.cifar_depth(depth)
     args.out = bench_cli.results_path(args.out, f"step_{jax.default_backend()}.md")
     args.json = bench_cli.new_file(args.json, "--json")
+    bench_cli.distinct_outputs(("--out", args.out), ("--json", args.json))
     return args
 
 
@@ -461,6 +462,12 @@ def _defaults(user_branch: bool) -> dict[str, int]:
 def main(argv=None) -> None:
     """Times the variants' train steps and appends their table (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     dtype = None if args.dtype == "float32" else jnp.bfloat16
     if args.user_branch:
         return user_branch_main(args, dtype)

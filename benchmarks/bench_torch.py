@@ -472,6 +472,7 @@ def parse_args(argv) -> argparse.Namespace:
     args.out = bench_cli.results_path(
         args.out, f"torch_epochs_{device}.md" if args.whole_epochs else f"torch_{device}.md")
     args.json = bench_cli.new_file(args.json, "--json")
+    bench_cli.distinct_outputs(("--out", args.out), ("--json", args.json))
     return args
 
 

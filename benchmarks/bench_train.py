@@ -611,6 +611,8 @@ def parse_args(argv) -> argparse.Namespace:
                                      f"{jax.device_count()} devices; use a multiple of "
                                      f"{jax.device_count()}.")
     args.out = bench_cli.results_path(args.out, "train.md")
+    bench_cli.distinct_outputs(("--out", args.out), ("--images-dir", args.images_dir),
+                               ("--cache-dir", args.cache_dir))
     return args
 
 

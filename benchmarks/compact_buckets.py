@@ -145,6 +145,12 @@ def table(args, model, gates, rows, marks) -> str:
 def main(argv=None) -> None:
     """Counts each granularity's programs and padding; appends the table."""
     args = parse_args(argv)
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     model = CifarResNet(depth=args.depth, num_classes=10, final_survival_prob=args.final_survival)
     marks = checkpoints(args.epochs)
     gates = draw_all(model, args.seed, args.epochs * args.steps_per_epoch)

@@ -144,6 +144,7 @@ def parse_args(argv) -> argparse.Namespace:
     backend = bench_cli.child_backend()  # JAX here would take the GPU from bench_step.py
     args.out = bench_cli.results_path(args.out, f"vs_torch_{backend}.md")
     args.step_out = bench_cli.results_path(args.step_out, f"step_{backend}.md", "--step-out")
+    bench_cli.distinct_outputs(("--out", args.out), ("--step-out", args.step_out))
     _check_torch(args.torch_python)
     return args
 

@@ -293,11 +293,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  f"do not go among the recorded ones (in or under "
                                  f"benchmarks/results); give a directory elsewhere or leave "
                                  f"--out-dir out (a new temporary one).")
+    in_the_way = args.out_dir and _file_in_the_way(args.out_dir)
+    if in_the_way:  # found once the checks had run: "use another --workdir"
+        raise bench_cli.bad_flag(f"--out-dir {args.out_dir}: {in_the_way} is a file, not a "
+                                 f"directory; give a directory (made if missing).")
     if os.sep in args.torch_python:  # a bare name ('python3') is looked up on PATH
         args.torch_python = os.path.abspath(args.torch_python)
     if args.budget <= 0:
         raise bench_cli.bad_flag(f"--budget {args.budget:g}: seconds, more than 0.")
     return args
+
+
+def _file_in_the_way(path: str) -> str | None:
+    """The file at ``path``, or at the first of its parents that exists, where that is not
+    a directory (``path`` cannot be made); None where it can."""
+    while path and not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if not os.path.exists(path) or os.path.isdir(path) else path
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -469,12 +469,26 @@ def parse_args(argv) -> argparse.Namespace:
         raise bench_cli.bad_flag(f"--trace-dir {args.trace_dir}: a file, not a directory; give "
                                  f"a directory (made if missing).")
     args.out = bench_cli.results_path(args.out, f"profile_{jax.default_backend()}.md")
+    bench_cli.distinct_outputs(("--out", args.out), ("--trace-dir", args.trace_dir))
+    if args.trace_dir:  # the profiler's error came once the first variant was profiled
+        try:
+            os.makedirs(args.trace_dir, exist_ok=True)
+        except OSError as e:
+            raise bench_cli.bad_flag(f"--trace-dir {args.trace_dir}: cannot create it "
+                                     f"({e.strerror or e}); give a directory this user can "
+                                     f"write (made if missing).") from None
     return args
 
 
 def main(argv=None) -> None:
     """Profiles each variant's steps and appends the timeline tables (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     heading, run_once, makers, inputs = (drop_path_runners if args.drop_path
                                          else resnet_runners)(args)
     results, source = {}, "none"

@@ -297,6 +297,7 @@ def parse_args(argv) -> argparse.Namespace:
     bench_cli.cifar_depth(args.depth)
     args.out = bench_cli.results_path(args.out, f"stage_costs_{jax.default_backend()}.md")
     args.plot = bench_cli.fresh_file(drawing_path(args.plot), "--plot")
+    bench_cli.distinct_outputs(("--out", args.out), ("--plot", args.plot))
     return args
 
 
@@ -321,6 +322,12 @@ def main(argv=None) -> None:
     """Times the constant-depth step, its stage removals and the skipping variants, and
     appends the analysis (see the module's doc)."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    with bench_cli.jax_cache():  # JAX_COMPILATION_CACHE_DIR, checked as train.py's cache
+        return _measure(args)
+
+
+def _measure(args) -> None:
+    """:func:`main`'s work, once its flags are checked."""
     variants = args.variants
     rounds = args.rounds or (20 if jax.default_backend() != "cpu" else 4)
     dtype = None if args.dtype == "float32" else jnp.bfloat16

@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 
 import jax
 import ml_collections
@@ -744,7 +745,29 @@ def run_command(module, argv, capsys):
     ("compact_buckets", ["--final-survival", "1"], "--final-survival 1.0: p_L in (0, 1) (at 1,"),
     ("bench_data", ["--out", "{tmp}/missing/data.md"], "missing does not exist; create it"),
     ("profile_step", ["--trace-dir", "{recorded}"], "recorded.md: a file, not a directory"),
+    # The profiler's traceback, once the first variant had compiled and run.
+    ("profile_step", ["--trace-dir", "{recorded}/traces"],
+     "recorded.md/traces: cannot create it (Not a directory); give a directory"),
     ("gpu_suite", ["--parts", "user-branch"], "JAX's backend here is cpu, not gpu"),
+    # After the backend's and the parts' checks: "... use another --workdir".
+    ("gpu_suite", ["--out-dir", "{recorded}/tables"],
+     "--out-dir {recorded}/tables: {recorded} is a file, not a directory; give a directory"),
+    # Two outputs at one path: the table appended, then the medians' new file refused there
+    # ("a file is in the way ... use another --workdir"), or the drawing (a directory of
+    # traces, the trainer's cache) made over it, after the measuring.
+    ("bench_step", ["--out", "{tmp}/t.md", "--json", "{tmp}/t.md"],
+     "--out and --json both name {tmp}/t.md; give each its own path"),
+    ("stage_costs", ["--out", "{tmp}/t.png", "--plot", "{tmp}/t.png"],
+     "--out and --plot both name {tmp}/t.png; give each its own path"),
+    ("profile_step", ["--out", "{tmp}/t", "--trace-dir", "{tmp}/t"],
+     "--out and --trace-dir both name {tmp}/t; give each its own path"),
+    ("bench_train", ["--out", "{tmp}/t.md", "--cache-dir", "{tmp}/t.md"],
+     "--out and --cache-dir both name {tmp}/t.md; give each its own path"),
+    ("bench_train", ["--images-dir", "{tmp}/i", "--cache-dir", "{tmp}/i"],
+     "--images-dir and --cache-dir both name {tmp}/i; give each its own path"),
+    ("compare_torch", ["--torch-python", sys.executable, "--out", "{tmp}/t.md", "--step-out",
+                       "{tmp}/t.md"],
+     "--out and --step-out both name {tmp}/t.md; give each its own path"),
     # implementation='loop' where no stage is scanned: the model refuses it (a traceback;
     # bench_train.py's after training the variants before it, whose table was lost).
     ("bench_step", ["--depth", "20", "--variants", "constant,loop"],
@@ -769,8 +792,8 @@ def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_pa
     out = [] if "--out" in argv or module == "gpu_suite" else ["--out", str(recorded)]
     status, err = run_command(module, argv + out, capsys)
     assert status == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    assert message in err[0]
-    assert recorded.read_text() == RECORDED
+    assert message.format(tmp=tmp_path, recorded=recorded) in err[0]
+    assert recorded.read_text() == RECORDED and sorted(os.listdir(tmp_path)) == ["recorded.md"]
 
 
 def test_gpu_suite_asks_a_child_for_the_backend():
@@ -2204,3 +2227,61 @@ def test_suite_figures_name_a_step_table_they_cannot_read():
     lines, epochs = load("suite_figures").lines_of(table)
     assert epochs == [] and len(lines) == 1
     assert lines[0].startswith("(could not read the table 'Train step, CifarResNet-110, ")
+
+
+
+def _under_jax_cache_setting(path, run):
+    """``run()`` with JAX's own cache setting at ``path`` (as JAX_COMPILATION_CACHE_DIR sets
+    it); the warnings it raised about the cache, JAX's setting checked to be restored."""
+    from stochastic_depth_jax.training import compilation
+
+    before = jax.config.jax_compilation_cache_dir or ""
+    compilation.use_cache_dir(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        assert jax.config.jax_compilation_cache_dir == path
+    finally:
+        compilation.use_cache_dir(before)
+    return [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+
+
+def test_profile_step_under_a_jax_cache_that_cannot_be_created_says_it_once(tmp_path):
+    """JAX_COMPILATION_CACHE_DIR under a file (a read-only or missing home): profile_step.py
+    (and bench_drop_path.py, stage_costs.py) printed JAX's warning, with its source line,
+    and went on; train.py, sweep.py and evaluate.py say it in one line and compile without
+    the cache. Now the benchmarks too."""
+    (tmp_path / "file").write_text("")
+    out, bad = tmp_path / "table.md", str(tmp_path / "file" / "cache")
+    said = _under_jax_cache_setting(bad, lambda: load("profile_step").main(
+        ["--depth", "8", "--batch", "2", "--steps", "1", "--variants", "constant", "--out",
+         str(out)]))
+    assert said == [
+        "Persistent compilation cache off: JAX_COMPILATION_CACHE_DIR "
+        f"(jax_compilation_cache_dir): cannot create {bad} (Not a directory); set "
+        "JAX_COMPILATION_CACHE_DIR to a directory this user can write to keep compiled "
+        "programs, or unset it to turn the cache off."]
+    assert "| constant" in out.read_text()
+
+
+@pytest.mark.parametrize("script", ["profile_step", "bench_drop_path", "stage_costs",
+                                    "bench_step", "bench_prune", "bench_data",
+                                    "compact_buckets"])
+def test_every_jax_benchmark_checks_jaxs_cache_setting(script, tmp_path, monkeypatch):
+    """Each benchmark that compiles with JAX measures under JAX's cache setting checked as
+    the trainer's is: a read-only one is one warning, not JAX's for every program it cannot
+    store, and still serves what it holds."""
+    from test_compilation import _unwritable_dir
+
+    module, seen = load(script), []
+
+    def measure(args):  # what the script measures, in short: one compile
+        seen.append(jax.config.jax_compilation_cache_dir)
+        jax.block_until_ready(jax.jit(lambda x: x * 3 + len(seen))(np.float32(1)))
+
+    monkeypatch.setattr(module, "_measure", measure, raising=False)
+    cache = _unwritable_dir(tmp_path)
+    said = _under_jax_cache_setting(cache, lambda: module.main(["--out", ""]))
+    assert seen == [cache]
+    assert [m.split(":")[0] for m in said] == ["Persistent compilation cache read-only"]

@@ -182,9 +182,10 @@ def test_only_process_0_prints_and_writes(monkeypatch, capsys, resnet, tmp_path)
 
 
 def _evaluate_under_jaxs_cache_setting(monkeypatch, workdir, setting, out):
-    """evaluate.py's main with JAX's own setting at ``setting`` (as JAX_COMPILATION_CACHE_DIR
-    sets it, uncreated): ``(the setting while it evaluated, every warning it raised)``,
-    the session's setting restored afterwards."""
+    """evaluate.py's main with JAX_COMPILATION_CACHE_DIR at ``setting`` (uncreated; JAX's own
+    setting likewise, as JAX reads the variable), which a run recorded with
+    compilation_cache_dir='auto' uses: ``(the setting while it evaluated, every warning it
+    raised)``, the session's setting restored afterwards."""
     from stochastic_depth_jax.training import compilation, evaluate
 
     seen, evaluate_checkpoint = [], evaluate.evaluate_checkpoint
@@ -197,6 +198,7 @@ def _evaluate_under_jaxs_cache_setting(monkeypatch, workdir, setting, out):
     before = jax.config.jax_compilation_cache_dir or ""
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # every program
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", setting)
     jax.config.update("jax_compilation_cache_dir", setting)  # not created, as the variable
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -240,8 +242,7 @@ def test_a_read_only_jax_cache_setting_is_said_once(monkeypatch, resnet, tmp_pat
         f"Persistent compilation cache read-only: cannot write to {cache}"]
     assert said[0].endswith("; programs found there are loaded, the others compiled and not "
                             "kept; set JAX_COMPILATION_CACHE_DIR to a directory this user can "
-                            "write to keep compiled programs, or unset it to turn the "
-                            "cache off.")
+                            "write to keep compiled programs.")
 
 
 def test_a_jax_cache_setting_that_cannot_be_created_is_off_and_said_once(monkeypatch, resnet,
@@ -254,10 +255,77 @@ def test_a_jax_cache_setting_that_cannot_be_created_is_off_and_said_once(monkeyp
                                                     str(tmp_path / "result.json"))
     assert seen == [None]
     assert said == [
-        "Persistent compilation cache off: JAX_COMPILATION_CACHE_DIR "
-        f"(jax_compilation_cache_dir): cannot create {cache} (Not a directory); set "
+        "Persistent compilation cache off: JAX_COMPILATION_CACHE_DIR (which "
+        f"compilation_cache_dir='auto' uses): cannot create {cache} (Not a directory); set "
         "JAX_COMPILATION_CACHE_DIR to a directory this user can write to keep compiled "
-        "programs, or unset it to turn the cache off."]
+        "programs."]
+
+
+def _copy_recording(workdir, tmp_path, setting):
+    """A copy of the run ``workdir`` whose run.json records compilation_cache_dir=``setting``."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    meta = _json(os.path.join(copy, "run.json"))
+    meta["config"]["compilation_cache_dir"] = setting
+    with open(os.path.join(copy, "run.json"), "w") as f:
+        json.dump(meta, f)
+    return copy
+
+
+@pytest.mark.parametrize("flags", [[], ["--depth-curve", "--order", "survival"]],
+                         ids=["plain", "depth-curve"])
+def test_an_evaluation_uses_the_cache_the_run_used(monkeypatch, resnet, tmp_path, flags):
+    """A run trained with compilation_cache_dir=<path> was evaluated under JAX's own setting
+    (JAX_COMPILATION_CACHE_DIR, else no cache): every call, a depth curve's too, compiled
+    its programs again. It uses the run's cache now, and leaves JAX's setting as it was."""
+    from stochastic_depth_jax.training import compilation
+
+    cache = str(tmp_path / "runs_cache")
+    workdir = _copy_recording(resnet[1], tmp_path, cache)
+    seen = []
+    use = compilation.use_cache_dir
+    monkeypatch.setattr(compilation, "use_cache_dir",
+                        lambda path: (seen.append(path), use(path))[1])
+    before = jax.config.jax_compilation_cache_dir
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate_cli.main(["--workdir", workdir, "--output", str(tmp_path / "r.json"), *flags])
+    assert seen[0] == cache and os.path.isdir(cache)
+    assert jax.config.jax_compilation_cache_dir == before
+    assert not [w for w in caught if "compilation cache" in str(w.message)]
+
+
+def test_a_recorded_relative_cache_path_is_not_made_where_the_evaluation_runs(
+        monkeypatch, resnet, tmp_path):
+    """A run trained with compilation_cache_dir=<relative path> names a directory relative
+    to where it started, which run.json does not say: evaluated from elsewhere, it is not
+    made there (JAX's own setting applies, as for a run that recorded none)."""
+    workdir = _copy_recording(resnet[1], tmp_path, "rel_cache")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    seen, said = _evaluate_under_jaxs_cache_setting(monkeypatch, workdir,
+                                                    str(tmp_path / "jax_cache"),
+                                                    str(tmp_path / "result.json"))
+    assert seen == [str(tmp_path / "jax_cache")] and said == []
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_a_recorded_cache_that_cannot_be_created_is_off_with_one_warning(resnet, tmp_path,
+                                                                        capsys):
+    """The run's cache path, now under a file (a moved or unmounted disk): the evaluation
+    runs without the cache and says why in one line on stderr (a path given to train.py is
+    an error there; here no flag can change the run's record)."""
+    (tmp_path / "file").write_text("")
+    cache = str(tmp_path / "file" / "cache")
+    workdir = _copy_recording(resnet[1], tmp_path, cache)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate_cli.main(["--workdir", workdir, "--output", str(tmp_path / "r.json")])
+    assert json.loads(capsys.readouterr().out)["count"] == 16
+    assert [str(w.message) for w in caught if "compilation cache" in str(w.message)] == [
+        f"Persistent compilation cache off: compilation_cache_dir={cache!r} (the run's "
+        f"setting): cannot create {cache} (Not a directory); make it a directory this user "
+        "can write to keep compiled programs."]
 
 
 def test_mc_samples_writes_its_file_named_by_its_seed(resnet):
@@ -958,6 +1026,35 @@ def test_an_empty_output_is_refused(capsys, tmp_path):
     assert line == ("error: --output is empty (an unset shell variable?); give a JSON path, or "
                     "leave the flag out for the default in the workdir.")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl.dropped", "validation.jsonl.dropped",
+                                  "summary.json.tmp-0123456789ab", "run.lock", "notes.txt",
+                                  "tensorboard"])
+def test_output_in_the_workdir_is_a_json_name_other_than_the_runs(capsys, resnet, name):
+    """--output <workdir>/metrics.jsonl.dropped (the run's record of the metrics a restart
+    set aside, which it appends to), a temporary file's name (removed by the run's next
+    start), run.lock, ...: accepted, as only the run's listed files were refused. In the
+    run's workdir every name that is not a .json one is the run's, or may become one."""
+    _, workdir = resnet
+    path = os.path.join(workdir, name)
+    before = _files(workdir)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+    assert line.startswith(f"error: --output {path}: in the run's workdir a name that does "
+                           "not end in .json is the run's, or may become one")
+    assert line.endswith("give a name ending in .json, or leave --output out. Nothing was "
+                         "evaluated.")
+    assert _files(workdir) == before
+
+
+def test_output_in_the_workdir_may_be_any_other_json_name(resnet):
+    _, workdir = resnet
+    path = os.path.join(workdir, "mine.json")
+    try:
+        evaluate_cli.main(["--workdir", workdir, "--output", path])
+        assert _json(path)["split"] == "test"
+    finally:
+        os.remove(path)
 
 
 def test_output_never_replaces_a_sweep_s_diverged_record(capsys, tmp_path):

@@ -1150,3 +1150,27 @@ def test_every_fix_naming_workdir_is_said_in_the_sweep_s_words():
             left = left.replace(allowed, "")
         assert "--workdir" not in left, (path, text)
     assert checked >= 15  # the texts were found
+
+
+def test_a_sweep_warns_about_its_read_only_cache_once(tmp_path, monkeypatch):
+    """Every run of a sweep repeated the warning that the compilation cache they share is
+    read-only (or off): once per run, between each run's own lines. Now once per sweep."""
+    from test_compilation import _unwritable_dir
+
+    def announce_only(config, workdir, announce=lambda: None):  # the run's own steps, bare
+        announce()
+        return {}, False
+
+    monkeypatch.setattr(loop, "_train_and_evaluate", announce_only)
+    cache = _unwritable_dir(tmp_path)
+    runs = [(name, load_config("cifar10:smoke", extra + [
+        f"--config.compilation_cache_dir={cache}"])) for name, extra in sweep.plan([8], [0.5, 1])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sweep.run_sweep(runs, str(tmp_path / "runs"))
+    said = [str(w.message) for w in caught if "compilation cache" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("Persistent compilation cache read-only")
+    with warnings.catch_warnings(record=True) as caught:  # a sweep's, not the session's
+        warnings.simplefilter("always")
+        loop.train_and_evaluate(runs[0][1], str(tmp_path / "alone"))
+    assert [str(w.message) for w in caught if "compilation cache" in str(w.message)] == said

@@ -13,18 +13,20 @@ directory is ``config.compilation_cache_dir``:
 * a path: that directory (a URL, ``gs://bucket/dir``, is left to JAX as it is);
 * ``''``: no persistent cache.
 
-:func:`choose` decides a run's cache and :func:`from_jax_setting` the cache JAX's own
-setting gives a script without the field (``evaluate.py``), by the same rules; what they
-decide is said once, where the work starts (:meth:`Cache.announce`). A directory that cannot
-be created, or that this user cannot enter (mode 600), is one error naming the field where
-the user gave the path, and the cache off, said in one warning, for ``'auto'`` and JAX's
-setting: a read-only or missing home directory must not stop a run that never asked for the
-cache. A directory that exists but cannot be written (another user's, a read-only mount, a
-cache shared read-only) is used to load programs, said in one warning; JAX's own warning for
-each program it then cannot store is dropped (:func:`cache_dir_in_use`). A new default
-directory (a jaxlib upgrade) names the other jaxlib versions' directories beside it, with
-their sizes, once: no run of this jaxlib reads them again, but another environment or
-machine may, so they are not deleted.
+:func:`choose` decides a run's cache, :func:`for_recorded_run` the cache of a trained run
+for a script that works on it (``evaluate.py``, from the run's ``run.json``) and
+:func:`from_jax_setting` the cache JAX's own setting gives a script without the field (the
+benchmarks), by the same rules; what they decide is said once, where the work starts
+(:meth:`Cache.announce`; a sweep's runs, once in all: :func:`said_once`). A directory that
+cannot be created, or that this user cannot enter (mode 600), is one error naming the field
+where the user gave the path, and the cache off, said in one warning, for ``'auto'``, a
+run's record and JAX's setting: a read-only or missing home directory must not stop a run
+that never asked for the cache. A directory that exists but cannot be written (another
+user's, a read-only mount, a cache shared read-only) is used to load programs, said in one
+warning; JAX's own warning for each program it then cannot store is dropped
+(:func:`cache_dir_in_use`). A new default directory (a jaxlib upgrade) names the other
+jaxlib versions' directories beside it, with their sizes, once: no run of this jaxlib reads
+them again, but another environment or machine may, so they are not deleted.
 
 JAX caches only programs that took at least ``jax_persistent_cache_min_compile_time_secs``
 (default 1 s) to compile. The cache is trusted code: do not share its directory with users
@@ -38,6 +40,7 @@ cross-process all-reduce.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import os
@@ -54,8 +57,9 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from stochastic_depth_jax import errors, logs
 
-__all__ = ["cache_dir_for", "cache_hazard", "Cache", "choose", "from_jax_setting", "host_tag",
-           "use_cache_dir", "cache_dir_in_use", "CompileStats"]
+__all__ = ["cache_dir_for", "cache_hazard", "Cache", "choose", "for_recorded_run",
+           "from_jax_setting", "host_tag", "said_once", "use_cache_dir", "cache_dir_in_use",
+           "CompileStats"]
 
 # Event names JAX's monitoring reports (jax._src.dispatch / compiler); stable since 0.4.
 _COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program (hit or miss)
@@ -143,6 +147,10 @@ class Cache:
         notices, self._notices = self._notices, []
         if jax.process_index() != 0:
             return
+        said = _SAID.get()
+        if said is not None:  # said_once(): each notice the first time only
+            notices = [notice for notice in notices if notice[0] not in said]
+            said.update(text for text, _ in notices)
         for text, as_warning in notices:
             if as_warning:
                 warnings.warn(text, logs.RunWarning)
@@ -165,12 +173,29 @@ class Cache:
         return record
 
 
-def choose(setting: str, environ: Any = os.environ) -> Cache:
+# The notices said in a said_once() block (None outside one).
+_SAID: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("said", default=None)
+
+
+@contextlib.contextmanager
+def said_once() -> Iterator[None]:
+    """While the block runs, :meth:`Cache.announce` says each of its notices the first time
+    only: a sweep trains its runs one after another with the same cache, whose warning (off,
+    read-only) was repeated before every run."""
+    token = _SAID.set(set())
+    try:
+        yield
+    finally:
+        _SAID.reset(token)
+
+
+def choose(setting: str, environ: Any = os.environ, recorded: bool = False) -> Cache:
     """The cache of a run whose ``config.compilation_cache_dir`` is ``setting``
     (:func:`cache_dir_for`). A path the user gave that cannot be created or entered raises
     ``errors.ConfigError`` naming the field, before anything trains; under ``'auto'`` (a
     place the user did not choose: a read-only or missing home) the cache is off instead.
-    Call once the job's processes have joined."""
+    ``recorded``: ``setting`` is a trained run's, read from its ``run.json``
+    (:func:`for_recorded_run`). Call once the job's processes have joined."""
     path = cache_dir_for(setting, environ)
     if setting != "auto":
         field = f"compilation_cache_dir={setting!r}"
@@ -183,13 +208,35 @@ def choose(setting: str, environ: Any = os.environ) -> Cache:
            "to keep compiled programs, or --config.compilation_cache_dir='' to turn the "
            "cache off")
     default = setting == "auto" and not where
-    return _settle(path, field, fix, given=setting != "auto", default=default)
+    if recorded:  # no --config here: the record is the run's
+        field += " (the run's setting)" * (setting != "auto")
+        fix = ("make it a directory this user can write" if setting != "auto" else
+               "set JAX_COMPILATION_CACHE_DIR to a directory this user can write"
+               ) + " to keep compiled programs"
+    return _settle(path, field, fix, given=setting != "auto" and not recorded,
+                   default=default)
+
+
+def for_recorded_run(setting: str | None, environ: Any = os.environ) -> Cache:
+    """The cache of a trained run whose ``run.json`` records ``compilation_cache_dir`` as
+    ``setting``, for a script that works on the run (``evaluate.py``): the programs the run
+    and earlier evaluations compiled load from the cache the run used, instead of compiling
+    again on every call. As :func:`choose`, except that a recorded path that cannot be
+    created or entered (now) is off with one warning, not an error: the record is not the
+    user's to change there. ``None`` (no ``run.json`` to read it from, which the evaluation
+    then reports) or a relative path (relative to where the run started, which the record
+    does not say: from elsewhere it would make a stray empty directory): JAX's own setting
+    (:func:`from_jax_setting`). Call once the job's processes have joined."""
+    if setting is None or (setting not in ("", "auto") and not _remote(setting)
+                           and not os.path.isabs(os.path.expanduser(setting))):
+        return from_jax_setting()
+    return choose(setting, environ, recorded=True)
 
 
 def from_jax_setting() -> Cache:
     """The cache JAX's own setting (``JAX_COMPILATION_CACHE_DIR``, or
     ``jax.config.update('jax_compilation_cache_dir', ...)``) chose for a script that has no
-    field of its own (``evaluate.py``): off where it cannot be created or entered, or for a
+    field of its own (a benchmark): off where it cannot be created or entered, or for a
     job that must not use it; read-only where it cannot be written. Call once the job's
     processes have joined."""
     path = jax.config.jax_compilation_cache_dir or ""

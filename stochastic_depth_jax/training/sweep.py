@@ -29,6 +29,7 @@ import jax
 import ml_collections
 
 from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
@@ -373,7 +374,8 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
     # A signal between two runs, or during a run's last evaluation (after its last stop
     # point), reaches this object: the sweep stops before the next run instead of
     # starting it (a scheduler's grace period would end inside it).
-    with stopping.StopSignals(when=_BETWEEN_RUNS) as stop:
+    # The runs share one compilation cache: a warning about it (read-only, off) is said once.
+    with stopping.StopSignals(when=_BETWEEN_RUNS) as stop, compilation.said_once():
         for name, config in runs:
             _stop_between_runs(stop, status, len(runs), root)
             workdir = os.path.join(root, name)
