@@ -44,8 +44,10 @@ import re  # noqa: E402
 with _imports:
     from stochastic_depth_jax import errors, pruning
     from stochastic_depth_jax.training import cli, compilation, depth, distributed, figures
+    from stochastic_depth_jax.training import checkpoint as checkpoint_lib
     from stochastic_depth_jax.training import evaluate as evaluate_lib
     from stochastic_depth_jax.training import loop
+    from stochastic_depth_jax.training import setup as setup_lib
     from stochastic_depth_jax.training import workdir as workdir_lib
 
 
@@ -88,12 +90,19 @@ _EARLIER_RESULTS = ({"checkpoint", "step", "split", "error", "loss", "count"},
                     {"source", "split", "seed", "deterministic", "mc", "samples", "count"})
 
 
+# The directories a run makes in its workdir and manages (rotates, moves, purges, remakes).
+_RUN_DIRS = frozenset({"checkpoints", "checkpoints_best", checkpoint_lib.UNFINISHED_DIR,
+                       checkpoint_lib.CORRUPT_DIR, checkpoint_lib.SUPERSEDED_DIR,
+                       "tensorboard", setup_lib.FAKE_DATA_DIR})
+
+
 def _check_output(path: str | None, workdir: str) -> None:
     """Refuses an ``--output`` that would replace something other than an earlier result of
     this script (``run.json``, ``summary.json``, any other file), that is in another run's
     workdir (its results there are that run's), that in the run's own workdir is not a
     ``.json`` name other than the run's (every other name there is the run's, written yet or
-    not), or whose directory does not exist: checked before the work (a depth curve or
+    not) or is inside one of its directories (``checkpoints/``, ...), or whose directory
+    does not exist or may not be written in: checked before the work (a depth curve or
     Monte-Carlo depth of a deep model takes minutes)."""
     if path is None:
         return
@@ -105,6 +114,17 @@ def _check_output(path: str | None, workdir: str) -> None:
         raise errors.WorkdirError(
             f"--output {path}: its directory {directory} does not exist (or is not a "
             "directory); create it, or give another path. Nothing was evaluated.")
+    if not os.access(directory, os.W_OK | os.X_OK):  # else found once the work is done
+        raise errors.WorkdirError(
+            f"--output {path}: this user may not write in its directory {directory}; give a "
+            "path in a directory it can write in, or change that directory's permissions. "
+            "Nothing was evaluated.")
+    inside = os.path.relpath(os.path.realpath(directory), os.path.realpath(workdir))
+    if inside.split(os.sep)[0] in _RUN_DIRS:
+        raise errors.WorkdirError(
+            f"--output {path} is inside the run's {inside.split(os.sep)[0]}/, whose contents "
+            "the run manages (it deletes, moves and rewrites them); give a path in --workdir "
+            f"{workdir} itself or outside it, or leave --output out. Nothing was evaluated.")
     if (os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE))
             and os.path.realpath(directory) != os.path.realpath(workdir)):
         raise errors.WorkdirError(

@@ -1057,6 +1057,43 @@ def test_output_in_the_workdir_may_be_any_other_json_name(resnet):
         os.remove(path)
 
 
+@pytest.mark.parametrize("directory", ["checkpoints", "checkpoints_best/1",
+                                       "checkpoints_superseded", "tensorboard", "fake_data"])
+def test_output_never_goes_into_a_directory_the_run_manages(capsys, resnet, directory):
+    """--output <workdir>/checkpoints/eval.json (or tensorboard/, a step's folder, ...) was
+    accepted: the run rotates, moves and purges those directories' contents."""
+    _, workdir = resnet
+    os.makedirs(os.path.join(workdir, directory), exist_ok=True)
+    path = os.path.join(workdir, directory, "mine.json")
+    before = _files(workdir)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+    top = directory.split("/")[0]
+    assert line == (f"error: --output {path} is inside the run's {top}/, whose contents the "
+                    "run manages (it deletes, moves and rewrites them); give a path in "
+                    f"--workdir {workdir} itself or outside it, or leave --output out. "
+                    "Nothing was evaluated.")
+    assert _files(workdir) == before
+
+
+def test_output_in_a_directory_this_user_cannot_write_is_refused_before_the_work(
+        capsys, resnet, tmp_path, monkeypatch):
+    """--output into a directory this user may not write in was found only once the
+    evaluation had run (a depth curve's minutes: the result printed, not saved). Root
+    ignores permissions, so os.access stands in for them."""
+    _, workdir = resnet
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if os.fspath(p) == str(locked) and mode & os.W_OK else real_access(p, mode, **kw)))
+    path = str(locked / "result.json")
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+    assert line == (f"error: --output {path}: this user may not write in its directory "
+                    f"{locked}; give a path in a directory it can write in, or change that "
+                    "directory's permissions. Nothing was evaluated.")
+    assert os.listdir(locked) == []
+
+
 def test_output_never_replaces_a_sweep_s_diverged_record(capsys, tmp_path):
     """--output <run>/diverged.json was accepted: the evaluation's JSON replaced the sweep's
     record that the run diverged (its rerun then trained the run again), or, written before
