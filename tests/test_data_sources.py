@@ -253,6 +253,21 @@ def test_corrupt_record_is_reported(tmp_path):
         data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=0)
 
 
+def test_a_missing_record_file_is_named_with_the_fix(tmp_path):
+    """A prepared dataset copied without one of its record files was reported as "Record 0
+    ... cannot be decoded (RuntimeError: open() failed: No such file ...)", the file last."""
+    prepared = data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20,
+                                              num_test=10)
+    [record] = [f for f in os.listdir(prepared) if f.startswith("cifar10-test.array_record")]
+    os.remove(os.path.join(prepared, record))
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=0)
+    assert str(caught.value) == (
+        f"'cifar10' in {prepared} is incomplete: the record file {record} of split 'test' is "
+        f"missing; delete {prepared} and prepare the dataset again (or copy it again, whole, "
+        "from where it was prepared).")
+
+
 @pytest.mark.parametrize("damage", ["empty", "not json", "a directory"])
 def test_a_damaged_dataset_info_is_one_line_naming_it(tmp_path, damage):
     """A prepared dataset whose dataset_info.json is unreadable (an interrupted copy leaves
