@@ -56,7 +56,7 @@ def test_validation_size_count_fraction_none(data_dir, size, expected):
 
 
 def test_bad_validation_size_says_what_to_do(data_dir):
-    with pytest.raises(ValueError, match="smaller count or a fraction"):
+    with pytest.raises(ValueError, match="pass a smaller count, a fraction such as 0.1, or 0"):
         data.load_dataset("cifar10", data_dir=data_dir, validation_size=500)
 
 
