@@ -249,7 +249,8 @@ def test_a_wrong_download_says_to_run_again_not_to_replace_a_temporary_file(tmp_
 def test_corrupt_record_is_reported(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,
                                    corrupt=("test",))
-    with pytest.raises(data.CorruptDataError, match="split 'test'.*prepare the dataset again"):
+    with pytest.raises(data.CorruptDataError, match="split 'test'.*prepare the dataset again "
+                       r"\(or copy it again, whole, from where it was prepared\)\.$"):
         data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=0)
 
 

@@ -264,7 +264,8 @@ def _decode_chunk(source, start: int, stop: int, where: str) -> list[dict]:
                 raise CorruptDataError(
                     f"Record {index} of {where} cannot be decoded ({type(error).__name__}: "
                     f"{error}). The prepared files are damaged: delete that directory "
-                    f"and prepare the dataset again.") from error
+                    f"and prepare the dataset again (or copy it again, whole, from where it "
+                    f"was prepared).") from error
         raise
 
 
