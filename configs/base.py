@@ -154,13 +154,26 @@ OFFICIAL_VARIANTS = (None, "smoke", "official", "official_smoke")
 def official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Turns the paper's CIFAR recipe ``c`` into the official Torch code's where the two
     differ (github.com/yueatsprograms/Stochastic_Depth, main.lua): its initialisation, its
-    input normalisation (the mean image and one std), and its lr drops, one epoch before
-    the paper's (lr 0.1 while the 1-based epoch counter is < 250 of 500, 0.01 while < 375).
-    Not reproduced: its last partial batch of each epoch (72 images; we drop it)."""
+    input normalisation (the mean image and one std), and its lr drops for ``c.num_epochs``
+    (:func:`official_lr_drops`: after epochs 249 and 374 of 500, one before the paper's).
+    They are epochs, as the paper recipe's are: ``--config.num_epochs`` applied after this
+    keeps them (a run that never reaches one warns); ``official_lr_drops(N)`` gives the
+    official code's for N epochs. Not reproduced: its last partial batch of each epoch (72
+    images; we drop it)."""
     c.model.initialization = "official"
     c.normalization = "pixel"
-    c.lr_boundaries_epochs = (c.num_epochs // 2 - 1, c.num_epochs * 3 // 4 - 1)
+    c.lr_boundaries_epochs = official_lr_drops(c.num_epochs)
     return c
+
+
+def official_lr_drops(num_epochs: int) -> tuple[int, ...]:
+    """The official code's lr drops in a run of ``num_epochs`` (N), as
+    ``lr_boundaries_epochs``: its loop trains at lr 0.1 while its 1-based epoch counter is
+    below N * 0.5 and at 0.01 while below N * 0.75, i.e. ceil(N / 2) - 1 and
+    ceil(3N / 4) - 1 epochs (500: 249 and 374; 101: 50 and 75). A drop before the first
+    epoch (N <= 2, where that loop never trains at 0.1) has no boundary and is left out."""
+    drops = (-(-num_epochs // 2) - 1, -(-3 * num_epochs // 4) - 1)
+    return tuple(sorted({e for e in drops if e > 0}))
 
 
 def cifar_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -641,6 +641,47 @@ def test_official_variant_is_the_official_codes_recipe(name):
         "model.initialization", "normalization"}
 
 
+def _main_lua_rates(num_epochs):
+    """The official loop's lr per 1-based epoch (main.lua: 0.1 while the counter is below
+    maxEpochs * 0.5, 0.01 while below maxEpochs * 0.75, then 0.001)."""
+    return [0.1 if e < num_epochs * 0.5 else 0.01 if e < num_epochs * 0.75 else 0.001
+            for e in range(1, num_epochs + 1)]
+
+
+@pytest.mark.parametrize("num_epochs", [3, 4, 7, 10, 101, 500])
+def test_the_official_drops_of_a_config_file_s_epochs_are_the_official_loop_s(
+        tmp_path, num_epochs):
+    """base.official() computed its drops as N // 2 - 1 and 3N // 4 - 1: for a config file
+    of 10 (or any odd number of) epochs, one epoch before the official loop's."""
+    (tmp_path / "exp.py").write_text(
+        "from configs import base\n\ndef get_config(arg=None):\n    c = base.base_config()\n"
+        f"    c.num_epochs = {num_epochs}\n    return base.official(c)\n")
+    c = load_config(str(tmp_path / "exp.py"))
+    schedule = optim.make_lr_schedule(c, steps_per_epoch=1)
+    np.testing.assert_allclose([float(schedule(e)) for e in range(num_epochs)],
+                               _main_lua_rates(num_epochs), rtol=1e-6)
+
+
+def test_official_with_fewer_epochs_keeps_its_drops_and_warns_as_the_plain_config():
+    """`:official --config.num_epochs=N` keeps its drops (epochs, as the plain config's: an
+    extended run keeps its schedule) and warns alike; the official code's for N are named
+    in configs/base.py and README."""
+    from configs import base
+
+    plain, official = (load_config(f"cifar10{v}", ["--config.num_epochs=100"])
+                       for v in ("", ":official"))
+    assert plain.lr_boundaries_epochs == load_config("cifar10").lr_boundaries_epochs
+    assert official.lr_boundaries_epochs == base.official_lr_drops(500)
+    for c in (plain, official):
+        assert "never happen in a run of num_epochs=100" in config_lib.unreached_lr_drops(c)
+    fixed = load_config("cifar10:official", ["--config.num_epochs=100",
+                                             "--config.lr_boundaries_epochs=49,74"])
+    assert fixed.lr_boundaries_epochs == base.official_lr_drops(100)
+    schedule = optim.make_lr_schedule(fixed, steps_per_epoch=1)
+    np.testing.assert_allclose([float(schedule(e)) for e in range(100)], _main_lua_rates(100),
+                               rtol=1e-6)
+
+
 def test_a_config_recorded_before_initialization_existed_builds_the_old_init():
     from stochastic_depth_jax.training import setup
 

@@ -56,7 +56,7 @@ def test_validation_size_count_fraction_none(data_dir, size, expected):
 
 
 def test_bad_validation_size_says_what_to_do(data_dir):
-    with pytest.raises(ValueError, match="smaller count or a fraction"):
+    with pytest.raises(ValueError, match="pass a smaller count, a fraction such as 0.1, or 0"):
         data.load_dataset("cifar10", data_dir=data_dir, validation_size=500)
 
 
@@ -249,8 +249,24 @@ def test_a_wrong_download_says_to_run_again_not_to_replace_a_temporary_file(tmp_
 def test_corrupt_record_is_reported(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,
                                    corrupt=("test",))
-    with pytest.raises(data.CorruptDataError, match="split 'test'.*prepare the dataset again"):
+    with pytest.raises(data.CorruptDataError, match="split 'test'.*prepare the dataset again "
+                       r"\(or copy it again, whole, from where it was prepared\)\.$"):
         data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=0)
+
+
+def test_a_missing_record_file_is_named_with_the_fix(tmp_path):
+    """A prepared dataset copied without one of its record files was reported as "Record 0
+    ... cannot be decoded (RuntimeError: open() failed: No such file ...)", the file last."""
+    prepared = data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20,
+                                              num_test=10)
+    [record] = [f for f in os.listdir(prepared) if f.startswith("cifar10-test.array_record")]
+    os.remove(os.path.join(prepared, record))
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=0)
+    assert str(caught.value) == (
+        f"'cifar10' in {prepared} is incomplete: the record file {record} of split 'test' is "
+        f"missing; delete {prepared} and prepare the dataset again (or copy it again, whole, "
+        "from where it was prepared).")
 
 
 @pytest.mark.parametrize("damage", ["empty", "not json", "a directory"])

@@ -3,6 +3,7 @@ recorded before it keep), data paths recorded absolute, the train/ + val/ layout
 and memory checked from the images' headers before any image is decoded."""
 
 import os
+import re
 import sys
 
 import jax
@@ -53,6 +54,39 @@ def test_per_class_hold_out_is_disjoint_complete_and_seeded():
     np.testing.assert_array_equal(again.images, val.images)
     other = splits.holdout(split, 0.2, seed=6, method="per_class")[1]
     assert not np.array_equal(other.images, val.images)
+
+
+@pytest.mark.parametrize("sizes, refused", [
+    ([2, 2, 1], 0.05), ([2, 2, 1], 0.9), ([2, 2, 1], 5), ([3, 1, 1, 1, 1, 1, 1, 1, 1, 1], 0.01),
+    ([2, 2, 1], 3), ([1, 1, 1], 0.1), ([1, 1, 1], 3), ([1, 1, 1], 2)])
+def test_a_refused_per_class_validation_size_suggests_only_what_holds_out(sizes, refused):
+    """A per-class hold-out refused a fraction of a small folder suggesting 'a count such
+    as 1', which it then refused too where no class has a second image to give."""
+    split = _labels_split(sizes)
+    with pytest.raises(errors.DataError) as caught:
+        splits.holdout(split, refused, seed=0, method="per_class")
+    message = str(caught.value)
+    if max(sizes) == 1:
+        assert "keeps one example of each class to train on, and no class has more than " \
+               "one)" in message
+        assert message.endswith("pass 0 for no validation set.") and "such as" not in message
+    else:
+        fraction = float(re.search(r"fraction such as ([0-9.]+),", message)[1])
+        count = re.search(r"a count such as (\d+)", message)  # or 'a smaller count'
+        most = int(re.search(r"at most (\d+) here", message)[1])
+        assert most == sum(sizes) - len(sizes)
+        for works in (fraction, most, *([int(count[1])] if count else [])):
+            assert len(splits.holdout(split, works, seed=0, method="per_class")[1]) >= 1
+    assert splits.holdout(split, 0, seed=0, method="per_class")[1] is None
+
+
+def test_a_folder_of_one_image_a_class_is_told_to_hold_out_none(tmp_path):
+    root = data.testing.make_image_folder(str(tmp_path / "f"), classes=3, per_class_train=1,
+                                          per_class_test=1, size=(4, 4))
+    with pytest.raises(errors.DataError, match=r"holds out 0, leaving 3 to train on; no "
+                       r"validation set can be held out of them \(a per-class hold-out keeps "
+                       r"one .*no class has more than one\): pass 0 for no validation set\.$"):
+        data.load_dataset(f"image_folder:{root}", validation_size=0.1)
 
 
 @pytest.fixture(scope="module")

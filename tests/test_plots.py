@@ -152,6 +152,25 @@ def test_a_greedy_depth_curve_says_its_order_was_chosen_on_validation(monkeypatc
             "validation (the order was chosen on it)", "test"]
 
 
+def test_the_depth_curve_s_images_per_s_panel_draws_no_line_through_noisy_points(
+        monkeypatch, tmp_path):
+    """The right panel joined its points in removal order: measured images/s is noisy (a
+    pruned model may time slower than a deeper one), and the line turned back on itself."""
+    from stochastic_depth_jax.training import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    speed = {4: 100.0, 3: 140.0, 2: 120.0, 1: 200.0}  # 2 blocks timed slower than 3
+    points = [{"blocks_kept": k, "test_error": 0.1 * (5 - k), "images_per_s": speed[k]}
+              for k in speed]
+    figures.plot_depth_curve(points, str(tmp_path / "depth.png"), [])
+    left, right = drawn[0].axes
+    [by_blocks], [by_speed] = left.get_lines(), right.get_lines()
+    assert by_blocks.get_linestyle() == "-"  # blocks kept: in order, joined
+    assert by_speed.get_linestyle() == "None" and by_speed.get_marker() == "o"
+    assert list(by_speed.get_xdata()) == list(speed.values())  # every point drawn
+
+
 @pytest.mark.parametrize("folder", ["/data/my_images/", "my_images", "file:///data/my_images"])
 def test_run_title_names_an_image_folder_by_its_last_part(folder):
     """A relative folder (a run.json recorded before paths were made absolute, a Python

@@ -858,12 +858,40 @@ def test_sweep_s_stdout_is_its_json_alone(capsys, tmp_path, monkeypatch):
     status, outputs = _json_objects(out)
     assert status == {"depth8_pL0.5": "started", "depth8_pL1": "started"}
     assert sorted(outputs) == ["fig3", "fig7", "fig8", "training_time"]
-    for line in ("sweep: starting depth8_pL0.5", "epoch 1/2: train loss 2.3 (depth8_pL1)",
+    for line in ("sweep: starting depth8_pL0.5 (1 of 2)",
+                 "epoch 1/2: train loss 2.3 (depth8_pL1)",
                  "figures: fig8_error_vs_p_last.png: 2 runs (depth 8 x p_L 0.5, 1)"):
         assert line + "\n" in err
     sweep_cli.main(["--root", root, "--collect"])
     out, err = capsys.readouterr()
     assert _json_objects(out) == [outputs] and "figures: fig8" in err
+
+
+def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp_path,
+                                                                     monkeypatch):
+    """'sweep: starting <run>' said neither where the run stood in the sweep nor how long
+    the rest would take. The estimate comes once a run trained from its start has finished
+    (a resumed run's time is a part of one), per layer of depth, for the runs left to train
+    (not the finished ones, skipped)."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 1.0, 0.4)  # skipped
+    os.makedirs(os.path.join(root, "depth14_pL0.5", "checkpoints", "4"))  # resumed
+    clock = [0.0]
+    monkeypatch.setattr(sweep, "_now", lambda: clock[0])
+
+    def train(config, workdir):  # 10 s a layer of depth (the resumed run: half of that)
+        clock[0] += config.model.depth * (5 if "depth14_pL0.5" in workdir else 10)
+
+    runs = [(name, load_config("cifar10:smoke", extra))
+            for name, extra in sweep.plan([8, 14], [0.5, 1.0])]
+    status = sweep.run_sweep(runs, root, train=train)
+    assert list(status.values()) == ["started", "skipped (finished)", "resumed", "started"]
+    left = "left for the {} to train, this one included (estimated from the 1 run trained " \
+           "so far, in proportion to depth)"
+    assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")] == [
+        "sweep: starting depth8_pL0.5 (1 of 4)",
+        "sweep: resuming depth14_pL0.5 (3 of 4); about 5 min " + left.format("2 runs"),
+        "sweep: starting depth14_pL1 (4 of 4); about 2 min " + left.format("1 run")]
 
 
 def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(capsys, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zlib
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tqdm
@@ -264,7 +264,8 @@ def _decode_chunk(source, start: int, stop: int, where: str) -> list[dict]:
                 raise CorruptDataError(
                     f"Record {index} of {where} cannot be decoded ({type(error).__name__}: "
                     f"{error}). The prepared files are damaged: delete that directory "
-                    f"and prepare the dataset again.") from error
+                    f"and prepare the dataset again (or copy it again, whole, from where it "
+                    f"was prepared).") from error
         raise
 
 
@@ -286,6 +287,8 @@ def read_split(tfds_name: str, split: str, data_dir: str,
     tfds = import_tfds()
     source = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
     info_dir = source.dataset_info.data_dir
+    _require_record_files(source.dataset_info.splits[split].filepaths, tfds_name, split,
+                          info_dir)
     cache = os.path.join(info_dir, f"decoded-{split}-{label_key}.npz")
     stamp = _records_stamp(info_dir, tfds_name, split)
     _remove_abandoned(cache)
@@ -307,6 +310,27 @@ def read_split(tfds_name: str, split: str, data_dir: str,
             labels[start:stop] = [r[label_key] for r in records]
     _write_cache(cache, stamp, images, labels)
     return Split(images, labels)
+
+
+def _require_record_files(paths: Sequence[Any], tfds_name: str, split: str,
+                          info_dir: str) -> None:
+    """Refuses a prepared split whose record files (``paths``, as its dataset_info lists
+    them) are not all there, naming them: an interrupted or partial copy was reported as
+    "Record 0 cannot be decoded (open() failed: ...)", the missing file last.
+
+    Raises:
+      CorruptDataError: one line naming the missing files and the fix.
+    """
+    missing = [os.path.basename(os.fspath(p)) for p in paths if not p.exists()]
+    if not missing:
+        return
+    files = (f"the record file {missing[0]} of split '{split}' is" if len(missing) == 1 else
+             f"{len(missing)} of the {len(paths)} record files of split '{split}' "
+             f"({', '.join(missing)}) are")
+    raise CorruptDataError(
+        f"'{tfds_name}' in {info_dir} is incomplete: {files} missing; "
+        f"delete {info_dir} and prepare the dataset again (or copy it again, whole, from "
+        "where it was prepared).")
 
 
 def _decoding(starts: range, what: str, count: int, progress_bar: bool) -> Iterator[int]:

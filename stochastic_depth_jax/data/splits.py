@@ -55,9 +55,13 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-def resolve_count(validation_size: int | float, num_examples: int, least: int = 1) -> int:
+def resolve_count(validation_size: int | float, num_examples: int, least: int = 1,
+                  most: int | None = None, why_most: str = "") -> int:
     """Turns a count (int) or fraction (float in [0, 1)) into a number of examples;
-    ``least``: the smallest count a refusal suggests (SVHN's per-class split: one a class).
+    ``least``: the smallest count a refusal suggests (SVHN's per-class split: one a class);
+    ``most``: the largest count the caller can hold out (default ``num_examples - 1``; a
+    per-class hold-out keeps one example of each class), ``why_most`` saying why. A refusal
+    suggests only a count and a fraction that hold out from ``least`` to ``most``.
 
     NumPy scalars count by their kind (``np.int64(5)`` a count, ``np.float32(0.1)`` a
     fraction: ``int()`` truncated it to 0, silently no validation set); a bool or a string
@@ -67,24 +71,59 @@ def resolve_count(validation_size: int | float, num_examples: int, least: int = 
             f"validation_size={validation_size!r} must be a count (an int such as 5000), a "
             f"fraction (a float in [0, 1) such as 0.1), 0 for no validation set, or None for "
             f"the paper's split.")
+    bounded = most is not None and most < num_examples - 1
+    most = num_examples - 1 if most is None else min(most, num_examples - 1)
+    fix = lambda kind, why=why_most: _what_works(num_examples, least, most, why, kind, bounded)
     if not isinstance(validation_size, numbers.Integral):
         validation_size = float(validation_size)
         if not 0.0 <= validation_size < 1.0:
             raise errors.DataError(f"validation_size as a fraction must be in [0, 1), got "
                              f"{validation_size}.")
-        count = int(round(validation_size * num_examples))
+        count = _count_of(validation_size, num_examples)
         if validation_size > 0 and not 0 < count < num_examples:
             raise errors.DataError(
                 f"validation_size={validation_size} of the {num_examples} training examples "
-                f"holds out {count}, leaving {num_examples - count} to train on; pass another "
-                f"fraction, a count such as {least}, or 0 for no validation set.")
-        return count
-    count = int(validation_size)
-    if not 0 <= count < num_examples:
-        raise errors.DataError(
+                f"holds out {count}, leaving {num_examples - count} to train on; "
+                f"{fix('another fraction')}.")
+        kind = "a smaller fraction"
+    else:
+        count = int(validation_size)
+        if not 0 <= count < num_examples:
+            raise errors.DataError(
                 f"validation_size={count} must be >= 0 and smaller than the {num_examples} "
-                f"training examples; pass a smaller count or a fraction such as 0.1.")
+                f"training examples; {fix('a smaller count')}.")
+        kind = "a smaller count"
+    if count > most:  # only a caller's bound: the others are refused above
+        raise errors.DataError(
+            f"validation_size={validation_size} holds out {count} of the {num_examples} "
+            f"training examples, more than the {most} that can be ({why_most}); "
+            f"{fix(kind, why='')}.")
     return count
+
+
+def _count_of(fraction: float, num_examples: int) -> int:
+    """The examples a fraction of ``num_examples`` holds out (:func:`resolve_count`'s)."""
+    return int(round(fraction * num_examples))
+
+
+def _what_works(num_examples: int, least: int, most: int, why_most: str, kind: str,
+                bounded: bool) -> str:
+    """The fix of a refused validation size: a count and a fraction that hold out from
+    ``least`` to ``most`` of ``num_examples`` (``kind``: the refused one's; ``bounded``:
+    ``most`` is the caller's, said), or, where none does, 0 alone."""
+    if most < least:
+        because = f" ({why_most})" if why_most else ""
+        return (f"no validation set can be held out of them{because}: pass 0 for no "
+                "validation set")
+    fractions = [0.1] + [round(least / num_examples, digits) for digits in range(1, 7)]
+    fraction = next((f for f in fractions
+                     if 0 < f < 1 and least <= _count_of(f, num_examples) <= most), None)
+    as_fraction = f" such as {fraction}" if fraction is not None else ""
+    limit = f" (at most {most} here)" if bounded else ""
+    if kind == "a smaller count":
+        return (f"pass a smaller count{limit}, a fraction{as_fraction}, or 0 for no "
+                "validation set")
+    return f"pass {kind}{as_fraction}, a count such as {least}{limit}, or 0 for no validation set"
 
 
 # How a validation set is held out of the training split (recorded in run.json's data):
@@ -113,7 +152,14 @@ def holdout(split: Split, validation_size: int | float | None, seed: int,
         raise errors.DataError(f"holdout={method!r}; valid: {list(HOLDOUTS)}.")
     if validation_size is None:
         validation_size = CIFAR_VALIDATION_FRACTION
-    count = resolve_count(validation_size, len(split))
+    if method == "random":
+        count = resolve_count(validation_size, len(split))
+    else:
+        sizes = np.bincount(split.labels)
+        room = int(np.maximum(sizes - 1, 0).sum())  # the fix suggested must not exceed it
+        count = resolve_count(validation_size, len(split), most=room, why_most=(
+            "a per-class hold-out keeps one example of each class to train on"
+            + ("" if room else ", and no class has more than one")))
     if count == 0:
         return split, None
     held = np.zeros(len(split), bool)
@@ -121,7 +167,6 @@ def holdout(split: Split, validation_size: int | float | None, seed: int,
     if method == "random":
         held[rng.permutation(len(split))[:count]] = True
     else:
-        sizes = np.bincount(split.labels)
         members = np.split(np.argsort(split.labels, kind="stable"), np.cumsum(sizes)[:-1])
         for label, take in enumerate(per_class_counts(sizes, count, rng)):
             held[rng.permutation(members[label])[:take]] = True
@@ -145,7 +190,8 @@ def per_class_counts(sizes: np.ndarray, count: int, rng: np.random.Generator) ->
         raise errors.DataError(
             f"A per-class validation set of {count} of the {sizes.sum()} training examples "
             f"would leave a class without a training example (each class keeps one, so at "
-            f"most {room.sum()} can be held out); pass a smaller validation_size.")
+            f"most {room.sum()} can be held out); pass "
+            f"{'a smaller validation_size' if room.sum() else '0 for no validation set'}.")
     quota = count * sizes / sizes.sum()
     taken = np.minimum(np.floor(quota).astype(np.int64), room)
     tie_order = rng.permutation(sizes.size)

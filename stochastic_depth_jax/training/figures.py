@@ -139,7 +139,9 @@ def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Seque
         fast = [(p["images_per_s"], 100 * p[f"{split}_error"]) for p in points
                 if "images_per_s" in p]
         if fast:
-            right.plot(*zip(*fast), "o-", ms=3, label=label)
+            # Markers alone: images/s is measured, so its noise made a line joining the
+            # points in removal order turn back on itself.
+            right.plot(*zip(*fast), "o", ms=3, label=label)
     left.set_xlabel("residual blocks kept")
     left.invert_xaxis()
     left.xaxis.get_major_locator().set_params(integer=True)

@@ -119,7 +119,7 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
 LINE_EVERY_S = 300.0
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """``42 s``, ``7 min``, ``2.5 h``: a time left, to the precision an estimate has."""
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -207,7 +207,7 @@ class EpochProgress:
         if n > n1 and now > t1:
             rate = (n - n1) / (now - t1)  # steps per second, after the first update
             parts.append(f"{rate * self._batch_size:.0f} img/s, "
-                         f"~{_duration((self._total - n) / rate)} left in the epoch")
+                         f"~{duration((self._total - n) / rate)} left in the epoch")
         print("; ".join(parts), flush=True)
 
     def exclude(self, seconds: float) -> None:

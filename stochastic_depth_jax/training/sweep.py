@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,7 @@ from stochastic_depth_jax.training import figures
 from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import plots
+from stochastic_depth_jax.training import progress as progress_lib
 from stochastic_depth_jax.training import setup as setup_lib
 from stochastic_depth_jax.training import stopping
 from stochastic_depth_jax.training import workdir as workdir_lib
@@ -371,12 +373,14 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         require_sweepable(config)
         check_same_config(os.path.join(root, name), config)
     status: dict[str, str] = {}
+    to_train = _runs_to_train(runs, root)  # for the time left: what the loop will train
+    timed: list[tuple[float, int]] = []  # (seconds, depth) of the runs trained from the start
     # A signal between two runs, or during a run's last evaluation (after its last stop
     # point), reaches this object: the sweep stops before the next run instead of
     # starting it (a scheduler's grace period would end inside it).
     # The runs share one compilation cache: a warning about it (read-only, off) is said once.
     with stopping.StopSignals(when=_BETWEEN_RUNS) as stop, compilation.said_once():
-        for name, config in runs:
+        for position, (name, config) in enumerate(runs, 1):
             _stop_between_runs(stop, status, len(runs), root)
             workdir = os.path.join(root, name)
             if jax.process_index() == 0:  # a record's write a kill cut short (each kill one)
@@ -389,15 +393,51 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                 status[name] = f"skipped ({figures.diverged_label({'diverged': diverged})})"
                 continue
             resumed = bool(_saved_steps(workdir))
-            print(f"sweep: {'resuming' if resumed else 'starting'} {name}", flush=True)
+            left = [config.model.depth] + [c.model.depth for n, c in runs[position:]
+                                           if n in to_train]
+            print(_starting_line(name, resumed, position, len(runs), left, timed), flush=True)
             # Until the run's own handler is installed (it loads data and compiles first), a
             # signal is pending for it: it stops at its first stop point, with a checkpoint.
             stop.when = (f"{name} once it has set up and saved a checkpoint at its first "
                          "stop point (see --config.log_every_steps); the sweep stops then")
+            started_at = _now()
             diverged_now = _train_run(train, name, config, workdir)
             status[name] = diverged_now or ("resumed" if resumed else "started")
+            if status[name] == "started":  # a whole run's time (not part of one)
+                timed.append((_now() - started_at, config.model.depth))
             stop.when = _BETWEEN_RUNS
     return status
+
+
+_now = time.monotonic  # the runs' timer (a test's clock replaces it)
+
+
+def _runs_to_train(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
+                   root: str) -> set[str]:
+    """The names of ``runs`` that :func:`run_sweep` will train: neither finished nor
+    diverged. Read quietly: the sweep warns about a damaged record as it reaches the run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {name for name, config in runs
+                if not is_finished(os.path.join(root, name), config)
+                and _divergence(os.path.join(root, name)) is None}
+
+
+def _starting_line(name: str, resumed: bool, position: int, total: int,
+                   left: Sequence[int], timed: Sequence[tuple[float, int]]) -> str:
+    """``sweep: starting <run> (k of N)``, its place in the sweep's runs; once this call has
+    trained a run from its start to its end (``timed``: its seconds and depth), the time
+    left for the runs still to train (``left``: their depths, this one's included),
+    estimated from those runs' time per layer of depth (a run's time grows about with its
+    depth; a resumed run's part, or a diverged run's, says nothing of a whole run's)."""
+    line = f"sweep: {'resuming' if resumed else 'starting'} {name} ({position} of {total})"
+    if not timed:
+        return line
+    per_layer = sum(seconds for seconds, _ in timed) / sum(depth for _, depth in timed)
+    runs = lambda n: f"{n} run{'s' * (n != 1)}"
+    return (f"{line}; about {progress_lib.duration(per_layer * sum(left))} left for the "
+            f"{runs(len(left))} to train, this one included (estimated from the "
+            f"{runs(len(timed))} trained so far, in proportion to depth)")
 
 
 def _train_run(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
