@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tqdm
 
-from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax import errors, files, logs
 from stochastic_depth_jax.data.builders import (no_tempdir_leak, real_builder_class,
                                                  tf_free_builder)
 from stochastic_depth_jax.data.splits import Split
@@ -96,10 +96,10 @@ def _unavailable_message(tfds_name: str, data_dir: str, reason: str) -> str:
     """One line naming the problem and both fixes, then the command that prepares the data
     elsewhere (on a line of its own, to copy as it is)."""
     manual = os.path.join(data_dir, "downloads", "manual")
-    files = ", ".join(MANUAL_FILES[tfds_name])
+    needed = ", ".join(MANUAL_FILES[tfds_name])
     return (
         f"Dataset '{tfds_name}' is not prepared in data_dir={data_dir!r} and cannot be "
-        f"downloaded ({reason}): put {files} in {manual} and run again (checked against "
+        f"downloaded ({reason}): put {needed} in {manual} and run again (checked against "
         f"tfds's checksums), or prepare it on a machine with internet with the command below "
         f"(or tfds's download_and_prepare(file_format='array_record'), which needs "
         f"TensorFlow) and copy {os.path.join(data_dir, tfds_name)} to the same place here:\n"
@@ -394,16 +394,13 @@ def _read_cache(path: str, stamp: str, count: int) -> Split | None:
 
 def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes the decoded split to ``path`` atomically, under a temporary name of its own
-    that its writer holds (``workdir.atomic_write``): hosts sharing a ``data_dir`` each
+    that its writer holds (:func:`stochastic_depth_jax.files.atomic_write`): hosts sharing a ``data_dir`` each
     rename a whole file. The name was ``<path>.tmp-<pid>.npz``, the same for two hosts
     whose processes have the same pid (containers): the second truncated and renamed the
     first one's file while it was written (its rename then failed with a warning, and its
     last writes went into the cache)."""
-    # Imported on use: the training package imports this one.
-    from stochastic_depth_jax.training import workdir as workdir_lib
-
     try:
-        with workdir_lib.atomic_write(path, "wb") as f:  # Removed on an error.
+        with files.atomic_write(path, "wb") as f:  # Removed on an error.
             np.savez(
                 f,
                 images=images,
@@ -419,14 +416,12 @@ def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) 
 def _remove_abandoned(cache: str) -> None:
     """Removes the temporary files of ``cache`` that writers killed mid-write left (a whole
     split's size each, one more each kill): those of :func:`_write_cache` that no process
-    holds and that were not written to for ``workdir.ABANDONED_AFTER_S``
-    (``workdir.remove_abandoned_temporaries``: other hosts may be writing theirs), and
+    holds and that were not written to for ``files.ABANDONED_AFTER_S``
+    (``files.remove_abandoned_temporaries``: other hosts may be writing theirs), and
     earlier versions' ``<cache>.tmp-<pid>.npz``, which their writers did not hold, once not
     written to for as long. Never raises: a leftover must not stop a run."""
-    from stochastic_depth_jax.training import workdir as workdir_lib
-
     directory, name = os.path.split(cache)
-    workdir_lib.remove_abandoned_temporaries(directory, name.__eq__)
+    files.remove_abandoned_temporaries(directory, name.__eq__)
     earlier = re.compile(re.escape(name) + r"\.tmp-[0-9]+\.npz")
     try:
         entries = [e for e in os.listdir(directory) if earlier.fullmatch(e)]
@@ -437,7 +432,7 @@ def _remove_abandoned(cache: str) -> None:
         with contextlib.suppress(OSError):
             info = os.lstat(path)
             if (stat.S_ISREG(info.st_mode)
-                    and time.time() - info.st_mtime >= workdir_lib.ABANDONED_AFTER_S):
+                    and time.time() - info.st_mtime >= files.ABANDONED_AFTER_S):
                 os.remove(path)
 
 
