@@ -3,6 +3,7 @@ import fcntl
 import io
 import re
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -267,6 +268,30 @@ def test_a_missing_record_file_is_named_with_the_fix(tmp_path):
         f"'cifar10' in {prepared} is incomplete: the record file {record} of split 'test' is "
         f"missing; delete {prepared} and prepare the dataset again (or copy it again, whole, "
         "from where it was prepared).")
+
+
+def test_a_sharded_dataset_moved_elsewhere_loads_and_names_its_missing_shards(tmp_path):
+    """The record files checked are the ones its dataset_info.json lists, where it now lies:
+    a prepared dataset copied or moved (the paths tfds wrote it under gone) loads, each
+    split's shards (``-00000-of-00003``) found; shards missing are counted and named."""
+    made = data.testing.make_tfds_dataset("cifar10", str(tmp_path / "prepared"),
+                                          num_train=30, num_test=9, num_shards=3)
+    train_shards = sorted(f for f in os.listdir(made) if f.startswith("cifar10-train."))
+    assert train_shards == [f"cifar10-train.array_record-0000{i}-of-00003" for i in range(3)]
+    shutil.move(str(tmp_path / "prepared"), str(tmp_path / "copy"))
+    moved = made.replace(str(tmp_path / "prepared"), str(tmp_path / "copy"))
+    ds = data.load_dataset("cifar10", data_dir=str(tmp_path / "copy"), download=False,
+                           validation_size=0)
+    assert (len(ds.train), len(ds.test)) == (30, 9)
+    for shard in train_shards[1:]:
+        os.remove(os.path.join(moved, shard))
+    with pytest.raises(data.CorruptDataError) as caught:
+        data.load_dataset("cifar10", data_dir=str(tmp_path / "copy"), download=False,
+                          validation_size=0)
+    assert str(caught.value) == (
+        f"'cifar10' in {moved} is incomplete: 2 of the 3 record files of split 'train' "
+        f"({', '.join(train_shards[1:])}) are missing; delete {moved} and prepare the dataset "
+        "again (or copy it again, whole, from where it was prepared).")
 
 
 @pytest.mark.parametrize("damage", ["empty", "not json", "a directory"])

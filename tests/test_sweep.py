@@ -894,6 +894,30 @@ def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp
         "sweep: starting depth14_pL1 (4 of 4); about 2 min " + left.format("1 run")]
 
 
+def test_the_up_front_read_of_the_runs_leaves_each_damaged_record_warned_once_at_its_run(
+        tmp_path):
+    """The time left needs the runs to train, read before the first one trains: that read
+    must neither say a damaged summary.json or diverged.json early (above the runs before
+    it) nor a second time, nor change which runs train."""
+    root = str(tmp_path)
+    runs = [(name, load_config("cifar10:smoke", extra))
+            for name, extra in sweep.plan([8, 14], [1.0])]
+    damaged = [os.path.join(root, runs[0][0], "summary.json"),
+               os.path.join(root, runs[1][0], sweep.DIVERGED_FILE)]
+    for path in damaged:
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write("{")
+    said_before = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = sweep.run_sweep(runs, root, train=lambda config, workdir: said_before.setdefault(
+            os.path.basename(workdir), [str(w.message).split(" is damaged")[0] for w in caught]))
+    assert status == {name: "started" for name, _ in runs}
+    assert said_before == {runs[0][0]: damaged[:1], runs[1][0]: damaged}
+    assert [str(w.message).split(" is damaged")[0] for w in caught] == damaged
+
+
 def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(capsys, tmp_path, monkeypatch):
     """A run whose loss became NaN stopped the sweep, and every rerun diverged again at
     the same step: the rest of the grid never trained. Now it is recorded as diverged, the

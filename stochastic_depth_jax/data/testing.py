@@ -32,7 +32,7 @@ def _random_split(rng, size, num_classes, shape, prefix, coarse):
 
 def make_tfds_dataset(name: str, data_dir: str, *, num_train: int, num_test: int,
                       num_extra: int = 0, seed: int = 0,
-                      corrupt: tuple[str, ...] = ()) -> str:
+                      corrupt: tuple[str, ...] = (), num_shards: int | None = None) -> str:
     """Writes a prepared array_record tfds dataset from random images.
 
     Args:
@@ -44,6 +44,8 @@ def make_tfds_dataset(name: str, data_dir: str, *, num_train: int, num_test: int
       seed: pixels and labels are a function of it.
       corrupt: split names whose first record gets undecodable image bytes
         (to test that corruption is reported).
+      num_shards: record files written per split (tfds names them
+        ``<name>-<split>.array_record-00000-of-0000N``); None: tfds's choice (one).
 
     Returns:
       The prepared dataset's directory, e.g. <data_dir>/cifar10/3.0.2.
@@ -71,8 +73,9 @@ def make_tfds_dataset(name: str, data_dir: str, *, num_train: int, num_test: int
                skip_registration=True)
     with builders.no_tempdir_leak():
         builder = cls(data_dir=data_dir)
+    config = sources.import_tfds().download.DownloadConfig(num_shards=num_shards)
     with _quiet_tfds():
-        builder.download_and_prepare(file_format="array_record")
+        builder.download_and_prepare(file_format="array_record", download_config=config)
     return os.fspath(builder.data_dir)
 
 
