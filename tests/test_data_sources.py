@@ -830,3 +830,17 @@ def test_the_trainer_loads_the_configs_augmentation_and_records_it(tmp_path):
     assert ds.augment == "none"
     record = setup.run_metadata(config, ds, setup.build_for_dataset(config, ds).mesh)
     assert record["data"]["augment"] == "none" and record["config"]["augment"] == "none"
+
+
+@pytest.mark.parametrize("data_dir", ["gs://bucket/tensorflow_datasets", "s3://b/tfds/"])
+def test_a_remote_tfds_data_dir_is_refused_in_one_line(data_dir):
+    """A gs:// data_dir (tfds on GCS, as on TPU pods) failed with a FileNotFoundError's
+    traceback: the prepared record files are listed with os and read by array_record, which
+    open local paths only."""
+    with pytest.raises(errors.DataError) as caught:
+        data.load_dataset("cifar10", data_dir=data_dir, download=False)
+    where = data_dir.rstrip("/") + "/cifar10"
+    assert str(caught.value) == (
+        f"data_dir {data_dir!r} is remote: prepared tfds datasets are read from a local disk "
+        f"only (array_record files); copy it to one (e.g. gsutil -m cp -r {where} "
+        "/data/tensorflow_datasets/) and set data_dir=/data/tensorflow_datasets.")

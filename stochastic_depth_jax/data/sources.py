@@ -92,6 +92,24 @@ def import_tfds():
     return tfds
 
 
+def check_local_data_dir(data_dir: str, tfds_name: str) -> None:
+    """Refuses a remote tfds ``data_dir`` (``gs://bucket/tensorflow_datasets``, any other
+    ``scheme://``) in one line, before anything is read: the prepared array_record files are
+    read with ``os`` and array_record's reader, which open local paths only (it failed with
+    a FileNotFoundError's traceback listing the bucket as a local directory).
+
+    Raises:
+      errors.DataError: ``data_dir`` names a remote location.
+    """
+    if "://" not in data_dir:
+        return
+    where = f"{data_dir.rstrip('/')}/{tfds_name}"
+    raise errors.DataError(
+        f"data_dir {data_dir!r} is remote: prepared tfds datasets are read from a local disk "
+        f"only (array_record files); copy it to one (e.g. gsutil -m cp -r {where} "
+        f"/data/tensorflow_datasets/) and set data_dir=/data/tensorflow_datasets.")
+
+
 def _unavailable_message(tfds_name: str, data_dir: str, reason: str) -> str:
     """One line naming the problem and both fixes, then the command that prepares the data
     elsewhere (on a line of its own, to copy as it is)."""
