@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -302,9 +303,22 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
 REROUTE_CONVS = ("auto", "always", "never")
 
 
+def _rerouting(when: str) -> bool:
+    """Whether ``when`` (one of :data:`REROUTE_CONVS`) turns the rerouting on here."""
+    if when not in REROUTE_CONVS:
+        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
+    return when == "always" or (when == "auto" and jax.default_backend() == "cpu")
+
+
+# Whether the innermost reroute_flax_convs of this thread (Flax's interceptor stack is per
+# thread too) turned the rerouting on: a 'never' inside an 'always' turns it off.
+_LINEN = threading.local()
+
+
 def _reroute_interceptor(next_fun, args, kwargs, context):
     module = context.module
-    stock = (isinstance(module, nn.Conv) and context.method_name == "__call__"
+    stock = (getattr(_LINEN, "on", False)
+             and isinstance(module, nn.Conv) and context.method_name == "__call__"
              and module.conv_general_dilated is None
              and module.conv_general_dilated_cls is None)
     if not stock:
@@ -325,15 +339,21 @@ def reroute_flax_convs(when: str = "always"):
     Applies to ``nn.Conv`` (and subclasses) that set neither ``conv_general_dilated`` nor
     ``conv_general_dilated_cls``; parameters, initialisation and results are unchanged (to
     float rounding), only the gradient's formulation differs. ``when`` is one of
-    :data:`REROUTE_CONVS`; ``'auto'`` reroutes on the CPU backend only.
+    :data:`REROUTE_CONVS`; ``'auto'`` reroutes on the CPU backend only. The innermost context
+    decides: ``'never'`` inside one that reroutes (a wrapper with ``reroute_convs='never'``
+    in another's branch) leaves the convolutions it encloses stock.
     """
-    if when not in REROUTE_CONVS:
-        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
-    if when == "never" or (when == "auto" and jax.default_backend() != "cpu"):
-        yield
-        return
-    with nn.intercept_methods(_reroute_interceptor):
-        yield
+    on = _rerouting(when)
+    enclosing = getattr(_LINEN, "on", False)
+    _LINEN.on = on
+    try:
+        if on and not enclosing:  # an enclosing context that reroutes has the interceptor
+            with nn.intercept_methods(_reroute_interceptor):
+                yield
+        else:
+            yield
+    finally:
+        _LINEN.on = enclosing
 
 
 def _nnx_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
@@ -346,6 +366,13 @@ def _nnx_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[i
     return conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
 
+def _set_conv_fn(convs: list, fn: Callable[..., Array]) -> None:
+    # object.__setattr__, as the Linen interceptor: the attribute is static (not state), and
+    # NNX's own setattr refuses a module created at another trace level (a closed-over model).
+    for m in convs:
+        object.__setattr__(m, "conv_general_dilated", fn)
+
+
 @contextlib.contextmanager
 def reroute_nnx_convs(module: Any, when: str = "always"):
     """Context in which the stock ``flax.nnx.Conv`` layers of ``module`` use
@@ -356,25 +383,22 @@ def reroute_nnx_convs(module: Any, when: str = "always"):
     swapped for the duration of the context and restored, so parameters, the module's graph
     and results (to float rounding) are unchanged. ``module`` may be any object; one that
     is not an NNX graph node (a plain function) is left as it is. ``when``: as
-    :func:`reroute_flax_convs`.
+    :func:`reroute_flax_convs`; where it turns the rerouting off, layers an enclosing context
+    rerouted compute stock for the duration (the innermost context decides).
     """
-    if when not in REROUTE_CONVS:
-        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
-    if (when == "never" or (when == "auto" and jax.default_backend() != "cpu")
-            or not nnx.graph.is_graph_node(module)):
+    on = _rerouting(when)
+    if not nnx.graph.is_graph_node(module):
         yield
         return
-    stock = [m for _, m in nnx.iter_graph(module)
-             if isinstance(m, nnx.Conv) and m.conv_general_dilated is lax.conv_general_dilated]
-    # object.__setattr__, as the Linen interceptor: the attribute is static (not state), and
-    # NNX's own setattr refuses a module created at another trace level (a closed-over model).
-    for m in stock:
-        object.__setattr__(m, "conv_general_dilated", _nnx_conv_general_dilated)
+    stock, rerouted = lax.conv_general_dilated, _nnx_conv_general_dilated
+    was, becomes = (stock, rerouted) if on else (rerouted, stock)
+    convs = [m for _, m in nnx.iter_graph(module)
+             if isinstance(m, nnx.Conv) and m.conv_general_dilated is was]
+    _set_conv_fn(convs, becomes)
     try:
         yield
     finally:
-        for m in stock:
-            object.__setattr__(m, "conv_general_dilated", lax.conv_general_dilated)
+        _set_conv_fn(convs, was)
 
 
 def _explicit_padding(padding: Any, kernel: Sequence[int], x_shape, strides) -> Pads:
