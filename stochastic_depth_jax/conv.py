@@ -347,7 +347,7 @@ def reroute_flax_convs(when: str = "always"):
     enclosing = getattr(_LINEN, "on", False)
     _LINEN.on = on
     try:
-        if on and not enclosing:  # an enclosing context that reroutes has the interceptor
+        if on:  # under an enclosing one too: the first to see a stock conv swaps it
             with nn.intercept_methods(_reroute_interceptor):
                 yield
         else:
