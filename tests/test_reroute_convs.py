@@ -289,6 +289,10 @@ LINEN_OPTIONS = {
     "bf16": (nn.Conv(4, (3, 3), dtype=jnp.bfloat16), (2, 6, 7, 3), jnp.float32, True),
     "f16": (nn.Conv(4, (3, 3), param_dtype=jnp.float16), (2, 6, 7, 3), jnp.float16, True),
     "scan-remat-vmap": (_ScanVmapConvs(), (2, 6, 7, 3), jnp.float32, True),
+    "stride-4": (nn.Conv(4, (4, 4), strides=4), (2, 8, 8, 3), jnp.float32, True),
+    "1x1-stride-8": (nn.Conv(4, (1, 1), strides=8), (2, 9, 9, 3), jnp.float32, True),
+    # Its gradient as the stride-1 conv's costs 64x that conv's: XLA's own is faster.
+    "patchify-8": (nn.Conv(4, (8, 8), strides=8), (2, 16, 16, 3), jnp.float32, False),
     "input-dilation": (nn.Conv(4, (3, 3), input_dilation=2, padding=1), (2, 6, 7, 3),
                        jnp.float32, False),
     "depthwise": (nn.Conv(4, (3, 3), feature_group_count=4), (2, 6, 7, 4), jnp.float32, False),
