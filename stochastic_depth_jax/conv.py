@@ -20,7 +20,7 @@ backward pass, which in a CIFAR ResNet touches 2 of 109 convolutions. Measured (
 gradient up to stride 4 (k3 s2 9 against 81 ms, k4 s4 15 against 29), slower beyond (k8 s8
 17 against 4 ms, a k16 s16 patchify 47-63 against 1), so :func:`conv_general_dilated`
 leaves larger strides of larger-than-1x1 kernels to XLA (:data:`_MAX_STRIDE_AREA`). (The
-forward pass was the stride-1 convolution subsampled until 2026-12-07: 4-58x the time of
+forward pass was the stride-1 convolution subsampled until 2026-12-07: 3.6-58x the time of
 XLA's strided forward in that probe.)
 
 :class:`Conv` is a drop-in for ``flax.linen.Conv`` (same ``kernel``/``bias`` parameters, so
