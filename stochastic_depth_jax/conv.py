@@ -12,9 +12,16 @@ exactly those two constructs (a cond per block, a scan over blocks).
 :func:`conv2d` is a ``jax.custom_vjp`` convolution whose backward pass is written as two
 *forward-layout* (NHWC x HWIO -> NHWC) convolutions, which XLA:CPU runs fast everywhere:
 the same blocks take 44 ms inside ``cond`` and 179 ms under ``scan``, with gradients
-bit-identical to autodiff's in that probe. A stride-s convolution is computed as the
-stride-1 convolution subsampled by s (exact; 4x the FLOPs of that layer for s = 2, which
-in a CIFAR ResNet touches 2 of 109 convolutions).
+bit-identical to autodiff's in that probe. A stride-s convolution runs forward as XLA's
+strided convolution, and its gradients are those of the stride-1 convolution it subsamples
+(the cotangent spread onto every s-th position; exact): s^2 the FLOPs of that layer's
+backward pass, which in a CIFAR ResNet touches 2 of 109 convolutions. Measured (noisy
+2-core CPU, fwd + bwd inside ``lax.cond``, 64x64 inputs): still faster than XLA's own
+gradient up to stride 4 (k3 s2 9 against 81 ms, k4 s4 15 against 29), slower beyond (k8 s8
+17 against 4 ms, a k16 s16 patchify 47-63 against 1), so :func:`conv_general_dilated`
+leaves larger strides of larger-than-1x1 kernels to XLA (:data:`_MAX_STRIDE_AREA`). (The
+forward pass was the stride-1 convolution subsampled until 2026-12-07: 3.6-58x the time of
+XLA's strided forward in that probe.)
 
 :class:`Conv` is a drop-in for ``flax.linen.Conv`` (same ``kernel``/``bias`` parameters, so
 checkpoints move between backends) that uses :func:`conv2d` on CPU and XLA's own
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -65,11 +73,16 @@ Array = Any
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _DN = ("NHWC", "HWIO", "NHWC")
+# conv_general_dilated's largest sh * sw for conv2d (1x1 kernels: any): its gradient costs
+# sh * sw times the layer's stride-1 backward, slower than XLA's own beyond 4x4 (module
+# docstring). A 1x1 kernel's input is subsampled first, so its gradient costs no more.
+_MAX_STRIDE_AREA = 16
 CONV_IMPLEMENTATIONS = ("auto", "xla", "cpu_friendly")
 
 
-def _conv(x: Array, w: Array, pads: Pads, out_sharding: Any = None) -> Array:
-    return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_DN,
+def _conv(x: Array, w: Array, pads: Pads, out_sharding: Any = None,
+          strides: tuple[int, int] = (1, 1)) -> Array:
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DN,
                                     out_sharding=out_sharding)
 
 
@@ -98,19 +111,26 @@ def _grad_shardings(x: Array, w: Array) -> tuple[Any, Any]:
             named(mesh, jax.sharding.PartitionSpec(wi[2], wi[0], wi[1], wi[3])))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_s1(x: Array, w: Array, pads: Pads) -> Array:
-    return _conv(x, w, pads)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_s(x: Array, w: Array, pads: Pads, strides: tuple[int, int]) -> Array:
+    return _conv(x, w, pads, strides=strides)
 
 
-def _conv_s1_fwd(x, w, pads):
-    return _conv(x, w, pads), (x, w)
+def _conv_s_fwd(x, w, pads, strides):
+    return _conv(x, w, pads, strides=strides), (x, w)
 
 
-def _conv_s1_bwd(pads, res, ct):
+def _conv_s_bwd(pads, strides, res, ct):
     x, w = res
     kh, kw = w.shape[:2]
     (pt, pb), (pl, pr) = pads
+    if strides != (1, 1):
+        # The cotangent of the stride-1 convolution this one subsamples: ct at every s-th
+        # position, zeros between and after (a pad, as autodiff transposes a strided slice).
+        full = (x.shape[1] + pt + pb - kh + 1, x.shape[2] + pl + pr - kw + 1)
+        ct = lax.pad(ct, jnp.zeros((), ct.dtype), [(0, 0, 0)] + [
+            (0, f - ((n - 1) * s + 1), s - 1) for f, n, s in zip(full, ct.shape[1:3], strides)
+        ] + [(0, 0, 0)])
     # Input gradient: correlate the cotangent with the spatially flipped kernel, in/out
     # channels swapped; padding k - 1 - p restores the input's size.
     gx_sharding, gw_sharding = _grad_shardings(x, w)
@@ -124,7 +144,7 @@ def _conv_s1_bwd(pads, res, ct):
     return gx.astype(x.dtype), gw.transpose(1, 2, 0, 3).astype(w.dtype)
 
 
-_conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
+_conv_s.defvjp(_conv_s_fwd, _conv_s_bwd)
 
 
 # XLA:CPU (jaxlib 0.10 to 0.12) hands the weight-gradient convolution of _conv_s1_bwd (input
@@ -233,9 +253,8 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
     sh, sw = (int(s) for s in strides)
     x, w = _same_varying(x, w)
     if w.shape[0] == 1 and w.shape[1] == 1 and pads == ((0, 0), (0, 0)):
-        return _conv_s1(x[:, ::sh, ::sw, :], w, pads)  # 1x1: subsample first, exact
-    y = _conv_s1(x, w, pads)
-    return y if (sh, sw) == (1, 1) else y[:, ::sh, ::sw, :]
+        return _conv_s(x[:, ::sh, ::sw, :], w, pads, (1, 1))  # 1x1: subsample first, exact
+    return _conv_s(x, w, pads, (sh, sw))
 
 
 def _same_varying(x: Array, w: Array) -> tuple[Array, Array]:
@@ -262,6 +281,13 @@ def _nhwc_numbers(lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any) -> bool:
     return given == lax.conv_dimension_numbers(shape, shape, _DN)
 
 
+def _stride_area(strides: Any) -> int:
+    area = 1
+    for stride in strides or ():
+        area *= int(stride)
+    return area
+
+
 def _unit(dilation: Any) -> bool:
     return dilation is None or all(int(d) == 1 for d in dilation)
 
@@ -273,14 +299,17 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
                          preferred_element_type: Any = None) -> Array:
     """Drop-in for ``lax.conv_general_dilated`` that uses :func:`conv2d` where it can.
 
-    :func:`conv2d` covers 2-D NHWC x HWIO convolutions with any strides and padding (a
-    string or explicit pairs), no dilation, one feature group, one batch group, default
-    precision and operands of one dtype; every other call goes to
+    :func:`conv2d` covers 2-D NHWC x HWIO convolutions with strides up to 4x4 (product at
+    most :data:`_MAX_STRIDE_AREA`; any for a 1x1 kernel) and any padding (a string or
+    explicit pairs), no dilation, one feature group, one batch group, default precision and
+    operands of one dtype; every other call goes to
     ``lax.conv_general_dilated`` unchanged. Shapes as ``lax.conv_general_dilated``, e.g.
     ``[batch, H, W, C_in] x [kh, kw, C_in, C_out] -> [batch, H_out, W_out, C_out]``.
     """
     covered = (
         _nhwc_numbers(jnp.ndim(lhs), jnp.ndim(rhs), dimension_numbers)
+        and (_stride_area(window_strides) <= _MAX_STRIDE_AREA
+             or tuple(jnp.shape(rhs)[:2]) == (1, 1))
         and _unit(lhs_dilation) and _unit(rhs_dilation)
         and feature_group_count == 1 and batch_group_count == 1
         and precision is None and preferred_element_type is None
@@ -302,9 +331,22 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
 REROUTE_CONVS = ("auto", "always", "never")
 
 
+def _rerouting(when: str) -> bool:
+    """Whether ``when`` (one of :data:`REROUTE_CONVS`) turns the rerouting on here."""
+    if when not in REROUTE_CONVS:
+        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
+    return when == "always" or (when == "auto" and jax.default_backend() == "cpu")
+
+
+# Whether the innermost reroute_flax_convs of this thread (Flax's interceptor stack is per
+# thread too) turned the rerouting on: a 'never' inside an 'always' turns it off.
+_LINEN = threading.local()
+
+
 def _reroute_interceptor(next_fun, args, kwargs, context):
     module = context.module
-    stock = (isinstance(module, nn.Conv) and context.method_name == "__call__"
+    stock = (getattr(_LINEN, "on", False)
+             and isinstance(module, nn.Conv) and context.method_name == "__call__"
              and module.conv_general_dilated is None
              and module.conv_general_dilated_cls is None)
     if not stock:
@@ -325,15 +367,21 @@ def reroute_flax_convs(when: str = "always"):
     Applies to ``nn.Conv`` (and subclasses) that set neither ``conv_general_dilated`` nor
     ``conv_general_dilated_cls``; parameters, initialisation and results are unchanged (to
     float rounding), only the gradient's formulation differs. ``when`` is one of
-    :data:`REROUTE_CONVS`; ``'auto'`` reroutes on the CPU backend only.
+    :data:`REROUTE_CONVS`; ``'auto'`` reroutes on the CPU backend only. The innermost context
+    decides: ``'never'`` inside one that reroutes (a wrapper with ``reroute_convs='never'``
+    in another's branch) leaves the convolutions it encloses stock.
     """
-    if when not in REROUTE_CONVS:
-        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
-    if when == "never" or (when == "auto" and jax.default_backend() != "cpu"):
-        yield
-        return
-    with nn.intercept_methods(_reroute_interceptor):
-        yield
+    on = _rerouting(when)
+    enclosing = getattr(_LINEN, "on", False)
+    _LINEN.on = on
+    try:
+        if on:  # under an enclosing one too: the first to see a stock conv swaps it
+            with nn.intercept_methods(_reroute_interceptor):
+                yield
+        else:
+            yield
+    finally:
+        _LINEN.on = enclosing
 
 
 def _nnx_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
@@ -346,6 +394,13 @@ def _nnx_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[i
     return conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
 
+def _set_conv_fn(convs: list, fn: Callable[..., Array]) -> None:
+    # object.__setattr__, as the Linen interceptor: the attribute is static (not state), and
+    # NNX's own setattr refuses a module created at another trace level (a closed-over model).
+    for m in convs:
+        object.__setattr__(m, "conv_general_dilated", fn)
+
+
 @contextlib.contextmanager
 def reroute_nnx_convs(module: Any, when: str = "always"):
     """Context in which the stock ``flax.nnx.Conv`` layers of ``module`` use
@@ -356,25 +411,22 @@ def reroute_nnx_convs(module: Any, when: str = "always"):
     swapped for the duration of the context and restored, so parameters, the module's graph
     and results (to float rounding) are unchanged. ``module`` may be any object; one that
     is not an NNX graph node (a plain function) is left as it is. ``when``: as
-    :func:`reroute_flax_convs`.
+    :func:`reroute_flax_convs`; where it turns the rerouting off, layers an enclosing context
+    rerouted compute stock for the duration (the innermost context decides).
     """
-    if when not in REROUTE_CONVS:
-        raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
-    if (when == "never" or (when == "auto" and jax.default_backend() != "cpu")
-            or not nnx.graph.is_graph_node(module)):
+    on = _rerouting(when)
+    if not nnx.graph.is_graph_node(module):
         yield
         return
-    stock = [m for _, m in nnx.iter_graph(module)
-             if isinstance(m, nnx.Conv) and m.conv_general_dilated is lax.conv_general_dilated]
-    # object.__setattr__, as the Linen interceptor: the attribute is static (not state), and
-    # NNX's own setattr refuses a module created at another trace level (a closed-over model).
-    for m in stock:
-        object.__setattr__(m, "conv_general_dilated", _nnx_conv_general_dilated)
+    stock, rerouted = lax.conv_general_dilated, _nnx_conv_general_dilated
+    was, becomes = (stock, rerouted) if on else (rerouted, stock)
+    convs = [m for _, m in nnx.iter_graph(module)
+             if isinstance(m, nnx.Conv) and m.conv_general_dilated is was]
+    _set_conv_fn(convs, becomes)
     try:
         yield
     finally:
-        for m in stock:
-            object.__setattr__(m, "conv_general_dilated", lax.conv_general_dilated)
+        _set_conv_fn(convs, was)
 
 
 def _explicit_padding(padding: Any, kernel: Sequence[int], x_shape, strides) -> Pads:

@@ -220,8 +220,8 @@ class StochasticDepth(nn.Module):
       reroute_convs: whether stock ``flax.linen.Conv`` layers inside the branch compute
         through :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and
         numbers, a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU
-        backend), ``'always'`` or ``'never'``. See :func:`~stochastic_depth_jax.conv.
-        reroute_flax_convs`.
+        backend), ``'always'`` or ``'never'``; a wrapper inside the branch decides for its
+        own branch. See :func:`~stochastic_depth_jax.conv.reroute_flax_convs`.
       groups: ``'sample'``/``'skip'``: the subset is drawn within this many contiguous groups
         of the batch (a multiple of the data-shard count keeps activations on their device,
         and is required under explicit mesh axes; see

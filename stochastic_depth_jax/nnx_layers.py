@@ -129,7 +129,8 @@ class StochasticDepth(nnx.Module):
       reroute_convs: whether stock ``nnx.Conv`` layers inside the branch compute through
         :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and numbers,
         a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU backend),
-        ``'always'`` or ``'never'`` (for forward-mode autodiff). See
+        ``'always'`` or ``'never'`` (for forward-mode autodiff); a wrapper inside the
+        branch decides for its own branch. See
         :func:`~stochastic_depth_jax.conv.reroute_nnx_convs`.
     """
 

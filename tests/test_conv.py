@@ -39,6 +39,17 @@ def test_value_and_grads_match_xla(k, s, pads):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_strided_forward_is_xlas_strided_convolution():
+    # The forward pass of a stride-2 conv was the stride-1 conv subsampled (4x the FLOPs and
+    # the full-resolution output); only the gradient needs the stride-1 formulation.
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    forward = str(jax.make_jaxpr(lambda a, b: conv2d(a, b, (2, 2), ((1, 1), (1, 1))))(x, w))
+    assert "window_strides=(2, 2)" in forward and "window_strides=(1, 1)" not in forward
+    backward = str(jax.make_jaxpr(jax.grad(
+        lambda a, b: jnp.sum(conv2d(a, b, (2, 2), ((1, 1), (1, 1))) ** 2), (0, 1)))(x, w))
+    assert "window_strides=(1, 1)" in backward  # the gradients as the stride-1 conv's
+
+
 def test_grads_inside_cond_and_scan():
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
     ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 4)) * 0.2

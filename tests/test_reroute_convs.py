@@ -190,3 +190,189 @@ def test_nnx_reroute_respects_user_conv_and_rejects_bad_option():
             np.testing.assert_array_equal(stock(xs, out_sharding=P("data")), want)
     with pytest.raises(ValueError, match="reroute_convs"):
         nnx_layers.StochasticDepth(stock, 0.5, reroute_convs="sometimes")
+
+
+def _custom_convs(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args)).count("custom_vjp_call[")
+
+
+class _OuterBranch(nn.Module):
+    """A stock conv plus a wrapped stock conv whose wrapper sets ``inner_reroute``."""
+
+    inner_reroute: str
+
+    @nn.compact
+    def __call__(self, h, *, train):
+        inner = StochasticDepth(nn.Conv(3, (3, 3), parent=None), 0.5,
+                                reroute_convs=self.inner_reroute)
+        return nn.Conv(3, (3, 3))(h) + inner(h, deterministic=not train)
+
+
+class _NnxOuterBranch(nnx.Module):
+    def __init__(self, inner_reroute, rngs):
+        self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+        self.inner = nnx_layers.StochasticDepth(nnx.Conv(3, 3, (3, 3), rngs=rngs), 0.5,
+                                                rngs=rngs, reroute_convs=inner_reroute)
+
+    def __call__(self, h):
+        return self.conv(h) + self.inner(h)
+
+
+@pytest.mark.parametrize("inner", ["never", "always"])
+def test_innermost_reroute_setting_decides(inner):
+    # A wrapper with reroute_convs='never' in the branch of one that reroutes (e.g. for
+    # jax.jvp, README "Forward-mode autodiff") was ignored: the enclosing rerouting still
+    # handed its convolutions the custom-gradient convolution.
+    x = jnp.ones((2, 6, 6, 3))
+    want = 2 if inner == "always" else 1  # the outer branch's own conv is rerouted in both
+    outer = StochasticDepth(_OuterBranch(inner, parent=None), 0.5, reroute_convs="always")
+    v = outer.init(jax.random.key(0), x, deterministic=True, train=False)
+    for train in (False, True):
+        run = lambda v, x: outer.apply(  # noqa: E731
+            v, x, deterministic=not train, train=train,
+            rngs={"stochastic_depth": jax.random.key(1)})
+        assert _custom_convs(run, v, x) == want
+    rngs = nnx.Rngs(params=0, stochastic_depth=1)
+    model = nnx_layers.StochasticDepth(_NnxOuterBranch(inner, rngs), 0.5, rngs=rngs,
+                                       reroute_convs="always")
+    graphdef, state = nnx.split(model)
+
+    def train_call(state, x):
+        return nnx.merge(graphdef, state, copy=True)(x, rngs=jax.random.key(1))
+
+    assert _custom_convs(train_call, state, x) == want
+    model.eval()
+    assert _custom_convs(lambda v: model(v), x) == want
+    for conv in (model.branch.conv, model.branch.inner.branch):  # the swaps are undone
+        assert conv.conv_general_dilated is jax.lax.conv_general_dilated
+    # The contexts themselves: the inner one decides within it, the outer one after it.
+    conv = nn.Conv(2, (3, 3))
+    w = conv.init(jax.random.key(0), x)
+    nconv = nnx.Conv(3, 2, (3, 3), rngs=nnx.Rngs(0))
+    with reroute_flax_convs("always"), reroute_nnx_convs(nconv, "always"):
+        with reroute_flax_convs(inner), reroute_nnx_convs(nconv, inner):
+            assert _uses_custom_conv(lambda v: conv.apply(w, v), x) == (inner == "always")
+            assert _uses_custom_conv(lambda v: nconv(v), x) == (inner == "always")
+        assert _uses_custom_conv(lambda v: conv.apply(w, v), x)
+        assert _uses_custom_conv(lambda v: nconv(v), x)
+    assert not _uses_custom_conv(lambda v: conv.apply(w, v), x)
+    assert not _uses_custom_conv(lambda v: nconv(v), x)
+
+
+class _ScanVmapConvs(nn.Module):
+    """Stock convs inside ``nn.scan``, ``nn.remat`` and ``nn.vmap`` (per-slice kernels)."""
+
+    @nn.compact
+    def __call__(self, h):
+        class Body(nn.Module):
+            @nn.compact
+            def __call__(self, c, _):
+                return nn.relu(nn.Conv(3, (3, 3))(c)), None
+
+        h = nn.scan(Body, variable_axes={"params": 0}, split_rngs={"params": True},
+                    length=2)()(h, None)[0]
+        h = nn.remat(nn.Conv)(3, (3, 3), strides=2)(h)
+        per_slice = nn.vmap(nn.Conv, variable_axes={"params": 0}, split_rngs={"params": True})
+        return per_slice(3, (3, 3))(h[None])[0]
+
+
+# (module, input shape, dtype, whether the stock conv is rerouted): every option a stock
+# Linen conv can carry; what the CPU-friendly conv does not cover computes as stock.
+LINEN_OPTIONS = {
+    "reflect": (nn.Conv(4, (3, 3), padding="REFLECT"), (2, 6, 7, 3), jnp.float32, True),
+    "negative-pads": (nn.Conv(4, (3, 3), strides=2, padding=((-1, 2), (1, -1))), (2, 7, 8, 3),
+                      jnp.float32, True),
+    "no-batch-axis": (nn.Conv(4, (3, 3), strides=(1, 2)), (6, 7, 3), jnp.float32, True),
+    "two-batch-axes": (nn.Conv(4, (3, 3)), (2, 2, 6, 7, 3), jnp.float32, True),
+    "mask": (nn.Conv(4, (3, 3), mask=jnp.tril(jnp.ones((3, 3, 3, 4)))), (2, 6, 7, 3),
+             jnp.float32, True),
+    "bf16": (nn.Conv(4, (3, 3), dtype=jnp.bfloat16), (2, 6, 7, 3), jnp.float32, True),
+    "f16": (nn.Conv(4, (3, 3), param_dtype=jnp.float16), (2, 6, 7, 3), jnp.float16, True),
+    "scan-remat-vmap": (_ScanVmapConvs(), (2, 6, 7, 3), jnp.float32, True),
+    "stride-4": (nn.Conv(4, (4, 4), strides=4), (2, 8, 8, 3), jnp.float32, True),
+    "1x1-stride-8": (nn.Conv(4, (1, 1), strides=8), (2, 9, 9, 3), jnp.float32, True),
+    # Its gradient as the stride-1 conv's costs 64x that conv's: XLA's own is faster.
+    "patchify-8": (nn.Conv(4, (8, 8), strides=8), (2, 16, 16, 3), jnp.float32, False),
+    "input-dilation": (nn.Conv(4, (3, 3), input_dilation=2, padding=1), (2, 6, 7, 3),
+                       jnp.float32, False),
+    "depthwise": (nn.Conv(4, (3, 3), feature_group_count=4), (2, 6, 7, 4), jnp.float32, False),
+    "precision": (nn.Conv(4, (3, 3), precision="highest"), (2, 6, 7, 3), jnp.float32, False),
+    "1-D causal": (nn.Conv(4, (3,), padding="CAUSAL"), (2, 7, 3), jnp.float32, False),
+    "3-D": (nn.Conv(4, (2, 2, 2)), (2, 3, 4, 4, 3), jnp.float32, False),
+    "transpose": (nn.ConvTranspose(4, (3, 3), strides=(2, 2)), (2, 6, 7, 3), jnp.float32,
+                  False),
+    "local": (nn.ConvLocal(4, (3, 3)), (2, 6, 7, 3), jnp.float32, False),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEN_OPTIONS))
+def test_stock_linen_conv_options_rerouted_or_stock(name):
+    module, shape, dtype, rerouted = LINEN_OPTIONS[name]
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    v = module.init(jax.random.key(1), x)
+
+    def loss(v, x, when):
+        with reroute_flax_convs(when):
+            y = module.apply(v, x)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+    run = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)
+    (_, y_f), g_f = run(v, x, "always")
+    (_, y_s), g_s = run(v, x, "never")
+    low = jnp.finfo(y_f.dtype).bits == 16  # gradients in half precision: its rounding
+    tol = dict(rtol=5e-2, atol=5e-2) if low else dict(rtol=1e-5, atol=1e-5)
+    assert y_f.dtype == y_s.dtype
+    np.testing.assert_allclose(np.float32(y_f), np.float32(y_s), **tol)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.float32(a), np.float32(b), **tol), g_f, g_s)
+    assert _uses_custom_conv(lambda v, x: loss(v, x, "always"), v, x) == rerouted
+
+
+@pytest.mark.parametrize("kwargs, shape, rerouted", [
+    (dict(kernel_size=(3, 3), dtype=jnp.bfloat16), (2, 6, 7, 3), True),
+    (dict(kernel_size=(3, 3), mask=jnp.tril(jnp.ones((3, 3, 3, 4)))), (6, 7, 3), True),
+    (dict(kernel_size=(3, 3), dtype=jnp.bfloat16, preferred_element_type=jnp.float32),
+     (2, 6, 7, 3), False),
+    (dict(kernel_size=(3,), padding="CAUSAL"), (2, 7, 3), False),
+    (dict(kernel_size=(3, 3), input_dilation=2, padding=1), (2, 6, 7, 3), False),
+])
+def test_stock_nnx_conv_options_rerouted_or_stock(kwargs, shape, rerouted):
+    conv = nnx.Conv(3, 4, rngs=nnx.Rngs(0), **kwargs)
+    x = jax.random.normal(jax.random.key(0), shape)
+    graphdef, params = nnx.split(conv)
+
+    def loss(params, x, when):
+        m = nnx.merge(graphdef, params, copy=True)
+        with reroute_nnx_convs(m, when):
+            y = m(x)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+    run = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)
+    (_, y_f), g_f = run(params, x, "always")
+    (_, y_s), g_s = run(params, x, "never")
+    tol = dict(rtol=5e-2, atol=5e-2) if "dtype" in kwargs else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.float32(y_f), np.float32(y_s), **tol)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.float32(a), np.float32(b), **tol), g_f, g_s)
+    assert _uses_custom_conv(lambda p, x: loss(p, x, "always"), params, x) == rerouted
+
+
+def test_rerouted_branch_second_order_matches_stock():
+    # jax.hessian (forward over reverse) differentiates the custom gradient's backward pass;
+    # plain jax.jvp needs reroute_convs='never' (README, "Forward-mode autodiff").
+    x = jax.random.normal(jax.random.key(0), (1, 3, 3, 2))
+    branch = nn.Sequential([nn.Conv(2, (3, 3), strides=2), jnp.tanh, nn.Conv(2, (2, 2))],
+                           parent=None)
+    hessians = {}
+    for when in ("always", "never"):
+        wrapped = StochasticDepth(branch, 0.5, reroute_convs=when)
+        v = wrapped.init(jax.random.key(1), x, deterministic=True)
+
+        def f(x):
+            return jnp.sum(jnp.sin(wrapped.apply(v, x, deterministic=False, gate=True)))
+
+        hessians[when] = jax.jit(jax.hessian(f))(x)
+        if when == "never":
+            assert np.isfinite(jax.jvp(f, (x,), (jnp.ones_like(x),))[1])
+    np.testing.assert_allclose(hessians["always"], hessians["never"], rtol=1e-5, atol=1e-6)
+    assert np.abs(hessians["never"]).sum() > 0
