@@ -117,6 +117,38 @@ def test_linen_scan_with_one_shared_layer_or_a_pre_drawn_gate_is_not_refused():
     np.testing.assert_array_equal(stack.apply(variables, x, gate)[0], float(L))
 
 
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_a_scan_over_microbatches_with_one_key_is_not_refused(mode):
+    # Gradient accumulation: a lax.scan over microbatches takes the gradient of parameters
+    # closed over (the same in every iteration) with one key (one gate for the whole
+    # batch in batch mode). Not a scan over layers: it was refused as one.
+    model = ScanLayer(mode=mode, branch=Mlp)
+    xs = jax.random.normal(jax.random.key(2), (3, B, D))
+    params = model.init(jax.random.key(0), xs[0], None)["params"]
+    key = jax.random.key(1)
+
+    def grad(p, x):
+        return jax.grad(lambda p: model.apply({"params": p}, x, None,
+                                              rngs={"stochastic_depth": key})[0].sum())(p)
+
+    def accumulate(p):
+        return jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, grad(p, x)), None),
+                            jax.tree.map(jnp.zeros_like, p), xs)[0]
+
+    loop = jax.tree.map(lambda *g: sum(g), *[grad(params, x) for x in xs])
+    for a, b in zip(jax.tree.leaves(jax.jit(accumulate)(params)), jax.tree.leaves(loop)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A stack scanned without the stream split is still refused under grad and vmap.
+    shared = _stack(split=False, mode=mode)
+    x = jnp.zeros((B, 2))
+    variables = shared.init(jax.random.key(0), x, None)
+    keys = jax.random.split(key, 2)
+    with pytest.raises(ValueError, match="is not split"):
+        jax.grad(lambda v: shared.apply(v, x, None, rngs={"stochastic_depth": key})[0].sum())(
+            variables)
+    with pytest.raises(ValueError, match="is not split"):
+        jax.vmap(lambda k: shared.apply(variables, x, None, rngs={"stochastic_depth": k}))(keys)
+
 def test_linen_scan_takes_a_per_layer_rate_in_batch_mode():
     probs = jnp.asarray([1.0, 1.0, 1.0, 1e-7, 1e-7, 1e-7])  # traced inside the scan
     model = _stack(mode="batch")
