@@ -93,6 +93,19 @@ def test_linen_scan_without_split_rngs_says_what_to_add(mode):
         jax.lax.scan(body, x, variables["params"])
 
 
+@pytest.mark.parametrize("wrap", [lambda m: m, nn.remat])
+def test_linen_scan_whose_split_rngs_leave_out_the_stream_says_to_add_it(wrap):
+    # nn.scan passes on only the streams its split_rngs name: the layer had no gate stream,
+    # and the error said apply() was not given one (it was), not where it was lost.
+    stack = nn.scan(wrap(ScanLayer), variable_axes={"params": 0}, length=L,
+                    split_rngs={"params": True})()
+    x = jnp.zeros((B, 2))
+    variables = stack.init(jax.random.key(0), x, None)
+    with pytest.raises(ValueError, match=r"inside the Linen transform [a-z(]*scan\(\).*was "
+                                         r"not given.*split_rngs=\{'params': True, "
+                                         r"'stochastic_depth': True\}\."):
+        stack.apply(variables, x, None, rngs={"stochastic_depth": jax.random.key(1)})
+
 def test_linen_scan_with_one_shared_layer_or_a_pre_drawn_gate_is_not_refused():
     x = jnp.zeros((B, 2))
     # Weights shared by every iteration (variable_broadcast), the stream not split: one
