@@ -156,6 +156,15 @@ def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:
     """``module.make_rng(collection)`` (which falls back to the ``'params'`` stream, as Flax
     does), or, when neither stream was given, a ValueError saying how to pass the gate key."""
     if not module.has_rng(collection) and not module.has_rng("params"):
+        lifted = _transforms_around(module)
+        if lifted:  # nn.scan and nn.vmap pass on only the streams their split_rngs name
+            raise ValueError(
+                f"Training (train=True / deterministic=False) draws stochastic-depth gates "
+                f"from the rng stream {collection!r}, which this layer, inside the Linen "
+                f"transform {lifted}, was not given: pass rngs={{{collection!r}: "
+                f"jax.random.fold_in(key, step)}} to apply() and name the stream in the "
+                f"split_rngs of nn.scan or nn.vmap (they pass on no other), e.g. "
+                f"split_rngs={{'params': True, {collection!r}: True}}.")
         raise ValueError(
             f"Training (train=True / deterministic=False) draws stochastic-depth gates from the "
             f"rng stream {collection!r}, which apply() was not given: pass "
@@ -164,6 +173,13 @@ def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:
         )
     _check_split_in_scan(module, collection if module.has_rng(collection) else "params")
     return module.make_rng(collection)
+
+
+def _transforms_around(module: nn.Module) -> str:
+    """The Linen transforms (``nn.scan``, ``nn.vmap``, ...) around ``module``, as Flax names
+    them in its scope's debug path (``'remat(scan())'``); ``''`` outside any."""
+    path = getattr(module.scope, "debug_path", None) or ()
+    return ", ".join(p for p in path if isinstance(p, str) and p.endswith(")"))
 
 
 def _check_split_in_scan(module: nn.Module, collection: str) -> None:

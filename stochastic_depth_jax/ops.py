@@ -179,23 +179,31 @@ def is_static_one(p: Any) -> bool:
 
 
 def key_shared_across_scan(key: Any, varying: Any) -> bool:
-    """True when ``varying`` (e.g. a layer's parameter) differs from one iteration of a
-    ``lax.scan`` to the next (``nn.scan`` / ``nnx.scan`` over stacked layers) while ``key``
-    comes from outside that scan, so every iteration would draw the same gates.
+    """True when ``varying`` (e.g. a layer's parameter) is a value of a ``lax.scan``'s body
+    (``nn.scan`` / ``nnx.scan`` over stacked layers: it differs from one iteration to the
+    next) while ``key`` comes from outside that scan, so every iteration would draw the same
+    gates.
 
-    Read off the traces at trace time, at no cost when running. Where the traces cannot be
-    read (a concrete ``varying``; a transform between the scan and the layer, such as
-    ``nn.remat``, that takes the key in as its own argument) it answers False."""
+    Read off the traces at trace time, at no cost when running. A value that ``grad`` or
+    ``vmap`` carries inside the body is looked through to the value it carries: parameters
+    closed over by a scan over microbatches (gradient accumulation) are the same in every
+    iteration, and the one key is then one gate for the whole batch. Where the traces cannot
+    be read (a concrete ``varying``; a transform between the scan and the layer, such as
+    ``nn.remat`` or ``nn.cond``, that takes the value in as its own argument) it answers
+    False."""
     trace = getattr(varying, "_trace", None)
-    if key is None or trace is None:
+    while trace is not None and getattr(trace, "frame", None) is None:
+        # grad's and vmap's tracers carry the value they wrap (primal, val): look through
+        varying = getattr(varying, "primal", getattr(varying, "val", None))
+        trace = getattr(varying, "_trace", None)
+    info = getattr(getattr(trace, "frame", None), "debug_info", None)
+    if key is None or getattr(info, "traced_for", None) != "scan":
         return False
     outer = getattr(key, "_trace", None)  # None: a concrete key, outside every trace
-    scanned = False
+    trace = getattr(trace, "parent_trace", None)
     while trace is not None and trace is not outer:
-        info = getattr(getattr(trace, "frame", None), "debug_info", None)
-        scanned = scanned or getattr(info, "traced_for", None) == "scan"
         trace = getattr(trace, "parent_trace", None)
-    return scanned and trace is outer
+    return trace is outer
 
 
 class TracedFlagError(TypeError):

@@ -93,6 +93,19 @@ def test_linen_scan_without_split_rngs_says_what_to_add(mode):
         jax.lax.scan(body, x, variables["params"])
 
 
+@pytest.mark.parametrize("wrap", [lambda m: m, nn.remat])
+def test_linen_scan_whose_split_rngs_leave_out_the_stream_says_to_add_it(wrap):
+    # nn.scan passes on only the streams its split_rngs name: the layer had no gate stream,
+    # and the error said apply() was not given one (it was), not where it was lost.
+    stack = nn.scan(wrap(ScanLayer), variable_axes={"params": 0}, length=L,
+                    split_rngs={"params": True})()
+    x = jnp.zeros((B, 2))
+    variables = stack.init(jax.random.key(0), x, None)
+    with pytest.raises(ValueError, match=r"inside the Linen transform [a-z(]*scan\(\).*was "
+                                         r"not given.*split_rngs=\{'params': True, "
+                                         r"'stochastic_depth': True\}\."):
+        stack.apply(variables, x, None, rngs={"stochastic_depth": jax.random.key(1)})
+
 def test_linen_scan_with_one_shared_layer_or_a_pre_drawn_gate_is_not_refused():
     x = jnp.zeros((B, 2))
     # Weights shared by every iteration (variable_broadcast), the stream not split: one
@@ -116,6 +129,38 @@ def test_linen_scan_with_one_shared_layer_or_a_pre_drawn_gate_is_not_refused():
     variables = stack.init(jax.random.key(0), x, gate)
     np.testing.assert_array_equal(stack.apply(variables, x, gate)[0], float(L))
 
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_a_scan_over_microbatches_with_one_key_is_not_refused(mode):
+    # Gradient accumulation: a lax.scan over microbatches takes the gradient of parameters
+    # closed over (the same in every iteration) with one key (one gate for the whole
+    # batch in batch mode). Not a scan over layers: it was refused as one.
+    model = ScanLayer(mode=mode, branch=Mlp)
+    xs = jax.random.normal(jax.random.key(2), (3, B, D))
+    params = model.init(jax.random.key(0), xs[0], None)["params"]
+    key = jax.random.key(1)
+
+    def grad(p, x):
+        return jax.grad(lambda p: model.apply({"params": p}, x, None,
+                                              rngs={"stochastic_depth": key})[0].sum())(p)
+
+    def accumulate(p):
+        return jax.lax.scan(lambda acc, x: (jax.tree.map(jnp.add, acc, grad(p, x)), None),
+                            jax.tree.map(jnp.zeros_like, p), xs)[0]
+
+    loop = jax.tree.map(lambda *g: sum(g), *[grad(params, x) for x in xs])
+    for a, b in zip(jax.tree.leaves(jax.jit(accumulate)(params)), jax.tree.leaves(loop)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A stack scanned without the stream split is still refused under grad and vmap.
+    shared = _stack(split=False, mode=mode)
+    x = jnp.zeros((B, 2))
+    variables = shared.init(jax.random.key(0), x, None)
+    keys = jax.random.split(key, 2)
+    with pytest.raises(ValueError, match="is not split"):
+        jax.grad(lambda v: shared.apply(v, x, None, rngs={"stochastic_depth": key})[0].sum())(
+            variables)
+    with pytest.raises(ValueError, match="is not split"):
+        jax.vmap(lambda k: shared.apply(variables, x, None, rngs={"stochastic_depth": k}))(keys)
 
 def test_linen_scan_takes_a_per_layer_rate_in_batch_mode():
     probs = jnp.asarray([1.0, 1.0, 1.0, 1e-7, 1e-7, 1e-7])  # traced inside the scan
