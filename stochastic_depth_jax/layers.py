@@ -17,7 +17,6 @@ from flax import nnx
 from flax.linen import module as linen_module
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from stochastic_depth_jax import ops
@@ -418,11 +417,7 @@ class DropPath(StochasticDepth):
                 f"survival_prob={p!r} (its second positional argument): for a drop rate of "
                 f"{p!r} write rate={p!r}, for a survival probability of {p!r} "
                 f"rate={_drop_rate(p)}.")
-        rate = self.rate
-        if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) or np.ndim(rate) \
-                or not 0.0 <= float(rate) < 1.0:
-            raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
-                             "branch's drop rate (e.g. rate=0.1).")
+        ops.check_drop_rate(self.rate)
         super().__post_init__()
 
     def _module_prob(self) -> Any:

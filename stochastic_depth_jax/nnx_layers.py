@@ -322,11 +322,8 @@ class DropPath(StochasticDepth):
                             f"DropPath(branch, rate={_drop_rate(kwargs['survival_prob'])}), or "
                             f"StochasticDepth(branch, survival_prob=..., mode='sample', "
                             f"scaling='train').")
-        if isinstance(rate, (bool, np.bool_)) or not ops.is_concrete(rate) \
-                or np.ndim(rate) or not 0.0 <= float(rate) < 1.0:
-            raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
-                             "branch's drop rate (e.g. rate=0.1).")
-        super().__init__(branch, 1.0 - float(rate), mode=mode, scaling=scaling,
+        rate = ops.check_drop_rate(rate)
+        super().__init__(branch, 1.0 - rate, mode=mode, scaling=scaling,
                          implementation=implementation, **kwargs)
 
 

@@ -378,3 +378,25 @@ def test_linen_drop_path_takes_the_drop_rate_as_nnx_does():
 def test_linen_drop_path_refuses_a_survival_prob_or_a_bad_rate(make, error, message):
     with pytest.raises(error, match=message):
         make(LinenBranch(parent=None))
+
+
+def test_a_traced_drop_path_rate_is_refused_naming_the_call_s_survival_prob():
+    """A DropPath built under jit with a traced rate was told 'must be a float in [0, 1)',
+    which it may well be: the rate is a field, fixed when the model is built; a varying
+    one goes to the call as survival_prob=1 - rate. Linen and NNX alike."""
+    expected = ("DropPath rate must be known when the model is built, got a traced value; "
+                "pass a rate that varies under jit to the call instead, as "
+                "survival_prob=1 - rate.")
+
+    def linen(rate):
+        sdj.DropPath(LinenBranch(parent=None), rate=rate)
+        return rate
+
+    def nnx_drop_path(rate):
+        sdj.nnx_layers.DropPath(lambda v: v + 1.0, rate)
+        return rate
+
+    for build in (linen, nnx_drop_path):
+        with pytest.raises(ValueError) as caught:
+            jax.jit(build)(0.1)
+        assert str(caught.value) == expected
