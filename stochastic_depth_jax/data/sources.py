@@ -101,7 +101,8 @@ def check_local_data_dir(data_dir: str, tfds_name: str) -> None:
     Raises:
       errors.DataError: ``data_dir`` names a remote location.
     """
-    if "://" not in data_dir:
+    data_dir = os.fspath(data_dir)  # a pathlib.Path, as os.path.join takes it
+    if "://" not in data_dir:  # (tfds takes '://' anywhere in a path for a URL's)
         return
     where = f"{data_dir.rstrip('/')}/{tfds_name}"
     raise errors.DataError(
