@@ -419,10 +419,10 @@ def _read_cache(path: str, stamp: str, count: int) -> Split | None:
 def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes the decoded split to ``path`` atomically, under a temporary name of its own
     that its writer holds (:func:`stochastic_depth_jax.files.atomic_write`): hosts sharing a
-    ``data_dir`` each rename a whole file. The name was ``<path>.tmp-<pid>.npz``, the same for two hosts
-    whose processes have the same pid (containers): the second truncated and renamed the
-    first one's file while it was written (its rename then failed with a warning, and its
-    last writes went into the cache)."""
+    ``data_dir`` each rename a whole file. The name was ``<path>.tmp-<pid>.npz``, the same
+    for two hosts whose processes have the same pid (containers): the second truncated and
+    renamed the first one's file while it was written (its rename then failed with a
+    warning, and its last writes went into the cache)."""
     try:
         with files.atomic_write(path, "wb") as f:  # Removed on an error.
             np.savez(
