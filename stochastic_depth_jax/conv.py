@@ -87,7 +87,7 @@ def _conv(x: Array, w: Array, pads: Pads, out_sharding: Any = None,
 
 
 def _grad_shardings(x: Array, w: Array) -> tuple[Any, Any]:
-    """``out_sharding`` for the input and weight gradients of :func:`_conv_s1_bwd`: the
+    """``out_sharding`` for the input and weight gradients of :func:`_conv_s_bwd`: the
     operands' own shardings (the kernel's in the ``[ci, kh, kw, co]`` layout the weight
     gradient comes out in), or None without explicit mesh axes.
 
@@ -147,7 +147,7 @@ def _conv_s_bwd(pads, strides, res, ct):
 _conv_s.defvjp(_conv_s_fwd, _conv_s_bwd)
 
 
-# XLA:CPU (jaxlib 0.10 to 0.12) hands the weight-gradient convolution of _conv_s1_bwd (input
+# XLA:CPU (jaxlib 0.10 to 0.12) hands the weight-gradient convolution of _conv_s_bwd (input
 # channels as the batch, the cotangent as a batch-sized kernel) to YNNPACK, and XLA's own
 # (Eigen) convolution runs it faster at a CIFAR ResNet's shapes. The option lists what
 # YNNPACK may still take: dots, and reductions, without which XLA splits each large

@@ -156,7 +156,9 @@ def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:
     does), or, when neither stream was given, a ValueError saying how to pass the gate key."""
     if not module.has_rng(collection) and not module.has_rng("params"):
         lifted = _transforms_around(module)
-        if lifted:  # nn.scan and nn.vmap pass on only the streams their split_rngs name
+        # nn.scan and nn.vmap pass on only the streams their split_rngs name; nn.remat and
+        # nn.jit pass on all, so under those alone apply() was not given the stream.
+        if "scan(" in lifted or "vmap(" in lifted:
             raise ValueError(
                 f"Training (train=True / deterministic=False) draws stochastic-depth gates "
                 f"from the rng stream {collection!r}, which this layer, inside the Linen "

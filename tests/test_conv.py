@@ -39,6 +39,28 @@ def test_value_and_grads_match_xla(k, s, pads):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k, s, padding", [
+    ((3, 3), (3, 2), "SAME"), ((2, 3), (4, 4), "VALID"), ((3, 2), (2, 3), ((2, 0), (0, 1))),
+])
+def test_unequal_strides_with_remainders_match_xla_at_batch_one(k, s, padding, dtype):
+    # The strided backward spreads the cotangent onto every s-th position of the stride-1
+    # output and pads the rest: odd sizes leave a remainder after the last strided position.
+    x = jax.random.normal(jax.random.key(0), (1, 7, 9, 3), dtype)
+    w = jax.random.normal(jax.random.key(1), (*k, 3, 4), dtype)
+    pads = tuple(lax.padtype_to_pads((7, 9), k, s, padding)) if isinstance(padding, str) \
+        else padding
+    ct = jax.random.normal(jax.random.key(2), _ref(x, w, s, pads).shape, dtype)
+    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, s, pads), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: _ref(a, b, s, pads), x, w)
+    tol = 1e-4 if dtype == jnp.float32 else 5e-2
+    scale = lambda a: np.asarray(a, np.float32) / np.abs(np.asarray(a, np.float32)).max()
+    np.testing.assert_allclose(scale(y), scale(y_ref), atol=tol)
+    for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape
+        np.testing.assert_allclose(scale(g), scale(g_ref), atol=tol)
+
+
 def test_strided_forward_is_xlas_strided_convolution():
     # The forward pass of a stride-2 conv was the stride-1 conv subsampled (4x the FLOPs and
     # the full-resolution output); only the gradient needs the stride-1 formulation.

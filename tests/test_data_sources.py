@@ -844,3 +844,26 @@ def test_a_remote_tfds_data_dir_is_refused_in_one_line(data_dir):
         f"data_dir {data_dir!r} is remote: prepared tfds datasets are read from a local disk "
         f"only (array_record files); copy it to one (e.g. gsutil -m cp -r {where} "
         "/data/tensorflow_datasets/) and set data_dir=/data/tensorflow_datasets.")
+
+
+
+def test_a_data_dir_given_as_a_path_object_loads(tmp_path):
+    """A ``pathlib.Path`` data_dir (os.path.join and tfds take one) raised a TypeError from
+    the remote data_dir check ('://' in a Path)."""
+    data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=12, num_test=5)
+    ds = data.load_dataset("cifar10", data_dir=tmp_path, download=False, validation_size=0)
+    assert (len(ds.train), len(ds.test)) == (12, 5)
+
+
+@pytest.mark.parametrize("url", ["file://{}", "file://localhost{}"])
+def test_a_file_url_data_dir_is_told_to_be_its_local_path(tmp_path, url):
+    """A file:// data_dir names a local directory: it was refused as remote, with advice to
+    copy it with gsutil (tfds reads no file:// URL; image folders take one)."""
+    data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=12, num_test=5)
+    with pytest.raises(errors.DataError) as caught:
+        data.load_dataset("cifar10", data_dir=url.format(tmp_path), download=False)
+    assert str(caught.value) == (
+        f"data_dir {url.format(tmp_path)!r} is a file:// URL, which tfds does not read; give "
+        f"its local path: data_dir={tmp_path}")
+    ds = data.load_dataset("cifar10", data_dir=str(tmp_path), download=False, validation_size=0)
+    assert (len(ds.train), len(ds.test)) == (12, 5)

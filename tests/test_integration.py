@@ -106,6 +106,22 @@ def test_linen_scan_whose_split_rngs_leave_out_the_stream_says_to_add_it(wrap):
                                          r"'stochastic_depth': True\}\."):
         stack.apply(variables, x, None, rngs={"stochastic_depth": jax.random.key(1)})
 
+@pytest.mark.parametrize("wrap", [nn.remat, nn.jit])
+def test_a_layer_under_remat_or_jit_alone_says_apply_was_not_given_the_stream(wrap):
+    # nn.remat and nn.jit pass on every stream: the message blamed the split_rngs of an
+    # nn.scan or nn.vmap that is not there.
+    model = wrap(ScanLayer)()
+    x = jnp.zeros((B, 2))
+    variables = model.init(jax.random.key(0), x, None)
+    with pytest.raises(ValueError) as caught:
+        model.apply(variables, x, None)
+    assert str(caught.value) == (
+        "Training (train=True / deterministic=False) draws stochastic-depth gates from the "
+        "rng stream 'stochastic_depth', which apply() was not given: pass "
+        "rngs={'stochastic_depth': jax.random.fold_in(key, step)} (or evaluate with "
+        "train=False / deterministic=True).")
+
+
 def test_linen_scan_with_one_shared_layer_or_a_pre_drawn_gate_is_not_refused():
     x = jnp.zeros((B, 2))
     # Weights shared by every iteration (variable_broadcast), the stream not split: one

@@ -376,3 +376,60 @@ def test_rerouted_branch_second_order_matches_stock():
             assert np.isfinite(jax.jvp(f, (x,), (jnp.ones_like(x),))[1])
     np.testing.assert_allclose(hessians["always"], hessians["never"], rtol=1e-5, atol=1e-6)
     assert np.abs(hessians["never"]).sum() > 0
+
+
+def test_the_reroute_setting_is_per_thread_and_undone_after_an_exception(monkeypatch):
+    """The innermost reroute_flax_convs decides through a per-thread flag: another thread's
+    convs stay stock while one thread reroutes, and an exception in the context restores
+    the enclosing setting (Linen), as it restores the swapped NNX layers."""
+    import threading
+
+    from jax import lax
+
+    from stochastic_depth_jax import conv as conv_lib
+
+    rerouted = []
+    real = conv_lib.conv_general_dilated
+
+    def spy(*args, **kwargs):
+        rerouted.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv_lib, "conv_general_dilated", spy)
+    x = jnp.ones((1, 5, 5, 2))
+    conv = nn.Conv(3, (3, 3))
+    variables = conv.init(jax.random.key(0), x)
+    entered, applied = threading.Event(), threading.Event()
+
+    def rerouting():
+        with reroute_flax_convs("always"):
+            entered.set()
+            applied.wait(timeout=60)
+            conv.apply(variables, x)
+
+    def stock():
+        entered.wait(timeout=60)
+        conv.apply(variables, x)
+        applied.set()
+
+    threads = [threading.Thread(target=rerouting, name="rerouting"),
+               threading.Thread(target=stock, name="stock")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rerouted == ["rerouting"]
+    with pytest.raises(RuntimeError):
+        with reroute_flax_convs("always"):
+            with reroute_flax_convs("never"):
+                raise RuntimeError
+    rerouted.clear()
+    conv.apply(variables, x)
+    assert rerouted == []
+    layer = nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(RuntimeError):
+        with reroute_nnx_convs(layer, "always"):
+            with reroute_nnx_convs(layer, "never"):
+                assert layer.conv_general_dilated is lax.conv_general_dilated
+                raise RuntimeError
+    assert layer.conv_general_dilated is lax.conv_general_dilated

@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 
 from stochastic_depth_jax import errors, files, logs
+from stochastic_depth_jax.data import image_folder
 from stochastic_depth_jax.data.builders import (no_tempdir_leak, real_builder_class,
                                                  tf_free_builder)
 from stochastic_depth_jax.data.splits import Split
@@ -101,8 +102,13 @@ def check_local_data_dir(data_dir: str, tfds_name: str) -> None:
     Raises:
       errors.DataError: ``data_dir`` names a remote location.
     """
-    if "://" not in data_dir:
+    data_dir = os.fspath(data_dir)  # a pathlib.Path, as os.path.join takes it
+    if "://" not in data_dir:  # (tfds takes '://' anywhere in a path for a URL's)
         return
+    local = image_folder.file_url_path(data_dir)
+    if local != data_dir:  # file:///data/tfds is local, but tfds reads no file:// URL
+        raise errors.DataError(f"data_dir {data_dir!r} is a file:// URL, which tfds does not "
+                               f"read; give its local path: data_dir={local}")
     where = f"{data_dir.rstrip('/')}/{tfds_name}"
     raise errors.DataError(
         f"data_dir {data_dir!r} is remote: prepared tfds datasets are read from a local disk "
@@ -412,11 +418,11 @@ def _read_cache(path: str, stamp: str, count: int) -> Split | None:
 
 def _write_cache(path: str, stamp: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes the decoded split to ``path`` atomically, under a temporary name of its own
-    that its writer holds (:func:`stochastic_depth_jax.files.atomic_write`): hosts sharing a ``data_dir`` each
-    rename a whole file. The name was ``<path>.tmp-<pid>.npz``, the same for two hosts
-    whose processes have the same pid (containers): the second truncated and renamed the
-    first one's file while it was written (its rename then failed with a warning, and its
-    last writes went into the cache)."""
+    that its writer holds (:func:`stochastic_depth_jax.files.atomic_write`): hosts sharing a
+    ``data_dir`` each rename a whole file. The name was ``<path>.tmp-<pid>.npz``, the same
+    for two hosts whose processes have the same pid (containers): the second truncated and
+    renamed the first one's file while it was written (its rename then failed with a
+    warning, and its last writes went into the cache)."""
     try:
         with files.atomic_write(path, "wb") as f:  # Removed on an error.
             np.savez(
