@@ -159,6 +159,22 @@ def test_skip_equals_mask_for_the_same_subset(scaling, groups):
                                    np.asarray(branch(X))[kept] / k_over_n, rtol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_train_scaling_of_subsets_is_n_over_k_not_one_over_p(groups):
+    # p = 0.7 keeps k = round(0.7 n) examples per group: the kept fraction k / n differs
+    # from p, and only n / k makes the training expectation exactly f(x) (module docstring).
+    p = 0.7
+    n, k = B // groups, ops.subset_size(B, p, groups)
+    assert not np.isclose(n / k, 1 / p)
+    key = jax.random.key(5)
+    kept = np.asarray(ops.subset_mask(ops.draw_subset(key, B, p, groups), B))
+    y = ops.stochastic_depth(branch, X, survival_prob=p, key=key, mode="sample",
+                             scaling="train", groups=groups)
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(branch(X))[kept] * n / k,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(y)[~kept], 0.0)
+
+
 @pytest.mark.parametrize("scaling, factor", [("test", 0.6), ("train", 1.0)])
 def test_evaluation_is_deterministic_and_scaled(scaling, factor):
     run = jax.jit(lambda x: ops.stochastic_depth(branch, x, survival_prob=0.6, deterministic=True,
