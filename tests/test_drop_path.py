@@ -350,6 +350,22 @@ def test_wrappers_pass_the_shortcut_to_the_op(api):
             run(deterministic=True, gate=idx)
 
 
+def test_vit_and_convnext_gates_differ_between_branches_and_blocks():
+    # Each gate folds in its own index: the ViT's attention and MLP branches of a block
+    # (block_gates), and the ConvNeXt's blocks (block_gate with the block's index), are kept
+    # independently, so with p = 0.5 two of them agree about half the time, not always.
+    from stochastic_depth_jax import vit
+    kw = dict(mode="batch", implementation="skip", batch_size=B, groups=1)
+    keys = jax.random.split(jax.random.key(4), 1000)
+    attn, mlp = jax.vmap(lambda k: vit.block_gates(k, 0, 0.5, **kw))(keys)
+    first, second = jax.vmap(lambda k: (vit.block_gate(k, 0, 0.5, **kw),
+                                        vit.block_gate(k, 1, 0.5, **kw)))(keys)
+    bound = 5 * np.sqrt(0.25 / len(keys))
+    for a, b in ((attn, mlp), (first, second)):
+        agree = np.mean(np.asarray(a) == np.asarray(b))
+        assert abs(agree - 0.5) <= bound, agree
+
+
 def test_vit_fused_residual_matches_the_unfused_block():
     images = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
     kw = dict(num_classes=4, size="ti", depth=2, patch_size=8, drop_path_rate=0.5, groups=2)
