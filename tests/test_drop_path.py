@@ -159,6 +159,22 @@ def test_skip_equals_mask_for_the_same_subset(scaling, groups):
                                    np.asarray(branch(X))[kept] / k_over_n, rtol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_train_scaling_of_subsets_is_n_over_k_not_one_over_p(groups):
+    # p = 0.7 keeps k = round(0.7 n) examples per group: the kept fraction k / n differs
+    # from p, and only n / k makes the training expectation exactly f(x) (module docstring).
+    p = 0.7
+    n, k = B // groups, ops.subset_size(B, p, groups)
+    assert not np.isclose(n / k, 1 / p)
+    key = jax.random.key(5)
+    kept = np.asarray(ops.subset_mask(ops.draw_subset(key, B, p, groups), B))
+    y = ops.stochastic_depth(branch, X, survival_prob=p, key=key, mode="sample",
+                             scaling="train", groups=groups)
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(branch(X))[kept] * n / k,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(y)[~kept], 0.0)
+
+
 @pytest.mark.parametrize("scaling, factor", [("test", 0.6), ("train", 1.0)])
 def test_evaluation_is_deterministic_and_scaled(scaling, factor):
     run = jax.jit(lambda x: ops.stochastic_depth(branch, x, survival_prob=0.6, deterministic=True,
@@ -332,6 +348,22 @@ def test_wrappers_pass_the_shortcut_to_the_op(api):
     if api == "linen":  # subsets are training gates
         with pytest.raises(ValueError, match="subset indices as gate with deterministic=True"):
             run(deterministic=True, gate=idx)
+
+
+def test_vit_and_convnext_gates_differ_between_branches_and_blocks():
+    # Each gate folds in its own index: the ViT's attention and MLP branches of a block
+    # (block_gates), and the ConvNeXt's blocks (block_gate with the block's index), are kept
+    # independently, so with p = 0.5 two of them agree about half the time, not always.
+    from stochastic_depth_jax import vit
+    kw = dict(mode="batch", implementation="skip", batch_size=B, groups=1)
+    keys = jax.random.split(jax.random.key(4), 1000)
+    attn, mlp = jax.vmap(lambda k: vit.block_gates(k, 0, 0.5, **kw))(keys)
+    first, second = jax.vmap(lambda k: (vit.block_gate(k, 0, 0.5, **kw),
+                                        vit.block_gate(k, 1, 0.5, **kw)))(keys)
+    bound = 5 * np.sqrt(0.25 / len(keys))
+    for a, b in ((attn, mlp), (first, second)):
+        agree = np.mean(np.asarray(a) == np.asarray(b))
+        assert abs(agree - 0.5) <= bound, agree
 
 
 def test_vit_fused_residual_matches_the_unfused_block():

@@ -36,6 +36,21 @@ def test_wrapper_owns_branch_params_and_scales_at_eval():
     np.testing.assert_allclose(block.apply(v, X, False), X + 0.5 * f, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scaling, factor", [("test", 0.5), ("train", 1.0)])
+@pytest.mark.parametrize("implementation", ["skip", "mask"])
+def test_gated_evaluation_scales_open_branches_as_evaluation_does(scaling, factor,
+                                                                 implementation):
+    # A gate at evaluation (a fixed sub-network) runs the open branch scaled by the
+    # evaluation factor (p for 'test', 1 for 'train'), not by the training factor.
+    sd = sdj.StochasticDepth(MyBranch(parent=None), survival_prob=0.5, scaling=scaling,
+                             implementation=implementation)
+    v = sd.init(jax.random.key(1), X, deterministic=True)
+    f = MyBranch().apply({"params": v["params"]["branch"]}, X)
+    for gate, want in ((True, factor * f), (False, 0.0 * f)):
+        y = sd.apply(v, X, deterministic=True, gate=jnp.bool_(gate))
+        np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-7)
+
+
 def test_wrapper_gates_from_its_rng_stream_and_skips_gradients():
     block = MyBlock()
     v = block.init({"params": jax.random.key(1)}, X, False)

@@ -135,6 +135,19 @@ def test_model_gate_frequencies_match_linear_decay():
     assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
 
 
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_trainer_step_gates_are_redrawn_every_step_and_reproducible(mode):
+    # The trainer's gates for step s come from the run's gate key with s folded in: a new
+    # draw every step (the same gates every step would train one fixed sub-network), and
+    # the same draw for the same step (exact resume).
+    from stochastic_depth_jax.training import step as step_lib
+    model = tiny(depth=20, mode=mode)  # L = 9 blocks
+    key = jax.random.key(0)
+    draws = [np.asarray(step_lib.step_gates(model, key, s, 4)) for s in range(8)]
+    assert len({d.tobytes() for d in draws}) > 1
+    np.testing.assert_array_equal(draws[3], step_lib.step_gates(model, key, 3, 4))
+
+
 def test_constant_depth_needs_no_key():
     model = tiny(final_survival_prob=1.0)
     v = init(model)

@@ -27,6 +27,20 @@ def test_gate_frequencies_match_probs_per_block():
     assert np.all(np.abs(freq - probs) <= bound), (freq, probs)
 
 
+def test_gates_of_different_blocks_are_independent():
+    # Per-block frequencies alone pass a sampler that reuses one uniform for every block
+    # (block j kept whenever block i with p_i <= p_j is): the joint frequencies must be p_i p_j.
+    probs = sdj.uniform(6, 0.5)
+    n = 4000
+    keys = jax.random.split(jax.random.key(2), n)
+    gates = np.asarray(jax.vmap(lambda k: sdj.draw_gates(k, probs))(keys), np.float64)
+    joint = gates.T @ gates / n
+    off = ~np.eye(len(probs), dtype=bool)
+    both = np.outer(probs, probs)[off]
+    bound = 5 * np.sqrt(both * (1 - both) / n)
+    assert np.all(np.abs(joint[off] - both) <= bound), joint
+
+
 def test_sample_mode_gates_per_example():
     g = sdj.draw_gates(jax.random.key(1), np.full(3, 0.5), mode="sample", batch_size=4000)
     assert g.shape == (3, 4000)
