@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import warnings
 from typing import Any, Callable, Sequence
@@ -281,13 +282,6 @@ def _nhwc_numbers(lhs_ndim: int, rhs_ndim: int, dimension_numbers: Any) -> bool:
     return given == lax.conv_dimension_numbers(shape, shape, _DN)
 
 
-def _stride_area(strides: Any) -> int:
-    area = 1
-    for stride in strides or ():
-        area *= int(stride)
-    return area
-
-
 def _unit(dilation: Any) -> bool:
     return dilation is None or all(int(d) == 1 for d in dilation)
 
@@ -308,7 +302,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
     """
     covered = (
         _nhwc_numbers(jnp.ndim(lhs), jnp.ndim(rhs), dimension_numbers)
-        and (_stride_area(window_strides) <= _MAX_STRIDE_AREA
+        and (math.prod(int(s) for s in window_strides or ()) <= _MAX_STRIDE_AREA
              or tuple(jnp.shape(rhs)[:2]) == (1, 1))
         and _unit(lhs_dilation) and _unit(rhs_dilation)
         and feature_group_count == 1 and batch_group_count == 1

@@ -418,20 +418,12 @@ class DropPath(StochasticDepth):
                 f"DropPath takes the drop rate by keyword, DropPath(branch, rate=...), but got "
                 f"survival_prob={p!r} (its second positional argument): for a drop rate of "
                 f"{p!r} write rate={p!r}, for a survival probability of {p!r} "
-                f"rate={_drop_rate(p)}.")
+                f"rate={ops.drop_rate_text(p)}.")
         ops.check_drop_rate(self.rate)
         super().__post_init__()
 
     def _module_prob(self) -> Any:
         return 1.0 - float(self.rate)
-
-
-def _drop_rate(survival_prob: Any) -> str:
-    """``1 - survival_prob`` for a message (``'1 - p'`` where that is not a number)."""
-    try:
-        return f"{1.0 - float(survival_prob):g}"
-    except (TypeError, ValueError):
-        return "1 - p"
 
 
 def capturing_intermediates() -> Any:

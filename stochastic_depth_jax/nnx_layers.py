@@ -318,21 +318,14 @@ class DropPath(StochasticDepth):
     def __init__(self, branch: nnx.Module, rate: float = 0.0, *, mode: str = "sample",
                  scaling: str = "train", implementation: str = "skip", **kwargs: Any):
         if "survival_prob" in kwargs:  # Python said "got multiple values for argument"
+            rate = ops.drop_rate_text(kwargs["survival_prob"])
             raise TypeError(f"DropPath takes the drop rate, not survival_prob: "
-                            f"DropPath(branch, rate={_drop_rate(kwargs['survival_prob'])}), or "
+                            f"DropPath(branch, rate={rate}), or "
                             f"StochasticDepth(branch, survival_prob=..., mode='sample', "
                             f"scaling='train').")
         rate = ops.check_drop_rate(rate)
         super().__init__(branch, 1.0 - rate, mode=mode, scaling=scaling,
                          implementation=implementation, **kwargs)
-
-
-def _drop_rate(survival_prob: Any) -> str:
-    """``1 - survival_prob`` for a message (``'1 - p'`` where that is not a number)."""
-    try:
-        return f"{1.0 - float(survival_prob):g}"
-    except (TypeError, ValueError):
-        return "1 - p"
 
 
 def _linear(din: int, dout: int, dtype: Any, rngs: nnx.Rngs, init=linen_vit.KERNEL_INIT):

@@ -156,6 +156,15 @@ def check_drop_rate(rate: Any) -> float:
     return float(rate)
 
 
+def drop_rate_text(survival_prob: Any) -> str:
+    """``1 - survival_prob`` for a message about ``DropPath`` (``'1 - p'`` where that is not
+    a number)."""
+    try:
+        return f"{1.0 - float(survival_prob):g}"
+    except (TypeError, ValueError):
+        return "1 - p"
+
+
 def checked_prob(p: Any) -> Any:
     """``p`` as it is where it is known on the host (:func:`check_survival_prob` refuses it
     out of (0, 1]); a traced ``p`` out of (0, 1], or NaN, becomes NaN, with scalar ops only.

@@ -348,11 +348,11 @@ def _require_record_files(paths: Sequence[Any], tfds_name: str, split: str,
     missing = [os.path.basename(os.fspath(p)) for p in paths if not p.exists()]
     if not missing:
         return
-    files = (f"the record file {missing[0]} of split '{split}' is" if len(missing) == 1 else
+    which = (f"the record file {missing[0]} of split '{split}' is" if len(missing) == 1 else
              f"{len(missing)} of the {len(paths)} record files of split '{split}' "
              f"({', '.join(missing)}) are")
     raise CorruptDataError(
-        f"'{tfds_name}' in {info_dir} is incomplete: {files} missing; "
+        f"'{tfds_name}' in {info_dir} is incomplete: {which} missing; "
         f"delete {info_dir} and prepare the dataset again (or copy it again, whole, from "
         "where it was prepared).")
 
