@@ -196,8 +196,9 @@ def _check_split_in_scan(module: nn.Module, collection: str) -> None:
             f"{type(module).__name__} runs inside a scan over layers whose rng stream "
             f"{collection!r} is not split, so every layer would draw the same gate (all kept "
             f"or all dropped): add it to nn.scan's split_rngs, e.g. split_rngs={{'params': "
-            f"True, {collection!r}: True}} (in a jax.lax.scan of your own, scan over "
-            f"jax.random.split(key, num_layers)); to share one gate on purpose, pass gate=.")
+            f"True, {collection!r}: True}} (in a jax.lax.scan of your own, over layers or over "
+            f"train steps, scan over jax.random.split(key, n)); to share one gate on purpose, "
+            f"pass gate=.")
 
 
 class StochasticDepth(nn.Module):
