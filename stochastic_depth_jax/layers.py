@@ -193,12 +193,11 @@ def _check_split_in_scan(module: nn.Module, collection: str) -> None:
     if stream is not None and params and ops.key_shared_across_scan(
             getattr(stream, "rng", None), params[0]):
         raise ValueError(
-            f"{type(module).__name__} runs inside a scan over layers whose rng stream "
-            f"{collection!r} is not split, so every layer would draw the same gate (all kept "
-            f"or all dropped): add it to nn.scan's split_rngs, e.g. split_rngs={{'params': "
-            f"True, {collection!r}: True}} (in a jax.lax.scan of your own, over layers or over "
-            f"train steps, scan over jax.random.split(key, n)); to share one gate on purpose, "
-            f"pass gate=.")
+            f"{type(module).__name__} runs inside a scan over layers (or over train steps) "
+            f"whose rng stream {collection!r} is not split, so every layer (or step) would "
+            f"draw the same gate: add it to nn.scan's split_rngs, e.g. split_rngs={{'params': "
+            f"True, {collection!r}: True}} (in a jax.lax.scan of your own, scan over "
+            f"jax.random.split(key, n)); to share one gate on purpose, pass gate=.")
 
 
 class StochasticDepth(nn.Module):

@@ -89,7 +89,7 @@ def test_linen_scan_without_split_rngs_says_what_to_add(mode):
         y, _ = layer.apply({"params": layer_params}, h, None, rngs={"stochastic_depth": key})
         return y, None
 
-    with pytest.raises(ValueError, match=r"jax.random.split\(key, num_layers\)"):
+    with pytest.raises(ValueError, match=r"jax.random.split\(key, n\)"):
         jax.lax.scan(body, x, variables["params"])
 
 
