@@ -265,7 +265,7 @@ def test_corrupt_best_checkpoint_is_never_labelled_best(run, tmp_path):
         result = evaluate.evaluate_checkpoint(workdir, "best")
     assert result["requested"] == "best" and result["checkpoint"] == "step"
     assert result["evaluated_step"] == old_best
-    assert f"step {new_best}) is unreadable" in result["note"]
+    assert f"step {new_best}) is damaged" in result["note"]
     assert "next best" in result["note"]
     # The CLI names the file by the step evaluated and warns; nothing is called 'best'.
     with pytest.warns(ckpt_lib.CheckpointCorruptWarning):

@@ -408,7 +408,7 @@ def _restore_labelled(
 
     Returns:
       ``(state, meta, note)``; ``note`` is None when the requested checkpoint itself was
-      evaluated, else it says which one was unreadable and what was evaluated instead.
+      evaluated, else it says which one was damaged and what was evaluated instead.
     """
     wanted = step if step is not None else max(ckpts.steps(kind), default=None)
     try:
@@ -422,12 +422,12 @@ def _restore_labelled(
                   for w in caught)
     if int(meta["step"]) == wanted or not damaged:
         # The requested one, or (a run still training rotates its checkpoints) the newest
-        # one on disk when it was read: nothing unreadable to report.
+        # one on disk when it was read: nothing damaged to report.
         return state, meta, None
     order = "the next best by the selection metric" if kind == "best" else "the previous one"
     value = (meta.get("best") or {}).get("value") if kind == "best" else None
     note = (
-        f"the {kind} checkpoint (step {wanted}) is unreadable; evaluated {order}, step "
+        f"the {kind} checkpoint (step {wanted}) is damaged; evaluated {order}, step "
         f"{meta['step']}" + (f" ({meta['best']['metric']} {value:.4f})" if value is not None else "")
     )
     return state, meta, note
@@ -443,7 +443,7 @@ class RestoredRun:
       mean, std: float32 normalisation (``[C]`` each, or ``[H, W, C]`` and a scalar with
       ``normalization='pixel'``); kind: 'latest' or 'best'; meta: the
       checkpoint's metadata (``step``, ``epoch``, ...); note: None, or why an older
-      checkpoint than the one requested was restored (the requested one is unreadable).
+      checkpoint than the one requested was restored (the requested one is damaged).
     """
 
     config: ml_collections.ConfigDict
@@ -471,7 +471,7 @@ def restore_run(workdir: str, checkpoint: str | int = "best",
     """Rebuilds the run in ``workdir`` from ``run.json`` and restores one checkpoint.
 
     ``checkpoint``: 'best', 'latest' or a step number (of the 'latest' series; a step of
-    the best series is found there too). If the requested checkpoint is unreadable, the
+    the best series is found there too). If the requested checkpoint is damaged, the
     next one of its series is restored and ``note`` says so. ``data_dir``: where the run's
     dataset is now, if it moved (:func:`relocate_data`). The data read must match what
     ``run.json`` recorded (:func:`check_same_data`).
@@ -640,7 +640,7 @@ def _no_step(workdir: str, step: int, latest: list[int], best: list[int]
 def result_label(checkpoint: str | int, result: dict[str, Any]) -> str:
     """How an evaluation's file names its checkpoint: ``'best'`` or ``'latest'`` as
     requested, else ``step<N>`` (a step number was requested, or an older checkpoint was
-    evaluated because the requested one is unreadable: never 'best' or 'latest' then).
+    evaluated because the requested one is damaged: never 'best' or 'latest' then).
 
     ``result`` holds ``'evaluated_step'`` and, after a fallback, ``'note'``.
     """
@@ -681,7 +681,7 @@ def evaluate_checkpoint(
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
       'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float),
       ``'fake_data': True`` for a run on fake data (:func:`fake_data_fields`) and,
-      if the requested checkpoint was unreadable and an older one was evaluated instead,
+      if the requested checkpoint was damaged and an older one was evaluated instead,
       ``'note'`` saying so. ``'checkpoint'`` is ``'best'`` or ``'latest'`` only when that
       checkpoint was evaluated; ``'step'`` for a step number requested or a fallback.
 
