@@ -57,7 +57,10 @@ def _as_stream(rngs: RngsLike, collection: str) -> Any:
         return rngs.fork()
     if rngs is None:
         return nnx.data(None)
-    raise TypeError(f"rngs must be nnx.Rngs, nnx.RngStream or None, got {type(rngs)}.")
+    given = "a PRNG key" if isinstance(rngs, jax.Array) else type(rngs).__name__
+    raise TypeError(f"rngs must be nnx.Rngs, nnx.RngStream or None, got {given}: build it "
+                    f"with rngs=nnx.Rngs({collection}=seed), or pass a key at each call "
+                    f"(rngs=key).")
 
 
 def _key(rngs: RngsLike, collection: str) -> Array:

@@ -107,6 +107,11 @@ def test_nnx_rngs_without_the_stream_and_bad_rngs_are_clear_errors():
         nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(params=0))
     with pytest.raises(TypeError, match="rngs must be nnx.Rngs, an nnx.RngStream or a PRNG key"):
         sd(X, rngs=3)
+    # A seed or a key where the module takes a stream: the message named only the type.
+    for given, name in ((0, "int"), (jax.random.key(0), "a PRNG key")):
+        with pytest.raises(TypeError, match=rf"got {name}: build it with "
+                                            rf"rngs=nnx.Rngs\(stochastic_depth=seed\)"):
+            nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5, rngs=given)
 
 
 def test_nnx_drop_path_given_a_survival_prob_names_rate():
