@@ -293,3 +293,40 @@ def test_nnx_call_time_rngs_mistakes_are_one_line_errors():
             sd(X, rngs=bad)
         assert "\n" not in str(info.value)  # an array's repr spans lines
     assert sd(X, rngs=jax.random.PRNGKey(1)).shape == X.shape
+
+
+def test_nnx_model_saved_and_restored_with_orbax_resumes_the_same_gates(tmp_path):
+    """Parameters, BatchNorm statistics and the gate stream's position survive an Orbax round
+    trip: the restored model draws the gates the original draws next."""
+    import orbax.checkpoint as ocp
+
+    class Branch(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, v):
+            return nnx.relu(self.bn(self.conv(v)))
+
+    def build(seed):
+        rngs = nnx.Rngs(params=seed, stochastic_depth=seed + 1)
+        return nnx_layers.StochasticDepth(Branch(rngs), 0.5, rngs=rngs)
+
+    model = build(0)
+    forward = nnx.jit(lambda m, v: m(v, shortcut=v))
+    for _ in range(3):
+        forward(model, X)  # advances the stream, updates the statistics of kept steps
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", nnx.state(model))
+    checkpointer.wait_until_finished()
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(7)))
+    restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "ckpt", abstract))
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Not(nnx.RngKey))),
+                    jax.tree.leaves(nnx.state(restored, nnx.Not(nnx.RngKey)))):
+        np.testing.assert_array_equal(a, b)
+    outs = [(forward(model, X), forward(restored, X)) for _ in range(6)]
+    kept = [bool(np.any(np.asarray(a) != np.asarray(X))) for a, _ in outs]
+    assert len(set(kept)) == 2  # both kept and dropped steps were compared
+    for a, b in outs:
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.branch.bn.mean[...], restored.branch.bn.mean[...])
