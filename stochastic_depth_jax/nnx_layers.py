@@ -16,6 +16,7 @@ key give the same outputs (see :func:`load_linen_params`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -177,7 +178,7 @@ def _trace_of(value: Any) -> Any:
     return getattr(getattr(value, "_pytree__state", None), "trace_state", None)
 
 
-def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> None:
+def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     """ValueError for a plain-function branch that uses NNX modules from outside the NNX
     transform (``nnx.jit``, ``nnx.grad``, ``nnx.scan``, ...) the wrapper runs in.
 
@@ -188,7 +189,8 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> None:
     that is itself the original (called under a JAX transform of its own) is not refused.
     With ``batch_gate`` (a training call in batch mode) modules with running state
     (BatchNorm) are refused too: a dropped block would update them (``'mask'``) or fail
-    inside the ``cond`` (``'skip'``)."""
+    inside the ``cond`` (``'skip'``). Returns the NNX objects the function uses (whose
+    ``nnx.Conv`` layers the wrapper reroutes as a Module branch's)."""
     objects, names = _function_parts(sd.branch)
     used = []
     for obj in objects:
@@ -219,6 +221,7 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> None:
             f"the block (only an nnx.Module branch's state is carried): make the branch an "
             f"nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or a small Module "
             f"class).")
+    return [u for u in used if not isinstance(u, nnx.Variable)]
 
 
 class StochasticDepth(nnx.Module):
@@ -307,14 +310,16 @@ class StochasticDepth(nnx.Module):
         """
         deterministic = self.deterministic if deterministic is None else deterministic
         ops.check_deterministic(deterministic)
-        if not _has_state(self.branch):
-            _check_closed_over_modules(self, self.mode == "batch" and not deterministic)
+        closed_over = [] if _has_state(self.branch) else _check_closed_over_modules(
+            self, self.mode == "batch" and not deterministic)
         p = self.survival_prob if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
         p = ops.checked_prob(p)  # a traced p out of (0, 1]: NaN, scalar ops only
 
         def run(branch, v):
-            with conv.reroute_nnx_convs(branch, self.reroute_convs):
+            with contextlib.ExitStack() as stack:
+                for node in (branch, *closed_over):  # a function's layers: as a Module's
+                    stack.enter_context(conv.reroute_nnx_convs(node, self.reroute_convs))
                 return branch(v, *args, **kwargs)
 
         if deterministic and gate is None:
