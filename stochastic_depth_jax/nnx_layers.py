@@ -224,6 +224,26 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     return [u for u in used if not isinstance(u, nnx.Variable)]
 
 
+# Names other libraries give the drop rate (timm, torchvision, Keras).
+_RATE_NAMES = ("rate", "drop_rate", "drop_path_rate", "drop_prob")
+
+
+def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
+    """Python's TypeError for an unknown keyword, naming the fix for a drop rate given to
+    ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``."""
+    key = next(iter(unknown))
+    if key in _RATE_NAMES:
+        rate = unknown[key]
+        if name == "DropPath":
+            raise TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
+                            f"DropPath(branch, rate={rate!r}).")
+        raise TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
+                        f"not a drop rate ({key}={rate!r}): {name}(branch, "
+                        f"survival_prob={ops.drop_rate_text(rate)}), or DropPath(branch, "
+                        f"rate={rate!r}) for drop path with timm's defaults.")
+    raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
+
+
 class StochasticDepth(nnx.Module):
     """Wraps a residual branch module f so it survives with probability p; returns ``b f(x)``.
 
@@ -263,7 +283,9 @@ class StochasticDepth(nnx.Module):
                  scaling: str = "test", implementation: str = "skip", groups: int = 1,
                  batch_axis: int = 0, deterministic: bool = False,
                  rng_collection: str = "stochastic_depth", rngs: RngsLike = None,
-                 reroute_convs: str = "auto"):
+                 reroute_convs: str = "auto", **unknown: Any):
+        if unknown:
+            _refuse_unknown_arguments(type(self).__name__, unknown)
         _check_nnx_branch(branch)
         ops.validate_options(mode, scaling, implementation)
         if reroute_convs not in conv.REROUTE_CONVS:
