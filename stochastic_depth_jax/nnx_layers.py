@@ -16,6 +16,8 @@ key give the same outputs (see :func:`load_linen_params`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,7 +58,10 @@ def _as_stream(rngs: RngsLike, collection: str) -> Any:
         return rngs.fork()
     if rngs is None:
         return nnx.data(None)
-    raise TypeError(f"rngs must be nnx.Rngs, nnx.RngStream or None, got {type(rngs)}.")
+    given = "a PRNG key" if isinstance(rngs, jax.Array) else type(rngs).__name__
+    raise TypeError(f"rngs must be nnx.Rngs, nnx.RngStream or None, got {given}: build it "
+                    f"with rngs=nnx.Rngs({collection}=seed), or pass a key at each call "
+                    f"(rngs=key).")
 
 
 def _key(rngs: RngsLike, collection: str) -> Array:
@@ -65,11 +70,23 @@ def _key(rngs: RngsLike, collection: str) -> Array:
         return _stream(rngs, collection)()
     if isinstance(rngs, nnx.RngStream):
         return rngs()
-    if rngs is not None and not (isinstance(rngs, jax.Array) and (
-            jnp.issubdtype(rngs.dtype, jax.dtypes.prng_key)
-            or (rngs.dtype == jnp.uint32 and rngs.shape == (2,)))):
+    if isinstance(rngs, Mapping):  # Linen's apply(..., rngs={'stochastic_depth': key})
+        raise TypeError(f"rngs at an NNX call is one key, not a dict of streams (Linen's "
+                        f"apply form): pass rngs=key, or rngs=nnx.Rngs({collection}=key).")
+    if rngs is None:
+        return rngs
+    typed = isinstance(rngs, jax.Array) and jnp.issubdtype(rngs.dtype, jax.dtypes.prng_key)
+    raw = isinstance(rngs, jax.Array) and rngs.dtype == jnp.uint32 and rngs.shape[-1:] == (2,)
+    if not (typed or raw):
+        what = (f"an array of shape {rngs.shape} and dtype {rngs.dtype}"
+                if hasattr(rngs, "shape") and hasattr(rngs, "dtype") else repr(rngs))
         raise TypeError(f"rngs must be nnx.Rngs, an nnx.RngStream or a PRNG key "
-                        f"(jax.random.key(seed)), got {rngs!r}.")
+                        f"(jax.random.key(seed)), got {what}.")
+    if rngs.shape != ((2,) if raw else ()):
+        # Keys split per layer but not scanned over reach every layer as one array.
+        raise TypeError(f"rngs must be one PRNG key, got {rngs.shape[0] if rngs.ndim else ''} "
+                        f"keys (an array of shape {rngs.shape}): inside nnx.scan, scan over "
+                        f"keys split per layer (in_axes=0 for them), or pass one key.")
     return rngs
 
 
@@ -102,6 +119,131 @@ def _check_nnx_branch(branch: Any) -> None:
             f"pass an instance, e.g. {branch.__name__}(..., rngs=rngs).")
 
 
+def _code_names(code: Any) -> set[str]:
+    """The global and attribute names a code object (and the functions defined in it) reads."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return names
+
+
+def _function_parts(fn: Any, depth: int = 0) -> tuple[list, set[str]]:
+    """What a plain function branch reads from outside: the objects it closes over (closure
+    cells, a ``functools.partial``'s arguments, a bound method's ``self``, the globals it
+    names) and the attribute names its code reads."""
+    objects: list = []
+    names: set[str] = set()
+    if depth > 4:
+        return objects, names
+    if isinstance(fn, functools.partial):
+        objects += [*fn.args, *fn.keywords.values()]
+        more, more_names = _function_parts(fn.func, depth + 1)
+        return objects + more, names | more_names
+    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):  # a bound method
+        objects.append(fn.__self__)
+        fn = fn.__func__
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return objects, names
+    names = _code_names(code)
+    objects += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
+                if _cell_filled(cell)]
+    globals_ = getattr(fn, "__globals__", {})
+    objects += [globals_[n] for n in names if n in globals_]
+    return objects, names
+
+
+def _cell_filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a cell not assigned yet
+        return False
+    return True
+
+
+def _is_nnx_state(value: Any) -> bool:
+    """An NNX Variable, or a graph node (Module, nnx.List, ...) holding at least one."""
+    if isinstance(value, nnx.Variable):
+        return True
+    if not nnx.graph.is_graph_node(value):
+        return False
+    return any(isinstance(v, nnx.Variable) for _, v in nnx.iter_graph(value))
+
+
+def _trace_of(value: Any) -> Any:
+    """The NNX trace state a Variable or NNX object was made in (None where unknown)."""
+    if isinstance(value, nnx.Variable):
+        return getattr(value, "_trace_state", None)
+    return getattr(getattr(value, "_pytree__state", None), "trace_state", None)
+
+
+def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
+    """ValueError for a plain-function branch that uses NNX modules from outside the NNX
+    transform (``nnx.jit``, ``nnx.grad``, ``nnx.scan``, ...) the wrapper runs in.
+
+    Such a transform works on a copy of the wrapper, but the function still points at the
+    original modules: it computes with their values as constants, so their gradients are
+    zero, ``nnx.jit`` keeps stale parameters, and BatchNorm cannot update. Told apart from a
+    function built inside the transform (fine) by the trace each was made in; a wrapper
+    that is itself the original (called under a JAX transform of its own) is not refused.
+    With ``batch_gate`` (a training call in batch mode) modules with running state
+    (BatchNorm) are refused too: a dropped block would update them (``'mask'``) or fail
+    inside the ``cond`` (``'skip'``). Returns the NNX objects the function uses (whose
+    ``nnx.Conv`` layers the wrapper reroutes as a Module branch's)."""
+    objects, names = _function_parts(sd.branch)
+    used = []
+    for obj in objects:
+        if not (isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)):
+            continue
+        attrs = [getattr(obj, n) for n in names if not isinstance(obj, nnx.Variable)
+                 and n in getattr(obj, "__dict__", {})]
+        # Read through attributes (self.conv), or used itself (a closed-over conv).
+        used += [a for a in attrs if _is_nnx_state(a)] if attrs else [obj]
+    used = [u for u in used if _is_nnx_state(u)]
+    own = _trace_of(sd)
+    stale = [u for u in used if own is not None and own.is_valid()
+             and _trace_of(u) is not None and not _trace_of(u).is_valid()]
+    if stale:
+        kinds = ", ".join(sorted({type(u).__name__ for u in stale}))
+        raise ValueError(
+            f"{type(sd).__name__}'s branch is a function that uses NNX state ({kinds}) made "
+            f"outside the NNX transform it runs in (nnx.jit, nnx.grad, nnx.scan, ...), which "
+            f"copies the wrapper but not what the function closes over: their gradients would "
+            f"be zero and their updates lost. Make the branch an nnx.Module that holds them "
+            f"(e.g. nnx.Sequential(conv, bn), or a small Module class).")
+    running = [u for u in used if not isinstance(u, nnx.Variable) and nnx.state(u, _KEPT_STATE)]
+    if batch_gate and running:
+        kinds = ", ".join(sorted({type(u).__name__ for u in running}))
+        raise ValueError(
+            f"{type(sd).__name__}'s branch is a function that uses NNX modules with running "
+            f"state ({kinds}), which a batch-mode gate cannot leave unchanged when it drops "
+            f"the block (only an nnx.Module branch's state is carried): make the branch an "
+            f"nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or a small Module "
+            f"class).")
+    return [u for u in used if not isinstance(u, nnx.Variable)]
+
+
+# Names other libraries give the drop rate (timm, torchvision, Keras).
+_RATE_NAMES = ("rate", "drop_rate", "drop_path_rate", "drop_prob")
+
+
+def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
+    """Python's TypeError for an unknown keyword, naming the fix for a drop rate given to
+    ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``."""
+    key = next(iter(unknown))
+    if key in _RATE_NAMES:
+        rate = unknown[key]
+        if name == "DropPath":
+            raise TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
+                            f"DropPath(branch, rate={rate!r}).")
+        raise TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
+                        f"not a drop rate ({key}={rate!r}): {name}(branch, "
+                        f"survival_prob={ops.drop_rate_text(rate)}), or DropPath(branch, "
+                        f"rate={rate!r}) for drop path with timm's defaults.")
+    raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
+
+
 class StochasticDepth(nnx.Module):
     """Wraps a residual branch module f so it survives with probability p; returns ``b f(x)``.
 
@@ -114,7 +256,10 @@ class StochasticDepth(nnx.Module):
 
     Args:
       branch: the residual branch, called ``branch(x, *args, **kwargs)``: an ``nnx.Module``
-        (its BatchNorm statistics update only when it runs) or a plain function.
+        (its BatchNorm statistics update only when it runs) or a plain function. A function
+        that uses NNX layers made outside the NNX transform the wrapper runs in (a lambda
+        over ``self.conv``, under ``nnx.jit`` / ``nnx.grad``) is refused, as is one using
+        BatchNorm in batch-mode training: hold the layers in an ``nnx.Module`` branch.
       survival_prob: p in (0, 1], the probability of *keeping* the branch (a float; 1 never
         draws a key); not timm's drop rate 1 - p (for that, :class:`DropPath`). A module
         attribute is static, so per-layer rates of a stack built with ``nnx.vmap`` are
@@ -138,7 +283,9 @@ class StochasticDepth(nnx.Module):
                  scaling: str = "test", implementation: str = "skip", groups: int = 1,
                  batch_axis: int = 0, deterministic: bool = False,
                  rng_collection: str = "stochastic_depth", rngs: RngsLike = None,
-                 reroute_convs: str = "auto"):
+                 reroute_convs: str = "auto", **unknown: Any):
+        if unknown:
+            _refuse_unknown_arguments(type(self).__name__, unknown)
         _check_nnx_branch(branch)
         ops.validate_options(mode, scaling, implementation)
         if reroute_convs not in conv.REROUTE_CONVS:
@@ -185,12 +332,16 @@ class StochasticDepth(nnx.Module):
         """
         deterministic = self.deterministic if deterministic is None else deterministic
         ops.check_deterministic(deterministic)
+        closed_over = [] if _has_state(self.branch) else _check_closed_over_modules(
+            self, self.mode == "batch" and not deterministic)
         p = self.survival_prob if survival_prob is None else survival_prob
         ops.check_survival_prob(p)
         p = ops.checked_prob(p)  # a traced p out of (0, 1]: NaN, scalar ops only
 
         def run(branch, v):
-            with conv.reroute_nnx_convs(branch, self.reroute_convs):
+            with contextlib.ExitStack() as stack:
+                for node in (branch, *closed_over):  # a function's layers: as a Module's
+                    stack.enter_context(conv.reroute_nnx_convs(node, self.reroute_convs))
                 return branch(v, *args, **kwargs)
 
         if deterministic and gate is None:
@@ -204,6 +355,7 @@ class StochasticDepth(nnx.Module):
                 raise ValueError(f"{type(self).__name__} in training needs rngs: pass "
                                  "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key "
                                  "(to evaluate: model.eval(), or deterministic=True).")
+            _check_key_split_in_scan(self, key)
             batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
                                  batch_size=batch, groups=self.groups)
@@ -251,6 +403,20 @@ class StochasticDepth(nnx.Module):
         """
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def _check_key_split_in_scan(sd: StochasticDepth, key: Array) -> None:
+    """ValueError when the branch's parameters are a scan's per-iteration values (a stack
+    of layers under ``nnx.scan``) while the gate key was closed over from outside the scan:
+    every layer would draw the same gate, as Linen's wrapper refuses. A key passed in with
+    ``in_axes=None`` enters the scan as the body's own value and cannot be told apart."""
+    param = next((v for _, v in nnx.iter_graph(sd.branch) if isinstance(v, nnx.Param)), None)
+    if param is not None and ops.key_shared_across_scan(key, param[...]):
+        raise ValueError(
+            f"{type(sd).__name__} runs inside a scan over layers with a key from outside the "
+            f"scan, so every layer would draw the same gate (all kept or all dropped): scan "
+            f"over jax.random.split(key, num_layers) (in_axes=0), or give the layers their "
+            f"own streams (nnx.split_rngs); to share one gate on purpose, pass gate=.")
 
 
 def _has_state(branch: Any) -> bool:

@@ -107,6 +107,26 @@ def test_nnx_rngs_without_the_stream_and_bad_rngs_are_clear_errors():
         nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(params=0))
     with pytest.raises(TypeError, match="rngs must be nnx.Rngs, an nnx.RngStream or a PRNG key"):
         sd(X, rngs=3)
+    # A seed or a key where the module takes a stream: the message named only the type.
+    for given, name in ((0, "int"), (jax.random.key(0), "a PRNG key")):
+        with pytest.raises(TypeError, match=rf"got {name}: build it with "
+                                            rf"rngs=nnx.Rngs\(stochastic_depth=seed\)"):
+            nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5, rngs=given)
+
+
+def test_nnx_stochastic_depth_given_a_drop_rate_names_survival_prob():
+    # Was Python's "got an unexpected keyword argument 'rate'", naming no fix.
+    with pytest.raises(TypeError, match=r"StochasticDepth takes survival_prob .* not a drop "
+                                        r"rate \(rate=0.1\): StochasticDepth\(branch, "
+                                        r"survival_prob=0.9\), or DropPath\(branch, rate=0.1\)"):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), rate=0.1)
+    with pytest.raises(TypeError, match=r"survival_prob=0.8\)"):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), drop_path_rate=0.2)
+    with pytest.raises(TypeError, match=r"DropPath takes the drop rate as rate=, not "
+                                        r"drop_rate=: DropPath\(branch, rate=0.1\)"):
+        nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), drop_rate=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'survivalprob'"):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), survivalprob=0.9)
 
 
 def test_nnx_drop_path_given_a_survival_prob_names_rate():

@@ -604,3 +604,37 @@ def test_nnx_scan_with_call_time_keys_needs_one_key_per_layer():
     assert len(split) > 2
     # One key broadcast to every layer: every layer draws the same gate.
     assert counts(None, [jax.random.key(i) for i in range(8)]) <= {0.0, float(L)}
+
+
+def test_nnx_scan_refuses_a_key_closed_over_from_outside_the_scan():
+    """As Linen's check: a stack scanned with nnx.scan whose layers get one key from outside
+    the scan drew the same gate in every layer, silently."""
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.sd = nnx_layers.StochasticDepth(OnesNnx(rngs), 0.5)
+
+        def __call__(self, h, key):
+            return h + self.sd(h, rngs=key)
+
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Layer(rngs)
+
+    stack = make(nnx.Rngs(params=0))
+    h = jnp.zeros((B, 1))
+
+    def closed(stack, h, key):
+        return nnx.scan(lambda layer, h: layer(h, key), in_axes=(0, nnx.Carry),
+                        out_axes=nnx.Carry)(stack, h)
+
+    for run in (closed, nnx.jit(closed)):
+        with pytest.raises(ValueError, match="same gate.*jax.random.split"):
+            run(stack, h, jax.random.key(0))
+    # Keys split per layer and scanned over still draw per layer.
+    split = nnx.jit(lambda s, h, keys: nnx.scan(lambda layer, h, k: layer(h, k),
+                                                in_axes=(0, nnx.Carry, 0),
+                                                out_axes=nnx.Carry)(s, h, keys))
+    sums = {float(split(stack, h, jax.random.split(jax.random.key(i), L))[0, 0])
+            for i in range(8)}
+    assert len(sums) > 2

@@ -195,3 +195,138 @@ def test_drop_path_rate_and_missing_keys_are_clear_errors():
         sd(X)
     with pytest.raises(ValueError, match="drop_path_rate must be in"):
         nnx_layers.ViT(3, image_size=16, rngs=nnx.Rngs(0), **{**TINY, "drop_path_rate": 1.2})
+
+
+class _ClosureBlock(nnx.Module):
+    """A user's block whose branch is a function closing over its own layers."""
+
+    def __init__(self, rngs, mode="batch", bn=False):
+        self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(3, rngs=rngs) if bn else None
+        self.sd = nnx_layers.StochasticDepth(
+            (lambda v: self.bn(self.conv(v))) if bn else (lambda v: self.conv(v)), 0.5,
+            mode=mode)
+
+    def __call__(self, x, key):
+        return x + self.sd(x, rngs=key)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_nnx_function_branch_closing_over_modules_is_refused_under_transforms(mode):
+    """nnx.grad / nnx.jit copy the wrapper but not what its function branch closes over:
+    the closed-over conv's gradient was silently zero (and nnx.jit kept its old values)."""
+    block = _ClosureBlock(nnx.Rngs(0), mode)
+    key = next(jax.random.key(s) for s in range(32)
+               if mode == "sample" or bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    def loss(m):
+        return jnp.sum(m(X, key) ** 2)
+
+    assert block(X, key).shape == X.shape  # eagerly, outside any transform: it runs
+    for transform in (nnx.grad(loss), nnx.jit(nnx.grad(loss))):
+        with pytest.raises(ValueError, match=r"function that uses NNX state \(Conv\) made "
+                                             r"outside the NNX transform.*nnx.Sequential"):
+            transform(block)
+
+    # Built inside the transform, the function sees the transform's copy: no error, and
+    # the gradient is the one of the same block with a Module branch.
+    class OnTheFly(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+
+        def __call__(self, x, key):
+            return x + nnx_layers.StochasticDepth(lambda v: self.conv(v), 0.5, mode=mode)(
+                x, rngs=key)
+
+    class AsModule(nnx.Module):
+        def __init__(self, rngs):
+            self.sd = nnx_layers.StochasticDepth(nnx.Sequential(nnx.Conv(3, 3, (3, 3),
+                                                                         rngs=rngs)),
+                                                 0.5, mode=mode)
+
+        def __call__(self, x, key):
+            return x + self.sd(x, rngs=key)
+
+    got = nnx.jit(nnx.grad(loss))(OnTheFly(nnx.Rngs(0)))["conv"]["kernel"][...]
+    want = nnx.jit(nnx.grad(loss))(AsModule(nnx.Rngs(0)))["sd"]["branch"]["layers"][0]
+    assert float(jnp.abs(got).sum()) > 0
+    want = want["kernel"][...]  # computed by the rerouted conv, `got` by XLA's: rounding
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+    # The original wrapper under a plain JAX transform (a gradient for the input only)
+    # computes with the layers' values as intended: not refused.
+    grad_x = jax.grad(lambda v: jnp.sum(block(v, key) ** 2))(X)
+    assert float(jnp.abs(grad_x).sum()) > 0
+
+
+@pytest.mark.parametrize("implementation", ["skip", "mask"])
+def test_nnx_function_branch_with_batchnorm_in_batch_mode_is_refused(implementation):
+    """'skip' failed with NNX's "Cannot mutate BatchStat from a different trace level";
+    'mask' updated the statistics of dropped blocks."""
+    block = _ClosureBlock(nnx.Rngs(0), "batch", bn=True)
+    block.sd.implementation = implementation
+    dropped = next(jax.random.key(s) for s in range(32)
+                   if not bool(ops.draw_gate(jax.random.key(s), 0.5)))
+    with pytest.raises(ValueError, match=r"uses NNX modules with running state "
+                                         r"\(BatchNorm\).*nnx.Module"):
+        block(X, dropped)
+    np.testing.assert_array_equal(block.bn.mean[...], 0.0)
+    # Evaluation and per-example subsets (the branch runs on the kept examples) still run.
+    assert block.sd(X, deterministic=True).shape == X.shape
+    sample = _ClosureBlock(nnx.Rngs(0), "sample", bn=True)
+    assert sample(X, dropped).shape == X.shape
+
+
+def test_nnx_call_time_rngs_mistakes_are_one_line_errors():
+    sd = nnx_layers.StochasticDepth(lambda v: v + 1.0, 0.5)
+    with pytest.raises(TypeError, match=r"one key, not a dict of streams \(Linen's apply "
+                                        r"form\): pass rngs=key"):
+        sd(X, rngs={"stochastic_depth": jax.random.key(0)})
+    # Keys split per layer but broadcast (not scanned over) reached jax's "bernoulli accepts
+    # a single key, but was given a key array of shape (4,)".
+    for keys in (jax.random.split(jax.random.key(0), 4),
+                 jax.random.split(jax.random.PRNGKey(0), 4)):
+        with pytest.raises(TypeError, match=r"one PRNG key, got 4 keys .*in_axes=0"):
+            sd(X, rngs=keys)
+    for bad in ({"stochastic_depth": jax.random.key(0)}, jnp.ones((3, 3)),
+                jax.random.split(jax.random.key(0), 4)):
+        with pytest.raises(TypeError) as info:
+            sd(X, rngs=bad)
+        assert "\n" not in str(info.value)  # an array's repr spans lines
+    assert sd(X, rngs=jax.random.PRNGKey(1)).shape == X.shape
+
+
+def test_nnx_model_saved_and_restored_with_orbax_resumes_the_same_gates(tmp_path):
+    """Parameters, BatchNorm statistics and the gate stream's position survive an Orbax round
+    trip: the restored model draws the gates the original draws next."""
+    import orbax.checkpoint as ocp
+
+    class Branch(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, v):
+            return nnx.relu(self.bn(self.conv(v)))
+
+    def build(seed):
+        rngs = nnx.Rngs(params=seed, stochastic_depth=seed + 1)
+        return nnx_layers.StochasticDepth(Branch(rngs), 0.5, rngs=rngs)
+
+    model = build(0)
+    forward = nnx.jit(lambda m, v: m(v, shortcut=v))
+    for _ in range(3):
+        forward(model, X)  # advances the stream, updates the statistics of kept steps
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", nnx.state(model))
+    checkpointer.wait_until_finished()
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(7)))
+    restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "ckpt", abstract))
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Not(nnx.RngKey))),
+                    jax.tree.leaves(nnx.state(restored, nnx.Not(nnx.RngKey)))):
+        np.testing.assert_array_equal(a, b)
+    outs = [(forward(model, X), forward(restored, X)) for _ in range(6)]
+    kept = [bool(np.any(np.asarray(a) != np.asarray(X))) for a, _ in outs]
+    assert len(set(kept)) == 2  # both kept and dropped steps were compared
+    for a, b in outs:
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.branch.bn.mean[...], restored.branch.bn.mean[...])

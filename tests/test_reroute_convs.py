@@ -433,3 +433,34 @@ def test_the_reroute_setting_is_per_thread_and_undone_after_an_exception(monkeyp
                 assert layer.conv_general_dilated is lax.conv_general_dilated
                 raise RuntimeError
     assert layer.conv_general_dilated is lax.conv_general_dilated
+
+
+@pytest.mark.parametrize("when", ["always", "never"])
+def test_nnx_function_branch_built_in_call_reroutes_the_convs_it_uses(when):
+    """A function branch made inside the user's __call__ (so it sees nnx.jit's copy of the
+    layers) computed its convs with XLA's, slow inside the cond on the CPU, silently."""
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+
+        def __call__(self, x, key):
+            sd = nnx_layers.StochasticDepth(lambda v: jnp.tanh(self.conv(v)), 0.5,
+                                            reroute_convs=when)
+            return x + sd(x, rngs=key)
+
+    block = Block(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    key = next(jax.random.key(s) for s in range(32) if bool(ops.draw_gate(jax.random.key(s),
+                                                                            0.5)))
+    forward = nnx.jit(lambda m, v: m(v, key))
+    graphdef, state = nnx.split(block)
+    pure = lambda s, v: forward(nnx.merge(graphdef, s), v)  # noqa: E731
+    assert _uses_custom_conv(pure, state, x) == (when == "always")
+    step = nnx.jit(nnx.grad(lambda m, v: jnp.sum(m(v, key) ** 2)))
+    assert block.conv.conv_general_dilated is jax.lax.conv_general_dilated  # restored
+    stock = nnx_layers.StochasticDepth(nnx.Sequential(block.conv, jnp.tanh), 0.5,
+                                       reroute_convs="never")
+    want = nnx.grad(lambda s: jnp.sum((x + s(x, rngs=key)) ** 2))(stock)
+    np.testing.assert_allclose(step(block, x)["conv"]["kernel"][...],
+                               want["branch"]["layers"][0]["kernel"][...], rtol=1e-4,
+                               atol=1e-5)
