@@ -734,3 +734,39 @@ def test_a_run_recorded_in_float16_is_read_and_built_in_float16(name):
     with pytest.raises(ValueError, match="^Invalid config: model.dtype='float16' needs loss "
                        "scaling"):  # training it still is refused
         config_lib.validate(recorded)
+
+
+@pytest.mark.parametrize("spec, name, lacks, use", [
+    ("cifar10:smoke", "vit", "model.drop_path_rate", "cifar10_vit"),
+    ("svhn", "convnext", "model.depths", "cifar10_convnext"),
+    ("cifar10_vit:smoke", "convnext", "model.depths", "cifar10_convnext"),
+    ("cifar10_convnext", "vit", "model.depth,", "cifar10_vit"),
+    ("cifar10_vit", "wide_resnet", "model.block", "cifar100_wrn"),
+    ("cifar10_convnext:smoke", "cifar_resnet", "model.block",
+     "cifar10 or cifar100 or cifar10_resnet1202 or svhn"),
+])
+def test_a_model_name_whose_fields_the_config_lacks_is_one_line_naming_its_config(
+        capsys, tmp_path, spec, name, lacks, use):
+    """``--config.model.name`` keeps the config's model block: switching the ResNet's to
+    the ViT's failed with an AttributeError traceback ('size'), and the ViT's to the
+    ConvNeXt's with "model.size='ti'; valid: ['atto', ...]", neither naming the config
+    that trains that model."""
+    import train
+
+    line = one_line_error(capsys, train.main, [
+        "--config", spec, "--workdir", str(tmp_path / "w"), f"--config.model.name={name}"])
+    assert line.startswith(f"error: --config.model.name={name} does not fit config "
+                           f"{spec.split(':')[0]!r}: its model block is for model.name="), line
+    assert lacks in line and line.endswith(
+        f"which {name!r} needs; train {name!r} with --config {use} (or its :smoke variant), "
+        f"or with a config file whose model block is for {name!r}."), line
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_model_name_the_config_s_fields_fit_still_switches():
+    """The CIFAR ResNet's and the wide ResNet's model blocks have the same fields."""
+    c = load_config("cifar10:smoke", ["--config.model.name=wide_resnet",
+                                      "--config.model.depth=10"])
+    assert (c.model.name, c.model.depth) == ("wide_resnet", 10)
+    with pytest.raises(ValueError, match=r"model.name='vti'; valid: \['cifar_resnet'"):
+        load_config("cifar10", ["--config.model.name=vti"])
