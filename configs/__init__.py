@@ -158,7 +158,10 @@ def _check_model_switch(name: str, config: ml_collections.ConfigDict,
     if not names or before is None or names[-1] == before:
         return
     new, have = names[-1], set(config.model.keys())
-    others = {n: load_config(n) for n in CONFIGS if n != name}  # their defaults, unchanged
+    others = {}  # the registered configs' defaults; one that needs a variant is none
+    for other in CONFIGS:
+        with contextlib.suppress(errors.Error):
+            others[other] = load_config(other)
     makers = sorted(n for n, c in others.items() if c.model.get("name") == new)
     if not makers:  # no such model: validation lists the valid names
         return
