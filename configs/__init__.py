@@ -151,7 +151,8 @@ def _check_model_switch(name: str, config: ml_collections.ConfigDict,
     the registered configs of that model. The model block is the model's: that failed with
     an AttributeError traceback (a registered config), or with the new model's first
     missing field, or an 'invalid model.size' naming the other model's sizes (ViT and
-    ConvNeXt). 'cifar_resnet' and 'wide_resnet' share their fields: switching passes."""
+    ConvNeXt). 'cifar_resnet' and 'wide_resnet' share their fields: switching passes, also
+    in a config file written before some field existed."""
     names = [text for key, text in map(config_lib.split_override, overrides)
              if key == "model.name"]
     before = config.model.get("name", "cifar_resnet") if "model" in config else None
@@ -162,10 +163,14 @@ def _check_model_switch(name: str, config: ml_collections.ConfigDict,
     for other in CONFIGS:
         with contextlib.suppress(errors.Error):
             others[other] = load_config(other)
+    def fields(model: str) -> set[str] | None:  # of the registered configs of ``model``
+        return next((set(c.model.keys()) for c in others.values()
+                     if c.model.get("name") == model), None)
+
     makers = sorted(n for n, c in others.items() if c.model.get("name") == new)
-    if not makers:  # no such model: validation lists the valid names
-        return
-    missing = sorted(set(others[makers[0]].model.keys()) - have)
+    if not makers or fields(new) == fields(before):  # no such model (validation lists the
+        return  # valid names), or one with the same fields (a config file may lack some)
+    missing = sorted(fields(new) - have)
     if missing:
         listed = ", ".join(f"model.{f}" for f in missing[:4]) + (
             f" and {len(missing) - 4} more" if len(missing) > 4 else "")

@@ -770,3 +770,17 @@ def test_a_model_name_the_config_s_fields_fit_still_switches():
     assert (c.model.name, c.model.depth) == ("wide_resnet", 10)
     with pytest.raises(ValueError, match=r"model.name='vti'; valid: \['cifar_resnet'"):
         load_config("cifar10", ["--config.model.name=vti"])
+
+
+def test_a_config_file_without_the_newer_resnet_fields_still_switches_to_a_wide_resnet(
+        tmp_path):
+    """A config file written before ``model.dropout_rate`` existed (the model reads it with
+    a default) still switches between the two ResNets, whose fields are the same."""
+    path = tmp_path / "old_resnet.py"
+    path.write_text("from configs import base\n\ndef get_config(arg=None):\n"
+                    "    c = base.smoke(base.base_config())\n    del c.model['dropout_rate']\n"
+                    "    return c\n")
+    c = load_config(str(path), ["--config.model.name=wide_resnet", "--config.model.depth=10"])
+    assert c.model.name == "wide_resnet" and "dropout_rate" not in c.model
+    with pytest.raises(ValueError, match="model.name='cifar_resnet' and lacks model.drop_path"):
+        load_config(str(path), ["--config.model.name=vit"])
