@@ -144,6 +144,43 @@ def _missing_field(error: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+def _check_model_switch(name: str, config: ml_collections.ConfigDict,
+                        overrides: Sequence[str]) -> None:
+    """Refuses a ``--config.model.name`` override naming a model whose fields this config's
+    model block lacks (``cifar10 --config.model.name=vit``: no ``model.size``), naming
+    the registered configs of that model. The model block is the model's: that failed with
+    an AttributeError traceback (a registered config), or with the new model's first
+    missing field, or an 'invalid model.size' naming the other model's sizes (ViT and
+    ConvNeXt). 'cifar_resnet' and 'wide_resnet' share their fields: switching passes, also
+    in a config file written before some field existed."""
+    names = [text for key, text in map(config_lib.split_override, overrides)
+             if key == "model.name"]
+    before = config.model.get("name", "cifar_resnet") if "model" in config else None
+    if not names or before is None or names[-1] == before:
+        return
+    new, have = names[-1], set(config.model.keys())
+    others = {}  # the registered configs' defaults; one that needs a variant is none
+    for other in CONFIGS:
+        with contextlib.suppress(errors.Error):
+            others[other] = load_config(other)
+    def fields(model: str) -> set[str] | None:  # of the registered configs of ``model``
+        return next((set(c.model.keys()) for c in others.values()
+                     if c.model.get("name") == model), None)
+
+    makers = sorted(n for n, c in others.items() if c.model.get("name") == new)
+    if not makers or fields(new) == fields(before):  # no such model (validation lists the
+        return  # valid names), or one with the same fields (a config file may lack some)
+    missing = sorted(fields(new) - have)
+    if missing:
+        listed = ", ".join(f"model.{f}" for f in missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise errors.ConfigError(
+            f"--config.model.name={new} does not fit config {name!r}: its model block is for "
+            f"model.name={before!r} and lacks {listed}, which {new!r} needs; train {new!r} "
+            f"with --config {' or '.join(makers)} (or its :smoke variant), or with a config "
+            f"file whose model block is for {new!r}.")
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Builds, overrides and validates a config.
 
@@ -173,6 +210,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             config = module.get_config(arg)
         _check_returned(name, arg, config)
         _check_fields(name, config)
+    _check_model_switch(name, config, overrides)
     config_lib.apply_overrides(config, overrides)
     try:
         config_lib.validate(config)

@@ -734,3 +734,53 @@ def test_a_run_recorded_in_float16_is_read_and_built_in_float16(name):
     with pytest.raises(ValueError, match="^Invalid config: model.dtype='float16' needs loss "
                        "scaling"):  # training it still is refused
         config_lib.validate(recorded)
+
+
+@pytest.mark.parametrize("spec, name, lacks, use", [
+    ("cifar10:smoke", "vit", "model.drop_path_rate", "cifar10_vit"),
+    ("svhn", "convnext", "model.depths", "cifar10_convnext"),
+    ("cifar10_vit:smoke", "convnext", "model.depths", "cifar10_convnext"),
+    ("cifar10_convnext", "vit", "model.depth,", "cifar10_vit"),
+    ("cifar10_vit", "wide_resnet", "model.block", "cifar100_wrn"),
+    ("cifar10_convnext:smoke", "cifar_resnet", "model.block",
+     "cifar10 or cifar100 or cifar10_resnet1202 or svhn"),
+])
+def test_a_model_name_whose_fields_the_config_lacks_is_one_line_naming_its_config(
+        capsys, tmp_path, spec, name, lacks, use):
+    """``--config.model.name`` keeps the config's model block: switching the ResNet's to
+    the ViT's failed with an AttributeError traceback ('size'), and the ViT's to the
+    ConvNeXt's with "model.size='ti'; valid: ['atto', ...]", neither naming the config
+    that trains that model."""
+    import train
+
+    line = one_line_error(capsys, train.main, [
+        "--config", spec, "--workdir", str(tmp_path / "w"), f"--config.model.name={name}"])
+    assert line.startswith(f"error: --config.model.name={name} does not fit config "
+                           f"{spec.split(':')[0]!r}: its model block is for model.name="), line
+    assert lacks in line and line.endswith(
+        f"which {name!r} needs; train {name!r} with --config {use} (or its :smoke variant), "
+        f"or with a config file whose model block is for {name!r}."), line
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_model_name_the_config_s_fields_fit_still_switches():
+    """The CIFAR ResNet's and the wide ResNet's model blocks have the same fields."""
+    c = load_config("cifar10:smoke", ["--config.model.name=wide_resnet",
+                                      "--config.model.depth=10"])
+    assert (c.model.name, c.model.depth) == ("wide_resnet", 10)
+    with pytest.raises(ValueError, match=r"model.name='vti'; valid: \['cifar_resnet'"):
+        load_config("cifar10", ["--config.model.name=vti"])
+
+
+def test_a_config_file_without_the_newer_resnet_fields_still_switches_to_a_wide_resnet(
+        tmp_path):
+    """A config file written before ``model.dropout_rate`` existed (the model reads it with
+    a default) still switches between the two ResNets, whose fields are the same."""
+    path = tmp_path / "old_resnet.py"
+    path.write_text("from configs import base\n\ndef get_config(arg=None):\n"
+                    "    c = base.smoke(base.base_config())\n    del c.model['dropout_rate']\n"
+                    "    return c\n")
+    c = load_config(str(path), ["--config.model.name=wide_resnet", "--config.model.depth=10"])
+    assert c.model.name == "wide_resnet" and "dropout_rate" not in c.model
+    with pytest.raises(ValueError, match="model.name='cifar_resnet' and lacks model.drop_path"):
+        load_config(str(path), ["--config.model.name=vit"])

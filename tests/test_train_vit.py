@@ -1,4 +1,5 @@
-"""The ViT config through the generic trainer: trains, device-count invariant, clear errors."""
+"""The ViT config through the generic trainer: trains, device-count invariant, resumes exactly
+(ConvNeXt too), clear errors."""
 import os
 import sys
 
@@ -138,3 +139,49 @@ def test_resnet_only_options_are_refused_for_the_vit():
     with pytest.raises(ValueError, match="Unknown config field 'model.compact_multiple'"):
         load_config("cifar10_vit:smoke", TINY + ["--config.model.compact_multiple=4"])
     assert set(config_lib.MODEL_VALIDATORS) == set(setup_lib.MODEL_BUILDERS)
+
+
+def _checksum_and_records(workdir):
+    """The last 'latest' checkpoint's checksum (every bit of the state) and the records of
+    metrics.jsonl and validation.jsonl, without the per-session timings."""
+    from stochastic_depth_jax.training import checkpoint, metrics
+
+    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    try:
+        checksum = ckpts.read_meta("latest", ckpts.steps("latest")[-1])["checksum"]
+    finally:
+        ckpts.close()
+    records = [[{k: v for k, v in r.items() if not k.endswith("_s") and k != "images_per_s"}
+                for r in metrics.read_metrics(workdir, name)]
+               for name in (metrics.METRICS_FILE, metrics.VALIDATION_FILE)]
+    return checksum, records
+
+
+@pytest.mark.parametrize("name", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_a_drop_path_run_stopped_mid_epoch_resumes_to_the_uninterrupted_runs_weights(
+        tmp_path, monkeypatch, name):
+    """As the ResNet's (test_train.py): SIGTERM during a mid-epoch evaluation (step 3 of 4,
+    eval_every_steps) saves that step; the resumed session ends with the same weights,
+    records and best as one run (AdamW, warm-up + cosine, per-example drop-path subsets)."""
+    import signal
+
+    from stochastic_depth_jax.training import evaluate, stopping
+
+    config = load_config(name, TINY + ["--config.write_plots=false",
+                                       "--config.eval_every_steps=3",
+                                       f"--config.compilation_cache_dir={tmp_path / 'cache'}"])
+    full = train_and_evaluate(config, str(tmp_path / "full"))
+    evaluate_split = evaluate.evaluate_split
+
+    def signalled(*args, **kwargs):  # the first evaluation: step 3's validation split
+        monkeypatch.setattr(evaluate, "evaluate_split", evaluate_split)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate_split(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_split", signalled)
+    with pytest.raises(stopping.Stopped, match="stopped by SIGTERM at step 3 "):
+        train_and_evaluate(config, str(tmp_path / "stopped"))
+    resumed = train_and_evaluate(config, str(tmp_path / "stopped"))
+    assert resumed["steps"] == full["steps"] == 8 and resumed["best"] == full["best"]
+    assert (_checksum_and_records(str(tmp_path / "stopped"))
+            == _checksum_and_records(str(tmp_path / "full")))
