@@ -230,3 +230,23 @@ def test_a_new_best_before_the_earlier_bests_of_a_changed_session_is_saved(
         [moved] = [str(w.message) for w in caught
                    if checkpoint_lib.SUPERSEDED_DIR in str(w.message)]
         assert "steps 5, 6," in moved and "with a changed config, has a new best at step " in moved
+
+
+def test_checkpoint_saves_within_an_epoch_are_not_training_time(monkeypatch, tmp_path):
+    # A synchronous save writes while the clock runs; each mid-epoch save here moves the
+    # clock on by 1000 s, which the epoch's time and images/s must not include.
+    offset, real_clock, real_save = [0.0], time.perf_counter, loop._save
+
+    def save(run, kind, extra=None):
+        real_save(run, kind, extra)
+        offset[0] += 1000.0
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+    monkeypatch.setattr(loop, "_save", save)
+    config = load_config("cifar10:smoke", FLAGS[:3] + ["--config.checkpoint_every_steps=1"])
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    records = metrics.read_metrics(str(tmp_path / "run"))
+    assert offset[0] >= 8000  # three saves within each epoch and one at its end, two epochs
+    assert len(records) == 2
+    for record in records:
+        assert record["epoch_time_s"] < 1000 and record["images_per_s"] > 128 / 1000

@@ -189,8 +189,10 @@ def _epoch_sums(run: _Run) -> dict[str, float]:
 def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
     """Runs the steps until ``end`` updates are done, with the ``eval_every_steps``
     evaluations before ``end`` (``_end_of_epoch`` evaluates there); returns the wall time
-    of the training steps, without those evaluations (``run.eval_time``) and without
-    compiling the programs compact mode meets in them (``run.compile_time``)."""
+    of the training steps, without those evaluations (``run.eval_time``), without
+    compiling the programs compact mode meets in them (``run.compile_time``) and without
+    the ``checkpoint_every_steps`` saves in the epoch (their wait, all of a synchronous
+    save's writing)."""
     c, spe = run.config, run.setup.steps_per_epoch
     start = run.step
     bar = progress.EpochProgress(
@@ -201,7 +203,7 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
         batch_size=c.batch_size,
         enabled=c.progress_bar,
     )
-    run.eval_time = run.compile_time = 0.0
+    run.eval_time = run.compile_time = saving = 0.0
     t0 = time.perf_counter()
     try:
         for step in range(start + 1, end + 1):  # ``step`` = updates done after this one.
@@ -225,11 +227,14 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
                 if step < end:  # at the epoch's end, after its evaluation (see _train)
                     _stop_if_requested(run, step)
             if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < end:
+                before = time.perf_counter()  # a synchronous save writes here: no training
                 _save(run, "latest")
+                saving += (took := time.perf_counter() - before)
+                bar.exclude(took)
         jax.block_until_ready(run.state)
     finally:
         bar.close()
-    return time.perf_counter() - t0 - run.eval_time - run.compile_time
+    return time.perf_counter() - t0 - run.eval_time - run.compile_time - saving
 
 
 # The curves are redrawn during training at most this often (a drawing takes ~0.3 s on
