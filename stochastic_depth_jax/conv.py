@@ -245,17 +245,33 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
       x: ``[batch, H, W, C_in]``.
       w: ``[kh, kw, C_in, C_out]`` (HWIO, as ``flax.linen.Conv``'s kernel).
       strides: spatial strides ``(sh, sw)``.
-      padding: explicit ``((top, bottom), (left, right))``.
+      padding: explicit ``((top, bottom), (left, right))``; a negative pad crops the input
+        (computed as that crop, right where XLA:CPU's own convolution is not).
 
     Returns:
       ``[batch, H_out, W_out, C_out]`` with ``H_out = (H + top + bottom - kh) // sh + 1``.
     """
-    pads = tuple((int(a), int(b)) for a, b in padding)
     sh, sw = (int(s) for s in strides)
     x, w = _same_varying(x, w)
+    x, pads = _crop_negative_pads(x, padding)
     if w.shape[0] == 1 and w.shape[1] == 1 and pads == ((0, 0), (0, 0)):
         return _conv_s(x[:, ::sh, ::sw, :], w, pads, (1, 1))  # 1x1: subsample first, exact
     return _conv_s(x, w, pads, (sh, sw))
+
+
+def _crop_negative_pads(x: Array, padding: Any) -> tuple[Array, Pads]:
+    """``x`` cropped by the negative pads of ``padding`` (explicit pairs), and the pads left
+    (each at least 0): the same convolution. XLA:CPU's own convolution (jaxlib 0.10) gives
+    wrong numbers for some negative pads, e.g. ``((-2, 1), (-3, 2))`` with a 4x5 kernel on a
+    15x16 input (its largest error 31 against values of about 10); a crop is a slice, whose
+    gradient (a pad) is exact."""
+    pads = tuple((int(a), int(b)) for a, b in padding)
+    if all(p >= 0 for pair in pads for p in pair):
+        return x, pads  # type: ignore[return-value]
+    (t, b), (l, r) = pads
+    h, w = x.shape[1:3]
+    x = x[:, max(-t, 0):h - max(-b, 0), max(-l, 0):w - max(-r, 0), :]
+    return x, tuple((max(a, 0), max(b, 0)) for a, b in pads)  # type: ignore[return-value]
 
 
 def _same_varying(x: Array, w: Array) -> tuple[Array, Array]:
@@ -472,6 +488,7 @@ class Conv(nn.Module):
         if impl == "cpu_friendly":
             y = conv2d(x, kernel, strides, pads)
         else:
+            x, pads = _crop_negative_pads(x, pads)
             y = lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
