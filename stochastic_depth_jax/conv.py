@@ -349,8 +349,39 @@ def _rerouting(when: str) -> bool:
 
 
 # Whether the innermost reroute_flax_convs of this thread (Flax's interceptor stack is per
-# thread too) turned the rerouting on: a 'never' inside an 'always' turns it off.
+# thread too) turned the rerouting on: a 'never' inside an 'always' turns it off. And
+# ``rerouted``: how many convolutions (or NNX branches) this thread has rerouted so far.
 _LINEN = threading.local()
+
+# JAX's words (jax 0.10) when forward mode (jax.jvp, jax.jacfwd) reaches a custom_vjp
+# function, such as conv2d's gradient.
+_JVP_REFUSAL = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+FORWARD_MODE_FIX = (
+    "forward-mode autodiff (jax.jvp, jax.jacfwd) cannot differentiate this wrapper's branch: "
+    "on the CPU its stock convolutions run the library's CPU-friendly convolution, whose "
+    "gradient is a jax.custom_vjp; build the wrapper with reroute_convs='never' (same "
+    "parameters and numbers; README, 'Forward-mode autodiff')")
+
+
+def _count_rerouted() -> None:
+    _LINEN.rerouted = getattr(_LINEN, "rerouted", 0) + 1
+
+
+def naming_forward_mode_fix(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a wrapper's ``__call__``: JAX's refusal of forward mode through a custom_vjp,
+    raised while it runs (an eager ``jax.jvp`` or ``jax.jacfwd``) after it rerouted a
+    convolution, becomes one line naming the fix (:data:`FORWARD_MODE_FIX`). A refusal
+    raised later, by a ``jit``'s compilation, is JAX's own (README says the fix)."""
+    @functools.wraps(call)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        before = getattr(_LINEN, "rerouted", 0)
+        try:
+            return call(*args, **kwargs)
+        except TypeError as e:
+            if not str(e).startswith(_JVP_REFUSAL) or getattr(_LINEN, "rerouted", 0) == before:
+                raise
+            raise TypeError(FORWARD_MODE_FIX) from None
+    return wrapped
 
 
 def _reroute_interceptor(next_fun, args, kwargs, context):
@@ -363,6 +394,7 @@ def _reroute_interceptor(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     # Linen modules are frozen dataclasses; the field is swapped for this call only and
     # restored, so the module (and its parameters: same names, shapes, init) is unchanged.
+    _count_rerouted()
     object.__setattr__(module, "conv_general_dilated", conv_general_dilated)
     try:
         return next_fun(*args, **kwargs)
@@ -432,6 +464,8 @@ def reroute_nnx_convs(module: Any, when: str = "always"):
     was, becomes = (stock, rerouted) if on else (rerouted, stock)
     convs = [m for _, m in nnx.iter_graph(module)
              if isinstance(m, nnx.Conv) and m.conv_general_dilated is was]
+    if on and convs:
+        _count_rerouted()
     _set_conv_fn(convs, becomes)
     try:
         yield
