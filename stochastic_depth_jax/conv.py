@@ -77,6 +77,10 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # conv_general_dilated's largest sh * sw for conv2d (1x1 kernels: any): its gradient costs
 # sh * sw times the layer's stride-1 backward, slower than XLA's own beyond 4x4 (module
 # docstring). A 1x1 kernel's input is subsampled first, so its gradient costs no more.
+# A product, not a limit per dimension: lopsided strides of area <= 16 measured faster
+# rerouted (grad inside a jitted cond, 8x64x64x16 -> 32, noisy 2-core CPU, 2026-12-07:
+# (8, 2) 0.40-0.57x XLA's time, (8, 1) 0.30-0.46x, (16, 1) 0.49-0.67x, 3x3 or stride-sized
+# kernels, with and without cpu_compiler_options; (8, 8) 1.7-3.3x, left to XLA).
 _MAX_STRIDE_AREA = 16
 CONV_IMPLEMENTATIONS = ("auto", "xla", "cpu_friendly")
 
@@ -484,11 +488,17 @@ def _explicit_padding(padding: Any, kernel: Sequence[int], x_shape, strides) -> 
     return tuple(pads)  # type: ignore[return-value]
 
 
+# nn.Conv's paddings that pad the input itself (periodic, mirrored), then convolve VALID.
+_PAD_MODES = {"CIRCULAR": "wrap", "REFLECT": "reflect"}
+
+
 class Conv(nn.Module):
     """Drop-in for ``flax.linen.Conv`` (2-D, NHWC) with a backend-aware implementation.
 
     ``implementation='auto'`` uses :func:`conv2d` when tracing for CPU and
     ``lax.conv_general_dilated`` otherwise; ``'xla'`` and ``'cpu_friendly'`` force one.
+    ``padding``: as ``nn.Conv``'s ('SAME', 'VALID', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', an
+    int, or explicit pairs, negative ones cropping).
     Parameters: ``kernel`` ``[kh, kw, C_in, features]`` and optional ``bias``.
     Input ``[batch, H, W, C_in]``; output ``[batch, H_out, W_out, features]``.
     """
@@ -515,7 +525,12 @@ class Conv(nn.Module):
                             self.param_dtype)
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        pads = _explicit_padding(self.padding, (kh, kw), x.shape, strides)
+        padding = self.padding
+        if isinstance(padding, str) and padding in _PAD_MODES:  # as nn.Conv does
+            x = jnp.pad(x, [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)],
+                        mode=_PAD_MODES[padding])
+            padding = "VALID"
+        pads = _explicit_padding(padding, (kh, kw), x.shape, strides)
         impl = self.implementation
         if impl == "auto":
             impl = "cpu_friendly" if jax.default_backend() == "cpu" else "xla"

@@ -263,3 +263,24 @@ def test_negative_pads_crop_the_input_where_xla_s_cpu_convolution_is_wrong(shape
                       implementation=implementation)
         y_module = module.apply({"params": {"kernel": w}}, x)
         np.testing.assert_allclose(y_module, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT"])
+def test_module_pads_circular_and_reflect_as_flax_conv(padding):
+    """The drop-in for nn.Conv refused nn.Conv's 'CIRCULAR' and 'REFLECT' paddings (a
+    RuntimeError from lax: "Unrecognized padding type"); it pads the input as nn.Conv
+    does, with the same values and gradients, either implementation."""
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8, 3))
+    for k, s in (((3, 3), (1, 1)), ((4, 3), (2, 2))):
+        theirs = nn.Conv(5, k, strides=s, padding=padding)
+        v = theirs.init(jax.random.key(1), x)
+        loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+        want = jax.grad(loss(theirs), (0, 1))(v, x)
+        for implementation in ("cpu_friendly", "xla"):
+            ours = Conv(5, k, strides=s, padding=padding, implementation=implementation)
+            np.testing.assert_allclose(ours.apply(v, x), theirs.apply(v, x), rtol=1e-5,
+                                       atol=1e-5)
+            got = jax.grad(loss(ours), (0, 1))(v, x)
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+                a, b, rtol=1e-4, atol=1e-4), got, want)
