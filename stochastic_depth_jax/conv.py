@@ -76,7 +76,7 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 _DN = ("NHWC", "HWIO", "NHWC")
 # conv_general_dilated's largest sh * sw for conv2d (1x1 kernels: any): its gradient costs
 # sh * sw times the layer's stride-1 backward, slower than XLA's own beyond 4x4 (module
-# docstring). A 1x1 kernel's input is subsampled first, so its gradient costs no more.
+# docstring). A 1x1 kernel's input is padded and subsampled first: its gradient costs no more.
 # A product, not a limit per dimension: lopsided strides of area <= 16 measured faster
 # rerouted (grad inside a jitted cond, 8x64x64x16 -> 32, noisy 2-core CPU, 2026-12-07:
 # (8, 2) 0.40-0.57x XLA's time, (8, 1) 0.30-0.46x, (16, 1) 0.49-0.67x, 3x3 or stride-sized
@@ -258,8 +258,10 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
     sh, sw = (int(s) for s in strides)
     x, w = _same_varying(x, w)
     x, pads = _crop_negative_pads(x, padding)
-    if w.shape[0] == 1 and w.shape[1] == 1 and pads == ((0, 0), (0, 0)):
-        return _conv_s(x[:, ::sh, ::sw, :], w, pads, (1, 1))  # 1x1: subsample first, exact
+    if w.shape[0] == 1 and w.shape[1] == 1:  # 1x1: pad and subsample first, exact
+        if pads != ((0, 0), (0, 0)):  # else its gradient is sh * sw times a stride-1 one's
+            x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+        return _conv_s(x[:, ::sh, ::sw, :], w, ((0, 0), (0, 0)), (1, 1))
     return _conv_s(x, w, pads, (sh, sw))
 
 

@@ -284,3 +284,22 @@ def test_module_pads_circular_and_reflect_as_flax_conv(padding):
             got = jax.grad(loss(ours), (0, 1))(v, x)
             jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
                 a, b, rtol=1e-4, atol=1e-4), got, want)
+
+
+def test_padded_strided_1x1_convolution_pads_and_subsamples_first():
+    """A 1x1 kernel with any stride is rerouted (its input subsampled first, so its
+    gradient costs no more), but with padding it ran as the strided convolution, whose
+    gradient is the stride-1 one's over the whole padded input: inside a cond, stride 8,
+    23x XLA's time (37.5 against 1.6 ms). It now pads, then subsamples: the same numbers."""
+    x = jax.random.normal(jax.random.key(0), (2, 17, 12, 3))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 3, 5))
+    for s, pads in (((8, 8), ((1, 1), (1, 1))), ((4, 3), ((2, 0), (-1, 1)))):
+        y_ref, vjp_ref = jax.vjp(lambda a, b: _cropped_ref(a, b, s, pads), x, w)
+        ct = jax.random.normal(jax.random.key(2), y_ref.shape)
+        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, s, pads), x, w)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+        grads = str(jax.make_jaxpr(jax.grad(
+            lambda a, b: jnp.sum(conv2d(a, b, s, pads) ** 2), (0, 1)))(x, w))
+        assert f"window_strides={s}" not in grads
