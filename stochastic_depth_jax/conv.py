@@ -76,7 +76,11 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 _DN = ("NHWC", "HWIO", "NHWC")
 # conv_general_dilated's largest sh * sw for conv2d (1x1 kernels: any): its gradient costs
 # sh * sw times the layer's stride-1 backward, slower than XLA's own beyond 4x4 (module
-# docstring). A 1x1 kernel's input is subsampled first, so its gradient costs no more.
+# docstring). A 1x1 kernel's input is padded and subsampled first: its gradient costs no more.
+# A product, not a limit per dimension: lopsided strides of area <= 16 measured faster
+# rerouted (grad inside a jitted cond, 8x64x64x16 -> 32, noisy 2-core CPU, 2026-12-07:
+# (8, 2) 0.40-0.57x XLA's time, (8, 1) 0.30-0.46x, (16, 1) 0.49-0.67x, 3x3 or stride-sized
+# kernels, with and without cpu_compiler_options; (8, 8) 1.7-3.3x, left to XLA).
 _MAX_STRIDE_AREA = 16
 CONV_IMPLEMENTATIONS = ("auto", "xla", "cpu_friendly")
 
@@ -245,17 +249,35 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
       x: ``[batch, H, W, C_in]``.
       w: ``[kh, kw, C_in, C_out]`` (HWIO, as ``flax.linen.Conv``'s kernel).
       strides: spatial strides ``(sh, sw)``.
-      padding: explicit ``((top, bottom), (left, right))``.
+      padding: explicit ``((top, bottom), (left, right))``; a negative pad crops the input
+        (computed as that crop, right where XLA:CPU's own convolution is not).
 
     Returns:
       ``[batch, H_out, W_out, C_out]`` with ``H_out = (H + top + bottom - kh) // sh + 1``.
     """
-    pads = tuple((int(a), int(b)) for a, b in padding)
     sh, sw = (int(s) for s in strides)
     x, w = _same_varying(x, w)
-    if w.shape[0] == 1 and w.shape[1] == 1 and pads == ((0, 0), (0, 0)):
-        return _conv_s(x[:, ::sh, ::sw, :], w, pads, (1, 1))  # 1x1: subsample first, exact
+    x, pads = _crop_negative_pads(x, padding)
+    if w.shape[0] == 1 and w.shape[1] == 1:  # 1x1: pad and subsample first, exact
+        if pads != ((0, 0), (0, 0)):  # else its gradient is sh * sw times a stride-1 one's
+            x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+        return _conv_s(x[:, ::sh, ::sw, :], w, ((0, 0), (0, 0)), (1, 1))
     return _conv_s(x, w, pads, (sh, sw))
+
+
+def _crop_negative_pads(x: Array, padding: Any) -> tuple[Array, Pads]:
+    """``x`` cropped by the negative pads of ``padding`` (explicit pairs), and the pads left
+    (each at least 0): the same convolution. XLA:CPU's own convolution (jaxlib 0.10) gives
+    wrong numbers for some negative pads, e.g. ``((-2, 1), (-3, 2))`` with a 4x5 kernel on a
+    15x16 input (its largest error 31 against values of about 10); a crop is a slice, whose
+    gradient (a pad) is exact."""
+    pads = tuple((int(a), int(b)) for a, b in padding)
+    if all(p >= 0 for pair in pads for p in pair):
+        return x, pads  # type: ignore[return-value]
+    (t, b), (l, r) = pads
+    h, w = x.shape[1:3]
+    x = x[:, max(-t, 0):h - max(-b, 0), max(-l, 0):w - max(-r, 0), :]
+    return x, tuple((max(a, 0), max(b, 0)) for a, b in pads)  # type: ignore[return-value]
 
 
 def _same_varying(x: Array, w: Array) -> tuple[Array, Array]:
@@ -333,8 +355,39 @@ def _rerouting(when: str) -> bool:
 
 
 # Whether the innermost reroute_flax_convs of this thread (Flax's interceptor stack is per
-# thread too) turned the rerouting on: a 'never' inside an 'always' turns it off.
+# thread too) turned the rerouting on: a 'never' inside an 'always' turns it off. And
+# ``rerouted``: how many convolutions (or NNX branches) this thread has rerouted so far.
 _LINEN = threading.local()
+
+# JAX's words (jax 0.10) when forward mode (jax.jvp, jax.jacfwd) reaches a custom_vjp
+# function, such as conv2d's gradient.
+_JVP_REFUSAL = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+FORWARD_MODE_FIX = (
+    "forward-mode autodiff (jax.jvp, jax.jacfwd) cannot differentiate this wrapper's branch: "
+    "on the CPU its stock convolutions run the library's CPU-friendly convolution, whose "
+    "gradient is a jax.custom_vjp; build the wrapper with reroute_convs='never' (same "
+    "parameters and numbers; README, 'Forward-mode autodiff')")
+
+
+def _count_rerouted() -> None:
+    _LINEN.rerouted = getattr(_LINEN, "rerouted", 0) + 1
+
+
+def naming_forward_mode_fix(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a wrapper's ``__call__``: JAX's refusal of forward mode through a custom_vjp,
+    raised while it runs (an eager ``jax.jvp`` or ``jax.jacfwd``) after it rerouted a
+    convolution, becomes one line naming the fix (:data:`FORWARD_MODE_FIX`). A refusal
+    raised later, by a ``jit``'s compilation, is JAX's own (README says the fix)."""
+    @functools.wraps(call)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        before = getattr(_LINEN, "rerouted", 0)
+        try:
+            return call(*args, **kwargs)
+        except TypeError as e:
+            if not str(e).startswith(_JVP_REFUSAL) or getattr(_LINEN, "rerouted", 0) == before:
+                raise
+            raise TypeError(FORWARD_MODE_FIX) from None
+    return wrapped
 
 
 def _reroute_interceptor(next_fun, args, kwargs, context):
@@ -347,6 +400,7 @@ def _reroute_interceptor(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     # Linen modules are frozen dataclasses; the field is swapped for this call only and
     # restored, so the module (and its parameters: same names, shapes, init) is unchanged.
+    _count_rerouted()
     object.__setattr__(module, "conv_general_dilated", conv_general_dilated)
     try:
         return next_fun(*args, **kwargs)
@@ -416,6 +470,8 @@ def reroute_nnx_convs(module: Any, when: str = "always"):
     was, becomes = (stock, rerouted) if on else (rerouted, stock)
     convs = [m for _, m in nnx.iter_graph(module)
              if isinstance(m, nnx.Conv) and m.conv_general_dilated is was]
+    if on and convs:
+        _count_rerouted()
     _set_conv_fn(convs, becomes)
     try:
         yield
@@ -434,11 +490,17 @@ def _explicit_padding(padding: Any, kernel: Sequence[int], x_shape, strides) -> 
     return tuple(pads)  # type: ignore[return-value]
 
 
+# nn.Conv's paddings that pad the input itself (periodic, mirrored), then convolve VALID.
+_PAD_MODES = {"CIRCULAR": "wrap", "REFLECT": "reflect"}
+
+
 class Conv(nn.Module):
     """Drop-in for ``flax.linen.Conv`` (2-D, NHWC) with a backend-aware implementation.
 
     ``implementation='auto'`` uses :func:`conv2d` when tracing for CPU and
     ``lax.conv_general_dilated`` otherwise; ``'xla'`` and ``'cpu_friendly'`` force one.
+    ``padding``: as ``nn.Conv``'s ('SAME', 'VALID', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', an
+    int, or explicit pairs, negative ones cropping).
     Parameters: ``kernel`` ``[kh, kw, C_in, features]`` and optional ``bias``.
     Input ``[batch, H, W, C_in]``; output ``[batch, H_out, W_out, features]``.
     """
@@ -465,13 +527,19 @@ class Conv(nn.Module):
                             self.param_dtype)
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        pads = _explicit_padding(self.padding, (kh, kw), x.shape, strides)
+        padding = self.padding
+        if isinstance(padding, str) and padding in _PAD_MODES:  # as nn.Conv does
+            x = jnp.pad(x, [(0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)],
+                        mode=_PAD_MODES[padding])
+            padding = "VALID"
+        pads = _explicit_padding(padding, (kh, kw), x.shape, strides)
         impl = self.implementation
         if impl == "auto":
             impl = "cpu_friendly" if jax.default_backend() == "cpu" else "xla"
         if impl == "cpu_friendly":
             y = conv2d(x, kernel, strides, pads)
         else:
+            x, pads = _crop_negative_pads(x, pads)
             y = lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from stochastic_depth_jax import ops
-from stochastic_depth_jax.conv import REROUTE_CONVS, Conv, reroute_flax_convs
+from stochastic_depth_jax.conv import (REROUTE_CONVS, Conv, naming_forward_mode_fix,
+                                      reroute_flax_convs)
 
 __all__ = [
     "BatchNorm",
@@ -259,6 +260,7 @@ class StochasticDepth(nn.Module):
     batch_axis: int = 0
 
     @nn.compact
+    @naming_forward_mode_fix
     def __call__(
         self,
         x: Array,

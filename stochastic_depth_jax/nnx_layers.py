@@ -310,6 +310,7 @@ class StochasticDepth(nnx.Module):
         self.reroute_convs = reroute_convs
         self.rngs = _as_stream(rngs, rng_collection)
 
+    @conv.naming_forward_mode_fix
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
                  survival_prob: Any = None, rngs: RngsLike = None, gate: Any = None,
                  shortcut: Array | None = None, **kwargs: Any) -> Array:

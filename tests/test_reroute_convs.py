@@ -464,3 +464,52 @@ def test_nnx_function_branch_built_in_call_reroutes_the_convs_it_uses(when):
     np.testing.assert_allclose(step(block, x)["conv"]["kernel"][...],
                                want["branch"]["layers"][0]["kernel"][...], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_eager_forward_mode_through_a_rerouted_branch_names_the_fix():
+    """jax.jvp / jax.jacfwd through a rerouted branch got JAX's "can't apply forward-mode
+    autodiff (jvp) to a custom_vjp function", which names neither the convolution nor the
+    fix; eager (no jit around the jvp) it is now one line naming reroute_convs='never',
+    which then differentiates (Linen and NNX). A branch's own custom_vjp, with no conv
+    rerouted, keeps JAX's words."""
+    from stochastic_depth_jax.conv import FORWARD_MODE_FIX
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
+    branch = nn.Sequential([nn.Conv(2, (3, 3)), jnp.tanh], parent=None)
+    for when in ("always", "never"):
+        wrapped = StochasticDepth(branch, 0.5, reroute_convs=when)
+        v = wrapped.init(jax.random.key(1), x, deterministic=True)
+
+        def f(x):
+            return jnp.sum(wrapped.apply(v, x, deterministic=False, gate=jnp.bool_(True)))
+
+        for forward in (lambda: jax.jvp(f, (x,), (jnp.ones_like(x),)),
+                        lambda: jax.jacfwd(f)(x)):
+            if when == "never":
+                assert np.all(np.isfinite(forward()[-1]))
+                continue
+            with pytest.raises(TypeError) as info:
+                forward()
+            assert str(info.value) == FORWARD_MODE_FIX and "\n" not in FORWARD_MODE_FIX
+    for when in ("always", "never"):
+        layer = nnx_layers.StochasticDepth(nnx.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0)), 0.5,
+                                           rngs=nnx.Rngs(1), reroute_convs=when)
+        graphdef, state, rest = nnx.split(layer, nnx.Param, ...)  # pure-functional form
+        g = lambda s, x: jnp.sum(nnx.merge(graphdef, s, rest)(x, deterministic=False,
+                                                              gate=jnp.bool_(True)))
+        forward = lambda: jax.jvp(g, (state, x), (jax.tree.map(jnp.zeros_like, state),
+                                                  jnp.ones_like(x)))
+        if when == "never":
+            assert np.isfinite(forward()[1])
+            continue
+        with pytest.raises(TypeError, match="^forward-mode autodiff .* reroute_convs='never'"):
+            forward()
+
+    @jax.custom_vjp
+    def own(v):
+        return jnp.tanh(v)
+
+    own.defvjp(lambda v: (jnp.tanh(v), v), lambda v, ct: (ct / jnp.cosh(v) ** 2,))
+    mine = StochasticDepth(own, 0.5, reroute_convs="always")
+    with pytest.raises(TypeError, match="^can't apply forward-mode autodiff"):
+        jax.jvp(lambda x: mine.apply({}, x, deterministic=False, gate=jnp.bool_(True)),
+                (x,), (jnp.ones_like(x),))

@@ -870,28 +870,44 @@ def test_sweep_s_stdout_is_its_json_alone(capsys, tmp_path, monkeypatch):
 def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp_path,
                                                                      monkeypatch):
     """'sweep: starting <run>' said neither where the run stood in the sweep nor how long
-    the rest would take. The estimate comes once a run trained from its start has finished
-    (a resumed run's time is a part of one), per layer of depth, for the runs left to train
-    (not the finished ones, skipped)."""
+    the rest would take. The estimate comes once a run has finished training, for the runs
+    left to train (not the finished ones, skipped), by the steps each has left (a resumed
+    run's from its checkpoint) and the blocks a step is expected to compute (the survival
+    probabilities' sum: fewer at a lower p_L). It was in proportion to depth and counted a
+    resumed run as a whole one: 9 and 5 min here, where the runs take 11 and 8."""
     root = str(tmp_path)
     _finished_run(root, 8, 1.0, 0.4)  # skipped
-    os.makedirs(os.path.join(root, "depth14_pL0.5", "checkpoints", "4"))  # resumed
+    os.makedirs(os.path.join(root, "depth14_pL0.5", "checkpoints", "4"))  # resumed at step 4
     clock = [0.0]
     monkeypatch.setattr(sweep, "_now", lambda: clock[0])
+    # Blocks a step computes, p_l = 1 - l/L (1 - p_L): ResNet-8 has 3 blocks, ResNet-14 6.
+    expected = {(8, 0.5): 5 / 6 + 4 / 6 + 3 / 6, (14, 0.5): sum(1 - l / 12 for l in range(1, 7)),
+                (14, 1.0): 6.0}
 
-    def train(config, workdir):  # 10 s a layer of depth (the resumed run: half of that)
-        clock[0] += config.model.depth * (5 if "depth14_pL0.5" in workdir else 10)
+    def train(config, workdir):  # 10 s a block a step, for the steps the run has left
+        name = os.path.basename(workdir)
+        start = 4 if name == "depth14_pL0.5" else 0
+        steps = config.num_epochs * 4  # 4 steps an epoch
+        clock[0] += 10 * (steps - start) * expected[(config.model.depth,
+                                                     config.model.final_survival_prob)]
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"steps": steps, "steps_per_epoch": 4}, f)
 
     runs = [(name, load_config("cifar10:smoke", extra))
             for name, extra in sweep.plan([8, 14], [0.5, 1.0])]
     status = sweep.run_sweep(runs, root, train=train)
     assert list(status.values()) == ["started", "skipped (finished)", "resumed", "started"]
-    left = "left for the {} to train, this one included (estimated from the 1 run trained " \
-           "so far, in proportion to depth)"
+    left = "left for the {} to train, this one included (estimated from the {} trained so " \
+           "far, by the steps left and the blocks a step is expected to compute)"
+    # After depth8_pL0.5: 4 steps x 4.25 blocks + 8 x 6 = 65 block-steps, 650 s; after the
+    # resumed run, 8 x 6, 480 s.
     assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")] == [
         "sweep: starting depth8_pL0.5 (1 of 4)",
-        "sweep: resuming depth14_pL0.5 (3 of 4); about 5 min " + left.format("2 runs"),
-        "sweep: starting depth14_pL1 (4 of 4); about 2 min " + left.format("1 run")]
+        "sweep: resuming depth14_pL0.5 (3 of 4); about 11 min " + left.format("2 runs", "1 run"),
+        "sweep: starting depth14_pL1 (4 of 4); about 8 min " + left.format("1 run", "2 runs")]
+    masked = load_config("cifar10:smoke", ["--config.model.implementation=mask"])
+    assert sweep._step_blocks(masked) == 3.0  # computed and masked: every block
 
 
 def test_the_up_front_read_of_the_runs_leaves_each_damaged_record_warned_once_at_its_run(

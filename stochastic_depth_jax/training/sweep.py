@@ -29,11 +29,12 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 
-from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax import errors, logs, schedules
 from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
 from stochastic_depth_jax.training import figures
+from stochastic_depth_jax.training import implementation as implementation_lib
 from stochastic_depth_jax.training import loop as loop_lib
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import plots
@@ -374,7 +375,10 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         check_same_config(os.path.join(root, name), config)
     status: dict[str, str] = {}
     to_train = _runs_to_train(runs, root)  # for the time left: what the loop will train
-    timed: list[tuple[float, int]] = []  # (seconds, depth) of the runs trained from the start
+    # (seconds, block-steps) of the runs this call trained to their end, and the steps in
+    # an epoch they recorded (the same for every run of a sweep: one data set, one batch).
+    timed: list[tuple[float, float]] = []
+    steps_per_epoch: list[int] = []
     # A signal between two runs, or during a run's last evaluation (after its last stop
     # point), reaches this object: the sweep stops before the next run instead of
     # starting it (a scheduler's grace period would end inside it).
@@ -392,9 +396,11 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             if diverged is not None:  # trained again, it would diverge again
                 status[name] = f"skipped ({figures.diverged_label({'diverged': diverged})})"
                 continue
+            start = _start_step(workdir)
             resumed = bool(_saved_steps(workdir))
-            left = [config.model.depth] + [c.model.depth for n, c in runs[position:]
-                                           if n in to_train]
+            left = [_block_steps(config, steps_per_epoch[-1:], start)] + [
+                _block_steps(c, steps_per_epoch[-1:], _start_step(os.path.join(root, n)))
+                for n, c in runs[position:] if n in to_train]
             print(_starting_line(name, resumed, position, len(runs), left, timed), flush=True)
             # Until the run's own handler is installed (it loads data and compiles first), a
             # signal is pending for it: it stops at its first stop point, with a checkpoint.
@@ -403,8 +409,12 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             started_at = _now()
             diverged_now = _train_run(train, name, config, workdir)
             status[name] = diverged_now or ("resumed" if resumed else "started")
-            if status[name] == "started":  # a whole run's time (not part of one)
-                timed.append((_now() - started_at, config.model.depth))
+            seconds, summary = _now() - started_at, _quiet_summary(workdir)
+            if diverged_now is None and summary is not None:  # the steps this call trained
+                steps_per_epoch.append(summary["steps_per_epoch"])
+                trained = summary["steps"] - start
+                if trained > 0:
+                    timed.append((seconds, trained * _step_blocks(config)))
             stop.when = _BETWEEN_RUNS
     return status
 
@@ -423,21 +433,60 @@ def _runs_to_train(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
                 and _divergence(os.path.join(root, name)) is None}
 
 
+def _start_step(workdir: str) -> int:
+    """The step a run resumes from (its newest checkpoint's), 0 for one not started."""
+    return max(_saved_steps(workdir), default=0)
+
+
+def _quiet_summary(workdir: str) -> dict[str, Any] | None:
+    """:func:`_read_summary` without its warning (the run's own training says a problem)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_summary(workdir)
+
+
+def _step_blocks(config: ml_collections.ConfigDict) -> float:
+    """The residual blocks a training step of ``config`` is expected to compute: the sum of
+    the survival probabilities where dropped blocks are skipped (ResNet-110 at p_L 0.5:
+    0.75 of its 54 blocks; at p_L 0.1, 0.54), every block where they are computed and
+    masked. The rest of a step (stem, classifier, update) is left out: ResNet-110's
+    skipping step measured 0.75-0.78 of the constant-depth one on a CPU."""
+    model = config.model
+    blocks = sum(implementation_lib._stage_sizes(model))
+    resolved = implementation_lib.resolve(model, jax.devices()[0].platform)
+    if resolved.implementation == "mask":
+        return float(blocks)
+    return float(schedules.survival_probabilities(
+        model.survival_rule, blocks, model.final_survival_prob).sum())
+
+
+def _block_steps(config: ml_collections.ConfigDict, steps_per_epoch: Sequence[int],
+                 start: int) -> float | None:
+    """The block-steps (:func:`_step_blocks` per step) a run of ``config`` has left from
+    step ``start``; None before a run has said how many steps an epoch has."""
+    if not steps_per_epoch:
+        return None
+    total = _total_steps({"steps_per_epoch": steps_per_epoch[0]}, config)
+    return max(total - start, 0) * _step_blocks(config)
+
+
 def _starting_line(name: str, resumed: bool, position: int, total: int,
-                   left: Sequence[int], timed: Sequence[tuple[float, int]]) -> str:
+                   left: Sequence[float | None], timed: Sequence[tuple[float, float]]) -> str:
     """``sweep: starting <run> (k of N)``, its place in the sweep's runs; once this call has
-    trained a run from its start to its end (``timed``: its seconds and depth), the time
-    left for the runs still to train (``left``: their depths, this one's included),
-    estimated from those runs' time per layer of depth (a run's time grows about with its
-    depth; a resumed run's part, or a diverged run's, says nothing of a whole run's)."""
+    trained a run to its end (``timed``: its seconds and block-steps), the time left for the
+    runs still to train (``left``: their block-steps left, this one's included), from those
+    runs' time per block-step: the steps each run has left (a resumed run's from its
+    checkpoint) times the blocks a step is expected to compute (:func:`_step_blocks`; fewer
+    at a lower p_L). A diverged run's time is not counted."""
     line = f"sweep: {'resuming' if resumed else 'starting'} {name} ({position} of {total})"
-    if not timed:
+    if not timed or None in left:
         return line
-    per_layer = sum(seconds for seconds, _ in timed) / sum(depth for _, depth in timed)
+    per_block_step = sum(seconds for seconds, _ in timed) / sum(cost for _, cost in timed)
     runs = lambda n: f"{n} run{'s' * (n != 1)}"
-    return (f"{line}; about {progress_lib.duration(per_layer * sum(left))} left for the "
+    return (f"{line}; about {progress_lib.duration(per_block_step * sum(left))} left for the "
             f"{runs(len(left))} to train, this one included (estimated from the "
-            f"{runs(len(timed))} trained so far, in proportion to depth)")
+            f"{runs(len(timed))} trained so far, by the steps left and the blocks a step is "
+            f"expected to compute)")
 
 
 def _train_run(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
