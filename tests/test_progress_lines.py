@@ -72,12 +72,16 @@ def test_the_final_lines_of_a_run_rerun_with_fewer_epochs_and_of_validation_reco
     results line named no validation.jsonl where eval_every_steps wrote one."""
     (tmp_path / "validation.jsonl").write_text("")
     summary = {"final": {"epoch": 2, "step": 8, "test_error": 0.5}, "steps": 8,
-               "best": {"metric": "val_error", "epoch": 1.5, "val_error": 0.4,
+               "best": {"metric": "val_error", "epoch": 4 / 3, "step": 8, "val_error": 0.4,
                         "test_error": 0.45}}
     first, best, results = progress.summary_lines(summary, str(tmp_path), 1)
     assert first == "Finished epoch 2 (8 steps); last epoch: test error 50.00%."
-    assert best == ("Best by validation error: epoch 1.5, test error 45.00% (val error 40.00%)"
-                    "; in checkpoints_best/.")
+    # A best within an epoch (eval_every_steps) names its step: the rounded epoch does not.
+    assert best == ("Best by validation error: epoch 1.33 (step 8), test error 45.00% (val "
+                    "error 40.00%); in checkpoints_best/.")
+    summary["best"].update(epoch=2.0, step=12)
+    assert progress.summary_lines(summary, str(tmp_path), 1)[1].startswith(
+        "Best by validation error: epoch 2, test error 45.00%")
     assert results == f"Results in {tmp_path}: summary.json, metrics.jsonl, validation.jsonl."
 
 

@@ -106,8 +106,11 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
         shown = [f"{name} {100 * best[key]:.2f}%" for key, name in
                  (("test_error", "test error"), ("val_error", "val error")) if key in best]
         first, rest = (shown[0], shown[1:]) if shown else ("", [])
+        # Within an epoch (eval_every_steps) the rounded epoch does not name the checkpoint.
+        step = (f" (step {best['step']})" if best.get("step") is not None
+                and float(best["epoch"]) != int(best["epoch"]) else "")
         lines.append(f"Best by {_METRIC_NAMES[best['metric']]}: epoch {round(best['epoch'], 2):g}"
-                     + (f", {first}" if first else "")
+                     + step + (f", {first}" if first else "")
                      + (f" ({', '.join(rest)})" if rest else "") + "; in checkpoints_best/.")
     files = ["summary.json", "metrics.jsonl", "validation.jsonl", "error.png", "loss.png"]
     found = [f for f in files if f in files[:2] or os.path.exists(os.path.join(workdir, f))]
