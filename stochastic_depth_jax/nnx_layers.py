@@ -178,6 +178,20 @@ def _trace_of(value: Any) -> Any:
     return getattr(getattr(value, "_pytree__state", None), "trace_state", None)
 
 
+def _bakes_in_constants(value: Any) -> bool:
+    """Whether a transform would take ``value``'s state as constants: a parameter holding a
+    concrete array (made outside every transform, as in ``__init__``), or state all concrete.
+    Layers of an enclosing transform (a function built in ``__call__`` under ``nnx.jit``,
+    its wrapper then run in ``nnx.remat`` / ``nnx.cond`` / ``nnx.vmap``) hold that
+    transform's traced values, which JAX closes over correctly."""
+    variables = [value] if isinstance(value, nnx.Variable) else [
+        v for _, v in nnx.iter_graph(value) if isinstance(v, nnx.Variable)]
+    concrete = [(isinstance(v, nnx.Param), not isinstance(leaf, jax.core.Tracer))
+                for v in variables for leaf in jax.tree.leaves(v.get_value())]
+    return any(param and fixed for param, fixed in concrete) or all(
+        fixed for _, fixed in concrete)
+
+
 def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     """ValueError for a plain-function branch that uses NNX modules from outside the NNX
     transform (``nnx.jit``, ``nnx.grad``, ``nnx.scan``, ...) the wrapper runs in.
@@ -185,8 +199,10 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     Such a transform works on a copy of the wrapper, but the function still points at the
     original modules: it computes with their values as constants, so their gradients are
     zero, ``nnx.jit`` keeps stale parameters, and BatchNorm cannot update. Told apart from a
-    function built inside the transform (fine) by the trace each was made in; a wrapper
-    that is itself the original (called under a JAX transform of its own) is not refused.
+    function built inside the transform (fine) by the trace each was made in, and from one
+    whose layers come from an enclosing transform (fine) by their concrete values (see
+    :func:`_bakes_in_constants`); a wrapper that is itself the original (called under a JAX
+    transform of its own) is not refused.
     With ``batch_gate`` (a training call in batch mode) modules with running state
     (BatchNorm) are refused too: a dropped block would update them (``'mask'``) or fail
     inside the ``cond`` (``'skip'``). Returns the NNX objects the function uses (whose
@@ -203,7 +219,8 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     used = [u for u in used if _is_nnx_state(u)]
     own = _trace_of(sd)
     stale = [u for u in used if own is not None and own.is_valid()
-             and _trace_of(u) is not None and not _trace_of(u).is_valid()]
+             and _trace_of(u) is not None and not _trace_of(u).is_valid()
+             and _bakes_in_constants(u)]
     if stale:
         kinds = ", ".join(sorted({type(u).__name__ for u in stale}))
         raise ValueError(
@@ -212,7 +229,8 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
             f"copies the wrapper but not what the function closes over: their gradients would "
             f"be zero and their updates lost. Make the branch an nnx.Module that holds them "
             f"(e.g. nnx.Sequential(conv, bn), or a small Module class).")
-    running = [u for u in used if not isinstance(u, nnx.Variable) and nnx.state(u, _KEPT_STATE)]
+    running = [u for u in used if batch_gate and not isinstance(u, nnx.Variable)
+               and _updates_state(u)]
     if batch_gate and running:
         kinds = ", ".join(sorted({type(u).__name__ for u in running}))
         raise ValueError(
@@ -222,6 +240,15 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
             f"nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or a small Module "
             f"class).")
     return [u for u in used if not isinstance(u, nnx.Variable)]
+
+
+def _updates_state(module: Any) -> bool:
+    """Whether ``module`` holds running state (BatchNorm statistics) a call may update: not
+    that of a BatchNorm built or set with ``use_running_average=True`` (frozen)."""
+    frozen = [path for path, m in nnx.iter_graph(module)
+              if isinstance(m, nnx.BatchNorm) and m.use_running_average is True]
+    return bool(nnx.state(module, nnx.All(_KEPT_STATE, lambda path, _: not any(
+        tuple(path[:len(f)]) == tuple(f) for f in frozen))))
 
 
 # Names other libraries give the drop rate (timm, torchvision, Keras).
@@ -259,7 +286,8 @@ class StochasticDepth(nnx.Module):
         (its BatchNorm statistics update only when it runs) or a plain function. A function
         that uses NNX layers made outside the NNX transform the wrapper runs in (a lambda
         over ``self.conv``, under ``nnx.jit`` / ``nnx.grad``) is refused, as is one using
-        BatchNorm in batch-mode training: hold the layers in an ``nnx.Module`` branch.
+        BatchNorm in batch-mode training (not one with ``use_running_average=True``): hold
+        the layers in an ``nnx.Module`` branch.
       survival_prob: p in (0, 1], the probability of *keeping* the branch (a float; 1 never
         draws a key); not timm's drop rate 1 - p (for that, :class:`DropPath`). A module
         attribute is static, so per-layer rates of a stack built with ``nnx.vmap`` are

@@ -330,3 +330,56 @@ def test_nnx_model_saved_and_restored_with_orbax_resumes_the_same_gates(tmp_path
     for a, b in outs:
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(model.branch.bn.mean[...], restored.branch.bn.mean[...])
+
+
+@pytest.mark.parametrize("wrap", ["remat", "cond", "vmap"])
+def test_nnx_function_branch_built_in_call_runs_inside_an_inner_nnx_transform(wrap):
+    """A function built in __call__ whose wrapper then runs in nnx.remat / nnx.cond /
+    nnx.vmap uses the layers of the enclosing nnx.jit / nnx.grad (traced values JAX closes
+    over correctly): it was refused as if the layers came from outside every transform."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, function):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.function = function
+
+        def __call__(self, x):
+            sd = nnx_layers.StochasticDepth(
+                (lambda v: self.conv(v)) if self.function else nnx.Sequential(self.conv), 0.5)
+            call = lambda s, v: s(v, rngs=key)  # noqa: E731
+            if wrap == "remat":
+                return x + nnx.remat(call)(sd, x)
+            if wrap == "cond":
+                return x + nnx.cond(True, call, lambda s, v: v, sd, x)
+            return x + nnx.vmap(call, in_axes=(None, 0))(sd, x[None])[0]
+
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    got = step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]
+    want = step(Block(nnx.Rngs(0), False))["conv"]["kernel"][...]
+    assert float(jnp.abs(want).sum()) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("implementation", ["skip", "mask"])
+def test_nnx_function_branch_with_a_frozen_batchnorm_trains_in_batch_mode(implementation):
+    """A BatchNorm with use_running_average=True (frozen, as in fine-tuning) never updates:
+    a function branch using it was refused as if a dropped block would update it."""
+    class Block(nnx.Module):
+        def __init__(self, rngs, function):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(3, use_running_average=True, rngs=rngs)
+            self.bn.mean[...] = jnp.full((3,), 0.5)
+            branch = (lambda v: self.bn(self.conv(v))) if function else nnx.Sequential(
+                self.conv, self.bn)
+            self.sd = nnx_layers.StochasticDepth(branch, 0.5, implementation=implementation)
+
+        def __call__(self, x, key):
+            return x + self.sd(x, rngs=key)
+
+    for seed in range(4):  # kept and dropped gates
+        key = jax.random.key(seed)
+        got = Block(nnx.Rngs(0), True)(X, key)
+        np.testing.assert_allclose(got, Block(nnx.Rngs(0), False)(X, key), rtol=1e-6)
+    assert len({bool(ops.draw_gate(jax.random.key(s), 0.5)) for s in range(4)}) == 2
