@@ -260,15 +260,31 @@ def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
     ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``."""
     key = next(iter(unknown))
     if key in _RATE_NAMES:
-        rate = unknown[key]
+        value = unknown[key]
+        rate, keep, each = _rate_text(value), ops.drop_rate_text(value), ""
+        given = f"{key}={rate}"
+        if np.ndim(value) > 0:  # a whole schedule (its repr spans lines): one rate a module
+            rate, keep, each = "r", "1 - r", " for each layer's rate r (one module a layer)"
+            given = f"{key}= a schedule of {np.size(value)} rates"
         if name == "DropPath":
             raise TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
-                            f"DropPath(branch, rate={rate!r}).")
+                            f"DropPath(branch, rate={rate}){each}.")
         raise TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
-                        f"not a drop rate ({key}={rate!r}): {name}(branch, "
-                        f"survival_prob={ops.drop_rate_text(rate)}), or DropPath(branch, "
-                        f"rate={rate!r}) for drop path with timm's defaults.")
+                        f"not a drop rate ({given}): {name}(branch, survival_prob={keep}), or "
+                        f"DropPath(branch, rate={rate}) for drop path with timm's "
+                        f"defaults{each}.")
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
+
+
+def _rate_text(rate: Any) -> str:
+    """A scalar rate as a short number (``0.1``, not ``Array(0.1, dtype=float32)``)."""
+    if isinstance(rate, (int, float, np.generic, np.ndarray, jax.Array)) and not isinstance(
+            rate, bool):
+        try:
+            return f"{float(rate):g}"
+        except (TypeError, ValueError):  # a traced rate
+            pass
+    return repr(rate)
 
 
 class StochasticDepth(nnx.Module):
