@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,30 +129,44 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
-def _function_parts(fn: Any, depth: int = 0) -> tuple[list, set[str]]:
-    """What a plain function branch reads from outside: the objects it closes over (closure
-    cells, a ``functools.partial``'s arguments, a bound method's ``self``, the globals it
-    names) and the attribute names its code reads."""
-    objects: list = []
-    names: set[str] = set()
+def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
+    """What a plain function branch reads from outside, each object with the attribute names
+    the code holding it reads: the objects it closes over (closure cells, a
+    ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
+    names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
+    function made by another) are read in turn."""
     if depth > 4:
-        return objects, names
+        return []
     if isinstance(fn, functools.partial):
-        objects += [*fn.args, *fn.keywords.values()]
-        more, more_names = _function_parts(fn.func, depth + 1)
-        return objects + more, names | more_names
-    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):  # a bound method
-        objects.append(fn.__self__)
-        fn = fn.__func__
+        code = getattr(getattr(fn.func, "__func__", fn.func), "__code__", None)
+        names = _code_names(code) if code is not None else set()
+        return (_function_parts(fn.func, depth + 1)
+                + [(a, names) for a in (*fn.args, *fn.keywords.values())])
+    if not _is_function(fn):
+        return [(fn, set())]  # a module or other object itself (partial(self.conv))
+    owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
+    fn = getattr(fn, "__func__", fn)
+    inner = [fn.__wrapped__] if hasattr(fn, "__wrapped__") else []
     code = getattr(fn, "__code__", None)
-    if code is None:
-        return objects, names
-    names = _code_names(code)
-    objects += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
-                if _cell_filled(cell)]
-    globals_ = getattr(fn, "__globals__", {})
-    objects += [globals_[n] for n in names if n in globals_]
-    return objects, names
+    names = _code_names(code) if code is not None else set()
+    if code is not None:
+        inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
+                  if _cell_filled(cell)]
+        globals_ = getattr(fn, "__globals__", {})
+        owner += [globals_[n] for n in names if n in globals_]
+    parts = [(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]]
+    for obj in inner:
+        if _is_function(obj):
+            parts += _function_parts(obj, depth + 1)
+    return parts
+
+
+def _is_function(obj: Any) -> bool:
+    """A function, method or partial, or a wrapper of one (``jax.jit``, ``jax.checkpoint``);
+    not an NNX module."""
+    return not nnx.graph.is_graph_node(obj) and (
+        isinstance(obj, (types.FunctionType, types.MethodType, functools.partial))
+        or hasattr(obj, "__wrapped__"))
 
 
 def _cell_filled(cell: Any) -> bool:
@@ -207,9 +222,8 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     (BatchNorm) are refused too: a dropped block would update them (``'mask'``) or fail
     inside the ``cond`` (``'skip'``). Returns the NNX objects the function uses (whose
     ``nnx.Conv`` layers the wrapper reroutes as a Module branch's)."""
-    objects, names = _function_parts(sd.branch)
     used = []
-    for obj in objects:
+    for obj, names in _function_parts(sd.branch):
         if not (isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)):
             continue
         attrs = [getattr(obj, n) for n in names if not isinstance(obj, nnx.Variable)

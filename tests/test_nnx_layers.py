@@ -1,4 +1,5 @@
 """Native NNX drop path and ViT: they train, and match the Linen modules exactly."""
+import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -383,3 +384,35 @@ def test_nnx_function_branch_with_a_frozen_batchnorm_trains_in_batch_mode(implem
         got = Block(nnx.Rngs(0), True)(X, key)
         np.testing.assert_allclose(got, Block(nnx.Rngs(0), False)(X, key), rtol=1e-6)
     assert len({bool(ops.draw_gate(jax.random.key(s), 0.5)) for s in range(4)}) == 2
+
+
+@pytest.mark.parametrize("kind", ["partial", "checkpoint", "made_by_a_function"])
+def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms(kind):
+    """functools.partial(self.conv), jax.checkpoint(lambda v: self.conv(v)) and a function
+    made by another closing over the layers got a zero gradient silently: only a function's
+    own closure was read."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    def branch(conv):
+        if kind == "partial":
+            return functools.partial(conv)
+        if kind == "checkpoint":
+            return jax.checkpoint(lambda v: conv(v))
+        return (lambda f: (lambda v: jnp.tanh(f(v))))(lambda v: conv(v))
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, in_call):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.in_call = in_call
+            self.sd = None if in_call else nnx_layers.StochasticDepth(branch(self.conv), 0.5)
+
+        def __call__(self, x):
+            sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5) if self.in_call else self.sd
+            return x + sd(x, rngs=key)
+
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    with pytest.raises(ValueError, match=r"uses NNX state \(Conv\) made outside the NNX"):
+        step(Block(nnx.Rngs(0), False))
+    # Built in __call__ (the layers nnx.jit passes in): runs, with a non-zero gradient.
+    assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
