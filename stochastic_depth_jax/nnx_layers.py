@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -129,6 +130,12 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
+# Where JAX's, Flax's and NumPy's own functions live (told by their code's file: functools.wraps
+# copies __module__).
+_LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
+    jax.__file__, os.path.dirname(nnx.__file__), np.__file__))
+
+
 def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
     """What a plain function branch reads from outside, each object with the attribute names
     the code holding it reads: the objects it closes over (closure cells, a
@@ -148,6 +155,8 @@ def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
     fn = getattr(fn, "__func__", fn)
     inner = [fn.__wrapped__] if hasattr(fn, "__wrapped__") else []
     code = getattr(fn, "__code__", None)
+    if code is not None and code.co_filename.startswith(_LIBRARIES):
+        code = None  # a library's function (jax.checkpoint's wrapper): only what it wraps
     names = _code_names(code) if code is not None else set()
     if code is not None:
         inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
