@@ -82,6 +82,9 @@ def _key(rngs: RngsLike, collection: str) -> Array:
     if not (typed or raw):
         what = (f"an array of shape {rngs.shape} and dtype {rngs.dtype}"
                 if hasattr(rngs, "shape") and hasattr(rngs, "dtype") else repr(rngs))
+        if "\n" in what:  # a list of keys: each key's repr spans lines
+            what = f"a {type(rngs).__name__}" + (
+                f" of {len(rngs)}" if isinstance(rngs, (list, tuple)) else "")
         raise TypeError(f"rngs must be nnx.Rngs, an nnx.RngStream or a PRNG key "
                         f"(jax.random.key(seed)), got {what}.")
     if rngs.shape != ((2,) if raw else ()):

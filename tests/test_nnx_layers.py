@@ -289,10 +289,13 @@ def test_nnx_call_time_rngs_mistakes_are_one_line_errors():
         with pytest.raises(TypeError, match=r"one PRNG key, got 4 keys .*in_axes=0"):
             sd(X, rngs=keys)
     for bad in ({"stochastic_depth": jax.random.key(0)}, jnp.ones((3, 3)),
-                jax.random.split(jax.random.key(0), 4)):
+                jax.random.split(jax.random.key(0), 4),
+                list(jax.random.split(jax.random.key(0), 2)), (jax.random.key(0),)):
         with pytest.raises(TypeError) as info:
             sd(X, rngs=bad)
         assert "\n" not in str(info.value)  # an array's repr spans lines
+    with pytest.raises(TypeError, match=r"PRNG key \(jax.random.key\(seed\)\), got a list of 2\.$"):
+        sd(X, rngs=list(jax.random.split(jax.random.key(0), 2)))
     assert sd(X, rngs=jax.random.PRNGKey(1)).shape == X.shape
 
 
