@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,6 +82,9 @@ def _key(rngs: RngsLike, collection: str) -> Array:
     if not (typed or raw):
         what = (f"an array of shape {rngs.shape} and dtype {rngs.dtype}"
                 if hasattr(rngs, "shape") and hasattr(rngs, "dtype") else repr(rngs))
+        if "\n" in what:  # a list of keys: each key's repr spans lines
+            what = f"a {type(rngs).__name__}" + (
+                f" of {len(rngs)}" if isinstance(rngs, (list, tuple)) else "")
         raise TypeError(f"rngs must be nnx.Rngs, an nnx.RngStream or a PRNG key "
                         f"(jax.random.key(seed)), got {what}.")
     if rngs.shape != ((2,) if raw else ()):
@@ -128,30 +133,52 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
-def _function_parts(fn: Any, depth: int = 0) -> tuple[list, set[str]]:
-    """What a plain function branch reads from outside: the objects it closes over (closure
-    cells, a ``functools.partial``'s arguments, a bound method's ``self``, the globals it
-    names) and the attribute names its code reads."""
-    objects: list = []
-    names: set[str] = set()
+# Where JAX's, Flax's and NumPy's own functions live (told by their code's file: functools.wraps
+# copies __module__).
+_LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
+    jax.__file__, os.path.dirname(nnx.__file__), np.__file__))
+
+
+def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
+    """What a plain function branch reads from outside, each object with the attribute names
+    the code holding it reads: the objects it closes over (closure cells, a
+    ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
+    names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
+    function made by another) are read in turn."""
     if depth > 4:
-        return objects, names
+        return []
     if isinstance(fn, functools.partial):
-        objects += [*fn.args, *fn.keywords.values()]
-        more, more_names = _function_parts(fn.func, depth + 1)
-        return objects + more, names | more_names
-    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):  # a bound method
-        objects.append(fn.__self__)
-        fn = fn.__func__
+        code = getattr(getattr(fn.func, "__func__", fn.func), "__code__", None)
+        names = _code_names(code) if code is not None else set()
+        return (_function_parts(fn.func, depth + 1)
+                + [(a, names) for a in (*fn.args, *fn.keywords.values())])
+    if not _is_function(fn):
+        return [(fn, set())]  # a module or other object itself (partial(self.conv))
+    owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
+    fn = getattr(fn, "__func__", fn)
+    inner = [fn.__wrapped__] if hasattr(fn, "__wrapped__") else []
     code = getattr(fn, "__code__", None)
-    if code is None:
-        return objects, names
-    names = _code_names(code)
-    objects += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
-                if _cell_filled(cell)]
-    globals_ = getattr(fn, "__globals__", {})
-    objects += [globals_[n] for n in names if n in globals_]
-    return objects, names
+    if code is not None and code.co_filename.startswith(_LIBRARIES):
+        code = None  # a library's function (jax.checkpoint's wrapper): only what it wraps
+    names = _code_names(code) if code is not None else set()
+    if code is not None:
+        inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
+                  if _cell_filled(cell)]
+        globals_ = getattr(fn, "__globals__", {})
+        owner += [globals_[n] for n in names if n in globals_]
+    parts = [(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]]
+    for obj in inner:
+        if _is_function(obj):
+            parts += _function_parts(obj, depth + 1)
+    return parts
+
+
+def _is_function(obj: Any) -> bool:
+    """A function, method or partial, or a wrapper of one (``jax.jit``, ``jax.checkpoint``);
+    not an NNX module."""
+    return not nnx.graph.is_graph_node(obj) and (
+        isinstance(obj, (types.FunctionType, types.MethodType, functools.partial))
+        or hasattr(obj, "__wrapped__"))
 
 
 def _cell_filled(cell: Any) -> bool:
@@ -178,6 +205,20 @@ def _trace_of(value: Any) -> Any:
     return getattr(getattr(value, "_pytree__state", None), "trace_state", None)
 
 
+def _bakes_in_constants(value: Any) -> bool:
+    """Whether a transform would take ``value``'s state as constants: a parameter holding a
+    concrete array (made outside every transform, as in ``__init__``), or state all concrete.
+    Layers of an enclosing transform (a function built in ``__call__`` under ``nnx.jit``,
+    its wrapper then run in ``nnx.remat`` / ``nnx.cond`` / ``nnx.vmap``) hold that
+    transform's traced values, which JAX closes over correctly."""
+    variables = [value] if isinstance(value, nnx.Variable) else [
+        v for _, v in nnx.iter_graph(value) if isinstance(v, nnx.Variable)]
+    concrete = [(isinstance(v, nnx.Param), not isinstance(leaf, jax.core.Tracer))
+                for v in variables for leaf in jax.tree.leaves(v.get_value())]
+    return any(param and fixed for param, fixed in concrete) or all(
+        fixed for _, fixed in concrete)
+
+
 def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     """ValueError for a plain-function branch that uses NNX modules from outside the NNX
     transform (``nnx.jit``, ``nnx.grad``, ``nnx.scan``, ...) the wrapper runs in.
@@ -185,15 +226,16 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     Such a transform works on a copy of the wrapper, but the function still points at the
     original modules: it computes with their values as constants, so their gradients are
     zero, ``nnx.jit`` keeps stale parameters, and BatchNorm cannot update. Told apart from a
-    function built inside the transform (fine) by the trace each was made in; a wrapper
-    that is itself the original (called under a JAX transform of its own) is not refused.
+    function built inside the transform (fine) by the trace each was made in, and from one
+    whose layers come from an enclosing transform (fine) by their concrete values (see
+    :func:`_bakes_in_constants`); a wrapper that is itself the original (called under a JAX
+    transform of its own) is not refused.
     With ``batch_gate`` (a training call in batch mode) modules with running state
     (BatchNorm) are refused too: a dropped block would update them (``'mask'``) or fail
     inside the ``cond`` (``'skip'``). Returns the NNX objects the function uses (whose
     ``nnx.Conv`` layers the wrapper reroutes as a Module branch's)."""
-    objects, names = _function_parts(sd.branch)
     used = []
-    for obj in objects:
+    for obj, names in _function_parts(sd.branch):
         if not (isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)):
             continue
         attrs = [getattr(obj, n) for n in names if not isinstance(obj, nnx.Variable)
@@ -203,7 +245,8 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     used = [u for u in used if _is_nnx_state(u)]
     own = _trace_of(sd)
     stale = [u for u in used if own is not None and own.is_valid()
-             and _trace_of(u) is not None and not _trace_of(u).is_valid()]
+             and _trace_of(u) is not None and not _trace_of(u).is_valid()
+             and _bakes_in_constants(u)]
     if stale:
         kinds = ", ".join(sorted({type(u).__name__ for u in stale}))
         raise ValueError(
@@ -212,7 +255,8 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
             f"copies the wrapper but not what the function closes over: their gradients would "
             f"be zero and their updates lost. Make the branch an nnx.Module that holds them "
             f"(e.g. nnx.Sequential(conv, bn), or a small Module class).")
-    running = [u for u in used if not isinstance(u, nnx.Variable) and nnx.state(u, _KEPT_STATE)]
+    running = [u for u in used if batch_gate and not isinstance(u, nnx.Variable)
+               and _updates_state(u)]
     if batch_gate and running:
         kinds = ", ".join(sorted({type(u).__name__ for u in running}))
         raise ValueError(
@@ -224,6 +268,15 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     return [u for u in used if not isinstance(u, nnx.Variable)]
 
 
+def _updates_state(module: Any) -> bool:
+    """Whether ``module`` holds running state (BatchNorm statistics) a call may update: not
+    that of a BatchNorm built or set with ``use_running_average=True`` (frozen)."""
+    frozen = [path for path, m in nnx.iter_graph(module)
+              if isinstance(m, nnx.BatchNorm) and m.use_running_average is True]
+    return bool(nnx.state(module, nnx.All(_KEPT_STATE, lambda path, _: not any(
+        tuple(path[:len(f)]) == tuple(f) for f in frozen))))
+
+
 # Names other libraries give the drop rate (timm, torchvision, Keras).
 _RATE_NAMES = ("rate", "drop_rate", "drop_path_rate", "drop_prob")
 
@@ -233,15 +286,31 @@ def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
     ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``."""
     key = next(iter(unknown))
     if key in _RATE_NAMES:
-        rate = unknown[key]
+        value = unknown[key]
+        rate, keep, each = _rate_text(value), ops.drop_rate_text(value), ""
+        given = f"{key}={rate}"
+        if np.ndim(value) > 0:  # a whole schedule (its repr spans lines): one rate a module
+            rate, keep, each = "r", "1 - r", " for each layer's rate r (one module a layer)"
+            given = f"{key}= a schedule of {np.size(value)} rates"
         if name == "DropPath":
             raise TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
-                            f"DropPath(branch, rate={rate!r}).")
+                            f"DropPath(branch, rate={rate}){each}.")
         raise TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
-                        f"not a drop rate ({key}={rate!r}): {name}(branch, "
-                        f"survival_prob={ops.drop_rate_text(rate)}), or DropPath(branch, "
-                        f"rate={rate!r}) for drop path with timm's defaults.")
+                        f"not a drop rate ({given}): {name}(branch, survival_prob={keep}), or "
+                        f"DropPath(branch, rate={rate}) for drop path with timm's "
+                        f"defaults{each}.")
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
+
+
+def _rate_text(rate: Any) -> str:
+    """A scalar rate as a short number (``0.1``, not ``Array(0.1, dtype=float32)``)."""
+    if isinstance(rate, (int, float, np.generic, np.ndarray, jax.Array)) and not isinstance(
+            rate, bool):
+        try:
+            return f"{float(rate):g}"
+        except (TypeError, ValueError):  # a traced rate
+            pass
+    return repr(rate)
 
 
 class StochasticDepth(nnx.Module):
@@ -259,7 +328,8 @@ class StochasticDepth(nnx.Module):
         (its BatchNorm statistics update only when it runs) or a plain function. A function
         that uses NNX layers made outside the NNX transform the wrapper runs in (a lambda
         over ``self.conv``, under ``nnx.jit`` / ``nnx.grad``) is refused, as is one using
-        BatchNorm in batch-mode training: hold the layers in an ``nnx.Module`` branch.
+        BatchNorm in batch-mode training (not one with ``use_running_average=True``): hold
+        the layers in an ``nnx.Module`` branch.
       survival_prob: p in (0, 1], the probability of *keeping* the branch (a float; 1 never
         draws a key); not timm's drop rate 1 - p (for that, :class:`DropPath`). A module
         attribute is static, so per-layer rates of a stack built with ``nnx.vmap`` are

@@ -129,6 +129,23 @@ def test_nnx_stochastic_depth_given_a_drop_rate_names_survival_prob():
         nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), survivalprob=0.9)
 
 
+def test_nnx_drop_rate_schedule_given_as_one_argument_is_a_one_line_error():
+    # A whole schedule: the message spanned lines with the array's repr and suggested
+    # DropPath(branch, rate=array([...])), itself refused.
+    schedule = np.linspace(0.0, 0.5, 20)
+    for cls, want in ((nnx_layers.StochasticDepth, r"drop_path_rate= a schedule of 20 rates\)"
+                                                   r": StochasticDepth\(branch, survival_prob"
+                                                   r"=1 - r\), or DropPath\(branch, rate=r\)"),
+                      (nnx_layers.DropPath, r"DropPath\(branch, rate=r\) for each layer's")):
+        for given in (schedule, jnp.asarray(schedule), list(schedule)):
+            with pytest.raises(TypeError, match=want) as info:
+                cls(NnxDense(nnx.Rngs(0)), drop_path_rate=given)
+            assert "\n" not in str(info.value)
+    # A JAX scalar is shown as its number, not as Array(0.1, dtype=float32).
+    with pytest.raises(TypeError, match=r"\(rate=0.1\): .*DropPath\(branch, rate=0.1\) for"):
+        nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), rate=jnp.float32(0.1))
+
+
 def test_nnx_drop_path_given_a_survival_prob_names_rate():
     # Was Python's "got multiple values for argument 'survival_prob'".
     with pytest.raises(TypeError, match=r"DropPath takes the drop rate, not survival_prob: "

@@ -1,4 +1,5 @@
 """Native NNX drop path and ViT: they train, and match the Linen modules exactly."""
+import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -288,10 +289,13 @@ def test_nnx_call_time_rngs_mistakes_are_one_line_errors():
         with pytest.raises(TypeError, match=r"one PRNG key, got 4 keys .*in_axes=0"):
             sd(X, rngs=keys)
     for bad in ({"stochastic_depth": jax.random.key(0)}, jnp.ones((3, 3)),
-                jax.random.split(jax.random.key(0), 4)):
+                jax.random.split(jax.random.key(0), 4),
+                list(jax.random.split(jax.random.key(0), 2)), (jax.random.key(0),)):
         with pytest.raises(TypeError) as info:
             sd(X, rngs=bad)
         assert "\n" not in str(info.value)  # an array's repr spans lines
+    with pytest.raises(TypeError, match=r"PRNG key \(jax.random.key\(seed\)\), got a list of 2\.$"):
+        sd(X, rngs=list(jax.random.split(jax.random.key(0), 2)))
     assert sd(X, rngs=jax.random.PRNGKey(1)).shape == X.shape
 
 
@@ -330,3 +334,88 @@ def test_nnx_model_saved_and_restored_with_orbax_resumes_the_same_gates(tmp_path
     for a, b in outs:
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(model.branch.bn.mean[...], restored.branch.bn.mean[...])
+
+
+@pytest.mark.parametrize("wrap", ["remat", "cond", "vmap"])
+def test_nnx_function_branch_built_in_call_runs_inside_an_inner_nnx_transform(wrap):
+    """A function built in __call__ whose wrapper then runs in nnx.remat / nnx.cond /
+    nnx.vmap uses the layers of the enclosing nnx.jit / nnx.grad (traced values JAX closes
+    over correctly): it was refused as if the layers came from outside every transform."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, function):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.function = function
+
+        def __call__(self, x):
+            sd = nnx_layers.StochasticDepth(
+                (lambda v: self.conv(v)) if self.function else nnx.Sequential(self.conv), 0.5)
+            call = lambda s, v: s(v, rngs=key)  # noqa: E731
+            if wrap == "remat":
+                return x + nnx.remat(call)(sd, x)
+            if wrap == "cond":
+                return x + nnx.cond(True, call, lambda s, v: v, sd, x)
+            return x + nnx.vmap(call, in_axes=(None, 0))(sd, x[None])[0]
+
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    got = step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]
+    want = step(Block(nnx.Rngs(0), False))["conv"]["kernel"][...]
+    assert float(jnp.abs(want).sum()) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("implementation", ["skip", "mask"])
+def test_nnx_function_branch_with_a_frozen_batchnorm_trains_in_batch_mode(implementation):
+    """A BatchNorm with use_running_average=True (frozen, as in fine-tuning) never updates:
+    a function branch using it was refused as if a dropped block would update it."""
+    class Block(nnx.Module):
+        def __init__(self, rngs, function):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(3, use_running_average=True, rngs=rngs)
+            self.bn.mean[...] = jnp.full((3,), 0.5)
+            branch = (lambda v: self.bn(self.conv(v))) if function else nnx.Sequential(
+                self.conv, self.bn)
+            self.sd = nnx_layers.StochasticDepth(branch, 0.5, implementation=implementation)
+
+        def __call__(self, x, key):
+            return x + self.sd(x, rngs=key)
+
+    for seed in range(4):  # kept and dropped gates
+        key = jax.random.key(seed)
+        got = Block(nnx.Rngs(0), True)(X, key)
+        np.testing.assert_allclose(got, Block(nnx.Rngs(0), False)(X, key), rtol=1e-6)
+    assert len({bool(ops.draw_gate(jax.random.key(s), 0.5)) for s in range(4)}) == 2
+
+
+@pytest.mark.parametrize("kind", ["partial", "checkpoint", "made_by_a_function"])
+def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms(kind):
+    """functools.partial(self.conv), jax.checkpoint(lambda v: self.conv(v)) and a function
+    made by another closing over the layers got a zero gradient silently: only a function's
+    own closure was read."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    def branch(conv):
+        if kind == "partial":
+            return functools.partial(conv)
+        if kind == "checkpoint":
+            return jax.checkpoint(lambda v: conv(v))
+        return (lambda f: (lambda v: jnp.tanh(f(v))))(lambda v: conv(v))
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, in_call):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.in_call = in_call
+            self.sd = None if in_call else nnx_layers.StochasticDepth(branch(self.conv), 0.5)
+
+        def __call__(self, x):
+            sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5) if self.in_call else self.sd
+            return x + sd(x, rngs=key)
+
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    with pytest.raises(ValueError, match=r"uses NNX state \(Conv\) made outside the NNX"):
+        step(Block(nnx.Rngs(0), False))
+    # Built in __call__ (the layers nnx.jit passes in): runs, with a non-zero gradient.
+    assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
