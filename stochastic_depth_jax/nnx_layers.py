@@ -426,7 +426,6 @@ class StochasticDepth(nnx.Module):
                 raise ValueError(f"{type(self).__name__} in training needs rngs: pass "
                                  "rngs=nnx.Rngs(stochastic_depth=...) or call with rngs=key "
                                  "(to evaluate: model.eval(), or deterministic=True).")
-            _check_key_split_in_scan(self, key)
             batch = ops.batch_size_of(x, self.batch_axis) if self.mode == "sample" else None
             gate = ops.draw_gate(key, p, mode=self.mode, implementation=self.implementation,
                                  batch_size=batch, groups=self.groups)
@@ -474,20 +473,6 @@ class StochasticDepth(nnx.Module):
         """
         if deterministic is not None:
             self.deterministic = deterministic
-
-
-def _check_key_split_in_scan(sd: StochasticDepth, key: Array) -> None:
-    """ValueError when the branch's parameters are a scan's per-iteration values (a stack
-    of layers under ``nnx.scan``) while the gate key was closed over from outside the scan:
-    every layer would draw the same gate, as Linen's wrapper refuses. A key passed in with
-    ``in_axes=None`` enters the scan as the body's own value and cannot be told apart."""
-    param = next((v for _, v in nnx.iter_graph(sd.branch) if isinstance(v, nnx.Param)), None)
-    if param is not None and ops.key_shared_across_scan(key, param[...]):
-        raise ValueError(
-            f"{type(sd).__name__} runs inside a scan over layers with a key from outside the "
-            f"scan, so every layer would draw the same gate (all kept or all dropped): scan "
-            f"over jax.random.split(key, num_layers) (in_axes=0), or give the layers their "
-            f"own streams (nnx.split_rngs); to share one gate on purpose, pass gate=.")
 
 
 def _has_state(branch: Any) -> bool:

@@ -606,15 +606,32 @@ def test_nnx_scan_with_call_time_keys_needs_one_key_per_layer():
     assert counts(None, [jax.random.key(i) for i in range(8)]) <= {0.0, float(L)}
 
 
-def test_nnx_scan_refuses_a_key_closed_over_from_outside_the_scan():
-    """As Linen's check: a stack scanned with nnx.scan whose layers get one key from outside
-    the scan drew the same gate in every layer, silently."""
+def test_nnx_scan_over_microbatches_with_one_key_is_not_refused():
+    """Gradient accumulation: one layer broadcast into an nnx.scan over microbatches, one key
+    from outside: every microbatch of the mini-batch gets the same gate, as it should. NNX
+    passes the broadcast model through the scan's carry, so this cannot be told from a stack
+    of layers given one key; a check that refused that mistake refused this too."""
     class Layer(nnx.Module):
         def __init__(self, rngs):
             self.sd = nnx_layers.StochasticDepth(OnesNnx(rngs), 0.5)
 
         def __call__(self, h, key):
             return h + self.sd(h, rngs=key)
+
+    layer, micro = Layer(nnx.Rngs(params=0)), jnp.zeros((4, B, 1))
+
+    def accumulate(layer, micro, key):
+        def body(layer, x):
+            return nnx.grad(lambda m: jnp.sum(m(x, key)))(layer).sd.branch.b[...]
+        return nnx.scan(body, in_axes=(None, 0), out_axes=0)(layer, micro)
+
+    seen = set()
+    for run in (accumulate, nnx.jit(accumulate)):
+        for seed in range(8):
+            grads = np.asarray(run(layer, micro, jax.random.key(seed)))
+            assert len(set(grads.tolist())) == 1  # one gate for all the microbatches
+            seen.add(float(grads[0]))
+    assert seen == {0.0, float(B)}  # kept in some mini-batches, dropped in others
 
     @nnx.split_rngs(splits=L)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -623,14 +640,6 @@ def test_nnx_scan_refuses_a_key_closed_over_from_outside_the_scan():
 
     stack = make(nnx.Rngs(params=0))
     h = jnp.zeros((B, 1))
-
-    def closed(stack, h, key):
-        return nnx.scan(lambda layer, h: layer(h, key), in_axes=(0, nnx.Carry),
-                        out_axes=nnx.Carry)(stack, h)
-
-    for run in (closed, nnx.jit(closed)):
-        with pytest.raises(ValueError, match="same gate.*jax.random.split"):
-            run(stack, h, jax.random.key(0))
     # Keys split per layer and scanned over still draw per layer.
     split = nnx.jit(lambda s, h, keys: nnx.scan(lambda layer, h, k: layer(h, k),
                                                 in_axes=(0, nnx.Carry, 0),
