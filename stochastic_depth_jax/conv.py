@@ -270,12 +270,16 @@ def _crop_negative_pads(x: Array, padding: Any) -> tuple[Array, Pads]:
     (each at least 0): the same convolution. XLA:CPU's own convolution (jaxlib 0.10) gives
     wrong numbers for some negative pads, e.g. ``((-2, 1), (-3, 2))`` with a 4x5 kernel on a
     15x16 input (its largest error 31 against values of about 10); a crop is a slice, whose
-    gradient (a pad) is exact."""
+    gradient (a pad) is exact. Pads cropping more than a side holds are refused, as
+    ``lax.conv_general_dilated`` refuses them (a slice would wrap around instead)."""
     pads = tuple((int(a), int(b)) for a, b in padding)
     if all(p >= 0 for pair in pads for p in pair):
         return x, pads  # type: ignore[return-value]
     (t, b), (l, r) = pads
     h, w = x.shape[1:3]
+    if max(-t, 0) + max(-b, 0) > h or max(-l, 0) + max(-r, 0) > w:
+        raise ValueError(f"Negative padding {pads} crops more than the input's spatial size "
+                         f"{(h, w)} holds; give pads whose negative parts sum to at most it.")
     x = x[:, max(-t, 0):h - max(-b, 0), max(-l, 0):w - max(-r, 0), :]
     return x, tuple((max(a, 0), max(b, 0)) for a, b in pads)  # type: ignore[return-value]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from stochastic_depth_jax.conv import Conv, conv2d, cpu_compiler_options
+from stochastic_depth_jax.conv import Conv, conv2d, conv_general_dilated, cpu_compiler_options
 
 
 def _ref(x, w, strides, pads):
@@ -303,3 +303,25 @@ def test_padded_strided_1x1_convolution_pads_and_subsamples_first():
         grads = str(jax.make_jaxpr(jax.grad(
             lambda a, b: jnp.sum(conv2d(a, b, s, pads) ** 2), (0, 1)))(x, w))
         assert f"window_strides={s}" not in grads
+
+
+@pytest.mark.parametrize("pads", [((0, -12), (0, 0)), ((-10, 0), (1, 1)), ((-5, -5), (0, 0)),
+                                  ((0, 0), (-4, -6))])
+def test_negative_pads_cropping_more_than_the_input_are_refused_as_lax_refuses_them(pads):
+    """The crop of negative pads sliced ``x[:, :h + b]``: a pad beyond the input's side
+    wrapped around (``((0, -12), (0, 0))`` on a 9x9 input kept 4 rows) and gave numbers
+    where ``lax.conv_general_dilated`` refuses the pads. Refused in one line."""
+    x = jnp.ones((1, 9, 9, 2))
+    w = jnp.ones((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="Negative padding is larger"):
+        lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    calls = [lambda: conv2d(x, w, (1, 1), pads), lambda: conv2d(x, w[:1, :1], (2, 2), pads),
+             lambda: conv_general_dilated(x, w, (1, 1), pads,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))]
+    calls += [lambda impl=impl: Conv(4, (3, 3), padding=pads, implementation=impl).init(
+        jax.random.key(0), x) for impl in ("xla", "cpu_friendly")]
+    for call in calls:  # (JAX may add its note on filtered frames below the line)
+        with pytest.raises(ValueError) as info:
+            call()
+        assert re.fullmatch(r"Negative padding .* crops more than the input's spatial size "
+                            r"\(9, 9\) holds; .*", str(info.value).splitlines()[0])

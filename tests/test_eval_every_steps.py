@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 
+import jax
 import pytest
 
 from configs import load_config
@@ -250,3 +251,38 @@ def test_checkpoint_saves_within_an_epoch_are_not_training_time(monkeypatch, tmp
     assert len(records) == 2
     for record in records:
         assert record["epoch_time_s"] < 1000 and record["images_per_s"] > 128 / 1000
+
+
+def test_the_steps_a_checkpoint_save_waits_for_are_training_time(monkeypatch, tmp_path):
+    # Steps run asynchronously: each takes 1000 s (on this fake clock) once the host waits
+    # for it. A save waits for the steps dispatched before it (it reads the state); that
+    # wait is training, and was counted as the save's (the epoch's time was that of its
+    # last step alone, its images/s 4x too high).
+    offset, pending, real_clock = [0.0], [0], time.perf_counter
+    real_host, real_compile = loop._host, loop._compile_train_step
+    real_block = jax.block_until_ready
+
+    def wait(tree):
+        offset[0] += 1000.0 * pending[0]
+        pending[0] = 0
+        return tree
+
+    def compile_train_step(run):
+        compiled = real_compile(run)
+
+        def step(*args):
+            pending[0] += 1
+            return compiled(*args)
+        return step
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+    monkeypatch.setattr(loop, "_host", lambda tree: real_host(wait(tree)))
+    monkeypatch.setattr(jax, "block_until_ready", lambda tree: real_block(wait(tree)))
+    monkeypatch.setattr(loop, "_compile_train_step", compile_train_step)
+    config = load_config("cifar10:smoke", FLAGS[:3] + ["--config.checkpoint_every_steps=1",
+                                                       "--config.log_every_steps=4"])
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    records = metrics.read_metrics(str(tmp_path / "run"))
+    assert len(records) == 2  # two epochs of 4 steps, saved after steps 1 to 3 of each
+    for record in records:
+        assert 4000 <= record["epoch_time_s"] < 5000, record

@@ -227,6 +227,7 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
                 if step < end:  # at the epoch's end, after its evaluation (see _train)
                     _stop_if_requested(run, step)
             if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < end:
+                _check_finite(run)  # Waits for the steps dispatched: their time is training.
                 before = time.perf_counter()  # a synchronous save writes here: no training
                 _save(run, "latest")
                 saving += (took := time.perf_counter() - before)
