@@ -248,24 +248,28 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
              and _trace_of(u) is not None and not _trace_of(u).is_valid()
              and _bakes_in_constants(u)]
     if stale:
-        kinds = ", ".join(sorted({type(u).__name__ for u in stale}))
-        raise ValueError(
-            f"{type(sd).__name__}'s branch is a function that uses NNX state ({kinds}) made "
-            f"outside the NNX transform it runs in (nnx.jit, nnx.grad, nnx.scan, ...), which "
-            f"copies the wrapper but not what the function closes over: their gradients would "
-            f"be zero and their updates lost. Make the branch an nnx.Module that holds them "
-            f"(e.g. nnx.Sequential(conv, bn), or a small Module class).")
+        raise _needs_module_branch(
+            sd, "state ({}) made outside the NNX transform it runs in (nnx.jit, nnx.grad, "
+            "nnx.scan, ...), which copies the wrapper but not what the function closes over: "
+            "their gradients would be zero and their updates lost", stale)
     running = [u for u in used if batch_gate and not isinstance(u, nnx.Variable)
                and _updates_state(u)]
     if batch_gate and running:
-        kinds = ", ".join(sorted({type(u).__name__ for u in running}))
-        raise ValueError(
-            f"{type(sd).__name__}'s branch is a function that uses NNX modules with running "
-            f"state ({kinds}), which a batch-mode gate cannot leave unchanged when it drops "
-            f"the block (only an nnx.Module branch's state is carried): make the branch an "
-            f"nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or a small Module "
-            f"class).")
+        raise _needs_module_branch(
+            sd, "modules with running state ({}), which a batch-mode gate cannot leave "
+            "unchanged when it drops the block (only an nnx.Module branch's state is carried)",
+            running)
     return [u for u in used if not isinstance(u, nnx.Variable)]
+
+
+def _needs_module_branch(sd: Any, problem: str, found: list[Any]) -> ValueError:
+    """The one line refusing a function branch over NNX state: ``problem`` (with ``{}``
+    for the kinds ``found``), and the fix."""
+    kinds = ", ".join(sorted({type(u).__name__ for u in found}))
+    return ValueError(
+        f"{type(sd).__name__}'s branch is a function that uses NNX {problem.format(kinds)}: "
+        f"make the branch an nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or "
+        f"a small Module class).")
 
 
 def _updates_state(module: Any) -> bool:
