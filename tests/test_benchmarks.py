@@ -161,6 +161,14 @@ def _printed_quotient_error(a, b, half=0.05, ratio_half=0.0005):
     return ratio_half + 1e-9 + widest
 
 
+def _shared_cache():
+    """``--cache-dir`` for toy bench_train runs whose compile figures no assertion reads:
+    the session's persistent cache (tests/conftest.py), so the runs after the first load
+    their variants' programs instead of compiling them again (each compiled a ResNet-8's
+    programs anew, the cache being off by default: most of these tests' time)."""
+    return ["--cache-dir", jax.config.jax_compilation_cache_dir]
+
+
 def test_bench_train_whole_epochs(tmp_path, capsys):
     out = tmp_path / "train.md"
     load("bench_train").main([
@@ -233,7 +241,7 @@ def test_bench_train_whole_epochs_stopped_keeps_the_variants_that_finished(
     code, err = run_command("bench_train", [
         "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
         "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
-        "--out", str(out)], capsys)
+        "--out", str(out), *_shared_cache()], capsys)
     assert code == 143 and err[-1] == (
         "interrupted (SIGTERM): the table of those that finished was appended, marked as "
         "interrupted.")
@@ -269,7 +277,7 @@ def test_bench_train_whole_epochs_signal_outside_the_trainers_steps(tmp_path, ca
     out = tmp_path / "train.md"
     argv = ["--whole-epochs", "constant,auto,cond", "--epochs", "1", "--train-images", "64",
             "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
-            "--out", str(out)]
+            "--out", str(out), *_shared_cache()]
     code, err = run_command("bench_train", argv, capsys)
     assert code == 143 and "(interrupted before the variant auto finished)" in out.read_text()
     assert sorted(rows(out, ["constant", "auto", "cond"])) == ["constant"]
@@ -300,7 +308,7 @@ def test_bench_train_whole_epochs_signal_after_the_last_variant(tmp_path, capsys
     code, err = run_command("bench_train", [
         "--whole-epochs", "constant", "--epochs", "1", "--train-images", "64",
         "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
-        "--out", str(out)], capsys)
+        "--out", str(out), *_shared_cache()], capsys)
     assert code == 143 and err[-1] == (
         "interrupted (SIGTERM): every one of the variants had finished; the table was "
         "appended whole."), err
@@ -315,7 +323,7 @@ def _constant_then_auto(tmp_path, capsys):
     code, err = run_command("bench_train", [
         "--whole-epochs", "constant,auto", "--epochs", "1", "--train-images", "64",
         "--test-images", "20", "--depth", "8", "--batch", "16", "--eval-batch", "80",
-        "--out", str(out)], capsys)
+        "--out", str(out), *_shared_cache()], capsys)
     return out, code, err
 
 

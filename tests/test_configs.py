@@ -260,13 +260,15 @@ def test_a_workdir_under_home_is_expanded(tmp_path, monkeypatch):
     import train
     from stochastic_depth_jax.training import train_and_evaluate
 
+    cache = jax.config.jax_compilation_cache_dir  # the session's (conftest), not under HOME
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     args, _ = train.parse_args(["--config", "cifar10:smoke", "--workdir=~/runs/x"])
     assert args.workdir == str(tmp_path / "home" / "runs" / "x")
     train_and_evaluate(load_config("cifar10:smoke", [
         "--config.max_steps=1", "--config.progress_bar=false", "--config.write_plots=false",
-        "--config.write_tensorboard=false", "--config.compilation_cache_dir="]), "~/run")
+        "--config.write_tensorboard=false", f"--config.compilation_cache_dir={cache}"]),
+        "~/run")
     assert os.path.exists(tmp_path / "home" / "run" / "summary.json")
     assert not os.path.exists(tmp_path / "~")
 

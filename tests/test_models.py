@@ -677,14 +677,13 @@ def test_compact_mode_equals_skipping():
     model = tiny(depth=26, scan=True)  # n = 4: three scanned blocks per stage
     v = init(model)
     gates = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1], bool)
+    grad = _gated_grad(model, v)
+    skip = with_conditionals(grad, v["params"], gates, None,
+                             at_least=skipping_conditionals(model))
+    (l_skip, u_skip), g_skip = skip(v["params"], gates)  # one program, whatever the multiple
     for multiple, want in ((1, (2, 2, 1)), (2, (2, 2, 2))):
         buckets = model.compact_buckets(gates, multiple)
         assert buckets == want
-
-        grad = _gated_grad(model, v)
-        skip = with_conditionals(grad, v["params"], gates, None,
-                                 at_least=skipping_conditionals(model))
-        (l_skip, u_skip), g_skip = skip(v["params"], gates)
         (l_comp, u_comp), g_comp = grad(v["params"], gates, buckets)
         np.testing.assert_allclose(l_comp, l_skip, rtol=1e-5)
         close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
