@@ -277,40 +277,15 @@ def _updates_state(module: Any) -> bool:
         tuple(path[:len(f)]) == tuple(f) for f in frozen))))
 
 
-# Names other libraries give the drop rate (timm, torchvision, Keras).
-_RATE_NAMES = ("rate", "drop_rate", "drop_path_rate", "drop_prob")
-
-
 def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
     """Python's TypeError for an unknown keyword, naming the fix for a drop rate given to
-    ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``."""
+    ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``
+    (:func:`stochastic_depth_jax.ops.rate_argument_error`)."""
     key = next(iter(unknown))
-    if key in _RATE_NAMES:
-        value = unknown[key]
-        rate, keep, each = _rate_text(value), ops.drop_rate_text(value), ""
-        given = f"{key}={rate}"
-        if np.ndim(value) > 0:  # a whole schedule (its repr spans lines): one rate a module
-            rate, keep, each = "r", "1 - r", " for each layer's rate r (one module a layer)"
-            given = f"{key}= a schedule of {np.size(value)} rates"
-        if name == "DropPath":
-            raise TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
-                            f"DropPath(branch, rate={rate}){each}.")
-        raise TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
-                        f"not a drop rate ({given}): {name}(branch, survival_prob={keep}), or "
-                        f"DropPath(branch, rate={rate}) for drop path with timm's "
-                        f"defaults{each}.")
+    error = ops.rate_argument_error(name, key, unknown[key])
+    if error is not None:
+        raise error
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
-
-
-def _rate_text(rate: Any) -> str:
-    """A scalar rate as a short number (``0.1``, not ``Array(0.1, dtype=float32)``)."""
-    if isinstance(rate, (int, float, np.generic, np.ndarray, jax.Array)) and not isinstance(
-            rate, bool):
-        try:
-            return f"{float(rate):g}"
-        except (TypeError, ValueError):  # a traced rate
-            pass
-    return repr(rate)
 
 
 class StochasticDepth(nnx.Module):

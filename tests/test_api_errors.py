@@ -1,4 +1,5 @@
 """Library mistakes a user makes in their own code: each is one clear error (or warning)."""
+import dataclasses
 import re
 import warnings
 
@@ -127,6 +128,37 @@ def test_nnx_stochastic_depth_given_a_drop_rate_names_survival_prob():
         nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), drop_rate=0.1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'survivalprob'"):
         nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), survivalprob=0.9)
+
+
+def test_linen_wrappers_given_a_drop_rate_by_another_name_say_what_to_write():
+    # Was Python's "got an unexpected keyword argument 'rate'", naming no fix (NNX named it).
+    with pytest.raises(TypeError, match=r"^StochasticDepth takes survival_prob .* not a drop "
+                                        r"rate \(rate=0.1\): StochasticDepth\(branch, "
+                                        r"survival_prob=0.9\), or DropPath\(branch, rate=0.1\)"):
+        sdj.StochasticDepth(Dense(parent=None), rate=0.1)
+    with pytest.raises(TypeError, match=r"\(drop_path_rate=0.2\): .*survival_prob=0.8\)"):
+        sdj.StochasticDepth(Dense(parent=None), drop_path_rate=0.2)
+    with pytest.raises(TypeError, match=r"^DropPath takes the drop rate as rate=, not "
+                                        r"drop_rate=: DropPath\(branch, rate=0.1\)\.$"):
+        sdj.DropPath(Dense(parent=None), drop_rate=0.1)
+    with pytest.raises(TypeError, match=r"DropPath\(branch, rate=r\) for each layer's"):
+        sdj.DropPath(Dense(parent=None), drop_path_rate=np.linspace(0.0, 0.5, 20))
+
+    class MyDrop(sdj.DropPath):  # a user's subclass, and a lifted one, are covered too
+        pass
+    with pytest.raises(TypeError, match=r"^MyDrop takes survival_prob .*\(drop_prob=0.1\)"):
+        MyDrop(Dense(parent=None), drop_prob=0.1)
+    with pytest.raises(TypeError, match=r"takes survival_prob .*\(rate=0.3\)"):
+        nn.remat(sdj.StochasticDepth)(Dense(parent=None), rate=0.3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'survivalprob'"):
+        sdj.StochasticDepth(Dense(parent=None), survivalprob=0.9)
+    # No field added: the module's attributes are as before, and it still builds and runs.
+    assert [f.name for f in dataclasses.fields(sdj.DropPath)] == [
+        "branch", "survival_prob", "mode", "scaling", "implementation", "remat",
+        "rng_collection", "reroute_convs", "groups", "batch_axis", "rate", "parent", "name"]
+    sd = sdj.DropPath(Dense(parent=None), rate=0.5)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    assert sd.apply(variables, X, deterministic=True).shape == X.shape
 
 
 def test_nnx_drop_rate_schedule_given_as_one_argument_is_a_one_line_error():
