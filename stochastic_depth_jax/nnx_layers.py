@@ -20,13 +20,14 @@ import contextlib
 import functools
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+import flax.errors
 from flax import nnx
 
 from stochastic_depth_jax import conv
@@ -288,6 +289,39 @@ def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
 
 
+_NNX_TRANSFORMS_FIX = (
+    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, ...) that "
+    "closes over NNX modules, whose state (key counters, parameters, BatchNorm statistics) "
+    "NNX cannot update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, "
+    "nnx.fori_loop), or nnx.split the model outside and nnx.merge it inside the function")
+
+
+class _TransformError(flax.errors.TraceContextError):
+    """NNX's refusal to update state across a JAX transform, naming NNX's transforms (still
+    a ``TraceContextError``, without the link Flax adds to a page with no entry for it)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+
+def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a wrapper's ``__call__``: NNX's "Cannot mutate Param from a different trace
+    level", raised where the wrapper (its key stream, or its branch) updates state inside a
+    plain ``jax.lax.scan`` (or ``jax.vmap``, ...) around a closed-over model, becomes one
+    line naming ``nnx.scan``; an enclosing wrapper passes it on as it is."""
+    @functools.wraps(call)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(self, *args, **kwargs)
+        except flax.errors.TraceContextError as e:
+            if isinstance(e, _TransformError):
+                raise
+            said = str(e).split(" (https://")[0].rstrip(".")
+            raise _TransformError(f"{type(self).__name__} {_NNX_TRANSFORMS_FIX} (NNX said: "
+                                  f"{said}).") from None
+    return wrapped
+
+
 class StochasticDepth(nnx.Module):
     """Wraps a residual branch module f so it survives with probability p; returns ``b f(x)``.
 
@@ -355,6 +389,7 @@ class StochasticDepth(nnx.Module):
         self.reroute_convs = reroute_convs
         self.rngs = _as_stream(rngs, rng_collection)
 
+    @_naming_nnx_transforms
     @conv.naming_forward_mode_fix
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
                  survival_prob: Any = None, rngs: RngsLike = None, gate: Any = None,

@@ -3,6 +3,7 @@ import dataclasses
 import re
 import warnings
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -822,3 +823,38 @@ def test_a_branch_of_the_other_flax_api_or_a_class_is_refused_in_one_line():
                                                     rngs={"stochastic_depth": jax.random.key(1)})
     nnx_layers.DropPath(F, 0.2, rngs=nnx.Rngs(0))(X)
     nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.2, rngs=nnx.Rngs(0))(X)
+
+
+def test_nnx_wrapper_in_a_plain_lax_scan_over_a_closed_over_model_names_nnx_scan():
+    # Was NNX's "Cannot mutate RngCount (Param, BatchStat) from a different trace level",
+    # naming neither the scan nor the fix.
+    class NnxNormed(nnx.Module):
+        def __init__(self, rngs):
+            self.dense, self.bn = nnx.Linear(6, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.dense(x))
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    for make, per_call_key in ((lambda: nnx_layers.StochasticDepth(
+            NnxDense(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(stochastic_depth=1)), False),
+            (lambda: nnx_layers.StochasticDepth(NnxNormed(nnx.Rngs(0)), 0.5), True),
+            (lambda: nnx_layers.DropPath(NnxNormed(nnx.Rngs(0)), 0.5), True)):
+        model = make()
+
+        @nnx.jit
+        def run(model, xs, keys):
+            def body(total, x_key):
+                x, key = x_key
+                return total + model(x, rngs=key if per_call_key else None).sum(), None
+            return jax.lax.scan(body, 0.0, (xs, keys))[0]
+
+        with pytest.raises(flax.errors.TraceContextError,
+                           match=rf"^{type(model).__name__} ran inside a JAX transform \(jax.lax"
+                                 r".scan, .*: use NNX's transform instead \(nnx.scan, ") as info:
+            run(model, jnp.stack([X[:, 0]] * 3), keys)
+        assert "\n" not in str(info.value) and "https://" not in str(info.value)
+        assert str(info.value).endswith("from a different trace level).")
+    # What updates nothing (an evaluation) still runs there, as before.
+    model.eval()
+    assert run(model, jnp.stack([X[:, 0]] * 3), keys).shape == ()
