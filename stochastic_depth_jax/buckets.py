@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["kept_count_pmf", "expected_padding", "optimal_lengths", "round_up",
-           "round_to_multiple",
+           "round_to_multiple", "expected_blocks",
            "stage_lengths", "stage_buckets", "check_buckets"]
 
 
@@ -132,12 +132,45 @@ def stage_buckets(gates, stage_sizes, scanned, multiple: int = 4, lengths=None) 
             out.append(0)
         else:
             kept = int(gates[start + 1:start + n].sum())
-            if lengths is None:
-                out.append(round_to_multiple(kept, multiple, n - 1))
-            else:
-                out.append(round_up(kept, lengths[i]))
+            out.append(_scan_length(kept, n, multiple, None if lengths is None else lengths[i]))
         start += n
     return tuple(out)
+
+
+def _scan_length(kept: int, n: int, multiple: int, lengths) -> int:
+    """The scan length of a stage of ``n`` blocks keeping ``kept`` after its first: rounded
+    up to one of the stage's ``lengths``, or else to a ``multiple`` (0: ``kept`` itself, as
+    ``implementation='loop'`` runs it)."""
+    if lengths is not None:
+        return round_up(kept, lengths)
+    return round_to_multiple(kept, multiple, n - 1) if multiple else kept
+
+
+def expected_blocks(probs, stage_sizes, scanned, multiple: int = 0, lengths=None) -> float:
+    """The residual blocks a training step is expected to compute where each scanned
+    stage's kept blocks after its first are gathered into a scan (compact mode, or
+    ``implementation='loop'``), and each stage's first block and every block of an
+    unscanned stage compute in full (masked): per scanned stage, 1 + E[its scan length]
+    over the kept count's distribution (:func:`kept_count_pmf`), the scan length as
+    :func:`stage_buckets` rounds it (``multiple`` or ``lengths``; ``multiple=0`` and no
+    ``lengths``: the kept count itself, the loop's).
+
+    Args:
+      probs: every block's survival probability, ``[L]``.
+      stage_sizes: blocks per stage (summing to L); scanned: per stage, bool.
+      multiple, lengths: as :func:`stage_buckets`'s.
+    """
+    probs = np.asarray(probs, np.float64)
+    total, start = 0.0, 0
+    for i, (n, scan) in enumerate(zip(stage_sizes, scanned)):
+        if not scan:
+            total += n
+        else:
+            pmf = kept_count_pmf(probs[start + 1:start + n])
+            stage = None if lengths is None else lengths[i]
+            total += 1 + sum(p * _scan_length(k, n, multiple, stage) for k, p in enumerate(pmf))
+        start += n
+    return float(total)
 
 
 def stage_lengths(probs, stage_sizes, scanned, count: int) -> tuple[tuple[int, ...], ...]:

@@ -9,6 +9,7 @@ come from the rng stream ``'stochastic_depth'``::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -201,7 +202,34 @@ def _check_split_in_scan(module: nn.Module, collection: str) -> None:
             f"jax.random.split(key, n)); to share one gate on purpose, pass gate=.")
 
 
-class StochasticDepth(nn.Module):
+def _refusing_drop_rates(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` (a Linen wrapper's dataclass ``__init__``), saying in one line what to write
+    for a drop rate passed by another library's name (``rate=``, ``drop_path_rate=``, ...;
+    :func:`stochastic_depth_jax.ops.rate_argument_error`), as the NNX wrappers do, where
+    Python said only "unexpected keyword argument"."""
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fields = {f.name for f in dataclasses.fields(self)}
+        for key in kwargs.keys() - fields:
+            error = ops.rate_argument_error(type(self).__name__, key, kwargs[key])
+            if error is not None:
+                raise error
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+class _RefusesDropRates(nn.Module):
+    """Base of the Linen wrappers: no fields; wraps each subclass's generated ``__init__``
+    with :func:`_refusing_drop_rates` (Flax generates it, and forbids defining one)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)  # Flax makes cls a dataclass: its __init__
+        cls.__init__ = _refusing_drop_rates(cls.__init__)
+
+
+class StochasticDepth(_RefusesDropRates):
     """Wraps any residual branch module f so that it survives with probability p.
 
     Returns the gated residual only; the caller adds the shortcut::

@@ -20,13 +20,14 @@ import contextlib
 import functools
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+import flax.errors
 from flax import nnx
 
 from stochastic_depth_jax import conv
@@ -281,40 +282,48 @@ def _updates_state(module: Any) -> bool:
         tuple(path[:len(f)]) == tuple(f) for f in frozen))))
 
 
-# Names other libraries give the drop rate (timm, torchvision, Keras).
-_RATE_NAMES = ("rate", "drop_rate", "drop_path_rate", "drop_prob")
-
-
 def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
     """Python's TypeError for an unknown keyword, naming the fix for a drop rate given to
-    ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``."""
+    ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``
+    (:func:`stochastic_depth_jax.ops.rate_argument_error`)."""
     key = next(iter(unknown))
-    if key in _RATE_NAMES:
-        value = unknown[key]
-        rate, keep, each = _rate_text(value), ops.drop_rate_text(value), ""
-        given = f"{key}={rate}"
-        if np.ndim(value) > 0:  # a whole schedule (its repr spans lines): one rate a module
-            rate, keep, each = "r", "1 - r", " for each layer's rate r (one module a layer)"
-            given = f"{key}= a schedule of {np.size(value)} rates"
-        if name == "DropPath":
-            raise TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
-                            f"DropPath(branch, rate={rate}){each}.")
-        raise TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
-                        f"not a drop rate ({given}): {name}(branch, survival_prob={keep}), or "
-                        f"DropPath(branch, rate={rate}) for drop path with timm's "
-                        f"defaults{each}.")
+    error = ops.rate_argument_error(name, key, unknown[key])
+    if error is not None:
+        raise error
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
 
 
-def _rate_text(rate: Any) -> str:
-    """A scalar rate as a short number (``0.1``, not ``Array(0.1, dtype=float32)``)."""
-    if isinstance(rate, (int, float, np.generic, np.ndarray, jax.Array)) and not isinstance(
-            rate, bool):
+_NNX_TRANSFORMS_FIX = (
+    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, ...) that "
+    "closes over NNX modules, whose state (key counters, parameters, BatchNorm statistics) "
+    "NNX cannot update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, "
+    "nnx.fori_loop), or nnx.split the model outside and nnx.merge it inside the function")
+
+
+class _TransformError(flax.errors.TraceContextError):
+    """NNX's refusal to update state across a JAX transform, naming NNX's transforms (still
+    a ``TraceContextError``, without the link Flax adds to a page with no entry for it)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+
+
+def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a wrapper's ``__call__``: NNX's "Cannot mutate Param from a different trace
+    level", raised where the wrapper (its key stream, or its branch) updates state inside a
+    plain ``jax.lax.scan`` (or ``jax.vmap``, ...) around a closed-over model, becomes one
+    line naming ``nnx.scan``; an enclosing wrapper passes it on as it is."""
+    @functools.wraps(call)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return f"{float(rate):g}"
-        except (TypeError, ValueError):  # a traced rate
-            pass
-    return repr(rate)
+            return call(self, *args, **kwargs)
+        except flax.errors.TraceContextError as e:
+            if isinstance(e, _TransformError):
+                raise
+            said = str(e).split(" (https://")[0].rstrip(".")
+            raise _TransformError(f"{type(self).__name__} {_NNX_TRANSFORMS_FIX} (NNX said: "
+                                  f"{said}).") from None
+    return wrapped
 
 
 class StochasticDepth(nnx.Module):
@@ -384,6 +393,7 @@ class StochasticDepth(nnx.Module):
         self.reroute_convs = reroute_convs
         self.rngs = _as_stream(rngs, rng_collection)
 
+    @_naming_nnx_transforms
     @conv.naming_forward_mode_fix
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
                  survival_prob: Any = None, rngs: RngsLike = None, gate: Any = None,

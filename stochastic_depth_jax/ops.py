@@ -165,6 +165,42 @@ def drop_rate_text(survival_prob: Any) -> str:
         return "1 - p"
 
 
+# Names other libraries give the drop rate (timm, torchvision, Keras).
+RATE_NAMES = ("rate", "drop_rate", "drop_path_rate", "drop_prob")
+
+
+def rate_argument_error(name: str, key: str, value: Any) -> TypeError | None:
+    """The one-line TypeError for a drop rate given to the wrapper ``name`` as the unknown
+    keyword ``key`` (one of :data:`RATE_NAMES`): ``StochasticDepth`` takes the survival
+    probability, ``DropPath`` the rate as ``rate=``; None for any other keyword. Shared by
+    the Linen and NNX wrappers."""
+    if key not in RATE_NAMES:
+        return None
+    rate, keep, each = _rate_text(value), drop_rate_text(value), ""
+    given = f"{key}={rate}"
+    if np.ndim(value) > 0:  # a whole schedule (its repr spans lines): one rate a module
+        rate, keep, each = "r", "1 - r", " for each layer's rate r (one module a layer)"
+        given = f"{key}= a schedule of {np.size(value)} rates"
+    if name == "DropPath":
+        return TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
+                         f"DropPath(branch, rate={rate}){each}.")
+    return TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
+                     f"not a drop rate ({given}): {name}(branch, survival_prob={keep}), or "
+                     f"DropPath(branch, rate={rate}) for drop path with timm's "
+                     f"defaults{each}.")
+
+
+def _rate_text(rate: Any) -> str:
+    """A scalar rate as a short number (``0.1``, not ``Array(0.1, dtype=float32)``)."""
+    if isinstance(rate, (int, float, np.generic, np.ndarray, jax.Array)) and not isinstance(
+            rate, bool):
+        try:
+            return f"{float(rate):g}"
+        except (TypeError, ValueError):  # a traced rate
+            pass
+    return repr(rate)
+
+
 def checked_prob(p: Any) -> Any:
     """``p`` as it is where it is known on the host (:func:`check_survival_prob` refuses it
     out of (0, 1]); a traced ``p`` out of (0, 1], or NaN, becomes NaN, with scalar ops only.

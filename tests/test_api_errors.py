@@ -1,7 +1,9 @@
 """Library mistakes a user makes in their own code: each is one clear error (or warning)."""
+import dataclasses
 import re
 import warnings
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,6 +129,37 @@ def test_nnx_stochastic_depth_given_a_drop_rate_names_survival_prob():
         nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), drop_rate=0.1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'survivalprob'"):
         nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), survivalprob=0.9)
+
+
+def test_linen_wrappers_given_a_drop_rate_by_another_name_say_what_to_write():
+    # Was Python's "got an unexpected keyword argument 'rate'", naming no fix (NNX named it).
+    with pytest.raises(TypeError, match=r"^StochasticDepth takes survival_prob .* not a drop "
+                                        r"rate \(rate=0.1\): StochasticDepth\(branch, "
+                                        r"survival_prob=0.9\), or DropPath\(branch, rate=0.1\)"):
+        sdj.StochasticDepth(Dense(parent=None), rate=0.1)
+    with pytest.raises(TypeError, match=r"\(drop_path_rate=0.2\): .*survival_prob=0.8\)"):
+        sdj.StochasticDepth(Dense(parent=None), drop_path_rate=0.2)
+    with pytest.raises(TypeError, match=r"^DropPath takes the drop rate as rate=, not "
+                                        r"drop_rate=: DropPath\(branch, rate=0.1\)\.$"):
+        sdj.DropPath(Dense(parent=None), drop_rate=0.1)
+    with pytest.raises(TypeError, match=r"DropPath\(branch, rate=r\) for each layer's"):
+        sdj.DropPath(Dense(parent=None), drop_path_rate=np.linspace(0.0, 0.5, 20))
+
+    class MyDrop(sdj.DropPath):  # a user's subclass, and a lifted one, are covered too
+        pass
+    with pytest.raises(TypeError, match=r"^MyDrop takes survival_prob .*\(drop_prob=0.1\)"):
+        MyDrop(Dense(parent=None), drop_prob=0.1)
+    with pytest.raises(TypeError, match=r"takes survival_prob .*\(rate=0.3\)"):
+        nn.remat(sdj.StochasticDepth)(Dense(parent=None), rate=0.3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'survivalprob'"):
+        sdj.StochasticDepth(Dense(parent=None), survivalprob=0.9)
+    # No field added: the module's attributes are as before, and it still builds and runs.
+    assert [f.name for f in dataclasses.fields(sdj.DropPath)] == [
+        "branch", "survival_prob", "mode", "scaling", "implementation", "remat",
+        "rng_collection", "reroute_convs", "groups", "batch_axis", "rate", "parent", "name"]
+    sd = sdj.DropPath(Dense(parent=None), rate=0.5)
+    variables = sd.init(jax.random.key(0), X, deterministic=True)
+    assert sd.apply(variables, X, deterministic=True).shape == X.shape
 
 
 def test_nnx_drop_rate_schedule_given_as_one_argument_is_a_one_line_error():
@@ -790,3 +823,38 @@ def test_a_branch_of_the_other_flax_api_or_a_class_is_refused_in_one_line():
                                                     rngs={"stochastic_depth": jax.random.key(1)})
     nnx_layers.DropPath(F, 0.2, rngs=nnx.Rngs(0))(X)
     nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.2, rngs=nnx.Rngs(0))(X)
+
+
+def test_nnx_wrapper_in_a_plain_lax_scan_over_a_closed_over_model_names_nnx_scan():
+    # Was NNX's "Cannot mutate RngCount (Param, BatchStat) from a different trace level",
+    # naming neither the scan nor the fix.
+    class NnxNormed(nnx.Module):
+        def __init__(self, rngs):
+            self.dense, self.bn = nnx.Linear(6, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.dense(x))
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    for make, per_call_key in ((lambda: nnx_layers.StochasticDepth(
+            NnxDense(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(stochastic_depth=1)), False),
+            (lambda: nnx_layers.StochasticDepth(NnxNormed(nnx.Rngs(0)), 0.5), True),
+            (lambda: nnx_layers.DropPath(NnxNormed(nnx.Rngs(0)), 0.5), True)):
+        model = make()
+
+        @nnx.jit
+        def run(model, xs, keys):
+            def body(total, x_key):
+                x, key = x_key
+                return total + model(x, rngs=key if per_call_key else None).sum(), None
+            return jax.lax.scan(body, 0.0, (xs, keys))[0]
+
+        with pytest.raises(flax.errors.TraceContextError,
+                           match=rf"^{type(model).__name__} ran inside a JAX transform \(jax.lax"
+                                 r".scan, .*: use NNX's transform instead \(nnx.scan, ") as info:
+            run(model, jnp.stack([X[:, 0]] * 3), keys)
+        assert "\n" not in str(info.value) and "https://" not in str(info.value)
+        assert str(info.value).endswith("from a different trace level).")
+    # What updates nothing (an evaluation) still runs there, as before.
+    model.eval()
+    assert run(model, jnp.stack([X[:, 0]] * 3), keys).shape == ()

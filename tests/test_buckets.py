@@ -124,3 +124,22 @@ def test_fitted_lengths_for_the_other_resnets():
     assert sdj.WideResNet(depth=28).compact_lengths(3) == ((), (), ())  # 4 blocks a stage
     wide = sdj.WideResNet(depth=28, scan=True).compact_lengths(2)
     assert all(len(ls) <= 2 and ls[-1] == 3 for ls in wide)
+
+
+def test_expected_blocks_is_the_mean_of_the_blocks_stage_buckets_runs():
+    """Each stage's first block, an unscanned stage's blocks and every scan slot compute:
+    the mean over every gate draw, by enumeration, of what ``stage_buckets`` gives."""
+    probs = np.array([0.95, 0.9, 0.8, 0.7, 0.9, 0.6, 0.5, 0.4, 0.55, 0.3])
+    sizes, scanned = (4, 2, 4), (True, False, True)
+    lengths = ((1, 3), (), (2, 3))
+    for multiple, lens in ((1, None), (2, None), (4, None), (1, lengths), (0, None)):
+        want = 0.0
+        for gates in itertools.product([False, True], repeat=len(probs)):
+            weight = np.prod([p if g else 1 - p for p, g in zip(probs, gates)])
+            if multiple:
+                scans = buckets.stage_buckets(np.array(gates), sizes, scanned, multiple, lens)
+            else:  # the loop: the kept count itself
+                scans = [sum(gates[1:4]), 0, sum(gates[7:10])]
+            want += weight * (sum(scans) + 1 + 2 + 1)  # two first blocks, an unscanned stage
+        got = buckets.expected_blocks(probs, sizes, scanned, multiple, lens)
+        assert got == pytest.approx(want, rel=1e-12)

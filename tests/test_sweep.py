@@ -899,7 +899,8 @@ def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp
     status = sweep.run_sweep(runs, root, train=train)
     assert list(status.values()) == ["started", "skipped (finished)", "resumed", "started"]
     left = "left for the {} to train, this one included (estimated from the {} trained so " \
-           "far, by the steps left and the blocks a step is expected to compute)"
+           "far, by the steps left and the blocks a step is expected to compute, plus each " \
+           "run's set-up and evaluation)"
     # After depth8_pL0.5: 4 steps x 4.25 blocks + 8 x 6 = 65 block-steps, 650 s; after the
     # resumed run, 8 x 6, 480 s.
     assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")] == [
@@ -908,6 +909,61 @@ def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp
         "sweep: starting depth14_pL1 (4 of 4); about 8 min " + left.format("1 run", "2 runs")]
     masked = load_config("cifar10:smoke", ["--config.model.implementation=mask"])
     assert sweep._step_blocks(masked) == 3.0  # computed and masked: every block
+
+
+def test_the_time_left_counts_a_short_resumed_run_s_set_up_once_per_run_not_as_training(
+        capsys, tmp_path, monkeypatch):
+    """A resumed run with 1 step of 100 left took its minute of set-up and compilation for
+    training: 31 s a block-step where training took 1, so the next line said 8.8 h for the
+    runs that take 19 min (and 13 min for the last, not 11). The rate now comes from the seconds
+    the runs record training (summary.json's train_time_s_this_session), and the rest of
+    a run's time (set-up, compilation, evaluation) is added once for each run left."""
+    root, epochs = str(tmp_path), "--config.num_epochs=25"  # 100 steps of 4 an epoch
+    _finished_run(root, 8, 1.0, 0.4, epochs)  # skipped
+    os.makedirs(os.path.join(root, "depth8_pL0.5", "checkpoints", "99"))  # 1 step left
+    clock = [0.0]
+    monkeypatch.setattr(sweep, "_now", lambda: clock[0])
+    blocks = {(8, 0.5): 5 / 6 + 4 / 6 + 3 / 6, (14, 0.5): sum(1 - l / 12 for l in range(1, 7)),
+              (14, 1.0): 6.0}
+
+    def train(config, workdir):  # 60 s of set-up, then 1 s a block a step
+        start = 99 if os.path.basename(workdir) == "depth8_pL0.5" else 0
+        training = (100 - start) * blocks[(config.model.depth, config.model.final_survival_prob)]
+        clock[0] += 60 + training
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"steps": 100, "steps_per_epoch": 4,
+                       "train_time_s_this_session": training}, f)
+
+    runs = [(name, load_config("cifar10:smoke", [epochs] + extra))
+            for name, extra in sweep.plan([8, 14], [0.5, 1.0])]
+    status = sweep.run_sweep(runs, root, train=train)
+    assert list(status.values()) == ["resumed", "skipped (finished)", "started", "started"]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")]
+    # 100 x 4.25 + 100 x 6 block-steps at 1 s, + 2 x 60 s: 1145 s; then 600 + 60 s.
+    assert [x.split("; about ")[-1].split(" left")[0] for x in lines] == [
+        "sweep: resuming depth8_pL0.5 (1 of 4)", "19 min", "11 min"]
+    assert lines[1].endswith("by the steps left and the blocks a step is expected to compute, "
+                             "plus each run's set-up and evaluation)")
+
+
+def test_the_blocks_a_step_computes_count_compact_mode_s_padding_and_the_masked_blocks():
+    """The estimate took the survival probabilities' sum for compact mode and 'loop' too,
+    which compute each stage's first block (and an unscanned stage) in full, and compact
+    mode rounds a stage's kept count up to its multiple."""
+    def config(*extra):
+        return load_config("cifar10:smoke", ["--config.model.depth=20", "--config.model.scan=True",
+                                             "--config.model.final_survival_prob=0.5", *extra])
+    p = [1 - l / 18 for l in range(1, 10)]  # ResNet-20: 3 stages of 3 blocks
+    rest = [p[1:3], p[4:6], p[7:9]]  # each stage's scanned blocks, after its first
+    assert sweep._step_blocks(config()) == pytest.approx(sum(p))  # lax.cond: what survives
+    assert sweep._step_blocks(config("--config.model.implementation=loop")) == pytest.approx(
+        sum(1 + a + b for a, b in rest))
+    # Multiple 4, capped at the stage's 2 scanned blocks: a scan of 1 with none kept, else 2.
+    assert sweep._step_blocks(config("--config.model.compact_multiple=4")) == pytest.approx(
+        sum(1 + 2 - (1 - a) * (1 - b) for a, b in rest))
+    assert sweep._step_blocks(config("--config.model.compact_multiple=4",
+                                     "--config.model.scan=False")) == 9.0  # all masked
 
 
 def test_the_up_front_read_of_the_runs_leaves_each_damaged_record_warned_once_at_its_run(

@@ -42,7 +42,7 @@ from typing import Any
 
 import ml_collections
 
-from stochastic_depth_jax import models, ops
+from stochastic_depth_jax import buckets, models, ops, schedules
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -54,6 +54,7 @@ __all__ = [
     "resolve",
     "describe",
     "scans_a_stage",
+    "expected_blocks",
 ]
 
 # What model.implementation accepts: the op's implementations plus 'auto' (drop-path models),
@@ -168,6 +169,27 @@ def scans_a_stage(model: ml_collections.ConfigDict) -> bool:
     """Whether a ResNet config (:data:`COMPACT_MODELS`) scans any stage: compact mode gathers
     the kept blocks of scanned stages only and masks every other block."""
     return any(models._scanned_stages(_stage_sizes(model), model.get("scan")))
+
+
+def expected_blocks(model: ml_collections.ConfigDict, resolved: Resolved) -> float:
+    """The residual blocks a training step of a ResNet config (``model``, resolved as
+    ``resolved``) is expected to compute: every block with ``'mask'``; the sum of the
+    survival probabilities with ``lax.cond`` skipping (ResNet-110 at p_L 0.5: 0.75 of its
+    54 blocks; at p_L 0.1, 0.54); in compact mode and ``'loop'``, each stage's first block
+    and unscanned stages in full plus the scans' expected lengths, compact mode's padded
+    as its buckets are (:func:`stochastic_depth_jax.buckets.expected_blocks`)."""
+    sizes = _stage_sizes(model)
+    if resolved.implementation == "mask":
+        return float(sum(sizes))
+    probs = schedules.survival_probabilities(model.survival_rule, sum(sizes),
+                                             model.final_survival_prob)
+    if not (resolved.compact_multiple or resolved.compact_lengths
+            or resolved.implementation == models.LOOP):
+        return float(probs.sum())
+    scanned = models._scanned_stages(sizes, model.get("scan"))
+    lengths = (buckets.stage_lengths(probs, sizes, scanned, resolved.compact_lengths)
+               if resolved.compact_lengths else None)
+    return buckets.expected_blocks(probs, sizes, scanned, resolved.compact_multiple, lengths)
 
 
 def _stage_sizes(model: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 
-from stochastic_depth_jax import errors, logs, schedules
+from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import compilation
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import evaluate as evaluate_lib
@@ -375,9 +375,13 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         check_same_config(os.path.join(root, name), config)
     status: dict[str, str] = {}
     to_train = _runs_to_train(runs, root)  # for the time left: what the loop will train
-    # (seconds, block-steps) of the runs this call trained to their end, and the steps in
-    # an epoch they recorded (the same for every run of a sweep: one data set, one batch).
-    timed: list[tuple[float, float]] = []
+    # The blocks a step of each is expected to compute (a fitted compact mode's lengths take
+    # ResNet-1202 a quarter of a second: once a run, not once a line).
+    blocks = {name: _step_blocks(config) for name, config in runs}
+    # (training seconds, block-steps, other seconds) of the runs this call trained to their
+    # end, and the steps in an epoch they recorded (the same for every run of a sweep: one
+    # data set, one batch).
+    timed: list[tuple[float, float, float]] = []
     steps_per_epoch: list[int] = []
     # A signal between two runs, or during a run's last evaluation (after its last stop
     # point), reaches this object: the sweep stops before the next run instead of
@@ -398,8 +402,9 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                 continue
             start = _start_step(workdir)
             resumed = bool(_saved_steps(workdir))
-            left = [_block_steps(config, steps_per_epoch[-1:], start)] + [
-                _block_steps(c, steps_per_epoch[-1:], _start_step(os.path.join(root, n)))
+            left = [_block_steps(config, steps_per_epoch[-1:], start, blocks[name])] + [
+                _block_steps(c, steps_per_epoch[-1:], _start_step(os.path.join(root, n)),
+                             blocks[n])
                 for n, c in runs[position:] if n in to_train]
             print(_starting_line(name, resumed, position, len(runs), left, timed), flush=True)
             # Until the run's own handler is installed (it loads data and compiles first), a
@@ -414,7 +419,8 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                 steps_per_epoch.append(summary["steps_per_epoch"])
                 trained = summary["steps"] - start
                 if trained > 0:
-                    timed.append((seconds, trained * _step_blocks(config)))
+                    training = _training_seconds(summary, seconds)
+                    timed.append((training, trained * blocks[name], seconds - training))
             stop.when = _BETWEEN_RUNS
     return status
 
@@ -433,6 +439,16 @@ def _runs_to_train(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
                 and _divergence(os.path.join(root, name)) is None}
 
 
+def _training_seconds(summary: dict[str, Any], seconds: float) -> float:
+    """The seconds of a run's ``seconds`` (its call's, set-up to end) that trained steps:
+    its summary's ``train_time_s_this_session`` (no compilation, evaluation or saving), or
+    all of them where it records none."""
+    training = summary.get("train_time_s_this_session")
+    if not plots.is_number(training) or not 0 <= training <= seconds:
+        return seconds
+    return float(training)
+
+
 def _start_step(workdir: str) -> int:
     """The step a run resumes from (its newest checkpoint's), 0 for one not started."""
     return max(_saved_steps(workdir), default=0)
@@ -446,47 +462,48 @@ def _quiet_summary(workdir: str) -> dict[str, Any] | None:
 
 
 def _step_blocks(config: ml_collections.ConfigDict) -> float:
-    """The residual blocks a training step of ``config`` is expected to compute: the sum of
-    the survival probabilities where dropped blocks are skipped (ResNet-110 at p_L 0.5:
-    0.75 of its 54 blocks; at p_L 0.1, 0.54), every block where they are computed and
-    masked. The rest of a step (stem, classifier, update) is left out: ResNet-110's
-    skipping step measured 0.75-0.78 of the constant-depth one on a CPU."""
+    """The residual blocks a training step of ``config`` is expected to compute on this
+    platform (:func:`stochastic_depth_jax.training.implementation.expected_blocks`: fewer at
+    a lower p_L where dropped blocks are skipped; compact mode's padding counted). The rest
+    of a step (stem, classifier, update) is left out: ResNet-110's skipping step measured
+    0.75-0.78 of the constant-depth one on a CPU."""
     model = config.model
-    blocks = sum(implementation_lib._stage_sizes(model))
     resolved = implementation_lib.resolve(model, jax.devices()[0].platform)
-    if resolved.implementation == "mask":
-        return float(blocks)
-    return float(schedules.survival_probabilities(
-        model.survival_rule, blocks, model.final_survival_prob).sum())
+    return implementation_lib.expected_blocks(model, resolved)
 
 
 def _block_steps(config: ml_collections.ConfigDict, steps_per_epoch: Sequence[int],
-                 start: int) -> float | None:
+                 start: int, blocks: float) -> float | None:
     """The block-steps (:func:`_step_blocks` per step) a run of ``config`` has left from
     step ``start``; None before a run has said how many steps an epoch has."""
     if not steps_per_epoch:
         return None
     total = _total_steps({"steps_per_epoch": steps_per_epoch[0]}, config)
-    return max(total - start, 0) * _step_blocks(config)
+    return max(total - start, 0) * blocks
 
 
 def _starting_line(name: str, resumed: bool, position: int, total: int,
-                   left: Sequence[float | None], timed: Sequence[tuple[float, float]]) -> str:
+                   left: Sequence[float | None],
+                   timed: Sequence[tuple[float, float, float]]) -> str:
     """``sweep: starting <run> (k of N)``, its place in the sweep's runs; once this call has
-    trained a run to its end (``timed``: its seconds and block-steps), the time left for the
-    runs still to train (``left``: their block-steps left, this one's included), from those
-    runs' time per block-step: the steps each run has left (a resumed run's from its
-    checkpoint) times the blocks a step is expected to compute (:func:`_step_blocks`; fewer
-    at a lower p_L). A diverged run's time is not counted."""
+    trained a run to its end (``timed``: its training seconds, block-steps and other
+    seconds), the time left for the runs still to train (``left``: their block-steps left,
+    this one's included): the steps each run has left (a resumed run's from its checkpoint)
+    times the blocks a step is expected to compute (:func:`_step_blocks`; fewer at a lower
+    p_L), at the timed runs' training seconds per block-step, plus, for each run, the
+    timed runs' mean other seconds (set-up, compilation, evaluation, saving): a short
+    resumed run's set-up is not taken for training. A diverged run's time is not counted."""
     line = f"sweep: {'resuming' if resumed else 'starting'} {name} ({position} of {total})"
     if not timed or None in left:
         return line
-    per_block_step = sum(seconds for seconds, _ in timed) / sum(cost for _, cost in timed)
+    per_block_step = sum(t[0] for t in timed) / sum(t[1] for t in timed)
+    per_run = sum(t[2] for t in timed) / len(timed)
+    seconds = per_block_step * sum(left) + per_run * len(left)
     runs = lambda n: f"{n} run{'s' * (n != 1)}"
-    return (f"{line}; about {progress_lib.duration(per_block_step * sum(left))} left for the "
+    return (f"{line}; about {progress_lib.duration(seconds)} left for the "
             f"{runs(len(left))} to train, this one included (estimated from the "
             f"{runs(len(timed))} trained so far, by the steps left and the blocks a step is "
-            f"expected to compute)")
+            f"expected to compute, plus each run's set-up and evaluation)")
 
 
 def _train_run(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
