@@ -3,7 +3,8 @@ every run still trains and every evaluation still repeats itself bit for bit: th
 evaluation's numbers do not depend on its batch size (padding masked, every block active,
 the running BatchNorm statistics), training updates those statistics, the epoch sums
 restart at an epoch's first step and give the epoch's means, the configured label smoothing
-reaches the loss, and compact mode draws the gates of the state's step."""
+reaches the loss, compact mode draws the gates of the state's step, and a non-finite loss
+is reported at the step it happened."""
 
 import os
 import sys
@@ -136,3 +137,17 @@ def test_compact_mode_in_the_trainer_draws_the_gates_of_the_states_step(tmp_path
                     "--config.lr_boundaries_epochs=()"]
     train_and_evaluate(load_config("cifar10:smoke", flags), str(tmp_path))
     assert given and all(host == device for host, device in given), given
+
+
+def test_a_non_finite_loss_is_named_at_its_step_before_the_epochs_end(tmp_path):
+    """The step records the first step whose loss is not finite; the loop checks it at
+    each log step. Without that record a diverged run went on to the epoch's end, where
+    only the parameters' check at the save stopped it."""
+    from stochastic_depth_jax.training import loop
+
+    config = load_config("cifar10:smoke", TINY + [  # the first update overflows
+        "--config.learning_rate=1e30", "--config.lr_schedule=constant",
+        "--config.log_every_steps=1"])
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=r"^Non-finite training loss at step \d+ \(epoch 1\)"):
+        loop.train_and_evaluate(config, str(tmp_path))
