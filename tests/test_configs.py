@@ -476,6 +476,17 @@ def test_step_schedule_divides_at_epoch_boundaries():
     np.testing.assert_allclose(list(lrs.values()), [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
+def test_warmup_cosine_rises_to_the_rate_then_falls_to_zero_at_the_last_step():
+    """The ViT's schedule: linear from 0 over warmup_epochs, then a half cosine that ends
+    at 0 at num_epochs (300 epochs, 10 of warm-up; 10 steps an epoch here)."""
+    c = load_config("cifar10_vit")
+    assert (c.lr_schedule, c.num_epochs, c.warmup_epochs) == ("warmup_cosine", 300, 10)
+    schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
+    lrs = [float(schedule(n)) for n in (0, 50, 100, 1550, 3000)]
+    np.testing.assert_allclose(lrs, [0.0, c.learning_rate / 2, c.learning_rate,
+                                     c.learning_rate / 2, 0.0], rtol=1e-5, atol=1e-9)
+
+
 def test_resnet1202_warms_up_at_a_tenth_then_steps():
     """Paper Sec. 4: lr 0.01 for the first 10 epochs, then 0.1, / 10 at epochs 150 and 225."""
     c = load_config("cifar10_resnet1202")

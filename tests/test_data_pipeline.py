@@ -154,6 +154,16 @@ def test_augmentation_is_drawn_per_example_and_anew_each_epoch():
         _batch(dev, jax.random.key(7), 5, 16, "none")[1]))
 
 
+def test_the_same_batch_positions_are_augmented_anew_at_every_step():
+    """Each step draws its own flips and shifts: drawn from the batch position alone, every
+    step applied the same batch of augmentations, only dealt out to other images."""
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(8, 8, 3)), jnp.float32)
+    images, key = jnp.stack([image] * 64), jax.random.key(0)
+    three, four = (np.asarray(data.augment_batch(images, key, step, "flip_translate"))
+                   for step in (3, 4))
+    assert sum(a.tobytes() == b.tobytes() for a, b in zip(three, four)) <= 8  # 162 draws
+
+
 def test_load_dataset_takes_another_augmentation(tmp_path):
     """augment=None is the dataset's own (the paper's); a name overrides it for any dataset;
     a wrong one is one DataError line naming the choices."""

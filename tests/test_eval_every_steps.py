@@ -101,6 +101,17 @@ def test_best_is_the_mid_epoch_step_of_lowest_validation_error_and_resume_keeps_
         assert loop.train_and_evaluate(off, workdir)["best"] == summary["best"]
 
 
+def test_validation_is_evaluated_at_the_multiples_of_eval_every_steps(fake_evaluation,
+                                                                        tmp_path):
+    """Every 3 steps (3 and 6) and at each epoch's end (4 and 8); the other tests evaluate
+    at every step, where any step is a multiple."""
+    config = load_config("cifar10:smoke", FLAGS[:-1] + ["--config.eval_every_steps=3"])
+    loop.train_and_evaluate(config, str(tmp_path))
+    assert sorted(s for name, s in fake_evaluation if name == "validation") == [3, 4, 6, 8]
+    validation = metrics.read_metrics(str(tmp_path), metrics.VALIDATION_FILE)
+    assert [r["step"] for r in validation] == [3, 4, 6, 8]
+
+
 def test_mid_epoch_validation_is_on_the_tensorboard_curves_too(fake_evaluation, monkeypatch,
                                                                tmp_path):
     """TensorBoard had the epochs' records only: the evaluations between them were missing

@@ -1,0 +1,153 @@
+"""Trainer invariants that a slip in the step, the evaluation or the loop would break while
+every run still trains and every evaluation still repeats itself bit for bit: the
+evaluation's numbers do not depend on its batch size (padding masked, every block active,
+the running BatchNorm statistics), training updates those statistics, the epoch sums
+restart at an epoch's first step and give the epoch's means, the configured label smoothing
+reaches the loss, compact mode draws the gates of the state's step, and a non-finite loss
+is reported at the step it happened."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` lives at the repository root, beside train.py.
+
+from configs import load_config  # noqa: E402
+from trainer_steps import train_steps  # noqa: E402
+from stochastic_depth_jax import data  # noqa: E402
+from stochastic_depth_jax.data.splits import Split  # noqa: E402
+from stochastic_depth_jax.training import distributed, evaluate  # noqa: E402
+from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
+
+TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+        "--config.write_plots=false"]
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory):
+    """cifar10:smoke on one device, trained one step past its first epoch."""
+    workdir = str(tmp_path_factory.mktemp("steps"))
+    config = load_config("cifar10:smoke", TINY)
+    mesh = distributed.make_mesh(jax.devices()[:1])
+    ds = setup_lib.load_data(config, workdir)
+    steps = data.steps_per_epoch(len(ds.train), config.batch_size) + 1
+    setup, _, _, state = train_steps(config, workdir, mesh, steps)
+    return setup, ds, state, steps
+
+
+def _evaluate(setup, state, split, batch_size, ds):
+    return evaluate.evaluate_split(setup.eval_step, state, split, batch_size=batch_size,
+                                   mean=ds.mean, std=ds.std)
+
+
+def test_evaluation_does_not_depend_on_its_batch_size(stepped):
+    """Padded copies of example 0 count nowhere, and no example's logits depend on the
+    others of its batch (train=False: no batch statistics, no gates drawn). Example 0 is
+    given a label the model gets wrong, so padding counted as errors shows."""
+    setup, ds, state, _ = stepped
+    test = ds.test
+    single = Split(test.images[:1], test.labels[:1])
+    wrong = [c for c in range(ds.num_classes)
+             if _evaluate(setup, state, data.put_on_devices(
+                 Split(single.images, np.array([c], np.int32)), setup.mesh), 1, ds)["error"]]
+    labels = test.labels.copy()
+    labels[0] = wrong[0]
+    split = data.put_on_devices(Split(test.images, labels), setup.mesh)
+    n = len(split)
+    whole = _evaluate(setup, state, split, n, ds)
+    assert whole["count"] == n and whole["error"] > 0
+    for batch_size in (7, 24, n + 5):
+        assert n % batch_size, (n, batch_size)  # a padded last batch
+        result = _evaluate(setup, state, split, batch_size, ds)
+        assert result["count"] == n
+        assert result["error"] == whole["error"], batch_size
+        assert result["loss"] == pytest.approx(whole["loss"], rel=1e-5), batch_size
+
+
+def test_training_updates_the_batchnorm_running_statistics(stepped):
+    setup, ds, state, _ = stepped
+    initial = jax.device_get(setup.init_state(ds.image_shape).batch_stats)
+    trained = jax.device_get(state.batch_stats)
+    assert jax.tree.leaves(trained)
+    for before, after in zip(jax.tree.leaves(initial), jax.tree.leaves(trained)):
+        assert not np.allclose(before, after), "a BatchNorm statistic never moved"
+
+
+def test_the_epoch_sums_restart_at_an_epochs_first_step(stepped):
+    setup, _, state, steps = stepped
+    sums = jax.device_get(state.sums)
+    assert int(state.step) == steps == setup.steps_per_epoch + 1
+    assert (sums["steps"], sums["examples"]) == (1, setup.config.batch_size)
+
+
+def test_the_epoch_record_divides_the_errors_by_the_examples_and_the_loss_by_the_steps(
+        stepped):
+    """train_error is a fraction of the epoch's examples (it was once errors per step, up to
+    the batch size), train_loss the mean of the steps' batch means."""
+    from types import SimpleNamespace
+
+    from stochastic_depth_jax.training import loop
+
+    setup, _, state, _ = stepped
+    sums = jax.device_get(state.sums)
+    record = loop._epoch_sums(SimpleNamespace(state=state))
+    assert record["train_error"] == pytest.approx(sums["errors"] / setup.config.batch_size)
+    assert 0.0 <= record["train_error"] <= 1.0
+    assert record["train_loss"] == pytest.approx(sums["loss"] / sums["steps"])
+
+
+def test_the_configured_label_smoothing_reaches_the_training_loss(tmp_path, monkeypatch):
+    from stochastic_depth_jax.training import step as step_lib
+
+    smoothing = []
+    cross_entropy = step_lib.cross_entropy
+
+    def spy(logits, labels, label_smoothing=0.0):
+        smoothing.append(label_smoothing)
+        return cross_entropy(logits, labels, label_smoothing)
+
+    monkeypatch.setattr(step_lib, "cross_entropy", spy)
+    config = load_config("cifar10:smoke", TINY + ["--config.label_smoothing=0.1"])
+    train_steps(config, str(tmp_path), distributed.make_mesh(jax.devices()[:1]), steps=1)
+    assert smoothing == [0.1]
+
+
+def test_compact_mode_in_the_trainer_draws_the_gates_of_the_states_step(tmp_path, monkeypatch):
+    """The loop gives compact mode the step as a host number (the gates are drawn on the
+    host): it must be the state's own, which the skipping step folds into the gate key;
+    one off, a GPU run ('auto' picks compact mode there) drew other gates than the same run
+    on a CPU."""
+    from stochastic_depth_jax.training import step as step_lib
+    from stochastic_depth_jax.training import train_and_evaluate
+
+    given = []
+    call = step_lib.CompactTrainStep.__call__
+
+    def spy(self, state, split, step):
+        given.append((step, int(jax.device_get(state.step))))
+        return call(self, state, split, step)
+
+    monkeypatch.setattr(step_lib.CompactTrainStep, "__call__", spy)
+    flags = TINY + ["--config.num_epochs=1", "--config.max_steps=2", "--config.model.depth=14",
+                    "--config.model.scan=True", "--config.model.compact_multiple=1",
+                    "--config.lr_boundaries_epochs=()"]
+    train_and_evaluate(load_config("cifar10:smoke", flags), str(tmp_path))
+    assert given and all(host == device for host, device in given), given
+
+
+def test_a_non_finite_loss_is_named_at_its_step_before_the_epochs_end(tmp_path):
+    """The step records the first step whose loss is not finite; the loop checks it at
+    each log step. Without that record a diverged run went on to the epoch's end, where
+    only the parameters' check at the save stopped it."""
+    from stochastic_depth_jax.training import loop
+
+    config = load_config("cifar10:smoke", TINY + [  # the first update overflows
+        "--config.learning_rate=1e30", "--config.lr_schedule=constant",
+        "--config.log_every_steps=1"])
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=r"^Non-finite training loss at step \d+ \(epoch 1\)"):
+        loop.train_and_evaluate(config, str(tmp_path))
