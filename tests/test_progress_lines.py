@@ -32,13 +32,21 @@ def test_an_epoch_resumed_midway_counts_the_images_of_the_steps_it_timed(tmp_pat
 
     flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
              "--config.write_plots=false", "--config.num_epochs=1"]
+    resumed = str(tmp_path / "resumed")
     train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=1"]),
-                       str(tmp_path))  # 1 of the epoch's 4 steps, then resumed
+                       resumed)  # 1 of the epoch's 4 steps, then resumed
     with pytest.warns(UserWarning, match="changed config: max_steps: 1 -> 0"):
-        train_and_evaluate(load_config("cifar10:smoke", flags), str(tmp_path))
-    [record] = [r for r in metrics.read_metrics(str(tmp_path)) if r["epoch"] == 1]
+        train_and_evaluate(load_config("cifar10:smoke", flags), resumed)
+    [record] = [r for r in metrics.read_metrics(resumed) if r["epoch"] == 1]
     assert record["step"] == 4
     assert record["images_per_s"] == pytest.approx(3 * 32 / record["epoch_time_s"])
+    # And the resumed epoch's figures are the uninterrupted run's: the epoch's sums and the
+    # optimizer's momentum came back from the checkpoint (else only the slow subprocess
+    # resume tests would see them lost).
+    train_and_evaluate(load_config("cifar10:smoke", flags), str(tmp_path / "whole"))
+    [whole] = metrics.read_metrics(str(tmp_path / "whole"))
+    for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss"):
+        assert record[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-7), key
 
 
 def test_on_a_terminal_each_epoch_leaves_its_line_with_the_evaluation(monkeypatch, capsys):
