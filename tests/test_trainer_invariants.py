@@ -151,3 +151,17 @@ def test_a_non_finite_loss_is_named_at_its_step_before_the_epochs_end(tmp_path):
     with pytest.raises(loop.NonFiniteLossError,
                        match=r"^Non-finite training loss at step \d+ \(epoch 1\)"):
         loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_dropout_keys_are_not_gate_keys_and_change_every_step():
+    """Dropout masks (Wide ResNets) must be independent of the block gates and redrawn each
+    step: a dropout key equal to a step's gate key (or to one step's for every step) would
+    correlate them, and no training test tells."""
+    from stochastic_depth_jax.training import step as step_lib
+
+    keys = step_lib.StepKeys.from_seed(0)
+    bits = lambda k: tuple(np.asarray(jax.random.key_data(k)).ravel().tolist())  # noqa: E731
+    gate = {bits(jax.random.fold_in(keys.gates, s)) for s in range(16)}
+    dropout = {bits(step_lib.dropout_key(keys, s)) for s in range(16)}
+    assert len(dropout) == 16 and not gate & dropout
+    assert bits(keys.gates) not in dropout and bits(keys.data) not in dropout
