@@ -246,13 +246,7 @@ def test_negative_pads_crop_the_input_where_xla_s_cpu_convolution_is_wrong(shape
     gradients, inside a jitted cond too, are those of the crop, pad and VALID convolution."""
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (*k, shape[-1], 6))
-    y_ref, vjp_ref = jax.vjp(lambda a, b: _cropped_ref(a, b, s, pads), x, w)
-    ct = jax.random.normal(jax.random.key(2), y_ref.shape)
-
-    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, s, pads), x, w)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
-    for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
-        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+    y_ref, vjp_ref, ct = _conv2d_matches_the_crop_reference(x, w, s, pads, value_tol=1e-4)
     in_cond = jax.jit(lambda a, b, c, gate: lax.cond(
         gate, lambda: jax.vjp(lambda a, b: conv2d(a, b, s, pads), a, b)[1](c),
         lambda: (jnp.zeros_like(a), jnp.zeros_like(b))))
@@ -263,6 +257,18 @@ def test_negative_pads_crop_the_input_where_xla_s_cpu_convolution_is_wrong(shape
                       implementation=implementation)
         y_module = module.apply({"params": {"kernel": w}}, x)
         np.testing.assert_allclose(y_module, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def _conv2d_matches_the_crop_reference(x, w, s, pads, value_tol):
+    """Asserts conv2d's values (to ``value_tol``) and gradients (to 1e-4) are those of the
+    crop, pad and VALID convolution; returns its output, VJP and a cotangent."""
+    y_ref, vjp_ref = jax.vjp(lambda a, b: _cropped_ref(a, b, s, pads), x, w)
+    ct = jax.random.normal(jax.random.key(2), y_ref.shape)
+    y, vjp = jax.vjp(lambda a, b: conv2d(a, b, s, pads), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=value_tol, atol=value_tol)
+    for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+    return y_ref, vjp_ref, ct
 
 
 @pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT"])
@@ -294,12 +300,7 @@ def test_padded_strided_1x1_convolution_pads_and_subsamples_first():
     x = jax.random.normal(jax.random.key(0), (2, 17, 12, 3))
     w = jax.random.normal(jax.random.key(1), (1, 1, 3, 5))
     for s, pads in (((8, 8), ((1, 1), (1, 1))), ((4, 3), ((2, 0), (-1, 1)))):
-        y_ref, vjp_ref = jax.vjp(lambda a, b: _cropped_ref(a, b, s, pads), x, w)
-        ct = jax.random.normal(jax.random.key(2), y_ref.shape)
-        y, vjp = jax.vjp(lambda a, b: conv2d(a, b, s, pads), x, w)
-        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-        for g, g_ref in zip(vjp(ct), vjp_ref(ct)):
-            np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+        _conv2d_matches_the_crop_reference(x, w, s, pads, value_tol=1e-5)
         grads = str(jax.make_jaxpr(jax.grad(
             lambda a, b: jnp.sum(conv2d(a, b, s, pads) ** 2), (0, 1)))(x, w))
         assert f"window_strides={s}" not in grads
