@@ -165,3 +165,28 @@ def test_dropout_keys_are_not_gate_keys_and_change_every_step():
     dropout = {bits(step_lib.dropout_key(keys, s)) for s in range(16)}
     assert len(dropout) == 16 and not gate & dropout
     assert bits(keys.gates) not in dropout and bits(keys.data) not in dropout
+
+
+def test_select_best_by_train_chooses_among_the_evaluated_epochs(tmp_path):
+    """select_best_by='train' with eval_every_epochs=2: every epoch has a training error, but
+    only the evaluated ones a test error. The best (summary, 'best' checkpoint) is the lowest
+    training error among those, with its test error, never an epoch no evaluation measured."""
+    from stochastic_depth_jax.training import loop, metrics
+
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(load_config("cifar10:smoke", TINY + [
+        "--config.select_best_by=train", "--config.eval_every_epochs=2",
+        "--config.num_epochs=3", "--config.lr_boundaries_epochs=()"]), workdir)
+    records = metrics.read_metrics(workdir)
+    evaluated = [r for r in records if "test_error" in r]
+    assert [r["epoch"] for r in evaluated] == [2, 3]
+    # The case at issue: a lower training error at epoch 1, which no evaluation measured.
+    assert records[0]["train_error"] < min(r["train_error"] for r in evaluated)
+    chosen = min(evaluated, key=lambda r: r["train_error"])
+    best = summary["best"]
+    assert (best["epoch"], best["step"], best["value"], best["test_error"]) == (
+        chosen["epoch"], chosen["step"], chosen["train_error"], chosen["test_error"])
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints_best"))
+             if n.isdigit()]
+    # The newest 'best' is the best; every one saved is of an evaluated epoch.
+    assert max(steps) == chosen["step"] and set(steps) <= {r["step"] for r in evaluated}
