@@ -119,20 +119,18 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path}: this user may not write in its directory {directory}; give a "
             "path in a directory it can write in, or change that directory's permissions. "
             "Nothing was evaluated.")
-    inside = os.path.relpath(os.path.realpath(directory), os.path.realpath(workdir))
-    if inside.split(os.sep)[0] in _RUN_DIRS:
+    run_dir = _run_dir_holding(directory, workdir)
+    if run_dir is not None:
         raise errors.WorkdirError(
-            f"--output {path} is inside the run's {inside.split(os.sep)[0]}/, whose contents "
+            f"--output {path} is inside the run's {run_dir}/, whose contents "
             "the run manages (it deletes, moves and rewrites them); give a path in --workdir "
             f"{workdir} itself or outside it, or leave --output out. Nothing was evaluated.")
-    if (os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE))
-            and os.path.realpath(directory) != os.path.realpath(workdir)):
+    name, in_the_run = os.path.basename(path), _same_directory(directory, workdir)
+    if os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE)) and not in_the_run:
         raise errors.WorkdirError(
             f"--output {path} is in the workdir of another run ({directory}), where a result "
             f"would pass for that run's; give a path outside it, or in --workdir {workdir}. "
             "Nothing was written.")
-    name, in_the_run = os.path.basename(path), (
-        os.path.realpath(directory) == os.path.realpath(workdir))
     if in_the_run and name.lower() in {n.lower() for n in (*loop.OWN_FILES, loop.DIVERGED_FILE)}:
         raise errors.WorkdirError(
             f"--output {path} is the name of one of the run's own files (it writes "
@@ -171,6 +169,31 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} exists and is not a result of evaluate.py (a run's own file "
             "such as run.json or summary.json?); give a new path, or leave --output out (the "
             "default is in the workdir, named by checkpoint and split). Nothing was written.")
+
+
+def _same_directory(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one directory, by identity rather than by name: on a
+    case-insensitive file system (macOS's, Windows') ``Run/`` opens ``run/``."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _run_dir_holding(directory: str, workdir: str) -> str | None:
+    """The directory of the run's (``_RUN_DIRS``) that ``directory`` is or lies in, if any,
+    however it is named (a link, or ``Checkpoints/`` on a case-insensitive file system)."""
+    own = {d: os.path.join(workdir, d) for d in sorted(_RUN_DIRS)}
+    own = {d: p for d, p in own.items() if os.path.isdir(p)}
+    path = os.path.realpath(directory)
+    while True:
+        for d, p in own.items():
+            if _same_directory(path, p):
+                return d
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
 
 
 # The files evaluate.py writes in a run's workdir: results and depth curves (with sidecars).

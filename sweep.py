@@ -101,6 +101,29 @@ def check_arguments(args, overrides):
             "(or drop --collect to train them).")
 
 
+def check_model_override(overrides):
+    """Refuses ``--config.model.name=`` a model without p_L (the ViT, ConvNeXt) before the
+    config loads: loading refused it as not fitting the config's model block, with the advice
+    to train that model's own config, which the sweep refuses as well."""
+    from stochastic_depth_jax.training import config as config_lib
+
+    names = [text for key, text in map(config_lib.split_override, overrides)
+             if key == "model.name"]
+    if not names or names[-1] not in config_lib.MODEL_VALIDATORS.keys() - config_lib.MODELS:
+        return  # a block-wise ResNet, or no model: validation lists the valid names
+    makers = []
+    for name in sorted(CONFIGS):
+        with contextlib.suppress(errors.Error):
+            if load_config(name).model.get("name") == names[-1]:
+                makers.append(name)
+    train = f"train.py --config {' or '.join(makers)}" if makers else "train.py"
+    raise errors.ConfigError(
+        f"--config.model.name={names[-1]}: the sweep is over model.depth and p_L "
+        f"(model.final_survival_prob) of the block-wise ResNets {sorted(config_lib.MODELS)}, "
+        f"and {names[-1]!r} has no p_L. Train it with {train}, its drop path set by "
+        "--config.model.drop_path_rate.")
+
+
 def run(args, overrides):
     # stdout holds the two JSON objects alone (`sweep.py ... | jq`); every other line, the
     # runs' training and the figures' report, goes to stderr.
@@ -116,6 +139,7 @@ def _run(args, overrides, out):
     status = {}
     if not args.collect:
         sweep.check_overrides(overrides)
+        check_model_override(overrides)
         sweep.require_sweepable(load_config(args.config, overrides))
         runs = [(name, load_config(args.config, overrides + extra))
                 for name, extra in sweep.plan(args.depths, args.p_last)]

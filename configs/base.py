@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     # is chosen at epoch ends). Needs a validation set.
     c.eval_every_steps = 0
     c.select_best_by = "validation"  # paper: report the model with the best validation error
+    # ('train': the best training error among the evaluated epochs, so it has a test error)
     c.checkpoint_every_epochs = 1
     c.checkpoint_every_steps = 0  # > 0 also saves every this many steps
     c.keep_checkpoints = 3

@@ -212,7 +212,8 @@ def _refusing_drop_rates(init: Callable[..., None]) -> Callable[..., None]:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self)}
         for key in kwargs.keys() - fields:
-            error = ops.rate_argument_error(type(self).__name__, key, kwargs[key])
+            error = ops.rate_argument_error(type(self).__name__, key, kwargs[key],
+                                            takes_rate=isinstance(self, DropPath))
             if error is not None:
                 raise error
         init(self, *args, **kwargs)

@@ -282,12 +282,13 @@ def _updates_state(module: Any) -> bool:
         tuple(path[:len(f)]) == tuple(f) for f in frozen))))
 
 
-def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
+def _refuse_unknown_arguments(module: nnx.Module, unknown: Mapping[str, Any]) -> None:
     """Python's TypeError for an unknown keyword, naming the fix for a drop rate given to
     ``StochasticDepth`` (which takes the survival probability) or misnamed for ``DropPath``
-    (:func:`stochastic_depth_jax.ops.rate_argument_error`)."""
-    key = next(iter(unknown))
-    error = ops.rate_argument_error(name, key, unknown[key])
+    or a subclass (:func:`stochastic_depth_jax.ops.rate_argument_error`)."""
+    key, name = next(iter(unknown)), type(module).__name__
+    error = ops.rate_argument_error(name, key, unknown[key],
+                                    takes_rate=isinstance(module, DropPath))
     if error is not None:
         raise error
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
@@ -368,7 +369,7 @@ class StochasticDepth(nnx.Module):
                  rng_collection: str = "stochastic_depth", rngs: RngsLike = None,
                  reroute_convs: str = "auto", **unknown: Any):
         if unknown:
-            _refuse_unknown_arguments(type(self).__name__, unknown)
+            _refuse_unknown_arguments(self, unknown)
         _check_nnx_branch(branch)
         ops.validate_options(mode, scaling, implementation)
         if reroute_convs not in conv.REROUTE_CONVS:

@@ -169,11 +169,13 @@ def drop_rate_text(survival_prob: Any) -> str:
 RATE_NAMES = ("rate", "drop_rate", "drop_path_rate", "drop_prob")
 
 
-def rate_argument_error(name: str, key: str, value: Any) -> TypeError | None:
+def rate_argument_error(name: str, key: str, value: Any, *,
+                        takes_rate: bool) -> TypeError | None:
     """The one-line TypeError for a drop rate given to the wrapper ``name`` as the unknown
     keyword ``key`` (one of :data:`RATE_NAMES`): ``StochasticDepth`` takes the survival
-    probability, ``DropPath`` the rate as ``rate=``; None for any other keyword. Shared by
-    the Linen and NNX wrappers."""
+    probability, ``DropPath`` (``takes_rate``: it or a subclass of it, which refuses
+    ``survival_prob``) the rate as ``rate=``; None for any other keyword. Shared by the
+    Linen and NNX wrappers."""
     if key not in RATE_NAMES:
         return None
     rate, keep, each = _rate_text(value), drop_rate_text(value), ""
@@ -181,9 +183,9 @@ def rate_argument_error(name: str, key: str, value: Any) -> TypeError | None:
     if np.ndim(value) > 0:  # a whole schedule (its repr spans lines): one rate a module
         rate, keep, each = "r", "1 - r", " for each layer's rate r (one module a layer)"
         given = f"{key}= a schedule of {np.size(value)} rates"
-    if name == "DropPath":
-        return TypeError(f"DropPath takes the drop rate as rate=, not {key}=: "
-                         f"DropPath(branch, rate={rate}){each}.")
+    if takes_rate:
+        return TypeError(f"{name} takes the drop rate as rate=, not {key}=: "
+                         f"{name}(branch, rate={rate}){each}.")
     return TypeError(f"{name} takes survival_prob (the probability of keeping the branch), "
                      f"not a drop rate ({given}): {name}(branch, survival_prob={keep}), or "
                      f"DropPath(branch, rate={rate}) for drop path with timm's "

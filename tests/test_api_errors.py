@@ -127,6 +127,13 @@ def test_nnx_stochastic_depth_given_a_drop_rate_names_survival_prob():
     with pytest.raises(TypeError, match=r"DropPath takes the drop rate as rate=, not "
                                         r"drop_rate=: DropPath\(branch, rate=0.1\)"):
         nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), drop_rate=0.1)
+
+    class MyDrop(nnx_layers.DropPath):  # a user's subclass: DropPath's advice, which works
+        pass
+    with pytest.raises(TypeError, match=r"^MyDrop takes the drop rate as rate=, not "
+                                        r"drop_path_rate=: MyDrop\(branch, rate=0.2\)\.$"):
+        MyDrop(NnxDense(nnx.Rngs(0)), drop_path_rate=0.2)
+    MyDrop(NnxDense(nnx.Rngs(0)), rate=0.2)
     with pytest.raises(TypeError, match="unexpected keyword argument 'survivalprob'"):
         nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), survivalprob=0.9)
 
@@ -147,8 +154,14 @@ def test_linen_wrappers_given_a_drop_rate_by_another_name_say_what_to_write():
 
     class MyDrop(sdj.DropPath):  # a user's subclass, and a lifted one, are covered too
         pass
-    with pytest.raises(TypeError, match=r"^MyDrop takes survival_prob .*\(drop_prob=0.1\)"):
+    # DropPath's advice, not StochasticDepth's: MyDrop(branch, survival_prob=0.9) is refused.
+    with pytest.raises(TypeError, match=r"^MyDrop takes the drop rate as rate=, not "
+                                        r"drop_prob=: MyDrop\(branch, rate=0.1\)\.$"):
         MyDrop(Dense(parent=None), drop_prob=0.1)
+    MyDrop(Dense(parent=None), rate=0.1)  # what it says to write builds
+    with pytest.raises(TypeError, match=r"^CheckpointDropPath takes the drop rate as rate=, "
+                                        r"not drop_rate=: CheckpointDropPath\(branch, rate=0.2"):
+        nn.remat(sdj.DropPath)(Dense(parent=None), drop_rate=0.2)
     with pytest.raises(TypeError, match=r"takes survival_prob .*\(rate=0.3\)"):
         nn.remat(sdj.StochasticDepth)(Dense(parent=None), rate=0.3)
     with pytest.raises(TypeError, match="unexpected keyword argument 'survivalprob'"):

@@ -1075,6 +1075,45 @@ def test_output_never_goes_into_a_directory_the_run_manages(capsys, resnet, dire
     assert _files(workdir) == before
 
 
+def _case_insensitive_below(monkeypatch, root):
+    """Paths below ``root`` look files up as a case-insensitive file system does (macOS's,
+    Windows'): ``Checkpoints`` opens ``checkpoints``, and the name keeps the case typed."""
+    def folding(real):
+        def call(path, *args, **kwargs):
+            p = os.fspath(path)
+            if isinstance(p, str) and p.startswith(root + os.sep):
+                p = root + p[len(root):].lower()
+            return real(p, *args, **kwargs)
+        return call
+    for name in ("stat", "lstat", "access"):
+        monkeypatch.setattr(os, name, folding(getattr(os, name)))
+
+
+def test_output_check_goes_by_the_directory_not_its_spelling(tmp_path, monkeypatch):
+    """On a case-insensitive file system <workdir>/Checkpoints/mine.json passed the check of
+    the directories the run manages (its name compared as typed) and was written among the
+    checkpoints; <Workdir>/mine.json was refused as in 'another run' and <Workdir>/
+    Summary.json for that reason, not as the run's own file."""
+    root = str(tmp_path)
+    workdir = os.path.join(root, "run")
+    os.makedirs(os.path.join(workdir, "checkpoints", "4"))
+    open(os.path.join(workdir, "run.json"), "w").close()
+    _case_insensitive_below(monkeypatch, root)
+    for inside in ("Checkpoints", os.path.join("CHECKPOINTS", "4")):
+        path = os.path.join(workdir, inside, "mine.json")
+        with pytest.raises(errors.WorkdirError, match=r" is inside the run's checkpoints/,"):
+            evaluate_cli._check_output(path, workdir)
+    elsewhere = os.path.join(root, "Run")
+    evaluate_cli._check_output(os.path.join(elsewhere, "mine.json"), workdir)  # the run's
+    with pytest.raises(errors.WorkdirError, match=r"is the name of one of the run's own"):
+        evaluate_cli._check_output(os.path.join(elsewhere, "Summary.json"), workdir)
+    other = os.path.join(root, "other")
+    os.makedirs(other)
+    open(os.path.join(other, "run.json"), "w").close()
+    with pytest.raises(errors.WorkdirError, match=r"is in the workdir of another run"):
+        evaluate_cli._check_output(os.path.join(root, "Other", "mine.json"), workdir)
+
+
 def test_output_in_a_directory_this_user_cannot_write_is_refused_before_the_work(
         capsys, resnet, tmp_path, monkeypatch):
     """--output into a directory this user may not write in was found only once the

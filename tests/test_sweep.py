@@ -62,6 +62,24 @@ def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expecte
     assert not os.path.exists(tmp_path / "depth8_pL0.5")
 
 
+@pytest.mark.parametrize("model, config", [("vit", "cifar10_vit"),
+                                           ("convnext", "cifar10_convnext")])
+def test_a_sweep_switched_to_a_model_without_p_last_names_train_py(capsys, tmp_path, model,
+                                                                    config):
+    """--config.model.name=vit in a sweep was refused as not fitting cifar10's model block,
+    advising --config cifar10_vit: which the sweep refuses too. It names train.py now."""
+    line = one_line_error(capsys, sweep_cli.main,
+                          _sweep_argv(tmp_path, f"--config.model.name={model}"))
+    assert line == (
+        f"error: --config.model.name={model}: the sweep is over model.depth and p_L "
+        "(model.final_survival_prob) of the block-wise ResNets ['cifar_resnet', "
+        f"'wide_resnet'], and {model!r} has no p_L. Train it with train.py --config {config}, "
+        "its drop path set by --config.model.drop_path_rate.")
+    assert not os.path.exists(tmp_path / "depth8_pL0.5")
+    # What it says to write: train.py takes that config (its drop path rate included).
+    load_config(f"{config}:smoke", ["--config.model.drop_path_rate=0.1"])
+
+
 @pytest.mark.parametrize("script, flag, hint", [
     ("train", "--work_dir=/tmp/x", "; did you mean --workdir?"),
     ("sweep", "--p_last", "; did you mean --p-last?"),

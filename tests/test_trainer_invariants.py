@@ -3,8 +3,9 @@ every run still trains and every evaluation still repeats itself bit for bit: th
 evaluation's numbers do not depend on its batch size (padding masked, every block active,
 the running BatchNorm statistics), training updates those statistics, the epoch sums
 restart at an epoch's first step and give the epoch's means, the configured label smoothing
-reaches the loss, compact mode draws the gates of the state's step, and a non-finite loss
-is reported at the step it happened."""
+reaches the loss, compact mode draws the gates of the state's step, a non-finite loss is
+reported at the step it happened, the model gets the step's dropout and gate keys, and
+select_best_by='train' chooses among the evaluated epochs."""
 
 import os
 import sys
@@ -165,3 +166,72 @@ def test_dropout_keys_are_not_gate_keys_and_change_every_step():
     dropout = {bits(step_lib.dropout_key(keys, s)) for s in range(16)}
     assert len(dropout) == 16 and not gate & dropout
     assert bits(keys.gates) not in dropout and bits(keys.data) not in dropout
+
+
+def test_select_best_by_train_chooses_among_the_evaluated_epochs(tmp_path):
+    """select_best_by='train' with eval_every_epochs=2: every epoch has a training error, but
+    only the evaluated ones a test error. The best (summary, 'best' checkpoint) is the lowest
+    training error among those, with its test error, never an epoch no evaluation measured."""
+    from stochastic_depth_jax.training import loop, metrics
+
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(load_config("cifar10:smoke", TINY + [
+        "--config.select_best_by=train", "--config.eval_every_epochs=2",
+        "--config.num_epochs=3", "--config.lr_boundaries_epochs=()"]), workdir)
+    records = metrics.read_metrics(workdir)
+    evaluated = [r for r in records if "test_error" in r]
+    assert [r["epoch"] for r in evaluated] == [2, 3]
+    # The case at issue: a lower training error at epoch 1, which no evaluation measured.
+    assert records[0]["train_error"] < min(r["train_error"] for r in evaluated)
+    chosen = min(evaluated, key=lambda r: r["train_error"])
+    best = summary["best"]
+    assert (best["epoch"], best["step"], best["value"], best["test_error"]) == (
+        chosen["epoch"], chosen["step"], chosen["train_error"], chosen["test_error"])
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints_best"))
+             if n.isdigit()]
+    # The newest 'best' is the best; every one saved is of an evaluated epoch.
+    assert max(steps) == chosen["step"] and set(steps) <= {r["step"] for r in evaluated}
+
+
+def test_the_train_step_gives_the_model_the_steps_dropout_and_gate_keys():
+    """The train step's rngs: 'dropout' is dropout_key(keys, step), 'stochastic_depth' the
+    step's gate key. A step passing the gate key (or step 0's key) as 'dropout' still trains
+    and the dropout_key test above still passes: a model that records the bits of each
+    stream in its batch_stats tells."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+    from stochastic_depth_jax.training import state as state_lib
+    from stochastic_depth_jax.training import step as step_lib
+
+    class KeyRecorder(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            logits = nn.Conv(3, (1, 1), name="stem_conv")(x).mean((1, 2))
+            for stream in ("dropout", "stochastic_depth"):
+                bits = self.variable("batch_stats", stream, jnp.zeros, (4,), jnp.uint32)
+                if train:
+                    bits.value = jax.random.bits(self.make_rng(stream), (4,), jnp.uint32)
+            return logits
+
+    model, keys = KeyRecorder(), step_lib.StepKeys.from_seed(3)
+    mesh = distributed.make_mesh(jax.devices()[:1])
+    train_step = step_lib.make_train_step(
+        model, optax.sgd(0.1), keys=keys, mesh=mesh, batch_size=4, steps_per_epoch=2,
+        mean=np.zeros(3, np.float32), std=np.ones(3, np.float32), augment="none")
+    rng = np.random.default_rng(0)
+    split = data.put_on_devices(Split(rng.integers(0, 256, (8, 4, 4, 3), np.uint8),
+                                      rng.integers(0, 3, 8).astype(np.int32)), mesh)
+    state = state_lib.create_train_state(model, optax.sgd(0.1), (4, 4, 3), keys.init,
+                                         distributed.replicated(mesh))
+    x, params = np.zeros((1, 4, 4, 3), np.float32), jax.device_get(state.params)
+    for step in range(2):
+        state = train_step(state, split)  # donates the state
+        _, expected = model.apply(  # the same module's bits, given the keys it should get
+            {"params": params, "batch_stats": {}}, x, train=True, mutable=["batch_stats"],
+            rngs={"dropout": step_lib.dropout_key(keys, step),
+                  "stochastic_depth": jax.random.fold_in(keys.gates, step)})
+        got = jax.device_get(state.batch_stats)
+        for stream in ("dropout", "stochastic_depth"):
+            np.testing.assert_array_equal(got[stream], expected["batch_stats"][stream],
+                                          err_msg=f"{stream} at step {step}")

@@ -452,8 +452,9 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
                       images_per_s=timed_steps * c.batch_size / max(train_time, 1e-9))
         if run.compile_time:  # compact mode's programs first drawn in the epoch's steps
             record["compile_time_s"] = run.compile_time
-    if (epoch % c.eval_every_epochs == 0 or is_last or _evaluates_at(c, step)
-            or step in run.earlier_best):
+    evaluates = (epoch % c.eval_every_epochs == 0 or is_last or _evaluates_at(c, step)
+                 or step in run.earlier_best)
+    if evaluates:
         t0 = time.perf_counter()
         evaluated = _evaluate(run)
         record.update(evaluated)
@@ -464,7 +465,9 @@ def _end_of_epoch(run: _Run, epoch: int, train_time: float, timed_steps: int,
         run.eval_time += took
     if run.eval_time:  # This epoch's evaluations: mid-epoch (eval_every_steps) and its end.
         record["eval_time_s"] = run.eval_time
-    if _improves(run, record):
+    # Among the evaluated epochs only: select_best_by='train' has a training error at every
+    # epoch, and a best between evaluations (eval_every_epochs > 1) would have no test error.
+    if evaluates and _improves(run, record):
         _keep_best(run, record, label)
     run.writer.write(record)
     if progress.prints_epoch_lines(c.progress_bar):
