@@ -172,12 +172,19 @@ def _check_output(path: str | None, workdir: str) -> None:
 
 
 def _same_directory(a: str, b: str) -> bool:
-    """Whether ``a`` and ``b`` are one directory, by identity rather than by name: on a
-    case-insensitive file system (macOS's, Windows') ``Run/`` opens ``run/``."""
+    """Whether ``a`` and ``b`` are one directory, by identity as well as by name: on a
+    case-insensitive file system (macOS's, Windows') ``Run/`` opens ``run/``. The same
+    real path is one directory whatever the file ids say: some file systems (sshfs-win,
+    WebDAV and other network drives) give every file the id 0, which made every directory
+    the run's checkpoints/, or an id that changes between calls, which made the workdir
+    another run's."""
     try:
-        return os.path.samefile(a, b)
+        first, second = os.stat(a), os.stat(b)
     except OSError:
         return False
+    if os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b)):
+        return True
+    return bool(first.st_ino and second.st_ino) and os.path.samestat(first, second)
 
 
 def _run_dir_holding(directory: str, workdir: str) -> str | None:

@@ -444,9 +444,9 @@ class DropPath(StochasticDepth):
 
     def __post_init__(self) -> None:
         if not isinstance(self.survival_prob, (int, float)) or self.survival_prob != 1.0:
-            p = self.survival_prob
+            p, name = self.survival_prob, type(self).__name__  # a subclass's own name
             raise TypeError(
-                f"DropPath takes the drop rate by keyword, DropPath(branch, rate=...), but got "
+                f"{name} takes the drop rate by keyword, {name}(branch, rate=...), but got "
                 f"survival_prob={p!r} (its second positional argument): for a drop rate of "
                 f"{p!r} write rate={p!r}, for a survival probability of {p!r} "
                 f"rate={ops.drop_rate_text(p)}.")

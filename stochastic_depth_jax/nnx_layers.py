@@ -555,9 +555,9 @@ class DropPath(StochasticDepth):
     def __init__(self, branch: nnx.Module, rate: float = 0.0, *, mode: str = "sample",
                  scaling: str = "train", implementation: str = "skip", **kwargs: Any):
         if "survival_prob" in kwargs:  # Python said "got multiple values for argument"
-            rate = ops.drop_rate_text(kwargs["survival_prob"])
-            raise TypeError(f"DropPath takes the drop rate, not survival_prob: "
-                            f"DropPath(branch, rate={rate}), or "
+            rate, name = ops.drop_rate_text(kwargs["survival_prob"]), type(self).__name__
+            raise TypeError(f"{name} takes the drop rate, not survival_prob: "
+                            f"{name}(branch, rate={rate}), or "
                             f"StochasticDepth(branch, survival_prob=..., mode='sample', "
                             f"scaling='train').")
         rate = ops.check_drop_rate(rate)

@@ -159,6 +159,11 @@ def test_linen_wrappers_given_a_drop_rate_by_another_name_say_what_to_write():
                                         r"drop_prob=: MyDrop\(branch, rate=0.1\)\.$"):
         MyDrop(Dense(parent=None), drop_prob=0.1)
     MyDrop(Dense(parent=None), rate=0.1)  # what it says to write builds
+    # Its survival_prob too (was 'DropPath takes ...': DropPath would drop the subclass).
+    for given in ({"survival_prob": 0.9}, {}):
+        with pytest.raises(TypeError, match=r"^MyDrop takes the drop rate by keyword, "
+                                            r"MyDrop\(branch, rate=\.\.\.\), but got "):
+            MyDrop(Dense(parent=None), *([] if given else [0.9]), **given)
     with pytest.raises(TypeError, match=r"^CheckpointDropPath takes the drop rate as rate=, "
                                         r"not drop_rate=: CheckpointDropPath\(branch, rate=0.2"):
         nn.remat(sdj.DropPath)(Dense(parent=None), drop_rate=0.2)
@@ -197,6 +202,13 @@ def test_nnx_drop_path_given_a_survival_prob_names_rate():
     with pytest.raises(TypeError, match=r"DropPath takes the drop rate, not survival_prob: "
                                         r"DropPath\(branch, rate=0.1\)"):
         nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), survival_prob=0.9)
+
+    class MyDrop(nnx_layers.DropPath):  # a user's subclass: its own name, as for drop_rate=
+        pass
+    with pytest.raises(TypeError, match=r"^MyDrop takes the drop rate, not survival_prob: "
+                                        r"MyDrop\(branch, rate=0.1\), or "):
+        MyDrop(NnxDense(nnx.Rngs(0)), survival_prob=0.9)
+    MyDrop(NnxDense(nnx.Rngs(0)), rate=0.1)  # what it says to write builds
 
 
 def test_bad_model_dtype_is_a_clear_error():

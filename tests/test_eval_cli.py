@@ -2,6 +2,7 @@
 ``error:`` line, exit status 1, nothing written), the files they name, and what an export
 records. One ResNet run (made as a sweep run) and one ViT run serve every test."""
 
+import itertools
 import json
 import os
 import shutil
@@ -1112,6 +1113,48 @@ def test_output_check_goes_by_the_directory_not_its_spelling(tmp_path, monkeypat
     open(os.path.join(other, "run.json"), "w").close()
     with pytest.raises(errors.WorkdirError, match=r"is in the workdir of another run"):
         evaluate_cli._check_output(os.path.join(root, "Other", "mine.json"), workdir)
+
+
+def _file_ids_below(monkeypatch, root, ids):
+    """os.stat of the paths below ``root`` gives the file ids ``ids`` yields, as some file
+    systems do: sshfs-win, WebDAV and other network drives give every file the id 0, and
+    some an id that changes between calls."""
+    real = os.stat
+
+    def stat(path, *args, **kwargs):
+        result = real(path, *args, **kwargs)
+        p = os.fspath(path) if not isinstance(path, int) else None
+        if not (isinstance(p, str) and p.startswith(root + os.sep)):
+            return result
+        fields = list(result[:10])
+        fields[1] = next(ids)  # st_ino
+        return os.stat_result(fields)
+    monkeypatch.setattr(os, "stat", stat)
+
+
+@pytest.mark.parametrize("ids", ["zero", "changing"])
+def test_output_check_does_not_trust_file_ids_alone(tmp_path, monkeypatch, ids):
+    """Compared by file id alone, a file system that gives every directory the id 0 made
+    every --output (a new file in a fresh directory, in the workdir) 'inside the run's
+    checkpoints/'; one whose ids change between calls made the workdir another run's and
+    let a file into checkpoints/. The same real path is the same directory."""
+    root = str(tmp_path)
+    workdir, other, fresh = (os.path.join(root, n) for n in ("run", "other", "fresh"))
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    for d in (other, fresh):
+        os.makedirs(d)
+    for d in (workdir, other):
+        open(os.path.join(d, "run.json"), "w").close()
+    _file_ids_below(monkeypatch, root, itertools.repeat(0) if ids == "zero"
+                    else itertools.count(1))
+    evaluate_cli._check_output(os.path.join(fresh, "mine.json"), workdir)
+    evaluate_cli._check_output(os.path.join(workdir, "mine.json"), workdir)
+    with pytest.raises(errors.WorkdirError, match=r" is inside the run's checkpoints/,"):
+        evaluate_cli._check_output(os.path.join(workdir, "checkpoints", "mine.json"), workdir)
+    with pytest.raises(errors.WorkdirError, match=r"is the name of one of the run's own"):
+        evaluate_cli._check_output(os.path.join(workdir, "summary.json"), workdir)
+    with pytest.raises(errors.WorkdirError, match=r"is in the workdir of another run"):
+        evaluate_cli._check_output(os.path.join(other, "mine.json"), workdir)
 
 
 def test_output_in_a_directory_this_user_cannot_write_is_refused_before_the_work(
