@@ -140,18 +140,19 @@ _LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
     jax.__file__, os.path.dirname(nnx.__file__), np.__file__))
 
 
-def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
+def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, set[str]]]:
     """What a plain function branch reads from outside, each object with the attribute names
     the code holding it reads: the objects it closes over (closure cells, a
     ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
     names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
-    function made by another) are read in turn."""
-    if depth > 4:
+    function made by another) are read in turn: ``depth`` counts the user's functions, not
+    the wrappers of JAX and Flax (``nnx.remat`` stacks six), which ``hops`` bounds."""
+    if depth > 4 or hops > 32:
         return []
     if isinstance(fn, functools.partial):
         code = getattr(getattr(fn.func, "__func__", fn.func), "__code__", None)
         names = _code_names(code) if code is not None else set()
-        return (_function_parts(fn.func, depth + 1)
+        return (_function_parts(fn.func, depth + 1, hops + 1)
                 + [(a, names) for a in (*fn.args, *fn.keywords.values())])
     if not _is_function(fn):
         return [(fn, set())]  # a module or other object itself (partial(self.conv))
@@ -169,8 +170,8 @@ def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
         owner += [globals_[n] for n in names if n in globals_]
     parts = [(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]]
     for obj in inner:
-        if _is_function(obj):
-            parts += _function_parts(obj, depth + 1)
+        if _is_function(obj):  # a library's wrapper (no code read) is not a level of the user's
+            parts += _function_parts(obj, depth + (code is not None), hops + 1)
     return parts
 
 

@@ -389,11 +389,13 @@ def test_nnx_function_branch_with_a_frozen_batchnorm_trains_in_batch_mode(implem
     assert len({bool(ops.draw_gate(jax.random.key(s), 0.5)) for s in range(4)}) == 2
 
 
-@pytest.mark.parametrize("kind", ["partial", "checkpoint", "made_by_a_function"])
+@pytest.mark.parametrize("kind", ["partial", "checkpoint", "made_by_a_function", "nnx_remat",
+                                  "nnx_remat_of_the_module"])
 def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms(kind):
     """functools.partial(self.conv), jax.checkpoint(lambda v: self.conv(v)) and a function
     made by another closing over the layers got a zero gradient silently: only a function's
-    own closure was read."""
+    own closure was read. So did nnx.remat(lambda v: self.conv(v)) and nnx.remat(self.conv):
+    the six wrappers nnx.remat stacks hid the function beyond the depth read."""
     key = next(jax.random.key(s) for s in range(32)
                if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
 
@@ -402,6 +404,10 @@ def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms
             return functools.partial(conv)
         if kind == "checkpoint":
             return jax.checkpoint(lambda v: conv(v))
+        if kind == "nnx_remat":
+            return nnx.remat(lambda v: conv(v))
+        if kind == "nnx_remat_of_the_module":
+            return nnx.remat(conv)
         return (lambda f: (lambda v: jnp.tanh(f(v))))(lambda v: conv(v))
 
     class Block(nnx.Module):

@@ -435,16 +435,19 @@ def test_the_reroute_setting_is_per_thread_and_undone_after_an_exception(monkeyp
     assert layer.conv_general_dilated is lax.conv_general_dilated
 
 
+@pytest.mark.parametrize("remat", [False, True])
 @pytest.mark.parametrize("when", ["always", "never"])
-def test_nnx_function_branch_built_in_call_reroutes_the_convs_it_uses(when):
+def test_nnx_function_branch_built_in_call_reroutes_the_convs_it_uses(when, remat):
     """A function branch made inside the user's __call__ (so it sees nnx.jit's copy of the
-    layers) computed its convs with XLA's, slow inside the cond on the CPU, silently."""
+    layers) computed its convs with XLA's, slow inside the cond on the CPU, silently; so did
+    one wrapped in nnx.remat (its wrappers hid the function)."""
     class Block(nnx.Module):
         def __init__(self, rngs):
             self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
 
         def __call__(self, x, key):
-            sd = nnx_layers.StochasticDepth(lambda v: jnp.tanh(self.conv(v)), 0.5,
+            branch = lambda v: jnp.tanh(self.conv(v))  # noqa: E731
+            sd = nnx_layers.StochasticDepth(nnx.remat(branch) if remat else branch, 0.5,
                                             reroute_convs=when)
             return x + sd(x, rngs=key)
 
