@@ -250,10 +250,16 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
              and _trace_of(u) is not None and not _trace_of(u).is_valid()
              and _bakes_in_constants(u)]
     if stale:
+        # Frozen layers too: which state an nnx.grad filter leaves out cannot be told from
+        # here, and under nnx.jit their values are compiled in (a later load never reaches
+        # them).
         raise _needs_module_branch(
             sd, "state ({}) made outside the NNX transform it runs in (nnx.jit, nnx.grad, "
             "nnx.scan, ...), which copies the wrapper but not what the function closes over: "
-            "their gradients would be zero and their updates lost", stale)
+            "their gradients would be zero, their updates lost, and under nnx.jit their "
+            "values compiled in as constants (frozen layers too: weights loaded later would "
+            "not reach them)", stale, "; frozen layers as well, kept out of training by "
+            "nnx.grad's filter (argnums=nnx.DiffState(0, ...)) or the optimizer's wrt=")
     running = [u for u in used if batch_gate and not isinstance(u, nnx.Variable)
                and _updates_state(u)]
     if batch_gate and running:
@@ -264,14 +270,14 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     return [u for u in used if not isinstance(u, nnx.Variable)]
 
 
-def _needs_module_branch(sd: Any, problem: str, found: list[Any]) -> ValueError:
+def _needs_module_branch(sd: Any, problem: str, found: list[Any], also: str = "") -> ValueError:
     """The one line refusing a function branch over NNX state: ``problem`` (with ``{}``
-    for the kinds ``found``), and the fix."""
+    for the kinds ``found``), and the fix (``also`` appended to it)."""
     kinds = ", ".join(sorted({type(u).__name__ for u in found}))
     return ValueError(
         f"{type(sd).__name__}'s branch is a function that uses NNX {problem.format(kinds)}: "
         f"make the branch an nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or "
-        f"a small Module class).")
+        f"a small Module class){also}.")
 
 
 def _updates_state(module: Any) -> bool:
