@@ -300,11 +300,17 @@ def _refuse_unknown_arguments(name: str, unknown: Mapping[str, Any]) -> None:
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
 
 
+# nnx.merge reuses the state's Variables unless told copy=True: a state a transform does
+# not differentiate (jax.grad or jax.jacfwd of the input only) keeps those of the level
+# outside it, which the wrapper's nnx.cond cannot update either.
 _NNX_TRANSFORMS_FIX = (
-    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, ...) that "
-    "closes over NNX modules, whose state (key counters, parameters, BatchNorm statistics) "
-    "NNX cannot update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, "
-    "nnx.fori_loop), or nnx.split the model outside and nnx.merge it inside the function")
+    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...) "
+    "that closes over NNX modules, or merges a state it does not differentiate, whose "
+    "state (key counters, parameters, BatchNorm statistics) NNX cannot update from inside "
+    "it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, nnx.grad), or "
+    "nnx.split the model outside and nnx.merge it inside the function, with copy=True "
+    "where the transform does not differentiate the state (jax.grad or jax.jacfwd of the "
+    "input only)")
 
 
 class _TransformError(flax.errors.TraceContextError):
