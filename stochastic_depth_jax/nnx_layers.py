@@ -353,9 +353,9 @@ class StochasticDepth(nnx.Module):
       branch: the residual branch, called ``branch(x, *args, **kwargs)``: an ``nnx.Module``
         (its BatchNorm statistics update only when it runs) or a plain function. A function
         that uses NNX layers made outside the NNX transform the wrapper runs in (a lambda
-        over ``self.conv``, under ``nnx.jit`` / ``nnx.grad``) is refused, as is one using
-        BatchNorm in batch-mode training (not one with ``use_running_average=True``): hold
-        the layers in an ``nnx.Module`` branch.
+        over ``self.conv``, under ``nnx.jit`` / ``nnx.grad``, also in ``nnx.remat``; frozen
+        layers too) is refused, as is one using BatchNorm in batch-mode training (not one
+        with ``use_running_average=True``): hold the layers in an ``nnx.Module`` branch.
       survival_prob: p in (0, 1], the probability of *keeping* the branch (a float; 1 never
         draws a key); not timm's drop rate 1 - p (for that, :class:`DropPath`). A module
         attribute is static, so per-layer rates of a stack built with ``nnx.vmap`` are
