@@ -47,16 +47,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 import warnings
 from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
+import jaxlib
 from flax import nnx
 import jax.numpy as jnp
 from jax import lax
 
+from stochastic_depth_jax.kept_loop import _autodiff_modes  # forward or reverse
 from stochastic_depth_jax.ops import explicit_sharding, varying_axes
 
 __all__ = [
@@ -366,31 +370,86 @@ _LINEN = threading.local()
 # JAX's words (jax 0.10) when forward mode (jax.jvp, jax.jacfwd) reaches a custom_vjp
 # function, such as conv2d's gradient.
 _JVP_REFUSAL = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+_FORWARD_MODE_WAY_OUT = (
+    "build the wrapper with reroute_convs='never' (same parameters and numbers; README, "
+    "'Forward-mode autodiff')")
 FORWARD_MODE_FIX = (
     "forward-mode autodiff (jax.jvp, jax.jacfwd) cannot differentiate this wrapper's branch: "
     "on the CPU its stock convolutions run the library's CPU-friendly convolution, whose "
-    "gradient is a jax.custom_vjp; build the wrapper with reroute_convs='never' (same "
-    "parameters and numbers; README, 'Forward-mode autodiff')")
+    "gradient is a jax.custom_vjp; " + _FORWARD_MODE_WAY_OUT)
+# JAX's refusal raised from the user's own code (a custom_vjp of the branch's own, or one of
+# its own lax.cond / jax.checkpoint holding a rerouted convolution): either may be the cause.
+_FORWARD_MODE_FIX_OR_OWN = (
+    "forward-mode autodiff (jax.jvp, jax.jacfwd) cannot differentiate this wrapper's branch: "
+    "it reached a jax.custom_vjp, either one of the branch's own (which needs a "
+    "jax.custom_jvp instead) or the library's CPU-friendly convolution that the branch's "
+    "stock convolutions run on the CPU (" + _FORWARD_MODE_WAY_OUT + ")")
+# Where JAX, Flax and this library live: a refusal whose innermost frame outside them is
+# none of this library's was raised in the user's own code.
+_JAX_AND_FLAX = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                      for m in (jax, jaxlib, flax))
+_THIS_LIBRARY = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _count_rerouted() -> None:
     _LINEN.rerouted = getattr(_LINEN, "rerouted", 0) + 1
 
 
+def _refusal_message(error: BaseException) -> str:
+    """The line for JAX's refusal ``error`` of forward mode through a wrapper that rerouted a
+    convolution: :data:`FORWARD_MODE_FIX` when the refusal went through :func:`conv2d`
+    (JAX's traceback filtering keeps this library's frames) or was raised from this
+    library's code (the wrapper's ``lax.cond``) or Flax's (``nnx.Sequential``); one naming a
+    custom_vjp of the branch's own as well when it was raised from the user's code."""
+    tb, innermost = error.__traceback__, __file__  # the traceback starts in this module
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code is conv2d.__code__:
+            return FORWARD_MODE_FIX
+        if not os.path.abspath(code.co_filename).startswith(_JAX_AND_FLAX):
+            innermost = code.co_filename
+        tb = tb.tb_next
+    mine = os.path.abspath(innermost).startswith(_THIS_LIBRARY)
+    return FORWARD_MODE_FIX if mine else _FORWARD_MODE_FIX_OR_OWN
+
+
+def _forward_mode_innermost(args: tuple, kwargs: dict) -> bool:
+    """Whether forward mode (``jax.jvp``, ``jax.jacfwd``) is the innermost autodiff over the
+    call's arguments or its module's state (NNX variables, a bound Linen module's)."""
+    module, tree = (args[0] if args else None), (args[1:], kwargs)
+    if nnx.graph.is_graph_node(module):
+        tree = (tree, nnx.state(module))
+    elif isinstance(module, nn.Module) and module.scope is not None:
+        tree = (tree, module.variables)
+    modes = _autodiff_modes(tree)
+    return bool(modes) and modes[0] == "forward"
+
+
 def naming_forward_mode_fix(call: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorates a wrapper's ``__call__``: JAX's refusal of forward mode through a custom_vjp,
-    raised while it runs (an eager ``jax.jvp`` or ``jax.jacfwd``) after it rerouted a
-    convolution, becomes one line naming the fix (:data:`FORWARD_MODE_FIX`). A refusal
-    raised later, by a ``jit``'s compilation, is JAX's own (README says the fix)."""
+    """Decorates a wrapper's ``__call__`` that reroutes convolutions: forward mode through
+    them becomes one line naming the fix (:data:`FORWARD_MODE_FIX`).
+
+    Eagerly (``jax.jvp`` or ``jax.jacfwd`` of a function calling the wrapper), JAX refuses
+    the custom_vjp while the wrapper runs: the refusal is named as the convolution's, or as
+    the convolution's or one of the branch's own when raised from the user's code
+    (:func:`_refusal_message`), and left as JAX's when no convolution was rerouted. Under
+    ``jit`` (``jax.jit`` around the ``jax.jvp``) JAX would refuse only as it compiles,
+    outside the wrapper: the wrapper
+    raises the line as it is traced, when forward mode is the innermost autodiff over its
+    arguments or state and it rerouted a convolution. (``jax.jvp`` of a jitted function
+    traces the wrapper without forward mode: JAX's own words, README says the fix.)"""
     @functools.wraps(call)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         before = getattr(_LINEN, "rerouted", 0)
         try:
-            return call(*args, **kwargs)
+            out = call(*args, **kwargs)
         except TypeError as e:
             if not str(e).startswith(_JVP_REFUSAL) or getattr(_LINEN, "rerouted", 0) == before:
                 raise
-            raise TypeError(FORWARD_MODE_FIX) from None
+            raise TypeError(_refusal_message(e)) from None
+        if getattr(_LINEN, "rerouted", 0) != before and _forward_mode_innermost(args, kwargs):
+            raise TypeError(FORWARD_MODE_FIX)
+        return out
     return wrapped
 
 

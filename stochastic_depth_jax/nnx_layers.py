@@ -140,18 +140,19 @@ _LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
     jax.__file__, os.path.dirname(nnx.__file__), np.__file__))
 
 
-def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
+def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, set[str]]]:
     """What a plain function branch reads from outside, each object with the attribute names
     the code holding it reads: the objects it closes over (closure cells, a
     ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
     names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
-    function made by another) are read in turn."""
-    if depth > 4:
+    function made by another) are read in turn: ``depth`` counts the user's functions, not
+    the wrappers of JAX and Flax (``nnx.remat`` stacks six), which ``hops`` bounds."""
+    if depth > 4 or hops > 32:
         return []
     if isinstance(fn, functools.partial):
         code = getattr(getattr(fn.func, "__func__", fn.func), "__code__", None)
         names = _code_names(code) if code is not None else set()
-        return (_function_parts(fn.func, depth + 1)
+        return (_function_parts(fn.func, depth + 1, hops + 1)
                 + [(a, names) for a in (*fn.args, *fn.keywords.values())])
     if not _is_function(fn):
         return [(fn, set())]  # a module or other object itself (partial(self.conv))
@@ -169,8 +170,8 @@ def _function_parts(fn: Any, depth: int = 0) -> list[tuple[Any, set[str]]]:
         owner += [globals_[n] for n in names if n in globals_]
     parts = [(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]]
     for obj in inner:
-        if _is_function(obj):
-            parts += _function_parts(obj, depth + 1)
+        if _is_function(obj):  # a library's wrapper (no code read) is not a level of the user's
+            parts += _function_parts(obj, depth + (code is not None), hops + 1)
     return parts
 
 
@@ -249,10 +250,16 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
              and _trace_of(u) is not None and not _trace_of(u).is_valid()
              and _bakes_in_constants(u)]
     if stale:
+        # Frozen layers too: which state an nnx.grad filter leaves out cannot be told from
+        # here, and under nnx.jit their values are compiled in (a later load never reaches
+        # them).
         raise _needs_module_branch(
             sd, "state ({}) made outside the NNX transform it runs in (nnx.jit, nnx.grad, "
             "nnx.scan, ...), which copies the wrapper but not what the function closes over: "
-            "their gradients would be zero and their updates lost", stale)
+            "their gradients would be zero, their updates lost, and under nnx.jit their "
+            "values compiled in as constants (frozen layers too: weights loaded later would "
+            "not reach them)", stale, "; frozen layers as well, kept out of training by "
+            "nnx.grad's filter (argnums=nnx.DiffState(0, ...)) or the optimizer's wrt=")
     running = [u for u in used if batch_gate and not isinstance(u, nnx.Variable)
                and _updates_state(u)]
     if batch_gate and running:
@@ -263,14 +270,14 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     return [u for u in used if not isinstance(u, nnx.Variable)]
 
 
-def _needs_module_branch(sd: Any, problem: str, found: list[Any]) -> ValueError:
+def _needs_module_branch(sd: Any, problem: str, found: list[Any], also: str = "") -> ValueError:
     """The one line refusing a function branch over NNX state: ``problem`` (with ``{}``
-    for the kinds ``found``), and the fix."""
+    for the kinds ``found``), and the fix (``also`` appended to it)."""
     kinds = ", ".join(sorted({type(u).__name__ for u in found}))
     return ValueError(
         f"{type(sd).__name__}'s branch is a function that uses NNX {problem.format(kinds)}: "
         f"make the branch an nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or "
-        f"a small Module class).")
+        f"a small Module class){also}.")
 
 
 def _updates_state(module: Any) -> bool:
@@ -294,11 +301,17 @@ def _refuse_unknown_arguments(module: nnx.Module, unknown: Mapping[str, Any]) ->
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
 
 
+# nnx.merge reuses the state's Variables unless told copy=True: a state a transform does
+# not differentiate (jax.grad or jax.jacfwd of the input only) keeps those of the level
+# outside it, which the wrapper's nnx.cond cannot update either.
 _NNX_TRANSFORMS_FIX = (
-    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, ...) that "
-    "closes over NNX modules, whose state (key counters, parameters, BatchNorm statistics) "
-    "NNX cannot update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, "
-    "nnx.fori_loop), or nnx.split the model outside and nnx.merge it inside the function")
+    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...) "
+    "that closes over NNX modules, or merges a state it does not differentiate, whose "
+    "state (key counters, parameters, BatchNorm statistics) NNX cannot update from inside "
+    "it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, nnx.grad), or "
+    "nnx.split the model outside and nnx.merge it inside the function, with copy=True "
+    "where the transform does not differentiate the state (jax.grad or jax.jacfwd of the "
+    "input only)")
 
 
 class _TransformError(flax.errors.TraceContextError):
@@ -341,9 +354,9 @@ class StochasticDepth(nnx.Module):
       branch: the residual branch, called ``branch(x, *args, **kwargs)``: an ``nnx.Module``
         (its BatchNorm statistics update only when it runs) or a plain function. A function
         that uses NNX layers made outside the NNX transform the wrapper runs in (a lambda
-        over ``self.conv``, under ``nnx.jit`` / ``nnx.grad``) is refused, as is one using
-        BatchNorm in batch-mode training (not one with ``use_running_average=True``): hold
-        the layers in an ``nnx.Module`` branch.
+        over ``self.conv``, under ``nnx.jit`` / ``nnx.grad``, also in ``nnx.remat``; frozen
+        layers too) is refused, as is one using BatchNorm in batch-mode training (not one
+        with ``use_running_average=True``): hold the layers in an ``nnx.Module`` branch.
       survival_prob: p in (0, 1], the probability of *keeping* the branch (a float; 1 never
         draws a key); not timm's drop rate 1 - p (for that, :class:`DropPath`). A module
         attribute is static, so per-layer rates of a stack built with ``nnx.vmap`` are

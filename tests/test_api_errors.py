@@ -883,3 +883,27 @@ def test_nnx_wrapper_in_a_plain_lax_scan_over_a_closed_over_model_names_nnx_scan
     # What updates nothing (an evaluation) still runs there, as before.
     model.eval()
     assert run(model, jnp.stack([X[:, 0]] * 3), keys).shape == ()
+
+
+def test_nnx_wrapper_merged_from_a_state_not_differentiated_names_merge_with_copy():
+    # jax.grad / jax.jacfwd of the input only, the model merged inside from a state they do
+    # not differentiate: nnx.merge reuses the state's Variables, the wrapper's nnx.cond
+    # cannot write its branch back into them, and the line named "nnx.merge it inside the
+    # function", which is what was done. It names copy=True now, which runs.
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+    graphdef, state = nnx.split(nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5))
+
+    def loss(copy):
+        return lambda s, x: jnp.sum(nnx.merge(graphdef, s, copy=copy)(x, rngs=key) ** 2)
+
+    for transform in (jax.grad, jax.jacfwd):
+        with pytest.raises(flax.errors.TraceContextError,
+                           match=r"^StochasticDepth ran inside a JAX transform .*jax.grad, "
+                                 r".*nnx.merge it inside the function, with copy=True where"):
+            transform(loss(False), argnums=1)(state, X)
+    got = jax.grad(loss(True), argnums=1)(state, X)
+    model = nnx.merge(graphdef, state)
+    want = nnx.grad(lambda m, x: jnp.sum(m(x, rngs=key) ** 2), argnums=1)(model, X)
+    assert float(jnp.abs(want).sum()) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -389,11 +389,13 @@ def test_nnx_function_branch_with_a_frozen_batchnorm_trains_in_batch_mode(implem
     assert len({bool(ops.draw_gate(jax.random.key(s), 0.5)) for s in range(4)}) == 2
 
 
-@pytest.mark.parametrize("kind", ["partial", "checkpoint", "made_by_a_function"])
+@pytest.mark.parametrize("kind", ["partial", "checkpoint", "made_by_a_function", "nnx_remat",
+                                  "nnx_remat_of_the_module"])
 def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms(kind):
     """functools.partial(self.conv), jax.checkpoint(lambda v: self.conv(v)) and a function
     made by another closing over the layers got a zero gradient silently: only a function's
-    own closure was read."""
+    own closure was read. So did nnx.remat(lambda v: self.conv(v)) and nnx.remat(self.conv):
+    the six wrappers nnx.remat stacks hid the function beyond the depth read."""
     key = next(jax.random.key(s) for s in range(32)
                if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
 
@@ -402,6 +404,10 @@ def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms
             return functools.partial(conv)
         if kind == "checkpoint":
             return jax.checkpoint(lambda v: conv(v))
+        if kind == "nnx_remat":
+            return nnx.remat(lambda v: conv(v))
+        if kind == "nnx_remat_of_the_module":
+            return nnx.remat(conv)
         return (lambda f: (lambda v: jnp.tanh(f(v))))(lambda v: conv(v))
 
     class Block(nnx.Module):
@@ -419,3 +425,49 @@ def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms
         step(Block(nnx.Rngs(0), False))
     # Built in __call__ (the layers nnx.jit passes in): runs, with a non-zero gradient.
     assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("frozen", ["diff_state", "variable"])
+def test_nnx_function_branch_over_a_frozen_outside_layer_names_the_module_fix(frozen):
+    """A frozen pretrained layer closed over by a function branch (left out by nnx.grad's
+    DiffState, or held as nnx.Variable) was refused with "gradients would be zero", which
+    reads as wrong for it. It is still refused (nnx.jit compiles its values in: weights
+    loaded after the first step never reach it, and which state a filter leaves out cannot
+    be told); the line now says so and names the fix for frozen layers, which works."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Model(nnx.Module):
+        def __init__(self, rngs, function):
+            self.backbone = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            if frozen == "variable":
+                self.backbone.kernel = nnx.Variable(self.backbone.kernel[...])
+                self.backbone.bias = nnx.Variable(self.backbone.bias[...])
+            self.head = nnx.Conv(3, 3, (1, 1), rngs=rngs)
+            # The fix: the frozen layer itself as the branch (shared with self.backbone).
+            branch = (lambda v: self.backbone(v)) if function else self.backbone
+            self.sd = nnx_layers.StochasticDepth(branch, 0.5)
+
+        def __call__(self, x):
+            return self.head(x + self.sd(x, rngs=key))
+
+    trained = nnx.All(nnx.Param, nnx.PathContains("head"))
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2), argnums=nnx.DiffState(0, trained)))
+    with pytest.raises(ValueError, match=r"^StochasticDepth's branch .* \(Conv\) made outside.*"
+                                         r"frozen layers too: weights loaded later would not "
+                                         r"reach them.*frozen layers as well, kept out of "
+                                         r"training by nnx.grad's filter \(argnums=nnx.DiffState"):
+        step(Model(nnx.Rngs(0), True))
+    model = Model(nnx.Rngs(0), False)
+    grads = step(model)
+    assert set(grads) == {"head"}
+    model.backbone.kernel[...] = 3 * model.backbone.kernel[...]  # "pretrained", loaded late
+    loaded = nnx.Conv(3, 3, (3, 3), rngs=nnx.Rngs(0))
+    loaded.kernel[...] = model.backbone.kernel[...]
+    loaded.bias[...] = model.backbone.bias[...]
+
+    def want(head):
+        return jnp.sum(head(X + loaded(X)) ** 2)
+
+    np.testing.assert_allclose(step(model)["head"]["kernel"][...],
+                               nnx.grad(want)(model.head)["kernel"][...], rtol=1e-5)

@@ -435,16 +435,19 @@ def test_the_reroute_setting_is_per_thread_and_undone_after_an_exception(monkeyp
     assert layer.conv_general_dilated is lax.conv_general_dilated
 
 
+@pytest.mark.parametrize("remat", [False, True])
 @pytest.mark.parametrize("when", ["always", "never"])
-def test_nnx_function_branch_built_in_call_reroutes_the_convs_it_uses(when):
+def test_nnx_function_branch_built_in_call_reroutes_the_convs_it_uses(when, remat):
     """A function branch made inside the user's __call__ (so it sees nnx.jit's copy of the
-    layers) computed its convs with XLA's, slow inside the cond on the CPU, silently."""
+    layers) computed its convs with XLA's, slow inside the cond on the CPU, silently; so did
+    one wrapped in nnx.remat (its wrappers hid the function)."""
     class Block(nnx.Module):
         def __init__(self, rngs):
             self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
 
         def __call__(self, x, key):
-            sd = nnx_layers.StochasticDepth(lambda v: jnp.tanh(self.conv(v)), 0.5,
+            branch = lambda v: jnp.tanh(self.conv(v))  # noqa: E731
+            sd = nnx_layers.StochasticDepth(nnx.remat(branch) if remat else branch, 0.5,
                                             reroute_convs=when)
             return x + sd(x, rngs=key)
 
@@ -513,3 +516,97 @@ def test_eager_forward_mode_through_a_rerouted_branch_names_the_fix():
     with pytest.raises(TypeError, match="^can't apply forward-mode autodiff"):
         jax.jvp(lambda x: mine.apply({}, x, deterministic=False, gate=jnp.bool_(True)),
                 (x,), (jnp.ones_like(x),))
+
+
+def test_forward_mode_under_jit_through_a_rerouted_branch_names_the_fix():
+    """jax.jit around jax.jvp / jax.jacfwd through a rerouted branch got JAX's "can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function" as it compiled (the eager case
+    already had the line naming reroute_convs='never'); now the wrapper says it as it is
+    traced (Linen, and NNX differentiated in its input or its parameters only), while
+    forward over reverse (jax.hessian, jvp of grad) under jit still runs rerouted."""
+    from stochastic_depth_jax.conv import FORWARD_MODE_FIX
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
+    branch = nn.Sequential([nn.Conv(2, (3, 3)), jnp.tanh], parent=None)
+    hessians = []
+    for when in ("always", "never"):
+        wrapped = StochasticDepth(branch, 0.5, reroute_convs=when)
+        v = wrapped.init(jax.random.key(1), x, deterministic=True)
+
+        def f(x):
+            return jnp.sum(wrapped.apply(v, x, deterministic=False, gate=jnp.bool_(True)))
+
+        forwards = (jax.jit(lambda x: jax.jvp(f, (x,), (jnp.ones_like(x),))[1]),
+                    jax.jit(jax.jacfwd(f)))
+        for forward in forwards:
+            if when == "never":
+                assert np.all(np.isfinite(forward(x)))
+                continue
+            with pytest.raises(TypeError) as info:
+                forward(x)
+            assert str(info.value) == FORWARD_MODE_FIX
+        hvp = jax.jit(lambda x: jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1])(x)
+        hessians.append((hvp, jax.jit(jax.hessian(f))(x)))
+    for rerouted, stock in zip(*hessians):
+        assert float(jnp.abs(stock).max()) > 0
+        np.testing.assert_allclose(rerouted, stock, rtol=1e-4, atol=1e-5)
+    for when in ("always", "never"):
+        layer = nnx_layers.StochasticDepth(nnx.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0)), 0.5,
+                                           rngs=nnx.Rngs(1), reroute_convs=when)
+        graphdef, state, rest = nnx.split(layer, nnx.Param, ...)
+        g = lambda s, x: jnp.sum(nnx.merge(graphdef, s, rest)(x, deterministic=False,  # noqa
+                                                              gate=jnp.bool_(True)))
+        ones = jax.tree.map(jnp.ones_like, state)
+        forwards = (jax.jit(lambda s, x: jax.jvp(g, (s, x), (ones, jnp.ones_like(x)))[1]),
+                    jax.jit(lambda s, x: jax.jvp(lambda s: g(s, x), (s,), (ones,))[1]))
+        for forward in forwards:
+            if when == "never":
+                assert np.isfinite(forward(state, x))
+                continue
+            with pytest.raises(TypeError, match="^forward-mode autodiff .* reroute_convs='never'"):
+                forward(state, x)
+
+
+def test_forward_mode_refused_in_the_branchs_own_custom_vjp_names_it_too():
+    """A branch with a custom_vjp of its own as well as a rerouted conv was told only
+    reroute_convs='never' when JAX refused the branch's own custom_vjp, which that leaves:
+    a refusal raised from the branch's code now names both; one raised in the rerouted
+    convolution names it alone (Linen and NNX, eagerly)."""
+    from stochastic_depth_jax.conv import FORWARD_MODE_FIX
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
+
+    @jax.custom_vjp
+    def own(v):
+        return jnp.tanh(v)
+
+    own.defvjp(lambda v: (jnp.tanh(v), v), lambda v, ct: (ct / jnp.cosh(v) ** 2,))
+
+    class Linen(nn.Module):
+        own_first: bool
+
+        @nn.compact
+        def __call__(self, v):
+            return nn.Conv(2, (3, 3))(own(v)) if self.own_first else own(nn.Conv(2, (3, 3))(v))
+
+    for own_first in (True, False):
+        wrapped = StochasticDepth(Linen(own_first, parent=None), 0.5, implementation="mask",
+                                  reroute_convs="always")
+        v = wrapped.init(jax.random.key(1), x, deterministic=True)
+        conv = nnx.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0))
+        layer = nnx_layers.StochasticDepth(
+            (lambda u: conv(own(u))) if own_first else (lambda u: own(conv(u))), 0.5,
+            implementation="mask", reroute_convs="always")
+        calls = {"linen": lambda x: wrapped.apply(v, x, deterministic=False,
+                                                  gate=jnp.bool_(True)),
+                 "nnx": lambda x: layer(x, deterministic=False, gate=jnp.bool_(True))}
+        for kind, call in calls.items():
+            with pytest.raises(TypeError) as info:
+                jax.jvp(lambda x: jnp.sum(call(x)), (x,), (jnp.ones_like(x),))
+            said = str(info.value)
+            if not own_first:
+                assert said == FORWARD_MODE_FIX
+            elif kind == "linen":
+                # Linen counts a conv rerouted as it runs, after the refusal here: JAX's words.
+                assert said.startswith("can't apply forward-mode autodiff (jvp) to a custom_vjp")
+            else:  # NNX reroutes the branch's convs as it enters it
+                assert "either one of the branch's own (which needs a jax.custom_jvp" in said
+                assert "reroute_convs='never'" in said and "\n" not in said
