@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import sys
 import types
 import warnings
 
@@ -539,3 +540,65 @@ def test_fig_7_legend_counts_its_nan_markers(tmp_path, monkeypatch):
     (two, legend_two), (three, legend_three) = sizes
     assert len(legend_two.get_texts()) == 4 and len(legend_three.get_texts()) == 6
     assert three[0] == two[0] + 3  # widened for the legend beside the axes
+
+
+class _BadBackendImport:
+    """Importing matplotlib.figure fails as ``MPLBACKEND=bogus`` makes matplotlib's import
+    fail: a ValueError, not an ImportError."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib.figure":
+            raise ValueError("Key backend: 'bogus' is not a valid value for backend; "
+                             "supported values are ['agg', 'pdf']")
+        return None
+
+
+def _matplotlib_fails(monkeypatch, how):
+    """matplotlib.figure's import fails ``how``: 'missing' (an ImportError) or 'backend'
+    (a ValueError, ``MPLBACKEND`` naming no backend)."""
+    if how == "missing":
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+        return "; install it (pip install matplotlib)"
+    monkeypatch.setenv("MPLBACKEND", "bogus")
+    monkeypatch.delitem(sys.modules, "matplotlib.figure", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BadBackendImport(), *sys.meta_path])
+    return "; unset MPLBACKEND or set it to a backend matplotlib lists"
+
+
+@pytest.mark.parametrize("how", ["missing", "backend"])
+def test_a_matplotlib_failing_on_import_leaves_a_sweeps_table_and_names_its_fix(
+        monkeypatch, tmp_path, how):
+    """``MPLBACKEND=bogus`` makes importing matplotlib raise a ValueError, which the check
+    for a missing matplotlib let through: a sweep ended, its runs trained, in a traceback,
+    its table and the figures' paths unwritten (and a depth curve refused with one)."""
+    from stochastic_depth_jax.training import sweep
+
+    fix = _matplotlib_fails(monkeypatch, how)
+    problem = plots.matplotlib_problem()
+    assert problem.startswith("matplotlib cannot be imported (ModuleNotFoundError" if
+                              how == "missing" else "matplotlib fails on import (ValueError: "
+                              "Key backend: 'bogus' is not a valid value")
+    assert fix in problem and "\n" not in problem
+    run = {"name": "depth8_pL1", "workdir": str(tmp_path / "depth8_pL1"), "depth": 8,
+           "p_last": 1.0, "finished": True, "test_error": 0.9, "records": [{"epoch": 1}]}
+    with pytest.warns(logs.RunWarning) as caught:
+        outputs = sweep.write_figures([run], str(tmp_path / "figures"), report=None)
+    [message] = [str(w.message) for w in caught]
+    assert f"not drawn: {problem}, then " in message
+    assert outputs == {"training_time": str(tmp_path / "figures" / "training_time.md")}
+
+
+@pytest.mark.parametrize("how", ["missing", "backend"])
+def test_curves_that_matplotlib_cannot_draw_are_one_warning_naming_the_fix(
+        monkeypatch, tmp_path, how):
+    """A run without matplotlib (or with a wrong MPLBACKEND) warned with the bare error of
+    its import, not saying what to do about it."""
+    fix = _matplotlib_fails(monkeypatch, how)
+    run = types.SimpleNamespace(config=load_config("cifar10:smoke"), workdir=str(tmp_path),
+                                best=None, plotted_at=None, title=None, plot_failed=False)
+    with pytest.warns(logs.RunWarning) as caught:
+        loop._draw_plots(run, force=True)
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith(f"Could not draw error.png/loss.png in {tmp_path}: matplotlib ")
+    assert fix in message and "; training goes on (the numbers are in metrics.jsonl" in message
+    assert run.plot_failed and not os.listdir(tmp_path)

@@ -258,9 +258,13 @@ def _draw_plots(run: _Run, force: bool) -> None:
                           validation=_validation_records(run))
     except Exception as e:  # noqa: BLE001  A picture must not end a run: said once.
         if not run.plot_failed:
+            # A matplotlib that cannot be imported is named with its fix (install it, or
+            # unset a wrong MPLBACKEND), not as the bare error of its import.
+            problem = plots.matplotlib_problem()
+            why = f": {problem};" if problem else f" ({type(e).__name__}: {e});"
             warnings.warn(
-                f"Could not draw error.png/loss.png in {run.workdir} ({type(e).__name__}: "
-                f"{e}); training goes on (the numbers are in metrics.jsonl"
+                f"Could not draw error.png/loss.png in {run.workdir}{why} training goes on "
+                "(the numbers are in metrics.jsonl"
                 + (" and tensorboard/" if run.config.write_tensorboard else "") + "); "
                 "--config.write_plots=false turns the drawing off.", logs.RunWarning)
         run.plot_failed = True  # Said once; tried again at the next drawing.

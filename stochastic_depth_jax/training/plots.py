@@ -36,7 +36,10 @@ def figure_title(fig: Any, title: str) -> None:
 
 
 def matplotlib_problem() -> str | None:
-    """Why matplotlib cannot draw here (``'matplotlib cannot be imported (...)'``), or None.
+    """Why matplotlib cannot draw here, with its fix, or None: ``'matplotlib cannot be
+    imported (ModuleNotFoundError: ...); install it (pip install matplotlib)'``, or, where
+    importing it fails otherwise (``MPLBACKEND`` naming no backend raises a ValueError),
+    ``'matplotlib fails on import (ValueError: ...); unset MPLBACKEND or ...'``.
 
     Checked before work whose product includes a figure, so that a missing matplotlib is
     said in one line, not as a traceback after the work (a depth curve's minutes, a
@@ -45,7 +48,13 @@ def matplotlib_problem() -> str | None:
     try:
         importlib.import_module("matplotlib.figure")
     except ImportError as e:
-        return f"matplotlib cannot be imported ({type(e).__name__}: {e})"
+        return (f"matplotlib cannot be imported ({type(e).__name__}: {e}); install it (pip "
+                "install matplotlib)")
+    except Exception as e:  # noqa: BLE001  anything else its import raises: not a traceback
+        fix = ("unset MPLBACKEND or set it to a backend matplotlib lists (the figures are "
+               "drawn with Agg whatever it names)" if os.environ.get("MPLBACKEND") else
+               "reinstall it (pip install --force-reinstall matplotlib)")
+        return f"matplotlib fails on import ({type(e).__name__}: {e}); {fix}"
     return None
 
 

@@ -881,8 +881,7 @@ def _table_only(runs: Sequence[dict[str, Any]], out_dir: str, problem: str,
     table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
     warnings.warn(
         f"fig8_error_vs_p_last.png, fig7_first_conv_grad.png and fig3_error_curves.png not "
-        f"drawn: {problem}; install it (pip install matplotlib), then "
-        f"{_redraw(runs, out_dir)} draws them.", logs.RunWarning)
+        f"drawn: {problem}, then {_redraw(runs, out_dir)} draws them.", logs.RunWarning)
     if report is not None:
         report(_drawn_line(table, runs, {}))
     return {"training_time": table}
