@@ -602,3 +602,20 @@ def test_curves_that_matplotlib_cannot_draw_are_one_warning_naming_the_fix(
     assert message.startswith(f"Could not draw error.png/loss.png in {tmp_path}: matplotlib ")
     assert fix in message and "; training goes on (the numbers are in metrics.jsonl" in message
     assert run.plot_failed and not os.listdir(tmp_path)
+
+
+def test_mid_epoch_evaluations_of_an_earlier_session_stay_on_the_curves(monkeypatch, tmp_path):
+    """A run resumed without eval_every_steps drew no validation.jsonl record: the earlier
+    sessions' mid-epoch evaluations left the validation curve, their best's star alone."""
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves", lambda records, out, **kw: drawn.append(kw))
+    validation = [{"step": 3, "epoch": 0.75, "val_error": 0.5},
+                  {"step": 4, "epoch": 1, "val_error": 0.6}]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validation))
+    config = load_config("cifar10:smoke", ["--config.eval_every_steps=0"])
+    run = types.SimpleNamespace(config=config, workdir=str(tmp_path), plotted_at=None,
+                                best={"metric": "val_error", "value": 0.5, "epoch": 0.75,
+                                      "step": 3}, title=None, plot_failed=False)
+    loop._draw_plots(run, force=True)
+    [kwargs] = drawn
+    assert kwargs["validation"] == validation

@@ -271,9 +271,10 @@ def _draw_plots(run: _Run, force: bool) -> None:
 
 
 def _validation_records(run: _Run) -> list[dict[str, Any]]:
-    """validation.jsonl's records where this run evaluates every ``eval_every_steps``."""
-    if not run.config.get("eval_every_steps", 0):
-        return []
+    """validation.jsonl's records ([] where no session evaluated every ``eval_every_steps``):
+    also where this session does not, as an earlier one's mid-epoch evaluations (and a best
+    among them, starred) stay on the curves. The file is rewritten to the restored step at
+    every start where it exists (:func:`_validation_writer`), so none is of a lost run."""
     return metrics_lib.read_metrics(run.workdir, metrics_lib.VALIDATION_FILE)
 
 
