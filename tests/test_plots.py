@@ -619,3 +619,28 @@ def test_mid_epoch_evaluations_of_an_earlier_session_stay_on_the_curves(monkeypa
     loop._draw_plots(run, force=True)
     [kwargs] = drawn
     assert kwargs["validation"] == validation
+
+
+def test_fig_3_legend_beside_the_axes_leaves_the_training_loss_axis_readable(
+        monkeypatch, tmp_path):
+    """A sweep of the paper's ten p_L values draws ten runs in Fig. 3: the legend, put
+    beside the axes, covered the right axis (training loss) with its tick labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from stochastic_depth_jax.training import figures
+
+    saved = []
+    save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda fig, *a, **k: (saved.append(fig), save(fig, *a, **k))[1])
+    runs = [{"name": f"depth110_pL{p / 10:g}", "depth": 110, "p_last": p / 10,
+             "workdir": str(tmp_path), "records": [
+                 {"epoch": e, "test_error": 0.3 - 0.01 * e, "train_loss": 1.5 - 0.1 * e * p}
+                 for e in (1, 2, 3)]} for p in range(1, 11)]
+    figures.plot_error_curves(runs, str(tmp_path / "fig3.png"))
+    [fig] = saved
+    error_ax, loss_ax = fig.axes
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = error_ax.get_legend().get_window_extent(renderer)
+    assert loss_ax.get_tightbbox(renderer).x1 < legend.x0  # past the loss axis's labels
+    assert legend.x1 <= fig.bbox.x1  # and in the figure
