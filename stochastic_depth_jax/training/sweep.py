@@ -909,10 +909,13 @@ def _extra(drawn: Sequence[dict[str, Any]], left_out: dict[str, str],
 
 def _grid(runs: Sequence[dict[str, Any]]) -> str:
     """The runs as the grid a reader knows them by: ``depths 8, 14 x p_L 0.5, 1`` (depths
-    sharing their p_L values together), not one name per run."""
+    sharing their p_L values together), not one name per run. A point with several runs
+    (of several series: another seed trained into the root) is named once: ``p_L 0.5,
+    0.5, 1, 1`` read as a grid of four values."""
     p_lasts: dict[int, list[float]] = {}
     for r in sorted(runs, key=lambda r: (r["depth"], r["p_last"])):
-        p_lasts.setdefault(r["depth"], []).append(r["p_last"])
+        if r["p_last"] not in (ps := p_lasts.setdefault(r["depth"], [])):
+            ps.append(r["p_last"])
     rows: dict[tuple[float, ...], list[int]] = {}
     for depth, ps in p_lasts.items():
         rows.setdefault(tuple(ps), []).append(depth)
