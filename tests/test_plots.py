@@ -644,3 +644,31 @@ def test_fig_3_legend_beside_the_axes_leaves_the_training_loss_axis_readable(
     legend = error_ax.get_legend().get_window_extent(renderer)
     assert loss_ax.get_tightbbox(renderer).x1 < legend.x0  # past the loss axis's labels
     assert legend.x1 <= fig.bbox.x1  # and in the figure
+
+
+def test_figures_are_drawn_without_latex_whatever_the_matplotlibrc_says(monkeypatch, tmp_path):
+    """Under a matplotlibrc's 'text.usetex: True' every text went to LaTeX, where the
+    labels' '_' and '%' are errors (without LaTeX, each drawing failed): a sweep ended in
+    a traceback, its table unwritten, and a run's curves were never drawn."""
+    import matplotlib.figure
+    from matplotlib.text import Text
+
+    from stochastic_depth_jax.training import figures
+
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
+    texts = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def saved(fig, *args, **kwargs):
+        result = savefig(fig, *args, **kwargs)
+        texts.extend(fig.findobj(Text))  # tick labels included: made as it is saved
+        return result
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saved)
+    plots.plot_curves(_records([0.1, 0.01]), str(tmp_path), title="cifar10, 100% of it")
+    run = {"name": "depth8_pL1", "depth": 8, "p_last": 1.0, "workdir": str(tmp_path),
+           "records": _records([0.1, 0.01]), "finished": True, "test_error": 0.5}
+    figures.plot_error_curves([run], str(tmp_path / "fig3.png"))
+    figures.plot_error_vs_p_last([run], str(tmp_path / "fig8.png"))
+    assert len(texts) > 20 and not any(t.get_usetex() for t in texts)
+    assert matplotlib.rcParams["text.usetex"]  # the session's own setting, left as it was

@@ -25,9 +25,9 @@ from typing import Any, Iterable, Sequence
 
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
-from stochastic_depth_jax.training.plots import (epoch_axis, figure_title, is_number,
-                                                 mark_non_finite, new_figure, non_finite,
-                                                 per_epoch)
+from stochastic_depth_jax.training.plots import (drawn_as_ours, epoch_axis, figure_title,
+                                                 is_number, mark_non_finite, new_figure,
+                                                 non_finite, per_epoch)
 
 __all__ = [
     "save_figure",
@@ -118,6 +118,7 @@ def read_sources(png_path: str) -> list[str]:
         return json.loads(image.text["Source"])
 
 
+@drawn_as_ours
 def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Sequence[str],
                      title: str = "", sidecar: dict[str, Any] | None = None,
                      chosen_on: str | None = None) -> tuple[str, str]:
@@ -196,6 +197,7 @@ def _legend(fig: Any, ax: Any, right_axis: Any = None) -> None:
 _LEGEND_INSIDE = 5  # lines whose legend fits inside the axes
 
 
+@drawn_as_ours
 def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
                          metric: str = "test_error", subtitle: str = "",
                          ylabel: str = "", extra: dict[str, Any] | None = None,
@@ -282,6 +284,7 @@ def _epochs(lines: Iterable[Sequence[tuple[Any, float]]]) -> list[float]:
     return [epoch for points in lines for epoch, _ in points]
 
 
+@drawn_as_ours
 def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
                          key: str = "grad_first_conv_mean_abs", subtitle: str = "",
                          extra: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -328,6 +331,7 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
                        "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)", extra)
 
 
+@drawn_as_ours
 def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str = "",
                       extra: dict[str, Any] | None = None) -> tuple[str, str]:
     """Fig. 3: test error (solid, left axis) and training loss (dashed, right axis) per
