@@ -814,6 +814,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     problem = plots.matplotlib_problem()
     if problem is not None:  # The table needs no drawing: written, the figures named.
         return _table_only(runs, out_dir, problem, report)
+    # First: a drawing that fails (a bug, an odd matplotlib) must not cost the table.
+    table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
     select = {r["config"].get("select_best_by") for r in drawn8 if "config" in r}
     fig8, _ = figures.plot_error_vs_p_last(
         drawn8, os.path.join(out_dir, "fig8_error_vs_p_last.png"),
@@ -829,7 +831,6 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     fig3, _ = figures.plot_error_curves(
         drawn7, os.path.join(out_dir, "fig3_error_curves.png"),
         subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
-    table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
     if report is not None:
         for path, left in ((fig8, left8), (fig7, left7), (fig3, left7), (table, {})):
             report(_drawn_line(path, runs, left))
