@@ -672,3 +672,24 @@ def test_figures_are_drawn_without_latex_whatever_the_matplotlibrc_says(monkeypa
     figures.plot_error_vs_p_last([run], str(tmp_path / "fig8.png"))
     assert len(texts) > 20 and not any(t.get_usetex() for t in texts)
     assert matplotlib.rcParams["text.usetex"]  # the session's own setting, left as it was
+
+
+def test_a_diverged_run_draws_its_curves_up_to_the_divergence(monkeypatch, tmp_path):
+    """Drawn at most every PLOT_EVERY_S, the curves of a run that diverged stopped where they
+    were last drawn: epochs before the divergence (dozens on a fast GPU) were missing."""
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves",
+                        lambda records, out, **kw: drawn.append([r["epoch"] for r in records]))
+    train_epoch = loop._train_epoch
+
+    def diverging(run, compiled, epoch, end):
+        if epoch == 3:
+            raise loop._diverged("Non-finite training loss (a test's)", run.step + 1, epoch)
+        return train_epoch(run, compiled, epoch, end)
+
+    monkeypatch.setattr(loop, "_train_epoch", diverging)
+    config = load_config("cifar10:smoke", ["--config.num_epochs=3", "--config.progress_bar=false",
+                                           "--config.write_tensorboard=false"])
+    with pytest.raises(loop.NonFiniteLossError):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert drawn == [[1], [1, 2]]  # after the first epoch, then at the divergence

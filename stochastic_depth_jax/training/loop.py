@@ -1096,15 +1096,21 @@ def _train(run: _Run) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = _compile_train_step(run) if run.step < total else None
     compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
-    while run.step < total:
-        epoch = run.step // spe + 1
-        end = min(epoch * spe, total)
-        timed = end - run.step  # Fewer than the epoch's steps where it resumes mid-epoch.
-        epoch_time = _train_epoch(run, compiled, epoch, end)
-        train_time += epoch_time
-        record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
-        if end < total:
-            _stop_if_requested(run, end)
+    try:
+        while run.step < total:
+            epoch = run.step // spe + 1
+            end = min(epoch * spe, total)
+            timed = end - run.step  # Fewer than the epoch's steps where it resumes mid-epoch.
+            epoch_time = _train_epoch(run, compiled, epoch, end)
+            train_time += epoch_time
+            record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
+            if end < total:
+                _stop_if_requested(run, end)
+    except NonFiniteLossError:
+        # The run ends here: its curves show every epoch before it, not those drawn up to
+        # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs).
+        _draw_plots(run, force=True)
+        raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.
         _supersede_best(run, beyond, f"they lie after this run's end (step {run.step})")
