@@ -18,9 +18,9 @@ from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["CURVE_FILES", "augment_label", "curve_title", "curves_figure", "epoch_axis",
-           "drawn_as_ours", "figure_title", "is_number", "mark_non_finite", "matplotlib_problem", "new_figure",
-           "non_finite", "per_epoch", "plot_curves", "run_title"]
+__all__ = ["CURVE_FILES", "augment_label", "curve_title", "curves_figure", "drawn_as_ours",
+           "epoch_axis", "figure_title", "is_number", "mark_non_finite", "matplotlib_problem",
+           "new_figure", "non_finite", "per_epoch", "plot_curves", "run_title"]
 
 # The curves plot_curves writes in a workdir.
 CURVE_FILES = ("error.png", "loss.png")
