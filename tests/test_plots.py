@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import sys
 import types
 import warnings
 
@@ -539,3 +540,156 @@ def test_fig_7_legend_counts_its_nan_markers(tmp_path, monkeypatch):
     (two, legend_two), (three, legend_three) = sizes
     assert len(legend_two.get_texts()) == 4 and len(legend_three.get_texts()) == 6
     assert three[0] == two[0] + 3  # widened for the legend beside the axes
+
+
+class _BadBackendImport:
+    """Importing matplotlib.figure fails as ``MPLBACKEND=bogus`` makes matplotlib's import
+    fail: a ValueError, not an ImportError."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib.figure":
+            raise ValueError("Key backend: 'bogus' is not a valid value for backend; "
+                             "supported values are ['agg', 'pdf']")
+        return None
+
+
+def _matplotlib_fails(monkeypatch, how):
+    """matplotlib.figure's import fails ``how``: 'missing' (an ImportError) or 'backend'
+    (a ValueError, ``MPLBACKEND`` naming no backend)."""
+    if how == "missing":
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+        return "; install it (pip install matplotlib)"
+    monkeypatch.setenv("MPLBACKEND", "bogus")
+    monkeypatch.delitem(sys.modules, "matplotlib.figure", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BadBackendImport(), *sys.meta_path])
+    return "; unset MPLBACKEND or set it to a backend matplotlib lists"
+
+
+@pytest.mark.parametrize("how", ["missing", "backend"])
+def test_a_matplotlib_failing_on_import_leaves_a_sweeps_table_and_names_its_fix(
+        monkeypatch, tmp_path, how):
+    """``MPLBACKEND=bogus`` makes importing matplotlib raise a ValueError, which the check
+    for a missing matplotlib let through: a sweep ended, its runs trained, in a traceback,
+    its table and the figures' paths unwritten (and a depth curve refused with one)."""
+    from stochastic_depth_jax.training import sweep
+
+    fix = _matplotlib_fails(monkeypatch, how)
+    problem = plots.matplotlib_problem()
+    assert problem.startswith("matplotlib cannot be imported (ModuleNotFoundError" if
+                              how == "missing" else "matplotlib fails on import (ValueError: "
+                              "Key backend: 'bogus' is not a valid value")
+    assert fix in problem and "\n" not in problem
+    run = {"name": "depth8_pL1", "workdir": str(tmp_path / "depth8_pL1"), "depth": 8,
+           "p_last": 1.0, "finished": True, "test_error": 0.9, "records": [{"epoch": 1}]}
+    with pytest.warns(logs.RunWarning) as caught:
+        outputs = sweep.write_figures([run], str(tmp_path / "figures"), report=None)
+    [message] = [str(w.message) for w in caught]
+    assert f"not drawn: {problem}, then " in message
+    assert outputs == {"training_time": str(tmp_path / "figures" / "training_time.md")}
+
+
+@pytest.mark.parametrize("how", ["missing", "backend"])
+def test_curves_that_matplotlib_cannot_draw_are_one_warning_naming_the_fix(
+        monkeypatch, tmp_path, how):
+    """A run without matplotlib (or with a wrong MPLBACKEND) warned with the bare error of
+    its import, not saying what to do about it."""
+    fix = _matplotlib_fails(monkeypatch, how)
+    run = types.SimpleNamespace(config=load_config("cifar10:smoke"), workdir=str(tmp_path),
+                                best=None, plotted_at=None, title=None, plot_failed=False)
+    with pytest.warns(logs.RunWarning) as caught:
+        loop._draw_plots(run, force=True)
+    [message] = [str(w.message) for w in caught]
+    assert message.startswith(f"Could not draw error.png/loss.png in {tmp_path}: matplotlib ")
+    assert fix in message and "; training goes on (the numbers are in metrics.jsonl" in message
+    assert run.plot_failed and not os.listdir(tmp_path)
+
+
+def test_mid_epoch_evaluations_of_an_earlier_session_stay_on_the_curves(monkeypatch, tmp_path):
+    """A run resumed without eval_every_steps drew no validation.jsonl record: the earlier
+    sessions' mid-epoch evaluations left the validation curve, their best's star alone."""
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves", lambda records, out, **kw: drawn.append(kw))
+    validation = [{"step": 3, "epoch": 0.75, "val_error": 0.5},
+                  {"step": 4, "epoch": 1, "val_error": 0.6}]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validation))
+    config = load_config("cifar10:smoke", ["--config.eval_every_steps=0"])
+    run = types.SimpleNamespace(config=config, workdir=str(tmp_path), plotted_at=None,
+                                best={"metric": "val_error", "value": 0.5, "epoch": 0.75,
+                                      "step": 3}, title=None, plot_failed=False)
+    loop._draw_plots(run, force=True)
+    [kwargs] = drawn
+    assert kwargs["validation"] == validation
+
+
+def test_fig_3_legend_beside_the_axes_leaves_the_training_loss_axis_readable(
+        monkeypatch, tmp_path):
+    """A sweep of the paper's ten p_L values draws ten runs in Fig. 3: the legend, put
+    beside the axes, covered the right axis (training loss) with its tick labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from stochastic_depth_jax.training import figures
+
+    saved = []
+    save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda fig, *a, **k: (saved.append(fig), save(fig, *a, **k))[1])
+    runs = [{"name": f"depth110_pL{p / 10:g}", "depth": 110, "p_last": p / 10,
+             "workdir": str(tmp_path), "records": [
+                 {"epoch": e, "test_error": 0.3 - 0.01 * e, "train_loss": 1.5 - 0.1 * e * p}
+                 for e in (1, 2, 3)]} for p in range(1, 11)]
+    figures.plot_error_curves(runs, str(tmp_path / "fig3.png"))
+    [fig] = saved
+    error_ax, loss_ax = fig.axes
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = error_ax.get_legend().get_window_extent(renderer)
+    assert loss_ax.get_tightbbox(renderer).x1 < legend.x0  # past the loss axis's labels
+    assert legend.x1 <= fig.bbox.x1  # and in the figure
+
+
+def test_figures_are_drawn_without_latex_whatever_the_matplotlibrc_says(monkeypatch, tmp_path):
+    """Under a matplotlibrc's 'text.usetex: True' every text went to LaTeX, where the
+    labels' '_' and '%' are errors (without LaTeX, each drawing failed): a sweep ended in
+    a traceback, its table unwritten, and a run's curves were never drawn."""
+    import matplotlib.figure
+    from matplotlib.text import Text
+
+    from stochastic_depth_jax.training import figures
+
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
+    texts = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def saved(fig, *args, **kwargs):
+        result = savefig(fig, *args, **kwargs)
+        texts.extend(fig.findobj(Text))  # tick labels included: made as it is saved
+        return result
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saved)
+    plots.plot_curves(_records([0.1, 0.01]), str(tmp_path), title="cifar10, 100% of it")
+    run = {"name": "depth8_pL1", "depth": 8, "p_last": 1.0, "workdir": str(tmp_path),
+           "records": _records([0.1, 0.01]), "finished": True, "test_error": 0.5}
+    figures.plot_error_curves([run], str(tmp_path / "fig3.png"))
+    figures.plot_error_vs_p_last([run], str(tmp_path / "fig8.png"))
+    assert len(texts) > 20 and not any(t.get_usetex() for t in texts)
+    assert matplotlib.rcParams["text.usetex"]  # the session's own setting, left as it was
+
+
+def test_a_diverged_run_draws_its_curves_up_to_the_divergence(monkeypatch, tmp_path):
+    """Drawn at most every PLOT_EVERY_S, the curves of a run that diverged stopped where they
+    were last drawn: epochs before the divergence (dozens on a fast GPU) were missing."""
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves",
+                        lambda records, out, **kw: drawn.append([r["epoch"] for r in records]))
+    train_epoch = loop._train_epoch
+
+    def diverging(run, compiled, epoch, end):
+        if epoch == 3:
+            raise loop._diverged("Non-finite training loss (a test's)", run.step + 1, epoch)
+        return train_epoch(run, compiled, epoch, end)
+
+    monkeypatch.setattr(loop, "_train_epoch", diverging)
+    config = load_config("cifar10:smoke", ["--config.num_epochs=3", "--config.progress_bar=false",
+                                           "--config.write_tensorboard=false"])
+    with pytest.raises(loop.NonFiniteLossError):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert drawn == [[1], [1, 2]]  # after the first epoch, then at the divergence

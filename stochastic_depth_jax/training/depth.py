@@ -231,12 +231,13 @@ def _require_matplotlib(order: str) -> None:
     traceback.
 
     Raises:
-      errors.Error: matplotlib cannot be imported; one line naming the fix.
+      errors.Error: matplotlib cannot be imported (:func:`plots.matplotlib_problem`); one
+        line naming the fix.
     """
     problem = plots.matplotlib_problem()
     if problem is not None:
-        what = f"draws depth_curve_{order}.png, but {problem}; install it (pip install " \
-               "matplotlib) and run again. Nothing was computed."
+        what = f"draws depth_curve_{order}.png, but {problem} and run again. Nothing was " \
+               "computed."
         raise errors.Error(f"depth_curve_run {what}", command_line=f"--depth-curve {what}")
 
 

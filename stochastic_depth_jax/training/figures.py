@@ -25,9 +25,9 @@ from typing import Any, Iterable, Sequence
 
 from stochastic_depth_jax.training import metrics as metrics_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
-from stochastic_depth_jax.training.plots import (epoch_axis, figure_title, is_number,
-                                                 mark_non_finite, new_figure, non_finite,
-                                                 per_epoch)
+from stochastic_depth_jax.training.plots import (drawn_as_ours, epoch_axis, figure_title,
+                                                 is_number, mark_non_finite, new_figure,
+                                                 non_finite, per_epoch)
 
 __all__ = [
     "save_figure",
@@ -118,6 +118,7 @@ def read_sources(png_path: str) -> list[str]:
         return json.loads(image.text["Source"])
 
 
+@drawn_as_ours
 def plot_depth_curve(points: Sequence[dict[str, Any]], path: str, sources: Sequence[str],
                      title: str = "", sidecar: dict[str, Any] | None = None,
                      chosen_on: str | None = None) -> tuple[str, str]:
@@ -168,20 +169,35 @@ def _title(ax: Any, title: str, subtitle: str, note: str = "") -> None:
                  fontsize=9)
 
 
-def _legend(fig: Any, ax: Any) -> None:
+def _legend(fig: Any, ax: Any, right_axis: Any = None) -> None:
     """The legend inside the axes for a few entries (the labelled lines, NaN markers
-    included); beside them (the figure widened) for more, where it would hide the lines."""
+    included); beside them (the figure widened) for more, where it would hide the lines:
+    past ``right_axis``'s tick labels and label (a twin axis on the right, Fig. 3's), which
+    it covered."""
     if len(ax.get_legend_handles_labels()[1]) <= _LEGEND_INSIDE:
         ax.legend(fontsize=8)
         return
     width, height = fig.get_size_inches()
     fig.set_size_inches(width + 3, height)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    transform = ax.transAxes
+    if right_axis is not None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.transforms import offset_copy
+
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        # Pixels from the axes' right edge to the end of its labels: fixed by their text,
+        # whatever width the layout gives the axes.
+        past = (right_axis.get_tightbbox(renderer).x1
+                - right_axis.get_window_extent(renderer).x1)
+        transform = offset_copy(ax.transAxes, fig=fig, x=past * 72 / fig.dpi, units="points")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), bbox_transform=transform,
+              borderaxespad=0)
 
 
 _LEGEND_INSIDE = 5  # lines whose legend fits inside the axes
 
 
+@drawn_as_ours
 def plot_error_vs_p_last(runs: Sequence[dict[str, Any]], path: str,
                          metric: str = "test_error", subtitle: str = "",
                          ylabel: str = "", extra: dict[str, Any] | None = None,
@@ -268,6 +284,7 @@ def _epochs(lines: Iterable[Sequence[tuple[Any, float]]]) -> list[float]:
     return [epoch for points in lines for epoch, _ in points]
 
 
+@drawn_as_ours
 def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
                          key: str = "grad_first_conv_mean_abs", subtitle: str = "",
                          extra: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -314,6 +331,7 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
                        "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)", extra)
 
 
+@drawn_as_ours
 def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str = "",
                       extra: dict[str, Any] | None = None) -> tuple[str, str]:
     """Fig. 3: test error (solid, left axis) and training loss (dashed, right axis) per
@@ -343,7 +361,7 @@ def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str =
     _title(ax, "Test error and training loss per epoch (cf. Huang et al. 2016, Fig. 3)",
            subtitle)
     if data:  # No run has an epoch yet: an empty legend only warns.
-        _legend(fig, ax)
+        _legend(fig, ax, right_axis=loss_ax)
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        "test error and training loss per epoch (Huang et al. 2016, Fig. 3)",

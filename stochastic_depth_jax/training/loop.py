@@ -258,18 +258,23 @@ def _draw_plots(run: _Run, force: bool) -> None:
                           validation=_validation_records(run))
     except Exception as e:  # noqa: BLE001  A picture must not end a run: said once.
         if not run.plot_failed:
+            # A matplotlib that cannot be imported is named with its fix (install it, or
+            # unset a wrong MPLBACKEND), not as the bare error of its import.
+            problem = plots.matplotlib_problem()
+            why = f": {problem};" if problem else f" ({type(e).__name__}: {e});"
             warnings.warn(
-                f"Could not draw error.png/loss.png in {run.workdir} ({type(e).__name__}: "
-                f"{e}); training goes on (the numbers are in metrics.jsonl"
+                f"Could not draw error.png/loss.png in {run.workdir}{why} training goes on "
+                "(the numbers are in metrics.jsonl"
                 + (" and tensorboard/" if run.config.write_tensorboard else "") + "); "
                 "--config.write_plots=false turns the drawing off.", logs.RunWarning)
         run.plot_failed = True  # Said once; tried again at the next drawing.
 
 
 def _validation_records(run: _Run) -> list[dict[str, Any]]:
-    """validation.jsonl's records where this run evaluates every ``eval_every_steps``."""
-    if not run.config.get("eval_every_steps", 0):
-        return []
+    """validation.jsonl's records ([] where no session evaluated every ``eval_every_steps``):
+    also where this session does not, as an earlier one's mid-epoch evaluations (and a best
+    among them, starred) stay on the curves. The file is rewritten to the restored step at
+    every start where it exists (:func:`_validation_writer`), so none is of a lost run."""
     return metrics_lib.read_metrics(run.workdir, metrics_lib.VALIDATION_FILE)
 
 
@@ -1091,15 +1096,21 @@ def _train(run: _Run) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = _compile_train_step(run) if run.step < total else None
     compile_time, train_time, record = time.perf_counter() - t0, 0.0, None
-    while run.step < total:
-        epoch = run.step // spe + 1
-        end = min(epoch * spe, total)
-        timed = end - run.step  # Fewer than the epoch's steps where it resumes mid-epoch.
-        epoch_time = _train_epoch(run, compiled, epoch, end)
-        train_time += epoch_time
-        record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
-        if end < total:
-            _stop_if_requested(run, end)
+    try:
+        while run.step < total:
+            epoch = run.step // spe + 1
+            end = min(epoch * spe, total)
+            timed = end - run.step  # Fewer than the epoch's steps where it resumes mid-epoch.
+            epoch_time = _train_epoch(run, compiled, epoch, end)
+            train_time += epoch_time
+            record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
+            if end < total:
+                _stop_if_requested(run, end)
+    except NonFiniteLossError:
+        # The run ends here: its curves show every epoch before it, not those drawn up to
+        # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs).
+        _draw_plots(run, force=True)
+        raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.
         _supersede_best(run, beyond, f"they lie after this run's end (step {run.step})")

@@ -1,24 +1,26 @@
 """PNG plots of the error and loss curves from ``metrics.jsonl`` (matplotlib, Agg).
 
 Figures are made outside pyplot (:func:`new_figure`), so drawing them from a notebook or
-any session leaves its matplotlib backend and open figures as they were."""
+any session leaves its matplotlib backend and open figures as they were; they are drawn
+without LaTeX whatever a matplotlibrc says (:func:`drawn_as_ours`)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 import os
 import textwrap
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from stochastic_depth_jax import data as data_lib
 from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
-__all__ = ["CURVE_FILES", "augment_label", "curve_title", "curves_figure", "epoch_axis",
-           "figure_title", "is_number", "mark_non_finite", "matplotlib_problem", "new_figure",
-           "non_finite", "per_epoch", "plot_curves", "run_title"]
+__all__ = ["CURVE_FILES", "augment_label", "curve_title", "curves_figure", "drawn_as_ours",
+           "epoch_axis", "figure_title", "is_number", "mark_non_finite", "matplotlib_problem",
+           "new_figure", "non_finite", "per_epoch", "plot_curves", "run_title"]
 
 # The curves plot_curves writes in a workdir.
 CURVE_FILES = ("error.png", "loss.png")
@@ -36,7 +38,10 @@ def figure_title(fig: Any, title: str) -> None:
 
 
 def matplotlib_problem() -> str | None:
-    """Why matplotlib cannot draw here (``'matplotlib cannot be imported (...)'``), or None.
+    """Why matplotlib cannot draw here, with its fix, or None: ``'matplotlib cannot be
+    imported (ModuleNotFoundError: ...); install it (pip install matplotlib)'``, or, where
+    importing it fails otherwise (``MPLBACKEND`` naming no backend raises a ValueError),
+    ``'matplotlib fails on import (ValueError: ...); unset MPLBACKEND or ...'``.
 
     Checked before work whose product includes a figure, so that a missing matplotlib is
     said in one line, not as a traceback after the work (a depth curve's minutes, a
@@ -45,7 +50,13 @@ def matplotlib_problem() -> str | None:
     try:
         importlib.import_module("matplotlib.figure")
     except ImportError as e:
-        return f"matplotlib cannot be imported ({type(e).__name__}: {e})"
+        return (f"matplotlib cannot be imported ({type(e).__name__}: {e}); install it (pip "
+                "install matplotlib)")
+    except Exception as e:  # noqa: BLE001  anything else its import raises: not a traceback
+        fix = ("unset MPLBACKEND or set it to a backend matplotlib lists (the figures are "
+               "drawn with Agg whatever it names)" if os.environ.get("MPLBACKEND") else
+               "reinstall it (pip install --force-reinstall matplotlib)")
+        return f"matplotlib fails on import ({type(e).__name__}: {e}); {fix}"
     return None
 
 
@@ -56,6 +67,26 @@ def new_figure(figsize: tuple[float, float]) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize)
+
+
+# rcParams our figures are drawn with whatever a matplotlibrc says: under a user's
+# 'text.usetex: True' every text went through LaTeX, where the labels' '_' and '%' are
+# errors (and without LaTeX installed each drawing failed), so no figure was ever written.
+_OUR_RC = {"text.usetex": False}
+
+
+def drawn_as_ours(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """``draw`` (a function that makes and saves a figure) run under :data:`_OUR_RC`, and
+    nothing else of the session's matplotlib settings changed. Texts read ``text.usetex``
+    as they are made, tick labels as the figure is saved: both happen inside."""
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context(_OUR_RC):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def run_title(config: Any) -> str:
@@ -334,6 +365,7 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     return fig
 
 
+@drawn_as_ours
 def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | None = None,
                 best: dict[str, Any] | None = None, lr_drops: bool = False,
                 validation: Sequence[dict[str, Any]] = ()) -> list[str]:

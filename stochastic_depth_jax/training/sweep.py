@@ -814,6 +814,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     problem = plots.matplotlib_problem()
     if problem is not None:  # The table needs no drawing: written, the figures named.
         return _table_only(runs, out_dir, problem, report)
+    # First: a drawing that fails (a bug, an odd matplotlib) must not cost the table.
+    table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
     select = {r["config"].get("select_best_by") for r in drawn8 if "config" in r}
     fig8, _ = figures.plot_error_vs_p_last(
         drawn8, os.path.join(out_dir, "fig8_error_vs_p_last.png"),
@@ -829,7 +831,6 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     fig3, _ = figures.plot_error_curves(
         drawn7, os.path.join(out_dir, "fig3_error_curves.png"),
         subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
-    table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
     if report is not None:
         for path, left in ((fig8, left8), (fig7, left7), (fig3, left7), (table, {})):
             report(_drawn_line(path, runs, left))
@@ -881,8 +882,7 @@ def _table_only(runs: Sequence[dict[str, Any]], out_dir: str, problem: str,
     table = _write_table(runs, os.path.join(out_dir, "training_time.md"))
     warnings.warn(
         f"fig8_error_vs_p_last.png, fig7_first_conv_grad.png and fig3_error_curves.png not "
-        f"drawn: {problem}; install it (pip install matplotlib), then "
-        f"{_redraw(runs, out_dir)} draws them.", logs.RunWarning)
+        f"drawn: {problem}, then {_redraw(runs, out_dir)} draws them.", logs.RunWarning)
     if report is not None:
         report(_drawn_line(table, runs, {}))
     return {"training_time": table}
@@ -910,10 +910,13 @@ def _extra(drawn: Sequence[dict[str, Any]], left_out: dict[str, str],
 
 def _grid(runs: Sequence[dict[str, Any]]) -> str:
     """The runs as the grid a reader knows them by: ``depths 8, 14 x p_L 0.5, 1`` (depths
-    sharing their p_L values together), not one name per run."""
+    sharing their p_L values together), not one name per run. A point with several runs
+    (of several series: another seed trained into the root) is named once: ``p_L 0.5,
+    0.5, 1, 1`` read as a grid of four values."""
     p_lasts: dict[int, list[float]] = {}
     for r in sorted(runs, key=lambda r: (r["depth"], r["p_last"])):
-        p_lasts.setdefault(r["depth"], []).append(r["p_last"])
+        if r["p_last"] not in (ps := p_lasts.setdefault(r["depth"], [])):
+            ps.append(r["p_last"])
     rows: dict[tuple[float, ...], list[int]] = {}
     for depth, ps in p_lasts.items():
         rows.setdefault(tuple(ps), []).append(depth)
