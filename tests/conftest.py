@@ -49,7 +49,7 @@ def pytest_xdist_auto_num_workers(config):
 # starts) run alone, `-n 0`, compilation cache warm, on a busy 2-core machine (2026-12-07).
 SLOWEST_FILES = (
     "test_train.py",  # 205
-    "test_benchmarks.py",
+    "test_benchmarks.py",  # 193
     "test_multihost_failures.py",  # 154
     "test_models.py",  # 88
     "test_readme.py",  # 69
