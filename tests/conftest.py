@@ -1,4 +1,5 @@
 """Test set-up: eight simulated CPU devices, made before JAX starts its backend."""
+import collections
 import contextlib
 import os
 
@@ -38,6 +39,50 @@ def pytest_xdist_auto_num_workers(config):
     memory = image_folder.available_memory()
     fit = MAX_WORKERS if memory is None else memory // WORKER_MEMORY
     return max(1, min(cores or 1, fit, MAX_WORKERS))
+
+
+# The test files that take longest, slowest first. Under pytest-xdist they are handed out
+# before the others, so that none starts late and runs alone while the other workers idle:
+# pytest-xdist's own order (most tests first) gave out test_readme.py's two tests (over a
+# minute of compiling) among the last, test_train.py's 19 (the longest file) past the middle. The
+# other files follow in that order. Beside each: its CPU seconds (user, with the commands it
+# starts) run alone, `-n 0`, compilation cache warm, on a busy 2-core machine (2026-12-07).
+SLOWEST_FILES = (
+    "test_train.py",  # 205
+    "test_benchmarks.py",  # 193
+    "test_multihost_failures.py",  # 154
+    "test_models.py",  # 88
+    "test_readme.py",  # 69
+    "test_kept_loop.py",  # 64
+    "test_x64.py",  # 60
+)
+
+
+def pytest_configure(config):
+    """pytest-xdist 3.8 and later hand test files out in the collection's order (that of
+    :func:`slowest_files_first`) with ``loadscopereorder`` off; earlier versions sort them by
+    test count whatever the order, and :data:`SLOWEST_FILES` only breaks ties."""
+    if config.getoption("dist", "no") == "loadfile" and hasattr(config.option,
+                                                                 "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    # Only in pytest-xdist's workers (`-n 0` keeps pytest's order), and not over the order
+    # asked for by --failed-first or --new-first.
+    if hasattr(config, "workerinput") and not (config.getoption("failedfirst", False)
+                                               or config.getoption("newfirst", False)):
+        items[:] = slowest_files_first(items)
+
+
+def slowest_files_first(items):
+    """``items`` (pytest's collected tests) reordered file by file: the files of
+    :data:`SLOWEST_FILES` first, in its order, then the others, most tests first. Each file's
+    tests stay together and in their order."""
+    counts = collections.Counter(item.path for item in items)
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    return sorted(items, key=lambda item: (rank.get(item.path.name, len(rank)),
+                                           -counts[item.path]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,8 @@
-"""How many worker processes the suite starts (``-n auto``: conftest's rule)."""
+"""How many worker processes the suite starts (``-n auto``: conftest's rule), and the order in
+which they are given the test files."""
 import os
+import pathlib
+import types
 
 import pytest
 
@@ -27,3 +30,32 @@ def test_one_worker_per_core_as_many_as_memory_holds(monkeypatch, cores, memory,
 def test_the_environment_variable_is_left_to_pytest_xdist(monkeypatch):
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "5")
     assert conftest.pytest_xdist_auto_num_workers(None) is None
+
+
+def test_the_slowest_files_go_first_each_files_tests_together_and_in_order():
+    slowest, slower = conftest.SLOWEST_FILES[:2]
+    tests = [("test_few.py", "a"), ("test_many.py", "a"), ("test_many.py", "b"),
+             (slower, "a"), (slowest, "a"), (slowest, "b")]
+    items = [types.SimpleNamespace(path=pathlib.Path("tests", name), name=test)
+             for name, test in tests]
+    assert [(item.path.name, item.name) for item in conftest.slowest_files_first(items)] == [
+        (slowest, "a"), (slowest, "b"), (slower, "a"), ("test_many.py", "a"),
+        ("test_many.py", "b"), ("test_few.py", "a")]
+
+
+def test_the_slowest_files_named_are_test_files():
+    here = os.path.dirname(os.path.abspath(__file__))
+    assert len(set(conftest.SLOWEST_FILES)) == len(conftest.SLOWEST_FILES) > 1
+    for name in conftest.SLOWEST_FILES:
+        assert name.startswith("test_") and os.path.isfile(os.path.join(here, name)), name
+
+
+@pytest.mark.parametrize("dist, reorder", [("loadfile", False), ("loadscope", True),
+                                           ("no", True)])
+def test_pytest_xdist_hands_out_test_files_in_that_order(dist, reorder):
+    # pytest-xdist (3.8 on) sorts them, most tests first, unless loadscopereorder is off.
+    option = types.SimpleNamespace(dist=dist, loadscopereorder=True)
+    config = types.SimpleNamespace(
+        option=option, getoption=lambda name, default=None: getattr(option, name, default))
+    conftest.pytest_configure(config)
+    assert option.loadscopereorder is reorder
