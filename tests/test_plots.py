@@ -271,7 +271,10 @@ def test_a_failing_drawing_never_costs_a_checkpoint_or_the_run(monkeypatch, tmp_
         else:
             summary = loop.train_and_evaluate(config, str(tmp_path))
     said = [str(w.message) for w in caught if "Could not draw" in str(w.message)]
-    assert len(said) == 1 and "(RuntimeError: drawing failed); training goes on" in said[0]
+    # A stop's drawing is the run's last: training does not go on after it.
+    assert len(said) == 1 and ("(RuntimeError: drawing failed); " + (
+        "training goes on" if when == "always" else "the numbers are in metrics.jsonl;")
+        in said[0])
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = checkpoint.Checkpoints(str(tmp_path), read_only=True).steps("latest")
     if when == "stop":
@@ -693,3 +696,28 @@ def test_a_diverged_run_draws_its_curves_up_to_the_divergence(monkeypatch, tmp_p
     with pytest.raises(loop.NonFiniteLossError):
         loop.train_and_evaluate(config, str(tmp_path))
     assert drawn == [[1], [1, 2]]  # after the first epoch, then at the divergence
+
+
+@pytest.mark.parametrize("how", ["raises", "missing"])
+def test_a_diverged_runs_failed_drawing_does_not_say_training_goes_on(
+        monkeypatch, tmp_path, how):
+    """A run that diverged in its first epoch, its drawing failing (matplotlib missing),
+    said 'training goes on' in the line before the one saying it stopped."""
+    if how == "missing":
+        _matplotlib_fails(monkeypatch, how)
+    else:
+        def broken(records, out_dir, **kwargs):
+            raise RuntimeError("drawing failed")
+
+        monkeypatch.setattr(plots, "plot_curves", broken)
+
+    def diverging(run, compiled, epoch, end):
+        raise loop._diverged("Non-finite training loss (a test's)", run.step + 1, epoch)
+
+    monkeypatch.setattr(loop, "_train_epoch", diverging)
+    config = load_config("cifar10:smoke", ["--config.progress_bar=false",
+                                           "--config.write_tensorboard=false"])
+    with pytest.warns(logs.RunWarning) as caught, pytest.raises(loop.NonFiniteLossError):
+        loop.train_and_evaluate(config, str(tmp_path))
+    [said] = [str(w.message) for w in caught if "Could not draw" in str(w.message)]
+    assert "training goes on" not in said and "; the numbers are in metrics.jsonl;" in said
