@@ -721,3 +721,25 @@ def test_a_diverged_runs_failed_drawing_does_not_say_training_goes_on(
         loop.train_and_evaluate(config, str(tmp_path))
     [said] = [str(w.message) for w in caught if "Could not draw" in str(w.message)]
     assert "training goes on" not in said and "; the numbers are in metrics.jsonl;" in said
+
+
+def test_figures_drawn_under_a_constrained_layout_matplotlibrc_do_not_warn(
+        monkeypatch, tmp_path):
+    """A matplotlibrc's 'figure.constrained_layout.use: True' made each drawing warn 'The
+    figure layout has changed to tight' (a run's first curves, each of a sweep's figures):
+    a warning its user could do nothing about."""
+    import matplotlib
+
+    from stochastic_depth_jax.training import figures
+
+    monkeypatch.setitem(matplotlib.rcParams, "figure.constrained_layout.use", True)
+    run = {"name": "depth8_pL1", "depth": 8, "p_last": 1.0, "workdir": str(tmp_path),
+           "records": _records([0.1, 0.01]), "finished": True, "test_error": 0.5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.plot_curves(_records([0.1, 0.01]), str(tmp_path), title="cifar10")
+        figures.plot_error_curves([run], str(tmp_path / "fig3.png"))
+        figures.plot_first_conv_grad([run], str(tmp_path / "fig7.png"))
+        figures.plot_error_vs_p_last([run], str(tmp_path / "fig8.png"))
+    assert [str(w.message) for w in caught] == []
+    assert matplotlib.rcParams["figure.constrained_layout.use"]  # the session's, as it was
