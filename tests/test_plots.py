@@ -271,7 +271,10 @@ def test_a_failing_drawing_never_costs_a_checkpoint_or_the_run(monkeypatch, tmp_
         else:
             summary = loop.train_and_evaluate(config, str(tmp_path))
     said = [str(w.message) for w in caught if "Could not draw" in str(w.message)]
-    assert len(said) == 1 and "(RuntimeError: drawing failed); training goes on" in said[0]
+    # A stop's drawing is the run's last: training does not go on after it.
+    assert len(said) == 1 and ("(RuntimeError: drawing failed); " + (
+        "training goes on" if when == "always" else "the numbers are in metrics.jsonl;")
+        in said[0])
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = checkpoint.Checkpoints(str(tmp_path), read_only=True).steps("latest")
     if when == "stop":
@@ -693,3 +696,50 @@ def test_a_diverged_run_draws_its_curves_up_to_the_divergence(monkeypatch, tmp_p
     with pytest.raises(loop.NonFiniteLossError):
         loop.train_and_evaluate(config, str(tmp_path))
     assert drawn == [[1], [1, 2]]  # after the first epoch, then at the divergence
+
+
+@pytest.mark.parametrize("how", ["raises", "missing"])
+def test_a_diverged_runs_failed_drawing_does_not_say_training_goes_on(
+        monkeypatch, tmp_path, how):
+    """A run that diverged in its first epoch, its drawing failing (matplotlib missing),
+    said 'training goes on' in the line before the one saying it stopped."""
+    if how == "missing":
+        _matplotlib_fails(monkeypatch, how)
+    else:
+        def broken(records, out_dir, **kwargs):
+            raise RuntimeError("drawing failed")
+
+        monkeypatch.setattr(plots, "plot_curves", broken)
+
+    def diverging(run, compiled, epoch, end):
+        raise loop._diverged("Non-finite training loss (a test's)", run.step + 1, epoch)
+
+    monkeypatch.setattr(loop, "_train_epoch", diverging)
+    config = load_config("cifar10:smoke", ["--config.progress_bar=false",
+                                           "--config.write_tensorboard=false"])
+    with pytest.warns(logs.RunWarning) as caught, pytest.raises(loop.NonFiniteLossError):
+        loop.train_and_evaluate(config, str(tmp_path))
+    [said] = [str(w.message) for w in caught if "Could not draw" in str(w.message)]
+    assert "training goes on" not in said and "; the numbers are in metrics.jsonl;" in said
+
+
+def test_figures_drawn_under_a_constrained_layout_matplotlibrc_do_not_warn(
+        monkeypatch, tmp_path):
+    """A matplotlibrc's 'figure.constrained_layout.use: True' made each drawing warn 'The
+    figure layout has changed to tight' (a run's first curves, each of a sweep's figures):
+    a warning its user could do nothing about."""
+    import matplotlib
+
+    from stochastic_depth_jax.training import figures
+
+    monkeypatch.setitem(matplotlib.rcParams, "figure.constrained_layout.use", True)
+    run = {"name": "depth8_pL1", "depth": 8, "p_last": 1.0, "workdir": str(tmp_path),
+           "records": _records([0.1, 0.01]), "finished": True, "test_error": 0.5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.plot_curves(_records([0.1, 0.01]), str(tmp_path), title="cifar10")
+        figures.plot_error_curves([run], str(tmp_path / "fig3.png"))
+        figures.plot_first_conv_grad([run], str(tmp_path / "fig7.png"))
+        figures.plot_error_vs_p_last([run], str(tmp_path / "fig8.png"))
+    assert [str(w.message) for w in caught] == []
+    assert matplotlib.rcParams["figure.constrained_layout.use"]  # the session's, as it was

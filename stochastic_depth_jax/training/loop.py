@@ -243,8 +243,10 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
 PLOT_EVERY_S = 300.0
 
 
-def _draw_plots(run: _Run, force: bool) -> None:
-    """Redraws error.png and loss.png from metrics.jsonl (process 0, ``write_plots``)."""
+def _draw_plots(run: _Run, force: bool, ending: bool = False) -> None:
+    """Redraws error.png and loss.png from metrics.jsonl (process 0, ``write_plots``);
+    ``ending``: the run's last drawing (its end, a stop, a divergence), whose failure does
+    not say that training goes on."""
     if not run.config.write_plots or jax.process_index() != 0:
         return
     now = time.perf_counter()
@@ -262,11 +264,13 @@ def _draw_plots(run: _Run, force: bool) -> None:
             # unset a wrong MPLBACKEND), not as the bare error of its import.
             problem = plots.matplotlib_problem()
             why = f": {problem};" if problem else f" ({type(e).__name__}: {e});"
+            where = "metrics.jsonl" + (" and tensorboard/" if run.config.write_tensorboard
+                                       else "")
             warnings.warn(
-                f"Could not draw error.png/loss.png in {run.workdir}{why} training goes on "
-                "(the numbers are in metrics.jsonl"
-                + (" and tensorboard/" if run.config.write_tensorboard else "") + "); "
-                "--config.write_plots=false turns the drawing off.", logs.RunWarning)
+                f"Could not draw error.png/loss.png in {run.workdir}{why} "
+                + (f"the numbers are in {where}" if ending else
+                   f"training goes on (the numbers are in {where})")
+                + "; --config.write_plots=false turns the drawing off.", logs.RunWarning)
         run.plot_failed = True  # Said once; tried again at the next drawing.
 
 
@@ -284,7 +288,7 @@ def _stop_if_requested(run: _Run, step: int) -> None:
     if signum is None:
         return
     _save(run, "latest")  # Not twice: a step saved already (at the epoch's end) is skipped.
-    _draw_plots(run, force=True)  # While the checkpoint is written, never before it.
+    _draw_plots(run, force=True, ending=True)  # While the checkpoint is written, not before.
     run.ckpts.wait()
     spe = run.setup.steps_per_epoch
     raise stopping.Stopped(
@@ -1109,7 +1113,7 @@ def _train(run: _Run) -> dict[str, Any]:
     except NonFiniteLossError:
         # The run ends here: its curves show every epoch before it, not those drawn up to
         # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs).
-        _draw_plots(run, force=True)
+        _draw_plots(run, force=True, ending=True)
         raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.
@@ -1128,5 +1132,5 @@ def _train(run: _Run) -> dict[str, Any]:
         "train_step_compile_s": compile_time,
         "train_time_s_this_session": train_time,
     }  # Written once, with the compile counts, by _run_locked.
-    _draw_plots(run, force=True)
+    _draw_plots(run, force=True, ending=True)
     return summary

@@ -71,8 +71,10 @@ def new_figure(figsize: tuple[float, float]) -> Any:
 
 # rcParams our figures are drawn with whatever a matplotlibrc says: under a user's
 # 'text.usetex: True' every text went through LaTeX, where the labels' '_' and '%' are
-# errors (and without LaTeX installed each drawing failed), so no figure was ever written.
-_OUR_RC = {"text.usetex": False}
+# errors (and without LaTeX installed each drawing failed), so no figure was ever written;
+# under 'figure.constrained_layout.use: True' each drawing warned 'The figure layout has
+# changed to tight' (they are laid out with tight_layout, the footnote below the axes).
+_OUR_RC = {"text.usetex": False, "figure.constrained_layout.use": False}
 
 
 def drawn_as_ours(draw: Callable[..., Any]) -> Callable[..., Any]:
