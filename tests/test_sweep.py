@@ -659,6 +659,27 @@ def test_figs_7_and_3_draw_the_deepest_depth_with_an_epoch(tmp_path):
     assert list(_sidecar(str(tmp_path), "fig7_first_conv_grad")["data"]) == ["depth14_pL0.5"]
 
 
+def test_fig_3_draws_the_papers_pair_where_a_sweep_has_more_p_lasts(tmp_path):
+    """The paper's Fig. 3 sets constant depth beside p_L 0.5: a sweep of ten p_L values drew
+    twenty overlapping curves there. Fig. 7 keeps every p_L; a sweep of only other values
+    keeps all of them in Fig. 3 too."""
+    runs = [_run(tmp_path, f"depth8_pL{p:g}", p, finished=True) for p in (0.2, 0.5, 0.8, 1.0)]
+    for run in runs:
+        for record in run["records"]:
+            record.update(test_error=0.9, train_loss=2.3)
+    lines = []
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=lines.append)
+    fig3 = _sidecar(str(tmp_path), "fig3_error_curves")
+    assert sorted(fig3["data"]) == ["depth8_pL0.5", "depth8_pL1"]
+    why = "Fig. 3 compares constant depth with p_L 0.5, as the paper's"
+    assert fig3["left_out"] == {"depth8_pL0.2": why, "depth8_pL0.8": why}
+    assert len(_sidecar(str(tmp_path), "fig7_first_conv_grad")["data"]) == 4
+    assert (f"figures: fig3_error_curves.png: 2 runs (depth 8 x p_L 0.5, 1); left out ({why}): "
+            "depth 8 x p_L 0.2, 0.8") in lines
+    sweep.write_figures(runs[:3], str(tmp_path / "figures"), report=None)  # no constant depth
+    assert len(_sidecar(str(tmp_path), "fig3_error_curves")["data"]) == 3
+
+
 def test_a_one_epoch_sweep_is_described_as_one_epoch():
     config = load_config("cifar10", ["--config.num_epochs=1"]).to_dict()
     assert sweep.describe_data([{"config": config}]).endswith("; 1 epoch")  # not '1 epochs'

@@ -788,7 +788,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
 
     Fig. 8 draws the finished runs (an unfinished run's summary, if any, is of an earlier,
     shorter session) and names the unfinished and diverged ones under its title; Figs. 7
-    and 3 the deepest depth of each series that has a finished epoch (:func:`_deepest_runs`),
+    and 3 the deepest depth of each series that has a finished epoch (:func:`_deepest_runs`;
+    Fig. 3 only p_L 1 and 0.5 of it where there are others too, :func:`_papers_pair`),
     unfinished and diverged runs marked; the table lists every run and names the
     unfinished and diverged ones. Runs
     of different configs are separate series (:func:`label_series`). Each file names the
@@ -828,11 +829,12 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     fig7, _ = figures.plot_first_conv_grad(
         drawn7, os.path.join(out_dir, "fig7_first_conv_grad.png"),
         subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
+    drawn3, left3 = _papers_pair(drawn7, left7)
     fig3, _ = figures.plot_error_curves(
-        drawn7, os.path.join(out_dir, "fig3_error_curves.png"),
-        subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
+        drawn3, os.path.join(out_dir, "fig3_error_curves.png"),
+        subtitle=describe_data(drawn3), extra=_extra(drawn3, left3, series))
     if report is not None:
-        for path, left in ((fig8, left8), (fig7, left7), (fig3, left7), (table, {})):
+        for path, left in ((fig8, left8), (fig7, left7), (fig3, left3), (table, {})):
             report(_drawn_line(path, runs, left))
         labels = sorted(set(series.values()))
         if len(labels) > 1:
@@ -865,6 +867,25 @@ def _deepest_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
                         "not the deepest depth" + (" of its series" if r["series"] else ""))
             for r in runs if r["depth"] != deepest[r["series"]]}
     return drawn, left
+
+
+PAPERS_PAIR = (1.0, 0.5)  # Fig. 3 of the paper: constant depth beside p_L = 0.5
+_NOT_THE_PAIR = "Fig. 3 compares constant depth with p_L 0.5, as the paper's"
+
+
+def _papers_pair(drawn: Sequence[dict[str, Any]], left_out: dict[str, str]
+                 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The runs Fig. 3 draws: of Fig. 7's, where a series has runs at both p_L 1 and 0.5
+    and at other values too, those two only (a sweep of the paper's ten p_L values drew
+    twenty overlapping curves; Fig. 8 shows every p_L); else all of them. Returns them and
+    ``left_out`` with the others added."""
+    left = dict(left_out)
+    for label in dict.fromkeys(r["series"] for r in drawn):
+        mine = [r for r in drawn if r["series"] == label]
+        if set(PAPERS_PAIR) < {r["p_last"] for r in mine}:
+            left.update((r["name"], _NOT_THE_PAIR) for r in mine
+                        if r["p_last"] not in PAPERS_PAIR)
+    return [r for r in drawn if r["name"] not in left], left
 
 
 def _no_epoch_why(run: dict[str, Any]) -> str:
