@@ -596,8 +596,17 @@ class _Branch(nn.Module):
             batch = (tuple(sharding.spec) + (None,))[0]
             sharding = jax.sharding.NamedSharding(sharding.mesh,
                                                   jax.sharding.PartitionSpec(batch))
-        return jax.ShapeDtypeStruct(shape, self.dtype or x.dtype, sharding=sharding,
+        return jax.ShapeDtypeStruct(shape, self.output_dtype(x), sharding=sharding,
                                     manual_axis_type=jax.typeof(x).manual_axis_type)
+
+    def output_dtype(self, x: Array) -> Any:
+        """The dtype the branch returns for input ``x``: ``dtype``, else the promotion of
+        ``x``'s with its convolutions' parameters' (float32 by default), as the convolutions
+        compute: a bfloat16 input gives a float32 output there, not a bfloat16 one."""
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        conv = self.conv(self.features, (1, 1), parent=None)
+        return jnp.result_type(x.dtype, getattr(conv, "param_dtype", jnp.float32))
 
     def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
         pad = (kernel - 1) // 2  # Torch's symmetric padding, also for stride 2
@@ -720,6 +729,7 @@ class Shortcut(nn.Module):
             y = x[:, ::s, ::s, :]
         else:  # an odd side's last window averages the pixels it has, as the branch's output
             y = nn.avg_pool(x, (s, s), strides=(s, s), padding="SAME", count_include_pad=False)
+            y = y.astype(x.dtype)  # the pool's division by counts returned float32 for bf16
         return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
 
 
@@ -779,18 +789,22 @@ class ResidualBlock(nn.Module):
         if stochastic is not None:
             ops.check_deterministic(stochastic, name="stochastic")
         stochastic = train if stochastic is None else stochastic
+        branch = self.branch_cls(
+            features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
+            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last,
+            dropout_rate=self.dropout_rate, kernel_init=self.kernel_init, parent=None,
+        )
         if not self.has_branch:
             out_features = self.features * self.branch_cls.expansion
             shortcut = Shortcut(out_features, self.strides, self.shortcut, conv=self.conv,
                                 norm=self.norm, dtype=self.dtype,
                                 kernel_init=self.kernel_init, name="shortcut")
             out = shortcut(x, train=train)
+            # In the dtype of the block with its gate closed (shortcut + zeros of the
+            # branch's dtype): a scanned stage's carry after a deleted first block must be.
+            if hasattr(branch, "output_dtype"):
+                out = out.astype(branch.output_dtype(x))
             return self.act(out) if self.post_activation else out
-        branch = self.branch_cls(
-            features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
-            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last,
-            dropout_rate=self.dropout_rate, kernel_init=self.kernel_init, parent=None,
-        )
         sd = StochasticDepth(
             branch, mode=self.mode, scaling=self.scaling, implementation=self.implementation,
             remat=self.remat, name="stochastic_depth",

@@ -636,6 +636,28 @@ def test_preact_and_shortcut_b_and_bf16_run():
         assert y.shape == (4, 3) and np.all(np.isfinite(np.asarray(y, np.float32)))
 
 
+@pytest.mark.parametrize("block", [sdj.BasicBlock, sdj.PreActBlock, sdj.BottleneckBlock])
+def test_a_block_without_dtype_skips_on_a_bfloat16_input(block):
+    """With ``dtype=None`` a block's convolutions promote a bfloat16 input to their float32
+    parameters' dtype, but the skipping ``cond`` shaped its closed side as bfloat16:
+    "cond branches must have equal output types" for any user's bf16 activations."""
+    x = jax.random.normal(jax.random.key(3), (4, 6, 6, 2)).astype(jnp.bfloat16)
+    outs = {}
+    for implementation in ("skip", "mask"):
+        b = block(4, 2, implementation=implementation)
+        v = b.init(jax.random.key(0), x, train=False)
+        for gate in (True, False):
+            y, _ = b.apply(v, x, 0.5, jnp.asarray(gate), train=True, mutable=["batch_stats"])
+            outs[implementation, gate] = y
+    for gate in (True, False):
+        assert outs["skip", gate].dtype == outs["mask", gate].dtype == jnp.float32
+        np.testing.assert_allclose(outs["skip", gate], outs["mask", gate], atol=1e-5)
+    # The average-pooling shortcut keeps its input's dtype (its pool's count division
+    # returned float32), as the subsampling one does.
+    for kind in ("A-avg", "A"):
+        assert sdj.Shortcut(4, 2, kind).apply({}, x, train=False).dtype == jnp.bfloat16
+
+
 def test_imagenet_resnet_runs_and_scans():
     model = sdj.ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5, scan=True)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
