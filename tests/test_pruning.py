@@ -209,6 +209,20 @@ def test_bad_keep_is_refused():
         pruning.prune(pruned, pvars, [True, True, False, True])
 
 
+def test_prune_names_variables_that_are_not_the_models():
+    """The parameters alone (a train state's ``params``), variables without their
+    ``'batch_stats'`` or another model's failed in ``prune`` with a bare ``KeyError``."""
+    model = sdj.CifarResNet(depth=14, width=4, num_classes=3)
+    variables, keep = _variables(model), pruning.keep_mask(6, [5])
+    other = _variables(sdj.CifarResNet(depth=8, width=4, num_classes=3))
+    for given, missing in ((variables["params"], r"\['params'\]\['stem_conv'\]"),
+                           ({"params": variables["params"]}, r"\['batch_stats'\]"),
+                           (other, r"\['batch_stats'\]\['stages'\]\['stage1_block2'\]")):
+        with pytest.raises(ValueError, match=rf"prune found no variables{missing}.*pass the "
+                                             r"full model's variables as model.init returns"):
+            pruning.prune(model, given, keep)
+
+
 def test_keep_mask_checks_its_indices():
     # The top-level name is the pruning module's function.
     assert sdj.keep_mask is pruning.keep_mask
