@@ -569,7 +569,10 @@ class _Branch(nn.Module):
     """Shared fields of the residual branches (not public).
 
     ``dropout_rate > 0`` adds dropout between the branch's convolutions in training (as Wide
-    ResNets do; rng stream ``'dropout'``); evaluation never drops.
+    ResNets do; rng stream ``'dropout'``); evaluation never drops. ``zero_init_last``: the
+    branch starts as zero: its last BatchNorm scale starts at 0 (Goyal et al.), or in a
+    pre-activation branch, which ends in a convolution, that convolution's kernel (as timm's
+    ResNetV2; a zero scale before its ReLU would pass no gradient to the branch).
     """
 
     features: int
@@ -608,15 +611,18 @@ class _Branch(nn.Module):
         conv = self.conv(self.features, (1, 1), parent=None)
         return jnp.result_type(x.dtype, getattr(conv, "param_dtype", jnp.float32))
 
-    def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
+    def _conv(self, features: int, kernel: int, strides: int, name: str,
+              last: bool = False) -> nn.Module:
+        """``last``: the branch's output convolution (zero-initialised by ``zero_init_last``)."""
         pad = (kernel - 1) // 2  # Torch's symmetric padding, also for stride 2
+        zero = last and self.zero_init_last
         return self.conv(
             features,
             (kernel, kernel),
             strides=(strides, strides),
             padding=((pad, pad), (pad, pad)),
             use_bias=False,
-            kernel_init=self.kernel_init,
+            kernel_init=nn.initializers.zeros if zero else self.kernel_init,
             dtype=self.dtype,
             name=name,
         )
@@ -657,7 +663,8 @@ class PreActBranch(_Branch):
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(x, train=train))
         y = _tag(self._conv(self.features, 3, self.strides, "conv1")(y), merge=2)
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        return _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)), merge=1)
+        conv2 = self._conv(self.features, 3, 1, "conv2", last=True)
+        return _tag(conv2(self._dropout(y, train)), merge=1)
 
 
 class BottleneckBranch(_Branch):

@@ -935,3 +935,37 @@ def test_official_initialization_of_a_scanned_stage_is_per_block():
         assert blocks >= 2, path
         np.testing.assert_allclose(k.std(axis=(1, 2, 3, 4)), np.sqrt(2 / (kh * kw * c_in)),
                                    rtol=0.15, err_msg=path)
+
+
+@pytest.mark.parametrize("make", [
+    functools.partial(sdj.WideResNet, depth=10, widen_factor=1),
+    functools.partial(tiny, block="preact"),
+    tiny,
+])
+def test_zero_init_last_starts_every_branch_at_zero(make):
+    """``zero_init_last=True`` did nothing to a pre-activation branch (``WideResNet``,
+    ``block='preact'``), which has no BatchNorm at its end: now its last convolution starts
+    at zero (as timm's ResNetV2), so every block starts as its shortcut, and still learns."""
+    model = make(width=4, num_classes=3, zero_init_last=True, scan=True)
+    v = model.init({"params": jax.random.key(1)}, X, train=False)
+    v = {"params": v["params"], "batch_stats": v["batch_stats"]}
+    closed = jnp.zeros(model.num_blocks(), bool)
+    np.testing.assert_allclose(eval_apply(model, v), _eval_gated(model, v, closed), atol=1e-6)
+    plain = make(width=4, num_classes=3, scan=True)  # without: the branches start non-zero
+    pv = plain.init({"params": jax.random.key(1)}, X, train=False)
+    assert not np.allclose(eval_apply(plain, pv), _eval_gated(plain, pv, closed), atol=1e-3)
+
+    def loss(params):
+        logits, _ = model.apply({**v, "params": params}, X, train=True, mutable=["batch_stats"],
+                                gates=~closed)
+        return jnp.sum(logits ** 2)
+
+    grads = jax.grad(loss)(v["params"])["stages"]
+    for name, block in grads.items():  # every branch learns (its last layer, at first)
+        branch = block["stochastic_depth"]["branch"]
+        assert max(np.abs(np.asarray(g)).max() for g in jax.tree_util.tree_leaves(branch)) > 0
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_gated(model, variables, gates):
+    return model.apply(variables, X, train=False, gates=gates)
