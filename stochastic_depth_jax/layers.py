@@ -570,7 +570,10 @@ class _Branch(nn.Module):
     """Shared fields of the residual branches (not public).
 
     ``dropout_rate > 0`` adds dropout between the branch's convolutions in training (as Wide
-    ResNets do; rng stream ``'dropout'``); evaluation never drops.
+    ResNets do; rng stream ``'dropout'``); evaluation never drops. ``zero_init_last``: the
+    branch starts as zero: its last BatchNorm scale starts at 0 (Goyal et al.), or in a
+    pre-activation branch, which ends in a convolution, that convolution's kernel (as timm's
+    ResNetV2; a zero scale before its ReLU would pass no gradient to the branch).
     """
 
     features: int
@@ -597,18 +600,30 @@ class _Branch(nn.Module):
             batch = (tuple(sharding.spec) + (None,))[0]
             sharding = jax.sharding.NamedSharding(sharding.mesh,
                                                   jax.sharding.PartitionSpec(batch))
-        return jax.ShapeDtypeStruct(shape, self.dtype or x.dtype, sharding=sharding,
+        return jax.ShapeDtypeStruct(shape, self.output_dtype(x), sharding=sharding,
                                     manual_axis_type=jax.typeof(x).manual_axis_type)
 
-    def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
+    def output_dtype(self, x: Array) -> Any:
+        """The dtype the branch returns for input ``x``: ``dtype``, else the promotion of
+        ``x``'s with its convolutions' parameters' (float32 by default), as the convolutions
+        compute: a bfloat16 input gives a float32 output there, not a bfloat16 one."""
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        conv = self.conv(self.features, (1, 1), parent=None)
+        return jnp.result_type(x.dtype, getattr(conv, "param_dtype", jnp.float32))
+
+    def _conv(self, features: int, kernel: int, strides: int, name: str,
+              last: bool = False) -> nn.Module:
+        """``last``: the branch's output convolution (zero-initialised by ``zero_init_last``)."""
         pad = (kernel - 1) // 2  # Torch's symmetric padding, also for stride 2
+        zero = last and self.zero_init_last
         return self.conv(
             features,
             (kernel, kernel),
             strides=(strides, strides),
             padding=((pad, pad), (pad, pad)),
             use_bias=False,
-            kernel_init=self.kernel_init,
+            kernel_init=nn.initializers.zeros if zero else self.kernel_init,
             dtype=self.dtype,
             name=name,
         )
@@ -649,7 +664,8 @@ class PreActBranch(_Branch):
         y = self.act(self.norm(dtype=self.dtype, name="bn1")(x, train=train))
         y = _tag(self._conv(self.features, 3, self.strides, "conv1")(y), merge=2)
         y = self.act(self.norm(dtype=self.dtype, name="bn2")(y, train=train))
-        return _tag(self._conv(self.features, 3, 1, "conv2")(self._dropout(y, train)), merge=1)
+        conv2 = self._conv(self.features, 3, 1, "conv2", last=True)
+        return _tag(conv2(self._dropout(y, train)), merge=1)
 
 
 class BottleneckBranch(_Branch):
@@ -721,6 +737,7 @@ class Shortcut(nn.Module):
             y = x[:, ::s, ::s, :]
         else:  # an odd side's last window averages the pixels it has, as the branch's output
             y = nn.avg_pool(x, (s, s), strides=(s, s), padding="SAME", count_include_pad=False)
+            y = y.astype(x.dtype)  # the pool's division by counts returned float32 for bf16
         return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
 
 
@@ -780,18 +797,22 @@ class ResidualBlock(nn.Module):
         if stochastic is not None:
             ops.check_deterministic(stochastic, name="stochastic")
         stochastic = train if stochastic is None else stochastic
+        branch = self.branch_cls(
+            features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
+            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last,
+            dropout_rate=self.dropout_rate, kernel_init=self.kernel_init, parent=None,
+        )
         if not self.has_branch:
             out_features = self.features * self.branch_cls.expansion
             shortcut = Shortcut(out_features, self.strides, self.shortcut, conv=self.conv,
                                 norm=self.norm, dtype=self.dtype,
                                 kernel_init=self.kernel_init, name="shortcut")
             out = shortcut(x, train=train)
+            # In the dtype of the block with its gate closed (shortcut + zeros of the
+            # branch's dtype): a scanned stage's carry after a deleted first block must be.
+            if hasattr(branch, "output_dtype"):
+                out = out.astype(branch.output_dtype(x))
             return self.act(out) if self.post_activation else out
-        branch = self.branch_cls(
-            features=self.features, strides=self.strides, conv=self.conv, norm=self.norm,
-            act=self.act, dtype=self.dtype, zero_init_last=self.zero_init_last,
-            dropout_rate=self.dropout_rate, kernel_init=self.kernel_init, parent=None,
-        )
         sd = StochasticDepth(
             branch, mode=self.mode, scaling=self.scaling, implementation=self.implementation,
             remat=self.remat, name="stochastic_depth",

@@ -532,7 +532,9 @@ class _StochasticResNetBase(nn.Module):
       conv, norm: convolution and normalisation modules (defaults: :class:`conv.Conv`,
         :class:`layers.BatchNorm`; inside ``jax.shard_map`` over the batch,
         ``functools.partial(layers.BatchNorm, axis_name=...)``).
-      zero_init_last: zero-initialise the last BatchNorm scale of each branch.
+      zero_init_last: each branch starts as zero: its last BatchNorm scale starts at 0, or
+        in a pre-activation branch (``WideResNet``, ``block='preact'``), which ends in a
+        convolution, that convolution's kernel (as timm's ResNetV2).
       dropout_rate: dropout between each branch's convolutions in training (Wide ResNets;
         rng stream ``'dropout'``); 0 (default) adds none.
       initialization: ``'ours'`` (default: convolutions He-initialised on fan-out,

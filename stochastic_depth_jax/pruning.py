@@ -303,7 +303,7 @@ def param_count(variables: Any) -> int:
 
 
 def _sample_input(variables: Any) -> jax.ShapeDtypeStruct:
-    channels = variables["params"]["stem_conv"]["kernel"].shape[2]
+    channels = _take(variables, ("params", "stem_conv", "kernel"), {}).shape[2]
     return jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
 
 
@@ -320,12 +320,24 @@ def _scan_indices(model: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _take(tree: Any, path: tuple, scans: dict[str, np.ndarray]) -> Any:
+    """The leaf of ``tree`` (the full model's variables) at ``path`` (keys, or names), the
+    blocks a pruned scan keeps taken from a stacked one. A ValueError naming the path where
+    ``tree`` has none: variables without ``'batch_stats'`` (or a bare parameter tree, or
+    another model's) failed with a ``KeyError`` of one name."""
     node, index = tree, None
     for key in path:
-        name = key.key
+        name = getattr(key, "key", key)
         if name in scans:
             index = scans[name]
-        node = node[name]
+        try:
+            node = node[name]
+        except (KeyError, TypeError, IndexError):
+            where = "".join(f"[{k!r}]" for k in (getattr(k, "key", k) for k in path))
+            raise ValueError(
+                f"prune found no variables{where} in the variables given, which the model "
+                f"needs; pass the full model's variables as model.init returns them, "
+                f"{{'params': ..., 'batch_stats': ...}} (not the parameters alone, nor "
+                f"another model's).") from None
     return node if index is None else jnp.asarray(node)[index]
 
 

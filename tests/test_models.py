@@ -636,6 +636,28 @@ def test_preact_and_shortcut_b_and_bf16_run():
         assert y.shape == (4, 3) and np.all(np.isfinite(np.asarray(y, np.float32)))
 
 
+@pytest.mark.parametrize("block", [sdj.BasicBlock, sdj.PreActBlock, sdj.BottleneckBlock])
+def test_a_block_without_dtype_skips_on_a_bfloat16_input(block):
+    """With ``dtype=None`` a block's convolutions promote a bfloat16 input to their float32
+    parameters' dtype, but the skipping ``cond`` shaped its closed side as bfloat16:
+    "cond branches must have equal output types" for any user's bf16 activations."""
+    x = jax.random.normal(jax.random.key(3), (4, 6, 6, 2)).astype(jnp.bfloat16)
+    outs = {}
+    for implementation in ("skip", "mask"):
+        b = block(4, 2, implementation=implementation)
+        v = b.init(jax.random.key(0), x, train=False)
+        for gate in (True, False):
+            y, _ = b.apply(v, x, 0.5, jnp.asarray(gate), train=True, mutable=["batch_stats"])
+            outs[implementation, gate] = y
+    for gate in (True, False):
+        assert outs["skip", gate].dtype == outs["mask", gate].dtype == jnp.float32
+        np.testing.assert_allclose(outs["skip", gate], outs["mask", gate], atol=1e-5)
+    # The average-pooling shortcut keeps its input's dtype (its pool's count division
+    # returned float32), as the subsampling one does.
+    for kind in ("A-avg", "A"):
+        assert sdj.Shortcut(4, 2, kind).apply({}, x, train=False).dtype == jnp.bfloat16
+
+
 def test_imagenet_resnet_runs_and_scans():
     model = sdj.ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5, scan=True)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
@@ -913,3 +935,37 @@ def test_official_initialization_of_a_scanned_stage_is_per_block():
         assert blocks >= 2, path
         np.testing.assert_allclose(k.std(axis=(1, 2, 3, 4)), np.sqrt(2 / (kh * kw * c_in)),
                                    rtol=0.15, err_msg=path)
+
+
+@pytest.mark.parametrize("make", [
+    functools.partial(sdj.WideResNet, depth=10, widen_factor=1),
+    functools.partial(tiny, block="preact"),
+    tiny,
+])
+def test_zero_init_last_starts_every_branch_at_zero(make):
+    """``zero_init_last=True`` did nothing to a pre-activation branch (``WideResNet``,
+    ``block='preact'``), which has no BatchNorm at its end: now its last convolution starts
+    at zero (as timm's ResNetV2), so every block starts as its shortcut, and still learns."""
+    model = make(width=4, num_classes=3, zero_init_last=True, scan=True)
+    v = model.init({"params": jax.random.key(1)}, X, train=False)
+    v = {"params": v["params"], "batch_stats": v["batch_stats"]}
+    closed = jnp.zeros(model.num_blocks(), bool)
+    np.testing.assert_allclose(eval_apply(model, v), _eval_gated(model, v, closed), atol=1e-6)
+    plain = make(width=4, num_classes=3, scan=True)  # without: the branches start non-zero
+    pv = plain.init({"params": jax.random.key(1)}, X, train=False)
+    assert not np.allclose(eval_apply(plain, pv), _eval_gated(plain, pv, closed), atol=1e-3)
+
+    def loss(params):
+        logits, _ = model.apply({**v, "params": params}, X, train=True, mutable=["batch_stats"],
+                                gates=~closed)
+        return jnp.sum(logits ** 2)
+
+    grads = jax.grad(loss)(v["params"])["stages"]
+    for name, block in grads.items():  # every branch learns (its last layer, at first)
+        branch = block["stochastic_depth"]["branch"]
+        assert max(np.abs(np.asarray(g)).max() for g in jax.tree_util.tree_leaves(branch)) > 0
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_gated(model, variables, gates):
+    return model.apply(variables, X, train=False, gates=gates)

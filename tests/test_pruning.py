@@ -148,6 +148,20 @@ def test_pruned_model_equals_full_model_with_blocks_removed(kw, removed, tmp_pat
                                atol=1e-5)
 
 
+def test_a_bfloat16_model_prunes_a_scanned_stages_first_block():
+    """A deleted first block of a stage returned its shortcut in float32 ('A-avg' pools in
+    float32) where the scanned blocks after it carry bfloat16: pruning a bf16 ResNet-56 or
+    deeper (a depth curve reaches the stage's first block) failed in ``lax.scan`` with
+    "carry input and carry output must have equal types"."""
+    model = sdj.CifarResNet(depth=14, width=4, num_classes=3, scan=True, dtype="bfloat16")
+    variables = _variables(model)
+    keep = pruning.keep_mask(6, [2])  # stage 2's first block, before its scanned one
+    pruned, pvars = pruning.prune(model, variables, keep)
+    out = _eval(pruned, pvars)
+    np.testing.assert_allclose(out, _eval(model, variables, jnp.asarray(keep)), atol=2e-2)
+    assert not np.allclose(out, _eval(model, variables), atol=2e-2)
+
+
 def test_pruned_scanned_stage_holds_only_kept_blocks():
     model = sdj.CifarResNet(depth=20, width=4, num_classes=3, scan=True)
     variables = _variables(model)
@@ -193,6 +207,20 @@ def test_bad_keep_is_refused():
     with pytest.raises(ValueError, match=r"one entry per block of the full model \(6;.*"
                                          r"got shape \(4,\)"):
         pruning.prune(pruned, pvars, [True, True, False, True])
+
+
+def test_prune_names_variables_that_are_not_the_models():
+    """The parameters alone (a train state's ``params``), variables without their
+    ``'batch_stats'`` or another model's failed in ``prune`` with a bare ``KeyError``."""
+    model = sdj.CifarResNet(depth=14, width=4, num_classes=3)
+    variables, keep = _variables(model), pruning.keep_mask(6, [5])
+    other = _variables(sdj.CifarResNet(depth=8, width=4, num_classes=3))
+    for given, missing in ((variables["params"], r"\['params'\]\['stem_conv'\]"),
+                           ({"params": variables["params"]}, r"\['batch_stats'\]"),
+                           (other, r"\['batch_stats'\]\['stages'\]\['stage1_block2'\]")):
+        with pytest.raises(ValueError, match=rf"prune found no variables{missing}.*pass the "
+                                             r"full model's variables as model.init returns"):
+            pruning.prune(model, given, keep)
 
 
 def test_keep_mask_checks_its_indices():
