@@ -2,6 +2,7 @@
 
 import errno
 import glob
+import json
 import os
 import shutil
 import sys
@@ -119,6 +120,25 @@ def test_corrupt_latest_is_skipped_with_warning(tmp_path, mesh, damage):
     assert ckpts.steps("latest") == [1, 2]  # Moved aside, not deleted:
     assert len(os.listdir(os.path.join(tmp_path, "checkpoints_corrupt"))) == 1
     assert ckpts.save("latest", 3, _with_step(base, 3, mesh), {})  # Step 3 can be redone.
+    ckpts.close()
+
+
+def test_a_checkpoint_whose_bits_differ_from_its_checksum_is_skipped(tmp_path, mesh):
+    """Damage that reads back without an error (bits changed since the save) is caught by
+    the checksum stored at save time alone: such a step is skipped and moved aside, and
+    the one before it restored, never the changed values."""
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    path = os.path.join(tmp_path, "checkpoints", "2", "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["checksum"] = int(meta["checksum"]) + 1  # as if the saved bits had changed since
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    ckpts = ckpt_lib.Checkpoints(tmp_path)
+    with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match="step 2.*checksum mismatch"):
+        state, meta = ckpts.restore("latest", _abstract(base))
+    assert meta["step"] == 1 and ckpts.steps("latest") == [1]
+    jax.tree.map(np.testing.assert_array_equal, state, _with_step(base, 1, mesh))
     ckpts.close()
 
 

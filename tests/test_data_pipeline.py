@@ -41,12 +41,19 @@ def test_order_is_a_permutation(n):
     np.testing.assert_array_equal(np.sort(got), np.arange(n))
 
 
-def test_order_is_well_mixed():
-    got = np.asarray(data.epoch_order(jax.random.key(0), 0, 10000))
-    assert abs(np.corrcoef(got, np.arange(10000))[0, 1]) < 0.05
+@pytest.mark.parametrize("n", [10000, 5000])
+def test_order_is_well_mixed(n):
+    """Uncorrelated with the stored order (an image folder's is sorted by class) and with
+    the previous epoch's, at an even and an odd bit count of N (5000: 13 bits, each
+    Feistel half rounded up; rounded down, the order kept a 0.43 correlation with the
+    stored one). Of one Feistel round, an example's place kept its high bits from epoch to
+    epoch: consecutive epochs' orders correlated at 0.6."""
+    got = np.asarray(data.epoch_order(jax.random.key(0), 0, n))
+    assert abs(np.corrcoef(got, np.arange(n))[0, 1]) < 0.05
     assert np.mean(got[1:] == got[:-1] + 1) < 0.01
-    other = np.asarray(data.epoch_order(jax.random.key(0), 1, 10000))
+    other = np.asarray(data.epoch_order(jax.random.key(0), 1, n))
     assert np.mean(got == other) < 0.01
+    assert abs(np.corrcoef(got, other)[0, 1]) < 0.05
 
 
 def test_train_batches_shapes_dtypes_and_epochs():

@@ -669,6 +669,27 @@ def test_decoded_cache_is_reused_and_rebuilt_when_stale_or_broken(tmp_path, monk
     assert calls
 
 
+def test_a_split_prepared_again_in_files_of_the_same_sizes_is_decoded_again(tmp_path,
+                                                                             monkeypatch):
+    """The cache is stamped with its record files' names, sizes and times: data prepared
+    (or copied) again whose files keep their sizes is not read from the old cache."""
+    root = str(tmp_path)
+    data.testing.make_tfds_dataset("cifar10", root, num_train=30, num_test=10)
+    sources.read_split("cifar10", "test", root)
+    info_dir = os.path.dirname(_cache(root))
+    records = [os.path.join(info_dir, f) for f in os.listdir(info_dir)
+               if f.startswith("cifar10-test.")]
+    assert records
+    for path in records:
+        later = os.stat(path).st_mtime_ns + 5 * 10**9
+        os.utime(path, ns=(later, later))
+    calls = []
+    real = sources._decode_chunk
+    monkeypatch.setattr(sources, "_decode_chunk", lambda *a: calls.append(1) or real(*a))
+    sources.read_split("cifar10", "test", root)
+    assert calls
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "zero_tail"])
 def test_damaged_decoded_cache_is_rebuilt(tmp_path, monkeypatch, damage):
     root = str(tmp_path)

@@ -21,7 +21,7 @@ import stochastic_depth_jax as sdj  # noqa: E402
 import sweep as sweep_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import errors, pruning  # noqa: E402
+from stochastic_depth_jax import errors, pruning, training  # noqa: E402
 from stochastic_depth_jax.training import loop, sweep  # noqa: E402
 
 TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false",
@@ -930,6 +930,9 @@ def test_a_missing_step_names_the_steps_of_both_series(capsys, resnet, tmp_path)
     assert line == (f"error: No checkpoint at step 99 in {copy}: checkpoints/ holds steps "
                     f"{rest} and checkpoints_best/ steps [{best}]; give one of them "
                     "(--checkpoint STEP), or --checkpoint best or latest.")
+    # ... and such a step, held by the best series alone, is evaluated as the step it is.
+    result = training.evaluate_checkpoint(copy, best, split="validation")
+    assert (result["evaluated_step"], result["checkpoint"]) == (best, "step")
 
 
 def test_paths_under_home_are_expanded(tmp_path, monkeypatch):

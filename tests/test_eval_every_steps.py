@@ -63,6 +63,9 @@ def test_best_is_the_mid_epoch_step_of_lowest_validation_error_and_resume_keeps_
     # The test split only where the validation error improved, and at each epoch's end.
     assert sorted(s for name, s in fake_evaluation if name == "test") == [1, 2, 3, 4, 6, 8]
     assert sorted(s for name, s in fake_evaluation if name == "validation") == list(range(1, 9))
+    # evaluate.py's result names that checkpoint's epoch as it is, not truncated to 1.
+    result = loop.evaluate_lib.evaluate_checkpoint(workdir, "best", split="validation")
+    assert (result["step"], result["epoch"], result["error"]) == (6, 1.5, 0.1)
     validation = metrics.read_metrics(workdir, metrics.VALIDATION_FILE)
     assert [(r["step"], r["epoch"], r["val_error"], r.get("test_error")) for r in validation] == [
         (s, s / 4, VAL_ERROR[s], _test_error(s) if s in (1, 2, 3, 4, 6, 8) else None)

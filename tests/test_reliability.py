@@ -1073,6 +1073,9 @@ def test_a_stop_says_how_to_resume_to_python_and_on_the_command_line(capsys):
         cli.run_reporting_errors(main, debug=False)
     assert exit_info.value.code == 128 + signal_lib.SIGTERM
     assert capsys.readouterr().err == f"{what}: run the same command to resume.\n"
+    # Each signal's own status, as a shell reports it: 130 for Ctrl-C, not SIGTERM's 143.
+    for signum in (signal_lib.SIGINT, signal_lib.SIGUSR1):
+        assert stopping.Stopped(what, signum).exit_status == 128 + signum
 
 
 def test_an_image_folder_run_recorded_before_per_class_holdout_keeps_its_split(

@@ -582,12 +582,14 @@ def test_sweep_figures_name_the_unfinished_runs_without_warnings(tmp_path):
         assert "Unfinished (interrupted, or extended and not done yet; their rows count the " \
                "epochs so far): depth8_pL0.5." in f.read()
     runs.append(_run(tmp_path, "depth8_pL1", 1.0, finished=True))
+    runs[0]["test_error"] = 0.5  # an extended run's summary, of its earlier, shorter session
     with open(sweep.write_figures(runs, str(tmp_path / "figures"))["training_time"]) as f:
         text = f.read()
     assert "Unfinished" in text and "): depth8_pL0.5." in text and "depth8_pL1." not in text
-    # Fig. 8 draws the finished run; its sidecar names the unfinished one it leaves out.
+    # Fig. 8 draws the finished run alone; its sidecar names the unfinished one it leaves out.
     fig8 = _sidecar(str(tmp_path), "fig8_error_vs_p_last")
-    assert fig8["left_out"] == {"depth8_pL0.5": "unfinished"} and list(fig8["data"]) == ["8"]
+    assert fig8["left_out"] == {"depth8_pL0.5": "unfinished"}
+    assert fig8["data"] == {"8": [[1.0, 0.9]]}
 
 
 def test_the_figures_lines_name_a_point_with_runs_of_several_series_once(tmp_path):
@@ -697,6 +699,63 @@ def test_the_training_time_table_counts_the_epochs_a_run_reached():
     table = sweep.figures.training_time_table([run("a", [0.5, 1, 2]), run("b", [1, 1.5])])
     rows = [line.split(" | ")[:4] for line in table.splitlines()[2:]]
     assert rows == [["| a", "8", "1", "2"], ["| b", "8", "1", "1.5"]]
+
+
+def test_the_training_time_table_compares_each_run_with_constant_depth_of_its_depth():
+    """The paper's Sec. 4 number (25% less time at p_L = 0.5) is the ratio of a run's mean
+    epoch time to the constant-depth run of the same depth, its first epoch (warm-up) left
+    out of the mean."""
+    def run(depth, p_last, seconds):  # a 4-step epoch of batch 10: 40 images in `seconds`
+        records = [{"epoch": e, "step": 4 * e, "epoch_time_s": t, "images_per_s": 40 / t}
+                   for e, t in enumerate(seconds, 1)]
+        return {"name": f"depth{depth}_pL{p_last:g}", "depth": depth, "p_last": p_last,
+                "records": records, "config": {"batch_size": 10}}
+
+    table = sweep.figures.training_time_table([
+        run(8, 0.5, [30.0, 3.0, 3.0]), run(8, 1.0, [20.0, 4.0, 4.0]),
+        run(14, 0.5, [9.0, 4.0, 4.0]), run(14, 1.0, [9.0, 8.0, 8.0])])
+    rows = {cells[0]: cells[4:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:])}
+    assert rows == {"depth8_pL1": ["4.000", "10", "1.00"], "depth8_pL0.5": ["3.000", "13", "0.75"],
+                    "depth14_pL1": ["8.000", "5", "1.00"],
+                    "depth14_pL0.5": ["4.000", "10", "0.50"]}
+
+
+def test_a_run_that_reached_its_max_steps_is_finished(tmp_path):
+    """A sweep capped by --config.max_steps (a smoke sweep) ends each run at the cap, before
+    its epochs: such a run is finished (skipped by a rerun, drawn in Fig. 8), and a higher
+    cap extends it."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5, "--config.max_steps=3")
+    summary = os.path.join(root, name, "summary.json")
+    with open(summary) as f:
+        record = json.load(f)
+    assert record["steps"] > 3  # the epochs' steps: the cap ends the run first
+    with open(summary, "w") as f:
+        json.dump(dict(record, steps=3), f)
+    [(_, extra)] = sweep.plan([8], [0.5])
+    config = load_config("cifar10:smoke", ["--config.max_steps=3"] + extra)
+    status = sweep.run_sweep([(name, config)], root, train=lambda c, w: pytest.fail(w))
+    assert status == {name: "skipped (finished)"}
+    assert [r["finished"] for r in sweep.collect(root)] == [True]
+    longer = load_config("cifar10:smoke", ["--config.max_steps=5"] + extra)
+    assert not sweep.is_finished(os.path.join(root, name), longer)
+
+
+@pytest.mark.parametrize("override, change", [
+    ("--config.seed=1", "seed: 0 -> 1"),
+    ("--config.validation_size=8", "validation_size: 32 -> 8"),
+])
+def test_a_sweep_repeated_with_another_seed_or_split_is_refused_its_runs(tmp_path, override,
+                                                                       change):
+    """A second seed of a sweep (or another validation split) given the first one's root
+    would find its runs finished and report their results as its own."""
+    root = str(tmp_path)
+    name = _finished_run(root, 8, 0.5, 0.5)
+    [(_, extra)] = sweep.plan([8], [0.5])
+    config = load_config("cifar10:smoke", [override] + extra)
+    with pytest.raises(errors.ConfigError, match=re.escape(change)):
+        sweep.run_sweep([(name, config)], root, train=lambda c, w: pytest.fail(w))
 
 
 def test_sweep_figures_without_matplotlib_write_the_table_and_say_so(tmp_path, monkeypatch):
