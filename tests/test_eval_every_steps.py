@@ -21,7 +21,9 @@ FLAGS = ["--config.progress_bar=false", "--config.write_tensorboard=false",
 # cifar10:smoke: 4 steps an epoch, 2 epochs; 32 validation and 64 test images. The lowest
 # validation error is at step 6, in the middle of epoch 2; step 3 is the best of epoch 1.
 VAL_ERROR = {1: 0.5, 2: 0.4, 3: 0.2, 4: 0.3, 5: 0.25, 6: 0.1, 7: 0.3, 8: 0.35}
-EVAL_S = 0.25  # each evaluation's time, kept out of the epochs' training time
+# Each evaluation's time on a fake clock (time.perf_counter moved on, no sleep), kept out of
+# the epochs' training time: larger than any real step's time on a loaded machine.
+EVAL_S = 1000.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "workers", "fake_evaluation.py")
 
@@ -33,14 +35,16 @@ def _test_error(step):
 @pytest.fixture
 def fake_evaluation(monkeypatch):
     """Evaluations whose errors are set by the state's step (validation: ``VAL_ERROR``;
-    test: ``_test_error``), each taking ``EVAL_S``; returns the (split, step) evaluated."""
-    calls = []
+    test: ``_test_error``), each taking ``EVAL_S`` of ``time.perf_counter``'s (a fake
+    clock); returns the (split, step) evaluated."""
+    calls, offset, real_clock = [], [0.0], time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
 
     def evaluate_split(eval_step, state, split, **kwargs):
         step = int(loop._host(state.step))
         name = {32: "validation", 64: "test"}[len(split)]
         calls.append((name, step))
-        time.sleep(EVAL_S)
+        offset[0] += EVAL_S
         error = VAL_ERROR[step] if name == "validation" else _test_error(step)
         return {"loss": 2 * error, "error": error, "count": len(split)}
 
