@@ -454,7 +454,7 @@ def stock_convs_under_forward_mode(call: Callable[..., Any]) -> Callable[..., An
     Forward mode the wrapper cannot see, applied from outside a trace that starts inside
     it (``jax.jvp`` of a jitted or ``jax.checkpoint``-ed function, a ``lax.scan`` /
     ``nn.scan`` / ``nnx.scan`` body) is refused by JAX as it compiles; one refused while
-    the wrapper runs (a ``jvp`` inside the branch) becomes one line naming
+    the wrapper runs (a ``jvp`` inside the branch, run eagerly) becomes one line naming
     ``reroute_convs='never'`` (:data:`FORWARD_MODE_FIX`; :func:`_refusal_message`), or is
     left as JAX's words when no convolution was rerouted."""
     @functools.wraps(call)
