@@ -59,6 +59,7 @@ import jaxlib
 from flax import nnx
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import get_opaque_trace_state
 
 from stochastic_depth_jax.kept_loop import _autodiff_modes  # forward or reverse
 from stochastic_depth_jax.ops import explicit_sharding, varying_axes
@@ -359,12 +360,16 @@ def _rerouting(when: str) -> bool:
     """Whether ``when`` (one of :data:`REROUTE_CONVS`) turns the rerouting on here."""
     if when not in REROUTE_CONVS:
         raise ValueError(f"Unknown reroute_convs {when!r}; valid: {list(REROUTE_CONVS)}.")
+    if getattr(_LINEN, "forward", False):  # in a wrapper forward mode differentiates
+        return False
     return when == "always" or (when == "auto" and jax.default_backend() == "cpu")
 
 
 # Whether the innermost reroute_flax_convs of this thread (Flax's interceptor stack is per
 # thread too) turned the rerouting on: a 'never' inside an 'always' turns it off. And
-# ``rerouted``: how many convolutions (or NNX branches) this thread has rerouted so far.
+# ``rerouted``: how many convolutions (or NNX branches) this thread has rerouted so far;
+# ``forward``: whether a wrapper this thread is in found forward mode innermost over its
+# inputs (its branch then computes stock, whatever reroute_convs says).
 _LINEN = threading.local()
 
 # JAX's words (jax 0.10) when forward mode (jax.jvp, jax.jacfwd) reaches a custom_vjp
@@ -413,9 +418,18 @@ def _refusal_message(error: BaseException) -> str:
     return FORWARD_MODE_FIX if mine else _FORWARD_MODE_FIX_OR_OWN
 
 
+# The trace eager code runs in (JAX's evaluation), as this module is imported: a call made
+# in it has no autodiff over its values to look for (one in another thread, or under any
+# transform, is looked for).
+_EAGER = get_opaque_trace_state()
+
+
 def _forward_mode_innermost(args: tuple, kwargs: dict) -> bool:
-    """Whether forward mode (``jax.jvp``, ``jax.jacfwd``) is the innermost autodiff over the
-    call's arguments or its module's state (NNX variables, a bound Linen module's)."""
+    """Whether forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) is the innermost
+    autodiff over the call's arguments or its module's state (NNX variables, a bound Linen
+    module's)."""
+    if get_opaque_trace_state() == _EAGER:  # no transform: skip reading the state (~1 ms)
+        return False
     module, tree = (args[0] if args else None), (args[1:], kwargs)
     if nnx.graph.is_graph_node(module):
         tree = (tree, nnx.state(module))
@@ -425,31 +439,37 @@ def _forward_mode_innermost(args: tuple, kwargs: dict) -> bool:
     return bool(modes) and modes[0] == "forward"
 
 
-def naming_forward_mode_fix(call: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorates a wrapper's ``__call__`` that reroutes convolutions: forward mode through
-    them becomes one line naming the fix (:data:`FORWARD_MODE_FIX`).
+def stock_convs_under_forward_mode(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a wrapper's ``__call__`` that reroutes convolutions, so forward mode
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) differentiates its branch.
 
-    Eagerly (``jax.jvp`` or ``jax.jacfwd`` of a function calling the wrapper), JAX refuses
-    the custom_vjp while the wrapper runs: the refusal is named as the convolution's, or as
-    the convolution's or one of the branch's own when raised from the user's code
-    (:func:`_refusal_message`), and left as JAX's when no convolution was rerouted. Under
-    ``jit`` (``jax.jit`` around the ``jax.jvp``) JAX would refuse only as it compiles,
-    outside the wrapper: the wrapper
-    raises the line as it is traced, when forward mode is the innermost autodiff over its
-    arguments or state and it rerouted a convolution. (``jax.jvp`` of a jitted function
-    traces the wrapper without forward mode: JAX's own words, README says the fix.)"""
+    The rerouted convolution's gradient is a ``jax.custom_vjp``, which forward mode cannot
+    differentiate. Where forward mode is the innermost autodiff over the call's arguments
+    or its module's state (read from their tracers as the wrapper is called, eagerly or
+    traced under ``jit`` around the ``jvp``), the call reroutes nothing: the branch (and
+    any wrapper inside it) computes its stock convolutions, whatever ``reroute_convs`` says
+    (``'always'`` too: the alternative is JAX's error). Reverse mode and forward over
+    reverse (``jax.hessian``, ``jvp`` of ``grad``) keep rerouting.
+
+    Forward mode the wrapper cannot see, applied from outside a trace that starts inside
+    it (``jax.jvp`` of a jitted or ``jax.checkpoint``-ed function, a ``lax.scan`` /
+    ``nn.scan`` / ``nnx.scan`` body) is refused by JAX as it compiles; one refused while
+    the wrapper runs (a ``jvp`` inside the branch, run eagerly) becomes one line naming
+    ``reroute_convs='never'`` (:data:`FORWARD_MODE_FIX`; :func:`_refusal_message`), or is
+    left as JAX's words when no convolution was rerouted."""
     @functools.wraps(call)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         before = getattr(_LINEN, "rerouted", 0)
+        enclosing = getattr(_LINEN, "forward", False)
+        _LINEN.forward = enclosing or _forward_mode_innermost(args, kwargs)
         try:
-            out = call(*args, **kwargs)
+            return call(*args, **kwargs)
         except TypeError as e:
             if not str(e).startswith(_JVP_REFUSAL) or getattr(_LINEN, "rerouted", 0) == before:
                 raise
             raise TypeError(_refusal_message(e)) from None
-        if getattr(_LINEN, "rerouted", 0) != before and _forward_mode_innermost(args, kwargs):
-            raise TypeError(FORWARD_MODE_FIX)
-        return out
+        finally:
+            _LINEN.forward = enclosing
     return wrapped
 
 

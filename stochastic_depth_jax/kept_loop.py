@@ -61,11 +61,11 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
       gradient as zero, with a warning; return it as an auxiliary output (``has_aux``).
 
     Derivatives: reverse mode (``jax.grad``, ``jax.vjp``) through the loop's own VJP;
-    forward mode (``jax.jvp``, ``jax.jacfwd``) through JAX's JVP of the plain loop; and
-    forward over reverse (``jax.hessian``, ``jax.jvp`` of a gradient). Reverse over
-    reverse (``jax.grad`` of a gradient, or of a ``jvp``) with gates traced under ``jit``
-    would reverse a loop of dynamic length: refused in one line (with concrete gates,
-    outside ``jit``, it works). Forward mode is recognised where ``kept_loop`` is traced:
+    forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) through JAX's JVP of the
+    plain loop; and forward over reverse (``jax.hessian``, ``jax.jvp`` of a gradient).
+    Reverse over reverse (``jax.grad`` of a gradient, or of a ``jvp``) with gates traced
+    under ``jit`` would reverse a loop of dynamic length: refused in one line (with
+    concrete gates, outside ``jit``, it works). Forward mode is recognised where ``kept_loop`` is traced:
     ``jax.jvp`` of a ``jax.jit``-ed (or ``jax.checkpoint``-ed) function that calls it gets
     JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; put the
     ``jit`` (or ``checkpoint``) outside the ``jvp``.
@@ -98,9 +98,10 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
 
 def _autodiff_modes(tree: Any) -> list[str]:
     """How each autodiff transformation differentiating a leaf of ``tree`` does it,
-    innermost (the first to see the loop) first: ``'forward'`` (``jax.jvp``, ``jacfwd``)
-    or ``'reverse'`` (``jax.grad``, ``vjp``, ``linearize``). Read from the leaves' tracers;
-    a tracer of a kind not known here gives none (the loop then runs as it did)."""
+    innermost (the first to see the loop) first: ``'forward'`` (``jax.jvp``, ``jacfwd``,
+    ``jax.linearize``, whose linear function is evaluated forward) or ``'reverse'``
+    (``jax.grad``, ``vjp``). Read from the leaves' tracers; a tracer of a kind not known
+    here gives none (the loop then runs as it did)."""
     owners, chains = set(), []
     for leaf in jax.tree_util.tree_leaves(tree):
         while isinstance(leaf, jax.core.Tracer):  # a tracer wraps those of outer traces
@@ -116,8 +117,8 @@ def _autodiff_modes(tree: Any) -> list[str]:
         if id(trace) not in owners:
             continue
         kind = type(trace).__name__  # JAX's internal classes, named here, not imported
-        if kind == "LinearizeTrace":
-            modes.append("reverse")
+        if kind == "LinearizeTrace":  # jax.linearize's own: its JVP runs forward
+            modes.append("reverse" if getattr(trace, "is_vjp", True) else "forward")
         elif kind == "JVPTrace":  # a JVP under partial evaluation (no direct linearize): reverse
             parent = type(getattr(trace, "parent_trace", None)).__name__
             modes.append("reverse" if parent == "JaxprTrace" else "forward")

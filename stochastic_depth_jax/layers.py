@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from stochastic_depth_jax import ops
-from stochastic_depth_jax.conv import (REROUTE_CONVS, Conv, naming_forward_mode_fix,
+from stochastic_depth_jax.conv import (REROUTE_CONVS, Conv, stock_convs_under_forward_mode,
                                       reroute_flax_convs)
 
 __all__ = [
@@ -268,7 +268,11 @@ class StochasticDepth(_RefusesDropRates):
         through :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and
         numbers, a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU
         backend), ``'always'`` or ``'never'``; a wrapper inside the branch decides for its
-        own branch. See :func:`~stochastic_depth_jax.conv.reroute_flax_convs`.
+        own branch. A call under forward mode (``jax.jvp``, ``jax.jacfwd``,
+        ``jax.linearize`` innermost over its input or parameters) reroutes nothing, whatever
+        this says (:func:`~stochastic_depth_jax.conv.stock_convs_under_forward_mode`;
+        ``'never'`` where the wrapper cannot see forward mode: README, "Forward-mode
+        autodiff"). See :func:`~stochastic_depth_jax.conv.reroute_flax_convs`.
       groups: ``'sample'``/``'skip'``: the subset is drawn within this many contiguous groups
         of the batch (a multiple of the data-shard count keeps activations on their device,
         and is required under explicit mesh axes; see
@@ -289,7 +293,7 @@ class StochasticDepth(_RefusesDropRates):
     batch_axis: int = 0
 
     @nn.compact
-    @naming_forward_mode_fix
+    @stock_convs_under_forward_mode
     def __call__(
         self,
         x: Array,

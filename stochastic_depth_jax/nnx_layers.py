@@ -371,8 +371,11 @@ class StochasticDepth(nnx.Module):
       reroute_convs: whether stock ``nnx.Conv`` layers inside the branch compute through
         :func:`stochastic_depth_jax.conv.conv_general_dilated` (same parameters and numbers,
         a gradient XLA:CPU runs fast inside ``cond``): ``'auto'`` (on the CPU backend),
-        ``'always'`` or ``'never'`` (for forward-mode autodiff); a wrapper inside the
-        branch decides for its own branch. See
+        ``'always'`` or ``'never'``; a wrapper inside the branch decides for its own
+        branch. A call under forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``
+        innermost over its input or state) reroutes nothing, whatever this says
+        (:func:`~stochastic_depth_jax.conv.stock_convs_under_forward_mode`; ``'never'``
+        where the wrapper cannot see forward mode: README, "Forward-mode autodiff"). See
         :func:`~stochastic_depth_jax.conv.reroute_nnx_convs`.
     """
 
@@ -408,7 +411,7 @@ class StochasticDepth(nnx.Module):
         self.rngs = _as_stream(rngs, rng_collection)
 
     @_naming_nnx_transforms
-    @conv.naming_forward_mode_fix
+    @conv.stock_convs_under_forward_mode
     def __call__(self, x: Array, *args: Any, deterministic: bool | None = None,
                  survival_prob: Any = None, rngs: RngsLike = None, gate: Any = None,
                  shortcut: Array | None = None, **kwargs: Any) -> Array:

@@ -345,6 +345,23 @@ def test_kept_loop_in_forward_mode_equals_the_kept_blocks_run_one_by_one():
     _close(got, jax.jacfwd(reference, argnums=(0, 1, 2))(params, x, probs))
 
 
+def test_kept_loop_under_linearize_equals_the_kept_blocks_run_one_by_one():
+    """jax.linearize was taken for reverse mode (its tracers are a VJP's): the loop's own
+    VJP ran, and its linear function failed with JAX's "can't apply forward-mode autodiff
+    (jvp) to a custom_vjp function". It now differentiates the plain loop, jit or not (a
+    gradient keeps the loop's own VJP: the test after next)."""
+    params, stats, x, probs = _toy()
+    gates = np.array([1, 0, 1, 1, 0], bool)
+    looped = lambda p, v: kept_loop(_toy_block, p, stats, v, probs, jnp.asarray(gates))[0]
+    reference = lambda p, v: _toy_reference(p, stats, v, probs, gates)[0]
+    tangents = jax.tree_util.tree_map(jnp.cos, (params, x))
+    linearized = lambda f: lambda p, v: jax.linearize(f, p, v)[1](*tangents)
+    want = linearized(reference)(params, x)
+    assert float(jnp.abs(want).max()) > 0
+    _close(linearized(looped)(params, x), want)
+    _close(jax.jit(linearized(looped))(params, x), want)
+
+
 def test_kept_loop_second_derivatives_or_one_line_naming_what_works():
     """Reverse over reverse with traced gates failed after tracing with JAX's error
     suggesting lax.scan (misleading: the user wrote no loop); now one line names forward
