@@ -301,17 +301,17 @@ def _refuse_unknown_arguments(module: nnx.Module, unknown: Mapping[str, Any]) ->
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
 
 
-# nnx.merge reuses the state's Variables unless told copy=True: a state a transform does
-# not differentiate (jax.grad or jax.jacfwd of the input only) keeps those of the level
-# outside it, which the wrapper's nnx.cond cannot update either.
+# nnx.merge reuses the state's Variables unless told copy=True: a state the transform does
+# not trace (closed over, or jax.grad / jax.jacfwd of the input only) keeps those of the
+# level outside it, which the wrapper's nnx.cond cannot update either.
 _NNX_TRANSFORMS_FIX = (
     "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...) "
-    "that closes over NNX modules, or merges a state it does not differentiate, whose "
-    "state (key counters, parameters, BatchNorm statistics) NNX cannot update from inside "
-    "it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, nnx.grad), or "
-    "nnx.split the model outside and nnx.merge it inside the function, with copy=True "
-    "where the transform does not differentiate the state (jax.grad or jax.jacfwd of the "
-    "input only)")
+    "that closes over NNX modules or a split state, or merges a state it does not "
+    "differentiate, whose state (key counters, parameters, BatchNorm statistics) NNX cannot "
+    "update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, "
+    "nnx.grad), or nnx.split the model outside and merge it inside the function with "
+    "nnx.merge(graphdef, state, copy=True) (without copy=True a state closed over, or one "
+    "jax.grad / jax.jacfwd do not differentiate, keeps the variables of the level outside)")
 
 
 class _TransformError(flax.errors.TraceContextError):
@@ -326,18 +326,42 @@ def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
     """Decorates a wrapper's ``__call__``: NNX's "Cannot mutate Param from a different trace
     level", raised where the wrapper (its key stream, or its branch) updates state inside a
     plain ``jax.lax.scan`` (or ``jax.vmap``, ...) around a closed-over model, becomes one
-    line naming ``nnx.scan``; an enclosing wrapper passes it on as it is."""
+    line naming ``nnx.scan``; an enclosing wrapper passes it on as it is, and so does a
+    wrapper whose state is all of its caller's level (the branch's own transform raised it:
+    :func:`_of_another_level`)."""
     @functools.wraps(call)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        states = _trace_states(self)  # before the call (see _of_another_level)
         try:
             return call(self, *args, **kwargs)
         except flax.errors.TraceContextError as e:
-            if isinstance(e, _TransformError):
-                raise
+            if isinstance(e, _TransformError) or not _of_another_level(self, states):
+                raise  # an inner wrapper's line, or the branch's own transform's (NNX's words)
             said = str(e).split(" (https://")[0].rstrip(".")
             raise _TransformError(f"{type(self).__name__} {_NNX_TRANSFORMS_FIX} (NNX said: "
                                   f"{said}).") from None
     return wrapped
+
+
+def _trace_states(node: Any) -> list[Any]:
+    """The NNX trace states of ``node`` and of the objects and Variables in its graph."""
+    nodes = [node] + ([] if isinstance(node, nnx.Variable)
+                      else [n for _, n in nnx.iter_graph(node)])
+    return [t for t in map(_trace_of, nodes) if t is not None]
+
+
+def _of_another_level(sd: Any, states: list[Any]) -> bool:
+    """Whether the wrapper or NNX state it uses (``states``: its graph's, taken before the
+    call, as a failed NNX update leaves the modules empty; a function branch's closed-over
+    layers) was made at another trace level than the one the wrapper is called at: a plain
+    JAX transform around it, or a state merged without copying, whose NNX
+    ``TraceContextError`` is the wrapper's to name. Otherwise the branch's own code raised it
+    (a ``jax.lax.scan`` of its own over its layers), which NNX's words point at."""
+    if not _has_state(sd.branch):
+        states = states + [t for obj, _ in _function_parts(sd.branch)
+                           if isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)
+                           for t in _trace_states(obj)]
+    return not all(t.is_valid() for t in states)
 
 
 class StochasticDepth(nnx.Module):
