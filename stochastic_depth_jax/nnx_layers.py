@@ -17,6 +17,7 @@ key give the same outputs (see :func:`load_linen_params`).
 from __future__ import annotations
 
 import contextlib
+import dis
 import functools
 import os
 import types
@@ -134,6 +135,21 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
+# The instructions that read a global (by name: the opcodes differ between Pythons).
+_READS_GLOBAL = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: Any) -> frozenset[str]:
+    """The names a code object (and the functions defined in it) reads as globals: not its
+    attribute names (``self.conv`` does not read a global ``conv``)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in _READS_GLOBAL}
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _global_names(const)
+    return frozenset(names)
+
+
 # Where JAX's, Flax's and NumPy's own functions live (told by their code's file: functools.wraps
 # copies __module__).
 _LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
@@ -167,7 +183,7 @@ def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, s
         inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
                   if _cell_filled(cell)]
         globals_ = getattr(fn, "__globals__", {})
-        owner += [globals_[n] for n in names if n in globals_]
+        owner += [globals_[n] for n in _global_names(code) if n in globals_]
     parts = [(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]]
     for obj in inner:
         if _is_function(obj):  # a library's wrapper (no code read) is not a level of the user's

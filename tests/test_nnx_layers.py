@@ -471,3 +471,33 @@ def test_nnx_function_branch_over_a_frozen_outside_layer_names_the_module_fix(fr
 
     np.testing.assert_allclose(step(model)["head"]["kernel"][...],
                                nnx.grad(want)(model.head)["kernel"][...], rtol=1e-5)
+
+
+# A layer among the module's globals (as a notebook's), named as the block's attribute below.
+stem = nnx.Conv(3, 3, (3, 3), rngs=nnx.Rngs(7))
+
+
+@pytest.mark.parametrize("reads_global", [False, True])
+def test_nnx_function_branch_reading_an_attribute_named_as_a_global_layer(reads_global):
+    """lambda v: self.stem(v), built in __call__ under nnx.jit, was refused ("made outside the
+    NNX transform it runs in") when the module's globals held a layer named stem: the names
+    a function reads as attributes were taken for globals it reads. A function reading the
+    global layer itself is still refused."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            branch = (lambda v: stem(v)) if reads_global else (lambda v: self.stem(v))
+            return x + nnx_layers.StochasticDepth(branch, 0.5)(x, rngs=key)
+
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    if reads_global:
+        with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                             r"uses NNX state \(Conv\) made outside"):
+            step(Block(nnx.Rngs(0)))
+    else:
+        assert float(jnp.abs(step(Block(nnx.Rngs(0)))["stem"]["kernel"][...]).sum()) > 0
