@@ -170,6 +170,13 @@ def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, s
         names = _code_names(code) if code is not None else set()
         return (_function_parts(fn.func, depth + 1, hops + 1)
                 + [(a, names) for a in (*fn.args, *fn.keywords.values())])
+    if _is_plain_callable(fn):  # an object of the user's class with __call__, not a Module
+        call = type(fn).__call__
+        names = _code_names(call.__code__)
+        held = [v for n, v in getattr(fn, "__dict__", {}).items() if n in names]
+        return _function_parts(call, depth + 1, hops + 1) + [
+            part for v in held for part in (_function_parts(v, depth + 1, hops + 1)
+                                            if _is_function(v) else [(v, set())])]
     if not _is_function(fn):
         return [(fn, set())]  # a module or other object itself (partial(self.conv))
     owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
@@ -197,6 +204,16 @@ def _is_function(obj: Any) -> bool:
     return not nnx.graph.is_graph_node(obj) and (
         isinstance(obj, (types.FunctionType, types.MethodType, functools.partial))
         or hasattr(obj, "__wrapped__"))
+
+
+def _is_plain_callable(obj: Any) -> bool:
+    """An instance of a class of the user's that defines ``__call__`` in Python (the attributes
+    its ``__call__`` reads are what it uses), not a module, Variable, function or wrapper."""
+    call = getattr(type(obj), "__call__", None)
+    return (isinstance(call, types.FunctionType) and not isinstance(obj, type)
+            and not isinstance(obj, nnx.Variable) and not nnx.graph.is_graph_node(obj)
+            and not _is_function(obj)
+            and not call.__code__.co_filename.startswith(_LIBRARIES))
 
 
 def _cell_filled(cell: Any) -> bool:
