@@ -17,6 +17,7 @@ key give the same outputs (see :func:`load_linen_params`).
 from __future__ import annotations
 
 import contextlib
+import dis
 import functools
 import os
 import types
@@ -134,6 +135,21 @@ def _code_names(code: Any) -> set[str]:
     return names
 
 
+# The instructions that read a global (by name: the opcodes differ between Pythons).
+_READS_GLOBAL = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: Any) -> frozenset[str]:
+    """The names a code object (and the functions defined in it) reads as globals: not its
+    attribute names (``self.conv`` does not read a global ``conv``)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in _READS_GLOBAL}
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _global_names(const)
+    return frozenset(names)
+
+
 # Where JAX's, Flax's and NumPy's own functions live (told by their code's file: functools.wraps
 # copies __module__).
 _LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
@@ -154,6 +170,13 @@ def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, s
         names = _code_names(code) if code is not None else set()
         return (_function_parts(fn.func, depth + 1, hops + 1)
                 + [(a, names) for a in (*fn.args, *fn.keywords.values())])
+    if _is_plain_callable(fn):  # an object of the user's class with __call__, not a Module
+        call = type(fn).__call__
+        names = _code_names(call.__code__)
+        held = [v for n, v in getattr(fn, "__dict__", {}).items() if n in names]
+        return _function_parts(call, depth + 1, hops + 1) + [
+            part for v in held for part in (_function_parts(v, depth + 1, hops + 1)
+                                            if _is_function(v) else [(v, set())])]
     if not _is_function(fn):
         return [(fn, set())]  # a module or other object itself (partial(self.conv))
     owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
@@ -167,7 +190,7 @@ def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, s
         inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
                   if _cell_filled(cell)]
         globals_ = getattr(fn, "__globals__", {})
-        owner += [globals_[n] for n in names if n in globals_]
+        owner += [globals_[n] for n in _global_names(code) if n in globals_]
     parts = [(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]]
     for obj in inner:
         if _is_function(obj):  # a library's wrapper (no code read) is not a level of the user's
@@ -181,6 +204,16 @@ def _is_function(obj: Any) -> bool:
     return not nnx.graph.is_graph_node(obj) and (
         isinstance(obj, (types.FunctionType, types.MethodType, functools.partial))
         or hasattr(obj, "__wrapped__"))
+
+
+def _is_plain_callable(obj: Any) -> bool:
+    """An instance of a class of the user's that defines ``__call__`` in Python (the attributes
+    its ``__call__`` reads are what it uses), not a module, Variable, function or wrapper."""
+    call = getattr(type(obj), "__call__", None)
+    return (isinstance(call, types.FunctionType) and not isinstance(obj, type)
+            and not isinstance(obj, nnx.Variable) and not nnx.graph.is_graph_node(obj)
+            and not _is_function(obj)
+            and not call.__code__.co_filename.startswith(_LIBRARIES))
 
 
 def _cell_filled(cell: Any) -> bool:
@@ -301,17 +334,17 @@ def _refuse_unknown_arguments(module: nnx.Module, unknown: Mapping[str, Any]) ->
     raise TypeError(f"{name}.__init__() got an unexpected keyword argument {key!r}")
 
 
-# nnx.merge reuses the state's Variables unless told copy=True: a state a transform does
-# not differentiate (jax.grad or jax.jacfwd of the input only) keeps those of the level
-# outside it, which the wrapper's nnx.cond cannot update either.
+# nnx.merge reuses the state's Variables unless told copy=True: a state the transform does
+# not trace (closed over, or jax.grad / jax.jacfwd of the input only) keeps those of the
+# level outside it, which the wrapper's nnx.cond cannot update either.
 _NNX_TRANSFORMS_FIX = (
     "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...) "
-    "that closes over NNX modules, or merges a state it does not differentiate, whose "
-    "state (key counters, parameters, BatchNorm statistics) NNX cannot update from inside "
-    "it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, nnx.grad), or "
-    "nnx.split the model outside and nnx.merge it inside the function, with copy=True "
-    "where the transform does not differentiate the state (jax.grad or jax.jacfwd of the "
-    "input only)")
+    "that closes over NNX modules or a split state, or merges a state it does not "
+    "differentiate, whose state (key counters, parameters, BatchNorm statistics) NNX cannot "
+    "update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, "
+    "nnx.grad), or nnx.split the model outside and merge it inside the function with "
+    "nnx.merge(graphdef, state, copy=True) (without copy=True a state closed over, or one "
+    "jax.grad / jax.jacfwd do not differentiate, keeps the variables of the level outside)")
 
 
 class _TransformError(flax.errors.TraceContextError):
@@ -326,18 +359,42 @@ def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
     """Decorates a wrapper's ``__call__``: NNX's "Cannot mutate Param from a different trace
     level", raised where the wrapper (its key stream, or its branch) updates state inside a
     plain ``jax.lax.scan`` (or ``jax.vmap``, ...) around a closed-over model, becomes one
-    line naming ``nnx.scan``; an enclosing wrapper passes it on as it is."""
+    line naming ``nnx.scan``; an enclosing wrapper passes it on as it is, and so does a
+    wrapper whose state is all of its caller's level (the branch's own transform raised it:
+    :func:`_of_another_level`)."""
     @functools.wraps(call)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        states = _trace_states(self)  # before the call (see _of_another_level)
         try:
             return call(self, *args, **kwargs)
         except flax.errors.TraceContextError as e:
-            if isinstance(e, _TransformError):
-                raise
+            if isinstance(e, _TransformError) or not _of_another_level(self, states):
+                raise  # an inner wrapper's line, or the branch's own transform's (NNX's words)
             said = str(e).split(" (https://")[0].rstrip(".")
             raise _TransformError(f"{type(self).__name__} {_NNX_TRANSFORMS_FIX} (NNX said: "
                                   f"{said}).") from None
     return wrapped
+
+
+def _trace_states(node: Any) -> list[Any]:
+    """The NNX trace states of ``node`` and of the objects and Variables in its graph."""
+    nodes = [node] + ([] if isinstance(node, nnx.Variable)
+                      else [n for _, n in nnx.iter_graph(node)])
+    return [t for t in map(_trace_of, nodes) if t is not None]
+
+
+def _of_another_level(sd: Any, states: list[Any]) -> bool:
+    """Whether the wrapper or NNX state it uses (``states``: its graph's, taken before the
+    call, as a failed NNX update leaves the modules empty; a function branch's closed-over
+    layers) was made at another trace level than the one the wrapper is called at: a plain
+    JAX transform around it, or a state merged without copying, whose NNX
+    ``TraceContextError`` is the wrapper's to name. Otherwise the branch's own code raised it
+    (a ``jax.lax.scan`` of its own over its layers), which NNX's words point at."""
+    if not _has_state(sd.branch):
+        states = states + [t for obj, _ in _function_parts(sd.branch)
+                           if isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)
+                           for t in _trace_states(obj)]
+    return not all(t.is_valid() for t in states)
 
 
 class StochasticDepth(nnx.Module):

@@ -897,13 +897,60 @@ def test_nnx_wrapper_merged_from_a_state_not_differentiated_names_merge_with_cop
     def loss(copy):
         return lambda s, x: jnp.sum(nnx.merge(graphdef, s, copy=copy)(x, rngs=key) ** 2)
 
+    line = (r"^StochasticDepth ran inside a JAX transform .*jax.grad, .*merge it inside the "
+            r"function with nnx\.merge\(graphdef, state, copy=True\) \(without copy=True a "
+            r"state closed over, or one jax.grad / jax.jacfwd do not differentiate, keeps")
     for transform in (jax.grad, jax.jacfwd):
-        with pytest.raises(flax.errors.TraceContextError,
-                           match=r"^StochasticDepth ran inside a JAX transform .*jax.grad, "
-                                 r".*nnx.merge it inside the function, with copy=True where"):
+        with pytest.raises(flax.errors.TraceContextError, match=line):
             transform(loss(False), argnums=1)(state, X)
     got = jax.grad(loss(True), argnums=1)(state, X)
     model = nnx.merge(graphdef, state)
     want = nnx.grad(lambda m, x: jnp.sum(m(x, rngs=key) ** 2), argnums=1)(model, X)
     assert float(jnp.abs(want).sum()) > 0
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("transform", ["jit", "scan"])
+def test_nnx_wrapper_merged_from_a_closed_over_state_names_merge_with_copy(transform):
+    """The state split outside and closed over by a jax.jit or jax.lax.scan body that merges
+    it: the line named copy=True only for jax.grad / jax.jacfwd of the input only, and
+    "nnx.merge it inside the function", which is what was done. copy=True runs there too."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+    graphdef, state = nnx.split(nnx_layers.StochasticDepth(NnxDense(nnx.Rngs(0)), 0.5))
+
+    def run(copy):
+        def forward(x):
+            return nnx.merge(graphdef, state, copy=copy)(x, rngs=key)
+        if transform == "jit":
+            return jax.jit(forward)(X)
+        return jax.lax.scan(lambda c, x: (c, forward(x)), 0, X[None])[1][0]
+
+    with pytest.raises(flax.errors.TraceContextError,
+                       match=r"nnx\.merge\(graphdef, state, copy=True\) \(without copy=True "
+                             r"a state closed over, .*keeps the variables of the level outside"):
+        run(False)
+    np.testing.assert_allclose(run(True), nnx.merge(graphdef, state)(X, rngs=key), rtol=1e-5)
+
+
+def test_nnx_branch_running_its_own_plain_scan_gets_nnx_words_not_the_wrappers_line():
+    """A branch whose own code runs a plain jax.lax.scan over its BatchNorm (NNX refuses the
+    update) was said to be the wrapper's doing, "StochasticDepth ran inside a JAX
+    transform", though the wrapper ran outside every transform: NNX's own error is left."""
+    class ScanningBranch(nnx.Module):
+        def __init__(self, rngs):
+            self.dense, self.bn = nnx.Linear(6, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs)
+
+        def __call__(self, x):
+            return jax.lax.scan(lambda c, v: (c, self.bn(self.dense(v))), 0, x[None])[1][0]
+
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+    for implementation in ("skip", "mask"):
+        sd = nnx_layers.StochasticDepth(ScanningBranch(nnx.Rngs(0)), 0.5,
+                                        implementation=implementation)
+        for call in (lambda m: m(X, rngs=key), nnx.jit(lambda m: m(X, rngs=key))):
+            with pytest.raises(flax.errors.TraceContextError) as info:
+                call(sd)
+            assert not isinstance(info.value, nnx_layers._TransformError)
+            assert str(info.value).startswith("Cannot mutate BatchStat from a different trace")

@@ -471,3 +471,70 @@ def test_nnx_function_branch_over_a_frozen_outside_layer_names_the_module_fix(fr
 
     np.testing.assert_allclose(step(model)["head"]["kernel"][...],
                                nnx.grad(want)(model.head)["kernel"][...], rtol=1e-5)
+
+
+# A layer among the module's globals (as a notebook's), named as the block's attribute below.
+stem = nnx.Conv(3, 3, (3, 3), rngs=nnx.Rngs(7))
+
+
+@pytest.mark.parametrize("reads_global", [False, True])
+def test_nnx_function_branch_reading_an_attribute_named_as_a_global_layer(reads_global):
+    """lambda v: self.stem(v), built in __call__ under nnx.jit, was refused ("made outside the
+    NNX transform it runs in") when the module's globals held a layer named stem: the names
+    a function reads as attributes were taken for globals it reads. A function reading the
+    global layer itself is still refused."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            branch = (lambda v: stem(v)) if reads_global else (lambda v: self.stem(v))
+            return x + nnx_layers.StochasticDepth(branch, 0.5)(x, rngs=key)
+
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    if reads_global:
+        with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                             r"uses NNX state \(Conv\) made outside"):
+            step(Block(nnx.Rngs(0)))
+    else:
+        assert float(jnp.abs(step(Block(nnx.Rngs(0)))["stem"]["kernel"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("built_in_call", [False, True])
+def test_nnx_branch_that_is_a_callable_object_holding_outside_layers_is_refused(built_in_call):
+    """An instance of a plain class with __call__ (not an nnx.Module) holding self.conv,
+    built in __init__, got a zero gradient under nnx.jit silently: only functions, partials
+    and modules were read. Built in __call__ (nnx.jit's layers) it trains, rerouted."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Branch:
+        def __init__(self, conv):
+            self.conv = conv
+
+        def __call__(self, v):
+            return jnp.tanh(self.conv(v))
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.sd = nnx_layers.StochasticDepth(Branch(self.conv), 0.5)
+
+        def __call__(self, x):
+            sd = (nnx_layers.StochasticDepth(Branch(self.conv), 0.5, reroute_convs="always")
+                  if built_in_call else self.sd)
+            return x + sd(x, rngs=key)
+
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    if not built_in_call:
+        with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                             r"uses NNX state \(Conv\) made outside"):
+            step(Block(nnx.Rngs(0)))
+        return
+    model = Block(nnx.Rngs(0))
+    jaxpr = str(jax.make_jaxpr(lambda x: nnx.merge(*nnx.split(model))(x))(X))
+    assert "custom_vjp" in jaxpr  # the conv it holds is rerouted, as a Module branch's
+    assert float(jnp.abs(step(model)["conv"]["kernel"][...]).sum()) > 0
