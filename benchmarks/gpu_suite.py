@@ -113,11 +113,14 @@ same network, config, batch, precision and p_L:
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -480,17 +483,18 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
     grace = min(GRACE_S, timeout / 4)
     timers = [threading.Timer(timeout - grace, stop, (signal.SIGTERM,)),
               threading.Timer(timeout, stop, (signal.SIGKILL,))]
-    for timer in timers:
-        timer.start()
+    output = PartOutput(proc.stdout)
     try:
         try:
-            for line in proc.stdout:
+            for timer in timers:  # inside: a signal while they start is passed on too
+                timer.start()
+            for line in output:
                 log.write(line)  # first: the log keeps it also if stdout's reader exited
                 log.flush()
                 sys.stdout.write(line)
         except (bench_cli.Interrupted, KeyboardInterrupt) as e:
             timers[0].cancel()  # a second SIGTERM would stop a benchmark at once
-            _pass_on(proc, e, log, already=stopped.is_set())
+            _pass_on(proc, e, log, already=stopped.is_set(), output=output)
             raise
         proc.wait()
     finally:
@@ -502,20 +506,56 @@ def _echo_until_done(proc: subprocess.Popen, timeout: float, log) -> bool:
     return stopped.is_set()
 
 
+# The longest one wait for a part's output lasts: a Ctrl-C or SIGTERM that lands just before
+# a blocking read (CPython runs a handler between bytecodes, not inside the read) is handled
+# at the end of the wait; it waited for the part's next line, minutes where a part compiles.
+READ_WAIT_S = 0.5
+
+
+class PartOutput:
+    """The lines of a part's output ``stream`` (its pipe, in text mode), as ``for line in
+    stream`` gives them, read in waits of at most :data:`READ_WAIT_S` (a signal that landed
+    just before a wait is handled at its end). What was read and not yet given out is kept
+    here, also when a signal stops the iteration: :func:`_pass_on` goes on from there."""
+
+    def __init__(self, stream):
+        self.fd = stream.fileno()
+        self.readable = select.poll()  # (not select.select: no limit on the descriptor)
+        self.readable.register(self.fd, select.POLLIN)
+        decoder = codecs.getincrementaldecoder(stream.encoding)(stream.errors)
+        self.decoder = io.IncrementalNewlineDecoder(decoder, translate=True)
+        self.text, self.ended = "", False
+
+    def __iter__(self):
+        while True:
+            line, newline, rest = self.text.partition("\n")
+            if newline or (self.ended and line):
+                self.text = rest
+                yield line + newline
+            elif self.ended:
+                return
+            elif self.readable.poll(READ_WAIT_S * 1000):  # data, or its end
+                chunk = os.read(self.fd, 1 << 16)
+                self.text += self.decoder.decode(chunk, final=not chunk)
+                self.ended = not chunk
+
+
 # Seconds a part is given, after a Ctrl-C or SIGTERM to the suite is passed on to it, to
 # append what it measured (as a benchmark does: bench_cli.rounds, bench_train.py's
 # variants) before it is killed: as long as the budget gives one before its end.
 PASS_ON_WAIT_S = GRACE_S
 
 
-def _pass_on(proc: subprocess.Popen, stop: BaseException, log, already: bool) -> None:
+def _pass_on(proc: subprocess.Popen, stop: BaseException, log, already: bool,
+             output: PartOutput | None = None) -> None:
     """Passes the suite's Ctrl-C or SIGTERM (``stop``) on to the part ``proc``'s process
     group (not where the budget's SIGTERM was ``already`` sent: a second one stops a
     benchmark at once), and echoes its output to ``log`` (and stdout while it has a
     reader) until it ends, for at most :data:`PASS_ON_WAIT_S` seconds; a second Ctrl-C or
     SIGTERM, or the wait's end, kills it (the caller). It was SIGKILLed at once: a
     benchmark in its timed rounds, or ``bench_train.py --whole-epochs``, lost what it had
-    measured."""
+    measured. ``output``: the part's, as read so far (default: from here on)."""
+    output = PartOutput(proc.stdout) if output is None else output
     signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else stop.status - 128
     how = bench_cli.signal_name(signum)
     if already:  # not passed on: the part is appending what it measured, or will be killed
@@ -529,7 +569,7 @@ def _pass_on(proc: subprocess.Popen, stop: BaseException, log, already: bool) ->
                              (proc.pid, signal.SIGKILL))
     killer.start()
     try:
-        for line in iter(proc.stdout.readline, ""):
+        for line in output:
             _say(line, log)
         proc.wait()
     except (bench_cli.Interrupted, KeyboardInterrupt):  # again: killed at once (the caller)

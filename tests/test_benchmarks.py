@@ -5,6 +5,7 @@ meets them: a rerun never loses a recorded table, a bad flag is one line, an int
 during the timed rounds (or the compile timings after them) writes what was measured, marked
 as such, and any other writes nothing."""
 
+import _thread
 import argparse
 import io
 import json
@@ -1376,36 +1377,28 @@ def test_an_abbreviated_flag_is_refused(tmp_path, capsys):
                 in open(os.path.join(BENCHMARKS, name)).read()]  # bench_cli.argument_parser
 
 
-def _signal_once_logged(log, text, signum, done, deadline_s=120):
-    """Sends ``signum`` to this process once ``log`` holds ``text`` (or at ``deadline_s``,
-    then failing the test on what the log lacks); gives up once ``done`` is set."""
-    end = time.monotonic() + deadline_s
-    while not done.wait(0.02):
-        if (log.exists() and text in log.read_text()) or time.monotonic() > end:
-            os.kill(os.getpid(), signum)
-            return
+# Prepended to a stand-in part's code: once its own handlers are in, it sends the suite
+# (this test process, argv[1]) the signal argv[2], before it prints anything, so that the
+# suite waits in its read of the part's output. A thread of the test that sent it on seeing
+# the part's first line in the log took the interpreter's lock from the suite's thread at the
+# points where that thread gave it up: just before the read (the signal then waited for the
+# part's end) or in JAX's garbage-collection callback (which drops what it raises: the suite
+# ran the part to its end and exited 0). Under load that failed a test now and then.
+_SIGNALS_THE_SUITE = "import os, sys\nsuite, signum = int(sys.argv[1]), int(sys.argv[2])\n"
 
 
 def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monkeypatch):
     suite = load("gpu_suite")
-    slow = suite.Part("slow", 1, ("-c", "import time; print('slow started', flush=True); "
-                                        "time.sleep(60)"))
+    # SIGTERM once the part has started (sent by the part), not after a fixed delay: a
+    # loaded machine may not have started it 3 s in.
+    slow = suite.Part("slow", 1, ("-c", _SIGNALS_THE_SUITE + "import time\n"
+                                  "os.kill(suite, signum); print('slow started', flush=True)\n"
+                                  "time.sleep(60)", str(os.getpid()), str(int(signal.SIGTERM))))
     monkeypatch.setattr(suite, "BY_NAME", {"slow": slow})
     monkeypatch.setattr(suite, "backend", lambda: "gpu")
-    run = load("bench_cli").run
-    # SIGTERM once the part has started (its line in the log), not after a fixed delay: a
-    # loaded machine may not have started it 3 s in.
-    done = threading.Event()
-    sender = threading.Thread(target=_signal_once_logged, args=(
-        tmp_path / "gpu_suite.log", "slow started", signal.SIGTERM, done))
-    sender.start()
-    try:
-        status, err = run_command("gpu_suite", ["--parts", "slow", "--out-dir", str(tmp_path)],
-                                  capsys)
-    finally:
-        done.set()
-        sender.join()
-    assert run and status == 143 and len(err) == 1
+    status, err = run_command("gpu_suite", ["--parts", "slow", "--out-dir", str(tmp_path)],
+                              capsys)
+    assert status == 143 and len(err) == 1
     assert err[0].startswith("interrupted (SIGTERM): part slow stopped")
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "slow started" in log and "slow: interrupted (SIGTERM)" in log
@@ -1413,17 +1406,18 @@ def test_gpu_suite_interrupted_stops_the_part_and_logs_it(tmp_path, capsys, monk
 
 # A part that, on Ctrl-C or SIGTERM, appends the table of what it measured, marked, as a
 # benchmark in its timed rounds does, after a moment (the suite SIGKILLed it at once).
-_WRITES_ON_SIGNAL = textwrap.dedent("""\
+_WRITES_ON_SIGNAL = _SIGNALS_THE_SUITE + textwrap.dedent("""\
     import signal, sys, time
     def table(signum, frame):
         time.sleep(0.5)
-        with open(sys.argv[1], 'a') as f:
+        with open(sys.argv[3], 'a') as f:
             f.write('## Toy (interrupted after 1 of 2 rounds)\\n\\n| variant | ms |\\n'
                     '|---|---|\\n| constant | 1.0 |\\n\\n')
         print('appended after', signal.Signals(signum).name, flush=True)
         sys.exit(128 + signum)
     signal.signal(signal.SIGTERM, table)
     signal.signal(signal.SIGINT, table)
+    os.kill(suite, signum)
     print('rounds started', flush=True)
     time.sleep(60)
     """)
@@ -1437,33 +1431,29 @@ def test_gpu_suite_interrupted_lets_its_part_write_what_it_measured(tmp_path, ca
     what it had measured. Now the signal is passed on, and the part given time to append
     it; one that does not stop is killed at the end of that wait."""
     suite = load("gpu_suite")
-    rounds = suite.Part("rounds", 1, ("-c", _WRITES_ON_SIGNAL, "{out}/toy.md"))
-    stubborn = suite.Part("stubborn", 1, ("-c", textwrap.dedent("""\
+    to_suite = (str(os.getpid()), str(int(signum)))  # the part signals the suite, when ready
+    rounds = suite.Part("rounds", 1, ("-c", _WRITES_ON_SIGNAL, *to_suite, "{out}/toy.md"))
+    stubborn = suite.Part("stubborn", 1, ("-c", _SIGNALS_THE_SUITE + textwrap.dedent("""\
         import signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.kill(suite, signum)
         print('stubborn started', flush=True)
         time.sleep(60)
-        """)))
+        """), *to_suite))
     monkeypatch.setattr(suite, "BY_NAME", {p.name: p for p in (rounds, stubborn)})
     monkeypatch.setattr(suite, "backend", lambda: "gpu")
     monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
     monkeypatch.setattr(suite, "PASS_ON_WAIT_S", 2.0)
     log = tmp_path / "gpu_suite.log"
     how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    for name, started in (("rounds", "rounds started"), ("stubborn", "stubborn started")):
-        done = threading.Event()
-        sender = threading.Thread(target=_signal_once_logged, args=(log, started, signum, done))
-        sender.start()
+    for name in ("rounds", "stubborn"):
         t0 = time.perf_counter()
-        try:
-            status, err = run_command("gpu_suite", ["--parts", name, "--budget", "100",
-                                                    "--out-dir", str(tmp_path)], capsys)
-        finally:
-            done.set()
-            sender.join()
+        status, err = run_command("gpu_suite", ["--parts", name, "--budget", "100",
+                                                "--out-dir", str(tmp_path)], capsys)
         assert status == 128 + signum and len(err) == 1, err
-        assert time.perf_counter() - t0 < 30  # not the part's minute, nor the budget's
+        # A hang detector: not the part's minute, nor the budget's 100 s (a few seconds).
+        assert time.perf_counter() - t0 < 50
     summaries = [part.splitlines() for part in log.read_text().split("=== summary\n")[1:]]
     assert f"appended after {signal.Signals(signum).name}" in log.read_text()
     assert summaries[0][0] == (f"rounds: interrupted ({how}); stopped after it appended what "
@@ -1472,6 +1462,95 @@ def test_gpu_suite_interrupted_lets_its_part_write_what_it_measured(tmp_path, ca
     assert summaries[1][0] == f"stubborn: interrupted ({how}); its table was not written"
     assert err[0] == (f"interrupted ({how}): part stubborn stopped and its table not written; "
                       f"the parts before it wrote theirs (summary in {log}).")
+
+
+# A part that, on Ctrl-C, writes 'got SIGINT' and exits; otherwise ends after argv[1]'s
+# seconds. Its files in argv[2]: 'ready' (its handler is in), 'ended' (it ran to its end).
+_ENDS_ON_CTRL_C = textwrap.dedent("""\
+    import os, signal, sys, time
+    def got(signum, frame):
+        print('got', signal.Signals(signum).name, flush=True)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGINT, got)
+    open(os.path.join(sys.argv[2], 'ready'), 'w').close()
+    print('started', flush=True)
+    time.sleep(float(sys.argv[1]))
+    open(os.path.join(sys.argv[2], 'ended'), 'w').close()
+    """)
+
+
+def test_gpu_suite_handles_a_ctrl_c_that_lands_before_its_read(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C or SIGTERM that landed just before the suite's blocking read of the part's
+    output (CPython runs a handler between bytecodes) waited for the part's next line: a
+    part compiling for minutes ran on, and the suite stopped only after it had ended. The
+    read waits at most READ_WAIT_S at a time. A handler pending without a signal
+    (``_thread.interrupt_main``) is that state: no read is interrupted."""
+    suite = load("gpu_suite")
+    part = suite.Part("quiet", 1, ("-c", _ENDS_ON_CTRL_C, "60", str(tmp_path)))
+    monkeypatch.setattr(suite, "BY_NAME", {"quiet": part})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    log, main = tmp_path / "gpu_suite.log", threading.main_thread().ident
+
+    def waiting():  # the suite's thread waits for the part's output
+        frame = sys._current_frames().get(main)
+        return frame is not None and frame.f_code.co_filename == suite.__file__
+
+    def pending_ctrl_c():
+        end = time.monotonic() + 120
+        while not ((tmp_path / "ready").exists() and waiting()):
+            if time.monotonic() > end:
+                return  # the test fails on what the log lacks
+            time.sleep(0.02)
+        _thread.interrupt_main(signal.SIGINT)
+
+    sender = threading.Thread(target=pending_ctrl_c)
+    sender.start()
+    try:
+        status, err = run_command("gpu_suite", ["--parts", "quiet", "--out-dir",
+                                                str(tmp_path)], capsys)
+    finally:
+        sender.join()
+    lines = log.read_text().splitlines()
+    assert status == 130 and "got SIGINT" in lines, lines[-8:]
+    assert not (tmp_path / "ended").exists()  # it was passed the Ctrl-C, not waited for
+    assert err[0].startswith("interrupted (Ctrl-C): part quiet stopped")
+
+
+def test_gpu_suite_passes_on_a_ctrl_c_that_lands_while_it_starts_its_timers(
+        tmp_path, capsys, monkeypatch):
+    """A Ctrl-C that landed after the part had started, while the suite started the
+    budget's timers, was neither passed on nor followed by a kill: the part ran on
+    unwatched, said not to have written its table, and the timers (threads the interpreter
+    waits for at its exit) kept the suite from exiting until the budget's end."""
+    suite = load("gpu_suite")
+    ready = tmp_path / "ready"
+    part = suite.Part("quiet", 1, ("-c", _ENDS_ON_CTRL_C, "60", str(tmp_path)))
+    monkeypatch.setattr(suite, "BY_NAME", {"quiet": part})
+    monkeypatch.setattr(suite, "backend", lambda: "gpu")
+    monkeypatch.setattr(suite, "preflight", lambda parts: "versions: stand-in")
+    started = []
+
+    class CtrlCAtTheSecond(threading.Timer):
+        def start(self):
+            started.append(self)
+            if len(started) == 2:  # the part's handler in, then a Ctrl-C as this one starts
+                end = time.monotonic() + 120
+                while not ready.exists() and time.monotonic() < end:
+                    time.sleep(0.02)
+                raise KeyboardInterrupt
+            super().start()
+
+    monkeypatch.setattr(suite.threading, "Timer", CtrlCAtTheSecond)
+    try:
+        status, err = run_command("gpu_suite", ["--parts", "quiet", "--out-dir",
+                                                str(tmp_path)], capsys)
+        cancelled = started[0].finished.is_set()  # the suite can exit
+    finally:
+        for timer in started:
+            timer.cancel()
+    lines = (tmp_path / "gpu_suite.log").read_text().splitlines()
+    assert status == 130 and "got SIGINT" in lines and cancelled, lines[-8:]
 
 
 def test_gpu_suite_ctrl_c_after_the_budgets_sigterm_is_not_said_to_be_passed_on(tmp_path,
@@ -1814,7 +1893,8 @@ def test_a_signal_while_a_benchmark_imports_jax_is_one_line(signum, tmp_path):
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'jax':\n"
         "            print('importing jax', flush=True)\n"
-        "            time.sleep(60)\n"
+        "            for _ in range(600):\n"  # not one sleep(60): a signal that landed
+        "                time.sleep(0.1)\n"  # just before its start waited for its end
         "sys.meta_path.insert(0, SlowJax())\n"
         "sys.argv = sys.argv[1:]\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
