@@ -610,11 +610,19 @@ class _Branch(nn.Module):
     def output_dtype(self, x: Array) -> Any:
         """The dtype the branch returns for input ``x``: ``dtype``, else the promotion of
         ``x``'s with its convolutions' parameters' (float32 by default), as the convolutions
-        compute: a bfloat16 input gives a float32 output there, not a bfloat16 one."""
+        compute: a bfloat16 input gives a float32 output there, not a bfloat16 one. With a
+        user's own ``conv`` or ``norm`` module, whose dtype rules may be others (a bfloat16
+        kernel without a ``param_dtype`` field), the branch is traced abstractly instead
+        (nothing computed, no variable created)."""
         if self.dtype is not None:
             return jnp.dtype(self.dtype)
         conv = self.conv(self.features, (1, 1), parent=None)
-        return jnp.result_type(x.dtype, getattr(conv, "param_dtype", jnp.float32))
+        if type(conv) in (Conv, nn.Conv) and type(self.norm(parent=None)) is BatchNorm:
+            return jnp.result_type(x.dtype, conv.param_dtype)
+        branch = self.clone(parent=None)
+        run = functools.partial(branch.init_with_output, {"params": jax.random.key(0)},
+                                train=False)
+        return jax.eval_shape(run, jax.ShapeDtypeStruct(x.shape, x.dtype))[0].dtype
 
     def _conv(self, features: int, kernel: int, strides: int, name: str,
               last: bool = False) -> nn.Module:

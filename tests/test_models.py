@@ -658,6 +658,67 @@ def test_a_block_without_dtype_skips_on_a_bfloat16_input(block):
         assert sdj.Shortcut(4, 2, kind).apply({}, x, train=False).dtype == jnp.bfloat16
 
 
+class _Bf16Conv(nn.Module):
+    """A user's convolution: bfloat16 kernel and compute, and no ``param_dtype`` field."""
+
+    features: int
+    kernel_size: tuple = (3, 3)
+    strides: tuple = (1, 1)
+    padding: object = "SAME"
+    use_bias: bool = False
+    kernel_init: object = nn.initializers.lecun_normal()
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", self.kernel_init,
+                       (*self.kernel_size, x.shape[-1], self.features), jnp.bfloat16)
+        return lax.conv_general_dilated(x.astype(jnp.bfloat16), k, self.strides, self.padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class _FlaxBatchNorm(nn.Module):
+    """A user's norm: Flax's BatchNorm, whose output promotes to its float32 parameters."""
+
+    dtype: object = None
+    scale_init: object = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return nn.BatchNorm(use_running_average=not train, dtype=self.dtype,
+                            scale_init=self.scale_init)(x)
+
+
+@pytest.mark.parametrize("kw", [
+    {"conv": _Bf16Conv},
+    {"conv": functools.partial(sdj.conv.Conv, param_dtype=jnp.bfloat16),
+     "norm": _FlaxBatchNorm},
+])
+@pytest.mark.parametrize("block", [sdj.BasicBlock, sdj.PreActBlock])
+def test_a_block_of_a_users_conv_or_norm_skips_as_it_masks(kw, block):
+    """The skipping ``cond`` shapes its closed side by a dtype rule of the library's own
+    convolutions and norm; a user's with other rules (a bfloat16 kernel without a
+    ``param_dtype`` field; Flax's BatchNorm, promoting to float32) failed with "cond
+    branches must have equal output types", where masking ran; so did a deleted block's
+    output, unlike the block with its gate closed."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jax.random.normal(jax.random.key(3), (4, 6, 6, 4)).astype(dtype)
+        outs = {}
+        for implementation in ("skip", "mask"):
+            b = block(4, 1, implementation=implementation, **kw)
+            v = b.init(jax.random.key(0), x, train=False)
+            for gate in (True, False):
+                outs[implementation, gate], _ = b.apply(
+                    v, x, 0.5, jnp.asarray(gate), train=True, mutable=["batch_stats"])
+        for gate in (True, False):
+            assert outs["skip", gate].dtype == outs["mask", gate].dtype
+            np.testing.assert_allclose(np.asarray(outs["skip", gate], np.float32),
+                                       np.asarray(outs["mask", gate], np.float32),
+                                       rtol=1e-2, atol=1e-2)  # bfloat16 roundings
+        deleted = block(4, 1, has_branch=False, **kw).apply({}, x, train=False)
+        assert deleted.dtype == outs["skip", False].dtype
+
+
 def test_imagenet_resnet_runs_and_scans():
     model = sdj.ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=5, scan=True)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))

@@ -682,6 +682,27 @@ def test_fig_3_draws_the_papers_pair_where_a_sweep_has_more_p_lasts(tmp_path):
     assert len(_sidecar(str(tmp_path), "fig3_error_curves")["data"]) == 3
 
 
+def test_fig_3_draws_every_p_last_where_the_pair_has_no_curve_yet(tmp_path):
+    """An interrupted sweep (``--collect``) whose constant-depth run has no finished epoch
+    (it was stopped, or diverged, in its first): Fig. 3 drew p_L 0.5 alone and named the
+    other p_L values, curves and all, as left out for a comparison it did not show."""
+    runs = [_run(tmp_path, f"depth8_pL{p:g}", p, finished=True) for p in (0.2, 0.5, 0.8)]
+    for run in runs:
+        for record in run["records"]:
+            record.update(test_error=0.9, train_loss=2.3)
+    runs.append({**_run(tmp_path, "depth8_pL1", 1.0, finished=False), "records": []})
+    lines = []
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=lines.append)
+    fig3 = _sidecar(str(tmp_path), "fig3_error_curves")
+    assert sorted(fig3["data"]) == ["depth8_pL0.2", "depth8_pL0.5", "depth8_pL0.8"]
+    assert fig3["left_out"] == {}
+    assert "figures: fig3_error_curves.png: 4 runs (depth 8 x p_L 0.2, 0.5, 0.8, 1)" in lines
+    runs[3]["records"] = runs[0]["records"]  # its first epoch done: the pair only
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert sorted(_sidecar(str(tmp_path), "fig3_error_curves")["data"]) == [
+        "depth8_pL0.5", "depth8_pL1"]
+
+
 def test_a_one_epoch_sweep_is_described_as_one_epoch():
     config = load_config("cifar10", ["--config.num_epochs=1"]).to_dict()
     assert sweep.describe_data([{"config": config}]).endswith("; 1 epoch")  # not '1 epochs'

@@ -848,19 +848,21 @@ _FIGURES = ("fig8_error_vs_p_last.png", "fig7_first_conv_grad.png", "fig3_error_
 _FIGURE_FILES = frozenset((*_FIGURES, *map(figures.sidecar_path, _FIGURES), "training_time.md"))
 
 
+def _has_epoch(run: dict[str, Any]) -> bool:
+    """Whether ``run`` has a finished epoch (a point of a curve per epoch)."""
+    return bool(plots.per_epoch(run["records"], "epoch"))
+
+
 def _deepest_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]],
                                                            dict[str, str]]:
     """The runs Figs. 7 and 3 draw (each series' deepest depth that has a finished epoch,
     else its deepest), and ``{name: why}`` of the others. A deeper run that has not
     finished its first epoch (the next depth of a sweep in progress) has no curve yet:
     chosen, it left both figures empty, overwriting the ones drawn before."""
-    def has_epoch(r: dict[str, Any]) -> bool:
-        return bool(plots.per_epoch(r["records"], "epoch"))
-
     deepest: dict[str, int] = {}
     for label in {r["series"] for r in runs}:
         mine = [r for r in runs if r["series"] == label]
-        deepest[label] = max([r["depth"] for r in mine if has_epoch(r)]
+        deepest[label] = max([r["depth"] for r in mine if _has_epoch(r)]
                              or [r["depth"] for r in mine])
     drawn = [r for r in runs if r["depth"] == deepest[r["series"]]]
     left = {r["name"]: (_no_epoch_why(r) if r["depth"] > deepest[r["series"]] else
@@ -876,13 +878,15 @@ _NOT_THE_PAIR = "Fig. 3 compares constant depth with p_L 0.5, as the paper's"
 def _papers_pair(drawn: Sequence[dict[str, Any]], left_out: dict[str, str]
                  ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The runs Fig. 3 draws: of Fig. 7's, where a series has runs at both p_L 1 and 0.5
-    and at other values too, those two only (a sweep of the paper's ten p_L values drew
-    twenty overlapping curves; Fig. 8 shows every p_L); else all of them. Returns them and
-    ``left_out`` with the others added."""
+    with a finished epoch each and at other values too, those two only (a sweep of the
+    paper's ten p_L values drew twenty overlapping curves; Fig. 8 shows every p_L); else
+    all of them (an interrupted constant-depth run with no epoch yet left p_L 0.5 alone).
+    Returns them and ``left_out`` with the others added."""
     left = dict(left_out)
     for label in dict.fromkeys(r["series"] for r in drawn):
         mine = [r for r in drawn if r["series"] == label]
-        if set(PAPERS_PAIR) < {r["p_last"] for r in mine}:
+        curves = {r["p_last"] for r in mine if _has_epoch(r)}
+        if set(PAPERS_PAIR) <= curves and set(PAPERS_PAIR) < {r["p_last"] for r in mine}:
             left.update((r["name"], _NOT_THE_PAIR) for r in mine
                         if r["p_last"] not in PAPERS_PAIR)
     return [r for r in drawn if r["name"] not in left], left
