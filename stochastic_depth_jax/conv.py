@@ -427,7 +427,7 @@ _EAGER = get_opaque_trace_state()
 def _forward_mode_innermost(args: tuple, kwargs: dict) -> bool:
     """Whether forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) is the innermost
     autodiff over the call's arguments or its module's state (NNX variables, a bound Linen
-    module's)."""
+    module's, and what its ``_outside_state()`` gives: a branch's layers held elsewhere)."""
     if get_opaque_trace_state() == _EAGER:  # no transform: skip reading the state (~1 ms)
         return False
     module, tree = (args[0] if args else None), (args[1:], kwargs)
@@ -435,7 +435,8 @@ def _forward_mode_innermost(args: tuple, kwargs: dict) -> bool:
         tree = (tree, nnx.state(module))
     elif isinstance(module, nn.Module) and module.scope is not None:
         tree = (tree, module.variables)
-    modes = _autodiff_modes(tree)
+    outside = getattr(module, "_outside_state", None)
+    modes = _autodiff_modes((tree, outside() if outside is not None else None))
     return bool(modes) and modes[0] == "forward"
 
 

@@ -375,6 +375,16 @@ class StochasticDepth(_RefusesDropRates):
         """p when the call gives none: the ``survival_prob`` field."""
         return self.survival_prob
 
+    def _outside_state(self) -> Any:
+        """The variables of a branch bound to another module (``MyBranch()`` made in a
+        parent's compact method): forward mode over them alone (``jax.jvp`` in the
+        parameters, not the input) is looked for too
+        (:func:`~stochastic_depth_jax.conv.stock_convs_under_forward_mode`)."""
+        scope = getattr(self.branch, "scope", None)
+        if scope is None or scope.path[:len(self.scope.path)] == self.scope.path:
+            return None
+        return self.branch.variables
+
     def _check_stats_under_wrapper(self) -> None:
         """ValueError for a branch bound to another module (``MyBranch()`` made in a parent's
         compact method, not ``parent=None``) that has ``batch_stats``: a masked batch-mode

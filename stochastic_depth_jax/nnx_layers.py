@@ -254,6 +254,19 @@ def _bakes_in_constants(value: Any) -> bool:
         fixed for _, fixed in concrete)
 
 
+def _used_nnx_state(branch: Any) -> list:
+    """The NNX modules and variables a plain-function branch uses (:func:`_function_parts`)."""
+    used = []
+    for obj, names in _function_parts(branch):
+        if not (isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)):
+            continue
+        attrs = [getattr(obj, n) for n in names if not isinstance(obj, nnx.Variable)
+                 and n in getattr(obj, "__dict__", {})]
+        # Read through attributes (self.conv), or used itself (a closed-over conv).
+        used += [a for a in attrs if _is_nnx_state(a)] if attrs else [obj]
+    return [u for u in used if _is_nnx_state(u)]
+
+
 def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     """ValueError for a plain-function branch that uses NNX modules from outside the NNX
     transform (``nnx.jit``, ``nnx.grad``, ``nnx.scan``, ...) the wrapper runs in.
@@ -269,15 +282,7 @@ def _check_closed_over_modules(sd: StochasticDepth, batch_gate: bool) -> list:
     (BatchNorm) are refused too: a dropped block would update them (``'mask'``) or fail
     inside the ``cond`` (``'skip'``). Returns the NNX objects the function uses (whose
     ``nnx.Conv`` layers the wrapper reroutes as a Module branch's)."""
-    used = []
-    for obj, names in _function_parts(sd.branch):
-        if not (isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)):
-            continue
-        attrs = [getattr(obj, n) for n in names if not isinstance(obj, nnx.Variable)
-                 and n in getattr(obj, "__dict__", {})]
-        # Read through attributes (self.conv), or used itself (a closed-over conv).
-        used += [a for a in attrs if _is_nnx_state(a)] if attrs else [obj]
-    used = [u for u in used if _is_nnx_state(u)]
+    used = _used_nnx_state(sd.branch)
     own = _trace_of(sd)
     stale = [u for u in used if own is not None and own.is_valid()
              and _trace_of(u) is not None and not _trace_of(u).is_valid()
@@ -466,6 +471,15 @@ class StochasticDepth(nnx.Module):
         self.rng_collection = rng_collection
         self.reroute_convs = reroute_convs
         self.rngs = _as_stream(rngs, rng_collection)
+
+    def _outside_state(self) -> Any:
+        """The state of the layers a function branch closes over: forward mode over them
+        alone (``jax.jvp`` in the parameters, not the input) is looked for too
+        (:func:`~stochastic_depth_jax.conv.stock_convs_under_forward_mode`)."""
+        if _has_state(self.branch):
+            return None
+        return [nnx.state(u) if nnx.graph.is_graph_node(u) else u[...]
+                for u in _used_nnx_state(self.branch)]
 
     @_naming_nnx_transforms
     @conv.stock_convs_under_forward_mode

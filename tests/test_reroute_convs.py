@@ -565,6 +565,52 @@ def test_forward_mode_through_a_rerouted_nnx_branch_equals_stock():
     _same_derivatives(results["always"], results["never"])
 
 
+class _BoundBranch(nn.Module):
+    """A wrapper whose branch conv is made here, bound to this module (no parent=None)."""
+
+    reroute: str
+
+    @nn.compact
+    def __call__(self, x):
+        return StochasticDepth(nn.Conv(2, (3, 3)), 0.5, reroute_convs=self.reroute)(
+            x, deterministic=False, gate=jnp.bool_(True))
+
+
+class _ClosingBlock(nnx.Module):
+    """An NNX wrapper whose function branch, made in the call, closes over a conv."""
+
+    def __init__(self, reroute, rngs):
+        self.conv, self.reroute = nnx.Conv(2, 2, (3, 3), rngs=rngs), reroute
+
+    def __call__(self, x):
+        sd = nnx_layers.StochasticDepth(lambda v: jnp.tanh(self.conv(v)), 0.5,
+                                        reroute_convs=self.reroute)
+        return sd(x, deterministic=False, gate=jnp.bool_(True))
+
+
+def test_forward_mode_in_parameters_held_outside_the_wrapper_equals_stock():
+    """jax.jvp in the parameters alone (the input not differentiated) of a branch whose
+    layers the wrapper does not hold (a Linen branch bound to its parent, an NNX function
+    branch closing over a layer) was not seen: eagerly one line naming
+    reroute_convs='never', under jit JAX's "can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function". It now gives 'never''s derivatives, nothing rerouted."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
+    results = {"linen": {}, "nnx": {}}
+    for when in ("always", "never"):
+        model = _BoundBranch(when)
+        v = model.init(jax.random.key(1), x)
+        graphdef, state = nnx.split(_ClosingBlock(when, nnx.Rngs(0)))
+        losses = {"linen": (lambda p: jnp.sum(jnp.sin(model.apply(p, x))), v),
+                  "nnx": (lambda s: jnp.sum(jnp.sin(nnx.merge(graphdef, s, copy=True)(x))),
+                          state)}
+        for kind, (f, params) in losses.items():
+            if when == "always":  # reverse mode reroutes
+                assert _rerouting(jax.grad(f), params)[1] > 0
+            results[kind][when] = _forward_derivatives(f, (params,), ("jvp", "jit(jvp)"))
+    for kind in results:
+        _same_derivatives(results[kind]["always"], results[kind]["never"])
+
+
 def test_second_order_through_a_rerouted_branch_still_reroutes():
     """Forward over reverse (jax.hessian, jvp of grad, linearize of grad) differentiates the
     rerouted convolution's backward pass: it stays rerouted (not taken for forward mode)
