@@ -394,8 +394,8 @@ _FORWARD_MODE_WAY_OUT = (
 FORWARD_MODE_FIX = (
     "forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) reached this wrapper's "
     "rerouted convolutions where the wrapper cannot see it (taken inside its branch, of a jit, "
-    "checkpoint, lax.cond or lax.scan of the branch's own; or over parameters held outside "
-    "the wrapper): on the CPU they run the library's CPU-friendly convolution, whose "
+    "checkpoint, lax.cond or lax.scan of the branch's own): on the CPU they run the "
+    "library's CPU-friendly convolution, whose "
     "gradient is a jax.custom_vjp; " + _FORWARD_MODE_WAY_OUT)
 # JAX's refusal raised from the user's own code (a custom_vjp of the branch's own, or one of
 # its own lax.cond / jax.checkpoint holding a rerouted convolution): either may be the cause.
