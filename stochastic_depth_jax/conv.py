@@ -157,6 +157,11 @@ def _conv_s_bwd(pads, strides, res, ct):
 _conv_s.defvjp(_conv_s_fwd, _conv_s_bwd)
 
 
+def _conv_stock(x: Array, w: Array, pads: Pads, strides: tuple[int, int]) -> Array:
+    """:func:`_conv_s` with JAX's own gradient (forward mode differentiates it)."""
+    return _conv(x, w, pads, strides=strides)
+
+
 # XLA:CPU (jaxlib 0.10 to 0.12) hands the weight-gradient convolution of _conv_s_bwd (input
 # channels as the batch, the cotangent as a batch-sized kernel) to YNNPACK, and XLA's own
 # (Eigen) convolution runs it faster at a CIFAR ResNet's shapes. The option lists what
@@ -259,15 +264,23 @@ def conv2d(x: Array, w: Array, strides: Sequence[int] = (1, 1),
 
     Returns:
       ``[batch, H_out, W_out, C_out]`` with ``H_out = (H + top + bottom - kh) // sh + 1``.
+
+    Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) cannot differentiate a
+    ``custom_vjp``: where it is the innermost autodiff over ``x`` or ``w``, or an enclosing
+    wrapper or ResNet stage found it (:func:`_under_forward_mode`), this is the same
+    convolution with JAX's own gradient. Forward mode applied from outside a trace that
+    starts inside (``jax.jvp`` of a jitted function) cannot be seen: JAX's error.
     """
     sh, sw = (int(s) for s in strides)
+    # Forward mode cannot differentiate the custom_vjp: there, the same convolution, stock.
+    conv = _conv_stock if _under_forward_mode(x, w) else _conv_s
     x, w = _same_varying(x, w)
     x, pads = _crop_negative_pads(x, padding)
     if w.shape[0] == 1 and w.shape[1] == 1:  # 1x1: pad and subsample first, exact
         if pads != ((0, 0), (0, 0)):  # else its gradient is sh * sw times a stride-1 one's
             x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-        return _conv_s(x[:, ::sh, ::sw, :], w, ((0, 0), (0, 0)), (1, 1))
-    return _conv_s(x, w, pads, (sh, sw))
+        return conv(x[:, ::sh, ::sw, :], w, ((0, 0), (0, 0)), (1, 1))
+    return conv(x, w, pads, (sh, sw))
 
 
 def _crop_negative_pads(x: Array, padding: Any) -> tuple[Array, Pads]:
@@ -373,22 +386,25 @@ def _rerouting(when: str) -> bool:
 _LINEN = threading.local()
 
 # JAX's words (jax 0.10) when forward mode (jax.jvp, jax.jacfwd) reaches a custom_vjp
-# function, such as conv2d's gradient.
+# function, such as conv2d's gradient (where conv2d could not see forward mode).
 _JVP_REFUSAL = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
 _FORWARD_MODE_WAY_OUT = (
     "build the wrapper with reroute_convs='never' (same parameters and numbers; README, "
     "'Forward-mode autodiff')")
 FORWARD_MODE_FIX = (
-    "forward-mode autodiff (jax.jvp, jax.jacfwd) cannot differentiate this wrapper's branch: "
-    "on the CPU its stock convolutions run the library's CPU-friendly convolution, whose "
+    "forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) reached this wrapper's "
+    "rerouted convolutions where the wrapper cannot see it (taken inside its branch, of a jit, "
+    "checkpoint, lax.cond or lax.scan of the branch's own): on the CPU they run the "
+    "library's CPU-friendly convolution, whose "
     "gradient is a jax.custom_vjp; " + _FORWARD_MODE_WAY_OUT)
 # JAX's refusal raised from the user's own code (a custom_vjp of the branch's own, or one of
 # its own lax.cond / jax.checkpoint holding a rerouted convolution): either may be the cause.
 _FORWARD_MODE_FIX_OR_OWN = (
-    "forward-mode autodiff (jax.jvp, jax.jacfwd) cannot differentiate this wrapper's branch: "
-    "it reached a jax.custom_vjp, either one of the branch's own (which needs a "
+    "forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) inside this wrapper's branch "
+    "reached a jax.custom_vjp, either one of the branch's own (which needs a "
     "jax.custom_jvp instead) or the library's CPU-friendly convolution that the branch's "
-    "stock convolutions run on the CPU (" + _FORWARD_MODE_WAY_OUT + ")")
+    "stock convolutions run on the CPU, under a jit, checkpoint, lax.cond or lax.scan of the "
+    "branch's own (" + _FORWARD_MODE_WAY_OUT + ")")
 # Where JAX, Flax and this library live: a refusal whose innermost frame outside them is
 # none of this library's was raised in the user's own code.
 _JAX_AND_FLAX = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
@@ -424,20 +440,46 @@ def _refusal_message(error: BaseException) -> str:
 _EAGER = get_opaque_trace_state()
 
 
-def _forward_mode_innermost(args: tuple, kwargs: dict) -> bool:
+def _forward_mode_innermost(tree: Any) -> bool:
     """Whether forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) is the innermost
-    autodiff over the call's arguments or its module's state (NNX variables, a bound Linen
-    module's, and what its ``_outside_state()`` gives: a branch's layers held elsewhere)."""
-    if get_opaque_trace_state() == _EAGER:  # no transform: skip reading the state (~1 ms)
-        return False
+    autodiff over the leaves of ``tree``."""
+    modes = _autodiff_modes(tree)
+    return bool(modes) and modes[0] == "forward"
+
+
+def _call_tree(args: tuple, kwargs: dict) -> Any:
+    """A method call's arguments and its module's state (NNX variables, a bound Linen
+    module's, and what its ``_outside_state()`` gives)."""
     module, tree = (args[0] if args else None), (args[1:], kwargs)
     if nnx.graph.is_graph_node(module):
         tree = (tree, nnx.state(module))
     elif isinstance(module, nn.Module) and module.scope is not None:
         tree = (tree, module.variables)
-    outside = getattr(module, "_outside_state", None)
-    modes = _autodiff_modes((tree, outside() if outside is not None else None))
-    return bool(modes) and modes[0] == "forward"
+    outside = getattr(module, "_outside_state", None)  # a branch's layers held elsewhere
+    return tree, (outside() if outside is not None else None)
+
+
+def _under_forward_mode(*operands: Array) -> bool:
+    """Whether a convolution of ``operands`` must be stock, forward mode differentiating it:
+    a call decorated with :func:`stock_convs_under_forward_mode` that encloses it found
+    forward mode innermost over its inputs, or forward mode is innermost over ``operands``.
+    :func:`conv2d` (so :class:`Conv` and the rerouted convolutions) asks it."""
+    return getattr(_LINEN, "forward", False) or _forward_mode_innermost(operands)
+
+
+@contextlib.contextmanager
+def stock_convs_where_forward_mode(values: Callable[[], Any]):
+    """Context in which :func:`conv2d` computes stock, and no wrapper reroutes, if forward
+    mode is the innermost autodiff over the leaves of ``values()`` (called only under a
+    transform: eagerly there is nothing to find, and reading a module's state costs ~1 ms);
+    an enclosing context's finding holds inside."""
+    enclosing = getattr(_LINEN, "forward", False)
+    _LINEN.forward = enclosing or (get_opaque_trace_state() != _EAGER
+                                   and _forward_mode_innermost(values()))
+    try:
+        yield
+    finally:
+        _LINEN.forward = enclosing
 
 
 def stock_convs_under_forward_mode(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -452,25 +494,26 @@ def stock_convs_under_forward_mode(call: Callable[..., Any]) -> Callable[..., An
     (``'always'`` too: the alternative is JAX's error). Reverse mode and forward over
     reverse (``jax.hessian``, ``jvp`` of ``grad``) keep rerouting.
 
+    Also used on :class:`~stochastic_depth_jax.models.ResidualStages`, whose scans trace
+    their blocks on their own: :func:`conv2d` reads the finding there.
+
     Forward mode the wrapper cannot see, applied from outside a trace that starts inside
     it (``jax.jvp`` of a jitted or ``jax.checkpoint``-ed function, a ``lax.scan`` /
     ``nn.scan`` / ``nnx.scan`` body) is refused by JAX as it compiles; one refused while
-    the wrapper runs (a ``jvp`` inside the branch, run eagerly) becomes one line naming
-    ``reroute_convs='never'`` (:data:`FORWARD_MODE_FIX`; :func:`_refusal_message`), or is
-    left as JAX's words when no convolution was rerouted."""
+    the wrapper runs (a ``jvp`` inside the branch of a jitted function, run eagerly)
+    becomes one line naming ``reroute_convs='never'`` (:data:`FORWARD_MODE_FIX`;
+    :func:`_refusal_message`), or is left as JAX's words when no convolution was
+    rerouted."""
     @functools.wraps(call)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         before = getattr(_LINEN, "rerouted", 0)
-        enclosing = getattr(_LINEN, "forward", False)
-        _LINEN.forward = enclosing or _forward_mode_innermost(args, kwargs)
         try:
-            return call(*args, **kwargs)
+            with stock_convs_where_forward_mode(lambda: _call_tree(args, kwargs)):
+                return call(*args, **kwargs)
         except TypeError as e:
             if not str(e).startswith(_JVP_REFUSAL) or getattr(_LINEN, "rerouted", 0) == before:
                 raise
             raise TypeError(_refusal_message(e)) from None
-        finally:
-            _LINEN.forward = enclosing
     return wrapped
 
 
@@ -583,6 +626,9 @@ class Conv(nn.Module):
 
     ``implementation='auto'`` uses :func:`conv2d` when tracing for CPU and
     ``lax.conv_general_dilated`` otherwise; ``'xla'`` and ``'cpu_friendly'`` force one.
+    Under forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.linearize``) :func:`conv2d`
+    computes JAX's own convolution, ``'cpu_friendly'`` too (README, "Forward-mode
+    autodiff").
     ``padding``: as ``nn.Conv``'s ('SAME', 'VALID', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', an
     int, or explicit pairs, negative ones cropping).
     Parameters: ``kernel`` ``[kh, kw, C_in, features]`` and optional ``bias``.

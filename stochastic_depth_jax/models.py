@@ -21,7 +21,7 @@ import numpy as np
 
 from stochastic_depth_jax import buckets as buckets_lib
 from stochastic_depth_jax import layers, ops, schedules
-from stochastic_depth_jax.conv import Conv
+from stochastic_depth_jax.conv import Conv, stock_convs_under_forward_mode
 from stochastic_depth_jax.kept_loop import kept_loop
 
 __all__ = [
@@ -202,6 +202,7 @@ class ResidualStages(nn.Module):
     loop: bool = False
 
     @nn.compact
+    @stock_convs_under_forward_mode  # its scans trace their bodies on their own
     def __call__(self, x: Array, probs: np.ndarray, gates: Array | None, *, train: bool,
                  constant: bool, buckets: Sequence[int] | None = None,
                  stochastic: bool | None = None) -> Array:

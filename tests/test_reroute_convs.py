@@ -648,10 +648,11 @@ def test_forward_mode_the_wrapper_cannot_see():
     """Where forward mode starts outside a trace that starts inside the wrapper (jax.jvp of
     a jitted or checkpointed function) the wrapper reroutes, and JAX refuses the custom_vjp
     as it compiles: 'never' is the way (README, "Forward-mode autodiff"). A jvp inside the
-    branch, over a rerouted conv, is one line naming reroute_convs='never' (NNX, eagerly);
+    branch over a rerouted conv computes it stock (it was one line naming 'never'); one of a
+    jitted function there is one line naming reroute_convs='never' (NNX, eagerly);
     a custom_vjp of the branch's own is refused in JAX's words, no conv being rerouted
     under forward mode (it was one line naming reroute_convs='never', which did not help)."""
-    from stochastic_depth_jax.conv import FORWARD_MODE_FIX
+    from stochastic_depth_jax.conv import _FORWARD_MODE_FIX_OR_OWN, FORWARD_MODE_FIX
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
     t = jnp.ones_like(x)
     branch = nn.Sequential([nn.Conv(2, (3, 3)), jnp.tanh], parent=None)
@@ -673,11 +674,23 @@ def test_forward_mode_the_wrapper_cannot_see():
         np.testing.assert_allclose(tangent, jax.jvp(f, (x,), (t,))[1], rtol=1e-5)
 
     conv = nnx.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0))
-    inner = nnx_layers.StochasticDepth(lambda u: jax.jvp(conv, (u,), (u,))[1], 0.5,
-                                       implementation="mask", reroute_convs="always")
-    with pytest.raises(TypeError) as info:
-        inner(x, deterministic=False, gate=jnp.bool_(True))
-    assert str(info.value) == FORWARD_MODE_FIX and "\n" not in FORWARD_MODE_FIX
+
+    def inner(jitted, when):
+        # A new function to jit each time: jax.jit(conv) would keep its first trace.
+        how = (lambda c: jax.jit(lambda v: c(v))) if jitted else (lambda c: c)
+        return nnx_layers.StochasticDepth(lambda u: jax.jvp(how(conv), (u,), (u,))[1], 0.5,
+                                          implementation="mask", reroute_convs=when)
+
+    seen, seen_never = inner(False, "always"), inner(False, "never")
+    jitted, jitted_never = inner(True, "always"), inner(True, "never")
+    gate = dict(deterministic=False, gate=jnp.bool_(True))
+    # A jvp inside the branch over a rerouted conv sees its operands: stock, as 'never'.
+    np.testing.assert_allclose(seen(x, **gate), seen_never(x, **gate), rtol=1e-5)
+    with pytest.raises(TypeError) as info:  # of a jitted function: one line (in user code)
+        jitted(x, **gate)
+    assert str(info.value) == _FORWARD_MODE_FIX_OR_OWN and "\n" not in str(info.value)
+    assert "\n" not in FORWARD_MODE_FIX
+    np.testing.assert_allclose(jitted_never(x, **gate), seen_never(x, **gate), rtol=1e-5)
 
     @jax.custom_vjp
     def own(v):
@@ -705,3 +718,71 @@ def test_forward_mode_the_wrapper_cannot_see():
                 jax.jvp(lambda x: jnp.sum(call(x)), (x,), (t,))
             assert str(info.value).startswith(
                 "can't apply forward-mode autodiff (jvp) to a custom_vjp function")
+
+
+def _counting_convs(monkeypatch):
+    """Counts conv2d's convolutions as traced: {'custom': custom_vjp, 'stock': JAX's own}."""
+    from stochastic_depth_jax import conv as conv_lib
+    calls = {"custom": 0, "stock": 0}
+
+    def counted(kind, fn):
+        def count(*args):
+            calls[kind] += 1
+            return fn(*args)
+        return count
+
+    monkeypatch.setattr(conv_lib, "_conv_s", counted("custom", conv_lib._conv_s))
+    stock = getattr(conv_lib, "_conv_stock", None)  # (none before forward mode computed it)
+    monkeypatch.setattr(conv_lib, "_conv_stock", counted("stock", stock), raising=False)
+    return calls
+
+
+def test_forward_mode_through_the_library_models_equals_xla(monkeypatch):
+    """jax.jvp / jax.linearize through CifarResNet, WideResNet or ResNet on the CPU got
+    JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function", in evaluation
+    and training: their sdj.conv.Conv ('auto', or 'cpu_friendly') is the custom_vjp
+    convolution there. It now computes stock under forward mode, also in scanned stages
+    (the stages see forward mode as they are called), with implementation='xla''s numbers;
+    reverse mode and jax.hessian keep the custom convolution."""
+    import functools
+
+    import stochastic_depth_jax as sdj
+    calls = _counting_convs(monkeypatch)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    makes = [lambda c: sdj.CifarResNet(depth=14, width=4, num_classes=3, scan=True, conv=c),
+             lambda c: sdj.WideResNet(depth=10, widen_factor=1, width=4, num_classes=3, conv=c),
+             lambda c: sdj.ResNet(stage_sizes=(1, 2, 1, 1), width=4, num_classes=3, conv=c)]
+    for i, make in enumerate(makes):
+        v = make(sdj.conv.Conv).init(jax.random.key(1), x, train=False)
+        t = (jax.tree.map(jnp.cos, v["params"]), jnp.cos(x))
+        outs = {}
+        for impl in ("auto", "cpu_friendly", "xla") if i == 0 else ("auto", "xla"):
+            model = make(functools.partial(sdj.conv.Conv, implementation=impl))
+
+            def f(params, x, train, model=model):
+                if not train:
+                    return model.apply({**v, "params": params}, x, train=False)
+                return model.apply({**v, "params": params}, x, train=True,
+                                   mutable=["batch_stats"],
+                                   rngs={"stochastic_depth": jax.random.key(3)})[0]
+
+            calls.update(custom=0, stock=0)
+            outs[impl] = [jax.jit(lambda p, x: jax.jvp(lambda p, x: f(p, x, True),
+                                                       (p, x), t)[1])(v["params"], x)]
+            if i == 0:  # and eagerly, evaluating, and linearize
+                outs[impl] += [jax.jvp(lambda p, x: f(p, x, False), (v["params"], x), t)[1],
+                               jax.linearize(lambda x: f(v["params"], x, True), x)[1](x)]
+            assert calls["custom"] == 0 and (calls["stock"] > 0) == (impl != "xla"), impl
+        for impl in set(outs) - {"xla"}:
+            for got, want in zip(outs[impl], outs["xla"]):
+                assert float(jnp.abs(want).max()) > 0
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        if i == 0:
+            model = make(sdj.conv.Conv)
+            loss = lambda p, x: jnp.sum(jnp.sin(model.apply({**v, "params": p}, x,  # noqa: E731
+                                                            train=False)))
+            for second in (jax.grad(loss), jax.hessian(lambda p, x: loss(p, x[:1]), 1)):
+                calls.update(custom=0, stock=0)
+                jax.make_jaxpr(second)(v["params"], x)
+                assert calls["custom"] > 0 and calls["stock"] == 0
+
