@@ -65,10 +65,10 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
     plain loop; and forward over reverse (``jax.hessian``, ``jax.jvp`` of a gradient).
     Reverse over reverse (``jax.grad`` of a gradient, or of a ``jvp``) with gates traced
     under ``jit`` would reverse a loop of dynamic length: refused in one line (with
-    concrete gates, outside ``jit``, it works). Forward mode is recognised where ``kept_loop`` is traced:
-    ``jax.jvp`` of a ``jax.jit``-ed (or ``jax.checkpoint``-ed) function that calls it gets
-    JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; put the
-    ``jit`` (or ``checkpoint``) outside the ``jvp``.
+    concrete gates, outside ``jit``, it works). Forward mode is recognised where
+    ``kept_loop`` is traced: ``jax.jvp`` of a ``jax.jit``-ed (or ``jax.checkpoint``-ed)
+    function that calls it gets JAX's "can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function"; put the ``jit`` (or ``checkpoint``) outside the ``jvp``.
     """
     gates = jnp.asarray(gates)
     if gates.ndim != 1 or gates.dtype != jnp.bool_:
