@@ -393,6 +393,9 @@ def _nothing_drawn(ax: Any, diverged: bool) -> None:
 # The PNG text key and value plot_curves writes in a figure with no curve (no epoch yet): a
 # later drawing of no curve replaces only such a figure (or none), never an earlier curve.
 _EMPTY_KEY, _EMPTY_VALUE = "Description", "no epoch to draw"
+# The labels of the curves plot_curves draws (a figure without one has no epoch to show).
+_CURVE_KEYS = frozenset(f"{split}_{what}" for split in ("train", "val", "test")
+                        for what in ("error", "loss"))
 
 
 def _holds_curves(path: str) -> bool:
@@ -452,7 +455,3 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
         written.append(path)
     return written
 
-
-# The labels of the curves plot_curves draws (a figure without one has no epoch to show).
-_CURVE_KEYS = frozenset(f"{split}_{what}" for split in ("train", "val", "test")
-                        for what in ("error", "loss"))
