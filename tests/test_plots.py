@@ -743,3 +743,226 @@ def test_figures_drawn_under_a_constrained_layout_matplotlibrc_do_not_warn(
         figures.plot_error_vs_p_last([run], str(tmp_path / "fig8.png"))
     assert [str(w.message) for w in caught] == []
     assert matplotlib.rcParams["figure.constrained_layout.use"]  # the session's, as it was
+
+
+def _texts(fig):
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text)]
+
+
+def test_a_run_diverging_in_its_first_epoch_marks_it_and_says_there_is_nothing_to_draw(
+        monkeypatch, tmp_path):
+    """A run that diverged before its first epoch's end wrote error.png and loss.png as
+    blank axes (0 to 1 on both): read as a drawing that failed, the divergence unmarked."""
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves", lambda records, out, **kw: drawn.append(kw))
+
+    def diverging(run, compiled, epoch, end):
+        raise loop._diverged("Non-finite training loss (a test's)", run.step + 2, epoch)
+
+    monkeypatch.setattr(loop, "_train_epoch", diverging)
+    config = load_config("cifar10:smoke", ["--config.progress_bar=false",
+                                           "--config.write_tensorboard=false"])
+    with pytest.raises(loop.NonFiniteLossError):
+        loop.train_and_evaluate(config, str(tmp_path))
+    [kw] = drawn
+    x, label = kw["diverged"]
+    assert label == "diverged at step 2 (epoch 1)" and 0 < x < 1  # 2 of the epoch's steps
+    fig = plots.curves_figure([], ("train_error", "test_error"), "error (%)", True,
+                              diverged=kw["diverged"])
+    ax = fig.axes[0]
+    assert "no epoch finished before training diverged: no numbers to draw" in _texts(fig)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [label]
+    assert list(ax.get_yticks()) == []  # no values to read off empty axes
+    fig = plots.curves_figure([], ("train_error",), "error (%)", True)
+    assert "no epoch has finished yet: nothing to draw" in _texts(fig)
+
+
+def test_a_later_divergence_is_marked_after_the_curves():
+    records = _records([0.1, 0.1, 0.1])
+    fig = plots.curves_figure(records, ("train_error", "test_error"), "error (%)", True,
+                              diverged=(3.4, "diverged at step 34 (epoch 4)"))
+    ax = fig.axes[0]
+    [mark] = [line for line in ax.get_lines() if line.get_label().startswith("diverged")]
+    assert list(mark.get_xdata()) == [3.4, 3.4] and ax.get_xlim()[1] > 3.4
+    assert not any("nothing to draw" in t or "no numbers" in t for t in _texts(fig))
+
+
+def test_curves_of_no_epoch_never_replace_earlier_curves(tmp_path):
+    """Restarted from step 0 (its checkpoints lost: the records are set aside in
+    metrics.jsonl.dropped) and diverging in its first epoch, a run wrote blank PNGs over
+    the earlier run's curves. Those are left now; a figure of no epoch replaces only one of
+    its own kind."""
+    paths = plots.plot_curves(_records([0.1, 0.01]), str(tmp_path))
+    before = [open(p, "rb").read() for p in paths]
+    assert plots.plot_curves([], str(tmp_path)) == []
+    assert [open(p, "rb").read() for p in paths] == before
+    assert plots.plot_curves([], str(tmp_path), diverged=(0.5, "diverged at step 2")) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    first = plots.plot_curves([], str(empty))
+    assert first == [str(empty / name) for name in plots.CURVE_FILES]
+    assert plots.plot_curves([], str(empty), diverged=(0.5, "diverged at step 2")) == first
+    assert plots.plot_curves(_records([0.1]), str(empty)) == first  # the first epoch's curves
+
+
+def test_a_curves_figure_drawn_by_a_caller_ignores_a_usetex_or_constrained_matplotlibrc(
+        monkeypatch, tmp_path):
+    """plots.curves_figure (public) was made outside drawn_as_ours: under a matplotlibrc's
+    usetex its texts went to LaTeX (its '_' and '%' are errors), under constrained layout it
+    warned 'The figure layout has changed to tight'."""
+    import io
+
+    import matplotlib
+    from matplotlib.text import Text
+
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
+    monkeypatch.setitem(matplotlib.rcParams, "figure.constrained_layout.use", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.curves_figure(_records([0.1, 0.01]), ("train_error", "test_error"),
+                                  "error (%)", True, title="cifar10, 100% of it")
+        fig.savefig(io.BytesIO(), format="png")  # the caller's save, outside our settings
+    texts = fig.findobj(Text)
+    assert len(texts) > 10 and not any(t.get_usetex() for t in texts)
+
+
+def test_a_one_epoch_run_is_shown_from_its_start_not_up_to_an_epoch_it_never_reached():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plots.curves_figure(_records([0.1]), ("train_error", "test_error"), "error (%)", True)
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert [t for t in ax.get_xticks() if lo <= t <= hi] == [0, 1] and hi < 2
+
+
+def test_fig_3_marks_the_training_loss_otherwise_than_a_nan(monkeypatch, tmp_path):
+    """Fig. 3's training-loss points were x's, the other figures' mark of a NaN."""
+    from stochastic_depth_jax.training import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    run = {"name": "depth8_pL1", "depth": 8, "p_last": 1.0, "workdir": str(tmp_path),
+           "records": _records([0.1, 0.01])}
+    figures.plot_error_curves([run], str(tmp_path / "fig3.png"))
+    [fig] = drawn
+    [loss] = fig.axes[1].get_lines()
+    assert loss.get_marker() not in ("x", "None", None, "")
+
+
+def test_fig_7_shows_a_zero_gradient_below_its_log_axis(monkeypatch, tmp_path):
+    """A first-conv gradient of exactly 0 (a frozen stem, dead units) has no place on Fig.
+    7's log axis: the line fell off the bottom and its points were not drawn, unsaid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from stochastic_depth_jax.training import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, *a, **k: drawn.append(fig))
+    grads = [0.02, 0.01, 0.0, 0.0, 0.005]
+    records = [dict(r, grad_first_conv_mean_abs=g) for r, g in zip(_records([0.1] * 5), grads)]
+    run = {"name": "depth8_pL1", "depth": 8, "p_last": 1.0, "workdir": str(tmp_path),
+           "records": records}
+    figures.plot_first_conv_grad([run], str(tmp_path / "fig7.png"))
+    [fig] = drawn
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    zero = lines["depth8_pL1: 0 (below the log axis)"]
+    assert list(zero.get_xdata()) == [3, 4]
+    curve = lines["8 layers, constant depth"]
+    assert [y for y in curve.get_ydata() if y == y] == [0.02, 0.01, 0.005]  # NaN: the gaps
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "depth8_pL1: 0 (below the log axis)" in labels
+
+
+def test_the_results_line_names_curves_an_earlier_session_drew_as_such(tmp_path):
+    """Resumed with write_plots=false, a run's last line listed error.png and loss.png as
+    its results: drawn by an earlier session, they lack this one's epochs."""
+    from stochastic_depth_jax.training import progress
+
+    for name in ("summary.json", "metrics.jsonl", "error.png", "loss.png"):
+        (tmp_path / name).write_text("")
+    os.utime(tmp_path / "error.png", (1000, 1000))
+    os.utime(tmp_path / "loss.png", (1000, 1000))
+    os.utime(tmp_path / "metrics.jsonl", (2000, 2000))
+    [results] = progress.summary_lines({}, str(tmp_path), 1)
+    assert results == (f"Results in {tmp_path}: summary.json, metrics.jsonl; drawn before "
+                       "metrics.jsonl's last records (write_plots was off, or a drawing "
+                       "failed): error.png, loss.png.")
+    os.utime(tmp_path / "error.png", (3000, 3000))  # drawn after the last record
+    os.utime(tmp_path / "loss.png", (3000, 3000))
+    [results] = progress.summary_lines({}, str(tmp_path), 1)
+    assert results == f"Results in {tmp_path}: summary.json, metrics.jsonl, error.png, loss.png."
+
+
+def _sweep_runs(depth=8):
+    from stochastic_depth_jax.training import sweep
+
+    return [(name, load_config("cifar10:smoke", extra))
+            for name, extra in sweep.plan([depth], [0.5, 1.0])]
+
+
+def test_only_process_0_of_a_multi_process_sweep_prints_and_warns(monkeypatch, tmp_path,
+                                                                   capsys):
+    """Every process of a job printed each run's 'sweep: starting' line and warned about
+    each diverged run: N copies of each in a job's log."""
+    import jax
+
+    from stochastic_depth_jax.training import sweep
+
+    def diverging(config, workdir):
+        raise loop._diverged("Non-finite training loss (a test's)", 3, 1)
+
+    for process, said in ((1, False), (0, True)):
+        monkeypatch.setattr(jax, "process_index", lambda: process)
+        root = tmp_path / str(process)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            status = sweep.run_sweep(_sweep_runs(), str(root), train=diverging)
+        assert set(status.values()) == {"diverged at epoch 1"}
+        out = capsys.readouterr().out
+        assert ("sweep: " in out) is said, out
+        assert any("the sweep goes on" in str(w.message) for w in caught) is said
+
+
+def test_only_process_0_of_a_multi_process_job_draws_a_sweeps_figures(monkeypatch, tmp_path):
+    import jax
+
+    from stochastic_depth_jax.training import sweep
+
+    runs = [{"name": f"depth8_pL{p:g}", "depth": 8, "p_last": p, "finished": True,
+             "workdir": str(tmp_path / f"depth8_pL{p:g}"), "records": _records([0.1, 0.01]),
+             "test_error": 0.5} for p in (0.5, 1.0)]
+    reported = []
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    paths = sweep.write_figures(runs, str(tmp_path / "figures"), report=reported.append)
+    assert reported == [] and not os.path.exists(tmp_path / "figures")
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    assert sweep.write_figures(runs, str(tmp_path / "figures"), report=reported.append) == paths
+    assert all(os.path.exists(p) for p in paths.values()) and len(reported) == 4
+
+
+def test_only_process_0_says_a_run_starts_afresh_without_a_readable_checkpoint(monkeypatch):
+    import jax
+
+    from stochastic_depth_jax.training import checkpoint, setup
+
+    def unreadable(kind, abstract):
+        raise checkpoint.NoCheckpointError("none readable")
+
+    monkeypatch.setattr(setup, "abstract_state", lambda *a: None)
+    monkeypatch.setattr(loop, "_note_earlier_best", lambda run: None)
+    for process, said in ((1, False), (0, True)):
+        monkeypatch.setattr(jax, "process_index", lambda: process)
+        run = types.SimpleNamespace(
+            workdir="w", ckpts=types.SimpleNamespace(steps=lambda kind: [4], restore=unreadable),
+            setup=types.SimpleNamespace(init_state=lambda shape: "fresh"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop._resume_or_init(run, (32, 32, 3))
+        assert run.state == "fresh"
+        assert any("starting afresh" in str(w.message) for w in caught) is said

@@ -11,8 +11,9 @@
 Every PNG carries its sources in its text metadata (``Source``, readable with
 ``PIL.Image.open(p).text``) and as a footnote, and beside it a sidecar ``<name>.json`` holds
 the sources and the plotted numbers. Runs of different configs (``run['series']``, set by
-:func:`stochastic_depth_jax.training.sweep.label_series`) are drawn as separate lines. Figures are drawn with Agg outside pyplot
-(:func:`plots.new_figure`): the session's matplotlib backend (a notebook's) is left alone.
+:func:`stochastic_depth_jax.training.sweep.label_series`) are drawn as separate lines.
+Figures are drawn with Agg outside pyplot (:func:`plots.new_figure`): the session's
+matplotlib backend (a notebook's) is left alone.
 """
 
 from __future__ import annotations
@@ -296,26 +297,29 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
 
     fig = new_figure((6.5, 4.8))
     ax = fig.subplots()
-    data = {}
+    drawn_runs = [(r, _per_epoch(r, key), non_finite(r["records"], key)) for r in _by_run(runs)]
+    drawn_runs = [(r, points, bad) for r, points, bad in drawn_runs if points or bad]
+    data = {r["name"]: points for r, points, _ in drawn_runs}
+    values = [v for points in data.values() for _, v in points if v > 0]
+    # A log axis, but not where no value drawn is positive (all NaN, infinite or 0):
+    # matplotlib refuses to draw one ('Data cannot be log-scaled').
+    log = bool(values) or not data
     shown = []
-    for r in _by_run(runs):
-        points, bad = _per_epoch(r, key), non_finite(r["records"], key)
-        if not (points or bad):
-            continue
-        data[r["name"]] = points
-        # NaN where the gradient was not finite: a gap in the line, marked at the top.
-        line = sorted(points + [(epoch, float("nan")) for epoch in bad])
+    for r, points, bad in drawn_runs:
+        # A gap in the line where the gradient was not finite, marked at the top; and on a
+        # log axis where it was 0, marked at the bottom (the log axis drew no point there).
+        zero = [epoch for epoch, v in points if v <= 0] if log else []
+        line = sorted([p for p in points if p[0] not in zero]
+                      + [(epoch, float("nan")) for epoch in bad + zero])
         [drawn] = ax.plot(*zip(*line), "--" if r["p_last"] == 1.0 else "-",
                           marker="." if len(points) < 20 else None, label=_run_label(r))
         mark_non_finite(ax, bad, drawn.get_color(), r["name"])
+        _mark_zero(ax, zero, drawn.get_color(), r["name"])
         shown += [epoch for epoch, _ in line]
     epoch_axis(ax, shown)  # whole epochs, also for a run of one
     ax.set_ylabel("mean |gradient| of the first conv's weights\n(average over the epoch's "
                   "steps)")
-    values = [v for points in data.values() for _, v in points if v > 0]
-    if values or not data:
-        # Not where every value drawn is NaN or infinite (a gap): with no positive value
-        # on it, matplotlib refuses to draw a log axis ('Data cannot be log-scaled').
+    if log:
         ax.set_yscale("log")
     if values and max(values) < 10 * min(values):
         # Within a decade the ticks are minor ones: plain numbers (0.024, not 2x10^-2).
@@ -329,6 +333,14 @@ def plot_first_conv_grad(runs: Sequence[dict[str, Any]], path: str,
     fig.tight_layout(rect=(0, _FOOTNOTE_SPACE, 1, 1))
     return save_figure(fig, path, [r["workdir"] for r in runs], data,
                        "first-conv gradient magnitude (Huang et al. 2016, Fig. 7)", extra)
+
+
+def _mark_zero(ax: Any, epochs: Sequence[Any], color: Any, name: str) -> None:
+    """A ``v`` at the bottom of ``ax`` at each of ``epochs`` where ``name``'s gradient was 0,
+    labelled as such: a log axis has no place for it (the line fell off the bottom)."""
+    if epochs:
+        ax.plot(epochs, [0.0] * len(epochs), "v", color=color, markersize=7, clip_on=False,
+                transform=ax.get_xaxis_transform(), label=f"{name}: 0 (below the log axis)")
 
 
 @drawn_as_ours
@@ -350,10 +362,11 @@ def plot_error_curves(runs: Sequence[dict[str, Any]], path: str, subtitle: str =
         color, marker = f"C{i % 10}", "." if len(error) < 20 else None
         ax.plot(*zip(*error) if error else ([], []), "-", color=color, marker=marker,
                 label=_run_label(r))
-        if loss:  # marked: one epoch's loss is a point (no dashed line), an x where a
-            # single point of each sits mid-axis, on the error's dot
-            loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6,
-                         marker="x" if len(loss) < 20 else None)
+        if loss:  # marked: one epoch's loss is a point (no dashed line), a hollow square
+            # where a single point of each sits mid-axis, on the error's dot (not an x: the
+            # other figures' mark of a NaN)
+            loss_ax.plot(*zip(*loss), "--", color=color, alpha=0.6, fillstyle="none",
+                         marker="s" if len(loss) < 20 else None, markersize=4)
     epoch_axis(ax, _epochs(p for d in data.values() for p in d.values()))
     ax.set_ylabel("test error (%), solid")
     loss_ax.set_ylabel("training loss, dashed")

@@ -243,10 +243,11 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
 PLOT_EVERY_S = 300.0
 
 
-def _draw_plots(run: _Run, force: bool, ending: bool = False) -> None:
+def _draw_plots(run: _Run, force: bool, ending: bool = False,
+                diverged: NonFiniteLossError | None = None) -> None:
     """Redraws error.png and loss.png from metrics.jsonl (process 0, ``write_plots``);
     ``ending``: the run's last drawing (its end, a stop, a divergence), whose failure does
-    not say that training goes on."""
+    not say that training goes on; ``diverged``: the divergence that ended it, marked."""
     if not run.config.write_plots or jax.process_index() != 0:
         return
     now = time.perf_counter()
@@ -257,7 +258,8 @@ def _draw_plots(run: _Run, force: bool, ending: bool = False) -> None:
         plots.plot_curves(metrics_lib.read_metrics(run.workdir), run.workdir,
                           title=run.title or plots.run_title(run.config), best=run.best,
                           lr_drops=run.config.lr_schedule == "step",
-                          validation=_validation_records(run))
+                          validation=_validation_records(run),
+                          diverged=_divergence_mark(run, diverged))
     except Exception as e:  # noqa: BLE001  A picture must not end a run: said once.
         if not run.plot_failed:
             # A matplotlib that cannot be imported is named with its fix (install it, or
@@ -272,6 +274,14 @@ def _draw_plots(run: _Run, force: bool, ending: bool = False) -> None:
                    f"training goes on (the numbers are in {where})")
                 + "; --config.write_plots=false turns the drawing off.", logs.RunWarning)
         run.plot_failed = True  # Said once; tried again at the next drawing.
+
+
+def _divergence_mark(run: _Run, error: NonFiniteLossError | None) -> tuple[float, str] | None:
+    """``(epoch, label)`` of where ``error`` stopped the run, as the curves mark it."""
+    if error is None or error.step is None:
+        return None
+    return (error.step / run.setup.steps_per_epoch,
+            f"diverged at step {error.step}" + (f" (epoch {error.epoch})" if error.epoch else ""))
 
 
 def _validation_records(run: _Run) -> list[dict[str, Any]]:
@@ -518,8 +528,9 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         raise checkpoint_lib.IncompatibleCheckpointError(
             f"{e} This config differs from the one run.json records: {changed}.") from None
     except checkpoint_lib.NoCheckpointError:
-        warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting afresh.",
-                      logs.RunWarning)
+        if jax.process_index() == 0:  # one line for the job
+            warnings.warn(f"No readable checkpoint in {run.workdir}/checkpoints; starting "
+                          "afresh.", logs.RunWarning)
         run.state = run.setup.init_state(image_shape)
         _note_earlier_best(run)
         return
@@ -1110,10 +1121,10 @@ def _train(run: _Run) -> dict[str, Any]:
             record = _end_of_epoch(run, epoch, epoch_time, timed, is_last=end == total)
             if end < total:
                 _stop_if_requested(run, end)
-    except NonFiniteLossError:
+    except NonFiniteLossError as e:
         # The run ends here: its curves show every epoch before it, not those drawn up to
-        # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs).
-        _draw_plots(run, force=True, ending=True)
+        # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs), and where it diverged.
+        _draw_plots(run, force=True, ending=True, diverged=e)
         raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.

@@ -301,24 +301,32 @@ def epoch_axis(ax: Any, epochs: Sequence[float]) -> None:
 
     Integer ticks need two whole epochs in view; else (a run of one epoch, or half of one)
     matplotlib's locator falls back to ticks such as 0.96, 0.98, 1.0: the view then spans
-    the epoch before and after the points.
+    the whole epoch the points end in and the one before it (epochs 0 to 1 for a run of
+    one).
     """
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if epochs and max(epochs) - min(epochs) < 1:
-        first = math.floor(min(epochs))
-        ax.set_xlim(first - 0.25, max(first + 1, max(epochs)) + 0.25)
+        # The epoch the points end, and the one before: a one-epoch run is shown from its
+        # start (epoch 0) to its end, not up to an epoch 2 it never reached.
+        last = math.ceil(max(epochs))
+        ax.set_xlim(min(math.floor(min(epochs)), last - 1) - 0.25, last + 0.25)
     ax.set_xlabel("epoch")
 
 
+@drawn_as_ours
 def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel: str,
                   percent: bool, title: str | None = None,
                   best: dict[str, Any] | None = None, lr_drops: bool = False,
-                  validation: Sequence[dict[str, Any]] = ()) -> Any:
+                  validation: Sequence[dict[str, Any]] = (),
+                  diverged: tuple[float, str] | None = None) -> Any:
     """The ``Figure`` of ``keys`` per epoch (:func:`plot_curves` saves two of them);
     ``validation``'s records (validation.jsonl) give the ``val_*`` curves where they hold
-    them, at their fractional epochs."""
+    them, at their fractional epochs; ``diverged``: ``(epoch, label)``, a vertical line
+    where training diverged. Without a point to draw, the axes say so in words (a blank
+    plot read as a drawing that failed). Made, and laid out, with our rcParams
+    (:func:`drawn_as_ours`), as the other figures."""
     records = [r for r in records if is_number(r.get("epoch"))]  # as in per_epoch
     fig = new_figure((8.5, 4.5))
     ax = fig.subplots()
@@ -354,6 +362,11 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
         ax.plot([best["epoch"]], [scale * best["value"]], "k*", markersize=10,
                 label=_best_label(best))
         shown.append(best["epoch"])  # a mid-epoch best (eval_every_steps) may come first
+    if diverged is not None:
+        ax.axvline(diverged[0], color="red", linestyle="--", linewidth=1, label=diverged[1])
+        shown.append(diverged[0])
+    if not any(line.get_label() in keys for line in ax.get_lines()):
+        _nothing_drawn(ax, diverged is not None)
     epoch_axis(ax, shown)
     ax.set_ylabel(ylabel)
     if title:
@@ -367,10 +380,42 @@ def curves_figure(records: Sequence[dict[str, Any]], keys: Sequence[str], ylabel
     return fig
 
 
+def _nothing_drawn(ax: Any, diverged: bool) -> None:
+    """Says in ``ax`` that it has no point (no epoch finished: a Ctrl-C or a divergence in
+    the first), its meaningless value ticks removed."""
+    ax.text(0.5, 0.5, "no epoch finished before training diverged: no numbers to draw"
+            if diverged else "no epoch has finished yet: nothing to draw",
+            transform=ax.transAxes, ha="center", va="center", color="0.3",
+            bbox={"facecolor": "white", "edgecolor": "none"})
+    ax.set_yticks([])
+
+
+# The PNG text key and value plot_curves writes in a figure with no curve (no epoch yet): a
+# later drawing of no curve replaces only such a figure (or none), never an earlier curve.
+_EMPTY_KEY, _EMPTY_VALUE = "Description", "no epoch to draw"
+# The labels of the curves plot_curves draws (a figure without one has no epoch to show).
+_CURVE_KEYS = frozenset(f"{split}_{what}" for split in ("train", "val", "test")
+                        for what in ("error", "loss"))
+
+
+def _holds_curves(path: str) -> bool:
+    """Whether ``path`` is a PNG other than one :func:`plot_curves` wrote without a curve."""
+    if not os.path.exists(path):
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.text.get(_EMPTY_KEY) != _EMPTY_VALUE
+    except Exception:  # noqa: BLE001  unreadable (cut short): nothing worth keeping
+        return False
+
+
 @drawn_as_ours
 def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | None = None,
                 best: dict[str, Any] | None = None, lr_drops: bool = False,
-                validation: Sequence[dict[str, Any]] = ()) -> list[str]:
+                validation: Sequence[dict[str, Any]] = (),
+                diverged: tuple[float, str] | None = None) -> list[str]:
     """Writes ``error.png`` and ``loss.png`` (train/val/test per epoch) to ``out_dir``.
 
     Args:
@@ -383,18 +428,30 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
         ``lr_schedule='step'``).
       validation: ``validation.jsonl``'s records (``eval_every_steps``): the validation
         curves are drawn from them, every N steps.
+      diverged: ``(epoch, label)`` of a run whose training diverged (at a fractional
+        epoch): a dashed red line there, with ``label`` in the legend.
 
     Returns:
       The paths written, each atomically (a second Ctrl-C, which stops training at once,
-      or an error mid-write leaves the earlier PNG, never a truncated one).
+      or an error mid-write leaves the earlier PNG, never a truncated one). Where the
+      records hold no epoch yet, the figures say so in words; they replace no earlier PNG
+      with curves (of records a restart from step 0 set aside), which is left, and not
+      returned.
     """
     paths = [os.path.join(out_dir, name) for name in CURVE_FILES]
     figures = [
         curves_figure(records, ("train_error", "val_error", "test_error"), "error (%)", True,
-                      title, best, lr_drops, validation),
+                      title, best, lr_drops, validation, diverged),
         curves_figure(records, ("train_loss", "val_loss", "test_loss"), "cross-entropy loss",
-                      False, title, None, lr_drops, validation)]
+                      False, title, None, lr_drops, validation, diverged)]
+    written = []
     for fig, path in zip(figures, paths):
+        empty = not any(line.get_label() in _CURVE_KEYS for line in fig.axes[0].get_lines())
+        if empty and _holds_curves(path):
+            continue
         with workdir_lib.atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-    return paths
+            fig.savefig(f, format="png", dpi=120,
+                        metadata={_EMPTY_KEY: _EMPTY_VALUE} if empty else None)
+        written.append(path)
+    return written
+

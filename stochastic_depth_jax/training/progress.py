@@ -91,6 +91,9 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
         Finished epoch 2/2 (8 steps); last epoch: val error 96.88%, test error 92.19%.
         Best by validation error: epoch 1, test error 95.31% (val error 90.62%); in checkpoints_best/.
         Results in runs/c10: summary.json, metrics.jsonl, error.png, loss.png.
+
+    A PNG older than metrics.jsonl (drawn by an earlier session: ``write_plots=false``, or
+    a drawing failed) is named apart, as drawn before the last records.
     """
     final, best = summary.get("final") or {}, summary.get("best") or {}
     lines = []
@@ -114,8 +117,21 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
                      + (f" ({', '.join(rest)})" if rest else "") + "; in checkpoints_best/.")
     files = ["summary.json", "metrics.jsonl", "validation.jsonl", "error.png", "loss.png"]
     found = [f for f in files if f in files[:2] or os.path.exists(os.path.join(workdir, f))]
-    lines.append(f"Results in {workdir}: {', '.join(found)}.")
+    older = [f for f in found if f.endswith(".png") and _older(workdir, f, "metrics.jsonl")]
+    lines.append(f"Results in {workdir}: {', '.join(f for f in found if f not in older)}"
+                 + (f"; drawn before metrics.jsonl's last records (write_plots was off, or "
+                    f"a drawing failed): {', '.join(older)}" if older else "") + ".")
     return lines
+
+
+def _older(workdir: str, name: str, than: str) -> bool:
+    """Whether ``workdir``'s ``name`` was last written before ``than`` (a PNG an earlier
+    session drew, not this one's: its epochs are missing from it)."""
+    try:
+        return (os.stat(os.path.join(workdir, name)).st_mtime_ns
+                < os.stat(os.path.join(workdir, than)).st_mtime_ns)
+    except OSError:
+        return False
 
 
 # Where no bar is drawn, a line within an epoch at most this often (at a metrics point).

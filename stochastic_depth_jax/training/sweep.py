@@ -286,9 +286,10 @@ def _record_divergence(name: str, workdir: str, error: loop_lib.NonFiniteLossErr
     record = loop_lib.write_divergence(workdir, error)
     path = os.path.join(workdir, DIVERGED_FILE)
     status = figures.diverged_label({"diverged": record})
-    warnings.warn(f"{name} {status}: its training loss or parameters became non-finite "
-                  f"(recorded in {path}); the sweep goes on with its next run.",
-                  logs.RunWarning)
+    if jax.process_index() == 0:  # one line for the job, as the run's own error
+        warnings.warn(f"{name} {status}: its training loss or parameters became non-finite "
+                      f"(recorded in {path}); the sweep goes on with its next run.",
+                      logs.RunWarning)
     return status
 
 
@@ -406,7 +407,9 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                 _block_steps(c, steps_per_epoch[-1:], _start_step(os.path.join(root, n)),
                              blocks[n])
                 for n, c in runs[position:] if n in to_train]
-            print(_starting_line(name, resumed, position, len(runs), left, timed), flush=True)
+            if jax.process_index() == 0:  # one line for the job, as a run's own lines
+                print(_starting_line(name, resumed, position, len(runs), left, timed),
+                      flush=True)
             # Until the run's own handler is installed (it loads data and compiles first), a
             # signal is pending for it: it stops at its first stop point, with a checkpoint.
             stop.when = (f"{name} once it has set up and saved a checkpoint at its first "
@@ -796,12 +799,19 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     runs it came from, and its sidecar the runs left out and why; ``report`` (default
     ``print``) gets one line per file saying the same. Returns name -> path. Where
     matplotlib cannot be imported, only the table is written, with a warning naming the
-    figures not drawn.
+    figures not drawn. In a multi-process job, process 0 alone draws and reports (the
+    others return the same paths, drawing nothing: every process writing the same files
+    drew them once a process, each report repeated).
     """
     if not runs:
         raise errors.ConfigError("No runs to plot: the sweep directory holds no run.json of "
                                  "a CIFAR ResNet / WideResNet run.")
     out_dir = os.path.expanduser(out_dir)
+    if jax.process_index() != 0:  # process 0 draws: the paths it writes
+        table = {"training_time": os.path.join(out_dir, "training_time.md")}
+        return table if plots.matplotlib_problem() is not None else {
+            **{name: os.path.join(out_dir, file) for name, file in
+               zip(("fig8", "fig7", "fig3"), _FIGURES)}, **table}
     os.makedirs(out_dir, exist_ok=True)
     # What a drawing killed mid-write left (each kill one more); another sweep's, still
     # being written, is held and stays.
