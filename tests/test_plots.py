@@ -966,3 +966,43 @@ def test_only_process_0_says_a_run_starts_afresh_without_a_readable_checkpoint(m
             loop._resume_or_init(run, (32, 32, 3))
         assert run.state == "fresh"
         assert any("starting afresh" in str(w.message) for w in caught) is said
+
+
+def test_curves_of_a_copied_workdir_are_told_apart_by_their_records_not_their_mtimes(
+        tmp_path):
+    """Copied file by file in name order (rsync -r, cp -r, a download), a workdir's
+    metrics.jsonl is newer than its PNGs: the 'Nothing to train' rerun of the copy named its
+    current curves as drawn before metrics.jsonl's last records. A PNG drawn before a record
+    that is newer than it (copied after metrics.jsonl) was listed as current."""
+    from stochastic_depth_jax.training import metrics, progress
+
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    for record in _records([0.1, 0.1]):
+        writer.write(record)
+    plots.plot_curves(metrics.read_metrics(str(tmp_path)), str(tmp_path))
+    (tmp_path / "summary.json").write_text("{}")
+    copied = ("error.png", "loss.png", "metrics.jsonl", "summary.json")  # in name order
+    for second, name in enumerate(copied):
+        os.utime(tmp_path / name, (1000 + second, 1000 + second))
+    [results] = progress.summary_lines({}, str(tmp_path), 2)
+    assert results == f"Results in {tmp_path}: summary.json, metrics.jsonl, error.png, loss.png."
+    writer.write(_records([0.1, 0.1, 0.1])[-1])  # a later session's epoch, write_plots off
+    for name in ("error.png", "loss.png"):
+        os.utime(tmp_path / name, (2000, 2000))  # copied after metrics.jsonl
+    [results] = progress.summary_lines({}, str(tmp_path), 3)
+    assert results == (f"Results in {tmp_path}: summary.json, metrics.jsonl; drawn before "
+                       "metrics.jsonl's last records (write_plots was off, or a drawing "
+                       "failed): error.png, loss.png.")
+
+
+def test_a_divergence_at_the_first_step_is_shown_from_epoch_0_not_from_epoch_minus_1():
+    """A loss non-finite at the first step (step 0: the initial parameters') is marked at
+    epoch 0; the axis then spanned epochs -1 to 0."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plots.curves_figure([], ("train_error", "test_error"), "error (%)", True,
+                              diverged=(0.0, "diverged at step 0 (epoch 1)"))
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert [t for t in ax.get_xticks() if lo <= t <= hi] == [0, 1]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib
+import json
 import math
 import os
 import textwrap
@@ -19,8 +21,9 @@ from stochastic_depth_jax.training import config as config_lib
 from stochastic_depth_jax.training import workdir as workdir_lib
 
 __all__ = ["CURVE_FILES", "augment_label", "curve_title", "curves_figure", "drawn_as_ours",
-           "epoch_axis", "figure_title", "is_number", "mark_non_finite", "matplotlib_problem",
-           "new_figure", "non_finite", "per_epoch", "plot_curves", "run_title"]
+           "drawn_from", "epoch_axis", "figure_title", "is_number", "mark_non_finite",
+           "matplotlib_problem", "new_figure", "non_finite", "per_epoch", "plot_curves",
+           "records_digest", "run_title"]
 
 # The curves plot_curves writes in a workdir.
 CURVE_FILES = ("error.png", "loss.png")
@@ -302,7 +305,7 @@ def epoch_axis(ax: Any, epochs: Sequence[float]) -> None:
     Integer ticks need two whole epochs in view; else (a run of one epoch, or half of one)
     matplotlib's locator falls back to ticks such as 0.96, 0.98, 1.0: the view then spans
     the whole epoch the points end in and the one before it (epochs 0 to 1 for a run of
-    one).
+    one, or one diverged at its first step: epoch 0).
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -310,7 +313,7 @@ def epoch_axis(ax: Any, epochs: Sequence[float]) -> None:
     if epochs and max(epochs) - min(epochs) < 1:
         # The epoch the points end, and the one before: a one-epoch run is shown from its
         # start (epoch 0) to its end, not up to an epoch 2 it never reached.
-        last = math.ceil(max(epochs))
+        last = max(math.ceil(max(epochs)), 1)  # 1: a divergence at step 0 is at epoch 0
         ax.set_xlim(min(math.floor(min(epochs)), last - 1) - 0.25, last + 0.25)
     ax.set_xlabel("epoch")
 
@@ -411,6 +414,32 @@ def _holds_curves(path: str) -> bool:
         return False
 
 
+# The PNG text key where plot_curves records which records it drew (records_digest): a PNG
+# an earlier session drew is told by it, not by its mtime, which a copy of the workdir
+# (rsync -r, cp -r, a download) sets in the order the files were copied.
+_RECORDS_KEY = "Records"
+
+
+def records_digest(records: Sequence[dict[str, Any]]) -> str:
+    """``'<n> epoch records, sha256 <16 hex digits>'``: of ``records``' (``metrics.jsonl``'s)
+    records with an epoch, those :func:`plot_curves` draws; what it writes in each PNG."""
+    drawn = [r for r in records if is_number(r.get("epoch"))]
+    text = json.dumps(drawn, sort_keys=True, default=str)
+    return f"{len(drawn)} epoch records, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def drawn_from(path: str) -> str | None:
+    """The :func:`records_digest` of the records the PNG ``path`` was drawn from, None where
+    it records none (absent, unreadable, drawn by an earlier version or by something else)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.text.get(_RECORDS_KEY)
+    except Exception:  # noqa: BLE001  absent or unreadable: nothing to tell
+        return None
+
+
 @drawn_as_ours
 def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | None = None,
                 best: dict[str, Any] | None = None, lr_drops: bool = False,
@@ -436,7 +465,8 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
       or an error mid-write leaves the earlier PNG, never a truncated one). Where the
       records hold no epoch yet, the figures say so in words; they replace no earlier PNG
       with curves (of records a restart from step 0 set aside), which is left, and not
-      returned.
+      returned. Each PNG records the :func:`records_digest` of ``records`` in its text
+      metadata (:func:`drawn_from`).
     """
     paths = [os.path.join(out_dir, name) for name in CURVE_FILES]
     figures = [
@@ -449,9 +479,10 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str, title: str | No
         empty = not any(line.get_label() in _CURVE_KEYS for line in fig.axes[0].get_lines())
         if empty and _holds_curves(path):
             continue
+        metadata = {_RECORDS_KEY: records_digest(records),
+                    **({_EMPTY_KEY: _EMPTY_VALUE} if empty else {})}
         with workdir_lib.atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120,
-                        metadata={_EMPTY_KEY: _EMPTY_VALUE} if empty else None)
+            fig.savefig(f, format="png", dpi=120, metadata=metadata)
         written.append(path)
     return written
 

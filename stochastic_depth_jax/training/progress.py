@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
 from tqdm.auto import tqdm
+
+from stochastic_depth_jax.training import metrics as metrics_lib
+from stochastic_depth_jax.training import plots
 
 __all__ = ["LINE_EVERY_S", "EpochProgress", "draws_bar", "epoch_line", "interactive",
            "prints_epoch_lines", "prints_task_lines", "summary_lines"]
@@ -92,8 +96,9 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
         Best by validation error: epoch 1, test error 95.31% (val error 90.62%); in checkpoints_best/.
         Results in runs/c10: summary.json, metrics.jsonl, error.png, loss.png.
 
-    A PNG older than metrics.jsonl (drawn by an earlier session: ``write_plots=false``, or
-    a drawing failed) is named apart, as drawn before the last records.
+    A PNG drawn from other records than metrics.jsonl's (by an earlier session:
+    ``write_plots=false``, or a drawing failed) is named apart, as drawn before the last
+    records.
     """
     final, best = summary.get("final") or {}, summary.get("best") or {}
     lines = []
@@ -117,19 +122,28 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
                      + (f" ({', '.join(rest)})" if rest else "") + "; in checkpoints_best/.")
     files = ["summary.json", "metrics.jsonl", "validation.jsonl", "error.png", "loss.png"]
     found = [f for f in files if f in files[:2] or os.path.exists(os.path.join(workdir, f))]
-    older = [f for f in found if f.endswith(".png") and _older(workdir, f, "metrics.jsonl")]
+    older = [f for f in found if f.endswith(".png") and _drawn_before(workdir, f)]
     lines.append(f"Results in {workdir}: {', '.join(f for f in found if f not in older)}"
                  + (f"; drawn before metrics.jsonl's last records (write_plots was off, or "
                     f"a drawing failed): {', '.join(older)}" if older else "") + ".")
     return lines
 
 
-def _older(workdir: str, name: str, than: str) -> bool:
-    """Whether ``workdir``'s ``name`` was last written before ``than`` (a PNG an earlier
-    session drew, not this one's: its epochs are missing from it)."""
+def _drawn_before(workdir: str, name: str) -> bool:
+    """Whether ``workdir``'s curve PNG ``name`` was drawn before metrics.jsonl's last records
+    (by an earlier session: this one's epochs are missing from it). Told by the records it
+    was drawn from (:func:`plots.drawn_from`): the files' mtimes are those of a copy where
+    the workdir was copied (``rsync -r``, ``cp -r``, a download: metrics.jsonl after the
+    PNGs, in name order); by the mtimes for a PNG that records none (an earlier version's)."""
+    path = os.path.join(workdir, name)
+    drawn = plots.drawn_from(path)
+    if drawn is not None:
+        with warnings.catch_warnings():  # a torn line: said where training read the file
+            warnings.simplefilter("ignore")
+            return drawn != plots.records_digest(metrics_lib.read_metrics(workdir))
     try:
-        return (os.stat(os.path.join(workdir, name)).st_mtime_ns
-                < os.stat(os.path.join(workdir, than)).st_mtime_ns)
+        return (os.stat(path).st_mtime_ns
+                < os.stat(os.path.join(workdir, metrics_lib.METRICS_FILE)).st_mtime_ns)
     except OSError:
         return False
 
