@@ -34,8 +34,8 @@ import numpy as np
 
 from stochastic_depth_jax import ops
 from stochastic_depth_jax.layers import StochasticDepth, gate_rng
-from stochastic_depth_jax.vit import (block_gate, check_image_sides, check_positive_int,
-                                     drop_path_rates)
+from stochastic_depth_jax.vit import (block_gate, check_block_train, check_image_sides,
+                                     check_positive_int, drop_path_rates)
 
 __all__ = [
     "CONVNEXT_SIZES",
@@ -180,6 +180,7 @@ class ConvNeXtBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, gate: Any = None, *, train: bool) -> Array:
         """``x`` ``[batch, H, W, C]``; ``gate`` from :func:`block_gate` (None: drawn here)."""
+        check_block_train(train, "ConvNeXtBlock", "ConvNeXtBranch")
         branch = ConvNeXtBranch(self.layer_scale_init, self.mlp_ratio, self.dtype, parent=None)
         sd = StochasticDepth(branch, survival_prob=self.survival_prob, mode=self.mode,
                              scaling=self.scaling, implementation=self.implementation,
