@@ -37,6 +37,7 @@ __all__ = [
     "attend",
     "block_gate",
     "block_gates",
+    "check_block_train",
     "Attention",
     "AttentionBranch",
     "MlpBranch",
@@ -98,6 +99,26 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
         raise ValueError(f"drop_path_rate must be in [0, 1) (DeiT-S: 0.1), got {rate!r}.")
     check_positive_int(depth, "depth")
     return DROP_PATH_RULES[rule](int(depth), float(rate))
+
+
+def check_block_train(train: Any, block: str, branch: str) -> None:
+    """TypeError in one line for a block's ``train`` that is not a Python bool.
+
+    ``nn.remat(EncoderBlock)`` (or ``nn.jit`` without ``static_argnames``) traces the
+    keyword-only ``train``, which the block reads in Python: JAX's
+    ``TracerBoolConversionError`` named neither the block nor a fix. ``None`` or a string
+    was read by its truth value (``train=None`` evaluated, ``'False'`` trained).
+    ``branch`` names the block's branch class(es), the unit to rematerialise instead.
+    """
+    try:
+        ops.check_deterministic(train, name="train")
+    except ops.TracedFlagError:
+        raise ops.TracedFlagError(
+            f"{block} got a traced train flag (nn.remat, or nn.jit without static_argnames, "
+            f"traces keyword arguments), which it must read in Python: apply {block} itself "
+            f"(or nn.jit({block}, static_argnames='train')), and to rematerialise, wrap its "
+            f"branch instead: StochasticDepth(nn.remat({branch})(..., parent=None), ...)."
+        ) from None
 
 
 def check_positive_int(value: Any, name: str, hint: str = "") -> None:
@@ -276,6 +297,7 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
                  train: bool) -> Array:
         """``x`` ``[batch, tokens, width]``; ``gates`` from :func:`block_gates`."""
+        check_block_train(train, "EncoderBlock", "AttentionBranch / MlpBranch")
         branches = (AttentionBranch(self.num_heads, self.dtype, parent=None),
                     MlpBranch(self.mlp_dim, self.dtype, parent=None))
         for name, branch, gate in zip(("attn", "mlp"), branches, gates):

@@ -245,3 +245,25 @@ def test_convnext_groups_not_a_multiple_of_devices_is_a_clear_error():
     config = load_config("cifar10_convnext:smoke", TRAIN_FLAGS + ["--config.model.groups=4"])
     with pytest.raises(ValueError, match="model.groups=4 is not a multiple of the 8 devices"):
         setup_lib.build_model(config, 10, distributed.make_mesh())
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_kernels_start_as_the_official_code_s_n_0_0_02(api):
+    """The official ConvNeXt draws its conv and linear weights with timm's
+    ``trunc_normal_(std=.02)``, whose bounds of +-2 are absolute (100 standard deviations):
+    N(0, 0.02^2). Flax's ``truncated_normal(0.02)`` cut them at +-0.04, a standard deviation
+    of 0.0176: every kernel started 12% too small."""
+    kw = dict(size="atto", depths=(1, 1, 1, 1), stem_stride=2)
+    if api == "linen":
+        params = sdj.ConvNeXt(num_classes=100, **kw).init(jax.random.key(0), X,
+                                                          train=False)["params"]
+    else:
+        model = nnx_layers.ConvNeXt(100, **kw, rngs=nnx.Rngs(params=0))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    kernels = np.concatenate([
+        np.ravel(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) == "kernel"])
+    assert kernels.size > 500_000
+    assert np.std(kernels) == pytest.approx(0.02, rel=0.01)
+    beyond = np.mean(np.abs(kernels) > 0.04)  # 2 standard deviations: 4.55% of N(0, 1)
+    assert abs(beyond - 0.0455) <= 5 * np.sqrt(0.0455 * 0.9545 / kernels.size)

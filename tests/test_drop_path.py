@@ -432,3 +432,66 @@ def test_a_traced_drop_path_rate_is_refused_naming_the_call_s_survival_prob():
         with pytest.raises(ValueError) as caught:
             jax.jit(build)(0.1)
         assert str(caught.value) == expected
+
+
+class _RematEncoderBlock(nn.Module):
+    """What the refusal below tells a user to build: the ViT block with its branches, not
+    the block, under ``nn.remat``."""
+
+    @nn.compact
+    def __call__(self, x, gates, *, train):
+        from stochastic_depth_jax import vit
+        branches = (nn.remat(vit.AttentionBranch)(2, parent=None),
+                    nn.remat(vit.MlpBranch)(16, parent=None))
+        for name, branch, gate in zip(("attn", "mlp"), branches, gates):
+            sd = sdj.StochasticDepth(branch, survival_prob=0.5, mode="sample",
+                                     scaling="train", name=name)
+            x = sd(x, deterministic=not train, gate=gate, shortcut=x)
+        return x
+
+
+@pytest.mark.parametrize("block, branch", [
+    (lambda: sdj.vit.EncoderBlock(2, 16, 0.5), "AttentionBranch / MlpBranch"),
+    (lambda: sdj.convnext.ConvNeXtBlock(0.5), "ConvNeXtBranch"),
+])
+def test_a_vit_or_convnext_block_under_nn_remat_is_refused_in_one_line(block, branch):
+    """``nn.remat(EncoderBlock)`` (the usual way to save memory in a transformer) traces the
+    block's keyword-only ``train``: JAX's ``TracerBoolConversionError`` followed, naming
+    neither the block nor a fix. ``train=None`` evaluated and ``train='False'`` trained,
+    silently. Now one line each; the branch-level remat the line names gives the block's
+    outputs and gradients."""
+    name = type(block()).__name__
+    shape = (8, 16, 8) if name == "EncoderBlock" else (8, 4, 4, 8)
+    x = jax.random.normal(jax.random.key(0), shape)
+    remat_block = nn.remat(type(block()))
+    args = (2, 16, 0.5) if name == "EncoderBlock" else (0.5,)
+    variables = block().init(jax.random.key(1), x, train=False)
+    rngs = {"stochastic_depth": jax.random.key(2)}
+    expected = (rf"^{name} got a traced train flag \(nn\.remat, or nn\.jit without "
+                rf"static_argnames, traces keyword arguments\), which it must read in Python: "
+                rf"apply {name} itself \(or nn\.jit\({name}, static_argnames='train'\)\), and "
+                rf"to rematerialise, wrap its branch instead: "
+                rf"StochasticDepth\(nn\.remat\({re.escape(branch)}\)\(\.\.\., parent=None\), "
+                rf"\.\.\.\)\.$")
+    with pytest.raises(TypeError) as caught:  # JAX may append a note on its traceback below
+        remat_block(*args).apply(variables, x, train=True, rngs=rngs)
+    assert re.match(expected, str(caught.value).splitlines()[0]), str(caught.value)
+    for flag, text in ((None, "None"), ("False", "'False'")):
+        with pytest.raises(TypeError, match=rf"^train must be a bool, got {text} "):
+            block().apply(variables, x, train=flag, rngs=rngs)
+    if name != "EncoderBlock":
+        return
+    tokens = x
+    gates = sdj.vit.block_gates(jax.random.key(3), 0, 0.5, mode="sample",
+                                implementation="skip", batch_size=8, groups=1)
+
+    def loss(params, model):
+        y = model.apply({"params": params}, tokens, gates, train=True)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, y), g = jax.value_and_grad(loss, has_aux=True)(variables["params"], block())
+    (_, y_r), g_r = jax.value_and_grad(loss, has_aux=True)(variables["params"],
+                                                           _RematEncoderBlock())
+    np.testing.assert_allclose(y_r, y, rtol=1e-6, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           g_r, g)
