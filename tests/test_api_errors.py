@@ -928,9 +928,37 @@ def test_nnx_wrapper_merged_from_a_closed_over_state_names_merge_with_copy(trans
 
     with pytest.raises(flax.errors.TraceContextError,
                        match=r"nnx\.merge\(graphdef, state, copy=True\) \(without copy=True "
-                             r"a state closed over, .*keeps the variables of the level outside"):
+                             r"a state closed over, .*keeps the variables of the level outside; "
+                             r"with it, return nnx.state\(copy\) and nnx.update the model, or "
+                             r"the copy's key counters and BatchNorm statistics are lost\)"):
         run(False)
     np.testing.assert_allclose(run(True), nnx.merge(graphdef, state)(X, rngs=key), rtol=1e-5)
+
+
+def test_nnx_merge_with_copy_advice_keeps_the_counters_and_statistics_it_names():
+    """The line's copy=True advice did not say that the copy's updates (its key counter,
+    BatchNorm statistics) stay in the copy: it says now to return its state and update the
+    model, and doing so keeps them."""
+    class Normed(nnx.Module):
+        def __init__(self, rngs):
+            self.dense, self.bn = nnx.Linear(6, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.dense(x))
+
+    model = nnx_layers.DropPath(Normed(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(stochastic_depth=1))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        copy = nnx.merge(graphdef, state, copy=True)
+        return copy(x), nnx.state(copy)
+
+    _, new = forward(state, X[:, 0])
+    assert int(model.rngs.count[...]) == 0  # lost unless returned
+    nnx.update(model, new)
+    assert int(model.rngs.count[...]) == 1
+    assert float(jnp.abs(model.branch.bn.mean[...]).sum()) > 0
 
 
 def test_nnx_branch_running_its_own_plain_scan_gets_nnx_words_not_the_wrappers_line():
