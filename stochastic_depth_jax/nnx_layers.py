@@ -161,8 +161,9 @@ def _function_parts(branch: Any) -> list[tuple[Any, set[str]]]:
     the code holding it reads: the objects it closes over (closure cells, a
     ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
     names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
-    function made by another, the user's decorators, a global helper) are read in turn, to
-    any depth, each once (a function reaching itself is read once)."""
+    function made by another, the user's decorators, a global helper) and callable objects
+    of plain classes are read in turn, to any depth, each once (a function reaching itself
+    is read once)."""
     parts: list[tuple[Any, set[str]]] = []
     todo, seen = [branch], {}  # seen holds what it read (ids of live objects stay unique)
     while todo:
@@ -183,14 +184,14 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
         code = getattr(getattr(fn.func, "__func__", fn.func), "__code__", None)
         names = _code_names(code) if code is not None else set()
         given = [*fn.args, *fn.keywords.values()]
-        return ([(a, names) for a in given if not _is_function(a)],
-                [fn.func] + [a for a in given if _is_function(a)])
+        return ([(a, names) for a in given if not _read_next(a)],
+                [fn.func] + [a for a in given if _read_next(a)])
     if _is_plain_callable(fn):  # an object of the user's class with __call__, not a Module
         call = type(fn).__call__
         names = _code_names(call.__code__)
         held = [v for n, v in getattr(fn, "__dict__", {}).items() if n in names]
-        return ([(v, set()) for v in held if not _is_function(v)],
-                [call] + [v for v in held if _is_function(v)])
+        return ([(v, set()) for v in held if not _read_next(v)],
+                [call] + [v for v in held if _read_next(v)])
     if not _is_function(fn):
         return [(fn, set())], []  # a module or other object itself (partial(self.conv))
     owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
@@ -205,8 +206,14 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
                   if _cell_filled(cell)]
         globals_ = getattr(fn, "__globals__", {})
         inner += [globals_[n] for n in _global_names(code) if n in globals_]
-    return ([(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]],
-            [o for o in inner if _is_function(o)])
+    return ([(obj, names) for obj in owner + [o for o in inner if not _read_next(o)]],
+            [o for o in inner if _read_next(o)])
+
+
+def _read_next(obj: Any) -> bool:
+    """Whether :func:`_function_parts` reads what ``obj`` reads in turn: a function, or an
+    object of a plain class with ``__call__`` (``lambda v: helper(v)``)."""
+    return _is_function(obj) or _is_plain_callable(obj)
 
 
 def _is_function(obj: Any) -> bool:
@@ -323,7 +330,7 @@ def _needs_module_branch(sd: Any, problem: str, found: list[Any], also: str = ""
     """The one line refusing a function branch over NNX state: ``problem`` (with ``{}``
     for the kinds ``found``), and the fix (``also`` appended to it)."""
     kinds = ", ".join(sorted({type(u).__name__ for u in found}))
-    what = (f"a {type(sd.branch).__name__} object (a plain class, not an nnx.Module)"
+    what = (f"an object of class {type(sd.branch).__name__} (not an nnx.Module)"
             if _is_plain_callable(sd.branch) else "a function")
     return ValueError(
         f"{type(sd).__name__}'s branch is {what} that uses NNX {problem.format(kinds)}: "
