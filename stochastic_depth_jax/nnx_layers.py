@@ -678,7 +678,7 @@ class DropPath(StochasticDepth):
                             f"{name}(branch, rate={rate}), or "
                             f"StochasticDepth(branch, survival_prob=..., mode='sample', "
                             f"scaling='train').")
-        rate = ops.check_drop_rate(rate)
+        rate = ops.check_drop_rate(rate, type(self).__name__)
         super().__init__(branch, 1.0 - rate, mode=mode, scaling=scaling,
                          implementation=implementation, **kwargs)
 

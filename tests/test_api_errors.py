@@ -211,6 +211,23 @@ def test_nnx_drop_path_given_a_survival_prob_names_rate():
     MyDrop(NnxDense(nnx.Rngs(0)), rate=0.1)  # what it says to write builds
 
 
+def test_drop_path_subclass_given_a_bad_rate_is_named():
+    """A subclass's rate out of [0, 1) (or traced) was refused as "DropPath rate must be
+    ...": the line names the class the user built (Linen and NNX)."""
+    class MyDrop(nnx_layers.DropPath):
+        pass
+
+    class MyLinenDrop(sdj.DropPath):
+        pass
+
+    with pytest.raises(ValueError, match=r"^MyDrop rate must be a float in \[0, 1\), got 1.5"):
+        MyDrop(NnxDense(nnx.Rngs(0)), rate=1.5)
+    with pytest.raises(ValueError, match=r"^MyLinenDrop rate must be a float in \[0, 1\)"):
+        MyLinenDrop(Dense(parent=None), rate=1.0)
+    with pytest.raises(ValueError, match=r"^MyDrop rate must be known when the model is built"):
+        jax.jit(lambda r: MyDrop(NnxDense(nnx.Rngs(0)), rate=r) and r)(0.1)
+
+
 def test_bad_model_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="dtype must be a floating-point dtype"):
         sdj.CifarResNet(depth=8, num_classes=3, dtype="float8").init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)
