@@ -363,11 +363,13 @@ def _refuse_unknown_arguments(module: nnx.Module, unknown: Mapping[str, Any]) ->
 # not trace (closed over, or jax.grad / jax.jacfwd of the input only) keeps those of the
 # level outside it, which the wrapper's nnx.cond cannot update either.
 _NNX_TRANSFORMS_FIX = (
-    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...) "
-    "that closes over NNX modules or a split state, or merges a state it does not "
-    "differentiate, whose state (key counters, parameters, BatchNorm statistics) NNX cannot "
-    "update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, "
-    "nnx.grad), or nnx.split the model outside and merge it inside the function with "
+    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...; "
+    "or an NNX one not given the model) that closes over NNX modules or a split state, or "
+    "merges a state it does not differentiate, whose state (key counters, parameters, "
+    "BatchNorm statistics) NNX cannot update from inside it: use NNX's transform instead "
+    "(nnx.scan, nnx.vmap, nnx.fori_loop, nnx.grad) and pass it the model as an argument (one "
+    "closed over, by nnx.jit too, is not carried), or nnx.split the model outside and merge "
+    "it inside the function with "
     "nnx.merge(graphdef, state, copy=True) (without copy=True a state closed over, or one "
     "jax.grad / jax.jacfwd do not differentiate, keeps the variables of the level outside; "
     "with it, return nnx.state(copy) and nnx.update the model, or the copy's key counters "

@@ -902,6 +902,22 @@ def test_nnx_wrapper_in_a_plain_lax_scan_over_a_closed_over_model_names_nnx_scan
     assert run(model, jnp.stack([X[:, 0]] * 3), keys).shape == ()
 
 
+def test_nnx_wrapper_closed_over_by_nnx_jit_names_passing_the_model():
+    """nnx.jit(lambda x: model(x)), the model closed over (a common first try), was told to
+    "use NNX's transform instead (nnx.scan, ...)", which it did: the line says to pass the
+    model to the transform, which runs and advances the model's key counter."""
+    model = nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(stochastic_depth=1))
+    x = X[:, 0]
+    for closing_over in (nnx.jit(lambda v: model(v)), nnx.grad(lambda v: model(v).sum())):
+        with pytest.raises(flax.errors.TraceContextError,
+                           match=r"^DropPath ran inside a JAX transform .*or an NNX one not "
+                                 r"given the model\).*and pass it the model as an argument "
+                                 r"\(one closed over, by nnx.jit too, is not carried\)"):
+            closing_over(x)
+    assert nnx.jit(lambda m, v: m(v))(model, x).shape == x.shape
+    assert int(model.rngs.count[...]) == 1
+
+
 def test_nnx_wrapper_merged_from_a_state_not_differentiated_names_merge_with_copy():
     # jax.grad / jax.jacfwd of the input only, the model merged inside from a state they do
     # not differentiate: nnx.merge reuses the state's Variables, the wrapper's nnx.cond
