@@ -161,9 +161,9 @@ def _function_parts(branch: Any) -> list[tuple[Any, set[str]]]:
     the code holding it reads: the objects it closes over (closure cells, a
     ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
     names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
-    function made by another, the user's decorators, a global helper) and callable objects
-    of plain classes are read in turn, to any depth, each once (a function reaching itself
-    is read once)."""
+    function made by another, the user's decorators, a global helper), callable objects of
+    plain classes and the attributes a plain object's method reads are read in turn, to any
+    depth, each once (a function reaching itself is read once)."""
     parts: list[tuple[Any, set[str]]] = []
     todo, seen = [branch], {}  # seen holds what it read (ids of live objects stay unique)
     while todo:
@@ -188,14 +188,17 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
                 [fn.func] + [a for a in given if _read_next(a)])
     if _is_plain_callable(fn):  # an object of the user's class with __call__, not a Module
         call = type(fn).__call__
-        names = _code_names(call.__code__)
-        held = [v for n, v in getattr(fn, "__dict__", {}).items() if n in names]
-        return ([(v, set()) for v in held if not _read_next(v)],
-                [call] + [v for v in held if _read_next(v)])
+        parts, then = _held(fn, _code_names(call.__code__))
+        return parts, [call] + then
     if not _is_function(fn):
         return [(fn, set())], []  # a module or other object itself (partial(self.conv))
     owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
     fn = getattr(fn, "__func__", fn)
+    if owner and not _is_nnx_object(owner[0]):  # a method of a plain object (helper.forward)
+        code = getattr(fn, "__code__", None)
+        parts, then = _held(owner[0], _code_names(code) if code is not None else set())
+        found, inner = _function_level(fn)
+        return parts + found, then + inner
     inner = [fn.__wrapped__] if hasattr(fn, "__wrapped__") else []
     code = getattr(fn, "__code__", None)
     if code is not None and code.co_filename.startswith(_LIBRARIES):
@@ -208,6 +211,17 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
         inner += [globals_[n] for n in _global_names(code) if n in globals_]
     return ([(obj, names) for obj in owner + [o for o in inner if not _read_next(o)]],
             [o for o in inner if _read_next(o)])
+
+
+def _held(obj: Any, names: set[str]) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
+    """What a plain object's code reading ``names`` uses of its attributes (as
+    :func:`_function_level`): the objects, and the callables among them, read next."""
+    held = [v for n, v in getattr(obj, "__dict__", {}).items() if n in names]
+    return [(v, set()) for v in held if not _read_next(v)], [v for v in held if _read_next(v)]
+
+
+def _is_nnx_object(obj: Any) -> bool:
+    return isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)
 
 
 def _read_next(obj: Any) -> bool:

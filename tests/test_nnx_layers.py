@@ -497,14 +497,19 @@ class _Helper:
     def __call__(self, v):
         return self.conv(v)
 
+    def forward(self, v):
+        return jnp.tanh(self.conv(v))
 
-@pytest.mark.parametrize("levels", [5, 8, "cycle", "global_helper", "callable_object"])
+
+@pytest.mark.parametrize("levels", [5, 8, "cycle", "global_helper", "callable_object",
+                                    "method_of_a_helper"])
 def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels):
     """A function branch reached through more than 4 levels of the user's own functions (5
     nested functools.wraps decorators) was not read: the closed-over conv, made outside
     nnx.jit, got a zero gradient silently; so did one read through a global helper, or a
-    callable object the function calls. Functions and such objects are read to any depth
-    now, each once (a function whose closure holds itself is no loop)."""
+    callable object the function calls, or a method of a plain object (helper.forward).
+    Functions and such objects are read to any depth now, each once (a function whose
+    closure holds itself is no loop)."""
     key = next(jax.random.key(s) for s in range(32)
                if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
 
@@ -516,6 +521,8 @@ def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels)
         if levels == "callable_object":
             helper = _Helper(conv)
             return lambda v: jnp.tanh(helper(v))
+        if levels == "method_of_a_helper":
+            return _Helper(conv).forward
         f = lambda v: conv(v)  # noqa: E731
         for _ in range(levels):
             f = _your_decorator(f)
