@@ -192,13 +192,8 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
         return parts, [call] + then
     if not _is_function(fn):
         return [(fn, set())], []  # a module or other object itself (partial(self.conv))
-    owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
+    owner = fn.__self__ if isinstance(fn, types.MethodType) else None
     fn = getattr(fn, "__func__", fn)
-    if owner and not _is_nnx_object(owner[0]):  # a method of a plain object (helper.forward)
-        code = getattr(fn, "__code__", None)
-        parts, then = _held(owner[0], _code_names(code) if code is not None else set())
-        found, inner = _function_level(fn)
-        return parts + found, then + inner
     inner = [fn.__wrapped__] if hasattr(fn, "__wrapped__") else []
     code = getattr(fn, "__code__", None)
     if code is not None and code.co_filename.startswith(_LIBRARIES):
@@ -209,8 +204,14 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
                   if _cell_filled(cell)]
         globals_ = getattr(fn, "__globals__", {})
         inner += [globals_[n] for n in _global_names(code) if n in globals_]
-    return ([(obj, names) for obj in owner + [o for o in inner if not _read_next(o)]],
-            [o for o in inner if _read_next(o)])
+    parts = [(obj, names) for obj in inner if not _read_next(obj)]
+    then = [obj for obj in inner if _read_next(obj)]
+    if owner is not None and _is_nnx_object(owner):
+        parts.append((owner, names))  # a module's method: the attributes it reads
+    elif owner is not None:  # a plain object's method (helper.forward): what it holds
+        held_parts, held_then = _held(owner, names)
+        parts, then = parts + held_parts, then + held_then
+    return parts, then
 
 
 def _held(obj: Any, names: set[str]) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
@@ -383,11 +384,10 @@ _NNX_TRANSFORMS_FIX = (
     "BatchNorm statistics) NNX cannot update from inside it: use NNX's transform instead "
     "(nnx.scan, nnx.vmap, nnx.fori_loop, nnx.grad) and pass it the model as an argument (one "
     "closed over, by nnx.jit too, is not carried), or nnx.split the model outside and merge "
-    "it inside the function with "
-    "nnx.merge(graphdef, state, copy=True) (without copy=True a state closed over, or one "
-    "jax.grad / jax.jacfwd do not differentiate, keeps the variables of the level outside; "
-    "with it, return nnx.state(copy) and nnx.update the model, or the copy's key counters "
-    "and BatchNorm statistics are lost)")
+    "it inside the function with nnx.merge(graphdef, state, copy=True) (without copy=True a "
+    "state closed over, or one jax.grad / jax.jacfwd do not differentiate, keeps the "
+    "variables of the level outside; with it, return nnx.state(copy) and nnx.update the "
+    "model, or the copy's key counters and BatchNorm statistics are lost)")
 
 
 class _TransformError(flax.errors.TraceContextError):
