@@ -158,9 +158,9 @@ _LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
 
 def _function_parts(branch: Any) -> list[tuple[Any, set[str]]]:
     """What a plain function branch reads from outside, each object with the attribute names
-    the code holding it reads: the objects it closes over (closure cells, a
-    ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
-    names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
+    the code holding it reads: the objects it closes over (closure cells, default arguments,
+    a ``functools.partial``'s function and arguments, a bound method's ``self``, the globals
+    it names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
     function made by another, the user's decorators, a global helper), callable objects of
     plain classes and the attributes a plain object's method reads are read in turn, to any
     depth, each once (a function reaching itself is read once)."""
@@ -202,6 +202,9 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
     if code is not None:
         inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
                   if _cell_filled(cell)]
+        # Default arguments too: lambda v, conv=conv: conv(v), as written in a loop.
+        inner += [*(getattr(fn, "__defaults__", None) or ()),
+                  *(getattr(fn, "__kwdefaults__", None) or {}).values()]
         globals_ = getattr(fn, "__globals__", {})
         inner += [globals_[n] for n in _global_names(code) if n in globals_]
     parts = [(obj, names) for obj in inner if not _read_next(obj)]
