@@ -162,8 +162,9 @@ def _function_parts(branch: Any) -> list[tuple[Any, set[str]]]:
     a ``functools.partial``'s function and arguments, a bound method's ``self``, the globals
     it names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
     function made by another, the user's decorators, a global helper), callable objects of
-    plain classes and the attributes a plain object's method reads are read in turn, to any
-    depth, each once (a function reaching itself is read once)."""
+    plain classes, the attributes a plain object's method reads and the items of plain
+    lists, tuples and dicts are read in turn, to any depth, each once (a function reaching
+    itself is read once)."""
     parts: list[tuple[Any, set[str]]] = []
     todo, seen = [branch], {}  # seen holds what it read (ids of live objects stay unique)
     while todo:
@@ -186,6 +187,10 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
         given = [*fn.args, *fn.keywords.values()]
         return ([(a, names) for a in given if not _read_next(a)],
                 [fn.func] + [a for a in given if _read_next(a)])
+    if _is_container(fn):  # [conv1, conv2] closed over: its items
+        items = list(fn.values() if isinstance(fn, Mapping) else fn)
+        return ([(v, set()) for v in items if not _read_next(v)],
+                [v for v in items if _read_next(v)])
     if _is_plain_callable(fn):  # an object of the user's class with __call__, not a Module
         call = type(fn).__call__
         parts, then = _held(fn, _code_names(call.__code__))
@@ -229,9 +234,16 @@ def _is_nnx_object(obj: Any) -> bool:
 
 
 def _read_next(obj: Any) -> bool:
-    """Whether :func:`_function_parts` reads what ``obj`` reads in turn: a function, or an
-    object of a plain class with ``__call__`` (``lambda v: helper(v)``)."""
-    return _is_function(obj) or _is_plain_callable(obj)
+    """Whether :func:`_function_parts` reads what ``obj`` reads in turn: a function, an
+    object of a plain class with ``__call__`` (``lambda v: helper(v)``), or a plain list,
+    tuple or dict (``lambda v: layers[0](v)``)."""
+    return _is_function(obj) or _is_plain_callable(obj) or _is_container(obj)
+
+
+def _is_container(obj: Any) -> bool:
+    """A plain list, tuple, set or dict (not an NNX one, which is a graph node)."""
+    return (isinstance(obj, (list, tuple, set, frozenset, dict))
+            and not nnx.graph.is_graph_node(obj))
 
 
 def _is_function(obj: Any) -> bool:

@@ -503,13 +503,14 @@ class _Helper:
 
 @pytest.mark.parametrize("levels", [5, 8, "cycle", "global_helper", "callable_object",
                                     "method_of_a_helper", "default_argument",
-                                    "keyword_default"])
+                                    "keyword_default", "list", "dict"])
 def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels):
     """A function branch reached through more than 4 levels of the user's own functions (5
     nested functools.wraps decorators) was not read: the closed-over conv, made outside
     nnx.jit, got a zero gradient silently; so did one read through a global helper, or a
     callable object the function calls, a method of a plain object (helper.forward), or a
-    default argument (lambda v, conv=conv: conv(v), as written in a loop).
+    default argument (lambda v, conv=conv: conv(v), as written in a loop), or a plain list
+    or dict of layers (lambda v: layers[0](v)).
     Functions and such objects are read to any depth now, each once (a function whose
     closure holds itself is no loop)."""
     key = next(jax.random.key(s) for s in range(32)
@@ -529,6 +530,12 @@ def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels)
             return lambda v, layer=conv: layer(v)
         if levels == "keyword_default":
             return lambda v, *, layer=conv: layer(v)
+        if levels == "list":
+            layers = [jnp.tanh, (conv,)]
+            return lambda v: layers[1][0](layers[0](v))
+        if levels == "dict":
+            named = {"conv": conv}
+            return lambda v: named["conv"](v)
         f = lambda v: conv(v)  # noqa: E731
         for _ in range(levels):
             f = _your_decorator(f)
