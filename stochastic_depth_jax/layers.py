@@ -464,7 +464,7 @@ class DropPath(StochasticDepth):
                 f"survival_prob={p!r} (its second positional argument): for a drop rate of "
                 f"{p!r} write rate={p!r}, for a survival probability of {p!r} "
                 f"rate={ops.drop_rate_text(p)}.")
-        ops.check_drop_rate(self.rate)
+        ops.check_drop_rate(self.rate, type(self).__name__)
         super().__post_init__()
 
     def _module_prob(self) -> Any:

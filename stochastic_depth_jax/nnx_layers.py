@@ -156,30 +156,48 @@ _LIBRARIES = tuple(os.path.dirname(path) + os.sep for path in (
     jax.__file__, os.path.dirname(nnx.__file__), np.__file__))
 
 
-def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, set[str]]]:
+def _function_parts(branch: Any) -> list[tuple[Any, set[str]]]:
     """What a plain function branch reads from outside, each object with the attribute names
-    the code holding it reads: the objects it closes over (closure cells, a
-    ``functools.partial``'s function and arguments, a bound method's ``self``, the globals it
-    names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
-    function made by another) are read in turn: ``depth`` counts the user's functions, not
-    the wrappers of JAX and Flax (``nnx.remat`` stacks six), which ``hops`` bounds."""
-    if depth > 4 or hops > 32:
-        return []
+    the code holding it reads: the objects it closes over (closure cells, default arguments,
+    a ``functools.partial``'s function and arguments, a bound method's ``self``, the globals
+    it names). Functions among them (a ``jax.checkpoint`` or ``jax.jit`` of a lambda, a
+    function made by another, the user's decorators, a global helper), callable objects of
+    plain classes, the attributes a plain object's method reads and the items of plain
+    lists, tuples and dicts are read in turn, to any depth, each once (a function reaching
+    itself is read once)."""
+    parts: list[tuple[Any, set[str]]] = []
+    todo, seen = [branch], {}  # seen holds what it read (ids of live objects stay unique)
+    while todo:
+        fn = todo.pop()
+        if id(fn) in seen:
+            continue
+        seen[id(fn)] = fn
+        found, inner = _function_level(fn)
+        parts += found
+        todo += inner
+    return parts
+
+
+def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
+    """One level of :func:`_function_parts`: the objects ``fn`` reads (with the attribute
+    names its code reads), and the functions among them, read next."""
     if isinstance(fn, functools.partial):
         code = getattr(getattr(fn.func, "__func__", fn.func), "__code__", None)
         names = _code_names(code) if code is not None else set()
-        return (_function_parts(fn.func, depth + 1, hops + 1)
-                + [(a, names) for a in (*fn.args, *fn.keywords.values())])
+        given = [*fn.args, *fn.keywords.values()]
+        return ([(a, names) for a in given if not _read_next(a)],
+                [fn.func] + [a for a in given if _read_next(a)])
+    if _is_container(fn):  # [conv1, conv2] closed over: its items
+        items = list(fn.values() if isinstance(fn, Mapping) else fn)
+        return ([(v, set()) for v in items if not _read_next(v)],
+                [v for v in items if _read_next(v)])
     if _is_plain_callable(fn):  # an object of the user's class with __call__, not a Module
         call = type(fn).__call__
-        names = _code_names(call.__code__)
-        held = [v for n, v in getattr(fn, "__dict__", {}).items() if n in names]
-        return _function_parts(call, depth + 1, hops + 1) + [
-            part for v in held for part in (_function_parts(v, depth + 1, hops + 1)
-                                            if _is_function(v) else [(v, set())])]
+        parts, then = _held(fn, _code_names(call.__code__))
+        return parts, [call] + then
     if not _is_function(fn):
-        return [(fn, set())]  # a module or other object itself (partial(self.conv))
-    owner = [fn.__self__] if isinstance(fn, types.MethodType) else []
+        return [(fn, set())], []  # a module or other object itself (partial(self.conv))
+    owner = fn.__self__ if isinstance(fn, types.MethodType) else None
     fn = getattr(fn, "__func__", fn)
     inner = [fn.__wrapped__] if hasattr(fn, "__wrapped__") else []
     code = getattr(fn, "__code__", None)
@@ -189,13 +207,43 @@ def _function_parts(fn: Any, depth: int = 0, hops: int = 0) -> list[tuple[Any, s
     if code is not None:
         inner += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
                   if _cell_filled(cell)]
+        # Default arguments too: lambda v, conv=conv: conv(v), as written in a loop.
+        inner += [*(getattr(fn, "__defaults__", None) or ()),
+                  *(getattr(fn, "__kwdefaults__", None) or {}).values()]
         globals_ = getattr(fn, "__globals__", {})
-        owner += [globals_[n] for n in _global_names(code) if n in globals_]
-    parts = [(obj, names) for obj in owner + [o for o in inner if not _is_function(o)]]
-    for obj in inner:
-        if _is_function(obj):  # a library's wrapper (no code read) is not a level of the user's
-            parts += _function_parts(obj, depth + (code is not None), hops + 1)
-    return parts
+        inner += [globals_[n] for n in _global_names(code) if n in globals_]
+    parts = [(obj, names) for obj in inner if not _read_next(obj)]
+    then = [obj for obj in inner if _read_next(obj)]
+    if owner is not None and _is_nnx_object(owner):
+        parts.append((owner, names))  # a module's method: the attributes it reads
+    elif owner is not None:  # a plain object's method (helper.forward): what it holds
+        held_parts, held_then = _held(owner, names)
+        parts, then = parts + held_parts, then + held_then
+    return parts, then
+
+
+def _held(obj: Any, names: set[str]) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
+    """What a plain object's code reading ``names`` uses of its attributes (as
+    :func:`_function_level`): the objects, and the callables among them, read next."""
+    held = [v for n, v in getattr(obj, "__dict__", {}).items() if n in names]
+    return [(v, set()) for v in held if not _read_next(v)], [v for v in held if _read_next(v)]
+
+
+def _is_nnx_object(obj: Any) -> bool:
+    return isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)
+
+
+def _read_next(obj: Any) -> bool:
+    """Whether :func:`_function_parts` reads what ``obj`` reads in turn: a function, an
+    object of a plain class with ``__call__`` (``lambda v: helper(v)``), or a plain list,
+    tuple or dict (``lambda v: layers[0](v)``)."""
+    return _is_function(obj) or _is_plain_callable(obj) or _is_container(obj)
+
+
+def _is_container(obj: Any) -> bool:
+    """A plain list, tuple, set or dict (not an NNX one, which is a graph node)."""
+    return (isinstance(obj, (list, tuple, set, frozenset, dict))
+            and not nnx.graph.is_graph_node(obj))
 
 
 def _is_function(obj: Any) -> bool:
@@ -312,8 +360,10 @@ def _needs_module_branch(sd: Any, problem: str, found: list[Any], also: str = ""
     """The one line refusing a function branch over NNX state: ``problem`` (with ``{}``
     for the kinds ``found``), and the fix (``also`` appended to it)."""
     kinds = ", ".join(sorted({type(u).__name__ for u in found}))
+    what = (f"an object of class {type(sd.branch).__name__} (not an nnx.Module)"
+            if _is_plain_callable(sd.branch) else "a function")
     return ValueError(
-        f"{type(sd).__name__}'s branch is a function that uses NNX {problem.format(kinds)}: "
+        f"{type(sd).__name__}'s branch is {what} that uses NNX {problem.format(kinds)}: "
         f"make the branch an nnx.Module that holds them (e.g. nnx.Sequential(conv, bn), or "
         f"a small Module class){also}.")
 
@@ -343,13 +393,16 @@ def _refuse_unknown_arguments(module: nnx.Module, unknown: Mapping[str, Any]) ->
 # not trace (closed over, or jax.grad / jax.jacfwd of the input only) keeps those of the
 # level outside it, which the wrapper's nnx.cond cannot update either.
 _NNX_TRANSFORMS_FIX = (
-    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...) "
-    "that closes over NNX modules or a split state, or merges a state it does not "
-    "differentiate, whose state (key counters, parameters, BatchNorm statistics) NNX cannot "
-    "update from inside it: use NNX's transform instead (nnx.scan, nnx.vmap, nnx.fori_loop, "
-    "nnx.grad), or nnx.split the model outside and merge it inside the function with "
-    "nnx.merge(graphdef, state, copy=True) (without copy=True a state closed over, or one "
-    "jax.grad / jax.jacfwd do not differentiate, keeps the variables of the level outside)")
+    "ran inside a JAX transform (jax.lax.scan, jax.vmap, jax.lax.fori_loop, jax.grad, ...; "
+    "or an NNX one not given the model) that closes over NNX modules or a split state, or "
+    "merges a state it does not differentiate, whose state (key counters, parameters, "
+    "BatchNorm statistics) NNX cannot update from inside it: use NNX's transform instead "
+    "(nnx.scan, nnx.vmap, nnx.fori_loop, nnx.grad) and pass it the model as an argument (one "
+    "closed over, by nnx.jit too, is not carried), or nnx.split the model outside and merge "
+    "it inside the function with nnx.merge(graphdef, state, copy=True) (without copy=True a "
+    "state closed over, or one jax.grad / jax.jacfwd do not differentiate, keeps the "
+    "variables of the level outside; with it, return nnx.state(copy) and nnx.update the "
+    "model, or the copy's key counters and BatchNorm statistics are lost)")
 
 
 class _TransformError(flax.errors.TraceContextError):
@@ -366,19 +419,28 @@ def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
     plain ``jax.lax.scan`` (or ``jax.vmap``, ...) around a closed-over model, becomes one
     line naming ``nnx.scan``; an enclosing wrapper passes it on as it is, and so does a
     wrapper whose state is all of its caller's level (the branch's own transform raised it:
-    :func:`_of_another_level`)."""
+    :func:`_of_another_level`). Called eagerly (no transform around it), it walks nothing:
+    there is no other level to name (what NNX refuses then, state leaked out of a
+    transform, NNX's words name)."""
     @functools.wraps(call)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        states = _trace_states(self)  # before the call (see _of_another_level)
+        # Before the call (see _of_another_level); ~1 ms a call, spent only under a trace.
+        states = None if _EAGER.is_valid() else _trace_states(self)
         try:
             return call(self, *args, **kwargs)
         except flax.errors.TraceContextError as e:
-            if isinstance(e, _TransformError) or not _of_another_level(self, states):
+            if (states is None or isinstance(e, _TransformError)
+                    or not _of_another_level(self, states)):
                 raise  # an inner wrapper's line, or the branch's own transform's (NNX's words)
             said = str(e).split(" (https://")[0].rstrip(".")
             raise _TransformError(f"{type(self).__name__} {_NNX_TRANSFORMS_FIX} (NNX said: "
                                   f"{said}).") from None
     return wrapped
+
+
+# The level NNX sees outside every transform (the import runs eagerly; were it traced, this
+# would never match again, and every call would walk its graph, as under a transform).
+_EAGER = nnx.tracers.TraceState()
 
 
 def _trace_states(node: Any) -> list[Any]:
@@ -647,7 +709,7 @@ class DropPath(StochasticDepth):
                             f"{name}(branch, rate={rate}), or "
                             f"StochasticDepth(branch, survival_prob=..., mode='sample', "
                             f"scaling='train').")
-        rate = ops.check_drop_rate(rate)
+        rate = ops.check_drop_rate(rate, type(self).__name__)
         super().__init__(branch, 1.0 - rate, mode=mode, scaling=scaling,
                          implementation=implementation, **kwargs)
 

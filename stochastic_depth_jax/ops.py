@@ -140,18 +140,18 @@ def check_survival_probs(probs: Any) -> None:
             f"{i}; drop rates (sdj.drop_path_rates) are 1 - p: pass 1 - rates.")
 
 
-def check_drop_rate(rate: Any) -> float:
+def check_drop_rate(rate: Any, name: str = "DropPath") -> float:
     """``rate`` (a ``DropPath``'s, Linen or NNX: 1 - p) as a float, or one line saying what
     is wrong: a concrete number in [0, 1) is required (a module field is fixed when the
     model is built; a rate that varies under ``jit``, e.g. a schedule, goes in the call's
-    ``survival_prob=``, as 1 - rate)."""
+    ``survival_prob=``, as 1 - rate). ``name``: the class the line names (a subclass's)."""
     if isinstance(rate, jax.core.Tracer):
-        raise ValueError("DropPath rate must be known when the model is built, got a traced "
+        raise ValueError(f"{name} rate must be known when the model is built, got a traced "
                          "value; pass a rate that varies under jit to the call instead, as "
                          "survival_prob=1 - rate.")
     if isinstance(rate, (bool, np.bool_)) or not is_concrete(rate) or np.ndim(rate) \
             or not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"DropPath rate must be a float in [0, 1), got {rate!r}; pass one "
+        raise ValueError(f"{name} rate must be a float in [0, 1), got {rate!r}; pass one "
                          "branch's drop rate (e.g. rate=0.1).")
     return float(rate)
 

@@ -211,6 +211,23 @@ def test_nnx_drop_path_given_a_survival_prob_names_rate():
     MyDrop(NnxDense(nnx.Rngs(0)), rate=0.1)  # what it says to write builds
 
 
+def test_drop_path_subclass_given_a_bad_rate_is_named():
+    """A subclass's rate out of [0, 1) (or traced) was refused as "DropPath rate must be
+    ...": the line names the class the user built (Linen and NNX)."""
+    class MyDrop(nnx_layers.DropPath):
+        pass
+
+    class MyLinenDrop(sdj.DropPath):
+        pass
+
+    with pytest.raises(ValueError, match=r"^MyDrop rate must be a float in \[0, 1\), got 1.5"):
+        MyDrop(NnxDense(nnx.Rngs(0)), rate=1.5)
+    with pytest.raises(ValueError, match=r"^MyLinenDrop rate must be a float in \[0, 1\)"):
+        MyLinenDrop(Dense(parent=None), rate=1.0)
+    with pytest.raises(ValueError, match=r"^MyDrop rate must be known when the model is built"):
+        jax.jit(lambda r: MyDrop(NnxDense(nnx.Rngs(0)), rate=r) and r)(0.1)
+
+
 def test_bad_model_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="dtype must be a floating-point dtype"):
         sdj.CifarResNet(depth=8, num_classes=3, dtype="float8").init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), train=False)
@@ -885,6 +902,22 @@ def test_nnx_wrapper_in_a_plain_lax_scan_over_a_closed_over_model_names_nnx_scan
     assert run(model, jnp.stack([X[:, 0]] * 3), keys).shape == ()
 
 
+def test_nnx_wrapper_closed_over_by_nnx_jit_names_passing_the_model():
+    """nnx.jit(lambda x: model(x)), the model closed over (a common first try), was told to
+    "use NNX's transform instead (nnx.scan, ...)", which it did: the line says to pass the
+    model to the transform, which runs and advances the model's key counter."""
+    model = nnx_layers.DropPath(NnxDense(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(stochastic_depth=1))
+    x = X[:, 0]
+    for closing_over in (nnx.jit(lambda v: model(v)), nnx.grad(lambda v: model(v).sum())):
+        with pytest.raises(flax.errors.TraceContextError,
+                           match=r"^DropPath ran inside a JAX transform .*or an NNX one not "
+                                 r"given the model\).*and pass it the model as an argument "
+                                 r"\(one closed over, by nnx.jit too, is not carried\)"):
+            closing_over(x)
+    assert nnx.jit(lambda m, v: m(v))(model, x).shape == x.shape
+    assert int(model.rngs.count[...]) == 1
+
+
 def test_nnx_wrapper_merged_from_a_state_not_differentiated_names_merge_with_copy():
     # jax.grad / jax.jacfwd of the input only, the model merged inside from a state they do
     # not differentiate: nnx.merge reuses the state's Variables, the wrapper's nnx.cond
@@ -928,9 +961,37 @@ def test_nnx_wrapper_merged_from_a_closed_over_state_names_merge_with_copy(trans
 
     with pytest.raises(flax.errors.TraceContextError,
                        match=r"nnx\.merge\(graphdef, state, copy=True\) \(without copy=True "
-                             r"a state closed over, .*keeps the variables of the level outside"):
+                             r"a state closed over, .*keeps the variables of the level outside; "
+                             r"with it, return nnx.state\(copy\) and nnx.update the model, or "
+                             r"the copy's key counters and BatchNorm statistics are lost\)"):
         run(False)
     np.testing.assert_allclose(run(True), nnx.merge(graphdef, state)(X, rngs=key), rtol=1e-5)
+
+
+def test_nnx_merge_with_copy_advice_keeps_the_counters_and_statistics_it_names():
+    """The line's copy=True advice did not say that the copy's updates (its key counter,
+    BatchNorm statistics) stay in the copy: it says now to return its state and update the
+    model, and doing so keeps them."""
+    class Normed(nnx.Module):
+        def __init__(self, rngs):
+            self.dense, self.bn = nnx.Linear(6, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.dense(x))
+
+    model = nnx_layers.DropPath(Normed(nnx.Rngs(0)), 0.5, rngs=nnx.Rngs(stochastic_depth=1))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        copy = nnx.merge(graphdef, state, copy=True)
+        return copy(x), nnx.state(copy)
+
+    _, new = forward(state, X[:, 0])
+    assert int(model.rngs.count[...]) == 0  # lost unless returned
+    nnx.update(model, new)
+    assert int(model.rngs.count[...]) == 1
+    assert float(jnp.abs(model.branch.bn.mean[...]).sum()) > 0
 
 
 def test_nnx_branch_running_its_own_plain_scan_gets_nnx_words_not_the_wrappers_line():

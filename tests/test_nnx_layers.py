@@ -473,8 +473,119 @@ def test_nnx_function_branch_over_a_frozen_outside_layer_names_the_module_fix(fr
                                nnx.grad(want)(model.head)["kernel"][...], rtol=1e-5)
 
 
+def _your_decorator(f):
+    """A user's own pass-through decorator (as for logging or timing)."""
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        return f(*args, **kwargs)
+    return wrapped
+
+
+def _reaching_itself(conv):
+    """A function whose closure holds itself (it names itself): a cycle to walk once."""
+    def f(v, again=False):
+        return f(v) if again else conv(v)
+    return f
+
+
+class _Helper:
+    """A plain class of the user's with __call__, holding a layer."""
+
+    def __init__(self, conv):
+        self.conv = conv
+
+    def __call__(self, v):
+        return self.conv(v)
+
+    def forward(self, v):
+        return jnp.tanh(self.conv(v))
+
+
+@pytest.mark.parametrize("levels", [5, 8, "cycle", "global_helper", "callable_object",
+                                    "method_of_a_helper", "default_argument",
+                                    "keyword_default", "list", "dict"])
+def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels):
+    """A function branch reached through more than 4 levels of the user's own functions (5
+    nested functools.wraps decorators) was not read: the closed-over conv, made outside
+    nnx.jit, got a zero gradient silently; so did one read through a global helper, or a
+    callable object the function calls, a method of a plain object (helper.forward), or a
+    default argument (lambda v, conv=conv: conv(v), as written in a loop), or a plain list
+    or dict of layers (lambda v: layers[0](v)).
+    Functions and such objects are read to any depth now, each once (a function whose
+    closure holds itself is no loop)."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    def branch(conv):
+        if levels == "cycle":
+            return _reaching_itself(conv)
+        if levels == "global_helper":
+            return lambda v: _stem_helper(v)
+        if levels == "callable_object":
+            helper = _Helper(conv)
+            return lambda v: jnp.tanh(helper(v))
+        if levels == "method_of_a_helper":
+            return _Helper(conv).forward
+        if levels == "default_argument":
+            return lambda v, layer=conv: layer(v)
+        if levels == "keyword_default":
+            return lambda v, *, layer=conv: layer(v)
+        if levels == "list":
+            layers = [jnp.tanh, (conv,)]
+            return lambda v: layers[1][0](layers[0](v))
+        if levels == "dict":
+            named = {"conv": conv}
+            return lambda v: named["conv"](v)
+        f = lambda v: conv(v)  # noqa: E731
+        for _ in range(levels):
+            f = _your_decorator(f)
+        return f
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, in_call=False):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.in_call = in_call
+            self.sd = None if in_call else nnx_layers.StochasticDepth(branch(self.conv), 0.5)
+
+        def __call__(self, x):
+            sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5) if self.in_call else self.sd
+            return x + sd(x, rngs=key)
+
+    block = Block(nnx.Rngs(0))
+    assert block(X).shape == X.shape  # eagerly it runs (nothing to copy)
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                         r"uses NNX state \(Conv\) made outside"):
+        step(block)
+    if levels != "global_helper":  # built in __call__ (nnx.jit's layers): it trains
+        assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
+
+
+def test_nnx_wrapper_called_eagerly_does_not_walk_its_graph(monkeypatch):
+    """Every call walked the wrapper's graph first (~1 ms eagerly, where a failed call has
+    no other trace level to name): the walk is taken under a transform only, where the
+    refusals it serves still name the wrapper (test_api_errors)."""
+    walks = []
+    walk = nnx_layers._trace_states
+    monkeypatch.setattr(nnx_layers, "_trace_states", lambda node: walks.append(node) or
+                        walk(node))
+    sd = nnx_layers.StochasticDepth(nnx.Sequential(nnx.Linear(3, 3, rngs=nnx.Rngs(0))), 0.5,
+                                    rngs=nnx.Rngs(stochastic_depth=1))
+    x = X.reshape(-1, 3)
+    for deterministic in (False, True):
+        sd(x, deterministic=deterministic)
+    assert walks == []
+    nnx.jit(lambda m: m(x))(sd)
+    assert walks  # under a transform: taken
+
+
 # A layer among the module's globals (as a notebook's), named as the block's attribute below.
 stem = nnx.Conv(3, 3, (3, 3), rngs=nnx.Rngs(7))
+
+
+def _stem_helper(v):
+    """A global helper of the user's over the global layer."""
+    return jnp.tanh(stem(v))
 
 
 @pytest.mark.parametrize("reads_global", [False, True])
@@ -529,8 +640,9 @@ def test_nnx_branch_that_is_a_callable_object_holding_outside_layers_is_refused(
             return x + sd(x, rngs=key)
 
     step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
-    if not built_in_call:
-        with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+    if not built_in_call:  # named as what it is (was "is a function")
+        with pytest.raises(ValueError, match=r"^StochasticDepth's branch is an object of "
+                                             r"class Branch \(not an nnx.Module\) that "
                                              r"uses NNX state \(Conv\) made outside"):
             step(Block(nnx.Rngs(0)))
         return
