@@ -536,6 +536,39 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         )
 
 
+def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> None:
+    """Evaluates the restored best where it has no test error: an earlier version chose
+    ``select_best_by='train'``'s best among every epoch, also those no evaluation measured
+    (``eval_every_epochs`` > 1), and that best, kept until a lower training error came,
+    ended the run as 'Best by training error: epoch 1' with no test error. Its 'best'
+    checkpoint is evaluated now, so the best reported is always an evaluated one; where that
+    checkpoint is gone or unreadable, the best is chosen afresh from the next evaluation."""
+    best = run.best
+    if not isinstance(best, dict) or "test_error" in best or "test" not in run.splits:
+        return
+    where = f"epoch {best.get('epoch')}, step {best.get('step')}"
+    try:
+        saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
+                                     step=int(best["step"]))
+    except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
+        run.best = None
+        warnings.warn(
+            f"The restored best ({where}) was chosen by an earlier version among epochs that "
+            "no evaluation measured, and its 'best' checkpoint cannot be read to measure it; "
+            "the best is chosen again from this session's evaluations.", logs.RunWarning)
+        return
+    restored, run.state = run.state, saved
+    try:
+        measured = _evaluate(run)
+    finally:
+        run.state = restored
+    run.best = {**best, **{k: measured[k] for k in ("val_error", "test_error") if k in measured}}
+    if jax.process_index() == 0:
+        print(f"The restored best ({where}), chosen by an earlier version among epochs no "
+              "evaluation measured, has been evaluated now: test error "
+              f"{100 * run.best['test_error']:.2f}%.", flush=True)
+
+
 def _check_same_start(run: _Run) -> None:
     """Raises ``errors.DistributedError`` on every process alike where the processes start
     from different steps. Each restores the newest checkpoint it lists, and a host whose
@@ -1015,6 +1048,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if saved is not None:
                 return _nothing_to_train(run, saved), False
         announce()
+        _measure_unevaluated_best(run, ds.image_shape)
         _write_run_json(run, ds)
         if jax.process_index() == 0:
             print(_describe(run.config, run.state.params, ds), flush=True)
