@@ -62,22 +62,55 @@ def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expecte
     assert not os.path.exists(tmp_path / "depth8_pL0.5")
 
 
-@pytest.mark.parametrize("model, config", [("vit", "cifar10_vit"),
-                                           ("convnext", "cifar10_convnext")])
-def test_a_sweep_switched_to_a_model_without_p_last_names_train_py(capsys, tmp_path, model,
-                                                                    config):
+@pytest.mark.parametrize("spec, model, flags", [
+    ("cifar10:smoke", "vit", "--config cifar10_vit:smoke"),
+    ("cifar10:smoke", "convnext", "--config cifar10_convnext:smoke"),
+    ("svhn:smoke", "vit", "--config cifar10_vit:smoke --config.dataset=svhn "
+     "--config.fake_data.num_extra=64"),
+    ("cifar100", "convnext", "--config cifar10_convnext --config.dataset=cifar100"),
+])
+def test_a_sweep_switched_to_a_model_without_p_last_names_train_py(capsys, tmp_path, spec,
+                                                                    model, flags):
     """--config.model.name=vit in a sweep was refused as not fitting cifar10's model block,
-    advising --config cifar10_vit: which the sweep refuses too. It names train.py now."""
-    line = one_line_error(capsys, sweep_cli.main,
-                          _sweep_argv(tmp_path, f"--config.model.name={model}"))
+    advising --config cifar10_vit: which the sweep refuses too. It names train.py, with the
+    flags that train that model on the data asked for: it named the model's config alone,
+    dropping the dataset and ':smoke' (a full-sized run on CIFAR-10 for svhn:smoke)."""
+    argv = _sweep_argv(tmp_path, f"--config.model.name={model}")
+    argv[1] = spec
+    line = one_line_error(capsys, sweep_cli.main, argv)
     assert line == (
         f"error: --config.model.name={model}: the sweep is over model.depth and p_L "
         "(model.final_survival_prob) of the block-wise ResNets ['cifar_resnet', "
-        f"'wide_resnet'], and {model!r} has no p_L. Train it with train.py --config {config}, "
+        f"'wide_resnet'], and {model!r} has no p_L. Train it with train.py {flags}, "
         "its drop path set by --config.model.drop_path_rate.")
     assert not os.path.exists(tmp_path / "depth8_pL0.5")
-    # What it says to write: train.py takes that config (its drop path rate included).
-    load_config(f"{config}:smoke", ["--config.model.drop_path_rate=0.1"])
+    # What it says to write: train.py takes it, that model on the data the sweep was given.
+    _, name, *overrides = flags.split()
+    advised, asked = load_config(name, overrides), load_config(spec)
+    assert (advised.model.name, advised.dataset) == (model, asked.dataset)
+    assert advised.fake_data.to_dict() == asked.fake_data.to_dict()
+    load_config(name, overrides + ["--config.model.drop_path_rate=0.1"])
+
+
+def test_a_sweep_of_a_config_without_p_last_names_the_train_py_command_to_run(capsys,
+                                                                            tmp_path):
+    """``sweep.py --config cifar10_vit:smoke`` said "Train it with train.py": it names the
+    config and the overrides given, as train.py takes them."""
+    argv = _sweep_argv(tmp_path, "--config.num_epochs=3")
+    argv[1] = "cifar10_vit:smoke"
+    line = one_line_error(capsys, sweep_cli.main, argv)
+    assert "Train it with train.py --config cifar10_vit:smoke --config.num_epochs=3, " in line
+
+
+def test_a_misspelt_model_name_in_a_sweep_lists_the_models_it_sweeps(capsys, tmp_path):
+    """A misspelt --config.model.name listed every model, the ViT and ConvNeXt included,
+    which the sweep refuses: it lists the block-wise ResNets only."""
+    line = one_line_error(capsys, sweep_cli.main,
+                          _sweep_argv(tmp_path, "--config.model.name=resnt"))
+    assert line.startswith("error: Invalid config: model.name='resnt'; valid in a sweep: "
+                           "['cifar_resnet', 'wide_resnet']"), line
+    assert "vit" not in line and "convnext" not in line
+    assert not os.path.exists(tmp_path / "depth8_pL0.5")
 
 
 @pytest.mark.parametrize("script, flag, hint", [

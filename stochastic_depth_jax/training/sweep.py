@@ -125,8 +125,9 @@ def plan(depths: Sequence[int], p_lasts: Sequence[float]) -> list[tuple[str, lis
     return runs
 
 
-def require_sweepable(config: ml_collections.ConfigDict) -> None:
-    """Refuses a config whose model has no depth / p_L to sweep (e.g. the ViT).
+def require_sweepable(config: ml_collections.ConfigDict, train: str = "train.py") -> None:
+    """Refuses a config whose model has no depth / p_L to sweep (e.g. the ViT), advising
+    ``train``, the command that trains it (``sweep.py`` gives the config and overrides).
 
     Raises:
       errors.ConfigError: ``model.name`` is not a block-wise ResNet (``config_lib.MODELS``).
@@ -136,7 +137,7 @@ def require_sweepable(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(
             f"The sweep is over model.depth and p_L (model.final_survival_prob) of the block-wise "
             f"ResNets {sorted(config_lib.MODELS)}; this config's model is {name!r}. Train it "
-            "with train.py, its drop path set by --config.model.drop_path_rate.")
+            f"with {train}, its drop path set by --config.model.drop_path_rate.")
 
 
 # Fields that change neither the training nor its results: a run may be continued with
