@@ -44,10 +44,8 @@ import re  # noqa: E402
 with _imports:
     from stochastic_depth_jax import errors, pruning
     from stochastic_depth_jax.training import cli, compilation, depth, distributed, figures
-    from stochastic_depth_jax.training import checkpoint as checkpoint_lib
     from stochastic_depth_jax.training import evaluate as evaluate_lib
     from stochastic_depth_jax.training import loop
-    from stochastic_depth_jax.training import setup as setup_lib
     from stochastic_depth_jax.training import workdir as workdir_lib
 
 
@@ -91,9 +89,7 @@ _EARLIER_RESULTS = ({"checkpoint", "step", "split", "error", "loss", "count"},
 
 
 # The directories a run makes in its workdir and manages (rotates, moves, purges, remakes).
-_RUN_DIRS = frozenset({"checkpoints", "checkpoints_best", checkpoint_lib.UNFINISHED_DIR,
-                       checkpoint_lib.CORRUPT_DIR, checkpoint_lib.SUPERSEDED_DIR,
-                       "tensorboard", setup_lib.FAKE_DATA_DIR})
+_RUN_DIRS = evaluate_lib.RUN_DIRS
 
 
 def _check_output(path: str | None, workdir: str) -> None:
@@ -125,6 +121,13 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is inside the run's {run_dir}/, whose contents "
             "the run manages (it deletes, moves and rewrites them); give a path in --workdir "
             f"{workdir} itself or outside it, or leave --output out. Nothing was evaluated.")
+    managed = evaluate_lib.run_folder_holding(directory)
+    if managed is not None:
+        raise errors.WorkdirError(
+            f"--output {path} is inside {managed}/, a folder of the run in "
+            f"{os.path.dirname(managed)} whose contents that run manages (it deletes, moves "
+            "and rewrites them, and a file there may block its next save); give a path "
+            "outside it, or leave --output out. Nothing was evaluated.")
     name, in_the_run = os.path.basename(path), _same_directory(directory, workdir)
     if os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE)) and not in_the_run:
         raise errors.WorkdirError(
