@@ -126,8 +126,8 @@ def _check_output(path: str | None, workdir: str) -> None:
         raise errors.WorkdirError(
             f"--output {path} is inside {managed}/, a folder of the run in "
             f"{os.path.dirname(managed)} whose contents that run manages (it deletes, moves "
-            "and rewrites them, and a file there may block its next save); give a path "
-            "outside it, or leave --output out. Nothing was evaluated.")
+            "and rewrites them: a result named as a step is replaced by that step's save); "
+            "give a path outside it, or leave --output out. Nothing was evaluated.")
     name, in_the_run = os.path.basename(path), _same_directory(directory, workdir)
     if os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE)) and not in_the_run:
         raise errors.WorkdirError(

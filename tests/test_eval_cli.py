@@ -639,8 +639,8 @@ def test_output_never_goes_into_another_runs_workdir(capsys, resnet, tmp_path):
                                     "checkpoints/2/mine.json"])
 def test_output_never_goes_into_another_runs_checkpoints(capsys, resnet, tmp_path, inside):
     """--output <another run>/checkpoints/99 was accepted (only the folder holding its
-    run.json was refused): a file named as a step blocks that run's save of the step, and
-    the run deletes or moves what its checkpoint folders hold."""
+    run.json was refused): a result named as a step was replaced, unsaid, by that run's
+    save of the step, and the run deletes or moves what its checkpoint folders hold."""
     import shutil
 
     _, workdir = resnet
@@ -652,8 +652,9 @@ def test_output_never_goes_into_another_runs_checkpoints(capsys, resnet, tmp_pat
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
     assert line == (f"error: --output {path} is inside {folder}/, a folder of the run in "
                     f"{os.path.realpath(other)} whose contents that run manages (it deletes, "
-                    "moves and rewrites them, and a file there may block its next save); give "
-                    "a path outside it, or leave --output out. Nothing was evaluated.")
+                    "moves and rewrites them: a result named as a step is replaced by that "
+                    "step's save); give a path outside it, or leave --output out. Nothing was "
+                    "evaluated.")
     assert _files(other) == before
 
 
