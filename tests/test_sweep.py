@@ -1079,8 +1079,8 @@ def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp
     status = sweep.run_sweep(runs, root, train=train)
     assert list(status.values()) == ["started", "skipped (finished)", "resumed", "started"]
     left = "left for the {} to train, this one included (estimated from the {} trained so " \
-           "far, by the steps left and the blocks a step is expected to compute, plus each " \
-           "run's set-up and evaluation)"
+           "far, by the steps left and the blocks a step is expected to compute, the " \
+           "evaluations left and the model's blocks, plus each run's set-up)"
     # After depth8_pL0.5: 4 steps x 4.25 blocks + 8 x 6 = 65 block-steps, 650 s; after the
     # resumed run, 8 x 6, 480 s.
     assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")] == [
@@ -1124,7 +1124,58 @@ def test_the_time_left_counts_a_short_resumed_run_s_set_up_once_per_run_not_as_t
     assert [x.split("; about ")[-1].split(" left")[0] for x in lines] == [
         "sweep: resuming depth8_pL0.5 (1 of 4)", "19 min", "11 min"]
     assert lines[1].endswith("by the steps left and the blocks a step is expected to compute, "
-                             "plus each run's set-up and evaluation)")
+                             "the evaluations left and the model's blocks, plus each run's "
+                             "set-up)")
+
+
+def test_the_time_left_counts_the_evaluations_each_run_has_left_at_its_depth(
+        capsys, tmp_path, monkeypatch):
+    """The runs' evaluating time was part of the time added once for each run left: a run
+    resumed for its last epoch (one evaluation) was counted a whole run's 25, and a deeper
+    run's evaluations (every block, none dropped) those of the shallow run timed. Here 28
+    and 22 min were said where the runs take 30 and 29; the evaluations are now counted by
+    those each run has left (metrics.jsonl's eval_time_s giving the rate), times its
+    blocks."""
+    root, epochs = str(tmp_path), "--config.num_epochs=25"  # 100 steps of 4 an epoch
+    os.makedirs(os.path.join(root, "depth8_pL1", "checkpoints", "96"))  # 1 epoch left
+    clock = [0.0]
+    monkeypatch.setattr(sweep, "_now", lambda: clock[0])
+    blocks = {(8, 0.5): 5 / 6 + 4 / 6 + 3 / 6, (8, 1.0): 3.0,
+              (14, 0.5): sum(1 - l / 12 for l in range(1, 7)), (14, 1.0): 6.0}
+
+    def train(config, workdir):  # 60 s of set-up, 1 s a block a step, 2 s a block evaluated
+        model = config.model
+        start = 96 if os.path.basename(workdir) == "depth8_pL1" else 0
+        training = (100 - start) * blocks[(model.depth, model.final_survival_prob)]
+        evaluation = 2 * (model.depth - 2) // 2  # an epoch's: ResNet-8 3 blocks, ResNet-14 6
+        clock[0] += 60 + training + evaluation * (100 - start) // 4
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"steps": 100, "steps_per_epoch": 4,
+                       "train_time_s_this_session": training}, f)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for epoch in range(1, 26):  # an earlier session's records too: not counted
+                f.write(json.dumps({"epoch": epoch, "step": 4 * epoch,
+                                    "eval_time_s": evaluation}) + "\n")
+
+    runs = [(name, load_config("cifar10:smoke", [epochs] + extra))
+            for name, extra in sweep.plan([8, 14], [0.5, 1.0])]
+    status = sweep.run_sweep(runs, root, train=train)
+    assert list(status.values()) == ["started", "resumed", "started", "started"]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")]
+    # Left after the first run: 4 x 3 + 6 + 60 s; 100 x 4.25 + 25 x 12 + 60; 600 + 300 + 60:
+    # 1823 s. After the second: 1745 s.
+    assert [x.split("; about ")[-1].split(" left")[0] for x in lines] == [
+        "sweep: starting depth8_pL0.5 (1 of 4)", "30 min", "29 min", "16 min"]
+    # The evaluations left: every eval_every_epochs-th epoch's end, every eval_every_steps
+    # steps, the last step; each step once.
+    for extra, start in ((["--config.eval_every_epochs=2"], 0),
+                         (["--config.eval_every_epochs=3", "--config.eval_every_steps=6"], 0),
+                         (["--config.eval_every_steps=6"], 50), ([], 100)):
+        config = load_config("cifar10:smoke", [epochs] + extra)
+        every, n = 4 * config.eval_every_epochs, config.eval_every_steps
+        assert sweep._evaluations(config, 4, start) == sum(
+            1 for s in range(start + 1, 101) if s % every == 0 or s == 100 or n and s % n == 0)
 
 
 def test_the_blocks_a_step_computes_count_compact_mode_s_padding_and_the_masked_blocks():
