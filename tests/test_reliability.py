@@ -216,6 +216,45 @@ def test_a_full_disk_while_a_resume_rewrites_metrics_is_an_error_naming_the_file
     assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "metrics.jsonl.dropped"]
 
 
+def test_a_full_disk_at_tensorboard_s_flush_is_named_and_the_saves_in_flight_committed(
+        tmp_path, monkeypatch):
+    """TensorBoard's event file flush on a full disk raised an OSError naming no file
+    ('error: Cannot write a file'); closing the writers then failed the same way, in the
+    'finally' that waits for the checkpoint saves in flight: that wait was skipped (the
+    epoch's 'best' save left unfinished, Orbax's threads printing tracebacks at exit), and
+    the close's error replaced the first. Both errors now name tensorboard/, the first is
+    the one raised, and the saves are waited for: the 'best' save of step 4 is committed."""
+    import tensorboardX
+
+    from stochastic_depth_jax.training import cli
+
+    workdir = str(tmp_path / "run")
+    closed = []
+    real_close = ckpt_lib.Checkpoints.close
+    monkeypatch.setattr(ckpt_lib.Checkpoints, "close",
+                        lambda self: closed.append(True) or real_close(self))
+    raised = []
+
+    def full(self):  # the first epoch's record's flush fails, and so does the close
+        raised.append(OSError(errno.ENOSPC, "No space left on device"))
+        raise raised[-1]
+
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "flush", full)
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "close", full)
+    config = load_config("cifar10:smoke", ["--config.progress_bar=false",
+                                           "--config.write_plots=false"])
+    with pytest.raises(OSError) as info:
+        loop.train_and_evaluate(config, workdir)
+    assert len(raised) == 2 and info.value.__cause__ is raised[0]  # the flush's, not the close's
+    assert cli._message(info.value) == (
+        f"Cannot write {os.path.join(workdir, 'tensorboard')} (No space left on device): "
+        "free some space or use another --workdir.")
+    assert closed == [True]
+    # The first epoch's 'best' (saved before its record was written) is committed.
+    assert os.listdir(os.path.join(workdir, "checkpoints_best")) == ["4"]
+    assert ckpt_lib.Checkpoints(workdir).steps("best") == [4]
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.

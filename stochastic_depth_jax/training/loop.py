@@ -1074,13 +1074,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         failed = True
         raise
     finally:
-        for writer in (run.writer, run.validation_writer):
-            if writer is not None:
+        try:
+            _close_writers(run, quiet=failed)
+        finally:
+            # Waits for pending saves: the last good checkpoint is committed. After a failure
+            # in a multi-process job, once the other processes were told (they take part).
+            if not (failed and distributed.close_after_reporting(run.ckpts.close)):
+                run.ckpts.close()
+
+
+def _close_writers(run: _Run, quiet: bool) -> None:
+    """Closes the metrics writers, each one even where another fails. ``quiet``: an error
+    is on its way up, the one to report; a writer's ``OSError`` (a full disk fails
+    TensorBoard's last flush as it failed its first) is dropped rather than put in its
+    place, as it was, and with the saves in flight left unwaited for."""
+    failure = None
+    for writer in (run.writer, run.validation_writer):
+        if writer is not None:
+            try:
                 writer.close()
-        # Waits for pending saves: the last good checkpoint is committed. After a failure in
-        # a multi-process job, once the other processes were told (they take part).
-        if not (failed and distributed.close_after_reporting(run.ckpts.close)):
-            run.ckpts.close()
+            except OSError as e:
+                failure = failure or e
+    if failure is not None and not quiet:
+        raise failure
 
 
 def _epoch_reached(step: int, steps_per_epoch: int) -> int | float:
