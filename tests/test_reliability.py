@@ -255,6 +255,27 @@ def test_a_full_disk_at_tensorboard_s_flush_is_named_and_the_saves_in_flight_com
     assert ckpt_lib.Checkpoints(workdir).steps("best") == [4]
 
 
+def test_a_full_disk_while_writing_fake_data_is_one_line_naming_its_directory(
+        capsys, tmp_path, monkeypatch):
+    """TensorFlow Datasets' record writer reports a full disk as a RuntimeError ('write()
+    failed: No space left on device'): a smoke run on a full disk ended in its traceback.
+    It is one line naming the fake data's directory, and the new workdir is removed."""
+    workdir = str(tmp_path / "run")
+
+    def full(name, data_dir, **sizes):
+        os.makedirs(data_dir, exist_ok=True)
+        raise RuntimeError(
+            'Failed to finalize writing of split "train": write() failed: No space left on '
+            f"device; writing {data_dir}/{name}/incomplete.X/{name}-train.array_record")
+
+    monkeypatch.setattr(data.testing, "make_tfds_dataset", full)
+    line = one_line_error(capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir",
+                                                   workdir, *TINY])
+    assert line == (f"error: Cannot write {os.path.join(workdir, 'fake_data')} (No space "
+                    "left on device): free some space or use another --workdir.")
+    assert not os.path.exists(workdir)
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.
