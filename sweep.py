@@ -38,6 +38,7 @@ else:  # not a command, or no package to find: the import below says so
     _imports = contextlib.nullcontext()
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 
@@ -126,6 +127,33 @@ def check_model_override(spec, overrides):
         "drop path set by --config.model.drop_path_rate.")
 
 
+# What to do before drawing the figures again, by the disk or permission failure.
+_FIGURE_FIXES = {
+    errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+    errno.EROFS: "remount the filesystem writable",
+    errno.EACCES: "give this user write access there (chmod/chown)",
+    errno.EPERM: "give this user write access there (chmod/chown)",
+    errno.ENOTDIR: "move the file in the way", errno.EEXIST: "move the file in the way",
+}
+
+
+def figures_error(error, root, directory):
+    """``error``, a disk or permission failure while drawing into ``directory``, in the
+    sweep's words: it said to 'use another --workdir' (sweep.py has no such flag, and
+    another --root has none of the runs) and to 'resume the run there'. Another error is
+    returned as it is, to be raised."""
+    from stochastic_depth_jax.training import workdir as workdir_lib
+
+    os_error = workdir_lib.anticipated_os_error(error)
+    if os_error is None:
+        return error
+    fix = _FIGURE_FIXES.get(os_error.errno, "check the path and the disk")
+    return errors.WorkdirError(
+        f"Cannot write {os_error.filename or directory} ({os_error.strerror or os_error}): "
+        f"the runs are kept; {fix}, then draw the figures with sweep.py --root "
+        f"{shlex.quote(root)} --collect.")
+
+
 def run(args, overrides):
     # stdout holds the two JSON objects alone (`sweep.py ... | jq`); every other line, the
     # runs' training and the figures' report, goes to stderr.
@@ -150,8 +178,11 @@ def _run(args, overrides, out):
         print(json.dumps(status, indent=2), file=out, flush=True)
     # Every run under --root, not only this command's: a rerun with fewer depths or p_L
     # values must not redraw the figures without the runs finished before.
-    outputs = sweep.write_figures(sweep.collect(args.root),
-                                  os.path.join(args.root, sweep.FIGURES_DIR))
+    figures = os.path.join(args.root, sweep.FIGURES_DIR)
+    try:
+        outputs = sweep.write_figures(sweep.collect(args.root), figures)
+    except OSError as e:
+        raise figures_error(e, args.root, figures) from e
     print(json.dumps(outputs, indent=2), file=out, flush=True)
     sweep.check_diverged(status, args.root)  # the others' figures are drawn: exit 1
 

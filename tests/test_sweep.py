@@ -102,6 +102,27 @@ def test_a_sweep_of_a_config_without_p_last_names_the_train_py_command_to_run(ca
     assert "Train it with train.py --config cifar10_vit:smoke --config.num_epochs=3, " in line
 
 
+@pytest.mark.parametrize("code, fix", [
+    (errno.EROFS, "remount the filesystem writable"), (errno.ENOSPC, "free some space")])
+def test_figures_that_cannot_be_written_say_how_to_draw_them_again(capsys, tmp_path,
+                                                                   monkeypatch, code, fix):
+    """A read-only or full --root failed the figures with train.py's words: 'remount it
+    writable to resume the run there, or use another --workdir' (sweep.py has no --workdir;
+    another --root has none of the runs)."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 0.5, 0.4)
+    figures_dir = os.path.join(root, sweep.FIGURES_DIR)
+
+    def refused(runs, out_dir, *args, **kwargs):
+        raise OSError(code, os.strerror(code), out_dir)
+
+    monkeypatch.setattr(sweep, "write_figures", refused)
+    line = one_line_error(capsys, sweep_cli.main, ["--root", root, "--collect"])
+    assert line == (f"error: Cannot write {figures_dir} ({os.strerror(code)}): the runs are "
+                    f"kept; {fix}, then draw the figures with sweep.py --root {root} "
+                    "--collect.")
+
+
 def test_a_misspelt_model_name_in_a_sweep_lists_the_models_it_sweeps(capsys, tmp_path):
     """A misspelt --config.model.name listed every model, the ViT and ConvNeXt included,
     which the sweep refuses: it lists the block-wise ResNets only."""
