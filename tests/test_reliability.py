@@ -276,6 +276,27 @@ def test_a_full_disk_while_writing_fake_data_is_one_line_naming_its_directory(
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.parametrize("inside", ["checkpoints/99", "checkpoints_best/mine", "fake_data/x"])
+def test_a_workdir_in_another_run_s_checkpoint_folder_is_refused(capsys, tmp_path, inside):
+    """train.py --workdir <run>/checkpoints/99 trained there; that run then took the new
+    run's directory for a damaged checkpoint of step 99 ('Skipping the latest checkpoint at
+    step 99 ... moved to checkpoints_corrupt/')."""
+    other = tmp_path / "other"
+    for folder in ("checkpoints/8", "checkpoints_best/4", "fake_data"):
+        os.makedirs(other / folder)
+    (other / "run.json").write_text("{}")
+    before = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    workdir = str(other / inside)
+    line = one_line_error(capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir",
+                                                   workdir, *TINY])
+    managed = os.path.join(os.path.realpath(other), inside.split("/")[0])
+    assert line == (f"error: The workdir {workdir} is in {managed}/, a folder of the run in "
+                    f"{os.path.realpath(other)} whose contents that run manages (it would "
+                    "take this run for a damaged checkpoint and move it aside, or delete it); "
+                    "give this run a directory outside it.")
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.

@@ -868,6 +868,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   "the run writes its checkpoints, metrics and plots to.")
     workdir = os.path.abspath(os.path.expanduser(workdir))  # '~/runs/x': not a './~' folder
     _refuse_a_sweep_root(workdir)
+    _refuse_a_run_s_folder(workdir)
     _refuse_to_leave_its_sweep(config, workdir)
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
@@ -929,6 +930,19 @@ def _refuse_a_sweep_root(workdir: str) -> None:
             "root?), not one run: a run there would mix its files with theirs, and the sweep "
             "could not be continued; give this run a directory of its own (e.g. "
             f"{os.path.join(workdir, '<name>')}).")
+
+
+def _refuse_a_run_s_folder(workdir: str) -> None:
+    """Refuses a workdir in a folder another run manages (``runs/a/checkpoints/b``): that
+    run took the new run's directory for a damaged checkpoint ('Skipping the latest
+    checkpoint at step 99 ... moved to checkpoints_corrupt/'), or deleted it."""
+    managed = evaluate_lib.run_folder_holding(workdir)
+    if managed is not None:
+        raise errors.WorkdirError(
+            f"The workdir {workdir} is in {managed}/, a folder of the run in "
+            f"{os.path.dirname(managed)} whose contents that run manages (it would take "
+            "this run for a damaged checkpoint and move it aside, or delete it); give this "
+            "run a directory outside it.")
 
 
 def _refuse_to_leave_its_sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
