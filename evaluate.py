@@ -75,10 +75,11 @@ def _write(path: str, text: str) -> None:
         with workdir_lib.atomic_write(path) as f:
             f.write(text + "\n")
     except OSError as e:
+        # Not train.py's fix ('resume the run there, or use another --workdir'): another
+        # workdir is another run.
         raise errors.WorkdirError(
-            "The result is printed above but not saved: "
-            + workdir_lib.describe_os_error(e, path).removesuffix(".")
-            + ", or pass --output PATH."
+            f"The result is printed above but not saved: Cannot write {path} "
+            f"({e.strerror or e}): {workdir_lib.fix_in_place(e)}, or pass --output PATH."
         ) from e
 
 

@@ -38,7 +38,6 @@ else:  # not a command, or no package to find: the import below says so
     _imports = contextlib.nullcontext()
 
 import argparse  # noqa: E402
-import errno  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 
@@ -127,16 +126,6 @@ def check_model_override(spec, overrides):
         "drop path set by --config.model.drop_path_rate.")
 
 
-# What to do before drawing the figures again, by the disk or permission failure.
-_FIGURE_FIXES = {
-    errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-    errno.EROFS: "remount the filesystem writable",
-    errno.EACCES: "give this user write access there (chmod/chown)",
-    errno.EPERM: "give this user write access there (chmod/chown)",
-    errno.ENOTDIR: "move the file in the way", errno.EEXIST: "move the file in the way",
-}
-
-
 def figures_error(error, root, directory):
     """``error``, a disk or permission failure while drawing into ``directory``, in the
     sweep's words: it said to 'use another --workdir' (sweep.py has no such flag, and
@@ -147,7 +136,7 @@ def figures_error(error, root, directory):
     os_error = workdir_lib.anticipated_os_error(error)
     if os_error is None:
         return error
-    fix = _FIGURE_FIXES.get(os_error.errno, "check the path and the disk")
+    fix = workdir_lib.fix_in_place(os_error)
     return errors.WorkdirError(
         f"Cannot write {os_error.filename or directory} ({os_error.strerror or os_error}): "
         f"the runs are kept; {fix}, then draw the figures with sweep.py --root "

@@ -474,6 +474,27 @@ def test_evaluate_cli_mistakes(capsys, run, tmp_path):
     assert "printed above but not saved" in line and "--output PATH" in line
 
 
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "remount the filesystem writable"),
+                                       (errno.ENOSPC, "free some space")])
+def test_an_unsaved_result_says_the_fix_for_an_evaluation(capsys, run, monkeypatch, code, fix):
+    """A result that could not be written in a read-only run said train.py's fix: 'remount
+    it writable to resume the run there, or use another --workdir' (another run)."""
+    import contextlib
+
+    _, workdir = run
+
+    @contextlib.contextmanager
+    def refused(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), path)
+        yield
+
+    monkeypatch.setattr(workdir_lib, "atomic_write", refused)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir])
+    path = os.path.join(workdir, "eval_best_test.json")
+    assert line == (f"error: The result is printed above but not saved: Cannot write {path} "
+                    f"({os.strerror(code)}): {fix}, or pass --output PATH.")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(errors.ConfigError, match="seed=-1"):
         train_cli.main(["--config", "cifar10:smoke", "--config.seed=-1", "--debug"])
