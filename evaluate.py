@@ -44,10 +44,8 @@ import re  # noqa: E402
 with _imports:
     from stochastic_depth_jax import errors, pruning
     from stochastic_depth_jax.training import cli, compilation, depth, distributed, figures
-    from stochastic_depth_jax.training import checkpoint as checkpoint_lib
     from stochastic_depth_jax.training import evaluate as evaluate_lib
     from stochastic_depth_jax.training import loop
-    from stochastic_depth_jax.training import setup as setup_lib
     from stochastic_depth_jax.training import workdir as workdir_lib
 
 
@@ -77,10 +75,11 @@ def _write(path: str, text: str) -> None:
         with workdir_lib.atomic_write(path) as f:
             f.write(text + "\n")
     except OSError as e:
+        # Not train.py's fix ('resume the run there, or use another --workdir'): another
+        # workdir is another run.
         raise errors.WorkdirError(
-            "The result is printed above but not saved: "
-            + workdir_lib.describe_os_error(e, path).removesuffix(".")
-            + ", or pass --output PATH."
+            f"The result is printed above but not saved: Cannot write {path} "
+            f"({e.strerror or e}): {workdir_lib.fix_in_place(e)}, or pass --output PATH."
         ) from e
 
 
@@ -91,9 +90,7 @@ _EARLIER_RESULTS = ({"checkpoint", "step", "split", "error", "loss", "count"},
 
 
 # The directories a run makes in its workdir and manages (rotates, moves, purges, remakes).
-_RUN_DIRS = frozenset({"checkpoints", "checkpoints_best", checkpoint_lib.UNFINISHED_DIR,
-                       checkpoint_lib.CORRUPT_DIR, checkpoint_lib.SUPERSEDED_DIR,
-                       "tensorboard", setup_lib.FAKE_DATA_DIR})
+_RUN_DIRS = evaluate_lib.RUN_DIRS
 
 
 def _check_output(path: str | None, workdir: str) -> None:
@@ -125,6 +122,13 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is inside the run's {run_dir}/, whose contents "
             "the run manages (it deletes, moves and rewrites them); give a path in --workdir "
             f"{workdir} itself or outside it, or leave --output out. Nothing was evaluated.")
+    managed = evaluate_lib.run_folder_holding(directory)
+    if managed is not None:
+        raise errors.WorkdirError(
+            f"--output {path} is inside {managed}/, a folder of the run in "
+            f"{os.path.dirname(managed)} whose contents that run manages (it deletes, moves "
+            "and rewrites them: a result named as a step is replaced by that step's save); "
+            "give a path outside it, or leave --output out. Nothing was evaluated.")
     name, in_the_run = os.path.basename(path), _same_directory(directory, workdir)
     if os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE)) and not in_the_run:
         raise errors.WorkdirError(

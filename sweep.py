@@ -39,9 +39,10 @@ else:  # not a command, or no package to find: the import below says so
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shlex  # noqa: E402
 
 with _imports:
-    from configs import CONFIGS, load_config, parse_overrides
+    from configs import CONFIGS, config_for_model, load_config, parse_overrides
     from stochastic_depth_jax import errors
     from stochastic_depth_jax.training import cli
 
@@ -101,27 +102,45 @@ def check_arguments(args, overrides):
             "(or drop --collect to train them).")
 
 
-def check_model_override(overrides):
-    """Refuses ``--config.model.name=`` a model without p_L (the ViT, ConvNeXt) before the
-    config loads: loading refused it as not fitting the config's model block, with the advice
-    to train that model's own config, which the sweep refuses as well."""
+def check_model_override(spec, overrides):
+    """Refuses ``--config.model.name=`` a model the sweep does not take before the config
+    loads: a model without p_L (the ViT, ConvNeXt), which loading refused as not fitting the
+    config's model block, advising that model's own config, which the sweep refuses as
+    well; or no model at all, which validation answered with every model, those two
+    included."""
     from stochastic_depth_jax.training import config as config_lib
 
     names = [text for key, text in map(config_lib.split_override, overrides)
              if key == "model.name"]
-    if not names or names[-1] not in config_lib.MODEL_VALIDATORS.keys() - config_lib.MODELS:
-        return  # a block-wise ResNet, or no model: validation lists the valid names
-    makers = []
-    for name in sorted(CONFIGS):
-        with contextlib.suppress(errors.Error):
-            if load_config(name).model.get("name") == names[-1]:
-                makers.append(name)
-    train = f"train.py --config {' or '.join(makers)}" if makers else "train.py"
+    if not names or names[-1] in config_lib.MODELS:
+        return
+    if names[-1] not in config_lib.MODEL_VALIDATORS:
+        raise errors.ConfigError(
+            f"Invalid config: model.name={names[-1]!r}; valid in a sweep: "
+            f"{sorted(config_lib.MODELS)} (the block-wise ResNets, the models with a p_L).")
     raise errors.ConfigError(
         f"--config.model.name={names[-1]}: the sweep is over model.depth and p_L "
         f"(model.final_survival_prob) of the block-wise ResNets {sorted(config_lib.MODELS)}, "
-        f"and {names[-1]!r} has no p_L. Train it with {train}, its drop path set by "
-        "--config.model.drop_path_rate.")
+        f"and {names[-1]!r} has no p_L. Train it with train.py "
+        f"{config_for_model(spec, overrides, names[-1]) or '--config <a config file>'}, its "
+        "drop path set by --config.model.drop_path_rate.")
+
+
+def figures_error(error, root, directory):
+    """``error``, a disk or permission failure while drawing into ``directory``, in the
+    sweep's words: it said to 'use another --workdir' (sweep.py has no such flag, and
+    another --root has none of the runs) and to 'resume the run there'. Another error is
+    returned as it is, to be raised."""
+    from stochastic_depth_jax.training import workdir as workdir_lib
+
+    os_error = workdir_lib.anticipated_os_error(error)
+    if os_error is None:
+        return error
+    fix = workdir_lib.fix_in_place(os_error)
+    return errors.WorkdirError(
+        f"Cannot write {os_error.filename or directory} ({os_error.strerror or os_error}): "
+        f"the runs are kept; {fix}, then draw the figures with sweep.py --root "
+        f"{shlex.quote(root)} --collect.")
 
 
 def run(args, overrides):
@@ -139,16 +158,20 @@ def _run(args, overrides, out):
     status = {}
     if not args.collect:
         sweep.check_overrides(overrides)
-        check_model_override(overrides)
-        sweep.require_sweepable(load_config(args.config, overrides))
+        check_model_override(args.config, overrides)
+        train = " ".join(map(shlex.quote, ["train.py", "--config", args.config, *overrides]))
+        sweep.require_sweepable(load_config(args.config, overrides), train)
         runs = [(name, load_config(args.config, overrides + extra))
                 for name, extra in sweep.plan(args.depths, args.p_last)]
         status = sweep.run_sweep(runs, args.root)
         print(json.dumps(status, indent=2), file=out, flush=True)
     # Every run under --root, not only this command's: a rerun with fewer depths or p_L
     # values must not redraw the figures without the runs finished before.
-    outputs = sweep.write_figures(sweep.collect(args.root),
-                                  os.path.join(args.root, sweep.FIGURES_DIR))
+    figures = os.path.join(args.root, sweep.FIGURES_DIR)
+    try:
+        outputs = sweep.write_figures(sweep.collect(args.root), figures)
+    except OSError as e:
+        raise figures_error(e, args.root, figures) from e
     print(json.dumps(outputs, indent=2), file=out, flush=True)
     sweep.check_diverged(status, args.root)  # the others' figures are drawn: exit 1
 

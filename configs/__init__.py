@@ -144,11 +144,12 @@ def _missing_field(error: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def _check_model_switch(name: str, config: ml_collections.ConfigDict,
+def _check_model_switch(name: str, arg: str | None, config: ml_collections.ConfigDict,
                         overrides: Sequence[str]) -> None:
     """Refuses a ``--config.model.name`` override naming a model whose fields this config's
     model block lacks (``cifar10 --config.model.name=vit``: no ``model.size``), naming
-    the registered configs of that model. The model block is the model's: that failed with
+    the flags that train that model on this config's data (:func:`config_for_model`). The
+    model block is the model's: that failed with
     an AttributeError traceback (a registered config), or with the new model's first
     missing field, or an 'invalid model.size' naming the other model's sizes (ViT and
     ConvNeXt). 'cifar_resnet' and 'wide_resnet' share their fields: switching passes, also
@@ -177,8 +178,78 @@ def _check_model_switch(name: str, config: ml_collections.ConfigDict,
         raise errors.ConfigError(
             f"--config.model.name={new} does not fit config {name!r}: its model block is for "
             f"model.name={before!r} and lacks {listed}, which {new!r} needs; train {new!r} "
-            f"with --config {' or '.join(makers)} (or its :smoke variant), or with a config "
-            f"file whose model block is for {new!r}.")
+            f"with {config_for_model(name + ':' + (arg or ''), overrides, new)}, or with a "
+            f"config file whose model block is for {new!r}.")
+
+
+# The fields that say what data a run trains on: carried into the config of another model
+# that :func:`config_for_model` advises (``svhn:smoke`` as a ViT trains SVHN's fake data).
+_DATA_FIELDS = ("dataset", "data_dir", "label", "validation_size", "train_on_all",
+                "fake_data.num_train", "fake_data.num_test", "fake_data.num_extra")
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str) -> object:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _model_configs(model: str) -> list[str]:
+    """The registered configs whose model is ``model`` (one that needs a variant: none)."""
+    names = []
+    for name in sorted(CONFIGS):
+        with contextlib.suppress(errors.Error):
+            if load_config(name).model.get("name", "cifar_resnet") == model:
+                names.append(name)
+    return names
+
+
+def config_for_model(spec: str, overrides: Sequence[str], model: str) -> str | None:
+    """The ``--config`` flags that train ``model`` as ``spec`` with ``overrides`` asked to
+    (``--config.model.name=vit`` on a config whose model block is another's): the registered
+    config of ``model`` (of ``spec``'s dataset where there is one) with ``spec``'s variant
+    where it has it (``:official_smoke`` as ``:smoke``), the data fields of ``spec`` that
+    differ from its own, and the overrides that are not of the model block: ``'--config
+    cifar10_vit:smoke --config.dataset=svhn --config.fake_data.num_extra=64'`` for
+    ``svhn:smoke``; None where no registered config trains ``model``. The flags are checked
+    to load; failing that, the overrides are left out; failing again, the data fields."""
+    import shlex
+
+    makers = _model_configs(model)
+    if not makers:
+        return None
+    kept = []
+    for item in overrides:
+        with contextlib.suppress(errors.Error):
+            if not config_lib.split_override(item)[0].startswith("model."):
+                kept.append(item)
+    try:
+        given = load_config(spec, kept)
+    except Exception:  # noqa: BLE001  the user's config: a mistake in it is said later
+        given = None
+    if given is not None:  # its dataset's config first: cifar100 for a cifar100 ResNet
+        makers.sort(key=lambda n: load_config(n).dataset != given.dataset)
+    name, _, arg = spec.partition(":")
+    variants = tuple(getattr(_config_module(makers[0]), "VARIANTS", VARIANTS))
+    if arg not in variants:
+        arg = "smoke" if arg and "smoke" in arg and "smoke" in variants else ""
+    target = f"{makers[0]}:{arg}" if arg else makers[0]
+    data = []
+    if given is not None:
+        try:
+            own = load_config(target, kept)
+        except Exception:  # noqa: BLE001  an override that does not fit it: left out below
+            own = load_config(target)
+        for field in _DATA_FIELDS:
+            with contextlib.suppress(KeyError, AttributeError):
+                value = _field(given, field)
+                if value != _field(own, field):
+                    data.append(f"--config.{field}={'None' if value is None else value}")
+    for extra in (kept + data, data, []):
+        with contextlib.suppress(Exception):
+            load_config(target, extra)
+            return " ".join(shlex.quote(a) for a in ["--config", target, *extra])
+    return f"--config {target}"
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -210,7 +281,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             config = module.get_config(arg)
         _check_returned(name, arg, config)
         _check_fields(name, config)
-    _check_model_switch(name, config, overrides)
+    _check_model_switch(name, arg, config, overrides)
     config_lib.apply_overrides(config, overrides)
     try:
         config_lib.validate(config)

@@ -749,21 +749,35 @@ def test_a_run_recorded_in_float16_is_read_and_built_in_float16(name):
         config_lib.validate(recorded)
 
 
+def _advised(flags):
+    """The config that ``--config X[:v] --config.f=v ...`` (an error's advice) loads."""
+    import shlex
+
+    words = shlex.split(flags)
+    assert words[0] == "--config", flags
+    return load_config(words[1], words[2:])
+
+
 @pytest.mark.parametrize("spec, name, lacks, use", [
-    ("cifar10:smoke", "vit", "model.drop_path_rate", "cifar10_vit"),
-    ("svhn", "convnext", "model.depths", "cifar10_convnext"),
-    ("cifar10_vit:smoke", "convnext", "model.depths", "cifar10_convnext"),
-    ("cifar10_convnext", "vit", "model.depth,", "cifar10_vit"),
-    ("cifar10_vit", "wide_resnet", "model.block", "cifar100_wrn"),
-    ("cifar10_convnext:smoke", "cifar_resnet", "model.block",
-     "cifar10 or cifar100 or cifar10_resnet1202 or svhn"),
+    ("cifar10:smoke", "vit", "model.drop_path_rate", "--config cifar10_vit:smoke"),
+    ("svhn", "convnext", "model.depths", "--config cifar10_convnext --config.dataset=svhn"),
+    ("svhn:smoke", "vit", "model.drop_path_rate", "--config cifar10_vit:smoke "
+     "--config.dataset=svhn --config.fake_data.num_extra=64"),
+    ("cifar100:official_smoke", "vit", "model.drop_path_rate",
+     "--config cifar10_vit:smoke --config.dataset=cifar100"),
+    ("cifar10_vit:smoke", "convnext", "model.depths", "--config cifar10_convnext:smoke"),
+    ("cifar10_convnext", "vit", "model.depth,", "--config cifar10_vit"),
+    ("cifar10_vit", "wide_resnet", "model.block",
+     "--config cifar100_wrn --config.dataset=cifar10"),
+    ("cifar10_convnext:smoke", "cifar_resnet", "model.block", "--config cifar10:smoke"),
 ])
 def test_a_model_name_whose_fields_the_config_lacks_is_one_line_naming_its_config(
         capsys, tmp_path, spec, name, lacks, use):
     """``--config.model.name`` keeps the config's model block: switching the ResNet's to
     the ViT's failed with an AttributeError traceback ('size'), and the ViT's to the
     ConvNeXt's with "model.size='ti'; valid: ['atto', ...]", neither naming the config
-    that trains that model."""
+    that trains that model. The flags named train that model on the data the command asked
+    for: they named the model's config alone, dropping the dataset and ':smoke'."""
     import train
 
     line = one_line_error(capsys, train.main, [
@@ -771,9 +785,12 @@ def test_a_model_name_whose_fields_the_config_lacks_is_one_line_naming_its_confi
     assert line.startswith(f"error: --config.model.name={name} does not fit config "
                            f"{spec.split(':')[0]!r}: its model block is for model.name="), line
     assert lacks in line and line.endswith(
-        f"which {name!r} needs; train {name!r} with --config {use} (or its :smoke variant), "
+        f"which {name!r} needs; train {name!r} with {use}, "
         f"or with a config file whose model block is for {name!r}."), line
     assert not os.path.exists(tmp_path / "w")
+    advised, asked = _advised(use), load_config(spec)
+    assert advised.model.name == name and advised.dataset == asked.dataset
+    assert advised.fake_data.to_dict() == asked.fake_data.to_dict()
 
 
 def test_a_model_name_the_config_s_fields_fit_still_switches():

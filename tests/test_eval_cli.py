@@ -375,7 +375,8 @@ def test_export_records_normalisation_and_never_overwrites(capsys, resnet, tmp_p
     ckpts = os.path.join(workdir, "checkpoints")
     listed = _files(ckpts)
     line = one_line_error(capsys, evaluate_cli.main, [*args, "--export", ckpts])
-    assert f"Export directory {ckpts} is not empty" in line and _files(ckpts) == listed
+    assert f"Export directory {ckpts} is {os.path.realpath(ckpts)}/, a folder of the run" in line
+    assert _files(ckpts) == listed
 
     # An export saved before the normalisation was recorded still loads.
     record = _json(os.path.join(out, "model.json"))
@@ -632,6 +633,52 @@ def test_output_never_goes_into_another_runs_workdir(capsys, resnet, tmp_path):
         assert f"--output {path} is in the workdir of another run ({other})" in line
     assert _json(theirs) == {"evaluated_step": 7, "error": 0.5}
     assert not os.path.exists(os.path.join(other, "new.json"))
+
+
+@pytest.mark.parametrize("inside", ["checkpoints/99", "checkpoints_best/mine.json",
+                                    "checkpoints/2/mine.json"])
+def test_output_never_goes_into_another_runs_checkpoints(capsys, resnet, tmp_path, inside):
+    """--output <another run>/checkpoints/99 was accepted (only the folder holding its
+    run.json was refused): a result named as a step was replaced, unsaid, by that run's
+    save of the step, and the run deletes or moves what its checkpoint folders hold."""
+    import shutil
+
+    _, workdir = resnet
+    other = str(tmp_path / "other")
+    shutil.copytree(workdir, other)
+    before = _files(other)
+    path = os.path.join(other, inside)
+    folder = os.path.join(os.path.realpath(other), inside.split("/")[0])
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir, "--output", path])
+    assert line == (f"error: --output {path} is inside {folder}/, a folder of the run in "
+                    f"{os.path.realpath(other)} whose contents that run manages (it deletes, "
+                    "moves and rewrites them: a result named as a step is replaced by that "
+                    "step's save); give a path outside it, or leave --output out. Nothing was "
+                    "evaluated.")
+    assert _files(other) == before
+
+
+@pytest.mark.parametrize("where", ["own", "other"])
+def test_an_export_never_goes_into_a_runs_checkpoint_folders(capsys, resnet, tmp_path, where):
+    """--export <run>/checkpoints/99 (new, so empty) was accepted: the run then took the
+    export for a damaged checkpoint of step 99 ('the latest checkpoint (step 99) is
+    damaged') and moved it to checkpoints_corrupt/; in checkpoints_best/ it became the
+    newest 'best'."""
+    import shutil
+
+    _, workdir = resnet
+    run = workdir
+    if where == "other":
+        run = str(tmp_path / "other")
+        shutil.copytree(workdir, run)
+    before = _files(run)
+    out = os.path.join(run, "checkpoints" if where == "own" else "checkpoints_best", "99")
+    line = one_line_error(capsys, evaluate_cli.main,
+                          ["--workdir", workdir, "--export", out, "--remove", "1"])
+    assert line.startswith(f"error: Export directory {out} is inside "
+                           f"{os.path.realpath(os.path.dirname(out))}/, a folder of the run in "
+                           f"{os.path.realpath(run)} whose contents that run manages"), line
+    assert _files(run) == before and not os.path.exists(out)
 
 
 def test_output_never_replaces_a_depth_curves_json_or_an_exports_record(capsys, resnet,

@@ -216,6 +216,87 @@ def test_a_full_disk_while_a_resume_rewrites_metrics_is_an_error_naming_the_file
     assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "metrics.jsonl.dropped"]
 
 
+def test_a_full_disk_at_tensorboard_s_flush_is_named_and_the_saves_in_flight_committed(
+        tmp_path, monkeypatch):
+    """TensorBoard's event file flush on a full disk raised an OSError naming no file
+    ('error: Cannot write a file'); closing the writers then failed the same way, in the
+    'finally' that waits for the checkpoint saves in flight: that wait was skipped (the
+    epoch's 'best' save left unfinished, Orbax's threads printing tracebacks at exit), and
+    the close's error replaced the first. Both errors now name tensorboard/, the first is
+    the one raised, and the saves are waited for: the 'best' save of step 4 is committed."""
+    import tensorboardX
+
+    from stochastic_depth_jax.training import cli
+
+    workdir = str(tmp_path / "run")
+    closed = []
+    real_close = ckpt_lib.Checkpoints.close
+    monkeypatch.setattr(ckpt_lib.Checkpoints, "close",
+                        lambda self: closed.append(True) or real_close(self))
+    raised = []
+
+    def full(self):  # the first epoch's record's flush fails, and so does the close
+        raised.append(OSError(errno.ENOSPC, "No space left on device"))
+        raise raised[-1]
+
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "flush", full)
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "close", full)
+    config = load_config("cifar10:smoke", ["--config.progress_bar=false",
+                                           "--config.write_plots=false"])
+    with pytest.raises(OSError) as info:
+        loop.train_and_evaluate(config, workdir)
+    assert len(raised) == 2 and info.value.__cause__ is raised[0]  # the flush's, not the close's
+    assert cli._message(info.value) == (
+        f"Cannot write {os.path.join(workdir, 'tensorboard')} (No space left on device): "
+        "free some space or use another --workdir.")
+    assert closed == [True]
+    # The first epoch's 'best' (saved before its record was written) is committed.
+    assert os.listdir(os.path.join(workdir, "checkpoints_best")) == ["4"]
+    assert ckpt_lib.Checkpoints(workdir).steps("best") == [4]
+
+
+def test_a_full_disk_while_writing_fake_data_is_one_line_naming_its_directory(
+        capsys, tmp_path, monkeypatch):
+    """TensorFlow Datasets' record writer reports a full disk as a RuntimeError ('write()
+    failed: No space left on device'): a smoke run on a full disk ended in its traceback.
+    It is one line naming the fake data's directory, and the new workdir is removed."""
+    workdir = str(tmp_path / "run")
+
+    def full(name, data_dir, **sizes):
+        os.makedirs(data_dir, exist_ok=True)
+        raise RuntimeError(
+            'Failed to finalize writing of split "train": write() failed: No space left on '
+            f"device; writing {data_dir}/{name}/incomplete.X/{name}-train.array_record")
+
+    monkeypatch.setattr(data.testing, "make_tfds_dataset", full)
+    line = one_line_error(capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir",
+                                                   workdir, *TINY])
+    assert line == (f"error: Cannot write {os.path.join(workdir, 'fake_data')} (No space "
+                    "left on device): free some space or use another --workdir.")
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("inside", ["checkpoints/99", "checkpoints_best/mine", "fake_data/x"])
+def test_a_workdir_in_another_run_s_checkpoint_folder_is_refused(capsys, tmp_path, inside):
+    """train.py --workdir <run>/checkpoints/99 trained there; that run then took the new
+    run's directory for a damaged checkpoint of step 99 ('Skipping the latest checkpoint at
+    step 99 ... moved to checkpoints_corrupt/')."""
+    other = tmp_path / "other"
+    for folder in ("checkpoints/8", "checkpoints_best/4", "fake_data"):
+        os.makedirs(other / folder)
+    (other / "run.json").write_text("{}")
+    before = sorted(str(p.relative_to(other)) for p in other.rglob("*"))
+    workdir = str(other / inside)
+    line = one_line_error(capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir",
+                                                   workdir, *TINY])
+    managed = os.path.join(os.path.realpath(other), inside.split("/")[0])
+    assert line == (f"error: The workdir {workdir} is in {managed}/, a folder of the run in "
+                    f"{os.path.realpath(other)} whose contents that run manages (it would "
+                    "take this run for a damaged checkpoint and move it aside, or delete it); "
+                    "give this run a directory outside it.")
+    assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.
@@ -391,6 +472,27 @@ def test_evaluate_cli_mistakes(capsys, run, tmp_path):
         ["--workdir", workdir, "--checkpoint", "latest", "--output", str(tmp_path / ("x" * 300))],
     )
     assert "printed above but not saved" in line and "--output PATH" in line
+
+
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "remount the filesystem writable"),
+                                       (errno.ENOSPC, "free some space")])
+def test_an_unsaved_result_says_the_fix_for_an_evaluation(capsys, run, monkeypatch, code, fix):
+    """A result that could not be written in a read-only run said train.py's fix: 'remount
+    it writable to resume the run there, or use another --workdir' (another run)."""
+    import contextlib
+
+    _, workdir = run
+
+    @contextlib.contextmanager
+    def refused(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), path)
+        yield
+
+    monkeypatch.setattr(workdir_lib, "atomic_write", refused)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", workdir])
+    path = os.path.join(workdir, "eval_best_test.json")
+    assert line == (f"error: The result is printed above but not saved: Cannot write {path} "
+                    f"({os.strerror(code)}): {fix}, or pass --output PATH.")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -62,22 +62,76 @@ def test_sweep_reports_an_override_as_train_does(capsys, tmp_path, rest, expecte
     assert not os.path.exists(tmp_path / "depth8_pL0.5")
 
 
-@pytest.mark.parametrize("model, config", [("vit", "cifar10_vit"),
-                                           ("convnext", "cifar10_convnext")])
-def test_a_sweep_switched_to_a_model_without_p_last_names_train_py(capsys, tmp_path, model,
-                                                                    config):
+@pytest.mark.parametrize("spec, model, flags", [
+    ("cifar10:smoke", "vit", "--config cifar10_vit:smoke"),
+    ("cifar10:smoke", "convnext", "--config cifar10_convnext:smoke"),
+    ("svhn:smoke", "vit", "--config cifar10_vit:smoke --config.dataset=svhn "
+     "--config.fake_data.num_extra=64"),
+    ("cifar100", "convnext", "--config cifar10_convnext --config.dataset=cifar100"),
+])
+def test_a_sweep_switched_to_a_model_without_p_last_names_train_py(capsys, tmp_path, spec,
+                                                                    model, flags):
     """--config.model.name=vit in a sweep was refused as not fitting cifar10's model block,
-    advising --config cifar10_vit: which the sweep refuses too. It names train.py now."""
-    line = one_line_error(capsys, sweep_cli.main,
-                          _sweep_argv(tmp_path, f"--config.model.name={model}"))
+    advising --config cifar10_vit: which the sweep refuses too. It names train.py, with the
+    flags that train that model on the data asked for: it named the model's config alone,
+    dropping the dataset and ':smoke' (a full-sized run on CIFAR-10 for svhn:smoke)."""
+    argv = _sweep_argv(tmp_path, f"--config.model.name={model}")
+    argv[1] = spec
+    line = one_line_error(capsys, sweep_cli.main, argv)
     assert line == (
         f"error: --config.model.name={model}: the sweep is over model.depth and p_L "
         "(model.final_survival_prob) of the block-wise ResNets ['cifar_resnet', "
-        f"'wide_resnet'], and {model!r} has no p_L. Train it with train.py --config {config}, "
+        f"'wide_resnet'], and {model!r} has no p_L. Train it with train.py {flags}, "
         "its drop path set by --config.model.drop_path_rate.")
     assert not os.path.exists(tmp_path / "depth8_pL0.5")
-    # What it says to write: train.py takes that config (its drop path rate included).
-    load_config(f"{config}:smoke", ["--config.model.drop_path_rate=0.1"])
+    # What it says to write: train.py takes it, that model on the data the sweep was given.
+    _, name, *overrides = flags.split()
+    advised, asked = load_config(name, overrides), load_config(spec)
+    assert (advised.model.name, advised.dataset) == (model, asked.dataset)
+    assert advised.fake_data.to_dict() == asked.fake_data.to_dict()
+    load_config(name, overrides + ["--config.model.drop_path_rate=0.1"])
+
+
+def test_a_sweep_of_a_config_without_p_last_names_the_train_py_command_to_run(capsys,
+                                                                            tmp_path):
+    """``sweep.py --config cifar10_vit:smoke`` said "Train it with train.py": it names the
+    config and the overrides given, as train.py takes them."""
+    argv = _sweep_argv(tmp_path, "--config.num_epochs=3")
+    argv[1] = "cifar10_vit:smoke"
+    line = one_line_error(capsys, sweep_cli.main, argv)
+    assert "Train it with train.py --config cifar10_vit:smoke --config.num_epochs=3, " in line
+
+
+@pytest.mark.parametrize("code, fix", [
+    (errno.EROFS, "remount the filesystem writable"), (errno.ENOSPC, "free some space")])
+def test_figures_that_cannot_be_written_say_how_to_draw_them_again(capsys, tmp_path,
+                                                                   monkeypatch, code, fix):
+    """A read-only or full --root failed the figures with train.py's words: 'remount it
+    writable to resume the run there, or use another --workdir' (sweep.py has no --workdir;
+    another --root has none of the runs)."""
+    root = str(tmp_path)
+    _finished_run(root, 8, 0.5, 0.4)
+    figures_dir = os.path.join(root, sweep.FIGURES_DIR)
+
+    def refused(runs, out_dir, *args, **kwargs):
+        raise OSError(code, os.strerror(code), out_dir)
+
+    monkeypatch.setattr(sweep, "write_figures", refused)
+    line = one_line_error(capsys, sweep_cli.main, ["--root", root, "--collect"])
+    assert line == (f"error: Cannot write {figures_dir} ({os.strerror(code)}): the runs are "
+                    f"kept; {fix}, then draw the figures with sweep.py --root {root} "
+                    "--collect.")
+
+
+def test_a_misspelt_model_name_in_a_sweep_lists_the_models_it_sweeps(capsys, tmp_path):
+    """A misspelt --config.model.name listed every model, the ViT and ConvNeXt included,
+    which the sweep refuses: it lists the block-wise ResNets only."""
+    line = one_line_error(capsys, sweep_cli.main,
+                          _sweep_argv(tmp_path, "--config.model.name=resnt"))
+    assert line.startswith("error: Invalid config: model.name='resnt'; valid in a sweep: "
+                           "['cifar_resnet', 'wide_resnet']"), line
+    assert "vit" not in line and "convnext" not in line
+    assert not os.path.exists(tmp_path / "depth8_pL0.5")
 
 
 @pytest.mark.parametrize("script, flag, hint", [
@@ -1046,8 +1100,8 @@ def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp
     status = sweep.run_sweep(runs, root, train=train)
     assert list(status.values()) == ["started", "skipped (finished)", "resumed", "started"]
     left = "left for the {} to train, this one included (estimated from the {} trained so " \
-           "far, by the steps left and the blocks a step is expected to compute, plus each " \
-           "run's set-up and evaluation)"
+           "far, by the steps left and the blocks a step is expected to compute, the " \
+           "evaluations left and the model's blocks, plus each run's set-up)"
     # After depth8_pL0.5: 4 steps x 4.25 blocks + 8 x 6 = 65 block-steps, 650 s; after the
     # resumed run, 8 x 6, 480 s.
     assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")] == [
@@ -1091,7 +1145,58 @@ def test_the_time_left_counts_a_short_resumed_run_s_set_up_once_per_run_not_as_t
     assert [x.split("; about ")[-1].split(" left")[0] for x in lines] == [
         "sweep: resuming depth8_pL0.5 (1 of 4)", "19 min", "11 min"]
     assert lines[1].endswith("by the steps left and the blocks a step is expected to compute, "
-                             "plus each run's set-up and evaluation)")
+                             "the evaluations left and the model's blocks, plus each run's "
+                             "set-up)")
+
+
+def test_the_time_left_counts_the_evaluations_each_run_has_left_at_its_depth(
+        capsys, tmp_path, monkeypatch):
+    """The runs' evaluating time was part of the time added once for each run left: a run
+    resumed for its last epoch (one evaluation) was counted a whole run's 25, and a deeper
+    run's evaluations (every block, none dropped) those of the shallow run timed. Here 28
+    and 22 min were said where the runs take 30 and 29; the evaluations are now counted by
+    those each run has left (metrics.jsonl's eval_time_s giving the rate), times its
+    blocks."""
+    root, epochs = str(tmp_path), "--config.num_epochs=25"  # 100 steps of 4 an epoch
+    os.makedirs(os.path.join(root, "depth8_pL1", "checkpoints", "96"))  # 1 epoch left
+    clock = [0.0]
+    monkeypatch.setattr(sweep, "_now", lambda: clock[0])
+    blocks = {(8, 0.5): 5 / 6 + 4 / 6 + 3 / 6, (8, 1.0): 3.0,
+              (14, 0.5): sum(1 - l / 12 for l in range(1, 7)), (14, 1.0): 6.0}
+
+    def train(config, workdir):  # 60 s of set-up, 1 s a block a step, 2 s a block evaluated
+        model = config.model
+        start = 96 if os.path.basename(workdir) == "depth8_pL1" else 0
+        training = (100 - start) * blocks[(model.depth, model.final_survival_prob)]
+        evaluation = 2 * (model.depth - 2) // 2  # an epoch's: ResNet-8 3 blocks, ResNet-14 6
+        clock[0] += 60 + training + evaluation * (100 - start) // 4
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"steps": 100, "steps_per_epoch": 4,
+                       "train_time_s_this_session": training}, f)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for epoch in range(1, 26):  # an earlier session's records too: not counted
+                f.write(json.dumps({"epoch": epoch, "step": 4 * epoch,
+                                    "eval_time_s": evaluation}) + "\n")
+
+    runs = [(name, load_config("cifar10:smoke", [epochs] + extra))
+            for name, extra in sweep.plan([8, 14], [0.5, 1.0])]
+    status = sweep.run_sweep(runs, root, train=train)
+    assert list(status.values()) == ["started", "resumed", "started", "started"]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("sweep:")]
+    # Left after the first run: 4 x 3 + 6 + 60 s; 100 x 4.25 + 25 x 12 + 60; 600 + 300 + 60:
+    # 1823 s. After the second: 1745 s.
+    assert [x.split("; about ")[-1].split(" left")[0] for x in lines] == [
+        "sweep: starting depth8_pL0.5 (1 of 4)", "30 min", "29 min", "16 min"]
+    # The evaluations left: every eval_every_epochs-th epoch's end, every eval_every_steps
+    # steps, the last step; each step once.
+    for extra, start in ((["--config.eval_every_epochs=2"], 0),
+                         (["--config.eval_every_epochs=3", "--config.eval_every_steps=6"], 0),
+                         (["--config.eval_every_steps=6"], 50), ([], 100)):
+        config = load_config("cifar10:smoke", [epochs] + extra)
+        every, n = 4 * config.eval_every_epochs, config.eval_every_steps
+        assert sweep._evaluations(config, 4, start) == sum(
+            1 for s in range(start + 1, 101) if s % every == 0 or s == 100 or n and s % n == 0)
 
 
 def test_the_blocks_a_step_computes_count_compact_mode_s_padding_and_the_masked_blocks():

@@ -5,8 +5,10 @@ the running BatchNorm statistics), training updates those statistics, the epoch 
 restart at an epoch's first step and give the epoch's means, the configured label smoothing
 reaches the loss, compact mode draws the gates of the state's step, a non-finite loss is
 reported at the step it happened, the model gets the step's dropout and gate keys, and
-select_best_by='train' chooses among the evaluated epochs."""
+select_best_by='train' chooses among the evaluated epochs (also on resuming an earlier
+version's best that no evaluation measured)."""
 
+import json
 import os
 import sys
 
@@ -235,3 +237,55 @@ def test_the_train_step_gives_the_model_the_steps_dropout_and_gate_keys():
         for stream in ("dropout", "stochastic_depth"):
             np.testing.assert_array_equal(got[stream], expected["batch_stats"][stream],
                                           err_msg=f"{stream} at step {step}")
+
+
+def _strip_best_evaluation(workdir):
+    """Makes a run's checkpoints read as an earlier version's, whose select_best_by='train'
+    best could be an epoch no evaluation measured: their best without val/test errors."""
+    for kind in ("checkpoints", "checkpoints_best"):
+        for step in os.listdir(os.path.join(workdir, kind)):
+            path = os.path.join(workdir, kind, step, "meta", "metadata")
+            with open(path) as f:
+                meta = json.load(f)
+            for key in ("val_error", "test_error"):
+                meta["best"].pop(key, None)
+            with open(path, "w") as f:
+                json.dump(meta, f)
+
+
+def test_resumed_unevaluated_best_is_evaluated_or_chosen_again(tmp_path):
+    """A run resumed from an earlier version's checkpoint whose best (select_best_by='train')
+    has no test error: kept while no lower training error came, it ended the run as 'Best
+    by training error: epoch 1' with no test error. Its 'best' checkpoint is evaluated on
+    resume; where it is gone, the best is chosen again among this session's evaluations."""
+    import shutil
+    import warnings
+
+    from stochastic_depth_jax.training import loop, metrics
+
+    common = TINY + ["--config.select_best_by=train", "--config.lr_boundaries_epochs=()"]
+    first = str(tmp_path / "first")
+    loop.train_and_evaluate(load_config("cifar10:smoke", common + [
+        "--config.num_epochs=3", "--config.max_steps=5"]), first)
+    epoch1 = metrics.read_metrics(first)[0]
+    assert epoch1["step"] == 4 and "test_error" in epoch1
+    _strip_best_evaluation(first)
+    gone = str(tmp_path / "gone")
+    shutil.copytree(first, gone)
+    shutil.rmtree(os.path.join(gone, "checkpoints_best", "4"))
+    resumed = load_config("cifar10:smoke", common + ["--config.eval_every_epochs=2",
+                                                     "--config.num_epochs=3"])
+    best = loop.train_and_evaluate(resumed, first)["best"]
+    later = [r for r in metrics.read_metrics(first) if r["step"] > 5]
+    # The case at issue: no later evaluated epoch has a lower training error.
+    assert [r["epoch"] for r in later] == [2, 3]
+    assert epoch1["train_error"] < min(r["train_error"] for r in later)
+    assert (best["step"], best["value"]) == (4, epoch1["train_error"])
+    assert (best["test_error"], best["val_error"]) == (epoch1["test_error"],
+                                                       epoch1["val_error"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        best = loop.train_and_evaluate(resumed, gone)["best"]
+    assert any("cannot be read to measure it" in str(w.message) for w in caught)
+    chosen = min(later, key=lambda r: r["train_error"])
+    assert (best["step"], best["test_error"]) == (chosen["step"], chosen["test_error"])

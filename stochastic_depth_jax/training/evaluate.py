@@ -39,6 +39,8 @@ __all__ = [
     "load_run_config",
     "read_run_json",
     "runs_inside",
+    "run_folder_holding",
+    "RUN_DIRS",
     "recorded_fields",
     "relocate_data",
     "check_same_data",
@@ -129,6 +131,30 @@ def runs_inside(directory: str) -> list[str]:
         return []
     return [os.path.join(directory, n) for n in names
             if os.path.isfile(os.path.join(directory, n, RUN_FILE))]
+
+
+# The directories a run makes in its workdir and manages (rotates, moves, purges, remakes).
+RUN_DIRS = frozenset({"checkpoints", "checkpoints_best", checkpoint_lib.UNFINISHED_DIR,
+                      checkpoint_lib.CORRUPT_DIR, checkpoint_lib.SUPERSEDED_DIR,
+                      "tensorboard", setup_lib.FAKE_DATA_DIR})
+
+
+def run_folder_holding(path: str) -> str | None:
+    """The folder of a run (one of :data:`RUN_DIRS`, e.g. ``checkpoints/``, in a directory
+    holding a ``run.json`` or a run's lock) that ``path`` is or lies in, by its real path
+    and, for a case-insensitive file system, with the folder's name in any case; None if
+    none. A file or export written there is the run's to delete, move or read as its own (a
+    directory ``checkpoints/99`` is taken for a damaged checkpoint and moved aside)."""
+    names = {d.lower() for d in RUN_DIRS}
+    path = os.path.realpath(path)
+    while os.path.dirname(path) != path:
+        parent = os.path.dirname(path)
+        if os.path.basename(path).lower() in names and any(
+                os.path.isfile(os.path.join(parent, f))
+                for f in (RUN_FILE, workdir_lib.LOCK_FILE)):
+            return path
+        path = parent
+    return None
 
 
 @contextlib.contextmanager

@@ -192,6 +192,12 @@ def expected_blocks(model: ml_collections.ConfigDict, resolved: Resolved) -> flo
     return buckets.expected_blocks(probs, sizes, scanned, resolved.compact_multiple, lengths)
 
 
+def total_blocks(model: ml_collections.ConfigDict) -> int:
+    """The residual blocks of a ResNet config's network (``model``): those an evaluation
+    computes, every one active."""
+    return sum(_stage_sizes(model))
+
+
 def _stage_sizes(model: ml_collections.ConfigDict) -> tuple[int, int, int]:
     wide = model.get("name", "cifar_resnet") == "wide_resnet"
     n = (models.WideResNet if wide else models.CifarResNet)(depth=model.depth).blocks_per_stage()

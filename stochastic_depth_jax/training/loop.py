@@ -547,6 +547,39 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
         )
 
 
+def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> None:
+    """Evaluates the restored best where it has no test error: an earlier version chose
+    ``select_best_by='train'``'s best among every epoch, also those no evaluation measured
+    (``eval_every_epochs`` > 1), and that best, kept until a lower training error came,
+    ended the run as 'Best by training error: epoch 1' with no test error. Its 'best'
+    checkpoint is evaluated now, so the best reported is always an evaluated one; where that
+    checkpoint is gone or unreadable, the best is chosen afresh from the next evaluation."""
+    best = run.best
+    if not isinstance(best, dict) or "test_error" in best or "test" not in run.splits:
+        return
+    where = f"epoch {best.get('epoch')}, step {best.get('step')}"
+    try:
+        saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
+                                     step=int(best["step"]))
+    except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
+        run.best = None
+        warnings.warn(
+            f"The restored best ({where}) was chosen by an earlier version among epochs that "
+            "no evaluation measured, and its 'best' checkpoint cannot be read to measure it; "
+            "the best is chosen again from this session's evaluations.", logs.RunWarning)
+        return
+    restored, run.state = run.state, saved
+    try:
+        measured = _evaluate(run)
+    finally:
+        run.state = restored
+    run.best = {**best, **{k: measured[k] for k in ("val_error", "test_error") if k in measured}}
+    if jax.process_index() == 0:
+        print(f"The restored best ({where}), chosen by an earlier version among epochs no "
+              "evaluation measured, has been evaluated now: test error "
+              f"{100 * run.best['test_error']:.2f}%.", flush=True)
+
+
 def _check_same_start(run: _Run) -> None:
     """Raises ``errors.DistributedError`` on every process alike where the processes start
     from different steps. Each restores the newest checkpoint it lists, and a host whose
@@ -846,6 +879,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   "the run writes its checkpoints, metrics and plots to.")
     workdir = os.path.abspath(os.path.expanduser(workdir))  # '~/runs/x': not a './~' folder
     _refuse_a_sweep_root(workdir)
+    _refuse_a_run_s_folder(workdir)
     _refuse_to_leave_its_sweep(config, workdir)
     created = workdir_lib.prepare_workdir(workdir) if jax.process_index() == 0 else False
     lock = workdir_lib.WorkdirLock(workdir)
@@ -907,6 +941,19 @@ def _refuse_a_sweep_root(workdir: str) -> None:
             "root?), not one run: a run there would mix its files with theirs, and the sweep "
             "could not be continued; give this run a directory of its own (e.g. "
             f"{os.path.join(workdir, '<name>')}).")
+
+
+def _refuse_a_run_s_folder(workdir: str) -> None:
+    """Refuses a workdir in a folder another run manages (``runs/a/checkpoints/b``): that
+    run took the new run's directory for a damaged checkpoint ('Skipping the latest
+    checkpoint at step 99 ... moved to checkpoints_corrupt/'), or deleted it."""
+    managed = evaluate_lib.run_folder_holding(workdir)
+    if managed is not None:
+        raise errors.WorkdirError(
+            f"The workdir {workdir} is in {managed}/, a folder of the run in "
+            f"{os.path.dirname(managed)} whose contents that run manages (it would take "
+            "this run for a damaged checkpoint and move it aside, or delete it); give this "
+            "run a directory outside it.")
 
 
 def _refuse_to_leave_its_sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -1026,6 +1073,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if saved is not None:
                 return _nothing_to_train(run, saved), False
         announce()
+        _measure_unevaluated_best(run, ds.image_shape)
         _write_run_json(run, ds)
         if jax.process_index() == 0:
             print(_describe(run.config, run.state.params, ds), flush=True)
@@ -1051,13 +1099,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         failed = True
         raise
     finally:
-        for writer in (run.writer, run.validation_writer):
-            if writer is not None:
+        try:
+            _close_writers(run, quiet=failed)
+        finally:
+            # Waits for pending saves: the last good checkpoint is committed. After a failure
+            # in a multi-process job, once the other processes were told (they take part).
+            if not (failed and distributed.close_after_reporting(run.ckpts.close)):
+                run.ckpts.close()
+
+
+def _close_writers(run: _Run, quiet: bool) -> None:
+    """Closes the metrics writers, each one even where another fails. ``quiet``: an error
+    is on its way up, the one to report; a writer's ``OSError`` (a full disk fails
+    TensorBoard's last flush as it failed its first) is dropped rather than put in its
+    place, as it was, and with the saves in flight left unwaited for."""
+    failure = None
+    for writer in (run.writer, run.validation_writer):
+        if writer is not None:
+            try:
                 writer.close()
-        # Waits for pending saves: the last good checkpoint is committed. After a failure in
-        # a multi-process job, once the other processes were told (they take part).
-        if not (failed and distributed.close_after_reporting(run.ckpts.close)):
-            run.ckpts.close()
+            except OSError as e:
+                failure = failure or e
+    if failure is not None and not quiet:
+        raise failure
 
 
 def _epoch_reached(step: int, steps_per_epoch: int) -> int | float:

@@ -222,6 +222,7 @@ class MetricWriter:
         self._active = jax.process_index() == 0
         self._path = os.path.join(workdir, filename)
         self._tb = None
+        self._tb_dir = os.path.join(workdir, "tensorboard")
         if not self._active:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -232,9 +233,7 @@ class MetricWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter  # Imported here: only process 0 needs it.
 
-            self._tb = SummaryWriter(
-                os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
-            )
+            self._tb = SummaryWriter(self._tb_dir, purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         """Writes one record; numeric fields also go to TensorBoard at ``record['step']``."""
@@ -260,12 +259,16 @@ class MetricWriter:
         at ``record['step']``, e.g. a mid-epoch evaluation beside the epochs' curves."""
         if self._tb is None:
             return
-        for key, value in record.items():
-            if (keys is None or key in keys) and key not in ("step", "epoch") and (
-                    isinstance(value, (int, float)) and not isinstance(value, bool)):
-                self._tb.add_scalar(key, value, global_step=record["step"])
-        self._tb.flush()
+        # A full disk fails the event file's flush with an OSError naming no file: 'Cannot
+        # write a file (No space left on device)', it said.
+        with workdir_lib.naming(self._tb_dir):
+            for key, value in record.items():
+                if (keys is None or key in keys) and key not in ("step", "epoch") and (
+                        isinstance(value, (int, float)) and not isinstance(value, bool)):
+                    self._tb.add_scalar(key, value, global_step=record["step"])
+            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            with workdir_lib.naming(self._tb_dir):
+                self._tb.close()

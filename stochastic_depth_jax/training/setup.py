@@ -7,6 +7,7 @@ three construct exactly the same model and state layout.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -146,11 +147,29 @@ def _write_fake_data(config: ml_collections.ConfigDict, data_dir: str) -> None:
     else:
         print(f"Writing {what} to {data_dir}: no download.", flush=True)
     data_lib.testing.remove_tfds_dataset(config.dataset, data_dir)  # a partial one
-    data_lib.testing.make_tfds_dataset(config.dataset, data_dir, num_train=f.num_train,
-                                       num_test=f.num_test, num_extra=extra,
-                                       seed=config.seed)
+    try:
+        data_lib.testing.make_tfds_dataset(config.dataset, data_dir, num_train=f.num_train,
+                                           num_test=f.num_test, num_extra=extra,
+                                           seed=config.seed)
+    except (RuntimeError, OSError) as e:  # the next run removes what was written
+        raise _disk_full(e, data_dir) or e
     with open(marker, "w") as out:
         json.dump(wanted, out)
+
+
+def _disk_full(error: BaseException, directory: str) -> OSError | None:
+    """A full disk (or quota) that ``error`` reports in its text only, as an ``OSError``
+    naming ``directory``: TensorFlow Datasets' record writer raises a RuntimeError ('write()
+    failed: No space left on device'), which ended the run in a traceback; None for
+    another error."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return None  # reported as it is (naming its file, or named by the caller)
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if os.strerror(code) in str(error):
+            failure = OSError(code, os.strerror(code), directory)
+            failure.__cause__ = error
+            return failure
+    return None
 
 
 def _fake_data_written(marker: str) -> dict[str, Any] | None:

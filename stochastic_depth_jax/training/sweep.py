@@ -125,8 +125,9 @@ def plan(depths: Sequence[int], p_lasts: Sequence[float]) -> list[tuple[str, lis
     return runs
 
 
-def require_sweepable(config: ml_collections.ConfigDict) -> None:
-    """Refuses a config whose model has no depth / p_L to sweep (e.g. the ViT).
+def require_sweepable(config: ml_collections.ConfigDict, train: str = "train.py") -> None:
+    """Refuses a config whose model has no depth / p_L to sweep (e.g. the ViT), advising
+    ``train``, the command that trains it (``sweep.py`` gives the config and overrides).
 
     Raises:
       errors.ConfigError: ``model.name`` is not a block-wise ResNet (``config_lib.MODELS``).
@@ -136,7 +137,7 @@ def require_sweepable(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(
             f"The sweep is over model.depth and p_L (model.final_survival_prob) of the block-wise "
             f"ResNets {sorted(config_lib.MODELS)}; this config's model is {name!r}. Train it "
-            "with train.py, its drop path set by --config.model.drop_path_rate.")
+            f"with {train}, its drop path set by --config.model.drop_path_rate.")
 
 
 # Fields that change neither the training nor its results: a run may be continued with
@@ -379,10 +380,10 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
     # The blocks a step of each is expected to compute (a fitted compact mode's lengths take
     # ResNet-1202 a quarter of a second: once a run, not once a line).
     blocks = {name: _step_blocks(config) for name, config in runs}
-    # (training seconds, block-steps, other seconds) of the runs this call trained to their
-    # end, and the steps in an epoch they recorded (the same for every run of a sweep: one
-    # data set, one batch).
-    timed: list[tuple[float, float, float]] = []
+    # (training seconds, block-steps, evaluating seconds, evaluated blocks, other seconds)
+    # of the runs this call trained to their end, and the steps in an epoch they recorded
+    # (the same for every run of a sweep: one data set, one batch).
+    timed: list[tuple[float, float, float, float, float]] = []
     steps_per_epoch: list[int] = []
     # A signal between two runs, or during a run's last evaluation (after its last stop
     # point), reaches this object: the sweep stops before the next run instead of
@@ -403,9 +404,9 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                 continue
             start = _start_step(workdir)
             resumed = bool(_saved_steps(workdir))
-            left = [_block_steps(config, steps_per_epoch[-1:], start, blocks[name])] + [
-                _block_steps(c, steps_per_epoch[-1:], _start_step(os.path.join(root, n)),
-                             blocks[n])
+            left = [_work_left(config, steps_per_epoch[-1:], start, blocks[name])] + [
+                _work_left(c, steps_per_epoch[-1:], _start_step(os.path.join(root, n)),
+                           blocks[n])
                 for n, c in runs[position:] if n in to_train]
             if jax.process_index() == 0:  # one line for the job, as a run's own lines
                 print(_starting_line(name, resumed, position, len(runs), left, timed),
@@ -423,7 +424,11 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
                 trained = summary["steps"] - start
                 if trained > 0:
                     training = _training_seconds(summary, seconds)
-                    timed.append((training, trained * blocks[name], seconds - training))
+                    evaluating = min(_evaluating_seconds(workdir, start), seconds - training)
+                    evaluated = _evaluations(config, steps_per_epoch[-1], start) * (
+                        implementation_lib.total_blocks(config.model))
+                    timed.append((training, trained * blocks[name], evaluating, evaluated,
+                                  seconds - training - evaluating))
             stop.when = _BETWEEN_RUNS
     return status
 
@@ -452,6 +457,31 @@ def _training_seconds(summary: dict[str, Any], seconds: float) -> float:
     return float(training)
 
 
+def _evaluating_seconds(workdir: str, start: int) -> float:
+    """The seconds a run spent evaluating after step ``start`` (the session that resumed
+    there): the ``eval_time_s`` of its metrics.jsonl records after it; 0 where it has none."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        records = metrics_lib.read_metrics(workdir)
+    return float(sum(r["eval_time_s"] for r in records
+                     if isinstance(r, dict) and plots.is_number(r.get("step"))
+                     and r["step"] > start and plots.is_number(r.get("eval_time_s"))
+                     and r["eval_time_s"] >= 0))
+
+
+def _evaluations(config: ml_collections.ConfigDict, steps_per_epoch: int, start: int) -> int:
+    """The evaluations a run of ``config`` makes after step ``start``: at every
+    ``eval_every_epochs``-th epoch's end, every ``eval_every_steps`` steps and at its last
+    step, each step once."""
+    total = _total_steps({"steps_per_epoch": steps_per_epoch}, config)
+    every = steps_per_epoch * config.eval_every_epochs
+    steps = set(range(every * (start // every + 1), total + 1, every))
+    n = config.get("eval_every_steps", 0)
+    if n:
+        steps.update(range(n * (start // n + 1), total + 1, n))
+    return len(steps | ({total} if total > start else set()))
+
+
 def _start_step(workdir: str) -> int:
     """The step a run resumes from (its newest checkpoint's), 0 for one not started."""
     return max(_saved_steps(workdir), default=0)
@@ -475,38 +505,49 @@ def _step_blocks(config: ml_collections.ConfigDict) -> float:
     return implementation_lib.expected_blocks(model, resolved)
 
 
-def _block_steps(config: ml_collections.ConfigDict, steps_per_epoch: Sequence[int],
-                 start: int, blocks: float) -> float | None:
-    """The block-steps (:func:`_step_blocks` per step) a run of ``config`` has left from
-    step ``start``; None before a run has said how many steps an epoch has."""
+def _work_left(config: ml_collections.ConfigDict, steps_per_epoch: Sequence[int],
+               start: int, blocks: float) -> tuple[float, float] | None:
+    """What a run of ``config`` has left from step ``start``: its block-steps
+    (:func:`_step_blocks` per step) and the blocks its evaluations compute (every block,
+    each evaluation); None before a run has said how many steps an epoch has."""
     if not steps_per_epoch:
         return None
     total = _total_steps({"steps_per_epoch": steps_per_epoch[0]}, config)
-    return max(total - start, 0) * blocks
+    return (max(total - start, 0) * blocks,
+            _evaluations(config, steps_per_epoch[0], start)
+            * implementation_lib.total_blocks(config.model))
 
 
 def _starting_line(name: str, resumed: bool, position: int, total: int,
-                   left: Sequence[float | None],
-                   timed: Sequence[tuple[float, float, float]]) -> str:
+                   left: Sequence[tuple[float, float] | None],
+                   timed: Sequence[tuple[float, float, float, float, float]]) -> str:
     """``sweep: starting <run> (k of N)``, its place in the sweep's runs; once this call has
-    trained a run to its end (``timed``: its training seconds, block-steps and other
-    seconds), the time left for the runs still to train (``left``: their block-steps left,
-    this one's included): the steps each run has left (a resumed run's from its checkpoint)
-    times the blocks a step is expected to compute (:func:`_step_blocks`; fewer at a lower
-    p_L), at the timed runs' training seconds per block-step, plus, for each run, the
-    timed runs' mean other seconds (set-up, compilation, evaluation, saving): a short
-    resumed run's set-up is not taken for training. A diverged run's time is not counted."""
+    trained a run to its end (``timed``: its training seconds, block-steps, evaluating
+    seconds, evaluated blocks and other seconds), the time left for the runs still to train
+    (``left``: their block-steps and evaluated blocks left, this one's included): the steps
+    each run has left (a resumed run's from its checkpoint) times the blocks a step is
+    expected to compute (:func:`_step_blocks`; fewer at a lower p_L), at the timed runs'
+    training seconds per block-step; the evaluations each has left times its blocks (all of
+    them: an evaluation drops none), at the timed runs' evaluating seconds per evaluated
+    block; plus, for each run, the timed runs' mean other seconds (set-up, compilation,
+    saving): a short resumed run's set-up is not taken for training, nor a whole run's
+    evaluations for the one evaluation a resumed run has left. A diverged run's time is not
+    counted."""
     line = f"sweep: {'resuming' if resumed else 'starting'} {name} ({position} of {total})"
     if not timed or None in left:
         return line
     per_block_step = sum(t[0] for t in timed) / sum(t[1] for t in timed)
-    per_run = sum(t[2] for t in timed) / len(timed)
-    seconds = per_block_step * sum(left) + per_run * len(left)
+    evaluated = sum(t[3] for t in timed)
+    per_evaluated_block = sum(t[2] for t in timed) / evaluated if evaluated else 0.0
+    per_run = sum(t[4] for t in timed) / len(timed)
+    seconds = (per_block_step * sum(w[0] for w in left)
+               + per_evaluated_block * sum(w[1] for w in left) + per_run * len(left))
     runs = lambda n: f"{n} run{'s' * (n != 1)}"
     return (f"{line}; about {progress_lib.duration(seconds)} left for the "
             f"{runs(len(left))} to train, this one included (estimated from the "
             f"{runs(len(timed))} trained so far, by the steps left and the blocks a step is "
-            f"expected to compute, plus each run's set-up and evaluation)")
+            f"expected to compute, the evaluations left and the model's blocks, plus each "
+            f"run's set-up)")
 
 
 def _train_run(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,

@@ -49,6 +49,7 @@ __all__ = [
     "naming",
     "ABANDONED_AFTER_S",
     "describe_os_error",
+    "fix_in_place",
     "dangling_link",
     "anticipated_os_error",
     "describe_read_error",
@@ -74,6 +75,26 @@ _FIXES = {
 # TensorStore, which writes Orbax's arrays, raises a ValueError whose message ends with the
 # OS error's number: "... No space left on device [os_error_code='28']".
 _OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+
+
+# The same failures where a file is written beside runs that the command does not train (an
+# evaluation's result, a sweep's figures): no run resumes, and another --workdir would be
+# another run, or none.
+_FIXES_IN_PLACE = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
+    errno.EACCES: "give this user write access there (chmod/chown)",
+    errno.EPERM: "give this user write access there (chmod/chown)",
+    errno.EROFS: "remount the filesystem writable",
+    errno.ENOTDIR: "move the file in the way",
+    errno.EEXIST: "move the file in the way",
+}
+
+
+def fix_in_place(error: OSError) -> str:
+    """What to do about a failed write of a file beside runs the command does not train:
+    ``describe_os_error``'s fix without 'resume the run there' or 'another --workdir'."""
+    return _FIXES_IN_PLACE.get(error.errno, "check the path and the disk")
 
 
 def describe_os_error(error: OSError, path: str) -> str:
