@@ -351,14 +351,20 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
         # changed, they may not be (lr_boundaries_epochs moved past this step), and this
         # step's weights are saved now or never.
         _supersede_best(run, later, _new_best_why(run, record))
-    run.best = {
+    earlier, run.best = run.best, {
         "metric": metric,
         "value": record[metric],
         "epoch": epoch,
         "step": run.step,
         **{k: record[k] for k in ("val_error", "test_error") if k in record},
     }
-    _save(run, "best", {"record": record})
+    try:
+        _save(run, "best", {"record": record})
+    except NonFiniteLossError:
+        # Not saved: weights that diverged are no best (measured on them, their errors
+        # were drawn as the run's best, starred on its curves, with no checkpoint of it).
+        run.best = earlier
+        raise
 
 
 # An earlier session's 'best' checkpoint at a step S after the restored one is kept only if
@@ -563,10 +569,12 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
                                      step=int(best["step"]))
     except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
         run.best = None
-        warnings.warn(
-            f"The restored best ({where}) was chosen by an earlier version among epochs that "
-            "no evaluation measured, and its 'best' checkpoint cannot be read to measure it; "
-            "the best is chosen again from this session's evaluations.", logs.RunWarning)
+        if jax.process_index() == 0:  # one line for the job
+            warnings.warn(
+                f"The restored best ({where}) was chosen by an earlier version among epochs "
+                "that no evaluation measured, and its 'best' checkpoint cannot be read to "
+                "measure it; the best is chosen again from this session's evaluations.",
+                logs.RunWarning)
         return
     restored, run.state = run.state, saved
     try:
