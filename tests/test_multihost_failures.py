@@ -458,6 +458,18 @@ def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_pa
     assert [name for name in saved if name.isdigit()] == saved != [], saved
 
 
+def test_a_job_that_diverged_ends_once_process_0_has_drawn_its_curves(tmp_path):
+    """Every process finds the divergence at the same step; process 0 alone then draws the
+    curves up to it. The others reported it at once, and process 0, stopped because 'process
+    1 failed', was ended in the middle of its drawing: no error.png marking the divergence."""
+    results = finish_all(_worker_job(tmp_path, "slowplot", "--config.learning_rate=1e8"),
+                         timeout=BOUND_S)
+    for status, out, _ in results:
+        assert "non-finite" in _error_line(status, out), out[-3000:]
+    assert fails_on_one.DRAWN in results[0][1], results[0][1][-3000:]
+    assert {"error.png", "loss.png"} <= set(os.listdir(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("who, saves", [(0, "async"), (1, "async"), (0, "sync")])
 def test_a_disk_filling_on_one_process_during_a_save_stops_the_job_at_once(tmp_path, who,
                                                                            saves):

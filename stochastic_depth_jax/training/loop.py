@@ -1197,6 +1197,10 @@ def _train(run: _Run) -> dict[str, Any]:
         # The run ends here: its curves show every epoch before it, not those drawn up to
         # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs), and where it diverged.
         _draw_plots(run, force=True, ending=True, diverged=e)
+        if jax.process_count() > 1:
+            # Every process raises this at the same step, and the first to report it ends
+            # the others: process 0 was ended in the middle of drawing them.
+            multihost_utils.sync_global_devices("diverged_curves_drawn")
         raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.
