@@ -524,6 +524,34 @@ def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path
             "sees the same files."), out[-3000:]
 
 
+def test_processes_that_do_not_all_read_an_earlier_best_stop_before_training(tmp_path):
+    """Resumed from an earlier version's best that no evaluation measured, which every
+    process reads to evaluate it: process 1, not listing it (its host's view of the workdir
+    lagging), chose the best again and trained on while process 0 evaluated that checkpoint
+    in collectives process 1 never entered."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+    from test_trainer_invariants import _strip_best_evaluation
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.write_plots=false", "--config.select_best_by=train",
+             "--config.lr_boundaries_epochs=()", "--config.num_epochs=3"]
+    run = tmp_path / "run"
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=5"]),
+                            str(run))
+    _strip_best_evaluation(str(run))
+    before = {name: (run / name).read_text() for name in ("metrics.jsonl", "run.json")}
+    results = finish_all(_worker_job(tmp_path, "stalebest1", *flags), timeout=BOUND_S)
+    for status, out, _ in results:  # The process that says it first names it for the other.
+        assert _error_line(status, out).endswith(
+            "The processes of this job do not all read the restored best's 'best' checkpoint "
+            "(epoch 1, step 4): process 1 could not; the hosts list different checkpoints in "
+            f"{run / 'checkpoints_best'} (a shared filesystem whose caches lag); start the "
+            "job again once every host sees the same files."), out[-3000:]
+    assert {name: (run / name).read_text() for name in before} == before
+    assert sorted(os.listdir(run / "checkpoints")) == ["4", "5"]
+
+
 def test_different_starts_name_the_processes_behind_the_newest_step():
     from stochastic_depth_jax.training import loop
 

@@ -568,6 +568,9 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
         saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
                                      step=int(best["step"]))
     except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
+        saved = None
+    _check_same_best(run, saved is not None, where)
+    if saved is None:
         run.best = None
         if jax.process_index() == 0:  # one line for the job
             warnings.warn(
@@ -586,6 +589,26 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
         print(f"The restored best ({where}), chosen by an earlier version among epochs no "
               "evaluation measured, has been evaluated now: test error "
               f"{100 * run.best['test_error']:.2f}%.", flush=True)
+
+
+def _check_same_best(run: _Run, read: bool, where: str) -> None:
+    """Raises ``errors.DistributedError`` on every process alike where some read the
+    restored best's 'best' checkpoint (``where``) and others did not (a host whose view of
+    the shared workdir lags lists no such step): the first evaluated it in collectives the
+    others never entered, as those went on to train, and their bests then differed."""
+    if jax.process_count() == 1:
+        return
+    reads = [bool(r) for r in np.ravel(multihost_utils.process_allgather(np.int32(read)))]
+    if all(reads) or not any(reads):
+        return
+    unread = [p for p, r in enumerate(reads) if not r]
+    listed = ", ".join(map(str, unread[:4])) + ", ..." * (len(unread) > 4)
+    raise errors.DistributedError(
+        f"The processes of this job do not all read the restored best's 'best' checkpoint "
+        f"({where}): process{'es' * (len(unread) > 1)} {listed} could not; the hosts list "
+        f"different checkpoints in {os.path.join(run.workdir, 'checkpoints_best')} (a shared "
+        "filesystem whose caches lag); start the job again once every host sees the same "
+        "files.")
 
 
 def _check_same_start(run: _Run) -> None:

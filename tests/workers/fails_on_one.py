@@ -9,7 +9,8 @@ and process 0/1 raises a ``DataError`` once they all wait in JAX's exit (process
 its results after the last collective). ``mixedWR`` (3 processes): process ``W`` fails so
 once the others but ``R`` have finished, while process ``R`` still trains. ``save``: saves
 take ``SAVE_S`` seconds and process 1 raises a ``DataError`` as soon as its first one
-started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' checkpoint.
+started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' checkpoint;
+``stalebest1``: process 1 lists no 'best' checkpoint.
 ``full0``/``full1``: the disk fills on process 0/1 during the 'latest' save of step
 ``FULL_AT`` (its writes there fail with ENOSPC). ``slowplot``: process 0's drawing of the
 curves takes ``DRAW_S`` seconds longer, and prints ``DRAWN`` when done.
@@ -96,16 +97,18 @@ def _fail_while_saving() -> None:
     checkpoint_lib.Checkpoints.save = save_then_fail
 
 
-def _hide_newest_checkpoint(who: int) -> None:
-    """Process ``who`` lists the 'latest' checkpoints without the newest one (a host whose
-    view of the shared workdir lags)."""
+def _hide_newest_checkpoint(who: int, wanted: str = "latest") -> None:
+    """Process ``who`` lists the 'latest' checkpoints without the newest one, or (``wanted``
+    'best') no 'best' checkpoint: a host whose view of the shared workdir lags."""
     from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 
     steps = checkpoint_lib.Checkpoints.steps
 
     def stale(self, kind="latest"):
         listed = steps(self, kind)
-        return listed[:-1] if kind == "latest" and jax.process_index() == who else listed
+        if jax.process_index() != who or kind != wanted:
+            return listed
+        return listed[:-1] if kind == "latest" else []
 
     checkpoint_lib.Checkpoints.steps = stale
 
@@ -156,7 +159,9 @@ def main(mode: str, argv: list[str]) -> None:
         _fill_the_disk(int(mode.removeprefix("full")))
     if mode == "slowplot":
         _draw_slowly()
-    if mode.startswith("stale"):
+    if mode == "stalebest1":
+        _hide_newest_checkpoint(1, "best")
+    elif mode.startswith("stale"):
         _hide_newest_checkpoint(int(mode.removeprefix("stale")))
     if mode not in ("raise", "stop", "stop0"):
         train.main(argv)
