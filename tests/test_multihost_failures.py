@@ -552,6 +552,39 @@ def test_processes_that_do_not_all_read_an_earlier_best_stop_before_training(tmp
     assert sorted(os.listdir(run / "checkpoints")) == ["4", "5"]
 
 
+def test_a_damaged_checkpoint_every_process_reads_is_set_aside_by_all_together(tmp_path):
+    """A damaged 'best' checkpoint read on resuming (an earlier version's best, evaluated
+    now): process 0 moved it aside before process 1 had failed to read it, process 1 took
+    it for rotated away (not damage) and went on without the move's barrier, and process 0
+    ended in a traceback (``sync_global_devices name mismatch``)."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+    from test_trainer_invariants import _strip_best_evaluation
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.write_plots=false", "--config.select_best_by=train",
+             "--config.lr_boundaries_epochs=()", "--config.num_epochs=2"]
+    run = tmp_path / "run"
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=5"]),
+                            str(run))
+    _strip_best_evaluation(str(run))
+    for folder, _, files in os.walk(run / "checkpoints_best" / "4" / "state"):
+        for name in files:
+            if os.path.basename(folder) == "d":  # the arrays' data
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write("damaged")
+    address = free_address()
+    commands = [[sys.executable, "train.py", *_train_args(tmp_path, address, *flags[2:]),
+                 "--process_id", str(i)] for i in range(2)]
+    results = finish_all(start_all(commands, env=ENV, cwd=REPO), timeout=BOUND_S)
+    for status, out, _ in results:
+        assert status == 0 and "Traceback" not in out, out[-3000:]
+        assert "warning: Skipping the best checkpoint at step 4" in out, out[-3000:]
+    assert "its 'best' checkpoint cannot be read to measure it" in results[0][1]
+    [moved] = os.listdir(run / "checkpoints_corrupt")
+    assert moved.startswith("best-4-")
+
+
 def test_different_starts_name_the_processes_behind_the_newest_step():
     from stochastic_depth_jax.training import loop
 
