@@ -213,6 +213,7 @@ class ResidualStages(nn.Module):
         """
         keep = np.ones(sum(self.stage_sizes), bool) if self.keep is None else np.asarray(self.keep)
         self._check_variables_fit(keep)
+        self._check_probs_and_gates(probs, gates, constant)
         call_kw = {"train": train, "stochastic": stochastic}
         start = 0
         for i, (n, feats, stride) in enumerate(
@@ -301,6 +302,26 @@ class ResidualStages(nn.Module):
                        "depth's with a model of that depth")
             raise ValueError(f"The variables do not fit the model's blocks "
                              f"({'; '.join(problems)}): {fix}.")
+
+    def _check_probs_and_gates(self, probs: Any, gates: Any, constant: bool) -> None:
+        """ValueError unless ``probs`` (unless ``constant``) and ``gates`` hold one entry per
+        block, and ``probs`` values in (0, 1]: a short one failed with an IndexError or in
+        ``scan``, short gates of an unrolled stage were read clamped (the last gate given
+        reused), and a 0 or 1.5 in a scanned stage made the outputs NaN, silently."""
+        L = sum(self.stage_sizes)
+        if not constant and not isinstance(probs, jax.core.Tracer):  # a list too
+            values = np.asarray(probs, np.float64)
+            if values.shape != (L,):
+                raise ValueError(f"ResidualStages probs must hold one survival probability "
+                                 f"per block, shape ({L},), got shape {values.shape}.")
+            bad = np.flatnonzero(~((values > 0) & (values <= 1)))
+            if len(bad):
+                raise ValueError(f"ResidualStages probs must be survival probabilities in "
+                                 f"(0, 1], got {values[bad[0]]} for block {bad[0]} (0-based); "
+                                 f"e.g. sdj.linear_decay({L}, 0.5).")
+        if gates is not None and (np.ndim(gates) == 0 or np.shape(gates)[0] != L):
+            raise ValueError(f"ResidualStages gates must hold one gate per block on their "
+                             f"first axis ({L}), got shape {np.shape(gates)}.")
 
     def _names_branch(self, i: int) -> bool:
         """Whether stage ``i``'s first block is one of the library's blocks, whose branch's

@@ -1060,3 +1060,29 @@ def test_gates_given_as_a_list_are_the_mask_they_hold(mode):
         model.apply(v, X, gates=[True, False], train=False)
     with pytest.raises(ValueError, match=r"^gates must be one bool per block.*ragged"):
         model.apply(v, X, gates=[[True], [True, False]], train=False)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_residual_stages_check_their_probabilities_and_gates(scan):
+    """``ResidualStages`` used on its own: a survival probability of 0 or 1.5 in a scanned
+    stage made its outputs NaN without an error, gates too short for an unrolled stage were
+    read clamped (the last one reused), and short ``probs`` failed with an IndexError or in
+    ``scan``. Each is one line."""
+    x, probs = jnp.ones((2, 8, 8, 4)), np.array([1.0, 0.8, 0.6])
+    stages = sdj.models.ResidualStages((3,), (4,), (1,), block=sdj.layers.BasicBlock,
+                                       scan=scan)
+    v = stages.init(jax.random.key(0), x, probs, None, train=False, constant=False)
+    run = functools.partial(stages.apply, v, x, train=False, constant=False)
+    for bad, value in ((0.0, "0.0"), (1.5, "1.5")):
+        with pytest.raises(ValueError, match=rf"^ResidualStages probs must be survival "
+                                             rf"probabilities in \(0, 1\], got {value} for "
+                                             rf"block 2 \(0-based\)"):
+            run(np.array([1.0, 0.8, bad]), None)
+    for wrong in (probs[:2], np.append(probs, 0.4)):
+        with pytest.raises(ValueError, match=r"^ResidualStages probs must hold one survival "
+                                             r"probability per block, shape \(3,\)"):
+            run(wrong, None)
+    with pytest.raises(ValueError, match=r"^ResidualStages gates must hold one gate per "
+                                         r"block on their first axis \(3\), got shape \(2,\)"):
+        run(probs, jnp.array([True, False]))
+    np.testing.assert_array_equal(run(list(probs), None), run(probs, None))  # a list works
