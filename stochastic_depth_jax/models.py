@@ -1037,7 +1037,8 @@ class WideResNet(CifarResNet):
         if not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 22, 28, 40), "
                              f"got {self.depth!r}.")
-        if not isinstance(self.widen_factor, int) or self.widen_factor < 1:
+        widen = _set_count(self, "widen_factor")
+        if not isinstance(widen, int) or isinstance(widen, bool) or widen < 1:
             raise ValueError(f"widen_factor must be an integer >= 1, got {self.widen_factor!r}.")
 
     def blocks_per_stage(self) -> int:

@@ -1001,12 +1001,16 @@ def test_a_width_or_class_count_that_is_not_a_positive_integer_is_one_clear_erro
 @pytest.mark.parametrize("name", sorted(_SIZED))
 def test_numpy_integer_sizes_are_taken_as_the_ints_they_hold(name):
     # A depth from np.arange (a sweep) was refused as not 6n+2 with itself as the nearest
-    # valid depth; width and num_classes are kept as Python ints too.
+    # valid depth; widen_factor, width and num_classes are kept as Python ints too.
     cls, kw, _, _ = _SIZED[name]
     if "depth" in kw:
         kw = {**kw, "depth": np.int64(kw["depth"])}
+    if name == "WideResNet":
+        kw = {**kw, "widen_factor": np.int64(1)}
+        with pytest.raises(ValueError, match=r"^widen_factor must be an integer >= 1, got True"):
+            cls(**{**kw, "widen_factor": True})  # ran as 1
     model = cls(**kw, width=np.int64(4), num_classes=np.int32(3))
-    fields = ("depth", "width", "num_classes") if "depth" in kw else ("width", "num_classes")
+    fields = ["width", "num_classes"] + [f for f in ("depth", "widen_factor") if f in kw]
     assert all(type(getattr(model, f)) is int for f in fields)
-    assert model == cls(**{k: int(v) if k == "depth" else v for k, v in kw.items()},
+    assert model == cls(**{k: int(v) if k != "stage_sizes" else v for k, v in kw.items()},
                         width=4, num_classes=3)
