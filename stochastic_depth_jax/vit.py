@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import ops, schedules
-from stochastic_depth_jax.layers import StochasticDepth, gate_rng
+from stochastic_depth_jax.layers import StochasticDepth, _transforms_around, gate_rng
 
 __all__ = [
     "VIT_SIZES",
@@ -101,7 +101,8 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
     return DROP_PATH_RULES[rule](int(depth), float(rate))
 
 
-def check_block_train(train: Any, block: str, branch: str) -> None:
+def check_block_train(train: Any, block: str, branch: str,
+                      module: nn.Module | None = None) -> None:
     """TypeError in one line for a block's ``train`` that is not a Python bool.
 
     ``nn.remat(EncoderBlock)`` (or ``nn.jit`` without ``static_argnames``) traces the
@@ -109,10 +110,16 @@ def check_block_train(train: Any, block: str, branch: str) -> None:
     ``TracerBoolConversionError`` named neither the block nor a fix. ``None`` or a string
     was read by its truth value (``train=None`` evaluated, ``'False'`` trained).
     ``branch`` names the block's branch class(es), the unit to rematerialise instead.
+    ``module``: the block, whose Linen transforms say who traced ``train``: outside
+    ``nn.remat`` / ``nn.jit`` (``jax.jit(block.apply)`` with ``train`` not static) the
+    general message, which names ``jax.jit(..., static_argnames='train')``, is the one.
     """
     try:
         ops.check_deterministic(train, name="train")
     except ops.TracedFlagError:
+        lifted = _transforms_around(module) if module is not None else "remat()"
+        if "remat(" not in lifted and "jit(" not in lifted:
+            raise
         raise ops.TracedFlagError(
             f"{block} got a traced train flag (nn.remat, or nn.jit without static_argnames, "
             f"traces keyword arguments), which it must read in Python: apply {block} itself "
@@ -297,7 +304,7 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
                  train: bool) -> Array:
         """``x`` ``[batch, tokens, width]``; ``gates`` from :func:`block_gates`."""
-        check_block_train(train, "EncoderBlock", "AttentionBranch / MlpBranch")
+        check_block_train(train, "EncoderBlock", "AttentionBranch / MlpBranch", self)
         branches = (AttentionBranch(self.num_heads, self.dtype, parent=None),
                     MlpBranch(self.mlp_dim, self.dtype, parent=None))
         for name, branch, gate in zip(("attn", "mlp"), branches, gates):
