@@ -723,7 +723,7 @@ class Attention(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, *, dtype: Any = None, rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.qkv = _linear(width, 3 * width, dtype, rngs)
+        self.qkv = _linear(width, 3 * width, dtype, rngs, init=linen_vit.qkv_init)
         self.proj = _linear(width, width, dtype, rngs)
 
     def __call__(self, x: Array) -> Array:

@@ -650,3 +650,35 @@ def test_nnx_branch_that_is_a_callable_object_holding_outside_layers_is_refused(
     jaxpr = str(jax.make_jaxpr(lambda x: nnx.merge(*nnx.split(model))(x))(X))
     assert "custom_vjp" in jaxpr  # the conv it holds is rerouted, as a Module branch's
     assert float(jnp.abs(step(model)["conv"]["kernel"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_vit_qkv_kernel_starts_as_the_original_s_three_xavier_kernels(api):
+    """The original JAX ViT (Flax's ``MultiHeadDotProductAttention`` with Xavier-uniform
+    kernels) draws q, k and v as three ``[width, width]`` kernels, U(+-sqrt(3 / width)).
+    Ours is one fused ``[width, 3 * width]`` Dense: Xavier over it counted a fan-out of
+    ``3 * width``, U(+-sqrt(1.5 / width)), every qkv weight 1/sqrt(2) of the original's."""
+    width = 96
+    kw = dict(size="ti", patch_size=4, width=width, depth=2, num_heads=2)
+    if api == "linen":
+        params = vit.ViT(10, **kw).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                        train=False)["params"]
+        blocks = [params[f"blocks_{i}"]["attn"]["branch"]["attn"] for i in range(2)]
+        kernels = [b["qkv"]["kernel"] for b in blocks]
+    else:
+        model = nnx_layers.ViT(10, **kw, image_size=16, rngs=nnx.Rngs(params=0))
+        kernels = [b.attn.branch.attn.qkv.kernel[...] for b in model.blocks]
+    reference = nn.MultiHeadDotProductAttention(
+        2, kernel_init=nn.initializers.xavier_uniform()).init(
+            jax.random.key(1), jnp.zeros((1, 4, width)), jnp.zeros((1, 4, width)))["params"]
+    bound = np.sqrt(3.0 / width)  # the original's q, k and v alike
+    assert np.abs(reference["query"]["kernel"]).max() == pytest.approx(bound, rel=0.01)
+    for part in range(3):  # q, k, v: the fused kernel's column thirds (attend's layout)
+        drawn = np.concatenate([np.ravel(k[:, part * width:(part + 1) * width])
+                                for k in kernels])
+        assert np.abs(drawn).max() <= bound * (1 + 1e-6)
+        assert np.abs(drawn).max() == pytest.approx(bound, rel=0.01)
+        assert np.std(drawn) == pytest.approx(bound / np.sqrt(3.0), rel=0.03)
+    proj = (model.blocks[0].attn.branch.attn.proj.kernel[...] if api == "nnx"
+            else blocks[0]["proj"]["kernel"])
+    assert np.abs(proj).max() == pytest.approx(bound, rel=0.01)  # [width, width]: unchanged
