@@ -297,6 +297,29 @@ def test_a_workdir_in_another_run_s_checkpoint_folder_is_refused(capsys, tmp_pat
     assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before
 
 
+def test_a_run_s_folder_is_found_through_a_link_and_in_another_case_only_where_case_is_ignored(
+        tmp_path):
+    """``run_folder_holding`` went by the real path alone and matched names in any case: a
+    run's ``checkpoints`` linked to another disk let ``<run>/checkpoints/99`` through (the
+    run then took it for a damaged checkpoint), and on a file system that tells case apart
+    the user's own ``Checkpoints/`` beside a run was refused as the run's."""
+    from stochastic_depth_jax.training import evaluate as evaluate_lib
+
+    run, disk = tmp_path / "run", tmp_path / "disk"
+    for folder in (run / "Checkpoints", disk):
+        os.makedirs(folder)
+    (run / "run.json").write_text("{}")
+    os.symlink(disk, run / "checkpoints")
+    assert evaluate_lib.run_folder_holding(str(run / "checkpoints" / "99")) == str(
+        run / "checkpoints")
+    # The user's folder: another folder, where 'RUN.JSON' is not the run's 'run.json'.
+    assert evaluate_lib.run_folder_holding(str(run / "Checkpoints" / "mine")) is None
+    (run / "RUN.JSON").write_text("{}")  # as a file system that ignores case shows it
+    assert evaluate_lib.run_folder_holding(str(run / "Checkpoints" / "mine")) == str(
+        run / "Checkpoints")
+    assert evaluate_lib.run_folder_holding(str(run / "mine")) is None
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.
