@@ -562,7 +562,9 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
         saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
                                      step=int(best["step"]))
     except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
-        run.best = None
+        run.best = None  # on every process: each chooses the same best from here on
+        if jax.process_index() != 0:  # one line for the job
+            return
         warnings.warn(
             f"The restored best ({where}) was chosen by an earlier version among epochs that "
             "no evaluation measured, and its 'best' checkpoint cannot be read to measure it; "
