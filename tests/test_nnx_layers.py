@@ -1,5 +1,7 @@
 """Native NNX drop path and ViT: they train, and match the Linen modules exactly."""
+import dataclasses
 import functools
+import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -559,6 +561,80 @@ def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels)
         step(block)
     if levels != "global_helper":  # built in __call__ (nnx.jit's layers): it trains
         assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
+
+
+def test_nnx_function_branch_passes_over_plain_values_it_closes_over():
+    """A function branch closing over a lookup table (a list of numbers, strings, arrays)
+    had every item read as an object that might hold layers (a list of a million numbers:
+    seconds each call, eagerly too): plain values are passed over; a layer among them is
+    still found."""
+    conv = nnx.Conv(3, 3, (3, 3), rngs=nnx.Rngs(0))
+    table = list(range(10_000)) + [0.5, "name", None, np.ones(2), np.float32(1), jnp.ones(2)]
+    assert nnx_layers._function_parts(lambda v: v * table[3]) == []
+    with_a_layer = table + [conv]
+    assert nnx_layers._used_nnx_state(lambda v: with_a_layer[-1](v)) == [conv]
+
+
+def _training_step_or_refusal(branch):
+    """A block over ``branch(conv)`` (built in __init__), one nnx.jit(nnx.grad) step: the
+    conv's gradient, or the wrapper's refusal."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5)
+
+        def __call__(self, x):
+            return self.sd(self.conv(x), rngs=key)
+
+    return nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(Block(nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("holder", ["namespace", "dataclass"])
+def test_nnx_function_branch_over_layers_in_a_plain_holder_is_refused(holder):
+    """lambda v: layers.conv(v), ``layers`` a SimpleNamespace or a dataclass of outside
+    layers, trained them with a zero gradient under nnx.jit/nnx.grad, without a word: the
+    attributes the code names of a plain object are read as if closed over themselves."""
+    @dataclasses.dataclass
+    class Layers:
+        conv: nnx.Conv
+
+    def branch(conv):
+        layers = types.SimpleNamespace(conv=conv) if holder == "namespace" else Layers(conv)
+        return lambda v: jnp.tanh(layers.conv(v))
+
+    with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                         r"uses NNX state \(Conv\) made outside"):
+        _training_step_or_refusal(branch)
+
+
+class _Settings:
+    """A plain object of the user's holding a model it reads settings from."""
+
+    def __init__(self, model):
+        self.model, self.scale = model, 0.5
+
+    def act(self, v):
+        return jnp.tanh(v) * self.scale if self.model.use_tanh else v
+
+    def __call__(self, v):
+        return self.act(v) if self.model.use_tanh else v
+
+
+@pytest.mark.parametrize("how", ["method", "callable_object"])
+def test_nnx_function_branch_reading_a_setting_of_an_outside_module_trains(how):
+    """A plain object's method (settings.act) or __call__ reading a Python setting of an
+    outside module (self.model.use_tanh), not its state, was refused as using that module's
+    state: the object's attributes are read through the names its code reads, as a module
+    closed over directly is."""
+    outside = nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    outside.use_tanh = True
+    settings = _Settings(outside)
+    grads = _training_step_or_refusal(
+        lambda conv: settings.act if how == "method" else settings)
+    assert float(jnp.abs(grads["conv"]["kernel"][...]).sum()) > 0
 
 
 def test_nnx_wrapper_called_eagerly_does_not_walk_its_graph(monkeypatch):
