@@ -209,22 +209,25 @@ def config_for_model(spec: str, overrides: Sequence[str], model: str) -> str | N
     (``--config.model.name=vit`` on a config whose model block is another's): the registered
     config of ``model`` (of ``spec``'s dataset where there is one) with ``spec``'s variant
     where it has it (``:official_smoke`` as ``:smoke``), the data fields of ``spec`` that
-    differ from its own, and the overrides that are not of the model block: ``'--config
+    differ from its own, and the overrides but ``model.name``: ``'--config
     cifar10_vit:smoke --config.dataset=svhn --config.fake_data.num_extra=64'`` for
     ``svhn:smoke``; None where no registered config trains ``model``. The flags are checked
-    to load; failing that, the overrides are left out; failing again, the data fields."""
+    to load; an override that config has no field for, or that it is refused with, is left
+    out and named with why (``--config.num_epochs=1`` where the ConvNeXt warms up for an
+    epoch): the advice dropped every override silently where one did not fit."""
     import shlex
 
     makers = _model_configs(model)
     if not makers:
         return None
-    kept = []
+    asked = []  # ``(item, key)``: the overrides but the model's name
     for item in overrides:
         with contextlib.suppress(errors.Error):
-            if not config_lib.split_override(item)[0].startswith("model."):
-                kept.append(item)
-    try:
-        given = load_config(spec, kept)
+            key = config_lib.split_override(item)[0]
+            if key != "model.name":
+                asked.append((item, key))
+    try:  # the data asked for: the model block's overrides are the other model's
+        given = load_config(spec, [i for i, k in asked if not k.startswith("model.")])
     except Exception:  # noqa: BLE001  the user's config: a mistake in it is said later
         given = None
     if given is not None:  # its dataset's config first: cifar100 for a cifar100 ResNet
@@ -234,22 +237,59 @@ def config_for_model(spec: str, overrides: Sequence[str], model: str) -> str | N
     if arg not in variants:
         arg = "smoke" if arg and "smoke" in arg and "smoke" in variants else ""
     target = f"{makers[0]}:{arg}" if arg else makers[0]
+    default = load_config(target)
+    kept, no_field = [], []
+    for item, key in asked:
+        try:
+            _field(default, key)
+            kept.append(item)
+        except (KeyError, AttributeError):
+            no_field.append(item)
     data = []
     if given is not None:
         try:
             own = load_config(target, kept)
         except Exception:  # noqa: BLE001  an override that does not fit it: left out below
-            own = load_config(target)
+            own = default
         for field in _DATA_FIELDS:
             with contextlib.suppress(KeyError, AttributeError):
                 value = _field(given, field)
                 if value != _field(own, field):
                     data.append(f"--config.{field}={'None' if value is None else value}")
-    for extra in (kept + data, data, []):
-        with contextlib.suppress(Exception):
-            load_config(target, extra)
-            return " ".join(shlex.quote(a) for a in ["--config", target, *extra])
-    return f"--config {target}"
+    flags, refused = _loading_flags(target, kept, data)
+    left = []
+    if no_field:
+        left.append(f"{', '.join(no_field)}: {target} has no such field")
+    left += [f"{item}: {target} refuses it ({why})" for item, why in refused]
+    words = " ".join(shlex.quote(a) for a in ["--config", target, *flags])
+    return words + (f" (left out: {'; '.join(left)})" if left else "")
+
+
+def _loading_flags(target: str, kept: list[str], data: list[str]
+                   ) -> tuple[list[str], list[tuple[str, str]]]:
+    """The flags of ``kept`` and ``data`` that ``target`` loads with, and each override of
+    ``kept`` left out with the first line of the error it was refused with. One at a time:
+    the one whose leaving out lets the rest load, else one refused on its own, else the
+    last; ``data`` is left out where ``kept`` loads without it alone."""
+    def error(flags: list[str]) -> str | None:
+        try:
+            load_config(target, flags)
+        except Exception as e:  # noqa: BLE001  the user's value: said with the advice
+            return str(e).splitlines()[0].rstrip(".")
+        return None
+
+    flags, refused = list(kept), []
+    while (why := error(flags + data)) is not None:
+        if error(flags) is None:
+            return flags, refused
+        rest = [flags[:i] + flags[i + 1:] for i in range(len(flags))]
+        i = next((i for i, r in enumerate(rest) if error(r + data) is None), None)
+        if i is None:
+            alone = [error([item]) for item in flags]
+            i = next((i for i, e in enumerate(alone) if e is not None), len(flags) - 1)
+            why = alone[i] or why
+        refused.append((flags.pop(i), why))
+    return flags + data, refused
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -183,7 +183,7 @@ class ConvNeXtBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, gate: Any = None, *, train: bool) -> Array:
         """``x`` ``[batch, H, W, C]``; ``gate`` from :func:`block_gate` (None: drawn here)."""
-        check_block_train(train, "ConvNeXtBlock", "ConvNeXtBranch")
+        check_block_train(train, "ConvNeXtBlock", "ConvNeXtBranch", self)
         branch = ConvNeXtBranch(self.layer_scale_init, self.mlp_ratio, self.dtype, parent=None)
         sd = StochasticDepth(branch, survival_prob=self.survival_prob, mode=self.mode,
                              scaling=self.scaling, implementation=self.implementation,

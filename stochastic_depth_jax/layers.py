@@ -153,29 +153,44 @@ class BatchNorm(nn.Module):
                 f"the statistics are already the whole batch's).") from None
 
 
-def gate_rng(module: nn.Module, collection: str = "stochastic_depth") -> Array:
+def gate_rng(module: nn.Module, collection: str = "stochastic_depth", *,
+             monte_carlo: bool = False) -> Array:
     """``module.make_rng(collection)`` (which falls back to the ``'params'`` stream, as Flax
-    does), or, when neither stream was given, a ValueError saying how to pass the gate key."""
-    if not module.has_rng(collection) and not module.has_rng("params"):
-        lifted = _transforms_around(module)
-        # nn.scan and nn.vmap pass on only the streams their split_rngs name; nn.remat and
-        # nn.jit pass on all, so under those alone apply() was not given the stream.
-        if "scan(" in lifted or "vmap(" in lifted:
-            raise ValueError(
-                f"Training (train=True / deterministic=False) draws stochastic-depth gates "
-                f"from the rng stream {collection!r}, which this layer, inside the Linen "
-                f"transform {lifted}, was not given: pass rngs={{{collection!r}: "
-                f"jax.random.fold_in(key, step)}} to apply() and name the stream in the "
-                f"split_rngs of nn.scan or nn.vmap (they pass on no other), e.g. "
-                f"split_rngs={{'params': True, {collection!r}: True}}.")
-        raise ValueError(
-            f"Training (train=True / deterministic=False) draws stochastic-depth gates from the "
-            f"rng stream {collection!r}, which apply() was not given: pass "
-            f"rngs={{{collection!r}: jax.random.fold_in(key, step)}} (or evaluate with "
-            f"train=False / deterministic=True)."
-        )
+    does), or, when neither stream was given, a ValueError saying how to pass the gate key.
+    ``monte_carlo``: the gates are drawn at evaluation (``train=False, stochastic=True``),
+    which the error names instead of training."""
+    _check_gate_rng(module, collection, monte_carlo=monte_carlo)
     _check_split_in_scan(module, collection if module.has_rng(collection) else "params")
     return module.make_rng(collection)
+
+
+def _check_gate_rng(module: nn.Module, collection: str = "stochastic_depth", *,
+                   monte_carlo: bool = False) -> None:
+    """The ValueError of :func:`gate_rng` where ``module`` has neither ``collection`` nor
+    the ``'params'`` stream to draw from; nothing otherwise (no key is drawn)."""
+    if module.has_rng(collection) or module.has_rng("params"):
+        return
+    if monte_carlo:  # "Training" and "evaluate with train=False" misled here
+        drawing = (f"Monte-Carlo depth (train=False, stochastic=True) samples a sub-network "
+                   f"from the rng stream {collection!r}")
+        fix = (f"pass rngs={{{collection!r}: key}} to apply() (a new key per sample, e.g. "
+               f"jax.random.fold_in(key, i)), or stochastic=False for the deterministic "
+               f"network")
+    else:
+        drawing = (f"Training (train=True / deterministic=False) draws stochastic-depth gates "
+                   f"from the rng stream {collection!r}")
+        fix = (f"pass rngs={{{collection!r}: jax.random.fold_in(key, step)}} (or evaluate "
+               f"with train=False / deterministic=True)")
+    lifted = _transforms_around(module)
+    # nn.scan and nn.vmap pass on only the streams their split_rngs name; nn.remat and
+    # nn.jit pass on all, so under those alone apply() was not given the stream.
+    if "scan(" in lifted or "vmap(" in lifted:
+        raise ValueError(
+            f"{drawing}, which this layer, inside the Linen transform {lifted}, was not "
+            f"given: pass rngs={{{collection!r}: jax.random.fold_in(key, step)}} to apply() "
+            f"and name the stream in the split_rngs of nn.scan or nn.vmap (they pass on no "
+            f"other), e.g. split_rngs={{'params': True, {collection!r}: True}}.")
+    raise ValueError(f"{drawing}, which apply() was not given: {fix}.")
 
 
 def _transforms_around(module: nn.Module) -> str:
@@ -835,6 +850,9 @@ class ResidualBlock(nn.Module):
             if hasattr(branch, "output_dtype"):
                 out = out.astype(branch.output_dtype(x))
             return self.act(out) if self.post_activation else out
+        if (stochastic and not train and gate is None and not self.is_initializing()
+                and survival_prob is not None and not ops.is_static_one(survival_prob)):
+            _check_gate_rng(self, monte_carlo=True)  # the wrapper's line would say training
         sd = StochasticDepth(
             branch, mode=self.mode, scaling=self.scaling, implementation=self.implementation,
             remat=self.remat, name="stochastic_depth",

@@ -212,6 +212,8 @@ class ResidualStages(nn.Module):
         :meth:`layers.ResidualBlock.__call__`).
         """
         keep = np.ones(sum(self.stage_sizes), bool) if self.keep is None else np.asarray(self.keep)
+        self._check_variables_fit(keep)
+        self._check_probs_and_gates(probs, gates, constant)
         call_kw = {"train": train, "stochastic": stochastic}
         start = 0
         for i, (n, feats, stride) in enumerate(
@@ -255,6 +257,78 @@ class ResidualStages(nn.Module):
                         x = blk(x, p, g, **call_kw)
             start += n
         return x
+
+    def _check_variables_fit(self, keep: np.ndarray) -> None:
+        """ValueError where the parameters given are not those of this layout's blocks: a
+        pruned model's (``keep``) applied to the full model's variables ran silently where
+        the deleted blocks were unscanned, as if they were not there (their parameters
+        ignored: another network's output); the other mismatches failed in Flax or in
+        ``scan`` without naming the cause."""
+        if self.is_initializing() or self.is_mutable_collection("params"):
+            return
+        params = self.variables.get("params")
+        if not params:
+            return
+        problems, expected, start = [], set(), 0
+        for i, n in enumerate(self.stage_sizes):
+            stage = f"stage{i + 1}"
+            expected.add(f"{stage}_block1")
+            first = params.get(f"{stage}_block1", {})
+            if self._names_branch(i) and ("stochastic_depth" in first) != bool(keep[start]):
+                problems.append(_misfit(start, bool(keep[start])))
+            kept_rest = int(keep[start + 1:start + n].sum())
+            if n > 1 and self._scanned(n - 1):
+                expected.add(f"{stage}_scan")
+                leaves = jax.tree_util.tree_leaves(params.get(f"{stage}_scan", {}))
+                held = int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
+                if held != kept_rest:  # stacked: only their count tells
+                    problems.append(f"{stage}_scan stacks {held} block{'s' * (held != 1)} "
+                                    f"where it runs {kept_rest}")
+            else:
+                for j in range(1, n):
+                    expected.add(f"{stage}_block{j + 1}")
+                    if (f"{stage}_block{j + 1}" in params) != bool(keep[start + j]):
+                        problems.append(_misfit(start + j, bool(keep[start + j])))
+            start += n
+        problems += [f"parameters of {name}, which it does not have" for name in params
+                     if name.startswith("stage") and name not in expected]
+        if problems:
+            if self.keep is not None:
+                fix = ("a pruned model takes the variables pruning.prune returned with it: "
+                       "pruned, pruned_variables = pruning.prune(model, variables, keep)")
+            else:
+                fix = ("a pruned model's variables (pruning.prune's or load_pruned's) go "
+                       "with the pruned model returned with them (keep=...), and another "
+                       "depth's with a model of that depth")
+            raise ValueError(f"The variables do not fit the model's blocks "
+                             f"({'; '.join(problems)}): {fix}.")
+
+    def _check_probs_and_gates(self, probs: Any, gates: Any, constant: bool) -> None:
+        """ValueError unless ``probs`` (unless ``constant``) and ``gates`` hold one entry per
+        block, and ``probs`` values in (0, 1]: a short one failed with an IndexError or in
+        ``scan``, short gates of an unrolled stage were read clamped (the last gate given
+        reused), and a 0 or 1.5 in a scanned stage made the outputs NaN, silently."""
+        L = sum(self.stage_sizes)
+        if not constant and not isinstance(probs, jax.core.Tracer):  # a list too
+            values = np.asarray(probs, np.float64)
+            if values.shape != (L,):
+                raise ValueError(f"ResidualStages probs must hold one survival probability "
+                                 f"per block, shape ({L},), got shape {values.shape}.")
+            bad = np.flatnonzero(~((values > 0) & (values <= 1)))
+            if len(bad):
+                raise ValueError(f"ResidualStages probs must be survival probabilities in "
+                                 f"(0, 1], got {values[bad[0]]} for block {bad[0]} (0-based); "
+                                 f"e.g. sdj.linear_decay({L}, 0.5).")
+        if gates is not None and (np.ndim(gates) == 0 or np.shape(gates)[0] != L):
+            raise ValueError(f"ResidualStages gates must hold one gate per block on their "
+                             f"first axis ({L}), got shape {np.shape(gates)}.")
+
+    def _names_branch(self, i: int) -> bool:
+        """Whether stage ``i``'s first block is one of the library's blocks, whose branch's
+        parameters are under ``'stochastic_depth'`` (a deleted one has none)."""
+        block = self.block(self.stage_features[i], self.stage_strides[i], parent=None)
+        return (isinstance(block, layers.ResidualBlock)
+                and type(block).__call__ is layers.ResidualBlock.__call__)
 
     def compact_buckets(self, gates: np.ndarray, multiple: int = 4,
                         lengths: Sequence[Sequence[int]] | None = None) -> tuple[int, ...]:
@@ -613,20 +687,36 @@ class _StochasticResNetBase(nn.Module):
         check_dtype(self.dtype)
 
 
-    def _gates(self, x: Array, gates: Array | None,
-               stochastic: bool) -> tuple[Array | None, bool]:
-        """Returns ``(gates, constant)``; draws gates from ``'stochastic_depth'`` if needed."""
+    def _validate_sizes(self) -> None:
+        """ValueError unless ``width`` and ``num_classes`` are positive integers: 0 failed
+        in the initialisers with a bare ZeroDivisionError, a negative or fractional one in
+        XLA's or JAX's shape checks."""
+        for field in ("width", "num_classes"):
+            value = _set_count(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                default = type(self).__dataclass_fields__[field].default
+                raise ValueError(f"{type(self).__name__} {field} must be a positive integer "
+                                 f"(default {default}), got {value!r}.")
+
+    def _gates(self, x: Array, gates: Array | None, stochastic: bool,
+               train: bool) -> tuple[Array | None, bool]:
+        """Returns ``(gates, constant)``; draws gates from ``'stochastic_depth'`` if needed
+        (``train=False``: for Monte-Carlo depth, which a missing stream's error names)."""
         constant = float(self.final_survival_prob) == 1.0 and gates is None
         if gates is None and (not stochastic or constant):
             return None, constant
         if gates is None:
-            key = layers.gate_rng(self)
+            key = layers.gate_rng(self, monte_carlo=not train)
             gates = ops.draw_gates(key, self.survival_probs(), mode=self.mode,
                                    batch_size=x.shape[0])
+        given = gates
+        if not hasattr(gates, "dtype"):  # a list or tuple (of bools), as one writes a mask
+            gates = _gates_array(gates)
         if jnp.result_type(gates) != jnp.bool_:
+            fix = ("gates.astype(bool) (NumPy's binomial draws ints)" if given is gates
+                   else "bools, e.g. np.asarray(gates, bool)")
             raise TypeError(f"gates must be bool (True where a block runs), got "
-                            f"{jnp.result_type(gates)}; pass gates.astype(bool) (NumPy's "
-                            "binomial draws ints).")
+                            f"{jnp.result_type(gates)}; pass {fix}.")
         L = self.num_blocks()
         expected = [(L,)] if self.mode == "batch" else [(L, x.shape[0])]
         if self.mode == "sample" and not stochastic:
@@ -757,6 +847,36 @@ class _StochasticResNetBase(nn.Module):
         return nn.Dense(num_classes, kernel_init=init, bias_init=init, name="head")(x)
 
 
+def _misfit(block: int, kept: bool) -> str:
+    """What the variables get wrong about ``block`` (0-based, over the full model)."""
+    if kept:
+        return f"no parameters for block {block}, which it runs"
+    return f"parameters for block {block}, which it deletes"
+
+
+def _set_count(model: nn.Module, field: str) -> Any:
+    """``model``'s ``field``, set to a Python int where it held a NumPy integer (which the
+    checks of ints refused); the value as it is otherwise."""
+    value = getattr(model, field)
+    if isinstance(value, np.integer):
+        value = int(value)
+        object.__setattr__(model, field, value)
+    return value
+
+
+def _gates_array(gates: Any) -> Array:
+    """``gates`` given as a sequence (a list of bools), as an array: NumPy's where it holds
+    Python or concrete values (read on the host, as a NumPy mask is), JAX's where it holds
+    traced ones; a ValueError for a ragged one (JAX said "Cannot determine dtype")."""
+    try:
+        return np.asarray(gates)
+    except jax.errors.TracerArrayConversionError:
+        return jnp.asarray(gates)
+    except ValueError:
+        raise ValueError(f"gates must be one bool per block ([L], or [L, batch] for "
+                         f"mode='sample'), got the ragged sequence {gates!r}.") from None
+
+
 class CifarResNet(_StochasticResNetBase):
     """The paper's CIFAR/SVHN ResNet of depth 6n + 2 with stochastic depth.
 
@@ -803,9 +923,11 @@ class CifarResNet(_StochasticResNetBase):
         if self.shortcut not in layers.SHORTCUTS:
             raise ValueError(f"Unknown shortcut {self.shortcut!r}; valid: {list(layers.SHORTCUTS)}.")
         self._validate_sd()
+        self._validate_sizes()
         super().__post_init__()
 
     def _validate_depth(self) -> None:
+        _set_count(self, "depth")  # NumPy's integers too (a sweep's np.arange): as ints
         if not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
             raise ValueError(
                 f"CifarResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110, 152, "
@@ -863,7 +985,7 @@ class CifarResNet(_StochasticResNetBase):
         self._check_images(x)
         buckets = self._check_buckets(buckets, gates, train, stochastic)  # before drawing gates
         stochastic = train if stochastic is None else stochastic
-        gates, constant = self._gates(x, gates, stochastic)
+        gates, constant = self._gates(x, gates, stochastic, train)
         n = self.blocks_per_stage()
         w = self.width
         x = x.astype(self.dtype) if self.dtype is not None else x
@@ -911,10 +1033,12 @@ class WideResNet(CifarResNet):
     shortcut: str = "B"
 
     def _validate_depth(self) -> None:
+        _set_count(self, "depth")
         if not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 22, 28, 40), "
                              f"got {self.depth!r}.")
-        if not isinstance(self.widen_factor, int) or self.widen_factor < 1:
+        widen = _set_count(self, "widen_factor")
+        if not isinstance(widen, int) or isinstance(widen, bool) or widen < 1:
             raise ValueError(f"widen_factor must be an integer >= 1, got {self.widen_factor!r}.")
 
     def blocks_per_stage(self) -> int:
@@ -952,6 +1076,7 @@ class ResNet(_StochasticResNetBase):
     def __post_init__(self) -> None:
         _check_stage_sizes(self.stage_sizes)
         self._validate_sd()
+        self._validate_sizes()
         super().__post_init__()
 
     def num_blocks(self) -> int:
@@ -970,7 +1095,7 @@ class ResNet(_StochasticResNetBase):
         self._check_images(x)
         buckets = self._check_buckets(buckets, gates, train, stochastic)  # before drawing gates
         stochastic = train if stochastic is None else stochastic
-        gates, constant = self._gates(x, gates, stochastic)
+        gates, constant = self._gates(x, gates, stochastic, train)
         x = x.astype(self.dtype) if self.dtype is not None else x
         x = self.conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                       use_bias=False, kernel_init=self._kernel_init(), dtype=self.dtype,

@@ -185,12 +185,10 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
         code = getattr(getattr(fn.func, "__func__", fn.func), "__code__", None)
         names = _code_names(code) if code is not None else set()
         given = [*fn.args, *fn.keywords.values()]
-        return ([(a, names) for a in given if not _read_next(a)],
-                [fn.func] + [a for a in given if _read_next(a)])
+        parts, then = _sort_out(given, names)
+        return parts, [fn.func] + then
     if _is_container(fn):  # [conv1, conv2] closed over: its items
-        items = list(fn.values() if isinstance(fn, Mapping) else fn)
-        return ([(v, set()) for v in items if not _read_next(v)],
-                [v for v in items if _read_next(v)])
+        return _sort_out(fn.values() if isinstance(fn, Mapping) else fn, set())
     if _is_plain_callable(fn):  # an object of the user's class with __call__, not a Module
         call = type(fn).__call__
         parts, then = _held(fn, _code_names(call.__code__))
@@ -212,8 +210,7 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
                   *(getattr(fn, "__kwdefaults__", None) or {}).values()]
         globals_ = getattr(fn, "__globals__", {})
         inner += [globals_[n] for n in _global_names(code) if n in globals_]
-    parts = [(obj, names) for obj in inner if not _read_next(obj)]
-    then = [obj for obj in inner if _read_next(obj)]
+    parts, then = _sort_out(inner, names)
     if owner is not None and _is_nnx_object(owner):
         parts.append((owner, names))  # a module's method: the attributes it reads
     elif owner is not None:  # a plain object's method (helper.forward): what it holds
@@ -225,8 +222,23 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
 def _held(obj: Any, names: set[str]) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
     """What a plain object's code reading ``names`` uses of its attributes (as
     :func:`_function_level`): the objects, and the callables among them, read next."""
-    held = [v for n, v in getattr(obj, "__dict__", {}).items() if n in names]
-    return [(v, set()) for v in held if not _read_next(v)], [v for v in held if _read_next(v)]
+    return _sort_out([v for n, v in getattr(obj, "__dict__", {}).items() if n in names], names)
+
+
+def _sort_out(objs: Any, names: set[str]) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
+    """``objs`` as :func:`_function_level` returns them: the objects read next
+    (:func:`_read_next`), and the others with ``names``; plain values (numbers, strings,
+    arrays: :func:`_is_plain_value`) left out at once (a closed-over table of a million
+    numbers was read as a million objects, seconds a call)."""
+    parts, then = [], []
+    for obj in objs:
+        if _is_plain_value(obj):
+            continue
+        if _read_next(obj):
+            then.append(obj)
+        else:
+            parts.append((obj, names))
+    return parts, then
 
 
 def _is_nnx_object(obj: Any) -> bool:
@@ -238,6 +250,16 @@ def _read_next(obj: Any) -> bool:
     object of a plain class with ``__call__`` (``lambda v: helper(v)``), or a plain list,
     tuple or dict (``lambda v: layers[0](v)``)."""
     return _is_function(obj) or _is_plain_callable(obj) or _is_container(obj)
+
+
+# Values that hold no NNX state and call nothing (told by their exact type, at once).
+_PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+def _is_plain_value(obj: Any) -> bool:
+    """A number, string, None or array (NumPy's or a JAX one)."""
+    return (type(obj) in _PLAIN_TYPES or isinstance(obj, (np.ndarray, np.generic))
+            or isinstance(obj, jax.Array))
 
 
 def _is_container(obj: Any) -> bool:
@@ -303,15 +325,20 @@ def _bakes_in_constants(value: Any) -> bool:
 
 
 def _used_nnx_state(branch: Any) -> list:
-    """The NNX modules and variables a plain-function branch uses (:func:`_function_parts`)."""
+    """The NNX modules and variables a plain-function branch uses (:func:`_function_parts`);
+    a plain object it reads (a ``SimpleNamespace`` or dataclass of layers, ``lambda v:
+    layers.conv(v)``) is read through the attributes its code names, as if they were closed
+    over themselves."""
     used = []
     for obj, names in _function_parts(branch):
-        if not (isinstance(obj, nnx.Variable) or nnx.graph.is_graph_node(obj)):
-            continue
-        attrs = [getattr(obj, n) for n in names if not isinstance(obj, nnx.Variable)
-                 and n in getattr(obj, "__dict__", {})]
-        # Read through attributes (self.conv), or used itself (a closed-over conv).
-        used += [a for a in attrs if _is_nnx_state(a)] if attrs else [obj]
+        fields = {} if _is_nnx_object(obj) else getattr(obj, "__dict__", None)
+        reached = [obj] if _is_nnx_object(obj) else [
+            fields[n] for n in names if isinstance(fields, Mapping) and n in fields]
+        for node in filter(_is_nnx_object, reached):
+            attrs = [getattr(node, n) for n in names if not isinstance(node, nnx.Variable)
+                     and n in getattr(node, "__dict__", {})]
+            # Read through attributes (self.conv), or used itself (a closed-over conv).
+            used += [a for a in attrs if _is_nnx_state(a)] if attrs else [node]
     return [u for u in used if _is_nnx_state(u)]
 
 
@@ -723,7 +750,7 @@ class Attention(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, *, dtype: Any = None, rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.qkv = _linear(width, 3 * width, dtype, rngs)
+        self.qkv = _linear(width, 3 * width, dtype, rngs, init=linen_vit.qkv_init)
         self.proj = _linear(width, width, dtype, rngs)
 
     def __call__(self, x: Array) -> Array:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import ops, schedules
-from stochastic_depth_jax.layers import StochasticDepth, gate_rng
+from stochastic_depth_jax.layers import StochasticDepth, _transforms_around, gate_rng
 
 __all__ = [
     "VIT_SIZES",
@@ -38,6 +38,7 @@ __all__ = [
     "block_gate",
     "block_gates",
     "check_block_train",
+    "qkv_init",
     "Attention",
     "AttentionBranch",
     "MlpBranch",
@@ -57,6 +58,20 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 POOLS = ("token", "gap")
 KERNEL_INIT = nn.initializers.xavier_uniform()
 POS_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def qkv_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+    """Xavier-uniform per projection of the fused ``[width, 3 * width]`` q/k/v kernel.
+
+    The original JAX ViT (and big_vision) draws q, k and v as three ``[width, width]``
+    kernels (Flax's ``MultiHeadDotProductAttention(kernel_init=xavier_uniform())``), each
+    U(+-sqrt(3 / width)). Xavier over the fused matrix, as timm's ``weight_init='jax'``,
+    counts a fan-out of ``3 * width``: a standard deviation 1/sqrt(2) of the original's.
+    """
+    fan_in, fused = shape
+    kernel = nn.initializers.xavier_uniform(in_axis=0, out_axis=2, batch_axis=1)(
+        key, (fan_in, 3, fused // 3), dtype)
+    return kernel.reshape(shape)
 
 
 def _timm_linear(depth: int, rate: float) -> np.ndarray:
@@ -101,7 +116,8 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
     return DROP_PATH_RULES[rule](int(depth), float(rate))
 
 
-def check_block_train(train: Any, block: str, branch: str) -> None:
+def check_block_train(train: Any, block: str, branch: str,
+                      module: nn.Module | None = None) -> None:
     """TypeError in one line for a block's ``train`` that is not a Python bool.
 
     ``nn.remat(EncoderBlock)`` (or ``nn.jit`` without ``static_argnames``) traces the
@@ -109,10 +125,16 @@ def check_block_train(train: Any, block: str, branch: str) -> None:
     ``TracerBoolConversionError`` named neither the block nor a fix. ``None`` or a string
     was read by its truth value (``train=None`` evaluated, ``'False'`` trained).
     ``branch`` names the block's branch class(es), the unit to rematerialise instead.
+    ``module``: the block, whose Linen transforms say who traced ``train``: outside
+    ``nn.remat`` / ``nn.jit`` (``jax.jit(block.apply)`` with ``train`` not static) the
+    general message, which names ``jax.jit(..., static_argnames='train')``, is the one.
     """
     try:
         ops.check_deterministic(train, name="train")
     except ops.TracedFlagError:
+        lifted = _transforms_around(module) if module is not None else "remat()"
+        if "remat(" not in lifted and "jit(" not in lifted:
+            raise
         raise ops.TracedFlagError(
             f"{block} got a traced train flag (nn.remat, or nn.jit without static_argnames, "
             f"traces keyword arguments), which it must read in Python: apply {block} itself "
@@ -241,7 +263,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         width = x.shape[-1]
-        qkv = nn.Dense(3 * width, kernel_init=KERNEL_INIT, dtype=self.dtype, name="qkv")(x)
+        qkv = nn.Dense(3 * width, kernel_init=qkv_init, dtype=self.dtype, name="qkv")(x)
         return nn.Dense(width, kernel_init=KERNEL_INIT, dtype=self.dtype,
                         name="proj")(attend(qkv, self.num_heads))
 
@@ -297,7 +319,7 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
                  train: bool) -> Array:
         """``x`` ``[batch, tokens, width]``; ``gates`` from :func:`block_gates`."""
-        check_block_train(train, "EncoderBlock", "AttentionBranch / MlpBranch")
+        check_block_train(train, "EncoderBlock", "AttentionBranch / MlpBranch", self)
         branches = (AttentionBranch(self.num_heads, self.dtype, parent=None),
                     MlpBranch(self.mlp_dim, self.dtype, parent=None))
         for name, branch, gate in zip(("attn", "mlp"), branches, gates):
@@ -325,7 +347,9 @@ class ViT(nn.Module):
       size: ``'ti'``, ``'s'``, ``'b'`` or ``'l'`` (:data:`VIT_SIZES`); ``width``, ``depth``,
         ``num_heads`` override it when set.
       patch_size: square patch side (16 for ImageNet 224, 4 for CIFAR 32).
-      pool: ``'token'`` (class token) or ``'gap'`` (mean of the patch tokens).
+      pool: ``'token'`` (class token) or ``'gap'`` (no class token: the mean of the patch
+        tokens after the final LayerNorm, the original JAX ViT's and big_vision's
+        ``'gap'``; timm's ``global_pool='avg'`` averages first, then normalises).
       drop_path_rate, drop_path_rule: see :func:`drop_path_rates` (DeiT: 0.1 for S, linear).
       mode, scaling, implementation, groups: of every branch's stochastic depth (default:
         per-example subsets that skip, timm's inverted scaling).
@@ -333,10 +357,11 @@ class ViT(nn.Module):
       dtype: computation dtype (parameters float32).
       fused_residual: see :class:`EncoderBlock` (for benchmarks; the values are the same).
 
-    Initialisation is the original JAX ViT's (timm's ``weight_init='jax'`` without its
-    N(0, 1e-6) terms): Xavier-uniform linears, zero head and class token, position
-    embedding N(0, 0.02) (timm's ``trunc_normal_(std=.02)``: its bounds of +-2 are
-    absolute, 100 standard deviations, so the same distribution).
+    Initialisation is the original JAX ViT's (Dosovitskiy et al.'s code) without its
+    N(0, 1e-6) MLP biases: Xavier-uniform linears, the fused q/k/v kernel per
+    projection (:func:`qkv_init`), LeCun-normal patch embedding, zero head and class token,
+    position embedding N(0, 0.02). timm's ``weight_init='jax'`` differs in the fused qkv
+    (one Xavier matrix) and the class token (N(0, 1e-6)).
     """
 
     num_classes: int

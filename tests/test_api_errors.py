@@ -1015,3 +1015,63 @@ def test_nnx_branch_running_its_own_plain_scan_gets_nnx_words_not_the_wrappers_l
                 call(sd)
             assert not isinstance(info.value, nnx_layers._TransformError)
             assert str(info.value).startswith("Cannot mutate BatchStat from a different trace")
+
+
+@pytest.mark.parametrize("name", ["CifarResNet", "WideResNet", "ResNet", "BasicBlock"])
+def test_monte_carlo_depth_without_its_rng_names_the_stream_not_training(name):
+    # train=False, stochastic=True samples a sub-network at test time: a missing stream was
+    # reported as training's, with the advice to evaluate with train=False, which was given.
+    module, args = _FLAGGED[name]
+    module = module()
+    x = jnp.zeros((2, 8, 8, 4 if name == "BasicBlock" else 3))
+    v = module.init(jax.random.key(0), x, *args, train=False)
+    message = ("Monte-Carlo depth (train=False, stochastic=True) samples a sub-network from "
+               "the rng stream 'stochastic_depth', which apply() was not given: pass "
+               "rngs={'stochastic_depth': key} to apply() (a new key per sample, e.g. "
+               "jax.random.fold_in(key, i)), or stochastic=False for the deterministic "
+               "network.")
+    with pytest.raises(ValueError) as caught:
+        module.apply(v, x, *args, train=False, stochastic=True)
+    assert str(caught.value) == message
+    # With the stream, it runs; in training the message stays training's.
+    module.apply(v, x, *args, train=False, stochastic=True,
+                 rngs={"stochastic_depth": jax.random.key(1)})
+    with pytest.raises(ValueError, match=r"^Training \(train=True"):
+        module.apply(v, x, *args, train=True, mutable=["batch_stats"])
+
+
+_SIZED = {"CifarResNet": (sdj.CifarResNet, dict(depth=8), 16, 10),
+          "WideResNet": (sdj.WideResNet, dict(depth=10, widen_factor=1), 16, 10),
+          "ResNet": (sdj.ResNet, dict(stage_sizes=(1, 1)), 64, 1000)}
+
+
+@pytest.mark.parametrize("name", sorted(_SIZED))
+@pytest.mark.parametrize("field", ["width", "num_classes"])
+@pytest.mark.parametrize("value", [0, -4, 2.5, 4.0, True, "8"])
+def test_a_width_or_class_count_that_is_not_a_positive_integer_is_one_clear_error(
+        name, field, value):
+    # 0 failed in the initialisers with a bare "ZeroDivisionError: float division by zero",
+    # a negative or fractional one in XLA's or JAX's shape checks; True ran as 1.
+    cls, kw, width, classes = _SIZED[name]
+    default = width if field == "width" else classes
+    message = f"{name} {field} must be a positive integer (default {default}), got {value!r}."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**kw, **{field: value})
+
+
+@pytest.mark.parametrize("name", sorted(_SIZED))
+def test_numpy_integer_sizes_are_taken_as_the_ints_they_hold(name):
+    # A depth from np.arange (a sweep) was refused as not 6n+2 with itself as the nearest
+    # valid depth; widen_factor, width and num_classes are kept as Python ints too.
+    cls, kw, _, _ = _SIZED[name]
+    if "depth" in kw:
+        kw = {**kw, "depth": np.int64(kw["depth"])}
+    if name == "WideResNet":
+        kw = {**kw, "widen_factor": np.int64(1)}
+        with pytest.raises(ValueError, match=r"^widen_factor must be an integer >= 1, got True"):
+            cls(**{**kw, "widen_factor": True})  # ran as 1
+    model = cls(**kw, width=np.int64(4), num_classes=np.int32(3))
+    fields = ["width", "num_classes"] + [f for f in ("depth", "widen_factor") if f in kw]
+    assert all(type(getattr(model, f)) is int for f in fields)
+    assert model == cls(**{k: int(v) if k != "stage_sizes" else v for k, v in kw.items()},
+                        width=4, num_classes=3)

@@ -793,6 +793,49 @@ def test_a_model_name_whose_fields_the_config_lacks_is_one_line_naming_its_confi
     assert advised.fake_data.to_dict() == asked.fake_data.to_dict()
 
 
+@pytest.mark.parametrize("spec, overrides, use, left", [
+    # The ConvNeXt's own field, and an override that its config refuses on its own (a
+    # one-epoch warm-up needs two epochs): the advice dropped both, and the batch size too.
+    ("cifar100:smoke", ["--config.model.drop_path_rate=0.2", "--config.batch_size=32",
+                        "--config.num_epochs=1"],
+     "--config cifar10_convnext:smoke --config.model.drop_path_rate=0.2 "
+     "--config.batch_size=32 --config.dataset=cifar100",
+     "--config.num_epochs=1: cifar10_convnext:smoke refuses it (Invalid config: "
+     "warmup_epochs=1 must be an integer in [0, num_epochs=1)"),
+    # Together they fit: both kept.
+    ("cifar10:smoke", ["--config.num_epochs=1", "--config.warmup_epochs=0"],
+     "--config cifar10_convnext:smoke --config.num_epochs=1 --config.warmup_epochs=0", None),
+    # A field only the ResNet has is named as left out, not dropped unsaid.
+    ("cifar10", ["--config.model.final_survival_prob=0.8", "--config.model.size=tiny"],
+     "--config cifar10_convnext --config.model.size=tiny",
+     "--config.model.final_survival_prob=0.8: cifar10_convnext has no such field"),
+])
+def test_the_advised_flags_keep_the_overrides_that_fit_and_name_those_left_out(
+        capsys, tmp_path, spec, overrides, use, left):
+    """``--config.model.name=convnext`` on a ResNet config advised the ConvNeXt's config
+    with the overrides given only where all of them fit it, and with the model block's
+    never: ``--config.model.drop_path_rate=0.2`` (the ConvNeXt's own field) and, with it,
+    every other override were left out, unsaid."""
+    import train
+
+    line = one_line_error(capsys, train.main, [
+        "--config", spec, "--config.model.name=convnext", *overrides,
+        "--workdir", str(tmp_path / "w")])
+    advice = line.split("train 'convnext' with ", 1)[1]
+    assert advice.startswith(use + (" (left out: " if left else ", or with")), line
+    assert left is None or left in advice, line
+    advised = _advised(use)
+    for item in use.split()[2:]:
+        key, value = config_lib.split_override(item)
+        assert str(_field_of(advised, key)) == value, (key, line)
+
+
+def _field_of(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
 def test_a_model_name_the_config_s_fields_fit_still_switches():
     """The CIFAR ResNet's and the wide ResNet's model blocks have the same fields."""
     c = load_config("cifar10:smoke", ["--config.model.name=wide_resnet",

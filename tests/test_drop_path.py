@@ -495,3 +495,25 @@ def test_a_vit_or_convnext_block_under_nn_remat_is_refused_in_one_line(block, br
     np.testing.assert_allclose(y_r, y, rtol=1e-6, atol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            g_r, g)
+
+
+@pytest.mark.parametrize("block", [lambda: sdj.vit.EncoderBlock(2, 16, 0.5),
+                                   lambda: sdj.convnext.ConvNeXtBlock(0.5)])
+def test_a_block_s_train_traced_by_jax_jit_gets_the_fix_for_jax_jit(block):
+    """``jax.jit(block.apply)(variables, x, train=True)`` traces ``train`` too, with no
+    Linen transform around the block: its refusal blamed nn.remat / nn.jit and told the user
+    to "apply the block itself", which they were. The general message, naming
+    ``static_argnames='train'`` for ``jax.jit``, is the one; under ``nn.remat`` the
+    block's own (test above)."""
+    name = type(block()).__name__
+    x = jax.random.normal(jax.random.key(0), (8, 16, 8) if name == "EncoderBlock"
+                          else (8, 4, 4, 8))
+    variables = block().init(jax.random.key(1), x, train=False)
+    rngs = {"stochastic_depth": jax.random.key(2)}
+    with pytest.raises(ops.TracedFlagError) as caught:
+        jax.jit(block().apply)(variables, x, train=True, rngs=rngs)
+    first = str(caught.value).splitlines()[0]
+    assert "jax.jit(step, static_argnames='train')" in first, first
+    assert f"apply {name} itself" not in first, first
+    assert jax.jit(block().apply, static_argnames="train")(
+        variables, x, train=True, rngs=rngs).shape == x.shape

@@ -1030,3 +1030,59 @@ def test_zero_init_last_starts_every_branch_at_zero(make):
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_gated(model, variables, gates):
     return model.apply(variables, X, train=False, gates=gates)
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_gates_given_as_a_list_are_the_mask_they_hold(mode):
+    """A list of bools, as one writes a fixed sub-network, failed with JAX's "Cannot
+    determine dtype of [True, ...]"; it is the bool mask it holds, at evaluation, in
+    training and under ``jit``. A list of ints, a wrong length and a ragged list are one
+    line each."""
+    model = tiny(mode=mode)
+    v = init(model)
+    mask = [True, False, True]
+    if mode == "sample":
+        mask = [[True, False, True, True]] * 3
+    gates = jnp.asarray(mask)
+    kw = dict(train=False, stochastic=True)
+    want = model.apply(v, X, gates=gates, **kw)
+    np.testing.assert_array_equal(model.apply(v, X, gates=mask, **kw), want)
+    np.testing.assert_array_equal(model.apply(v, X, gates=tuple(mask), **kw), want)
+    jitted = jax.jit(lambda v, g: model.apply(v, X, gates=g, **kw))
+    np.testing.assert_array_equal(jitted(v, mask), jitted(v, gates))
+    train = lambda g: model.apply(v, X, train=True, gates=g, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, train(mask), train(gates))
+    with pytest.raises(TypeError, match=r"^gates must be bool \(True where a block runs\), "
+                                        r"got int\d+; pass bools, e.g\. np\.asarray\(gates, "
+                                        r"bool\)\."):
+        model.apply(v, X, gates=[1, 0, 1], train=False)
+    with pytest.raises(ValueError, match=r"^gates must have shape \(3,.*got \(2,\)\."):
+        model.apply(v, X, gates=[True, False], train=False)
+    with pytest.raises(ValueError, match=r"^gates must be one bool per block.*ragged"):
+        model.apply(v, X, gates=[[True], [True, False]], train=False)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_residual_stages_check_their_probabilities_and_gates(scan):
+    """``ResidualStages`` used on its own: a survival probability of 0 or 1.5 in a scanned
+    stage made its outputs NaN without an error, gates too short for an unrolled stage were
+    read clamped (the last one reused), and short ``probs`` failed with an IndexError or in
+    ``scan``. Each is one line."""
+    x, probs = jnp.ones((2, 8, 8, 4)), np.array([1.0, 0.8, 0.6])
+    stages = sdj.models.ResidualStages((3,), (4,), (1,), block=sdj.layers.BasicBlock,
+                                       scan=scan)
+    v = stages.init(jax.random.key(0), x, probs, None, train=False, constant=False)
+    run = functools.partial(stages.apply, v, x, train=False, constant=False)
+    for bad, value in ((0.0, "0.0"), (1.5, "1.5")):
+        with pytest.raises(ValueError, match=rf"^ResidualStages probs must be survival "
+                                             rf"probabilities in \(0, 1\], got {value} for "
+                                             rf"block 2 \(0-based\)"):
+            run(np.array([1.0, 0.8, bad]), None)
+    for wrong in (probs[:2], np.append(probs, 0.4)):
+        with pytest.raises(ValueError, match=r"^ResidualStages probs must hold one survival "
+                                             r"probability per block, shape \(3,\)"):
+            run(wrong, None)
+    with pytest.raises(ValueError, match=r"^ResidualStages gates must hold one gate per "
+                                         r"block on their first axis \(3\), got shape \(2,\)"):
+        run(probs, jnp.array([True, False]))
+    np.testing.assert_array_equal(run(list(probs), None), run(probs, None))  # a list works

@@ -1,5 +1,7 @@
 """Native NNX drop path and ViT: they train, and match the Linen modules exactly."""
+import dataclasses
 import functools
+import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -561,6 +563,80 @@ def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels)
         assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
 
 
+def test_nnx_function_branch_passes_over_plain_values_it_closes_over():
+    """A function branch closing over a lookup table (a list of numbers, strings, arrays)
+    had every item read as an object that might hold layers (a list of a million numbers:
+    seconds each call, eagerly too): plain values are passed over; a layer among them is
+    still found."""
+    conv = nnx.Conv(3, 3, (3, 3), rngs=nnx.Rngs(0))
+    table = list(range(10_000)) + [0.5, "name", None, np.ones(2), np.float32(1), jnp.ones(2)]
+    assert nnx_layers._function_parts(lambda v: v * table[3]) == []
+    with_a_layer = table + [conv]
+    assert nnx_layers._used_nnx_state(lambda v: with_a_layer[-1](v)) == [conv]
+
+
+def _training_step_or_refusal(branch):
+    """A block over ``branch(conv)`` (built in __init__), one nnx.jit(nnx.grad) step: the
+    conv's gradient, or the wrapper's refusal."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5)
+
+        def __call__(self, x):
+            return self.sd(self.conv(x), rngs=key)
+
+    return nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(Block(nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("holder", ["namespace", "dataclass"])
+def test_nnx_function_branch_over_layers_in_a_plain_holder_is_refused(holder):
+    """lambda v: layers.conv(v), ``layers`` a SimpleNamespace or a dataclass of outside
+    layers, trained them with a zero gradient under nnx.jit/nnx.grad, without a word: the
+    attributes the code names of a plain object are read as if closed over themselves."""
+    @dataclasses.dataclass
+    class Layers:
+        conv: nnx.Conv
+
+    def branch(conv):
+        layers = types.SimpleNamespace(conv=conv) if holder == "namespace" else Layers(conv)
+        return lambda v: jnp.tanh(layers.conv(v))
+
+    with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                         r"uses NNX state \(Conv\) made outside"):
+        _training_step_or_refusal(branch)
+
+
+class _Settings:
+    """A plain object of the user's holding a model it reads settings from."""
+
+    def __init__(self, model):
+        self.model, self.scale = model, 0.5
+
+    def act(self, v):
+        return jnp.tanh(v) * self.scale if self.model.use_tanh else v
+
+    def __call__(self, v):
+        return self.act(v) if self.model.use_tanh else v
+
+
+@pytest.mark.parametrize("how", ["method", "callable_object"])
+def test_nnx_function_branch_reading_a_setting_of_an_outside_module_trains(how):
+    """A plain object's method (settings.act) or __call__ reading a Python setting of an
+    outside module (self.model.use_tanh), not its state, was refused as using that module's
+    state: the object's attributes are read through the names its code reads, as a module
+    closed over directly is."""
+    outside = nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    outside.use_tanh = True
+    settings = _Settings(outside)
+    grads = _training_step_or_refusal(
+        lambda conv: settings.act if how == "method" else settings)
+    assert float(jnp.abs(grads["conv"]["kernel"][...]).sum()) > 0
+
+
 def test_nnx_wrapper_called_eagerly_does_not_walk_its_graph(monkeypatch):
     """Every call walked the wrapper's graph first (~1 ms eagerly, where a failed call has
     no other trace level to name): the walk is taken under a transform only, where the
@@ -650,3 +726,35 @@ def test_nnx_branch_that_is_a_callable_object_holding_outside_layers_is_refused(
     jaxpr = str(jax.make_jaxpr(lambda x: nnx.merge(*nnx.split(model))(x))(X))
     assert "custom_vjp" in jaxpr  # the conv it holds is rerouted, as a Module branch's
     assert float(jnp.abs(step(model)["conv"]["kernel"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_vit_qkv_kernel_starts_as_the_original_s_three_xavier_kernels(api):
+    """The original JAX ViT (Flax's ``MultiHeadDotProductAttention`` with Xavier-uniform
+    kernels) draws q, k and v as three ``[width, width]`` kernels, U(+-sqrt(3 / width)).
+    Ours is one fused ``[width, 3 * width]`` Dense: Xavier over it counted a fan-out of
+    ``3 * width``, U(+-sqrt(1.5 / width)), every qkv weight 1/sqrt(2) of the original's."""
+    width = 96
+    kw = dict(size="ti", patch_size=4, width=width, depth=2, num_heads=2)
+    if api == "linen":
+        params = vit.ViT(10, **kw).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+                                        train=False)["params"]
+        blocks = [params[f"blocks_{i}"]["attn"]["branch"]["attn"] for i in range(2)]
+        kernels = [b["qkv"]["kernel"] for b in blocks]
+    else:
+        model = nnx_layers.ViT(10, **kw, image_size=16, rngs=nnx.Rngs(params=0))
+        kernels = [b.attn.branch.attn.qkv.kernel[...] for b in model.blocks]
+    reference = nn.MultiHeadDotProductAttention(
+        2, kernel_init=nn.initializers.xavier_uniform()).init(
+            jax.random.key(1), jnp.zeros((1, 4, width)), jnp.zeros((1, 4, width)))["params"]
+    bound = np.sqrt(3.0 / width)  # the original's q, k and v alike
+    assert np.abs(reference["query"]["kernel"]).max() == pytest.approx(bound, rel=0.01)
+    for part in range(3):  # q, k, v: the fused kernel's column thirds (attend's layout)
+        drawn = np.concatenate([np.ravel(k[:, part * width:(part + 1) * width])
+                                for k in kernels])
+        assert np.abs(drawn).max() <= bound * (1 + 1e-6)
+        assert np.abs(drawn).max() == pytest.approx(bound, rel=0.01)
+        assert np.std(drawn) == pytest.approx(bound / np.sqrt(3.0), rel=0.03)
+    proj = (model.blocks[0].attn.branch.attn.proj.kernel[...] if api == "nnx"
+            else blocks[0]["proj"]["kernel"])
+    assert np.abs(proj).max() == pytest.approx(bound, rel=0.01)  # [width, width]: unchanged

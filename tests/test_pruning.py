@@ -223,6 +223,59 @@ def test_prune_names_variables_that_are_not_the_models():
             pruning.prune(model, given, keep)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("removed", [[1], [3], [2, 5]])
+def test_pruned_and_full_variables_are_not_mixed_up(scan, removed):
+    """A pruned model applied to the full model's variables ran silently where the deleted
+    blocks were unscanned (their parameters ignored: another network's outputs); the full
+    model given the pruned variables failed in Flax ("Could not find parameter"), and
+    scanned stages in ``scan`` ("length argument ... disagrees"). Each is one line naming
+    what does not fit and ``prune``'s returned variables; each model runs with its own."""
+    model = sdj.CifarResNet(depth=20, width=4, num_classes=3, scan=scan)
+    variables = _variables(model)
+    pruned, pvars = pruning.prune(model, variables, pruning.keep_mask(9, removed))
+    fix = ("a pruned model takes the variables pruning.prune returned with it: pruned, "
+           "pruned_variables = pruning.prune(model, variables, keep).")
+    refused = r"^The variables do not fit the model's blocks \(.*\): "
+    with pytest.raises(ValueError, match=refused + re.escape(fix)):
+        _eval(pruned, variables)
+    with pytest.raises(ValueError, match=refused + "a pruned model's variables"):
+        _eval(model, pvars)
+    with pytest.raises(ValueError, match=refused):  # in training too
+        pruned.apply(variables, X, train=True, mutable=["batch_stats"],
+                     rngs={"stochastic_depth": jax.random.key(0)})
+    np.testing.assert_allclose(_eval(pruned, pvars),
+                               _eval(model, variables, jnp.asarray(pruning.keep_mask(9, removed))),
+                               atol=1e-5)
+
+
+def test_the_message_names_the_blocks_that_do_not_fit():
+    model = sdj.CifarResNet(depth=20, width=4, num_classes=3, scan=False)
+    variables = _variables(model)
+    pruned, pvars = pruning.prune(model, variables, pruning.keep_mask(9, [0, 5]))
+    with pytest.raises(ValueError, match=r"\(parameters for block 0, which it deletes; "
+                                         r"parameters for block 5, which it deletes\)"):
+        _eval(pruned, variables)
+    with pytest.raises(ValueError, match=r"\(no parameters for block 0, which it runs; no "
+                                         r"parameters for block 5, which it runs\)"):
+        _eval(model, pvars)
+    scanned = model.clone(scan=True)
+    _, spvars = pruning.prune(scanned, _variables(scanned), pruning.keep_mask(9, [7]))
+    with pytest.raises(ValueError, match=r"\(stage3_scan stacks 1 block where it runs 2\)"):
+        _eval(scanned, spvars)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_another_depths_variables_are_refused(scan):
+    """A ResNet-20 given a ResNet-26's variables ran silently when unscanned (each stage's
+    fourth block ignored)."""
+    model, deeper = (sdj.CifarResNet(depth=d, width=4, num_classes=3, scan=scan)
+                     for d in (20, 26))
+    with pytest.raises(ValueError, match=r"^The variables do not fit the model's blocks.*"
+                                         r"another depth's with a model of that depth"):
+        _eval(model, _variables(deeper))
+
+
 def test_keep_mask_checks_its_indices():
     # The top-level name is the pruning module's function.
     assert sdj.keep_mask is pruning.keep_mask

@@ -297,6 +297,45 @@ def test_a_workdir_in_another_run_s_checkpoint_folder_is_refused(capsys, tmp_pat
     assert sorted(str(p.relative_to(other)) for p in other.rglob("*")) == before
 
 
+def test_a_run_s_folder_is_found_through_a_link_and_in_another_case_only_where_case_is_ignored(
+        tmp_path):
+    """``run_folder_holding`` went by the real path alone and matched names in any case: a
+    run's ``checkpoints`` linked to another disk let ``<run>/checkpoints/99`` through (the
+    run then took it for a damaged checkpoint), and on a file system that tells case apart
+    the user's own ``Checkpoints/`` beside a run was refused as the run's."""
+    run, disk = tmp_path / "run", tmp_path / "disk"
+    for folder in (run / "Checkpoints", disk):
+        os.makedirs(folder)
+    (run / "run.json").write_text("{}")
+    os.symlink(disk, run / "checkpoints")
+    assert evaluate.run_folder_holding(str(run / "checkpoints" / "99")) == str(
+        run / "checkpoints")
+    # The user's folder: another folder, where 'RUN.JSON' is not the run's 'run.json'.
+    assert evaluate.run_folder_holding(str(run / "Checkpoints" / "mine")) is None
+    (run / "RUN.JSON").write_text("{}")  # as a file system that ignores case shows it
+    assert evaluate.run_folder_holding(str(run / "Checkpoints" / "mine")) == str(
+        run / "Checkpoints")
+    assert evaluate.run_folder_holding(str(run / "mine")) is None
+
+
+def test_a_released_lock_marks_no_run_whose_folders_a_workdir_would_be_in(tmp_path):
+    """A run that failed before writing anything (its dataset not found) in a directory
+    that existed leaves its released, empty lock there: ``exp/checkpoints/r110``, a user's
+    own layout, was then refused as in 'a folder of the run in exp', which holds no run. A
+    lock that names its holder (a run starting, before its run.json) still marks one."""
+    exp = tmp_path / "exp"
+    os.makedirs(exp)
+    workdir_lib.WorkdirLock(str(exp)).acquire().release()  # what the failed run leaves
+    assert os.listdir(exp) == [workdir_lib.LOCK_FILE]
+    workdir = str(exp / "checkpoints" / "r110")
+    assert evaluate.run_folder_holding(workdir) is None
+    train_cli.main(["--config", "cifar10:smoke", "--config.max_steps=1", "--workdir", workdir,
+                    *TINY])
+    assert os.path.isfile(os.path.join(workdir, "summary.json"))
+    (exp / workdir_lib.LOCK_FILE).write_text('{"pid": 1}')  # held, or its holder killed
+    assert evaluate.run_folder_holding(workdir) == str(exp / "checkpoints")
+
+
 def test_restarted_sequences_leave_one_record_per_epoch(tmp_path):
     workdir = str(tmp_path)
     # Two runs raced in one workdir before the lock existed: epochs 1,2,3,1,2.

@@ -291,26 +291,30 @@ def test_resumed_unevaluated_best_is_evaluated_or_chosen_again(tmp_path):
     assert (best["step"], best["test_error"]) == (chosen["step"], chosen["test_error"])
 
 
-def test_an_unreadable_earlier_best_is_said_once_for_a_job(monkeypatch):
-    """Every process of a job found the earlier version's 'best' checkpoint gone and each
-    warned: the same line once per process (the README's 'one line for the job')."""
+def test_an_unreadable_unevaluated_best_is_warned_once_for_the_job(monkeypatch):
+    """Every process of a job resumes the run: each warned that the earlier version's best
+    cannot be measured, one line per process, where the job's other warnings are process
+    0's alone. Every process still drops that best, so all choose the same one."""
     import types
     import warnings
+
+    import jax
 
     from stochastic_depth_jax.training import checkpoint as checkpoint_lib
     from stochastic_depth_jax.training import loop
 
-    def gone(*args, **kwargs):
-        raise checkpoint_lib.NoCheckpointError("no best checkpoint at step 4")
+    def restore(kind, abstract, step):
+        raise checkpoint_lib.NoCheckpointError(f"No {kind} checkpoint at step {step}")
 
     monkeypatch.setattr(loop.setup_lib, "abstract_state", lambda setup, shape: None)
-    for process, said in ((1, 0), (0, 1)):
+    for process, lines in ((0, 1), (1, 0)):
         monkeypatch.setattr(jax, "process_index", lambda: process)
         run = types.SimpleNamespace(
             best={"metric": "train_error", "value": 0.5, "epoch": 1, "step": 4},
-            splits={"test": None}, setup=None, ckpts=types.SimpleNamespace(restore=gone))
+            splits={"test": None}, setup=None, ckpts=types.SimpleNamespace(restore=restore))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loop._measure_unevaluated_best(run, (32, 32, 3))
-        assert run.best is None  # chosen again on every process alike
-        assert sum("cannot be read to measure it" in str(w.message) for w in caught) == said
+        assert run.best is None
+        assert sum("cannot be read to measure it" in str(w.message)
+                   for w in caught) == lines, (process, caught)

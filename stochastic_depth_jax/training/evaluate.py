@@ -141,20 +141,40 @@ RUN_DIRS = frozenset({"checkpoints", "checkpoints_best", checkpoint_lib.UNFINISH
 
 def run_folder_holding(path: str) -> str | None:
     """The folder of a run (one of :data:`RUN_DIRS`, e.g. ``checkpoints/``, in a directory
-    holding a ``run.json`` or a run's lock) that ``path`` is or lies in, by its real path
-    and, for a case-insensitive file system, with the folder's name in any case; None if
-    none. A file or export written there is the run's to delete, move or read as its own (a
+    holding a ``run.json`` or a run's lock that names its holder) that ``path`` is or lies
+    in, by its real path, else as written (a run's ``checkpoints`` that is a link to another
+    disk); with the folder's name in another case only on a file system that ignores case,
+    where it is the same folder (on another, ``Checkpoints/`` beside a run is the user's
+    own); None if none.
+    A file or export written there is the run's to delete, move or read as its own (a
     directory ``checkpoints/99`` is taken for a damaged checkpoint and moved aside)."""
-    names = {d.lower() for d in RUN_DIRS}
-    path = os.path.realpath(path)
-    while os.path.dirname(path) != path:
-        parent = os.path.dirname(path)
-        if os.path.basename(path).lower() in names and any(
-                os.path.isfile(os.path.join(parent, f))
-                for f in (RUN_FILE, workdir_lib.LOCK_FILE)):
-            return path
-        path = parent
+    for candidate in dict.fromkeys((os.path.realpath(path), os.path.abspath(path))):
+        while os.path.dirname(candidate) != candidate:
+            parent = os.path.dirname(candidate)
+            if _is_run_folder(parent, os.path.basename(candidate)):
+                return candidate
+            candidate = parent
     return None
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _is_run_folder(parent: str, name: str) -> bool:
+    """Whether ``parent/name`` is a folder :data:`RUN_DIRS` names of a run in ``parent``."""
+    if name.lower() not in {d.lower() for d in RUN_DIRS}:
+        return False
+    # A lock names its holder until released: a released one, left empty by a run that
+    # failed before writing anything (a dataset not found), marks no run.
+    markers = [f for f in (RUN_FILE, workdir_lib.LOCK_FILE) if os.path.isfile(
+        os.path.join(parent, f)) and (f == RUN_FILE or _size(os.path.join(parent, f)))]
+    # The run's own file under another case: the file system ignores case (macOS's default).
+    return bool(markers) and (name in RUN_DIRS or os.path.isfile(
+        os.path.join(parent, markers[0].swapcase())))
 
 
 @contextlib.contextmanager

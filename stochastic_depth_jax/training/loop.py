@@ -571,7 +571,7 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
         saved = None
     _check_same_best(run, saved is not None, where)
     if saved is None:
-        run.best = None
+        run.best = None  # on every process: each chooses the same best from here on
         if jax.process_index() == 0:  # one line for the job
             warnings.warn(
                 f"The restored best ({where}) was chosen by an earlier version among epochs "
