@@ -540,6 +540,20 @@ def test_a_drop_path_run_is_evaluated_on_the_devices_its_groups_divide(capsys, v
     assert _json(out)["error"] == evaluate.evaluate_checkpoint(vit)["error"]
 
 
+def test_a_run_still_training_is_said_once_for_a_job(monkeypatch, tmp_path):
+    """evaluate.py --multihost on a run still training: every process warned that its
+    checkpoint was only the one so far, the same line once per process."""
+    from stochastic_depth_jax.training import evaluate, workdir as workdir_lib
+
+    monkeypatch.setattr(workdir_lib, "training_holder", lambda workdir: "pid 7 on host0")
+    for process, said in ((1, 0), (0, 1)):
+        monkeypatch.setattr(jax, "process_index", lambda: process)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluate._warn_if_training(str(tmp_path), "best", {"step": 8})
+        assert sum("is still training, by pid 7" in str(w.message) for w in caught) == said
+
+
 def test_a_run_still_training_is_evaluated_with_a_warning(resnet):
     """'best' of a run still training was labelled best with no word that it was only the
     best so far."""

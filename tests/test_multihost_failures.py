@@ -458,6 +458,18 @@ def test_a_process_failing_during_a_save_is_reported_before_the_save_ends(tmp_pa
     assert [name for name in saved if name.isdigit()] == saved != [], saved
 
 
+def test_a_job_that_diverged_ends_once_process_0_has_drawn_its_curves(tmp_path):
+    """Every process finds the divergence at the same step; process 0 alone then draws the
+    curves up to it. The others reported it at once, and process 0, stopped because 'process
+    1 failed', was ended in the middle of its drawing: no error.png marking the divergence."""
+    results = finish_all(_worker_job(tmp_path, "slowplot", "--config.learning_rate=1e8"),
+                         timeout=BOUND_S)
+    for status, out, _ in results:
+        assert "non-finite" in _error_line(status, out), out[-3000:]
+    assert fails_on_one.DRAWN in results[0][1], results[0][1][-3000:]
+    assert {"error.png", "loss.png"} <= set(os.listdir(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("who, saves", [(0, "async"), (1, "async"), (0, "sync")])
 def test_a_disk_filling_on_one_process_during_a_save_stops_the_job_at_once(tmp_path, who,
                                                                            saves):
@@ -510,6 +522,67 @@ def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path
             f"others: step 4): the hosts list different checkpoints in {run / 'checkpoints'} "
             "(a shared filesystem whose caches lag); start the job again once every host "
             "sees the same files."), out[-3000:]
+
+
+def test_processes_that_do_not_all_read_an_earlier_best_stop_before_training(tmp_path):
+    """Resumed from an earlier version's best that no evaluation measured, which every
+    process reads to evaluate it: process 1, not listing it (its host's view of the workdir
+    lagging), chose the best again and trained on while process 0 evaluated that checkpoint
+    in collectives process 1 never entered."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+    from test_trainer_invariants import _strip_best_evaluation
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.write_plots=false", "--config.select_best_by=train",
+             "--config.lr_boundaries_epochs=()", "--config.num_epochs=3"]
+    run = tmp_path / "run"
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=5"]),
+                            str(run))
+    _strip_best_evaluation(str(run))
+    before = {name: (run / name).read_text() for name in ("metrics.jsonl", "run.json")}
+    results = finish_all(_worker_job(tmp_path, "stalebest1", *flags), timeout=BOUND_S)
+    for status, out, _ in results:  # The process that says it first names it for the other.
+        assert _error_line(status, out).endswith(
+            "The processes of this job do not all read the restored best's 'best' checkpoint "
+            "(epoch 1, step 4): process 1 could not; the hosts list different checkpoints in "
+            f"{run / 'checkpoints_best'} (a shared filesystem whose caches lag); start the "
+            "job again once every host sees the same files."), out[-3000:]
+    assert {name: (run / name).read_text() for name in before} == before
+    assert sorted(os.listdir(run / "checkpoints")) == ["4", "5"]
+
+
+def test_a_damaged_checkpoint_every_process_reads_is_set_aside_by_all_together(tmp_path):
+    """A damaged 'best' checkpoint read on resuming (an earlier version's best, evaluated
+    now): process 0 moved it aside before process 1 had failed to read it, process 1 took
+    it for rotated away (not damage) and went on without the move's barrier, and process 0
+    ended in a traceback (``sync_global_devices name mismatch``)."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+    from test_trainer_invariants import _strip_best_evaluation
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.write_plots=false", "--config.select_best_by=train",
+             "--config.lr_boundaries_epochs=()", "--config.num_epochs=2"]
+    run = tmp_path / "run"
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=5"]),
+                            str(run))
+    _strip_best_evaluation(str(run))
+    for folder, _, files in os.walk(run / "checkpoints_best" / "4" / "state"):
+        for name in files:
+            if os.path.basename(folder) == "d":  # the arrays' data
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write("damaged")
+    address = free_address()
+    commands = [[sys.executable, "train.py", *_train_args(tmp_path, address, *flags[2:]),
+                 "--process_id", str(i)] for i in range(2)]
+    results = finish_all(start_all(commands, env=ENV, cwd=REPO), timeout=BOUND_S)
+    for status, out, _ in results:
+        assert status == 0 and "Traceback" not in out, out[-3000:]
+        assert "warning: Skipping the best checkpoint at step 4" in out, out[-3000:]
+    assert "its 'best' checkpoint cannot be read to measure it" in results[0][1]
+    [moved] = os.listdir(run / "checkpoints_corrupt")
+    assert moved.startswith("best-4-")
 
 
 def test_different_starts_name_the_processes_behind_the_newest_step():

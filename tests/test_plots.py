@@ -698,6 +698,35 @@ def test_a_diverged_run_draws_its_curves_up_to_the_divergence(monkeypatch, tmp_p
     assert drawn == [[1], [1, 2]]  # after the first epoch, then at the divergence
 
 
+def test_weights_that_diverged_at_an_evaluation_are_not_drawn_as_the_best(
+        monkeypatch, tmp_path):
+    """Parameters non-finite at the first epoch's end (its loss still finite): the epoch was
+    evaluated on them and taken for the best before its save refused them, and the curves
+    starred 'best val_error: epoch 1, test error ...' over 'no epoch finished', with no
+    checkpoint of it."""
+    import jax
+    import jax.numpy as jnp
+
+    drawn = []
+    monkeypatch.setattr(plots, "plot_curves", lambda records, out, **kw: drawn.append(kw))
+    train_epoch = loop._train_epoch
+
+    def diverging(run, compiled, epoch, end):
+        took = train_epoch(run, compiled, epoch, end)
+        run.state = run.state.replace(
+            params=jax.tree.map(lambda x: x * jnp.nan, run.state.params))
+        return took
+
+    monkeypatch.setattr(loop, "_train_epoch", diverging)
+    config = load_config("cifar10:smoke", ["--config.progress_bar=false",
+                                           "--config.write_tensorboard=false"])
+    with pytest.raises(loop.NonFiniteLossError, match="parameters became non-finite"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    [kw] = drawn
+    assert kw["best"] is None and kw["diverged"] is not None
+    assert not os.listdir(tmp_path / "checkpoints_best")
+
+
 @pytest.mark.parametrize("how", ["raises", "missing"])
 def test_a_diverged_runs_failed_drawing_does_not_say_training_goes_on(
         monkeypatch, tmp_path, how):

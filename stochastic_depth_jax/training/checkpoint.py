@@ -699,6 +699,11 @@ class Checkpoints:
         manager = self._managers[kind]
         with self._writing(kind):
             manager.wait_until_finished()
+        name = f"{directory}_{kind}_{'_'.join(map(str, steps))}"
+        # Moved once every process is here: a damaged step that another process was still
+        # failing to read, moved away meanwhile, read there as rotated away (not damage),
+        # and that process went on without this call's barrier, out of step with the job.
+        multihost_utils.sync_global_devices(f"checkpoint_before_set_aside_{name}")
         targets = []
         if jax.process_index() == 0:
             for step in steps:
@@ -706,8 +711,7 @@ class Checkpoints:
                 if os.path.exists(source):
                     targets.append(_move_aside(source, os.path.join(self.workdir, directory),
                                                f"{kind}-{step}-{int(time.time())}"))
-        multihost_utils.sync_global_devices(
-            f"checkpoint_set_aside_{directory}_{kind}_{'_'.join(map(str, steps))}")
+        multihost_utils.sync_global_devices(f"checkpoint_set_aside_{name}")
         manager.reload()
         return targets
 

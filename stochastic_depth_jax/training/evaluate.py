@@ -622,7 +622,7 @@ def _warn_if_training(workdir: str, kind: str | None, meta: dict[str, Any]) -> N
     is only the one so far (its result will be superseded); None ``kind``: a step, which
     is what it is."""
     holder = None if kind is None else workdir_lib.training_holder(workdir)
-    if holder is not None:
+    if holder is not None and jax.process_index() == 0:  # one line for a job's processes
         warnings.warn(
             f"The run in {workdir} is still training, by {holder}: its {kind} checkpoint so far, "
             f"step {int(meta['step'])}, is evaluated; evaluate again when it has finished.",

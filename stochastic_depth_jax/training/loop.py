@@ -351,14 +351,20 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
         # changed, they may not be (lr_boundaries_epochs moved past this step), and this
         # step's weights are saved now or never.
         _supersede_best(run, later, _new_best_why(run, record))
-    run.best = {
+    earlier, run.best = run.best, {
         "metric": metric,
         "value": record[metric],
         "epoch": epoch,
         "step": run.step,
         **{k: record[k] for k in ("val_error", "test_error") if k in record},
     }
-    _save(run, "best", {"record": record})
+    try:
+        _save(run, "best", {"record": record})
+    except NonFiniteLossError:
+        # Not saved: weights that diverged are no best (measured on them, their errors
+        # were drawn as the run's best, starred on its curves, with no checkpoint of it).
+        run.best = earlier
+        raise
 
 
 # An earlier session's 'best' checkpoint at a step S after the restored one is kept only if
@@ -562,13 +568,16 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
         saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
                                      step=int(best["step"]))
     except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
+        saved = None
+    _check_same_best(run, saved is not None, where)
+    if saved is None:
         run.best = None  # on every process: each chooses the same best from here on
-        if jax.process_index() != 0:  # one line for the job
-            return
-        warnings.warn(
-            f"The restored best ({where}) was chosen by an earlier version among epochs that "
-            "no evaluation measured, and its 'best' checkpoint cannot be read to measure it; "
-            "the best is chosen again from this session's evaluations.", logs.RunWarning)
+        if jax.process_index() == 0:  # one line for the job
+            warnings.warn(
+                f"The restored best ({where}) was chosen by an earlier version among epochs "
+                "that no evaluation measured, and its 'best' checkpoint cannot be read to "
+                "measure it; the best is chosen again from this session's evaluations.",
+                logs.RunWarning)
         return
     restored, run.state = run.state, saved
     try:
@@ -580,6 +589,26 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
         print(f"The restored best ({where}), chosen by an earlier version among epochs no "
               "evaluation measured, has been evaluated now: test error "
               f"{100 * run.best['test_error']:.2f}%.", flush=True)
+
+
+def _check_same_best(run: _Run, read: bool, where: str) -> None:
+    """Raises ``errors.DistributedError`` on every process alike where some read the
+    restored best's 'best' checkpoint (``where``) and others did not (a host whose view of
+    the shared workdir lags lists no such step): the first evaluated it in collectives the
+    others never entered, as those went on to train, and their bests then differed."""
+    if jax.process_count() == 1:
+        return
+    reads = [bool(r) for r in np.ravel(multihost_utils.process_allgather(np.int32(read)))]
+    if all(reads) or not any(reads):
+        return
+    unread = [p for p, r in enumerate(reads) if not r]
+    listed = ", ".join(map(str, unread[:4])) + ", ..." * (len(unread) > 4)
+    raise errors.DistributedError(
+        f"The processes of this job do not all read the restored best's 'best' checkpoint "
+        f"({where}): process{'es' * (len(unread) > 1)} {listed} could not; the hosts list "
+        f"different checkpoints in {os.path.join(run.workdir, 'checkpoints_best')} (a shared "
+        "filesystem whose caches lag); start the job again once every host sees the same "
+        "files.")
 
 
 def _check_same_start(run: _Run) -> None:
@@ -1191,6 +1220,10 @@ def _train(run: _Run) -> dict[str, Any]:
         # The run ends here: its curves show every epoch before it, not those drawn up to
         # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs), and where it diverged.
         _draw_plots(run, force=True, ending=True, diverged=e)
+        if jax.process_count() > 1:
+            # Every process raises this at the same step, and the first to report it ends
+            # the others: process 0 was ended in the middle of drawing them.
+            multihost_utils.sync_global_devices("diverged_curves_drawn")
         raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.

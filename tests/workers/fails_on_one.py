@@ -9,9 +9,11 @@ and process 0/1 raises a ``DataError`` once they all wait in JAX's exit (process
 its results after the last collective). ``mixedWR`` (3 processes): process ``W`` fails so
 once the others but ``R`` have finished, while process ``R`` still trains. ``save``: saves
 take ``SAVE_S`` seconds and process 1 raises a ``DataError`` as soon as its first one
-started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' checkpoint.
+started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' checkpoint;
+``stalebest1``: process 1 lists no 'best' checkpoint.
 ``full0``/``full1``: the disk fills on process 0/1 during the 'latest' save of step
-``FULL_AT`` (its writes there fail with ENOSPC).
+``FULL_AT`` (its writes there fail with ENOSPC). ``slowplot``: process 0's drawing of the
+curves takes ``DRAW_S`` seconds longer, and prints ``DRAWN`` when done.
 Used by ``tests/test_multihost_failures.py``.
 """
 
@@ -38,6 +40,7 @@ LAST = "Cannot write the plots: the disk is full (injected)."
 SAVE_S, SAVED = 6, "a save was committed (injected)"
 FINISHED = "training finished (injected)"
 FULL_AT = 8  # The end of the smoke config's second epoch.
+DRAW_S, DRAWN = 5, "the curves were drawn (injected)"
 
 
 def _fail_last(who: int, running: frozenset[int] = frozenset()) -> None:
@@ -94,16 +97,18 @@ def _fail_while_saving() -> None:
     checkpoint_lib.Checkpoints.save = save_then_fail
 
 
-def _hide_newest_checkpoint(who: int) -> None:
-    """Process ``who`` lists the 'latest' checkpoints without the newest one (a host whose
-    view of the shared workdir lags)."""
+def _hide_newest_checkpoint(who: int, wanted: str = "latest") -> None:
+    """Process ``who`` lists the 'latest' checkpoints without the newest one, or (``wanted``
+    'best') no 'best' checkpoint: a host whose view of the shared workdir lags."""
     from stochastic_depth_jax.training import checkpoint as checkpoint_lib
 
     steps = checkpoint_lib.Checkpoints.steps
 
     def stale(self, kind="latest"):
         listed = steps(self, kind)
-        return listed[:-1] if kind == "latest" and jax.process_index() == who else listed
+        if jax.process_index() != who or kind != wanted:
+            return listed
+        return listed[:-1] if kind == "latest" else []
 
     checkpoint_lib.Checkpoints.steps = stale
 
@@ -126,6 +131,22 @@ def _fill_the_disk(who: int) -> None:
     path_type.write_text = full
 
 
+def _draw_slowly() -> None:
+    """Process 0's drawing of error.png and loss.png takes ``DRAW_S`` seconds longer (a
+    loaded host, matplotlib imported for the first time) and prints ``DRAWN`` once done."""
+    from stochastic_depth_jax.training import plots
+
+    plot_curves = plots.plot_curves
+
+    def slow(*args, **kwargs):
+        time.sleep(DRAW_S)
+        drawn = plot_curves(*args, **kwargs)
+        print(DRAWN, flush=True)
+        return drawn
+
+    plots.plot_curves = slow
+
+
 def main(mode: str, argv: list[str]) -> None:
     if mode.startswith("last"):
         _fail_last(int(mode.removeprefix("last")))
@@ -136,7 +157,11 @@ def main(mode: str, argv: list[str]) -> None:
         _fail_while_saving()
     if mode.startswith("full"):
         _fill_the_disk(int(mode.removeprefix("full")))
-    if mode.startswith("stale"):
+    if mode == "slowplot":
+        _draw_slowly()
+    if mode == "stalebest1":
+        _hide_newest_checkpoint(1, "best")
+    elif mode.startswith("stale"):
         _hide_newest_checkpoint(int(mode.removeprefix("stale")))
     if mode not in ("raise", "stop", "stop0"):
         train.main(argv)
