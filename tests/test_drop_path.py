@@ -524,7 +524,7 @@ def test_model_remat_gives_the_same_values_and_gradients_and_saves_less(name, mo
     np.testing.assert_allclose(y_r, y, rtol=1e-6, atol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            g_r, g)
-    assert saved_r < 0.5 * saved, (saved_r, saved)  # measured: 0.19-0.23
+    assert saved_r < 0.5 * saved, (saved_r, saved)  # measured: 0.18-0.23
 
 
 @pytest.mark.parametrize("name", ["ViT", "ConvNeXt"])
