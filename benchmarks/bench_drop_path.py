@@ -47,7 +47,10 @@ DEFAULTS = {  # (model, backend) -> model and batch of the standard run
     ("convnext", "cpu"): dict(size="atto", depth=None, image=32, patch=2, batch=32, rounds=5),
     ("convnext", "gpu"): dict(size="tiny", depth=None, image=224, patch=4, batch=128, rounds=20),
 }
-SIZES = ("size", "depth", "depths", "image", "patch", "batch", "rounds", "warmup")
+# What the "Not the default sizes" warning names: the network, images and batch, which change
+# what is measured. Rounds and warm-up change only how often (the table says how many), and
+# the recorded tables were run with --rounds 7 and 10.
+SIZES = ("size", "depth", "depths", "image", "patch", "batch")
 
 
 @dataclasses.dataclass
@@ -244,12 +247,13 @@ def _measure(args) -> None:
     base_key = jax.random.key(42)
     for i in bench_cli.rounds(args.warmup + args.rounds, args.warmup):
         key = jax.random.fold_in(base_key, i)
-        for r in runners:
-            dt = run_once(r, key)
-            if i >= args.warmup:
+        times = [run_once(r, key) for r in runners]
+        if i >= args.warmup:
+            for r, dt in zip(runners, times):
                 r.times.append(dt)
-        print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
-              flush=True)
+        # A warm-up round's own times (they printed 0.000: nothing timed yet).
+        kind = "warm-up round" if i < args.warmup else "round"
+        print(f"{kind} {i}: " + ", ".join(f"{dt:.3f}" for dt in times), flush=True)
     lines = [
         describe(args),
         "",

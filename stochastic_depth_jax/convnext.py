@@ -34,8 +34,9 @@ import numpy as np
 
 from stochastic_depth_jax import ops
 from stochastic_depth_jax.layers import StochasticDepth, gate_rng
-from stochastic_depth_jax.vit import (block_gate, check_block_train, check_image_sides,
-                                     check_positive_int, drop_path_rates)
+from stochastic_depth_jax.vit import (NO_TRAIN, block_gate, check_block_train,
+                                     check_image_sides, check_positive_int, check_remat,
+                                     drop_path_rates)
 
 __all__ = [
     "CONVNEXT_SIZES",
@@ -169,6 +170,9 @@ class ConvNeXtBlock(nn.Module):
       survival_prob: 1 - this block's drop rate (a static float).
       layer_scale_init, mlp_ratio, dtype: of the branch (:class:`ConvNeXtBranch`).
       mode, scaling, implementation, groups: see :class:`stochastic_depth_jax.StochasticDepth`.
+      remat: rematerialise the branch (``nn.remat`` inside the drop-path wrapper, ``train``
+        static): the backward pass recomputes a kept branch from its input; the same values
+        and gradients.
     """
 
     survival_prob: float = 1.0
@@ -179,16 +183,23 @@ class ConvNeXtBlock(nn.Module):
     implementation: str = "skip"
     groups: int = 1
     dtype: Any = None
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, gate: Any = None, *, train: bool) -> Array:
+    def __call__(self, x: Array, gate: Any = None, *, train: bool = NO_TRAIN) -> Array:
         """``x`` ``[batch, H, W, C]``; ``gate`` from :func:`block_gate` (None: drawn here)."""
-        check_block_train(train, "ConvNeXtBlock", "ConvNeXtBranch", self)
-        branch = ConvNeXtBranch(self.layer_scale_init, self.mlp_ratio, self.dtype, parent=None)
+        check_block_train(train, "ConvNeXtBlock", self)
+        check_remat(self.remat, "ConvNeXtBlock")
+        branch = (_REMAT_BRANCH if self.remat else ConvNeXtBranch)(
+            self.layer_scale_init, self.mlp_ratio, self.dtype, parent=None)
         sd = StochasticDepth(branch, survival_prob=self.survival_prob, mode=self.mode,
                              scaling=self.scaling, implementation=self.implementation,
                              groups=self.groups, name="drop_path")
         return sd(x, deterministic=not train, gate=gate, shortcut=x)
+
+
+# The branch under ``nn.remat``: made once, as ``nn.remat`` makes a new class per call.
+_REMAT_BRANCH = nn.remat(ConvNeXtBranch)
 
 
 class ConvNeXtDownsample(nn.Module):
@@ -228,6 +239,9 @@ class ConvNeXt(nn.Module):
         subsets that skip, timm's inverted scaling).
       mlp_ratio: inverted-bottleneck width over block width (4).
       dtype: computation dtype (parameters float32).
+      remat: rematerialise every block's branch (:class:`ConvNeXtBlock`): less memory for
+        the backward pass, another forward pass of the kept branches in time; the same
+        values and gradients. ``nn.remat(ConvNeXt)`` cannot do it (it traces ``train``).
     """
 
     num_classes: int
@@ -244,6 +258,7 @@ class ConvNeXt(nn.Module):
     groups: int = 1
     mlp_ratio: int = 4
     dtype: Any = None
+    remat: bool = False
 
     def stages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(depths, dims)`` per stage."""
@@ -255,9 +270,10 @@ class ConvNeXt(nn.Module):
         return 1.0 - drop_path_rates(sum(depths), self.drop_path_rate, self.drop_path_rule)
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool, key: Array | None = None) -> Array:
+    def __call__(self, x: Array, *, train: bool = NO_TRAIN, key: Array | None = None) -> Array:
         """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
-        ops.check_deterministic(train, name="train")
+        check_block_train(train, "ConvNeXt", self)
+        check_remat(self.remat, "ConvNeXt")
         if key is not None:
             ops.check_key(key)
         ops.validate_options(self.mode, self.scaling, self.implementation)
@@ -281,7 +297,7 @@ class ConvNeXt(nn.Module):
                                   groups=self.groups)
                 x = ConvNeXtBlock(p, self.layer_scale_init, self.mlp_ratio, self.mode,
                                   self.scaling, self.implementation, self.groups, self.dtype,
-                                  name=f"blocks_{j}")(x, gate, train=train)
+                                  self.remat, name=f"blocks_{j}")(x, gate, train=train)
                 j += 1
         x = nn.LayerNorm(epsilon=EPS, dtype=self.dtype, name="norm")(jnp.mean(x, axis=(1, 2)))
         return nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, dtype=self.dtype,

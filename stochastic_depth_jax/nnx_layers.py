@@ -757,27 +757,50 @@ class Attention(nnx.Module):
         return self.proj(linen_vit.attend(self.qkv(x), self.num_heads))
 
 
-class AttentionBranch(nnx.Module):
-    """Pre-norm attention residual branch ``attn(LN(x))``."""
+def _run_branch(branch: nnx.Module, x: Array) -> Array:
+    """``branch.forward(x)``, under ``nnx.remat`` when ``branch.remat`` (the backward pass
+    recomputes it from ``x``; the same values and gradients)."""
+    if branch.remat:
+        return nnx.remat(type(branch).forward)(branch, x)
+    return branch.forward(x)
 
-    def __init__(self, width: int, num_heads: int, *, dtype: Any = None, rngs: nnx.Rngs):
+
+class AttentionBranch(nnx.Module):
+    """Pre-norm attention residual branch ``attn(LN(x))``; ``remat``: see :func:`_run_branch`."""
+
+    def __init__(self, width: int, num_heads: int, *, dtype: Any = None, remat: bool = False,
+                 rngs: nnx.Rngs):
+        linen_vit.check_remat(remat, "AttentionBranch")
+        self.remat = bool(remat)
         self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array) -> Array:
+    def forward(self, x: Array) -> Array:
+        """``attn(LN(x))``, never rematerialised."""
         return self.attn(self.norm(x))
+
+    def __call__(self, x: Array) -> Array:
+        return _run_branch(self, x)
 
 
 class MlpBranch(nnx.Module):
-    """Pre-norm MLP residual branch ``fc2(gelu(fc1(LN(x))))``."""
+    """Pre-norm MLP residual branch ``fc2(gelu(fc1(LN(x))))``; ``remat``: see
+    :func:`_run_branch`."""
 
-    def __init__(self, width: int, mlp_dim: int, *, dtype: Any = None, rngs: nnx.Rngs):
+    def __init__(self, width: int, mlp_dim: int, *, dtype: Any = None, remat: bool = False,
+                 rngs: nnx.Rngs):
+        linen_vit.check_remat(remat, "MlpBranch")
+        self.remat = bool(remat)
         self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.fc1 = _linear(width, mlp_dim, dtype, rngs)
         self.fc2 = _linear(mlp_dim, width, dtype, rngs)
 
-    def __call__(self, x: Array) -> Array:
+    def forward(self, x: Array) -> Array:
+        """``fc2(gelu(fc1(LN(x))))``, never rematerialised."""
         return self.fc2(jax.nn.gelu(self.fc1(self.norm(x)), approximate=False))
+
+    def __call__(self, x: Array) -> Array:
+        return _run_branch(self, x)
 
 
 class EncoderBlock(nnx.Module):
@@ -788,19 +811,22 @@ class EncoderBlock(nnx.Module):
       width, num_heads, mlp_dim: block dimensions.
       survival_prob: 1 - drop rate (static float).
       mode, scaling, implementation, groups: of both branches' stochastic depth.
+      remat: rematerialise both branches (``nnx.remat``): the same values and gradients,
+        less memory kept for the backward pass.
       rngs: parameter initialisation (and the ``'stochastic_depth'`` stream, if present,
         for calls without gates).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, survival_prob: float = 1.0, *,
                  mode: str = "sample", scaling: str = "train", implementation: str = "skip",
-                 groups: int = 1, dtype: Any = None, rngs: nnx.Rngs):
+                 groups: int = 1, dtype: Any = None, remat: bool = False, rngs: nnx.Rngs):
         sd_rngs = rngs if "stochastic_depth" in rngs else None
         opts = dict(mode=mode, scaling=scaling, implementation=implementation, groups=groups,
                     rngs=sd_rngs)
-        self.attn = StochasticDepth(AttentionBranch(width, num_heads, dtype=dtype, rngs=rngs),
-                                    survival_prob, **opts)
-        self.mlp = StochasticDepth(MlpBranch(width, mlp_dim, dtype=dtype, rngs=rngs),
+        self.attn = StochasticDepth(
+            AttentionBranch(width, num_heads, dtype=dtype, remat=remat, rngs=rngs),
+            survival_prob, **opts)
+        self.mlp = StochasticDepth(MlpBranch(width, mlp_dim, dtype=dtype, remat=remat, rngs=rngs),
                                    survival_prob, **opts)
 
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
@@ -856,7 +882,8 @@ class ViT(nnx.Module):
                  mode: str = "sample", scaling: str = "train", implementation: str = "skip",
                  groups: int = 1, width: int | None = None, depth: int | None = None,
                  num_heads: int | None = None, mlp_ratio: int = 4, dtype: Any = None,
-                 deterministic: bool = False, rngs: nnx.Rngs):
+                 deterministic: bool = False, remat: bool = False, rngs: nnx.Rngs):
+        linen_vit.check_remat(remat, "ViT")
         if pool not in linen_vit.POOLS:
             raise ValueError(f"Unknown pool {pool!r}; valid: {list(linen_vit.POOLS)}.")
         ops.validate_options(mode, scaling, implementation)
@@ -877,7 +904,8 @@ class ViT(nnx.Module):
                                                       jnp.float32))
         self.blocks = nnx.List([
             EncoderBlock(width, heads, mlp_ratio * width, p, mode=mode, scaling=scaling,
-                         implementation=implementation, groups=groups, dtype=dtype, rngs=rngs)
+                         implementation=implementation, groups=groups, dtype=dtype, remat=remat,
+                         rngs=rngs)
             for p in self.probs
         ])
         self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
@@ -1009,10 +1037,13 @@ def load_linen_params(model: nnx.Module, params: Any) -> None:
 class ConvNeXtBranch(nnx.Module):
     """ConvNeXt residual branch ``gamma * pwconv2(gelu(pwconv1(norm(dwconv(x)))))``,
     ``[batch, H, W, C]`` in and out; twin of :class:`stochastic_depth_jax.convnext.
-    ConvNeXtBranch` (no ``gamma`` when ``layer_scale_init`` is 0 or None)."""
+    ConvNeXtBranch` (no ``gamma`` when ``layer_scale_init`` is 0 or None); ``remat``: see
+    :func:`_run_branch`."""
 
     def __init__(self, width: int, *, layer_scale_init: float | None = 1e-6,
-                 mlp_ratio: int = 4, dtype: Any = None, rngs: nnx.Rngs):
+                 mlp_ratio: int = 4, dtype: Any = None, remat: bool = False, rngs: nnx.Rngs):
+        linen_vit.check_remat(remat, "ConvNeXtBranch")
+        self.remat = bool(remat)
         k = linen_convnext.KERNEL
         self.dwconv = nnx.Conv(width, width, (k, k), padding="SAME", feature_group_count=width,
                                kernel_init=linen_convnext.KERNEL_INIT, dtype=dtype, rngs=rngs)
@@ -1023,6 +1054,10 @@ class ConvNeXtBranch(nnx.Module):
             self.gamma = nnx.Param(jnp.full((width,), layer_scale_init, jnp.float32))
 
     def __call__(self, x: Array) -> Array:
+        return _run_branch(self, x)
+
+    def forward(self, x: Array) -> Array:
+        """The branch, never rematerialised."""
         y = self.pwconv1(self.norm(self.dwconv(x)))
         y = self.pwconv2(jax.nn.gelu(y, approximate=False))
         if hasattr(self, "gamma"):
@@ -1038,6 +1073,8 @@ class ConvNeXtBlock(nnx.Module):
       width: channels C; survival_prob: 1 - drop rate (static float).
       layer_scale_init, mlp_ratio, dtype: of the branch.
       mode, scaling, implementation, groups: of the drop path.
+      remat: rematerialise the branch (``nnx.remat``): the same values and gradients, less
+        memory kept for the backward pass.
       rngs: parameter initialisation (and the ``'stochastic_depth'`` stream, if present,
         for calls without a gate).
     """
@@ -1045,9 +1082,9 @@ class ConvNeXtBlock(nnx.Module):
     def __init__(self, width: int, survival_prob: float = 1.0, *,
                  layer_scale_init: float | None = 1e-6, mlp_ratio: int = 4,
                  mode: str = "sample", scaling: str = "train", implementation: str = "skip",
-                 groups: int = 1, dtype: Any = None, rngs: nnx.Rngs):
+                 groups: int = 1, dtype: Any = None, remat: bool = False, rngs: nnx.Rngs):
         branch = ConvNeXtBranch(width, layer_scale_init=layer_scale_init, mlp_ratio=mlp_ratio,
-                                dtype=dtype, rngs=rngs)
+                                dtype=dtype, remat=remat, rngs=rngs)
         self.drop_path = StochasticDepth(
             branch, survival_prob, mode=mode, scaling=scaling, implementation=implementation,
             groups=groups, rngs=rngs if "stochastic_depth" in rngs else None)
@@ -1097,7 +1134,8 @@ class ConvNeXt(nnx.Module):
                  layer_scale_init: float | None = 1e-6, mode: str = "sample",
                  scaling: str = "train", implementation: str = "skip", groups: int = 1,
                  mlp_ratio: int = 4, dtype: Any = None, deterministic: bool = False,
-                 rngs: nnx.Rngs):
+                 remat: bool = False, rngs: nnx.Rngs):
+        linen_vit.check_remat(remat, "ConvNeXt")
         ops.validate_options(mode, scaling, implementation)
         depths, dims = linen_convnext.convnext_dims(size, depths, dims)
         linen_convnext.check_stem_stride(stem_stride)
@@ -1119,7 +1157,7 @@ class ConvNeXt(nnx.Module):
         self.blocks = nnx.List([
             ConvNeXtBlock(w, p, layer_scale_init=layer_scale_init, mlp_ratio=mlp_ratio,
                           mode=mode, scaling=scaling, implementation=implementation,
-                          groups=groups, dtype=dtype, rngs=rngs)
+                          groups=groups, dtype=dtype, remat=remat, rngs=rngs)
             for w, p in zip(widths, self.probs)
         ])
         # Blocks that follow a downsampling layer (the first of stages 2, 3, ...).

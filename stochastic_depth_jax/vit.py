@@ -37,7 +37,9 @@ __all__ = [
     "attend",
     "block_gate",
     "block_gates",
+    "NO_TRAIN",
     "check_block_train",
+    "check_remat",
     "qkv_init",
     "Attention",
     "AttentionBranch",
@@ -116,31 +118,62 @@ def drop_path_rates(depth: int, rate: float, rule: str = "linear") -> np.ndarray
     return DROP_PATH_RULES[rule](int(depth), float(rate))
 
 
-def check_block_train(train: Any, block: str, branch: str,
-                      module: nn.Module | None = None) -> None:
-    """TypeError in one line for a block's ``train`` that is not a Python bool.
+class _NoTrain:
+    """The default of a model's or block's keyword-only ``train``: Linen's ``nn.vmap`` drops
+    keyword arguments, and Python's "missing 1 required keyword-only argument: 'train'"
+    named no way to pass it (:func:`check_block_train`)."""
 
-    ``nn.remat(EncoderBlock)`` (or ``nn.jit`` without ``static_argnames``) traces the
-    keyword-only ``train``, which the block reads in Python: JAX's
-    ``TracerBoolConversionError`` named neither the block nor a fix. ``None`` or a string
-    was read by its truth value (``train=None`` evaluated, ``'False'`` trained).
-    ``branch`` names the block's branch class(es), the unit to rematerialise instead.
-    ``module``: the block, whose Linen transforms say who traced ``train``: outside
-    ``nn.remat`` / ``nn.jit`` (``jax.jit(block.apply)`` with ``train`` not static) the
-    general message, which names ``jax.jit(..., static_argnames='train')``, is the one.
+    def __repr__(self) -> str:
+        return "<no train>"
+
+
+NO_TRAIN: Any = _NoTrain()
+
+
+def check_block_train(train: Any, name: str, module: nn.Module | None = None) -> None:
+    """TypeError in one line for a ViT's, ConvNeXt's or block's ``train`` that is not a
+    Python bool.
+
+    ``nn.remat(ViT)`` or ``nn.remat(EncoderBlock)`` (or ``nn.jit`` without
+    ``static_argnames``) traces the keyword-only ``train``, which the model reads in Python:
+    JAX's ``TracerBoolConversionError`` named neither the model nor a fix; the fix named is
+    the model's own ``remat=True``. ``nn.vmap`` drops keyword arguments (no ``train`` at
+    all): the fix named passes it through a function. ``None`` or a string was read by its
+    truth value (``train=None`` evaluated, ``'False'`` trained). ``module``: the model,
+    whose Linen transforms say who traced ``train``: outside ``nn.remat`` / ``nn.jit``
+    (``jax.jit(model.apply)`` with ``train`` not static) the general message, which names
+    ``jax.jit(..., static_argnames='train')``, is the one.
     """
+    lifted = _transforms_around(module) if module is not None else ""
+    if train is NO_TRAIN:
+        if "vmap(" in lifted:
+            raise TypeError(
+                f"{name} got no train flag: nn.vmap drops keyword arguments; map a function "
+                f"that passes it, nn.vmap(lambda m, x: m(x, train=train), variable_axes="
+                f"{{'params': None}}, split_rngs={{'params': False, 'stochastic_depth': "
+                f"True}})(model, x) in a parent module, or jax.vmap over model.apply.")
+        raise TypeError(f"{name} needs train=True (training) or train=False (evaluation).")
     try:
         ops.check_deterministic(train, name="train")
     except ops.TracedFlagError:
-        lifted = _transforms_around(module) if module is not None else "remat()"
-        if "remat(" not in lifted and "jit(" not in lifted:
+        if module is None or ("remat(" not in lifted and "jit(" not in lifted):
             raise
         raise ops.TracedFlagError(
-            f"{block} got a traced train flag (nn.remat, or nn.jit without static_argnames, "
-            f"traces keyword arguments), which it must read in Python: apply {block} itself "
-            f"(or nn.jit({block}, static_argnames='train')), and to rematerialise, wrap its "
-            f"branch instead: StochasticDepth(nn.remat({branch})(..., parent=None), ...)."
+            f"{name} got a traced train flag (nn.remat, or nn.jit without static_argnames, "
+            f"traces keyword arguments), which it must read in Python: to rematerialise, "
+            f"apply {name} itself with remat=True (each block's branches recomputed in the "
+            f"backward pass), and under nn.jit pass static_argnames='train'."
         ) from None
+
+
+def check_remat(remat: Any, name: str) -> None:
+    """TypeError unless ``remat`` (of a ViT, a ConvNeXt or their blocks) is a bool: the
+    ResNets' string policies (``'none'``, ``'full'``) would be read by their truth value."""
+    if not isinstance(remat, (bool, np.bool_)):
+        raise TypeError(
+            f"{name} remat must be a bool (True: recompute each block's branches in the "
+            f"backward pass, the ResNets' remat='full'; False: keep their activations), got "
+            f"{remat!r}.")
 
 
 def check_positive_int(value: Any, name: str, hint: str = "") -> None:
@@ -303,6 +336,10 @@ class EncoderBlock(nn.Module):
       mode, scaling, implementation, groups: see :class:`stochastic_depth_jax.StochasticDepth`.
       fused_residual: add a branch's kept outputs into ``x`` in one scatter-add (DINOv2's
         ``index_add``; default) rather than scatter them into zeros and add; same values.
+      remat: rematerialise each branch (``nn.remat`` inside its stochastic-depth wrapper,
+        with ``train`` static): the backward pass recomputes a kept branch from its input
+        instead of keeping its activations (attention weights, the MLP's hidden layer);
+        the same values and gradients (timm's ``set_grad_checkpointing``, per branch).
     """
 
     num_heads: int
@@ -314,14 +351,17 @@ class EncoderBlock(nn.Module):
     groups: int = 1
     dtype: Any = None
     fused_residual: bool = True
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
-                 train: bool) -> Array:
+                 train: bool = NO_TRAIN) -> Array:
         """``x`` ``[batch, tokens, width]``; ``gates`` from :func:`block_gates`."""
-        check_block_train(train, "EncoderBlock", "AttentionBranch / MlpBranch", self)
-        branches = (AttentionBranch(self.num_heads, self.dtype, parent=None),
-                    MlpBranch(self.mlp_dim, self.dtype, parent=None))
+        check_block_train(train, "EncoderBlock", self)
+        check_remat(self.remat, "EncoderBlock")
+        attention, mlp = (_REMAT_BRANCHES if self.remat else (AttentionBranch, MlpBranch))
+        branches = (attention(self.num_heads, self.dtype, parent=None),
+                    mlp(self.mlp_dim, self.dtype, parent=None))
         for name, branch, gate in zip(("attn", "mlp"), branches, gates):
             sd = StochasticDepth(branch, survival_prob=self.survival_prob, mode=self.mode,
                                  scaling=self.scaling, implementation=self.implementation,
@@ -331,6 +371,10 @@ class EncoderBlock(nn.Module):
             else:
                 x = x + sd(x, deterministic=not train, gate=gate)
         return x
+
+
+# The branches under ``nn.remat``: made once, as ``nn.remat`` makes a new class per call.
+_REMAT_BRANCHES = (nn.remat(AttentionBranch), nn.remat(MlpBranch))
 
 
 class ViT(nn.Module):
@@ -356,6 +400,9 @@ class ViT(nn.Module):
       mlp_ratio: MLP width over model width (4).
       dtype: computation dtype (parameters float32).
       fused_residual: see :class:`EncoderBlock` (for benchmarks; the values are the same).
+      remat: rematerialise every block's branches (:class:`EncoderBlock`): less memory for
+        the backward pass, another forward pass of the kept branches in time; the same
+        values and gradients. ``nn.remat(ViT)`` cannot do it (it traces ``train``).
 
     Initialisation is the original JAX ViT's (Dosovitskiy et al.'s code) without its
     N(0, 1e-6) MLP biases: Xavier-uniform linears, the fused q/k/v kernel per
@@ -380,6 +427,7 @@ class ViT(nn.Module):
     mlp_ratio: int = 4
     dtype: Any = None
     fused_residual: bool = True
+    remat: bool = False
 
     def dims(self) -> tuple[int, int, int]:
         """``(width, depth, heads)``."""
@@ -390,9 +438,10 @@ class ViT(nn.Module):
         return 1.0 - drop_path_rates(self.dims()[1], self.drop_path_rate, self.drop_path_rule)
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool, key: Array | None = None) -> Array:
+    def __call__(self, x: Array, *, train: bool = NO_TRAIN, key: Array | None = None) -> Array:
         """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
-        ops.check_deterministic(train, name="train")
+        check_block_train(train, "ViT", self)
+        check_remat(self.remat, "ViT")
         if key is not None:
             ops.check_key(key)
         if self.pool not in POOLS:
@@ -426,7 +475,7 @@ class ViT(nn.Module):
                                 groups=self.groups)
             x = EncoderBlock(heads, self.mlp_ratio * width, sp, self.mode, self.scaling,
                              self.implementation, self.groups, self.dtype, self.fused_residual,
-                             name=f"blocks_{i}")(x, gates, train=train)
+                             self.remat, name=f"blocks_{i}")(x, gates, train=train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         x = x[:, 0] if self.pool == "token" else jnp.mean(x, axis=1)
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,

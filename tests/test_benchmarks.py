@@ -582,6 +582,27 @@ def test_bench_drop_path_tiny_vit(tmp_path):
     assert float(found["uniform 0.4 skip"][6]) > 0 and found["uniform 0.4 mask"][6] == "-"
 
 
+def test_bench_drop_path_rounds_are_not_sizes_and_warm_up_rounds_print_their_times(
+        tmp_path, monkeypatch, capsys):
+    """``--rounds 7`` (as the recorded CPU table) was flagged "**Not the default sizes**":
+    rounds change how often a step is timed, not what (the table says how many), unlike
+    the batch. Warm-up rounds printed 0.000 for every variant (nothing timed yet), not the
+    times they took."""
+    module = load("bench_drop_path")
+    for argv in (["--rounds", "7"], ["--warmup", "3"], ["--rounds", "3", "--warmup", "0"]):
+        assert "Not the default sizes" not in module.parse_args(argv).label, argv
+    assert "**Not the default sizes** (--batch 8 (default " in module.parse_args(
+        ["--batch", "8"]).label
+    times = iter(range(1, 100))  # the step times run_once reports, in ms: 1, 2, 3, ...
+    monkeypatch.setattr(module, "run_once", lambda r, key: next(times) / 1e3)
+    module.main(["--size", "ti", "--depth", "1", "--image", "8", "--patch", "8", "--batch",
+                 "4", "--rounds", "1", "--warmup", "1", "--rates", "0.5", "--linear", "0",
+                 "--out", str(tmp_path / "dp.md")])
+    printed = capsys.readouterr().out  # 3 variants; 3 compile steps took 1, 2 and 3 ms
+    assert "warm-up round 0: 0.004, 0.005, 0.006\n" in printed, printed
+    assert "\nround 1: 0.007, 0.008, 0.009\n" in printed, printed
+
+
 def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
     suite = load("gpu_suite")
     quick = suite.Part("quick", 1, ("-c", "import os; print('quick ran as part', "
