@@ -791,6 +791,8 @@ class _StochasticResNetBase(nn.Module):
             raise ValueError("buckets (compact mode) and implementation='loop' are two ways to "
                              "run only the kept blocks: pass buckets=None, or use 'skip'.")
         sizes = tuple(self.stage_sizes_())
+        if not hasattr(gates, "dtype"):  # a list, as _gates reads it: traced ones under jit
+            gates = _gates_array(gates)
         # Checked where readable here: not traced (under jit), not spread over processes.
         readable = (not isinstance(gates, jax.core.Tracer)
                     and getattr(gates, "is_fully_addressable", True))

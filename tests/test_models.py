@@ -1062,6 +1062,25 @@ def test_gates_given_as_a_list_are_the_mask_they_hold(mode):
         model.apply(v, X, gates=[[True], [True, False]], train=False)
 
 
+def test_compact_mode_takes_gates_given_as_a_list_under_jit():
+    """A list of bools passed to a jitted step (each a traced scalar there) with
+    ``buckets=`` failed in the buckets' host-side check with JAX's
+    TracerArrayConversionError; it trains as the same gates given as an array."""
+    model = tiny(depth=20, scan=True)
+    v = init(model)
+    mask = [True, False, True, True, True, False, True, False, True]
+    buckets = model.compact_buckets(np.asarray(mask))
+    assert all(buckets)  # every stage's blocks after its first run gathered in a scan
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def step(gates, buckets):
+        return model.apply(v, X, train=True, gates=gates, buckets=buckets,
+                           mutable=["batch_stats"])
+
+    jax.tree.map(np.testing.assert_array_equal, step(mask, buckets),
+                 step(jnp.asarray(mask), buckets))
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_residual_stages_check_their_probabilities_and_gates(scan):
     """``ResidualStages`` used on its own: a survival probability of 0 or 1.5 in a scanned
