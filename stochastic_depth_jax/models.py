@@ -640,6 +640,7 @@ class _StochasticResNetBase(nn.Module):
     # The trainer draws every block's gates up front and passes them as ``gates=``.
     takes_gates = True
 
+    @nn.nowrap
     def num_blocks(self) -> int:
         raise NotImplementedError
 
@@ -655,6 +656,7 @@ class _StochasticResNetBase(nn.Module):
             self.survival_rule, self.num_blocks(), self.final_survival_prob
         )
 
+    @nn.nowrap
     def _validate_sd(self) -> None:
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown implementation {self.implementation!r}; valid: "
@@ -687,6 +689,7 @@ class _StochasticResNetBase(nn.Module):
         check_dtype(self.dtype)
 
 
+    @nn.nowrap
     def _validate_sizes(self) -> None:
         """ValueError unless ``width`` and ``num_classes`` are positive integers: 0 failed
         in the initialisers with a bare ZeroDivisionError, a negative or fractional one in
@@ -728,6 +731,7 @@ class _StochasticResNetBase(nn.Module):
         self.sow("intermediates", "gates", gates)
         return gates, False
 
+    @nn.nowrap
     def stage_sizes_(self) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -799,6 +803,7 @@ class _StochasticResNetBase(nn.Module):
         host = gates if readable else None
         return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan), host)
 
+    @nn.nowrap
     def _check_loop_stages(self) -> None:
         """ValueError where ``implementation='loop'`` has nothing to loop over: it loops over
         the blocks after each stage's first in the scanned stages and masks every other
@@ -814,6 +819,7 @@ class _StochasticResNetBase(nn.Module):
                          f"scan none{auto}, so every block would compute, masked; {fix}, or "
                          f"use 'skip'.")
 
+    @nn.nowrap
     def _block_implementation(self) -> str:
         """The blocks' own implementation: ``'loop'`` masks the blocks outside the loops
         (each stage's first block, unscanned stages), as compact mode does: no conditional."""
@@ -928,6 +934,7 @@ class CifarResNet(_StochasticResNetBase):
         self._validate_sizes()
         super().__post_init__()
 
+    @nn.nowrap
     def _validate_depth(self) -> None:
         _set_count(self, "depth")  # NumPy's integers too (a sweep's np.arange): as ints
         if not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
@@ -937,18 +944,22 @@ class CifarResNet(_StochasticResNetBase):
                 f"{_nearest(self.depth, valid_cifar_depths(max(1202, int(self.depth) + 6)))}."
             )
 
+    @nn.nowrap
     def blocks_per_stage(self) -> int:
         """n = (depth - 2) / 6."""
         return (self.depth - 2) // 6
 
+    @nn.nowrap
     def stage_widths(self) -> tuple[int, int, int]:
         """Branch widths of the three stages: ``width`` times 1, 2, 4."""
         return (self.width, 2 * self.width, 4 * self.width)
 
+    @nn.nowrap
     def num_blocks(self) -> int:
         """L = 3n residual blocks."""
         return 3 * self.blocks_per_stage()
 
+    @nn.nowrap
     def stage_sizes_(self) -> tuple[int, ...]:
         """Blocks per stage, (n, n, n)."""
         n = self.blocks_per_stage()
@@ -1034,6 +1045,7 @@ class WideResNet(CifarResNet):
     block: str = "preact"
     shortcut: str = "B"
 
+    @nn.nowrap
     def _validate_depth(self) -> None:
         _set_count(self, "depth")
         if not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6:
@@ -1043,10 +1055,12 @@ class WideResNet(CifarResNet):
         if not isinstance(widen, int) or isinstance(widen, bool) or widen < 1:
             raise ValueError(f"widen_factor must be an integer >= 1, got {self.widen_factor!r}.")
 
+    @nn.nowrap
     def blocks_per_stage(self) -> int:
         """n = (depth - 4) / 6."""
         return (self.depth - 4) // 6
 
+    @nn.nowrap
     def stage_widths(self) -> tuple[int, int, int]:
         """``width * widen_factor`` times 1, 2, 4 (160, 320, 640 for WRN-28-10)."""
         w = self.width * self.widen_factor
@@ -1081,10 +1095,12 @@ class ResNet(_StochasticResNetBase):
         self._validate_sizes()
         super().__post_init__()
 
+    @nn.nowrap
     def num_blocks(self) -> int:
         """L, the total number of bottleneck blocks."""
         return int(sum(self.stage_sizes))
 
+    @nn.nowrap
     def stage_sizes_(self) -> tuple[int, ...]:
         """Blocks per stage."""
         return tuple(int(n) for n in self.stage_sizes)

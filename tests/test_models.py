@@ -1105,3 +1105,17 @@ def test_residual_stages_check_their_probabilities_and_gates(scan):
                                          r"block on their first axis \(3\), got shape \(2,\)"):
         run(probs, jnp.array([True, False]))
     np.testing.assert_array_equal(run(list(probs), None), run(probs, None))  # a list works
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tiny(depth=20), lambda: sdj.WideResNet(depth=10, widen_factor=1, width=4,
+                                                    num_classes=3),
+    lambda: sdj.ResNet(stage_sizes=(1, 1), width=8, num_classes=3)])
+def test_tabulate_summarises_the_models(make):
+    """``model.tabulate`` failed with a bare AssertionError from Flax: it records each
+    wrapped method call, and the validation methods ran (wrapped) in ``__post_init__``,
+    before the module has a scope."""
+    model = make()
+    table = model.tabulate(jax.random.key(0), X, train=False, depth=1, console_kwargs={
+        "width": 200, "force_terminal": False})
+    assert type(model).__name__ in table and "stages" in table and "head" in table
