@@ -277,8 +277,13 @@ class ResidualStages(nn.Module):
             if self._names_branch(i) and ("stochastic_depth" in first) != bool(keep[start]):
                 problems.append(_misfit(start, bool(keep[start])))
             kept_rest = int(keep[start + 1:start + n].sum())
+            # Only the library's blocks surely hold parameters (a user's may hold none).
+            known = self._names_branch(i, stride=1)
             if n > 1 and self._scanned(n - 1):
                 expected.add(f"{stage}_scan")
+                if not known:
+                    start += n
+                    continue
                 leaves = jax.tree_util.tree_leaves(params.get(f"{stage}_scan", {}))
                 held = int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
                 if held != kept_rest:  # stacked: only their count tells
@@ -287,7 +292,7 @@ class ResidualStages(nn.Module):
             else:
                 for j in range(1, n):
                     expected.add(f"{stage}_block{j + 1}")
-                    if (f"{stage}_block{j + 1}" in params) != bool(keep[start + j]):
+                    if known and (f"{stage}_block{j + 1}" in params) != bool(keep[start + j]):
                         problems.append(_misfit(start + j, bool(keep[start + j])))
             start += n
         problems += [f"parameters of {name}, which it does not have" for name in params
@@ -323,10 +328,12 @@ class ResidualStages(nn.Module):
             raise ValueError(f"ResidualStages gates must hold one gate per block on their "
                              f"first axis ({L}), got shape {np.shape(gates)}.")
 
-    def _names_branch(self, i: int) -> bool:
-        """Whether stage ``i``'s first block is one of the library's blocks, whose branch's
-        parameters are under ``'stochastic_depth'`` (a deleted one has none)."""
-        block = self.block(self.stage_features[i], self.stage_strides[i], parent=None)
+    def _names_branch(self, i: int, stride: int | None = None) -> bool:
+        """Whether stage ``i``'s first block (``stride``: its blocks of that stride) is one
+        of the library's blocks, whose branch's parameters are under ``'stochastic_depth'``
+        (a deleted one has none)."""
+        stride = self.stage_strides[i] if stride is None else stride
+        block = self.block(self.stage_features[i], stride, parent=None)
         return (isinstance(block, layers.ResidualBlock)
                 and type(block).__call__ is layers.ResidualBlock.__call__)
 
