@@ -277,8 +277,13 @@ class ResidualStages(nn.Module):
             if self._names_branch(i) and ("stochastic_depth" in first) != bool(keep[start]):
                 problems.append(_misfit(start, bool(keep[start])))
             kept_rest = int(keep[start + 1:start + n].sum())
+            # Only the library's blocks surely hold parameters (a user's may hold none).
+            known = self._names_branch(i, stride=1)
             if n > 1 and self._scanned(n - 1):
                 expected.add(f"{stage}_scan")
+                if not known:
+                    start += n
+                    continue
                 leaves = jax.tree_util.tree_leaves(params.get(f"{stage}_scan", {}))
                 held = int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
                 if held != kept_rest:  # stacked: only their count tells
@@ -287,7 +292,7 @@ class ResidualStages(nn.Module):
             else:
                 for j in range(1, n):
                     expected.add(f"{stage}_block{j + 1}")
-                    if (f"{stage}_block{j + 1}" in params) != bool(keep[start + j]):
+                    if known and (f"{stage}_block{j + 1}" in params) != bool(keep[start + j]):
                         problems.append(_misfit(start + j, bool(keep[start + j])))
             start += n
         problems += [f"parameters of {name}, which it does not have" for name in params
@@ -323,10 +328,12 @@ class ResidualStages(nn.Module):
             raise ValueError(f"ResidualStages gates must hold one gate per block on their "
                              f"first axis ({L}), got shape {np.shape(gates)}.")
 
-    def _names_branch(self, i: int) -> bool:
-        """Whether stage ``i``'s first block is one of the library's blocks, whose branch's
-        parameters are under ``'stochastic_depth'`` (a deleted one has none)."""
-        block = self.block(self.stage_features[i], self.stage_strides[i], parent=None)
+    def _names_branch(self, i: int, stride: int | None = None) -> bool:
+        """Whether stage ``i``'s first block (``stride``: its blocks of that stride) is one
+        of the library's blocks, whose branch's parameters are under ``'stochastic_depth'``
+        (a deleted one has none)."""
+        stride = self.stage_strides[i] if stride is None else stride
+        block = self.block(self.stage_features[i], stride, parent=None)
         return (isinstance(block, layers.ResidualBlock)
                 and type(block).__call__ is layers.ResidualBlock.__call__)
 
@@ -640,6 +647,7 @@ class _StochasticResNetBase(nn.Module):
     # The trainer draws every block's gates up front and passes them as ``gates=``.
     takes_gates = True
 
+    @nn.nowrap
     def num_blocks(self) -> int:
         raise NotImplementedError
 
@@ -655,6 +663,7 @@ class _StochasticResNetBase(nn.Module):
             self.survival_rule, self.num_blocks(), self.final_survival_prob
         )
 
+    @nn.nowrap
     def _validate_sd(self) -> None:
         if self.implementation not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown implementation {self.implementation!r}; valid: "
@@ -687,6 +696,7 @@ class _StochasticResNetBase(nn.Module):
         check_dtype(self.dtype)
 
 
+    @nn.nowrap
     def _validate_sizes(self) -> None:
         """ValueError unless ``width`` and ``num_classes`` are positive integers: 0 failed
         in the initialisers with a bare ZeroDivisionError, a negative or fractional one in
@@ -728,6 +738,7 @@ class _StochasticResNetBase(nn.Module):
         self.sow("intermediates", "gates", gates)
         return gates, False
 
+    @nn.nowrap
     def stage_sizes_(self) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -791,12 +802,15 @@ class _StochasticResNetBase(nn.Module):
             raise ValueError("buckets (compact mode) and implementation='loop' are two ways to "
                              "run only the kept blocks: pass buckets=None, or use 'skip'.")
         sizes = tuple(self.stage_sizes_())
+        if not hasattr(gates, "dtype"):  # a list, as _gates reads it: traced ones under jit
+            gates = _gates_array(gates)
         # Checked where readable here: not traced (under jit), not spread over processes.
         readable = (not isinstance(gates, jax.core.Tracer)
                     and getattr(gates, "is_fully_addressable", True))
         host = gates if readable else None
         return buckets_lib.check_buckets(buckets, sizes, _scanned_stages(sizes, self.scan), host)
 
+    @nn.nowrap
     def _check_loop_stages(self) -> None:
         """ValueError where ``implementation='loop'`` has nothing to loop over: it loops over
         the blocks after each stage's first in the scanned stages and masks every other
@@ -812,6 +826,7 @@ class _StochasticResNetBase(nn.Module):
                          f"scan none{auto}, so every block would compute, masked; {fix}, or "
                          f"use 'skip'.")
 
+    @nn.nowrap
     def _block_implementation(self) -> str:
         """The blocks' own implementation: ``'loop'`` masks the blocks outside the loops
         (each stage's first block, unscanned stages), as compact mode does: no conditional."""
@@ -926,6 +941,7 @@ class CifarResNet(_StochasticResNetBase):
         self._validate_sizes()
         super().__post_init__()
 
+    @nn.nowrap
     def _validate_depth(self) -> None:
         _set_count(self, "depth")  # NumPy's integers too (a sweep's np.arange): as ints
         if not isinstance(self.depth, int) or self.depth < 8 or (self.depth - 2) % 6:
@@ -935,18 +951,22 @@ class CifarResNet(_StochasticResNetBase):
                 f"{_nearest(self.depth, valid_cifar_depths(max(1202, int(self.depth) + 6)))}."
             )
 
+    @nn.nowrap
     def blocks_per_stage(self) -> int:
         """n = (depth - 2) / 6."""
         return (self.depth - 2) // 6
 
+    @nn.nowrap
     def stage_widths(self) -> tuple[int, int, int]:
         """Branch widths of the three stages: ``width`` times 1, 2, 4."""
         return (self.width, 2 * self.width, 4 * self.width)
 
+    @nn.nowrap
     def num_blocks(self) -> int:
         """L = 3n residual blocks."""
         return 3 * self.blocks_per_stage()
 
+    @nn.nowrap
     def stage_sizes_(self) -> tuple[int, ...]:
         """Blocks per stage, (n, n, n)."""
         n = self.blocks_per_stage()
@@ -1032,6 +1052,7 @@ class WideResNet(CifarResNet):
     block: str = "preact"
     shortcut: str = "B"
 
+    @nn.nowrap
     def _validate_depth(self) -> None:
         _set_count(self, "depth")
         if not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6:
@@ -1041,10 +1062,12 @@ class WideResNet(CifarResNet):
         if not isinstance(widen, int) or isinstance(widen, bool) or widen < 1:
             raise ValueError(f"widen_factor must be an integer >= 1, got {self.widen_factor!r}.")
 
+    @nn.nowrap
     def blocks_per_stage(self) -> int:
         """n = (depth - 4) / 6."""
         return (self.depth - 4) // 6
 
+    @nn.nowrap
     def stage_widths(self) -> tuple[int, int, int]:
         """``width * widen_factor`` times 1, 2, 4 (160, 320, 640 for WRN-28-10)."""
         w = self.width * self.widen_factor
@@ -1079,10 +1102,12 @@ class ResNet(_StochasticResNetBase):
         self._validate_sizes()
         super().__post_init__()
 
+    @nn.nowrap
     def num_blocks(self) -> int:
         """L, the total number of bottleneck blocks."""
         return int(sum(self.stage_sizes))
 
+    @nn.nowrap
     def stage_sizes_(self) -> tuple[int, ...]:
         """Blocks per stage."""
         return tuple(int(n) for n in self.stage_sizes)

@@ -1062,6 +1062,25 @@ def test_gates_given_as_a_list_are_the_mask_they_hold(mode):
         model.apply(v, X, gates=[[True], [True, False]], train=False)
 
 
+def test_compact_mode_takes_gates_given_as_a_list_under_jit():
+    """A list of bools passed to a jitted step (each a traced scalar there) with
+    ``buckets=`` failed in the buckets' host-side check with JAX's
+    TracerArrayConversionError; it trains as the same gates given as an array."""
+    model = tiny(depth=20, scan=True)
+    v = init(model)
+    mask = [True, False, True, True, True, False, True, False, True]
+    buckets = model.compact_buckets(np.asarray(mask))
+    assert all(buckets)  # every stage's blocks after its first run gathered in a scan
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def step(gates, buckets):
+        return model.apply(v, X, train=True, gates=gates, buckets=buckets,
+                           mutable=["batch_stats"])
+
+    jax.tree.map(np.testing.assert_array_equal, step(mask, buckets),
+                 step(jnp.asarray(mask), buckets))
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_residual_stages_check_their_probabilities_and_gates(scan):
     """``ResidualStages`` used on its own: a survival probability of 0 or 1.5 in a scanned
@@ -1086,3 +1105,17 @@ def test_residual_stages_check_their_probabilities_and_gates(scan):
                                          r"block on their first axis \(3\), got shape \(2,\)"):
         run(probs, jnp.array([True, False]))
     np.testing.assert_array_equal(run(list(probs), None), run(probs, None))  # a list works
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tiny(depth=20), lambda: sdj.WideResNet(depth=10, widen_factor=1, width=4,
+                                                    num_classes=3),
+    lambda: sdj.ResNet(stage_sizes=(1, 1), width=8, num_classes=3)])
+def test_tabulate_summarises_the_models(make):
+    """``model.tabulate`` failed with a bare AssertionError from Flax: it records each
+    wrapped method call, and the validation methods ran (wrapped) in ``__post_init__``,
+    before the module has a scope."""
+    model = make()
+    table = model.tabulate(jax.random.key(0), X, train=False, depth=1, console_kwargs={
+        "width": 200, "force_terminal": False})
+    assert type(model).__name__ in table and "stages" in table and "head" in table

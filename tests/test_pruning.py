@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -624,3 +625,25 @@ def test_mc_members_of_a_sample_mode_model_are_fixed_networks_whatever_the_batch
                          gates=jnp.broadcast_to(gates[:, None], gates.shape + (8,)))
     member = pruning.mc_evaluate(model, variables, whole, samples=1, key=jax.random.key(5))
     assert member["mc"]["error"] == float(jnp.mean(jnp.argmax(logits, -1) != labels))
+
+
+class _FreeBlock(nn.Module):
+    """A user's block holding parameters only where it changes width."""
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, p=1.0, g=None, *, train, stochastic=None):
+        if x.shape[-1] != self.features:
+            x = nn.Dense(self.features)(x)
+        return x + 0.5 * jnp.tanh(x)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_users_blocks_without_parameters_are_not_refused(scan):
+    # Taken for missing ("no parameters for block 1, which it runs", "stage1_scan stacks 0
+    # blocks where it runs 2"): only the library's blocks surely hold parameters.
+    stages = sdj.models.ResidualStages((3, 3), (4, 8), (1, 1), block=_FreeBlock, scan=scan)
+    x, probs = jnp.ones((2, 4, 4, 3)), np.ones(6)
+    v = stages.init(jax.random.key(0), x, probs, None, train=False, constant=True)
+    assert stages.apply(v, x, probs, None, train=False, constant=True).shape == (2, 4, 4, 8)
