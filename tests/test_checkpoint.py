@@ -236,6 +236,30 @@ def test_only_the_newest_unfinished_save_is_kept(tmp_path, mesh, monkeypatch):
     assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1"]
 
 
+def test_orbax_s_cleanup_of_temporary_directories_ends_before_the_checkpoints_are_used(
+        tmp_path, monkeypatch):
+    """Orbax cleans up earlier temporary directories in a background thread that only its next
+    save waited for: a manager closed without saving left it running, and it deleted a later
+    writer's new temporary directory (seen as a flaky failure of the test above)."""
+    import asyncio
+
+    from orbax.checkpoint._src.path import temporary_paths
+    cleanup = temporary_paths.cleanup_temporary_paths
+    ended = []
+
+    async def slow_cleanup(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        await cleanup(*args, **kwargs)
+        ended.append(True)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+    ckpts = ckpt_lib.Checkpoints(tmp_path)
+    assert ended == [True, True]  # 'latest' and 'best', before anything is read or written
+    ckpts.close()
+    ckpt_lib.Checkpoints(tmp_path, read_only=True).close()  # a reader removes nothing
+    assert ended == [True, True]
+
+
 def test_only_unfinished_saves_say_the_run_starts_from_step_0(tmp_path, mesh):
     """A run killed during its first saves: nothing committed, nothing lost silently."""
     _save_steps(tmp_path / "done", mesh, [1])

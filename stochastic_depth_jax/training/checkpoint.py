@@ -442,7 +442,15 @@ class Checkpoints:
         # Orbax warns about every manager opened read-only, as every evaluation does.
         quiet = ("Given directory is read only",) if self._read_only else ()
         with logs.drop_absl_messages(*quiet):
-            return ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
+            manager = ocp.CheckpointManager(os.path.join(self.workdir, name), options=options)
+        # Orbax removes earlier temporary directories in a background thread that only its
+        # next save waits for: one left running by a manager closed before saving deleted the
+        # temporary directory of whatever wrote there next. Waited for here (a listing: the
+        # unfinished saves were moved aside before the managers were made).
+        wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait is not None:
+            wait()
+        return manager
 
     def steps(self, kind: str = "latest") -> list[int]:
         """Committed steps of ``kind`` ('latest' or 'best'), oldest first, as on disk now.
