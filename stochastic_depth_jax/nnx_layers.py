@@ -759,9 +759,15 @@ class Attention(nnx.Module):
 
 def _run_branch(branch: nnx.Module, x: Array) -> Array:
     """``branch.forward(x)``, under ``nnx.remat`` when ``branch.remat`` (the backward pass
-    recomputes it from ``x``; the same values and gradients)."""
+    recomputes it from ``x``; the same values and gradients).
+
+    ``graph_updates=False`` writes back only the variables the call changed: by default
+    ``nnx.remat`` set every parameter again, which fails ("Cannot mutate Param from a
+    different trace level") in a JAX transform closing over the model, such as
+    ``jax.jit(lambda x: model(x, deterministic=True))`` or ``jax.grad`` in the input, and
+    left the model unusable."""
     if branch.remat:
-        return nnx.remat(type(branch).forward)(branch, x)
+        return nnx.remat(type(branch).forward, graph_updates=False)(branch, x)
     return branch.forward(x)
 
 
