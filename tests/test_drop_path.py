@@ -558,7 +558,7 @@ def test_nnx_model_remat_gives_the_same_values_and_gradients_and_saves_less(name
     for remat in (False, True):
         model = cls(5, drop_path_rate=0.4, remat=remat,
                     rngs=nnx.Rngs(params=0, stochastic_depth=1), **kw)
-        model.head.kernel.value = _random_head(model.head.kernel.value)
+        model.head.kernel[...] = _random_head(model.head.kernel[...])
         graph, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss(params, graph=graph, rest=rest):
@@ -593,7 +593,7 @@ def test_nnx_model_remat_runs_in_a_jax_transform_that_closes_over_the_model(name
     runs = []
     for remat in (False, True):
         model = cls(5, drop_path_rate=0.4, remat=remat, rngs=nnx.Rngs(params=0), **kw)
-        model.head.kernel.value = _random_head(model.head.kernel.value)
+        model.head.kernel[...] = _random_head(model.head.kernel[...])
         logits = jax.jit(lambda v, model=model: model(v, deterministic=True))(x)
         saliency = jax.grad(lambda v, model=model: jnp.sum(jnp.sin(
             model(v, rngs=jax.random.key(3)))))(x)
