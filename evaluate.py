@@ -122,13 +122,10 @@ def _check_output(path: str | None, workdir: str) -> None:
             f"--output {path} is inside the run's {run_dir}/, whose contents "
             "the run manages (it deletes, moves and rewrites them); give a path in --workdir "
             f"{workdir} itself or outside it, or leave --output out. Nothing was evaluated.")
-    managed = evaluate_lib.run_folder_holding(directory)
-    if managed is not None:
-        raise errors.WorkdirError(
-            f"--output {path} is inside {managed}/, a folder of the run in "
-            f"{os.path.dirname(managed)} whose contents that run manages (it deletes, moves "
-            "and rewrites them: a result named as a step is replaced by that step's save); "
-            "give a path outside it, or leave --output out. Nothing was evaluated.")
+    evaluate_lib.refuse_a_run_s_folder(
+        path, f"--output {path}", "it deletes, moves and rewrites them: a result named as a "
+        "step is replaced by that step's save", "give a path outside it, or leave --output "
+        "out. Nothing was evaluated.", folder_of=directory)
     name, in_the_run = os.path.basename(path), _same_directory(directory, workdir)
     if os.path.isfile(os.path.join(directory, evaluate_lib.RUN_FILE)) and not in_the_run:
         raise errors.WorkdirError(

@@ -290,7 +290,7 @@ def test_a_workdir_in_another_run_s_checkpoint_folder_is_refused(capsys, tmp_pat
     line = one_line_error(capsys, train_cli.main, ["--config", "cifar10:smoke", "--workdir",
                                                    workdir, *TINY])
     managed = os.path.join(os.path.realpath(other), inside.split("/")[0])
-    assert line == (f"error: The workdir {workdir} is in {managed}/, a folder of the run in "
+    assert line == (f"error: The workdir {workdir} is inside {managed}/, a folder of the run in "
                     f"{os.path.realpath(other)} whose contents that run manages (it would "
                     "take this run for a damaged checkpoint and move it aside, or delete it); "
                     "give this run a directory outside it.")

@@ -291,14 +291,10 @@ def export_pruned_run(workdir: str, output: str, *, checkpoint: str | int = "bes
     """
     # '~/runs/x' from Python, as on the command line
     workdir, output = os.path.expanduser(workdir), os.path.expanduser(output)
-    managed = evaluate_lib.run_folder_holding(os.path.abspath(output))
-    if managed is not None:
-        itself = managed in (os.path.realpath(output), os.path.abspath(output))
-        raise errors.WorkdirError(
-            f"Export directory {output} is {'' if itself else 'inside '}{managed}/, a "
-            f"folder of the run in {os.path.dirname(managed)} whose contents that run "
-            "manages (it would take the export for a damaged checkpoint and move it aside, "
-            "or delete it); choose a directory outside it. Nothing was written.")
+    evaluate_lib.refuse_a_run_s_folder(
+        output, f"Export directory {output}", "it would take the export for a damaged "
+        "checkpoint and move it aside, or delete it", "choose a directory outside it. Nothing "
+        "was written.")
     pruning.check_export_directory(output)
     require_blockwise_run(workdir)
     with _export_directory(output):  # created before minutes of work: can it be written?

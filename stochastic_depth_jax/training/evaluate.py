@@ -39,6 +39,7 @@ __all__ = [
     "load_run_config",
     "read_run_json",
     "runs_inside",
+    "refuse_a_run_s_folder",
     "run_folder_holding",
     "RUN_DIRS",
     "recorded_fields",
@@ -155,6 +156,21 @@ def run_folder_holding(path: str) -> str | None:
                 return candidate
             candidate = parent
     return None
+
+
+def refuse_a_run_s_folder(path: str, what: str, consequence: str, fix: str, *,
+                          folder_of: str | None = None) -> None:
+    """Raises a one-line WorkdirError where ``path`` (or ``folder_of``, e.g. the directory a
+    file will be written in) is or lies in a run's folder (:func:`run_folder_holding`):
+    "<what> is [inside] <folder>/, a folder of the run in ... whose contents that run manages
+    (<consequence>); <fix>"."""
+    managed = run_folder_holding(path if folder_of is None else folder_of)
+    if managed is None:
+        return
+    itself = managed in (os.path.realpath(path), os.path.abspath(path))
+    raise errors.WorkdirError(
+        f"{what} is {'' if itself else 'inside '}{managed}/, a folder of the run in "
+        f"{os.path.dirname(managed)} whose contents that run manages ({consequence}); {fix}")
 
 
 def _size(path: str) -> int:

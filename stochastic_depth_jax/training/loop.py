@@ -978,13 +978,9 @@ def _refuse_a_run_s_folder(workdir: str) -> None:
     """Refuses a workdir in a folder another run manages (``runs/a/checkpoints/b``): that
     run took the new run's directory for a damaged checkpoint ('Skipping the latest
     checkpoint at step 99 ... moved to checkpoints_corrupt/'), or deleted it."""
-    managed = evaluate_lib.run_folder_holding(workdir)
-    if managed is not None:
-        raise errors.WorkdirError(
-            f"The workdir {workdir} is in {managed}/, a folder of the run in "
-            f"{os.path.dirname(managed)} whose contents that run manages (it would take "
-            "this run for a damaged checkpoint and move it aside, or delete it); give this "
-            "run a directory outside it.")
+    evaluate_lib.refuse_a_run_s_folder(
+        workdir, f"The workdir {workdir}", "it would take this run for a damaged checkpoint "
+        "and move it aside, or delete it", "give this run a directory outside it.")
 
 
 def _refuse_to_leave_its_sweep(config: ml_collections.ConfigDict, workdir: str) -> None:
