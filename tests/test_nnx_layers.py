@@ -391,6 +391,23 @@ def test_nnx_function_branch_with_a_frozen_batchnorm_trains_in_batch_mode(implem
     assert len({bool(ops.draw_gate(jax.random.key(s), 0.5)) for s in range(4)}) == 2
 
 
+def _block_over(branch, key):
+    """A module holding a conv whose StochasticDepth wraps ``branch(self.conv)``, made in
+    ``__init__`` or, with ``in_call``, in ``__call__`` (from the layers nnx.jit passes in)."""
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, in_call=False):
+            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+            self.in_call = in_call
+            self.sd = None if in_call else nnx_layers.StochasticDepth(branch(self.conv), 0.5)
+
+        def __call__(self, x):
+            sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5) if self.in_call else self.sd
+            return x + sd(x, rngs=key)
+
+    return Block
+
+
 @pytest.mark.parametrize("kind", ["partial", "checkpoint", "made_by_a_function", "nnx_remat",
                                   "nnx_remat_of_the_module"])
 def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms(kind):
@@ -412,15 +429,7 @@ def test_nnx_function_branch_wrapping_outside_layers_is_refused_under_transforms
             return nnx.remat(conv)
         return (lambda f: (lambda v: jnp.tanh(f(v))))(lambda v: conv(v))
 
-    class Block(nnx.Module):
-        def __init__(self, rngs, in_call):
-            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
-            self.in_call = in_call
-            self.sd = None if in_call else nnx_layers.StochasticDepth(branch(self.conv), 0.5)
-
-        def __call__(self, x):
-            sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5) if self.in_call else self.sd
-            return x + sd(x, rngs=key)
+    Block = _block_over(branch, key)
 
     step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
     with pytest.raises(ValueError, match=r"uses NNX state \(Conv\) made outside the NNX"):
@@ -543,15 +552,7 @@ def test_nnx_function_branch_under_many_user_decorators_is_still_refused(levels)
             f = _your_decorator(f)
         return f
 
-    class Block(nnx.Module):
-        def __init__(self, rngs, in_call=False):
-            self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
-            self.in_call = in_call
-            self.sd = None if in_call else nnx_layers.StochasticDepth(branch(self.conv), 0.5)
-
-        def __call__(self, x):
-            sd = nnx_layers.StochasticDepth(branch(self.conv), 0.5) if self.in_call else self.sd
-            return x + sd(x, rngs=key)
+    Block = _block_over(branch, key)
 
     block = Block(nnx.Rngs(0))
     assert block(X).shape == X.shape  # eagerly it runs (nothing to copy)
