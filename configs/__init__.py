@@ -21,6 +21,7 @@ import importlib.util
 import os
 import pkgutil
 import re
+import shlex
 import traceback
 from types import ModuleType
 from typing import Iterator, Sequence
@@ -215,8 +216,6 @@ def config_for_model(spec: str, overrides: Sequence[str], model: str) -> str | N
     to load; an override that config has no field for, or that it is refused with, is left
     out and named with why (``--config.num_epochs=1`` where the ConvNeXt warms up for an
     epoch): the advice dropped every override silently where one did not fit."""
-    import shlex
-
     makers = _model_configs(model)
     if not makers:
         return None
