@@ -7,7 +7,7 @@ import contextlib
 import logging
 from typing import Callable, Iterator
 
-__all__ = ["RunWarning", "drop_absl_messages", "drop_library_records"]
+__all__ = ["RunWarning", "drop_absl_messages", "drop_library_records", "drop_lost_task_errors"]
 
 
 class RunWarning(UserWarning):
@@ -55,3 +55,29 @@ def drop_absl_messages(*substrings: str) -> contextlib.AbstractContextManager[No
     return drop_library_records(
         lambda record: any(s in record.getMessage() for s in substrings), ("absl",)
     )
+
+
+# The texts (paths) whose lost asyncio task errors are dropped (drop_lost_task_errors).
+_LOST_ABOUT: set[str] = set()
+_LOST_FILTER: list[_Drop] = []
+
+
+def _lost_task_error(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return (error is not None and "exception was never retrieved" in record.getMessage()
+            and any(about in str(error) for about in _LOST_ABOUT))
+
+
+def drop_lost_task_errors(about: str) -> None:
+    """From now on, drops asyncio's reports of task errors that were never retrieved whose
+    error message names ``about`` (a checkpoint's path).
+
+    Orbax reads a checkpoint's arrays in concurrent tasks and raises the first failure; the
+    others fail too where the files are damaged, and asyncio logs each one with its
+    traceback whenever it is garbage-collected (often at exit, after the run's results),
+    though the failure was reported in one line. For good, not for a block of code: when
+    that collection happens cannot be known."""
+    _LOST_ABOUT.add(about)
+    if not _LOST_FILTER:
+        _LOST_FILTER.append(_Drop(_lost_task_error))
+        logging.getLogger("asyncio").addFilter(_LOST_FILTER[0])

@@ -623,6 +623,10 @@ class Checkpoints:
         ``CheckpointAccessError``, and both move nothing.
         """
         manager = self._managers[kind]
+        # The failures beside the one raised are dropped: it is reported here (logs).
+        where = os.path.join(str(manager.directory), str(step), "")
+        for path in {where, os.path.join(os.path.realpath(where), "")}:
+            logs.drop_lost_task_errors(path)
         try:
             meta = self.read_meta(kind, step)
         except Exception as e:  # Orbax raises many types for damaged files.
