@@ -164,8 +164,8 @@ def duration(seconds: float) -> str:
 
 class EpochProgress:
     """Progress over the steps of one epoch: a bar where one can be drawn, else a line at
-    most every :data:`LINE_EVERY_S` (``epoch 3/500: step 120/352, train loss 2.3123, error
-    80.12% so far; 66 img/s, ~6 min left in the epoch``).
+    most every :data:`LINE_EVERY_S` (``epoch 3/500: step 120/351, train loss 2.3123, error
+    80.12% so far; 66 img/s, ~7 min left in the epoch``).
 
     Args:
       epoch: 1-based epoch number shown in the description.
