@@ -103,3 +103,16 @@ def test_readme_tested_versions_state_pyproject_s_bounds():
     for requirement in stated:  # jax, flax, optax, orbax: their bounds are in 'allows'
         readme[_name(requirement.split(">=")[0])] = _version(re.split("[>=,<]+", requirement)[1])
     assert readme == lowest
+
+
+def test_readme_lists_every_config():
+    """Training's 'Configs' list names every config train.py accepts, and no other: a config
+    added or renamed in configs/ alone would be missing from, or wrong in, the README."""
+    import configs
+
+    text = open(README).read()
+    block = text.split("**Configs**", 1)[1].split("\n\n", 2)[1]  # the list after its intro
+    listed = set()
+    for item in re.findall(r"^- (.*?):", block, flags=re.M):
+        listed |= set(re.findall(r"`([\w:]+)`", item))
+    assert listed == set(configs.CONFIGS), listed ^ set(configs.CONFIGS)
