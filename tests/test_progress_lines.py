@@ -75,6 +75,13 @@ def test_time_spent_evaluating_mid_epoch_is_left_out_of_the_bars_images_per_s(mo
     bar.close()
 
 
+def test_the_final_line_of_a_one_step_run_says_step(tmp_path):
+    """--config.max_steps=1 printed 'Finished epoch 0.12/2 (1 steps)'."""
+    summary = {"final": {"epoch": 0.125, "step": 1, "test_error": 0.5}, "steps": 1}
+    first = progress.summary_lines(summary, str(tmp_path), 2)[0]
+    assert first == "Finished epoch 0.12/2 (1 step); last epoch: test error 50.00%."
+
+
 def test_the_final_lines_of_a_run_rerun_with_fewer_epochs_and_of_validation_records(tmp_path):
     """A finished 2-epoch run rerun with num_epochs=1 printed 'Finished epoch 2/1'; the
     results line named no validation.jsonl where eval_every_steps wrote one."""

@@ -107,8 +107,9 @@ def summary_lines(summary: dict[str, Any], workdir: str, num_epochs: int) -> lis
                    for key, name in (("val_error", "val"), ("test_error", "test")) if key in final]
         # A finished run rerun with fewer num_epochs ('Nothing to train') ended past them.
         of = f"/{num_epochs}" if final["epoch"] <= num_epochs else ""
+        steps = summary.get("steps", final.get("step"))
         lines.append(f"Finished epoch {round(final['epoch'], 2):g}{of} "
-                     f"({summary.get('steps', final.get('step'))} steps)"
+                     f"({steps} step{'' if steps == 1 else 's'})"
                      + (f"; last epoch: {', '.join(errors_)}." if errors_ else "."))
     if best.get("metric") in _METRIC_NAMES:
         shown = [f"{name} {100 * best[key]:.2f}%" for key, name in
@@ -163,8 +164,8 @@ def duration(seconds: float) -> str:
 
 class EpochProgress:
     """Progress over the steps of one epoch: a bar where one can be drawn, else a line at
-    most every :data:`LINE_EVERY_S` (``epoch 3/500: step 120/352, train loss 2.3123, error
-    80.12% so far; 66 img/s, ~6 min left in the epoch``).
+    most every :data:`LINE_EVERY_S` (``epoch 3/500: step 120/351, train loss 2.3123, error
+    80.12% so far; 66 img/s, ~7 min left in the epoch``).
 
     Args:
       epoch: 1-based epoch number shown in the description.
