@@ -262,6 +262,21 @@ def test_bad_arguments_name_the_fix():
         _batch(dev, jax.random.key(0), 0, 8, "cutout")
 
 
+@pytest.mark.parametrize("images, labels, expected", [
+    (np.zeros((2, 4, 4, 3), np.float32), np.arange(2), "must be uint8 [N, H, W, C] pixels"),
+    (np.zeros((2, 4, 4), np.uint8), np.arange(2), "grayscale [N, H, W]: x[..., None]"),
+    (np.zeros((2, 4, 4, 3), np.uint8), np.array([0.0, 1.7]), "integer class indices, got float64"),
+    (np.zeros((2, 4, 4, 3), np.uint8), np.array([0, -1]), "class indices from 0, got -1"),
+])
+def test_a_split_of_what_the_pipeline_would_misread_is_one_line_naming_the_fix(
+        images, labels, expected):
+    """Float labels were truncated to int32 on the devices (1.7 trained as class 1), and a
+    negative one trained as no class (a one-hot of zeros), silently."""
+    with pytest.raises(errors.DataError, match=r"^Split\.") as raised:
+        data.Split(images, labels)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_image_folder_end_to_end(tmp_path):
     root = data.testing.make_image_folder(str(tmp_path / "f"), classes=2, per_class_train=12,
                                           per_class_test=3, size=(16, 16))

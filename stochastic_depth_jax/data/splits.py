@@ -30,12 +30,27 @@ class Split:
     labels: np.ndarray
 
     def __post_init__(self):
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"Split.images must be uint8 [N, H, W, C], got "
-                             f"{self.images.dtype} {self.images.shape}.")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"Split.labels must be [N={self.images.shape[0]}], got "
-                             f"{self.labels.shape}.")
+        """Refuses, in one line with the fix, what the pipeline would misread: float pixels
+        (normalised as if in [0, 255]), and labels that are not class indices (float labels
+        were truncated to int32 when placed on the devices; a negative one trained as no
+        class at all)."""
+        images, labels = self.images, np.asarray(self.labels)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise errors.DataError(
+                f"Split.images must be uint8 [N, H, W, C] pixels in [0, 255], got "
+                f"{images.dtype} {images.shape}; convert them first (floats in [0, 1]: "
+                f"np.round(x * 255).astype(np.uint8); grayscale [N, H, W]: x[..., None]).")
+        if labels.shape != (images.shape[0],):
+            raise errors.DataError(f"Split.labels must be [N={images.shape[0]}], got "
+                                   f"{labels.shape}.")
+        if labels.dtype.kind not in "iu":
+            raise errors.DataError(
+                f"Split.labels must be integer class indices, got {labels.dtype}; convert "
+                f"them (e.g. labels.astype(np.int32)) after checking that they are whole.")
+        if labels.size and labels.min() < 0:
+            raise errors.DataError(
+                f"Split.labels must be class indices from 0, got {labels.min()}; number the "
+                f"classes 0, 1, ..., num_classes - 1.")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
