@@ -286,6 +286,9 @@ def test_image_folder_end_to_end(tmp_path):
                                       std=ds.std, augment=ds.augment))
     images, labels = batch(dev, jax.random.key(0), 0)
     assert images.shape == (8, 16, 16, 3) and set(np.asarray(labels).tolist()) <= {0, 1}
+    # Its labels are its class directories: another label set is refused, not ignored.
+    with pytest.raises(errors.DataError, match="label='coarse' is not available for an image"):
+        data.load_dataset(f"image_folder:{root}", label="coarse")
 
 
 def test_training_keeps_no_host_copy_of_the_data(tmp_path, monkeypatch):

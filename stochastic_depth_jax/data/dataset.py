@@ -173,6 +173,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
         raise errors.DataError(f"holdout={holdout!r} applies to image folders only; {name!r} "
                                "is split as in the paper: pass holdout=None.")
     if name.startswith(IMAGE_FOLDER_PREFIX):
+        if label != "fine":  # it was ignored: the run trained on the class directories
+            raise errors.DataError(f"label={label!r} is not available for an image folder, "
+                                   "whose labels are its class directories; use 'fine'.")
         holdout = holdout or IMAGE_FOLDER_HOLDOUT
         class_names, train, test = image_folder.load(name[len(IMAGE_FOLDER_PREFIX):])
         num_classes, validation = len(class_names), None
