@@ -207,7 +207,7 @@ def test_put_on_devices_chooses_sharding_by_size():
     split = _split(64)
     assert not data.put_on_devices(split, _mesh(8)).sharded
     assert data.put_on_devices(split, _mesh(8), shard_threshold_bytes=100).sharded
-    with pytest.raises(ValueError, match="axis named 'data'"):
+    with pytest.raises(errors.ConfigError, match="axis named 'data'"):
         data.put_on_devices(split, jax.make_mesh((8,), ("batch",)))
 
 
@@ -255,10 +255,14 @@ def test_eval_plan_counts():
 
 
 def test_bad_arguments_name_the_fix():
-    with pytest.raises(ValueError, match="batch_size"):
+    """The project's errors (one line, no traceback from the command-line tools), still
+    ValueErrors for callers that catch those; they were plain ValueErrors."""
+    with pytest.raises(errors.DataError, match="use a batch_size from 1 to 10"):
         data.steps_per_epoch(10, 16)
+    with pytest.raises(errors.ConfigError, match="batch_size must be positive"):
+        data.eval_plan(10, 0)
     dev = data.put_on_devices(_split(40), _mesh(1))
-    with pytest.raises(ValueError, match="flip_translate"):
+    with pytest.raises(errors.ConfigError, match="flip_translate"):
         _batch(dev, jax.random.key(0), 0, 8, "cutout")
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from stochastic_depth_jax import errors
 from stochastic_depth_jax.data import augment as augment_lib
 from stochastic_depth_jax.data import order
 from stochastic_depth_jax.data.splits import Split
@@ -55,9 +56,9 @@ class DeviceSplit:
 
 def _check_mesh(mesh: Mesh) -> None:
     if DATA_AXIS not in mesh.axis_names:
-        raise ValueError(f"The mesh needs an axis named {DATA_AXIS!r}; it has "
-                         f"{mesh.axis_names}. Build it e.g. with jax.make_mesh((n,), "
-                         f"('data',), axis_types=(jax.sharding.AxisType.Auto,)).")
+        raise errors.ConfigError(f"The mesh needs an axis named {DATA_AXIS!r}; it has "
+                                 f"{mesh.axis_names}. Build it e.g. with jax.make_mesh((n,), "
+                                 f"('data',), axis_types=(jax.sharding.AxisType.Auto,)).")
 
 
 def put_on_devices(split: Split, mesh: Mesh, *, shard: bool | None = None,
@@ -98,8 +99,9 @@ def put_on_devices(split: Split, mesh: Mesh, *, shard: bool | None = None,
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full training batches per epoch; the incomplete tail of each epoch is dropped."""
     if batch_size <= 0 or num_examples < batch_size:
-        raise ValueError(f"batch_size={batch_size} needs 0 < batch_size <= the "
-                         f"{num_examples} training examples.")
+        raise errors.DataError(f"batch_size={batch_size} needs 0 < batch_size <= the "
+                               f"{num_examples} training examples: use a batch_size from 1 "
+                               f"to {num_examples} (or more training data).")
     return num_examples // batch_size
 
 
@@ -171,7 +173,7 @@ def eval_plan(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarra
       last batch is padded with copies of example 0, masked out).
     """
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        raise errors.ConfigError(f"batch_size must be positive, got {batch_size}.")
     num_batches = -(-num_examples // batch_size)
     flat = np.arange(num_batches * batch_size, dtype=np.int32)
     mask = flat < num_examples
