@@ -211,6 +211,27 @@ def test_put_on_devices_chooses_sharding_by_size():
         data.put_on_devices(split, jax.make_mesh((8,), ("batch",)))
 
 
+def test_a_sharded_split_is_padded_shard_by_shard_without_a_copy_of_it():
+    """A split that does not divide by the devices (SVHN's 598,388 on 8) is padded with
+    zero examples; a padded copy of the whole split made first held it twice in host
+    memory while it was placed."""
+    import tracemalloc
+    split = _split(8 * 1000 + 1)
+    tracemalloc.start()
+    try:
+        dev = data.put_on_devices(split, _mesh(8), shard=True)
+        jax.block_until_ready(dev)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < split.images.nbytes / 2, peak
+    images, labels = np.asarray(dev.images), np.asarray(dev.labels)
+    assert images.shape[0] == labels.shape[0] == 8 * 1001 and len(dev) == len(split)
+    np.testing.assert_array_equal(images[:len(split)], split.images)
+    np.testing.assert_array_equal(labels[:len(split)], split.labels)
+    assert not images[len(split):].any() and not labels[len(split):].any()
+
+
 def test_train_batch_inside_a_sharded_train_step():
     """As the trainer uses it: inside its jit, with a traced step, output split over 'data'."""
     mesh = _mesh(8)

@@ -81,19 +81,29 @@ def put_on_devices(split: Split, mesh: Mesh, *, shard: bool | None = None,
     if shard is None:
         shard = split.images.nbytes > shard_threshold_bytes
     images, labels = split.images, split.labels.astype(np.int32)
-    spec = P()
-    if shard:
-        spec = P(DATA_AXIS)
-        extra = -len(split) % mesh.shape[DATA_AXIS]
-        if extra:  # Rare (odd N); one padded copy is cheaper than ragged shards.
-            images = np.concatenate([images, np.zeros((extra,) + images.shape[1:], np.uint8)])
-            labels = np.concatenate([labels, np.zeros(extra, np.int32)])
+    spec, rows = P(), len(split)
+    if shard:  # padded with zero examples to a multiple of the axis size (SVHN on 8 devices)
+        spec, rows = P(DATA_AXIS), len(split) + -len(split) % mesh.shape[DATA_AXIS]
 
     def place(array: np.ndarray) -> jax.Array:
         sharding = NamedSharding(mesh, spec)
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+        return jax.make_array_from_callback((rows,) + array.shape[1:], sharding,
+                                            lambda index: _padded_rows(array, rows, index))
 
     return DeviceSplit(place(images), place(labels), len(split), mesh)
+
+
+def _padded_rows(array: np.ndarray, rows: int, index: tuple) -> np.ndarray:
+    """``array`` padded with zero rows to ``rows``, at ``index`` (a device's shard): only
+    that shard is copied. A padded copy of the whole split first (np.concatenate) held
+    it twice in host memory while it was placed (1.8 GB more for SVHN's train split on 8
+    devices, whose 598,388 examples do not divide by 8)."""
+    start, stop, _ = index[0].indices(rows)
+    real = array[start:min(stop, len(array))][(slice(None),) + tuple(index[1:])]
+    missing = stop - max(start, len(array))
+    if missing <= 0:
+        return real
+    return np.concatenate([real, np.zeros((missing,) + real.shape[1:], array.dtype)])
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
