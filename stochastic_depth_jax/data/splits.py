@@ -301,7 +301,7 @@ _VALUES = np.arange(256, dtype=np.float64)
 
 def _chunks(images: np.ndarray):
     """``images`` [N, ...] in consecutive slices of about ``_STATS_CHUNK_BYTES``."""
-    step = max(1, _STATS_CHUNK_BYTES // max(1, images[0].nbytes))
+    step = max(1, _STATS_CHUNK_BYTES // max(1, images[:1].nbytes))
     for start in range(0, len(images), step):
         yield images[start:start + step]
 
@@ -321,7 +321,8 @@ def channel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
         (mean, std): float32 [C] each. Counted per value in chunks (:func:`_value_counts`),
         so 600k SVHN images need no float copy and the sums are exact.
     """
-    counts = sum(_value_counts(chunk) for chunk in _chunks(split.images))
+    counts = sum((_value_counts(chunk) for chunk in _chunks(split.images)),
+                 np.zeros((split.images.shape[-1], 256), np.int64))
     count = len(split) * split.images.shape[1] * split.images.shape[2]
     mean = counts @ _VALUES / count
     std = np.sqrt(np.maximum(counts @ np.square(_VALUES) / count - mean**2, 0.0))
@@ -337,10 +338,10 @@ def pixel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
         integers, in chunks, as :func:`channel_stats`.
     """
     total = np.zeros(split.images.shape[1:], np.int64)
-    counts = 0
+    counts = np.zeros((split.images.shape[-1], 256), np.int64)
     for chunk in _chunks(split.images):
         total += chunk.sum(0, dtype=np.int64)
-        counts = counts + _value_counts(chunk)
+        counts += _value_counts(chunk)
     mean = total / len(split)
     # E[x^2] - E[x]^2 over every value; the mean of the per-pixel means is the global mean.
     variance = float((counts @ np.square(_VALUES)).sum()) / (len(split) * mean.size) \
