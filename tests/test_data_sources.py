@@ -446,6 +446,17 @@ def test_image_folder_empty_class(tmp_path):
     os.makedirs(os.path.join(root, "test", "class2"))
     with pytest.raises(ValueError, match="class2.*has no"):
         data.load_dataset(f"image_folder:{root}")
+    # Removing only the empty one was refused next, as train/ and test/ differing: the fix
+    # names both.
+    os.rmdir(os.path.join(root, "train", "class2"))
+    data.testing.make_image_folder(os.path.join(tmp_path, "more"), classes=["class2"],
+                                   per_class_train=2, per_class_test=0)
+    os.rename(os.path.join(tmp_path, "more", "train", "class2"),
+              os.path.join(root, "train", "class2"))
+    with pytest.raises(errors.DataError, match=r"test/class2' has no .* images; add some, or "
+                       r"remove the class from both train/ and test/ \(train/class2/ and "
+                       r"test/class2/\)\.$"):
+        data.load_dataset(f"image_folder:{root}")
 
 
 def test_image_folder_unreadable_file(tmp_path):
