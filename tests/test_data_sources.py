@@ -887,6 +887,24 @@ def test_a_data_dir_given_as_a_path_object_loads(tmp_path):
     assert (len(ds.train), len(ds.test)) == (12, 5)
 
 
+@pytest.mark.parametrize("given", ["argument", "environment"])
+def test_a_data_dir_under_the_home_directory_given_with_a_tilde_loads(tmp_path, monkeypatch,
+                                                                      given):
+    """``data_dir='~/tensorflow_datasets'`` from Python, or a $TFDS_DATA_DIR that no shell
+    expanded (a Dockerfile's ENV), named a folder '~' under the current directory: the
+    prepared data was reported missing (and a download would have gone there)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data.testing.make_tfds_dataset("cifar10", str(tmp_path / "home" / "tfds"), num_train=12,
+                                   num_test=5)
+    monkeypatch.chdir(tmp_path)
+    if given == "environment":
+        monkeypatch.setenv("TFDS_DATA_DIR", "~/tfds")
+    ds = data.load_dataset("cifar10", data_dir="~/tfds" if given == "argument" else None,
+                           download=False, validation_size=0)
+    assert (len(ds.train), len(ds.test)) == (12, 5)
+    assert not os.path.exists(tmp_path / "~")
+
+
 @pytest.mark.parametrize("url", ["file://{}", "file://localhost{}"])
 def test_a_file_url_data_dir_is_told_to_be_its_local_path(tmp_path, url):
     """A file:// data_dir names a local directory: it was refused as remote, with advice to

@@ -104,6 +104,7 @@ def _load_tfds(name, data_dir, download, validation_size, seed, train_on_all, la
     tfds_name = sources.TFDS_NAMES[name]
     key = _label_key(name, label)
     sources.check_local_data_dir(data_dir, tfds_name)
+    data_dir = sources.local_data_dir(data_dir)
     sources.ensure_prepared(tfds_name, data_dir, download)
     read = lambda split: sources.read_split(tfds_name, split, data_dir, key, progress_bar)
     train, test = read("train"), read("test")
