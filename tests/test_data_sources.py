@@ -640,6 +640,15 @@ def test_validation_fraction_that_holds_out_nothing_or_everything_is_refused():
     with pytest.raises(errors.DataError, match="holds out 4, leaving 0"):
         splits.holdout(split, 0.9, 0)
     assert splits.holdout(split, 0.0, 0)[1] is None and len(splits.holdout(split, 0.25, 0)[1]) == 1
+    # A fraction out of [0, 1) named no fix; a whole one (a count written 2.0, as a JSON
+    # file may hold it) is told to be an int.
+    with pytest.raises(errors.DataError, match=re.escape(
+            "validation_size=2.0 as a fraction must be in [0, 1); pass a fraction such as 0.1, "
+            "a count as an int (2), or 0 for no validation set.")):
+        splits.holdout(split, 2.0, 0)
+    with pytest.raises(errors.DataError, match=re.escape("; pass a fraction such as 0.1, a "
+                                                         "count (an int), or 0 for no")):
+        splits.holdout(split, -0.5, 0)
 
 
 def test_validation_size_as_a_numpy_scalar_counts_by_its_kind_and_others_are_refused():

@@ -92,8 +92,12 @@ def resolve_count(validation_size: int | float, num_examples: int, least: int = 
     if not isinstance(validation_size, numbers.Integral):
         validation_size = float(validation_size)
         if not 0.0 <= validation_size < 1.0:
-            raise errors.DataError(f"validation_size as a fraction must be in [0, 1), got "
-                             f"{validation_size}.")
+            count = (f" as an int ({int(validation_size)})" if validation_size >= 1
+                     and validation_size.is_integer() else "")  # 5000.0 from a JSON file
+            raise errors.DataError(
+                f"validation_size={validation_size} as a fraction must be in [0, 1); pass a "
+                f"fraction such as 0.1, a count{count or ' (an int)'}, or 0 for no validation "
+                f"set.")
         count = _count_of(validation_size, num_examples)
         if validation_size > 0 and not 0 < count < num_examples:
             raise errors.DataError(
