@@ -91,6 +91,17 @@ def test_svhn_validation_size_as_a_fraction_or_too_small_a_count():
     with pytest.raises(ValueError, match="a count such as 10,"):
         splits.svhn_holdout(svhn_train, extra, 10, 0.0001, seed=0)
     assert splits.svhn_holdout(svhn_train, extra, 10, 0, seed=0)[1] is None
+    # More than the smallest class holds (the paper's 400 + 200 a class of small data) names
+    # the largest count that fits, which then holds out.
+    in_train, in_extra = np.bincount(svhn_train.labels).min(), np.bincount(extra.labels).min()
+    most = 10 * max(p for p in range(1, 200) if 2 * p // 3 <= in_train
+                    and p - 2 * p // 3 <= in_extra)
+    with pytest.raises(errors.DataError, match=f"from 'train' but it has only .*; pass "
+                       f"validation_size={most} or less.$"):
+        splits.svhn_holdout(svhn_train, extra, 10, None, seed=0)
+    assert len(splits.svhn_holdout(svhn_train, extra, 10, most, seed=0)[1]) == most
+    with pytest.raises(errors.DataError, match=f"validation_size={most} or less"):
+        splits.svhn_holdout(svhn_train, extra, 10, most + 10, seed=0)
 
 
 def test_svhn_split_is_gathered_in_one_copy_in_order():
@@ -141,8 +152,10 @@ def test_svhn_uses_train_plus_extra(data_dir):
     assert (len(ds.train), len(ds.validation), len(ds.test)) == (440, 60, 30)
     assert ds.augment == "none"
     assert np.all(np.bincount(ds.validation.labels, minlength=10) == 6)
-    with pytest.raises(ValueError, match="smaller validation_size"):
-        data.load_dataset("svhn", data_dir=data_dir)  # 400/class > the fake's 20/class.
+    # 400/class > the fake's 20/class: the largest count that fits is named (31 a class: 20
+    # from train's 20, 11 from extra's 30).
+    with pytest.raises(ValueError, match="only 20; pass validation_size=310 or less."):
+        data.load_dataset("svhn", data_dir=data_dir)
 
 
 def test_mean_std_are_train_statistics_in_pixel_units(data_dir):

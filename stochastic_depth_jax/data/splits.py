@@ -223,17 +223,31 @@ def per_class_counts(sizes: np.ndarray, count: int, rng: np.random.Generator) ->
 
 
 def _per_class_holdout(labels: np.ndarray, per_class: int, num_classes: int,
-                       rng: np.random.Generator, source: str) -> np.ndarray:
-    """Boolean [N] mask choosing `per_class` random examples of every class."""
+                       rng: np.random.Generator, source: str, most: int) -> np.ndarray:
+    """Boolean [N] mask choosing `per_class` random examples of every class; ``most``: the
+    largest SVHN validation_size the data holds (:func:`_most_svhn_validation`), named
+    where `per_class` is too many."""
     held = np.zeros(labels.shape[0], bool)
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         if per_class > members.size:
+            fix = (f"pass validation_size={most} or less" if most
+                   else "no validation set fits: pass validation_size=0")
             raise errors.DataError(
                 f"SVHN validation wants {per_class} examples of class {c} from '{source}' "
-                f"but it has only {members.size}; pass a smaller validation_size.")
+                f"but it has only {members.size}; {fix}.")
         held[rng.permutation(members)[:per_class]] = True
     return held
+
+
+def _most_svhn_validation(train: Split, extra: Split, num_classes: int) -> int:
+    """The largest validation_size count whose per-class shares (two thirds of each from
+    train, the rest from extra: :func:`svhn_holdout`) the smallest class of each holds."""
+    smallest = [int(np.bincount(s.labels, minlength=num_classes)[:num_classes].min())
+                for s in (train, extra)]
+    per_class = next((p for p in range(sum(smallest), 0, -1)
+                      if 2 * p // 3 <= smallest[0] and p - 2 * p // 3 <= smallest[1]), 0)
+    return per_class * num_classes
 
 
 def svhn_holdout(train: Split, extra: Split, num_classes: int,
@@ -269,8 +283,9 @@ def svhn_holdout(train: Split, extra: Split, num_classes: int,
     if from_train + from_extra == 0:
         return concatenate(train, extra), None
     rng = _rng(seed)
-    held_train = _per_class_holdout(train.labels, from_train, num_classes, rng, "train")
-    held_extra = _per_class_holdout(extra.labels, from_extra, num_classes, rng, "extra")
+    most = _most_svhn_validation(train, extra, num_classes)
+    held_train = _per_class_holdout(train.labels, from_train, num_classes, rng, "train", most)
+    held_extra = _per_class_holdout(extra.labels, from_extra, num_classes, rng, "extra", most)
     kept = _take_from((train, np.flatnonzero(~held_train)), (extra, np.flatnonzero(~held_extra)))
     validation = _take_from((train, np.flatnonzero(held_train)),
                             (extra, np.flatnonzero(held_extra)))
