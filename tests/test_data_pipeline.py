@@ -207,8 +207,29 @@ def test_put_on_devices_chooses_sharding_by_size():
     split = _split(64)
     assert not data.put_on_devices(split, _mesh(8)).sharded
     assert data.put_on_devices(split, _mesh(8), shard_threshold_bytes=100).sharded
-    with pytest.raises(ValueError, match="axis named 'data'"):
+    with pytest.raises(errors.ConfigError, match="axis named 'data'"):
         data.put_on_devices(split, jax.make_mesh((8,), ("batch",)))
+
+
+def test_a_sharded_split_is_padded_shard_by_shard_without_a_copy_of_it():
+    """A split that does not divide by the devices (SVHN's 598,388 on 8) is padded with
+    zero examples; a padded copy of the whole split made first held it twice in host
+    memory while it was placed."""
+    import tracemalloc
+    split = _split(8 * 1000 + 1)
+    tracemalloc.start()
+    try:
+        dev = data.put_on_devices(split, _mesh(8), shard=True)
+        jax.block_until_ready(dev)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < split.images.nbytes / 2, peak
+    images, labels = np.asarray(dev.images), np.asarray(dev.labels)
+    assert images.shape[0] == labels.shape[0] == 8 * 1001 and len(dev) == len(split)
+    np.testing.assert_array_equal(images[:len(split)], split.images)
+    np.testing.assert_array_equal(labels[:len(split)], split.labels)
+    assert not images[len(split):].any() and not labels[len(split):].any()
 
 
 def test_train_batch_inside_a_sharded_train_step():
@@ -255,11 +276,30 @@ def test_eval_plan_counts():
 
 
 def test_bad_arguments_name_the_fix():
-    with pytest.raises(ValueError, match="batch_size"):
+    """The project's errors (one line, no traceback from the command-line tools), still
+    ValueErrors for callers that catch those; they were plain ValueErrors."""
+    with pytest.raises(errors.DataError, match="use a batch_size from 1 to 10"):
         data.steps_per_epoch(10, 16)
+    with pytest.raises(errors.ConfigError, match="batch_size must be positive"):
+        data.eval_plan(10, 0)
     dev = data.put_on_devices(_split(40), _mesh(1))
-    with pytest.raises(ValueError, match="flip_translate"):
+    with pytest.raises(errors.ConfigError, match="flip_translate"):
         _batch(dev, jax.random.key(0), 0, 8, "cutout")
+
+
+@pytest.mark.parametrize("images, labels, expected", [
+    (np.zeros((2, 4, 4, 3), np.float32), np.arange(2), "must be uint8 [N, H, W, C] pixels"),
+    (np.zeros((2, 4, 4), np.uint8), np.arange(2), "grayscale [N, H, W]: x[..., None]"),
+    (np.zeros((2, 4, 4, 3), np.uint8), np.array([0.0, 1.7]), "integer class indices, got float64"),
+    (np.zeros((2, 4, 4, 3), np.uint8), np.array([0, -1]), "class indices from 0, got -1"),
+])
+def test_a_split_of_what_the_pipeline_would_misread_is_one_line_naming_the_fix(
+        images, labels, expected):
+    """Float labels were truncated to int32 on the devices (1.7 trained as class 1), and a
+    negative one trained as no class (a one-hot of zeros), silently."""
+    with pytest.raises(errors.DataError, match=r"^Split\.") as raised:
+        data.Split(images, labels)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_image_folder_end_to_end(tmp_path):
@@ -271,6 +311,9 @@ def test_image_folder_end_to_end(tmp_path):
                                       std=ds.std, augment=ds.augment))
     images, labels = batch(dev, jax.random.key(0), 0)
     assert images.shape == (8, 16, 16, 3) and set(np.asarray(labels).tolist()) <= {0, 1}
+    # Its labels are its class directories: another label set is refused, not ignored.
+    with pytest.raises(errors.DataError, match="label='coarse' is not available for an image"):
+        data.load_dataset(f"image_folder:{root}", label="coarse")
 
 
 def test_training_keeps_no_host_copy_of_the_data(tmp_path, monkeypatch):

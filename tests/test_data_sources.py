@@ -91,6 +91,17 @@ def test_svhn_validation_size_as_a_fraction_or_too_small_a_count():
     with pytest.raises(ValueError, match="a count such as 10,"):
         splits.svhn_holdout(svhn_train, extra, 10, 0.0001, seed=0)
     assert splits.svhn_holdout(svhn_train, extra, 10, 0, seed=0)[1] is None
+    # More than the smallest class holds (the paper's 400 + 200 a class of small data) names
+    # the largest count that fits, which then holds out.
+    in_train, in_extra = np.bincount(svhn_train.labels).min(), np.bincount(extra.labels).min()
+    most = 10 * max(p for p in range(1, 200) if 2 * p // 3 <= in_train
+                    and p - 2 * p // 3 <= in_extra)
+    with pytest.raises(errors.DataError, match=f"from 'train' but it has only .*; pass "
+                       f"validation_size={most} or less.$"):
+        splits.svhn_holdout(svhn_train, extra, 10, None, seed=0)
+    assert len(splits.svhn_holdout(svhn_train, extra, 10, most, seed=0)[1]) == most
+    with pytest.raises(errors.DataError, match=f"validation_size={most} or less"):
+        splits.svhn_holdout(svhn_train, extra, 10, most + 10, seed=0)
 
 
 def test_svhn_split_is_gathered_in_one_copy_in_order():
@@ -141,8 +152,10 @@ def test_svhn_uses_train_plus_extra(data_dir):
     assert (len(ds.train), len(ds.validation), len(ds.test)) == (440, 60, 30)
     assert ds.augment == "none"
     assert np.all(np.bincount(ds.validation.labels, minlength=10) == 6)
-    with pytest.raises(ValueError, match="smaller validation_size"):
-        data.load_dataset("svhn", data_dir=data_dir)  # 400/class > the fake's 20/class.
+    # 400/class > the fake's 20/class: the largest count that fits is named (31 a class: 20
+    # from train's 20, 11 from extra's 30).
+    with pytest.raises(ValueError, match="only 20; pass validation_size=310 or less."):
+        data.load_dataset("svhn", data_dir=data_dir)
 
 
 def test_mean_std_are_train_statistics_in_pixel_units(data_dir):
@@ -446,6 +459,17 @@ def test_image_folder_empty_class(tmp_path):
     os.makedirs(os.path.join(root, "test", "class2"))
     with pytest.raises(ValueError, match="class2.*has no"):
         data.load_dataset(f"image_folder:{root}")
+    # Removing only the empty one was refused next, as train/ and test/ differing: the fix
+    # names both.
+    os.rmdir(os.path.join(root, "train", "class2"))
+    data.testing.make_image_folder(os.path.join(tmp_path, "more"), classes=["class2"],
+                                   per_class_train=2, per_class_test=0)
+    os.rename(os.path.join(tmp_path, "more", "train", "class2"),
+              os.path.join(root, "train", "class2"))
+    with pytest.raises(errors.DataError, match=r"test/class2' has no .* images; add some, or "
+                       r"remove the class from both train/ and test/ \(train/class2/ and "
+                       r"test/class2/\)\.$"):
+        data.load_dataset(f"image_folder:{root}")
 
 
 def test_image_folder_unreadable_file(tmp_path):
@@ -629,6 +653,15 @@ def test_validation_fraction_that_holds_out_nothing_or_everything_is_refused():
     with pytest.raises(errors.DataError, match="holds out 4, leaving 0"):
         splits.holdout(split, 0.9, 0)
     assert splits.holdout(split, 0.0, 0)[1] is None and len(splits.holdout(split, 0.25, 0)[1]) == 1
+    # A fraction out of [0, 1) named no fix; a whole one (a count written 2.0, as a JSON
+    # file may hold it) is told to be an int.
+    with pytest.raises(errors.DataError, match=re.escape(
+            "validation_size=2.0 as a fraction must be in [0, 1); pass a fraction such as 0.1, "
+            "a count as an int (2), or 0 for no validation set.")):
+        splits.holdout(split, 2.0, 0)
+    with pytest.raises(errors.DataError, match=re.escape("; pass a fraction such as 0.1, a "
+                                                         "count (an int), or 0 for no")):
+        splits.holdout(split, -0.5, 0)
 
 
 def test_validation_size_as_a_numpy_scalar_counts_by_its_kind_and_others_are_refused():
@@ -874,6 +907,24 @@ def test_a_data_dir_given_as_a_path_object_loads(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=12, num_test=5)
     ds = data.load_dataset("cifar10", data_dir=tmp_path, download=False, validation_size=0)
     assert (len(ds.train), len(ds.test)) == (12, 5)
+
+
+@pytest.mark.parametrize("given", ["argument", "environment"])
+def test_a_data_dir_under_the_home_directory_given_with_a_tilde_loads(tmp_path, monkeypatch,
+                                                                      given):
+    """``data_dir='~/tensorflow_datasets'`` from Python, or a $TFDS_DATA_DIR that no shell
+    expanded (a Dockerfile's ENV), named a folder '~' under the current directory: the
+    prepared data was reported missing (and a download would have gone there)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data.testing.make_tfds_dataset("cifar10", str(tmp_path / "home" / "tfds"), num_train=12,
+                                   num_test=5)
+    monkeypatch.chdir(tmp_path)
+    if given == "environment":
+        monkeypatch.setenv("TFDS_DATA_DIR", "~/tfds")
+    ds = data.load_dataset("cifar10", data_dir="~/tfds" if given == "argument" else None,
+                           download=False, validation_size=0)
+    assert (len(ds.train), len(ds.test)) == (12, 5)
+    assert not os.path.exists(tmp_path / "~")
 
 
 @pytest.mark.parametrize("url", ["file://{}", "file://localhost{}"])

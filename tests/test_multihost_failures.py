@@ -97,6 +97,38 @@ def test_a_workdir_the_processes_do_not_share_stops_the_job_in_one_line(tmp_path
     assert "to see the run.lock" not in out1, out1[-3000:]
 
 
+def test_processes_that_load_different_data_stop_before_training(tmp_path):
+    """Each host reads its own copy of the data (an image folder's path may differ per
+    host): copies that differ by one pixel trained each host on other examples under the
+    same indices, and the job ended with status 0."""
+    import numpy as np
+    from PIL import Image
+    from stochastic_depth_jax.data import testing
+    for i in range(2):
+        testing.make_image_folder(str(tmp_path / f"host{i}"), classes=2, per_class_train=24,
+                                  per_class_test=4, size=(8, 8))
+    changed = tmp_path / "host1" / "train" / "class0" / "0.png"
+    pixels = np.asarray(Image.open(changed)).copy()
+    pixels[0, 0] ^= 255
+    Image.fromarray(pixels).save(changed)
+    address = free_address()
+    commands = [[sys.executable, "train.py", *_train_args(tmp_path, address),
+                 f"--config.dataset=image_folder:{tmp_path / f'host{i}'}",
+                 "--config.batch_size=8", "--config.eval_batch_size=8",
+                 "--config.validation_size=8", "--process_id", str(i)] for i in range(2)]
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        start_all(commands, env=ENV, cwd=REPO), timeout=BOUND_S)
+    mine = _error_line(s1, out1)
+    assert mine == ("error: Process 1's dataset differs from process 0's (40 training, 8 "
+                    "validation, 8 test images on both, but other pixels or labels); every "
+                    "process must load the same data: copy process 0's data_dir (or image "
+                    "folder) to this host."), mine
+    theirs = _error_line(s0, out0)
+    assert theirs.startswith("error: process 1 of 2 failed, so process 0 stops too"), theirs
+    assert "epoch 1" not in out0 + out1  # stopped before training
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_the_bound_on_a_job_is_a_hang_detector_below_the_wait_to_join(request):
     """A process left waiting in the join (the default --init_timeout) fails a test at
     BOUND_S as a hang, and a wait set past the bound ends within pytest's timeout."""

@@ -48,19 +48,58 @@ def test_stats_equal_numpy():
 
 
 def test_stats_of_more_images_than_one_chunk_count_every_image():
-    """The statistics are summed in chunks of 8192 images (SVHN's 600k without a float
-    copy): CIFAR's 45k span six. Of 2 x 8192 + 3 images, a chunk that drops or repeats an
-    image at its ends shows."""
+    """The statistics are counted in chunks of about ``_STATS_CHUNK_BYTES`` of pixels (SVHN's
+    600k without a float copy): CIFAR's 45k span dozens. Of 2 chunks + 3 images, a chunk
+    that drops or repeats an image at its ends shows."""
     rng = np.random.default_rng(1)
-    split = splits.Split(rng.integers(0, 256, (2 * 8192 + 3, 2, 3, 3), dtype=np.uint8),
-                         np.zeros(2 * 8192 + 3, np.int32))
+    shape = (32, 32, 3)
+    n = 2 * (splits._STATS_CHUNK_BYTES // int(np.prod(shape))) + 3
+    split = splits.Split(rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
+                         np.zeros(n, np.int32))
     pixels = split.images.astype(np.float64)
-    mean, std = splits.channel_stats(split)
-    np.testing.assert_allclose(mean, pixels.mean((0, 1, 2)), rtol=1e-6)
-    np.testing.assert_allclose(std, pixels.std((0, 1, 2)), rtol=1e-6)
-    mean, std = splits.pixel_stats(split)
-    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(std, pixels.std(), rtol=1e-6)
+    for stats, axes in ((splits.channel_stats, (0, 1, 2)), (splits.pixel_stats, None)):
+        mean, std = stats(split)
+        np.testing.assert_allclose(mean, pixels.mean(0 if axes is None else axes), rtol=1e-6)
+        np.testing.assert_allclose(std, pixels.std(axes), rtol=1e-6)
+
+
+def _exact_channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std from integer sums (exact), each rounded once."""
+    values = images.reshape(-1, images.shape[-1]).astype(np.int64)
+    mean = values.sum(0) / len(values)
+    std = np.sqrt(np.square(values).sum(0) / len(values) - mean**2)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _exact_pixel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean image and the global std from integer sums (exact), each rounded once."""
+    values = images.astype(np.int64)
+    mean = values.sum(0) / len(values)
+    std = np.sqrt(np.square(values).sum() / values.size - mean.mean() ** 2)
+    return mean.astype(np.float32), np.float32(std)
+
+
+def test_stats_hold_less_than_a_copy_of_the_pixels_and_are_exact():
+    """Large images (128 x 128 here; an image folder's may be 224 x 224 or more) are counted
+    without a float copy of them: chunks of 8192 images in float64 took 16 times their
+    pixels (10 GB of work arrays for 224 x 224 images, where the folder itself fits in
+    memory). The sums are exact integers: the same statistics as before, to the bit."""
+    import tracemalloc
+    rng = np.random.default_rng(2)
+    split = splits.Split(rng.integers(0, 256, (300, 128, 128, 3), dtype=np.uint8),
+                         np.zeros(300, np.int32))
+    for stats, exact in ((splits.channel_stats, _exact_channel_stats),
+                         (splits.pixel_stats, _exact_pixel_stats)):
+        tracemalloc.start()
+        try:
+            mean, std = stats(split)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < split.images.nbytes, (stats.__name__, peak)
+        want_mean, want_std = exact(split.images)
+        np.testing.assert_array_equal(mean, want_mean)
+        np.testing.assert_array_equal(std, want_std)
 
 
 def test_translation_fills_with_the_mean_at_each_pixel():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from stochastic_depth_jax import errors
+
 # 'translate': the shifts without the flip (digits, text: a mirrored 2 or R is no longer one).
 AUGMENTATIONS = ("flip_translate", "translate", "none")
 # Paper, Sec. 4 (CIFAR): "translation by up to 4 pixels" and horizontal flips, as the
@@ -20,7 +22,7 @@ MAX_SHIFT = 4
 def check_augment(name: str) -> str:
     """Returns `name` if it is a known augmentation, else raises naming the choices."""
     if name not in AUGMENTATIONS:
-        raise ValueError(f"Unknown augment={name!r}; choose one of {AUGMENTATIONS}.")
+        raise errors.ConfigError(f"Unknown augment={name!r}; choose one of {AUGMENTATIONS}.")
     return name
 
 

@@ -104,6 +104,7 @@ def _load_tfds(name, data_dir, download, validation_size, seed, train_on_all, la
     tfds_name = sources.TFDS_NAMES[name]
     key = _label_key(name, label)
     sources.check_local_data_dir(data_dir, tfds_name)
+    data_dir = sources.local_data_dir(data_dir)
     sources.ensure_prepared(tfds_name, data_dir, download)
     read = lambda split: sources.read_split(tfds_name, split, data_dir, key, progress_bar)
     train, test = read("train"), read("test")
@@ -173,6 +174,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
         raise errors.DataError(f"holdout={holdout!r} applies to image folders only; {name!r} "
                                "is split as in the paper: pass holdout=None.")
     if name.startswith(IMAGE_FOLDER_PREFIX):
+        if label != "fine":  # it was ignored: the run trained on the class directories
+            raise errors.DataError(f"label={label!r} is not available for an image folder, "
+                                   "whose labels are its class directories; use 'fine'.")
         holdout = holdout or IMAGE_FOLDER_HOLDOUT
         class_names, train, test = image_folder.load(name[len(IMAGE_FOLDER_PREFIX):])
         num_classes, validation = len(class_names), None

@@ -149,9 +149,12 @@ def _gray_to_rgb(path: str, mode: str, pixels: np.ndarray) -> np.ndarray:
 def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
     """(image paths, skipped entries) of a class directory."""
     dirs, images, other = _entries(class_dir)
-    if not images:
-        raise errors.DataError(f"Class directory {class_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} "
-                               f"images; add some or remove the directory.")
+    if not images:  # train/ and test/ must name the same classes: removing it is both
+        name = os.path.basename(class_dir)
+        raise errors.DataError(
+            f"Class directory {class_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} images; add "
+            f"some, or remove the class from both train/ and test/ (train/{name}/ and "
+            f"test/{name}/).")
     skipped = [name + "/" for name in dirs] + other
     name = os.path.basename(class_dir)
     return [os.path.join(class_dir, f) for f in images], [f"{name}/{s}" for s in skipped]

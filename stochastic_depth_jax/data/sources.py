@@ -59,8 +59,18 @@ class CorruptDataError(errors.Error, RuntimeError):
 
 
 def default_data_dir() -> str:
-    """tfds's default: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
-    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+    """tfds's default: $TFDS_DATA_DIR or ~/tensorflow_datasets, ``~`` expanded in either
+    (:func:`local_data_dir`)."""
+    return local_data_dir(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def local_data_dir(data_dir) -> str:
+    """``data_dir`` (a str or a path object) with ``~`` expanded, as the command line's
+    ``--config.data_dir`` is: a ``~/tensorflow_datasets`` given from Python, or in a
+    $TFDS_DATA_DIR that no shell expanded (a Dockerfile's ENV, a .env file), named a folder
+    ``~`` under the current directory, where the prepared data was reported missing."""
+    data_dir = os.fspath(data_dir)
+    return data_dir if "://" in data_dir else os.path.expanduser(data_dir)
 
 
 # What an image folder needs instead, named where tfds cannot be imported.

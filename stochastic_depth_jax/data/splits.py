@@ -30,12 +30,27 @@ class Split:
     labels: np.ndarray
 
     def __post_init__(self):
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"Split.images must be uint8 [N, H, W, C], got "
-                             f"{self.images.dtype} {self.images.shape}.")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"Split.labels must be [N={self.images.shape[0]}], got "
-                             f"{self.labels.shape}.")
+        """Refuses, in one line with the fix, what the pipeline would misread: float pixels
+        (normalised as if in [0, 255]), and labels that are not class indices (float labels
+        were truncated to int32 when placed on the devices; a negative one trained as no
+        class at all)."""
+        images, labels = self.images, np.asarray(self.labels)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise errors.DataError(
+                f"Split.images must be uint8 [N, H, W, C] pixels in [0, 255], got "
+                f"{images.dtype} {images.shape}; convert them first (floats in [0, 1]: "
+                f"np.round(x * 255).astype(np.uint8); grayscale [N, H, W]: x[..., None]).")
+        if labels.shape != (images.shape[0],):
+            raise errors.DataError(f"Split.labels must be [N={images.shape[0]}], got "
+                                   f"{labels.shape}.")
+        if labels.dtype.kind not in "iu":
+            raise errors.DataError(
+                f"Split.labels must be integer class indices, got {labels.dtype}; convert "
+                f"them (e.g. labels.astype(np.int32)) after checking that they are whole.")
+        if labels.size and labels.min() < 0:
+            raise errors.DataError(
+                f"Split.labels must be class indices from 0, got {labels.min()}; number the "
+                f"classes 0, 1, ..., num_classes - 1.")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -77,8 +92,12 @@ def resolve_count(validation_size: int | float, num_examples: int, least: int = 
     if not isinstance(validation_size, numbers.Integral):
         validation_size = float(validation_size)
         if not 0.0 <= validation_size < 1.0:
-            raise errors.DataError(f"validation_size as a fraction must be in [0, 1), got "
-                             f"{validation_size}.")
+            count = (f" as an int ({int(validation_size)})" if validation_size >= 1
+                     and validation_size.is_integer() else "")  # 5000.0 from a JSON file
+            raise errors.DataError(
+                f"validation_size={validation_size} as a fraction must be in [0, 1); pass a "
+                f"fraction such as 0.1, a count{count or ' (an int)'}, or 0 for no validation "
+                f"set.")
         count = _count_of(validation_size, num_examples)
         if validation_size > 0 and not 0 < count < num_examples:
             raise errors.DataError(
@@ -204,17 +223,31 @@ def per_class_counts(sizes: np.ndarray, count: int, rng: np.random.Generator) ->
 
 
 def _per_class_holdout(labels: np.ndarray, per_class: int, num_classes: int,
-                       rng: np.random.Generator, source: str) -> np.ndarray:
-    """Boolean [N] mask choosing `per_class` random examples of every class."""
+                       rng: np.random.Generator, source: str, most: int) -> np.ndarray:
+    """Boolean [N] mask choosing `per_class` random examples of every class; ``most``: the
+    largest SVHN validation_size the data holds (:func:`_most_svhn_validation`), named
+    where `per_class` is too many."""
     held = np.zeros(labels.shape[0], bool)
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         if per_class > members.size:
+            fix = (f"pass validation_size={most} or less" if most
+                   else "no validation set fits: pass validation_size=0")
             raise errors.DataError(
                 f"SVHN validation wants {per_class} examples of class {c} from '{source}' "
-                f"but it has only {members.size}; pass a smaller validation_size.")
+                f"but it has only {members.size}; {fix}.")
         held[rng.permutation(members)[:per_class]] = True
     return held
+
+
+def _most_svhn_validation(train: Split, extra: Split, num_classes: int) -> int:
+    """The largest validation_size count whose per-class shares (two thirds of each from
+    train, the rest from extra: :func:`svhn_holdout`) the smallest class of each holds."""
+    smallest = [int(np.bincount(s.labels, minlength=num_classes)[:num_classes].min())
+                for s in (train, extra)]
+    per_class = next((p for p in range(sum(smallest), 0, -1)
+                      if 2 * p // 3 <= smallest[0] and p - 2 * p // 3 <= smallest[1]), 0)
+    return per_class * num_classes
 
 
 def svhn_holdout(train: Split, extra: Split, num_classes: int,
@@ -250,8 +283,9 @@ def svhn_holdout(train: Split, extra: Split, num_classes: int,
     if from_train + from_extra == 0:
         return concatenate(train, extra), None
     rng = _rng(seed)
-    held_train = _per_class_holdout(train.labels, from_train, num_classes, rng, "train")
-    held_extra = _per_class_holdout(extra.labels, from_extra, num_classes, rng, "extra")
+    most = _most_svhn_validation(train, extra, num_classes)
+    held_train = _per_class_holdout(train.labels, from_train, num_classes, rng, "train", most)
+    held_extra = _per_class_holdout(extra.labels, from_extra, num_classes, rng, "extra", most)
     kept = _take_from((train, np.flatnonzero(~held_train)), (extra, np.flatnonzero(~held_extra)))
     validation = _take_from((train, np.flatnonzero(held_train)),
                             (extra, np.flatnonzero(held_extra)))
@@ -276,23 +310,41 @@ def _take_from(*parts: tuple[Split, np.ndarray]) -> Split:
     return Split(images, labels)
 
 
+# The statistics read a split in chunks of about this many bytes of pixels (at least one
+# image): their work arrays (bincount's int64 copy of a channel) take a few times that,
+# whatever the size of the images. A chunk of 8192 images in float64 took 16x its pixels
+# (400 MB for CIFAR's, 10 GB for 224 x 224 images).
+_STATS_CHUNK_BYTES = 4 << 20
+_VALUES = np.arange(256, dtype=np.float64)
+
+
+def _chunks(images: np.ndarray):
+    """``images`` [N, ...] in consecutive slices of about ``_STATS_CHUNK_BYTES``."""
+    step = max(1, _STATS_CHUNK_BYTES // max(1, images[:1].nbytes))
+    for start in range(0, len(images), step):
+        yield images[start:start + step]
+
+
+def _value_counts(chunk: np.ndarray) -> np.ndarray:
+    """int64 [C, 256]: how many of the chunk's uint8 [..., C] values of each channel are
+    0, 1, ..., 255. Sums of values and of squares follow exactly (in integers), in a pass
+    that is several times faster than summing float copies."""
+    flat = chunk.reshape(-1, chunk.shape[-1])
+    return np.stack([np.bincount(flat[:, c], minlength=256) for c in range(flat.shape[1])])
+
+
 def channel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of a split, in [0, 255] pixel units.
 
     Returns:
-        (mean, std): float32 [C] each. Computed in float64 chunks so 600k SVHN
-        images need no 7 GB float copy.
+        (mean, std): float32 [C] each. Counted per value in chunks (:func:`_value_counts`),
+        so 600k SVHN images need no float copy and the sums are exact.
     """
-    channels = split.images.shape[-1]
-    total = np.zeros(channels)
-    total_sq = np.zeros(channels)
-    for start in range(0, len(split), 8192):
-        chunk = split.images[start:start + 8192].reshape(-1, channels).astype(np.float64)
-        total += chunk.sum(0)
-        total_sq += np.square(chunk).sum(0)
+    counts = sum((_value_counts(chunk) for chunk in _chunks(split.images)),
+                 np.zeros((split.images.shape[-1], 256), np.int64))
     count = len(split) * split.images.shape[1] * split.images.shape[2]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    mean = counts @ _VALUES / count
+    std = np.sqrt(np.maximum(counts @ np.square(_VALUES) / count - mean**2, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
@@ -301,18 +353,18 @@ def pixel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
     one global std of a split, in [0, 255] pixel units.
 
     Returns:
-        (mean, std): float32 [H, W, C] and a float32 scalar (shape ``()``). Computed in
-        float64 chunks, as :func:`channel_stats`.
+        (mean, std): float32 [H, W, C] and a float32 scalar (shape ``()``). Summed in
+        integers, in chunks, as :func:`channel_stats`.
     """
-    total = np.zeros(split.images.shape[1:])
-    total_sq = 0.0
-    for start in range(0, len(split), 8192):
-        chunk = split.images[start:start + 8192].astype(np.float64)
-        total += chunk.sum(0)
-        total_sq += float(np.square(chunk).sum())
+    total = np.zeros(split.images.shape[1:], np.int64)
+    counts = np.zeros((split.images.shape[-1], 256), np.int64)
+    for chunk in _chunks(split.images):
+        total += chunk.sum(0, dtype=np.int64)
+        counts += _value_counts(chunk)
     mean = total / len(split)
     # E[x^2] - E[x]^2 over every value; the mean of the per-pixel means is the global mean.
-    variance = total_sq / (len(split) * mean.size) - mean.mean() ** 2
+    variance = float((counts @ np.square(_VALUES)).sum()) / (len(split) * mean.size) \
+        - mean.mean() ** 2
     std = np.sqrt(max(variance, 0.0))
     return mean.astype(np.float32), np.float32(max(std, 1e-3)).reshape(())
 

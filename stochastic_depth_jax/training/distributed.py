@@ -11,7 +11,8 @@ is split along the mesh axis ``'data'`` and parameters are replicated.
 When one process goes wrong the others must not wait for it forever:
 
 * :func:`check_same_config`: every process compares its config with process 0's before
-  training (different configs train garbage or deadlock in a collective);
+  training (different configs train garbage or deadlock in a collective), and
+  :func:`check_same_data` the dataset it loaded from its own disk;
   :func:`initialize` refuses processes with unequal device counts
   (:func:`check_device_counts`).
 * :func:`leave_job`: a process that fails tells the others through the job's key-value
@@ -72,6 +73,7 @@ __all__ = [
     "expect_job",
     "poll_interval",
     "check_same_config",
+    "check_same_data",
     "check_device_counts",
     "leave_job",
     "close_after_reporting",
@@ -731,15 +733,50 @@ def _comparable(config: dict[str, Any], ignored: tuple[str, ...]) -> dict[str, A
     return mine
 
 
-def _agreed(call: Any, key: str, timeout_s: int = 300) -> Any:
-    """``call(key, timeout in ms)``; a timeout (a process stuck before comparing) is an
-    ``errors.DistributedError``."""
+def check_same_data(fingerprint: str, sizes: str) -> None:
+    """Raises ``errors.DataError`` on a process whose loaded dataset differs from process 0's.
+
+    Each process reads the data from its own disk (``data_dir`` and an image folder's path
+    may differ per host: :func:`check_same_config`) and supplies its devices' share of every
+    split from that copy. Copies that differ (an image changed or missing, a dataset
+    prepared by another tfds version in another record order, so another validation split)
+    trained each host on other examples under the same indices, silently, or failed in a
+    collective. ``fingerprint``: ``data.fingerprint`` of the dataset as loaded; ``sizes``:
+    its split sizes, named where they differ. Every process waits here until all have
+    compared, as in :func:`check_same_config`. Does nothing outside a multi-process job.
+    """
+    client = _client()
+    if client is None:
+        return
+    call = next(_data_checks)
+    mine = {"sha256": fingerprint, "sizes": sizes}
+    if jax.process_index() == 0:
+        client.key_value_set(f"{_KEY}/data/{call}", json.dumps(mine))
+    else:
+        theirs = json.loads(_agreed(client.blocking_key_value_get, f"{_KEY}/data/{call}",
+                                    what="datasets"))
+        if theirs != mine:
+            how = (f"{sizes} here, {theirs['sizes']} on process 0" if theirs["sizes"] != sizes
+                   else f"{sizes} on both, but other pixels or labels")
+            raise errors.DataError(
+                f"Process {jax.process_index()}'s dataset differs from process 0's ({how}); "
+                "every process must load the same data: copy process 0's data_dir (or image "
+                "folder) to this host.")
+    _agreed(client.wait_at_barrier, f"{_KEY}/data_checked/{call}", what="datasets")
+
+
+_data_checks = itertools.count()
+
+
+def _agreed(call: Any, key: str, timeout_s: int = 300, what: str = "configs") -> Any:
+    """``call(key, timeout in ms)``; a timeout (a process stuck before comparing its
+    ``what``) is an ``errors.DistributedError``."""
     try:
         return call(key, timeout_s * 1000)
     except Exception as e:  # noqa: BLE001  XLA raises plain runtime errors.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise errors.DistributedError(
-            f"The processes did not all compare their configs within {timeout_s} s ({first})."
+            f"The processes did not all compare their {what} within {timeout_s} s ({first})."
         ) from e
 
 

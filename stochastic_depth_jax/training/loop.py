@@ -849,8 +849,16 @@ def _recorded_data(workdir: str) -> dict[str, Any] | None:
     return (evaluate_lib.read_run_json(workdir, fix=_RUN_JSON_FIX) or {}).get("data")
 
 
+def _split_sizes(ds: data_lib.Dataset) -> str:
+    """``'40 training, 8 validation, 8 test images'``."""
+    held = 0 if ds.validation is None else len(ds.validation)
+    return f"{len(ds.train)} training, {held} validation, {len(ds.test)} test images"
+
+
 def _prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[_Run, data_lib.Dataset]:
     ds = setup_lib.load_data(config, workdir, _recorded_data(workdir))
+    if jax.process_count() > 1:  # each host read its own copy: the same examples?
+        distributed.check_same_data(data_lib.fingerprint(ds), _split_sizes(ds))
     if config.select_best_by == "validation" and ds.validation is None:
         raise errors.ConfigError(
             "The dataset has no validation split (validation_size=0?); set "
