@@ -282,7 +282,7 @@ def test_keep_mask_checks_its_indices():
     assert sdj.keep_mask is pruning.keep_mask
     np.testing.assert_array_equal(sdj.keep_mask(4, [3, 0]), [False, True, True, False])
     np.testing.assert_array_equal(sdj.keep_mask(4, np.array([1])), [True, False, True, True])
-    np.testing.assert_array_equal(sdj.keep_mask(4, jnp.array([2, 2])), [True, True, False, True])
+    np.testing.assert_array_equal(sdj.keep_mask(4, jnp.array([2])), [True, True, False, True])
     np.testing.assert_array_equal(sdj.keep_mask(np.int64(2), []), [True, True])
     # Out of range (a 1-based block number, a negative index NumPy would wrap) and non-integer
     # indices were an IndexError, or silently removed another block; now one line naming them.
@@ -290,6 +290,13 @@ def test_keep_mask_checks_its_indices():
                            ([True], "[True]"), (np.array([1.0]), "[1.0]")]:
         with pytest.raises(ValueError, match=r"0-based integer indices in \[0, 4\), got "
                                              + re.escape(shown) + r"; e.g. keep_mask\(4, \[3\]\)"):
+            sdj.keep_mask(4, removed)
+    # A block named twice removed one block fewer than the list names (and a record of the
+    # list, an export's metadata, claimed both): one line naming it.
+    for removed in ([2, 2], jnp.array([3, 1, 3]), [np.int64(0), 0]):
+        with pytest.raises(ValueError, match=r"^keep_mask's removed blocks must be distinct, "
+                                             r"got \[\d\] more than once in \[.*\]; name each "
+                                             r"block once\.$"):
             sdj.keep_mask(4, removed)
     for num_blocks in (0, 4.0, True):
         with pytest.raises(ValueError, match="num_blocks is the full model's block count"):
