@@ -199,6 +199,8 @@ def _check_lengths(lengths, stage_sizes, scanned) -> None:
         raise ValueError(f"lengths has {len(lengths)} entries for {len(stage_sizes)} stages; "
                          f"{_FIX}.")
     for i, (ls, n, scan) in enumerate(zip(lengths, stage_sizes, scanned)):
+        if any(not _is_count(v) for v in ls):  # 16.5 read as 16
+            raise ValueError(f"lengths[{i}]={tuple(ls)} must be integer scan lengths; {_FIX}.")
         ls = tuple(int(v) for v in ls)
         want = f"sorted lengths in 1..{n - 1} ending at {n - 1}" if scan else "no lengths"
         ok = (ls == tuple(sorted(set(ls))) and ls and ls[0] >= 1 and ls[-1] == n - 1
@@ -207,10 +209,23 @@ def _check_lengths(lengths, stage_sizes, scanned) -> None:
             raise ValueError(f"lengths[{i}]={ls} but stage {i + 1} needs {want}; {_FIX}.")
 
 
+def _is_count(value) -> bool:
+    """Whether ``value`` is an integer (Python, NumPy, a 0-d integer array; not a bool):
+    ``int()`` would round a float down to a shorter scan."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    dtype = getattr(value, "dtype", None)
+    return isinstance(value, (int, np.integer)) or (
+        dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, np.integer))
+
+
 def check_buckets(buckets, stage_sizes, scanned, gates=None) -> tuple[int, ...]:
     """``buckets`` as ints; ValueError unless one per stage, in 1..n-1 (0 if unscanned), and,
     for host-side ``gates`` (bool ``[L]``; None or traced: not checked), each holding its
     stage's kept count: a shorter scan would silently run only the first kept blocks."""
+    if any(not _is_count(b) for b in buckets):  # 2.9 ran as 2: one kept block not run
+        raise ValueError(f"buckets must be integer scan lengths, got {tuple(buckets)}; compute "
+                         "them with model.compact_buckets(gates, ...).")
     buckets = tuple(int(b) for b in buckets)
     if len(buckets) != len(stage_sizes):
         raise ValueError(f"buckets has {len(buckets)} entries for {len(stage_sizes)} stages; "

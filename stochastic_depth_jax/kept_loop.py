@@ -55,7 +55,8 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
       gates: bool ``[n]``, True where a block runs (traced or concrete).
 
     Returns:
-      ``(y, stats)``: the output of the last kept block (``x`` if none is kept), and
+      ``(y, stats)``: the output of the last kept block (``x`` if none is kept, or the
+        stack has no block), and
       ``stats`` with the kept blocks' slots replaced by their ``new_stats``. ``stats``
       carries no gradient: a loss on it (or ``jax.jacrev`` of it) gets that part of the
       gradient as zero, with a warning; return it as an auxiliary output (``has_aux``).
@@ -87,6 +88,8 @@ def kept_loop(block_fn: BlockFn, params: Any, stats: Any, x: Array, probs: Array
         raise ValueError(f"kept_loop: x must be one array (the blocks' input and output); got "
                          f"{type(x).__name__}: pass a pytree's arrays concatenated, or use "
                          "implementation='skip'.")
+    if n == 0:  # no block to run (a stack pruned to nothing): x as it is, as lax.scan gives
+        return x, stats
     order = jnp.argsort(jnp.logical_not(gates), stable=True).astype(jnp.int32)  # kept first
     count = jnp.sum(gates.astype(jnp.int32))
     modes = _autodiff_modes((params, stats, x, probs))

@@ -98,7 +98,8 @@ def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
 
     The ``keep`` that :func:`prune` takes, e.g. ``keep_mask(model.num_blocks(), [53, 52])``.
     Indices are checked, not wrapped: a negative or too large index (often a 1-based block
-    number) is a ValueError naming it, as :func:`list_order` refuses it.
+    number) is a ValueError naming it, as :func:`list_order` refuses it; so is an index given
+    twice (the mask would remove one block fewer than the list names).
     """
     num_blocks = _host_scalar(num_blocks)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) \
@@ -115,6 +116,10 @@ def keep_mask(num_blocks: int, removed: Iterable[int]) -> np.ndarray:
         raise ValueError(f"keep_mask's removed blocks must be 0-based integer indices in "
                          f"[0, {L}), got {bad}; e.g. keep_mask({L}, [{L - 1}]) removes the "
                          f"last block.")
+    repeated = sorted({int(r) for r in removed if removed.count(r) > 1})
+    if repeated:  # one fewer block removed than listed: a list recorded with it mislabels
+        raise ValueError(f"keep_mask's removed blocks must be distinct, got {repeated} more "
+                         f"than once in {[int(r) for r in removed]}; name each block once.")
     keep = np.ones(L, bool)
     keep[np.asarray(removed, int)] = False
     return keep

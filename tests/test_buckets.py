@@ -83,7 +83,9 @@ def test_lengths_and_buckets_from_another_model_fail_clearly():
     gates = np.ones(54, bool)
     for bad, message in (((1, 5),) * 3, r"lengths\[0\]=\(1, 5\) but stage 1 needs sorted"), \
                         (((17,),) * 2, "lengths has 2 entries for 3 stages"), \
-                        (((),) * 3, r"lengths\[0\]=\(\) but stage 1"):
+                        (((),) * 3, r"lengths\[0\]=\(\) but stage 1"), \
+                        (((16.5, 17),) * 3, r"^lengths\[0\]=\(16.5, 17\) must be integer scan "
+                                            r"lengths; compute them with model.compact_lengths"):
         with pytest.raises(ValueError, match=message):
             model.compact_buckets(gates, lengths=bad)
     with pytest.raises(ValueError, match="multiple must be an integer >= 1, got 0"):
@@ -96,8 +98,12 @@ def test_lengths_and_buckets_from_another_model_fail_clearly():
     tiny = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned per stage
     x = np.zeros((2, 8, 8, 3), np.float32)
     variables = tiny.init({"params": jax.random.key(0)}, x, train=False)
+    # A float was read by int(): (2.9, 3, 3) ran a scan of 2 where the gates keep 3.
     for bad, message in (((5, 1, 1), r"buckets\[0\]=5 but stage 1 needs 1..3"),
-                         ((1, 1), "buckets has 2 entries for 3 stages")):
+                         ((1, 1), "buckets has 2 entries for 3 stages"),
+                         ((2.9, 3, 3), r"^buckets must be integer scan lengths, got "
+                                       r"\(2.9, 3, 3\); compute them with "),
+                         ((True, 1, 1), r"^buckets must be integer scan lengths")):
         with pytest.raises(ValueError, match=message):
             tiny.apply(variables, x, train=True, gates=np.ones(12, bool), buckets=bad,
                        mutable=["batch_stats"])

@@ -765,7 +765,7 @@ def test_an_export_directory_that_cannot_be_made_names_export_not_workdir(capsys
     new = str(tmp_path / "pruned")
     line = one_line_error(capsys, evaluate_cli.main,
                           ["--workdir", workdir, "--export", new, "--remove", "99", *FAST])
-    assert "--remove must be a number of blocks in [0, 3], got 99" in line
+    assert "--remove must be a number of blocks in [0, 2], got 99" in line
     assert not os.path.exists(new)
 
 

@@ -90,6 +90,21 @@ def test_kept_loop_under_explicit_mesh_axes_equals_the_kept_blocks_run_one_by_on
                            got, want)
 
 
+def test_kept_loop_over_no_block_is_the_identity():
+    """A stack of no block (n = 0: every block of it pruned away) failed in JAX's slicing
+    ("slice_sizes must be less than or equal to operand shape"); it returns its input and
+    its (empty) statistics, as lax.scan over no block does, also under grad and jit."""
+    params, stats, x, probs = _toy(n=0)
+    gates = jnp.zeros((0,), bool)
+    y, new = jax.jit(lambda p, x: kept_loop(_toy_block, p, stats, x, probs, gates))(params, x)
+    np.testing.assert_array_equal(y, x)
+    assert jax.tree_util.tree_map(jnp.shape, new) == {"mean": (0,)}
+    dp, dx = jax.grad(lambda p, x: jnp.sum(kept_loop(_toy_block, p, stats, x, probs,
+                                                     gates)[0] ** 2), argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(dx, 2 * x)
+    assert jax.tree_util.tree_map(jnp.shape, dp) == {"w": (0, 3, 3), "b": (0, 3)}
+
+
 def test_kept_loop_takes_survival_probabilities_as_a_list():
     """A list of floats was refused as n leaves of shape ()."""
     params, stats, x, probs = _toy()

@@ -774,6 +774,32 @@ def test_compact_mode_equals_skipping():
         jax.tree_util.tree_map(close, u_comp, u_skip)  # dropped blocks' stats unchanged too
 
 
+def test_compact_mode_equals_masking_for_every_block_kept_none_and_a_stage_dropped():
+    """The extreme draws: every block kept, none, a whole stage dropped (its first block
+    too), a stage keeping only its first block. ResNet-14 scanned has one scanned block per
+    stage, so every draw is one program (buckets (1, 1, 1), a padding slot wherever that
+    block is dropped) and the gates are an argument: two compilations in all."""
+    model = tiny(depth=14, scan=True)
+    v = init(model)
+    grad, masked = _gated_grad(model, v), _gated_grad(tiny(depth=14, scan=True,
+                                                          implementation="mask"), v)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for gates in ([1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 1, 1],
+                  [1, 0, 1, 0, 1, 0]):
+        gates = np.array(gates, bool)
+        assert model.compact_buckets(gates, 4) == (1, 1, 1)
+        (loss, upd), g = grad(v["params"], jnp.asarray(gates), (1, 1, 1))
+        (loss_m, upd_m), g_m = masked(v["params"], jnp.asarray(gates), None)
+        close(loss, loss_m)
+        jax.tree_util.tree_map(close, g, g_m)
+        jax.tree_util.tree_map(close, upd, upd_m)
+        # A dropped block's running statistics come back bit for bit.
+        for stage, kept in enumerate(gates[1::2]):
+            stats = lambda t: t["batch_stats"]["stages"][f"stage{stage + 1}_scan"]  # noqa: B023
+            same = jax.tree_util.tree_map(np.array_equal, stats(upd), stats(v))
+            assert all(jax.tree_util.tree_leaves(same)) != kept, (gates, stage)
+
+
 def test_compact_mode_writes_statistics_back_exactly():
     """Compact mode wrote each slot's statistics back as ``old + (new - old) * valid``: a kept
     block's came back rounded to the old value's precision (1 absolute at 1e8, where the

@@ -282,7 +282,7 @@ def test_keep_mask_checks_its_indices():
     assert sdj.keep_mask is pruning.keep_mask
     np.testing.assert_array_equal(sdj.keep_mask(4, [3, 0]), [False, True, True, False])
     np.testing.assert_array_equal(sdj.keep_mask(4, np.array([1])), [True, False, True, True])
-    np.testing.assert_array_equal(sdj.keep_mask(4, jnp.array([2, 2])), [True, True, False, True])
+    np.testing.assert_array_equal(sdj.keep_mask(4, jnp.array([2])), [True, True, False, True])
     np.testing.assert_array_equal(sdj.keep_mask(np.int64(2), []), [True, True])
     # Out of range (a 1-based block number, a negative index NumPy would wrap) and non-integer
     # indices were an IndexError, or silently removed another block; now one line naming them.
@@ -290,6 +290,13 @@ def test_keep_mask_checks_its_indices():
                            ([True], "[True]"), (np.array([1.0]), "[1.0]")]:
         with pytest.raises(ValueError, match=r"0-based integer indices in \[0, 4\), got "
                                              + re.escape(shown) + r"; e.g. keep_mask\(4, \[3\]\)"):
+            sdj.keep_mask(4, removed)
+    # A block named twice removed one block fewer than the list names (and a record of the
+    # list, an export's metadata, claimed both): one line naming it.
+    for removed in ([2, 2], jnp.array([3, 1, 3]), [np.int64(0), 0]):
+        with pytest.raises(ValueError, match=r"^keep_mask's removed blocks must be distinct, "
+                                             r"got \[\d\] more than once in \[.*\]; name each "
+                                             r"block once\.$"):
             sdj.keep_mask(4, removed)
     for num_blocks in (0, 4.0, True):
         with pytest.raises(ValueError, match="num_blocks is the full model's block count"):
@@ -523,7 +530,7 @@ def test_depth_curve_and_export_from_a_run(sweep_root, tmp_path, capsys, monkeyp
     # Export with two blocks removed; the saved model reproduces the curve's point.
     out = str(tmp_path / "pruned")
     with pytest.raises(errors.ConfigError, match=r"^remove must be a number of blocks in "
-                                                 r"\[0, 3\], got 99") as e:
+                                                 r"\[0, 2\], got 99") as e:
         depth.export_pruned_run(workdir, out, remove=99)
     assert e.value.command_line.startswith("--remove must be") and not os.path.exists(out)
     record = depth.export_pruned_run(workdir, out, remove=2, repeats=1, throughput_batch=4)
@@ -546,7 +553,7 @@ def test_a_greedy_export_searches_only_the_blocks_it_removes(sweep_root, tmp_pat
     monkeypatch.setattr(pruning.SubNetworkEvaluator, "error",
                         lambda self, keep: calls.append(tuple(keep)) or error(self, keep))
     with pytest.raises(errors.ConfigError, match=r"remove must be a number of blocks in "
-                                                 r"\[0, 3\], got 4 \(order 'greedy'\)"):
+                                                 r"\[0, 2\], got 4 \(order 'greedy'\)"):
         depth.export_pruned_run(workdir, str(tmp_path / "none"), order="greedy", remove=4)
     assert calls == [] and not os.path.exists(tmp_path / "none")
     record = depth.export_pruned_run(workdir, str(tmp_path / "one"), order="greedy", remove=1,
@@ -556,6 +563,34 @@ def test_a_greedy_export_searches_only_the_blocks_it_removes(sweep_root, tmp_pat
     [line] = capsys.readouterr().out.splitlines()
     assert line.startswith(f"greedy order: removed block {record['removed'][0]} (1 of 1), "
                            "validation error ")
+
+
+@pytest.mark.parametrize("order, kw", [("survival", dict(remove=3)),
+                                       ("greedy", dict(remove=3)),
+                                       ("list", dict(blocks=[2, 0, 1])),
+                                       ("list", dict(blocks=[2, 0, 1], remove=3))])
+def test_an_export_keeps_at_least_one_block(sweep_root, tmp_path, order, kw):
+    """--remove L (or --blocks naming all L blocks) exported the stem, the shortcuts and the
+    classifier alone, with no residual block, measured and saved as a pruned network; it is
+    refused in one line naming the most that can be removed, and nothing is written."""
+    root, _, _, _ = sweep_root
+    workdir = os.path.join(root, "depth8_pL0.5")  # 3 blocks
+    out = str(tmp_path / "pruned")
+    with pytest.raises(errors.ConfigError) as e:
+        depth.export_pruned_run(workdir, out, order=order, repeats=1, throughput_batch=4, **kw)
+    line = e.value.command_line
+    assert "\n" not in line and not os.path.exists(out)
+    if "remove" in kw:
+        assert line == (f"--remove must be a number of blocks in [0, 2], got 3 (order "
+                        f"{order!r}); removing all 3 would leave no residual block, only the "
+                        "stem and classifier.")
+    else:
+        assert line == ("--blocks names all 3 blocks of the model; an export keeps at least "
+                        "one (it would be the stem and classifier alone): name at most 2, or "
+                        "add --remove 2.")
+    record = depth.export_pruned_run(workdir, out, order=order, repeats=1, throughput_batch=4,
+                                     **{**kw, "remove": 2})
+    assert record["blocks_kept"] == 1 and len(record["removed"]) == 2
 
 
 def test_a_depth_curve_without_matplotlib_is_refused_before_any_work(sweep_root, capsys,

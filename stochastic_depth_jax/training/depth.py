@@ -310,14 +310,15 @@ def _export(workdir: str, output: str, *, checkpoint: str | int, data_dir: str |
     """:func:`export_pruned_run` once ``output`` exists (empty)."""
     run = evaluate_lib.restore_run(workdir, checkpoint, data_dir)
     evaluators = _evaluators(run)
+    present = int(run.setup.model.kept_blocks().sum())
     if order != "list":  # checked before the greedy search (L^2 / 2 evaluations), not after
-        _check_remove(remove, int(run.setup.model.kept_blocks().sum()), order)
+        _check_remove(remove, present, present, order)
     # Greedy: only the removals exported (ResNet-110, --remove 5: 260 evaluations, not 1485).
     removal = _order(run, evaluators, order, blocks, progress,
                      max_removed=remove if order == "greedy" else None)
-    remove = len(removal) if remove is None and order == "list" else remove
     if order == "list":
-        _check_remove(remove, len(removal), order)
+        _check_remove(remove, len(removal), present, order)
+        remove = len(removal) if remove is None else remove
     model, variables = run.setup.model, _variables(run)
     keep = pruning.keep_mask(model.num_blocks(), removal[:remove])
     pruned, pvars = pruning.prune(model, variables, keep)
@@ -345,10 +346,25 @@ def _export(workdir: str, output: str, *, checkpoint: str | int, data_dir: str |
     return {"output": output, **record}
 
 
-def _check_remove(remove: int | None, most: int, order: str) -> None:
-    """Refuses a ``remove`` that is not a number of blocks in ``[0, most]``."""
-    if remove is None or not 0 <= remove <= most:
-        problem = f"must be a number of blocks in [0, {most}], got {remove!r} (order {order!r})."
+def _check_remove(remove: int | None, listed: int, present: int, order: str) -> None:
+    """Refuses a ``remove`` that is not a number of blocks in ``[0, most]``: at most the
+    ``listed`` blocks of the order, and fewer than the ``present`` blocks of the model. An
+    export with every block removed is the stem, the stages' shortcuts and the classifier,
+    no residual block, which was saved and measured as a pruned network. ``remove`` None
+    with order 'list': all of ``listed``, the blocks given."""
+    most = min(listed, present - 1)
+    if order == "list" and remove is None:
+        if listed <= most:
+            return
+        problem = (f"names all {present} blocks of the model; an export keeps at least one "
+                   f"(it would be the stem and classifier alone): name at most {most}")
+        raise errors.ConfigError(f"blocks {problem}, or pass remove={most}.",
+                                 command_line=f"--blocks {problem}, or add --remove {most}.")
+    if remove is None or isinstance(remove, bool) or not 0 <= remove <= most:
+        why = (f"; removing all {present} would leave no residual block, only the stem and "
+               "classifier" if remove == present else "")
+        problem = (f"must be a number of blocks in [0, {most}], got {remove!r} (order "
+                   f"{order!r}){why}.")
         raise errors.ConfigError(f"remove {problem}", command_line=f"--remove {problem}")
 
 
