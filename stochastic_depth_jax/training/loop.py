@@ -759,10 +759,14 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
     return "; ".join(listed[:most]) + more
 
 
-# The config fields that choose the data (and its splits): changing one on resume changes the
-# data on purpose (and is warned about); otherwise (the data_dir or an image folder's path
-# may change) a resumed run must find the data it trained on.
-_DATA_FIELDS = ("dataset", "validation_size", "seed", "train_on_all", "label", "fake_data")
+# The config fields that choose the data: changing one on resume changes the data on purpose
+# (and is warned about); otherwise (the data_dir or an image folder's path may change) a
+# resumed run must find the data it trained on.
+_DATA_FIELDS = ("dataset", "label", "fake_data")
+
+# The fields that choose how the same data is split into training and validation images:
+# a change that moves images between the splits is refused (_check_same_data).
+_SPLIT_FIELDS = ("validation_size", "seed", "train_on_all")
 
 
 # What run.json keeps of each earlier session in 'history'; 'implementation' too, as what
@@ -797,10 +801,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         data_changed = any(k.split(".")[0] in _DATA_FIELDS and not config_lib.moved_folder(v)
                            for k, v in changes.items())
         if run.step > 0 and "data" in old and not data_changed:
-            evaluate_lib.check_same_data(
-                old["data"], ds, run.config, run.workdir,
-                fix="restore the data this run trained on to resume it, or train in a new "
-                    "--workdir")
+            _check_same_data(run, old["data"], ds, changes)
         # A field the old run.json lacks was added to the code since, and a relative data
         # path is now recorded absolute: recorded, not warned.
         known = {k: v for k, v in changes.items() if _has_field(old.get("config", {}), k)
@@ -820,6 +821,32 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         run.title = plots.curve_title(meta, run.setup.steps_per_epoch)
     except Exception:  # noqa: BLE001  An odd history (edited by hand, an old version's) must
         run.title = None  # not stop a run over a title: this session's config names it.
+
+
+def _check_same_data(run: _Run, recorded: dict[str, Any], ds: data_lib.Dataset,
+                     changes: dict[str, Any]) -> None:
+    """Refuses data other than the run trained on (``recorded``: run.json's ``data``), and
+    a change of :data:`_SPLIT_FIELDS` that moves images between its training and
+    validation splits: images validated on would have been trained on, or the reverse, and
+    the run's validation figures (and the best chosen by them) would be mislabelled. One
+    that moves none (with ``train_on_all``, which holds none out) is only warned about."""
+    split = {k: v for k, v in changes.items() if k in _SPLIT_FIELDS}
+    try:
+        evaluate_lib.check_same_data(
+            recorded, ds, run.config, run.workdir,
+            fix="restore the data this run trained on to resume it, or train in a new "
+                "--workdir")
+    except errors.DataError:
+        if not split:
+            raise
+        listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in split.items())
+        flags = " ".join(f"--config.{k}={v['old']}" for k, v in split.items())
+        raise errors.ConfigError(
+            f"The run in {run.workdir} was split into training and validation images by "
+            f"another config than this one ({listed}): resumed, it would validate on images "
+            "it trained on, or train on ones it validated on, mislabelling its validation "
+            f"errors. Resume it as it trained with {flags}, or train in a fresh --workdir."
+        ) from None
 
 
 def _missing_run_json(path: str, step: int, dataset: str) -> str:
