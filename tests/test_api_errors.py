@@ -1075,3 +1075,28 @@ def test_numpy_integer_sizes_are_taken_as_the_ints_they_hold(name):
     assert all(type(getattr(model, f)) is int for f in fields)
     assert model == cls(**{k: int(v) if k != "stage_sizes" else v for k, v in kw.items()},
                         width=4, num_classes=3)
+
+
+@pytest.mark.parametrize("name", sorted(_SIZED))
+@pytest.mark.parametrize("value", ["0.5", True, np.True_, b"0.5"])
+def test_a_survival_prob_that_is_not_a_number_is_one_clear_error(name, value):
+    # '0.5' was read by float() and kept as the string (recorded so, compared so); True was
+    # read as 1.0: constant depth, silently.
+    cls, kw, _, _ = _SIZED[name]
+    message = (f"final_survival_prob must be a number in (0, 1] (e.g. 0.5), got {value!r} "
+               f"({type(value).__name__}).")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**kw, final_survival_prob=value)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        sdj.linear_decay(4, value)
+
+
+@pytest.mark.parametrize("name", sorted(_SIZED))
+@pytest.mark.parametrize("value", ["0.3", False, True, None, (0.3,)])
+def test_a_dropout_rate_that_is_not_a_number_is_one_clear_error(name, value):
+    # '0.3' failed in Flax's dropout with a bare TypeError; False ran as no dropout.
+    cls, kw, _, _ = _SIZED[name]
+    message = (f"dropout_rate must be in [0, 1) (a number, e.g. 0.3; 0: no dropout), "
+               f"got {value!r}.")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**kw, dropout_rate=value)
