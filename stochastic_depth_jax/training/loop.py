@@ -561,17 +561,11 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
     checkpoint is evaluated now, so the best reported is always an evaluated one; where that
     checkpoint is gone or unreadable, the best is chosen afresh from the next evaluation."""
     best = run.best
-    if not isinstance(best, dict) or "test_error" in best or "test" not in run.splits:
+    if not _unevaluated(run, best):
         return
-    where = f"epoch {best.get('epoch')}, step {best.get('step')}"
-    try:
-        saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
-                                     step=int(best["step"]))
-    except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
-        saved = None
-    _check_same_best(run, saved is not None, where)
-    if saved is None:
-        run.best = None  # on every process: each chooses the same best from here on
+    where = _best_where(best)
+    run.best = _measured_best(run, best, image_shape)
+    if run.best is None:  # on every process: each chooses the same best from here on
         if jax.process_index() == 0:  # one line for the job
             warnings.warn(
                 f"The restored best ({where}) was chosen by an earlier version among epochs "
@@ -579,16 +573,69 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
                 "measure it; the best is chosen again from this session's evaluations.",
                 logs.RunWarning)
         return
+    if jax.process_index() == 0:
+        print(f"The restored best ({where}), chosen by an earlier version among epochs no "
+              "evaluation measured, has been evaluated now: test error "
+              f"{100 * run.best['test_error']:.2f}%.", flush=True)
+
+
+def _unevaluated(run: _Run, best: Any) -> bool:
+    """Whether ``best`` is an earlier version's best that no evaluation measured (no test
+    error), where this run has a test split to measure it on."""
+    return isinstance(best, dict) and "test_error" not in best and "test" in run.splits
+
+
+def _best_where(best: dict[str, Any]) -> str:
+    return f"epoch {best.get('epoch')}, step {best.get('step')}"
+
+
+def _measured_best(run: _Run, best: dict[str, Any],
+                   image_shape: tuple[int, int, int]) -> dict[str, Any] | None:
+    """``best`` with the validation and test errors of its 'best' checkpoint, evaluated now;
+    None (on every process alike) where that checkpoint is gone or unreadable."""
+    try:
+        saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
+                                     step=int(best["step"]))
+    except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
+        saved = None
+    _check_same_best(run, saved is not None, _best_where(best))
+    if saved is None:
+        return None
     restored, run.state = run.state, saved
     try:
         measured = _evaluate(run)
     finally:
         run.state = restored
-    run.best = {**best, **{k: measured[k] for k in ("val_error", "test_error") if k in measured}}
+    return {**best, **{k: measured[k] for k in ("val_error", "test_error") if k in measured}}
+
+
+def _finished_best_measured(run: _Run, summary: dict[str, Any],
+                            image_shape: tuple[int, int, int]) -> dict[str, Any] | None:
+    """A finished run's summary with its best measured, where an earlier version chose
+    that best among epochs no evaluation measured (as :func:`_measure_unevaluated_best`
+    does for a run that trains on): run again, it went on reporting 'Best by training
+    error: epoch 1' with no test error, in its summary.json and a sweep's tables. The
+    summary.json is rewritten with the errors added (nothing else changes); None where
+    there is nothing to measure, or its 'best' checkpoint cannot be read (a warning)."""
+    best = summary.get("best")
+    if not _unevaluated(run, best):
+        return None
+    measured = _measured_best(run, best, image_shape)
+    if measured is None:
+        if jax.process_index() == 0:
+            warnings.warn(
+                f"The best in summary.json ({_best_where(best)}) was chosen by an earlier "
+                "version among epochs that no evaluation measured, and its 'best' checkpoint "
+                "cannot be read to measure it: it stays without a test error.",
+                logs.RunWarning)
+        return None
+    summary = {**summary, "best": measured}
+    _write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
-        print(f"The restored best ({where}), chosen by an earlier version among epochs no "
-              "evaluation measured, has been evaluated now: test error "
-              f"{100 * run.best['test_error']:.2f}%.", flush=True)
+        print(f"The best in summary.json ({_best_where(best)}), chosen by an earlier version "
+              "among epochs no evaluation measured, has been evaluated now and its errors "
+              f"added there: test error {100 * measured['test_error']:.2f}%.", flush=True)
+    return summary
 
 
 def _check_same_best(run: _Run, read: bool, where: str) -> None:
@@ -1094,16 +1141,20 @@ def _saved_summary(workdir: str, step: int) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
-def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
+def _nothing_to_train(run: _Run, summary: dict[str, Any],
+                      best_measured: bool = False) -> dict[str, Any]:
     """A restart of a run that already reached this config's end: says so and returns the
-    saved summary, leaving summary.json and run.json (its recorded config) as they are."""
+    saved summary, leaving summary.json (but for ``best_measured``: its best's errors, added
+    by :func:`_finished_best_measured`) and run.json (its recorded config) as they are."""
     c, spe, step = run.config, run.setup.steps_per_epoch, run.step
     if jax.process_index() == 0:
         end = f"num_epochs={c.num_epochs}" + (f", max_steps={c.max_steps}" if c.max_steps else "")
+        kept = ("its run.json, and its summary.json but for its best's errors, are"
+                if best_measured else "its summary.json and run.json are")
         print(
             f"Nothing to train: the run in {run.workdir} already reached step {step} (epoch "
-            f"{step / spe:g}) and {end} ends at step {_total_steps(c, spe)}; its summary.json "
-            "and run.json are left as they are. To train further, raise --config.num_epochs"
+            f"{step / spe:g}) and {end} ends at step {_total_steps(c, spe)}; {kept} left as "
+            "they are. To train further, raise --config.num_epochs"
             + (" and --config.max_steps." if c.max_steps else "."),
             flush=True,
         )
@@ -1125,7 +1176,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
             saved = _saved_summary(workdir, run.step)  # None: written below
             if saved is not None:
-                return _nothing_to_train(run, saved), False
+                measured = _finished_best_measured(run, saved, ds.image_shape)
+                return _nothing_to_train(run, measured or saved, measured is not None), False
         announce()
         _measure_unevaluated_best(run, ds.image_shape)
         _write_run_json(run, ds)
