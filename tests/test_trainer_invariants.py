@@ -295,8 +295,9 @@ def test_a_finished_run_s_unevaluated_best_is_evaluated_when_it_is_run_again(tmp
     """A finished run of an earlier version whose best (select_best_by='train') has no test
     error, run again ('Nothing to train'): it went on reporting that best without one, in
     summary.json too. Its 'best' checkpoint is evaluated and the errors added to
-    summary.json, nothing else changed; where that checkpoint is gone, a warning says so
-    and summary.json stays as it was."""
+    summary.json, nothing else changed; where that checkpoint is gone, or the config run
+    again holds out another validation split (its errors would be of other images), a
+    warning says so and summary.json stays as it was."""
     import shutil
     import warnings
 
@@ -318,6 +319,8 @@ def test_a_finished_run_s_unevaluated_best_is_evaluated_when_it_is_run_again(tmp
     gone = str(tmp_path / "gone")
     shutil.copytree(first, gone)
     shutil.rmtree(os.path.join(gone, "checkpoints_best", "4"))
+    other = str(tmp_path / "other")
+    shutil.copytree(first, other)
     records = metrics.read_metrics(first)
     assert loop.train_and_evaluate(config, first)["best"] == measured
     with open(path) as f:
@@ -329,6 +332,16 @@ def test_a_finished_run_s_unevaluated_best_is_evaluated_when_it_is_run_again(tmp
     assert any("cannot be read to measure it: it stays without a test error" in str(w.message)
                for w in caught)
     with open(os.path.join(gone, loop.SUMMARY_FILE)) as f:
+        assert json.load(f) == summary
+    resplit = load_config("cifar10:smoke", TINY + ["--config.select_best_by=train",
+                                                   "--config.lr_boundaries_epochs=()",
+                                                   "--config.validation_size=31"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loop.train_and_evaluate(resplit, other)["best"] == unmeasured
+    assert any("this config's data or splits are not those run.json records" in str(w.message)
+               for w in caught)
+    with open(os.path.join(other, loop.SUMMARY_FILE)) as f:
         assert json.load(f) == summary
 
 

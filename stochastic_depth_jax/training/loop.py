@@ -610,24 +610,29 @@ def _measured_best(run: _Run, best: dict[str, Any],
 
 
 def _finished_best_measured(run: _Run, summary: dict[str, Any],
-                            image_shape: tuple[int, int, int]) -> dict[str, Any] | None:
+                            ds: data_lib.Dataset) -> dict[str, Any] | None:
     """A finished run's summary with its best measured, where an earlier version chose
     that best among epochs no evaluation measured (as :func:`_measure_unevaluated_best`
     does for a run that trains on): run again, it went on reporting 'Best by training
     error: epoch 1' with no test error, in its summary.json and a sweep's tables. The
     summary.json is rewritten with the errors added (nothing else changes); None where
-    there is nothing to measure, or its 'best' checkpoint cannot be read (a warning)."""
+    there is nothing to measure, or (a warning) its 'best' checkpoint cannot be read, or
+    this config's data or splits are not those run.json records (its errors would be of
+    other images)."""
     best = summary.get("best")
     if not _unevaluated(run, best):
         return None
-    measured = _measured_best(run, best, image_shape)
+    same = _is_recorded_data(run, ds)
+    measured = _measured_best(run, best, ds.image_shape) if same else None
     if measured is None:
+        why = ("its 'best' checkpoint cannot be read to measure it" if same else "this "
+               "config's data or splits are not those run.json records (run it again with "
+               "the config it trained with to measure it)")
         if jax.process_index() == 0:
             warnings.warn(
                 f"The best in summary.json ({_best_where(best)}) was chosen by an earlier "
-                "version among epochs that no evaluation measured, and its 'best' checkpoint "
-                "cannot be read to measure it: it stays without a test error.",
-                logs.RunWarning)
+                f"version among epochs that no evaluation measured, and {why}: it stays "
+                "without a test error.", logs.RunWarning)
         return None
     summary = {**summary, "best": measured}
     _write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
@@ -1141,6 +1146,19 @@ def _saved_summary(workdir: str, step: int) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
+def _is_recorded_data(run: _Run, ds: data_lib.Dataset) -> bool:
+    """Whether ``ds`` (its splits included) is the data run.json records; False where it
+    records none or cannot be read."""
+    try:
+        recorded = (evaluate_lib.read_run_json(run.workdir) or {}).get("data")
+        if not isinstance(recorded, dict):
+            return False
+        evaluate_lib.check_same_data(recorded, ds, run.config, run.workdir)
+    except (OSError, errors.Error):
+        return False
+    return True
+
+
 def _nothing_to_train(run: _Run, summary: dict[str, Any],
                       best_measured: bool = False) -> dict[str, Any]:
     """A restart of a run that already reached this config's end: says so and returns the
@@ -1176,7 +1194,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
             saved = _saved_summary(workdir, run.step)  # None: written below
             if saved is not None:
-                measured = _finished_best_measured(run, saved, ds.image_shape)
+                measured = _finished_best_measured(run, saved, ds)
                 return _nothing_to_train(run, measured or saved, measured is not None), False
         announce()
         _measure_unevaluated_best(run, ds.image_shape)
