@@ -315,6 +315,7 @@ class ResidualStages(nn.Module):
         reused), and a 0 or 1.5 in a scanned stage made the outputs NaN, silently."""
         L = sum(self.stage_sizes)
         if not constant and not isinstance(probs, jax.core.Tracer):  # a list too
+            ops.check_probs_are_numbers(probs, "ResidualStages probs")
             values = np.asarray(probs, np.float64)
             if values.shape != (L,):
                 raise ValueError(f"ResidualStages probs must hold one survival probability "

@@ -317,6 +317,23 @@ def test_the_op_split_in_two_checks_its_rates_as_the_op_does():
     jax.jit(lambda p: ops.gated_branch(F, x, gate, p))(jnp.asarray(probs)[1])
 
 
+@pytest.mark.parametrize("bad, got", [([True, True, True, True], "bools (bool)"),
+                                      (np.ones(4, bool), "bools (bool)"),
+                                      (["0.5", "0.5", "0.5", "0.5"], "text (<U3)")])
+def test_a_schedule_of_bools_or_text_is_refused(bad, got):
+    # A gate mask or keep= passed as the schedule read True as 1.0: every block kept always,
+    # silently; text was parsed as numbers.
+    with pytest.raises(ValueError, match=rf"^survival probabilities must be numbers in "
+                                         rf"\(0, 1\], got {re.escape(got)}; a gate mask"):
+        sdj.draw_gates(jax.random.key(0), bad)
+    x = jnp.ones((2, 8, 8, 4))
+    stages = sdj.models.ResidualStages((4,), (4,), (1,), block=sdj.layers.BasicBlock)
+    v = stages.init(jax.random.key(0), x, np.full(4, 0.5), None, train=False, constant=False)
+    with pytest.raises(ValueError, match=rf"^ResidualStages probs must be numbers in "
+                                         rf"\(0, 1\], got {re.escape(got)}"):
+        stages.apply(v, x, bad, None, train=False, constant=False)
+
+
 def test_an_integer_gate_is_refused_with_the_bool_fix():
     sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
     variables = sd.init(jax.random.key(0), X, deterministic=True)
