@@ -26,6 +26,7 @@ pooling, ``norm`` and ``head``. Blocks are named ``blocks_{j}`` with j over all 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -109,6 +110,21 @@ def check_stem_stride(stem_stride: Any) -> None:
     check_positive_int(stem_stride, "stem_stride", " (ImageNet: 4, CIFAR: 1 or 2)")
 
 
+def check_layer_scale_init(value: Any) -> None:
+    """ValueError unless ``value`` is None or a number: a string ('1e-6') failed in the
+    initialiser ('format number 1 of "1e-6" is not recognized'), and True started every
+    layer scale at 1 instead of at a small value."""
+    ok = value is None or (not isinstance(value, (bool, np.bool_, str, bytes))
+                           and np.ndim(value) == 0)
+    try:
+        ok = ok and (value is None or math.isfinite(float(value)))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"layer_scale_init must be a number (ConvNeXt: 1e-6) or 0 or None "
+                         f"(no layer scale), got {value!r}.")
+
+
 def check_image(image_shape: tuple[int, ...], stem_stride: int, stages: int) -> None:
     """ValueError unless ``image_shape`` ``[batch, H, W, C]`` divides into every stage.
 
@@ -148,6 +164,7 @@ class ConvNeXtBranch(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        check_layer_scale_init(self.layer_scale_init)
         c = x.shape[-1]
         y = nn.Conv(c, (KERNEL, KERNEL), padding="SAME", feature_group_count=c,
                     kernel_init=KERNEL_INIT, dtype=self.dtype, name="dwconv")(x)

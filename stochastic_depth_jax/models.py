@@ -315,6 +315,7 @@ class ResidualStages(nn.Module):
         reused), and a 0 or 1.5 in a scanned stage made the outputs NaN, silently."""
         L = sum(self.stage_sizes)
         if not constant and not isinstance(probs, jax.core.Tracer):  # a list too
+            ops.check_probs_are_numbers(probs, "ResidualStages probs")
             values = np.asarray(probs, np.float64)
             if values.shape != (L,):
                 raise ValueError(f"ResidualStages probs must hold one survival probability "
@@ -582,6 +583,19 @@ def _scanned_stages(stage_sizes: tuple[int, ...], scan: bool | None) -> tuple[bo
                           block=None, scan=scan, parent=None)._scanned_stages()
 
 
+def _check_dropout_rate(rate: Any) -> None:
+    """ValueError unless ``rate`` is a number in [0, 1): a string ('0.3') failed in Flax's
+    dropout with a bare TypeError, and a bool passed as the rate it is not (False: 0)."""
+    ok = not isinstance(rate, (bool, np.bool_, str, bytes)) and np.ndim(rate) == 0
+    try:
+        ok = ok and 0.0 <= float(rate) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"dropout_rate must be in [0, 1) (a number, e.g. 0.3; 0: no dropout), "
+                         f"got {rate!r}.")
+
+
 def check_dtype(dtype: Any) -> None:
     """ValueError unless ``dtype`` is None or a floating-point dtype JAX knows."""
     if dtype is None:
@@ -669,6 +683,7 @@ class _StochasticResNetBase(nn.Module):
             raise ValueError(f"Unknown implementation {self.implementation!r}; valid: "
                              f"{list(IMPLEMENTATIONS)}.")
         ops.validate_options(self.mode, self.scaling, self._block_implementation())
+        _check_dropout_rate(self.dropout_rate)
         if self.implementation == LOOP and self.mode != "batch":
             raise ValueError(f"implementation='loop' needs mode='batch' (one gate per block), "
                              f"got mode={self.mode!r}; use 'skip' or 'mask' for it.")
@@ -677,8 +692,6 @@ class _StochasticResNetBase(nn.Module):
                              f"dropout_rate={self.dropout_rate} needs 'skip' or 'mask'.")
         if self.implementation == LOOP:
             self._check_loop_stages()
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}.")
         if self.keep is not None:
             keep = tuple(bool(k) for k in np.ravel(np.asarray(self.keep)))
             if len(keep) != self.num_blocks():

@@ -1049,6 +1049,7 @@ class ConvNeXtBranch(nnx.Module):
     def __init__(self, width: int, *, layer_scale_init: float | None = 1e-6,
                  mlp_ratio: int = 4, dtype: Any = None, remat: bool = False, rngs: nnx.Rngs):
         linen_vit.check_remat(remat, "ConvNeXtBranch")
+        linen_convnext.check_layer_scale_init(layer_scale_init)
         self.remat = bool(remat)
         k = linen_convnext.KERNEL
         self.dwconv = nnx.Conv(width, width, (k, k), padding="SAME", feature_group_count=width,

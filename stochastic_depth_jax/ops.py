@@ -128,6 +128,7 @@ def check_survival_probs(probs: Any) -> None:
     :func:`check_survival_prob`."""
     if isinstance(probs, jax.Array) and not is_concrete(probs):
         return
+    check_probs_are_numbers(probs, "survival probabilities")
     try:
         values = np.asarray(probs, dtype=np.float64)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -138,6 +139,22 @@ def check_survival_probs(probs: Any) -> None:
         raise ValueError(
             f"survival probabilities must be in (0, 1], got {float(values.flat[i])!r} at index "
             f"{i}; drop rates (sdj.drop_path_rates) are 1 - p: pass 1 - rates.")
+
+
+def check_probs_are_numbers(probs: Any, what: str) -> None:
+    """ValueError for a schedule known on the host that holds bools or text: a bool mask
+    (gates, a pruned model's ``keep``) passed as survival probabilities read True as 1.0,
+    every such block kept always, silently; text ('0.5') was parsed as numbers."""
+    try:
+        kind = np.asarray(probs).dtype.kind
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+            ValueError):
+        return  # traced, or ragged: the caller's other checks name it
+    if kind in "bUS":
+        got = "bools" if kind == "b" else "text"
+        raise ValueError(f"{what} must be numbers in (0, 1], got {got} "
+                         f"({np.asarray(probs).dtype}); a gate mask or keep= is not a "
+                         "schedule: e.g. sdj.linear_decay(L, 0.5).")
 
 
 def check_drop_rate(rate: Any, name: str = "DropPath") -> float:

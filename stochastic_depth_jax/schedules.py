@@ -20,6 +20,12 @@ def _validate(num_blocks: int, final_survival_prob: float) -> None:
         raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}.")
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}.")
+    if isinstance(final_survival_prob, (bool, np.bool_, str, bytes)):
+        # float() read True as 1.0 (constant depth, silently) and '0.5' as a number, which
+        # the model then recorded and compared as a string.
+        raise ValueError(
+            f"final_survival_prob must be a number in (0, 1] (e.g. 0.5), got "
+            f"{final_survival_prob!r} ({type(final_survival_prob).__name__}).")
     try:
         p = float(final_survival_prob)
     except (TypeError, ValueError):

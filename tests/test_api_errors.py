@@ -317,6 +317,23 @@ def test_the_op_split_in_two_checks_its_rates_as_the_op_does():
     jax.jit(lambda p: ops.gated_branch(F, x, gate, p))(jnp.asarray(probs)[1])
 
 
+@pytest.mark.parametrize("bad, got", [([True, True, True, True], "bools (bool)"),
+                                      (np.ones(4, bool), "bools (bool)"),
+                                      (["0.5", "0.5", "0.5", "0.5"], "text (<U3)")])
+def test_a_schedule_of_bools_or_text_is_refused(bad, got):
+    # A gate mask or keep= passed as the schedule read True as 1.0: every block kept always,
+    # silently; text was parsed as numbers.
+    with pytest.raises(ValueError, match=rf"^survival probabilities must be numbers in "
+                                         rf"\(0, 1\], got {re.escape(got)}; a gate mask"):
+        sdj.draw_gates(jax.random.key(0), bad)
+    x = jnp.ones((2, 8, 8, 4))
+    stages = sdj.models.ResidualStages((4,), (4,), (1,), block=sdj.layers.BasicBlock)
+    v = stages.init(jax.random.key(0), x, np.full(4, 0.5), None, train=False, constant=False)
+    with pytest.raises(ValueError, match=rf"^ResidualStages probs must be numbers in "
+                                         rf"\(0, 1\], got {re.escape(got)}"):
+        stages.apply(v, x, bad, None, train=False, constant=False)
+
+
 def test_an_integer_gate_is_refused_with_the_bool_fix():
     sd = sdj.StochasticDepth(Dense(parent=None), survival_prob=0.5)
     variables = sd.init(jax.random.key(0), X, deterministic=True)
@@ -1075,3 +1092,28 @@ def test_numpy_integer_sizes_are_taken_as_the_ints_they_hold(name):
     assert all(type(getattr(model, f)) is int for f in fields)
     assert model == cls(**{k: int(v) if k != "stage_sizes" else v for k, v in kw.items()},
                         width=4, num_classes=3)
+
+
+@pytest.mark.parametrize("name", sorted(_SIZED))
+@pytest.mark.parametrize("value", ["0.5", True, np.True_, b"0.5"])
+def test_a_survival_prob_that_is_not_a_number_is_one_clear_error(name, value):
+    # '0.5' was read by float() and kept as the string (recorded so, compared so); True was
+    # read as 1.0: constant depth, silently.
+    cls, kw, _, _ = _SIZED[name]
+    message = (f"final_survival_prob must be a number in (0, 1] (e.g. 0.5), got {value!r} "
+               f"({type(value).__name__}).")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**kw, final_survival_prob=value)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        sdj.linear_decay(4, value)
+
+
+@pytest.mark.parametrize("name", sorted(_SIZED))
+@pytest.mark.parametrize("value", ["0.3", False, True, None, (0.3,)])
+def test_a_dropout_rate_that_is_not_a_number_is_one_clear_error(name, value):
+    # '0.3' failed in Flax's dropout with a bare TypeError; False ran as no dropout.
+    cls, kw, _, _ = _SIZED[name]
+    message = (f"dropout_rate must be in [0, 1) (a number, e.g. 0.3; 0: no dropout), "
+               f"got {value!r}.")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        cls(**kw, dropout_rate=value)

@@ -857,3 +857,21 @@ def test_a_config_file_without_the_newer_resnet_fields_still_switches_to_a_wide_
     assert c.model.name == "wide_resnet" and "dropout_rate" not in c.model
     with pytest.raises(ValueError, match="model.name='cifar_resnet' and lacks model.drop_path"):
         load_config(str(path), ["--config.model.name=vit"])
+
+
+@pytest.mark.parametrize("field", ["seed", "batch_size", "num_epochs", "eval_every_epochs",
+                                   "keep_checkpoints", "max_steps", "eval_every_steps",
+                                   "checkpoint_every_epochs", "model.width",
+                                   "model.compact_multiple", "fake_data.num_train"])
+def test_a_bool_in_an_int_field_of_a_config_built_in_python_is_refused(field):
+    # The flags refuse --config.eval_every_steps=true, but a config built in Python keeps
+    # True in an int field: eval_every_steps=True evaluated every step, max_steps=True
+    # trained one step, seed=True was recorded as true.
+    c = load_config("cifar10:smoke")
+    *parents, leaf = field.split(".")
+    node = c
+    for name in parents:
+        node = node[name]
+    node[leaf] = True
+    with pytest.raises(ValueError, match=rf"^Invalid config: {re.escape(field)}=True must be"):
+        config_lib.validate(c)

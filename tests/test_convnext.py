@@ -1,6 +1,7 @@
 """ConvNeXt with drop path: sizes, per-block rates and keys, skip == mask, Linen == NNX, the
 trainer config, clear errors."""
 import os
+import re
 import sys
 
 import jax
@@ -267,3 +268,16 @@ def test_kernels_start_as_the_official_code_s_n_0_0_02(api):
     assert np.std(kernels) == pytest.approx(0.02, rel=0.01)
     beyond = np.mean(np.abs(kernels) > 0.04)  # 2 standard deviations: 4.55% of N(0, 1)
     assert abs(beyond - 0.0455) <= 5 * np.sqrt(0.0455 * 0.9545 / kernels.size)
+
+
+@pytest.mark.parametrize("value", ["1e-6", True, (1e-6,), float("nan")])
+def test_a_layer_scale_init_that_is_not_a_number_is_one_clear_error(value):
+    # '1e-6' failed in the initialiser ('format number 1 of "1e-6" is not recognized'); True
+    # started every layer scale at 1 instead of near 0.
+    message = (f"layer_scale_init must be a number (ConvNeXt: 1e-6) or 0 or None (no layer "
+               f"scale), got {value!r}.")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):  # JAX adds a note
+        sdj.ConvNeXt(num_classes=3, **TINY, layer_scale_init=value).init(jax.random.key(0), X,
+                                                                      train=False)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        nnx_layers.ConvNeXt(3, rngs=nnx.Rngs(params=0), **TINY, layer_scale_init=value)

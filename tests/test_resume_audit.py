@@ -255,3 +255,38 @@ def test_the_non_finite_message_names_a_committed_checkpoint(tmp_path, monkeypat
         loop.train_and_evaluate(config, str(tmp_path))
     named = re.search(r"the last good checkpoint \(step (\d+)\)", str(info.value))
     assert named and on_disk[0] and int(named.group(1)) == on_disk[0][-1], (info.value, on_disk)
+
+
+@pytest.mark.parametrize("change, named, fix", [
+    (["--config.validation_size=31"], "validation_size: 32 -> 31", "--config.validation_size=32"),
+    (["--config.seed=1"], "seed: 0 -> 1", "--config.seed=0"),
+])
+def test_a_changed_validation_split_is_refused_before_anything_is_written(trained, tmp_path,
+                                                                          change, named, fix):
+    """Another validation_size or seed holds out other validation images from the same data
+    (the steps per epoch unchanged): the resumed run validated on images it had trained on,
+    or trained on ones it had validated on, and its validation errors and best were
+    mislabelled, with only a warning. Refused in one line naming the change and the fix."""
+    workdir = _copy(trained, tmp_path)
+    before = {k: v for k, v in _snapshot(workdir).items() if not k.startswith("fake_data")}
+    config = load_config("cifar10:smoke", FLAGS + change + ["--config.num_epochs=3"])
+    with pytest.raises(ValueError, match=rf"split into training and validation images by "
+                       rf"another config than this one \({named}\): .* Resume it as it trained "
+                       rf"with {fix}, or train in a fresh --workdir\.$"):
+        loop.train_and_evaluate(config, workdir)
+    after = _snapshot(workdir)  # another seed writes the fake data anew: disposable
+    assert {k: v for k, v in after.items() if not k.startswith("fake_data")} == before
+
+
+def test_a_split_field_change_that_moves_no_image_is_only_warned_about(tmp_path):
+    """With train_on_all there is no validation split: another validation_size changes
+    no image's split, and the run goes on with the usual warning."""
+    common = FLAGS + ["--config.train_on_all=true", "--config.select_best_by=test"]
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", common + ["--config.max_steps=4"]),
+                            workdir)
+    with pytest.warns(UserWarning, match=r"changed config: max_steps: 4 -> 0; "
+                      r"validation_size: 32 -> 31"):
+        summary = loop.train_and_evaluate(
+            load_config("cifar10:smoke", common + ["--config.validation_size=31"]), workdir)
+    assert summary["steps"] == 10

@@ -291,6 +291,60 @@ def test_resumed_unevaluated_best_is_evaluated_or_chosen_again(tmp_path):
     assert (best["step"], best["test_error"]) == (chosen["step"], chosen["test_error"])
 
 
+def test_a_finished_run_s_unevaluated_best_is_evaluated_when_it_is_run_again(tmp_path):
+    """A finished run of an earlier version whose best (select_best_by='train') has no test
+    error, run again ('Nothing to train'): it went on reporting that best without one, in
+    summary.json too. Its 'best' checkpoint is evaluated and the errors added to
+    summary.json, nothing else changed; where that checkpoint is gone, or the config run
+    again holds out another validation split (its errors would be of other images), a
+    warning says so and summary.json stays as it was."""
+    import shutil
+    import warnings
+
+    from stochastic_depth_jax.training import loop, metrics
+
+    config = load_config("cifar10:smoke", TINY + ["--config.select_best_by=train",
+                                                  "--config.lr_boundaries_epochs=()"])
+    first = str(tmp_path / "first")
+    measured = loop.train_and_evaluate(config, first)["best"]
+    assert measured["step"] == 4 and "test_error" in measured
+    _strip_best_evaluation(first)
+    path = os.path.join(first, loop.SUMMARY_FILE)
+    with open(path) as f:
+        summary = json.load(f)
+    unmeasured = {k: v for k, v in measured.items() if k not in ("val_error", "test_error")}
+    summary["best"] = unmeasured
+    with open(path, "w") as f:
+        json.dump(summary, f)
+    gone = str(tmp_path / "gone")
+    shutil.copytree(first, gone)
+    shutil.rmtree(os.path.join(gone, "checkpoints_best", "4"))
+    other = str(tmp_path / "other")
+    shutil.copytree(first, other)
+    records = metrics.read_metrics(first)
+    assert loop.train_and_evaluate(config, first)["best"] == measured
+    with open(path) as f:
+        assert json.load(f) == {**summary, "best": measured}
+    assert metrics.read_metrics(first) == records
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loop.train_and_evaluate(config, gone)["best"] == unmeasured
+    assert any("cannot be read to measure it: it stays without a test error" in str(w.message)
+               for w in caught)
+    with open(os.path.join(gone, loop.SUMMARY_FILE)) as f:
+        assert json.load(f) == summary
+    resplit = load_config("cifar10:smoke", TINY + ["--config.select_best_by=train",
+                                                   "--config.lr_boundaries_epochs=()",
+                                                   "--config.validation_size=31"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loop.train_and_evaluate(resplit, other)["best"] == unmeasured
+    assert any("this config's data or splits are not those run.json records" in str(w.message)
+               for w in caught)
+    with open(os.path.join(other, loop.SUMMARY_FILE)) as f:
+        assert json.load(f) == summary
+
+
 def test_an_unreadable_unevaluated_best_is_warned_once_for_the_job(monkeypatch):
     """Every process of a job resumes the run: each warned that the earlier version's best
     cannot be measured, one line per process, where the job's other warnings are process

@@ -292,18 +292,18 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
     del config
     if m.get("name", "cifar_resnet") == "wide_resnet":
         _check(
-            isinstance(m.depth, int) and m.depth >= 10 and (m.depth - 4) % 6 == 0,
+            _integer(m.depth) and m.depth >= 10 and (m.depth - 4) % 6 == 0,
             f"model.depth={m.depth!r} must be 6n+4 with n >= 1 for a wide_resnet (e.g. 16, "
             f"22, 28, 40)",
         )
         k = m.get("widen_factor", 1)
-        _check(isinstance(k, int) and k >= 1, f"model.widen_factor={k!r} must be >= 1")
+        _check(_integer(k) and k >= 1, f"model.widen_factor={k!r} must be >= 1")
     else:
         _check(
-            isinstance(m.depth, int) and m.depth >= 8 and (m.depth - 2) % 6 == 0,
+            _integer(m.depth) and m.depth >= 8 and (m.depth - 2) % 6 == 0,
             f"model.depth={m.depth!r} must be 6n+2 with n >= 1 (e.g. 8, 20, 56, 110, 152, 1202)",
         )
-    _check(isinstance(m.width, int) and m.width >= 1, f"model.width={m.width!r} must be >= 1")
+    _check(_integer(m.width) and m.width >= 1, f"model.width={m.width!r} must be >= 1")
     p = m.final_survival_prob
     _check(
         isinstance(p, (int, float)) and not math.isnan(p) and 0.0 < p <= 1.0,
@@ -326,7 +326,7 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
     _check_choice(m.implementation, implementation.IMPLEMENTATIONS, "model.implementation")
     _check_choice(m.remat, layers.REMAT_POLICIES, "model.remat")
     _check(
-        isinstance(m.compact_multiple, int) and m.compact_multiple >= 0,
+        _integer(m.compact_multiple) and m.compact_multiple >= 0,
         f"model.compact_multiple={m.compact_multiple!r} must be an integer >= 0 (0: off, or "
         f"chosen by implementation='auto'; {implementation.DEFAULT_COMPACT_MULTIPLE} is a good "
         f"GPU value)",
@@ -336,7 +336,7 @@ def _validate_resnet(m: ml_collections.ConfigDict, config: ml_collections.Config
         f"model.scan_unroll={m.get('scan_unroll')!r} must be True or False",
     )
     _check(
-        isinstance(m.compact_lengths, int) and m.compact_lengths >= 0,
+        _integer(m.compact_lengths) and m.compact_lengths >= 0,
         f"model.compact_lengths={m.compact_lengths!r} must be an integer >= 0 (0: off; e.g. 3 "
         f"lengths per stage fitted to the survival schedule)",
     )
@@ -390,14 +390,14 @@ def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDic
     _check_choice(m.size, vit.VIT_SIZES, "model.size")
     for field in ("width", "depth", "num_heads"):
         v = m[field]
-        _check(v is None or (isinstance(v, int) and v >= 1),
+        _check(v is None or (_integer(v) and v >= 1),
                f"model.{field}={v!r} must be None (from model.size) or an integer >= 1")
     try:
         width, depth, _ = vit.vit_dims(m.size, m.width, m.depth, m.num_heads)
         vit.drop_path_rates(depth, m.drop_path_rate, m.drop_path_rule)
     except ValueError as e:
         _check(False, f"model: {e}")
-    _check(isinstance(m.patch_size, int) and m.patch_size >= 1,
+    _check(_integer(m.patch_size) and m.patch_size >= 1,
            f"model.patch_size={m.patch_size!r} must be an integer >= 1 (CIFAR: 4)")
     _check_choice(m.pool, vit.POOLS, "model.pool")
     _validate_drop_path(m, config)
@@ -417,7 +417,7 @@ def _validate_drop_path(m: ml_collections.ConfigDict, config: ml_collections.Con
     _check_choice(m.implementation, implementation.DROP_PATH_IMPLEMENTATIONS,
                   "model.implementation")
     _check_dtype(m.dtype)
-    _check(isinstance(m.groups, int) and m.groups >= 1 and config.batch_size % m.groups == 0,
+    _check(_integer(m.groups) and m.groups >= 1 and config.batch_size % m.groups == 0,
            f"model.groups={m.groups!r} must be an integer >= 1 dividing batch_size="
            f"{config.batch_size} (drop-path subsets are drawn per group; use a multiple of "
            f"the device count)")
@@ -468,7 +468,7 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
     )
     _check(_finite(c.lr_decay_factor) and 0 < c.lr_decay_factor <= 1,
            f"lr_decay_factor={c.lr_decay_factor!r} must be in (0, 1]")
-    _check(isinstance(c.warmup_epochs, int) and 0 <= c.warmup_epochs < c.num_epochs,
+    _check(_integer(c.warmup_epochs) and 0 <= c.warmup_epochs < c.num_epochs,
            f"warmup_epochs={c.warmup_epochs!r} must be an integer in [0, num_epochs="
            f"{c.num_epochs!r}); for fewer epochs set --config.warmup_epochs too")
     _check(_finite(c.label_smoothing) and 0.0 <= c.label_smoothing < 1.0,
@@ -479,7 +479,7 @@ def _validate_optim(c: ml_collections.ConfigDict) -> None:
     b = c.lr_boundaries_epochs
     _check(
         isinstance(b, (tuple, list))
-        and all(isinstance(e, int) and e > 0 for e in b) and list(b) == sorted(set(b)),
+        and all(_integer(e) and e > 0 for e in b) and list(b) == sorted(set(b)),
         f"lr_boundaries_epochs={b!r} must be increasing positive integers (epochs; () for "
         "none)",
     )
@@ -514,6 +514,12 @@ def unreached_lr_drops(config: ml_collections.ConfigDict) -> str | None:
             f"set {fix}.")
 
 
+def _integer(x: Any) -> bool:
+    """Whether ``x`` is an int and not a bool: a config built in Python keeps True in an int
+    field (``config.eval_every_steps = True`` evaluated every step; the flags refuse it)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -536,7 +542,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     )
     seed = config.seed
     _check(
-        isinstance(seed, int) and 0 <= seed < 2**32,
+        _integer(seed) and 0 <= seed < 2**32,
         f"seed={seed!r} must be an integer in [0, 2**32)",
     )
     v = config.validation_size
@@ -627,18 +633,18 @@ def _validate_counts(config: ml_collections.ConfigDict) -> None:
         "log_every_steps",
     ):
         _check(
-            isinstance(config[field], int) and config[field] >= 1,
+            _integer(config[field]) and config[field] >= 1,
             f"{field}={config[field]!r} must be an integer >= 1",
         )
     for field in ("max_steps", "checkpoint_every_epochs", "checkpoint_every_steps",
                   "eval_every_steps"):
         value = config.get(field, 0)  # eval_every_steps: absent from older config files
         _check(
-            isinstance(value, int) and value >= 0,
+            _integer(value) and value >= 0,
             f"{field}={value!r} must be an integer >= 0",
         )
     for field, n in config.fake_data.items():
-        _check(isinstance(n, int) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
+        _check(_integer(n) and n >= 0, f"fake_data.{field}={n!r} must be >= 0")
 
 
 def _check_cache_dir(setting: Any, recorded: bool) -> None:

@@ -561,17 +561,11 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
     checkpoint is evaluated now, so the best reported is always an evaluated one; where that
     checkpoint is gone or unreadable, the best is chosen afresh from the next evaluation."""
     best = run.best
-    if not isinstance(best, dict) or "test_error" in best or "test" not in run.splits:
+    if not _unevaluated(run, best):
         return
-    where = f"epoch {best.get('epoch')}, step {best.get('step')}"
-    try:
-        saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
-                                     step=int(best["step"]))
-    except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
-        saved = None
-    _check_same_best(run, saved is not None, where)
-    if saved is None:
-        run.best = None  # on every process: each chooses the same best from here on
+    where = _best_where(best)
+    run.best = _measured_best(run, best, image_shape)
+    if run.best is None:  # on every process: each chooses the same best from here on
         if jax.process_index() == 0:  # one line for the job
             warnings.warn(
                 f"The restored best ({where}) was chosen by an earlier version among epochs "
@@ -579,16 +573,74 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
                 "measure it; the best is chosen again from this session's evaluations.",
                 logs.RunWarning)
         return
+    if jax.process_index() == 0:
+        print(f"The restored best ({where}), chosen by an earlier version among epochs no "
+              "evaluation measured, has been evaluated now: test error "
+              f"{100 * run.best['test_error']:.2f}%.", flush=True)
+
+
+def _unevaluated(run: _Run, best: Any) -> bool:
+    """Whether ``best`` is an earlier version's best that no evaluation measured (no test
+    error), where this run has a test split to measure it on."""
+    return isinstance(best, dict) and "test_error" not in best and "test" in run.splits
+
+
+def _best_where(best: dict[str, Any]) -> str:
+    return f"epoch {best.get('epoch')}, step {best.get('step')}"
+
+
+def _measured_best(run: _Run, best: dict[str, Any],
+                   image_shape: tuple[int, int, int]) -> dict[str, Any] | None:
+    """``best`` with the validation and test errors of its 'best' checkpoint, evaluated now;
+    None (on every process alike) where that checkpoint is gone or unreadable."""
+    try:
+        saved, _ = run.ckpts.restore("best", setup_lib.abstract_state(run.setup, image_shape),
+                                     step=int(best["step"]))
+    except (checkpoint_lib.NoCheckpointError, KeyError, TypeError, ValueError):
+        saved = None
+    _check_same_best(run, saved is not None, _best_where(best))
+    if saved is None:
+        return None
     restored, run.state = run.state, saved
     try:
         measured = _evaluate(run)
     finally:
         run.state = restored
-    run.best = {**best, **{k: measured[k] for k in ("val_error", "test_error") if k in measured}}
+    return {**best, **{k: measured[k] for k in ("val_error", "test_error") if k in measured}}
+
+
+def _finished_best_measured(run: _Run, summary: dict[str, Any],
+                            ds: data_lib.Dataset) -> dict[str, Any] | None:
+    """A finished run's summary with its best measured, where an earlier version chose
+    that best among epochs no evaluation measured (as :func:`_measure_unevaluated_best`
+    does for a run that trains on): run again, it went on reporting 'Best by training
+    error: epoch 1' with no test error, in its summary.json and a sweep's tables. The
+    summary.json is rewritten with the errors added (nothing else changes); None where
+    there is nothing to measure, or (a warning) its 'best' checkpoint cannot be read, or
+    this config's data or splits are not those run.json records (its errors would be of
+    other images)."""
+    best = summary.get("best")
+    if not _unevaluated(run, best):
+        return None
+    same = _is_recorded_data(run, ds)
+    measured = _measured_best(run, best, ds.image_shape) if same else None
+    if measured is None:
+        why = ("its 'best' checkpoint cannot be read to measure it" if same else "this "
+               "config's data or splits are not those run.json records (run it again with "
+               "the config it trained with to measure it)")
+        if jax.process_index() == 0:
+            warnings.warn(
+                f"The best in summary.json ({_best_where(best)}) was chosen by an earlier "
+                f"version among epochs that no evaluation measured, and {why}: it stays "
+                "without a test error.", logs.RunWarning)
+        return None
+    summary = {**summary, "best": measured}
+    _write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
     if jax.process_index() == 0:
-        print(f"The restored best ({where}), chosen by an earlier version among epochs no "
-              "evaluation measured, has been evaluated now: test error "
-              f"{100 * run.best['test_error']:.2f}%.", flush=True)
+        print(f"The best in summary.json ({_best_where(best)}), chosen by an earlier version "
+              "among epochs no evaluation measured, has been evaluated now and its errors "
+              f"added there: test error {100 * measured['test_error']:.2f}%.", flush=True)
+    return summary
 
 
 def _check_same_best(run: _Run, read: bool, where: str) -> None:
@@ -759,10 +811,14 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
     return "; ".join(listed[:most]) + more
 
 
-# The config fields that choose the data (and its splits): changing one on resume changes the
-# data on purpose (and is warned about); otherwise (the data_dir or an image folder's path
-# may change) a resumed run must find the data it trained on.
-_DATA_FIELDS = ("dataset", "validation_size", "seed", "train_on_all", "label", "fake_data")
+# The config fields that choose the data: changing one on resume changes the data on purpose
+# (and is warned about); otherwise (the data_dir or an image folder's path may change) a
+# resumed run must find the data it trained on.
+_DATA_FIELDS = ("dataset", "label", "fake_data")
+
+# The fields that choose how the same data is split into training and validation images:
+# a change that moves images between the splits is refused (_check_same_data).
+_SPLIT_FIELDS = ("validation_size", "seed", "train_on_all")
 
 
 # What run.json keeps of each earlier session in 'history'; 'implementation' too, as what
@@ -797,10 +853,7 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         data_changed = any(k.split(".")[0] in _DATA_FIELDS and not config_lib.moved_folder(v)
                            for k, v in changes.items())
         if run.step > 0 and "data" in old and not data_changed:
-            evaluate_lib.check_same_data(
-                old["data"], ds, run.config, run.workdir,
-                fix="restore the data this run trained on to resume it, or train in a new "
-                    "--workdir")
+            _check_same_data(run, old["data"], ds, changes)
         # A field the old run.json lacks was added to the code since, and a relative data
         # path is now recorded absolute: recorded, not warned.
         known = {k: v for k, v in changes.items() if _has_field(old.get("config", {}), k)
@@ -820,6 +873,32 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         run.title = plots.curve_title(meta, run.setup.steps_per_epoch)
     except Exception:  # noqa: BLE001  An odd history (edited by hand, an old version's) must
         run.title = None  # not stop a run over a title: this session's config names it.
+
+
+def _check_same_data(run: _Run, recorded: dict[str, Any], ds: data_lib.Dataset,
+                     changes: dict[str, Any]) -> None:
+    """Refuses data other than the run trained on (``recorded``: run.json's ``data``), and
+    a change of :data:`_SPLIT_FIELDS` that moves images between its training and
+    validation splits: images validated on would have been trained on, or the reverse, and
+    the run's validation figures (and the best chosen by them) would be mislabelled. One
+    that moves none (with ``train_on_all``, which holds none out) is only warned about."""
+    split = {k: v for k, v in changes.items() if k in _SPLIT_FIELDS}
+    try:
+        evaluate_lib.check_same_data(
+            recorded, ds, run.config, run.workdir,
+            fix="restore the data this run trained on to resume it, or train in a new "
+                "--workdir")
+    except errors.DataError:
+        if not split:
+            raise
+        listed = "; ".join(f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in split.items())
+        flags = " ".join(f"--config.{k}={v['old']}" for k, v in split.items())
+        raise errors.ConfigError(
+            f"The run in {run.workdir} was split into training and validation images by "
+            f"another config than this one ({listed}): resumed, it would validate on images "
+            "it trained on, or train on ones it validated on, mislabelling its validation "
+            f"errors. Resume it as it trained with {flags}, or train in a fresh --workdir."
+        ) from None
 
 
 def _missing_run_json(path: str, step: int, dataset: str) -> str:
@@ -1075,16 +1154,33 @@ def _saved_summary(workdir: str, step: int) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
-def _nothing_to_train(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
+def _is_recorded_data(run: _Run, ds: data_lib.Dataset) -> bool:
+    """Whether ``ds`` (its splits included) is the data run.json records; False where it
+    records none or cannot be read."""
+    try:
+        recorded = (evaluate_lib.read_run_json(run.workdir) or {}).get("data")
+        if not isinstance(recorded, dict):
+            return False
+        evaluate_lib.check_same_data(recorded, ds, run.config, run.workdir)
+    except (OSError, errors.Error):
+        return False
+    return True
+
+
+def _nothing_to_train(run: _Run, summary: dict[str, Any],
+                      best_measured: bool = False) -> dict[str, Any]:
     """A restart of a run that already reached this config's end: says so and returns the
-    saved summary, leaving summary.json and run.json (its recorded config) as they are."""
+    saved summary, leaving summary.json (but for ``best_measured``: its best's errors, added
+    by :func:`_finished_best_measured`) and run.json (its recorded config) as they are."""
     c, spe, step = run.config, run.setup.steps_per_epoch, run.step
     if jax.process_index() == 0:
         end = f"num_epochs={c.num_epochs}" + (f", max_steps={c.max_steps}" if c.max_steps else "")
+        kept = ("its run.json, and its summary.json but for its best's errors, are"
+                if best_measured else "its summary.json and run.json are")
         print(
             f"Nothing to train: the run in {run.workdir} already reached step {step} (epoch "
-            f"{step / spe:g}) and {end} ends at step {_total_steps(c, spe)}; its summary.json "
-            "and run.json are left as they are. To train further, raise --config.num_epochs"
+            f"{step / spe:g}) and {end} ends at step {_total_steps(c, spe)}; {kept} left as "
+            "they are. To train further, raise --config.num_epochs"
             + (" and --config.max_steps." if c.max_steps else "."),
             flush=True,
         )
@@ -1106,7 +1202,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
             saved = _saved_summary(workdir, run.step)  # None: written below
             if saved is not None:
-                return _nothing_to_train(run, saved), False
+                measured = _finished_best_measured(run, saved, ds)
+                return _nothing_to_train(run, measured or saved, measured is not None), False
         announce()
         _measure_unevaluated_best(run, ds.image_shape)
         _write_run_json(run, ds)
