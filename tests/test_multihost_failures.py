@@ -892,6 +892,55 @@ def test_the_configs_may_be_compared_twice_in_one_job(monkeypatch):
     distributed.check_same_config(config)  # The same process again: keys of its own.
 
 
+class _LateStore(_Store):
+    """The store of a job whose other process gets to a key or barrier ``late_s`` seconds
+    after this one: a wait shorter than that times out, as the runtime's client's does."""
+
+    def __init__(self, late_s):
+        super().__init__()
+        self.late_s = late_s
+
+    def _arrives(self, key, timeout_ms):
+        if timeout_ms < self.late_s * 1000:
+            raise RuntimeError(f"DEADLINE_EXCEEDED: {key} timed out (injected)")
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        self._arrives(key, timeout_ms)
+        return super().blocking_key_value_get(key, timeout_ms)
+
+    def wait_at_barrier(self, key, timeout_ms):
+        self._arrives(key, timeout_ms)
+
+
+def _check_data_as(monkeypatch, process, fingerprint, sizes):
+    """``check_same_data`` as in a fresh ``process`` of the job."""
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(distributed, "_data_checks", itertools.count())
+    distributed.check_same_data(fingerprint, sizes)
+
+
+def test_the_data_check_waits_for_a_host_that_loads_its_data_minutes_later(monkeypatch):
+    """One host prepares SVHN for the first time (download, decoding) while the others had
+    it: their loads end 20 minutes apart. Such a job waited for that host in its first
+    collective; the data check stopped it after 300 s, on every process."""
+    store = _LateStore(late_s=20 * 60)
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    sizes = "40 training, 8 validation, 8 test images"
+    _check_data_as(monkeypatch, 0, "same", sizes)  # waits at the barrier for process 1
+    _check_data_as(monkeypatch, 1, "same", sizes)  # waits for process 0's fingerprint
+
+
+def test_processes_whose_data_differs_in_size_are_told_both_sizes(monkeypatch):
+    store = _Store()
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    _check_data_as(monkeypatch, 0, "a", "40 training, 8 validation, 8 test images")
+    with pytest.raises(errors.DataError, match=re.escape(
+            "Process 1's dataset differs from process 0's (39 training, 8 validation, 8 test "
+            "images here, 40 training, 8 validation, 8 test images on process 0); every "
+            "process must load the same data")):
+        _check_data_as(monkeypatch, 1, "b", "39 training, 8 validation, 8 test images")
+
+
 @pytest.mark.parametrize("how", ["done", "stopped"])
 def test_a_finished_process_waits_in_the_exit_only_for_a_failed_one_that_waits_there(
         monkeypatch, how):
