@@ -644,6 +644,28 @@ def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
     assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
 
 
+def test_a_process_hung_while_the_others_wait_in_the_data_check_is_reported(tmp_path):
+    """Process 1 stops (SIGSTOP) before loading an image folder, which process 0 loads and
+    then waits for process 1's in the data check (no fake data: no collective before it):
+    that wait is bounded by the silence (--heartbeat_timeout), not by its own long one."""
+    from stochastic_depth_jax.data import testing
+    root = testing.make_image_folder(str(tmp_path / "images"), classes=2, per_class_train=24,
+                                     per_class_test=4, size=(8, 8))
+    procs = _worker_job(tmp_path, "stop", "--heartbeat_timeout", "3",
+                        f"--config.dataset=image_folder:{root}", "--config.batch_size=8",
+                        "--config.eval_batch_size=8", "--config.validation_size=8")
+    try:
+        [(s0, out0, _)] = finish_all(procs[:1], timeout=BOUND_S)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert _error_line(s0, out0) == (
+        "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
+        "error: no sign of life for 3 s (killed, crashed, hung or its host unreachable; "
+        "--heartbeat_timeout)")
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_a_hung_process_0_is_reported_after_the_heartbeat_timeout(tmp_path):
     # Process 0 stops (SIGSTOP) in setup, and the job's service with it: the others' calls
     # to it block. The old code left process 1 to JAX's runtime, which aborted it (C++
