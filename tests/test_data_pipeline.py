@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from stochastic_depth_jax import data, errors
-from stochastic_depth_jax.data import order
+from stochastic_depth_jax.data import order, splits
 
 MEAN, STD = np.array([10.0, 20.0, 30.0], np.float32), np.array([2.0, 4.0, 8.0], np.float32)
 
@@ -300,6 +300,19 @@ def test_a_split_of_what_the_pipeline_would_misread_is_one_line_naming_the_fix(
     with pytest.raises(errors.DataError, match=r"^Split\.") as raised:
         data.Split(images, labels)
     assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_split_given_lists_holds_arrays_that_split_and_place_as_arrays_do():
+    """Labels given as a list passed the checks (which read them as an array) and were kept
+    as the list: holding validation out failed with a TypeError's traceback."""
+    images = np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(8, 2, 2, 3)
+    split = data.Split(images, [0, 1] * 4)
+    assert isinstance(split.labels, np.ndarray) and split.images is images
+    train, validation = splits.holdout(split, 0.5, 0, "per_class")
+    assert sorted(validation.labels.tolist()) == [0, 0, 1, 1]
+    assert np.asarray(data.put_on_devices(train, _mesh(1)).labels).dtype == np.int32
+    with pytest.raises(errors.DataError, match=r"^Split\.images must be uint8 .* got int64"):
+        data.Split(images.tolist(), [0, 1] * 4)
 
 
 def test_image_folder_end_to_end(tmp_path):

@@ -644,6 +644,28 @@ def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
     assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
 
 
+def test_a_process_hung_while_the_others_wait_in_the_data_check_is_reported(tmp_path):
+    """Process 1 stops (SIGSTOP) before loading an image folder, which process 0 loads and
+    then waits for process 1's in the data check (no fake data: no collective before it):
+    that wait is bounded by the silence (--heartbeat_timeout), not by its own long one."""
+    from stochastic_depth_jax.data import testing
+    root = testing.make_image_folder(str(tmp_path / "images"), classes=2, per_class_train=24,
+                                     per_class_test=4, size=(8, 8))
+    procs = _worker_job(tmp_path, "stop", "--heartbeat_timeout", "3",
+                        f"--config.dataset=image_folder:{root}", "--config.batch_size=8",
+                        "--config.eval_batch_size=8", "--config.validation_size=8")
+    try:
+        [(s0, out0, _)] = finish_all(procs[:1], timeout=BOUND_S)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert _error_line(s0, out0) == (
+        "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
+        "error: no sign of life for 3 s (killed, crashed, hung or its host unreachable; "
+        "--heartbeat_timeout)")
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_a_hung_process_0_is_reported_after_the_heartbeat_timeout(tmp_path):
     # Process 0 stops (SIGSTOP) in setup, and the job's service with it: the others' calls
     # to it block. The old code left process 1 to JAX's runtime, which aborted it (C++
@@ -890,6 +912,55 @@ def test_the_configs_may_be_compared_twice_in_one_job(monkeypatch):
     config = {"dataset": "cifar10", "batch_size": 32}
     _check_as(monkeypatch, 0, config)
     distributed.check_same_config(config)  # The same process again: keys of its own.
+
+
+class _LateStore(_Store):
+    """The store of a job whose other process gets to a key or barrier ``late_s`` seconds
+    after this one: a wait shorter than that times out, as the runtime's client's does."""
+
+    def __init__(self, late_s):
+        super().__init__()
+        self.late_s = late_s
+
+    def _arrives(self, key, timeout_ms):
+        if timeout_ms < self.late_s * 1000:
+            raise RuntimeError(f"DEADLINE_EXCEEDED: {key} timed out (injected)")
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        self._arrives(key, timeout_ms)
+        return super().blocking_key_value_get(key, timeout_ms)
+
+    def wait_at_barrier(self, key, timeout_ms):
+        self._arrives(key, timeout_ms)
+
+
+def _check_data_as(monkeypatch, process, fingerprint, sizes):
+    """``check_same_data`` as in a fresh ``process`` of the job."""
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(distributed, "_data_checks", itertools.count())
+    distributed.check_same_data(fingerprint, sizes)
+
+
+def test_the_data_check_waits_for_a_host_that_loads_its_data_minutes_later(monkeypatch):
+    """One host prepares SVHN for the first time (download, decoding) while the others had
+    it: their loads end 20 minutes apart. Such a job waited for that host in its first
+    collective; the data check stopped it after 300 s, on every process."""
+    store = _LateStore(late_s=20 * 60)
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    sizes = "40 training, 8 validation, 8 test images"
+    _check_data_as(monkeypatch, 0, "same", sizes)  # waits at the barrier for process 1
+    _check_data_as(monkeypatch, 1, "same", sizes)  # waits for process 0's fingerprint
+
+
+def test_processes_whose_data_differs_in_size_are_told_both_sizes(monkeypatch):
+    store = _Store()
+    monkeypatch.setattr(distributed, "_client", lambda: store)
+    _check_data_as(monkeypatch, 0, "a", "40 training, 8 validation, 8 test images")
+    with pytest.raises(errors.DataError, match=re.escape(
+            "Process 1's dataset differs from process 0's (39 training, 8 validation, 8 test "
+            "images here, 40 training, 8 validation, 8 test images on process 0); every "
+            "process must load the same data")):
+        _check_data_as(monkeypatch, 1, "b", "39 training, 8 validation, 8 test images")
 
 
 @pytest.mark.parametrize("how", ["done", "stopped"])

@@ -33,8 +33,12 @@ class Split:
         """Refuses, in one line with the fix, what the pipeline would misread: float pixels
         (normalised as if in [0, 255]), and labels that are not class indices (float labels
         were truncated to int32 when placed on the devices; a negative one trained as no
-        class at all)."""
-        images, labels = self.images, np.asarray(self.labels)
+        class at all). Labels (or pixels) given as a list are kept as the array checked:
+        a list passed the checks, then failed later with a traceback (``labels == c``)."""
+        images, labels = np.asarray(self.images), np.asarray(self.labels)
+        for field, array in (("images", images), ("labels", labels)):
+            if not isinstance(getattr(self, field), np.ndarray):
+                object.__setattr__(self, field, array)  # frozen
         if images.dtype != np.uint8 or images.ndim != 4:
             raise errors.DataError(
                 f"Split.images must be uint8 [N, H, W, C] pixels in [0, 255], got "

@@ -743,7 +743,8 @@ def check_same_data(fingerprint: str, sizes: str) -> None:
     trained each host on other examples under the same indices, silently, or failed in a
     collective. ``fingerprint``: ``data.fingerprint`` of the dataset as loaded; ``sizes``:
     its split sizes, named where they differ. Every process waits here until all have
-    compared, as in :func:`check_same_config`. Does nothing outside a multi-process job.
+    compared, as in :func:`check_same_config`, for up to :data:`DATA_WAIT_S`: their loads
+    may end minutes apart. Does nothing outside a multi-process job.
     """
     client = _client()
     if client is None:
@@ -754,7 +755,7 @@ def check_same_data(fingerprint: str, sizes: str) -> None:
         client.key_value_set(f"{_KEY}/data/{call}", json.dumps(mine))
     else:
         theirs = json.loads(_agreed(client.blocking_key_value_get, f"{_KEY}/data/{call}",
-                                    what="datasets"))
+                                    DATA_WAIT_S, what="datasets"))
         if theirs != mine:
             how = (f"{sizes} here, {theirs['sizes']} on process 0" if theirs["sizes"] != sizes
                    else f"{sizes} on both, but other pixels or labels")
@@ -762,10 +763,18 @@ def check_same_data(fingerprint: str, sizes: str) -> None:
                 f"Process {jax.process_index()}'s dataset differs from process 0's ({how}); "
                 "every process must load the same data: copy process 0's data_dir (or image "
                 "folder) to this host.")
-    _agreed(client.wait_at_barrier, f"{_KEY}/data_checked/{call}", what="datasets")
+    _agreed(client.wait_at_barrier, f"{_KEY}/data_checked/{call}", DATA_WAIT_S,
+            what="datasets")
 
 
 _data_checks = itertools.count()
+# How long :func:`check_same_data` waits for the other processes to load their data. Not
+# the 300 s of the config check, which all reach within seconds of joining: loads end
+# minutes apart where one host prepares the dataset for the first time (SVHN's download
+# and decoding) or reads a large image folder from a cold disk, and such jobs, which waited
+# for that host in their first collective, were stopped. A process that fails or dies on
+# the way ends the wait sooner (:func:`leave_job`, the heartbeats).
+DATA_WAIT_S = 24 * 3600
 
 
 def _agreed(call: Any, key: str, timeout_s: int = 300, what: str = "configs") -> Any:
