@@ -617,17 +617,17 @@ def _finished_best_measured(run: _Run, summary: dict[str, Any],
     error: epoch 1' with no test error, in its summary.json and a sweep's tables. The
     summary.json is rewritten with the errors added (nothing else changes); None where
     there is nothing to measure, or (a warning) its 'best' checkpoint cannot be read, or
-    this config's data or splits are not those run.json records (its errors would be of
-    other images)."""
+    this config is not the one run.json records (:func:`_unmeasurable_why`). Process 0's
+    readings decide for all: the evaluation is collective, and a host whose view of the
+    shared workdir lags must not stay out of it."""
     best = summary.get("best")
-    if not _unevaluated(run, best):
+    unevaluated = _unevaluated(run, best)
+    if not _agreed(unevaluated):
         return None
-    same = _is_recorded_data(run, ds)
-    measured = _measured_best(run, best, ds.image_shape) if same else None
+    why = _unmeasurable_why(run, ds) if unevaluated else None
+    measured = _measured_best(run, best, ds.image_shape) if _agreed(why is None) else None
     if measured is None:
-        why = ("its 'best' checkpoint cannot be read to measure it" if same else "this "
-               "config's data or splits are not those run.json records (run it again with "
-               "the config it trained with to measure it)")
+        why = why or "its 'best' checkpoint cannot be read to measure it"
         if jax.process_index() == 0:
             warnings.warn(
                 f"The best in summary.json ({_best_where(best)}) was chosen by an earlier "
@@ -641,6 +641,33 @@ def _finished_best_measured(run: _Run, summary: dict[str, Any],
               "among epochs no evaluation measured, has been evaluated now and its errors "
               f"added there: test error {100 * measured['test_error']:.2f}%.", flush=True)
     return summary
+
+
+def _unmeasurable_why(run: _Run, ds: data_lib.Dataset) -> str | None:
+    """Why a finished run's best cannot be measured with this config; None where it can:
+    its data and splits (``ds``) and its model must be those run.json records. Measured on
+    other images, or by another network (another final_survival_prob scales the blocks
+    otherwise at test time), its errors would be written in summary.json beside the
+    run.json that a finished run leaves as it trained, mislabelling the run."""
+    again = " (run it again with the config it trained with to measure it)"
+    try:
+        recorded = evaluate_lib.read_run_json(run.workdir) or {}
+        if not isinstance(recorded.get("data"), dict):
+            raise errors.DataError("run.json records no data")
+        evaluate_lib.check_same_data(recorded["data"], ds, run.config, run.workdir)
+    except (OSError, errors.Error):
+        return "this config's data or splits are not those run.json records" + again
+    old, new = recorded.get("config"), json.loads(run.config.to_json())
+    if not isinstance(old, dict) or not isinstance(old.get("model"), dict):
+        old = {}
+    # A field that only one of them has was added to (or dropped from) the code since.
+    changed = [f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in config_lib.config_changes(
+        old.get("model", {}), new["model"], "model.").items()
+        if _has_field(old, k) and _has_field(new, k)]
+    if changed or not old:
+        listed = f" ({'; '.join(changed[:4])}{', ...' * (len(changed) > 4)})" if changed else ""
+        return f"this config's model is not the one run.json records{listed}" + again
+    return None
 
 
 def _check_same_best(run: _Run, read: bool, where: str) -> None:
@@ -1152,19 +1179,6 @@ def _saved_summary(workdir: str, step: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and summary.get("steps") == step else None
-
-
-def _is_recorded_data(run: _Run, ds: data_lib.Dataset) -> bool:
-    """Whether ``ds`` (its splits included) is the data run.json records; False where it
-    records none or cannot be read."""
-    try:
-        recorded = (evaluate_lib.read_run_json(run.workdir) or {}).get("data")
-        if not isinstance(recorded, dict):
-            return False
-        evaluate_lib.check_same_data(recorded, ds, run.config, run.workdir)
-    except (OSError, errors.Error):
-        return False
-    return True
 
 
 def _nothing_to_train(run: _Run, summary: dict[str, Any],
