@@ -843,6 +843,14 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
 # resumed run must find the data it trained on.
 _DATA_FIELDS = ("dataset", "label", "fake_data")
 
+def _data_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """:data:`_DATA_FIELDS`, and ``seed`` where the data is fake: its pixels and labels are
+    drawn from the seed (written anew for another one), so another seed is other data on
+    purpose, as another fake_data size is, and not another split of the same images (with
+    train_on_all, which holds none out, it was refused as one)."""
+    return _DATA_FIELDS + ("seed",) * bool(config_lib.fake_train_size(config))
+
+
 # The fields that choose how the same data is split into training and validation images:
 # a change that moves images between the splits is refused (_check_same_data).
 _SPLIT_FIELDS = ("validation_size", "seed", "train_on_all")
@@ -877,7 +885,8 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         warnings.warn(_missing_run_json(path, run.step, run.config.dataset), logs.RunWarning)
     if old is not None:
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
-        data_changed = any(k.split(".")[0] in _DATA_FIELDS and not config_lib.moved_folder(v)
+        data_changed = any(k.split(".")[0] in _data_fields(run.config)
+                           and not config_lib.moved_folder(v)
                            for k, v in changes.items())
         if run.step > 0 and "data" in old and not data_changed:
             _check_same_data(run, old["data"], ds, changes)
