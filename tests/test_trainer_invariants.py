@@ -371,7 +371,7 @@ def test_a_finished_run_s_best_is_measured_only_by_the_model_it_trained(tmp_path
         warnings.simplefilter("always")
         assert loop.train_and_evaluate(other, workdir)["best"] == summary["best"]
     assert any("this config's model is not the one run.json records (model.final_survival_"
-               "prob: 0.5 -> 0.1) (run it again with the config it trained with to measure "
+               "prob: 0.5 -> 0.1; run it again with the config it trained with to measure "
                "it): it stays without a test error." in str(w.message) for w in caught), caught
     with open(path) as f:
         assert json.load(f) == summary

@@ -649,14 +649,14 @@ def _unmeasurable_why(run: _Run, ds: data_lib.Dataset) -> str | None:
     other images, or by another network (another final_survival_prob scales the blocks
     otherwise at test time), its errors would be written in summary.json beside the
     run.json that a finished run leaves as it trained, mislabelling the run."""
-    again = " (run it again with the config it trained with to measure it)"
+    again = "run it again with the config it trained with to measure it"
     try:
         recorded = evaluate_lib.read_run_json(run.workdir) or {}
         if not isinstance(recorded.get("data"), dict):
             raise errors.DataError("run.json records no data")
         evaluate_lib.check_same_data(recorded["data"], ds, run.config, run.workdir)
     except (OSError, errors.Error):
-        return "this config's data or splits are not those run.json records" + again
+        return f"this config's data or splits are not those run.json records ({again})"
     old, new = recorded.get("config"), json.loads(run.config.to_json())
     if not isinstance(old, dict) or not isinstance(old.get("model"), dict):
         old = {}
@@ -665,8 +665,8 @@ def _unmeasurable_why(run: _Run, ds: data_lib.Dataset) -> str | None:
         old.get("model", {}), new["model"], "model.").items()
         if _has_field(old, k) and _has_field(new, k)]
     if changed or not old:
-        listed = f" ({'; '.join(changed[:4])}{', ...' * (len(changed) > 4)})" if changed else ""
-        return f"this config's model is not the one run.json records{listed}" + again
+        listed = "".join(f"{c}; " for c in changed[:4]) + "...; " * (len(changed) > 4)
+        return f"this config's model is not the one run.json records ({listed}{again})"
     return None
 
 
