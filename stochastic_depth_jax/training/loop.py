@@ -675,19 +675,40 @@ def _check_same_best(run: _Run, read: bool, where: str) -> None:
     restored best's 'best' checkpoint (``where``) and others did not (a host whose view of
     the shared workdir lags lists no such step): the first evaluated it in collectives the
     others never entered, as those went on to train, and their bests then differed."""
+    unread = _not_read_by_all(read)
+    if unread:
+        raise errors.DistributedError(
+            f"The processes of this job do not all read the restored best's 'best' checkpoint "
+            f"({where}): {unread} could not; the hosts list different checkpoints in "
+            f"{os.path.join(run.workdir, 'checkpoints_best')} (a shared filesystem whose "
+            "caches lag); start the job again once every host sees the same files.")
+
+
+def _check_same_summary(run: _Run, read: bool) -> None:
+    """Raises ``errors.DistributedError`` on every process alike where some read the
+    summary.json of the step the run reached (a finished run: nothing to train) and others
+    did not (a host whose view of the shared workdir lags): the first returned it, the
+    others went on to evaluate that step in collectives the first never entered."""
+    unread = _not_read_by_all(read)
+    if unread:
+        raise errors.DistributedError(
+            f"The processes of this job do not all read "
+            f"{os.path.join(run.workdir, SUMMARY_FILE)} of step {run.step}, which the run "
+            f"reached: {unread} could not (a shared filesystem whose caches lag); start the "
+            "job again once every host sees the same files.")
+
+
+def _not_read_by_all(read: bool) -> str:
+    """``'processes 1, 3'``: those of the job that did not ``read`` a file where others did;
+    '' where all did or none did (one process: '')."""
     if jax.process_count() == 1:
-        return
+        return ""
     reads = [bool(r) for r in np.ravel(multihost_utils.process_allgather(np.int32(read)))]
     if all(reads) or not any(reads):
-        return
+        return ""
     unread = [p for p, r in enumerate(reads) if not r]
-    listed = ", ".join(map(str, unread[:4])) + ", ..." * (len(unread) > 4)
-    raise errors.DistributedError(
-        f"The processes of this job do not all read the restored best's 'best' checkpoint "
-        f"({where}): process{'es' * (len(unread) > 1)} {listed} could not; the hosts list "
-        f"different checkpoints in {os.path.join(run.workdir, 'checkpoints_best')} (a shared "
-        "filesystem whose caches lag); start the job again once every host sees the same "
-        "files.")
+    return (f"process{'es' * (len(unread) > 1)} " + ", ".join(map(str, unread[:4]))
+            + ", ..." * (len(unread) > 4))
 
 
 def _check_same_start(run: _Run) -> None:
@@ -1224,6 +1245,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _check_same_start(run)
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
             saved = _saved_summary(workdir, run.step)  # None: written below
+            _check_same_summary(run, saved is not None)
             if saved is not None:
                 measured = _finished_best_measured(run, saved, ds)
                 return _nothing_to_train(run, measured or saved, measured is not None), False
