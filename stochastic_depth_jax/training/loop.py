@@ -864,6 +864,7 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
 # resumed run must find the data it trained on.
 _DATA_FIELDS = ("dataset", "label", "fake_data")
 
+
 def _data_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """:data:`_DATA_FIELDS`, and ``seed`` where the data is fake: its pixels and labels are
     drawn from the seed (written anew for another one), so another seed is other data on
