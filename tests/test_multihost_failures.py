@@ -584,6 +584,30 @@ def test_processes_that_do_not_all_read_an_earlier_best_stop_before_training(tmp
     assert sorted(os.listdir(run / "checkpoints")) == ["4", "5"]
 
 
+def test_processes_that_do_not_all_read_a_finished_run_s_summary_stop_alike(tmp_path):
+    """A finished run started again: process 0 read its summary.json and returned it
+    (nothing to train; an earlier version's best evaluated in collectives), while process
+    1, not reading it (its host's view of the workdir lagging), went on to evaluate the
+    run's end in collectives process 0 never entered. Both now stop with one line naming
+    the file, and the run's files stay as they were."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.write_plots=false"]
+    run = tmp_path / "run"
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags), str(run))
+    before = {name: (run / name).read_text()
+              for name in ("metrics.jsonl", "run.json", "summary.json")}
+    results = finish_all(_worker_job(tmp_path, "stalesummary1", *flags), timeout=BOUND_S)
+    for status, out, _ in results:  # The process that says it first names it for the other.
+        assert _error_line(status, out).endswith(
+            f"The processes of this job do not all read {run / 'summary.json'} of step 8, "
+            "which the run reached: process 1 could not (a shared filesystem whose caches "
+            "lag); start the job again once every host sees the same files."), out[-3000:]
+    assert {name: (run / name).read_text() for name in before} == before
+
+
 def test_a_damaged_checkpoint_every_process_reads_is_set_aside_by_all_together(tmp_path):
     """A damaged 'best' checkpoint read on resuming (an earlier version's best, evaluated
     now): process 0 moved it aside before process 1 had failed to read it, process 1 took

@@ -257,25 +257,52 @@ def test_the_non_finite_message_names_a_committed_checkpoint(tmp_path, monkeypat
     assert named and on_disk[0] and int(named.group(1)) == on_disk[0][-1], (info.value, on_disk)
 
 
-@pytest.mark.parametrize("change, named, fix", [
-    (["--config.validation_size=31"], "validation_size: 32 -> 31", "--config.validation_size=32"),
-    (["--config.seed=1"], "seed: 0 -> 1", "--config.seed=0"),
-])
-def test_a_changed_validation_split_is_refused_before_anything_is_written(trained, tmp_path,
-                                                                          change, named, fix):
-    """Another validation_size or seed holds out other validation images from the same data
-    (the steps per epoch unchanged): the resumed run validated on images it had trained on,
-    or trained on ones it had validated on, and its validation errors and best were
-    mislabelled, with only a warning. Refused in one line naming the change and the fix."""
-    workdir = _copy(trained, tmp_path)
-    before = {k: v for k, v in _snapshot(workdir).items() if not k.startswith("fake_data")}
-    config = load_config("cifar10:smoke", FLAGS + change + ["--config.num_epochs=3"])
+def _refused_split_change(workdir, flags, named, fix):
+    """Resumes ``workdir`` with ``flags`` and checks the refusal of a split change: one line
+    naming it (``named``) and the ``fix``, with nothing written."""
+    before = _snapshot(workdir)
+    config = load_config("cifar10:smoke", FLAGS + flags + ["--config.num_epochs=3"])
     with pytest.raises(ValueError, match=rf"split into training and validation images by "
                        rf"another config than this one \({named}\): .* Resume it as it trained "
                        rf"with {fix}, or train in a fresh --workdir\.$"):
         loop.train_and_evaluate(config, workdir)
-    after = _snapshot(workdir)  # another seed writes the fake data anew: disposable
-    assert {k: v for k, v in after.items() if not k.startswith("fake_data")} == before
+    assert _snapshot(workdir) == before
+
+
+def test_a_changed_validation_size_is_refused_before_anything_is_written(trained, tmp_path):
+    """Another validation_size holds out other validation images from the same data (the
+    steps per epoch unchanged): the resumed run validated on images it had trained on, or
+    trained on ones it had validated on, and its validation errors and best were
+    mislabelled, with only a warning. Refused in one line naming the change and the fix."""
+    _refused_split_change(_copy(trained, tmp_path), ["--config.validation_size=31"],
+                          "validation_size: 32 -> 31", "--config.validation_size=32")
+
+
+def test_a_changed_seed_of_real_data_is_refused_before_anything_is_written(tmp_path):
+    """Another seed holds out other validation images of the same (real) images."""
+    from stochastic_depth_jax import data
+
+    folder = data.testing.make_image_folder(str(tmp_path / "images"), classes=2,
+                                            per_class_train=40, per_class_test=8)
+    flags = [f"--config.dataset=image_folder:{folder}"]
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS + flags), workdir)
+    _refused_split_change(workdir, flags + ["--config.seed=1"], "seed: 0 -> 1",
+                          "--config.seed=0")
+
+
+def test_another_seed_of_fake_data_is_other_data_and_only_warned_about(tmp_path):
+    """Fake data is drawn from the seed: another one is other images, a change of the data
+    on purpose (as another fake_data size), warned about as such. With train_on_all, which
+    holds no image out, it was refused as one that moves images between the splits."""
+    common = FLAGS + ["--config.train_on_all=true", "--config.select_best_by=test"]
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", common + ["--config.max_steps=4"]),
+                            workdir)
+    with pytest.warns(UserWarning, match=r"changed config: max_steps: 4 -> 0; seed: 0 -> 1"):
+        summary = loop.train_and_evaluate(
+            load_config("cifar10:smoke", common + ["--config.seed=1"]), workdir)
+    assert summary["steps"] == 10
 
 
 def test_a_split_field_change_that_moves_no_image_is_only_warned_about(tmp_path):

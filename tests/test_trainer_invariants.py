@@ -345,6 +345,78 @@ def test_a_finished_run_s_unevaluated_best_is_evaluated_when_it_is_run_again(tmp
         assert json.load(f) == summary
 
 
+def test_a_finished_run_s_best_is_measured_only_by_the_model_it_trained(tmp_path):
+    """Run again with another model.final_survival_prob (which scales the blocks at test
+    time), a finished run's unmeasured best was evaluated by that other network and its
+    errors written into summary.json as the run's, beside a run.json that still records
+    the p_L it trained with. Now a warning names the change and summary.json stays as it
+    was; run again as it trained, the errors are the ones that training measured, and a
+    third run leaves summary.json as the second wrote it."""
+    import warnings
+
+    from stochastic_depth_jax.training import loop
+
+    flags = TINY + ["--config.select_best_by=train", "--config.lr_boundaries_epochs=()"]
+    workdir = str(tmp_path / "run")
+    measured = loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)["best"]
+    _strip_best_evaluation(workdir)
+    path = os.path.join(workdir, loop.SUMMARY_FILE)
+    with open(path) as f:
+        summary = json.load(f)
+    summary["best"] = {k: v for k, v in measured.items() if k not in ("val_error", "test_error")}
+    with open(path, "w") as f:
+        json.dump(summary, f)
+    other = load_config("cifar10:smoke", flags + ["--config.model.final_survival_prob=0.1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loop.train_and_evaluate(other, workdir)["best"] == summary["best"]
+    assert any("this config's model is not the one run.json records (model.final_survival_"
+               "prob: 0.5 -> 0.1; run it again with the config it trained with to measure "
+               "it): it stays without a test error." in str(w.message) for w in caught), caught
+    with open(path) as f:
+        assert json.load(f) == summary
+    assert loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)["best"] \
+        == measured
+    with open(path) as f:
+        rewritten = f.read()
+    assert json.loads(rewritten) == {**summary, "best": measured}
+    assert loop.train_and_evaluate(load_config("cifar10:smoke", flags), workdir)["best"] \
+        == measured
+    with open(path) as f:
+        assert f.read() == rewritten
+
+
+def test_every_process_measures_a_finished_run_s_best_as_process_0_decides(monkeypatch,
+                                                                         tmp_path):
+    """A host whose view of the shared workdir lags cannot read run.json: it skipped the
+    measurement (collective evaluations) that process 0, reading it, entered, and the job
+    hung. Every process now takes process 0's reading; only process 0 writes."""
+    import types
+
+    from stochastic_depth_jax.training import loop
+
+    best = {"metric": "train_error", "value": 0.5, "epoch": 1, "step": 4}
+    calls = []
+
+    def measure(run, chosen, shape):
+        calls.append(chosen["step"])
+        return {**chosen, "val_error": 0.25, "test_error": 0.5}
+
+    def unreadable(workdir):
+        raise OSError("run.json is not there yet on this host")
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(loop.multihost_utils, "broadcast_one_to_all", lambda flag: np.bool_(True))
+    monkeypatch.setattr(loop.evaluate_lib, "read_run_json", unreadable)
+    monkeypatch.setattr(loop, "_measured_best", measure)
+    run = types.SimpleNamespace(workdir=str(tmp_path), splits={"test": None})
+    ds = types.SimpleNamespace(image_shape=(32, 32, 3))
+    summary = loop._finished_best_measured(run, {"steps": 8, "best": best}, ds)
+    assert calls == [4] and summary["best"]["test_error"] == 0.5
+    assert os.listdir(tmp_path) == []  # process 0 writes summary.json
+
+
 def test_an_unreadable_unevaluated_best_is_warned_once_for_the_job(monkeypatch):
     """Every process of a job resumes the run: each warned that the earlier version's best
     cannot be measured, one line per process, where the job's other warnings are process

@@ -617,17 +617,17 @@ def _finished_best_measured(run: _Run, summary: dict[str, Any],
     error: epoch 1' with no test error, in its summary.json and a sweep's tables. The
     summary.json is rewritten with the errors added (nothing else changes); None where
     there is nothing to measure, or (a warning) its 'best' checkpoint cannot be read, or
-    this config's data or splits are not those run.json records (its errors would be of
-    other images)."""
+    this config is not the one run.json records (:func:`_unmeasurable_why`). Process 0's
+    readings decide for all: the evaluation is collective, and a host whose view of the
+    shared workdir lags must not stay out of it."""
     best = summary.get("best")
-    if not _unevaluated(run, best):
+    unevaluated = _unevaluated(run, best)
+    if not _agreed(unevaluated):
         return None
-    same = _is_recorded_data(run, ds)
-    measured = _measured_best(run, best, ds.image_shape) if same else None
+    why = _unmeasurable_why(run, ds) if unevaluated else None
+    measured = _measured_best(run, best, ds.image_shape) if _agreed(why is None) else None
     if measured is None:
-        why = ("its 'best' checkpoint cannot be read to measure it" if same else "this "
-               "config's data or splits are not those run.json records (run it again with "
-               "the config it trained with to measure it)")
+        why = why or "its 'best' checkpoint cannot be read to measure it"
         if jax.process_index() == 0:
             warnings.warn(
                 f"The best in summary.json ({_best_where(best)}) was chosen by an earlier "
@@ -643,24 +643,72 @@ def _finished_best_measured(run: _Run, summary: dict[str, Any],
     return summary
 
 
+def _unmeasurable_why(run: _Run, ds: data_lib.Dataset) -> str | None:
+    """Why a finished run's best cannot be measured with this config; None where it can:
+    its data and splits (``ds``) and its model must be those run.json records. Measured on
+    other images, or by another network (another final_survival_prob scales the blocks
+    otherwise at test time), its errors would be written in summary.json beside the
+    run.json that a finished run leaves as it trained, mislabelling the run."""
+    again = "run it again with the config it trained with to measure it"
+    try:
+        recorded = evaluate_lib.read_run_json(run.workdir) or {}
+        if not isinstance(recorded.get("data"), dict):
+            raise errors.DataError("run.json records no data")
+        evaluate_lib.check_same_data(recorded["data"], ds, run.config, run.workdir)
+    except (OSError, errors.Error):
+        return f"this config's data or splits are not those run.json records ({again})"
+    old, new = recorded.get("config"), json.loads(run.config.to_json())
+    if not isinstance(old, dict) or not isinstance(old.get("model"), dict):
+        old = {}
+    # A field that only one of them has was added to (or dropped from) the code since.
+    changed = [f"{k}: {v['old']!r} -> {v['new']!r}" for k, v in config_lib.config_changes(
+        old.get("model", {}), new["model"], "model.").items()
+        if _has_field(old, k) and _has_field(new, k)]
+    if changed or not old:
+        listed = "".join(f"{c}; " for c in changed[:4]) + "...; " * (len(changed) > 4)
+        return f"this config's model is not the one run.json records ({listed}{again})"
+    return None
+
+
 def _check_same_best(run: _Run, read: bool, where: str) -> None:
     """Raises ``errors.DistributedError`` on every process alike where some read the
     restored best's 'best' checkpoint (``where``) and others did not (a host whose view of
     the shared workdir lags lists no such step): the first evaluated it in collectives the
     others never entered, as those went on to train, and their bests then differed."""
+    unread = _not_read_by_all(read)
+    if unread:
+        raise errors.DistributedError(
+            f"The processes of this job do not all read the restored best's 'best' checkpoint "
+            f"({where}): {unread} could not; the hosts list different checkpoints in "
+            f"{os.path.join(run.workdir, 'checkpoints_best')} (a shared filesystem whose "
+            "caches lag); start the job again once every host sees the same files.")
+
+
+def _check_same_summary(run: _Run, read: bool) -> None:
+    """Raises ``errors.DistributedError`` on every process alike where some read the
+    summary.json of the step the run reached (a finished run: nothing to train) and others
+    did not (a host whose view of the shared workdir lags): the first returned it, the
+    others went on to evaluate that step in collectives the first never entered."""
+    unread = _not_read_by_all(read)
+    if unread:
+        raise errors.DistributedError(
+            f"The processes of this job do not all read "
+            f"{os.path.join(run.workdir, SUMMARY_FILE)} of step {run.step}, which the run "
+            f"reached: {unread} could not (a shared filesystem whose caches lag); start the "
+            "job again once every host sees the same files.")
+
+
+def _not_read_by_all(read: bool) -> str:
+    """``'processes 1, 3'``: those of the job that did not ``read`` a file where others did;
+    '' where all did or none did (one process: '')."""
     if jax.process_count() == 1:
-        return
+        return ""
     reads = [bool(r) for r in np.ravel(multihost_utils.process_allgather(np.int32(read)))]
     if all(reads) or not any(reads):
-        return
+        return ""
     unread = [p for p, r in enumerate(reads) if not r]
-    listed = ", ".join(map(str, unread[:4])) + ", ..." * (len(unread) > 4)
-    raise errors.DistributedError(
-        f"The processes of this job do not all read the restored best's 'best' checkpoint "
-        f"({where}): process{'es' * (len(unread) > 1)} {listed} could not; the hosts list "
-        f"different checkpoints in {os.path.join(run.workdir, 'checkpoints_best')} (a shared "
-        "filesystem whose caches lag); start the job again once every host sees the same "
-        "files.")
+    return (f"process{'es' * (len(unread) > 1)} " + ", ".join(map(str, unread[:4]))
+            + ", ..." * (len(unread) > 4))
 
 
 def _check_same_start(run: _Run) -> None:
@@ -816,6 +864,15 @@ def _changes_since_run_json(run: _Run, most: int = 8) -> str:
 # resumed run must find the data it trained on.
 _DATA_FIELDS = ("dataset", "label", "fake_data")
 
+
+def _data_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """:data:`_DATA_FIELDS`, and ``seed`` where the data is fake: its pixels and labels are
+    drawn from the seed (written anew for another one), so another seed is other data on
+    purpose, as another fake_data size is, and not another split of the same images (with
+    train_on_all, which holds none out, it was refused as one)."""
+    return _DATA_FIELDS + ("seed",) * bool(config_lib.fake_train_size(config))
+
+
 # The fields that choose how the same data is split into training and validation images:
 # a change that moves images between the splits is refused (_check_same_data).
 _SPLIT_FIELDS = ("validation_size", "seed", "train_on_all")
@@ -850,7 +907,8 @@ def _write_run_json(run: _Run, ds: data_lib.Dataset) -> None:
         warnings.warn(_missing_run_json(path, run.step, run.config.dataset), logs.RunWarning)
     if old is not None:
         changes = config_lib.config_changes(old.get("config", {}), meta["config"])
-        data_changed = any(k.split(".")[0] in _DATA_FIELDS and not config_lib.moved_folder(v)
+        data_changed = any(k.split(".")[0] in _data_fields(run.config)
+                           and not config_lib.moved_folder(v)
                            for k, v in changes.items())
         if run.step > 0 and "data" in old and not data_changed:
             _check_same_data(run, old["data"], ds, changes)
@@ -1154,19 +1212,6 @@ def _saved_summary(workdir: str, step: int) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
-def _is_recorded_data(run: _Run, ds: data_lib.Dataset) -> bool:
-    """Whether ``ds`` (its splits included) is the data run.json records; False where it
-    records none or cannot be read."""
-    try:
-        recorded = (evaluate_lib.read_run_json(run.workdir) or {}).get("data")
-        if not isinstance(recorded, dict):
-            return False
-        evaluate_lib.check_same_data(recorded, ds, run.config, run.workdir)
-    except (OSError, errors.Error):
-        return False
-    return True
-
-
 def _nothing_to_train(run: _Run, summary: dict[str, Any],
                       best_measured: bool = False) -> dict[str, Any]:
     """A restart of a run that already reached this config's end: says so and returns the
@@ -1201,6 +1246,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _check_same_start(run)
         if run.step >= _total_steps(config, run.setup.steps_per_epoch):
             saved = _saved_summary(workdir, run.step)  # None: written below
+            _check_same_summary(run, saved is not None)
             if saved is not None:
                 measured = _finished_best_measured(run, saved, ds)
                 return _nothing_to_train(run, measured or saved, measured is not None), False

@@ -10,7 +10,8 @@ its results after the last collective). ``mixedWR`` (3 processes): process ``W``
 once the others but ``R`` have finished, while process ``R`` still trains. ``save``: saves
 take ``SAVE_S`` seconds and process 1 raises a ``DataError`` as soon as its first one
 started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' checkpoint;
-``stalebest1``: process 1 lists no 'best' checkpoint.
+``stalebest1``: process 1 lists no 'best' checkpoint; ``stalesummary1``: process 1 does not
+read the run's summary.json.
 ``full0``/``full1``: the disk fills on process 0/1 during the 'latest' save of step
 ``FULL_AT`` (its writes there fail with ENOSPC). ``slowplot``: process 0's drawing of the
 curves takes ``DRAW_S`` seconds longer, and prints ``DRAWN`` when done.
@@ -113,6 +114,16 @@ def _hide_newest_checkpoint(who: int, wanted: str = "latest") -> None:
     checkpoint_lib.Checkpoints.steps = stale
 
 
+def _hide_summary(who: int) -> None:
+    """Process ``who`` reads no summary.json: a host whose view of the shared workdir lags
+    behind the job that finished the run."""
+    from stochastic_depth_jax.training import loop
+
+    saved_summary = loop._saved_summary
+    loop._saved_summary = lambda workdir, step: (
+        None if jax.process_index() == who else saved_summary(workdir, step))
+
+
 def _fill_the_disk(who: int) -> None:
     """Process ``who``'s writes into the 'latest' save of step ``FULL_AT`` (Orbax's
     temporary directory) fail with ENOSPC, as TensorStore's do on a full disk; every
@@ -161,6 +172,8 @@ def main(mode: str, argv: list[str]) -> None:
         _draw_slowly()
     if mode == "stalebest1":
         _hide_newest_checkpoint(1, "best")
+    elif mode == "stalesummary1":
+        _hide_summary(1)
     elif mode.startswith("stale"):
         _hide_newest_checkpoint(int(mode.removeprefix("stale")))
     if mode not in ("raise", "stop", "stop0"):
