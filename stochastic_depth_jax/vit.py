@@ -140,8 +140,8 @@ def check_block_train(train: Any, name: str, module: nn.Module | None = None) ->
     ``nn.remat(ViT)`` or ``nn.remat(EncoderBlock)`` (or ``nn.jit`` without
     ``static_argnames``) traces the keyword-only ``train``, which the model reads in Python:
     JAX's ``TracerBoolConversionError`` named neither the model nor a fix; the fix named is
-    the model's own ``remat=True``. ``nn.vmap`` drops keyword arguments (no ``train`` at
-    all): the fix named passes it through a function. ``None`` or a string was read by its
+    the model's own ``remat=True``. ``nn.vmap`` and ``nn.scan`` drop keyword arguments (no
+    ``train`` at all): the fix named passes it through a function. ``None`` or a string was read by its
     truth value (``train=None`` evaluated, ``'False'`` trained). ``module``: the model,
     whose Linen transforms say who traced ``train``: outside ``nn.remat`` / ``nn.jit``
     (``jax.jit(model.apply)`` with ``train`` not static) the general message, which names
@@ -155,6 +155,9 @@ def check_block_train(train: Any, name: str, module: nn.Module | None = None) ->
                 f"that passes it, nn.vmap(lambda m, x: m(x, train=train), variable_axes="
                 f"{{'params': None}}, split_rngs={{'params': False, 'stochastic_depth': "
                 f"True}})(model, x) in a parent module, or jax.vmap over model.apply.")
+        if "scan(" in lifted:
+            raise TypeError(f"{name} got no train flag: nn.scan drops keyword arguments; "
+                            f"{_scan_fix(name)} in a parent module.")
         raise TypeError(f"{name} needs train=True (training) or train=False (evaluation).")
     try:
         ops.check_deterministic(train, name="train")
@@ -167,6 +170,19 @@ def check_block_train(train: Any, name: str, module: nn.Module | None = None) ->
             f"apply {name} itself with remat=True (each block's branches recomputed in the "
             f"backward pass), and under nn.jit pass static_argnames='train'."
         ) from None
+
+
+def _scan_fix(name: str) -> str:
+    """The ``nn.scan`` that passes ``train`` to the block (or model) ``name``: a stack of
+    blocks carries x through them; a model (ViT, ConvNeXt) maps over a stack of batches
+    with shared parameters."""
+    if name in ("ViT", "ConvNeXt"):
+        return ("scan a function that passes it, nn.scan(lambda m, c, x: (c, m(x, "
+                "train=train)), variable_axes={'params': None}, split_rngs={'params': "
+                "False, 'stochastic_depth': True})(model, None, xs)")
+    return ("scan a function that passes it and returns (carry, output), nn.scan(lambda m, "
+            "x, _: (m(x, train=train), None), variable_axes={'params': 0}, split_rngs="
+            "{'params': True, 'stochastic_depth': True}, length=depth)(block, x, None)")
 
 
 def check_remat(remat: Any, name: str) -> None:
