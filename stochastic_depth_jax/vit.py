@@ -178,8 +178,8 @@ def _scan_fix(name: str) -> str:
     with shared parameters."""
     if name in ("ViT", "ConvNeXt"):
         return ("scan a function that passes it, nn.scan(lambda m, c, x: (c, m(x, "
-                "train=train)), variable_axes={'params': None}, split_rngs={'params': "
-                "False, 'stochastic_depth': True})(model, None, xs)")
+                "train=train)), variable_broadcast='params', split_rngs={'params': False, "
+                "'stochastic_depth': True})(model, None, xs)")
     return ("scan a function that passes it and returns (carry, output), nn.scan(lambda m, "
             "x, _: (m(x, train=train), None), variable_axes={'params': 0}, split_rngs="
             "{'params': True, 'stochastic_depth': True}, length=depth)(block, x, None)")
