@@ -3,11 +3,11 @@
 Each encoder block has two residual branches, ``x + attn(LN(x))`` and ``x + mlp(LN(x))``,
 each wrapped in :class:`stochastic_depth_jax.StochasticDepth` with drop probability
 ``drop_path_rates(...)[i]`` for block i (timm/DeiT: one rate per block, an independent draw
-per branch). ``layer_scale_init`` adds LayerScale (CaiT, DINOv2; timm's ``init_values``) inside
-each branch, before its drop path: ``x + DP(gamma * attn(LN(x)))``. The default semantics are timm's drop path (per-example gates, ``'train'``
-scaling: kept examples scaled by ``n / k``, evaluation unscaled) with real skipping: each
-branch runs only on the kept subset (``mode='sample'``, ``implementation='skip'``; see
-:mod:`stochastic_depth_jax.ops`).
+per branch). ``layer_scale_init`` adds LayerScale (CaiT, DINOv2; timm's ``init_values``)
+inside each branch, before its drop path: ``x + DP(gamma * attn(LN(x)))``. The default
+semantics are timm's drop path (per-example gates, ``'train'`` scaling: kept examples scaled
+by ``n / k``, evaluation unscaled) with real skipping: each branch runs only on the kept
+subset (``mode='sample'``, ``implementation='skip'``; see :mod:`stochastic_depth_jax.ops`).
 
 The NNX twin is :class:`stochastic_depth_jax.nnx_layers.ViT`, with the same parameter
 names and, for the same parameters and key, the same outputs.
@@ -141,8 +141,8 @@ def check_block_train(train: Any, name: str, module: nn.Module | None = None) ->
     ``static_argnames``) traces the keyword-only ``train``, which the model reads in Python:
     JAX's ``TracerBoolConversionError`` named neither the model nor a fix; the fix named is
     the model's own ``remat=True``. ``nn.vmap`` and ``nn.scan`` drop keyword arguments (no
-    ``train`` at all): the fix named passes it through a function. ``None`` or a string was read by its
-    truth value (``train=None`` evaluated, ``'False'`` trained). ``module``: the model,
+    ``train`` at all): the fix named passes it through a function. ``None`` or a string was
+    read by its truth value (``train=None`` evaluated, ``'False'`` trained). ``module``: the model,
     whose Linen transforms say who traced ``train``: outside ``nn.remat`` / ``nn.jit``
     (``jax.jit(model.apply)`` with ``train`` not static) the general message, which names
     ``jax.jit(..., static_argnames='train')``, is the one.
