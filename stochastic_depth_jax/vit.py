@@ -43,6 +43,7 @@ __all__ = [
     "check_block_train",
     "check_remat",
     "check_layer_scale_init",
+    "layer_scale",
     "qkv_init",
     "Attention",
     "AttentionBranch",
