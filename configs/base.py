@@ -203,6 +203,10 @@ def drop_path_config(name: str) -> ml_collections.ConfigDict:
     c.model.scaling = "train"  # kept examples x n / k in training, none at evaluation
     c.model.implementation = "skip"  # 'skip': branch runs on the kept subset only; 'mask'
     c.model.groups = 8  # subsets drawn per group of batch_size / groups examples
+    # What a kept branch saves for backward: 'none' (every activation) or 'full' (its input
+    # only: each block's branches recomputed in the backward pass, timm's grad checkpointing;
+    # the same values). The ResNets' 'convs' keeps their conv outputs: theirs only.
+    c.model.remat = "none"
     c.model.dtype = "float32"
     c.batch_size = 512
     c.eval_batch_size = 500

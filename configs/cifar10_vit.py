@@ -31,6 +31,9 @@ def get_config(arg=None):
     c.model.num_heads = ml_collections.config_dict.placeholder(int)
     c.model.patch_size = 4
     c.model.pool = "token"  # 'token' (class token) or 'gap' (mean of patch tokens)
+    # LayerScale's initial gamma on every branch (DINOv2: 1e-5; timm's init_values); None
+    # or 0: none (DeiT).
+    c.model.layer_scale_init = ml_collections.config_dict.placeholder(float)
     if arg == "smoke":
         base.drop_path_smoke(c)
         c.model.size = "ti"

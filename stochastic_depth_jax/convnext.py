@@ -26,7 +26,6 @@ pooling, ``norm`` and ``head``. Blocks are named ``blocks_{j}`` with j over all 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -36,8 +35,9 @@ import numpy as np
 from stochastic_depth_jax import ops
 from stochastic_depth_jax.layers import StochasticDepth, gate_rng
 from stochastic_depth_jax.vit import (NO_TRAIN, block_gate, check_block_train,
-                                     check_image_sides, check_positive_int, check_remat,
-                                     drop_path_rates)
+                                     check_image_sides, check_layer_scale_init,
+                                     check_positive_int, check_remat, drop_path_rates,
+                                     layer_scale)
 
 __all__ = [
     "CONVNEXT_SIZES",
@@ -110,21 +110,6 @@ def check_stem_stride(stem_stride: Any) -> None:
     check_positive_int(stem_stride, "stem_stride", " (ImageNet: 4, CIFAR: 1 or 2)")
 
 
-def check_layer_scale_init(value: Any) -> None:
-    """ValueError unless ``value`` is None or a number: a string ('1e-6') failed in the
-    initialiser ('format number 1 of "1e-6" is not recognized'), and True started every
-    layer scale at 1 instead of at a small value."""
-    ok = value is None or (not isinstance(value, (bool, np.bool_, str, bytes))
-                           and np.ndim(value) == 0)
-    try:
-        ok = ok and (value is None or math.isfinite(float(value)))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"layer_scale_init must be a number (ConvNeXt: 1e-6) or 0 or None "
-                         f"(no layer scale), got {value!r}.")
-
-
 def check_image(image_shape: tuple[int, ...], stem_stride: int, stages: int) -> None:
     """ValueError unless ``image_shape`` ``[batch, H, W, C]`` divides into every stage.
 
@@ -173,11 +158,7 @@ class ConvNeXtBranch(nn.Module):
                      name="pwconv1")(y)
         y = nn.gelu(y, approximate=False)
         y = nn.Dense(c, kernel_init=KERNEL_INIT, dtype=self.dtype, name="pwconv2")(y)
-        if self.layer_scale_init:
-            gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (c,),
-                               jnp.float32)
-            y = y * gamma.astype(y.dtype)
-        return y
+        return layer_scale(self, y, self.layer_scale_init)
 
 
 class ConvNeXtBlock(nn.Module):

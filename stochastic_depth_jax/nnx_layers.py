@@ -771,39 +771,59 @@ def _run_branch(branch: nnx.Module, x: Array) -> Array:
     return branch.forward(x)
 
 
+def _layer_scale(module: nnx.Module, width: int, init: float | None) -> None:
+    """Gives ``module`` the layer scale ``gamma`` (``[width]``, float32, every entry ``init``)
+    of the Linen :func:`stochastic_depth_jax.vit.layer_scale`; none when ``init`` is 0 or
+    None."""
+    if init:
+        module.gamma = nnx.Param(jnp.full((width,), init, jnp.float32))
+
+
+def _scaled(module: nnx.Module, y: Array) -> Array:
+    """``y * module.gamma``, or ``y`` where ``module`` has no layer scale."""
+    if hasattr(module, "gamma"):
+        return y * module.gamma[...].astype(y.dtype)
+    return y
+
+
 class AttentionBranch(nnx.Module):
-    """Pre-norm attention residual branch ``attn(LN(x))``; ``remat``: see :func:`_run_branch`."""
+    """Pre-norm attention residual branch ``gamma * attn(LN(x))`` (``gamma``: layer scale,
+    none unless ``layer_scale_init``); ``remat``: see :func:`_run_branch`."""
 
     def __init__(self, width: int, num_heads: int, *, dtype: Any = None, remat: bool = False,
-                 rngs: nnx.Rngs):
+                 layer_scale_init: float | None = None, rngs: nnx.Rngs):
         linen_vit.check_remat(remat, "AttentionBranch")
+        linen_vit.check_layer_scale_init(layer_scale_init, linen_vit.VIT_LAYER_SCALE)
         self.remat = bool(remat)
         self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+        _layer_scale(self, width, layer_scale_init)
 
     def forward(self, x: Array) -> Array:
-        """``attn(LN(x))``, never rematerialised."""
-        return self.attn(self.norm(x))
+        """``gamma * attn(LN(x))``, never rematerialised."""
+        return _scaled(self, self.attn(self.norm(x)))
 
     def __call__(self, x: Array) -> Array:
         return _run_branch(self, x)
 
 
 class MlpBranch(nnx.Module):
-    """Pre-norm MLP residual branch ``fc2(gelu(fc1(LN(x))))``; ``remat``: see
-    :func:`_run_branch`."""
+    """Pre-norm MLP residual branch ``gamma * fc2(gelu(fc1(LN(x))))`` (``gamma`` as
+    :class:`AttentionBranch`'s); ``remat``: see :func:`_run_branch`."""
 
     def __init__(self, width: int, mlp_dim: int, *, dtype: Any = None, remat: bool = False,
-                 rngs: nnx.Rngs):
+                 layer_scale_init: float | None = None, rngs: nnx.Rngs):
         linen_vit.check_remat(remat, "MlpBranch")
+        linen_vit.check_layer_scale_init(layer_scale_init, linen_vit.VIT_LAYER_SCALE)
         self.remat = bool(remat)
         self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.fc1 = _linear(width, mlp_dim, dtype, rngs)
         self.fc2 = _linear(mlp_dim, width, dtype, rngs)
+        _layer_scale(self, width, layer_scale_init)
 
     def forward(self, x: Array) -> Array:
-        """``fc2(gelu(fc1(LN(x))))``, never rematerialised."""
-        return self.fc2(jax.nn.gelu(self.fc1(self.norm(x)), approximate=False))
+        """``gamma * fc2(gelu(fc1(LN(x))))``, never rematerialised."""
+        return _scaled(self, self.fc2(jax.nn.gelu(self.fc1(self.norm(x)), approximate=False)))
 
     def __call__(self, x: Array) -> Array:
         return _run_branch(self, x)
@@ -819,21 +839,23 @@ class EncoderBlock(nnx.Module):
       mode, scaling, implementation, groups: of both branches' stochastic depth.
       remat: rematerialise both branches (``nnx.remat``): the same values and gradients,
         less memory kept for the backward pass.
+      layer_scale_init: LayerScale of both branches, before drop path (see the Linen
+        block); 0 or None (default): none.
       rngs: parameter initialisation (and the ``'stochastic_depth'`` stream, if present,
         for calls without gates).
     """
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, survival_prob: float = 1.0, *,
                  mode: str = "sample", scaling: str = "train", implementation: str = "skip",
-                 groups: int = 1, dtype: Any = None, remat: bool = False, rngs: nnx.Rngs):
+                 groups: int = 1, dtype: Any = None, remat: bool = False,
+                 layer_scale_init: float | None = None, rngs: nnx.Rngs):
         sd_rngs = rngs if "stochastic_depth" in rngs else None
         opts = dict(mode=mode, scaling=scaling, implementation=implementation, groups=groups,
                     rngs=sd_rngs)
-        self.attn = StochasticDepth(
-            AttentionBranch(width, num_heads, dtype=dtype, remat=remat, rngs=rngs),
-            survival_prob, **opts)
-        self.mlp = StochasticDepth(MlpBranch(width, mlp_dim, dtype=dtype, remat=remat, rngs=rngs),
-                                   survival_prob, **opts)
+        branch = dict(dtype=dtype, remat=remat, layer_scale_init=layer_scale_init, rngs=rngs)
+        self.attn = StochasticDepth(AttentionBranch(width, num_heads, **branch), survival_prob,
+                                    **opts)
+        self.mlp = StochasticDepth(MlpBranch(width, mlp_dim, **branch), survival_prob, **opts)
 
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
                  deterministic: bool | None = None) -> Array:
@@ -888,8 +910,10 @@ class ViT(nnx.Module):
                  mode: str = "sample", scaling: str = "train", implementation: str = "skip",
                  groups: int = 1, width: int | None = None, depth: int | None = None,
                  num_heads: int | None = None, mlp_ratio: int = 4, dtype: Any = None,
-                 deterministic: bool = False, remat: bool = False, rngs: nnx.Rngs):
+                 deterministic: bool = False, remat: bool = False,
+                 layer_scale_init: float | None = None, rngs: nnx.Rngs):
         linen_vit.check_remat(remat, "ViT")
+        linen_vit.check_layer_scale_init(layer_scale_init, linen_vit.VIT_LAYER_SCALE)
         if pool not in linen_vit.POOLS:
             raise ValueError(f"Unknown pool {pool!r}; valid: {list(linen_vit.POOLS)}.")
         ops.validate_options(mode, scaling, implementation)
@@ -911,7 +935,7 @@ class ViT(nnx.Module):
         self.blocks = nnx.List([
             EncoderBlock(width, heads, mlp_ratio * width, p, mode=mode, scaling=scaling,
                          implementation=implementation, groups=groups, dtype=dtype, remat=remat,
-                         rngs=rngs)
+                         layer_scale_init=layer_scale_init, rngs=rngs)
             for p in self.probs
         ])
         self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
@@ -1057,8 +1081,7 @@ class ConvNeXtBranch(nnx.Module):
         self.norm = nnx.LayerNorm(width, epsilon=linen_convnext.EPS, dtype=dtype, rngs=rngs)
         self.pwconv1 = _linear(width, mlp_ratio * width, dtype, rngs, linen_convnext.KERNEL_INIT)
         self.pwconv2 = _linear(mlp_ratio * width, width, dtype, rngs, linen_convnext.KERNEL_INIT)
-        if layer_scale_init:
-            self.gamma = nnx.Param(jnp.full((width,), layer_scale_init, jnp.float32))
+        _layer_scale(self, width, layer_scale_init)
 
     def __call__(self, x: Array) -> Array:
         return _run_branch(self, x)
@@ -1066,10 +1089,7 @@ class ConvNeXtBranch(nnx.Module):
     def forward(self, x: Array) -> Array:
         """The branch, never rematerialised."""
         y = self.pwconv1(self.norm(self.dwconv(x)))
-        y = self.pwconv2(jax.nn.gelu(y, approximate=False))
-        if hasattr(self, "gamma"):
-            y = y * self.gamma[...].astype(y.dtype)
-        return y
+        return _scaled(self, self.pwconv2(jax.nn.gelu(y, approximate=False)))
 
 
 class ConvNeXtBlock(nnx.Module):

@@ -3,10 +3,11 @@
 Each encoder block has two residual branches, ``x + attn(LN(x))`` and ``x + mlp(LN(x))``,
 each wrapped in :class:`stochastic_depth_jax.StochasticDepth` with drop probability
 ``drop_path_rates(...)[i]`` for block i (timm/DeiT: one rate per block, an independent draw
-per branch). The default semantics are timm's drop path (per-example gates, ``'train'``
-scaling: kept examples scaled by ``n / k``, evaluation unscaled) with real skipping: each
-branch runs only on the kept subset (``mode='sample'``, ``implementation='skip'``; see
-:mod:`stochastic_depth_jax.ops`).
+per branch). ``layer_scale_init`` adds LayerScale (CaiT, DINOv2; timm's ``init_values``)
+inside each branch, before its drop path: ``x + DP(gamma * attn(LN(x)))``. The default
+semantics are timm's drop path (per-example gates, ``'train'`` scaling: kept examples scaled
+by ``n / k``, evaluation unscaled) with real skipping: each branch runs only on the kept
+subset (``mode='sample'``, ``implementation='skip'``; see :mod:`stochastic_depth_jax.ops`).
 
 The NNX twin is :class:`stochastic_depth_jax.nnx_layers.ViT`, with the same parameter
 names and, for the same parameters and key, the same outputs.
@@ -18,6 +19,7 @@ Keys: training draws one key per forward pass (``make_rng('stochastic_depth')``,
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -40,6 +42,8 @@ __all__ = [
     "NO_TRAIN",
     "check_block_train",
     "check_remat",
+    "check_layer_scale_init",
+    "layer_scale",
     "qkv_init",
     "Attention",
     "AttentionBranch",
@@ -137,9 +141,9 @@ def check_block_train(train: Any, name: str, module: nn.Module | None = None) ->
     ``nn.remat(ViT)`` or ``nn.remat(EncoderBlock)`` (or ``nn.jit`` without
     ``static_argnames``) traces the keyword-only ``train``, which the model reads in Python:
     JAX's ``TracerBoolConversionError`` named neither the model nor a fix; the fix named is
-    the model's own ``remat=True``. ``nn.vmap`` drops keyword arguments (no ``train`` at
-    all): the fix named passes it through a function. ``None`` or a string was read by its
-    truth value (``train=None`` evaluated, ``'False'`` trained). ``module``: the model,
+    the model's own ``remat=True``. ``nn.vmap`` and ``nn.scan`` drop keyword arguments (no
+    ``train`` at all): the fix named passes it through a function. ``None`` or a string was
+    read by its truth value (``train=None`` evaluated, ``'False'`` trained). ``module``: the model,
     whose Linen transforms say who traced ``train``: outside ``nn.remat`` / ``nn.jit``
     (``jax.jit(model.apply)`` with ``train`` not static) the general message, which names
     ``jax.jit(..., static_argnames='train')``, is the one.
@@ -152,6 +156,9 @@ def check_block_train(train: Any, name: str, module: nn.Module | None = None) ->
                 f"that passes it, nn.vmap(lambda m, x: m(x, train=train), variable_axes="
                 f"{{'params': None}}, split_rngs={{'params': False, 'stochastic_depth': "
                 f"True}})(model, x) in a parent module, or jax.vmap over model.apply.")
+        if "scan(" in lifted:
+            raise TypeError(f"{name} got no train flag: nn.scan drops keyword arguments; "
+                            f"{_scan_fix(name)} in a parent module.")
         raise TypeError(f"{name} needs train=True (training) or train=False (evaluation).")
     try:
         ops.check_deterministic(train, name="train")
@@ -166,6 +173,19 @@ def check_block_train(train: Any, name: str, module: nn.Module | None = None) ->
         ) from None
 
 
+def _scan_fix(name: str) -> str:
+    """The ``nn.scan`` that passes ``train`` to the block (or model) ``name``: a stack of
+    blocks carries x through them; a model (ViT, ConvNeXt) maps over a stack of batches
+    with shared parameters."""
+    if name in ("ViT", "ConvNeXt"):
+        return ("scan a function that passes it, nn.scan(lambda m, c, x: (c, m(x, "
+                "train=train)), variable_broadcast='params', split_rngs={'params': False, "
+                "'stochastic_depth': True})(model, None, xs)")
+    return ("scan a function that passes it and returns (carry, output), nn.scan(lambda m, "
+            "x, _: (m(x, train=train), None), variable_axes={'params': 0}, split_rngs="
+            "{'params': True, 'stochastic_depth': True}, length=depth)(block, x, None)")
+
+
 def check_remat(remat: Any, name: str) -> None:
     """TypeError unless ``remat`` (of a ViT, a ConvNeXt or their blocks) is a bool: the
     ResNets' string policies (``'none'``, ``'full'``) would be read by their truth value."""
@@ -174,6 +194,36 @@ def check_remat(remat: Any, name: str) -> None:
             f"{name} remat must be a bool (True: recompute each block's branches in the "
             f"backward pass, the ResNets' remat='full'; False: keep their activations), got "
             f"{remat!r}.")
+
+
+def check_layer_scale_init(value: Any, example: str = "ConvNeXt: 1e-6") -> None:
+    """ValueError unless ``value`` (a ViT's or ConvNeXt's ``layer_scale_init``) is None or a
+    finite number; ``example`` is the model's usual value, named in the message. A string
+    ('1e-6') failed in the initialiser ('format number 1 of "1e-6" is not recognized'), and
+    True started every layer scale at 1 instead of at a small value."""
+    ok = value is None or (not isinstance(value, (bool, np.bool_, str, bytes))
+                           and np.ndim(value) == 0)
+    try:
+        ok = ok and (value is None or math.isfinite(float(value)))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"layer_scale_init must be a number ({example}) or 0 or None "
+                         f"(no layer scale), got {value!r}.")
+
+
+def layer_scale(module: nn.Module, y: Array, init: float | None) -> Array:
+    """``y * gamma``, the learnable per-channel layer scale ``gamma`` (a parameter of
+    ``module`` named ``'gamma'``, float32, shape ``[channels]``) initialised to ``init``;
+    ``y`` unchanged (and no parameter) when ``init`` is 0 or None."""
+    if not init:
+        return y
+    gamma = module.param("gamma", nn.initializers.constant(init), (y.shape[-1],), jnp.float32)
+    return y * gamma.astype(y.dtype)
+
+
+# The ViT's usual layer_scale_init, as its refusal names it.
+VIT_LAYER_SCALE = "ViT: e.g. 1e-5, as DINOv2"
 
 
 def check_positive_int(value: Any, name: str, hint: str = "") -> None:
@@ -302,29 +352,37 @@ class Attention(nn.Module):
 
 
 class AttentionBranch(nn.Module):
-    """Pre-norm attention residual branch ``attn(LN(x))``, ``[batch, tokens, width]``."""
+    """Pre-norm attention residual branch ``gamma * attn(LN(x))``, ``[batch, tokens, width]``;
+    ``gamma`` is the layer scale (:func:`layer_scale`; none by default)."""
 
     num_heads: int
     dtype: Any = None
+    layer_scale_init: float | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        check_layer_scale_init(self.layer_scale_init, VIT_LAYER_SCALE)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-        return Attention(self.num_heads, self.dtype, name="attn")(y)
+        y = Attention(self.num_heads, self.dtype, name="attn")(y)
+        return layer_scale(self, y, self.layer_scale_init)
 
 
 class MlpBranch(nn.Module):
-    """Pre-norm MLP residual branch ``fc2(gelu(fc1(LN(x))))``, ``[batch, tokens, width]``."""
+    """Pre-norm MLP residual branch ``gamma * fc2(gelu(fc1(LN(x))))``,
+    ``[batch, tokens, width]``; ``gamma`` as :class:`AttentionBranch`'s."""
 
     mlp_dim: int
     dtype: Any = None
+    layer_scale_init: float | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        check_layer_scale_init(self.layer_scale_init, VIT_LAYER_SCALE)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         y = nn.Dense(self.mlp_dim, kernel_init=KERNEL_INIT, dtype=self.dtype, name="fc1")(y)
         y = nn.gelu(y, approximate=False)
-        return nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, dtype=self.dtype, name="fc2")(y)
+        y = nn.Dense(x.shape[-1], kernel_init=KERNEL_INIT, dtype=self.dtype, name="fc2")(y)
+        return layer_scale(self, y, self.layer_scale_init)
 
 
 class EncoderBlock(nn.Module):
@@ -340,6 +398,9 @@ class EncoderBlock(nn.Module):
         with ``train`` static): the backward pass recomputes a kept branch from its input
         instead of keeping its activations (attention weights, the MLP's hidden layer);
         the same values and gradients (timm's ``set_grad_checkpointing``, per branch).
+      layer_scale_init: LayerScale (CaiT, DINOv2; timm's ``init_values``): each branch's
+        output times a learnable per-channel ``gamma`` started at this value, before drop
+        path, ``x + DP(gamma * attn(LN(x)))``; 0 or None (default): none.
     """
 
     num_heads: int
@@ -352,6 +413,7 @@ class EncoderBlock(nn.Module):
     dtype: Any = None
     fused_residual: bool = True
     remat: bool = False
+    layer_scale_init: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, gates: tuple[Any, Any] = (None, None), *,
@@ -360,8 +422,9 @@ class EncoderBlock(nn.Module):
         check_block_train(train, "EncoderBlock", self)
         check_remat(self.remat, "EncoderBlock")
         attention, mlp = (_REMAT_BRANCHES if self.remat else (AttentionBranch, MlpBranch))
-        branches = (attention(self.num_heads, self.dtype, parent=None),
-                    mlp(self.mlp_dim, self.dtype, parent=None))
+        ls = self.layer_scale_init
+        branches = (attention(self.num_heads, self.dtype, ls, parent=None),
+                    mlp(self.mlp_dim, self.dtype, ls, parent=None))
         for name, branch, gate in zip(("attn", "mlp"), branches, gates):
             sd = StochasticDepth(branch, survival_prob=self.survival_prob, mode=self.mode,
                                  scaling=self.scaling, implementation=self.implementation,
@@ -403,6 +466,8 @@ class ViT(nn.Module):
       remat: rematerialise every block's branches (:class:`EncoderBlock`): less memory for
         the backward pass, another forward pass of the kept branches in time; the same
         values and gradients. ``nn.remat(ViT)`` cannot do it (it traces ``train``).
+      layer_scale_init: LayerScale on every branch (:class:`EncoderBlock`; timm's
+        ``init_values``, DINOv2: 1e-5); 0 or None (default): none, as DeiT.
 
     Initialisation is the original JAX ViT's (Dosovitskiy et al.'s code) without its
     N(0, 1e-6) MLP biases: Xavier-uniform linears, the fused q/k/v kernel per
@@ -428,6 +493,7 @@ class ViT(nn.Module):
     dtype: Any = None
     fused_residual: bool = True
     remat: bool = False
+    layer_scale_init: float | None = None
 
     def dims(self) -> tuple[int, int, int]:
         """``(width, depth, heads)``."""
@@ -442,6 +508,7 @@ class ViT(nn.Module):
         """Classifies ``x`` ``[batch, H, W, C]``; ``key`` overrides the drop-path stream."""
         check_block_train(train, "ViT", self)
         check_remat(self.remat, "ViT")
+        check_layer_scale_init(self.layer_scale_init, VIT_LAYER_SCALE)
         if key is not None:
             ops.check_key(key)
         if self.pool not in POOLS:
@@ -475,7 +542,8 @@ class ViT(nn.Module):
                                 groups=self.groups)
             x = EncoderBlock(heads, self.mlp_ratio * width, sp, self.mode, self.scaling,
                              self.implementation, self.groups, self.dtype, self.fused_residual,
-                             self.remat, name=f"blocks_{i}")(x, gates, train=train)
+                             self.remat, self.layer_scale_init,
+                             name=f"blocks_{i}")(x, gates, train=train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         x = x[:, 0] if self.pool == "token" else jnp.mean(x, axis=1)
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,

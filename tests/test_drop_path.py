@@ -689,3 +689,202 @@ def test_a_block_s_train_traced_by_jax_jit_gets_the_fix_for_jax_jit(block):
     assert f"apply {name} itself" not in first, first
     assert jax.jit(block().apply, static_argnames="train")(
         variables, x, train=True, rngs=rngs).shape == x.shape
+
+
+def _scan_message(name):
+    """The one line ``nn.scan`` of ``name`` (a model or a block) gets: the fix that works."""
+    if name in ("ViT", "ConvNeXt"):
+        fix = ("scan a function that passes it, nn.scan(lambda m, c, x: (c, m(x, "
+               "train=train)), variable_broadcast='params', split_rngs={'params': False, "
+               "'stochastic_depth': True})(model, None, xs)")
+    else:
+        fix = ("scan a function that passes it and returns (carry, output), nn.scan(lambda m, "
+               "x, _: (m(x, train=train), None), variable_axes={'params': 0}, split_rngs="
+               "{'params': True, 'stochastic_depth': True}, length=depth)(block, x, None)")
+    return f"{name} got no train flag: nn.scan drops keyword arguments; {fix} in a parent module."
+
+
+@pytest.mark.filterwarnings("ignore:kwargs are not supported in scan")  # Flax's, on train
+@pytest.mark.parametrize("name", ["ViT", "ConvNeXt", "EncoderBlock", "ConvNeXtBlock"])
+def test_nn_scan_of_a_model_or_block_names_how_to_pass_train(name):
+    """``nn.scan(EncoderBlock, ...)`` (a stack of blocks, the usual way to compile a deep
+    transformer once) drops keyword arguments as ``nn.vmap`` does: a user who passed
+    ``train=False`` was told to pass ``train=True`` or ``train=False``. Now one line naming
+    a scanned function that passes it, which works: a stack of blocks gives the blocks'
+    outputs one after the other; a model scanned over batches, its logits batch by batch."""
+    if name in ("ViT", "ConvNeXt"):
+        model, x = _small_model(name), jax.random.normal(jax.random.key(0), (2, 2, 16, 16, 3))
+        axes = dict(variable_broadcast="params")  # one model's parameters for every batch
+        split, length = {"params": False, "stochastic_depth": True}, None
+    elif name == "EncoderBlock":
+        model, x = sdj.vit.EncoderBlock(2, 16, 0.5), jax.random.normal(jax.random.key(0),
+                                                                       (2, 5, 8))
+        axes = dict(variable_axes={"params": 0})  # a stack of blocks
+        split, length = {"params": True, "stochastic_depth": True}, 3
+    else:
+        model = sdj.convnext.ConvNeXtBlock(0.5, layer_scale_init=1.0)  # 1e-6: drops unseen
+        x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+        axes = dict(variable_axes={"params": 0})
+        split, length = {"params": True, "stochastic_depth": True}, 3
+    scanned = nn.scan(type(model), **axes, split_rngs=split, length=length or 2)
+    with pytest.raises(TypeError) as caught:
+        scanned(**_fields(model)).init(jax.random.key(0), x, train=False)
+    assert str(caught.value).splitlines()[0] == _scan_message(name)  # JAX may add a note
+
+    class Scanned(nn.Module):  # the fix the line names
+        train: bool
+
+        @nn.compact
+        def __call__(self, v):
+            inner = type(model)(**_fields(model), name="inner")
+            if length is None:
+                return nn.scan(lambda m, c, u: (c, m(u, train=self.train)), **axes,
+                               split_rngs=split)(inner, None, v)[1]
+            return nn.scan(lambda m, u, _: (m(u, train=self.train), None), **axes,
+                           split_rngs=split, length=length)(inner, v, None)[0]
+
+    variables = Scanned(False).init(jax.random.key(0), x)
+    y = Scanned(False).apply(variables, x)
+    params = variables["params"]["inner"]
+    if length is None:  # one model, batch by batch
+        expected = jnp.stack([model.apply({"params": params}, v, train=False) for v in x])
+    else:  # block i has the scanned parameters' slice i
+        expected = x
+        for i in range(length):
+            expected = model.apply({"params": jax.tree.map(lambda a, i=i: a[i], params)},
+                                   expected, train=False)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    trained = Scanned(True).apply(variables, x, rngs={"stochastic_depth": jax.random.key(1)})
+    assert trained.shape == y.shape and np.all(np.isfinite(trained))
+    if length is not None:  # (a model's zero or 1e-6-scaled start hides its drops)
+        assert not np.allclose(trained, y)
+
+
+def _vit(**kw):
+    """A two-block ViT with drop path for 16x16 images (``_small_model``'s, shallower)."""
+    return sdj.ViT(num_classes=5, size="ti", patch_size=4, width=32, depth=2, num_heads=2,
+                   drop_path_rate=0.4, **kw)
+
+
+def _gammas(params):
+    """``{path: gamma}`` of every layer scale in ``params``."""
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if getattr(path[-1], "key", None) == "gamma"}
+
+
+def test_vit_layer_scale_is_off_by_default_and_adds_timm_s_gammas():
+    """LayerScale (CaiT, DINOv2; timm's ``init_values``) is off by default: the parameters
+    and outputs of a ViT without it (None or 0) are the default's, bit for bit. With it,
+    each branch gets a float32 ``gamma`` of the model width started at the value: ViT-S/16
+    counts timm's 22,050,664 parameters without and 22,059,880 with ``init_values``."""
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    rngs = {"stochastic_depth": jax.random.key(2)}
+    default = _vit()
+    variables = default.init(jax.random.key(1), x, train=False)
+    assert not _gammas(variables)
+    for off in (None, 0, 0.0):
+        model = _vit(layer_scale_init=off)
+        assert jax.tree_util.tree_all(jax.tree.map(
+            np.array_equal, model.init(jax.random.key(1), x, train=False), variables))
+        for train in (True, False):
+            np.testing.assert_array_equal(
+                model.apply(variables, x, train=train, rngs=rngs),
+                default.apply(variables, x, train=train, rngs=rngs))
+    scaled = _vit(layer_scale_init=1e-5).init(jax.random.key(1), x, train=False)
+    gammas = _gammas(scaled)
+    assert sorted(gammas) == [f"['params']['blocks_{i}']['{b}']['branch']['gamma']"
+                              for i in (0, 1) for b in ("attn", "mlp")]
+    for gamma in gammas.values():
+        assert gamma.dtype == jnp.float32 and gamma.shape == (32,)
+        np.testing.assert_array_equal(gamma, np.float32(1e-5))
+    from stochastic_depth_jax import pruning
+    assert pruning.param_count(scaled) == pruning.param_count(variables) + 2 * 2 * 32
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    for init, count in ((None, 22_050_664), (1e-5, 22_059_880)):
+        vit_s = sdj.ViT(num_classes=1000, size="s", patch_size=16, layer_scale_init=init)
+        shapes = jax.eval_shape(lambda v, m=vit_s: m.init(jax.random.key(0), v, train=False),
+                                images)
+        assert pruning.param_count(shapes) == count
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_vit_layer_scale_scales_each_branch_before_drop_path(remat):
+    """timm's and DINOv2's block is ``x + drop_path(ls(branch(norm(x))))``: gamma scales a
+    branch's output channel by channel, and the residual stream is not scaled. So a block
+    with layer scale gamma equals one without whose last layer of each branch (``proj``,
+    ``fc2``) has its output channels multiplied by gamma: in training (per-example subsets,
+    kept examples scaled by n / k) and evaluation, with and without remat."""
+    x = jax.random.normal(jax.random.key(0), (8, 5, 16))
+    block = sdj.vit.EncoderBlock(2, 32, 0.5, remat=remat, layer_scale_init=0.5)
+    params = block.init(jax.random.key(1), x, train=False)["params"]
+    params = jax.tree_util.tree_map_with_path(  # gamma per channel, not one value
+        lambda path, a: jax.random.uniform(jax.random.key(len(str(path))), a.shape, a.dtype,
+                                           0.2, 2.0)
+        if getattr(path[-1], "key", None) == "gamma" else a, params)
+    plain = jax.tree.map(lambda a: a, params)
+    for branch, last in (("attn", ("attn", "proj")), ("mlp", ("fc2",))):
+        inner = plain[branch]["branch"]
+        gamma = inner.pop("gamma")
+        layer = inner
+        for name in last:
+            layer = layer[name]
+        layer["kernel"], layer["bias"] = layer["kernel"] * gamma, layer["bias"] * gamma
+    unscaled = sdj.vit.EncoderBlock(2, 32, 0.5, remat=remat)
+    gates = sdj.vit.block_gates(jax.random.key(3), 0, 0.5, mode="sample",
+                                implementation="skip", batch_size=8, groups=1)
+    for train, g in ((True, gates), (False, (None, None))):
+        y = block.apply({"params": params}, x, g, train=train)
+        np.testing.assert_allclose(y, unscaled.apply({"params": plain}, x, g, train=train),
+                                   rtol=1e-5, atol=1e-5)
+    dropped = ~np.isin(np.arange(8), np.asarray(gates[0]).ravel()) & \
+        ~np.isin(np.arange(8), np.asarray(gates[1]).ravel())
+    y = block.apply({"params": params}, x, gates, train=True)
+    np.testing.assert_array_equal(np.asarray(y)[dropped], np.asarray(x)[dropped])
+
+
+def test_nnx_vit_layer_scale_matches_linen_and_refuses_a_model_without_it():
+    """The NNX ViT's layer scale has the Linen one's names and values: loaded, the same
+    logits for the same key; a Linen ViT with layer scale does not load into an NNX ViT
+    without it (nor the other way round), rather than dropping or keeping gammas."""
+    from flax import nnx
+    from stochastic_depth_jax import nnx_layers
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    linen = _vit(layer_scale_init=0.1)
+    params = linen.init(jax.random.key(1), x, train=False)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a * 3.0 if getattr(path[-1], "key", None) in ("gamma", "kernel") else a,
+        params)
+    kw = dict(size="ti", patch_size=4, image_size=16, width=32, depth=2, num_heads=2,
+              drop_path_rate=0.4)
+    model = nnx_layers.ViT(5, layer_scale_init=1e-5, rngs=nnx.Rngs(params=0), **kw)
+    assert all(float(g[0]) == np.float32(1e-5) for g in _gammas(
+        nnx.to_pure_dict(nnx.state(model, nnx.Param))).values())
+    nnx_layers.load_linen_params(model, params)
+    key = jax.random.key(3)
+    expected = linen.apply({"params": params}, x, train=True, rngs={"stochastic_depth": key})
+    np.testing.assert_allclose(model(x, rngs=key), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"gamma of the Linen model has no counterpart"):
+        nnx_layers.load_linen_params(nnx_layers.ViT(5, rngs=nnx.Rngs(params=0), **kw), params)
+    bare = _vit().init(jax.random.key(1), x, train=False)["params"]
+    with pytest.raises(ValueError, match=r"has parameters the Linen model lacks \(blocks/0/"):
+        nnx_layers.load_linen_params(model, bare)
+
+
+@pytest.mark.parametrize("value", ["1e-5", True, (1e-5,), float("nan"), float("inf")])
+def test_a_vit_layer_scale_init_that_is_not_a_number_is_one_clear_error(value):
+    """As the ConvNeXt's: a string failed in the initialiser, True started every gamma at 1,
+    NaN made every output NaN. One line, Linen (model and block) and NNX."""
+    from flax import nnx
+    from stochastic_depth_jax import nnx_layers
+    message = (f"layer_scale_init must be a number (ViT: e.g. 1e-5, as DINOv2) or 0 or None "
+               f"(no layer scale), got {value!r}.")
+    x = jnp.zeros((2, 16, 16, 3))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):  # JAX adds a note
+        _vit(layer_scale_init=value).init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        sdj.vit.EncoderBlock(2, 16, layer_scale_init=value).init(
+            jax.random.key(0), jnp.zeros((2, 5, 8)), train=False)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        nnx_layers.ViT(5, size="ti", patch_size=4, image_size=16, width=32, depth=2,
+                       num_heads=2, layer_scale_init=value, rngs=nnx.Rngs(params=0))

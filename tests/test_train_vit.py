@@ -185,3 +185,65 @@ def test_a_drop_path_run_stopped_mid_epoch_resumes_to_the_uninterrupted_runs_wei
     assert resumed["steps"] == full["steps"] == 8 and resumed["best"] == full["best"]
     assert (_checksum_and_records(str(tmp_path / "stopped"))
             == _checksum_and_records(str(tmp_path / "full")))
+
+
+@pytest.mark.parametrize("spec", ["cifar10_vit:smoke", "cifar10_convnext:smoke"])
+def test_model_remat_reaches_the_vit_and_convnext_with_the_resnets_meaning(spec):
+    """``model.remat`` was a ResNet field only: ``--config.model.remat=full`` on a ViT was an
+    unknown field, and ``remat=True`` of the models unreachable from train.py. It takes the
+    ResNets' words that mean something for these models: 'none' (default, every activation
+    kept) and 'full' (each block's branches recomputed from their input); 'convs', which
+    keeps a ResNet's convolution outputs, and anything else are refused in one line. A
+    run.json written before the field builds the model without remat."""
+    mesh = distributed.make_mesh()
+    config = load_config(spec, TINY)
+    assert config.model.remat == "none"
+    assert setup_lib.build_model(config, 10, mesh).remat is False
+    assert setup_lib.build_model(load_config(spec, TINY + ["--config.model.remat=full"]), 10,
+                                 mesh).remat is True
+    name = "ViT" if "vit" in spec else "ConvNeXt"
+    for bad in ("convs", "true"):
+        with pytest.raises(errors.ConfigError) as caught:
+            load_config(spec, TINY + [f"--config.model.remat={bad}"])
+        assert str(caught.value) == (
+            f"Invalid config: model.remat='{bad}': a {name} takes 'none' (keep every "
+            f"activation for the backward pass) or 'full' (recompute each block's branches "
+            f"from their input in the backward pass); 'convs' (keep the convolution outputs) "
+            f"is the ResNets' only")
+    older = config.copy_and_resolve_references()
+    del older.model["remat"]
+    assert setup_lib.build_model(config_lib.validate(older, recorded=True), 10,
+                                 mesh).remat is False
+
+
+def test_vit_layer_scale_and_remat_train_through_the_trainer(tmp_path):
+    """``model.layer_scale_init`` (LayerScale, DINOv2's 1e-5) reaches the ViT; its titles
+    name it; bad values are refused in one line. With ``model.remat='full'`` the same
+    losses as without (the same computation, recomputed in the backward pass)."""
+    config = load_config("cifar10_vit:smoke", TINY)
+    assert config.model.layer_scale_init is None
+    mesh = distributed.make_mesh()
+    assert setup_lib.build_model(config, 10, mesh).layer_scale_init is None
+    scaled = load_config("cifar10_vit:smoke", TINY + ["--config.model.layer_scale_init=0.1"])
+    assert setup_lib.build_model(scaled, 10, mesh).layer_scale_init == 0.1
+    assert "ViT-Ti/4 depth 2 width 32 num_heads 2 layer scale 0.1, drop path" in \
+        plots.run_title(scaled)
+    assert "layer scale" not in plots.run_title(config)
+    for bad in ("-1", "nan"):
+        with pytest.raises(errors.ConfigError, match=r"^Invalid config: model\.layer_scale_"
+                           r"init=(-1\.0|nan) must be a number >= 0 \(1e-5 as DINOv2; 0 or "
+                           r"None: no layer scale\)$"):
+            load_config("cifar10_vit:smoke", TINY + [f"--config.model.layer_scale_init={bad}"])
+    older = config.copy_and_resolve_references()
+    del older.model["layer_scale_init"]
+    assert setup_lib.build_model(config_lib.validate(older, recorded=True), 10,
+                                 mesh).layer_scale_init is None
+    one = distributed.make_mesh(jax.devices()[:1])
+    _, plain, _, p_plain = _train(scaled, str(tmp_path), one, steps=2)
+    remat = load_config("cifar10_vit:smoke", TINY + ["--config.model.layer_scale_init=0.1",
+                                                     "--config.model.remat=full"])
+    setup, losses, _, p_remat = _train(remat, str(tmp_path), one, steps=2)
+    assert setup.model.remat is True and np.all(np.isfinite(losses))
+    np.testing.assert_allclose(losses, plain, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 p_remat, p_plain)

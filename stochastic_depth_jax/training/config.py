@@ -400,7 +400,28 @@ def _validate_vit(m: ml_collections.ConfigDict, config: ml_collections.ConfigDic
     _check(_integer(m.patch_size) and m.patch_size >= 1,
            f"model.patch_size={m.patch_size!r} must be an integer >= 1 (CIFAR: 4)")
     _check_choice(m.pool, vit.POOLS, "model.pool")
+    _check_layer_scale(m.get("layer_scale_init"), "1e-5 as DINOv2")  # absent: an older run
     _validate_drop_path(m, config)
+
+
+def _check_layer_scale(value: Any, example: str) -> None:
+    """``model.layer_scale_init`` of a ViT or ConvNeXt: None or a number >= 0."""
+    _check(value is None or (_finite(value) and value >= 0),
+           f"model.layer_scale_init={value!r} must be a number >= 0 ({example}; 0 or None: no "
+           f"layer scale)")
+
+
+# model.name -> how a message names the drop-path model.
+_DROP_PATH_NAMES = {"vit": "ViT", "convnext": "ConvNeXt"}
+
+# model.remat of a ViT or ConvNeXt -> the model's remat flag. Absent (a run.json written
+# before the field): 'none'.
+DROP_PATH_REMAT = {"none": False, "full": True}
+
+
+def drop_path_remat(m: ml_collections.ConfigDict) -> bool:
+    """The ``remat`` flag of the ViT or ConvNeXt that ``model`` block ``m`` describes."""
+    return DROP_PATH_REMAT[m.get("remat", "none")]
 
 
 def _validate_drop_path(m: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
@@ -417,6 +438,12 @@ def _validate_drop_path(m: ml_collections.ConfigDict, config: ml_collections.Con
     _check_choice(m.implementation, implementation.DROP_PATH_IMPLEMENTATIONS,
                   "model.implementation")
     _check_dtype(m.dtype)
+    remat = m.get("remat", "none")
+    _check(isinstance(remat, str) and remat in DROP_PATH_REMAT,
+           f"model.remat={remat!r}: a {_DROP_PATH_NAMES.get(m.name, m.name)} takes 'none' "
+           f"(keep every activation for the backward pass) or 'full' (recompute each block's "
+           f"branches from their input in the backward pass); 'convs' (keep the convolution "
+           f"outputs) is the ResNets' only")
     _check(_integer(m.groups) and m.groups >= 1 and config.batch_size % m.groups == 0,
            f"model.groups={m.groups!r} must be an integer >= 1 dividing batch_size="
            f"{config.batch_size} (drop-path subsets are drawn per group; use a multiple of "
@@ -431,10 +458,7 @@ def _validate_convnext(m: ml_collections.ConfigDict, config: ml_collections.Conf
         convnext.check_stem_stride(m.stem_stride)
     except ValueError as e:
         _check(False, f"model: {e}")
-    ls = m.layer_scale_init
-    _check(ls is None or (_finite(ls) and ls >= 0),
-           f"model.layer_scale_init={ls!r} must be a number >= 0 (1e-6; 0 or None: no layer "
-           f"scale)")
+    _check_layer_scale(m.layer_scale_init, "1e-6")
     _validate_drop_path(m, config)
 
 

@@ -124,6 +124,8 @@ def _title_parts(config: Any) -> list[str]:
         model = f"ConvNeXt-{m['size']}" + _set_dims(m, "depths", "dims")
     else:
         model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}" + _width(m)
+    if name == "vit" and m.get("layer_scale_init"):  # LayerScale (DINOv2's): another network
+        model += f" layer scale {m['layer_scale_init']:g}"
     if m.get("dropout_rate"):  # WRN paper's option; a run with it is not the same net's curve.
         model += f" dropout {m['dropout_rate']:g}"
     if m.get("initialization", "ours") != "ours":  # the official code's: another start

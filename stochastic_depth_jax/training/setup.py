@@ -277,6 +277,8 @@ def build_vit(config: ml_collections.ConfigDict, num_classes: int,
         drop_path_rate=float(m.drop_path_rate), drop_path_rule=m.drop_path_rule, mode=m.mode,
         scaling=m.scaling, implementation=implementation, groups=m.groups, width=m.width,
         depth=m.depth, num_heads=m.num_heads, dtype=config_lib.DTYPES[m.dtype],
+        remat=config_lib.drop_path_remat(m),
+        layer_scale_init=m.get("layer_scale_init"),  # absent from an older run.json: none
     )
 
 
@@ -293,6 +295,7 @@ def build_convnext(config: ml_collections.ConfigDict, num_classes: int,
         drop_path_rate=float(m.drop_path_rate), drop_path_rule=m.drop_path_rule,
         layer_scale_init=m.layer_scale_init, mode=m.mode, scaling=m.scaling,
         implementation=implementation, groups=m.groups, dtype=config_lib.DTYPES[m.dtype],
+        remat=config_lib.drop_path_remat(m),
     )
 
 
