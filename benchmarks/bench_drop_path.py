@@ -48,8 +48,7 @@ DEFAULTS = {  # (model, backend) -> model and batch of the standard run
     ("convnext", "gpu"): dict(size="tiny", depth=None, image=224, patch=4, batch=128, rounds=20),
 }
 # What the "Not the default sizes" warning names: the network, images and batch, which change
-# what is measured. Rounds and warm-up change only how often (the table says how many), and
-# the recorded tables were run with --rounds 7 and 10.
+# what is measured; not --rounds or --warmup, how often (provenance.REPEATS).
 SIZES = ("size", "depth", "depths", "image", "patch", "batch")
 
 

@@ -54,8 +54,8 @@ from user_branch import UserNet, UserNetNNX  # noqa: E402  (benchmark-only, next
 from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 # The flags that set the sizes measured; a table at other values than the defaults says so.
-SIZES = {"depth": None, "batch": "128, 32 with --user-branch", "rounds": "30 GPU, 6 CPU",
-         "warmup": None, "blocks": None, "width": None}
+# (Not --rounds or --warmup: how often, not what; provenance.REPEATS.)
+SIZES = {"depth": None, "batch": "128, 32 with --user-branch", "blocks": None, "width": None}
 
 VARIANTS = {
     # name: (final_survival_prob, implementation, remat)

@@ -59,8 +59,8 @@ except ModuleNotFoundError as e:
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SIZES = {"depth": None, "batch": None, "rounds": "30 GPU, 5 CPU", "warmup": None,
-         "epochs": None, "train_images": None, "test_images": None}
+# The flags that set the sizes measured (not --rounds or --warmup: provenance.REPEATS).
+SIZES = ("depth", "batch", "epochs", "train_images", "test_images")
 
 
 class Branch(nn.Module):

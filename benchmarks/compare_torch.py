@@ -37,7 +37,7 @@ import bench_cli  # noqa: E402  (next to this file)
 from provenance import run_label, size_changes  # noqa: E402
 
 OURS = ("constant", "skip-remat-convs", "compact", "lengths-3")  # bench_step.py variants
-SIZES = {"depth": None, "batch": None, "rounds": "bench_step.py's and bench_torch.py's"}
+SIZES = ("depth", "batch")  # not --rounds: how often, not what (provenance.REPEATS)
 
 
 class StepFailed(bench_cli.FlagError):

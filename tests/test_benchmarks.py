@@ -7,6 +7,7 @@ as such, and any other writes nothing."""
 
 import _thread
 import argparse
+import ast
 import io
 import json
 import os
@@ -59,8 +60,7 @@ def test_bench_step_every_kind_of_variant(tmp_path):
     text = out.read_text()
     assert "command: `python benchmarks/bench_step.py --depth 8 --batch 4 --rounds 1" in text
     assert ("**Not the default sizes** (--depth 8 (default 110); --batch 4 (default 128, 32 "
-            "with --user-branch); --rounds 1 (default 30 GPU, 6 CPU); --warmup 1 (default 2))"
-            in text)
+            "with --user-branch)): not comparable" in text)
 
 
 def test_bench_step_leaves_loop_variants_out_of_its_default_list_where_none_can_run(capsys):
@@ -105,6 +105,47 @@ def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
         assert "Not the default sizes" not in parse(argv).label, argv
     assert parse(["--user-branch"]).batch == parse(["--user-branch", "--batch", "32"]).batch
     assert "--batch 32 (default" in parse(["--batch", "32"]).label
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("bench_step", ["--rounds", "7", "--warmup", "0"]),
+    ("stage_costs", ["--rounds", "7", "--warmup", "0", "--out", ""]),
+    ("bench_prune", ["--rounds", "7", "--no-write"]),
+    ("compare_torch", ["--rounds", "7", "--torch-python", sys.executable, "--out", "",
+                       "--step-out", ""]),
+])
+def test_rounds_and_warm_up_are_not_sizes_in_any_benchmark(script, argv, monkeypatch):
+    """``--rounds 7`` was flagged "**Not the default sizes**" in every table but
+    bench_drop_path.py's: a table run with more rounds than the default (the recorded ones'
+    7 or 10) read as a smoke run. Rounds change how often a step is timed, not what (the
+    table says how many); one rule for every script (``provenance.REPEATS``)."""
+    module = load(script)
+    if script == "compare_torch":  # this Python has no PyTorch: the check is not the point
+        monkeypatch.setattr(module, "_check_torch", lambda python: None)
+    assert "Not the default sizes" not in module.parse_args(argv).label
+    assert "**Not the default sizes** (--batch 8 (default " in module.parse_args(
+        [*argv, "--batch", "8"]).label
+
+
+def test_no_benchmark_lists_a_repetition_count_as_a_size():
+    """Every script's SIZES (read from its source: bench_torch.py needs PyTorch to import),
+    and the shared rule: a repetition count is never named, even where a script lists it."""
+    provenance = load("provenance")
+    for name in sorted(os.listdir(BENCHMARKS)):
+        if name.endswith(".py"):
+            with open(os.path.join(BENCHMARKS, name)) as f:
+                tree = ast.parse(f.read())
+            for node in tree.body:
+                if (isinstance(node, ast.Assign)
+                        and any(getattr(t, "id", "") == "SIZES" for t in node.targets)):
+                    sizes = ast.literal_eval(node.value)
+                    assert not set(sizes) & set(provenance.REPEATS), (name, sizes)
+    parser = argparse.ArgumentParser()
+    for flag in ("--batch", "--rounds", "--warmup"):
+        parser.add_argument(flag, type=int, default=1)
+    args = parser.parse_args(["--batch", "2", "--rounds", "3", "--warmup", "4"])
+    assert provenance.size_changes(parser, args, ("batch", "rounds", "warmup")) == [
+        "--batch 2 (default 1)"]
 
 
 def test_bench_step_user_branch_nnx(tmp_path):
