@@ -211,6 +211,13 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
             else "every round had completed; the table", timed == asked)
 
 
+def round_line(i: int, warmup: int, times: Sequence[str]) -> str:
+    """The line a round of :func:`rounds` prints as it ends: ``round 3: <times>``, or
+    ``warm-up round 0: <times>`` for an untimed one, ``times`` the times it took (formatted),
+    one per variant. A warm-up round's own: they printed 0.000 (nothing timed yet)."""
+    return f"{'warm-up round' if i < warmup else 'round'} {i}: " + ", ".join(times)
+
+
 def per_round(times: Sequence[float], base: Sequence[float]) -> float:
     """The median over rounds of ``times[i] / base[i]``: a variant's time over its
     baseline's in the same round. Variants run back to back within a round, so this cancels

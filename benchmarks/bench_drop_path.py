@@ -250,9 +250,7 @@ def _measure(args) -> None:
         if i >= args.warmup:
             for r, dt in zip(runners, times):
                 r.times.append(dt)
-        # A warm-up round's own times (they printed 0.000: nothing timed yet).
-        kind = "warm-up round" if i < args.warmup else "round"
-        print(f"{kind} {i}: " + ", ".join(f"{dt:.3f}" for dt in times), flush=True)
+        print(bench_cli.round_line(i, args.warmup, [f"{dt:.3f}" for dt in times]), flush=True)
     lines = [
         describe(args),
         "",

@@ -286,12 +286,11 @@ def time_rounds(runners, all_gates, warmup) -> None:
     a Ctrl-C or SIGTERM ends the rounds after the current one (:func:`bench_cli.rounds`)."""
     for i in bench_cli.rounds(len(all_gates), warmup):
         gates = all_gates[i]
-        for r in runners:
-            dt = run_once(r, gates)
-            if i >= warmup:
+        times = [run_once(r, gates) for r in runners]
+        if i >= warmup:
+            for r, dt in zip(runners, times):
                 r.times.append(dt)
-        print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
-              flush=True)
+        print(bench_cli.round_line(i, warmup, [f"{dt:.3f}" for dt in times]), flush=True)
 
 
 def with_a_loop_to_run(names: list[str], args: argparse.Namespace, scan) -> list[str]:

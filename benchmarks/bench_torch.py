@@ -500,15 +500,13 @@ def main(argv=None):
         gates = (torch.rand(len(probs), generator=g) < probs).tolist()  # host-side, as Torch's
         if i == 0:  # every branch runs once (and compiles) before timing
             gates = [True] * len(gates)
-        for r in runners:
-            dt = r.step(x, y, gates)
-            if i >= args.warmup:
-                r.times.append(dt)
+        times = [r.step(x, y, gates) for r in runners]
         if i >= args.warmup:
+            for r, dt in zip(runners, times):
+                r.times.append(dt)
             kept.append(sum(gates) / len(gates))
-        print(f"round {i}: " + ", ".join(f"{r.name} {dt * 1e3:.0f}ms" for r, dt in
-                                          zip(runners, [r.times[-1] if r.times else 0
-                                                        for r in runners])), flush=True)
+        print(bench_cli.round_line(i, args.warmup, [f"{r.name} {dt * 1e3:.0f}ms" for r, dt
+                                                    in zip(runners, times)]), flush=True)
     med = {r.name: statistics.median(r.times) for r in runners}
     rows = []
     for r in runners:

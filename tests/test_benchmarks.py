@@ -644,6 +644,20 @@ def test_bench_drop_path_rounds_are_not_sizes_and_warm_up_rounds_print_their_tim
     assert "\nround 1: 0.007, 0.008, 0.009\n" in printed, printed
 
 
+def test_bench_step_warm_up_rounds_print_their_times(monkeypatch, capsys):
+    """bench_step.py's (and stage_costs.py's) warm-up rounds printed 0.000 for every variant,
+    and a later warm-up round too (nothing timed yet), not the times they took, as
+    bench_drop_path.py's did."""
+    bench_step = load("bench_step")
+    times = iter(range(1, 100))  # the step times run_once reports, in ms: 1, 2, 3, ...
+    monkeypatch.setattr(bench_step, "run_once", lambda r, gates: next(times) / 1e3)
+    runners = [argparse.Namespace(times=[]) for _ in range(2)]
+    bench_step.time_rounds(runners, [None] * 3, 2)
+    assert capsys.readouterr().out == ("warm-up round 0: 0.001, 0.002\n"
+                                       "warm-up round 1: 0.003, 0.004\nround 2: 0.005, 0.006\n")
+    assert [r.times for r in runners] == [[0.005], [0.006]]
+
+
 def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
     suite = load("gpu_suite")
     quick = suite.Part("quick", 1, ("-c", "import os; print('quick ran as part', "
