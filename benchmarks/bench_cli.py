@@ -603,6 +603,20 @@ def at_least(args, minimum: int, *names: str) -> None:
             raise bad_flag(f"{flag} {value}: must be at least {minimum}.")
 
 
+def used_only(parser, args, when: str, used: bool, *names: str) -> None:
+    """Raises if one of ``names`` (dests) is given another value than ``parser``'s default
+    where the script does not use it (``used`` false; ``when`` says where it does: 'with
+    --user-branch'): ignored, it was measured at what the script uses instead, while the
+    table's command line and its "Not the default sizes" named the value given."""
+    given = [n for n in names if getattr(args, n) != parser.get_default(n)]
+    if given and not used:
+        one = len(given) == 1
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise bad_flag(f"{flags} {'is' if one else 'are'} used only {when}, so here "
+                       f"{'it' if one else 'they'} would be ignored; drop "
+                       f"{'it' if one else 'them'}.")
+
+
 def cifar_depth(depth: int) -> None:
     """Raises unless ``depth`` is a CIFAR ResNet's (6n+2), naming the nearest valid ones."""
     if depth < 8 or (depth - 2) % 6:

@@ -431,6 +431,9 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--json", default="",
                     help="also write {variant: median seconds} to this new file")
     args = ap.parse_args(argv)
+    bench_cli.used_only(ap, args, "with --user-branch", args.user_branch, "blocks", "width")
+    bench_cli.used_only(ap, args, "without --user-branch", not args.user_branch, "depth", "scan",
+                        "compile_depths")
     defaults = _defaults(args.user_branch)
     for name, value in defaults.items():  # given at its default's value (compare_torch.py
         if getattr(args, name) == value:  # passes --batch): the table's sizes are the default

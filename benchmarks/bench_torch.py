@@ -439,11 +439,15 @@ def parse_args(argv) -> argparse.Namespace:
                     help="time whole training epochs (with augmentation and an evaluation "
                          "per epoch) instead of steps; default variants: the eager ones")
     ap.add_argument("--epochs", type=int, default=2, help="--whole-epochs: epochs per variant")
-    ap.add_argument("--train-images", type=int, default=45000)
-    ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--train-images", type=int, default=45000,
+                    help="--whole-epochs: training images")
+    ap.add_argument("--test-images", type=int, default=10000,
+                    help="--whole-epochs: test images evaluated after every epoch")
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format(
         "torch_<device>.md, with --whole-epochs torch_epochs_<device>.md"))
     args = ap.parse_args(argv)
+    bench_cli.used_only(ap, args, "with --whole-epochs", args.whole_epochs, "epochs",
+                        "train_images", "test_images")
     default_rounds = 30 if torch.cuda.is_available() else 5
     if args.rounds == default_rounds:  # given at its default (compare_torch.py passes it)
         args.rounds = None

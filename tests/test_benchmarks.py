@@ -848,7 +848,8 @@ def run_command(module, argv, capsys):
      "--out and --trace-dir both name {tmp}/t; give each its own path"),
     ("bench_train", ["--out", "{tmp}/t.md", "--cache-dir", "{tmp}/t.md"],
      "--out and --cache-dir both name {tmp}/t.md; give each its own path"),
-    ("bench_train", ["--images-dir", "{tmp}/i", "--cache-dir", "{tmp}/i"],
+    ("bench_train", ["--whole-epochs", "constant", "--eval-batch", "400", "--images-dir",
+                     "{tmp}/i", "--cache-dir", "{tmp}/i"],
      "--images-dir and --cache-dir both name {tmp}/i; give each its own path"),
     ("compare_torch", ["--torch-python", sys.executable, "--out", "{tmp}/t.md", "--step-out",
                        "{tmp}/t.md"],
@@ -866,6 +867,20 @@ def run_command(module, argv, capsys):
     # ... a note that every other refusal carried too, unrelated to it.
     ("bench_train", ["--p", "1.5"], "error: refused at these flags. Invalid config: "
                                     "model.final_survival_prob=1.5 must be in (0, 1]"),
+    # A flag of the other mode was ignored: the default network measured (minutes of
+    # ResNet-110), its table's command and "Not the default sizes" naming the value given.
+    ("bench_step", ["--blocks", "2", "--width", "8"], "error: --blocks, --width are used only "
+                                                      "with --user-branch, so here they would "
+                                                      "be ignored; drop them."),
+    ("bench_step", ["--user-branch", "--depth", "20"], "--depth is used only without "
+                                                       "--user-branch, so here it would be"),
+    ("profile_step", ["--model", "convnext"], "--model is used only with --drop-path, so"),
+    ("profile_step", ["--drop-path", "0.4", "--variants", "constant"],
+     "--variants is used only without --drop-path (the ResNet), so here it would be ignored"),
+    ("bench_train", ["--epochs", "3", "--train-images", "45000"],
+     "--epochs, --train-images are used only with --whole-epochs, so here they would be"),
+    ("bench_train", ["--images-dir", "{tmp}/images"], "--images-dir is used only with "
+                                                      "--whole-epochs"),
 ])
 def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
                                                    monkeypatch):
@@ -1762,6 +1777,17 @@ def test_bench_torch_times_no_round_that_compiles(tmp_path, monkeypatch):
                        match=r"--warmup 0: at least 1 \(the first round runs every block"):
         bench_torch.parse_args(["--warmup", "0", "--out", ""])
     assert bench_torch.parse_args(["--warmup", "1", "--out", ""]).warmup == 1
+
+
+def test_bench_torch_refuses_the_whole_epochs_sizes_without_whole_epochs(monkeypatch):
+    """``--epochs 3`` without ``--whole-epochs`` was ignored: the train steps were timed, and
+    the table said "Not the default sizes (--epochs 3 ...)", a size not measured."""
+    bench_torch = bench_torch_without_torch(monkeypatch)
+    with pytest.raises(load("bench_cli").FlagError, match=r"^--epochs, --test-images are "
+                       r"used only with --whole-epochs, so here they would be ignored"):
+        bench_torch.parse_args(["--epochs", "3", "--test-images", "100", "--out", ""])
+    assert bench_torch.parse_args(["--whole-epochs", "--epochs", "3", "--out", ""]).epochs == 3
+    assert bench_torch.parse_args(["--epochs", "2", "--out", ""]).epochs == 2  # the default
 
 
 def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatch):
