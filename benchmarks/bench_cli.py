@@ -617,12 +617,13 @@ def used_only(parser, args, when: str, used: bool, *names: str) -> None:
                        f"{'it' if one else 'them'}.")
 
 
-def cifar_depth(depth: int) -> None:
-    """Raises unless ``depth`` is a CIFAR ResNet's (6n+2), naming the nearest valid ones."""
+def cifar_depth(depth: int, flag: str = "--depth") -> None:
+    """Raises unless ``depth`` (given by ``flag``) is a CIFAR ResNet's (6n+2), naming the
+    nearest valid ones."""
     if depth < 8 or (depth - 2) % 6:
         below = max(8, depth - (depth - 2) % 6)
         nearest = sorted({below, below + 6} if depth > 8 else {8})
-        raise bad_flag(f"--depth {depth}: a CIFAR ResNet's depth is 6n+2 with n >= 1 (20, 32, "
+        raise bad_flag(f"{flag} {depth}: a CIFAR ResNet's depth is 6n+2 with n >= 1 (20, 32, "
                        f"44, 56, 110, 1202, ...); nearest: {' or '.join(map(str, nearest))}.")
 
 

@@ -447,8 +447,9 @@ def parse_args(argv) -> argparse.Namespace:
     args.compile_depths = [bench_cli.integer(v, "--compile-depths")
                            for v in args.compile_depths.split(",") if v.strip()]
     if not args.user_branch:
-        for depth in [args.depth, *args.compile_depths]:
-            bench_cli.cifar_depth(depth)
+        bench_cli.cifar_depth(args.depth)
+        for depth in args.compile_depths:
+            bench_cli.cifar_depth(depth, "--compile-depths")
     args.out = bench_cli.results_path(args.out, f"step_{jax.default_backend()}.md")
     args.json = bench_cli.new_file(args.json, "--json")
     bench_cli.distinct_outputs(("--out", args.out), ("--json", args.json))

@@ -801,6 +801,8 @@ def run_command(module, argv, capsys):
     ("bench_step", ["--variants", ""], "--variants is empty: give one or more names"),
     ("bench_step", ["--rounds", "0"], "--rounds 0: must be at least 1."),
     ("bench_step", ["--depth", "21"], "--depth 21: a CIFAR ResNet's depth is 6n+2"),
+    ("bench_step", ["--compile-depths", "110,21"], "error: --compile-depths 21: a CIFAR "
+                                                   "ResNet's depth is 6n+2"),  # was '--depth'
     ("bench_step", ["--json", "{recorded}"], "exists; give a new file"),
     ("stage_costs", ["--variants", "constant"], "--variants: unknown constant; valid: skip,"),
     ("bench_train", ["--whole-epochs", "nope"], "--whole-epochs: unknown nope; valid: constant,"),
