@@ -343,7 +343,9 @@ def table_rows(runners, batch, baseline=None) -> list[str]:
 
 def medians(path: str, runners, batch, dtype: str, **context) -> tuple[str, dict]:
     """``(path, {variant: median seconds} plus context)``: the ``--json`` file for
-    ``compare_torch.py`` that :func:`bench_cli.append_table` writes with the table."""
+    ``compare_torch.py`` that :func:`bench_cli.append_table` writes with the table;
+    ``context`` names the network (a file of medians said no depth), and ``label`` the
+    run's provenance line, as the table's."""
     return path, {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                   "jax": jax.__version__, "batch": batch, "dtype": dtype, **context,
                   "median_s": {r.name: statistics.median(r.times) for r in runners}}
@@ -405,7 +407,9 @@ def user_branch_main(args, dtype) -> None:
         "reroute_convs and jit; 'per round': the median of each round's ratio.",
     ]
     bench_cli.append_table("\n".join(lines) + "\n", args.out,
-                           medians=medians(args.json, runners, batch, args.dtype))
+                           medians=medians(args.json, runners, batch, args.dtype,
+                                           blocks=args.blocks, width=args.width,
+                                           rounds=rounds, label=args.label))
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -526,7 +530,9 @@ def _measure(args) -> None:
                          f"{compile_rows[1][1] / compile_rows[0][1]:.2f}")
     bench_cli.append_table("\n".join(lines) + "\n", args.out,
                            medians=medians(args.json, runners, args.batch, args.dtype,
-                                           auto_variant=auto_variant(args.depth, scan)))
+                                           depth=args.depth, scan=args.scan, rounds=rounds,
+                                           auto_variant=auto_variant(args.depth, scan),
+                                           label=args.label))
 
 
 if __name__ == "__main__":

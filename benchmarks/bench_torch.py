@@ -538,7 +538,8 @@ def main(argv=None):
     ])
     # With the table: appended after a signal in the last round too (compare_torch.py).
     bench_cli.append_table(text, args.out, medians=(args.json, {
-        "device": str(dev), "torch": torch.__version__, "batch": args.batch, "median_s": med}))
+        "device": str(dev), "torch": torch.__version__, "depth": args.depth, "batch":
+        args.batch, "p": args.p, "rounds": rounds, "label": args.label, "median_s": med}))
 
 
 if __name__ == "__main__":

@@ -1088,7 +1088,11 @@ def test_a_signal_after_the_rounds_writes_their_table_marked(tmp_path, capsys, m
     assert len(rows(out, ["constant"])["constant"]) == 6  # the rounds' row, whole (both ratios)
     assert ("| 20 | 1.5 |" in text) == (when == "compiling") and "| 56 |" not in text
     assert compiled == ([20] if when == "compiling" else [])
-    assert js.exists()  # the rounds are whole: their medians too
+    medians = json.loads(js.read_text())  # the rounds are whole: their medians too
+    # ... saying what was measured, as the table does (they named no depth, nor the run).
+    assert (medians["depth"], medians["batch"], medians["rounds"], medians["scan"]) == (
+        8, 2, 2, "auto")
+    assert medians["label"].startswith("Run ") and "bench_step.py --depth 8" in medians["label"]
 
 
 def test_an_interrupted_table_printed_only_does_not_say_it_was_appended(capsys):
