@@ -883,6 +883,8 @@ def run_command(module, argv, capsys):
      "--epochs, --train-images are used only with --whole-epochs, so here they would be"),
     ("bench_train", ["--images-dir", "{tmp}/images"], "--images-dir is used only with "
                                                       "--whole-epochs"),
+    ("bench_train", ["--whole-epochs", "constant", "--steps", "5"],
+     "--steps is used only without --whole-epochs (the bare steps timed), so here it would"),
 ])
 def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
                                                    monkeypatch):
