@@ -159,21 +159,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     first.add_argument("--model", choices=["vit", "convnext"], default="vit")
     model = first.parse_known_args(argv)[0].model
     d = DEFAULTS[(model, backend)]
+    here = f"{model} on {backend}"  # the defaults follow both: each flag's help says its own
     ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
                     help="the network timed (defaults below follow it)")
     ap.add_argument("--size", default=d["size"],
-                    help="ViT: ti, s, b, l; ConvNeXt: atto ... xlarge (sdj.CONVNEXT_SIZES)")
+                    help="ViT: ti, s, b, l; ConvNeXt: atto ... xlarge (sdj.CONVNEXT_SIZES)"
+                         f"; default for {here}: {d['size']}")
     ap.add_argument("--depth", type=int, default=d["depth"],
                     help="ViT blocks (default: the size's)")
     ap.add_argument("--depths", default=None,
                     help="ConvNeXt blocks per stage, e.g. 1,1,3,1 (default: the size's)")
-    ap.add_argument("--image", type=int, default=d["image"])
+    ap.add_argument("--image", type=int, default=d["image"],
+                    help=f"image side (default for {here}: {d['image']})")
     ap.add_argument("--patch", type=int, default=d["patch"],
-                    help="ViT patch size / ConvNeXt stem stride")
-    ap.add_argument("--batch", type=int, default=d["batch"])
-    ap.add_argument("--rounds", type=int, default=d["rounds"])
-    ap.add_argument("--warmup", type=int, default=2)
+                    help=f"ViT patch size / ConvNeXt stem stride (default for {here}: "
+                         f"{d['patch']})")
+    ap.add_argument("--batch", type=int, default=d["batch"],
+                    help=f"default for {here}: {d['batch']}")
+    ap.add_argument("--rounds", type=int, default=d["rounds"],
+                    help=f"timed rounds (default for {here}: {d['rounds']})")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5", help="uniform drop rates")
     ap.add_argument("--linear", type=float, default=0.4, help="timm linear rule to this rate")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
