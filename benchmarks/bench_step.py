@@ -351,16 +351,16 @@ def medians(path: str, runners, batch, dtype: str, **context) -> tuple[str, dict
                   "median_s": {r.name: statistics.median(r.times) for r in runners}}
 
 
-def auto_variant(depth: int, scan) -> str:
+def auto_variant(depth: int, scan, backend: str | None = None) -> str:
     """The variant the trainer's ``model.implementation='auto'`` picks for ``depth`` and
-    ``scan`` on this backend (``compare_torch.py``'s "ours default"), from the trainer's own
-    rule: compact mode on GPU/TPU only where a stage is scanned (not ResNet-20's stages of 3
-    blocks), else ``lax.cond`` skipping."""
+    ``scan`` on ``backend`` (default: this one's) (``compare_torch.py``'s "ours default"),
+    from the trainer's own rule: compact mode on GPU/TPU only where a stage is scanned (not
+    ResNet-20's stages of 3 blocks), else ``lax.cond`` skipping."""
     model = ml_collections.ConfigDict({
         "name": "cifar_resnet", "depth": depth, "scan": scan, "implementation": "auto",
         "mode": "batch", "final_survival_prob": 0.5, "compact_multiple": 0,
         "compact_lengths": 0})
-    resolved = implementation.resolve(model, jax.default_backend())
+    resolved = implementation.resolve(model, backend or jax.default_backend())
     return "compact" if resolved.compact_multiple else "skip-remat-convs"
 
 

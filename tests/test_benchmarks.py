@@ -96,6 +96,22 @@ def test_ours_default_is_what_auto_picks_for_the_depth(monkeypatch):
     cells = row.split(" | ")
     assert (cells[5], cells[10]) == ("400", "0.800")  # ours default img/s, / constant: skip's
 
+def test_compare_torch_refuses_variants_without_the_default_before_running(monkeypatch):
+    """``--variants constant,compact`` on a CPU, whose 'auto' is lax.cond skipping: refused
+    only once bench_step.py had run (minutes); now before anything runs."""
+    compare_torch = load("compare_torch")
+    monkeypatch.setattr(compare_torch, "_check_torch", lambda python: None)
+    ran = []
+    monkeypatch.setattr(compare_torch, "_run", ran.append)
+    argv = ["--torch-python", sys.executable, "--out", "", "--step-out", "", "--dtypes",
+            "float32"]
+    with pytest.raises(load("bench_cli").FlagError, match=r"^--variants constant,compact: "
+                       r"'auto' on cpu is 'skip-remat-convs' \(the table's 'ours default'\)"):
+        compare_torch.main([*argv, "--variants", "constant,compact"])
+    assert ran == []
+    assert compare_torch.parse_args([*argv, "--variants", "constant,skip-remat-convs"])
+
+
 def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
     """compare_torch.py passes --batch 128 to bench_step.py: its table said "Not the default
     sizes (--batch 128 (default 128, ...))"."""
@@ -1173,8 +1189,8 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(BENCHMARKS, "compare_torch.py"), "--torch-python",
          str(torch_python), "--depth", "8", "--batch", "2", "--rounds", str(asked),
-         "--dtypes", "float32", "--variants", "constant", "--out", str(out), "--step-out",
-         str(step)],
+         "--dtypes", "float32", "--variants", "constant,skip-remat-convs", "--out", str(out),
+         "--step-out", str(step)],  # with the CPU's 'auto': refused without it
         env=child_env(TMPDIR=str(tmp_path)), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
