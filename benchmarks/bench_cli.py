@@ -211,6 +211,13 @@ def rounds(total: int, warmup: int = 0) -> Iterator[int]:
             else "every round had completed; the table", timed == asked)
 
 
+def round_line(i: int, warmup: int, times: Sequence[str]) -> str:
+    """The line a round of :func:`rounds` prints as it ends: ``round 3: <times>``, or
+    ``warm-up round 0: <times>`` for an untimed one, ``times`` the times it took (formatted),
+    one per variant. A warm-up round's own: they printed 0.000 (nothing timed yet)."""
+    return f"{'warm-up round' if i < warmup else 'round'} {i}: " + ", ".join(times)
+
+
 def per_round(times: Sequence[float], base: Sequence[float]) -> float:
     """The median over rounds of ``times[i] / base[i]``: a variant's time over its
     baseline's in the same round. Variants run back to back within a round, so this cancels
@@ -596,12 +603,27 @@ def at_least(args, minimum: int, *names: str) -> None:
             raise bad_flag(f"{flag} {value}: must be at least {minimum}.")
 
 
-def cifar_depth(depth: int) -> None:
-    """Raises unless ``depth`` is a CIFAR ResNet's (6n+2), naming the nearest valid ones."""
+def used_only(parser, args, when: str, used: bool, *names: str) -> None:
+    """Raises if one of ``names`` (dests) is given another value than ``parser``'s default
+    where the script does not use it (``used`` false; ``when`` says where it does: 'with
+    --user-branch'): ignored, it was measured at what the script uses instead, while the
+    table's command line and its "Not the default sizes" named the value given."""
+    given = [n for n in names if getattr(args, n) != parser.get_default(n)]
+    if given and not used:
+        one = len(given) == 1
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise bad_flag(f"{flags} {'is' if one else 'are'} used only {when}, so here "
+                       f"{'it' if one else 'they'} would be ignored; drop "
+                       f"{'it' if one else 'them'}.")
+
+
+def cifar_depth(depth: int, flag: str = "--depth") -> None:
+    """Raises unless ``depth`` (given by ``flag``) is a CIFAR ResNet's (6n+2), naming the
+    nearest valid ones."""
     if depth < 8 or (depth - 2) % 6:
         below = max(8, depth - (depth - 2) % 6)
         nearest = sorted({below, below + 6} if depth > 8 else {8})
-        raise bad_flag(f"--depth {depth}: a CIFAR ResNet's depth is 6n+2 with n >= 1 (20, 32, "
+        raise bad_flag(f"{flag} {depth}: a CIFAR ResNet's depth is 6n+2 with n >= 1 (20, 32, "
                        f"44, 56, 110, 1202, ...); nearest: {' or '.join(map(str, nearest))}.")
 
 

@@ -48,8 +48,7 @@ DEFAULTS = {  # (model, backend) -> model and batch of the standard run
     ("convnext", "gpu"): dict(size="tiny", depth=None, image=224, patch=4, batch=128, rounds=20),
 }
 # What the "Not the default sizes" warning names: the network, images and batch, which change
-# what is measured. Rounds and warm-up change only how often (the table says how many), and
-# the recorded tables were run with --rounds 7 and 10.
+# what is measured; not --rounds or --warmup, how often (provenance.REPEATS).
 SIZES = ("size", "depth", "depths", "image", "patch", "batch")
 
 
@@ -160,21 +159,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     first.add_argument("--model", choices=["vit", "convnext"], default="vit")
     model = first.parse_known_args(argv)[0].model
     d = DEFAULTS[(model, backend)]
+    here = f"{model} on {backend}"  # the defaults follow both: each flag's help says its own
     ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["vit", "convnext"], default="vit",
                     help="the network timed (defaults below follow it)")
     ap.add_argument("--size", default=d["size"],
-                    help="ViT: ti, s, b, l; ConvNeXt: atto ... xlarge (sdj.CONVNEXT_SIZES)")
+                    help="ViT: ti, s, b, l; ConvNeXt: atto ... xlarge (sdj.CONVNEXT_SIZES)"
+                         f"; default for {here}: {d['size']}")
     ap.add_argument("--depth", type=int, default=d["depth"],
                     help="ViT blocks (default: the size's)")
     ap.add_argument("--depths", default=None,
                     help="ConvNeXt blocks per stage, e.g. 1,1,3,1 (default: the size's)")
-    ap.add_argument("--image", type=int, default=d["image"])
+    ap.add_argument("--image", type=int, default=d["image"],
+                    help=f"image side (default for {here}: {d['image']})")
     ap.add_argument("--patch", type=int, default=d["patch"],
-                    help="ViT patch size / ConvNeXt stem stride")
-    ap.add_argument("--batch", type=int, default=d["batch"])
-    ap.add_argument("--rounds", type=int, default=d["rounds"])
-    ap.add_argument("--warmup", type=int, default=2)
+                    help=f"ViT patch size / ConvNeXt stem stride (default for {here}: "
+                         f"{d['patch']})")
+    ap.add_argument("--batch", type=int, default=d["batch"],
+                    help=f"default for {here}: {d['batch']}")
+    ap.add_argument("--rounds", type=int, default=d["rounds"],
+                    help=f"timed rounds (default for {here}: {d['rounds']})")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
     ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5", help="uniform drop rates")
     ap.add_argument("--linear", type=float, default=0.4, help="timm linear rule to this rate")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -251,9 +256,7 @@ def _measure(args) -> None:
         if i >= args.warmup:
             for r, dt in zip(runners, times):
                 r.times.append(dt)
-        # A warm-up round's own times (they printed 0.000: nothing timed yet).
-        kind = "warm-up round" if i < args.warmup else "round"
-        print(f"{kind} {i}: " + ", ".join(f"{dt:.3f}" for dt in times), flush=True)
+        print(bench_cli.round_line(i, args.warmup, [f"{dt:.3f}" for dt in times]), flush=True)
     lines = [
         describe(args),
         "",

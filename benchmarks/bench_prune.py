@@ -36,7 +36,7 @@ from stochastic_depth_jax.training import compilation
 
 from provenance import run_label, size_changes  # noqa: E402
 
-SIZES = ("depth", "batch", "rounds")
+SIZES = ("depth", "batch")  # not --rounds: how often, not what (provenance.REPEATS)
 TITLE = "# Pruned-model inference benchmark (benchmarks/bench_prune.py)"
 
 

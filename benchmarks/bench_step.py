@@ -54,8 +54,8 @@ from user_branch import UserNet, UserNetNNX  # noqa: E402  (benchmark-only, next
 from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 # The flags that set the sizes measured; a table at other values than the defaults says so.
-SIZES = {"depth": None, "batch": "128, 32 with --user-branch", "rounds": "30 GPU, 6 CPU",
-         "warmup": None, "blocks": None, "width": None}
+# (Not --rounds or --warmup: how often, not what; provenance.REPEATS.)
+SIZES = {"depth": None, "batch": "128, 32 with --user-branch", "blocks": None, "width": None}
 
 VARIANTS = {
     # name: (final_survival_prob, implementation, remat)
@@ -286,12 +286,11 @@ def time_rounds(runners, all_gates, warmup) -> None:
     a Ctrl-C or SIGTERM ends the rounds after the current one (:func:`bench_cli.rounds`)."""
     for i in bench_cli.rounds(len(all_gates), warmup):
         gates = all_gates[i]
-        for r in runners:
-            dt = run_once(r, gates)
-            if i >= warmup:
+        times = [run_once(r, gates) for r in runners]
+        if i >= warmup:
+            for r, dt in zip(runners, times):
                 r.times.append(dt)
-        print(f"round {i}: " + ", ".join(f"{r.times[-1] if r.times else 0:.3f}" for r in runners),
-              flush=True)
+        print(bench_cli.round_line(i, warmup, [f"{dt:.3f}" for dt in times]), flush=True)
 
 
 def with_a_loop_to_run(names: list[str], args: argparse.Namespace, scan) -> list[str]:
@@ -344,22 +343,24 @@ def table_rows(runners, batch, baseline=None) -> list[str]:
 
 def medians(path: str, runners, batch, dtype: str, **context) -> tuple[str, dict]:
     """``(path, {variant: median seconds} plus context)``: the ``--json`` file for
-    ``compare_torch.py`` that :func:`bench_cli.append_table` writes with the table."""
+    ``compare_torch.py`` that :func:`bench_cli.append_table` writes with the table;
+    ``context`` names the network (a file of medians said no depth), and ``label`` the
+    run's provenance line, as the table's."""
     return path, {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                   "jax": jax.__version__, "batch": batch, "dtype": dtype, **context,
                   "median_s": {r.name: statistics.median(r.times) for r in runners}}
 
 
-def auto_variant(depth: int, scan) -> str:
+def auto_variant(depth: int, scan, backend: str | None = None) -> str:
     """The variant the trainer's ``model.implementation='auto'`` picks for ``depth`` and
-    ``scan`` on this backend (``compare_torch.py``'s "ours default"), from the trainer's own
-    rule: compact mode on GPU/TPU only where a stage is scanned (not ResNet-20's stages of 3
-    blocks), else ``lax.cond`` skipping."""
+    ``scan`` on ``backend`` (default: this one's) (``compare_torch.py``'s "ours default"),
+    from the trainer's own rule: compact mode on GPU/TPU only where a stage is scanned (not
+    ResNet-20's stages of 3 blocks), else ``lax.cond`` skipping."""
     model = ml_collections.ConfigDict({
         "name": "cifar_resnet", "depth": depth, "scan": scan, "implementation": "auto",
         "mode": "batch", "final_survival_prob": 0.5, "compact_multiple": 0,
         "compact_lengths": 0})
-    resolved = implementation.resolve(model, jax.default_backend())
+    resolved = implementation.resolve(model, backend or jax.default_backend())
     return "compact" if resolved.compact_multiple else "skip-remat-convs"
 
 
@@ -406,7 +407,9 @@ def user_branch_main(args, dtype) -> None:
         "reroute_convs and jit; 'per round': the median of each round's ratio.",
     ]
     bench_cli.append_table("\n".join(lines) + "\n", args.out,
-                           medians=medians(args.json, runners, batch, args.dtype))
+                           medians=medians(args.json, runners, batch, args.dtype,
+                                           blocks=args.blocks, width=args.width,
+                                           rounds=rounds, label=args.label))
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -432,6 +435,9 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--json", default="",
                     help="also write {variant: median seconds} to this new file")
     args = ap.parse_args(argv)
+    bench_cli.used_only(ap, args, "with --user-branch", args.user_branch, "blocks", "width")
+    bench_cli.used_only(ap, args, "without --user-branch", not args.user_branch, "depth", "scan",
+                        "compile_depths")
     defaults = _defaults(args.user_branch)
     for name, value in defaults.items():  # given at its default's value (compare_torch.py
         if getattr(args, name) == value:  # passes --batch): the table's sizes are the default
@@ -445,8 +451,9 @@ def parse_args(argv) -> argparse.Namespace:
     args.compile_depths = [bench_cli.integer(v, "--compile-depths")
                            for v in args.compile_depths.split(",") if v.strip()]
     if not args.user_branch:
-        for depth in [args.depth, *args.compile_depths]:
-            bench_cli.cifar_depth(depth)
+        bench_cli.cifar_depth(args.depth)
+        for depth in args.compile_depths:
+            bench_cli.cifar_depth(depth, "--compile-depths")
     args.out = bench_cli.results_path(args.out, f"step_{jax.default_backend()}.md")
     args.json = bench_cli.new_file(args.json, "--json")
     bench_cli.distinct_outputs(("--out", args.out), ("--json", args.json))
@@ -523,7 +530,9 @@ def _measure(args) -> None:
                          f"{compile_rows[1][1] / compile_rows[0][1]:.2f}")
     bench_cli.append_table("\n".join(lines) + "\n", args.out,
                            medians=medians(args.json, runners, args.batch, args.dtype,
-                                           auto_variant=auto_variant(args.depth, scan)))
+                                           depth=args.depth, scan=args.scan, rounds=rounds,
+                                           auto_variant=auto_variant(args.depth, scan),
+                                           label=args.label))
 
 
 if __name__ == "__main__":

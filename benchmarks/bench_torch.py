@@ -59,8 +59,8 @@ except ModuleNotFoundError as e:
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SIZES = {"depth": None, "batch": None, "rounds": "30 GPU, 5 CPU", "warmup": None,
-         "epochs": None, "train_images": None, "test_images": None}
+# The flags that set the sizes measured (not --rounds or --warmup: provenance.REPEATS).
+SIZES = ("depth", "batch", "epochs", "train_images", "test_images")
 
 
 class Branch(nn.Module):
@@ -439,11 +439,15 @@ def parse_args(argv) -> argparse.Namespace:
                     help="time whole training epochs (with augmentation and an evaluation "
                          "per epoch) instead of steps; default variants: the eager ones")
     ap.add_argument("--epochs", type=int, default=2, help="--whole-epochs: epochs per variant")
-    ap.add_argument("--train-images", type=int, default=45000)
-    ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--train-images", type=int, default=45000,
+                    help="--whole-epochs: training images")
+    ap.add_argument("--test-images", type=int, default=10000,
+                    help="--whole-epochs: test images evaluated after every epoch")
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format(
         "torch_<device>.md, with --whole-epochs torch_epochs_<device>.md"))
     args = ap.parse_args(argv)
+    bench_cli.used_only(ap, args, "with --whole-epochs", args.whole_epochs, "epochs",
+                        "train_images", "test_images")
     default_rounds = 30 if torch.cuda.is_available() else 5
     if args.rounds == default_rounds:  # given at its default (compare_torch.py passes it)
         args.rounds = None
@@ -500,15 +504,13 @@ def main(argv=None):
         gates = (torch.rand(len(probs), generator=g) < probs).tolist()  # host-side, as Torch's
         if i == 0:  # every branch runs once (and compiles) before timing
             gates = [True] * len(gates)
-        for r in runners:
-            dt = r.step(x, y, gates)
-            if i >= args.warmup:
-                r.times.append(dt)
+        times = [r.step(x, y, gates) for r in runners]
         if i >= args.warmup:
+            for r, dt in zip(runners, times):
+                r.times.append(dt)
             kept.append(sum(gates) / len(gates))
-        print(f"round {i}: " + ", ".join(f"{r.name} {dt * 1e3:.0f}ms" for r, dt in
-                                          zip(runners, [r.times[-1] if r.times else 0
-                                                        for r in runners])), flush=True)
+        print(bench_cli.round_line(i, args.warmup, [f"{r.name} {dt * 1e3:.0f}ms" for r, dt
+                                                    in zip(runners, times)]), flush=True)
     med = {r.name: statistics.median(r.times) for r in runners}
     rows = []
     for r in runners:
@@ -536,7 +538,8 @@ def main(argv=None):
     ])
     # With the table: appended after a signal in the last round too (compare_torch.py).
     bench_cli.append_table(text, args.out, medians=(args.json, {
-        "device": str(dev), "torch": torch.__version__, "batch": args.batch, "median_s": med}))
+        "device": str(dev), "torch": torch.__version__, "depth": args.depth, "batch":
+        args.batch, "p": args.p, "rounds": rounds, "label": args.label, "median_s": med}))
 
 
 if __name__ == "__main__":

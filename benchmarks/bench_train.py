@@ -595,6 +595,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help=bench_cli.OUT_HELP.format("train.md"))
     args = parser.parse_args(argv)
+    bench_cli.used_only(parser, args, "with --whole-epochs", bool(args.whole_epochs), "epochs",
+                        "train_images", "test_images", "eval_batch", "images_dir")
+    bench_cli.used_only(parser, args, "without --whole-epochs (the bare steps timed)",
+                        not args.whole_epochs, "steps")
     args.label = run_label("bench_train.py", argv, size_changes(parser, args, SIZES))
     bench_cli.at_least(args, 1, "batch", "steps", "epochs", "train_images", "test_images",
                        "eval_batch")

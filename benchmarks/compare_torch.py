@@ -37,7 +37,7 @@ import bench_cli  # noqa: E402  (next to this file)
 from provenance import run_label, size_changes  # noqa: E402
 
 OURS = ("constant", "skip-remat-convs", "compact", "lengths-3")  # bench_step.py variants
-SIZES = {"depth": None, "batch": None, "rounds": "bench_step.py's and bench_torch.py's"}
+SIZES = ("depth", "batch")  # not --rounds: how often, not what (provenance.REPEATS)
 
 
 class StepFailed(bench_cli.FlagError):
@@ -115,6 +115,21 @@ def _check_torch(python: str) -> None:
         raise bench_cli.bad_flag(f"--torch-python {python}: {bench_cli.TORCH_MISSING}")
 
 
+def _check_default_is_run(args, backend: str) -> None:
+    """Raises unless ``--variants`` has what ``implementation='auto'`` picks on ``backend``
+    (the table's "ours default"): said after the first bench_step.py run, minutes in. Where
+    JAX did not start in a child, bench_step.py's own medians say it (:func:`_ours`)."""
+    if backend.startswith("unknown"):
+        return
+    import bench_step  # JAX imported, not started: the benchmarks' children get the device
+
+    default = bench_step.auto_variant(args.depth, None, backend)
+    if default not in args.variants:
+        raise bench_cli.bad_flag(f"--variants {','.join(args.variants)}: 'auto' on {backend} "
+                                 f"is {default!r} (the table's 'ours default'), which would "
+                                 f"not be run: add it.")
+
+
 def parse_args(argv) -> argparse.Namespace:
     """The flags, checked (torch found, paths writable) before anything runs."""
     ap = bench_cli.argument_parser(description=__doc__.split("\n\n")[0])
@@ -142,6 +157,7 @@ def parse_args(argv) -> argparse.Namespace:
     bench_cli.at_least(args, 1, "batch", "rounds")
     bench_cli.cifar_depth(args.depth)
     backend = bench_cli.child_backend()  # JAX here would take the GPU from bench_step.py
+    _check_default_is_run(args, backend)
     args.out = bench_cli.results_path(args.out, f"vs_torch_{backend}.md")
     args.step_out = bench_cli.results_path(args.step_out, f"step_{backend}.md", "--step-out")
     bench_cli.distinct_outputs(("--out", args.out), ("--step-out", args.step_out))

@@ -233,10 +233,9 @@ BY_NAME = {p.name: p for p in PARTS}
 DRY_RUN_FLAGS = {
     "bench_train.py": ("--depth", "56", "--batch", "8", "--epochs", "2", "--train-images",
                        "48", "--test-images", "20", "--eval-batch", "10"),
-    "bench_step.py": ("--depth", "14", "--scan", "true", "--batch", "8", "--rounds", "2",
-                      "--warmup", "1", "--blocks", "2", "--width", "8"),
+    "bench_step.py": ("--batch", "8", "--rounds", "2", "--warmup", "1"),
     "stage_costs.py": ("--depth", "14", "--batch", "8", "--rounds", "2", "--warmup", "1"),
-    "profile_step.py": ("--depth", "14", "--batch", "8", "--steps", "2"),
+    "profile_step.py": ("--batch", "8", "--steps", "2"),
     # Batch 8: at 4, k = round(4 x 0.9) kept every example, and drop 0.1 skipped nothing.
     "bench_drop_path.py": ("--image", "32", "--batch", "8", "--rounds", "2", "--warmup", "1"),
     # ResNet-56 as bench_train.py's: the summary compares whole epochs of the same network.
@@ -248,6 +247,13 @@ DRY_RUN_FLAGS = {
 # --patch is the ConvNeXt's stem stride: 32x32 images need 2, as its CPU default).
 DRY_RUN_DROP_PATH = {"vit": ("--size", "ti", "--depth", "2", "--patch", "8"),
                      "convnext": ("--size", "atto", "--depths", "1,1,1,1", "--patch", "2")}
+# The network's toy sizes, per script and the flag that picks the network (the scripts
+# refuse a size of the network they do not run): bench_step.py's user's network or the
+# ResNet, profile_step.py's drop-path network (bench_drop_path.py's sizes) or the ResNet.
+DRY_RUN_NETWORK = {("bench_step.py", "--user-branch"): ("--blocks", "2", "--width", "8"),
+                   ("bench_step.py", ""): ("--depth", "14", "--scan", "true"),
+                   ("profile_step.py", "--drop-path"): (),
+                   ("profile_step.py", ""): ("--depth", "14")}
 
 
 def dry_run_flags(part: Part) -> list[str]:
@@ -257,6 +263,10 @@ def dry_run_flags(part: Part) -> list[str]:
     flags = list(DRY_RUN_FLAGS.get(script, ()))
     if script == "bench_drop_path.py":
         flags += DRY_RUN_DROP_PATH["convnext" if "convnext" in part.args else "vit"]
+    for (name, picks), network in DRY_RUN_NETWORK.items():
+        if name == script and (picks in part.args or not picks):
+            flags += network
+            break
     depths = part.args.index("--compile-depths") + 1 if "--compile-depths" in part.args else 0
     if depths and part.args[depths]:
         flags += ["--compile-depths", "14,20"]

@@ -452,6 +452,9 @@ def parse_args(argv) -> argparse.Namespace:
                          "from (convolutions, BatchNorm, the scans' stacked residuals, ...)")
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("profile_<backend>.md"))
     args = ap.parse_args(argv)
+    bench_cli.used_only(ap, args, "with --drop-path", bool(args.drop_path), "model")
+    bench_cli.used_only(ap, args, "without --drop-path (the ResNet)", not args.drop_path,
+                        "depth", "variants")
     args.label = run_label("profile_step.py", argv, size_changes(ap, args, SIZES))
     bench_cli.at_least(args, 1, "steps", "batch")
     if args.drop_path < 0 or args.drop_path >= 1:

@@ -123,13 +123,20 @@ def _relative_to(path: str, root: str) -> str | None:
     return os.path.relpath(path, root)
 
 
+# The flags that set how often a benchmark times the same thing, not what it times (the
+# network, images, batch): the table says how many, and the recorded tables were run with
+# other counts than the defaults (--rounds 7, 10), so they are not sizes to warn about.
+REPEATS = ("rounds", "warmup")
+
+
 def size_changes(parser, args, sizes) -> list[str]:
     """``--flag value (default D)`` for each of ``sizes`` (argument dests; a dict maps each
     to how its default reads where that is not the parser's) that ``args`` sets to something
-    else than ``parser``'s default. Call it before the script fills in defaults of its own."""
+    else than ``parser``'s default. Call it before the script fills in defaults of its own.
+    A repetition count (:data:`REPEATS`) is never named, even where ``sizes`` lists it."""
     shown = sizes if isinstance(sizes, dict) else {}
     changed = []
-    for dest in sizes:
+    for dest in (d for d in sizes if d not in REPEATS):
         default, value = parser.get_default(dest), getattr(args, dest)
         if value != default:
             changed.append(f"--{dest.replace('_', '-')} {value} (default "

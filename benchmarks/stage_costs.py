@@ -60,7 +60,7 @@ import bench_step  # noqa: E402  (next to this file)
 from provenance import machine_line, run_label, size_changes  # noqa: E402
 
 DEFAULT_VARIANTS = "skip,compact,lengths-3"
-SIZES = {"depth": None, "batch": None, "rounds": "20 GPU, 4 CPU", "warmup": None}
+SIZES = ("depth", "batch")  # not --rounds or --warmup: how often, not what (provenance.REPEATS)
 
 
 def pruned_runners(depth, batch, scan, dtype, key, x, y):

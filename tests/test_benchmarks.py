@@ -7,6 +7,7 @@ as such, and any other writes nothing."""
 
 import _thread
 import argparse
+import ast
 import io
 import json
 import os
@@ -59,8 +60,7 @@ def test_bench_step_every_kind_of_variant(tmp_path):
     text = out.read_text()
     assert "command: `python benchmarks/bench_step.py --depth 8 --batch 4 --rounds 1" in text
     assert ("**Not the default sizes** (--depth 8 (default 110); --batch 4 (default 128, 32 "
-            "with --user-branch); --rounds 1 (default 30 GPU, 6 CPU); --warmup 1 (default 2))"
-            in text)
+            "with --user-branch)): not comparable" in text)
 
 
 def test_bench_step_leaves_loop_variants_out_of_its_default_list_where_none_can_run(capsys):
@@ -96,6 +96,22 @@ def test_ours_default_is_what_auto_picks_for_the_depth(monkeypatch):
     cells = row.split(" | ")
     assert (cells[5], cells[10]) == ("400", "0.800")  # ours default img/s, / constant: skip's
 
+def test_compare_torch_refuses_variants_without_the_default_before_running(monkeypatch):
+    """``--variants constant,compact`` on a CPU, whose 'auto' is lax.cond skipping: refused
+    only once bench_step.py had run (minutes); now before anything runs."""
+    compare_torch = load("compare_torch")
+    monkeypatch.setattr(compare_torch, "_check_torch", lambda python: None)
+    ran = []
+    monkeypatch.setattr(compare_torch, "_run", ran.append)
+    argv = ["--torch-python", sys.executable, "--out", "", "--step-out", "", "--dtypes",
+            "float32"]
+    with pytest.raises(load("bench_cli").FlagError, match=r"^--variants constant,compact: "
+                       r"'auto' on cpu is 'skip-remat-convs' \(the table's 'ours default'\)"):
+        compare_torch.main([*argv, "--variants", "constant,compact"])
+    assert ran == []
+    assert compare_torch.parse_args([*argv, "--variants", "constant,skip-remat-convs"])
+
+
 def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
     """compare_torch.py passes --batch 128 to bench_step.py: its table said "Not the default
     sizes (--batch 128 (default 128, ...))"."""
@@ -105,6 +121,47 @@ def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
         assert "Not the default sizes" not in parse(argv).label, argv
     assert parse(["--user-branch"]).batch == parse(["--user-branch", "--batch", "32"]).batch
     assert "--batch 32 (default" in parse(["--batch", "32"]).label
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("bench_step", ["--rounds", "7", "--warmup", "0"]),
+    ("stage_costs", ["--rounds", "7", "--warmup", "0", "--out", ""]),
+    ("bench_prune", ["--rounds", "7", "--no-write"]),
+    ("compare_torch", ["--rounds", "7", "--torch-python", sys.executable, "--out", "",
+                       "--step-out", ""]),
+])
+def test_rounds_and_warm_up_are_not_sizes_in_any_benchmark(script, argv, monkeypatch):
+    """``--rounds 7`` was flagged "**Not the default sizes**" in every table but
+    bench_drop_path.py's: a table run with more rounds than the default (the recorded ones'
+    7 or 10) read as a smoke run. Rounds change how often a step is timed, not what (the
+    table says how many); one rule for every script (``provenance.REPEATS``)."""
+    module = load(script)
+    if script == "compare_torch":  # this Python has no PyTorch: the check is not the point
+        monkeypatch.setattr(module, "_check_torch", lambda python: None)
+    assert "Not the default sizes" not in module.parse_args(argv).label
+    assert "**Not the default sizes** (--batch 8 (default " in module.parse_args(
+        [*argv, "--batch", "8"]).label
+
+
+def test_no_benchmark_lists_a_repetition_count_as_a_size():
+    """Every script's SIZES (read from its source: bench_torch.py needs PyTorch to import),
+    and the shared rule: a repetition count is never named, even where a script lists it."""
+    provenance = load("provenance")
+    for name in sorted(os.listdir(BENCHMARKS)):
+        if name.endswith(".py"):
+            with open(os.path.join(BENCHMARKS, name)) as f:
+                tree = ast.parse(f.read())
+            for node in tree.body:
+                if (isinstance(node, ast.Assign)
+                        and any(getattr(t, "id", "") == "SIZES" for t in node.targets)):
+                    sizes = ast.literal_eval(node.value)
+                    assert not set(sizes) & set(provenance.REPEATS), (name, sizes)
+    parser = argparse.ArgumentParser()
+    for flag in ("--batch", "--rounds", "--warmup"):
+        parser.add_argument(flag, type=int, default=1)
+    args = parser.parse_args(["--batch", "2", "--rounds", "3", "--warmup", "4"])
+    assert provenance.size_changes(parser, args, ("batch", "rounds", "warmup")) == [
+        "--batch 2 (default 1)"]
 
 
 def test_bench_step_user_branch_nnx(tmp_path):
@@ -582,6 +639,21 @@ def test_bench_drop_path_tiny_vit(tmp_path):
     assert float(found["uniform 0.4 skip"][6]) > 0 and found["uniform 0.4 mask"][6] == "-"
 
 
+@pytest.mark.parametrize("model, sizes", [
+    ("vit", "--size ti; --image 32; --patch 4; --batch 64; --rounds 5"),
+    ("convnext", "--size atto; --image 32; --patch 2; --batch 32; --rounds 5")])
+def test_bench_drop_path_help_says_the_defaults_of_the_model(model, sizes, capsys):
+    """``--help`` showed no default for the sizes and rounds (they follow --model and the
+    backend): a user could not tell what a bare run measures."""
+    with pytest.raises(SystemExit):
+        load("bench_drop_path").parse_args(["--model", model, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in sizes.split("; "):
+        name, value = flag.split()
+        after = text.split(f" {name} {name[2:].upper()} ", 1)[1]
+        assert f"default for {model} on cpu: {value}" in after.split(" --")[0], flag
+
+
 def test_bench_drop_path_rounds_are_not_sizes_and_warm_up_rounds_print_their_times(
         tmp_path, monkeypatch, capsys):
     """``--rounds 7`` (as the recorded CPU table) was flagged "**Not the default sizes**":
@@ -601,6 +673,20 @@ def test_bench_drop_path_rounds_are_not_sizes_and_warm_up_rounds_print_their_tim
     printed = capsys.readouterr().out  # 3 variants; 3 compile steps took 1, 2 and 3 ms
     assert "warm-up round 0: 0.004, 0.005, 0.006\n" in printed, printed
     assert "\nround 1: 0.007, 0.008, 0.009\n" in printed, printed
+
+
+def test_bench_step_warm_up_rounds_print_their_times(monkeypatch, capsys):
+    """bench_step.py's (and stage_costs.py's) warm-up rounds printed 0.000 for every variant,
+    and a later warm-up round too (nothing timed yet), not the times they took, as
+    bench_drop_path.py's did."""
+    bench_step = load("bench_step")
+    times = iter(range(1, 100))  # the step times run_once reports, in ms: 1, 2, 3, ...
+    monkeypatch.setattr(bench_step, "run_once", lambda r, gates: next(times) / 1e3)
+    runners = [argparse.Namespace(times=[]) for _ in range(2)]
+    bench_step.time_rounds(runners, [None] * 3, 2)
+    assert capsys.readouterr().out == ("warm-up round 0: 0.001, 0.002\n"
+                                       "warm-up round 1: 0.003, 0.004\nround 2: 0.005, 0.006\n")
+    assert [r.times for r in runners] == [[0.005], [0.006]]
 
 
 def test_gpu_suite_budget_and_stops(tmp_path, monkeypatch, capsys):
@@ -746,6 +832,8 @@ def run_command(module, argv, capsys):
     ("bench_step", ["--variants", ""], "--variants is empty: give one or more names"),
     ("bench_step", ["--rounds", "0"], "--rounds 0: must be at least 1."),
     ("bench_step", ["--depth", "21"], "--depth 21: a CIFAR ResNet's depth is 6n+2"),
+    ("bench_step", ["--compile-depths", "110,21"], "error: --compile-depths 21: a CIFAR "
+                                                   "ResNet's depth is 6n+2"),  # was '--depth'
     ("bench_step", ["--json", "{recorded}"], "exists; give a new file"),
     ("stage_costs", ["--variants", "constant"], "--variants: unknown constant; valid: skip,"),
     ("bench_train", ["--whole-epochs", "nope"], "--whole-epochs: unknown nope; valid: constant,"),
@@ -793,7 +881,8 @@ def run_command(module, argv, capsys):
      "--out and --trace-dir both name {tmp}/t; give each its own path"),
     ("bench_train", ["--out", "{tmp}/t.md", "--cache-dir", "{tmp}/t.md"],
      "--out and --cache-dir both name {tmp}/t.md; give each its own path"),
-    ("bench_train", ["--images-dir", "{tmp}/i", "--cache-dir", "{tmp}/i"],
+    ("bench_train", ["--whole-epochs", "constant", "--eval-batch", "400", "--images-dir",
+                     "{tmp}/i", "--cache-dir", "{tmp}/i"],
      "--images-dir and --cache-dir both name {tmp}/i; give each its own path"),
     ("compare_torch", ["--torch-python", sys.executable, "--out", "{tmp}/t.md", "--step-out",
                        "{tmp}/t.md"],
@@ -811,6 +900,22 @@ def run_command(module, argv, capsys):
     # ... a note that every other refusal carried too, unrelated to it.
     ("bench_train", ["--p", "1.5"], "error: refused at these flags. Invalid config: "
                                     "model.final_survival_prob=1.5 must be in (0, 1]"),
+    # A flag of the other mode was ignored: the default network measured (minutes of
+    # ResNet-110), its table's command and "Not the default sizes" naming the value given.
+    ("bench_step", ["--blocks", "2", "--width", "8"], "error: --blocks, --width are used only "
+                                                      "with --user-branch, so here they would "
+                                                      "be ignored; drop them."),
+    ("bench_step", ["--user-branch", "--depth", "20"], "--depth is used only without "
+                                                       "--user-branch, so here it would be"),
+    ("profile_step", ["--model", "convnext"], "--model is used only with --drop-path, so"),
+    ("profile_step", ["--drop-path", "0.4", "--variants", "constant"],
+     "--variants is used only without --drop-path (the ResNet), so here it would be ignored"),
+    ("bench_train", ["--epochs", "3", "--train-images", "45000"],
+     "--epochs, --train-images are used only with --whole-epochs, so here they would be"),
+    ("bench_train", ["--images-dir", "{tmp}/images"], "--images-dir is used only with "
+                                                      "--whole-epochs"),
+    ("bench_train", ["--whole-epochs", "constant", "--steps", "5"],
+     "--steps is used only without --whole-epochs (the bare steps timed), so here it would"),
 ])
 def test_a_bad_flag_is_one_line_and_writes_nothing(module, argv, message, tmp_path, capsys,
                                                    monkeypatch):
@@ -1016,7 +1121,11 @@ def test_a_signal_after_the_rounds_writes_their_table_marked(tmp_path, capsys, m
     assert len(rows(out, ["constant"])["constant"]) == 6  # the rounds' row, whole (both ratios)
     assert ("| 20 | 1.5 |" in text) == (when == "compiling") and "| 56 |" not in text
     assert compiled == ([20] if when == "compiling" else [])
-    assert js.exists()  # the rounds are whole: their medians too
+    medians = json.loads(js.read_text())  # the rounds are whole: their medians too
+    # ... saying what was measured, as the table does (they named no depth, nor the run).
+    assert (medians["depth"], medians["batch"], medians["rounds"], medians["scan"]) == (
+        8, 2, 2, "auto")
+    assert medians["label"].startswith("Run ") and "bench_step.py --depth 8" in medians["label"]
 
 
 def test_an_interrupted_table_printed_only_does_not_say_it_was_appended(capsys):
@@ -1080,8 +1189,8 @@ def test_compare_torch_interrupted_says_what_its_benchmark_appended(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(BENCHMARKS, "compare_torch.py"), "--torch-python",
          str(torch_python), "--depth", "8", "--batch", "2", "--rounds", str(asked),
-         "--dtypes", "float32", "--variants", "constant", "--out", str(out), "--step-out",
-         str(step)],
+         "--dtypes", "float32", "--variants", "constant,skip-remat-convs", "--out", str(out),
+         "--step-out", str(step)],  # with the CPU's 'auto': refused without it
         env=child_env(TMPDIR=str(tmp_path)), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -1707,6 +1816,17 @@ def test_bench_torch_times_no_round_that_compiles(tmp_path, monkeypatch):
                        match=r"--warmup 0: at least 1 \(the first round runs every block"):
         bench_torch.parse_args(["--warmup", "0", "--out", ""])
     assert bench_torch.parse_args(["--warmup", "1", "--out", ""]).warmup == 1
+
+
+def test_bench_torch_refuses_the_whole_epochs_sizes_without_whole_epochs(monkeypatch):
+    """``--epochs 3`` without ``--whole-epochs`` was ignored: the train steps were timed, and
+    the table said "Not the default sizes (--epochs 3 ...)", a size not measured."""
+    bench_torch = bench_torch_without_torch(monkeypatch)
+    with pytest.raises(load("bench_cli").FlagError, match=r"^--epochs, --test-images are "
+                       r"used only with --whole-epochs, so here they would be ignored"):
+        bench_torch.parse_args(["--epochs", "3", "--test-images", "100", "--out", ""])
+    assert bench_torch.parse_args(["--whole-epochs", "--epochs", "3", "--out", ""]).epochs == 3
+    assert bench_torch.parse_args(["--epochs", "2", "--out", ""]).epochs == 2  # the default
 
 
 def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatch):
