@@ -875,3 +875,33 @@ def test_a_bool_in_an_int_field_of_a_config_built_in_python_is_refused(field):
     node[leaf] = True
     with pytest.raises(ValueError, match=rf"^Invalid config: {re.escape(field)}=True must be"):
         config_lib.validate(c)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_kernels_only_weight_decay_spares_the_layer_scales(api):
+    """A layer scale's ``gamma`` (the ViT's LayerScale, the ConvNeXt's) is not decayed, as
+    timm (``ndim <= 1``), DINOv2 (``'gamma'`` in the name) and the ConvNeXt code do not: decay
+    would pull the 1e-5 start towards 0, switching the branches off. Every kernel still is."""
+    from flax import nnx
+    from stochastic_depth_jax import nnx_layers
+    x = jnp.zeros((1, 16, 16, 3))
+    if api == "linen":
+        models = (sdj.ViT(num_classes=10, patch_size=8, width=16, depth=2, num_heads=2,
+                          layer_scale_init=1e-5),
+                  sdj.ConvNeXt(num_classes=10, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8),
+                               stem_stride=1))
+        trees = [jax.eval_shape(lambda m=m: m.init(jax.random.key(0), x, train=False))["params"]
+                 for m in models]
+    else:
+        models = (nnx_layers.ViT(10, image_size=16, patch_size=8, width=16, depth=2,
+                                 num_heads=2, layer_scale_init=1e-5, rngs=nnx.Rngs(0)),
+                  nnx_layers.ConvNeXt(10, depths=(1, 1, 1, 1), dims=(8, 8, 8, 8),
+                                      stem_stride=1, rngs=nnx.Rngs(0)))
+        trees = [nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in models]
+    for params in trees:
+        mask = {"/".join(str(getattr(k, "key", k)) for k in path): decayed for path, decayed
+                in jax.tree_util.tree_flatten_with_path(
+                    optim.WEIGHT_DECAY_MASKS["kernels"](params))[0]}
+        gammas = [k for k in mask if k.endswith("/gamma")]
+        assert len(gammas) >= 4 and not any(mask[k] for k in gammas), mask
+        assert any(mask[k] for k in mask if k.endswith("/kernel")), mask

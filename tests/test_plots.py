@@ -82,6 +82,15 @@ def test_a_step_schedules_warm_up_end_is_not_called_a_drop():
     ("cifar10_vit:smoke", [], "ViT-Ti/4 depth 2 width 32 num_heads 2, "),
     ("cifar10_convnext", [], "ConvNeXt-femto, drop path 0.1"),
     ("cifar10_convnext:smoke", [], "ConvNeXt-atto depths 1-1-2-1 dims 8-16-24-32, drop path"),
+    # A ConvNeXt without its paper's layer scale (or with another start) is another network:
+    # its curves were titled as the default's.
+    ("cifar10_convnext", ["--config.model.layer_scale_init=0"],
+     "ConvNeXt-femto no layer scale, drop path 0.1"),
+    ("cifar10_convnext", ["--config.model.layer_scale_init=None"],
+     "ConvNeXt-femto no layer scale, drop path 0.1"),
+    ("cifar10_convnext", ["--config.model.layer_scale_init=0.1"],
+     "ConvNeXt-femto layer scale 0.1, drop path 0.1"),
+    ("cifar10_vit", ["--config.model.layer_scale_init=1e-5"], "ViT-S/4 layer scale 1e-05, drop"),
     ("cifar10_vit", ["--config.model.drop_path_rate=0"], "cifar10, ViT-S/4, no drop path, float32"),
     ("cifar10:smoke", [], "cifar10 (FAKE random-label data), ResNet-8 width 4, "),
     # CIFAR-10 without augmentation is not the paper's CIFAR-10+: named; the dataset's own

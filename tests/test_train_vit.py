@@ -247,3 +247,25 @@ def test_vit_layer_scale_and_remat_train_through_the_trainer(tmp_path):
     np.testing.assert_allclose(losses, plain, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  p_remat, p_plain)
+
+
+def test_resuming_a_vit_with_another_layer_scale_start_is_refused(tmp_path):
+    """``model.layer_scale_init`` only starts the gammas, which a resumed run restores as
+    trained: another value resumed, and run.json and the curves' title ('layer scale 0.1
+    then layer scale 0.5 from epoch 2') said the network changed. Refused in one line
+    naming the way to resume, before anything is written; None and 0 are the same."""
+    workdir = str(tmp_path)
+    scaled = ["--config.model.layer_scale_init=0.1", "--config.warmup_epochs=0"]
+    train_and_evaluate(load_config("cifar10_vit:smoke",
+                                   TINY + scaled + ["--config.num_epochs=1"]), workdir)
+    files = ("run.json", "metrics.jsonl", "summary.json")
+    before = {f: open(os.path.join(workdir, f), "rb").read() for f in files}
+    resumed = load_config("cifar10_vit:smoke", TINY + scaled + [
+        "--config.num_epochs=2", "--config.model.layer_scale_init=0.5"])
+    with pytest.raises(errors.ConfigError, match=(
+            r"^The run in .* started its layer scales at model.layer_scale_init=0.1 \(run.json\) "
+            r"and this config has 0.5: its gammas are restored as trained, so the new value "
+            r"would only mislabel the run. Resume it with --config.model.layer_scale_init=0.1, "
+            r"or train in a fresh --workdir.$")):
+        train_and_evaluate(resumed, workdir)
+    assert before == {f: open(os.path.join(workdir, f), "rb").read() for f in files}

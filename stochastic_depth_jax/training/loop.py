@@ -543,6 +543,7 @@ def _resume_or_init(run: _Run, image_shape: tuple[int, int, int]) -> None:
     _check_steps_per_epoch(run, meta)
     _check_same_shortcut(run)
     _check_same_initialization(run)
+    _check_same_layer_scale(run)
     _check_same_selection(run, meta.get("best"))
     run.state, run.best = state, meta.get("best")
     _note_earlier_best(run)
@@ -826,6 +827,33 @@ def _check_same_initialization(run: _Run) -> None:
             f"({source}) and this config has {new!r}: its parameters are restored as trained, "
             f"so the new one would only mislabel the run. Resume it with "
             f"--config.model.initialization={recorded}, or train in a fresh --workdir.")
+
+
+# A ViT's or ConvNeXt's layer_scale_init where run.json lacks the field (a ViT recorded
+# before it had none; the ConvNeXt has always recorded its own).
+_ABSENT_LAYER_SCALE = {"vit": None, "convnext": 1e-6}
+
+
+def _check_same_layer_scale(run: _Run) -> None:
+    """Refuses to resume a ViT or ConvNeXt with another ``model.layer_scale_init`` than
+    run.json records. It only starts the gammas, which are restored as trained: the
+    checkpoint restores (one start for another), and run.json and the curves' title
+    ('layer scale 0.1 then layer scale 0.5 from epoch 2') would say the run changed
+    network. Adding or removing the layer scale changes the parameters and fails to
+    restore first; None and 0 are the same (none)."""
+    model, m = _recorded_model(run), run.config.model
+    name = m.get("name")
+    if not model or name not in _ABSENT_LAYER_SCALE or model.get("name") != name:
+        return
+    recorded = model.get("layer_scale_init", _ABSENT_LAYER_SCALE[name])
+    new = m.get("layer_scale_init")
+    if (recorded or 0) == (new or 0):
+        return
+    raise errors.ConfigError(
+        f"The run in {run.workdir} started its layer scales at model.layer_scale_init="
+        f"{recorded!r} (run.json) and this config has {new!r}: its gammas are restored as "
+        f"trained, so the new value would only mislabel the run. Resume it with "
+        f"--config.model.layer_scale_init={recorded}, or train in a fresh --workdir.")
 
 
 def _check_same_selection(run: _Run, best: dict[str, Any] | None) -> None:

@@ -93,8 +93,9 @@ def _path_names(path: tuple) -> list[str]:
 
 def _kernels_only(params: Any) -> Any:
     """True for conv/dense kernels (and other weights of ndim > 1), False for biases,
-    BatchNorm/LayerNorm scales and biases, and the ViT's ``pos_embed`` and ``cls`` token
-    (as DeiT, which decays neither); Linen parameters or an NNX model's ``nnx.Param`` state.
+    BatchNorm/LayerNorm scales and biases, layer scales' ``gamma`` (1-D: timm, DINOv2 and
+    the ConvNeXt code decay none), and the ViT's ``pos_embed`` and ``cls`` token (as DeiT,
+    which decays neither); Linen parameters or an NNX model's ``nnx.Param`` state.
 
     The ndim is the layer's own: a scanned stage's stacking axis does not count (a
     ResNet-110 stage's BatchNorm scale is ``[17, C]``; the ndim test alone decayed it, as

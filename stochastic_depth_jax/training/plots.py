@@ -124,8 +124,7 @@ def _title_parts(config: Any) -> list[str]:
         model = f"ConvNeXt-{m['size']}" + _set_dims(m, "depths", "dims")
     else:
         model = f"{_MODEL_NAMES.get(name, name)}-{m['depth']}" + _width(m)
-    if name == "vit" and m.get("layer_scale_init"):  # LayerScale (DINOv2's): another network
-        model += f" layer scale {m['layer_scale_init']:g}"
+    model += _layer_scale(name, m)
     if m.get("dropout_rate"):  # WRN paper's option; a run with it is not the same net's curve.
         model += f" dropout {m['dropout_rate']:g}"
     if m.get("initialization", "ours") != "ours":  # the official code's: another start
@@ -225,6 +224,23 @@ def _undone(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
         else:
             node[name] = change["old"]
     return config
+
+
+# The layer scale a model's own recipe starts at (the ViT: none, as DeiT; the ConvNeXt:
+# 1e-6, as its paper): another one (LayerScale on a ViT, none on a ConvNeXt) is another
+# network, which the title names.
+_USUAL_LAYER_SCALE = {"vit": 0.0, "convnext": 1e-6}
+
+
+def _layer_scale(name: str, model: Any) -> str:
+    """``' layer scale 1e-05'`` or ``' no layer scale'`` where a ViT's or ConvNeXt's
+    ``layer_scale_init`` is not its recipe's (absent from an older run.json: the recipe's)."""
+    if name not in _USUAL_LAYER_SCALE:
+        return ""
+    value = model.get("layer_scale_init", _USUAL_LAYER_SCALE[name]) or 0.0
+    if value == _USUAL_LAYER_SCALE[name]:
+        return ""
+    return f" layer scale {value:g}" if value else " no layer scale"
 
 
 def _width(model: Any) -> str:
