@@ -651,18 +651,28 @@ def test_different_starts_name_the_processes_behind_the_newest_step():
         "list different checkpoints in ckpts")
 
 
-def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
-    # Process 1 stops (SIGSTOP) in setup: its connections stay open, so only silence tells.
-    procs = _worker_job(tmp_path, "stop", "--heartbeat_timeout", "3")
+_SILENT_PROCESS_1 = (
+    "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
+    "error: no sign of life for 3 s (killed, crashed, hung or its host unreachable; "
+    "--heartbeat_timeout)")
+
+
+def _with_process_1_stopped(tmp_path, *extra):
+    """Process 0's ``(status, output)`` in a job whose process 1 stops (SIGSTOP) where its
+    worker does, with a 3 s ``--heartbeat_timeout``; process 1 is killed after."""
+    procs = _worker_job(tmp_path, "stop", "--heartbeat_timeout", "3", *extra)
     try:
         [(s0, out0, _)] = finish_all(procs[:1], timeout=BOUND_S)
     finally:
         procs[1].kill()
         procs[1].communicate()
-    assert _error_line(s0, out0) == (
-        "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
-        "error: no sign of life for 3 s (killed, crashed, hung or its host unreachable; "
-        "--heartbeat_timeout)")
+    return s0, out0
+
+
+def test_a_hung_process_is_reported_after_the_heartbeat_timeout(tmp_path):
+    # Process 1 stops (SIGSTOP) in setup: its connections stay open, so only silence tells.
+    s0, out0 = _with_process_1_stopped(tmp_path)
+    assert _error_line(s0, out0) == _SILENT_PROCESS_1
     # Ended from the watch thread while its main thread waited for process 1 in a collective:
     # its clean-up ran all the same (the old code left the fake data and a locked workdir).
     assert "Writing fake cifar10 data" in out0 and not os.path.exists(tmp_path / "run")
@@ -675,18 +685,10 @@ def test_a_process_hung_while_the_others_wait_in_the_data_check_is_reported(tmp_
     from stochastic_depth_jax.data import testing
     root = testing.make_image_folder(str(tmp_path / "images"), classes=2, per_class_train=24,
                                      per_class_test=4, size=(8, 8))
-    procs = _worker_job(tmp_path, "stop", "--heartbeat_timeout", "3",
-                        f"--config.dataset=image_folder:{root}", "--config.batch_size=8",
-                        "--config.eval_batch_size=8", "--config.validation_size=8")
-    try:
-        [(s0, out0, _)] = finish_all(procs[:1], timeout=BOUND_S)
-    finally:
-        procs[1].kill()
-        procs[1].communicate()
-    assert _error_line(s0, out0) == (
-        "error: process 1 of 2 failed, so process 0 stops too (see process 1's output); its "
-        "error: no sign of life for 3 s (killed, crashed, hung or its host unreachable; "
-        "--heartbeat_timeout)")
+    s0, out0 = _with_process_1_stopped(
+        tmp_path, f"--config.dataset=image_folder:{root}", "--config.batch_size=8",
+        "--config.eval_batch_size=8", "--config.validation_size=8")
+    assert _error_line(s0, out0) == _SILENT_PROCESS_1
     assert not os.path.exists(tmp_path / "run")
 
 
