@@ -3,11 +3,14 @@ log lines of dependencies for one block of code at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import logging
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["RunWarning", "drop_absl_messages", "drop_library_records", "drop_lost_task_errors"]
+__all__ = ["RunWarning", "drop_absl_messages", "drop_library_records",
+           "lost_task_errors_dropped"]
 
 
 class RunWarning(UserWarning):
@@ -57,27 +60,33 @@ def drop_absl_messages(*substrings: str) -> contextlib.AbstractContextManager[No
     )
 
 
-# The texts (paths) whose lost asyncio task errors are dropped (drop_lost_task_errors).
-_LOST_ABOUT: set[str] = set()
-_LOST_FILTER: list[_Drop] = []
+
+def _lost_error(future: Any, about: str) -> bool:
+    """Whether ``future`` (any object) is an asyncio future failed with an error naming
+    ``about`` whose error was never retrieved (asyncio reports it when it is collected)."""
+    error = getattr(future, "_exception", None) if isinstance(future, asyncio.Future) else None
+    return (error is not None and getattr(future, "_log_traceback", False)
+            and about in str(error))
 
 
-def _lost_task_error(record: logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    return (error is not None and "exception was never retrieved" in record.getMessage()
-            and any(about in str(error) for about in _LOST_ABOUT))
-
-
-def drop_lost_task_errors(about: str) -> None:
-    """From now on, drops asyncio's reports of task errors that were never retrieved whose
-    error message names ``about`` (a checkpoint's path).
+@contextlib.contextmanager
+def lost_task_errors_dropped(about: str) -> Iterator[None]:
+    """Drops asyncio's reports of task errors never retrieved whose error names ``about``
+    (a checkpoint's path), made in the block or by tasks it leaves behind.
 
     Orbax reads a checkpoint's arrays in concurrent tasks and raises the first failure; the
     others fail too where the files are damaged, and asyncio logs each one with its
-    traceback whenever it is garbage-collected (often at exit, after the run's results),
-    though the failure was reported in one line. For good, not for a block of code: when
-    that collection happens cannot be known."""
-    _LOST_ABOUT.add(about)
-    if not _LOST_FILTER:
-        _LOST_FILTER.append(_Drop(_lost_task_error))
-        logging.getLogger("asyncio").addFilter(_LOST_FILTER[0])
+    traceback when it is collected (often at exit, after the run's results), though the
+    failure is reported in one line. Those collected in the block are dropped; where it
+    raises, the errors of those still held (their event loop closed: nothing of theirs runs
+    again) are retrieved, so that nothing is logged whenever they are collected. Nothing is
+    left installed: the logging configuration is the caller's again after the block."""
+    try:
+        with drop_library_records(
+                lambda record: bool(record.exc_info) and "exception was never retrieved"
+                in record.getMessage() and about in str(record.exc_info[1]), ("asyncio",)):
+            yield
+    except BaseException:
+        for lost in [o for o in gc.get_objects() if _lost_error(o, about)]:
+            lost.exception()  # retrieved: not reported when collected
+        raise

@@ -623,10 +623,6 @@ class Checkpoints:
         ``CheckpointAccessError``, and both move nothing.
         """
         manager = self._managers[kind]
-        # The failures beside the one raised are dropped: it is reported here (logs).
-        where = os.path.join(str(manager.directory), str(step), "")
-        for path in {where, os.path.join(os.path.realpath(where), "")}:
-            logs.drop_lost_task_errors(path)
         try:
             meta = self.read_meta(kind, step)
         except Exception as e:  # Orbax raises many types for damaged files.
@@ -638,12 +634,15 @@ class Checkpoints:
                 "trained with (run.json in the workdir) or a fresh --workdir."
             )
         try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                ),
-            )
+            # The reads failed beside the one raised print nothing: it is reported here.
+            with logs.lost_task_errors_dropped(os.path.join(str(manager.directory), str(step),
+                                                            "")):
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        meta=ocp.args.JsonRestore()),
+                )
         except Exception as e:  # TensorStore raises plain Exception for damaged chunks.
             return self._failed(kind, step, e, listing, fallback)
         actual = state_lib.checksum(restored.state)
