@@ -640,11 +640,12 @@ def test_bench_drop_path_tiny_vit(tmp_path):
 
 
 @pytest.mark.parametrize("model, sizes", [
-    ("vit", "--size ti; --image 32; --patch 4; --batch 64; --rounds 5"),
+    ("vit", "--size ti; --depth 4; --image 32; --patch 4; --batch 64; --rounds 5"),
     ("convnext", "--size atto; --image 32; --patch 2; --batch 32; --rounds 5")])
 def test_bench_drop_path_help_says_the_defaults_of_the_model(model, sizes, capsys):
     """``--help`` showed no default for the sizes and rounds (they follow --model and the
-    backend): a user could not tell what a bare run measures."""
+    backend): a user could not tell what a bare run measures. The CPU's ViT-Ti runs 4 of its
+    12 blocks: --depth said "the size's"."""
     with pytest.raises(SystemExit):
         load("bench_drop_path").parse_args(["--model", model, "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -652,6 +653,7 @@ def test_bench_drop_path_help_says_the_defaults_of_the_model(model, sizes, capsy
         name, value = flag.split()
         after = text.split(f" {name} {name[2:].upper()} ", 1)[1]
         assert f"default for {model} on cpu: {value}" in after.split(" --")[0], flag
+    assert "--warmup WARMUP untimed rounds before them (default: 2)" in text
 
 
 def test_bench_drop_path_rounds_are_not_sizes_and_warm_up_rounds_print_their_times(
