@@ -1865,6 +1865,11 @@ def test_bench_torch_refuses_the_whole_epochs_sizes_without_whole_epochs(monkeyp
         bench_torch.parse_args(["--epochs", "3", "--test-images", "100", "--out", ""])
     assert bench_torch.parse_args(["--whole-epochs", "--epochs", "3", "--out", ""]).epochs == 3
     assert bench_torch.parse_args(["--epochs", "2", "--out", ""]).epochs == 2  # the default
+    # ... and the other way: whole epochs time no rounds (the suite's dry run passed them).
+    with pytest.raises(load("bench_cli").FlagError, match=r"^--rounds, --warmup are used "
+                       r"only without --whole-epochs \(the train steps timed\), so here"):
+        bench_torch.parse_args(["--whole-epochs", "--rounds", "2", "--warmup", "1", "--out", ""])
+    assert bench_torch.parse_args(["--whole-epochs", "--warmup", "3", "--out", ""]).whole_epochs
 
 
 def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatch):
