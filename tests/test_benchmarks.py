@@ -946,6 +946,9 @@ def run_command(module, argv, capsys):
     ("bench_step", ["--user-branch", "--depth", "20"], "--depth is used only without "
                                                        "--user-branch, so here it would be"),
     ("profile_step", ["--model", "convnext"], "--model is used only with --drop-path, so"),
+    # A rate out of range picks no network: said, not that its flags would be ignored.
+    ("profile_step", ["--drop-path", "1.5", "--depth", "20"], "error: --drop-path 1.5: a drop "
+                                                              "rate in (0, 1), or 0 for"),
     ("profile_step", ["--drop-path", "0.4", "--variants", "constant"],
      "--variants is used only without --drop-path (the ResNet), so here it would be ignored"),
     ("bench_train", ["--epochs", "3", "--train-images", "45000"],
