@@ -166,8 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--size", default=d["size"],
                     help="ViT: ti, s, b, l; ConvNeXt: atto ... xlarge (sdj.CONVNEXT_SIZES)"
                          f"; default for {here}: {d['size']}")
-    ap.add_argument("--depth", type=int, default=d["depth"],
-                    help="ViT blocks (default: the size's)")
+    ap.add_argument("--depth", type=int, default=d["depth"],  # the CPU's ViT-Ti: 4 of its 12
+                    help=f"ViT blocks (default for {here}: {d['depth']})" if d["depth"]
+                    else "ViT blocks (default: the size's)")
     ap.add_argument("--depths", default=None,
                     help="ConvNeXt blocks per stage, e.g. 1,1,3,1 (default: the size's)")
     ap.add_argument("--image", type=int, default=d["image"],
@@ -179,9 +180,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"default for {here}: {d['batch']}")
     ap.add_argument("--rounds", type=int, default=d["rounds"],
                     help=f"timed rounds (default for {here}: {d['rounds']})")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before them")
-    ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5", help="uniform drop rates")
-    ap.add_argument("--linear", type=float, default=0.4, help="timm linear rule to this rate")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed rounds before them (default: %(default)s)")
+    ap.add_argument("--rates", default="0.1,0.2,0.3,0.4,0.5",
+                    help="uniform drop rates (default: %(default)s)")
+    ap.add_argument("--linear", type=float, default=0.4,
+                    help="timm linear rule to this rate (default: %(default)s)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--unfused", action="store_true",
                     help="also time skipping with the kept outputs scattered into zeros and "

@@ -448,6 +448,8 @@ def parse_args(argv) -> argparse.Namespace:
     args = ap.parse_args(argv)
     bench_cli.used_only(ap, args, "with --whole-epochs", args.whole_epochs, "epochs",
                         "train_images", "test_images")
+    bench_cli.used_only(ap, args, "without --whole-epochs (the train steps timed)",
+                        not args.whole_epochs, "rounds", "warmup")
     default_rounds = 30 if torch.cuda.is_available() else 5
     if args.rounds == default_rounds:  # given at its default (compare_torch.py passes it)
         args.rounds = None

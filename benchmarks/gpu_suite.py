@@ -239,8 +239,9 @@ DRY_RUN_FLAGS = {
     # Batch 8: at 4, k = round(4 x 0.9) kept every example, and drop 0.1 skipped nothing.
     "bench_drop_path.py": ("--image", "32", "--batch", "8", "--rounds", "2", "--warmup", "1"),
     # ResNet-56 as bench_train.py's: the summary compares whole epochs of the same network.
+    # Its parts time whole epochs: no --rounds or --warmup (train steps' only, refused there).
     "bench_torch.py": ("--depth", "56", "--batch", "8", "--epochs", "2", "--train-images",
-                       "48", "--test-images", "20", "--rounds", "2", "--warmup", "1"),
+                       "48", "--test-images", "20"),
     "compare_torch.py": ("--depth", "14", "--batch", "8", "--rounds", "2"),
 }
 # Per network of bench_drop_path.py (the ConvNeXt takes --depths, the ViT --depth; its

@@ -452,14 +452,15 @@ def parse_args(argv) -> argparse.Namespace:
                          "from (convolutions, BatchNorm, the scans' stacked residuals, ...)")
     ap.add_argument("--out", default=None, help=bench_cli.OUT_HELP.format("profile_<backend>.md"))
     args = ap.parse_args(argv)
+    # First: the rate picks the network, hence which flags apply (said, not '--depth ...').
+    if args.drop_path < 0 or args.drop_path >= 1:
+        raise bench_cli.bad_flag(f"--drop-path {args.drop_path}: a drop rate in (0, 1), or 0 "
+                                 f"for the ResNet.")
     bench_cli.used_only(ap, args, "with --drop-path", bool(args.drop_path), "model")
     bench_cli.used_only(ap, args, "without --drop-path (the ResNet)", not args.drop_path,
                         "depth", "variants")
     args.label = run_label("profile_step.py", argv, size_changes(ap, args, SIZES))
     bench_cli.at_least(args, 1, "steps", "batch")
-    if args.drop_path < 0 or args.drop_path >= 1:
-        raise bench_cli.bad_flag(f"--drop-path {args.drop_path}: a drop rate in (0, 1), or 0 "
-                                 f"for the ResNet.")
     if args.by_source and (args.drop_path or jax.default_backend() != "cpu"):
         raise bench_cli.bad_flag("--by-source splits the CPU's ResNet profile only (the CPU "
                                  "trace names each op by its HLO instruction): run it on the "

@@ -96,6 +96,7 @@ def test_ours_default_is_what_auto_picks_for_the_depth(monkeypatch):
     cells = row.split(" | ")
     assert (cells[5], cells[10]) == ("400", "0.800")  # ours default img/s, / constant: skip's
 
+
 def test_compare_torch_refuses_variants_without_the_default_before_running(monkeypatch):
     """``--variants constant,compact`` on a CPU, whose 'auto' is lax.cond skipping: refused
     only once bench_step.py had run (minutes); now before anything runs."""
@@ -110,6 +111,39 @@ def test_compare_torch_refuses_variants_without_the_default_before_running(monke
         compare_torch.main([*argv, "--variants", "constant,compact"])
     assert ran == []
     assert compare_torch.parse_args([*argv, "--variants", "constant,skip-remat-convs"])
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_compare_torch_child_commands_pass_their_scripts_checks(dry_run, tmp_path, monkeypatch):
+    """The commands compare_torch.py runs (the suite's vs-torch part, and its dry run) pass
+    bench_step.py's and bench_torch.py's own checks, which refuse a flag the run would
+    ignore: a child refused there fails the part on a GPU, after the first minutes."""
+    compare_torch, suite = load("compare_torch"), load("gpu_suite")
+    bench_step, bench_torch = load("bench_step"), bench_torch_without_torch(monkeypatch)
+    monkeypatch.setattr(compare_torch, "_check_torch", lambda python: None)
+    ran = []
+
+    def parsed_only(cmd):  # each child's flags checked in process; its medians made up
+        script = os.path.basename(cmd[1])
+        args = (bench_step if script == "bench_step.py" else bench_torch).parse_args(cmd[2:])
+        ran.append((script, args))
+        names = (args.variants.split(",") if script == "bench_step.py"
+                 else ["eager-fp32-constant", "eager-fp32-skip"])
+        with open(args.json, "x") as f:
+            json.dump({"device": "cpu", "backend": "cpu", "jax": "0", "torch": "0",
+                       "auto_variant": "skip-remat-convs",
+                       "median_s": {n: 0.1 for n in names}}, f)
+
+    monkeypatch.setattr(compare_torch, "_run", parsed_only)
+    part = suite.BY_NAME["vs-torch"]
+    args = suite.parse_args([*(["--dry-run"] if dry_run else []), "--out-dir", str(tmp_path),
+                             "--torch-python", sys.executable])
+    argv = suite.command(part, args)[2:]
+    compare_torch.main(argv)
+    assert [script for script, _ in ran] == ["bench_step.py", "bench_step.py", "bench_torch.py"]
+    depth = 14 if dry_run else 110
+    assert {(a.depth, a.batch) for _, a in ran} == {(depth, 8 if dry_run else 128)}
+    assert "| fp32 |" in (tmp_path / "vs_torch_gpu.md").read_text()  # the part's --out
 
 
 def test_bench_step_flags_at_their_defaults_are_the_default_sizes():
@@ -640,11 +674,12 @@ def test_bench_drop_path_tiny_vit(tmp_path):
 
 
 @pytest.mark.parametrize("model, sizes", [
-    ("vit", "--size ti; --image 32; --patch 4; --batch 64; --rounds 5"),
+    ("vit", "--size ti; --depth 4; --image 32; --patch 4; --batch 64; --rounds 5"),
     ("convnext", "--size atto; --image 32; --patch 2; --batch 32; --rounds 5")])
 def test_bench_drop_path_help_says_the_defaults_of_the_model(model, sizes, capsys):
     """``--help`` showed no default for the sizes and rounds (they follow --model and the
-    backend): a user could not tell what a bare run measures."""
+    backend): a user could not tell what a bare run measures. The CPU's ViT-Ti runs 4 of its
+    12 blocks: --depth said "the size's"."""
     with pytest.raises(SystemExit):
         load("bench_drop_path").parse_args(["--model", model, "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -652,6 +687,7 @@ def test_bench_drop_path_help_says_the_defaults_of_the_model(model, sizes, capsy
         name, value = flag.split()
         after = text.split(f" {name} {name[2:].upper()} ", 1)[1]
         assert f"default for {model} on cpu: {value}" in after.split(" --")[0], flag
+    assert "--warmup WARMUP untimed rounds before them (default: 2)" in text
 
 
 def test_bench_drop_path_rounds_are_not_sizes_and_warm_up_rounds_print_their_times(
@@ -811,11 +847,13 @@ def test_gpu_suite_parts_parse(tmp_path, monkeypatch):
     for part in suite.PARTS:
         script, *argv = suite.command(part, args)[1:]
         name = os.path.basename(script).removesuffix(".py")
-        if name not in ("compare_torch", "bench_torch"):  # these need PyTorch
+        if name != "compare_torch":  # needs PyTorch (its children: the test of them)
+            module = (bench_torch_without_torch(monkeypatch) if name == "bench_torch"
+                      else load(name))  # its flags need no PyTorch: checked too
             with monkeypatch.context() as env:
                 for key, value in suite.part_env(part).items():
                     env.setenv(key, value)
-                label = load(name).parse_args(argv).label
+                label = module.parse_args(argv).label
             assert "Not the default sizes" not in label, (part.name, label)
             assert f"Run by gpu_suite.py, part {part.name}: the sizes of the recorded" in label
 
@@ -908,6 +946,9 @@ def run_command(module, argv, capsys):
     ("bench_step", ["--user-branch", "--depth", "20"], "--depth is used only without "
                                                        "--user-branch, so here it would be"),
     ("profile_step", ["--model", "convnext"], "--model is used only with --drop-path, so"),
+    # A rate out of range picks no network: said, not that its flags would be ignored.
+    ("profile_step", ["--drop-path", "1.5", "--depth", "20"], "error: --drop-path 1.5: a drop "
+                                                              "rate in (0, 1), or 0 for"),
     ("profile_step", ["--drop-path", "0.4", "--variants", "constant"],
      "--variants is used only without --drop-path (the ResNet), so here it would be ignored"),
     ("bench_train", ["--epochs", "3", "--train-images", "45000"],
@@ -1827,6 +1868,11 @@ def test_bench_torch_refuses_the_whole_epochs_sizes_without_whole_epochs(monkeyp
         bench_torch.parse_args(["--epochs", "3", "--test-images", "100", "--out", ""])
     assert bench_torch.parse_args(["--whole-epochs", "--epochs", "3", "--out", ""]).epochs == 3
     assert bench_torch.parse_args(["--epochs", "2", "--out", ""]).epochs == 2  # the default
+    # ... and the other way: whole epochs time no rounds (the suite's dry run passed them).
+    with pytest.raises(load("bench_cli").FlagError, match=r"^--rounds, --warmup are used "
+                       r"only without --whole-epochs \(the train steps timed\), so here"):
+        bench_torch.parse_args(["--whole-epochs", "--rounds", "2", "--warmup", "1", "--out", ""])
+    assert bench_torch.parse_args(["--whole-epochs", "--warmup", "3", "--out", ""]).whole_epochs
 
 
 def test_bench_torch_refuses_json_with_whole_epochs(tmp_path, capsys, monkeypatch):
