@@ -567,7 +567,8 @@ class StochasticDepth(nnx.Module):
         (:func:`~stochastic_depth_jax.conv.stock_convs_under_forward_mode`)."""
         if _has_state(self.branch):
             return None
-        return [nnx.state(u) if nnx.graph.is_graph_node(u) else u[...]
+        # A Variable first: it is a graph node too, and nnx.state of one failed (IndexError).
+        return [u[...] if isinstance(u, nnx.Variable) else nnx.state(u)
                 for u in _used_nnx_state(self.branch)]
 
     @_naming_nnx_transforms

@@ -759,3 +759,38 @@ def test_vit_qkv_kernel_starts_as_the_original_s_three_xavier_kernels(api):
     proj = (model.blocks[0].attn.branch.attn.proj.kernel[...] if api == "nnx"
             else blocks[0]["proj"]["kernel"])
     assert np.abs(proj).max() == pytest.approx(bound, rel=0.01)  # [width, width]: unchanged
+
+
+_BY_ATTRIBUTE = {
+    "value": lambda conv: lambda v: v @ conv.kernel.value[1, 1],
+    "index": lambda conv: lambda v: v @ conv.kernel[...][1, 1],
+    "lax_conv": lambda conv: lambda v: jax.lax.conv_general_dilated(
+        v, conv.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_BY_ATTRIBUTE))
+def test_nnx_function_branch_using_an_outside_layer_s_kernel_is_refused(how):
+    """lambda v: v @ conv.kernel.value (or conv.kernel[...], or the kernel given to
+    jax.lax.conv), conv built in __init__, failed under nnx.jit/nnx.grad with an IndexError
+    from inside NNX (the wrapper took nnx.state of the Param it found): refused in one line
+    like a closed-over layer. Built in __call__ (nnx.jit's layers) it trains."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, in_call):
+            self.conv, self.in_call = nnx.Conv(3, 3, (3, 3), rngs=rngs), in_call
+            self.sd = nnx_layers.StochasticDepth(_BY_ATTRIBUTE[how](self.conv), 0.5)
+
+        def __call__(self, x):
+            sd = (nnx_layers.StochasticDepth(_BY_ATTRIBUTE[how](self.conv), 0.5)
+                  if self.in_call else self.sd)
+            return x + sd(x, rngs=key)
+
+    assert Block(nnx.Rngs(0), False)(X).shape == X.shape  # eagerly: it runs
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                         r"uses NNX state \(Param\) made outside"):
+        step(Block(nnx.Rngs(0), False))
+    assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
