@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.core import FrozenDict
 
 import stochastic_depth_jax as sdj
 from stochastic_depth_jax import nnx_layers, ops, vit
@@ -593,17 +594,39 @@ def _training_step_or_refusal(branch):
     return nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(Block(nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("holder", ["namespace", "dataclass"])
+class _Slotted:
+    """A plain holder with ``__slots__`` (no ``__dict__``)."""
+    __slots__ = ("conv", "scale")
+
+    def __init__(self, conv, scale=0.5):
+        self.conv, self.scale = conv, scale
+
+
+@dataclasses.dataclass
+class _Layers:
+    conv: nnx.Conv
+
+
+@dataclasses.dataclass(slots=True)
+class _SlottedLayers:
+    conv: nnx.Conv
+
+
+@pytest.mark.parametrize("holder", ["namespace", "dataclass", "slots", "slots_dataclass",
+                                    "frozen_dict", "mapping_proxy"])
 def test_nnx_function_branch_over_layers_in_a_plain_holder_is_refused(holder):
     """lambda v: layers.conv(v), ``layers`` a SimpleNamespace or a dataclass of outside
     layers, trained them with a zero gradient under nnx.jit/nnx.grad, without a word: the
-    attributes the code names of a plain object are read as if closed over themselves."""
-    @dataclasses.dataclass
-    class Layers:
-        conv: nnx.Conv
-
+    attributes the code names of a plain object are read as if closed over themselves.
+    So did a holder with __slots__ (no __dict__ to read) and Flax's FrozenDict or another
+    mapping that is not a dict (its items were not read)."""
     def branch(conv):
-        layers = types.SimpleNamespace(conv=conv) if holder == "namespace" else Layers(conv)
+        if holder in ("frozen_dict", "mapping_proxy"):
+            held = {"conv": conv}
+            held = FrozenDict(held) if holder == "frozen_dict" else types.MappingProxyType(held)
+            return lambda v: jnp.tanh(held["conv"](v))
+        layers = {"namespace": types.SimpleNamespace, "dataclass": _Layers, "slots": _Slotted,
+                  "slots_dataclass": _SlottedLayers}[holder](conv=conv)
         return lambda v: jnp.tanh(layers.conv(v))
 
     with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
@@ -622,6 +645,24 @@ class _Settings:
 
     def __call__(self, v):
         return self.act(v) if self.model.use_tanh else v
+
+
+@pytest.mark.parametrize("holder", ["slots", "frozen_dict"])
+def test_nnx_function_branch_over_settings_in_a_slotted_holder_or_frozen_dict_trains(holder):
+    """A holder with __slots__ or a FrozenDict (whose attributes and items are read now)
+    refuses nothing it holds that is not NNX state: plain settings, and an outside module
+    read for a setting only."""
+    outside = nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    outside.use_tanh = True
+    slotted, frozen = _Slotted(outside, scale=0.5), FrozenDict(scale=0.5, act="tanh", n=(1,))
+
+    def step(v):
+        if holder == "slots":
+            return jnp.tanh(v) * slotted.scale if slotted.conv.use_tanh else v
+        return getattr(jnp, frozen["act"])(v) * frozen["scale"]
+
+    grads = _training_step_or_refusal(lambda conv: step)
+    assert float(jnp.abs(grads["conv"]["kernel"][...]).sum()) > 0
 
 
 @pytest.mark.parametrize("how", ["method", "callable_object"])
