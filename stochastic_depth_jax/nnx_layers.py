@@ -464,7 +464,7 @@ def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(call)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         # Before the call (see _of_another_level); ~1 ms a call, spent only under a trace.
-        states = None if _EAGER.is_valid() else _trace_states(self)
+        states = None if conv.is_eager() else _trace_states(self)
         try:
             return call(self, *args, **kwargs)
         except flax.errors.TraceContextError as e:
@@ -475,11 +475,6 @@ def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
             raise _TransformError(f"{type(self).__name__} {_NNX_TRANSFORMS_FIX} (NNX said: "
                                   f"{said}).") from None
     return wrapped
-
-
-# The level NNX sees outside every transform (the import runs eagerly; were it traced, this
-# would never match again, and every call would walk its graph, as under a transform).
-_EAGER = nnx.tracers.TraceState()
 
 
 def _trace_states(node: Any) -> list[Any]:

@@ -1,6 +1,9 @@
 """Native NNX drop path and ViT: they train, and match the Linen modules exactly."""
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 import types
 import flax.linen as nn
 import jax
@@ -15,6 +18,7 @@ import stochastic_depth_jax as sdj
 from stochastic_depth_jax import nnx_layers, ops, vit
 from twins import assert_nnx_matches_linen
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
 TINY = dict(size="ti", depth=2, patch_size=4, width=32, num_heads=2, drop_path_rate=0.4)
 
@@ -695,6 +699,44 @@ def test_nnx_wrapper_called_eagerly_does_not_walk_its_graph(monkeypatch):
     assert walks == []
     nnx.jit(lambda m: m(x))(sd)
     assert walks  # under a transform: taken
+
+
+_IMPORTED_UNDER_JIT = """
+import jax
+from flax import nnx
+
+
+def lazy(x):
+    import stochastic_depth_jax  # noqa: F401  the first import, under a trace
+    return x
+
+
+jax.jit(lazy)(1.0)
+from stochastic_depth_jax import conv, nnx_layers  # noqa: E402
+walks, reads = [], []
+walk, read = nnx_layers._trace_states, conv._call_tree
+nnx_layers._trace_states = lambda node: walks.append(node) or walk(node)
+conv._call_tree = lambda args, kwargs: reads.append(args) or read(args, kwargs)
+sd = nnx_layers.StochasticDepth(nnx.Sequential(nnx.Linear(3, 3, rngs=nnx.Rngs(0))), 0.5,
+                                rngs=nnx.Rngs(stochastic_depth=1))
+for deterministic in (False, True):
+    sd(jax.numpy.ones((4, 3)), deterministic=deterministic)
+eager = (len(walks), len(reads))
+nnx.jit(lambda m: m(jax.numpy.ones((4, 3))))(sd)
+print(eager, len(walks) > 0, len(reads) > 0)
+"""
+
+
+def test_nnx_wrapper_imported_under_a_trace_still_walks_nothing_eagerly():
+    """The package first imported inside a jitted function (a lazy import) took that trace
+    for the eager one: every eager call then walked the wrapper's graph and read its state
+    (~1 ms each, as under a transform). The eager trace is taken in a new thread."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_UNDER_JIT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "(0, 0) True True"  # walked under nnx.jit only
 
 
 # A layer among the module's globals (as a notebook's), named as the block's attribute below.
