@@ -434,10 +434,26 @@ def _refusal_message(error: BaseException) -> str:
     return FORWARD_MODE_FIX if mine else _FORWARD_MODE_FIX_OR_OWN
 
 
-# The trace eager code runs in (JAX's evaluation), as this module is imported: a call made
-# in it has no autodiff over its values to look for (one in another thread, or under any
-# transform, is looked for).
-_EAGER = get_opaque_trace_state()
+def _eager_trace_state() -> Any:
+    """The trace eager code runs in (JAX's evaluation), taken in a new thread, which starts
+    outside every transform: this module may be imported under one (a lazy import inside a
+    jitted function), whose trace no later call matches, and every eager call read its
+    module's state (~1 ms) as if traced."""
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(get_opaque_trace_state()))
+    thread.start()
+    thread.join()
+    return taken[0]
+
+
+# A call made in it has no autodiff over its values to look for (one under any transform is
+# looked for).
+_EAGER = _eager_trace_state()
+
+
+def is_eager() -> bool:
+    """Whether the caller runs outside every JAX transform (in any thread)."""
+    return get_opaque_trace_state() == _EAGER
 
 
 def _forward_mode_innermost(tree: Any) -> bool:
@@ -474,8 +490,7 @@ def stock_convs_where_forward_mode(values: Callable[[], Any]):
     transform: eagerly there is nothing to find, and reading a module's state costs ~1 ms);
     an enclosing context's finding holds inside."""
     enclosing = getattr(_LINEN, "forward", False)
-    _LINEN.forward = enclosing or (get_opaque_trace_state() != _EAGER
-                                   and _forward_mode_innermost(values()))
+    _LINEN.forward = enclosing or (not is_eager() and _forward_mode_innermost(values()))
     try:
         yield
     finally:

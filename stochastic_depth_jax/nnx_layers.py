@@ -222,7 +222,20 @@ def _function_level(fn: Any) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
 def _held(obj: Any, names: set[str]) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
     """What a plain object's code reading ``names`` uses of its attributes (as
     :func:`_function_level`): the objects, and the callables among them, read next."""
-    return _sort_out([v for n, v in getattr(obj, "__dict__", {}).items() if n in names], names)
+    return _sort_out(_fields(obj, names).values(), names)
+
+
+def _fields(obj: Any, names: set[str]) -> dict[str, Any]:
+    """The attributes among ``names`` a plain object holds, in its ``__dict__`` or its
+    ``__slots__`` (a holder with slots, or a dataclass with ``slots=True``, hid its layers)."""
+    fields = getattr(obj, "__dict__", None)
+    found = {n: fields[n] for n in names if n in fields} if isinstance(fields, Mapping) else {}
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for n in ((slots,) if isinstance(slots, str) else slots):
+            if n in names and n not in found and hasattr(obj, n):
+                found[n] = getattr(obj, n)
+    return found
 
 
 def _sort_out(objs: Any, names: set[str]) -> tuple[list[tuple[Any, set[str]]], list[Any]]:
@@ -263,8 +276,9 @@ def _is_plain_value(obj: Any) -> bool:
 
 
 def _is_container(obj: Any) -> bool:
-    """A plain list, tuple, set or dict (not an NNX one, which is a graph node)."""
-    return (isinstance(obj, (list, tuple, set, frozenset, dict))
+    """A plain list, tuple, set or mapping (a dict, Flax's ``FrozenDict``, ...; not an NNX
+    one, which is a graph node)."""
+    return (isinstance(obj, (list, tuple, set, frozenset, Mapping))
             and not nnx.graph.is_graph_node(obj))
 
 
@@ -326,14 +340,12 @@ def _bakes_in_constants(value: Any) -> bool:
 
 def _used_nnx_state(branch: Any) -> list:
     """The NNX modules and variables a plain-function branch uses (:func:`_function_parts`);
-    a plain object it reads (a ``SimpleNamespace`` or dataclass of layers, ``lambda v:
-    layers.conv(v)``) is read through the attributes its code names, as if they were closed
-    over themselves."""
+    a plain object it reads (a ``SimpleNamespace``, dataclass or class with ``__slots__`` of
+    layers, ``lambda v: layers.conv(v)``) is read through the attributes its code names, as if
+    they were closed over themselves."""
     used = []
     for obj, names in _function_parts(branch):
-        fields = {} if _is_nnx_object(obj) else getattr(obj, "__dict__", None)
-        reached = [obj] if _is_nnx_object(obj) else [
-            fields[n] for n in names if isinstance(fields, Mapping) and n in fields]
+        reached = [obj] if _is_nnx_object(obj) else list(_fields(obj, names).values())
         for node in filter(_is_nnx_object, reached):
             attrs = [getattr(node, n) for n in names if not isinstance(node, nnx.Variable)
                      and n in getattr(node, "__dict__", {})]
@@ -452,7 +464,7 @@ def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(call)
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         # Before the call (see _of_another_level); ~1 ms a call, spent only under a trace.
-        states = None if _EAGER.is_valid() else _trace_states(self)
+        states = None if conv.is_eager() else _trace_states(self)
         try:
             return call(self, *args, **kwargs)
         except flax.errors.TraceContextError as e:
@@ -463,11 +475,6 @@ def _naming_nnx_transforms(call: Callable[..., Any]) -> Callable[..., Any]:
             raise _TransformError(f"{type(self).__name__} {_NNX_TRANSFORMS_FIX} (NNX said: "
                                   f"{said}).") from None
     return wrapped
-
-
-# The level NNX sees outside every transform (the import runs eagerly; were it traced, this
-# would never match again, and every call would walk its graph, as under a transform).
-_EAGER = nnx.tracers.TraceState()
 
 
 def _trace_states(node: Any) -> list[Any]:
@@ -567,7 +574,8 @@ class StochasticDepth(nnx.Module):
         (:func:`~stochastic_depth_jax.conv.stock_convs_under_forward_mode`)."""
         if _has_state(self.branch):
             return None
-        return [nnx.state(u) if nnx.graph.is_graph_node(u) else u[...]
+        # A Variable first: it is a graph node too, and nnx.state of one failed (IndexError).
+        return [u[...] if isinstance(u, nnx.Variable) else nnx.state(u)
                 for u in _used_nnx_state(self.branch)]
 
     @_naming_nnx_transforms

@@ -1,6 +1,9 @@
 """Native NNX drop path and ViT: they train, and match the Linen modules exactly."""
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
 import types
 import flax.linen as nn
 import jax
@@ -9,11 +12,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.core import FrozenDict
 
 import stochastic_depth_jax as sdj
 from stochastic_depth_jax import nnx_layers, ops, vit
 from twins import assert_nnx_matches_linen
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 X = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
 TINY = dict(size="ti", depth=2, patch_size=4, width=32, num_heads=2, drop_path_rate=0.4)
 
@@ -593,17 +598,39 @@ def _training_step_or_refusal(branch):
     return nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))(Block(nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("holder", ["namespace", "dataclass"])
+class _Slotted:
+    """A plain holder with ``__slots__`` (no ``__dict__``)."""
+    __slots__ = ("conv", "scale")
+
+    def __init__(self, conv, scale=0.5):
+        self.conv, self.scale = conv, scale
+
+
+@dataclasses.dataclass
+class _Layers:
+    conv: nnx.Conv
+
+
+@dataclasses.dataclass(slots=True)
+class _SlottedLayers:
+    conv: nnx.Conv
+
+
+@pytest.mark.parametrize("holder", ["namespace", "dataclass", "slots", "slots_dataclass",
+                                    "frozen_dict", "mapping_proxy"])
 def test_nnx_function_branch_over_layers_in_a_plain_holder_is_refused(holder):
     """lambda v: layers.conv(v), ``layers`` a SimpleNamespace or a dataclass of outside
     layers, trained them with a zero gradient under nnx.jit/nnx.grad, without a word: the
-    attributes the code names of a plain object are read as if closed over themselves."""
-    @dataclasses.dataclass
-    class Layers:
-        conv: nnx.Conv
-
+    attributes the code names of a plain object are read as if closed over themselves.
+    So did a holder with __slots__ (no __dict__ to read) and Flax's FrozenDict or another
+    mapping that is not a dict (its items were not read)."""
     def branch(conv):
-        layers = types.SimpleNamespace(conv=conv) if holder == "namespace" else Layers(conv)
+        if holder in ("frozen_dict", "mapping_proxy"):
+            held = {"conv": conv}
+            held = FrozenDict(held) if holder == "frozen_dict" else types.MappingProxyType(held)
+            return lambda v: jnp.tanh(held["conv"](v))
+        layers = {"namespace": types.SimpleNamespace, "dataclass": _Layers, "slots": _Slotted,
+                  "slots_dataclass": _SlottedLayers}[holder](conv=conv)
         return lambda v: jnp.tanh(layers.conv(v))
 
     with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
@@ -622,6 +649,24 @@ class _Settings:
 
     def __call__(self, v):
         return self.act(v) if self.model.use_tanh else v
+
+
+@pytest.mark.parametrize("holder", ["slots", "frozen_dict"])
+def test_nnx_function_branch_over_settings_in_a_slotted_holder_or_frozen_dict_trains(holder):
+    """A holder with __slots__ or a FrozenDict (whose attributes and items are read now)
+    refuses nothing it holds that is not NNX state: plain settings, and an outside module
+    read for a setting only."""
+    outside = nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    outside.use_tanh = True
+    slotted, frozen = _Slotted(outside, scale=0.5), FrozenDict(scale=0.5, act="tanh", n=(1,))
+
+    def step(v):
+        if holder == "slots":
+            return jnp.tanh(v) * slotted.scale if slotted.conv.use_tanh else v
+        return getattr(jnp, frozen["act"])(v) * frozen["scale"]
+
+    grads = _training_step_or_refusal(lambda conv: step)
+    assert float(jnp.abs(grads["conv"]["kernel"][...]).sum()) > 0
 
 
 @pytest.mark.parametrize("how", ["method", "callable_object"])
@@ -654,6 +699,44 @@ def test_nnx_wrapper_called_eagerly_does_not_walk_its_graph(monkeypatch):
     assert walks == []
     nnx.jit(lambda m: m(x))(sd)
     assert walks  # under a transform: taken
+
+
+_IMPORTED_UNDER_JIT = """
+import jax
+from flax import nnx
+
+
+def lazy(x):
+    import stochastic_depth_jax  # noqa: F401  the first import, under a trace
+    return x
+
+
+jax.jit(lazy)(1.0)
+from stochastic_depth_jax import conv, nnx_layers  # noqa: E402
+walks, reads = [], []
+walk, read = nnx_layers._trace_states, conv._call_tree
+nnx_layers._trace_states = lambda node: walks.append(node) or walk(node)
+conv._call_tree = lambda args, kwargs: reads.append(args) or read(args, kwargs)
+sd = nnx_layers.StochasticDepth(nnx.Sequential(nnx.Linear(3, 3, rngs=nnx.Rngs(0))), 0.5,
+                                rngs=nnx.Rngs(stochastic_depth=1))
+for deterministic in (False, True):
+    sd(jax.numpy.ones((4, 3)), deterministic=deterministic)
+eager = (len(walks), len(reads))
+nnx.jit(lambda m: m(jax.numpy.ones((4, 3))))(sd)
+print(eager, len(walks) > 0, len(reads) > 0)
+"""
+
+
+def test_nnx_wrapper_imported_under_a_trace_still_walks_nothing_eagerly():
+    """The package first imported inside a jitted function (a lazy import) took that trace
+    for the eager one: every eager call then walked the wrapper's graph and read its state
+    (~1 ms each, as under a transform). The eager trace is taken in a new thread."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _IMPORTED_UNDER_JIT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "(0, 0) True True"  # walked under nnx.jit only
 
 
 # A layer among the module's globals (as a notebook's), named as the block's attribute below.
@@ -759,3 +842,38 @@ def test_vit_qkv_kernel_starts_as_the_original_s_three_xavier_kernels(api):
     proj = (model.blocks[0].attn.branch.attn.proj.kernel[...] if api == "nnx"
             else blocks[0]["proj"]["kernel"])
     assert np.abs(proj).max() == pytest.approx(bound, rel=0.01)  # [width, width]: unchanged
+
+
+_BY_ATTRIBUTE = {
+    "value": lambda conv: lambda v: v @ conv.kernel.value[1, 1],
+    "index": lambda conv: lambda v: v @ conv.kernel[...][1, 1],
+    "lax_conv": lambda conv: lambda v: jax.lax.conv_general_dilated(
+        v, conv.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_BY_ATTRIBUTE))
+def test_nnx_function_branch_using_an_outside_layer_s_kernel_is_refused(how):
+    """lambda v: v @ conv.kernel.value (or conv.kernel[...], or the kernel given to
+    jax.lax.conv), conv built in __init__, failed under nnx.jit/nnx.grad with an IndexError
+    from inside NNX (the wrapper took nnx.state of the Param it found): refused in one line
+    like a closed-over layer. Built in __call__ (nnx.jit's layers) it trains."""
+    key = next(jax.random.key(s) for s in range(32)
+               if bool(ops.draw_gate(jax.random.key(s), 0.5)))  # kept
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, in_call):
+            self.conv, self.in_call = nnx.Conv(3, 3, (3, 3), rngs=rngs), in_call
+            self.sd = nnx_layers.StochasticDepth(_BY_ATTRIBUTE[how](self.conv), 0.5)
+
+        def __call__(self, x):
+            sd = (nnx_layers.StochasticDepth(_BY_ATTRIBUTE[how](self.conv), 0.5)
+                  if self.in_call else self.sd)
+            return x + sd(x, rngs=key)
+
+    assert Block(nnx.Rngs(0), False)(X).shape == X.shape  # eagerly: it runs
+    step = nnx.jit(nnx.grad(lambda m: jnp.sum(m(X) ** 2)))
+    with pytest.raises(ValueError, match=r"^StochasticDepth's branch is a function that "
+                                         r"uses NNX state \(Param\) made outside"):
+        step(Block(nnx.Rngs(0), False))
+    assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
