@@ -162,8 +162,9 @@ def _check_finite(run: _Run) -> None:
             "--config.seed.", bad, epoch)
 
 
-def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
-    """Saves the current state as ``kind`` (after checking it is finite)."""
+def _check_savable(run: _Run) -> None:
+    """Raises :class:`NonFiniteLossError` where the current state may not be saved (its loss
+    or its parameters non-finite)."""
     _check_finite(run)
     step = run.step
     if not state_lib.all_finite(run.state):
@@ -171,8 +172,13 @@ def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
             f"The parameters became non-finite by step {step} (the loss was still finite); "
             f"stopping without saving them; {_kept_checkpoint(run)}. Try a lower "
             "--config.learning_rate.", step, max(step - 1, 0) // run.setup.steps_per_epoch + 1)
-    meta = {"epoch": step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
-    run.ckpts.save(kind, step, run.state, meta)
+
+
+def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
+    """Saves the current state as ``kind`` (after checking it is finite)."""
+    _check_savable(run)
+    meta = {"epoch": run.step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
+    run.ckpts.save(kind, run.step, run.state, meta)
 
 
 def _epoch_sums(run: _Run) -> dict[str, float]:
@@ -343,6 +349,10 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
     else fractional) the run's best and saves the 'best' checkpoint."""
     metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
     later = sorted(s for s in run.earlier_best if s > run.step)
+    # Weights that diverged are no best and are not saved: checked before the earlier
+    # session's later bests are set aside for them, which else left the run with neither
+    # (and a restart with the earlier config, which may reproduce them, without them).
+    _check_savable(run)
     if later and run.step not in run.earlier_best and not _agreed(
             _as_before(run, record) and not run.config_changes):
         # Orbax saves no step below its newest: those would hide this one, and 'best' would
