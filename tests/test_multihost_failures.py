@@ -502,6 +502,19 @@ def test_a_job_that_diverged_ends_once_process_0_has_drawn_its_curves(tmp_path):
     assert {"error.png", "loss.png"} <= set(os.listdir(tmp_path / "run"))
 
 
+def test_a_job_that_diverged_ends_though_process_0_s_drawing_hangs(tmp_path):
+    """Process 0's last drawing never ends: the others waited for it in a device collective,
+    for good (the job hung silent, on CPUs too). Now they wait ``DRAWING_WAIT_S``, then
+    report the divergence, which ends process 0 too."""
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        _worker_job(tmp_path, "hungplot", "--config.learning_rate=1e8"), timeout=BOUND_S)
+    assert "non-finite" in _error_line(s1, out1), out1[-3000:]
+    line = _error_line(s0, out0)
+    assert line.startswith("error: process 1 of 2 failed, so process 0 stops too") and (
+        "non-finite" in line), out0[-3000:]
+    assert fails_on_one.DRAWN not in out0
+
+
 @pytest.mark.parametrize("who, saves", [(0, "async"), (1, "async"), (0, "sync")])
 def test_a_disk_filling_on_one_process_during_a_save_stops_the_job_at_once(tmp_path, who,
                                                                            saves):

@@ -247,6 +247,9 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
 # The curves are redrawn during training at most this often (a drawing takes ~0.3 s on
 # process 0), so a long run's error.png shows its progress; and at the end or a stop.
 PLOT_EVERY_S = 300.0
+# How long the other processes of a job that diverged wait for process 0's last drawing
+# before they report the divergence, which ends it (a first drawing imports matplotlib).
+DRAWING_WAIT_S = 120.0
 
 
 def _draw_plots(run: _Run, force: bool, ending: bool = False,
@@ -1405,10 +1408,11 @@ def _train(run: _Run) -> dict[str, Any]:
         # The run ends here: its curves show every epoch before it, not those drawn up to
         # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs), and where it diverged.
         _draw_plots(run, force=True, ending=True, diverged=e)
-        if jax.process_count() > 1:
-            # Every process raises this at the same step, and the first to report it ends
-            # the others: process 0 was ended in the middle of drawing them.
-            multihost_utils.sync_global_devices("diverged_curves_drawn")
+        # Every process raises this at the same step, and the first to report it ends
+        # the others: process 0 was ended in the middle of drawing them. Waited for up to
+        # DRAWING_WAIT_S: a drawing that hangs leaves the others to report the divergence
+        # (a device collective here waited for good: the job hung silent).
+        distributed.wait_for_all("diverged_curves_drawn", DRAWING_WAIT_S)
         raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.
