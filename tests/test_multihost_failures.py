@@ -569,6 +569,34 @@ def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path
             "sees the same files."), out[-3000:]
 
 
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_checkpoint_damaged_on_one_host_only_stops_every_process_in_one_line(tmp_path, who):
+    """Resumed where process ``who`` reads the newest checkpoint as damaged (its host's copy
+    broken) and the other reads it intact: the one went on to set it aside while the other
+    restored it, and the job ended in a traceback ('sync_global_devices name mismatch').
+    Now every process stops with one line naming it, and nothing is moved."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.write_plots=false", "--config.checkpoint_every_steps=2"]
+    run = tmp_path / "run"
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=4"]),
+                            str(run))
+    results = finish_all(_worker_job(tmp_path, f"damaged{who}", *flags,
+                                     "--config.max_steps=6"), timeout=BOUND_S)
+    for status, out, _ in results:  # The process that says it first names it for the other.
+        assert _error_line(status, out).endswith(
+            f"The latest checkpoint at step 4 in {run / 'checkpoints'} is unreadable on "
+            f"process {who} (ValueError: Unexpected end of JSON input (injected)) but read by "
+            "another: the hosts see different files (a shared filesystem whose caches lag, or "
+            "copies that differ); nothing was moved. Start the job again once every host sees "
+            f"the same files, or move {run / 'checkpoints' / '4'} aside to resume from the "
+            "step before it."), out[-3000:]
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+    assert not (run / "checkpoints_corrupt").exists()
+
+
 def test_processes_that_do_not_all_read_an_earlier_best_stop_before_training(tmp_path):
     """Resumed from an earlier version's best that no evaluation measured, which every
     process reads to evaluate it: process 1, not listing it (its host's view of the workdir

@@ -15,7 +15,8 @@ read the run's summary.json.
 ``full0``/``full1``: the disk fills on process 0/1 during the 'latest' save of step
 ``FULL_AT`` (its writes there fail with ENOSPC). ``slowplot``: process 0's drawing of the
 curves takes ``DRAW_S`` seconds longer, and prints ``DRAWN`` when done; ``hungplot``: it
-never ends, and the others wait ``HUNG_WAIT_S`` for it.
+never ends, and the others wait ``HUNG_WAIT_S`` for it. ``damaged0``/``damaged1``: process
+0/1 reads the newest 'latest' checkpoint as damaged, the other reads it intact.
 Used by ``tests/test_multihost_failures.py``.
 """
 
@@ -117,6 +118,21 @@ def _hide_newest_checkpoint(who: int, wanted: str = "latest") -> None:
     checkpoint_lib.Checkpoints.steps = stale
 
 
+def _damage_newest_checkpoint(who: int) -> None:
+    """Process ``who`` reads the newest 'latest' checkpoint as damaged (its host's copy of
+    the files, or its cache of a shared one, broken); the others read it intact."""
+    from stochastic_depth_jax.training import checkpoint as checkpoint_lib
+
+    read_meta = checkpoint_lib.Checkpoints.read_meta
+
+    def damaged(self, kind, step):
+        if jax.process_index() == who and kind == "latest" and step == max(self.steps(kind)):
+            raise ValueError("Unexpected end of JSON input (injected)")
+        return read_meta(self, kind, step)
+
+    checkpoint_lib.Checkpoints.read_meta = damaged
+
+
 def _hide_summary(who: int) -> None:
     """Process ``who`` reads no summary.json: a host whose view of the shared workdir lags
     behind the job that finished the run."""
@@ -180,6 +196,8 @@ def main(mode: str, argv: list[str]) -> None:
         _hide_newest_checkpoint(1, "best")
     elif mode == "stalesummary1":
         _hide_summary(1)
+    elif mode.startswith("damaged"):
+        _damage_newest_checkpoint(int(mode.removeprefix("damaged")))
     elif mode.startswith("stale"):
         _hide_newest_checkpoint(int(mode.removeprefix("stale")))
     if mode not in ("raise", "stop", "stop0"):
