@@ -370,7 +370,9 @@ def _failed_alike(kind: str, step: int, outcome: Any, directory: str) -> bool:
         return failure is not None
     here = "unreadable" if failure is not None else "read"
     try:
-        multihost_utils.sync_global_devices(f"checkpoint_{here}_{kind}_{step}")
+        # Not named by the step: processes listing different steps (a lagging cache) that
+        # all read theirs are told so by the caller (loop._check_same_start).
+        multihost_utils.sync_global_devices(f"checkpoint_{here}_{kind}")
     except AssertionError as e:  # 'name mismatch': another process's outcome differs.
         where = (f"unreadable on process {jax.process_index()} ({_summary(failure)}) but read "
                  "by another" if failure is not None else
