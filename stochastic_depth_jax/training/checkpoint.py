@@ -362,9 +362,9 @@ def _failed_alike(kind: str, step: int, outcome: Any, directory: str) -> bool:
     others failed to (each host's copy of the files, or its cache of a shared one, differs):
     those set it aside and fell back to an older step, the others trained from it, and the
     job split in its next collective (a traceback: 'name mismatch'). Nothing is moved.
-    Called by every process after each read. A barrier named by the outcome: it also fails
-    where the others are still in a collective of their read (Orbax's), which then raises
-    the read's failure there, and the barrier that follows it this error."""
+    Called by every process after each read. A barrier named by the outcome: one that meets
+    the others still in a collective of their read (Orbax's) fails that too; their read
+    fails, and their barrier after it raises this error there."""
     failure = outcome if isinstance(outcome, Exception) else None
     if jax.process_count() == 1:
         return failure is not None
@@ -653,12 +653,14 @@ class Checkpoints:
         ``CheckpointAccessError``, and both move nothing.
         """
         manager = self._managers[kind]
-        # Each read is agreed on by every process (_check_read_alike) before the next one,
+        # Each read is agreed on by every process (_failed_alike) before the next one,
         # whose collectives (Orbax's restore) a process that skips it would leave unmatched.
         directory = str(manager.directory)
         try:
             meta = self.read_meta(kind, step)
         except Exception as e:  # Orbax raises many types for damaged files.
+            if _lost_peer(e):  # Not damage, and the others are gone: no agreement.
+                raise
             meta = e
         if _failed_alike(kind, step, meta, directory):
             return self._failed(kind, step, meta, listing, fallback)
