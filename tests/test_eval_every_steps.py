@@ -190,6 +190,28 @@ def test_an_earlier_best_that_a_changed_resume_does_not_reproduce_is_set_aside(
     assert "after this run's end (step 4)" in moved
 
 
+def test_a_new_best_that_diverged_sets_no_earlier_best_aside(fake_evaluation, monkeypatch,
+                                                            tmp_path):
+    """Resumed with another learning rate, a new best at step 5 whose parameters were
+    non-finite moved the earlier session's 'best' at step 6 to checkpoints_superseded/, then
+    was refused: the run ended with neither, and a restart with the earlier config (which
+    reproduces step 6) found its best moved aside."""
+    monkeypatch.setitem(globals(), "EVAL_S", 0.0)
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(load_config("cifar10:smoke", FLAGS), workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))  # killed before step 8's 'latest'
+    os.remove(os.path.join(workdir, loop.SUMMARY_FILE))
+    monkeypatch.setitem(globals(), "VAL_ERROR", {**VAL_ERROR, 5: 0.15})
+    finite = loop.state_lib.all_finite
+    monkeypatch.setattr(loop.state_lib, "all_finite",
+                        lambda state: int(loop._host(state.step)) != 5 and finite(state))
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite by step 5"):
+        loop.train_and_evaluate(
+            load_config("cifar10:smoke", FLAGS + ["--config.learning_rate=0.5"]), workdir)
+    assert not os.path.exists(os.path.join(workdir, checkpoint_lib.SUPERSEDED_DIR))
+    assert checkpoint_lib.Checkpoints(workdir, read_only=True).steps("best") == [3, 6]
+
+
 def test_two_processes_resumed_take_the_same_decisions_on_the_earlier_bests(
         fake_evaluation, monkeypatch, tmp_path):
     """Resumed unchanged on 2 processes before a 'best' rotated away (step 5) and those after

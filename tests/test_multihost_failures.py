@@ -502,6 +502,19 @@ def test_a_job_that_diverged_ends_once_process_0_has_drawn_its_curves(tmp_path):
     assert {"error.png", "loss.png"} <= set(os.listdir(tmp_path / "run"))
 
 
+def test_a_job_that_diverged_ends_though_process_0_s_drawing_hangs(tmp_path):
+    """Process 0's last drawing never ends: the others waited for it in a device collective,
+    for good (the job hung silent, on CPUs too). Now they wait ``DRAWING_WAIT_S``, then
+    report the divergence, which ends process 0 too."""
+    (s0, out0, _), (s1, out1, _) = finish_all(
+        _worker_job(tmp_path, "hungplot", "--config.learning_rate=1e8"), timeout=BOUND_S)
+    assert "non-finite" in _error_line(s1, out1), out1[-3000:]
+    line = _error_line(s0, out0)
+    assert line.startswith("error: process 1 of 2 failed, so process 0 stops too") and (
+        "non-finite" in line), out0[-3000:]
+    assert fails_on_one.DRAWN not in out0
+
+
 @pytest.mark.parametrize("who, saves", [(0, "async"), (1, "async"), (0, "sync")])
 def test_a_disk_filling_on_one_process_during_a_save_stops_the_job_at_once(tmp_path, who,
                                                                            saves):
@@ -554,6 +567,34 @@ def test_processes_that_list_different_checkpoints_stop_before_training(tmp_path
             f"others: step 4): the hosts list different checkpoints in {run / 'checkpoints'} "
             "(a shared filesystem whose caches lag); start the job again once every host "
             "sees the same files."), out[-3000:]
+
+
+@pytest.mark.parametrize("who", [0, 1])
+def test_a_checkpoint_damaged_on_one_host_only_stops_every_process_in_one_line(tmp_path, who):
+    """Resumed where process ``who`` reads the newest checkpoint as damaged (its host's copy
+    broken) and the other reads it intact: the one went on to set it aside while the other
+    restored it, and the job ended in a traceback ('sync_global_devices name mismatch').
+    Now every process stops with one line naming it, and nothing is moved."""
+    from configs import load_config
+    from stochastic_depth_jax.training import loop
+
+    flags = ["--config.progress_bar=false", "--config.write_tensorboard=false",
+             "--config.write_plots=false", "--config.checkpoint_every_steps=2"]
+    run = tmp_path / "run"
+    loop.train_and_evaluate(load_config("cifar10:smoke", flags + ["--config.max_steps=4"]),
+                            str(run))
+    results = finish_all(_worker_job(tmp_path, f"damaged{who}", *flags,
+                                     "--config.max_steps=6"), timeout=BOUND_S)
+    for status, out, _ in results:  # The process that says it first names it for the other.
+        assert _error_line(status, out).endswith(
+            f"The latest checkpoint at step 4 in {run / 'checkpoints'} is unreadable on "
+            f"process {who} (ValueError: Unexpected end of JSON input (injected)) but read by "
+            "another: the hosts see different files (a shared filesystem whose caches lag, or "
+            "copies that differ); nothing was moved. Start the job again once every host sees "
+            f"the same files, or move {run / 'checkpoints' / '4'} aside to resume from the "
+            "step before it."), out[-3000:]
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+    assert not (run / "checkpoints_corrupt").exists()
 
 
 def test_processes_that_do_not_all_read_an_earlier_best_stop_before_training(tmp_path):

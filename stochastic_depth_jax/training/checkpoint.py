@@ -356,6 +356,36 @@ def _barrier_unless_failed(barrier: Any) -> Any:
     return sync
 
 
+def _failed_alike(kind: str, step: int, outcome: Any, directory: str) -> bool:
+    """Whether reading ``step`` failed (``outcome`` an exception), on every process alike;
+    raises ``errors.DistributedError`` on every process of a job where some read it and
+    others failed to (each host's copy of the files, or its cache of a shared one, differs):
+    those set it aside and fell back to an older step, the others trained from it, and the
+    job split in its next collective (a traceback: 'name mismatch'). Nothing is moved.
+    Called by every process after each read. A barrier named by the outcome: one that meets
+    the others still in a collective of their read (Orbax's) fails that too; their read
+    fails, and their barrier after it raises this error there."""
+    failure = outcome if isinstance(outcome, Exception) else None
+    if jax.process_count() == 1:
+        return failure is not None
+    here = "unreadable" if failure is not None else "read"
+    try:
+        # Not named by the step: processes listing different steps (a lagging cache) that
+        # all read theirs are told so by the caller (loop._check_same_start).
+        multihost_utils.sync_global_devices(f"checkpoint_{here}_{kind}")
+    except AssertionError as e:  # 'name mismatch': another process's outcome differs.
+        where = (f"unreadable on process {jax.process_index()} ({_summary(failure)}) but read "
+                 "by another" if failure is not None else
+                 f"read by process {jax.process_index()} but unreadable on another")
+        raise errors.DistributedError(
+            f"The {kind} checkpoint at step {step} in {directory} is {where}: the hosts see "
+            "different files (a shared filesystem whose caches lag, or copies that differ); "
+            "nothing was moved. Start the job again once every host sees the same files, or "
+            f"move {os.path.join(directory, str(step))} aside to resume from the step before "
+            "it.") from e
+    return failure is not None
+
+
 class Checkpoints:
     """The 'latest' and 'best' checkpoint managers of one workdir.
 
@@ -623,10 +653,28 @@ class Checkpoints:
         ``CheckpointAccessError``, and both move nothing.
         """
         manager = self._managers[kind]
+        # Each read is agreed on by every process (_failed_alike) before the next one,
+        # whose collectives (Orbax's restore) a process that skips it would leave unmatched.
+        directory = str(manager.directory)
         try:
             meta = self.read_meta(kind, step)
         except Exception as e:  # Orbax raises many types for damaged files.
-            return self._failed(kind, step, e, listing, fallback)
+            if _lost_peer(e):  # Not damage, and the others are gone: no agreement.
+                raise
+            meta = e
+        if _failed_alike(kind, step, meta, directory):
+            return self._failed(kind, step, meta, listing, fallback)
+        restored = self._read(kind, step, abstract_state, meta)
+        if _failed_alike(kind, step, restored, directory):
+            return self._failed(kind, step, restored, listing, fallback)
+        return restored
+
+    def _read(self, kind: str, step: int, abstract_state: Any, meta: dict[str, Any]
+              ) -> tuple[state_lib.TrainState, dict[str, Any]] | Exception:
+        """``(state, meta)`` of one step whose metadata ``meta`` was read, or the failure of
+        reading its arrays (damage, or a read failing for a reason outside the files):
+        :meth:`_failed` says which."""
+        manager = self._managers[kind]
         if meta.get("structure") != structure_signature(abstract_state):
             raise IncompatibleCheckpointError(
                 f"The {kind} checkpoint at step {step} in {manager.directory} holds a state of "
@@ -644,18 +692,13 @@ class Checkpoints:
                         meta=ocp.args.JsonRestore()),
                 )
         except Exception as e:  # TensorStore raises plain Exception for damaged chunks.
-            return self._failed(kind, step, e, listing, fallback)
+            if _lost_peer(e):
+                raise
+            return e
         actual = state_lib.checksum(restored.state)
         if int(meta.get("checksum", -1)) != actual:
-            return self._failed(
-                kind,
-                step,
-                ValueError(
-                    f"checksum mismatch: saved {meta.get('checksum')}, restored bits give {actual}"
-                ),
-                listing,
-                fallback,
-            )
+            return ValueError(
+                f"checksum mismatch: saved {meta.get('checksum')}, restored bits give {actual}")
         return restored.state, meta
 
     def _failed(

@@ -789,6 +789,26 @@ def _agreed(call: Any, key: str, timeout_s: int = 300, what: str = "configs") ->
         ) from e
 
 
+def wait_for_all(name: str, timeout_s: float) -> bool:
+    """Waits until every process of the job has called this with ``name``, for at most
+    ``timeout_s`` seconds; returns whether they all did (True outside a multi-process job).
+    Bounded, unlike a device collective (``sync_global_devices``), which waits for good
+    for a process that never gets there: for a wait that may give up and go on, as that of
+    processes letting another finish its last drawing before they report their failure,
+    which ends it."""
+    client = _client()
+    if client is None:
+        return True
+    try:
+        client.wait_at_barrier(f"{_KEY}/{name}/{next(_waits)}", int(timeout_s * 1000))
+    except Exception:  # noqa: BLE001  XLA raises plain runtime errors (DEADLINE_EXCEEDED).
+        return False
+    return True
+
+
+_waits = itertools.count()  # Keys of their own: a barrier's key is used once in a job.
+
+
 def lost_peer(error: BaseException) -> str | None:
     """The one line for a collective that failed because another process vanished (Gloo, on
     CPU, sees the connection reset at once), or ``None`` for any other error. A process that

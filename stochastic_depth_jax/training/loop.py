@@ -162,8 +162,9 @@ def _check_finite(run: _Run) -> None:
             "--config.seed.", bad, epoch)
 
 
-def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
-    """Saves the current state as ``kind`` (after checking it is finite)."""
+def _check_savable(run: _Run) -> None:
+    """Raises :class:`NonFiniteLossError` where the current state may not be saved (its loss
+    or its parameters non-finite)."""
     _check_finite(run)
     step = run.step
     if not state_lib.all_finite(run.state):
@@ -171,8 +172,13 @@ def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
             f"The parameters became non-finite by step {step} (the loss was still finite); "
             f"stopping without saving them; {_kept_checkpoint(run)}. Try a lower "
             "--config.learning_rate.", step, max(step - 1, 0) // run.setup.steps_per_epoch + 1)
-    meta = {"epoch": step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
-    run.ckpts.save(kind, step, run.state, meta)
+
+
+def _save(run: _Run, kind: str, extra: dict[str, Any] | None = None) -> None:
+    """Saves the current state as ``kind`` (after checking it is finite)."""
+    _check_savable(run)
+    meta = {"epoch": run.step / run.setup.steps_per_epoch, "best": run.best, **(extra or {})}
+    run.ckpts.save(kind, run.step, run.state, meta)
 
 
 def _epoch_sums(run: _Run) -> dict[str, float]:
@@ -241,6 +247,9 @@ def _train_epoch(run: _Run, compiled: Any, epoch: int, end: int) -> float:
 # The curves are redrawn during training at most this often (a drawing takes ~0.3 s on
 # process 0), so a long run's error.png shows its progress; and at the end or a stop.
 PLOT_EVERY_S = 300.0
+# How long the other processes of a job that diverged wait for process 0's last drawing
+# before they report the divergence, which ends it (a first drawing imports matplotlib).
+DRAWING_WAIT_S = 120.0
 
 
 def _draw_plots(run: _Run, force: bool, ending: bool = False,
@@ -343,6 +352,10 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
     else fractional) the run's best and saves the 'best' checkpoint."""
     metric = config_lib.SELECT_BEST_BY[run.config.select_best_by]
     later = sorted(s for s in run.earlier_best if s > run.step)
+    # Weights that diverged are no best and are not saved: checked before the earlier
+    # session's later bests are set aside for them, which else left the run with neither
+    # (and a restart with the earlier config, which may reproduce them, without them).
+    _check_savable(run)
     if later and run.step not in run.earlier_best and not _agreed(
             _as_before(run, record) and not run.config_changes):
         # Orbax saves no step below its newest: those would hide this one, and 'best' would
@@ -1395,10 +1408,11 @@ def _train(run: _Run) -> dict[str, Any]:
         # The run ends here: its curves show every epoch before it, not those drawn up to
         # PLOT_EVERY_S earlier (dozens of a fast GPU's epochs), and where it diverged.
         _draw_plots(run, force=True, ending=True, diverged=e)
-        if jax.process_count() > 1:
-            # Every process raises this at the same step, and the first to report it ends
-            # the others: process 0 was ended in the middle of drawing them.
-            multihost_utils.sync_global_devices("diverged_curves_drawn")
+        # Every process raises this at the same step, and the first to report it ends
+        # the others: process 0 was ended in the middle of drawing them. Waited for up to
+        # DRAWING_WAIT_S: a drawing that hangs leaves the others to report the divergence
+        # (a device collective here waited for good: the job hung silent).
+        distributed.wait_for_all("diverged_curves_drawn", DRAWING_WAIT_S)
         raise
     beyond = sorted(s for s in run.earlier_best if s > run.step)
     if beyond:  # This run ends before them: the best it reports is another checkpoint.

@@ -14,7 +14,9 @@ started. ``stale0``/``stale1``: process 0/1 does not list the newest 'latest' ch
 read the run's summary.json.
 ``full0``/``full1``: the disk fills on process 0/1 during the 'latest' save of step
 ``FULL_AT`` (its writes there fail with ENOSPC). ``slowplot``: process 0's drawing of the
-curves takes ``DRAW_S`` seconds longer, and prints ``DRAWN`` when done.
+curves takes ``DRAW_S`` seconds longer, and prints ``DRAWN`` when done; ``hungplot``: it
+never ends, and the others wait ``HUNG_WAIT_S`` for it. ``damaged0``/``damaged1``: process
+0/1 reads the newest 'latest' checkpoint as damaged, the other reads it intact.
 Used by ``tests/test_multihost_failures.py``.
 """
 
@@ -32,6 +34,7 @@ import jax  # noqa: E402
 import train  # noqa: E402
 from stochastic_depth_jax import errors  # noqa: E402
 from stochastic_depth_jax.training import distributed  # noqa: E402
+from stochastic_depth_jax.training import loop  # noqa: E402
 from stochastic_depth_jax.training import setup as setup_lib  # noqa: E402
 
 MESSAGE = "Dataset folder '/data/cifar10' does not exist on this host (injected)."
@@ -42,6 +45,7 @@ SAVE_S, SAVED = 6, "a save was committed (injected)"
 FINISHED = "training finished (injected)"
 FULL_AT = 8  # The end of the smoke config's second epoch.
 DRAW_S, DRAWN = 5, "the curves were drawn (injected)"
+HUNG_WAIT_S = 3
 
 
 def _fail_last(who: int, running: frozenset[int] = frozenset()) -> None:
@@ -114,6 +118,21 @@ def _hide_newest_checkpoint(who: int, wanted: str = "latest") -> None:
     checkpoint_lib.Checkpoints.steps = stale
 
 
+def _damage_newest_checkpoint(who: int) -> None:
+    """Process ``who`` reads the newest 'latest' checkpoint as damaged (its host's copy of
+    the files, or its cache of a shared one, broken); the others read it intact."""
+    from stochastic_depth_jax.training import checkpoint as checkpoint_lib
+
+    read_meta = checkpoint_lib.Checkpoints.read_meta
+
+    def damaged(self, kind, step):
+        if jax.process_index() == who and kind == "latest" and step == max(self.steps(kind)):
+            raise ValueError("Unexpected end of JSON input (injected)")
+        return read_meta(self, kind, step)
+
+    checkpoint_lib.Checkpoints.read_meta = damaged
+
+
 def _hide_summary(who: int) -> None:
     """Process ``who`` reads no summary.json: a host whose view of the shared workdir lags
     behind the job that finished the run."""
@@ -142,15 +161,15 @@ def _fill_the_disk(who: int) -> None:
     path_type.write_text = full
 
 
-def _draw_slowly() -> None:
-    """Process 0's drawing of error.png and loss.png takes ``DRAW_S`` seconds longer (a
+def _draw_slowly(delay_s: float = DRAW_S) -> None:
+    """Process 0's drawing of error.png and loss.png takes ``delay_s`` seconds longer (a
     loaded host, matplotlib imported for the first time) and prints ``DRAWN`` once done."""
     from stochastic_depth_jax.training import plots
 
     plot_curves = plots.plot_curves
 
     def slow(*args, **kwargs):
-        time.sleep(DRAW_S)
+        time.sleep(delay_s)
         drawn = plot_curves(*args, **kwargs)
         print(DRAWN, flush=True)
         return drawn
@@ -170,10 +189,15 @@ def main(mode: str, argv: list[str]) -> None:
         _fill_the_disk(int(mode.removeprefix("full")))
     if mode == "slowplot":
         _draw_slowly()
+    if mode == "hungplot":  # The others wait HUNG_WAIT_S for a drawing that never ends.
+        loop.DRAWING_WAIT_S = HUNG_WAIT_S
+        _draw_slowly(3600)
     if mode == "stalebest1":
         _hide_newest_checkpoint(1, "best")
     elif mode == "stalesummary1":
         _hide_summary(1)
+    elif mode.startswith("damaged"):
+        _damage_newest_checkpoint(int(mode.removeprefix("damaged")))
     elif mode.startswith("stale"):
         _hide_newest_checkpoint(int(mode.removeprefix("stale")))
     if mode not in ("raise", "stop", "stop0"):
