@@ -555,6 +555,11 @@ def test_model_remat_gives_the_same_values_and_gradients_and_saves_less(name, mo
     _assert_remat_keeps_less(*runs)  # measured: 0.18-0.23
 
 
+# Tiny NNX models of each kind, for the remat tests.
+_NNX_TINY = {"ViT": dict(size="ti", patch_size=4, image_size=16, width=32, depth=2, num_heads=2),
+             "ConvNeXt": dict(depths=(2, 1), dims=(8, 16), stem_stride=2)}
+
+
 @pytest.mark.parametrize("name", ["ViT", "ConvNeXt"])
 def test_nnx_model_remat_gives_the_same_values_and_gradients_and_saves_less(name):
     """The NNX twins' ``remat=True``: each branch under ``nnx.remat``; the same outputs and
@@ -562,8 +567,7 @@ def test_nnx_model_remat_gives_the_same_values_and_gradients_and_saves_less(name
     from flax import nnx
     from stochastic_depth_jax import nnx_layers
     cls = getattr(nnx_layers, name)
-    kw = (dict(size="ti", patch_size=4, image_size=16, width=32, depth=2, num_heads=2)
-          if name == "ViT" else dict(depths=(2, 1), dims=(8, 16), stem_stride=2))
+    kw = _NNX_TINY[name]
     x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
     runs = []
     for remat in (False, True):
@@ -593,8 +597,7 @@ def test_nnx_model_remat_runs_in_a_jax_transform_that_closes_over_the_model(name
     from flax import nnx
     from stochastic_depth_jax import nnx_layers
     cls = getattr(nnx_layers, name)
-    kw = (dict(size="ti", patch_size=4, image_size=16, width=32, depth=2, num_heads=2)
-          if name == "ViT" else dict(depths=(2, 1), dims=(8, 16), stem_stride=2))
+    kw = _NNX_TINY[name]
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     runs = []
     for remat in (False, True):
