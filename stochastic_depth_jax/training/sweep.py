@@ -20,6 +20,7 @@ repository root builds one config per run and calls :func:`run_sweep`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import time
@@ -396,7 +397,7 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             if jax.process_index() == 0:  # a record's write a kill cut short (each kill one)
                 workdir_lib.remove_abandoned_temporaries(workdir, {DIVERGED_FILE}.__contains__)
             if is_finished(workdir, config):
-                status[name] = "skipped (finished)"
+                status[name] = _finished_status(train, name, config, workdir)
                 continue
             diverged = _divergence(workdir)
             if diverged is not None:  # trained again, it would diverge again
@@ -434,6 +435,30 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
 
 
 _now = time.monotonic  # the runs' timer (a test's clock replaces it)
+
+
+def _best_unmeasured(summary: dict[str, Any] | None) -> bool:
+    """Whether a run's ``summary`` names a best without a test error: an earlier version
+    chose ``select_best_by='train'``'s best among epochs no evaluation measured
+    (``eval_every_epochs`` > 1), and a finished run keeps it until run again."""
+    best = (summary or {}).get("best")
+    return isinstance(best, dict) and "test_error" not in best
+
+
+def _finished_status(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
+                     config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The status of a finished run: ``'skipped (finished)'``; where its best has no test
+    error (:func:`_best_unmeasured`), the run is run again, which measures its 'best'
+    checkpoint and adds the errors to its summary.json ('Nothing to train'), so that Fig. 8
+    draws it: ``'skipped (finished; its best measured now)'``, or ``'skipped (finished;
+    its best could not be measured)'`` where training warned why (its 'best' checkpoint
+    gone). Skipped, it stayed out of Fig. 8 until train.py was run on it by hand."""
+    if not _best_unmeasured(_quiet_summary(workdir)):
+        return "skipped (finished)"
+    _train_run(train, name, config, workdir)
+    if _best_unmeasured(_quiet_summary(workdir)):
+        return "skipped (finished; its best could not be measured)"
+    return "skipped (finished; its best measured now)"
 
 
 def _runs_to_train(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
@@ -831,7 +856,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     """Fig. 8, Fig. 7, Fig. 3 and the training-time table of ``runs`` (from :func:`collect`).
 
     Fig. 8 draws the finished runs (an unfinished run's summary, if any, is of an earlier,
-    shorter session) and names the unfinished and diverged ones under its title; Figs. 7
+    shorter session) and names under its title the unfinished and diverged ones and those
+    whose best has no test error (:data:`UNMEASURED_BEST`); Figs. 7
     and 3 the deepest depth of each series that has a finished epoch (:func:`_deepest_runs`;
     Fig. 3 only p_L 1 and 0.5 of it where there are others too, :func:`_papers_pair`),
     unfinished and diverged runs marked; the table lists every run and names the
@@ -859,9 +885,11 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     workdir_lib.remove_abandoned_temporaries(out_dir, _FIGURE_FILES.__contains__)
     series = label_series(runs) if all("config" in r for r in runs) else {}
     runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
-    drawn8 = [r for r in runs if r["finished"]]
     left8 = {r["name"]: figures.diverged_label(r) or "unfinished"
              for r in runs if not r["finished"]}
+    left8.update((r["name"], why) for r in runs if r["finished"]
+                 and (why := _no_test_error_why(r)))
+    drawn8 = [r for r in runs if r["name"] not in left8]
     drawn7, left7 = _deepest_runs(runs)
     problem = plots.matplotlib_problem()
     if problem is not None:  # The table needs no drawing: written, the figures named.
@@ -892,6 +920,23 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
             report("figures: runs of different configs are drawn as separate series: " + " | ".join(
                 f"{label}: {_grid([r for r in runs if r['series'] == label])}" for label in labels))
     return {"fig8": fig8, "fig7": fig7, "fig3": fig3, "training_time": table}
+
+
+# Why Fig. 8 leaves out a finished run whose best has no test error (_best_unmeasured).
+UNMEASURED_BEST = ("best never measured on the test set (an earlier version's): the "
+                   "sweep's command without --collect measures it")
+
+
+def _no_test_error_why(run: dict[str, Any]) -> str:
+    """Why Fig. 8 cannot draw a finished run's point: its best has no test error (drawn
+    before, the figure counted it among its runs and showed no point for it) or one that
+    is not a finite number; '' where it has one."""
+    value = run.get("test_error")
+    if value is None:
+        return UNMEASURED_BEST
+    if not plots.is_number(value) or not math.isfinite(value):
+        return f"the test error of its best is {value!r} in its summary.json"
+    return ""
 
 
 _FIGURES = ("fig8_error_vs_p_last.png", "fig7_first_conv_grad.png", "fig3_error_curves.png")
