@@ -495,6 +495,42 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
         evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0])
 
 
+def test_a_best_chosen_by_its_own_test_error_is_said_to_be_optimistic(capsys, resnet,
+                                                                       tmp_path):
+    """A run of select_best_by='test' (no validation split): its 'best' checkpoint is the
+    one of the lowest test error, and evaluate.py reported that error as 'Test error X%,
+    checkpoint best', a figure that passed for a held-out one. The result names the metric
+    that chose the best, and where it is of the split evaluated says it is optimistic."""
+    import shutil
+
+    _, workdir = resnet
+    out = str(tmp_path / "by_validation.json")
+    evaluate_cli.main(["--workdir", workdir, "--output", out])
+    err = capsys.readouterr().err
+    assert _json(out)["selected_by"] == "val_error" and "selected_on_split" not in _json(out)
+    assert "optimistic" not in err
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    for step in os.listdir(os.path.join(copy, "checkpoints_best")):
+        path = os.path.join(copy, "checkpoints_best", step, "meta", "metadata")
+        meta = _json(path)
+        meta["best"]["metric"] = "test_error"
+        with open(path, "w") as f:
+            json.dump(meta, f)
+    evaluate_cli.main(["--workdir", copy])
+    err = capsys.readouterr().err
+    result = _json(os.path.join(copy, "eval_best_test.json"))
+    assert (result["selected_by"], result["selected_on_split"]) == ("test_error", True)
+    assert (" images, checkpoint best (chosen by its own test error: optimistic, not a "
+            "held-out figure), step ") in err
+    evaluate_cli.main(["--workdir", copy, "--split", "validation"])  # chosen on another split
+    result = _json(os.path.join(copy, "eval_best_validation.json"))
+    assert result["selected_by"] == "test_error" and "selected_on_split" not in result
+    assert "optimistic" not in capsys.readouterr().err
+    evaluate_cli.main(["--workdir", copy, "--checkpoint", "latest"])
+    assert "selected_by" not in _json(os.path.join(copy, "eval_latest_test.json"))
+
+
 def test_a_run_trained_in_float16_is_still_evaluated_and_collected(capsys, resnet, tmp_path):
     """Once the trainer refused model.dtype='float16', evaluate.py and sweep --collect
     refused a run an earlier version had trained in it ("needs loss scaling ... use

@@ -50,6 +50,8 @@ __all__ = [
     "RestoredRun",
     "RUN_FILE",
     "result_label",
+    "selection_fields",
+    "selection_text",
     "evaluation_mesh",
     "epoch_text",
 ]
@@ -727,6 +729,37 @@ def fake_data_fields(config: ml_collections.ConfigDict) -> dict[str, bool]:
     return {"fake_data": True} if config_lib.fake_train_size(config) else {}
 
 
+# The split each selection metric (run.json's select_best_by) reads.
+_METRIC_SPLITS = {"val_error": "validation", "test_error": "test", "train_error": "train"}
+
+
+def selection_fields(checkpoint: str | int, kind: str, meta: dict[str, Any],
+                     split: str) -> dict[str, Any]:
+    """What chose a 'best' checkpoint evaluated as requested (``checkpoint`` 'best'; or the
+    next best, a fallback): ``{'selected_by': 'val_error'}``, with ``'selected_on_split':
+    True`` where that metric is of ``split`` itself (``select_best_by='test'``, evaluated on
+    the test set): its error is then optimistic, the minimum over the evaluated epochs,
+    not a held-out figure, and says so. ``{}`` for any other checkpoint (a step asked for,
+    'latest'), or a best whose metric is not recorded."""
+    best = meta.get("best")
+    if str(checkpoint) != "best" or kind != "best" or not isinstance(best, dict):
+        return {}
+    metric = best.get("metric")
+    if not isinstance(metric, str):
+        return {}
+    return {"selected_by": metric,
+            **({"selected_on_split": True} if _METRIC_SPLITS.get(metric) == split else {})}
+
+
+def selection_text(result: dict[str, Any]) -> str:
+    """``' (chosen by its own test error: optimistic, not a held-out figure)'`` for a
+    result that :func:`selection_fields` marks ``selected_on_split``; else ''."""
+    if not result.get("selected_on_split"):
+        return ""
+    return (f" (chosen by its own {result['split']} error: optimistic, not a held-out "
+            "figure)")
+
+
 def evaluate_checkpoint(
     workdir: str, checkpoint: str | int = "best", split: str = "test",
     data_dir: str | None = None,
@@ -742,7 +775,9 @@ def evaluate_checkpoint(
     Returns:
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
       'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float),
-      ``'fake_data': True`` for a run on fake data (:func:`fake_data_fields`) and,
+      ``'fake_data': True`` for a run on fake data (:func:`fake_data_fields`),
+      for 'best' ``'selected_by'`` (the metric that chose it) and, where that metric is
+      of ``split`` itself, ``'selected_on_split': True`` (:func:`selection_fields`), and,
       if the requested checkpoint was damaged and an older one was evaluated instead,
       ``'note'`` saying so. ``'checkpoint'`` is ``'best'`` or ``'latest'`` only when that
       checkpoint was evaluated; ``'step'`` for a step number requested or a fallback.
@@ -773,6 +808,7 @@ def evaluate_checkpoint(
         "epoch": _epoch(run.meta.get("epoch")),
         "split": split,
         **result,
+        **selection_fields(checkpoint, run.kind, run.meta, split),
         **fake_data_fields(run.config),
     }
     if data_dir is not None:
