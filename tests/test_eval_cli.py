@@ -983,6 +983,29 @@ def test_sweep_extends_a_longer_run_and_ignores_logging_fields(resnet):
     assert trained == [(3, os.path.join(root, NAME))]
 
 
+def test_a_sweep_measures_a_finished_run_s_best_that_no_evaluation_measured(
+        capsys, resnet, tmp_path):
+    """A finished run of an earlier version whose summary.json's best has no test error:
+    the sweep skipped it, and Fig. 8 left it without a point until train.py was run on it.
+    The sweep's command runs it again: its 'best' checkpoint is evaluated ('Nothing to
+    train'), the errors added to summary.json, and Fig. 8 draws it."""
+    import shutil
+
+    root = str(tmp_path / "sweep")
+    shutil.copytree(resnet[0], root)
+    path = os.path.join(root, NAME, loop.SUMMARY_FILE)
+    summary = _json(path)
+    measured = summary["best"]
+    with open(path, "w") as f:
+        json.dump({**summary, "best": {k: v for k, v in measured.items()
+                                       if k not in ("test_error", "val_error")}}, f)
+    [(name, extra)] = sweep.plan([8], [0.5])
+    status = sweep.run_sweep([(name, load_config("cifar10:smoke", TINY + extra))], root)
+    assert status == {NAME: "skipped (finished; its best measured now)"}
+    assert "Nothing to train" in capsys.readouterr().out
+    assert _json(path)["best"]["test_error"] == pytest.approx(measured["test_error"])
+
+
 @pytest.mark.parametrize("override, flag", [
     ("--config.model.final_survival_prob=0.2", "--p-last"),
     ("--config.model.depth=20", "--depths"),
