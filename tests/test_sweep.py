@@ -695,6 +695,30 @@ def test_fig8_of_a_sweep_in_progress_names_its_unfinished_runs_under_the_title(
         "\nnot drawn, unfinished: depth 8 x p_L 0.5")
 
 
+@pytest.mark.parametrize("select, label", [
+    ("validation", "test error at the best-validation epoch (%)"),
+    ("test", "lowest test error of the evaluated epochs (%; chosen on the test set)"),
+])
+def test_fig8_s_axis_says_a_best_chosen_on_the_test_set(tmp_path, monkeypatch, select,
+                                                          label):
+    """Runs of select_best_by='test' (no validation split) were drawn as 'test error at
+    the best-test epoch', which read as the paper's held-out figure: it is the lowest test
+    error the run reached."""
+    labels = {}
+    save = figures.save_figure
+
+    def saved(fig, path, *args, **kwargs):
+        labels[os.path.basename(path)] = fig.axes[0].get_ylabel()
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", saved)
+    runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
+    runs[0]["config"] = json.loads(load_config(
+        "cifar10:smoke", [f"--config.select_best_by={select}"]).to_json())
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert labels["fig8_error_vs_p_last.png"] == label
+
+
 def test_figs_7_and_3_draw_the_deepest_depth_with_an_epoch(tmp_path):
     """A sweep that has just started its next depth (no epoch finished there yet): Figs. 7
     and 3 drew that depth's runs, which have no curve, and came out empty, replacing the
