@@ -2,8 +2,10 @@
 
 Each (depth, p_L) pair is an ordinary training run in its own workdir,
 ``<root>/depth<d>_pL<p>`` (e.g. ``depth20_pL0.5``), so a sweep resumes like a single run: a
-finished run (its ``summary.json`` records every step of its config) is not run again, an
-interrupted one continues from its newest checkpoint through ``train_and_evaluate``. A run
+finished run (its ``summary.json`` records every step of its config) is not trained again
+(run again only where an earlier version left its best without a test error, which that
+measures), an interrupted one continues from its newest checkpoint through
+``train_and_evaluate``. A run
 recorded with a different config is refused (:func:`check_same_config`), except a longer
 ``num_epochs``/``max_steps``, which extends it. A run whose loss or parameters become
 non-finite is recorded as diverged (``diverged.json`` in its workdir) and the sweep goes on
@@ -344,9 +346,10 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         :func:`stochastic_depth_jax.training.train_and_evaluate` (which resumes).
 
     Returns:
-      name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'`` (trained to its end
-      by this call), ``'diverged at epoch N'`` (by this call) or
-      ``'skipped (diverged at epoch N)'`` (recorded by an earlier call).
+      name -> ``'skipped (finished)'`` (``'skipped (finished; its best measured now)'`` or
+      ``'... could not be measured)'``: :func:`_finished_status`), ``'resumed'`` or
+      ``'started'`` (trained to its end by this call), ``'diverged at epoch N'`` (by this
+      call) or ``'skipped (diverged at epoch N)'`` (recorded by an earlier call).
 
     Raises:
       stopping.Stopped: on SIGTERM/SIGINT, inside a run (after its checkpoint) or between
