@@ -786,6 +786,19 @@ def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--checkpoint", "4"])
     assert line.startswith(f"error: The run in {empty} has no latest checkpoint yet, nor any "
                            "other: one is saved at the end of each epoch")
+    # A sweep's run that diverged before its first save was told to be evaluated 'once one
+    # is saved', which never happens.
+    from stochastic_depth_jax.training import evaluate
+
+    assert evaluate.DIVERGED_FILE == loop.DIVERGED_FILE
+    with open(os.path.join(empty, loop.DIVERGED_FILE), "w") as f:
+        json.dump({"step": 3, "epoch": 1, "kept_step": 0, "error": "Non-finite"}, f)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--mc-samples", "2"])
+    assert line == (f"error: The run in {empty} diverged at epoch 1 before it saved any "
+                    "checkpoint (its diverged.json records it): there is nothing to evaluate. "
+                    "To train it again, remove its directory and run its sweep again (a lower "
+                    "--config.learning_rate or another --config.seed is a new sweep, in a new "
+                    "--root).")
 
 
 def test_an_export_directory_that_cannot_be_made_names_export_not_workdir(capsys, resnet,

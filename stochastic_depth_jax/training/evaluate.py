@@ -49,6 +49,7 @@ __all__ = [
     "restore_run",
     "RestoredRun",
     "RUN_FILE",
+    "DIVERGED_FILE",
     "result_label",
     "selection_fields",
     "selection_text",
@@ -683,10 +684,37 @@ def _no_checkpoint(workdir: str, kind: str, latest: list[int], best: list[int]
             command_line=f"The run in {workdir} has no best checkpoint yet; its latest "
                          f"checkpoints are at steps {latest}: evaluate one with --checkpoint "
                          "latest or --checkpoint STEP.")
+    diverged = _diverged_before_saving(workdir)
+    if diverged is not None:  # 'once one is saved': none ever will be
+        return checkpoint_lib.NoCheckpointError(
+            f"The run in {workdir} diverged{diverged} before it saved any checkpoint (its "
+            f"{DIVERGED_FILE} records it): there is nothing to evaluate. To train it again, "
+            "remove its directory and run its sweep again (a lower --config.learning_rate "
+            "or another --config.seed is a new sweep, in a new --root).")
     return checkpoint_lib.NoCheckpointError(
         f"The run in {workdir} has no {kind} checkpoint yet, nor any other: one is saved at "
         "the end of each epoch (and every checkpoint_every_steps steps if set); evaluate it "
         "once one is saved.")
+
+
+# The record a sweep writes in a run that diverged (loop.DIVERGED_FILE: loop imports this
+# module, so it is named here too, and a test holds the two names equal).
+DIVERGED_FILE = "diverged.json"
+
+
+def _diverged_before_saving(workdir: str) -> str | None:
+    """``' at epoch N'`` (or ``''``) where ``workdir``'s run holds a divergence record
+    (:data:`DIVERGED_FILE`, readable JSON), else None: a run with no checkpoint that
+    diverged will never save one."""
+    try:
+        with open(os.path.join(workdir, DIVERGED_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    epoch = record.get("epoch")
+    return f" at epoch {epoch}" if isinstance(epoch, int) and not isinstance(epoch, bool) else ""
 
 
 def _no_step(workdir: str, step: int, latest: list[int], best: list[int]
