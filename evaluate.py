@@ -306,7 +306,7 @@ def summary_line(result: dict) -> str:
                 f"{depth.percent(result['mc']['error'])} (deterministic network "
                 f"{depth.percent(result['deterministic']['error'])}, members' mean "
                 f"{depth.percent(result['member_mean_error'])}) on {result['count']:,} "
-                f"{images}. ")
+                f"{images}{evaluate_lib.selection_text(result)}. ")
     if "output" in result:
         kept, test = result["blocks_kept"], result["error"].get("test", {})
         fake = ", FAKE random-label data" if result.get("fake_data") else ""

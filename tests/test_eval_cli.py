@@ -523,6 +523,11 @@ def test_a_best_chosen_by_its_own_test_error_is_said_to_be_optimistic(capsys, re
     assert (result["selected_by"], result["selected_on_split"]) == ("test_error", True)
     assert (" images, checkpoint best (chosen by its own test error: optimistic, not a "
             "held-out figure), step ") in err
+    evaluate_cli.main(["--workdir", copy, "--mc-samples", "1"])  # Monte-Carlo depth too
+    assert _json(os.path.join(copy, "eval_mc1_best_test.json"))["selected_on_split"] is True
+    err = capsys.readouterr().err
+    assert err.startswith("Monte-Carlo depth, 1 sub-networks: test error ")
+    assert " images (chosen by its own test error: optimistic, not a held-out figure). " in err
     evaluate_cli.main(["--workdir", copy, "--split", "validation"])  # chosen on another split
     result = _json(os.path.join(copy, "eval_best_validation.json"))
     assert result["selected_by"] == "test_error" and "selected_on_split" not in result
