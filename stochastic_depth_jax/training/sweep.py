@@ -939,7 +939,8 @@ def _fig8_ylabel(select: set[Any]) -> str:
 
 # Why Fig. 8 leaves out a finished run whose best has no test error (_best_unmeasured).
 UNMEASURED_BEST = ("best never measured on the test set (an earlier version's): the "
-                   "sweep's command without --collect measures it")
+                   "sweep's command without --collect measures it if its 'best' checkpoint "
+                   "is readable")
 
 
 def _no_test_error_why(run: dict[str, Any]) -> str:
