@@ -306,7 +306,7 @@ def summary_line(result: dict) -> str:
                 f"{depth.percent(result['mc']['error'])} (deterministic network "
                 f"{depth.percent(result['deterministic']['error'])}, members' mean "
                 f"{depth.percent(result['member_mean_error'])}) on {result['count']:,} "
-                f"{images}. ")
+                f"{images}{evaluate_lib.selection_text(result)}. ")
     if "output" in result:
         kept, test = result["blocks_kept"], result["error"].get("test", {})
         fake = ", FAKE random-label data" if result.get("fake_data") else ""
@@ -316,12 +316,15 @@ def summary_line(result: dict) -> str:
                 f"{depth.percent(test['full'])}{fake}). " if test else "")
     if "error" in result and "evaluated_step" in result:
         label = evaluate_lib.result_label(result["requested"], result)  # never a step's kind
-        which = "" if label.startswith("step") else f"checkpoint {label}, "
+        # A best chosen by this split's own error (select_best_by='test'): said beside it.
+        chosen = evaluate_lib.selection_text(result)
+        step = label.startswith("step")
+        which = "" if step else f"checkpoint {label}{chosen}, "
         epoch = evaluate_lib.epoch_text(result.get("epoch"))
         epoch = epoch and f", epoch {epoch}"
         return (f"{result['split'].capitalize()} error {depth.percent(result['error'])} (loss "
                 f"{result['loss']:.4f}) on {result['count']:,} {images}, {which}step "
-                f"{result['evaluated_step']}{epoch}. ")
+                f"{result['evaluated_step']}{epoch}{chosen if step else ''}. ")
     return ""
 
 

@@ -495,6 +495,47 @@ def test_another_device_count_than_the_runs_evaluates_on_the_devices_it_divides(
         evaluate.evaluation_mesh(evaluate.load_run_config(copy)[0])
 
 
+def test_a_best_chosen_by_its_own_test_error_is_said_to_be_optimistic(capsys, resnet,
+                                                                       tmp_path):
+    """A run of select_best_by='test' (no validation split): its 'best' checkpoint is the
+    one of the lowest test error, and evaluate.py reported that error as 'Test error X%,
+    checkpoint best', a figure that passed for a held-out one. The result names the metric
+    that chose the best, and where it is of the split evaluated says it is optimistic."""
+    import shutil
+
+    _, workdir = resnet
+    out = str(tmp_path / "by_validation.json")
+    evaluate_cli.main(["--workdir", workdir, "--output", out])
+    err = capsys.readouterr().err
+    assert _json(out)["selected_by"] == "val_error" and "selected_on_split" not in _json(out)
+    assert "optimistic" not in err
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    for step in os.listdir(os.path.join(copy, "checkpoints_best")):
+        path = os.path.join(copy, "checkpoints_best", step, "meta", "metadata")
+        meta = _json(path)
+        meta["best"]["metric"] = "test_error"
+        with open(path, "w") as f:
+            json.dump(meta, f)
+    evaluate_cli.main(["--workdir", copy])
+    err = capsys.readouterr().err
+    result = _json(os.path.join(copy, "eval_best_test.json"))
+    assert (result["selected_by"], result["selected_on_split"]) == ("test_error", True)
+    assert (" images, checkpoint best (chosen by its own test error: optimistic, not a "
+            "held-out figure), step ") in err
+    evaluate_cli.main(["--workdir", copy, "--mc-samples", "1"])  # Monte-Carlo depth too
+    assert _json(os.path.join(copy, "eval_mc1_best_test.json"))["selected_on_split"] is True
+    err = capsys.readouterr().err
+    assert err.startswith("Monte-Carlo depth, 1 sub-networks: test error ")
+    assert " images (chosen by its own test error: optimistic, not a held-out figure). " in err
+    evaluate_cli.main(["--workdir", copy, "--split", "validation"])  # chosen on another split
+    result = _json(os.path.join(copy, "eval_best_validation.json"))
+    assert result["selected_by"] == "test_error" and "selected_on_split" not in result
+    assert "optimistic" not in capsys.readouterr().err
+    evaluate_cli.main(["--workdir", copy, "--checkpoint", "latest"])
+    assert "selected_by" not in _json(os.path.join(copy, "eval_latest_test.json"))
+
+
 def test_a_run_trained_in_float16_is_still_evaluated_and_collected(capsys, resnet, tmp_path):
     """Once the trainer refused model.dtype='float16', evaluate.py and sweep --collect
     refused a run an earlier version had trained in it ("needs loss scaling ... use
@@ -750,6 +791,19 @@ def test_a_run_without_checkpoints_says_what_to_do(capsys, resnet, tmp_path):
     line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--checkpoint", "4"])
     assert line.startswith(f"error: The run in {empty} has no latest checkpoint yet, nor any "
                            "other: one is saved at the end of each epoch")
+    # A sweep's run that diverged before its first save was told to be evaluated 'once one
+    # is saved', which never happens.
+    from stochastic_depth_jax.training import evaluate
+
+    assert evaluate.DIVERGED_FILE == loop.DIVERGED_FILE
+    with open(os.path.join(empty, loop.DIVERGED_FILE), "w") as f:
+        json.dump({"step": 3, "epoch": 1, "kept_step": 0, "error": "Non-finite"}, f)
+    line = one_line_error(capsys, evaluate_cli.main, ["--workdir", empty, "--mc-samples", "2"])
+    assert line == (f"error: The run in {empty} diverged at epoch 1 before it saved any "
+                    "checkpoint (its diverged.json records it): there is nothing to evaluate. "
+                    "To train it again, remove its directory and run its sweep again (a lower "
+                    "--config.learning_rate or another --config.seed is a new sweep, in a new "
+                    "--root).")
 
 
 def test_an_export_directory_that_cannot_be_made_names_export_not_workdir(capsys, resnet,
@@ -945,6 +999,29 @@ def test_sweep_extends_a_longer_run_and_ignores_logging_fields(resnet):
     longer = load_config("cifar10:smoke", TINY + extra + ["--config.num_epochs=3"])
     assert sweep.run_sweep([(name, longer)], root, train=train) == {NAME: "resumed"}
     assert trained == [(3, os.path.join(root, NAME))]
+
+
+def test_a_sweep_measures_a_finished_run_s_best_that_no_evaluation_measured(
+        capsys, resnet, tmp_path):
+    """A finished run of an earlier version whose summary.json's best has no test error:
+    the sweep skipped it, and Fig. 8 left it without a point until train.py was run on it.
+    The sweep's command runs it again: its 'best' checkpoint is evaluated ('Nothing to
+    train'), the errors added to summary.json, and Fig. 8 draws it."""
+    import shutil
+
+    root = str(tmp_path / "sweep")
+    shutil.copytree(resnet[0], root)
+    path = os.path.join(root, NAME, loop.SUMMARY_FILE)
+    summary = _json(path)
+    measured = summary["best"]
+    with open(path, "w") as f:
+        json.dump({**summary, "best": {k: v for k, v in measured.items()
+                                       if k not in ("test_error", "val_error")}}, f)
+    [(name, extra)] = sweep.plan([8], [0.5])
+    status = sweep.run_sweep([(name, load_config("cifar10:smoke", TINY + extra))], root)
+    assert status == {NAME: "skipped (finished; its best measured now)"}
+    assert "Nothing to train" in capsys.readouterr().out
+    assert _json(path)["best"]["test_error"] == pytest.approx(measured["test_error"])
 
 
 @pytest.mark.parametrize("override, flag", [

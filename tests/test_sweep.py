@@ -695,6 +695,30 @@ def test_fig8_of_a_sweep_in_progress_names_its_unfinished_runs_under_the_title(
         "\nnot drawn, unfinished: depth 8 x p_L 0.5")
 
 
+@pytest.mark.parametrize("select, label", [
+    ("validation", "test error at the best-validation epoch (%)"),
+    ("test", "lowest test error of the evaluated epochs (%; chosen on the test set)"),
+])
+def test_fig8_s_axis_says_a_best_chosen_on_the_test_set(tmp_path, monkeypatch, select,
+                                                          label):
+    """Runs of select_best_by='test' (no validation split) were drawn as 'test error at
+    the best-test epoch', which read as the paper's held-out figure: it is the lowest test
+    error the run reached."""
+    labels = {}
+    save = figures.save_figure
+
+    def saved(fig, path, *args, **kwargs):
+        labels[os.path.basename(path)] = fig.axes[0].get_ylabel()
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", saved)
+    runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
+    runs[0]["config"] = json.loads(load_config(
+        "cifar10:smoke", [f"--config.select_best_by={select}"]).to_json())
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
+    assert labels["fig8_error_vs_p_last.png"] == label
+
+
 def test_figs_7_and_3_draw_the_deepest_depth_with_an_epoch(tmp_path):
     """A sweep that has just started its next depth (no epoch finished there yet): Figs. 7
     and 3 drew that depth's runs, which have no curve, and came out empty, replacing the
@@ -1066,6 +1090,72 @@ def test_sweep_s_stdout_is_its_json_alone(capsys, tmp_path, monkeypatch):
     sweep_cli.main(["--root", root, "--collect"])
     out, err = capsys.readouterr()
     assert _json_objects(out) == [outputs] and "figures: fig8" in err
+
+
+def _unmeasure_best(root, name):
+    """Gives a finished run's summary.json an earlier version's best: chosen by training
+    error among epochs no evaluation measured, without a test error."""
+    path = os.path.join(root, name, "summary.json")
+    with open(path) as f:
+        summary = json.load(f)
+    summary["best"] = {"metric": "train_error", "epoch": 1, "step": 4, "value": 0.3}
+    with open(path, "w") as f:
+        json.dump(summary, f)
+
+
+@pytest.mark.parametrize("measures", [True, False])
+def test_a_finished_run_s_unmeasured_best_is_measured_by_the_sweep_or_named(
+        capsys, tmp_path, monkeypatch, measures):
+    """A finished run whose best an earlier version never measured on the test set: the
+    sweep skipped it (only train.py run on it measured it), and Fig. 8 counted it among
+    its runs with no point drawn and nothing said. Its command now runs it again (training
+    measures the 'best' checkpoint: 'Nothing to train'); where that fails, and with
+    --collect, Fig. 8 names it as not drawn and what measures it."""
+    root, called = str(tmp_path), []
+    names = [_finished_run(root, 8, p, 0.5) for p in (0.5, 1.0)]
+    _unmeasure_best(root, names[0])
+
+    def train(config, workdir):  # a finished run run again: its best measured, or not
+        called.append(os.path.basename(workdir))
+        if measures:
+            with open(os.path.join(workdir, "summary.json")) as f:
+                summary = json.load(f)
+            summary["best"].update(test_error=0.25, val_error=0.3)
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f)
+
+    sweep_cli.main(["--root", root, "--collect"])
+    err = capsys.readouterr().err
+    fig8 = _sidecar(root, "fig8_error_vs_p_last")
+    assert fig8["left_out"] == {names[0]: sweep.UNMEASURED_BEST}
+    assert fig8["data"] == {"8": [[1.0, 0.5]]}
+    assert (f"figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 1); left out "
+            f"({sweep.UNMEASURED_BEST}): depth 8 x p_L 0.5\n") in err
+    monkeypatch.setattr(loop, "train_and_evaluate", train)
+    sweep_cli.main(_sweep_argv(root, p_last="0.5,1.0"))
+    status, _ = _json_objects(capsys.readouterr().out)
+    assert called == [names[0]]  # the measured run is skipped, as before
+    fig8 = _sidecar(root, "fig8_error_vs_p_last")
+    if measures:
+        assert status == {names[0]: "skipped (finished; its best measured now)",
+                          names[1]: "skipped (finished)"}
+        assert fig8["left_out"] == {} and fig8["data"] == {"8": [[0.5, 0.25], [1.0, 0.5]]}
+    else:
+        assert status[names[0]] == "skipped (finished; its best could not be measured)"
+        assert fig8["left_out"] == {names[0]: sweep.UNMEASURED_BEST}
+
+
+def test_fig8_names_a_finished_run_whose_test_error_is_not_finite(tmp_path):
+    """A NaN test error was drawn as a gap in its depth's line, the run counted as drawn."""
+    runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True),
+            {**_run(tmp_path, "depth8_pL0.5", 0.5, finished=True), "test_error": float("nan")}]
+    lines = []
+    sweep.write_figures(runs, str(tmp_path / "figures"), report=lines.append)
+    fig8 = _sidecar(str(tmp_path), "fig8_error_vs_p_last")
+    assert fig8["left_out"] == {"depth8_pL0.5": "the test error of its best is nan in its "
+                                                "summary.json"}
+    assert fig8["data"] == {"8": [[1.0, 0.9]]}
+    assert lines[0].startswith("figures: fig8_error_vs_p_last.png: 1 run (depth 8 x p_L 1)")
 
 
 def test_each_run_s_line_says_its_place_and_once_timed_the_time_left(capsys, tmp_path,

@@ -393,7 +393,8 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
                     data_dir: str | None = None, split: str = "test",
                     samples: int = 10, seed: int = 0) -> dict[str, Any]:
     """Monte-Carlo depth (softmax averaged over ``samples`` sampled sub-networks) vs the
-    deterministic scaled network, on ``split`` of a run (:func:`pruning.mc_evaluate`)."""
+    deterministic scaled network, on ``split`` of a run (:func:`pruning.mc_evaluate`); of
+    the best checkpoint, what chose it (:func:`evaluate_lib.selection_fields`)."""
     if samples < 1:
         raise errors.ConfigError(
             f"samples must be >= 1 (sampled sub-networks), got {samples}.",
@@ -405,6 +406,7 @@ def mc_evaluate_run(workdir: str, *, checkpoint: str | int = "best",
                                  samples=samples, key=jax.random.key(seed))
     out = {"source": _source(run, workdir, checkpoint), "split": split, "seed": seed,
            "evaluated_step": int(run.meta["step"]), **result,
+           **evaluate_lib.selection_fields(checkpoint, run.kind, run.meta, split),
            **evaluate_lib.fake_data_fields(run.config)}
     return out if run.note is None else {**out, "note": run.note}
 

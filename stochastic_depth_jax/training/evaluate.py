@@ -49,7 +49,10 @@ __all__ = [
     "restore_run",
     "RestoredRun",
     "RUN_FILE",
+    "DIVERGED_FILE",
     "result_label",
+    "selection_fields",
+    "selection_text",
     "evaluation_mesh",
     "epoch_text",
 ]
@@ -681,10 +684,37 @@ def _no_checkpoint(workdir: str, kind: str, latest: list[int], best: list[int]
             command_line=f"The run in {workdir} has no best checkpoint yet; its latest "
                          f"checkpoints are at steps {latest}: evaluate one with --checkpoint "
                          "latest or --checkpoint STEP.")
+    diverged = _diverged_before_saving(workdir)
+    if diverged is not None:  # 'once one is saved': none ever will be
+        return checkpoint_lib.NoCheckpointError(
+            f"The run in {workdir} diverged{diverged} before it saved any checkpoint (its "
+            f"{DIVERGED_FILE} records it): there is nothing to evaluate. To train it again, "
+            "remove its directory and run its sweep again (a lower --config.learning_rate "
+            "or another --config.seed is a new sweep, in a new --root).")
     return checkpoint_lib.NoCheckpointError(
         f"The run in {workdir} has no {kind} checkpoint yet, nor any other: one is saved at "
         "the end of each epoch (and every checkpoint_every_steps steps if set); evaluate it "
         "once one is saved.")
+
+
+# The record a sweep writes in a run that diverged (loop.DIVERGED_FILE: loop imports this
+# module, so it is named here too, and a test holds the two names equal).
+DIVERGED_FILE = "diverged.json"
+
+
+def _diverged_before_saving(workdir: str) -> str | None:
+    """``' at epoch N'`` (or ``''``) where ``workdir``'s run holds a divergence record
+    (:data:`DIVERGED_FILE`, readable JSON), else None: a run with no checkpoint that
+    diverged will never save one."""
+    try:
+        with open(os.path.join(workdir, DIVERGED_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    epoch = record.get("epoch")
+    return f" at epoch {epoch}" if isinstance(epoch, int) and not isinstance(epoch, bool) else ""
 
 
 def _no_step(workdir: str, step: int, latest: list[int], best: list[int]
@@ -727,6 +757,37 @@ def fake_data_fields(config: ml_collections.ConfigDict) -> dict[str, bool]:
     return {"fake_data": True} if config_lib.fake_train_size(config) else {}
 
 
+# The split each selection metric (run.json's select_best_by) reads.
+_METRIC_SPLITS = {"val_error": "validation", "test_error": "test", "train_error": "train"}
+
+
+def selection_fields(checkpoint: str | int, kind: str, meta: dict[str, Any],
+                     split: str) -> dict[str, Any]:
+    """What chose a 'best' checkpoint evaluated as requested (``checkpoint`` 'best'; or the
+    next best, a fallback): ``{'selected_by': 'val_error'}``, with ``'selected_on_split':
+    True`` where that metric is of ``split`` itself (``select_best_by='test'``, evaluated on
+    the test set): its error is then optimistic, the minimum over the evaluated epochs,
+    not a held-out figure, and says so. ``{}`` for any other checkpoint (a step asked for,
+    'latest'), or a best whose metric is not recorded."""
+    best = meta.get("best")
+    if str(checkpoint) != "best" or kind != "best" or not isinstance(best, dict):
+        return {}
+    metric = best.get("metric")
+    if not isinstance(metric, str):
+        return {}
+    return {"selected_by": metric,
+            **({"selected_on_split": True} if _METRIC_SPLITS.get(metric) == split else {})}
+
+
+def selection_text(result: dict[str, Any]) -> str:
+    """``' (chosen by its own test error: optimistic, not a held-out figure)'`` for a
+    result that :func:`selection_fields` marks ``selected_on_split``; else ''."""
+    if not result.get("selected_on_split"):
+        return ""
+    return (f" (chosen by its own {result['split']} error: optimistic, not a held-out "
+            "figure)")
+
+
 def evaluate_checkpoint(
     workdir: str, checkpoint: str | int = "best", split: str = "test",
     data_dir: str | None = None,
@@ -742,7 +803,9 @@ def evaluate_checkpoint(
     Returns:
       ``{'requested', 'checkpoint', 'step', 'evaluated_step', 'epoch', 'split', 'error',
       'loss', 'count'}`` (``epoch``: an int at the end of an epoch, else a float),
-      ``'fake_data': True`` for a run on fake data (:func:`fake_data_fields`) and,
+      ``'fake_data': True`` for a run on fake data (:func:`fake_data_fields`),
+      for 'best' ``'selected_by'`` (the metric that chose it) and, where that metric is
+      of ``split`` itself, ``'selected_on_split': True`` (:func:`selection_fields`), and,
       if the requested checkpoint was damaged and an older one was evaluated instead,
       ``'note'`` saying so. ``'checkpoint'`` is ``'best'`` or ``'latest'`` only when that
       checkpoint was evaluated; ``'step'`` for a step number requested or a fallback.
@@ -773,6 +836,7 @@ def evaluate_checkpoint(
         "epoch": _epoch(run.meta.get("epoch")),
         "split": split,
         **result,
+        **selection_fields(checkpoint, run.kind, run.meta, split),
         **fake_data_fields(run.config),
     }
     if data_dir is not None:

@@ -2,8 +2,10 @@
 
 Each (depth, p_L) pair is an ordinary training run in its own workdir,
 ``<root>/depth<d>_pL<p>`` (e.g. ``depth20_pL0.5``), so a sweep resumes like a single run: a
-finished run (its ``summary.json`` records every step of its config) is not run again, an
-interrupted one continues from its newest checkpoint through ``train_and_evaluate``. A run
+finished run (its ``summary.json`` records every step of its config) is not trained again
+(run again only where an earlier version left its best without a test error, which that
+measures), an interrupted one continues from its newest checkpoint through
+``train_and_evaluate``. A run
 recorded with a different config is refused (:func:`check_same_config`), except a longer
 ``num_epochs``/``max_steps``, which extends it. A run whose loss or parameters become
 non-finite is recorded as diverged (``diverged.json`` in its workdir) and the sweep goes on
@@ -20,6 +22,7 @@ repository root builds one config per run and calls :func:`run_sweep`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import time
@@ -343,9 +346,10 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
         :func:`stochastic_depth_jax.training.train_and_evaluate` (which resumes).
 
     Returns:
-      name -> ``'skipped (finished)'``, ``'resumed'`` or ``'started'`` (trained to its end
-      by this call), ``'diverged at epoch N'`` (by this call) or
-      ``'skipped (diverged at epoch N)'`` (recorded by an earlier call).
+      name -> ``'skipped (finished)'`` (``'skipped (finished; its best measured now)'`` or
+      ``'... could not be measured)'``: :func:`_finished_status`), ``'resumed'`` or
+      ``'started'`` (trained to its end by this call), ``'diverged at epoch N'`` (by this
+      call) or ``'skipped (diverged at epoch N)'`` (recorded by an earlier call).
 
     Raises:
       stopping.Stopped: on SIGTERM/SIGINT, inside a run (after its checkpoint) or between
@@ -396,7 +400,7 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             if jax.process_index() == 0:  # a record's write a kill cut short (each kill one)
                 workdir_lib.remove_abandoned_temporaries(workdir, {DIVERGED_FILE}.__contains__)
             if is_finished(workdir, config):
-                status[name] = "skipped (finished)"
+                status[name] = _finished_status(train, name, config, workdir)
                 continue
             diverged = _divergence(workdir)
             if diverged is not None:  # trained again, it would diverge again
@@ -434,6 +438,30 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
 
 
 _now = time.monotonic  # the runs' timer (a test's clock replaces it)
+
+
+def _best_unmeasured(summary: dict[str, Any] | None) -> bool:
+    """Whether a run's ``summary`` names a best without a test error: an earlier version
+    chose ``select_best_by='train'``'s best among epochs no evaluation measured
+    (``eval_every_epochs`` > 1), and a finished run keeps it until run again."""
+    best = (summary or {}).get("best")
+    return isinstance(best, dict) and "test_error" not in best
+
+
+def _finished_status(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
+                     config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The status of a finished run: ``'skipped (finished)'``; where its best has no test
+    error (:func:`_best_unmeasured`), the run is run again, which measures its 'best'
+    checkpoint and adds the errors to its summary.json ('Nothing to train'), so that Fig. 8
+    draws it: ``'skipped (finished; its best measured now)'``, or ``'skipped (finished;
+    its best could not be measured)'`` where training warned why (its 'best' checkpoint
+    gone). Skipped, it stayed out of Fig. 8 until train.py was run on it by hand."""
+    if not _best_unmeasured(_quiet_summary(workdir)):
+        return "skipped (finished)"
+    _train_run(train, name, config, workdir)
+    if _best_unmeasured(_quiet_summary(workdir)):
+        return "skipped (finished; its best could not be measured)"
+    return "skipped (finished; its best measured now)"
 
 
 def _runs_to_train(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
@@ -831,7 +859,8 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     """Fig. 8, Fig. 7, Fig. 3 and the training-time table of ``runs`` (from :func:`collect`).
 
     Fig. 8 draws the finished runs (an unfinished run's summary, if any, is of an earlier,
-    shorter session) and names the unfinished and diverged ones under its title; Figs. 7
+    shorter session) and names under its title the unfinished and diverged ones and those
+    whose best has no test error (:data:`UNMEASURED_BEST`); Figs. 7
     and 3 the deepest depth of each series that has a finished epoch (:func:`_deepest_runs`;
     Fig. 3 only p_L 1 and 0.5 of it where there are others too, :func:`_papers_pair`),
     unfinished and diverged runs marked; the table lists every run and names the
@@ -859,9 +888,11 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
     workdir_lib.remove_abandoned_temporaries(out_dir, _FIGURE_FILES.__contains__)
     series = label_series(runs) if all("config" in r for r in runs) else {}
     runs = [{**r, "series": series.get(r["name"], "")} for r in runs]
-    drawn8 = [r for r in runs if r["finished"]]
     left8 = {r["name"]: figures.diverged_label(r) or "unfinished"
              for r in runs if not r["finished"]}
+    left8.update((r["name"], why) for r in runs if r["finished"]
+                 and (why := _no_test_error_why(r)))
+    drawn8 = [r for r in runs if r["name"] not in left8]
     drawn7, left7 = _deepest_runs(runs)
     problem = plots.matplotlib_problem()
     if problem is not None:  # The table needs no drawing: written, the figures named.
@@ -875,8 +906,7 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
         note=("not drawn, " + "; ".join(
             f"{why}: {_grid([r for r in runs if left8.get(r['name']) == why])}"
             for why in dict.fromkeys(left8.values())) if left8 else ""),
-        ylabel=(f"test error at the best-{select.pop()} epoch (%)" if len(select) == 1
-                else "test error of the selected epoch (%)"))
+        ylabel=_fig8_ylabel(select))
     fig7, _ = figures.plot_first_conv_grad(
         drawn7, os.path.join(out_dir, "fig7_first_conv_grad.png"),
         subtitle=describe_data(drawn7), extra=_extra(drawn7, left7, series))
@@ -892,6 +922,37 @@ def write_figures(runs: Sequence[dict[str, Any]], out_dir: str,
             report("figures: runs of different configs are drawn as separate series: " + " | ".join(
                 f"{label}: {_grid([r for r in runs if r['series'] == label])}" for label in labels))
     return {"fig8": fig8, "fig7": fig7, "fig3": fig3, "training_time": table}
+
+
+def _fig8_ylabel(select: set[Any]) -> str:
+    """Fig. 8's axis label for runs of the ``select_best_by`` values ``select``: the test
+    error at the best-validation epoch (the paper's figure), or the lowest test error of
+    the evaluated epochs where the runs chose their best on the test set itself (labelled
+    'at the best-test epoch', it read as a held-out figure)."""
+    if len(select) != 1:
+        return "test error of the selected epoch (%)"
+    [by] = select
+    if by == "test":
+        return "lowest test error of the evaluated epochs (%; chosen on the test set)"
+    return f"test error at the best-{by} epoch (%)"
+
+
+# Why Fig. 8 leaves out a finished run whose best has no test error (_best_unmeasured).
+UNMEASURED_BEST = ("best never measured on the test set (an earlier version's): the "
+                   "sweep's command without --collect measures it if its 'best' checkpoint "
+                   "is readable")
+
+
+def _no_test_error_why(run: dict[str, Any]) -> str:
+    """Why Fig. 8 cannot draw a finished run's point: its best has no test error (drawn
+    before, the figure counted it among its runs and showed no point for it) or one that
+    is not a finite number; '' where it has one."""
+    value = run.get("test_error")
+    if value is None:
+        return UNMEASURED_BEST
+    if not plots.is_number(value) or not math.isfinite(value):
+        return f"the test error of its best is {value!r} in its summary.json"
+    return ""
 
 
 _FIGURES = ("fig8_error_vs_p_last.png", "fig7_first_conv_grad.png", "fig3_error_curves.png")
