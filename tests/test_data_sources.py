@@ -1,4 +1,5 @@
 """Data sources and splits: fake tfds datasets with the real names, image folders, errors."""
+import errno
 import fcntl
 import io
 import re
@@ -258,6 +259,99 @@ def test_a_wrong_download_says_to_run_again_not_to_replace_a_temporary_file(tmp_
         "MiB) does not match tfds's checksum: the download was cut short or is not the "
         "archive (e.g. a proxy's page); run again, or put the original archive in "
         f"{tmp_path / 'downloads' / 'manual'}.")
+
+
+
+def _download_fails(monkeypatch, error):
+    """The download host answers the probe, then tfds's download raises ``error`` (what the
+    network does to a download: no real one is ever started)."""
+    from tensorflow_datasets.core.download import downloader
+
+    def download(self, url, destination, verify=True):
+        (destination / "part-of-the-archive").write_bytes(b"12345")
+        raise error
+
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", download)
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+
+
+@pytest.mark.parametrize("name", ["connection", "http"])
+def test_a_download_failing_after_the_probe_is_one_line_and_leaves_no_part(tmp_path,
+                                                                          monkeypatch, name):
+    """The host answered the probe, then the download failed (a connection dropped midway,
+    a proxy refusing the transfer): requests' ConnectionError, or tfds's DownloadError,
+    ended in a traceback, and the part downloaded stayed in data_dir for good."""
+    import requests
+    from tensorflow_datasets.core.download import util as download_util
+
+    url = sources.DOWNLOAD_URLS["cifar10"]
+    error = {"connection": requests.exceptions.ConnectionError(
+                 f"Max retries exceeded with url: {url}\n(Caused by NameResolutionError)"),
+             "http": download_util.DownloadError(f"Failed to get url {url}. HTTP code: 403.")}
+    _download_fails(monkeypatch, error[name])
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    problem = str(info.value).splitlines()[0]
+    assert f"the download failed: {str(error[name]).splitlines()[0]}" in problem
+    _assert_offline_message(info.value, "cifar10", str(tmp_path))
+    downloads = tmp_path / "downloads" / "cifar10"
+    assert not list(downloads.iterdir())
+
+
+def test_a_failed_download_keeps_another_process_download_in_progress(tmp_path,
+                                                                        monkeypatch):
+    """Only this call's parts are removed: a process sharing data_dir downloads into its
+    own directory there."""
+    import requests
+
+    theirs = tmp_path / "downloads" / "cifar10" / f"archive.tar.gz.tmp.{'a' * 32}"
+    theirs.mkdir(parents=True)
+    (theirs / "archive.tar.gz").write_bytes(b"theirs")
+    _download_fails(monkeypatch, requests.exceptions.ReadTimeout("read timed out"))
+    with pytest.raises(data.DataUnavailableError, match="the download failed: read timed out"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert list((tmp_path / "downloads" / "cifar10").iterdir()) == [theirs]
+    assert (theirs / "archive.tar.gz").read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC])
+def test_a_data_dir_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch,
+                                                                  code):
+    """Preparing in a data_dir this user cannot write (a shared read-only copy, a full
+    disk) was reported as a workdir: 'resume the run there (chmod/chown), or use another
+    --workdir'."""
+    from stochastic_depth_jax.training import cli
+
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as a read-only data_dir answers (tests run as root)
+        if os.fspath(path).startswith(str(tmp_path)):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and "workdir" not in cli._message(info.value)
+    assert message.startswith(f"Dataset 'cifar10' cannot be prepared in "
+                              f"data_dir={str(tmp_path)!r}: cannot write {tmp_path}")
+    assert message.endswith(f"set data_dir to a directory it can write, or prepare it "
+                            f"elsewhere and copy {tmp_path / 'cifar10'} here.")
+
+
+def test_an_unexpected_error_while_preparing_keeps_its_traceback(tmp_path, monkeypatch):
+    """A bug is not disguised as missing data."""
+    def download(self, url, destination, verify=True):
+        raise FileNotFoundError(2, "No such file or directory", "somewhere")
+
+    from tensorflow_datasets.core.download import downloader
+
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", download)
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+    with pytest.raises(FileNotFoundError):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
 
 
 def test_corrupt_record_is_reported(tmp_path):
