@@ -354,6 +354,65 @@ def test_an_unexpected_error_while_preparing_keeps_its_traceback(tmp_path, monke
         data.load_dataset("cifar10", data_dir=str(tmp_path))
 
 
+
+def _cifar_archive(path, name, rng):
+    """A CIFAR binary archive laid out as the real one, a few records per file; returns
+    {split: (labels [N, num_labels], images [N, 32, 32, 3])} as stored."""
+    import tarfile
+
+    cls = builders.real_builder_class(name)
+    info = cls._cifar_info.fget(cls)  # a property
+    num_labels = len(info.label_keys)
+    stored, members = {}, {}
+    counts = {"batches.meta.txt": 10, "coarse_label_names.txt": 20, "fine_label_names.txt": 100}
+    for label_file in info.label_files:
+        members[label_file] = "".join(f"class{i}\n" for i in range(counts[label_file])).encode()
+    for split, files in (("train", info.train_files), ("test", info.test_files)):
+        labels = rng.integers(0, 10, (3 * len(files), num_labels), dtype=np.uint8)
+        images = rng.integers(0, 256, (3 * len(files), 3, 32, 32), dtype=np.uint8)
+        for i, file in enumerate(files):
+            rows = slice(3 * i, 3 * i + 3)
+            members[file] = np.concatenate(
+                [labels[rows], images[rows].reshape(3, -1)], axis=1).tobytes()
+        stored[split] = (labels, images.transpose(0, 2, 3, 1))
+    with tarfile.open(path, "w:gz") as archive:
+        for file, content in members.items():
+            member = tarfile.TarInfo(info.prefix + file)
+            member.size = len(content)
+            archive.addfile(member, io.BytesIO(content))
+    return stored
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_is_prepared_offline_from_an_archive_an_earlier_run_downloaded(tmp_path,
+                                                                            monkeypatch, name):
+    """A run that downloaded the archive and was stopped while preparing left it in
+    data_dir/downloads, where tfds uses it again: offline, the next run was refused ("cannot
+    be downloaded"); and preparing CIFAR at all failed without TensorFlow, in tfds's
+    extraction ("No module named 'tensorflow'")."""
+    from tensorflow_datasets.core.download import downloader, resource
+
+    url = sources.DOWNLOAD_URLS[name]
+    info = builders.real_builder_class(name).url_infos[url]
+    archive = tmp_path / "downloads" / name / resource.get_dl_fname(url, info.checksum)
+    archive.parent.mkdir(parents=True)
+    stored = _cifar_archive(archive, name, np.random.default_rng(0))
+    resource.write_info_file(url=url, path=archive, dataset_name=name,
+                             original_fname=os.path.basename(url), url_info=info)
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(sources, "reachable", offline)
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", offline)
+    ds = data.load_dataset(name, data_dir=str(tmp_path), train_on_all=True)
+    assert "tensorflow" not in sys.modules
+    for split, (labels, images) in (("train", stored["train"]), ("test", stored["test"])):
+        got = getattr(ds, split)  # in tfds's order: compared as sets of (label, image)
+        assert (sorted(zip(got.labels.tolist(), map(bytes, got.images)))
+                == sorted(zip(labels[:, -1].tolist(), map(bytes, images))))  # fine: last
+
+
 def test_corrupt_record_is_reported(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,
                                    corrupt=("test",))

@@ -216,9 +216,28 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
         return f"cannot reach {url} ({getattr(error, 'reason', error)})"
 
 
-def _manual_files_present(tfds_name: str, data_dir: str) -> bool:
-    manual = os.path.join(data_dir, "downloads", "manual")
-    return all(os.path.exists(os.path.join(manual, f)) for f in MANUAL_FILES[tfds_name])
+def _archives_present(tfds_name: str, data_dir: str) -> bool:
+    """Whether every archive ``tfds_name`` is prepared from is in ``data_dir`` already, so
+    that preparing it needs no network: put in ``downloads/manual``, or downloaded whole by
+    an earlier run whose preparation was stopped (a Ctrl-C, a kill, a full disk), which
+    tfds keeps in ``downloads`` and uses again. Such a run was refused offline ("cannot be
+    downloaded"), its archives there."""
+    from etils import epath  # a dependency of tfds's
+    from tensorflow_datasets.core.download import resource
+
+    downloads = os.path.join(data_dir, "downloads")
+    manual = os.path.join(downloads, "manual")
+    infos = real_builder_class(tfds_name).url_infos or {}
+
+    def present(url: str) -> bool:
+        info = infos[url]
+        if info.filename and os.path.exists(os.path.join(manual, info.filename)):
+            return True
+        name = resource.get_dl_fname(url, info.checksum)
+        return any(resource.is_locally_cached(epath.Path(where, name))
+                   for where in (os.path.join(downloads, tfds_name), downloads))
+
+    return bool(infos) and all(present(url) for url in infos)
 
 
 def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
@@ -243,7 +262,7 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
                 f"download_and_prepare(file_format='array_record').")
         return
     manual_dir = os.path.join(data_dir, "downloads", "manual")
-    if not _manual_files_present(tfds_name, data_dir):
+    if not _archives_present(tfds_name, data_dir):
         if not download:
             raise DataUnavailableError(_unavailable_message(
                 tfds_name, data_dir, "download=False"))
