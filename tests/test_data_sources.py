@@ -413,6 +413,55 @@ def test_cifar_is_prepared_offline_from_an_archive_an_earlier_run_downloaded(tmp
                 == sorted(zip(labels[:, -1].tolist(), map(bytes, images))))  # fine: last
 
 
+
+def _offline(monkeypatch):
+    """Any use of the network fails the test."""
+    from tensorflow_datasets.core.download import downloader
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(sources, "reachable", offline)
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", offline)
+
+
+def test_svhn_is_prepared_offline_from_the_files_an_earlier_run_downloaded(tmp_path,
+                                                                         monkeypatch):
+    """SVHN's three files, downloaded by a run stopped while preparing: used again, with
+    tfds's checksums (the builder that prepares SVHN had none: they were downloaded again)."""
+    import scipy.io
+    from tensorflow_datasets.core.download import resource
+
+    rng = np.random.default_rng(0)
+    stored = {}
+    for url, info in builders.real_builder_class("svhn_cropped").url_infos.items():
+        images = rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)
+        stored[info.filename] = images
+        path = tmp_path / "downloads" / "svhn_cropped" / resource.get_dl_fname(
+            url, info.checksum)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scipy.io.savemat(path, {"X": images, "y": np.full((4, 1), 10, np.uint8)})
+        resource.write_info_file(url=url, path=path, dataset_name="svhn_cropped",
+                                 original_fname=info.filename, url_info=info)
+    _offline(monkeypatch)
+    ds = data.load_dataset("svhn", data_dir=str(tmp_path), train_on_all=True)
+    assert len(ds.train) == 8 and set(ds.test.labels) == {0}  # train + extra; 10 is 0
+    assert sorted(map(bytes, ds.test.images)) == sorted(
+        map(bytes, np.rollaxis(stored["test_32x32.mat"], -1)))
+
+
+def test_svhn_files_put_in_downloads_manual_are_used_and_checked(tmp_path, monkeypatch):
+    """The offline message says to put SVHN's files in downloads/manual: they were ignored
+    and downloaded again (offline: the network's error), unchecked."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    for name in sources.MANUAL_FILES["svhn_cropped"]:
+        (manual / name).write_bytes(b"not the file")
+    _offline(monkeypatch)
+    with pytest.raises(data.DataUnavailableError, match=re.escape(
+            "(12 bytes, expected 1.24 GiB) does not match tfds's checksum for 'svhn_cropped'")):
+        data.load_dataset("svhn", data_dir=str(tmp_path), download=False)
+
 def test_corrupt_record_is_reported(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,
                                    corrupt=("test",))

@@ -163,5 +163,9 @@ def tf_free_builder(tfds_name: str):
     methods = ({"_generate_examples": _svhn_generate} if tfds_name == "svhn_cropped" else
                {"_generate_examples": _cifar_generate,
                 "_split_generators": _cifar_split_generators})
+    # tfds reads a builder's checksums beside its module: this one's had none, and those
+    # of tfds's global list (CIFAR's) do not include SVHN's. So SVHN's downloads were not
+    # checked, and its files in downloads/manual were ignored (downloaded again, offline too).
     return type(base.__name__, (base,), {
-        "name": tfds_name, **methods, "__module__": __name__}, skip_registration=True)
+        "name": tfds_name, **methods, "url_infos": base.url_infos,
+        "__module__": __name__}, skip_registration=True)
