@@ -181,6 +181,21 @@ def test_a_cache_entry_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "cache") == []
 
 
+
+def test_a_jax_whose_cache_internals_differ_keeps_its_own_cache(monkeypatch):
+    """JAX's internals change between versions: without what the whole-entry writes need,
+    JAX's cache is left as it is, and nothing fails."""
+    from jax._src import compilation_cache as jax_cache
+
+    def own(path):
+        return None
+
+    monkeypatch.setattr(jax_cache, "get_file_cache", own)
+    monkeypatch.delattr(jax_cache, "decompress_executable")
+    compilation.use_cache_dir(jax.config.jax_compilation_cache_dir or "")
+    assert jax_cache.get_file_cache is own
+
+
 def test_listeners_are_removed_on_exit():
     with compilation.CompileStats() as stats:
         pass

@@ -430,8 +430,9 @@ def _keep_entries_whole() -> None:
 
     def get_file_cache(path, *args, **kwargs):
         opened = opener(path, *args, **kwargs)
-        if opened is None or type(opened[0]) is not lru_cache.LRUCache or _remote(str(path)):
-            return opened  # JAX's own checks (check_contents), or a remote cache: as is
+        if (opened is None or type(opened[0]) is not lru_cache.LRUCache or _remote(str(path))
+                or getattr(opened[0], "eviction_enabled", True)):
+            return opened  # JAX's checks (check_contents), its size limit, a URL: as is
         return _whole_entries_class(jax_cache)(opened[0], str(path)), opened[1]
 
     get_file_cache._keeps_entries_whole = True
@@ -479,9 +480,6 @@ def _whole_entries_class(jax_cache):
             return value
 
         def put(self, key: str, value: bytes) -> None:
-            if getattr(self._base, "eviction_enabled", True):  # its own accounting: as is
-                self._base.put(key, value)
-                return
             entry = os.path.join(self._directory, key + _ENTRY)
             if os.path.exists(entry):  # as JAX: the first writer's entry stays
                 return
