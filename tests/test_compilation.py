@@ -88,6 +88,114 @@ def test_second_compile_of_a_program_loads_it_from_the_cache(tmp_path):
     assert os.listdir(tmp_path / "cache")
 
 
+
+def _compile_twice_with_entries_cut_short(cache, f, x):
+    """Compiles ``f`` with the cache at ``cache`` (every program stored), cuts its entries
+    short as a writer stopped midway leaves them, then compiles it twice more (the
+    in-memory executables forgotten each time). Returns the three CompileStats and the
+    warnings of the second compile."""
+    before = jax.config.jax_compilation_cache_dir or ""
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    stats = []
+    try:
+        compilation.use_cache_dir(str(cache))
+        for attempt in range(3):
+            if attempt == 1:
+                for entry in cache.iterdir():
+                    entry.write_bytes(entry.read_bytes()[:100])
+            jax.clear_caches()
+            with warnings.catch_warnings(record=True) as caught, \
+                    compilation.CompileStats() as compiled:
+                warnings.simplefilter("always")
+                jax.jit(f)(x).block_until_ready()
+            stats.append(compiled)
+            if attempt == 1:
+                second = [str(w.message) for w in caught]
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation.use_cache_dir(before)
+    return stats, second
+
+
+def test_a_cache_entry_cut_short_is_replaced_with_one_warning(tmp_path):
+    """JAX writes an entry in place and never again once it exists: one a killed process
+    or a full disk cut short made every later run warn ("Error reading persistent
+    compilation cache entry ... incomplete or truncated stream") and compile again."""
+    cache = tmp_path / "cache"
+    f = lambda v: jnp.cos(v) * 1.75 - 0.25  # noqa: E731  (a program no other test compiles)
+    (first, second, third), warned_ = _compile_twice_with_entries_cut_short(
+        cache, f, jnp.arange(5.0))
+    assert first.cache_hits == 0 and second.cache_hits == 0
+    assert warned_ and all(w.startswith("Persistent compilation cache: removed the damaged "
+                                        f"entry {cache}{os.sep}") for w in warned_)
+    assert not any("Error reading" in w for w in warned_)
+    assert third.cache_hits == third.programs >= 1  # stored whole again, and loaded
+    assert not [e for e in os.listdir(cache) if not e.endswith("-cache")]  # no temporaries
+
+
+def test_a_cache_entry_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails midway (a full disk) leaves no entry under the program's key."""
+    import builtins
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            self._f.write(bytes(data)[:10])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        return FullDisk(opened) if str(file).startswith(str(tmp_path)) and "w" in mode \
+            else opened
+
+    before = jax.config.jax_compilation_cache_dir or ""
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    monkeypatch.setattr(builtins, "open", full_disk)
+    try:
+        compilation.use_cache_dir(str(tmp_path / "cache"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = jax.jit(lambda v: jnp.tan(v) * 0.625)(jnp.arange(3.0))  # noqa: E731
+    finally:
+        monkeypatch.undo()
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        compilation.use_cache_dir(before)
+    assert y.shape == (3,)  # the run went on
+    assert any("Error writing persistent compilation cache entry" in str(w.message)
+               for w in caught)
+    assert os.listdir(tmp_path / "cache") == []
+
+
+
+def test_a_jax_whose_cache_internals_differ_keeps_its_own_cache(monkeypatch):
+    """JAX's internals change between versions: without what the whole-entry writes need,
+    JAX's cache is left as it is, and nothing fails."""
+    from jax._src import compilation_cache as jax_cache
+
+    def own(path):
+        return None
+
+    monkeypatch.setattr(jax_cache, "get_file_cache", own)
+    monkeypatch.delattr(jax_cache, "decompress_executable")
+    compilation.use_cache_dir(jax.config.jax_compilation_cache_dir or "")
+    assert jax_cache.get_file_cache is own
+
+
 def test_listeners_are_removed_on_exit():
     with compilation.CompileStats() as stats:
         pass

@@ -1,4 +1,5 @@
 """Data sources and splits: fake tfds datasets with the real names, image folders, errors."""
+import errno
 import fcntl
 import io
 import re
@@ -259,6 +260,207 @@ def test_a_wrong_download_says_to_run_again_not_to_replace_a_temporary_file(tmp_
         "archive (e.g. a proxy's page); run again, or put the original archive in "
         f"{tmp_path / 'downloads' / 'manual'}.")
 
+
+
+def _download_fails(monkeypatch, error):
+    """The download host answers the probe, then tfds's download raises ``error`` (what the
+    network does to a download: no real one is ever started)."""
+    from tensorflow_datasets.core.download import downloader
+
+    def download(self, url, destination, verify=True):
+        (destination / "part-of-the-archive").write_bytes(b"12345")
+        raise error
+
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", download)
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+
+
+@pytest.mark.parametrize("name", ["connection", "http"])
+def test_a_download_failing_after_the_probe_is_one_line_and_leaves_no_part(tmp_path,
+                                                                          monkeypatch, name):
+    """The host answered the probe, then the download failed (a connection dropped midway,
+    a proxy refusing the transfer): requests' ConnectionError, or tfds's DownloadError,
+    ended in a traceback, and the part downloaded stayed in data_dir for good."""
+    import requests
+    from tensorflow_datasets.core.download import util as download_util
+
+    url = sources.DOWNLOAD_URLS["cifar10"]
+    error = {"connection": requests.exceptions.ConnectionError(
+                 f"Max retries exceeded with url: {url}\n(Caused by NameResolutionError)"),
+             "http": download_util.DownloadError(f"Failed to get url {url}. HTTP code: 403.")}
+    _download_fails(monkeypatch, error[name])
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    problem = str(info.value).splitlines()[0]
+    assert f"the download failed: {str(error[name]).splitlines()[0]}" in problem
+    _assert_offline_message(info.value, "cifar10", str(tmp_path))
+    downloads = tmp_path / "downloads" / "cifar10"
+    assert not list(downloads.iterdir())
+
+
+def test_a_failed_download_keeps_another_process_download_in_progress(tmp_path,
+                                                                        monkeypatch):
+    """Only this call's parts are removed: a process sharing data_dir downloads into its
+    own directory there."""
+    import requests
+
+    theirs = tmp_path / "downloads" / "cifar10" / f"archive.tar.gz.tmp.{'a' * 32}"
+    theirs.mkdir(parents=True)
+    (theirs / "archive.tar.gz").write_bytes(b"theirs")
+    _download_fails(monkeypatch, requests.exceptions.ReadTimeout("read timed out"))
+    with pytest.raises(data.DataUnavailableError, match="the download failed: read timed out"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert list((tmp_path / "downloads" / "cifar10").iterdir()) == [theirs]
+    assert (theirs / "archive.tar.gz").read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC])
+def test_a_data_dir_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch,
+                                                                  code):
+    """Preparing in a data_dir this user cannot write (a shared read-only copy, a full
+    disk) was reported as a workdir: 'resume the run there (chmod/chown), or use another
+    --workdir'."""
+    from stochastic_depth_jax.training import cli
+
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # as a read-only data_dir answers (tests run as root)
+        if os.fspath(path).startswith(str(tmp_path)):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and "workdir" not in cli._message(info.value)
+    assert message.startswith(f"Dataset 'cifar10' cannot be prepared in "
+                              f"data_dir={str(tmp_path)!r}: cannot write {tmp_path}")
+    assert message.endswith(f"set data_dir to a directory it can write, or prepare it "
+                            f"elsewhere and copy {tmp_path / 'cifar10'} here.")
+
+
+def test_an_unexpected_error_while_preparing_keeps_its_traceback(tmp_path, monkeypatch):
+    """A bug is not disguised as missing data."""
+    def download(self, url, destination, verify=True):
+        raise FileNotFoundError(2, "No such file or directory", "somewhere")
+
+    from tensorflow_datasets.core.download import downloader
+
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", download)
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+    with pytest.raises(FileNotFoundError):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+
+def _cifar_archive(path, name, rng):
+    """A CIFAR binary archive laid out as the real one, a few records per file; returns
+    {split: (labels [N, num_labels], images [N, 32, 32, 3])} as stored."""
+    import tarfile
+
+    cls = builders.real_builder_class(name)
+    info = cls._cifar_info.fget(cls)  # a property
+    num_labels = len(info.label_keys)
+    stored, members = {}, {}
+    counts = {"batches.meta.txt": 10, "coarse_label_names.txt": 20, "fine_label_names.txt": 100}
+    for label_file in info.label_files:
+        members[label_file] = "".join(f"class{i}\n" for i in range(counts[label_file])).encode()
+    for split, files in (("train", info.train_files), ("test", info.test_files)):
+        labels = rng.integers(0, 10, (3 * len(files), num_labels), dtype=np.uint8)
+        images = rng.integers(0, 256, (3 * len(files), 3, 32, 32), dtype=np.uint8)
+        for i, file in enumerate(files):
+            rows = slice(3 * i, 3 * i + 3)
+            members[file] = np.concatenate(
+                [labels[rows], images[rows].reshape(3, -1)], axis=1).tobytes()
+        stored[split] = (labels, images.transpose(0, 2, 3, 1))
+    with tarfile.open(path, "w:gz") as archive:
+        for file, content in members.items():
+            member = tarfile.TarInfo(info.prefix + file)
+            member.size = len(content)
+            archive.addfile(member, io.BytesIO(content))
+    return stored
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_is_prepared_offline_from_an_archive_an_earlier_run_downloaded(tmp_path,
+                                                                            monkeypatch, name):
+    """A run that downloaded the archive and was stopped while preparing left it in
+    data_dir/downloads, where tfds uses it again: offline, the next run was refused ("cannot
+    be downloaded"); and preparing CIFAR at all failed without TensorFlow, in tfds's
+    extraction ("No module named 'tensorflow'")."""
+    from tensorflow_datasets.core.download import downloader, resource
+
+    url = sources.DOWNLOAD_URLS[name]
+    info = builders.real_builder_class(name).url_infos[url]
+    archive = tmp_path / "downloads" / name / resource.get_dl_fname(url, info.checksum)
+    archive.parent.mkdir(parents=True)
+    stored = _cifar_archive(archive, name, np.random.default_rng(0))
+    resource.write_info_file(url=url, path=archive, dataset_name=name,
+                             original_fname=os.path.basename(url), url_info=info)
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(sources, "reachable", offline)
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", offline)
+    ds = data.load_dataset(name, data_dir=str(tmp_path), train_on_all=True)
+    assert "tensorflow" not in sys.modules
+    for split, (labels, images) in (("train", stored["train"]), ("test", stored["test"])):
+        got = getattr(ds, split)  # in tfds's order: compared as sets of (label, image)
+        assert (sorted(zip(got.labels.tolist(), map(bytes, got.images)))
+                == sorted(zip(labels[:, -1].tolist(), map(bytes, images))))  # fine: last
+
+
+
+def _offline(monkeypatch):
+    """Any use of the network fails the test."""
+    from tensorflow_datasets.core.download import downloader
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(sources, "reachable", offline)
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", offline)
+
+
+def test_svhn_is_prepared_offline_from_the_files_an_earlier_run_downloaded(tmp_path,
+                                                                         monkeypatch):
+    """SVHN's three files, downloaded by a run stopped while preparing: used again, with
+    tfds's checksums (the builder that prepares SVHN had none: they were downloaded again)."""
+    import scipy.io
+    from tensorflow_datasets.core.download import resource
+
+    rng = np.random.default_rng(0)
+    stored = {}
+    for url, info in builders.real_builder_class("svhn_cropped").url_infos.items():
+        images = rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)
+        stored[info.filename] = images
+        path = tmp_path / "downloads" / "svhn_cropped" / resource.get_dl_fname(
+            url, info.checksum)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scipy.io.savemat(path, {"X": images, "y": np.full((4, 1), 10, np.uint8)})
+        resource.write_info_file(url=url, path=path, dataset_name="svhn_cropped",
+                                 original_fname=info.filename, url_info=info)
+    _offline(monkeypatch)
+    ds = data.load_dataset("svhn", data_dir=str(tmp_path), train_on_all=True)
+    assert len(ds.train) == 8 and set(ds.test.labels) == {0}  # train + extra; 10 is 0
+    assert sorted(map(bytes, ds.test.images)) == sorted(
+        map(bytes, np.rollaxis(stored["test_32x32.mat"], -1)))
+
+
+def test_svhn_files_put_in_downloads_manual_are_used_and_checked(tmp_path, monkeypatch):
+    """The offline message says to put SVHN's files in downloads/manual: they were ignored
+    and downloaded again (offline: the network's error), unchecked."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    for name in sources.MANUAL_FILES["svhn_cropped"]:
+        (manual / name).write_bytes(b"not the file")
+    _offline(monkeypatch)
+    with pytest.raises(data.DataUnavailableError, match=re.escape(
+            "(12 bytes, expected 1.24 GiB) does not match tfds's checksum for 'svhn_cropped'")):
+        data.load_dataset("svhn", data_dir=str(tmp_path), download=False)
 
 def test_corrupt_record_is_reported(tmp_path):
     data.testing.make_tfds_dataset("cifar10", str(tmp_path), num_train=20, num_test=10,

@@ -1,9 +1,10 @@
 """tfds builders with the real names, versions and feature specs, minus TensorFlow.
 
 tfds's CIFAR and SVHN generators open their archives with `tf.io.gfile` and hand
-numpy images to the Image feature, whose encoder then needs TensorFlow. These
-subclasses keep everything else (download URLs, checksums, `_info()`, split
-names) and read with plain Python, encoding images to PNG with Pillow. The
+numpy images to the Image feature, whose encoder then needs TensorFlow; tfds extracts
+CIFAR's tar.gz with `tf.io.gfile` too. These subclasses keep everything else (download
+URLs, checksums, `_info()`, split names) and read with plain Python (CIFAR's archive with
+`tarfile`, unextracted), encoding images to PNG with Pillow. The
 prepared output is identical in layout, so `tfds.builder(name)` finds it later.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import glob
 import io
 import os
 import tempfile
+import zlib
 
 import numpy as np
 
@@ -57,21 +59,75 @@ def read_cifar_binary(path: str, num_labels: int):
     """Yields (labels uint8 [num_labels], image uint8 [32, 32, 3]) from a CIFAR .bin file."""
     with open(path, "rb") as handle:
         data = handle.read()
+    yield from cifar_records(data, num_labels, path)
+
+
+def cifar_records(data: bytes, num_labels: int, where: str):
+    """Yields (labels uint8 [num_labels], image uint8 [32, 32, 3]) from the content ``data``
+    of a CIFAR .bin file (named ``where`` in the error for a damaged one)."""
     record = num_labels + CIFAR_IMAGE_BYTES
     if len(data) % record:
-        raise ValueError(f"{path} is {len(data)} bytes, not a multiple of the "
+        raise ValueError(f"{where} is {len(data)} bytes, not a multiple of the "
                          f"{record}-byte CIFAR record: the archive is damaged.")
     rows = np.frombuffer(data, np.uint8).reshape(-1, record)
     for row in rows:
         yield row[:num_labels], row[num_labels:].reshape(3, 32, 32).transpose(1, 2, 0)
 
 
-def _cifar_generate(self, split_prefix, filepaths):
-    """Same records as tfds's Cifar10._generate_examples, read without TensorFlow."""
+def read_cifar_archive(path: str, prefix: str, names: list[str]) -> dict[str, bytes]:
+    """The content of the files ``names`` under ``prefix`` in the CIFAR archive (tar.gz) at
+    ``path``, read in one pass with :mod:`tarfile`.
+
+    Raises:
+      ValueError: the archive is damaged, or lacks one of them (another archive).
+    """
+    import tarfile
+
+    wanted = {prefix + name: name for name in names}
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(os.fspath(path), "r:*") as archive:
+            for member in archive:
+                if member.name in wanted and member.isfile():
+                    found[wanted[member.name]] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise ValueError(f"{path} cannot be read as the CIFAR archive ({type(error).__name__}: "
+                         f"{error}): the archive is damaged.") from error
+    missing = [prefix + name for name in names if name not in found]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not the CIFAR archive.")
+    return found
+
+
+def _cifar_split_generators(self, dl_manager):
+    """tfds's Cifar10._split_generators, minus TensorFlow: the archive is downloaded (or
+    taken from the manual directory or an earlier download) and read with :mod:`tarfile`.
+    tfds's extraction writes every file with ``tf.io.gfile``: preparing CIFAR failed there,
+    "Error while extracting ...: No module named 'tensorflow'"."""
+    from tensorflow_datasets.core import splits as splits_lib
+
+    info = self._cifar_info
+    archive = dl_manager.download(info.url)
+    content = read_cifar_archive(archive, info.prefix,
+                                 [*info.label_files, *info.train_files, *info.test_files])
+    for label_key, label_file in zip(info.label_keys, info.label_files):
+        names = content[label_file].decode("utf-8").split("\n")
+        self.info.features[label_key].names = [name for name in names if name]
+    return {
+        splits_lib.Split.TRAIN: self._generate_examples(
+            "train_", [(f, content[f]) for f in info.train_files]),
+        splits_lib.Split.TEST: self._generate_examples(
+            "test_", [(f, content[f]) for f in info.test_files]),
+    }
+
+
+def _cifar_generate(self, split_prefix, files):
+    """Same records as tfds's Cifar10._generate_examples, read without TensorFlow from
+    ``files``, (name, content) of the split's .bin files in the archive."""
     label_keys = self._cifar_info.label_keys
     index = 0
-    for path in filepaths:
-        for labels, image in read_cifar_binary(path, len(label_keys)):
+    for name, content in files:
+        for labels, image in cifar_records(content, len(label_keys), name):
             record = {k: int(v) for k, v in zip(label_keys, labels)}
             record["id"] = f"{split_prefix}{index:05d}"
             record["image"] = png_bytes(image)
@@ -104,7 +160,12 @@ def tf_free_builder(tfds_name: str):
       download_and_prepare(file_format='array_record').
     """
     base = real_builder_class(tfds_name)
-    generate = _svhn_generate if tfds_name == "svhn_cropped" else _cifar_generate
+    methods = ({"_generate_examples": _svhn_generate} if tfds_name == "svhn_cropped" else
+               {"_generate_examples": _cifar_generate,
+                "_split_generators": _cifar_split_generators})
+    # tfds reads a builder's checksums beside its module: this one's had none, and those
+    # of tfds's global list (CIFAR's) do not include SVHN's. So SVHN's downloads were not
+    # checked, and its files in downloads/manual were ignored (downloaded again, offline too).
     return type(base.__name__, (base,), {
-        "name": tfds_name, "_generate_examples": generate,
+        "name": tfds_name, **methods, "url_infos": base.url_infos,
         "__module__": __name__}, skip_registration=True)

@@ -7,10 +7,13 @@ builders (same name, version and feature spec) with plain-Python readers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 import stat
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -213,9 +216,28 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
         return f"cannot reach {url} ({getattr(error, 'reason', error)})"
 
 
-def _manual_files_present(tfds_name: str, data_dir: str) -> bool:
-    manual = os.path.join(data_dir, "downloads", "manual")
-    return all(os.path.exists(os.path.join(manual, f)) for f in MANUAL_FILES[tfds_name])
+def _archives_present(tfds_name: str, data_dir: str) -> bool:
+    """Whether every archive ``tfds_name`` is prepared from is in ``data_dir`` already, so
+    that preparing it needs no network: put in ``downloads/manual``, or downloaded whole by
+    an earlier run whose preparation was stopped (a Ctrl-C, a kill, a full disk), which
+    tfds keeps in ``downloads`` and uses again. Such a run was refused offline ("cannot be
+    downloaded"), its archives there."""
+    from etils import epath  # a dependency of tfds's
+    from tensorflow_datasets.core.download import resource
+
+    downloads = os.path.join(data_dir, "downloads")
+    manual = os.path.join(downloads, "manual")
+    infos = real_builder_class(tfds_name).url_infos or {}
+
+    def present(url: str) -> bool:
+        info = infos[url]
+        if info.filename and os.path.exists(os.path.join(manual, info.filename)):
+            return True
+        name = resource.get_dl_fname(url, info.checksum)
+        return any(resource.is_locally_cached(epath.Path(where, name))
+                   for where in (os.path.join(downloads, tfds_name), downloads))
+
+    return bool(infos) and all(present(url) for url in infos)
 
 
 def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
@@ -224,7 +246,8 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
     Raises:
       DataUnavailableError: not prepared, and download=False or the download
         host is unreachable (decided in ~PROBE_TIMEOUT_S, never tfds's 205 s of
-        retries) and no manual archive is present.
+        retries) and no manual archive is present; or the download failed midway (the
+        parts it left removed), or data_dir cannot be written to prepare it.
     """
     tfds = import_tfds()
     builder = tfds_builder(tfds_name, data_dir)
@@ -239,7 +262,7 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
                 f"download_and_prepare(file_format='array_record').")
         return
     manual_dir = os.path.join(data_dir, "downloads", "manual")
-    if not _manual_files_present(tfds_name, data_dir):
+    if not _archives_present(tfds_name, data_dir):
         if not download:
             raise DataUnavailableError(_unavailable_message(
                 tfds_name, data_dir, "download=False"))
@@ -249,10 +272,88 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     with no_tempdir_leak():
         builder = tf_free_builder(tfds_name)(data_dir=data_dir)
+    earlier = _download_temporaries(tfds_name, data_dir)
     try:
-        builder.download_and_prepare(file_format="array_record", download_config=config)
+        with _failed_downloads_removed(tfds_name, data_dir, earlier):
+            builder.download_and_prepare(file_format="array_record",
+                                         download_config=config)
     except tfds.core.download.download_manager.NonMatchingChecksumError as error:
         raise DataUnavailableError(_checksum_message(tfds_name, error, manual_dir)) from None
+    except OSError as error:
+        unwritable = _unwritable_message(tfds_name, data_dir, error)
+        if unwritable is None and not _download_failure(error):
+            raise
+        raise DataUnavailableError(unwritable or _unavailable_message(
+            tfds_name, data_dir, f"the download failed: {_first_line(error)}")) from error
+    except tfds.core.download.util.DownloadError as error:  # an HTTP status other than 200
+        raise DataUnavailableError(_unavailable_message(
+            tfds_name, data_dir, f"the download failed: {_first_line(error)}")) from error
+
+
+# tfds downloads each archive into a directory of its own beside where it keeps it,
+# '<archive name>.tmp.<32 hex digits>', removed once the archive is whole.
+_DOWNLOAD_TEMPORARY = re.compile(r".+\.tmp\.[0-9a-f]{32}")
+
+
+def _download_temporaries(tfds_name: str, data_dir: str) -> set[str]:
+    """The download directories of tfds's in ``data_dir`` for ``tfds_name`` now."""
+    downloads = os.path.join(data_dir, "downloads", tfds_name)
+    try:
+        return {os.path.join(downloads, n) for n in os.listdir(downloads)
+                if _DOWNLOAD_TEMPORARY.fullmatch(n)}
+    except OSError:
+        return set()
+
+
+@contextlib.contextmanager
+def _failed_downloads_removed(tfds_name: str, data_dir: str, earlier: set[str]
+                              ) -> Iterator[None]:
+    """Removes the download directories that the block's failed downloads left (tfds does
+    not: each failure left its part of the archive, up to 1.2 GB for SVHN's extra split,
+    in ``data_dir`` for good); not those that were there before (another process sharing
+    ``data_dir`` may be downloading into its own)."""
+    try:
+        yield
+    except BaseException:
+        for path in _download_temporaries(tfds_name, data_dir) - earlier:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+# Where the disk, not the dataset, stops its preparation: data_dir cannot be written.
+_UNWRITABLE = {errno.EACCES: "this user may not write there",
+               errno.EPERM: "this user may not write there",
+               errno.EROFS: "the filesystem is read-only",
+               errno.ENOSPC: "the disk is full",
+               errno.EDQUOT: "the disk quota is exhausted"}
+
+
+def _unwritable_message(tfds_name: str, data_dir: str, error: OSError) -> str | None:
+    """One line for a preparation that cannot write to ``data_dir`` (a shared read-only
+    copy, a full disk), naming data_dir and its fixes; None for any other OSError. It was
+    reported as a workdir that cannot be written, told to "resume the run there (chmod/chown),
+    or use another --workdir", which changes nothing."""
+    why = _UNWRITABLE.get(error.errno)
+    if why is None:
+        return None
+    where = error.filename or data_dir
+    return (f"Dataset '{tfds_name}' cannot be prepared in data_dir={data_dir!r}: cannot write "
+            f"{where} ({why}); give this user write access there or free some space, set "
+            f"data_dir to a directory it can write, or prepare it elsewhere and copy "
+            f"{os.path.join(data_dir, tfds_name)} here.")
+
+
+def _download_failure(error: OSError) -> bool:
+    """Whether ``error`` is the network failing during tfds's download (after the probe
+    answered: a connection dropped or refused midway, a timeout, a TLS or proxy failure):
+    requests' errors, which are OSErrors without a number; it ended in their traceback."""
+    requests = sys.modules.get("requests")  # imported by tfds's downloader
+    return requests is not None and isinstance(error, requests.exceptions.RequestException)
+
+
+def _first_line(error: BaseException) -> str:
+    """``error``'s message, first line only (tfds's and requests' may run over several)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _checksum_message(tfds_name: str, error: Exception, manual_dir: str) -> str:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import os
 import platform
@@ -55,7 +56,7 @@ from typing import Any, Iterator, TextIO
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from stochastic_depth_jax import errors, logs
+from stochastic_depth_jax import errors, files, logs
 
 __all__ = ["cache_dir_for", "cache_hazard", "Cache", "choose", "for_recorded_run",
            "from_jax_setting", "host_tag", "said_once", "use_cache_dir", "cache_dir_in_use",
@@ -350,8 +351,8 @@ def _other_versions(path: str) -> str | None:
 def _size(path: str) -> int:
     """Bytes in the files under ``path`` (those that can be read)."""
     total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
+    for root, _, names in os.walk(path):
+        for name in names:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
@@ -395,13 +396,101 @@ def use_cache_dir(path: str) -> None:
     """Points JAX's persistent compilation cache at ``path`` ('' turns it off); JAX creates
     the directory when it first compiles. Nothing is created here: restoring a session's own
     setting that cannot be created (:func:`from_jax_setting` turned it off) failed after the
-    work was done, with the workdir's advice."""
+    work was done, with the workdir's advice. Its entries are written whole and a damaged
+    one is replaced (:func:`_keep_entries_whole`)."""
+    _keep_entries_whole()
     current = jax.config.jax_compilation_cache_dir or ""
     if path == current:
         return
     compilation_cache.set_cache_dir(path or None)
     # JAX opens the cache once per process; re-open it at the new place on the next compile.
     compilation_cache.reset_cache()
+
+
+def _keep_entries_whole() -> None:
+    """Makes JAX open a local cache directory as :func:`_whole_entries_class`'s from now on (once
+    per process; JAX opens its cache on the next compile after :func:`use_cache_dir`).
+
+    JAX writes an entry in place: a process killed while writing it, or a disk filling up,
+    left it cut short under its final name, which JAX never writes again (it skips a key
+    that has an entry). Every later run then warned "Error reading persistent compilation
+    cache entry ... incomplete or truncated stream" and compiled the program again, for
+    good. Where this JAX's cache is not as expected (its internals change between
+    versions), it is left as it is."""
+    try:
+        from jax._src import compilation_cache as jax_cache
+        from jax._src import lru_cache
+    except ImportError:
+        return
+    opener = getattr(jax_cache, "get_file_cache", None)
+    needed = (getattr(jax_cache, "decompress_executable", None),
+              getattr(jax_cache, "CacheInterface", None), getattr(lru_cache, "LRUCache", None))
+    if opener is None or getattr(opener, "_keeps_entries_whole", False) or None in needed:
+        return
+
+    def get_file_cache(path, *args, **kwargs):
+        opened = opener(path, *args, **kwargs)
+        if (opened is None or type(opened[0]) is not lru_cache.LRUCache or _remote(str(path))
+                or getattr(opened[0], "eviction_enabled", True)):
+            return opened  # JAX's checks (check_contents), its size limit, a URL: as is
+        return _whole_entries_class(jax_cache)(opened[0], str(path)), opened[1]
+
+    get_file_cache._keeps_entries_whole = True
+    jax_cache.get_file_cache = get_file_cache
+
+
+@functools.cache
+def _whole_entries_class(jax_cache):
+    """The cache of :func:`_keep_entries_whole`, defined on first use as a subclass of this
+    JAX's cache interface (JAX may check that its cache is one)."""
+
+    class WholeEntries(jax_cache.CacheInterface):
+        """JAX's file cache in a local directory, except that an entry is written whole
+        (beside its name, then renamed onto it: :func:`files.atomic_write`) and one that
+        does not decompress (cut short by an earlier JAX's writer) is removed when read, so
+        its program is compiled and stored whole again, said in one warning."""
+
+        def __init__(self, base, path: str):
+            self._base, self._directory = base, path
+            files.remove_abandoned_temporaries(path, lambda name: name.endswith(_ENTRY))
+
+        @property
+        def _path(self):
+            return self._base._path
+
+        @_path.setter
+        def _path(self, value):
+            self._base._path = value
+
+        def get(self, key: str):
+            value = self._base.get(key)
+            if value is None:
+                return None
+            try:
+                jax_cache.decompress_executable(value)
+            except Exception as error:  # noqa: BLE001  zlib's and zstd's errors differ
+                entry = os.path.join(self._directory, key + _ENTRY)
+                with contextlib.suppress(OSError):
+                    os.remove(entry)
+                warnings.warn(f"Persistent compilation cache: removed the damaged entry "
+                              f"{entry} ({type(error).__name__}: {error}; a process stopped "
+                              "while writing it, or a full disk); its program is compiled "
+                              "and stored again.", logs.RunWarning)
+                return None
+            return value
+
+        def put(self, key: str, value: bytes) -> None:
+            entry = os.path.join(self._directory, key + _ENTRY)
+            if os.path.exists(entry):  # as JAX: the first writer's entry stays
+                return
+            with files.atomic_write(entry, "wb") as f:
+                f.write(value)
+
+    return WholeEntries
+
+
+# The suffix of JAX's cache entries' file names (jax._src.lru_cache).
+_ENTRY = "-cache"
 
 
 @contextlib.contextmanager
