@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 from typing import Any, Callable, Iterator
 
 __all__ = ["RunWarning", "drop_absl_messages", "drop_library_records",
@@ -69,24 +70,96 @@ def _lost_error(future: Any, about: str) -> bool:
             and about in str(error))
 
 
+def _failed_naming(future: Any, about: str) -> bool:
+    """Whether ``future`` (any object) is an asyncio future failed with an error naming
+    ``about``, retrieved or not."""
+    error = getattr(future, "_exception", None) if isinstance(future, asyncio.Future) else None
+    return error is not None and about in str(error)
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    """Stands for a closed event loop's ``call_soon_threadsafe``: see :func:`_silence`."""
+    return None
+
+
+def _silence(loop: asyncio.AbstractEventLoop) -> None:
+    """Makes callbacks scheduled on the closed ``loop`` do nothing, as they would anyway.
+
+    TensorStore schedules each finished read's result on the loop that awaited it; reads
+    still in flight when Orbax closed that loop finish later (after the restore returned,
+    on a large checkpoint) and their callbacks fail ("Event loop is closed"), printed as
+    unraisable errors from TensorStore's threads. Only this loop, which nothing runs
+    again, is changed (an instance attribute); a loop that takes none (uvloop's) keeps
+    its reports."""
+    try:
+        loop.call_soon_threadsafe = _nothing  # type: ignore[method-assign]
+    except (AttributeError, TypeError):
+        pass
+
+
+def _closed_loop_of(unraisable: Any) -> asyncio.AbstractEventLoop | None:
+    """The closed event loop whose ``call_soon_threadsafe`` failed, where ``unraisable`` is
+    such a failure (``RuntimeError: Event loop is closed``), else None."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return None
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        loop = tb.tb_frame.f_locals.get("self")
+        if isinstance(loop, asyncio.AbstractEventLoop) and loop.is_closed():
+            return loop
+        tb = tb.tb_next
+    return None
+
+
 @contextlib.contextmanager
 def lost_task_errors_dropped(about: str) -> Iterator[None]:
     """Drops asyncio's reports of task errors never retrieved whose error names ``about``
-    (a checkpoint's path), made in the block or by tasks it leaves behind.
+    (a checkpoint's path), made in the block or by tasks it leaves behind, and TensorStore's
+    reports of reads finishing after their event loop was closed.
 
     Orbax reads a checkpoint's arrays in concurrent tasks and raises the first failure; the
     others fail too where the files are damaged, and asyncio logs each one with its
     traceback when it is collected (often at exit, after the run's results), though the
     failure is reported in one line. Those collected in the block are dropped; where it
     raises, the errors of those still held (their event loop closed: nothing of theirs runs
-    again) are retrieved, so that nothing is logged whenever they are collected. Nothing is
-    left installed: the logging configuration is the caller's again after the block."""
+    again) are retrieved, so that nothing is logged whenever they are collected.
+
+    The reads still in flight when Orbax closed its loop finish on TensorStore's threads,
+    in the block or after it, and fail to hand their result to the closed loop (printed as
+    "Exception ignored ... Event loop is closed"). Where the block raises, the loops of the
+    tasks failed naming ``about`` are found and their callbacks made to do nothing
+    (:func:`_silence`); such reports made in the block are held till then, and printed
+    after all unless their loop is one of those. Nothing is left installed: the logging
+    configuration and ``sys.unraisablehook`` are the caller's again after the block."""
+    held: list[Any] = []
+    previous = sys.unraisablehook
+
+    def hold(unraisable: Any) -> None:
+        if _closed_loop_of(unraisable) is None:
+            previous(unraisable)
+        else:
+            held.append(unraisable)
+
+    dead: set[asyncio.AbstractEventLoop] = set()
+    sys.unraisablehook = hold
     try:
         with drop_library_records(
                 lambda record: bool(record.exc_info) and "exception was never retrieved"
                 in record.getMessage() and about in str(record.exc_info[1]), ("asyncio",)):
             yield
     except BaseException:
-        for lost in [o for o in gc.get_objects() if _lost_error(o, about)]:
-            lost.exception()  # retrieved: not reported when collected
+        for task in [o for o in gc.get_objects() if _failed_naming(o, about)]:
+            if task.get_loop().is_closed():
+                dead.add(task.get_loop())
+            if _lost_error(task, about):
+                task.exception()  # retrieved: not reported when collected
+        for loop in dead:
+            _silence(loop)
         raise
+    finally:
+        if sys.unraisablehook is hold:  # Not if someone installed their own meanwhile.
+            sys.unraisablehook = previous
+        for unraisable in held:
+            if _closed_loop_of(unraisable) not in dead:
+                previous(unraisable)

@@ -9,6 +9,7 @@ scanned and unrolled forms of a model see the same gates for the same key.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import warnings
 from typing import Any, Iterator, Sequence
@@ -472,6 +473,7 @@ class ResidualStages(nn.Module):
         unchanged). No conditional is executed (with ``scan_unroll`` no loop either:
         straight-line code); the price is ``bucket - kept`` wasted blocks.
         """
+        _check_bucket_holds(name, bucket, gates)
         order = jnp.argsort(jnp.logical_not(gates), stable=True)  # kept first, in order
         idx = order[:bucket]
         valid = jnp.arange(bucket) < jnp.sum(gates.astype(jnp.int32))
@@ -501,6 +503,46 @@ class ResidualStages(nn.Module):
         body = stage(block=block, train=True, constant=False, name=name)
         x, _ = body(x, (probs_g, valid))
         return x
+
+
+_BUCKETS_FITTED = contextvars.ContextVar("buckets_fitted", default=False)
+
+
+@contextlib.contextmanager
+def buckets_fitted() -> Iterator[None]:
+    """Traces compact mode without :func:`_check_bucket_holds`'s run-time check, for a
+    caller that computed the buckets from the very gates it passes (the trainer's steps):
+    its programs keep no conditional, compact mode's point (a conditional splits CUDA
+    graphs on GPU). A trace-time setting: a function traced both inside and outside it
+    keeps whichever trace JAX cached first."""
+    token = _BUCKETS_FITTED.set(True)
+    try:
+        yield
+    finally:
+        _BUCKETS_FITTED.reset(token)
+
+
+def _check_bucket_holds(name: str, bucket: int, gates: Array) -> None:
+    """Where ``gates`` are traced (under ``jit``): a compiled check that the scan's ``bucket``
+    slots hold the blocks they keep, raising when the program runs if not.
+
+    Buckets computed for other gates (other draws, a schedule's own) ran only the first
+    ``bucket`` kept blocks and dropped the others, silently: another network's output and
+    gradients. Host-side gates are checked before tracing (:func:`buckets.check_buckets`);
+    traced ones only at run time: a host callback, made only when they do not fit, whose
+    error (``ValueError``) JAX raises from the call (``JaxRuntimeError``) or the next read
+    of its results. Not under :func:`buckets_fitted`."""
+    if not isinstance(gates, jax.core.Tracer) or _BUCKETS_FITTED.get():
+        return
+    kept = jnp.sum(jnp.asarray(gates).astype(jnp.int32))
+
+    def refuse(count: Any) -> None:
+        raise ValueError(
+            f"Compact mode: {name} keeps {int(count)} blocks but its bucket scans only "
+            f"{bucket}: the others would not run; compute buckets from the gates passed "
+            "(model.compact_buckets(gates) on the host) for each call.")
+
+    jax.lax.cond(kept > bucket, lambda k: jax.debug.callback(refuse, k), lambda k: None, kept)
 
 
 def _check_block(block: nn.Module) -> None:

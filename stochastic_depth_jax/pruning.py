@@ -37,6 +37,7 @@ import optax
 
 from stochastic_depth_jax import errors
 from stochastic_depth_jax import models, ops
+from stochastic_depth_jax.training import state as state_lib
 
 __all__ = [
     "ORDERS",
@@ -455,8 +456,11 @@ def save_pruned(directory: str, model: Any, variables: Any,
     check_export_directory(directory)
     if (mean is None) != (std is None):
         raise errors.ConfigError("save_pruned needs both mean and std, or neither.")
+    # The bits of the variables saved beside this definition: load_pruned refuses others
+    # (another export's of the same shapes, which keeps other blocks, ran silently wrong).
     record = {**_definition(model), "metadata": metadata or {},
-              "num_params": param_count(variables)}
+              "num_params": param_count(variables),
+              "variables_checksum": state_lib.checksum(variables)}
     if mean is not None:
         # As run.json records them: [C] lists, or a mean image [H][W][C] and one std.
         record["input"] = {"mean": np.asarray(mean).tolist(),
@@ -522,10 +526,30 @@ def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:
         abstract = jax.eval_shape(
             lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
         variables = ckptr.restore(os.path.join(directory, VARIABLES_DIR), abstract)
+    _check_saved_together(directory, record, model, variables)
     metadata = dict(record.get("metadata", {}))
     if "input" in record:
         metadata["input"] = record["input"]
     return model, variables, metadata
+
+
+def _check_saved_together(directory: str, record: dict[str, Any], model: Any,
+                          variables: Any) -> None:
+    """Refuses variables other than those saved with ``model.json``'s definition.
+
+    Variables of the same shapes fit any definition keeping as many blocks per scanned
+    stage: those of an export keeping other blocks ran silently with this one's survival
+    probabilities and block order (another network's outputs). Exports saved before the
+    checksum was recorded load as before."""
+    if "variables_checksum" not in record:
+        return
+    if state_lib.checksum(variables) != int(record["variables_checksum"]):
+        kept = [int(i) for i in np.flatnonzero(model.kept_blocks())]
+        raise errors.CheckpointError(
+            f"{os.path.join(directory, VARIABLES_DIR)} does not hold the variables saved "
+            f"with {os.path.join(directory, MODEL_FILE)} (which keeps blocks {kept}): another "
+            "export's (other blocks kept?) or damaged; copy an export's model.json and "
+            "variables/ together, or export again.")
 
 
 # ---- throughput and the curve --------------------------------------------------------------

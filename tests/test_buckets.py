@@ -149,3 +149,41 @@ def test_expected_blocks_is_the_mean_of_the_blocks_stage_buckets_runs():
             want += weight * (sum(scans) + 1 + 2 + 1)  # two first blocks, an unscanned stage
         got = buckets.expected_blocks(probs, sizes, scanned, multiple, lens)
         assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_buckets_too_short_for_traced_gates_fail_when_run():
+    """Under jit the gates are traced and the buckets cannot be checked before tracing: a
+    stage keeping more blocks than its bucket ran the first ones only and returned another
+    network's output and gradients, silently. Now the run fails, naming the fix; buckets
+    that hold the kept blocks give the same output and gradients as before."""
+    tiny = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned per stage
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    variables = tiny.init({"params": jax.random.key(0)}, x, train=False)
+
+    def loss(params, gates, bucket):
+        out, _ = tiny.apply({**variables, "params": params}, x, train=True, gates=gates,
+                            buckets=bucket, mutable=["batch_stats"])
+        return (out ** 2).sum()
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+    gates = np.ones(12, bool)
+    gates[[5, 6]] = False  # stage 2 keeps 1 of its 3 scanned blocks
+    full = grad(variables["params"], gates, (3, 3, 3))
+    fits = grad(variables["params"], gates, (3, 1, 3))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 fits, full)
+    with pytest.raises(Exception, match=r"Compact mode: stage1_scan keeps 3 blocks but its "
+                       r"bucket scans only 2: .*model.compact_buckets\(gates\) on the host"):
+        jax.block_until_ready(grad(variables["params"], gates, (2, 1, 3)))
+    # The trainer computes its buckets from the gates it passes: its step has no
+    # conditional (compact mode's point: one splits CUDA graphs on GPU).
+    def program(fitted):  # a function of its own each: JAX keeps a function's first trace
+        def step(params, gates):
+            if not fitted:
+                return loss(params, gates, (3, 1, 3))
+            with sdj.models.buckets_fitted():
+                return loss(params, gates, (3, 1, 3))
+        return str(jax.make_jaxpr(step)(variables["params"], gates))
+
+    traced, fitted = program(False), program(True)
+    assert "cond[" in traced and "cond[" not in fitted

@@ -930,3 +930,72 @@ def test_a_save_thread_whose_save_failed_does_not_wait_for_the_others():
     thread.start()
     thread.join()
     assert synced == ["d"]
+
+
+def _read_left_in_flight(about):
+    """Fails as Orbax's restore of a damaged checkpoint with a read still in flight: a task
+    failed naming ``about`` and one awaiting a TensorStore read, on an event loop closed
+    when the failure is raised. Returns the error (holding the tasks, as Orbax's does) and
+    the read's promise: setting its result finishes the read, on a closed loop."""
+    import tensorstore as ts
+
+    promise, pending = ts.Promise.new()
+
+    async def fail():
+        raise ValueError(f"DATA_LOSS: Error reading {about}")
+
+    async def wait():
+        return await pending
+
+    async def read_all():
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(fail()), loop.create_task(wait())]
+        tasks[1]._log_destroy_pending = False  # as nobody ever awaits it: not our subject
+        await asyncio.sleep(0.01)
+        return tasks
+
+    loop = asyncio.new_event_loop()
+    tasks = loop.run_until_complete(read_all())
+    loop.close()
+    error = ValueError(f"OUT_OF_RANGE: Error reading {about}")
+    error.held = tasks
+    return error, promise
+
+
+def test_reads_finishing_after_a_damaged_checkpoints_loop_closed_print_nothing(tmp_path, mesh):
+    """Orbax closes the event loop of a failed restore with reads still in flight; each one,
+    finishing later on a TensorStore thread (after the restore returned, on a large
+    checkpoint), failed to hand its result to the closed loop and printed "Exception
+    ignored ... Event loop is closed" to library callers. Now nothing is printed, whenever
+    they finish; the caller's unraisable hook is its own again after the restore, and a
+    read finishing on the closed loop of another read still reports."""
+    base = _save_steps(tmp_path, mesh, [1, 2])
+    ckpts = ckpt_lib.Checkpoints(tmp_path)
+    manager = ckpts._managers["latest"]
+    original = manager.restore
+    promises = []
+
+    def restore(s, args=None):
+        if s == 2 and "state" in args:
+            error, promise = _read_left_in_flight(
+                os.path.join(tmp_path, "checkpoints", "2", "state", ""))
+            promises.append(promise)
+            raise error
+        return original(s, args=args)
+
+    manager.restore = restore
+    reports = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = reports.append
+    try:
+        with pytest.warns(ckpt_lib.CheckpointCorruptWarning, match="step 2"):
+            _, meta = ckpts.restore("latest", _abstract(base))
+        assert sys.unraisablehook == reports.append
+        promises[0].set_result(None)  # The read in flight finishes now.
+        _, other = _read_left_in_flight(os.path.join(tmp_path, "elsewhere", ""))
+        other.set_result(None)  # Not a read of the restore: reported.
+    finally:
+        sys.unraisablehook = hook
+    ckpts.close()
+    assert meta["step"] == 1
+    assert [str(r.exc_value) for r in reports] == ["Event loop is closed"]

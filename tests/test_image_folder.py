@@ -2,9 +2,11 @@
 recorded before it keep), data paths recorded absolute, the train/ + val/ layout, and sizes
 and memory checked from the images' headers before any image is decoded."""
 
+import dataclasses
 import os
 import re
 import sys
+import types
 
 import jax
 import numpy as np
@@ -448,3 +450,30 @@ def test_available_memory_is_known_here():
     available = image_folder.available_memory()
     assert available is None or 0 <= available <= (
         os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def test_a_loaded_datasets_fingerprint_is_computed_once(tmp_path, monkeypatch):
+    """Hashing every pixel took seconds on SVHN, two or three times a run (the processes'
+    data agreement, run.json, the resume check): once per loaded dataset now, whose arrays
+    are read-only. A copy with other splits, and arrays that can be written in place (a
+    dataset built by hand), are hashed again, so a changed pixel always shows."""
+    from stochastic_depth_jax.data import dataset as dataset_lib
+
+    root = data.testing.make_image_folder(str(tmp_path / "images"), classes=2,
+                                          per_class_train=4, per_class_test=1, size=(4, 4))
+    computed = []
+    sha256 = dataset_lib.hashlib.sha256
+    monkeypatch.setattr(dataset_lib, "hashlib", types.SimpleNamespace(
+        sha256=lambda: computed.append(1) or sha256()))
+    ds = data.load_dataset(f"image_folder:{root}", validation_size=2)
+    first = data.fingerprint(ds)
+    assert [data.fingerprint(ds) for _ in range(3)] == [first] * 3 and len(computed) == 1
+    with pytest.raises(ValueError, match="read-only"):
+        ds.train.images[0] = 0
+    swapped = dataclasses.replace(ds, validation=ds.test, test=ds.validation)
+    assert data.fingerprint(swapped) != first and len(computed) == 2
+    images = np.array(ds.train.images)  # writable
+    by_hand = dataclasses.replace(ds, train=splits.Split(images, ds.train.labels))
+    assert data.fingerprint(by_hand) == first
+    images[0, 0, 0, 0] ^= 1
+    assert data.fingerprint(by_hand) != first and len(computed) == 4

@@ -682,3 +682,31 @@ def test_a_users_blocks_without_parameters_are_not_refused(scan):
     x, probs = jnp.ones((2, 4, 4, 3)), np.ones(6)
     v = stages.init(jax.random.key(0), x, probs, None, train=False, constant=True)
     assert stages.apply(v, x, probs, None, train=False, constant=True).shape == (2, 4, 4, 8)
+
+
+def test_an_export_refuses_variables_saved_with_another_definition(tmp_path):
+    """Two exports keeping as many blocks of a scanned stage, but not the same ones: their
+    variables have the same shapes, and one's variables/ beside the other's model.json
+    loaded and ran silently (the blocks' survival probabilities and order of the other
+    definition: another network's outputs). Refused now in one line naming the kept
+    blocks; an export read whole loads as before."""
+    import shutil
+
+    model = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned a stage
+    variables = _variables(model)
+    L = model.num_blocks()
+    for removed in (1, 2):
+        pruned, pvars = pruning.prune(model, variables, pruning.keep_mask(L, [removed]))
+        pruning.save_pruned(str(tmp_path / f"without{removed}"), pruned, pvars)
+    loaded, lvars, _ = pruning.load_pruned(str(tmp_path / "without2"))
+    out = _eval(loaded, lvars)
+    shutil.rmtree(tmp_path / "without2" / "variables")
+    shutil.copytree(tmp_path / "without1" / "variables", tmp_path / "without2" / "variables")
+    with pytest.raises(errors.CheckpointError, match=re.escape(
+            f"{tmp_path / 'without2' / 'variables'} does not hold the variables saved with "
+            f"{tmp_path / 'without2' / 'model.json'} (which keeps blocks [0, 1, 3, 4, 5, 6, "
+            "7, 8, 9, 10, 11]): another export's (other blocks kept?) or damaged; copy an "
+            "export's model.json and variables/ together, or export again.")):
+        pruning.load_pruned(str(tmp_path / "without2"))
+    loaded, lvars, _ = pruning.load_pruned(str(tmp_path / "without1"))
+    assert not np.allclose(_eval(loaded, lvars), out, atol=1e-3)

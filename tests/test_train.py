@@ -395,7 +395,8 @@ def test_batch_larger_than_the_training_set_fails_clearly(tmp_path):
     workdir = tmp_path / "run"
     # Holding out fewer is named as the other way (a :smoke config holds out 32).
     with pytest.raises(ValueError, match="batch_size=32 is larger than the 16 training "
-                       "examples of image_folder:.*4 held out.*at most 16, or hold out fewer "
+                       "examples of image_folder:.*4 held out.*at most 16, a multiple of the "
+                       "8 devices that split each batch, or hold out fewer "
                        r"than 4 for validation \(--config.validation_size\)$"):
         loop.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
@@ -562,3 +563,16 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path):
     assert result["step"] == max(kept)
     params = evaluate.restore_run(str(tmp_path), "latest").state.params
     assert all(np.all(np.isfinite(p)) for p in jax.tree_util.tree_leaves(params))
+
+
+def test_a_batch_too_large_for_the_data_is_told_a_size_the_devices_split(tmp_path):
+    """18 training images on 8 devices: the size suggested divides by the devices (16), not
+    the data's size, which the next run refused as not dividing by the devices."""
+    folder = _learnable_folder(str(tmp_path / "images"), per_class_train=11, per_class_test=2)
+    config = load_config("cifar10:smoke", TINY + [f"--config.dataset=image_folder:{folder}",
+                                                  "--config.validation_size=4"])
+    with pytest.raises(ValueError, match="batch_size=32 is larger than the 18 training "
+                       "examples of image_folder:.*: lower --config.batch_size to at most 16, "
+                       "a multiple of the 8 devices that split each batch, or hold out fewer "
+                       r"than 4 for validation \(--config.validation_size\)$"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))

@@ -56,11 +56,42 @@ class Dataset:
     augment: str
     class_names: tuple | None = None
     holdout: str = "random"
+    # fingerprint()'s, kept while no split can change (see there); not copied by replace().
+    _fingerprint: str | None = dataclasses.field(default=None, init=False, repr=False,
+                                                 compare=False)
+
+
+def _arrays(ds: Dataset) -> list[np.ndarray]:
+    return [a for split in (ds.train, ds.validation, ds.test) if split is not None
+            for a in (split.images, split.labels)]
+
+
+def _read_only(ds: Dataset) -> Dataset:
+    """``ds`` with its splits' arrays made read-only: load_dataset's own, which nothing
+    writes after loading; a fingerprint of them stays true (:func:`fingerprint`)."""
+    for array in _arrays(ds):
+        array.flags.writeable = False
+    return ds
 
 
 def fingerprint(ds: Dataset) -> str:
     """sha256 of every split's pixels and labels (train, validation, test, in that order):
-    equal exactly when a run would see the same examples in the same splits."""
+    equal exactly when a run would see the same examples in the same splits.
+
+    Hashing them takes seconds on SVHN and a run asks several times (the processes' data
+    agreement, run.json, the resume check): computed once per dataset whose arrays cannot
+    change (read-only, as :func:`load_dataset` returns them), and each time for arrays that
+    may have been written in place since."""
+    if ds._fingerprint is not None and not any(a.flags.writeable for a in _arrays(ds)):
+        return ds._fingerprint
+    digest = _digest(ds)
+    if not any(a.flags.writeable for a in _arrays(ds)):
+        object.__setattr__(ds, "_fingerprint", digest)  # frozen
+    return digest
+
+
+def _digest(ds: Dataset) -> str:
+    """The sha256 of :func:`fingerprint`, computed."""
     digest = hashlib.sha256()
     for split in (ds.train, ds.validation, ds.test):
         if split is None:
@@ -193,5 +224,5 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
                          f"{sorted(sources.TFDS_NAMES)} or 'image_folder:<path>'.")
     mean, std = splits.NORMALIZATIONS[normalization](train)
     augment = default_augment(name) if augment is None else augment
-    return Dataset(name, num_classes, tuple(train.images.shape[1:]), train, validation,
-                   test, mean, std, augment, class_names, holdout)
+    return _read_only(Dataset(name, num_classes, tuple(train.images.shape[1:]), train,
+                              validation, test, mean, std, augment, class_names, holdout))

@@ -633,17 +633,27 @@ def _check_fake_batch(config: ml_collections.ConfigDict) -> None:
     check_batch_fits(config.batch_size, available, f"fake {config.dataset} data ({why})", held)
 
 
-def check_batch_fits(batch_size: int, num_train: int, what: str, held: int = 0) -> None:
+def check_batch_fits(batch_size: int, num_train: int, what: str, held: int = 0,
+                     devices: int = 1) -> None:
     """Refuses a ``batch_size`` larger than the ``num_train`` training examples of ``what``
     (not one full batch an epoch). ``held`` validation images taken from the training data
-    are the other way out (a ``:smoke`` config's 32 on a small image folder)."""
+    are the other way out (a ``:smoke`` config's 32 on a small image folder). ``devices``:
+    the mesh's, where known, which split every batch evenly: the size suggested is a
+    multiple of them (the one below the data's size failed next, on the devices)."""
     fewer = (f", or hold out fewer than {held} for validation (--config.validation_size)"
              if held else "")
-    _check(
-        batch_size <= num_train,
-        f"batch_size={batch_size} is larger than the {num_train} training examples of {what}: "
-        f"lower --config.batch_size to at most {num_train}{fewer}",
-    )
+    most = num_train // devices * devices
+    if devices == 1:
+        fix = f"lower --config.batch_size to at most {num_train}{fewer}"
+    elif most:
+        fix = (f"lower --config.batch_size to at most {most}, a multiple of the {devices} "
+               f"devices that split each batch{fewer}")
+    else:
+        fix = (f"the {devices} devices that split each batch need at least {devices}: use more "
+               f"training data{fewer}")
+    _check(batch_size <= num_train,
+           f"batch_size={batch_size} is larger than the {num_train} training examples of "
+           f"{what}: {fix}")
 
 
 def _validate_counts(config: ml_collections.ConfigDict) -> None:

@@ -430,7 +430,9 @@ def build_for_dataset(
     """``build`` with the class count, training size and statistics of a loaded dataset."""
     num_held = 0 if ds.validation is None else len(ds.validation)
     held = f" ({num_held} held out for validation)" if num_held else ""
-    config_lib.check_batch_fits(config.batch_size, len(ds.train), ds.name + held, num_held)
+    mesh = distributed.make_mesh() if mesh is None else mesh
+    config_lib.check_batch_fits(config.batch_size, len(ds.train), ds.name + held, num_held,
+                                mesh.size)
     setup = build(
         config,
         num_classes=ds.num_classes,

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from stochastic_depth_jax import data as data_lib
+from stochastic_depth_jax import models
 from stochastic_depth_jax.conv import cpu_compiler_options
 from stochastic_depth_jax.ops import draw_gates
 from stochastic_depth_jax.training import compilation, distributed
@@ -168,6 +169,11 @@ def make_train_step(
             extra["buckets"] = buckets
 
         def loss_fn(params):
+            # Buckets computed from these gates (StepDraws): no run-time check in the step.
+            with models.buckets_fitted():
+                return _loss(params)
+
+        def _loss(params):
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 images,
