@@ -260,3 +260,43 @@ def test_wrappers_give_nan_for_a_traced_rate_out_of_range(implementation):
     for p in (0.0, 2.0):
         assert np.isnan(linen(p)).all() and np.isnan(nnx_step(nsd, p)).all()
     assert np.isfinite(linen(0.5)).all() and np.isfinite(nnx_step(nsd, 0.5)).all()
+
+
+NOT_REAL_NUMBERS = {"jnp-true": jnp.array(True), "np-true": np.array(True),
+                    "jnp-false": jnp.array(False), "np-text": np.array("0.9"),
+                    "np-complex": np.complex64(0.9), "complex": 0.9 + 0j,
+                    "key": jax.random.key(0)}
+
+
+@pytest.mark.parametrize("name", NOT_REAL_NUMBERS)
+def test_a_survival_prob_that_is_a_bool_array_or_not_a_real_number_is_refused(name):
+    # Python bools were refused, but jnp.array(True) passed as 1.0: the block kept always.
+    p = NOT_REAL_NUMBERS[name]
+    with pytest.raises(ValueError, match=r"^survival_prob must be a float in \(0, 1\], got "
+                                         r"(.|\n)*; pass one block's probability"):
+        sdj.stochastic_depth(branch, X, survival_prob=p, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"^survival_prob must be a float in \(0, 1\]"):
+        ops.draw_gate(jax.random.key(0), p)
+    with pytest.raises(ValueError, match=r"^DropPath rate must be a float in \[0, 1\)"):
+        ops.check_drop_rate(p)
+
+
+def test_a_traced_bool_survival_prob_or_schedule_is_refused():
+    # Its dtype is known while tracing: a traced True kept the block always, silently.
+    with pytest.raises(ValueError, match=r"^survival_prob must be a float in \(0, 1\]"):
+        jax.jit(lambda p: sdj.stochastic_depth(branch, X, survival_prob=p,
+                                               key=jax.random.key(0)))(jnp.array(True))
+    with pytest.raises(ValueError, match=r"^survival probabilities must be numbers in "
+                                         r"\(0, 1\], got bools"):
+        jax.jit(lambda p: sdj.draw_gates(jax.random.key(0), p))(jnp.ones(3, bool))
+    with pytest.raises(ValueError, match=r"^survival probabilities must be numbers in "
+                                         r"\(0, 1\], got complex numbers"):
+        sdj.draw_gates(jax.random.key(0), np.full(3, 0.5 + 0j))
+
+
+@pytest.mark.parametrize("p", [np.array(1), jnp.array(1), jnp.bfloat16(0.5), np.float32(0.5),
+                               np.float16(0.5), 1], ids=repr)
+def test_integer_and_low_precision_survival_probs_still_work(p):
+    y = sdj.stochastic_depth(branch, X, survival_prob=p, deterministic=True)
+    np.testing.assert_allclose(y, float(p) * branch(X), rtol=1e-6)
+    assert ops.check_drop_rate(1 - p) == pytest.approx(1 - float(p))
