@@ -895,10 +895,10 @@ def draw_gate(
 def _draw_prob(p: Any) -> Array:
     """``p`` as the Bernoulli draw takes it: float32, so that a key gives the same gates with
     and without ``jax_enable_x64`` (the draw compares uniforms of ``p``'s dtype, and a Python
-    float is float64 under x64). A bfloat16 or float16 ``p`` keeps its dtype, as before."""
-    dtype = jnp.result_type(p)
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
-        return p
+    float is float64 under x64), and a bfloat16 or float16 ``p`` (cast exactly) is drawn
+    with its own probability: uniforms of those dtypes are multiples of 2^-7 and 2^-10, so
+    ``bfloat16(255/256)`` never closed its gate and other values were kept more often than
+    p (by up to 1/256)."""
     return jnp.asarray(p, jnp.float32)
 
 

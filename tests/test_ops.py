@@ -300,3 +300,23 @@ def test_integer_and_low_precision_survival_probs_still_work(p):
     y = sdj.stochastic_depth(branch, X, survival_prob=p, deterministic=True)
     np.testing.assert_allclose(y, float(p) * branch(X), rtol=1e-6)
     assert ops.check_drop_rate(1 - p) == pytest.approx(1 - float(p))
+
+
+@pytest.mark.parametrize("dtype, p", [(jnp.bfloat16, 255 / 256), (jnp.bfloat16, 253 / 256),
+                                      (jnp.float16, 1 - 2.0 ** -11)])
+@pytest.mark.parametrize("mode, implementation", [("batch", "skip"), ("sample", "mask")])
+def test_a_low_precision_survival_prob_is_drawn_with_its_own_probability(dtype, p, mode,
+                                                                          implementation):
+    # The draw compared p with uniforms of p's dtype, multiples of 2^-7 in bfloat16: p =
+    # 255/256 (exact in bfloat16) never closed a gate, 253/256 was kept as 254/256.
+    p_low = dtype(p)
+    assert float(p_low) == p
+    batch = 1 if mode == "batch" else 8
+    keys = jax.random.split(jax.random.key(7), 100000 // batch)
+    gates = jax.vmap(lambda k: ops.draw_gate(k, p_low, mode=mode, batch_size=batch,
+                                             implementation=implementation))(keys)
+    draws = np.asarray(gates).size
+    closed = draws - int(np.asarray(gates).sum())
+    expected = draws * (1 - p)
+    assert draws == 100000
+    assert abs(closed - expected) <= 5 * np.sqrt(expected), (closed, expected)
