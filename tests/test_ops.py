@@ -42,9 +42,13 @@ def test_gates_of_different_blocks_are_independent():
 
 
 def test_sample_mode_gates_per_example():
-    g = sdj.draw_gates(jax.random.key(1), np.full(3, 0.5), mode="sample", batch_size=4000)
+    # Each block's row follows its own p (a draw with one p for every row passed a uniform
+    # schedule).
+    probs = np.array([0.9, 0.6, 0.3])
+    g = sdj.draw_gates(jax.random.key(1), probs, mode="sample", batch_size=4000)
     assert g.shape == (3, 4000)
-    assert np.all(np.abs(np.asarray(g).mean(1) - 0.5) < 5 * 0.5 / np.sqrt(4000))
+    bound = 5 * np.sqrt(probs * (1 - probs) / 4000)
+    assert np.all(np.abs(np.asarray(g).mean(1) - probs) < bound), np.asarray(g).mean(1)
     with pytest.raises(ValueError, match="batch_size"):
         sdj.draw_gates(jax.random.key(1), np.full(3, 0.5), mode="sample")
 
@@ -104,6 +108,17 @@ def test_survival_one_never_draws_a_key():
 def test_missing_key_is_a_clear_error():
     with pytest.raises(ValueError, match="key"):
         sdj.stochastic_depth(branch, X, survival_prob=0.5)
+
+
+def test_only_an_exact_one_skips_the_draw():
+    # p = 0.995 drops one mini-batch in 200: it needs a key and sometimes closes the gate.
+    with pytest.raises(ValueError, match="needs a PRNG `key`"):
+        sdj.stochastic_depth(branch, X, survival_prob=0.995)
+    keys = jax.random.split(jax.random.key(0), 8000)
+    ys = jax.vmap(lambda k: sdj.stochastic_depth(lambda h: h, jnp.ones(()), survival_prob=0.995,
+                                                 key=k))(keys)
+    closed = int(np.sum(np.asarray(ys) == 0))
+    assert 40 - 5 * np.sqrt(40) <= closed <= 40 + 5 * np.sqrt(40), closed
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -187,6 +202,17 @@ def test_mask_implementation_runs_branch_even_when_dropped():
     jax.effects_barrier()
     np.testing.assert_array_equal(y, 0.0)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("scaling", ["test", "train"])
+def test_a_bool_per_example_gate_is_applied_as_a_mask_under_skip(scaling):
+    # A Bernoulli [batch] gate has no static size to skip with: gated_branch masks it, as
+    # documented, whatever the implementation (a cond on it would fail).
+    gate = jnp.array([True, False, True])
+    y = ops.gated_branch(branch, X, gate, 0.5, mode="sample", scaling=scaling,
+                         implementation="skip")
+    factor = 2.0 if scaling == "train" else 1.0
+    np.testing.assert_allclose(y, factor * np.asarray(gate)[:, None] * branch(X), rtol=1e-6)
 
 
 def test_sample_mode_mask_implementation_masks_examples():
@@ -320,3 +346,13 @@ def test_a_low_precision_survival_prob_is_drawn_with_its_own_probability(dtype, 
     expected = draws * (1 - p)
     assert draws == 100000
     assert abs(closed - expected) <= 5 * np.sqrt(expected), (closed, expected)
+
+
+def test_raw_keys_of_both_lengths_are_keys():
+    # jax.random.PRNGKey gives uint32 [2] (threefry) or [4] (jax_default_prng_impl='rbg').
+    for raw in (jax.random.key_data(jax.random.key(0)),
+                jax.random.key_data(jax.random.key(0, impl="rbg"))):
+        ops.check_key(raw)
+    for bad in (jnp.zeros(3, jnp.uint32), jnp.zeros(2, jnp.int32), 0):
+        with pytest.raises(TypeError, match="key must be a PRNG key"):
+            ops.check_key(bad)
