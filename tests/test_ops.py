@@ -356,3 +356,22 @@ def test_raw_keys_of_both_lengths_are_keys():
     for bad in (jnp.zeros(3, jnp.uint32), jnp.zeros(2, jnp.int32), 0):
         with pytest.raises(TypeError, match="key must be a PRNG key"):
             ops.check_key(bad)
+
+
+def test_gates_do_not_depend_on_how_the_draw_is_sharded():
+    # Gates come from the key alone: drawn into 8 devices' shards they are the ones drawn on
+    # one device (runs on 1 and 8 devices train on the same gates).
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((8,), ("data",))
+    key = jax.random.key(5)
+    draws = {
+        "sample gates": (lambda k: sdj.draw_gates(k, sdj.linear_decay(6, 0.5), mode="sample",
+                                                  batch_size=64), P(None, "data")),
+        "mask gate": (lambda k: ops.draw_gate(k, 0.6, mode="sample", implementation="mask",
+                                              batch_size=64), P("data")),
+        "subsets": (lambda k: ops.draw_subset(k, 64, 0.7, groups=8), P("data", None)),
+    }
+    for name, (draw, spec) in draws.items():
+        sharded = jax.jit(draw, out_shardings=NamedSharding(mesh, spec))(key)
+        assert len(sharded.sharding.device_set) == 8
+        np.testing.assert_array_equal(sharded, draw(key), err_msg=name)
