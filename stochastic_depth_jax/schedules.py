@@ -27,7 +27,7 @@ def _validate(num_blocks: int, final_survival_prob: float) -> None:
             f"final_survival_prob must be a number in (0, 1] (e.g. 0.5), got "
             f"{final_survival_prob!r} ({type(final_survival_prob).__name__}).")
     if np.ndim(final_survival_prob):
-        # float() reads a one-element array as its entry (a schedule's last entry, by chance).
+        # A schedule (or a one-entry array) where p_L is meant: say so, not "not a number".
         raise ValueError(
             f"final_survival_prob must be one number, p_L (e.g. 0.5), got an array of shape "
             f"{np.shape(final_survival_prob)}; pass its value, e.g. float(p[-1]).")
@@ -49,8 +49,11 @@ def _is_number(value: object) -> bool:
     and complex values, whose ``float()`` is not the number meant (or is refused anyway)."""
     if isinstance(value, (bool, np.bool_, str, bytes)):
         return False
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:  # a Python number, or something float() refuses
+        return True
     try:
-        kind = np.dtype(getattr(value, "dtype", None) or np.float64).kind
+        kind = np.dtype(dtype).kind
     except TypeError:  # a dtype NumPy does not know (a PRNG key's): float() refuses it
         return True
     return kind not in "bUSc"
