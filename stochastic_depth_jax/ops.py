@@ -98,11 +98,12 @@ def check_survival_prob(p: Any) -> None:
     Python and NumPy scalars, 0-d arrays and concrete (non-traced) JAX scalars are
     range-checked; traced values cannot be inspected under ``jit`` (the op, the wrappers
     and :func:`gated_branch` turn one out of range into NaN outputs, :func:`checked_prob`).
-    Lists, tuples, strings, None, bools and arrays with dimensions (a whole schedule) are
-    refused: one call gates one block with one probability."""
-    if isinstance(p, (bool, np.bool_)) or p is None or isinstance(p, (str, bytes, list, tuple)):
+    Lists, tuples, strings, None, bools (Python, NumPy or 0-d arrays such as
+    ``jnp.array(True)``, traced ones too), complex numbers and arrays with dimensions (a whole
+    schedule) are refused: one call gates one block with one probability."""
+    if not is_real_number(p):
         raise ValueError(
-            f"survival_prob must be a float in (0, 1], got {p!r} ({type(p).__name__}); pass one "
+            f"survival_prob must be a float in (0, 1], got {p!r} ({_kind_text(p)}); pass one "
             "block's probability, e.g. survival_prob=0.8 (a schedule gives one per block: "
             "sdj.linear_decay(L, 0.5)[l - 1])."
         )
@@ -119,6 +120,29 @@ def check_survival_prob(p: Any) -> None:
         raise ValueError(f"survival_prob must be in (0, 1], got {v!r}.")
 
 
+def is_real_number(value: Any) -> bool:
+    """True for a Python int or float, or a value with an integer or floating dtype (NumPy or
+    JAX, concrete or traced, any shape). False for bools, whose ``float()`` is 1.0 or 0.0:
+    ``jnp.array(True)`` or ``np.array(True)`` as a survival probability kept the block always
+    (a traced one too), silently; for text, complex numbers (``float()`` drops the imaginary
+    part), None, lists and tuples."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def _kind_text(value: Any) -> str:
+    """The type of ``value`` for a message, with its dtype where it has one (``ArrayImpl``
+    alone would not say that ``jnp.array(True)`` is a bool)."""
+    dtype = getattr(value, "dtype", None)
+    return type(value).__name__ + (f", dtype {dtype}" if dtype is not None else "")
+
+
 def check_survival_probs(probs: Any) -> None:
     """Raises ValueError unless every entry of a schedule known on the host is in (0, 1].
 
@@ -126,9 +150,9 @@ def check_survival_probs(probs: Any) -> None:
     survival probabilities are meant would otherwise drop those blocks (almost) always.
     Traced schedules (and arrays spanning other hosts) are left to the caller, as in
     :func:`check_survival_prob`."""
+    check_probs_are_numbers(probs, "survival probabilities")
     if isinstance(probs, jax.Array) and not is_concrete(probs):
         return
-    check_probs_are_numbers(probs, "survival probabilities")
     try:
         values = np.asarray(probs, dtype=np.float64)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -142,18 +166,20 @@ def check_survival_probs(probs: Any) -> None:
 
 
 def check_probs_are_numbers(probs: Any, what: str) -> None:
-    """ValueError for a schedule known on the host that holds bools or text: a bool mask
+    """ValueError for a schedule that holds bools, text or complex numbers: a bool mask
     (gates, a pruned model's ``keep``) passed as survival probabilities read True as 1.0,
-    every such block kept always, silently; text ('0.5') was parsed as numbers."""
+    every such block kept always, silently (a traced one too: its dtype is known while
+    tracing); text ('0.5') was parsed as numbers; a complex one lost its imaginary part."""
     try:
-        kind = np.asarray(probs).dtype.kind
+        dtype = probs.dtype if isinstance(probs, jax.Array) else np.asarray(probs).dtype
+        kind = np.dtype(dtype).kind
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
-            ValueError):
-        return  # traced, or ragged: the caller's other checks name it
-    if kind in "bUS":
-        got = "bools" if kind == "b" else "text"
+            TypeError, ValueError):
+        return  # ragged, or not an array: the caller's other checks name it
+    if kind in "bUSc":
+        got = {"b": "bools", "c": "complex numbers"}.get(kind, "text")
         raise ValueError(f"{what} must be numbers in (0, 1], got {got} "
-                         f"({np.asarray(probs).dtype}); a gate mask or keep= is not a "
+                         f"({dtype}); a gate mask or keep= is not a "
                          "schedule: e.g. sdj.linear_decay(L, 0.5).")
 
 
@@ -166,7 +192,7 @@ def check_drop_rate(rate: Any, name: str = "DropPath") -> float:
         raise ValueError(f"{name} rate must be known when the model is built, got a traced "
                          "value; pass a rate that varies under jit to the call instead, as "
                          "survival_prob=1 - rate.")
-    if isinstance(rate, (bool, np.bool_)) or not is_concrete(rate) or np.ndim(rate) \
+    if not is_real_number(rate) or not is_concrete(rate) or np.ndim(rate) \
             or not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"{name} rate must be a float in [0, 1), got {rate!r}; pass one "
                          "branch's drop rate (e.g. rate=0.1).")
@@ -869,10 +895,10 @@ def draw_gate(
 def _draw_prob(p: Any) -> Array:
     """``p`` as the Bernoulli draw takes it: float32, so that a key gives the same gates with
     and without ``jax_enable_x64`` (the draw compares uniforms of ``p``'s dtype, and a Python
-    float is float64 under x64). A bfloat16 or float16 ``p`` keeps its dtype, as before."""
-    dtype = jnp.result_type(p)
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
-        return p
+    float is float64 under x64), and a bfloat16 or float16 ``p`` (cast exactly) is drawn
+    with its own probability: uniforms of those dtypes are multiples of 2^-7 and 2^-10, so
+    ``bfloat16(255/256)`` never closed its gate and other values were kept more often than
+    p (by up to 1/256)."""
     return jnp.asarray(p, jnp.float32)
 
 

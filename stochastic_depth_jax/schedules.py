@@ -20,12 +20,17 @@ def _validate(num_blocks: int, final_survival_prob: float) -> None:
         raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}.")
     if num_blocks < 1:
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}.")
-    if isinstance(final_survival_prob, (bool, np.bool_, str, bytes)):
-        # float() read True as 1.0 (constant depth, silently) and '0.5' as a number, which
-        # the model then recorded and compared as a string.
+    if not _is_number(final_survival_prob):
+        # float() read True as 1.0 (constant depth, silently; jnp.array(True) too) and '0.5'
+        # as a number, which the model then recorded and compared as a string.
         raise ValueError(
             f"final_survival_prob must be a number in (0, 1] (e.g. 0.5), got "
             f"{final_survival_prob!r} ({type(final_survival_prob).__name__}).")
+    if np.ndim(final_survival_prob):
+        # A schedule (or a one-entry array) where p_L is meant: say so, not "not a number".
+        raise ValueError(
+            f"final_survival_prob must be one number, p_L (e.g. 0.5), got an array of shape "
+            f"{np.shape(final_survival_prob)}; pass its value, e.g. float(p[-1]).")
     try:
         p = float(final_survival_prob)
     except (TypeError, ValueError):
@@ -37,6 +42,21 @@ def _validate(num_blocks: int, final_survival_prob: float) -> None:
             f"final_survival_prob must be in (0, 1] (the paper uses 0.5; 1.0 means constant "
             f"depth), got {final_survival_prob!r}."
         )
+
+
+def _is_number(value: object) -> bool:
+    """False for bools (Python, NumPy, or arrays of them such as ``jnp.array(True)``), text
+    and complex values, whose ``float()`` is not the number meant (or is refused anyway)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return False
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:  # a Python number, or something float() refuses
+        return True
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError:  # a dtype NumPy does not know (a PRNG key's): float() refuses it
+        return True
+    return kind not in "bUSc"
 
 
 def linear_decay(num_blocks: int, final_survival_prob: float = 0.5) -> np.ndarray:

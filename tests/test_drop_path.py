@@ -891,3 +891,22 @@ def test_a_vit_layer_scale_init_that_is_not_a_number_is_one_clear_error(value):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         nnx_layers.ViT(5, size="ti", patch_size=4, image_size=16, width=32, depth=2,
                        num_heads=2, layer_scale_init=value, rngs=nnx.Rngs(params=0))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_subset_is_the_k_smallest_of_the_key_s_float32_uniforms(groups):
+    # The documented draw, pinned: another one (the k largest, or another key) keeps the same
+    # distribution but gives other subsets from the same key, so a resumed run would differ.
+    key = jax.random.key(3)
+    k = ops.subset_size(12, 0.5, groups)
+    scores = np.asarray(jax.random.uniform(key, (groups, 12 // groups), jnp.float32))
+    want = np.sort(np.argsort(scores, axis=-1)[:, :k], axis=-1)
+    np.testing.assert_array_equal(ops.draw_subset(key, 12, 0.5, groups), want)
+
+
+def test_a_subset_of_every_example_runs_without_gather_or_scatter():
+    x = jnp.ones((4, 3))
+    whole = str(jax.make_jaxpr(lambda v: ops.subset_branch(jnp.tanh, v, jnp.arange(4)[None]))(x))
+    assert "gather" not in whole and "scatter" not in whole, whole
+    part = str(jax.make_jaxpr(lambda v: ops.subset_branch(jnp.tanh, v, jnp.arange(2)[None]))(x))
+    assert "gather" in part and "scatter" in part  # the check above can fail

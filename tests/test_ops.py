@@ -42,9 +42,13 @@ def test_gates_of_different_blocks_are_independent():
 
 
 def test_sample_mode_gates_per_example():
-    g = sdj.draw_gates(jax.random.key(1), np.full(3, 0.5), mode="sample", batch_size=4000)
+    # Each block's row follows its own p (a draw with one p for every row passed a uniform
+    # schedule).
+    probs = np.array([0.9, 0.6, 0.3])
+    g = sdj.draw_gates(jax.random.key(1), probs, mode="sample", batch_size=4000)
     assert g.shape == (3, 4000)
-    assert np.all(np.abs(np.asarray(g).mean(1) - 0.5) < 5 * 0.5 / np.sqrt(4000))
+    bound = 5 * np.sqrt(probs * (1 - probs) / 4000)
+    assert np.all(np.abs(np.asarray(g).mean(1) - probs) < bound), np.asarray(g).mean(1)
     with pytest.raises(ValueError, match="batch_size"):
         sdj.draw_gates(jax.random.key(1), np.full(3, 0.5), mode="sample")
 
@@ -104,6 +108,17 @@ def test_survival_one_never_draws_a_key():
 def test_missing_key_is_a_clear_error():
     with pytest.raises(ValueError, match="key"):
         sdj.stochastic_depth(branch, X, survival_prob=0.5)
+
+
+def test_only_an_exact_one_skips_the_draw():
+    # p = 0.995 drops one mini-batch in 200: it needs a key and sometimes closes the gate.
+    with pytest.raises(ValueError, match="needs a PRNG `key`"):
+        sdj.stochastic_depth(branch, X, survival_prob=0.995)
+    keys = jax.random.split(jax.random.key(0), 8000)
+    ys = jax.vmap(lambda k: sdj.stochastic_depth(lambda h: h, jnp.ones(()), survival_prob=0.995,
+                                                 key=k))(keys)
+    closed = int(np.sum(np.asarray(ys) == 0))
+    assert 40 - 5 * np.sqrt(40) <= closed <= 40 + 5 * np.sqrt(40), closed
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -189,6 +204,17 @@ def test_mask_implementation_runs_branch_even_when_dropped():
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("scaling", ["test", "train"])
+def test_a_bool_per_example_gate_is_applied_as_a_mask_under_skip(scaling):
+    # A Bernoulli [batch] gate has no static size to skip with: gated_branch masks it, as
+    # documented, whatever the implementation (a cond on it would fail).
+    gate = jnp.array([True, False, True])
+    y = ops.gated_branch(branch, X, gate, 0.5, mode="sample", scaling=scaling,
+                         implementation="skip")
+    factor = 2.0 if scaling == "train" else 1.0
+    np.testing.assert_allclose(y, factor * np.asarray(gate)[:, None] * branch(X), rtol=1e-6)
+
+
 def test_sample_mode_mask_implementation_masks_examples():
     key = jax.random.key(5)
     y = sdj.stochastic_depth(branch, X, survival_prob=0.5, key=key, mode="sample",
@@ -260,3 +286,92 @@ def test_wrappers_give_nan_for_a_traced_rate_out_of_range(implementation):
     for p in (0.0, 2.0):
         assert np.isnan(linen(p)).all() and np.isnan(nnx_step(nsd, p)).all()
     assert np.isfinite(linen(0.5)).all() and np.isfinite(nnx_step(nsd, 0.5)).all()
+
+
+NOT_REAL_NUMBERS = {"jnp-true": jnp.array(True), "np-true": np.array(True),
+                    "jnp-false": jnp.array(False), "np-text": np.array("0.9"),
+                    "np-complex": np.complex64(0.9), "complex": 0.9 + 0j,
+                    "key": jax.random.key(0)}
+
+
+@pytest.mark.parametrize("name", NOT_REAL_NUMBERS)
+def test_a_survival_prob_that_is_a_bool_array_or_not_a_real_number_is_refused(name):
+    # Python bools were refused, but jnp.array(True) passed as 1.0: the block kept always.
+    p = NOT_REAL_NUMBERS[name]
+    with pytest.raises(ValueError, match=r"^survival_prob must be a float in \(0, 1\], got "
+                                         r"(.|\n)*; pass one block's probability"):
+        sdj.stochastic_depth(branch, X, survival_prob=p, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"^survival_prob must be a float in \(0, 1\]"):
+        ops.draw_gate(jax.random.key(0), p)
+    with pytest.raises(ValueError, match=r"^DropPath rate must be a float in \[0, 1\)"):
+        ops.check_drop_rate(p)
+
+
+def test_a_traced_bool_survival_prob_or_schedule_is_refused():
+    # Its dtype is known while tracing: a traced True kept the block always, silently.
+    with pytest.raises(ValueError, match=r"^survival_prob must be a float in \(0, 1\]"):
+        jax.jit(lambda p: sdj.stochastic_depth(branch, X, survival_prob=p,
+                                               key=jax.random.key(0)))(jnp.array(True))
+    with pytest.raises(ValueError, match=r"^survival probabilities must be numbers in "
+                                         r"\(0, 1\], got bools"):
+        jax.jit(lambda p: sdj.draw_gates(jax.random.key(0), p))(jnp.ones(3, bool))
+    with pytest.raises(ValueError, match=r"^survival probabilities must be numbers in "
+                                         r"\(0, 1\], got complex numbers"):
+        sdj.draw_gates(jax.random.key(0), np.full(3, 0.5 + 0j))
+
+
+@pytest.mark.parametrize("p", [np.array(1), jnp.array(1), jnp.bfloat16(0.5), np.float32(0.5),
+                               np.float16(0.5), 1], ids=repr)
+def test_integer_and_low_precision_survival_probs_still_work(p):
+    y = sdj.stochastic_depth(branch, X, survival_prob=p, deterministic=True)
+    np.testing.assert_allclose(y, float(p) * branch(X), rtol=1e-6)
+    assert ops.check_drop_rate(1 - p) == pytest.approx(1 - float(p))
+
+
+@pytest.mark.parametrize("dtype, p", [(jnp.bfloat16, 255 / 256), (jnp.bfloat16, 253 / 256),
+                                      (jnp.float16, 1 - 2.0 ** -11)])
+@pytest.mark.parametrize("mode, implementation", [("batch", "skip"), ("sample", "mask")])
+def test_a_low_precision_survival_prob_is_drawn_with_its_own_probability(dtype, p, mode,
+                                                                          implementation):
+    # The draw compared p with uniforms of p's dtype, multiples of 2^-7 in bfloat16: p =
+    # 255/256 (exact in bfloat16) never closed a gate, 253/256 was kept as 254/256.
+    p_low = dtype(p)
+    assert float(p_low) == p
+    batch = 1 if mode == "batch" else 8
+    keys = jax.random.split(jax.random.key(7), 100000 // batch)
+    gates = jax.vmap(lambda k: ops.draw_gate(k, p_low, mode=mode, batch_size=batch,
+                                             implementation=implementation))(keys)
+    draws = np.asarray(gates).size
+    closed = draws - int(np.asarray(gates).sum())
+    expected = draws * (1 - p)
+    assert draws == 100000
+    assert abs(closed - expected) <= 5 * np.sqrt(expected), (closed, expected)
+
+
+def test_raw_keys_of_both_lengths_are_keys():
+    # jax.random.PRNGKey gives uint32 [2] (threefry) or [4] (jax_default_prng_impl='rbg').
+    for raw in (jax.random.key_data(jax.random.key(0)),
+                jax.random.key_data(jax.random.key(0, impl="rbg"))):
+        ops.check_key(raw)
+    for bad in (jnp.zeros(3, jnp.uint32), jnp.zeros(2, jnp.int32), 0):
+        with pytest.raises(TypeError, match="key must be a PRNG key"):
+            ops.check_key(bad)
+
+
+def test_gates_do_not_depend_on_how_the_draw_is_sharded():
+    # Gates come from the key alone: drawn into 8 devices' shards they are the ones drawn on
+    # one device (runs on 1 and 8 devices train on the same gates).
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((8,), ("data",))
+    key = jax.random.key(5)
+    draws = {
+        "sample gates": (lambda k: sdj.draw_gates(k, sdj.linear_decay(6, 0.5), mode="sample",
+                                                  batch_size=64), P(None, "data")),
+        "mask gate": (lambda k: ops.draw_gate(k, 0.6, mode="sample", implementation="mask",
+                                              batch_size=64), P("data")),
+        "subsets": (lambda k: ops.draw_subset(k, 64, 0.7, groups=8), P("data", None)),
+    }
+    for name, (draw, spec) in draws.items():
+        sharded = jax.jit(draw, out_shardings=NamedSharding(mesh, spec))(key)
+        assert len(sharded.sharding.device_set) == 8
+        np.testing.assert_array_equal(sharded, draw(key), err_msg=name)
