@@ -49,8 +49,9 @@ SUMMARY_FILE = "summary.json"
 OWN_FILES = (evaluate_lib.RUN_FILE, SUMMARY_FILE, metrics_lib.METRICS_FILE,
               metrics_lib.VALIDATION_FILE, *plots.CURVE_FILES)
 # A sweep's record, in a run's workdir, that the run diverged there (training.sweep): where,
-# the checkpoint kept, and the error. A sweep's rerun skips the run instead of diverging again.
-DIVERGED_FILE = "diverged.json"
+# the checkpoint kept, and the error. A sweep's rerun skips the run instead of diverging again;
+# evaluating a run that diverged before any checkpoint says so.
+DIVERGED_FILE = evaluate_lib.DIVERGED_FILE
 
 
 class NonFiniteLossError(errors.Error, FloatingPointError):
