@@ -594,10 +594,17 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
               f"{100 * run.best['test_error']:.2f}%.", flush=True)
 
 
+def best_unmeasured(best: Any) -> bool:
+    """Whether ``best`` (a run's, as its checkpoints and summary.json record it) is an
+    earlier version's best that no evaluation measured: it has no test error. A sweep runs
+    such a finished run again, which measures it (:func:`_finished_best_measured`)."""
+    return isinstance(best, dict) and "test_error" not in best
+
+
 def _unevaluated(run: _Run, best: Any) -> bool:
-    """Whether ``best`` is an earlier version's best that no evaluation measured (no test
-    error), where this run has a test split to measure it on."""
-    return isinstance(best, dict) and "test_error" not in best and "test" in run.splits
+    """Whether ``best`` is an earlier version's best that no evaluation measured
+    (:func:`best_unmeasured`), where this run has a test split to measure it on."""
+    return best_unmeasured(best) and "test" in run.splits
 
 
 def _best_where(best: dict[str, Any]) -> str:

@@ -447,8 +447,7 @@ def _best_unmeasured(summary: dict[str, Any] | None) -> bool:
     """Whether a run's ``summary`` names a best without a test error: an earlier version
     chose ``select_best_by='train'``'s best among epochs no evaluation measured
     (``eval_every_epochs`` > 1), and a finished run keeps it until run again."""
-    best = (summary or {}).get("best")
-    return isinstance(best, dict) and "test_error" not in best
+    return loop_lib.best_unmeasured((summary or {}).get("best"))
 
 
 def _finished_status(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
