@@ -1104,10 +1104,10 @@ def _unmeasure_best(root, name):
     return summary["steps"]
 
 
-def _keep_last_checkpoint(root, name, steps):
-    """The checkpoint of a finished run's last step, as training leaves it (a directory
-    named by the step is what the sweep lists)."""
-    os.makedirs(os.path.join(root, name, "checkpoints", str(steps)))
+def _keep_checkpoint(root, name, steps, kind="checkpoints"):
+    """A checkpoint of a finished run (its last step's, or ``kind='checkpoints_best'``), as
+    training leaves it: a directory named by the step is what the sweep lists."""
+    os.makedirs(os.path.join(root, name, kind, str(steps)))
 
 
 @pytest.mark.parametrize("measures", [True, False])
@@ -1120,7 +1120,8 @@ def test_a_finished_run_s_unmeasured_best_is_measured_by_the_sweep_or_named(
     --collect, Fig. 8 names it as not drawn and what measures it."""
     root, called = str(tmp_path), []
     names = [_finished_run(root, 8, p, 0.5) for p in (0.5, 1.0)]
-    _keep_last_checkpoint(root, names[0], _unmeasure_best(root, names[0]))
+    _keep_checkpoint(root, names[0], _unmeasure_best(root, names[0]))
+    _keep_checkpoint(root, names[0], 4, "checkpoints_best")
 
     def train(config, workdir):  # a finished run run again: its best measured, or not
         called.append(os.path.basename(workdir))
@@ -1155,28 +1156,32 @@ def test_a_finished_run_s_unmeasured_best_is_measured_by_the_sweep_or_named(
         assert fig8["left_out"] == {names[0]: sweep.UNMEASURED_BEST}
 
 
-@pytest.mark.parametrize("kept, holder, why", [
-    ([], None, "its last checkpoint (step 8) is not in {dir} (it has none), and run again "
-               "without it the run would train instead; python evaluate.py --workdir {run} "
-               "measures its 'best' checkpoint"),
-    ([4], None, "its last checkpoint (step 8) is not in {dir} (its newest: step 4)"),
-    ([4, 12], None, "its last checkpoint (step 8) is not in {dir} (its newest: step 12)"),
-    ([8], "pid 12 on host 'gpu1' (started 2026-01-02 03:04:05)",
+@pytest.mark.parametrize("kept, best, holder, why", [
+    ([], 4, None, "its last checkpoint (step 8) is not in {dir} (it has none), and run again "
+                  "without it the run would train instead; python evaluate.py --workdir {run} "
+                  "measures its 'best' checkpoint"),
+    ([4], 4, None, "its last checkpoint (step 8) is not in {dir} (its newest: step 4)"),
+    ([4, 12], 4, None, "its last checkpoint (step 8) is not in {dir} (its newest: step 12)"),
+    ([8], 4, "pid 12 on host 'gpu1' (started 2026-01-02 03:04:05)",
      "pid 12 on host 'gpu1' (started 2026-01-02 03:04:05) is training it; run the sweep's "
      "command again once that is done"),
+    ([8], None, None, "its 'best' checkpoint (step 4) is not in {run}/checkpoints_best."),
 ])
 def test_a_finished_run_s_unmeasured_best_is_left_where_running_it_would_train_it(
-        capsys, tmp_path, monkeypatch, kept, holder, why):
+        capsys, tmp_path, monkeypatch, kept, best, holder, why):
     """The sweep runs a finished run again to measure its best: without the checkpoint of
     its last step (checkpoints/ removed to save space, keeping checkpoints_best), training
     started afresh from step 0 (or trained on from an older or newer one) and replaced
     the finished run's records; while another process trained it (extending it), the sweep
-    stopped, the workdir busy. It is left as it is, the warning saying why."""
+    stopped, the workdir busy; without its 'best' checkpoint, each command loaded the data
+    to find it gone. It is left as it is, the warning saying why."""
     root, called = str(tmp_path), []
     name = _finished_run(root, 8, 0.5, 0.5)
     _unmeasure_best(root, name)
     for step in kept:
-        _keep_last_checkpoint(root, name, step)
+        _keep_checkpoint(root, name, step)
+    if best is not None:
+        _keep_checkpoint(root, name, best, "checkpoints_best")
     summary = os.path.join(root, name, "summary.json")
     with open(summary, "rb") as f:
         before = f.read()

@@ -479,8 +479,9 @@ def _finished_status(train: Callable[[ml_collections.ConfigDict, str], Any], nam
 
 
 def _unmeasurable_why(workdir: str, summary: dict[str, Any]) -> str | None:
-    """Why a finished run is not run again to measure its best; None where it may be. Run
-    again without its last checkpoint (``checkpoints/`` removed to save space), training
+    """Why a finished run is not run again to measure its best (``summary``'s); None where
+    it may be. Without its 'best' checkpoint there is nothing to measure. Run again
+    without its last checkpoint (``checkpoints/`` removed to save space), training
     started afresh from step 0 and replaced the finished run's records; with a checkpoint
     newer than its summary, or while another process trains it (extending it), it trained
     on, or stopped the sweep as busy."""
@@ -491,6 +492,10 @@ def _unmeasurable_why(workdir: str, summary: dict[str, Any]) -> str | None:
         return (f"its last checkpoint (step {steps}) is not in {directory} ({found}), and run "
                 "again without it the run would train instead; python evaluate.py --workdir "
                 f"{shlex.quote(workdir)} measures its 'best' checkpoint")
+    step = summary["best"].get("step") if isinstance(summary.get("best"), dict) else None
+    best = os.path.join(workdir, "checkpoints_best")
+    if not _is_count(step) or not os.path.isdir(os.path.join(best, str(step))):
+        return f"its 'best' checkpoint (step {step}) is not in {best}"
     holder = workdir_lib.training_holder(workdir)
     if holder is not None:
         return f"{holder} is training it; run the sweep's command again once that is done"
