@@ -7,8 +7,9 @@
 Each (depth, p_L) pair trains in <root>/depth<d>_pL<p> (p_L = 1 is constant depth) of a
 CIFAR ResNet or WideResNet config (the ViT and ConvNeXt have no p_L). Rerunning the same
 command skips finished runs (one whose best an earlier version never measured on the test
-set is run again, which measures it) and resumes interrupted ones; a run recorded with
-another config is refused (a larger num_epochs or max_steps extends it). Figures go to
+set is run again, which measures it, where its best and last checkpoints are kept) and
+resumes interrupted ones; a run recorded with another config is refused (a larger
+num_epochs or max_steps extends it). Figures go to
 <root>/figures: fig8_error_vs_p_last.png (test error of the best-by-validation epoch vs p_L,
 one line per depth), fig7_first_conv_grad.png (first-conv gradient magnitude per epoch,
 constant vs stochastic depth), fig3_error_curves.png (test error and training loss per

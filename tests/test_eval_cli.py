@@ -21,7 +21,7 @@ import stochastic_depth_jax as sdj  # noqa: E402
 import sweep as sweep_cli  # noqa: E402
 from cli_output import one_line_error  # noqa: E402
 from configs import load_config  # noqa: E402
-from stochastic_depth_jax import errors, pruning, training  # noqa: E402
+from stochastic_depth_jax import errors, logs, pruning, training  # noqa: E402
 from stochastic_depth_jax.training import loop, sweep  # noqa: E402
 
 TINY = ["--config.progress_bar=false", "--config.write_tensorboard=false",
@@ -1022,6 +1022,28 @@ def test_a_sweep_measures_a_finished_run_s_best_that_no_evaluation_measured(
     assert status == {NAME: "skipped (finished; its best measured now)"}
     assert "Nothing to train" in capsys.readouterr().out
     assert _json(path)["best"]["test_error"] == pytest.approx(measured["test_error"])
+
+
+def test_a_sweep_does_not_train_a_finished_run_again_to_measure_its_best(resnet, tmp_path):
+    """The same run, its checkpoints/ removed to save space (checkpoints_best kept): run
+    again to measure its best, it had no checkpoint to resume from and was trained afresh
+    from step 0, its records replaced. It is left as it is, a warning saying why."""
+    root = str(tmp_path / "sweep")
+    shutil.copytree(resnet[0], root)
+    workdir = os.path.join(root, NAME)
+    path = os.path.join(workdir, loop.SUMMARY_FILE)
+    summary = _json(path)
+    with open(path, "w") as f:
+        json.dump({**summary, "best": {k: v for k, v in summary["best"].items()
+                                       if k not in ("test_error", "val_error")}}, f)
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    before = {n: _bytes(os.path.join(workdir, n)) for n in (loop.SUMMARY_FILE, "metrics.jsonl")}
+    [(name, extra)] = sweep.plan([8], [0.5])
+    with pytest.warns(logs.RunWarning, match="is not measured now: its last checkpoint"):
+        status = sweep.run_sweep([(name, load_config("cifar10:smoke", TINY + extra))], root)
+    assert status == {NAME: "skipped (finished; its best could not be measured)"}
+    assert {n: _bytes(os.path.join(workdir, n)) for n in before} == before
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
 @pytest.mark.parametrize("override, flag", [

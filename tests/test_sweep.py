@@ -1101,6 +1101,13 @@ def _unmeasure_best(root, name):
     summary["best"] = {"metric": "train_error", "epoch": 1, "step": 4, "value": 0.3}
     with open(path, "w") as f:
         json.dump(summary, f)
+    return summary["steps"]
+
+
+def _keep_checkpoint(root, name, steps, kind="checkpoints"):
+    """A checkpoint of a finished run (its last step's, or ``kind='checkpoints_best'``), as
+    training leaves it: a directory named by the step is what the sweep lists."""
+    os.makedirs(os.path.join(root, name, kind, str(steps)))
 
 
 @pytest.mark.parametrize("measures", [True, False])
@@ -1113,7 +1120,8 @@ def test_a_finished_run_s_unmeasured_best_is_measured_by_the_sweep_or_named(
     --collect, Fig. 8 names it as not drawn and what measures it."""
     root, called = str(tmp_path), []
     names = [_finished_run(root, 8, p, 0.5) for p in (0.5, 1.0)]
-    _unmeasure_best(root, names[0])
+    _keep_checkpoint(root, names[0], _unmeasure_best(root, names[0]))
+    _keep_checkpoint(root, names[0], 4, "checkpoints_best")
 
     def train(config, workdir):  # a finished run run again: its best measured, or not
         called.append(os.path.basename(workdir))
@@ -1133,8 +1141,11 @@ def test_a_finished_run_s_unmeasured_best_is_measured_by_the_sweep_or_named(
             f"({sweep.UNMEASURED_BEST}): depth 8 x p_L 0.5\n") in err
     monkeypatch.setattr(loop, "train_and_evaluate", train)
     sweep_cli.main(_sweep_argv(root, p_last="0.5,1.0"))
-    status, _ = _json_objects(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    status, _ = _json_objects(out)
     assert called == [names[0]]  # the measured run is skipped, as before
+    assert (f"sweep: measuring {names[0]}'s best on the test set (1 of 2; finished, its best "
+            "never measured by an earlier version)\n") in err
     fig8 = _sidecar(root, "fig8_error_vs_p_last")
     if measures:
         assert status == {names[0]: "skipped (finished; its best measured now)",
@@ -1143,6 +1154,53 @@ def test_a_finished_run_s_unmeasured_best_is_measured_by_the_sweep_or_named(
     else:
         assert status[names[0]] == "skipped (finished; its best could not be measured)"
         assert fig8["left_out"] == {names[0]: sweep.UNMEASURED_BEST}
+
+
+@pytest.mark.parametrize("kept, best, holder, why", [
+    ([], 4, None, "its last checkpoint (step 8) is not in {dir} (it has none), and run again "
+                  "without it the run would train instead; python evaluate.py --workdir {run} "
+                  "measures its 'best' checkpoint"),
+    ([4], 4, None, "its last checkpoint (step 8) is not in {dir} (its newest: step 4)"),
+    ([4, 12], 4, None, "its last checkpoint (step 8) is not in {dir} (its newest: step 12)"),
+    ([8], 4, "pid 12 on host 'gpu1' (started 2026-01-02 03:04:05)",
+     "pid 12 on host 'gpu1' (started 2026-01-02 03:04:05) is training it; run the sweep's "
+     "command again once that is done"),
+    ([8], None, None, "its 'best' checkpoint (step 4) is not in {run}/checkpoints_best."),
+])
+def test_a_finished_run_s_unmeasured_best_is_left_where_running_it_would_train_it(
+        capsys, tmp_path, monkeypatch, kept, best, holder, why):
+    """The sweep runs a finished run again to measure its best: without the checkpoint of
+    its last step (checkpoints/ removed to save space, keeping checkpoints_best), training
+    started afresh from step 0 (or trained on from an older or newer one) and replaced
+    the finished run's records; while another process trained it (extending it), the sweep
+    stopped, the workdir busy; without its 'best' checkpoint, each command loaded the data
+    to find it gone. It is left as it is, the warning saying why."""
+    root, called = str(tmp_path), []
+    name = _finished_run(root, 8, 0.5, 0.5)
+    _unmeasure_best(root, name)
+    for step in kept:
+        _keep_checkpoint(root, name, step)
+    if best is not None:
+        _keep_checkpoint(root, name, best, "checkpoints_best")
+    summary = os.path.join(root, name, "summary.json")
+    with open(summary, "rb") as f:
+        before = f.read()
+    monkeypatch.setattr(loop, "train_and_evaluate",
+                        lambda config, workdir: called.append(workdir))
+    monkeypatch.setattr(workdir_lib, "training_holder", lambda workdir: holder)
+    with pytest.warns(logs.RunWarning) as caught:
+        sweep_cli.main(_sweep_argv(root))
+    out, err = capsys.readouterr()
+    assert called == [] and "sweep: measuring" not in err
+    assert _json_objects(out)[0] == {name: "skipped (finished; its best could not be measured)"}
+    workdir = os.path.join(root, name)
+    expected = why.format(dir=os.path.join(workdir, "checkpoints"), run=workdir)
+    [message] = [str(w.message) for w in caught if "never measured" in str(w.message)]
+    assert message.startswith(f"{name}: its best was never measured on the test set (an "
+                              "earlier version's) and is not measured now: " + expected)
+    with open(summary, "rb") as f:
+        assert f.read() == before
+    assert _sidecar(root, "fig8_error_vs_p_last")["left_out"] == {name: sweep.UNMEASURED_BEST}
 
 
 def test_fig8_names_a_finished_run_whose_test_error_is_not_finite(tmp_path):

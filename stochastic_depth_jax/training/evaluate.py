@@ -697,8 +697,8 @@ def _no_checkpoint(workdir: str, kind: str, latest: list[int], best: list[int]
         "once one is saved.")
 
 
-# The record a sweep writes in a run that diverged (loop.DIVERGED_FILE: loop imports this
-# module, so it is named here too, and a test holds the two names equal).
+# The record a sweep writes in a run that diverged (loop.DIVERGED_FILE, named here: loop
+# imports this module).
 DIVERGED_FILE = "diverged.json"
 
 
@@ -757,8 +757,8 @@ def fake_data_fields(config: ml_collections.ConfigDict) -> dict[str, bool]:
     return {"fake_data": True} if config_lib.fake_train_size(config) else {}
 
 
-# The split each selection metric (run.json's select_best_by) reads.
-_METRIC_SPLITS = {"val_error": "validation", "test_error": "test", "train_error": "train"}
+# The split each selection metric reads: select_best_by is named by its split.
+_METRIC_SPLITS = {metric: split for split, metric in config_lib.SELECT_BEST_BY.items()}
 
 
 def selection_fields(checkpoint: str | int, kind: str, meta: dict[str, Any],

@@ -49,8 +49,9 @@ SUMMARY_FILE = "summary.json"
 OWN_FILES = (evaluate_lib.RUN_FILE, SUMMARY_FILE, metrics_lib.METRICS_FILE,
               metrics_lib.VALIDATION_FILE, *plots.CURVE_FILES)
 # A sweep's record, in a run's workdir, that the run diverged there (training.sweep): where,
-# the checkpoint kept, and the error. A sweep's rerun skips the run instead of diverging again.
-DIVERGED_FILE = "diverged.json"
+# the checkpoint kept, and the error. A sweep's rerun skips the run instead of diverging again;
+# evaluating a run that diverged before any checkpoint says so.
+DIVERGED_FILE = evaluate_lib.DIVERGED_FILE
 
 
 class NonFiniteLossError(errors.Error, FloatingPointError):
@@ -593,10 +594,17 @@ def _measure_unevaluated_best(run: _Run, image_shape: tuple[int, int, int]) -> N
               f"{100 * run.best['test_error']:.2f}%.", flush=True)
 
 
+def best_unmeasured(best: Any) -> bool:
+    """Whether ``best`` (a run's, as its checkpoints and summary.json record it) is an
+    earlier version's best that no evaluation measured: it has no test error. A sweep runs
+    such a finished run again, which measures it (:func:`_finished_best_measured`)."""
+    return isinstance(best, dict) and "test_error" not in best
+
+
 def _unevaluated(run: _Run, best: Any) -> bool:
-    """Whether ``best`` is an earlier version's best that no evaluation measured (no test
-    error), where this run has a test split to measure it on."""
-    return isinstance(best, dict) and "test_error" not in best and "test" in run.splits
+    """Whether ``best`` is an earlier version's best that no evaluation measured
+    (:func:`best_unmeasured`), where this run has a test split to measure it on."""
+    return best_unmeasured(best) and "test" in run.splits
 
 
 def _best_where(best: dict[str, Any]) -> str:

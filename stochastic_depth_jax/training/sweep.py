@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import compilation
@@ -400,7 +402,8 @@ def run_sweep(runs: Sequence[tuple[str, ml_collections.ConfigDict]], root: str,
             if jax.process_index() == 0:  # a record's write a kill cut short (each kill one)
                 workdir_lib.remove_abandoned_temporaries(workdir, {DIVERGED_FILE}.__contains__)
             if is_finished(workdir, config):
-                status[name] = _finished_status(train, name, config, workdir)
+                status[name] = _finished_status(train, name, config, workdir,
+                                                f"{position} of {len(runs)}")
                 continue
             diverged = _divergence(workdir)
             if diverged is not None:  # trained again, it would diverge again
@@ -444,24 +447,68 @@ def _best_unmeasured(summary: dict[str, Any] | None) -> bool:
     """Whether a run's ``summary`` names a best without a test error: an earlier version
     chose ``select_best_by='train'``'s best among epochs no evaluation measured
     (``eval_every_epochs`` > 1), and a finished run keeps it until run again."""
-    best = (summary or {}).get("best")
-    return isinstance(best, dict) and "test_error" not in best
+    return loop_lib.best_unmeasured((summary or {}).get("best"))
 
 
 def _finished_status(train: Callable[[ml_collections.ConfigDict, str], Any], name: str,
-                     config: ml_collections.ConfigDict, workdir: str) -> str:
+                     config: ml_collections.ConfigDict, workdir: str, place: str) -> str:
     """The status of a finished run: ``'skipped (finished)'``; where its best has no test
     error (:func:`_best_unmeasured`), the run is run again, which measures its 'best'
     checkpoint and adds the errors to its summary.json ('Nothing to train'), so that Fig. 8
     draws it: ``'skipped (finished; its best measured now)'``, or ``'skipped (finished;
     its best could not be measured)'`` where training warned why (its 'best' checkpoint
-    gone). Skipped, it stayed out of Fig. 8 until train.py was run on it by hand."""
-    if not _best_unmeasured(_quiet_summary(workdir)):
+    gone) or :func:`_unmeasurable_why` says why it is not run. Skipped, it stayed out of
+    Fig. 8 until train.py was run on it by hand. ``place``: ``'k of N'``, its line's."""
+    summary = _quiet_summary(workdir)
+    # Process 0's readings decide for every process: the measuring is collective.
+    if not _agreed(_best_unmeasured(summary)):
         return "skipped (finished)"
+    why = _unmeasurable_why(workdir, summary)
+    if _agreed(why is not None):
+        if jax.process_index() == 0:
+            warnings.warn(f"{name}: its best was never measured on the test set (an earlier "
+                          f"version's) and is not measured now: {why}.", logs.RunWarning)
+        return "skipped (finished; its best could not be measured)"
+    if jax.process_index() == 0:  # the run's own lines follow: say why it runs
+        print(f"sweep: measuring {name}'s best on the test set ({place}; finished, its best "
+              "never measured by an earlier version)", flush=True)
     _train_run(train, name, config, workdir)
     if _best_unmeasured(_quiet_summary(workdir)):
         return "skipped (finished; its best could not be measured)"
     return "skipped (finished; its best measured now)"
+
+
+def _unmeasurable_why(workdir: str, summary: dict[str, Any]) -> str | None:
+    """Why a finished run is not run again to measure its best (``summary``'s); None where
+    it may be. Without its 'best' checkpoint there is nothing to measure. Run again
+    without its last checkpoint (``checkpoints/`` removed to save space), training
+    started afresh from step 0 and replaced the finished run's records; with a checkpoint
+    newer than its summary, or while another process trains it (extending it), it trained
+    on, or stopped the sweep as busy."""
+    saved, steps = _start_step(workdir), summary["steps"]
+    if saved != steps:
+        directory = os.path.join(workdir, "checkpoints")
+        found = f"its newest: step {saved}" if saved else "it has none"
+        return (f"its last checkpoint (step {steps}) is not in {directory} ({found}), and run "
+                "again without it the run would train instead; python evaluate.py --workdir "
+                f"{shlex.quote(workdir)} measures its 'best' checkpoint")
+    step = summary["best"].get("step") if isinstance(summary.get("best"), dict) else None
+    best = os.path.join(workdir, "checkpoints_best")
+    if not _is_count(step) or not os.path.isdir(os.path.join(best, str(step))):
+        return f"its 'best' checkpoint (step {step}) is not in {best}"
+    holder = workdir_lib.training_holder(workdir)
+    if holder is not None:
+        return f"{holder} is training it; run the sweep's command again once that is done"
+    return None
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process: whether to run a finished run again, which
+    every process of a job must decide alike (a host whose view of the shared root lags
+    must not stay out of its collectives)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def _runs_to_train(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
@@ -939,8 +986,8 @@ def _fig8_ylabel(select: set[Any]) -> str:
 
 # Why Fig. 8 leaves out a finished run whose best has no test error (_best_unmeasured).
 UNMEASURED_BEST = ("best never measured on the test set (an earlier version's): the "
-                   "sweep's command without --collect measures it if its 'best' checkpoint "
-                   "is readable")
+                   "sweep's command without --collect measures it if its last and 'best' "
+                   "checkpoints are readable")
 
 
 def _no_test_error_why(run: dict[str, Any]) -> str:
