@@ -153,3 +153,77 @@ def test_a_gate_made_inside_jit_folds_skipping_and_the_tests_check_says_so():
         got = with_conditionals(branching, params, gate, at_least=2)(params, gate)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                                got, folded(params))
+
+
+def test_batchnorm_adds_epsilon_to_the_variance_in_training_and_evaluation():
+    # A channel whose variance is near epsilon: without it the output would be ~sqrt(2)
+    # larger (or infinite for a constant channel).
+    x = jax.random.normal(jax.random.key(2), (4, 3, 3, 2)) * 3e-3
+    x = x.at[..., 1].set(0.5)  # constant channel: variance 0
+    bn = sdj.BatchNorm()
+    v = bn.init(jax.random.key(0), x, train=False)
+    xs = np.asarray(x, np.float64).reshape(-1, 2)
+    y = bn.apply(v, x, train=True, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2),
+                               (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5), rtol=1e-3,
+                               atol=1e-5)
+    stats = {"mean": jnp.asarray([0.0, 0.5]), "var": jnp.asarray([1e-5, 0.0])}
+    y = bn.apply({"params": v["params"], "batch_stats": stats}, x, train=False)
+    want = (xs - np.array([0.0, 0.5])) / np.sqrt(np.array([1e-5, 0.0]) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), want, rtol=1e-4, atol=1e-6)
+
+
+def test_wrapper_in_training_draws_from_the_params_stream_when_given_only_that():
+    # As make_rng: no 'stochastic_depth' stream falls back to 'params' (not an error).
+    block = MyBlock()
+    v = block.init({"params": jax.random.key(1)}, X, False)
+    f = MyBranch().apply({"params": v["params"]["StochasticDepth_0"]["branch"]}, X)
+    outcomes = set()
+    for i in range(8):
+        y = block.apply(v, X, True, rngs={"params": jax.random.key(i)})
+        kept = not np.allclose(y, X)
+        outcomes.add(kept)
+        np.testing.assert_allclose(y, X + (f if kept else 0.0), rtol=1e-6, atol=1e-6)
+    assert outcomes == {True, False}
+
+
+class ScannedBlocks(nn.Module):
+    """Three MyBlocks stacked by ``nn.scan`` (parameters per layer); ``split``: whether the
+    gate stream is split per layer (else broadcast: the same key in every layer)."""
+    split: bool = True
+
+    @nn.compact
+    def __call__(self, x, train):
+        return nn.scan(lambda m, v, _: (m(v, train), None), variable_axes={"params": 0},
+                       split_rngs={"params": True, "stochastic_depth": self.split},
+                       length=3)(MyBlock(name="blocks"), x, None)[0]
+
+
+def test_wrapper_in_a_scan_over_layers_refuses_a_gate_stream_that_is_not_split():
+    v = ScannedBlocks().init({"params": jax.random.key(1)}, X, False)
+    rngs = {"stochastic_depth": jax.random.key(0)}
+    with pytest.raises(ValueError, match="is not split, so every layer"):
+        ScannedBlocks(split=False).apply(v, X, True, rngs=rngs)
+    gated = [ScannedBlocks().apply(v, X, True, rngs={"stochastic_depth": jax.random.key(i)})
+             for i in range(4)]
+    assert all(y.shape == X.shape for y in gated)
+
+
+def test_drop_path_takes_the_drop_rate_and_scales_inverted_by_default():
+    # DropPath(rate=r) is StochasticDepth(survival_prob=1 - r, mode='sample',
+    # scaling='train'): the same rows, the same 1 / p, from the same key.
+    x = jax.random.normal(jax.random.key(0), (8, 5))
+    dp = sdj.DropPath(MyBranch(parent=None), rate=0.25)
+    sd = sdj.StochasticDepth(MyBranch(parent=None), survival_prob=0.75, mode="sample",
+                             scaling="train")
+    v = dp.init(jax.random.key(1), x, deterministic=True)
+    f = MyBranch().apply({"params": v["params"]["branch"]}, x)
+    for seed in range(3):
+        rngs = {"stochastic_depth": jax.random.key(seed)}
+        y = dp.apply(v, x, deterministic=False, rngs=rngs)
+        np.testing.assert_allclose(y, sd.apply(v, x, deterministic=False, rngs=rngs),
+                                   rtol=1e-6)
+        kept = [not np.allclose(row, 0.0) for row in y]
+        assert sum(kept) == 6
+        np.testing.assert_allclose(y[np.array(kept)], f[np.array(kept)] / 0.75, rtol=1e-5)
+    np.testing.assert_allclose(dp.apply(v, x, deterministic=True), f, rtol=1e-6)
