@@ -877,3 +877,20 @@ def test_nnx_function_branch_using_an_outside_layer_s_kernel_is_refused(how):
                                          r"uses NNX state \(Param\) made outside"):
         step(Block(nnx.Rngs(0), False))
     assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
+
+
+def test_nnx_drop_path_takes_the_drop_rate_and_scales_inverted_by_default():
+    # DropPath(rate=r) is StochasticDepth(1 - r, mode='sample', scaling='train'): the same
+    # rows, the same 1 / p, from the same key.
+    x = X.reshape(8, -1, 3)
+    dense = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    dp = nnx_layers.DropPath(dense, 0.25)
+    sd = nnx_layers.StochasticDepth(dense, 0.75, mode="sample", scaling="train")
+    f = dense(x)
+    for seed in range(3):
+        y = dp(x, rngs=jax.random.key(seed))
+        np.testing.assert_allclose(y, sd(x, rngs=jax.random.key(seed)), rtol=1e-6)
+        kept = np.array([not np.allclose(row, 0.0) for row in y])
+        assert kept.sum() == 6
+        np.testing.assert_allclose(y[kept], f[kept] / 0.75, rtol=1e-5)
+    np.testing.assert_allclose(dp(x, deterministic=True), f, rtol=1e-6)
