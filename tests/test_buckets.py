@@ -18,9 +18,12 @@ def test_kept_count_pmf_is_exact():
     np.testing.assert_allclose(buckets.kept_count_pmf(probs), want, atol=1e-12)
 
 
+# Late blocks of a deep schedule, and rates low enough that no block is often kept (k = 0
+# pads up to the shortest length too).
+@pytest.mark.parametrize("high, low", [(0.95, 0.55), (0.3, 0.05)])
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
-def test_optimal_lengths_beat_every_other_choice(count):
-    probs = np.linspace(0.95, 0.55, 7)
+def test_optimal_lengths_beat_every_other_choice(count, high, low):
+    probs = np.linspace(high, low, 7)
     pmf = buckets.kept_count_pmf(probs)
     got = buckets.optimal_lengths(probs, count)
     assert got[-1] == 7 and got[0] >= 1 and len(got) <= count and list(got) == sorted(set(got))
@@ -149,3 +152,15 @@ def test_expected_blocks_is_the_mean_of_the_blocks_stage_buckets_runs():
             want += weight * (sum(scans) + 1 + 2 + 1)  # two first blocks, an unscanned stage
         got = buckets.expected_blocks(probs, sizes, scanned, multiple, lens)
         assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_stage_buckets_round_up_within_the_scanned_blocks_and_never_to_zero():
+    """A stage of n blocks scans at most its n - 1 after the first, and at least one slot
+    (a scan of length 0 is not a program); ``check_buckets`` holds them to the same range."""
+    sizes, scanned = (5, 5), (True, True)
+    gates = np.array([True] * 5 + [True] + [False] * 4)  # stage 2 keeps only its first block
+    assert buckets.stage_buckets(gates, sizes, scanned, multiple=3) == (4, 1)
+    assert buckets.check_buckets((4, 1), sizes, scanned, gates) == (4, 1)
+    for bad in ((5, 1), (4, 0)):
+        with pytest.raises(ValueError, match=r"needs 1..4"):
+            buckets.check_buckets(bad, sizes, scanned)
