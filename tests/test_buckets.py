@@ -20,10 +20,9 @@ def test_kept_count_pmf_is_exact():
 
 # Late blocks of a deep schedule, and rates low enough that no block is often kept (k = 0
 # pads up to the shortest length too).
-@pytest.mark.parametrize("high, low", [(0.95, 0.55), (0.3, 0.05)])
+@pytest.mark.parametrize("probs", [np.linspace(0.95, 0.55, 7), np.full(7, 0.1)])
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
-def test_optimal_lengths_beat_every_other_choice(count, high, low):
-    probs = np.linspace(high, low, 7)
+def test_optimal_lengths_beat_every_other_choice(count, probs):
     pmf = buckets.kept_count_pmf(probs)
     got = buckets.optimal_lengths(probs, count)
     assert got[-1] == 7 and got[0] >= 1 and len(got) <= count and list(got) == sorted(set(got))
