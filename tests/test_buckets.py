@@ -18,9 +18,11 @@ def test_kept_count_pmf_is_exact():
     np.testing.assert_allclose(buckets.kept_count_pmf(probs), want, atol=1e-12)
 
 
+# Late blocks of a deep schedule, and rates low enough that no block is often kept (k = 0
+# pads up to the shortest length too).
+@pytest.mark.parametrize("probs", [np.linspace(0.95, 0.55, 7), np.full(7, 0.1)])
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
-def test_optimal_lengths_beat_every_other_choice(count):
-    probs = np.linspace(0.95, 0.55, 7)
+def test_optimal_lengths_beat_every_other_choice(count, probs):
     pmf = buckets.kept_count_pmf(probs)
     got = buckets.optimal_lengths(probs, count)
     assert got[-1] == 7 and got[0] >= 1 and len(got) <= count and list(got) == sorted(set(got))
@@ -187,3 +189,15 @@ def test_buckets_too_short_for_traced_gates_fail_when_run():
 
     traced, fitted = program(False), program(True)
     assert "cond[" in traced and "cond[" not in fitted
+
+
+def test_stage_buckets_round_up_within_the_scanned_blocks_and_never_to_zero():
+    """A stage of n blocks scans at most its n - 1 after the first, and at least one slot
+    (a scan of length 0 is not a program); ``check_buckets`` holds them to the same range."""
+    sizes, scanned = (5, 5), (True, True)
+    gates = np.array([True] * 5 + [True] + [False] * 4)  # stage 2 keeps only its first block
+    assert buckets.stage_buckets(gates, sizes, scanned, multiple=3) == (4, 1)
+    assert buckets.check_buckets((4, 1), sizes, scanned, gates) == (4, 1)
+    for bad in ((5, 1), (4, 0)):
+        with pytest.raises(ValueError, match=r"needs 1..4"):
+            buckets.check_buckets(bad, sizes, scanned)

@@ -877,3 +877,41 @@ def test_nnx_function_branch_using_an_outside_layer_s_kernel_is_refused(how):
                                          r"uses NNX state \(Param\) made outside"):
         step(Block(nnx.Rngs(0), False))
     assert float(jnp.abs(step(Block(nnx.Rngs(0), True))["conv"]["kernel"][...]).sum()) > 0
+
+
+def test_nnx_drop_path_takes_the_drop_rate_and_scales_inverted_by_default():
+    # DropPath(rate=r) is StochasticDepth(1 - r, mode='sample', scaling='train'): the same
+    # rows, the same 1 / p, from the same key.
+    x = X.reshape(8, -1, 3)
+    dense = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    dp = nnx_layers.DropPath(dense, 0.25)
+    sd = nnx_layers.StochasticDepth(dense, 0.75, mode="sample", scaling="train")
+    f = dense(x)
+    for seed in range(3):
+        y = dp(x, rngs=jax.random.key(seed))
+        np.testing.assert_allclose(y, sd(x, rngs=jax.random.key(seed)), rtol=1e-6)
+        kept = np.array([not np.allclose(row, 0.0) for row in y])
+        assert kept.sum() == 6
+        np.testing.assert_allclose(y[kept], f[kept] / 0.75, rtol=1e-5)
+    np.testing.assert_allclose(dp(x, deterministic=True), f, rtol=1e-6)
+
+
+def _tiny_linen_params():
+    linen = vit.ViT(num_classes=5, **TINY)
+    return jax.jit(lambda key: linen.init(key, X, train=False))(jax.random.key(0))["params"]
+
+
+def test_load_linen_params_refuses_other_shapes_or_extra_parameters_and_copies_nothing():
+    params = _tiny_linen_params()
+    for kw, message in (({"mlp_ratio": 2}, "NNX shape"),
+                        ({"layer_scale_init": 1e-6}, "has parameters the Linen model lacks")):
+        model = nnx_layers.ViT(5, image_size=16, rngs=nnx.Rngs(params=1), **TINY, **kw)
+        before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+        with pytest.raises(ValueError, match=message):
+            nnx_layers.load_linen_params(model, params)
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), before)
+    # layer_scale_init=0 is no layer scale, as in Linen: nothing extra, the load works.
+    model = nnx_layers.ViT(5, image_size=16, rngs=nnx.Rngs(params=1), layer_scale_init=0.0,
+                           **TINY)
+    nnx_layers.load_linen_params(model, params)
+    np.testing.assert_array_equal(model.pos_embed[...], params["pos_embed"])
