@@ -23,6 +23,17 @@ from stochastic_depth_jax import logs
 CIFAR_IMAGE_BYTES = 32 * 32 * 3
 
 
+class DamagedArchiveError(ValueError):
+    """A dataset's archive (``path``) that cannot be read as one: cut short, damaged, or
+    another file under its name (``problem`` says which). tfds trusts an archive it
+    downloaded earlier without checking it again, so preparing from a damaged one ended in a
+    traceback, on every run."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path} {problem}")
+        self.path, self.problem = path, problem
+
+
 @contextlib.contextmanager
 def no_tempdir_leak():
     """Creates tfds builders without their litter: stray temp dirs and misleading warnings.
@@ -67,8 +78,8 @@ def cifar_records(data: bytes, num_labels: int, where: str):
     of a CIFAR .bin file (named ``where`` in the error for a damaged one)."""
     record = num_labels + CIFAR_IMAGE_BYTES
     if len(data) % record:
-        raise ValueError(f"{where} is {len(data)} bytes, not a multiple of the "
-                         f"{record}-byte CIFAR record: the archive is damaged.")
+        raise DamagedArchiveError(where, f"is {len(data)} bytes, not a multiple of the "
+                                  f"{record}-byte CIFAR record: the archive is damaged")
     rows = np.frombuffer(data, np.uint8).reshape(-1, record)
     for row in rows:
         yield row[:num_labels], row[num_labels:].reshape(3, 32, 32).transpose(1, 2, 0)
@@ -79,7 +90,7 @@ def read_cifar_archive(path: str, prefix: str, names: list[str]) -> dict[str, by
     ``path``, read in one pass with :mod:`tarfile`.
 
     Raises:
-      ValueError: the archive is damaged, or lacks one of them (another archive).
+      DamagedArchiveError: the archive is damaged, or lacks one of them (another archive).
     """
     import tarfile
 
@@ -91,11 +102,13 @@ def read_cifar_archive(path: str, prefix: str, names: list[str]) -> dict[str, by
                 if member.name in wanted and member.isfile():
                     found[wanted[member.name]] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise ValueError(f"{path} cannot be read as the CIFAR archive ({type(error).__name__}: "
-                         f"{error}): the archive is damaged.") from error
+        raise DamagedArchiveError(os.fspath(path), f"cannot be read as the CIFAR archive "
+                                  f"({type(error).__name__}: {error}): the archive is "
+                                  "damaged") from error
     missing = [prefix + name for name in names if name not in found]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not the CIFAR archive.")
+        raise DamagedArchiveError(os.fspath(path), f"lacks {', '.join(missing)}: it is not "
+                                  "the CIFAR archive")
     return found
 
 
@@ -111,23 +124,31 @@ def _cifar_split_generators(self, dl_manager):
     content = read_cifar_archive(archive, info.prefix,
                                  [*info.label_files, *info.train_files, *info.test_files])
     for label_key, label_file in zip(info.label_keys, info.label_files):
-        names = content[label_file].decode("utf-8").split("\n")
-        self.info.features[label_key].names = [name for name in names if name]
+        names = [name for name in content[label_file].decode("utf-8", "replace").split("\n")
+                 if name]
+        feature = self.info.features[label_key]
+        if len(names) != feature.num_classes:  # tfds's own error was a traceback
+            raise DamagedArchiveError(os.fspath(archive), f"names {len(names)} classes in "
+                                      f"{info.prefix}{label_file}, not {feature.num_classes}: "
+                                      "it is not the CIFAR archive")
+        feature.names = names
+
+    def files(names):
+        return [(f"{os.fspath(archive)} ({info.prefix}{f})", content[f]) for f in names]
+
     return {
-        splits_lib.Split.TRAIN: self._generate_examples(
-            "train_", [(f, content[f]) for f in info.train_files]),
-        splits_lib.Split.TEST: self._generate_examples(
-            "test_", [(f, content[f]) for f in info.test_files]),
+        splits_lib.Split.TRAIN: self._generate_examples("train_", files(info.train_files)),
+        splits_lib.Split.TEST: self._generate_examples("test_", files(info.test_files)),
     }
 
 
 def _cifar_generate(self, split_prefix, files):
     """Same records as tfds's Cifar10._generate_examples, read without TensorFlow from
-    ``files``, (name, content) of the split's .bin files in the archive."""
+    ``files``, (where, content) of the split's .bin files in the archive."""
     label_keys = self._cifar_info.label_keys
     index = 0
-    for name, content in files:
-        for labels, image in cifar_records(content, len(label_keys), name):
+    for where, content in files:
+        for labels, image in cifar_records(content, len(label_keys), where):
             record = {k: int(v) for k, v in zip(label_keys, labels)}
             record["id"] = f"{split_prefix}{index:05d}"
             record["image"] = png_bytes(image)

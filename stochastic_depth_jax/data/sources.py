@@ -26,8 +26,8 @@ import tqdm
 
 from stochastic_depth_jax import errors, files, logs
 from stochastic_depth_jax.data import image_folder
-from stochastic_depth_jax.data.builders import (no_tempdir_leak, real_builder_class,
-                                                 tf_free_builder)
+from stochastic_depth_jax.data.builders import (DamagedArchiveError, no_tempdir_leak,
+                                                 real_builder_class, tf_free_builder)
 from stochastic_depth_jax.data.splits import Split
 
 # Our names -> tfds names. SVHN is 'svhn_cropped' (32x32 digits) with its 'extra' split.
@@ -247,7 +247,8 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
       DataUnavailableError: not prepared, and download=False or the download
         host is unreachable (decided in ~PROBE_TIMEOUT_S, never tfds's 205 s of
         retries) and no manual archive is present; or the download failed midway (the
-        parts it left removed), or data_dir cannot be written to prepare it.
+        parts it left removed), or data_dir cannot be written to prepare it; or an archive
+        in data_dir cannot be read (damaged, or another file).
     """
     tfds = import_tfds()
     builder = tfds_builder(tfds_name, data_dir)
@@ -279,6 +280,11 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
                                          download_config=config)
     except tfds.core.download.download_manager.NonMatchingChecksumError as error:
         raise DataUnavailableError(_checksum_message(tfds_name, error, manual_dir)) from None
+    except DamagedArchiveError as error:  # tfds checks an earlier run's download no more
+        raise DataUnavailableError(
+            f"Dataset '{tfds_name}' cannot be prepared from {error.path}: it {error.problem}; "
+            f"delete it to download it again, or replace it with the original archive "
+            f"({DOWNLOAD_URLS[tfds_name]}).") from error
     except OSError as error:
         unwritable = _unwritable_message(tfds_name, data_dir, error)
         if unwritable is None and not _download_failure(error):
