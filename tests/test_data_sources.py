@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -314,6 +315,45 @@ def test_a_failed_download_keeps_another_process_download_in_progress(tmp_path,
     assert (theirs / "archive.tar.gz").read_bytes() == b"theirs"
 
 
+def test_a_failed_download_keeps_a_download_another_process_started_meanwhile(
+        tmp_path, monkeypatch):
+    """Only this call's parts are removed: a process sharing data_dir that started its
+    download while this one ran had its directory removed under it (it then failed)."""
+    import requests
+    from tensorflow_datasets.core.download import downloader
+
+    theirs = tmp_path / "downloads" / "cifar10" / f"archive.tar.gz.tmp.{'b' * 32}"
+
+    def download(self, url, destination, verify=True):
+        (destination / "part-of-the-archive").write_bytes(b"12345")
+        theirs.mkdir()
+        (theirs / "archive.tar.gz").write_bytes(b"theirs")
+        raise requests.exceptions.ReadTimeout("read timed out")
+
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", download)
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+    with pytest.raises(data.DataUnavailableError, match="the download failed: read timed out"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert list((tmp_path / "downloads" / "cifar10").iterdir()) == [theirs]
+    assert (theirs / "archive.tar.gz").read_bytes() == b"theirs"
+
+
+def test_a_failure_keeps_the_parts_of_downloads_still_running(tmp_path):
+    """One download failing while the others of the call run on (SVHN's three): those may
+    end whole, and tfds then keeps their archives; the ended ones' parts are removed."""
+    import promise
+
+    running, ended = tmp_path / f"a.tmp.{'1' * 32}", tmp_path / f"b.tmp.{'2' * 32}"
+    for part in (running, ended):
+        part.mkdir()
+        (part / "part").write_bytes(b"123")
+    builder = types.SimpleNamespace(downloads_started=[
+        (str(running), promise.Promise()), (str(ended), promise.Promise.reject(OSError()))])
+    with pytest.raises(OSError), sources._failed_downloads_removed(builder):
+        raise OSError("the download failed")
+    assert running.exists() and not ended.exists()
+
+
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC])
 def test_a_data_dir_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch,
                                                                   code):
@@ -485,7 +525,6 @@ def test_cifar_records_read_from_the_archive_are_tfds_own(tmp_path, monkeypatch,
     """The records, in order (keys, ids, coarse and fine labels, HWC images) and the class
     names are those tfds's own generator makes from the extracted archive."""
     import tarfile
-    import types
 
     from PIL import Image
     from tensorflow_datasets.image_classification import cifar

@@ -167,6 +167,35 @@ def _svhn_generate(self, split_prefix, filepath):
                   "id": f"{split_prefix}{i:06d}"}
 
 
+class _RecordingDownloader:
+    """tfds's downloader, recording the directory each download of one builder writes into,
+    with the promise of its end (:func:`_recording`)."""
+
+    def __init__(self, inner, started: list):
+        self._inner, self._started = inner, started
+
+    def download(self, url, destination_path, *args, **kwargs):
+        result = self._inner.download(url, destination_path, *args, **kwargs)
+        self._started.append((os.fspath(destination_path), result))
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _recording(builder, manager):
+    """tfds's download ``manager``, whose downloads are listed in
+    ``builder.downloads_started``: (directory, promise) each, so that those a failure left
+    are removed, and only those (another process sharing data_dir downloads into its own
+    directory there). Where this tfds keeps its downloader elsewhere, none is listed (and
+    none removed)."""
+    builder.downloads_started = []
+    if "_DownloadManager__downloader" in vars(manager):  # tfds's private attribute
+        manager._DownloadManager__downloader = _RecordingDownloader(
+            manager._downloader, builder.downloads_started)
+    return manager
+
+
 def real_builder_class(tfds_name: str):
     """The registered tfds builder class for cifar10, cifar100 or svhn_cropped."""
     from stochastic_depth_jax.data import sources  # imports this module
@@ -187,6 +216,11 @@ def tf_free_builder(tfds_name: str):
     # tfds reads a builder's checksums beside its module: this one's had none, and those
     # of tfds's global list (CIFAR's) do not include SVHN's. So SVHN's downloads were not
     # checked, and its files in downloads/manual were ignored (downloaded again, offline too).
+
+    def make_download_manager(self, *args, **kwargs):
+        return _recording(self, base._make_download_manager(self, *args, **kwargs))
+
     return type(base.__name__, (base,), {
         "name": tfds_name, **methods, "url_infos": base.url_infos,
+        "_make_download_manager": make_download_manager,
         "__module__": __name__}, skip_registration=True)
