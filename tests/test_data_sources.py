@@ -535,7 +535,8 @@ def test_cifar_records_read_from_the_archive_are_tfds_own(tmp_path, monkeypatch,
         opened.extractall(tmp_path / "extracted", filter="data")
     monkeypatch.setattr(cifar, "tf", types.SimpleNamespace(
         io=types.SimpleNamespace(gfile=types.SimpleNamespace(GFile=open))))
-    builder = builders.tf_free_builder(name)(data_dir=str(tmp_path / "data"))
+    with builders.no_tempdir_leak():
+        builder = builders.tf_free_builder(name)(data_dir=str(tmp_path / "data"))
     info = builder._cifar_info
     dl_manager = types.SimpleNamespace(download=lambda url: archive)
     ours = builder._split_generators(dl_manager)
