@@ -182,6 +182,68 @@ def test_a_cache_entry_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 
+def _whole_entries(directory):
+    """The cache the trainer's cache setting makes JAX open in ``directory``."""
+    from jax._src import compilation_cache as jax_cache
+    from jax._src import lru_cache
+
+    return compilation._whole_entries_class(jax_cache)(
+        lru_cache.LRUCache(str(directory), max_size=-1), str(directory)), jax_cache
+
+
+def test_an_entry_in_another_jaxs_compression_is_left_as_jax_leaves_it(tmp_path):
+    """JAX's cache key names zlib where Python 3.14's zstd compresses: a JAX on another
+    Python, sharing the directory, finds whole entries it cannot decompress under its keys.
+    They were removed as damaged, each environment removing the other's."""
+    cache, jax_cache = _whole_entries(tmp_path)
+    ours = jax_cache.compress_executable(b"\0\0\0\1program")
+    theirs = (b"\x28\xb5\x2f\xfd" if ours[:1] == b"\x78" else b"\x78\x9c") + b"program"
+    (tmp_path / "k-cache").write_bytes(theirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.get("k") == theirs  # JAX then warns and compiles, as without the cache
+    assert (tmp_path / "k-cache").read_bytes() == theirs
+
+
+def test_a_damaged_entry_replaced_while_read_is_kept(tmp_path, monkeypatch):
+    """Only the damaged content that was read is removed, not a whole entry renamed onto it
+    (or finished by an in-place writer) meanwhile."""
+    cache, jax_cache = _whole_entries(tmp_path)
+    whole = jax_cache.compress_executable(b"\0\0\0\1" + os.urandom(4096))
+    (tmp_path / "k-cache").write_bytes(whole)
+    monkeypatch.setattr(cache._base, "get", lambda key: whole[:100])  # read cut short
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.get("k") is None  # compiled, not loaded
+    assert (tmp_path / "k-cache").read_bytes() == whole
+
+
+def test_an_entry_that_cannot_be_decompressed_for_want_of_memory_is_kept(tmp_path,
+                                                                          monkeypatch):
+    """Running out of memory says nothing about the entry."""
+    cache, jax_cache = _whole_entries(tmp_path)
+    whole = jax_cache.compress_executable(b"\0\0\0\1program")
+    (tmp_path / "k-cache").write_bytes(whole)
+
+    def no_memory(value):
+        raise MemoryError()
+
+    monkeypatch.setattr(jax_cache, "decompress_executable", no_memory)
+    with pytest.raises(MemoryError):  # JAX warns and compiles
+        cache.get("k")
+    assert (tmp_path / "k-cache").read_bytes() == whole
+
+
+def test_a_truncated_entry_read_alone_is_removed(tmp_path):
+    cache, jax_cache = _whole_entries(tmp_path)
+    whole = jax_cache.compress_executable(b"\0\0\0\1" + os.urandom(4096))
+    for cut in (0, 1, 100):
+        (tmp_path / "k-cache").write_bytes(whole[:cut])
+        with pytest.warns(logs.RunWarning, match="removed the damaged entry"):
+            assert cache.get("k") is None
+        assert not (tmp_path / "k-cache").exists()
+
+
 def test_a_jax_whose_cache_internals_differ_keeps_its_own_cache(monkeypatch):
     """JAX's internals change between versions: without what the whole-entry writes need,
     JAX's cache is left as it is, and nothing fails."""

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -314,6 +315,45 @@ def test_a_failed_download_keeps_another_process_download_in_progress(tmp_path,
     assert (theirs / "archive.tar.gz").read_bytes() == b"theirs"
 
 
+def test_a_failed_download_keeps_a_download_another_process_started_meanwhile(
+        tmp_path, monkeypatch):
+    """Only this call's parts are removed: a process sharing data_dir that started its
+    download while this one ran had its directory removed under it (it then failed)."""
+    import requests
+    from tensorflow_datasets.core.download import downloader
+
+    theirs = tmp_path / "downloads" / "cifar10" / f"archive.tar.gz.tmp.{'b' * 32}"
+
+    def download(self, url, destination, verify=True):
+        (destination / "part-of-the-archive").write_bytes(b"12345")
+        theirs.mkdir()
+        (theirs / "archive.tar.gz").write_bytes(b"theirs")
+        raise requests.exceptions.ReadTimeout("read timed out")
+
+    monkeypatch.setattr(downloader._Downloader, "_sync_download", download)
+    monkeypatch.setattr(sources, "reachable", lambda url, timeout=None: None)
+    with pytest.raises(data.DataUnavailableError, match="the download failed: read timed out"):
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    assert list((tmp_path / "downloads" / "cifar10").iterdir()) == [theirs]
+    assert (theirs / "archive.tar.gz").read_bytes() == b"theirs"
+
+
+def test_a_failure_keeps_the_parts_of_downloads_still_running(tmp_path):
+    """One download failing while the others of the call run on (SVHN's three): those may
+    end whole, and tfds then keeps their archives; the ended ones' parts are removed."""
+    import promise
+
+    running, ended = tmp_path / f"a.tmp.{'1' * 32}", tmp_path / f"b.tmp.{'2' * 32}"
+    for part in (running, ended):
+        part.mkdir()
+        (part / "part").write_bytes(b"123")
+    builder = types.SimpleNamespace(downloads_started=[
+        (str(running), promise.Promise()), (str(ended), promise.Promise.reject(OSError()))])
+    with pytest.raises(OSError), sources._failed_downloads_removed(builder):
+        raise OSError("the download failed")
+    assert running.exists() and not ended.exists()
+
+
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC])
 def test_a_data_dir_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch,
                                                                   code):
@@ -423,6 +463,96 @@ def _offline(monkeypatch):
 
     monkeypatch.setattr(sources, "reachable", offline)
     monkeypatch.setattr(downloader._Downloader, "_sync_download", offline)
+
+
+def _earlier_download(tmp_path, name):
+    """The path of ``name``'s archive as an earlier run's download left it, and its info."""
+    from etils import epath
+    from tensorflow_datasets.core.download import resource
+
+    url = sources.DOWNLOAD_URLS[name]
+    info = builders.real_builder_class(name).url_infos[url]
+    archive = tmp_path / "downloads" / name / resource.get_dl_fname(url, info.checksum)
+    archive.parent.mkdir(parents=True)
+    resource.write_info_file(url=url, path=epath.Path(archive), dataset_name=name,
+                             original_fname=os.path.basename(url), url_info=info)
+    return archive
+
+
+def _with_member(archive, member, change):
+    """Rewrites the tar.gz ``archive`` with the content of its file ``member`` (a suffix of
+    its name) passed through ``change`` (None: left out)."""
+    import tarfile
+
+    with tarfile.open(archive) as old:
+        members = [(m, old.extractfile(m).read()) for m in old.getmembers()]
+    with tarfile.open(archive, "w:gz") as new:
+        for m, content in members:
+            content = change(content) if m.name.endswith(member) else content
+            if content is not None:
+                m.size = len(content)
+                new.addfile(m, io.BytesIO(content))
+
+
+@pytest.mark.parametrize("damage", ["cut short", "record cut short", "class names",
+                                    "no test batch"])
+def test_a_damaged_archive_an_earlier_run_downloaded_is_one_line(tmp_path, monkeypatch,
+                                                                 damage):
+    """tfds uses an archive it downloaded earlier without checking it again: one damaged
+    since (a disk error, a copy cut short) ended in a ValueError's traceback, on every run."""
+    archive = _earlier_download(tmp_path, "cifar10")
+    _cifar_archive(archive, "cifar10", np.random.default_rng(0))
+    if damage == "cut short":
+        archive.write_bytes(archive.read_bytes()[:-100])
+    elif damage == "record cut short":
+        _with_member(archive, "/test_batch.bin", lambda content: content[:-1])
+    elif damage == "class names":
+        _with_member(archive, "/batches.meta.txt", lambda content: b"cat\ndog\n")
+    else:
+        _with_member(archive, "/test_batch.bin", lambda content: None)
+    _offline(monkeypatch)
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"Dataset 'cifar10' cannot be prepared from {archive}")
+    assert message.endswith("delete it to download it again, or replace it with the original "
+                            f"archive ({sources.DOWNLOAD_URLS['cifar10']}).")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_records_read_from_the_archive_are_tfds_own(tmp_path, monkeypatch, name):
+    """The records, in order (keys, ids, coarse and fine labels, HWC images) and the class
+    names are those tfds's own generator makes from the extracted archive."""
+    import tarfile
+
+    from PIL import Image
+    from tensorflow_datasets.image_classification import cifar
+
+    archive = tmp_path / "archive.tar.gz"
+    _cifar_archive(archive, name, np.random.default_rng(1))
+    with tarfile.open(archive) as opened:
+        opened.extractall(tmp_path / "extracted", filter="data")
+    monkeypatch.setattr(cifar, "tf", types.SimpleNamespace(
+        io=types.SimpleNamespace(gfile=types.SimpleNamespace(GFile=open))))
+    with builders.no_tempdir_leak():
+        builder = builders.tf_free_builder(name)(data_dir=str(tmp_path / "data"))
+    info = builder._cifar_info
+    dl_manager = types.SimpleNamespace(download=lambda url: archive)
+    ours = builder._split_generators(dl_manager)
+    for split, files in (("train", info.train_files), ("test", info.test_files)):
+        paths = [str(tmp_path / "extracted" / info.prefix / f) for f in files]
+        theirs = list(builders.real_builder_class(name)._generate_examples(
+            builder, f"{split}_", paths))
+        mine = list(ours[split])
+        assert [key for key, _ in mine] == [key for key, _ in theirs] == list(range(len(mine)))
+        for (_, record), (_, expected) in zip(mine, theirs):
+            image = np.asarray(Image.open(io.BytesIO(record.pop("image"))))
+            np.testing.assert_array_equal(image, expected.pop("image"))
+            assert record == {k: (int(v) if k != "id" else v) for k, v in expected.items()}
+    for key, file in zip(info.label_keys, info.label_files):
+        text = (tmp_path / "extracted" / info.prefix / file).read_text()
+        assert builder.info.features[key].names == [n for n in text.split("\n") if n]
 
 
 def test_svhn_is_prepared_offline_from_the_files_an_earlier_run_downloaded(tmp_path,

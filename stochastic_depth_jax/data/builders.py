@@ -23,6 +23,17 @@ from stochastic_depth_jax import logs
 CIFAR_IMAGE_BYTES = 32 * 32 * 3
 
 
+class DamagedArchiveError(ValueError):
+    """A dataset's archive (``path``) that cannot be read as one: cut short, damaged, or
+    another file under its name (``problem`` says which). tfds trusts an archive it
+    downloaded earlier without checking it again, so preparing from a damaged one ended in a
+    traceback, on every run."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path} {problem}")
+        self.path, self.problem = path, problem
+
+
 @contextlib.contextmanager
 def no_tempdir_leak():
     """Creates tfds builders without their litter: stray temp dirs and misleading warnings.
@@ -67,8 +78,8 @@ def cifar_records(data: bytes, num_labels: int, where: str):
     of a CIFAR .bin file (named ``where`` in the error for a damaged one)."""
     record = num_labels + CIFAR_IMAGE_BYTES
     if len(data) % record:
-        raise ValueError(f"{where} is {len(data)} bytes, not a multiple of the "
-                         f"{record}-byte CIFAR record: the archive is damaged.")
+        raise DamagedArchiveError(where, f"is {len(data)} bytes, not a multiple of the "
+                                  f"{record}-byte CIFAR record: the archive is damaged")
     rows = np.frombuffer(data, np.uint8).reshape(-1, record)
     for row in rows:
         yield row[:num_labels], row[num_labels:].reshape(3, 32, 32).transpose(1, 2, 0)
@@ -79,7 +90,7 @@ def read_cifar_archive(path: str, prefix: str, names: list[str]) -> dict[str, by
     ``path``, read in one pass with :mod:`tarfile`.
 
     Raises:
-      ValueError: the archive is damaged, or lacks one of them (another archive).
+      DamagedArchiveError: the archive is damaged, or lacks one of them (another archive).
     """
     import tarfile
 
@@ -91,11 +102,13 @@ def read_cifar_archive(path: str, prefix: str, names: list[str]) -> dict[str, by
                 if member.name in wanted and member.isfile():
                     found[wanted[member.name]] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise ValueError(f"{path} cannot be read as the CIFAR archive ({type(error).__name__}: "
-                         f"{error}): the archive is damaged.") from error
+        raise DamagedArchiveError(os.fspath(path), f"cannot be read as the CIFAR archive "
+                                  f"({type(error).__name__}: {error}): the archive is "
+                                  "damaged") from error
     missing = [prefix + name for name in names if name not in found]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not the CIFAR archive.")
+        raise DamagedArchiveError(os.fspath(path), f"lacks {', '.join(missing)}: it is not "
+                                  "the CIFAR archive")
     return found
 
 
@@ -111,23 +124,31 @@ def _cifar_split_generators(self, dl_manager):
     content = read_cifar_archive(archive, info.prefix,
                                  [*info.label_files, *info.train_files, *info.test_files])
     for label_key, label_file in zip(info.label_keys, info.label_files):
-        names = content[label_file].decode("utf-8").split("\n")
-        self.info.features[label_key].names = [name for name in names if name]
+        names = [name for name in content[label_file].decode("utf-8", "replace").split("\n")
+                 if name]
+        feature = self.info.features[label_key]
+        if len(names) != feature.num_classes:  # tfds's own error was a traceback
+            raise DamagedArchiveError(os.fspath(archive), f"names {len(names)} classes in "
+                                      f"{info.prefix}{label_file}, not {feature.num_classes}: "
+                                      "it is not the CIFAR archive")
+        feature.names = names
+
+    def files(names):
+        return [(f"{os.fspath(archive)} ({info.prefix}{f})", content[f]) for f in names]
+
     return {
-        splits_lib.Split.TRAIN: self._generate_examples(
-            "train_", [(f, content[f]) for f in info.train_files]),
-        splits_lib.Split.TEST: self._generate_examples(
-            "test_", [(f, content[f]) for f in info.test_files]),
+        splits_lib.Split.TRAIN: self._generate_examples("train_", files(info.train_files)),
+        splits_lib.Split.TEST: self._generate_examples("test_", files(info.test_files)),
     }
 
 
 def _cifar_generate(self, split_prefix, files):
     """Same records as tfds's Cifar10._generate_examples, read without TensorFlow from
-    ``files``, (name, content) of the split's .bin files in the archive."""
+    ``files``, (where, content) of the split's .bin files in the archive."""
     label_keys = self._cifar_info.label_keys
     index = 0
-    for name, content in files:
-        for labels, image in cifar_records(content, len(label_keys), name):
+    for where, content in files:
+        for labels, image in cifar_records(content, len(label_keys), where):
             record = {k: int(v) for k, v in zip(label_keys, labels)}
             record["id"] = f"{split_prefix}{index:05d}"
             record["image"] = png_bytes(image)
@@ -144,6 +165,35 @@ def _svhn_generate(self, split_prefix, filepath):
         yield i, {"image": png_bytes(np.ascontiguousarray(image)),
                   "label": int(label.reshape(())) % 10,  # SVHN stores digit 0 as 10.
                   "id": f"{split_prefix}{i:06d}"}
+
+
+class _RecordingDownloader:
+    """tfds's downloader, recording the directory each download of one builder writes into,
+    with the promise of its end (:func:`_recording`)."""
+
+    def __init__(self, inner, started: list):
+        self._inner, self._started = inner, started
+
+    def download(self, url, destination_path, *args, **kwargs):
+        result = self._inner.download(url, destination_path, *args, **kwargs)
+        self._started.append((os.fspath(destination_path), result))
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _recording(builder, manager):
+    """tfds's download ``manager``, whose downloads are listed in
+    ``builder.downloads_started``: (directory, promise) each, so that those a failure left
+    are removed, and only those (another process sharing data_dir downloads into its own
+    directory there). Where this tfds keeps its downloader elsewhere, none is listed (and
+    none removed)."""
+    builder.downloads_started = []
+    if "_DownloadManager__downloader" in vars(manager):  # tfds's private attribute
+        manager._DownloadManager__downloader = _RecordingDownloader(
+            manager._downloader, builder.downloads_started)
+    return manager
 
 
 def real_builder_class(tfds_name: str):
@@ -166,6 +216,11 @@ def tf_free_builder(tfds_name: str):
     # tfds reads a builder's checksums beside its module: this one's had none, and those
     # of tfds's global list (CIFAR's) do not include SVHN's. So SVHN's downloads were not
     # checked, and its files in downloads/manual were ignored (downloaded again, offline too).
+
+    def make_download_manager(self, *args, **kwargs):
+        return _recording(self, base._make_download_manager(self, *args, **kwargs))
+
     return type(base.__name__, (base,), {
         "name": tfds_name, **methods, "url_infos": base.url_infos,
+        "_make_download_manager": make_download_manager,
         "__module__": __name__}, skip_registration=True)

@@ -26,8 +26,8 @@ import tqdm
 
 from stochastic_depth_jax import errors, files, logs
 from stochastic_depth_jax.data import image_folder
-from stochastic_depth_jax.data.builders import (no_tempdir_leak, real_builder_class,
-                                                 tf_free_builder)
+from stochastic_depth_jax.data.builders import (DamagedArchiveError, no_tempdir_leak,
+                                                 real_builder_class, tf_free_builder)
 from stochastic_depth_jax.data.splits import Split
 
 # Our names -> tfds names. SVHN is 'svhn_cropped' (32x32 digits) with its 'extra' split.
@@ -247,7 +247,8 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
       DataUnavailableError: not prepared, and download=False or the download
         host is unreachable (decided in ~PROBE_TIMEOUT_S, never tfds's 205 s of
         retries) and no manual archive is present; or the download failed midway (the
-        parts it left removed), or data_dir cannot be written to prepare it.
+        parts it left removed), or data_dir cannot be written to prepare it; or an archive
+        in data_dir cannot be read (damaged, or another file).
     """
     tfds = import_tfds()
     builder = tfds_builder(tfds_name, data_dir)
@@ -272,13 +273,17 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     with no_tempdir_leak():
         builder = tf_free_builder(tfds_name)(data_dir=data_dir)
-    earlier = _download_temporaries(tfds_name, data_dir)
     try:
-        with _failed_downloads_removed(tfds_name, data_dir, earlier):
+        with _failed_downloads_removed(builder):
             builder.download_and_prepare(file_format="array_record",
                                          download_config=config)
     except tfds.core.download.download_manager.NonMatchingChecksumError as error:
         raise DataUnavailableError(_checksum_message(tfds_name, error, manual_dir)) from None
+    except DamagedArchiveError as error:  # tfds checks an earlier run's download no more
+        raise DataUnavailableError(
+            f"Dataset '{tfds_name}' cannot be prepared from {error.path}: it {error.problem}; "
+            f"delete it to download it again, or replace it with the original archive "
+            f"({DOWNLOAD_URLS[tfds_name]}).") from error
     except OSError as error:
         unwritable = _unwritable_message(tfds_name, data_dir, error)
         if unwritable is None and not _download_failure(error):
@@ -295,28 +300,20 @@ def ensure_prepared(tfds_name: str, data_dir: str, download: bool) -> None:
 _DOWNLOAD_TEMPORARY = re.compile(r".+\.tmp\.[0-9a-f]{32}")
 
 
-def _download_temporaries(tfds_name: str, data_dir: str) -> set[str]:
-    """The download directories of tfds's in ``data_dir`` for ``tfds_name`` now."""
-    downloads = os.path.join(data_dir, "downloads", tfds_name)
-    try:
-        return {os.path.join(downloads, n) for n in os.listdir(downloads)
-                if _DOWNLOAD_TEMPORARY.fullmatch(n)}
-    except OSError:
-        return set()
-
-
 @contextlib.contextmanager
-def _failed_downloads_removed(tfds_name: str, data_dir: str, earlier: set[str]
-                              ) -> Iterator[None]:
-    """Removes the download directories that the block's failed downloads left (tfds does
+def _failed_downloads_removed(builder) -> Iterator[None]:
+    """Removes the download directories that the block's ended downloads left (tfds does
     not: each failure left its part of the archive, up to 1.2 GB for SVHN's extra split,
-    in ``data_dir`` for good); not those that were there before (another process sharing
-    ``data_dir`` may be downloading into its own)."""
+    in ``data_dir`` for good): those ``builder`` started (another process sharing data_dir
+    downloads into its own; removing those that appeared meanwhile failed it), once ended
+    (one still running may end whole, and tfds then keeps its archive)."""
     try:
         yield
     except BaseException:
-        for path in _download_temporaries(tfds_name, data_dir) - earlier:
-            shutil.rmtree(path, ignore_errors=True)
+        for path, result in getattr(builder, "downloads_started", ()):
+            if (getattr(result, "is_pending", True) is False
+                    and _DOWNLOAD_TEMPORARY.fullmatch(os.path.basename(path))):
+                shutil.rmtree(path, ignore_errors=True)
         raise
 
 

@@ -424,6 +424,7 @@ def _keep_entries_whole() -> None:
         return
     opener = getattr(jax_cache, "get_file_cache", None)
     needed = (getattr(jax_cache, "decompress_executable", None),
+              getattr(jax_cache, "compress_executable", None),
               getattr(jax_cache, "CacheInterface", None), getattr(lru_cache, "LRUCache", None))
     if opener is None or getattr(opener, "_keeps_entries_whole", False) or None in needed:
         return
@@ -452,6 +453,7 @@ def _whole_entries_class(jax_cache):
 
         def __init__(self, base, path: str):
             self._base, self._directory = base, path
+            self._header = jax_cache.compress_executable(b"")[:1]
             files.remove_abandoned_temporaries(path, lambda name: name.endswith(_ENTRY))
 
         @property
@@ -468,14 +470,17 @@ def _whole_entries_class(jax_cache):
                 return None
             try:
                 jax_cache.decompress_executable(value)
+            except MemoryError:
+                raise  # the entry may be whole: JAX warns and compiles
             except Exception as error:  # noqa: BLE001  zlib's and zstd's errors differ
+                if not _compressed_as(value, self._header):
+                    return value  # another JAX's compression: as JAX does (it warns)
                 entry = os.path.join(self._directory, key + _ENTRY)
-                with contextlib.suppress(OSError):
-                    os.remove(entry)
-                warnings.warn(f"Persistent compilation cache: removed the damaged entry "
-                              f"{entry} ({type(error).__name__}: {error}; a process stopped "
-                              "while writing it, or a full disk); its program is compiled "
-                              "and stored again.", logs.RunWarning)
+                if _remove_if_size(entry, len(value)):
+                    warnings.warn(f"Persistent compilation cache: removed the damaged entry "
+                                  f"{entry} ({type(error).__name__}: {error}; a process "
+                                  "stopped while writing it, or a full disk); its program is "
+                                  "compiled and stored again.", logs.RunWarning)
                 return None
             return value
 
@@ -491,6 +496,25 @@ def _whole_entries_class(jax_cache):
 
 # The suffix of JAX's cache entries' file names (jax._src.lru_cache).
 _ENTRY = "-cache"
+
+
+def _compressed_as(value: bytes, header: bytes) -> bool:
+    """Whether the entry ``value`` starts as this JAX's compression starts (``header``: zlib's
+    0x78 or zstd's 0x28), or is too short to tell. JAX's cache key names zlib where Python
+    3.14's zstd compresses, so a JAX on another Python sharing the directory finds entries
+    under its keys that it cannot decompress: whole ones, not to be removed."""
+    return value[:len(header)] == header[:len(value)]
+
+
+def _remove_if_size(entry: str, size: int) -> bool:
+    """Removes ``entry`` if it still holds ``size`` bytes, the damaged content read (not a
+    whole entry renamed onto it meanwhile, nor one an in-place writer went on writing);
+    whether it was removed."""
+    with contextlib.suppress(OSError):
+        if os.stat(entry).st_size == size:
+            os.remove(entry)
+            return True
+    return False
 
 
 @contextlib.contextmanager
