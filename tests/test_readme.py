@@ -270,3 +270,26 @@ def test_readme_names_only_results_files_that_exist():
     assert len(cited) > 5
     missing = sorted(p for p in cited if not os.path.exists(os.path.join(REPO, p)))
     assert not missing, missing
+
+
+def test_readme_compact_buckets_table_is_its_results_file():
+    """The scan-length counts are exact (no machine figures): the README's table is the
+    file's, row for row."""
+    readme = _table(open(README).read(), "| scan lengths | blocks computed / all |")
+    measured = _table(_read("benchmarks", "results", "compact_buckets.md"), "| scan lengths |")
+    assert readme == measured
+
+
+def test_readme_gpu_drop_path_table_is_drop_path_gpu():
+    readme = open(README).read()
+    measured = {row[0]: row for row in
+                _table(_read("benchmarks", "results", "drop_path_gpu.md"), "| variant |")}
+    header = "| variant | skip ms | mask ms |"
+    none = re.search(r"no drop path \(([\d.]+) ms\)", readme.split(header, 1)[1])[1]
+    pairs = [(none, measured["none"][1])]
+    for name, skip_ms, mask_ms, ratios, skip_mask, _target in _table(readme, header):
+        skip, mask = measured[name + " skip"], measured[name + " mask"]
+        skip_none, mask_none = ratios.split(" / ")
+        pairs += [(skip_ms, skip[1]), (mask_ms, mask[1]), (skip_none, skip[4]),
+                  (mask_none, mask[4]), (skip_mask, skip[5])]
+    _check(pairs)
