@@ -293,3 +293,22 @@ def test_readme_gpu_drop_path_table_is_drop_path_gpu():
         pairs += [(skip_ms, skip[1]), (mask_ms, mask[1]), (skip_none, skip[4]),
                   (mask_none, mask[4]), (skip_mask, skip[5])]
     _check(pairs)
+
+
+def test_readme_cpu_drop_path_table_is_drop_path_cpu():
+    """The CPU ViT table is one run of drop_path_cpu.md (the one whose no-drop-path step it
+    quotes), every rate's skip, mask and unfused figures from it."""
+    readme = open(README).read()
+    rows = _table(readme, "| variant | median ms/step | / no drop path | skip / mask |")
+    assert rows[0][0] == "none"
+    run = next(section for section in _read("benchmarks", "results", "drop_path_cpu.md")
+               .split("\n## ") if f"| none | {rows[0][1]} |" in section)
+    measured = {row[0]: row for row in _table(run, "| variant |")}
+    pairs = [(rows[0][1], measured["none"][1])]
+    for name, ms, ratios, skip_mask, unfused_mask in rows[1:]:
+        name = name.replace(" skip / mask / unfused", "")
+        kinds = [measured[f"{name} {kind}"] for kind in ("skip", "mask", "skip-unfused")]
+        pairs += [(value, row[1]) for value, row in zip(ms.split(" / "), kinds)]
+        pairs += [(value, row[4]) for value, row in zip(ratios.split(" / "), kinds)]
+        pairs += [(skip_mask, kinds[0][5]), (unfused_mask, kinds[2][5])]
+    _check(pairs)
