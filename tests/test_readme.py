@@ -122,9 +122,6 @@ def test_readme_lists_every_config():
 # with its file's value rounded as the README rounds it, so an edit to either that leaves
 # them disagreeing (a re-run's table pasted without its file, a file replaced) fails here.
 
-RESULTS = os.path.join(REPO, "benchmarks", "results")
-
-
 def _read(*parts):
     with open(os.path.join(REPO, *parts)) as f:
         return f.read()
