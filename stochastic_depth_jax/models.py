@@ -564,10 +564,7 @@ def _check_bucket_holds(name: str, bucket: int, gates: Array) -> None:
                 f"{bucket}: the others would not run; compute buckets from the gates passed "
                 "(model.compact_buckets(gates) on the host) for each call.")
 
-    # On every device (partitioned): called on one only, its failure left the others of a
-    # sharded jit waiting in the next collective, and the process aborted without a word.
-    jax.lax.cond(kept > bucket, lambda k: jax.debug.callback(refuse, k, partitioned=True),
-                 lambda k: None, kept)
+    jax.lax.cond(kept > bucket, lambda k: jax.debug.callback(refuse, k), lambda k: None, kept)
 
 
 def _check_block(block: nn.Module) -> None:
