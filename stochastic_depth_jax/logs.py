@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-__all__ = ["Drop", "RunWarning", "drop_absl_messages", "drop_library_records",
+__all__ = ["RunWarning", "drop_absl_messages", "drop_library_records",
            "lost_task_errors_dropped"]
 
 
@@ -25,9 +25,7 @@ class RunWarning(UserWarning):
     """
 
 
-class Drop(logging.Filter):
-    """A logging filter dropping the records for which ``drop(record)`` is true."""
-
+class _Drop(logging.Filter):
     def __init__(self, drop: Callable[[logging.LogRecord], bool]):
         super().__init__()
         self._drop = drop
@@ -43,7 +41,7 @@ def drop_library_records(
     """Drops the records of ``loggers`` for which ``drop(record)`` is true while the block
     runs (Orbax logs through absl; asyncio reports its tasks' lost exceptions); every other
     record passes."""
-    dropping = Drop(drop)
+    dropping = _Drop(drop)
     for name in loggers:
         logging.getLogger(name).addFilter(dropping)
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import logging
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stochastic_depth_jax import buckets as buckets_lib
-from stochastic_depth_jax import layers, logs, ops, schedules
+from stochastic_depth_jax import layers, ops, schedules
 from stochastic_depth_jax.conv import Conv, stock_convs_under_forward_mode
 from stochastic_depth_jax.kept_loop import kept_loop
 
@@ -523,22 +522,6 @@ def buckets_fitted() -> Iterator[None]:
         _BUCKETS_FITTED.reset(token)
 
 
-class BucketTooShortError(ValueError):
-    """:func:`_check_bucket_holds`'s refusal; JAX's log of the failed callback, a second
-    copy of it with a traceback, is dropped (:func:`_drop_callback_logs`)."""
-
-
-def _drop_callback_logs() -> None:
-    """Drops JAX's log record of a host callback that raised :class:`BucketTooShortError` (the
-    error itself still fails the call); any other record passes."""
-    logging.getLogger("jax._src.debugging").addFilter(logs.Drop(
-        lambda record: bool(record.exc_info) and isinstance(record.exc_info[1],
-                                                            BucketTooShortError)))
-
-
-_drop_callback_logs()
-
-
 def _check_bucket_holds(name: str, bucket: int, gates: Array) -> None:
     """Where ``gates`` are traced (under ``jit``): a compiled check that the scan's ``bucket``
     slots hold the blocks they keep, raising when the program runs if not.
@@ -559,7 +542,7 @@ def _check_bucket_holds(name: str, bucket: int, gates: Array) -> None:
 
     def refuse(count: Any) -> None:
         if int(count) > bucket:
-            raise BucketTooShortError(
+            raise ValueError(
                 f"Compact mode: {name} keeps {int(count)} blocks but its bucket scans only "
                 f"{bucket}: the others would not run; compute buckets from the gates passed "
                 "(model.compact_buckets(gates) on the host) for each call.")
