@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from stochastic_depth_jax import CifarResNet, draw_gates
+from stochastic_depth_jax import CifarResNet, draw_gates, models
 from stochastic_depth_jax.conv import cpu_compiler_options
 from stochastic_depth_jax.training import compilation, implementation
 
@@ -114,9 +114,11 @@ def make_runner(name, depth, batch, scan, dtype, key, x, y, keep=None, label=Non
     constant = p_l == 1.0
 
     def loss_fn(params, batch_stats, gates, buckets, x, y):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True,
-            gates=None if constant else gates, buckets=buckets, mutable=["batch_stats"])
+        # Buckets computed from these gates, as the trainer's: its program, no run-time check.
+        with models.buckets_fitted():
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, x, train=True,
+                gates=None if constant else gates, buckets=buckets, mutable=["batch_stats"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, updates["batch_stats"]
 

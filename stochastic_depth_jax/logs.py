@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 __all__ = ["RunWarning", "drop_absl_messages", "drop_library_records",
@@ -112,6 +113,48 @@ def _closed_loop_of(unraisable: Any) -> asyncio.AbstractEventLoop | None:
     return None
 
 
+class _Holder:
+    """``sys.unraisablehook`` while a :func:`lost_task_errors_dropped` block runs: holds back
+    the reports of callbacks failing on a closed event loop (till the block has said which
+    loops are dead) and passes every other report to the hook it replaced.
+
+    Blocks in several threads, or a hook installed by others meanwhile, can end out of the
+    order they began, so one finished may still be called from another's chain: from then
+    on it holds nothing back (pure pass-through), and whoever restores a hook skips it."""
+
+    def __init__(self, previous: Callable[[Any], Any]):
+        self.previous = previous
+        self.held: list[Any] = []
+        self.done = False
+        self._lock = threading.Lock()
+
+    def __call__(self, unraisable: Any) -> None:
+        if _closed_loop_of(unraisable) is not None:
+            with self._lock:
+                if not self.done:
+                    self.held.append(unraisable)
+                    return
+        self.previous(unraisable)
+
+    def finish(self) -> list[Any]:
+        """Ends the holding: restores the hook it replaced where it is still the one
+        installed (skipping finished holders) and returns the reports it held."""
+        with self._lock:
+            self.done = True
+            held, self.held = self.held, []
+        if sys.unraisablehook is self:  # Not if someone installed their own meanwhile.
+            sys.unraisablehook = _live(self.previous)
+        return held
+
+
+def _live(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``hook``, or the first hook it passes reports to that is not a finished
+    :class:`_Holder` (one a block ended out of order left in the chain)."""
+    while isinstance(hook, _Holder) and hook.done:
+        hook = hook.previous
+    return hook
+
+
 @contextlib.contextmanager
 def lost_task_errors_dropped(about: str) -> Iterator[None]:
     """Drops asyncio's reports of task errors never retrieved whose error names ``about``
@@ -131,18 +174,12 @@ def lost_task_errors_dropped(about: str) -> Iterator[None]:
     tasks failed naming ``about`` are found and their callbacks made to do nothing
     (:func:`_silence`); such reports made in the block are held till then, and printed
     after all unless their loop is one of those. Nothing is left installed: the logging
-    configuration and ``sys.unraisablehook`` are the caller's again after the block."""
-    held: list[Any] = []
+    configuration and ``sys.unraisablehook`` are the caller's again after the block (where
+    blocks end out of order, the hook of one ended passes every report on)."""
     previous = sys.unraisablehook
-
-    def hold(unraisable: Any) -> None:
-        if _closed_loop_of(unraisable) is None:
-            previous(unraisable)
-        else:
-            held.append(unraisable)
-
+    holder = _Holder(previous)
     dead: set[asyncio.AbstractEventLoop] = set()
-    sys.unraisablehook = hold
+    sys.unraisablehook = holder
     try:
         with drop_library_records(
                 lambda record: bool(record.exc_info) and "exception was never retrieved"
@@ -158,8 +195,6 @@ def lost_task_errors_dropped(about: str) -> Iterator[None]:
             _silence(loop)
         raise
     finally:
-        if sys.unraisablehook is hold:  # Not if someone installed their own meanwhile.
-            sys.unraisablehook = previous
-        for unraisable in held:
+        for unraisable in holder.finish():
             if _closed_loop_of(unraisable) not in dead:
                 previous(unraisable)

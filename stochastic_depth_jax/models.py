@@ -531,16 +531,21 @@ def _check_bucket_holds(name: str, bucket: int, gates: Array) -> None:
     gradients. Host-side gates are checked before tracing (:func:`buckets.check_buckets`);
     traced ones only at run time: a host callback, made only when they do not fit, whose
     error (``ValueError``) JAX raises from the call (``JaxRuntimeError``) or the next read
-    of its results. Not under :func:`buckets_fitted`."""
+    of its results. Not under :func:`buckets_fitted`.
+
+    The callback checks the count again: under ``vmap`` over the gates the conditional
+    becomes a select, both of its branches run, and the callback with them (one call per
+    draw), for buckets that fit too."""
     if not isinstance(gates, jax.core.Tracer) or _BUCKETS_FITTED.get():
         return
     kept = jnp.sum(jnp.asarray(gates).astype(jnp.int32))
 
     def refuse(count: Any) -> None:
-        raise ValueError(
-            f"Compact mode: {name} keeps {int(count)} blocks but its bucket scans only "
-            f"{bucket}: the others would not run; compute buckets from the gates passed "
-            "(model.compact_buckets(gates) on the host) for each call.")
+        if int(count) > bucket:
+            raise ValueError(
+                f"Compact mode: {name} keeps {int(count)} blocks but its bucket scans only "
+                f"{bucket}: the others would not run; compute buckets from the gates passed "
+                "(model.compact_buckets(gates) on the host) for each call.")
 
     jax.lax.cond(kept > bucket, lambda k: jax.debug.callback(refuse, k), lambda k: None, kept)
 

@@ -460,7 +460,7 @@ def save_pruned(directory: str, model: Any, variables: Any,
     # (another export's of the same shapes, which keeps other blocks, ran silently wrong).
     record = {**_definition(model), "metadata": metadata or {},
               "num_params": param_count(variables),
-              "variables_checksum": state_lib.checksum(variables)}
+              "variables_checksum": _loaded_checksum(model, variables)}
     if mean is not None:
         # As run.json records them: [C] lists, or a mean image [H][W][C] and one std.
         record["input"] = {"mean": np.asarray(mean).tolist(),
@@ -521,16 +521,36 @@ def load_pruned(directory: str) -> tuple[Any, Any, dict[str, Any]]:
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(os.path.join(directory, VARIABLES_DIR))
         tree = getattr(meta, "item_metadata", meta)
-        channels = tree["params"]["stem_conv"]["kernel"].shape[2]
-        x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
-        abstract = jax.eval_shape(
-            lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
+        abstract = _abstract_variables(model, tree)
         variables = ckptr.restore(os.path.join(directory, VARIABLES_DIR), abstract)
     _check_saved_together(directory, record, model, variables)
     metadata = dict(record.get("metadata", {}))
     if "input" in record:
         metadata["input"] = record["input"]
     return model, variables, metadata
+
+
+def _abstract_variables(model: Any, tree: Any) -> Any:
+    """The shapes and dtypes :func:`load_pruned` restores ``model``'s variables as (its
+    own: saved ones of another dtype are cast), ``tree`` the saved ones or their
+    metadata (for the input channels)."""
+    channels = tree["params"]["stem_conv"]["kernel"].shape[2]
+    x = jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+    return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False),
+                          x)
+
+
+def _loaded_checksum(model: Any, variables: Any) -> int:
+    """The checksum of ``variables`` as :func:`load_pruned` will restore them: cast to the
+    model's dtypes (bfloat16 variables saved load as float32; their own bits' checksum
+    refused every such export). Variables not of the model's structure (which no load
+    restores) are summed as they are."""
+    try:
+        abstract = _abstract_variables(model, variables)
+        loaded = jax.tree.map(lambda a, s: jnp.asarray(a).astype(s.dtype), variables, abstract)
+    except (KeyError, TypeError, ValueError):
+        loaded = variables
+    return state_lib.checksum(loaded)
 
 
 def _check_saved_together(directory: str, record: dict[str, Any], model: Any,

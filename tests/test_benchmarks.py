@@ -2560,3 +2560,16 @@ def test_every_jax_benchmark_checks_jaxs_cache_setting(script, tmp_path, monkeyp
     said = _under_jax_cache_setting(cache, lambda: module.main(["--out", ""]))
     assert seen == [cache]
     assert [m.split(":")[0] for m in said] == ["Persistent compilation cache read-only"]
+
+
+def test_the_compact_benchmark_times_the_trainers_program():
+    """The trainer's steps compile no bucket check (their buckets come from the gates they
+    pass); the benchmark's compact step compiled one, a conditional per scanned stage (which
+    splits CUDA graphs on GPU): it timed another program than the trainer's."""
+    bench_step = load("bench_step")
+    x, y, key = bench_step.random_batch(2)
+    runner = bench_step.make_runner("compact", 26, 2, True, jax.numpy.float32, key, x, y)
+    first, _ = bench_step.round_gates(26, 0)
+    args = (*runner.state, first, runner.buckets(first), *runner.batch)
+    jaxpr = str(runner.step.trace(*args).jaxpr)
+    assert "cond[" not in jaxpr and "scan[" in jaxpr

@@ -201,3 +201,27 @@ def test_stage_buckets_round_up_within_the_scanned_blocks_and_never_to_zero():
     for bad in ((5, 1), (4, 0)):
         with pytest.raises(ValueError, match=r"needs 1..4"):
             buckets.check_buckets(bad, sizes, scanned)
+
+
+def test_buckets_fitting_vmapped_gates_run_and_too_short_ones_fail():
+    """Under vmap over the gates the check's conditional became a select running both
+    branches: the callback refused every call, buckets that hold every draw's kept blocks
+    too. Now those run (each draw's output as its own call's) and only a draw keeping more
+    than its bucket fails."""
+    tiny = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)  # 3 scanned per stage
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    variables = tiny.init({"params": jax.random.key(0)}, x, train=False)
+
+    def out(gates, bucket):
+        return tiny.apply(variables, x, train=True, gates=gates, buckets=bucket,
+                          mutable=["batch_stats"])[0]
+
+    draws = np.ones((2, 12), bool)
+    draws[0, [5, 6]] = False  # stage 2 keeps 1 of its 3 scanned blocks in the first draw
+    fits = jax.jit(jax.vmap(lambda g: out(g, (3, 3, 3))))(draws)
+    for draw, got in zip(draws, fits):
+        np.testing.assert_allclose(got, jax.jit(out, static_argnums=1)(draw, (3, 3, 3)),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match=r"Compact mode: stage2_scan keeps 3 blocks but its "
+                       r"bucket scans only 1: "):
+        jax.block_until_ready(jax.jit(jax.vmap(lambda g: out(g, (3, 1, 3))))(draws))

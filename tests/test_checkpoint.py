@@ -999,3 +999,31 @@ def test_reads_finishing_after_a_damaged_checkpoints_loop_closed_print_nothing(t
     ckpts.close()
     assert meta["step"] == 1
     assert [str(r.exc_value) for r in reports] == ["Event loop is closed"]
+
+
+def test_restores_ending_out_of_order_leave_no_hook_holding_reports(tmp_path):
+    """Restores in two threads (or a hook someone else installs during one) end out of the
+    order they began: the second restored the first's hook after the first had ended, and
+    it held back every later "Event loop is closed" report, never printed. Now a block's
+    hook passes every report on once its block ended, and is skipped when the caller's
+    hook is put back."""
+    reports = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = reports.append
+    try:
+        first = logs.lost_task_errors_dropped(str(tmp_path / "a"))
+        second = logs.lost_task_errors_dropped(str(tmp_path / "b"))
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)  # The first thread's restore returns first.
+        _, read = _read_left_in_flight(str(tmp_path / "elsewhere"))
+        read.set_result(None)  # Another thread's report meanwhile: not the blocks'.
+        second.__exit__(None, None, None)
+        assert sys.unraisablehook == reports.append
+        assert [str(r.exc_value) for r in reports] == ["Event loop is closed"]
+        _, read = _read_left_in_flight(str(tmp_path / "later"))
+        read.set_result(None)
+        assert sys.unraisablehook == reports.append
+    finally:
+        sys.unraisablehook = hook
+    assert [str(r.exc_value) for r in reports] == ["Event loop is closed"] * 2

@@ -710,3 +710,35 @@ def test_an_export_refuses_variables_saved_with_another_definition(tmp_path):
         pruning.load_pruned(str(tmp_path / "without2"))
     loaded, lvars, _ = pruning.load_pruned(str(tmp_path / "without1"))
     assert not np.allclose(_eval(loaded, lvars), out, atol=1e-3)
+
+
+def test_an_export_of_bfloat16_variables_loads_as_before(tmp_path):
+    """load_pruned restores the variables in the model's dtypes (float32), casting saved
+    bfloat16 ones; the checksum recorded was of the bfloat16 bits, so every such export
+    was refused as another export's variables. It is of the variables as loaded now."""
+    model = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _variables(model))
+    pruning.save_pruned(str(tmp_path / "half"), model, half)
+    loaded, lvars, _ = pruning.load_pruned(str(tmp_path / "half"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.float32(b)), lvars, half)
+    assert {a.dtype for a in jax.tree.leaves(lvars)} == {np.dtype(np.float32)}
+
+
+def test_an_export_saved_before_the_checksum_was_recorded_loads(tmp_path):
+    """model.json files written before ``variables_checksum`` existed have none: their
+    variables load unchecked, as before."""
+    model = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)
+    variables = _variables(model)
+    path = pruning.save_pruned(str(tmp_path / "old"), model, variables)
+    with open(os.path.join(path, pruning.MODEL_FILE)) as f:
+        record = json.load(f)
+    record["variables_checksum"] += 1  # a wrong one is refused ...
+    with open(os.path.join(path, pruning.MODEL_FILE), "w") as f:
+        json.dump(record, f)
+    with pytest.raises(errors.CheckpointError, match="does not hold the variables saved"):
+        pruning.load_pruned(path)
+    del record["variables_checksum"]  # ... none is not
+    with open(os.path.join(path, pruning.MODEL_FILE), "w") as f:
+        json.dump(record, f)
+    _, loaded, _ = pruning.load_pruned(path)
+    jax.tree.map(np.testing.assert_array_equal, loaded, variables)

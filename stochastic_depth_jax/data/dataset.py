@@ -186,7 +186,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
         'translate' (no flip: digits, text) or 'none'.
 
     Returns:
-      Dataset.
+      Dataset, its splits' arrays read-only (NumPy's "assignment destination is read-only"
+      where written): its fingerprint is computed once. To change pixels or labels, build
+      a dataset of copies (``dataclasses.replace(ds, train=Split(np.array(ds.train.images),
+      ds.train.labels))``), whose fingerprint is computed again at each check.
 
     Raises:
       DataUnavailableError: not prepared and not downloadable now (fails in ~2 s).
