@@ -365,6 +365,16 @@ def test_a_mask_keeping_every_block_is_the_model_as_evaluated():
     with pytest.raises(ValueError, match=r"keep has one entry per block of the full model "
                                          r"\(3\), got 8; e.g. pruning.keep_mask\(3, removed\)"):
         evaluator(np.ones(8, bool))
+    # Where the two programs round alike, they are still two: the model as evaluated for
+    # the mask keeping every block, the gated one (a second compilation) for the others.
+    from stochastic_depth_jax.training import compilation
+
+    fresh = sdj.CifarResNet(depth=8, width=4, num_classes=3, final_survival_prob=0.55)
+    evaluator = pruning.SubNetworkEvaluator(fresh, variables, lambda: [(x, labels, mask)])
+    evaluator(np.ones(3, bool))
+    with compilation.CompileStats() as stats:
+        evaluator(np.array([True, False, True]))
+    assert stats.programs >= 1
 
 
 def test_the_evaluators_of_one_model_share_their_compilations():
