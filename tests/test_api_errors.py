@@ -787,6 +787,23 @@ def test_a_zero_vit_dimension_is_refused_not_replaced_by_the_size(field):
     assert vit.vit_dims("ti", depth=None) == (192, 12, 3)
 
 
+def test_a_vit_width_that_heads_do_not_divide_and_non_square_images_are_refused():
+    """A width of 100 in 3 heads failed reshaping the attention's q/k/v; images 16 high and
+    14 wide tile in height but not in width, whose last 2 pixel columns the patch
+    convolution would drop without a word."""
+    with pytest.raises(ValueError, match=r"^ViT width 100 does not divide into 3 heads\.$"):
+        vit.vit_dims("ti", width=100)
+    assert vit.vit_dims("ti", width=99) == (99, 12, 3)
+    model = sdj.ViT(num_classes=3, **VIT)
+    for shape in ((2, 16, 14, 3), (2, 14, 16, 3)):
+        side = f"{shape[1]}x{shape[2]}"
+        with pytest.raises(ValueError, match=f"^{side} images do not tile into 4x4 patches"):
+            model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+    with pytest.raises(ValueError, match=r"^16x10 images do not divide into this ConvNeXt's "):
+        sdj.ConvNeXt(num_classes=3, depths=(1, 1), dims=(4, 8), stem_stride=2).init(
+            jax.random.key(0), jnp.zeros((2, 16, 10, 3)), train=False)
+
+
 @pytest.mark.parametrize("name", ["ViT", "ConvNeXt"])
 def test_nnx_models_name_in_channels_for_images_of_other_channels(name):
     # Grayscale images into a model built for 3 channels (in_channels's default) failed in

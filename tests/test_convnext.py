@@ -281,3 +281,37 @@ def test_a_layer_scale_init_that_is_not_a_number_is_one_clear_error(value):
                                                                       train=False)
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         nnx_layers.ConvNeXt(3, rngs=nnx.Rngs(params=0), **TINY, layer_scale_init=value)
+
+
+def test_the_head_normalises_the_mean_over_every_pixel_of_the_last_stage():
+    """``head(LayerNorm(mean over H, W))``, as timm's and the official head: a last stage of
+    4x4 pixels (TINY's is 1x1, where pooling first or normalising first, or one pixel
+    instead of the mean, give the same)."""
+    model = sdj.ConvNeXt(num_classes=5, depths=(1, 1), dims=(8, 16), stem_stride=2,
+                         drop_path_rate=0.4)
+    params = _params(model)
+    logits, state = model.apply({"params": params}, X, train=False,
+                                capture_intermediates=True, mutable=["intermediates"])
+    features = np.asarray(state["intermediates"]["blocks_1"]["__call__"][0], np.float64)
+    assert features.shape == (8, 4, 4, 16)
+    pooled = features.mean(axis=(1, 2))
+    norm = params["norm"]
+    pooled = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(
+        pooled.var(-1, keepdims=True) + convnext.EPS) * norm["scale"] + norm["bias"]
+    expected = pooled @ np.asarray(params["head"]["kernel"]) + params["head"]["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_defaults_are_the_official_code_s():
+    """Unset, a ConvNeXt is the paper's ImageNet model: a 4x4 stride-4 stem, layer scale
+    started at 1e-6, a 4x inverted bottleneck and no drop path (timm's default rate 0)."""
+    model = sdj.ConvNeXt(num_classes=3, depths=(1,), dims=(8,))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
+                                               train=False))["params"]
+    assert params["stem_conv"]["kernel"].shape == (4, 4, 3, 8)
+    assert params["blocks_0"]["drop_path"]["branch"]["pwconv1"]["kernel"].shape == (8, 32)
+    assert np.all(model.survival_probs() == 1.0)
+    gamma = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)[
+        "params"]["blocks_0"]["drop_path"]["branch"]["gamma"]
+    np.testing.assert_array_equal(gamma, np.full((8,), 1e-6, np.float32))
+    assert sdj.ConvNeXt(num_classes=3).stages() == ((3, 3, 9, 3), (96, 192, 384, 768))

@@ -910,3 +910,84 @@ def test_a_subset_of_every_example_runs_without_gather_or_scatter():
     assert "gather" not in whole and "scatter" not in whole, whole
     part = str(jax.make_jaxpr(lambda v: ops.subset_branch(jnp.tanh, v, jnp.arange(2)[None]))(x))
     assert "gather" in part and "scatter" in part  # the check above can fail
+
+
+def test_drop_path_rates_are_timm_s_linspace_the_paper_s_eq_4_or_uniform():
+    """timm's VisionTransformer and ConvNeXt drop ``torch.linspace(0, rate, depth)`` (0 at the
+    first block, the rate at the last; DeiT-S: 0.1), the default rule; the paper's Eq. 4
+    drops ``l / L * rate`` at block l = 1..L. Without a rate nothing is dropped (timm's
+    default drop_path_rate is 0)."""
+    np.testing.assert_allclose(sdj.drop_path_rates(4, 0.3), [0.0, 0.1, 0.2, 0.3], atol=1e-12)
+    np.testing.assert_allclose(sdj.drop_path_rates(4, 0.4, "paper"), [0.1, 0.2, 0.3, 0.4],
+                               atol=1e-12)
+    np.testing.assert_array_equal(sdj.drop_path_rates(3, 0.2, "uniform"), [0.2, 0.2, 0.2])
+    np.testing.assert_array_equal(sdj.drop_path_rates(1, 0.5), [0.0])  # linspace(0, r, 1)
+    deit_s = sdj.ViT(num_classes=1000, size="s", drop_path_rate=0.1)
+    np.testing.assert_allclose(1.0 - deit_s.survival_probs(), np.linspace(0.0, 0.1, 12))
+    for model in (sdj.ViT(num_classes=3), sdj.ConvNeXt(num_classes=3)):
+        assert np.all(model.survival_probs() == 1.0), model.survival_probs()
+
+
+def test_attend_is_each_head_s_softmax_of_scaled_query_key_products_times_values():
+    """:func:`vit.attend` against attention written out (timm's qkv layout ``[batch,
+    tokens, 3, heads, head_dim]``): 2 heads of 4 channels, 5 tokens."""
+    qkv = jax.random.normal(jax.random.key(0), (2, 5, 3 * 8))
+    q, k, v = (a[:, :, 0].transpose(0, 2, 1, 3) for a in  # each [batch, heads, tokens, 4]
+               np.split(np.asarray(qkv, np.float64).reshape(2, 5, 3, 2, 4), 3, axis=2))
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(4.0)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = (weights @ v).transpose(0, 2, 1, 3).reshape(2, 5, 8)
+    np.testing.assert_allclose(sdj.vit.attend(qkv, 2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_block_i_branch_j_draws_from_fold_in_of_key_i_then_j():
+    """The documented key derivation, which the NNX ViT shares (so the twin comparison
+    cannot see it change): block i's branch j (0: attention, 1: MLP) draws its subset from
+    ``fold_in(fold_in(key, i), j)``."""
+    kw = dict(mode="sample", implementation="skip", batch_size=8, groups=1)
+    key = jax.random.key(7)
+    for i in (0, 3):
+        gates = sdj.vit.block_gates(key, i, 0.5, **kw)
+        for j, gate in enumerate(gates):
+            block_key = jax.random.fold_in(jax.random.fold_in(key, i), j)
+            np.testing.assert_array_equal(gate, ops.draw_gate(block_key, 0.5, **kw))
+    assert sdj.vit.block_gates(None, 0, 0.5, **kw) == (None, None)
+
+
+# The ConvNeXt's layer scale starts at 1e-6, which hides its drops from the logits.
+_VISIBLE_BRANCHES = {"ViT": {}, "ConvNeXt": {"layer_scale_init": 1.0}}
+
+
+@pytest.mark.parametrize("name", ["ViT", "ConvNeXt"])
+def test_evaluation_ignores_a_key_passed_to_the_model(name):
+    """``train=False`` runs every block (unscaled, 'train' scaling) whatever ``key`` is given:
+    a key is the drop-path stream of training, not a sub-network to evaluate."""
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    model = _small_model(name, **_VISIBLE_BRANCHES[name])
+    params = model.init(jax.random.key(1), x, train=False)["params"]
+    params = {**params, "head": {**params["head"],
+                                 "kernel": _random_head(params["head"]["kernel"])}}
+    run = jax.jit(lambda p, k, train: model.apply({"params": p}, x, train=train, key=k),
+                  static_argnames="train")
+    key = jax.random.key(3)
+    evaluated = run(params, None, False)
+    np.testing.assert_allclose(run(params, key, False), evaluated, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(run(params, key, True), evaluated, atol=1e-4)  # the key drops
+
+
+@pytest.mark.parametrize("name", ["ViT", "ConvNeXt"])
+def test_the_stochastic_depth_stream_gives_the_model_one_key_per_forward_pass(name):
+    """With ``rngs={'stochastic_depth': k}`` the model draws one key (its
+    ``make_rng('stochastic_depth')``) and derives every block's gates from it, as with
+    ``key=``; at a largest rate of 0.3, as at any other, not a key per block from Flax."""
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+    model = _small_model(name, **_VISIBLE_BRANCHES[name]).clone(drop_path_rate=0.3)
+    params = model.init(jax.random.key(1), x, train=False)["params"]
+    variables = {"params": {**params, "head": {**params["head"], "kernel": _random_head(
+        params["head"]["kernel"])}}}
+    rngs = {"stochastic_depth": jax.random.key(3)}
+    key = model.bind(variables, rngs=rngs).make_rng("stochastic_depth")
+    streamed = model.apply(variables, x, train=True, rngs=rngs)
+    np.testing.assert_array_equal(streamed, model.apply(variables, x, train=True, key=key))
+    assert not np.allclose(streamed, model.apply(variables, x, train=False), atol=1e-4)

@@ -93,6 +93,8 @@ def test_a_pruned_model_is_ordered_and_curved_by_the_blocks_it_has():
                                  image_shape=(8, 8, 3), throughput_batch=2, repeats=1,
                                  measure_every=9)
     assert [p["blocks_kept"] for p in points] == [7, 6, 5]
+    # Measured every 9 points and at both ends: the last point too.
+    assert ["num_params" in p and "images_per_s" in p for p in points] == [True, False, True]
 
 
 def test_list_order_and_bad_orders():
@@ -163,6 +165,23 @@ def test_a_bfloat16_model_prunes_a_scanned_stages_first_block():
     assert not np.allclose(out, _eval(model, variables), atol=2e-2)
 
 
+def test_pruning_a_pruned_scanned_stage_takes_the_blocks_it_still_has():
+    """A pruned model's scan stack holds only its kept blocks: pruning it further indexes
+    that stack by the kept blocks' places among them. ResNet-26's third stage scans blocks
+    9-11; with 9 deleted its stack holds 10 and 11, and deleting 11 (or a block of another
+    stage) then keeps 10's parameters, not 11's."""
+    model = sdj.CifarResNet(depth=26, width=4, num_classes=3, scan=True)
+    variables = _variables(model)
+    pruned, pvars = pruning.prune(model, variables, pruning.keep_mask(12, [9]))
+    for more in ([11], [0]):
+        keep = pruning.keep_mask(12, [9, *more])
+        again, avars = pruning.prune(pruned, pvars, keep)
+        np.testing.assert_allclose(_eval(again, avars), _eval(model, variables, jnp.asarray(keep)),
+                                   atol=1e-5)
+        _, direct = pruning.prune(model, variables, keep)
+        jax.tree.map(np.testing.assert_array_equal, avars, direct)
+
+
 def test_pruned_scanned_stage_holds_only_kept_blocks():
     model = sdj.CifarResNet(depth=20, width=4, num_classes=3, scan=True)
     variables = _variables(model)
@@ -196,6 +215,12 @@ def test_save_pruned_takes_numpy_metadata_and_writes_nothing_it_cannot_record(tm
     with pytest.raises(errors.ConfigError, match="metadata must be JSON-serialisable.*type object"):
         pruning.save_pruned(bad, pruned, pvars, {"model": object()})
     assert not os.path.exists(bad)
+    # The input normalisation is both halves or none: a mean alone recorded "std": null.
+    for half in (dict(mean=[125.3, 123.0, 113.9]), dict(std=[63.0, 62.1, 66.7])):
+        with pytest.raises(errors.ConfigError, match=r"^save_pruned needs both mean and std, "
+                                                     r"or neither\.$"):
+            pruning.save_pruned(bad, pruned, pvars, **half)
+        assert not os.path.exists(bad)
 
 
 def test_bad_keep_is_refused():
@@ -340,6 +365,16 @@ def test_a_mask_keeping_every_block_is_the_model_as_evaluated():
     with pytest.raises(ValueError, match=r"keep has one entry per block of the full model "
                                          r"\(3\), got 8; e.g. pruning.keep_mask\(3, removed\)"):
         evaluator(np.ones(8, bool))
+    # Where the two programs round alike, they are still two: the model as evaluated for
+    # the mask keeping every block, the gated one (a second compilation) for the others.
+    from stochastic_depth_jax.training import compilation
+
+    fresh = sdj.CifarResNet(depth=8, width=4, num_classes=3, final_survival_prob=0.55)
+    evaluator = pruning.SubNetworkEvaluator(fresh, variables, lambda: [(x, labels, mask)])
+    evaluator(np.ones(3, bool))
+    with compilation.CompileStats() as stats:
+        evaluator(np.array([True, False, True]))
+    assert stats.programs >= 1
 
 
 def test_the_evaluators_of_one_model_share_their_compilations():
