@@ -46,6 +46,25 @@ def test_paper_hyperparameters(name):
     assert c.eval_every_steps == (200 if name == "svhn" else 0)
 
 
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipe_has_nothing_the_paper_does_not(name):
+    """The rest of Sec. 4's recipe, which no training test would tell apart: a step schedule
+    with no warm-up (ResNet-1202: 10 epochs at lr / 10), plain cross-entropy, no dropout, the
+    dataset's own augmentation (CIFAR flip + translate, SVHN none), the paper's validation
+    hold-out (CIFAR 5,000, SVHN 6,000), the paper's network (basic blocks, average-pooled
+    zero-padded shortcuts, width 16), one gate per block per mini-batch, the branch scaled
+    by p_l at test time, and an evaluation every epoch."""
+    c = load_config(name)
+    assert c.lr_schedule == "step"
+    assert c.warmup_epochs == (10 if name == "cifar10_resnet1202" else 0)
+    assert c.label_smoothing == 0.0 and c.model.dropout_rate == 0.0
+    assert c.augment == "auto" and c.validation_size is None and not c.train_on_all
+    assert (c.model.name, c.model.block, c.model.shortcut, c.model.width) == (
+        "cifar_resnet", "basic", "A-avg", 16)
+    assert (c.model.mode, c.model.scaling) == ("batch", "test")
+    assert c.eval_every_epochs == 1
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_config_file_header_and_smoke_variant(name):
     with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
@@ -548,6 +567,33 @@ def test_kernels_only_weight_decay_skips_every_batchnorm_also_in_scanned_stages(
     assert any("_scan/" in k for k in mask) == scan
     for name, decayed in mask.items():
         assert decayed == name.endswith("/kernel"), name
+
+
+def test_kernels_only_weight_decay_counts_a_scanned_stages_stacking_axis_out():
+    """In a scanned stage (``ResidualStages`` scans a user's blocks too) every parameter
+    gains a leading axis: a user's per-channel vector under a name of its own (not a
+    BatchNorm's ``scale`` or ``bias``) is ``[blocks, C]`` there. It is a vector, not
+    decayed, as it is not in the unscanned first block; the stacked kernels still are."""
+    def stage(stacked):
+        lead = (3,) if stacked else ()
+        return {"block": {"gain": jnp.zeros(lead + (8,)),
+                          "conv": {"kernel": jnp.zeros(lead + (3, 3, 8, 8))}}}
+
+    params = {"stages": {"stage1_0": stage(False), "stage1_scan": stage(True)}}
+    mask = optim.WEIGHT_DECAY_MASKS["kernels"](params)["stages"]
+    for name in ("stage1_0", "stage1_scan"):
+        assert mask[name] == {"block": {"gain": False, "conv": {"kernel": True}}}, name
+
+
+def test_kernels_only_weight_decay_spares_norms_stacked_by_a_users_own_scan():
+    """A user's ``nn.scan`` over ViT blocks (any name: not a ResNet's ``stage<i>_scan``)
+    stacks each LayerNorm's scale and bias to ``[blocks, C]``, ndim 2; they are still a
+    norm's, never decayed, and the stacked kernels still are."""
+    blocks = {"norm1": {"scale": jnp.zeros((4, 16)), "bias": jnp.zeros((4, 16))},
+              "mlp": {"kernel": jnp.zeros((4, 16, 32)), "bias": jnp.zeros((4, 32))}}
+    mask = optim.WEIGHT_DECAY_MASKS["kernels"]({"encoder": blocks})["encoder"]
+    assert mask == {"norm1": {"scale": False, "bias": False},
+                    "mlp": {"kernel": True, "bias": False}}
 
 
 def test_kernels_only_weight_decay_spares_the_vits_position_embedding_and_class_token():
