@@ -518,6 +518,25 @@ def test_resnet1202_warms_up_at_a_tenth_then_steps():
                                [0.01, 0.01, 0.1, 0.1], rtol=1e-6)
 
 
+def test_wrn_config_is_the_wrn_recipe_and_multiplies_its_rate_by_a_fifth():
+    """WRN-28-10's recipe (Zagoruyko & Komodakis, 2016): SGD 0.1 with Nesterov momentum 0.9,
+    weight decay 5e-4 on every weight, batch 128, 200 epochs, lr x 0.2 after epochs 60, 120
+    and 160 (the only shipped schedule whose factor is not 0.1), the other CIFAR configs'
+    augmentation (its docstring says where the WRN paper's differs)."""
+    c = load_config("cifar100_wrn")
+    assert (c.dataset, c.model.name, c.model.depth, c.model.widen_factor) == (
+        "cifar100", "wide_resnet", 28, 10)
+    assert (c.optimizer, c.learning_rate, c.momentum, c.nesterov) == ("sgd", 0.1, 0.9, True)
+    assert (c.weight_decay, c.weight_decay_on, c.batch_size) == (5e-4, "all", 128)
+    assert (c.num_epochs, tuple(c.lr_boundaries_epochs)) == (200, (60, 120, 160))
+    assert c.augment == "auto"
+    assert "reflections" in importlib.import_module(CONFIGS["cifar100_wrn"]).__doc__
+    schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
+    steps = (0, 599, 600, 1199, 1200, 1599, 1600, 1999)
+    np.testing.assert_allclose([float(schedule(n)) for n in steps],
+                               [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008], rtol=1e-6)
+
+
 def _torch_sgd_reference(params, grads, lr, momentum, wd, steps):
     """torch.optim.SGD(nesterov=True, dampening=0, weight_decay=wd), written out in numpy."""
     p, buf = params.copy(), None
