@@ -568,6 +568,33 @@ def test_optimizer_is_torch_sgd_nesterov_with_l2():
         np.testing.assert_allclose(p[k], want, rtol=1e-5, atol=1e-6)
 
 
+def test_adamw_is_decoupled_decay_on_kernels_with_the_configured_betas():
+    """The drop-path configs' AdamW (DeiT): Adam's moments with ``adam_b1``, ``adam_b2``,
+    then ``weight_decay`` times the parameter, on kernels only, all scaled by the rate;
+    written out in numpy (a constant rate here: the cosine's first step is at rate 0)."""
+    c = load_config("cifar10_vit", ["--config.lr_schedule=constant",
+                                    "--config.warmup_epochs=0", "--config.adam_b1=0.8"])
+    lr, wd, b1, b2 = c.learning_rate, c.weight_decay, c.adam_b1, c.adam_b2
+    assert (c.optimizer, c.weight_decay_on, wd, b2) == ("adamw", "kernels", 0.05, 0.999)
+    rng = np.random.default_rng(0)
+    params = {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
+              "bias": rng.normal(size=(2,)).astype(np.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+             for _ in range(3)]
+    opt = optim.make_optimizer(c, steps_per_epoch=100)
+    state, p = opt.init(params), jax.tree.map(jnp.asarray, params)
+    for g in grads:
+        updates, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    for k, decay in (("kernel", wd), ("bias", 0.0)):
+        want, m, v = params[k].astype(np.float64), 0.0, 0.0
+        for t, g in enumerate(grads, 1):
+            m, v = b1 * m + (1 - b1) * g[k], b2 * v + (1 - b2) * g[k] ** 2
+            step = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-8)
+            want = want - lr * (step + decay * want)
+        np.testing.assert_allclose(p[k], want, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 def test_kernels_only_weight_decay_mask():
     mask = optim.WEIGHT_DECAY_MASKS["kernels"]({"k": jnp.zeros((3, 3, 1, 2)), "b": jnp.zeros(2)})
     assert mask == {"k": True, "b": False}
