@@ -510,3 +510,21 @@ def test_the_epoch_sums_keep_the_first_non_finite_step_inf_included():
                                     jnp.float32(1.0), 4, g)
         assert int(sums["nonfinite_step"]) == (-1 if step < 1 else 1), step
     assert float(sums["loss"]) == 5.0 and int(sums["steps"]) == 2  # restarted at step 3
+
+
+def test_a_steps_gates_are_drawn_from_the_step_folded_into_the_gate_key():
+    """The documented draw, ``draw_gates(fold_in(gate_key, step), p_l)``: the key every other
+    model draws its own gates from (the 'stochastic_depth' stream), and what a run resumed
+    from an earlier version's checkpoint must draw again. Another fold (the step plus one)
+    still trains, and compact mode, drawing with this function, would agree with it."""
+    import stochastic_depth_jax as sdj
+    from stochastic_depth_jax.ops import draw_gates
+    from stochastic_depth_jax.training import step as step_lib
+
+    key = jax.random.key(7)
+    for mode in ("batch", "sample"):
+        model = sdj.CifarResNet(depth=20, width=4, num_classes=3, mode=mode)
+        for step in (0, 5):
+            want = draw_gates(jax.random.fold_in(key, step), model.survival_probs(),
+                              mode=mode, batch_size=4)
+            np.testing.assert_array_equal(step_lib.step_gates(model, key, step, 4), want)
