@@ -448,12 +448,12 @@ def test_an_unreadable_unevaluated_best_is_warned_once_for_the_job(monkeypatch):
                    for w in caught) == lines, (process, caught)
 
 
-def test_one_train_step_is_sgd_with_weight_decay_on_the_mean_loss_and_sums_its_gradient():
-    """One step of a tiny model, against the same step written out: the loss is the mean
+def test_two_train_steps_are_sgd_with_weight_decay_on_the_mean_loss_and_sum_their_metrics():
+    """Two steps of a tiny model, against the same steps written out: the loss is the mean
     cross-entropy of the step's batch, the update is ``p - lr (g + wd p)`` (the weight decay
-    reads the state's parameters), and the epoch sums hold that loss and the first
-    convolution's gradient norms (Fig. 7), of the gradient, not of the update (they differ
-    by the factor lr here)."""
+    reads the state's parameters), and the epoch sums add up the steps' losses, their
+    misclassified examples and the first convolution's gradient norms (Fig. 7), of the
+    gradient, not of the update (they differ by the factor lr here)."""
     import flax.linen as nn
     import optax
     from stochastic_depth_jax.training import state as state_lib
@@ -478,23 +478,32 @@ def test_one_train_step_is_sgd_with_weight_decay_on_the_mean_loss_and_sums_its_g
     state = state_lib.create_train_state(model, optimizer, (4, 4, 3), keys.init,
                                          distributed.replicated(mesh))
     params = jax.device_get(state.params)
-    images, labels = data.train_batch(split, keys.data, 0, batch_size=batch, mean=mean,
-                                      std=std, augment="none")
+    want = {"loss": 0.0, "errors": 0, "grad_l2": 0.0, "grad_mean_abs": 0.0}
+    for step in range(2):
+        images, labels = data.train_batch(split, keys.data, step, batch_size=batch,
+                                          mean=mean, std=std, augment="none")
 
-    def loss_fn(p):
-        logits = model.apply({"params": p}, images)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        def loss_fn(p):
+            logits = model.apply({"params": p}, images)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return ce, logits
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    state = jax.device_get(train_step(state, split))
-    want = jax.tree.map(lambda p, g: p - lr * (g + wd * p), params, grads)
-    for got, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        g = np.asarray(grads["stem_conv"]["kernel"])
+        want["loss"] += float(loss)
+        want["errors"] += int(np.sum(np.argmax(logits, -1) != labels))
+        want["grad_l2"] += float(np.sqrt(np.sum(g ** 2)))
+        want["grad_mean_abs"] += float(np.mean(np.abs(g)))
+        params = jax.tree.map(lambda p, g: p - lr * (g + wd * p), params, grads)
+        state = train_step(state, split)
+    state = jax.device_get(state)
+    for got, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    g = np.asarray(grads["stem_conv"]["kernel"])
+    assert 2 * want["errors"] != 2 * batch  # so a count of the correct ones would show
     sums = state.sums
-    assert sums["loss"] == pytest.approx(float(loss), rel=1e-5)
-    assert sums["grad_l2"] == pytest.approx(float(np.sqrt(np.sum(g ** 2))), rel=1e-5)
-    assert sums["grad_mean_abs"] == pytest.approx(float(np.mean(np.abs(g))), rel=1e-5)
+    assert (sums["steps"], sums["examples"], sums["errors"]) == (2, 2 * batch, want["errors"])
+    for name in ("loss", "grad_l2", "grad_mean_abs"):
+        assert sums[name] == pytest.approx(want[name], rel=1e-5), name
 
 
 def test_the_epoch_sums_keep_the_first_non_finite_step_inf_included():
