@@ -450,10 +450,11 @@ def test_an_unreadable_unevaluated_best_is_warned_once_for_the_job(monkeypatch):
 
 def test_two_train_steps_are_sgd_with_weight_decay_on_the_mean_loss_and_sum_their_metrics():
     """Two steps of a tiny model, against the same steps written out: the loss is the mean
-    cross-entropy of the step's batch, the update is ``p - lr (g + wd p)`` (the weight decay
-    reads the state's parameters), and the epoch sums add up the steps' losses, their
-    misclassified examples and the first convolution's gradient norms (Fig. 7), of the
-    gradient, not of the update (they differ by the factor lr here)."""
+    cross-entropy of the step's batch (augmented as configured), the update is
+    ``p - lr (g + wd p)`` (the weight decay reads the state's parameters), and the epoch
+    sums add up the steps' losses, their misclassified examples and the first
+    convolution's gradient norms (Fig. 7), of the gradient, not of the update (they differ
+    by the factor lr here)."""
     import flax.linen as nn
     import optax
     from stochastic_depth_jax.training import state as state_lib
@@ -471,7 +472,7 @@ def test_two_train_steps_are_sgd_with_weight_decay_on_the_mean_loss_and_sum_thei
     mean, std = np.full(3, 100.0, np.float32), np.full(3, 50.0, np.float32)
     train_step = step_lib.make_train_step(
         model, optimizer, keys=keys, mesh=mesh, batch_size=batch, steps_per_epoch=2,
-        mean=mean, std=std, augment="none")
+        mean=mean, std=std, augment="flip_translate")
     rng = np.random.default_rng(0)
     split = data.put_on_devices(Split(rng.integers(0, 256, (8, 4, 4, 3), np.uint8),
                                       rng.integers(0, 3, 8).astype(np.int32)), mesh)
@@ -481,7 +482,7 @@ def test_two_train_steps_are_sgd_with_weight_decay_on_the_mean_loss_and_sum_thei
     want = {"loss": 0.0, "errors": 0, "grad_l2": 0.0, "grad_mean_abs": 0.0}
     for step in range(2):
         images, labels = data.train_batch(split, keys.data, step, batch_size=batch,
-                                          mean=mean, std=std, augment="none")
+                                          mean=mean, std=std, augment="flip_translate")
 
         def loss_fn(p):
             logits = model.apply({"params": p}, images)
