@@ -9,6 +9,11 @@ Recipe:   the common WRN CIFAR recipe (Zagoruyko & Komodakis, 2016): SGD, Nester
           pre-activation blocks, projection shortcuts (here 1x1 conv + BN on the block
           input; the WRN code's: a bare 1x1 conv on the pre-activation); dropout between
           the convolutions off (the WRN paper's option: --config.model.dropout_rate=0.3).
+          Augmentation: the stochastic-depth paper's flip + 4-pixel translation with zero
+          (mean) padding, as every CIFAR config here, so WRN and ResNet runs differ in the
+          network alone; the WRN paper fills the padding with reflections of the image.
+          Not reproduced either: the WRN Torch code's drops come one epoch earlier (after
+          epochs 59, 119, 159) and restart the momentum.
 Paper:    WRN paper, Table 4: WRN-28-10 CIFAR-100+ test error 20.50% (no dropout, no
           stochastic depth). p_L = 0.8 is our choice (the stochastic-depth paper has no
           wide nets); sweep it: python sweep.py --config cifar100_wrn --depths 28

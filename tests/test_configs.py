@@ -46,6 +46,25 @@ def test_paper_hyperparameters(name):
     assert c.eval_every_steps == (200 if name == "svhn" else 0)
 
 
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipe_has_nothing_the_paper_does_not(name):
+    """The rest of Sec. 4's recipe, which no training test would tell apart: a step schedule
+    with no warm-up (ResNet-1202: 10 epochs at lr / 10), plain cross-entropy, no dropout, the
+    dataset's own augmentation (CIFAR flip + translate, SVHN none), the paper's validation
+    hold-out (CIFAR 5,000, SVHN 6,000), the paper's network (basic blocks, average-pooled
+    zero-padded shortcuts, width 16), one gate per block per mini-batch, the branch scaled
+    by p_l at test time, and an evaluation every epoch."""
+    c = load_config(name)
+    assert c.lr_schedule == "step"
+    assert c.warmup_epochs == (10 if name == "cifar10_resnet1202" else 0)
+    assert c.label_smoothing == 0.0 and c.model.dropout_rate == 0.0
+    assert c.augment == "auto" and c.validation_size is None and not c.train_on_all
+    assert (c.model.name, c.model.block, c.model.shortcut, c.model.width) == (
+        "cifar_resnet", "basic", "A-avg", 16)
+    assert (c.model.mode, c.model.scaling) == ("batch", "test")
+    assert c.eval_every_epochs == 1
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_config_file_header_and_smoke_variant(name):
     with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
@@ -499,6 +518,25 @@ def test_resnet1202_warms_up_at_a_tenth_then_steps():
                                [0.01, 0.01, 0.1, 0.1], rtol=1e-6)
 
 
+def test_wrn_config_is_the_wrn_recipe_and_multiplies_its_rate_by_a_fifth():
+    """WRN-28-10's recipe (Zagoruyko & Komodakis, 2016): SGD 0.1 with Nesterov momentum 0.9,
+    weight decay 5e-4 on every weight, batch 128, 200 epochs, lr x 0.2 after epochs 60, 120
+    and 160 (the only shipped schedule whose factor is not 0.1), the other CIFAR configs'
+    augmentation (its docstring says where the WRN paper's differs)."""
+    c = load_config("cifar100_wrn")
+    assert (c.dataset, c.model.name, c.model.depth, c.model.widen_factor) == (
+        "cifar100", "wide_resnet", 28, 10)
+    assert (c.optimizer, c.learning_rate, c.momentum, c.nesterov) == ("sgd", 0.1, 0.9, True)
+    assert (c.weight_decay, c.weight_decay_on, c.batch_size) == (5e-4, "all", 128)
+    assert (c.num_epochs, tuple(c.lr_boundaries_epochs)) == (200, (60, 120, 160))
+    assert c.augment == "auto"
+    assert "reflections" in importlib.import_module(CONFIGS["cifar100_wrn"]).__doc__
+    schedule = optim.make_lr_schedule(c, steps_per_epoch=10)
+    steps = (0, 599, 600, 1199, 1200, 1599, 1600, 1999)
+    np.testing.assert_allclose([float(schedule(n)) for n in steps],
+                               [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008], rtol=1e-6)
+
+
 def _torch_sgd_reference(params, grads, lr, momentum, wd, steps):
     """torch.optim.SGD(nesterov=True, dampening=0, weight_decay=wd), written out in numpy."""
     p, buf = params.copy(), None
@@ -530,6 +568,33 @@ def test_optimizer_is_torch_sgd_nesterov_with_l2():
         np.testing.assert_allclose(p[k], want, rtol=1e-5, atol=1e-6)
 
 
+def test_adamw_is_decoupled_decay_on_kernels_with_the_configured_betas():
+    """The drop-path configs' AdamW (DeiT): Adam's moments with ``adam_b1``, ``adam_b2``,
+    then ``weight_decay`` times the parameter, on kernels only, all scaled by the rate;
+    written out in numpy (a constant rate here: the cosine's first step is at rate 0)."""
+    c = load_config("cifar10_vit", ["--config.lr_schedule=constant",
+                                    "--config.warmup_epochs=0", "--config.adam_b1=0.8"])
+    lr, wd, b1, b2 = c.learning_rate, c.weight_decay, c.adam_b1, c.adam_b2
+    assert (c.optimizer, c.weight_decay_on, wd, b2) == ("adamw", "kernels", 0.05, 0.999)
+    rng = np.random.default_rng(0)
+    params = {"kernel": rng.normal(size=(3, 2)).astype(np.float32),
+              "bias": rng.normal(size=(2,)).astype(np.float32)}
+    grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+             for _ in range(3)]
+    opt = optim.make_optimizer(c, steps_per_epoch=100)
+    state, p = opt.init(params), jax.tree.map(jnp.asarray, params)
+    for g in grads:
+        updates, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    for k, decay in (("kernel", wd), ("bias", 0.0)):
+        want, m, v = params[k].astype(np.float64), 0.0, 0.0
+        for t, g in enumerate(grads, 1):
+            m, v = b1 * m + (1 - b1) * g[k], b2 * v + (1 - b2) * g[k] ** 2
+            step = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-8)
+            want = want - lr * (step + decay * want)
+        np.testing.assert_allclose(p[k], want, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 def test_kernels_only_weight_decay_mask():
     mask = optim.WEIGHT_DECAY_MASKS["kernels"]({"k": jnp.zeros((3, 3, 1, 2)), "b": jnp.zeros(2)})
     assert mask == {"k": True, "b": False}
@@ -548,6 +613,33 @@ def test_kernels_only_weight_decay_skips_every_batchnorm_also_in_scanned_stages(
     assert any("_scan/" in k for k in mask) == scan
     for name, decayed in mask.items():
         assert decayed == name.endswith("/kernel"), name
+
+
+def test_kernels_only_weight_decay_counts_a_scanned_stages_stacking_axis_out():
+    """In a scanned stage (``ResidualStages`` scans a user's blocks too) every parameter
+    gains a leading axis: a user's per-channel vector under a name of its own (not a
+    BatchNorm's ``scale`` or ``bias``) is ``[blocks, C]`` there. It is a vector, not
+    decayed, as it is not in the unscanned first block; the stacked kernels still are."""
+    def stage(stacked):
+        lead = (3,) if stacked else ()
+        return {"block": {"gain": jnp.zeros(lead + (8,)),
+                          "conv": {"kernel": jnp.zeros(lead + (3, 3, 8, 8))}}}
+
+    params = {"stages": {"stage1_0": stage(False), "stage1_scan": stage(True)}}
+    mask = optim.WEIGHT_DECAY_MASKS["kernels"](params)["stages"]
+    for name in ("stage1_0", "stage1_scan"):
+        assert mask[name] == {"block": {"gain": False, "conv": {"kernel": True}}}, name
+
+
+def test_kernels_only_weight_decay_spares_norms_stacked_by_a_users_own_scan():
+    """A user's ``nn.scan`` over ViT blocks (any name: not a ResNet's ``stage<i>_scan``)
+    stacks each LayerNorm's scale and bias to ``[blocks, C]``, ndim 2; they are still a
+    norm's, never decayed, and the stacked kernels still are."""
+    blocks = {"norm1": {"scale": jnp.zeros((4, 16)), "bias": jnp.zeros((4, 16))},
+              "mlp": {"kernel": jnp.zeros((4, 16, 32)), "bias": jnp.zeros((4, 32))}}
+    mask = optim.WEIGHT_DECAY_MASKS["kernels"]({"encoder": blocks})["encoder"]
+    assert mask == {"norm1": {"scale": False, "bias": False},
+                    "mlp": {"kernel": True, "bias": False}}
 
 
 def test_kernels_only_weight_decay_spares_the_vits_position_embedding_and_class_token():

@@ -4,15 +4,17 @@ evaluation's numbers do not depend on its batch size (padding masked, every bloc
 the running BatchNorm statistics), training updates those statistics, the epoch sums
 restart at an epoch's first step and give the epoch's means, the configured label smoothing
 reaches the loss, compact mode draws the gates of the state's step, a non-finite loss is
-reported at the step it happened, the model gets the step's dropout and gate keys, and
-select_best_by='train' chooses among the evaluated epochs (also on resuming an earlier
-version's best that no evaluation measured)."""
+reported at the step it happened (the first, an infinite one too), the model gets the
+step's dropout and gate keys, one step is SGD with weight decay on the batch's mean loss and
+its sums hold the gradient's norms, and select_best_by='train' chooses among the evaluated
+epochs (also on resuming an earlier version's best that no evaluation measured)."""
 
 import json
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -444,3 +446,95 @@ def test_an_unreadable_unevaluated_best_is_warned_once_for_the_job(monkeypatch):
         assert run.best is None
         assert sum("cannot be read to measure it" in str(w.message)
                    for w in caught) == lines, (process, caught)
+
+
+def test_two_train_steps_are_sgd_with_weight_decay_on_the_mean_loss_and_sum_their_metrics():
+    """Two steps of a tiny model, against the same steps written out: the loss is the mean
+    cross-entropy of the step's batch (augmented as configured), the update is
+    ``p - lr (g + wd p)`` (the weight decay reads the state's parameters), and the epoch
+    sums add up the steps' losses, their misclassified examples and the first
+    convolution's gradient norms (Fig. 7), of the gradient, not of the update (they differ
+    by the factor lr here)."""
+    import flax.linen as nn
+    import optax
+    from stochastic_depth_jax.training import state as state_lib
+    from stochastic_depth_jax.training import step as step_lib
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(3)(nn.Conv(4, (3, 3), name="stem_conv")(x).mean((1, 2)))
+
+    lr, wd, batch = 0.1, 0.5, 4
+    model, keys = Tiny(), step_lib.StepKeys.from_seed(1)
+    optimizer = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
+    mesh = distributed.make_mesh(jax.devices()[:1])
+    mean, std = np.full(3, 100.0, np.float32), np.full(3, 50.0, np.float32)
+    train_step = step_lib.make_train_step(
+        model, optimizer, keys=keys, mesh=mesh, batch_size=batch, steps_per_epoch=2,
+        mean=mean, std=std, augment="flip_translate")
+    rng = np.random.default_rng(0)
+    split = data.put_on_devices(Split(rng.integers(0, 256, (8, 4, 4, 3), np.uint8),
+                                      rng.integers(0, 3, 8).astype(np.int32)), mesh)
+    state = state_lib.create_train_state(model, optimizer, (4, 4, 3), keys.init,
+                                         distributed.replicated(mesh))
+    params = jax.device_get(state.params)
+    want = {"loss": 0.0, "errors": 0, "grad_l2": 0.0, "grad_mean_abs": 0.0}
+    for step in range(2):
+        images, labels = data.train_batch(split, keys.data, step, batch_size=batch,
+                                          mean=mean, std=std, augment="flip_translate")
+
+        def loss_fn(p):
+            logits = model.apply({"params": p}, images)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return ce, logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        g = np.asarray(grads["stem_conv"]["kernel"])
+        want["loss"] += float(loss)
+        want["errors"] += int(np.sum(np.argmax(logits, -1) != labels))
+        want["grad_l2"] += float(np.sqrt(np.sum(g ** 2)))
+        want["grad_mean_abs"] += float(np.mean(np.abs(g)))
+        params = jax.tree.map(lambda p, g: p - lr * (g + wd * p), params, grads)
+        state = train_step(state, split)
+    state = jax.device_get(state)
+    for got, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert 2 * want["errors"] != 2 * batch  # so a count of the correct ones would show
+    sums = state.sums
+    assert (sums["steps"], sums["examples"], sums["errors"]) == (2, 2 * batch, want["errors"])
+    for name in ("loss", "grad_l2", "grad_mean_abs"):
+        assert sums[name] == pytest.approx(want[name], rel=1e-5), name
+
+
+def test_the_epoch_sums_keep_the_first_non_finite_step_inf_included():
+    """``nonfinite_step`` is the first step whose loss was not finite (+inf as NaN: a true
+    class's logit overflowing to -inf gives an infinite cross-entropy), kept through
+    later ones, and kept across an epoch's restart of the sums."""
+    from stochastic_depth_jax.training import state as state_lib
+    from stochastic_depth_jax.training import step as step_lib
+
+    sums, g = state_lib.zero_sums(), jnp.ones((2,))
+    for step, loss in enumerate([1.0, np.inf, np.nan, 2.0, 3.0]):
+        sums = step_lib._accumulate(sums, jnp.int32(step), 3, jnp.float32(loss),
+                                    jnp.float32(1.0), 4, g)
+        assert int(sums["nonfinite_step"]) == (-1 if step < 1 else 1), step
+    assert float(sums["loss"]) == 5.0 and int(sums["steps"]) == 2  # restarted at step 3
+
+
+def test_a_steps_gates_are_drawn_from_the_step_folded_into_the_gate_key():
+    """The documented draw, ``draw_gates(fold_in(gate_key, step), p_l)``: the key every other
+    model draws its own gates from (the 'stochastic_depth' stream), and what a run resumed
+    from an earlier version's checkpoint must draw again. Another fold (the step plus one)
+    still trains, and compact mode, drawing with this function, would agree with it."""
+    import stochastic_depth_jax as sdj
+    from stochastic_depth_jax.ops import draw_gates
+    from stochastic_depth_jax.training import step as step_lib
+
+    key = jax.random.key(7)
+    for mode in ("batch", "sample"):
+        model = sdj.CifarResNet(depth=20, width=4, num_classes=3, mode=mode)
+        for step in (0, 5):
+            want = draw_gates(jax.random.fold_in(key, step), model.survival_probs(),
+                              mode=mode, batch_size=4)
+            np.testing.assert_array_equal(step_lib.step_gates(model, key, step, 4), want)

@@ -146,6 +146,20 @@ def test_label_smoothed_loss_stays_float32_with_x64():
     assert loss.dtype == jnp.float32
 
 
+def test_the_loss_of_float64_logits_stays_float64():
+    """A float64 model (x64 on, ``dtype='float64'``) gets its loss in float64, smoothed or
+    not: cast down to float32 first, its logits would lose the digits the float64 run
+    computed them with. Logits 1e-12 apart tell the two apart."""
+    with jax.enable_x64(True):
+        logits = jnp.array([[0.0, 1e-12]], jnp.float64)
+        for smoothing in (0.0, 0.1):
+            loss = step.cross_entropy(logits, jnp.array([1]), label_smoothing=smoothing)
+            assert loss.dtype == jnp.float64, smoothing
+            ties = step.cross_entropy(jnp.zeros((1, 2), jnp.float64), jnp.array([1]),
+                                      label_smoothing=smoothing)
+            assert loss[0] < ties[0], smoothing
+
+
 def test_vit_and_convnext_parameters_are_float32_with_x64():
     """The ViT's class token and position embedding and the ConvNeXt's layer scale were
     float64 (other values) under x64: a checkpoint of the other mode did not fit."""
