@@ -82,12 +82,11 @@ def fingerprint(ds: Dataset) -> str:
     agreement, run.json, the resume check): computed once per dataset whose arrays cannot
     change (read-only, as :func:`load_dataset` returns them), and each time for arrays that
     may have been written in place since."""
-    if ds._fingerprint is not None and not any(a.flags.writeable for a in _arrays(ds)):
-        return ds._fingerprint
-    digest = _digest(ds)
-    if not any(a.flags.writeable for a in _arrays(ds)):
-        object.__setattr__(ds, "_fingerprint", digest)  # frozen
-    return digest
+    if any(a.flags.writeable for a in _arrays(ds)):
+        return _digest(ds)
+    if ds._fingerprint is None:
+        object.__setattr__(ds, "_fingerprint", _digest(ds))  # a frozen dataclass
+    return ds._fingerprint
 
 
 def _digest(ds: Dataset) -> str:

@@ -357,7 +357,7 @@ def _keep_best(run: _Run, record: dict[str, Any], epoch: float) -> None:
     # session's later bests are set aside for them, which else left the run with neither
     # (and a restart with the earlier config, which may reproduce them, without them).
     _check_savable(run)
-    if later and run.step not in run.earlier_best and not _agreed(
+    if later and run.step not in run.earlier_best and not first_process_decides(
             _as_before(run, record) and not run.config_changes):
         # Orbax saves no step below its newest: those would hide this one, and 'best' would
         # name weights that this session's records do not describe. Evaluated as before
@@ -420,10 +420,10 @@ def _new_best_why(run: _Run, record: dict[str, Any]) -> str:
     return f"this session's evaluation at step {run.step} differs from that session's"
 
 
-def _agreed(flag: bool) -> bool:
+def first_process_decides(flag: bool) -> bool:
     """Process 0's ``flag`` on every process: a decision that only process 0's reading of
-    the records supports (:func:`_records_after`), taken alike by all, which then call
-    ``set_aside`` alike."""
+    files supports (e.g. the records, :func:`_records_after`), taken alike by all, which
+    then run the same collectives (``set_aside``, a sweep's measuring)."""
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
@@ -644,10 +644,11 @@ def _finished_best_measured(run: _Run, summary: dict[str, Any],
     shared workdir lags must not stay out of it."""
     best = summary.get("best")
     unevaluated = _unevaluated(run, best)
-    if not _agreed(unevaluated):
+    if not first_process_decides(unevaluated):
         return None
     why = _unmeasurable_why(run, ds) if unevaluated else None
-    measured = _measured_best(run, best, ds.image_shape) if _agreed(why is None) else None
+    measured = (_measured_best(run, best, ds.image_shape)
+                if first_process_decides(why is None) else None)
     if measured is None:
         why = why or "its 'best' checkpoint cannot be read to measure it"
         if jax.process_index() == 0:
@@ -771,7 +772,8 @@ def _note_earlier_best(run: _Run) -> None:
     run.resumed_at = run.step
     if run.earlier_best and jax.process_index() == 0:
         # Process 0 only: it drops these records later (MetricWriter), perhaps before
-        # another process read them; its reading decides for all (_agreed).
+        # another process read them; its reading decides for all
+        # (first_process_decides).
         run.earlier_records = _records_after(run.workdir, run.step)
 
 
@@ -1390,7 +1392,7 @@ def _record_of_the_end(run: _Run) -> dict[str, Any] | None:
     # The last epoch's record: a line without a step (a note added by hand) is none.
     last = next((r for r in reversed(metrics_lib.read_metrics(run.workdir)) if "step" in r),
                 None)
-    if not _agreed(last is None or last["step"] != run.step):
+    if not first_process_decides(last is None or last["step"] != run.step):
         return last
     spe = run.setup.steps_per_epoch
     return _end_of_epoch(run, -(-run.step // spe), 0.0, 0, is_last=True)

@@ -31,8 +31,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
 from stochastic_depth_jax import errors, logs
 from stochastic_depth_jax.training import compilation
@@ -460,11 +458,12 @@ def _finished_status(train: Callable[[ml_collections.ConfigDict, str], Any], nam
     gone) or :func:`_unmeasurable_why` says why it is not run. Skipped, it stayed out of
     Fig. 8 until train.py was run on it by hand. ``place``: ``'k of N'``, its line's."""
     summary = _quiet_summary(workdir)
-    # Process 0's readings decide for every process: the measuring is collective.
-    if not _agreed(_best_unmeasured(summary)):
+    # Process 0's readings decide for every process (a host whose view of the shared
+    # root lags must not stay out of the measuring's collectives).
+    if not loop_lib.first_process_decides(_best_unmeasured(summary)):
         return "skipped (finished)"
     why = _unmeasurable_why(workdir, summary)
-    if _agreed(why is not None):
+    if loop_lib.first_process_decides(why is not None):
         if jax.process_index() == 0:
             warnings.warn(f"{name}: its best was never measured on the test set (an earlier "
                           f"version's) and is not measured now: {why}.", logs.RunWarning)
@@ -500,15 +499,6 @@ def _unmeasurable_why(workdir: str, summary: dict[str, Any]) -> str | None:
     if holder is not None:
         return f"{holder} is training it; run the sweep's command again once that is done"
     return None
-
-
-def _agreed(flag: bool) -> bool:
-    """Process 0's ``flag`` on every process: whether to run a finished run again, which
-    every process of a job must decide alike (a host whose view of the shared root lags
-    must not stay out of its collectives)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def _runs_to_train(runs: Sequence[tuple[str, ml_collections.ConfigDict]],
