@@ -674,24 +674,30 @@ def test_a_figure_that_fails_to_draw_does_not_cost_the_sweeps_table(tmp_path, mo
     assert os.listdir(tmp_path / "figures") == ["training_time.md"]
 
 
+def _saved_axes(monkeypatch):
+    """file name -> the first axes of each figure saved from now on (read when saved)."""
+    axes = {}
+    save = figures.save_figure
+
+    def saved(fig, path, *args, **kwargs):
+        axes[os.path.basename(path)] = fig.axes[0]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", saved)
+    return axes
+
+
 def test_fig8_of_a_sweep_in_progress_names_its_unfinished_runs_under_the_title(
         tmp_path, monkeypatch):
     """Fig. 8 leaves the unfinished runs out: the PNG looked like the whole sweep's (only
     its sidecar named them), also where it replaced the figure of a finished grid."""
-    titles = {}
-    save = figures.save_figure
-
-    def saved(fig, path, *args, **kwargs):
-        titles[os.path.basename(path)] = fig.axes[0].get_title()
-        return save(fig, path, *args, **kwargs)
-
-    monkeypatch.setattr(figures, "save_figure", saved)
+    axes = _saved_axes(monkeypatch)
     runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
     sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
-    assert "unfinished" not in titles["fig8_error_vs_p_last.png"]
+    assert "unfinished" not in axes["fig8_error_vs_p_last.png"].get_title()
     runs.append(_run(tmp_path, "depth8_pL0.5", 0.5, finished=False))
     sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
-    assert titles["fig8_error_vs_p_last.png"].endswith(
+    assert axes["fig8_error_vs_p_last.png"].get_title().endswith(
         "\nnot drawn, unfinished: depth 8 x p_L 0.5")
 
 
@@ -704,19 +710,12 @@ def test_fig8_s_axis_says_a_best_chosen_on_the_test_set(tmp_path, monkeypatch, s
     """Runs of select_best_by='test' (no validation split) were drawn as 'test error at
     the best-test epoch', which read as the paper's held-out figure: it is the lowest test
     error the run reached."""
-    labels = {}
-    save = figures.save_figure
-
-    def saved(fig, path, *args, **kwargs):
-        labels[os.path.basename(path)] = fig.axes[0].get_ylabel()
-        return save(fig, path, *args, **kwargs)
-
-    monkeypatch.setattr(figures, "save_figure", saved)
+    axes = _saved_axes(monkeypatch)
     runs = [_run(tmp_path, "depth8_pL1", 1.0, finished=True)]
     runs[0]["config"] = json.loads(load_config(
         "cifar10:smoke", [f"--config.select_best_by={select}"]).to_json())
     sweep.write_figures(runs, str(tmp_path / "figures"), report=None)
-    assert labels["fig8_error_vs_p_last.png"] == label
+    assert axes["fig8_error_vs_p_last.png"].get_ylabel() == label
 
 
 def test_figs_7_and_3_draw_the_deepest_depth_with_an_epoch(tmp_path):
